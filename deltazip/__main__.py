@@ -1,0 +1,5 @@
+import sys
+
+from deltazip.cli import main
+
+sys.exit(main())
