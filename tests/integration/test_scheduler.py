@@ -177,3 +177,34 @@ def test_reflection_and_health_are_served(scheduler):
     names = {s.name for s in next(replies).list_services_response.service}
     assert {"deltazip.v1.Scheduler", "grpc.health.v1.Health"} <= names
     channel.close()
+
+
+def test_cli_push_models_generate_through_store_and_scheduler(launcher, redis_url, fakes, tmp_path, capsys, monkeypatch):
+    from deltazip.cli import main
+    from tests.integration.test_store import make_artifact
+
+    register(redis_url)  # base only; the fine-tune arrives through the store
+    store = launcher.start("delta_store", "--root", str(tmp_path / "store"))
+    sched = launcher.start("scheduler")
+    w = fakes("w1")
+    publish(redis_url, "w1", w.address)
+    monkeypatch.setenv("DELTAZIP_SCHEDULER", sched.address)
+    art = make_artifact(tmp_path / "art", shard_bytes=(2000, 10))
+
+    assert main(["push", str(art), "--name", "ft-cli", "--store", store.address, "--quiet"]) == 0
+    assert "pushed ft-cli" in capsys.readouterr().out
+    assert main(["models"]) == 0
+    listing = capsys.readouterr().out
+    assert "tiny-base" in listing and "ft-cli" in listing and "4bit-2:4-g128" in listing
+    assert main(["generate", "--model", "ft-cli", "hello world", "--max-tokens", "4"]) == 0
+    assert capsys.readouterr().out == "hello world \n"
+    assert main(["generate", "--model", "ft-cli", "a b", "--stream"]) == 0
+    assert capsys.readouterr().out == "a b \n"
+    assert main(["generate", "--model", "missing", "x"]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err
+    assert main(["stat", "ft-cli", "--store", store.address]) == 0
+    assert "delta-00001.safetensors" in capsys.readouterr().out
+    assert main(["delete", "ft-cli", "--store", store.address]) == 0
+    capsys.readouterr()
+    assert main(["models", "--json"]) == 0
+    assert "ft-cli" not in capsys.readouterr().out
