@@ -53,7 +53,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             except ServiceError as exc:
                 error = f"{exc.code.name}: {exc.message}"
                 raise
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, GeneratorExit):  # client went away (mid-read or mid-write)
                 state = RequestState.CANCELLED
                 raise
             finally:

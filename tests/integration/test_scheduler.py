@@ -208,3 +208,37 @@ def test_cli_push_models_generate_through_store_and_scheduler(launcher, redis_ur
     capsys.readouterr()
     assert main(["models", "--json"]) == 0
     assert "ft-cli" not in capsys.readouterr().out
+
+
+def test_redis_outage_is_unavailable(scheduler, redis_proc):
+    from tests.integration.procs import stop
+
+    stop(redis_proc)
+    with pytest.raises(UnavailableError, match="cannot reach Redis.*--redis-url"):
+        scheduler.generate("ft-a", "hello", timeout_s=20)
+    with pytest.raises(UnavailableError, match="cannot reach Redis"):
+        scheduler.models()
+
+
+def test_async_client_concurrent_requests_spread_and_replicas_are_interchangeable(launcher, redis_url, fakes):
+    from deltazip.client import AsyncClient
+    from tests.integration.procs import stop
+
+    register(redis_url, "ft-a")
+    first, second = launcher.start("scheduler"), launcher.start("scheduler")
+    a, b = fakes("wa"), fakes("wb")
+    publish(redis_url, "wa", a.address)
+    publish(redis_url, "wb", b.address)
+
+    async def burst(address: str) -> list[str]:
+        async with AsyncClient(address, timeout_s=30) as client:
+            outs = await asyncio.gather(*(client.generate("ft-a", f"req {i}") for i in range(12)))
+            streamed = [t.text async for t in client.stream("ft-a", "s t")]
+            assert streamed == ["s ", "t ", ""]
+            return [o.worker_id for o in outs]
+
+    assert set(asyncio.run(burst(first.address))) == {"wa", "wb"}
+    stop(first)  # schedulers keep no state: the other replica carries on
+    assert len(asyncio.run(burst(second.address))) == 12
+    queue = redis.Redis.from_url(redis_url, decode_responses=True).hgetall("dz:queue:ft-a")
+    assert (queue["pending"], queue["running"]) == ("0", "0")
