@@ -8,7 +8,7 @@ from deltazip.cluster.models import ModelRecord, ModelRegistry
 from deltazip.cluster.queues import QueueStats
 from deltazip.cluster.requests import RequestLog
 from deltazip.cluster.workers import WorkerRegistry
-from deltazip.rpc.errors import NotFound
+from deltazip.rpc.errors import FailedPrecondition, NotFound
 from services.scheduler.routing import Candidate
 
 
@@ -43,9 +43,14 @@ class ClusterView:
     async def resolve(self, name: str) -> ResolvedModel:
         """The model called `name`, or NOT_FOUND telling the caller how to fix it."""
         record = await self.models.get(name)
-        if record is not None:
-            return ResolvedModel(name, False, record, record.base_identity)
         base = await self.base()
+        if record is not None:
+            if record.base_identity and base is not None and base.base_identity and record.base_identity != base.base_identity:
+                raise FailedPrecondition(
+                    f"model {name!r} was compressed against base {record.base_identity[:12]}, but the workers serve "
+                    f"{base.name!r} ({base.base_identity[:12]}); compress it again against this base and push it"
+                )
+            return ResolvedModel(name, False, record, record.base_identity)
         if base is not None and base.name == name:
             return base
         raise NotFound(

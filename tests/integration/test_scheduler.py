@@ -19,11 +19,11 @@ from tests.integration.procs import launcher, redis_proc, redis_url  # noqa: F40
 pytestmark = pytest.mark.timeout(120)
 
 
-def register(redis_url: str, *names: str, base: str = "tiny-base") -> None:
+def register(redis_url: str, *names: str, base: str = "tiny-base", identity: str = "id-base") -> None:
     async def body():
         r = connect(redis_url)
         registry = ModelRegistry(r)
-        await registry.set_base(base, "id-base")
+        await registry.set_base(base, identity)
         for name in names:
             await registry.register(ModelRecord(name, base_identity="id-base", artifact_bytes=10, compression="4bit-2:4-g128"))
         await r.aclose()
@@ -183,7 +183,7 @@ def test_cli_push_models_generate_through_store_and_scheduler(launcher, redis_ur
     from deltazip.cli import main
     from tests.integration.test_store import make_artifact
 
-    register(redis_url)  # base only; the fine-tune arrives through the store
+    register(redis_url, identity="abc123")  # base only; the fine-tune arrives through the store
     store = launcher.start("delta_store", "--root", str(tmp_path / "store"))
     sched = launcher.start("scheduler")
     w = fakes("w1")
@@ -242,3 +242,16 @@ def test_async_client_concurrent_requests_spread_and_replicas_are_interchangeabl
     assert len(asyncio.run(burst(second.address))) == 12
     queue = redis.Redis.from_url(redis_url, decode_responses=True).hgetall("dz:queue:ft-a")
     assert (queue["pending"], queue["running"]) == ("0", "0")
+
+
+def test_delta_for_another_base_is_failed_precondition(scheduler, redis_url, fakes):
+    from deltazip.client import FailedPreconditionError
+
+    async def body():
+        r = connect(redis_url)
+        await ModelRegistry(r).register(ModelRecord("ft-other", base_identity="id-other"))
+        await r.aclose()
+
+    asyncio.run(body())
+    with pytest.raises(FailedPreconditionError, match="compress it again against this base"):
+        scheduler.generate("ft-other", "hi")
