@@ -53,6 +53,17 @@ class StepOutput:
     num_output_tokens: int
 
 
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    free_kv_blocks: int
+    total_kv_blocks: int
+    num_preemptions: int
+    waiting_deltas: list[str]
+    running_deltas: list[str]
+
+
 @dataclass(slots=True)
 class _TextState:
     decoder: object  # IncrementalDecoder
@@ -85,7 +96,8 @@ class LLMEngine:
                                   Sampler(sorted(self.eos_token_ids)), deltas_provider)
         self.clock = clock
         self._inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # engine state: held for a whole step, by abort and stats
+        self._ids_lock = threading.Lock()  # only the id set, so add_request never waits for a step
         self._request_ids: set[str] = set()
 
     # ---- requests -------------------------------------------------------------------------------
@@ -102,7 +114,7 @@ class LLMEngine:
             )
         if params.stop and self.tokenizer is None:
             raise ValueError("stop sequences need a tokenizer; this engine has none")
-        with self._lock:
+        with self._ids_lock:
             if request_id in self._request_ids:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._request_ids.add(request_id)
@@ -120,7 +132,7 @@ class LLMEngine:
             if seq is None:
                 return False
             self.scheduler.finish(seq, FinishReason.ABORT)
-            self._request_ids.discard(request_id)
+            self._release_id(request_id)
             log.info("request_aborted", request_id=request_id, model=seq.delta)
             return True
 
@@ -130,6 +142,20 @@ class LLMEngine:
     @property
     def num_free_blocks(self) -> int:
         return self.blocks.num_free_blocks
+
+    def stats(self) -> EngineStats:
+        """Queue and KV occupancy (for the worker's Status and heartbeats)."""
+        with self._lock:
+            self._receive()
+            return EngineStats(
+                num_running=len(self.scheduler.running),
+                num_waiting=len(self.scheduler.waiting),
+                free_kv_blocks=self.blocks.num_free_blocks,
+                total_kv_blocks=self.blocks.num_blocks,
+                num_preemptions=self.scheduler.num_preemptions,
+                waiting_deltas=sorted(self.scheduler.waiting_deltas()),
+                running_deltas=sorted({s.delta for s in self.scheduler.running if s.delta is not None}),
+            )
 
     # ---- the step -------------------------------------------------------------------------------
 
@@ -155,13 +181,17 @@ class LLMEngine:
             text, reason = self._check_stop(seq, token)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
-                self._request_ids.discard(seq.request_id)
+                self._release_id(seq.request_id)
             outputs.append(StepOutput(seq.request_id, [token], text, reason, seq.num_prompt_tokens,
                                       seq.num_output_tokens))
         return outputs
 
+    def _release_id(self, request_id: str) -> None:
+        with self._ids_lock:
+            self._request_ids.discard(request_id)
+
     def _ended_output(self, seq: Sequence) -> StepOutput:
-        self._request_ids.discard(seq.request_id)
+        self._release_id(seq.request_id)
         log.warning("request_out_of_kv", request_id=seq.request_id, model=seq.delta, tokens=seq.num_tokens)
         return StepOutput(seq.request_id, [], self._flush_text(seq), seq.finish_reason,
                           seq.num_prompt_tokens, seq.num_output_tokens)
@@ -207,4 +237,4 @@ class LLMEngine:
         return results
 
 
-__all__ = ["EngineConfig", "LLMEngine", "StepOutput", "SequenceStatus"]
+__all__ = ["EngineConfig", "EngineStats", "FinishReason", "LLMEngine", "StepOutput", "SequenceStatus"]

@@ -1,7 +1,7 @@
 """LLMEngine on a tiny float64 Llama with dense deltas: batched outputs equal merged-weight references."""
 
 import pytest
-from engine_fixtures import Fixture, prompts
+from engine_fixtures import Fixture, one_torch_thread, prompts  # noqa: F401 (autouse fixture)
 
 from deltazip.model.sampling import SamplingParams
 from services.worker.engine.engine import LLMEngine
@@ -85,6 +85,8 @@ def test_abort_frees_blocks_at_once(fx):
     assert engine.abort("r1") is True
     assert engine.num_free_blocks == 64 - held + blocks_of_r1
     assert engine.abort("r1") is False and engine.abort("nope") is False
+    stats = engine.stats()
+    assert (stats.num_running, stats.num_waiting, stats.running_deltas) == (2, 0, ["ft0"])
     seen = {o.request_id for _ in range(3) for o in engine.step()}
     assert "r1" not in seen and seen == {"r0", "r2"}
     engine.abort("r0"), engine.abort("r2")
