@@ -86,7 +86,7 @@ def test_abort_frees_blocks_at_once(fx):
     assert engine.num_free_blocks == 64 - held + blocks_of_r1
     assert engine.abort("r1") is False and engine.abort("nope") is False
     stats = engine.stats()
-    assert (stats.num_running, stats.num_waiting, stats.running_deltas) == (2, 0, ["ft0"])
+    assert (stats.num_running, stats.num_waiting, stats.running_deltas) == (2, 0, ["ft1"])
     seen = {o.request_id for _ in range(3) for o in engine.step()}
     assert "r1" not in seen and seen == {"r0", "r2"}
     engine.abort("r0"), engine.abort("r2")
