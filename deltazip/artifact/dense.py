@@ -1,6 +1,7 @@
 """write_dense_delta: uncompressed fp16 deltas of every changed tensor (the `dense` kind)."""
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -48,9 +49,12 @@ def add_dense(writer: ArtifactWriter, name: str, delta: torch.Tensor, dtype_name
     writer.add(name, {"delta": half}, kind="dense", shape=tuple(delta.shape), dtype=dtype_name, rel_error=rel)
 
 
-def copy_extra_files(writer: ArtifactWriter, ft: Checkpoint) -> None:
-    """Carry the fine-tune's config, tokenizer and chat template into files/."""
+def copy_extra_files(writer: ArtifactWriter, ft: Checkpoint, base_dir: str | os.PathLike | None = None) -> None:
+    """Carry the fine-tune's config, tokenizer and chat template into files/, except byte-identical base copies."""
     for rel in ft.extra_files():
+        base_copy = Path(base_dir) / rel if base_dir is not None else None
+        if base_copy is not None and base_copy.is_file() and base_copy.read_bytes() == (ft.dir / rel).read_bytes():
+            continue  # restore takes it from the base: a tokenizer is megabytes, often larger than a delta
         writer.add_file(rel.as_posix(), ft.dir / rel)
 
 
@@ -69,4 +73,4 @@ def write_dense_delta(
             delta = tensor_delta(base, ft, name)
             if bool((delta != 0).any()):
                 add_dense(writer, name, delta, ft.dtype_name(name))
-        copy_extra_files(writer, ft)
+        copy_extra_files(writer, ft, base_dir)

@@ -53,6 +53,10 @@ def restore(
         for rel in manifest.files:
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             write_file_synced(tmp / rel, (artifact_dir / FILES_DIR / rel).read_bytes())
+        for rel in base.extra_files():  # files identical to the base's are not stored in the artifact
+            if rel.as_posix() not in manifest.files:
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                write_file_synced(tmp / rel, (Path(base_dir) / rel).read_bytes())
         publish_dir(tmp, out_dir, overwrite)
     finally:
         if tmp.exists():

@@ -83,7 +83,7 @@ def compress_checkpoint(
             _sync(device)
             report.layer_seconds.append(time.perf_counter() - t0)
         _write_outside_layers(run)
-        copy_extra_files(w, ft)
+        copy_extra_files(w, ft, base_dir)
     report.seconds = time.perf_counter() - start
     log.info("compress_done", out=str(out_dir), seconds=round(report.seconds, 2), method=cfg.method)
     return report

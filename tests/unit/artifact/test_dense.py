@@ -40,13 +40,15 @@ def test_dense_delta_round_trip(ckpts, dense_artifact):
         assert delta.kind == "dense" and delta.delta.dtype == torch.float16
         want = ft.get(name).float() - base.get(name).float()
         torch.testing.assert_close(delta.dequantize(torch.float32), want, rtol=1e-3, atol=1e-6)
-    assert (dense_artifact / "files" / "tokenizer_config.json").exists()
+    # byte-identical to the base's copy, so not stored (restore takes the base's)
+    assert not (dense_artifact / "files" / "tokenizer_config.json").exists()
 
 
 def test_restore_reproduces_fine_tune(ckpts, dense_artifact, tmp_path):
     out = restore(ckpts["base"], dense_artifact, tmp_path / "restored")
     restored, ft = load_file(out / "model.safetensors"), Checkpoint(ckpts["ft"])
     assert set(restored) == set(ft.names())
+    assert (out / "tokenizer_config.json").read_bytes() == (ckpts["ft"] / "tokenizer_config.json").read_bytes()
     for name, tensor in restored.items():
         assert tensor.dtype == torch.bfloat16
         # fp16 rounding of the delta (|d| < 0.05: < 2e-5) plus one bf16 ulp of the sum.
