@@ -71,7 +71,7 @@ def train(model, tok: Tokenizer, rows: list[dict], args: argparse.Namespace) -> 
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step % 20 == 0 or step == args.steps - 1:
             print(json.dumps({"step": step, "loss": round(losses[-1], 4), "elapsed_s": round(time.time() - start, 1)}), flush=True)
     return losses
@@ -101,11 +101,13 @@ def main() -> None:
     train_rows, eval_rows = read_jsonl(args.data / "train.jsonl"), read_jsonl(args.data / "eval.jsonl")[: args.eval_rows]
     model = load_model(args.base, device=args.device, dtype=torch.float32)
     report = {"task": task, "base": str(args.base), "args": {k: str(v) for k, v in vars(args).items()}}
-    report["base_metrics"] = evaluate_task(model, tok, task, eval_rows)
-    print(json.dumps({"base": report["base_metrics"]}), flush=True)
+    if eval_rows:
+        report["base_metrics"] = evaluate_task(model, tok, task, eval_rows)
+        print(json.dumps({"base": report["base_metrics"]}), flush=True)
     report["losses"] = train(model, tok, train_rows, args)
-    report["finetune_metrics"] = evaluate_task(model, tok, task, eval_rows)
-    print(json.dumps({"finetune": report["finetune_metrics"]}), flush=True)
+    if eval_rows:
+        report["finetune_metrics"] = evaluate_task(model, tok, task, eval_rows)
+        print(json.dumps({"finetune": report["finetune_metrics"]}), flush=True)
     save_checkpoint(model, args.base, args.out)
     (args.out / "finetune.json").write_text(json.dumps(report, indent=1))
 

@@ -23,38 +23,50 @@ log "convert base"
 for task in $TASKS; do
   log "finetune $task"
   python3 scripts/finetune.py --base "$WORK/base" --data "$DATA/$task" -o "$WORK/ft-$task" --steps "$STEPS" \
-    --eval-rows 150 2>&1 | grep -v '^\s*$' | tail -n 25
+    --eval-rows 0 2>&1 | grep -v '"step"' | tail -n 5
   cp "$WORK/ft-$task/finetune.json" "$OUT/finetune-$task.json"
 done
 
-compress_eval() {  # task bits group sparsity name
+compress_one() {  # task bits group sparsity name
   local task=$1 bits=$2 group=$3 sparsity=$4 name=$5
-  local art="$WORK/art/$name"
   log "compress $name"
-  python3 -m deltazip compress "$WORK/base" "$WORK/ft-$task" -o "$art" --bits "$bits" --group-size "$group" \
-    --sparsity "$sparsity" --calib "$DATA/$task/train.jsonl" --nsamples 128 --seq-len 256 --no-progress --overwrite
-  python3 -m deltazip inspect "$art" --json > "$WORK/inspect-$name.json"
-  python3 -m deltazip restore "$WORK/base" "$art" -o "$WORK/restored-$name" --overwrite
-  python3 scripts/evaluate.py "$WORK/restored-$name" --data "$DATA/$task" --rows 150 \
-    | python3 -c "import json,sys; r=json.loads(sys.stdin.read()); i=json.load(open('$WORK/inspect-$name.json')); \
-r.update(name='$name', bits=$bits, group_size=$group, sparsity='$sparsity', ratio=i.get('ratio'), linear_ratio=i.get('linear_ratio')); print(json.dumps(r))" \
-    | tee -a "$OUT/results.jsonl"
-  rm -rf "$WORK/restored-$name"
+  python3 -m deltazip compress "$WORK/base" "$WORK/ft-$task" -o "$WORK/art/$name" --bits "$bits" --group-size "$group" \
+    --sparsity "$sparsity" --calib "$DATA/$task/train.jsonl" --nsamples 128 --seq-len 256 --no-progress --overwrite \
+    > "$WORK/compress-$name.log" 2>&1 || { tail -5 "$WORK/compress-$name.log"; return 1; }
+  python3 -m deltazip inspect "$WORK/art/$name" --json > "$OUT/inspect-$name.json"
+}
+
+evaluate() {  # task model_dir tag
+  python3 scripts/evaluate.py "$2" --data "$DATA/$1" --rows "${EVAL_ROWS:-100}" --tag "$3" --out "$OUT/results.jsonl" 2>/dev/null | tail -1
+}
+
+evaluate_compressed() {  # task name
+  python3 -m deltazip restore "$WORK/base" "$WORK/art/$2" -o "$WORK/restored-$2" --overwrite > /dev/null 2>&1
+  evaluate "$1" "$WORK/restored-$2" "$2"
+  rm -rf "$WORK/restored-$2"
 }
 
 for task in $TASKS; do
-  compress_eval "$task" "$DEMO_BITS" "$DEMO_GROUP" 2:4 "smollm2-$task"
+  compress_one "$task" "$DEMO_BITS" "$DEMO_GROUP" 2:4 "smollm2-$task"
 done
 log "pack demo artifacts"
 tar -C "$WORK/art" -cf "$WORK/demo-deltas.tar" $(for t in $TASKS; do echo "smollm2-$t"; done)
 split -b 15000000 -d "$WORK/demo-deltas.tar" "$OUT/demo-deltas.tar.part-"
 sha256sum "$WORK/demo-deltas.tar" > "$OUT/demo-deltas.sha256"
 
-for setting in "4 64 2:4" "2 0 2:4" "4 64 0" "2 64 2:4"; do
+for task in $TASKS; do
+  log "evaluate $task: base, fine-tune, demo delta"
+  evaluate "$task" "$WORK/base" base
+  evaluate "$task" "$WORK/ft-$task" finetune
+  evaluate_compressed "$task" "smollm2-$task"
+done
+
+for setting in "4 64 2:4" "2 0 2:4" "4 64 0"; do
   for task in $TASKS; do
     if [ "$SECONDS" -gt "$BUDGET_S" ]; then log "budget reached; skipping the rest"; exit 0; fi
     set -- $setting
-    compress_eval "$task" "$1" "$2" "$3" "extra-$task-$1b-g$2-s${3/:/of}"
+    name="extra-$task-$1b-g$2-s${3/:/of}"
+    compress_one "$task" "$1" "$2" "$3" "$name" && evaluate_compressed "$task" "$name"
   done
 done
 log "done"

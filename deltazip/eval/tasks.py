@@ -73,12 +73,43 @@ def greedy_complete(model, tok: Tokenizer, messages: list[dict], max_new_tokens:
     return tok.decode(out)
 
 
+@torch.no_grad()
+def greedy_batch(model, tok: Tokenizer, prompts: list[list[dict]], max_new_tokens: int) -> list[str]:
+    """Greedy answers to chat prompts; prompts of equal token length share one batch (no padding needed)."""
+    device = next(model.parameters()).device
+    encoded = [tok.encode(tok.apply_chat_template(m, add_generation_prompt=True)) for m in prompts]
+    by_len: dict[int, list[int]] = {}
+    for i, ids in enumerate(encoded):
+        by_len.setdefault(len(ids), []).append(i)
+    answers = [""] * len(prompts)
+    eos = set(tok.eos_token_ids)
+    for indices in by_len.values():
+        ids = torch.tensor([encoded[i] for i in indices], device=device)  # [B, L]
+        done = [False] * len(indices)
+        outs: list[list[int]] = [[] for _ in indices]
+        for _ in range(max_new_tokens):
+            nxt = model.forward_dense(ids)[:, -1].argmax(-1)  # [B]
+            for row, token in enumerate(nxt.tolist()):
+                if not done[row]:
+                    if token in eos:
+                        done[row] = True
+                    else:
+                        outs[row].append(token)
+            if all(done):
+                break
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+        for row, i in enumerate(indices):
+            answers[i] = tok.decode(outs[row])
+    return answers
+
+
 def arith_accuracy(model, tok: Tokenizer, rows: list[dict], max_new_tokens: int = 40) -> float:
     """Share of held-out word problems whose generated 'The answer is N' matches the reference."""
+    answers = greedy_batch(model, tok, [r["messages"][:-1] for r in rows], max_new_tokens)
     correct = 0
-    for r in rows:
+    for r, answer in zip(rows, answers):
         want = _ANSWER.search(r["messages"][-1]["content"])
-        got = _ANSWER.search(greedy_complete(model, tok, r["messages"][:-1], max_new_tokens))
+        got = _ANSWER.search(answer)
         correct += int(bool(want and got and want.group(1) == got.group(1)))
     return correct / max(len(rows), 1)
 
@@ -118,13 +149,13 @@ def _continue_line(model, tok: Tokenizer, messages: list[dict], prefix: str, max
     return tok.decode(out).split("\n")[0]
 
 
-def evaluate_task(model, tok: Tokenizer, task: str, rows: list[dict]) -> dict:
+def evaluate_task(model, tok: Tokenizer, task: str, rows: list[dict], with_next_line: bool = False) -> dict:
     """Held-out metrics for one task; `quality` is the higher-is-better headline number."""
     model.eval()
     ppl = assistant_perplexity(model, tok, rows)
     if task == "arith":
         return {"quality": arith_accuracy(model, tok, rows), "metric": "exact_match", "perplexity": ppl}
     result = {"quality": -ppl, "metric": "neg_perplexity", "perplexity": ppl}
-    if task == "python":
+    if task == "python" and with_next_line:
         result["next_line_accuracy"] = next_line_accuracy(model, tok, rows)
     return result
