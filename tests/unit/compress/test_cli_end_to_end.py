@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import held_out_ids
+from tiny_finetune import held_out_ids
 
 from deltazip.artifact import BaseMismatchError, CorruptArtifactError, load_delta, read_manifest, write_dense_delta
 from deltazip.cli import main
