@@ -56,6 +56,7 @@ def measure(base: Path, ft: Path, out: Path, cfg: CompressConfig, layers: int) -
     fixed = report.seconds - sum(report.layer_seconds)  # calibration, embeddings/lm_head, files, shard writes
     est_7b = fixed + LLAMA2_7B_LAYERS * per_layer
     shard_bytes = sum(p.stat().st_size for p in out.glob("delta-*"))
+    zstd_bytes = sum(len(_zstd(p.read_bytes())) for p in out.glob("delta-*"))
     return {
         "method": cfg.method, "bits": cfg.bits, "sparsity": cfg.sparsity, "group_size": cfg.group_size,
         "nsamples": cfg.nsamples, "seq_len": cfg.seq_len, "layers_measured": layers,
@@ -63,6 +64,7 @@ def measure(base: Path, ft: Path, out: Path, cfg: CompressConfig, layers: int) -
         "phase_seconds": {k: round(v, 3) for k, v in report.phase_seconds.items()},
         "fixed_s": round(fixed, 3), "total_s": round(report.seconds, 3), "est_7b_s": round(est_7b, 1),
         "goal_7b_s": 600, "meets_goal": est_7b <= 600, "shard_bytes": shard_bytes,
+        "zstd_ratio": round(shard_bytes / zstd_bytes, 3),
         "mean_out_rel_error": round(statistics.mean(e[1] for e in report.errors.values()), 4),
     }  # fmt: skip
 
@@ -97,6 +99,13 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
+
+
+def _zstd(data: bytes) -> bytes:
+    """What `--lossless zstd` would store (same level)."""
+    import zstandard
+
+    return zstandard.ZstdCompressor(level=10, threads=-1).compress(data)
 
 
 def _git_commit() -> str:
