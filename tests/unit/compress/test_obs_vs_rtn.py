@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import held_out_ids
+from tiny_finetune import held_out_ids
 
 from deltazip.artifact.checkpoint import Checkpoint
 from deltazip.compress.baselines import magnitude_rtn
