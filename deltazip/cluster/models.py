@@ -1,0 +1,84 @@
+"""Model registry: registered fine-tunes (written by the delta store) and the cluster's base model."""
+
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from deltazip.cluster import keys
+from deltazip.cluster.connection import now_ms
+from deltazip.cluster.records import from_hash, to_hash
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRecord:
+    """One registered fine-tune as stored in `dz:model:<name>`."""
+
+    name: str
+    base_identity: str = ""
+    base: str = ""
+    artifact_bytes: int = 0
+    compression_ratio: float = 0.0
+    compression: str = ""
+    created_unix_ms: int = 0
+    store_id: str = ""
+    tenant: str = ""
+
+
+
+@dataclass(frozen=True, slots=True)
+class BaseRecord:
+    """The base model all workers serve (`dz:base`)."""
+
+    name: str
+    identity: str = ""
+    updated_ms: int = 0
+
+
+class ModelRegistry:
+    """Reads and writes `dz:models`, `dz:model:<name>` and `dz:base`."""
+
+    def __init__(self, redis: aioredis.Redis):
+        self.redis = redis
+
+    async def register(self, record: ModelRecord) -> None:
+        """Add or replace a model's entry atomically."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(keys.model(record.name))
+            pipe.hset(keys.model(record.name), mapping=to_hash(record))
+            pipe.sadd(keys.models(), record.name)
+            await pipe.execute()
+
+    async def unregister(self, name: str) -> bool:
+        """Remove a model's entry; True if it was registered."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(keys.model(name))
+            pipe.srem(keys.models(), name)
+            deleted, _ = await pipe.execute()
+        return bool(deleted)
+
+    async def get(self, name: str) -> ModelRecord | None:
+        """The entry for `name`, or None."""
+        data = await self.redis.hgetall(keys.model(name))
+        return from_hash(ModelRecord, data) if data else None
+
+    async def list(self) -> list[ModelRecord]:
+        """Every registered model, sorted by name."""
+        names = sorted(await self.redis.smembers(keys.models()))
+        if not names:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hgetall(keys.model(name))
+            rows = await pipe.execute()
+        return [from_hash(ModelRecord, row) for row in rows if row]
+
+    async def set_base(self, name: str, identity: str = "") -> None:
+        """Publish the base model (workers call this at start)."""
+        await self.redis.hset(keys.base(), mapping={"name": name, "identity": identity, "updated_ms": now_ms()})
+
+    async def base(self) -> BaseRecord | None:
+        """The published base model, or None before any worker started."""
+        data = await self.redis.hgetall(keys.base())
+        if not data:
+            return None
+        return from_hash(BaseRecord, data)

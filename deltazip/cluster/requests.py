@@ -1,0 +1,82 @@
+"""Request records: one hash per request with its state, worker and attempts, expiring after REQUEST_TTL_S."""
+
+from dataclasses import dataclass
+from enum import Enum
+
+import redis.asyncio as aioredis
+
+from deltazip.cluster import keys
+from deltazip.cluster.connection import now_ms
+from deltazip.cluster.records import from_hash
+
+
+class RequestState(Enum):
+    """Lifecycle of a Generate request; Redis stores `.value`."""
+
+    QUEUED = "queued"  # accepted, not routed yet
+    ROUTED = "routed"  # sent to a worker, no token yet
+    RUNNING = "running"  # tokens are streaming
+    FINISHED = "finished"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = frozenset({RequestState.FINISHED, RequestState.FAILED, RequestState.CANCELLED})
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """`dz:request:<id>` as read back."""
+
+    request_id: str
+    model: str = ""
+    state: str = RequestState.QUEUED.value
+    worker_id: str = ""
+    attempts: int = 0
+    created_ms: int = 0
+    updated_ms: int = 0
+    error: str = ""
+
+    @property
+    def request_state(self) -> RequestState:
+        return RequestState(self.state)
+
+
+class RequestLog:
+    """Writes request records (scheduler) and reads them (anyone)."""
+
+    def __init__(self, redis: aioredis.Redis, ttl_s: int = keys.REQUEST_TTL_S):
+        self.redis = redis
+        self.ttl_s = ttl_s
+
+    async def create(self, request_id: str, model: str) -> None:
+        """Record a newly accepted request as QUEUED."""
+        now = now_ms()
+        fields = {"request_id": request_id, "model": model, "state": RequestState.QUEUED.value, "attempts": 0,
+                  "created_ms": now, "updated_ms": now, "worker_id": "", "error": ""}
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(keys.request(request_id), mapping=fields)
+            pipe.expire(keys.request(request_id), self.ttl_s)
+            await pipe.execute()
+
+    async def routed(self, request_id: str, worker_id: str) -> None:
+        """The request was sent to `worker_id` (attempts += 1)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            key = keys.request(request_id)
+            pipe.hset(key, mapping={"state": RequestState.ROUTED.value, "worker_id": worker_id, "updated_ms": now_ms()})
+            pipe.hincrby(key, "attempts", 1)
+            pipe.expire(key, self.ttl_s)
+            await pipe.execute()
+
+    async def set_state(self, request_id: str, state: RequestState, error: str = "") -> None:
+        """Move the request to `state` (RUNNING on first token, or a terminal state)."""
+        key = keys.request(request_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping={"state": state.value, "error": error, "updated_ms": now_ms()})
+            pipe.expire(key, self.ttl_s)
+            await pipe.execute()
+
+    async def get(self, request_id: str) -> RequestRecord | None:
+        """The record, or None once it expired (or never existed)."""
+        data = await self.redis.hgetall(keys.request(request_id))
+        return from_hash(RequestRecord, data) if data else None

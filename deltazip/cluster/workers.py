@@ -1,0 +1,142 @@
+"""Worker registry: live workers (hash + heartbeat TTL), their load, and their resident deltas per tier (LRU)."""
+
+from dataclasses import dataclass, replace
+from enum import Enum
+
+import redis.asyncio as aioredis
+
+from deltazip.cluster import keys
+from deltazip.cluster.connection import now_ms
+from deltazip.cluster.records import from_hash, to_hash
+
+
+class Tier(Enum):
+    """Where a delta lives on a worker; the nearer tiers are subsets of the farther ones."""
+
+    DEVICE = "device"
+    HOST = "host"
+    DISK = "disk"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRecord:
+    """One worker as published in `dz:worker:<id>` on every heartbeat."""
+
+    worker_id: str
+    address: str
+    base: str = ""
+    base_identity: str = ""
+    device: str = ""
+    mode: str = ""
+    num_running: int = 0
+    num_waiting: int = 0
+    queued_tokens: int = 0
+    free_kv_blocks: int = 0
+    total_kv_blocks: int = 0
+    started_ms: int = 0
+    heartbeat_ms: int = 0
+
+
+class WorkerRegistry:
+    """The worker publishes itself here; schedulers read live workers, residency and in-flight counts."""
+
+    def __init__(self, redis: aioredis.Redis, ttl_s: float = 10.0):
+        assert ttl_s > 0
+        self.redis = redis
+        self.ttl_ms = int(ttl_s * 1000)
+
+    # -- written by the worker -------------------------------------------------------------------------------
+    async def heartbeat(self, record: WorkerRecord, residency: dict[Tier, list[str]] | None = None) -> None:
+        """Publish load (and optionally a full residency snapshot, each list in LRU order) and refresh TTLs."""
+        record = replace(record, heartbeat_ms=now_ms())
+        wid = record.worker_id
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(keys.worker(wid), mapping=to_hash(record))
+            pipe.pexpire(keys.worker(wid), self.ttl_ms)
+            pipe.sadd(keys.workers(), wid)
+            for tier in Tier:
+                key = keys.worker_resident(wid, tier.value)
+                if residency is not None:
+                    pipe.delete(key)
+                    models = residency.get(tier, [])
+                    if models:  # scores keep the given LRU order
+                        pipe.zadd(key, {m: record.heartbeat_ms - len(models) + i for i, m in enumerate(models)})
+                pipe.pexpire(key, self.ttl_ms)
+            await pipe.execute()
+
+    async def set_resident(self, worker_id: str, model: str, tier: Tier) -> None:
+        """Mark `model` as (most recently) used in `tier` on this worker."""
+        key = keys.worker_resident(worker_id, tier.value)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zadd(key, {model: now_ms()})
+            pipe.pexpire(key, self.ttl_ms)
+            await pipe.execute()
+
+    async def remove_resident(self, worker_id: str, model: str, tier: Tier) -> None:
+        """`model` left `tier` on this worker (evicted)."""
+        await self.redis.zrem(keys.worker_resident(worker_id, tier.value), model)
+
+    async def unregister(self, worker_id: str) -> None:
+        """Remove the worker and its residency at shutdown."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(keys.worker(worker_id), *(keys.worker_resident(worker_id, t.value) for t in Tier))
+            pipe.srem(keys.workers(), worker_id)
+            await pipe.execute()
+
+    # -- read by schedulers ----------------------------------------------------------------------------------
+    async def live(self) -> list[WorkerRecord]:
+        """Workers whose heartbeat has not expired, sorted by id; prunes dead ids from the index."""
+        ids = sorted(await self.redis.smembers(keys.workers()))
+        if not ids:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for wid in ids:
+                pipe.hgetall(keys.worker(wid))
+            rows = await pipe.execute()
+        dead = [wid for wid, row in zip(ids, rows) if not row]
+        if dead:
+            await self.redis.srem(keys.workers(), *dead)
+        return [from_hash(WorkerRecord, row) for row in rows if row]
+
+    async def get(self, worker_id: str) -> WorkerRecord | None:
+        """The worker's record, or None if it is not alive."""
+        row = await self.redis.hgetall(keys.worker(worker_id))
+        return from_hash(WorkerRecord, row) if row else None
+
+    async def residency(self, worker_id: str) -> dict[Tier, list[str]]:
+        """Resident models per tier, least recently used first."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for tier in Tier:
+                pipe.zrange(keys.worker_resident(worker_id, tier.value), 0, -1)
+            rows = await pipe.execute()
+        return {tier: list(row) for tier, row in zip(Tier, rows)}
+
+    async def best_tiers(self, worker_ids: list[str], model: str) -> dict[str, Tier | None]:
+        """For each worker, the nearest tier holding `model` (None = only in the store)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for wid in worker_ids:
+                for tier in Tier:
+                    pipe.zscore(keys.worker_resident(wid, tier.value), model)
+            scores = await pipe.execute()
+        result: dict[str, Tier | None] = {}
+        tiers = list(Tier)
+        for i, wid in enumerate(worker_ids):
+            row = scores[i * len(tiers) : (i + 1) * len(tiers)]
+            result[wid] = next((t for t, s in zip(tiers, row) if s is not None), None)
+        return result
+
+    # -- in-flight counts kept by schedulers -----------------------------------------------------------------
+    async def add_inflight(self, worker_id: str, delta: int) -> None:
+        """Count a request the schedulers route to (+1) or finished relaying from (-1) this worker."""
+        key = keys.worker_inflight(worker_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.incrby(key, delta)
+            pipe.expire(key, keys.INFLIGHT_TTL_S)
+            await pipe.execute()
+
+    async def inflight(self, worker_ids: list[str]) -> dict[str, int]:
+        """Requests currently relayed to each worker by all schedulers."""
+        if not worker_ids:
+            return {}
+        values = await self.redis.mget([keys.worker_inflight(w) for w in worker_ids])
+        return {w: max(0, int(v or 0)) for w, v in zip(worker_ids, values)}

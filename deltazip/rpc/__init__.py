@@ -1,0 +1,1 @@
+"""gRPC plumbing shared by every DeltaZip service and the SDK (no torch)."""

@@ -1,0 +1,89 @@
+"""Domain errors that map to gRPC status codes, and the decorator that turns them into statuses."""
+
+import functools
+import inspect
+from collections.abc import Callable
+
+import grpc
+
+from deltazip.logs import get_logger
+
+log = get_logger("deltazip.rpc")
+
+
+class ServiceError(Exception):
+    """An error the caller can act on; `message` says what to fix."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None):
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class InvalidArgument(ServiceError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(ServiceError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(ServiceError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPrecondition(ServiceError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ResourceExhausted(ServiceError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class OutOfRange(ServiceError):
+    code = grpc.StatusCode.OUT_OF_RANGE
+
+
+class Unavailable(ServiceError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(ServiceError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def from_rpc_error(exc: grpc.RpcError, prefix: str = "") -> ServiceError:
+    """Re-raise a downstream call's status unchanged (code and message), e.g. a worker's INVALID_ARGUMENT."""
+    code = exc.code() if callable(getattr(exc, "code", None)) else grpc.StatusCode.UNKNOWN
+    details = exc.details() if callable(getattr(exc, "details", None)) else str(exc)
+    return ServiceError(f"{prefix}{details or ''}", code)
+
+
+def rpc_method(fn: Callable) -> Callable:
+    """Wrap a grpc.aio servicer method (coroutine or async generator): ServiceError → status."""
+    name = fn.__qualname__
+    if inspect.isasyncgenfunction(fn):
+
+        @functools.wraps(fn)
+        async def stream(self, request, context):
+            try:
+                async for item in fn(self, request, context):
+                    yield item
+            except ServiceError as exc:
+                log.info("rpc_error", method=name, code=exc.code.name, message=exc.message)
+                await context.abort(exc.code, exc.message)
+
+        return stream
+
+    @functools.wraps(fn)
+    async def unary(self, request, context):
+        try:
+            return await fn(self, request, context)
+        except ServiceError as exc:
+            log.info("rpc_error", method=name, code=exc.code.name, message=exc.message)
+            await context.abort(exc.code, exc.message)
+
+    return unary

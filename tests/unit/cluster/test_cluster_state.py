@@ -1,0 +1,115 @@
+"""Cluster state against a real redis-server: registry, liveness by TTL, residency LRU, queues, requests."""
+
+import asyncio
+
+import pytest
+
+from deltazip.cluster import keys
+from deltazip.cluster.connection import connect
+from deltazip.cluster.models import ModelRecord, ModelRegistry
+from deltazip.cluster.queues import QueueStats
+from deltazip.cluster.requests import RequestLog, RequestState
+from deltazip.cluster.stores import StoreRecord, StoreRegistry
+from deltazip.cluster.workers import Tier, WorkerRecord, WorkerRegistry
+from tests.integration.procs import redis_proc, redis_url  # noqa: F401  (fixtures)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_model_registry_roundtrip(redis_url):
+    async def body():
+        redis = connect(redis_url)
+        registry = ModelRegistry(redis)
+        record = ModelRecord("ft-a", base_identity="abc", artifact_bytes=123, compression_ratio=4.5, compression="4bit")
+        await registry.register(record)
+        await registry.register(ModelRecord("ft-b"))
+        assert await registry.get("ft-a") == record
+        assert [m.name for m in await registry.list()] == ["ft-a", "ft-b"]
+        assert await registry.unregister("ft-a")
+        assert not await registry.unregister("ft-a")
+        assert await registry.get("ft-a") is None
+        assert await registry.base() is None
+        await registry.set_base("llama", "id1")
+        assert (await registry.base()).name == "llama"
+        assert all(k.startswith(keys.PREFIX) for k in await redis.keys("*"))
+        await redis.aclose()
+
+    run(body())
+
+
+def test_worker_liveness_expires_and_residency_is_lru(redis_url):
+    async def body():
+        redis = connect(redis_url)
+        workers = WorkerRegistry(redis, ttl_s=0.3)
+        await workers.heartbeat(WorkerRecord("w1", "127.0.0.1:1", num_running=2),
+                                {Tier.DEVICE: ["old", "new"], Tier.HOST: ["old", "new", "cold"]})
+        await workers.heartbeat(WorkerRecord("w2", "127.0.0.1:2"))
+        assert [w.worker_id for w in await workers.live()] == ["w1", "w2"]
+        assert (await workers.get("w1")).num_running == 2
+        assert (await workers.residency("w1"))[Tier.DEVICE] == ["old", "new"]
+        await workers.set_resident("w1", "old", Tier.DEVICE)  # used again: now most recent
+        assert (await workers.residency("w1"))[Tier.DEVICE] == ["new", "old"]
+        tiers = await workers.best_tiers(["w1", "w2"], "cold")
+        assert tiers == {"w1": Tier.HOST, "w2": None}
+        await workers.add_inflight("w2", 1)
+        assert await workers.inflight(["w1", "w2"]) == {"w1": 0, "w2": 1}
+        await asyncio.sleep(0.2)
+        await workers.heartbeat(WorkerRecord("w2", "127.0.0.1:2"))
+        await asyncio.sleep(0.2)  # w1 missed its beat
+        assert [w.worker_id for w in await workers.live()] == ["w2"]
+        assert await redis.smembers(keys.workers()) == {"w2"}
+        await redis.aclose()
+
+    run(body())
+
+
+def test_store_registry_and_unregister(redis_url):
+    async def body():
+        redis = connect(redis_url)
+        stores = StoreRegistry(redis, ttl_s=5)
+        await stores.heartbeat(StoreRecord("s1", "127.0.0.1:9", root="/x"))
+        live = await stores.live()
+        assert [s.address for s in live] == ["127.0.0.1:9"] and live[0].heartbeat_ms > 0
+        await stores.unregister("s1")
+        assert await stores.live() == []
+        await redis.aclose()
+
+    run(body())
+
+
+def test_queue_counts_and_rate(redis_url):
+    async def body():
+        redis = connect(redis_url)
+        queues = QueueStats(redis, tau_s=10)
+        for _ in range(5):
+            state = await queues.arrive("m")
+        assert state.pending == 5 and state.rate_per_s == pytest.approx(0.5, rel=0.05)
+        await queues.started("m")
+        await queues.finished("m", was_running=True)
+        await queues.finished("m", was_running=False)
+        got = await queues.get("m")
+        assert (got.pending, got.running) == (3, 0)
+        for _ in range(5):  # never negative
+            await queues.finished("m", was_running=True)
+        assert (await queues.get("m")).running == 0
+        await redis.aclose()
+
+    run(body())
+
+
+def test_request_record_lifecycle(redis_url):
+    async def body():
+        redis = connect(redis_url)
+        log = RequestLog(redis)
+        await log.create("r1", "m")
+        await log.routed("r1", "w1")
+        await log.routed("r1", "w2")
+        await log.set_state("r1", RequestState.FINISHED)
+        record = await log.get("r1")
+        assert (record.request_state, record.worker_id, record.attempts) == (RequestState.FINISHED, "w2", 2)
+        assert 0 < await redis.ttl(keys.request("r1")) <= keys.REQUEST_TTL_S
+        await redis.aclose()
+
+    run(body())
