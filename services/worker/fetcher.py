@@ -8,7 +8,6 @@ when one dies, checking each file's size and sha256, and finally renaming the fo
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -235,10 +234,7 @@ def dir_bytes(path: Path) -> int:
 
 
 def manifest_base_identity(artifact_dir: str) -> str:
-    """The base identity recorded in an artifact's manifest ('' when it has none)."""
-    with open(Path(artifact_dir) / "manifest.json") as fh:
-        manifest = json.load(fh)
-    base = manifest.get("base_identity") or manifest.get("base", {})
-    if isinstance(base, dict):
-        return str(base.get("identity") or base.get("sha256") or "")
-    return str(base)
+    """The base identity recorded in an artifact's manifest."""
+    from deltazip.artifact import read_manifest
+
+    return read_manifest(artifact_dir).base_identity

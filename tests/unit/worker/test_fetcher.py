@@ -52,8 +52,13 @@ class FakeStore:
                 sent += 1
 
 
+def manifest_identity(artifact_dir):
+    return json.loads((Path(artifact_dir) / "manifest.json").read_text())["base_identity"]
+
+
 def fetcher(tmp_path, stores, **kw):
-    return DeltaFetcher(str(tmp_path / "cache"), lambda: stores, BASE, chunk_bytes=1000, **kw)
+    return DeltaFetcher(str(tmp_path / "cache"), lambda: stores, BASE, chunk_bytes=1000,
+                        manifest_identity=manifest_identity, **kw)
 
 
 def assert_complete(path):
