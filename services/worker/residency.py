@@ -147,6 +147,11 @@ class ResidencyManager:
             rows = [_snapshot(e) for e in self._entries.values() if e.state is not DeltaState.REMOTE]
         return sorted(rows, key=lambda r: (r.tier, r.name))
 
+    def lru_names(self, tier: Tier) -> list[str]:
+        """Deltas held in `tier` (tiers are inclusive), least recently used first."""
+        with self._lock:
+            return list(self._lru[tier])
+
     def used_bytes(self, tier: Tier) -> int:
         with self._lock:
             return sum(self._lru[tier].values())
