@@ -1,0 +1,90 @@
+"""StepDeltaOps: per-row deltas equal running each row through its merged weights."""
+
+import torch
+
+from deltazip.artifact.delta_tensor import DeltaTensor
+from services.worker.delta_ops import StepDeltaOps, make_segments
+from services.worker.device_slots import DeviceSlots
+
+H, V, OUT = 8, 11, 6
+LIN = "model.layers.0.mlp.up_proj"
+
+
+def dense(name, t):
+    return DeltaTensor(name=name, kind="dense", shape=tuple(t.shape), delta=t.half())
+
+
+def make_slots(gen, tied=True):
+    slots = DeviceSlots(3, "cpu", torch.float32, {LIN + ".weight", "lm_head.weight"}, tie_word_embeddings=tied)
+    deltas = {}
+    for slot in (0, 2):
+        d = {
+            LIN + ".weight": torch.randn(OUT, H, generator=gen) * 0.1,
+            "model.norm.weight": torch.randn(H, generator=gen) * 0.1,
+            "model.embed_tokens.weight": torch.randn(V, H, generator=gen) * 0.1,
+        }
+        d = {k: v.half().float() for k, v in d.items()}  # what fp16 storage keeps
+        slots.write(slot, f"ft{slot}", {k: dense(k, v) for k, v in d.items()})
+        deltas[slot] = d
+    return slots, deltas
+
+
+def test_segments_offsets():
+    assert [(s.slot, s.start, s.end) for s in make_segments([(None, 2), (0, 0), (1, 3)])] == [(None, 0, 2), (1, 2, 5)]
+
+
+def test_linear_norm_embedding_match_merged_weights():
+    gen = torch.Generator().manual_seed(0)
+    slots, deltas = make_slots(gen)
+    rows = [(None, 2), (0, 3), (2, 1)]
+    owners = [None, None, 0, 0, 0, 2]
+    ops = StepDeltaOps(slots, rows)
+    x = torch.randn(6, H, generator=gen)
+    w = torch.randn(OUT, H, generator=gen)
+    y = x @ w.T
+    ops.linear(LIN, x, y)
+    norm_w = torch.randn(H, generator=gen)
+    per_row = ops.norm_weight("model.norm", norm_w, x)
+    ids = torch.randint(0, V, (6,), generator=gen)
+    emb = torch.randn(V, H, generator=gen)
+    h = emb[ids].clone()
+    ops.embedding("model.embed_tokens", ids, h)
+    x_head = torch.randn(6, H, generator=gen)
+    logits = x_head @ emb.T
+    ops.linear("lm_head", x_head, logits)  # tied: lm_head delta = embed delta
+    for i, slot in enumerate(owners):
+        d = deltas.get(slot, {})
+        zero = torch.zeros
+        w_i = w + d.get(LIN + ".weight", zero(OUT, H))
+        torch.testing.assert_close(y[i], x[i] @ w_i.T)
+        torch.testing.assert_close(per_row[i], norm_w + d.get("model.norm.weight", zero(H)))
+        emb_i = emb + d.get("model.embed_tokens.weight", zero(V, H))
+        torch.testing.assert_close(h[i], emb_i[ids[i]])
+        torch.testing.assert_close(logits[i], x_head[i] @ emb_i.T)
+
+
+def test_base_only_rows_change_nothing():
+    slots, _ = make_slots(torch.Generator().manual_seed(1))
+    ops = StepDeltaOps(slots, [(None, 4)])
+    x, y = torch.randn(4, H), torch.zeros(4, OUT)
+    ops.linear(LIN, x, y)
+    assert not y.any()
+    assert ops.norm_weight("model.norm", torch.ones(H), x) is None
+
+
+def test_packed_linear_delta_uses_dequantized_values():
+    from kernels import packing
+
+    gen = torch.Generator().manual_seed(2)
+    n, k, bits = 4, 64, 4
+    mask = torch.zeros(n, k, dtype=torch.bool)
+    mask.view(n, k // 4, 4)[..., :2] = True
+    codes = torch.randint(0, 1 << bits, (n, k // 2), generator=gen)
+    scales = (torch.rand(n, 1, generator=gen) * 0.01).half()
+    dt = DeltaTensor(name=LIN + ".weight", kind="sparse24", shape=(n, k), bits=bits, group_size=None, sym=True,
+                     qweight=packing.pack_codes(codes, bits), meta=packing.pack_meta(mask), scales=scales)
+    slots = DeviceSlots(1, "cpu", torch.float32, {LIN + ".weight"}, tie_word_embeddings=False)
+    slots.write(0, "ft", {LIN + ".weight": dt})
+    x, y = torch.randn(3, k, generator=gen), torch.zeros(3, n)
+    StepDeltaOps(slots, [(0, 3)]).linear(LIN, x, y)
+    torch.testing.assert_close(y, x @ dt.dequantize(torch.float32).T)
