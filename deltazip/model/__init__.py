@@ -1,0 +1,1 @@
+"""Llama model code shared by compression, evaluation and the worker."""

@@ -1,0 +1,87 @@
+"""Attention math on torch SDPA: paged (serving, varlen) and causal dense (training, calibration).
+
+Correctness first: the paged path gathers each sequence's K/V pages into a padded batch and runs one
+SDPA call with an explicit mask. A fused paged kernel can replace `paged_attention` later.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from deltazip.model.context import AttentionMetadata
+
+
+def store_kv(
+    k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+    v: torch.Tensor,  # [T, num_kv_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # [T] int64
+) -> None:
+    """Write this step's keys and values into their cache slots."""
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:  # [T, num_heads, head_dim]
+    """Causal attention of each sequence's new tokens over its whole cached context."""
+    num_tokens = q.shape[0]
+    block_size, num_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    max_q, max_ctx = meta.resolved_max_lens()
+    device = q.device
+    qsl = meta.query_start_loc.to(device=device, dtype=torch.long)
+    q_lens = qsl[1:] - qsl[:-1]  # [S]
+    ctx_lens = meta.context_lens.to(device=device, dtype=torch.long)  # [S]
+
+    # Queries padded per sequence: [S, max_q, num_heads, head_dim].
+    j = torch.arange(max_q, device=device)
+    q_valid = j[None, :] < q_lens[:, None]  # [S, max_q]
+    q_index = (qsl[:-1, None] + j[None, :]).clamp(max=max(num_tokens - 1, 0))
+    q_pad = q[q_index]
+
+    # Keys/values gathered page by page: [S, max_ctx, num_kv_heads, head_dim].
+    pos = torch.arange(max_ctx, device=device)
+    blocks = meta.block_tables.to(device=device, dtype=torch.long)[:, pos // block_size].clamp(min=0)
+    slots = blocks * block_size + pos % block_size  # [S, max_ctx]
+    k_pad = k_cache.view(-1, num_kv_heads, head_dim)[slots]
+    v_pad = v_cache.view(-1, num_kv_heads, head_dim)[slots]
+
+    # New token j of a sequence sits at absolute position ctx_len - q_len + j and sees keys up to it.
+    q_pos = (ctx_lens - q_lens)[:, None] + j[None, :]  # [S, max_q]
+    mask = pos[None, None, :] <= q_pos[:, :, None]  # [S, max_q, max_ctx]; padded keys lie beyond q_pos
+
+    out = F.scaled_dot_product_attention(
+        q_pad.transpose(1, 2),
+        k_pad.to(q.dtype).transpose(1, 2),
+        v_pad.to(q.dtype).transpose(1, 2),
+        attn_mask=mask[:, None],
+        scale=scale,
+        enable_gqa=num_kv_heads != q.shape[1],
+    )  # [S, num_heads, max_q, head_dim]
+    return out.transpose(1, 2)[q_valid]
+
+
+def causal_attention(
+    q: torch.Tensor,  # [B, L, num_heads, head_dim]
+    k: torch.Tensor,  # [B, L, num_kv_heads, head_dim]
+    v: torch.Tensor,  # [B, L, num_kv_heads, head_dim]
+    scale: float,
+) -> torch.Tensor:  # [B, L, num_heads, head_dim]
+    """Plain causal self-attention over full sequences, no cache."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        is_causal=True,
+        scale=scale,
+        enable_gqa=k.shape[2] != q.shape[2],
+    )
+    return out.transpose(1, 2)

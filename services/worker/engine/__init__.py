@@ -1,0 +1,1 @@
+"""Continuous-batching engine core of the worker (nano-vllm style)."""
