@@ -1,36 +1,39 @@
-"""Errors a request can fail with, each carrying the gRPC status code the servicer returns."""
+"""Errors a request can fail with; each is a deltazip.rpc ServiceError carrying its gRPC status code."""
 
 import grpc
 
-
-class WorkerError(Exception):
-    """Base: `code` is the gRPC status; the message tells the caller what to fix."""
-
-    code = grpc.StatusCode.INTERNAL
+from deltazip.artifact.errors import ArtifactError, BaseMismatchError as ArtifactBaseMismatch, CorruptArtifactError
+from deltazip.rpc.errors import FailedPrecondition, InvalidArgument, NotFound, ServiceError, Unavailable
 
 
-class DeltaNotFoundError(WorkerError):
-    code = grpc.StatusCode.NOT_FOUND
+class DeltaNotFoundError(NotFound):
+    pass
 
 
-class BaseMismatchError(WorkerError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+class BaseMismatchError(FailedPrecondition):
+    pass
 
 
-class StoreUnavailableError(WorkerError):
-    code = grpc.StatusCode.UNAVAILABLE
+class StoreUnavailableError(Unavailable):
+    pass
 
 
-class ArtifactIntegrityError(WorkerError):
+class ArtifactIntegrityError(ServiceError):
     code = grpc.StatusCode.DATA_LOSS
 
 
-class InvalidRequestError(WorkerError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+class InvalidRequestError(InvalidArgument):
+    pass
 
 
-def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and message a request failing with `exc` gets."""
-    if isinstance(exc, WorkerError):
-        return exc.code, str(exc)
-    return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
+def as_service_error(exc: BaseException) -> ServiceError:
+    """The ServiceError a request failing with `exc` (from a fetch or a load) reports."""
+    if isinstance(exc, ServiceError):
+        return exc
+    if isinstance(exc, ArtifactBaseMismatch):
+        return BaseMismatchError(str(exc))
+    if isinstance(exc, CorruptArtifactError):
+        return ArtifactIntegrityError(str(exc))
+    if isinstance(exc, ArtifactError):
+        return FailedPrecondition(f"delta artifact cannot be used: {exc}")
+    return ServiceError(f"{type(exc).__name__}: {exc}")

@@ -136,6 +136,11 @@ class ResidencyManager:
             entry = self._entries.get(name)
             return entry.state if entry else DeltaState.REMOTE
 
+    def load_ms(self, name: str) -> float:
+        with self._lock:
+            entry = self._entries.get(name)
+            return entry.load_ms if entry else 0.0
+
     def entry(self, name: str) -> ResidentDelta | None:
         with self._lock:
             entry = self._entries.get(name)

@@ -45,9 +45,12 @@ class StopMatcher:
         self._pending = ""
         self.stopped = False
 
-    def feed(self, text: str, final: bool = False) -> TextDelta:
+    def feed(self, text: str, final: bool = False, check_stops: bool = True) -> TextDelta:
         assert not self.stopped, "feed after a stop sequence"
         self._pending += text
+        if not check_stops:  # before min_tokens: stops do not count, nothing is held back
+            out, self._pending = self._pending, ""
+            return TextDelta(out, False)
         hits = [(i, s) for s in self._stops if (i := self._pending.find(s)) >= 0]
         if hits:
             cut = min(i for i, _ in hits)
@@ -76,5 +79,5 @@ class TextStream:
         self._detok = IncrementalDetokenizer(decode)
         self._stops = StopMatcher(stops)
 
-    def add(self, token_ids: Sequence[int], final: bool = False) -> TextDelta:
-        return self._stops.feed(self._detok.add(token_ids), final=final)
+    def add(self, token_ids: Sequence[int], final: bool = False, check_stops: bool = True) -> TextDelta:
+        return self._stops.feed(self._detok.add(token_ids), final=final, check_stops=check_stops)
