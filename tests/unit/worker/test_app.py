@@ -89,8 +89,18 @@ def setup():
     app = WorkerApp(info, ByteTokenizer(), loop, residency)
     loop.start()
     yield app, io, engine, residency
+    io.gate.set()
     loop.stop()
     residency.close()
+
+
+def wait_until(cond, timeout_s=2.0):
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return cond()
 
 
 async def collect(app, **kw):
@@ -112,7 +122,7 @@ def test_stop_string_ends_and_aborts_sequence(setup):
     app, _, engine, _ = setup
     events = asyncio.run(collect(app, max_tokens=10, stop=("cd",)))
     assert "".join(e.text for e in events) == "ab" and events[-1].finish_reason == "stop"
-    assert "r" in engine.aborted
+    assert wait_until(lambda: "r" in engine.aborted)
 
 
 def test_prompt_too_long_names_the_limit(setup):
@@ -146,7 +156,7 @@ def test_missing_delta_fails_request_with_not_found(setup):
     app, _, engine, _ = setup
     with pytest.raises(NotFound, match="not in any delta store"):
         asyncio.run(collect(app, model="missing"))
-    assert "r" in engine.aborted or "r" not in engine.reqs
+    assert wait_until(lambda: "r" not in engine.reqs)
 
 
 def test_cancel_aborts_engine_request(setup):
@@ -160,13 +170,7 @@ def test_cancel_aborts_engine_request(setup):
             await task
 
     asyncio.run(cancel_midway())
-    import time
-
-    for _ in range(100):
-        if "c" in engine.aborted:
-            break
-        time.sleep(0.01)
-    assert "c" in engine.aborted and residency.entry("ft").pins == 0
+    assert wait_until(lambda: "c" in engine.aborted) and residency.entry("ft").pins == 0
 
 
 def test_load_and_evict(setup):
