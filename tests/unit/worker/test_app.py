@@ -2,6 +2,7 @@
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -43,6 +44,7 @@ class FakeEngine:
         return EngineStats(num_running=len(self.reqs), free_kv_blocks=10, total_kv_blocks=10)
 
     def step(self):
+        time.sleep(0.002)  # a step takes time: aborts can arrive before the request finishes
         outs = []
         for rid, st in list(self.reqs.items()):
             sampling, delta, n = st
@@ -95,8 +97,6 @@ def setup():
 
 
 def wait_until(cond, timeout_s=2.0):
-    import time
-
     deadline = time.monotonic() + timeout_s
     while not cond() and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -120,7 +120,7 @@ def test_stream_tokens_text_and_usage(setup):
 
 def test_stop_string_ends_and_aborts_sequence(setup):
     app, _, engine, _ = setup
-    events = asyncio.run(collect(app, max_tokens=10, stop=("cd",)))
+    events = asyncio.run(collect(app, max_tokens=100, stop=("cd",)))
     assert "".join(e.text for e in events) == "ab" and events[-1].finish_reason == "stop"
     assert wait_until(lambda: "r" in engine.aborted)
 
