@@ -116,7 +116,7 @@ class WorkerApp:
         finished = False
         try:
             self._loop.submit(inp.request_id, prompt_ids, _engine_sampling(sampling), delta,
-                              lambda ev: aio_loop.call_soon_threadsafe(events.put_nowait, ev))
+                              _threadsafe_sink(aio_loop, events))
             async for event in self._stream(inp, prompt_ids, sampling, events, ready, start):
                 finished = event.finish_reason is not None
                 yield event
@@ -197,6 +197,16 @@ class WorkerApp:
     def on_residency_change(self, snap: ResidentDelta) -> None:
         if snap.state is DeltaState.ON_DEVICE:
             self._loop.wakeup()
+
+
+def _threadsafe_sink(aio_loop: asyncio.AbstractEventLoop, events: asyncio.Queue):
+    def deliver(event: TokenEvent) -> None:
+        try:
+            aio_loop.call_soon_threadsafe(events.put_nowait, event)
+        except RuntimeError:
+            pass  # the caller's event loop is closed: nobody is listening any more
+
+    return deliver
 
 
 def _finish_reason(event: TokenEvent) -> str | None:

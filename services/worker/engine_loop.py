@@ -166,4 +166,9 @@ class EngineLoop:
                 continue  # aborted meanwhile
             if out.finished:
                 del self._state.sinks[out.request_id]
-            sink(TokenEvent(list(out.token_ids), out.finished, out.finish_reason, step_ms))
+            try:
+                sink(TokenEvent(list(out.token_ids), out.finished, out.finish_reason, step_ms))
+            except Exception:  # one broken listener must not stop the batch
+                log.exception("sink_failed", request_id=out.request_id)
+                if self._state.sinks.pop(out.request_id, None) is not None:
+                    self._engine.abort(out.request_id)
