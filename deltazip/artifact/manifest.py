@@ -34,6 +34,8 @@ class TensorEntry:
     group_size: int | None = None  # in dense columns; None = one group per row
     sym: bool | None = None
     rel_error: float | None = None  # ||D_hat - D||_F / ||D||_F measured at compress time
+    out_rel_error: float | None = None  # ||X (D_hat - D)^T|| / ||X D^T|| on the calibration inputs
+    absolute: bool | None = None  # baselines only: the parts encode W_ft itself, not the delta
 
     def __post_init__(self) -> None:
         if self.kind not in KIND_ROLES:

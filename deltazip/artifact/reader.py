@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from deltazip.artifact.delta_tensor import DeltaTensor
-from deltazip.artifact.errors import CorruptArtifactError
+from deltazip.artifact.errors import ArtifactError, CorruptArtifactError
 from deltazip.artifact.manifest import Manifest, ShardEntry, read_manifest
 from deltazip.artifact.verify import check_base, verify
 
@@ -27,6 +27,11 @@ def load_delta(
     if base_dir is not None:
         check_base(manifest, base_dir)
     wanted = {n: e for n, e in manifest.tensors.items() if names is None or n in names}
+    if any(e.absolute for e in wanted.values()):
+        raise ArtifactError(
+            f"{artifact_dir} stores compressed fine-tuned weights (a baseline), not a delta; "
+            "use `deltazip restore` to evaluate it, it cannot be served as a delta"
+        )
     by_shard: dict[str, list[str]] = {}
     for name, entry in wanted.items():
         by_shard.setdefault(entry.shard, []).append(name)

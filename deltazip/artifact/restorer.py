@@ -43,7 +43,8 @@ def restore(
                     loaded_shard = entry.shard
                 parts = {role: shard_tensors[key] for role, key in entry.keys.items()}
                 delta = DeltaTensor(name, entry.kind, entry.shape, entry.bits, entry.group_size, entry.sym, **parts)
-                weight = (weight.float() + delta.dequantize(torch.float32)).to(torch_dtype(entry.dtype))
+                restored = delta.dequantize(torch.float32) + (0.0 if entry.absolute else weight.float())
+                weight = restored.to(torch_dtype(entry.dtype))
             pending[name] = weight.contiguous()
             if sum(t.numel() * t.element_size() for t in pending.values()) >= _SHARD_MAX_BYTES:
                 _write_shard(tmp, pending, weight_map)

@@ -1,0 +1,24 @@
+"""DeltaZip SDK: `Client` / `AsyncClient` talk to a scheduler (generation) and a delta store (artifacts)."""
+
+from deltazip.client.async_client import AsyncClient
+from deltazip.client.errors import (
+    AlreadyExistsError,
+    CancelledError,
+    DeadlineExceededError,
+    DeltaZipError,
+    FailedPreconditionError,
+    InternalError,
+    InvalidArgumentError,
+    NotFoundError,
+    OutOfRangeError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+from deltazip.client.sync_client import Client
+from deltazip.client.types import ArtifactFile, ChatMessage, Completion, ModelInfo, Token, Usage
+
+__all__ = [
+    "AlreadyExistsError", "ArtifactFile", "AsyncClient", "CancelledError", "ChatMessage", "Client", "Completion",
+    "DeadlineExceededError", "DeltaZipError", "FailedPreconditionError", "InternalError", "InvalidArgumentError",
+    "ModelInfo", "NotFoundError", "OutOfRangeError", "ResourceExhaustedError", "Token", "UnavailableError", "Usage",
+]

@@ -1,0 +1,128 @@
+"""Blocking SDK client: generate/stream/chat through a scheduler; push/delete/stat against a delta store."""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+
+from deltazip.client.addresses import scheduler_address, store_address
+from deltazip.client.errors import error_from_rpc
+from deltazip.client.push import push_requests, scan_artifact
+from deltazip.client.requests import generate_request
+from deltazip.client.types import ArtifactFile, Completion, CompletionBuilder, ModelInfo, Token, file_from_proto, model_from_proto, token_from_proto
+from deltazip.rpc.channels import sync_channel
+from deltazip.v1 import common_pb2, delta_store_pb2, delta_store_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+
+TIERS = {"device": common_pb2.RESIDENCY_TIER_DEVICE, "host": common_pb2.RESIDENCY_TIER_HOST}
+
+
+class Client:
+    """`Client("host:port").generate("my-ft", "Hello")`; errors are DeltaZipError subclasses."""
+
+    def __init__(self, address: str | None = None, *, store: str | None = None, timeout_s: float | None = None):
+        self.address = scheduler_address(address)
+        self.store = store_address(store)
+        self.timeout_s = timeout_s
+        self._channel: grpc.Channel | None = None
+        self._store_channels: dict[str, grpc.Channel] = {}
+
+    # -- scheduler ------------------------------------------------------------------------------------------
+    def stream(self, model: str, prompt: str | None = None, *, messages=None, request_id: str | None = None,
+               timeout_s: float | None = None, **sampling) -> Iterator[Token]:
+        """Tokens as they are generated; closing the iterator cancels the request."""
+        request = generate_request(model, prompt, messages, request_id, sampling)
+        call = self._scheduler().Generate(request, timeout=timeout_s or self.timeout_s)
+        try:
+            for chunk in call:
+                yield token_from_proto(chunk)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        finally:
+            call.cancel()
+
+    def generate(self, model: str, prompt: str, *, request_id: str | None = None, timeout_s: float | None = None,
+                 **sampling) -> Completion:
+        """The whole completion for `prompt`."""
+        return self._collect(model, self.stream(model, prompt, request_id=request_id, timeout_s=timeout_s, **sampling))
+
+    def chat(self, model: str, messages, *, request_id: str | None = None, timeout_s: float | None = None,
+             **sampling) -> Completion:
+        """The assistant's reply to `messages` ([{"role", "content"}, ...]), rendered with the model's template."""
+        tokens = self.stream(model, messages=messages, request_id=request_id, timeout_s=timeout_s, **sampling)
+        return self._collect(model, tokens)
+
+    def models(self) -> list[ModelInfo]:
+        """The base model and every registered fine-tune."""
+        reply = self._unary(self._scheduler().ListModels, scheduler_pb2.ListModelsRequest())
+        return [model_from_proto(m) for m in reply.models]
+
+    def get_model(self, name: str) -> ModelInfo:
+        return model_from_proto(self._unary(self._scheduler().GetModel, scheduler_pb2.GetModelRequest(name=name)))
+
+    def prefetch(self, model: str, tier: str = "device", num_workers: int = 1) -> list[str]:
+        """Ask workers to load `model` ahead of traffic; returns their ids."""
+        request = scheduler_pb2.PrefetchRequest(model=model, tier=TIERS[tier], num_workers=num_workers)
+        return list(self._unary(self._scheduler().Prefetch, request).worker_ids)
+
+    # -- delta store ----------------------------------------------------------------------------------------
+    def push(self, path: str | Path, name: str, *, overwrite: bool = False, progress: bool = True,
+             store: str | None = None) -> ModelInfo:
+        """Upload an artifact folder (manifest.json + shards) under `name`; sha256 is checked by the store."""
+        from tqdm import tqdm
+
+        files = scan_artifact(path)
+        stub = self._store_stub(store)
+        with tqdm(total=sum(f.size for f in files), unit="B", unit_scale=True, desc=f"push {name}", disable=not progress) as bar:
+            reply = self._unary(stub.PushDelta, push_requests(name, files, overwrite, bar.update))
+        return model_from_proto(reply.model)
+
+    def delete(self, name: str, *, store: str | None = None) -> bool:
+        """Remove a model from the store and the registry."""
+        return self._unary(self._store_stub(store).DeleteDelta, delta_store_pb2.DeleteDeltaRequest(name=name)).deleted
+
+    def stat(self, name: str, *, store: str | None = None) -> tuple[ModelInfo, list[ArtifactFile]]:
+        """A stored model and its files."""
+        reply = self._unary(self._store_stub(store).StatDelta, delta_store_pb2.StatDeltaRequest(name=name))
+        return model_from_proto(reply.model), [file_from_proto(f) for f in reply.files]
+
+    def stored_models(self, *, store: str | None = None) -> list[ModelInfo]:
+        """Models on one store's disk."""
+        reply = self._unary(self._store_stub(store).ListDeltas, delta_store_pb2.ListDeltasRequest())
+        return [model_from_proto(m) for m in reply.models]
+
+    # -- plumbing -------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        channels = [c for c in (self._channel, *self._store_channels.values()) if c is not None]
+        self._channel, self._store_channels = None, {}
+        for channel in channels:
+            channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _scheduler(self) -> scheduler_pb2_grpc.SchedulerStub:
+        if self._channel is None:
+            self._channel = sync_channel(self.address)
+        return scheduler_pb2_grpc.SchedulerStub(self._channel)
+
+    def _store_stub(self, store: str | None) -> delta_store_pb2_grpc.DeltaStoreStub:
+        address = store or self.store
+        if address not in self._store_channels:
+            self._store_channels[address] = sync_channel(address)
+        return delta_store_pb2_grpc.DeltaStoreStub(self._store_channels[address])
+
+    def _unary(self, method, request):
+        try:
+            return method(request, timeout=self.timeout_s)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+
+    @staticmethod
+    def _collect(model: str, tokens: Iterator[Token]) -> Completion:
+        builder = CompletionBuilder(model=model)
+        for token in tokens:
+            builder.add(token)
+        return builder.completion()
