@@ -8,6 +8,8 @@ import secrets
 import socket
 from dataclasses import dataclass, field, fields
 
+from deltazip.rpc.flags import advertise_address, validate_common
+
 MODES = ("delta", "dense-delta", "swap")
 DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -38,10 +40,11 @@ def resolve_device(device: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class WorkerConfig:
-    host: str = "127.0.0.1"
-    port: int = 0  # 0 = pick a free port; the bound address is published to Redis
-    advertise_address: str = ""  # host:port others dial; '' = host:bound_port
+    host: str = "0.0.0.0"
+    port: int = 50053  # 0 = pick a free port; the bound address is published to Redis
+    advertise: str = ""  # host:port others dial; '' = host (hostname for wildcard binds):bound_port
     redis_url: str = "redis://127.0.0.1:6379/0"
+    grace_s: float = 5.0
     store_addresses: tuple[str, ...] = ()  # fixed delta stores; empty = live stores from Redis
     base_dir: str = ""
     base_name: str = ""  # '' = the base directory's name
@@ -60,7 +63,7 @@ class WorkerConfig:
     num_kv_blocks: int = 0  # 0 = derive from kv_memory_fraction
     kv_memory_fraction: float = 0.5
     max_model_len: int = 0  # 0 = the model's max_position_embeddings
-    heartbeat_interval_s: float = 1.0
+    heartbeat_s: float = 1.0
     heartbeat_ttl_s: float = 5.0
     fetch_chunk_bytes: int = 1 << 20
     fetch_max_attempts: int = 5
@@ -78,17 +81,16 @@ class WorkerConfig:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be one of {DEVICES} or cuda:N, got {self.device!r}")
-        if not 0 <= self.port < 65536:
-            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        validate_common(self.host, self.port, self.redis_url, self.log_level, self.grace_s)
         _positive(self, "num_device_slots", "max_num_seqs", "max_num_batched_tokens", "max_deltas_per_batch",
-                  "kv_block_size", "heartbeat_interval_s", "heartbeat_ttl_s", "fetch_chunk_bytes",
+                  "kv_block_size", "heartbeat_s", "heartbeat_ttl_s", "fetch_chunk_bytes",
                   "fetch_max_attempts", "default_max_tokens")
         _non_negative(self, "device_cache_bytes", "host_cache_bytes", "disk_cache_bytes", "num_kv_blocks",
                       "max_model_len")
         if not 0.0 < self.kv_memory_fraction <= 1.0:
             raise ValueError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
-        if self.heartbeat_ttl_s <= self.heartbeat_interval_s:
-            raise ValueError("heartbeat_ttl_s must exceed heartbeat_interval_s, or workers flap between alive and dead")
+        if self.heartbeat_ttl_s <= self.heartbeat_s:
+            raise ValueError("--heartbeat-ttl-s must exceed --heartbeat-s, or workers flap between alive and dead")
         if self.max_deltas_per_batch > self.num_device_slots:
             raise ValueError(f"max_deltas_per_batch ({self.max_deltas_per_batch}) cannot exceed "
                              f"num_device_slots ({self.num_device_slots})")
@@ -97,19 +99,19 @@ class WorkerConfig:
 
     def address(self, bound_port: int) -> str:
         """The address other services dial."""
-        return self.advertise_address or f"{self.host}:{bound_port}"
+        return advertise_address(self.host, bound_port, self.advertise)
 
 
 def _positive(cfg: WorkerConfig, *names: str) -> None:
     for name in names:
         if getattr(cfg, name) <= 0:
-            raise ValueError(f"{name} must be > 0, got {getattr(cfg, name)}")
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
 
 
 def _non_negative(cfg: WorkerConfig, *names: str) -> None:
     for name in names:
         if getattr(cfg, name) < 0:
-            raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
 
 
 def _env_name(field_name: str) -> str:
