@@ -59,6 +59,7 @@ class Publisher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._events: asyncio.Queue[ResidentDelta] = asyncio.Queue()
         self.store_addresses: list[str] = []
+        self.on_stores: Callable[[list[str]], None] = lambda addresses: None
 
     def on_residency_change(self, snap: ResidentDelta) -> None:
         """Thread-safe: queue one transition for Redis (called under the residency lock, so cheap)."""
@@ -78,6 +79,7 @@ class Publisher:
                                  "free_kv_blocks": load.free_kv_blocks, "total_kv_blocks": load.total_kv_blocks})
         await self._workers.heartbeat(record, residency=self._residency())
         self.store_addresses = [s.address for s in await self._stores.live()]
+        self.on_stores(self.store_addresses)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Heartbeat every interval and drain residency events until `stop`."""
