@@ -115,8 +115,8 @@ class DeltaFetcher:
     def _check_base(self, name: str, identity: str) -> None:
         if identity and identity != self._base_identity:
             raise BaseMismatchError(
-                f"delta {name!r} was made against base {identity[:12]}…, this worker serves base "
-                f"{self._base_identity[:12]}…; compress it against this base or send it to a matching worker")
+                f"delta {name!r} was made against base {identity[:20]}…, this worker serves base "
+                f"{self._base_identity[:20]}…; compress it against this base or send it to a matching worker")
 
     def _download(self, artifact: RemoteArtifact, partial: Path, sources: list[StoreSource]) -> None:
         progress = _Progress(artifact, partial)
