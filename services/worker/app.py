@@ -17,7 +17,6 @@ from deltazip.model.sampling import SamplingParams
 from services.worker.engine_loop import EngineLoop, EngineStats, TokenEvent
 from services.worker.errors import InvalidRequestError, as_service_error
 from services.worker.residency import DeltaState, ResidencyManager, ResidentDelta, Tier
-from services.worker.text_stream import TextStream
 
 log = get_logger("services.worker")
 
@@ -113,23 +112,25 @@ class WorkerApp:
             self._residency.pin(delta)
             ready = asyncio.wrap_future(self._residency.ensure(delta, Tier.DEVICE))
             ready.add_done_callback(lambda _: self._loop.wakeup())
-        finished = False
+        submitted = finished = False
         try:
-            self._loop.submit(inp.request_id, prompt_ids, _engine_sampling(sampling), delta,
-                              _threadsafe_sink(aio_loop, events))
-            async for event in self._stream(inp, prompt_ids, sampling, events, ready, start):
+            try:
+                self._loop.submit(inp.request_id, prompt_ids, sampling, delta, _threadsafe_sink(aio_loop, events))
+            except ValueError as exc:
+                raise InvalidRequestError(str(exc)) from exc
+            submitted = True
+            async for event in self._stream(inp, prompt_ids, events, ready, start):
                 finished = event.finish_reason is not None
                 yield event
         finally:
-            self._loop.abort(inp.request_id)  # no-op once the engine finished it; frees blocks after a stop string
-            if not finished:
+            if submitted and not finished:  # cancelled, deadline, or the delta failed to load
+                self._loop.abort(inp.request_id)
                 log.info("request_aborted", request_id=inp.request_id, model=inp.model)
             if delta is not None:
                 self._residency.unpin(delta)
 
-    async def _stream(self, inp: GenerateInput, prompt_ids: list[int], sampling: SamplingParams,
-                      events: asyncio.Queue, ready: asyncio.Future | None, start: float) -> AsyncIterator[GenerateEvent]:
-        text = TextStream(self._tokenizer.decode, sampling.stop)
+    async def _stream(self, inp: GenerateInput, prompt_ids: list[int], events: asyncio.Queue,
+                      ready: asyncio.Future | None, start: float) -> AsyncIterator[GenerateEvent]:
         num_tokens, first_ms, queue_ms = 0, 0.0, 0.0
         while True:
             event = await self._next_event(events, ready)
@@ -139,18 +140,17 @@ class WorkerApp:
                 first_ms = (time.perf_counter() - start) * 1e3
                 queue_ms = max(0.0, first_ms - event.step_ms)  # waiting before the step that prefilled it
             num_tokens += len(event.token_ids)
-            piece = text.add(event.token_ids, final=event.finished, check_stops=num_tokens >= sampling.min_tokens)
-            reason = "stop" if piece.stopped else _finish_reason(event)
+            reason = _finish_reason(event)
             if reason is None:
-                if event.token_ids or piece.text:
-                    yield GenerateEvent(event.token_ids, piece.text)
+                if event.token_ids or event.text:
+                    yield GenerateEvent(event.token_ids, event.text)
                 continue
             total_ms = (time.perf_counter() - start) * 1e3
             usage = Usage(len(prompt_ids), num_tokens, first_ms, total_ms, queue_ms)
             log.info("request_finished", request_id=inp.request_id, model=inp.model, worker=self.info.worker_id,
                      finish_reason=reason, prompt_tokens=len(prompt_ids), completion_tokens=num_tokens,
                      ttft_ms=round(first_ms, 2), total_ms=round(total_ms, 2))
-            yield GenerateEvent(event.token_ids, piece.text, reason, usage)
+            yield GenerateEvent(event.token_ids, event.text, reason, usage)
             return
 
     async def _next_event(self, events: asyncio.Queue, ready: asyncio.Future | None) -> TokenEvent:
@@ -212,17 +212,12 @@ def _threadsafe_sink(aio_loop: asyncio.AbstractEventLoop, events: asyncio.Queue)
 def _finish_reason(event: TokenEvent) -> str | None:
     if not event.finished:
         return None
-    return {"abort": "cancelled", "eos": "stop"}.get(event.finish_reason or "", event.finish_reason or "stop")
+    return {"abort": "cancelled"}.get(event.finish_reason or "", event.finish_reason or "stop")
 
 
 def _replace_sampling(sampling: SamplingParams, **changes) -> SamplingParams:
     values = {name: getattr(sampling, name) for name in sampling.__dataclass_fields__}
     return SamplingParams(**{**values, **changes})
-
-
-def _engine_sampling(sampling: SamplingParams) -> SamplingParams:
-    """Stop strings are matched here on text; the engine sees token-level params only."""
-    return _replace_sampling(sampling, stop=()) if sampling.stop else sampling
 
 
 def sampling_from_fields(max_tokens: int, temperature: float | None, top_p: float | None, top_k: int,

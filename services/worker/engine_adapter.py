@@ -1,4 +1,4 @@
-"""build_engine: the engine core (services/worker/engine) behind the EngineLoop's small interface."""
+"""EngineAdapter: the engine core (services/worker/engine.LLMEngine) behind the EngineLoop's small interface."""
 
 from __future__ import annotations
 
@@ -8,11 +8,62 @@ from services.worker.config import WorkerConfig
 from services.worker.engine_loop import EngineStats, StepOutput
 
 
+class EngineAdapter:
+    """add_request / abort / step / has_unfinished_requests / stats over LLMEngine."""
+
+    def __init__(self, engine) -> None:
+        self._engine = engine
+        self.max_model_len = engine.max_model_len
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], sampling, delta: str | None) -> None:
+        """Thread-safe; raises ValueError for a request the engine cannot run."""
+        self._engine.add_request(request_id, prompt_token_ids, sampling, delta)
+
+    def abort(self, request_id: str) -> None:
+        self._engine.abort(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self._engine.has_unfinished_requests()
+
+    def step(self) -> list[StepOutput]:
+        return [StepOutput(o.request_id, list(o.token_ids), o.text, o.finish_reason is not None,
+                           o.finish_reason.value if o.finish_reason is not None else None)
+                for o in self._engine.step()]
+
+    def stats(self) -> EngineStats:
+        """Read on the loop thread between steps (the scheduler's queues are not locked)."""
+        scheduler, blocks = self._engine.scheduler, self._engine.blocks
+        waiting = list(scheduler.waiting)
+        return EngineStats(num_running=len(scheduler.running), num_waiting=len(waiting),
+                           queued_tokens=sum(s.num_uncomputed_tokens for s in waiting),
+                           free_kv_blocks=blocks.num_free_blocks, total_kv_blocks=self._engine.config.num_kv_blocks)
+
+
 def build_engine(model, tokenizer, config: WorkerConfig, max_model_len: int,
                  delta_ops: Callable[[list[tuple[str | None, int]]], object],
-                 is_delta_ready: Callable[[str], bool]):
-    """An object with add_request / abort / step / has_unfinished / stats over LLMEngine."""
-    raise NotImplementedError("engine core (services/worker/engine) not merged yet")
+                 is_delta_ready: Callable[[str], bool]) -> EngineAdapter:
+    """LLMEngine sized from the config; KV blocks from --num-kv-blocks or the free-memory fraction."""
+    from services.worker.engine.engine import EngineConfig, LLMEngine
+
+    num_blocks = config.num_kv_blocks or kv_blocks_from_memory(model, config)
+    engine_config = EngineConfig(num_kv_blocks=num_blocks, block_size=config.kv_block_size,
+                                 max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+                                 max_deltas_per_batch=config.max_deltas_per_batch, max_model_len=max_model_len)
+    engine = LLMEngine(model, engine_config, tokenizer=tokenizer, deltas_provider=delta_ops,
+                       is_delta_ready=is_delta_ready)
+    return EngineAdapter(engine)
 
 
-__all__ = ["build_engine", "EngineStats", "StepOutput"]
+def kv_blocks_from_memory(model, config: WorkerConfig) -> int:
+    """Blocks that fit in `kv_memory_fraction` of free device memory (CPU: of a 4 GiB budget)."""
+    import torch
+
+    cfg = model.config
+    weight = model.model.embed_tokens.weight
+    bytes_per_block = (2 * cfg.num_hidden_layers * config.kv_block_size * cfg.num_key_value_heads * cfg.head_dim
+                       * weight.element_size())
+    if weight.device.type == "cuda":
+        free_bytes, _ = torch.cuda.mem_get_info(weight.device)
+    else:
+        free_bytes = 4 << 30
+    return max(1, int(free_bytes * config.kv_memory_fraction) // bytes_per_block)

@@ -25,6 +25,7 @@ class StepOutput:
 
     request_id: str
     token_ids: list[int]
+    text: str = ""  # detokenized by the engine; never part of a stop sequence
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort"
 
@@ -32,6 +33,7 @@ class StepOutput:
 @dataclass(frozen=True, slots=True)
 class TokenEvent:
     token_ids: list[int]
+    text: str
     finished: bool
     finish_reason: str | None
     step_ms: float  # duration of the step that produced these tokens
@@ -49,13 +51,14 @@ class EngineStats:
 class Engine(Protocol):
     """What the loop needs from the engine core (services/worker/engine via engine_adapter)."""
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: Any, delta: str | None) -> None: ...
+    def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: Any, delta: str | None) -> None:
+        """Thread-safe; ValueError when the request cannot run."""
 
     def abort(self, request_id: str) -> None: ...
 
     def step(self) -> list[StepOutput]: ...
 
-    def has_unfinished(self) -> bool: ...
+    def has_unfinished_requests(self) -> bool: ...
 
     def stats(self) -> EngineStats: ...
 
@@ -64,22 +67,8 @@ Sink = Callable[[TokenEvent], None]
 
 
 @dataclass(slots=True)
-class _Add:
-    request_id: str
-    prompt_token_ids: list[int]
-    sampling: Any
-    delta: str | None
-    sink: Sink
-
-
-@dataclass(slots=True)
-class _Abort:
-    request_id: str
-
-
-@dataclass(slots=True)
 class _LoopState:
-    sinks: dict[str, Sink] = field(default_factory=dict)
+    sinks: dict[str, Sink] = field(default_factory=dict)  # guarded by EngineLoop._lock
     stats: EngineStats = EngineStats()
 
 
@@ -88,7 +77,8 @@ class EngineLoop:
 
     def __init__(self, engine: Engine, idle_wait_s: float = 0.02) -> None:
         self._engine = engine
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._aborts: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._state = _LoopState(stats=engine.stats())
@@ -106,14 +96,28 @@ class EngineLoop:
 
     def submit(self, request_id: str, prompt_token_ids: list[int], sampling: Any, delta: str | None,
                sink: Sink) -> None:
-        """Queue a request; its tokens arrive through `sink` on the loop thread."""
-        self._inbox.put(_Add(request_id, prompt_token_ids, sampling, delta, sink))
+        """Queue a request (ValueError if the engine refuses it); its tokens arrive through `sink`."""
+        if self.error is not None:
+            raise RuntimeError(f"engine loop stopped: {self.error!r}")
+        with self._lock:
+            if request_id in self._state.sinks:
+                raise ValueError(f"request id {request_id!r} is already running on this worker")
+            self._state.sinks[request_id] = sink
+        try:
+            self._engine.add_request(request_id, prompt_token_ids, sampling, delta)
+        except Exception:
+            with self._lock:
+                self._state.sinks.pop(request_id, None)
+            raise
         self._wake.set()
 
     def abort(self, request_id: str) -> None:
-        """Stop a request and free its KV blocks (no more events are sent for it)."""
-        self._inbox.put(_Abort(request_id))
-        self._wake.set()
+        """Stop a request and free its KV blocks (no more events are sent for it); no-op once finished."""
+        with self._lock:
+            known = self._state.sinks.pop(request_id, None) is not None
+        if known:
+            self._aborts.put(request_id)  # the engine call happens on the loop thread, between steps
+            self._wake.set()
 
     def wakeup(self) -> None:
         """Something changed outside (a delta became ready): run a step soon."""
@@ -126,10 +130,10 @@ class EngineLoop:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
+                self._wake.clear()  # before looking for work, so a wakeup during the step is not lost
                 self._receive()
-                if not self._engine.has_unfinished():
+                if not self._engine.has_unfinished_requests():
                     self._wake.wait(1.0)
-                    self._wake.clear()
                     continue
                 start = time.perf_counter()
                 outputs = self._engine.step()
@@ -137,38 +141,33 @@ class EngineLoop:
                 self._state.stats = self._engine.stats()
                 if not outputs:  # everything waits (e.g. for a delta load): do not spin
                     self._wake.wait(self._idle_wait_s)
-                    self._wake.clear()
         except BaseException as exc:  # the loop must not die silently: fail every open request
             self.error = exc
             log.exception("engine_loop_crashed")
-            for sink in self._state.sinks.values():
-                sink(TokenEvent([], True, "error", 0.0))
-            self._state.sinks.clear()
+            with self._lock:
+                sinks, self._state.sinks = list(self._state.sinks.values()), {}
+            for sink in sinks:
+                sink(TokenEvent([], "", True, "error", 0.0))
 
     def _receive(self) -> None:
         while True:
             try:
-                msg = self._inbox.get_nowait()
+                request_id = self._aborts.get_nowait()
             except queue.Empty:
                 break
-            if isinstance(msg, _Add):
-                self._state.sinks[msg.request_id] = msg.sink
-                self._engine.add_request(msg.request_id, msg.prompt_token_ids, msg.sampling, msg.delta)
-            elif msg.request_id in self._state.sinks:
-                del self._state.sinks[msg.request_id]
-                self._engine.abort(msg.request_id)
+            self._engine.abort(request_id)
         self._state.stats = self._engine.stats()
 
     def _process(self, outputs: list[StepOutput], step_ms: float) -> None:
         for out in outputs:
-            sink = self._state.sinks.get(out.request_id)
+            with self._lock:
+                sink = self._state.sinks.get(out.request_id)
+                if sink is not None and out.finished:
+                    del self._state.sinks[out.request_id]
             if sink is None:
                 continue  # aborted meanwhile
-            if out.finished:
-                del self._state.sinks[out.request_id]
             try:
-                sink(TokenEvent(list(out.token_ids), out.finished, out.finish_reason, step_ms))
+                sink(TokenEvent(list(out.token_ids), out.text, out.finished, out.finish_reason, step_ms))
             except Exception:  # one broken listener must not stop the batch
                 log.exception("sink_failed", request_id=out.request_id)
-                if self._state.sinks.pop(out.request_id, None) is not None:
-                    self._engine.abort(out.request_id)
+                self.abort(out.request_id)

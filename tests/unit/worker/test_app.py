@@ -23,7 +23,7 @@ class ByteTokenizer:
 
 
 class FakeEngine:
-    """Emits the bytes of 'abcdef...' one per step for every request whose delta is ready."""
+    """Emits 'abcdef...' one token per step for every request whose delta is ready; 'z' in the prompt = stop."""
 
     def __init__(self, is_ready):
         self.is_ready = is_ready
@@ -31,13 +31,15 @@ class FakeEngine:
         self.aborted = []
 
     def add_request(self, request_id, prompt_token_ids, sampling, delta):
-        self.reqs[request_id] = [sampling, delta, 0]
+        if request_id in self.reqs:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.reqs[request_id] = [sampling, delta, 0, ord("z") in prompt_token_ids]
 
     def abort(self, request_id):
         if self.reqs.pop(request_id, None) is not None:
             self.aborted.append(request_id)
 
-    def has_unfinished(self):
+    def has_unfinished_requests(self):
         return bool(self.reqs)
 
     def stats(self):
@@ -47,12 +49,15 @@ class FakeEngine:
         time.sleep(0.002)  # a step takes time: aborts can arrive before the request finishes
         outs = []
         for rid, st in list(self.reqs.items()):
-            sampling, delta, n = st
+            sampling, delta, n, stop_early = st
             if delta is not None and not self.is_ready(delta):
                 continue
             st[2] += 1
-            done = st[2] >= sampling.max_tokens
-            outs.append(StepOutput(rid, [ord("a") + n % 26], done, "length" if done else None))
+            stop = stop_early and st[2] == 2
+            done = stop or st[2] >= sampling.max_tokens
+            token = ord("a") + n % 26
+            reason = "stop" if stop else "length" if done else None
+            outs.append(StepOutput(rid, [token], "" if stop else chr(token), done, reason))
             if done:
                 del self.reqs[rid]
         return outs
@@ -118,11 +123,25 @@ def test_stream_tokens_text_and_usage(setup):
     assert last.usage.ttft_ms > 0 and last.usage.total_ms >= last.usage.ttft_ms
 
 
-def test_stop_string_ends_and_aborts_sequence(setup):
+def test_engine_stop_is_reported_as_stop(setup):
     app, _, engine, _ = setup
-    events = asyncio.run(collect(app, max_tokens=100, stop=("cd",)))
-    assert "".join(e.text for e in events) == "ab" and events[-1].finish_reason == "stop"
-    assert wait_until(lambda: "r" in engine.aborted)
+    events = asyncio.run(collect(app, prompt="zz", max_tokens=100))
+    assert "".join(e.text for e in events) == "a" and events[-1].finish_reason == "stop"
+    assert events[-1].usage.completion_tokens == 2
+
+
+def test_duplicate_request_id_is_invalid(setup):
+    app, io, engine, _ = setup
+
+    async def twice():
+        first = asyncio.ensure_future(collect(app, rid="same", model="ft", max_tokens=3))
+        await asyncio.sleep(0.05)
+        with pytest.raises(InvalidArgument, match="already"):
+            await collect(app, rid="same", max_tokens=3)
+        io.gate.set()
+        return await first
+
+    assert len(asyncio.run(twice())) == 3
 
 
 def test_prompt_too_long_names_the_limit(setup):
