@@ -16,6 +16,15 @@ from deltazip.model.loader import load_model
 from deltazip.model.tokenizer import Tokenizer
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """A shared 2-core box makes OpenMP threads stall; one thread is steadier."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     out = tmp_path_factory.mktemp("conv") / "smollm2"

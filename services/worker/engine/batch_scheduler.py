@@ -1,0 +1,170 @@
+"""Continuous batching: which sequences run this step, and how many of their tokens.
+
+Policy, in order:
+1. Running sequences, oldest first; decodes before prefill chunks so long prompts don't stall streams.
+   Under KV pressure the newest running sequence is preempted (blocks freed, recomputed later).
+2. Waiting sequences in arrival order, with chunked prefill under the token budget:
+   - a sequence whose delta is not ready (`is_delta_ready`) is skipped and blocks nobody;
+   - at most `max_deltas_per_batch` distinct deltas are running (the base model is not a delta);
+     a sequence of another delta waits while later ones of running deltas go ahead, until it has
+     waited `max_delta_wait_s`: then no more sequences of other deltas are admitted before it,
+     the running deltas drain, and it gets in (aging: no model starves).
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from services.worker.engine.block_manager import BlockManager
+from services.worker.engine.sequence import FinishReason, Sequence, SequenceStatus
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_deltas_per_batch: int = 8
+    max_delta_wait_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.max_deltas_per_batch < 1:
+            raise ValueError("max_num_seqs, max_num_batched_tokens and max_deltas_per_batch must be >= 1")
+        if self.max_delta_wait_s < 0:
+            raise ValueError(f"max_delta_wait_s must be >= 0, got {self.max_delta_wait_s}")
+
+
+@dataclass(slots=True)
+class ScheduledBatch:
+    items: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, new tokens this step)
+    preempted: list[Sequence] = field(default_factory=list)
+    ended: list[Sequence] = field(default_factory=list)  # finished by the scheduler (no KV room at all)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.items)
+
+
+class BatchScheduler:
+    """Owns the waiting and running queues."""
+
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        block_manager: BlockManager,
+        is_delta_ready: Callable[[str], bool] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.blocks = block_manager
+        self.is_delta_ready = is_delta_ready or (lambda name: True)
+        self.clock = clock
+        self.waiting: list[Sequence] = []  # sorted by (arrival_s, admission counter)
+        self.running: list[Sequence] = []  # in admission order
+        self._order: dict[int, tuple[float, int]] = {}
+        self._counter = 0
+        self.num_preemptions = 0  # total, for stats
+
+    # ---- queue maintenance ----------------------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        self._order[id(seq)] = (seq.arrival_s, self._counter)
+        self._counter += 1
+        self._enqueue_waiting(seq)
+
+    def _enqueue_waiting(self, seq: Sequence) -> None:
+        keys = [self._order[id(s)] for s in self.waiting]
+        self.waiting.insert(bisect.bisect(keys, self._order[id(seq)]), seq)
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """Mark seq finished and release its blocks and queue place."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq)
+        self._order.pop(id(seq), None)
+        seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+
+    def find(self, request_id: str) -> Sequence | None:
+        return next((s for s in (*self.running, *self.waiting) if s.request_id == request_id), None)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def waiting_deltas(self) -> set[str]:
+        """Deltas that queued sequences need (for the worker to load)."""
+        return {s.delta for s in self.waiting if s.delta is not None}
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        seq.status = SequenceStatus.PREEMPTED
+        self._enqueue_waiting(seq)
+
+    # ---- one step -------------------------------------------------------------------------------
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self._schedule_running(batch, self.config.max_num_batched_tokens)
+        self._admit_waiting(batch, budget)
+        return batch
+
+    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
+        # Decodes first, then prefill chunks; each group oldest first. Victims: newest unscheduled.
+        pending = sorted(self.running, key=lambda s: (s.num_uncomputed_tokens > 1, self._order[id(s)]))
+        while pending and budget > 0:
+            seq = pending.pop(0)
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            while not self.blocks.can_allocate(seq, num_new) and pending:
+                victim = max(pending, key=lambda s: self._order[id(s)])
+                pending.remove(victim)
+                self._preempt(victim)
+                batch.preempted.append(victim)
+            if not self.blocks.can_allocate(seq, num_new):
+                if self._holders_elsewhere(seq):
+                    self._preempt(seq)  # others hold the room; retry once they finish
+                    batch.preempted.append(seq)
+                else:
+                    self.finish(seq, FinishReason.LENGTH)  # alone and still no room: cache is too small
+                    batch.ended.append(seq)
+                continue
+            self.blocks.allocate(seq, num_new)
+            batch.items.append((seq, num_new))
+            budget -= num_new
+        return budget
+
+    def _holders_elsewhere(self, seq: Sequence) -> bool:
+        return any(s is not seq and s.block_table for s in self.running)
+
+    def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        deltas = {s.delta for s in self.running if s.delta is not None}
+        aged_blocked = False  # an aged sequence is waiting for a delta slot: drain, don't refill
+        now = self.clock()
+        for seq in list(self.waiting):
+            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                break
+            if seq in batch.preempted or (seq.delta is not None and not self.is_delta_ready(seq.delta)):
+                continue
+            if seq.delta is not None and seq.delta not in deltas:
+                if len(deltas) >= self.config.max_deltas_per_batch:
+                    aged_blocked |= now - seq.arrival_s >= self.config.max_delta_wait_s
+                    continue
+            elif seq.delta is not None and aged_blocked:
+                continue
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            if not self.blocks.can_allocate(seq, num_new):
+                break  # FCFS under KV pressure: don't let later sequences jump ahead
+            self.waiting.remove(seq)
+            self.blocks.allocate(seq, num_new)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            if seq.delta is not None:
+                deltas.add(seq.delta)
+            batch.items.append((seq, num_new))
+            budget -= num_new

@@ -1,0 +1,240 @@
+"""LLMEngine: one step = receive -> schedule -> run -> process results."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence as Seq
+from dataclasses import dataclass
+
+import structlog
+
+from deltazip.model.llama import LlamaForCausalLM
+from deltazip.model.sampling import Sampler, SamplingParams
+from deltazip.model.tokenizer import StopChecker, Tokenizer
+from services.worker.engine.batch_scheduler import BatchScheduler, ScheduledBatch, SchedulerConfig
+from services.worker.engine.block_manager import BlockManager
+from services.worker.engine.model_runner import DeltaOpsProvider, ModelRunner
+from services.worker.engine.sequence import FinishReason, Sequence, SequenceStatus
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    num_kv_blocks: int = 512
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_deltas_per_batch: int = 8
+    max_delta_wait_s: float = 2.0
+    max_model_len: int | None = None  # None = the model's max_position_embeddings
+
+    def __post_init__(self) -> None:
+        if self.num_kv_blocks < 1 or self.block_size < 1:
+            raise ValueError("num_kv_blocks and block_size must be >= 1")
+
+    def scheduler_config(self) -> SchedulerConfig:
+        return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.max_deltas_per_batch,
+                               self.max_delta_wait_s)
+
+
+@dataclass(slots=True)
+class StepOutput:
+    """What one step produced for one request. token_ids include EOS when generated; text never
+    includes special tokens nor any part of a stop sequence."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    free_kv_blocks: int
+    total_kv_blocks: int
+    num_preemptions: int
+    waiting_deltas: list[str]
+    running_deltas: list[str]
+
+
+@dataclass(slots=True)
+class _TextState:
+    decoder: object  # IncrementalDecoder
+    stops: StopChecker
+
+
+class LLMEngine:
+    """Continuous-batching generation over one model and many deltas. Thread-safe entry points."""
+
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        config: EngineConfig = EngineConfig(),
+        tokenizer: Tokenizer | None = None,
+        eos_token_ids: Seq[int] | None = None,
+        deltas_provider: DeltaOpsProvider | None = None,
+        is_delta_ready: Callable[[str], bool] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        if eos_token_ids is None:
+            eos_token_ids = tokenizer.eos_token_ids if tokenizer else model.config.eos_token_ids
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_model_len = min(config.max_model_len or model.config.max_position_embeddings,
+                                 config.num_kv_blocks * config.block_size)
+        self.blocks = BlockManager(config.num_kv_blocks, config.block_size)
+        self.scheduler = BatchScheduler(config.scheduler_config(), self.blocks, is_delta_ready, clock)
+        self.runner = ModelRunner(model, config.num_kv_blocks, config.block_size,
+                                  Sampler(sorted(self.eos_token_ids)), deltas_provider)
+        self.clock = clock
+        self._inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # engine state: held for a whole step, by abort and stats
+        self._ids_lock = threading.Lock()  # only the id set, so add_request never waits for a step
+        self._request_ids: set[str] = set()
+
+    # ---- requests -------------------------------------------------------------------------------
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams, delta: str | None = None
+    ) -> None:
+        """Queue a request; it joins the next step. Raises ValueError for a request that cannot run."""
+        if not prompt_token_ids:
+            raise ValueError("prompt is empty: send at least one token")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(prompt_token_ids)} tokens; this worker allows at most {self.max_model_len - 1}"
+            )
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop sequences need a tokenizer; this engine has none")
+        with self._ids_lock:
+            if request_id in self._request_ids:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            self._request_ids.add(request_id)
+        seq = Sequence(request_id, list(prompt_token_ids), params, delta, arrival_s=self.clock())
+        if self.tokenizer is not None:
+            seq.text_state = _TextState(self.tokenizer.incremental_decoder(seq.prompt_token_ids),
+                                        StopChecker(params.stop))
+        self._inbox.put(seq)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its KV blocks; False if it is unknown or already finished."""
+        with self._lock:
+            self._receive()
+            seq = self.scheduler.find(request_id)
+            if seq is None:
+                return False
+            self.scheduler.finish(seq, FinishReason.ABORT)
+            self._release_id(request_id)
+            log.info("request_aborted", request_id=request_id, model=seq.delta)
+            return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished() or not self._inbox.empty()
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.blocks.num_free_blocks
+
+    def stats(self) -> EngineStats:
+        """Queue and KV occupancy (for the worker's Status and heartbeats)."""
+        with self._lock:
+            self._receive()
+            return EngineStats(
+                num_running=len(self.scheduler.running),
+                num_waiting=len(self.scheduler.waiting),
+                free_kv_blocks=self.blocks.num_free_blocks,
+                total_kv_blocks=self.blocks.num_blocks,
+                num_preemptions=self.scheduler.num_preemptions,
+                waiting_deltas=sorted(self.scheduler.waiting_deltas()),
+                running_deltas=sorted({s.delta for s in self.scheduler.running if s.delta is not None}),
+            )
+
+    # ---- the step -------------------------------------------------------------------------------
+
+    def step(self) -> list[StepOutput]:
+        """Run one batch; returns an output for every request that produced a token or finished."""
+        with self._lock:
+            self._receive()
+            batch = self.scheduler.schedule()
+            tokens = self.runner.run(batch.items)
+            return self._process_results(batch, tokens)
+
+    def _receive(self) -> None:
+        while not self._inbox.empty():
+            self.scheduler.add(self._inbox.get())
+
+    def _process_results(self, batch: ScheduledBatch, tokens: list[int | None]) -> list[StepOutput]:
+        outputs = [self._ended_output(seq) for seq in batch.ended]
+        for (seq, num_new), token in zip(batch.items, tokens):
+            seq.num_computed_tokens += num_new
+            if token is None:
+                continue
+            seq.append_token(token)
+            text, reason = self._check_stop(seq, token)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                self._release_id(seq.request_id)
+            outputs.append(StepOutput(seq.request_id, [token], text, reason, seq.num_prompt_tokens,
+                                      seq.num_output_tokens))
+        return outputs
+
+    def _release_id(self, request_id: str) -> None:
+        with self._ids_lock:
+            self._request_ids.discard(request_id)
+
+    def _ended_output(self, seq: Sequence) -> StepOutput:
+        self._release_id(seq.request_id)
+        log.warning("request_out_of_kv", request_id=seq.request_id, model=seq.delta, tokens=seq.num_tokens)
+        return StepOutput(seq.request_id, [], self._flush_text(seq), seq.finish_reason,
+                          seq.num_prompt_tokens, seq.num_output_tokens)
+
+    def _check_stop(self, seq: Sequence, token: int) -> tuple[str, FinishReason | None]:
+        """New text for `token` and the finish reason, if this token ends the request."""
+        params, num_out = seq.params, seq.num_output_tokens
+        may_stop = num_out > params.min_tokens  # the first min_tokens tokens never end the request
+        text, reason = "", None
+        state: _TextState | None = seq.text_state
+        if state is not None:
+            new_text = state.decoder.push(token)
+            text = state.stops.push(new_text) if may_stop else new_text
+            if state.stops.stopped:
+                reason = FinishReason.STOP
+        if reason is None and token in self.eos_token_ids and not params.ignore_eos and may_stop:
+            reason = FinishReason.STOP
+        if reason is None and (num_out >= params.max_tokens or seq.num_tokens >= self.max_model_len):
+            reason = FinishReason.LENGTH
+        if reason is not None and not (state is not None and state.stops.stopped):
+            text += self._flush_text(seq)
+        return text, reason
+
+    def _flush_text(self, seq: Sequence) -> str:
+        state: _TextState | None = seq.text_state
+        if state is None:
+            return ""
+        text = state.stops.push(state.decoder.flush())
+        return text + state.stops.flush()
+
+    # ---- convenience ------------------------------------------------------------------------------
+
+    def run_until_done(self, max_steps: int = 100_000) -> dict[str, tuple[list[int], str, FinishReason]]:
+        """Step until every request finished; request id -> (token ids, text, finish reason)."""
+        results: dict[str, tuple[list[int], str, FinishReason | None]] = {}
+        for _ in range(max_steps):
+            if not self.has_unfinished_requests():
+                break
+            for out in self.step():
+                ids, text, _ = results.get(out.request_id, ([], "", None))
+                results[out.request_id] = (ids + out.token_ids, text + out.text, out.finish_reason)
+        assert not self.has_unfinished_requests(), f"not done after {max_steps} steps"
+        return results
+
+
+__all__ = ["EngineConfig", "EngineStats", "FinishReason", "LLMEngine", "StepOutput", "SequenceStatus"]

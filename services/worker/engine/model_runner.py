@@ -1,0 +1,121 @@
+"""Turns a scheduled batch into one model forward and one sampling call.
+
+Rows are sorted into contiguous segments by delta (base rows first), so the delta kernel sees one
+segment per delta; `deltas_provider(segments)` returns the DeltaOps for that row layout. It is called
+twice per step: once for the token rows of the forward, once for the sampled rows of compute_logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from deltazip.model.context import AttentionMetadata, DeltaOps, ForwardContext
+from deltazip.model.llama import LlamaForCausalLM
+from deltazip.model.sampling import Sampler
+from services.worker.engine.sequence import Sequence
+
+Segments = list[tuple[str | None, int]]  # (delta name or None for base, number of rows), in row order
+DeltaOpsProvider = Callable[[Segments], DeltaOps | None]
+
+
+def delta_sort_key(delta: str | None) -> tuple[bool, str]:
+    """Base rows first, then deltas by name."""
+    return (delta is not None, delta or "")
+
+
+def run_lengths(deltas: list[str | None], counts: list[int]) -> Segments:
+    """Merge consecutive rows of the same delta into (delta, rows) segments."""
+    segments: Segments = []
+    for delta, n in zip(deltas, counts):
+        if segments and segments[-1][0] == delta:
+            segments[-1] = (delta, segments[-1][1] + n)
+        else:
+            segments.append((delta, n))
+    return segments
+
+
+@dataclass(slots=True)
+class PreparedStep:
+    input_ids: torch.Tensor  # [T]
+    attn: AttentionMetadata
+    token_segments: Segments
+    order: list[int]  # row position -> index into the scheduled items
+    sample_rows: list[int]  # row positions whose chunk ends at the sequence's last token
+
+
+class ModelRunner:
+    """Owns the model, its KV cache and the sampler."""
+
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        num_blocks: int,
+        block_size: int,
+        sampler: Sampler,
+        deltas_provider: DeltaOpsProvider | None = None,
+    ) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.sampler = sampler
+        self.deltas_provider = deltas_provider
+        self.device = model.model.embed_tokens.weight.device
+        model.allocate_kv_cache(num_blocks, block_size)
+
+    def prepare(self, items: list[tuple[Sequence, int]]) -> PreparedStep:
+        """Flatten the scheduled chunks (sorted by delta) into the forward's tensors."""
+        order = sorted(range(len(items)), key=lambda i: delta_sort_key(items[i][0].delta))
+        ids, positions, slots, qsl, ctx_lens, tables, sample_rows = [], [], [], [0], [], [], []
+        bs = self.block_size
+        for row, i in enumerate(order):
+            seq, n = items[i]
+            start = seq.num_computed_tokens
+            ids.extend(seq.token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            slots.extend(seq.block_table[p // bs] * bs + p % bs for p in range(start, start + n))
+            qsl.append(qsl[-1] + n)
+            ctx_lens.append(start + n)
+            tables.append(seq.block_table)
+            if start + n == seq.num_tokens:
+                sample_rows.append(row)
+        max_blocks = max(len(t) for t in tables)
+        padded = [t + [-1] * (max_blocks - len(t)) for t in tables]
+        dev = self.device
+        attn = AttentionMetadata(
+            positions=torch.tensor(positions, dtype=torch.long, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            block_tables=torch.tensor(padded, dtype=torch.long, device=dev),
+            context_lens=torch.tensor(ctx_lens, dtype=torch.long, device=dev),
+            query_start_loc=torch.tensor(qsl, dtype=torch.long, device=dev),
+            max_query_len=max(n for _, n in items),
+            max_context_len=max(ctx_lens),
+        )
+        segments = run_lengths([items[i][0].delta for i in order], [items[i][1] for i in order])
+        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
+        return PreparedStep(input_ids, attn, segments, order, sample_rows)
+
+    def _deltas(self, segments: Segments) -> DeltaOps | None:
+        return self.deltas_provider(segments) if self.deltas_provider is not None else None
+
+    @torch.inference_mode()
+    def run(self, items: list[tuple[Sequence, int]]) -> list[int | None]:
+        """Forward the scheduled chunks; returns the sampled token per item (None: prefill not done yet)."""
+        if not items:
+            return []
+        step = self.prepare(items)
+        ctx = ForwardContext(attn=step.attn, deltas=self._deltas(step.token_segments))
+        hidden = self.model(step.input_ids, ctx)  # [T, hidden]
+        out: list[int | None] = [None] * len(items)
+        if not step.sample_rows:
+            return out
+        qsl = step.attn.query_start_loc
+        last = qsl[torch.tensor(step.sample_rows, device=qsl.device) + 1] - 1
+        seqs = [items[step.order[r]][0] for r in step.sample_rows]
+        logit_segments = run_lengths([s.delta for s in seqs], [1] * len(seqs))
+        logits = self.model.compute_logits(hidden[last], ForwardContext(deltas=self._deltas(logit_segments)))
+        tokens = self.sampler(logits, [s.params for s in seqs], [s.num_output_tokens for s in seqs]).tolist()
+        for r, token in zip(step.sample_rows, tokens):
+            out[step.order[r]] = token
+        return out

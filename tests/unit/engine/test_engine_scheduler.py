@@ -1,0 +1,94 @@
+"""BatchScheduler policy without a model: delta limit, aging, token budget, KV pressure."""
+
+from deltazip.model.sampling import SamplingParams
+from services.worker.engine.batch_scheduler import BatchScheduler, SchedulerConfig
+from services.worker.engine.block_manager import BlockManager
+from services.worker.engine.sequence import FinishReason, Sequence, SequenceStatus
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def _seq(rid, delta, arrival, prompt_len=4):
+    return Sequence(rid, list(range(3, 3 + prompt_len)), SamplingParams(max_tokens=100), delta, arrival_s=arrival)
+
+
+def _complete(sched, batch, token=9):
+    """Pretend the model ran: chunks computed, one token appended to sequences that reached the end."""
+    for seq, n in batch.items:
+        seq.num_computed_tokens += n
+        if seq.num_computed_tokens == seq.num_tokens:
+            seq.append_token(token)
+
+
+def _scheduled(batch):
+    return [s.request_id for s, _ in batch.items]
+
+
+def test_aging_lets_a_blocked_delta_in():
+    clock = Clock()
+    sched = BatchScheduler(SchedulerConfig(max_deltas_per_batch=1, max_delta_wait_s=2.0),
+                           BlockManager(100, 4), clock=clock)
+    a1, c, a2, a3 = _seq("a1", "A", 0.0), _seq("c", "C", 0.1), _seq("a2", "A", 0.2), _seq("a3", "A", 3.0)
+    for s in (a1, c, a2):
+        sched.add(s)
+    batch = sched.schedule()
+    assert _scheduled(batch) == ["a1", "a2"]  # C is young: later A requests go ahead of it
+    _complete(sched, batch)
+    clock.now = 3.0  # C has now waited 2.9 s
+    sched.add(a3)
+    batch = sched.schedule()
+    assert _scheduled(batch) == ["a1", "a2"]  # a3 is held back so that A drains
+    _complete(sched, batch)
+    sched.finish(a1, FinishReason.LENGTH)
+    sched.finish(a2, FinishReason.LENGTH)
+    batch = sched.schedule()
+    assert _scheduled(batch) == ["c"] and c.status is SequenceStatus.RUNNING
+
+
+def test_base_requests_do_not_count_as_deltas():
+    sched = BatchScheduler(SchedulerConfig(max_deltas_per_batch=1), BlockManager(100, 4))
+    for s in (_seq("b1", None, 0), _seq("a", "A", 1), _seq("b2", None, 2), _seq("c", "C", 3)):
+        sched.add(s)
+    assert _scheduled(sched.schedule()) == ["b1", "a", "b2"]
+
+
+def test_token_budget_chunks_prefill_and_serves_decodes_first():
+    sched = BatchScheduler(SchedulerConfig(max_num_batched_tokens=8), BlockManager(100, 4))
+    short, long_ = _seq("short", None, 0, prompt_len=3), _seq("long", None, 1, prompt_len=20)
+    sched.add(short)
+    sched.add(long_)
+    batch = sched.schedule()
+    assert [(s.request_id, n) for s, n in batch.items] == [("short", 3), ("long", 5)]
+    _complete(sched, batch)
+    batch = sched.schedule()
+    assert [(s.request_id, n) for s, n in batch.items] == [("short", 1), ("long", 7)]
+
+
+def test_kv_pressure_preempts_newest_and_it_resumes_first():
+    sched = BatchScheduler(SchedulerConfig(), BlockManager(3, 4))  # 12 token slots
+    old, new = _seq("old", None, 0, prompt_len=4), _seq("new", None, 1, prompt_len=4)
+    sched.add(old)
+    sched.add(new)
+    _complete(sched, sched.schedule())  # 2 blocks used, both decoding now (5 tokens each)
+    batch = sched.schedule()  # each needs a 2nd block; only 1 free -> "new" is preempted
+    assert _scheduled(batch) == ["old"] and batch.preempted == [new]
+    assert new.status is SequenceStatus.PREEMPTED and new.num_computed_tokens == 0 and not new.block_table
+    assert sched.waiting[0] is new
+    sched.finish(old, FinishReason.STOP)
+    batch = sched.schedule()
+    assert [(s.request_id, n) for s, n in batch.items] == [("new", 5)]  # recompute prompt + output
+
+
+def test_sequence_alone_without_room_ends_with_length():
+    sched = BatchScheduler(SchedulerConfig(), BlockManager(1, 4))
+    seq = _seq("s", None, 0, prompt_len=4)
+    sched.add(seq)
+    _complete(sched, sched.schedule())
+    batch = sched.schedule()
+    assert batch.ended == [seq] and seq.finish_reason is FinishReason.LENGTH and sched.blocks.num_free_blocks == 1
