@@ -64,10 +64,6 @@ def build_worker(config: WorkerConfig) -> WorkerParts:
     model = load_model(config.base_dir, device=device, dtype=dtype)
     tokenizer = Tokenizer.from_dir(config.base_dir)
     identity = base_identity(config.base_dir)
-    info = WorkerInfo(
-        worker_id=config.worker_id, base_name=config.base_name or Path(config.base_dir).resolve().name,
-        base_identity=identity, device=device, mode=config.mode,
-        max_model_len=config.max_model_len or model.config.max_position_embeddings)
 
     linear_names = {m.hf_name + ".weight" for m in model.modules() if isinstance(m, NamedLinear)}
     slots = DeviceSlots(config.num_device_slots, device, dtype, linear_names, model.config.tie_word_embeddings)
@@ -87,7 +83,10 @@ def build_worker(config: WorkerConfig) -> WorkerParts:
         slotted = [(None if name is None else _slot(residency, name), n) for name, n in rows]
         return StepDeltaOps(slots, slotted)
 
-    engine = build_engine(model, tokenizer, config, info.max_model_len, delta_ops, residency.is_ready)
+    engine = build_engine(model, tokenizer, config, config.max_model_len or None, delta_ops, residency.is_ready)
+    info = WorkerInfo(
+        worker_id=config.worker_id, base_name=config.base_name or Path(config.base_dir).resolve().name,
+        base_identity=identity, device=device, mode=config.mode, max_model_len=engine.max_model_len)
     loop = EngineLoop(engine)
     app = WorkerApp(info, tokenizer, loop, residency)
     listeners.callbacks.append(app.on_residency_change)

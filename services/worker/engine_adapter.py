@@ -31,15 +31,14 @@ class EngineAdapter:
                 for o in self._engine.step()]
 
     def stats(self) -> EngineStats:
-        """Read on the loop thread between steps (the scheduler's queues are not locked)."""
-        scheduler, blocks = self._engine.scheduler, self._engine.blocks
-        waiting = list(scheduler.waiting)
-        return EngineStats(num_running=len(scheduler.running), num_waiting=len(waiting),
-                           queued_tokens=sum(s.num_uncomputed_tokens for s in waiting),
-                           free_kv_blocks=blocks.num_free_blocks, total_kv_blocks=self._engine.config.num_kv_blocks)
+        """Called on the loop thread between steps (queued tokens read the scheduler's waiting list)."""
+        s = self._engine.stats()
+        queued = sum(seq.num_uncomputed_tokens for seq in list(self._engine.scheduler.waiting))
+        return EngineStats(num_running=s.num_running, num_waiting=s.num_waiting, queued_tokens=queued,
+                           free_kv_blocks=s.free_kv_blocks, total_kv_blocks=s.total_kv_blocks)
 
 
-def build_engine(model, tokenizer, config: WorkerConfig, max_model_len: int,
+def build_engine(model, tokenizer, config: WorkerConfig, max_model_len: int | None,
                  delta_ops: Callable[[list[tuple[str | None, int]]], object],
                  is_delta_ready: Callable[[str], bool]) -> EngineAdapter:
     """LLMEngine sized from the config; KV blocks from --num-kv-blocks or the free-memory fraction."""

@@ -22,12 +22,18 @@ MAX_TOKENS = 8
 PROMPTS = ["hello world", "the quick brown fox", "DeltaZip", "a"]
 
 
+def byte_chars() -> dict[int, str]:
+    """GPT-2's byte -> printable char map, which the ByteLevel pre-tokenizer uses."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(extra)}}
+
+
 def write_byte_tokenizer(folder: Path) -> None:
-    """A byte-level BPE with no merges: one token per byte, 256 ids (the tiny model's vocab)."""
+    """A byte-level BPE with no merges: token id = byte value, 256 ids (the tiny model's vocab)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    tok = Tokenizer(models.BPE(vocab={ch: b for b, ch in byte_chars().items()}, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.save(str(folder / "tokenizer.json"))
