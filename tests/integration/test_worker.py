@@ -2,10 +2,12 @@
 merged weights, residency in Status, LoadDelta/EvictDelta, and request validation."""
 
 import asyncio
+import time
 from pathlib import Path
 
 import grpc
 import pytest
+import redis
 import torch
 
 from deltazip.client import Client
@@ -60,6 +62,12 @@ def models(tmp_path_factory):
     save_model_dir(base_dir, CONFIG, base_state)
     write_byte_tokenizer(base_dir)
     artifacts, merged = {}, {"tiny-base": model_from_state_dict(CONFIG, base_state)}
+    other_base = root / "other-base"  # a different base: its deltas must be refused
+    other_base.mkdir()
+    other_state = random_state_dict(CONFIG, seed=99)
+    save_model_dir(other_base, CONFIG, other_state)
+    write_dense_delta(other_base, write_finetune(other_state, root / "ft-other-hf", seed=7), root / "ft-other-delta")
+    artifacts["ft-other"] = root / "ft-other-delta"
     for i, name in enumerate(("ft-a", "ft-b")):
         ft_dir = write_finetune(base_state, root / f"{name}-hf", seed=10 + i)
         out = root / f"{name}-delta"
@@ -131,7 +139,7 @@ def test_concurrent_base_and_deltas_match_merged_weights(cluster):
     assert status.base == "tiny-base" and status.mode == "delta" and status.total_kv_blocks == 64
 
 
-def test_load_evict_and_invalid_requests(cluster):
+def test_load_evict_and_invalid_requests(cluster, redis_url):
     worker, _ = cluster
     stub = worker_pb2_grpc.WorkerStub(sync_channel(worker.address))
     loaded = stub.LoadDelta(worker_pb2.LoadDeltaRequest(model="ft-a", tier=common_pb2.RESIDENCY_TIER_HOST))
@@ -154,3 +162,42 @@ def test_load_evict_and_invalid_requests(cluster):
     with pytest.raises(grpc.RpcError) as err:
         list(stub.Generate(generate_request("no-such-model", "hi")))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(generate_request("ft-other", "hi")))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "base" in err.value.details()
+
+    # Redis mirrors the worker: heartbeat hash with its address, residency per tier.
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    worker_id = stub.Status(worker_pb2.StatusRequest()).worker_id
+    assert r.hget(f"dz:worker:{worker_id}", "address") == worker.address
+    assert wait_for(lambda: "ft-a" in r.zrange(f"dz:worker:{worker_id}:resident:host", 0, -1))
+    assert "ft-a" not in r.zrange(f"dz:worker:{worker_id}:resident:device", 0, -1)
+
+
+def test_deadline_aborts_sequence_and_frees_blocks(cluster):
+    worker, _ = cluster
+    stub = worker_pb2_grpc.WorkerStub(sync_channel(worker.address))
+    stub.LoadDelta(worker_pb2.LoadDeltaRequest(model="ft-b"))
+    received = []
+    with pytest.raises(grpc.RpcError) as err:
+        for chunk in stub.Generate(generate_request("ft-b", "long", max_tokens=120), timeout=0.08):
+            received.append(chunk)
+    assert not any(c.finish_reason for c in received)  # cut off mid-stream (or while queued)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def idle():
+        s = stub.Status(worker_pb2.StatusRequest())
+        return s.num_running == 0 and s.num_waiting == 0 and s.free_kv_blocks == s.total_kv_blocks
+
+    assert wait_for(idle)
+    chunks = list(stub.Generate(generate_request("ft-b", "after", max_tokens=3)))
+    assert chunks[-1].usage.completion_tokens == 3
+
+
+def wait_for(cond, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
