@@ -123,11 +123,14 @@ class WorkerApp:
                 finished = event.finish_reason is not None
                 yield event
         finally:
+            # The delta stays pinned until the engine has dropped the sequence, so its slot cannot be
+            # reused while a step might still run it.
+            unpin = (lambda: self._residency.unpin(delta)) if delta is not None else None
             if submitted and not finished:  # cancelled, deadline, or the delta failed to load
-                self._loop.abort(inp.request_id)
+                self._loop.abort(inp.request_id, then=unpin)
                 log.info("request_aborted", request_id=inp.request_id, model=inp.model)
-            if delta is not None:
-                self._residency.unpin(delta)
+            elif unpin is not None:
+                unpin()
 
     async def _stream(self, inp: GenerateInput, prompt_ids: list[int], events: asyncio.Queue,
                       ready: asyncio.Future | None, start: float) -> AsyncIterator[GenerateEvent]:

@@ -77,7 +77,7 @@ class EngineLoop:
 
     def __init__(self, engine: Engine, idle_wait_s: float = 0.02) -> None:
         self._engine = engine
-        self._aborts: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._aborts: queue.SimpleQueue[tuple[str, Callable[[], None] | None]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -111,13 +111,18 @@ class EngineLoop:
             raise
         self._wake.set()
 
-    def abort(self, request_id: str) -> None:
-        """Stop a request and free its KV blocks (no more events are sent for it); no-op once finished."""
+    def abort(self, request_id: str, then: Callable[[], None] | None = None) -> None:
+        """Stop a request and free its KV blocks (no more events are sent for it); no-op once finished.
+
+        `then` runs on the loop thread once the engine has dropped the request (e.g. to unpin its delta).
+        """
         with self._lock:
             known = self._state.sinks.pop(request_id, None) is not None
         if known:
-            self._aborts.put(request_id)  # the engine call happens on the loop thread, between steps
+            self._aborts.put((request_id, then))  # the engine call happens on the loop thread, between steps
             self._wake.set()
+        elif then is not None:
+            then()
 
     def wakeup(self) -> None:
         """Something changed outside (a delta became ready): run a step soon."""
@@ -152,10 +157,12 @@ class EngineLoop:
     def _receive(self) -> None:
         while True:
             try:
-                request_id = self._aborts.get_nowait()
+                request_id, then = self._aborts.get_nowait()
             except queue.Empty:
                 break
             self._engine.abort(request_id)
+            if then is not None:
+                then()
         self._state.stats = self._engine.stats()
 
     def _process(self, outputs: list[StepOutput], step_ms: float) -> None:
@@ -170,4 +177,6 @@ class EngineLoop:
                 sink(TokenEvent(list(out.token_ids), out.text, out.finished, out.finish_reason, step_ms))
             except Exception:  # one broken listener must not stop the batch
                 log.exception("sink_failed", request_id=out.request_id)
-                self.abort(out.request_id)
+                with self._lock:
+                    self._state.sinks.pop(out.request_id, None)
+                self._engine.abort(out.request_id)

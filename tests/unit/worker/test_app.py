@@ -189,7 +189,7 @@ def test_cancel_aborts_engine_request(setup):
             await task
 
     asyncio.run(cancel_midway())
-    assert wait_until(lambda: "c" in engine.aborted) and residency.entry("ft").pins == 0
+    assert wait_until(lambda: "c" in engine.aborted) and wait_until(lambda: residency.entry("ft").pins == 0)
 
 
 def test_load_and_evict(setup):
