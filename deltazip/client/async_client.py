@@ -7,6 +7,7 @@ import grpc
 
 from deltazip.client.addresses import scheduler_address, store_address
 from deltazip.client.errors import error_from_rpc
+from deltazip.client.fetch import RESUMABLE, Download
 from deltazip.client.push import push_requests, scan_artifact
 from deltazip.client.requests import generate_request
 from deltazip.client.sync_client import TIERS
@@ -70,6 +71,23 @@ class AsyncClient:
         with tqdm(total=sum(f.size for f in files), unit="B", unit_scale=True, desc=f"push {name}", disable=not progress) as bar:
             reply = await self._unary(self._store_stub(store).PushDelta, push_requests(name, files, overwrite, bar.update))
         return model_from_proto(reply.model)
+
+    async def fetch(self, name: str, dest: str | Path, *, store: str | None = None, max_attempts: int = 3) -> Path:
+        """Download a stored model to folder `dest` (must not exist); resumes a broken stream, checks sha256."""
+        download = Download(name, dest)
+        stub = self._store_stub(store)
+        try:
+            for attempt in range(1, max_attempts + 1):
+                try:
+                    async for chunk in stub.FetchDelta(download.request(), timeout=self.timeout_s):
+                        download.add(chunk)
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() not in RESUMABLE or attempt == max_attempts:
+                        raise error_from_rpc(exc) from None
+            return download.commit()
+        finally:
+            download.cleanup()
 
     async def delete(self, name: str, *, store: str | None = None) -> bool:
         reply = await self._unary(self._store_stub(store).DeleteDelta, delta_store_pb2.DeleteDeltaRequest(name=name))

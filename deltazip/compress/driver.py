@@ -34,6 +34,7 @@ class CompressReport:
     seconds: float = 0.0
     calib_seconds: float = 0.0
     layer_seconds: list[float] = field(default_factory=list)
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # load, hessian, obs, store, forward
     errors: dict[str, tuple[float, float]] = field(default_factory=dict)  # name -> (rel, output rel)
 
 
@@ -82,8 +83,10 @@ def compress_checkpoint(
             _compress_layer(run, index, hidden, rope, bar)
             _sync(device)
             report.layer_seconds.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
         _write_outside_layers(run)
         copy_extra_files(w, ft)
+        report.phase_seconds["outside_layers"] = time.perf_counter() - t0
     report.seconds = time.perf_counter() - start
     log.info("compress_done", out=str(out_dir), seconds=round(report.seconds, 2), method=cfg.method)
     return report
@@ -92,26 +95,46 @@ def compress_checkpoint(
 def _compress_layer(run: _Run, index: int, hidden: torch.Tensor, rope, bar) -> None:
     """Compress one decoder layer's linears stage by stage, store its other deltas, advance `hidden`."""
     prefix = layer_prefix(index)
+    clock = _PhaseClock(run.report.phase_seconds, run.device)
     names = [n for n in run.ft.names() if n.startswith(prefix)]
     ft_t = {n[len(prefix) :]: run.ft.get(n).to(run.device, torch.float32) for n in names}
     layer = build_layer(run.model_cfg, index, {k: v.to(run.act_dtype) for k, v in ft_t.items()})
     batch = max(1, _TOKENS_PER_BATCH // hidden.shape[1])
+    clock.lap("load")
     for stage in STAGES:
         bar.set_postfix_str(f"layer {index} {stage[0].split('.')[-1]}")
         hessian = collect_hessian(layer, prefix + stage[0], hidden, rope, batch).hessian
         local = [m + ".weight" for m in stage]
         base_w = [run.base.get(prefix + n).to(run.device, torch.float32) for n in local]
         deltas = [ft_t[n] - b for n, b in zip(local, base_w)]
+        clock.lap("hessian")
         results = compress_stage(run.cfg, deltas, [ft_t[n] for n in local], hessian)
+        clock.lap("obs")
         for n, b, d, res in zip(local, base_w, deltas, results):
             new_weight = res.result.dequantized if res.absolute else b + res.result.dequantized
             layer.get_parameter(n).data.copy_(new_weight.to(run.act_dtype))
             _store_linear(run, prefix + n, res, new_weight - b, d, hessian)
         del hessian, base_w, deltas, results
+        clock.lap("store")
     for n in names:
         if not is_block_linear(n, run.ft.shape(n)):
             _store_dense_if_changed(run, n, ft_t[n[len(prefix) :]].cpu())
     run_layer(layer, hidden, rope, batch)
+    clock.lap("forward")
+
+
+class _PhaseClock:
+    """Adds the seconds since the last lap to a named phase (synchronizing CUDA first)."""
+
+    def __init__(self, totals: dict[str, float], device: torch.device) -> None:
+        self.totals, self.device = totals, device
+        self.last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        _sync(self.device)
+        now = time.perf_counter()
+        self.totals[phase] = self.totals.get(phase, 0.0) + now - self.last
+        self.last = now
 
 
 def _store_linear(run: _Run, name: str, res: MatrixResult, delta_hat, delta, hessian) -> None:

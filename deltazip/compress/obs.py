@@ -7,6 +7,7 @@ later blocks lazily in one matmul per block (GPTQ's lazy batch update). Rows are
 several matrices sharing one input (q/k/v, gate/up) are compressed as one stacked matrix.
 """
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +58,19 @@ def obs_compress(
     joint: bool = True,
 ) -> CompressedMatrix:
     """Prune and quantize weight [N, K] minimizing ||X (W - W_hat)^T|| with H = 2 X^T X / n."""
+    with _single_thread(weight.device):
+        return _obs_compress(weight, hessian, spec, sparsity, block_size, damp, joint)
+
+
+def _obs_compress(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    spec: QuantSpec | None,
+    sparsity: Sparsity,
+    block_size: int = 128,
+    damp: float = 0.01,
+    joint: bool = True,
+) -> CompressedMatrix:
     w = weight.detach().float().clone()
     n, k = w.shape
     h = hessian.detach().float().clone()
@@ -77,6 +91,21 @@ def obs_compress(
     return state.result(spec)
 
 
+@contextmanager
+def _single_thread(device: torch.device):
+    """On CPU, run on one thread: the column loop's many small ops lose more to thread hand-offs than they
+    gain (10-25x slower on a busy 2-core machine)."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _compress_block(w, hinv, hdiag, i1, i2, gs, spec, sparsity, joint, state) -> torch.Tensor:
     """Process columns [i1, i2) in place; returns the block's scaled errors [N, i2 - i1]."""
     w1 = w[:, i1:i2].clone()  # current values of the block's columns
@@ -84,6 +113,7 @@ def _compress_block(w, hinv, hdiag, i1, i2, gs, spec, sparsity, joint, state) ->
     d = torch.diag(hinv1)
     err1 = torch.zeros_like(w1)
     keep1 = torch.ones_like(w1, dtype=torch.bool)
+    codes1 = torch.zeros_like(w1)
     if sparsity.ratio:
         keep1 = _unstructured_keep(w1, d, sparsity.ratio)
     for i in range(i2 - i1):
@@ -99,16 +129,17 @@ def _compress_block(w, hinv, hdiag, i1, i2, gs, spec, sparsity, joint, state) ->
         q = w1[:, i]
         if spec is not None:
             scale, zero = state.column_params(col, gs)
-            codes = quantize(q, scale, zero, spec.maxq)
-            codes = torch.where(keep1[:, i], codes, zero)
-            state.codes[:, col] = codes.to(torch.int16)
-            q = dequantize(codes, scale, zero)
-        q = torch.where(keep1[:, i], q, torch.zeros_like(q))
+            codes = torch.where(keep1[:, i], quantize(q, scale, zero, spec.maxq), zero)
+            codes1[:, i] = codes
+            q = dequantize(codes, scale, zero)  # pruned entries hold the zero code, so they dequantize to 0
+        else:
+            q = torch.where(keep1[:, i], q, torch.zeros_like(q))
         state.dequantized[:, col] = q
         e = (w1[:, i] - q) / d[i]
         w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
         err1[:, i] = e
     state.mask[:, i1:i2] = keep1
+    state.codes[:, i1:i2] = codes1.to(torch.int16)
     return err1
 
 
@@ -117,7 +148,10 @@ def _nm_keep(w4, d4, sparsity, state, col, gs, spec, joint) -> torch.Tensor:
     loss = w4.pow(2)
     if joint and spec is not None:
         # Keeping an entry still costs its rounding error; the choice weighs what keeping actually saves.
-        scale, zero = state.group_params(col, w4.shape[1], gs)
+        if col // gs == (col + w4.shape[1] - 1) // gs:  # the usual case: the N:M group sits in one quant group
+            scale, zero = (t.unsqueeze(1) for t in state.column_params(col, gs))
+        else:
+            scale, zero = state.group_params(col, w4.shape[1], gs)
         loss = loss - (dequantize(quantize(w4, scale, zero, spec.maxq), scale, zero) - w4).pow(2)
     loss = loss / d4.pow(2).unsqueeze(0)
     idx = torch.topk(loss, sparsity.keep, dim=1).indices

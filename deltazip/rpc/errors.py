@@ -5,6 +5,7 @@ import inspect
 from collections.abc import Callable
 
 import grpc
+from redis.exceptions import RedisError
 
 from deltazip.logs import get_logger
 
@@ -72,9 +73,10 @@ def rpc_method(fn: Callable) -> Callable:
             try:
                 async for item in fn(self, request, context):
                     yield item
-            except ServiceError as exc:
-                log.info("rpc_error", method=name, code=exc.code.name, message=exc.message)
-                await context.abort(exc.code, exc.message)
+            except Exception as exc:  # noqa: BLE001  (only ServiceError/RedisError are translated; others re-raise)
+                error = _translate(exc)
+                log.info("rpc_error", method=name, code=error.code.name, message=error.message)
+                await context.abort(error.code, error.message)
 
         return stream
 
@@ -82,8 +84,18 @@ def rpc_method(fn: Callable) -> Callable:
     async def unary(self, request, context):
         try:
             return await fn(self, request, context)
-        except ServiceError as exc:
-            log.info("rpc_error", method=name, code=exc.code.name, message=exc.message)
-            await context.abort(exc.code, exc.message)
+        except Exception as exc:  # noqa: BLE001  (only ServiceError/RedisError are translated; others re-raise)
+            error = _translate(exc)
+            log.info("rpc_error", method=name, code=error.code.name, message=error.message)
+            await context.abort(error.code, error.message)
 
     return unary
+
+
+def _translate(exc: Exception) -> ServiceError:
+    """ServiceError as is; Redis outages as UNAVAILABLE; anything else is a bug and propagates."""
+    if isinstance(exc, ServiceError):
+        return exc
+    if isinstance(exc, RedisError):
+        return Unavailable(f"this service cannot reach Redis ({exc}); check --redis-url and that Redis is up, then retry")
+    raise exc

@@ -165,7 +165,13 @@ class DeltaStorage:
         cutoff = time.time() - older_than_s
         num_removed = 0
         for p in self.root.iterdir():
-            if p.name.startswith((STAGING_PREFIX, TRASH_PREFIX)) and p.stat().st_mtime < cutoff:
+            if not p.name.startswith((STAGING_PREFIX, TRASH_PREFIX)):
+                continue
+            try:
+                stale = p.stat().st_mtime < cutoff
+            except FileNotFoundError:  # another replica removed it meanwhile
+                continue
+            if stale:
                 shutil.rmtree(p, ignore_errors=True)
                 num_removed += 1
         return num_removed

@@ -151,3 +151,43 @@ def test_replicas_share_one_dir_and_registry(launcher, tmp_path, redis_url):
         assert r.smembers("dz:models") == set()
         with pytest.raises(NotFoundError):
             client.stat("ft-shared", store=first.address)
+
+
+def test_client_fetch_and_async_client(launcher, tmp_path):
+    import asyncio
+
+    from deltazip.client import AsyncClient
+
+    store = launcher.start("delta_store", "--root", str(tmp_path / "store"))
+    art = make_artifact(tmp_path / "art")
+
+    async def body():
+        async with AsyncClient("127.0.0.1:1", store=store.address) as client:
+            info = await client.push(art, "ft-async", progress=False)
+            assert info.base_identity == "abc123"
+            assert [m.name for m in await client.stored_models()] == ["ft-async"]
+            out = await client.fetch("ft-async", tmp_path / "fetched-async")
+            assert {p.name: p.read_bytes() for p in out.iterdir()} == {p.name: p.read_bytes() for p in art.iterdir()}
+            with pytest.raises(NotFoundError):
+                await client.fetch("nope", tmp_path / "nope")
+            assert await client.delete("ft-async")
+
+    asyncio.run(body())
+    assert not (tmp_path / "nope").exists()
+    with Client("127.0.0.1:1", store=store.address) as client:
+        client.push(art, "ft-sync", progress=False)
+        out = client.fetch("ft-sync", tmp_path / "fetched-sync")
+        assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in art.iterdir())
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_sigterm_stops_cleanly_and_unregisters(launcher, tmp_path, redis_url):
+    import redis
+
+    from tests.integration.procs import stop
+
+    store = launcher.start("delta_store", "--root", str(tmp_path / "store"))
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    assert len(r.smembers("dz:stores")) == 1
+    assert stop(store) == 0
+    assert r.smembers("dz:stores") == set() and r.keys("dz:store:*") == []

@@ -1,0 +1,1 @@
+"""Scheduler service: the public Generate API; stateless, routes to workers through Redis state (no torch)."""

@@ -1,0 +1,48 @@
+"""`python -m services.scheduler`: the public Generate API, any number of replicas."""
+
+import asyncio
+import sys
+
+from deltazip.cluster.connection import connect
+from deltazip.logs import configure_logging, get_logger
+from deltazip.rpc.channels import ChannelPool
+from deltazip.rpc.flags import advertise_address
+from deltazip.rpc.server import Registration, RpcServer, service_name
+from deltazip.v1 import scheduler_pb2, scheduler_pb2_grpc
+from services.scheduler.cluster_view import ClusterView
+from services.scheduler.config import SchedulerConfig, parse_config
+from services.scheduler.server import SchedulerServicer
+
+log = get_logger("scheduler")
+
+
+async def serve(config: SchedulerConfig) -> None:
+    """Run the scheduler until SIGTERM/SIGINT."""
+    redis = connect(config.redis_url)
+    channels = ChannelPool()
+    servicer = SchedulerServicer(ClusterView(redis, config.base_name, config.rate_tau_s), channels, config)
+    server = RpcServer(
+        f"{config.host}:{config.port}",
+        [Registration(service_name(scheduler_pb2, "Scheduler"), scheduler_pb2_grpc.add_SchedulerServicer_to_server, servicer)],
+    )
+    port = await server.start()
+    log.info("scheduler_ready", address=advertise_address(config.host, port, config.advertise))
+    await server.serve_until_signal(config.grace_s)
+    await channels.close()
+    await redis.aclose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse flags/env, configure logs, serve."""
+    try:
+        config = parse_config(argv)
+    except ValueError as exc:
+        print(f"scheduler: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.log_level, service="scheduler")
+    asyncio.run(serve(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Scheduler servicer: validates, records the request in Redis, and relays a worker's token stream."""
+
+import asyncio
+
+from deltazip.cluster.models import ModelRecord
+from deltazip.cluster.requests import RequestState
+from deltazip.logs import bind_request, get_logger
+from deltazip.rpc.channels import ChannelPool
+from deltazip.rpc.errors import InvalidArgument, ServiceError, rpc_method
+from deltazip.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from services.scheduler.cluster_view import ClusterView, ResolvedModel
+from services.scheduler.config import SchedulerConfig
+from services.scheduler.prefetch import prefetch, tier_from_proto
+from services.scheduler.relay import Relay
+from services.scheduler.validation import GenerateJob, validate_generate
+
+log = get_logger("scheduler")
+
+
+def model_info(model: ResolvedModel, base_name: str) -> common_pb2.ModelInfo:
+    """A resolved model → proto."""
+    if model.is_base:
+        return common_pb2.ModelInfo(name=model.name, is_base=True, base=model.name, base_identity=model.base_identity)
+    r: ModelRecord = model.record
+    return common_pb2.ModelInfo(
+        name=r.name, is_base=False, base=r.base or base_name, base_identity=r.base_identity,
+        artifact_bytes=r.artifact_bytes, compression_ratio=r.compression_ratio, compression=r.compression,
+        created_unix_ms=r.created_unix_ms, tenant=r.tenant,
+    )
+
+
+class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
+    def __init__(self, view: ClusterView, channels: ChannelPool, config: SchedulerConfig):
+        self.view = view
+        self.channels = channels
+        self.config = config
+        self.relay = Relay(view, channels, config.max_attempts, config.affinity_slack)
+
+    @rpc_method
+    async def Generate(self, request, context):
+        job = validate_generate(request, self.config.max_tokens_limit)
+        with bind_request(job.request_id, model=job.model):
+            model = await self.view.resolve(job.model)
+            await self.view.requests.create(job.request_id, job.model)
+            queue = await self.view.queues.arrive(job.model)
+            log.info("request_accepted", pending=queue.pending, rate_per_s=round(queue.rate_per_s, 3))
+            state, error, streamed = RequestState.FAILED, "", False
+            try:
+                async for chunk in self.relay.generate(job, model.is_base, context.time_remaining):
+                    streamed = streamed or bool(chunk.token_ids)
+                    yield chunk
+                state = RequestState.FINISHED
+            except ServiceError as exc:
+                error = f"{exc.code.name}: {exc.message}"
+                raise
+            except (asyncio.CancelledError, GeneratorExit):  # client went away (mid-read or mid-write)
+                state = RequestState.CANCELLED
+                raise
+            finally:
+                await asyncio.shield(self._finish(job, state, error, streamed))
+
+    async def _finish(self, job: GenerateJob, state: RequestState, error: str, streamed: bool) -> None:
+        await self.view.requests.set_state(job.request_id, state, error)
+        await self.view.queues.finished(job.model, was_running=streamed)
+        log.info("request_finished", state=state.value, error=error)
+
+    @rpc_method
+    async def ListModels(self, request, context):
+        base = await self.view.base()
+        base_name = base.name if base else ""
+        infos = [model_info(base, base_name)] if base else []
+        infos += [model_info(ResolvedModel(r.name, False, r, r.base_identity), base_name) for r in await self.view.models.list()]
+        return scheduler_pb2.ListModelsResponse(models=infos)
+
+    @rpc_method
+    async def GetModel(self, request, context):
+        model = await self.view.resolve(request.name)
+        base = await self.view.base()
+        return model_info(model, base.name if base else "")
+
+    @rpc_method
+    async def Prefetch(self, request, context):
+        tier = tier_from_proto(request.tier)
+        model = await self.view.resolve(request.model)
+        if model.is_base:
+            raise InvalidArgument(f"{request.model!r} is the base model, which every worker always holds")
+        remaining = context.time_remaining()
+        timeout_s = self.config.prefetch_timeout_s if remaining is None else min(remaining, self.config.prefetch_timeout_s)
+        worker_ids = await prefetch(self.view, self.channels, request.model, tier, request.num_workers,
+                                    self.config.affinity_slack, timeout_s)
+        return scheduler_pb2.PrefetchResponse(worker_ids=worker_ids)
