@@ -72,7 +72,7 @@ def build_worker(config: WorkerConfig) -> WorkerParts:
     cache_dir = config.disk_cache_dir or tempfile.mkdtemp(prefix=f"dz-worker-{config.worker_id}-")
     fetcher = DeltaFetcher(cache_dir, stores.sources, identity, max_attempts=config.fetch_max_attempts,
                            chunk_bytes=config.fetch_chunk_bytes)
-    listeners = Listeners()
+    listeners = Listeners([_log_transition])
     limits = ResidencyLimits(config.num_device_slots, config.device_cache_bytes, config.host_cache_bytes,
                              config.disk_cache_bytes)
     residency = ResidencyManager(limits, ArtifactTierIO(fetcher, slots), on_change=listeners)
@@ -93,6 +93,11 @@ def build_worker(config: WorkerConfig) -> WorkerParts:
     log.info("worker_built", worker=config.worker_id, base=info.base_name, device=device, dtype=config.dtype,
              disk_cache=cache_dir, max_model_len=info.max_model_len)
     return WorkerParts(app, loop, residency, stores, listeners, live_addresses)
+
+
+def _log_transition(snap: ResidentDelta) -> None:
+    log.info("delta_state", model=snap.name, state=snap.state.value, tier=snap.tier.name.lower(), bytes=snap.bytes,
+             slot=snap.slot)
 
 
 def _slot(residency: ResidencyManager, name: str) -> int:

@@ -147,9 +147,9 @@ class ResidencyManager:
             return _snapshot(entry) if entry else None
 
     def snapshot(self) -> list[ResidentDelta]:
-        """Every delta held in some local tier (or in flight), fastest tier first."""
+        """Every delta held in some local tier, fastest tier first."""
         with self._lock:
-            rows = [_snapshot(e) for e in self._entries.values() if e.state is not DeltaState.REMOTE]
+            rows = [_snapshot(e) for e in self._entries.values() if e.tier is not Tier.REMOTE]
         return sorted(rows, key=lambda r: (r.tier, r.name))
 
     def lru_names(self, tier: Tier) -> list[str]:
