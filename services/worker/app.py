@@ -86,7 +86,10 @@ class WorkerApp:
 
     def admit(self, inp: GenerateInput) -> tuple[list[int], SamplingParams]:
         """Tokenize and check the request against the context limit; raises InvalidRequestError."""
-        prompt_ids = self.encode(inp)
+        try:
+            prompt_ids = self.encode(inp)
+        except ValueError as exc:  # e.g. chat messages for a model without a chat template
+            raise InvalidRequestError(str(exc)) from exc
         limit = self.info.max_model_len
         if not prompt_ids:
             raise InvalidRequestError("prompt is empty; send at least one token of text")

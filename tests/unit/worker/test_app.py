@@ -18,6 +18,9 @@ class ByteTokenizer:
     def encode(self, text):
         return list(text.encode())
 
+    def encode_chat(self, messages):
+        raise ValueError("this model has no chat template (tokenizer_config.json chat_template); send a prompt")
+
     def decode(self, ids):
         return bytes(ids).decode("utf-8", errors="replace")
 
@@ -202,3 +205,14 @@ def test_load_and_evict(setup):
     assert app.evict_delta("ft", Tier.DISK) and app.status().deltas == []
     with pytest.raises(InvalidArgument):
         asyncio.run(app.load_delta("base", Tier.DEVICE))
+
+
+def test_chat_without_template_is_invalid(setup):
+    app, *_ = setup
+
+    async def chat():
+        inp = GenerateInput(request_id="m", model="base", messages=(("user", "hi"),))
+        return [e async for e in app.generate(inp)]
+
+    with pytest.raises(InvalidArgument, match="chat template"):
+        asyncio.run(chat())
