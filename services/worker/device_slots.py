@@ -1,8 +1,10 @@
-"""DeviceSlots: the tensors of the deltas that sit in device slots, laid out for the step's DeltaOps.
+"""DeviceSlots: the tensors of the deltas in device slots, stacked by slot the way the SBMM kernel reads them.
 
-The ResidencyManager decides which delta goes to which slot; this holds the bytes. Linear deltas stay
-packed (the SBMM kernel dequantizes on the fly); norm and embedding deltas are kept dense in the
-model dtype because they are applied per row by indexing.
+Each HF tensor name has one `SlotStack` per storage format (dense fp16, or packed with given bits /
+group size / symmetry): part tensors [num_slots, ...] allocated on first use, slot i = delta in slot i.
+Linear deltas stay packed (the kernel dequantizes on the fly); norm and embedding deltas are stored
+dense (fp16) because they are applied per row by indexing. A tied lm_head uses the embedding's stack.
+The ResidencyManager decides which delta goes to which slot; this only holds the bytes.
 """
 
 from __future__ import annotations
@@ -14,17 +16,42 @@ import torch
 
 EMBED = "model.embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
+PACKED_PARTS = ("qweight", "meta", "scales", "zeros")
+
+
+@dataclass(frozen=True, slots=True)
+class StackFormat:
+    """What must match for two deltas of one tensor to share a stack."""
+
+    kind: str  # dense | sparse24 | quant
+    shape: tuple[int, ...]
+    bits: int | None
+    group_size: int | None
+    sym: bool | None
+    part_shapes: tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
 
 
 @dataclass(slots=True)
-class SlotContents:
-    """One slot: linear deltas by HF tensor name (packed), plus dense norm/embedding deltas."""
+class SlotStack:
+    """Part tensors stacked by slot: dense `delta` [S, *shape] or packed qweight/meta/scales/zeros [S, ...]."""
 
-    name: str
-    linears: dict[str, object] = field(default_factory=dict)  # tensor name -> DeltaTensor on device
-    dense: dict[str, torch.Tensor] = field(default_factory=dict)  # tensor name -> [H] or [V, H] in model dtype
-    nbytes: int = 0
-    dequantized: dict[tuple[str, torch.dtype], torch.Tensor] = field(default_factory=dict)  # reference path cache
+    format: StackFormat
+    parts: dict[str, torch.Tensor]
+    occupied: set[int] = field(default_factory=set)
+    version: int = 0  # bumped on each write, so reference-path caches know when to refresh
+    cache: dict = field(default_factory=dict)  # backend-owned: dequantized slots (CPU), kernel stack object
+
+    @property
+    def kind(self) -> str:
+        return self.format.kind
+
+    @property
+    def bits(self) -> int | None:
+        return self.format.bits
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.format.shape
 
 
 class DeviceSlots:
@@ -34,65 +61,75 @@ class DeviceSlots:
                  tie_word_embeddings: bool) -> None:
         self.num_slots = num_slots
         self.device = torch.device(device)
-        self.dtype = dtype
+        self.dtype = dtype  # activation dtype of the model
         self._linear_names = linear_names  # HF tensor names of the model's linear weights
         self._tied = tie_word_embeddings
-        self._slots: list[SlotContents | None] = [None] * num_slots
+        self._stacks: dict[str, dict[StackFormat, SlotStack]] = {}
+        self._where: list[dict[str, SlotStack]] = [{} for _ in range(num_slots)]  # slot -> tensor name -> stack
         self._lock = threading.Lock()
-        self.version = 0  # bumped on every write/drop: cached kernel stacks rebuild when it moves
 
     def write(self, slot: int, name: str, tensors: dict) -> int:
-        """Copy one delta's tensors ({HF tensor name: DeltaTensor}, any device) into `slot`; returns bytes."""
-        contents = SlotContents(name)
+        """Copy one delta ({HF tensor name: DeltaTensor}, any device) into `slot`; returns device bytes used."""
+        self.drop(slot)
+        where, num_bytes = {}, 0
         for tensor_name, delta in tensors.items():
-            if tensor_name in self._linear_names:
-                moved = delta.to(self.device)
-                contents.linears[tensor_name] = moved
-                contents.nbytes += moved.nbytes
-            else:
-                dense = delta.dequantize(self.dtype).to(self.device)
-                contents.dense[tensor_name] = dense
-                contents.nbytes += dense.numel() * dense.element_size()
-        if self._tied and EMBED in contents.dense and LM_HEAD not in contents.linears:
-            contents.linears[LM_HEAD] = _DenseView(contents.dense[EMBED])  # tied: lm_head delta = embed delta
+            if tensor_name not in self._linear_names:
+                delta = _dense_fp16(delta)
+            stack = self._stack_for(tensor_name, delta)
+            for part, tensor in _parts(delta).items():
+                stack.parts[part][slot].copy_(tensor, non_blocking=True)
+                num_bytes += tensor.numel() * tensor.element_size()
+            where[tensor_name] = stack
+        if self._tied and EMBED in where and LM_HEAD not in where:
+            where[LM_HEAD] = where[EMBED]  # tied: lm_head delta = embedding delta, same storage
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # copies done before the slot is marked ready
         with self._lock:
-            self._slots[slot] = contents
-            self.version += 1
-        return contents.nbytes
+            for stack in where.values():
+                stack.occupied.add(slot)
+                stack.version += 1
+            self._where[slot] = where
+        return num_bytes
 
     def drop(self, slot: int) -> None:
         with self._lock:
-            self._slots[slot] = None
-            self.version += 1
+            for stack in self._where[slot].values():
+                stack.occupied.discard(slot)
+                stack.cache.pop(slot, None)
+            self._where[slot] = {}
 
-    def contents(self, slot: int) -> SlotContents:
-        contents = self._slots[slot]
-        assert contents is not None, f"slot {slot} is empty"
-        return contents
-
-    def linear(self, slot: int, tensor_name: str):
-        """The packed (or dense-view) delta of one linear in `slot`, or None when unchanged."""
-        return self.contents(slot).linears.get(tensor_name)
-
-    def linear_dense(self, slot: int, tensor_name: str, dtype: torch.dtype) -> torch.Tensor | None:
-        """Reference path: the dequantized [N, K] delta of one linear, cached per slot write."""
-        contents = self.contents(slot)
-        key = (tensor_name, dtype)
-        cached = contents.dequantized.get(key)
-        if cached is None:
-            delta = contents.linears.get(tensor_name)
-            if delta is None:
-                return None
-            cached = contents.dequantized[key] = delta.dequantize(dtype)
-        return cached
+    def stack(self, slot: int, tensor_name: str) -> SlotStack | None:
+        """The stack holding `tensor_name`'s delta for `slot`, or None when that delta leaves it unchanged."""
+        return self._where[slot].get(tensor_name)
 
     def dense(self, slot: int, tensor_name: str) -> torch.Tensor | None:
-        return self.contents(slot).dense.get(tensor_name)
+        """A dense (norm / embedding) delta of one slot, fp16 [H] or [V, H]."""
+        stack = self._where[slot].get(tensor_name)
+        return None if stack is None else stack.parts["delta"][slot]
+
+    def _stack_for(self, tensor_name: str, delta) -> SlotStack:
+        parts = _parts(delta)
+        fmt = StackFormat(delta.kind, tuple(delta.shape), getattr(delta, "bits", None),
+                          getattr(delta, "group_size", None), getattr(delta, "sym", None),
+                          tuple((k, tuple(v.shape), v.dtype) for k, v in parts.items()))
+        by_format = self._stacks.setdefault(tensor_name, {})
+        stack = by_format.get(fmt)
+        if stack is None:
+            tensors = {k: torch.zeros((self.num_slots, *shape), dtype=dt, device=self.device)
+                       for k, shape, dt in fmt.part_shapes}
+            stack = by_format[fmt] = SlotStack(fmt, tensors)
+        return stack
+
+
+def _parts(delta) -> dict[str, torch.Tensor]:
+    if delta.kind == "dense":
+        return {"delta": delta.delta}
+    return {k: getattr(delta, k) for k in PACKED_PARTS if getattr(delta, k) is not None}
 
 
 @dataclass(slots=True)
-class _DenseView:
-    """A dense [N, K] delta seen through the DeltaTensor interface (tied lm_head)."""
+class _Dense:
+    """A dense fp16 delta in the DeltaTensor shape (for norm/embedding deltas stored packed)."""
 
     delta: torch.Tensor
     kind: str = "dense"
@@ -101,9 +138,8 @@ class _DenseView:
     def shape(self) -> tuple[int, ...]:
         return tuple(self.delta.shape)
 
-    @property
-    def nbytes(self) -> int:
-        return 0  # shares the embedding delta's storage
 
-    def dequantize(self, dtype: torch.dtype = torch.float16) -> torch.Tensor:
-        return self.delta.to(dtype)
+def _dense_fp16(delta):
+    if delta.kind == "dense" and delta.delta.dtype == torch.float16:
+        return delta
+    return _Dense(delta.dequantize(torch.float16))

@@ -3,7 +3,7 @@
 import torch
 
 from deltazip.artifact.delta_tensor import DeltaTensor
-from services.worker.delta_ops import StepDeltaOps, make_segments
+from services.worker.delta_ops import StepDeltaOps
 from services.worker.device_slots import DeviceSlots
 
 H, V, OUT = 8, 11, 6
@@ -27,10 +27,6 @@ def make_slots(gen, tied=True):
         slots.write(slot, f"ft{slot}", {k: dense(k, v) for k, v in d.items()})
         deltas[slot] = d
     return slots, deltas
-
-
-def test_segments_offsets():
-    assert [(s.slot, s.start, s.end) for s in make_segments([(None, 2), (0, 0), (1, 3)])] == [(None, 0, 2), (1, 2, 5)]
 
 
 def test_linear_norm_embedding_match_merged_weights():
@@ -72,7 +68,7 @@ def test_base_only_rows_change_nothing():
     assert ops.norm_weight("model.norm", torch.ones(H), x) is None
 
 
-def test_packed_linear_delta_uses_dequantized_values():
+def test_packed_and_dense_deltas_of_one_linear_in_one_step():
     from kernels import packing
 
     gen = torch.Generator().manual_seed(2)
@@ -81,10 +77,19 @@ def test_packed_linear_delta_uses_dequantized_values():
     mask.view(n, k // 4, 4)[..., :2] = True
     codes = torch.randint(0, 1 << bits, (n, k // 2), generator=gen)
     scales = (torch.rand(n, 1, generator=gen) * 0.01).half()
-    dt = DeltaTensor(name=LIN + ".weight", kind="sparse24", shape=(n, k), bits=bits, group_size=None, sym=True,
-                     qweight=packing.pack_codes(codes, bits), meta=packing.pack_meta(mask), scales=scales)
-    slots = DeviceSlots(1, "cpu", torch.float32, {LIN + ".weight"}, tie_word_embeddings=False)
-    slots.write(0, "ft", {LIN + ".weight": dt})
-    x, y = torch.randn(3, k, generator=gen), torch.zeros(3, n)
-    StepDeltaOps(slots, [(0, 3)]).linear(LIN, x, y)
-    torch.testing.assert_close(y, x @ dt.dequantize(torch.float32).T)
+    packed = DeltaTensor(name=LIN + ".weight", kind="sparse24", shape=(n, k), bits=bits, group_size=None, sym=True,
+                         qweight=packing.pack_codes(codes, bits), meta=packing.pack_meta(mask), scales=scales)
+    plain = dense(LIN + ".weight", torch.randn(n, k, generator=gen) * 0.1)
+    slots = DeviceSlots(3, "cpu", torch.float32, {LIN + ".weight"}, tie_word_embeddings=False)
+    slots.write(0, "packed", {LIN + ".weight": packed})
+    slots.write(2, "dense", {LIN + ".weight": plain})
+    x, y = torch.randn(6, k, generator=gen), torch.zeros(6, n)
+    StepDeltaOps(slots, [(2, 2), (None, 1), (0, 3)]).linear(LIN, x, y)
+    torch.testing.assert_close(y[:2], x[:2] @ plain.dequantize(torch.float32).T)
+    assert not y[2].any()
+    torch.testing.assert_close(y[3:], x[3:] @ packed.dequantize(torch.float32).T)
+    slots.drop(0)
+    slots.write(0, "dense2", {LIN + ".weight": plain})  # the slot is reused by another format
+    y2 = torch.zeros(6, n)
+    StepDeltaOps(slots, [(2, 2), (None, 1), (0, 3)]).linear(LIN, x, y2)
+    torch.testing.assert_close(y2[3:], x[3:] @ plain.dequantize(torch.float32).T)
