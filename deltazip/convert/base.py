@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 import structlog
@@ -46,6 +47,8 @@ def default_base_dir() -> Path:
         if not (target / "config.json").is_file():
             from deltazip.convert.gguf import convert_gguf
 
+            for stale in target.parent.glob(f".{BASE_NAME}.tmp-*"):  # left by a killed converter
+                shutil.rmtree(stale, ignore_errors=True)
             log.info("base_model_convert", target=str(target))
             convert_gguf(bundled_gguf_path(), target)
     return target

@@ -102,7 +102,7 @@ class LlamaConfig:
     def from_dict(cls, d: dict[str, Any]) -> LlamaConfig:
         """Build from a parsed HF config.json dict (unknown keys are ignored)."""
         arch = d.get("model_type", "llama")
-        if arch not in ("llama", "mistral"):
+        if arch != "llama":
             raise ValueError(f"model_type {arch!r} is not a Llama-family model; expected 'llama'")
         eos = d.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))

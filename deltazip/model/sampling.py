@@ -78,14 +78,17 @@ class Sampler:
             out[index] = self._draw(probs, sub, [num_generated[i] for i in rows])
         return out
 
-    def _suppress_eos(self, logits: torch.Tensor, params: Sequence[SamplingParams], num_generated: Sequence[int]) -> None:
+    def _suppress_eos(
+        self, logits: torch.Tensor, params: Sequence[SamplingParams], num_generated: Sequence[int]
+    ) -> None:
+        """EOS may not be drawn while a row has fewer than min_tokens outputs."""
         if not self.eos_token_ids:
             return
         rows = [i for i, (p, n) in enumerate(zip(params, num_generated)) if n < p.min_tokens]
         if rows:
-            logits[torch.tensor(rows, device=logits.device)[:, None], torch.tensor(self.eos_token_ids, device=logits.device)] = float(
-                "-inf"
-            )
+            row_index = torch.tensor(rows, device=logits.device)[:, None]
+            eos_index = torch.tensor(self.eos_token_ids, device=logits.device)
+            logits[row_index, eos_index] = float("-inf")
 
     @staticmethod
     def _probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:

@@ -53,7 +53,9 @@ def random_model(config: LlamaConfig, seed: int = 0, dtype: torch.dtype = torch.
     return model_from_state_dict(config, state)
 
 
-def write_random_model(path: str | Path, config: LlamaConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+def write_random_model(
+    path: str | Path, config: LlamaConfig, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> Path:
     """Write a random checkpoint (config.json + model.safetensors) into `path` (created) and return it."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,9 @@ def test_chat_template_renders_like_hf(tok):
     assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant") and text.endswith("Hi<|im_end|>\n")
 
 
-@pytest.mark.parametrize("text", ["naïve café ☕ and 日本語 with 🤖🚀 emoji", "plain ascii, numbers 12345.", "ß∂ƒ©˙∆˚¬…æ"])
+@pytest.mark.parametrize(
+    "text", ["naïve café ☕ and 日本語 with 🤖🚀 emoji", "plain ascii, numbers 12345.", "ß∂ƒ©˙∆˚¬…æ"]
+)
 def test_incremental_decoder_streams_whole_characters(tok, text):
     ids = tok.encode(text)
     dec = tok.incremental_decoder(prompt_ids=tok.encode("Say: "))
