@@ -83,9 +83,11 @@ class DeltaFetcher:
         return found
 
     def fetch(self, name: str) -> tuple[str, int]:
+        """Download `name` into the cache (resuming across stores); returns (dir, bytes)."""
         sources = self._sources()
         if not sources:
-            raise StoreUnavailableError("no delta store is alive (none in Redis, none configured with --store-addresses)")
+            raise StoreUnavailableError(
+                "no delta store is alive (none in Redis, none configured with --store-addresses)")
         artifact, sources = self._stat(name, sources)
         self._check_base(name, artifact.base_identity)
         partial = self.cache_dir / ".partial" / name

@@ -7,99 +7,25 @@ The slow work (fetch, host load, device copy) runs in a small thread pool throug
 
 from __future__ import annotations
 
-import enum
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Protocol
 
+from services.worker.residency_state import (
+    TIER_OF_STATE,
+    ChangeCallback,
+    DeltaEntry,
+    DeltaState,
+    ResidencyLimits,
+    ResidentDelta,
+    Tier,
+    TierIO,
+    snapshot_of,
+)
 
-class DeltaState(enum.Enum):
-    REMOTE = "remote"
-    FETCHING = "fetching"
-    ON_DISK = "on_disk"
-    IN_HOST = "in_host"
-    LOADING = "loading"
-    ON_DEVICE = "on_device"
-    FAILED = "failed"
-
-
-class Tier(enum.IntEnum):
-    """Ordered from fastest; values match deltazip.v1.ResidencyTier."""
-
-    DEVICE = 1
-    HOST = 2
-    DISK = 3
-    REMOTE = 4
-
-
-TIER_OF_STATE = {
-    DeltaState.ON_DEVICE: Tier.DEVICE,
-    DeltaState.LOADING: Tier.HOST,
-    DeltaState.IN_HOST: Tier.HOST,
-    DeltaState.ON_DISK: Tier.DISK,
-    DeltaState.FETCHING: Tier.REMOTE,
-    DeltaState.REMOTE: Tier.REMOTE,
-    DeltaState.FAILED: Tier.REMOTE,
-}
-
-
-class TierIO(Protocol):
-    """The slow moves between tiers; ResidencyManager decides when, this does the work."""
-
-    def fetch(self, name: str) -> tuple[str, int]: ...  # -> (disk dir, bytes on disk)
-
-    def load_host(self, name: str, path: str) -> tuple[Any, int]: ...  # -> (host object, bytes)
-
-    def to_device(self, name: str, host: Any, slot: int) -> int: ...  # -> device bytes
-
-    def drop_device(self, name: str, slot: int) -> None: ...
-
-    def drop_disk(self, name: str, path: str) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class ResidencyLimits:
-    num_device_slots: int
-    device_bytes: int  # 0 = slots only
-    host_bytes: int
-    disk_bytes: int
-
-
-@dataclass(slots=True)
-class DeltaEntry:
-    name: str
-    state: DeltaState = DeltaState.REMOTE
-    path: str = ""
-    host: Any = None
-    slot: int | None = None
-    disk_bytes: int = 0
-    host_bytes: int = 0
-    device_bytes: int = 0
-    pins: int = 0
-    busy: bool = False  # a fetch/load/copy is running for it
-    error: BaseException | None = None
-    load_ms: float = 0.0
-
-    @property
-    def tier(self) -> Tier:
-        return TIER_OF_STATE[self.state]
-
-
-@dataclass(frozen=True, slots=True)
-class ResidentDelta:
-    name: str
-    state: DeltaState
-    tier: Tier
-    bytes: int
-    slot: int | None
-    pins: int
-
-
-ChangeCallback = Callable[[ResidentDelta], None]
+__all__ = ["ResidencyManager", "ResidencyLimits", "DeltaState", "ResidentDelta", "Tier", "TierIO", "TIER_OF_STATE"]
 
 
 class ResidencyManager:
@@ -144,12 +70,12 @@ class ResidencyManager:
     def entry(self, name: str) -> ResidentDelta | None:
         with self._lock:
             entry = self._entries.get(name)
-            return _snapshot(entry) if entry else None
+            return snapshot_of(entry) if entry else None
 
     def snapshot(self) -> list[ResidentDelta]:
         """Every delta held in some local tier, fastest tier first."""
         with self._lock:
-            rows = [_snapshot(e) for e in self._entries.values() if e.tier is not Tier.REMOTE]
+            rows = [snapshot_of(e) for e in self._entries.values() if e.tier is not Tier.REMOTE]
         return sorted(rows, key=lambda r: (r.tier, r.name))
 
     def lru_names(self, tier: Tier) -> list[str]:
@@ -201,7 +127,7 @@ class ResidencyManager:
             entry = self._entry(name)
             self._touch(entry)
             if entry.tier <= tier and entry.state is not DeltaState.LOADING:
-                future.set_result(_snapshot(entry))
+                future.set_result(snapshot_of(entry))
                 return future
             self._waiters.setdefault(name, []).append((tier, future))
             if entry.state is DeltaState.FAILED:
@@ -239,7 +165,7 @@ class ResidencyManager:
 
     def _set_state(self, entry: DeltaEntry, state: DeltaState) -> None:
         entry.state = state
-        self._on_change(_snapshot(entry))
+        self._on_change(snapshot_of(entry))
 
     def _advance(self, entry: DeltaEntry) -> None:
         """Start the next move toward the fastest tier any waiter asked for, or resolve waiters."""
@@ -264,7 +190,7 @@ class ResidencyManager:
         self._waiters[entry.name] = [(t, f) for t, f in self._waiters.get(entry.name, []) if entry.tier > t]
         if not self._waiters[entry.name]:
             del self._waiters[entry.name]
-        snap = _snapshot(entry)
+        snap = snapshot_of(entry)
         for f in done:
             if not f.done():
                 f.set_result(snap)
@@ -385,8 +311,3 @@ class ResidencyManager:
             entry.path, entry.disk_bytes = "", 0
             self._lru[Tier.DISK].pop(entry.name, None)
             self._set_state(entry, DeltaState.REMOTE)
-
-
-def _snapshot(entry: DeltaEntry) -> ResidentDelta:
-    num_bytes = {Tier.DEVICE: entry.device_bytes, Tier.HOST: entry.host_bytes, Tier.DISK: entry.disk_bytes}
-    return ResidentDelta(entry.name, entry.state, entry.tier, num_bytes.get(entry.tier, 0), entry.slot, entry.pins)

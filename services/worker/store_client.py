@@ -49,7 +49,8 @@ def _translate(exc: grpc.RpcError, address: str, name: str) -> Exception:
     code = exc.code() if hasattr(exc, "code") else None
     if code == grpc.StatusCode.NOT_FOUND:
         return DeltaNotFoundError(f"model {name!r} not found in store {address}")
-    return StoreUnavailableError(f"store {address} failed for {name!r}: {code} {exc.details() if hasattr(exc, 'details') else exc}")
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    return StoreUnavailableError(f"store {address} failed for {name!r}: {code} {details}")
 
 
 class StoreDirectory:
