@@ -21,12 +21,14 @@ def default_worker_id() -> str:
 
 
 def default_base_dir() -> str:
-    """The converted base model directory (deltazip.convert's default), or '' when unavailable."""
+    """The bundled base model, converted to a Hugging Face folder on first use (deltazip.convert)."""
+    from deltazip.convert import default_base_dir as convert_default
+
     try:
-        from deltazip.convert import default_base_dir as convert_default
-    except ImportError:
-        return ""
-    return str(convert_default())
+        return str(convert_default())
+    except (OSError, ValueError, ImportError) as exc:
+        raise ValueError(f"no --base-dir given and the default base model could not be prepared ({exc}); "
+                         "pass --base-dir with a Hugging Face Llama folder") from exc
 
 
 def resolve_device(device: str) -> str:
@@ -149,7 +151,10 @@ def config_from_args(argv: list[str] | None = None, env: dict[str, str] | None =
         if raw is None:
             raw = env.get(_env_name(f.name))
         if raw is not None:
-            values[f.name] = _parse_value(f.type, raw)
+            try:
+                values[f.name] = _parse_value(f.type, raw)
+            except ValueError:
+                raise ValueError(f"--{f.name.replace('_', '-')} {raw!r} is not a valid {f.type}") from None
     if not values.get("base_dir"):
         values["base_dir"] = default_base_dir()
     return WorkerConfig(**values)
