@@ -22,7 +22,7 @@ def default_worker_id() -> str:
 
 def default_base_dir() -> str:
     """The bundled base model, converted to a Hugging Face folder on first use (deltazip.convert)."""
-    from deltazip.convert import default_base_dir as convert_default
+    from deltazip.convert.base import default_base_dir as convert_default
 
     try:
         return str(convert_default())
