@@ -87,7 +87,7 @@ def build_worker(config: WorkerConfig) -> WorkerParts:
     info = WorkerInfo(
         worker_id=config.worker_id, base_name=config.base_name or Path(config.base_dir).resolve().name,
         base_identity=identity, device=device, mode=config.mode, max_model_len=engine.max_model_len)
-    loop = EngineLoop(engine)
+    loop = EngineLoop(engine, on_step=residency.on_step)
     app = WorkerApp(info, tokenizer, loop, residency)
     listeners.callbacks.append(app.on_residency_change)
     log.info("worker_built", worker=config.worker_id, base=info.base_name, device=device, dtype=config.dtype,

@@ -35,7 +35,8 @@ class EngineAdapter:
         s = self._engine.stats()
         queued = sum(seq.num_uncomputed_tokens for seq in list(self._engine.scheduler.waiting))
         return EngineStats(num_running=s.num_running, num_waiting=s.num_waiting, queued_tokens=queued,
-                           free_kv_blocks=s.free_kv_blocks, total_kv_blocks=s.total_kv_blocks)
+                           free_kv_blocks=s.free_kv_blocks, total_kv_blocks=s.total_kv_blocks,
+                           running_deltas=frozenset(s.running_deltas))
 
 
 def build_engine(model, tokenizer, config: WorkerConfig, max_model_len: int | None,

@@ -46,6 +46,7 @@ class EngineStats:
     queued_tokens: int = 0
     free_kv_blocks: int = 0
     total_kv_blocks: int = 0
+    running_deltas: frozenset[str] = frozenset()  # deltas with a sequence holding KV blocks
 
 
 class Engine(Protocol):
@@ -75,8 +76,11 @@ class _LoopState:
 class EngineLoop:
     """Owns the engine; every engine call happens on its thread."""
 
-    def __init__(self, engine: Engine, idle_wait_s: float = 0.02) -> None:
+    def __init__(self, engine: Engine, idle_wait_s: float = 0.02,
+                 on_step: Callable[[int, frozenset[str]], None] | None = None) -> None:
         self._engine = engine
+        self._on_step = on_step or (lambda step, running: None)  # residency: free draining slots
+        self._num_steps = 0
         self._aborts: queue.SimpleQueue[tuple[str, Callable[[], None] | None]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -142,8 +146,10 @@ class EngineLoop:
                     continue
                 start = time.perf_counter()
                 outputs = self._engine.step()
+                self._num_steps += 1
                 self._process(outputs, (time.perf_counter() - start) * 1e3)
                 self._state.stats = self._engine.stats()
+                self._on_step(self._num_steps, self._state.stats.running_deltas)
                 if not outputs:  # everything waits (e.g. for a delta load): do not spin
                     self._wake.wait(self._idle_wait_s)
         except BaseException as exc:  # the loop must not die silently: fail every open request

@@ -42,15 +42,16 @@ class ResidencyManager:
         self._free_slots = list(range(limits.num_device_slots))
         self._waiters: dict[str, list[tuple[Tier, Future]]] = {}
         self._device_queue: OrderedDict[str, None] = OrderedDict()  # FCFS waiting for a slot
+        self._step = 0  # last engine step reported through on_step
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="residency")
         self._closed = False
 
     # ---- queries -------------------------------------------------------------------------------
     def is_ready(self, name: str) -> bool:
-        """True when the delta sits in a device slot, ready for the kernel."""
+        """True when the delta sits in a device slot and may start new sequences (not draining)."""
         with self._lock:
             entry = self._entries.get(name)
-            return entry is not None and entry.state is DeltaState.ON_DEVICE
+            return entry is not None and entry.state is DeltaState.ON_DEVICE and entry.draining_since is None
 
     def slot_of(self, name: str) -> int | None:
         with self._lock:
@@ -102,6 +103,22 @@ class ResidencyManager:
             entry.pins -= 1
             if entry.pins == 0:
                 self._admit_device_waiters()
+
+    def on_step(self, step: int, running: frozenset[str]) -> None:
+        """Engine thread, between steps: free the slots of draining deltas that no longer run.
+
+        A delta marked draining before step `d` started admits no sequence from step d + 1 on, so once a
+        step after d reports it not running, nothing will touch its slot: it goes back to host and, if
+        requests still wait for it, to the end of the device queue (round robin when hot deltas > slots).
+        """
+        with self._lock:
+            self._step = step
+            for entry in [e for e in self._entries.values() if e.draining_since is not None]:
+                if step > entry.draining_since and entry.name not in running and entry.state is DeltaState.ON_DEVICE:
+                    self._evict_to_below(entry, Tier.DEVICE)
+                    if entry.pins:
+                        self._device_queue[entry.name] = None
+            self._admit_device_waiters()
 
     def touch(self, name: str) -> None:
         """Mark `name` as just used (most recent in every LRU it is in)."""
@@ -259,6 +276,7 @@ class ResidencyManager:
                 self._device_queue.pop(name)
                 continue
             if not self._claim_slot(entry):
+                self._drain_for_waiters()
                 return  # FCFS: later deltas wait behind the first one that cannot fit
             self._device_queue.pop(name)
             self._run(entry, DeltaState.LOADING, self._do_to_device)
@@ -272,6 +290,19 @@ class ResidencyManager:
             self._evict_to_below(victim, Tier.DEVICE)
         entry.slot = self._free_slots.pop(0)
         return True
+
+    def _drain_for_waiters(self) -> None:
+        """Every slot is pinned: stop the least recently used pinned delta from taking new sequences."""
+        draining = sum(e.draining_since is not None for e in self._entries.values())
+        waiting = sum(self._entries[n].pins > 0 for n in self._device_queue)
+        if draining >= waiting:
+            return
+        for name in self._lru[Tier.DEVICE]:
+            e = self._entries[name]
+            if e.state is DeltaState.ON_DEVICE and e.draining_since is None and not e.busy:
+                e.draining_since = self._step
+                self._on_change(snapshot_of(e))
+                return
 
     def _lru_victim(self, tier: Tier, keep: str) -> DeltaEntry | None:
         """Least recently used evictable entry of `tier`, preferring ones not also held in a faster tier."""
@@ -293,7 +324,7 @@ class ResidencyManager:
         self._io.drop_device(entry.name, entry.slot)
         self._free_slots.append(entry.slot)
         self._free_slots.sort()
-        entry.slot, entry.device_bytes = None, 0
+        entry.slot, entry.device_bytes, entry.draining_since = None, 0, None
         self._lru[Tier.DEVICE].pop(entry.name, None)
 
     def _evict_to_below(self, entry: DeltaEntry, tier: Tier) -> None:

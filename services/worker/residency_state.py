@@ -72,6 +72,7 @@ class DeltaEntry:
     device_bytes: int = 0
     pins: int = 0
     busy: bool = False  # a fetch/load/copy is running for it
+    draining_since: int | None = None  # engine step when it stopped taking new sequences to free its slot
     error: BaseException | None = None
     load_ms: float = 0.0
 

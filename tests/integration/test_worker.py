@@ -201,3 +201,23 @@ def wait_for(cond, timeout_s: float = 10.0) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+def test_more_hot_deltas_than_slots_take_turns(launcher, models, tmp_path):
+    """One device slot, two deltas with concurrent requests: the slot is drained and handed over."""
+    base_dir, artifacts, merged = models
+    store = launcher.start("delta_store", "--root", str(tmp_path / "store"))
+    with Client("127.0.0.1:1", store=store.address) as client:
+        for name in ("ft-a", "ft-b"):
+            client.push(artifacts[name], name, progress=False)
+    worker = launcher.start("worker", "--base-dir", str(base_dir), "--device", "cpu", "--num-device-slots", "1",
+                            "--max-deltas-per-batch", "1", "--num-kv-blocks", "64", "--kv-block-size", "8")
+    jobs = [(m, p) for p in PROMPTS for m in ("ft-a", "ft-b", "tiny-base")]
+
+    async def all_requests():
+        return await asyncio.gather(*(run_generate(worker.address, m, p, f"t{i}") for i, (m, p) in enumerate(jobs)))
+
+    results = asyncio.run(all_requests())
+    for (model, prompt), chunks in zip(jobs, results):
+        tokens = [t for c in chunks for t in c.token_ids]
+        assert tokens == greedy_reference(merged[model], list(prompt.encode()), MAX_TOKENS), (model, prompt)

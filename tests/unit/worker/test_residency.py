@@ -165,3 +165,45 @@ def test_snapshot_lists_tiers_fastest_first():
     rows = mgr.snapshot()
     assert [(r.name, r.tier) for r in rows] == [("a", Tier.DEVICE), ("b", Tier.DISK)]
     mgr.close()
+
+
+def test_hot_deltas_beyond_slots_take_turns_by_draining():
+    mgr, io, _ = make(slots=1)
+    load(mgr, "a")
+    mgr.pin("a")  # a request of a still waits (or runs)
+    mgr.pin("b")
+    future = mgr.ensure("b")
+    assert wait_for(lambda: not mgr.is_ready("a"))  # a is draining: no new sequences of a
+    assert mgr.state_of("a") is DeltaState.ON_DEVICE and mgr.slot_of("a") == 0
+    mgr.on_step(1, frozenset({"a"}))  # the step that may have admitted a's sequence
+    mgr.on_step(2, frozenset({"a"}))  # a still runs: its slot stays
+    assert mgr.state_of("a") is DeltaState.ON_DEVICE and not future.done()
+    mgr.on_step(3, frozenset())  # a's sequences are done running: slot goes to b, a queues again
+    assert future.result(timeout=5).slot == 0
+    assert mgr.state_of("a") is DeltaState.IN_HOST
+    mgr.unpin("b")  # b's request finished: a gets the slot back
+    assert wait_for(lambda: mgr.is_ready("a"))
+    mgr.unpin("a")
+    mgr.close()
+
+
+def test_prefetch_without_requests_does_not_drain():
+    mgr, io, _ = make(slots=1)
+    load(mgr, "a")
+    mgr.pin("a")
+    future = mgr.ensure("b")  # LoadDelta/prefetch: nobody waits on b
+    mgr.on_step(1, frozenset())
+    mgr.on_step(2, frozenset())
+    assert mgr.is_ready("a") and not future.done()
+    mgr.unpin("a")
+    assert future.result(timeout=5).slot == 0
+    mgr.close()
+
+
+def wait_for(cond, timeout_s=2.0):
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return cond()
