@@ -65,7 +65,7 @@ def measure(base: Path, ft: Path, out: Path, cfg: CompressConfig, layers: int) -
         "fixed_s": round(fixed, 3), "total_s": round(report.seconds, 3), "est_7b_s": round(est_7b, 1),
         "goal_7b_s": 600, "meets_goal": est_7b <= 600, "shard_bytes": shard_bytes,
         "zstd_ratio": round(shard_bytes / zstd_bytes, 3),
-        "mean_out_rel_error": round(statistics.mean(e[1] for e in report.errors.values()), 4),
+        "mean_out_rel_error": round(statistics.mean(e[1] for e in report.errors.values() if e[1] is not None), 4),
     }  # fmt: skip
 
 

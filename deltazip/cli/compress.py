@@ -27,6 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
     p.add_argument("--damp", type=float, default=0.01, help="Hessian dampening, fraction of its mean diagonal")
     p.add_argument("--lossless", default="none", choices=("none", "zstd"), help="extra lossless stage on shards")
+    p.add_argument("--embeddings", default="fp16", choices=("fp16", "compress"),
+                   help="store embedding and lm_head deltas as fp16 (default) or packed like the linears")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
@@ -55,7 +57,7 @@ def run_compress(args: argparse.Namespace) -> int:
         cfg = CompressConfig(
             method=args.method, bits=args.bits, sparsity=args.sparsity, group_size=args.group_size or None,
             sym=args.sym, damp=args.damp, nsamples=args.nsamples, seq_len=args.seq_len, calib=args.calib,
-            lossless=args.lossless, device=args.device, seed=args.seed,
+            lossless=args.lossless, embeddings=args.embeddings, device=args.device, seed=args.seed,
         )  # fmt: skip
         report = compress_checkpoint(
             args.base, args.ft, args.out, cfg, overwrite=args.overwrite, progress=not args.no_progress

@@ -9,6 +9,7 @@ from deltazip.compress.sparsity import Sparsity
 
 METHODS = ("obs", "magnitude_rtn", "bitdelta", "sparsegpt_full")
 LOSSLESS = ("none", "zstd")
+EMBEDDINGS = ("fp16", "compress")
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +26,7 @@ class CompressConfig:
     seq_len: int = 512
     calib: str | None = None  # text / jsonl file; None = the shipped default set
     lossless: str = "none"
+    embeddings: str = "fp16"  # fp16 | compress: how the embedding and lm_head deltas are stored
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     block_size: int = 128  # OBS lazy-update block (columns)
     clip_search: bool = True
@@ -35,6 +37,8 @@ class CompressConfig:
             raise ValueError(f"unknown method {self.method!r}; valid methods: {METHODS}")
         if self.lossless not in LOSSLESS:
             raise ValueError(f"unknown lossless stage {self.lossless!r}; valid: {LOSSLESS}")
+        if self.embeddings not in EMBEDDINGS:
+            raise ValueError(f"unknown embeddings mode {self.embeddings!r}; valid: {EMBEDDINGS}")
         if not 0.0 < self.damp < 10.0:
             raise ValueError(f"damp must be in (0, 10), got {self.damp}")
         if self.nsamples <= 0 or self.seq_len <= 1:

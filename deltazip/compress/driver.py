@@ -17,6 +17,7 @@ from deltazip.artifact.writer import ArtifactWriter
 from deltazip.compress.block import STAGES, build_layer, collect_hessian, layer_prefix, run_layer
 from deltazip.compress.calib import load_calibration
 from deltazip.compress.config import CompressConfig
+from deltazip.compress.head import EMBED, FINAL_NORM, LM_HEAD, compress_outer, final_norm_hessian
 from deltazip.compress.methods import MatrixResult, compress_stage, output_rel_error
 from deltazip.compress.packer import pack_matrix
 from deltazip.model.config import LlamaConfig
@@ -84,7 +85,7 @@ def compress_checkpoint(
             _sync(device)
             report.layer_seconds.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        _write_outside_layers(run)
+        _write_outside_layers(run, hidden)
         copy_extra_files(w, ft)
         report.phase_seconds["outside_layers"] = time.perf_counter() - t0
     report.seconds = time.perf_counter() - start
@@ -142,7 +143,7 @@ def _store_linear(run: _Run, name: str, res: MatrixResult, delta_hat, delta, hes
     kind, parts = pack_matrix(res.result, res.spec, res.sparsity)
     norm = float(delta.norm())
     rel = float((delta_hat - delta).norm()) / norm if norm else 0.0
-    out_rel = output_rel_error(delta_hat - delta, delta, hessian)
+    out_rel = output_rel_error(delta_hat - delta, delta, hessian) if hessian is not None else None
     run.report.errors[name] = (rel, out_rel)
     run.writer.add(
         name, parts, kind=kind, shape=tuple(delta.shape), dtype=run.ft.dtype_name(name), bits=res.spec.bits,
@@ -156,13 +157,24 @@ def _store_dense_if_changed(run: _Run, name: str, ft_tensor: torch.Tensor) -> No
         add_dense(run.writer, name, delta, run.ft.dtype_name(name))
 
 
-def _write_outside_layers(run: _Run) -> None:
-    """Embeddings, final norm and lm_head: fp16 deltas, omitted when exactly zero."""
+def _write_outside_layers(run: _Run, hidden: torch.Tensor) -> None:
+    """Embeddings, final norm and lm_head: fp16 deltas (or packed, see head.py), omitted when exactly zero."""
     for name in run.ft.names():
-        if ".layers." not in name:
-            delta = tensor_delta(run.base, run.ft, name)
-            if bool((delta != 0).any()):
-                add_dense(run.writer, name, delta, run.ft.dtype_name(name))
+        if ".layers." in name:
+            continue
+        delta = tensor_delta(run.base, run.ft, name, run.device)
+        if not bool((delta != 0).any()):
+            continue
+        if run.cfg.embeddings == "compress" and name in (EMBED, LM_HEAD):
+            norm = run.ft.get(FINAL_NORM)
+            hessian = final_norm_hessian(hidden, norm, run.model_cfg.rms_norm_eps) if name == LM_HEAD else None
+            ft_weight = run.ft.get(name).to(run.device, torch.float32)
+            res = compress_outer(run.cfg, name, delta, ft_weight, hessian)
+            base_weight = ft_weight - delta
+            delta_hat = res.result.dequantized - base_weight if res.absolute else res.result.dequantized
+            _store_linear(run, name, res, delta_hat, delta, hessian)
+        else:
+            add_dense(run.writer, name, delta.cpu(), run.ft.dtype_name(name))
 
 
 def _count_sizes(run: _Run) -> None:
