@@ -41,8 +41,7 @@ class StepDeltaOps:
                 groups.setdefault(id(stack), (stack, set()))[1].add(slot)
         for stack, members in groups.values():
             slots = tuple(s if s in members else -1 for s in self.seg_slot)
-            apply_linear(x, y, stack, self._starts_tensor(x.device), self._slots_tensor(slots, x.device),
-                         self.starts, list(slots))
+            apply_linear(x, y, stack, self._starts_tensor(), self._slots_tensor(slots), self.starts, list(slots))
 
     def norm_weight(self, name: str, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
         """Per-row weight [N, H] = base + Δ for delta rows, or None when no row's delta touches it."""
@@ -65,14 +64,14 @@ class StepDeltaOps:
                 a, b = self.starts[i], self.starts[i + 1]
                 h[a:b] += delta[input_ids[a:b]].to(h.dtype)
 
-    def _starts_tensor(self, device: torch.device) -> torch.Tensor:
+    def _starts_tensor(self) -> torch.Tensor:
+        """Segment row offsets [S+1], int32 on the host (the kernel copies them once per call)."""
         if self._seg_starts is None:
-            self._seg_starts = torch.tensor(self.starts, dtype=torch.int32, device=device)
+            self._seg_starts = torch.tensor(self.starts, dtype=torch.int32)
         return self._seg_starts
 
-    def _slots_tensor(self, slots: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    def _slots_tensor(self, slots: tuple[int, ...]) -> torch.Tensor:
         t = self._seg_slots.get(slots)
         if t is None:
-            t = self._seg_slots[slots] = torch.tensor(slots, dtype=torch.int32, device=device)
+            t = self._seg_slots[slots] = torch.tensor(slots, dtype=torch.int32)
         return t
-

@@ -1,4 +1,4 @@
-"""apply_linear: y[seg] += x[seg] @ Δ_slot(seg).T for one SlotStack — the SBMM kernel on GPU, torch on CPU.
+"""apply_linear: y[seg] += x[seg] @ Δ_slot(seg).T for one SlotStack — kernels.delta_linear on GPU, torch on CPU.
 
 Semantics are those of kernels/reference.py: segments with slot -1 are untouched, products accumulate
 in fp32 and y is rounded once. The CPU path caches each slot's dequantized delta (refreshed when the
@@ -15,11 +15,12 @@ from kernels import packing
 
 def apply_linear(x: torch.Tensor, y: torch.Tensor, stack: SlotStack, seg_starts: torch.Tensor,
                  seg_slots: torch.Tensor, starts: list[int], slots: list[int]) -> None:
-    """x: [T, K], y: [T, N]; seg_starts [S+1] / seg_slots [S] on x's device (starts/slots: host copies)."""
-    if x.device.type == "cuda":
+    """x: [T, K], y: [T, N]; seg_starts [S+1] / seg_slots [S] int32 on the host, already validated."""
+    kernel_stack = _kernel_stack(stack) if x.device.type == "cuda" else None
+    if kernel_stack is not None:
         from kernels.delta_linear import apply_deltas
 
-        apply_deltas(x, y, _kernel_stack(stack), seg_starts, seg_slots)
+        apply_deltas(x, y, kernel_stack, seg_starts, seg_slots, check=False)
         return
     for i, slot in enumerate(slots):
         a, b = starts[i], starts[i + 1]
@@ -47,16 +48,19 @@ def _dense_slot(stack: SlotStack, slot: int, dtype: torch.dtype) -> torch.Tensor
 
 
 def _kernel_stack(stack: SlotStack):
-    """The kernel's stack object over this stack's tensors (built once per stack)."""
+    """The kernel's stack object over this stack's tensors (built once), or None when the kernel cannot
+    read this format (dense-quantized or 3/8-bit deltas fall back to the cached reference)."""
     from kernels.delta_linear import DenseDeltaStack, PackedDeltaStack
 
-    cached = stack.cache.get("kernel_stack")
-    if cached is None:
-        p = stack.parts
-        if stack.kind == "dense":
-            cached = DenseDeltaStack(p["delta"])
+    if "kernel_stack" not in stack.cache:
+        p, fmt = stack.parts, stack.format
+        if fmt.kind == "dense":
+            stack.cache["kernel_stack"] = DenseDeltaStack(p["delta"])
+        elif fmt.kind == "sparse24" and fmt.bits in (2, 4):
+            n, k = fmt.shape
+            stack.cache["kernel_stack"] = PackedDeltaStack(
+                qweight=p["qweight"], meta=p["meta"], scales=p["scales"], zeros=p.get("zeros"), bits=fmt.bits,
+                group_size=k // p["scales"].shape[-1], sym=p.get("zeros") is None, shape=(n, k))
         else:
-            cached = PackedDeltaStack(qweight=p["qweight"], meta=p.get("meta"), scales=p["scales"],
-                                      zeros=p.get("zeros"), bits=stack.bits, shape=stack.shape)
-        stack.cache["kernel_stack"] = cached
-    return cached
+            stack.cache["kernel_stack"] = None
+    return stack.cache["kernel_stack"]

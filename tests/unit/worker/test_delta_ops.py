@@ -1,5 +1,6 @@
 """StepDeltaOps: per-row deltas equal running each row through its merged weights."""
 
+import pytest
 import torch
 
 from deltazip.artifact.delta_tensor import DeltaTensor
@@ -93,3 +94,39 @@ def test_packed_and_dense_deltas_of_one_linear_in_one_step():
     y2 = torch.zeros(6, n)
     StepDeltaOps(slots, [(2, 2), (None, 1), (0, 3)]).linear(LIN, x, y2)
     torch.testing.assert_close(y2[3:], x[3:] @ plain.dequantize(torch.float32).T)
+
+
+def packed_delta(gen, n, k, bits, group_size, sym):
+    from kernels import packing
+
+    keep = torch.rand(n, k // 4, 4, generator=gen).argsort(-1)[..., :2]
+    mask = torch.zeros(n, k // 4, 4, dtype=torch.bool).scatter_(2, keep, True).view(n, k)
+    codes = torch.randint(0, 1 << bits, (n, k // 2), generator=gen)
+    groups = k // group_size
+    scales = (torch.rand(n, groups, generator=gen) * 0.01 + 0.001).half()
+    zeros = None if sym else torch.randint(0, 1 << bits, (n, groups), generator=gen).half()
+    return DeltaTensor(name=LIN + ".weight", kind="sparse24", shape=(n, k), bits=bits, group_size=group_size,
+                       sym=sym, qweight=packing.pack_codes(codes, bits), meta=packing.pack_meta(mask), scales=scales,
+                       zeros=zeros)
+
+
+@pytest.mark.parametrize("bits, group_size, sym", [(4, 32, True), (2, 64, False), (4, 64, False)])
+def test_slot_stacks_are_what_the_kernel_reads(bits, group_size, sym):
+    """Our stacked slot tensors through kernels.delta_linear.apply_deltas == our cached CPU path."""
+    from kernels.delta_linear import apply_deltas
+    from services.worker.linear_backend import _kernel_stack
+
+    gen = torch.Generator().manual_seed(bits * 100 + group_size)
+    n, k = 16, 128
+    slots = DeviceSlots(3, "cpu", torch.float32, {LIN + ".weight"}, tie_word_embeddings=False)
+    for slot in (0, 2):
+        slots.write(slot, f"ft{slot}", {LIN + ".weight": packed_delta(gen, n, k, bits, group_size, sym)})
+    rows = [(0, 3), (None, 2), (2, 4)]
+    x = torch.randn(9, k, generator=gen)
+    ours, theirs = torch.randn(9, n, generator=gen), None
+    theirs = ours.clone()
+    ops = StepDeltaOps(slots, rows)
+    ops.linear(LIN, x, ours)
+    stack = slots.stack(0, LIN + ".weight")
+    apply_deltas(x, theirs, _kernel_stack(stack), ops._starts_tensor(), ops._slots_tensor(tuple(ops.seg_slot)))
+    torch.testing.assert_close(ours, theirs)
