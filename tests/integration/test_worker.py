@@ -2,6 +2,9 @@
 merged weights, residency in Status, LoadDelta/EvictDelta, and request validation."""
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -77,7 +80,25 @@ def models(tmp_path_factory):
         for tensor_name, delta in load_delta(out, "cpu").items():
             state[tensor_name] = state[tensor_name] + delta.dequantize(torch.float32)
         merged[name] = model_from_state_dict(CONFIG, state)
+    packed = compress_packed(base_dir, root / "ft-a-hf", root / "ft-packed-delta")  # 4-bit 2:4 sparse
+    artifacts["ft-packed"] = packed
+    state = load_state_dict_from_dir(base_dir)
+    for tensor_name, delta in load_delta(packed, "cpu").items():
+        state[tensor_name] = state[tensor_name] + delta.dequantize(torch.float32)
+    merged["ft-packed"] = model_from_state_dict(CONFIG, state)
     return base_dir, artifacts, merged
+
+
+def compress_packed(base_dir: Path, ft_dir: Path, out: Path) -> Path:
+    """`deltazip compress` (OBS, 4-bit, 2:4) on the tiny model with a small calibration text."""
+    calib = out.parent / "calib.txt"
+    calib.write_text("the quick brown fox jumps over the lazy dog; hello world. " * 40)
+    cmd = [sys.executable, "-m", "deltazip", "compress", str(base_dir), str(ft_dir), "-o", str(out), "--bits", "4",
+           "--group-size", "32", "--calib", str(calib), "--nsamples", "4", "--seq-len", "32", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out
 
 
 def greedy_reference(model, prompt_ids: list[int], max_tokens: int) -> list[int]:
@@ -204,15 +225,16 @@ def wait_for(cond, timeout_s: float = 10.0) -> bool:
 
 
 def test_more_hot_deltas_than_slots_take_turns(launcher, models, tmp_path):
-    """One device slot, two deltas with concurrent requests: the slot is drained and handed over."""
+    """One device slot, three deltas (two dense, one 4-bit 2:4 from `deltazip compress`) with concurrent
+    requests: the slot is drained and handed over, and every stream equals its merged model."""
     base_dir, artifacts, merged = models
     store = launcher.start("delta_store", "--root", str(tmp_path / "store"))
     with Client("127.0.0.1:1", store=store.address) as client:
-        for name in ("ft-a", "ft-b"):
+        for name in ("ft-a", "ft-b", "ft-packed"):
             client.push(artifacts[name], name, progress=False)
     worker = launcher.start("worker", "--base-dir", str(base_dir), "--device", "cpu", "--num-device-slots", "1",
                             "--max-deltas-per-batch", "1", "--num-kv-blocks", "64", "--kv-block-size", "8")
-    jobs = [(m, p) for p in PROMPTS for m in ("ft-a", "ft-b", "tiny-base")]
+    jobs = [(m, p) for p in PROMPTS for m in ("ft-a", "ft-b", "ft-packed", "tiny-base")]
 
     async def all_requests():
         return await asyncio.gather(*(run_generate(worker.address, m, p, f"t{i}") for i, (m, p) in enumerate(jobs)))
