@@ -59,6 +59,7 @@ class Publisher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._events: asyncio.Queue[ResidentDelta] = asyncio.Queue()
         self.store_addresses: list[str] = []
+        self._base_published = False
         self.on_stores: Callable[[list[str]], None] = lambda addresses: None
 
     def on_residency_change(self, snap: ResidentDelta) -> None:
@@ -67,12 +68,14 @@ class Publisher:
             self._loop.call_soon_threadsafe(self._events.put_nowait, snap)
 
     async def start(self) -> None:
-        """Publish the base, the first heartbeat and the live stores before serving."""
+        """Publish the base, the first heartbeat and the live stores."""
         self._loop = asyncio.get_running_loop()
-        await self._models.set_base(self._record.base, self._record.base_identity)
         await self.beat()
 
     async def beat(self) -> None:
+        if not self._base_published:  # retried on every beat until Redis takes it
+            await self._models.set_base(self._record.base, self._record.base_identity)
+            self._base_published = True
         load = self._load()
         record = WorkerRecord(**{**_fields(self._record), "num_running": load.num_running,
                                  "num_waiting": load.num_waiting, "queued_tokens": load.queued_tokens,
