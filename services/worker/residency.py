@@ -269,8 +269,9 @@ class ResidencyManager:
             self._set_state(entry, DeltaState.ON_DEVICE)
 
     def _admit_device_waiters(self) -> None:
-        """Give free (or freeable) slots to deltas waiting in host, first come first served."""
-        for name in list(self._device_queue):
+        """Give free (or freeable) slots to deltas waiting in host: those live requests wait for first, each
+        group first come first served (a prefetch never takes a slot a request is waiting for)."""
+        for name in sorted(self._device_queue, key=lambda n: self._entries[n].pins == 0):
             entry = self._entries[name]
             if entry.state is not DeltaState.IN_HOST:
                 self._device_queue.pop(name)

@@ -207,3 +207,18 @@ def wait_for(cond, timeout_s=2.0):
     while not cond() and time.monotonic() < deadline:
         time.sleep(0.005)
     return cond()
+
+
+def test_requested_delta_gets_a_freed_slot_before_a_prefetch():
+    mgr, io, _ = make(slots=1)
+    load(mgr, "a")
+    mgr.pin("a")
+    prefetch = mgr.ensure("b")  # queued first, nobody waits on it
+    mgr.pin("c")
+    wanted = mgr.ensure("c")
+    assert wait_for(lambda: mgr.state_of("c") is DeltaState.IN_HOST and mgr.state_of("b") is DeltaState.IN_HOST)
+    mgr.unpin("a")
+    assert wanted.result(timeout=5).slot == 0 and not prefetch.done()
+    mgr.unpin("c")
+    assert prefetch.result(timeout=5).slot == 0
+    mgr.close()
