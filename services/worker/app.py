@@ -28,6 +28,11 @@ class GenerateInput:
     prompt: str | None = None
     messages: tuple[tuple[str, str], ...] | None = None  # (role, content)
     sampling: SamplingParams = SamplingParams()
+    attempt: int = 0  # the scheduler's retry number: a retry never collides with its earlier attempt
+
+    @property
+    def engine_id(self) -> str:
+        return self.request_id if not self.attempt else f"{self.request_id}/{self.attempt}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +123,7 @@ class WorkerApp:
         submitted = finished = False
         try:
             try:
-                self._loop.submit(inp.request_id, prompt_ids, sampling, delta, _threadsafe_sink(aio_loop, events))
+                self._loop.submit(inp.engine_id, prompt_ids, sampling, delta, _threadsafe_sink(aio_loop, events))
             except ValueError as exc:
                 raise InvalidRequestError(str(exc)) from exc
             submitted = True
@@ -130,7 +135,7 @@ class WorkerApp:
             # reused while a step might still run it.
             unpin = (lambda: self._residency.unpin(delta)) if delta is not None else None
             if submitted and not finished:  # cancelled, deadline, or the delta failed to load
-                self._loop.abort(inp.request_id, then=unpin)
+                self._loop.abort(inp.engine_id, then=unpin)
                 log.info("request_aborted", request_id=inp.request_id, model=inp.model)
             elif unpin is not None:
                 unpin()

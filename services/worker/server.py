@@ -79,7 +79,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             raise InvalidArgument("send a prompt or chat messages")
         return GenerateInput(request_id=request.request_id or new_request_id(), model=request.model,
                              prompt=request.prompt if which == "prompt" else None, messages=messages,
-                             sampling=sampling)
+                             sampling=sampling, attempt=request.attempt)
 
 
 def _chunk(inp: GenerateInput, event: GenerateEvent, worker_id: str) -> common_pb2.GenerateChunk:
