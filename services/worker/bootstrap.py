@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,11 +44,14 @@ class WorkerParts:
     stores: StoreDirectory
     listeners: Listeners
     live_store_addresses: list[str]  # refreshed by the publisher from Redis
+    temp_cache_dir: str = ""  # removed at close: made here because no --disk-cache-dir was given
 
     def close(self) -> None:
         self.loop.stop()
         self.residency.close()
         self.stores.close()
+        if self.temp_cache_dir:
+            shutil.rmtree(self.temp_cache_dir, ignore_errors=True)
 
 
 def build_worker(config: WorkerConfig) -> WorkerParts:
@@ -92,7 +96,8 @@ def build_worker(config: WorkerConfig) -> WorkerParts:
     listeners.callbacks.append(app.on_residency_change)
     log.info("worker_built", worker=config.worker_id, base=info.base_name, device=device, dtype=config.dtype,
              disk_cache=cache_dir, max_model_len=info.max_model_len)
-    return WorkerParts(app, loop, residency, stores, listeners, live_addresses)
+    return WorkerParts(app, loop, residency, stores, listeners, live_addresses,
+                       temp_cache_dir="" if config.disk_cache_dir else cache_dir)
 
 
 def _log_transition(snap: ResidentDelta) -> None:
