@@ -9,6 +9,7 @@ The ResidencyManager decides which delta goes to which slot; this only holds the
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass, field
 
@@ -67,10 +68,24 @@ class DeviceSlots:
         self._stacks: dict[str, dict[StackFormat, SlotStack]] = {}
         self._where: list[dict[str, SlotStack]] = [{} for _ in range(num_slots)]  # slot -> tensor name -> stack
         self._lock = threading.Lock()
+        # Loads copy on their own CUDA stream so they overlap the engine's compute on the default stream.
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def write(self, slot: int, name: str, tensors: dict) -> int:
         """Copy one delta ({HF tensor name: DeltaTensor}, any device) into `slot`; returns device bytes used."""
         self.drop(slot)
+        with _on_stream(self._copy_stream):
+            where, num_bytes = self._copy_in(slot, tensors)
+        if self._copy_stream is not None:
+            self._copy_stream.synchronize()  # copies done before the slot is marked ready
+        with self._lock:
+            for stack in where.values():
+                stack.occupied.add(slot)
+                stack.version += 1
+            self._where[slot] = where
+        return num_bytes
+
+    def _copy_in(self, slot: int, tensors: dict) -> tuple[dict[str, SlotStack], int]:
         where, num_bytes = {}, 0
         for tensor_name, delta in tensors.items():
             if tensor_name not in self._linear_names:
@@ -82,14 +97,7 @@ class DeviceSlots:
             where[tensor_name] = stack
         if self._tied and EMBED in where and LM_HEAD not in where:
             where[LM_HEAD] = where[EMBED]  # tied: lm_head delta = embedding delta, same storage
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()  # copies done before the slot is marked ready
-        with self._lock:
-            for stack in where.values():
-                stack.occupied.add(slot)
-                stack.version += 1
-            self._where[slot] = where
-        return num_bytes
+        return where, num_bytes
 
     def drop(self, slot: int) -> None:
         with self._lock:
@@ -119,6 +127,10 @@ class DeviceSlots:
                        for k, shape, dt in fmt.part_shapes}
             stack = by_format[fmt] = SlotStack(fmt, tensors)
         return stack
+
+
+def _on_stream(stream):
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
 
 def _parts(delta) -> dict[str, torch.Tensor]:
