@@ -119,7 +119,7 @@ class WorkerApp:
         if delta is not None:
             self._residency.pin(delta)
             ready = asyncio.wrap_future(self._residency.ensure(delta, Tier.DEVICE))
-            ready.add_done_callback(lambda _: self._loop.wakeup())
+            ready.add_done_callback(self._on_ready)
         submitted = finished = False
         try:
             try:
@@ -139,6 +139,11 @@ class WorkerApp:
                 log.info("request_aborted", request_id=inp.request_id, model=inp.model)
             elif unpin is not None:
                 unpin()
+
+    def _on_ready(self, future: asyncio.Future) -> None:
+        self._loop.wakeup()
+        if not future.cancelled():
+            future.exception()  # retrieved: a failure after the request went away is not "never retrieved"
 
     async def _stream(self, inp: GenerateInput, prompt_ids: list[int], events: asyncio.Queue,
                       ready: asyncio.Future | None, start: float) -> AsyncIterator[GenerateEvent]:
