@@ -43,6 +43,12 @@ def pick_config(kernel: str, device_name: str, rows_per_segment: float) -> dict:
     return dict(per_kernel[shape])
 
 
+@functools.lru_cache(maxsize=16)
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+@functools.lru_cache(maxsize=64)
 def _half2_const(value: float, dtype: torch.dtype) -> int:
     """int32 with `value` in `dtype` in both 16-bit lanes (a Python int for a constexpr)."""
     h = int(torch.tensor(value, dtype=dtype).view(torch.int16).item()) & 0xFFFF
@@ -128,8 +134,7 @@ def sbmm(
     if kernel == "gluon" and not gluon_supported(x, k, bits, group_size, num_groups):
         raise ValueError(f"the gluon kernel does not take K={k}, bits={bits}, group_size={group_size} here")
     if config is None:
-        name = torch.cuda.get_device_name(x.device) if x.is_cuda else "cpu"
-        config = pick_config(kernel, name, t / num_segments)
+        config = pick_config(kernel, _device_name(x.device), t / num_segments)
     asym = zeros is not None
     meta_words = meta.view(torch.int16) if bits == 4 else meta  # one meta element per qweight word
     common = (
@@ -146,7 +151,15 @@ def sbmm(
 
 
 def _launch_gluon(common, x, n, k, group_size, num_groups, num_segments, bits, asym, max_segs, config) -> None:
-    block_m, block_n, num_warps = config["BLOCK_M"], config["BLOCK_N"], config["num_warps"]
+    const = _gluon_constexprs(n, k, group_size, num_groups, bits, asym, x.dtype, config["BLOCK_M"],
+                              config["BLOCK_N"], config["num_warps"], bool(config.get("prefetch", True)))
+    grid = (triton.cdiv(n, config["BLOCK_N"]), x.shape[0] // config["BLOCK_M"] + num_segments)
+    sbmm_gluon._sbmm_gluon_kernel[grid](*common, n, MAX_SEGS=max_segs, num_warps=config["num_warps"], **const)
+
+
+@functools.lru_cache(maxsize=256)
+def _gluon_constexprs(n, k, group_size, num_groups, bits, asym, dtype, block_m, block_n, num_warps, prefetch) -> dict:
+    """Compile-time arguments of one Gluon launch shape (cached: building layouts costs ~40 µs of host time)."""
     block_k = sbmm_gluon.WORDS_PER_TILE * 64 // bits
     if num_groups == 1:
         scale_mode, group_size = sbmm_triton.SCALE_ROW, k
@@ -154,19 +167,14 @@ def _launch_gluon(common, x, n, k, group_size, num_groups, num_segments, bits, a
         scale_mode = sbmm_triton.SCALE_TILE
     else:
         scale_mode = sbmm_triton.SCALE_SPLIT
-    asm, constraints = _program(bits, asym, x.dtype)
-    magic = 1024.0 if x.dtype == torch.float16 else 128.0
-    z2 = _half2_const(magic if asym else magic + (1 << (bits - 1)), x.dtype)
-    grid = (triton.cdiv(n, block_n), x.shape[0] // block_m + num_segments)
-    sbmm_gluon._sbmm_gluon_kernel[grid](
-        *common, n,
-        K=k, GROUP_SIZE=group_size, EVEN_N=n % block_n == 0,
-        BITS=bits, ASYM=asym, SCALE_MODE=scale_mode,
-        BLOCK_M=block_m, BLOCK_N=block_n, MAX_SEGS=max_segs,
-        ASM=asm, CONSTRAINTS=constraints, Z2=z2,
+    asm, constraints = _program(bits, asym, dtype)
+    magic = 1024.0 if dtype == torch.float16 else 128.0
+    return dict(
+        K=k, GROUP_SIZE=group_size, EVEN_N=n % block_n == 0, BITS=bits, ASYM=asym, SCALE_MODE=scale_mode,
+        BLOCK_M=block_m, BLOCK_N=block_n, ASM=asm, CONSTRAINTS=constraints,
+        Z2=_half2_const(magic if asym else magic + (1 << (bits - 1)), dtype),
         L_WORDS=sbmm_gluon.word_layout(block_n, num_warps), L_X=sbmm_gluon.x_layout(bits, block_m, num_warps),
-        L_SEG=sbmm_gluon.seg_layout(num_warps), PREFETCH=bool(config.get("prefetch", True)),
-        num_warps=num_warps,
+        L_SEG=sbmm_gluon.seg_layout(num_warps), PREFETCH=prefetch,
     )
 
 
