@@ -1,0 +1,254 @@
+"""SBMM benchmark on Llama-2-7B layer shapes against dense and torch baselines (GPU).
+
+  python bench/sbmm.py --out DIR [--sweep] [--commit SHA] [--quick]
+
+Rows: one per (shape, num_deltas, rows_per_delta, bits) with the SBMM time, bytes it must read (packed
+deltas + meta + scales + x + y), effective GB/s, that as a fraction of the device-to-device copy rate
+measured in the same run, and speedups over (a) a torch loop of dense fp16 per-segment matmuls,
+(b) torch.bmm over already-gathered dense deltas, (c) dequantize-then-matmul in torch, plus (d) the base
+GEMM alone and base GEMM followed by SBMM. --sweep instead times kernel/config variants on two shapes.
+Timing: each measurement is a CUDA graph of many back-to-back calls, every call on different delta slots
+(and base weights), so no call finds its deltas in L2 and no host launch overhead is counted; the host
+cost of one apply call is reported separately (host_us). Writes DIR/sbmm-<device>-<date>.json;
+bench/plot_sbmm.py draws the PNG from it.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kernels import packing, reference, sbmm  # noqa: E402
+
+SHAPES = {"qkvo": (4096, 4096), "gate_up": (11008, 4096), "down": (4096, 11008)}  # name -> (N, K)
+NUM_DELTAS = (1, 2, 4, 8, 16, 32, 64)
+ROWS = (1, 4, 16)
+NIBBLE_OF_PATTERN = torch.tensor([i0 | (i1 << 2) for i0, i1 in [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]])
+
+
+def random_stack(num_slots: int, n: int, k: int, bits: int, group: int | None, device: str) -> dict:
+    """Valid random packed deltas generated on the device (any int32 word is a valid set of codes)."""
+    g = torch.Generator(device=device).manual_seed(num_slots * 7 + bits)
+    qweight = torch.randint(-2**31, 2**31 - 1, (num_slots, n, k * bits // 64), dtype=torch.int32, device=device,
+                            generator=g)
+    meta = torch.empty(num_slots, n, k // 32, dtype=torch.int32, device=device)
+    shifts = 4 * torch.arange(8, device=device)
+    for s in range(num_slots):  # one slot at a time: the int64 nibble tensor of all slots would not fit
+        pat = torch.randint(0, 6, (n, k // 32, 8), device=device, generator=g)
+        meta[s] = packing._to_int32((NIBBLE_OF_PATTERN.to(device)[pat] << shifts).sum(-1))
+    groups = 1 if group is None else k // group
+    scales = (torch.rand(num_slots, n, groups, device=device, generator=g) * 1e-3 + 1e-4).half()
+    return {"qweight": qweight, "meta": meta, "scales": scales, "zeros": None}
+
+
+def packed_bytes(stack: dict, num: int) -> int:
+    return sum(t[:num].numel() * t.element_size() for t in stack.values() if t is not None)
+
+
+def bench(fn, rep_ms: int = 60) -> float:
+    """Median microseconds of fn via do_bench (L2 flushed before each call; includes host launch time)."""
+    return triton.testing.do_bench(fn, warmup=10, rep=rep_ms, return_mode="median") * 1e3
+
+
+def graph_us(calls: list, replays: int = 7) -> float:
+    """Mean device µs per call: the calls captured back to back in one CUDA graph, median over replays."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile / warm up outside the capture
+        for fn in calls:
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in calls:
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(calls))
+    del graph
+    return statistics.median(times)
+
+
+def host_us(fn, calls: int = 50) -> float:
+    """Wall µs per call of fn launched back to back (host launch cost when the GPU keeps up)."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e6 / calls
+
+
+def rotations(num: int, total: int = 64) -> list[int]:
+    """Slot offsets so consecutive calls read different deltas (>= 8 calls, all slots touched)."""
+    offsets = list(range(0, total - num + 1, num)) or [0]
+    return (offsets * (8 // len(offsets) + 1))[:max(8, len(offsets))]
+
+
+def copy_limit_gbps() -> float:
+    """Device-to-device copy of 1 GiB, bytes read + written per second."""
+    src = torch.empty(1 << 29, dtype=torch.float16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    us = graph_us([lambda: dst.copy_(src)] * 4)
+    return 2 * src.numel() * 2 / (us * 1e-6) / 1e9
+
+
+def one_row(name, n, k, num, rows, bits, stack, dense, base_ws, limit, with_dequant, kernel=None, config=None):
+    """Time SBMM and the baselines for one point (graphs over rotating slots)."""
+    t = num * rows
+    x = torch.randn(t, k, device="cuda", dtype=torch.float16)
+    y = torch.randn(t, n, device="cuda", dtype=torch.float16)
+    starts = torch.arange(num + 1, device="cuda", dtype=torch.int64) * rows
+    offs = rotations(num)
+    slot_sets = [torch.arange(o, o + num, device="cuda", dtype=torch.int64) for o in offs]
+    q, m, sc = stack["qweight"], stack["meta"], stack["scales"]
+
+    def sbmm_call(slots):
+        return lambda: sbmm.sbmm(x, y, q, m, sc, None, starts, slots, bits, kernel=kernel, config=config)
+
+    us = graph_us([sbmm_call(sl) for sl in slot_sets])
+    row = {"shape": name, "n": n, "k": k, "num_deltas": num, "rows_per_delta": rows, "bits": bits, "us": us}
+    nbytes = packed_bytes(stack, num) + x.numel() * 2 + y.numel() * 2
+    row.update(bytes_read=nbytes, gbps=nbytes / (us * 1e-6) / 1e9)
+    row["fraction_of_limit"] = row["gbps"] / limit
+    row["host_us"] = host_us(sbmm_call(slot_sets[0]))
+    if dense is None:
+        return row
+    y3, x3 = y.view(num, rows, n), x.view(num, rows, k)
+
+    def loop_call(o):
+        def run():
+            for s in range(num):
+                y[s * rows:(s + 1) * rows].addmm_(x[s * rows:(s + 1) * rows], dense[o + s].T)
+        return run
+
+    def bmm_call(o):  # deltas already gathered (contiguous slots): the best case for the bmm baseline
+        return lambda: y3.baddbmm_(x3, dense[o:o + num].transpose(1, 2))
+
+    def base_call(i):
+        return lambda: torch.mm(x, base_ws[i % len(base_ws)].T)
+
+    def base_sbmm_call(i, slots):
+        def run():
+            out = torch.mm(x, base_ws[i % len(base_ws)].T)
+            sbmm.sbmm(x, out, q, m, sc, None, starts, slots, bits, kernel=kernel, config=config)
+        return run
+
+    row["us_dense_loop"] = graph_us([loop_call(o) for o in offs])
+    row["us_bmm"] = graph_us([bmm_call(o) for o in offs])
+    row["us_base"] = graph_us([base_call(i) for i in range(8)])
+    row["us_base_plus_sbmm"] = graph_us([base_sbmm_call(i, sl) for i, sl in enumerate(slot_sets)])
+    row["speedup_vs_dense_loop"] = row["us_dense_loop"] / us
+    row["speedup_vs_bmm"] = row["us_bmm"] / us
+    row["base_plus_sbmm_over_base"] = row["us_base_plus_sbmm"] / row["us_base"]
+    if with_dequant:
+        def dequant_matmul():
+            reference.sbmm_reference(x, y, q, m, sc, None, bits, (n, k), starts, slot_sets[0])
+        us_dq = bench(dequant_matmul, 20)
+        row["us_dequant_matmul"] = us_dq
+        row["speedup_vs_dequant_matmul"] = us_dq / us
+    return row
+
+
+def full(args, limit) -> list[dict]:
+    rows_out = []
+    for name, (n, k) in SHAPES.items():
+        base_ws = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(4)]
+        dense = torch.randn(max(NUM_DELTAS), n, k, device="cuda", dtype=torch.float16) * 1e-3
+        for bits in (4, 2):
+            stack = random_stack(max(NUM_DELTAS), n, k, bits, 128, "cuda")
+            for num in NUM_DELTAS:
+                for rows in ROWS:
+                    with_dq = rows == 4 and num in (1, 8)
+                    r = one_row(name, n, k, num, rows, bits, stack, dense, base_ws, limit, with_dq)
+                    rows_out.append(r)
+                    print(f"{name:8s} N={num:2d} rows={rows:2d} {bits}b {r['us']:8.1f} us {r['gbps']:6.0f} GB/s "
+                          f"{r['fraction_of_limit']:5.2f}  x{r['speedup_vs_bmm']:4.1f} vs bmm  "
+                          f"base+sbmm/base {r['base_plus_sbmm_over_base']:4.2f} host {r['host_us']:.0f} us",
+                          flush=True)
+            del stack
+        del dense, base_ws
+        torch.cuda.empty_cache()
+    return rows_out
+
+
+SWEEP = [
+    ("triton", {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}),
+    ("triton", {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "use_asm": True}),
+    ("gluon", {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "prefetch": True}),
+    ("gluon", {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "prefetch": False}),
+    ("gluon", {"BLOCK_M": 16, "BLOCK_N": 128, "num_warps": 4, "prefetch": True}),
+    ("gluon", {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 2, "prefetch": True}),
+    ("gluon", {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 2, "prefetch": False}),
+    ("gluon", {"BLOCK_M": 8, "BLOCK_N": 64, "num_warps": 4, "prefetch": True}),
+    ("gluon", {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 2, "prefetch": True}),
+    ("gluon", {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "prefetch": False}),
+    ("gluon", {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "prefetch": False}),
+    ("triton", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}),
+]
+
+
+def sweep(limit) -> list[dict]:
+    out = []
+    for name, num, rows in (("qkvo", 8, 4), ("qkvo", 32, 1), ("gate_up", 8, 16), ("qkvo", 1, 4), ("qkvo", 4, 256)):
+        n, k = SHAPES[name]
+        for bits in (4, 2):
+            stack = random_stack(64, n, k, bits, 128, "cuda")
+            for kernel, cfg in SWEEP:
+                try:
+                    r = one_row(name, n, k, num, rows, bits, stack, None, None, limit, False, kernel, cfg)
+                except Exception as e:  # noqa: BLE001 - a failing variant is reported, not fatal
+                    print(f"FAIL {kernel} {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                    continue
+                r.update(kernel=kernel, config=cfg)
+                out.append(r)
+                print(f"{name:8s} N={num:2d} r={rows:3d} {bits}b {kernel:6s} {json.dumps(cfg):90s} {r['us']:8.1f} us "
+                      f"{r['gbps']:6.0f} GB/s {r['fraction_of_limit']:5.2f} host {r['host_us']:.0f} us", flush=True)
+            del stack
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="bench/results")
+    p.add_argument("--sweep", action="store_true")
+    p.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "unknown"))
+    a = p.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    device = torch.cuda.get_device_name()
+    limit = copy_limit_gbps()
+    print(f"{device}: device-to-device copy {limit:.0f} GB/s", flush=True)
+    rows = sweep(limit) if a.sweep else full(a, limit)
+    date = datetime.date.today().isoformat()
+    result = {"bench": "sbmm", "device": device, "commit": a.commit, "date": date,
+              "config": {"mode": "sweep" if a.sweep else "full", "copy_limit_gbps": limit, "dtype": "float16",
+                         "group_size": 128, "sym": True, "shapes": SHAPES, "timing": "CUDA graph of back-to-back calls on rotating slots, median of 7 replays",
+                         "bytes_read": "packed deltas + meta + scales + x + y (read)",
+                         "sbmm_configs": json.loads(sbmm.CONFIG_FILE.read_text()),
+                         "torch": torch.__version__, "triton": triton.__version__},
+              "rows": rows}
+    tag = device.replace(" ", "-")
+    path = Path(a.out) / f"sbmm{'-sweep' if a.sweep else ''}-{tag}-{date}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

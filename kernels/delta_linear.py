@@ -1,0 +1,212 @@
+"""apply_deltas: the one entry point the worker calls per linear layer, for packed or dense delta slots.
+
+A stack holds one tensor set per delta slot, stacked along a leading slot dim, so a single launch serves
+every segment of a batch. Rows are sorted into segments: rows seg_starts[s]:seg_starts[s+1] use slot
+seg_slots[s], -1 meaning "no delta". On CUDA packed stacks run the SBMM kernel (kernels/sbmm.py) and dense
+stacks run cuBLAS (torch.bmm when all segments have one length, else one addmm per segment); on CPU both
+run the torch reference (kernels/reference.py). Segment tensors may live on CPU (preferred: validated for
+free, copied once) or on x's device (validated with a device sync unless check=False).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kernels import reference, sbmm
+
+
+def _field(packed, name: str):
+    """packed[name] for a dict, packed.name for an object (e.g. deltazip's DeltaTensor); None if absent."""
+    if isinstance(packed, Mapping):
+        return packed.get(name)
+    return getattr(packed, name, None)
+
+
+@dataclass(frozen=True, slots=True)
+class PackedDeltaStack:
+    """Slot-stacked 2:4 low-bit deltas in the canonical layout of kernels/packing.py, for one linear."""
+
+    qweight: torch.Tensor  # int32 [num_slots, N, K * bits / 64]
+    meta: torch.Tensor  # int32 [num_slots, N, K / 32]
+    scales: torch.Tensor  # fp16 [num_slots, N, K / group_size]
+    zeros: torch.Tensor | None  # fp16 like scales (asymmetric) or None (symmetric, z = 2**(bits-1))
+    bits: int
+    group_size: int  # dense columns per scale; K for per-row scales
+    sym: bool
+    shape: tuple[int, int]  # (N, K) = (out_features, in_features)
+
+    def __post_init__(self) -> None:
+        n, k = self.shape
+        slots = self.qweight.shape[0]
+        if self.bits not in (2, 4):
+            raise ValueError(f"PackedDeltaStack supports bits 2 and 4, got {self.bits}")
+        if k % 32 or k % self.group_size:
+            raise ValueError(f"K={k} must be a multiple of 32 and of group_size={self.group_size}")
+        expect = {
+            "qweight": (self.qweight, (slots, n, k * self.bits // 64), torch.int32),
+            "meta": (self.meta, (slots, n, k // 32), torch.int32),
+            "scales": (self.scales, (slots, n, k // self.group_size), torch.float16),
+        }
+        if self.zeros is not None:
+            expect["zeros"] = (self.zeros, (slots, n, k // self.group_size), torch.float16)
+        for name, (t, shape, dtype) in expect.items():
+            if tuple(t.shape) != shape or t.dtype != dtype or not t.is_contiguous():
+                raise ValueError(f"{name}: expected contiguous {dtype} {shape}, got {t.dtype} {tuple(t.shape)}")
+        if self.sym != (self.zeros is None):
+            raise ValueError("sym=True needs zeros=None, sym=False needs zeros")
+
+    @property
+    def num_slots(self) -> int:
+        return self.qweight.shape[0]
+
+    @classmethod
+    def empty(
+        cls, num_slots: int, shape: tuple[int, int], bits: int, group_size: int | None = 128, sym: bool = True,
+        device: torch.device | str = "cpu",
+    ) -> PackedDeltaStack:
+        """Zero deltas in every slot (scales 0); group_size None means per-row scales."""
+        n, k = shape
+        group = k if group_size is None else group_size
+        return cls(
+            qweight=torch.zeros(num_slots, n, k * bits // 64, dtype=torch.int32, device=device),
+            meta=torch.full((num_slots, n, k // 32), 0x44444444, dtype=torch.int32, device=device),  # keep cols 0, 1
+            scales=torch.zeros(num_slots, n, k // group, dtype=torch.float16, device=device),
+            zeros=None if sym else torch.zeros(num_slots, n, k // group, dtype=torch.float16, device=device),
+            bits=bits, group_size=group, sym=sym, shape=(n, k),
+        )
+
+    @classmethod
+    def from_packed(
+        cls, packed: Sequence, bits: int | None = None, shape: tuple[int, int] | None = None,
+        device: torch.device | str | None = None,
+    ) -> PackedDeltaStack:
+        """Stack per-slot packed deltas (dicts or DeltaTensor-like objects with qweight/meta/scales/zeros,
+        and bits/shape given here or on the first item) into slots 0..len-1."""
+        if not packed:
+            raise ValueError("from_packed needs at least one packed delta")
+        first = packed[0]
+        bits = bits if bits is not None else _field(first, "bits")
+        shape = tuple(shape if shape is not None else _field(first, "shape"))
+        scales = _field(first, "scales")
+        if bits is None or len(shape) != 2 or scales is None or _field(first, "meta") is None:
+            raise ValueError("from_packed needs bits, a 2-D shape and 2:4 parts (qweight, meta, scales)")
+        group = shape[1] // scales.shape[-1]
+        sym = _field(first, "zeros") is None
+        dev = device if device is not None else scales.device
+        stack = cls.empty(len(packed), shape, bits, group, sym, dev)
+        for i, p in enumerate(packed):
+            stack.set_slot(i, p)
+        return stack
+
+    def set_slot(self, i: int, packed) -> None:
+        """Copy one packed delta into slot i in place (the worker's load into a GPU slot)."""
+        if not 0 <= i < self.num_slots:
+            raise ValueError(f"slot {i} out of range [0, {self.num_slots})")
+        parts = {"qweight": self.qweight, "meta": self.meta, "scales": self.scales, "zeros": self.zeros}
+        for name, dst in parts.items():
+            src = _field(packed, name)
+            if (src is None) != (dst is None):
+                raise ValueError(f"slot {i}: {name} is {'missing' if src is None else 'unexpected'} for this stack")
+            if dst is None:
+                continue
+            if tuple(src.shape) != tuple(dst.shape[1:]):
+                raise ValueError(f"slot {i}: {name} shape {tuple(src.shape)}, stack wants {tuple(dst.shape[1:])}")
+            dst[i].copy_(src, non_blocking=True)
+
+    def clear_slot(self, i: int) -> None:
+        """Make slot i a zero delta (scales 0)."""
+        self.scales[i].zero_()
+
+
+@dataclass(frozen=True, slots=True)
+class DenseDeltaStack:
+    """Slot-stacked dense deltas [num_slots, N, K] (the worker's uncompressed `dense-delta` baseline)."""
+
+    deltas: torch.Tensor  # [num_slots, N, K], fp16 / bf16 (fp32 on CPU is fine)
+
+    @property
+    def num_slots(self) -> int:
+        return self.deltas.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.deltas.shape[1:])
+
+    @classmethod
+    def empty(cls, num_slots: int, shape: tuple[int, int], dtype: torch.dtype = torch.float16,
+              device: torch.device | str = "cpu") -> DenseDeltaStack:
+        return cls(torch.zeros(num_slots, *shape, dtype=dtype, device=device))
+
+    def set_slot(self, i: int, delta: torch.Tensor) -> None:
+        """Copy a dense delta [N, K] into slot i in place."""
+        if tuple(delta.shape) != self.shape:
+            raise ValueError(f"slot {i}: delta shape {tuple(delta.shape)}, stack wants {self.shape}")
+        self.deltas[i].copy_(delta, non_blocking=True)
+
+
+def validate_segments(seg_starts: torch.Tensor, seg_slots: torch.Tensor, num_rows: int, num_slots: int) -> None:
+    """Raise ValueError unless seg_starts [S+1] is non-decreasing within [0, num_rows] and every slot is -1
+    or in [0, num_slots). Reads the tensors on the host (a device sync if they live on a GPU)."""
+    if seg_starts.dim() != 1 or seg_slots.dim() != 1 or seg_starts.shape[0] != seg_slots.shape[0] + 1:
+        raise ValueError(f"need seg_starts [S+1] and seg_slots [S], got {tuple(seg_starts.shape)} and "
+                         f"{tuple(seg_slots.shape)}")
+    starts, slots = seg_starts.tolist(), seg_slots.tolist()
+    if starts[0] < 0 or starts[-1] > num_rows or any(b < a for a, b in zip(starts, starts[1:])):
+        raise ValueError(f"seg_starts must be non-decreasing within [0, {num_rows}], got {starts}")
+    bad = [s for s in slots if not -1 <= s < num_slots]
+    if bad:
+        raise ValueError(f"segment slots {bad} out of range: use -1 (no delta) or 0..{num_slots - 1}")
+
+
+def apply_deltas(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    stack: PackedDeltaStack | DenseDeltaStack,
+    seg_starts: torch.Tensor,
+    seg_slots: torch.Tensor,
+    check: bool = True,
+) -> None:
+    """In place y[seg] += x[seg] @ Δ[slot(seg)].T for every segment. x: [T, K], y: [T, N].
+
+    Packed stacks: one SBMM launch on CUDA, the torch reference on CPU. Dense stacks: cuBLAS on CUDA,
+    reference on CPU. check=False skips segment validation (the caller ran validate_segments once per step).
+    """
+    n, k = stack.shape
+    if x.dim() != 2 or y.dim() != 2 or x.shape[1] != k or y.shape != (x.shape[0], n):
+        raise ValueError(f"x {tuple(x.shape)} and y {tuple(y.shape)} do not fit a delta of shape (N={n}, K={k})")
+    if check:
+        validate_segments(seg_starts, seg_slots, x.shape[0], stack.num_slots)
+    if seg_slots.numel() == 0 or x.shape[0] == 0:
+        return
+    if isinstance(stack, DenseDeltaStack):
+        _apply_dense(x, y, stack, seg_starts, seg_slots)
+    elif x.is_cuda:
+        starts = seg_starts.to(x.device, torch.int64, non_blocking=True)
+        slots = seg_slots.to(x.device, torch.int64, non_blocking=True)
+        sbmm.sbmm(x, y, stack.qweight, stack.meta, stack.scales, stack.zeros, starts, slots, stack.bits)
+    else:
+        reference.sbmm_reference(x, y, stack.qweight, stack.meta, stack.scales, stack.zeros, stack.bits,
+                                 stack.shape, seg_starts, seg_slots)
+
+
+def _apply_dense(x, y, stack: DenseDeltaStack, seg_starts, seg_slots) -> None:
+    if not x.is_cuda:
+        reference.dense_reference(x, y, stack.deltas, seg_starts, seg_slots)
+        return
+    starts, slots = seg_starts.tolist(), seg_slots.tolist()
+    lengths = {b - a for a, b in zip(starts, starts[1:])}
+    live = [s for s in slots if s >= 0]
+    if len(lengths) == 1 and len(live) == len(slots) and starts[0] == 0 and starts[-1] == x.shape[0]:
+        rows = lengths.pop()
+        idx = torch.tensor(slots, device=x.device)
+        w = stack.deltas.index_select(0, idx).to(x.dtype)  # [S, N, K]
+        out = torch.bmm(x.view(len(slots), rows, -1), w.transpose(1, 2))  # [S, rows, N]
+        y += out.view_as(y)
+        return
+    for s, slot in enumerate(slots):
+        a, b = starts[s], starts[s + 1]
+        if slot >= 0 and b > a:
+            y[a:b].addmm_(x[a:b], stack.deltas[slot].to(x.dtype).T)

@@ -1,0 +1,203 @@
+"""SBMM entry point: check shapes, pick a kernel and a tuned config, launch once for all segments.
+
+Kernels: kernels/sbmm_gluon.py (CUDA, expanded words feed the MMA in registers; K a multiple of its K tile)
+and kernels/sbmm_triton.py (portable: the CPU tests under TRITON_INTERPRET=1 and the GPU fallback). Tuned
+configs live in kernels/sbmm_configs.json, keyed by torch.cuda.get_device_name() ("default" otherwise).
+"""
+
+import functools
+import json
+import os
+from pathlib import Path
+
+import torch
+import triton
+
+from kernels import sbmm_asm, sbmm_triton
+
+try:  # Gluon ships with Triton >= 3.5; without it every launch takes the portable kernel
+    from kernels import sbmm_gluon
+except ImportError:  # pragma: no cover - depends on the installed triton
+    sbmm_gluon = None
+
+CONFIG_FILE = Path(__file__).with_name("sbmm_configs.json")
+KERNELS = ("gluon", "triton")
+
+
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1 (CPU tests): no inline PTX, fp32 dots."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _configs() -> dict:
+    return json.loads(CONFIG_FILE.read_text())
+
+
+def pick_config(kernel: str, device_name: str, rows_per_segment: float) -> dict:
+    """Tuned launch config for a kernel on a device; decode shapes (few rows per segment) or prefill."""
+    table = _configs()
+    per_device = table.get(device_name, table["default"])
+    per_kernel = per_device.get(kernel, table["default"][kernel])
+    shape = "decode" if rows_per_segment <= per_kernel["decode_max_rows"] else "prefill"
+    return dict(per_kernel[shape])
+
+
+@functools.lru_cache(maxsize=16)
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+@functools.lru_cache(maxsize=64)
+def _half2_const(value: float, dtype: torch.dtype) -> int:
+    """int32 with `value` in `dtype` in both 16-bit lanes (a Python int for a constexpr)."""
+    h = int(torch.tensor(value, dtype=dtype).view(torch.int16).item()) & 0xFFFF
+    v = h | (h << 16)
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
+@functools.cache
+def _program(bits: int, asym: bool, dtype: torch.dtype) -> tuple[str, str]:
+    """(PTX, constraints) of the word expander, built once per (bits, asym, dtype)."""
+    ops, dense = sbmm_asm.build_program(bits, asym)
+    return sbmm_asm.render_ptx(ops, dense, "f16" if dtype == torch.float16 else "bf16", asym)
+
+
+def _check(x, y, qweight, meta, scales, zeros, bits) -> tuple[int, int]:
+    """Raise ValueError unless the tensors fit the layout sbmm expects; returns (N, group_size)."""
+    num_slots, n, num_words = qweight.shape
+    t, k = x.shape
+    if bits not in (2, 4):
+        raise ValueError(f"sbmm supports bits 2 and 4, got {bits}")
+    if k % 32 or num_words * 64 // bits != k or meta.shape != (num_slots, n, k // 32):
+        raise ValueError(f"packed shapes {tuple(qweight.shape)} / {tuple(meta.shape)} do not match K={k}")
+    if y.shape != (t, n) or y.dtype != x.dtype or x.stride(1) != 1 or y.stride(1) != 1:
+        raise ValueError(f"x {tuple(x.shape)} {x.dtype} and y {tuple(y.shape)} {y.dtype}: need [T, K] -> [T, N], "
+                         "same dtype, unit stride in the last dim")
+    if x.is_cuda and x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"sbmm on CUDA takes fp16 or bf16 activations, got {x.dtype}")
+    if not (qweight.is_contiguous() and meta.is_contiguous() and scales.is_contiguous()):
+        raise ValueError("packed tensors must be contiguous")
+    num_groups = scales.shape[-1]
+    group_size = k // max(num_groups, 1)
+    if scales.shape != (num_slots, n, num_groups) or k % num_groups or (num_groups > 1 and group_size % 32):
+        raise ValueError(f"scales {tuple(scales.shape)}: need [slots, N, G] with K / G a multiple of 32")
+    if zeros is not None and (zeros.shape != scales.shape or not zeros.is_contiguous()):
+        raise ValueError(f"zeros {tuple(zeros.shape)} must match scales {tuple(scales.shape)}")
+    return n, group_size
+
+
+def gluon_supported(x: torch.Tensor, k: int, bits: int, group_size: int, num_groups: int) -> bool:
+    """Whether kernels/sbmm_gluon.py takes this launch (CUDA sm_80+, K a multiple of its K tile)."""
+    if sbmm_gluon is None or interpreting() or not x.is_cuda:
+        return False
+    if torch.cuda.get_device_capability(x.device) < (8, 0):
+        return False
+    block_k = sbmm_gluon.WORDS_PER_TILE * 64 // bits
+    dpw = 64 // bits
+    return k % block_k == 0 and (num_groups == 1 or group_size % dpw == 0)
+
+
+def sbmm(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    qweight: torch.Tensor,
+    meta: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    seg_starts: torch.Tensor,
+    seg_slots: torch.Tensor,
+    bits: int,
+    kernel: str | None = None,
+    config: dict | None = None,
+) -> None:
+    """In place y[seg] += x[seg] @ dequant(Δ[seg_slots[s]]).T for all segments in one launch.
+
+    x: [T, K] fp16/bf16 (fp32 too under the interpreter), y: [T, N] same dtype, both unit-stride in the
+    last dim. Packed deltas stacked by slot in the canonical layout of kernels/packing.py:
+    qweight int32 [num_slots, N, K*bits/64], meta int32 [num_slots, N, K/32], scales fp16 [num_slots, N, G]
+    (G = 1: per row), zeros like scales or None (symmetric: z = 2**(bits-1)). seg_starts int64 [S+1] and
+    seg_slots int64 [S] on x's device; rows seg_starts[s]:seg_starts[s+1] use slot seg_slots[s]; slots
+    outside [0, num_slots) are skipped (kernels.delta_linear.apply_deltas rejects them first).
+    kernel: "gluon" | "triton" | None (best available); config: launch-config override (benchmarks).
+    """
+    n, group_size = _check(x, y, qweight, meta, scales, zeros, bits)
+    t, k = x.shape
+    num_segments = seg_slots.shape[0]
+    if t == 0 or num_segments == 0 or n == 0:
+        return
+    num_groups = scales.shape[-1]
+    if kernel is None:
+        kernel = "gluon" if gluon_supported(x, k, bits, group_size, num_groups) else "triton"
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown sbmm kernel {kernel!r}; valid: {', '.join(KERNELS)}")
+    if kernel == "gluon" and not gluon_supported(x, k, bits, group_size, num_groups):
+        raise ValueError(f"the gluon kernel does not take K={k}, bits={bits}, group_size={group_size} here")
+    if config is None:
+        config = pick_config(kernel, _device_name(x.device), t / num_segments)
+    asym = zeros is not None
+    meta_words = meta.view(torch.int16) if bits == 4 else meta  # one meta element per qweight word
+    common = (
+        x, y, x.stride(0), y.stride(0),
+        qweight, meta_words, scales, zeros if asym else scales,
+        qweight.stride(0), qweight.stride(1), meta_words.stride(0), meta_words.stride(1),
+        scales.stride(0), scales.stride(1),
+        seg_starts, seg_slots, num_segments, qweight.shape[0],
+    )
+    # upper bound on tiles: sum over segments of ceil(rows / BLOCK_M) <= T // BLOCK_M + S
+    max_segs = max(16, triton.next_power_of_2(num_segments))
+    launch = _launch_gluon if kernel == "gluon" else _launch_triton
+    launch(common, x, n, k, group_size, num_groups, num_segments, bits, asym, max_segs, config)
+
+
+def _launch_gluon(common, x, n, k, group_size, num_groups, num_segments, bits, asym, max_segs, config) -> None:
+    const = _gluon_constexprs(n, k, group_size, num_groups, bits, asym, x.dtype, config["BLOCK_M"],
+                              config["BLOCK_N"], config["num_warps"], bool(config.get("prefetch", True)))
+    grid = (triton.cdiv(n, config["BLOCK_N"]), x.shape[0] // config["BLOCK_M"] + num_segments)
+    sbmm_gluon._sbmm_gluon_kernel[grid](*common, n, MAX_SEGS=max_segs, num_warps=config["num_warps"], **const)
+
+
+@functools.lru_cache(maxsize=256)
+def _gluon_constexprs(n, k, group_size, num_groups, bits, asym, dtype, block_m, block_n, num_warps, prefetch) -> dict:
+    """Compile-time arguments of one Gluon launch shape (cached: building layouts costs ~40 µs of host time)."""
+    block_k = sbmm_gluon.WORDS_PER_TILE * 64 // bits
+    if num_groups == 1:
+        scale_mode, group_size = sbmm_triton.SCALE_ROW, k
+    elif group_size % block_k == 0:
+        scale_mode = sbmm_triton.SCALE_TILE
+    else:
+        scale_mode = sbmm_triton.SCALE_SPLIT
+    asm, constraints = _program(bits, asym, dtype)
+    magic = 1024.0 if dtype == torch.float16 else 128.0
+    return dict(
+        K=k, GROUP_SIZE=group_size, EVEN_N=n % block_n == 0, BITS=bits, ASYM=asym, SCALE_MODE=scale_mode,
+        BLOCK_M=block_m, BLOCK_N=block_n, ASM=asm, CONSTRAINTS=constraints,
+        Z2=_half2_const(magic if asym else magic + (1 << (bits - 1)), dtype),
+        L_WORDS=sbmm_gluon.word_layout(block_n, num_warps), L_X=sbmm_gluon.x_layout(bits, block_m, num_warps),
+        L_SEG=sbmm_gluon.seg_layout(num_warps), PREFETCH=prefetch,
+    )
+
+
+def _launch_triton(common, x, n, k, group_size, num_groups, num_segments, bits, asym, max_segs, config) -> None:
+    block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+    block_k = min(block_k, triton.next_power_of_2(k))
+    if num_groups == 1:
+        scale_mode = sbmm_triton.SCALE_ROW
+    elif group_size % block_k == 0:
+        scale_mode = sbmm_triton.SCALE_TILE
+    else:
+        scale_mode = sbmm_triton.SCALE_SPLIT
+    interp = interpreting()
+    use_asm = bool(config.get("use_asm", False)) and not interp and x.is_cuda
+    asm, constraints = _program(bits, asym, x.dtype) if use_asm else ("", "")
+    magic = 1024.0 if x.dtype == torch.float16 else 128.0
+    z2 = _half2_const(magic if asym else magic + (1 << (bits - 1)), x.dtype) if use_asm else 0
+    grid = (triton.cdiv(n, block_n), x.shape[0] // block_m + num_segments)
+    sbmm_triton._sbmm_kernel[grid](
+        *common, n, k, group_size,
+        BITS=bits, ASYM=asym, SCALE_MODE=scale_mode,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, MAX_SEGS=max_segs,
+        EVEN_K=k % block_k == 0, USE_ASM=use_asm, ASM=asm, CONSTRAINTS=constraints, Z2=z2,
+        DOT_FP32=interp,
+        num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3),
+    )

@@ -1,0 +1,133 @@
+"""Compile the SBMM kernels for sm_90 on a machine without a GPU and report their SASS.
+
+  PYTHONPATH=. python scripts/sbmm_sass.py --kernel gluon --bits 4 --dtype fp16 --bn 64 --bm 16 --warps 4
+Prints registers, stack, shared memory and the instruction mix of the K loop (instructions per dense value),
+so kernel changes can be judged before spending device time (docs/kernels.md). --dump writes SASS/PTX/TTGIR.
+"""
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.experimental.gluon._runtime import GluonASTSource
+
+from kernels import sbmm, sbmm_gluon, sbmm_triton
+
+DIVISIBLE = ["x_ptr", "y_ptr", "stride_xm", "stride_ym", "qw_ptr", "meta_ptr", "scales_ptr", "zeros_ptr",
+             "stride_qs", "stride_qn", "stride_ms", "stride_mn", "stride_ss", "stride_sn", "seg_starts_ptr",
+             "seg_slots_ptr"]
+
+
+def signature(bits: int, dtype: str) -> dict:
+    return {
+        "x_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "stride_xm": "i32", "stride_ym": "i32",
+        "qw_ptr": "*i32", "meta_ptr": "*i16" if bits == 4 else "*i32", "scales_ptr": "*fp16", "zeros_ptr": "*fp16",
+        "stride_qs": "i32", "stride_qn": "i32", "stride_ms": "i32", "stride_mn": "i32",
+        "stride_ss": "i32", "stride_sn": "i32",
+        "seg_starts_ptr": "*i64", "seg_slots_ptr": "*i64", "num_segments": "i32", "num_slots": "i32", "N": "i32",
+    }
+
+
+def compile_kernel(a):
+    """triton.compile one kernel variant for sm_90 with the constexprs the wrapper would pass."""
+    tdt = torch.float16 if a.dtype == "fp16" else torch.bfloat16
+    asym = a.asym
+    magic = 1024.0 if a.dtype == "fp16" else 128.0
+    z2 = sbmm._half2_const(magic if asym else magic + (1 << (a.bits - 1)), tdt)
+    sig = signature(a.bits, a.dtype)
+    if a.kernel == "gluon":
+        block_k = 8 * 64 // a.bits
+        group = a.k if a.group == 0 else a.group
+        mode = 0 if a.group == 0 else (1 if group % block_k == 0 else 2)
+        asm, cons = sbmm._program(a.bits, asym, tdt)
+        const = dict(K=a.k, GROUP_SIZE=group, EVEN_N=not a.odd_n, BITS=a.bits, ASYM=asym, SCALE_MODE=mode,
+                     BLOCK_M=a.bm, BLOCK_N=a.bn, MAX_SEGS=16, ASM=asm, CONSTRAINTS=cons, Z2=z2,
+                     L_WORDS=sbmm_gluon.word_layout(a.bn, a.warps), L_X=sbmm_gluon.x_layout(a.bits, a.bm, a.warps),
+                     L_SEG=sbmm_gluon.seg_layout(a.warps), PREFETCH=not a.no_prefetch)
+        fn, source = sbmm_gluon._sbmm_gluon_kernel, GluonASTSource
+    else:
+        group = a.k if a.group == 0 else a.group
+        mode = 0 if a.group == 0 else (1 if group % a.bk == 0 else 2)
+        asm, cons = sbmm._program(a.bits, asym, tdt) if a.asm else ("", "")
+        sig["K"] = "constexpr"
+        sig["group_size"] = "i32"
+        const = dict(K=a.k, BITS=a.bits, ASYM=asym, SCALE_MODE=mode, BLOCK_M=a.bm, BLOCK_N=a.bn, BLOCK_K=a.bk,
+                     MAX_SEGS=16, EVEN_K=a.k % a.bk == 0, USE_ASM=a.asm, ASM=asm, CONSTRAINTS=cons,
+                     Z2=z2 if a.asm else 0, DOT_FP32=False)
+        fn, source = sbmm_triton._sbmm_kernel, ASTSource
+    for name in const:
+        sig[name] = "constexpr"
+    names = list(sig)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in DIVISIBLE}
+    src = source(fn=fn, signature=sig, constexprs=const, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": a.warps, "num_stages": a.stages})
+
+
+def cuobjdump(cubin: bytes, flag: str) -> str:
+    """Run the cuobjdump bundled with Triton on a cubin (-sass or -res-usage)."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([tool, flag, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def loop_body(sass: str) -> list[str]:
+    """Instructions of the largest backward-branch loop (the K loop)."""
+    lines = [ln for ln in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", ln)]
+    addr = [int(re.match(r"\s+/\*([0-9a-f]+)\*/", ln).group(1), 16) for ln in lines]
+    best = (0, 0)
+    for i, ln in enumerate(lines):
+        m = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)|)\s*0x([0-9a-f]+)", ln)
+        if m:
+            target = int(m.group(1), 16)
+            if target < addr[i] and addr[i] - target > best[1] - best[0]:
+                best = (target, addr[i])
+    return [ln for a, ln in zip(addr, lines) if best[0] <= a <= best[1]]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--kernel", default="gluon", choices=["gluon", "triton"])
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
+    p.add_argument("--asym", action="store_true")
+    p.add_argument("--asm", action="store_true", help="triton kernel: use the PTX expander")
+    p.add_argument("--k", type=int, default=4096)
+    p.add_argument("--group", type=int, default=128, help="0: per-row scales")
+    p.add_argument("--odd-n", action="store_true")
+    p.add_argument("--no-prefetch", action="store_true")
+    p.add_argument("--bm", type=int, default=16)
+    p.add_argument("--bn", type=int, default=64)
+    p.add_argument("--bk", type=int, default=128)
+    p.add_argument("--warps", type=int, default=4)
+    p.add_argument("--stages", type=int, default=3)
+    p.add_argument("--dump", default="")
+    a = p.parse_args()
+    ck = compile_kernel(a)
+    sass = cuobjdump(ck.asm["cubin"], "-sass")
+    if a.dump:
+        for ext, text in (("sass", sass), ("ptx", ck.asm["ptx"]), ("ttgir", ck.asm["ttgir"])):
+            with open(f"{a.dump}.{ext}", "w") as f:
+                f.write(text)
+    usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", cuobjdump(ck.asm["cubin"], "-res-usage"))
+    body = loop_body(sass)
+    ops = collections.Counter(re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", ln).group(1).split(".")[0]
+                              for ln in body)
+    block_k = 8 * 64 // a.bits if a.kernel == "gluon" else a.bk
+    dense = a.bn * block_k
+    print(f"regs={usage.group(1)} stack={usage.group(2)} shared={usage.group(3)} loop_instructions={len(body)} "
+          f"per_dense_value={len(body) * 32 * a.warps / dense:.2f}")
+    print(" ".join(f"{k}:{v}" for k, v in ops.most_common()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""build_worker: load the base model and wire model, slots, residency, fetcher and engine into a WorkerApp."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from deltazip.logs import get_logger
+from services.worker.app import WorkerApp, WorkerInfo
+from services.worker.config import WorkerConfig, resolve_device
+from services.worker.delta_ops import StepDeltaOps
+from services.worker.device_slots import DeviceSlots
+from services.worker.engine_adapter import build_engine
+from services.worker.engine_loop import EngineLoop
+from services.worker.fetcher import DeltaFetcher, manifest_base_identity
+from services.worker.residency import ResidencyLimits, ResidencyManager, ResidentDelta
+from services.worker.store_client import StoreDirectory
+from services.worker.tier_io import ArtifactTierIO
+
+log = get_logger("services.worker")
+
+
+@dataclass(slots=True)
+class Listeners:
+    """Residency transitions fan out to whoever subscribed (engine wakeup, Redis publisher)."""
+
+    callbacks: list[Callable[[ResidentDelta], None]] = field(default_factory=list)
+
+    def __call__(self, snap: ResidentDelta) -> None:
+        for callback in self.callbacks:
+            callback(snap)
+
+
+@dataclass(slots=True)
+class WorkerParts:
+    app: WorkerApp
+    loop: EngineLoop
+    residency: ResidencyManager
+    stores: StoreDirectory
+    listeners: Listeners
+    live_store_addresses: list[str]  # refreshed by the publisher from Redis
+    temp_cache_dir: str = ""  # removed at close: made here because no --disk-cache-dir was given
+
+    def close(self) -> None:
+        self.loop.stop()
+        self.residency.close()
+        self.stores.close()
+        if self.temp_cache_dir:
+            shutil.rmtree(self.temp_cache_dir, ignore_errors=True)
+
+
+def build_worker(config: WorkerConfig) -> WorkerParts:
+    """Everything but the network: model on its device, residency tiers, the engine loop (not started)."""
+    from deltazip.artifact import base_identity
+    from deltazip.model.layers import NamedLinear
+    from deltazip.model.loader import load_model
+    from deltazip.model.tokenizer import Tokenizer
+
+    if not config.base_dir or not Path(config.base_dir, "config.json").is_file():
+        raise ValueError(f"--base-dir {config.base_dir!r} is not a Hugging Face model folder (config.json + "
+                         "*.safetensors + tokenizer.json); convert one with `deltazip convert` or pass --base-dir")
+    device, dtype = resolve_device(config.device), getattr(torch, config.dtype)
+    model = load_model(config.base_dir, device=device, dtype=dtype)
+    tokenizer = Tokenizer.from_dir(config.base_dir)
+    identity = base_identity(config.base_dir)
+
+    linear_names = {m.hf_name + ".weight" for m in model.modules() if isinstance(m, NamedLinear)}
+    slots = DeviceSlots(config.num_device_slots, device, dtype, linear_names, model.config.tie_word_embeddings)
+    live_addresses: list[str] = []
+    stores = StoreDirectory(config.store_addresses, live_addresses=lambda: list(live_addresses))
+    cache_dir = config.disk_cache_dir or tempfile.mkdtemp(prefix=f"dz-worker-{config.worker_id}-")
+    fetcher = DeltaFetcher(cache_dir, stores.sources, identity, max_attempts=config.fetch_max_attempts,
+                           chunk_bytes=config.fetch_chunk_bytes)
+    listeners = Listeners([_log_transition])
+    limits = ResidencyLimits(config.num_device_slots, config.device_cache_bytes, config.host_cache_bytes,
+                             config.disk_cache_bytes)
+    residency = ResidencyManager(limits, ArtifactTierIO(fetcher, slots), on_change=listeners)
+    _register_cached(fetcher, residency, identity)
+
+    def delta_ops(rows: list[tuple[str | None, int]]) -> StepDeltaOps:
+        """DeltaOps for rows grouped by delta name (None = base), in row order."""
+        slotted = [(None if name is None else _slot(residency, name), n) for name, n in rows]
+        return StepDeltaOps(slots, slotted)
+
+    engine = build_engine(model, tokenizer, config, config.max_model_len or None, delta_ops, residency.is_ready)
+    info = WorkerInfo(
+        worker_id=config.worker_id, base_name=config.base_name or Path(config.base_dir).resolve().name,
+        base_identity=identity, device=device, mode=config.mode, max_model_len=engine.max_model_len)
+    loop = EngineLoop(engine, on_step=residency.on_step)
+    app = WorkerApp(info, tokenizer, loop, residency)
+    listeners.callbacks.append(app.on_residency_change)
+    log.info("worker_built", worker=config.worker_id, base=info.base_name, device=device, dtype=config.dtype,
+             disk_cache=cache_dir, max_model_len=info.max_model_len)
+    return WorkerParts(app, loop, residency, stores, listeners, live_addresses,
+                       temp_cache_dir="" if config.disk_cache_dir else cache_dir)
+
+
+def _log_transition(snap: ResidentDelta) -> None:
+    log.info("delta_state", model=snap.name, state=snap.state.value, tier=snap.tier.name.lower(), bytes=snap.bytes,
+             slot=snap.slot)
+
+
+def _slot(residency: ResidencyManager, name: str) -> int:
+    slot = residency.slot_of(name)
+    assert slot is not None, f"engine scheduled {name} but it is not in a device slot"
+    return slot
+
+
+def _register_cached(fetcher: DeltaFetcher, residency: ResidencyManager, identity: str) -> None:
+    """Artifacts left in the disk cache by an earlier run count as ON_DISK (if made for this base)."""
+    for name, path, num_bytes in fetcher.cached():
+        try:
+            ok = manifest_base_identity(path) == identity
+        except ValueError:
+            ok = False
+        if ok:
+            residency.register_on_disk(name, path, num_bytes)
+        else:
+            log.warning("cached_artifact_ignored", model=name, path=path)

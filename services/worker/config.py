@@ -1,0 +1,160 @@
+"""WorkerConfig: every setting of a worker, built once from flags and DELTAZIP_* env vars."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import socket
+from dataclasses import dataclass, field, fields
+
+from deltazip.rpc.flags import advertise_address, validate_common
+
+MODES = ("delta", "dense-delta", "swap")
+DTYPES = ("float32", "float16", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def default_worker_id() -> str:
+    """hostname-pid-random: unique per process, so `--scale worker=N` needs no fixed names."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def default_base_dir() -> str:
+    """The bundled base model, converted to a Hugging Face folder on first use (deltazip.convert)."""
+    from deltazip.convert.base import default_base_dir as convert_default
+
+    try:
+        return str(convert_default())
+    except (OSError, ValueError, ImportError) as exc:
+        raise ValueError(f"no --base-dir given and the default base model could not be prepared ({exc}); "
+                         "pass --base-dir with a Hugging Face Llama folder") from exc
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    host: str = "0.0.0.0"
+    port: int = 50053  # 0 = pick a free port; the bound address is published to Redis
+    advertise: str = ""  # host:port others dial; '' = host (hostname for wildcard binds):bound_port
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    grace_s: float = 5.0
+    store_addresses: tuple[str, ...] = ()  # fixed delta stores; empty = live stores from Redis
+    base_dir: str = ""
+    base_name: str = ""  # '' = the base directory's name
+    device: str = "auto"
+    dtype: str = "float32"
+    mode: str = "delta"
+    num_device_slots: int = 4
+    device_cache_bytes: int = 0  # 0 = limited by slots only
+    host_cache_bytes: int = 4 << 30
+    disk_cache_dir: str = ""  # '' = a per-worker temp dir
+    disk_cache_bytes: int = 32 << 30
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_deltas_per_batch: int = 4
+    kv_block_size: int = 16
+    num_kv_blocks: int = 0  # 0 = derive from kv_memory_fraction
+    kv_memory_fraction: float = 0.5
+    max_model_len: int = 0  # 0 = the model's max_position_embeddings
+    heartbeat_s: float = 1.0
+    heartbeat_ttl_s: float = 5.0
+    fetch_chunk_bytes: int = 1 << 20
+    fetch_max_attempts: int = 5
+    default_max_tokens: int = 16
+    worker_id: str = field(default_factory=default_worker_id)
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode != "delta":
+            # dense-delta and swap are the serving baselines of issue 5; only `delta` runs today.
+            raise ValueError(f"mode {self.mode!r} is not implemented yet (issue 5); use --mode delta")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be one of {DEVICES} or cuda:N, got {self.device!r}")
+        validate_common(self.host, self.port, self.redis_url, self.log_level, self.grace_s)
+        _positive(self, "num_device_slots", "max_num_seqs", "max_num_batched_tokens", "max_deltas_per_batch",
+                  "kv_block_size", "heartbeat_s", "heartbeat_ttl_s", "fetch_chunk_bytes",
+                  "fetch_max_attempts", "default_max_tokens")
+        _non_negative(self, "device_cache_bytes", "host_cache_bytes", "disk_cache_bytes", "num_kv_blocks",
+                      "max_model_len")
+        if not 0.0 < self.kv_memory_fraction <= 1.0:
+            raise ValueError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
+        if self.heartbeat_ttl_s <= self.heartbeat_s:
+            raise ValueError("--heartbeat-ttl-s must exceed --heartbeat-s, or workers flap between alive and dead")
+        if self.max_deltas_per_batch > self.num_device_slots:
+            raise ValueError(f"max_deltas_per_batch ({self.max_deltas_per_batch}) cannot exceed "
+                             f"num_device_slots ({self.num_device_slots})")
+        if not self.worker_id:
+            raise ValueError("worker_id must not be empty")
+
+    def address(self, bound_port: int) -> str:
+        """The address other services dial."""
+        return advertise_address(self.host, bound_port, self.advertise)
+
+
+def _positive(cfg: WorkerConfig, *names: str) -> None:
+    for name in names:
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
+
+
+def _non_negative(cfg: WorkerConfig, *names: str) -> None:
+    for name in names:
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+
+
+def _env_name(field_name: str) -> str:
+    return "DELTAZIP_" + field_name.upper()
+
+
+def _parse_value(kind: type | str, raw: str):
+    kind = kind if isinstance(kind, str) else kind.__name__
+    if kind.startswith("tuple"):
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    if kind == "int":
+        return int(raw)
+    if kind == "float":
+        return float(raw)
+    return raw
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per WorkerConfig field: --num-device-slots, env DELTAZIP_NUM_DEVICE_SLOTS."""
+    parser = argparse.ArgumentParser(prog="python -m services.worker", description="DeltaZip GPU worker")
+    for f in fields(WorkerConfig):
+        flag = "--" + f.name.replace("_", "-")
+        extra = {"choices": MODES} if f.name == "mode" else {}
+        parser.add_argument(flag, dest=f.name, default=None, help=f"env {_env_name(f.name)}", **extra)
+    return parser
+
+
+def config_from_args(argv: list[str] | None = None, env: dict[str, str] | None = None) -> WorkerConfig:
+    """Flags win over DELTAZIP_* env vars, which win over defaults."""
+    env = os.environ if env is None else env
+    args = vars(build_parser().parse_args(argv))
+    values = {}
+    for f in fields(WorkerConfig):
+        raw = args.get(f.name)
+        if raw is None:
+            raw = env.get(_env_name(f.name))
+        if raw is not None:
+            try:
+                values[f.name] = _parse_value(f.type, raw)
+            except ValueError:
+                raise ValueError(f"--{f.name.replace('_', '-')} {raw!r} is not a valid {f.type}") from None
+    if not values.get("base_dir"):
+        values["base_dir"] = default_base_dir()
+    return WorkerConfig(**values)

@@ -1,0 +1,77 @@
+"""StepDeltaOps: the DeltaOps of one forward — rows in segments, each segment one delta slot (or base).
+
+Linears: one `apply_linear` call per stack (storage format) that holds a delta of this step, with the
+step's segments and slot -1 for rows whose delta is not in that stack. Norm and embedding deltas are
+dense and applied per row; lm_head of a tied-embedding model uses the embedding delta.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from services.worker.device_slots import DeviceSlots, SlotStack
+from services.worker.linear_backend import apply_linear
+
+
+class StepDeltaOps:
+    """DeltaOps for one row layout (tokens of a forward, or sampled rows of compute_logits)."""
+
+    def __init__(self, slots: DeviceSlots, rows: Sequence[tuple[int | None, int]]) -> None:
+        self._slots = slots
+        rows = [(slot, n) for slot, n in rows if n]
+        self.starts = [0]
+        for _, n in rows:
+            self.starts.append(self.starts[-1] + n)
+        self.seg_slot = [-1 if slot is None else slot for slot, _ in rows]  # per segment
+        self.num_rows = self.starts[-1]
+        self._delta_segments = [(i, s) for i, s in enumerate(self.seg_slot) if s >= 0]
+        self._seg_starts: torch.Tensor | None = None
+        self._seg_slots: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def linear(self, name: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        """y += x @ Δ(row).T per delta segment. x: [N, in], y: [N, out]."""
+        assert x.shape[0] == self.num_rows, f"{name}: {x.shape[0]} rows, layout has {self.num_rows}"
+        tensor_name = name + ".weight"
+        groups: dict[int, tuple[SlotStack, set[int]]] = {}
+        for _, slot in self._delta_segments:
+            stack = self._slots.stack(slot, tensor_name)
+            if stack is not None:
+                groups.setdefault(id(stack), (stack, set()))[1].add(slot)
+        for stack, members in groups.values():
+            slots = tuple(s if s in members else -1 for s in self.seg_slot)
+            apply_linear(x, y, stack, self._starts_tensor(), self._slots_tensor(slots), self.starts, list(slots))
+
+    def norm_weight(self, name: str, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+        """Per-row weight [N, H] = base + Δ for delta rows, or None when no row's delta touches it."""
+        tensor_name = name + ".weight"
+        changed = [(i, self._slots.dense(s, tensor_name)) for i, s in self._delta_segments]
+        changed = [(i, d) for i, d in changed if d is not None]
+        if not changed:
+            return None
+        per_row = weight.to(x.dtype).expand(x.shape[0], -1).clone()  # [N, H]
+        for i, delta in changed:
+            per_row[self.starts[i]:self.starts[i + 1]] += delta.to(x.dtype)
+        return per_row
+
+    def embedding(self, name: str, input_ids: torch.Tensor, h: torch.Tensor) -> None:
+        """h[i] += Δ_embed(row i)[input_ids[i]]. input_ids: [N], h: [N, H]."""
+        tensor_name = name + ".weight"
+        for i, slot in self._delta_segments:
+            delta = self._slots.dense(slot, tensor_name)  # [V, H]
+            if delta is not None:
+                a, b = self.starts[i], self.starts[i + 1]
+                h[a:b] += delta[input_ids[a:b]].to(h.dtype)
+
+    def _starts_tensor(self) -> torch.Tensor:
+        """Segment row offsets [S+1], int32 on the host (the kernel copies them once per call)."""
+        if self._seg_starts is None:
+            self._seg_starts = torch.tensor(self.starts, dtype=torch.int32)
+        return self._seg_starts
+
+    def _slots_tensor(self, slots: tuple[int, ...]) -> torch.Tensor:
+        t = self._seg_slots.get(slots)
+        if t is None:
+            t = self._seg_slots[slots] = torch.tensor(slots, dtype=torch.int32)
+        return t

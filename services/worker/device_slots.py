@@ -1,0 +1,157 @@
+"""DeviceSlots: the tensors of the deltas in device slots, stacked by slot the way the SBMM kernel reads them.
+
+Each HF tensor name has one `SlotStack` per storage format (dense fp16, or packed with given bits /
+group size / symmetry): part tensors [num_slots, ...] allocated on first use, slot i = delta in slot i.
+Linear deltas stay packed (the kernel dequantizes on the fly); norm and embedding deltas are stored
+dense (fp16) because they are applied per row by indexing. A tied lm_head uses the embedding's stack.
+The ResidencyManager decides which delta goes to which slot; this only holds the bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+EMBED = "model.embed_tokens.weight"
+LM_HEAD = "lm_head.weight"
+PACKED_PARTS = ("qweight", "meta", "scales", "zeros")
+
+
+@dataclass(frozen=True, slots=True)
+class StackFormat:
+    """What must match for two deltas of one tensor to share a stack."""
+
+    kind: str  # dense | sparse24 | quant
+    shape: tuple[int, ...]
+    bits: int | None
+    group_size: int | None
+    sym: bool | None
+    part_shapes: tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
+
+
+@dataclass(slots=True)
+class SlotStack:
+    """Part tensors stacked by slot: dense `delta` [S, *shape] or packed qweight/meta/scales/zeros [S, ...]."""
+
+    format: StackFormat
+    parts: dict[str, torch.Tensor]
+    occupied: set[int] = field(default_factory=set)
+    version: int = 0  # bumped on each write, so reference-path caches know when to refresh
+    cache: dict = field(default_factory=dict)  # backend-owned: dequantized slots (CPU), kernel stack object
+
+    @property
+    def kind(self) -> str:
+        return self.format.kind
+
+    @property
+    def bits(self) -> int | None:
+        return self.format.bits
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.format.shape
+
+
+class DeviceSlots:
+    """`num_slots` slots on `device`; written by the residency loader, read by each step's DeltaOps."""
+
+    def __init__(self, num_slots: int, device: torch.device | str, dtype: torch.dtype, linear_names: set[str],
+                 tie_word_embeddings: bool) -> None:
+        self.num_slots = num_slots
+        self.device = torch.device(device)
+        self.dtype = dtype  # activation dtype of the model
+        self._linear_names = linear_names  # HF tensor names of the model's linear weights
+        self._tied = tie_word_embeddings
+        self._stacks: dict[str, dict[StackFormat, SlotStack]] = {}
+        self._where: list[dict[str, SlotStack]] = [{} for _ in range(num_slots)]  # slot -> tensor name -> stack
+        self._lock = threading.Lock()
+        # Loads copy on their own CUDA stream so they overlap the engine's compute on the default stream.
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    def write(self, slot: int, name: str, tensors: dict) -> int:
+        """Copy one delta ({HF tensor name: DeltaTensor}, any device) into `slot`; returns device bytes used."""
+        self.drop(slot)
+        with _on_stream(self._copy_stream):
+            where, num_bytes = self._copy_in(slot, tensors)
+        if self._copy_stream is not None:
+            self._copy_stream.synchronize()  # copies done before the slot is marked ready
+        with self._lock:
+            for stack in where.values():
+                stack.occupied.add(slot)
+                stack.version += 1
+            self._where[slot] = where
+        return num_bytes
+
+    def _copy_in(self, slot: int, tensors: dict) -> tuple[dict[str, SlotStack], int]:
+        where, num_bytes = {}, 0
+        for tensor_name, delta in tensors.items():
+            if tensor_name not in self._linear_names:
+                delta = _dense_fp16(delta)
+            stack = self._stack_for(tensor_name, delta)
+            for part, tensor in _parts(delta).items():
+                stack.parts[part][slot].copy_(tensor, non_blocking=True)
+                num_bytes += tensor.numel() * tensor.element_size()
+            where[tensor_name] = stack
+        if self._tied and EMBED in where and LM_HEAD not in where:
+            where[LM_HEAD] = where[EMBED]  # tied: lm_head delta = embedding delta, same storage
+        return where, num_bytes
+
+    def drop(self, slot: int) -> None:
+        with self._lock:
+            for stack in self._where[slot].values():
+                stack.occupied.discard(slot)
+                stack.cache.pop(slot, None)
+            self._where[slot] = {}
+
+    def stack(self, slot: int, tensor_name: str) -> SlotStack | None:
+        """The stack holding `tensor_name`'s delta for `slot`, or None when that delta leaves it unchanged."""
+        return self._where[slot].get(tensor_name)
+
+    def dense(self, slot: int, tensor_name: str) -> torch.Tensor | None:
+        """A dense (norm / embedding) delta of one slot, fp16 [H] or [V, H]."""
+        stack = self._where[slot].get(tensor_name)
+        return None if stack is None else stack.parts["delta"][slot]
+
+    def _stack_for(self, tensor_name: str, delta) -> SlotStack:
+        parts = _parts(delta)
+        fmt = StackFormat(delta.kind, tuple(delta.shape), getattr(delta, "bits", None),
+                          getattr(delta, "group_size", None), getattr(delta, "sym", None),
+                          tuple((k, tuple(v.shape), v.dtype) for k, v in parts.items()))
+        by_format = self._stacks.setdefault(tensor_name, {})
+        stack = by_format.get(fmt)
+        if stack is None:
+            tensors = {k: torch.zeros((self.num_slots, *shape), dtype=dt, device=self.device)
+                       for k, shape, dt in fmt.part_shapes}
+            stack = by_format[fmt] = SlotStack(fmt, tensors)
+        return stack
+
+
+def _on_stream(stream):
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+
+def _parts(delta) -> dict[str, torch.Tensor]:
+    if delta.kind == "dense":
+        return {"delta": delta.delta}
+    return {k: getattr(delta, k) for k in PACKED_PARTS if getattr(delta, k) is not None}
+
+
+@dataclass(slots=True)
+class _Dense:
+    """A dense fp16 delta in the DeltaTensor shape (for norm/embedding deltas stored packed)."""
+
+    delta: torch.Tensor
+    kind: str = "dense"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.delta.shape)
+
+
+def _dense_fp16(delta):
+    if delta.kind == "dense" and delta.delta.dtype == torch.float16:
+        return delta
+    return _Dense(delta.dequantize(torch.float16))

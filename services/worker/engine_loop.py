@@ -1,0 +1,188 @@
+"""EngineLoop: runs the engine in one background thread — receive → step → deliver — forever.
+
+Requests of every model share one engine (one batch); a request whose delta is not on the device
+simply is not scheduled by the engine yet. Other threads talk to the loop only through `submit`,
+`abort` and `wakeup`; outputs go back through each request's `sink` callback (thread-safe).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from deltazip.logs import get_logger
+
+log = get_logger("services.worker.engine_loop")
+
+
+@dataclass(frozen=True, slots=True)
+class StepOutput:
+    """New tokens of one request after a step (engine-neutral)."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str = ""  # detokenized by the engine; never part of a stop sequence
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    token_ids: list[int]
+    text: str
+    finished: bool
+    finish_reason: str | None
+    step_ms: float  # duration of the step that produced these tokens
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    queued_tokens: int = 0
+    free_kv_blocks: int = 0
+    total_kv_blocks: int = 0
+    running_deltas: frozenset[str] = frozenset()  # deltas with a sequence holding KV blocks
+
+
+class Engine(Protocol):
+    """What the loop needs from the engine core (services/worker/engine via engine_adapter)."""
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: Any, delta: str | None) -> None:
+        """Thread-safe; ValueError when the request cannot run."""
+
+    def abort(self, request_id: str) -> None: ...
+
+    def step(self) -> list[StepOutput]: ...
+
+    def has_unfinished_requests(self) -> bool: ...
+
+    def stats(self) -> EngineStats: ...
+
+
+Sink = Callable[[TokenEvent], None]
+
+
+@dataclass(slots=True)
+class _LoopState:
+    sinks: dict[str, Sink] = field(default_factory=dict)  # guarded by EngineLoop._lock
+    stats: EngineStats = EngineStats()
+
+
+class EngineLoop:
+    """Owns the engine; every engine call happens on its thread."""
+
+    def __init__(self, engine: Engine, idle_wait_s: float = 0.02,
+                 on_step: Callable[[int, frozenset[str]], None] | None = None) -> None:
+        self._engine = engine
+        self._on_step = on_step or (lambda step, running: None)  # residency: free draining slots
+        self._num_steps = 0
+        self._aborts: queue.SimpleQueue[tuple[str, Callable[[], None] | None]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._state = _LoopState(stats=engine.stats())
+        self._idle_wait_s = idle_wait_s
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout_s)
+
+    def submit(self, request_id: str, prompt_token_ids: list[int], sampling: Any, delta: str | None,
+               sink: Sink) -> None:
+        """Queue a request (ValueError if the engine refuses it); its tokens arrive through `sink`."""
+        if self.error is not None:
+            raise RuntimeError(f"engine loop stopped: {self.error!r}")
+        with self._lock:
+            if request_id in self._state.sinks:
+                raise ValueError(f"request id {request_id!r} is already running on this worker")
+            self._state.sinks[request_id] = sink
+        try:
+            self._engine.add_request(request_id, prompt_token_ids, sampling, delta)
+        except Exception:
+            with self._lock:
+                self._state.sinks.pop(request_id, None)
+            raise
+        self._wake.set()
+
+    def abort(self, request_id: str, then: Callable[[], None] | None = None) -> None:
+        """Stop a request and free its KV blocks (no more events are sent for it); no-op once finished.
+
+        `then` runs on the loop thread once the engine has dropped the request (e.g. to unpin its delta).
+        """
+        with self._lock:
+            known = self._state.sinks.pop(request_id, None) is not None
+        if known:
+            self._aborts.put((request_id, then))  # the engine call happens on the loop thread, between steps
+            self._wake.set()
+        elif then is not None:
+            then()
+
+    def wakeup(self) -> None:
+        """Something changed outside (a delta became ready): run a step soon."""
+        self._wake.set()
+
+    @property
+    def stats(self) -> EngineStats:
+        return self._state.stats
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._wake.clear()  # before looking for work, so a wakeup during the step is not lost
+                self._receive()
+                if not self._engine.has_unfinished_requests():
+                    self._wake.wait(1.0)
+                    continue
+                start = time.perf_counter()
+                outputs = self._engine.step()
+                self._num_steps += 1
+                self._process(outputs, (time.perf_counter() - start) * 1e3)
+                self._state.stats = self._engine.stats()
+                self._on_step(self._num_steps, self._state.stats.running_deltas)
+                if not outputs:  # everything waits (e.g. for a delta load): do not spin
+                    self._wake.wait(self._idle_wait_s)
+        except BaseException as exc:  # the loop must not die silently: fail every open request
+            self.error = exc
+            log.exception("engine_loop_crashed")
+            with self._lock:
+                sinks, self._state.sinks = list(self._state.sinks.values()), {}
+            for sink in sinks:
+                sink(TokenEvent([], "", True, "error", 0.0))
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                request_id, then = self._aborts.get_nowait()
+            except queue.Empty:
+                break
+            self._engine.abort(request_id)
+            if then is not None:
+                then()
+        self._state.stats = self._engine.stats()
+
+    def _process(self, outputs: list[StepOutput], step_ms: float) -> None:
+        for out in outputs:
+            with self._lock:
+                sink = self._state.sinks.get(out.request_id)
+                if sink is not None and out.finished:
+                    del self._state.sinks[out.request_id]
+            if sink is None:
+                continue  # aborted meanwhile
+            try:
+                sink(TokenEvent(list(out.token_ids), out.text, out.finished, out.finish_reason, step_ms))
+            except Exception:  # one broken listener must not stop the batch
+                log.exception("sink_failed", request_id=out.request_id)
+                with self._lock:
+                    self._state.sinks.pop(out.request_id, None)
+                self._engine.abort(out.request_id)

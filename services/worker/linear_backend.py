@@ -1,0 +1,66 @@
+"""apply_linear: y[seg] += x[seg] @ Δ_slot(seg).T for one SlotStack — kernels.delta_linear on GPU, torch on CPU.
+
+Semantics are those of kernels/reference.py: segments with slot -1 are untouched, products accumulate
+in fp32 and y is rounded once. The CPU path caches each slot's dequantized delta (refreshed when the
+stack is rewritten) because re-dequantizing every linear on every step dominates a CPU decode step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from services.worker.device_slots import SlotStack
+from kernels import packing
+
+
+def apply_linear(x: torch.Tensor, y: torch.Tensor, stack: SlotStack, seg_starts: torch.Tensor,
+                 seg_slots: torch.Tensor, starts: list[int], slots: list[int]) -> None:
+    """x: [T, K], y: [T, N]; seg_starts [S+1] / seg_slots [S] int32 on the host, already validated."""
+    kernel_stack = _kernel_stack(stack) if x.device.type == "cuda" else None
+    if kernel_stack is not None:
+        from kernels.delta_linear import apply_deltas
+
+        apply_deltas(x, y, kernel_stack, seg_starts, seg_slots, check=False)
+        return
+    for i, slot in enumerate(slots):
+        a, b = starts[i], starts[i + 1]
+        if slot < 0 or b <= a:
+            continue
+        w = _dense_slot(stack, slot, x.dtype)  # [N, K] fp32
+        y[a:b] = (y[a:b].float() + x[a:b].float() @ w.T).to(y.dtype)
+
+
+def _dense_slot(stack: SlotStack, slot: int, dtype: torch.dtype) -> torch.Tensor:
+    """Slot's delta as fp32 [N, K], rounded to the activation dtype as the kernel does; cached per write."""
+    cached = stack.cache.get(slot)
+    if cached is not None and cached[0] == stack.version and cached[1] == dtype:
+        return cached[2]
+    p = stack.parts
+    if stack.kind == "dense":
+        w = p["delta"][slot]
+    else:
+        w = packing.dequantize(p["qweight"][slot], p["scales"][slot], p["zeros"][slot] if "zeros" in p else None,
+                               p["meta"][slot] if "meta" in p else None, stack.bits, stack.shape, torch.float32)
+    weight_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
+    w = w.to(weight_dtype).float()
+    stack.cache[slot] = (stack.version, dtype, w)
+    return w
+
+
+def _kernel_stack(stack: SlotStack):
+    """The kernel's stack object over this stack's tensors (built once), or None when the kernel cannot
+    read this format (dense-quantized or 3/8-bit deltas fall back to the cached reference)."""
+    from kernels.delta_linear import DenseDeltaStack, PackedDeltaStack
+
+    if "kernel_stack" not in stack.cache:
+        p, fmt = stack.parts, stack.format
+        if fmt.kind == "dense":
+            stack.cache["kernel_stack"] = DenseDeltaStack(p["delta"])
+        elif fmt.kind == "sparse24" and fmt.bits in (2, 4):
+            n, k = fmt.shape
+            stack.cache["kernel_stack"] = PackedDeltaStack(
+                qweight=p["qweight"], meta=p["meta"], scales=p["scales"], zeros=p.get("zeros"), bits=fmt.bits,
+                group_size=k // p["scales"].shape[-1], sym=p.get("zeros") is None, shape=(n, k))
+        else:
+            stack.cache["kernel_stack"] = None
+    return stack.cache["kernel_stack"]

@@ -1,0 +1,245 @@
+"""Worker as a real process (with redis-server and a delta store): batched base + delta requests equal
+merged weights, residency in Status, LoadDelta/EvictDelta, and request validation."""
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import redis
+import torch
+
+from deltazip.client import Client
+from deltazip.model.loader import load_state_dict_from_dir, model_from_state_dict, save_model_dir
+from deltazip.model.synthetic import random_state_dict, tiny_config
+from deltazip.rpc.channels import aio_channel, sync_channel
+from deltazip.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from tests.integration.procs import launcher, redis_proc, redis_url  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.timeout(180)
+
+CONFIG = tiny_config(max_position_embeddings=128)
+MAX_TOKENS = 8
+PROMPTS = ["hello world", "the quick brown fox", "DeltaZip", "a"]
+
+
+def byte_chars() -> dict[int, str]:
+    """GPT-2's byte -> printable char map, which the ByteLevel pre-tokenizer uses."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(extra)}}
+
+
+def write_byte_tokenizer(folder: Path) -> None:
+    """A byte-level BPE with no merges: token id = byte value, 256 ids (the tiny model's vocab)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    tok = Tokenizer(models.BPE(vocab={ch: b for b, ch in byte_chars().items()}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(folder / "tokenizer.json"))
+
+
+def write_finetune(base_state: dict, folder: Path, seed: int) -> Path:
+    """Base + a small random change to every tensor (linears, norms, embeddings, lm_head)."""
+    g = torch.Generator().manual_seed(seed)
+    state = {k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in base_state.items()}
+    folder.mkdir(parents=True)
+    save_model_dir(folder, CONFIG, state)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Base dir + two dense delta artifacts + their merged reference models."""
+    from deltazip.artifact import load_delta, write_dense_delta
+
+    root = tmp_path_factory.mktemp("models")
+    base_dir = root / "tiny-base"
+    base_dir.mkdir()
+    base_state = random_state_dict(CONFIG, seed=0)
+    save_model_dir(base_dir, CONFIG, base_state)
+    write_byte_tokenizer(base_dir)
+    artifacts, merged = {}, {"tiny-base": model_from_state_dict(CONFIG, base_state)}
+    other_base = root / "other-base"  # a different base: its deltas must be refused
+    other_base.mkdir()
+    other_state = random_state_dict(CONFIG, seed=99)
+    save_model_dir(other_base, CONFIG, other_state)
+    write_dense_delta(other_base, write_finetune(other_state, root / "ft-other-hf", seed=7), root / "ft-other-delta")
+    artifacts["ft-other"] = root / "ft-other-delta"
+    for i, name in enumerate(("ft-a", "ft-b")):
+        ft_dir = write_finetune(base_state, root / f"{name}-hf", seed=10 + i)
+        out = root / f"{name}-delta"
+        write_dense_delta(base_dir, ft_dir, out)
+        artifacts[name] = out
+        state = load_state_dict_from_dir(base_dir)
+        for tensor_name, delta in load_delta(out, "cpu").items():
+            state[tensor_name] = state[tensor_name] + delta.dequantize(torch.float32)
+        merged[name] = model_from_state_dict(CONFIG, state)
+    packed = compress_packed(base_dir, root / "ft-a-hf", root / "ft-packed-delta")  # 4-bit 2:4 sparse
+    artifacts["ft-packed"] = packed
+    state = load_state_dict_from_dir(base_dir)
+    for tensor_name, delta in load_delta(packed, "cpu").items():
+        state[tensor_name] = state[tensor_name] + delta.dequantize(torch.float32)
+    merged["ft-packed"] = model_from_state_dict(CONFIG, state)
+    return base_dir, artifacts, merged
+
+
+def compress_packed(base_dir: Path, ft_dir: Path, out: Path) -> Path:
+    """`deltazip compress` (OBS, 4-bit, 2:4) on the tiny model with a small calibration text."""
+    calib = out.parent / "calib.txt"
+    calib.write_text("the quick brown fox jumps over the lazy dog; hello world. " * 40)
+    cmd = [sys.executable, "-m", "deltazip", "compress", str(base_dir), str(ft_dir), "-o", str(out), "--bits", "4",
+           "--group-size", "32", "--calib", str(calib), "--nsamples", "4", "--seq-len", "32", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out
+
+
+def greedy_reference(model, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    """Greedy decoding with the merged model alone (dense path, no KV cache)."""
+    ids = list(prompt_ids)
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            logits = model.forward_dense(torch.tensor([ids]))
+            ids.append(int(logits[0, -1].argmax()))
+    return ids[len(prompt_ids):]
+
+
+@pytest.fixture
+def cluster(launcher, models, tmp_path):
+    base_dir, artifacts, merged = models
+    store = launcher.start("delta_store", "--root", str(tmp_path / "store"))
+    with Client("127.0.0.1:1", store=store.address) as client:
+        for name, path in artifacts.items():
+            client.push(path, name, progress=False)
+    worker = launcher.start("worker", "--base-dir", str(base_dir), "--device", "cpu", "--num-device-slots", "2",
+                            "--max-deltas-per-batch", "2", "--num-kv-blocks", "64", "--kv-block-size", "8",
+                            "--disk-cache-dir", str(tmp_path / "cache"), "--heartbeat-s", "0.5")
+    return worker, merged
+
+
+def generate_request(model, prompt, max_tokens=MAX_TOKENS, rid=""):
+    sampling = common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    return worker_pb2.WorkerGenerateRequest(request_id=rid, model=model, prompt=prompt, sampling=sampling)
+
+
+async def run_generate(address, model, prompt, rid):
+    async with aio_channel(address) as channel:
+        stub = worker_pb2_grpc.WorkerStub(channel)
+        chunks = [c async for c in stub.Generate(generate_request(model, prompt, rid=rid), timeout=120)]
+    return chunks
+
+
+def test_concurrent_base_and_deltas_match_merged_weights(cluster):
+    worker, merged = cluster
+    jobs = [(m, p) for m in ("tiny-base", "ft-a", "ft-b") for p in PROMPTS[:3]]
+
+    async def all_requests():
+        return await asyncio.gather(*(run_generate(worker.address, m, p, f"r{i}") for i, (m, p) in enumerate(jobs)))
+
+    results = asyncio.run(all_requests())
+    for (model, prompt), chunks in zip(jobs, results):
+        tokens = [t for c in chunks for t in c.token_ids]
+        final = chunks[-1]
+        assert final.finish_reason == common_pb2.FINISH_REASON_LENGTH
+        assert final.usage.completion_tokens == MAX_TOKENS and final.usage.prompt_tokens == len(prompt.encode())
+        assert final.worker_id and final.usage.ttft_ms > 0
+        expected = greedy_reference(merged[model], list(prompt.encode()), MAX_TOKENS)
+        assert tokens == expected, (model, prompt)
+
+    stub = worker_pb2_grpc.WorkerStub(sync_channel(worker.address))
+    status = stub.Status(worker_pb2.StatusRequest())
+    tiers = {d.model: d.tier for d in status.deltas}
+    assert tiers == {"ft-a": common_pb2.RESIDENCY_TIER_DEVICE, "ft-b": common_pb2.RESIDENCY_TIER_DEVICE}
+    assert status.base == "tiny-base" and status.mode == "delta" and status.total_kv_blocks == 64
+
+
+def test_load_evict_and_invalid_requests(cluster, redis_url):
+    worker, _ = cluster
+    stub = worker_pb2_grpc.WorkerStub(sync_channel(worker.address))
+    loaded = stub.LoadDelta(worker_pb2.LoadDeltaRequest(model="ft-a", tier=common_pb2.RESIDENCY_TIER_HOST))
+    assert loaded.tier == common_pb2.RESIDENCY_TIER_HOST and loaded.bytes > 0
+    loaded = stub.LoadDelta(worker_pb2.LoadDeltaRequest(model="ft-a"))
+    assert loaded.tier == common_pb2.RESIDENCY_TIER_DEVICE
+    evicted = stub.EvictDelta(worker_pb2.EvictDeltaRequest(model="ft-a", tier=common_pb2.RESIDENCY_TIER_DEVICE))
+    assert evicted.evicted
+    tiers = {d.model: d.tier for d in stub.Status(worker_pb2.StatusRequest()).deltas}
+    assert tiers["ft-a"] == common_pb2.RESIDENCY_TIER_HOST
+
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(generate_request("tiny-base", "x" * 200)))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "128" in err.value.details()
+    bad = worker_pb2.WorkerGenerateRequest(model="tiny-base", prompt="hi",
+                                           sampling=common_pb2.SamplingParams(top_p=1.5))
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(bad))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "top_p" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(generate_request("no-such-model", "hi")))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(generate_request("ft-other", "hi")))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "base" in err.value.details()
+
+    # Redis mirrors the worker: heartbeat hash with its address, residency per tier.
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    worker_id = stub.Status(worker_pb2.StatusRequest()).worker_id
+    assert r.hget(f"dz:worker:{worker_id}", "address") == worker.address
+    assert wait_for(lambda: "ft-a" in r.zrange(f"dz:worker:{worker_id}:resident:host", 0, -1))
+    assert "ft-a" not in r.zrange(f"dz:worker:{worker_id}:resident:device", 0, -1)
+
+
+def test_deadline_aborts_sequence_and_frees_blocks(cluster):
+    worker, _ = cluster
+    stub = worker_pb2_grpc.WorkerStub(sync_channel(worker.address))
+    stub.LoadDelta(worker_pb2.LoadDeltaRequest(model="ft-b"))
+    received = []
+    with pytest.raises(grpc.RpcError) as err:
+        for chunk in stub.Generate(generate_request("ft-b", "long", max_tokens=120), timeout=0.08):
+            received.append(chunk)
+    assert not any(c.finish_reason for c in received)  # cut off mid-stream (or while queued)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def idle():
+        s = stub.Status(worker_pb2.StatusRequest())
+        return s.num_running == 0 and s.num_waiting == 0 and s.free_kv_blocks == s.total_kv_blocks
+
+    assert wait_for(idle)
+    chunks = list(stub.Generate(generate_request("ft-b", "after", max_tokens=3)))
+    assert chunks[-1].usage.completion_tokens == 3
+
+
+def wait_for(cond, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_more_hot_deltas_than_slots_take_turns(launcher, models, tmp_path):
+    """One device slot, three deltas (two dense, one 4-bit 2:4 from `deltazip compress`) with concurrent
+    requests: the slot is drained and handed over, and every stream equals its merged model."""
+    base_dir, artifacts, merged = models
+    store = launcher.start("delta_store", "--root", str(tmp_path / "store"))
+    with Client("127.0.0.1:1", store=store.address) as client:
+        for name in ("ft-a", "ft-b", "ft-packed"):
+            client.push(artifacts[name], name, progress=False)
+    worker = launcher.start("worker", "--base-dir", str(base_dir), "--device", "cpu", "--num-device-slots", "1",
+                            "--max-deltas-per-batch", "1", "--num-kv-blocks", "64", "--kv-block-size", "8")
+    jobs = [(m, p) for p in PROMPTS for m in ("ft-a", "ft-b", "ft-packed", "tiny-base")]
+
+    async def all_requests():
+        return await asyncio.gather(*(run_generate(worker.address, m, p, f"t{i}") for i, (m, p) in enumerate(jobs)))
+
+    results = asyncio.run(all_requests())
+    for (model, prompt), chunks in zip(jobs, results):
+        tokens = [t for c in chunks for t in c.token_ids]
+        assert tokens == greedy_reference(merged[model], list(prompt.encode()), MAX_TOKENS), (model, prompt)

@@ -1,0 +1,122 @@
+"""apply_deltas / PackedDeltaStack / DenseDeltaStack: the worker's entry point, on CPU (and GPU if present)."""
+
+import pytest
+import torch
+
+from kernels import packing
+from kernels.delta_linear import DenseDeltaStack, PackedDeltaStack, apply_deltas, validate_segments
+from tests.kernels.packed_factory import random_packed
+
+CUDA = torch.cuda.is_available()
+
+
+def dense_of(p, bits, shape):
+    return packing.dequantize(p["qweight"], p["scales"], p["zeros"], p["meta"], bits, shape)
+
+
+def expected(x, y, deltas, starts, slots, dtype):
+    """y[seg] += x[seg] @ W.T with W rounded to the activation dtype, computed slot by slot in fp32."""
+    out = y.float().clone()
+    for s, slot in enumerate(slots):
+        a, b = starts[s], starts[s + 1]
+        if slot >= 0:
+            out[a:b] += x[a:b].float() @ deltas[slot].to(dtype).float().T
+    return out
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("sym", [True, False])
+def test_packed_stack_apply_matches_per_slot_dense(bits, sym):
+    n, k = 24, 128
+    g = torch.Generator().manual_seed(0)
+    packed = [random_packed(n, k, bits, 32, sym, generator=g) for _ in range(3)]
+    stack = PackedDeltaStack.from_packed(packed, bits=bits, shape=(n, k))
+    assert stack.num_slots == 3 and stack.group_size == 32 and stack.sym == sym
+    x, y = torch.randn(7, k, generator=g), torch.randn(7, n, generator=g)
+    starts, slots = [0, 2, 2, 5, 6], [2, 0, -1, 1]
+    want = expected(x, y, [dense_of(p, bits, (n, k)) for p in packed], starts, slots, torch.float32)
+    apply_deltas(x, y, stack, torch.tensor(starts), torch.tensor(slots))
+    torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(y[6], want[6])  # row 6 is past every segment
+
+
+def test_set_slot_replaces_one_delta_in_place():
+    n, k, bits = 16, 64, 4
+    g = torch.Generator().manual_seed(1)
+    stack = PackedDeltaStack.empty(2, (n, k), bits, group_size=None)
+    qweight_storage = stack.qweight.data_ptr()
+    p = random_packed(n, k, bits, None, generator=g)
+    stack.set_slot(1, p)
+    assert stack.qweight.data_ptr() == qweight_storage
+    x = torch.randn(3, k, generator=g)
+    y = torch.zeros(3, n)
+    apply_deltas(x, y, stack, torch.tensor([0, 1, 3]), torch.tensor([0, 1]))
+    torch.testing.assert_close(y[0], torch.zeros(n))  # slot 0 is still the empty (zero) delta
+    torch.testing.assert_close(y[1:], x[1:] @ dense_of(p, bits, (n, k)).T, atol=1e-4, rtol=1e-4)
+    stack.clear_slot(1)
+    y2 = torch.zeros(3, n)
+    apply_deltas(x, y2, stack, torch.tensor([0, 1, 3]), torch.tensor([0, 1]))
+    assert not y2.any()
+
+
+def test_from_packed_accepts_delta_tensor_like_objects():
+    class Part:  # what deltazip.artifact.DeltaTensor exposes
+        def __init__(self, p, bits, shape):
+            self.qweight, self.meta, self.scales, self.zeros = p["qweight"], p["meta"], p["scales"], p["zeros"]
+            self.bits, self.shape = bits, shape
+
+    p = random_packed(8, 64, 2, None, generator=torch.Generator().manual_seed(2))
+    stack = PackedDeltaStack.from_packed([Part(p, 2, (8, 64))])
+    assert stack.bits == 2 and stack.shape == (8, 64) and stack.group_size == 64
+
+
+def test_invalid_segments_and_shapes_raise_value_error():
+    stack = PackedDeltaStack.empty(2, (16, 64), 4, group_size=32)
+    x, y = torch.randn(4, 64), torch.zeros(4, 16)
+    with pytest.raises(ValueError, match="out of range"):
+        apply_deltas(x, y, stack, torch.tensor([0, 4]), torch.tensor([2]))
+    with pytest.raises(ValueError, match="out of range"):
+        apply_deltas(x, y, stack, torch.tensor([0, 4]), torch.tensor([-2]))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        apply_deltas(x, y, stack, torch.tensor([0, 3, 2]), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        apply_deltas(x, y, stack, torch.tensor([0, 5]), torch.tensor([0]))
+    with pytest.raises(ValueError):
+        apply_deltas(x[:, :32], y, stack, torch.tensor([0, 4]), torch.tensor([0]))
+    with pytest.raises(ValueError):
+        stack.set_slot(0, random_packed(16, 128, 4, 32))
+    with pytest.raises(ValueError):
+        PackedDeltaStack.empty(1, (16, 64), 3)
+    validate_segments(torch.tensor([0, 0, 4]), torch.tensor([1, -1]), 4, 2)  # empty segment is fine
+
+
+def test_dense_stack_loop_and_bmm_paths_cpu():
+    n, k = 12, 32
+    g = torch.Generator().manual_seed(3)
+    deltas = torch.randn(3, n, k, generator=g) * 0.01
+    stack = DenseDeltaStack.empty(3, (n, k), torch.float32)
+    for i in range(3):
+        stack.set_slot(i, deltas[i])
+    x, y = torch.randn(6, k, generator=g), torch.randn(6, n, generator=g)
+    starts, slots = [0, 2, 4, 6], [1, -1, 2]
+    want = expected(x, y, deltas, starts, slots, torch.float32)
+    apply_deltas(x, y, stack, torch.tensor(starts), torch.tensor(slots))
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_apply_deltas_gpu_packed_and_dense(dtype):
+    n, k, bits = 4096, 4096, 4
+    g = torch.Generator().manual_seed(4)
+    packed = [random_packed(n, k, bits, 128, generator=g) for _ in range(4)]
+    stack = PackedDeltaStack.from_packed(packed, bits=bits, shape=(n, k), device="cuda")
+    dense = torch.stack([dense_of(p, bits, (n, k)) for p in packed]).to(dtype)
+    x = torch.randn(16, k, generator=g).to(dtype)
+    y0 = torch.randn(16, n, generator=g).to(dtype)
+    starts, slots = [0, 4, 8, 12, 16], [3, 0, 2, 1]
+    want = expected(x, y0, dense, starts, slots, dtype)
+    for st in (stack, DenseDeltaStack(dense.cuda())):
+        y = y0.cuda().clone()
+        apply_deltas(x.cuda(), y, st, torch.tensor(starts), torch.tensor(slots))  # equal lengths: bmm path
+        torch.testing.assert_close(y.float().cpu(), want, atol=0.15, rtol=2e-2)

@@ -1,0 +1,174 @@
+"""SBMM kernels vs the torch reference: bits x scale groups x dtype x segment layouts x shapes.
+
+CPU: the portable Triton kernel under TRITON_INTERPRET=1 on small shapes, and the numpy emulation of the
+PTX word expander against kernels/packing.py. GPU (skipped without CUDA): the Gluon and Triton kernels
+on Llama-2-7B layer shapes.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from kernels import packing, reference, sbmm, sbmm_asm
+from tests.kernels.packed_factory import random_packed, stack_packed
+
+CUDA = torch.cuda.is_available()
+gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+interp = pytest.mark.skipif(not sbmm.interpreting(), reason="CPU kernel tests run under TRITON_INTERPRET=1")
+
+# name -> (rows per segment, slot per segment); rows not covered by a segment must stay untouched
+SEGMENTS = {
+    "one": ([9], [0]),
+    "many": ([3, 1, 4, 1, 5, 2], [0, 1, 2, 1, 0, 2]),
+    "empty": ([2, 0, 3, 0, 1], [1, 0, 2, 2, -1]),
+    "odd": ([17, 33, 5], [2, 0, 1]),
+}
+TOL = {torch.float16: dict(atol=2e-2, rtol=1e-2), torch.bfloat16: dict(atol=6e-2, rtol=2e-2),
+       torch.float32: dict(atol=1e-3, rtol=1e-3)}
+
+
+def make_case(n, k, bits, group, sym, dtype, layout, device, seed=0, pad_rows=0):
+    """Stacked packed deltas (3 slots), x, y and segment tensors for one test case."""
+    g = torch.Generator().manual_seed(seed)
+    stack = stack_packed([random_packed(n, k, bits, group, sym, generator=g) for _ in range(3)])
+    lens, slots = SEGMENTS[layout]
+    t = sum(lens) + pad_rows
+    starts = torch.tensor([0] + np.cumsum(lens).tolist(), dtype=torch.int64)
+    x = torch.randn(t, k, generator=g).to(dtype)
+    y = torch.randn(t, n, generator=g).to(dtype)
+    moved = {key: (v.to(device) if v is not None else None) for key, v in stack.items()}
+    return moved, x.to(device), y.to(device), starts.to(device), torch.tensor(slots, dtype=torch.int64).to(device)
+
+
+def run_both(stack, x, y, starts, slots, bits, n, k, kernel=None, config=None):
+    y_kernel, y_ref = y.clone(), y.clone()
+    sbmm.sbmm(x, y_kernel, stack["qweight"], stack["meta"], stack["scales"], stack["zeros"], starts, slots, bits,
+              kernel=kernel, config=config)
+    reference.sbmm_reference(x, y_ref, stack["qweight"], stack["meta"], stack["scales"], stack["zeros"], bits,
+                             (n, k), starts.cpu(), slots.cpu())
+    return y_kernel, y_ref
+
+
+@interp
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("group", [None, 64])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", list(SEGMENTS))
+def test_triton_kernel_matches_reference_cpu(bits, group, dtype, layout):
+    n, k = 48, 128
+    stack, x, y, starts, slots = make_case(n, k, bits, group, True, dtype, layout, "cpu", pad_rows=2)
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64)
+    y_kernel, y_ref = run_both(stack, x, y, starts, slots, bits, n, k, kernel="triton", config=cfg)
+    torch.testing.assert_close(y_kernel.float(), y_ref.float(), **TOL[dtype])
+    torch.testing.assert_close(y_kernel[-2:], y[-2:])  # rows outside every segment are untouched
+
+
+@interp
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("k,group", [(96, None), (160, 32), (256, 128)])
+def test_triton_kernel_odd_k_and_asym_cpu(bits, k, group):
+    n = 40  # not a multiple of BLOCK_N: masked rows
+    stack, x, y, starts, slots = make_case(n, k, bits, group, False, torch.float32, "many", "cpu", seed=1)
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64)
+    y_kernel, y_ref = run_both(stack, x, y, starts, slots, bits, n, k, kernel="triton", config=cfg)
+    torch.testing.assert_close(y_kernel, y_ref, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("asym", [False, True])
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+def test_ptx_expander_emulation_matches_dequantize(bits, asym, dtype):
+    """The PTX program, run by the numpy emulator, reproduces packing.dequantize word by word."""
+    n, k, group = 16, 512, 128
+    p = random_packed(n, k, bits, group, sym=not asym, generator=torch.Generator().manual_seed(2))
+    tdt = torch.float16 if dtype == "f16" else torch.bfloat16
+    ops, dense = sbmm_asm.build_program(bits, asym)
+    q = p["qweight"].numpy().view(np.uint32)
+    m = p["meta"].numpy().view(np.uint32)
+    m = m.view(np.uint16).astype(np.uint32) if bits == 4 else m  # one meta element per word
+
+    def half2(t):
+        u = t.to(tdt).view(torch.int16).numpy().astype(np.uint32) & 0xFFFF
+        return u | (u << 16)
+
+    word_group = (np.arange(q.shape[1]) * dense) // group
+    magic = sbmm_asm.MAGIC_VALUE[dtype]
+    inputs = {"q": q, "m": m, "s": half2(p["scales"])[:, word_group]}
+    if asym:
+        inputs["z"] = np.broadcast_to(half2(torch.tensor(magic)), q.shape)
+        inputs["zq"] = half2(p["zeros"])[:, word_group]
+    else:
+        inputs["z"] = np.broadcast_to(half2(torch.tensor(magic + 2 ** (bits - 1))), q.shape)
+    bits16 = sbmm_asm.emulate(ops, dense, dtype, inputs)  # [N, W, dense] by output slot
+    width = dense.bit_length() - 1
+    order = [sbmm_asm.bitrev(c, width) for c in range(dense)]  # column c sits in slot bitrev(c)
+    got = torch.from_numpy(bits16[..., order].astype(np.int16)).view(tdt).reshape(n, k)
+    want = packing.dequantize(p["qweight"], p["scales"], p["zeros"], p["meta"], bits, (n, k)).to(tdt)
+    if dtype == "f16":
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    else:  # the kernel rounds the fp16 scale to bf16 before multiplying: at most one bf16 ulp apart
+        torch.testing.assert_close(got.float(), want.float(), atol=1e-6, rtol=2 ** -7)
+
+
+def test_sbmm_rejects_bad_shapes():
+    stack, x, y, starts, slots = make_case(32, 64, 4, None, True, torch.float32, "one", "cpu")
+    with pytest.raises(ValueError):
+        sbmm.sbmm(x[:, :32], y, stack["qweight"], stack["meta"], stack["scales"], None, starts, slots, 4)
+    with pytest.raises(ValueError):
+        sbmm.sbmm(x, y, stack["qweight"], stack["meta"], stack["scales"], None, starts, slots, 3)
+    with pytest.raises(ValueError):
+        sbmm.sbmm(x, y, stack["qweight"], stack["meta"], stack["scales"], None, starts, slots, 4, kernel="cutlass")
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+
+LLAMA_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N, K): q/k/v/o, gate/up, down
+
+
+@gpu
+@pytest.mark.parametrize("kernel", ["gluon", "triton"])
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("group", [None, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", list(SEGMENTS))
+def test_kernels_match_reference_gpu_small(kernel, bits, group, dtype, layout):
+    n, k = 256, 1024
+    stack, x, y, starts, slots = make_case(n, k, bits, group, True, dtype, layout, "cuda", pad_rows=3)
+    y_kernel, y_ref = run_both(stack, x, y, starts, slots, bits, n, k, kernel=kernel)
+    torch.testing.assert_close(y_kernel.float(), y_ref.float(), **TOL[dtype])
+    torch.testing.assert_close(y_kernel[-3:], y[-3:])
+
+
+@gpu
+@pytest.mark.parametrize("kernel", ["gluon", "triton"])
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kernels_asym_gpu(kernel, bits, dtype):
+    n, k = 192, 2048
+    stack, x, y, starts, slots = make_case(n, k, bits, 128, False, dtype, "many", "cuda", seed=3)
+    y_kernel, y_ref = run_both(stack, x, y, starts, slots, bits, n, k, kernel=kernel)
+    torch.testing.assert_close(y_kernel.float(), y_ref.float(), **TOL[dtype])
+
+
+@gpu
+@pytest.mark.parametrize("n,k", LLAMA_SHAPES)
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("group", [None, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sbmm_llama_shapes_gpu(n, k, bits, group, dtype):
+    stack, x, y, starts, slots = make_case(n, k, bits, group, True, dtype, "odd", "cuda", seed=4)
+    y_kernel, y_ref = run_both(stack, x, y, starts, slots, bits, n, k)  # default kernel and config
+    tol = dict(TOL[dtype])
+    tol["atol"] *= 3  # |y| grows with sqrt(K)
+    torch.testing.assert_close(y_kernel.float(), y_ref.float(), **tol)
+
+
+@gpu
+@pytest.mark.parametrize("block_m", [8, 16, 32, 64])
+@pytest.mark.parametrize("block_n,num_warps", [(64, 4), (128, 4), (32, 2)])
+def test_gluon_configs_gpu(block_m, block_n, num_warps):
+    n, k, bits = 512, 2048, 4
+    stack, x, y, starts, slots = make_case(n, k, bits, 128, True, torch.float16, "odd", "cuda", seed=5)
+    cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, prefetch=block_m != 32)
+    y_kernel, y_ref = run_both(stack, x, y, starts, slots, bits, n, k, kernel="gluon", config=cfg)
+    torch.testing.assert_close(y_kernel.float(), y_ref.float(), **TOL[torch.float16])

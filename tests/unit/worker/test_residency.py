@@ -1,0 +1,224 @@
+"""ResidencyManager: LRU order, byte accounting, pins and tier transitions, with a fake TierIO."""
+
+import threading
+
+import pytest
+
+from services.worker.residency import DeltaState, ResidencyLimits, ResidencyManager, Tier
+
+SIZES = {"a": 100, "b": 200, "c": 300, "d": 400}
+
+
+class FakeIO:
+    def __init__(self, fail: set[str] | None = None, gate: threading.Event | None = None):
+        self.calls: list[tuple] = []
+        self.fail = fail or set()
+        self.gate = gate
+
+    def fetch(self, name):
+        self.calls.append(("fetch", name))
+        if self.gate is not None:
+            self.gate.wait(5)
+        if name in self.fail:
+            raise FileNotFoundError(f"{name} not in any store")
+        return f"/cache/{name}", SIZES[name]
+
+    def load_host(self, name, path):
+        self.calls.append(("host", name))
+        return {"name": name}, SIZES[name]
+
+    def to_device(self, name, host, slot):
+        self.calls.append(("device", name, slot))
+        return SIZES[name]
+
+    def drop_device(self, name, slot):
+        self.calls.append(("drop_device", name, slot))
+
+    def drop_disk(self, name, path):
+        self.calls.append(("drop_disk", name))
+
+
+def make(slots=2, device=0, host=10_000, disk=10_000, io=None):
+    events = []
+    io = io or FakeIO()
+    mgr = ResidencyManager(ResidencyLimits(slots, device, host, disk), io, on_change=events.append)
+    return mgr, io, events
+
+
+def load(mgr, name, tier=Tier.DEVICE):
+    return mgr.ensure(name, tier).result(timeout=5)
+
+
+def test_ensure_walks_every_tier_and_publishes_each_transition():
+    mgr, io, events = make()
+    snap = load(mgr, "a")
+    assert snap.state is DeltaState.ON_DEVICE and snap.slot == 0 and snap.bytes == 100
+    assert mgr.is_ready("a") and mgr.slot_of("a") == 0
+    assert [e.state for e in events] == [DeltaState.FETCHING, DeltaState.ON_DISK, DeltaState.IN_HOST,
+                                         DeltaState.LOADING, DeltaState.ON_DEVICE]
+    assert [c[0] for c in io.calls] == ["fetch", "host", "device"]
+    assert load(mgr, "a").slot == 0 and len(io.calls) == 3  # already there: no work
+    mgr.close()
+
+
+def test_ensure_host_stops_at_host():
+    mgr, io, _ = make()
+    assert load(mgr, "b", Tier.HOST).state is DeltaState.IN_HOST
+    assert not mgr.is_ready("b") and mgr.used_bytes(Tier.HOST) == 200
+    mgr.close()
+
+
+def test_device_slots_evict_least_recently_used():
+    mgr, io, _ = make(slots=2)
+    load(mgr, "a")
+    load(mgr, "b")
+    mgr.touch("a")  # b is now the least recently used
+    snap = load(mgr, "c")
+    assert snap.slot == 1  # b's slot
+    assert mgr.state_of("b") is DeltaState.IN_HOST and mgr.is_ready("a")
+    assert ("drop_device", "b", 1) in io.calls
+    mgr.close()
+
+
+def test_pinned_delta_is_never_evicted_and_waiter_gets_slot_on_unpin():
+    mgr, io, _ = make(slots=1)
+    load(mgr, "a")
+    mgr.pin("a")
+    future = mgr.ensure("b")
+    with pytest.raises(TimeoutError):
+        future.result(timeout=0.3)
+    assert mgr.state_of("b") is DeltaState.IN_HOST and mgr.is_ready("a")
+    assert not mgr.evict("a")
+    mgr.unpin("a")
+    assert future.result(timeout=5).slot == 0
+    assert mgr.state_of("a") is DeltaState.IN_HOST
+    mgr.close()
+
+
+def test_host_byte_accounting_evicts_lru_but_not_device_resident():
+    mgr, io, _ = make(slots=1, host=550)
+    load(mgr, "a")                  # device+host: 100
+    load(mgr, "b", Tier.HOST)       # host 300
+    load(mgr, "c", Tier.HOST)       # host 600 > 550: evict b (a is on device)
+    assert mgr.state_of("b") is DeltaState.ON_DISK
+    assert mgr.state_of("a") is DeltaState.ON_DEVICE
+    assert mgr.used_bytes(Tier.HOST) == 400
+    mgr.close()
+
+
+def test_disk_byte_accounting_drops_files():
+    mgr, io, _ = make(disk=500)
+    load(mgr, "b", Tier.DISK)
+    load(mgr, "c", Tier.DISK)  # 500: fits
+    load(mgr, "a", Tier.DISK)  # 600: evicts b
+    assert mgr.state_of("b") is DeltaState.REMOTE and ("drop_disk", "b") in io.calls
+    assert mgr.used_bytes(Tier.DISK) == 400
+    mgr.close()
+
+
+def test_device_byte_budget():
+    mgr, io, _ = make(slots=4, device=500)
+    load(mgr, "a")
+    load(mgr, "c")
+    load(mgr, "b")  # 600 > 500: evicts a
+    assert mgr.state_of("a") is DeltaState.IN_HOST and mgr.used_bytes(Tier.DEVICE) == 500
+    mgr.close()
+
+
+def test_explicit_evict_down_tiers():
+    mgr, io, events = make()
+    load(mgr, "a")
+    assert mgr.evict("a", Tier.DEVICE) and mgr.state_of("a") is DeltaState.IN_HOST
+    assert not mgr.evict("a", Tier.DEVICE)  # not on device any more
+    load(mgr, "a")
+    assert mgr.evict("a", Tier.DISK) and mgr.state_of("a") is DeltaState.REMOTE
+    assert [mgr.used_bytes(t) for t in (Tier.DEVICE, Tier.HOST, Tier.DISK)] == [0, 0, 0]
+    assert mgr.snapshot() == []
+    mgr.close()
+
+
+def test_failure_reaches_waiters_and_retry_is_possible():
+    io = FakeIO(fail={"d"})
+    mgr, _, _ = make(io=io)
+    with pytest.raises(FileNotFoundError):
+        load(mgr, "d")
+    assert mgr.state_of("d") is DeltaState.FAILED
+    io.fail.clear()
+    assert load(mgr, "d").state is DeltaState.ON_DEVICE
+    mgr.close()
+
+
+def test_concurrent_ensures_share_one_fetch():
+    gate = threading.Event()
+    mgr, io, _ = make(io=FakeIO(gate=gate))
+    futures = [mgr.ensure("a") for _ in range(5)]
+    gate.set()
+    assert {f.result(timeout=5).slot for f in futures} == {0}
+    assert [c[0] for c in io.calls].count("fetch") == 1
+    mgr.close()
+
+
+def test_snapshot_lists_tiers_fastest_first():
+    mgr, _, _ = make()
+    load(mgr, "b", Tier.DISK)
+    load(mgr, "a")
+    rows = mgr.snapshot()
+    assert [(r.name, r.tier) for r in rows] == [("a", Tier.DEVICE), ("b", Tier.DISK)]
+    mgr.close()
+
+
+def test_hot_deltas_beyond_slots_take_turns_by_draining():
+    mgr, io, _ = make(slots=1)
+    load(mgr, "a")
+    mgr.pin("a")  # a request of a still waits (or runs)
+    mgr.pin("b")
+    future = mgr.ensure("b")
+    assert wait_for(lambda: not mgr.is_ready("a"))  # a is draining: no new sequences of a
+    assert mgr.state_of("a") is DeltaState.ON_DEVICE and mgr.slot_of("a") == 0
+    mgr.on_step(1, frozenset({"a"}))  # the step that may have admitted a's sequence
+    mgr.on_step(2, frozenset({"a"}))  # a still runs: its slot stays
+    assert mgr.state_of("a") is DeltaState.ON_DEVICE and not future.done()
+    mgr.on_step(3, frozenset())  # a's sequences are done running: slot goes to b, a queues again
+    assert future.result(timeout=5).slot == 0
+    assert mgr.state_of("a") is DeltaState.IN_HOST
+    mgr.unpin("b")  # b's request finished: a gets the slot back
+    assert wait_for(lambda: mgr.is_ready("a"))
+    mgr.unpin("a")
+    mgr.close()
+
+
+def test_prefetch_without_requests_does_not_drain():
+    mgr, io, _ = make(slots=1)
+    load(mgr, "a")
+    mgr.pin("a")
+    future = mgr.ensure("b")  # LoadDelta/prefetch: nobody waits on b
+    mgr.on_step(1, frozenset())
+    mgr.on_step(2, frozenset())
+    assert mgr.is_ready("a") and not future.done()
+    mgr.unpin("a")
+    assert future.result(timeout=5).slot == 0
+    mgr.close()
+
+
+def wait_for(cond, timeout_s=2.0):
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return cond()
+
+
+def test_requested_delta_gets_a_freed_slot_before_a_prefetch():
+    mgr, io, _ = make(slots=1)
+    load(mgr, "a")
+    mgr.pin("a")
+    prefetch = mgr.ensure("b")  # queued first, nobody waits on it
+    mgr.pin("c")
+    wanted = mgr.ensure("c")
+    assert wait_for(lambda: mgr.state_of("c") is DeltaState.IN_HOST and mgr.state_of("b") is DeltaState.IN_HOST)
+    mgr.unpin("a")
+    assert wanted.result(timeout=5).slot == 0 and not prefetch.done()
+    mgr.unpin("c")
+    assert prefetch.result(timeout=5).slot == 0
+    mgr.close()

@@ -1,0 +1,40 @@
+"""WorkerConfig: flags over env over defaults, validation with actionable messages."""
+
+import pytest
+
+from services.worker.config import WorkerConfig, config_from_args
+
+
+def test_flags_win_over_env_and_types_are_parsed():
+    env = {"DELTAZIP_NUM_DEVICE_SLOTS": "8", "DELTAZIP_PORT": "7000", "DELTAZIP_BASE_DIR": "/b",
+           "DELTAZIP_STORE_ADDRESSES": "a:1, b:2", "DELTAZIP_KV_MEMORY_FRACTION": "0.25"}
+    cfg = config_from_args(["--port", "0", "--max-deltas-per-batch", "2"], env)
+    assert (cfg.port, cfg.num_device_slots, cfg.max_deltas_per_batch) == (0, 8, 2)
+    assert cfg.store_addresses == ("a:1", "b:2") and cfg.kv_memory_fraction == 0.25 and cfg.base_dir == "/b"
+
+
+def test_worker_ids_are_unique_by_default():
+    assert WorkerConfig().worker_id != WorkerConfig().worker_id
+
+
+@pytest.mark.parametrize("mode", ["dense-delta", "swap"])
+def test_baseline_modes_are_not_implemented_yet(mode):
+    with pytest.raises(ValueError, match="not implemented yet"):
+        WorkerConfig(mode=mode)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"mode": "lora"}, "mode must be one of"),
+    ({"num_device_slots": 0}, "--num-device-slots must be > 0"),
+    ({"max_deltas_per_batch": 9}, "cannot exceed"),
+    ({"heartbeat_s": 5, "heartbeat_ttl_s": 5}, "must exceed"),
+    ({"dtype": "int8"}, "dtype must be one of"),
+])
+def test_invalid_values_name_the_flag(kw, match):
+    with pytest.raises(ValueError, match=match):
+        WorkerConfig(**kw)
+
+
+def test_advertised_address():
+    assert WorkerConfig(host="127.0.0.1").address(1234) == "127.0.0.1:1234"
+    assert WorkerConfig(advertise="w:1").address(1234) == "w:1"
