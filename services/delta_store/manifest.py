@@ -65,6 +65,14 @@ def describe_compression(config) -> str:
 
 
 def _ratio(data: dict) -> float:
+    """Fine-tuned fp16 bytes / shard bytes (format v1 manifests), else an explicit ratio field."""
+    shards = data.get("shards")
+    ft_bytes = data.get("ft_bytes_fp16")
+    if isinstance(shards, dict) and isinstance(ft_bytes, int) and ft_bytes > 0:
+        sizes = [s.get("size") for s in shards.values() if isinstance(s, dict)]
+        total = sum(x for x in sizes if isinstance(x, int) and x > 0)
+        if total:
+            return ft_bytes / total
     for holder in (data.get("stats"), data.get("compression"), data):
         if isinstance(holder, dict):
             for key in ("compression_ratio", "ratio"):

@@ -1,115 +1,14 @@
-"""Real processes for integration tests: redis-server and `python -m services.<name>` on free loopback ports.
+"""Pytest fixtures over deltazip.stack: real redis-server and services on free loopback ports.
 
 Import the fixtures into a test module (`from tests.integration.procs import redis_url, launcher`);
 every process they start is stopped when the test ends, pass or fail.
 """
 
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import redis
 
-from deltazip.rpc.health import wait_for_serving
-from deltazip.rpc.ports import free_port
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
-
-
-@dataclass
-class Proc:
-    """A started process, its address and where its output goes."""
-
-    name: str
-    popen: subprocess.Popen
-    address: str
-    log_path: Path
-
-    def log_tail(self, num_chars: int = 4000) -> str:
-        return self.log_path.read_text(errors="replace")[-num_chars:] if self.log_path.exists() else ""
-
-
-def stop(proc: Proc, timeout_s: float = 10.0) -> int | None:
-    """SIGTERM, wait up to `timeout_s`, then SIGKILL; returns the exit code."""
-    if proc.popen.poll() is None:
-        proc.popen.send_signal(signal.SIGTERM)
-        try:
-            proc.popen.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.popen.kill()
-            proc.popen.wait(timeout=timeout_s)
-    return proc.popen.returncode
-
-
-def start_redis(tmp_dir: Path) -> Proc:
-    """redis-server on a free loopback port, no persistence, data dir in `tmp_dir`."""
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    log_path = tmp_dir / "redis.log"
-    cmd = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_dir), "--save", "",
-           "--appendonly", "no", "--protected-mode", "no", "--logfile", str(log_path)]
-    proc = Proc("redis", subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT), f"127.0.0.1:{port}", log_path)
-
-    client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.exceptions.ConnectionError:
-            if proc.popen.poll() is not None or time.monotonic() > deadline:
-                stop(proc)
-                raise RuntimeError(f"redis-server did not start: {proc.log_tail()}")
-            time.sleep(0.02)
-    client.close()
-    return proc
-
-
-def start_service(name: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None,
-                  timeout_s: float = 20.0) -> Proc:
-    """`python -m services.<name> --port P *args`, waited on until grpc health says SERVING."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    log_path = log_dir / f"{name}-{port}.log"
-    full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
-    cmd = [sys.executable, "-m", f"services.{name}", "--host", "127.0.0.1", "--port", str(port), *args]
-    with open(log_path, "wb") as log_file:
-        popen = subprocess.Popen(cmd, cwd=REPO_ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
-    proc = Proc(name, popen, f"127.0.0.1:{port}", log_path)
-    try:
-        wait_for_serving(proc.address, timeout_s)
-    except TimeoutError as exc:
-        stop(proc)
-        raise RuntimeError(f"{name} did not become SERVING ({exc}); its log:\n{proc.log_tail()}") from None
-    return proc
-
-
-class Launcher:
-    """Starts services for one test and stops all of them at the end."""
-
-    def __init__(self, redis_url: str, log_dir: Path):
-        self.redis_url = redis_url
-        self.log_dir = log_dir
-        self.procs: list[Proc] = []
-
-    def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> Proc:
-        """Start `services.<name>` connected to this test's Redis."""
-        proc = start_service(name, ["--redis-url", self.redis_url, *args], self.log_dir, env)
-        self.procs.append(proc)
-        return proc
-
-    def stop_all(self) -> None:
-        for proc in reversed(self.procs):
-            stop(proc)
-        self.procs.clear()
-
+from deltazip.stack import REDIS_SERVER, REPO_ROOT, Launcher, Proc, start_redis, start_service, stop  # noqa: F401
 
 @pytest.fixture
 def redis_proc(tmp_path: Path):
