@@ -167,7 +167,7 @@ def one_row(name, n, k, num, rows, bits, stack, dense, base_ws, limit, with_dequ
     return row
 
 
-def full(args, limit) -> list[dict]:
+def full(args, limit, save) -> list[dict]:
     rows_out = []
     for name, (n, k) in SHAPES.items():
         base_ws = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(4)]
@@ -183,6 +183,7 @@ def full(args, limit) -> list[dict]:
                           f"{r['fraction_of_limit']:5.2f}  x{r['speedup_vs_bmm']:4.1f} vs bmm  "
                           f"base+sbmm/base {r['base_plus_sbmm_over_base']:4.2f} host {r['host_us']:.0f} us",
                           flush=True)
+                save(rows_out)  # a run cut short still leaves every finished row on disk
             del stack
         del dense, base_ws
         torch.cuda.empty_cache()
@@ -236,20 +237,24 @@ def main() -> None:
     limits = copy_limits_gbps()
     limit = max(limits.values())  # the higher reading: fractions of it are the conservative ones
     print(f"{device}: device-to-device copy {limits} GB/s, limit {limit:.0f}", flush=True)
-    rows = sweep(limit) if a.sweep else full(a, limit)
     date = datetime.date.today().isoformat()
-    result = {"bench": "sbmm", "device": device, "commit": a.commit, "date": date,
-              "config": {"mode": "sweep" if a.sweep else "full", "copy_limit_gbps": limit,
-                         "copy_gbps_by_timer": limits, "dtype": "float16",
-                         "group_size": 128, "sym": True, "shapes": SHAPES, "timing": "CUDA graph of back-to-back calls on rotating slots, median of 7 replays",
-                         "bytes_read": "packed deltas + meta + scales + x + y (read)",
-                         "sbmm_configs": json.loads(sbmm.CONFIG_FILE.read_text()),
-                         "torch": torch.__version__, "triton": triton.__version__},
-              "rows": rows}
     tag = device.replace(" ", "-")
     path = Path(a.out) / f"sbmm{'-sweep' if a.sweep else ''}-{tag}-{date}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
+
+    def save(rows: list[dict]) -> None:
+        result = {"bench": "sbmm", "device": device, "commit": a.commit, "date": date,
+                  "config": {"mode": "sweep" if a.sweep else "full", "copy_limit_gbps": limit,
+                             "copy_gbps_by_timer": limits, "dtype": "float16", "group_size": 128, "sym": True,
+                             "shapes": SHAPES,
+                             "timing": "CUDA graph of back-to-back calls on rotating slots, median of 7 replays",
+                             "bytes_read": "packed deltas + meta + scales + x + y (read)",
+                             "sbmm_configs": json.loads(sbmm.CONFIG_FILE.read_text()),
+                             "torch": torch.__version__, "triton": triton.__version__},
+                  "rows": rows}
+        path.write_text(json.dumps(result, indent=1))
+
+    save(sweep(limit) if a.sweep else full(a, limit, save))
     print(f"wrote {path}")
 
 
