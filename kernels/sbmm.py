@@ -2,7 +2,8 @@
 
 Kernels: kernels/sbmm_gluon.py (CUDA, expanded words feed the MMA in registers; K a multiple of its K tile)
 and kernels/sbmm_triton.py (portable: the CPU tests under TRITON_INTERPRET=1 and the GPU fallback). Tuned
-configs live in kernels/sbmm_configs.json, keyed by torch.cuda.get_device_name() ("default" otherwise).
+configs live in kernels/sbmm_configs.json, keyed by torch.cuda.get_device_name() ("default" otherwise),
+chosen by the mean rows per segment (T / S: no device sync); bench/sbmm.py --sweep produced them.
 """
 
 import functools
@@ -35,12 +36,13 @@ def _configs() -> dict:
 
 
 def pick_config(kernel: str, device_name: str, rows_per_segment: float) -> dict:
-    """Tuned launch config for a kernel on a device; decode shapes (few rows per segment) or prefill."""
+    """Tuned launch config: the first entry whose max_rows (null: any) covers the mean rows per segment."""
     table = _configs()
-    per_device = table.get(device_name, table["default"])
-    per_kernel = per_device.get(kernel, table["default"][kernel])
-    shape = "decode" if rows_per_segment <= per_kernel["decode_max_rows"] else "prefill"
-    return dict(per_kernel[shape])
+    entries = table.get(device_name, {}).get(kernel) or table["default"][kernel]
+    for entry in entries:
+        if entry["max_rows"] is None or rows_per_segment <= entry["max_rows"]:
+            return {key: value for key, value in entry.items() if key != "max_rows"}
+    raise AssertionError(f"{CONFIG_FILE}: {kernel} has no catch-all entry")
 
 
 @functools.lru_cache(maxsize=16)

@@ -110,6 +110,14 @@ def test_ptx_expander_emulation_matches_dequantize(bits, asym, dtype):
         torch.testing.assert_close(got.float(), want.float(), atol=1e-6, rtol=2 ** -7)
 
 
+def test_every_config_entry_ends_with_a_catch_all():
+    for device, kernels in sbmm._configs().items():
+        for kernel, entries in kernels.items():
+            assert entries[-1]["max_rows"] is None, (device, kernel)
+            assert sbmm.pick_config(kernel, device, 1e9) == {k: v for k, v in entries[-1].items() if k != "max_rows"}
+    assert sbmm.pick_config("gluon", "unknown GPU", 4)["BLOCK_M"] == 8
+
+
 def test_sbmm_rejects_bad_shapes():
     stack, x, y, starts, slots = make_case(32, 64, 4, None, True, torch.float32, "one", "cpu")
     with pytest.raises(ValueError):
@@ -165,10 +173,22 @@ def test_sbmm_llama_shapes_gpu(n, k, bits, group, dtype):
 
 @gpu
 @pytest.mark.parametrize("block_m", [8, 16, 32, 64])
-@pytest.mark.parametrize("block_n,num_warps", [(64, 4), (128, 4), (32, 2)])
+@pytest.mark.parametrize("block_n,num_warps", [(64, 4), (128, 4), (32, 2), (64, 2)])
 def test_gluon_configs_gpu(block_m, block_n, num_warps):
     n, k, bits = 512, 2048, 4
     stack, x, y, starts, slots = make_case(n, k, bits, 128, True, torch.float16, "odd", "cuda", seed=5)
     cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, prefetch=block_m != 32)
     y_kernel, y_ref = run_both(stack, x, y, starts, slots, bits, n, k, kernel="gluon", config=cfg)
     torch.testing.assert_close(y_kernel.float(), y_ref.float(), **TOL[torch.float16])
+
+
+@gpu
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("sym", [True, False])
+def test_triton_kernel_with_ptx_expander_gpu(bits, dtype, sym):
+    n, k = 192, 1056  # K not a multiple of the Gluon K tile: the shape the Triton fallback exists for
+    stack, x, y, starts, slots = make_case(n, k, bits, None, sym, dtype, "odd", "cuda", seed=6)
+    cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3, use_asm=True)
+    y_kernel, y_ref = run_both(stack, x, y, starts, slots, bits, n, k, kernel="triton", config=cfg)
+    torch.testing.assert_close(y_kernel.float(), y_ref.float(), **TOL[dtype])
