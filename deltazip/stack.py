@@ -84,12 +84,17 @@ def start_service(name: str, args: list[str], log_dir: Path, env: dict[str, str]
     with open(log_path, "wb") as log_file:
         popen = subprocess.Popen(cmd, cwd=REPO_ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
     proc = Proc(name, popen, f"127.0.0.1:{port}", log_path)
-    try:
-        wait_for_serving(proc.address, timeout_s)
-    except TimeoutError as exc:
-        stop(proc)
-        raise RuntimeError(f"{name} did not become SERVING ({exc}); its log:\n{proc.log_tail()}") from None
-    return proc
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            wait_for_serving(proc.address, min(1.0, max(deadline - time.monotonic(), 0.05)))
+            return proc
+        except TimeoutError as exc:
+            exited = popen.poll() is not None  # a bad flag or a crash: report it now, not at the deadline
+            if exited or time.monotonic() >= deadline:
+                stop(proc)
+                why = f"exited with code {popen.returncode}" if exited else f"not SERVING: {exc}"
+                raise RuntimeError(f"{name} did not start ({why}); its log:\n{proc.log_tail()}") from None
 
 
 class Launcher:

@@ -32,7 +32,7 @@ def stack(launcher, models, tmp_path):
         for name in SERVED[1:]:
             client.push(artifacts[name], name, progress=False)
     workers = [
-        launcher.start("worker", "--base-dir", str(base_dir), "--device", "cpu", "--num-device-slots", "2",
+        launcher.start("worker", "--base-dir", str(base_dir), "--device", "cpu", "--num-device-slots", "2", "--max-deltas-per-batch", "2",
                        "--num-kv-blocks", "64", "--kv-block-size", "8", "--heartbeat-s", "0.5",
                        "--disk-cache-dir", str(tmp_path / f"cache-{i}"))
         for i in range(2)
