@@ -20,6 +20,7 @@ count = count * math.exp(-dt / tau_ms) + 1
 redis.call('HSET', key, 'rate_count', tostring(count), 'rate_updated_ms', ARGV[1])
 local pending = redis.call('HINCRBY', key, 'pending', 1)
 redis.call('EXPIRE', key, ARGV[3])
+redis.call('SADD', KEYS[2], ARGV[4])
 return {pending, tostring(count)}
 """
 
@@ -57,7 +58,8 @@ class QueueStats:
 
     async def arrive(self, model: str) -> QueueState:
         """A request for `model` arrived: pending += 1 and the rate estimate is updated."""
-        pending, count = await self._arrive(keys=[keys.queue(model)], args=[now_ms(), self.tau_s * 1000, keys.QUEUE_TTL_S])
+        pending, count = await self._arrive(keys=[keys.queue(model), keys.queues()],
+                                           args=[now_ms(), self.tau_s * 1000, keys.QUEUE_TTL_S, model])
         return QueueState(model, pending=int(pending), rate_per_s=float(count) / self.tau_s)
 
     async def started(self, model: str) -> None:
@@ -71,7 +73,23 @@ class QueueStats:
 
     async def get(self, model: str) -> QueueState:
         """Current counts and the arrival rate decayed to now."""
-        data = await self.redis.hgetall(keys.queue(model))
+        return self._state(model, await self.redis.hgetall(keys.queue(model)))
+
+    async def active(self) -> list[QueueState]:
+        """Every model with queue state (dz:queues), sorted by name; prunes names whose hash expired."""
+        names = sorted(await self.redis.smembers(keys.queues()))
+        if not names:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hgetall(keys.queue(name))
+            rows = await pipe.execute()
+        stale = [n for n, row in zip(names, rows) if not row]
+        if stale:
+            await self.redis.srem(keys.queues(), *stale)
+        return [self._state(n, row) for n, row in zip(names, rows) if row]
+
+    def _state(self, model: str, data: dict[str, str]) -> QueueState:
         count = float(data.get("rate_count", 0))
         dt_ms = max(0, now_ms() - int(data.get("rate_updated_ms", now_ms())))
         rate = count * math.exp(-dt_ms / (self.tau_s * 1000)) / self.tau_s

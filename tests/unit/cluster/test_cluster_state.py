@@ -53,8 +53,16 @@ def test_worker_liveness_expires_and_residency_is_lru(redis_url):
         assert (await workers.residency("w1"))[Tier.DEVICE] == ["new", "old"]
         tiers = await workers.best_tiers(["w1", "w2"], "cold")
         assert tiers == {"w1": Tier.HOST, "w2": None}
-        await workers.add_inflight("w2", 1)
+        assert await workers.admit("w2", "r1", limit=2, lease_s=60)
+        assert await workers.admit("w2", "r2", limit=2, lease_s=60)
+        assert not await workers.admit("w2", "r3", limit=2, lease_s=60)  # full
+        assert await workers.admit("w2", "r2", limit=2, lease_s=60)  # a held place is renewed, not refused
+        assert await workers.inflight(["w1", "w2"]) == {"w1": 0, "w2": 2}
+        await workers.release("w2", "r1")
+        assert await workers.admit("w1", "gone", limit=1, lease_s=0.05)  # a lease nobody renews expires
+        await asyncio.sleep(0.1)
         assert await workers.inflight(["w1", "w2"]) == {"w1": 0, "w2": 1}
+        assert await workers.admit("w1", "r4", limit=1, lease_s=60)
         await asyncio.sleep(0.2)
         await workers.heartbeat(WorkerRecord("w2", "127.0.0.1:2"))
         await asyncio.sleep(0.2)  # w1 missed its beat
