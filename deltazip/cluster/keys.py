@@ -25,7 +25,11 @@ dz:worker:<id>:inflight           zset    scheduler            scheduler        
 dz:queues                         set     scheduler            scheduler            none (stale names pruned by readers)
     models with a dz:queue:<model> hash (index read by the burst detector).
 dz:queue:<model>                  hash    scheduler            scheduler            QUEUE_TTL_S
-    pending, running, rate_count, rate_updated_ms (decayed arrival count → arrivals/s).
+    rate_count, rate_updated_ms: decayed arrival count (rate_count / --rate-tau-s = arrivals/s).
+dz:queue:<model>:pending          zset    scheduler            scheduler            QUEUE_TTL_S
+    member = request id accepted but without a token yet, score = lease expiry (unix ms, renewed while relayed).
+dz:queue:<model>:running          zset    scheduler            scheduler            QUEUE_TTL_S
+    member = request id streaming tokens, score = lease expiry; live counts = ZCOUNT now..+inf.
 dz:prefetch:<model>               string  scheduler            scheduler            --prefetch-window-s
     id of the scheduler that holds this model's prefetch lease (SET NX PX): one prefetch per model per window.
 dz:request:<request_id>           hash    scheduler            scheduler, clients   REQUEST_TTL_S
@@ -83,6 +87,14 @@ def worker_inflight(worker_id: str) -> str:
 
 def queue(model_name: str) -> str:
     return f"{PREFIX}queue:{model_name}"
+
+
+def queue_pending(model_name: str) -> str:
+    return f"{PREFIX}queue:{model_name}:pending"
+
+
+def queue_running(model_name: str) -> str:
+    return f"{PREFIX}queue:{model_name}:running"
 
 
 def queues() -> str:

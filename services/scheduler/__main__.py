@@ -21,7 +21,7 @@ async def serve(config: SchedulerConfig) -> None:
     """Run the scheduler until SIGTERM/SIGINT."""
     redis = connect(config.redis_url)
     channels = ChannelPool()
-    servicer = SchedulerServicer(ClusterView(redis, config.base_name, config.rate_tau_s), channels, config)
+    servicer = SchedulerServicer(ClusterView(redis, config.base_name, config.rate_tau_s, config.lease_s), channels, config)
     server = RpcServer(
         f"{config.host}:{config.port}",
         [Registration(service_name(scheduler_pb2, "Scheduler"), scheduler_pb2_grpc.add_SchedulerServicer_to_server, servicer)],

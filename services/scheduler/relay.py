@@ -126,13 +126,13 @@ class Relay:
             log.info("request_routed", attempt=attempt, tier=tier, load=chosen.load)
             stub = worker_pb2_grpc.WorkerStub(self.channels.get(worker.address))
             call = stub.Generate(worker_request(job, attempt), timeout=time_remaining())
-            watch = asyncio.create_task(self._watch(wid, job.request_id, call))
+            watch = asyncio.create_task(self._watch(wid, job, call))
             num_tokens = 0
             try:
                 async for chunk in call:
                     if not num_tokens and chunk.token_ids:
                         await self.view.requests.set_state(job.request_id, RequestState.RUNNING)
-                        await self.view.queues.started(job.model)
+                        await self.view.queues.started(job.model, job.request_id)
                     num_tokens += len(chunk.token_ids)
                     chunk.request_id = job.request_id
                     chunk.worker_id = chunk.worker_id or wid
@@ -152,8 +152,8 @@ class Relay:
         finally:
             await asyncio.shield(self.view.workers.release(wid, job.request_id))
 
-    async def _watch(self, worker_id: str, request_id: str, call) -> bool:
-        """Renew the queue lease while relaying; cancel the call and return True once the worker is dead."""
+    async def _watch(self, worker_id: str, job: GenerateJob, call) -> bool:
+        """Renew the request's leases while relaying; cancel the call and return True once the worker is dead."""
         while True:
             await asyncio.sleep(self.limits.worker_check_s)
             try:
@@ -161,7 +161,8 @@ class Relay:
                     log.warning("worker_heartbeat_expired", worker=worker_id)
                     call.cancel()
                     return True
-                await self.view.workers.renew(worker_id, request_id, self.limits.lease_s)
+                await self.view.workers.renew(worker_id, job.request_id, self.limits.lease_s)
+                await self.view.queues.renew(job.model, job.request_id)
             except (RedisError, OSError) as exc:  # Redis down: keep relaying, the stream itself is fine
                 log.warning("worker_check_failed", worker=worker_id, error=str(exc))
 

@@ -46,12 +46,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             earlier = await self.view.requests.create(job.request_id, job.model)
             if earlier is not None:  # a client retry (e.g. after a scheduler died): same id, next attempt number
                 log.info("request_retried", earlier_state=earlier.state, attempts=earlier.attempts)
-            queue = await self.view.queues.arrive(job.model)
+            queue = await self.view.queues.arrive(job.model, job.request_id)
             log.info("request_accepted", pending=queue.pending, rate_per_s=round(queue.rate_per_s, 3))
-            state, error, streamed = RequestState.FAILED, "", False
+            state, error = RequestState.FAILED, ""
             try:
                 async for chunk in self.relay.generate(job, model.is_base, context.time_remaining):
-                    streamed = streamed or bool(chunk.token_ids)
                     yield chunk
                 state = RequestState.FINISHED
             except ServiceError as exc:
@@ -61,11 +60,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 state = RequestState.CANCELLED
                 raise
             finally:
-                await asyncio.shield(self._finish(job, state, error, streamed))
+                await asyncio.shield(self._finish(job, state, error))
 
-    async def _finish(self, job: GenerateJob, state: RequestState, error: str, streamed: bool) -> None:
+    async def _finish(self, job: GenerateJob, state: RequestState, error: str) -> None:
         await self.view.requests.set_state(job.request_id, state, error)
-        await self.view.queues.finished(job.model, was_running=streamed)
+        await self.view.queues.finished(job.model, job.request_id)
         log.info("request_finished", state=state.value, error=error)
 
     @rpc_method

@@ -165,6 +165,7 @@ def test_killed_store_is_failed_over(stack):
     stack.stores[0].popen.send_signal(signal.SIGKILL)  # first in the workers' store order
     out = stack.generate(0, "ft-c", "fetch-after-store-kill")  # no worker has ft-c yet: it must be fetched
     assert out.token_ids and stack.record("fetch-after-store-kill")["tier"] == "remote"
+    assert stack.r.exists(keys.store("store-0")), "store-0 was still listed (first) when the worker fetched"
     deadline = time.monotonic() + 5
     while stack.r.exists(keys.store("store-0")) and time.monotonic() < deadline:
         time.sleep(0.1)

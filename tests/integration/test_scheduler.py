@@ -52,6 +52,11 @@ def scheduler(launcher, redis_url):
         yield client
 
 
+def queue_counts(redis_url: str, model: str) -> tuple[int, int]:
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    return r.zcard(f"dz:queue:{model}:pending"), r.zcard(f"dz:queue:{model}:running")
+
+
 def request_record(redis_url: str, request_id: str) -> dict:
     return redis.Redis.from_url(redis_url, decode_responses=True).hgetall(f"dz:request:{request_id}")
 
@@ -94,8 +99,7 @@ def test_routes_to_worker_holding_delta_and_relays(scheduler, redis_url, fakes):
     assert warm.requests[0].sampling.max_tokens == 8 and warm.requests[0].attempt == 1
     record = request_record(redis_url, out.request_id)
     assert (record["state"], record["worker_id"], record["attempts"]) == ("finished", "w-warm", "1")
-    queue = redis.Redis.from_url(redis_url, decode_responses=True).hgetall("dz:queue:ft-a")
-    assert (queue["pending"], queue["running"]) == ("0", "0")
+    assert queue_counts(redis_url, "ft-a") == (0, 0)
 
 
 def test_base_model_and_chat_and_stream(scheduler, redis_url, fakes):
@@ -240,8 +244,7 @@ def test_async_client_concurrent_requests_spread_and_replicas_are_interchangeabl
     assert set(asyncio.run(burst(first.address))) == {"wa", "wb"}
     stop(first)  # schedulers keep no state: the other replica carries on
     assert len(asyncio.run(burst(second.address))) == 12
-    queue = redis.Redis.from_url(redis_url, decode_responses=True).hgetall("dz:queue:ft-a")
-    assert (queue["pending"], queue["running"]) == ("0", "0")
+    assert queue_counts(redis_url, "ft-a") == (0, 0)
 
 
 def test_delta_for_another_base_is_failed_precondition(scheduler, redis_url, fakes):

@@ -17,7 +17,8 @@ def test_every_key_builder_matches_its_documented_pattern():
         keys.stores(): "dz:stores", keys.store("s1"): "dz:store:<id>", keys.workers(): "dz:workers",
         keys.worker("h-1-ab"): "dz:worker:<id>", keys.worker_resident("h-1-ab", "host"): "dz:worker:<id>:resident:<tier>",
         keys.worker_inflight("h-1-ab"): "dz:worker:<id>:inflight", keys.queues(): "dz:queues",
-        keys.queue("ft-a"): "dz:queue:<model>", keys.prefetch_lease("ft-a"): "dz:prefetch:<model>",
+        keys.queue("ft-a"): "dz:queue:<model>",
+        keys.queue_pending("ft-a"): "dz:queue:<model>:pending", keys.queue_running("ft-a"): "dz:queue:<model>:running", keys.prefetch_lease("ft-a"): "dz:prefetch:<model>",
         keys.request("client:42"): "dz:request:<request_id>",
     }
     assert {keys.match(k).pattern for k in built} == {s.pattern for s in keys.schema()}
