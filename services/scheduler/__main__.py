@@ -4,6 +4,7 @@ import asyncio
 import sys
 
 from deltazip.cluster.connection import connect
+from deltazip.cluster.workers import Tier
 from deltazip.logs import configure_logging, get_logger
 from deltazip.rpc.channels import ChannelPool
 from deltazip.rpc.flags import advertise_address
@@ -33,7 +34,8 @@ async def serve(config: SchedulerConfig) -> None:
     detector = None
     if config.prefetch_interval_s > 0:
         policy = BurstPolicy(config.prefetch_interval_s, config.burst_rate_per_s, config.burst_pending,
-                             config.prefetch_rate_per_worker, config.prefetch_window_s, timeout_s=config.prefetch_timeout_s)
+                             config.prefetch_rate_per_worker, config.prefetch_window_s, Tier(config.prefetch_tier),
+                             config.prefetch_timeout_s)
         prefetcher = BurstPrefetcher(servicer.view, channels, policy, config.scheduler_id, config.affinity_slack)
         detector = asyncio.create_task(prefetcher.run(stop))
     await server.serve_until_signal(config.grace_s)

@@ -88,14 +88,15 @@ class BurstPrefetcher:
         """One detector pass; returns (model, target worker ids) for each prefetch it started."""
         queues = await self.view.queues.active()
         base = await self.view.base()
+        num_live = len(await self.view.workers.live())
         rates = {q.model: q.rate_per_s for q in queues}
         started = []
         for q in queues:
-            if base is not None and q.model == base.name:
-                continue  # every worker always holds the base
+            wanted = holders_wanted(q, self.policy, num_live)
+            if not wanted or (base is not None and q.model == base.name):  # every worker always holds the base
+                continue
             candidates = await self.view.candidates(q.model, is_base=False)
-            wanted = holders_wanted(q, self.policy, len(candidates))
-            targets = pick_targets(candidates, self.policy.tier, wanted, self.affinity_slack, q.model) if wanted else []
+            targets = pick_targets(candidates, self.policy.tier, wanted, self.affinity_slack, q.model)
             if not targets or not await self._lease(q.model):
                 continue
             log.info("burst_detected", model=q.model, rate_per_s=round(q.rate_per_s, 2), pending=q.pending,

@@ -33,6 +33,7 @@ class SchedulerConfig:
     burst_pending: int = 8  # ... or with this many requests routed but not started
     prefetch_rate_per_worker: float = 4.0  # arrivals/s one worker absorbs: holders wanted = rate / this
     prefetch_window_s: float = 5.0  # one prefetch decision per model per window, over all schedulers
+    prefetch_tier: str = "device"  # where burst prefetch puts a delta: device | host
 
     def __post_init__(self) -> None:
         validate_common(self.host, self.port, self.redis_url, self.log_level, self.grace_s)
@@ -49,6 +50,8 @@ class SchedulerConfig:
         for name in ("max_queue_per_worker", "max_queued_tokens_per_worker", "prefetch_interval_s", "burst_pending"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.prefetch_tier not in ("device", "host"):
+            raise ValueError(f"--prefetch-tier must be device or host, got {self.prefetch_tier!r}")
         if self.lease_s <= self.worker_check_s:
             raise ValueError("--lease-s must exceed --worker-check-s: leases are renewed at each check")
 
@@ -65,6 +68,8 @@ def parse_config(argv: list[str] | None = None) -> SchedulerConfig:
     parser.add_argument("--prefetch-timeout-s", type=float, default=float(env_default("DELTAZIP_PREFETCH_TIMEOUT_S", "120")))
     parser.add_argument("--rate-tau-s", type=float, default=float(env_default("DELTAZIP_RATE_TAU_S", "10")))
     parser.add_argument("--scheduler-id", default=env_default("DELTAZIP_SCHEDULER_ID", ""))
+    parser.add_argument("--prefetch-tier", default=env_default("DELTAZIP_PREFETCH_TIER", "device"),
+                        help="where burst prefetch loads a delta: device or host (DELTAZIP_PREFETCH_TIER)")
     for name, kind, default, doc in _TUNING:
         env = "DELTAZIP_" + name.upper()
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=kind(env_default(env, str(default))),
@@ -75,7 +80,7 @@ def parse_config(argv: list[str] | None = None) -> SchedulerConfig:
         grace_s=args.grace_s, base_name=args.base_name, max_attempts=args.max_attempts,
         max_tokens_limit=args.max_tokens_limit, affinity_slack=args.affinity_slack,
         prefetch_timeout_s=args.prefetch_timeout_s, rate_tau_s=args.rate_tau_s,
-        scheduler_id=args.scheduler_id or f"{socket.gethostname()}-{os.getpid()}",
+        scheduler_id=args.scheduler_id or f"{socket.gethostname()}-{os.getpid()}", prefetch_tier=args.prefetch_tier,
         **{name: getattr(args, name) for name, *_ in _TUNING},
     )
 

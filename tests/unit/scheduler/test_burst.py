@@ -52,3 +52,38 @@ def test_cold_victim_is_the_coldest_device_resident_and_never_a_hotter_one(redis
         await r.aclose()
 
     asyncio.run(body())
+
+
+def test_one_replica_of_many_prefetches_a_bursting_model_per_window(redis_url):
+    from deltazip.cluster.models import ModelRecord, ModelRegistry
+    from deltazip.rpc.channels import ChannelPool
+    from services.scheduler.burst import BurstPrefetcher
+    from tests.integration.fake_worker import FakeWorker
+
+    fake = FakeWorker("w1")
+
+    async def body():
+        r = connect(redis_url)
+        await ModelRegistry(r).set_base("base")
+        await ModelRegistry(r).register(ModelRecord("hot"))
+        await WorkerRegistry(r).heartbeat(WorkerRecord("w1", fake.address, num_device_slots=2), {})
+        view = ClusterView(r, "base", rate_tau_s=1.0)
+        for i in range(5):  # 5 arrivals within tau = 1 s: about 5 per second
+            await view.queues.arrive("hot", f"r{i}")
+        await view.queues.arrive("base", "r-base")  # the base is never prefetched
+        channels = ChannelPool()
+        replicas = [BurstPrefetcher(view, channels, BurstPolicy(window_s=30), f"s{i}", affinity_slack=1) for i in range(2)]
+        decisions = [await replica.check() for replica in replicas]
+        assert decisions == [[("hot", ["w1"])], []]
+        for _ in range(100):
+            if fake.loads:
+                break
+            await asyncio.sleep(0.02)
+        assert [load.model for load in fake.loads] == ["hot"]
+        await channels.close()
+        await r.aclose()
+
+    try:
+        asyncio.run(body())
+    finally:
+        fake.stop()
