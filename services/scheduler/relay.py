@@ -51,10 +51,6 @@ class WorkerFailed(Exception):
         self.num_tokens = num_tokens
 
 
-class AllQueuesFull(Exception):
-    """Every live worker's queue is at its limit."""
-
-
 class Relay:
     """Generate's unit of work, shared by all requests of this scheduler (holds no request state)."""
 
