@@ -4,7 +4,8 @@ Promises checked, in order on one stack (each test leaves the stack as the next 
 routing affinity (repeat requests for a model land where its delta is resident); burst prefetch turns would-be
 cold starts into warm hits on a scripted burst (measured against the same burst with the detector held off);
 RESOURCE_EXHAUSTED with retry advice when every worker's queue is full; a killed worker's queued requests are
-re-routed and nothing is lost silently; a killed store is failed over by workers fetching a delta; a scheduler
+re-routed and nothing is lost silently, and so are those of a hung worker (SIGSTOP) once its heartbeat expires;
+a killed store is failed over by workers fetching a delta; a scheduler
 killed mid-request loses nothing (the client retries the same request id elsewhere); every dz:* key left in
 Redis matches the documented schema (deltazip/cluster/keys.py).
 """
@@ -129,36 +130,54 @@ def test_full_queues_are_resource_exhausted(stack):
     assert results.count("ok") >= 9 and results.count("exhausted") >= 4
 
 
-def test_killed_worker_requeues_waiting_requests_and_loses_nothing(stack):
+def run_and_break_a_worker(stack: Stack, tag: str, num_requests: int, sig: signal.Signals) -> tuple[str, list[str], dict]:
+    """Concurrent ft-a requests; once some worker runs one and queues another, send it `sig`."""
+    live = sorted(stack.r.smembers(keys.workers()))
+
     def one(i: int) -> str:
         try:
-            stack.generate(i, "ft-a", f"kill-{i}", max_tokens=80)
+            stack.generate(i, "ft-a", f"{tag}-{i}", max_tokens=80)
             return "ok"
         except UnavailableError as exc:
             assert "can be retried" in str(exc)
             return "unavailable"
 
-    with concurrent.futures.ThreadPoolExecutor(6) as pool:
-        futures = [pool.submit(one, i) for i in range(6)]
+    with concurrent.futures.ThreadPoolExecutor(num_requests) as pool:
+        futures = [pool.submit(one, i) for i in range(num_requests)]
         victim, deadline = None, time.monotonic() + 30
         while victim is None and time.monotonic() < deadline:  # a worker with one running and one waiting
-            records = [stack.record(f"kill-{i}") for i in range(6)]
-            for w in ("w0", "w1", "w2"):
+            records = [stack.record(f"{tag}-{i}") for i in range(num_requests)]
+            for w in live:
                 mine = [r for r in records if r.get("worker_id") == w]
                 if {r.get("state") for r in mine} >= {"running", "routed"}:
                     victim = w
             time.sleep(0.01)
         assert victim is not None, "no worker had a queued request"
-        proc = stack.workers[int(victim[1])]
-        proc.popen.send_signal(signal.SIGKILL)
+        stack.workers[int(victim[1])].popen.send_signal(sig)
         results = [f.result(timeout=120) for f in futures]
-    records = {i: stack.record(f"kill-{i}") for i in range(6)}
+    return victim, results, {i: stack.record(f"{tag}-{i}") for i in range(num_requests)}
+
+
+def check_nothing_lost(victim: str, results: list[str], records: dict, what: str) -> None:
     requeued = [r for r in records.values() if int(r["attempts"]) >= 2]
-    print(f"\nworker kill ({victim}): {results.count('ok')} finished, {results.count('unavailable')} UNAVAILABLE "
+    print(f"\n{what} ({victim}): {results.count('ok')} finished, {results.count('unavailable')} UNAVAILABLE "
           f"(retryable), {len(requeued)} re-routed")
     assert requeued and all(r["state"] == "finished" and r["worker_id"] != victim for r in requeued)
     assert all(r["state"] in ("finished", "failed") for r in records.values())  # nothing left hanging
     assert results.count("ok") == sum(r["state"] == "finished" for r in records.values())
+
+
+def test_killed_worker_requeues_waiting_requests_and_loses_nothing(stack):
+    victim, results, records = run_and_break_a_worker(stack, "kill", 6, signal.SIGKILL)
+    check_nothing_lost(victim, results, records, "worker kill")
+
+
+def test_hung_worker_is_dropped_when_its_heartbeat_expires(stack):
+    victim, results, records = run_and_break_a_worker(stack, "hang", 4, signal.SIGSTOP)
+    stack.workers[int(victim[1])].popen.send_signal(signal.SIGKILL)  # a stopped process ignores SIGTERM
+    check_nothing_lost(victim, results, records, "worker hang")
+    failed = [r["error"] for r in records.values() if r["state"] == "failed"]
+    assert all("heartbeat expired" in e for e in failed), failed
 
 
 def test_killed_store_is_failed_over(stack):
