@@ -1,4 +1,8 @@
-"""Per-model queue state shared by schedulers: pending/running counts and an arrival-rate estimate."""
+"""Per-model queue state shared by schedulers: pending/running requests (leased) and an arrival-rate estimate.
+
+Pending and running requests are zset members scored by a lease expiry that the relaying scheduler renews:
+a scheduler killed mid-request leaves no count behind once its leases run out.
+"""
 
 import math
 from dataclasses import dataclass
@@ -18,22 +22,13 @@ local last = tonumber(redis.call('HGET', key, 'rate_updated_ms') or ARGV[1])
 local dt = math.max(0, now - last)
 count = count * math.exp(-dt / tau_ms) + 1
 redis.call('HSET', key, 'rate_count', tostring(count), 'rate_updated_ms', ARGV[1])
-local pending = redis.call('HINCRBY', key, 'pending', 1)
 redis.call('EXPIRE', key, ARGV[3])
-return {pending, tostring(count)}
+redis.call('SADD', KEYS[2], ARGV[4])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+redis.call('ZADD', KEYS[3], ARGV[6], ARGV[5])
+redis.call('EXPIRE', KEYS[3], ARGV[3])
+return {redis.call('ZCARD', KEYS[3]), tostring(count)}
 """
-
-# Counters never go below zero, even if a scheduler died mid-request and another's decrement races it.
-_MOVE = """
-local key = KEYS[1]
-for i = 1, #ARGV - 1, 2 do
-  local v = redis.call('HINCRBY', key, ARGV[i], ARGV[i + 1])
-  if v < 0 then redis.call('HSET', key, ARGV[i], 0) end
-end
-redis.call('EXPIRE', key, ARGV[#ARGV])
-return 1
-"""
-
 
 @dataclass(frozen=True, slots=True)
 class QueueState:
@@ -46,33 +41,77 @@ class QueueState:
 
 
 class QueueStats:
-    """Updates and reads `dz:queue:<model>`; the scheduler is its only writer."""
+    """Updates and reads `dz:queue:<model>` (+ `:pending`, `:running`); the scheduler is its only writer."""
 
-    def __init__(self, redis: aioredis.Redis, tau_s: float = 10.0):
-        assert tau_s > 0
+    def __init__(self, redis: aioredis.Redis, tau_s: float = 10.0, lease_s: float = 10.0):
+        assert tau_s > 0 and lease_s > 0
         self.redis = redis
         self.tau_s = tau_s
+        self.lease_ms = int(lease_s * 1000)
         self._arrive = redis.register_script(_ARRIVE)
-        self._move = redis.register_script(_MOVE)
 
-    async def arrive(self, model: str) -> QueueState:
-        """A request for `model` arrived: pending += 1 and the rate estimate is updated."""
-        pending, count = await self._arrive(keys=[keys.queue(model)], args=[now_ms(), self.tau_s * 1000, keys.QUEUE_TTL_S])
+    async def arrive(self, model: str, request_id: str) -> QueueState:
+        """A request for `model` arrived: it is pending and the rate estimate is updated."""
+        now = now_ms()
+        pending, count = await self._arrive(
+            keys=[keys.queue(model), keys.queues(), keys.queue_pending(model)],
+            args=[now, self.tau_s * 1000, keys.QUEUE_TTL_S, model, request_id, now + self.lease_ms])
         return QueueState(model, pending=int(pending), rate_per_s=float(count) / self.tau_s)
 
-    async def started(self, model: str) -> None:
+    async def started(self, model: str, request_id: str) -> None:
         """First token streamed: pending → running."""
-        await self._move(keys=[keys.queue(model)], args=["pending", -1, "running", 1, keys.QUEUE_TTL_S])
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(keys.queue_pending(model), request_id)
+            pipe.zadd(keys.queue_running(model), {request_id: now_ms() + self.lease_ms})
+            pipe.expire(keys.queue_running(model), keys.QUEUE_TTL_S)
+            await pipe.execute()
 
-    async def finished(self, model: str, was_running: bool) -> None:
+    async def renew(self, model: str, request_id: str) -> None:
+        """Extend the request's lease in whichever of pending/running holds it."""
+        expiry = now_ms() + self.lease_ms
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for key in (keys.queue_pending(model), keys.queue_running(model)):
+                pipe.zadd(key, {request_id: expiry}, xx=True)
+            await pipe.execute()
+
+    async def finished(self, model: str, request_id: str) -> None:
         """The request ended (done, failed or cancelled)."""
-        field = "running" if was_running else "pending"
-        await self._move(keys=[keys.queue(model)], args=[field, -1, keys.QUEUE_TTL_S])
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(keys.queue_pending(model), request_id)
+            pipe.zrem(keys.queue_running(model), request_id)
+            await pipe.execute()
 
     async def get(self, model: str) -> QueueState:
         """Current counts and the arrival rate decayed to now."""
-        data = await self.redis.hgetall(keys.queue(model))
+        return (await self._read([model]))[0]
+
+    async def active(self) -> list[QueueState]:
+        """Every model with queue state (dz:queues), sorted by name; prunes names whose hash expired."""
+        names = sorted(await self.redis.smembers(keys.queues()))
+        states = await self._read(names)
+        stale = [n for n, st in zip(names, states) if st is None]
+        if stale:
+            await self.redis.srem(keys.queues(), *stale)
+        return [st for st in states if st is not None]
+
+    async def _read(self, models: list[str]) -> list[QueueState | None]:
+        if not models:
+            return []
+        now = now_ms()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for model in models:
+                pipe.hgetall(keys.queue(model))
+                pipe.zcount(keys.queue_pending(model), now, "+inf")
+                pipe.zcount(keys.queue_running(model), now, "+inf")
+            rows = await pipe.execute()
+        states = []
+        for i, model in enumerate(models):
+            data, pending, running = rows[3 * i : 3 * i + 3]
+            states.append(self._state(model, data, pending, running) if data or pending or running else None)
+        return states
+
+    def _state(self, model: str, data: dict[str, str], pending: int, running: int) -> QueueState:
         count = float(data.get("rate_count", 0))
         dt_ms = max(0, now_ms() - int(data.get("rate_updated_ms", now_ms())))
         rate = count * math.exp(-dt_ms / (self.tau_s * 1000)) / self.tau_s
-        return QueueState(model, int(data.get("pending", 0)), int(data.get("running", 0)), rate)
+        return QueueState(model, int(pending), int(running), rate)

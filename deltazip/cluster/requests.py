@@ -32,6 +32,7 @@ class RequestRecord:
     model: str = ""
     state: str = RequestState.QUEUED.value
     worker_id: str = ""
+    tier: str = ""  # where the delta was on that worker when routed: device|host|disk|remote
     attempts: int = 0
     created_ms: int = 0
     updated_ms: int = 0
@@ -49,24 +50,34 @@ class RequestLog:
         self.redis = redis
         self.ttl_s = ttl_s
 
-    async def create(self, request_id: str, model: str) -> None:
-        """Record a newly accepted request as QUEUED."""
-        now = now_ms()
-        fields = {"request_id": request_id, "model": model, "state": RequestState.QUEUED.value, "attempts": 0,
-                  "created_ms": now, "updated_ms": now, "worker_id": "", "error": ""}
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(keys.request(request_id), mapping=fields)
-            pipe.expire(keys.request(request_id), self.ttl_s)
-            await pipe.execute()
+    async def create(self, request_id: str, model: str) -> RequestRecord | None:
+        """Record an accepted request as QUEUED; returns the earlier record when a client retries the same id.
 
-    async def routed(self, request_id: str, worker_id: str) -> None:
-        """The request was sent to `worker_id` (attempts += 1)."""
+        A retry keeps `created_ms` and keeps counting `attempts`, so each attempt reaches a worker under a new
+        attempt number (never colliding with a run of the earlier call still being cancelled there).
+        """
+        now = now_ms()
+        key = keys.request(request_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hgetall(key)
+            pipe.hsetnx(key, "created_ms", now)
+            pipe.hsetnx(key, "attempts", 0)
+            pipe.hset(key, mapping={"request_id": request_id, "model": model, "state": RequestState.QUEUED.value,
+                                    "updated_ms": now, "worker_id": "", "tier": "", "error": ""})
+            pipe.expire(key, self.ttl_s)
+            earlier, *_ = await pipe.execute()
+        return from_hash(RequestRecord, earlier) if earlier else None
+
+    async def routed(self, request_id: str, worker_id: str, tier: str = "") -> int:
+        """The request was sent to `worker_id` (attempts += 1); returns the attempt number."""
         async with self.redis.pipeline(transaction=True) as pipe:
             key = keys.request(request_id)
-            pipe.hset(key, mapping={"state": RequestState.ROUTED.value, "worker_id": worker_id, "updated_ms": now_ms()})
+            pipe.hset(key, mapping={"state": RequestState.ROUTED.value, "worker_id": worker_id, "tier": tier,
+                                    "updated_ms": now_ms()})
             pipe.hincrby(key, "attempts", 1)
             pipe.expire(key, self.ttl_s)
-            await pipe.execute()
+            _, attempts, _ = await pipe.execute()
+        return int(attempts)
 
     async def set_state(self, request_id: str, state: RequestState, error: str = "") -> None:
         """Move the request to `state` (RUNNING on first token, or a terminal state)."""

@@ -10,6 +10,20 @@ from deltazip.cluster.connection import now_ms
 from deltazip.cluster.records import from_hash, to_hash
 
 
+# Admission: a queue place on the worker is a zset member (request id) scored by its lease expiry; expired
+# leases (a scheduler that died mid-request) are dropped first, so a crash never leaks capacity.
+_ADMIT = """
+local key = KEYS[1]
+local now, limit, member, expiry = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4]
+redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+local n = redis.call('ZCARD', key)
+if limit > 0 and n >= limit and not redis.call('ZSCORE', key, member) then return -1 end
+redis.call('ZADD', key, expiry, member)
+redis.call('EXPIRE', key, ARGV[5])
+return n + 1
+"""
+
+
 class Tier(Enum):
     """Where a delta lives on a worker; the nearer tiers are subsets of the farther ones."""
 
@@ -28,6 +42,7 @@ class WorkerRecord:
     base_identity: str = ""
     device: str = ""
     mode: str = ""
+    num_device_slots: int = 0  # 0 = unknown (schedulers then never evict for a prefetch)
     num_running: int = 0
     num_waiting: int = 0
     queued_tokens: int = 0
@@ -44,6 +59,7 @@ class WorkerRegistry:
         assert ttl_s > 0
         self.redis = redis
         self.ttl_ms = int(ttl_s * 1000)
+        self._admit = redis.register_script(_ADMIT)
 
     # -- written by the worker -------------------------------------------------------------------------------
     async def heartbeat(self, record: WorkerRecord, residency: dict[Tier, list[str]] | None = None) -> None:
@@ -125,18 +141,33 @@ class WorkerRegistry:
             result[wid] = next((t for t, s in zip(tiers, row) if s is not None), None)
         return result
 
-    # -- in-flight counts kept by schedulers -----------------------------------------------------------------
-    async def add_inflight(self, worker_id: str, delta: int) -> None:
-        """Count a request the schedulers route to (+1) or finished relaying from (-1) this worker."""
-        key = keys.worker_inflight(worker_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.incrby(key, delta)
-            pipe.expire(key, keys.INFLIGHT_TTL_S)
-            await pipe.execute()
+    # -- in-flight leases kept by schedulers -----------------------------------------------------------------
+    async def admit(self, worker_id: str, request_id: str, limit: int, lease_s: float) -> bool:
+        """Atomically take a queue place on the worker unless it holds `limit` live leases (0 = unbounded)."""
+        now = now_ms()
+        taken = await self._admit(keys=[keys.worker_inflight(worker_id)],
+                                  args=[now, limit, request_id, now + int(lease_s * 1000), keys.INFLIGHT_TTL_S])
+        return int(taken) > 0
+
+    async def renew(self, worker_id: str, request_id: str, lease_s: float) -> None:
+        """Extend a request's lease while it is still being relayed (XX: never resurrect a released one)."""
+        await self.redis.zadd(keys.worker_inflight(worker_id), {request_id: now_ms() + int(lease_s * 1000)}, xx=True)
+
+    async def release(self, worker_id: str, request_id: str) -> None:
+        """The request left the worker (finished, failed or cancelled)."""
+        await self.redis.zrem(keys.worker_inflight(worker_id), request_id)
+
+    async def alive(self, worker_id: str) -> bool:
+        """True while the worker's heartbeat key exists."""
+        return bool(await self.redis.exists(keys.worker(worker_id)))
 
     async def inflight(self, worker_ids: list[str]) -> dict[str, int]:
-        """Requests currently relayed to each worker by all schedulers."""
+        """Requests with a live lease on each worker, over all schedulers."""
         if not worker_ids:
             return {}
-        values = await self.redis.mget([keys.worker_inflight(w) for w in worker_ids])
-        return {w: max(0, int(v or 0)) for w, v in zip(worker_ids, values)}
+        now = now_ms()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for wid in worker_ids:
+                pipe.zcount(keys.worker_inflight(wid), now, "+inf")
+            counts = await pipe.execute()
+        return dict(zip(worker_ids, (int(c) for c in counts)))

@@ -4,11 +4,13 @@ import asyncio
 import sys
 
 from deltazip.cluster.connection import connect
+from deltazip.cluster.workers import Tier
 from deltazip.logs import configure_logging, get_logger
 from deltazip.rpc.channels import ChannelPool
 from deltazip.rpc.flags import advertise_address
 from deltazip.rpc.server import Registration, RpcServer, service_name
 from deltazip.v1 import scheduler_pb2, scheduler_pb2_grpc
+from services.scheduler.burst import BurstPolicy, BurstPrefetcher
 from services.scheduler.cluster_view import ClusterView
 from services.scheduler.config import SchedulerConfig, parse_config
 from services.scheduler.server import SchedulerServicer
@@ -20,14 +22,26 @@ async def serve(config: SchedulerConfig) -> None:
     """Run the scheduler until SIGTERM/SIGINT."""
     redis = connect(config.redis_url)
     channels = ChannelPool()
-    servicer = SchedulerServicer(ClusterView(redis, config.base_name, config.rate_tau_s), channels, config)
+    servicer = SchedulerServicer(ClusterView(redis, config.base_name, config.rate_tau_s, config.lease_s), channels, config)
     server = RpcServer(
         f"{config.host}:{config.port}",
         [Registration(service_name(scheduler_pb2, "Scheduler"), scheduler_pb2_grpc.add_SchedulerServicer_to_server, servicer)],
     )
     port = await server.start()
-    log.info("scheduler_ready", address=advertise_address(config.host, port, config.advertise))
+    log.info("scheduler_ready", address=advertise_address(config.host, port, config.advertise),
+             scheduler_id=config.scheduler_id)
+    stop = asyncio.Event()
+    detector = None
+    if config.prefetch_interval_s > 0:
+        policy = BurstPolicy(config.prefetch_interval_s, config.burst_rate_per_s, config.burst_pending,
+                             config.prefetch_rate_per_worker, config.prefetch_window_s, Tier(config.prefetch_tier),
+                             config.prefetch_timeout_s)
+        prefetcher = BurstPrefetcher(servicer.view, channels, policy, config.scheduler_id, config.affinity_slack)
+        detector = asyncio.create_task(prefetcher.run(stop))
     await server.serve_until_signal(config.grace_s)
+    stop.set()
+    if detector is not None:
+        await detector
     await channels.close()
     await redis.aclose()
 

@@ -25,12 +25,12 @@ class ResolvedModel:
 class ClusterView:
     """All Redis access of the scheduler goes through here."""
 
-    def __init__(self, redis: aioredis.Redis, base_name: str, rate_tau_s: float):
+    def __init__(self, redis: aioredis.Redis, base_name: str, rate_tau_s: float, lease_s: float = 10.0):
         self.redis = redis
         self.base_name = base_name
         self.models = ModelRegistry(redis)
         self.workers = WorkerRegistry(redis)
-        self.queues = QueueStats(redis, tau_s=rate_tau_s)
+        self.queues = QueueStats(redis, tau_s=rate_tau_s, lease_s=lease_s)
         self.requests = RequestLog(redis)
 
     async def base(self) -> ResolvedModel | None:

@@ -1,6 +1,8 @@
 """Scheduler configuration: flags and DELTAZIP_* env vars, validated once in main()."""
 
 import argparse
+import os
+import socket
 from dataclasses import dataclass
 
 from deltazip.rpc.flags import add_common_flags, env_default, validate_common
@@ -20,6 +22,18 @@ class SchedulerConfig:
     affinity_slack: int = 4  # a worker holding the delta wins unless it has this many more requests than the idlest
     prefetch_timeout_s: float = 120.0
     rate_tau_s: float = 10.0
+    scheduler_id: str = ""  # '' = hostname-pid (holder of prefetch leases, in logs)
+    max_queue_per_worker: int = 32  # requests relayed to one worker at once; beyond, try another (0 = unbounded)
+    max_queued_tokens_per_worker: int = 0  # skip a worker whose published queued_tokens reach this (0 = off)
+    retry_after_s: float = 1.0  # advice in RESOURCE_EXHAUSTED when every worker's queue is full
+    lease_s: float = 10.0  # a queue place not renewed this long (scheduler died) is freed
+    worker_check_s: float = 1.0  # while waiting on a worker, check its heartbeat this often
+    prefetch_interval_s: float = 0.5  # burst detector period (0 = no automatic prefetch)
+    burst_rate_per_s: float = 2.0  # a model arriving at least this fast is bursting
+    burst_pending: int = 8  # ... or with this many requests routed but not started
+    prefetch_rate_per_worker: float = 4.0  # arrivals/s one worker absorbs: holders wanted = rate / this
+    prefetch_window_s: float = 5.0  # one prefetch decision per model per window, over all schedulers
+    prefetch_tier: str = "device"  # where burst prefetch puts a delta: device | host
 
     def __post_init__(self) -> None:
         validate_common(self.host, self.port, self.redis_url, self.log_level, self.grace_s)
@@ -29,8 +43,17 @@ class SchedulerConfig:
             raise ValueError(f"--max-tokens-limit {self.max_tokens_limit} must be >= 1")
         if self.affinity_slack < 0:
             raise ValueError(f"--affinity-slack {self.affinity_slack} must be >= 0")
-        if self.prefetch_timeout_s <= 0 or self.rate_tau_s <= 0:
-            raise ValueError("--prefetch-timeout-s and --rate-tau-s must be positive")
+        for name in ("prefetch_timeout_s", "rate_tau_s", "retry_after_s", "lease_s", "worker_check_s",
+                     "burst_rate_per_s", "prefetch_rate_per_worker", "prefetch_window_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("max_queue_per_worker", "max_queued_tokens_per_worker", "prefetch_interval_s", "burst_pending"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.prefetch_tier not in ("device", "host"):
+            raise ValueError(f"--prefetch-tier must be device or host, got {self.prefetch_tier!r}")
+        if self.lease_s <= self.worker_check_s:
+            raise ValueError("--lease-s must exceed --worker-check-s: leases are renewed at each check")
 
 
 def parse_config(argv: list[str] | None = None) -> SchedulerConfig:
@@ -44,10 +67,33 @@ def parse_config(argv: list[str] | None = None) -> SchedulerConfig:
     parser.add_argument("--affinity-slack", type=int, default=int(env_default("DELTAZIP_AFFINITY_SLACK", "4")))
     parser.add_argument("--prefetch-timeout-s", type=float, default=float(env_default("DELTAZIP_PREFETCH_TIMEOUT_S", "120")))
     parser.add_argument("--rate-tau-s", type=float, default=float(env_default("DELTAZIP_RATE_TAU_S", "10")))
+    parser.add_argument("--scheduler-id", default=env_default("DELTAZIP_SCHEDULER_ID", ""))
+    parser.add_argument("--prefetch-tier", default=env_default("DELTAZIP_PREFETCH_TIER", "device"),
+                        help="where burst prefetch loads a delta: device or host (DELTAZIP_PREFETCH_TIER)")
+    for name, kind, default, doc in _TUNING:
+        env = "DELTAZIP_" + name.upper()
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=kind(env_default(env, str(default))),
+                            help=f"{doc} ({env})")
     args = parser.parse_args(argv)
     return SchedulerConfig(
         host=args.host, port=args.port, advertise=args.advertise, redis_url=args.redis_url, log_level=args.log_level,
         grace_s=args.grace_s, base_name=args.base_name, max_attempts=args.max_attempts,
         max_tokens_limit=args.max_tokens_limit, affinity_slack=args.affinity_slack,
         prefetch_timeout_s=args.prefetch_timeout_s, rate_tau_s=args.rate_tau_s,
+        scheduler_id=args.scheduler_id or f"{socket.gethostname()}-{os.getpid()}", prefetch_tier=args.prefetch_tier,
+        **{name: getattr(args, name) for name, *_ in _TUNING},
     )
+
+
+_TUNING = (
+    ("max_queue_per_worker", int, 32, "requests relayed to one worker at once (0 = unbounded)"),
+    ("max_queued_tokens_per_worker", int, 0, "skip a worker whose queued tokens reach this (0 = off)"),
+    ("retry_after_s", float, 1.0, "retry advice when every worker is full"),
+    ("lease_s", float, 10.0, "queue place lease, renewed while relaying"),
+    ("worker_check_s", float, 1.0, "how often a relayed worker's heartbeat is checked"),
+    ("prefetch_interval_s", float, 0.5, "burst detector period; 0 = no automatic prefetch"),
+    ("burst_rate_per_s", float, 2.0, "arrival rate that counts as a burst"),
+    ("burst_pending", int, 8, "pending requests that count as a burst"),
+    ("prefetch_rate_per_worker", float, 4.0, "arrivals/s one worker absorbs"),
+    ("prefetch_window_s", float, 5.0, "one prefetch per model per window"),
+)

@@ -1,13 +1,20 @@
-"""Running one Generate: route to a worker, relay its stream, retry elsewhere if it fails before any token."""
+"""Running one Generate: admit to a worker's bounded queue, relay its stream, retry elsewhere before any token.
 
+A worker whose heartbeat expires while a request waits on it counts as failed: the request is re-routed
+(nothing streamed yet) or ends UNAVAILABLE saying it can be retried (tokens already streamed).
+"""
+
+import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import grpc
+from redis.exceptions import RedisError
 
 from deltazip.cluster.requests import RequestState
 from deltazip.logs import bind_fields, get_logger
 from deltazip.rpc.channels import ChannelPool
-from deltazip.rpc.errors import ServiceError, Unavailable
+from deltazip.rpc.errors import ResourceExhausted, ServiceError, Unavailable
 from deltazip.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from services.scheduler.cluster_view import ClusterView
 from services.scheduler.routing import Candidate, rank
@@ -22,24 +29,38 @@ RETRYABLE = frozenset({
 })
 
 
+@dataclass(frozen=True, slots=True)
+class QueueLimits:
+    """Bounds on each worker's queue and the liveness/lease timing of a relayed request."""
+
+    max_queue_per_worker: int = 32  # 0 = unbounded
+    max_queued_tokens_per_worker: int = 0  # 0 = off
+    retry_after_s: float = 1.0
+    lease_s: float = 10.0
+    worker_check_s: float = 1.0
+
+
 class WorkerFailed(Exception):
     """The chosen worker's stream broke; `num_tokens` were already relayed."""
 
-    def __init__(self, worker_id: str, error: grpc.aio.AioRpcError, num_tokens: int):
-        super().__init__(f"{worker_id}: {error.code().name}: {error.details()}")
+    def __init__(self, worker_id: str, code: grpc.StatusCode, details: str, num_tokens: int):
+        super().__init__(f"{worker_id}: {code.name}: {details}")
         self.worker_id = worker_id
-        self.error = error
+        self.code = code
+        self.details = details
         self.num_tokens = num_tokens
 
 
 class Relay:
     """Generate's unit of work, shared by all requests of this scheduler (holds no request state)."""
 
-    def __init__(self, view: ClusterView, channels: ChannelPool, max_attempts: int, affinity_slack: int):
+    def __init__(self, view: ClusterView, channels: ChannelPool, max_attempts: int, affinity_slack: int,
+                 limits: QueueLimits = QueueLimits()):
         self.view = view
         self.channels = channels
         self.max_attempts = max_attempts
         self.affinity_slack = affinity_slack
+        self.limits = limits
 
     async def generate(self, job: GenerateJob, is_base: bool, time_remaining) -> AsyncIterator[common_pb2.GenerateChunk]:
         """Chunks for `job`; `time_remaining()` is the client's deadline (None = none)."""
@@ -51,21 +72,20 @@ class Relay:
                 break
             tried.append(worker.worker.worker_id)
             try:
-                async for chunk in self._attempt(job, worker, len(tried), time_remaining):
+                async for chunk in self._attempt(job, worker, time_remaining):
                     yield chunk
                 return
             except WorkerFailed as failed:
                 last_error = failed
-                code = failed.error.code()
                 if failed.num_tokens:
                     raise Unavailable(
                         f"worker {failed.worker_id} failed after streaming {failed.num_tokens} tokens "
-                        f"({code.name}: {failed.error.details()}); the request can be retried"
+                        f"({failed.code.name}: {failed.details}); the request can be retried"
                     ) from None
-                if code not in RETRYABLE:  # the worker's verdict on the request itself, e.g. prompt too long
-                    raise ServiceError(failed.error.details() or code.name, code) from None
-                log.warning("worker_attempt_failed", worker=failed.worker_id, attempt=len(tried), code=code.name,
-                            message=failed.error.details())
+                if failed.code not in RETRYABLE:  # the worker's verdict on the request itself, e.g. prompt too long
+                    raise ServiceError(failed.details or failed.code.name, failed.code) from None
+                log.warning("worker_attempt_failed", worker=failed.worker_id, attempt=len(tried),
+                            code=failed.code.name, message=failed.details)
         if last_error is None:
             raise Unavailable(
                 "no live worker to run this request; start one with `python -m services.worker` and check that it "
@@ -76,34 +96,78 @@ class Relay:
         )
 
     async def _choose(self, job: GenerateJob, is_base: bool, exclude: set[str]) -> Candidate | None:
-        candidates = [c for c in await self.view.candidates(job.model, is_base) if c.worker.worker_id not in exclude]
-        ranked = rank(candidates, self.affinity_slack, salt=job.request_id)
-        return ranked[0] if ranked else None
+        """The best worker that admits the request into its queue; RESOURCE_EXHAUSTED when all are full."""
+        live = [c for c in await self.view.candidates(job.model, is_base) if c.worker.worker_id not in exclude]
+        max_tokens = self.limits.max_queued_tokens_per_worker
+        open_ = [c for c in live if not max_tokens or c.worker.queued_tokens < max_tokens]
+        for candidate in rank(open_, self.affinity_slack, salt=job.request_id):
+            if await self.view.workers.admit(candidate.worker.worker_id, job.request_id,
+                                             self.limits.max_queue_per_worker, self.limits.lease_s):
+                return candidate
+        if live:
+            raise ResourceExhausted(
+                f"all {len(live)} live worker(s) are at their queue limit ({self.limits.max_queue_per_worker} "
+                f"requests or {max_tokens or 'unbounded'} queued tokens each); retry after "
+                f"{self.limits.retry_after_s:g} s with backoff, or add workers"
+            )
+        return None
 
-    async def _attempt(self, job: GenerateJob, chosen: Candidate, attempt: int, time_remaining):
+    async def _attempt(self, job: GenerateJob, chosen: Candidate, time_remaining):
         worker = chosen.worker
-        bind_fields(worker=worker.worker_id)
-        log.info("request_routed", attempt=attempt, tier=chosen.tier.value if chosen.tier else "remote", load=chosen.load)
-        await self.view.requests.routed(job.request_id, worker.worker_id)
-        await self.view.workers.add_inflight(worker.worker_id, 1)
-        stub = worker_pb2_grpc.WorkerStub(self.channels.get(worker.address))
-        call = stub.Generate(worker_request(job, attempt), timeout=time_remaining())
-        num_tokens = 0
-        try:
-            async for chunk in call:
-                if not num_tokens and chunk.token_ids:
-                    await self.view.requests.set_state(job.request_id, RequestState.RUNNING)
-                    await self.view.queues.started(job.model)
-                num_tokens += len(chunk.token_ids)
-                chunk.request_id = job.request_id
-                chunk.worker_id = chunk.worker_id or worker.worker_id
-                chunk.model = chunk.model or job.model
-                yield chunk
-        except grpc.aio.AioRpcError as exc:
-            raise WorkerFailed(worker.worker_id, exc, num_tokens) from None
+        wid = worker.worker_id
+        try:  # the queue place was taken in _choose: every path below gives it back
+            bind_fields(worker=wid)
+            tier = chosen.tier.value if chosen.tier else "remote"
+            attempt = await self.view.requests.routed(job.request_id, wid, tier)
+            log.info("request_routed", attempt=attempt, tier=tier, load=chosen.load)
+            stub = worker_pb2_grpc.WorkerStub(self.channels.get(worker.address))
+            call = stub.Generate(worker_request(job, attempt), timeout=time_remaining())
+            watch = asyncio.create_task(self._watch(wid, job, call))
+            num_tokens = 0
+            try:
+                async for chunk in call:
+                    if not num_tokens and chunk.token_ids:
+                        await self.view.requests.set_state(job.request_id, RequestState.RUNNING)
+                        await self.view.queues.started(job.model, job.request_id)
+                    num_tokens += len(chunk.token_ids)
+                    chunk.request_id = job.request_id
+                    chunk.worker_id = chunk.worker_id or wid
+                    chunk.model = chunk.model or job.model
+                    yield chunk
+            except grpc.aio.AioRpcError as exc:
+                if _found_dead(watch):
+                    raise WorkerFailed(wid, grpc.StatusCode.UNAVAILABLE, _EXPIRED, num_tokens) from None
+                raise WorkerFailed(wid, exc.code(), exc.details() or "", num_tokens) from None
+            except asyncio.CancelledError:
+                if _found_dead(watch):  # we cancelled the call ourselves, not the client
+                    raise WorkerFailed(wid, grpc.StatusCode.UNAVAILABLE, _EXPIRED, num_tokens) from None
+                raise
+            finally:
+                watch.cancel()
+                call.cancel()  # no-op when finished; stops the worker's GPU work when the client went away
         finally:
-            call.cancel()  # no-op when finished; stops the worker's GPU work when the client went away
-            await self.view.workers.add_inflight(worker.worker_id, -1)
+            await asyncio.shield(self.view.workers.release(wid, job.request_id))
+
+    async def _watch(self, worker_id: str, job: GenerateJob, call) -> bool:
+        """Renew the request's leases while relaying; cancel the call and return True once the worker is dead."""
+        while True:
+            await asyncio.sleep(self.limits.worker_check_s)
+            try:
+                if not await self.view.workers.alive(worker_id):
+                    log.warning("worker_heartbeat_expired", worker=worker_id)
+                    call.cancel()
+                    return True
+                await self.view.workers.renew(worker_id, job.request_id, self.limits.lease_s)
+                await self.view.queues.renew(job.model, job.request_id)
+            except (RedisError, OSError) as exc:  # Redis down: keep relaying, the stream itself is fine
+                log.warning("worker_check_failed", worker=worker_id, error=str(exc))
+
+
+_EXPIRED = "its heartbeat expired (the worker died or hangs)"
+
+
+def _found_dead(watch: asyncio.Task) -> bool:
+    return watch.done() and not watch.cancelled() and watch.exception() is None and watch.result()
 
 
 def worker_request(job: GenerateJob, attempt: int) -> worker_pb2.WorkerGenerateRequest:

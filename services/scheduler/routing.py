@@ -1,4 +1,5 @@
-"""Choosing a worker: delta already on the worker's device > on its host > least loaded.
+"""Choosing a worker: delta already on the worker's device > on its host > least loaded (requests, queued
+tokens, then free KV share).
 
 Affinity wins only while the holder is not much busier than the idlest worker (`affinity_slack` requests),
 so one popular model cannot pile every request onto one worker.
@@ -25,6 +26,12 @@ class Candidate:
         """Requests on the worker: its own count, or the schedulers' fresher count if larger."""
         return max(self.inflight, self.worker.num_running + self.worker.num_waiting)
 
+    @property
+    def free_kv_fraction(self) -> float:
+        """Share of the worker's KV blocks free (1.0 when it has not published them)."""
+        total = self.worker.total_kv_blocks
+        return self.worker.free_kv_blocks / total if total else 1.0
+
 
 def rank(candidates: list[Candidate], affinity_slack: int, salt: str = "") -> list[Candidate]:
     """Candidates best first; `salt` (the request id) breaks exact ties differently per request."""
@@ -35,6 +42,6 @@ def rank(candidates: list[Candidate], affinity_slack: int, salt: str = "") -> li
     def key(c: Candidate) -> tuple:
         near = c.load <= least + affinity_slack
         tie = zlib.crc32(f"{salt}/{c.worker.worker_id}".encode())
-        return (not near, _TIER_RANK[c.tier] if near else 0, c.load, c.worker.queued_tokens, tie)
+        return (not near, _TIER_RANK[c.tier] if near else 0, c.load, c.worker.queued_tokens, -c.free_kv_fraction, tie)
 
     return sorted(candidates, key=key)

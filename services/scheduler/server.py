@@ -11,7 +11,7 @@ from deltazip.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from services.scheduler.cluster_view import ClusterView, ResolvedModel
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.prefetch import prefetch, tier_from_proto
-from services.scheduler.relay import Relay
+from services.scheduler.relay import QueueLimits, Relay
 from services.scheduler.validation import GenerateJob, validate_generate
 
 log = get_logger("scheduler")
@@ -34,20 +34,23 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self.view = view
         self.channels = channels
         self.config = config
-        self.relay = Relay(view, channels, config.max_attempts, config.affinity_slack)
+        limits = QueueLimits(config.max_queue_per_worker, config.max_queued_tokens_per_worker, config.retry_after_s,
+                             config.lease_s, config.worker_check_s)
+        self.relay = Relay(view, channels, config.max_attempts, config.affinity_slack, limits)
 
     @rpc_method
     async def Generate(self, request, context):
         job = validate_generate(request, self.config.max_tokens_limit)
         with bind_request(job.request_id, model=job.model):
             model = await self.view.resolve(job.model)
-            await self.view.requests.create(job.request_id, job.model)
-            queue = await self.view.queues.arrive(job.model)
+            earlier = await self.view.requests.create(job.request_id, job.model)
+            if earlier is not None:  # a client retry (e.g. after a scheduler died): same id, next attempt number
+                log.info("request_retried", earlier_state=earlier.state, attempts=earlier.attempts)
+            queue = await self.view.queues.arrive(job.model, job.request_id)
             log.info("request_accepted", pending=queue.pending, rate_per_s=round(queue.rate_per_s, 3))
-            state, error, streamed = RequestState.FAILED, "", False
+            state, error = RequestState.FAILED, ""
             try:
                 async for chunk in self.relay.generate(job, model.is_base, context.time_remaining):
-                    streamed = streamed or bool(chunk.token_ids)
                     yield chunk
                 state = RequestState.FINISHED
             except ServiceError as exc:
@@ -57,11 +60,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 state = RequestState.CANCELLED
                 raise
             finally:
-                await asyncio.shield(self._finish(job, state, error, streamed))
+                await asyncio.shield(self._finish(job, state, error))
 
-    async def _finish(self, job: GenerateJob, state: RequestState, error: str, streamed: bool) -> None:
+    async def _finish(self, job: GenerateJob, state: RequestState, error: str) -> None:
         await self.view.requests.set_state(job.request_id, state, error)
-        await self.view.queues.finished(job.model, was_running=streamed)
+        await self.view.queues.finished(job.model, job.request_id)
         log.info("request_finished", state=state.value, error=error)
 
     @rpc_method

@@ -35,6 +35,7 @@ async def serve(config: WorkerConfig, parts: WorkerParts) -> None:
     redis = connect(config.redis_url)
     record = WorkerRecord(worker_id=config.worker_id, address=address, base=app.info.base_name,
                           base_identity=app.info.base_identity, device=app.info.device, mode=config.mode,
+                          num_device_slots=config.num_device_slots,
                           started_ms=int(time.time() * 1000))
 
     def load() -> WorkerLoad:

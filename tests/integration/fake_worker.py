@@ -2,7 +2,8 @@
 
 It lets the scheduler's routing, relay, retries and cancellation be tested without a model. Behaviour per
 instance: "echo", "fail_before" (UNAVAILABLE before any token), "fail_after" (2 tokens then UNAVAILABLE),
-"too_long" (INVALID_ARGUMENT like the real worker's prompt check), "slow" (one token per 50 ms, 200 tokens).
+"too_long" (INVALID_ARGUMENT like the real worker's prompt check), "slow" (one token per 50 ms, 200 tokens),
+"hang" (accepts the request and never answers, like a worker whose process is stopped).
 """
 
 import asyncio
@@ -42,6 +43,10 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
             context.abort(grpc.StatusCode.UNAVAILABLE, "fake worker is draining")
         if self.mode == "too_long":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, TOO_LONG_MESSAGE)
+        if self.mode == "hang":
+            while context.is_active():
+                time.sleep(0.02)
+            return
         words = request.prompt.split() if request.prompt else [m.content for m in request.messages.messages]
         if self.mode == "slow":
             words = [f"w{i}" for i in range(200)]

@@ -52,6 +52,11 @@ def scheduler(launcher, redis_url):
         yield client
 
 
+def queue_counts(redis_url: str, model: str) -> tuple[int, int]:
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    return r.zcard(f"dz:queue:{model}:pending"), r.zcard(f"dz:queue:{model}:running")
+
+
 def request_record(redis_url: str, request_id: str) -> dict:
     return redis.Redis.from_url(redis_url, decode_responses=True).hgetall(f"dz:request:{request_id}")
 
@@ -94,8 +99,7 @@ def test_routes_to_worker_holding_delta_and_relays(scheduler, redis_url, fakes):
     assert warm.requests[0].sampling.max_tokens == 8 and warm.requests[0].attempt == 1
     record = request_record(redis_url, out.request_id)
     assert (record["state"], record["worker_id"], record["attempts"]) == ("finished", "w-warm", "1")
-    queue = redis.Redis.from_url(redis_url, decode_responses=True).hgetall("dz:queue:ft-a")
-    assert (queue["pending"], queue["running"]) == ("0", "0")
+    assert queue_counts(redis_url, "ft-a") == (0, 0)
 
 
 def test_base_model_and_chat_and_stream(scheduler, redis_url, fakes):
@@ -240,8 +244,7 @@ def test_async_client_concurrent_requests_spread_and_replicas_are_interchangeabl
     assert set(asyncio.run(burst(first.address))) == {"wa", "wb"}
     stop(first)  # schedulers keep no state: the other replica carries on
     assert len(asyncio.run(burst(second.address))) == 12
-    queue = redis.Redis.from_url(redis_url, decode_responses=True).hgetall("dz:queue:ft-a")
-    assert (queue["pending"], queue["running"]) == ("0", "0")
+    assert queue_counts(redis_url, "ft-a") == (0, 0)
 
 
 def test_delta_for_another_base_is_failed_precondition(scheduler, redis_url, fakes):
@@ -255,3 +258,65 @@ def test_delta_for_another_base_is_failed_precondition(scheduler, redis_url, fak
     asyncio.run(body())
     with pytest.raises(FailedPreconditionError, match="compress it again against this base"):
         scheduler.generate("ft-other", "hi")
+
+
+def test_full_queues_are_resource_exhausted_with_retry_advice(launcher, redis_url, fakes):
+    from deltazip.client import ResourceExhaustedError
+
+    register(redis_url, "ft-a")
+    sched = launcher.start("scheduler", "--max-queue-per-worker", "1", "--retry-after-s", "2")
+    a, b = fakes("wa", "slow"), fakes("wb", "slow")
+    publish(redis_url, "wa", a.address)
+    publish(redis_url, "wb", b.address)
+    with Client(sched.address, timeout_s=30) as client:
+        streams = [client.stream("ft-a", "x") for _ in range(2)]
+        assert [next(s).token_ids for s in streams] == [[0], [0]]  # one on each worker: both queues full
+        with pytest.raises(ResourceExhaustedError, match=r"all 2 live worker\(s\) are at their queue limit.*retry after 2 s"):
+            client.generate("ft-a", "y")
+        streams[0].close()
+        deadline = time.monotonic() + 5  # the closed stream's place is given back
+        while time.monotonic() < deadline:
+            try:
+                assert next(client.stream("ft-a", "y")).token_ids == [0]
+                break
+            except ResourceExhaustedError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError("a freed queue place was never reused")
+        streams[1].close()
+    assert {len(a.requests), len(b.requests)} <= {1, 2} and len(a.requests) + len(b.requests) == 3
+
+
+def test_request_waiting_on_a_worker_whose_heartbeat_expires_is_rerouted(launcher, redis_url, fakes):
+    register(redis_url, "ft-a")
+    sched = launcher.start("scheduler", "--worker-check-s", "0.2", "--lease-s", "2")
+    hung, good = fakes("w-hung", "hang"), fakes("w-good")
+    publish(redis_url, "w-hung", hung.address, {Tier.DEVICE: ["ft-a"]}, ttl_s=1.5)  # preferred, then silent
+    publish(redis_url, "w-good", good.address)
+    with Client(sched.address, timeout_s=30) as client:
+        out = client.generate("ft-a", "p q", request_id="req-rerouted")
+    assert (out.worker_id, out.text) == ("w-good", "p q ")
+    record = request_record(redis_url, "req-rerouted")
+    assert (record["state"], record["attempts"], record["worker_id"]) == ("finished", "2", "w-good")
+    assert hung.cancelled.wait(5) and len(hung.requests) == 1
+
+
+def test_worker_dying_after_tokens_ends_unavailable_retryable(launcher, redis_url, fakes):
+    register(redis_url, "ft-a")
+    sched = launcher.start("scheduler", "--worker-check-s", "0.2", "--lease-s", "2")
+    slow = fakes("w-slow", "slow")
+    publish(redis_url, "w-slow", slow.address, ttl_s=1.0)
+    with Client(sched.address, timeout_s=30) as client:
+        with pytest.raises(UnavailableError, match="w-slow failed after streaming .* tokens.*heartbeat expired.*can be retried"):
+            client.generate("ft-a", "x", request_id="req-lost-worker")
+    assert request_record(redis_url, "req-lost-worker")["state"] == "failed"
+
+
+def test_retry_with_same_request_id_continues_attempts(scheduler, redis_url, fakes):
+    w = fakes("w1")
+    publish(redis_url, "w1", w.address)
+    for _ in range(2):
+        assert scheduler.generate("ft-a", "a b", request_id="req-same").text == "a b "
+    assert [r.attempt for r in w.requests] == [1, 2]  # the worker never sees one attempt id twice
+    record = request_record(redis_url, "req-same")
+    assert (record["state"], record["attempts"]) == ("finished", "2")

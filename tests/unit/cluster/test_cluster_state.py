@@ -53,8 +53,16 @@ def test_worker_liveness_expires_and_residency_is_lru(redis_url):
         assert (await workers.residency("w1"))[Tier.DEVICE] == ["new", "old"]
         tiers = await workers.best_tiers(["w1", "w2"], "cold")
         assert tiers == {"w1": Tier.HOST, "w2": None}
-        await workers.add_inflight("w2", 1)
+        assert await workers.admit("w2", "r1", limit=2, lease_s=60)
+        assert await workers.admit("w2", "r2", limit=2, lease_s=60)
+        assert not await workers.admit("w2", "r3", limit=2, lease_s=60)  # full
+        assert await workers.admit("w2", "r2", limit=2, lease_s=60)  # a held place is renewed, not refused
+        assert await workers.inflight(["w1", "w2"]) == {"w1": 0, "w2": 2}
+        await workers.release("w2", "r1")
+        assert await workers.admit("w1", "gone", limit=1, lease_s=0.05)  # a lease nobody renews expires
+        await asyncio.sleep(0.1)
         assert await workers.inflight(["w1", "w2"]) == {"w1": 0, "w2": 1}
+        assert await workers.admit("w1", "r4", limit=1, lease_s=60)
         await asyncio.sleep(0.2)
         await workers.heartbeat(WorkerRecord("w2", "127.0.0.1:2"))
         await asyncio.sleep(0.2)  # w1 missed its beat
@@ -82,18 +90,34 @@ def test_store_registry_and_unregister(redis_url):
 def test_queue_counts_and_rate(redis_url):
     async def body():
         redis = connect(redis_url)
-        queues = QueueStats(redis, tau_s=10)
-        for _ in range(5):
-            state = await queues.arrive("m")
+        queues = QueueStats(redis, tau_s=10, lease_s=60)
+        for i in range(5):
+            state = await queues.arrive("m", f"r{i}")
         assert state.pending == 5 and state.rate_per_s == pytest.approx(0.5, rel=0.05)
-        await queues.started("m")
-        await queues.finished("m", was_running=True)
-        await queues.finished("m", was_running=False)
+        await queues.started("m", "r0")
+        await queues.started("m", "r1")
+        await queues.finished("m", "r1")
+        await queues.finished("m", "r2")
         got = await queues.get("m")
-        assert (got.pending, got.running) == (3, 0)
-        for _ in range(5):  # never negative
-            await queues.finished("m", was_running=True)
+        assert (got.pending, got.running) == (2, 1)
+        for _ in range(3):  # ending twice is harmless
+            await queues.finished("m", "r0")
         assert (await queues.get("m")).running == 0
+        assert [q.model for q in await queues.active()] == ["m"]
+        await redis.aclose()
+
+    run(body())
+
+
+def test_queue_entries_of_a_dead_scheduler_expire_with_their_lease(redis_url):
+    async def body():
+        redis = connect(redis_url)
+        dying, alive = QueueStats(redis, lease_s=0.1), QueueStats(redis, lease_s=60)
+        await dying.arrive("m", "orphan")  # its scheduler is killed: nobody renews or finishes it
+        await alive.arrive("m", "kept")
+        await asyncio.sleep(0.3)
+        await alive.renew("m", "kept")
+        assert (await alive.get("m")).pending == 1
         await redis.aclose()
 
     run(body())

@@ -26,6 +26,12 @@ def test_least_loaded_among_equal_tiers():
     assert ids(rank([cand("a", None, queued_tokens=900), cand("b", None, queued_tokens=10)], 4)) == ["b", "a"]
 
 
+def test_more_free_kv_breaks_load_ties():
+    tight = Candidate(WorkerRecord("tight", "t:1", free_kv_blocks=2, total_kv_blocks=64), None)
+    roomy = Candidate(WorkerRecord("roomy", "r:1", free_kv_blocks=60, total_kv_blocks=64), None)
+    assert ids(rank([tight, roomy], 4)) == ["roomy", "tight"]
+
+
 def test_affinity_yields_to_a_much_idler_worker():
     busy_holder, idle = cand("holder", Tier.DEVICE, running=10), cand("idle", None)
     assert ids(rank([busy_holder, idle], affinity_slack=4)) == ["idle", "holder"]
