@@ -38,28 +38,29 @@ def artifacts(tmp_path_factory):
     return base_dir, cache
 
 
-def serve_all(base_dir, cache, tmp_path, mode: str, **overrides) -> dict[tuple[str, str], list[int]]:
-    """Every (model, prompt) pair at once through one worker in `mode`; greedy token ids."""
+def serve_all(base_dir, cache, tmp_path, mode: str, models=MODELS, prompts=PROMPTS, max_tokens: int = 8,
+              **overrides) -> dict[tuple[str, str], list[int]]:
+    """Every (model, prompt) pair at once through one in-process worker in `mode`; greedy token ids."""
     disk = tmp_path / mode
     shutil.copytree(cache, disk)
-    cfg = WorkerConfig(base_dir=str(base_dir), device="cpu", mode=mode, disk_cache_dir=str(disk),
-                       num_device_slots=2, max_deltas_per_batch=2, num_kv_blocks=64, kv_block_size=4,
-                       worker_id=f"w-{mode}", **overrides)
+    settings = dict(device="cpu", num_device_slots=2, max_deltas_per_batch=2, num_kv_blocks=64, kv_block_size=4)
+    cfg = WorkerConfig(base_dir=str(base_dir), mode=mode, disk_cache_dir=str(disk), worker_id=f"w-{mode}",
+                       **{**settings, **overrides})
     parts = build_worker(cfg)
     parts.loop.start()
 
     async def one(model: str, prompt: str, i: int) -> list[int]:
         inp = GenerateInput(request_id=f"r{i}", model=model, prompt=prompt,
-                            sampling=SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+                            sampling=SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
         return [t for e in [e async for e in parts.app.generate(inp)] for t in e.token_ids]
 
     async def everything():
-        pairs = [(m, p) for m in MODELS for p in PROMPTS]
+        pairs = [(m, p) for m in models for p in prompts]
         outs = await asyncio.gather(*(one(m, p, i) for i, (m, p) in enumerate(pairs)))
         return dict(zip(pairs, outs))
 
     try:
-        return asyncio.run(asyncio.wait_for(everything(), 120))
+        return asyncio.run(asyncio.wait_for(everything(), 300))
     finally:
         parts.close()
 
