@@ -61,10 +61,12 @@ class BatchScheduler:
         block_manager: BlockManager,
         is_delta_ready: Callable[[str], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        can_swap_in: Callable[[str], bool] | None = None,
     ) -> None:
         self.config = config
         self.blocks = block_manager
         self.is_delta_ready = is_delta_ready or (lambda name: True)
+        self.can_swap_in = can_swap_in or (lambda key: True)  # swap mode: the model's weights are on the host
         self.clock = clock
         self.waiting: list[Sequence] = []  # sorted by (arrival_s, admission counter)
         self.running: list[Sequence] = []  # in admission order
@@ -162,8 +164,9 @@ class BatchScheduler:
                 break
             key = self._model_key(seq)
             if seq in batch.preempted or (key is not None and not self.is_delta_ready(key)):
-                aged_blocked |= key is not None and now - seq.arrival_s >= self.config.max_delta_wait_s \
-                    and self.config.base_is_model  # swap: an aged model not swapped in yet drains the others
+                # swap: an aged model whose weights could be swapped in drains the active one
+                aged_blocked |= (self.config.base_is_model and key is not None and self.can_swap_in(key)
+                                 and now - seq.arrival_s >= self.config.max_delta_wait_s)
                 continue
             if key is not None and key not in deltas:
                 if len(deltas) >= self.config.max_deltas_per_batch:

@@ -102,7 +102,8 @@ class LLMEngine:
                                  config.num_kv_blocks * config.block_size)
         self.blocks = BlockManager(config.num_kv_blocks, config.block_size)
         self.scheduler = BatchScheduler(config.scheduler_config(swap=self.swapper is not None), self.blocks,
-                                        is_delta_ready, clock)
+                                        is_delta_ready, clock,
+                                        self.swapper.can_swap_in if self.swapper is not None else None)
         self.runner = ModelRunner(model, config.num_kv_blocks, config.block_size,
                                   Sampler(sorted(self.eos_token_ids)), deltas_provider, cuda_graphs=config.cuda_graphs,
                                   max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len)

@@ -36,6 +36,10 @@ class WeightSwapper:
         """Scheduler readiness in swap mode: only the active model's sequences may start."""
         return key == self.active
 
+    def can_swap_in(self, key: str) -> bool:
+        """The model's merged weights are on the host (the base's always are)."""
+        return key == BASE_MODEL or self.host_weights(key) is not None
+
     def before_schedule(self, scheduler: BatchScheduler) -> None:
         """Swap to the model of the oldest waiting sequence with host weights, once nothing runs."""
         if scheduler.running:

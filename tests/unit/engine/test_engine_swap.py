@@ -93,3 +93,17 @@ def test_swap_mode_aging_swaps_under_a_steady_stream(fx):
             done_at = step
             break
     assert done_at is not None, "the delta request starved behind a stream of base requests"
+
+
+def test_swap_mode_aged_model_without_host_weights_does_not_stall_the_active_one(fx):
+    clock = [0.0]
+    table = merged_host(fx)
+    engine = fx.engine(num_kv_blocks=100, max_delta_wait_s=0.5, clock=lambda: clock[0],
+                       swap_weights=lambda n: None if n == "ft1" else table(n))  # ft1 still fetching
+    ps = prompts(3, seed=10)
+    engine.add_request("b1", ps[0], GREEDY, delta=None)
+    engine.step()  # b1 runs
+    engine.add_request("d", ps[1], GREEDY, delta="ft1")
+    clock[0] = 5.0  # d is old by now, but its weights are not on the host: no reason to drain the base
+    engine.add_request("b2", ps[2], GREEDY, delta=None)
+    assert "b2" in {o.request_id for o in engine.step()}
