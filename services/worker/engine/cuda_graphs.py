@@ -3,7 +3,8 @@
 Why: a decode step of a small batch is bound by kernel launches, not math; a graph replays the whole
 forward with one launch. Shapes are fixed per captured size: the batch is padded with rows that write
 one spare KV block (allocated past the block manager's blocks) and block tables are padded to the
-longest context, so attention always gathers `max_blocks` pages (the mask drops the padding).
+longest context; attention gathers a context bucket (a power of two times the block size, at least the
+longest context of the step), one graph per (batch size, bucket), so short contexts stay cheap.
 Only steps whose rows are all base (or merged weights in swap mode) are captured: delta rows pass host
 segment tensors to the delta kernel each call, so they run eager. Eager stays the reference.
 """
@@ -39,32 +40,38 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(n, self.max_blocks, dtype=torch.long, device=dev)
         self.context_lens = torch.ones(n, dtype=torch.long, device=dev)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.long, device=dev)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
 
     def padded_size(self, batch: int) -> int | None:
         return next((b for b in self.sizes if b >= batch), None)
 
-    def _ctx(self, b: int) -> ForwardContext:
+    def context_bucket(self, max_context_len: int) -> int:
+        """Tokens attention gathers: block_size * 2^i >= max_context_len, capped at the longest context."""
+        bucket = self.block_size
+        while bucket < max_context_len:
+            bucket *= 2
+        return min(bucket, self.max_blocks * self.block_size)
+
+    def _ctx(self, b: int, ctx_len: int) -> ForwardContext:
         attn = AttentionMetadata(
             positions=self.positions[:b], slot_mapping=self.slot_mapping[:b], block_tables=self.block_tables[:b],
             context_lens=self.context_lens[:b], query_start_loc=self.query_start_loc[:b + 1],
-            max_query_len=1, max_context_len=self.max_blocks * self.block_size)
+            max_query_len=1, max_context_len=ctx_len)
         return ForwardContext(attn=attn, deltas=None)
 
-    def _capture(self, b: int) -> None:
-        self._fill_padding(0, b)
+    def _capture(self, b: int, ctx_len: int) -> None:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):  # warm up allocator and lazy inits outside the graph
-                self.model(self.input_ids[:b], self._ctx(b))
+                self.model(self.input_ids[:b], self._ctx(b, ctx_len))
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            out = self.model(self.input_ids[:b], self._ctx(b))
+            out = self.model(self.input_ids[:b], self._ctx(b, ctx_len))
         self.pool = graph.pool()
-        self.graphs[b] = (graph, out)
+        self.graphs[(b, ctx_len)] = (graph, out)
 
     def _fill_padding(self, start: int, end: int) -> None:
         self.input_ids[start:end] = 0
@@ -87,8 +94,9 @@ class DecodeGraphs:
         self.block_tables[:batch, :tables.shape[1]].copy_(tables.clamp(min=0))  # -1 padding: any page, masked
         self.context_lens[:batch].copy_(attn.context_lens)
         self._fill_padding(batch, b)
-        if b not in self.graphs:
-            self._capture(b)
-        graph, out = self.graphs[b]
+        key = (b, self.context_bucket(attn.max_context_len or int(attn.context_lens.max())))
+        if key not in self.graphs:
+            self._capture(*key)  # warm-up runs write only this step's own slots again (same values)
+        graph, out = self.graphs[key]
         graph.replay()
         return out[:batch]
