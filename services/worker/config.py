@@ -64,7 +64,7 @@ class WorkerConfig:
     kv_block_size: int = 16
     num_kv_blocks: int = 0  # 0 = derive from kv_memory_fraction
     kv_memory_fraction: float = 0.5
-    cuda_graphs: int = 1  # 1 = decode-only base steps replay CUDA graphs on CUDA (0 = always eager)
+    cuda_graphs: int = 0  # 1 = decode-only base steps replay CUDA graphs on CUDA; off until the GPU tests ran
     max_model_len: int = 0  # 0 = the model's max_position_embeddings
     heartbeat_s: float = 1.0
     heartbeat_ttl_s: float = 5.0
@@ -94,6 +94,8 @@ class WorkerConfig:
         if self.max_deltas_per_batch > self.num_device_slots:
             raise ValueError(f"max_deltas_per_batch ({self.max_deltas_per_batch}) cannot exceed "
                              f"num_device_slots ({self.num_device_slots})")
+        if self.cuda_graphs not in (0, 1):
+            raise ValueError(f"--cuda-graphs must be 0 or 1, got {self.cuda_graphs}")
         if not self.worker_id:
             raise ValueError("worker_id must not be empty")
 
