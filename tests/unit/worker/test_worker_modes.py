@@ -39,8 +39,9 @@ def artifacts(tmp_path_factory):
 
 
 def serve_all(base_dir, cache, tmp_path, mode: str, models=MODELS, prompts=PROMPTS, max_tokens: int = 8,
-              **overrides) -> dict[tuple[str, str], list[int]]:
-    """Every (model, prompt) pair at once through one in-process worker in `mode`; greedy token ids."""
+              stats: dict | None = None, **overrides) -> dict[tuple[str, str], list[int]]:
+    """Every (model, prompt) pair at once through one in-process worker in `mode`; greedy token ids.
+    `stats` (if given) receives the engine's number of weight swaps."""
     disk = tmp_path / mode
     shutil.copytree(cache, disk)
     settings = dict(device="cpu", num_device_slots=2, max_deltas_per_batch=2, num_kv_blocks=64, kv_block_size=4)
@@ -62,6 +63,9 @@ def serve_all(base_dir, cache, tmp_path, mode: str, models=MODELS, prompts=PROMP
     try:
         return asyncio.run(asyncio.wait_for(everything(), 300))
     finally:
+        swapper = parts.loop._engine._engine.swapper
+        if stats is not None:
+            stats["num_swaps"] = swapper.num_swaps if swapper is not None else 0
         parts.close()
 
 
@@ -75,9 +79,11 @@ def reference(artifacts, tmp_path_factory):
 @pytest.mark.parametrize("mode", ["dense-delta", "swap"])
 def test_mode_gives_the_delta_modes_greedy_tokens(artifacts, reference, tmp_path, mode):
     base_dir, cache = artifacts
-    got = serve_all(base_dir, cache, tmp_path, mode)
+    stats = {}
+    got = serve_all(base_dir, cache, tmp_path, mode, stats=stats)
     assert all(len(v) == 8 for v in got.values())
     assert got == reference
+    assert (stats["num_swaps"] >= 3) == (mode == "swap")  # swap mode really swapped the three fine-tunes in
     # the fine-tunes really differ from the base, so equality is not trivial
     assert reference[("ft-dense", "hello world")] != reference[("tiny-base", "hello world")]
 
