@@ -66,6 +66,8 @@ def paged_attention(
         scale=scale,
         enable_gqa=num_kv_heads != q.shape[1],
     )  # [S, num_heads, max_q, head_dim]
+    if max_q == 1 and num_tokens == q_lens.shape[0]:
+        return out[:, :, 0]  # decode only: no boolean gather, so the step has no sync (CUDA-graph capturable)
     return out.transpose(1, 2)[q_valid]
 
 

@@ -18,6 +18,7 @@ from services.worker.device_slots import DeviceSlots
 from services.worker.engine_adapter import build_engine
 from services.worker.engine_loop import EngineLoop
 from services.worker.fetcher import DeltaFetcher, manifest_base_identity
+from services.worker.modes import host_transform, select_mode
 from services.worker.residency import ResidencyLimits, ResidencyManager, ResidentDelta
 from services.worker.store_client import StoreDirectory
 from services.worker.tier_io import ArtifactTierIO
@@ -79,7 +80,11 @@ def build_worker(config: WorkerConfig) -> WorkerParts:
     listeners = Listeners([_log_transition])
     limits = ResidencyLimits(config.num_device_slots, config.device_cache_bytes, config.host_cache_bytes,
                              config.disk_cache_bytes)
-    residency = ResidencyManager(limits, ArtifactTierIO(fetcher, slots), on_change=listeners)
+    mode = select_mode(config.mode)
+    base_host = ({k: p.detach().to("cpu", copy=True) for k, p in model.named_parameters()}  # not the params: swaps overwrite those
+                 if mode.swaps_weights else None)
+    io = ArtifactTierIO(fetcher, slots, host_transform(mode, base_host), device_slots_used=not mode.swaps_weights)
+    residency = ResidencyManager(limits, io, on_change=listeners)
     _register_cached(fetcher, residency, identity)
 
     def delta_ops(rows: list[tuple[str | None, int]]) -> StepDeltaOps:
@@ -87,7 +92,9 @@ def build_worker(config: WorkerConfig) -> WorkerParts:
         slotted = [(None if name is None else _slot(residency, name), n) for name, n in rows]
         return StepDeltaOps(slots, slotted)
 
-    engine = build_engine(model, tokenizer, config, config.max_model_len or None, delta_ops, residency.is_ready)
+    swap_weights = residency.host_tensors if mode.swaps_weights else None
+    engine = build_engine(model, tokenizer, config, config.max_model_len or None, delta_ops, residency.is_ready,
+                          swap_weights)
     info = WorkerInfo(
         worker_id=config.worker_id, base_name=config.base_name or Path(config.base_dir).resolve().name,
         base_identity=identity, device=device, mode=config.mode, max_model_len=engine.max_model_len)

@@ -64,6 +64,7 @@ class WorkerConfig:
     kv_block_size: int = 16
     num_kv_blocks: int = 0  # 0 = derive from kv_memory_fraction
     kv_memory_fraction: float = 0.5
+    cuda_graphs: int = 0  # 1 = decode-only base steps replay CUDA graphs on CUDA; off until the GPU tests ran
     max_model_len: int = 0  # 0 = the model's max_position_embeddings
     heartbeat_s: float = 1.0
     heartbeat_ttl_s: float = 5.0
@@ -75,10 +76,7 @@ class WorkerConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.mode != "delta":
-            # dense-delta and swap are the serving baselines of issue 5; only `delta` runs today.
-            raise ValueError(f"mode {self.mode!r} is not implemented yet (issue 5); use --mode delta")
+            raise ValueError(f"unknown worker mode {self.mode!r}; valid modes: {', '.join(MODES)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
@@ -96,6 +94,8 @@ class WorkerConfig:
         if self.max_deltas_per_batch > self.num_device_slots:
             raise ValueError(f"max_deltas_per_batch ({self.max_deltas_per_batch}) cannot exceed "
                              f"num_device_slots ({self.num_device_slots})")
+        if self.cuda_graphs not in (0, 1):
+            raise ValueError(f"--cuda-graphs must be 0 or 1, got {self.cuda_graphs}")
         if not self.worker_id:
             raise ValueError("worker_id must not be empty")
 

@@ -41,16 +41,18 @@ class EngineAdapter:
 
 def build_engine(model, tokenizer, config: WorkerConfig, max_model_len: int | None,
                  delta_ops: Callable[[list[tuple[str | None, int]]], object],
-                 is_delta_ready: Callable[[str], bool]) -> EngineAdapter:
+                 is_delta_ready: Callable[[str], bool],
+                 swap_weights: Callable[[str], dict | None] | None = None) -> EngineAdapter:
     """LLMEngine sized from the config; KV blocks from --num-kv-blocks or the free-memory fraction."""
     from services.worker.engine.engine import EngineConfig, LLMEngine
 
     num_blocks = config.num_kv_blocks or kv_blocks_from_memory(model, config)
     engine_config = EngineConfig(num_kv_blocks=num_blocks, block_size=config.kv_block_size,
                                  max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-                                 max_deltas_per_batch=config.max_deltas_per_batch, max_model_len=max_model_len)
+                                 max_deltas_per_batch=config.max_deltas_per_batch, max_model_len=max_model_len,
+                                 cuda_graphs=bool(config.cuda_graphs))
     engine = LLMEngine(model, engine_config, tokenizer=tokenizer, deltas_provider=delta_ops,
-                       is_delta_ready=is_delta_ready)
+                       is_delta_ready=is_delta_ready, swap_weights=swap_weights)
     return EngineAdapter(engine)
 
 

@@ -53,6 +53,13 @@ class ResidencyManager:
             entry = self._entries.get(name)
             return entry is not None and entry.state is DeltaState.ON_DEVICE and entry.draining_since is None
 
+    def host_tensors(self, name: str) -> dict | None:
+        """The host-tier copy of a delta that is ready on the device tier (swap mode: merged weights)."""
+        with self._lock:
+            entry = self._entries.get(name)
+            ready = entry is not None and entry.state is DeltaState.ON_DEVICE and entry.draining_since is None
+            return entry.host if ready else None
+
     def slot_of(self, name: str) -> int | None:
         with self._lock:
             entry = self._entries.get(name)

@@ -8,14 +8,18 @@ import torch
 
 from services.worker.device_slots import DeviceSlots
 from services.worker.fetcher import DeltaFetcher
+from services.worker.modes import HostTransform
 
 
 class ArtifactTierIO:
     """TierIO over the disk cache (fetcher), host memory (load_delta on CPU) and DeviceSlots."""
 
-    def __init__(self, fetcher: DeltaFetcher, slots: DeviceSlots) -> None:
+    def __init__(self, fetcher: DeltaFetcher, slots: DeviceSlots, host_transform: HostTransform | None = None,
+                 device_slots_used: bool = True) -> None:
         self._fetcher = fetcher
         self._slots = slots
+        self._transform = host_transform or (lambda tensors: tensors)  # per mode: packed, dense fp16, merged
+        self._device_slots_used = device_slots_used  # swap mode: the engine copies whole weights itself
         self._pin = slots.device.type == "cuda"  # pinned host copies make host→device copies fast
 
     def fetch(self, name: str) -> tuple[str, int]:
@@ -24,25 +28,34 @@ class ArtifactTierIO:
     def load_host(self, name: str, path: str) -> tuple[dict, int]:
         from deltazip.artifact import load_delta
 
-        tensors = load_delta(path, "cpu")  # every shard is checked against its sha256 as it is read
+        tensors = self._transform(load_delta(path, "cpu"))  # shards checked against their sha256 as read
         if self._pin:
             tensors = {k: _pinned(v) for k, v in tensors.items()}
-        return tensors, sum(t.nbytes for t in tensors.values())
+        return tensors, sum(_nbytes(t) for t in tensors.values())
 
     def to_device(self, name: str, host: dict, slot: int) -> int:
+        if not self._device_slots_used:
+            return 0  # swap: "on device" = may be swapped in; the copy happens when the engine swaps
         return self._slots.write(slot, name, host)
 
     def drop_device(self, name: str, slot: int) -> None:
-        self._slots.drop(slot)
+        if self._device_slots_used:
+            self._slots.drop(slot)
 
     def drop_disk(self, name: str, path: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _nbytes(t) -> int:
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else t.nbytes
+
+
 def _pinned(delta):
+    if isinstance(delta, torch.Tensor):
+        return delta.pin_memory()
     parts = ("qweight", "meta", "scales", "zeros", "delta")
     for part in parts:
-        t = getattr(delta, part)
+        t = getattr(delta, part, None)
         if isinstance(t, torch.Tensor):
             setattr(delta, part, t.pin_memory())
     return delta

@@ -9,6 +9,8 @@ Policy, in order:
      a sequence of another delta waits while later ones of running deltas go ahead, until it has
      waited `max_delta_wait_s`: then no more sequences of other deltas are admitted before it,
      the running deltas drain, and it gets in (aging: no model starves).
+   With `base_is_model` (swap mode) the base counts as a model too (key `BASE_MODEL`), so one
+   model at a time means base rows never share a batch with fine-tuned rows.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from dataclasses import dataclass, field
 from services.worker.engine.block_manager import BlockManager
 from services.worker.engine.sequence import FinishReason, Sequence, SequenceStatus
 
+BASE_MODEL = ""  # the base model's key where it counts as a model (swap mode)
+
 
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
@@ -28,6 +32,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_deltas_per_batch: int = 8
     max_delta_wait_s: float = 2.0
+    base_is_model: bool = False  # swap mode: the base is one more model (needs readiness, takes a place)
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.max_deltas_per_batch < 1:
@@ -56,10 +61,12 @@ class BatchScheduler:
         block_manager: BlockManager,
         is_delta_ready: Callable[[str], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        can_swap_in: Callable[[str], bool] | None = None,
     ) -> None:
         self.config = config
         self.blocks = block_manager
         self.is_delta_ready = is_delta_ready or (lambda name: True)
+        self.can_swap_in = can_swap_in or (lambda key: True)  # swap mode: the model's weights are on the host
         self.clock = clock
         self.waiting: list[Sequence] = []  # sorted by (arrival_s, admission counter)
         self.running: list[Sequence] = []  # in admission order
@@ -142,20 +149,30 @@ class BatchScheduler:
     def _holders_elsewhere(self, seq: Sequence) -> bool:
         return any(s is not seq and s.block_table for s in self.running)
 
+    def _model_key(self, seq: Sequence) -> str | None:
+        """What counts against max_deltas_per_batch (None: nothing, the shared base)."""
+        if seq.delta is None and self.config.base_is_model:
+            return BASE_MODEL
+        return seq.delta
+
     def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
-        deltas = {s.delta for s in self.running if s.delta is not None}
+        deltas = {k for k in map(self._model_key, self.running) if k is not None}
         aged_blocked = False  # an aged sequence is waiting for a delta slot: drain, don't refill
         now = self.clock()
         for seq in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
-            if seq in batch.preempted or (seq.delta is not None and not self.is_delta_ready(seq.delta)):
+            key = self._model_key(seq)
+            if seq in batch.preempted or (key is not None and not self.is_delta_ready(key)):
+                # swap: an aged model whose weights could be swapped in drains the active one
+                aged_blocked |= (self.config.base_is_model and key is not None and self.can_swap_in(key)
+                                 and now - seq.arrival_s >= self.config.max_delta_wait_s)
                 continue
-            if seq.delta is not None and seq.delta not in deltas:
+            if key is not None and key not in deltas:
                 if len(deltas) >= self.config.max_deltas_per_batch:
                     aged_blocked |= now - seq.arrival_s >= self.config.max_delta_wait_s
                     continue
-            elif seq.delta is not None and aged_blocked:
+            elif key is not None and aged_blocked:
                 continue
             num_new = min(seq.num_uncomputed_tokens, budget)
             if not self.blocks.can_allocate(seq, num_new):
@@ -164,7 +181,7 @@ class BatchScheduler:
             self.blocks.allocate(seq, num_new)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            if seq.delta is not None:
-                deltas.add(seq.delta)
+            if key is not None:
+                deltas.add(key)
             batch.items.append((seq, num_new))
             budget -= num_new

@@ -18,6 +18,7 @@ from services.worker.engine.batch_scheduler import BatchScheduler, ScheduledBatc
 from services.worker.engine.block_manager import BlockManager
 from services.worker.engine.model_runner import DeltaOpsProvider, ModelRunner
 from services.worker.engine.sequence import FinishReason, Sequence, SequenceStatus
+from services.worker.engine.swap import HostWeights, WeightSwapper
 
 log = structlog.get_logger(__name__)
 
@@ -31,14 +32,16 @@ class EngineConfig:
     max_deltas_per_batch: int = 8
     max_delta_wait_s: float = 2.0
     max_model_len: int | None = None  # None = the model's max_position_embeddings
+    cuda_graphs: bool = False  # decode-only steps replay captured CUDA graphs (CUDA only; eager is the reference)
 
     def __post_init__(self) -> None:
         if self.num_kv_blocks < 1 or self.block_size < 1:
             raise ValueError("num_kv_blocks and block_size must be >= 1")
 
-    def scheduler_config(self) -> SchedulerConfig:
-        return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.max_deltas_per_batch,
-                               self.max_delta_wait_s)
+    def scheduler_config(self, swap: bool = False) -> SchedulerConfig:
+        """swap: one model (the base included) at a time."""
+        return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens,
+                               1 if swap else self.max_deltas_per_batch, self.max_delta_wait_s, base_is_model=swap)
 
 
 @dataclass(slots=True)
@@ -83,8 +86,14 @@ class LLMEngine:
         deltas_provider: DeltaOpsProvider | None = None,
         is_delta_ready: Callable[[str], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        swap_weights: HostWeights | None = None,
     ) -> None:
+        """swap_weights: the `swap` baseline — merged host weights per delta; the engine swaps them into the
+        model one model at a time (deltas_provider and is_delta_ready are then unused)."""
         self.config = config
+        self.swapper = WeightSwapper(model, swap_weights) if swap_weights is not None else None
+        if self.swapper is not None:
+            deltas_provider, is_delta_ready = None, self.swapper.is_active
         self.tokenizer = tokenizer
         if eos_token_ids is None:
             eos_token_ids = tokenizer.eos_token_ids if tokenizer else model.config.eos_token_ids
@@ -92,9 +101,12 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or model.config.max_position_embeddings,
                                  config.num_kv_blocks * config.block_size)
         self.blocks = BlockManager(config.num_kv_blocks, config.block_size)
-        self.scheduler = BatchScheduler(config.scheduler_config(), self.blocks, is_delta_ready, clock)
+        self.scheduler = BatchScheduler(config.scheduler_config(swap=self.swapper is not None), self.blocks,
+                                        is_delta_ready, clock,
+                                        self.swapper.can_swap_in if self.swapper is not None else None)
         self.runner = ModelRunner(model, config.num_kv_blocks, config.block_size,
-                                  Sampler(sorted(self.eos_token_ids)), deltas_provider)
+                                  Sampler(sorted(self.eos_token_ids)), deltas_provider, cuda_graphs=config.cuda_graphs,
+                                  max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len)
         self.clock = clock
         self._inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
         self._lock = threading.Lock()  # engine state: held for a whole step, by abort and stats
@@ -164,6 +176,8 @@ class LLMEngine:
         """Run one batch; returns an output for every request that produced a token or finished."""
         with self._lock:
             self._receive()
+            if self.swapper is not None:
+                self.swapper.before_schedule(self.scheduler)
             batch = self.scheduler.schedule()
             tokens = self.runner.run(batch.items)
             return self._process_results(batch, tokens)

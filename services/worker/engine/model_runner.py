@@ -56,13 +56,24 @@ class ModelRunner:
         block_size: int,
         sampler: Sampler,
         deltas_provider: DeltaOpsProvider | None = None,
+        cuda_graphs: bool = False,
+        max_num_seqs: int = 64,
+        max_model_len: int = 0,
     ) -> None:
         self.model = model
         self.block_size = block_size
         self.sampler = sampler
         self.deltas_provider = deltas_provider
         self.device = model.model.embed_tokens.weight.device
-        model.allocate_kv_cache(num_blocks, block_size)
+        self.graphs = None
+        if cuda_graphs and self.device.type == "cuda" and torch.cuda.is_available():
+            from services.worker.engine.cuda_graphs import DecodeGraphs
+
+            model.allocate_kv_cache(num_blocks + 1, block_size)  # + the spare block padded rows write
+            self.graphs = DecodeGraphs(model, block_size, num_blocks, max_num_seqs,
+                                       max_model_len or num_blocks * block_size)
+        else:
+            model.allocate_kv_cache(num_blocks, block_size)
 
     def prepare(self, items: list[tuple[Sequence, int]]) -> PreparedStep:
         """Flatten the scheduled chunks (sorted by delta) into the forward's tensors."""
@@ -99,6 +110,13 @@ class ModelRunner:
     def _deltas(self, segments: Segments) -> DeltaOps | None:
         return self.deltas_provider(segments) if self.deltas_provider is not None else None
 
+    def _graph_ok(self, items: list[tuple[Sequence, int]], ctx: ForwardContext) -> bool:
+        """Decode-only, no delta rows, and a captured size fits: replay a graph."""
+        if self.graphs is None or ctx.deltas is not None:
+            return False
+        decode = all(n == 1 and s.num_computed_tokens + 1 == s.num_tokens for s, n in items)
+        return decode and self.graphs.padded_size(len(items)) is not None
+
     @torch.inference_mode()
     def run(self, items: list[tuple[Sequence, int]]) -> list[int | None]:
         """Forward the scheduled chunks; returns the sampled token per item (None: prefill not done yet)."""
@@ -106,7 +124,10 @@ class ModelRunner:
             return []
         step = self.prepare(items)
         ctx = ForwardContext(attn=step.attn, deltas=self._deltas(step.token_segments))
-        hidden = self.model(step.input_ids, ctx)  # [T, hidden]
+        if self._graph_ok(items, ctx):
+            hidden = self.graphs.run(step.input_ids, step.attn)  # [T, hidden], T = number of sequences
+        else:
+            hidden = self.model(step.input_ids, ctx)  # [T, hidden]
         out: list[int | None] = [None] * len(items)
         if not step.sample_rows:
             return out

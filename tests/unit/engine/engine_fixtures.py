@@ -29,10 +29,12 @@ class Fixture:
         self._ref_cache: dict = {}
 
     def engine(self, **overrides) -> LLMEngine:
-        kwargs = {k: overrides.pop(k) for k in ("tokenizer", "is_delta_ready", "deltas_provider", "clock")
-                  if k in overrides}
+        kwargs = {k: overrides.pop(k) for k in ("tokenizer", "is_delta_ready", "deltas_provider", "clock",
+                                                "swap_weights") if k in overrides}
         kwargs.setdefault("deltas_provider", DenseDeltaProvider(self.deltas, self.cfg.tie_word_embeddings))
-        base = model_from_state_dict(self.cfg, self.base_sd)
+        # swap mode writes into the parameters: give it its own copy of the base weights
+        state = {k: v.clone() for k, v in self.base_sd.items()} if "swap_weights" in kwargs else self.base_sd
+        base = model_from_state_dict(self.cfg, state)
         return LLMEngine(base, EngineConfig(**{"block_size": 4, **overrides}), **kwargs)
 
     @torch.inference_mode()

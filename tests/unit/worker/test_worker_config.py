@@ -17,15 +17,23 @@ def test_worker_ids_are_unique_by_default():
     assert WorkerConfig().worker_id != WorkerConfig().worker_id
 
 
-@pytest.mark.parametrize("mode", ["dense-delta", "swap"])
-def test_baseline_modes_are_not_implemented_yet(mode):
-    with pytest.raises(ValueError, match="not implemented yet"):
-        WorkerConfig(mode=mode)
+@pytest.mark.parametrize("mode", ["delta", "dense-delta", "swap"])
+def test_every_mode_is_accepted(mode):
+    assert WorkerConfig(mode=mode).mode == mode
+
+
+def test_mode_selector_lists_valid_modes():
+    from services.worker.modes import select_mode
+
+    assert select_mode("swap").swaps_weights and not select_mode("dense-delta").swaps_weights
+    with pytest.raises(ValueError, match="valid modes: delta, dense-delta, swap"):
+        select_mode("lora")
 
 
 @pytest.mark.parametrize("kw, match", [
-    ({"mode": "lora"}, "mode must be one of"),
+    ({"mode": "lora"}, "valid modes: delta, dense-delta, swap"),
     ({"num_device_slots": 0}, "--num-device-slots must be > 0"),
+    ({"cuda_graphs": 2}, "--cuda-graphs must be 0 or 1"),
     ({"max_deltas_per_batch": 9}, "cannot exceed"),
     ({"heartbeat_s": 5, "heartbeat_ttl_s": 5}, "must exceed"),
     ({"dtype": "int8"}, "dtype must be one of"),

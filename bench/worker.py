@@ -1,0 +1,297 @@
+"""Worker benchmark (GPU): delta load rate, decode step time with many deltas, tokens/s per serving mode.
+
+  python bench/worker.py --out bench/results [--commit SHA] [--parts load,step,modes] [--tiny]
+
+Rows (DESIGN.md names), all measured in the same run:
+- part=h2d_limit: pinned host→device copy rate of one large buffer (the physical limit of a delta load).
+- part=load: a 7B-shaped (Llama-2-7B linears) 2-bit 2:4 delta from pinned host into a device slot via
+  DeviceSlots.write (separate CUDA stream); `ms`, `bytes`, `bytes_per_s`, `h2d_fraction` = rate / h2d_limit.
+  Goals: h2d_fraction >= 0.8 and ms <= 40. Physical limit: the 2-bit 2:4 delta is ~1.7 GB (qweight 2 bit +
+  meta 1 bit per weight, scales), so at ~53 GB/s pinned H2D the floor is ~32 ms; 40 ms needs >= 80%.
+- part=step: one engine decode step (32 sequences, ctx ~128) on a 7B-shaped fp16 model with random weights,
+  rows split evenly over `num_deltas` in {0 (base only), 1, 8, 32} deltas; `us` and `step_vs_base`
+  (= step time / base-only eager step time). Goal: step_vs_base <= 1.3 at 8 deltas. base-only with CUDA
+  graphs is one more row (graph=1). Limit: a decode step reads the base weights once (~13.5 GB at
+  ~3 TB/s = ~4.5 ms) plus each delta's packed bytes (~1.7 GB each at 2 bits), so 8 distinct deltas read
+  2x the base's bytes: ~1.3x needs the delta kernel near the HBM limit.
+- part=modes: tokens/s of one engine under a mixed 16-model load (Zipf popularity, all requests queued at
+  once) in each mode on a 1.1B-shaped model: `mode`, `num_models`, `tokens_per_s`, `throughput_vs_swap`.
+--tiny: the same code on a tiny model (CPU works), to smoke-test the script; its numbers mean nothing.
+Writes OUT/worker-<device>-<date>.json as {bench, device, commit, date, config, rows}.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from deltazip.artifact.delta_tensor import DeltaTensor  # noqa: E402
+from deltazip.model.config import LlamaConfig  # noqa: E402
+from deltazip.model.llama import LlamaForCausalLM  # noqa: E402
+from deltazip.model.loader import model_from_state_dict  # noqa: E402
+from deltazip.model.sampling import SamplingParams  # noqa: E402
+from services.worker.delta_ops import StepDeltaOps  # noqa: E402
+from services.worker.device_slots import DeviceSlots  # noqa: E402
+from services.worker.engine.engine import EngineConfig, LLMEngine  # noqa: E402
+
+LLAMA_7B = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048)
+LLAMA_1B = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                       num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
+TINY = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+LINEAR_SUFFIXES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def linear_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, int]]:
+    """HF tensor name -> (N, K) of every decoder linear."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()
+            if any(s in k for s in LINEAR_SUFFIXES) and k.endswith(".weight")}
+
+
+def random_model(cfg: LlamaConfig, device: str, dtype: torch.dtype) -> LlamaForCausalLM:
+    """Random weights generated on the device (a 7B model in seconds, without host memory)."""
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in LlamaForCausalLM(cfg).state_dict().items()}
+    g = torch.Generator(device=device).manual_seed(0)
+    state = {k: (torch.randn(s, device=device, dtype=dtype, generator=g) * 0.02) for k, s in shapes.items()}
+    for k in state:
+        if "norm" in k:
+            state[k].fill_(1.0)
+    return model_from_state_dict(cfg, state)
+
+
+def random_packed_delta(shapes: dict, bits: int, group: int, device: str, pin: bool, seed: int) -> dict:
+    """{name: DeltaTensor} 2:4 sparse `bits`-bit, symmetric, random codes (any int32 is valid), on host."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    out = {}
+    for name, (n, k) in shapes.items():
+        qweight = torch.randint(-2**31, 2**31 - 1, (n, k * bits // 64), dtype=torch.int32, device=device, generator=g)
+        # meta: every nibble 0b0100 = kept pair (0, 1); a valid 2:4 pattern
+        meta = torch.full((n, k // 32), 0x44444444, dtype=torch.int32, device=device)
+        scales = (torch.rand(n, k // group, device=device, generator=g) * 1e-3 + 1e-4).half()
+        parts = {"qweight": qweight, "meta": meta, "scales": scales}
+        parts = {p: (t.cpu().pin_memory() if pin else t.cpu()) for p, t in parts.items()}
+        out[name] = DeltaTensor(name, "sparse24", (n, k), bits, group, True, **parts)
+    return out
+
+
+def random_dense_delta(shapes: dict, device: str, seed: int) -> dict:
+    g = torch.Generator(device=device).manual_seed(seed)
+    return {name: DeltaTensor(name, "dense", s, delta=(torch.randn(s, device=device, generator=g) * 1e-3).half())
+            for name, s in shapes.items()}
+
+
+# ---- part 1: delta load rate ------------------------------------------------------------------------
+
+def pinned_h2d_bytes_per_s(device: str, num_bytes: int) -> float:
+    host = torch.empty(num_bytes, dtype=torch.uint8).pin_memory() if device.startswith("cuda") else \
+        torch.empty(num_bytes, dtype=torch.uint8)
+    dev = torch.empty(num_bytes, dtype=torch.uint8, device=device)
+    times = []
+    for _ in range(5):
+        sync(device)
+        t = time.perf_counter()
+        dev.copy_(host, non_blocking=True)
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return num_bytes / min(times)
+
+
+def bench_load(cfg: LlamaConfig, device: str, rows: list, bits: int = 2, group: int = 128) -> None:
+    shapes = linear_shapes(cfg)
+    cuda = device.startswith("cuda")
+    delta = random_packed_delta(shapes, bits, group, device, pin=cuda, seed=1)
+    num_bytes = sum(d.nbytes for d in delta.values())
+    limit = pinned_h2d_bytes_per_s(device, num_bytes)
+    rows.append({"part": "h2d_limit", "bytes": num_bytes, "bytes_per_s": limit})
+    slots = DeviceSlots(2, device, torch.float16, set(shapes), False)
+    slots.write(1, "warm", delta)  # allocates the stacks; timed writes reuse them
+    times = []
+    for _ in range(5):
+        sync(device)
+        t = time.perf_counter()
+        slots.write(0, "d", delta)
+        times.append(time.perf_counter() - t)
+    best = min(times)
+    rows.append({"part": "load", "bits": bits, "bytes": num_bytes, "ms": best * 1e3, "bytes_per_s": num_bytes / best,
+                 "h2d_fraction": num_bytes / best / limit, "goal_ms": 40, "goal_h2d_fraction": 0.8})
+    print(json.dumps(rows[-2:]), flush=True)
+
+
+# ---- part 2: decode step time with many deltas -----------------------------------------------------
+
+def decode_engine(model, max_deltas: int, slots: DeviceSlots | None, cuda_graphs: bool, max_num_seqs: int):
+    def provider(segments):
+        if all(name is None for name, _ in segments):
+            return None
+        return StepDeltaOps(slots, [(None if name is None else int(name), n) for name, n in segments])
+
+    cfg = EngineConfig(num_kv_blocks=max_num_seqs * 16 + 8, block_size=16, max_num_seqs=max_num_seqs,
+                       max_num_batched_tokens=8192, max_deltas_per_batch=max(1, max_deltas), cuda_graphs=cuda_graphs)
+    return LLMEngine(model, cfg, eos_token_ids=[], deltas_provider=provider)
+
+
+def time_decode_steps(engine, num_seqs: int, num_deltas: int, device: str, prompt_len: int, steps: int) -> float:
+    params = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
+    g = torch.Generator().manual_seed(num_deltas)
+    for i in range(num_seqs):
+        prompt = torch.randint(3, 200, (prompt_len,), generator=g).tolist()
+        engine.add_request(f"r{num_deltas}-{i}", prompt, params, delta=str(i % num_deltas) if num_deltas else None)
+    engine.step()  # prefill all
+    for _ in range(3):
+        engine.step()  # warm-up decodes (graph capture, caches)
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    sync(device)
+    elapsed = (time.perf_counter() - t) / steps
+    for i in range(num_seqs):
+        engine.abort(f"r{num_deltas}-{i}")
+    return elapsed
+
+
+def bench_step(cfg: LlamaConfig, device: str, rows: list, deltas=(1, 8, 32), num_seqs: int = 32,
+               prompt_len: int = 128, steps: int = 20, bits: int = 2) -> None:
+    model = random_model(cfg, device, torch.float16)
+    shapes = linear_shapes(cfg)
+    num_slots = max(deltas)
+    slots = DeviceSlots(num_slots, device, torch.float16, set(shapes), False)
+    one = random_packed_delta(shapes, bits, 128, device, pin=device.startswith("cuda"), seed=2)
+    for s in range(num_slots):  # same bytes in every slot: timing does not depend on the values
+        slots.write(s, str(s), one)
+    del one
+    base_us = time_decode_steps(decode_engine(model, num_slots, slots, False, num_seqs), num_seqs, 0, device,
+                                prompt_len, steps) * 1e6
+    rows.append({"part": "step", "num_deltas": 0, "rows_per_delta": 0, "graph": 0, "us": base_us, "step_vs_base": 1.0})
+    if device.startswith("cuda"):
+        us = time_decode_steps(decode_engine(model, num_slots, slots, True, num_seqs), num_seqs, 0, device,
+                               prompt_len, steps) * 1e6
+        rows.append({"part": "step", "num_deltas": 0, "rows_per_delta": 0, "graph": 1, "us": us,
+                     "step_vs_base": us / base_us})
+    for n in deltas:
+        us = time_decode_steps(decode_engine(model, num_slots, slots, False, num_seqs), num_seqs, n, device,
+                               prompt_len, steps) * 1e6
+        rows.append({"part": "step", "num_deltas": n, "rows_per_delta": num_seqs / n, "bits": bits, "graph": 0,
+                     "us": us, "step_vs_base": us / base_us, "goal_step_vs_base_at_8": 1.3})
+        print(json.dumps(rows[-1]), flush=True)
+
+
+# ---- part 3: tokens/s per mode under a mixed 16-model load -----------------------------------------
+
+def zipf_models(num_requests: int, num_models: int, seed: int = 0) -> list[int]:
+    weights = torch.tensor([1.0 / (i + 1) for i in range(num_models)])
+    return torch.multinomial(weights, num_requests, replacement=True,
+                             generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def mode_engine(mode: str, cfg: LlamaConfig, device: str, num_models: int, max_num_seqs: int, max_deltas: int):
+    """An engine serving `num_models` fine-tunes in `mode`; deltas (or merged weights) already loaded."""
+    model = random_model(cfg, device, torch.float16)
+    shapes = linear_shapes(cfg)
+    cuda = device.startswith("cuda")
+    common = dict(num_kv_blocks=max_num_seqs * 16 + 8, block_size=16, max_num_seqs=max_num_seqs,
+                  max_num_batched_tokens=4096, max_deltas_per_batch=max_deltas)
+    if mode == "swap":
+        # merged weights per model in pinned host memory; two distinct sets alternate (a swap copies
+        # every parameter whatever its values, and 16 full 1B models would not fit the host's memory)
+        sets = [{k: (p.detach().cpu() + 0.001 * i).pin_memory() if cuda else p.detach().cpu() + 0.001 * i
+                 for k, p in model.named_parameters()} for i in range(2)]
+        return LLMEngine(model, EngineConfig(**common), eos_token_ids=[],
+                         swap_weights=lambda name: sets[int(name) % 2])
+    slots = DeviceSlots(num_models, device, torch.float16, set(shapes), False)
+    for s in range(num_models):
+        delta = random_dense_delta(shapes, device, s) if mode == "dense-delta" else \
+            random_packed_delta(shapes, 2, 128, device, pin=cuda, seed=s)
+        slots.write(s, str(s), delta)
+    return decode_engine(model, max_deltas, slots, False, max_num_seqs)
+
+
+def bench_modes(cfg: LlamaConfig, device: str, rows: list, num_models: int = 16, num_requests: int = 256,
+                prompt_len: int = 64, max_tokens: int = 64, max_num_seqs: int = 64, max_deltas: int = 8) -> None:
+    which = zipf_models(num_requests, num_models)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 200, (prompt_len,), generator=g).tolist() for _ in range(num_requests)]
+    results = {}
+    for mode in ("swap", "dense-delta", "delta"):
+        engine = mode_engine(mode, cfg, device, num_models, max_num_seqs, max_deltas)
+        for i, (p, m) in enumerate(zip(prompts, which)):
+            engine.add_request(f"{mode}-{i}", p, params, delta=str(m))
+        sync(device)
+        t = time.perf_counter()
+        out = engine.run_until_done()
+        sync(device)
+        elapsed = time.perf_counter() - t
+        tokens = sum(len(v[0]) for v in out.values())
+        results[mode] = tokens / elapsed
+        row = {"part": "modes", "mode": mode, "num_models": num_models, "num_requests": num_requests,
+               "tokens": tokens, "s": elapsed, "tokens_per_s": tokens / elapsed}
+        if engine.swapper is not None:
+            row["num_swaps"] = engine.swapper.num_swaps
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del engine
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    for row in rows:
+        if row.get("part") == "modes":
+            row["throughput_vs_swap"] = row["tokens_per_s"] / results["swap"]
+            row["throughput_vs_dense"] = row["tokens_per_s"] / results["dense-delta"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--commit", default="")
+    ap.add_argument("--parts", default="load,step,modes")
+    ap.add_argument("--tiny", action="store_true", help="tiny model, any device: smoke test only")
+    args = ap.parse_args(argv)
+    torch.set_grad_enabled(False)
+    from deltazip.logs import configure_logging
+
+    configure_logging("warning", service="bench")  # no per-request log lines in the timings' output
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = torch.cuda.get_device_name().replace(" ", "-") if device == "cuda" else "cpu"
+    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                           text=True).stdout.strip()
+    big, mid = (TINY, TINY) if args.tiny else (LLAMA_7B, LLAMA_1B)
+    rows: list[dict] = []
+    parts = args.parts.split(",")
+    if "load" in parts:
+        bench_load(big, device, rows)
+    if "step" in parts:
+        bench_step(big, device, rows, **({"num_seqs": 8, "steps": 3, "prompt_len": 16} if args.tiny else {}))
+    if "modes" in parts:
+        bench_modes(mid, device, rows, **({"num_requests": 24, "max_tokens": 6, "prompt_len": 8}
+                                          if args.tiny else {}))
+    date = datetime.date.today().isoformat()
+    result = {"bench": "worker", "device": name, "commit": commit, "date": date,
+              "config": {"tiny": args.tiny, "parts": parts, "load_model": "llama-7b-shape" if not args.tiny else "tiny",
+                         "modes_model": "llama-1.1b-shape" if not args.tiny else "tiny", "dtype": "float16"},
+              "rows": rows}
+    os.makedirs(args.out, exist_ok=True)
+    path = Path(args.out) / f"worker-{name}-{date}{'-tiny' if args.tiny else ''}.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""DecodeGraphs' padding on CPU (the capture replaced by an eager replay over the same static buffers):
+padded rows write only the spare block, and replayed decode steps give the eager engine's tokens."""
+
+import torch
+from engine_fixtures import Fixture, one_torch_thread, prompts  # noqa: F401 (autouse fixture)
+
+from deltazip.model.sampling import SamplingParams
+from services.worker.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
+
+
+class EagerReplay(DecodeGraphs):
+    """'Captures' a forward that rereads the static buffers at each replay, like a CUDA graph does."""
+
+    def _capture(self, b: int, ctx_len: int) -> None:
+        graphs, out = self, self.model(self.input_ids[:b], self._ctx(b, ctx_len))  # the graph's static output
+
+        class Replay:
+            def replay(self):
+                out.copy_(graphs.model(graphs.input_ids[:b], graphs._ctx(b, ctx_len)))
+
+        self.graphs[(b, ctx_len)] = (Replay(), out)
+
+    def run(self, input_ids, attn):
+        self.num_runs = getattr(self, "num_runs", 0) + 1
+        return super().run(input_ids, attn)
+
+
+def test_context_buckets():
+    graphs = DecodeGraphs.__new__(DecodeGraphs)
+    graphs.block_size, graphs.max_blocks = 4, 10
+    assert [graphs.context_bucket(n) for n in (1, 4, 5, 17, 33, 40)] == [4, 4, 8, 32, 40, 40]
+
+
+def test_graph_batch_sizes():
+    assert graph_batch_sizes(1) == [1]
+    assert graph_batch_sizes(20) == [1, 2, 4, 8, 16, 20]
+    assert graph_batch_sizes(64)[-3:] == [32, 48, 64]
+
+
+def test_padded_decode_steps_equal_eager():
+    fx = Fixture(num_deltas=1)
+    ps = prompts(6, seed=9, max_len=20)  # 5 base rows: padded to 8
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    results = []
+    for graphs in (False, True):
+        engine = fx.engine(num_kv_blocks=60, max_num_seqs=8)
+        if graphs:
+            runner = engine.runner
+            runner.model.allocate_kv_cache(61, runner.block_size)  # + the spare block
+            runner.graphs = EagerReplay(runner.model, runner.block_size, 60, 8, engine.max_model_len)
+        for i, p in enumerate(ps):  # steps with delta rows stay eager; base-only decode steps replay
+            short = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+            engine.add_request(f"r{i}", p, short if i == 0 else params, delta="ft0" if i == 0 else None)
+        results.append({k: v[0] for k, v in engine.run_until_done().items()})
+        if graphs:
+            assert runner.graphs.num_runs > 0 and {b for b, _ in runner.graphs.graphs} <= {1, 2, 4, 8}
+            assert len({c for _, c in runner.graphs.graphs}) > 1  # contexts grew across buckets
+            spare = runner.model.kv_cache[:, :, 60]
+            assert spare.abs().sum() > 0  # padded rows wrote there, and nowhere else (tokens equal below)
+    assert results[0] == results[1]

@@ -1,0 +1,28 @@
+"""bench/worker.py --tiny runs end to end on CPU and writes the DESIGN.md row names (numbers meaningless)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def test_bench_worker_tiny_writes_rows(tmp_path):
+    torch.set_num_threads(1)
+    spec = importlib.util.spec_from_file_location("bench_worker", ROOT / "bench" / "worker.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--tiny", "--out", str(tmp_path), "--commit", "test"]) == 0
+    (path,) = tmp_path.glob("worker-*-tiny.json")
+    result = json.loads(path.read_text())
+    assert result["bench"] == "worker" and result["commit"] == "test"
+    by_part = {}
+    for row in result["rows"]:
+        by_part.setdefault(row["part"], []).append(row)
+    assert 0 < by_part["load"][0]["h2d_fraction"]
+    assert {r["num_deltas"] for r in by_part["step"]} == {0, 1, 8, 32} and all(r["step_vs_base"] > 0
+                                                                               for r in by_part["step"])
+    assert {r["mode"] for r in by_part["modes"]} == {"swap", "dense-delta", "delta"}
+    assert all("throughput_vs_swap" in r for r in by_part["modes"])
