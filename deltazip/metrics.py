@@ -7,6 +7,7 @@ codes) and expose them with `start_metrics_server(port)` on `--metrics-port` / `
 
 import argparse
 import os
+import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 
@@ -75,3 +76,34 @@ def observe_stream_timing(service: str, start_s: float, first_token_s: float | N
     TTFT_SECONDS.labels(service).observe(first_token_s - start_s)
     if num_tokens > 1:
         TOKEN_LATENCY_SECONDS.labels(service).observe((end_s - first_token_s) / (num_tokens - 1))
+
+
+class StreamTimer:
+    """Times one token stream: `add(num_tokens)` per chunk, `finish()` once (records TTFT, per-token, count)."""
+
+    __slots__ = ("service", "start_s", "first_s", "num_tokens", "done")
+
+    def __init__(self, service: str):
+        self.service, self.start_s, self.first_s, self.num_tokens, self.done = service, time.monotonic(), None, 0, False
+
+    def add(self, num_tokens: int) -> None:
+        if num_tokens and self.first_s is None:
+            self.first_s = time.monotonic()
+        self.num_tokens += num_tokens
+
+    def finish(self) -> None:
+        if not self.done:
+            self.done = True
+            observe_stream_timing(self.service, self.start_s, self.first_s, time.monotonic(), self.num_tokens)
+
+
+def observe_batch(num_sequences: int, num_distinct_deltas: int) -> None:
+    """Occupancy and delta mix of one engine step."""
+    BATCH_ROWS.observe(num_sequences)
+    BATCH_DELTAS.observe(num_distinct_deltas)
+
+
+def observe_transfer(stage: str, num_bytes: int, seconds: float) -> None:
+    """One delta fetch (store -> local disk), host load or device load."""
+    DELTA_BYTES.labels(stage).inc(num_bytes)
+    DELTA_SECONDS.labels(stage).observe(seconds)
