@@ -3,6 +3,7 @@
 import argparse
 from dataclasses import dataclass
 
+from deltazip.metrics import add_metrics_flag, validate_metrics_port
 from deltazip.rpc.flags import add_common_flags, env_default, validate_common
 
 
@@ -20,6 +21,7 @@ class SchedulerConfig:
     affinity_slack: int = 4  # a worker holding the delta wins unless it has this many more requests than the idlest
     prefetch_timeout_s: float = 120.0
     rate_tau_s: float = 10.0
+    metrics_port: int = 0  # Prometheus /metrics, 0 = off
 
     def __post_init__(self) -> None:
         validate_common(self.host, self.port, self.redis_url, self.log_level, self.grace_s)
@@ -31,6 +33,7 @@ class SchedulerConfig:
             raise ValueError(f"--affinity-slack {self.affinity_slack} must be >= 0")
         if self.prefetch_timeout_s <= 0 or self.rate_tau_s <= 0:
             raise ValueError("--prefetch-timeout-s and --rate-tau-s must be positive")
+        validate_metrics_port(self.metrics_port)
 
 
 def parse_config(argv: list[str] | None = None) -> SchedulerConfig:
@@ -44,10 +47,12 @@ def parse_config(argv: list[str] | None = None) -> SchedulerConfig:
     parser.add_argument("--affinity-slack", type=int, default=int(env_default("DELTAZIP_AFFINITY_SLACK", "4")))
     parser.add_argument("--prefetch-timeout-s", type=float, default=float(env_default("DELTAZIP_PREFETCH_TIMEOUT_S", "120")))
     parser.add_argument("--rate-tau-s", type=float, default=float(env_default("DELTAZIP_RATE_TAU_S", "10")))
+    add_metrics_flag(parser)
     args = parser.parse_args(argv)
     return SchedulerConfig(
         host=args.host, port=args.port, advertise=args.advertise, redis_url=args.redis_url, log_level=args.log_level,
         grace_s=args.grace_s, base_name=args.base_name, max_attempts=args.max_attempts,
         max_tokens_limit=args.max_tokens_limit, affinity_slack=args.affinity_slack,
         prefetch_timeout_s=args.prefetch_timeout_s, rate_tau_s=args.rate_tau_s,
+        metrics_port=args.metrics_port,
     )

@@ -4,6 +4,7 @@ import asyncio
 
 from deltazip.cluster.models import ModelRecord
 from deltazip.cluster.requests import RequestState
+from deltazip import metrics
 from deltazip.logs import bind_request, get_logger
 from deltazip.rpc.channels import ChannelPool
 from deltazip.rpc.errors import InvalidArgument, ServiceError, rpc_method
@@ -44,9 +45,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             await self.view.requests.create(job.request_id, job.model)
             queue = await self.view.queues.arrive(job.model)
             log.info("request_accepted", pending=queue.pending, rate_per_s=round(queue.rate_per_s, 3))
+            metrics.QUEUE_DEPTH.labels("scheduler", job.model).inc()  # this replica's requests, waiting or running
+            timer = metrics.StreamTimer("scheduler")
             state, error, streamed = RequestState.FAILED, "", False
             try:
                 async for chunk in self.relay.generate(job, model.is_base, context.time_remaining):
+                    timer.add(len(chunk.token_ids))
                     streamed = streamed or bool(chunk.token_ids)
                     yield chunk
                 state = RequestState.FINISHED
@@ -57,6 +61,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 state = RequestState.CANCELLED
                 raise
             finally:
+                timer.finish()
+                metrics.QUEUE_DEPTH.labels("scheduler", job.model).dec()
                 await asyncio.shield(self._finish(job, state, error, streamed))
 
     async def _finish(self, job: GenerateJob, state: RequestState, error: str, streamed: bool) -> None:
