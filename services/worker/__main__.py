@@ -11,6 +11,7 @@ from redis.exceptions import RedisError
 from deltazip.cluster.connection import connect
 from deltazip.cluster.workers import WorkerRecord
 from deltazip.logs import configure_logging, get_logger
+from deltazip.metrics import start_metrics_server
 from deltazip.rpc.server import Registration, RpcServer, service_name
 from deltazip.v1 import worker_pb2, worker_pb2_grpc
 from services.worker.bootstrap import WorkerParts, build_worker
@@ -30,6 +31,7 @@ async def serve(config: WorkerConfig, parts: WorkerParts) -> None:
                                      servicer)])
     parts.loop.start()
     port = await server.start()
+    start_metrics_server(config.metrics_port, config.host)
     servicer.address = address = config.address(port)
 
     redis = connect(config.redis_url)

@@ -72,6 +72,7 @@ class WorkerConfig:
     default_max_tokens: int = 16
     worker_id: str = field(default_factory=default_worker_id)
     log_level: str = "info"
+    metrics_port: int = 0  # Prometheus /metrics, 0 = off
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
