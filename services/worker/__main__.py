@@ -17,6 +17,8 @@ from deltazip.v1 import worker_pb2, worker_pb2_grpc
 from services.worker.bootstrap import WorkerParts, build_worker
 from services.worker.config import WorkerConfig, config_from_args
 from services.worker.publisher import Publisher, WorkerLoad, cluster_residency
+from deltazip.cluster.models import ModelRegistry
+from services.worker.model_sync import ModelSync
 from services.worker.server import WorkerServicer
 
 log = get_logger("services.worker")
@@ -53,11 +55,13 @@ async def serve(config: WorkerConfig, parts: WorkerParts) -> None:
         log.warning("redis_unavailable_at_start", error=str(exc), redis_url=config.redis_url)
     stop = asyncio.Event()
     beats = asyncio.create_task(publisher.run(stop))
+    model_sync = asyncio.create_task(ModelSync(ModelRegistry(redis), parts.residency, config.model_sync_s).run(stop))
     log.info("worker_ready", worker=config.worker_id, address=address, base=app.info.base_name)
 
     async def on_shutdown() -> None:
         stop.set()
         await beats
+        await model_sync
         await publisher.close()
 
     await server.serve_until_signal(config.grace_s, on_shutdown)
