@@ -42,6 +42,19 @@ def stack(launcher, models, tmp_path):
         stop(gateway)
 
 
+def test_one_request_id_from_client_to_worker(stack, launcher):
+    scheduler, gateway = stack
+    api = openai.OpenAI(base_url=f"http://{gateway.address}/v1", api_key="unused", max_retries=0, timeout=120)
+    reply = api.completions.with_raw_response.create(model="ft-a", prompt="hi", max_tokens=2,
+                                                     extra_headers={"X-Request-Id": "trace-me-42"})
+    assert reply.headers["x-request-id"] == "trace-me-42"
+    assert reply.parse().id == "cmpl-trace-me-42"
+    for proc in [gateway, *launcher.procs]:
+        if proc.name in ("gateway", "scheduler", "worker"):
+            lines = [json.loads(line) for line in proc.log_tail(200_000).splitlines() if "trace-me-42" in line]
+            assert any(line.get("request_id") == "trace-me-42" for line in lines), proc.name
+
+
 def test_openai_client_non_streaming_and_streaming(stack):
     scheduler, gateway = stack
     api = openai.OpenAI(base_url=f"http://{gateway.address}/v1", api_key="unused", max_retries=0, timeout=120)
