@@ -65,11 +65,20 @@ def main() -> int:
         print(f"export DELTAZIP_SCHEDULER={scheduler.address} DELTAZIP_STORE={store.address} "
               f"OPENAI_BASE_URL=http://127.0.0.1:{args.gateway_port}/v1\n(logs in {work / 'logs'}; Ctrl-C stops all)",
               flush=True)
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in the background
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
     finally:
         if gateway is not None:
             gateway.terminate()
-            gateway.wait(timeout=10)
+            try:
+                gateway.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                gateway.kill()
         launcher.stop_all()
         stop(redis_proc)
         shutil.rmtree(work, ignore_errors=True)
@@ -77,5 +86,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     sys.exit(main())
