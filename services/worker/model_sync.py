@@ -19,13 +19,19 @@ log = get_logger("worker.model_sync")
 
 
 class ModelSync:
-    """Owns no deltas: asks the ResidencyManager (their owner) to evict stale ones."""
+    """Owns no deltas: asks the ResidencyManager (their owner) to evict stale ones.
+
+    A held copy is stale when its registry entry is gone, or when the entry appeared or changed since the
+    previous check: the copy may predate the change (the worker does not record which version it fetched),
+    so it is dropped and the next request fetches the current one. Stale names stay marked until evicted.
+    """
 
     def __init__(self, registry: ModelRegistry, residency: ResidencyManager, interval_s: float = 1.0):
         self.registry = registry
         self.residency = residency
         self.interval_s = interval_s
-        self._seen: dict[str, tuple[int, int]] = {}  # name -> (created_unix_ms, artifact_bytes) when first held
+        self._last: dict[str, tuple[int, int]] | None = None  # registry at the previous check: name -> version
+        self._stale: dict[str, str] = {}  # name -> reason, until evicted
 
     async def run(self, stop: asyncio.Event) -> None:
         """Check every interval until `stop` is set; Redis outages are logged and retried."""
@@ -41,21 +47,21 @@ class ModelSync:
 
     async def sync_once(self) -> list[str]:
         """One comparison; returns the names evicted now."""
-        held = [d.name for d in self.residency.snapshot() if d.tier is not Tier.REMOTE]
-        if not held:
-            return []
         current = {r.name: (r.created_unix_ms, r.artifact_bytes) for r in await self.registry.list()}
-        evicted = []
+        last, self._last = self._last, current
+        held = [d.name for d in self.residency.snapshot() if d.tier is not Tier.REMOTE]
         for name in held:
-            version = current.get(name)
-            first = self._seen.setdefault(name, version) if version is not None else None
-            if version is not None and version == first:
-                continue
-            reason = "deleted" if version is None else "overwritten"
-            if self.residency.evict(name, Tier.DISK):
-                self._seen.pop(name, None)
-                evicted.append(name)
-                log.info("delta_dropped", model=name, reason=reason)
+            if name not in current:
+                self._stale.setdefault(name, "deleted")
+            elif last is not None and last.get(name) != current[name]:
+                self._stale.setdefault(name, "replaced")
+        evicted = []
+        for name, reason in list(self._stale.items()):
+            if name not in held or self.residency.evict(name, Tier.DISK):
+                del self._stale[name]
+                if name in held:
+                    evicted.append(name)
+                    log.info("delta_dropped", model=name, reason=reason)
             else:
                 log.debug("delta_drop_waits", model=name, reason=reason)  # pinned by in-flight requests
         return evicted

@@ -1,6 +1,6 @@
 """Runtime model management on the real stack, no restarts: push → servable in seconds (SDK, CLI, gateway);
 delete → in-flight requests finish, new ones get NOT_FOUND, the worker drops it from every cache;
-push again under the same name → the new weights are served, never a stale cached copy.
+push again under the same name, or overwrite → the new weights are served, not the old cached copy.
 """
 
 import json
@@ -87,6 +87,10 @@ def test_push_delete_and_repush_at_runtime(launcher, models, redis_url, tmp_path
 
             client.push(artifacts["ft-b"], "ft-a", progress=False)  # same name, other weights
             assert client.generate("ft-a", "hello", **greedy).token_ids == greedy_reference(merged["ft-b"], list(b"hello"), MAX_TOKENS)
+
+            client.push(artifacts["ft-a"], "ft-a", overwrite=True, progress=False)  # replaced in place
+            wait_until(lambda: not resident_anywhere(r, "ft-a"), 10, "the worker drops the overwritten copy")
+            assert client.generate("ft-a", "hello", **greedy).token_ids == greedy_reference(merged["ft-a"], list(b"hello"), MAX_TOKENS)
     finally:
         r.close()
         stop(gateway)

@@ -56,3 +56,15 @@ def test_overwritten_delta_is_evicted_and_the_new_version_kept():
     assert asyncio.run(sync.sync_once()) == ["a"]
     residency.held.add("a")  # the new version fetched by the next request
     assert asyncio.run(sync.sync_once()) == []
+
+
+def test_copy_fetched_between_checks_of_a_changed_entry_is_dropped():
+    registry = FakeRegistry([])
+    residency = FakeResidency([])
+    sync = ModelSync(registry, residency)
+    assert asyncio.run(sync.sync_once()) == []
+    registry.records = [ModelRecord("a", created_unix_ms=3)]  # pushed, fetched, maybe overwritten: all before a check
+    residency.held.add("a")
+    assert asyncio.run(sync.sync_once()) == ["a"]  # which version is held is unknown: refetch
+    residency.held.add("a")
+    assert asyncio.run(sync.sync_once()) == []  # stable entry: the copy is kept
