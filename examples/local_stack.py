@@ -22,7 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deltazip.client import Client  # noqa: E402
 from deltazip.convert.base import default_base_dir  # noqa: E402
-from deltazip.rpc.ports import free_port  # noqa: E402
 from deltazip.stack import REPO_ROOT, Launcher, start_redis, stop  # noqa: E402
 
 

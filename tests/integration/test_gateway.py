@@ -6,7 +6,9 @@ what the SDK gets over gRPC for the same greedy request; streamed chunks join to
 usage chunk counts the tokens; errors arrive in OpenAI's shape with the right HTTP status.
 """
 
+import http.client
 import json
+import time
 import urllib.request
 
 import openai
@@ -103,3 +105,26 @@ def test_errors_have_openai_shape_and_http_status(stack):
         urllib.request.urlopen(request, timeout=30)
     assert http_err.value.code == 400
     assert json.loads(http_err.value.read())["error"]["type"] == "invalid_request_error"
+
+
+def test_client_leaving_a_stream_cancels_the_request(stack, launcher):
+    _, gateway = stack
+    body = {"model": "ft-a", "prompt": "a", "max_tokens": 110, "temperature": 0.0, "ignore_eos": True, "stream": True}
+    host, port = gateway.address.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json",
+                                                              "X-Request-Id": "leave-early-7"})
+    reply = conn.getresponse()
+    assert reply.status == 200
+    assert reply.readline().startswith(b"data: ")
+    conn.close()  # the client goes away after the first event
+    scheduler_log = next(p for p in launcher.procs if p.name == "scheduler")
+    deadline = time.monotonic() + 15
+    while True:
+        states = [json.loads(line).get("state") for line in scheduler_log.log_tail(200_000).splitlines()
+                  if "leave-early-7" in line and "request_finished" in line]
+        if states:
+            break
+        assert time.monotonic() < deadline, "the scheduler never finished the abandoned request"
+        time.sleep(0.1)
+    assert states == ["cancelled"]
