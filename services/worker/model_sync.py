@@ -21,9 +21,10 @@ log = get_logger("worker.model_sync")
 class ModelSync:
     """Owns no deltas: asks the ResidencyManager (their owner) to evict stale ones.
 
-    A held copy is stale when its registry entry is gone, or when the entry appeared or changed since the
-    previous check: the copy may predate the change (the worker does not record which version it fetched),
-    so it is dropped and the next request fetches the current one. Stale names stay marked until evicted.
+    A held copy is stale when its registry entry is gone, changed since the previous check, or reappeared
+    for a name this worker held before: the copy may predate the change (the worker does not record which
+    version it fetched), so it is dropped and the next request fetches the current one. A name new to this
+    worker is trusted. Stale names stay marked until evicted.
     """
 
     def __init__(self, registry: ModelRegistry, residency: ResidencyManager, interval_s: float = 1.0):
@@ -32,6 +33,7 @@ class ModelSync:
         self.interval_s = interval_s
         self._last: dict[str, tuple[int, int]] | None = None  # registry at the previous check: name -> version
         self._stale: dict[str, str] = {}  # name -> reason, until evicted
+        self._held_before: set[str] = set()  # names held at some earlier check
 
     async def run(self, stop: asyncio.Event) -> None:
         """Check every interval until `stop` is set; Redis outages are logged and retried."""
@@ -53,8 +55,9 @@ class ModelSync:
         for name in held:
             if name not in current:
                 self._stale.setdefault(name, "deleted")
-            elif last is not None and last.get(name) != current[name]:
+            elif last is not None and last.get(name) != current[name] and (name in last or name in self._held_before):
                 self._stale.setdefault(name, "replaced")
+        self._held_before.update(held)
         evicted = []
         for name, reason in list(self._stale.items()):
             if name not in held or self.residency.evict(name, Tier.DISK):

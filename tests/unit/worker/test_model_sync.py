@@ -59,12 +59,24 @@ def test_overwritten_delta_is_evicted_and_the_new_version_kept():
 
 
 def test_copy_fetched_between_checks_of_a_changed_entry_is_dropped():
-    registry = FakeRegistry([])
-    residency = FakeResidency([])
+    registry = FakeRegistry([ModelRecord("a", created_unix_ms=1)])
+    residency = FakeResidency(["a"])
     sync = ModelSync(registry, residency)
     assert asyncio.run(sync.sync_once()) == []
-    registry.records = [ModelRecord("a", created_unix_ms=3)]  # pushed, fetched, maybe overwritten: all before a check
+    registry.records = []  # deleted
+    assert asyncio.run(sync.sync_once()) == ["a"]
+    registry.records = [ModelRecord("a", created_unix_ms=3)]  # pushed again, fetched, maybe overwritten: all before a check
     residency.held.add("a")
     assert asyncio.run(sync.sync_once()) == ["a"]  # which version is held is unknown: refetch
     residency.held.add("a")
     assert asyncio.run(sync.sync_once()) == []  # stable entry: the copy is kept
+
+
+def test_a_new_name_fetched_before_the_first_check_is_kept():
+    registry = FakeRegistry([])
+    residency = FakeResidency([])
+    sync = ModelSync(registry, residency)
+    assert asyncio.run(sync.sync_once()) == []
+    registry.records = [ModelRecord("new", created_unix_ms=1)]
+    residency.held.add("new")
+    assert asyncio.run(sync.sync_once()) == []
