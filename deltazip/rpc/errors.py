@@ -7,6 +7,7 @@ from collections.abc import Callable
 import grpc
 from redis.exceptions import RedisError
 
+from deltazip import metrics
 from deltazip.logs import get_logger
 
 log = get_logger("deltazip.rpc")
@@ -73,9 +74,11 @@ def rpc_method(fn: Callable) -> Callable:
             try:
                 async for item in fn(self, request, context):
                     yield item
+                _count(name, "OK")
             except Exception as exc:  # noqa: BLE001  (only ServiceError/RedisError are translated; others re-raise)
                 error = _translate(exc)
                 log.info("rpc_error", method=name, code=error.code.name, message=error.message)
+                _count(name, error.code.name)
                 await context.abort(error.code, error.message)
 
         return stream
@@ -83,13 +86,23 @@ def rpc_method(fn: Callable) -> Callable:
     @functools.wraps(fn)
     async def unary(self, request, context):
         try:
-            return await fn(self, request, context)
+            reply = await fn(self, request, context)
+            _count(name, "OK")
+            return reply
         except Exception as exc:  # noqa: BLE001  (only ServiceError/RedisError are translated; others re-raise)
             error = _translate(exc)
             log.info("rpc_error", method=name, code=error.code.name, message=error.message)
+            _count(name, error.code.name)
             await context.abort(error.code, error.message)
 
     return unary
+
+
+def _count(qualname: str, code: str) -> None:
+    """deltazip_requests_total{service, method, code}: "WorkerServicer.Generate" -> ("worker", "Generate")."""
+    servicer, _, method = qualname.rpartition(".")
+    service = servicer.removesuffix("Servicer").lower() or "unknown"
+    metrics.REQUESTS.labels({"deltastore": "delta_store"}.get(service, service), method, code).inc()
 
 
 def _translate(exc: Exception) -> ServiceError:

@@ -13,6 +13,7 @@ from deltazip.cluster.models import ModelRegistry
 from deltazip.cluster.stores import StoreRecord, StoreRegistry
 from deltazip.logs import configure_logging, get_logger
 from deltazip.rpc.flags import advertise_address
+from deltazip.metrics import start_metrics_server
 from deltazip.rpc.server import Registration, RpcServer, service_name
 from deltazip.v1 import delta_store_pb2, delta_store_pb2_grpc
 from services.delta_store.config import StoreConfig, parse_config
@@ -34,6 +35,7 @@ async def serve(config: StoreConfig) -> None:
         [Registration(service_name(delta_store_pb2, "DeltaStore"), delta_store_pb2_grpc.add_DeltaStoreServicer_to_server, servicer)],
     )
     port = await server.start()
+    start_metrics_server(config.metrics_port, config.host)
     address = advertise_address(config.host, port, config.advertise)
     try:
         num_synced = await sync_registry(storage, registry, config.store_id)

@@ -5,6 +5,7 @@ import os
 import uuid
 from dataclasses import dataclass
 
+from deltazip.metrics import add_metrics_flag, validate_metrics_port
 from deltazip.rpc.flags import add_common_flags, env_default, validate_common
 
 GiB = 1024**3
@@ -24,6 +25,7 @@ class StoreConfig:
     heartbeat_ttl_s: float = 10.0
     max_artifact_bytes: int = 256 * GiB
     stale_staging_s: float = 3600.0
+    metrics_port: int = 0  # Prometheus /metrics, 0 = off
 
     def __post_init__(self) -> None:
         validate_common(self.host, self.port, self.redis_url, self.log_level, self.grace_s)
@@ -35,6 +37,7 @@ class StoreConfig:
             raise ValueError(f"need 0 < --heartbeat-s ({self.heartbeat_s}) < --heartbeat-ttl-s ({self.heartbeat_ttl_s})")
         if self.max_artifact_bytes <= 0:
             raise ValueError("--max-artifact-bytes must be positive")
+        validate_metrics_port(self.metrics_port)
 
 
 def parse_config(argv: list[str] | None = None) -> StoreConfig:
@@ -48,10 +51,12 @@ def parse_config(argv: list[str] | None = None) -> StoreConfig:
     parser.add_argument("--heartbeat-ttl-s", type=float, default=float(env_default("DELTAZIP_HEARTBEAT_TTL_S", "10")))
     parser.add_argument("--max-artifact-bytes", type=int,
                         default=int(env_default("DELTAZIP_MAX_ARTIFACT_BYTES", str(256 * GiB))))
+    add_metrics_flag(parser)
     args = parser.parse_args(argv)
     store_id = args.store_id or f"store-{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     return StoreConfig(
         root=args.root, host=args.host, port=args.port, advertise=args.advertise, redis_url=args.redis_url,
         log_level=args.log_level, grace_s=args.grace_s, store_id=store_id, heartbeat_s=args.heartbeat_s,
         heartbeat_ttl_s=args.heartbeat_ttl_s, max_artifact_bytes=args.max_artifact_bytes,
+        metrics_port=args.metrics_port,
     )

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from redis.exceptions import RedisError
 
 from deltazip.cluster.models import ModelRecord, ModelRegistry
+from deltazip import metrics
 from deltazip.logs import bind_request, get_logger, new_request_id
 from deltazip.rpc.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable, rpc_method
 from deltazip.rpc.options import CHUNK_BYTES
@@ -66,6 +67,7 @@ class DeltaStoreServicer(delta_store_pb2_grpc.DeltaStoreServicer):
             record = await self._receive_and_commit(session, requests, header.overwrite)
             await self._register(record)
             log.info("push_committed", num_bytes=session.num_bytes)
+            metrics.STORE_BYTES.labels("push").inc(session.num_bytes)
             return delta_store_pb2.PushDeltaResponse(model=model_info(record), bytes_received=session.num_bytes)
 
     async def _receive_and_commit(self, session: PushSession, requests, overwrite: bool) -> ModelRecord:
@@ -101,6 +103,7 @@ class DeltaStoreServicer(delta_store_pb2_grpc.DeltaStoreServicer):
         handles = fetch.open_all(self.storage, request.name, planned)
         try:
             async for chunk in fetch.stream_chunks(planned, handles, chunk_bytes):
+                metrics.STORE_BYTES.labels("fetch").inc(len(chunk.data))
                 yield delta_store_pb2.FetchDeltaChunk(
                     path=chunk.path, offset=chunk.offset, data=chunk.data, file_size=chunk.file_size,
                     file_sha256=chunk.file_sha256, last_in_file=chunk.last_in_file,

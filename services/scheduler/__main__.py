@@ -5,6 +5,7 @@ import sys
 
 from deltazip.cluster.connection import connect
 from deltazip.cluster.workers import Tier
+from deltazip.metrics import start_metrics_server
 from deltazip.logs import configure_logging, get_logger
 from deltazip.rpc.channels import ChannelPool
 from deltazip.rpc.flags import advertise_address
@@ -28,6 +29,7 @@ async def serve(config: SchedulerConfig) -> None:
         [Registration(service_name(scheduler_pb2, "Scheduler"), scheduler_pb2_grpc.add_SchedulerServicer_to_server, servicer)],
     )
     port = await server.start()
+    start_metrics_server(config.metrics_port, config.host)
     log.info("scheduler_ready", address=advertise_address(config.host, port, config.advertise),
              scheduler_id=config.scheduler_id)
     stop = asyncio.Event()

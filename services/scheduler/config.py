@@ -5,6 +5,7 @@ import os
 import socket
 from dataclasses import dataclass
 
+from deltazip.metrics import add_metrics_flag, validate_metrics_port
 from deltazip.rpc.flags import add_common_flags, env_default, validate_common
 
 
@@ -34,6 +35,7 @@ class SchedulerConfig:
     prefetch_rate_per_worker: float = 4.0  # arrivals/s one worker absorbs: holders wanted = rate / this
     prefetch_window_s: float = 5.0  # one prefetch decision per model per window, over all schedulers
     prefetch_tier: str = "device"  # where burst prefetch puts a delta: device | host
+    metrics_port: int = 0  # Prometheus /metrics, 0 = off
 
     def __post_init__(self) -> None:
         validate_common(self.host, self.port, self.redis_url, self.log_level, self.grace_s)
@@ -54,6 +56,7 @@ class SchedulerConfig:
             raise ValueError(f"--prefetch-tier must be device or host, got {self.prefetch_tier!r}")
         if self.lease_s <= self.worker_check_s:
             raise ValueError("--lease-s must exceed --worker-check-s: leases are renewed at each check")
+        validate_metrics_port(self.metrics_port)
 
 
 def parse_config(argv: list[str] | None = None) -> SchedulerConfig:
@@ -74,6 +77,7 @@ def parse_config(argv: list[str] | None = None) -> SchedulerConfig:
         env = "DELTAZIP_" + name.upper()
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=kind(env_default(env, str(default))),
                             help=f"{doc} ({env})")
+    add_metrics_flag(parser)
     args = parser.parse_args(argv)
     return SchedulerConfig(
         host=args.host, port=args.port, advertise=args.advertise, redis_url=args.redis_url, log_level=args.log_level,
@@ -82,6 +86,7 @@ def parse_config(argv: list[str] | None = None) -> SchedulerConfig:
         prefetch_timeout_s=args.prefetch_timeout_s, rate_tau_s=args.rate_tau_s,
         scheduler_id=args.scheduler_id or f"{socket.gethostname()}-{os.getpid()}", prefetch_tier=args.prefetch_tier,
         **{name: getattr(args, name) for name, *_ in _TUNING},
+        metrics_port=args.metrics_port,
     )
 
 

@@ -4,6 +4,7 @@ import asyncio
 
 from deltazip.cluster.models import ModelRecord
 from deltazip.cluster.requests import RequestState
+from deltazip import metrics
 from deltazip.logs import bind_request, get_logger
 from deltazip.rpc.channels import ChannelPool
 from deltazip.rpc.errors import InvalidArgument, ServiceError, rpc_method
@@ -48,9 +49,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 log.info("request_retried", earlier_state=earlier.state, attempts=earlier.attempts)
             queue = await self.view.queues.arrive(job.model, job.request_id)
             log.info("request_accepted", pending=queue.pending, rate_per_s=round(queue.rate_per_s, 3))
+            metrics.QUEUE_DEPTH.labels("scheduler", job.model).inc()  # this replica's requests, waiting or running
+            timer = metrics.StreamTimer("scheduler")
             state, error = RequestState.FAILED, ""
             try:
                 async for chunk in self.relay.generate(job, model.is_base, context.time_remaining):
+                    timer.add(len(chunk.token_ids))
                     yield chunk
                 state = RequestState.FINISHED
             except ServiceError as exc:
@@ -60,6 +64,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 state = RequestState.CANCELLED
                 raise
             finally:
+                timer.finish()
+                metrics.QUEUE_DEPTH.labels("scheduler", job.model).dec()
                 await asyncio.shield(self._finish(job, state, error))
 
     async def _finish(self, job: GenerateJob, state: RequestState, error: str) -> None:

@@ -11,11 +11,14 @@ from redis.exceptions import RedisError
 from deltazip.cluster.connection import connect
 from deltazip.cluster.workers import WorkerRecord
 from deltazip.logs import configure_logging, get_logger
+from deltazip.metrics import start_metrics_server
 from deltazip.rpc.server import Registration, RpcServer, service_name
 from deltazip.v1 import worker_pb2, worker_pb2_grpc
 from services.worker.bootstrap import WorkerParts, build_worker
 from services.worker.config import WorkerConfig, config_from_args
 from services.worker.publisher import Publisher, WorkerLoad, cluster_residency
+from deltazip.cluster.models import ModelRegistry
+from services.worker.model_sync import ModelSync
 from services.worker.server import WorkerServicer
 
 log = get_logger("services.worker")
@@ -30,6 +33,7 @@ async def serve(config: WorkerConfig, parts: WorkerParts) -> None:
                                      servicer)])
     parts.loop.start()
     port = await server.start()
+    start_metrics_server(config.metrics_port, config.host)
     servicer.address = address = config.address(port)
 
     redis = connect(config.redis_url)
@@ -52,11 +56,13 @@ async def serve(config: WorkerConfig, parts: WorkerParts) -> None:
         log.warning("redis_unavailable_at_start", error=str(exc), redis_url=config.redis_url)
     stop = asyncio.Event()
     beats = asyncio.create_task(publisher.run(stop))
+    model_sync = asyncio.create_task(ModelSync(ModelRegistry(redis), parts.residency, config.model_sync_s).run(stop))
     log.info("worker_ready", worker=config.worker_id, address=address, base=app.info.base_name)
 
     async def on_shutdown() -> None:
         stop.set()
         await beats
+        await model_sync
         await publisher.close()
 
     await server.serve_until_signal(config.grace_s, on_shutdown)

@@ -73,6 +73,8 @@ class WorkerConfig:
     default_max_tokens: int = 16
     worker_id: str = field(default_factory=default_worker_id)
     log_level: str = "info"
+    metrics_port: int = 0  # Prometheus /metrics, 0 = off
+    model_sync_s: float = 1.0  # how often deleted/overwritten models are dropped from local caches
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -84,9 +86,9 @@ class WorkerConfig:
         validate_common(self.host, self.port, self.redis_url, self.log_level, self.grace_s)
         _positive(self, "num_device_slots", "max_num_seqs", "max_num_batched_tokens", "max_deltas_per_batch",
                   "kv_block_size", "heartbeat_s", "heartbeat_ttl_s", "fetch_chunk_bytes",
-                  "fetch_max_attempts", "default_max_tokens")
+                  "fetch_max_attempts", "default_max_tokens", "model_sync_s")
         _non_negative(self, "device_cache_bytes", "host_cache_bytes", "disk_cache_bytes", "num_kv_blocks",
-                      "max_model_len")
+                      "max_model_len", "metrics_port")
         if not 0.0 < self.kv_memory_fraction <= 1.0:
             raise ValueError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
         if self.heartbeat_ttl_s <= self.heartbeat_s:

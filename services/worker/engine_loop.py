@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from deltazip import metrics
 from deltazip.logs import get_logger
 
 log = get_logger("services.worker.engine_loop")
@@ -149,6 +150,7 @@ class EngineLoop:
                 self._num_steps += 1
                 self._process(outputs, (time.perf_counter() - start) * 1e3)
                 self._state.stats = self._engine.stats()
+                metrics.observe_batch(self._state.stats.num_running, len(self._state.stats.running_deltas))
                 self._on_step(self._num_steps, self._state.stats.running_deltas)
                 if not outputs:  # everything waits (e.g. for a delta load): do not spin
                     self._wake.wait(self._idle_wait_s)
@@ -173,6 +175,7 @@ class EngineLoop:
 
     def _process(self, outputs: list[StepOutput], step_ms: float) -> None:
         for out in outputs:
+            metrics.GENERATED_TOKENS.labels("worker").inc(len(out.token_ids))
             with self._lock:
                 sink = self._state.sinks.get(out.request_id)
                 if sink is not None and out.finished:

@@ -13,6 +13,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from deltazip import metrics
 from services.worker.residency_state import (
     TIER_OF_STATE,
     ChangeCallback,
@@ -150,6 +151,7 @@ class ResidencyManager:
             assert not self._closed, "residency manager is closed"
             entry = self._entry(name)
             self._touch(entry)
+            metrics.RESIDENCY_LOOKUPS.labels(tier.name.lower(), "hit" if entry.tier <= tier else "miss").inc()
             if entry.tier <= tier and entry.state is not DeltaState.LOADING:
                 future.set_result(snapshot_of(entry))
                 return future
@@ -251,7 +253,9 @@ class ResidencyManager:
             self._advance(entry)
 
     def _do_fetch(self, entry: DeltaEntry) -> None:
+        start = time.perf_counter()
         path, num_bytes = self._io.fetch(entry.name)
+        metrics.observe_transfer("fetch", num_bytes, time.perf_counter() - start)
         with self._lock:
             entry.path, entry.disk_bytes = path, num_bytes
             self._lru[Tier.DISK][entry.name] = num_bytes
@@ -259,7 +263,9 @@ class ResidencyManager:
             self._set_state(entry, DeltaState.ON_DISK)
 
     def _do_load_host(self, entry: DeltaEntry) -> None:
+        start = time.perf_counter()
         host, num_bytes = self._io.load_host(entry.name, entry.path)
+        metrics.observe_transfer("host_load", num_bytes, time.perf_counter() - start)
         with self._lock:
             entry.host, entry.host_bytes = host, num_bytes
             self._lru[Tier.HOST][entry.name] = num_bytes
@@ -272,6 +278,7 @@ class ResidencyManager:
         with self._lock:
             entry.device_bytes = num_bytes
             entry.load_ms = (time.perf_counter() - start) * 1e3
+            metrics.observe_transfer("device_load", num_bytes, entry.load_ms / 1e3)
             self._lru[Tier.DEVICE][entry.name] = num_bytes
             self._set_state(entry, DeltaState.ON_DEVICE)
 

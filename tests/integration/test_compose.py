@@ -40,7 +40,7 @@ def test_compose_file_is_valid():
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     services = rendered("cpu")["services"]
-    assert {"redis", "delta_store", "scheduler", "worker", "worker-cpu"} <= set(services)
+    assert {"redis", "delta_store", "scheduler", "gateway", "worker", "worker-cpu"} <= set(services)
     assert "--appendonly" in services["redis"]["command"]  # the registry survives a Redis restart
 
 
@@ -62,9 +62,12 @@ def test_commands_and_env_vars_match_the_services_flags():
             assert var in done.stdout, f"{name}: {var} is not a setting of {module}"
         port = env.get("DELTAZIP_PORT")
         probe = svc["healthcheck"]["test"]
-        assert probe[1:4] == ["python", "-m", "deltazip.rpc.healthcheck"] and probe[4] == f"localhost:{port}", name
+        if module == "services.gateway":  # HTTP: the probe fetches /health on the gateway's own port
+            assert probe[1:3] == ["python", "-c"] and f"localhost:{port}/health" in probe[3], name
+        else:
+            assert probe[1:4] == ["python", "-m", "deltazip.rpc.healthcheck"] and probe[4] == f"localhost:{port}", name
         checked += 1
-    assert checked >= 4
+    assert checked >= 5
 
 
 def test_workers_scale_without_fixed_names_or_host_ports():

@@ -1,0 +1,48 @@
+"""`python -m services.gateway`: OpenAI-compatible HTTP in front of the schedulers."""
+
+import asyncio
+import signal
+import sys
+
+from aiohttp import web
+
+from deltazip.logs import configure_logging, get_logger
+from deltazip.metrics import start_metrics_server
+from services.gateway.config import GatewayConfig, parse_config
+from services.gateway.server import build_app
+
+log = get_logger("gateway")
+
+
+async def serve(config: GatewayConfig) -> None:
+    """Serve HTTP until SIGTERM/SIGINT; prints the bound port in the `gateway_ready` log line."""
+    runner = web.AppRunner(build_app(config), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port)
+    await site.start()
+    port = runner.addresses[0][1]
+    start_metrics_server(config.metrics_port, config.host)
+    log.info("gateway_ready", address=f"{config.host}:{port}", scheduler=config.scheduler)
+    stopped = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopped.set)
+    await stopped.wait()
+    log.info("gateway_stopping")
+    await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse flags/env, configure logs, serve."""
+    try:
+        config = parse_config(argv)
+    except ValueError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.log_level, service="gateway")
+    asyncio.run(serve(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
