@@ -91,12 +91,14 @@ def synthetic_prompt(num_chars: int, rng: np.random.Generator) -> str:
 
 def generate(config: WorkloadConfig) -> list[Request]:
     """The workload's requests in arrival order."""
-    rng = np.random.default_rng(config.seed)
+    # Separate streams: arrivals, lengths and prompts do not change with the number of models, so runs with
+    # 8 or 64 models (and the base-only reference) replay the same requests, only the models differ.
+    time_rng, model_rng, len_rng, rng = (np.random.default_rng(s) for s in np.random.SeedSequence(config.seed).spawn(4))
     n = config.num_requests
-    times = arrival_times(n, config.rate_rps, config.arrival, config.cv, rng)
-    ranks = rng.choice(len(config.models), size=n, p=zipf_probabilities(len(config.models), config.zipf_alpha))
-    prompt_lens = lengths(n, config.prompt_len_mean, config.prompt_len_max, rng)
-    output_lens = lengths(n, config.output_len_mean, config.output_len_max, rng)
+    times = arrival_times(n, config.rate_rps, config.arrival, config.cv, time_rng)
+    ranks = model_rng.choice(len(config.models), size=n, p=zipf_probabilities(len(config.models), config.zipf_alpha))
+    prompt_lens = lengths(n, config.prompt_len_mean, config.prompt_len_max, len_rng)
+    output_lens = lengths(n, config.output_len_mean, config.output_len_max, len_rng)
     return [
         Request(id=f"req-{i:06d}", prompt=synthetic_prompt(int(prompt_lens[i]), rng), timestamp=float(times[i]),
                 model=config.models[int(ranks[i])], min_tokens=int(output_lens[i]), max_tokens=int(output_lens[i]))

@@ -66,3 +66,10 @@ def test_bad_config_is_refused():
     with pytest.raises(ValueError, match="at least one model"):
         WorkloadConfig(())
     assert isinstance(generate(WorkloadConfig(("only",), num_requests=1))[0], Request)
+
+
+def test_only_models_change_with_the_number_of_models():
+    few = generate(WorkloadConfig(MODELS[:2], num_requests=100, seed=6))
+    many = generate(WorkloadConfig(MODELS, num_requests=100, seed=6))
+    strip = lambda rs: [(r.id, r.prompt, r.timestamp, r.max_tokens) for r in rs]  # noqa: E731
+    assert strip(few) == strip(many) and [r.model for r in few] != [r.model for r in many]
