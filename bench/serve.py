@@ -1,0 +1,337 @@
+"""Serving benchmark driver: replay a many-model workload through the SDK, open-loop, against each worker mode.
+
+Starts redis + delta store + scheduler (deltazip.stack), pushes synthetic deltas (bench/synthetic.py), then per
+worker mode (`delta`, `dense-delta`, `swap`) starts one worker and replays, for every number of models and load,
+the same requests; a base-only run of the same requests is the SLO reference (SLO: e2e <= k x base e2e of the
+same request). `--target ADDR` replays against a running scheduler instead (one mode, named by --modes).
+
+    python -m bench.serve --shape tiny --num-models 2 --modes delta --num-requests 20 --device cpu   # smoke
+    scripts/bench_gpu.sh                                                                            # the GPU run
+Writes bench/results/serving-<device>-<date>.json ({bench, device, commit, date, config, rows, latencies}).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import re
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bench.workload import Request, WorkloadConfig, generate, map_trace_models, read_trace, scaled, with_model
+
+MODES = ("delta", "dense-delta", "swap")
+BASE_MODE = "base"  # the base model alone, served by the `delta` worker: the SLO reference
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one request saw, client side; times in ms from its scheduled arrival."""
+
+    id: str
+    model: str
+    ok: bool
+    arrival_s: float
+    lag_ms: float  # how late the driver sent it (should stay ~0: open loop)
+    ttft_ms: float
+    e2e_ms: float
+    num_tokens: int
+    server_queue_ms: float
+    server_ttft_ms: float
+    error: str = ""
+
+    @property
+    def tpot_ms(self) -> float:
+        return (self.e2e_ms - self.ttft_ms) / (self.num_tokens - 1) if self.num_tokens > 1 else 0.0
+
+
+async def send_one(client, request: Request, start: float, timeout_s: float) -> Outcome:
+    """Stream one request; TTFT at the first chunk carrying tokens."""
+    loop = asyncio.get_running_loop()
+    sent = loop.time()
+    first, num_tokens, usage = None, 0, None
+    try:
+        async for token in client.stream(request.model, request.prompt, request_id=None, timeout_s=timeout_s,
+                                         max_tokens=request.max_tokens, min_tokens=request.min_tokens or None,
+                                         temperature=0.0, ignore_eos=True):
+            if token.token_ids and first is None:
+                first = loop.time()
+            num_tokens += len(token.token_ids)
+            usage = token.usage or usage
+        error = ""
+    except Exception as exc:  # noqa: BLE001  (any failure is a failed request in the results, not a crash)
+        error = f"{type(exc).__name__}: {exc}"[:300]
+    end = loop.time()
+    arrival = start + request.timestamp
+    first = first or end
+    return Outcome(request.id, request.model, not error and num_tokens > 0, request.timestamp, 1e3 * (sent - arrival),
+                   1e3 * (first - arrival), 1e3 * (end - arrival), num_tokens,
+                   usage.queue_ms if usage else 0.0, usage.ttft_ms if usage else 0.0, error)
+
+
+async def replay(address: str, requests: list[Request], timeout_s: float, desc: str) -> tuple[list[Outcome], float]:
+    """Send every request at its timestamp (open loop, real concurrency); returns outcomes and the wall time (s)."""
+    from tqdm import tqdm
+
+    from deltazip.client import AsyncClient
+
+    loop = asyncio.get_running_loop()
+    async with AsyncClient(address, timeout_s=timeout_s) as client:
+        with tqdm(total=len(requests), desc=desc, unit="req", leave=False) as bar:
+            start = loop.time() + 0.05
+            tasks = []
+            for request in requests:
+                delay = start + request.timestamp - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                task = asyncio.create_task(send_one(client, request, start, timeout_s))
+                task.add_done_callback(lambda _: bar.update(1))
+                tasks.append(task)
+            outcomes = await asyncio.gather(*tasks)
+    return list(outcomes), loop.time() - start
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def summarize(outcomes: list[Outcome], wall_s: float, base: dict[str, Outcome] | None, slo_k: float) -> dict:
+    """One result row's measured fields: throughput, latency percentiles, SLO attainment vs the base-only run."""
+    done = [o for o in outcomes if o.ok]
+    span_s = max([o.arrival_s + o.e2e_ms / 1e3 for o in outcomes] + [1e-9])  # first arrival to last finish
+    ttft, e2e, tpot = [o.ttft_ms for o in done], [o.e2e_ms for o in done], [o.tpot_ms for o in done if o.num_tokens > 1]
+    row = {
+        "num_requests": len(outcomes), "num_failed": len(outcomes) - len(done),
+        "throughput_rps": len(done) / span_s, "tokens_per_s": sum(o.num_tokens for o in done) / span_s,
+        "ttft_p50_ms": percentile(ttft, 50), "ttft_p90_ms": percentile(ttft, 90), "ttft_p99_ms": percentile(ttft, 99),
+        "tpot_p50_ms": percentile(tpot, 50), "tpot_p90_ms": percentile(tpot, 90),
+        "e2e_p50_ms": percentile(e2e, 50), "e2e_p90_ms": percentile(e2e, 90), "e2e_p99_ms": percentile(e2e, 99),
+        "server_queue_mean_ms": float(np.mean([o.server_queue_ms for o in done])) if done else float("nan"),
+        "server_ttft_mean_ms": float(np.mean([o.server_ttft_ms for o in done])) if done else float("nan"),
+        "send_lag_p99_ms": percentile([o.lag_ms for o in outcomes], 99), "wall_s": wall_s,
+        "errors": sorted({o.error for o in outcomes if o.error})[:3],
+    }
+    if base is not None:
+        met = [o.ok and o.id in base and base[o.id].ok and o.e2e_ms <= slo_k * base[o.id].e2e_ms for o in outcomes]
+        row["slo_attainment"] = sum(met) / len(outcomes) if outcomes else float("nan")
+        base_ttft = [b.ttft_ms for b in base.values() if b.ok]
+        row["ttft_p90_vs_base"] = row["ttft_p90_ms"] / percentile(base_ttft, 90) if base_ttft else float("nan")
+    return row
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """throughput_vs_swap / throughput_vs_dense: each row against the baseline row of the same point."""
+    def key(r):
+        return (r.get("bits"), r["num_models"], r["load"])
+
+    by_mode = {(r["mode"], *key(r)): r for r in rows}
+    for r in rows:
+        for name, mode in (("throughput_vs_swap", "swap"), ("throughput_vs_dense", "dense-delta")):
+            ref = by_mode.get((mode, *key(r)))
+            r[name] = r["throughput_rps"] / ref["throughput_rps"] if ref and ref["throughput_rps"] > 0 else None
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(0)
+    return "cpu"
+
+
+def git_commit() -> str:
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    return done.stdout.strip() or "unknown"
+
+
+def write_results(out_dir: Path, label: str, payload: dict) -> Path:
+    """bench/results/serving-<label>-<date>.json, written atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", label).strip("-")
+    path = out_dir / f"serving-{slug}-{payload['date']}.json"
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=1, default=float)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+class Stack:
+    """redis + delta store + scheduler as processes; workers started and stopped per mode."""
+
+    def __init__(self, work: Path, worker_flags: list[str]):
+        from deltazip.stack import Launcher, start_redis
+
+        self.redis = start_redis(work / "redis")
+        self.launcher = Launcher(f"redis://{self.redis.address}/0", work / "logs")
+        self.work, self.worker_flags = work, worker_flags
+        try:
+            self.store = self.launcher.start("delta_store", "--root", str(work / "store"))
+            self.scheduler = self.launcher.start("scheduler")
+        except BaseException:
+            self.close()
+            raise
+
+    def push(self, artifacts: dict[str, Path]) -> None:
+        from deltazip.client import Client
+
+        with Client(self.scheduler.address, store=self.store.address, timeout_s=3600) as client:
+            stored = {m.name for m in client.stored_models()}
+            for name, path in artifacts.items():
+                if name not in stored:
+                    client.push(path, name, progress=False)
+
+    def start_worker(self, base_dir: Path, mode: str):
+        cache = self.work / f"worker-cache-{mode}-{time.monotonic_ns()}"
+        return self.launcher.start("worker", "--base-dir", str(base_dir), "--mode", mode, "--disk-cache-dir",
+                                   str(cache), "--heartbeat-s", "0.5", "--heartbeat-ttl-s", "2", *self.worker_flags,
+                                   timeout_s=1800)
+
+    def stop_worker(self, proc) -> None:
+        from deltazip.stack import stop
+
+        stop(proc, timeout_s=60)
+        self.launcher.procs.remove(proc)
+        time.sleep(2.5)  # past the heartbeat TTL: the scheduler must not route to it any more
+
+    def close(self) -> None:
+        from deltazip.stack import stop
+
+        self.launcher.stop_all()
+        stop(self.redis)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.splitlines()[0])
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    floats = lambda s: [float(x) for x in s.split(",")]  # noqa: E731
+    p.add_argument("--target", help="scheduler address of a running stack (its models ft-000..; no stack started)")
+    p.add_argument("--base-model", default="", help="with --target: the base model's name, for the SLO reference")
+    p.add_argument("--shape", choices=("tiny", "7b", "13b"), default="tiny")
+    p.add_argument("--num-layers", type=int, default=0, help="cut the synthetic model's depth (0 = full)")
+    p.add_argument("--num-models", type=ints, default=[2], help="comma list, e.g. 8,16,32,64")
+    p.add_argument("--bits", type=ints, default=[4], help="comma list of delta bits (2 and/or 4), 2:4 sparse")
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--modes", type=lambda s: s.split(","), default=["delta"], help=f"comma list of {MODES}")
+    p.add_argument("--rate-rps", type=float, default=2.0, help="mean arrival rate at load 1")
+    p.add_argument("--loads", type=floats, default=[1.0], help="comma list of multipliers of --rate-rps")
+    p.add_argument("--num-requests", type=int, default=20)
+    p.add_argument("--arrival", choices=("poisson", "gamma"), default="gamma")
+    p.add_argument("--cv", type=float, default=2.0)
+    p.add_argument("--zipf-alpha", type=float, default=1.5)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--output-len", type=int, default=16)
+    p.add_argument("--trace", type=Path, help="replay this JSON-lines trace instead of generating")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--slo-k", type=float, default=5.0, help="SLO: e2e <= k x base-only e2e of the same request")
+    p.add_argument("--device", default="cpu", help="worker device: cpu | cuda")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--worker-flag", action="append", default=[], help="extra worker flag, e.g. --worker-flag=--num-kv-blocks=512")
+    p.add_argument("--timeout-s", type=float, default=600.0)
+    p.add_argument("--work-dir", type=Path, help="models, store and logs (default: a temp dir)")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("--label", default="", help="file label instead of the device name, e.g. cpu-smoke")
+    args = p.parse_args(argv)
+    bad = [m for m in args.modes if m not in MODES]
+    if bad:
+        p.error(f"unknown mode(s) {bad}; valid: {MODES}")
+    return args
+
+
+def workload(args: argparse.Namespace, models: tuple[str, ...]) -> list[Request]:
+    """The requests at load 1 over `models` (the most popular first)."""
+    if args.trace:
+        return map_trace_models(read_trace(args.trace), models)
+    cfg = WorkloadConfig(models, args.num_requests, args.rate_rps, args.arrival, args.cv, args.zipf_alpha,
+                         args.prompt_len, 4 * args.prompt_len, args.output_len, 4 * args.output_len, args.seed)
+    return generate(cfg)
+
+
+def run_point(address: str, requests: list[Request], args, point: dict, base: dict | None, rows: list,
+              latencies: list) -> list[Outcome]:
+    """Replay one (mode, bits, num_models, load) point and append its row and latency samples."""
+    desc = " ".join(f"{k}={v}" for k, v in point.items())
+    outcomes, wall_s = asyncio.run(replay(address, requests, args.timeout_s, desc))
+    row = {**point, **summarize(outcomes, wall_s, base, args.slo_k)}
+    rows.append(row)
+    latencies.append({**point, "e2e_ms": sorted(round(o.e2e_ms, 2) for o in outcomes if o.ok),
+                      "ttft_ms": sorted(round(o.ttft_ms, 2) for o in outcomes if o.ok)})
+    print(f"{desc}: {row['throughput_rps']:.2f} req/s, ttft p90 {row['ttft_p90_ms']:.0f} ms, "
+          f"e2e p99 {row['e2e_p99_ms']:.0f} ms, slo {row.get('slo_attainment', float('nan')):.2f}, "
+          f"failed {row['num_failed']}", flush=True)
+    return outcomes
+
+
+def run_mode(address: str, mode: str, bits: int | None, names: list[str], base_name: str, args, rows: list,
+             latencies: list, base_runs: dict) -> None:
+    """All points of one worker mode: base-only reference first (once per load), then every num_models x load."""
+    for load in args.loads:
+        if base_name and load not in base_runs:
+            point = {"mode": BASE_MODE, "bits": None, "num_models": 0, "load": load, "rate_rps": args.rate_rps * load}
+            reqs = scaled(with_model(workload(args, tuple(names)), base_name), load)
+            base_runs[load] = {o.id: o for o in run_point(address, reqs, args, point, None, rows, latencies)}
+    for num_models in args.num_models:
+        reqs = workload(args, tuple(names[:num_models]))
+        for load in args.loads:
+            point = {"mode": mode, "bits": bits, "num_models": num_models, "load": load, "rate_rps": args.rate_rps * load}
+            run_point(address, scaled(reqs, load), args, point, base_runs.get(load), rows, latencies)
+
+
+def run_local(args, rows: list, latencies: list) -> None:
+    """Start the stack; per bits: make and push the deltas, then per mode: one worker, all points."""
+    from bench.synthetic import write_suite
+
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="dz-bench-"))
+    flags = ["--device", args.device, "--dtype", args.dtype, *args.worker_flag]
+    stack = Stack(work, flags)
+    try:
+        for bits in args.bits:
+            base_dir, artifacts = write_suite(work / "models", args.shape, max(args.num_models), bits=bits,
+                                              group_size=args.group_size, num_layers=args.num_layers,
+                                              device=args.device if args.device.startswith("cuda") else "cpu")
+            named = {f"{name}-{bits}b": path for name, path in artifacts.items()}
+            stack.push(named)
+            base_runs: dict = {}
+            for mode in args.modes:
+                worker = stack.start_worker(base_dir, mode)
+                try:
+                    run_mode(stack.scheduler.address, mode, bits, list(named), base_dir.name, args, rows, latencies,
+                             base_runs)
+                finally:
+                    stack.stop_worker(worker)
+    finally:
+        stack.close()
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
+    rows: list[dict] = []
+    latencies: list[dict] = []
+    if args.target:
+        names = [f"ft-{i:03d}" for i in range(max(args.num_models))]
+        run_mode(args.target, args.modes[0], None, names, args.base_model, args, rows, latencies, {})
+    else:
+        run_local(args, rows, latencies)
+    add_ratios(rows)
+    device = device_name(args.device)
+    payload = {"bench": "serving", "device": device, "commit": git_commit(),
+               "date": datetime.date.today().isoformat(), "config": {k: str(v) if isinstance(v, Path) else v
+                                                                     for k, v in vars(args).items()},
+               "rows": rows, "latencies": latencies}
+    path = write_results(args.out, args.label or device, payload)
+    print(f"wrote {path}", flush=True)
+    return path
+
+
+if __name__ == "__main__":
+    main()
