@@ -18,6 +18,7 @@ import datetime
 import json
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 import time
@@ -191,11 +192,11 @@ class Stack:
                 if name not in stored:
                     client.push(path, name, progress=False)
 
-    def start_worker(self, base_dir: Path, mode: str):
+    def start_worker(self, base_dir: Path, mode: str, mode_flags: list[str]):
         cache = self.work / f"worker-cache-{mode}-{time.monotonic_ns()}"
         return self.launcher.start("worker", "--base-dir", str(base_dir), "--mode", mode, "--disk-cache-dir",
                                    str(cache), "--heartbeat-s", "0.5", "--heartbeat-ttl-s", "2", *self.worker_flags,
-                                   timeout_s=1800)
+                                   *mode_flags, timeout_s=1800)
 
     def stop_worker(self, proc) -> None:
         from deltazip.stack import stop
@@ -237,6 +238,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="worker device: cpu | cuda")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--worker-flag", action="append", default=[], help="extra worker flag, e.g. --worker-flag=--num-kv-blocks=512")
+    p.add_argument("--mode-flag", action="append", default=[],
+                   help="worker flag for one mode only, MODE=FLAG, e.g. --mode-flag swap=--num-device-slots=1")
+    p.add_argument("--drop-local-copies", action="store_true",
+                   help="delete the synthetic deltas once pushed (the store keeps them): saves disk on big shapes")
     p.add_argument("--timeout-s", type=float, default=600.0)
     p.add_argument("--work-dir", type=Path, help="models, store and logs (default: a temp dir)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
@@ -287,6 +292,17 @@ def run_mode(address: str, mode: str, bits: int | None, names: list[str], base_n
             run_point(address, scaled(reqs, load), args, point, base_runs.get(load), rows, latencies)
 
 
+def mode_flags(specs: list[str], mode: str) -> list[str]:
+    """The --mode-flag values given for `mode` (MODE=FLAG)."""
+    flags = []
+    for spec in specs:
+        name, sep, flag = spec.partition("=")
+        if not sep or name not in MODES:
+            raise ValueError(f"--mode-flag wants MODE=FLAG with MODE one of {MODES}, got {spec!r}")
+        flags += [flag] if name == mode else []
+    return flags
+
+
 def run_local(args, rows: list, latencies: list) -> None:
     """Start the stack; per bits: make and push the deltas, then per mode: one worker, all points."""
     from bench.synthetic import write_suite
@@ -301,9 +317,12 @@ def run_local(args, rows: list, latencies: list) -> None:
                                               device=args.device if args.device.startswith("cuda") else "cpu")
             named = {f"{name}-{bits}b": path for name, path in artifacts.items()}
             stack.push(named)
+            if args.drop_local_copies:
+                for path in artifacts.values():
+                    shutil.rmtree(path)
             base_runs: dict = {}
             for mode in args.modes:
-                worker = stack.start_worker(base_dir, mode)
+                worker = stack.start_worker(base_dir, mode, mode_flags(args.mode_flag, mode))
                 try:
                     run_mode(stack.scheduler.address, mode, bits, list(named), base_dir.name, args, rows, latencies,
                              base_runs)
