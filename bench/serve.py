@@ -22,122 +22,13 @@ import shutil
 import subprocess
 import tempfile
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-
+from bench.replay import Outcome, add_ratios, replay, summarize
 from bench.workload import Request, WorkloadConfig, generate, map_trace_models, read_trace, scaled, with_model
 
 MODES = ("delta", "dense-delta", "swap")
 BASE_MODE = "base"  # the base model alone, served by the `delta` worker: the SLO reference
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What one request saw, client side; times in ms from its scheduled arrival."""
-
-    id: str
-    model: str
-    ok: bool
-    arrival_s: float
-    lag_ms: float  # how late the driver sent it (should stay ~0: open loop)
-    ttft_ms: float
-    e2e_ms: float
-    num_tokens: int
-    server_queue_ms: float
-    server_ttft_ms: float
-    error: str = ""
-
-    @property
-    def tpot_ms(self) -> float:
-        return (self.e2e_ms - self.ttft_ms) / (self.num_tokens - 1) if self.num_tokens > 1 else 0.0
-
-
-async def send_one(client, request: Request, start: float, timeout_s: float) -> Outcome:
-    """Stream one request; TTFT at the first chunk carrying tokens."""
-    loop = asyncio.get_running_loop()
-    sent = loop.time()
-    first, num_tokens, usage = None, 0, None
-    try:
-        async for token in client.stream(request.model, request.prompt, request_id=None, timeout_s=timeout_s,
-                                         max_tokens=request.max_tokens, min_tokens=request.min_tokens or None,
-                                         temperature=0.0, ignore_eos=True):
-            if token.token_ids and first is None:
-                first = loop.time()
-            num_tokens += len(token.token_ids)
-            usage = token.usage or usage
-        error = ""
-    except Exception as exc:  # noqa: BLE001  (any failure is a failed request in the results, not a crash)
-        error = f"{type(exc).__name__}: {exc}"[:300]
-    end = loop.time()
-    arrival = start + request.timestamp
-    first = first or end
-    return Outcome(request.id, request.model, not error and num_tokens > 0, request.timestamp, 1e3 * (sent - arrival),
-                   1e3 * (first - arrival), 1e3 * (end - arrival), num_tokens,
-                   usage.queue_ms if usage else 0.0, usage.ttft_ms if usage else 0.0, error)
-
-
-async def replay(address: str, requests: list[Request], timeout_s: float, desc: str) -> tuple[list[Outcome], float]:
-    """Send every request at its timestamp (open loop, real concurrency); returns outcomes and the wall time (s)."""
-    from tqdm import tqdm
-
-    from deltazip.client import AsyncClient
-
-    loop = asyncio.get_running_loop()
-    async with AsyncClient(address, timeout_s=timeout_s) as client:
-        with tqdm(total=len(requests), desc=desc, unit="req", leave=False) as bar:
-            start = loop.time() + 0.05
-            tasks = []
-            for request in requests:
-                delay = start + request.timestamp - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                task = asyncio.create_task(send_one(client, request, start, timeout_s))
-                task.add_done_callback(lambda _: bar.update(1))
-                tasks.append(task)
-            outcomes = await asyncio.gather(*tasks)
-    return list(outcomes), loop.time() - start
-
-
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else float("nan")
-
-
-def summarize(outcomes: list[Outcome], wall_s: float, base: dict[str, Outcome] | None, slo_k: float) -> dict:
-    """One result row's measured fields: throughput, latency percentiles, SLO attainment vs the base-only run."""
-    done = [o for o in outcomes if o.ok]
-    span_s = max([o.arrival_s + o.e2e_ms / 1e3 for o in outcomes] + [1e-9])  # first arrival to last finish
-    ttft, e2e, tpot = [o.ttft_ms for o in done], [o.e2e_ms for o in done], [o.tpot_ms for o in done if o.num_tokens > 1]
-    row = {
-        "num_requests": len(outcomes), "num_failed": len(outcomes) - len(done),
-        "throughput_rps": len(done) / span_s, "tokens_per_s": sum(o.num_tokens for o in done) / span_s,
-        "ttft_p50_ms": percentile(ttft, 50), "ttft_p90_ms": percentile(ttft, 90), "ttft_p99_ms": percentile(ttft, 99),
-        "tpot_p50_ms": percentile(tpot, 50), "tpot_p90_ms": percentile(tpot, 90),
-        "e2e_p50_ms": percentile(e2e, 50), "e2e_p90_ms": percentile(e2e, 90), "e2e_p99_ms": percentile(e2e, 99),
-        "server_queue_mean_ms": float(np.mean([o.server_queue_ms for o in done])) if done else float("nan"),
-        "server_ttft_mean_ms": float(np.mean([o.server_ttft_ms for o in done])) if done else float("nan"),
-        "send_lag_p99_ms": percentile([o.lag_ms for o in outcomes], 99), "wall_s": wall_s,
-        "errors": sorted({o.error for o in outcomes if o.error})[:3],
-    }
-    if base is not None:
-        met = [o.ok and o.id in base and base[o.id].ok and o.e2e_ms <= slo_k * base[o.id].e2e_ms for o in outcomes]
-        row["slo_attainment"] = sum(met) / len(outcomes) if outcomes else float("nan")
-        base_ttft = [b.ttft_ms for b in base.values() if b.ok]
-        row["ttft_p90_vs_base"] = row["ttft_p90_ms"] / percentile(base_ttft, 90) if base_ttft else float("nan")
-    return row
-
-
-def add_ratios(rows: list[dict]) -> None:
-    """throughput_vs_swap / throughput_vs_dense: each row against the baseline row of the same point."""
-    def key(r):
-        return (r.get("bits"), r["num_models"], r["load"])
-
-    by_mode = {(r["mode"], *key(r)): r for r in rows}
-    for r in rows:
-        for name, mode in (("throughput_vs_swap", "swap"), ("throughput_vs_dense", "dense-delta")):
-            ref = by_mode.get((mode, *key(r)))
-            r[name] = r["throughput_rps"] / ref["throughput_rps"] if ref and ref["throughput_rps"] > 0 else None
 
 
 def device_name(device: str) -> str:
@@ -246,6 +137,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--work-dir", type=Path, help="models, store and logs (default: a temp dir)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--label", default="", help="file label instead of the device name, e.g. cpu-smoke")
+    p.add_argument("--note", default="", help="a sentence stored in the JSON (what this run is and is not)")
     args = p.parse_args(argv)
     bad = [m for m in args.modes if m not in MODES]
     if bad:
@@ -265,9 +157,12 @@ def workload(args: argparse.Namespace, models: tuple[str, ...]) -> list[Request]
 def run_point(address: str, requests: list[Request], args, point: dict, base: dict | None, rows: list,
               latencies: list) -> list[Outcome]:
     """Replay one (mode, bits, num_models, load) point and append its row and latency samples."""
+    if args.trace:  # a trace has its own rate: report what it offers at this load
+        point["rate_rps"] = round(len(requests) / max(requests[-1].timestamp, 1e-9), 3)
     desc = " ".join(f"{k}={v}" for k, v in point.items())
     outcomes, wall_s = asyncio.run(replay(address, requests, args.timeout_s, desc))
-    row = {**point, **summarize(outcomes, wall_s, base, args.slo_k)}
+    span_s = max(requests[-1].timestamp, 1e-9)
+    row = {**point, "offered_rps": len(requests) / span_s, **summarize(outcomes, wall_s, base, args.slo_k)}
     rows.append(row)
     latencies.append({**point, "e2e_ms": sorted(round(o.e2e_ms, 2) for o in outcomes if o.ok),
                       "ttft_ms": sorted(round(o.ttft_ms, 2) for o in outcomes if o.ok)})
@@ -303,7 +198,7 @@ def mode_flags(specs: list[str], mode: str) -> list[str]:
     return flags
 
 
-def run_local(args, rows: list, latencies: list) -> None:
+def run_local(args, rows: list, latencies: list, skipped: list) -> None:
     """Start the stack; per bits: make and push the deltas, then per mode: one worker, all points."""
     from bench.synthetic import write_suite
 
@@ -322,7 +217,12 @@ def run_local(args, rows: list, latencies: list) -> None:
                     shutil.rmtree(path)
             base_runs: dict = {}
             for mode in args.modes:
-                worker = stack.start_worker(base_dir, mode, mode_flags(args.mode_flag, mode))
+                try:
+                    worker = stack.start_worker(base_dir, mode, mode_flags(args.mode_flag, mode))
+                except RuntimeError as exc:  # e.g. a mode this worker build lacks: the other modes still run
+                    skipped.append({"mode": mode, "bits": bits, "why": str(exc)[-600:]})
+                    print(f"mode {mode} skipped: worker did not start:\n{str(exc)[-600:]}", flush=True)
+                    continue
                 try:
                     run_mode(stack.scheduler.address, mode, bits, list(named), base_dir.name, args, rows, latencies,
                              base_runs)
@@ -336,17 +236,18 @@ def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     rows: list[dict] = []
     latencies: list[dict] = []
+    skipped: list[dict] = []
     if args.target:
         names = [f"ft-{i:03d}" for i in range(max(args.num_models))]
         run_mode(args.target, args.modes[0], None, names, args.base_model, args, rows, latencies, {})
     else:
-        run_local(args, rows, latencies)
+        run_local(args, rows, latencies, skipped)
     add_ratios(rows)
     device = device_name(args.device)
-    payload = {"bench": "serving", "device": device, "commit": git_commit(),
+    payload = {"bench": "serving", "device": device, "commit": git_commit(), "note": args.note,
                "date": datetime.date.today().isoformat(), "config": {k: str(v) if isinstance(v, Path) else v
                                                                      for k, v in vars(args).items()},
-               "rows": rows, "latencies": latencies}
+               "rows": rows, "skipped": skipped, "latencies": latencies}
     path = write_results(args.out, args.label or device, payload)
     print(f"wrote {path}", flush=True)
     return path

@@ -2,7 +2,8 @@
 
 import pytest
 
-from bench.serve import Outcome, add_ratios, mode_flags, parse_args, summarize
+from bench.replay import Outcome, add_ratios, summarize
+from bench.serve import mode_flags, parse_args
 
 
 def outcome(i: int, e2e_ms: float, ok: bool = True, ttft_ms: float = 10.0, num_tokens: int = 5) -> Outcome:
