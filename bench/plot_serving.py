@@ -71,7 +71,8 @@ def plot(path: Path) -> Path:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    fig.suptitle(f"DeltaZip serving on {data['device']} ({data['date']}, {data['commit']})")
+    note = data.get("note", "").split(";")[0]
+    fig.suptitle(f"DeltaZip serving on {data['device']} ({data['date']}, {data['commit']})" + (f"\n{note}" if note else ""))
     fig.tight_layout()
     out = path.with_suffix(".png")
     fig.savefig(out, dpi=110)

@@ -205,6 +205,7 @@ def run_local(args, rows: list, latencies: list, skipped: list) -> None:
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="dz-bench-"))
     flags = ["--device", args.device, "--dtype", args.dtype, *args.worker_flag]
     stack = Stack(work, flags)
+    base_runs: dict = {}  # load -> {request id: Outcome}: one base-only reference for every bits and mode
     try:
         for bits in args.bits:
             base_dir, artifacts = write_suite(work / "models", args.shape, max(args.num_models), bits=bits,
@@ -215,7 +216,6 @@ def run_local(args, rows: list, latencies: list, skipped: list) -> None:
             if args.drop_local_copies:
                 for path in artifacts.values():
                     shutil.rmtree(path)
-            base_runs: dict = {}
             for mode in args.modes:
                 try:
                     worker = stack.start_worker(base_dir, mode, mode_flags(args.mode_flag, mode))
