@@ -59,13 +59,48 @@ async def send_one(client, request: Request, start: float, timeout_s: float) -> 
                    usage.queue_ms if usage else 0.0, usage.ttft_ms if usage else 0.0, error)
 
 
-async def replay(address: str, requests: list[Request], timeout_s: float, desc: str) -> tuple[list[Outcome], float]:
-    """Send every request at its timestamp (open loop, real concurrency); returns outcomes and the wall time (s)."""
-    from tqdm import tqdm
+async def sample_worker(address: str, stop: asyncio.Event, period_s: float = 0.1) -> dict:
+    """Poll the worker's Status while a run lasts: how full its batches are and how many requests wait."""
+    from deltazip.rpc.channels import aio_channel
+    from deltazip.v1 import worker_pb2, worker_pb2_grpc
+
+    running, waiting = [], []
+    async with aio_channel(address) as channel:
+        stub = worker_pb2_grpc.WorkerStub(channel)
+        while not stop.is_set():
+            reply = await stub.Status(worker_pb2.StatusRequest(), timeout=5)
+            running.append(reply.num_running)
+            waiting.append(reply.num_waiting)
+            try:
+                await asyncio.wait_for(stop.wait(), period_s)
+            except asyncio.TimeoutError:
+                pass
+    return {"worker_running_mean": float(np.mean(running)) if running else float("nan"),
+            "worker_waiting_mean": float(np.mean(waiting)) if waiting else float("nan"),
+            "worker_waiting_max": int(max(waiting, default=0))}
+
+
+class _NoBar:
+    def __init__(self, *args, **kwargs): ...
+    def __enter__(self): return self
+    def __exit__(self, *exc): ...
+    def update(self, n: int) -> None: ...
+
+
+async def replay(address: str, requests: list[Request], timeout_s: float, desc: str,
+                 worker_address: str | None = None) -> tuple[list[Outcome], float, dict]:
+    """Send every request at its timestamp (open loop, real concurrency); returns outcomes, wall time (s) and
+    the worker's sampled queue state (when `worker_address` is given)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # a bare GPU image: no progress bar
+        tqdm = _NoBar
 
     from deltazip.client import AsyncClient
 
     loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    sampler = asyncio.create_task(sample_worker(worker_address, stop)) if worker_address else None
     async with AsyncClient(address, timeout_s=timeout_s) as client:
         with tqdm(total=len(requests), desc=desc, unit="req", leave=False) as bar:
             start = loop.time() + 0.05
@@ -78,7 +113,9 @@ async def replay(address: str, requests: list[Request], timeout_s: float, desc: 
                 task.add_done_callback(lambda _: bar.update(1))
                 tasks.append(task)
             outcomes = await asyncio.gather(*tasks)
-    return list(outcomes), loop.time() - start
+    wall_s = loop.time() - start
+    stop.set()
+    return list(outcomes), wall_s, (await sampler if sampler else {})
 
 
 def percentile(values: list[float], q: float) -> float:

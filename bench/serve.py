@@ -94,6 +94,8 @@ class Stack:
 
         stop(proc, timeout_s=60)
         self.launcher.procs.remove(proc)
+        for cache in self.work.glob("worker-cache-*"):  # a 7B run's caches would fill the disk mode after mode
+            shutil.rmtree(cache, ignore_errors=True)
         time.sleep(2.5)  # past the heartbeat TTL: the scheduler must not route to it any more
 
     def close(self) -> None:
@@ -109,6 +111,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     floats = lambda s: [float(x) for x in s.split(",")]  # noqa: E731
     p.add_argument("--target", help="scheduler address of a running stack (its models ft-000..; no stack started)")
     p.add_argument("--base-model", default="", help="with --target: the base model's name, for the SLO reference")
+    p.add_argument("--target-models", type=lambda s: s.split(","), default=[],
+                   help="with --target: the fine-tunes to use, most popular first (default ft-000, ft-001, ...)")
+    p.add_argument("--worker-address", help="with --target: a worker to sample queue depth from (optional)")
     p.add_argument("--shape", choices=("tiny", "7b", "13b"), default="tiny")
     p.add_argument("--num-layers", type=int, default=0, help="cut the synthetic model's depth (0 = full)")
     p.add_argument("--num-models", type=ints, default=[2], help="comma list, e.g. 8,16,32,64")
@@ -155,14 +160,14 @@ def workload(args: argparse.Namespace, models: tuple[str, ...]) -> list[Request]
 
 
 def run_point(address: str, requests: list[Request], args, point: dict, base: dict | None, rows: list,
-              latencies: list) -> list[Outcome]:
+              latencies: list, worker_address: str | None = None) -> list[Outcome]:
     """Replay one (mode, bits, num_models, load) point and append its row and latency samples."""
     if args.trace:  # a trace has its own rate: report what it offers at this load
         point["rate_rps"] = round(len(requests) / max(requests[-1].timestamp, 1e-9), 3)
     desc = " ".join(f"{k}={v}" for k, v in point.items())
-    outcomes, wall_s = asyncio.run(replay(address, requests, args.timeout_s, desc))
+    outcomes, wall_s, queue = asyncio.run(replay(address, requests, args.timeout_s, desc, worker_address))
     span_s = max(requests[-1].timestamp, 1e-9)
-    row = {**point, "offered_rps": len(requests) / span_s, **summarize(outcomes, wall_s, base, args.slo_k)}
+    row = {**point, "offered_rps": len(requests) / span_s, **summarize(outcomes, wall_s, base, args.slo_k), **queue}
     rows.append(row)
     latencies.append({**point, "e2e_ms": sorted(round(o.e2e_ms, 2) for o in outcomes if o.ok),
                       "ttft_ms": sorted(round(o.ttft_ms, 2) for o in outcomes if o.ok)})
@@ -173,18 +178,19 @@ def run_point(address: str, requests: list[Request], args, point: dict, base: di
 
 
 def run_mode(address: str, mode: str, bits: int | None, names: list[str], base_name: str, args, rows: list,
-             latencies: list, base_runs: dict) -> None:
+             latencies: list, base_runs: dict, worker_address: str | None = None) -> None:
     """All points of one worker mode: base-only reference first (once per load), then every num_models x load."""
     for load in args.loads:
         if base_name and load not in base_runs:
             point = {"mode": BASE_MODE, "bits": None, "num_models": 0, "load": load, "rate_rps": args.rate_rps * load}
             reqs = scaled(with_model(workload(args, tuple(names)), base_name), load)
-            base_runs[load] = {o.id: o for o in run_point(address, reqs, args, point, None, rows, latencies)}
+            base_runs[load] = {o.id: o for o in run_point(address, reqs, args, point, None, rows, latencies,
+                                                                   worker_address)}
     for num_models in args.num_models:
         reqs = workload(args, tuple(names[:num_models]))
         for load in args.loads:
             point = {"mode": mode, "bits": bits, "num_models": num_models, "load": load, "rate_rps": args.rate_rps * load}
-            run_point(address, scaled(reqs, load), args, point, base_runs.get(load), rows, latencies)
+            run_point(address, scaled(reqs, load), args, point, base_runs.get(load), rows, latencies, worker_address)
 
 
 def mode_flags(specs: list[str], mode: str) -> list[str]:
@@ -225,7 +231,7 @@ def run_local(args, rows: list, latencies: list, skipped: list) -> None:
                     continue
                 try:
                     run_mode(stack.scheduler.address, mode, bits, list(named), base_dir.name, args, rows, latencies,
-                             base_runs)
+                             base_runs, worker.address)
                 finally:
                     stack.stop_worker(worker)
     finally:
@@ -238,8 +244,11 @@ def main(argv: list[str] | None = None) -> Path:
     latencies: list[dict] = []
     skipped: list[dict] = []
     if args.target:
-        names = [f"ft-{i:03d}" for i in range(max(args.num_models))]
-        run_mode(args.target, args.modes[0], None, names, args.base_model, args, rows, latencies, {})
+        names = args.target_models or [f"ft-{i:03d}" for i in range(max(args.num_models))]
+        if len(names) < max(args.num_models):
+            raise SystemExit(f"--target-models names {len(names)} models, --num-models wants {max(args.num_models)}")
+        run_mode(args.target, args.modes[0], None, names, args.base_model, args, rows, latencies, {},
+                 args.worker_address)
     else:
         run_local(args, rows, latencies, skipped)
     add_ratios(rows)
