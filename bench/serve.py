@@ -236,6 +236,8 @@ def run_local(args, rows: list, latencies: list, skipped: list) -> None:
                     stack.stop_worker(worker)
     finally:
         stack.close()
+        if not args.work_dir:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> Path:
