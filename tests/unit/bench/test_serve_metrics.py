@@ -58,3 +58,12 @@ def test_goal_summary_reads_the_32_model_point():
     assert four["throughput_vs_swap"] == pytest.approx(32.0) and four["goal_throughput_vs_swap_15x"]
     assert four["goal_ttft_p90_within_2x_base"]
     assert four["slo_at_least_baseline_at_every_load"] == {"swap": True, "dense-delta": True}
+
+
+def test_goals_without_baselines_are_open_not_failed():
+    from bench.replay import goal_summary
+
+    rows = [{"mode": "delta", "bits": 2, "num_models": 3, "load": 1.0, "throughput_rps": 5.0, "ttft_p90_vs_base": 3.0}]
+    add_ratios(rows)
+    two = goal_summary(rows)["2bit"]
+    assert two["goal_throughput_vs_swap_15x"] is None and two["goal_ttft_p90_within_2x_base"] is False
