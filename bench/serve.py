@@ -138,6 +138,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="worker flag for one mode only, MODE=FLAG, e.g. --mode-flag swap=--num-device-slots=1")
     p.add_argument("--drop-local-copies", action="store_true",
                    help="delete the synthetic deltas once pushed (the store keeps them): saves disk on big shapes")
+    p.add_argument("--dense-artifacts", action="store_true",
+                   help="serve dense-delta mode from uncompressed fp16 delta artifacts (default: the packed ones)")
     p.add_argument("--timeout-s", type=float, default=600.0)
     p.add_argument("--work-dir", type=Path, help="models, store and logs (default: a temp dir)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
@@ -204,25 +206,35 @@ def mode_flags(specs: list[str], mode: str) -> list[str]:
     return flags
 
 
-def run_local(args, rows: list, latencies: list, skipped: list) -> None:
-    """Start the stack; per bits: make and push the deltas, then per mode: one worker, all points."""
+def make_and_push(stack: Stack, args, kind: str, bits: int) -> tuple[Path, list[str]]:
+    """Synthetic deltas for the largest model count, pushed under '<name>-<bits>b' (or '<name>-dense')."""
     from bench.synthetic import write_suite
 
+    base_dir, artifacts = write_suite(stack.work / "models", args.shape, max(args.num_models), kind=kind, bits=bits,
+                                      group_size=args.group_size, num_layers=args.num_layers,
+                                      device=args.device if args.device.startswith("cuda") else "cpu")
+    suffix = f"{bits}b" if kind == "sparse24" else "dense"
+    named = {f"{name}-{suffix}": path for name, path in artifacts.items()}
+    stack.push(named)
+    if args.drop_local_copies:
+        for path in artifacts.values():
+            shutil.rmtree(path)
+    return base_dir, list(named)
+
+
+def run_local(args, rows: list, latencies: list, skipped: list) -> None:
+    """Start the stack; per bits: make and push the deltas, then per mode: one worker, all points."""
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="dz-bench-"))
     flags = ["--device", args.device, "--dtype", args.dtype, *args.worker_flag]
     stack = Stack(work, flags)
     base_runs: dict = {}  # load -> {request id: Outcome}: one base-only reference for every bits and mode
     try:
         for bits in args.bits:
-            base_dir, artifacts = write_suite(work / "models", args.shape, max(args.num_models), bits=bits,
-                                              group_size=args.group_size, num_layers=args.num_layers,
-                                              device=args.device if args.device.startswith("cuda") else "cpu")
-            named = {f"{name}-{bits}b": path for name, path in artifacts.items()}
-            stack.push(named)
-            if args.drop_local_copies:
-                for path in artifacts.values():
-                    shutil.rmtree(path)
+            base_dir, names = make_and_push(stack, args, "sparse24", bits)
             for mode in args.modes:
+                mode_names = names
+                if mode == "dense-delta" and args.dense_artifacts:
+                    mode_names = make_and_push(stack, args, "dense", bits)[1]
                 try:
                     worker = stack.start_worker(base_dir, mode, mode_flags(args.mode_flag, mode))
                 except RuntimeError as exc:  # e.g. a mode this worker build lacks: the other modes still run
@@ -230,7 +242,7 @@ def run_local(args, rows: list, latencies: list, skipped: list) -> None:
                     print(f"mode {mode} skipped: worker did not start:\n{str(exc)[-600:]}", flush=True)
                     continue
                 try:
-                    run_mode(stack.scheduler.address, mode, bits, list(named), base_dir.name, args, rows, latencies,
+                    run_mode(stack.scheduler.address, mode, bits, mode_names, base_dir.name, args, rows, latencies,
                              base_runs, worker.address)
                 finally:
                     stack.stop_worker(worker)

@@ -32,3 +32,11 @@ def test_tiny_suite_loads_as_real_deltas(tmp_path):
 def test_7b_shape():
     config = shape_config("7b", num_layers=2)
     assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (4096, 11008, 2)
+
+
+def test_dense_kind_writes_fp16_deltas(tmp_path):
+    torch.set_num_threads(1)
+    _, artifacts = write_suite(tmp_path, "tiny", 1, kind="dense")
+    delta = load_delta(artifacts["ft-000"], "cpu")["model.layers.1.self_attn.q_proj.weight"].dequantize(torch.float32)
+    assert delta.shape == (64, 64) and bool((delta != 0).all()) and float(delta.abs().max()) < 10 * DELTA_STD
+    assert read_manifest(artifacts["ft-000"]).compression["method"] == "dense"
