@@ -1,0 +1,280 @@
+"""Serving benchmark driver: replay a many-model workload through the SDK, open-loop, against each worker mode.
+
+Starts redis + delta store + scheduler (deltazip.stack), pushes synthetic deltas (bench/synthetic.py), then per
+worker mode (`delta`, `dense-delta`, `swap`) starts one worker and replays, for every number of models and load,
+the same requests; a base-only run of the same requests is the SLO reference (SLO: e2e <= k x base e2e of the
+same request). `--target ADDR` replays against a running scheduler instead (one mode, named by --modes).
+
+    python -m bench.serve --shape tiny --num-models 2 --modes delta --num-requests 20 --device cpu   # smoke
+    scripts/bench_gpu.sh                                                                            # the GPU run
+Writes bench/results/serving-<device>-<date>.json ({bench, device, commit, date, config, rows, latencies}).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from bench.replay import Outcome, add_ratios, goal_summary, replay, summarize
+from bench.workload import Request, WorkloadConfig, generate, map_trace_models, read_trace, scaled, with_model
+
+MODES = ("delta", "dense-delta", "swap")
+BASE_MODE = "base"  # the base model alone, served by the `delta` worker: the SLO reference
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(0)
+    return "cpu"
+
+
+def git_commit() -> str:
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    return done.stdout.strip() or "unknown"
+
+
+def write_results(out_dir: Path, label: str, payload: dict) -> Path:
+    """bench/results/serving-<label>-<date>.json, written atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", label).strip("-")
+    path = out_dir / f"serving-{slug}-{payload['date']}.json"
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=1, default=float)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+class Stack:
+    """redis + delta store + scheduler as processes; workers started and stopped per mode."""
+
+    def __init__(self, work: Path, worker_flags: list[str]):
+        from deltazip.stack import Launcher, start_redis
+
+        self.redis = start_redis(work / "redis")
+        self.launcher = Launcher(f"redis://{self.redis.address}/0", work / "logs")
+        self.work, self.worker_flags = work, worker_flags
+        try:
+            self.store = self.launcher.start("delta_store", "--root", str(work / "store"))
+            self.scheduler = self.launcher.start("scheduler")
+        except BaseException:
+            self.close()
+            raise
+
+    def push(self, artifacts: dict[str, Path]) -> None:
+        from deltazip.client import Client
+
+        with Client(self.scheduler.address, store=self.store.address, timeout_s=3600) as client:
+            stored = {m.name for m in client.stored_models()}
+            for name, path in artifacts.items():
+                if name not in stored:
+                    client.push(path, name, progress=False)
+
+    def start_worker(self, base_dir: Path, mode: str, mode_flags: list[str]):
+        cache = self.work / f"worker-cache-{mode}-{time.monotonic_ns()}"
+        return self.launcher.start("worker", "--base-dir", str(base_dir), "--mode", mode, "--disk-cache-dir",
+                                   str(cache), "--heartbeat-s", "0.5", "--heartbeat-ttl-s", "2", *self.worker_flags,
+                                   *mode_flags, timeout_s=1800)
+
+    def stop_worker(self, proc) -> None:
+        from deltazip.stack import stop
+
+        stop(proc, timeout_s=60)
+        self.launcher.procs.remove(proc)
+        for cache in self.work.glob("worker-cache-*"):  # a 7B run's caches would fill the disk mode after mode
+            shutil.rmtree(cache, ignore_errors=True)
+        time.sleep(2.5)  # past the heartbeat TTL: the scheduler must not route to it any more
+
+    def close(self) -> None:
+        from deltazip.stack import stop
+
+        self.launcher.stop_all()
+        stop(self.redis)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.splitlines()[0])
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    floats = lambda s: [float(x) for x in s.split(",")]  # noqa: E731
+    p.add_argument("--target", help="scheduler address of a running stack (its models ft-000..; no stack started)")
+    p.add_argument("--base-model", default="", help="with --target: the base model's name, for the SLO reference")
+    p.add_argument("--target-models", type=lambda s: s.split(","), default=[],
+                   help="with --target: the fine-tunes to use, most popular first (default ft-000, ft-001, ...)")
+    p.add_argument("--worker-address", help="with --target: a worker to sample queue depth from (optional)")
+    p.add_argument("--shape", choices=("tiny", "7b", "13b"), default="tiny")
+    p.add_argument("--num-layers", type=int, default=0, help="cut the synthetic model's depth (0 = full)")
+    p.add_argument("--num-models", type=ints, default=[2], help="comma list, e.g. 8,16,32,64")
+    p.add_argument("--bits", type=ints, default=[4], help="comma list of delta bits (2 and/or 4), 2:4 sparse")
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--modes", type=lambda s: s.split(","), default=["delta"], help=f"comma list of {MODES}")
+    p.add_argument("--rate-rps", type=float, default=2.0, help="mean arrival rate at load 1")
+    p.add_argument("--loads", type=floats, default=[1.0], help="comma list of multipliers of --rate-rps")
+    p.add_argument("--num-requests", type=int, default=20)
+    p.add_argument("--arrival", choices=("poisson", "gamma"), default="gamma")
+    p.add_argument("--cv", type=float, default=2.0)
+    p.add_argument("--zipf-alpha", type=float, default=1.5)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--output-len", type=int, default=16)
+    p.add_argument("--trace", type=Path, help="replay this JSON-lines trace instead of generating")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--slo-k", type=float, default=5.0, help="SLO: e2e <= k x base-only e2e of the same request")
+    p.add_argument("--device", default="cpu", help="worker device: cpu | cuda")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--worker-flag", action="append", default=[], help="extra worker flag, e.g. --worker-flag=--num-kv-blocks=512")
+    p.add_argument("--mode-flag", action="append", default=[],
+                   help="worker flag for one mode only, MODE=FLAG, e.g. --mode-flag swap=--num-device-slots=1")
+    p.add_argument("--drop-local-copies", action="store_true",
+                   help="delete the synthetic deltas once pushed (the store keeps them): saves disk on big shapes")
+    p.add_argument("--dense-artifacts", action="store_true",
+                   help="serve dense-delta mode from uncompressed fp16 delta artifacts (default: the packed ones)")
+    p.add_argument("--timeout-s", type=float, default=600.0)
+    p.add_argument("--work-dir", type=Path, help="models, store and logs (default: a temp dir)")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("--label", default="", help="file label instead of the device name, e.g. cpu-smoke")
+    p.add_argument("--note", default="", help="a sentence stored in the JSON (what this run is and is not)")
+    args = p.parse_args(argv)
+    bad = [m for m in args.modes if m not in MODES]
+    if bad:
+        p.error(f"unknown mode(s) {bad}; valid: {MODES}")
+    return args
+
+
+def workload(args: argparse.Namespace, models: tuple[str, ...]) -> list[Request]:
+    """The requests at load 1 over `models` (the most popular first)."""
+    if args.trace:
+        return map_trace_models(read_trace(args.trace), models)
+    cfg = WorkloadConfig(models, args.num_requests, args.rate_rps, args.arrival, args.cv, args.zipf_alpha,
+                         args.prompt_len, 4 * args.prompt_len, args.output_len, 4 * args.output_len, args.seed)
+    return generate(cfg)
+
+
+def run_point(address: str, requests: list[Request], args, point: dict, base: dict | None, rows: list,
+              latencies: list, worker_address: str | None = None) -> list[Outcome]:
+    """Replay one (mode, bits, num_models, load) point and append its row and latency samples."""
+    if args.trace:  # a trace has its own rate: report what it offers at this load
+        point["rate_rps"] = round(len(requests) / max(requests[-1].timestamp, 1e-9), 3)
+    desc = " ".join(f"{k}={v}" for k, v in point.items())
+    outcomes, wall_s, queue = asyncio.run(replay(address, requests, args.timeout_s, desc, worker_address))
+    span_s = max(requests[-1].timestamp, 1e-9)
+    row = {**point, "offered_rps": len(requests) / span_s, **summarize(outcomes, wall_s, base, args.slo_k), **queue}
+    rows.append(row)
+    latencies.append({**point, "e2e_ms": sorted(round(o.e2e_ms, 2) for o in outcomes if o.ok),
+                      "ttft_ms": sorted(round(o.ttft_ms, 2) for o in outcomes if o.ok)})
+    print(f"{desc}: {row['throughput_rps']:.2f} req/s, ttft p90 {row['ttft_p90_ms']:.0f} ms, "
+          f"e2e p99 {row['e2e_p99_ms']:.0f} ms, slo {row.get('slo_attainment', float('nan')):.2f}, "
+          f"failed {row['num_failed']}", flush=True)
+    return outcomes
+
+
+def run_mode(address: str, mode: str, bits: int | None, names: list[str], base_name: str, args, rows: list,
+             latencies: list, base_runs: dict, worker_address: str | None = None) -> None:
+    """All points of one worker mode: base-only reference first (once per load), then every num_models x load."""
+    for load in args.loads:
+        if base_name and load not in base_runs:
+            point = {"mode": BASE_MODE, "bits": None, "num_models": 0, "load": load, "rate_rps": args.rate_rps * load}
+            reqs = scaled(with_model(workload(args, tuple(names)), base_name), load)
+            base_runs[load] = {o.id: o for o in run_point(address, reqs, args, point, None, rows, latencies,
+                                                                   worker_address)}
+    for num_models in args.num_models:
+        reqs = workload(args, tuple(names[:num_models]))
+        for load in args.loads:
+            point = {"mode": mode, "bits": bits, "num_models": num_models, "load": load, "rate_rps": args.rate_rps * load}
+            run_point(address, scaled(reqs, load), args, point, base_runs.get(load), rows, latencies, worker_address)
+
+
+def mode_flags(specs: list[str], mode: str) -> list[str]:
+    """The --mode-flag values given for `mode` (MODE=FLAG)."""
+    flags = []
+    for spec in specs:
+        name, sep, flag = spec.partition("=")
+        if not sep or name not in MODES:
+            raise ValueError(f"--mode-flag wants MODE=FLAG with MODE one of {MODES}, got {spec!r}")
+        flags += [flag] if name == mode else []
+    return flags
+
+
+def make_and_push(stack: Stack, args, kind: str, bits: int) -> tuple[Path, list[str]]:
+    """Synthetic deltas for the largest model count, pushed under '<name>-<bits>b' (or '<name>-dense')."""
+    from bench.synthetic import write_suite
+
+    base_dir, artifacts = write_suite(stack.work / "models", args.shape, max(args.num_models), kind=kind, bits=bits,
+                                      group_size=args.group_size, num_layers=args.num_layers,
+                                      device=args.device if args.device.startswith("cuda") else "cpu")
+    suffix = f"{bits}b" if kind == "sparse24" else "dense"
+    named = {f"{name}-{suffix}": path for name, path in artifacts.items()}
+    stack.push(named)
+    if args.drop_local_copies:
+        for path in artifacts.values():
+            shutil.rmtree(path)
+    return base_dir, list(named)
+
+
+def run_local(args, rows: list, latencies: list, skipped: list) -> None:
+    """Start the stack; per bits: make and push the deltas, then per mode: one worker, all points."""
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="dz-bench-"))
+    flags = ["--device", args.device, "--dtype", args.dtype, *args.worker_flag]
+    stack = Stack(work, flags)
+    base_runs: dict = {}  # load -> {request id: Outcome}: one base-only reference for every bits and mode
+    try:
+        for bits in args.bits:
+            base_dir, names = make_and_push(stack, args, "sparse24", bits)
+            for mode in args.modes:
+                mode_names = names
+                if mode == "dense-delta" and args.dense_artifacts:
+                    mode_names = make_and_push(stack, args, "dense", bits)[1]
+                try:
+                    worker = stack.start_worker(base_dir, mode, mode_flags(args.mode_flag, mode))
+                except RuntimeError as exc:  # e.g. a mode this worker build lacks: the other modes still run
+                    skipped.append({"mode": mode, "bits": bits, "why": str(exc)[-600:]})
+                    print(f"mode {mode} skipped: worker did not start:\n{str(exc)[-600:]}", flush=True)
+                    continue
+                try:
+                    run_mode(stack.scheduler.address, mode, bits, mode_names, base_dir.name, args, rows, latencies,
+                             base_runs, worker.address)
+                finally:
+                    stack.stop_worker(worker)
+    finally:
+        stack.close()
+        if not args.work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
+    rows: list[dict] = []
+    latencies: list[dict] = []
+    skipped: list[dict] = []
+    if args.target:
+        names = args.target_models or [f"ft-{i:03d}" for i in range(max(args.num_models))]
+        if len(names) < max(args.num_models):
+            raise SystemExit(f"--target-models names {len(names)} models, --num-models wants {max(args.num_models)}")
+        run_mode(args.target, args.modes[0], None, names, args.base_model, args, rows, latencies, {},
+                 args.worker_address)
+    else:
+        run_local(args, rows, latencies, skipped)
+    add_ratios(rows)
+    device = device_name(args.device)
+    payload = {"bench": "serving", "device": device, "commit": git_commit(), "note": args.note,
+               "date": datetime.date.today().isoformat(), "config": {k: str(v) if isinstance(v, Path) else v
+                                                                     for k, v in vars(args).items()},
+               "goals": goal_summary(rows), "rows": rows, "skipped": skipped, "latencies": latencies}
+    path = write_results(args.out, args.label or device, payload)
+    print(f"wrote {path}", flush=True)
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Smoke test of the serving benchmark: the whole pipeline on CPU with a tiny model (asserts plumbing, not speed).
+
+Synthetic tiny base + 2 packed 4-bit 2:4 deltas, redis + store + scheduler + one `delta` worker as real processes,
+20 bursty requests replayed open-loop twice (base-only reference, then the fine-tunes), JSON and PNG written.
+"""
+
+import json
+import math
+
+import pytest
+
+from bench import plot_serving, serve
+
+pytestmark = pytest.mark.timeout(180)
+
+MEASURED = ("throughput_rps", "tokens_per_s", "ttft_p50_ms", "ttft_p90_ms", "e2e_p99_ms", "tpot_p50_ms")
+
+
+def test_serving_bench_writes_complete_results(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    path = serve.main(["--shape", "tiny", "--num-models", "2", "--modes", "delta", "--num-requests", "20",
+                       "--rate-rps", "8", "--output-len", "6", "--prompt-len", "16", "--work-dir", str(tmp_path / "work"),
+                       "--out", str(tmp_path / "results"), "--label", "cpu-smoke-test",
+                       "--worker-flag=--num-kv-blocks=128", "--worker-flag=--kv-block-size=8"])
+    data = json.loads(path.read_text())
+    assert path.name.startswith("serving-cpu-smoke-test-")
+    assert {"bench", "device", "commit", "date", "config", "rows", "latencies"} <= set(data)
+    assert data["bench"] == "serving" and data["device"] == "cpu"
+    by_mode = {r["mode"]: r for r in data["rows"]}
+    assert set(by_mode) == {"base", "delta"}
+    for row in by_mode.values():
+        assert row["num_requests"] == 20 and row["num_failed"] == 0, row["errors"]
+        assert all(math.isfinite(row[k]) and row[k] > 0 for k in MEASURED), row
+        assert row["ttft_p50_ms"] <= row["ttft_p90_ms"] <= row["e2e_p99_ms"]
+    delta = by_mode["delta"]
+    assert delta["num_models"] == 2 and delta["bits"] == 4
+    assert 0.0 <= delta["slo_attainment"] <= 1.0 and delta["ttft_p90_vs_base"] > 0
+    assert delta["throughput_vs_swap"] is None and delta["throughput_vs_dense"] is None  # baselines not run here
+    assert all(len(entry["e2e_ms"]) == 20 for entry in data["latencies"])
+    png = plot_serving.plot(path)
+    assert png.exists() and png.stat().st_size > 10_000
