@@ -25,35 +25,33 @@ class TensorSplit:
     end: int
 
 
+def tp_problems(config: LlamaConfig, tp: int) -> list[str]:
+    """Why `config` cannot be split `tp` ways (empty when it can)."""
+    heads, kv, inter = config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
+    if tp < 1:
+        return ["tp must be >= 1"]
+    problems = []
+    if heads % tp:
+        problems.append(f"num_attention_heads={heads} is not divisible by tp")
+    if kv % tp and tp % kv:
+        problems.append(f"num_key_value_heads={kv} neither divides nor is divisible by tp")
+    if inter % tp:
+        problems.append(f"intermediate_size={inter} is not divisible by tp")
+    return problems
+
+
 def valid_tp_sizes(config: LlamaConfig, max_size: int = 64) -> list[int]:
     """TP sizes up to max_size that this model's heads and intermediate size allow."""
-    out = []
-    for tp in range(1, max_size + 1):
-        try:
-            check_tp_size(config, tp)
-        except ValueError:
-            continue
-        out.append(tp)
-    return out
+    return [tp for tp in range(1, max_size + 1) if not tp_problems(config, tp)]
 
 
 def check_tp_size(config: LlamaConfig, tp: int) -> None:
     """Raise ValueError explaining why `config` cannot be split `tp` ways."""
-    heads, kv, inter = config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
-    problems = []
-    if tp < 1:
-        problems.append("tp must be >= 1")
-    else:
-        if heads % tp:
-            problems.append(f"num_attention_heads={heads} is not divisible by tp")
-        if kv % tp and tp % kv:
-            problems.append(f"num_key_value_heads={kv} neither divides nor is divisible by tp")
-        if inter % tp:
-            problems.append(f"intermediate_size={inter} is not divisible by tp")
+    problems = tp_problems(config, tp)
     if problems:
         raise ValueError(
             f"cannot shard this model with tensor_parallel_size={tp}: " + "; ".join(problems)
-            + f". TP sizes this model supports: {valid_tp_sizes(config) if tp >= 1 else '>= 1'}"
+            + f". TP sizes this model supports: {valid_tp_sizes(config)}"
         )
 
 
