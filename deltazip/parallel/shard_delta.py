@@ -23,7 +23,7 @@ def shard_delta(
     """{HF tensor name: delta} -> this rank's {name: shard}; replicated tensors are shared, not copied.
 
     misaligned: "error" raises ValueError when a packed row-parallel shard would cut a quantization group;
-    "dense" stores such a shard as a dense fp16 delta instead (exact values, more memory).
+    "dense" stores such a shard as a dense fp32 delta instead (exact values, more memory).
     """
     if misaligned not in MISALIGNED_MODES:
         raise ValueError(f"misaligned={misaligned!r}; use one of {MISALIGNED_MODES}")
@@ -71,7 +71,7 @@ def _shard_in_features(t: DeltaTensor, a: int, b: int, k: int, misaligned: str) 
     per_row = num_groups == 1
     if not per_row and (a % group or b % group):
         if misaligned == "dense":
-            full = t.dequantize(torch.float16)  # [N, K]
+            full = t.dequantize(torch.float32)  # [N, K]; fp32 keeps the exact values, the dense stack casts
             return _like(t, (t.shape[0], b - a), kind="dense", bits=None, group_size=None, sym=None,
                          delta=full[:, a:b].contiguous())  # fmt: skip
         raise ValueError(
