@@ -37,14 +37,17 @@ def dense_model_delta(state: dict[str, torch.Tensor], seed: int, std: float = 0.
     return {k: std * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in state.items()}
 
 
-def packed_model_delta(state: dict[str, torch.Tensor], seed: int) -> dict[str, DeltaTensor | torch.Tensor]:
-    """2:4 4-bit asymmetric group-32 deltas for the layers' linears, dense fp32 deltas for the rest."""
+def packed_model_delta(
+    state: dict[str, torch.Tensor], seed: int, group_size: int = 32
+) -> dict[str, DeltaTensor | torch.Tensor]:
+    """2:4 4-bit asymmetric grouped deltas for the layers' linears, dense deltas (state's dtype) for the rest."""
     dense = dense_model_delta(state, seed)
     out: dict[str, DeltaTensor | torch.Tensor] = {}
     for i, (name, w) in enumerate(sorted(state.items())):
         if name.startswith("model.layers.") and name.endswith("proj.weight"):
             n, k = w.shape
-            out[name] = random_packed_delta(name, n, k, bits=4, group_size=32, sym=False, sparse=True, seed=seed + i)
+            out[name] = random_packed_delta(name, n, k, bits=4, group_size=group_size, sym=False, sparse=True,
+                                            seed=seed + i)
         else:
             out[name] = dense[name]
     return out

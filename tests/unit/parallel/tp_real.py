@@ -27,10 +27,12 @@ PROMPTS = [  # (delta or None for base, prompt)
 ]
 
 
-def greedy(model, deltas: dict, tied: bool, prompts: list[tuple[str | None, list[int]]], max_tokens: int):
+def greedy(model, deltas: dict | None, tied: bool, prompts: list[tuple[str | None, list[int]]], max_tokens: int,
+           provider=None):
     """Greedy tokens per prompt through the worker's engine (paged KV, continuous batching)."""
+    provider = provider or DenseDeltaProvider(deltas, tied)
     engine = LLMEngine(model, EngineConfig(num_kv_blocks=32, block_size=16), eos_token_ids=[],
-                       deltas_provider=DenseDeltaProvider(deltas, tied))  # fmt: skip
+                       deltas_provider=provider)  # fmt: skip
     for i, (delta, ids) in enumerate(prompts):
         engine.add_request(f"r{i}", ids, SamplingParams(temperature=0, max_tokens=max_tokens), delta=delta)
     results = engine.run_until_done()
