@@ -71,7 +71,7 @@ def test_tp2_packed_deltas_sbmm_greedy_equals_tp1():
     spawn_ranks(2, None, target=run_packed_rank, args=(16,), timeout_s=300)
 
 
-@pytest.mark.skipif(NUM_GPUS < 3, reason="SmolLM2 has 9 query / 3 KV heads: TP needs 3 GPUs (TP=2 cannot split 9 heads)")
+@pytest.mark.skipif(NUM_GPUS < 3, reason="SmolLM2 has 9 query / 3 KV heads: needs TP=3 (2 cannot split 9 heads)")
 @pytest.mark.skipif(smollm2_base_dir() is None, reason="SmolLM2 base not converted yet (run `make demo` once)")
 def test_tp3_real_smollm2_demo_deltas_greedy_equals_unsharded_on_gpu():
     import tp_real

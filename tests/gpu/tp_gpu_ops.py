@@ -16,7 +16,8 @@ class PackedDeltaProvider:
     def __init__(self, deltas: dict[str, dict], tied: bool, device: torch.device) -> None:
         self.names = sorted(deltas)
         self.tied = tied
-        packed_names = {k for d in deltas.values() for k, v in d.items() if isinstance(v, DeltaTensor) and v.kind != "dense"}
+        packed_names = {k for d in deltas.values() for k, v in d.items()
+                        if isinstance(v, DeltaTensor) and v.kind != "dense"}
         self.stacks = {k: PackedDeltaStack.from_packed([deltas[n][k] for n in self.names], device=device)
                        for k in packed_names}  # fmt: skip
         self.dense = {n: {k: (v.dequantize(torch.float32) if isinstance(v, DeltaTensor) else v).to(device)
@@ -36,7 +37,8 @@ class PackedDeltaOps:
         for _, n in segments:
             starts.append(starts[-1] + n)
         self.starts = torch.tensor(starts, dtype=torch.int32)
-        self.slots = torch.tensor([-1 if n is None else provider.names.index(n) for n, _ in segments], dtype=torch.int32)
+        slots = [-1 if n is None else provider.names.index(n) for n, _ in segments]
+        self.slots = torch.tensor(slots, dtype=torch.int32)
         self.dense = DenseDeltaOps(provider.dense, segments, provider.tied)
 
     def linear(self, name: str, x: torch.Tensor, y: torch.Tensor) -> None:

@@ -69,10 +69,11 @@ def test_shard_delta_applies_the_plan_per_tensor():
     }
     deltas = {k: torch.randn(s) for k, s in names.items()}
     rank1 = shard_delta(deltas, ShardPlan(cfg, 2, 1))
-    assert torch.equal(rank1["model.layers.0.self_attn.q_proj.weight"], deltas["model.layers.0.self_attn.q_proj.weight"][32:])
-    assert torch.equal(rank1["model.layers.0.self_attn.k_proj.weight"], deltas["model.layers.0.self_attn.k_proj.weight"][16:])
-    assert torch.equal(rank1["model.layers.0.self_attn.o_proj.weight"], deltas["model.layers.0.self_attn.o_proj.weight"][:, 32:])
-    assert torch.equal(rank1["model.layers.0.mlp.down_proj.weight"], deltas["model.layers.0.mlp.down_proj.weight"][:, 64:])
+    want = {"self_attn.q_proj": (slice(32, None),), "self_attn.k_proj": (slice(16, None),),
+            "self_attn.o_proj": (slice(None), slice(32, None)), "mlp.down_proj": (slice(None), slice(64, None))}
+    for module, index in want.items():
+        name = f"model.layers.0.{module}.weight"
+        assert torch.equal(rank1[name], deltas[name][index]), name
     assert "model.layers.0.mlp.down_proj.bias" not in rank1  # row-parallel bias: rank 0 only
     assert "model.layers.0.mlp.down_proj.bias" in shard_delta(deltas, ShardPlan(cfg, 2, 0))
     assert rank1["model.embed_tokens.weight"] is deltas["model.embed_tokens.weight"]  # replicated, shared

@@ -55,7 +55,8 @@ def run_real_rank(rank: int, world: int, port: int, base_dir: str, device_type: 
             model.to(device)
             packed = {d: load_delta(DEMO_DELTAS / d) for d, _ in PROMPTS if d is not None}
             # SmolLM2 down_proj: K/3 = 512 is not a multiple of the demo's group size 96 -> dense shard.
-            shards = {d: dequantized(shard_delta(p, plan, misaligned="dense"), torch.float32) for d, p in packed.items()}
+            shards = {d: dequantized(shard_delta(p, plan, misaligned="dense"), torch.float32)
+                      for d, p in packed.items()}
             shards = {d: {k: v.to(device) for k, v in s.items()} for d, s in shards.items()}
             got = greedy(model, shards, tied, prompts, max_tokens)
             every = [None] * world
@@ -64,7 +65,8 @@ def run_real_rank(rank: int, world: int, port: int, base_dir: str, device_type: 
             if rank == 0:
                 del model, shards
                 ref = load_model(base_dir, device, torch.float32)
-                full = {d: {k: v.to(device) for k, v in dequantized(p, torch.float32).items()} for d, p in packed.items()}
+                full = {d: {k: v.to(device) for k, v in dequantized(p, torch.float32).items()}
+                        for d, p in packed.items()}
                 want = greedy(ref, full, tied, prompts, max_tokens)
                 assert got == want, f"TP={world} greedy tokens {got} != unsharded {want}"
             dist.barrier()
