@@ -36,3 +36,12 @@ def test_13b_shape_supports_tp2_and_tp8():
 def test_bad_rank_raises():
     with pytest.raises(ValueError, match="rank 2"):
         ShardPlan(SMOLLM2_135M, 1, 2)
+
+
+def test_shard_model_refuses_smollm2_heads_at_tp2():
+    from deltazip.model.synthetic import random_model
+    from deltazip.parallel import TPGroup, shard_model
+
+    model = random_model(tiny_config(hidden_size=72, num_attention_heads=9, num_key_value_heads=3))
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=2: num_attention_heads=9 is not divisible"):
+        shard_model(model, TPGroup(rank=0, size=2))
