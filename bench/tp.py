@@ -205,7 +205,8 @@ def main() -> None:
     p.add_argument("--context-len", type=int, default=256)
     p.add_argument("--num-steps", type=int, default=20)
     p.add_argument("--quick", action="store_true", help="4 layers per model: a smoke run of the code path")
-    p.add_argument("--with-13b-tp1", action="store_true", help="also 13B at TP=1 (~110 GiB with 16 deltas: an H200 only)")
+    p.add_argument("--with-13b-tp1", action="store_true",
+                   help="also 13B at TP=1 (~110 GiB with 16 deltas: an H200 only)")
     p.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "unknown"))
     a = p.parse_args()
     num_gpus = torch.cuda.device_count()

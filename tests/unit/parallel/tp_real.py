@@ -13,7 +13,8 @@ from deltazip.artifact import load_delta
 from deltazip.model.loader import load_model
 from deltazip.model.sampling import SamplingParams
 from deltazip.model.tokenizer import Tokenizer
-from deltazip.parallel import init_tp_group, shard_delta, shard_model
+from deltazip.parallel import init_tp_group, shard_delta
+from deltazip.parallel.load import load_sharded_model
 from deltazip.parallel.group import destroy_tp_group
 from services.worker.engine.dense_deltas import DenseDeltaProvider
 from services.worker.engine.engine import EngineConfig, LLMEngine
@@ -49,10 +50,9 @@ def run_real_rank(rank: int, world: int, port: int, base_dir: str, device_type: 
         with torch.inference_mode():
             tok = Tokenizer.from_dir(base_dir)
             prompts = [(d, tok.encode(p)) for d, p in PROMPTS]
-            model = load_model(base_dir, "cpu", torch.float32)
+            model = load_sharded_model(base_dir, tp, device, torch.float32)  # only this rank's slices
             tied = model.config.tie_word_embeddings
-            plan = shard_model(model, tp)
-            model.to(device)
+            plan = model.shard_plan
             packed = {d: load_delta(DEMO_DELTAS / d) for d, _ in PROMPTS if d is not None}
             # SmolLM2 down_proj: K/3 = 512 is not a multiple of the demo's group size 96 -> dense shard.
             shards = {d: dequantized(shard_delta(p, plan, misaligned="dense"), torch.float32)
