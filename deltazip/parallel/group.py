@@ -72,6 +72,7 @@ def init_tp_group(
 
 
 def destroy_tp_group(tp: TPGroup) -> None:
-    """Leave the process group (safe to call for size 1)."""
+    """Leave the process group (safe for size 1). Call it after a barrier on the success path: a rank that
+    tears gloo down while a peer is still mid-collective can abort the peer."""
     if tp.size > 1 and dist.is_initialized():
         dist.destroy_process_group()

@@ -25,7 +25,9 @@ SMOLLM2_8_HEADS = dict(vocab_size=4096, hidden_size=576, intermediate_size=1536,
                        num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
 
 
-def run_packed_rank(rank: int, world: int, port: int, max_tokens: int, device_type: str = "cuda") -> None:
+def run_packed_rank(
+    rank: int, world: int, init_method: str, max_tokens: int, device_type: str = "cuda"
+) -> None:
     """Rank body: shard model + packed deltas, generate through the engine, rank 0 compares with TP=1."""
     import torch.distributed as dist
 
@@ -39,7 +41,7 @@ def run_packed_rank(rank: int, world: int, port: int, max_tokens: int, device_ty
 
     device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")  # cpu: a dry run
     dtype = torch.float16 if device_type == "cuda" else torch.float32
-    tp = init_tp_group(rank, world, f"tcp://127.0.0.1:{port}", device, timeout_s=120)
+    tp = init_tp_group(rank, world, init_method, device, timeout_s=120)
     try:
         with torch.inference_mode():
             cfg = tiny_config(**SMOLLM2_8_HEADS)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import socket
+import tempfile
 import time
 
 import pytest
@@ -14,19 +14,21 @@ import tp_cases
 TIMEOUT_S = 90
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def store_url() -> str:
+    """A fresh file:// rendezvous (no port to race for); ranks then talk over loopback only."""
+    return "file://" + os.path.join(tempfile.mkdtemp(prefix="dz-tp-"), "store")
 
 
-def spawn_ranks(world: int, case_names: list[str] | None, target=None, args: tuple = (), timeout_s: float = TIMEOUT_S):
-    """Run target(rank, world, port, *args) (default tp_cases.run_rank over case_names) in `world` spawned
+def spawn_ranks(
+    world: int, case_names: list[str] | None, target=None, args: tuple = (), timeout_s: float = TIMEOUT_S
+) -> None:
+    """Run target(rank, world, init_method, *args) (default tp_cases.run_rank over case_names) in `world` spawned
     processes; fail (and kill them) past timeout_s."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     if target is None:
         target, args = tp_cases.run_rank, (case_names,)
-    ctx = mp.start_processes(target, args=(world, free_port(), *args), nprocs=world, join=False, start_method="spawn")
+    ctx = mp.start_processes(target, args=(world, store_url(), *args), nprocs=world, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout_s
     while not ctx.join(timeout=1.0):  # raises ProcessRaisedException with the rank's traceback
         if time.monotonic() > deadline:

@@ -29,15 +29,16 @@ CASES = {  # name -> (config, delta kind)
 ATOL = RTOL = 1e-4
 
 
-def run_rank(rank: int, world: int, port: int, case_names: list[str]) -> None:
+def run_rank(rank: int, world: int, init_method: str, case_names: list[str]) -> None:
     """Entry of one spawned rank."""
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
-    tp = init_tp_group(rank, world, f"tcp://127.0.0.1:{port}", "cpu", timeout_s=60)
+    tp = init_tp_group(rank, world, init_method, "cpu", timeout_s=60)
     try:
         for name in case_names:
             config, kind = CASES[name]
             check_case(tp, config, kind, name)
+        torch.distributed.barrier()  # nobody tears gloo down while a peer still talks to it
     finally:
         destroy_tp_group(tp)
 

@@ -40,12 +40,14 @@ def greedy(model, deltas: dict | None, tied: bool, prompts: list[tuple[str | Non
     return [results[f"r{i}"][0] for i in range(len(prompts))]
 
 
-def run_real_rank(rank: int, world: int, port: int, base_dir: str, device_type: str, max_tokens: int) -> None:
+def run_real_rank(
+    rank: int, world: int, init_method: str, base_dir: str, device_type: str, max_tokens: int
+) -> None:
     """One rank: shard SmolLM2 and its demo deltas, generate; rank 0 checks against the unsharded model."""
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
-    tp = init_tp_group(rank, world, f"tcp://127.0.0.1:{port}", device, timeout_s=120)
+    tp = init_tp_group(rank, world, init_method, device, timeout_s=120)
     try:
         with torch.inference_mode():
             tok = Tokenizer.from_dir(base_dir)
