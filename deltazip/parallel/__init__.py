@@ -15,6 +15,6 @@ from deltazip.parallel.shard_delta import shard_delta, shard_delta_tensor
 from deltazip.parallel.shard_model import shard_model
 
 __all__ = [
-    "ShardPlan", "TPGroup", "TensorSplit", "check_tp_size", "init_tp_group", "load_sharded_model", "shard_delta", "shard_delta_tensor",
-    "shard_model",
+    "ShardPlan", "TPGroup", "TensorSplit", "check_tp_size", "init_tp_group", "load_sharded_model", "shard_delta",
+    "shard_delta_tensor", "shard_model",
 ]  # fmt: skip
