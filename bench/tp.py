@@ -19,7 +19,6 @@ import dataclasses
 import datetime
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -153,10 +152,10 @@ def time_steps(step, tp: TPGroup, num_steps: int) -> float:
     return statistics.median(times)
 
 
-def run_rank(rank: int, size: int, port: int, job: dict, out_path: str) -> None:
+def run_rank(rank: int, size: int, init_method: str, job: dict, out_path: str) -> None:
     """One rank of one configuration; rank 0 writes its row to out_path."""
     device = torch.device("cuda", rank)
-    tp = init_tp_group(rank, size, f"tcp://127.0.0.1:{port}", device) if size > 1 else TPGroup()
+    tp = init_tp_group(rank, size, init_method, device) if size > 1 else TPGroup()
     torch.cuda.set_device(device)
     try:
         with torch.inference_mode():
@@ -183,17 +182,12 @@ def run_rank(rank: int, size: int, port: int, job: dict, out_path: str) -> None:
         destroy_tp_group(tp)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_job(size: int, job: dict) -> dict:
     """Spawn `size` ranks for one configuration and return rank 0's row."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "row.json")
-        mp.start_processes(run_rank, args=(size, free_port(), job, out), nprocs=size, start_method="spawn")
+        store = "file://" + os.path.join(tmp, "store")  # rendezvous through a file: no port to pick
+        mp.start_processes(run_rank, args=(size, store, job, out), nprocs=size, start_method="spawn")
         return json.loads(Path(out).read_text())
 
 
