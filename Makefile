@@ -36,5 +36,9 @@ demo: install
 test: install
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -x --durations=15 tests
 
+# The serving benchmark on a CUDA machine (not part of make test; see scripts/bench_gpu.sh for knobs).
+bench-gpu:
+	bash scripts/bench_gpu.sh
+
 clean:
 	rm -rf $(VENV) .demo deltazip/v1/*_pb2*.py*
