@@ -41,6 +41,8 @@ def device_name(device: str) -> str:
 
 
 def git_commit() -> str:
+    if os.environ.get("BENCH_COMMIT"):  # a copy of the tree without .git (e.g. on a lent GPU machine)
+        return os.environ["BENCH_COMMIT"]
     done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1])
     return done.stdout.strip() or "unknown"
