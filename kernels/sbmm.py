@@ -112,6 +112,7 @@ def sbmm(
     bits: int,
     kernel: str | None = None,
     config: dict | None = None,
+    rows_hint: float | None = None,
 ) -> None:
     """In place y[seg] += x[seg] @ dequant(Δ[seg_slots[s]]).T for all segments in one launch.
 
@@ -122,6 +123,8 @@ def sbmm(
     seg_slots int64 [S] on x's device; rows seg_starts[s]:seg_starts[s+1] use slot seg_slots[s]; slots
     outside [0, num_slots) are skipped (kernels.delta_linear.apply_deltas rejects them first).
     kernel: "gluon" | "triton" | None (best available); config: launch-config override (benchmarks).
+    rows_hint: rows per segment the config is picked for (default T / S; a CUDA-graph capture with padded
+    segments passes the step's real largest segment).
     """
     n, group_size = _check(x, y, qweight, meta, scales, zeros, bits)
     t, k = x.shape
@@ -136,7 +139,7 @@ def sbmm(
     if kernel == "gluon" and not gluon_supported(x, k, bits, group_size, num_groups):
         raise ValueError(f"the gluon kernel does not take K={k}, bits={bits}, group_size={group_size} here")
     if config is None:
-        config = pick_config(kernel, _device_name(x.device), t / num_segments)
+        config = pick_config(kernel, _device_name(x.device), rows_hint if rows_hint is not None else t / num_segments)
     asym = zeros is not None
     meta_words = meta.view(torch.int16) if bits == 4 else meta  # one meta element per qweight word
     common = (

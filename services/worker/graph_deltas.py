@@ -52,12 +52,13 @@ class GraphDeltaOps:
         self._dev = torch.full((2 * s + 1 + r,), -1, dtype=torch.int64, device=slots.device)
         self._rows = r  # rows of the forward being captured or replayed (a padded batch size)
 
-    def for_rows(self, num_rows: int) -> GraphDeltaOps:
-        """The same static tensors, seen by a forward of `num_rows` rows (one captured batch size)."""
+    def for_rows(self, num_rows: int, rows_hint: int | None = None) -> GraphDeltaOps:
+        """The same static tensors, seen by a forward of `num_rows` rows (one captured batch size);
+        rows_hint: the largest delta segment the kernel configuration is chosen for."""
         if num_rows > self.max_rows:
             raise ValueError(f"{num_rows} rows exceed the {self.max_rows} these tensors hold")
         view = copy.copy(self)  # shares _dev and the stacks
-        view._rows = num_rows
+        view._rows, view.rows_hint = num_rows, rows_hint
         return view
 
     @property
@@ -72,6 +73,12 @@ class GraphDeltaOps:
     def row_slots(self) -> torch.Tensor:
         start = 2 * self.max_segments + 1
         return self._dev[start : start + self._rows]
+
+    @staticmethod
+    def rows_class(segments: Sequence[tuple[int | None, int]]) -> int:
+        """Bucket of the largest delta segment (the kernel's configs switch at 8 and 16 rows)."""
+        rows = max((n for slot, n in segments if slot is not None), default=1)
+        return 8 if rows <= 8 else 16 if rows <= 16 else 64
 
     def fill(self, segments: Sequence[tuple[int | None, int]], num_rows: int) -> None:
         """Point the tensors at this step: segments (slot or None, rows) in row order; rows past them up to
@@ -102,7 +109,7 @@ class GraphDeltaOps:
         for stack in self._stacks.get(name + ".weight", ()):
             p = stack.parts
             sbmm.sbmm(x, y, p["qweight"], p["meta"], p["scales"], p.get("zeros"), self.seg_starts, self.seg_slots,
-                      stack.bits)
+                      stack.bits, rows_hint=self.rows_hint)
 
     def norm_weight(self, name: str, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
         stacks = self._stacks.get(name + ".weight")

@@ -7,7 +7,7 @@ longest context; attention gathers a context bucket (a power of two times the bl
 longest context of the step), one graph per (batch size, bucket), so short contexts stay cheap.
 Steps with delta rows are captured too when every delta stack is packed for the SBMM kernel
 (services/worker/graph_deltas.py): the kernel reads segment tensors at fixed addresses that each replay
-refills, so one graph per (batch size, bucket, stack layout) serves any mix of up to `max_segments`
+refills, so one graph per (batch size, bucket, stack layout, largest-segment class) serves any mix of up to `max_segments`
 segments. Dense-delta stacks run eager. Eager stays the reference.
 """
 
@@ -48,7 +48,7 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(n, self.max_blocks, dtype=torch.long, device=dev)
         self.context_lens = torch.ones(n, dtype=torch.long, device=dev)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.long, device=dev)
-        self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
 
     def padded_size(self, batch: int) -> int | None:
@@ -83,26 +83,27 @@ class DecodeGraphs:
             self.graph_deltas = GraphDeltaOps(slots, self.sizes[-1], self.max_segments)
         return self.graph_deltas
 
-    def _ctx(self, b: int, ctx_len: int, deltas: GraphDeltaOps | None) -> ForwardContext:
+    def _ctx(self, b: int, ctx_len: int, deltas: GraphDeltaOps | None, rows_hint: int | None = None) -> ForwardContext:
         attn = AttentionMetadata(
             positions=self.positions[:b], slot_mapping=self.slot_mapping[:b], block_tables=self.block_tables[:b],
             context_lens=self.context_lens[:b], query_start_loc=self.query_start_loc[:b + 1],
             max_query_len=1, max_context_len=ctx_len)
-        return ForwardContext(attn=attn, deltas=None if deltas is None else deltas.for_rows(b))
+        return ForwardContext(attn=attn, deltas=None if deltas is None else deltas.for_rows(b, rows_hint))
 
-    def _capture(self, b: int, ctx_len: int, layout: int) -> None:
+    def _capture(self, b: int, ctx_len: int, layout: int, rows_hint: int = 0) -> None:
         deltas = self.graph_deltas if layout else None
+        hint = rows_hint or None
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):  # warm up allocator, kernel compiles and lazy inits outside the graph
-                self.model(self.input_ids[:b], self._ctx(b, ctx_len, deltas))
+                self.model(self.input_ids[:b], self._ctx(b, ctx_len, deltas, hint))
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            out = self.model(self.input_ids[:b], self._ctx(b, ctx_len, deltas))
+            out = self.model(self.input_ids[:b], self._ctx(b, ctx_len, deltas, hint))
         self.pool = graph.pool()
-        self.graphs[(b, ctx_len, layout)] = (graph, out)
+        self.graphs[(b, ctx_len, layout, rows_hint)] = (graph, out)
 
     def _fill_padding(self, start: int, end: int) -> None:
         self.input_ids[start:end] = 0
@@ -126,12 +127,14 @@ class DecodeGraphs:
         self.block_tables[:batch, :tables.shape[1]].copy_(tables.clamp(min=0))  # -1 padding: any page, masked
         self.context_lens[:batch].copy_(attn.context_lens)
         self._fill_padding(batch, b)
-        layout = 0
+        layout, rows_hint = 0, 0
         if deltas is not None:
             graph_deltas = self._delta_ops(deltas.device_slots)
-            graph_deltas.fill(deltas.slot_segments(), b)
+            segments = deltas.slot_segments()
+            graph_deltas.fill(segments, b)
             layout = graph_deltas.layout_version + 1  # 0 is reserved for base-only graphs
-        key = (b, self.context_bucket(attn.max_context_len or int(attn.context_lens.max())), layout)
+            rows_hint = graph_deltas.rows_class(segments)
+        key = (b, self.context_bucket(attn.max_context_len or int(attn.context_lens.max())), layout, rows_hint)
         if key not in self.graphs:
             self._capture(*key)  # warm-up runs write only this step's own slots again (same values)
         graph, out = self.graphs[key]

@@ -11,15 +11,16 @@ from services.worker.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
 class EagerReplay(DecodeGraphs):
     """'Captures' a forward that rereads the static buffers at each replay, like a CUDA graph does."""
 
-    def _capture(self, b: int, ctx_len: int, layout: int) -> None:
+    def _capture(self, b: int, ctx_len: int, layout: int, rows_hint: int = 0) -> None:
         deltas = self.graph_deltas if layout else None
-        graphs, out = self, self.model(self.input_ids[:b], self._ctx(b, ctx_len, deltas))  # the static output
+        ctx = self._ctx(b, ctx_len, deltas, rows_hint or None)
+        graphs, out = self, self.model(self.input_ids[:b], ctx)  # the static output
 
         class Replay:
             def replay(self):
-                out.copy_(graphs.model(graphs.input_ids[:b], graphs._ctx(b, ctx_len, deltas)))
+                out.copy_(graphs.model(graphs.input_ids[:b], graphs._ctx(b, ctx_len, deltas, rows_hint or None)))
 
-        self.graphs[(b, ctx_len, layout)] = (Replay(), out)
+        self.graphs[(b, ctx_len, layout, rows_hint)] = (Replay(), out)
 
     def run(self, input_ids, attn, deltas=None):
         self.num_runs = getattr(self, "num_runs", 0) + 1
@@ -54,8 +55,8 @@ def test_padded_decode_steps_equal_eager():
             engine.add_request(f"r{i}", p, short if i == 0 else params, delta="ft0" if i == 0 else None)
         results.append({k: v[0] for k, v in engine.run_until_done().items()})
         if graphs:
-            assert runner.graphs.num_runs > 0 and {b for b, _, _ in runner.graphs.graphs} <= {1, 2, 4, 8}
-            assert len({c for _, c, _ in runner.graphs.graphs}) > 1  # contexts grew across buckets
+            assert runner.graphs.num_runs > 0 and {k[0] for k in runner.graphs.graphs} <= {1, 2, 4, 8}
+            assert len({k[1] for k in runner.graphs.graphs}) > 1  # contexts grew across buckets
             spare = runner.model.kv_cache[:, :, 60]
             assert spare.abs().sum() > 0  # padded rows wrote there, and nowhere else (tokens equal below)
     assert results[0] == results[1]
@@ -102,5 +103,5 @@ def test_decode_steps_with_packed_deltas_replay_and_equal_eager():
             engine.add_request(f"r{i}", p, params, delta=[None, "0", "1"][i % 3])
         results.append({k: v[0] for k, v in engine.run_until_done().items()})
         if graphs:
-            assert any(layout for _, _, layout in runner.graphs.graphs), "no delta step replayed"
+            assert any(k[2] for k in runner.graphs.graphs), "no delta step replayed"
     assert results[0] == results[1]
