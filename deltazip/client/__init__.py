@@ -11,7 +11,9 @@ from deltazip.client.errors import (
     InvalidArgumentError,
     NotFoundError,
     OutOfRangeError,
+    PermissionDeniedError,
     ResourceExhaustedError,
+    UnauthenticatedError,
     UnavailableError,
 )
 from deltazip.client.sync_client import Client
@@ -20,5 +22,6 @@ from deltazip.client.types import ArtifactFile, ChatMessage, Completion, ModelIn
 __all__ = [
     "AlreadyExistsError", "ArtifactFile", "AsyncClient", "CancelledError", "ChatMessage", "Client", "Completion",
     "DeadlineExceededError", "DeltaZipError", "FailedPreconditionError", "InternalError", "InvalidArgumentError",
-    "ModelInfo", "NotFoundError", "OutOfRangeError", "ResourceExhaustedError", "Token", "UnavailableError", "Usage",
+    "ModelInfo", "NotFoundError", "OutOfRangeError", "PermissionDeniedError", "ResourceExhaustedError", "Token",
+    "UnauthenticatedError", "UnavailableError", "Usage",
 ]

@@ -4,7 +4,7 @@ import argparse
 from dataclasses import dataclass
 
 from deltazip.metrics import add_metrics_flag, validate_metrics_port
-from deltazip.rpc.flags import env_default
+from deltazip.rpc.flags import add_tls_flags, env_default, tls_kwargs, tls_settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,6 +16,10 @@ class GatewayConfig:
     request_timeout_s: float = 600.0  # deadline passed to the scheduler per request
     default_max_tokens: int = 16  # OpenAI's default for /v1/completions
     metrics_port: int = 0  # /metrics is always on the HTTP port too; this adds a separate one
+    tls_cert: str = ""  # client certificate for mutual TLS to the scheduler
+    tls_key: str = ""
+    tls_ca: str = ""  # CA of the scheduler's certificate; set = dial it over TLS
+    tls_server_name: str = ""  # name checked in the scheduler's certificate
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -29,6 +33,7 @@ class GatewayConfig:
         if self.default_max_tokens < 1:
             raise ValueError(f"--default-max-tokens {self.default_max_tokens} must be >= 1")
         validate_metrics_port(self.metrics_port)
+        tls_settings(self)
 
 
 def parse_config(argv: list[str] | None = None) -> GatewayConfig:
@@ -45,9 +50,10 @@ def parse_config(argv: list[str] | None = None) -> GatewayConfig:
     parser.add_argument("--default-max-tokens", type=int, default=int(env_default("DELTAZIP_DEFAULT_MAX_TOKENS", "16")),
                         help="max_tokens of /v1/completions when the request has none (DELTAZIP_DEFAULT_MAX_TOKENS)")
     add_metrics_flag(parser)
+    add_tls_flags(parser, server=False)
     args = parser.parse_args(argv)
     return GatewayConfig(
         host=args.host, port=args.port, scheduler=args.scheduler, log_level=args.log_level,
         request_timeout_s=args.request_timeout_s, default_max_tokens=args.default_max_tokens,
-        metrics_port=args.metrics_port,
+        metrics_port=args.metrics_port, **tls_kwargs(args),
     )
