@@ -5,6 +5,7 @@ One settings object serves both directions: as a server a process presents `cert
 against `ca` and presents `cert`/`key` as its client certificate (mutual TLS).
 """
 
+import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ class TlsSettings:
     key: str = ""  # its private key
     server_name: str = ""  # name checked in servers' certificates instead of the dialled host
     require_client_cert: bool = False  # server: refuse clients without a certificate signed by `ca`
+    system_roots: bool = False  # client: TLS even without `ca`, checking servers against the system's CAs
 
     def __post_init__(self) -> None:
         if bool(self.cert) != bool(self.key):
@@ -41,17 +43,34 @@ class TlsSettings:
     @property
     def dials_tls(self) -> bool:
         """A client with these settings dials with TLS (a CA to check servers is what turns it on)."""
-        return bool(self.ca)
+        return bool(self.ca) or self.system_roots
 
 
 PLAINTEXT = TlsSettings()
 
 
-def from_env(env: dict[str, str] | None = None) -> TlsSettings:
-    """Client settings from DELTAZIP_TLS_* (SDK, CLI, health probes); plaintext when none is set."""
+def from_env(env: dict[str, str] | None = None, system_roots: bool = False) -> TlsSettings:
+    """Client settings from DELTAZIP_TLS_* (SDK, CLI, health probes); plaintext when no CA is set.
+
+    DELTAZIP_TLS=1 (or `system_roots`) dials TLS against the system's CAs when no DELTAZIP_TLS_CA is given.
+    """
     env = os.environ if env is None else env
     return TlsSettings(ca=env.get(ENV_CA, ""), cert=env.get(ENV_CERT, ""), key=env.get(ENV_KEY, ""),
-                       server_name=env.get(ENV_SERVER_NAME, ""))
+                       server_name=env.get(ENV_SERVER_NAME, ""),
+                       system_roots=system_roots or env.get("DELTAZIP_TLS", "") in ("1", "true"))
+
+
+def is_loopback(address: str) -> bool:
+    """True for localhost / 127.x / ::1 / unix sockets: the only places a token may travel in plaintext."""
+    if address.startswith(("unix:", "unix-abstract:")):
+        return True
+    host = address.rsplit(":", 1)[0].strip("[]") if ":" in address else address
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _read(path: str) -> bytes | None:
