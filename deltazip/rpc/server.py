@@ -11,7 +11,7 @@ from grpc_reflection.v1alpha import reflection
 
 from deltazip.logs import get_logger
 from deltazip.rpc.options import MAX_MESSAGE_BYTES, server_options
-from deltazip.security.tls import PLAINTEXT, TlsSettings, server_credentials
+from deltazip.security.tls import PLAINTEXT, TlsSettings, is_loopback, server_credentials
 
 log = get_logger("deltazip.rpc")
 
@@ -66,6 +66,10 @@ class RpcServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("server_started", bind=self.bind, port=self.port, services=names, tls=self.tls.serves_tls,
                  mtls=self.tls.require_client_cert)
+        if not self.tls.serves_tls and not is_loopback(self.bind):
+            log.warning("plaintext_listener", bind=self.bind,
+                        hint="traffic (tokens, weights) can be read on the network; pass --tls-cert/--tls-key, "
+                             "see docs/operations.md#security")
         return self.port
 
     async def stop(self, grace_s: float) -> None:

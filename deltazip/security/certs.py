@@ -13,8 +13,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-# Loopback for tests and `make demo`, and the compose service names (services dial each other by these).
-DEFAULT_NAMES = ("localhost", "127.0.0.1", "::1", "redis", "delta_store", "scheduler", "worker", "worker-cpu", "gateway")
+# Loopback (tests, `make demo`), the compose service names, and "deltazip": the one name compose services check
+# (DELTAZIP_TLS_SERVER_NAME), since scaled workers advertise container ids that no certificate can list.
+DEFAULT_NAMES = ("localhost", "127.0.0.1", "::1", "deltazip", "redis", "delta_store", "scheduler", "worker", "worker-cpu",
+                 "gateway")
 FILES = ("ca.crt", "ca.key", "server.crt", "server.key", "client.crt", "client.key")
 
 

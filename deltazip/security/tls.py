@@ -64,6 +64,10 @@ def is_loopback(address: str) -> bool:
     """True for localhost / 127.x / ::1 / unix sockets: the only places a token may travel in plaintext."""
     if address.startswith(("unix:", "unix-abstract:")):
         return True
+    try:
+        return ipaddress.ip_address(address.strip("[]")).is_loopback  # a bare host such as ::1
+    except ValueError:
+        pass
     host = address.rsplit(":", 1)[0].strip("[]") if ":" in address else address
     if host == "localhost":
         return True

@@ -16,6 +16,7 @@ from deltazip.rpc.auth import Authenticator
 from deltazip.rpc.flags import advertise_address, tls_settings
 from deltazip.metrics import start_metrics_server
 from deltazip.rpc.server import Registration, RpcServer, service_name
+from deltazip.security.tls import is_loopback
 from deltazip.security.tokens import TokenTable
 from deltazip.v1 import delta_store_pb2, delta_store_pb2_grpc
 from services.delta_store.config import StoreConfig, parse_config
@@ -39,6 +40,9 @@ async def serve(config: StoreConfig) -> None:
         tls=tls_settings(config),
     )
     port = await server.start()
+    if not auth.enabled and not is_loopback(config.host):
+        log.warning("auth_disabled", hint="any caller may read and change every model; pass --auth-tokens, "
+                                          "see docs/operations.md#security")
     start_metrics_server(config.metrics_port, config.host)
     address = advertise_address(config.host, port, config.advertise)
     try:

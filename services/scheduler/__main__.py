@@ -11,6 +11,7 @@ from deltazip.rpc.channels import ChannelPool
 from deltazip.rpc.auth import Authenticator
 from deltazip.rpc.flags import advertise_address, tls_settings
 from deltazip.rpc.server import Registration, RpcServer, service_name
+from deltazip.security.tls import is_loopback
 from deltazip.security.tokens import TokenTable
 from deltazip.v1 import scheduler_pb2, scheduler_pb2_grpc
 from services.scheduler.burst import BurstPolicy, BurstPrefetcher
@@ -35,6 +36,9 @@ async def serve(config: SchedulerConfig) -> None:
         tls=tls,
     )
     port = await server.start()
+    if not auth.enabled and not is_loopback(config.host):
+        log.warning("auth_disabled", hint="any caller may read and change every model; pass --auth-tokens, "
+                                          "see docs/operations.md#security")
     start_metrics_server(config.metrics_port, config.host)
     log.info("scheduler_ready", address=advertise_address(config.host, port, config.advertise),
              scheduler_id=config.scheduler_id, auth=auth.enabled, tls=tls.serves_tls)
