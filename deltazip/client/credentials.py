@@ -4,6 +4,7 @@ import os
 
 from deltazip.rpc.auth import bearer_metadata
 from deltazip.security.tls import PLAINTEXT, TlsSettings, from_env, is_loopback
+from deltazip.security.tokens import read_token_file
 
 
 def client_tls(tls: TlsSettings | bool | None) -> TlsSettings:
@@ -16,8 +17,12 @@ def client_tls(tls: TlsSettings | bool | None) -> TlsSettings:
 
 
 def client_token(token: str | None) -> str:
-    """None: DELTAZIP_TOKEN env ('' if unset)."""
-    return os.environ.get("DELTAZIP_TOKEN", "") if token is None else token
+    """None: $DELTAZIP_TOKEN, else the token in the file $DELTAZIP_TOKEN_FILE, else '' (no token)."""
+    if token is not None:
+        return token
+    if os.environ.get("DELTAZIP_TOKEN"):
+        return os.environ["DELTAZIP_TOKEN"]
+    return read_token_file(os.environ.get("DELTAZIP_TOKEN_FILE", ""), "DELTAZIP_TOKEN_FILE")
 
 
 def call_metadata(address: str, tls: TlsSettings, token: str) -> tuple[tuple[str, str], ...]:
