@@ -8,6 +8,9 @@ clients without a certificate; store paths cannot escape its root; no token ever
 """
 
 import json
+import os
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -23,7 +26,7 @@ from deltazip.rpc.channels import sync_channel
 from deltazip.security.certs import generate
 from deltazip.security.tls import TlsSettings
 from deltazip.security.tokens import add_token, parse_scopes
-from deltazip.stack import Launcher, start_redis, start_service, stop
+from deltazip.stack import REPO_ROOT, Launcher, start_redis, start_service, stop
 from deltazip.v1 import delta_store_pb2, delta_store_pb2_grpc
 from tests.integration.gateway_proc import start_gateway
 from tests.integration.tiny_models import CONFIG, write_byte_tokenizer, write_finetune
@@ -213,8 +216,22 @@ def test_mutual_tls_refuses_clients_without_a_certificate(stack):
                 client.stored_models()
         with Client(store=mtls_store.address, token=stack.tokens["acme"], tls=with_cert, timeout_s=30) as client:
             assert client.stored_models() == []
+        # the compose health probe: the service's own DELTAZIP_TLS_* env, client certificate included
+        probe_env = {"DELTAZIP_TLS_CA": str(certs.ca), "DELTAZIP_TLS_CERT": str(certs.server_cert),
+                     "DELTAZIP_TLS_KEY": str(certs.server_key)}
+        assert healthcheck(mtls_store.address, probe_env) == 0
+        assert healthcheck(mtls_store.address, {"DELTAZIP_TLS_CA": str(certs.ca)}) == 1
+        assert healthcheck(mtls_store.address, {}) == 1
     finally:
         stop(mtls_store)
+
+
+def healthcheck(address: str, tls_env: dict[str, str]) -> int:
+    """Exit code of `python -m deltazip.rpc.healthcheck` with exactly these DELTAZIP_TLS_* variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DELTAZIP_TLS")}
+    done = subprocess.run([sys.executable, "-m", "deltazip.rpc.healthcheck", address], capture_output=True, text=True,
+                          env={**env, **tls_env, "PYTHONPATH": str(REPO_ROOT)}, cwd=REPO_ROOT, timeout=60)
+    return done.returncode
 
 
 @pytest.mark.parametrize("name", ["../x", "/etc/passwd", "a/../../b", "a\\b", "a\x00b", "..", "x/y"])
