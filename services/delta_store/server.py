@@ -81,14 +81,14 @@ class DeltaStoreServicer(delta_store_pb2_grpc.DeltaStoreServicer):
             files = [StoredFile(f.path, f.size, f.sha256.lower()) for f in header.files]
             session = PushSession(self.storage, header.name, files, self.max_artifact_bytes)
             log.info("push_started", num_files=len(files), num_bytes=sum(f.size for f in files), shared=owner.shared)
-            record = await self._receive_and_commit(session, requests, header.overwrite, principal, owner)
+            record = await self._receive_and_commit(session, requests, header.overwrite, principal, header.shared)
             await self._register(record)
             log.info("push_committed", num_bytes=session.num_bytes)
             metrics.STORE_BYTES.labels("push").inc(session.num_bytes)
             return delta_store_pb2.PushDeltaResponse(model=model_info(record), bytes_received=session.num_bytes)
 
     async def _receive_and_commit(self, session: PushSession, requests, overwrite: bool, principal: Principal,
-                                  owner: Ownership) -> ModelRecord:
+                                  shared: bool) -> ModelRecord:
         committed = False
         try:
             async for request in requests:
@@ -99,7 +99,7 @@ class DeltaStoreServicer(delta_store_pb2_grpc.DeltaStoreServicer):
             await in_thread(session.finish)
             read_summary(session.staging / MANIFEST)  # reject an unreadable manifest before it becomes visible
             # checked again right before the rename: another tenant may have taken the name meanwhile
-            owner = check_push(principal, session.name, self._owner(session.name), overwrite, owner.shared)
+            owner = check_push(principal, session.name, self._owner(session.name), overwrite, shared)
             await in_thread(self.storage.commit, session.staging, session.name, session.files, overwrite, owner)
             committed = True
         finally:

@@ -94,6 +94,9 @@ def test_every_grpc_hop_is_tls_and_the_public_api_checks_tokens():
             assert env["DELTAZIP_TLS_CERT"] == "/secrets/server.crt" and env["DELTAZIP_TLS_KEY"] == "/secrets/server.key"
     for name in ("scheduler", "delta_store"):
         assert services[name]["environment"]["DELTAZIP_AUTH_TOKENS"] == "/secrets/tokens.json", name
+    gateway = services["gateway"]  # tokens arrive in HTTP headers: HTTPS, probed over it with the CA
+    assert gateway["environment"]["DELTAZIP_HTTPS_CERT"] == "/secrets/server.crt"
+    assert "https://localhost:" in gateway["healthcheck"]["test"][3] and "/secrets/ca.crt" in gateway["healthcheck"]["test"][3]
     for name in ("worker", "worker-cpu"):
         env = services[name]["environment"]
         assert env["DELTAZIP_TLS_REQUIRE_CLIENT_CERT"] == "1" and env["DELTAZIP_STORE_TOKEN_FILE"] == "/secrets/worker.token"

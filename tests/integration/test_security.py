@@ -7,8 +7,10 @@ plaintext client or one trusting another CA cannot talk to a TLS server (UNAVAIL
 clients without a certificate; store paths cannot escape its root; no token ever appears in a service log.
 """
 
+import http.client
 import json
 import os
+import ssl
 import subprocess
 import sys
 import urllib.error
@@ -280,6 +282,22 @@ def test_gateway_forwards_the_http_bearer_token(stack):
     assert status == 404
     status, body = _http(stack, "GET", "/v1/models", stack.tokens["globex"])
     assert status == 200 and {m["id"] for m in body["data"]} == {"tiny-base", "globex-ft", "shared-ft"}
+
+
+def test_gateway_can_serve_https(stack):
+    certs = stack.certs
+    gateway = start_gateway(stack.scheduler.address, stack.root / "logs", "--tls-ca", str(certs.ca),
+                            "--https-cert", str(certs.server_cert), "--https-key", str(certs.server_key),
+                            https_ca=str(certs.ca))
+    try:
+        request = urllib.request.Request(f"https://localhost:{gateway.address.rsplit(':', 1)[1]}/v1/models",
+                                         headers={"Authorization": f"Bearer {stack.tokens['acme']}"})
+        with urllib.request.urlopen(request, timeout=60, context=ssl.create_default_context(cafile=str(certs.ca))) as reply:
+            assert {m["id"] for m in json.loads(reply.read())["data"]} == {"tiny-base", "acme-ft", "shared-ft"}
+        with pytest.raises((OSError, http.client.HTTPException)):  # plain HTTP to the HTTPS port gets no answer
+            urllib.request.urlopen(f"http://{gateway.address}/health", timeout=10)
+    finally:
+        stop(gateway)
 
 
 def test_no_token_appears_in_any_service_log(stack):
