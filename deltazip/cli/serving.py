@@ -137,11 +137,13 @@ def _models(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps([asdict(m) for m in models]))
             return
-        print(f"{'NAME':<40} {'KIND':<5} {'COMPRESSION':<16} {'RATIO':>6} {'BYTES':>14}")
+        print(f"{'NAME':<40} {'KIND':<5} {'COMPRESSION':<16} {'RATIO':>6} {'BYTES':>14}  OWNER")
         for m in models:
             kind = "base" if m.is_base else "delta"
             ratio = f"{m.compression_ratio:.2f}" if m.compression_ratio else "-"
-            print(f"{m.name:<40} {kind:<5} {m.compression or '-':<16} {ratio:>6} {m.artifact_bytes or '-':>14}")
+            owner = "shared" if m.is_base else f"{m.tenant or '-'}{' (shared)' if m.shared and m.tenant else ''}"
+            owner = "shared" if m.shared and not m.tenant else owner
+            print(f"{m.name:<40} {kind:<5} {m.compression or '-':<16} {ratio:>6} {m.artifact_bytes or '-':>14}  {owner}")
 
     return _run(body, "scheduler")
 

@@ -18,10 +18,11 @@ from deltazip.client.errors import (
 )
 from deltazip.client.sync_client import Client
 from deltazip.client.types import ArtifactFile, ChatMessage, Completion, ModelInfo, Token, Usage
+from deltazip.security.tls import TlsSettings
 
 __all__ = [
     "AlreadyExistsError", "ArtifactFile", "AsyncClient", "CancelledError", "ChatMessage", "Client", "Completion",
     "DeadlineExceededError", "DeltaZipError", "FailedPreconditionError", "InternalError", "InvalidArgumentError",
-    "ModelInfo", "NotFoundError", "OutOfRangeError", "PermissionDeniedError", "ResourceExhaustedError", "Token",
-    "UnauthenticatedError", "UnavailableError", "Usage",
+    "ModelInfo", "NotFoundError", "OutOfRangeError", "PermissionDeniedError", "ResourceExhaustedError", "TlsSettings",
+    "Token", "UnauthenticatedError", "UnavailableError", "Usage",
 ]

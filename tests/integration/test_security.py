@@ -261,6 +261,31 @@ def test_store_refuses_file_paths_that_escape_the_artifact(stack, path):
     assert not list(stack.root.glob("store/*escape*")) and not (stack.root / "up").exists()
 
 
+def test_cli_takes_a_token_file_and_the_ca(stack, tmp_path, monkeypatch, capsys):
+    from deltazip.cli import main
+
+    for var in ("DELTAZIP_TOKEN", "DELTAZIP_TOKEN_FILE", "DELTAZIP_TLS_CA", "DELTAZIP_TLS_CERT", "DELTAZIP_TLS_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    token_file = tmp_path / "acme.token"
+    token_file.write_text(stack.tokens["acme"] + "\n")
+    tls = ["--tls-ca", str(stack.certs.ca)]
+    assert main(["push", str(stack.delta), "--name", "acme-cli", "--store", stack.store.address, "--quiet",
+                 "--token-file", str(token_file), *tls]) == 0
+    assert main(["models", "--scheduler", stack.scheduler.address, "--token-file", str(token_file), *tls]) == 0
+    listing = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[-1] for line in listing.splitlines() if not line.startswith(("pushed", "NAME"))}
+    assert rows == {"tiny-base": "shared", "acme-cli": "acme", "acme-ft": "acme", "shared-ft": "(shared)"}
+    monkeypatch.setenv("DELTAZIP_TLS_CA", str(stack.certs.ca))  # the same through the environment
+    monkeypatch.setenv("DELTAZIP_TOKEN_FILE", str(token_file))
+    assert main(["delete", "acme-cli", "--store", stack.store.address]) == 0
+    assert capsys.readouterr().out == "deleted acme-cli\n"
+    assert main(["models", "--scheduler", stack.scheduler.address]) == 0
+    assert "acme-cli" not in capsys.readouterr().out
+    monkeypatch.delenv("DELTAZIP_TOKEN_FILE")
+    assert main(["models", "--scheduler", stack.scheduler.address]) == 1
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
+
+
 def _http(stack, method: str, path: str, token: str | None, body: dict | None = None) -> tuple[int, dict]:
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
     data = json.dumps(body).encode() if body is not None else None
