@@ -7,7 +7,8 @@ from deltazip.security.principal import ANONYMOUS, Principal, Scope
 from deltazip.security.tokens import TokenTable
 
 AUTHORIZATION = "authorization"
-_HOW = "send `authorization: Bearer <token>` metadata (SDK: token=..., CLI/env: DELTAZIP_TOKEN, HTTP: an Authorization header)"
+_HOW = ("send `authorization: Bearer <token>` metadata (SDK: token=...; CLI: --token-file, DELTAZIP_TOKEN_FILE or "
+        "DELTAZIP_TOKEN; HTTP: an Authorization header)")
 
 
 def bearer_metadata(token: str) -> tuple[tuple[str, str], ...]:
