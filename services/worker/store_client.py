@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import grpc
 
-from deltazip.rpc.auth import bearer_metadata
+from deltazip.client.credentials import call_metadata
 from deltazip.rpc.channels import sync_channel
 from deltazip.security.tls import PLAINTEXT, TlsSettings
 from deltazip.v1 import delta_store_pb2, delta_store_pb2_grpc
@@ -21,12 +21,19 @@ class GrpcStoreSource:
                  tls: TlsSettings = PLAINTEXT, token: str = "") -> None:
         self.address = address
         self._channel = sync_channel(address, tls)
-        self._metadata = bearer_metadata(token)
+        self._refusal = ""  # why calls must not go out: the token would cross the network in plaintext
+        self._metadata: tuple[tuple[str, str], ...] = ()
+        try:
+            self._metadata = call_metadata(address, tls, token)
+        except ValueError as exc:
+            self._refusal = f"{exc}; give the worker --tls-ca"
         self._stub = delta_store_pb2_grpc.DeltaStoreStub(self._channel)
         self._stat_timeout_s = stat_timeout_s
         self._idle_timeout_s = idle_timeout_s
 
     def stat(self, name: str) -> RemoteArtifact:
+        if self._refusal:
+            raise StoreUnavailableError(f"store {self.address}: {self._refusal}")
         try:
             resp = self._stub.StatDelta(delta_store_pb2.StatDeltaRequest(name=name), timeout=self._stat_timeout_s,
                                         metadata=self._metadata)
@@ -38,6 +45,8 @@ class GrpcStoreSource:
     def fetch(self, name: str, start_path: str, start_offset: int, chunk_bytes: int) -> Iterator[Chunk]:
         request = delta_store_pb2.FetchDeltaRequest(name=name, start_path=start_path, start_offset=start_offset,
                                                     chunk_bytes=min(chunk_bytes, 1 << 20))
+        if self._refusal:
+            raise StoreUnavailableError(f"store {self.address}: {self._refusal}")
         try:
             for msg in self._stub.FetchDelta(request, wait_for_ready=False, metadata=self._metadata):
                 yield Chunk(msg.path, msg.offset, msg.data, msg.last_in_file)
