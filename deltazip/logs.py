@@ -24,11 +24,16 @@ def configure_logging(level: str = "info", service: str = "") -> None:
     if service:
         processors.insert(1, _add_service(service))
     structlog.configure(
-        processors=[*processors, structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer()],
+        processors=[*processors, _TRACEBACKS, structlog.processors.JSONRenderer()],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+
+
+# Tracebacks as dicts, without the frames' local variables (structlog's default shows them): a local may
+# hold a bearer token or another secret.
+_TRACEBACKS = structlog.processors.ExceptionRenderer(structlog.tracebacks.ExceptionDictTransformer(show_locals=False))
 
 
 def _add_service(service: str):

@@ -17,6 +17,7 @@ import redis
 
 from deltazip.rpc.health import wait_for_serving
 from deltazip.rpc.ports import free_port
+from deltazip.security.tls import PLAINTEXT, TlsSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REDIS_SERVER = os.environ.get("DELTAZIP_REDIS_SERVER") or shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -74,8 +75,8 @@ def start_redis(tmp_dir: Path, port: int = 0, appendonly: bool = False) -> Proc:
 
 
 def start_service(name: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None,
-                  timeout_s: float = 20.0) -> Proc:
-    """`python -m services.<name> --port P *args`, waited on until grpc health says SERVING."""
+                  timeout_s: float = 20.0, tls: TlsSettings = PLAINTEXT) -> Proc:
+    """`python -m services.<name> --port P *args`, waited on until grpc health (over `tls`) says SERVING."""
     log_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log_path = log_dir / f"{name}-{port}.log"
@@ -88,7 +89,7 @@ def start_service(name: str, args: list[str], log_dir: Path, env: dict[str, str]
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            wait_for_serving(proc.address, min(1.0, max(deadline - time.monotonic(), 0.05)))
+            wait_for_serving(proc.address, min(1.0, max(deadline - time.monotonic(), 0.05)), tls=tls)
             return proc
         except TimeoutError as exc:
             exited = popen.poll() is not None  # a bad flag or a crash: report it now, not at the deadline
@@ -101,15 +102,16 @@ def start_service(name: str, args: list[str], log_dir: Path, env: dict[str, str]
 class Launcher:
     """Starts services for one test and stops all of them at the end."""
 
-    def __init__(self, redis_url: str, log_dir: Path):
+    def __init__(self, redis_url: str, log_dir: Path, tls: TlsSettings = PLAINTEXT):
         self.redis_url = redis_url
         self.log_dir = log_dir
+        self.tls = tls  # how health probes dial the services (set when they serve TLS)
         self.procs: list[Proc] = []
 
     def start(self, name: str, *args: str, env: dict[str, str] | None = None, timeout_s: float | None = None) -> Proc:
         """Start `services.<name>` connected to this launcher's Redis (workers get longer to load the base)."""
         timeout_s = timeout_s or (120.0 if name == "worker" else 30.0)
-        proc = start_service(name, ["--redis-url", self.redis_url, *args], self.log_dir, env, timeout_s)
+        proc = start_service(name, ["--redis-url", self.redis_url, *args], self.log_dir, env, timeout_s, self.tls)
         self.procs.append(proc)
         return proc
 

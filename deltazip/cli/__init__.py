@@ -5,7 +5,7 @@ import importlib
 import sys
 
 # Modules that define `register(subparsers)`; each subcommand sets `func(args) -> int`.
-_COMMAND_MODULES = ("deltazip.cli.serving", "deltazip.cli.compress")
+_COMMAND_MODULES = ("deltazip.cli.serving", "deltazip.cli.compress", "deltazip.cli.security")
 
 
 def build_parser() -> argparse.ArgumentParser:

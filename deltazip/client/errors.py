@@ -58,6 +58,14 @@ class InternalError(DeltaZipError):
     code = grpc.StatusCode.INTERNAL
 
 
+class UnauthenticatedError(DeltaZipError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDeniedError(DeltaZipError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 _BY_CODE = {cls.code: cls for cls in DeltaZipError.__subclasses__()}
 
 

@@ -37,9 +37,10 @@ def scan_artifact(folder: str | Path) -> list[LocalFile]:
 
 
 def push_requests(name: str, files: list[LocalFile], overwrite: bool = False,
-                  on_bytes: Callable[[int], None] | None = None) -> Iterator[delta_store_pb2.PushDeltaRequest]:
+                  on_bytes: Callable[[int], None] | None = None,
+                  shared: bool = False) -> Iterator[delta_store_pb2.PushDeltaRequest]:
     """The PushDelta request stream: header, then each file's chunks in order."""
-    header = delta_store_pb2.PushHeader(name=name, overwrite=overwrite)
+    header = delta_store_pb2.PushHeader(name=name, overwrite=overwrite, shared=shared)
     for f in files:
         header.files.add(path=f.path, size=f.size, sha256=f.sha256)
     yield delta_store_pb2.PushDeltaRequest(header=header)

@@ -56,6 +56,7 @@ class ModelInfo:
     compression: str = ""
     created_unix_ms: int = 0
     tenant: str = ""
+    shared: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +101,7 @@ def token_from_proto(chunk: common_pb2.GenerateChunk) -> Token:
 
 def model_from_proto(info: common_pb2.ModelInfo) -> ModelInfo:
     return ModelInfo(info.name, info.is_base, info.base, info.base_identity, info.artifact_bytes, info.compression_ratio,
-                     info.compression, info.created_unix_ms, info.tenant)
+                     info.compression, info.created_unix_ms, info.tenant, info.shared)
 
 
 def file_from_proto(entry: delta_store_pb2.FileEntry) -> ArtifactFile:

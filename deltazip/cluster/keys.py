@@ -7,7 +7,8 @@ dz:models                         set     delta_store          scheduler, worker
     names of registered fine-tunes (index of dz:model:*).
 dz:model:<name>                   hash    delta_store          scheduler, worker    none
     ModelRecord: name, base, base_identity, artifact_bytes, compression_ratio, compression,
-    created_unix_ms, store_id, tenant.
+    created_unix_ms, store_id, tenant (owner), shared (1 = visible to every tenant). Ownership is also
+    kept in the store's file index on disk, so a registry rebuilt after Redis loss keeps it.
 dz:stores                         set     delta_store          worker, scheduler    none (stale ids pruned by readers)
     ids of delta-store replicas (index of dz:store:*).
 dz:store:<id>                     hash    delta_store          worker, scheduler    heartbeat TTL

@@ -7,6 +7,7 @@ import redis.asyncio as aioredis
 from deltazip.cluster import keys
 from deltazip.cluster.connection import now_ms
 from deltazip.cluster.records import from_hash, to_hash
+from deltazip.security.principal import Ownership
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,8 +22,11 @@ class ModelRecord:
     compression: str = ""
     created_unix_ms: int = 0
     store_id: str = ""
-    tenant: str = ""
+    tenant: str = ""  # owner ('' = pushed with auth off, or before tenants existed)
+    shared: bool = False  # visible to every tenant (still changed only by its owner or an admin)
 
+    def ownership(self) -> Ownership:
+        return Ownership(self.tenant, self.shared)
 
 
 @dataclass(frozen=True, slots=True)

@@ -57,6 +57,14 @@ class DeadlineExceeded(ServiceError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class Unauthenticated(ServiceError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(ServiceError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 def from_rpc_error(exc: grpc.RpcError, prefix: str = "") -> ServiceError:
     """Re-raise a downstream call's status unchanged (code and message), e.g. a worker's INVALID_ARGUMENT."""
     code = exc.code() if callable(getattr(exc, "code", None)) else grpc.StatusCode.UNKNOWN

@@ -4,6 +4,8 @@ import argparse
 import os
 import socket
 
+from deltazip.security.tls import TlsSettings
+
 
 def env_default(name: str, default: str) -> str:
     """The value of env var `name`, or `default`."""
@@ -45,3 +47,43 @@ def validate_common(host: str, port: int, redis_url: str, log_level: str, grace_
         raise ValueError(f"--log-level {log_level!r}: use debug, info, warning, error or critical")
     if grace_s < 0:
         raise ValueError(f"--grace-s {grace_s} must be >= 0")
+
+
+def add_tls_flags(parser: argparse.ArgumentParser, server: bool = True) -> None:
+    """--tls-cert --tls-key --tls-ca --tls-server-name, and for gRPC servers --tls-require-client-cert."""
+    cert_help = ("PEM certificate served (and presented as client certificate); '' = plaintext" if server
+                 else "PEM client certificate presented for mutual TLS")
+    parser.add_argument("--tls-cert", default=env_default("DELTAZIP_TLS_CERT", ""), help=f"{cert_help} (DELTAZIP_TLS_CERT)")
+    parser.add_argument("--tls-key", default=env_default("DELTAZIP_TLS_KEY", ""),
+                        help="PEM private key of --tls-cert (DELTAZIP_TLS_KEY)")
+    parser.add_argument("--tls-ca", default=env_default("DELTAZIP_TLS_CA", ""),
+                        help="PEM CA that signs the other services' certificates; set = dial them over TLS (DELTAZIP_TLS_CA)")
+    parser.add_argument("--tls-server-name", default=env_default("DELTAZIP_TLS_SERVER_NAME", ""),
+                        help="name checked in dialled servers' certificates; '' = the dialled host (DELTAZIP_TLS_SERVER_NAME)")
+    if not server:
+        return
+    parser.add_argument("--tls-require-client-cert", type=int,
+                        default=int(env_default("DELTAZIP_TLS_REQUIRE_CLIENT_CERT", "0")),
+                        help="1 = mutual TLS: refuse clients without a certificate signed by --tls-ca "
+                             "(DELTAZIP_TLS_REQUIRE_CLIENT_CERT)")
+
+
+def add_auth_flag(parser: argparse.ArgumentParser) -> None:
+    """--auth-tokens: the tokens file; '' = auth off (loopback dev only)."""
+    parser.add_argument("--auth-tokens", default=env_default("DELTAZIP_AUTH_TOKENS", ""),
+                        help="tokens file (token sha256 → tenant, scopes); '' = no auth, for loopback dev only "
+                             "(DELTAZIP_AUTH_TOKENS)")
+
+
+def tls_settings(config) -> TlsSettings:
+    """The TlsSettings of a service config with tls_* fields (validates the files)."""
+    require = getattr(config, "tls_require_client_cert", 0)
+    if require not in (0, 1):
+        raise ValueError(f"--tls-require-client-cert must be 0 or 1, got {require}")
+    return TlsSettings(config.tls_ca, config.tls_cert, config.tls_key, config.tls_server_name, bool(require))
+
+
+def tls_kwargs(args: argparse.Namespace) -> dict:
+    """The tls_* and auth_tokens config fields from parsed flags (those the parser has)."""
+    names = ("tls_cert", "tls_key", "tls_ca", "tls_server_name", "tls_require_client_cert", "auth_tokens")
+    return {name: getattr(args, name) for name in names if hasattr(args, name)}

@@ -11,6 +11,7 @@ from grpc_reflection.v1alpha import reflection
 
 from deltazip.logs import get_logger
 from deltazip.rpc.options import MAX_MESSAGE_BYTES, server_options
+from deltazip.security.tls import PLAINTEXT, TlsSettings, is_loopback, server_credentials
 
 log = get_logger("deltazip.rpc")
 
@@ -32,8 +33,10 @@ def service_name(grpc_module, service: str) -> str:
 class RpcServer:
     """A started grpc.aio server with its health servicer; stop it with `stop` or a signal."""
 
-    def __init__(self, bind: str, registrations: list[Registration], max_message_bytes: int = MAX_MESSAGE_BYTES):
+    def __init__(self, bind: str, registrations: list[Registration], max_message_bytes: int = MAX_MESSAGE_BYTES,
+                 tls: TlsSettings = PLAINTEXT):
         self.bind = bind
+        self.tls = tls
         self.registrations = registrations
         self.server = grpc.aio.server(options=server_options(max_message_bytes))
         self.health = health.aio.HealthServicer()
@@ -50,7 +53,10 @@ class RpcServer:
             [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], self.server
         )
         try:
-            self.port = self.server.add_insecure_port(self.bind)
+            if self.tls.serves_tls:
+                self.port = self.server.add_secure_port(self.bind, server_credentials(self.tls))
+            else:
+                self.port = self.server.add_insecure_port(self.bind)
         except RuntimeError as exc:
             raise OSError(f"cannot bind {self.bind}: {exc}; pick a free port with --port") from exc
         if self.port == 0:
@@ -58,7 +64,12 @@ class RpcServer:
         await self.server.start()
         for name in ["", *names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("server_started", bind=self.bind, port=self.port, services=names)
+        log.info("server_started", bind=self.bind, port=self.port, services=names, tls=self.tls.serves_tls,
+                 mtls=self.tls.require_client_cert)
+        if not self.tls.serves_tls and not is_loopback(self.bind):
+            log.warning("plaintext_listener", bind=self.bind,
+                        hint="traffic (tokens, weights) can be read on the network; pass --tls-cert/--tls-key, "
+                             "see docs/operations.md#security")
         return self.port
 
     async def stop(self, grace_s: float) -> None:

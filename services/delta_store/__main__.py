@@ -12,9 +12,12 @@ from deltazip.cluster.heartbeat import heartbeat_loop
 from deltazip.cluster.models import ModelRegistry
 from deltazip.cluster.stores import StoreRecord, StoreRegistry
 from deltazip.logs import configure_logging, get_logger
-from deltazip.rpc.flags import advertise_address
+from deltazip.rpc.auth import Authenticator
+from deltazip.rpc.flags import advertise_address, tls_settings
 from deltazip.metrics import start_metrics_server
 from deltazip.rpc.server import Registration, RpcServer, service_name
+from deltazip.security.tls import is_loopback
+from deltazip.security.tokens import TokenTable
 from deltazip.v1 import delta_store_pb2, delta_store_pb2_grpc
 from services.delta_store.config import StoreConfig, parse_config
 from services.delta_store.server import DeltaStoreServicer, sync_registry
@@ -29,12 +32,17 @@ async def serve(config: StoreConfig) -> None:
     storage = DeltaStorage(Path(config.root))
     num_stale = storage.remove_stale(config.stale_staging_s)
     registry = ModelRegistry(redis)
-    servicer = DeltaStoreServicer(storage, registry, config.store_id, config.max_artifact_bytes)
+    auth = Authenticator(TokenTable(config.auth_tokens) if config.auth_tokens else None)
+    servicer = DeltaStoreServicer(storage, registry, config.store_id, config.max_artifact_bytes, auth)
     server = RpcServer(
         f"{config.host}:{config.port}",
         [Registration(service_name(delta_store_pb2, "DeltaStore"), delta_store_pb2_grpc.add_DeltaStoreServicer_to_server, servicer)],
+        tls=tls_settings(config),
     )
     port = await server.start()
+    if not auth.enabled and not is_loopback(config.host):
+        log.warning("auth_disabled", hint="any caller may read and change every model; pass --auth-tokens, "
+                                          "see docs/operations.md#security")
     start_metrics_server(config.metrics_port, config.host)
     address = advertise_address(config.host, port, config.advertise)
     try:
@@ -43,7 +51,8 @@ async def serve(config: StoreConfig) -> None:
         num_synced = 0
         log.warning("registry_sync_failed", error=str(exc))
     log.info("store_ready", address=address, root=str(storage.root), store_id=config.store_id,
-             num_models=len(storage.names()), num_synced=num_synced, num_stale_removed=num_stale)
+             num_models=len(storage.names()), num_synced=num_synced, num_stale_removed=num_stale,
+             auth=auth.enabled)
 
     stores = StoreRegistry(redis, ttl_s=config.heartbeat_ttl_s)
     record = StoreRecord(config.store_id, address, root=str(storage.root), started_ms=int(time.time() * 1000))

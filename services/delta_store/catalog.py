@@ -9,6 +9,7 @@ def describe(storage: DeltaStorage, name: str, store_id: str, files: list[Stored
     """The registry record of a committed model (NOT_FOUND if it is not on disk)."""
     files = storage.files(name) if files is None else files
     summary = read_summary(storage.model_dir(name) / MANIFEST)
+    owner = storage.ownership(name)
     return ModelRecord(
         name=name,
         base_identity=summary.base_identity,
@@ -18,4 +19,6 @@ def describe(storage: DeltaStorage, name: str, store_id: str, files: list[Stored
         compression=summary.compression,
         created_unix_ms=storage.pushed_unix_ms(name),
         store_id=store_id,
+        tenant=owner.tenant,
+        shared=owner.shared,
     )

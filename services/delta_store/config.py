@@ -6,7 +6,9 @@ import uuid
 from dataclasses import dataclass
 
 from deltazip.metrics import add_metrics_flag, validate_metrics_port
-from deltazip.rpc.flags import add_common_flags, env_default, validate_common
+from deltazip.rpc.flags import (add_auth_flag, add_common_flags, add_tls_flags, env_default, tls_kwargs, tls_settings,
+                                validate_common)
+from deltazip.security.tokens import validate_tokens_file
 
 GiB = 1024**3
 
@@ -26,9 +28,17 @@ class StoreConfig:
     max_artifact_bytes: int = 256 * GiB
     stale_staging_s: float = 3600.0
     metrics_port: int = 0  # Prometheus /metrics, 0 = off
+    tls_cert: str = ""  # PEM certificate served; '' = plaintext
+    tls_key: str = ""
+    tls_ca: str = ""  # CA of the other services' certificates; set = dial them over TLS
+    tls_server_name: str = ""  # name checked in dialled servers' certificates
+    tls_require_client_cert: int = 0  # 1 = mutual TLS
+    auth_tokens: str = ""  # tokens file; '' = no auth (loopback dev only)
 
     def __post_init__(self) -> None:
         validate_common(self.host, self.port, self.redis_url, self.log_level, self.grace_s)
+        tls_settings(self)
+        validate_tokens_file(self.auth_tokens)
         if not self.root:
             raise ValueError("--root is required: the directory that holds the artifacts (DELTAZIP_STORE_ROOT)")
         if not self.store_id:
@@ -52,11 +62,13 @@ def parse_config(argv: list[str] | None = None) -> StoreConfig:
     parser.add_argument("--max-artifact-bytes", type=int,
                         default=int(env_default("DELTAZIP_MAX_ARTIFACT_BYTES", str(256 * GiB))))
     add_metrics_flag(parser)
+    add_tls_flags(parser)
+    add_auth_flag(parser)
     args = parser.parse_args(argv)
     store_id = args.store_id or f"store-{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     return StoreConfig(
         root=args.root, host=args.host, port=args.port, advertise=args.advertise, redis_url=args.redis_url,
         log_level=args.log_level, grace_s=args.grace_s, store_id=store_id, heartbeat_s=args.heartbeat_s,
         heartbeat_ttl_s=args.heartbeat_ttl_s, max_artifact_bytes=args.max_artifact_bytes,
-        metrics_port=args.metrics_port,
+        metrics_port=args.metrics_port, **tls_kwargs(args),
     )

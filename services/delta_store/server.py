@@ -8,10 +8,13 @@ from redis.exceptions import RedisError
 from deltazip.cluster.models import ModelRecord, ModelRegistry
 from deltazip import metrics
 from deltazip.logs import bind_request, get_logger, new_request_id
-from deltazip.rpc.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable, rpc_method
+from deltazip.rpc.auth import Authenticator
+from deltazip.rpc.errors import InvalidArgument, NotFound, Unavailable, rpc_method
 from deltazip.rpc.options import CHUNK_BYTES
 from deltazip.v1 import common_pb2, delta_store_pb2, delta_store_pb2_grpc
+from deltazip.security.principal import Ownership, Principal, Scope, can_see
 from services.delta_store import fetch
+from services.delta_store.access import check_delete, check_push, check_visible, not_in_store
 from services.delta_store.catalog import describe
 from services.delta_store.manifest import read_summary
 from services.delta_store.push import PushSession
@@ -26,6 +29,7 @@ def model_info(record: ModelRecord) -> common_pb2.ModelInfo:
         name=record.name, is_base=False, base=record.base, base_identity=record.base_identity,
         artifact_bytes=record.artifact_bytes, compression_ratio=record.compression_ratio,
         compression=record.compression, created_unix_ms=record.created_unix_ms, tenant=record.tenant,
+        shared=record.shared,
     )
 
 
@@ -40,14 +44,30 @@ async def in_thread(fn: Callable, *args):
 
 
 class DeltaStoreServicer(delta_store_pb2_grpc.DeltaStoreServicer):
-    def __init__(self, storage: DeltaStorage, registry: ModelRegistry, store_id: str, max_artifact_bytes: int):
+    def __init__(self, storage: DeltaStorage, registry: ModelRegistry, store_id: str, max_artifact_bytes: int,
+                 auth: Authenticator | None = None):
         self.storage = storage
         self.registry = registry
         self.store_id = store_id
         self.max_artifact_bytes = max_artifact_bytes
+        self.auth = auth or Authenticator(None)
+
+    def _owner(self, name: str) -> Ownership | None:
+        """Who owns a stored model, None if it is not stored."""
+        try:
+            return self.storage.ownership(name)
+        except NotFound:
+            return None
+
+    def _visible(self, principal: Principal, name: str) -> None:
+        owner = self._owner(name)
+        if owner is None:
+            raise not_in_store(name)
+        check_visible(principal, name, owner)
 
     @rpc_method
     async def PushDelta(self, request_iterator, context):
+        principal = self.auth.require(context, Scope.WRITE, "pushing a model")
         requests = request_iterator.__aiter__()
         try:
             first = await requests.__anext__()
@@ -56,21 +76,19 @@ class DeltaStoreServicer(delta_store_pb2_grpc.DeltaStoreServicer):
         if first.WhichOneof("msg") != "header":
             raise InvalidArgument("the first message of a push must be the header listing the files")
         header = first.header
-        with bind_request(new_request_id(), model=header.name):
-            if self.storage.model_dir(header.name).exists() and not header.overwrite:
-                raise AlreadyExists(
-                    f"model {header.name!r} already exists; delete it with `deltazip delete {header.name}` or push with --overwrite"
-                )
+        with bind_request(new_request_id(), model=header.name, tenant=principal.tenant):
+            owner = check_push(principal, header.name, self._owner(header.name), header.overwrite, header.shared)
             files = [StoredFile(f.path, f.size, f.sha256.lower()) for f in header.files]
             session = PushSession(self.storage, header.name, files, self.max_artifact_bytes)
-            log.info("push_started", num_files=len(files), num_bytes=sum(f.size for f in files))
-            record = await self._receive_and_commit(session, requests, header.overwrite)
+            log.info("push_started", num_files=len(files), num_bytes=sum(f.size for f in files), shared=owner.shared)
+            record = await self._receive_and_commit(session, requests, header.overwrite, principal, header.shared)
             await self._register(record)
             log.info("push_committed", num_bytes=session.num_bytes)
             metrics.STORE_BYTES.labels("push").inc(session.num_bytes)
             return delta_store_pb2.PushDeltaResponse(model=model_info(record), bytes_received=session.num_bytes)
 
-    async def _receive_and_commit(self, session: PushSession, requests, overwrite: bool) -> ModelRecord:
+    async def _receive_and_commit(self, session: PushSession, requests, overwrite: bool, principal: Principal,
+                                  shared: bool) -> ModelRecord:
         committed = False
         try:
             async for request in requests:
@@ -80,7 +98,9 @@ class DeltaStoreServicer(delta_store_pb2_grpc.DeltaStoreServicer):
                 await in_thread(session.write, chunk.path, chunk.offset, chunk.data)
             await in_thread(session.finish)
             read_summary(session.staging / MANIFEST)  # reject an unreadable manifest before it becomes visible
-            await in_thread(self.storage.commit, session.staging, session.name, session.files, overwrite)
+            # checked again right before the rename: another tenant may have taken the name meanwhile
+            owner = check_push(principal, session.name, self._owner(session.name), overwrite, shared)
+            await in_thread(self.storage.commit, session.staging, session.name, session.files, overwrite, owner)
             committed = True
         finally:
             if not committed:
@@ -97,6 +117,7 @@ class DeltaStoreServicer(delta_store_pb2_grpc.DeltaStoreServicer):
 
     @rpc_method
     async def FetchDelta(self, request, context):
+        self._visible(self.auth.require(context, Scope.READ, "fetching a model"), request.name)
         files = self.storage.files(request.name)
         planned = fetch.plan(files, request.start_path, request.start_offset)
         chunk_bytes = min(request.chunk_bytes or CHUNK_BYTES, CHUNK_BYTES)
@@ -114,6 +135,7 @@ class DeltaStoreServicer(delta_store_pb2_grpc.DeltaStoreServicer):
 
     @rpc_method
     async def StatDelta(self, request, context):
+        self._visible(self.auth.require(context, Scope.READ, "reading a model's files"), request.name)
         files = self.storage.files(request.name)
         record = describe(self.storage, request.name, self.store_id, files)
         return delta_store_pb2.StatDeltaResponse(
@@ -122,23 +144,34 @@ class DeltaStoreServicer(delta_store_pb2_grpc.DeltaStoreServicer):
 
     @rpc_method
     async def ListDeltas(self, request, context):
+        principal = self.auth.require(context, Scope.READ, "listing models")
         models = []
         for name in self.storage.names():
             try:
-                models.append(model_info(describe(self.storage, name, self.store_id)))
+                record = describe(self.storage, name, self.store_id)
             except (NotFound, FileNotFoundError):  # deleted by another replica meanwhile
                 continue
+            if can_see(principal, record.ownership()):
+                models.append(model_info(record))
         return delta_store_pb2.ListDeltasResponse(models=models)
 
     @rpc_method
     async def DeleteDelta(self, request, context):
+        principal = self.auth.require(context, Scope.WRITE, "deleting a model")
+        owner = self._owner(request.name)
+        if owner is None:  # only in Redis (e.g. another replica's disk): the registry says who owns it
+            record = await self.registry.get(request.name)
+            owner = record.ownership() if record is not None else None
+        if owner is None:
+            raise not_in_store(request.name)
+        check_delete(principal, request.name, owner)
         on_disk = await in_thread(self.storage.delete, request.name)
         try:
             registered = await self.registry.unregister(request.name)
         except RedisError as exc:
             raise Unavailable(f"deleted from disk but the store cannot reach Redis ({exc}); retry the delete") from exc
         if not (on_disk or registered):
-            raise NotFound(f"model {request.name!r} is not in the store; list models with `deltazip models`")
+            raise not_in_store(request.name)
         log.info("delta_deleted", model=request.name)
         return delta_store_pb2.DeleteDeltaResponse(deleted=True)
 

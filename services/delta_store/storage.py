@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
 from deltazip.rpc.errors import AlreadyExists, InvalidArgument, NotFound
+from deltazip.security.principal import Ownership
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _PATH_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
@@ -103,11 +104,13 @@ class DeltaStorage:
         path.mkdir()
         return path
 
-    def commit(self, staging: Path, name: str, files: list[StoredFile], overwrite: bool) -> None:
-        """Write the file index, fsync, and rename the staging dir to `<root>/<name>`."""
+    def commit(self, staging: Path, name: str, files: list[StoredFile], overwrite: bool,
+               owner: Ownership = Ownership()) -> None:
+        """Write the file index (with the owner), fsync, and rename the staging dir to `<root>/<name>`."""
         index = staging / FILES_INDEX
         with open(index, "w") as f:
-            json.dump({"name": name, "pushed_unix_ms": int(time.time() * 1000), "files": [asdict(x) for x in files]}, f)
+            json.dump({"name": name, "pushed_unix_ms": int(time.time() * 1000), "tenant": owner.tenant,
+                       "shared": owner.shared, "files": [asdict(x) for x in files]}, f)
             f.flush()
             os.fsync(f.fileno())
         fsync_dir(staging)
@@ -141,7 +144,20 @@ class DeltaStorage:
 
     def pushed_unix_ms(self, name: str) -> int:
         """When the model was committed."""
-        return int(json.loads((self.model_dir(name) / FILES_INDEX).read_text()).get("pushed_unix_ms", 0))
+        return int(self._index(name).get("pushed_unix_ms", 0))
+
+    def ownership(self, name: str) -> Ownership:
+        """Who owns a stored model (NOT_FOUND if it is not stored). Indexes older than tenants are shared."""
+        index = self._index(name)
+        if "tenant" not in index:
+            return Ownership("", True)
+        return Ownership(str(index["tenant"]), bool(index.get("shared", False)))
+
+    def _index(self, name: str) -> dict:
+        try:
+            return json.loads((self.model_dir(name) / FILES_INDEX).read_text())
+        except FileNotFoundError:
+            raise NotFound(f"model {name!r} is not in the store; list models with `deltazip models`") from None
 
     def names(self) -> list[str]:
         """Committed models, sorted."""

@@ -15,6 +15,8 @@ _HTTP_STATUS = {
     grpc.StatusCode.CANCELLED: (499, "cancelled"),
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
     grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
 }
 
 
@@ -38,7 +40,8 @@ def request_error_response(exc: RequestError) -> web.Response:
 def status_for(exc: DeltaZipError) -> tuple[int, dict]:
     """HTTP status and error body for a failed gRPC call."""
     status, error_type = _HTTP_STATUS.get(exc.code, (500, "server_error"))
-    code = "model_not_found" if exc.code == grpc.StatusCode.NOT_FOUND else exc.code.name.lower()
+    code = {grpc.StatusCode.NOT_FOUND: "model_not_found", grpc.StatusCode.UNAUTHENTICATED: "invalid_api_key"}.get(
+        exc.code, exc.code.name.lower())
     return status, error_body(exc.message, error_type, None, code)
 
 

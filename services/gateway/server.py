@@ -11,6 +11,7 @@ from deltazip.client import AsyncClient
 from deltazip.client.errors import DeltaZipError
 from deltazip.client.types import CompletionBuilder
 from deltazip.logs import bind_request, get_logger, new_request_id
+from deltazip.rpc.flags import tls_settings
 from services.gateway.config import GatewayConfig
 from services.gateway.errors import RequestError, error_body, request_error_response, rpc_error_response, status_for
 from services.gateway.openai_format import (GenerationRequest, completion_object, model_object, parse_chat,
@@ -25,7 +26,8 @@ def build_app(config: GatewayConfig) -> web.Application:
     """The HTTP app; the scheduler channel opens lazily and closes on shutdown."""
     app = web.Application(middlewares=[count_requests])
     app[CONFIG_KEY] = config
-    app[CLIENT_KEY] = AsyncClient(config.scheduler, timeout_s=config.request_timeout_s)
+    # token="": each call carries its HTTP request's own token, never one from this process's environment
+    app[CLIENT_KEY] = AsyncClient(config.scheduler, timeout_s=config.request_timeout_s, token="", tls=tls_settings(config))
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{name}", get_model)
     app.router.add_post("/v1/completions", completions)
@@ -54,6 +56,12 @@ async def count_requests(request: web.Request, handler):
     return response
 
 
+def bearer_token(request: web.Request) -> str:
+    """The token of `Authorization: Bearer <token>` ('' without one), forwarded to the scheduler as is."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
 async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -64,7 +72,7 @@ async def metrics_page(request: web.Request) -> web.Response:
 
 async def list_models(request: web.Request) -> web.Response:
     try:
-        infos = await request.app[CLIENT_KEY].models()
+        infos = await request.app[CLIENT_KEY].models(token=bearer_token(request))
     except DeltaZipError as exc:
         return rpc_error_response(exc)
     return web.json_response({"object": "list", "data": [model_object(i) for i in infos]})
@@ -72,7 +80,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def get_model(request: web.Request) -> web.Response:
     try:
-        info = await request.app[CLIENT_KEY].get_model(request.match_info["name"])
+        info = await request.app[CLIENT_KEY].get_model(request.match_info["name"], token=bearer_token(request))
     except DeltaZipError as exc:
         return rpc_error_response(exc)
     return web.json_response(model_object(info))
@@ -101,7 +109,7 @@ async def _generate(request: web.Request, parse, id_prefix: str) -> web.StreamRe
     with bind_request(request_id, model=req.model):
         log.info("http_request", path=request.path, stream=req.stream)
         tokens = request.app[CLIENT_KEY].stream(req.model, req.prompt, messages=req.messages, request_id=request_id,
-                                                **req.sampling)
+                                                token=bearer_token(request), **req.sampling)
         async with aclosing(tokens):  # leaving early (client gone) cancels the gRPC stream
             return await _respond(request, req, tokens, f"{id_prefix}-{request_id}", request_id)
 

@@ -8,8 +8,11 @@ from deltazip.cluster.workers import Tier
 from deltazip.metrics import start_metrics_server
 from deltazip.logs import configure_logging, get_logger
 from deltazip.rpc.channels import ChannelPool
-from deltazip.rpc.flags import advertise_address
+from deltazip.rpc.auth import Authenticator
+from deltazip.rpc.flags import advertise_address, tls_settings
 from deltazip.rpc.server import Registration, RpcServer, service_name
+from deltazip.security.tls import is_loopback
+from deltazip.security.tokens import TokenTable
 from deltazip.v1 import scheduler_pb2, scheduler_pb2_grpc
 from services.scheduler.burst import BurstPolicy, BurstPrefetcher
 from services.scheduler.cluster_view import ClusterView
@@ -22,16 +25,23 @@ log = get_logger("scheduler")
 async def serve(config: SchedulerConfig) -> None:
     """Run the scheduler until SIGTERM/SIGINT."""
     redis = connect(config.redis_url)
-    channels = ChannelPool()
-    servicer = SchedulerServicer(ClusterView(redis, config.base_name, config.rate_tau_s, config.lease_s), channels, config)
+    tls = tls_settings(config)
+    channels = ChannelPool(tls)
+    auth = Authenticator(TokenTable(config.auth_tokens) if config.auth_tokens else None)
+    view = ClusterView(redis, config.base_name, config.rate_tau_s, config.lease_s)
+    servicer = SchedulerServicer(view, channels, config, auth)
     server = RpcServer(
         f"{config.host}:{config.port}",
         [Registration(service_name(scheduler_pb2, "Scheduler"), scheduler_pb2_grpc.add_SchedulerServicer_to_server, servicer)],
+        tls=tls,
     )
     port = await server.start()
+    if not auth.enabled and not is_loopback(config.host):
+        log.warning("auth_disabled", hint="any caller may read and change every model; pass --auth-tokens, "
+                                          "see docs/operations.md#security")
     start_metrics_server(config.metrics_port, config.host)
     log.info("scheduler_ready", address=advertise_address(config.host, port, config.advertise),
-             scheduler_id=config.scheduler_id)
+             scheduler_id=config.scheduler_id, auth=auth.enabled, tls=tls.serves_tls)
     stop = asyncio.Event()
     detector = None
     if config.prefetch_interval_s > 0:

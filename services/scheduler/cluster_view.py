@@ -53,7 +53,12 @@ class ClusterView:
             return ResolvedModel(name, False, record, record.base_identity)
         if base is not None and base.name == name:
             return base
-        raise NotFound(
+        raise self.not_found(name)
+
+    @staticmethod
+    def not_found(name: str) -> NotFound:
+        """The one NOT_FOUND for missing models and other tenants' models alike."""
+        return NotFound(
             f"model {name!r} is not registered; push it with `deltazip push` or list models with `deltazip models`"
         )
 

@@ -6,7 +6,9 @@ import socket
 from dataclasses import dataclass
 
 from deltazip.metrics import add_metrics_flag, validate_metrics_port
-from deltazip.rpc.flags import add_common_flags, env_default, validate_common
+from deltazip.rpc.flags import (add_auth_flag, add_common_flags, add_tls_flags, env_default, tls_kwargs, tls_settings,
+                                validate_common)
+from deltazip.security.tokens import validate_tokens_file
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,9 +38,17 @@ class SchedulerConfig:
     prefetch_window_s: float = 5.0  # one prefetch decision per model per window, over all schedulers
     prefetch_tier: str = "device"  # where burst prefetch puts a delta: device | host
     metrics_port: int = 0  # Prometheus /metrics, 0 = off
+    tls_cert: str = ""  # PEM certificate served; '' = plaintext
+    tls_key: str = ""
+    tls_ca: str = ""  # CA of the other services' certificates; set = dial them over TLS
+    tls_server_name: str = ""  # name checked in dialled servers' certificates
+    tls_require_client_cert: int = 0  # 1 = mutual TLS
+    auth_tokens: str = ""  # tokens file; '' = no auth (loopback dev only)
 
     def __post_init__(self) -> None:
         validate_common(self.host, self.port, self.redis_url, self.log_level, self.grace_s)
+        tls_settings(self)
+        validate_tokens_file(self.auth_tokens)
         if self.max_attempts < 1:
             raise ValueError(f"--max-attempts {self.max_attempts} must be >= 1")
         if self.max_tokens_limit < 1:
@@ -78,6 +88,8 @@ def parse_config(argv: list[str] | None = None) -> SchedulerConfig:
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=kind(env_default(env, str(default))),
                             help=f"{doc} ({env})")
     add_metrics_flag(parser)
+    add_tls_flags(parser)
+    add_auth_flag(parser)
     args = parser.parse_args(argv)
     return SchedulerConfig(
         host=args.host, port=args.port, advertise=args.advertise, redis_url=args.redis_url, log_level=args.log_level,
@@ -86,7 +98,7 @@ def parse_config(argv: list[str] | None = None) -> SchedulerConfig:
         prefetch_timeout_s=args.prefetch_timeout_s, rate_tau_s=args.rate_tau_s,
         scheduler_id=args.scheduler_id or f"{socket.gethostname()}-{os.getpid()}", prefetch_tier=args.prefetch_tier,
         **{name: getattr(args, name) for name, *_ in _TUNING},
-        metrics_port=args.metrics_port,
+        metrics_port=args.metrics_port, **tls_kwargs(args),
     )
 
 

@@ -6,8 +6,10 @@ from deltazip.cluster.models import ModelRecord
 from deltazip.cluster.requests import RequestState
 from deltazip import metrics
 from deltazip.logs import bind_request, get_logger
+from deltazip.rpc.auth import Authenticator
 from deltazip.rpc.channels import ChannelPool
 from deltazip.rpc.errors import InvalidArgument, ServiceError, rpc_method
+from deltazip.security.principal import Principal, Scope, can_see
 from deltazip.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from services.scheduler.cluster_view import ClusterView, ResolvedModel
 from services.scheduler.config import SchedulerConfig
@@ -26,24 +28,34 @@ def model_info(model: ResolvedModel, base_name: str) -> common_pb2.ModelInfo:
     return common_pb2.ModelInfo(
         name=r.name, is_base=False, base=r.base or base_name, base_identity=r.base_identity,
         artifact_bytes=r.artifact_bytes, compression_ratio=r.compression_ratio, compression=r.compression,
-        created_unix_ms=r.created_unix_ms, tenant=r.tenant,
+        created_unix_ms=r.created_unix_ms, tenant=r.tenant, shared=r.shared,
     )
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
-    def __init__(self, view: ClusterView, channels: ChannelPool, config: SchedulerConfig):
+    def __init__(self, view: ClusterView, channels: ChannelPool, config: SchedulerConfig,
+                 auth: Authenticator | None = None):
         self.view = view
+        self.auth = auth or Authenticator(None)
         self.channels = channels
         self.config = config
         limits = QueueLimits(config.max_queue_per_worker, config.max_queued_tokens_per_worker, config.retry_after_s,
                              config.lease_s, config.worker_check_s)
         self.relay = Relay(view, channels, config.max_attempts, config.affinity_slack, limits)
 
+    async def _resolve_visible(self, principal: Principal, name: str) -> ResolvedModel:
+        """The model if `principal` may see it; another tenant's model is NOT_FOUND like a missing one."""
+        record = await self.view.models.get(name)  # checked first: no other status may hint that the name exists
+        if record is not None and not can_see(principal, record.ownership()):
+            raise self.view.not_found(name)
+        return await self.view.resolve(name)
+
     @rpc_method
     async def Generate(self, request, context):
+        principal = self.auth.require(context, Scope.READ, "generating")
         job = validate_generate(request, self.config.max_tokens_limit)
-        with bind_request(job.request_id, model=job.model):
-            model = await self.view.resolve(job.model)
+        with bind_request(job.request_id, model=job.model, tenant=principal.tenant):
+            model = await self._resolve_visible(principal, job.model)
             earlier = await self.view.requests.create(job.request_id, job.model)
             if earlier is not None:  # a client retry (e.g. after a scheduler died): same id, next attempt number
                 log.info("request_retried", earlier_state=earlier.state, attempts=earlier.attempts)
@@ -75,22 +87,26 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     @rpc_method
     async def ListModels(self, request, context):
+        principal = self.auth.require(context, Scope.READ, "listing models")
         base = await self.view.base()
         base_name = base.name if base else ""
         infos = [model_info(base, base_name)] if base else []
-        infos += [model_info(ResolvedModel(r.name, False, r, r.base_identity), base_name) for r in await self.view.models.list()]
+        infos += [model_info(ResolvedModel(r.name, False, r, r.base_identity), base_name)
+                  for r in await self.view.models.list() if can_see(principal, r.ownership())]
         return scheduler_pb2.ListModelsResponse(models=infos)
 
     @rpc_method
     async def GetModel(self, request, context):
-        model = await self.view.resolve(request.name)
+        principal = self.auth.require(context, Scope.READ, "reading a model")
+        model = await self._resolve_visible(principal, request.name)
         base = await self.view.base()
         return model_info(model, base.name if base else "")
 
     @rpc_method
     async def Prefetch(self, request, context):
+        principal = self.auth.require(context, Scope.WRITE, "prefetching a model")
         tier = tier_from_proto(request.tier)
-        model = await self.view.resolve(request.model)
+        model = await self._resolve_visible(principal, request.model)
         if model.is_base:
             raise InvalidArgument(f"{request.model!r} is the base model, which every worker always holds")
         remaining = context.time_remaining()

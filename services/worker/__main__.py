@@ -12,6 +12,7 @@ from deltazip.cluster.connection import connect
 from deltazip.cluster.workers import WorkerRecord
 from deltazip.logs import configure_logging, get_logger
 from deltazip.metrics import start_metrics_server
+from deltazip.rpc.flags import tls_settings
 from deltazip.rpc.server import Registration, RpcServer, service_name
 from deltazip.v1 import worker_pb2, worker_pb2_grpc
 from services.worker.bootstrap import WorkerParts, build_worker
@@ -30,7 +31,7 @@ async def serve(config: WorkerConfig, parts: WorkerParts) -> None:
     servicer = WorkerServicer(app, "", config.default_max_tokens)
     server = RpcServer(f"{config.host}:{config.port}",
                        [Registration(service_name(worker_pb2, "Worker"), worker_pb2_grpc.add_WorkerServicer_to_server,
-                                     servicer)])
+                                     servicer)], tls=tls_settings(config))
     parts.loop.start()
     port = await server.start()
     start_metrics_server(config.metrics_port, config.host)

@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 
 from deltazip.logs import get_logger
+from deltazip.rpc.flags import tls_settings
+from deltazip.security.tokens import read_token_file
 from services.worker.app import WorkerApp, WorkerInfo
 from services.worker.config import WorkerConfig, resolve_device
 from services.worker.delta_ops import StepDeltaOps
@@ -73,7 +75,8 @@ def build_worker(config: WorkerConfig) -> WorkerParts:
     linear_names = {m.hf_name + ".weight" for m in model.modules() if isinstance(m, NamedLinear)}
     slots = DeviceSlots(config.num_device_slots, device, dtype, linear_names, model.config.tie_word_embeddings)
     live_addresses: list[str] = []
-    stores = StoreDirectory(config.store_addresses, live_addresses=lambda: list(live_addresses))
+    stores = StoreDirectory(config.store_addresses, live_addresses=lambda: list(live_addresses), tls=tls_settings(config),
+                            token=read_token_file(config.store_token_file, "--store-token-file"))
     cache_dir = config.disk_cache_dir or tempfile.mkdtemp(prefix=f"dz-worker-{config.worker_id}-")
     fetcher = DeltaFetcher(cache_dir, stores.sources, identity, max_attempts=config.fetch_max_attempts,
                            chunk_bytes=config.fetch_chunk_bytes)

@@ -8,7 +8,8 @@ import secrets
 import socket
 from dataclasses import dataclass, field, fields
 
-from deltazip.rpc.flags import advertise_address, validate_common
+from deltazip.rpc.flags import advertise_address, tls_settings, validate_common
+from deltazip.security.tokens import read_token_file
 
 MODES = ("delta", "dense-delta", "swap")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -75,6 +76,12 @@ class WorkerConfig:
     log_level: str = "info"
     metrics_port: int = 0  # Prometheus /metrics, 0 = off
     model_sync_s: float = 1.0  # how often deleted/overwritten models are dropped from local caches
+    tls_cert: str = ""  # PEM certificate served; '' = plaintext
+    tls_key: str = ""
+    tls_ca: str = ""  # CA of the other services' certificates; set = dial them over TLS
+    tls_server_name: str = ""  # name checked in dialled servers' certificates
+    tls_require_client_cert: int = 0  # 1 = mutual TLS
+    store_token_file: str = ""  # file holding an admin token for the delta stores (when they check tokens)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -84,6 +91,8 @@ class WorkerConfig:
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be one of {DEVICES} or cuda:N, got {self.device!r}")
         validate_common(self.host, self.port, self.redis_url, self.log_level, self.grace_s)
+        tls_settings(self)
+        read_token_file(self.store_token_file, "--store-token-file")
         _positive(self, "num_device_slots", "max_num_seqs", "max_num_batched_tokens", "max_deltas_per_batch",
                   "kv_block_size", "heartbeat_s", "heartbeat_ttl_s", "fetch_chunk_bytes",
                   "fetch_max_attempts", "default_max_tokens", "model_sync_s")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import ssl
 import subprocess
 import sys
 import time
@@ -23,8 +24,11 @@ def add_chat_template(base_dir: Path) -> None:
     path.write_text(json.dumps(cfg))
 
 
-def start_gateway(scheduler: str, log_dir: Path, *args: str, timeout_s: float = 20.0) -> Proc:
-    """The gateway on a free loopback port, in front of `scheduler`; raises with its log if it does not come up."""
+def start_gateway(scheduler: str, log_dir: Path, *args: str, timeout_s: float = 20.0, https_ca: str = "") -> Proc:
+    """The gateway on a free loopback port, in front of `scheduler`; raises with its log if it does not come up.
+
+    With `https_ca` the gateway serves HTTPS (pass --https-cert/--https-key in `args`) and is probed over it.
+    """
     log_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log_path = log_dir / f"gateway-{port}.log"
@@ -36,7 +40,8 @@ def start_gateway(scheduler: str, log_dir: Path, *args: str, timeout_s: float = 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and popen.poll() is None:
         try:
-            with urllib.request.urlopen(f"http://{proc.address}/health", timeout=1) as reply:
+            scheme, context = ("https", ssl.create_default_context(cafile=https_ca)) if https_ca else ("http", None)
+            with urllib.request.urlopen(f"{scheme}://{proc.address}/health", timeout=1, context=context) as reply:
                 if reply.status == 200:
                     return proc
         except OSError:
