@@ -56,7 +56,7 @@ def run_real_rank(
             tied = model.config.tie_word_embeddings
             plan = model.shard_plan
             packed = {d: load_delta(DEMO_DELTAS / d) for d, _ in PROMPTS if d is not None}
-            # SmolLM2 down_proj: K/3 = 512 is not a multiple of the demo's group size 96 -> dense shard.
+            # TP=3: down_proj K/3 = 512 is not a multiple of the demo's group size 96 -> dense shard.
             shards = {d: dequantized(shard_delta(p, plan, misaligned="dense"), torch.float32)
                       for d, p in packed.items()}
             shards = {d: {k: v.to(device) for k, v in s.items()} for d, s in shards.items()}
