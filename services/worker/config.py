@@ -75,6 +75,7 @@ class WorkerConfig:
     log_level: str = "info"
     metrics_port: int = 0  # Prometheus /metrics, 0 = off
     model_sync_s: float = 1.0  # how often deleted/overwritten models are dropped from local caches
+    tensor_parallel_size: int = 1  # GPUs (ranks) one worker spans; rank r uses cuda:r (gloo ranks on cpu)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -100,10 +101,22 @@ class WorkerConfig:
             raise ValueError(f"--cuda-graphs must be 0 or 1, got {self.cuda_graphs}")
         if not self.worker_id:
             raise ValueError("worker_id must not be empty")
+        _check_tensor_parallel(self)
 
     def address(self, bound_port: int) -> str:
         """The address other services dial."""
         return advertise_address(self.host, bound_port, self.advertise)
+
+
+def _check_tensor_parallel(cfg: WorkerConfig) -> None:
+    if cfg.tensor_parallel_size < 1:
+        raise ValueError(f"--tensor-parallel-size must be >= 1, got {cfg.tensor_parallel_size}")
+    if cfg.tensor_parallel_size == 1:
+        return
+    if cfg.mode == "swap":
+        raise ValueError("--mode swap does not support --tensor-parallel-size > 1; use delta or dense-delta")
+    if cfg.cuda_graphs:
+        raise ValueError("--cuda-graphs 1 does not support --tensor-parallel-size > 1 (followers replay no graphs)")
 
 
 def _positive(cfg: WorkerConfig, *names: str) -> None:
