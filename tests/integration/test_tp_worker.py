@@ -28,18 +28,18 @@ JOBS = [("", "The capital of France is"), ("smollm2-arith", "What is 17 + 25?"),
 MAX_TOKENS = 6
 
 
-def worker_args(tmp_path: Path, tp: int) -> list[str]:
-    return ["--base-dir", smollm2_base_dir(), "--device", "cpu", "--tensor-parallel-size", str(tp),
+def worker_args(tmp_path: Path, tp: int, device: str) -> list[str]:
+    return ["--base-dir", smollm2_base_dir(), "--device", device, "--tensor-parallel-size", str(tp),
             "--num-device-slots", "2", "--max-deltas-per-batch", "2", "--num-kv-blocks", "32",
             "--disk-cache-dir", str(tmp_path / f"cache-tp{tp}"), "--heartbeat-s", "0.5", "--heartbeat-ttl-s", "2"]
 
 
-def generate_all(address: str) -> list[list[int]]:
+def generate_all(address: str, max_tokens: int) -> list[list[int]]:
     with Client(address, timeout_s=120) as client:
         out = []
         for model, prompt in JOBS:
-            done = client.generate(model or Path(smollm2_base_dir()).name, prompt, max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
-            assert done.usage.completion_tokens == MAX_TOKENS
+            done = client.generate(model or Path(smollm2_base_dir()).name, prompt, max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+            assert done.usage.completion_tokens == max_tokens
             out.append(done.token_ids)
         return out
 
@@ -51,14 +51,19 @@ def follower_pids(pid: int) -> list[int]:
 
 
 def test_tp2_worker_matches_tp1_and_exits_when_a_follower_dies(launcher, redis_url, tmp_path):
+    check_tp2_worker(launcher, redis_url, tmp_path, "cpu", MAX_TOKENS)
+
+
+def check_tp2_worker(launcher, redis_url: str, tmp_path: Path, device: str, max_tokens: int) -> None:
+    """TP=2 worker behind a scheduler; kill its follower; then a TP=1 worker must give the same tokens."""
     store = launcher.start("delta_store", "--root", str(tmp_path / "store"))
     with Client("127.0.0.1:1", store=store.address) as client:
         for name in DELTAS:
             client.push(DEMO / name, name, progress=False)
     env = {"OMP_NUM_THREADS": "1"}
-    tp2 = launcher.start("worker", *worker_args(tmp_path, 2), "--worker-id", "tp2", env=env)
+    tp2 = launcher.start("worker", *worker_args(tmp_path, 2, device), "--worker-id", "tp2", env=env)
     scheduler = launcher.start("scheduler")
-    got = generate_all(scheduler.address)
+    got = generate_all(scheduler.address, max_tokens)
 
     stub = worker_pb2_grpc.WorkerStub(sync_channel(tp2.address))
     status = stub.Status(worker_pb2.StatusRequest())
@@ -75,6 +80,6 @@ def test_tp2_worker_matches_tp1_and_exits_when_a_follower_dies(launcher, redis_u
         time.sleep(0.2)
     assert not r.exists("dz:worker:tp2"), "heartbeat should lapse"
 
-    launcher.start("worker", *worker_args(tmp_path, 1), "--worker-id", "tp1", env=env)
-    want = generate_all(scheduler.address)
+    launcher.start("worker", *worker_args(tmp_path, 1, device), "--worker-id", "tp1", env=env)
+    want = generate_all(scheduler.address, max_tokens)
     assert got == want, f"TP=2 greedy {got} != TP=1 {want}"
