@@ -146,13 +146,21 @@ def _parse_value(kind: type | str, raw: str):
     return raw
 
 
+FLAG_HELP = {  # flags whose meaning the name alone does not tell
+    "tensor_parallel_size": "GPUs one worker spans (tensor parallel; default 1): rank r runs on cuda:r (cuda:N -> "
+                            "cuda:N+r), or gloo ranks with --device cpu; any size works (heads are padded when they "
+                            "do not divide); not with --mode swap or --cuda-graphs 1",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """One flag per WorkerConfig field: --num-device-slots, env DELTAZIP_NUM_DEVICE_SLOTS."""
     parser = argparse.ArgumentParser(prog="python -m services.worker", description="DeltaZip GPU worker")
     for f in fields(WorkerConfig):
         flag = "--" + f.name.replace("_", "-")
         extra = {"choices": MODES} if f.name == "mode" else {}
-        parser.add_argument(flag, dest=f.name, default=None, help=f"env {_env_name(f.name)}", **extra)
+        help_text = f"{FLAG_HELP[f.name]} (env {_env_name(f.name)})" if f.name in FLAG_HELP else f"env {_env_name(f.name)}"
+        parser.add_argument(flag, dest=f.name, default=None, help=help_text, **extra)
     return parser
 
 

@@ -106,8 +106,7 @@ def test_tp2_worker_in_process_equals_tp1_on_cuda(tmp_path):
     from tests.unit.worker.test_worker_modes import serve_all
 
     base_dir = Path(smollm2_base_dir())
-    cache = tmp_path / "demo"
-    shutil.copytree(DEMO_DELTAS, cache)  # the worker's disk cache starts with both artifacts
+    cache = DEMO_DELTAS  # serve_all copies it: each worker's disk cache starts with both artifacts
     models = [base_dir.resolve().name, "smollm2-arith", "smollm2-python"]
     prompts = ["What is 17 + 25?", "Write a Python function that reverses a string."]
     kw = dict(models=models, prompts=prompts, max_tokens=16, device="cuda", dtype="float32", num_kv_blocks=256,
