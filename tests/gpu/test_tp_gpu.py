@@ -46,7 +46,7 @@ def run_packed_rank(
     from deltazip.model.loader import model_from_state_dict
     from deltazip.model.synthetic import random_state_dict, tiny_config
     from deltazip.parallel import init_tp_group, shard_delta, shard_model
-    from deltazip.parallel.group import destroy_tp_group
+    from deltazip.parallel.group import destroy_tp_group, quiesce
     from tp_fixtures import packed_model_delta
     from tp_gpu_ops import PackedDeltaProvider
 
@@ -74,7 +74,7 @@ def run_packed_rank(
                 ref = model_from_state_dict(cfg, state).to(device)
                 want = tp_real.greedy(ref, None, True, prompts, max_tokens, PackedDeltaProvider(full, True, device))
                 assert got == want, f"TP={world} greedy {got} != TP=1 {want}"
-            dist.barrier()
+            quiesce(tp)  # nobody tears the group down while a peer still reads a collective
     finally:
         destroy_tp_group(tp)
 

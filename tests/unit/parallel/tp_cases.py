@@ -12,7 +12,7 @@ from deltazip.model.context import ForwardContext
 from deltazip.model.loader import model_from_state_dict
 from deltazip.model.synthetic import random_state_dict, tiny_config
 from deltazip.parallel import TPGroup, init_tp_group, shard_delta, shard_model
-from deltazip.parallel.group import destroy_tp_group
+from deltazip.parallel.group import destroy_tp_group, quiesce
 from services.worker.engine.dense_deltas import DenseDeltaOps
 from tp_fixtures import dense_model_delta, dequantized, packed_model_delta, paged_metadata
 
@@ -43,7 +43,7 @@ def run_rank(rank: int, world: int, init_method: str, case_names: list[str]) -> 
         for name in case_names:
             config, kind = CASES[name]
             check_case(tp, config, kind, name)
-        torch.distributed.barrier()  # nobody tears gloo down while a peer still talks to it
+        quiesce(tp)  # nobody tears the group down while a peer still reads a collective
     finally:
         destroy_tp_group(tp)
 

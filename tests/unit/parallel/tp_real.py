@@ -15,7 +15,7 @@ from deltazip.model.sampling import SamplingParams
 from deltazip.model.tokenizer import Tokenizer
 from deltazip.parallel import init_tp_group, shard_delta
 from deltazip.parallel.load import load_sharded_model
-from deltazip.parallel.group import destroy_tp_group
+from deltazip.parallel.group import destroy_tp_group, quiesce
 from services.worker.engine.dense_deltas import DenseDeltaProvider
 from services.worker.engine.engine import EngineConfig, LLMEngine
 from tp_fixtures import dequantized
@@ -71,6 +71,6 @@ def run_real_rank(
                         for d, p in packed.items()}
                 want = greedy(ref, full, tied, prompts, max_tokens)
                 assert got == want, f"TP={world} greedy tokens {got} != unsharded {want}"
-            dist.barrier()
+            quiesce(tp)  # nobody tears the group down while a peer still reads a collective
     finally:
         destroy_tp_group(tp)
