@@ -47,6 +47,10 @@ class TPLeader:
         from deltazip.parallel import init_tp_group
 
         self.size, self.device = config.tensor_parallel_size, rank_device(device, 0)
+        last = rank_device(device, self.size - 1)
+        if last.type == "cuda" and last.index >= torch.cuda.device_count():
+            raise ValueError(f"--tensor-parallel-size {self.size} on {device} needs {last} but only "
+                             f"{torch.cuda.device_count()} CUDA device(s) are visible")
         self._store_dir = tempfile.mkdtemp(prefix=f"dz-tp-{config.worker_id}-")
         init_method = "file://" + os.path.join(self._store_dir, "store")
         ctx = mp.get_context("spawn")  # followers start with no CUDA state of ours
