@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import tempfile
 import threading
 from concurrent.futures import Future
@@ -124,6 +125,7 @@ class TPLeader:
             if proc.is_alive():
                 proc.kill()
         destroy_tp_group(self.tp)
+        shutil.rmtree(self._store_dir, ignore_errors=True)
 
     # ---- internals -----------------------------------------------------------------------------
     def _broadcast(self, msg) -> None:
