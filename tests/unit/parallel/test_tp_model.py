@@ -1,4 +1,5 @@
-"""TP=2, 3 and 4 on CPU (gloo, one process per rank), exact and padded head layouts: logits and greedy tokens equal the unsharded model."""
+"""TP=2, 3 and 4 on CPU (gloo, one process per rank), exact and padded head layouts: logits and greedy
+tokens equal the unsharded model."""
 
 from __future__ import annotations
 
