@@ -94,7 +94,8 @@ def build_worker(config: WorkerConfig) -> WorkerParts:
     base_host = ({k: p.detach().to("cpu", copy=True) for k, p in model.named_parameters()}  # not the params: swaps overwrite those
                  if mode.swaps_weights else None)
     if leader is None:
-        io = ArtifactTierIO(fetcher, slots, host_transform(mode, base_host), device_slots_used=not mode.swaps_weights)
+        io = ArtifactTierIO(fetcher, slots, host_transform(mode, base_host),
+                            device_slots_used=not mode.swaps_weights)
     else:
         io = _tp_tier_io(leader, model, fetcher, slots, host_transform(mode, base_host))
     residency = ResidencyManager(limits, io, on_change=listeners)

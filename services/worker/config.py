@@ -159,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     for f in fields(WorkerConfig):
         flag = "--" + f.name.replace("_", "-")
         extra = {"choices": MODES} if f.name == "mode" else {}
-        help_text = f"{FLAG_HELP[f.name]} (env {_env_name(f.name)})" if f.name in FLAG_HELP else f"env {_env_name(f.name)}"
+        env_help = f"env {_env_name(f.name)}"
+        help_text = f"{FLAG_HELP[f.name]} ({env_help})" if f.name in FLAG_HELP else env_help
         parser.add_argument(flag, dest=f.name, default=None, help=help_text, **extra)
     return parser
 

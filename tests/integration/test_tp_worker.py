@@ -38,7 +38,8 @@ def generate_all(address: str, max_tokens: int) -> list[list[int]]:
     with Client(address, timeout_s=120) as client:
         out = []
         for model, prompt in JOBS:
-            done = client.generate(model or Path(smollm2_base_dir()).name, prompt, max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+            done = client.generate(model or Path(smollm2_base_dir()).name, prompt, max_tokens=max_tokens,
+                                   temperature=0.0, ignore_eos=True)
             assert done.usage.completion_tokens == max_tokens
             out.append(done.token_ids)
         return out

@@ -28,7 +28,8 @@ def test_smollm2_tp2_pads_one_whole_kv_group():
     assert q1.runs == ((384, 192), (-1, 192))
     o1 = plans[1].split("model.layers.0.self_attn.o_proj.weight")
     assert o1.dim == 1 and o1.runs == ((384, 192), (-1, 192))
-    assert plans[1].split("model.layers.0.mlp.down_proj.weight") == plans[1].split("model.layers.0.mlp.down_proj.weight")
+    down1 = plans[1].split("model.layers.0.mlp.down_proj.weight")
+    assert (down1.dim, down1.start, down1.end, down1.runs) == (1, 768, 1536, ())
     assert plans[1].split("model.layers.0.mlp.up_proj.weight").runs == ()  # 1536 divides by 2: no padding
 
 
