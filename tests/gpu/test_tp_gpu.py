@@ -6,8 +6,9 @@
 - TP=2 greedy == unsharded on the real SmolLM2-135M (9 query / 3 KV heads: padded to 12 / 4) with both
   demo fine-tunes, fp32; TP=3 (exact split) likewise on 3 GPUs.
 - The worker itself at --tensor-parallel-size 2 on cuda (rank 0 on cuda:0, its follower on cuda:1):
-  in-process through build_worker (SBMM on packed delta slots), and as real processes behind a scheduler
-  (needs redis-server), both against a TP=1 worker; killing the follower ends the worker.
+  in-process through build_worker (SBMM on packed delta slots), and as real processes (behind a scheduler
+  when redis-server is there, else called directly), both against a TP=1 worker; killing the follower ends
+  the worker.
 The SmolLM2 base: $DELTAZIP_BASE_DIR, else the deltazip cache (`make demo`); tests skip without it.
 Run: DELTAZIP_BASE_DIR=/tmp/dz/base PYTHONPATH=. python -m pytest -q tests/gpu/test_tp_gpu.py
 """
@@ -119,11 +120,14 @@ def test_tp2_worker_in_process_equals_tp1_on_cuda(tmp_path):
 
 @needs_2_gpus
 @needs_smollm2
-@pytest.mark.skipif(not Path(REDIS_SERVER).is_file(), reason="needs redis-server for the process test")
-def test_tp2_worker_processes_behind_scheduler_on_cuda(tmp_path):
+def test_tp2_worker_processes_on_cuda(tmp_path):
+    """Behind a scheduler with redis-server; without one, Worker.Generate called directly."""
     from deltazip.stack import Launcher, start_redis, stop
-    from tests.integration.test_tp_worker import check_tp2_worker
+    from tests.integration.test_tp_worker import check_tp2_worker, check_tp2_worker_direct
 
+    if not Path(REDIS_SERVER).is_file():
+        check_tp2_worker_direct(tmp_path, "cuda", 12)
+        return
     redis_proc = start_redis(tmp_path / "redis")
     launcher = Launcher(f"redis://{redis_proc.address}/0", tmp_path / "logs")
     try:
