@@ -1,6 +1,7 @@
 """Tensor-parallel decode benchmark: a 13B-shaped base at TP=2 against a 7B-shaped base at TP=1 (GPU).
 
   python bench/tp.py --out bench/results [--num-deltas 16] [--rows-per-delta 2] [--context-len 256] [--quick]
+  python bench/tp.py --cpu-smoke --out /tmp/tp   # the same code path on CPU (gloo, tiny shapes): no timings
 
 Each configuration runs in its own set of processes (one per rank, NCCL over torch.distributed), on a
 random-weight fp16 Llama sharded by deltazip.parallel, with num_deltas random 4-bit 2:4 packed deltas
@@ -22,6 +23,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -40,22 +42,27 @@ SHAPES = {  # Llama-2 shapes (MHA), vocab 32000
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
     "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
 }
+SMOKE_SHAPES = {  # --cpu-smoke: the bench's code path in seconds
+    "7b": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4),
+    "13b": dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8),
+}
 NIBBLE_OF_PATTERN = torch.tensor([i0 | (i1 << 2) for i0, i1 in [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]])
 
 
-def config_of(shape: str, num_layers: int | None) -> LlamaConfig:
-    kw = dict(SHAPES[shape])
+def config_of(shape: str, num_layers: int | None, smoke: bool = False) -> LlamaConfig:
+    kw = dict((SMOKE_SHAPES if smoke else SHAPES)[shape])
     if num_layers:
         kw["num_hidden_layers"] = num_layers
     return LlamaConfig(vocab_size=32000, num_key_value_heads=kw["num_attention_heads"], **kw)
 
 
-def random_sharded_model(config: LlamaConfig, tp: TPGroup, device: torch.device) -> LlamaForCausalLM:
+def random_sharded_model(config: LlamaConfig, tp: TPGroup, device: torch.device,
+                         dtype: torch.dtype = torch.float16) -> LlamaForCausalLM:
     """Build on meta, shard, then materialize only this rank's shard on the GPU with random values."""
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     shard_model(model, tp)
-    model = model.to(torch.float16).to_empty(device=device)  # fp16 on meta first: no fp32 copy on the GPU
+    model = model.to(dtype).to_empty(device=device)  # fp16 on meta first: no fp32 copy on the GPU
     g = torch.Generator(device=device).manual_seed(tp.rank)
     for name, p in model.named_parameters():
         if name.endswith("norm.weight"):
@@ -134,10 +141,15 @@ def decode_step_fn(model: LlamaForCausalLM, num_seqs: int, context_len: int, blo
     return step, blocks_per_seq * num_seqs
 
 
-def time_steps(step, tp: TPGroup, num_steps: int) -> float:
+def time_steps(step, tp: TPGroup, num_steps: int, cuda: bool = True) -> float:
     """Median µs of one step on this rank (all ranks step together: each row-parallel layer all-reduces)."""
     for _ in range(3):
         step()
+    if not cuda:  # --cpu-smoke: wall clock, only to exercise the path
+        start = time.perf_counter()
+        for _ in range(num_steps):
+            step()
+        return (time.perf_counter() - start) / num_steps * 1e6
     torch.cuda.synchronize()
     times = []
     for _ in range(num_steps):
@@ -154,13 +166,17 @@ def time_steps(step, tp: TPGroup, num_steps: int) -> float:
 
 def run_rank(rank: int, size: int, init_method: str, job: dict, out_path: str) -> None:
     """One rank of one configuration; rank 0 writes its row to out_path."""
-    device = torch.device("cuda", rank)
+    cuda = not job.get("smoke")
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     tp = init_tp_group(rank, size, init_method, device) if size > 1 else TPGroup()
-    torch.cuda.set_device(device)
+    if cuda:
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(1)
     try:
         with torch.inference_mode():
-            config = config_of(job["shape"], job["num_layers"])
-            model = random_sharded_model(config, tp, device)
+            config = config_of(job["shape"], job["num_layers"], smoke=not cuda)
+            model = random_sharded_model(config, tp, device, torch.float16 if cuda else torch.float32)
             num_seqs = job["num_deltas"] * job["rows_per_delta"]
             blocks = -(-job["context_len"] // job["block_size"]) * num_seqs
             model.allocate_kv_cache(blocks, job["block_size"])
@@ -168,9 +184,9 @@ def run_rank(rank: int, size: int, init_method: str, job: dict, out_path: str) -
                                 job["num_deltas"], job["rows_per_delta"])  # fmt: skip
             step_delta, _ = decode_step_fn(model, num_seqs, job["context_len"], job["block_size"], device, ops)
             step_base, _ = decode_step_fn(model, num_seqs, job["context_len"], job["block_size"], device, None)
-            us = time_steps(step_delta, tp, job["num_steps"])
-            base_us = time_steps(step_base, tp, job["num_steps"])
-            mem = torch.cuda.max_memory_allocated(device)
+            us = time_steps(step_delta, tp, job["num_steps"], cuda)
+            base_us = time_steps(step_base, tp, job["num_steps"], cuda)
+            mem = torch.cuda.max_memory_allocated(device) if cuda else 0
         if rank == 0:
             row = {"model_shape": job["shape"], "tp": size, "num_deltas": job["num_deltas"],
                    "rows_per_delta": job["rows_per_delta"], "batch": num_seqs, "context_len": job["context_len"],
@@ -201,14 +217,16 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="4 layers per model: a smoke run of the code path")
     p.add_argument("--with-13b-tp1", action="store_true",
                    help="also 13B at TP=1 (~110 GiB with 16 deltas: an H200 only)")
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="tiny shapes on CPU (gloo ranks, torch reference for SBMM): checks the code path, no timings")
     p.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "unknown"))
     a = p.parse_args()
-    num_gpus = torch.cuda.device_count()
+    num_gpus = 2 if a.cpu_smoke else torch.cuda.device_count()
     if num_gpus < 1:
         sys.exit("bench/tp.py needs CUDA GPUs (2 for the TP=2 rows)")
     base_job = dict(num_deltas=a.num_deltas, rows_per_delta=a.rows_per_delta, context_len=a.context_len,
                     block_size=16, bits=4, group_size=128, num_steps=a.num_steps,
-                    num_layers=4 if a.quick else None)  # fmt: skip
+                    num_layers=4 if a.quick else None, smoke=a.cpu_smoke)  # fmt: skip
     plan = [("7b", 1), ("13b", 2), ("7b", 2)] + ([("13b", 1)] if a.with_13b_tp1 else [])
     rows = []
     for shape, size in plan:
@@ -222,9 +240,10 @@ def main() -> None:
     for r in rows:
         if ref is not None:
             r["speedup_vs_7b_tp1"] = r["tokens_per_s"] / ref["tokens_per_s"]
-    device = f"{num_gpus}x {torch.cuda.get_device_name()}"
+    device_name = "cpu-smoke" if a.cpu_smoke else torch.cuda.get_device_name()
+    device = f"{num_gpus}x {device_name}"
     date = datetime.date.today().isoformat()
-    path = Path(a.out) / f"tp-{torch.cuda.get_device_name().replace(' ', '-')}-x{num_gpus}-{date}.json"
+    path = Path(a.out) / f"tp-{device_name.replace(' ', '-')}-x{num_gpus}-{date}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     result = {"bench": "tp", "device": device, "commit": a.commit, "date": date,
               "config": {**{k: v for k, v in base_job.items()}, "dtype": "float16", "sym": True, "sparsity": "2:4",

@@ -6,6 +6,7 @@ NVLink-multicast / NCCL env vars are left exactly as the caller's environment se
 from __future__ import annotations
 
 import datetime
+import time
 from dataclasses import dataclass
 
 import torch
@@ -76,3 +77,21 @@ def destroy_tp_group(tp: TPGroup) -> None:
     tears gloo down while a peer is still mid-collective can abort the peer."""
     if tp.size > 1 and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def quiesce(tp: TPGroup, timeout_s: float = 60.0) -> None:
+    """Barrier, then wait through the rendezvous store (not the group) until every rank has left it.
+
+    After this no rank still reads a collective, so tearing the group down cannot abort a peer: a gloo
+    rank that leaves a barrier first and closes its sockets can otherwise kill one still finishing it.
+    """
+    if tp.size == 1:
+        return
+    dist.barrier(group=tp.group)
+    store = dist.distributed_c10d._get_default_store()
+    store.add("dz_tp_quiesced", 1)
+    deadline = time.monotonic() + timeout_s
+    while store.add("dz_tp_quiesced", 0) < tp.size:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not every TP rank quiesced within {timeout_s}s")
+        time.sleep(0.005)

@@ -10,6 +10,7 @@ from safetensors import safe_open
 from deltazip.model.config import LlamaConfig
 from deltazip.model.llama import LlamaForCausalLM
 from deltazip.model.loader import _IGNORED_SUFFIXES, safetensors_files
+from deltazip.parallel.gather import read_split
 from deltazip.parallel.group import TPGroup
 from deltazip.parallel.shard_model import shard_model
 
@@ -34,10 +35,9 @@ def load_sharded_model(
                 split = plan.split(key)
                 if split is None:
                     t = f.get_tensor(key)
-                elif split.dim == 0:
-                    t = f.get_slice(key)[split.start : split.end]
                 else:
-                    t = f.get_slice(key)[:, split.start : split.end]
+                    handle = f.get_slice(key)
+                    t = read_split(handle, tuple(handle.get_shape()), split)
                 state[key] = (t.to(dtype) if t.is_floating_point() else t).to(device)
     got = {k: tuple(v.shape) for k, v in state.items()}
     if got != expected:

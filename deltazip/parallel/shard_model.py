@@ -2,8 +2,8 @@
 
 Load the full model on the host (CPU), shard, then move to the rank's GPU: each GPU then holds only its
 shard. After sharding, `model.config` describes the rank-local attention (heads, KV heads, intermediate)
-so `allocate_kv_cache` sizes each rank's cache for its own KV heads; the full config stays in
-`model.full_config`.
+so `allocate_kv_cache` sizes each rank's cache for its own KV heads (padded ones included); the full
+config stays in `model.full_config`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from torch import nn
 
 from deltazip.model.layers import NamedLinear
 from deltazip.model.llama import LlamaForCausalLM
+from deltazip.parallel.gather import take
 from deltazip.parallel.group import TPGroup
 from deltazip.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from deltazip.parallel.plan import COLUMN_PARALLEL, ROW_PARALLEL, ShardPlan
@@ -41,7 +42,7 @@ def shard_model(model: LlamaForCausalLM, tp: TPGroup) -> ShardPlan:
         num_attention_heads=plan.heads_per_rank,
         num_key_value_heads=plan.kv_heads_per_rank,
         head_dim=full.head_dim,
-        intermediate_size=full.intermediate_size // tp.size,
+        intermediate_size=plan.intermediate_per_rank,
     )
     model.shard_plan = plan
     model.tp = tp
@@ -52,10 +53,10 @@ def _shard_linear(old: nn.Module, plan: ShardPlan, tp: TPGroup, row: bool) -> Na
     assert isinstance(old, NamedLinear) and old.hf_name, f"expected a named linear, got {type(old).__name__}"
     split = plan.split(old.hf_name + ".weight")
     assert split is not None
-    weight = old.weight.detach().narrow(split.dim, split.start, split.end - split.start).clone()
+    weight = take(old.weight.detach(), split)
     bias = old.bias.detach() if old.bias is not None else None
     if row:
         return RowParallelLinear.from_shard(old.hf_name, weight, bias, tp)
     if bias is not None:
-        bias = bias[split.start : split.end].clone()
+        bias = take(bias, split)
     return ColumnParallelLinear.from_shard(old.hf_name, weight, bias)

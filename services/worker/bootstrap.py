@@ -48,11 +48,14 @@ class WorkerParts:
     listeners: Listeners
     live_store_addresses: list[str]  # refreshed by the publisher from Redis
     temp_cache_dir: str = ""  # removed at close: made here because no --disk-cache-dir was given
+    tp_leader: object | None = None  # tp_leader.TPLeader when --tensor-parallel-size > 1
 
     def close(self) -> None:
         self.loop.stop()
         self.residency.close()
         self.stores.close()
+        if self.tp_leader is not None:
+            self.tp_leader.close()  # after the engine loop: no step is in flight
         if self.temp_cache_dir:
             shutil.rmtree(self.temp_cache_dir, ignore_errors=True)
 
@@ -68,7 +71,14 @@ def build_worker(config: WorkerConfig) -> WorkerParts:
         raise ValueError(f"--base-dir {config.base_dir!r} is not a Hugging Face model folder (config.json + "
                          "*.safetensors + tokenizer.json); convert one with `deltazip convert` or pass --base-dir")
     device, dtype = resolve_device(config.device), getattr(torch, config.dtype)
-    model = load_model(config.base_dir, device=device, dtype=dtype)
+    leader = None
+    if config.tensor_parallel_size > 1:  # followers spawn before this process touches CUDA
+        from services.worker.tp_leader import TPLeader
+
+        leader = TPLeader(config, device)
+        model, device = leader.load_model(config.base_dir, dtype), str(leader.device)
+    else:
+        model = load_model(config.base_dir, device=device, dtype=dtype)
     tokenizer = Tokenizer.from_dir(config.base_dir)
     identity = base_identity(config.base_dir)
 
@@ -86,7 +96,11 @@ def build_worker(config: WorkerConfig) -> WorkerParts:
     mode = select_mode(config.mode)
     base_host = ({k: p.detach().to("cpu", copy=True) for k, p in model.named_parameters()}  # not the params: swaps overwrite those
                  if mode.swaps_weights else None)
-    io = ArtifactTierIO(fetcher, slots, host_transform(mode, base_host), device_slots_used=not mode.swaps_weights)
+    if leader is None:
+        io = ArtifactTierIO(fetcher, slots, host_transform(mode, base_host),
+                            device_slots_used=not mode.swaps_weights)
+    else:
+        io = _tp_tier_io(leader, model, fetcher, slots, host_transform(mode, base_host))
     residency = ResidencyManager(limits, io, on_change=listeners)
     _register_cached(fetcher, residency, identity)
 
@@ -96,8 +110,13 @@ def build_worker(config: WorkerConfig) -> WorkerParts:
         return StepDeltaOps(slots, slotted)
 
     swap_weights = residency.host_tensors if mode.swaps_weights else None
-    engine = build_engine(model, tokenizer, config, config.max_model_len or None, delta_ops, residency.is_ready,
-                          swap_weights)
+    engine_model = model
+    if leader is not None:
+        from services.worker.tp_leader import leader_engine_setup
+
+        engine_model, config = leader_engine_setup(leader, model, config)
+    engine = build_engine(engine_model, tokenizer, config, config.max_model_len or None, delta_ops,
+                          residency.is_ready, swap_weights)
     info = WorkerInfo(
         worker_id=config.worker_id, base_name=config.base_name or Path(config.base_dir).resolve().name,
         base_identity=identity, device=device, mode=config.mode, max_model_len=engine.max_model_len)
@@ -107,7 +126,16 @@ def build_worker(config: WorkerConfig) -> WorkerParts:
     log.info("worker_built", worker=config.worker_id, base=info.base_name, device=device, dtype=config.dtype,
              disk_cache=cache_dir, max_model_len=info.max_model_len)
     return WorkerParts(app, loop, residency, stores, listeners, live_addresses,
-                       temp_cache_dir="" if config.disk_cache_dir else cache_dir)
+                       temp_cache_dir="" if config.disk_cache_dir else cache_dir, tp_leader=leader)
+
+
+def _tp_tier_io(leader, model, fetcher: DeltaFetcher, slots: DeviceSlots, transform) -> ArtifactTierIO:
+    """Rank 0's host tier holds its own shard of each delta; device writes and drops reach every rank."""
+    from deltazip.parallel import shard_delta
+    from services.worker.tp_leader import TPTierIO
+
+    plan = model.shard_plan
+    return TPTierIO(leader, fetcher, slots, lambda tensors: transform(shard_delta(tensors, plan, "dense")))
 
 
 def _log_transition(snap: ResidentDelta) -> None:

@@ -82,6 +82,7 @@ class WorkerConfig:
     tls_server_name: str = ""  # name checked in dialled servers' certificates
     tls_require_client_cert: int = 0  # 1 = mutual TLS
     store_token_file: str = ""  # file holding an admin token for the delta stores (when they check tokens)
+    tensor_parallel_size: int = 1  # GPUs (ranks) one worker spans; rank r uses cuda:r (gloo ranks on cpu)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -109,10 +110,22 @@ class WorkerConfig:
             raise ValueError(f"--cuda-graphs must be 0 or 1, got {self.cuda_graphs}")
         if not self.worker_id:
             raise ValueError("worker_id must not be empty")
+        _check_tensor_parallel(self)
 
     def address(self, bound_port: int) -> str:
         """The address other services dial."""
         return advertise_address(self.host, bound_port, self.advertise)
+
+
+def _check_tensor_parallel(cfg: WorkerConfig) -> None:
+    if cfg.tensor_parallel_size < 1:
+        raise ValueError(f"--tensor-parallel-size must be >= 1, got {cfg.tensor_parallel_size}")
+    if cfg.tensor_parallel_size == 1:
+        return
+    if cfg.mode == "swap":
+        raise ValueError("--mode swap does not support --tensor-parallel-size > 1; use delta or dense-delta")
+    if cfg.cuda_graphs:
+        raise ValueError("--cuda-graphs 1 does not support --tensor-parallel-size > 1 (followers replay no graphs)")
 
 
 def _positive(cfg: WorkerConfig, *names: str) -> None:
@@ -142,13 +155,22 @@ def _parse_value(kind: type | str, raw: str):
     return raw
 
 
+FLAG_HELP = {  # flags whose meaning the name alone does not tell
+    "tensor_parallel_size": "GPUs one worker spans (tensor parallel; default 1): rank r runs on cuda:r (cuda:N -> "
+                            "cuda:N+r), or gloo ranks with --device cpu; any size works (heads are padded when they "
+                            "do not divide); not with --mode swap or --cuda-graphs 1",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """One flag per WorkerConfig field: --num-device-slots, env DELTAZIP_NUM_DEVICE_SLOTS."""
     parser = argparse.ArgumentParser(prog="python -m services.worker", description="DeltaZip GPU worker")
     for f in fields(WorkerConfig):
         flag = "--" + f.name.replace("_", "-")
         extra = {"choices": MODES} if f.name == "mode" else {}
-        parser.add_argument(flag, dest=f.name, default=None, help=f"env {_env_name(f.name)}", **extra)
+        env_help = f"env {_env_name(f.name)}"
+        help_text = f"{FLAG_HELP[f.name]} ({env_help})" if f.name in FLAG_HELP else env_help
+        parser.add_argument(flag, dest=f.name, default=None, help=help_text, **extra)
     return parser
 
 

@@ -1,16 +1,21 @@
 """Tensor parallelism on GPUs (NCCL, one process per GPU); skips without enough GPUs.
 
 - TP=2 greedy == TP=1 through the worker's LLMEngine on a random fp16 Llama with SmolLM2's hidden and
-  intermediate sizes but 8 query / 2 KV heads (SmolLM2's own 9 / 3 heads cannot be split 2 ways), with
-  random 4-bit 2:4 packed deltas (group 96, like the demo artifacts) applied by the SBMM kernel from
-  each rank's load-time shard.
-- TP=3 greedy == unsharded on the real SmolLM2-135M with both demo fine-tunes (needs 3 GPUs).
-Run: PYTHONPATH=. python -m pytest -q tests/gpu/test_tp_gpu.py
+  intermediate sizes but 8 query / 2 KV heads, with random 4-bit 2:4 packed deltas (group 96, like the
+  demo artifacts) applied by the SBMM kernel from each rank's load-time shard.
+- TP=2 greedy == unsharded on the real SmolLM2-135M (9 query / 3 KV heads: padded to 12 / 4) with both
+  demo fine-tunes, fp32; TP=3 (exact split) likewise on 3 GPUs.
+- The worker itself at --tensor-parallel-size 2 on cuda (rank 0 on cuda:0, its follower on cuda:1):
+  in-process through build_worker (SBMM on packed delta slots), and as real processes (behind a scheduler
+  when redis-server is there, else called directly), both against a TP=1 worker; killing the follower ends
+  the worker.
+The SmolLM2 base: $DELTAZIP_BASE_DIR, else the deltazip cache (`make demo`); tests skip without it.
+Run: DELTAZIP_BASE_DIR=/tmp/dz/base PYTHONPATH=. python -m pytest -q tests/gpu/test_tp_gpu.py
 """
 
 from __future__ import annotations
 
-import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -20,9 +25,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit" / "parallel"))
 from test_tp_model import smollm2_base_dir, spawn_ranks  # noqa: E402
 
+from deltazip.stack import REDIS_SERVER  # noqa: E402
+
 NUM_GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
+ROOT = Path(__file__).resolve().parents[2]
+DEMO_DELTAS = ROOT / "demo" / "deltas"
 SMOLLM2_8_HEADS = dict(vocab_size=4096, hidden_size=576, intermediate_size=1536, num_hidden_layers=4,
                        num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+needs_2_gpus = pytest.mark.skipif(NUM_GPUS < 2, reason="needs 2 CUDA GPUs")
+needs_smollm2 = pytest.mark.skipif(smollm2_base_dir() is None or not (DEMO_DELTAS / "smollm2-arith").is_dir(),
+                                   reason="SmolLM2 base not converted (set DELTAZIP_BASE_DIR or run `make demo`)")
 
 
 def run_packed_rank(
@@ -35,7 +47,7 @@ def run_packed_rank(
     from deltazip.model.loader import model_from_state_dict
     from deltazip.model.synthetic import random_state_dict, tiny_config
     from deltazip.parallel import init_tp_group, shard_delta, shard_model
-    from deltazip.parallel.group import destroy_tp_group
+    from deltazip.parallel.group import destroy_tp_group, quiesce
     from tp_fixtures import packed_model_delta
     from tp_gpu_ops import PackedDeltaProvider
 
@@ -63,19 +75,63 @@ def run_packed_rank(
                 ref = model_from_state_dict(cfg, state).to(device)
                 want = tp_real.greedy(ref, None, True, prompts, max_tokens, PackedDeltaProvider(full, True, device))
                 assert got == want, f"TP={world} greedy {got} != TP=1 {want}"
-            dist.barrier()
+            quiesce(tp)  # nobody tears the group down while a peer still reads a collective
     finally:
         destroy_tp_group(tp)
 
 
-@pytest.mark.skipif(NUM_GPUS < 2, reason="needs 2 CUDA GPUs")
+@needs_2_gpus
 def test_tp2_packed_deltas_sbmm_greedy_equals_tp1():
     spawn_ranks(2, None, target=run_packed_rank, args=(16,), timeout_s=300)
 
 
-@pytest.mark.skipif(NUM_GPUS < 3, reason="SmolLM2 has 9 query / 3 KV heads: needs TP=3 (2 cannot split 9 heads)")
-@pytest.mark.skipif(smollm2_base_dir() is None, reason="SmolLM2 base not converted yet (run `make demo` once)")
+@needs_2_gpus
+@needs_smollm2
+def test_tp2_padded_real_smollm2_demo_deltas_greedy_equals_unsharded_on_gpu():
+    import tp_real
+
+    spawn_ranks(2, None, target=tp_real.run_real_rank, args=(smollm2_base_dir(), "cuda", 16), timeout_s=300)
+
+
+@pytest.mark.skipif(NUM_GPUS < 3, reason="TP=3 (SmolLM2's exact split) needs 3 GPUs")
+@needs_smollm2
 def test_tp3_real_smollm2_demo_deltas_greedy_equals_unsharded_on_gpu():
     import tp_real
 
     spawn_ranks(3, None, target=tp_real.run_real_rank, args=(smollm2_base_dir(), "cuda", 16), timeout_s=300)
+
+
+@needs_2_gpus
+@needs_smollm2
+def test_tp2_worker_in_process_equals_tp1_on_cuda(tmp_path):
+    from tests.unit.worker.test_worker_modes import serve_all
+
+    base_dir = Path(smollm2_base_dir())
+    cache = DEMO_DELTAS  # serve_all copies it: each worker's disk cache starts with both artifacts
+    models = [base_dir.resolve().name, "smollm2-arith", "smollm2-python"]
+    prompts = ["What is 17 + 25?", "Write a Python function that reverses a string."]
+    kw = dict(models=models, prompts=prompts, max_tokens=16, device="cuda", dtype="float32", num_kv_blocks=256,
+              kv_block_size=16)
+    want = serve_all(base_dir, cache, tmp_path / "tp1", "delta", tensor_parallel_size=1, **kw)
+    got = serve_all(base_dir, cache, tmp_path / "tp2", "delta", tensor_parallel_size=2, **kw)
+    assert got == want
+    assert want[(models[1], prompts[0])] != want[(models[0], prompts[0])]  # the delta changed something
+
+
+@needs_2_gpus
+@needs_smollm2
+def test_tp2_worker_processes_on_cuda(tmp_path):
+    """Behind a scheduler with redis-server; without one, Worker.Generate called directly."""
+    from deltazip.stack import Launcher, start_redis, stop
+    from tests.integration.test_tp_worker import check_tp2_worker, check_tp2_worker_direct
+
+    if not Path(REDIS_SERVER).is_file():
+        check_tp2_worker_direct(tmp_path, "cuda", 12)
+        return
+    redis_proc = start_redis(tmp_path / "redis")
+    launcher = Launcher(f"redis://{redis_proc.address}/0", tmp_path / "logs")
+    try:
+        check_tp2_worker(launcher, f"redis://{redis_proc.address}/0", tmp_path, "cuda", 12)
+    finally:
+        launcher.stop_all()
+        stop(redis_proc)

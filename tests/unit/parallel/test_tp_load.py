@@ -14,7 +14,8 @@ from deltazip.parallel.load import load_sharded_model
 @pytest.mark.parametrize("overrides", [
     dict(intermediate_size=128),
     dict(num_key_value_heads=1, intermediate_size=128, attention_bias=True, mlp_bias=True, tie_word_embeddings=True),
-], ids=["gqa", "replicated_kv_bias_tied"])  # fmt: skip
+    dict(num_attention_heads=3, num_key_value_heads=1, head_dim=16, intermediate_size=99, attention_bias=True),
+], ids=["gqa", "replicated_kv_bias_tied", "padded_heads"])  # fmt: skip
 def test_sliced_load_equals_full_load_then_shard(tmp_path, overrides):
     path = write_random_model(tmp_path / "m", tiny_config(**overrides))
     for rank in range(2):

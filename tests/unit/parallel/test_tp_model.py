@@ -1,4 +1,5 @@
-"""TP=2 and TP=3 on CPU (gloo, one process per rank): logits and greedy tokens equal the unsharded model."""
+"""TP=2, 3 and 4 on CPU (gloo, one process per rank), exact and padded head layouts: logits and greedy
+tokens equal the unsharded model."""
 
 from __future__ import annotations
 
@@ -38,8 +39,14 @@ def spawn_ranks(
             pytest.fail(f"TP ranks did not finish {case_names or target.__name__} within {timeout_s}s")
 
 
-def test_tp2_matches_unsharded_base_dense_and_packed_deltas_and_replicated_kv_heads():
-    spawn_ranks(2, ["gqa_base", "gqa_dense", "gqa_packed", "kv_replicated_bias_dense"])
+def test_tp2_matches_unsharded_base_dense_and_packed_deltas_and_replicated_kv_heads_and_padded_heads():
+    # smollm2_shaped (9 / 3 heads) and h3kv1 (3 / 1 heads, odd intermediate) run on padded layouts at TP=2.
+    spawn_ranks(2, ["gqa_base", "gqa_dense", "gqa_packed", "kv_replicated_bias_dense", "smollm2_shaped_dense",
+                    "h3kv1_bias_packed", "h3kv1_odd_intermediate_dense"])
+
+
+def test_tp4_padded_three_heads_one_kv_head_matches_unsharded():
+    spawn_ranks(4, ["h3kv1_bias_packed", "h3kv1_odd_intermediate_dense"])
 
 
 def test_tp3_on_smollm2_shaped_heads_matches_unsharded():
@@ -48,11 +55,23 @@ def test_tp3_on_smollm2_shaped_heads_matches_unsharded():
 
 
 def smollm2_base_dir() -> str | None:
-    """The converted SmolLM2 base when it is already cached (converting it is not this test's job)."""
+    """The converted SmolLM2 base: $DELTAZIP_BASE_DIR, else the deltazip cache when already converted
+    (converting it is not this test's job)."""
+    from pathlib import Path
+
     from deltazip.convert.base import BASE_NAME, cache_root
 
-    path = cache_root() / "models" / BASE_NAME
+    env = os.environ.get("DELTAZIP_BASE_DIR")
+    path = Path(env) if env else cache_root() / "models" / BASE_NAME
     return str(path) if (path / "config.json").is_file() else None
+
+
+@pytest.mark.skipif(smollm2_base_dir() is None, reason="SmolLM2 base not converted yet (run `make demo` once)")
+def test_tp2_padded_real_smollm2_demo_deltas_greedy_equals_unsharded():
+    # 9 query / 3 KV heads at TP=2: padded to 12 / 4 heads (one zero KV group on rank 1), exact.
+    import tp_real
+
+    spawn_ranks(2, None, target=tp_real.run_real_rank, args=(smollm2_base_dir(), "cpu", 6), timeout_s=150)
 
 
 @pytest.mark.skipif(smollm2_base_dir() is None, reason="SmolLM2 base not converted yet (run `make demo` once)")

@@ -3,6 +3,7 @@ outputs with the unsharded model (built in the same process) on dense and paged 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -11,7 +12,7 @@ from deltazip.model.context import ForwardContext
 from deltazip.model.loader import model_from_state_dict
 from deltazip.model.synthetic import random_state_dict, tiny_config
 from deltazip.parallel import TPGroup, init_tp_group, shard_delta, shard_model
-from deltazip.parallel.group import destroy_tp_group
+from deltazip.parallel.group import destroy_tp_group, quiesce
 from services.worker.engine.dense_deltas import DenseDeltaOps
 from tp_fixtures import dense_model_delta, dequantized, packed_model_delta, paged_metadata
 
@@ -19,12 +20,16 @@ GQA = tiny_config(intermediate_size=128)
 KV_REPLICATED = tiny_config(num_key_value_heads=1, intermediate_size=128, attention_bias=True, mlp_bias=True)
 SMOLLM2_SHAPED = tiny_config(hidden_size=72, num_attention_heads=9, num_key_value_heads=3, intermediate_size=192,
                              tie_word_embeddings=True)  # fmt: skip
+H3_KV1_BIAS = tiny_config(hidden_size=64, num_attention_heads=3, num_key_value_heads=1, head_dim=32,
+                          intermediate_size=96, attention_bias=True, mlp_bias=True)  # padded heads at tp 2 and 4
 CASES = {  # name -> (config, delta kind)
     "gqa_base": (GQA, None),
     "gqa_dense": (GQA, "dense"),
     "gqa_packed": (GQA, "packed"),
     "kv_replicated_bias_dense": (KV_REPLICATED, "dense"),
     "smollm2_shaped_dense": (SMOLLM2_SHAPED, "dense"),
+    "h3kv1_bias_packed": (H3_KV1_BIAS, "packed"),
+    "h3kv1_odd_intermediate_dense": (dataclasses.replace(H3_KV1_BIAS, intermediate_size=99), "dense"),
 }
 ATOL = RTOL = 1e-4
 
@@ -38,7 +43,7 @@ def run_rank(rank: int, world: int, init_method: str, case_names: list[str]) -> 
         for name in case_names:
             config, kind = CASES[name]
             check_case(tp, config, kind, name)
-        torch.distributed.barrier()  # nobody tears gloo down while a peer still talks to it
+        quiesce(tp)  # nobody tears the group down while a peer still reads a collective
     finally:
         destroy_tp_group(tp)
 
@@ -54,7 +59,7 @@ class Pair:
         self.tied = config.tie_word_embeddings
         full = None if kind is None else (dense_model_delta if kind == "dense" else packed_model_delta)(state, 7)
         self.full = None if full is None else dequantized(full, torch.float32)
-        self.shard = None if full is None else dequantized(shard_delta(full, self.plan), torch.float32)
+        self.shard = None if full is None else dequantized(shard_delta(full, self.plan, "dense"), torch.float32)
 
     def ops(self, segments, sharded: bool):
         deltas = self.shard if sharded else self.full

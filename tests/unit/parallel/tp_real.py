@@ -15,7 +15,7 @@ from deltazip.model.sampling import SamplingParams
 from deltazip.model.tokenizer import Tokenizer
 from deltazip.parallel import init_tp_group, shard_delta
 from deltazip.parallel.load import load_sharded_model
-from deltazip.parallel.group import destroy_tp_group
+from deltazip.parallel.group import destroy_tp_group, quiesce
 from services.worker.engine.dense_deltas import DenseDeltaProvider
 from services.worker.engine.engine import EngineConfig, LLMEngine
 from tp_fixtures import dequantized
@@ -56,7 +56,7 @@ def run_real_rank(
             tied = model.config.tie_word_embeddings
             plan = model.shard_plan
             packed = {d: load_delta(DEMO_DELTAS / d) for d, _ in PROMPTS if d is not None}
-            # SmolLM2 down_proj: K/3 = 512 is not a multiple of the demo's group size 96 -> dense shard.
+            # TP=3: down_proj K/3 = 512 is not a multiple of the demo's group size 96 -> dense shard.
             shards = {d: dequantized(shard_delta(p, plan, misaligned="dense"), torch.float32)
                       for d, p in packed.items()}
             shards = {d: {k: v.to(device) for k, v in s.items()} for d, s in shards.items()}
@@ -71,6 +71,6 @@ def run_real_rank(
                         for d, p in packed.items()}
                 want = greedy(ref, full, tied, prompts, max_tokens)
                 assert got == want, f"TP={world} greedy tokens {got} != unsharded {want}"
-            dist.barrier()
+            quiesce(tp)  # nobody tears the group down while a peer still reads a collective
     finally:
         destroy_tp_group(tp)

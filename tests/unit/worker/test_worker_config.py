@@ -46,3 +46,15 @@ def test_invalid_values_name_the_flag(kw, match):
 def test_advertised_address():
     assert WorkerConfig(host="127.0.0.1").address(1234) == "127.0.0.1:1234"
     assert WorkerConfig(advertise="w:1").address(1234) == "w:1"
+
+
+def test_tensor_parallel_size_flag_env_and_refusals():
+    cfg = config_from_args(["--base-dir", "/m"], env={"DELTAZIP_TENSOR_PARALLEL_SIZE": "2"})
+    assert cfg.tensor_parallel_size == 2
+    assert config_from_args(["--base-dir", "/m"], env={}).tensor_parallel_size == 1
+    with pytest.raises(ValueError, match="--tensor-parallel-size must be >= 1"):
+        WorkerConfig(base_dir="/m", tensor_parallel_size=0)
+    with pytest.raises(ValueError, match="--mode swap"):
+        WorkerConfig(base_dir="/m", tensor_parallel_size=2, mode="swap")
+    with pytest.raises(ValueError, match="--cuda-graphs 1"):
+        WorkerConfig(base_dir="/m", tensor_parallel_size=2, cuda_graphs=1)

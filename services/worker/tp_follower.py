@@ -1,0 +1,131 @@
+"""A follower rank of a tensor-parallel worker: holds its shard of the base and of every resident delta,
+and runs each engine step's forward when rank 0 says so (no scheduler, no sampling, no gRPC).
+
+Loop: receive a command from rank 0's pipe -> Step: join the step's broadcast and run the forward (the
+row-parallel all-reduces pair with rank 0's) | LoadDelta: hand to the loader thread, which shards the
+artifact from the host's disk cache into this rank's DeviceSlots and acks | DropDelta | Stop. The pipe
+closing (rank 0 gone) ends the process.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.connection import Connection
+
+import torch
+
+from deltazip.logs import configure_logging, get_logger
+from services.worker.config import WorkerConfig
+from services.worker.tp_protocol import (
+    Ack,
+    AllocateKV,
+    DropDelta,
+    LoadDelta,
+    Ready,
+    Step,
+    Stop,
+    rank_device,
+    recv_step_tensors,
+)
+
+log = get_logger("services.worker.tp_follower")
+
+
+def follower_main(rank: int, size: int, init_method: str, config: WorkerConfig, device: str,
+                  conn: Connection) -> None:
+    """Entry of follower process `rank` (spawned by rank 0 before it touches CUDA)."""
+    configure_logging(config.log_level, service="worker")
+    if device == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+    follower = Follower(rank, size, init_method, config, rank_device(device, rank), conn)
+    try:
+        follower.run()
+    except (EOFError, OSError):
+        log.warning("tp_rank0_gone", rank=rank)  # rank 0 exited: nothing left to serve
+    finally:
+        follower.close()
+
+
+class Follower:
+    def __init__(self, rank: int, size: int, init_method: str, config: WorkerConfig, device: torch.device,
+                 conn: Connection) -> None:
+        from deltazip.model.layers import NamedLinear
+        from deltazip.parallel import init_tp_group
+        from deltazip.parallel.load import load_sharded_model
+        from services.worker.device_slots import DeviceSlots
+        from services.worker.engine_adapter import kv_blocks_from_memory
+        from services.worker.modes import host_transform, select_mode
+
+        self.rank, self.device, self.conn = rank, device, conn
+        self.tp = init_tp_group(rank, size, init_method, device)
+        dtype = getattr(torch, config.dtype)
+        self.model = load_sharded_model(config.base_dir, self.tp, device, dtype)
+        linear_names = {m.hf_name + ".weight" for m in self.model.modules() if isinstance(m, NamedLinear)}
+        self.slots = DeviceSlots(config.num_device_slots, device, dtype, linear_names,
+                                 self.model.config.tie_word_embeddings)
+        self.transform = host_transform(select_mode(config.mode), None)
+        self.loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tp{rank}-loader")
+        self.send_lock = threading.Lock()
+        num_blocks = config.num_kv_blocks or kv_blocks_from_memory(self.model, config)
+        self.send(Ready(rank, num_blocks))
+        log.info("tp_follower_ready", rank=rank, device=str(device), num_kv_blocks=num_blocks)
+
+    def send(self, msg) -> None:
+        with self.send_lock:
+            self.conn.send(msg)
+
+    def run(self) -> None:
+        """Serve commands until Stop (or rank 0's pipe closes: EOFError)."""
+        while True:
+            msg = self.conn.recv()
+            if isinstance(msg, Step):
+                self.forward(msg)
+            elif isinstance(msg, LoadDelta):
+                self.settle()
+                self.loader.submit(self.load, msg)
+            elif isinstance(msg, DropDelta):
+                self.settle()
+                self.slots.drop(msg.slot)
+            elif isinstance(msg, AllocateKV):
+                self.model.allocate_kv_cache(msg.num_blocks, msg.block_size)
+            elif isinstance(msg, Stop):
+                return
+            else:
+                raise AssertionError(f"unknown TP command {msg!r}")
+
+    @torch.inference_mode()
+    def forward(self, step: Step) -> None:
+        from deltazip.model.context import ForwardContext
+        from services.worker.delta_ops import StepDeltaOps
+
+        ids, attn = recv_step_tensors(step, self.device)
+        deltas = StepDeltaOps(self.slots, step.rows) if step.rows else None
+        self.model(ids, ForwardContext(attn=attn, deltas=deltas))  # hidden states are rank 0's business
+
+    def settle(self) -> None:
+        """Steps already issued finish before a slot changes (they may still read it on the device)."""
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def load(self, cmd: LoadDelta) -> None:
+        from deltazip.artifact import load_delta
+        from deltazip.parallel import shard_delta
+
+        try:
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            tensors = self.transform(shard_delta(load_delta(cmd.path, "cpu"), self.model.shard_plan, "dense"))
+            num_bytes = self.slots.write(cmd.slot, cmd.name, tensors)
+        except Exception as exc:  # reported to rank 0, which fails the delta for its requests
+            log.exception("tp_delta_load_failed", rank=self.rank, model=cmd.name)
+            self.send(Ack(cmd.load_id, self.rank, error=f"rank {self.rank}: {exc!r}"))
+            return
+        self.send(Ack(cmd.load_id, self.rank, num_bytes))
+
+    def close(self) -> None:
+        from deltazip.parallel.group import destroy_tp_group
+
+        self.loader.shutdown(wait=True, cancel_futures=True)
+        destroy_tp_group(self.tp)
