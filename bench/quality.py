@@ -29,6 +29,7 @@ from deltazip.artifact.summary import summarize
 from deltazip.compress.config import CompressConfig
 from deltazip.compress.driver import compress_checkpoint
 from deltazip.eval.tasks import evaluate_task
+from deltazip.logs import configure_logging
 from deltazip.model.config import LlamaConfig
 from deltazip.model.loader import load_state_dict_from_dir, model_from_state_dict
 from deltazip.model.tokenizer import Tokenizer
@@ -78,16 +79,19 @@ def kept_gain(q: float, q_base: float, q_ft: float) -> float | None:
     return None if q_ft == q_base else (q - q_base) / (q_ft - q_base)
 
 
-def ratios(ft_bytes_fp16: int, shard_bytes: int, zstd_bytes: int, linear_ratio: float) -> dict:
+def ratios(ft_bytes_fp16: int, shard_bytes: int, zstd_bytes: int | None, linear_ratio: float) -> dict:
     """Whole-artifact ratios as docs/formats.md defines them: fine-tuned fp16 bytes / shard bytes on disk."""
-    return {"ratio": ft_bytes_fp16 / shard_bytes, "ratio_zstd": ft_bytes_fp16 / zstd_bytes, "linear_ratio": linear_ratio,
+    ratio_zstd = ft_bytes_fp16 / zstd_bytes if zstd_bytes else None
+    return {"ratio": ft_bytes_fp16 / shard_bytes, "ratio_zstd": ratio_zstd, "linear_ratio": linear_ratio,
             "ft_bytes_fp16": ft_bytes_fp16, "shard_bytes": shard_bytes, "zstd_bytes": zstd_bytes}  # fmt: skip
 
 
-def zstd_bytes(artifact_dir: Path) -> int:
-    """Shard bytes `--lossless zstd` would store (same level), without recompressing the delta."""
-    import zstandard
-
+def zstd_bytes(artifact_dir: Path) -> int | None:
+    """Shard bytes `--lossless zstd` would store (same level), without recompressing the delta; None without zstandard."""
+    try:
+        import zstandard
+    except ImportError:
+        return None
     cctx = zstandard.ZstdCompressor(level=_ZSTD_LEVEL, threads=-1)
     return sum(len(cctx.compress(p.read_bytes())) for p in sorted(artifact_dir.glob("delta-*.safetensors")))
 
@@ -211,12 +215,17 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def merge(paths: list[Path], out: Path) -> None:
-    """One bench/results file from per-task files (configs kept per task)."""
+def merge(paths: list[Path], out: Path) -> Path:
+    """One bench/results file from per-task files (configs kept per task); a folder `out` gets the standard name."""
     docs = [json.loads(p.read_text()) for p in paths if p.exists()]
     assert docs, f"none of {paths} exists"
+    if out.is_dir():
+        slug = docs[0]["device"].lower().replace("nvidia ", "").replace(" ", "-")
+        out = out / f"quality-{slug}-{docs[0]['date']}.json"
     config = {"tasks": {d["config"]["task"]: d["config"] for d in docs}}
     write_result(out, [r for d in docs for r in d["rows"]], config)
+    print(f"wrote {out}")
+    return out
 
 
 def _progress(task: str, name: str, seconds: float, row: dict) -> None:
@@ -260,6 +269,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    configure_logging("warning")  # compress_done lines would bury the progress lines
     if args.merge:
         merge(args.merge, args.out)
         return
