@@ -11,6 +11,7 @@ from pathlib import Path
 
 FAMILIES = ("ΔCompress 2:4", "ΔCompress dense", "ΔCompress remedies", "magnitude+RTN 2:4", "BitDelta 1-bit",
             "SparseGPT 2:4 on W_ft")  # fmt: skip
+FLOOR = -0.5  # kept gains below this are clipped in the plot (SparseGPT on W_ft can lose far more than the gain)
 METRIC_NAMES = {"exact_match": "exact match", "neg_perplexity": "perplexity"}
 
 
@@ -74,7 +75,8 @@ def table_markdown(doc: dict) -> str:
 
 
 def plot(doc: dict, out: Path) -> None:
-    """One panel per task: ratio (x, log) vs kept gain (y), one line per method; zstd ratios dotted."""
+    """One panel per task: ratio (x) vs kept gain (y), one line per method; zstd ratios dotted. Kept gains
+    below FLOOR are drawn at FLOOR with their value written beside them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -86,20 +88,26 @@ def plot(doc: dict, out: Path) -> None:
     colors = dict(zip(FAMILIES, ("tab:green", "tab:olive", "tab:cyan", "tab:orange", "tab:red", "tab:purple")))
     for ax, task in zip(axes[0], tasks):
         for fam in FAMILIES:
-            if fam in plain[task]:
-                x, y = zip(*plain[task][fam])
-                ax.plot(x, y, marker="o", color=colors[fam], label=fam, linestyle="-" if len(x) > 1 else "none")
-            if fam in zstd.get(task, {}):
-                x, y = zip(*zstd[task][fam])
-                ax.plot(x, y, marker=".", color=colors[fam], linestyle=":" if len(x) > 1 else "none", alpha=0.6)
+            for points, solid in ((plain[task].get(fam), True), (zstd.get(task, {}).get(fam), False)):
+                if not points:
+                    continue
+                x, y = zip(*points)
+                shown = [max(v, FLOOR) for v in y]
+                ax.plot(x, shown, marker="o" if solid else ".", color=colors[fam], label=fam if solid else None,
+                        linestyle=("-" if solid else ":") if len(x) > 1 else "none", alpha=1.0 if solid else 0.6)
+                for xi, yi in zip(x, y):
+                    if yi < FLOOR and solid:
+                        ax.annotate(f"{yi:.2f}", (xi, FLOOR), fontsize=7, color=colors[fam], xytext=(3, 3),
+                                    textcoords="offset points")
         ax.axhline(0.99, color="gray", linewidth=0.8, linestyle="--")
         ax.axhline(0.97, color="gray", linewidth=0.8, linestyle=":")
-        ax.set_xscale("log")
+        top = max([1.0] + [y for points in plain[task].values() for _, y in points])
+        ax.set_ylim(FLOOR - 0.05, top + 0.1)
         ax.set_title(task)
-        ax.set_xlabel("compression ratio (fp16 fine-tune bytes / artifact bytes); dotted: zstd")
+        ax.set_xlabel("ratio: fp16 fine-tune / shard bytes (dotted: zstd)")
         ax.set_ylabel("kept share of the fine-tune's gain")
         ax.grid(True, alpha=0.3)
-    axes[0][0].legend(fontsize=7, loc="lower left")
+    axes[0][0].legend(fontsize=7, loc="best")
     fig.suptitle(f"quality vs compression, {doc.get('device', '?')} {doc.get('date', '')}")
     fig.tight_layout()
     fig.savefig(out, dpi=120)

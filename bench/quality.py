@@ -63,13 +63,14 @@ SETTINGS = [
     Setting("bitdelta-1b", "bitdelta", 2, "0", None),
     Setting("sparsegpt-ft-4b-24-g96", "sparsegpt_full", 4, "2:4", 96),
     Setting("dz-3b-24-g96", "obs", 3, "2:4", 96),
-    Setting("dz-2b-24-row", "obs", 2, "2:4", None, remedy="group size: one scale per row"),
     Setting("dz-2b-dense-g96", "obs", 2, "0", 96),
+    Setting("dz-2b-24-row", "obs", 2, "2:4", None, remedy="group size: one scale per row"),
+    Setting("dz-2b-1of4-g96", "obs", 2, "1:4", 96, remedy="1:4 sparsity (for >=16x with zstd)"),
     Setting("dz-2b-24-g96-calib512", "obs", 2, "2:4", 96, nsamples=512, remedy="4x calibration samples"),
     Setting("dz-4b-dense-g96", "obs", 4, "0", 96),
     Setting("dz-3b-dense-g96", "obs", 3, "0", 96),
+    Setting("dz-2b-dense-row", "obs", 2, "0", None, remedy="dense 2-bit, one scale per row"),
     Setting("dz-2b-24-g64", "obs", 2, "2:4", 64, remedy="group size 64"),
-    Setting("dz-2b-1of4-g96", "obs", 2, "1:4", 96, remedy="1:4 sparsity (for >=16x with zstd)"),
 ]
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 
