@@ -8,6 +8,12 @@
 # Writes to $OUT (7 files at most, none nested): quality-<task>.json (rows so far, rewritten after every
 # setting), quality-<device>-<date>.json (merged), quality-<device>-<date>.png (if matplotlib is present),
 # finetune.json (loss curves), run.log. Fine-tuned checkpoints and artifacts stay in $WORK.
+#
+# Expected on one H100 (estimates, not measured): fine-tunes ~45 s each alone, run concurrently ~60-140 s;
+# per task ~15 s load + base/fine-tune scores; an OBS setting (ΔCompress, SparseGPT on W_ft) ~4.7M small
+# torch ops (counted on CPU for SmolLM2's shapes) at ~5 us each ≈ 25 s + ~4 s restore/zstd/score; magnitude+RTN
+# and BitDelta ~6 s. The three tasks run as concurrent processes, each stopping at the deadline, so the last
+# settings of bench/quality.py's list are the ones skipped if the GPU is slower than this.
 set -uo pipefail
 : "${BASE:?converted HF folder of the base}" "${DATA:?folder made by scripts/make_datasets.py}" "${OUT:?output folder}"
 STEPS=${STEPS:-300}

@@ -68,7 +68,7 @@ def test_quality_pipeline_on_tiny_model(tmp_path):
     out = tmp_path / "out" / "quality-arith.json"
     start = time.perf_counter()
     main(["--base", str(base), "--ft", str(ft), "--data", str(data), "--out", str(out), "--rows", "3",
-          "--seq-len", "32", "--work", str(tmp_path / "work"), "--device", "cpu",
+          "--seq-len", "32", "--nsamples", "32", "--work", str(tmp_path / "work"), "--device", "cpu",
           "--settings", "dz-2b-24-g96,bitdelta-1b,sparsegpt-ft-4b-24-g96,dz-3b-dense-g96"])  # fmt: skip
     assert time.perf_counter() - start < 30
     doc = json.loads(out.read_text())
