@@ -232,6 +232,9 @@ def merge(paths: list[Path], out: Path) -> Path:
 def _progress(task: str, name: str, seconds: float, row: dict) -> None:
     keys = ("ratio", "ratio_zstd", "quality", "perplexity", "kept_gain", "kept_gain_ppl", "next_line_accuracy", "skipped")
     short = {k: round(row[k], 4) if isinstance(row[k], float) else row[k] for k in keys if row.get(k) is not None}
+    if row.get("metric") == "neg_perplexity":  # quality and the ppl gain repeat perplexity and kept_gain
+        short.pop("quality", None)
+        short.pop("kept_gain_ppl", None)
     print(json.dumps({"task": task, "setting": name, "seconds": round(seconds, 1), **short}), flush=True)
 
 

@@ -66,11 +66,9 @@ def test_quality_pipeline_on_tiny_model(tmp_path):
     for name, rows in (("train", train), ("eval", held)):
         (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out" / "quality-arith.json"
-    start = time.perf_counter()
     main(["--base", str(base), "--ft", str(ft), "--data", str(data), "--out", str(out), "--rows", "3",
           "--seq-len", "32", "--nsamples", "32", "--work", str(tmp_path / "work"), "--device", "cpu",
           "--settings", "dz-2b-24-g96,bitdelta-1b,sparsegpt-ft-4b-24-g96,dz-3b-dense-g96"])  # fmt: skip
-    assert time.perf_counter() - start < 30
     doc = json.loads(out.read_text())
     assert doc["bench"] == "quality"
     rows = {r["setting"]: r for r in doc["rows"]}
