@@ -50,8 +50,10 @@ class Setting:
     remedy: str = ""
 
     def config(self, calib: str, nsamples: int, seq_len: int, device: str) -> CompressConfig:
-        return CompressConfig(method=self.method, bits=self.bits, sparsity=self.sparsity, group_size=self.group_size,
-                              nsamples=nsamples * self.calib_factor, seq_len=seq_len, calib=calib, device=device)  # fmt: skip
+        return CompressConfig(
+            method=self.method, bits=self.bits, sparsity=self.sparsity, group_size=self.group_size,
+            nsamples=nsamples * self.calib_factor, seq_len=seq_len, calib=calib, device=device,
+        )  # fmt: skip
 
 
 # Ordered by importance: a run that hits its deadline has the headline comparisons first.
@@ -88,7 +90,7 @@ def ratios(ft_bytes_fp16: int, shard_bytes: int, zstd_bytes: int | None, linear_
 
 
 def zstd_bytes(artifact_dir: Path) -> int | None:
-    """Shard bytes `--lossless zstd` would store (same level), without recompressing the delta; None without zstandard."""
+    """Shard bytes `--lossless zstd` would store (same level), without recompressing; None without zstandard."""
     try:
         import zstandard
     except ImportError:
@@ -107,8 +109,9 @@ def restored_state(base: dict[str, torch.Tensor], artifact_dir: Path) -> dict[st
             if e.shard != shard:
                 continue
             parts = {role: tensors[key].to(base[name].device) for role, key in e.keys.items()}
-            delta = DeltaTensor(name, e.kind, tuple(e.shape), e.bits, e.group_size, e.sym, **parts).dequantize(torch.float32)
-            state[name] = delta if e.absolute else base[name] + delta
+            delta = DeltaTensor(name, e.kind, tuple(e.shape), e.bits, e.group_size, e.sym, **parts)
+            dense = delta.dequantize(torch.float32)
+            state[name] = dense if e.absolute else base[name] + dense
     return state
 
 
@@ -142,8 +145,8 @@ def layer_errors(errors: dict[str, tuple[float, float | None]], worst: int = 5) 
 
 def with_gains(metrics: dict, ref: dict) -> dict:
     """A row's quality fields plus kept gain (headline metric), in perplexity and next-line accuracy."""
-    row = {"quality": metrics["quality"], "quality_base": ref["base"]["quality"], "quality_finetune": ref["ft"]["quality"],
-           "metric": metrics["metric"], "perplexity": metrics["perplexity"]}  # fmt: skip
+    row = {"quality": metrics["quality"], "quality_base": ref["base"]["quality"],
+           "quality_finetune": ref["ft"]["quality"], "metric": metrics["metric"], "perplexity": metrics["perplexity"]}
     row["kept_gain"] = kept_gain(metrics["quality"], row["quality_base"], row["quality_finetune"])
     row["kept_gain_ppl"] = kept_gain(metrics["perplexity"], ref["base"]["perplexity"], ref["ft"]["perplexity"])
     if "next_line_accuracy" in metrics:
@@ -158,12 +161,12 @@ def run_setting(s: Setting, args: argparse.Namespace, ev: Evaluator, ref: dict) 
     """Compress, measure bytes, restore, score: one result row."""
     art = args.work / f"art-{args.task}-{s.name}"
     t0 = time.perf_counter()
-    report = compress_checkpoint(args.base, args.ft, art, s.config(str(args.calib), args.nsamples, args.seq_len, args.device),
-                                 overwrite=True, progress=False)  # fmt: skip
+    cfg = s.config(str(args.calib), args.nsamples, args.seq_len, args.device)
+    report = compress_checkpoint(args.base, args.ft, art, cfg, overwrite=True, progress=False)
     compress_s = time.perf_counter() - t0
     summary = summarize(art)
     row = {"task": args.task, "setting": s.name, "method": s.method, "bits": 1 if s.method == "bitdelta" else s.bits,
-           "sparsity": s.sparsity, "group_size": s.group_size, "nsamples": args.nsamples * s.calib_factor, "remedy": s.remedy or None,
+           "sparsity": s.sparsity, "group_size": s.group_size, "nsamples": cfg.nsamples, "remedy": s.remedy or None,
            **ratios(summary["ft_bytes_fp16"], summary["shard_bytes"], zstd_bytes(art), summary["linear_ratio"]),
            "linear_bits_per_weight": summary["linear_bits_per_weight"]}  # fmt: skip
     t1 = time.perf_counter()
@@ -230,7 +233,8 @@ def merge(paths: list[Path], out: Path) -> Path:
 
 
 def _progress(task: str, name: str, seconds: float, row: dict) -> None:
-    keys = ("ratio", "ratio_zstd", "quality", "perplexity", "kept_gain", "kept_gain_ppl", "next_line_accuracy", "skipped")
+    keys = ("ratio", "ratio_zstd", "quality", "perplexity", "kept_gain", "kept_gain_ppl", "next_line_accuracy",
+            "skipped")
     short = {k: round(row[k], 4) if isinstance(row[k], float) else row[k] for k in keys if row.get(k) is not None}
     if row.get("metric") == "neg_perplexity":  # quality and the ppl gain repeat perplexity and kept_gain
         short.pop("quality", None)

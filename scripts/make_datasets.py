@@ -125,6 +125,8 @@ def _chunks(paragraphs: list[str], max_chars: int) -> list[str]:
 
 def technical_english(max_chars: int, max_train_bytes: int, max_eval_rows: int) -> tuple[list[dict], list[dict]]:
     """(page title + preceding text -> next chunk) pairs from the CMake manual; pages split train/eval by hash."""
+    if not CMAKE_HELP.is_dir():
+        raise FileNotFoundError(f"{CMAKE_HELP} not found: install the Debian package cmake-data (CMake 3.25's manual)")
     train: list[dict] = []
     held: list[dict] = []
     train_bytes = 0
