@@ -17,6 +17,7 @@ import shutil
 import statistics
 import subprocess
 import time
+import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -211,7 +212,14 @@ def run(args: argparse.Namespace) -> list[dict]:
             config.setdefault("skipped", []).append(s.name)
             continue
         t0 = time.perf_counter()
-        rows.append(run_setting(s, args, ev, ref))
+        try:
+            rows.append(run_setting(s, args, ev, ref))
+        except (RuntimeError, ValueError, AssertionError) as e:  # one failing setting must not cost the others
+            traceback.print_exc()
+            config.setdefault("failed", {})[s.name] = f"{type(e).__name__}: {e}"[:400]
+            shutil.rmtree(args.work / f"art-{args.task}-{s.name}", ignore_errors=True)
+            _progress(args.task, s.name, time.perf_counter() - t0, {"failed": config["failed"][s.name][:120]})
+            continue
         durations.append(time.perf_counter() - t0)
         _progress(args.task, s.name, durations[-1], rows[-1])
         write_result(args.out, rows, config)
@@ -234,7 +242,7 @@ def merge(paths: list[Path], out: Path) -> Path:
 
 def _progress(task: str, name: str, seconds: float, row: dict) -> None:
     keys = ("ratio", "ratio_zstd", "quality", "perplexity", "kept_gain", "kept_gain_ppl", "next_line_accuracy",
-            "skipped")
+            "skipped", "failed")
     short = {k: round(row[k], 4) if isinstance(row[k], float) else row[k] for k in keys if row.get(k) is not None}
     if row.get("metric") == "neg_perplexity":  # quality and the ppl gain repeat perplexity and kept_gain
         short.pop("quality", None)

@@ -101,3 +101,30 @@ def test_deadline_skips_settings(tmp_path):
     doc = json.loads(out.read_text())
     assert [r["setting"] for r in doc["rows"]] == ["base", "finetune"]
     assert doc["config"]["skipped"] == ["dz-2b-24-g96", "bitdelta-1b"]
+
+
+def test_a_failing_setting_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    import bench.quality as quality
+
+    torch.set_num_threads(1)
+    base, ft = _write_pair(tmp_path)
+    train, held = arithmetic(20, 2, seed=0)
+    data = tmp_path / "arith"
+    data.mkdir()
+    for name, rows in (("train", train), ("eval", held)):
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    real = quality.run_setting
+
+    def flaky(s, *args):
+        if s.name == "magrtn-2b-24-g96":
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(s, *args)
+
+    monkeypatch.setattr(quality, "run_setting", flaky)
+    out = tmp_path / "q.json"
+    main(["--base", str(base), "--ft", str(ft), "--data", str(data), "--out", str(out), "--rows", "2", "--seq-len", "32",
+          "--nsamples", "8", "--work", str(tmp_path / "w"), "--device", "cpu",
+          "--settings", "magrtn-2b-24-g96,bitdelta-1b"])  # fmt: skip
+    doc = json.loads(out.read_text())
+    assert [r["setting"] for r in doc["rows"]] == ["base", "finetune", "bitdelta-1b"]
+    assert "simulated" in doc["config"]["failed"]["magrtn-2b-24-g96"]
