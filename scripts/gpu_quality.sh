@@ -21,6 +21,7 @@ TASKS=${TASKS:-"arith python english"}
 WORK=${WORK:-/tmp/dz-quality}
 BUDGET_S=${BUDGET_S:-515}        # no setting starts that would end after this (seconds since start)
 HARD_S=${HARD_S:-545}            # quality processes are killed here; merge + plot follow (limit 570)
+FT_LIMIT_S=${FT_LIMIT_S:-300}    # a fine-tune still running then is killed and its task skipped
 ROWS=${ROWS:-100}
 SETTINGS=${SETTINGS:-}           # comma-separated names from bench/quality.py; empty = all, in its order
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} TOKENIZERS_PARALLELISM=false
@@ -38,7 +39,7 @@ for task in $TASKS; do [ -f "$DATA/$task/train.jsonl" ] || { log "no $DATA/$task
 # The three fine-tunes run at once: each is launch-bound at this size, so they overlap on one GPU.
 pids=()
 for task in $TASKS; do
-  python3 scripts/finetune.py --base "$BASE" --data "$DATA/$task" -o "$WORK/ft-$task" --steps "$STEPS" --eval-rows 0 \
+  timeout --signal=KILL "$FT_LIMIT_S" python3 scripts/finetune.py --base "$BASE" --data "$DATA/$task" -o "$WORK/ft-$task" --steps "$STEPS" --eval-rows 0 \
     > "$WORK/finetune-$task.log" 2>&1 &
   pids+=($!)
 done
