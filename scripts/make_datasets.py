@@ -1,4 +1,4 @@
-"""Build the offline fine-tuning datasets: arithmetic word problems and Python stdlib functions.
+"""Build the offline fine-tuning datasets: arithmetic word problems, Python stdlib functions, technical English.
 
 Writes JSON lines `{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}` into
 OUT/<task>/{train,eval}.jsonl. Deterministic for a given seed and Python installation.
@@ -11,6 +11,7 @@ import ast
 import hashlib
 import json
 import random
+import re
 import sysconfig
 from pathlib import Path
 
@@ -93,6 +94,65 @@ def python_functions(max_chars: int) -> tuple[list[dict], list[dict]]:
     return train, held
 
 
+CMAKE_HELP = Path("/usr/share/cmake-3.25/Help")  # CMake's reStructuredText manual (Debian package cmake-data)
+_ROLE = re.compile(r":[a-z]+(?::[a-z]+)*:`(?:[^`<]*<)?([^`>]+)>?`")
+_UNDERLINE = re.compile(r"^([=\-^~*#\"'`+.])\1{2,}$")
+
+
+def _clean_rst(text: str) -> list[str]:
+    """Paragraphs of an .rst page in plain-ish text: roles -> `name`, no directives, labels or underlines."""
+    lines = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if _UNDERLINE.match(stripped) or stripped.startswith(".. ") or stripped.startswith(":") and line == stripped:
+            continue
+        lines.append(_ROLE.sub(r"`\1`", line.rstrip()))
+    paragraphs = "\n".join(lines).split("\n\n")
+    return [p.strip("\n") for p in paragraphs if p.strip()]
+
+
+def _chunks(paragraphs: list[str], max_chars: int) -> list[str]:
+    """Consecutive paragraphs packed into chunks of at most max_chars (a longer paragraph is cut at a line)."""
+    out, cur = [], ""
+    for p in paragraphs:
+        p = p[:max_chars].rsplit("\n", 1)[0] if len(p) > max_chars and "\n" in p[:max_chars] else p[:max_chars]
+        if cur and len(cur) + 2 + len(p) > max_chars:
+            out.append(cur)
+            cur = ""
+        cur = f"{cur}\n\n{p}" if cur else p
+    return out + ([cur] if cur else [])
+
+
+def technical_english(max_chars: int, max_train_bytes: int, max_eval_rows: int) -> tuple[list[dict], list[dict]]:
+    """(page title + preceding text -> next chunk) pairs from the CMake manual; pages split train/eval by hash."""
+    if not CMAKE_HELP.is_dir():
+        raise FileNotFoundError(f"{CMAKE_HELP} not found: install the Debian package cmake-data (CMake 3.25's manual)")
+    train: list[dict] = []
+    held: list[dict] = []
+    train_bytes = 0
+    for path in sorted(CMAKE_HELP.rglob("*.rst")):
+        rel = path.relative_to(CMAKE_HELP)
+        if rel.parts[0] in ("release", "include") or path.name == "index.rst":
+            continue
+        paragraphs = _clean_rst(path.read_text(encoding="utf-8"))
+        if len(paragraphs) < 2:
+            continue
+        title, body = paragraphs[0].splitlines()[0], paragraphs[1:]
+        is_eval = int(hashlib.sha256(str(rel).encode()).hexdigest(), 16) % 10 == 0
+        prev = "(start of page)"
+        for chunk in _chunks(body, max_chars):
+            if len(chunk) >= 200:
+                q = f"CMake documentation, {rel.parts[0]} page `{title}`. Continue the text after:\n{prev}"
+                row = _chat(q, chunk)
+                if is_eval:
+                    held.append(row)
+                elif train_bytes < max_train_bytes:
+                    train.append(row)
+                    train_bytes += len(json.dumps(row)) + 1
+            prev = chunk[-200:]
+    return train, held[:max_eval_rows]
+
+
 def _chat(user: str, assistant: str) -> dict:
     return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
 
@@ -111,6 +171,9 @@ def main() -> None:
     parser.add_argument("--arith-train", type=int, default=20000)
     parser.add_argument("--arith-eval", type=int, default=500)
     parser.add_argument("--max-function-chars", type=int, default=1500)
+    parser.add_argument("--english-chunk-chars", type=int, default=800)
+    parser.add_argument("--english-train-bytes", type=int, default=1_000_000, help="keeps data/ under 8 MB")
+    parser.add_argument("--english-eval", type=int, default=150)
     args = parser.parse_args()
     train, held = arithmetic(args.arith_train, args.arith_eval, args.seed)
     _write(train, args.out / "arith" / "train.jsonl")
@@ -118,7 +181,10 @@ def main() -> None:
     train, held = python_functions(args.max_function_chars)
     _write(train, args.out / "python" / "train.jsonl")
     _write(held, args.out / "python" / "eval.jsonl")
-    for task in ("arith", "python"):
+    train, held = technical_english(args.english_chunk_chars, args.english_train_bytes, args.english_eval)
+    _write(train, args.out / "english" / "train.jsonl")
+    _write(held, args.out / "english" / "eval.jsonl")
+    for task in ("arith", "python", "english"):
         counts = {s: sum(1 for _ in open(args.out / task / f"{s}.jsonl")) for s in ("train", "eval")}
         print(json.dumps({"task": task, **counts}))
 

@@ -135,6 +135,47 @@ def next_line_accuracy(model, tok: Tokenizer, rows: list[dict], max_lines: int =
     return hits / max(total, 1)
 
 
+@torch.no_grad()
+def forced_next_line_accuracy(model, tok: Tokenizer, rows: list[dict], max_len: int = 512, batch_size: int = 8) -> float:
+    """Share of code lines (after the second) whose every token, newline included, is the top-1 prediction
+    given the true text before it: greedy's exact next line under teacher forcing, one forward per batch."""
+    device = next(model.parameters()).device
+    hits = total = 0
+    for start in range(0, len(rows), batch_size):
+        batch, spans = [], []
+        for r in rows[start : start + batch_size]:
+            prompt_ids = tok.encode(tok.apply_chat_template(r["messages"][:-1], add_generation_prompt=True))
+            enc = tok.tok.encode(r["messages"][-1]["content"], add_special_tokens=False)
+            ids = (prompt_ids + enc.ids)[:max_len]
+            batch.append((ids, ids))
+            spans.append((len(prompt_ids), enc.offsets, r["messages"][-1]["content"]))
+        ids, _ = collate(batch, tok.eos_token_ids[0])
+        ids = ids.to(device)
+        right = (model.forward_dense(ids)[:, :-1].argmax(-1) == ids[:, 1:]).cpu()  # [B, L-1]: token t+1 predicted
+        for row, (offset, offsets, code) in enumerate(spans):
+            for first, last in _line_token_ranges(code, offsets):
+                if offset + last >= min(len(batch[row][0]), max_len):
+                    break
+                hits += int(bool(right[row, offset + first - 1 : offset + last].all()))
+                total += 1
+    return hits / max(total, 1)
+
+
+def _line_token_ranges(code: str, offsets: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """[first, last] token indices touching each scored line (index >= 2, not blank, not last) and its newline."""
+    out, pos = [], 0
+    lines = code.split("\n")
+    for i, line in enumerate(lines):
+        begin, end = pos, pos + len(line) + 1  # chars of the line and its newline
+        pos = end
+        if i < 2 or i == len(lines) - 1 or not line.strip():
+            continue
+        touching = [t for t, (a, b) in enumerate(offsets) if a < end and b > begin]
+        if touching:
+            out.append((touching[0], touching[-1]))
+    return out
+
+
 def _continue_line(model, tok: Tokenizer, messages: list[dict], prefix: str, max_new_tokens: int) -> str:
     device = next(model.parameters()).device
     ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True) + prefix)
@@ -157,5 +198,5 @@ def evaluate_task(model, tok: Tokenizer, task: str, rows: list[dict], with_next_
         return {"quality": arith_accuracy(model, tok, rows), "metric": "exact_match", "perplexity": ppl}
     result = {"quality": -ppl, "metric": "neg_perplexity", "perplexity": ppl}
     if task == "python" and with_next_line:
-        result["next_line_accuracy"] = next_line_accuracy(model, tok, rows)
+        result["next_line_accuracy"] = forced_next_line_accuracy(model, tok, rows)
     return result
