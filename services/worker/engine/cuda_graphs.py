@@ -36,6 +36,7 @@ class DecodeGraphs:
         self.max_segments = max_segments  # segments a delta graph holds (0 = base-only graphs)
         self.graph_deltas: GraphDeltaOps | None = None
         self._supported: tuple[tuple[int, int], bool] | None = None  # graph_supported per stack layout
+        self._retired: list[GraphDeltaOps | None] = []
         self.block_size = block_size
         self.spare_block = spare_block  # KV block that padded rows write; no sequence owns it
         self.sizes = graph_batch_sizes(max_num_seqs)
@@ -78,8 +79,9 @@ class DecodeGraphs:
         """The static delta tensors for the current stack layout; a new layout drops the old delta graphs."""
         current = self.graph_deltas
         if current is None or current.slots is not slots or current.layout_version != slots.layout_version:
-            if current is not None:
-                self.graphs = {k: v for k, v in self.graphs.items() if k[2] == 0}
+            # Graphs of older layouts stay (never replayed again: versions only grow). Destroying graphs that
+            # share one memory pool while others capture is what the caching allocator asserts on.
+            self._retired.append(current)  # their captured kernels read its index tensors
             self.graph_deltas = GraphDeltaOps(slots, self.sizes[-1], self.max_segments)
         return self.graph_deltas
 
@@ -100,7 +102,8 @@ class DecodeGraphs:
                 self.model(self.input_ids[:b], self._ctx(b, ctx_len, deltas, hint))
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: the residency threads may pin host memory or copy on their own streams meanwhile
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             out = self.model(self.input_ids[:b], self._ctx(b, ctx_len, deltas, hint))
         self.pool = graph.pool()
         self.graphs[(b, ctx_len, layout, rows_hint)] = (graph, out)

@@ -15,7 +15,10 @@ import torch
 from deltazip.model.context import AttentionMetadata, DeltaOps, ForwardContext
 from deltazip.model.llama import LlamaForCausalLM
 from deltazip.model.sampling import Sampler
+from deltazip.logs import get_logger
 from services.worker.engine.sequence import Sequence
+
+log = get_logger(__name__)
 
 Segments = list[tuple[str | None, int]]  # (delta name or None for base, number of rows), in row order
 DeltaOpsProvider = Callable[[Segments], DeltaOps | None]
@@ -127,9 +130,14 @@ class ModelRunner:
             return []
         step = self.prepare(items)
         ctx = ForwardContext(attn=step.attn, deltas=self._deltas(step.token_segments))
+        hidden = None
         if self._graph_ok(items, ctx):
-            hidden = self.graphs.run(step.input_ids, step.attn, ctx.deltas)  # [T, hidden], T = number of sequences
-        else:
+            try:
+                hidden = self.graphs.run(step.input_ids, step.attn, ctx.deltas)  # [T, hidden], T = sequences
+            except RuntimeError as exc:  # a capture that fails must not stop serving: eager from now on
+                log.error("cuda_graphs_disabled", error=str(exc)[:500])
+                self.graphs = None
+        if hidden is None:
             hidden = self.model(step.input_ids, ctx)  # [T, hidden]
         out: list[int | None] = [None] * len(items)
         if not step.sample_rows:
