@@ -13,7 +13,7 @@ from deltazip.rpc.options import CHUNK_BYTES
 from deltazip.v1 import common_pb2, delta_store_pb2, delta_store_pb2_grpc
 from services.delta_store import fetch
 from services.delta_store.catalog import describe
-from services.delta_store.manifest import read_summary
+from services.delta_store.manifest import check_listed_files, read_summary
 from services.delta_store.push import PushSession
 from services.delta_store.storage import MANIFEST, DeltaStorage, StoredFile
 
@@ -80,6 +80,7 @@ class DeltaStoreServicer(delta_store_pb2_grpc.DeltaStoreServicer):
                 await in_thread(session.write, chunk.path, chunk.offset, chunk.data)
             await in_thread(session.finish)
             read_summary(session.staging / MANIFEST)  # reject an unreadable manifest before it becomes visible
+            check_listed_files(session.staging / MANIFEST, {f.path: (f.size, f.sha256) for f in session.files})
             await in_thread(self.storage.commit, session.staging, session.name, session.files, overwrite)
             committed = True
         finally:
