@@ -51,7 +51,10 @@ def check_listed_files(path: Path, pushed: dict[str, tuple[int, str]]) -> None:
     `pushed` maps each pushed path to its verified (size, sha256); a manifest that lies would only fail later,
     when a worker loads the delta, so it is refused before anything becomes visible.
     """
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidArgument(f"manifest.json is not valid JSON ({exc}); push the folder written by `deltazip compress`") from None
     for section, prefix in (("shards", ""), ("files", "files/")):
         entries = data.get(section) if isinstance(data, dict) else None
         if not isinstance(entries, dict):
