@@ -1,6 +1,7 @@
 """DeltaStore servicer: translates protos to storage calls and keeps the Redis registry in step."""
 
 import asyncio
+import errno
 from collections.abc import Callable
 
 from redis.exceptions import RedisError
@@ -8,7 +9,7 @@ from redis.exceptions import RedisError
 from deltazip.cluster.models import ModelRecord, ModelRegistry
 from deltazip import metrics
 from deltazip.logs import bind_request, get_logger, new_request_id
-from deltazip.rpc.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable, rpc_method
+from deltazip.rpc.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted, Unavailable, rpc_method
 from deltazip.rpc.options import CHUNK_BYTES
 from deltazip.v1 import common_pb2, delta_store_pb2, delta_store_pb2_grpc
 from services.delta_store import fetch
@@ -18,6 +19,8 @@ from services.delta_store.push import PushSession
 from services.delta_store.storage import MANIFEST, DeltaStorage, StoredFile
 
 log = get_logger("delta_store")
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no room left, quota, file size limit
 
 
 def model_info(record: ModelRecord) -> common_pb2.ModelInfo:
@@ -62,9 +65,16 @@ class DeltaStoreServicer(delta_store_pb2_grpc.DeltaStoreServicer):
                     f"model {header.name!r} already exists; delete it with `deltazip delete {header.name}` or push with --overwrite"
                 )
             files = [StoredFile(f.path, f.size, f.sha256.lower()) for f in header.files]
-            session = PushSession(self.storage, header.name, files, self.max_artifact_bytes)
-            log.info("push_started", num_files=len(files), num_bytes=sum(f.size for f in files))
-            record = await self._receive_and_commit(session, requests, header.overwrite)
+            try:
+                session = PushSession(self.storage, header.name, files, self.max_artifact_bytes)
+                log.info("push_started", num_files=len(files), num_bytes=sum(f.size for f in files))
+                record = await self._receive_and_commit(session, requests, header.overwrite)
+            except OSError as exc:
+                if exc.errno not in DISK_FULL:
+                    raise
+                raise ResourceExhausted(
+                    f"the store ran out of disk space ({exc.strerror}) while writing {header.name!r}; nothing was "
+                    "stored: free space under its --root or push to another store") from None
             await self._register(record)
             log.info("push_committed", num_bytes=session.num_bytes)
             metrics.STORE_BYTES.labels("push").inc(session.num_bytes)
