@@ -1,8 +1,10 @@
 """Bounded soak of the CPU stack: a fixed number of requests through the SDK (gRPC) and the gateway (HTTP).
 
 Samples every service's RSS and open file descriptors and Redis's key counts (by documented key pattern) as
-the requests go, and checks what a long-running cluster needs: memory flat within 10% after warm-up, no fd
-growth, no Redis keys without their documented TTL (request records expire after REQUEST_TTL_S), p99 latency.
+the requests go, and checks what a long-running cluster needs: memory of each DeltaZip service flat within 10%
+after warm-up, no fd growth, no Redis keys without their documented TTL, p99 latency. Redis itself grows by one
+request record per request until records start expiring (REQUEST_TTL_S); the summary gives bytes per record and
+the steady state that implies at the measured rate.
 
     python -m bench.soak --num-requests 3000            # starts redis + store + worker + scheduler + gateway
 Writes bench/results/soak-cpu-<date>.json ({bench, device, commit, date, config, summary, rows}); the short
@@ -161,6 +163,10 @@ def summarize(cfg: SoakConfig, samples: list[Sample], state: SoakState, wall_s: 
     warm = next(s for s in samples if s.requests_done >= cfg.warmup_fraction * cfg.num_requests)
     after = [s for s in samples if s.requests_done >= warm.requests_done]
     rss_growth = {n: round(max(s.rss_mb[n] for s in after) / warm.rss_mb[n] - 1, 4) for n in warm.rss_mb}
+    services = [n for n in rss_growth if n != "redis"]  # Redis grows by design: one record per request, 1 h TTL
+    num_keys = [s.redis_keys.get("dz:request:<request_id>", 0) for s in (warm, samples[-1])]
+    bytes_per_key = (samples[-1].redis_used_mb - warm.redis_used_mb) * 2**20 / max(1, num_keys[1] - num_keys[0])
+    rate = len(state.latencies_ms) / wall_s
     fd_growth = {n: max(s.fds[n] for s in after) - warm.fds[n] for n in warm.fds}
     last = samples[-1]
     static = {p: c for p, c in last.redis_keys.items() if p != "dz:request:<request_id>"}
@@ -171,7 +177,10 @@ def summarize(cfg: SoakConfig, samples: list[Sample], state: SoakState, wall_s: 
         "e2e_p50_ms": round(percentile(state.latencies_ms, 50), 2),
         "e2e_p99_ms": round(percentile(state.latencies_ms, 99), 2),
         "e2e_max_ms": round(max(state.latencies_ms, default=0.0), 2),
-        "rss_growth_after_warmup": rss_growth, "rss_flat": all(g <= RSS_SLACK for g in rss_growth.values()),
+        "rss_growth_after_warmup": rss_growth, "rss_flat": all(rss_growth[n] <= RSS_SLACK for n in services),
+        "redis_bytes_per_request_record": round(bytes_per_key, 1),
+        # steady state once records start expiring: arrivals/s x REQUEST_TTL_S records
+        "redis_steady_state_mb_at_this_rate": round(rate * keys.REQUEST_TTL_S * bytes_per_key / 2**20, 1),
         "fd_growth_after_warmup": fd_growth, "fds_flat": all(g <= FD_SLACK for g in fd_growth.values()),
         "request_keys": num_request_keys, "request_keys_without_ttl": sum(t < 0 for t in ttls),
         "request_key_ttl_max_s": max(ttls, default=0), "undocumented_keys": last.redis_keys.get("?", 0),

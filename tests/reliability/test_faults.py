@@ -162,12 +162,30 @@ def test_redis_restart_with_aof_keeps_registry_and_recovers(fstack):
             done = fstack.generate("ft-b", "hello world", scheduler=1)
             break
         except UnavailableError as exc:  # workers re-publish their heartbeat within --heartbeat-s
+            assert "Redis" not in exc.message, f"Redis is back but a service did not reconnect: {exc}"
             last = exc
             time.sleep(0.2)
     else:
         raise AssertionError(f"stack did not recover after the Redis restart: {last}")
     assert done.token_ids == fstack.reference("ft-b", "hello world")
     assert fstack.r.smembers(keys.workers()) >= {"w0", "w1"} or fstack.r.exists(keys.worker("w0"))
+
+
+def test_redis_restart_without_its_data_is_rebuilt(fstack):
+    """Redis comes back empty (no persistence, or a lost AOF): the stores re-register the models on their disks and
+    the workers re-publish the base and their heartbeats, so the stack serves again without any restart."""
+    fstack.redis.popen.send_signal(signal.SIGKILL)
+    fstack.redis.popen.wait(10)
+    time.sleep(0.8)  # a few failed heartbeats
+    fstack.redis = start_redis(fstack.root / "redis-empty", port=fstack.redis_port, appendonly=False)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and not ({"ft-a", "ft-x"} <= fstack.r.smembers(keys.models())
+                                               and fstack.r.exists(keys.base())):
+        time.sleep(0.1)
+    assert {"ft-a", "ft-b", "ft-x", "ft-y"} <= fstack.r.smembers(keys.models()) and fstack.r.exists(keys.base())
+    time.sleep(0.5)  # worker heartbeats
+    done = fstack.generate("ft-a", "hello world", scheduler=1)  # no retry: every client reconnected by itself
+    assert done.token_ids == fstack.reference("ft-a", "hello world")
 
 
 def test_scheduler_kill_fails_only_its_streams(fstack):
@@ -215,6 +233,7 @@ def test_worker_kill_mid_stream(fstack):
         fstack.workers[int(victim[1])].popen.send_signal(signal.SIGKILL)
         results = [f.result(timeout=120) for f in futures]
     records = [fstack.r.hgetall(keys.request(f"wkill-{i}")) for i in range(6)]
+    assert all(records), f"a request left no record: {results}"
     ok = [i for i, r in enumerate(results) if not isinstance(r, Exception)]
     for i in ok:
         assert results[i].token_ids == fstack.reference("ft-b", prompts[i], 64), i
