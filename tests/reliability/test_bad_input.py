@@ -7,6 +7,7 @@ keeps serving good requests afterwards.
 
 import http.client
 import json
+import time
 from pathlib import Path
 
 import grpc
@@ -51,10 +52,15 @@ def test_scheduler_refuses_bad_requests_precisely(shared_stack, model, prompt, s
 
 
 def test_oversize_messages_and_prompts(shared_stack):
-    """A 1 MiB prompt is measured against the context (INVALID_ARGUMENT); one over the 16 MiB message limit is
-    RESOURCE_EXHAUSTED by gRPC itself, naming both sizes."""
-    err = sched_error(shared_stack, "ft-a", "y" * MiB)
-    assert err.code.name == "INVALID_ARGUMENT" and "context limit" in err.message
+    """A 1 MiB prompt is refused against the context (INVALID_ARGUMENT) without being tokenized: tokenizing it
+    would hold the worker's GIL for seconds and let its heartbeat expire (every request on it would be cut);
+    one over the 16 MiB message limit is RESOURCE_EXHAUSTED by gRPC itself, naming both sizes."""
+    start = time.monotonic()
+    for _ in range(3):
+        err = sched_error(shared_stack, "ft-a", "y" * MiB)
+        assert err.code.name == "INVALID_ARGUMENT" and "context limit" in err.message, str(err)
+    assert time.monotonic() - start < 3.0
+    assert shared_stack.r.exists("dz:worker:w0"), "the worker's heartbeat expired while it read the prompt"
     err = sched_error(shared_stack, "ft-a", "z" * (17 * MiB))
     assert err.code.name == "RESOURCE_EXHAUSTED" and "larger than max" in err.message, str(err)
 

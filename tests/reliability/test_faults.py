@@ -179,7 +179,7 @@ def test_redis_restart_without_its_data_is_rebuilt(fstack):
     time.sleep(0.8)  # a few failed heartbeats
     fstack.redis = start_redis(fstack.root / "redis-empty", port=fstack.redis_port, appendonly=False)
     deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and not ({"ft-a", "ft-x"} <= fstack.r.smembers(keys.models())
+    while time.monotonic() < deadline and not ({"ft-a", "ft-b", "ft-x", "ft-y"} <= fstack.r.smembers(keys.models())
                                                and fstack.r.exists(keys.base())):
         time.sleep(0.1)
     assert {"ft-a", "ft-b", "ft-x", "ft-y"} <= fstack.r.smembers(keys.models()) and fstack.r.exists(keys.base())
