@@ -209,3 +209,42 @@ def test_atheris_manifest_parsers(tmp_path):
                           capture_output=True, text=True, timeout=60, cwd=tmp_path,
                           env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+json_scalars = st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats() | st.text(max_size=20)
+openai_bodies = st.one_of(
+    json_values,
+    st.fixed_dictionaries({"model": st.sampled_from(["ft-a", "tiny-base", "nope", "../x", ""]) | json_scalars}, optional={
+        "prompt": json_values, "messages": st.lists(st.dictionaries(st.sampled_from(["role", "content", "name"]),
+                                                                     json_values, max_size=3), max_size=3) | json_values,
+        "max_tokens": st.sampled_from([0, 1, 2, -1, 10**12]) | json_scalars, "temperature": json_scalars,
+        "top_p": json_scalars, "top_k": json_scalars, "seed": json_scalars, "stop": json_values, "n": json_scalars,
+        "stream": json_scalars, "stream_options": json_values, "min_tokens": json_scalars, "ignore_eos": json_scalars,
+        "logprobs": json_scalars, "best_of": json_scalars, "max_completion_tokens": json_scalars}))
+
+
+def test_fuzz_gateway_http(shared_stack):
+    """Random JSON bodies to both generation routes: a 2xx or a 4xx in OpenAI's error shape, never a 5xx."""
+    import http.client
+
+    host, port = shared_stack.gateway.address.split(":")
+
+    @FUZZ
+    @given(body=openai_bodies, chat=st.booleans())
+    def one(body, chat):
+        if isinstance(body, dict) and isinstance(body.get("max_tokens"), int) and body["max_tokens"] > 4:
+            body["max_tokens"] = 4  # keep valid requests short
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        try:
+            conn.request("POST", "/v1/chat/completions" if chat else "/v1/completions", json.dumps(body),
+                         {"Content-Type": "application/json"})
+            reply = conn.getresponse()
+            raw = reply.read()
+        finally:
+            conn.close()
+        assert reply.status < 500, (reply.status, raw[:500], body)
+        if reply.status >= 400:
+            error = json.loads(raw)["error"]
+            assert error["message"] and "Traceback" not in error["message"]
+
+    one()
