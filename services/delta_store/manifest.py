@@ -54,7 +54,8 @@ def check_listed_files(path: Path, pushed: dict[str, tuple[int, str]]) -> None:
     try:
         data = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidArgument(f"manifest.json is not valid JSON ({exc}); push the folder written by `deltazip compress`") from None
+        raise InvalidArgument(
+            f"manifest.json is not valid JSON ({exc}); push the folder written by `deltazip compress`") from None
     for section, prefix in (("shards", ""), ("files", "files/")):
         entries = data.get(section) if isinstance(data, dict) else None
         if not isinstance(entries, dict):

@@ -15,7 +15,7 @@ import pytest
 
 from deltazip.client import Client
 from deltazip.client.errors import DeltaZipError
-from deltazip.v1 import common_pb2, delta_store_pb2, delta_store_pb2_grpc, scheduler_pb2, worker_pb2, worker_pb2_grpc
+from deltazip.v1 import delta_store_pb2, delta_store_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 pytestmark = pytest.mark.timeout(120)
 

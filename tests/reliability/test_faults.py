@@ -11,7 +11,6 @@ streamed requests with a retryable UNAVAILABLE while its queued ones are re-rout
 """
 
 import concurrent.futures
-import shutil
 import signal
 import time
 from pathlib import Path
