@@ -141,14 +141,21 @@ def test_corrupt_shard_in_worker_disk_cache_is_refetched(fstack):
 
 
 def test_redis_restart_with_aof_keeps_registry_and_recovers(fstack):
-    """Redis is killed (-9) and restarted on the same port with its AOF: the model registry is intact, requests
-    during the outage fail with UNAVAILABLE naming Redis, and once it is back every service reconnects by itself
-    and requests complete with the right tokens."""
+    """Redis is killed (-9) while a request streams, and restarted on the same port with its AOF: the streaming
+    request still completes (all tokens, OK: relaying needs no Redis); the model registry is intact; requests
+    during the outage fail with UNAVAILABLE naming Redis; once it is back every service reconnects by itself and
+    requests complete with the right tokens."""
     before = fstack.r.smembers(keys.models())
     assert {"ft-a", "ft-b", "ft-x", "ft-y"} <= before
     time.sleep(1.2)  # appendfsync everysec: what was written a second ago is on disk
-    fstack.redis.popen.send_signal(signal.SIGKILL)
-    fstack.redis.popen.wait(10)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        streaming = pool.submit(fstack.generate, "ft-b", "DeltaZip", 1, 160, request_id="redis-dies")
+        deadline = time.monotonic() + 30
+        while fstack.r.hget(keys.request("redis-dies"), "state") != "running" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        fstack.redis.popen.send_signal(signal.SIGKILL)
+        fstack.redis.popen.wait(10)
+        assert streaming.result(timeout=60).token_ids == fstack.reference("ft-b", "DeltaZip", 160)
     with pytest.raises(UnavailableError) as err:
         fstack.generate("ft-a", "a")
     assert "Redis" in err.value.message
