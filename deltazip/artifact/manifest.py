@@ -115,8 +115,8 @@ def read_manifest(artifact_dir: str | os.PathLike) -> Manifest:
         raise ArtifactError(f"{artifact_dir}: no {MANIFEST_FILE}; is this a delta artifact made by `deltazip compress`?")
     try:
         return Manifest.from_json(path.read_text())
-    except (json.JSONDecodeError, TypeError, KeyError) as exc:
-        raise ArtifactError(f"{path}: malformed manifest ({exc})") from exc
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:  # bad JSON or UTF-8, wrong types, missing keys
+        raise ArtifactError(f"{path}: malformed manifest ({type(exc).__name__}: {exc})") from exc
 
 
 def _drop_none(d: dict) -> dict:

@@ -1,5 +1,6 @@
 """Model registry: registered fine-tunes (written by the delta store) and the cluster's base model."""
 
+import re
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -8,6 +9,10 @@ from deltazip.cluster import keys
 from deltazip.cluster.connection import now_ms
 from deltazip.cluster.records import from_hash, to_hash
 from deltazip.security.principal import Ownership
+
+# What a fine-tune may be called (the delta store refuses other names): never a path, never hidden.
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+MODEL_NAME_RULE = "1-128 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit"
 
 
 @dataclass(frozen=True, slots=True)

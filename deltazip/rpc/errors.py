@@ -9,6 +9,7 @@ from redis.exceptions import RedisError
 
 from deltazip import metrics
 from deltazip.logs import get_logger
+from deltazip.rpc.malformed import MalformedRequest
 
 log = get_logger("deltazip.rpc")
 
@@ -80,6 +81,7 @@ def rpc_method(fn: Callable) -> Callable:
         @functools.wraps(fn)
         async def stream(self, request, context):
             try:
+                request = _checked(request)
                 async for item in fn(self, request, context):
                     yield item
                 _count(name, "OK")
@@ -94,7 +96,7 @@ def rpc_method(fn: Callable) -> Callable:
     @functools.wraps(fn)
     async def unary(self, request, context):
         try:
-            reply = await fn(self, request, context)
+            reply = await fn(self, _checked(request), context)
             _count(name, "OK")
             return reply
         except Exception as exc:  # noqa: BLE001  (only ServiceError/RedisError are translated; others re-raise)
@@ -104,6 +106,22 @@ def rpc_method(fn: Callable) -> Callable:
             await context.abort(error.code, error.message)
 
     return unary
+
+
+def _checked(request):
+    """The request, or INVALID_ARGUMENT when it did not parse (a request stream is checked message by message)."""
+    if isinstance(request, MalformedRequest):
+        raise InvalidArgument(request.message())
+    if hasattr(request, "__aiter__"):
+        return _checked_stream(request)
+    return request
+
+
+async def _checked_stream(requests):
+    async for request in requests:
+        if isinstance(request, MalformedRequest):
+            raise InvalidArgument(request.message())
+        yield request
 
 
 def _count(qualname: str, code: str) -> None:

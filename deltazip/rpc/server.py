@@ -10,6 +10,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from deltazip.logs import get_logger
+from deltazip.rpc.malformed import MalformedRequestInterceptor
 from deltazip.rpc.options import MAX_MESSAGE_BYTES, server_options
 from deltazip.security.tls import PLAINTEXT, TlsSettings, is_loopback, server_credentials
 
@@ -38,7 +39,8 @@ class RpcServer:
         self.bind = bind
         self.tls = tls
         self.registrations = registrations
-        self.server = grpc.aio.server(options=server_options(max_message_bytes))
+        self.server = grpc.aio.server(options=server_options(max_message_bytes),
+                                      interceptors=[MalformedRequestInterceptor()])
         self.health = health.aio.HealthServicer()
         self.port = 0
         self._stopped = asyncio.Event()

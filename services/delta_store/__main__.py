@@ -57,11 +57,24 @@ async def serve(config: StoreConfig) -> None:
     stores = StoreRegistry(redis, ttl_s=config.heartbeat_ttl_s)
     record = StoreRecord(config.store_id, address, root=str(storage.root), started_ms=int(time.time() * 1000))
     stop = asyncio.Event()
-    beat = asyncio.create_task(heartbeat_loop(lambda: stores.heartbeat(record), config.heartbeat_s, stop))
+    needs_sync = num_synced == 0 and bool(storage.names())  # the start-up sync may have failed
+
+    async def beat() -> None:
+        nonlocal needs_sync
+        try:
+            await stores.heartbeat(record)
+        except (RedisError, OSError):
+            needs_sync = True  # Redis may come back without its data: re-register what is on disk then
+            raise
+        if needs_sync:
+            log.info("registry_synced", num_synced=await sync_registry(storage, registry, config.store_id))
+            needs_sync = False
+
+    beat_task = asyncio.create_task(heartbeat_loop(beat, config.heartbeat_s, stop))
 
     async def on_shutdown() -> None:
         stop.set()
-        await beat
+        await beat_task
         try:
             await stores.unregister(config.store_id)
         except RedisError as exc:

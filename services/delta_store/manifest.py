@@ -45,6 +45,35 @@ def read_summary(path: Path) -> ManifestSummary:
     )
 
 
+def check_listed_files(path: Path, pushed: dict[str, tuple[int, str]]) -> None:
+    """Every shard and file manifest.json lists was pushed with the size and sha256 it states, else INVALID_ARGUMENT.
+
+    `pushed` maps each pushed path to its verified (size, sha256); a manifest that lies would only fail later,
+    when a worker loads the delta, so it is refused before anything becomes visible.
+    """
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidArgument(
+            f"manifest.json is not valid JSON ({exc}); push the folder written by `deltazip compress`") from None
+    for section, prefix in (("shards", ""), ("files", "files/")):
+        entries = data.get(section) if isinstance(data, dict) else None
+        if not isinstance(entries, dict):
+            continue
+        for name, entry in entries.items():
+            if not isinstance(entry, dict):
+                raise InvalidArgument(f"manifest.json {section}[{name!r}] must be an object with size and sha256")
+            got = pushed.get(f"{prefix}{name}")
+            if got is None:
+                raise InvalidArgument(f"manifest.json lists {prefix}{name} but the push does not include it; "
+                                      "push the whole folder written by `deltazip compress`")
+            if entry.get("size") != got[0] or entry.get("sha256") != got[1]:
+                raise InvalidArgument(
+                    f"manifest.json says {prefix}{name} has size {entry.get('size')!r} and sha256 "
+                    f"{entry.get('sha256')!r}, but {got[0]} bytes with sha256 {got[1]} were pushed; the artifact "
+                    "was changed after `deltazip compress` wrote it, compress it again")
+
+
 def describe_compression(config) -> str:
     """A short label such as "4bit-2:4-g128" or "dense-fp16" from the manifest's compression entry."""
     if isinstance(config, str):

@@ -72,7 +72,10 @@ class PushSession:
         """Close everything and remove the staging dir."""
         for writer in self.writers.values():
             if writer.handle is not None:
-                writer.handle.close()
+                try:
+                    writer.handle.close()
+                except OSError:  # e.g. flushing onto a full disk: the file is discarded anyway
+                    pass
                 writer.handle = None
         self.storage.discard(self.staging)
 

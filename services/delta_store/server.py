@@ -1,6 +1,7 @@
 """DeltaStore servicer: translates protos to storage calls and keeps the Redis registry in step."""
 
 import asyncio
+import errno
 from collections.abc import Callable
 
 from redis.exceptions import RedisError
@@ -9,18 +10,20 @@ from deltazip.cluster.models import ModelRecord, ModelRegistry
 from deltazip import metrics
 from deltazip.logs import bind_request, get_logger, new_request_id
 from deltazip.rpc.auth import Authenticator
-from deltazip.rpc.errors import InvalidArgument, NotFound, Unavailable, rpc_method
+from deltazip.rpc.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable, rpc_method
 from deltazip.rpc.options import CHUNK_BYTES
 from deltazip.v1 import common_pb2, delta_store_pb2, delta_store_pb2_grpc
 from deltazip.security.principal import Ownership, Principal, Scope, can_see
 from services.delta_store import fetch
 from services.delta_store.access import check_delete, check_push, check_visible, not_in_store
 from services.delta_store.catalog import describe
-from services.delta_store.manifest import read_summary
+from services.delta_store.manifest import check_listed_files, read_summary
 from services.delta_store.push import PushSession
 from services.delta_store.storage import MANIFEST, DeltaStorage, StoredFile
 
 log = get_logger("delta_store")
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no room left, quota, file size limit
 
 
 def model_info(record: ModelRecord) -> common_pb2.ModelInfo:
@@ -79,9 +82,17 @@ class DeltaStoreServicer(delta_store_pb2_grpc.DeltaStoreServicer):
         with bind_request(new_request_id(), model=header.name, tenant=principal.tenant):
             owner = check_push(principal, header.name, self._owner(header.name), header.overwrite, header.shared)
             files = [StoredFile(f.path, f.size, f.sha256.lower()) for f in header.files]
-            session = PushSession(self.storage, header.name, files, self.max_artifact_bytes)
-            log.info("push_started", num_files=len(files), num_bytes=sum(f.size for f in files), shared=owner.shared)
-            record = await self._receive_and_commit(session, requests, header.overwrite, principal, header.shared)
+            try:
+                session = PushSession(self.storage, header.name, files, self.max_artifact_bytes)
+                log.info("push_started", num_files=len(files), num_bytes=sum(f.size for f in files),
+                         shared=owner.shared)
+                record = await self._receive_and_commit(session, requests, header.overwrite, principal, header.shared)
+            except OSError as exc:
+                if exc.errno not in DISK_FULL:
+                    raise
+                raise ResourceExhausted(
+                    f"the store ran out of disk space ({exc.strerror}) while writing {header.name!r}; nothing was "
+                    "stored: free space under its --root or push to another store") from None
             await self._register(record)
             log.info("push_committed", num_bytes=session.num_bytes)
             metrics.STORE_BYTES.labels("push").inc(session.num_bytes)
@@ -98,6 +109,7 @@ class DeltaStoreServicer(delta_store_pb2_grpc.DeltaStoreServicer):
                 await in_thread(session.write, chunk.path, chunk.offset, chunk.data)
             await in_thread(session.finish)
             read_summary(session.staging / MANIFEST)  # reject an unreadable manifest before it becomes visible
+            check_listed_files(session.staging / MANIFEST, {f.path: (f.size, f.sha256) for f in session.files})
             # checked again right before the rename: another tenant may have taken the name meanwhile
             owner = check_push(principal, session.name, self._owner(session.name), overwrite, shared)
             await in_thread(self.storage.commit, session.staging, session.name, session.files, overwrite, owner)

@@ -69,9 +69,11 @@ def _request(body: dict, prompt: str | None, messages: list[dict] | None, defaul
             raise RequestError(f"'{unsupported}' is not supported by DeltaZip", unsupported)
     if body.get("best_of") not in (None, 1):
         raise RequestError("only best_of = 1 is supported", "best_of")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens")) or default_max_tokens
+    max_tokens = _number(body.get("max_completion_tokens", body.get("max_tokens")), "max_tokens", int)
+    if max_tokens == 0:
+        raise RequestError("'max_tokens' must be at least 1 (omit it for the default)", "max_tokens")
     sampling = {
-        "max_tokens": _number(max_tokens, "max_tokens", int),
+        "max_tokens": max_tokens or default_max_tokens,
         "temperature": _number(body.get("temperature"), "temperature", float),
         "top_p": _number(body.get("top_p"), "top_p", float),
         "top_k": _number(body.get("top_k"), "top_k", int),  # extensions beyond OpenAI's fields

@@ -104,6 +104,13 @@ async def _generate(request: web.Request, parse, id_prefix: str) -> web.StreamRe
         req = parse(body, request.app[CONFIG_KEY].default_max_tokens)
     except json.JSONDecodeError as exc:
         return request_error_response(RequestError(f"the request body is not valid JSON: {exc}"))
+    except UnicodeDecodeError as exc:
+        return request_error_response(RequestError(f"the request body is not valid UTF-8 ({exc.reason} at byte "
+                                                    f"{exc.start}); send UTF-8 encoded JSON"))
+    except web.HTTPRequestEntityTooLarge:
+        return request_error_response(RequestError(
+            f"the request body is too large (over {request.client_max_size} bytes); send a shorter prompt",
+            status=413))
     except RequestError as exc:
         return request_error_response(exc)
     with bind_request(request_id, model=req.model):

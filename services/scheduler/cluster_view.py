@@ -4,11 +4,11 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from deltazip.cluster.models import ModelRecord, ModelRegistry
+from deltazip.cluster.models import MODEL_NAME, MODEL_NAME_RULE, ModelRecord, ModelRegistry
 from deltazip.cluster.queues import QueueStats
 from deltazip.cluster.requests import RequestLog
 from deltazip.cluster.workers import WorkerRegistry
-from deltazip.rpc.errors import FailedPrecondition, NotFound
+from deltazip.rpc.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.scheduler.routing import Candidate
 
 
@@ -42,6 +42,8 @@ class ClusterView:
 
     async def resolve(self, name: str) -> ResolvedModel:
         """The model called `name`, or NOT_FOUND telling the caller how to fix it."""
+        if not name:
+            raise InvalidArgument("model name is empty; name a model (list them with `deltazip models`)")
         record = await self.models.get(name)
         base = await self.base()
         if record is not None:
@@ -53,6 +55,9 @@ class ClusterView:
             return ResolvedModel(name, False, record, record.base_identity)
         if base is not None and base.name == name:
             return base
+        if not MODEL_NAME.fullmatch(name):
+            raise InvalidArgument(f"{name!r} is not a valid model name: use {MODEL_NAME_RULE} (list models with "
+                                  "`deltazip models`)")
         raise self.not_found(name)
 
     @staticmethod

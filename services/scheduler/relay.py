@@ -127,8 +127,8 @@ class Relay:
             try:
                 async for chunk in call:
                     if not num_tokens and chunk.token_ids:
-                        await self.view.requests.set_state(job.request_id, RequestState.RUNNING)
-                        await self.view.queues.started(job.model, job.request_id)
+                        await _best_effort(self.view.requests.set_state(job.request_id, RequestState.RUNNING),
+                                           self.view.queues.started(job.model, job.request_id))
                     num_tokens += len(chunk.token_ids)
                     chunk.request_id = job.request_id
                     chunk.worker_id = chunk.worker_id or wid
@@ -145,8 +145,8 @@ class Relay:
             finally:
                 watch.cancel()
                 call.cancel()  # no-op when finished; stops the worker's GPU work when the client went away
-        finally:
-            await asyncio.shield(self.view.workers.release(wid, job.request_id))
+        finally:  # a place not given back (Redis down) expires with its lease
+            await asyncio.shield(_best_effort(self.view.workers.release(wid, job.request_id)))
 
     async def _watch(self, worker_id: str, job: GenerateJob, call) -> bool:
         """Renew the request's leases while relaying; cancel the call and return True once the worker is dead."""
@@ -164,6 +164,18 @@ class Relay:
 
 
 _EXPIRED = "its heartbeat expired (the worker died or hangs)"
+
+
+async def _best_effort(*updates) -> None:
+    """Await Redis bookkeeping of a request being relayed; an outage is logged, never fails the stream."""
+    try:
+        for update in updates:
+            await update
+    except (RedisError, OSError) as exc:
+        for update in updates:
+            if asyncio.iscoroutine(update):
+                update.close()  # not awaited because an earlier one failed
+        log.warning("request_bookkeeping_failed", error=str(exc))
 
 
 def _found_dead(watch: asyncio.Task) -> bool:

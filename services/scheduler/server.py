@@ -2,6 +2,8 @@
 
 import asyncio
 
+from redis.exceptions import RedisError
+
 from deltazip.cluster.models import ModelRecord
 from deltazip.cluster.requests import RequestState
 from deltazip import metrics
@@ -81,9 +83,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 await asyncio.shield(self._finish(job, state, error))
 
     async def _finish(self, job: GenerateJob, state: RequestState, error: str) -> None:
-        await self.view.requests.set_state(job.request_id, state, error)
-        await self.view.queues.finished(job.model, job.request_id)
         log.info("request_finished", state=state.value, error=error)
+        try:  # bookkeeping only: a stream that was relayed whole must not end UNAVAILABLE because Redis went away
+            await self.view.requests.set_state(job.request_id, state, error)
+            await self.view.queues.finished(job.model, job.request_id)
+        except (RedisError, OSError) as exc:  # the record expires with its TTL, the queue entry with its lease
+            log.warning("request_record_not_updated", state=state.value, error=str(exc))
 
     @rpc_method
     async def ListModels(self, request, context):

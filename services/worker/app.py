@@ -20,6 +20,10 @@ from services.worker.residency import DeltaState, ResidencyManager, ResidentDelt
 
 log = get_logger("services.worker")
 
+# No tokenizer packs more bytes into one token: a longer prompt cannot fit the context. Tokenizing a few MiB holds
+# the GIL for seconds, long enough for the worker's heartbeat to expire, so such prompts are refused unread.
+MAX_PROMPT_BYTES_PER_TOKEN = 64
+
 
 @dataclass(frozen=True, slots=True)
 class GenerateInput:
@@ -91,11 +95,16 @@ class WorkerApp:
 
     def admit(self, inp: GenerateInput) -> tuple[list[int], SamplingParams]:
         """Tokenize and check the request against the context limit; raises InvalidRequestError."""
+        limit = self.info.max_model_len
+        num_bytes = sum(len(c.encode()) for _, c in inp.messages) if inp.messages else len((inp.prompt or "").encode())
+        if num_bytes > limit * MAX_PROMPT_BYTES_PER_TOKEN:  # cannot fit: refuse before tokenizing, which holds the GIL
+            raise InvalidRequestError(
+                f"prompt is {num_bytes} bytes, far more than the context limit of {limit} tokens can hold; "
+                "shorten the prompt")
         try:
             prompt_ids = self.encode(inp)
         except ValueError as exc:  # e.g. chat messages for a model without a chat template
             raise InvalidRequestError(str(exc)) from exc
-        limit = self.info.max_model_len
         if not prompt_ids:
             raise InvalidRequestError("prompt is empty; send at least one token of text")
         if len(prompt_ids) >= limit:

@@ -133,8 +133,9 @@ class DeltaFetcher:
                 stream = source.fetch(artifact.name, pending.path, progress.written[pending.path], self._chunk_bytes)
                 for chunk in stream:
                     progress.write(chunk)
-            except (StoreUnavailableError, ArtifactIntegrityError, grpc.RpcError) as exc:
-                last_error = exc  # resume from where we are on the next store
+            except (StoreUnavailableError, ArtifactIntegrityError, DeltaNotFoundError, grpc.RpcError) as exc:
+                # resume from where we are on the next store (one lacking the delta just makes no progress)
+                last_error = exc if not isinstance(exc, DeltaNotFoundError) or last_error is None else last_error
             finally:
                 progress.close()
             if progress.total_written() <= before:
@@ -142,7 +143,7 @@ class DeltaFetcher:
                 if failures >= self._max_attempts:
                     break
         if progress.first_incomplete() is not None:
-            if isinstance(last_error, ArtifactIntegrityError):
+            if isinstance(last_error, (ArtifactIntegrityError, DeltaNotFoundError)):
                 raise last_error
             raise StoreUnavailableError(
                 f"fetching {artifact.name!r} stalled after {self._max_attempts} attempts on "
@@ -177,7 +178,10 @@ class _Progress:
                     hasher.update(block)
         self.written[f.path], self.hashers[f.path] = size, hasher
         if size == f.size:
-            self._finish(f.path)
+            try:
+                self._finish(f.path)
+            except ArtifactIntegrityError:  # a stale or damaged leftover: _finish removed it, fetch it again
+                pass
 
     def _target(self, rel: str) -> Path:
         target = (self.partial / rel).resolve()

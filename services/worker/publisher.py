@@ -59,7 +59,6 @@ class Publisher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._events: asyncio.Queue[ResidentDelta] = asyncio.Queue()
         self.store_addresses: list[str] = []
-        self._base_published = False
         self.on_stores: Callable[[list[str]], None] = lambda addresses: None
 
     def on_residency_change(self, snap: ResidentDelta) -> None:
@@ -73,9 +72,8 @@ class Publisher:
         await self.beat()
 
     async def beat(self) -> None:
-        if not self._base_published:  # retried on every beat until Redis takes it
-            await self._models.set_base(self._record.base, self._record.base_identity)
-            self._base_published = True
+        # every beat, not once: a Redis that restarted without its data learns the base again
+        await self._models.set_base(self._record.base, self._record.base_identity)
         load = self._load()
         record = WorkerRecord(**{**_fields(self._record), "num_running": load.num_running,
                                  "num_waiting": load.num_waiting, "queued_tokens": load.queued_tokens,

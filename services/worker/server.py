@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 
+from deltazip.cluster.models import MODEL_NAME, MODEL_NAME_RULE
 from deltazip.logs import bind_request, get_logger, new_request_id
 from deltazip.rpc.errors import InvalidArgument, rpc_method
 from deltazip.v1 import common_pb2, worker_pb2, worker_pb2_grpc
@@ -38,6 +39,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     @rpc_method
     async def LoadDelta(self, request: worker_pb2.LoadDeltaRequest, context) -> worker_pb2.LoadDeltaResponse:
+        self._check_model(request.model)
         tier = _tier(request.tier, default=Tier.DEVICE)
         if tier not in (Tier.DEVICE, Tier.HOST):
             raise InvalidArgument("LoadDelta tier must be DEVICE or HOST")
@@ -47,6 +49,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     @rpc_method
     async def EvictDelta(self, request: worker_pb2.EvictDeltaRequest, context) -> worker_pb2.EvictDeltaResponse:
+        self._check_model(request.model)
         tier = _tier(request.tier, default=Tier.DEVICE)
         if tier is Tier.REMOTE:
             raise InvalidArgument("EvictDelta tier must be DEVICE, HOST or DISK")
@@ -62,7 +65,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             num_running=stats.num_running, num_waiting=stats.num_waiting, free_kv_blocks=stats.free_kv_blocks,
             total_kv_blocks=stats.total_kv_blocks, deltas=deltas, mode=info.mode)
 
+    def _check_model(self, model: str) -> None:
+        """A delta name must be one the store accepts: it becomes a directory of the disk cache."""
+        if self.app.delta_of(model) is not None and not MODEL_NAME.fullmatch(model):
+            raise InvalidArgument(f"{model!r} is not a valid model name: use {MODEL_NAME_RULE}")
+
     def _generate_input(self, request: worker_pb2.WorkerGenerateRequest) -> GenerateInput:
+        self._check_model(request.model)
         s = request.sampling
         sampling = sampling_from_fields(
             max_tokens=s.max_tokens, temperature=s.temperature if s.HasField("temperature") else None,
@@ -94,4 +103,8 @@ def _chunk(inp: GenerateInput, event: GenerateEvent, worker_id: str) -> common_p
 
 
 def _tier(value: int, default: Tier) -> Tier:
-    return default if value == common_pb2.RESIDENCY_TIER_UNSPECIFIED else Tier(value)
+    if value == common_pb2.RESIDENCY_TIER_UNSPECIFIED:
+        return default
+    if value not in {t.value for t in Tier}:
+        raise InvalidArgument(f"tier {value} is not a ResidencyTier: use DEVICE (1), HOST (2) or DISK (3)")
+    return Tier(value)

@@ -6,9 +6,12 @@ import shutil
 
 import torch
 
+from deltazip.logs import get_logger
 from services.worker.device_slots import DeviceSlots
 from services.worker.fetcher import DeltaFetcher
 from services.worker.modes import HostTransform
+
+log = get_logger("services.worker.tier_io")
 
 
 class ArtifactTierIO:
@@ -27,8 +30,20 @@ class ArtifactTierIO:
 
     def load_host(self, name: str, path: str) -> tuple[dict, int]:
         from deltazip.artifact import load_delta
+        from deltazip.artifact.errors import ArtifactError, BaseMismatchError
 
-        tensors = self._transform(load_delta(path, "cpu"))  # shards checked against their sha256 as read
+        try:
+            tensors = load_delta(path, "cpu")  # shards checked against their sha256 as read
+        except ArtifactError as exc:
+            if isinstance(exc, BaseMismatchError):
+                raise
+            # The disk copy went bad after it was fetched and verified (disk error, someone edited it):
+            # never serve it; fetch a fresh copy once, and fail the request if that one is bad too.
+            log.warning("disk_copy_corrupt", model=name, error=str(exc))
+            shutil.rmtree(path, ignore_errors=True)
+            path, _ = self._fetcher.fetch(name)
+            tensors = load_delta(path, "cpu")
+        tensors = self._transform(tensors)
         if self._pin:
             tensors = {k: _pinned(v) for k, v in tensors.items()}
         return tensors, sum(_nbytes(t) for t in tensors.values())

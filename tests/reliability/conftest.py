@@ -1,0 +1,110 @@
+"""Fixtures for the reliability tests: tiny models (one session-wide set) and a shared serving stack.
+
+The shared stack (redis-server with AOF + 1 delta store + 1 worker + 1 scheduler + the HTTP gateway) serves
+the tests that do not break anything (bad input, deadlines, the short soak); tests that kill processes start
+their own.
+"""
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+import torch
+
+from deltazip.client import Client
+from deltazip.model.loader import load_state_dict_from_dir, model_from_state_dict, save_model_dir
+from deltazip.model.synthetic import random_state_dict, tiny_config
+from deltazip.stack import Launcher, Proc, start_redis, stop
+from tests.integration.gateway_proc import start_gateway
+from tests.integration.tiny_models import write_byte_tokenizer
+
+# 512 positions: long enough that a generation runs for a second or more (deadline / cancel tests).
+CONFIG = tiny_config(max_position_embeddings=512)
+WORKER_FLAGS = ("--device", "cpu", "--num-device-slots", "2", "--max-deltas-per-batch", "2", "--num-kv-blocks", "128",
+                "--kv-block-size", "8", "--heartbeat-s", "0.3", "--heartbeat-ttl-s", "1.5", "--model-sync-s", "0.5")
+
+
+@dataclass
+class Models:
+    base_dir: Path
+    artifacts: dict[str, Path]  # name -> dense delta artifact folder
+    merged: dict  # name -> merged reference model (base + delta), "tiny-base" included
+
+
+def _finetune(base_state: dict, folder: Path, seed: int) -> Path:
+    g = torch.Generator().manual_seed(seed)
+    state = {k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in base_state.items()}
+    folder.mkdir(parents=True)
+    save_model_dir(folder, CONFIG, state)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def rmodels(tmp_path_factory) -> Models:
+    """A tiny base (byte tokenizer, 512 positions), two dense delta artifacts and their merged references."""
+    from deltazip.artifact import load_delta, write_dense_delta
+
+    root = tmp_path_factory.mktemp("rmodels")
+    base_dir = root / "tiny-base"
+    base_dir.mkdir()
+    base_state = random_state_dict(CONFIG, seed=0)
+    save_model_dir(base_dir, CONFIG, base_state)
+    write_byte_tokenizer(base_dir)
+    artifacts, merged = {}, {"tiny-base": model_from_state_dict(CONFIG, base_state)}
+    for i, name in enumerate(("ft-a", "ft-b")):
+        out = root / f"{name}-delta"
+        write_dense_delta(base_dir, _finetune(base_state, root / f"{name}-hf", seed=10 + i), out)
+        artifacts[name] = out
+        state = load_state_dict_from_dir(base_dir)
+        for tensor_name, delta in load_delta(out, "cpu").items():
+            state[tensor_name] = state[tensor_name] + delta.dequantize(torch.float32)
+        merged[name] = model_from_state_dict(CONFIG, state)
+    return Models(base_dir, artifacts, merged)
+
+
+@dataclass
+class Stack:
+    launcher: Launcher
+    redis: Proc
+    store: Proc
+    worker: Proc
+    scheduler: Proc
+    gateway: Proc
+    models: Models
+    root: Path
+
+    @property
+    def r(self) -> redis.Redis:
+        return redis.Redis.from_url(self.launcher.redis_url, decode_responses=True)
+
+
+def push_all(store_address: str, models: Models, names=("ft-a", "ft-b")) -> None:
+    with Client("127.0.0.1:1", store=store_address) as client:
+        for name in names:
+            client.push(models.artifacts[name], name, progress=False)
+
+
+@pytest.fixture(scope="session")
+def shared_stack(rmodels, tmp_path_factory):
+    """One long-lived stack for the tests that leave it as they found it."""
+    root = tmp_path_factory.mktemp("shared-stack")
+    redis_proc = start_redis(root / "redis", appendonly=True)
+    launcher = Launcher(f"redis://{redis_proc.address}/0", root / "logs")
+    gateway = None
+    try:
+        store = launcher.start("delta_store", "--root", str(root / "store"), "--heartbeat-s", "0.3",
+                               "--heartbeat-ttl-s", "1.5")
+        push_all(store.address, rmodels)
+        worker = launcher.start("worker", "--base-dir", str(rmodels.base_dir), *WORKER_FLAGS, "--worker-id", "w0",
+                                "--disk-cache-dir", str(root / "cache"))
+        scheduler = launcher.start("scheduler", "--worker-check-s", "0.3")
+        gateway = start_gateway(scheduler.address, root / "logs")
+        yield Stack(launcher, redis_proc, store, worker, scheduler, gateway, rmodels, root)
+    finally:
+        if gateway is not None:
+            stop(gateway)
+        launcher.stop_all()
+        stop(redis_proc)
+        shutil.rmtree(root / "cache", ignore_errors=True)
