@@ -1,0 +1,87 @@
+"""Open-loop replay split over several client processes, each talking to one scheduler replica.
+
+One asyncio client in one process is itself a bottleneck at a few thousand streamed tokens/s, and a
+scale-out run must load the workers, not the driver. Request i goes to client i % num_clients, client c
+talks to scheduler c % num_schedulers; all clients share one clock (time.monotonic of timestamp 0), so
+the merged outcomes are one open-loop run. Each client reports the CPU seconds it used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import queue
+import time
+from dataclasses import asdict
+
+from bench.replay import Outcome, replay
+from bench.workload import Request
+
+START_DELAY_S = 1.5  # spawned clients import grpc and connect before timestamp 0
+
+
+def _client_main(address: str, requests: list[dict], timeout_s: float, id_prefix: str, start_at: float,
+                 done_counter, results) -> None:
+    """One client process: replay its share, put (outcomes, wall_s, cpu_s) or an error string on `results`."""
+    def on_done() -> None:
+        with done_counter.get_lock():
+            done_counter.value += 1
+
+    try:
+        reqs = [Request(**r) for r in requests]
+        cpu0 = time.process_time()
+        outcomes, wall_s, _ = asyncio.run(replay(address, reqs, timeout_s, "", id_prefix=id_prefix,
+                                                 start_at=start_at, on_done=on_done))
+        results.put(([asdict(o) for o in outcomes], wall_s, time.process_time() - cpu0))
+    except BaseException as exc:  # noqa: BLE001  (reported to the parent, which fails the run with it)
+        results.put(f"{type(exc).__name__}: {exc}")
+
+
+def _progress(total: int, desc: str):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, unit="req", leave=False)
+    except ImportError:
+        return None
+
+
+def split_replay(addresses: list[str], requests: list[Request], timeout_s: float, desc: str, num_clients: int,
+                 id_prefix: str) -> tuple[list[Outcome], float, dict]:
+    """Replay `requests` from `num_clients` processes over `addresses`; returns merged outcomes (in request
+    order), the longest client wall time and {"client_cpu_s": [...]}."""
+    assert addresses and num_clients >= 1
+    ctx = mp.get_context("spawn")  # no fork: the parent may hold grpc channels and threads
+    done_counter, results = ctx.Value("i", 0), ctx.Queue()
+    start_at = time.monotonic() + START_DELAY_S
+    shares = [[asdict(r) for i, r in enumerate(requests) if i % num_clients == c] for c in range(num_clients)]
+    procs = [ctx.Process(target=_client_main, daemon=True,
+                         args=(addresses[c % len(addresses)], shares[c], timeout_s, id_prefix, start_at, done_counter,
+                               results)) for c in range(num_clients) if shares[c]]
+    for p in procs:
+        p.start()
+    bar, shown, got = _progress(len(requests), desc), 0, []
+    deadline = start_at + (requests[-1].timestamp if requests else 0) + timeout_s + 60
+    try:
+        while len(got) < len(procs):
+            try:
+                got.append(results.get(timeout=0.5))
+            except queue.Empty:
+                if time.monotonic() > deadline or not any(p.is_alive() for p in procs) and results.empty():
+                    raise RuntimeError(f"{desc}: {len(procs) - len(got)} client process(es) gave no result")
+            if bar is not None and done_counter.value > shown:
+                bar.update(done_counter.value - shown)
+                shown = done_counter.value
+    finally:
+        if bar is not None:
+            bar.close()
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+    errors = [g for g in got if isinstance(g, str)]
+    if errors:
+        raise RuntimeError(f"{desc}: a client failed: {errors[0]}")
+    by_id = {o["id"]: Outcome(**o) for outs, _, _ in got for o in outs}
+    return ([by_id[r.id] for r in requests], max(w for _, w, _ in got),
+            {"client_cpu_s": [round(c, 2) for _, _, c in got]})
