@@ -16,20 +16,29 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def plot_scaling(ax, rows: list[dict]) -> None:
-    scale = sorted((r for r in rows if r["phase"] == "scale"), key=lambda r: r["num_workers"])
-    if not scale:
-        ax.set_title("throughput vs workers: not measured")
-        return
-    ks = [r["num_workers"] for r in scale]
-    ax.plot(ks, [r["throughput_rps"] for r in scale], marker="o", color="tab:green", label="measured")
-    one = next((r for r in scale if r["num_workers"] == 1), None)
-    if one:
-        ax.plot(ks, [k * one["throughput_rps"] for k in ks], linestyle=":", color="tab:gray", label="linear from K=1")
-    for r in scale:
-        ratio = r.get("scaling_vs_1")
-        text = (f"{ratio:.2f}x" if ratio is not None else "") + ("" if r["saturated"] else " (load-bound)")
-        ax.annotate(text, (r["num_workers"], r["throughput_rps"]), textcoords="offset points", xytext=(4, -12), fontsize=8)
-    ax.set(xlabel="workers (K)", ylabel="throughput (req/s)", xticks=ks, title="throughput vs workers (same run)")
+    styles = {"warm": ("tab:green", "-"), "cold": ("tab:blue", "--")}
+    ks: set[int] = set()
+    for cache, (color, line) in styles.items():
+        scale = sorted((r for r in rows if r["phase"] == "scale" and r.get("pass", "cold") == cache),
+                       key=lambda r: r["num_workers"])
+        if not scale:
+            continue
+        ks |= {r["num_workers"] for r in scale}
+        ax.plot([r["num_workers"] for r in scale], [r["throughput_rps"] for r in scale], marker="o", color=color,
+                linestyle=line, label=f"{cache} caches")
+        one = next((r for r in scale if r["num_workers"] == 1), None)
+        if one:
+            xs = [r["num_workers"] for r in scale]
+            ax.plot(xs, [x * one["throughput_rps"] for x in xs], linestyle=":", color=color, alpha=0.6,
+                    label=f"linear from K=1 ({cache})")
+        for r in scale:
+            ratio = r.get("scaling_vs_1")
+            text = (f"{ratio:.2f}x" if ratio is not None else "") + ("" if r["saturated"] else " (load-bound)")
+            ax.annotate(text, (r["num_workers"], r["throughput_rps"]), textcoords="offset points", xytext=(4, -12),
+                        fontsize=8, color=color)
+    ax.set(xlabel="workers (K)", ylabel="throughput (req/s)", title="throughput vs workers (same run)")
+    if ks:
+        ax.set_xticks(sorted(ks))
 
 
 def plot_burst(ax, latencies: list[dict]) -> None:
@@ -53,7 +62,8 @@ def plot_store(ax, rows: list[dict]) -> None:
         series = r.get("store_series") or []
         if len(series) < 2:
             continue
-        label = f"K={r['num_workers']}" if r["phase"] == "scale" else f"burst, prefetch {r['prefetch']}"
+        label = (f"K={r['num_workers']} {r.get('pass', '')}" if r["phase"] == "scale"
+                 else f"burst, prefetch {r['prefetch']}")
         ts, rates = [], []
         for (t0, *a), (t1, *b) in zip(series, series[1:]):
             if t1 > t0:
@@ -71,7 +81,8 @@ def plot_cpu(ax, rows: list[dict]) -> None:
         ax.bar([i + j * width for i in range(len(runs))], [max(r.get(role) or [0]) for r in runs], width,
                label=role.removeprefix("cpu_"))
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(runs))],
-                  [f"K={r['num_workers']}" if r["phase"] == "scale" else f"burst {r['prefetch']}" for r in runs], fontsize=8)
+                  [f"K={r['num_workers']}\n{r.get('pass', '')}" if r["phase"] == "scale" else f"burst\n{r['prefetch']}"
+                   for r in runs], fontsize=8)
     ax.set(ylabel="busiest process of the role (cores)", title="CPU: is something other than the workers the limit?")
 
 

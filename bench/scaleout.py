@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import shutil
 import signal
@@ -78,6 +79,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--output-len", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--passes", type=lambda s: s.split(","), default=["cold", "warm"],
+                   help="per K: cold (fresh caches, fetches included) and/or warm (the same requests again)")
     p.add_argument("--num-stores", type=int, default=2)
     p.add_argument("--num-schedulers", type=int, default=2)
     p.add_argument("--store-replicas", type=int, default=0, help="stores each delta is pushed to (0 = all)")
@@ -108,12 +111,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if args.device == "cuda" and args.num_gpus not in args.workers:
             args.workers.append(args.num_gpus)
     args.workers = sorted(set(args.workers))
+    if not args.passes or set(args.passes) - {"cold", "warm"}:
+        p.error(f"--passes takes cold and/or warm, got {args.passes}")
     if args.workers[0] < 1 or args.num_models < 1 or args.num_clients < 1 or args.num_stores < 1:
         p.error("--workers, --num-models, --num-clients and --num-stores must be >= 1")
     return args
 
 
 def count_gpus() -> int:
+    """GPUs this process may use: CUDA_VISIBLE_DEVICES when set, else what nvidia-smi lists."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip()])
     if shutil.which("nvidia-smi"):
         done = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
         return sum(line.startswith("GPU ") for line in done.stdout.splitlines())
@@ -151,6 +160,16 @@ class Run:
         if outcomes is not None:
             self.payload["latencies"].append(latency_entry(point or {}, outcomes))
         self.save()
+
+    def add_scale_row(self, row: dict, outcomes) -> None:
+        """A scaling pass's row, saved and said."""
+        self.add(row, outcomes, {"phase": "scale", "pass": row["pass"], "num_workers": row["num_workers"]})
+        ratio = row.get("scaling_vs_1")
+        self.budget.say(f"K={row['num_workers']} {row['pass']}: {row['throughput_rps']:.2f} req/s "
+                        f"({row['tokens_per_s']:.0f} tok/s, offered {row['offered_rps']:.1f}), ttft p90 "
+                        f"{row['ttft_p90_ms']:.0f} ms, failed {row['num_failed']}, store peak "
+                        f"{row.get('store_bytes_per_s_peak_1s', 0) / 1e6:.0f} MB/s, workers fetched "
+                        f"{row['worker_fetch_bytes'] / 1e9:.2f} GB, vs K=1: {ratio if ratio is None else round(ratio, 2)}")
 
     def skip(self, what: str, why: str) -> None:
         self.budget.say(f"SKIPPED {what}: {why}")
@@ -196,7 +215,8 @@ def run_scaling(run: Run, stack: ScaleoutStack, base_dir: Path, models: list[str
                                        args.zipf_alpha, args.prompt_len, 4 * args.prompt_len, args.output_len,
                                        4 * args.output_len, args.seed))
     worker_flags = [*WORKER_FLAGS[args.device], *args.worker_flag]
-    point_s, burst_s = None, args.burst_at_s + args.burst_span_s + 30.0
+    burst_span_s = max(args.burst_at_s + args.burst_span_s, args.burst_bg_requests / args.burst_bg_rate_rps)
+    point_s, burst_s = None, burst_span_s + 30.0
     for k in args.workers:
         is_last = k == args.workers[-1]
         if point_s is not None:  # the first point's cost forecasts the others (larger K: as many starts, shorter runs)
@@ -208,18 +228,13 @@ def run_scaling(run: Run, stack: ScaleoutStack, base_dir: Path, models: list[str
             stack.stop_workers()
         t = time.monotonic()
         try:
-            row, outcomes = scale_point(stack, args, k, base_dir, warm_model, requests, budget, worker_flags)
+            rows = scale_point(stack, args, k, base_dir, warm_model, requests, budget, worker_flags, run.add_scale_row)
         except RuntimeError as exc:  # a worker that did not start, a client that failed: the other points still run
             run.skip(f"scale K={k}", f"failed: {str(exc)[-1500:]}")
             continue
         point_s = point_s or time.monotonic() - t + 5.0
-        burst_s = args.burst_at_s + args.burst_span_s + row["e2e_p99_ms"] / 1e3 + 15.0
-        run.add(row, outcomes, {"phase": "scale", "num_workers": k})
-        ratio = row.get("scaling_vs_1")
-        budget.say(f"K={k}: {row['throughput_rps']:.2f} req/s ({row['tokens_per_s']:.0f} tok/s, offered "
-                   f"{row['offered_rps']:.1f}), ttft p90 {row['ttft_p90_ms']:.0f} ms, failed {row['num_failed']}, "
-                   f"store peak {row.get('store_bytes_per_s_peak_1s', 0) / 1e6:.0f} MB/s, workers fetched "
-                   f"{row['worker_fetch_bytes'] / 1e9:.2f} GB, vs K=1: {ratio if ratio is None else round(ratio, 2)}")
+        tail_s = rows[-1]["e2e_p90_ms"] / 1e3  # a saturated run's tail: more than a burst run's
+        burst_s = burst_span_s + 15.0 + (min(tail_s, 30.0) if math.isfinite(tail_s) else 30.0)
     return burst_s
 
 

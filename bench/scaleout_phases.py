@@ -50,11 +50,15 @@ def warm_up(workers, models: list[str], max_tokens: int = 4) -> None:
 
 def measure(stack: ScaleoutStack, args, requests, id_prefix: str, desc: str, timeout_s: float) -> tuple[list, dict]:
     """One split replay with store sampling, worker and CPU counters around it; returns (outcomes, row fields)."""
-    workers_before, cpu_before, t0 = stack.scrape(stack.workers), stack.cpu(), time.monotonic()
+    workers_before, cpu_before = stack.scrape(stack.workers), {}
+
+    def at_start() -> None:
+        cpu_before.update(stack.cpu(), t0=time.monotonic())
+
     with StoreSampler(stack) as sampler:
         outcomes, wall_s, clients = split_replay(stack.scheduler_addresses, requests, timeout_s, desc,
-                                                 args.num_clients, id_prefix)
-    cpu_after, cpu_wall_s = stack.cpu(), time.monotonic() - t0  # includes the clients' ~1.5 s start
+                                                 args.num_clients, id_prefix, on_start=at_start)
+    cpu_after, cpu_wall_s = stack.cpu(), time.monotonic() - cpu_before.pop("t0")
     row = {"offered_rps": len(requests) / max(requests[-1].timestamp, 1e-9), **summarize(outcomes, wall_s, None, 1.0),
            **sampler.summary(), **worker_stats(workers_before, stack.scrape(stack.workers)),
            **cpu_util(cpu_before, cpu_after, cpu_wall_s),
@@ -69,8 +73,10 @@ def latency_entry(point: dict, outcomes) -> dict:
 
 
 def scale_point(stack: ScaleoutStack, args, k: int, base_dir: Path, warm_model: str, requests, budget,
-                worker_flags: list[str]) -> tuple[dict, list]:
-    """K fresh workers, warm-up, the scaling workload; returns the row and its outcomes."""
+                worker_flags: list[str], on_row) -> list[dict]:
+    """K fresh workers, warm-up, then the scaling workload once per pass: `cold` (empty delta caches: fetches from
+    the stores are part of it) and `warm` (the same requests again, deltas already on the workers).
+    Calls `on_row(row, outcomes)` as each pass ends; returns the rows."""
     t = time.monotonic()
     stack.start_workers(k, f"k{k}", base_dir, args.device, max(args.num_gpus, 1), worker_flags)
     start_s = time.monotonic() - t
@@ -78,12 +84,16 @@ def scale_point(stack: ScaleoutStack, args, k: int, base_dir: Path, warm_model: 
     t = time.monotonic()
     warm_up(stack.workers, [base_dir.name, warm_model])
     warmup_s = time.monotonic() - t
-    timeout_s = min(args.timeout_s, max(30.0, budget.left() - RESERVE_S))
-    outcomes, row = measure(stack, args, requests, f"k{k}-", f"K={k}", timeout_s)
-    row = {"phase": "scale", "num_workers": k, "num_models": args.num_models, "worker_start_s": start_s,
-           "warmup_s": warmup_s, **row}
-    row["saturated"] = row["throughput_rps"] < 0.9 * row["offered_rps"]  # else the load, not K, set the rate
-    return row, outcomes
+    results = []
+    for cache in args.passes:
+        timeout_s = min(args.timeout_s, max(30.0, budget.left() - RESERVE_S))
+        outcomes, row = measure(stack, args, requests, f"k{k}-{cache}-", f"K={k} {cache}", timeout_s)
+        row = {"phase": "scale", "pass": cache, "num_workers": k, "num_models": args.num_models,
+               "worker_start_s": start_s, "warmup_s": warmup_s, **row}
+        row["saturated"] = row["throughput_rps"] < 0.9 * row["offered_rps"]  # else the load, not K, set the rate
+        on_row(row, outcomes)
+        results.append(row)
+    return results
 
 
 def burst_run(stack: ScaleoutStack, args, models: list[str], cold_model: str, prefetch: bool, rep: int,
@@ -114,15 +124,16 @@ def burst_run(stack: ScaleoutStack, args, models: list[str], cold_model: str, pr
 def summarize_run(rows: list[dict]) -> dict:
     """Scaling ratios vs K = 1, burst TTFT p90 with and without prefetch, store throughput."""
     summary: dict = {}
-    scale = {r["num_workers"]: r for r in rows if r["phase"] == "scale"}
-    one = scale.get(1)
-    for k, r in scale.items():
-        r["scaling_vs_1"] = r["throughput_rps"] / one["throughput_rps"] if one and one["throughput_rps"] > 0 else None
-    if scale:
-        summary["throughput_rps_by_workers"] = {str(k): r["throughput_rps"] for k, r in sorted(scale.items())}
-        kmax = max(scale)
-        summary[f"scaling_{kmax}_over_1"] = scale[kmax]["scaling_vs_1"]
-        summary["all_points_saturated"] = all(r["saturated"] for r in scale.values())
+    for cache in ("cold", "warm"):
+        scale = {r["num_workers"]: r for r in rows if r["phase"] == "scale" and r["pass"] == cache}
+        one = scale.get(1)
+        for r in scale.values():
+            r["scaling_vs_1"] = r["throughput_rps"] / one["throughput_rps"] if one and one["throughput_rps"] > 0 else None
+        if scale:
+            kmax = max(scale)
+            summary[cache] = {"throughput_rps_by_workers": {str(k): r["throughput_rps"] for k, r in sorted(scale.items())},
+                              f"scaling_{kmax}_over_1": scale[kmax]["scaling_vs_1"],
+                              "all_points_saturated": all(r["saturated"] for r in scale.values())}
     bursts = [r for r in rows if r["phase"] == "burst"]
     for mode in ("on", "off"):
         mine = [r["ttft_p90_ms"] for r in bursts if r["prefetch"] == mode]
@@ -135,6 +146,10 @@ def summarize_run(rows: list[dict]) -> dict:
     if served:
         summary["store_bytes_per_s_peak_1s"] = max(r["store_bytes_per_s_peak_1s"] for r in served)
         summary["store_bytes_served"] = sum(r["store_bytes_served"] for r in served)
+    fetched = [r for r in rows if r.get("worker_fetch_s")]
+    if fetched:
+        summary["worker_fetch_bytes"] = sum(r["worker_fetch_bytes"] for r in fetched)
+        summary["worker_fetch_bytes_per_s"] = summary["worker_fetch_bytes"] / sum(r["worker_fetch_s"] for r in fetched)
     push = [r for r in rows if r["phase"] == "push"]
     if push:
         summary["push_bytes_per_s"] = push[0]["bytes_per_s"]

@@ -120,8 +120,11 @@ class ScaleoutStack:
     def start_workers(self, num: int, tag: str, base_dir: Path, device: str, num_gpus: int,
                       worker_flags: list[str]) -> list[Proc]:
         """`num` fresh workers (empty caches) started in parallel, worker i on GPU i % num_gpus."""
+        visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        gpus = visible or [str(g) for g in range(num_gpus)]
+
         def one(i: int) -> Proc:
-            env = {"CUDA_VISIBLE_DEVICES": str(i % num_gpus)} if device.startswith("cuda") else {}
+            env = {"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} if device.startswith("cuda") else {}
             if not device.startswith("cuda") and "OMP_NUM_THREADS" not in os.environ:
                 env["OMP_NUM_THREADS"] = "1"  # CPU workers share the cores; torch's default would oversubscribe
             stores = self.store_addresses[i % len(self.stores):] + self.store_addresses[:i % len(self.stores)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing as mp
 import queue
+import sys
 import time
 from dataclasses import asdict
 
@@ -28,6 +29,8 @@ def _client_main(address: str, requests: list[dict], timeout_s: float, id_prefix
             done_counter.value += 1
 
     try:
+        import deltazip.client  # noqa: F401  (imported before the CPU clock starts)
+
         reqs = [Request(**r) for r in requests]
         cpu0 = time.process_time()
         outcomes, wall_s, _ = asyncio.run(replay(address, reqs, timeout_s, "", id_prefix=id_prefix,
@@ -37,19 +40,37 @@ def _client_main(address: str, requests: list[dict], timeout_s: float, id_prefix
         results.put(f"{type(exc).__name__}: {exc}")
 
 
-def _progress(total: int, desc: str):
-    try:
-        from tqdm import tqdm
+class _Progress:
+    """A tqdm bar on a terminal; a plain line every `every_s` otherwise (a log file stays readable)."""
 
-        return tqdm(total=total, desc=desc, unit="req", leave=False)
-    except ImportError:
-        return None
+    def __init__(self, total: int, desc: str, every_s: float = 10.0):
+        self.total, self.desc, self.every_s, self.shown, self.bar = total, desc, every_s, 0, None
+        self.last_print = time.monotonic()
+        if sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc=desc, unit="req", leave=False)
+            except ImportError:
+                pass
+
+    def update(self, done: int) -> None:
+        if self.bar is not None:
+            self.bar.update(done - self.shown)
+        elif time.monotonic() - self.last_print >= self.every_s:
+            self.last_print = time.monotonic()
+            print(f"  {self.desc}: {done}/{self.total} requests done", flush=True)
+        self.shown = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def split_replay(addresses: list[str], requests: list[Request], timeout_s: float, desc: str, num_clients: int,
-                 id_prefix: str) -> tuple[list[Outcome], float, dict]:
+                 id_prefix: str, on_start=None) -> tuple[list[Outcome], float, dict]:
     """Replay `requests` from `num_clients` processes over `addresses`; returns merged outcomes (in request
-    order), the longest client wall time and {"client_cpu_s": [...]}."""
+    order), the longest client wall time and {"client_cpu_s": [...]}. `on_start()` is called at timestamp 0."""
     assert addresses and num_clients >= 1
     ctx = mp.get_context("spawn")  # no fork: the parent may hold grpc channels and threads
     done_counter, results = ctx.Value("i", 0), ctx.Queue()
@@ -60,7 +81,10 @@ def split_replay(addresses: list[str], requests: list[Request], timeout_s: float
                                results)) for c in range(num_clients) if shares[c]]
     for p in procs:
         p.start()
-    bar, shown, got = _progress(len(requests), desc), 0, []
+    if on_start is not None:
+        time.sleep(max(0.0, start_at - time.monotonic()))
+        on_start()
+    progress, got = _Progress(len(requests), desc), []
     deadline = start_at + (requests[-1].timestamp if requests else 0) + timeout_s + 60
     try:
         while len(got) < len(procs):
@@ -69,12 +93,9 @@ def split_replay(addresses: list[str], requests: list[Request], timeout_s: float
             except queue.Empty:
                 if time.monotonic() > deadline or not any(p.is_alive() for p in procs) and results.empty():
                     raise RuntimeError(f"{desc}: {len(procs) - len(got)} client process(es) gave no result")
-            if bar is not None and done_counter.value > shown:
-                bar.update(done_counter.value - shown)
-                shown = done_counter.value
+            progress.update(done_counter.value)
     finally:
-        if bar is not None:
-            bar.close()
+        progress.close()
         for p in procs:
             p.join(timeout=5)
             if p.is_alive():
