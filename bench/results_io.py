@@ -48,5 +48,6 @@ def write_results(out_dir: Path, bench: str, label: str, payload: dict) -> Path:
     with os.fdopen(fd, "w") as f:
         json.dump(payload, f, indent=1, default=float)
         f.write("\n")
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; a result is for everyone
     os.replace(tmp, path)
     return path

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import math
 import os
 import shutil
 import signal
@@ -94,6 +93,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=0.0, help="wall-clock budget: phases that would not fit are "
                    "skipped and said so (0 = none)")
     p.add_argument("--timeout-s", type=float, default=300.0, help="per request")
+    p.add_argument("--pass-timeout-s", type=float, default=0.0,
+                   help="cap on one replay: requests unfinished by then fail, throughput = what finished in the "
+                        "window (every request arrives early in a saturating run); 0 = --timeout-s")
     p.add_argument("--worker-flag", action="append", default=[], help="extra worker flag, e.g. --worker-flag=--max-num-seqs=64")
     p.add_argument("--scheduler-flag", action="append", default=[], help="extra scheduler flag")
     p.add_argument("--work-dir", type=Path, help="models, stores, caches and logs (default: a temp dir, removed)")
@@ -134,7 +136,8 @@ def make_models(args, work: Path, num_deltas: int) -> tuple[Path, list[tuple[str
     cmd = [sys.executable, "-m", "bench.synthetic", "--shape", args.shape, "--num-layers", str(args.num_layers),
            "--num-deltas", str(num_deltas), "--bits", str(args.bits), "--group-size", str(args.group_size),
            "--device", args.device, "--out", str(work / "models")]
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0")}
+    python_path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": python_path}
     done = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"bench.synthetic failed:\n{done.stderr[-3000:]}")
@@ -215,8 +218,9 @@ def run_scaling(run: Run, stack: ScaleoutStack, base_dir: Path, models: list[str
                                        args.zipf_alpha, args.prompt_len, 4 * args.prompt_len, args.output_len,
                                        4 * args.output_len, args.seed))
     worker_flags = [*WORKER_FLAGS[args.device], *args.worker_flag]
-    burst_span_s = max(args.burst_at_s + args.burst_span_s, args.burst_bg_requests / args.burst_bg_rate_rps)
-    point_s, burst_s = None, burst_span_s + 30.0
+    # a burst run: its arrivals, the tail of its last requests, fresh schedulers, client start
+    burst_s = max(args.burst_at_s + args.burst_span_s, args.burst_bg_requests / args.burst_bg_rate_rps) + 25.0
+    point_s = None
     for k in args.workers:
         is_last = k == args.workers[-1]
         if point_s is not None:  # the first point's cost forecasts the others (larger K: as many starts, shorter runs)
@@ -233,8 +237,6 @@ def run_scaling(run: Run, stack: ScaleoutStack, base_dir: Path, models: list[str
             run.skip(f"scale K={k}", f"failed: {str(exc)[-1500:]}")
             continue
         point_s = point_s or time.monotonic() - t + 5.0
-        tail_s = rows[-1]["e2e_p90_ms"] / 1e3  # a saturated run's tail: more than a burst run's
-        burst_s = burst_span_s + 15.0 + (min(tail_s, 30.0) if math.isfinite(tail_s) else 30.0)
     return burst_s
 
 
@@ -247,7 +249,7 @@ def run_bursts(run: Run, stack: ScaleoutStack, models: list[str], burst_models: 
             run.skip(what, "no workers running (the scaling points failed or were skipped)")
             continue
         if budget.left() < burst_s + RESERVE_S:
-            run.skip(what, f"{budget.left():.0f}s left, about {burst_s:.0f}s needed")
+            run.skip(what, f"{budget.left():.0f}s left, about {burst_s + RESERVE_S:.0f}s needed (with the reserve)")
             continue
         stack.start_schedulers(args.num_schedulers, prefetch=prefetch)
         try:

@@ -19,6 +19,11 @@ from bench.workload import WorkloadConfig
 RESERVE_S = 25.0  # kept back from the budget for stopping everything and writing results
 
 
+def replay_timeout_s(args, budget) -> float:
+    """Per-request timeout of one replay: --timeout-s, --pass-timeout-s and the budget left, the smallest."""
+    return min(args.timeout_s, args.pass_timeout_s or float("inf"), max(20.0, budget.left() - RESERVE_S))
+
+
 def warm_up(workers, models: list[str], max_tokens: int = 4) -> None:
     """Two requests per model straight to every worker, concurrently: CUDA init and kernel JIT are not timed."""
     import concurrent.futures
@@ -86,7 +91,7 @@ def scale_point(stack: ScaleoutStack, args, k: int, base_dir: Path, warm_model: 
     warmup_s = time.monotonic() - t
     results = []
     for cache in args.passes:
-        timeout_s = min(args.timeout_s, max(30.0, budget.left() - RESERVE_S))
+        timeout_s = replay_timeout_s(args, budget)
         outcomes, row = measure(stack, args, requests, f"k{k}-{cache}-", f"K={k} {cache}", timeout_s)
         row = {"phase": "scale", "pass": cache, "num_workers": k, "num_models": args.num_models,
                "worker_start_s": start_s, "warmup_s": warmup_s, **row}
@@ -104,7 +109,7 @@ def burst_run(stack: ScaleoutStack, args, models: list[str], cold_model: str, pr
                                 4 * args.output_len, args.seed + 100 + rep)
     requests = burst_workload(background, cold_model, args.burst_size, args.burst_at_s, args.burst_span_s)
     tag = f"burst{rep}-{'on' if prefetch else 'off'}-"
-    timeout_s = min(args.timeout_s, max(30.0, budget.left() - RESERVE_S))
+    timeout_s = replay_timeout_s(args, budget)
     outcomes, row = measure(stack, args, requests, tag, f"burst {'on' if prefetch else 'off'}", timeout_s)
     burst = [o for o in outcomes if o.id.startswith("burst-")]
     tiers = request_tiers(stack, [tag + o.id for o in burst])
