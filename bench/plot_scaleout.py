@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -99,8 +100,9 @@ def plot(path: Path) -> Path:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    note = data.get("note", "").split(";")[0]
-    fig.suptitle(f"DeltaZip scale-out on {data['device']} ({data['date']}, {data['commit']})" + (f"\n{note}" if note else ""))
+    note = textwrap.fill(data.get("note", "").split(";")[0], 150)
+    fig.suptitle(f"DeltaZip scale-out on {data['device']} ({data['date']}, {data['commit']})" + (f"\n{note}" if note else ""),
+                 fontsize=10)
     fig.tight_layout()
     out = path.with_suffix(".png")
     fig.savefig(out, dpi=100)

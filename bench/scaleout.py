@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-models", type=int, default=16, help="fine-tunes in the Zipf workload")
     p.add_argument("--bits", type=int, choices=(2, 4), default=4)
     p.add_argument("--group-size", type=int, default=0, help="0 = 128 (32 for the tiny shape)")
-    p.add_argument("--num-requests", type=int, default=120, help="requests per scaling point")
+    p.add_argument("--num-requests", type=int, default=120, help="requests per pass of a scaling point")
     p.add_argument("--rate-rps", type=float, default=40.0, help="offered rate of a scaling point: above what K_max serves")
     p.add_argument("--cv", type=float, default=2.0, help="Gamma arrivals' coefficient of variation")
     p.add_argument("--zipf-alpha", type=float, default=1.5)
@@ -171,7 +171,7 @@ class Run:
         self.budget.say(f"K={row['num_workers']} {row['pass']}: {row['throughput_rps']:.2f} req/s "
                         f"({row['tokens_per_s']:.0f} tok/s, offered {row['offered_rps']:.1f}), ttft p90 "
                         f"{row['ttft_p90_ms']:.0f} ms, failed {row['num_failed']}, store peak "
-                        f"{row.get('store_bytes_per_s_peak_1s', 0) / 1e6:.0f} MB/s, workers fetched "
+                        f"{row.get('store_bytes_per_s_peak_1s', 0) / 1e6:.1f} MB/s, workers fetched "
                         f"{row['worker_fetch_bytes'] / 1e9:.2f} GB, vs K=1: {ratio if ratio is None else round(ratio, 2)}")
 
     def skip(self, what: str, why: str) -> None:
