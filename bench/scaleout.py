@@ -220,40 +220,45 @@ def run_scaling(run: Run, stack: ScaleoutStack, base_dir: Path, models: list[str
     worker_flags = [*WORKER_FLAGS[args.device], *args.worker_flag]
     # a burst run: its arrivals, the tail of its last requests, fresh schedulers, client start
     burst_s = max(args.burst_at_s + args.burst_span_s, args.burst_bg_requests / args.burst_bg_rate_rps) + 25.0
-    point_s = None
+    point_s, overhead_s = None, None  # the first point's cost and its start + warm-up forecast the others
     for k in args.workers:
         is_last = k == args.workers[-1]
-        if point_s is not None:  # the first point's cost forecasts the others (larger K: as many starts, shorter runs)
+        if point_s is not None:
             need = point_s * (1 if is_last else 2) + burst_s * num_burst_runs + RESERVE_S
-            if budget.left() < need and not (is_last and budget.left() > point_s + RESERVE_S):
+            need_min = overhead_s + 30.0 * len(args.passes) + RESERVE_S  # the last K alone, its replays cut short
+            if budget.left() < need and not (is_last and budget.left() > need_min):
                 run.skip(f"scale K={k}", f"{budget.left():.0f}s left, about {need:.0f}s needed")
                 continue
         if stack.workers:
             stack.stop_workers()
         t = time.monotonic()
         try:
-            rows = scale_point(stack, args, k, base_dir, warm_model, requests, budget, worker_flags, run.add_scale_row)
+            rows = scale_point(stack, args, k, base_dir, warm_model, requests, budget, worker_flags, run.add_scale_row,
+                               keep_s=burst_s * num_burst_runs)
         except RuntimeError as exc:  # a worker that did not start, a client that failed: the other points still run
             run.skip(f"scale K={k}", f"failed: {str(exc)[-1500:]}")
             continue
         point_s = point_s or time.monotonic() - t + 5.0
+        overhead_s = overhead_s or rows[0]["worker_start_s"] + rows[0]["warmup_s"] + 5.0
     return burst_s
 
 
 def run_bursts(run: Run, stack: ScaleoutStack, models: list[str], burst_models: list[str], burst_s: float) -> None:
     """Burst on a cold model with prefetch on, then off (fresh schedulers each time), on the running workers."""
     args, budget = run.args, run.budget
-    for i, (rep, prefetch) in enumerate((rep, on) for rep in range(args.burst_repeats) for on in (True, False)):
+    runs = [(rep, on) for rep in range(args.burst_repeats) for on in (True, False)]
+    for i, (rep, prefetch) in enumerate(runs):
         what = f"burst repeat {rep} prefetch {'on' if prefetch else 'off'}"
         if not stack.workers:
             run.skip(what, "no workers running (the scaling points failed or were skipped)")
             continue
-        if budget.left() < burst_s + RESERVE_S:
-            run.skip(what, f"{budget.left():.0f}s left, about {burst_s + RESERVE_S:.0f}s needed (with the reserve)")
+        need = burst_s * (2 if prefetch else 1) + RESERVE_S  # an "on" run is worth it only with its "off" run
+        if budget.left() < need:
+            run.skip(what, f"{budget.left():.0f}s left, about {need:.0f}s needed (with the reserve)")
             continue
         stack.start_schedulers(args.num_schedulers, prefetch=prefetch)
         try:
-            row, burst = burst_run(stack, args, models, burst_models[i], prefetch, rep, budget)
+            row, burst = burst_run(stack, args, models, burst_models[i], prefetch, rep, budget, len(runs) - i)
         except RuntimeError as exc:
             run.skip(what, f"failed: {str(exc)[-1500:]}")
             continue

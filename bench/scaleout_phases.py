@@ -19,9 +19,11 @@ from bench.workload import WorkloadConfig
 RESERVE_S = 25.0  # kept back from the budget for stopping everything and writing results
 
 
-def replay_timeout_s(args, budget) -> float:
-    """Per-request timeout of one replay: --timeout-s, --pass-timeout-s and the budget left, the smallest."""
-    return min(args.timeout_s, args.pass_timeout_s or float("inf"), max(20.0, budget.left() - RESERVE_S))
+def replay_timeout_s(args, budget, replays_left: int = 1, keep_s: float = 0.0) -> float:
+    """Per-request timeout of one replay: --timeout-s, --pass-timeout-s, and this replay's share of the budget
+    left once `keep_s` is kept for what comes after (at least 20 s), the smallest."""
+    share_s = (budget.left() - RESERVE_S - keep_s) / max(replays_left, 1)
+    return min(args.timeout_s, args.pass_timeout_s or float("inf"), max(20.0, share_s))
 
 
 def warm_up(workers, models: list[str], max_tokens: int = 4) -> None:
@@ -78,10 +80,10 @@ def latency_entry(point: dict, outcomes) -> dict:
 
 
 def scale_point(stack: ScaleoutStack, args, k: int, base_dir: Path, warm_model: str, requests, budget,
-                worker_flags: list[str], on_row) -> list[dict]:
+                worker_flags: list[str], on_row, keep_s: float = 0.0) -> list[dict]:
     """K fresh workers, warm-up, then the scaling workload once per pass: `cold` (empty delta caches: fetches from
     the stores are part of it) and `warm` (the same requests again, deltas already on the workers).
-    Calls `on_row(row, outcomes)` as each pass ends; returns the rows."""
+    Calls `on_row(row, outcomes)` as each pass ends; returns the rows. `keep_s`: budget kept for later phases."""
     t = time.monotonic()
     stack.start_workers(k, f"k{k}", base_dir, args.device, max(args.num_gpus, 1), worker_flags)
     start_s = time.monotonic() - t
@@ -90,8 +92,8 @@ def scale_point(stack: ScaleoutStack, args, k: int, base_dir: Path, warm_model: 
     warm_up(stack.workers, [base_dir.name, warm_model])
     warmup_s = time.monotonic() - t
     results = []
-    for cache in args.passes:
-        timeout_s = replay_timeout_s(args, budget)
+    for i, cache in enumerate(args.passes):
+        timeout_s = replay_timeout_s(args, budget, len(args.passes) - i, keep_s)
         outcomes, row = measure(stack, args, requests, f"k{k}-{cache}-", f"K={k} {cache}", timeout_s)
         row = {"phase": "scale", "pass": cache, "num_workers": k, "num_models": args.num_models,
                "worker_start_s": start_s, "warmup_s": warmup_s, **row}
@@ -102,14 +104,14 @@ def scale_point(stack: ScaleoutStack, args, k: int, base_dir: Path, warm_model: 
 
 
 def burst_run(stack: ScaleoutStack, args, models: list[str], cold_model: str, prefetch: bool, rep: int,
-              budget) -> tuple[dict, list]:
+              budget, replays_left: int = 1) -> tuple[dict, list]:
     """A burst on `cold_model` over a Zipf background, on the running workers, prefetch on or off."""
     background = WorkloadConfig(tuple(models), args.burst_bg_requests, args.burst_bg_rate_rps, "gamma", args.cv,
                                 args.zipf_alpha, args.prompt_len, 4 * args.prompt_len, args.output_len,
                                 4 * args.output_len, args.seed + 100 + rep)
     requests = burst_workload(background, cold_model, args.burst_size, args.burst_at_s, args.burst_span_s)
     tag = f"burst{rep}-{'on' if prefetch else 'off'}-"
-    timeout_s = replay_timeout_s(args, budget)
+    timeout_s = replay_timeout_s(args, budget, replays_left)
     outcomes, row = measure(stack, args, requests, tag, f"burst {'on' if prefetch else 'off'}", timeout_s)
     burst = [o for o in outcomes if o.id.startswith("burst-")]
     tiers = request_tiers(stack, [tag + o.id for o in burst])

@@ -18,26 +18,51 @@ from dataclasses import asdict
 from bench.replay import Outcome, replay
 from bench.workload import Request
 
-START_DELAY_S = 1.5  # spawned clients import grpc and connect before timestamp 0
+START_DELAY_S = 0.3  # from "every client is ready" to timestamp 0
+READY_TIMEOUT_S = 180.0
 
 
-def _client_main(address: str, requests: list[dict], timeout_s: float, id_prefix: str, start_at: float,
-                 done_counter, results) -> None:
-    """One client process: replay its share, put (outcomes, wall_s, cpu_s) or an error string on `results`."""
+def _client_main(address: str, requests: list[dict], timeout_s: float, id_prefix: str, sync, done_counter,
+                 results) -> None:
+    """One client process: import, say ready, wait for the shared start, replay its share, then put
+    (outcomes, wall_s, cpu_s) or an error string on `results`."""
+    ready, go, start_at = sync
+
     def on_done() -> None:
         with done_counter.get_lock():
             done_counter.value += 1
 
     try:
-        import deltazip.client  # noqa: F401  (imported before the CPU clock starts)
+        import deltazip.client  # noqa: F401  (a slow import must not delay the first requests)
 
         reqs = [Request(**r) for r in requests]
+        with ready.get_lock():
+            ready.value += 1
+        if not go.wait(READY_TIMEOUT_S):
+            raise TimeoutError("the driver never gave the start")
         cpu0 = time.process_time()
         outcomes, wall_s, _ = asyncio.run(replay(address, reqs, timeout_s, "", id_prefix=id_prefix,
-                                                 start_at=start_at, on_done=on_done))
+                                                 start_at=start_at.value, on_done=on_done))
         results.put(([asdict(o) for o in outcomes], wall_s, time.process_time() - cpu0))
     except BaseException as exc:  # noqa: BLE001  (reported to the parent, which fails the run with it)
         results.put(f"{type(exc).__name__}: {exc}")
+
+
+def _start_when_ready(procs, sync, results) -> float:
+    """Wait until every client has imported and is waiting, then give them timestamp 0 (time.monotonic())."""
+    ready, go, start_at = sync
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while ready.value < len(procs):
+        if time.monotonic() > deadline or not all(p.is_alive() for p in procs):
+            try:
+                why = results.get(timeout=1.0)
+            except queue.Empty:
+                why = "no message"
+            raise RuntimeError(f"only {ready.value} of {len(procs)} client processes got ready: {why}")
+        time.sleep(0.02)
+    start_at.value = time.monotonic() + START_DELAY_S
+    go.set()
+    return start_at.value
 
 
 class _Progress:
@@ -74,19 +99,20 @@ def split_replay(addresses: list[str], requests: list[Request], timeout_s: float
     assert addresses and num_clients >= 1
     ctx = mp.get_context("spawn")  # no fork: the parent may hold grpc channels and threads
     done_counter, results = ctx.Value("i", 0), ctx.Queue()
-    start_at = time.monotonic() + START_DELAY_S
+    sync = (ctx.Value("i", 0), ctx.Event(), ctx.Value("d", 0.0))  # ready count, go, timestamp 0
     shares = [[asdict(r) for i, r in enumerate(requests) if i % num_clients == c] for c in range(num_clients)]
     procs = [ctx.Process(target=_client_main, daemon=True,
-                         args=(addresses[c % len(addresses)], shares[c], timeout_s, id_prefix, start_at, done_counter,
+                         args=(addresses[c % len(addresses)], shares[c], timeout_s, id_prefix, sync, done_counter,
                                results)) for c in range(num_clients) if shares[c]]
     for p in procs:
         p.start()
-    if on_start is not None:
-        time.sleep(max(0.0, start_at - time.monotonic()))
-        on_start()
     progress, got = _Progress(len(requests), desc), []
-    deadline = start_at + (requests[-1].timestamp if requests else 0) + timeout_s + 60
     try:
+        start_at = _start_when_ready(procs, sync, results)
+        if on_start is not None:
+            time.sleep(max(0.0, start_at - time.monotonic()))
+            on_start()
+        deadline = start_at + (requests[-1].timestamp if requests else 0) + timeout_s + 60
         while len(got) < len(procs):
             try:
                 got.append(results.get(timeout=0.5))
