@@ -218,6 +218,9 @@ def run_scaling(run: Run, stack: ScaleoutStack, base_dir: Path, models: list[str
                                        args.zipf_alpha, args.prompt_len, 4 * args.prompt_len, args.output_len,
                                        4 * args.output_len, args.seed))
     worker_flags = [*WORKER_FLAGS[args.device], *args.worker_flag]
+    run.payload["config"]["worker_flags_used"] = worker_flags
+    run.payload["config"]["scheduler_flags_used"] = [*SCHEDULER_FLAGS, *args.scheduler_flag, "--prefetch-interval-s",
+                                                     "0.5 (burst runs with prefetch off: 0)"]
     # a burst run: its arrivals, the tail of its last requests, fresh schedulers, client start
     burst_s = max(args.burst_at_s + args.burst_span_s, args.burst_bg_requests / args.burst_bg_rate_rps) + 25.0
     point_s, overhead_s = None, None  # the first point's cost and its start + warm-up forecast the others
