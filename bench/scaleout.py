@@ -197,11 +197,14 @@ def prepare(run: Run, work: Path, num_deltas: int) -> tuple[Path, list[str], Sca
     try:
         replicas = min(args.store_replicas or args.num_stores, args.num_stores)
         t = time.monotonic()
-        pushed = stack.push(dict(deltas), replicas)
+        # a replica round more only while pushing stays a small part of the budget (the scaling points come first)
+        pushed, replicas = stack.push(dict(deltas), replicas, lambda: time.monotonic() - t < 0.12 * (budget.deadline - t))
         push_s = time.monotonic() - t
     except BaseException:
         stack.close()
         raise
+    if replicas < min(args.store_replicas or args.num_stores, args.num_stores):
+        run.skip("push replicas", f"each delta is on {replicas} store(s) only: pushing took {push_s:.0f}s")
     run.add({"phase": "push", "num_deltas": len(deltas), "num_stores": replicas, "bytes": pushed, "seconds": push_s,
              "bytes_per_s": pushed / push_s, "delta_bytes": pushed / len(deltas) / replicas})
     budget.say(f"pushed {len(deltas)} deltas x {replicas} stores = {pushed / 1e9:.2f} GB in {push_s:.1f}s "
@@ -222,13 +225,13 @@ def run_scaling(run: Run, stack: ScaleoutStack, base_dir: Path, models: list[str
     run.payload["config"]["scheduler_flags_used"] = [*SCHEDULER_FLAGS, *args.scheduler_flag, "--prefetch-interval-s",
                                                      "0.5 (burst runs with prefetch off: 0)"]
     # a burst run: its arrivals, the tail of its last requests, fresh schedulers, client start
-    burst_s = max(args.burst_at_s + args.burst_span_s, args.burst_bg_requests / args.burst_bg_rate_rps) + 25.0
+    burst_s = max(args.burst_at_s + args.burst_span_s, args.burst_bg_requests / args.burst_bg_rate_rps) + 15.0
     point_s, overhead_s = None, None  # the first point's cost and its start + warm-up forecast the others
     for k in args.workers:
         is_last = k == args.workers[-1]
         if point_s is not None:
             need = point_s * (1 if is_last else 2) + burst_s * num_burst_runs + RESERVE_S
-            need_min = overhead_s + 30.0 * len(args.passes) + RESERVE_S  # the last K alone, its replays cut short
+            need_min = overhead_s + 20.0 * len(args.passes) + RESERVE_S  # the last K alone, its replays cut short
             if budget.left() < need and not (is_last and budget.left() > need_min):
                 run.skip(f"scale K={k}", f"{budget.left():.0f}s left, about {need:.0f}s needed")
                 continue
@@ -250,10 +253,14 @@ def run_bursts(run: Run, stack: ScaleoutStack, models: list[str], burst_models: 
     """Burst on a cold model with prefetch on, then off (fresh schedulers each time), on the running workers."""
     args, budget = run.args, run.budget
     runs = [(rep, on) for rep in range(args.burst_repeats) for on in (True, False)]
+    measured_on: set[int] = set()
     for i, (rep, prefetch) in enumerate(runs):
         what = f"burst repeat {rep} prefetch {'on' if prefetch else 'off'}"
         if not stack.workers:
             run.skip(what, "no workers running (the scaling points failed or were skipped)")
+            continue
+        if not prefetch and rep not in measured_on:
+            run.skip(what, "its prefetch-on run did not run: nothing to compare with")
             continue
         need = burst_s * (2 if prefetch else 1) + RESERVE_S  # an "on" run is worth it only with its "off" run
         if budget.left() < need:
@@ -266,6 +273,8 @@ def run_bursts(run: Run, stack: ScaleoutStack, models: list[str], burst_models: 
             run.skip(what, f"failed: {str(exc)[-1500:]}")
             continue
         run.add(row, burst, {"phase": "burst", "prefetch": row["prefetch"], "repeat": rep})
+        if prefetch:
+            measured_on.add(rep)
         budget.say(f"{what}: burst of {row['burst_size']} on {row['model']}: ttft p90 {row['ttft_p90_ms']:.0f} ms "
                    f"(p50 {row['ttft_p50_ms']:.0f}), warm hits {row['warm_hit_fraction']:.2f}, prefetches "
                    f"{row['prefetches_started']}, tiers {row['burst_tiers']}, failed {row['burst_num_failed']}")

@@ -26,7 +26,7 @@ def replay_timeout_s(args, budget, replays_left: int = 1, keep_s: float = 0.0) -
     return min(args.timeout_s, args.pass_timeout_s or float("inf"), max(20.0, share_s))
 
 
-def warm_up(workers, models: list[str], max_tokens: int = 4) -> None:
+def warm_up(workers, models: list[str], timeout_s: float, max_tokens: int = 4) -> None:
     """Two requests per model straight to every worker, concurrently: CUDA init and kernel JIT are not timed."""
     import concurrent.futures
     import uuid
@@ -44,7 +44,7 @@ def warm_up(workers, models: list[str], max_tokens: int = 4) -> None:
                 request_id=f"warmup-{uuid.uuid4().hex[:12]}", model=model, prompt="warm up " * (1 + 5 * i),
                 sampling=sampling_params(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
             try:
-                for _ in worker_pb2_grpc.WorkerStub(channel).Generate(request, timeout=600):
+                for _ in worker_pb2_grpc.WorkerStub(channel).Generate(request, timeout=timeout_s):
                     pass
             except grpc.RpcError as exc:
                 raise RuntimeError(f"warm-up of {model} on worker {proc.address} failed: {exc.code()} "
@@ -85,11 +85,12 @@ def scale_point(stack: ScaleoutStack, args, k: int, base_dir: Path, warm_model: 
     the stores are part of it) and `warm` (the same requests again, deltas already on the workers).
     Calls `on_row(row, outcomes)` as each pass ends; returns the rows. `keep_s`: budget kept for later phases."""
     t = time.monotonic()
-    stack.start_workers(k, f"k{k}", base_dir, args.device, max(args.num_gpus, 1), worker_flags)
+    stack.start_workers(k, f"k{k}", base_dir, args.device, max(args.num_gpus, 1), worker_flags,
+                        timeout_s=min(600.0, max(60.0, budget.left() - RESERVE_S)))
     start_s = time.monotonic() - t
     budget.say(f"K={k}: {k} worker(s) up in {start_s:.1f}s; warming up")
     t = time.monotonic()
-    warm_up(stack.workers, [base_dir.name, warm_model])
+    warm_up(stack.workers, [base_dir.name, warm_model], timeout_s=min(600.0, max(30.0, budget.left() - RESERVE_S)))
     warmup_s = time.monotonic() - t
     results = []
     for i, cache in enumerate(args.passes):

@@ -105,8 +105,11 @@ class ScaleoutStack:
             futures = [pool.submit(self._start, "scheduler", *flags, "--scheduler-id", f"s{i}-{tag}") for i in range(num)]
             self.schedulers = [f.result() for f in futures]
 
-    def push(self, artifacts: dict[str, Path], replicas: int, max_parallel: int = 4) -> int:
-        """Push every artifact to `replicas` stores (all by default), in parallel; returns bytes pushed."""
+    def push(self, artifacts: dict[str, Path], replicas: int, more_replicas=lambda: True,
+             max_parallel: int = 4) -> tuple[int, int]:
+        """Push every artifact to `replicas` stores, one round per replica (round 0: each artifact to one store,
+        round robin, so every model is somewhere early); a round after the first runs only if `more_replicas()`.
+        Returns (bytes pushed, rounds done). Workers list every store, so a model held by one store is found."""
         from deltazip.client import Client
 
         def one(job: tuple[str, Path, str]) -> int:
@@ -115,14 +118,18 @@ class ScaleoutStack:
                 client.push(path, name, progress=False)
             return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
-        stores = self.store_addresses[:replicas]
-        # one store per artifact first, round robin, so a slow push still leaves every model somewhere
-        jobs = [(n, p, stores[(i + r) % len(stores)]) for r in range(len(stores)) for i, (n, p) in enumerate(artifacts.items())]
+        stores, pushed, rounds = self.store_addresses, 0, 0
         with concurrent.futures.ThreadPoolExecutor(max_parallel) as pool:
-            return sum(pool.map(one, jobs))
+            for r in range(min(replicas, len(stores))):
+                if r and not more_replicas():
+                    break
+                jobs = [(n, p, stores[(i + r) % len(stores)]) for i, (n, p) in enumerate(artifacts.items())]
+                pushed += sum(pool.map(one, jobs))
+                rounds += 1
+        return pushed, rounds
 
     def start_workers(self, num: int, tag: str, base_dir: Path, device: str, num_gpus: int,
-                      worker_flags: list[str]) -> list[Proc]:
+                      worker_flags: list[str], timeout_s: float = 600.0) -> list[Proc]:
         """`num` fresh workers (empty caches) started in parallel, worker i on GPU i % num_gpus."""
         visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
         gpus = visible or [str(g) for g in range(num_gpus)]
@@ -135,7 +142,7 @@ class ScaleoutStack:
             return self._start("worker", "--base-dir", str(base_dir), "--worker-id", f"{tag}-w{i}", "--device",
                                "cuda" if device.startswith("cuda") else device, "--disk-cache-dir",
                                str(self.work / "caches" / f"{tag}-w{i}"), "--store-addresses", ",".join(stores),
-                               *HEARTBEAT_FLAGS, *worker_flags, env=env, timeout_s=600)
+                               *HEARTBEAT_FLAGS, *worker_flags, env=env, timeout_s=timeout_s)
 
         with concurrent.futures.ThreadPoolExecutor(num) as pool:
             futures = [pool.submit(one, i) for i in range(num)]
