@@ -30,6 +30,9 @@ def device_name(device: str) -> str:
 
 
 def git_commit() -> str:
+    """The short commit hash; BENCH_COMMIT names it where the tree has no .git (a copy on a lent GPU machine)."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
     done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1])
     return done.stdout.strip() or "unknown"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime
 import shutil
 import tempfile
@@ -90,7 +91,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--bits", type=ints, default=[4], help="comma list of delta bits (2 and/or 4), 2:4 sparse")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--modes", type=lambda s: s.split(","), default=["delta"], help=f"comma list of {MODES}")
-    p.add_argument("--rate-rps", type=float, default=2.0, help="mean arrival rate at load 1")
+    p.add_argument("--rate-rps", type=float, default=2.0,
+                   help="mean arrival rate at load 1; 0 = calibrate: --auto-fraction x the measured base capacity")
+    p.add_argument("--auto-fraction", type=float, default=0.5,
+                   help="with --rate-rps 0: load 1 offers this share of the base-only capacity")
+    p.add_argument("--budget-s", type=float, default=0.0,
+                   help="skip the points left once this many seconds have passed (0 = no budget); results are "
+                        "written after every point either way")
     p.add_argument("--loads", type=floats, default=[1.0], help="comma list of multipliers of --rate-rps")
     p.add_argument("--num-requests", type=int, default=20)
     p.add_argument("--arrival", choices=("poisson", "gamma"), default="gamma")
@@ -134,6 +141,10 @@ def workload(args: argparse.Namespace, models: tuple[str, ...]) -> list[Request]
 def run_point(address: str, requests: list[Request], args, point: dict, base: dict | None, rows: list,
               latencies: list, worker_address: str | None = None) -> list[Outcome]:
     """Replay one (mode, bits, num_models, load) point and append its row and latency samples."""
+    if args.budget_s and time.monotonic() - args.started_at > args.budget_s:
+        print(f"budget of {args.budget_s:.0f} s spent: point {point} skipped", flush=True)
+        args.over_budget.append(point)
+        return []
     if args.trace:  # a trace has its own rate: report what it offers at this load
         point["rate_rps"] = round(len(requests) / max(requests[-1].timestamp, 1e-9), 3)
     desc = " ".join(f"{k}={v}" for k, v in point.items())
@@ -146,6 +157,8 @@ def run_point(address: str, requests: list[Request], args, point: dict, base: di
     print(f"{desc}: {row['throughput_rps']:.2f} req/s, ttft p90 {row['ttft_p90_ms']:.0f} ms, "
           f"e2e p99 {row['e2e_p99_ms']:.0f} ms, slo {row.get('slo_attainment', float('nan')):.2f}, "
           f"failed {row['num_failed']}", flush=True)
+    if args.checkpoint is not None:
+        args.checkpoint()  # partial results survive a kill at the call's time limit
     return outcomes
 
 
@@ -163,6 +176,22 @@ def run_mode(address: str, mode: str, bits: int | None, names: list[str], base_n
         for load in args.loads:
             point = {"mode": mode, "bits": bits, "num_models": num_models, "load": load, "rate_rps": args.rate_rps * load}
             run_point(address, scaled(reqs, load), args, point, base_runs.get(load), rows, latencies, worker_address)
+
+
+def calibrate_rate(address: str, base_name: str, names: list[str], args) -> None:
+    """--rate-rps 0: load 1 = --auto-fraction x the base model's capacity, measured here as the completion rate
+    of --num-requests base requests that all arrive at once (closed burst, same prompts and lengths)."""
+    probe = argparse.Namespace(**{**vars(args), "rate_rps": 1.0})  # arrival times are dropped below
+    burst = [dataclasses.replace(r, timestamp=0.0) for r in with_model(workload(probe, tuple(names)), base_name)]
+    outcomes, wall_s, _ = asyncio.run(replay(address, burst, args.timeout_s, "calibrate base capacity"))
+    done = [o for o in outcomes if o.ok]
+    capacity = len(done) / max(wall_s, 1e-9)
+    if not done:
+        raise RuntimeError("calibration failed: no base request completed")
+    args.rate_rps = round(capacity * args.auto_fraction, 3)
+    args.calibration = {"base_capacity_rps": capacity, "burst_requests": len(burst), "completed": len(done),
+                        "wall_s": wall_s, "auto_fraction": args.auto_fraction, "rate_rps": args.rate_rps}
+    print(f"calibrated: base capacity {capacity:.2f} req/s -> rate at load 1 = {args.rate_rps} req/s", flush=True)
 
 
 def mode_flags(specs: list[str], mode: str) -> list[str]:
@@ -212,6 +241,8 @@ def run_local(args, rows: list, latencies: list, skipped: list) -> None:
                     print(f"mode {mode} skipped: worker did not start:\n{str(exc)[-600:]}", flush=True)
                     continue
                 try:
+                    if args.rate_rps <= 0:
+                        calibrate_rate(stack.scheduler.address, base_dir.name, names, args)
                     run_mode(stack.scheduler.address, mode, bits, mode_names, base_dir.name, args, rows, latencies,
                              base_runs, worker.address)
                 finally:
@@ -227,6 +258,20 @@ def main(argv: list[str] | None = None) -> Path:
     rows: list[dict] = []
     latencies: list[dict] = []
     skipped: list[dict] = []
+    args.started_at, args.over_budget, args.calibration = time.monotonic(), [], None
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    device = device_name(args.device)
+
+    def save() -> Path:
+        final = [dict(r) for r in rows]
+        add_ratios(final)
+        payload = {"bench": "serving", "device": device, "commit": git_commit(), "note": args.note,
+                   "date": datetime.date.today().isoformat(), "config": {**config, "rate_rps": args.rate_rps},
+                   "calibration": args.calibration, "goals": goal_summary(final), "rows": final,
+                   "skipped": skipped, "over_budget": args.over_budget, "latencies": latencies}
+        return write_results(args.out, "serving", args.label or device, payload)
+
+    args.checkpoint = save
     if args.target:
         names = args.target_models or [f"ft-{i:03d}" for i in range(max(args.num_models))]
         if len(names) < max(args.num_models):
@@ -235,13 +280,7 @@ def main(argv: list[str] | None = None) -> Path:
                  args.worker_address)
     else:
         run_local(args, rows, latencies, skipped)
-    add_ratios(rows)
-    device = device_name(args.device)
-    payload = {"bench": "serving", "device": device, "commit": git_commit(), "note": args.note,
-               "date": datetime.date.today().isoformat(), "config": {k: str(v) if isinstance(v, Path) else v
-                                                                     for k, v in vars(args).items()},
-               "goals": goal_summary(rows), "rows": rows, "skipped": skipped, "latencies": latencies}
-    path = write_results(args.out, "serving", args.label or device, payload)
+    path = save()
     print(f"wrote {path}", flush=True)
     return path
 

@@ -185,12 +185,17 @@ def bench_step(cfg: LlamaConfig, device: str, rows: list, deltas=(1, 8, 32), num
                                prompt_len, steps) * 1e6
         rows.append({"part": "step", "num_deltas": 0, "rows_per_delta": 0, "graph": 1, "us": us,
                      "step_vs_base": us / base_us})
+    print(json.dumps(rows[-1]), flush=True)
+    graph_base_us = rows[-1]["us"] if device.startswith("cuda") else base_us
     for n in deltas:
-        us = time_decode_steps(decode_engine(model, num_slots, slots, False, num_seqs), num_seqs, n, device,
-                               prompt_len, steps) * 1e6
-        rows.append({"part": "step", "num_deltas": n, "rows_per_delta": num_seqs / n, "bits": bits, "graph": 0,
-                     "us": us, "step_vs_base": us / base_us, "goal_step_vs_base_at_8": 1.3})
-        print(json.dumps(rows[-1]), flush=True)
+        for graph in ((0, 1) if device.startswith("cuda") else (0,)):
+            us = time_decode_steps(decode_engine(model, num_slots, slots, bool(graph), num_seqs), num_seqs, n,
+                                   device, prompt_len, steps) * 1e6
+            rows.append({"part": "step", "num_deltas": n, "rows_per_delta": num_seqs / n, "bits": bits,
+                         "graph": graph, "us": us, "step_vs_base": us / base_us,
+                         "step_vs_same_mode_base": us / (graph_base_us if graph else base_us),
+                         "goal_step_vs_base_at_8": 1.3})
+            print(json.dumps(rows[-1]), flush=True)
 
 
 # ---- part 3: tokens/s per mode under a mixed 16-model load -----------------------------------------

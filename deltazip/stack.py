@@ -79,9 +79,8 @@ def start_service(name: str, args: list[str], log_dir: Path, env: dict[str, str]
     log_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log_path = log_dir / f"{name}-{port}.log"
-    # the repo first, then whatever the caller had (a GPU box may bring its wheels on PYTHONPATH)
-    python_path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    full_env = {**os.environ, "PYTHONPATH": python_path, **(env or {})}
+    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)  # keep e.g. --target dirs
+    full_env = {**os.environ, "PYTHONPATH": path, **(env or {})}
     cmd = [sys.executable, "-m", f"services.{name}", "--host", "127.0.0.1", "--port", str(port), *args]
     with open(log_path, "wb") as log_file:
         popen = subprocess.Popen(cmd, cwd=REPO_ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT)

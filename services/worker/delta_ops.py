@@ -29,6 +29,7 @@ class StepDeltaOps:
         self._delta_segments = [(i, s) for i, s in enumerate(self.seg_slot) if s >= 0]
         self._seg_starts: torch.Tensor | None = None
         self._seg_slots: dict[tuple[int, ...], torch.Tensor] = {}
+        self._on_device: dict[tuple, torch.Tensor] = {}
 
     def linear(self, name: str, x: torch.Tensor, y: torch.Tensor) -> None:
         """y += x @ Δ(row).T per delta segment. x: [N, in], y: [N, out]."""
@@ -41,7 +42,18 @@ class StepDeltaOps:
                 groups.setdefault(id(stack), (stack, set()))[1].add(slot)
         for stack, members in groups.values():
             slots = tuple(s if s in members else -1 for s in self.seg_slot)
-            apply_linear(x, y, stack, self._starts_tensor(), self._slots_tensor(slots), self.starts, list(slots))
+            on_device = (self._device_tensor(("starts",), self.starts, x.device),
+                         self._device_tensor(slots, slots, x.device)) if x.is_cuda else None
+            apply_linear(x, y, stack, self._starts_tensor(), self._slots_tensor(slots), self.starts, list(slots),
+                         on_device)
+
+    @property
+    def device_slots(self) -> DeviceSlots:
+        return self._slots
+
+    def slot_segments(self) -> list[tuple[int | None, int]]:
+        """(slot or None for base, rows) per segment, in row order."""
+        return [(None if s < 0 else s, self.starts[i + 1] - self.starts[i]) for i, s in enumerate(self.seg_slot)]
 
     def norm_weight(self, name: str, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
         """Per-row weight [N, H] = base + Δ for delta rows, or None when no row's delta touches it."""
@@ -69,6 +81,14 @@ class StepDeltaOps:
         if self._seg_starts is None:
             self._seg_starts = torch.tensor(self.starts, dtype=torch.int32)
         return self._seg_starts
+
+    def _device_tensor(self, key: tuple, values, device: torch.device) -> torch.Tensor:
+        """int64 copy of `values` on the device, made once per step: one copy instead of one per linear
+        (a pageable host->device copy blocks the host until the GPU has caught up)."""
+        t = self._on_device.get(key)
+        if t is None:
+            t = self._on_device[key] = torch.tensor(list(values), dtype=torch.int64, device=device)
+        return t
 
     def _slots_tensor(self, slots: tuple[int, ...]) -> torch.Tensor:
         t = self._seg_slots.get(slots)

@@ -68,6 +68,7 @@ class DeviceSlots:
         self._stacks: dict[str, dict[StackFormat, SlotStack]] = {}
         self._where: list[dict[str, SlotStack]] = [{} for _ in range(num_slots)]  # slot -> tensor name -> stack
         self._lock = threading.Lock()
+        self.layout_version = 0  # bumped when a stack is created: captured CUDA graphs name the stacks they read
         # Loads copy on their own CUDA stream so they overlap the engine's compute on the default stream.
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
@@ -100,11 +101,28 @@ class DeviceSlots:
         return where, num_bytes
 
     def drop(self, slot: int) -> None:
+        """Empty `slot`. Invariant kept here: a slot is zero in every stack that does not hold its delta
+        (scales 0 = a zero packed delta), so a kernel may run a stack over rows of any slot."""
         with self._lock:
-            for stack in self._where[slot].values():
+            left = {id(s): s for s in self._where[slot].values()}.values()
+            for stack in left:
                 stack.occupied.discard(slot)
                 stack.cache.pop(slot, None)
             self._where[slot] = {}
+        if left:
+            with _on_stream(self._copy_stream):
+                for stack in left:
+                    stack.parts["scales" if "scales" in stack.parts else "delta"][slot].zero_()
+            if self._copy_stream is not None:
+                self._copy_stream.synchronize()
+
+    def stacks_by_name(self) -> dict[str, list[SlotStack]]:
+        """Every stack that exists, by HF tensor name (a snapshot)."""
+        with self._lock:
+            return {name: list(by_format.values()) for name, by_format in self._stacks.items()}
+
+    def is_linear(self, tensor_name: str) -> bool:
+        return tensor_name in self._linear_names
 
     def stack(self, slot: int, tensor_name: str) -> SlotStack | None:
         """The stack holding `tensor_name`'s delta for `slot`, or None when that delta leaves it unchanged."""
@@ -120,12 +138,14 @@ class DeviceSlots:
         fmt = StackFormat(delta.kind, tuple(delta.shape), getattr(delta, "bits", None),
                           getattr(delta, "group_size", None), getattr(delta, "sym", None),
                           tuple((k, tuple(v.shape), v.dtype) for k, v in parts.items()))
-        by_format = self._stacks.setdefault(tensor_name, {})
-        stack = by_format.get(fmt)
-        if stack is None:
-            tensors = {k: torch.zeros((self.num_slots, *shape), dtype=dt, device=self.device)
-                       for k, shape, dt in fmt.part_shapes}
-            stack = by_format[fmt] = SlotStack(fmt, tensors)
+        with self._lock:
+            by_format = self._stacks.setdefault(tensor_name, {})
+            stack = by_format.get(fmt)
+            if stack is None:
+                tensors = {k: torch.zeros((self.num_slots, *shape), dtype=dt, device=self.device)
+                           for k, shape, dt in fmt.part_shapes}
+                stack = by_format[fmt] = SlotStack(fmt, tensors)
+                self.layout_version += 1
         return stack
 
 

@@ -14,12 +14,19 @@ from kernels import packing
 
 
 def apply_linear(x: torch.Tensor, y: torch.Tensor, stack: SlotStack, seg_starts: torch.Tensor,
-                 seg_slots: torch.Tensor, starts: list[int], slots: list[int]) -> None:
-    """x: [T, K], y: [T, N]; seg_starts [S+1] / seg_slots [S] int32 on the host, already validated."""
+                 seg_slots: torch.Tensor, starts: list[int], slots: list[int],
+                 on_device: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """x: [T, K], y: [T, N]; seg_starts [S+1] / seg_slots [S] int32 on the host, already validated;
+    on_device: the same two as int64 on x's device, which the packed kernel reads without a host copy."""
     kernel_stack = _kernel_stack(stack) if x.device.type == "cuda" else None
-    if kernel_stack is not None:
-        from kernels.delta_linear import apply_deltas
+    from kernels.delta_linear import PackedDeltaStack, apply_deltas
 
+    if isinstance(kernel_stack, PackedDeltaStack) and x.dtype not in (torch.float16, torch.bfloat16):
+        kernel_stack = None  # the SBMM kernel takes fp16/bf16 activations; fp32 runs the cached reference
+    if kernel_stack is not None:
+
+        if on_device is not None and isinstance(kernel_stack, PackedDeltaStack):
+            seg_starts, seg_slots = on_device
         apply_deltas(x, y, kernel_stack, seg_starts, seg_slots, check=False)
         return
     for i, slot in enumerate(slots):

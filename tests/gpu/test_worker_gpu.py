@@ -105,3 +105,52 @@ def test_modes_same_greedy_tokens_on_smollm2(smollm2, smollm2_reference, tmp_pat
                     dtype="float32", num_kv_blocks=512, kv_block_size=16, cuda_graphs=graphs)
     assert got == smollm2_reference
     assert smollm2_reference[(names[1], PROMPTS[0])] != smollm2_reference[(names[0], PROMPTS[0])]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_graph_with_packed_deltas_matches_eager(dtype):
+    """Decode steps whose rows use packed deltas replay a captured graph (SBMM inside) == eager StepDeltaOps."""
+    from deltazip.model.context import ForwardContext
+    from deltazip.model.layers import NamedLinear
+    from deltazip.model.loader import model_from_state_dict
+    from deltazip.model.sampling import SamplingParams
+    from deltazip.model.synthetic import random_state_dict, tiny_config
+    from services.worker.delta_ops import StepDeltaOps
+    from services.worker.device_slots import DeviceSlots
+    from services.worker.engine.engine import EngineConfig, LLMEngine
+    from tests.unit.worker.test_graph_deltas import make_delta
+
+    cfg = tiny_config(vocab_size=256, max_position_embeddings=256, tie_word_embeddings=True)
+    model = model_from_state_dict(cfg, {k: v.to("cuda", dtype) for k, v in random_state_dict(cfg, seed=2).items()})
+    names = {m.hf_name + ".weight" for m in model.modules() if isinstance(m, NamedLinear)}
+    slots = DeviceSlots(4, "cuda", dtype, names, tie_word_embeddings=True)
+    slots.write(0, "a", make_delta(model, 4, 1, with_dense=True))
+    slots.write(1, "b", make_delta(model, 2, 2, with_dense=False))
+
+    def provider(segments):
+        if all(name is None for name, _ in segments):
+            return None
+        return StepDeltaOps(slots, [(None if n is None else int(n), rows) for n, rows in segments])
+
+    engine = LLMEngine(model, EngineConfig(num_kv_blocks=256, block_size=16, max_num_seqs=8, cuda_graphs=True,
+                                           max_deltas_per_batch=2), eos_token_ids=[], deltas_provider=provider)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    for i in range(5):
+        engine.add_request(f"r{i}", list(range(3, 10 + 7 * i)), params, delta=[None, "0", "1"][i % 3])
+    engine.step()  # prefill (eager)
+    items = [(s, 1) for s in engine.scheduler.running]
+    for s, _ in items:
+        engine.blocks.allocate(s, 1)
+    step = engine.runner.prepare(items)
+    ops = engine.runner._deltas(step.token_segments)
+    assert engine.runner.graphs.takes_deltas(ops)
+    with torch.inference_mode():
+        eager = model(step.input_ids, ForwardContext(attn=step.attn, deltas=ops)).clone()
+        base = model(step.input_ids, ForwardContext(attn=step.attn)).clone()
+        graph = engine.runner.graphs.run(step.input_ids, step.attn, ops).clone()
+        again = engine.runner.graphs.run(step.input_ids, step.attn, ops).clone()  # a replay, not the capture
+    tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
+    torch.testing.assert_close(graph, eager, rtol=tol, atol=tol)
+    torch.testing.assert_close(again, eager, rtol=tol, atol=tol)
+    assert not torch.allclose(eager, base, rtol=tol, atol=tol)  # the deltas change the rows that use them
+    assert any(k[2] for k in engine.runner.graphs.graphs), "no delta graph was captured"

@@ -5,8 +5,10 @@ forward with one launch. Shapes are fixed per captured size: the batch is padded
 one spare KV block (allocated past the block manager's blocks) and block tables are padded to the
 longest context; attention gathers a context bucket (a power of two times the block size, at least the
 longest context of the step), one graph per (batch size, bucket), so short contexts stay cheap.
-Only steps whose rows are all base (or merged weights in swap mode) are captured: delta rows pass host
-segment tensors to the delta kernel each call, so they run eager. Eager stays the reference.
+Steps with delta rows are captured too when every delta stack is packed for the SBMM kernel
+(services/worker/graph_deltas.py): the kernel reads segment tensors at fixed addresses that each replay
+refills, so one graph per (batch size, bucket, stack layout) serves any mix of up to `max_segments`
+segments. Dense-delta stacks run eager. Eager stays the reference.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import torch
 
 from deltazip.model.context import AttentionMetadata, ForwardContext
+from services.worker.device_slots import DeviceSlots
+from services.worker.graph_deltas import GraphDeltaOps, graph_supported
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -26,8 +30,12 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 class DecodeGraphs:
     """Captured forwards per padded batch size, captured lazily on first use."""
 
-    def __init__(self, model, block_size: int, spare_block: int, max_num_seqs: int, max_model_len: int) -> None:
+    def __init__(self, model, block_size: int, spare_block: int, max_num_seqs: int, max_model_len: int,
+                 max_segments: int = 0) -> None:
         self.model = model
+        self.max_segments = max_segments  # segments a delta graph holds (0 = base-only graphs)
+        self.graph_deltas: GraphDeltaOps | None = None
+        self._supported: tuple[tuple[int, int], bool] | None = None  # graph_supported per stack layout
         self.block_size = block_size
         self.spare_block = spare_block  # KV block that padded rows write; no sequence owns it
         self.sizes = graph_batch_sizes(max_num_seqs)
@@ -40,7 +48,7 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(n, self.max_blocks, dtype=torch.long, device=dev)
         self.context_lens = torch.ones(n, dtype=torch.long, device=dev)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.long, device=dev)
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
 
     def padded_size(self, batch: int) -> int | None:
@@ -53,25 +61,48 @@ class DecodeGraphs:
             bucket *= 2
         return min(bucket, self.max_blocks * self.block_size)
 
-    def _ctx(self, b: int, ctx_len: int) -> ForwardContext:
+    def takes_deltas(self, deltas) -> bool:
+        """Whether this step's DeltaOps (a StepDeltaOps) can replay a graph: packed stacks, few segments."""
+        slots_of = getattr(deltas, "device_slots", None)
+        if self.max_segments <= 0 or slots_of is None:
+            return False
+        if len(deltas.slot_segments()) + 1 > self.max_segments:  # + 1: the padded rows' segment
+            return False
+        slots = deltas.device_slots
+        key = (id(slots), slots.layout_version)
+        if self._supported is None or self._supported[0] != key:
+            self._supported = (key, graph_supported(slots))
+        return self._supported[1]
+
+    def _delta_ops(self, slots: DeviceSlots) -> GraphDeltaOps:
+        """The static delta tensors for the current stack layout; a new layout drops the old delta graphs."""
+        current = self.graph_deltas
+        if current is None or current.slots is not slots or current.layout_version != slots.layout_version:
+            if current is not None:
+                self.graphs = {k: v for k, v in self.graphs.items() if k[2] == 0}
+            self.graph_deltas = GraphDeltaOps(slots, self.sizes[-1], self.max_segments)
+        return self.graph_deltas
+
+    def _ctx(self, b: int, ctx_len: int, deltas: GraphDeltaOps | None) -> ForwardContext:
         attn = AttentionMetadata(
             positions=self.positions[:b], slot_mapping=self.slot_mapping[:b], block_tables=self.block_tables[:b],
             context_lens=self.context_lens[:b], query_start_loc=self.query_start_loc[:b + 1],
             max_query_len=1, max_context_len=ctx_len)
-        return ForwardContext(attn=attn, deltas=None)
+        return ForwardContext(attn=attn, deltas=None if deltas is None else deltas.for_rows(b))
 
-    def _capture(self, b: int, ctx_len: int) -> None:
+    def _capture(self, b: int, ctx_len: int, layout: int) -> None:
+        deltas = self.graph_deltas if layout else None
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(2):  # warm up allocator and lazy inits outside the graph
-                self.model(self.input_ids[:b], self._ctx(b, ctx_len))
+            for _ in range(2):  # warm up allocator, kernel compiles and lazy inits outside the graph
+                self.model(self.input_ids[:b], self._ctx(b, ctx_len, deltas))
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            out = self.model(self.input_ids[:b], self._ctx(b, ctx_len))
+            out = self.model(self.input_ids[:b], self._ctx(b, ctx_len, deltas))
         self.pool = graph.pool()
-        self.graphs[(b, ctx_len)] = (graph, out)
+        self.graphs[(b, ctx_len, layout)] = (graph, out)
 
     def _fill_padding(self, start: int, end: int) -> None:
         self.input_ids[start:end] = 0
@@ -81,8 +112,9 @@ class DecodeGraphs:
         self.context_lens[start:end] = 1
 
     @torch.inference_mode()
-    def run(self, input_ids: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
-        """Decode forward of len(input_ids) sequences (one new token each) -> hidden [B, H]."""
+    def run(self, input_ids: torch.Tensor, attn: AttentionMetadata, deltas=None) -> torch.Tensor:
+        """Decode forward of len(input_ids) sequences (one new token each) -> hidden [B, H].
+        deltas: the step's StepDeltaOps (checked with `takes_deltas`) or None for base-only rows."""
         batch = input_ids.shape[0]
         b = self.padded_size(batch)
         assert b is not None, f"batch {batch} exceeds the largest captured size {self.sizes[-1]}"
@@ -94,7 +126,12 @@ class DecodeGraphs:
         self.block_tables[:batch, :tables.shape[1]].copy_(tables.clamp(min=0))  # -1 padding: any page, masked
         self.context_lens[:batch].copy_(attn.context_lens)
         self._fill_padding(batch, b)
-        key = (b, self.context_bucket(attn.max_context_len or int(attn.context_lens.max())))
+        layout = 0
+        if deltas is not None:
+            graph_deltas = self._delta_ops(deltas.device_slots)
+            graph_deltas.fill(deltas.slot_segments(), b)
+            layout = graph_deltas.layout_version + 1  # 0 is reserved for base-only graphs
+        key = (b, self.context_bucket(attn.max_context_len or int(attn.context_lens.max())), layout)
         if key not in self.graphs:
             self._capture(*key)  # warm-up runs write only this step's own slots again (same values)
         graph, out = self.graphs[key]

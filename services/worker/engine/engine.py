@@ -106,7 +106,8 @@ class LLMEngine:
                                         self.swapper.can_swap_in if self.swapper is not None else None)
         self.runner = ModelRunner(model, config.num_kv_blocks, config.block_size,
                                   Sampler(sorted(self.eos_token_ids)), deltas_provider, cuda_graphs=config.cuda_graphs,
-                                  max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len)
+                                  max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
+                                  max_segments=config.max_deltas_per_batch + 2)
         self.clock = clock
         self._inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
         self._lock = threading.Lock()  # engine state: held for a whole step, by abort and stats

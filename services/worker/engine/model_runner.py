@@ -59,6 +59,7 @@ class ModelRunner:
         cuda_graphs: bool = False,
         max_num_seqs: int = 64,
         max_model_len: int = 0,
+        max_segments: int = 0,
     ) -> None:
         self.model = model
         self.block_size = block_size
@@ -71,7 +72,7 @@ class ModelRunner:
 
             model.allocate_kv_cache(num_blocks + 1, block_size)  # + the spare block padded rows write
             self.graphs = DecodeGraphs(model, block_size, num_blocks, max_num_seqs,
-                                       max_model_len or num_blocks * block_size)
+                                       max_model_len or num_blocks * block_size, max_segments)
         else:
             model.allocate_kv_cache(num_blocks, block_size)
 
@@ -111,11 +112,13 @@ class ModelRunner:
         return self.deltas_provider(segments) if self.deltas_provider is not None else None
 
     def _graph_ok(self, items: list[tuple[Sequence, int]], ctx: ForwardContext) -> bool:
-        """Decode-only, no delta rows, and a captured size fits: replay a graph."""
-        if self.graphs is None or ctx.deltas is not None:
+        """Decode-only, a captured size fits, and no delta rows or deltas a graph can take: replay a graph."""
+        if self.graphs is None:
             return False
         decode = all(n == 1 and s.num_computed_tokens + 1 == s.num_tokens for s, n in items)
-        return decode and self.graphs.padded_size(len(items)) is not None
+        if not decode or self.graphs.padded_size(len(items)) is None:
+            return False
+        return ctx.deltas is None or self.graphs.takes_deltas(ctx.deltas)
 
     @torch.inference_mode()
     def run(self, items: list[tuple[Sequence, int]]) -> list[int | None]:
@@ -125,7 +128,7 @@ class ModelRunner:
         step = self.prepare(items)
         ctx = ForwardContext(attn=step.attn, deltas=self._deltas(step.token_segments))
         if self._graph_ok(items, ctx):
-            hidden = self.graphs.run(step.input_ids, step.attn)  # [T, hidden], T = number of sequences
+            hidden = self.graphs.run(step.input_ids, step.attn, ctx.deltas)  # [T, hidden], T = number of sequences
         else:
             hidden = self.model(step.input_ids, ctx)  # [T, hidden]
         out: list[int | None] = [None] * len(items)

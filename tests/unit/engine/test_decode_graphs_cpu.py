@@ -11,18 +11,19 @@ from services.worker.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
 class EagerReplay(DecodeGraphs):
     """'Captures' a forward that rereads the static buffers at each replay, like a CUDA graph does."""
 
-    def _capture(self, b: int, ctx_len: int) -> None:
-        graphs, out = self, self.model(self.input_ids[:b], self._ctx(b, ctx_len))  # the graph's static output
+    def _capture(self, b: int, ctx_len: int, layout: int) -> None:
+        deltas = self.graph_deltas if layout else None
+        graphs, out = self, self.model(self.input_ids[:b], self._ctx(b, ctx_len, deltas))  # the static output
 
         class Replay:
             def replay(self):
-                out.copy_(graphs.model(graphs.input_ids[:b], graphs._ctx(b, ctx_len)))
+                out.copy_(graphs.model(graphs.input_ids[:b], graphs._ctx(b, ctx_len, deltas)))
 
-        self.graphs[(b, ctx_len)] = (Replay(), out)
+        self.graphs[(b, ctx_len, layout)] = (Replay(), out)
 
-    def run(self, input_ids, attn):
+    def run(self, input_ids, attn, deltas=None):
         self.num_runs = getattr(self, "num_runs", 0) + 1
-        return super().run(input_ids, attn)
+        return super().run(input_ids, attn, deltas)
 
 
 def test_context_buckets():
@@ -53,8 +54,53 @@ def test_padded_decode_steps_equal_eager():
             engine.add_request(f"r{i}", p, short if i == 0 else params, delta="ft0" if i == 0 else None)
         results.append({k: v[0] for k, v in engine.run_until_done().items()})
         if graphs:
-            assert runner.graphs.num_runs > 0 and {b for b, _ in runner.graphs.graphs} <= {1, 2, 4, 8}
-            assert len({c for _, c in runner.graphs.graphs}) > 1  # contexts grew across buckets
+            assert runner.graphs.num_runs > 0 and {b for b, _, _ in runner.graphs.graphs} <= {1, 2, 4, 8}
+            assert len({c for _, c, _ in runner.graphs.graphs}) > 1  # contexts grew across buckets
             spare = runner.model.kv_cache[:, :, 60]
             assert spare.abs().sum() > 0  # padded rows wrote there, and nowhere else (tokens equal below)
+    assert results[0] == results[1]
+
+
+def test_decode_steps_with_packed_deltas_replay_and_equal_eager():
+    """Delta rows too: replayed decode steps (GraphDeltaOps over static segment tensors) == eager tokens."""
+    import os
+
+    import pytest
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the SBMM kernel runs on CPU only under TRITON_INTERPRET=1")
+    from deltazip.model.layers import NamedLinear
+    from deltazip.model.synthetic import random_model, tiny_config
+    from services.worker.delta_ops import StepDeltaOps
+    from services.worker.device_slots import DeviceSlots
+    from services.worker.engine.engine import EngineConfig, LLMEngine
+    from tests.unit.worker.test_graph_deltas import make_delta
+
+    cfg = tiny_config(tie_word_embeddings=True)
+    ps = prompts(3, seed=4, max_len=8)
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    results = []
+    for graphs in (False, True):
+        model = random_model(cfg, seed=0)
+        names = {m.hf_name + ".weight" for m in model.modules() if isinstance(m, NamedLinear)}
+        slots = DeviceSlots(3, "cpu", torch.float32, names, tie_word_embeddings=True)
+        slots.write(0, "a", make_delta(model, 4, 1, with_dense=True))
+        slots.write(1, "b", make_delta(model, 2, 2, with_dense=False))
+
+        def provider(segments, slots=slots):
+            if all(name is None for name, _ in segments):
+                return None
+            return StepDeltaOps(slots, [(None if n is None else int(n), rows) for n, rows in segments])
+
+        engine = LLMEngine(model, EngineConfig(num_kv_blocks=40, block_size=16, max_num_seqs=8,
+                                               max_deltas_per_batch=2), eos_token_ids=[], deltas_provider=provider)
+        if graphs:
+            runner = engine.runner
+            runner.model.allocate_kv_cache(41, runner.block_size)
+            runner.graphs = EagerReplay(runner.model, runner.block_size, 40, 8, engine.max_model_len, max_segments=4)
+        for i, p in enumerate(ps):
+            engine.add_request(f"r{i}", p, params, delta=[None, "0", "1"][i % 3])
+        results.append({k: v[0] for k, v in engine.run_until_done().items()})
+        if graphs:
+            assert any(layout for _, _, layout in runner.graphs.graphs), "no delta step replayed"
     assert results[0] == results[1]

@@ -1,0 +1,125 @@
+"""GraphDeltaOps: a decode step's delta ops in a form a CUDA graph can capture once and replay every step.
+
+StepDeltaOps works out on the host, per linear, which stacks a step touches and hands the kernel fresh
+segment tensors; a captured graph cannot redo that host work. GraphDeltaOps instead reads three index
+tensors at fixed device addresses — segment row starts [S+1], segment slots [S] and row slots [R]
+(-1 = no delta) — and, for every linear, launches the SBMM kernel on *every* packed stack of that tensor.
+This relies on DeviceSlots' invariant that a slot is all-zero in every stack that does not hold its delta
+(`DeviceSlots.drop` clears it), so a stack adds exactly zero for rows whose delta lives elsewhere. Norm and
+embedding deltas become per-row gathers through the row slots. `fill` rewrites the index tensors for a
+step's rows with one host->device copy; the graph itself depends only on which stacks exist
+(`DeviceSlots.layout_version`), so loading deltas into slots needs no re-capture.
+
+Supported when every linear stack is a 2:4 packed 2- or 4-bit stack the kernel reads and every other
+stack is dense; otherwise (e.g. the dense-delta baseline) steps with delta rows run eager.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+
+from services.worker.device_slots import LM_HEAD, DeviceSlots, SlotStack
+
+
+def graph_supported(slots: DeviceSlots) -> bool:
+    """Whether every stack of `slots` has a capturable kernel path."""
+    if slots.device.type == "cuda" and slots.dtype not in (torch.float16, torch.bfloat16):
+        return False  # SBMM on CUDA takes fp16/bf16 activations
+    for name, stacks in slots.stacks_by_name().items():
+        if name == LM_HEAD:
+            continue  # compute_logits runs outside the graph, eager with StepDeltaOps
+        for stack in stacks:
+            if slots.is_linear(name):
+                if stack.kind != "sparse24" or stack.bits not in (2, 4):
+                    return False
+            elif stack.kind != "dense":
+                return False
+    return True
+
+
+class GraphDeltaOps:
+    """DeltaOps over static index tensors for up to `max_rows` rows in up to `max_segments` segments."""
+
+    def __init__(self, slots: DeviceSlots, max_rows: int, max_segments: int) -> None:
+        self.slots = slots
+        self.max_rows, self.max_segments = max_rows, max_segments
+        self.layout_version = slots.layout_version
+        self._stacks = slots.stacks_by_name()  # fixed for this object's life: graphs are keyed by the version
+        s, r = max_segments, max_rows
+        self._dev = torch.full((2 * s + 1 + r,), -1, dtype=torch.int64, device=slots.device)
+        self._rows = r  # rows of the forward being captured or replayed (a padded batch size)
+
+    def for_rows(self, num_rows: int) -> GraphDeltaOps:
+        """The same static tensors, seen by a forward of `num_rows` rows (one captured batch size)."""
+        if num_rows > self.max_rows:
+            raise ValueError(f"{num_rows} rows exceed the {self.max_rows} these tensors hold")
+        view = copy.copy(self)  # shares _dev and the stacks
+        view._rows = num_rows
+        return view
+
+    @property
+    def seg_starts(self) -> torch.Tensor:
+        return self._dev[: self.max_segments + 1]
+
+    @property
+    def seg_slots(self) -> torch.Tensor:
+        return self._dev[self.max_segments + 1 : 2 * self.max_segments + 1]
+
+    @property
+    def row_slots(self) -> torch.Tensor:
+        start = 2 * self.max_segments + 1
+        return self._dev[start : start + self._rows]
+
+    def fill(self, segments: Sequence[tuple[int | None, int]], num_rows: int) -> None:
+        """Point the tensors at this step: segments (slot or None, rows) in row order; rows past them up to
+        `num_rows` (batch padding) are base. Raises ValueError when the step needs more segments."""
+        segs = [(-1 if slot is None else slot, n) for slot, n in segments if n]
+        used = sum(n for _, n in segs)
+        if used > num_rows:
+            raise ValueError(f"segments cover {used} rows, the forward has {num_rows}")
+        if used < num_rows:
+            segs.append((-1, num_rows - used))
+        s = self.max_segments
+        if len(segs) > s:
+            raise ValueError(f"{len(segs)} segments exceed the {s} captured")
+        starts = [0]
+        for _, n in segs:
+            starts.append(starts[-1] + n)
+        starts += [num_rows] * (s + 1 - len(starts))
+        seg_slots = [slot for slot, _ in segs] + [-1] * (s - len(segs))
+        row_slots = [slot for slot, n in segs for _ in range(n)] + [-1] * (self.max_rows - num_rows)
+        self._dev.copy_(torch.tensor(starts + seg_slots + row_slots, dtype=torch.int64))
+
+    # ---- DeltaOps ---------------------------------------------------------------------------------
+
+    def linear(self, name: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        """y += x @ Δ(row).T, one SBMM launch per packed stack of this tensor."""
+        from kernels import sbmm
+
+        for stack in self._stacks.get(name + ".weight", ()):
+            p = stack.parts
+            sbmm.sbmm(x, y, p["qweight"], p["meta"], p["scales"], p.get("zeros"), self.seg_starts, self.seg_slots,
+                      stack.bits)
+
+    def norm_weight(self, name: str, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+        stacks = self._stacks.get(name + ".weight")
+        if not stacks:
+            return None
+        per_row = weight.to(x.dtype).expand(x.shape[0], -1)
+        for stack in stacks:
+            per_row = per_row + _gather_rows(stack, self.row_slots).to(x.dtype)
+        return per_row
+
+    def embedding(self, name: str, input_ids: torch.Tensor, h: torch.Tensor) -> None:
+        for stack in self._stacks.get(name + ".weight", ()):
+            slots = self.row_slots
+            live = (slots >= 0).unsqueeze(1)
+            h += (stack.parts["delta"][slots.clamp(min=0), input_ids] * live).to(h.dtype)
+
+
+def _gather_rows(stack: SlotStack, row_slots: torch.Tensor) -> torch.Tensor:
+    """[R, H]: slot row_slots[i]'s dense delta, zero where the slot is -1."""
+    return stack.parts["delta"][row_slots.clamp(min=0)] * (row_slots >= 0).unsqueeze(1)
