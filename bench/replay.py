@@ -35,13 +35,13 @@ class Outcome:
         return (self.e2e_ms - self.ttft_ms) / (self.num_tokens - 1) if self.num_tokens > 1 else 0.0
 
 
-async def send_one(client, request: Request, start: float, timeout_s: float) -> Outcome:
-    """Stream one request; TTFT at the first chunk carrying tokens."""
+async def send_one(client, request: Request, start: float, timeout_s: float, request_id: str | None = None) -> Outcome:
+    """Stream one request; TTFT at the first chunk carrying tokens. `request_id` None = the scheduler picks one."""
     loop = asyncio.get_running_loop()
     sent = loop.time()
     first, num_tokens, usage = None, 0, None
     try:
-        async for token in client.stream(request.model, request.prompt, request_id=None, timeout_s=timeout_s,
+        async for token in client.stream(request.model, request.prompt, request_id=request_id, timeout_s=timeout_s,
                                          max_tokens=request.max_tokens, min_tokens=request.min_tokens or None,
                                          temperature=0.0, ignore_eos=True):
             if token.token_ids and first is None:
@@ -88,12 +88,19 @@ class _NoBar:
 
 
 async def replay(address: str, requests: list[Request], timeout_s: float, desc: str,
-                 worker_address: str | None = None) -> tuple[list[Outcome], float, dict]:
+                 worker_address: str | None = None, *, id_prefix: str | None = None, start_at: float | None = None,
+                 on_done=None) -> tuple[list[Outcome], float, dict]:
     """Send every request at its timestamp (open loop, real concurrency); returns outcomes, wall time (s) and
-    the worker's sampled queue state (when `worker_address` is given)."""
+    the worker's sampled queue state (when `worker_address` is given).
+
+    `id_prefix`: send `<prefix><request.id>` as the request id (unique per run: a reused id is a retry);
+    `start_at`: time.monotonic() of timestamp 0 (clients in several processes share one clock); `on_done`:
+    called once per finished request instead of drawing a progress bar."""
     try:
         from tqdm import tqdm
     except ImportError:  # a bare GPU image: no progress bar
+        tqdm = _NoBar
+    if on_done is not None:
         tqdm = _NoBar
 
     from deltazip.client import AsyncClient
@@ -103,14 +110,15 @@ async def replay(address: str, requests: list[Request], timeout_s: float, desc: 
     sampler = asyncio.create_task(sample_worker(worker_address, stop)) if worker_address else None
     async with AsyncClient(address, timeout_s=timeout_s) as client:
         with tqdm(total=len(requests), desc=desc, unit="req", leave=False) as bar:
-            start = loop.time() + 0.05
+            start = loop.time() + 0.05 if start_at is None else start_at  # loop.time() is time.monotonic()
             tasks = []
             for request in requests:
                 delay = start + request.timestamp - loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                task = asyncio.create_task(send_one(client, request, start, timeout_s))
-                task.add_done_callback(lambda _: bar.update(1))
+                request_id = None if id_prefix is None else id_prefix + request.id
+                task = asyncio.create_task(send_one(client, request, start, timeout_s, request_id))
+                task.add_done_callback((lambda _: on_done()) if on_done is not None else (lambda _: bar.update(1)))
                 tasks.append(task)
             outcomes = await asyncio.gather(*tasks)
     wall_s = loop.time() - start

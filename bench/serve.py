@@ -16,49 +16,17 @@ import argparse
 import asyncio
 import dataclasses
 import datetime
-import json
-import os
-import re
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 from bench.replay import Outcome, add_ratios, goal_summary, replay, summarize
+from bench.results_io import device_name, git_commit, write_results
 from bench.workload import Request, WorkloadConfig, generate, map_trace_models, read_trace, scaled, with_model
 
 MODES = ("delta", "dense-delta", "swap")
 BASE_MODE = "base"  # the base model alone, served by the `delta` worker: the SLO reference
-
-
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        import torch
-
-        return torch.cuda.get_device_name(0)
-    return "cpu"
-
-
-def git_commit() -> str:
-    if os.environ.get("BENCH_COMMIT"):  # a copy of the tree without .git (e.g. on a lent GPU machine)
-        return os.environ["BENCH_COMMIT"]
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1])
-    return done.stdout.strip() or "unknown"
-
-
-def write_results(out_dir: Path, label: str, payload: dict) -> Path:
-    """bench/results/serving-<label>-<date>.json, written atomically."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^A-Za-z0-9.]+", "-", label).strip("-")
-    path = out_dir / f"serving-{slug}-{payload['date']}.json"
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=1, default=float)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
 
 
 class Stack:
@@ -303,7 +271,7 @@ def main(argv: list[str] | None = None) -> Path:
                    "date": datetime.date.today().isoformat(), "config": {**config, "rate_rps": args.rate_rps},
                    "calibration": args.calibration, "goals": goal_summary(final), "rows": final,
                    "skipped": skipped, "over_budget": args.over_budget, "latencies": latencies}
-        return write_results(args.out, args.label or device, payload)
+        return write_results(args.out, "serving", args.label or device, payload)
 
     args.checkpoint = save
     if args.target:
