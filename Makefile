@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed-v1
 TORCH_CPU := torch==2.13.0
 
-.PHONY: install demo test test-fast protos redis bench-gpu clean
+.PHONY: install demo test test-fast protos redis bench-gpu bench-scaleout clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ test: install
 # The serving benchmark on a CUDA machine (not part of make test; see scripts/bench_gpu.sh for knobs).
 bench-gpu:
 	bash scripts/bench_gpu.sh
+
+# Scale-out run: 2 stores + 2 schedulers + one worker per GPU (scripts/bench_scaleout.sh for knobs).
+bench-scaleout:
+	bash scripts/bench_scaleout.sh
 
 clean:
 	rm -rf $(VENV) .demo deltazip/v1/*_pb2*.py*
