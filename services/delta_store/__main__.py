@@ -11,7 +11,7 @@ from deltazip.cluster.connection import connect
 from deltazip.cluster.heartbeat import heartbeat_loop
 from deltazip.cluster.models import ModelRegistry
 from deltazip.cluster.stores import StoreRecord, StoreRegistry
-from deltazip.logs import configure_logging, get_logger
+from deltazip.logs import get_logger
 from deltazip.rpc.auth import Authenticator
 from deltazip.rpc.flags import advertise_address, tls_settings
 from deltazip.metrics import start_metrics_server
@@ -19,6 +19,7 @@ from deltazip.rpc.server import Registration, RpcServer, service_name
 from deltazip.security.tls import is_loopback
 from deltazip.security.tokens import TokenTable
 from deltazip.v1 import delta_store_pb2, delta_store_pb2_grpc
+from deltazip.rpc.service_main import run_service
 from services.delta_store.config import StoreConfig, parse_config
 from services.delta_store.server import DeltaStoreServicer, sync_registry
 from services.delta_store.storage import DeltaStorage
@@ -86,14 +87,7 @@ async def serve(config: StoreConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse flags/env, configure logs, serve."""
-    try:
-        config = parse_config(argv)
-    except ValueError as exc:
-        print(f"delta_store: {exc}", file=sys.stderr)
-        return 2
-    configure_logging(config.log_level, service="delta_store")
-    asyncio.run(serve(config))
-    return 0
+    return run_service("delta_store", parse_config, serve, argv)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,10 @@ import sys
 
 from aiohttp import web
 
-from deltazip.logs import configure_logging, get_logger
+from deltazip.logs import get_logger
 from deltazip.metrics import start_metrics_server
 from deltazip.security.tls import is_loopback
+from deltazip.rpc.service_main import run_service
 from services.gateway.config import GatewayConfig, parse_config
 from services.gateway.server import build_app
 
@@ -49,14 +50,7 @@ async def serve(config: GatewayConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse flags/env, configure logs, serve."""
-    try:
-        config = parse_config(argv)
-    except ValueError as exc:
-        print(f"gateway: {exc}", file=sys.stderr)
-        return 2
-    configure_logging(config.log_level, service="gateway")
-    asyncio.run(serve(config))
-    return 0
+    return run_service("gateway", parse_config, serve, argv)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import sys
 from deltazip.cluster.connection import connect
 from deltazip.cluster.workers import Tier
 from deltazip.metrics import start_metrics_server
-from deltazip.logs import configure_logging, get_logger
+from deltazip.logs import get_logger
 from deltazip.rpc.channels import ChannelPool
 from deltazip.rpc.auth import Authenticator
 from deltazip.rpc.flags import advertise_address, tls_settings
@@ -14,6 +14,7 @@ from deltazip.rpc.server import Registration, RpcServer, service_name
 from deltazip.security.tls import is_loopback
 from deltazip.security.tokens import TokenTable
 from deltazip.v1 import scheduler_pb2, scheduler_pb2_grpc
+from deltazip.rpc.service_main import run_service
 from services.scheduler.burst import BurstPolicy, BurstPrefetcher
 from services.scheduler.cluster_view import ClusterView
 from services.scheduler.config import SchedulerConfig, parse_config
@@ -60,14 +61,7 @@ async def serve(config: SchedulerConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse flags/env, configure logs, serve."""
-    try:
-        config = parse_config(argv)
-    except ValueError as exc:
-        print(f"scheduler: {exc}", file=sys.stderr)
-        return 2
-    configure_logging(config.log_level, service="scheduler")
-    asyncio.run(serve(config))
-    return 0
+    return run_service("scheduler", parse_config, serve, argv)
 
 
 if __name__ == "__main__":

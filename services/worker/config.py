@@ -65,7 +65,7 @@ class WorkerConfig:
     kv_block_size: int = 16
     num_kv_blocks: int = 0  # 0 = derive from kv_memory_fraction
     kv_memory_fraction: float = 0.5
-    cuda_graphs: int = 0  # 1 = decode-only base steps replay CUDA graphs on CUDA; off until the GPU tests ran
+    cuda_graphs: int = -1  # decode steps replay CUDA graphs (CUDA only): 1 on, 0 off, -1 auto = on unless TP > 1
     max_model_len: int = 0  # 0 = the model's max_position_embeddings
     heartbeat_s: float = 1.0
     heartbeat_ttl_s: float = 5.0
@@ -83,6 +83,11 @@ class WorkerConfig:
     tls_require_client_cert: int = 0  # 1 = mutual TLS
     store_token_file: str = ""  # file holding an admin token for the delta stores (when they check tokens)
     tensor_parallel_size: int = 1  # GPUs (ranks) one worker spans; rank r uses cuda:r (gloo ranks on cpu)
+
+    @property
+    def use_cuda_graphs(self) -> bool:
+        """-1 (auto): on for a single-rank worker (they only ever apply on CUDA)."""
+        return self.cuda_graphs == 1 or (self.cuda_graphs == -1 and self.tensor_parallel_size == 1)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -106,8 +111,8 @@ class WorkerConfig:
         if self.max_deltas_per_batch > self.num_device_slots:
             raise ValueError(f"max_deltas_per_batch ({self.max_deltas_per_batch}) cannot exceed "
                              f"num_device_slots ({self.num_device_slots})")
-        if self.cuda_graphs not in (0, 1):
-            raise ValueError(f"--cuda-graphs must be 0 or 1, got {self.cuda_graphs}")
+        if self.cuda_graphs not in (-1, 0, 1):
+            raise ValueError(f"--cuda-graphs must be -1 (auto), 0 or 1, got {self.cuda_graphs}")
         if not self.worker_id:
             raise ValueError("worker_id must not be empty")
         _check_tensor_parallel(self)
@@ -124,7 +129,7 @@ def _check_tensor_parallel(cfg: WorkerConfig) -> None:
         return
     if cfg.mode == "swap":
         raise ValueError("--mode swap does not support --tensor-parallel-size > 1; use delta or dense-delta")
-    if cfg.cuda_graphs:
+    if cfg.cuda_graphs == 1:
         raise ValueError("--cuda-graphs 1 does not support --tensor-parallel-size > 1 (followers replay no graphs)")
 
 

@@ -36,12 +36,12 @@ def write_byte_tokenizer(folder: Path) -> None:
     tok.save(str(folder / "tokenizer.json"))
 
 
-def write_finetune(base_state: dict, folder: Path, seed: int) -> Path:
+def write_finetune(base_state: dict, folder: Path, seed: int, config=CONFIG) -> Path:
     """Base + a small random change to every tensor (linears, norms, embeddings, lm_head)."""
     g = torch.Generator().manual_seed(seed)
     state = {k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in base_state.items()}
     folder.mkdir(parents=True)
-    save_model_dir(folder, CONFIG, state)
+    save_model_dir(folder, config, state)
     return folder
 
 

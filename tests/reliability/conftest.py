@@ -18,7 +18,7 @@ from deltazip.model.loader import load_state_dict_from_dir, model_from_state_dic
 from deltazip.model.synthetic import random_state_dict, tiny_config
 from deltazip.stack import Launcher, Proc, start_redis, stop
 from tests.integration.gateway_proc import start_gateway
-from tests.integration.tiny_models import write_byte_tokenizer
+from tests.integration.tiny_models import write_byte_tokenizer, write_finetune
 
 # 512 positions: long enough that a generation runs for a second or more (deadline / cancel tests).
 CONFIG = tiny_config(max_position_embeddings=512)
@@ -31,14 +31,6 @@ class Models:
     base_dir: Path
     artifacts: dict[str, Path]  # name -> dense delta artifact folder
     merged: dict  # name -> merged reference model (base + delta), "tiny-base" included
-
-
-def _finetune(base_state: dict, folder: Path, seed: int) -> Path:
-    g = torch.Generator().manual_seed(seed)
-    state = {k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in base_state.items()}
-    folder.mkdir(parents=True)
-    save_model_dir(folder, CONFIG, state)
-    return folder
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +47,7 @@ def rmodels(tmp_path_factory) -> Models:
     artifacts, merged = {}, {"tiny-base": model_from_state_dict(CONFIG, base_state)}
     for i, name in enumerate(("ft-a", "ft-b")):
         out = root / f"{name}-delta"
-        write_dense_delta(base_dir, _finetune(base_state, root / f"{name}-hf", seed=10 + i), out)
+        write_dense_delta(base_dir, write_finetune(base_state, root / f"{name}-hf", seed=10 + i, config=CONFIG), out)
         artifacts[name] = out
         state = load_state_dict_from_dir(base_dir)
         for tensor_name, delta in load_delta(out, "cpu").items():

@@ -33,7 +33,7 @@ def test_mode_selector_lists_valid_modes():
 @pytest.mark.parametrize("kw, match", [
     ({"mode": "lora"}, "valid modes: delta, dense-delta, swap"),
     ({"num_device_slots": 0}, "--num-device-slots must be > 0"),
-    ({"cuda_graphs": 2}, "--cuda-graphs must be 0 or 1"),
+    ({"cuda_graphs": 2}, "--cuda-graphs must be -1"),
     ({"max_deltas_per_batch": 9}, "cannot exceed"),
     ({"heartbeat_s": 5, "heartbeat_ttl_s": 5}, "must exceed"),
     ({"dtype": "int8"}, "dtype must be one of"),
