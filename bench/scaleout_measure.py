@@ -11,7 +11,8 @@ import threading
 import time
 from dataclasses import replace
 
-from bench.scaleout_stack import ScaleoutStack, scrape, total
+from bench.scaleout_stack import ScaleoutStack
+from deltazip.metrics import scrape, total
 from bench.workload import Request, WorkloadConfig, generate
 
 STORE_FETCH = ("deltazip_store_bytes_total", {"direction": "fetch"})

@@ -13,30 +13,15 @@ import os
 import shutil
 import signal
 import time
-import urllib.request
 from pathlib import Path
 
 from deltazip.rpc.ports import free_port
+from deltazip.metrics import scrape
 from deltazip.stack import Launcher, Proc, start_redis, stop
 
 # a busy GPU worker must not miss its heartbeat; a stopped one unregisters itself, so the TTL matters only for a kill
 HEARTBEAT_FLAGS = ("--heartbeat-s", "0.5", "--heartbeat-ttl-s", "5")
 HEARTBEAT_TTL_S = 5.0
-
-
-def scrape(port: int) -> dict[tuple[str, tuple], float]:
-    """{(sample name, sorted labels): value} of http://127.0.0.1:port/metrics."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
-        text = reply.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def total(samples: dict, name: str, **labels) -> float:
-    """Sum of `name` over the samples whose labels include `labels`."""
-    return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls))
 
 
 def cpu_seconds(pid: int) -> float:

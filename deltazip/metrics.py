@@ -107,3 +107,20 @@ def observe_transfer(stage: str, num_bytes: int, seconds: float) -> None:
     """One delta fetch (store -> local disk), host load or device load."""
     DELTA_BYTES.labels(stage).inc(num_bytes)
     DELTA_SECONDS.labels(stage).observe(seconds)
+
+
+def scrape(port: int, host: str = "127.0.0.1") -> dict[tuple[str, tuple], float]:
+    """{(sample name, sorted labels): value} of http://host:port/metrics (tests and benchmarks read services so)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def total(samples: dict, name: str, **labels) -> float:
+    """Sum of `name` over the scraped samples whose labels include `labels`."""
+    return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls))

@@ -4,13 +4,12 @@ Stack: redis + store + worker + scheduler + gateway, each with --metrics-port; a
 streamed through the gateway, one through the SDK) for a fine-tune the worker has to fetch and load.
 """
 
-import urllib.request
 
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from deltazip.client import Client
+from deltazip.metrics import scrape, total
 from deltazip.rpc.ports import free_port
 from deltazip.stack import stop
 from tests.integration.gateway_proc import start_gateway
@@ -18,19 +17,6 @@ from tests.integration.procs import launcher, redis_proc, redis_url  # noqa: F40
 from tests.integration.tiny_models import MAX_TOKENS, models  # noqa: F401
 
 pytestmark = pytest.mark.timeout(240)
-
-
-def scrape(port: int) -> dict[tuple[str, tuple], float]:
-    """{(sample name, sorted labels): value} from http://127.0.0.1:port/metrics."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
-        text = reply.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def total(samples: dict, name: str, **labels) -> float:
-    """Sum of `name` over the samples whose labels include `labels`."""
-    return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls))
 
 
 def test_metrics_move_after_a_real_run(launcher, models, tmp_path):
