@@ -22,8 +22,6 @@ import pytest
 
 from deltazip.client import (AlreadyExistsError, Client, InvalidArgumentError, NotFoundError, PermissionDeniedError,
                              UnauthenticatedError, UnavailableError)
-from deltazip.model.loader import save_model_dir
-from deltazip.model.synthetic import random_state_dict
 from deltazip.rpc.channels import sync_channel
 from deltazip.security.certs import generate
 from deltazip.security.tls import TlsSettings
@@ -31,7 +29,7 @@ from deltazip.security.tokens import add_token, parse_scopes
 from deltazip.stack import REPO_ROOT, Launcher, start_redis, start_service, stop
 from deltazip.v1 import delta_store_pb2, delta_store_pb2_grpc
 from tests.integration.gateway_proc import start_gateway
-from tests.integration.tiny_models import CONFIG, write_byte_tokenizer, write_finetune
+from tests.integration.tiny_models import write_finetune, write_tiny_base
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -104,11 +102,7 @@ def tiny_base_and_delta(root: Path) -> tuple[Path, Path]:
     """The tiny base (byte tokenizer) and one dense delta of a fine-tune of it."""
     from deltazip.artifact import write_dense_delta
 
-    base_dir = root / "tiny-base"
-    base_dir.mkdir(parents=True)
-    base_state = random_state_dict(CONFIG, seed=0)
-    save_model_dir(base_dir, CONFIG, base_state)
-    write_byte_tokenizer(base_dir)
+    base_dir, base_state = write_tiny_base(root)
     write_dense_delta(base_dir, write_finetune(base_state, root / "ft-hf", seed=10), root / "ft-delta")
     return base_dir, root / "ft-delta"
 

@@ -36,6 +36,26 @@ def write_byte_tokenizer(folder: Path) -> None:
     tok.save(str(folder / "tokenizer.json"))
 
 
+def write_tiny_base(root: Path, config=CONFIG) -> tuple[Path, dict]:
+    """root/tiny-base: random weights (seed 0) and the byte tokenizer; returns (folder, state dict)."""
+    base_dir = root / "tiny-base"
+    base_dir.mkdir(parents=True)
+    base_state = random_state_dict(config, seed=0)
+    save_model_dir(base_dir, config, base_state)
+    write_byte_tokenizer(base_dir)
+    return base_dir, base_state
+
+
+def merged_reference(base_dir: Path, artifact: Path, config=CONFIG):
+    """The model base + the artifact's dequantized delta: what serving that delta must reproduce."""
+    from deltazip.artifact import load_delta
+
+    state = load_state_dict_from_dir(base_dir)
+    for tensor_name, delta in load_delta(artifact, "cpu").items():
+        state[tensor_name] = state[tensor_name] + delta.dequantize(torch.float32)
+    return model_from_state_dict(config, state)
+
+
 def write_finetune(base_state: dict, folder: Path, seed: int, config=CONFIG) -> Path:
     """Base + a small random change to every tensor (linears, norms, embeddings, lm_head)."""
     g = torch.Generator().manual_seed(seed)
@@ -48,14 +68,10 @@ def write_finetune(base_state: dict, folder: Path, seed: int, config=CONFIG) -> 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """Base dir + two dense delta artifacts + their merged reference models."""
-    from deltazip.artifact import load_delta, write_dense_delta
+    from deltazip.artifact import write_dense_delta
 
     root = tmp_path_factory.mktemp("models")
-    base_dir = root / "tiny-base"
-    base_dir.mkdir()
-    base_state = random_state_dict(CONFIG, seed=0)
-    save_model_dir(base_dir, CONFIG, base_state)
-    write_byte_tokenizer(base_dir)
+    base_dir, base_state = write_tiny_base(root)
     artifacts, merged = {}, {"tiny-base": model_from_state_dict(CONFIG, base_state)}
     other_base = root / "other-base"  # a different base: its deltas must be refused
     other_base.mkdir()
@@ -68,16 +84,10 @@ def models(tmp_path_factory):
         out = root / f"{name}-delta"
         write_dense_delta(base_dir, ft_dir, out)
         artifacts[name] = out
-        state = load_state_dict_from_dir(base_dir)
-        for tensor_name, delta in load_delta(out, "cpu").items():
-            state[tensor_name] = state[tensor_name] + delta.dequantize(torch.float32)
-        merged[name] = model_from_state_dict(CONFIG, state)
+        merged[name] = merged_reference(base_dir, out)
     packed = compress_packed(base_dir, root / "ft-a-hf", root / "ft-packed-delta")  # 4-bit 2:4 sparse
     artifacts["ft-packed"] = packed
-    state = load_state_dict_from_dir(base_dir)
-    for tensor_name, delta in load_delta(packed, "cpu").items():
-        state[tensor_name] = state[tensor_name] + delta.dequantize(torch.float32)
-    merged["ft-packed"] = model_from_state_dict(CONFIG, state)
+    merged["ft-packed"] = merged_reference(base_dir, packed)
     return base_dir, artifacts, merged
 
 

@@ -11,14 +11,13 @@ from pathlib import Path
 
 import pytest
 import redis
-import torch
 
 from deltazip.client import Client
-from deltazip.model.loader import load_state_dict_from_dir, model_from_state_dict, save_model_dir
-from deltazip.model.synthetic import random_state_dict, tiny_config
+from deltazip.model.loader import model_from_state_dict
+from deltazip.model.synthetic import tiny_config
 from deltazip.stack import Launcher, Proc, start_redis, stop
 from tests.integration.gateway_proc import start_gateway
-from tests.integration.tiny_models import write_byte_tokenizer, write_finetune
+from tests.integration.tiny_models import merged_reference, write_finetune, write_tiny_base
 
 # 512 positions: long enough that a generation runs for a second or more (deadline / cancel tests).
 CONFIG = tiny_config(max_position_embeddings=512)
@@ -36,23 +35,16 @@ class Models:
 @pytest.fixture(scope="session")
 def rmodels(tmp_path_factory) -> Models:
     """A tiny base (byte tokenizer, 512 positions), two dense delta artifacts and their merged references."""
-    from deltazip.artifact import load_delta, write_dense_delta
+    from deltazip.artifact import write_dense_delta
 
     root = tmp_path_factory.mktemp("rmodels")
-    base_dir = root / "tiny-base"
-    base_dir.mkdir()
-    base_state = random_state_dict(CONFIG, seed=0)
-    save_model_dir(base_dir, CONFIG, base_state)
-    write_byte_tokenizer(base_dir)
+    base_dir, base_state = write_tiny_base(root, CONFIG)
     artifacts, merged = {}, {"tiny-base": model_from_state_dict(CONFIG, base_state)}
     for i, name in enumerate(("ft-a", "ft-b")):
         out = root / f"{name}-delta"
         write_dense_delta(base_dir, write_finetune(base_state, root / f"{name}-hf", seed=10 + i, config=CONFIG), out)
         artifacts[name] = out
-        state = load_state_dict_from_dir(base_dir)
-        for tensor_name, delta in load_delta(out, "cpu").items():
-            state[tensor_name] = state[tensor_name] + delta.dequantize(torch.float32)
-        merged[name] = model_from_state_dict(CONFIG, state)
+        merged[name] = merged_reference(base_dir, out, CONFIG)
     return Models(base_dir, artifacts, merged)
 
 

@@ -57,14 +57,19 @@ def _write_pair(root: Path) -> tuple[Path, Path]:
     return dirs
 
 
-def test_quality_pipeline_on_tiny_model(tmp_path):
-    torch.set_num_threads(1)
-    base, ft = _write_pair(tmp_path)
-    train, held = arithmetic(40, 3, seed=0)
-    data = tmp_path / "data" / "arith"
+def _write_arith(data: Path, num_train: int, num_eval: int) -> Path:
+    """data/{train,eval}.jsonl of generated arithmetic problems (the layout scripts/make_datasets.py writes)."""
+    train, held = arithmetic(num_train, num_eval, seed=0)
     data.mkdir(parents=True)
     for name, rows in (("train", train), ("eval", held)):
         (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data
+
+
+def test_quality_pipeline_on_tiny_model(tmp_path):
+    torch.set_num_threads(1)
+    base, ft = _write_pair(tmp_path)
+    data = _write_arith(tmp_path / "data" / "arith", 40, 3)
     out = tmp_path / "out" / "quality-arith.json"
     main(["--base", str(base), "--ft", str(ft), "--data", str(data), "--out", str(out), "--rows", "3",
           "--seq-len", "32", "--nsamples", "32", "--work", str(tmp_path / "work"), "--device", "cpu",
@@ -89,11 +94,7 @@ def test_quality_pipeline_on_tiny_model(tmp_path):
 def test_deadline_skips_settings(tmp_path):
     torch.set_num_threads(1)
     base, ft = _write_pair(tmp_path)
-    train, held = arithmetic(20, 2, seed=0)
-    data = tmp_path / "arith"
-    data.mkdir()
-    for name, rows in (("train", train), ("eval", held)):
-        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = _write_arith(tmp_path / "arith", 20, 2)
     out = tmp_path / "q.json"
     main(["--base", str(base), "--ft", str(ft), "--data", str(data), "--out", str(out), "--rows", "2", "--seq-len", "32",
           "--work", str(tmp_path / "w"), "--device", "cpu", "--settings", "dz-2b-24-g96,bitdelta-1b",
@@ -108,11 +109,7 @@ def test_a_failing_setting_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch
 
     torch.set_num_threads(1)
     base, ft = _write_pair(tmp_path)
-    train, held = arithmetic(20, 2, seed=0)
-    data = tmp_path / "arith"
-    data.mkdir()
-    for name, rows in (("train", train), ("eval", held)):
-        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = _write_arith(tmp_path / "arith", 20, 2)
     real = quality.run_setting
 
     def flaky(s, *args):

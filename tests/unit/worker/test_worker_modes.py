@@ -7,13 +7,11 @@ import shutil
 import pytest
 import torch
 
-from deltazip.model.loader import save_model_dir
 from deltazip.model.sampling import SamplingParams
-from deltazip.model.synthetic import random_state_dict
 from services.worker.app import GenerateInput
 from services.worker.bootstrap import build_worker
 from services.worker.config import WorkerConfig
-from tests.integration.tiny_models import CONFIG, compress_packed, write_byte_tokenizer, write_finetune
+from tests.integration.tiny_models import compress_packed, write_finetune, write_tiny_base
 
 PROMPTS = ["hello world", "the quick brown fox", "DeltaZip", "a"]
 MODELS = ["tiny-base", "ft-dense", "ft-packed", "ft-dense2"]
@@ -25,11 +23,7 @@ def artifacts(tmp_path_factory):
     from deltazip.artifact import write_dense_delta
 
     root = tmp_path_factory.mktemp("modes")
-    base_dir = root / "tiny-base"
-    base_dir.mkdir()
-    base_state = random_state_dict(CONFIG, seed=0)
-    save_model_dir(base_dir, CONFIG, base_state)
-    write_byte_tokenizer(base_dir)
+    base_dir, base_state = write_tiny_base(root)
     cache = root / "cache"
     cache.mkdir()
     write_dense_delta(base_dir, write_finetune(base_state, root / "ft-dense-hf", seed=11), cache / "ft-dense")
