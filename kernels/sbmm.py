@@ -45,6 +45,16 @@ def pick_config(kernel: str, device_name: str, rows_per_segment: float) -> dict:
     raise AssertionError(f"{CONFIG_FILE}: {kernel} has no catch-all entry")
 
 
+def rows_bucket(device: torch.device, rows: float) -> int:
+    """A row count that picks the same launch configs as `rows` on this device (the smallest max_rows bound of
+    its config tables that covers `rows`, else one past the largest): callers that capture a launch per config,
+    like the worker's CUDA graphs, key and hint by it."""
+    table, name = _configs(), _device_name(device)
+    entries = [e for kernel in KERNELS for e in (table.get(name, {}).get(kernel) or table["default"][kernel])]
+    limits = sorted({e["max_rows"] for e in entries if e["max_rows"] is not None})
+    return next((m for m in limits if rows <= m), limits[-1] + 1 if limits else 1)
+
+
 @functools.lru_cache(maxsize=16)
 def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

@@ -35,16 +35,21 @@ def advertise_address(host: str, port: int, advertise: str) -> str:
     return f"{host}:{port}"
 
 
-def validate_common(host: str, port: int, redis_url: str, log_level: str, grace_s: float) -> None:
-    """ValueError naming the bad flag."""
+def validate_port_and_log_level(port: int, log_level: str) -> None:
+    """ValueError naming --port or --log-level (every service, gRPC or HTTP, has both)."""
     if not 0 <= port <= 65535:
         raise ValueError(f"--port {port} is out of range 0..65535")
+    if log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
+        raise ValueError(f"--log-level {log_level!r}: use debug, info, warning, error or critical")
+
+
+def validate_common(host: str, port: int, redis_url: str, log_level: str, grace_s: float) -> None:
+    """ValueError naming the bad flag."""
+    validate_port_and_log_level(port, log_level)
     if not host:
         raise ValueError("--host must not be empty")
     if not redis_url.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError(f"--redis-url {redis_url!r} must start with redis://, rediss:// or unix://")
-    if log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
-        raise ValueError(f"--log-level {log_level!r}: use debug, info, warning, error or critical")
     if grace_s < 0:
         raise ValueError(f"--grace-s {grace_s} must be >= 0")
 

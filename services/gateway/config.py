@@ -5,7 +5,7 @@ from pathlib import Path
 from dataclasses import dataclass
 
 from deltazip.metrics import add_metrics_flag, validate_metrics_port
-from deltazip.rpc.flags import add_tls_flags, env_default, tls_kwargs, tls_settings
+from deltazip.rpc.flags import add_tls_flags, env_default, tls_kwargs, tls_settings, validate_port_and_log_level
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,12 +25,9 @@ class GatewayConfig:
     https_key: str = ""
 
     def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"--port {self.port} is out of range 0..65535")
+        validate_port_and_log_level(self.port, self.log_level)
         if ":" not in self.scheduler:
             raise ValueError(f"--scheduler {self.scheduler!r} must be host:port")
-        if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
-            raise ValueError(f"--log-level {self.log_level!r}: use debug, info, warning, error or critical")
         if self.request_timeout_s <= 0:
             raise ValueError(f"--request-timeout-s {self.request_timeout_s} must be > 0")
         if self.default_max_tokens < 1:

@@ -43,7 +43,7 @@ class StepDeltaOps:
         for stack, members in groups.values():
             slots = tuple(s if s in members else -1 for s in self.seg_slot)
             on_device = (self._device_tensor(("starts",), self.starts, x.device),
-                         self._device_tensor(slots, slots, x.device)) if x.is_cuda else None
+                         self._device_tensor(slots, slots, x.device)) if x.is_cuda and stack.kind != "dense" else None
             apply_linear(x, y, stack, self._starts_tensor(), self._slots_tensor(slots), self.starts, list(slots),
                          on_device)
 

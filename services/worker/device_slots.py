@@ -74,8 +74,9 @@ class DeviceSlots:
 
     def write(self, slot: int, name: str, tensors: dict) -> int:
         """Copy one delta ({HF tensor name: DeltaTensor}, any device) into `slot`; returns device bytes used."""
-        self.drop(slot)
+        left = self._release(slot)
         with _on_stream(self._copy_stream):
+            _zero_slot(slot, left)  # then overwritten where the new delta uses the same stack
             where, num_bytes = self._copy_in(slot, tensors)
         if self._copy_stream is not None:
             self._copy_stream.synchronize()  # copies done before the slot is marked ready
@@ -103,18 +104,22 @@ class DeviceSlots:
     def drop(self, slot: int) -> None:
         """Empty `slot`. Invariant kept here: a slot is zero in every stack that does not hold its delta
         (scales 0 = a zero packed delta), so a kernel may run a stack over rows of any slot."""
+        left = self._release(slot)
+        if left:
+            with _on_stream(self._copy_stream):
+                _zero_slot(slot, left)
+            if self._copy_stream is not None:
+                self._copy_stream.synchronize()
+
+    def _release(self, slot: int) -> list[SlotStack]:
+        """Forget which stacks hold `slot` (their bytes stay until zeroed); returns those stacks."""
         with self._lock:
-            left = {id(s): s for s in self._where[slot].values()}.values()
+            left = list({id(s): s for s in self._where[slot].values()}.values())
             for stack in left:
                 stack.occupied.discard(slot)
                 stack.cache.pop(slot, None)
             self._where[slot] = {}
-        if left:
-            with _on_stream(self._copy_stream):
-                for stack in left:
-                    stack.parts["scales" if "scales" in stack.parts else "delta"][slot].zero_()
-            if self._copy_stream is not None:
-                self._copy_stream.synchronize()
+        return left
 
     def stacks_by_name(self) -> dict[str, list[SlotStack]]:
         """Every stack that exists, by HF tensor name (a snapshot)."""
@@ -147,6 +152,11 @@ class DeviceSlots:
                 stack = by_format[fmt] = SlotStack(fmt, tensors)
                 self.layout_version += 1
         return stack
+
+
+def _zero_slot(slot: int, stacks: list[SlotStack]) -> None:
+    for stack in stacks:
+        stack.parts["scales" if "scales" in stack.parts else "delta"][slot].zero_()
 
 
 def _on_stream(stream):

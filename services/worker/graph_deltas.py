@@ -74,11 +74,11 @@ class GraphDeltaOps:
         start = 2 * self.max_segments + 1
         return self._dev[start : start + self._rows]
 
-    @staticmethod
-    def rows_class(segments: Sequence[tuple[int | None, int]]) -> int:
-        """Bucket of the largest delta segment (the kernel's configs switch at 8 and 16 rows)."""
-        rows = max((n for slot, n in segments if slot is not None), default=1)
-        return 8 if rows <= 8 else 16 if rows <= 16 else 64
+    def rows_hint_for(self, segments: Sequence[tuple[int | None, int]]) -> int:
+        """The SBMM config bucket of the step's largest delta segment (kernels.sbmm.rows_bucket)."""
+        from kernels import sbmm
+
+        return sbmm.rows_bucket(self.slots.device, max((n for slot, n in segments if slot is not None), default=1))
 
     def fill(self, segments: Sequence[tuple[int | None, int]], num_rows: int) -> None:
         """Point the tensors at this step: segments (slot or None, rows) in row order; rows past them up to

@@ -7,8 +7,8 @@ longest context; attention gathers a context bucket (a power of two times the bl
 longest context of the step), one graph per (batch size, bucket), so short contexts stay cheap.
 Steps with delta rows are captured too when every delta stack is packed for the SBMM kernel
 (services/worker/graph_deltas.py): the kernel reads segment tensors at fixed addresses that each replay
-refills, so one graph per (batch size, bucket, stack layout, largest-segment class) serves any mix of up to `max_segments`
-segments. Dense-delta stacks run eager. Eager stays the reference.
+refills, so one graph per (batch size, bucket, stack layout, largest-segment class) serves any mix of up to
+`max_segments` segments. Dense-delta stacks run eager. Eager stays the reference.
 """
 
 from __future__ import annotations
@@ -64,24 +64,24 @@ class DecodeGraphs:
 
     def takes_deltas(self, deltas) -> bool:
         """Whether this step's DeltaOps (a StepDeltaOps) can replay a graph: packed stacks, few segments."""
-        slots_of = getattr(deltas, "device_slots", None)
-        if self.max_segments <= 0 or slots_of is None:
+        slots = getattr(deltas, "device_slots", None)
+        if self.max_segments <= 0 or slots is None:
             return False
         if len(deltas.slot_segments()) + 1 > self.max_segments:  # + 1: the padded rows' segment
             return False
-        slots = deltas.device_slots
         key = (id(slots), slots.layout_version)
         if self._supported is None or self._supported[0] != key:
             self._supported = (key, graph_supported(slots))
         return self._supported[1]
 
     def _delta_ops(self, slots: DeviceSlots) -> GraphDeltaOps:
-        """The static delta tensors for the current stack layout; a new layout drops the old delta graphs."""
+        """The static delta tensors for the current stack layout (a new layout gets new ones)."""
         current = self.graph_deltas
         if current is None or current.slots is not slots or current.layout_version != slots.layout_version:
             # Graphs of older layouts stay (never replayed again: versions only grow). Destroying graphs that
             # share one memory pool while others capture is what the caching allocator asserts on.
-            self._retired.append(current)  # their captured kernels read its index tensors
+            if current is not None:
+                self._retired.append(current)  # their captured kernels read its index tensors
             self.graph_deltas = GraphDeltaOps(slots, self.sizes[-1], self.max_segments)
         return self.graph_deltas
 
@@ -136,7 +136,7 @@ class DecodeGraphs:
             segments = deltas.slot_segments()
             graph_deltas.fill(segments, b)
             layout = graph_deltas.layout_version + 1  # 0 is reserved for base-only graphs
-            rows_hint = graph_deltas.rows_class(segments)
+            rows_hint = graph_deltas.rows_hint_for(segments)
         key = (b, self.context_bucket(attn.max_context_len or int(attn.context_lens.max())), layout, rows_hint)
         if key not in self.graphs:
             self._capture(*key)  # warm-up runs write only this step's own slots again (same values)
