@@ -190,39 +190,47 @@ def full(args, limit, save) -> list[dict]:
     return rows_out
 
 
+GLUON_BASE = {"BLOCK_M": 8, "BLOCK_N": 64, "num_warps": 2, "prefetch": True}
 SWEEP = [
-    ("triton", {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}),
-    ("triton", {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "use_asm": True}),
-    ("gluon", {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "prefetch": True}),
-    ("gluon", {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "prefetch": False}),
-    ("gluon", {"BLOCK_M": 16, "BLOCK_N": 128, "num_warps": 4, "prefetch": True}),
-    ("gluon", {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 2, "prefetch": True}),
-    ("gluon", {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 2, "prefetch": False}),
-    ("gluon", {"BLOCK_M": 8, "BLOCK_N": 64, "num_warps": 4, "prefetch": True}),
-    ("gluon", {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 2, "prefetch": True}),
-    ("gluon", {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "prefetch": False}),
-    ("gluon", {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "prefetch": False}),
-    ("triton", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}),
+    ("gluon", GLUON_BASE),
+    ("gluon", {**GLUON_BASE, "min_ctas": 1024}),
+    ("gluon", {**GLUON_BASE, "min_ctas": 2048}),
+    ("gluon", {**GLUON_BASE, "min_ctas": 4096}),
+    ("gluon", {**GLUON_BASE, "min_ctas": 8192}),
+    ("gluon", {**GLUON_BASE, "BLOCK_M": 16}),
+    ("gluon", {**GLUON_BASE, "BLOCK_M": 16, "min_ctas": 2048}),
+    ("gluon", {**GLUON_BASE, "BLOCK_N": 32, "min_ctas": 2048}),
+    ("gluon", {**GLUON_BASE, "BLOCK_N": 128, "num_warps": 4, "min_ctas": 2048}),
+    ("gluon", {**GLUON_BASE, "prefetch": False, "min_ctas": 2048}),
 ]
+# (shape, distinct deltas, rows per delta): decode points around the N >= 8 goal, one small-N, one prefill
+SWEEP_CASES = (("qkvo", 8, 4), ("qkvo", 8, 16), ("qkvo", 32, 1), ("gate_up", 8, 4), ("down", 8, 4), ("qkvo", 1, 4),
+               ("qkvo", 2, 1), ("qkvo", 4, 256))
 
 
-def sweep(limit) -> list[dict]:
+def sweep(limit, save=None) -> list[dict]:
     out = []
-    for name, num, rows in (("qkvo", 8, 4), ("qkvo", 32, 1), ("gate_up", 8, 16), ("qkvo", 1, 4), ("qkvo", 4, 256)):
+    for name, num, rows in SWEEP_CASES:
         n, k = SHAPES[name]
         for bits in (4, 2):
             stack = random_stack(64, n, k, bits, 128, "cuda")
             for kernel, cfg in SWEEP:
+                if rows > 16 and cfg.get("min_ctas"):
+                    continue  # prefill has programs enough
                 try:
                     r = one_row(name, n, k, num, rows, bits, stack, None, None, limit, False, kernel, cfg)
                 except Exception as e:  # noqa: BLE001 - a failing variant is reported, not fatal
                     print(f"FAIL {kernel} {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
                     continue
-                r.update(kernel=kernel, config=cfg)
+                r.update(kernel=kernel, config=cfg,
+                         split_k=sbmm.split_k(cfg, n, k, bits, num * rows, num) if kernel == "gluon" else 1)
                 out.append(r)
-                print(f"{name:8s} N={num:2d} r={rows:3d} {bits}b {kernel:6s} {json.dumps(cfg):90s} {r['us']:8.1f} us "
-                      f"{r['gbps']:6.0f} GB/s {r['fraction_of_limit']:5.2f} host {r['host_us']:.0f} us", flush=True)
+                print(f"{name:8s} N={num:2d} r={rows:3d} {bits}b {kernel:6s} {json.dumps(cfg):90s} "
+                      f"split {r['split_k']} {r['us']:8.1f} us {r['gbps']:6.0f} GB/s {r['fraction_of_limit']:5.2f}",
+                      flush=True)
             del stack
+            if save:
+                save(out)
     return out
 
 
@@ -254,7 +262,7 @@ def main() -> None:
                   "rows": rows}
         path.write_text(json.dumps(result, indent=1))
 
-    save(sweep(limit) if a.sweep else full(a, limit, save))
+    save(sweep(limit, save) if a.sweep else full(a, limit, save))
     print(f"wrote {path}")
 
 

@@ -165,15 +165,48 @@ def sbmm(
     launch(common, x, n, k, group_size, num_groups, num_segments, bits, asym, max_segs, config)
 
 
+MAX_SPLIT_K = 8
+
+
+def split_k(config: dict, n: int, k: int, bits: int, t: int, num_segments: int) -> int:
+    """K splits of a Gluon launch: the smallest power of two (<= MAX_SPLIT_K) giving the config's `min_ctas`
+    programs, assuming one tile per segment or per BLOCK_M rows; never more splits than K tiles, and none
+    empty. Decode with few deltas has too few (n-block, segment) programs to keep the SMs' memory pipes busy."""
+    min_ctas = config.get("min_ctas", 0)
+    steps = k // (sbmm_gluon.WORDS_PER_TILE * 64 // bits)
+    ctas = triton.cdiv(n, config["BLOCK_N"]) * max(num_segments, t // config["BLOCK_M"])
+    split = 1
+    while split < MAX_SPLIT_K and ctas * split < min_ctas and 2 * split <= steps:
+        split *= 2
+    while split > 1 and (split - 1) * triton.cdiv(steps, split) >= steps:
+        split -= 1
+    return split
+
+
+@functools.lru_cache(maxsize=16)
+def _no_workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Placeholders for the split-K arguments of an unsplit launch (never read)."""
+    return torch.empty(1, dtype=torch.float32, device=device), torch.empty(1, dtype=torch.int32, device=device)
+
+
 def _launch_gluon(common, x, n, k, group_size, num_groups, num_segments, bits, asym, max_segs, config) -> None:
+    t = x.shape[0]
+    splits = split_k(config, n, k, bits, t, num_segments)
     const = _gluon_constexprs(n, k, group_size, num_groups, bits, asym, x.dtype, config["BLOCK_M"],
-                              config["BLOCK_N"], config["num_warps"], bool(config.get("prefetch", True)))
-    grid = (triton.cdiv(n, config["BLOCK_N"]), x.shape[0] // config["BLOCK_M"] + num_segments)
-    sbmm_gluon._sbmm_gluon_kernel[grid](*common, n, MAX_SEGS=max_segs, num_warps=config["num_warps"], **const)
+                              config["BLOCK_N"], config["num_warps"], bool(config.get("prefetch", True)), splits)
+    grid = (triton.cdiv(n, config["BLOCK_N"]), t // config["BLOCK_M"] + num_segments, splits)
+    if splits > 1:  # fresh buffers per call: safe under CUDA-graph capture and concurrent streams
+        ws = torch.empty(splits, t, n, dtype=torch.float32, device=x.device)
+        counters = torch.zeros(grid[0] * grid[1], dtype=torch.int32, device=x.device)
+    else:
+        ws, counters = _no_workspace(x.device)
+    sbmm_gluon._sbmm_gluon_kernel[grid](*common, ws, counters, t * n, n, MAX_SEGS=max_segs,
+                                        num_warps=config["num_warps"], **const)
 
 
 @functools.lru_cache(maxsize=256)
-def _gluon_constexprs(n, k, group_size, num_groups, bits, asym, dtype, block_m, block_n, num_warps, prefetch) -> dict:
+def _gluon_constexprs(n, k, group_size, num_groups, bits, asym, dtype, block_m, block_n, num_warps, prefetch,
+                      splits=1) -> dict:
     """Compile-time arguments of one Gluon launch shape (cached: building layouts costs ~40 µs of host time)."""
     block_k = sbmm_gluon.WORDS_PER_TILE * 64 // bits
     if num_groups == 1:
@@ -189,7 +222,7 @@ def _gluon_constexprs(n, k, group_size, num_groups, bits, asym, dtype, block_m, 
         BLOCK_M=block_m, BLOCK_N=block_n, ASM=asm, CONSTRAINTS=constraints,
         Z2=_half2_const(magic if asym else magic + (1 << (bits - 1)), dtype),
         L_WORDS=sbmm_gluon.word_layout(block_n, num_warps), L_X=sbmm_gluon.x_layout(bits, block_m, num_warps),
-        L_SEG=sbmm_gluon.seg_layout(num_warps), PREFETCH=prefetch,
+        L_SEG=sbmm_gluon.seg_layout(num_warps), PREFETCH=prefetch, SPLIT_K=splits,
     )
 
 

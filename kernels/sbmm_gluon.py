@@ -144,11 +144,14 @@ def _sbmm_gluon_kernel(
     stride_qs, stride_qn, stride_ms, stride_mn, stride_ss, stride_sn,
     # segments: rows seg_starts[s]:seg_starts[s+1] use slot seg_slots[s] (-1: none)
     seg_starts_ptr, seg_slots_ptr, num_segments, num_slots,
+    # split-K (SPLIT_K > 1): fp32 partials ws [SPLIT_K, T, N], one arrival counter per output tile (zeroed)
+    ws_ptr, counters_ptr, stride_wss,
     N, K: gl.constexpr, GROUP_SIZE: gl.constexpr, EVEN_N: gl.constexpr,
     BITS: gl.constexpr, ASYM: gl.constexpr, SCALE_MODE: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, MAX_SEGS: gl.constexpr,
     ASM: gl.constexpr, CONSTRAINTS: gl.constexpr, Z2: gl.constexpr,
     L_WORDS: gl.constexpr, L_X: gl.constexpr, L_SEG: gl.constexpr, PREFETCH: gl.constexpr,
+    SPLIT_K: gl.constexpr,
 ):
     DPW: gl.constexpr = 64 // BITS
     NW: gl.constexpr = 8
@@ -164,6 +167,13 @@ def _sbmm_gluon_kernel(
     if m_end <= m_start:
         return
     n0 = gl.program_id(0) * BLOCK_N
+    # this program's K range: split s takes K tiles [s * STEPS_PER, min((s + 1) * STEPS_PER, STEPS)); the
+    # wrapper picks SPLIT_K so that no split is empty
+    STEPS: gl.constexpr = K // BLOCK_K
+    STEPS_PER: gl.constexpr = (STEPS + SPLIT_K - 1) // SPLIT_K
+    pid_k = gl.program_id(2)
+    k_lo = pid_k * (STEPS_PER * BLOCK_K)
+    k_hi = gl.minimum(k_lo + STEPS_PER * BLOCK_K, K)
     slot64 = slot.to(gl.int64)
     # packed words: [BN, NW] in L_WORDS (lane quad position t owns words 2t, 2t+1)
     offs_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, L_WORDS))
@@ -180,11 +190,11 @@ def _sbmm_gluon_kernel(
     x_tile = x_ptr + offs_xm[:, None] * stride_xm + offs_xk[None, :]
     z2 = gl.full([BLOCK_N, 1], Z2, gl.int32, layout=L_WORDS)
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
-    x, qw, mw, sc, zc = _load_tile(x_tile, qw_tile, meta_tile, scale_rows, zero_rows, 0, offs_w, mask_n, ASYM,
-                                   SCALE_MODE, GROUP_SIZE, DPW, EVEN_N)
-    for k0 in range(0, K, BLOCK_K):
+    x, qw, mw, sc, zc = _load_tile(x_tile, qw_tile, meta_tile, scale_rows, zero_rows, k_lo, offs_w, mask_n,
+                                   ASYM, SCALE_MODE, GROUP_SIZE, DPW, EVEN_N)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         if PREFETCH:  # next tile's loads in flight while this one is expanded (last step re-reads itself)
-            k_next = gl.minimum(k0 + BLOCK_K, K - BLOCK_K)
+            k_next = gl.minimum(k0 + BLOCK_K, k_hi - BLOCK_K)
             x_n, qw_n, mw_n, sc_n, zc_n = _load_tile(x_tile, qw_tile, meta_tile, scale_rows, zero_rows, k_next,
                                                      offs_w, mask_n, ASYM, SCALE_MODE, GROUP_SIZE, DPW, EVEN_N)
         else:
@@ -206,8 +216,24 @@ def _sbmm_gluon_kernel(
     offs_ym = m_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
     y_ptrs = y_ptr + offs_ym[None, :] * stride_ym + offs_yn[:, None]
     ymask = (offs_ym < m_end)[None, :] & (offs_yn < N)[:, None]
-    y = gl.load(y_ptrs, mask=ymask, other=0.0)
-    gl.store(y_ptrs, (y.to(gl.float32) + acc).to(y_ptr.dtype.element_ty), mask=ymask)
+    if SPLIT_K == 1:
+        y = gl.load(y_ptrs, mask=ymask, other=0.0)
+        gl.store(y_ptrs, (y.to(gl.float32) + acc).to(y_ptr.dtype.element_ty), mask=ymask)
+    else:
+        # every split stores its fp32 partial; the last to arrive at the tile's counter adds all partials in
+        # split order (deterministic, whichever arrives last) to y. Release: the barrier orders the CTA's
+        # stores before the counter update (acq_rel at GPU scope); acquire: partials are read through L2.
+        ws_rows = ws_ptr + offs_ym[None, :] * N + offs_yn[:, None]
+        gl.store(ws_rows + pid_k * stride_wss, acc, mask=ymask)
+        gl.thread_barrier()
+        tile = gl.program_id(0) * gl.num_programs(1) + gl.program_id(1)
+        arrived = gl.atomic_add(counters_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            total = gl.load(ws_rows, mask=ymask, other=0.0, cache_modifier=".cg")
+            for s in gl.static_range(1, SPLIT_K):
+                total += gl.load(ws_rows + s * stride_wss, mask=ymask, other=0.0, cache_modifier=".cg")
+            y = gl.load(y_ptrs, mask=ymask, other=0.0)
+            gl.store(y_ptrs, (y.to(gl.float32) + total).to(y_ptr.dtype.element_ty), mask=ymask)
 
 
 def word_layout(block_n: int, num_warps: int) -> gl.DistributedLinearLayout:

@@ -31,7 +31,8 @@ def signature(bits: int, dtype: str) -> dict:
         "qw_ptr": "*i32", "meta_ptr": "*i16" if bits == 4 else "*i32", "scales_ptr": "*fp16", "zeros_ptr": "*fp16",
         "stride_qs": "i32", "stride_qn": "i32", "stride_ms": "i32", "stride_mn": "i32",
         "stride_ss": "i32", "stride_sn": "i32",
-        "seg_starts_ptr": "*i64", "seg_slots_ptr": "*i64", "num_segments": "i32", "num_slots": "i32", "N": "i32",
+        "seg_starts_ptr": "*i64", "seg_slots_ptr": "*i64", "num_segments": "i32", "num_slots": "i32",
+        "ws_ptr": "*fp32", "counters_ptr": "*i32", "stride_wss": "i32", "N": "i32",
     }
 
 
@@ -50,7 +51,7 @@ def compile_kernel(a):
         const = dict(K=a.k, GROUP_SIZE=group, EVEN_N=not a.odd_n, BITS=a.bits, ASYM=asym, SCALE_MODE=mode,
                      BLOCK_M=a.bm, BLOCK_N=a.bn, MAX_SEGS=16, ASM=asm, CONSTRAINTS=cons, Z2=z2,
                      L_WORDS=sbmm_gluon.word_layout(a.bn, a.warps), L_X=sbmm_gluon.x_layout(a.bits, a.bm, a.warps),
-                     L_SEG=sbmm_gluon.seg_layout(a.warps), PREFETCH=not a.no_prefetch)
+                     L_SEG=sbmm_gluon.seg_layout(a.warps), PREFETCH=not a.no_prefetch, SPLIT_K=a.split_k)
         fn, source = sbmm_gluon._sbmm_gluon_kernel, GluonASTSource
     else:
         group = a.k if a.group == 0 else a.group
@@ -105,6 +106,7 @@ def main() -> None:
     p.add_argument("--group", type=int, default=128, help="0: per-row scales")
     p.add_argument("--odd-n", action="store_true")
     p.add_argument("--no-prefetch", action="store_true")
+    p.add_argument("--split-k", type=int, default=1, help="gluon: K splits (fp32 partials, last CTA reduces)")
     p.add_argument("--bm", type=int, default=16)
     p.add_argument("--bn", type=int, default=64)
     p.add_argument("--bk", type=int, default=128)

@@ -182,6 +182,38 @@ def test_gluon_configs_gpu(block_m, block_n, num_warps):
     torch.testing.assert_close(y_kernel.float(), y_ref.float(), **TOL[torch.float16])
 
 
+def test_split_k_choice():
+    cfg = dict(BLOCK_M=8, BLOCK_N=64, num_warps=2, min_ctas=2048)
+    # 8 decode segments of a 4096x4096 delta: 64 n-blocks x 8 tiles = 512 programs -> 4 splits
+    assert sbmm.split_k(cfg, 4096, 4096, 4, 32, 8) == 4
+    assert sbmm.split_k(cfg, 4096, 4096, 4, 256, 64) == 1  # enough programs already
+    assert sbmm.split_k({**cfg, "min_ctas": 0}, 4096, 4096, 4, 8, 1) == 1  # splitting off
+    assert sbmm.split_k({**cfg, "min_ctas": 10**6}, 4096, 4096, 4, 1, 1) == sbmm.MAX_SPLIT_K
+    # never more splits than K tiles (2-bit K tile = 256 columns: 2 tiles), and no empty split
+    assert sbmm.split_k({**cfg, "min_ctas": 10**6}, 4096, 512, 2, 1, 1) == 2
+    for steps in range(1, 40):
+        s = sbmm.split_k({**cfg, "min_ctas": 10**6}, 64, 128 * steps, 4, 1, 1)
+        assert (s - 1) * -(-steps // s) < steps, (steps, s)
+
+
+@gpu
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("group", [None, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", list(SEGMENTS))
+@pytest.mark.parametrize("min_ctas", [10**6, 100])
+def test_gluon_split_k_gpu(bits, group, dtype, layout, min_ctas):
+    """Split-K (fp32 partials, last program per tile reduces) equals the reference, also with uneven splits
+    (K = 11 tiles) and segments that leave rows untouched; repeated calls give bit-identical results."""
+    n, k = 320, 11 * 8 * 64 // bits
+    stack, x, y, starts, slots = make_case(n, k, bits, group, True, dtype, layout, "cuda", seed=9)
+    cfg = dict(BLOCK_M=8, BLOCK_N=64, num_warps=2, prefetch=True, min_ctas=min_ctas)
+    y_kernel, y_ref = run_both(stack, x, y, starts, slots, bits, n, k, kernel="gluon", config=cfg)
+    torch.testing.assert_close(y_kernel.float(), y_ref.float(), **TOL[dtype])
+    again, _ = run_both(stack, x, y, starts, slots, bits, n, k, kernel="gluon", config=cfg)
+    assert torch.equal(again, y_kernel)
+
+
 @gpu
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
