@@ -35,13 +35,16 @@ def _configs() -> dict:
     return json.loads(CONFIG_FILE.read_text())
 
 
-def pick_config(kernel: str, device_name: str, rows_per_segment: float) -> dict:
-    """Tuned launch config: the first entry whose max_rows (null: any) covers the mean rows per segment."""
+def pick_config(kernel: str, device_name: str, rows_per_segment: float, bits: int | None = None) -> dict:
+    """Tuned launch config: the first entry whose max_rows (null: any) covers the mean rows per segment and
+    whose optional `bits` list holds the launch's code width."""
     table = _configs()
     entries = table.get(device_name, {}).get(kernel) or table["default"][kernel]
     for entry in entries:
+        if "bits" in entry and bits not in entry["bits"]:
+            continue
         if entry["max_rows"] is None or rows_per_segment <= entry["max_rows"]:
-            return {key: value for key, value in entry.items() if key != "max_rows"}
+            return {key: value for key, value in entry.items() if key not in ("max_rows", "bits")}
     raise AssertionError(f"{CONFIG_FILE}: {kernel} has no catch-all entry")
 
 
@@ -149,7 +152,8 @@ def sbmm(
     if kernel == "gluon" and not gluon_supported(x, k, bits, group_size, num_groups):
         raise ValueError(f"the gluon kernel does not take K={k}, bits={bits}, group_size={group_size} here")
     if config is None:
-        config = pick_config(kernel, _device_name(x.device), rows_hint if rows_hint is not None else t / num_segments)
+        config = pick_config(kernel, _device_name(x.device), rows_hint if rows_hint is not None else t / num_segments,
+                             bits)
     asym = zeros is not None
     meta_words = meta.view(torch.int16) if bits == 4 else meta  # one meta element per qweight word
     common = (

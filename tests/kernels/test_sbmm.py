@@ -113,9 +113,19 @@ def test_ptx_expander_emulation_matches_dequantize(bits, asym, dtype):
 def test_every_config_entry_ends_with_a_catch_all():
     for device, kernels in sbmm._configs().items():
         for kernel, entries in kernels.items():
-            assert entries[-1]["max_rows"] is None, (device, kernel)
+            assert entries[-1]["max_rows"] is None and "bits" not in entries[-1], (device, kernel)
             assert sbmm.pick_config(kernel, device, 1e9) == {k: v for k, v in entries[-1].items() if k != "max_rows"}
     assert sbmm.pick_config("gluon", "unknown GPU", 4)["BLOCK_M"] == 8
+
+
+def test_config_entries_can_be_limited_to_a_code_width(monkeypatch):
+    table = {"default": {"gluon": [{"max_rows": 8, "bits": [2], "BLOCK_M": 8, "prefetch": False},
+                                   {"max_rows": 8, "BLOCK_M": 8, "prefetch": True},
+                                   {"max_rows": None, "BLOCK_M": 16, "prefetch": True}]}}
+    monkeypatch.setattr(sbmm, "_configs", lambda: table)
+    assert sbmm.pick_config("gluon", "any", 4, bits=2) == {"BLOCK_M": 8, "prefetch": False}
+    assert sbmm.pick_config("gluon", "any", 4, bits=4) == {"BLOCK_M": 8, "prefetch": True}
+    assert sbmm.pick_config("gluon", "any", 64, bits=2) == {"BLOCK_M": 16, "prefetch": True}
 
 
 def test_sbmm_rejects_bad_shapes():
