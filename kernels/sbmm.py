@@ -126,6 +126,7 @@ def sbmm(
     kernel: str | None = None,
     config: dict | None = None,
     rows_hint: float | None = None,
+    segments_hint: int | None = None,
 ) -> None:
     """In place y[seg] += x[seg] @ dequant(Δ[seg_slots[s]]).T for all segments in one launch.
 
@@ -138,6 +139,8 @@ def sbmm(
     kernel: "gluon" | "triton" | None (best available); config: launch-config override (benchmarks).
     rows_hint: rows per segment the config is picked for (default T / S; a CUDA-graph capture with padded
     segments passes the step's real largest segment).
+    segments_hint: an upper bound on the segments that hold a delta (default S). A CUDA graph's segment
+    tensors have a fixed, padded length S; the hint sizes the grid and the K split for the real ones.
     """
     n, group_size = _check(x, y, qweight, meta, scales, zeros, bits)
     t, k = x.shape
@@ -166,7 +169,8 @@ def sbmm(
     # upper bound on tiles: sum over segments of ceil(rows / BLOCK_M) <= T // BLOCK_M + S
     max_segs = max(16, triton.next_power_of_2(num_segments))
     launch = _launch_gluon if kernel == "gluon" else _launch_triton
-    launch(common, x, n, k, group_size, num_groups, num_segments, bits, asym, max_segs, config)
+    live_segments = num_segments if segments_hint is None else max(1, min(num_segments, segments_hint))
+    launch(common, x, n, k, group_size, num_groups, live_segments, bits, asym, max_segs, config)
 
 
 MAX_SPLIT_K = 8

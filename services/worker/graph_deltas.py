@@ -51,14 +51,17 @@ class GraphDeltaOps:
         s, r = max_segments, max_rows
         self._dev = torch.full((2 * s + 1 + r,), -1, dtype=torch.int64, device=slots.device)
         self._rows = r  # rows of the forward being captured or replayed (a padded batch size)
+        self.rows_hint: int | None = None
+        self.segments_hint: int | None = None
 
-    def for_rows(self, num_rows: int, rows_hint: int | None = None) -> GraphDeltaOps:
+    def for_rows(self, num_rows: int, rows_hint: int | None = None, segments_hint: int | None = None) -> GraphDeltaOps:
         """The same static tensors, seen by a forward of `num_rows` rows (one captured batch size);
-        rows_hint: the largest delta segment the kernel configuration is chosen for."""
+        rows_hint: the largest delta segment the kernel configuration is chosen for; segments_hint: at least
+        the number of segments holding a delta (sizes the kernel's grid and K split, see sbmm.sbmm)."""
         if num_rows > self.max_rows:
             raise ValueError(f"{num_rows} rows exceed the {self.max_rows} these tensors hold")
         view = copy.copy(self)  # shares _dev and the stacks
-        view._rows, view.rows_hint = num_rows, rows_hint
+        view._rows, view.rows_hint, view.segments_hint = num_rows, rows_hint, segments_hint
         return view
 
     @property
@@ -79,6 +82,13 @@ class GraphDeltaOps:
         from kernels import sbmm
 
         return sbmm.rows_bucket(self.slots.device, max((n for slot, n in segments if slot is not None), default=1))
+
+    @staticmethod
+    def segments_hint_for(segments: Sequence[tuple[int | None, int]]) -> int:
+        """Power-of-two bucket (>= 1) of the step's segments that hold a delta: a graph captured for bucket B
+        replays any step with at most B of them."""
+        live = sum(1 for slot, n in segments if slot is not None and n)
+        return 1 << max(0, live - 1).bit_length()
 
     def fill(self, segments: Sequence[tuple[int | None, int]], num_rows: int) -> None:
         """Point the tensors at this step: segments (slot or None, rows) in row order; rows past them up to
@@ -109,7 +119,7 @@ class GraphDeltaOps:
         for stack in self._stacks.get(name + ".weight", ()):
             p = stack.parts
             sbmm.sbmm(x, y, p["qweight"], p["meta"], p["scales"], p.get("zeros"), self.seg_starts, self.seg_slots,
-                      stack.bits, rows_hint=self.rows_hint)
+                      stack.bits, rows_hint=self.rows_hint, segments_hint=self.segments_hint)
 
     def norm_weight(self, name: str, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
         stacks = self._stacks.get(name + ".weight")

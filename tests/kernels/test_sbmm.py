@@ -192,6 +192,26 @@ def test_gluon_configs_gpu(block_m, block_n, num_warps):
     torch.testing.assert_close(y_kernel.float(), y_ref.float(), **TOL[torch.float16])
 
 
+@pytest.mark.parametrize("kernel", [pytest.param("triton", marks=interp), pytest.param("gluon", marks=gpu)])
+def test_segments_hint_sizes_the_grid_for_padded_segment_lists(kernel):
+    """A CUDA graph's segment tensors are padded (-1 slots, empty segments): a hint of the live segments
+    (here 2 of 5) must still cover every tile, with and without a K split."""
+    device = "cuda" if kernel == "gluon" else "cpu"
+    dtype = torch.float16 if kernel == "gluon" else torch.float32
+    n, k, bits = 128, 512, 4
+    for min_ctas in (0, 10**6):
+        stack, x, y, starts, slots = make_case(n, k, bits, 128, True, dtype, "empty", device, seed=11, pad_rows=5)
+        cfg = (dict(BLOCK_M=8, BLOCK_N=64, num_warps=2, prefetch=True, min_ctas=min_ctas) if kernel == "gluon" else
+               dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=1))
+        y_kernel = y.clone()
+        sbmm.sbmm(x, y_kernel, stack["qweight"], stack["meta"], stack["scales"], None, starts, slots, bits,
+                  kernel=kernel, config=cfg, segments_hint=2)
+        y_ref = y.clone()
+        reference.sbmm_reference(x, y_ref, stack["qweight"], stack["meta"], stack["scales"], None, bits, (n, k),
+                                 starts.cpu(), slots.cpu())
+        torch.testing.assert_close(y_kernel.float(), y_ref.float(), **TOL[dtype])
+
+
 def test_split_k_choice():
     cfg = dict(BLOCK_M=8, BLOCK_N=64, num_warps=2, min_ctas=2048)
     # 8 decode segments of a 4096x4096 delta: 64 n-blocks x 8 tiles = 512 programs -> 4 splits

@@ -49,7 +49,7 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(n, self.max_blocks, dtype=torch.long, device=dev)
         self.context_lens = torch.ones(n, dtype=torch.long, device=dev)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.long, device=dev)
-        self.graphs: dict[tuple[int, int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int, int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
 
     def padded_size(self, batch: int) -> int | None:
@@ -85,28 +85,29 @@ class DecodeGraphs:
             self.graph_deltas = GraphDeltaOps(slots, self.sizes[-1], self.max_segments)
         return self.graph_deltas
 
-    def _ctx(self, b: int, ctx_len: int, deltas: GraphDeltaOps | None, rows_hint: int | None = None) -> ForwardContext:
+    def _ctx(self, b: int, ctx_len: int, deltas: GraphDeltaOps | None, rows_hint: int | None = None,
+             segments_hint: int | None = None) -> ForwardContext:
         attn = AttentionMetadata(
             positions=self.positions[:b], slot_mapping=self.slot_mapping[:b], block_tables=self.block_tables[:b],
             context_lens=self.context_lens[:b], query_start_loc=self.query_start_loc[:b + 1],
             max_query_len=1, max_context_len=ctx_len)
-        return ForwardContext(attn=attn, deltas=None if deltas is None else deltas.for_rows(b, rows_hint))
+        return ForwardContext(attn=attn, deltas=None if deltas is None else deltas.for_rows(b, rows_hint, segments_hint))
 
-    def _capture(self, b: int, ctx_len: int, layout: int, rows_hint: int = 0) -> None:
+    def _capture(self, b: int, ctx_len: int, layout: int, rows_hint: int = 0, segments_hint: int = 0) -> None:
         deltas = self.graph_deltas if layout else None
-        hint = rows_hint or None
+        hint, seg_hint = rows_hint or None, segments_hint or None
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):  # warm up allocator, kernel compiles and lazy inits outside the graph
-                self.model(self.input_ids[:b], self._ctx(b, ctx_len, deltas, hint))
+                self.model(self.input_ids[:b], self._ctx(b, ctx_len, deltas, hint, seg_hint))
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # thread_local: the residency threads may pin host memory or copy on their own streams meanwhile
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            out = self.model(self.input_ids[:b], self._ctx(b, ctx_len, deltas, hint))
+            out = self.model(self.input_ids[:b], self._ctx(b, ctx_len, deltas, hint, seg_hint))
         self.pool = graph.pool()
-        self.graphs[(b, ctx_len, layout, rows_hint)] = (graph, out)
+        self.graphs[(b, ctx_len, layout, rows_hint, segments_hint)] = (graph, out)
 
     def _fill_padding(self, start: int, end: int) -> None:
         self.input_ids[start:end] = 0
@@ -130,14 +131,16 @@ class DecodeGraphs:
         self.block_tables[:batch, :tables.shape[1]].copy_(tables.clamp(min=0))  # -1 padding: any page, masked
         self.context_lens[:batch].copy_(attn.context_lens)
         self._fill_padding(batch, b)
-        layout, rows_hint = 0, 0
+        layout, rows_hint, segments_hint = 0, 0, 0
         if deltas is not None:
             graph_deltas = self._delta_ops(deltas.device_slots)
             segments = deltas.slot_segments()
             graph_deltas.fill(segments, b)
             layout = graph_deltas.layout_version + 1  # 0 is reserved for base-only graphs
             rows_hint = graph_deltas.rows_hint_for(segments)
-        key = (b, self.context_bucket(attn.max_context_len or int(attn.context_lens.max())), layout, rows_hint)
+            segments_hint = graph_deltas.segments_hint_for(segments)
+        key = (b, self.context_bucket(attn.max_context_len or int(attn.context_lens.max())), layout, rows_hint,
+               segments_hint)
         if key not in self.graphs:
             self._capture(*key)  # warm-up runs write only this step's own slots again (same values)
         graph, out = self.graphs[key]

@@ -11,16 +11,17 @@ from services.worker.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
 class EagerReplay(DecodeGraphs):
     """'Captures' a forward that rereads the static buffers at each replay, like a CUDA graph does."""
 
-    def _capture(self, b: int, ctx_len: int, layout: int, rows_hint: int = 0) -> None:
+    def _capture(self, b: int, ctx_len: int, layout: int, rows_hint: int = 0, segments_hint: int = 0) -> None:
         deltas = self.graph_deltas if layout else None
-        ctx = self._ctx(b, ctx_len, deltas, rows_hint or None)
+        hints = (rows_hint or None, segments_hint or None)
+        ctx = self._ctx(b, ctx_len, deltas, *hints)
         graphs, out = self, self.model(self.input_ids[:b], ctx)  # the static output
 
         class Replay:
             def replay(self):
-                out.copy_(graphs.model(graphs.input_ids[:b], graphs._ctx(b, ctx_len, deltas, rows_hint or None)))
+                out.copy_(graphs.model(graphs.input_ids[:b], graphs._ctx(b, ctx_len, deltas, *hints)))
 
-        self.graphs[(b, ctx_len, layout, rows_hint)] = (Replay(), out)
+        self.graphs[(b, ctx_len, layout, rows_hint, segments_hint)] = (Replay(), out)
 
     def run(self, input_ids, attn, deltas=None):
         self.num_runs = getattr(self, "num_runs", 0) + 1
@@ -104,4 +105,5 @@ def test_decode_steps_with_packed_deltas_replay_and_equal_eager():
         results.append({k: v[0] for k, v in engine.run_until_done().items()})
         if graphs:
             assert any(k[2] for k in runner.graphs.graphs), "no delta step replayed"
+            assert all(k[4] in (1, 2) for k in runner.graphs.graphs if k[2])  # <= 2 delta segments per step
     assert results[0] == results[1]

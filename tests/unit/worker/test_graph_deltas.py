@@ -102,3 +102,13 @@ def test_dropped_slot_is_zero_in_the_stacks_it_left():
         for stack in stacks:
             part = stack.parts["scales" if "scales" in stack.parts else "delta"]
             assert not part[1].any()
+
+
+def test_segments_hint_is_a_power_of_two_bucket_of_delta_segments():
+    hint = GraphDeltaOps.segments_hint_for
+    assert hint([(None, 4)]) == 1  # base rows only
+    assert hint([(0, 3)]) == 1
+    assert hint([(0, 3), (None, 2), (1, 1)]) == 2
+    assert hint([(i, 1) for i in range(3)]) == 4
+    assert hint([(i, 1) for i in range(8)] + [(None, 8), (9, 0)]) == 8  # empty segments do not count
+    assert hint([(i, 1) for i in range(9)]) == 16
