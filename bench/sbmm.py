@@ -26,7 +26,7 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels import packing, reference, sbmm  # noqa: E402
+from kernels import layout, packing, reference, sbmm  # noqa: E402
 
 SHAPES = {"qkvo": (4096, 4096), "gate_up": (11008, 4096), "down": (4096, 11008)}  # name -> (N, K)
 NUM_DELTAS = (1, 2, 4, 8, 16, 32, 64)
@@ -47,6 +47,12 @@ def random_stack(num_slots: int, n: int, k: int, bits: int, group: int | None, d
     groups = 1 if group is None else k // group
     scales = (torch.rand(num_slots, n, groups, device=device, generator=g) * 1e-3 + 1e-4).half()
     return {"qweight": qweight, "meta": meta, "scales": scales, "zeros": None}
+
+
+def as_dense2(stack: dict) -> dict:
+    """The same 2-bit deltas as dense2 words (kernels/layout.py), the layout the worker keeps on CUDA."""
+    words = torch.stack([layout.to_dense2(q, m) for q, m in zip(stack["qweight"], stack["meta"])])
+    return {"qweight": words, "meta": None, "scales": stack["scales"], "zeros": None}
 
 
 def packed_bytes(stack: dict, num: int) -> int:
@@ -124,7 +130,8 @@ def one_row(name, n, k, num, rows, bits, stack, dense, base_ws, limit, with_dequ
         return lambda: sbmm.sbmm(x, y, q, m, sc, None, starts, slots, bits, kernel=kernel, config=config)
 
     us = graph_us([sbmm_call(sl) for sl in slot_sets])
-    row = {"shape": name, "n": n, "k": k, "num_deltas": num, "rows_per_delta": rows, "bits": bits, "us": us}
+    row = {"shape": name, "n": n, "k": k, "num_deltas": num, "rows_per_delta": rows, "bits": bits, "us": us,
+           "layout": "canonical" if m is not None else "dense2"}
     nbytes = packed_bytes(stack, num) + x.numel() * 2 + y.numel() * 2
     row.update(bytes_read=nbytes, gbps=nbytes / (us * 1e-6) / 1e9)
     row["fraction_of_limit"] = row["gbps"] / limit
@@ -172,14 +179,16 @@ def full(args, limit, save) -> list[dict]:
     for name, (n, k) in SHAPES.items():
         base_ws = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(4)]
         dense = torch.randn(max(NUM_DELTAS), n, k, device="cuda", dtype=torch.float16) * 1e-3
-        for bits in (4, 2):
+        for bits, dense2 in ((4, False), (2, True), (2, False)):  # 2-bit: the worker's CUDA layout, then 2:4
             stack = random_stack(max(NUM_DELTAS), n, k, bits, 128, "cuda")
+            if dense2:
+                stack = as_dense2(stack)
             for num in NUM_DELTAS:
                 for rows in ROWS:
-                    with_dq = rows == 4 and num in (1, 8)
+                    with_dq = rows == 4 and num in (1, 8) and not dense2
                     r = one_row(name, n, k, num, rows, bits, stack, dense, base_ws, limit, with_dq)
                     rows_out.append(r)
-                    print(f"{name:8s} N={num:2d} rows={rows:2d} {bits}b {r['us']:8.1f} us {r['gbps']:6.0f} GB/s "
+                    print(f"{name:8s} N={num:2d} rows={rows:2d} {bits}b{'d2' if dense2 else '  '} {r['us']:8.1f} us {r['gbps']:6.0f} GB/s "
                           f"{r['fraction_of_limit']:5.2f}  x{r['speedup_vs_bmm']:4.1f} vs bmm  "
                           f"base+sbmm/base {r['base_plus_sbmm_over_base']:4.2f} host {r['host_us']:.0f} us",
                           flush=True)
@@ -208,12 +217,15 @@ SWEEP_CASES = (("qkvo", 8, 4), ("qkvo", 8, 16), ("qkvo", 32, 1), ("gate_up", 8, 
                ("qkvo", 2, 1), ("qkvo", 4, 256))
 
 
-def sweep(limit, save=None) -> list[dict]:
+def sweep(limit, save=None, variants=("4", "2", "2d2")) -> list[dict]:
+    """variants: "4" (4-bit 2:4), "2" (2-bit 2:4), "2d2" (2-bit as dense2 words)."""
     out = []
     for name, num, rows in SWEEP_CASES:
         n, k = SHAPES[name]
-        for bits in (4, 2):
+        for bits, dense2 in [(int(v[0]), v.endswith("d2")) for v in variants]:
             stack = random_stack(64, n, k, bits, 128, "cuda")
+            if dense2:
+                stack = as_dense2(stack)
             for kernel, cfg in SWEEP:
                 if rows > 16 and cfg.get("min_ctas"):
                     continue  # prefill has programs enough
@@ -222,10 +234,10 @@ def sweep(limit, save=None) -> list[dict]:
                 except Exception as e:  # noqa: BLE001 - a failing variant is reported, not fatal
                     print(f"FAIL {kernel} {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
                     continue
-                r.update(kernel=kernel, config=cfg,
-                         split_k=sbmm.split_k(cfg, n, k, bits, num * rows, num) if kernel == "gluon" else 1)
+                r.update(kernel=kernel, config=cfg, split_k=sbmm.split_k(cfg, n, k, 4 if dense2 else bits, num * rows, num)
+                         if kernel == "gluon" else 1)
                 out.append(r)
-                print(f"{name:8s} N={num:2d} r={rows:3d} {bits}b {kernel:6s} {json.dumps(cfg):90s} "
+                print(f"{name:8s} N={num:2d} r={rows:3d} {bits}b{'d2' if dense2 else '  '} {kernel:6s} {json.dumps(cfg):90s} "
                       f"split {r['split_k']} {r['us']:8.1f} us {r['gbps']:6.0f} GB/s {r['fraction_of_limit']:5.2f}",
                       flush=True)
             del stack
@@ -238,6 +250,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench/results")
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--sweep-variants", default="4,2,2d2", help="4, 2 (2:4 words), 2d2 (2-bit dense2 words)")
     p.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "unknown"))
     a = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -262,7 +275,7 @@ def main() -> None:
                   "rows": rows}
         path.write_text(json.dumps(result, indent=1))
 
-    save(sweep(limit, save) if a.sweep else full(a, limit, save))
+    save(sweep(limit, save, a.sweep_variants.split(",")) if a.sweep else full(a, limit, save))
     print(f"wrote {path}")
 
 

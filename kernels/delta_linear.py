@@ -29,8 +29,8 @@ def _field(packed, name: str):
 class PackedDeltaStack:
     """Slot-stacked 2:4 low-bit deltas in the canonical layout of kernels/packing.py, for one linear."""
 
-    qweight: torch.Tensor  # int32 [num_slots, N, K * bits / 64]
-    meta: torch.Tensor  # int32 [num_slots, N, K / 32]
+    qweight: torch.Tensor  # int32 [num_slots, N, K * bits / 64]; dense2 (meta None): [num_slots, N, K / 16]
+    meta: torch.Tensor | None  # int32 [num_slots, N, K / 32]; None: 2-bit dense2 words (kernels/layout.py)
     scales: torch.Tensor  # fp16 [num_slots, N, K / group_size]
     zeros: torch.Tensor | None  # fp16 like scales (asymmetric) or None (symmetric, z = 2**(bits-1))
     bits: int
@@ -45,11 +45,16 @@ class PackedDeltaStack:
             raise ValueError(f"PackedDeltaStack supports bits 2 and 4, got {self.bits}")
         if k % 32 or k % self.group_size:
             raise ValueError(f"K={k} must be a multiple of 32 and of group_size={self.group_size}")
-        expect = {
-            "qweight": (self.qweight, (slots, n, k * self.bits // 64), torch.int32),
-            "meta": (self.meta, (slots, n, k // 32), torch.int32),
-            "scales": (self.scales, (slots, n, k // self.group_size), torch.float16),
-        }
+        if self.meta is None:  # dense2 words: 2-bit symmetric, 16 dense columns per word
+            if self.bits != 2 or not self.sym:
+                raise ValueError("dense2 words (meta None) hold 2-bit symmetric codes only")
+            expect = {"qweight": (self.qweight, (slots, n, k // 16), torch.int32)}
+        else:
+            expect = {
+                "qweight": (self.qweight, (slots, n, k * self.bits // 64), torch.int32),
+                "meta": (self.meta, (slots, n, k // 32), torch.int32),
+            }
+        expect["scales"] = (self.scales, (slots, n, k // self.group_size), torch.float16)
         if self.zeros is not None:
             expect["zeros"] = (self.zeros, (slots, n, k // self.group_size), torch.float16)
         for name, (t, shape, dtype) in expect.items():
@@ -187,6 +192,8 @@ def apply_deltas(
         starts = seg_starts.to(x.device, torch.int64, non_blocking=True)
         slots = seg_slots.to(x.device, torch.int64, non_blocking=True)
         sbmm.sbmm(x, y, stack.qweight, stack.meta, stack.scales, stack.zeros, starts, slots, stack.bits)
+    elif stack.meta is None:
+        raise ValueError("dense2 stacks (meta None) are a CUDA-only layout; CPU stacks keep the canonical one")
     else:
         reference.sbmm_reference(x, y, stack.qweight, stack.meta, stack.scales, stack.zeros, stack.bits,
                                  stack.shape, seg_starts, seg_slots)

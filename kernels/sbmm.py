@@ -22,6 +22,7 @@ except ImportError:  # pragma: no cover - depends on the installed triton
     sbmm_gluon = None
 
 CONFIG_FILE = Path(__file__).with_name("sbmm_configs.json")
+DENSE2_GEOMETRY_BITS = 4  # dense2 words hold 16 dense columns, like 4-bit 2:4 words: same tiles and layouts
 KERNELS = ("gluon", "triton")
 
 
@@ -35,9 +36,9 @@ def _configs() -> dict:
     return json.loads(CONFIG_FILE.read_text())
 
 
-def pick_config(kernel: str, device_name: str, rows_per_segment: float, bits: int | None = None) -> dict:
+def pick_config(kernel: str, device_name: str, rows_per_segment: float, bits: int | str | None = None) -> dict:
     """Tuned launch config: the first entry whose max_rows (null: any) covers the mean rows per segment and
-    whose optional `bits` list holds the launch's code width."""
+    whose optional `bits` list holds the launch's code width (2, 4, or "dense2" for dense2 words)."""
     table = _configs()
     entries = table.get(device_name, {}).get(kernel) or table["default"][kernel]
     for entry in entries:
@@ -72,6 +73,13 @@ def _half2_const(value: float, dtype: torch.dtype) -> int:
 
 
 @functools.cache
+def _dense2_program(dtype: torch.dtype) -> tuple[str, str]:
+    """(PTX, constraints) of the dense2 word expander (kernels/layout.py)."""
+    ops, dense = sbmm_asm.build_dense2_program()
+    return sbmm_asm.render_ptx(ops, dense, "f16" if dtype == torch.float16 else "bf16", False)
+
+
+@functools.cache
 def _program(bits: int, asym: bool, dtype: torch.dtype) -> tuple[str, str]:
     """(PTX, constraints) of the word expander, built once per (bits, asym, dtype)."""
     ops, dense = sbmm_asm.build_program(bits, asym)
@@ -84,14 +92,18 @@ def _check(x, y, qweight, meta, scales, zeros, bits) -> tuple[int, int]:
     t, k = x.shape
     if bits not in (2, 4):
         raise ValueError(f"sbmm supports bits 2 and 4, got {bits}")
-    if k % 32 or num_words * 64 // bits != k or meta.shape != (num_slots, n, k // 32):
+    if meta is None:  # dense2 words (kernels/layout.py): 2-bit, 16 dense columns per word
+        if bits != 2 or zeros is not None or k % 16 or num_words * 16 != k:
+            raise ValueError(f"dense2 words {tuple(qweight.shape)} (meta None) need bits=2, symmetric codes and "
+                             f"K / 16 words per row; K={k}, bits={bits}")
+    elif k % 32 or num_words * 64 // bits != k or meta.shape != (num_slots, n, k // 32):
         raise ValueError(f"packed shapes {tuple(qweight.shape)} / {tuple(meta.shape)} do not match K={k}")
     if y.shape != (t, n) or y.dtype != x.dtype or x.stride(1) != 1 or y.stride(1) != 1:
         raise ValueError(f"x {tuple(x.shape)} {x.dtype} and y {tuple(y.shape)} {y.dtype}: need [T, K] -> [T, N], "
                          "same dtype, unit stride in the last dim")
     if x.is_cuda and x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"sbmm on CUDA takes fp16 or bf16 activations, got {x.dtype}")
-    if not (qweight.is_contiguous() and meta.is_contiguous() and scales.is_contiguous()):
+    if not (qweight.is_contiguous() and (meta is None or meta.is_contiguous()) and scales.is_contiguous()):
         raise ValueError("packed tensors must be contiguous")
     num_groups = scales.shape[-1]
     group_size = k // max(num_groups, 1)
@@ -117,7 +129,7 @@ def sbmm(
     x: torch.Tensor,
     y: torch.Tensor,
     qweight: torch.Tensor,
-    meta: torch.Tensor,
+    meta: torch.Tensor | None,
     scales: torch.Tensor,
     zeros: torch.Tensor | None,
     seg_starts: torch.Tensor,
@@ -133,6 +145,7 @@ def sbmm(
     x: [T, K] fp16/bf16 (fp32 too under the interpreter), y: [T, N] same dtype, both unit-stride in the
     last dim. Packed deltas stacked by slot in the canonical layout of kernels/packing.py:
     qweight int32 [num_slots, N, K*bits/64], meta int32 [num_slots, N, K/32], scales fp16 [num_slots, N, G]
+    (meta None: 2-bit symmetric dense2 words [num_slots, N, K/16] of kernels/layout.py, Gluon kernel only)
     (G = 1: per row), zeros like scales or None (symmetric: z = 2**(bits-1)). seg_starts int64 [S+1] and
     seg_slots int64 [S] on x's device; rows seg_starts[s]:seg_starts[s+1] use slot seg_slots[s]; slots
     outside [0, num_slots) are skipped (kernels.delta_linear.apply_deltas rejects them first).
@@ -148,17 +161,24 @@ def sbmm(
     if t == 0 or num_segments == 0 or n == 0:
         return
     num_groups = scales.shape[-1]
+    dense2 = meta is None
+    geometry_bits = DENSE2_GEOMETRY_BITS if dense2 else bits  # dense2 words tile like 4-bit 2:4 words
     if kernel is None:
-        kernel = "gluon" if gluon_supported(x, k, bits, group_size, num_groups) else "triton"
+        kernel = "gluon" if gluon_supported(x, k, geometry_bits, group_size, num_groups) else "triton"
     if kernel not in KERNELS:
         raise ValueError(f"unknown sbmm kernel {kernel!r}; valid: {', '.join(KERNELS)}")
-    if kernel == "gluon" and not gluon_supported(x, k, bits, group_size, num_groups):
+    if kernel == "gluon" and not gluon_supported(x, k, geometry_bits, group_size, num_groups):
         raise ValueError(f"the gluon kernel does not take K={k}, bits={bits}, group_size={group_size} here")
+    if dense2 and kernel != "gluon":
+        raise ValueError("dense2 words (meta None) run on the Gluon kernel only (CUDA, K a multiple of 128)")
     if config is None:
         config = pick_config(kernel, _device_name(x.device), rows_hint if rows_hint is not None else t / num_segments,
-                             bits)
+                             "dense2" if dense2 else bits)
     asym = zeros is not None
-    meta_words = meta.view(torch.int16) if bits == 4 else meta  # one meta element per qweight word
+    if dense2:
+        meta_words = qweight  # never read (HAS_META false)
+    else:
+        meta_words = meta.view(torch.int16) if bits == 4 else meta  # one meta element per qweight word
     common = (
         x, y, x.stride(0), y.stride(0),
         qweight, meta_words, scales, zeros if asym else scales,
@@ -170,7 +190,11 @@ def sbmm(
     max_segs = max(16, triton.next_power_of_2(num_segments))
     launch = _launch_gluon if kernel == "gluon" else _launch_triton
     live_segments = num_segments if segments_hint is None else max(1, min(num_segments, segments_hint))
-    launch(common, x, n, k, group_size, num_groups, live_segments, bits, asym, max_segs, config)
+    if dense2:
+        _launch_gluon(common, x, n, k, group_size, num_groups, live_segments, geometry_bits, asym, max_segs, config,
+                      dense2=True)
+    else:
+        launch(common, x, n, k, group_size, num_groups, live_segments, bits, asym, max_segs, config)
 
 
 MAX_SPLIT_K = 8
@@ -197,11 +221,13 @@ def _no_workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.empty(1, dtype=torch.float32, device=device), torch.empty(1, dtype=torch.int32, device=device)
 
 
-def _launch_gluon(common, x, n, k, group_size, num_groups, num_segments, bits, asym, max_segs, config) -> None:
+def _launch_gluon(common, x, n, k, group_size, num_groups, num_segments, bits, asym, max_segs, config,
+                  dense2: bool = False) -> None:
     t = x.shape[0]
     splits = split_k(config, n, k, bits, t, num_segments)
     const = _gluon_constexprs(n, k, group_size, num_groups, bits, asym, x.dtype, config["BLOCK_M"],
-                              config["BLOCK_N"], config["num_warps"], bool(config.get("prefetch", True)), splits)
+                              config["BLOCK_N"], config["num_warps"], bool(config.get("prefetch", True)), splits,
+                              dense2)
     grid = (triton.cdiv(n, config["BLOCK_N"]), t // config["BLOCK_M"] + num_segments, splits)
     if splits > 1:  # fresh buffers per call: safe under CUDA-graph capture and concurrent streams
         ws = torch.empty(splits, t, n, dtype=torch.float32, device=x.device)
@@ -214,8 +240,9 @@ def _launch_gluon(common, x, n, k, group_size, num_groups, num_segments, bits, a
 
 @functools.lru_cache(maxsize=256)
 def _gluon_constexprs(n, k, group_size, num_groups, bits, asym, dtype, block_m, block_n, num_warps, prefetch,
-                      splits=1) -> dict:
-    """Compile-time arguments of one Gluon launch shape (cached: building layouts costs ~40 µs of host time)."""
+                      splits=1, dense2=False) -> dict:
+    """Compile-time arguments of one Gluon launch shape (cached: building layouts costs ~40 µs of host time);
+    `bits` is the tile geometry (4 for dense2 words)."""
     block_k = sbmm_gluon.WORDS_PER_TILE * 64 // bits
     if num_groups == 1:
         scale_mode, group_size = sbmm_triton.SCALE_ROW, k
@@ -223,12 +250,13 @@ def _gluon_constexprs(n, k, group_size, num_groups, bits, asym, dtype, block_m, 
         scale_mode = sbmm_triton.SCALE_TILE
     else:
         scale_mode = sbmm_triton.SCALE_SPLIT
-    asm, constraints = _program(bits, asym, dtype)
+    asm, constraints = _dense2_program(dtype) if dense2 else _program(bits, asym, dtype)
     magic = 1024.0 if dtype == torch.float16 else 128.0
+    zero_point = 2 if dense2 else 1 << (bits - 1)
     return dict(
         K=k, GROUP_SIZE=group_size, EVEN_N=n % block_n == 0, BITS=bits, ASYM=asym, SCALE_MODE=scale_mode,
-        BLOCK_M=block_m, BLOCK_N=block_n, ASM=asm, CONSTRAINTS=constraints,
-        Z2=_half2_const(magic if asym else magic + (1 << (bits - 1)), dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, ASM=asm, CONSTRAINTS=constraints, HAS_META=not dense2,
+        Z2=_half2_const(magic if asym else magic + zero_point, dtype),
         L_WORDS=sbmm_gluon.word_layout(block_n, num_warps), L_X=sbmm_gluon.x_layout(bits, block_m, num_warps),
         L_SEG=sbmm_gluon.seg_layout(num_warps), PREFETCH=prefetch, SPLIT_K=splits,
     )

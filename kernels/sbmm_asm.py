@@ -112,6 +112,23 @@ def build_program(bits: int, asym: bool) -> tuple[list[Op], int]:
     return ops, dense
 
 
+def build_dense2_program() -> tuple[list[Op], int]:
+    """Instruction list expanding one dense2 word (kernels/layout.py: 16 symmetric 2-bit codes, pair j =
+    columns 2j, 2j + 1 at bits 2j and 16 + 2j) into 16 values; inputs q, s, z (m is unused). Per pair: a shift,
+    `lop3` (mask | magic), `sub`, `mul`: 31 instructions for 16 values, no placement."""
+    ops: list[Op] = []
+    for j in range(8):
+        src = "q"
+        if j:
+            src = f"q{2 * j}"
+            ops.append(Op("shr", src, ("q", 2 * j)))
+        ops.append(Op("lop3", "c", (src, 0x00030003, "magic2", 0xEA)))  # (c & mask) | magic
+        ops.append(Op("hsub", "c", ("c", "z")))  # MAGIC + q - (MAGIC + 2) = q - 2, exact
+        ops.append(Op("hmul", "v", ("c", "s")))
+        ops.append(Op("unpack", (f"o{bitrev(2 * j, 4)}", f"o{bitrev(2 * j + 1, 4)}"), ("v",)))
+    return ops, 16
+
+
 def render_ptx(ops: list[Op], dense: int, dtype: str, asym: bool) -> tuple[str, str]:
     """PTX text and constraint string for tl.inline_asm_elementwise (outputs o0.., inputs q, m, s, z[, zq])."""
     inputs = ["q", "m", "s", "z"] + (["zq"] if asym else [])

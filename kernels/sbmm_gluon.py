@@ -1,5 +1,8 @@
 """SBMM for NVIDIA GPUs in Gluon (Triton's explicit-layout dialect): expanded words feed the MMA in registers.
 
+Two word formats: canonical 2:4 words with their meta (kernels/packing.py), and dense2 words (2-bit, no meta:
+kernels/layout.py), which run with the 4-bit tile geometry (16 dense columns per word, HAS_META false).
+
 Same contract as kernels/sbmm_triton.py (kernels/sbmm.py is the wrapper). The data path differs: Δ is the
 A operand of mma.m16n8k16 (rows of Δ = MMA M, tokens = MMA N), and the K order inside a tile is permuted,
 identically for x and Δ, so that
@@ -115,14 +118,19 @@ def _load_scales(scale_rows, zero_rows, k0, offs_w, mask_n, ASYM: gl.constexpr, 
 
 @gluon.jit
 def _load_tile(x_tile, qw_tile, meta_tile, scale_rows, zero_rows, k0, offs_w, mask_n, ASYM: gl.constexpr,
-               SCALE_MODE: gl.constexpr, GROUP_SIZE: gl.constexpr, DPW: gl.constexpr, EVEN_N: gl.constexpr):
-    """Everything one K step reads: x [BM, BK], words and meta [BN, NW], scales / zeros."""
+               SCALE_MODE: gl.constexpr, GROUP_SIZE: gl.constexpr, DPW: gl.constexpr, EVEN_N: gl.constexpr,
+               HAS_META: gl.constexpr):
+    """Everything one K step reads: x [BM, BK], words and meta [BN, NW] (dense2 words: no meta), scales."""
     x = gl.load(x_tile + k0)
     if EVEN_N:
         qw = gl.load(qw_tile + k0 // DPW)
-        mw = gl.load(meta_tile + k0 // DPW).to(gl.int32)
     else:
         qw = gl.load(qw_tile + k0 // DPW, mask=mask_n[:, None], other=0)
+    if not HAS_META:
+        mw = qw  # the dense2 expander ignores its meta input
+    elif EVEN_N:
+        mw = gl.load(meta_tile + k0 // DPW).to(gl.int32)
+    else:
         mw = gl.load(meta_tile + k0 // DPW, mask=mask_n[:, None], other=0).to(gl.int32)
     sc, zc = _load_scales(scale_rows, zero_rows, k0, offs_w, mask_n, ASYM, SCALE_MODE, GROUP_SIZE, DPW, EVEN_N)
     return x, qw, mw, sc, zc
@@ -151,7 +159,7 @@ def _sbmm_gluon_kernel(
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, MAX_SEGS: gl.constexpr,
     ASM: gl.constexpr, CONSTRAINTS: gl.constexpr, Z2: gl.constexpr,
     L_WORDS: gl.constexpr, L_X: gl.constexpr, L_SEG: gl.constexpr, PREFETCH: gl.constexpr,
-    SPLIT_K: gl.constexpr,
+    SPLIT_K: gl.constexpr, HAS_META: gl.constexpr,
 ):
     DPW: gl.constexpr = 64 // BITS
     NW: gl.constexpr = 8
@@ -191,15 +199,16 @@ def _sbmm_gluon_kernel(
     z2 = gl.full([BLOCK_N, 1], Z2, gl.int32, layout=L_WORDS)
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
     x, qw, mw, sc, zc = _load_tile(x_tile, qw_tile, meta_tile, scale_rows, zero_rows, k_lo, offs_w, mask_n,
-                                   ASYM, SCALE_MODE, GROUP_SIZE, DPW, EVEN_N)
+                                   ASYM, SCALE_MODE, GROUP_SIZE, DPW, EVEN_N, HAS_META)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if PREFETCH:  # next tile's loads in flight while this one is expanded (last step re-reads itself)
             k_next = gl.minimum(k0 + BLOCK_K, k_hi - BLOCK_K)
             x_n, qw_n, mw_n, sc_n, zc_n = _load_tile(x_tile, qw_tile, meta_tile, scale_rows, zero_rows, k_next,
-                                                     offs_w, mask_n, ASYM, SCALE_MODE, GROUP_SIZE, DPW, EVEN_N)
+                                                     offs_w, mask_n, ASYM, SCALE_MODE, GROUP_SIZE, DPW, EVEN_N,
+                                                     HAS_META)
         else:
             x, qw, mw, sc, zc = _load_tile(x_tile, qw_tile, meta_tile, scale_rows, zero_rows, k0, offs_w, mask_n,
-                                           ASYM, SCALE_MODE, GROUP_SIZE, DPW, EVEN_N)
+                                           ASYM, SCALE_MODE, GROUP_SIZE, DPW, EVEN_N, HAS_META)
         w = _expand(qw, mw, _half2_bits(sc, DTYPE), z2, _half2_bits(zc, DTYPE), ASM, CONSTRAINTS, DTYPE, BITS,
                     ASYM)  # [BN, NW, DPW]
         # dense column (t, r, g, h, e) -> MMA k (r, g, h, t, e); registers only

@@ -43,15 +43,23 @@ def compile_kernel(a):
     magic = 1024.0 if a.dtype == "fp16" else 128.0
     z2 = sbmm._half2_const(magic if asym else magic + (1 << (a.bits - 1)), tdt)
     sig = signature(a.bits, a.dtype)
+    if a.dense2:  # dense2 words: 2-bit codes on the 4-bit tile geometry, no meta
+        sig = signature(4, a.dtype)
+        sig["meta_ptr"] = "*i32"
+        asm, cons = sbmm._dense2_program(tdt)
+        z2 = sbmm._half2_const(magic + 2, tdt)
+        a.bits = 4
     if a.kernel == "gluon":
         block_k = 8 * 64 // a.bits
         group = a.k if a.group == 0 else a.group
         mode = 0 if a.group == 0 else (1 if group % block_k == 0 else 2)
-        asm, cons = sbmm._program(a.bits, asym, tdt)
+        if not a.dense2:
+            asm, cons = sbmm._program(a.bits, asym, tdt)
         const = dict(K=a.k, GROUP_SIZE=group, EVEN_N=not a.odd_n, BITS=a.bits, ASYM=asym, SCALE_MODE=mode,
                      BLOCK_M=a.bm, BLOCK_N=a.bn, MAX_SEGS=16, ASM=asm, CONSTRAINTS=cons, Z2=z2,
                      L_WORDS=sbmm_gluon.word_layout(a.bn, a.warps), L_X=sbmm_gluon.x_layout(a.bits, a.bm, a.warps),
-                     L_SEG=sbmm_gluon.seg_layout(a.warps), PREFETCH=not a.no_prefetch, SPLIT_K=a.split_k)
+                     L_SEG=sbmm_gluon.seg_layout(a.warps), PREFETCH=not a.no_prefetch, SPLIT_K=a.split_k,
+                     HAS_META=not a.dense2)
         fn, source = sbmm_gluon._sbmm_gluon_kernel, GluonASTSource
     else:
         group = a.k if a.group == 0 else a.group
@@ -106,6 +114,7 @@ def main() -> None:
     p.add_argument("--group", type=int, default=128, help="0: per-row scales")
     p.add_argument("--odd-n", action="store_true")
     p.add_argument("--no-prefetch", action="store_true")
+    p.add_argument("--dense2", action="store_true", help="gluon: dense2 words (kernels/layout.py), 2-bit")
     p.add_argument("--split-k", type=int, default=1, help="gluon: K splits (fp32 partials, last CTA reduces)")
     p.add_argument("--bm", type=int, default=16)
     p.add_argument("--bn", type=int, default=64)

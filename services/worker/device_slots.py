@@ -4,6 +4,8 @@ Each HF tensor name has one `SlotStack` per storage format (dense fp16, or packe
 group size / symmetry): part tensors [num_slots, ...] allocated on first use, slot i = delta in slot i.
 Linear deltas stay packed (the kernel dequantizes on the fly); norm and embedding deltas are stored
 dense (fp16) because they are applied per row by indexing. A tied lm_head uses the embedding's stack.
+On CUDA, 2-bit symmetric 2:4 linear deltas are re-encoded on the way in to dense2 words (kernels/layout.py:
+same bytes, a much cheaper kernel expansion): their stacks hold qweight [S, N, K/16] and scales, no meta.
 The ResidencyManager decides which delta goes to which slot; this only holds the bytes.
 """
 
@@ -14,6 +16,8 @@ import threading
 from dataclasses import dataclass, field
 
 import torch
+
+from kernels import layout
 
 EMBED = "model.embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
@@ -92,10 +96,23 @@ class DeviceSlots:
         for tensor_name, delta in tensors.items():
             if tensor_name not in self._linear_names:
                 delta = _dense_fp16(delta)
-            stack = self._stack_for(tensor_name, delta)
-            for part, tensor in _parts(delta).items():
-                stack.parts[part][slot].copy_(tensor, non_blocking=True)
-                num_bytes += tensor.numel() * tensor.element_size()
+            parts = _parts(delta)
+            if _is_dense2(delta, self.device):
+                n, k = delta.shape
+                shapes = {"qweight": ((n, k // 16), torch.int32), "scales": (tuple(parts["scales"].shape),
+                                                                            parts["scales"].dtype)}
+                stack = self._stack_for(tensor_name, delta, shapes)
+                qweight = parts["qweight"].to(self.device, non_blocking=True)
+                meta = parts["meta"].to(self.device, non_blocking=True)
+                out = stack.parts["qweight"][slot]
+                layout.to_dense2(qweight, meta, out=out)  # on the copy stream, after the two copies
+                stack.parts["scales"][slot].copy_(parts["scales"], non_blocking=True)
+                num_bytes += out.numel() * out.element_size() + parts["scales"].numel() * parts["scales"].element_size()
+            else:
+                stack = self._stack_for(tensor_name, delta, {k: (tuple(v.shape), v.dtype) for k, v in parts.items()})
+                for part, tensor in parts.items():
+                    stack.parts[part][slot].copy_(tensor, non_blocking=True)
+                    num_bytes += tensor.numel() * tensor.element_size()
             where[tensor_name] = stack
         if self._tied and EMBED in where and LM_HEAD not in where:
             where[LM_HEAD] = where[EMBED]  # tied: lm_head delta = embedding delta, same storage
@@ -138,11 +155,11 @@ class DeviceSlots:
         stack = self._where[slot].get(tensor_name)
         return None if stack is None else stack.parts["delta"][slot]
 
-    def _stack_for(self, tensor_name: str, delta) -> SlotStack:
-        parts = _parts(delta)
+    def _stack_for(self, tensor_name: str, delta, part_shapes: dict) -> SlotStack:
+        """The stack for this delta's format; part_shapes: {part: (shape of one slot, dtype)} as stored."""
         fmt = StackFormat(delta.kind, tuple(delta.shape), getattr(delta, "bits", None),
                           getattr(delta, "group_size", None), getattr(delta, "sym", None),
-                          tuple((k, tuple(v.shape), v.dtype) for k, v in parts.items()))
+                          tuple((k, shape, dt) for k, (shape, dt) in part_shapes.items()))
         with self._lock:
             by_format = self._stacks.setdefault(tensor_name, {})
             stack = by_format.get(fmt)
@@ -157,6 +174,13 @@ class DeviceSlots:
 def _zero_slot(slot: int, stacks: list[SlotStack]) -> None:
     for stack in stacks:
         stack.parts["scales" if "scales" in stack.parts else "delta"][slot].zero_()
+
+
+def _is_dense2(delta, device: torch.device) -> bool:
+    """Whether this delta goes into a dense2 stack on `device` (kernels/layout.py)."""
+    return delta.kind == "sparse24" and getattr(delta, "meta", None) is not None and layout.dense2_eligible(
+        delta.kind, getattr(delta, "bits", None), getattr(delta, "sym", None), tuple(delta.shape),
+        getattr(delta, "group_size", None), device)
 
 
 def _on_stream(stream):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from services.worker.device_slots import SlotStack
-from kernels import packing
+from kernels import layout, packing
 
 
 def apply_linear(x: torch.Tensor, y: torch.Tensor, stack: SlotStack, seg_starts: torch.Tensor,
@@ -45,6 +45,8 @@ def _dense_slot(stack: SlotStack, slot: int, dtype: torch.dtype) -> torch.Tensor
     p = stack.parts
     if stack.kind == "dense":
         w = p["delta"][slot]
+    elif stack.kind == "sparse24" and "meta" not in p:  # dense2 words (CUDA 2-bit stacks)
+        w = layout.dequantize_dense2(p["qweight"][slot], p["scales"][slot], stack.shape, torch.float32)
     else:
         w = packing.dequantize(p["qweight"][slot], p["scales"][slot], p["zeros"][slot] if "zeros" in p else None,
                                p["meta"][slot] if "meta" in p else None, stack.bits, stack.shape, torch.float32)
@@ -66,7 +68,7 @@ def _kernel_stack(stack: SlotStack):
         elif fmt.kind == "sparse24" and fmt.bits in (2, 4):
             n, k = fmt.shape
             stack.cache["kernel_stack"] = PackedDeltaStack(
-                qweight=p["qweight"], meta=p["meta"], scales=p["scales"], zeros=p.get("zeros"), bits=fmt.bits,
+                qweight=p["qweight"], meta=p.get("meta"), scales=p["scales"], zeros=p.get("zeros"), bits=fmt.bits,
                 group_size=k // p["scales"].shape[-1], sym=p.get("zeros") is None, shape=(n, k))
         else:
             stack.cache["kernel_stack"] = None

@@ -154,3 +154,30 @@ def test_decode_graph_with_packed_deltas_matches_eager(dtype):
     torch.testing.assert_close(again, eager, rtol=tol, atol=tol)
     assert not torch.allclose(eager, base, rtol=tol, atol=tol)  # the deltas change the rows that use them
     assert any(k[2] for k in engine.runner.graphs.graphs), "no delta graph was captured"
+
+
+def test_two_bit_deltas_load_as_dense2_words_and_match_the_canonical_reference():
+    """DeviceSlots on CUDA re-encodes a 2-bit 2:4 delta to dense2 words (no meta), and the kernel over that
+    stack equals the canonical dequantize-then-matmul; an empty slot adds nothing."""
+    from deltazip.artifact.delta_tensor import DeltaTensor
+    from kernels import layout, packing
+    from kernels.delta_linear import PackedDeltaStack, apply_deltas
+    from services.worker.device_slots import DeviceSlots
+    from tests.kernels.packed_factory import random_packed
+
+    n, k = 256, 1024
+    p = random_packed(n, k, 2, 128, True, generator=torch.Generator().manual_seed(0))
+    delta = DeltaTensor("w", "sparse24", (n, k), 2, 128, True, **{f: p[f] for f in ("qweight", "meta", "scales")})
+    slots = DeviceSlots(2, "cuda", torch.float16, {"w"}, tie_word_embeddings=False)
+    slots.write(1, "d", {"w": delta})
+    stack = slots.stack(1, "w")
+    assert "meta" not in stack.parts and tuple(stack.parts["qweight"].shape) == (2, n, k // 16)
+    assert torch.equal(stack.parts["qweight"][1].cpu(), layout.to_dense2_reference(p["qweight"], p["meta"], k))
+    kernel_stack = PackedDeltaStack(qweight=stack.parts["qweight"], meta=None, scales=stack.parts["scales"],
+                                    zeros=None, bits=2, group_size=128, sym=True, shape=(n, k))
+    x = torch.randn(6, k, device="cuda", dtype=torch.float16)
+    y = torch.zeros(6, n, device="cuda", dtype=torch.float16)
+    apply_deltas(x, y, kernel_stack, torch.tensor([0, 3, 6]), torch.tensor([1, 0]))
+    w = packing.dequantize(p["qweight"], p["scales"], None, p["meta"], 2, (n, k)).to("cuda", torch.float16)
+    torch.testing.assert_close(y[:3].float(), (x[:3].float() @ w.float().T), atol=2e-2, rtol=1e-2)
+    assert torch.equal(y[3:], torch.zeros_like(y[3:]))

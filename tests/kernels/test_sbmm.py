@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import packing, reference, sbmm, sbmm_asm
+from kernels import layout, packing, reference, sbmm, sbmm_asm
 from tests.kernels.packed_factory import random_packed, stack_packed
 
 CUDA = torch.cuda.is_available()
@@ -108,6 +108,55 @@ def test_ptx_expander_emulation_matches_dequantize(bits, asym, dtype):
         torch.testing.assert_close(got, want, atol=0, rtol=0)
     else:  # the kernel rounds the fp16 scale to bf16 before multiplying: at most one bf16 ulp apart
         torch.testing.assert_close(got.float(), want.float(), atol=1e-6, rtol=2 ** -7)
+
+
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+def test_dense2_expander_emulation_matches_dequantize(dtype):
+    """The dense2 PTX program (kernels/layout.py layout), run by the numpy emulator, reproduces the canonical
+    2-bit 2:4 dequantization of the same delta, pruned positions included (code 2 -> 0)."""
+    n, k, group = 16, 512, 128
+    p = random_packed(n, k, 2, group, sym=True, generator=torch.Generator().manual_seed(3))
+    tdt = torch.float16 if dtype == "f16" else torch.bfloat16
+    ops, dense = sbmm_asm.build_dense2_program()
+    q = layout.to_dense2_reference(p["qweight"], p["meta"], k).numpy().view(np.uint32)
+
+    def half2(t):
+        u = t.to(tdt).view(torch.int16).numpy().astype(np.uint32) & 0xFFFF
+        return u | (u << 16)
+
+    word_group = (np.arange(q.shape[1]) * dense) // group
+    inputs = {"q": q, "m": q, "s": half2(p["scales"])[:, word_group],
+              "z": np.broadcast_to(half2(torch.tensor(sbmm_asm.MAGIC_VALUE[dtype] + 2)), q.shape)}
+    bits16 = sbmm_asm.emulate(ops, dense, dtype, inputs)
+    order = [sbmm_asm.bitrev(c, 4) for c in range(dense)]
+    got = torch.from_numpy(bits16[..., order].astype(np.int16)).view(tdt).reshape(n, k)
+    want = packing.dequantize(p["qweight"], p["scales"], None, p["meta"], 2, (n, k)).to(tdt)
+    if dtype == "f16":
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    else:
+        torch.testing.assert_close(got.float(), want.float(), atol=1e-6, rtol=2 ** -7)
+
+
+@interp
+@pytest.mark.parametrize("n,k,group", [(8, 128, 32), (5, 256, None), (3, 1024, 128), (7, 4096, 64)])
+def test_dense2_reencode_kernel_matches_reference(n, k, group):
+    p = random_packed(n, k, 2, group, sym=True, generator=torch.Generator().manual_seed(n))
+    want = layout.to_dense2_reference(p["qweight"], p["meta"], k)
+    out = torch.full((n, k // 16), 7, dtype=torch.int32)
+    assert layout.to_dense2(p["qweight"], p["meta"], out=out) is out
+    assert torch.equal(out, want)
+    dense = packing.dequantize(p["qweight"], p["scales"], None, p["meta"], 2, (n, k))
+    assert torch.equal(layout.dequantize_dense2(out, p["scales"], (n, k)), dense)
+
+
+def test_dense2_eligibility():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert layout.dense2_eligible("sparse24", 2, True, (4096, 4096), 128, cuda)
+    assert layout.dense2_eligible("sparse24", 2, True, (4096, 11008), None, cuda)
+    assert not layout.dense2_eligible("sparse24", 2, True, (4096, 4096), 128, cpu)  # CPU keeps the canonical form
+    assert not layout.dense2_eligible("sparse24", 4, True, (4096, 4096), 128, cuda)  # 4-bit: 3 bits per column
+    assert not layout.dense2_eligible("sparse24", 2, False, (4096, 4096), 128, cuda)  # asym zero points
+    assert not layout.dense2_eligible("sparse24", 2, True, (576, 576), 64, cuda)  # K not a multiple of 128
 
 
 def test_every_config_entry_ends_with_a_catch_all():
@@ -210,6 +259,41 @@ def test_segments_hint_sizes_the_grid_for_padded_segment_lists(kernel):
         reference.sbmm_reference(x, y_ref, stack["qweight"], stack["meta"], stack["scales"], None, bits, (n, k),
                                  starts.cpu(), slots.cpu())
         torch.testing.assert_close(y_kernel.float(), y_ref.float(), **TOL[dtype])
+
+
+@gpu
+@pytest.mark.parametrize("n,k", [(320, 1408)] + LLAMA_SHAPES)
+@pytest.mark.parametrize("group", [None, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout_name", list(SEGMENTS))
+def test_dense2_words_match_the_canonical_reference_gpu(n, k, group, dtype, layout_name):
+    """2-bit deltas re-encoded to dense2 words on the GPU (kernels/layout.py) give the canonical reference's
+    result: default config, an unsplit and an 8-way split launch."""
+    if (n, k) != (320, 1408) and layout_name != "many":
+        pytest.skip("Llama shapes: one segment layout is enough")
+    stack, x, y, starts, slots = make_case(n, k, 2, group, True, dtype, layout_name, "cuda", seed=12)
+    words = torch.stack([layout.to_dense2(q, m) for q, m in zip(stack["qweight"], stack["meta"])])
+    y_ref = y.clone()
+    reference.sbmm_reference(x, y_ref, stack["qweight"], stack["meta"], stack["scales"], None, 2, (n, k),
+                             starts.cpu(), slots.cpu())
+    tol = dict(TOL[dtype])
+    if k > 2048:
+        tol["atol"] *= 3  # |y| grows with sqrt(K)
+    for cfg in (None, dict(BLOCK_M=8, BLOCK_N=64, num_warps=2, prefetch=False),
+                dict(BLOCK_M=16, BLOCK_N=64, num_warps=2, prefetch=True, min_ctas=10**6)):
+        y_kernel = y.clone()
+        sbmm.sbmm(x, y_kernel, words, None, stack["scales"], None, starts, slots, 2, config=cfg)
+        torch.testing.assert_close(y_kernel.float(), y_ref.float(), **tol)
+
+
+def test_dense2_needs_two_bit_symmetric_words():
+    x, y = torch.zeros(2, 128), torch.zeros(2, 8)
+    words, scales = torch.zeros(1, 8, 8, dtype=torch.int32), torch.zeros(1, 8, 1, dtype=torch.float16)
+    seg = torch.tensor([0, 2]), torch.tensor([0])
+    with pytest.raises(ValueError, match="dense2"):
+        sbmm.sbmm(x, y, words, None, scales, None, *seg, 4)
+    with pytest.raises(ValueError, match="dense2"):
+        sbmm.sbmm(x, y, words, None, scales, None, *seg, 2)  # CPU: the Gluon kernel only
 
 
 def test_split_k_choice():

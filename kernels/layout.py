@@ -1,0 +1,107 @@
+"""Load-time re-encoding of 2-bit 2:4 deltas into "dense2": dense 2-bit codes, pruned positions at the zero point.
+
+At 2 bits a 2:4 delta costs 2 bits per dense column (1 bit of kept code + 1 bit of meta), exactly what dense
+2-bit codes cost. Dense codes are far cheaper to expand (no per-group placement by meta), so a GPU slot holds
+the dense form: the kernel's expander then does one `lop3` + `sub` + `mul` per two values (kernels/sbmm_asm.py
+`build_dense2_program`) instead of ~3.7 instructions per value. Exact for symmetric quantization: a pruned
+position gets code z = 2, which dequantizes to (2 - 2) * s = 0.
+
+dense2 layout: int32 words [N, K / 16]; word w holds dense columns 16w .. 16w + 15; column c of the word
+(0..15) sits at bit (c & ~1) + 16 * (c & 1), i.e. the even column of each adjacent pair in the low half-word
+and the odd one in the high half-word, so `(word >> 2j) & 0x00030003` yields the pair (2j, 2j + 1) as the
+two 16-bit lanes the MMA wants in one register.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import packing
+
+ZERO_WORD = tl.constexpr(0xAAAAAAAA)  # code 2 (binary 10) in all 16 fields: the symmetric 2-bit zero point everywhere
+
+
+def dense2_eligible(kind: str, bits: int | None, sym: bool | None, shape: tuple[int, ...], group_size: int | None,
+                    device: torch.device) -> bool:
+    """Whether a delta tensor should be stored as dense2 in GPU slots: a 2-bit 2:4 symmetric linear delta on
+    CUDA whose K the Gluon kernel tiles (K % 128 == 0; scale groups a multiple of 16 columns or per row)."""
+    if device.type != "cuda" or kind != "sparse24" or bits != 2 or not sym or len(shape) != 2:
+        return False
+    k = shape[1]
+    return k % 128 == 0 and (group_size is None or group_size >= k or group_size % 16 == 0)
+
+
+def bit_position(col: int) -> int:
+    """Bit of column `col` (0..15) inside a dense2 word."""
+    return (col & ~1) + 16 * (col & 1)
+
+
+def to_dense2_reference(qweight: torch.Tensor, meta: torch.Tensor, k: int) -> torch.Tensor:
+    """Torch reference of the re-encoding: canonical 2-bit 2:4 qweight/meta [N, K/32] -> dense2 [N, K/16]."""
+    n = qweight.shape[0]
+    codes = packing.unpack_codes(qweight, 2, k // 2)  # [N, K/2] kept codes in column order
+    cols = packing.unpack_meta(meta, k)  # [N, K/2] their dense columns
+    dense = torch.full((n, k), 2, dtype=torch.int64, device=qweight.device)
+    dense.scatter_(1, cols, codes)
+    shifts = torch.tensor([bit_position(c) for c in range(16)], dtype=torch.int64, device=qweight.device)
+    words = (dense.view(n, k // 16, 16) << shifts).sum(-1)
+    return packing._to_int32(words)
+
+
+def unpack_dense2(words: torch.Tensor, k: int) -> torch.Tensor:
+    """dense2 int32 [N, K/16] -> int64 codes [N, K]."""
+    shifts = torch.tensor([bit_position(c) for c in range(16)], dtype=torch.int64, device=words.device)
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    return ((w.unsqueeze(-1) >> shifts) & 0x3).reshape(words.shape[0], k)
+
+
+def dequantize_dense2(words: torch.Tensor, scales: torch.Tensor, shape: tuple[int, int],
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Dense [N, K] of a symmetric dense2 delta: (code - 2) * scale of the column's group."""
+    n, k = shape
+    codes = unpack_dense2(words, k).to(torch.float32)
+    group = k // scales.shape[1]
+    s = scales.to(torch.float32).repeat_interleave(group, dim=1)
+    return ((codes - 2.0) * s).to(dtype)
+
+
+@triton.jit
+def _to_dense2_kernel(q_ptr, m_ptr, out_ptr, num_words, BLOCK: tl.constexpr):
+    """One canonical word pair (16 kept codes + 8 meta nibbles = 32 dense columns) -> two dense2 words."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    live = offs < num_words
+    q = tl.load(q_ptr + offs, mask=live, other=0).to(tl.uint32, bitcast=True)
+    m = tl.load(m_ptr + offs, mask=live, other=0).to(tl.uint32, bitcast=True)
+    lo = tl.full([BLOCK], ZERO_WORD, tl.uint32)
+    hi = tl.full([BLOCK], ZERO_WORD, tl.uint32)
+    for g in tl.static_range(8):
+        nib = (m >> (4 * g)) & 0xF
+        for slot in tl.static_range(2):
+            col = 4 * (g % 4) + ((nib >> (2 * slot)) & 0x3)  # column inside its dense2 word
+            pos = (col & 0xE) + 16 * (col & 1)
+            code = (q >> (4 * g + 2 * slot)) & 0x3
+            flip = (code ^ 2) << pos  # the field holds 2 (each kept column is written once): 2 ^ (code ^ 2)
+            if g < 4:
+                lo = lo ^ flip
+            else:
+                hi = hi ^ flip
+    tl.store(out_ptr + 2 * offs, lo.to(tl.int32, bitcast=True), mask=live)
+    tl.store(out_ptr + 2 * offs + 1, hi.to(tl.int32, bitcast=True), mask=live)
+
+
+def to_dense2(qweight: torch.Tensor, meta: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Canonical 2-bit 2:4 qweight/meta int32 [N, K/32] (contiguous, same device) -> dense2 int32 [N, K/16],
+    written into `out` when given (e.g. a device slot). One launch; runs on CUDA or under TRITON_INTERPRET=1."""
+    if qweight.shape != meta.shape or qweight.dtype != torch.int32 or meta.dtype != torch.int32:
+        raise ValueError(f"qweight {tuple(qweight.shape)} and meta {tuple(meta.shape)}: need equal int32 shapes")
+    n, words = qweight.shape
+    if out is None:
+        out = torch.empty(n, 2 * words, dtype=torch.int32, device=qweight.device)
+    if out.shape != (n, 2 * words) or not out.is_contiguous():
+        raise ValueError(f"out {tuple(out.shape)} must be a contiguous [{n}, {2 * words}] int32 tensor")
+    total = n * words
+    if total:
+        block = 256
+        _to_dense2_kernel[(triton.cdiv(total, block),)](qweight.contiguous(), meta.contiguous(), out, total,
+                                                        BLOCK=block)
+    return out
