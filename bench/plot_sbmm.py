@@ -20,14 +20,15 @@ def plot(path: Path) -> Path:
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     fig, axes = plt.subplots(2, len(shapes), figsize=(5 * len(shapes), 8), squeeze=False)
     for col, shape in enumerate(shapes):
-        for bits, style in ((4, "-"), (2, "--")):
+        for bits, layout, style in ((4, "canonical", "-"), (2, "dense2", "--"), (2, "canonical", ":")):
             for rows_per, color in ((1, "tab:blue"), (4, "tab:orange"), (16, "tab:green")):
-                pts = sorted((r["num_deltas"], r) for r in rows
-                             if r["shape"] == shape and r["bits"] == bits and r["rows_per_delta"] == rows_per)
+                pts = sorted(((r["num_deltas"], r) for r in rows
+                              if r["shape"] == shape and r["bits"] == bits and r["rows_per_delta"] == rows_per
+                              and r.get("layout", "canonical") == layout), key=lambda p: p[0])
                 if not pts:
                     continue
                 xs = [n for n, _ in pts]
-                label = f"{bits}-bit, {rows_per} rows/delta"
+                label = f"{bits}-bit{' dense2' if layout == 'dense2' else ' 2:4'}, {rows_per} rows/delta"
                 axes[0][col].plot(xs, [r["fraction_of_limit"] for _, r in pts], style, color=color, marker="o",
                                   label=label)
                 axes[1][col].plot(xs, [r["speedup_vs_bmm"] for _, r in pts], style, color=color, marker="o",
