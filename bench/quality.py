@@ -51,12 +51,13 @@ class Setting:
     remedy: str = ""
     target_ratio: float | None = None  # allocation mode: per-tensor 4-bit / 2-bit / dropped under this ratio
     lossless: str = "none"  # zstd: the target counts the zstd shard bytes on disk
+    sensitivity: str = "fisher"  # allocation loss: fisher-weighted or plain ("output") output error
 
     def config(self, calib: str, nsamples: int, seq_len: int, device: str) -> CompressConfig:
         return CompressConfig(
             method=self.method, bits=self.bits, sparsity=self.sparsity, group_size=self.group_size,
             nsamples=nsamples * self.calib_factor, seq_len=seq_len, calib=calib, device=device,
-            target_ratio=self.target_ratio, lossless=self.lossless,
+            target_ratio=self.target_ratio, lossless=self.lossless, alloc_sensitivity=self.sensitivity,
         )  # fmt: skip
 
 
@@ -85,6 +86,8 @@ SETTINGS = [
     Setting("dz-3b-dense-g96", "obs", 3, "0", 96),
     Setting("dz-2b-dense-row", "obs", 2, "0", None, remedy="dense 2-bit, one scale per row"),
     Setting("dz-2b-24-g64", "obs", 2, "2:4", 64, remedy="group size 64"),
+    Setting("dz-alloc-12x-zstd-output", "obs", 2, "2:4", 96, remedy=_ALLOC.replace("Fisher-weighted", "plain"),
+            target_ratio=12, lossless="zstd", sensitivity="output"),  # ablation: is the loss gradient needed?
 ]
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 
