@@ -79,7 +79,9 @@ def compress_checkpoint(
         _count_sizes(run)
         if cfg.target_ratio is not None:
             t0 = time.perf_counter()
-            fisher = output_fisher(ft_dir, tokens, device, act_dtype) if cfg.alloc_sensitivity == "fisher" else None
+            fisher = None
+            if cfg.alloc_sensitivity == "fisher":
+                fisher = output_fisher(ft_dir, tokens, device, act_dtype, progress)
             run.alloc = AllocationRun(cfg, fisher)
             report.phase_seconds["sensitivity"] = time.perf_counter() - t0
         hidden = ft.get("model.embed_tokens.weight")[tokens].to(device, act_dtype)  # [S, L, hidden]

@@ -5,6 +5,7 @@ respect to each output feature. It turns a layer's output error into an estimate
 import os
 
 import torch
+from tqdm import tqdm
 
 from deltazip.artifact.names import is_block_linear
 from deltazip.model.loader import load_model
@@ -37,7 +38,7 @@ class _GradientTap:
 
 
 def output_fisher(
-    ft_dir: str | os.PathLike, tokens: torch.Tensor, device: torch.device, dtype: torch.dtype
+    ft_dir: str | os.PathLike, tokens: torch.Tensor, device: torch.device, dtype: torch.dtype, progress: bool = False
 ) -> dict[str, torch.Tensor]:
     """HF linear name -> F [out_features] fp32 on `device`, from next-token cross-entropy (summed over
     tokens) of the fine-tuned model on the calibration windows tokens [S, L]."""
@@ -47,7 +48,7 @@ def output_fisher(
     tap = _GradientTap(names)
     batch = max(1, _TOKENS_PER_BATCH // tokens.shape[1])
     num_tokens = 0
-    for start in range(0, tokens.shape[0], batch):
+    for start in tqdm(range(0, tokens.shape[0], batch), desc="sensitivity", unit="batch", disable=not progress):
         ids = tokens[start : start + batch].to(device)  # [B, L]
         logits = model.forward_dense(ids[:, :-1], deltas=tap)  # [B, L-1, V] fp32
         loss = torch.nn.functional.cross_entropy(
