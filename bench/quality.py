@@ -88,6 +88,8 @@ SETTINGS = [
     Setting("dz-2b-24-g64", "obs", 2, "2:4", 64, remedy="group size 64"),
     Setting("dz-alloc-12x-zstd-output", "obs", 2, "2:4", 96, remedy=_ALLOC.replace("Fisher-weighted", "plain"),
             target_ratio=12, lossless="zstd", sensitivity="output"),  # ablation: is the loss gradient needed?
+    Setting("dz-alloc-12x-zstd-taylor", "obs", 2, "2:4", 96, remedy=_ALLOC + ", plus the first-order term",
+            target_ratio=12, lossless="zstd", sensitivity="taylor"),
 ]
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 

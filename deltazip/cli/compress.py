@@ -34,8 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "sensitivity) so the artifact is this many times smaller than the fp16 fine-tune on disk "
                         "(after --lossless); --bits is then ignored")  # fmt: skip
     p.add_argument("--alloc-bits", default="4,2", help="packed options of the allocation mode (2 and/or 4)")
-    p.add_argument("--alloc-sensitivity", default="fisher", choices=("fisher", "output"),
-                   help="allocation loss: output error weighted by the loss gradient (fisher) or plain (output)")
+    p.add_argument("--alloc-sensitivity", default="fisher", choices=("fisher", "taylor", "output"),
+                   help="allocation loss estimate: output error weighted by the output Fisher (fisher), that plus "
+                        "the first-order term <dL/dW, error> (taylor), or plain output error (output)")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")

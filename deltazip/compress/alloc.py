@@ -33,13 +33,13 @@ class Candidate:
 
 
 def weighted_output_loss(error: torch.Tensor, hessian: torch.Tensor, fisher: torch.Tensor | None) -> float:
-    """sum_j F_j * mean_x (x . e_j)^2 for error E [N, K], H = 2 X^T X / n [K, K] and output Fisher F [N]
-    (mean squared loss gradient per output feature): the second-order estimate of the loss increase of
-    adding E to the layer. F None weighs every output alike (plain output error)."""
-    per_row = ((error @ hessian) * error).sum(dim=1) / 2  # [N]
+    """1/2 sum_j F_j * mean_x (x . e_j)^2 for error E [N, K], H = 2 X^T X / n [K, K] and output Fisher F [N]
+    (mean squared loss gradient per output feature): the second-order (empirical Fisher, K-FAC-factored)
+    estimate of the loss increase of adding E to the layer. F None weighs every output alike (plain output error)."""
+    per_row = ((error @ hessian) * error).sum(dim=1) / 2  # [N]: mean_x (x . e_j)^2
     if fisher is not None:
         per_row = per_row * fisher.to(per_row.device, per_row.dtype)
-    return float(per_row.sum().clamp(min=0))
+    return 0.5 * float(per_row.sum().clamp(min=0))
 
 
 def stored_bytes(parts: dict[str, torch.Tensor], codec: str) -> int:

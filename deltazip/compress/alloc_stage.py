@@ -20,6 +20,7 @@ from deltazip.compress.alloc import (
 from deltazip.compress.config import CompressConfig
 from deltazip.compress.methods import compress_stage, output_rel_error
 from deltazip.compress.packer import pack_matrix
+from deltazip.compress.sensitivity import Sensitivity
 
 log = structlog.get_logger(__name__)
 _SLACK_BYTES = 4096  # safetensors metadata and alignment of the shards, not priced per tensor
@@ -37,9 +38,9 @@ class _Packed:
 class AllocationRun:
     """Candidates of every block linear, collected stage by stage; `write` chooses and stores them."""
 
-    def __init__(self, cfg: CompressConfig, fisher: dict[str, torch.Tensor] | None) -> None:
+    def __init__(self, cfg: CompressConfig, sensitivity: Sensitivity | None) -> None:
         assert cfg.target_ratio is not None
-        self.cfg, self.fisher = cfg, fisher
+        self.cfg, self.sens = cfg, sensitivity
         self.packed: dict[str, dict[str, _Packed]] = {}  # tensor name -> option -> packed
         self.drop: dict[str, Candidate] = {}
         self.dropped_entry: dict[str, dict] = {}
@@ -51,8 +52,7 @@ class AllocationRun:
         by_bits = {b: compress_stage(replace(self.cfg, bits=b, target_ratio=None), deltas, ft_weights, hessian)
                    for b in self.cfg.alloc_bits}  # fmt: skip
         for i, (name, dtype, delta) in enumerate(zip(names, dtypes, deltas)):
-            fisher = self.fisher.get(name) if self.fisher is not None else None
-            self.drop[name] = Candidate(DROP, 0, weighted_output_loss(delta, hessian, fisher))
+            self.drop[name] = Candidate(DROP, 0, self._loss(name, -delta, hessian))
             self.packed[name] = {}
             for bits, results in by_bits.items():
                 res = results[i]
@@ -63,11 +63,17 @@ class AllocationRun:
                          "group_size": res.spec.group_size, "sym": res.spec.sym,
                          "rel_error": float(error.norm()) / norm if norm else 0.0,
                          "out_rel_error": output_rel_error(error, delta, hessian)}  # fmt: skip
-                loss = weighted_output_loss(error, hessian, fisher)
+                loss = self._loss(name, error, hessian)
                 cand = Candidate(option_name(bits), stored_bytes(parts, self.cfg.lossless), loss)
                 self.packed[name][cand.option] = _Packed(parts, entry, cand)
         low = min(self.cfg.alloc_bits)
         return [r.result.dequantized for r in by_bits[low]]
+
+    def _loss(self, name: str, error: torch.Tensor, hessian: torch.Tensor) -> float:
+        """Estimated loss increase of adding `error` [N, K] to the fine-tuned weight."""
+        if self.sens is None:
+            return weighted_output_loss(error, hessian, None)
+        return weighted_output_loss(error, hessian, self.sens.fisher.get(name)) + self.sens.first_order(name, error)
 
     def write(self, writer: ArtifactWriter, errors: dict[str, tuple[float, float]]) -> dict:
         """Choose under the budget left after the tensors already in `writer`, add the chosen parts, record

@@ -10,7 +10,9 @@ from deltazip.compress.sparsity import Sparsity
 METHODS = ("obs", "magnitude_rtn", "bitdelta", "sparsegpt_full")
 LOSSLESS = ("none", "zstd")
 EMBEDDINGS = ("fp16", "compress")
-SENSITIVITIES = ("fisher", "output")  # per-tensor allocation: loss-gradient-weighted or plain output error
+# Allocation loss estimate: second-order with the output Fisher; that plus the first-order term <dL/dW, E>;
+# or plain output error.
+SENSITIVITIES = ("fisher", "taylor", "output")
 ALLOC_BITS = (2, 4)  # what the SBMM kernel runs (2:4 only); an allocated tensor may also be dropped
 
 
@@ -35,7 +37,7 @@ class CompressConfig:
     seed: int = 0
     target_ratio: float | None = None  # allocation mode: per-tensor bits / drop so the artifact is this much smaller
     alloc_bits: tuple[int, ...] = (4, 2)  # packed options per block linear in allocation mode (plus "drop")
-    alloc_sensitivity: str = "fisher"  # fisher | output
+    alloc_sensitivity: str = "fisher"  # fisher | taylor | output
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -21,7 +21,7 @@ from deltazip.compress.config import CompressConfig
 from deltazip.compress.head import EMBED, FINAL_NORM, LM_HEAD, compress_outer, final_norm_hessian
 from deltazip.compress.methods import MatrixResult, compress_stage, output_rel_error
 from deltazip.compress.packer import pack_matrix
-from deltazip.compress.sensitivity import output_fisher
+from deltazip.compress.sensitivity import loss_sensitivity
 from deltazip.model.config import LlamaConfig
 from deltazip.model.layers import RotaryEmbedding
 
@@ -79,10 +79,10 @@ def compress_checkpoint(
         _count_sizes(run)
         if cfg.target_ratio is not None:
             t0 = time.perf_counter()
-            fisher = None
-            if cfg.alloc_sensitivity == "fisher":
-                fisher = output_fisher(ft_dir, tokens, device, act_dtype, progress)
-            run.alloc = AllocationRun(cfg, fisher)
+            sens = None
+            if cfg.alloc_sensitivity != "output":
+                sens = loss_sensitivity(ft_dir, tokens, device, act_dtype, cfg.alloc_sensitivity == "taylor", progress)
+            run.alloc = AllocationRun(cfg, sens)
             report.phase_seconds["sensitivity"] = time.perf_counter() - t0
         hidden = ft.get("model.embed_tokens.weight")[tokens].to(device, act_dtype)  # [S, L, hidden]
         rope = RotaryEmbedding(model_cfg.head_dim, model_cfg.rope_theta, model_cfg.rope_scaling)(

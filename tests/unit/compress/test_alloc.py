@@ -30,9 +30,10 @@ def test_weighted_output_loss_is_fisher_weighted_mean_square_output_error():
     x, err, fisher = torch.randn(50, 8, generator=g), torch.randn(3, 8, generator=g), torch.rand(3, generator=g)
     acc = HessianAccumulator(8, "cpu")
     acc.add(x)
-    want = float((fisher * (x @ err.T).pow(2).mean(dim=0)).sum())
+    want = 0.5 * float((fisher * (x @ err.T).pow(2).mean(dim=0)).sum())
     assert weighted_output_loss(err, acc.hessian, fisher) == pytest.approx(want, rel=1e-5)
-    assert weighted_output_loss(err, acc.hessian, None) == pytest.approx(float((x @ err.T).pow(2).mean(0).sum()), rel=1e-5)
+    plain = 0.5 * float((x @ err.T).pow(2).mean(0).sum())
+    assert weighted_output_loss(err, acc.hessian, None) == pytest.approx(plain, rel=1e-5)
 
 
 def test_lower_hull_drops_options_that_never_pay():
@@ -127,15 +128,15 @@ def test_allocated_tensors_equal_the_uniform_runs_at_the_same_bits(allocated):
 
 def test_allocation_gives_bits_to_the_tensor_the_loss_depends_on(models, tmp_path, monkeypatch):
     """Make one tensor's loss gradient huge: it must get 4 bits even under a budget that drops others."""
-    real = driver.output_fisher
+    real = driver.loss_sensitivity
     target = "model.layers.1.mlp.gate_proj.weight"
 
     def boosted(*args, **kwargs):
-        fisher = real(*args, **kwargs)
-        fisher[target] = fisher[target] * 1e6
-        return fisher
+        sens = real(*args, **kwargs)
+        sens.fisher[target] = sens.fisher[target] * 1e6
+        return sens
 
-    monkeypatch.setattr(driver, "output_fisher", boosted)
+    monkeypatch.setattr(driver, "loss_sensitivity", boosted)
     out = tmp_path / "boost"
     assert main(["compress", str(models["base"]), str(models["ft"]), "-o", str(out), "--target-ratio", "8", *CALIB]) == 0
     manifest = read_manifest(out)
@@ -157,3 +158,27 @@ def test_inspect_reports_the_allocation(allocated, capsys):
     assert "allocation" in text and "drop" in text
     assert main(["inspect", str(allocated["a5"]), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["compression"]["allocation"]["target_ratio"] == 5.0
+
+
+def test_sensitivity_gradient_is_the_weight_gradient_of_the_mean_loss(models):
+    from deltazip.compress.sensitivity import loss_sensitivity
+    from deltazip.model.loader import load_model
+
+    tokens = torch.randint(0, 256, (3, 17), generator=torch.Generator().manual_seed(0))
+    sens = loss_sensitivity(models["ft"], tokens, torch.device("cpu"), torch.float32, with_grad=True)
+    model = load_model(models["ft"])
+    logits = model.forward_dense(tokens[:, :-1])
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+    loss.backward()
+    name = "model.layers.1.self_attn.o_proj.weight"
+    torch.testing.assert_close(sens.grad[name], model.get_parameter(name).grad, rtol=1e-3, atol=1e-6)
+    assert set(sens.fisher) == set(sens.grad) and len(sens.fisher) == 14
+    assert all(bool((f >= 0).all()) for f in sens.fisher.values())
+
+
+def test_taylor_sensitivity_runs_end_to_end(models, tmp_path):
+    out = tmp_path / "taylor"
+    flags = ["--target-ratio", "5", "--alloc-sensitivity", "taylor", *CALIB]
+    assert main(["compress", str(models["base"]), str(models["ft"]), "-o", str(out), *flags]) == 0
+    alloc = read_manifest(out).compression["allocation"]
+    assert alloc["sensitivity"] == "taylor" and summarize(out)["ratio"] >= 5.0
