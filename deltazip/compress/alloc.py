@@ -44,15 +44,33 @@ def weighted_output_loss(error: torch.Tensor, hessian: torch.Tensor, fisher: tor
 
 def stored_bytes(parts: dict[str, torch.Tensor], codec: str) -> int:
     """Bytes these safetensors parts add to a shard on disk: raw, or zstd-compressed at the writer's level
-    (compressed alone, which slightly overestimates what they cost inside a whole shard)."""
+    (compressed alone; `zstd_shard_factor` corrects for what a whole shard compresses better)."""
     header = HEADER_BYTES_PER_KEY * len(parts)
     if codec == "none":
         return header + sum(t.numel() * t.element_size() for t in parts.values())
+    return header + len(_zstd(_raw(parts)))
+
+
+def zstd_shard_factor(samples: list[dict[str, torch.Tensor]], max_bytes: int = 256 << 20) -> float:
+    """zstd size of these part sets compressed as one stream (as a shard is) / the sum of their sizes
+    compressed one by one, over the first `max_bytes` of them; 1.0 without samples."""
+    raws: list[bytes] = []
+    for parts in samples:
+        raws.append(_raw(parts))
+        if sum(map(len, raws)) >= max_bytes:
+            break
+    alone = sum(len(_zstd(r)) for r in raws)
+    return len(_zstd(b"".join(raws))) / alone if alone else 1.0
+
+
+def _raw(parts: dict[str, torch.Tensor]) -> bytes:
+    return b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in parts.values())
+
+
+def _zstd(data: bytes) -> bytes:
     import zstandard
 
-    cctx = zstandard.ZstdCompressor(level=_ZSTD_LEVEL, threads=-1)
-    data = b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in parts.values())
-    return header + len(cctx.compress(data))
+    return zstandard.ZstdCompressor(level=_ZSTD_LEVEL, threads=-1).compress(data)
 
 
 def lower_hull(candidates: list[Candidate]) -> list[Candidate]:

@@ -15,7 +15,7 @@ import torch
 from deltazip.artifact.writer import ArtifactWriter
 from deltazip.compress.alloc import (
     DROP, HEADER_BYTES_PER_KEY, Candidate, allocate, allocation_record, option_name, stored_bytes,
-    weighted_output_loss,
+    weighted_output_loss, zstd_shard_factor,
 )  # fmt: skip
 from deltazip.compress.config import CompressConfig
 from deltazip.compress.methods import compress_stage, output_rel_error
@@ -69,6 +69,13 @@ class AllocationRun:
         low = min(self.cfg.alloc_bits)
         return [r.result.dequantized for r in by_bits[low]]
 
+    def _shard_factor(self) -> float:
+        """How much better a zstd shard compresses than its tensors alone, measured on the cheapest options."""
+        if self.cfg.lossless != "zstd":
+            return 1.0
+        option = option_name(min(self.cfg.alloc_bits))
+        return zstd_shard_factor([self.packed[n][option].parts for n in sorted(self.packed)])
+
     def _loss(self, name: str, error: torch.Tensor, hessian: torch.Tensor) -> float:
         """Estimated loss increase of adding `error` [N, K] to the fine-tuned weight."""
         if self.sens is None:
@@ -86,7 +93,9 @@ class AllocationRun:
                 f"(norms, embeddings, lm_head) already take {fixed:,} of the {total:,.0f} bytes it allows; lower "
                 f"--target-ratio or pass --embeddings compress"
             )
-        options = {n: [self.drop[n], *(p.candidate for p in opts.values())] for n, opts in self.packed.items()}
+        factor = self._shard_factor()
+        options = {n: [self.drop[n], *(_scaled(p.candidate, factor) for p in opts.values())]
+                   for n, opts in self.packed.items()}  # fmt: skip
         chosen = allocate(options, total - fixed)
         for name in sorted(chosen):
             cand = chosen[name]
@@ -98,7 +107,12 @@ class AllocationRun:
             errors[name] = (packed.entry["rel_error"], packed.entry["out_rel_error"])
         record = {"target_ratio": self.cfg.target_ratio, "sensitivity": self.cfg.alloc_sensitivity,
                   "options": [option_name(b) for b in self.cfg.alloc_bits] + [DROP],
+                  "zstd_shard_factor": factor if self.cfg.lossless == "zstd" else None,
                   **allocation_record(chosen, total - fixed, fixed)}  # fmt: skip
         writer.compression["allocation"] = record
         log.info("allocation_done", counts=record["counts"], bytes=record["bytes"], budget=record["budget_bytes"])
         return record
+
+
+def _scaled(c: Candidate, factor: float) -> Candidate:
+    return c if factor == 1.0 else Candidate(c.option, int(c.num_bytes * factor), c.loss)
