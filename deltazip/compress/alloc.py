@@ -63,6 +63,11 @@ def zstd_shard_factor(samples: list[dict[str, torch.Tensor]], max_bytes: int = 2
     return len(_zstd(b"".join(raws))) / alone if alone else 1.0
 
 
+def zstd_stream_bytes(samples: list[dict[str, torch.Tensor]]) -> int:
+    """zstd size of these part sets compressed as one stream, as the writer compresses a shard."""
+    return len(_zstd(b"".join(_raw(parts) for parts in samples)))
+
+
 def _raw(parts: dict[str, torch.Tensor]) -> bytes:
     return b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in parts.values())
 

@@ -15,7 +15,7 @@ import torch
 from deltazip.artifact.writer import ArtifactWriter
 from deltazip.compress.alloc import (
     DROP, HEADER_BYTES_PER_KEY, Candidate, allocate, allocation_record, option_name, stored_bytes,
-    weighted_output_loss, zstd_shard_factor,
+    weighted_output_loss, zstd_shard_factor, zstd_stream_bytes,
 )  # fmt: skip
 from deltazip.compress.config import CompressConfig
 from deltazip.compress.methods import compress_stage, output_rel_error
@@ -24,6 +24,7 @@ from deltazip.compress.sensitivity import Sensitivity
 
 log = structlog.get_logger(__name__)
 _SLACK_BYTES = 4096  # safetensors metadata and alignment of the shards, not priced per tensor
+_ZSTD_RETRIES = 4
 
 
 @dataclass(slots=True)
@@ -69,6 +70,20 @@ class AllocationRun:
         low = min(self.cfg.alloc_bits)
         return [r.result.dequantized for r in by_bits[low]]
 
+    def _choose(self, options: dict[str, list[Candidate]], budget: float) -> dict[str, Candidate]:
+        """allocate(); with zstd the prices are estimates, so the choice is compressed as one stream (as
+        its shard will be) and re-made under a proportionally smaller budget until it fits."""
+        chosen = allocate(options, budget)
+        limit = budget
+        for _ in range(_ZSTD_RETRIES if self.cfg.lossless == "zstd" else 0):
+            kept = [self.packed[n][c.option].parts for n, c in sorted(chosen.items()) if c.option != DROP]
+            actual = zstd_stream_bytes(kept) + HEADER_BYTES_PER_KEY * sum(len(p) for p in kept)
+            if actual <= budget:
+                break
+            limit *= budget / actual
+            chosen = allocate(options, limit)
+        return chosen
+
     def _shard_factor(self) -> float:
         """How much better a zstd shard compresses than its tensors alone, measured on the cheapest options."""
         if self.cfg.lossless != "zstd":
@@ -96,7 +111,7 @@ class AllocationRun:
         factor = self._shard_factor()
         options = {n: [self.drop[n], *(_scaled(p.candidate, factor) for p in opts.values())]
                    for n, opts in self.packed.items()}  # fmt: skip
-        chosen = allocate(options, total - fixed)
+        chosen = self._choose(options, total - fixed)
         for name in sorted(chosen):
             cand = chosen[name]
             if cand.option == DROP:

@@ -182,3 +182,13 @@ def test_taylor_sensitivity_runs_end_to_end(models, tmp_path):
     assert main(["compress", str(models["base"]), str(models["ft"]), "-o", str(out), *flags]) == 0
     alloc = read_manifest(out).compression["allocation"]
     assert alloc["sensitivity"] == "taylor" and summarize(out)["ratio"] >= 5.0
+
+
+def test_zstd_target_counts_the_compressed_shards(models, tmp_path):
+    out = tmp_path / "zstd"
+    flags = ["--target-ratio", "6", "--lossless", "zstd", *CALIB]
+    assert main(["compress", str(models["base"]), str(models["ft"]), "-o", str(out), *flags]) == 0
+    manifest = read_manifest(out)
+    assert all(s.codec == "zstd" for s in manifest.shards.values())
+    assert summarize(out)["ratio"] >= 6.0  # bytes on disk, after zstd
+    assert 0.5 < manifest.compression["allocation"]["zstd_shard_factor"] <= 1.2
