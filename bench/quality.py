@@ -71,6 +71,8 @@ SETTINGS = [
     Setting("dz-alloc-16x-zstd", "obs", 2, "2:4", 96, remedy=_ALLOC, target_ratio=16, lossless="zstd"),
     Setting("dz-alloc-12x", "obs", 2, "2:4", 96, remedy=_ALLOC, target_ratio=12),
     Setting("dz-alloc-16x", "obs", 2, "2:4", 96, remedy=_ALLOC, target_ratio=16),
+    # The bytes of dz-2b-24-g96 (9.31x), spent by the allocation: does it beat uniform 2-bit at equal ratio?
+    Setting("dz-alloc-9.3x", "obs", 2, "2:4", 96, remedy=_ALLOC, target_ratio=9.31),
     Setting("dz-2b-24-g96", "obs", 2, "2:4", 96),
     Setting("dz-4b-24-g96", "obs", 4, "2:4", 96),
     Setting("magrtn-2b-24-g96", "magnitude_rtn", 2, "2:4", 96),

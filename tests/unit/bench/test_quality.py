@@ -37,8 +37,8 @@ def test_ratios_from_bytes():
 
 def test_settings_put_allocation_then_headline_comparisons_first():
     names = [s.name for s in SETTINGS]
-    assert names[:4] == ["dz-alloc-12x-zstd", "dz-alloc-16x-zstd", "dz-alloc-12x", "dz-alloc-16x"]
-    assert names[4:10] == ["dz-2b-24-g96", "dz-4b-24-g96", "magrtn-2b-24-g96", "magrtn-4b-24-g96", "bitdelta-1b",
+    assert names[:5] == ["dz-alloc-12x-zstd", "dz-alloc-16x-zstd", "dz-alloc-12x", "dz-alloc-16x", "dz-alloc-9.3x"]
+    assert names[5:11] == ["dz-2b-24-g96", "dz-4b-24-g96", "magrtn-2b-24-g96", "magrtn-4b-24-g96", "bitdelta-1b",
                          "sparsegpt-ft-4b-24-g96"]  # fmt: skip
     assert len(set(names)) == len(names) and any(s.remedy for s in SETTINGS)
 
