@@ -44,7 +44,6 @@ class AllocationRun:
         self.cfg, self.sens = cfg, sensitivity
         self.packed: dict[str, dict[str, _Packed]] = {}  # tensor name -> option -> packed
         self.drop: dict[str, Candidate] = {}
-        self.dropped_entry: dict[str, dict] = {}
 
     def add_stage(self, names: list[str], dtypes: list[str], deltas: list[torch.Tensor],
                   ft_weights: list[torch.Tensor], hessian: torch.Tensor) -> list[torch.Tensor]:
