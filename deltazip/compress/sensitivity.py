@@ -70,15 +70,16 @@ def loss_sensitivity(
     tap = _GradientTap(names, with_grad)
     batch = max(1, _TOKENS_PER_BATCH // tokens.shape[1])
     num_tokens = 0
-    for start in tqdm(range(0, tokens.shape[0], batch), desc="sensitivity", unit="batch", disable=not progress):
-        ids = tokens[start : start + batch].to(device)  # [B, L]
-        logits = model.forward_dense(ids[:, :-1], deltas=tap)  # [B, L-1, V] fp32
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
-        )
-        loss.backward()
-        num_tokens += ids.shape[0] * (ids.shape[1] - 1)  # predicted tokens
-        del logits, loss
+    with torch.enable_grad():  # callers (a worker, a test) may have turned autograd off
+        for start in tqdm(range(0, tokens.shape[0], batch), desc="sensitivity", unit="batch", disable=not progress):
+            ids = tokens[start : start + batch].to(device)  # [B, L]
+            logits = model.forward_dense(ids[:, :-1], deltas=tap)  # [B, L-1, V] fp32
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+            )
+            loss.backward()
+            num_tokens += ids.shape[0] * (ids.shape[1] - 1)  # predicted tokens
+            del logits, loss
     del model
     grad = {name: g / num_tokens for name, g in tap.grads.items()} if with_grad else None
     return Sensitivity({name: s / num_tokens for name, s in tap.sums.items()}, grad)
