@@ -30,9 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--embeddings", default="fp16", choices=("fp16", "compress"),
                    help="store embedding and lm_head deltas as fp16 (default) or packed like the linears")  # fmt: skip
     p.add_argument("--target-ratio", type=float, default=None,
-                   help="allocation mode: per block linear choose 4-bit 2:4, 2-bit 2:4 or no delta (by calibration-loss "
-                        "sensitivity) so the artifact is this many times smaller than the fp16 fine-tune on disk "
-                        "(after --lossless); --bits is then ignored")  # fmt: skip
+                   help="allocation mode: per block linear choose 4-bit 2:4, 2-bit 2:4 or no delta (by "
+                        "calibration-loss sensitivity) so the artifact is this many times smaller than the fp16 "
+                        "fine-tune on disk (after --lossless); --bits is then ignored")  # fmt: skip
     p.add_argument("--alloc-bits", default="4,2", help="packed options of the allocation mode (2 and/or 4)")
     p.add_argument("--alloc-sensitivity", default="fisher", choices=("fisher", "taylor", "output"),
                    help="allocation loss estimate: output error weighted by the output Fisher (fisher), that plus "

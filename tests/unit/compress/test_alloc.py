@@ -99,7 +99,8 @@ def test_target_ratio_is_met_with_a_mix_recorded_in_the_manifest(allocated):
     assert summary["ratio"] >= 5.0
     manifest = read_manifest(allocated["a5"])
     alloc = manifest.compression["allocation"]
-    linears = [r["name"] for r in summarize(allocated["b4"])["tensors"] if is_block_linear(r["name"], tuple(r["shape"]))]
+    rows = summarize(allocated["b4"])["tensors"]
+    linears = [r["name"] for r in rows if is_block_linear(r["name"], tuple(r["shape"]))]
     assert sum(alloc["counts"].values()) == len(linears)
     assert set(alloc["counts"]) == {"2b-24", "4b-24", DROP}, alloc["counts"]  # this target needs all three
     for name in linears:
@@ -138,7 +139,8 @@ def test_allocation_gives_bits_to_the_tensor_the_loss_depends_on(models, tmp_pat
 
     monkeypatch.setattr(driver, "loss_sensitivity", boosted)
     out = tmp_path / "boost"
-    assert main(["compress", str(models["base"]), str(models["ft"]), "-o", str(out), "--target-ratio", "8", *CALIB]) == 0
+    flags = ["--target-ratio", "8", *CALIB]
+    assert main(["compress", str(models["base"]), str(models["ft"]), "-o", str(out), *flags]) == 0
     manifest = read_manifest(out)
     assert manifest.tensors[target].bits == 4
     assert manifest.compression["allocation"]["dropped"]  # the budget was tight
