@@ -19,6 +19,8 @@ def family(row: dict) -> str | None:
     """Which line of the plot a row belongs to (None for base / fine-tune)."""
     method = row["method"]
     if method == "obs":
+        if row.get("target_ratio"):
+            return "ΔCompress per-tensor allocation"
         if row.get("remedy"):
             return "ΔCompress remedies"
         return "ΔCompress 2:4" if row["sparsity"] == "2:4" else "ΔCompress dense"

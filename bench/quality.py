@@ -49,16 +49,30 @@ class Setting:
     group_size: int | None
     calib_factor: int = 1  # times the run's --nsamples calibration windows
     remedy: str = ""
+    target_ratio: float | None = None  # allocation mode: per-tensor 4-bit / 2-bit / dropped under this ratio
+    lossless: str = "none"  # zstd: the target counts the zstd shard bytes on disk
+    sensitivity: str = "fisher"  # allocation loss: fisher-weighted or plain ("output") output error
 
     def config(self, calib: str, nsamples: int, seq_len: int, device: str) -> CompressConfig:
         return CompressConfig(
             method=self.method, bits=self.bits, sparsity=self.sparsity, group_size=self.group_size,
             nsamples=nsamples * self.calib_factor, seq_len=seq_len, calib=calib, device=device,
+            target_ratio=self.target_ratio, lossless=self.lossless, alloc_sensitivity=self.sensitivity,
         )  # fmt: skip
 
 
-# Ordered by importance: a run that hits its deadline has the headline comparisons first.
+_ALLOC = "per-tensor allocation: 4-bit 2:4, 2-bit 2:4 or dropped by Fisher-weighted output error under the byte budget"
+
+
+# Ordered by importance: a run that hits its deadline has the open goals (allocation) and the headline
+# comparisons first.
 SETTINGS = [
+    Setting("dz-alloc-12x-zstd", "obs", 2, "2:4", 96, remedy=_ALLOC, target_ratio=12, lossless="zstd"),
+    Setting("dz-alloc-16x-zstd", "obs", 2, "2:4", 96, remedy=_ALLOC, target_ratio=16, lossless="zstd"),
+    Setting("dz-alloc-12x", "obs", 2, "2:4", 96, remedy=_ALLOC, target_ratio=12),
+    Setting("dz-alloc-16x", "obs", 2, "2:4", 96, remedy=_ALLOC, target_ratio=16),
+    # The bytes of dz-2b-24-g96 (9.31x), spent by the allocation: does it beat uniform 2-bit at equal ratio?
+    Setting("dz-alloc-9.3x", "obs", 2, "2:4", 96, remedy=_ALLOC, target_ratio=9.31),
     Setting("dz-2b-24-g96", "obs", 2, "2:4", 96),
     Setting("dz-4b-24-g96", "obs", 4, "2:4", 96),
     Setting("magrtn-2b-24-g96", "magnitude_rtn", 2, "2:4", 96),
@@ -74,6 +88,10 @@ SETTINGS = [
     Setting("dz-3b-dense-g96", "obs", 3, "0", 96),
     Setting("dz-2b-dense-row", "obs", 2, "0", None, remedy="dense 2-bit, one scale per row"),
     Setting("dz-2b-24-g64", "obs", 2, "2:4", 64, remedy="group size 64"),
+    Setting("dz-alloc-12x-zstd-output", "obs", 2, "2:4", 96, remedy=_ALLOC.replace("Fisher-weighted", "plain"),
+            target_ratio=12, lossless="zstd", sensitivity="output"),  # ablation: is the loss gradient needed?
+    Setting("dz-alloc-12x-zstd-taylor", "obs", 2, "2:4", 96, remedy=_ALLOC + ", plus the first-order term",
+            target_ratio=12, lossless="zstd", sensitivity="taylor"),
 ]
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 
@@ -92,12 +110,30 @@ def ratios(ft_bytes_fp16: int, shard_bytes: int, zstd_bytes: int | None, linear_
 
 def zstd_bytes(artifact_dir: Path) -> int | None:
     """Shard bytes `--lossless zstd` would store (same level), without recompressing; None without zstandard."""
+    manifest = read_manifest(artifact_dir)
+    if all(s.codec == "zstd" for s in manifest.shards.values()):
+        return sum(s.size for s in manifest.shards.values())  # written with --lossless zstd already
     try:
         import zstandard
     except ImportError:
         return None
     cctx = zstandard.ZstdCompressor(level=_ZSTD_LEVEL, threads=-1)
     return sum(len(cctx.compress(p.read_bytes())) for p in sorted(artifact_dir.glob("delta-*.safetensors")))
+
+
+def plain_shard_bytes(artifact_dir: Path) -> int:
+    """Shard bytes without the lossless stage (zstd shards: their safetensors size before zstd)."""
+    shards = read_manifest(artifact_dir).shards.values()
+    return sum(s.raw_size if s.codec != "none" and s.raw_size else s.size for s in shards)
+
+
+def allocation_fields(alloc: dict, lossless: str) -> dict:
+    """Row fields of an allocation-mode setting: the target, which bytes it counted, the chosen mix."""
+    counts = alloc["counts"]
+    return {"bits": "/".join(o.split("b-")[0] for o in alloc["options"] if o != "drop") + "+drop",
+            "target_ratio": alloc["target_ratio"], "target_counts": "zstd" if lossless == "zstd" else "plain",
+            "alloc_counts": counts, "alloc_bytes": alloc["bytes"], "alloc_budget_bytes": alloc["budget_bytes"],
+            "alloc_dropped": alloc["dropped"], "sensitivity": alloc["sensitivity"]}  # fmt: skip
 
 
 def restored_state(base: dict[str, torch.Tensor], artifact_dir: Path) -> dict[str, torch.Tensor]:
@@ -168,8 +204,10 @@ def run_setting(s: Setting, args: argparse.Namespace, ev: Evaluator, ref: dict) 
     summary = summarize(art)
     row = {"task": args.task, "setting": s.name, "method": s.method, "bits": 1 if s.method == "bitdelta" else s.bits,
            "sparsity": s.sparsity, "group_size": s.group_size, "nsamples": cfg.nsamples, "remedy": s.remedy or None,
-           **ratios(summary["ft_bytes_fp16"], summary["shard_bytes"], zstd_bytes(art), summary["linear_ratio"]),
+           **ratios(summary["ft_bytes_fp16"], plain_shard_bytes(art), zstd_bytes(art), summary["linear_ratio"]),
            "linear_bits_per_weight": summary["linear_bits_per_weight"]}  # fmt: skip
+    if report.allocation is not None:
+        row.update(allocation_fields(report.allocation, s.lossless))
     t1 = time.perf_counter()
     row.update(with_gains(ev.score(restored_state(ev.base, art)), ref))
     row.update(layer_errors(report.errors))
@@ -242,7 +280,7 @@ def merge(paths: list[Path], out: Path) -> Path:
 
 def _progress(task: str, name: str, seconds: float, row: dict) -> None:
     keys = ("ratio", "ratio_zstd", "quality", "perplexity", "kept_gain", "kept_gain_ppl", "next_line_accuracy",
-            "skipped", "failed")
+            "alloc_counts", "skipped", "failed")
     short = {k: round(row[k], 4) if isinstance(row[k], float) else row[k] for k in keys if row.get(k) is not None}
     if row.get("metric") == "neg_perplexity":  # quality and the ppl gain repeat perplexity and kept_gain
         short.pop("quality", None)

@@ -60,6 +60,7 @@ def format_text(summary: dict) -> str:
         f"ratio     {summary['ratio']:.2f}x  ({summary['ft_bytes_fp16']:,} fp16 bytes / {summary['shard_bytes']:,} "
         f"shard bytes; {summary['ratio_with_files']:.2f}x counting manifest and files)",
         f"linears   {summary['linear_ratio']:.2f}x  {summary['linear_bits_per_weight']:.3f} bits/weight",
+        *_allocation_lines(c.get("allocation")),
         "",
         f"{'tensor':<48} {'kind':<9} {'bits':>4} {'bits/w':>7} {'rel_err':>8} {'out_err':>8}",
     ]
@@ -70,6 +71,15 @@ def format_text(summary: dict) -> str:
             f"{r['name']:<48} {r['kind']:<9} {r['bits'] or 16:>4} {r['bits_per_weight']:>7.3f} {rel:>8} {out:>8}"
         )
     return "\n".join(lines)
+
+
+def _allocation_lines(alloc: dict | None) -> list[str]:
+    """Allocation-mode artifacts: the target and how many linears took each option (dropped ones have no row)."""
+    if not isinstance(alloc, dict):
+        return []
+    counts = "  ".join(f"{k}={v}" for k, v in alloc.get("counts", {}).items())
+    return [f"allocation  target {alloc.get('target_ratio')}x ({alloc.get('sensitivity')}): {counts}",
+            *(f"  dropped {name}" for name in alloc.get("dropped", []))]
 
 
 def _stored_bytes_per_key(artifact_dir: Path, manifest: Manifest) -> dict[str, float]:

@@ -38,6 +38,8 @@ class ArtifactWriter:
         self._files: dict[str, FileEntry] = {}
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
+        self.num_bytes_added = 0  # raw tensor bytes of every add() so far (the allocation's fixed cost)
+        self.num_keys_added = 0
         self._tmp: Path | None = None
 
     def __enter__(self) -> "ArtifactWriter":
@@ -61,6 +63,8 @@ class ArtifactWriter:
         for role, t in tensors.items():
             self._pending[keys[role]] = t.detach().to("cpu").contiguous()
             self._pending_bytes += t.numel() * t.element_size()
+            self.num_bytes_added += t.numel() * t.element_size()
+            self.num_keys_added += 1
         self._tensors[name] = record
         if self._pending_bytes >= self.shard_max_bytes:
             self._flush_shard()

@@ -29,6 +29,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lossless", default="none", choices=("none", "zstd"), help="extra lossless stage on shards")
     p.add_argument("--embeddings", default="fp16", choices=("fp16", "compress"),
                    help="store embedding and lm_head deltas as fp16 (default) or packed like the linears")  # fmt: skip
+    p.add_argument("--target-ratio", type=float, default=None,
+                   help="allocation mode: per block linear choose 4-bit 2:4, 2-bit 2:4 or no delta (by "
+                        "calibration-loss sensitivity) so the artifact is this many times smaller than the fp16 "
+                        "fine-tune on disk (after --lossless); --bits is then ignored")  # fmt: skip
+    p.add_argument("--alloc-bits", default="4,2", help="packed options of the allocation mode (2 and/or 4)")
+    p.add_argument("--alloc-sensitivity", default="fisher", choices=("fisher", "taylor", "output"),
+                   help="allocation loss estimate: output error weighted by the output Fisher (fisher), that plus "
+                        "the first-order term <dL/dW, error> (taylor), or plain output error (output)")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
@@ -58,6 +66,8 @@ def run_compress(args: argparse.Namespace) -> int:
             method=args.method, bits=args.bits, sparsity=args.sparsity, group_size=args.group_size or None,
             sym=args.sym, damp=args.damp, nsamples=args.nsamples, seq_len=args.seq_len, calib=args.calib,
             lossless=args.lossless, embeddings=args.embeddings, device=args.device, seed=args.seed,
+            target_ratio=args.target_ratio, alloc_bits=_int_tuple(args.alloc_bits),
+            alloc_sensitivity=args.alloc_sensitivity,
         )  # fmt: skip
         report = compress_checkpoint(
             args.base, args.ft, args.out, cfg, overwrite=args.overwrite, progress=not args.no_progress
@@ -66,7 +76,17 @@ def run_compress(args: argparse.Namespace) -> int:
         print(f"deltazip compress: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {report.out_dir} in {report.seconds:.1f} s")
+    if report.allocation is not None:
+        a = report.allocation
+        print(f"allocation: {a['counts']} tensors, {a['bytes']} bytes (budget {a['budget_bytes']:,})")
     return 0
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def run_inspect(args: argparse.Namespace) -> int:

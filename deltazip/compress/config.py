@@ -10,6 +10,10 @@ from deltazip.compress.sparsity import Sparsity
 METHODS = ("obs", "magnitude_rtn", "bitdelta", "sparsegpt_full")
 LOSSLESS = ("none", "zstd")
 EMBEDDINGS = ("fp16", "compress")
+# Allocation loss estimate: second-order with the output Fisher; that plus the first-order term <dL/dW, E>;
+# or plain output error.
+SENSITIVITIES = ("fisher", "taylor", "output")
+ALLOC_BITS = (2, 4)  # what the SBMM kernel runs (2:4 only); an allocated tensor may also be dropped
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +35,9 @@ class CompressConfig:
     block_size: int = 128  # OBS lazy-update block (columns)
     clip_search: bool = True
     seed: int = 0
+    target_ratio: float | None = None  # allocation mode: per-tensor bits / drop so the artifact is this much smaller
+    alloc_bits: tuple[int, ...] = (4, 2)  # packed options per block linear in allocation mode (plus "drop")
+    alloc_sensitivity: str = "fisher"  # fisher | taylor | output
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -45,6 +52,20 @@ class CompressConfig:
             raise ValueError(f"need nsamples > 0 and seq_len > 1, got {self.nsamples}, {self.seq_len}")
         self.quant_spec()
         self.sparsity_spec()
+        if self.target_ratio is not None:
+            self._check_allocation()
+
+    def _check_allocation(self) -> None:
+        if not self.target_ratio > 1.0:
+            raise ValueError(f"target_ratio must be > 1, got {self.target_ratio}")
+        if self.method != "obs" or not self.sparsity_spec().is_24:
+            raise ValueError("--target-ratio allocates among 2:4 OBS options: needs --method obs and --sparsity 2:4")
+        bad = [b for b in self.alloc_bits if b not in ALLOC_BITS]
+        if not self.alloc_bits or bad or len(set(self.alloc_bits)) != len(self.alloc_bits):
+            raise ValueError(f"alloc_bits must be distinct values of {ALLOC_BITS} (what the kernel runs), "
+                             f"got {self.alloc_bits}")
+        if self.alloc_sensitivity not in SENSITIVITIES:
+            raise ValueError(f"unknown sensitivity {self.alloc_sensitivity!r}; valid: {SENSITIVITIES}")
 
     def quant_spec(self) -> QuantSpec:
         """Quantizer settings (BitDelta uses its own fixed container)."""
@@ -64,4 +85,13 @@ class CompressConfig:
         d = asdict(self)
         d.pop("device")
         d["sparsity"] = str(self.sparsity_spec())
+        if self.target_ratio is None:
+            for key in ("target_ratio", "alloc_bits", "alloc_sensitivity"):
+                d.pop(key)  # uniform artifacts keep the manifest they always had
+        else:
+            d["bits"] = None  # per tensor: each entry's `bits`; the choices are in `allocation`
+            d["alloc_bits"] = list(self.alloc_bits)
+            g = f"-g{self.group_size}" if self.group_size else "-row"
+            bits = "/".join(str(b) for b in self.alloc_bits)
+            d["name"] = f"alloc-{self.target_ratio:g}x-{bits}bit-2:4{g}"  # the store's short label
         return d

@@ -14,12 +14,14 @@ from deltazip.artifact.dense import add_dense, check_pair, copy_extra_files, ten
 from deltazip.artifact.identity import base_identity
 from deltazip.artifact.names import is_block_linear
 from deltazip.artifact.writer import ArtifactWriter
+from deltazip.compress.alloc_stage import AllocationRun
 from deltazip.compress.block import STAGES, build_layer, collect_hessian, layer_prefix, run_layer
 from deltazip.compress.calib import load_calibration
 from deltazip.compress.config import CompressConfig
 from deltazip.compress.head import EMBED, FINAL_NORM, LM_HEAD, compress_outer, final_norm_hessian
 from deltazip.compress.methods import MatrixResult, compress_stage, output_rel_error
 from deltazip.compress.packer import pack_matrix
+from deltazip.compress.sensitivity import loss_sensitivity
 from deltazip.model.config import LlamaConfig
 from deltazip.model.layers import RotaryEmbedding
 
@@ -37,6 +39,7 @@ class CompressReport:
     layer_seconds: list[float] = field(default_factory=list)
     phase_seconds: dict[str, float] = field(default_factory=dict)  # load, hessian, obs, store, forward
     errors: dict[str, tuple[float, float]] = field(default_factory=dict)  # name -> (rel, output rel)
+    allocation: dict | None = None  # allocation mode: the manifest's compression.allocation record
 
 
 @dataclass(slots=True)
@@ -51,6 +54,7 @@ class _Run:
     device: torch.device
     act_dtype: torch.dtype
     report: CompressReport
+    alloc: AllocationRun | None = None  # allocation mode (--target-ratio): linears are written at the end
 
 
 def compress_checkpoint(
@@ -73,6 +77,13 @@ def compress_checkpoint(
     with ArtifactWriter(out_dir, base_identity(base_dir), cfg.to_manifest(), cfg.lossless, overwrite=overwrite) as w:
         run = _Run(cfg, model_cfg, base, ft, w, device, act_dtype, report)
         _count_sizes(run)
+        if cfg.target_ratio is not None:
+            t0 = time.perf_counter()
+            sens = None
+            if cfg.alloc_sensitivity != "output":
+                sens = loss_sensitivity(ft_dir, tokens, device, act_dtype, cfg.alloc_sensitivity == "taylor", progress)
+            run.alloc = AllocationRun(cfg, sens)
+            report.phase_seconds["sensitivity"] = time.perf_counter() - t0
         hidden = ft.get("model.embed_tokens.weight")[tokens].to(device, act_dtype)  # [S, L, hidden]
         rope = RotaryEmbedding(model_cfg.head_dim, model_cfg.rope_theta, model_cfg.rope_scaling)(
             torch.arange(cfg.seq_len, device=device)
@@ -88,6 +99,10 @@ def compress_checkpoint(
         _write_outside_layers(run, hidden)
         copy_extra_files(w, ft, base_dir)
         report.phase_seconds["outside_layers"] = time.perf_counter() - t0
+        if run.alloc is not None:
+            t0 = time.perf_counter()
+            report.allocation = run.alloc.write(w, report.errors)
+            report.phase_seconds["allocate"] = time.perf_counter() - t0
     report.seconds = time.perf_counter() - start
     log.info("compress_done", out=str(out_dir), seconds=round(report.seconds, 2), method=cfg.method)
     return report
@@ -109,6 +124,15 @@ def _compress_layer(run: _Run, index: int, hidden: torch.Tensor, rope, bar) -> N
         base_w = [run.base.get(prefix + n).to(run.device, torch.float32) for n in local]
         deltas = [ft_t[n] - b for n, b in zip(local, base_w)]
         clock.lap("hessian")
+        if run.alloc is not None:
+            names_hf = [prefix + n for n in local]
+            dtypes = [run.ft.dtype_name(n) for n in names_hf]
+            kept = run.alloc.add_stage(names_hf, dtypes, deltas, [ft_t[n] for n in local], hessian)
+            for n, b, d_hat in zip(local, base_w, kept):
+                layer.get_parameter(n).data.copy_((b + d_hat).to(run.act_dtype))
+            del hessian, base_w, deltas, kept
+            clock.lap("obs")
+            continue
         results = compress_stage(run.cfg, deltas, [ft_t[n] for n in local], hessian)
         clock.lap("obs")
         for n, b, d, res in zip(local, base_w, deltas, results):

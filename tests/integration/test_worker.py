@@ -19,7 +19,9 @@ from deltazip.model.synthetic import random_state_dict, tiny_config
 from deltazip.rpc.channels import aio_channel, sync_channel
 from deltazip.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from tests.integration.procs import launcher, redis_proc, redis_url  # noqa: F401  (fixtures)
+from deltazip.artifact import read_manifest
 from tests.integration.tiny_models import CONFIG, MAX_TOKENS, PROMPTS, greedy_reference, models  # noqa: F401
+from tests.integration.tiny_models import compress_packed, merged_reference
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -155,3 +157,30 @@ def test_more_hot_deltas_than_slots_take_turns(launcher, models, tmp_path):
     for (model, prompt), chunks in zip(jobs, results):
         tokens = [t for c in chunks for t in c.token_ids]
         assert tokens == greedy_reference(merged[model], list(prompt.encode()), MAX_TOKENS), (model, prompt)
+
+
+def test_allocated_delta_batches_with_a_uniform_one(launcher, models, tmp_path):
+    """A `--target-ratio` delta (4-bit, 2-bit and dropped linears) and a uniform 4-bit delta run in the same
+    batches; every stream equals greedy decoding of its own merged model."""
+    base_dir, artifacts, merged = models
+    alloc = compress_packed(base_dir, base_dir.parent / "ft-b-hf", tmp_path / "ft-alloc-delta",
+                            ["--bits", "2", "--target-ratio", "2.3"])  # fmt: skip
+    counts = read_manifest(alloc).compression["allocation"]["counts"]
+    assert set(counts) == {"2b-24", "4b-24", "drop"}, counts
+    reference = merged_reference(base_dir, alloc)
+    store = launcher.start("delta_store", "--root", str(tmp_path / "store"))
+    with Client("127.0.0.1:1", store=store.address) as client:
+        client.push(artifacts["ft-packed"], "ft-packed", progress=False)
+        client.push(alloc, "ft-alloc", progress=False)
+    worker = launcher.start("worker", "--base-dir", str(base_dir), "--device", "cpu", "--num-device-slots", "2",
+                            "--max-deltas-per-batch", "2", "--num-kv-blocks", "64", "--kv-block-size", "8")
+    jobs = [(m, p) for p in PROMPTS for m in ("ft-alloc", "ft-packed", "tiny-base")]
+
+    async def all_requests():
+        return await asyncio.gather(*(run_generate(worker.address, m, p, f"a{i}") for i, (m, p) in enumerate(jobs)))
+
+    results = asyncio.run(all_requests())
+    refs = {**merged, "ft-alloc": reference}
+    for (model, prompt), chunks in zip(jobs, results):
+        tokens = [t for c in chunks for t in c.token_ids]
+        assert tokens == greedy_reference(refs[model], list(prompt.encode()), MAX_TOKENS), (model, prompt)

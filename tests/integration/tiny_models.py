@@ -91,12 +91,13 @@ def models(tmp_path_factory):
     return base_dir, artifacts, merged
 
 
-def compress_packed(base_dir: Path, ft_dir: Path, out: Path) -> Path:
-    """`deltazip compress` (OBS, 4-bit, 2:4) on the tiny model with a small calibration text."""
+def compress_packed(base_dir: Path, ft_dir: Path, out: Path, flags: list[str] | None = None) -> Path:
+    """`deltazip compress` (OBS, 4-bit, 2:4; `flags` added last) on the tiny model with a small calibration text."""
     calib = out.parent / "calib.txt"
     calib.write_text("the quick brown fox jumps over the lazy dog; hello world. " * 40)
     cmd = [sys.executable, "-m", "deltazip", "compress", str(base_dir), str(ft_dir), "-o", str(out), "--bits", "4",
-           "--group-size", "32", "--calib", str(calib), "--nsamples", "4", "--seq-len", "32", "--no-progress"]
+           "--group-size", "32", "--calib", str(calib), "--nsamples", "4", "--seq-len", "32", "--no-progress",
+           *(flags or [])]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

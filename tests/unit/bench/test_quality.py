@@ -35,9 +35,10 @@ def test_ratios_from_bytes():
     assert (r["ratio"], r["ratio_zstd"], r["linear_ratio"]) == (10.0, 12.5, 7.5)
 
 
-def test_settings_put_headline_comparisons_first():
+def test_settings_put_allocation_then_headline_comparisons_first():
     names = [s.name for s in SETTINGS]
-    assert names[:6] == ["dz-2b-24-g96", "dz-4b-24-g96", "magrtn-2b-24-g96", "magrtn-4b-24-g96", "bitdelta-1b",
+    assert names[:5] == ["dz-alloc-12x-zstd", "dz-alloc-16x-zstd", "dz-alloc-12x", "dz-alloc-16x", "dz-alloc-9.3x"]
+    assert names[5:11] == ["dz-2b-24-g96", "dz-4b-24-g96", "magrtn-2b-24-g96", "magrtn-4b-24-g96", "bitdelta-1b",
                          "sparsegpt-ft-4b-24-g96"]  # fmt: skip
     assert len(set(names)) == len(names) and any(s.remedy for s in SETTINGS)
 
@@ -89,6 +90,26 @@ def test_quality_pipeline_on_tiny_model(tmp_path):
     # kept gain in perplexity: a close compression of the delta keeps most of it, unlike pruning the weights
     assert rows["dz-3b-dense-g96"]["kept_gain_ppl"] > 0.5
     assert not list((tmp_path / "work").iterdir())  # artifacts removed after each setting
+
+
+def test_allocation_settings_report_ratio_and_mix(tmp_path):
+    torch.set_num_threads(1)
+    base, ft = _write_pair(tmp_path)
+    data = _write_arith(tmp_path / "data" / "arith", 40, 2)
+    out = tmp_path / "q.json"
+    main(["--base", str(base), "--ft", str(ft), "--data", str(data), "--out", str(out), "--rows", "2",
+          "--seq-len", "32", "--nsamples", "16", "--work", str(tmp_path / "work"), "--device", "cpu",
+          "--settings", "dz-alloc-12x-zstd,dz-alloc-12x"])  # fmt: skip
+    rows = {r["setting"]: r for r in json.loads(out.read_text())["rows"]}
+    plain, zstd = rows["dz-alloc-12x"], rows["dz-alloc-12x-zstd"]
+    assert plain["ratio"] >= 12.0 and plain["target_counts"] == "plain"
+    assert zstd["ratio_zstd"] >= 12.0 and zstd["target_counts"] == "zstd" and zstd["ratio"] < zstd["ratio_zstd"]
+    for r in (plain, zstd):
+        assert sum(r["alloc_counts"].values()) == 7 * CONFIG.num_hidden_layers
+        assert r["alloc_counts"].get("drop", 0) == len(r["alloc_dropped"]) and r["bits"] == "4/2+drop"
+        assert r["target_ratio"] == 12 and r["kept_gain_ppl"] is not None
+    # zstd counts fewer bytes per option, so the same target keeps more deltas
+    assert zstd["alloc_counts"].get("drop", 0) <= plain["alloc_counts"].get("drop", 0)
 
 
 def test_deadline_skips_settings(tmp_path):
