@@ -1,0 +1,302 @@
+"""Relay ceiling: requests/s and tokens/s the whole stack sustains when the engine is not the bottleneck.
+
+Starts redis + a delta store + S schedulers + one worker (tiny random model) as processes, then sends a closed
+burst of requests (all at t=0, fixed output length, ignore_eos) from C client processes spread over the
+schedulers, once per variant. Variants differ only in flags (worker --max-tokens-per-chunk, number of
+schedulers and client processes), so the old one-message-per-token path is measured in the same run as the new
+one. An engine-only reference (the same burst through the worker's EngineLoop in this process, no gRPC) shows
+what the engine alone sustains. CPU seconds per process say which process saturates; `--py-spy PATH` records
+a profile of the worker and of one scheduler per variant (collapsed stacks, `--profile-dir`).
+
+    python -m bench.relay --num-requests 256 --output-len 64          # writes bench/results/relay-cpu-<date>.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import datetime
+import multiprocessing
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.replay import percentile
+from bench.results_io import device_name, git_commit, write_results
+from bench.scaleout_stack import cpu_seconds
+from bench.workload import Request
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    name: str
+    worker_flags: tuple[str, ...] = ()
+    num_schedulers: int = 1
+    num_clients: int = 1
+
+
+VARIANTS = {
+    "per-token": Variant("per-token", ("--stream-chunk-tokens", "1")),  # the old path: one message per token
+    "chunk4": Variant("chunk4", ("--stream-chunk-tokens", "4")),
+    "chunk8": Variant("chunk8", ("--stream-chunk-tokens", "8")),
+    "chunk16": Variant("chunk16", ("--stream-chunk-tokens", "16")),
+    "chunk8-2sched-2clients": Variant("chunk8-2sched-2clients", ("--stream-chunk-tokens", "8"), 2, 2),
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.relay", description=__doc__.splitlines()[0])
+    p.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS), help=f"comma list of {list(VARIANTS)}")
+    p.add_argument("--num-requests", type=int, default=256)
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--max-num-seqs", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=1, help="bursts per variant (the best is reported too)")
+    p.add_argument("--py-spy", default="", help="py-spy binary: record the worker and a scheduler per variant")
+    p.add_argument("--profile-dir", type=Path, default=Path("/tmp/dz-relay-profiles"))
+    p.add_argument("--timeout-s", type=float, default=300.0)
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("--label", default="cpu")
+    p.add_argument("--machine", default="2-core CPU box", help="what ran this, stored in the JSON")
+    args = p.parse_args(argv)
+    bad = [v for v in args.variants if v not in VARIANTS]
+    if bad:
+        p.error(f"unknown variant(s) {bad}; valid: {list(VARIANTS)}")
+    return args
+
+
+def burst(args, model: str) -> list[Request]:
+    prompt = ("delta " * args.prompt_len)[: args.prompt_len]  # byte tokenizer: one character = one token
+    return [Request(f"r{i:05d}", prompt, 0.0, model, args.output_len, args.output_len) for i in range(args.num_requests)]
+
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """One request as the client saw it; times in ms from the burst's start."""
+
+    ok: bool
+    ttft_ms: float
+    e2e_ms: float
+    num_tokens: int
+    num_chunks: int
+    error: str = ""
+
+
+async def _stream_one(client, request: Request, start: float, timeout_s: float, request_id: str) -> Seen:
+    loop = asyncio.get_running_loop()
+    first, num_tokens, num_chunks, error = None, 0, 0, ""
+    try:
+        async for token in client.stream(request.model, request.prompt, request_id=request_id, timeout_s=timeout_s,
+                                         max_tokens=request.max_tokens, min_tokens=request.min_tokens,
+                                         temperature=0.0, ignore_eos=True):
+            if token.token_ids and first is None:
+                first = loop.time()
+            num_tokens += len(token.token_ids)
+            num_chunks += 1
+    except Exception as exc:  # noqa: BLE001  (a failed request is a result, not a crash)
+        error = f"{type(exc).__name__}: {exc}"[:300]
+    end = loop.time()
+    return Seen(not error and num_tokens == request.max_tokens, 1e3 * ((first or end) - start), 1e3 * (end - start),
+                num_tokens, num_chunks, error)
+
+
+async def _client_async(address: str, requests: list[Request], timeout_s: float, id_prefix: str,
+                        start_at: float) -> list[Seen]:
+    from deltazip.client import AsyncClient
+
+    async with AsyncClient(address, timeout_s=timeout_s) as client:
+        await asyncio.sleep(max(0.0, start_at - time.monotonic()))
+        return list(await asyncio.gather(*(_stream_one(client, r, start_at, timeout_s, id_prefix + r.id)
+                                           for r in requests)))
+
+
+def _client(address: str, requests: list[Request], timeout_s: float, id_prefix: str, start_at: float) -> list[Seen]:
+    return asyncio.run(_client_async(address, requests, timeout_s, id_prefix, start_at))
+
+
+def send_burst(addresses: list[str], requests: list[Request], num_clients: int, timeout_s: float,
+               id_prefix: str) -> tuple[list[Seen], float, float]:
+    """The burst from `num_clients` processes, client i on scheduler i % len(addresses); outcomes, wall s and the
+    client processes' CPU seconds."""
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(num_clients, mp_context=ctx) as pool:
+        pool.submit(time.sleep, 0).result()  # processes up before the clock starts
+        list(pool.map(time.sleep, [0.2] * num_clients))
+        pids = list(pool._processes)  # noqa: SLF001  (their CPU time says whether the driver saturates)
+        before = sum(cpu_seconds(pid) for pid in pids)
+        start_at = time.monotonic() + 1.0
+        parts = [pool.submit(_client, addresses[i % len(addresses)], requests[i::num_clients], timeout_s,
+                             f"{id_prefix}c{i}-", start_at) for i in range(num_clients)]
+        outcomes = [o for part in parts for o in part.result()]
+        client_cpu_s = sum(cpu_seconds(pid) for pid in pids) - before
+    return outcomes, time.monotonic() - start_at, client_cpu_s
+
+
+def summarize(seen: list[Seen]) -> dict:
+    done = [o for o in seen if o.ok]
+    span_s = max([o.e2e_ms / 1e3 for o in seen] + [1e-9])
+    ttft = [o.ttft_ms for o in done]
+    num_tokens, num_chunks = sum(o.num_tokens for o in done), sum(o.num_chunks for o in done)
+    return {"num_requests": len(seen), "num_failed": len(seen) - len(done),
+            "throughput_rps": len(done) / span_s, "tokens_per_s": num_tokens / span_s,
+            "tokens_per_chunk": num_tokens / max(num_chunks, 1), "span_s": span_s,
+            "ttft_p50_ms": percentile(ttft, 50), "ttft_p90_ms": percentile(ttft, 90),
+            "tpot_p50_ms": percentile([(o.e2e_ms - o.ttft_ms) / (o.num_tokens - 1) for o in done if o.num_tokens > 1], 50),
+            "errors": sorted({o.error for o in seen if o.error})[:3]}
+
+
+@dataclass
+class RelayStack:
+    """redis + store + schedulers + worker; schedulers and worker restarted per variant."""
+
+    work: Path
+    base_dir: Path
+    worker_base_flags: list[str]
+    schedulers: list = field(default_factory=list)
+    worker: object = None
+
+    def __post_init__(self) -> None:
+        from deltazip.stack import Launcher, start_redis
+
+        self.redis = start_redis(self.work / "redis")
+        self.launcher = Launcher(f"redis://{self.redis.address}/0", self.work / "logs")
+        self.store = self.launcher.start("delta_store", "--root", str(self.work / "store"))
+
+    def start(self, variant: Variant) -> None:
+        self.worker = self.launcher.start("worker", "--base-dir", str(self.base_dir), "--device", "cpu",
+                                          "--heartbeat-s", "0.5", "--heartbeat-ttl-s", "2",
+                                          *self.worker_base_flags, *variant.worker_flags)
+        self.schedulers = [self.launcher.start("scheduler", "--max-queue-per-worker", "0")
+                           for _ in range(variant.num_schedulers)]
+
+    def stop_variant(self) -> None:
+        from deltazip.stack import stop
+
+        for proc in [*self.schedulers, self.worker]:
+            stop(proc, timeout_s=30)
+            self.launcher.procs.remove(proc)
+        self.schedulers, self.worker = [], None
+        time.sleep(2.5)  # past the heartbeat TTL: nothing routes to the old worker
+
+    def pids(self) -> dict[str, int]:
+        named = {"worker": self.worker.popen.pid, "redis": self.redis.popen.pid}
+        named.update({f"scheduler{i}": p.popen.pid for i, p in enumerate(self.schedulers)})
+        return named
+
+    def close(self) -> None:
+        from deltazip.stack import stop
+
+        self.launcher.stop_all()
+        stop(self.redis)
+
+
+def engine_only(base_dir: Path, args) -> dict:
+    """The same burst through the worker's EngineLoop in this process (no gRPC, no asyncio): the engine's rate."""
+    import threading
+
+    from services.worker.bootstrap import build_worker
+    from services.worker.config import WorkerConfig
+    from deltazip.model.sampling import SamplingParams
+
+    parts = build_worker(WorkerConfig(base_dir=str(base_dir), device="cpu", max_num_seqs=args.max_num_seqs,
+                                      num_kv_blocks=4096, worker_id="engine-only"))
+    parts.loop.start()
+    done, lock, num_tokens = threading.Event(), threading.Lock(), [0, 0]
+    prompt = list(range(3, 3 + args.prompt_len))
+    sampling = SamplingParams(max_tokens=args.output_len, min_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+
+    def sink(event) -> None:
+        with lock:
+            num_tokens[0] += len(event.token_ids)
+            num_tokens[1] += event.finished
+            if num_tokens[1] == args.num_requests:
+                done.set()
+    try:
+        start = time.perf_counter()
+        for i in range(args.num_requests):
+            parts.loop.submit(f"e{i}", prompt, sampling, None, sink)
+        done.wait(args.timeout_s)
+        span_s = time.perf_counter() - start
+    finally:
+        parts.close()
+    return {"variant": "engine-only", "throughput_rps": num_tokens[1] / span_s, "tokens_per_s": num_tokens[0] / span_s,
+            "span_s": span_s}
+
+
+def profile(py_spy: str, pids: dict[str, int], out_dir: Path, name: str, duration_s: int) -> list:
+    """py-spy record (collapsed stacks) of the worker and the first scheduler, in the background."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for who in ("worker", "scheduler0"):
+        out = out_dir / f"{name}-{who}.txt"
+        procs.append(subprocess.Popen([py_spy, "record", "--pid", str(pids[who]), "--duration", str(duration_s),
+                                       "--format", "raw", "--threads", "--rate", "200", "--nonblocking",
+                                       "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    return procs
+
+
+def run_variant(stack: RelayStack, variant: Variant, requests: list[Request], args, rep: int) -> dict:
+    stack.start(variant)
+    try:
+        addresses = [p.address for p in stack.schedulers]
+        send_burst(addresses, requests[: max(8, len(requests) // 16)], 1, args.timeout_s, f"warm-{variant.name}-{rep}-")
+        pids = stack.pids()
+        before = {who: cpu_seconds(pid) for who, pid in pids.items()}
+        spies = profile(args.py_spy, pids, args.profile_dir, variant.name, 8) if args.py_spy and rep == 0 else []
+        outcomes, wall_s, client_cpu_s = send_burst(addresses, requests, variant.num_clients, args.timeout_s,
+                                                    f"{variant.name}-{rep}-")
+        cpu = {who: round((cpu_seconds(pid) - before[who]) / wall_s, 3) for who, pid in pids.items()}
+        cpu["clients"] = round(client_cpu_s / wall_s, 3)
+        for spy in spies:
+            spy.wait(60)
+    finally:
+        stack.stop_variant()
+    row = {"variant": variant.name, "repeat": rep, "num_schedulers": variant.num_schedulers,
+           "num_client_procs": variant.num_clients, "worker_flags": list(variant.worker_flags),
+           **summarize(outcomes), "cpu_util": cpu}
+    print(f"{variant.name} #{rep}: {row['throughput_rps']:.1f} req/s, {row['tokens_per_s']:.0f} tok/s, "
+          f"{row['tokens_per_chunk']:.2f} tok/chunk, ttft p50 "
+          f"{row['ttft_p50_ms']:.0f} ms, failed {row['num_failed']}, cpu {cpu}", flush=True)
+    return row
+
+
+def main(argv: list[str] | None = None) -> Path:
+    from bench.synthetic import shape_config, write_base
+
+    args = parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="dz-relay-"))
+    base_dir = write_base(work / "tiny-base", shape_config("tiny"))
+    rows = [engine_only(base_dir, args)]
+    print(f"engine-only: {rows[0]['throughput_rps']:.1f} req/s, {rows[0]['tokens_per_s']:.0f} tok/s", flush=True)
+    worker_flags = ["--max-num-seqs", str(args.max_num_seqs), "--num-kv-blocks", "4096"]
+    stack = RelayStack(work, base_dir, worker_flags)
+    try:
+        requests = burst(args, base_dir.name)
+        for rep in range(args.repeats):
+            for name in args.variants:
+                rows.append(run_variant(stack, VARIANTS[name], requests, args, rep))
+    finally:
+        stack.close()
+        shutil.rmtree(work, ignore_errors=True)
+    best = {}
+    for r in rows[1:]:
+        if r["throughput_rps"] > best.get(r["variant"], {}).get("throughput_rps", -1):
+            best[r["variant"]] = r
+    old = best.get("per-token")
+    ratios = {name: {"throughput_vs_per_token": r["throughput_rps"] / old["throughput_rps"],
+                     "ttft_p50_vs_per_token": r["ttft_p50_ms"] / old["ttft_p50_ms"]}
+              for name, r in best.items()} if old else {}
+    payload = {"bench": "relay", "device": device_name("cpu"), "machine": args.machine, "commit": git_commit(),
+               "date": datetime.date.today().isoformat(), "config": {k: str(v) for k, v in vars(args).items()},
+               "ratios_best": ratios, "rows": rows}
+    path = write_results(args.out, "relay", args.label, payload)
+    print(f"wrote {path}", flush=True)
+    return path
+
+
+if __name__ == "__main__":
+    main()
