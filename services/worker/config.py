@@ -72,7 +72,7 @@ class WorkerConfig:
     fetch_chunk_bytes: int = 1 << 20
     fetch_max_attempts: int = 5
     default_max_tokens: int = 16
-    stream_chunk_tokens: int = 1  # a request's tokens per stream chunk (1 = one message per token)
+    stream_chunk_tokens: int = 8  # a request's tokens per stream chunk after the first (1 = one message per token)
     stream_interval_ms: float = 50.0  # longest a token is held for its chunk to fill (the first: never)
     worker_id: str = field(default_factory=default_worker_id)
     log_level: str = "info"

@@ -21,7 +21,7 @@ from services.worker.engine_loop import Sink, TokenEvent
 class StreamPolicy:
     """How a request's tokens are grouped into chunks."""
 
-    chunk_tokens: int = 1  # send once this many tokens are held; 1 = one chunk per token (the old relay)
+    chunk_tokens: int = 8  # send once this many tokens are held; 1 = one chunk per token (the old relay)
     interval_ms: float = 50.0  # longest a token is held for the chunk to fill
 
     def __post_init__(self) -> None:
