@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import concurrent.futures
 import datetime
 import multiprocessing
@@ -55,8 +56,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--max-num-seqs", type=int, default=128)
+    p.add_argument("--torch-threads", type=int, default=0,
+                   help="intra-op threads of the worker's engine (and the engine-only run); 0 = torch's default")
     p.add_argument("--repeats", type=int, default=1, help="bursts per variant (the best is reported too)")
-    p.add_argument("--py-spy", default="", help="py-spy binary: record the worker and a scheduler per variant")
+    p.add_argument("--py-spy", default="", help="py-spy binary: one more burst per variant with the worker and a "
+                                                "scheduler recorded (not used for the ratios)")
     p.add_argument("--profile-dir", type=Path, default=Path("/tmp/dz-relay-profiles"))
     p.add_argument("--timeout-s", type=float, default=300.0)
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
@@ -156,6 +160,7 @@ class RelayStack:
     work: Path
     base_dir: Path
     worker_base_flags: list[str]
+    worker_env: dict[str, str] = field(default_factory=dict)
     schedulers: list = field(default_factory=list)
     worker: object = None
 
@@ -169,7 +174,7 @@ class RelayStack:
     def start(self, variant: Variant) -> None:
         self.worker = self.launcher.start("worker", "--base-dir", str(self.base_dir), "--device", "cpu",
                                           "--heartbeat-s", "0.5", "--heartbeat-ttl-s", "2",
-                                          *self.worker_base_flags, *variant.worker_flags)
+                                          *self.worker_base_flags, *variant.worker_flags, env=self.worker_env)
         self.schedulers = [self.launcher.start("scheduler", "--max-queue-per-worker", "0")
                            for _ in range(variant.num_schedulers)]
 
@@ -202,6 +207,10 @@ def engine_only(base_dir: Path, args) -> dict:
     from services.worker.config import WorkerConfig
     from deltazip.model.sampling import SamplingParams
 
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
     parts = build_worker(WorkerConfig(base_dir=str(base_dir), device="cpu", max_num_seqs=args.max_num_seqs,
                                       num_kv_blocks=4096, worker_id="engine-only"))
     parts.loop.start()
@@ -239,26 +248,48 @@ def profile(py_spy: str, pids: dict[str, int], out_dir: Path, name: str, duratio
     return procs
 
 
-def run_variant(stack: RelayStack, variant: Variant, requests: list[Request], args, rep: int) -> dict:
+def top_frames(path: Path, num: int = 12) -> dict:
+    """A py-spy raw profile read back: share of samples per thread, and the frames with the most samples in them."""
+    threads, inclusive, total = collections.Counter(), collections.Counter(), 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames, n = stack.split(";"), int(count)
+        total += n
+        threads[frames[0].split(" (")[0] + " " + frames[0].rsplit(": ", 1)[-1]] += n
+        for frame in set(frames[1:]):
+            if "/asyncio/" not in frame and "runpy" not in frame and "threading.py" not in frame:
+                inclusive[frame] += n
+    share = lambda c: {k: round(v / max(total, 1), 3) for k, v in c.most_common(num)}  # noqa: E731
+    return {"samples": total, "threads": share(threads), "frames": share(inclusive)}
+
+
+def run_variant(stack: RelayStack, variant: Variant, requests: list[Request], args, rep: int,
+                profiled: bool = False) -> dict:
+    """One burst; `profiled` runs py-spy beside it (which takes CPU: such rows are not compared)."""
     stack.start(variant)
     try:
         addresses = [p.address for p in stack.schedulers]
         send_burst(addresses, requests[: max(8, len(requests) // 16)], 1, args.timeout_s, f"warm-{variant.name}-{rep}-")
         pids = stack.pids()
         before = {who: cpu_seconds(pid) for who, pid in pids.items()}
-        spies = profile(args.py_spy, pids, args.profile_dir, variant.name, 8) if args.py_spy and rep == 0 else []
+        spies = profile(args.py_spy, pids, args.profile_dir, variant.name, 6) if profiled else []
         outcomes, wall_s, client_cpu_s = send_burst(addresses, requests, variant.num_clients, args.timeout_s,
                                                     f"{variant.name}-{rep}-")
         cpu = {who: round((cpu_seconds(pid) - before[who]) / wall_s, 3) for who, pid in pids.items()}
         cpu["clients"] = round(client_cpu_s / wall_s, 3)
+        idle, _, _ = send_burst(addresses, requests[:8], 1, args.timeout_s, f"idle-{variant.name}-{rep}-")
         for spy in spies:
             spy.wait(60)
+        profiles = {who: top_frames(args.profile_dir / f"{variant.name}-{who}.txt") for who in ("worker", "scheduler0")
+                    if spies and (args.profile_dir / f"{variant.name}-{who}.txt").exists()}
     finally:
         stack.stop_variant()
-    row = {"variant": variant.name, "repeat": rep, "num_schedulers": variant.num_schedulers,
+    row = {"variant": variant.name, "repeat": rep, "profiled": profiled, "num_schedulers": variant.num_schedulers,
            "num_client_procs": variant.num_clients, "worker_flags": list(variant.worker_flags),
-           **summarize(outcomes), "cpu_util": cpu}
-    print(f"{variant.name} #{rep}: {row['throughput_rps']:.1f} req/s, {row['tokens_per_s']:.0f} tok/s, "
+           **summarize(outcomes), "idle_ttft_p50_ms": summarize(idle)["ttft_p50_ms"], "cpu_util": cpu,
+           "cpu_ms_per_request": {who: round(1e3 * u * wall_s / len(requests), 3) for who, u in cpu.items()}, **({"profile": profiles} if profiles else {})}
+    print(f"{variant.name} #{rep}: {row['throughput_rps']:.1f} req/s, {row['tokens_per_s']:.0f} tok/s, idle ttft "
+          f"{row['idle_ttft_p50_ms']:.1f} ms, "
           f"{row['tokens_per_chunk']:.2f} tok/chunk, ttft p50 "
           f"{row['ttft_p50_ms']:.0f} ms, failed {row['num_failed']}, cpu {cpu}", flush=True)
     return row
@@ -273,22 +304,27 @@ def main(argv: list[str] | None = None) -> Path:
     rows = [engine_only(base_dir, args)]
     print(f"engine-only: {rows[0]['throughput_rps']:.1f} req/s, {rows[0]['tokens_per_s']:.0f} tok/s", flush=True)
     worker_flags = ["--max-num-seqs", str(args.max_num_seqs), "--num-kv-blocks", "4096"]
-    stack = RelayStack(work, base_dir, worker_flags)
+    env = {"OMP_NUM_THREADS": str(args.torch_threads)} if args.torch_threads else {}
+    stack = RelayStack(work, base_dir, worker_flags, env)
     try:
         requests = burst(args, base_dir.name)
         for rep in range(args.repeats):
             for name in args.variants:
                 rows.append(run_variant(stack, VARIANTS[name], requests, args, rep))
+        if args.py_spy:
+            for name in args.variants:
+                rows.append(run_variant(stack, VARIANTS[name], requests, args, args.repeats, profiled=True))
     finally:
         stack.close()
         shutil.rmtree(work, ignore_errors=True)
     best = {}
     for r in rows[1:]:
-        if r["throughput_rps"] > best.get(r["variant"], {}).get("throughput_rps", -1):
+        if not r["profiled"] and r["throughput_rps"] > best.get(r["variant"], {}).get("throughput_rps", -1):
             best[r["variant"]] = r
     old = best.get("per-token")
     ratios = {name: {"throughput_vs_per_token": r["throughput_rps"] / old["throughput_rps"],
-                     "ttft_p50_vs_per_token": r["ttft_p50_ms"] / old["ttft_p50_ms"]}
+                     "ttft_p50_vs_per_token": r["ttft_p50_ms"] / old["ttft_p50_ms"],
+                     "idle_ttft_p50_vs_per_token": r["idle_ttft_p50_ms"] / old["idle_ttft_p50_ms"]}
               for name, r in best.items()} if old else {}
     payload = {"bench": "relay", "device": device_name("cpu"), "machine": args.machine, "commit": git_commit(),
                "date": datetime.date.today().isoformat(), "config": {k: str(v) for k, v in vars(args).items()},
