@@ -20,7 +20,9 @@ import concurrent.futures
 import datetime
 import multiprocessing
 import shutil
+import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -38,6 +40,12 @@ class Variant:
     worker_flags: tuple[str, ...] = ()
     num_schedulers: int = 1
     num_clients: int = 1
+    fake_worker: bool = False  # bench/relay_fake_worker.py instead of the real worker: the relay alone
+
+    @property
+    def chunk_tokens(self) -> int:
+        flags = list(self.worker_flags)
+        return int(flags[flags.index("--stream-chunk-tokens") + 1]) if "--stream-chunk-tokens" in flags else 8
 
 
 VARIANTS = {
@@ -46,12 +54,21 @@ VARIANTS = {
     "chunk8": Variant("chunk8", ("--stream-chunk-tokens", "8")),
     "chunk16": Variant("chunk16", ("--stream-chunk-tokens", "16")),
     "chunk8-2sched-2clients": Variant("chunk8-2sched-2clients", ("--stream-chunk-tokens", "8"), 2, 2),
+    # No engine: the scheduler + client relay's own ceiling, one message per token vs chunks of 8
+    "relay-only-per-token": Variant("relay-only-per-token", ("--stream-chunk-tokens", "1"), fake_worker=True),
+    "relay-only-chunk8": Variant("relay-only-chunk8", ("--stream-chunk-tokens", "8"), fake_worker=True),
+    "relay-only-chunk8-2sched-2clients": Variant("relay-only-chunk8-2sched-2clients", ("--stream-chunk-tokens", "8"),
+                                                 2, 2, fake_worker=True),
 }
+
+DEFAULT_VARIANTS = ["per-token", "chunk8", "chunk8-2sched-2clients", "relay-only-per-token", "relay-only-chunk8",
+                    "relay-only-chunk8-2sched-2clients"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.relay", description=__doc__.splitlines()[0])
-    p.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS), help=f"comma list of {list(VARIANTS)}")
+    p.add_argument("--variants", type=lambda s: s.split(","), default=DEFAULT_VARIANTS,
+                   help=f"comma list of {list(VARIANTS)}")
     p.add_argument("--num-requests", type=int, default=256)
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--output-len", type=int, default=64)
@@ -163,6 +180,7 @@ class RelayStack:
     worker_env: dict[str, str] = field(default_factory=dict)
     schedulers: list = field(default_factory=list)
     worker: object = None
+    fake: subprocess.Popen | None = None
 
     def __post_init__(self) -> None:
         from deltazip.stack import Launcher, start_redis
@@ -172,23 +190,34 @@ class RelayStack:
         self.store = self.launcher.start("delta_store", "--root", str(self.work / "store"))
 
     def start(self, variant: Variant) -> None:
-        self.worker = self.launcher.start("worker", "--base-dir", str(self.base_dir), "--device", "cpu",
-                                          "--heartbeat-s", "0.5", "--heartbeat-ttl-s", "2",
-                                          *self.worker_base_flags, *variant.worker_flags, env=self.worker_env)
-        self.schedulers = [self.launcher.start("scheduler", "--max-queue-per-worker", "0")
-                           for _ in range(variant.num_schedulers)]
+        if variant.fake_worker:
+            from deltazip.rpc.ports import free_port
+
+            cmd = [sys.executable, "-m", "bench.relay_fake_worker", "--redis-url", self.launcher.redis_url,
+                   "--port", str(free_port()), "--chunk-tokens", str(variant.chunk_tokens)]
+            self.fake = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1])
+            time.sleep(3.0)  # imported, serving and heartbeating
+        else:
+            self.worker = self.launcher.start("worker", "--base-dir", str(self.base_dir), "--device", "cpu",
+                                              "--heartbeat-s", "0.5", "--heartbeat-ttl-s", "2",
+                                              *self.worker_base_flags, *variant.worker_flags, env=self.worker_env)
+        self.schedulers = [self.launcher.start("scheduler", "--max-queue-per-worker", "0", "--base-name",
+                                               self.base_dir.name) for _ in range(variant.num_schedulers)]
 
     def stop_variant(self) -> None:
         from deltazip.stack import stop
 
-        for proc in [*self.schedulers, self.worker]:
+        for proc in [*self.schedulers, *([self.worker] if self.worker else [])]:
             stop(proc, timeout_s=30)
             self.launcher.procs.remove(proc)
-        self.schedulers, self.worker = [], None
+        if self.fake is not None:
+            self.fake.terminate()
+            self.fake.wait(30)
+        self.schedulers, self.worker, self.fake = [], None, None
         time.sleep(2.5)  # past the heartbeat TTL: nothing routes to the old worker
 
     def pids(self) -> dict[str, int]:
-        named = {"worker": self.worker.popen.pid, "redis": self.redis.popen.pid}
+        named = {"worker": self.worker.popen.pid if self.worker else self.fake.pid, "redis": self.redis.popen.pid}
         named.update({f"scheduler{i}": p.popen.pid for i, p in enumerate(self.schedulers)})
         return named
 
@@ -248,7 +277,11 @@ def profile(py_spy: str, pids: dict[str, int], out_dir: Path, name: str, duratio
     return procs
 
 
-def top_frames(path: Path, num: int = 12) -> dict:
+_OURS = ("services/", "deltazip/", "grpc/", "redis/", "structlog/", "Handle._run", "select")
+_ENTRY = ("__main__.py", "service_main.py", "errors.py")
+
+
+def top_frames(path: Path, num: int = 20) -> dict:
     """A py-spy raw profile read back: share of samples per thread, and the frames with the most samples in them."""
     threads, inclusive, total = collections.Counter(), collections.Counter(), 0
     for line in path.read_text().splitlines():
@@ -257,7 +290,7 @@ def top_frames(path: Path, num: int = 12) -> dict:
         total += n
         threads[frames[0].split(" (")[0] + " " + frames[0].rsplit(": ", 1)[-1]] += n
         for frame in set(frames[1:]):
-            if "/asyncio/" not in frame and "runpy" not in frame and "threading.py" not in frame:
+            if any(k in frame for k in _OURS) and not any(k in frame for k in _ENTRY):
                 inclusive[frame] += n
     share = lambda c: {k: round(v / max(total, 1), 3) for k, v in c.most_common(num)}  # noqa: E731
     return {"samples": total, "threads": share(threads), "frames": share(inclusive)}
@@ -295,6 +328,11 @@ def run_variant(stack: RelayStack, variant: Variant, requests: list[Request], ar
     return row
 
 
+def _best(key: str):
+    """Highest throughput, lowest latency."""
+    return max if key == "throughput_rps" else min
+
+
 def main(argv: list[str] | None = None) -> Path:
     from bench.synthetic import shape_config, write_base
 
@@ -317,18 +355,20 @@ def main(argv: list[str] | None = None) -> Path:
     finally:
         stack.close()
         shutil.rmtree(work, ignore_errors=True)
-    best = {}
+    measured = collections.defaultdict(list)  # variant -> its rows without py-spy beside them
     for r in rows[1:]:
-        if not r["profiled"] and r["throughput_rps"] > best.get(r["variant"], {}).get("throughput_rps", -1):
-            best[r["variant"]] = r
-    old = best.get("per-token")
-    ratios = {name: {"throughput_vs_per_token": r["throughput_rps"] / old["throughput_rps"],
-                     "ttft_p50_vs_per_token": r["ttft_p50_ms"] / old["ttft_p50_ms"],
-                     "idle_ttft_p50_vs_per_token": r["idle_ttft_p50_ms"] / old["idle_ttft_p50_ms"]}
-              for name, r in best.items()} if old else {}
+        if not r["profiled"]:
+            measured[r["variant"]].append(r)
+    ratios = {}
+    for name, runs in measured.items():  # each against the one-message-per-token run with the same kind of worker
+        old = measured.get("relay-only-per-token" if VARIANTS[name].fake_worker else "per-token")
+        if old:
+            ratios[name] = {f"{key}_vs_per_token_{how}": pick([r[key] for r in runs]) / pick([r[key] for r in old])
+                            for key in ("throughput_rps", "ttft_p50_ms", "idle_ttft_p50_ms")
+                            for how, pick in (("median", statistics.median), ("best", _best(key)))}
     payload = {"bench": "relay", "device": device_name("cpu"), "machine": args.machine, "commit": git_commit(),
                "date": datetime.date.today().isoformat(), "config": {k: str(v) for k, v in vars(args).items()},
-               "ratios_best": ratios, "rows": rows}
+               "ratios": ratios, "rows": rows}
     path = write_results(args.out, "relay", args.label, payload)
     print(f"wrote {path}", flush=True)
     return path
