@@ -1,24 +1,22 @@
 """Relay ceiling: requests/s and tokens/s the whole stack sustains when the engine is not the bottleneck.
 
-Starts redis + a delta store + S schedulers + one worker (tiny random model) as processes, then sends a closed
+Starts redis + a delta store + S schedulers + one worker (tiny random model, CPU) as processes, then sends a closed
 burst of requests (all at t=0, fixed output length, ignore_eos) from C client processes spread over the
-schedulers, once per variant. Variants differ only in flags (worker --max-tokens-per-chunk, number of
-schedulers and client processes), so the old one-message-per-token path is measured in the same run as the new
-one. An engine-only reference (the same burst through the worker's EngineLoop in this process, no gRPC) shows
-what the engine alone sustains. CPU seconds per process say which process saturates; `--py-spy PATH` records
-a profile of the worker and of one scheduler per variant (collapsed stacks, `--profile-dir`).
+schedulers, once per variant, variants interleaved. Variants differ only in flags (worker --stream-chunk-tokens,
+number of schedulers and client processes), so the old one-message-per-token path is measured in the same run as
+the new one; `relay-only-*` variants put an engine-less worker (bench/relay_fake_worker.py) behind the scheduler,
+which isolates the relay. An engine-only reference (the same burst through the worker's EngineLoop in this
+process, no gRPC) shows what the engine alone sustains. CPU ms per request per process say where the work goes;
+`--py-spy PATH` adds one profiled burst per variant (bench/relay_profile.py; not used for the ratios).
 
-    python -m bench.relay --num-requests 256 --output-len 64          # writes bench/results/relay-cpu-<date>.json
+    python -m bench.relay --repeats 3 --torch-threads 1 --py-spy /path/to/py-spy   # bench/results/relay-cpu-<date>.json
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import collections
-import concurrent.futures
 import datetime
-import multiprocessing
 import shutil
 import statistics
 import subprocess
@@ -28,7 +26,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.replay import percentile
+from bench.relay_clients import send_burst, summarize
+from bench.relay_profile import profile, top_frames
 from bench.results_io import device_name, git_commit, write_results
 from bench.scaleout_stack import cpu_seconds
 from bench.workload import Request
@@ -93,81 +92,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def burst(args, model: str) -> list[Request]:
     prompt = ("delta " * args.prompt_len)[: args.prompt_len]  # byte tokenizer: one character = one token
     return [Request(f"r{i:05d}", prompt, 0.0, model, args.output_len, args.output_len) for i in range(args.num_requests)]
-
-
-@dataclass(frozen=True, slots=True)
-class Seen:
-    """One request as the client saw it; times in ms from the burst's start."""
-
-    ok: bool
-    ttft_ms: float
-    e2e_ms: float
-    num_tokens: int
-    num_chunks: int
-    error: str = ""
-
-
-async def _stream_one(client, request: Request, start: float, timeout_s: float, request_id: str) -> Seen:
-    loop = asyncio.get_running_loop()
-    first, num_tokens, num_chunks, error = None, 0, 0, ""
-    try:
-        async for token in client.stream(request.model, request.prompt, request_id=request_id, timeout_s=timeout_s,
-                                         max_tokens=request.max_tokens, min_tokens=request.min_tokens,
-                                         temperature=0.0, ignore_eos=True):
-            if token.token_ids and first is None:
-                first = loop.time()
-            num_tokens += len(token.token_ids)
-            num_chunks += 1
-    except Exception as exc:  # noqa: BLE001  (a failed request is a result, not a crash)
-        error = f"{type(exc).__name__}: {exc}"[:300]
-    end = loop.time()
-    return Seen(not error and num_tokens == request.max_tokens, 1e3 * ((first or end) - start), 1e3 * (end - start),
-                num_tokens, num_chunks, error)
-
-
-async def _client_async(address: str, requests: list[Request], timeout_s: float, id_prefix: str,
-                        start_at: float) -> list[Seen]:
-    from deltazip.client import AsyncClient
-
-    async with AsyncClient(address, timeout_s=timeout_s) as client:
-        await asyncio.sleep(max(0.0, start_at - time.monotonic()))
-        return list(await asyncio.gather(*(_stream_one(client, r, start_at, timeout_s, id_prefix + r.id)
-                                           for r in requests)))
-
-
-def _client(address: str, requests: list[Request], timeout_s: float, id_prefix: str, start_at: float) -> list[Seen]:
-    return asyncio.run(_client_async(address, requests, timeout_s, id_prefix, start_at))
-
-
-def send_burst(addresses: list[str], requests: list[Request], num_clients: int, timeout_s: float,
-               id_prefix: str) -> tuple[list[Seen], float, float]:
-    """The burst from `num_clients` processes, client i on scheduler i % len(addresses); outcomes, wall s and the
-    client processes' CPU seconds."""
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(num_clients, mp_context=ctx) as pool:
-        pool.submit(time.sleep, 0).result()  # processes up before the clock starts
-        list(pool.map(time.sleep, [0.2] * num_clients))
-        pids = list(pool._processes)  # noqa: SLF001  (their CPU time says whether the driver saturates)
-        before = sum(cpu_seconds(pid) for pid in pids)
-        start_at = time.monotonic() + 1.0
-        parts = [pool.submit(_client, addresses[i % len(addresses)], requests[i::num_clients], timeout_s,
-                             f"{id_prefix}c{i}-", start_at) for i in range(num_clients)]
-        outcomes = [o for part in parts for o in part.result()]
-        client_cpu_s = sum(cpu_seconds(pid) for pid in pids) - before
-    return outcomes, time.monotonic() - start_at, client_cpu_s
-
-
-def summarize(seen: list[Seen]) -> dict:
-    done = [o for o in seen if o.ok]
-    span_s = max([o.e2e_ms / 1e3 for o in seen] + [1e-9])
-    ttft = [o.ttft_ms for o in done]
-    num_tokens, num_chunks = sum(o.num_tokens for o in done), sum(o.num_chunks for o in done)
-    return {"num_requests": len(seen), "num_failed": len(seen) - len(done),
-            "throughput_rps": len(done) / span_s, "tokens_per_s": num_tokens / span_s,
-            "tokens_per_chunk": num_tokens / max(num_chunks, 1), "span_s": span_s,
-            "ttft_p50_ms": percentile(ttft, 50), "ttft_p90_ms": percentile(ttft, 90),
-            "tpot_p50_ms": percentile([(o.e2e_ms - o.ttft_ms) / (o.num_tokens - 1) for o in done if o.num_tokens > 1], 50),
-            "errors": sorted({o.error for o in seen if o.error})[:3]}
 
 
 @dataclass
@@ -263,37 +187,6 @@ def engine_only(base_dir: Path, args) -> dict:
         parts.close()
     return {"variant": "engine-only", "throughput_rps": num_tokens[1] / span_s, "tokens_per_s": num_tokens[0] / span_s,
             "span_s": span_s}
-
-
-def profile(py_spy: str, pids: dict[str, int], out_dir: Path, name: str, duration_s: int) -> list:
-    """py-spy record (collapsed stacks) of the worker and the first scheduler, in the background."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    procs = []
-    for who in ("worker", "scheduler0"):
-        out = out_dir / f"{name}-{who}.txt"
-        procs.append(subprocess.Popen([py_spy, "record", "--pid", str(pids[who]), "--duration", str(duration_s),
-                                       "--format", "raw", "--threads", "--rate", "200", "--nonblocking",
-                                       "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    return procs
-
-
-_OURS = ("services/", "deltazip/", "grpc/", "redis/", "structlog/", "Handle._run", "select")
-_ENTRY = ("__main__.py", "service_main.py", "errors.py")
-
-
-def top_frames(path: Path, num: int = 20) -> dict:
-    """A py-spy raw profile read back: share of samples per thread, and the frames with the most samples in them."""
-    threads, inclusive, total = collections.Counter(), collections.Counter(), 0
-    for line in path.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        frames, n = stack.split(";"), int(count)
-        total += n
-        threads[frames[0].split(" (")[0] + " " + frames[0].rsplit(": ", 1)[-1]] += n
-        for frame in set(frames[1:]):
-            if any(k in frame for k in _OURS) and not any(k in frame for k in _ENTRY):
-                inclusive[frame] += n
-    share = lambda c: {k: round(v / max(total, 1), 3) for k, v in c.most_common(num)}  # noqa: E731
-    return {"samples": total, "threads": share(threads), "frames": share(inclusive)}
 
 
 def run_variant(stack: RelayStack, variant: Variant, requests: list[Request], args, rep: int,
