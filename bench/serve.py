@@ -4,6 +4,8 @@ Starts redis + delta store + scheduler (deltazip.stack), pushes synthetic deltas
 worker mode (`delta`, `dense-delta`, `swap`) starts one worker and replays, for every number of models and load,
 the same requests; a base-only run of the same requests is the SLO reference (SLO: e2e <= k x base e2e of the
 same request). `--target ADDR` replays against a running scheduler instead (one mode, named by --modes).
+`--schedulers N` starts N schedulers and `--client-procs M` replays from M processes spread over them
+(bench/split_replay.py), so neither one scheduler's event loop nor one client process caps the stack.
 
     python -m bench.serve --shape tiny --num-models 2 --modes delta --num-requests 20 --device cpu   # smoke
     scripts/bench_gpu.sh                                                                            # the GPU run
@@ -14,14 +16,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import dataclasses
 import datetime
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
-from bench.replay import Outcome, add_ratios, goal_summary, replay, summarize
+from bench.replay import Outcome, add_ratios, goal_summary, replay, sample_worker, summarize
+from bench.split_replay import split_replay
 from bench.results_io import device_name, git_commit, write_results
 from bench.workload import Request, WorkloadConfig, generate, map_trace_models, read_trace, scaled, with_model
 
@@ -32,7 +37,7 @@ BASE_MODE = "base"  # the base model alone, served by the `delta` worker: the SL
 class Stack:
     """redis + delta store + scheduler as processes; workers started and stopped per mode."""
 
-    def __init__(self, work: Path, worker_flags: list[str]):
+    def __init__(self, work: Path, worker_flags: list[str], num_schedulers: int = 1):
         from deltazip.stack import Launcher, start_redis
 
         self.redis = start_redis(work / "redis")
@@ -42,7 +47,10 @@ class Stack:
             self.store = self.launcher.start("delta_store", "--root", str(work / "store"))
             # The benchmark measures the workers: let the scheduler relay every request rather than answer
             # RESOURCE_EXHAUSTED at its default 32 per worker (the worker queues beyond its batch itself).
-            self.scheduler = self.launcher.start("scheduler", "--max-queue-per-worker", "4096")
+            # Schedulers are stateless: several share the relaying, clients spread over them (--schedulers).
+            self.schedulers = [self.launcher.start("scheduler", "--max-queue-per-worker", "4096")
+                               for _ in range(num_schedulers)]
+            self.scheduler = self.schedulers[0]
         except BaseException:
             self.close()
             raise
@@ -82,7 +90,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.splitlines()[0])
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     floats = lambda s: [float(x) for x in s.split(",")]  # noqa: E731
-    p.add_argument("--target", help="scheduler address of a running stack (its models ft-000..; no stack started)")
+    p.add_argument("--target", help="scheduler address(es) of a running stack, comma list (its models ft-000..; no stack started)")
     p.add_argument("--base-model", default="", help="with --target: the base model's name, for the SLO reference")
     p.add_argument("--target-models", type=lambda s: s.split(","), default=[],
                    help="with --target: the fine-tunes to use, most popular first (default ft-000, ft-001, ...)")
@@ -119,6 +127,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="delete the synthetic deltas once pushed (the store keeps them): saves disk on big shapes")
     p.add_argument("--dense-artifacts", action="store_true",
                    help="serve dense-delta mode from uncompressed fp16 delta artifacts (default: the packed ones)")
+    p.add_argument("--schedulers", type=int, default=1,
+                   help="scheduler processes to start; client processes spread over them round-robin")
+    p.add_argument("--client-procs", type=int, default=1,
+                   help="processes replaying the workload (one asyncio client each), so the driver is not the "
+                        "bottleneck; 1 = replay in this process")
+    p.add_argument("--stream-chunk-tokens", type=int, default=0,
+                   help="worker --stream-chunk-tokens (tokens per stream chunk; 1 = one message per token); "
+                        "0 = the worker's default")
     p.add_argument("--timeout-s", type=float, default=600.0)
     p.add_argument("--work-dir", type=Path, help="models, store and logs (default: a temp dir)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
@@ -128,6 +144,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bad = [m for m in args.modes if m not in MODES]
     if bad:
         p.error(f"unknown mode(s) {bad}; valid: {MODES}")
+    if args.schedulers < 1 or args.client_procs < 1 or args.stream_chunk_tokens < 0:
+        p.error("--schedulers and --client-procs must be >= 1, --stream-chunk-tokens >= 0")
+    if args.target and args.schedulers > 1:
+        p.error("--schedulers starts schedulers; with --target, list a running stack's schedulers in --target A,B")
     return args
 
 
@@ -140,6 +160,33 @@ def workload(args: argparse.Namespace, models: tuple[str, ...]) -> list[Request]
     return generate(cfg)
 
 
+def send(address: str, requests: list[Request], args, desc: str, worker_address: str | None = None):
+    """Replay in this process, or from --client-procs processes over the comma-listed schedulers in `address`."""
+    addresses = address.split(",")
+    if args.client_procs == 1 and len(addresses) == 1:
+        return asyncio.run(replay(address, requests, args.timeout_s, desc, worker_address))
+    args.num_sends = getattr(args, "num_sends", 0) + 1  # request ids unique per replay: a reused id is a retry
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        done = threading.Event()
+        sampled = pool.submit(asyncio.run, _sample_until(worker_address, done)) if worker_address else None
+        try:
+            outcomes, wall_s, clients = split_replay(addresses, requests, args.timeout_s, desc,
+                                                     max(args.client_procs, len(addresses)), f"s{args.num_sends}-")
+        finally:
+            done.set()
+        queue = sampled.result() if sampled else {}
+    return outcomes, wall_s, {**queue, "client_cpu_s": clients["client_cpu_s"]}
+
+
+async def _sample_until(worker_address: str, done: threading.Event) -> dict:
+    stop = asyncio.Event()
+    sampler = asyncio.create_task(sample_worker(worker_address, stop))
+    while not done.is_set():
+        await asyncio.sleep(0.1)
+    stop.set()
+    return await sampler
+
+
 def run_point(address: str, requests: list[Request], args, point: dict, base: dict | None, rows: list,
               latencies: list, worker_address: str | None = None) -> list[Outcome]:
     """Replay one (mode, bits, num_models, load) point and append its row and latency samples."""
@@ -150,7 +197,7 @@ def run_point(address: str, requests: list[Request], args, point: dict, base: di
     if args.trace:  # a trace has its own rate: report what it offers at this load
         point["rate_rps"] = round(len(requests) / max(requests[-1].timestamp, 1e-9), 3)
     desc = " ".join(f"{k}={v}" for k, v in point.items())
-    outcomes, wall_s, queue = asyncio.run(replay(address, requests, args.timeout_s, desc, worker_address))
+    outcomes, wall_s, queue = send(address, requests, args, desc, worker_address)
     span_s = max(requests[-1].timestamp, 1e-9)
     row = {**point, "offered_rps": len(requests) / span_s, **summarize(outcomes, wall_s, base, args.slo_k), **queue}
     rows.append(row)
@@ -185,7 +232,7 @@ def calibrate_rate(address: str, base_name: str, names: list[str], args) -> None
     of --num-requests base requests that all arrive at once (closed burst, same prompts and lengths)."""
     probe = argparse.Namespace(**{**vars(args), "rate_rps": 1.0})  # arrival times are dropped below
     burst = [dataclasses.replace(r, timestamp=0.0) for r in with_model(workload(probe, tuple(names)), base_name)]
-    outcomes, wall_s, _ = asyncio.run(replay(address, burst, args.timeout_s, "calibrate base capacity"))
+    outcomes, wall_s, _ = send(address, burst, args, "calibrate base capacity")
     done = [o for o in outcomes if o.ok]
     capacity = len(done) / max(wall_s, 1e-9)
     if not done:
@@ -227,7 +274,10 @@ def run_local(args, rows: list, latencies: list, skipped: list) -> None:
     """Start the stack; per bits: make and push the deltas, then per mode: one worker, all points."""
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="dz-bench-"))
     flags = ["--device", args.device, "--dtype", args.dtype, *args.worker_flag]
-    stack = Stack(work, flags)
+    if args.stream_chunk_tokens:
+        flags += ["--stream-chunk-tokens", str(args.stream_chunk_tokens)]
+    stack = Stack(work, flags, args.schedulers)
+    address = ",".join(p.address for p in stack.schedulers)
     base_runs: dict = {}  # load -> {request id: Outcome}: one base-only reference for every bits and mode
     try:
         for bits in args.bits:
@@ -244,8 +294,8 @@ def run_local(args, rows: list, latencies: list, skipped: list) -> None:
                     continue
                 try:
                     if args.rate_rps <= 0:
-                        calibrate_rate(stack.scheduler.address, base_dir.name, names, args)
-                    run_mode(stack.scheduler.address, mode, bits, mode_names, base_dir.name, args, rows, latencies,
+                        calibrate_rate(address, base_dir.name, names, args)
+                    run_mode(address, mode, bits, mode_names, base_dir.name, args, rows, latencies,
                              base_runs, worker.address)
                 finally:
                     stack.stop_worker(worker)

@@ -33,6 +33,11 @@ ZIPF_ALPHA=${ZIPF_ALPHA:-1.5}
 PROMPT_LEN=${PROMPT_LEN:-128}
 OUTPUT_LEN=${OUTPUT_LEN:-64}
 SLO_K=${SLO_K:-5}
+# The relay: tokens per stream chunk (1 = one gRPC message per token, the old relay), scheduler processes and
+# client processes replaying the workload (one asyncio client each), so neither one scheduler nor the driver caps it.
+STREAM_CHUNK_TOKENS=${STREAM_CHUNK_TOKENS:-8}
+SCHEDULERS=${SCHEDULERS:-2}
+CLIENT_PROCS=${CLIENT_PROCS:-4}
 WORK_DIR=${WORK_DIR:-$(mktemp -d /tmp/dz-bench-gpu.XXXXXX)}
 
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU visible: this is the GPU benchmark (the CPU smoke test is tests/integration/test_bench_smoke.py)')"
@@ -51,6 +56,7 @@ RESULT=$("$PY" -m bench.serve --device cuda --dtype float16 --shape "$SHAPE" --n
   --num-models "$NUM_MODELS" --bits "$BITS" --modes "$MODES" --rate-rps "$RATE_RPS" --loads "$LOADS" \
   --num-requests "$NUM_REQUESTS" --arrival gamma --cv "$CV" --zipf-alpha "$ZIPF_ALPHA" \
   --prompt-len "$PROMPT_LEN" --output-len "$OUTPUT_LEN" --slo-k "$SLO_K" --work-dir "$WORK_DIR" --drop-local-copies \
+  --stream-chunk-tokens "$STREAM_CHUNK_TOKENS" --schedulers "$SCHEDULERS" --client-procs "$CLIENT_PROCS" \
   --worker-flag=--max-num-seqs=128 --worker-flag=--kv-memory-fraction=0.3 \
   --mode-flag delta=--num-device-slots=16 --mode-flag delta=--max-deltas-per-batch=8 \
   --mode-flag dense-delta=--num-device-slots=8 --mode-flag dense-delta=--max-deltas-per-batch=8 \

@@ -37,7 +37,7 @@ class AsyncClient:
 
     async def stream(self, model: str, prompt: str | None = None, *, messages=None, request_id: str | None = None,
                      timeout_s: float | None = None, token: str | None = None, **sampling) -> AsyncIterator[Token]:
-        """Tokens as they are generated; leaving the loop early cancels the request."""
+        """Tokens as they are generated, in chunks (see `Token`); leaving the loop early cancels the request."""
         request = generate_request(model, prompt, messages, request_id, sampling)
         call = self._scheduler().Generate(request, timeout=timeout_s or self.timeout_s,
                                           metadata=self._metadata(self.address, token))

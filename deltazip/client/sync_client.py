@@ -39,7 +39,7 @@ class Client:
     # -- scheduler ------------------------------------------------------------------------------------------
     def stream(self, model: str, prompt: str | None = None, *, messages=None, request_id: str | None = None,
                timeout_s: float | None = None, **sampling) -> Iterator[Token]:
-        """Tokens as they are generated; closing the iterator cancels the request."""
+        """Tokens as they are generated, in chunks (see `Token`); closing the iterator cancels the request."""
         request = generate_request(model, prompt, messages, request_id, sampling)
         call = self._scheduler().Generate(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata(self.address))
         try:

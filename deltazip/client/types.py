@@ -22,7 +22,8 @@ class Usage:
 
 @dataclass(frozen=True, slots=True)
 class Token:
-    """One streamed chunk: usually one token; the last one has `finish_reason` and `usage`."""
+    """One streamed chunk: the first token alone, then each chunk carries every token the worker gathered (up to its
+    --stream-chunk-tokens, 8 by default) in order, with their text; the last one has `finish_reason` and `usage`."""
 
     text: str
     token_ids: list[int]

@@ -149,7 +149,7 @@ async def _respond(request: web.Request, req: GenerationRequest, tokens, respons
 
 
 async def _stream(request, req, first, tokens, response_id, headers, start_s, first_s) -> web.StreamResponse:
-    """Server-sent events: one `data: {chunk}` per token, then the usage chunk if asked, then `data: [DONE]`."""
+    """Server-sent events: one `data: {chunk}` per streamed chunk (one or more tokens), then the usage chunk if asked, then `data: [DONE]`."""
     response = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
     if req.is_chat:

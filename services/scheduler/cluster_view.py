@@ -40,11 +40,12 @@ class ClusterView:
             return ResolvedModel(published.name, True, base_identity=published.identity)
         return ResolvedModel(self.base_name, True) if self.base_name else None
 
-    async def resolve(self, name: str) -> ResolvedModel:
-        """The model called `name`, or NOT_FOUND telling the caller how to fix it."""
+    async def resolve(self, name: str, record: ModelRecord | None = None) -> ResolvedModel:
+        """The model called `name`, or NOT_FOUND telling the caller how to fix it; `record`: its registry entry when
+        the caller already read it (one Redis round trip fewer per request)."""
         if not name:
             raise InvalidArgument("model name is empty; name a model (list them with `deltazip models`)")
-        record = await self.models.get(name)
+        record = record if record is not None else await self.models.get(name)
         base = await self.base()
         if record is not None:
             if record.base_identity and base is not None and base.base_identity and record.base_identity != base.base_identity:

@@ -50,7 +50,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         record = await self.view.models.get(name)  # checked first: no other status may hint that the name exists
         if record is not None and not can_see(principal, record.ownership()):
             raise self.view.not_found(name)
-        return await self.view.resolve(name)
+        return await self.view.resolve(name, record)
 
     @rpc_method
     async def Generate(self, request, context):

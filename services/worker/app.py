@@ -17,6 +17,7 @@ from deltazip.model.sampling import SamplingParams
 from services.worker.engine_loop import EngineLoop, EngineStats, TokenEvent
 from services.worker.errors import InvalidRequestError, as_service_error
 from services.worker.residency import DeltaState, ResidencyManager, ResidentDelta, Tier
+from services.worker.token_stream import Chunker, Mailbox, StreamPolicy
 
 log = get_logger("services.worker")
 
@@ -76,11 +77,14 @@ class WorkerStatus:
 class WorkerApp:
     """Everything a Worker RPC does, without gRPC."""
 
-    def __init__(self, info: WorkerInfo, tokenizer, loop: EngineLoop, residency: ResidencyManager) -> None:
+    def __init__(self, info: WorkerInfo, tokenizer, loop: EngineLoop, residency: ResidencyManager,
+                 stream: StreamPolicy = StreamPolicy()) -> None:
         self.info = info
         self._tokenizer = tokenizer
         self._loop = loop
         self._residency = residency
+        self._stream_policy = stream
+        self._mailbox: Mailbox | None = None  # of the event loop serving requests
 
     # ---- Generate ------------------------------------------------------------------------------
     def delta_of(self, model: str) -> str | None:
@@ -123,7 +127,6 @@ class WorkerApp:
         prompt_ids, sampling = self.admit(inp)
         delta = self.delta_of(inp.model)
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        aio_loop = asyncio.get_running_loop()
         ready = None
         if delta is not None:
             self._residency.pin(delta)
@@ -132,7 +135,7 @@ class WorkerApp:
         submitted = finished = False
         try:
             try:
-                self._loop.submit(inp.engine_id, prompt_ids, sampling, delta, _threadsafe_sink(aio_loop, events))
+                self._loop.submit(inp.engine_id, prompt_ids, sampling, delta, self._sink(events))
             except ValueError as exc:
                 raise InvalidRequestError(str(exc)) from exc
             submitted = True
@@ -154,29 +157,45 @@ class WorkerApp:
         if not future.cancelled():
             future.exception()  # retrieved: a failure after the request went away is not "never retrieved"
 
+    def _sink(self, events: asyncio.Queue):
+        aio_loop = asyncio.get_running_loop()
+        if self._mailbox is None or self._mailbox.aio_loop is not aio_loop:
+            self._mailbox = Mailbox(aio_loop)
+        return self._mailbox.sink(events)
+
     async def _stream(self, inp: GenerateInput, prompt_ids: list[int], events: asyncio.Queue,
                       ready: asyncio.Future | None, start: float) -> AsyncIterator[GenerateEvent]:
+        """One event per chunk (token_stream.Chunker): the first token at once, later ones gathered."""
+        chunker = Chunker(self._stream_policy, events)
         num_tokens, first_ms, queue_ms = 0, 0.0, 0.0
-        while True:
-            event = await self._next_event(events, ready)
-            if event.finish_reason == "error":
-                raise as_service_error(self._loop.error or RuntimeError("engine loop stopped"))
-            if num_tokens == 0 and event.token_ids:
-                first_ms = (time.perf_counter() - start) * 1e3
-                queue_ms = max(0.0, first_ms - event.step_ms)  # waiting before the step that prefilled it
-            num_tokens += len(event.token_ids)
-            reason = _finish_reason(event)
-            if reason is None:
-                if event.token_ids or event.text:
-                    yield GenerateEvent(event.token_ids, event.text)
-                continue
-            total_ms = (time.perf_counter() - start) * 1e3
-            usage = Usage(len(prompt_ids), num_tokens, first_ms, total_ms, queue_ms)
-            log.info("request_finished", request_id=inp.request_id, model=inp.model, worker=self.info.worker_id,
-                     finish_reason=reason, prompt_tokens=len(prompt_ids), completion_tokens=num_tokens,
-                     ttft_ms=round(first_ms, 2), total_ms=round(total_ms, 2))
-            yield GenerateEvent(event.token_ids, event.text, reason, usage)
-            return
+        try:
+            while True:
+                chunker.add(await self._next_event(events, ready))
+                if not chunker.ready():
+                    continue
+                token_ids, texts, reason = [], [], None
+                for event in chunker.take():
+                    if event.finish_reason == "error":
+                        raise as_service_error(self._loop.error or RuntimeError("engine loop stopped"))
+                    if num_tokens == 0 and event.token_ids:
+                        first_ms = (time.perf_counter() - start) * 1e3
+                        queue_ms = max(0.0, first_ms - event.step_ms)  # waiting before the step that prefilled it
+                    num_tokens += len(event.token_ids)
+                    token_ids += event.token_ids
+                    texts.append(event.text)
+                    reason = _finish_reason(event)
+                if reason is None:
+                    yield GenerateEvent(token_ids, "".join(texts))
+                    continue
+                total_ms = (time.perf_counter() - start) * 1e3
+                usage = Usage(len(prompt_ids), num_tokens, first_ms, total_ms, queue_ms)
+                log.info("request_finished", request_id=inp.request_id, model=inp.model, worker=self.info.worker_id,
+                         finish_reason=reason, prompt_tokens=len(prompt_ids), completion_tokens=num_tokens,
+                         ttft_ms=round(first_ms, 2), total_ms=round(total_ms, 2))
+                yield GenerateEvent(token_ids, "".join(texts), reason, usage)
+                return
+        finally:
+            chunker.close()
 
     async def _next_event(self, events: asyncio.Queue, ready: asyncio.Future | None) -> TokenEvent:
         """The next token event; raises the delta's load error if loading fails first."""
@@ -222,16 +241,6 @@ class WorkerApp:
     def on_residency_change(self, snap: ResidentDelta) -> None:
         if snap.state is DeltaState.ON_DEVICE:
             self._loop.wakeup()
-
-
-def _threadsafe_sink(aio_loop: asyncio.AbstractEventLoop, events: asyncio.Queue):
-    def deliver(event: TokenEvent) -> None:
-        try:
-            aio_loop.call_soon_threadsafe(events.put_nowait, event)
-        except RuntimeError:
-            pass  # the caller's event loop is closed: nobody is listening any more
-
-    return deliver
 
 
 def _finish_reason(event: TokenEvent) -> str | None:

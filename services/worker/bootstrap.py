@@ -24,6 +24,7 @@ from services.worker.modes import host_transform, select_mode
 from services.worker.residency import ResidencyLimits, ResidencyManager, ResidentDelta
 from services.worker.store_client import StoreDirectory
 from services.worker.tier_io import ArtifactTierIO
+from services.worker.token_stream import StreamPolicy
 
 log = get_logger("services.worker")
 
@@ -121,7 +122,8 @@ def build_worker(config: WorkerConfig) -> WorkerParts:
         worker_id=config.worker_id, base_name=config.base_name or Path(config.base_dir).resolve().name,
         base_identity=identity, device=device, mode=config.mode, max_model_len=engine.max_model_len)
     loop = EngineLoop(engine, on_step=residency.on_step)
-    app = WorkerApp(info, tokenizer, loop, residency)
+    app = WorkerApp(info, tokenizer, loop, residency,
+                    StreamPolicy(config.stream_chunk_tokens, config.stream_interval_ms))
     listeners.callbacks.append(app.on_residency_change)
     log.info("worker_built", worker=config.worker_id, base=info.base_name, device=device, dtype=config.dtype,
              disk_cache=cache_dir, max_model_len=info.max_model_len)

@@ -72,6 +72,8 @@ class WorkerConfig:
     fetch_chunk_bytes: int = 1 << 20
     fetch_max_attempts: int = 5
     default_max_tokens: int = 16
+    stream_chunk_tokens: int = 8  # a request's tokens per stream chunk after the first (1 = one message per token)
+    stream_interval_ms: float = 50.0  # longest a token is held for its chunk to fill (the first: never)
     worker_id: str = field(default_factory=default_worker_id)
     log_level: str = "info"
     metrics_port: int = 0  # Prometheus /metrics, 0 = off
@@ -101,9 +103,11 @@ class WorkerConfig:
         read_token_file(self.store_token_file, "--store-token-file")
         _positive(self, "num_device_slots", "max_num_seqs", "max_num_batched_tokens", "max_deltas_per_batch",
                   "kv_block_size", "heartbeat_s", "heartbeat_ttl_s", "fetch_chunk_bytes",
-                  "fetch_max_attempts", "default_max_tokens", "model_sync_s")
+                  "fetch_max_attempts", "default_max_tokens", "model_sync_s", "stream_chunk_tokens")
         _non_negative(self, "device_cache_bytes", "host_cache_bytes", "disk_cache_bytes", "num_kv_blocks",
                       "max_model_len", "metrics_port")
+        if not 0.0 <= self.stream_interval_ms <= 1000.0:
+            raise ValueError(f"--stream-interval-ms must be in [0, 1000], got {self.stream_interval_ms}")
         if not 0.0 < self.kv_memory_fraction <= 1.0:
             raise ValueError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
         if self.heartbeat_ttl_s <= self.heartbeat_s:
@@ -161,6 +165,10 @@ def _parse_value(kind: type | str, raw: str):
 
 
 FLAG_HELP = {  # flags whose meaning the name alone does not tell
+    "stream_chunk_tokens": "tokens of one request sent per stream chunk (worker -> scheduler -> client): the first "
+                           "token goes alone at once, then chunks of this many, or fewer when the request ends or "
+                           "a token has waited --stream-interval-ms; 1 = one message per token",
+    "stream_interval_ms": "longest a generated token is held back for its chunk to fill (ms, 0-1000)",
     "tensor_parallel_size": "GPUs one worker spans (tensor parallel; default 1): rank r runs on cuda:r (cuda:N -> "
                             "cuda:N+r), or gloo ranks with --device cpu; any size works (heads are padded when they "
                             "do not divide); not with --mode swap or --cuda-graphs 1",

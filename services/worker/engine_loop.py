@@ -174,12 +174,13 @@ class EngineLoop:
         self._state.stats = self._engine.stats()
 
     def _process(self, outputs: list[StepOutput], step_ms: float) -> None:
-        for out in outputs:
-            metrics.GENERATED_TOKENS.labels("worker").inc(len(out.token_ids))
-            with self._lock:
-                sink = self._state.sinks.get(out.request_id)
-                if sink is not None and out.finished:
-                    del self._state.sinks[out.request_id]
+        metrics.GENERATED_TOKENS.labels("worker").inc(sum(len(out.token_ids) for out in outputs))  # once per step
+        with self._lock:  # once per step, not per request: the sinks of this step's requests
+            sinks = [self._state.sinks.get(out.request_id) for out in outputs]
+            for out in outputs:
+                if out.finished:
+                    self._state.sinks.pop(out.request_id, None)
+        for out, sink in zip(outputs, sinks):
             if sink is None:
                 continue  # aborted meanwhile
             try:

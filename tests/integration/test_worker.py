@@ -184,3 +184,19 @@ def test_allocated_delta_batches_with_a_uniform_one(launcher, models, tmp_path):
     for (model, prompt), chunks in zip(jobs, results):
         tokens = [t for c in chunks for t in c.token_ids]
         assert tokens == greedy_reference(refs[model], list(prompt.encode()), MAX_TOKENS), (model, prompt)
+
+
+def test_chunked_stream_through_scheduler_delivers_every_token_once_in_order(cluster, launcher):
+    """The worker's default chunking (first token alone, then up to 8 per chunk) as a client sees it via a scheduler."""
+    worker, merged = cluster
+    scheduler = launcher.start("scheduler")
+    prompt, num_tokens = PROMPTS[0], 40
+    with Client(scheduler.address, timeout_s=120) as client:
+        tokens = list(client.stream("ft-a", prompt, max_tokens=num_tokens, temperature=0.0, ignore_eos=True))
+        again = client.generate("ft-a", prompt, max_tokens=num_tokens, temperature=0.0, ignore_eos=True)
+    ids = [t for token in tokens for t in token.token_ids]
+    assert ids == greedy_reference(merged["ft-a"], list(prompt.encode()), num_tokens) == again.token_ids
+    assert len(tokens[0].token_ids) == 1 and all(len(t.token_ids) <= 8 for t in tokens)
+    assert len(tokens) < num_tokens  # chunked: fewer messages than tokens
+    assert tokens[-1].finish_reason == "length" and tokens[-1].usage.completion_tokens == num_tokens
+    assert "".join(t.text for t in tokens) == again.text

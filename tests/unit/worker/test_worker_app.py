@@ -144,7 +144,7 @@ def test_duplicate_request_id_is_invalid(setup):
         io.gate.set()
         return await first
 
-    assert len(asyncio.run(twice())) == 3
+    assert sum(len(e.token_ids) for e in asyncio.run(twice())) == 3  # the first request still completes
 
 
 def test_prompt_too_long_names_the_limit(setup):
