@@ -136,6 +136,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="worker --stream-chunk-tokens (tokens per stream chunk; 1 = one message per token); "
                         "0 = the worker's default")
     p.add_argument("--timeout-s", type=float, default=600.0)
+    p.add_argument("--warmup-requests", type=int, default=0,
+                   help="replay the first N requests of each mode x num_models workload, unrecorded, before its "
+                        "points (steady state: deltas resident, kernels built); 0 = every point starts cold")
     p.add_argument("--work-dir", type=Path, help="models, store and logs (default: a temp dir)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--label", default="", help="file label instead of the device name, e.g. cpu-smoke")
@@ -222,6 +225,11 @@ def run_mode(address: str, mode: str, bits: int | None, names: list[str], base_n
                                                                    worker_address)}
     for num_models in args.num_models:
         reqs = workload(args, tuple(names[:num_models]))
+        if args.warmup_requests:  # steady state: popular deltas resident and kernels built before the points
+            warm = [dataclasses.replace(r, id=f"warm-{r.id}") for r in reqs[:args.warmup_requests]]
+            outcomes, _, _ = send(address, warm, args, f"warm-up mode={mode} bits={bits} num_models={num_models}")
+            args.warmups.append({"mode": mode, "bits": bits, "num_models": num_models, "requests": len(warm),
+                                 "completed": sum(o.ok for o in outcomes)})
         for load in args.loads:
             point = {"mode": mode, "bits": bits, "num_models": num_models, "load": load, "rate_rps": args.rate_rps * load}
             run_point(address, scaled(reqs, load), args, point, base_runs.get(load), rows, latencies, worker_address)
@@ -310,7 +318,7 @@ def main(argv: list[str] | None = None) -> Path:
     rows: list[dict] = []
     latencies: list[dict] = []
     skipped: list[dict] = []
-    args.started_at, args.over_budget, args.calibration = time.monotonic(), [], None
+    args.started_at, args.over_budget, args.calibration, args.warmups = time.monotonic(), [], None, []
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     device = device_name(args.device)
 
@@ -319,7 +327,7 @@ def main(argv: list[str] | None = None) -> Path:
         add_ratios(final)
         payload = {"bench": "serving", "device": device, "commit": git_commit(), "note": args.note,
                    "date": datetime.date.today().isoformat(), "config": {**config, "rate_rps": args.rate_rps},
-                   "calibration": args.calibration, "goals": goal_summary(final), "rows": final,
+                   "calibration": args.calibration, "warmups": args.warmups, "goals": goal_summary(final), "rows": final,
                    "skipped": skipped, "over_budget": args.over_budget, "latencies": latencies}
         return write_results(args.out, "serving", args.label or device, payload)
 
