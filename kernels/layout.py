@@ -1,4 +1,4 @@
-"""Load-time re-encoding of 2-bit 2:4 deltas into "dense2": dense 2-bit codes, pruned positions at the zero point.
+"""Load-time re-encoding of 2-bit deltas into "dense2": dense 2-bit codes, pruned positions at the zero point.
 
 At 2 bits a 2:4 delta costs 2 bits per dense column (1 bit of kept code + 1 bit of meta), exactly what dense
 2-bit codes cost. Dense codes are far cheaper to expand (no per-group placement by meta), so a GPU slot holds
@@ -10,6 +10,9 @@ dense2 layout: int32 words [N, K / 16]; word w holds dense columns 16w .. 16w + 
 (0..15) sits at bit (c & ~1) + 16 * (c & 1), i.e. the even column of each adjacent pair in the low half-word
 and the odd one in the high half-word, so `(word >> 2j) & 0x00030003` yields the pair (2j, 2j + 1) as the
 two 16-bit lanes the MMA wants in one register.
+
+Dense (unpruned) 2-bit deltas (`quant`, no meta) are the same format in another bit order; `dense_to_dense2`
+moves their fields, so they run on the same kernel path.
 """
 
 import torch
@@ -21,14 +24,21 @@ from kernels import packing
 ZERO_WORD = tl.constexpr(0xAAAAAAAA)  # code 2 (binary 10) in all 16 fields: the symmetric 2-bit zero point everywhere
 
 
-def dense2_eligible(kind: str, bits: int | None, sym: bool | None, shape: tuple[int, ...], group_size: int | None,
-                    device: torch.device) -> bool:
-    """Whether a delta tensor should be stored as dense2 in GPU slots: a 2-bit 2:4 symmetric linear delta on
-    CUDA whose K the Gluon kernel tiles (K % 128 == 0; scale groups a multiple of 16 columns or per row)."""
-    if device.type != "cuda" or kind != "sparse24" or bits != 2 or not sym or len(shape) != 2:
+def dense2_format_ok(kind: str, bits: int | None, sym: bool | None, shape: tuple[int, ...],
+                     group_size: int | None) -> bool:
+    """Whether a delta tensor can be held as dense2 words: a 2-bit symmetric linear delta, 2:4 (`sparse24`) or
+    dense (`quant`), whose K the Gluon kernel tiles (K % 128 == 0; scale groups a multiple of 16 or per row)."""
+    if kind not in ("sparse24", "quant") or bits != 2 or not sym or len(shape) != 2:
         return False
     k = shape[1]
     return k % 128 == 0 and (group_size is None or group_size >= k or group_size % 16 == 0)
+
+
+def dense2_eligible(kind: str, bits: int | None, sym: bool | None, shape: tuple[int, ...], group_size: int | None,
+                    device: torch.device) -> bool:
+    """Whether a delta tensor is stored as dense2 in slots on `device`: CUDA slots of a dense2-able delta (CPU
+    slots keep the canonical layout, which the CPU reference path reads)."""
+    return device.type == "cuda" and dense2_format_ok(kind, bits, sym, shape, group_size)
 
 
 def bit_position(col: int) -> int:
@@ -87,6 +97,41 @@ def _to_dense2_kernel(q_ptr, m_ptr, out_ptr, num_words, BLOCK: tl.constexpr):
                 hi = hi ^ flip
     tl.store(out_ptr + 2 * offs, lo.to(tl.int32, bitcast=True), mask=live)
     tl.store(out_ptr + 2 * offs + 1, hi.to(tl.int32, bitcast=True), mask=live)
+
+
+def dense_to_dense2_reference(qweight: torch.Tensor, k: int) -> torch.Tensor:
+    """Torch reference: canonical dense 2-bit codes int32 [N, K/16] (column c at bit 2c of its word) -> dense2."""
+    codes = packing.unpack_codes(qweight, 2, k)
+    shifts = torch.tensor([bit_position(c) for c in range(16)], dtype=torch.int64, device=qweight.device)
+    return packing._to_int32((codes.view(qweight.shape[0], k // 16, 16) << shifts).sum(-1))
+
+
+@triton.jit
+def _dense_to_dense2_kernel(q_ptr, out_ptr, num_words, BLOCK: tl.constexpr):
+    """Move each of a word's 16 two-bit fields from bit 2c to dense2's bit for column c."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    live = offs < num_words
+    q = tl.load(q_ptr + offs, mask=live, other=0).to(tl.uint32, bitcast=True)
+    out = tl.zeros([BLOCK], tl.uint32)
+    for c in tl.static_range(16):
+        out = out | (((q >> (2 * c)) & 0x3) << ((c & 14) + 16 * (c & 1)))
+    tl.store(out_ptr + offs, out.to(tl.int32, bitcast=True), mask=live)
+
+
+def dense_to_dense2(qweight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Canonical dense 2-bit codes int32 [N, K/16] (kernels/packing.py, no meta) -> dense2 words of the same
+    shape, written into `out` when given. One launch; CUDA or TRITON_INTERPRET=1."""
+    if qweight.dtype != torch.int32 or qweight.dim() != 2:
+        raise ValueError(f"qweight {qweight.dtype} {tuple(qweight.shape)}: need a 2-D int32 tensor")
+    if out is None:
+        out = torch.empty_like(qweight)
+    if out.shape != qweight.shape or not out.is_contiguous():
+        raise ValueError(f"out {tuple(out.shape)} must be a contiguous {tuple(qweight.shape)} int32 tensor")
+    if qweight.numel():
+        block = 256
+        _dense_to_dense2_kernel[(triton.cdiv(qweight.numel(), block),)](qweight.contiguous(), out, qweight.numel(),
+                                                                        BLOCK=block)
+    return out
 
 
 def to_dense2(qweight: torch.Tensor, meta: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -4,8 +4,9 @@ Each HF tensor name has one `SlotStack` per storage format (dense fp16, or packe
 group size / symmetry): part tensors [num_slots, ...] allocated on first use, slot i = delta in slot i.
 Linear deltas stay packed (the kernel dequantizes on the fly); norm and embedding deltas are stored
 dense (fp16) because they are applied per row by indexing. A tied lm_head uses the embedding's stack.
-On CUDA, 2-bit symmetric 2:4 linear deltas are re-encoded on the way in to dense2 words (kernels/layout.py:
-same bytes, a much cheaper kernel expansion): their stacks hold qweight [S, N, K/16] and scales, no meta.
+On CUDA, 2-bit symmetric linear deltas (2:4 or dense) are re-encoded on the way in to dense2 words
+(kernels/layout.py: same bytes, a much cheaper kernel expansion): their stacks (layout "dense2") hold qweight
+[S, N, K/16] and scales, no meta.
 The ResidencyManager decides which delta goes to which slot; this only holds the bytes.
 """
 
@@ -34,6 +35,7 @@ class StackFormat:
     group_size: int | None
     sym: bool | None
     part_shapes: tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
+    layout: str = "canonical"  # canonical (kernels/packing.py) | dense2 (kernels/layout.py: qweight + scales)
 
 
 @dataclass(slots=True)
@@ -58,17 +60,23 @@ class SlotStack:
     def shape(self) -> tuple[int, ...]:
         return self.format.shape
 
+    @property
+    def layout(self) -> str:
+        return self.format.layout
+
 
 class DeviceSlots:
     """`num_slots` slots on `device`; written by the residency loader, read by each step's DeltaOps."""
 
     def __init__(self, num_slots: int, device: torch.device | str, dtype: torch.dtype, linear_names: set[str],
-                 tie_word_embeddings: bool) -> None:
+                 tie_word_embeddings: bool, dense2: bool | None = None) -> None:
         self.num_slots = num_slots
         self.device = torch.device(device)
         self.dtype = dtype  # activation dtype of the model
         self._linear_names = linear_names  # HF tensor names of the model's linear weights
         self._tied = tie_word_embeddings
+        # dense2 stacks for 2-bit symmetric linears: None = on CUDA (what the kernel reads best), True/False = force
+        self._dense2 = self.device.type == "cuda" if dense2 is None else dense2
         self._stacks: dict[str, dict[StackFormat, SlotStack]] = {}
         self._where: list[dict[str, SlotStack]] = [{} for _ in range(num_slots)]  # slot -> tensor name -> stack
         self._lock = threading.Lock()
@@ -97,15 +105,17 @@ class DeviceSlots:
             if tensor_name not in self._linear_names:
                 delta = _dense_fp16(delta)
             parts = _parts(delta)
-            if _is_dense2(delta, self.device):
+            if self._dense2 and _dense2_able(delta):
                 n, k = delta.shape
                 shapes = {"qweight": ((n, k // 16), torch.int32), "scales": (tuple(parts["scales"].shape),
                                                                             parts["scales"].dtype)}
-                stack = self._stack_for(tensor_name, delta, shapes)
+                stack = self._stack_for(tensor_name, delta, shapes, "dense2")
                 qweight = parts["qweight"].to(self.device, non_blocking=True)
-                meta = parts["meta"].to(self.device, non_blocking=True)
                 out = stack.parts["qweight"][slot]
-                layout.to_dense2(qweight, meta, out=out)  # on the copy stream, after the two copies
+                if delta.kind == "sparse24":  # on the copy stream, after the copies
+                    layout.to_dense2(qweight, parts["meta"].to(self.device, non_blocking=True), out=out)
+                else:
+                    layout.dense_to_dense2(qweight, out=out)
                 stack.parts["scales"][slot].copy_(parts["scales"], non_blocking=True)
                 num_bytes += out.numel() * out.element_size() + parts["scales"].numel() * parts["scales"].element_size()
             else:
@@ -155,11 +165,11 @@ class DeviceSlots:
         stack = self._where[slot].get(tensor_name)
         return None if stack is None else stack.parts["delta"][slot]
 
-    def _stack_for(self, tensor_name: str, delta, part_shapes: dict) -> SlotStack:
+    def _stack_for(self, tensor_name: str, delta, part_shapes: dict, layout_name: str = "canonical") -> SlotStack:
         """The stack for this delta's format; part_shapes: {part: (shape of one slot, dtype)} as stored."""
         fmt = StackFormat(delta.kind, tuple(delta.shape), getattr(delta, "bits", None),
                           getattr(delta, "group_size", None), getattr(delta, "sym", None),
-                          tuple((k, shape, dt) for k, (shape, dt) in part_shapes.items()))
+                          tuple((k, shape, dt) for k, (shape, dt) in part_shapes.items()), layout_name)
         with self._lock:
             by_format = self._stacks.setdefault(tensor_name, {})
             stack = by_format.get(fmt)
@@ -176,11 +186,13 @@ def _zero_slot(slot: int, stacks: list[SlotStack]) -> None:
         stack.parts["scales" if "scales" in stack.parts else "delta"][slot].zero_()
 
 
-def _is_dense2(delta, device: torch.device) -> bool:
-    """Whether this delta goes into a dense2 stack on `device` (kernels/layout.py)."""
-    return delta.kind == "sparse24" and getattr(delta, "meta", None) is not None and layout.dense2_eligible(
-        delta.kind, getattr(delta, "bits", None), getattr(delta, "sym", None), tuple(delta.shape),
-        getattr(delta, "group_size", None), device)
+def _dense2_able(delta) -> bool:
+    """Whether this delta can go into a dense2 stack (kernels/layout.py): 2-bit symmetric, 2:4 with its meta or
+    dense, with a K the Gluon kernel tiles."""
+    if delta.kind == "sparse24" and getattr(delta, "meta", None) is None:
+        return False
+    return layout.dense2_format_ok(delta.kind, getattr(delta, "bits", None), getattr(delta, "sym", None),
+                                   tuple(delta.shape), getattr(delta, "group_size", None))
 
 
 def _on_stream(stream):

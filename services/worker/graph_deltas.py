@@ -10,8 +10,8 @@ embedding deltas become per-row gathers through the row slots. `fill` rewrites t
 step's rows with one host->device copy; the graph itself depends only on which stacks exist
 (`DeviceSlots.layout_version`), so loading deltas into slots needs no re-capture.
 
-Supported when every linear stack is a 2:4 packed 2- or 4-bit stack the kernel reads and every other
-stack is dense; otherwise (e.g. the dense-delta baseline) steps with delta rows run eager.
+Supported when every linear stack is one the kernel reads (2:4 packed 2- or 4-bit, or dense2 words) and
+every other stack is dense; otherwise (e.g. the dense-delta baseline) steps with delta rows run eager.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def graph_supported(slots: DeviceSlots) -> bool:
             continue  # compute_logits runs outside the graph, eager with StepDeltaOps
         for stack in stacks:
             if slots.is_linear(name):
-                if stack.kind != "sparse24" or stack.bits not in (2, 4):
+                if stack.layout != "dense2" and (stack.kind != "sparse24" or stack.bits not in (2, 4)):
                     return False
             elif stack.kind != "dense":
                 return False

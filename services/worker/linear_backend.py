@@ -45,7 +45,7 @@ def _dense_slot(stack: SlotStack, slot: int, dtype: torch.dtype) -> torch.Tensor
     p = stack.parts
     if stack.kind == "dense":
         w = p["delta"][slot]
-    elif stack.kind == "sparse24" and "meta" not in p:  # dense2 words (CUDA 2-bit stacks)
+    elif stack.layout == "dense2":  # 2-bit words re-encoded at load (kernels/layout.py)
         w = layout.dequantize_dense2(p["qweight"][slot], p["scales"][slot], stack.shape, torch.float32)
     else:
         w = packing.dequantize(p["qweight"][slot], p["scales"][slot], p["zeros"][slot] if "zeros" in p else None,
@@ -58,14 +58,15 @@ def _dense_slot(stack: SlotStack, slot: int, dtype: torch.dtype) -> torch.Tensor
 
 def _kernel_stack(stack: SlotStack):
     """The kernel's stack object over this stack's tensors (built once), or None when the kernel cannot
-    read this format (dense-quantized or 3/8-bit deltas fall back to the cached reference)."""
+    read this format (dense-quantized deltas not in dense2 words, and 3/8-bit ones, fall back to the cached
+    reference)."""
     from kernels.delta_linear import DenseDeltaStack, PackedDeltaStack
 
     if "kernel_stack" not in stack.cache:
         p, fmt = stack.parts, stack.format
         if fmt.kind == "dense":
             stack.cache["kernel_stack"] = DenseDeltaStack(p["delta"])
-        elif fmt.kind == "sparse24" and fmt.bits in (2, 4):
+        elif fmt.layout == "dense2" or (fmt.kind == "sparse24" and fmt.bits in (2, 4)):
             n, k = fmt.shape
             stack.cache["kernel_stack"] = PackedDeltaStack(
                 qweight=p["qweight"], meta=p.get("meta"), scales=p["scales"], zeros=p.get("zeros"), bits=fmt.bits,

@@ -181,3 +181,28 @@ def test_two_bit_deltas_load_as_dense2_words_and_match_the_canonical_reference()
     w = packing.dequantize(p["qweight"], p["scales"], None, p["meta"], 2, (n, k)).to("cuda", torch.float16)
     torch.testing.assert_close(y[:3].float(), (x[:3].float() @ w.float().T), atol=2e-2, rtol=1e-2)
     assert torch.equal(y[3:], torch.zeros_like(y[3:]))
+
+
+def test_dense_two_bit_deltas_load_as_dense2_words_and_match_the_reference():
+    """A dense (unpruned) 2-bit delta on CUDA goes into a dense2 stack too and runs on the same kernel path."""
+    from deltazip.artifact.delta_tensor import DeltaTensor
+    from kernels import packing
+    from kernels.delta_linear import PackedDeltaStack, apply_deltas
+    from services.worker.device_slots import DeviceSlots
+
+    n, k, group = 256, 1024, 128
+    g = torch.Generator().manual_seed(1)
+    qweight = packing.pack_codes(torch.randint(0, 4, (n, k), generator=g), 2)
+    scales = (torch.rand(n, k // group, generator=g) * 0.01 + 1e-3).half()
+    delta = DeltaTensor("w", "quant", (n, k), 2, group, True, qweight=qweight, scales=scales)
+    slots = DeviceSlots(1, "cuda", torch.float16, {"w"}, tie_word_embeddings=False)
+    slots.write(0, "d", {"w": delta})
+    stack = slots.stack(0, "w")
+    assert stack.layout == "dense2" and "meta" not in stack.parts
+    kernel_stack = PackedDeltaStack(qweight=stack.parts["qweight"], meta=None, scales=stack.parts["scales"],
+                                    zeros=None, bits=2, group_size=group, sym=True, shape=(n, k))
+    x = torch.randn(4, k, device="cuda", dtype=torch.float16)
+    y = torch.zeros(4, n, device="cuda", dtype=torch.float16)
+    apply_deltas(x, y, kernel_stack, torch.tensor([0, 4]), torch.tensor([0]))
+    w = delta.dequantize(torch.float32).to("cuda")
+    torch.testing.assert_close(y.float(), x.float() @ w.T, atol=3e-2, rtol=1e-2)

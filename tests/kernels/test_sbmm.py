@@ -149,6 +149,19 @@ def test_dense2_reencode_kernel_matches_reference(n, k, group):
     assert torch.equal(layout.dequantize_dense2(out, p["scales"], (n, k)), dense)
 
 
+@interp
+@pytest.mark.parametrize("n,k", [(3, 128), (5, 512), (2, 4096)])
+def test_dense_2bit_codes_repack_to_dense2(n, k):
+    """Dense (unpruned) 2-bit deltas: the field move of layout.dense_to_dense2 keeps every value."""
+    g = torch.Generator().manual_seed(k)
+    qweight = packing.pack_codes(torch.randint(0, 4, (n, k), generator=g), 2)
+    scales = (torch.rand(n, k // 64, generator=g) * 0.01).half()
+    words = layout.dense_to_dense2(qweight)
+    assert torch.equal(words, layout.dense_to_dense2_reference(qweight, k))
+    want = packing.dequantize(qweight, scales, None, None, 2, (n, k))
+    assert torch.equal(layout.dequantize_dense2(words, scales, (n, k)), want)
+
+
 def test_dense2_eligibility():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert layout.dense2_eligible("sparse24", 2, True, (4096, 4096), 128, cuda)
@@ -157,6 +170,8 @@ def test_dense2_eligibility():
     assert not layout.dense2_eligible("sparse24", 4, True, (4096, 4096), 128, cuda)  # 4-bit: 3 bits per column
     assert not layout.dense2_eligible("sparse24", 2, False, (4096, 4096), 128, cuda)  # asym zero points
     assert not layout.dense2_eligible("sparse24", 2, True, (576, 576), 64, cuda)  # K not a multiple of 128
+    assert layout.dense2_eligible("quant", 2, True, (4096, 4096), 128, cuda)  # dense 2-bit: same words
+    assert not layout.dense2_eligible("quant", 3, True, (4096, 4096), 128, cuda)
 
 
 def test_every_config_entry_ends_with_a_catch_all():
