@@ -234,8 +234,9 @@ def sweep(limit, save=None, variants=("4", "2", "2d2")) -> list[dict]:
                 except Exception as e:  # noqa: BLE001 - a failing variant is reported, not fatal
                     print(f"FAIL {kernel} {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
                     continue
-                r.update(kernel=kernel, config=cfg, split_k=sbmm.split_k(cfg, n, k, 4 if dense2 else bits, num * rows, num)
-                         if kernel == "gluon" else 1)
+                geometry = sbmm.DENSE2_GEOMETRY_BITS if dense2 else bits
+                r.update(kernel=kernel, config=cfg,
+                         split_k=sbmm.split_k(cfg, n, k, geometry, num * rows, num) if kernel == "gluon" else 1)
                 out.append(r)
                 print(f"{name:8s} N={num:2d} r={rows:3d} {bits}b{'d2' if dense2 else '  '} {kernel:6s} {json.dumps(cfg):90s} "
                       f"split {r['split_k']} {r['us']:8.1f} us {r['gbps']:6.0f} GB/s {r['fraction_of_limit']:5.2f}",

@@ -27,23 +27,22 @@ ZERO_WORD = tl.constexpr(0xAAAAAAAA)  # code 2 (binary 10) in all 16 fields: the
 def dense2_format_ok(kind: str, bits: int | None, sym: bool | None, shape: tuple[int, ...],
                      group_size: int | None) -> bool:
     """Whether a delta tensor can be held as dense2 words: a 2-bit symmetric linear delta, 2:4 (`sparse24`) or
-    dense (`quant`), whose K the Gluon kernel tiles (K % 128 == 0; scale groups a multiple of 16 or per row)."""
+    dense (`quant`), whose K the Gluon kernel tiles (K % 128 == 0; scale groups a multiple of 16 or per row).
+    Only CUDA slots use the layout (services/worker/device_slots.py); CPU slots keep the canonical one."""
     if kind not in ("sparse24", "quant") or bits != 2 or not sym or len(shape) != 2:
         return False
     k = shape[1]
     return k % 128 == 0 and (group_size is None or group_size >= k or group_size % 16 == 0)
 
 
-def dense2_eligible(kind: str, bits: int | None, sym: bool | None, shape: tuple[int, ...], group_size: int | None,
-                    device: torch.device) -> bool:
-    """Whether a delta tensor is stored as dense2 in slots on `device`: CUDA slots of a dense2-able delta (CPU
-    slots keep the canonical layout, which the CPU reference path reads)."""
-    return device.type == "cuda" and dense2_format_ok(kind, bits, sym, shape, group_size)
-
-
 def bit_position(col: int) -> int:
     """Bit of column `col` (0..15) inside a dense2 word."""
     return (col & ~1) + 16 * (col & 1)
+
+
+def _positions(device: torch.device) -> torch.Tensor:
+    """int64 [16]: bit_position of each column of a dense2 word."""
+    return torch.tensor([bit_position(c) for c in range(16)], dtype=torch.int64, device=device)
 
 
 def to_dense2_reference(qweight: torch.Tensor, meta: torch.Tensor, k: int) -> torch.Tensor:
@@ -53,14 +52,14 @@ def to_dense2_reference(qweight: torch.Tensor, meta: torch.Tensor, k: int) -> to
     cols = packing.unpack_meta(meta, k)  # [N, K/2] their dense columns
     dense = torch.full((n, k), 2, dtype=torch.int64, device=qweight.device)
     dense.scatter_(1, cols, codes)
-    shifts = torch.tensor([bit_position(c) for c in range(16)], dtype=torch.int64, device=qweight.device)
+    shifts = _positions(qweight.device)
     words = (dense.view(n, k // 16, 16) << shifts).sum(-1)
     return packing._to_int32(words)
 
 
 def unpack_dense2(words: torch.Tensor, k: int) -> torch.Tensor:
     """dense2 int32 [N, K/16] -> int64 codes [N, K]."""
-    shifts = torch.tensor([bit_position(c) for c in range(16)], dtype=torch.int64, device=words.device)
+    shifts = _positions(words.device)
     w = words.to(torch.int64) & 0xFFFFFFFF
     return ((w.unsqueeze(-1) >> shifts) & 0x3).reshape(words.shape[0], k)
 
@@ -102,7 +101,7 @@ def _to_dense2_kernel(q_ptr, m_ptr, out_ptr, num_words, BLOCK: tl.constexpr):
 def dense_to_dense2_reference(qweight: torch.Tensor, k: int) -> torch.Tensor:
     """Torch reference: canonical dense 2-bit codes int32 [N, K/16] (column c at bit 2c of its word) -> dense2."""
     codes = packing.unpack_codes(qweight, 2, k)
-    shifts = torch.tensor([bit_position(c) for c in range(16)], dtype=torch.int64, device=qweight.device)
+    shifts = _positions(qweight.device)
     return packing._to_int32((codes.view(qweight.shape[0], k // 16, 16) << shifts).sum(-1))
 
 

@@ -188,13 +188,12 @@ def sbmm(
     )
     # upper bound on tiles: sum over segments of ceil(rows / BLOCK_M) <= T // BLOCK_M + S
     max_segs = max(16, triton.next_power_of_2(num_segments))
-    launch = _launch_gluon if kernel == "gluon" else _launch_triton
     live_segments = num_segments if segments_hint is None else max(1, min(num_segments, segments_hint))
-    if dense2:
+    if kernel == "gluon":
         _launch_gluon(common, x, n, k, group_size, num_groups, live_segments, geometry_bits, asym, max_segs, config,
-                      dense2=True)
+                      dense2)
     else:
-        launch(common, x, n, k, group_size, num_groups, live_segments, bits, asym, max_segs, config)
+        _launch_triton(common, x, n, k, group_size, num_groups, live_segments, bits, asym, max_segs, config)
 
 
 MAX_SPLIT_K = 8

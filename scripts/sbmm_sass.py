@@ -48,7 +48,7 @@ def compile_kernel(a):
         sig["meta_ptr"] = "*i32"
         asm, cons = sbmm._dense2_program(tdt)
         z2 = sbmm._half2_const(magic + 2, tdt)
-        a.bits = 4
+        a.bits = sbmm.DENSE2_GEOMETRY_BITS
     if a.kernel == "gluon":
         block_k = 8 * 64 // a.bits
         group = a.k if a.group == 0 else a.group

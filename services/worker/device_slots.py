@@ -64,6 +64,11 @@ class SlotStack:
     def layout(self) -> str:
         return self.format.layout
 
+    @property
+    def sbmm_readable(self) -> bool:
+        """Whether the SBMM kernel reads this stack as stored: 2:4 packed 2- or 4-bit, or dense2 words."""
+        return self.layout == "dense2" or (self.kind == "sparse24" and self.bits in (2, 4))
+
 
 class DeviceSlots:
     """`num_slots` slots on `device`; written by the residency loader, read by each step's DeltaOps."""

@@ -33,7 +33,7 @@ def graph_supported(slots: DeviceSlots) -> bool:
             continue  # compute_logits runs outside the graph, eager with StepDeltaOps
         for stack in stacks:
             if slots.is_linear(name):
-                if stack.layout != "dense2" and (stack.kind != "sparse24" or stack.bits not in (2, 4)):
+                if not stack.sbmm_readable:
                     return False
             elif stack.kind != "dense":
                 return False

@@ -66,7 +66,7 @@ def _kernel_stack(stack: SlotStack):
         p, fmt = stack.parts, stack.format
         if fmt.kind == "dense":
             stack.cache["kernel_stack"] = DenseDeltaStack(p["delta"])
-        elif fmt.layout == "dense2" or (fmt.kind == "sparse24" and fmt.bits in (2, 4)):
+        elif stack.sbmm_readable:
             n, k = fmt.shape
             stack.cache["kernel_stack"] = PackedDeltaStack(
                 qweight=p["qweight"], meta=p.get("meta"), scales=p["scales"], zeros=p.get("zeros"), bits=fmt.bits,

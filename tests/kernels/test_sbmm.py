@@ -162,16 +162,17 @@ def test_dense_2bit_codes_repack_to_dense2(n, k):
     assert torch.equal(layout.dequantize_dense2(words, scales, (n, k)), want)
 
 
-def test_dense2_eligibility():
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert layout.dense2_eligible("sparse24", 2, True, (4096, 4096), 128, cuda)
-    assert layout.dense2_eligible("sparse24", 2, True, (4096, 11008), None, cuda)
-    assert not layout.dense2_eligible("sparse24", 2, True, (4096, 4096), 128, cpu)  # CPU keeps the canonical form
-    assert not layout.dense2_eligible("sparse24", 4, True, (4096, 4096), 128, cuda)  # 4-bit: 3 bits per column
-    assert not layout.dense2_eligible("sparse24", 2, False, (4096, 4096), 128, cuda)  # asym zero points
-    assert not layout.dense2_eligible("sparse24", 2, True, (576, 576), 64, cuda)  # K not a multiple of 128
-    assert layout.dense2_eligible("quant", 2, True, (4096, 4096), 128, cuda)  # dense 2-bit: same words
-    assert not layout.dense2_eligible("quant", 3, True, (4096, 4096), 128, cuda)
+def test_dense2_format_ok():
+    """Which deltas dense2 words can hold (CUDA slots only: tests/unit/worker/test_device_slots_dense2.py checks
+    that CPU slots keep the canonical layout)."""
+    ok = layout.dense2_format_ok
+    assert ok("sparse24", 2, True, (4096, 4096), 128)
+    assert ok("sparse24", 2, True, (4096, 11008), None)
+    assert not ok("sparse24", 4, True, (4096, 4096), 128)  # 4-bit: 3 bits per column
+    assert not ok("sparse24", 2, False, (4096, 4096), 128)  # asym zero points
+    assert not ok("sparse24", 2, True, (576, 576), 64)  # K not a multiple of 128
+    assert ok("quant", 2, True, (4096, 4096), 128)  # dense 2-bit: same words
+    assert not ok("quant", 3, True, (4096, 4096), 128)
 
 
 def test_every_config_entry_ends_with_a_catch_all():
