@@ -152,7 +152,9 @@ class IncrementalDecoder:
 class StopChecker:
     """Cuts a text stream at the first stop sequence; never emits text that belongs to one.
 
-    Holds back the longest tail that could still start a stop sequence until it is decided.
+    "First" is the stop sequence that is complete earliest in the stream (the shortest prefix of the text that
+    contains a whole one; on a tie, the one starting earlier), so the output does not depend on how the text was
+    split into pushes. Holds back the longest tail that could still start a stop sequence until it is decided.
     """
 
     def __init__(self, stops: Sequence[str]) -> None:
@@ -165,10 +167,10 @@ class StopChecker:
         if self.stopped:
             return ""
         buf = self._held + text
-        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        hits = [(i + len(s), i) for s, i in ((s, buf.find(s)) for s in self.stops) if i >= 0]  # (end, start)
         if hits:
             self.stopped, self._held = True, ""
-            return buf[: min(hits)]
+            return buf[: min(hits)[1]]
         keep = 0
         for stop in self.stops:
             for k in range(min(len(stop) - 1, len(buf)), keep, -1):

@@ -49,6 +49,13 @@ def test_stop_checker_holds_back_possible_stop_prefix():
     assert sc.push("more") == "" and sc.flush() == ""
 
 
+def test_stop_checker_picks_the_stop_complete_first_whatever_the_pushes():
+    """'#' is complete at 3, 'a#a' (which starts earlier) only at 4: a stream cut at '#' never sees 'a#a'."""
+    for pushes in (["aa#a"], ["aa#", "a"], ["a", "a", "#", "a"]):
+        sc = StopChecker(["#", "a#a"])
+        assert "".join(sc.push(t) for t in pushes) + sc.flush() == "aa" and sc.stopped
+
+
 def test_stop_checker_flush_returns_held_text_when_no_stop():
     sc = StopChecker(["STOP"])
     assert sc.push("go ST") == "go "
@@ -62,8 +69,8 @@ def test_stop_checker_flush_returns_held_text_when_no_stop():
     cuts=st.lists(st.integers(0, 40), max_size=8),
 )
 def test_stop_checker_output_is_text_before_first_stop(text, stops, cuts):
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    expected = text[: min(hits)] if hits else text
+    hits = [(i + len(s), i) for s, i in ((s, text.find(s)) for s in stops) if i >= 0]  # earliest complete stop
+    expected = text[: min(hits)[1]] if hits else text
     sc = StopChecker(stops)
     bounds = sorted({0, len(text), *[c for c in cuts if c <= len(text)]})
     out = "".join(sc.push(text[a:b]) for a, b in zip(bounds, bounds[1:])) + sc.flush()
