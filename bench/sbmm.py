@@ -211,10 +211,18 @@ SWEEP = [
     ("gluon", {**GLUON_BASE, "BLOCK_N": 32, "min_ctas": 2048}),
     ("gluon", {**GLUON_BASE, "BLOCK_N": 128, "num_warps": 4, "min_ctas": 2048}),
     ("gluon", {**GLUON_BASE, "prefetch": False, "min_ctas": 2048}),
+    # dense2 words: the accumulator takes the scale (default) vs every value scaled (scale_after false)
+    ("gluon", {**GLUON_BASE, "min_ctas": 1024, "scale_after": False}),
+    ("gluon", {**GLUON_BASE, "prefetch": False, "min_ctas": 2048, "scale_after": False}),
+    ("gluon", {**GLUON_BASE, "prefetch": False, "min_ctas": 1024}),
+    ("gluon", {**GLUON_BASE, "BLOCK_M": 16, "prefetch": False}),
+    ("gluon", {**GLUON_BASE, "BLOCK_M": 16, "prefetch": False, "min_ctas": 1024}),
+    ("gluon", {**GLUON_BASE, "BLOCK_N": 128, "prefetch": False, "min_ctas": 1024}),
+    ("gluon", {**GLUON_BASE, "BLOCK_N": 128, "BLOCK_M": 16, "prefetch": False, "min_ctas": 1024}),
 ]
 # (shape, distinct deltas, rows per delta): decode points around the N >= 8 goal, one small-N, one prefill
-SWEEP_CASES = (("qkvo", 8, 4), ("qkvo", 8, 16), ("qkvo", 32, 1), ("gate_up", 8, 4), ("down", 8, 4), ("qkvo", 1, 4),
-               ("qkvo", 2, 1), ("qkvo", 4, 256))
+SWEEP_CASES = (("qkvo", 8, 4), ("qkvo", 8, 16), ("qkvo", 32, 1), ("gate_up", 8, 4), ("down", 8, 4),
+               ("gate_up", 32, 16), ("qkvo", 1, 4), ("qkvo", 2, 1), ("qkvo", 4, 256))
 
 
 def sweep(limit, save=None, variants=("4", "2", "2d2")) -> list[dict]:

@@ -80,6 +80,14 @@ def _dense2_program(dtype: torch.dtype) -> tuple[str, str]:
 
 
 @functools.cache
+def _dense2_raw_program(dtype: torch.dtype) -> tuple[str, str]:
+    """(PTX, constraints) of the unscaled dense2 expander (the kernel scales the accumulator)."""
+    name = "f16" if dtype == torch.float16 else "bf16"
+    ops, dense = sbmm_asm.build_dense2_raw_program(name)
+    return sbmm_asm.render_ptx(ops, dense, name, False)
+
+
+@functools.cache
 def _program(bits: int, asym: bool, dtype: torch.dtype) -> tuple[str, str]:
     """(PTX, constraints) of the word expander, built once per (bits, asym, dtype)."""
     ops, dense = sbmm_asm.build_program(bits, asym)
@@ -226,7 +234,7 @@ def _launch_gluon(common, x, n, k, group_size, num_groups, num_segments, bits, a
     splits = split_k(config, n, k, bits, t, num_segments)
     const = _gluon_constexprs(n, k, group_size, num_groups, bits, asym, x.dtype, config["BLOCK_M"],
                               config["BLOCK_N"], config["num_warps"], bool(config.get("prefetch", True)), splits,
-                              dense2)
+                              dense2, bool(config.get("scale_after", True)))
     grid = (triton.cdiv(n, config["BLOCK_N"]), t // config["BLOCK_M"] + num_segments, splits)
     if splits > 1:  # fresh buffers per call: safe under CUDA-graph capture and concurrent streams
         ws = torch.empty(splits, t, n, dtype=torch.float32, device=x.device)
@@ -239,9 +247,11 @@ def _launch_gluon(common, x, n, k, group_size, num_groups, num_segments, bits, a
 
 @functools.lru_cache(maxsize=256)
 def _gluon_constexprs(n, k, group_size, num_groups, bits, asym, dtype, block_m, block_n, num_warps, prefetch,
-                      splits=1, dense2=False) -> dict:
+                      splits=1, dense2=False, scale_after=True) -> dict:
     """Compile-time arguments of one Gluon launch shape (cached: building layouts costs ~40 µs of host time);
-    `bits` is the tile geometry (4 for dense2 words)."""
+    `bits` is the tile geometry (4 for dense2 words). dense2 words with one scale per row or per K tile are
+    expanded unscaled and the accumulator takes the scale (`scale_after`, the default; False: scale each
+    value, for comparison)."""
     block_k = sbmm_gluon.WORDS_PER_TILE * 64 // bits
     if num_groups == 1:
         scale_mode, group_size = sbmm_triton.SCALE_ROW, k
@@ -249,7 +259,13 @@ def _gluon_constexprs(n, k, group_size, num_groups, bits, asym, dtype, block_m, 
         scale_mode = sbmm_triton.SCALE_TILE
     else:
         scale_mode = sbmm_triton.SCALE_SPLIT
-    asm, constraints = _dense2_program(dtype) if dense2 else _program(bits, asym, dtype)
+    raw = dense2 and scale_after and scale_mode in (sbmm_triton.SCALE_ROW, sbmm_triton.SCALE_TILE)
+    if raw:
+        asm, constraints = _dense2_raw_program(dtype)
+    elif dense2:
+        asm, constraints = _dense2_program(dtype)
+    else:
+        asm, constraints = _program(bits, asym, dtype)
     magic = 1024.0 if dtype == torch.float16 else 128.0
     zero_point = 2 if dense2 else 1 << (bits - 1)
     return dict(
@@ -257,7 +273,7 @@ def _gluon_constexprs(n, k, group_size, num_groups, bits, asym, dtype, block_m, 
         BLOCK_M=block_m, BLOCK_N=block_n, ASM=asm, CONSTRAINTS=constraints, HAS_META=not dense2,
         Z2=_half2_const(magic if asym else magic + zero_point, dtype),
         L_WORDS=sbmm_gluon.word_layout(block_n, num_warps), L_X=sbmm_gluon.x_layout(bits, block_m, num_warps),
-        L_SEG=sbmm_gluon.seg_layout(num_warps), PREFETCH=prefetch, SPLIT_K=splits,
+        L_SEG=sbmm_gluon.seg_layout(num_warps), PREFETCH=prefetch, SPLIT_K=splits, RAW=raw,
     )
 
 

@@ -129,6 +129,42 @@ def build_dense2_program() -> tuple[list[Op], int]:
     return ops, 16
 
 
+MANTISSA_BITS = {"f16": 10, "bf16": 7}
+EXPONENT_BIAS = {"f16": 15, "bf16": 127}
+
+
+def _pow2_bits(exponent: int, dtype: str) -> int:
+    """16-bit pattern of 2**exponent in `dtype` (a normal number)."""
+    return (exponent + EXPONENT_BIAS[dtype]) << MANTISSA_BITS[dtype]
+
+
+def build_dense2_raw_program(dtype: str) -> tuple[list[Op], int]:
+    """Instruction list expanding one dense2 word into its 16 unscaled values q - 2 (the kernel multiplies the
+    accumulator by the scale instead: per-row scales once at the end, one-group-per-K-tile scales per tile).
+
+    No shift per pair: the code of pair j sits at bit 2j of its 16-bit lane, so OR-ing it into the mantissa
+    of 2**(M - 2j) (M mantissa bits) reads as 2**(M - 2j) + q exactly, and one `sub` of 2**(M - 2j) + 2 leaves
+    q - 2. Pairs whose bits run past the mantissa come from a copy shifted by M rounded down to even. f16:
+    1 shift + 8 (`lop3`, `sub`) = 17 instructions for 16 values; bf16: 2 shifts, 18 (build_dense2_program,
+    which also scales: 31)."""
+    mant = MANTISSA_BITS[dtype]
+    step = mant - mant % 2  # a shift that keeps codes at even bits
+    ops: list[Op] = []
+    for j in range(8):
+        base = (2 * j // step) * step  # bit where this pair's source copy starts
+        src = "q" if base == 0 else f"q{base}"
+        if base and not any(op.dst == src for op in ops):
+            ops.append(Op("shr", src, ("q", base)))
+        pos = 2 * j - base
+        magic = _pow2_bits(mant - pos, dtype)
+        ops.append(Op("mov", f"k{j}", ((magic | 2 << pos) * 0x00010001,)))  # 2**(M - pos) + 2
+        ops.append(Op("mov", f"g{j}", (magic * 0x00010001,)))
+        ops.append(Op("lop3", "c", (src, (3 << pos) * 0x00010001, f"g{j}", 0xEA)))  # (c & mask) | magic
+        ops.append(Op("hsub", "c", ("c", f"k{j}")))  # 2**(M - pos) + q - (2**(M - pos) + 2) = q - 2, exact
+        ops.append(Op("unpack", (f"o{bitrev(2 * j, 4)}", f"o{bitrev(2 * j + 1, 4)}"), ("c",)))
+    return ops, 16
+
+
 def render_ptx(ops: list[Op], dense: int, dtype: str, asym: bool) -> tuple[str, str]:
     """PTX text and constraint string for tl.inline_asm_elementwise (outputs o0.., inputs q, m, s, z[, zq])."""
     inputs = ["q", "m", "s", "z"] + (["zq"] if asym else [])

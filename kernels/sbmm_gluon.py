@@ -92,35 +92,45 @@ def _expand(qw, mw, s2, z2, zq2, ASM: gl.constexpr, CONSTRAINTS: gl.constexpr, D
 
 @gluon.jit
 def _load_scales(scale_rows, zero_rows, k0, offs_w, mask_n, ASYM: gl.constexpr, SCALE_MODE: gl.constexpr,
-                 GROUP_SIZE: gl.constexpr, DPW: gl.constexpr, EVEN_N: gl.constexpr):
-    """Scale (and zero point) of each word of the K tile at k0: [BN, 1] or [BN, NW] fp16."""
-    if SCALE_MODE == 0:
-        ptr_s = scale_rows[:, None]
-        ptr_z = zero_rows[:, None]
-        mask = mask_n[:, None]
-    elif SCALE_MODE == 1:
-        ptr_s = scale_rows[:, None] + k0 // GROUP_SIZE
-        ptr_z = zero_rows[:, None] + k0 // GROUP_SIZE
-        mask = mask_n[:, None]
+                 GROUP_SIZE: gl.constexpr, DPW: gl.constexpr, EVEN_N: gl.constexpr, RAW: gl.constexpr):
+    """Scale (and zero point) of each word of the K tile at k0: [BN, 1] or [BN, NW] fp16. RAW (unscaled
+    expansion): the scale of the tile's one group as [BN] in the accumulator's row layout (scale_rows and
+    mask_n are in that layout then; SCALE_MODE 0 has GROUP_SIZE = K, so it reads the row scale)."""
+    if RAW:
+        if EVEN_N:
+            sc = gl.load(scale_rows + k0 // GROUP_SIZE)
+        else:
+            sc = gl.load(scale_rows + k0 // GROUP_SIZE, mask=mask_n, other=0.0)
+        zc = sc
     else:
-        g = ((k0 + offs_w * DPW) // GROUP_SIZE)[None, :]
-        ptr_s = scale_rows[:, None] + g
-        ptr_z = zero_rows[:, None] + g
-        mask = mask_n[:, None] & (g >= 0)
-    if EVEN_N:
-        sc = gl.load(ptr_s)
-        zc = gl.load(ptr_z) if ASYM else sc
-    else:
-        sc = gl.load(ptr_s, mask=mask, other=0.0)
-        zc = gl.load(ptr_z, mask=mask, other=0.0) if ASYM else sc
+        if SCALE_MODE == 0:
+            ptr_s = scale_rows[:, None]
+            ptr_z = zero_rows[:, None]
+            mask = mask_n[:, None]
+        elif SCALE_MODE == 1:
+            ptr_s = scale_rows[:, None] + k0 // GROUP_SIZE
+            ptr_z = zero_rows[:, None] + k0 // GROUP_SIZE
+            mask = mask_n[:, None]
+        else:
+            g = ((k0 + offs_w * DPW) // GROUP_SIZE)[None, :]
+            ptr_s = scale_rows[:, None] + g
+            ptr_z = zero_rows[:, None] + g
+            mask = mask_n[:, None] & (g >= 0)
+        if EVEN_N:
+            sc = gl.load(ptr_s)
+            zc = gl.load(ptr_z) if ASYM else sc
+        else:
+            sc = gl.load(ptr_s, mask=mask, other=0.0)
+            zc = gl.load(ptr_z, mask=mask, other=0.0) if ASYM else sc
     return sc, zc
 
 
 @gluon.jit
-def _load_tile(x_tile, qw_tile, meta_tile, scale_rows, zero_rows, k0, offs_w, mask_n, ASYM: gl.constexpr,
+def _load_tile(x_tile, qw_tile, meta_tile, scale_rows, zero_rows, k0, offs_w, mask_n, mask_s, ASYM: gl.constexpr,
                SCALE_MODE: gl.constexpr, GROUP_SIZE: gl.constexpr, DPW: gl.constexpr, EVEN_N: gl.constexpr,
-               HAS_META: gl.constexpr):
-    """Everything one K step reads: x [BM, BK], words and meta [BN, NW] (dense2 words: no meta), scales."""
+               HAS_META: gl.constexpr, RAW: gl.constexpr):
+    """Everything one K step reads: x [BM, BK], words and meta [BN, NW] (dense2 words: no meta), scales
+    (scale_rows / mask_s: in the word layout, or the accumulator's with RAW)."""
     x = gl.load(x_tile + k0)
     if EVEN_N:
         qw = gl.load(qw_tile + k0 // DPW)
@@ -132,7 +142,7 @@ def _load_tile(x_tile, qw_tile, meta_tile, scale_rows, zero_rows, k0, offs_w, ma
         mw = gl.load(meta_tile + k0 // DPW).to(gl.int32)
     else:
         mw = gl.load(meta_tile + k0 // DPW, mask=mask_n[:, None], other=0).to(gl.int32)
-    sc, zc = _load_scales(scale_rows, zero_rows, k0, offs_w, mask_n, ASYM, SCALE_MODE, GROUP_SIZE, DPW, EVEN_N)
+    sc, zc = _load_scales(scale_rows, zero_rows, k0, offs_w, mask_s, ASYM, SCALE_MODE, GROUP_SIZE, DPW, EVEN_N, RAW)
     return x, qw, mw, sc, zc
 
 
@@ -159,7 +169,7 @@ def _sbmm_gluon_kernel(
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, MAX_SEGS: gl.constexpr,
     ASM: gl.constexpr, CONSTRAINTS: gl.constexpr, Z2: gl.constexpr,
     L_WORDS: gl.constexpr, L_X: gl.constexpr, L_SEG: gl.constexpr, PREFETCH: gl.constexpr,
-    SPLIT_K: gl.constexpr, HAS_META: gl.constexpr,
+    SPLIT_K: gl.constexpr, HAS_META: gl.constexpr, RAW: gl.constexpr,
 ):
     DPW: gl.constexpr = 64 // BITS
     NW: gl.constexpr = 8
@@ -189,8 +199,14 @@ def _sbmm_gluon_kernel(
     mask_n = offs_n < N  # unused when EVEN_N: no predicates (and no zero-fill moves) on packed loads
     qw_tile = qw_ptr + slot64 * stride_qs + offs_n[:, None] * stride_qn + offs_w[None, :]
     meta_tile = meta_ptr + slot64 * stride_ms + offs_n[:, None] * stride_mn + offs_w[None, :]
-    scale_rows = scales_ptr + slot64 * stride_ss + offs_n * stride_sn
-    zero_rows = zeros_ptr + slot64 * stride_ss + offs_n * stride_sn
+    if RAW:  # unscaled expansion (dense2, one scale per row or per K tile): scales go to the accumulator rows
+        offs_sn = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
+        mask_s = offs_sn < N
+    else:
+        offs_sn = offs_n
+        mask_s = mask_n
+    scale_rows = scales_ptr + slot64 * stride_ss + offs_sn * stride_sn
+    zero_rows = zeros_ptr + slot64 * stride_ss + offs_sn * stride_sn
     # activations: [BM, BK] in L_X (dense order, each lane 2*DPW contiguous values per row); rows past the
     # tile re-read its last row (always in bounds) and their results are never stored
     offs_xm = gl.minimum(m_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, L_X)), m_end - 1)
@@ -198,19 +214,22 @@ def _sbmm_gluon_kernel(
     x_tile = x_ptr + offs_xm[:, None] * stride_xm + offs_xk[None, :]
     z2 = gl.full([BLOCK_N, 1], Z2, gl.int32, layout=L_WORDS)
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
-    x, qw, mw, sc, zc = _load_tile(x_tile, qw_tile, meta_tile, scale_rows, zero_rows, k_lo, offs_w, mask_n,
-                                   ASYM, SCALE_MODE, GROUP_SIZE, DPW, EVEN_N, HAS_META)
+    x, qw, mw, sc, zc = _load_tile(x_tile, qw_tile, meta_tile, scale_rows, zero_rows, k_lo, offs_w, mask_n, mask_s,
+                                   ASYM, SCALE_MODE, GROUP_SIZE, DPW, EVEN_N, HAS_META, RAW)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if PREFETCH:  # next tile's loads in flight while this one is expanded (last step re-reads itself)
             k_next = gl.minimum(k0 + BLOCK_K, k_hi - BLOCK_K)
             x_n, qw_n, mw_n, sc_n, zc_n = _load_tile(x_tile, qw_tile, meta_tile, scale_rows, zero_rows, k_next,
-                                                     offs_w, mask_n, ASYM, SCALE_MODE, GROUP_SIZE, DPW, EVEN_N,
-                                                     HAS_META)
+                                                     offs_w, mask_n, mask_s, ASYM, SCALE_MODE, GROUP_SIZE, DPW,
+                                                     EVEN_N, HAS_META, RAW)
         else:
             x, qw, mw, sc, zc = _load_tile(x_tile, qw_tile, meta_tile, scale_rows, zero_rows, k0, offs_w, mask_n,
-                                           ASYM, SCALE_MODE, GROUP_SIZE, DPW, EVEN_N, HAS_META)
-        w = _expand(qw, mw, _half2_bits(sc, DTYPE), z2, _half2_bits(zc, DTYPE), ASM, CONSTRAINTS, DTYPE, BITS,
-                    ASYM)  # [BN, NW, DPW]
+                                           mask_s, ASYM, SCALE_MODE, GROUP_SIZE, DPW, EVEN_N, HAS_META, RAW)
+        if RAW:  # the expander ignores its scale / zero inputs
+            w = _expand(qw, qw, qw, qw, qw, ASM, CONSTRAINTS, DTYPE, BITS, ASYM)
+        else:
+            w = _expand(qw, mw, _half2_bits(sc, DTYPE), z2, _half2_bits(zc, DTYPE), ASM, CONSTRAINTS, DTYPE, BITS,
+                        ASYM)  # [BN, NW, DPW]
         # dense column (t, r, g, h, e) -> MMA k (r, g, h, t, e); registers only
         w = gl.reshape(w, [BLOCK_N, 4, 2, DPW // 4, 2, 2])
         w = gl.permute(w, [0, 2, 3, 4, 1, 5])
@@ -218,9 +237,15 @@ def _sbmm_gluon_kernel(
         xt = gl.reshape(x, [BLOCK_M, 4, 2, DPW // 4, 2, 2])
         xt = gl.permute(xt, [2, 3, 4, 1, 5, 0])
         b_op = gl.convert_layout(gl.reshape(xt, [BLOCK_K, BLOCK_M]), B_OP, assert_trivial=True)
-        acc = mma_v2(a_op, b_op, acc)  # acc: [BN, BM] = Δ_tile @ x_tile.T
+        if RAW and SCALE_MODE == 1:  # this tile's group scale on its product, fp32
+            part = mma_v2(a_op, b_op, gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA))
+            acc += part * sc.to(gl.float32)[:, None]
+        else:
+            acc = mma_v2(a_op, b_op, acc)  # acc: [BN, BM] = Δ_tile @ x_tile.T
         if PREFETCH:
             x, qw, mw, sc, zc = x_n, qw_n, mw_n, sc_n, zc_n
+    if RAW and SCALE_MODE == 0:  # one scale per row: applied once
+        acc = acc * sc.to(gl.float32)[:, None]
     offs_yn = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
     offs_ym = m_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
     y_ptrs = y_ptr + offs_ym[None, :] * stride_ym + offs_yn[:, None]

@@ -46,20 +46,13 @@ def compile_kernel(a):
     if a.dense2:  # dense2 words: 2-bit codes on the 4-bit tile geometry, no meta
         sig = signature(4, a.dtype)
         sig["meta_ptr"] = "*i32"
-        asm, cons = sbmm._dense2_program(tdt)
-        z2 = sbmm._half2_const(magic + 2, tdt)
         a.bits = sbmm.DENSE2_GEOMETRY_BITS
-    if a.kernel == "gluon":
-        block_k = 8 * 64 // a.bits
-        group = a.k if a.group == 0 else a.group
-        mode = 0 if a.group == 0 else (1 if group % block_k == 0 else 2)
-        if not a.dense2:
-            asm, cons = sbmm._program(a.bits, asym, tdt)
-        const = dict(K=a.k, GROUP_SIZE=group, EVEN_N=not a.odd_n, BITS=a.bits, ASYM=asym, SCALE_MODE=mode,
-                     BLOCK_M=a.bm, BLOCK_N=a.bn, MAX_SEGS=16, ASM=asm, CONSTRAINTS=cons, Z2=z2,
-                     L_WORDS=sbmm_gluon.word_layout(a.bn, a.warps), L_X=sbmm_gluon.x_layout(a.bits, a.bm, a.warps),
-                     L_SEG=sbmm_gluon.seg_layout(a.warps), PREFETCH=not a.no_prefetch, SPLIT_K=a.split_k,
-                     HAS_META=not a.dense2)
+    if a.kernel == "gluon":  # the wrapper's own constexprs for this shape
+        n = 4096 + (a.bn // 2 if a.odd_n else 0)
+        num_groups = 1 if a.group == 0 else a.k // a.group
+        const = dict(sbmm._gluon_constexprs(n, a.k, a.group or a.k, num_groups, a.bits, asym, tdt, a.bm, a.bn,
+                                            a.warps, not a.no_prefetch, a.split_k, a.dense2, not a.scale_each),
+                     MAX_SEGS=16)
         fn, source = sbmm_gluon._sbmm_gluon_kernel, GluonASTSource
     else:
         group = a.k if a.group == 0 else a.group
@@ -115,6 +108,8 @@ def main() -> None:
     p.add_argument("--odd-n", action="store_true")
     p.add_argument("--no-prefetch", action="store_true")
     p.add_argument("--dense2", action="store_true", help="gluon: dense2 words (kernels/layout.py), 2-bit")
+    p.add_argument("--scale-each", action="store_true",
+                   help="gluon dense2: scale every value in the expander instead of the accumulator")
     p.add_argument("--split-k", type=int, default=1, help="gluon: K splits (fp32 partials, last CTA reduces)")
     p.add_argument("--bm", type=int, default=16)
     p.add_argument("--bn", type=int, default=64)

@@ -137,6 +137,24 @@ def test_dense2_expander_emulation_matches_dequantize(dtype):
         torch.testing.assert_close(got.float(), want.float(), atol=1e-6, rtol=2 ** -7)
 
 
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+def test_dense2_raw_expander_emulation_gives_unscaled_codes(dtype):
+    """The unscaled dense2 program (the kernel scales the accumulator) yields exactly code - 2 for every
+    column, in both precisions, and needs at most 2 instructions per value pair (no per-pair shift, no mul)."""
+    n, k = 16, 512
+    p = random_packed(n, k, 2, 128, sym=True, generator=torch.Generator().manual_seed(5))
+    ops, dense = sbmm_asm.build_dense2_raw_program(dtype)
+    words = layout.to_dense2_reference(p["qweight"], p["meta"], k)
+    q = words.numpy().view(np.uint32)
+    bits16 = sbmm_asm.emulate(ops, dense, dtype, {"q": q, "m": q, "s": q, "z": q})
+    order = [sbmm_asm.bitrev(c, 4) for c in range(dense)]
+    tdt = torch.float16 if dtype == "f16" else torch.bfloat16
+    got = torch.from_numpy(bits16[..., order].astype(np.int16)).view(tdt).reshape(n, k).float()
+    assert torch.equal(got, (layout.unpack_dense2(words, k) - 2).float())
+    alu = [op for op in ops if op.kind in ("shr", "lop3", "hsub", "hmul", "prmt")]
+    assert len(alu) <= dense + (1 if dtype == "f16" else 2)
+
+
 @interp
 @pytest.mark.parametrize("n,k,group", [(8, 128, 32), (5, 256, None), (3, 1024, 128), (7, 4096, 64)])
 def test_dense2_reencode_kernel_matches_reference(n, k, group):
