@@ -116,9 +116,16 @@ def copy_limits_gbps() -> dict[str, float]:
             "do_bench": nbytes / (bench(lambda: dst.copy_(src), 200) * 1e-6) / 1e9}
 
 
-def one_row(name, n, k, num, rows, bits, stack, dense, base_ws, limit, with_dequant, kernel=None, config=None):
-    """Time SBMM and the baselines for one point (graphs over rotating slots)."""
+def one_row(name, n, k, num, rows, bits, stack, dense, base_ws, limit, with_dequant, kernel=None, config=None,
+            config_extra=None):
+    """Time SBMM and the baselines for one point (graphs over rotating slots); config_extra: keys merged into
+    the launch config the wrapper would pick (the tuned table's entry)."""
     t = num * rows
+    if config_extra:
+        kernel = kernel or "gluon"
+        picked = sbmm.pick_config(kernel, torch.cuda.get_device_name(), rows,
+                                  "dense2" if stack["meta"] is None else bits)
+        config = {**(config or picked), **config_extra}
     x = torch.randn(t, k, device="cuda", dtype=torch.float16)
     y = torch.randn(t, n, device="cuda", dtype=torch.float16)
     starts = torch.arange(num + 1, device="cuda", dtype=torch.int64) * rows
@@ -175,6 +182,7 @@ def one_row(name, n, k, num, rows, bits, stack, dense, base_ws, limit, with_dequ
 
 
 def full(args, limit, save) -> list[dict]:
+    extra = json.loads(args.config_extra) if args.config_extra else None
     rows_out = []
     for name, (n, k) in SHAPES.items():
         base_ws = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(4)]
@@ -186,7 +194,8 @@ def full(args, limit, save) -> list[dict]:
             for num in NUM_DELTAS:
                 for rows in ROWS:
                     with_dq = rows == 4 and num in (1, 8) and not dense2
-                    r = one_row(name, n, k, num, rows, bits, stack, dense, base_ws, limit, with_dq)
+                    r = one_row(name, n, k, num, rows, bits, stack, dense, base_ws, limit, with_dq,
+                                config_extra=extra)
                     rows_out.append(r)
                     print(f"{name:8s} N={num:2d} rows={rows:2d} {bits}b{'d2' if dense2 else '  '} {r['us']:8.1f} us {r['gbps']:6.0f} GB/s "
                           f"{r['fraction_of_limit']:5.2f}  x{r['speedup_vs_bmm']:4.1f} vs bmm  "
@@ -220,12 +229,18 @@ SWEEP = [
     ("gluon", {**GLUON_BASE, "BLOCK_N": 128, "prefetch": False, "min_ctas": 1024}),
     ("gluon", {**GLUON_BASE, "BLOCK_N": 128, "BLOCK_M": 16, "prefetch": False, "min_ctas": 1024}),
 ]
+# L2 prefetch distance (K tiles) on the tuned configs (<= 8 rows; the same without register prefetch; > 8 rows)
+TUNED_4 = {**GLUON_BASE, "min_ctas": 1024}
+TUNED_2 = {**GLUON_BASE, "prefetch": False, "min_ctas": 1024}
+TUNED_WIDE = {**GLUON_BASE, "BLOCK_M": 16, "min_ctas": 1024}
+SWEEP_L2 = [("gluon", {**cfg, "l2_ahead": d}) for cfg in (TUNED_4, TUNED_2, TUNED_WIDE) for d in (0, 4, 8, 16)]
+SWEEPS = {"configs": SWEEP, "l2": SWEEP_L2}
 # (shape, distinct deltas, rows per delta): decode points around the N >= 8 goal, one small-N, one prefill
 SWEEP_CASES = (("qkvo", 8, 4), ("qkvo", 8, 16), ("qkvo", 32, 1), ("gate_up", 8, 4), ("down", 8, 4),
                ("gate_up", 32, 16), ("qkvo", 1, 4), ("qkvo", 2, 1), ("qkvo", 4, 256))
 
 
-def sweep(limit, save=None, variants=("4", "2", "2d2")) -> list[dict]:
+def sweep(limit, save=None, variants=("4", "2", "2d2"), configs=SWEEP) -> list[dict]:
     """variants: "4" (4-bit 2:4), "2" (2-bit 2:4), "2d2" (2-bit as dense2 words)."""
     out = []
     for name, num, rows in SWEEP_CASES:
@@ -234,7 +249,7 @@ def sweep(limit, save=None, variants=("4", "2", "2d2")) -> list[dict]:
             stack = random_stack(64, n, k, bits, 128, "cuda")
             if dense2:
                 stack = as_dense2(stack)
-            for kernel, cfg in SWEEP:
+            for kernel, cfg in configs:
                 if rows > 16 and cfg.get("min_ctas"):
                     continue  # prefill has programs enough
                 try:
@@ -260,6 +275,10 @@ def main() -> None:
     p.add_argument("--out", default="bench/results")
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--sweep-variants", default="4,2,2d2", help="4, 2 (2:4 words), 2d2 (2-bit dense2 words)")
+    p.add_argument("--config-extra", default="", help='full run: JSON merged into every tuned launch config, '
+                   'e.g. \'{"l2_ahead": 8}\' (recorded in the JSON)')
+    p.add_argument("--sweep-set", default="configs", choices=sorted(SWEEPS), help="which config list to sweep")
+    p.add_argument("--label", default="", help="file name suffix, e.g. l2")
     p.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "unknown"))
     a = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -269,12 +288,14 @@ def main() -> None:
     print(f"{device}: device-to-device copy {limits} GB/s, limit {limit:.0f}", flush=True)
     date = datetime.date.today().isoformat()
     tag = device.replace(" ", "-")
-    path = Path(a.out) / f"sbmm{'-sweep' if a.sweep else ''}-{tag}-{date}.json"
+    label = f"-{a.label}" if a.label else ""
+    path = Path(a.out) / f"sbmm{'-sweep' if a.sweep else ''}{label}-{tag}-{date}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
 
     def save(rows: list[dict]) -> None:
         result = {"bench": "sbmm", "device": device, "commit": a.commit, "date": date,
                   "config": {"mode": "sweep" if a.sweep else "full", "copy_limit_gbps": limit,
+                             "config_extra": a.config_extra or None,
                              "copy_gbps_by_timer": limits, "dtype": "float16", "group_size": 128, "sym": True,
                              "shapes": SHAPES,
                              "timing": "CUDA graph of back-to-back calls on rotating slots, median of 7 replays",
@@ -284,7 +305,10 @@ def main() -> None:
                   "rows": rows}
         path.write_text(json.dumps(result, indent=1))
 
-    save(sweep(limit, save, a.sweep_variants.split(",")) if a.sweep else full(a, limit, save))
+    if a.sweep:
+        save(sweep(limit, save, a.sweep_variants.split(","), SWEEPS[a.sweep_set]))
+    else:
+        save(full(a, limit, save))
     print(f"wrote {path}")
 
 
