@@ -229,12 +229,7 @@ SWEEP = [
     ("gluon", {**GLUON_BASE, "BLOCK_N": 128, "prefetch": False, "min_ctas": 1024}),
     ("gluon", {**GLUON_BASE, "BLOCK_N": 128, "BLOCK_M": 16, "prefetch": False, "min_ctas": 1024}),
 ]
-# L2 prefetch distance (K tiles) on the tuned configs (<= 8 rows; the same without register prefetch; > 8 rows)
-TUNED_4 = {**GLUON_BASE, "min_ctas": 1024}
-TUNED_2 = {**GLUON_BASE, "prefetch": False, "min_ctas": 1024}
-TUNED_WIDE = {**GLUON_BASE, "BLOCK_M": 16, "min_ctas": 1024}
-SWEEP_L2 = [("gluon", {**cfg, "l2_ahead": d}) for cfg in (TUNED_4, TUNED_2, TUNED_WIDE) for d in (0, 4, 8, 16)]
-SWEEPS = {"configs": SWEEP, "l2": SWEEP_L2}
+SWEEPS = {"configs": SWEEP}
 # (shape, distinct deltas, rows per delta): decode points around the N >= 8 goal, one small-N, one prefill
 SWEEP_CASES = (("qkvo", 8, 4), ("qkvo", 8, 16), ("qkvo", 32, 1), ("gate_up", 8, 4), ("down", 8, 4),
                ("gate_up", 32, 16), ("qkvo", 1, 4), ("qkvo", 2, 1), ("qkvo", 4, 256))
@@ -276,9 +271,9 @@ def main() -> None:
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--sweep-variants", default="4,2,2d2", help="4, 2 (2:4 words), 2d2 (2-bit dense2 words)")
     p.add_argument("--config-extra", default="", help='full run: JSON merged into every tuned launch config, '
-                   'e.g. \'{"l2_ahead": 8}\' (recorded in the JSON)')
+                   'e.g. \'{"scale_after": false}\' (recorded in the JSON)')
     p.add_argument("--sweep-set", default="configs", choices=sorted(SWEEPS), help="which config list to sweep")
-    p.add_argument("--label", default="", help="file name suffix, e.g. l2")
+    p.add_argument("--label", default="", help="file name suffix, e.g. scale-each")
     p.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "unknown"))
     a = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -234,7 +234,7 @@ def _launch_gluon(common, x, n, k, group_size, num_groups, num_segments, bits, a
     splits = split_k(config, n, k, bits, t, num_segments)
     const = _gluon_constexprs(n, k, group_size, num_groups, bits, asym, x.dtype, config["BLOCK_M"],
                               config["BLOCK_N"], config["num_warps"], bool(config.get("prefetch", True)), splits,
-                              dense2, bool(config.get("scale_after", True)), int(config.get("l2_ahead", 0)))
+                              dense2, bool(config.get("scale_after", True)))
     grid = (triton.cdiv(n, config["BLOCK_N"]), t // config["BLOCK_M"] + num_segments, splits)
     if splits > 1:  # fresh buffers per call: safe under CUDA-graph capture and concurrent streams
         ws = torch.empty(splits, t, n, dtype=torch.float32, device=x.device)
@@ -247,12 +247,11 @@ def _launch_gluon(common, x, n, k, group_size, num_groups, num_segments, bits, a
 
 @functools.lru_cache(maxsize=256)
 def _gluon_constexprs(n, k, group_size, num_groups, bits, asym, dtype, block_m, block_n, num_warps, prefetch,
-                      splits=1, dense2=False, scale_after=True, l2_ahead=0) -> dict:
+                      splits=1, dense2=False, scale_after=True) -> dict:
     """Compile-time arguments of one Gluon launch shape (cached: building layouts costs ~40 µs of host time);
     `bits` is the tile geometry (4 for dense2 words). dense2 words with one scale per row or per K tile are
     expanded unscaled and the accumulator takes the scale (`scale_after`, the default; False: scale each
-    value, for comparison). `l2_ahead` > 0: each program prefetches its rows' packed words that many K tiles
-    ahead into L2 (a row's words of one tile are only 32 bytes)."""
+    value)."""
     block_k = sbmm_gluon.WORDS_PER_TILE * 64 // bits
     if num_groups == 1:
         scale_mode, group_size = sbmm_triton.SCALE_ROW, k
@@ -275,7 +274,6 @@ def _gluon_constexprs(n, k, group_size, num_groups, bits, asym, dtype, block_m, 
         Z2=_half2_const(magic if asym else magic + zero_point, dtype),
         L_WORDS=sbmm_gluon.word_layout(block_n, num_warps), L_X=sbmm_gluon.x_layout(bits, block_m, num_warps),
         L_SEG=sbmm_gluon.seg_layout(num_warps), PREFETCH=prefetch, SPLIT_K=splits, RAW=raw,
-        L2_AHEAD=l2_ahead,
     )
 
 

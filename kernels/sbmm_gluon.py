@@ -147,13 +147,6 @@ def _load_tile(x_tile, qw_tile, meta_tile, scale_rows, zero_rows, k0, offs_w, ma
 
 
 @gluon.jit
-def _prefetch_l2(ptrs):
-    """`prefetch.global.L2` of the line holding each address (no register result; the dummy is unused)."""
-    gl.inline_asm_elementwise("prefetch.global.L2 [$1];\nmov.u32 $0, 0;", "=r,l", [ptrs], dtype=gl.int32,
-                              is_pure=False, pack=1)
-
-
-@gluon.jit
 def _half2_bits(v, DTYPE: gl.constexpr):
     """fp16 tensor -> int32 holding the DTYPE bits of v in both 16-bit lanes."""
     h = v.to(DTYPE).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
@@ -176,7 +169,7 @@ def _sbmm_gluon_kernel(
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, MAX_SEGS: gl.constexpr,
     ASM: gl.constexpr, CONSTRAINTS: gl.constexpr, Z2: gl.constexpr,
     L_WORDS: gl.constexpr, L_X: gl.constexpr, L_SEG: gl.constexpr, PREFETCH: gl.constexpr,
-    SPLIT_K: gl.constexpr, HAS_META: gl.constexpr, RAW: gl.constexpr, L2_AHEAD: gl.constexpr,
+    SPLIT_K: gl.constexpr, HAS_META: gl.constexpr, RAW: gl.constexpr,
 ):
     DPW: gl.constexpr = 64 // BITS
     NW: gl.constexpr = 8
@@ -223,19 +216,7 @@ def _sbmm_gluon_kernel(
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
     x, qw, mw, sc, zc = _load_tile(x_tile, qw_tile, meta_tile, scale_rows, zero_rows, k_lo, offs_w, mask_n, mask_s,
                                    ASYM, SCALE_MODE, GROUP_SIZE, DPW, EVEN_N, HAS_META, RAW)
-    if L2_AHEAD > 0:  # one thread per row: L2 prefetch of the 128-byte lines L2_AHEAD tiles ahead
-        offs_pn = gl.minimum(n0 + gl.arange(0, BLOCK_N, layout=L_SEG), N - 1)
-        qw_lines = qw_ptr + slot64 * stride_qs + offs_pn * stride_qn
-        meta_lines = meta_ptr + slot64 * stride_ms + offs_pn * stride_mn
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        if L2_AHEAD > 0:  # a row's words of one tile are 32 bytes (meta 16): one line covers 4 (8) tiles
-            step = k0 // BLOCK_K
-            k_pf = k0 + L2_AHEAD * BLOCK_K
-            if (step % 4 == 0) & (k_pf < k_hi):
-                _prefetch_l2(qw_lines + k_pf // DPW)
-                if HAS_META:
-                    if step % 8 == 0:
-                        _prefetch_l2(meta_lines + k_pf // DPW)
         if PREFETCH:  # next tile's loads in flight while this one is expanded (last step re-reads itself)
             k_next = gl.minimum(k0 + BLOCK_K, k_hi - BLOCK_K)
             x_n, qw_n, mw_n, sc_n, zc_n = _load_tile(x_tile, qw_tile, meta_tile, scale_rows, zero_rows, k_next,
