@@ -229,13 +229,7 @@ SWEEP = [
     ("gluon", {**GLUON_BASE, "BLOCK_N": 128, "prefetch": False, "min_ctas": 1024}),
     ("gluon", {**GLUON_BASE, "BLOCK_N": 128, "BLOCK_M": 16, "prefetch": False, "min_ctas": 1024}),
 ]
-# cp.async ring of packed-word tiles in shared memory (stages) on the tuned configs, with and without the
-# register prefetch of x
-STAGED = [("gluon", {**cfg, "stages": st}) for cfg in ({**GLUON_BASE, "min_ctas": 1024},
-                                                       {**GLUON_BASE, "prefetch": False, "min_ctas": 1024},
-                                                       {**GLUON_BASE, "BLOCK_M": 16, "min_ctas": 1024})
-          for st in (0, 3, 4, 6)]
-SWEEPS = {"configs": SWEEP, "stages": STAGED}
+SWEEPS = {"configs": SWEEP}
 # (shape, distinct deltas, rows per delta): decode points around the N >= 8 goal, one small-N, one prefill
 SWEEP_CASES = (("qkvo", 8, 4), ("qkvo", 8, 16), ("qkvo", 32, 1), ("gate_up", 8, 4), ("down", 8, 4),
                ("gate_up", 32, 16), ("qkvo", 1, 4), ("qkvo", 2, 1), ("qkvo", 4, 256))

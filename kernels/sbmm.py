@@ -234,7 +234,7 @@ def _launch_gluon(common, x, n, k, group_size, num_groups, num_segments, bits, a
     splits = split_k(config, n, k, bits, t, num_segments)
     const = _gluon_constexprs(n, k, group_size, num_groups, bits, asym, x.dtype, config["BLOCK_M"],
                               config["BLOCK_N"], config["num_warps"], bool(config.get("prefetch", True)), splits,
-                              dense2, bool(config.get("scale_after", True)), int(config.get("stages", 0)))
+                              dense2, bool(config.get("scale_after", True)))
     grid = (triton.cdiv(n, config["BLOCK_N"]), t // config["BLOCK_M"] + num_segments, splits)
     if splits > 1:  # fresh buffers per call: safe under CUDA-graph capture and concurrent streams
         ws = torch.empty(splits, t, n, dtype=torch.float32, device=x.device)
@@ -247,14 +247,11 @@ def _launch_gluon(common, x, n, k, group_size, num_groups, num_segments, bits, a
 
 @functools.lru_cache(maxsize=256)
 def _gluon_constexprs(n, k, group_size, num_groups, bits, asym, dtype, block_m, block_n, num_warps, prefetch,
-                      splits=1, dense2=False, scale_after=True, stages=0) -> dict:
+                      splits=1, dense2=False, scale_after=True) -> dict:
     """Compile-time arguments of one Gluon launch shape (cached: building layouts costs ~40 µs of host time);
     `bits` is the tile geometry (4 for dense2 words). dense2 words with one scale per row or per K tile are
     expanded unscaled and the accumulator takes the scale (`scale_after`, the default; False: scale each
-    value). `stages` >= 3: packed words (and meta) stream through a ring of that many shared-memory tiles
-    filled by cp.async (0: loaded into registers, `prefetch` one tile ahead)."""
-    if stages and stages < 3:
-        raise ValueError(f"sbmm config: stages must be 0 or >= 3, got {stages}")
+    value)."""
     block_k = sbmm_gluon.WORDS_PER_TILE * 64 // bits
     if num_groups == 1:
         scale_mode, group_size = sbmm_triton.SCALE_ROW, k
@@ -277,8 +274,6 @@ def _gluon_constexprs(n, k, group_size, num_groups, bits, asym, dtype, block_m, 
         Z2=_half2_const(magic if asym else magic + zero_point, dtype),
         L_WORDS=sbmm_gluon.word_layout(block_n, num_warps), L_X=sbmm_gluon.x_layout(bits, block_m, num_warps),
         L_SEG=sbmm_gluon.seg_layout(num_warps), PREFETCH=prefetch, SPLIT_K=splits, RAW=raw,
-        STAGES=stages, L_CP_W=sbmm_gluon.copy_layout(4, num_warps),
-        L_CP_M=sbmm_gluon.copy_layout(2 if bits == 4 and not dense2 else 4, num_warps),
     )
 
 

@@ -20,7 +20,7 @@ The PTX expander is kernels/sbmm_asm.py; docs/kernels.md has the instruction cou
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 
 WORDS_PER_TILE = 8  # 4 lanes x 2 words: one K tile is 8 * DPW dense columns (128 at 4-bit, 256 at 2-bit)
@@ -131,8 +131,7 @@ def _load_tile(x_tile, qw_tile, meta_tile, scale_rows, zero_rows, k0, offs_w, ma
                HAS_META: gl.constexpr, RAW: gl.constexpr):
     """Everything one K step reads: x [BM, BK], words and meta [BN, NW] (dense2 words: no meta), scales
     (scale_rows / mask_s: in the word layout, or the accumulator's with RAW)."""
-    x, sc, zc = _load_act(x_tile, scale_rows, zero_rows, k0, offs_w, mask_s, ASYM, SCALE_MODE, GROUP_SIZE, DPW,
-                          EVEN_N, RAW)
+    x = gl.load(x_tile + k0)
     if EVEN_N:
         qw = gl.load(qw_tile + k0 // DPW)
     else:
@@ -143,25 +142,8 @@ def _load_tile(x_tile, qw_tile, meta_tile, scale_rows, zero_rows, k0, offs_w, ma
         mw = gl.load(meta_tile + k0 // DPW).to(gl.int32)
     else:
         mw = gl.load(meta_tile + k0 // DPW, mask=mask_n[:, None], other=0).to(gl.int32)
-    return x, qw, mw, sc, zc
-
-
-@gluon.jit
-def _load_act(x_tile, scale_rows, zero_rows, k0, offs_w, mask_s, ASYM: gl.constexpr, SCALE_MODE: gl.constexpr,
-              GROUP_SIZE: gl.constexpr, DPW: gl.constexpr, EVEN_N: gl.constexpr, RAW: gl.constexpr):
-    """The K step's activations x [BM, BK] and scales (the packed words come separately)."""
-    x = gl.load(x_tile + k0)
     sc, zc = _load_scales(scale_rows, zero_rows, k0, offs_w, mask_s, ASYM, SCALE_MODE, GROUP_SIZE, DPW, EVEN_N, RAW)
-    return x, sc, zc
-
-
-@gluon.jit
-def _issue_words(w_smem, m_smem, stage, w_src, m_src, k, DPW: gl.constexpr, HAS_META: gl.constexpr):
-    """cp.async of one K tile's packed words (and meta) into ring stage `stage`, as one commit group."""
-    async_copy.async_copy_global_to_shared(w_smem.index(stage), w_src + k // DPW)
-    if HAS_META:
-        async_copy.async_copy_global_to_shared(m_smem.index(stage), m_src + k // DPW)
-    async_copy.commit_group()
+    return x, qw, mw, sc, zc
 
 
 @gluon.jit
@@ -188,7 +170,6 @@ def _sbmm_gluon_kernel(
     ASM: gl.constexpr, CONSTRAINTS: gl.constexpr, Z2: gl.constexpr,
     L_WORDS: gl.constexpr, L_X: gl.constexpr, L_SEG: gl.constexpr, PREFETCH: gl.constexpr,
     SPLIT_K: gl.constexpr, HAS_META: gl.constexpr, RAW: gl.constexpr,
-    STAGES: gl.constexpr, L_CP_W: gl.constexpr, L_CP_M: gl.constexpr,
 ):
     DPW: gl.constexpr = 64 // BITS
     NW: gl.constexpr = 8
@@ -233,50 +214,10 @@ def _sbmm_gluon_kernel(
     x_tile = x_ptr + offs_xm[:, None] * stride_xm + offs_xk[None, :]
     z2 = gl.full([BLOCK_N, 1], Z2, gl.int32, layout=L_WORDS)
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
-    if STAGES > 0:
-        # packed words (and meta) through a ring of STAGES shared-memory tiles filled by cp.async, STAGES - 1
-        # tiles in flight per program without holding them in registers; x and scales load as below. Rows past
-        # N re-read row N - 1 (their results are never stored); tiles past k_hi re-read the last one (never used).
-        SH: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])  # per stage: row-major, no swizzle
-        w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, NW], SH)
-        cp_n = gl.minimum(n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, L_CP_W)), N - 1)
-        w_src = (qw_ptr + slot64 * stride_qs + cp_n[:, None] * stride_qn
-                 + gl.arange(0, NW, layout=gl.SliceLayout(0, L_CP_W))[None, :])
-        if HAS_META:
-            m_smem = gl.allocate_shared_memory(meta_ptr.dtype.element_ty, [STAGES, BLOCK_N, NW], SH)
-            cp_mn = gl.minimum(n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, L_CP_M)), N - 1)
-            m_src = (meta_ptr + slot64 * stride_ms + cp_mn[:, None] * stride_mn
-                     + gl.arange(0, NW, layout=gl.SliceLayout(0, L_CP_M))[None, :])
-        else:
-            m_smem = w_smem
-            m_src = w_src
-        for s in gl.static_range(STAGES - 1):
-            _issue_words(w_smem, m_smem, s, w_src, m_src, gl.minimum(k_lo + s * BLOCK_K, k_hi - BLOCK_K), DPW,
-                         HAS_META)
-        x, sc, zc = _load_act(x_tile, scale_rows, zero_rows, k_lo, offs_w, mask_s, ASYM, SCALE_MODE, GROUP_SIZE,
-                              DPW, EVEN_N, RAW)
-    else:
-        x, qw, mw, sc, zc = _load_tile(x_tile, qw_tile, meta_tile, scale_rows, zero_rows, k_lo, offs_w, mask_n,
-                                       mask_s, ASYM, SCALE_MODE, GROUP_SIZE, DPW, EVEN_N, HAS_META, RAW)
+    x, qw, mw, sc, zc = _load_tile(x_tile, qw_tile, meta_tile, scale_rows, zero_rows, k_lo, offs_w, mask_n, mask_s,
+                                   ASYM, SCALE_MODE, GROUP_SIZE, DPW, EVEN_N, HAS_META, RAW)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        if STAGES > 0:
-            i = (k0 - k_lo) // BLOCK_K
-            async_copy.wait_group(STAGES - 2)  # tile i has landed (this thread's copies) ...
-            gl.thread_barrier()  # ... every thread's, and nobody still reads the stage refilled next
-            _issue_words(w_smem, m_smem, (i + STAGES - 1) % STAGES, w_src, m_src,
-                         gl.minimum(k0 + (STAGES - 1) * BLOCK_K, k_hi - BLOCK_K), DPW, HAS_META)
-            qw = w_smem.index(i % STAGES).load(L_WORDS)
-            if HAS_META:
-                mw = m_smem.index(i % STAGES).load(L_WORDS).to(gl.int32)
-            else:
-                mw = qw
-            if PREFETCH:
-                x_n, sc_n, zc_n = _load_act(x_tile, scale_rows, zero_rows, gl.minimum(k0 + BLOCK_K, k_hi - BLOCK_K),
-                                            offs_w, mask_s, ASYM, SCALE_MODE, GROUP_SIZE, DPW, EVEN_N, RAW)
-            else:
-                x, sc, zc = _load_act(x_tile, scale_rows, zero_rows, k0, offs_w, mask_s, ASYM, SCALE_MODE,
-                                      GROUP_SIZE, DPW, EVEN_N, RAW)
-        elif PREFETCH:  # next tile's loads in flight while this one is expanded (last step re-reads itself)
+        if PREFETCH:  # next tile's loads in flight while this one is expanded (last step re-reads itself)
             k_next = gl.minimum(k0 + BLOCK_K, k_hi - BLOCK_K)
             x_n, qw_n, mw_n, sc_n, zc_n = _load_tile(x_tile, qw_tile, meta_tile, scale_rows, zero_rows, k_next,
                                                      offs_w, mask_n, mask_s, ASYM, SCALE_MODE, GROUP_SIZE, DPW,
@@ -301,10 +242,7 @@ def _sbmm_gluon_kernel(
             acc += part * sc.to(gl.float32)[:, None]
         else:
             acc = mma_v2(a_op, b_op, acc)  # acc: [BN, BM] = Δ_tile @ x_tile.T
-        if STAGES > 0:
-            if PREFETCH:
-                x, sc, zc = x_n, sc_n, zc_n
-        elif PREFETCH:
+        if PREFETCH:
             x, qw, mw, sc, zc = x_n, qw_n, mw_n, sc_n, zc_n
     if RAW and SCALE_MODE == 0:  # one scale per row: applied once
         acc = acc * sc.to(gl.float32)[:, None]
@@ -342,14 +280,6 @@ def word_layout(block_n: int, num_warps: int) -> gl.DistributedLinearLayout:
     warp = [[16 << i, 0] for i in range(num_warps.bit_length() - 1)]
     return gl.DistributedLinearLayout(reg_bases=reg, lane_bases=lane, warp_bases=warp, block_bases=[],
                                       shape=[block_n, 8])
-
-
-def copy_layout(elem_bytes: int, num_warps: int) -> gl.BlockedLayout:
-    """[BN, 8] packed elements (words, or int16 meta) for cp.async: 16 bytes per thread, rows across lanes."""
-    per_thread = 16 // elem_bytes
-    lanes_per_row = 8 // per_thread
-    return gl.BlockedLayout(size_per_thread=[1, per_thread], threads_per_warp=[32 // lanes_per_row, lanes_per_row],
-                            warps_per_cta=[num_warps, 1], order=[1, 0])
 
 
 def x_layout(bits: int, block_m: int, num_warps: int) -> gl.DistributedLinearLayout:

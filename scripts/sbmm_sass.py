@@ -51,8 +51,7 @@ def compile_kernel(a):
         n = 4096 + (a.bn // 2 if a.odd_n else 0)
         num_groups = 1 if a.group == 0 else a.k // a.group
         const = dict(sbmm._gluon_constexprs(n, a.k, a.group or a.k, num_groups, a.bits, asym, tdt, a.bm, a.bn,
-                                            a.warps, not a.no_prefetch, a.split_k, a.dense2, not a.scale_each,
-                                            a.stages_smem),
+                                            a.warps, not a.no_prefetch, a.split_k, a.dense2, not a.scale_each),
                      MAX_SEGS=16)
         fn, source = sbmm_gluon._sbmm_gluon_kernel, GluonASTSource
     else:
@@ -111,7 +110,6 @@ def main() -> None:
     p.add_argument("--dense2", action="store_true", help="gluon: dense2 words (kernels/layout.py), 2-bit")
     p.add_argument("--scale-each", action="store_true",
                    help="gluon dense2: scale every value in the expander instead of the accumulator")
-    p.add_argument("--stages-smem", type=int, default=0, help="gluon: cp.async ring of packed-word tiles (0: off)")
     p.add_argument("--split-k", type=int, default=1, help="gluon: K splits (fp32 partials, last CTA reduces)")
     p.add_argument("--bm", type=int, default=16)
     p.add_argument("--bn", type=int, default=64)

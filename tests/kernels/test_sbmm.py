@@ -320,40 +320,6 @@ def test_dense2_words_match_the_canonical_reference_gpu(n, k, group, dtype, layo
         torch.testing.assert_close(y_kernel.float(), y_ref.float(), **tol)
 
 
-@gpu
-@pytest.mark.parametrize("words", ["4", "2", "dense2"])
-@pytest.mark.parametrize("stages", [3, 4])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("prefetch,block_m,min_ctas", [(True, 8, 0), (False, 16, 10**6)])
-def test_gluon_staged_words_gpu(words, stages, dtype, prefetch, block_m, min_ctas):
-    """Packed words (and meta) streamed through a cp.async ring of shared-memory tiles give the reference's
-    result: odd N (rows past N), segments that leave rows untouched, K = 11 tiles split unevenly, group and
-    row scales (scaled and unscaled dense2 expansion)."""
-    bits = 4 if words == "4" else 2
-    geometry = 4 if words in ("4", "dense2") else 2
-    n, k = 200, 11 * 8 * 64 // geometry
-    for group in (128, None):
-        stack, x, y, starts, slots = make_case(n, k, bits, group, True, dtype, "empty", "cuda", seed=13, pad_rows=3)
-        y_ref = y.clone()
-        reference.sbmm_reference(x, y_ref, stack["qweight"], stack["meta"], stack["scales"], None, bits, (n, k),
-                                 starts.cpu(), slots.cpu())
-        qweight, meta = stack["qweight"], stack["meta"]
-        if words == "dense2":
-            qweight, meta = torch.stack([layout.to_dense2(q, m) for q, m in zip(qweight, meta)]), None
-        for scale_after in (True, False):
-            cfg = dict(BLOCK_M=block_m, BLOCK_N=64, num_warps=2, prefetch=prefetch, min_ctas=min_ctas,
-                       stages=stages, scale_after=scale_after)
-            y_kernel = y.clone()
-            sbmm.sbmm(x, y_kernel, qweight, meta, stack["scales"], None, starts, slots, bits, kernel="gluon",
-                      config=cfg)
-            torch.testing.assert_close(y_kernel.float(), y_ref.float(), **TOL[dtype])
-
-
-def test_staged_config_needs_three_stages():
-    with pytest.raises(ValueError, match="stages"):
-        sbmm._gluon_constexprs(64, 512, 128, 4, 4, False, torch.float16, 8, 64, 2, True, 1, False, True, 2)
-
-
 def test_dense2_needs_two_bit_symmetric_words():
     x, y = torch.zeros(2, 128), torch.zeros(2, 8)
     words, scales = torch.zeros(1, 8, 8, dtype=torch.int32), torch.zeros(1, 8, 1, dtype=torch.float16)
