@@ -22,13 +22,17 @@ import datetime
 import shutil
 import tempfile
 import threading
-import time
+from collections.abc import Callable
 from pathlib import Path
 
+from deltazip.rpc.ports import PortRange
+
 from bench.replay import Outcome, add_ratios, goal_summary, replay, sample_worker, summarize
+from bench.results_io import device_name, git_commit, write_results
+from bench.run_budget import RunBudget
 from bench.serve_stack import Stack
 from bench.split_replay import split_replay
-from bench.results_io import device_name, git_commit, write_results
+from bench.warm import WARM_TIERS, TierBudget, warm_residency
 from bench.workload import Request, WorkloadConfig, generate, map_trace_models, read_trace, scaled, with_model
 
 MODES = ("delta", "dense-delta", "swap")
@@ -55,8 +59,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--auto-fraction", type=float, default=0.5,
                    help="with --rate-rps 0: load 1 offers this share of the base-only capacity")
     p.add_argument("--budget-s", type=float, default=0.0,
-                   help="skip the points left once this many seconds have passed (0 = no budget); results are "
-                        "written after every point either way")
+                   help="skip the points (and modes) left once this many seconds have passed (0 = no budget); "
+                        "results are written after every point either way")
+    p.add_argument("--mode-reserve-s", type=float, default=0.0,
+                   help="with --budget-s: a mode's second and later points start only while this many seconds per "
+                        "mode still to start remain, so every mode gets its first point (0 = off)")
     p.add_argument("--loads", type=floats, default=[1.0], help="comma list of multipliers of --rate-rps")
     p.add_argument("--num-requests", type=int, default=20)
     p.add_argument("--arrival", choices=("poisson", "gamma"), default="gamma")
@@ -88,6 +95,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup-requests", type=int, default=0,
                    help="replay the first N requests of each mode x num_models workload, unrecorded, before its "
                         "points (steady state: deltas resident, kernels built); 0 = every point starts cold")
+    p.add_argument("--warmup-prefetch", action="store_true",
+                   help="before each mode x num_models warm-up, prefetch every fine-tune of the set through the "
+                        "SDK into the strongest tier its mode keeps, most popular first, as far as the worker's "
+                        "budgets hold them: delta and dense-delta to GPU slots, then host; swap to the pinned host "
+                        "cache (merged models; swap has no device tier worth the name). Recorded under warmups")
+    p.add_argument("--warmup-prefetch-timeout-s", type=float, default=300.0,
+                   help="longest a point set's prefetch may take (also bounded by --budget-s)")
+    p.add_argument("--keep-disk-cache", action="store_true",
+                   help="one worker disk cache for all modes: a later mode starts with the deltas an earlier one "
+                        "fetched on local disk (default: each mode's cache starts empty; full-depth 7B deltas of "
+                        "several modes would fill a disk)")
+    p.add_argument("--port-range", default="",
+                   help="FIRST-LAST: ports of this run's processes (runs side by side get disjoint ranges); "
+                        "default: free ports picked by the OS")
     p.add_argument("--work-dir", type=Path, help="models, store and logs (default: a temp dir)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--label", default="", help="file label instead of the device name, e.g. cpu-smoke")
@@ -100,6 +121,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--schedulers and --client-procs must be >= 1, --stream-chunk-tokens >= 0")
     if args.target and args.schedulers > 1:
         p.error("--schedulers starts schedulers; with --target, list a running stack's schedulers in --target A,B")
+    if args.target and args.warmup_prefetch:
+        p.error("--warmup-prefetch sizes the warm state from the worker's flags: it needs the stack started here")
+    try:
+        args.ports = PortRange.parse(args.port_range) if args.port_range else None
+    except ValueError as exc:
+        p.error(str(exc))
     return args
 
 
@@ -139,12 +166,20 @@ async def _sample_until(worker_address: str, done: threading.Event) -> dict:
     return await sampler
 
 
+def mark(args, event: str, **fields) -> None:
+    """One timeline entry (seconds since the run started): where a run's time went, in the JSON and the log."""
+    entry = {"event": event, "at_s": round(args.budget.elapsed_s(), 1), **fields}
+    args.timeline.append(entry)
+    print(f"[{entry['at_s']:.0f} s] {event} " + " ".join(f"{k}={v}" for k, v in fields.items()), flush=True)
+
+
 def run_point(address: str, requests: list[Request], args, point: dict, base: dict | None, rows: list,
-              latencies: list, worker_address: str | None = None) -> list[Outcome]:
+              latencies: list, worker_address: str | None = None, first_of_mode: bool = True) -> list[Outcome]:
     """Replay one (mode, bits, num_models, load) point and append its row and latency samples."""
-    if args.budget_s and time.monotonic() - args.started_at > args.budget_s:
-        print(f"budget of {args.budget_s:.0f} s spent: point {point} skipped", flush=True)
-        args.over_budget.append(point)
+    why = args.budget.why_skip(first_of_mode)
+    if why:
+        print(f"{why}: point {point} skipped", flush=True)
+        args.over_budget.append({**point, "why": why})
         return []
     if args.trace:  # a trace has its own rate: report what it offers at this load
         point["rate_rps"] = round(len(requests) / max(requests[-1].timestamp, 1e-9), 3)
@@ -158,13 +193,35 @@ def run_point(address: str, requests: list[Request], args, point: dict, base: di
     print(f"{desc}: {row['throughput_rps']:.2f} req/s, ttft p90 {row['ttft_p90_ms']:.0f} ms, "
           f"e2e p99 {row['e2e_p99_ms']:.0f} ms, slo {row.get('slo_attainment', float('nan')):.2f}, "
           f"failed {row['num_failed']}", flush=True)
+    mark(args, "point", **{k: v for k, v in point.items() if k != "rate_rps"}, wall_s=round(wall_s, 1))
     if args.checkpoint is not None:
         args.checkpoint()  # partial results survive a kill at the call's time limit
     return outcomes
 
 
+def warm_up(address: str, mode: str, bits: int | None, names: list[str], reqs: list[Request], args,
+            prefetch: Callable[[list[str]], dict] | None) -> None:
+    """Before a point set: its fine-tunes prefetched (--warmup-prefetch), then its first requests replayed
+    unrecorded (--warmup-requests): steady state, popular deltas resident and kernels built."""
+    if args.budget.remaining_s() <= 0:
+        return
+    entry = {"mode": mode, "bits": bits, "num_models": len(names)}
+    if prefetch is not None:
+        entry["prefetch"] = done = prefetch(names)
+        mark(args, "prefetched", mode=mode, warmed_to="+".join(done["warmed_to"]), **done["resident"],
+             did_not_fit=len(done["did_not_fit"]), failed=len(done["failed"]), seconds=done["seconds"])
+    if args.warmup_requests:
+        warm = [dataclasses.replace(r, id=f"warm-{r.id}") for r in reqs[:args.warmup_requests]]
+        outcomes, _, _ = send(address, warm, args, f"warm-up mode={mode} bits={bits} num_models={len(names)}")
+        entry.update(requests=len(warm), completed=sum(o.ok for o in outcomes))
+        mark(args, "warm-up", mode=mode, requests=len(warm), completed=entry["completed"])
+    if len(entry) > 3:
+        args.warmups.append(entry)
+
+
 def run_mode(address: str, mode: str, bits: int | None, names: list[str], base_name: str, args, rows: list,
-             latencies: list, base_runs: dict, worker_address: str | None = None) -> None:
+             latencies: list, base_runs: dict, worker_address: str | None = None,
+             prefetch: Callable[[list[str]], dict] | None = None) -> None:
     """All points of one worker mode: base-only reference first (once per load), then every num_models x load."""
     for load in args.loads:
         if base_name and load not in base_runs:
@@ -172,16 +229,15 @@ def run_mode(address: str, mode: str, bits: int | None, names: list[str], base_n
             reqs = scaled(with_model(workload(args, tuple(names)), base_name), load)
             base_runs[load] = {o.id: o for o in run_point(address, reqs, args, point, None, rows, latencies,
                                                                    worker_address)}
+    first = True
     for num_models in args.num_models:
         reqs = workload(args, tuple(names[:num_models]))
-        if args.warmup_requests:  # steady state: popular deltas resident and kernels built before the points
-            warm = [dataclasses.replace(r, id=f"warm-{r.id}") for r in reqs[:args.warmup_requests]]
-            outcomes, _, _ = send(address, warm, args, f"warm-up mode={mode} bits={bits} num_models={num_models}")
-            args.warmups.append({"mode": mode, "bits": bits, "num_models": num_models, "requests": len(warm),
-                                 "completed": sum(o.ok for o in outcomes)})
+        warm_up(address, mode, bits, names[:num_models], reqs, args, prefetch)
         for load in args.loads:
             point = {"mode": mode, "bits": bits, "num_models": num_models, "load": load, "rate_rps": args.rate_rps * load}
-            run_point(address, scaled(reqs, load), args, point, base_runs.get(load), rows, latencies, worker_address)
+            run_point(address, scaled(reqs, load), args, point, base_runs.get(load), rows, latencies, worker_address,
+                      first_of_mode=first)
+            first = False
 
 
 def calibrate_rate(address: str, base_name: str, names: list[str], args) -> None:
@@ -227,19 +283,42 @@ def make_and_push(stack: Stack, args, kind: str, bits: int) -> tuple[Path, list[
     return base_dir, list(named)
 
 
+def prefetcher(stack: Stack, worker, base_dir: Path, mode: str, args) -> Callable[[list[str]], dict] | None:
+    """--warmup-prefetch: a function that warms a point set's fine-tunes on this mode's worker (bench/warm.py)."""
+    if not args.warmup_prefetch:
+        return None
+    budget = TierBudget.of_worker(str(base_dir), [*stack.worker_flags, *mode_flags(args.mode_flag, mode)])
+
+    def prefetch(names: list[str]) -> dict:
+        timeout_s = max(1.0, min(args.warmup_prefetch_timeout_s, args.budget.remaining_s()))
+        return asyncio.run(warm_residency(stack.scheduler.address, worker.address, mode, names, budget, timeout_s))
+
+    return prefetch
+
+
 def run_local(args, rows: list, latencies: list, skipped: list) -> None:
     """Start the stack; per bits: make and push the deltas, then per mode: one worker, all points."""
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="dz-bench-"))
     flags = ["--device", args.device, "--dtype", args.dtype, *args.worker_flag]
     if args.stream_chunk_tokens:
         flags += ["--stream-chunk-tokens", str(args.stream_chunk_tokens)]
-    stack = Stack(work, flags, args.schedulers)
+    stack = Stack(work, flags, args.schedulers, args.keep_disk_cache, args.ports)
     address = ",".join(p.address for p in stack.schedulers)
     base_runs: dict = {}  # load -> {request id: Outcome}: one base-only reference for every bits and mode
+    runs = [(bits, mode) for bits in args.bits for mode in args.modes]
+    mark(args, "stack started")
     try:
         for bits in args.bits:
+            if args.budget.remaining_s() <= 0:
+                skipped += [{"mode": m, "bits": bits, "why": "budget spent before it started"} for m in args.modes]
+                continue
             base_dir, names = make_and_push(stack, args, "sparse24", bits)
+            mark(args, "deltas pushed", bits=bits, num_models=len(names))
             for mode in args.modes:
+                args.budget.modes_after = len(runs) - runs.index((bits, mode)) - 1
+                if args.budget.remaining_s() <= 0:
+                    skipped.append({"mode": mode, "bits": bits, "why": "budget spent before its worker started"})
+                    continue
                 mode_names = names
                 if mode == "dense-delta" and args.dense_artifacts:
                     mode_names = make_and_push(stack, args, "dense", bits)[1]
@@ -249,11 +328,12 @@ def run_local(args, rows: list, latencies: list, skipped: list) -> None:
                     skipped.append({"mode": mode, "bits": bits, "why": str(exc)[-600:]})
                     print(f"mode {mode} skipped: worker did not start:\n{str(exc)[-600:]}", flush=True)
                     continue
+                mark(args, "worker started", mode=mode, bits=bits)
                 try:
                     if args.rate_rps <= 0:
                         calibrate_rate(address, base_dir.name, names, args)
                     run_mode(address, mode, bits, mode_names, base_dir.name, args, rows, latencies,
-                             base_runs, worker.address)
+                             base_runs, worker.address, prefetcher(stack, worker, base_dir, mode, args))
                 finally:
                     stack.stop_worker(worker)
     finally:
@@ -267,8 +347,9 @@ def main(argv: list[str] | None = None) -> Path:
     rows: list[dict] = []
     latencies: list[dict] = []
     skipped: list[dict] = []
-    args.started_at, args.over_budget, args.calibration, args.warmups = time.monotonic(), [], None, []
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "ports"}
+    args.budget = RunBudget(args.budget_s, args.mode_reserve_s)
+    args.over_budget, args.calibration, args.warmups, args.timeline = [], None, [], []
     device = device_name(args.device)
 
     def save() -> Path:
@@ -276,8 +357,9 @@ def main(argv: list[str] | None = None) -> Path:
         add_ratios(final)
         payload = {"bench": "serving", "device": device, "commit": git_commit(), "note": args.note,
                    "date": datetime.date.today().isoformat(), "config": {**config, "rate_rps": args.rate_rps},
-                   "calibration": args.calibration, "warmups": args.warmups, "goals": goal_summary(final), "rows": final,
-                   "skipped": skipped, "over_budget": args.over_budget, "latencies": latencies}
+                   "calibration": args.calibration, "warm_tiers": WARM_TIERS if args.warmup_prefetch else None,
+                   "warmups": args.warmups, "goals": goal_summary(final), "rows": final, "skipped": skipped,
+                   "over_budget": args.over_budget, "timeline": args.timeline, "latencies": latencies}
         return write_results(args.out, "serving", args.label or device, payload)
 
     args.checkpoint = save
