@@ -19,7 +19,11 @@ STYLE = {"delta": ("tab:green", "-"), "dense-delta": ("tab:orange", "--"), "swap
 
 
 def label(entry: dict) -> str:
-    return entry["mode"] + (f" {entry['bits']}-bit" if entry.get("bits") and entry["mode"] == "delta" else "")
+    """'swap 2-bit'; a base row carries bits only in a merged matrix: the base reference of those bits' jobs."""
+    bits = entry.get("bits")
+    if not bits:
+        return entry["mode"]
+    return f"base ({bits}-bit jobs)" if entry["mode"] == "base" else f"{entry['mode']} {bits}-bit"
 
 
 def style(entry: dict) -> dict:
