@@ -1,8 +1,8 @@
 """Time budget of a serving benchmark run (bench/serve.py --budget-s, --mode-reserve-s).
 
-A point starts only while the budget lasts; with a per-mode reserve, a mode's later points also give way while
-the time left would not cover the reserve of every mode still to start, so each mode gets its first point before
-any mode gets its second (a slow baseline cannot eat the time of the modes after it).
+A point starts only while the budget lasts. With a per-mode reserve, a mode's second and later points also give
+way unless, after a point as long as the one before, the reserve of every mode still to start would remain: a
+slow baseline's later loads cannot eat the time the modes after it need for their first point.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ class RunBudget:
     reserve_s_per_mode: float = 0.0
     started_at: float = field(default_factory=time.monotonic)
     modes_after: int = 0  # mode runs (bits x mode) still to start after the current one
+    last_point_s: float = 0.0  # how long the last point took: the estimate for the next point of its mode
 
     def elapsed_s(self) -> float:
         return time.monotonic() - self.started_at
@@ -31,6 +32,7 @@ class RunBudget:
         if left_s <= 0:
             return f"budget of {self.total_s:.0f} s spent"
         reserve_s = self.reserve_s_per_mode * self.modes_after
-        if not first_of_mode and left_s < reserve_s:
-            return f"{left_s:.0f} s left, {reserve_s:.0f} s kept for the {self.modes_after} mode run(s) still to start"
+        if not first_of_mode and left_s - self.last_point_s < reserve_s:
+            return (f"{left_s:.0f} s left, a point takes ~{self.last_point_s:.0f} s and {reserve_s:.0f} s are kept "
+                    f"for the {self.modes_after} mode run(s) still to start")
         return None

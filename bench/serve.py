@@ -89,6 +89,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup-requests", type=int, default=0,
                    help="replay the first N requests of each mode x num_models workload, unrecorded, before its "
                         "points (steady state: deltas resident, kernels built); 0 = every point starts cold")
+    p.add_argument("--warmup-timeout-s", type=float, default=0.0,
+                   help="deadline of a warm-up request (0 = --timeout-s): caps how long a slow mode's warm-up runs")
     p.add_argument("--warmup-prefetch", action="store_true",
                    help="before each mode x num_models warm-up, prefetch every fine-tune of the set through the "
                         "SDK into the strongest tier its mode keeps, most popular first, as far as the worker's "

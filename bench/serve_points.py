@@ -26,17 +26,20 @@ def workload(args: argparse.Namespace, models: tuple[str, ...]) -> list[Request]
     return generate(cfg)
 
 
-def send(address: str, requests: list[Request], args, desc: str, worker_address: str | None = None):
-    """Replay in this process, or from --client-procs processes over the comma-listed schedulers in `address`."""
+def send(address: str, requests: list[Request], args, desc: str, worker_address: str | None = None,
+         timeout_s: float = 0.0):
+    """Replay in this process, or from --client-procs processes over the comma-listed schedulers in `address`;
+    each request's deadline is `timeout_s` (0 = --timeout-s)."""
     addresses = address.split(",")
+    timeout_s = timeout_s or args.timeout_s
     if args.client_procs == 1 and len(addresses) == 1:
-        return asyncio.run(replay(address, requests, args.timeout_s, desc, worker_address))
+        return asyncio.run(replay(address, requests, timeout_s, desc, worker_address))
     args.num_sends = getattr(args, "num_sends", 0) + 1  # request ids unique per replay: a reused id is a retry
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         done = threading.Event()
         sampled = pool.submit(asyncio.run, _sample_until(worker_address, done)) if worker_address else None
         try:
-            outcomes, wall_s, clients = split_replay(addresses, requests, args.timeout_s, desc,
+            outcomes, wall_s, clients = split_replay(addresses, requests, timeout_s, desc,
                                                      max(args.client_procs, len(addresses)), f"s{args.num_sends}-")
         finally:
             done.set()
@@ -80,6 +83,7 @@ def run_point(address: str, requests: list[Request], args, point: dict, base: di
     print(f"{desc}: {row['throughput_rps']:.2f} req/s, ttft p90 {row['ttft_p90_ms']:.0f} ms, "
           f"e2e p99 {row['e2e_p99_ms']:.0f} ms, slo {row.get('slo_attainment', float('nan')):.2f}, "
           f"failed {row['num_failed']}", flush=True)
+    args.budget.last_point_s = wall_s
     mark(args, "point", **{k: v for k, v in point.items() if k != "rate_rps"}, wall_s=round(wall_s, 1))
     if args.checkpoint is not None:
         args.checkpoint()  # partial results survive a kill at the call's time limit
@@ -99,7 +103,8 @@ def warm_up(address: str, mode: str, bits: int | None, names: list[str], reqs: l
              did_not_fit=len(done["did_not_fit"]), failed=len(done["failed"]), seconds=done["seconds"])
     if args.warmup_requests:
         warm = [dataclasses.replace(r, id=f"warm-{r.id}") for r in reqs[:args.warmup_requests]]
-        outcomes, _, _ = send(address, warm, args, f"warm-up mode={mode} bits={bits} num_models={len(names)}")
+        outcomes, _, _ = send(address, warm, args, f"warm-up mode={mode} bits={bits} num_models={len(names)}",
+                              timeout_s=args.warmup_timeout_s)
         entry.update(requests=len(warm), completed=sum(o.ok for o in outcomes))
         mark(args, "warm-up", mode=mode, requests=len(warm), completed=entry["completed"])
     if len(entry) > 3:

@@ -31,12 +31,14 @@ def test_worker_budget_read_with_the_workers_own_parser(tmp_path):
 
 
 def test_budget_keeps_each_later_mode_its_first_point():
-    budget = RunBudget(total_s=100.0, reserve_s_per_mode=30.0, modes_after=2)
+    budget = RunBudget(total_s=100.0, reserve_s_per_mode=30.0, modes_after=2, last_point_s=5.0)
     budget.started_at -= 50.0  # 50 s left, 60 s kept for two modes
     assert budget.why_skip(first_of_mode=True) is None
-    assert "60 s kept for the 2 mode run(s) still to start" in budget.why_skip(first_of_mode=False)
+    assert "a point takes ~5 s and 60 s are kept for the 2 mode run(s)" in budget.why_skip(first_of_mode=False)
     budget.modes_after = 1
-    assert budget.why_skip(first_of_mode=False) is None
+    assert budget.why_skip(first_of_mode=False) is None  # 50 - 5 >= 30
+    budget.last_point_s = 25.0
+    assert budget.why_skip(first_of_mode=False) is not None  # 50 - 25 < 30
     budget.started_at -= 60.0
     assert budget.why_skip(first_of_mode=True) == "budget of 100 s spent"
     unbounded = RunBudget(total_s=0.0, reserve_s_per_mode=30.0, modes_after=2)
