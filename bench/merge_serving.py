@@ -33,10 +33,14 @@ def load_jobs(jobs_dir: Path) -> list[tuple[dict, dict | None]]:
 
 
 def job_status(record: dict) -> str:
+    """How a job ended, from the runner's record (rc of its `timeout`-wrapped run)."""
     rc = record.get("rc")
+    if record.get("skipped"):
+        return f"not started: {record['skipped']}"
     if rc is None:
-        return "stopped by the runner before it ended"
-    ends = {0: "done", 124: "hard-stopped at its time limit", 137: "killed at its time limit"}
+        return "no end recorded (the runner itself was stopped)"
+    ends = {0: "done", 124: "hard-stopped at its time limit", 137: "killed at its time limit",
+            130: "stopped by the runner at the matrix budget"}
     return ends.get(rc, f"failed (rc {rc})")
 
 

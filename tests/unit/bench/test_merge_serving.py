@@ -58,7 +58,7 @@ def test_merge_writes_one_json_with_every_jobs_rows_and_gpu(jobs_dir, tmp_path, 
     status = {j["label"]: (j["gpu"], j["status"], j["result"]) for j in data["jobs"]}
     assert status == {"H100-m8-b4": ("0", "done", f"serving-H100-m8-b4-{DATE}.json"),
                       "H100-m32-b4": ("1", "hard-stopped at its time limit", f"serving-H100-m32-b4-{DATE}.json"),
-                      "H100-m32-b2": ("0", "stopped by the runner before it ended", None)}
+                      "H100-m32-b2": ("0", "no end recorded (the runner itself was stopped)", None)}
     assert len(data["rows"]) == 2 * 7  # base, delta, dense-delta at 2 loads, swap at 1
     base = [r for r in data["rows"] if r["mode"] == "base" and r["job"] == "H100-m32-b4"]
     assert {(r["gpu"], r["job_num_models"], r["job_bits"]) for r in base} == {("1", 32, 4)}
