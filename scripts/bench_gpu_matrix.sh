@@ -68,9 +68,14 @@ else
   [[ ${#GPU_LIST[@]} -ge 1 && -n "$GPU_NAME" ]] || { echo "no GPU found (nvidia-smi); DEVICE=cpu checks this script without one" >&2; exit 1; }
 fi
 NUM_GPUS=${#GPU_LIST[@]}
-CORES=$(nproc)
+# The CPUs this process may use (a container's cpuset need not start at 0), cut into one slice per GPU.
+read -r -a CPU_IDS <<<"$("$PY" -c "import os; print(*sorted(os.sched_getaffinity(0)))")"
+CORES=${#CPU_IDS[@]}
 CPU_PIN=${CPU_PIN:-$([[ "$DEVICE" != cpu && $CORES -ge $((4 * NUM_GPUS)) ]] && command -v taskset >/dev/null && echo 1 || echo 0)}
-SLICE=$((CORES / NUM_GPUS > 0 ? CORES / NUM_GPUS : 1))
+SLICE=$((CORES / NUM_GPUS))
+(( SLICE >= 1 )) || CPU_PIN=0  # fewer CPUs than GPUs: no slices to give
+SLICE=$((SLICE > 0 ? SLICE : 1))
+cpu_slice() { local ids=("${CPU_IDS[@]:$(($1 * SLICE)):SLICE}"); local IFS=,; echo "${ids[*]}"; }
 SERVE_ARGS="--timeout-s $TIMEOUT_S --warmup-requests $WARMUP_REQUESTS --warmup-timeout-s $WARMUP_TIMEOUT_S --warmup-prefetch
   --keep-disk-cache --mode-reserve-s $MODE_RESERVE_S --worker-flag=--host-cache-bytes=$HOST_CACHE_BYTES --out $JOBS_DIR"
 [[ "$DEVICE" == cpu ]] || SERVE_ARGS+=" --worker-flag=--cuda-graphs=1"
@@ -82,7 +87,7 @@ if [[ "${DRY_RUN:-0}" == 1 ]]; then
   echo "plan: ${#JOB_LIST[@]} jobs on $NUM_GPUS GPU(s) [${GPU_LIST[*]}], budget ${BUDGET_S}s (all stopped at $((BUDGET_S + MARGIN_S))s), cpu pin $CPU_PIN"
   for i in "${!JOB_LIST[@]}"; do
     k=$((i % NUM_GPUS))
-    echo "job $i: num_models=${JOB_LIST[$i]%%:*} bits=${JOB_LIST[$i]##*:} gpu=${GPU_LIST[$k]} turn=$((i / NUM_GPUS + 1)) label=$(job_label "${JOB_LIST[$i]}") ports=$(job_ports "$i")"
+    echo "job $i: num_models=${JOB_LIST[$i]%%:*} bits=${JOB_LIST[$i]##*:} gpu=${GPU_LIST[$k]} turn=$((i / NUM_GPUS + 1)) label=$(job_label "${JOB_LIST[$i]}") ports=$(job_ports "$i") cpus=$( (( CPU_PIN )) && cpu_slice "$k" || echo all)"
   done
   echo "each job: bash scripts/bench_gpu.sh with BENCH_ARGS=--budget-s <share - $POINT_S> --label <label> --port-range <ports> $(echo $SERVE_ARGS) ${BENCH_ARGS:-}"
   exit 0
@@ -112,7 +117,7 @@ run_job() {  # job index, gpu slot, share in seconds
   started=$(($(date +%s) - T0))
   rm -f "$JOBS_DIR/serving-$label-"*.json "$JOBS_DIR/serving-$label-"*.png  # an earlier run's result is not this one's
   write_record "$label" "$gpu" "$n" "$b" "$share" null "$started" null null
-  (( CPU_PIN )) && pin=(taskset -c "$((k * SLICE))-$((k * SLICE + SLICE - 1))")
+  (( CPU_PIN )) && pin=(taskset -c "$(cpu_slice "$k")")
   echo "[$started s] job $label on gpu $gpu: share ${share}s"
   CUDA_VISIBLE_DEVICES=$gpu OMP_NUM_THREADS=$SLICE NUM_MODELS=$n BITS=$b WORK_DIR="$WORK_ROOT/$label" \
     BENCH_ARGS="--budget-s $((share - POINT_S)) --label $label --port-range $(job_ports "$i") $SERVE_ARGS ${BENCH_ARGS:-}" \
