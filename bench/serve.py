@@ -186,8 +186,10 @@ def run_local(args, rows: list, latencies: list, skipped: list) -> None:
             mark(args, "deltas pushed", bits=bits, num_models=len(names))
             for mode in args.modes:
                 args.budget.modes_after = len(runs) - runs.index((bits, mode)) - 1
-                if args.budget.remaining_s() <= 0:
-                    skipped.append({"mode": mode, "bits": bits, "why": "budget spent before its worker started"})
+                why = args.budget.why_skip_mode()
+                if why:
+                    skipped.append({"mode": mode, "bits": bits, "why": why})
+                    print(f"mode {mode} skipped: {why}", flush=True)
                     continue
                 mode_names = names
                 if mode == "dense-delta" and args.dense_artifacts:

@@ -42,7 +42,7 @@ MARGIN_S=${MARGIN_S:-45}
 TIMEOUT_S=${TIMEOUT_S:-45}            # a request's deadline (per point)
 POINT_S=${POINT_S:-20}                # no point starts in the last POINT_S of a job's share
 JOB_GRACE_S=${JOB_GRACE_S:-35}        # a job is stopped this long after its share ends
-MODE_RESERVE_S=${MODE_RESERVE_S:-45}  # per mode still to start: worker start + prefetch + warm-up before its first point
+MODE_RESERVE_S=${MODE_RESERVE_S:-50}  # per mode still to start: worker start + prefetch + warm-up before its first point
 WARMUP_REQUESTS=${WARMUP_REQUESTS:-60}
 WARMUP_TIMEOUT_S=${WARMUP_TIMEOUT_S:-10}
 HOST_CACHE_BYTES=${HOST_CACHE_BYTES:-34359738368}
@@ -51,8 +51,10 @@ OUT=${OUT:-bench/results}
 JOBS_DIR=${JOBS_DIR:-$OUT/serving-matrix-jobs}
 WORK_ROOT=${WORK_ROOT:-$(mktemp -d /tmp/dz-matrix.XXXXXX)}
 # The workload and shape every job shares (bench_gpu.sh reads them); matrix defaults where they differ from it.
+# RATE_RPS=0: load 1 = half the base-only capacity each job measures. Load 2 (the goals' load) first: under a tight
+# budget every mode keeps its first point, and the reserve makes the later ones give way.
 export SHAPE=${SHAPE:-7b} NUM_LAYERS=${NUM_LAYERS:-4} MODES=${MODES:-delta,dense-delta,swap} RATE_RPS=${RATE_RPS:-0}
-export LOADS=${LOADS:-1,2} NUM_REQUESTS=${NUM_REQUESTS:-120} DEVICE
+export LOADS=${LOADS:-2,1} NUM_REQUESTS=${NUM_REQUESTS:-120} DEVICE
 
 IFS=, read -r -a JOB_LIST <<<"$JOBS"
 for spec in "${JOB_LIST[@]}"; do

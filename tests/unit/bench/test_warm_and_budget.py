@@ -43,3 +43,14 @@ def test_budget_keeps_each_later_mode_its_first_point():
     assert budget.why_skip(first_of_mode=True) == "budget of 100 s spent"
     unbounded = RunBudget(total_s=0.0, reserve_s_per_mode=30.0, modes_after=2)
     assert unbounded.why_skip(first_of_mode=False) is None and unbounded.remaining_s() == float("inf")
+
+
+def test_a_mode_starts_only_while_its_reserve_is_left():
+    budget = RunBudget(total_s=100.0, reserve_s_per_mode=30.0)
+    budget.started_at -= 60.0
+    assert budget.why_skip_mode() is None
+    budget.started_at -= 20.0
+    assert budget.why_skip_mode() == "20 s left when its worker would start, less than the 30 s reserve"
+    budget.started_at -= 30.0
+    assert budget.why_skip_mode() == "budget of 100 s spent before its worker started"
+    assert RunBudget(total_s=0.0, reserve_s_per_mode=30.0).why_skip_mode() is None
