@@ -6,10 +6,13 @@ the same requests; a base-only run of the same requests is the SLO reference (SL
 same request). `--target ADDR` replays against a running scheduler instead (one mode, named by --modes).
 `--schedulers N` starts N schedulers and `--client-procs M` replays from M processes spread over them
 (bench/split_replay.py), so neither one scheduler's event loop nor one client process caps the stack.
+`--warmup-prefetch` warms every point set to the strongest tier its mode keeps first (bench/warm.py).
 
     python -m bench.serve --shape tiny --num-models 2 --modes delta --num-requests 20 --device cpu   # smoke
     scripts/bench_gpu.sh                                                                            # the GPU run
-Writes bench/results/serving-<device>-<date>.json ({bench, device, commit, date, config, rows, latencies}).
+    scripts/bench_gpu_matrix.sh                                      # one run per (num_models, bits) per GPU
+Writes bench/results/serving-<device>-<date>.json ({bench, device, commit, date, config, rows, latencies}, and
+calibration, warmups, warm_tiers, skipped, over_budget, timeline).
 """
 
 from __future__ import annotations
@@ -95,7 +98,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="before each mode x num_models warm-up, prefetch every fine-tune of the set through the "
                         "SDK into the strongest tier its mode keeps, most popular first, as far as the worker's "
                         "budgets hold them: delta and dense-delta to GPU slots, then host; swap to the pinned host "
-                        "cache (merged models; swap has no device tier worth the name). Recorded under warmups")
+                        "cache as merged models (swap's device tier holds no bytes, it only marks the model to swap "
+                        "in next). The JSON's warm_tiers names each mode's tiers, warmups what each set reached")
     p.add_argument("--warmup-prefetch-timeout-s", type=float, default=300.0,
                    help="longest a point set's prefetch may take (also bounded by --budget-s)")
     p.add_argument("--keep-disk-cache", action="store_true",
