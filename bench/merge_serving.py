@@ -149,7 +149,7 @@ def plot_matrix(path: Path) -> Path:
     """<json stem>.png: throughput vs number of fine-tunes per mode and bits, one panel per load, and delta / swap."""
     from matplotlib.ticker import ScalarFormatter
 
-    from bench.plot_serving import plot_series, plt
+    from bench.plot_serving import finish, plot_series, plt
 
     data = json.loads(path.read_text())
     rows = [{**r, "bits": r["job_bits"]} if r["mode"] == "base" else r for r in data["rows"]]  # base of which jobs
@@ -174,16 +174,8 @@ def plot_matrix(path: Path) -> Path:
     for ax in axes[0]:
         ax.set_xscale("log", base=2)
         ax.set_xticks(counts, [str(c) for c in counts])
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    fig.suptitle(f"DeltaZip serving matrix on {data['device']} ({data['date']}, {data['commit']}), "
-                 f"{len(data['jobs'])} jobs, one GPU each")
-    fig.tight_layout()
-    out = path.with_suffix(".png")
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return finish(fig, axes[0], f"DeltaZip serving matrix on {data['device']} ({data['date']}, {data['commit']}), "
+                  f"{len(data['jobs'])} jobs, one GPU each", path.with_suffix(".png"))
 
 
 def main(argv: list[str] | None = None) -> None:
