@@ -124,10 +124,15 @@ run_job() {  # job index, gpu slot, share in seconds
   CUDA_VISIBLE_DEVICES=$gpu OMP_NUM_THREADS=$SLICE NUM_MODELS=$n BITS=$b WORK_DIR="$WORK_ROOT/$label" \
     BENCH_ARGS="--budget-s $((share - POINT_S)) --label $label --port-range $(job_ports "$i") $SERVE_ARGS ${BENCH_ARGS:-}" \
     "${pin[@]}" timeout -s INT -k 15 $((share + JOB_GRACE_S)) bash scripts/bench_gpu.sh >"$JOBS_DIR/$label.log" 2>&1 &
-  echo $! >"$JOBS_DIR/$label.pid"
-  wait $!
+  local pid=$!
+  echo "$pid" >"$JOBS_DIR/$label.pid"
+  wait "$pid"
   rc=$?
   rm -f "$JOBS_DIR/$label.pid"
+  # timeout leads the job's process group: a straggler in it (a service still stopping) must not hold the GPU
+  # when the next job starts there.
+  for _ in $(seq 20); do kill -0 -- "-$pid" 2>/dev/null || break; sleep 0.5; done
+  kill -KILL -- "-$pid" 2>/dev/null
   rm -rf "$WORK_ROOT/$label"
   write_record "$label" "$gpu" "$n" "$b" "$share" "$rc" "$started" "$(($(date +%s) - T0))" null
   echo "[$(($(date +%s) - T0)) s] job $label on gpu $gpu: rc $rc"
