@@ -38,10 +38,10 @@ DEVICE=${DEVICE:-cuda}
 # next) and then a large one: 8+64, 16+32, 8+64, 16+32 fine-tunes per GPU.
 JOBS=${JOBS:-8:4,16:4,8:2,16:2,64:2,32:2,64:4,32:4}
 BUDGET_S=${BUDGET_S:-480}
-MARGIN_S=${MARGIN_S:-45}
+MARGIN_S=${MARGIN_S:-40}
 TIMEOUT_S=${TIMEOUT_S:-45}            # a request's deadline (per point)
 POINT_S=${POINT_S:-20}                # no point starts in the last POINT_S of a job's share
-JOB_GRACE_S=${JOB_GRACE_S:-35}        # a job is stopped this long after its share ends
+JOB_GRACE_S=${JOB_GRACE_S:-30}        # a job is stopped this long after its share ends
 MODE_RESERVE_S=${MODE_RESERVE_S:-50}  # per mode still to start: worker start + prefetch + warm-up before its first point
 WARMUP_REQUESTS=${WARMUP_REQUESTS:-60}
 WARMUP_TIMEOUT_S=${WARMUP_TIMEOUT_S:-10}
