@@ -78,6 +78,10 @@ SLICE=$((CORES / NUM_GPUS))
 (( SLICE >= 1 )) || CPU_PIN=0  # fewer CPUs than GPUs: no slices to give
 SLICE=$((SLICE > 0 ? SLICE : 1))
 cpu_slice() { local ids=("${CPU_IDS[@]:$(($1 * SLICE)):SLICE}"); local IFS=,; echo "${ids[*]}"; }
+if (( CPU_PIN )) && ! taskset -c "$(cpu_slice 0)" true 2>/dev/null; then
+  echo "taskset cannot pin here: jobs share all CPUs" >&2
+  CPU_PIN=0
+fi
 SERVE_ARGS="--timeout-s $TIMEOUT_S --warmup-requests $WARMUP_REQUESTS --warmup-timeout-s $WARMUP_TIMEOUT_S --warmup-prefetch
   --keep-disk-cache --mode-reserve-s $MODE_RESERVE_S --worker-flag=--host-cache-bytes=$HOST_CACHE_BYTES --out $JOBS_DIR"
 [[ "$DEVICE" == cpu ]] || SERVE_ARGS+=" --worker-flag=--cuda-graphs=1"
