@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 
 WARM_TIERS = {"delta": ("device", "host"), "dense-delta": ("device", "host"), "swap": ("host",)}
 MAX_CONCURRENT = 4  # prefetches in flight: the worker's residency pool moves 4 deltas at once
+REGISTER_WAIT_S = 15.0  # a worker answers health checks a moment before the scheduler can see it in Redis
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,27 +65,35 @@ async def residency(worker_address: str) -> dict[str, tuple[str, int]]:
 async def warm_residency(scheduler: str, worker_address: str, mode: str, names: list[str], budget: TierBudget,
                          timeout_s: float) -> dict:
     """Prefetch `names` (most popular first) through the SDK into the tiers `plan` gives; the record of it."""
-    from deltazip.client import AsyncClient, DeltaZipError
+    from deltazip.client import AsyncClient, DeltaZipError, UnavailableError
 
     start = time.monotonic()
     failed: dict[str, str] = {}
     async with AsyncClient(scheduler, timeout_s=timeout_s) as client:
-        async def one(name: str, tier: str) -> None:
+        async def one(name: str, tier: str) -> Exception | None:
+            """Prefetch `name` to `tier`; the error (also recorded in `failed`), or None once it is there."""
             left_s = start + timeout_s - time.monotonic()
             try:
                 if left_s <= 0:
                     raise asyncio.TimeoutError
                 await asyncio.wait_for(client.prefetch(name, tier=tier, num_workers=1), left_s)
-                failed.pop(name, None)
-            except asyncio.TimeoutError:
+            except asyncio.TimeoutError as exc:
                 failed[name] = f"not done within --warmup-prefetch-timeout-s {timeout_s:.0f}"
+                return exc
             except DeltaZipError as exc:
                 failed[name] = str(exc)[:300]
+                return exc
+            failed.pop(name, None)
+            return None
 
-        # The most popular one alone first: what one fine-tune takes in this mode's host tier sizes the plan.
-        await one(names[0], "host")
+        # The most popular one alone first: what one fine-tune takes in this mode's host tier sizes the plan. A
+        # worker answers health checks a moment before the scheduler sees it in Redis: retry while none is live.
+        while (isinstance(await one(names[0], "host"), UnavailableError)
+               and time.monotonic() - start < REGISTER_WAIT_S):
+            await asyncio.sleep(0.2)
         model_bytes = (await residency(worker_address)).get(names[0], ("", 0))[1]
-        targets = plan(names, mode, budget, model_bytes)
+        # Without that size there is no plan: prefetching everything could only evict and reload.
+        targets = {} if names[0] in failed else plan(names, mode, budget, model_bytes)
         # Host group, then device group, least popular first in each: the most popular are used last (LRU).
         order = sorted(targets, key=lambda n: (targets[n] == "device", -names.index(n)))
         slots = asyncio.Semaphore(MAX_CONCURRENT)
@@ -95,14 +104,20 @@ async def warm_residency(scheduler: str, worker_address: str, mode: str, names: 
 
         await asyncio.gather(*(limited(name) for name in order))
     held = await residency(worker_address)
-    tiers = {name: held.get(name, ("remote", 0))[0] for name in names}
+    return record(mode, names, targets, failed, held, budget, model_bytes, time.monotonic() - start)
+
+
+def record(mode: str, names: list[str], targets: dict[str, str], failed: dict[str, str],
+           held: dict[str, tuple[str, int]], budget: TierBudget, model_bytes: int, seconds: float) -> dict:
+    """The warmups entry's `prefetch`: what was planned where, what got there, what did not fit or failed."""
     rank = ("device", "host", "disk", "remote")
+    tiers = {name: held.get(name, ("remote", 0))[0] for name in names}
     return {
-        "warmed_to": list(WARM_TIERS[mode]), "num_models": len(names), "seconds": round(time.monotonic() - start, 2),
+        "warmed_to": list(WARM_TIERS[mode]), "num_models": len(names), "seconds": round(seconds, 2),
         "planned": {tier: sum(t == tier for t in targets.values()) for tier in WARM_TIERS[mode]},
         "prefetched": sum(name not in failed for name in targets), "model_host_bytes": model_bytes,
         "budget": asdict(budget), "resident": {tier: sum(t == tier for t in tiers.values()) for tier in rank},
-        "did_not_fit": [name for name in names if name not in targets],
+        "did_not_fit": [name for name in names if name not in targets] if targets else [],
         "failed": failed,
         "not_in_planned_tier": {name: tiers[name] for name, tier in targets.items()
                                 if name not in failed and rank.index(tiers[name]) > rank.index(tier)},

@@ -54,3 +54,17 @@ def test_a_mode_starts_only_while_its_reserve_is_left():
     budget.started_at -= 30.0
     assert budget.why_skip_mode() == "budget of 100 s spent before its worker started"
     assert RunBudget(total_s=0.0, reserve_s_per_mode=30.0).why_skip_mode() is None
+
+
+def test_record_says_where_each_fine_tune_ended_up():
+    from bench.warm import record
+
+    budget = TierBudget(num_device_slots=2, device_cache_bytes=0, host_cache_bytes=300)
+    targets = plan(NAMES[:4], "delta", budget, model_bytes=100)
+    held = {"ft-000": ("device", 100), "ft-001": ("host", 100), "ft-002": ("host", 100), "ft-003": ("disk", 100)}
+    done = record("delta", NAMES[:4], targets, {}, held, budget, 100, 1.234)
+    assert done["planned"] == {"device": 2, "host": 1} and done["prefetched"] == 3 and done["seconds"] == 1.23
+    assert done["resident"] == {"device": 1, "host": 2, "disk": 1, "remote": 0}
+    assert done["did_not_fit"] == ["ft-003"] and done["not_in_planned_tier"] == {"ft-001": "host"}
+    nothing = record("swap", NAMES[:4], {}, {"ft-000": "NOT_FOUND: no such model"}, {}, budget, 0, 0.1)
+    assert nothing["planned"] == {"host": 0} and nothing["did_not_fit"] == [] and nothing["resident"]["remote"] == 4
