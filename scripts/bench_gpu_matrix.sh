@@ -49,7 +49,7 @@ HOST_CACHE_BYTES=${HOST_CACHE_BYTES:-34359738368}
 PORT_BASE=${PORT_BASE:-20000}
 OUT=${OUT:-bench/results}
 JOBS_DIR=${JOBS_DIR:-$OUT/serving-matrix-jobs}
-WORK_ROOT=${WORK_ROOT:-$(mktemp -d /tmp/dz-matrix.XXXXXX)}
+WORK_ROOT=${WORK_ROOT:-}  # default: a temp dir, made once the jobs start
 # The workload and shape every job shares (bench_gpu.sh reads them); matrix defaults where they differ from it.
 # RATE_RPS=0: load 1 = half the base-only capacity each job measures. Load 2 (the goals' load) first: under a tight
 # budget every mode keeps its first point, and the reserve makes the later ones give way.
@@ -101,6 +101,7 @@ fi
 
 mkdir -p "$JOBS_DIR"
 rm -f "$JOBS_DIR"/*.job.json "$JOBS_DIR"/*.pid
+WORK_ROOT=${WORK_ROOT:-$(mktemp -d /tmp/dz-matrix.XXXXXX)}
 RANGE=$(cat /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo "32768 60999")
 if (( PORT_BASE + 100 * ${#JOB_LIST[@]} > ${RANGE%%[[:space:]]*} )); then
   echo "warning: job ports reach into the ephemeral range ($RANGE); set PORT_BASE lower" >&2
