@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed-v1
 TORCH_CPU := torch==2.13.0
 
-.PHONY: install demo test test-fast protos redis bench-gpu bench-scaleout clean
+.PHONY: install demo test test-fast protos redis bench-gpu bench-gpu-matrix bench-scaleout clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ test: install
 # The serving benchmark on a CUDA machine (not part of make test; see scripts/bench_gpu.sh for knobs).
 bench-gpu:
 	bash scripts/bench_gpu.sh
+
+# The serving matrix over the GPUs of one host: one (num_models, bits) job per GPU at a time, one merged result
+# (scripts/bench_gpu_matrix.sh for knobs; DEVICE=cpu SHAPE=tiny checks it without a GPU).
+bench-gpu-matrix:
+	bash scripts/bench_gpu_matrix.sh
 
 # Scale-out run: 2 stores + 2 schedulers + one worker per GPU (scripts/bench_scaleout.sh for knobs).
 bench-scaleout:

@@ -19,7 +19,11 @@ STYLE = {"delta": ("tab:green", "-"), "dense-delta": ("tab:orange", "--"), "swap
 
 
 def label(entry: dict) -> str:
-    return entry["mode"] + (f" {entry['bits']}-bit" if entry.get("bits") and entry["mode"] == "delta" else "")
+    """'swap 2-bit'; a base row carries bits only in a merged matrix: the base reference of those bits' jobs."""
+    bits = entry.get("bits")
+    if not bits:
+        return entry["mode"]
+    return f"base ({bits}-bit jobs)" if entry["mode"] == "base" else f"{entry['mode']} {bits}-bit"
 
 
 def style(entry: dict) -> dict:
@@ -67,14 +71,19 @@ def plot(path: Path) -> Path:
     plot_series(axes[2], rows, "rate_rps", "slo_attainment", lambda r: r["num_models"] == num_models)
     axes[2].set(xlabel="offered load (req/s)", ylabel="SLO attainment", ylim=(-0.02, 1.02),
                 title=f"SLO attainment vs load, {num_models} models")
+    note = data.get("note", "").split(";")[0]
+    return finish(fig, axes, f"DeltaZip serving on {data['device']} ({data['date']}, {data['commit']})"
+                  + (f"\n{note}" if note else ""), path.with_suffix(".png"))
+
+
+def finish(fig, axes, title: str, out: Path) -> Path:
+    """Grid and legend on every panel, the title, and the figure saved to `out` and closed."""
     for ax in axes:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    note = data.get("note", "").split(";")[0]
-    fig.suptitle(f"DeltaZip serving on {data['device']} ({data['date']}, {data['commit']})" + (f"\n{note}" if note else ""))
+    fig.suptitle(title)
     fig.tight_layout()
-    out = path.with_suffix(".png")
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out

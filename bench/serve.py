@@ -6,84 +6,34 @@ the same requests; a base-only run of the same requests is the SLO reference (SL
 same request). `--target ADDR` replays against a running scheduler instead (one mode, named by --modes).
 `--schedulers N` starts N schedulers and `--client-procs M` replays from M processes spread over them
 (bench/split_replay.py), so neither one scheduler's event loop nor one client process caps the stack.
+`--warmup-prefetch` warms every point set to the strongest tier its mode keeps first (bench/warm.py).
 
     python -m bench.serve --shape tiny --num-models 2 --modes delta --num-requests 20 --device cpu   # smoke
     scripts/bench_gpu.sh                                                                            # the GPU run
-Writes bench/results/serving-<device>-<date>.json ({bench, device, commit, date, config, rows, latencies}).
+    scripts/bench_gpu_matrix.sh                                      # one run per (num_models, bits) per GPU
+Writes bench/results/serving-<device>-<date>.json ({bench, device, commit, date, config, rows, latencies}, and
+calibration, warmups, warm_tiers, skipped, over_budget, timeline).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures
-import dataclasses
 import datetime
 import shutil
 import tempfile
-import threading
-import time
+from collections.abc import Callable
 from pathlib import Path
 
-from bench.replay import Outcome, add_ratios, goal_summary, replay, sample_worker, summarize
-from bench.split_replay import split_replay
+from bench.replay import add_ratios, goal_summary
 from bench.results_io import device_name, git_commit, write_results
-from bench.workload import Request, WorkloadConfig, generate, map_trace_models, read_trace, scaled, with_model
+from bench.run_budget import RunBudget
+from bench.serve_points import calibrate_rate, mark, run_mode
+from bench.serve_stack import Stack
+from bench.warm import WARM_TIERS, TierBudget, warm_residency
+from deltazip.rpc.ports import PortRange
 
 MODES = ("delta", "dense-delta", "swap")
-BASE_MODE = "base"  # the base model alone, served by the `delta` worker: the SLO reference
-
-
-class Stack:
-    """redis + delta store + scheduler as processes; workers started and stopped per mode."""
-
-    def __init__(self, work: Path, worker_flags: list[str], num_schedulers: int = 1):
-        from deltazip.stack import Launcher, start_redis
-
-        self.redis = start_redis(work / "redis")
-        self.launcher = Launcher(f"redis://{self.redis.address}/0", work / "logs")
-        self.work, self.worker_flags = work, worker_flags
-        try:
-            self.store = self.launcher.start("delta_store", "--root", str(work / "store"))
-            # The benchmark measures the workers: let the scheduler relay every request rather than answer
-            # RESOURCE_EXHAUSTED at its default 32 per worker (the worker queues beyond its batch itself).
-            # Schedulers are stateless: several share the relaying, clients spread over them (--schedulers).
-            self.schedulers = [self.launcher.start("scheduler", "--max-queue-per-worker", "4096")
-                               for _ in range(num_schedulers)]
-            self.scheduler = self.schedulers[0]
-        except BaseException:
-            self.close()
-            raise
-
-    def push(self, artifacts: dict[str, Path]) -> None:
-        from deltazip.client import Client
-
-        with Client(self.scheduler.address, store=self.store.address, timeout_s=3600) as client:
-            stored = {m.name for m in client.stored_models()}
-            for name, path in artifacts.items():
-                if name not in stored:
-                    client.push(path, name, progress=False)
-
-    def start_worker(self, base_dir: Path, mode: str, mode_flags: list[str]):
-        cache = self.work / f"worker-cache-{mode}-{time.monotonic_ns()}"
-        return self.launcher.start("worker", "--base-dir", str(base_dir), "--mode", mode, "--disk-cache-dir",
-                                   str(cache), "--heartbeat-s", "0.5", "--heartbeat-ttl-s", "2", *self.worker_flags,
-                                   *mode_flags, timeout_s=1800)
-
-    def stop_worker(self, proc) -> None:
-        from deltazip.stack import stop
-
-        stop(proc, timeout_s=60)
-        self.launcher.procs.remove(proc)
-        for cache in self.work.glob("worker-cache-*"):  # a 7B run's caches would fill the disk mode after mode
-            shutil.rmtree(cache, ignore_errors=True)
-        time.sleep(2.5)  # past the heartbeat TTL: the scheduler must not route to it any more
-
-    def close(self) -> None:
-        from deltazip.stack import stop
-
-        self.launcher.stop_all()
-        stop(self.redis)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -106,8 +56,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--auto-fraction", type=float, default=0.5,
                    help="with --rate-rps 0: load 1 offers this share of the base-only capacity")
     p.add_argument("--budget-s", type=float, default=0.0,
-                   help="skip the points left once this many seconds have passed (0 = no budget); results are "
-                        "written after every point either way")
+                   help="skip the points (and modes) left once this many seconds have passed (0 = no budget); "
+                        "results are written after every point either way")
+    p.add_argument("--mode-reserve-s", type=float, default=0.0,
+                   help="with --budget-s: a mode's second and later points start only while this many seconds per "
+                        "mode still to start remain, so every mode gets its first point (0 = off)")
     p.add_argument("--loads", type=floats, default=[1.0], help="comma list of multipliers of --rate-rps")
     p.add_argument("--num-requests", type=int, default=20)
     p.add_argument("--arrival", choices=("poisson", "gamma"), default="gamma")
@@ -139,6 +92,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup-requests", type=int, default=0,
                    help="replay the first N requests of each mode x num_models workload, unrecorded, before its "
                         "points (steady state: deltas resident, kernels built); 0 = every point starts cold")
+    p.add_argument("--warmup-timeout-s", type=float, default=0.0,
+                   help="deadline of a warm-up request (0 = --timeout-s): caps how long a slow mode's warm-up runs")
+    p.add_argument("--warmup-prefetch", action="store_true",
+                   help="before each mode x num_models warm-up, prefetch every fine-tune of the set through the "
+                        "SDK into the strongest tier its mode keeps, most popular first, as far as the worker's "
+                        "budgets hold them: delta and dense-delta to GPU slots, then host; swap to the pinned host "
+                        "cache as merged models (swap's device tier holds no bytes, it only marks the model to swap "
+                        "in next). The JSON's warm_tiers names each mode's tiers, warmups what each set reached")
+    p.add_argument("--warmup-prefetch-timeout-s", type=float, default=300.0,
+                   help="longest a point set's prefetch may take (also bounded by --budget-s)")
+    p.add_argument("--keep-disk-cache", action="store_true",
+                   help="one worker disk cache for all modes: a later mode starts with the deltas an earlier one "
+                        "fetched on local disk (default: each mode's cache starts empty; full-depth 7B deltas of "
+                        "several modes would fill a disk)")
+    p.add_argument("--port-range", default="",
+                   help="FIRST-LAST: ports of this run's processes (runs side by side get disjoint ranges); "
+                        "default: free ports picked by the OS")
     p.add_argument("--work-dir", type=Path, help="models, store and logs (default: a temp dir)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--label", default="", help="file label instead of the device name, e.g. cpu-smoke")
@@ -151,104 +121,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--schedulers and --client-procs must be >= 1, --stream-chunk-tokens >= 0")
     if args.target and args.schedulers > 1:
         p.error("--schedulers starts schedulers; with --target, list a running stack's schedulers in --target A,B")
+    if args.target and args.warmup_prefetch:
+        p.error("--warmup-prefetch sizes the warm state from the worker's flags: it needs the stack started here")
+    try:
+        args.ports = PortRange.parse(args.port_range) if args.port_range else None
+    except ValueError as exc:
+        p.error(str(exc))
     return args
-
-
-def workload(args: argparse.Namespace, models: tuple[str, ...]) -> list[Request]:
-    """The requests at load 1 over `models` (the most popular first)."""
-    if args.trace:
-        return map_trace_models(read_trace(args.trace), models)
-    cfg = WorkloadConfig(models, args.num_requests, args.rate_rps, args.arrival, args.cv, args.zipf_alpha,
-                         args.prompt_len, 4 * args.prompt_len, args.output_len, 4 * args.output_len, args.seed)
-    return generate(cfg)
-
-
-def send(address: str, requests: list[Request], args, desc: str, worker_address: str | None = None):
-    """Replay in this process, or from --client-procs processes over the comma-listed schedulers in `address`."""
-    addresses = address.split(",")
-    if args.client_procs == 1 and len(addresses) == 1:
-        return asyncio.run(replay(address, requests, args.timeout_s, desc, worker_address))
-    args.num_sends = getattr(args, "num_sends", 0) + 1  # request ids unique per replay: a reused id is a retry
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        done = threading.Event()
-        sampled = pool.submit(asyncio.run, _sample_until(worker_address, done)) if worker_address else None
-        try:
-            outcomes, wall_s, clients = split_replay(addresses, requests, args.timeout_s, desc,
-                                                     max(args.client_procs, len(addresses)), f"s{args.num_sends}-")
-        finally:
-            done.set()
-        queue = sampled.result() if sampled else {}
-    return outcomes, wall_s, {**queue, "client_cpu_s": clients["client_cpu_s"]}
-
-
-async def _sample_until(worker_address: str, done: threading.Event) -> dict:
-    stop = asyncio.Event()
-    sampler = asyncio.create_task(sample_worker(worker_address, stop))
-    while not done.is_set():
-        await asyncio.sleep(0.1)
-    stop.set()
-    return await sampler
-
-
-def run_point(address: str, requests: list[Request], args, point: dict, base: dict | None, rows: list,
-              latencies: list, worker_address: str | None = None) -> list[Outcome]:
-    """Replay one (mode, bits, num_models, load) point and append its row and latency samples."""
-    if args.budget_s and time.monotonic() - args.started_at > args.budget_s:
-        print(f"budget of {args.budget_s:.0f} s spent: point {point} skipped", flush=True)
-        args.over_budget.append(point)
-        return []
-    if args.trace:  # a trace has its own rate: report what it offers at this load
-        point["rate_rps"] = round(len(requests) / max(requests[-1].timestamp, 1e-9), 3)
-    desc = " ".join(f"{k}={v}" for k, v in point.items())
-    outcomes, wall_s, queue = send(address, requests, args, desc, worker_address)
-    span_s = max(requests[-1].timestamp, 1e-9)
-    row = {**point, "offered_rps": len(requests) / span_s, **summarize(outcomes, wall_s, base, args.slo_k), **queue}
-    rows.append(row)
-    latencies.append({**point, "e2e_ms": sorted(round(o.e2e_ms, 2) for o in outcomes if o.ok),
-                      "ttft_ms": sorted(round(o.ttft_ms, 2) for o in outcomes if o.ok)})
-    print(f"{desc}: {row['throughput_rps']:.2f} req/s, ttft p90 {row['ttft_p90_ms']:.0f} ms, "
-          f"e2e p99 {row['e2e_p99_ms']:.0f} ms, slo {row.get('slo_attainment', float('nan')):.2f}, "
-          f"failed {row['num_failed']}", flush=True)
-    if args.checkpoint is not None:
-        args.checkpoint()  # partial results survive a kill at the call's time limit
-    return outcomes
-
-
-def run_mode(address: str, mode: str, bits: int | None, names: list[str], base_name: str, args, rows: list,
-             latencies: list, base_runs: dict, worker_address: str | None = None) -> None:
-    """All points of one worker mode: base-only reference first (once per load), then every num_models x load."""
-    for load in args.loads:
-        if base_name and load not in base_runs:
-            point = {"mode": BASE_MODE, "bits": None, "num_models": 0, "load": load, "rate_rps": args.rate_rps * load}
-            reqs = scaled(with_model(workload(args, tuple(names)), base_name), load)
-            base_runs[load] = {o.id: o for o in run_point(address, reqs, args, point, None, rows, latencies,
-                                                                   worker_address)}
-    for num_models in args.num_models:
-        reqs = workload(args, tuple(names[:num_models]))
-        if args.warmup_requests:  # steady state: popular deltas resident and kernels built before the points
-            warm = [dataclasses.replace(r, id=f"warm-{r.id}") for r in reqs[:args.warmup_requests]]
-            outcomes, _, _ = send(address, warm, args, f"warm-up mode={mode} bits={bits} num_models={num_models}")
-            args.warmups.append({"mode": mode, "bits": bits, "num_models": num_models, "requests": len(warm),
-                                 "completed": sum(o.ok for o in outcomes)})
-        for load in args.loads:
-            point = {"mode": mode, "bits": bits, "num_models": num_models, "load": load, "rate_rps": args.rate_rps * load}
-            run_point(address, scaled(reqs, load), args, point, base_runs.get(load), rows, latencies, worker_address)
-
-
-def calibrate_rate(address: str, base_name: str, names: list[str], args) -> None:
-    """--rate-rps 0: load 1 = --auto-fraction x the base model's capacity, measured here as the completion rate
-    of --num-requests base requests that all arrive at once (closed burst, same prompts and lengths)."""
-    probe = argparse.Namespace(**{**vars(args), "rate_rps": 1.0})  # arrival times are dropped below
-    burst = [dataclasses.replace(r, timestamp=0.0) for r in with_model(workload(probe, tuple(names)), base_name)]
-    outcomes, wall_s, _ = send(address, burst, args, "calibrate base capacity")
-    done = [o for o in outcomes if o.ok]
-    capacity = len(done) / max(wall_s, 1e-9)
-    if not done:
-        raise RuntimeError("calibration failed: no base request completed")
-    args.rate_rps = round(capacity * args.auto_fraction, 3)
-    args.calibration = {"base_capacity_rps": capacity, "burst_requests": len(burst), "completed": len(done),
-                        "wall_s": wall_s, "auto_fraction": args.auto_fraction, "rate_rps": args.rate_rps}
-    print(f"calibrated: base capacity {capacity:.2f} req/s -> rate at load 1 = {args.rate_rps} req/s", flush=True)
 
 
 def mode_flags(specs: list[str], mode: str) -> list[str]:
@@ -278,19 +157,44 @@ def make_and_push(stack: Stack, args, kind: str, bits: int) -> tuple[Path, list[
     return base_dir, list(named)
 
 
+def prefetcher(stack: Stack, worker, base_dir: Path, mode: str, args) -> Callable[[list[str]], dict] | None:
+    """--warmup-prefetch: a function that warms a point set's fine-tunes on this mode's worker (bench/warm.py)."""
+    if not args.warmup_prefetch:
+        return None
+    budget = TierBudget.of_worker(str(base_dir), [*stack.worker_flags, *mode_flags(args.mode_flag, mode)])
+
+    def prefetch(names: list[str]) -> dict:
+        timeout_s = max(1.0, min(args.warmup_prefetch_timeout_s, args.budget.remaining_s()))
+        return asyncio.run(warm_residency(stack.scheduler.address, worker.address, mode, names, budget, timeout_s))
+
+    return prefetch
+
+
 def run_local(args, rows: list, latencies: list, skipped: list) -> None:
     """Start the stack; per bits: make and push the deltas, then per mode: one worker, all points."""
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="dz-bench-"))
     flags = ["--device", args.device, "--dtype", args.dtype, *args.worker_flag]
     if args.stream_chunk_tokens:
         flags += ["--stream-chunk-tokens", str(args.stream_chunk_tokens)]
-    stack = Stack(work, flags, args.schedulers)
+    stack = Stack(work, flags, args.schedulers, args.keep_disk_cache, args.ports)
     address = ",".join(p.address for p in stack.schedulers)
     base_runs: dict = {}  # load -> {request id: Outcome}: one base-only reference for every bits and mode
+    runs = [(bits, mode) for bits in args.bits for mode in args.modes]
+    mark(args, "stack started")
     try:
         for bits in args.bits:
+            if args.budget.remaining_s() <= 0:
+                skipped += [{"mode": m, "bits": bits, "why": "budget spent before it started"} for m in args.modes]
+                continue
             base_dir, names = make_and_push(stack, args, "sparse24", bits)
+            mark(args, "deltas pushed", bits=bits, num_models=len(names))
             for mode in args.modes:
+                args.budget.modes_after = len(runs) - runs.index((bits, mode)) - 1
+                why = args.budget.why_skip_mode()
+                if why:
+                    skipped.append({"mode": mode, "bits": bits, "why": why})
+                    print(f"mode {mode} skipped: {why}", flush=True)
+                    continue
                 mode_names = names
                 if mode == "dense-delta" and args.dense_artifacts:
                     mode_names = make_and_push(stack, args, "dense", bits)[1]
@@ -300,11 +204,12 @@ def run_local(args, rows: list, latencies: list, skipped: list) -> None:
                     skipped.append({"mode": mode, "bits": bits, "why": str(exc)[-600:]})
                     print(f"mode {mode} skipped: worker did not start:\n{str(exc)[-600:]}", flush=True)
                     continue
+                mark(args, "worker started", mode=mode, bits=bits)
                 try:
                     if args.rate_rps <= 0:
                         calibrate_rate(address, base_dir.name, names, args)
                     run_mode(address, mode, bits, mode_names, base_dir.name, args, rows, latencies,
-                             base_runs, worker.address)
+                             base_runs, worker.address, prefetcher(stack, worker, base_dir, mode, args))
                 finally:
                     stack.stop_worker(worker)
     finally:
@@ -318,8 +223,9 @@ def main(argv: list[str] | None = None) -> Path:
     rows: list[dict] = []
     latencies: list[dict] = []
     skipped: list[dict] = []
-    args.started_at, args.over_budget, args.calibration, args.warmups = time.monotonic(), [], None, []
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "ports"}
+    args.budget = RunBudget(args.budget_s, args.mode_reserve_s)
+    args.over_budget, args.calibration, args.warmups, args.timeline = [], None, [], []
     device = device_name(args.device)
 
     def save() -> Path:
@@ -327,8 +233,9 @@ def main(argv: list[str] | None = None) -> Path:
         add_ratios(final)
         payload = {"bench": "serving", "device": device, "commit": git_commit(), "note": args.note,
                    "date": datetime.date.today().isoformat(), "config": {**config, "rate_rps": args.rate_rps},
-                   "calibration": args.calibration, "warmups": args.warmups, "goals": goal_summary(final), "rows": final,
-                   "skipped": skipped, "over_budget": args.over_budget, "latencies": latencies}
+                   "calibration": args.calibration, "warm_tiers": WARM_TIERS if args.warmup_prefetch else None,
+                   "warmups": args.warmups, "goals": goal_summary(final), "rows": final, "skipped": skipped,
+                   "over_budget": args.over_budget, "timeline": args.timeline, "latencies": latencies}
         return write_results(args.out, "serving", args.label or device, payload)
 
     args.checkpoint = save

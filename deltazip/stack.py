@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,7 +64,7 @@ def start_redis(tmp_dir: Path, port: int = 0, appendonly: bool = False) -> Proc:
     deadline = time.monotonic() + 10
     while True:
         try:
-            client.ping()
+            pid = client.info("server")["process_id"]
             break
         except redis.exceptions.ConnectionError:
             if proc.popen.poll() is not None or time.monotonic() > deadline:
@@ -71,14 +72,18 @@ def start_redis(tmp_dir: Path, port: int = 0, appendonly: bool = False) -> Proc:
                 raise RuntimeError(f"redis-server did not start: {proc.log_tail()}")
             time.sleep(0.02)
     client.close()
+    if pid != proc.popen.pid:  # ours could not bind: another stack's redis holds the port
+        stop(proc)
+        raise RuntimeError(f"port {port} is served by another redis-server (pid {pid}); give each stack its own ports")
     return proc
 
 
 def start_service(name: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None,
-                  timeout_s: float = 20.0, tls: TlsSettings = PLAINTEXT) -> Proc:
-    """`python -m services.<name> --port P *args`, waited on until grpc health (over `tls`) says SERVING."""
+                  timeout_s: float = 20.0, tls: TlsSettings = PLAINTEXT, port: int = 0) -> Proc:
+    """`python -m services.<name> --port P *args` (0 = a free port), waited on until grpc health (over `tls`) says
+    SERVING."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     log_path = log_dir / f"{name}-{port}.log"
     path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)  # keep e.g. --target dirs
     full_env = {**os.environ, "PYTHONPATH": path, **(env or {})}
@@ -102,16 +107,19 @@ def start_service(name: str, args: list[str], log_dir: Path, env: dict[str, str]
 class Launcher:
     """Starts services for one test and stops all of them at the end."""
 
-    def __init__(self, redis_url: str, log_dir: Path, tls: TlsSettings = PLAINTEXT):
+    def __init__(self, redis_url: str, log_dir: Path, tls: TlsSettings = PLAINTEXT,
+                 ports: Callable[[], int] = free_port):
         self.redis_url = redis_url
         self.log_dir = log_dir
         self.tls = tls  # how health probes dial the services (set when they serve TLS)
+        self.ports = ports  # where each service's port comes from (a PortRange for stacks side by side)
         self.procs: list[Proc] = []
 
     def start(self, name: str, *args: str, env: dict[str, str] | None = None, timeout_s: float | None = None) -> Proc:
         """Start `services.<name>` connected to this launcher's Redis (workers get longer to load the base)."""
         timeout_s = timeout_s or (120.0 if name == "worker" else 30.0)
-        proc = start_service(name, ["--redis-url", self.redis_url, *args], self.log_dir, env, timeout_s, self.tls)
+        proc = start_service(name, ["--redis-url", self.redis_url, *args], self.log_dir, env, timeout_s, self.tls,
+                             self.ports())
         self.procs.append(proc)
         return proc
 

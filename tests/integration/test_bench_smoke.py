@@ -55,3 +55,35 @@ def test_serving_bench_spreads_clients_over_several_schedulers(tmp_path, monkeyp
     for row in data["rows"]:
         assert row["num_requests"] == 12 and row["num_failed"] == 0, row["errors"]
         assert len(row["client_cpu_s"]) == 2 and math.isfinite(row["worker_running_mean"])
+
+
+def test_serving_bench_prefetches_each_mode_to_its_strongest_tier(tmp_path, monkeypatch):
+    """--warmup-prefetch with no warm-up requests: delta fills its 2 GPU slots with the 2 most popular fine-tunes
+    and the host cache with the third; swap's host cache holds one merged model, the other two did not fit and
+    sit on the disk cache the delta worker filled (--keep-disk-cache). Ports come from --port-range."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    work = tmp_path / "work"
+    path = serve.main(["--shape", "tiny", "--num-models", "3", "--modes", "delta,swap", "--num-requests", "8",
+                       "--rate-rps", "8", "--output-len", "4", "--prompt-len", "16", "--work-dir", str(work),
+                       "--out", str(tmp_path / "results"), "--label", "cpu-prefetch-test", "--warmup-prefetch",
+                       "--keep-disk-cache", "--port-range", "24100-24199", "--worker-flag=--num-kv-blocks=128",
+                       "--worker-flag=--kv-block-size=8", "--worker-flag=--max-deltas-per-batch=1",
+                       "--mode-flag", "delta=--num-device-slots=2", "--mode-flag", "swap=--num-device-slots=1",
+                       "--mode-flag", "swap=--host-cache-bytes=400000"])
+    data = json.loads(path.read_text())
+    assert data["warm_tiers"] == {"delta": ["device", "host"], "dense-delta": ["device", "host"], "swap": ["host"]}
+    warm = {w["mode"]: w for w in data["warmups"]}
+    assert set(warm) == {"delta", "swap"} and all("requests" not in w for w in warm.values())
+    delta, swap = warm["delta"]["prefetch"], warm["swap"]["prefetch"]
+    assert delta["warmed_to"] == ["device", "host"] and delta["planned"] == {"device": 2, "host": 1}
+    assert delta["resident"] == {"device": 2, "host": 1, "disk": 0, "remote": 0}
+    assert delta["prefetched"] == 3 and not delta["failed"] and not delta["did_not_fit"]
+    assert swap["warmed_to"] == ["host"] and swap["planned"] == {"host": 1} and swap["prefetched"] == 1
+    assert swap["did_not_fit"] == ["ft-001-4b", "ft-002-4b"] and swap["model_host_bytes"] > 0
+    assert swap["resident"] == {"device": 0, "host": 1, "disk": 2, "remote": 0}
+    assert all(w["prefetch"]["seconds"] >= 0 and not w["prefetch"]["not_in_planned_tier"] for w in warm.values())
+    assert {r["mode"] for r in data["rows"]} == {"base", "delta", "swap"}
+    assert all(r["num_failed"] == 0 for r in data["rows"])
+    assert [e["event"] for e in data["timeline"]][:2] == ["stack started", "deltas pushed"]
+    ports = [int(log.stem.rsplit("-", 1)[1]) for log in (work / "logs").glob("*.log")]
+    assert len(ports) >= 4 and all(24100 <= p <= 24199 for p in ports)  # store, scheduler, 2 workers
