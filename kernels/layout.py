@@ -11,6 +11,14 @@ dense2 layout: int32 words [N, K / 16]; word w holds dense columns 16w .. 16w + 
 and the odd one in the high half-word, so `(word >> 2j) & 0x00030003` yields the pair (2j, 2j + 1) as the
 two 16-bit lanes the MMA wants in one register.
 
+Word order: tile-major. The words of rows 64b .. 64b + 63 and columns 128t .. 128t + 127 (8 words a row) are
+one contiguous [64, 8] block, blocks in (b, t) order: memory [N / 64, K / 128, 64, 8], exposed as an [N, K / 16]
+tensor of the same size (`tile_words` / `untile_words` convert from / to row order). That is exactly one K step
+of one SBMM program (64 rows, 128 columns), so the kernel streams each program's words as one 2 KB read per
+step; in row order the same step is 64 reads of 32 bytes at the row stride, which caps a read of the words at
+~0.6 of the copy limit (bench/sbmm_pattern.py: 0.57-0.67 vs 0.82-1.05 tile-major, H200). N must be a
+multiple of 64.
+
 Dense (unpruned) 2-bit deltas (`quant`, no meta) are the same format in another bit order; `dense_to_dense2`
 moves their fields, so they run on the same kernel path.
 """
@@ -21,18 +29,40 @@ import triton.language as tl
 
 from kernels import packing
 
+TILE_ROWS, TILE_WORDS = 64, 8  # one tile-major block: 64 rows x 8 words (128 dense columns)
 ZERO_WORD = tl.constexpr(0xAAAAAAAA)  # code 2 (binary 10) in all 16 fields: the symmetric 2-bit zero point everywhere
 
 
 def dense2_format_ok(kind: str, bits: int | None, sym: bool | None, shape: tuple[int, ...],
                      group_size: int | None) -> bool:
     """Whether a delta tensor can be held as dense2 words: a 2-bit symmetric linear delta, 2:4 (`sparse24`) or
-    dense (`quant`), whose K the Gluon kernel tiles (K % 128 == 0; scale groups a multiple of 16 or per row).
-    Only CUDA slots use the layout (services/worker/device_slots.py); CPU slots keep the canonical one."""
+    dense (`quant`), whose shape the Gluon kernel tiles (N % 64 == 0, K % 128 == 0; scale groups a multiple of 16
+    or per row). Only CUDA slots use the layout (services/worker/device_slots.py); CPU slots keep the canonical
+    one."""
     if kind not in ("sparse24", "quant") or bits != 2 or not sym or len(shape) != 2:
         return False
-    k = shape[1]
-    return k % 128 == 0 and (group_size is None or group_size >= k or group_size % 16 == 0)
+    n, k = shape
+    return (n % TILE_ROWS == 0 and k % 128 == 0
+            and (group_size is None or group_size >= k or group_size % 16 == 0))
+
+
+def tile_words(words: torch.Tensor) -> torch.Tensor:
+    """Row-order dense2 words [N, K/16] -> the same words tile-major (the stored order), same shape."""
+    n, w = words.shape
+    return words.reshape(n // TILE_ROWS, TILE_ROWS, w // TILE_WORDS, TILE_WORDS).permute(0, 2, 1, 3).reshape(n, w)
+
+
+def untile_words(words: torch.Tensor) -> torch.Tensor:
+    """Stored (tile-major) dense2 words [N, K/16] -> row order: words[n, j] is row n's j-th word."""
+    n, w = words.shape
+    return words.reshape(n // TILE_ROWS, w // TILE_WORDS, TILE_ROWS, TILE_WORDS).permute(0, 2, 1, 3).reshape(n, w)
+
+
+@triton.jit
+def _tiled(row, word, words_per_row):
+    """Flat index of row-order word (row, word) in the tile-major order."""
+    block = (row // 64) * (words_per_row // 8) + word // 8
+    return block * 512 + (row % 64) * 8 + word % 8
 
 
 def bit_position(col: int) -> int:
@@ -46,7 +76,8 @@ def _positions(device: torch.device) -> torch.Tensor:
 
 
 def to_dense2_reference(qweight: torch.Tensor, meta: torch.Tensor, k: int) -> torch.Tensor:
-    """Torch reference of the re-encoding: canonical 2-bit 2:4 qweight/meta [N, K/32] -> dense2 [N, K/16]."""
+    """Torch reference of the re-encoding: canonical 2-bit 2:4 qweight/meta [N, K/32] -> dense2 [N, K/16]
+    (tile-major)."""
     n = qweight.shape[0]
     codes = packing.unpack_codes(qweight, 2, k // 2)  # [N, K/2] kept codes in column order
     cols = packing.unpack_meta(meta, k)  # [N, K/2] their dense columns
@@ -54,13 +85,13 @@ def to_dense2_reference(qweight: torch.Tensor, meta: torch.Tensor, k: int) -> to
     dense.scatter_(1, cols, codes)
     shifts = _positions(qweight.device)
     words = (dense.view(n, k // 16, 16) << shifts).sum(-1)
-    return packing._to_int32(words)
+    return tile_words(packing._to_int32(words))
 
 
 def unpack_dense2(words: torch.Tensor, k: int) -> torch.Tensor:
-    """dense2 int32 [N, K/16] -> int64 codes [N, K]."""
+    """dense2 int32 [N, K/16] (tile-major) -> int64 codes [N, K]."""
     shifts = _positions(words.device)
-    w = words.to(torch.int64) & 0xFFFFFFFF
+    w = untile_words(words).to(torch.int64) & 0xFFFFFFFF
     return ((w.unsqueeze(-1) >> shifts) & 0x3).reshape(words.shape[0], k)
 
 
@@ -75,8 +106,9 @@ def dequantize_dense2(words: torch.Tensor, scales: torch.Tensor, shape: tuple[in
 
 
 @triton.jit
-def _to_dense2_kernel(q_ptr, m_ptr, out_ptr, num_words, BLOCK: tl.constexpr):
-    """One canonical word pair (16 kept codes + 8 meta nibbles = 32 dense columns) -> two dense2 words."""
+def _to_dense2_kernel(q_ptr, m_ptr, out_ptr, num_words, words_per_row, BLOCK: tl.constexpr):
+    """One canonical word pair (16 kept codes + 8 meta nibbles = 32 dense columns) -> two dense2 words, stored
+    tile-major (words_per_row: canonical words per row)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     live = offs < num_words
     q = tl.load(q_ptr + offs, mask=live, other=0).to(tl.uint32, bitcast=True)
@@ -94,34 +126,38 @@ def _to_dense2_kernel(q_ptr, m_ptr, out_ptr, num_words, BLOCK: tl.constexpr):
                 lo = lo ^ flip
             else:
                 hi = hi ^ flip
-    tl.store(out_ptr + 2 * offs, lo.to(tl.int32, bitcast=True), mask=live)
-    tl.store(out_ptr + 2 * offs + 1, hi.to(tl.int32, bitcast=True), mask=live)
+    row, word = offs // words_per_row, 2 * (offs % words_per_row)
+    tl.store(out_ptr + _tiled(row, word, 2 * words_per_row), lo.to(tl.int32, bitcast=True), mask=live)
+    tl.store(out_ptr + _tiled(row, word + 1, 2 * words_per_row), hi.to(tl.int32, bitcast=True), mask=live)
 
 
 def dense_to_dense2_reference(qweight: torch.Tensor, k: int) -> torch.Tensor:
-    """Torch reference: canonical dense 2-bit codes int32 [N, K/16] (column c at bit 2c of its word) -> dense2."""
+    """Torch reference: canonical dense 2-bit codes int32 [N, K/16] (column c at bit 2c of its word) -> dense2
+    (tile-major)."""
     codes = packing.unpack_codes(qweight, 2, k)
     shifts = _positions(qweight.device)
-    return packing._to_int32((codes.view(qweight.shape[0], k // 16, 16) << shifts).sum(-1))
+    return tile_words(packing._to_int32((codes.view(qweight.shape[0], k // 16, 16) << shifts).sum(-1)))
 
 
 @triton.jit
-def _dense_to_dense2_kernel(q_ptr, out_ptr, num_words, BLOCK: tl.constexpr):
-    """Move each of a word's 16 two-bit fields from bit 2c to dense2's bit for column c."""
+def _dense_to_dense2_kernel(q_ptr, out_ptr, num_words, words_per_row, BLOCK: tl.constexpr):
+    """Move each of a word's 16 two-bit fields from bit 2c to dense2's bit for column c; store tile-major."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     live = offs < num_words
     q = tl.load(q_ptr + offs, mask=live, other=0).to(tl.uint32, bitcast=True)
     out = tl.zeros([BLOCK], tl.uint32)
     for c in tl.static_range(16):
         out = out | (((q >> (2 * c)) & 0x3) << ((c & 14) + 16 * (c & 1)))
-    tl.store(out_ptr + offs, out.to(tl.int32, bitcast=True), mask=live)
+    tl.store(out_ptr + _tiled(offs // words_per_row, offs % words_per_row, words_per_row),
+             out.to(tl.int32, bitcast=True), mask=live)
 
 
 def dense_to_dense2(qweight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Canonical dense 2-bit codes int32 [N, K/16] (kernels/packing.py, no meta) -> dense2 words of the same
-    shape, written into `out` when given. One launch; CUDA or TRITON_INTERPRET=1."""
+    shape (tile-major), written into `out` when given. One launch; CUDA or TRITON_INTERPRET=1."""
     if qweight.dtype != torch.int32 or qweight.dim() != 2:
         raise ValueError(f"qweight {qweight.dtype} {tuple(qweight.shape)}: need a 2-D int32 tensor")
+    _check_tiles(qweight.shape[0], qweight.shape[1])
     if out is None:
         out = torch.empty_like(qweight)
     if out.shape != qweight.shape or not out.is_contiguous():
@@ -129,16 +165,18 @@ def dense_to_dense2(qweight: torch.Tensor, out: torch.Tensor | None = None) -> t
     if qweight.numel():
         block = 256
         _dense_to_dense2_kernel[(triton.cdiv(qweight.numel(), block),)](qweight.contiguous(), out, qweight.numel(),
-                                                                        BLOCK=block)
+                                                                        qweight.shape[1], BLOCK=block)
     return out
 
 
 def to_dense2(qweight: torch.Tensor, meta: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Canonical 2-bit 2:4 qweight/meta int32 [N, K/32] (contiguous, same device) -> dense2 int32 [N, K/16],
-    written into `out` when given (e.g. a device slot). One launch; runs on CUDA or under TRITON_INTERPRET=1."""
+    tile-major, written into `out` when given (e.g. a device slot). One launch; runs on CUDA or under
+    TRITON_INTERPRET=1."""
     if qweight.shape != meta.shape or qweight.dtype != torch.int32 or meta.dtype != torch.int32:
         raise ValueError(f"qweight {tuple(qweight.shape)} and meta {tuple(meta.shape)}: need equal int32 shapes")
     n, words = qweight.shape
+    _check_tiles(n, 2 * words)
     if out is None:
         out = torch.empty(n, 2 * words, dtype=torch.int32, device=qweight.device)
     if out.shape != (n, 2 * words) or not out.is_contiguous():
@@ -146,6 +184,12 @@ def to_dense2(qweight: torch.Tensor, meta: torch.Tensor, out: torch.Tensor | Non
     total = n * words
     if total:
         block = 256
-        _to_dense2_kernel[(triton.cdiv(total, block),)](qweight.contiguous(), meta.contiguous(), out, total,
+        _to_dense2_kernel[(triton.cdiv(total, block),)](qweight.contiguous(), meta.contiguous(), out, total, words,
                                                         BLOCK=block)
     return out
+
+
+def _check_tiles(n: int, words_per_row: int) -> None:
+    if n % TILE_ROWS or words_per_row % TILE_WORDS:
+        raise ValueError(f"dense2 words are stored in [{TILE_ROWS}, {TILE_WORDS}] tiles: N={n} must be a multiple of "
+                         f"{TILE_ROWS} and K={16 * words_per_row} of {16 * TILE_WORDS}")

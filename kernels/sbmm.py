@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import triton
 
-from kernels import sbmm_asm, sbmm_triton
+from kernels import layout, sbmm_asm, sbmm_triton
 
 try:  # Gluon ships with Triton >= 3.5; without it every launch takes the portable kernel
     from kernels import sbmm_gluon
@@ -100,10 +100,11 @@ def _check(x, y, qweight, meta, scales, zeros, bits) -> tuple[int, int]:
     t, k = x.shape
     if bits not in (2, 4):
         raise ValueError(f"sbmm supports bits 2 and 4, got {bits}")
-    if meta is None:  # dense2 words (kernels/layout.py): 2-bit, 16 dense columns per word
-        if bits != 2 or zeros is not None or k % 16 or num_words * 16 != k:
-            raise ValueError(f"dense2 words {tuple(qweight.shape)} (meta None) need bits=2, symmetric codes and "
-                             f"K / 16 words per row; K={k}, bits={bits}")
+    if meta is None:  # dense2 words (kernels/layout.py): 2-bit, 16 dense columns per word, tile-major
+        if bits != 2 or zeros is not None or k % 128 or num_words * 16 != k or n % layout.TILE_ROWS:
+            raise ValueError(f"dense2 words {tuple(qweight.shape)} (meta None) need bits=2, symmetric codes, "
+                             f"K / 16 words per row, K a multiple of 128 and N of {layout.TILE_ROWS}; K={k}, "
+                             f"bits={bits}")
     elif k % 32 or num_words * 64 // bits != k or meta.shape != (num_slots, n, k // 32):
         raise ValueError(f"packed shapes {tuple(qweight.shape)} / {tuple(meta.shape)} do not match K={k}")
     if y.shape != (t, n) or y.dtype != x.dtype or x.stride(1) != 1 or y.stride(1) != 1:
@@ -182,6 +183,9 @@ def sbmm(
     if config is None:
         config = pick_config(kernel, _device_name(x.device), rows_hint if rows_hint is not None else t / num_segments,
                              "dense2" if dense2 else bits)
+    if dense2 and config["BLOCK_N"] != layout.TILE_ROWS:
+        raise ValueError(f"dense2 words are read in {layout.TILE_ROWS}-row blocks: config BLOCK_N must be "
+                         f"{layout.TILE_ROWS}, got {config['BLOCK_N']}")
     asym = zeros is not None
     if dense2:
         meta_words = qweight  # never read (HAS_META false)

@@ -132,7 +132,9 @@ def _load_tile(x_tile, qw_tile, meta_tile, scale_rows, zero_rows, k0, offs_w, ma
     """Everything one K step reads: x [BM, BK], words and meta [BN, NW] (dense2 words: no meta), scales
     (scale_rows / mask_s: in the word layout, or the accumulator's with RAW)."""
     x = gl.load(x_tile + k0)
-    if EVEN_N:
+    if not HAS_META:  # dense2 words are tile-major: a K step of the 64-row block is the next [64, 8] block
+        qw = gl.load(qw_tile + k0 // DPW * qw_tile.shape[0])
+    elif EVEN_N:
         qw = gl.load(qw_tile + k0 // DPW)
     else:
         qw = gl.load(qw_tile + k0 // DPW, mask=mask_n[:, None], other=0)
@@ -197,7 +199,10 @@ def _sbmm_gluon_kernel(
     offs_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, L_WORDS))
     offs_w = gl.arange(0, NW, layout=gl.SliceLayout(0, L_WORDS))
     mask_n = offs_n < N  # unused when EVEN_N: no predicates (and no zero-fill moves) on packed loads
-    qw_tile = qw_ptr + slot64 * stride_qs + offs_n[:, None] * stride_qn + offs_w[None, :]
+    if HAS_META:
+        qw_tile = qw_ptr + slot64 * stride_qs + offs_n[:, None] * stride_qn + offs_w[None, :]
+    else:  # dense2: tile-major words (kernels/layout.py), BLOCK_N = 64 rows = one block row, N a multiple of 64
+        qw_tile = qw_ptr + slot64 * stride_qs + n0 * (K // DPW) + (offs_n - n0)[:, None] * NW + offs_w[None, :]
     meta_tile = meta_ptr + slot64 * stride_ms + offs_n[:, None] * stride_mn + offs_w[None, :]
     if RAW:  # unscaled expansion (dense2, one scale per row or per K tile): scales go to the accumulator rows
         offs_sn = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))

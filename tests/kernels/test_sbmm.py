@@ -114,11 +114,11 @@ def test_ptx_expander_emulation_matches_dequantize(bits, asym, dtype):
 def test_dense2_expander_emulation_matches_dequantize(dtype):
     """The dense2 PTX program (kernels/layout.py layout), run by the numpy emulator, reproduces the canonical
     2-bit 2:4 dequantization of the same delta, pruned positions included (code 2 -> 0)."""
-    n, k, group = 16, 512, 128
+    n, k, group = 64, 512, 128
     p = random_packed(n, k, 2, group, sym=True, generator=torch.Generator().manual_seed(3))
     tdt = torch.float16 if dtype == "f16" else torch.bfloat16
     ops, dense = sbmm_asm.build_dense2_program()
-    q = layout.to_dense2_reference(p["qweight"], p["meta"], k).numpy().view(np.uint32)
+    q = layout.untile_words(layout.to_dense2_reference(p["qweight"], p["meta"], k)).numpy().view(np.uint32)
 
     def half2(t):
         u = t.to(tdt).view(torch.int16).numpy().astype(np.uint32) & 0xFFFF
@@ -141,11 +141,11 @@ def test_dense2_expander_emulation_matches_dequantize(dtype):
 def test_dense2_raw_expander_emulation_gives_unscaled_codes(dtype):
     """The unscaled dense2 program (the kernel scales the accumulator) yields exactly code - 2 for every
     column, in both precisions, and needs at most 2 instructions per value pair (no per-pair shift, no mul)."""
-    n, k = 16, 512
+    n, k = 64, 512
     p = random_packed(n, k, 2, 128, sym=True, generator=torch.Generator().manual_seed(5))
     ops, dense = sbmm_asm.build_dense2_raw_program(dtype)
     words = layout.to_dense2_reference(p["qweight"], p["meta"], k)
-    q = words.numpy().view(np.uint32)
+    q = layout.untile_words(words).numpy().view(np.uint32)
     bits16 = sbmm_asm.emulate(ops, dense, dtype, {"q": q, "m": q, "s": q, "z": q})
     order = [sbmm_asm.bitrev(c, 4) for c in range(dense)]
     tdt = torch.float16 if dtype == "f16" else torch.bfloat16
@@ -156,7 +156,7 @@ def test_dense2_raw_expander_emulation_gives_unscaled_codes(dtype):
 
 
 @interp
-@pytest.mark.parametrize("n,k,group", [(8, 128, 32), (5, 256, None), (3, 1024, 128), (7, 4096, 64)])
+@pytest.mark.parametrize("n,k,group", [(64, 128, 32), (128, 256, None), (64, 1024, 128), (192, 4096, 64)])
 def test_dense2_reencode_kernel_matches_reference(n, k, group):
     p = random_packed(n, k, 2, group, sym=True, generator=torch.Generator().manual_seed(n))
     want = layout.to_dense2_reference(p["qweight"], p["meta"], k)
@@ -168,7 +168,7 @@ def test_dense2_reencode_kernel_matches_reference(n, k, group):
 
 
 @interp
-@pytest.mark.parametrize("n,k", [(3, 128), (5, 512), (2, 4096)])
+@pytest.mark.parametrize("n,k", [(64, 128), (128, 512), (64, 4096)])
 def test_dense_2bit_codes_repack_to_dense2(n, k):
     """Dense (unpruned) 2-bit deltas: the field move of layout.dense_to_dense2 keeps every value."""
     g = torch.Generator().manual_seed(k)
@@ -180,6 +180,20 @@ def test_dense_2bit_codes_repack_to_dense2(n, k):
     assert torch.equal(layout.dequantize_dense2(words, scales, (n, k)), want)
 
 
+def test_dense2_words_are_stored_tile_major():
+    """Row-order words -> [N/64, K/128, 64, 8] blocks and back; the re-encoders refuse shapes that do not tile."""
+    n, k = 128, 512
+    rows = torch.arange(n * k // 16, dtype=torch.int32).reshape(n, k // 16)
+    tiled = layout.tile_words(rows)
+    assert torch.equal(tiled.reshape(-1)[:8], rows[0, :8]) and torch.equal(tiled.reshape(-1)[8:16], rows[1, :8])
+    assert torch.equal(tiled.reshape(n // 64, k // 128, 64, 8)[1, 2, 5], rows[64 + 5, 16:24])
+    assert torch.equal(layout.untile_words(tiled), rows)
+    with pytest.raises(ValueError, match="tiles"):
+        layout.dense_to_dense2(torch.zeros(32, 8, dtype=torch.int32))
+    with pytest.raises(ValueError, match="tiles"):
+        layout.to_dense2(torch.zeros(64, 3, dtype=torch.int32), torch.zeros(64, 3, dtype=torch.int32))
+
+
 def test_dense2_format_ok():
     """Which deltas dense2 words can hold (CUDA slots only: tests/unit/worker/test_device_slots_dense2.py checks
     that CPU slots keep the canonical layout)."""
@@ -189,6 +203,7 @@ def test_dense2_format_ok():
     assert not ok("sparse24", 4, True, (4096, 4096), 128)  # 4-bit: 3 bits per column
     assert not ok("sparse24", 2, False, (4096, 4096), 128)  # asym zero points
     assert not ok("sparse24", 2, True, (576, 576), 64)  # K not a multiple of 128
+    assert not ok("sparse24", 2, True, (4160 + 32, 4096), 128)  # N not a multiple of 64 (the word tiles)
     assert ok("quant", 2, True, (4096, 4096), 128)  # dense 2-bit: same words
     assert not ok("quant", 3, True, (4096, 4096), 128)
 
