@@ -6,7 +6,7 @@ Linear deltas stay packed (the kernel dequantizes on the fly); norm and embeddin
 dense (fp16) because they are applied per row by indexing. A tied lm_head uses the embedding's stack.
 On CUDA, 2-bit symmetric linear deltas (2:4 or dense) are re-encoded on the way in to dense2 words
 (kernels/layout.py: same bytes, a much cheaper kernel expansion): their stacks (layout "dense2") hold qweight
-[S, N, K/16] and scales, no meta.
+[S, N, K/16] (tile-major words, kernels/layout.py) and scales, no meta.
 The ResidencyManager decides which delta goes to which slot; this only holds the bytes.
 """
 
