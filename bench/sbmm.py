@@ -229,13 +229,12 @@ SWEEP = [
     ("gluon", {**GLUON_BASE, "BLOCK_N": 128, "prefetch": False, "min_ctas": 1024}),
     ("gluon", {**GLUON_BASE, "BLOCK_N": 128, "BLOCK_M": 16, "prefetch": False, "min_ctas": 1024}),
 ]
-SWEEPS = {"configs": SWEEP}
 # (shape, distinct deltas, rows per delta): decode points around the N >= 8 goal, one small-N, one prefill
 SWEEP_CASES = (("qkvo", 8, 4), ("qkvo", 8, 16), ("qkvo", 32, 1), ("gate_up", 8, 4), ("down", 8, 4),
                ("gate_up", 32, 16), ("qkvo", 1, 4), ("qkvo", 2, 1), ("qkvo", 4, 256))
 
 
-def sweep(limit, save=None, variants=("4", "2", "2d2"), configs=SWEEP) -> list[dict]:
+def sweep(limit, save=None, variants=("4", "2", "2d2")) -> list[dict]:
     """variants: "4" (4-bit 2:4), "2" (2-bit 2:4), "2d2" (2-bit as dense2 words)."""
     out = []
     for name, num, rows in SWEEP_CASES:
@@ -244,7 +243,7 @@ def sweep(limit, save=None, variants=("4", "2", "2d2"), configs=SWEEP) -> list[d
             stack = random_stack(64, n, k, bits, 128, "cuda")
             if dense2:
                 stack = as_dense2(stack)
-            for kernel, cfg in configs:
+            for kernel, cfg in SWEEP:
                 if rows > 16 and cfg.get("min_ctas"):
                     continue  # prefill has programs enough
                 try:
@@ -272,7 +271,6 @@ def main() -> None:
     p.add_argument("--sweep-variants", default="4,2,2d2", help="4, 2 (2:4 words), 2d2 (2-bit dense2 words)")
     p.add_argument("--config-extra", default="", help='full run: JSON merged into every tuned launch config, '
                    'e.g. \'{"scale_after": false}\' (recorded in the JSON)')
-    p.add_argument("--sweep-set", default="configs", choices=sorted(SWEEPS), help="which config list to sweep")
     p.add_argument("--label", default="", help="file name suffix, e.g. scale-each")
     p.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "unknown"))
     a = p.parse_args()
@@ -301,7 +299,7 @@ def main() -> None:
         path.write_text(json.dumps(result, indent=1))
 
     if a.sweep:
-        save(sweep(limit, save, a.sweep_variants.split(","), SWEEPS[a.sweep_set]))
+        save(sweep(limit, save, a.sweep_variants.split(",")))
     else:
         save(full(a, limit, save))
     print(f"wrote {path}")

@@ -30,6 +30,7 @@ import triton.language as tl
 from kernels import packing
 
 TILE_ROWS, TILE_WORDS = 64, 8  # one tile-major block: 64 rows x 8 words (128 dense columns)
+_ROWS, _WORDS = tl.constexpr(TILE_ROWS), tl.constexpr(TILE_WORDS)  # the same, for the kernels below
 ZERO_WORD = tl.constexpr(0xAAAAAAAA)  # code 2 (binary 10) in all 16 fields: the symmetric 2-bit zero point everywhere
 
 
@@ -61,8 +62,8 @@ def untile_words(words: torch.Tensor) -> torch.Tensor:
 @triton.jit
 def _tiled(row, word, words_per_row):
     """Flat index of row-order word (row, word) in the tile-major order."""
-    block = (row // 64) * (words_per_row // 8) + word // 8
-    return block * 512 + (row % 64) * 8 + word % 8
+    block = (row // _ROWS) * (words_per_row // _WORDS) + word // _WORDS
+    return block * (_ROWS * _WORDS) + (row % _ROWS) * _WORDS + word % _WORDS
 
 
 def bit_position(col: int) -> int:

@@ -40,8 +40,6 @@ def compile_kernel(a):
     """triton.compile one kernel variant for sm_90 with the constexprs the wrapper would pass."""
     tdt = torch.float16 if a.dtype == "fp16" else torch.bfloat16
     asym = a.asym
-    magic = 1024.0 if a.dtype == "fp16" else 128.0
-    z2 = sbmm._half2_const(magic if asym else magic + (1 << (a.bits - 1)), tdt)
     sig = signature(a.bits, a.dtype)
     if a.dense2:  # dense2 words: 2-bit codes on the 4-bit tile geometry, no meta
         sig = signature(4, a.dtype)
@@ -58,6 +56,10 @@ def compile_kernel(a):
         group = a.k if a.group == 0 else a.group
         mode = 0 if a.group == 0 else (1 if group % a.bk == 0 else 2)
         asm, cons = sbmm._program(a.bits, asym, tdt) if a.asm else ("", "")
+        magic = 1024.0 if a.dtype == "fp16" else 128.0
+        z2 = sbmm._half2_const(magic if asym else magic + (1 << (a.bits - 1)), tdt)
+        for gluon_only in ("ws_ptr", "counters_ptr", "stride_wss"):  # the split-K workspace is Gluon's alone
+            del sig[gluon_only]
         sig["K"] = "constexpr"
         sig["group_size"] = "i32"
         const = dict(K=a.k, BITS=a.bits, ASYM=asym, SCALE_MODE=mode, BLOCK_M=a.bm, BLOCK_N=a.bn, BLOCK_K=a.bk,
