@@ -195,16 +195,28 @@ def test_redis_restart_without_its_data_is_rebuilt(fstack):
 
 
 def test_scheduler_kill_fails_only_its_streams(fstack):
-    """A scheduler killed mid-stream: its client gets UNAVAILABLE; the same request id sent to the other
-    scheduler completes with the right tokens; nothing else notices."""
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    """A scheduler killed while its request is at a worker: its client gets UNAVAILABLE; the same request id
+    sent to the other scheduler completes with the right tokens; nothing else notices (the other scheduler's
+    requests all complete with the right tokens).
+
+    The tiny model decodes a whole request in a few ms, faster than this test can poll Redis, so the other
+    scheduler's requests are queued at the workers first (one sequence at a time each): the victim then waits
+    there long enough, routed, for the kill to land while it is in flight."""
+    others = [("ft-b" if i % 2 else "ft-a", f"busy {i % 2}") for i in range(24)]
+    with concurrent.futures.ThreadPoolExecutor(len(others) + 1) as pool:
+        busy = [pool.submit(fstack.generate, model, prompt, 1, 64, request_id=f"sched-kill-busy-{i}")
+                for i, (model, prompt) in enumerate(others)]
         first = pool.submit(fstack.generate, "ft-a", "hello world", 0, 64, request_id="sched-kill")
         deadline = time.monotonic() + 30
-        while fstack.r.hget(keys.request("sched-kill"), "state") != "running" and time.monotonic() < deadline:
-            time.sleep(0.01)
+        while (fstack.r.hget(keys.request("sched-kill"), "state") not in ("routed", "running")
+               and time.monotonic() < deadline):
+            time.sleep(0.002)
+        assert fstack.r.hget(keys.request("sched-kill"), "state") in ("routed", "running"), "never reached a worker"
         fstack.schedulers[0].popen.send_signal(signal.SIGKILL)
         with pytest.raises(UnavailableError):
             first.result(timeout=30)
+        for (model, prompt), future in zip(others, busy):
+            assert future.result(timeout=60).token_ids == fstack.reference(model, prompt, 64)
     done = fstack.generate("ft-a", "hello world", scheduler=1, max_tokens=64, request_id="sched-kill")
     assert done.token_ids == fstack.reference("ft-a", "hello world", 64)
     record = fstack.r.hgetall(keys.request("sched-kill"))
