@@ -7,6 +7,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+PUSH_PARALLEL = 4  # pushes in flight: one alone leaves the store's disk and the link mostly idle (hashing, framing)
+
 
 class Stack:
     """redis + delta store + scheduler as processes; workers started and stopped per mode.
@@ -37,14 +39,25 @@ class Stack:
             self.close()
             raise
 
-    def push(self, artifacts: dict[str, Path]) -> None:
+    def push(self, artifacts: dict[str, Path], num_parallel: int = PUSH_PARALLEL) -> None:
+        """Push the artifacts the store does not hold yet, `num_parallel` at a time (one client each)."""
+        from concurrent.futures import ThreadPoolExecutor
+
         from deltazip.client import Client
 
-        with Client(self.scheduler.address, store=self.store.address, timeout_s=3600) as client:
-            stored = {m.name for m in client.stored_models()}
-            for name, path in artifacts.items():
-                if name not in stored:
-                    client.push(path, name, progress=False)
+        def client() -> Client:
+            return Client(self.scheduler.address, store=self.store.address, timeout_s=3600)
+
+        with client() as c:
+            stored = {m.name for m in c.stored_models()}
+        todo = [(name, path) for name, path in artifacts.items() if name not in stored]
+
+        def push_one(item: tuple[str, Path]) -> None:
+            with client() as c:
+                c.push(item[1], item[0], progress=False)
+
+        with ThreadPoolExecutor(max_workers=max(1, num_parallel)) as pool:
+            list(pool.map(push_one, todo))  # list(): the first failure raises here
 
     def start_worker(self, base_dir: Path, mode: str, mode_flags: list[str]):
         name = "worker-cache-kept" if self.keep_disk_cache else f"worker-cache-{mode}-{time.monotonic_ns()}"

@@ -95,13 +95,14 @@ def build_worker(config: WorkerConfig) -> WorkerParts:
     limits = ResidencyLimits(config.num_device_slots, config.device_cache_bytes, config.host_cache_bytes,
                              config.disk_cache_bytes)
     mode = select_mode(config.mode)
-    base_host = ({k: p.detach().to("cpu", copy=True) for k, p in model.named_parameters()}  # not the params: swaps overwrite those
-                 if mode.swaps_weights else None)
+    # Not the params: swaps overwrite those. Pinned on a GPU: merges read it from there, and each merged model
+    # shares its untouched tensors (embeddings, norms) with it instead of pinning copies.
+    base_host = ({k: _host_copy(p) for k, p in model.named_parameters()} if mode.swaps_weights else None)
     if leader is None:
-        io = ArtifactTierIO(fetcher, slots, host_transform(mode, base_host),
+        io = ArtifactTierIO(fetcher, slots, host_transform(mode, base_host, device),
                             device_slots_used=not mode.swaps_weights)
     else:
-        io = _tp_tier_io(leader, model, fetcher, slots, host_transform(mode, base_host))
+        io = _tp_tier_io(leader, model, fetcher, slots, host_transform(mode, base_host, device))
     residency = ResidencyManager(limits, io, on_change=listeners)
     _register_cached(fetcher, residency, identity)
 
@@ -138,6 +139,11 @@ def _tp_tier_io(leader, model, fetcher: DeltaFetcher, slots: DeviceSlots, transf
 
     plan = model.shard_plan
     return TPTierIO(leader, fetcher, slots, lambda tensors: transform(shard_delta(tensors, plan, "dense")))
+
+
+def _host_copy(param: torch.Tensor) -> torch.Tensor:
+    host = param.detach().to("cpu", copy=True)
+    return host.pin_memory() if param.device.type == "cuda" else host
 
 
 def _log_transition(snap: ResidentDelta) -> None:

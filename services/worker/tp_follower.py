@@ -65,7 +65,7 @@ class Follower:
         linear_names = {m.hf_name + ".weight" for m in self.model.modules() if isinstance(m, NamedLinear)}
         self.slots = DeviceSlots(config.num_device_slots, device, dtype, linear_names,
                                  self.model.config.tie_word_embeddings)
-        self.transform = host_transform(select_mode(config.mode), None)
+        self.transform = host_transform(select_mode(config.mode), None, device)
         self.loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tp{rank}-loader")
         self.send_lock = threading.Lock()
         num_blocks = config.num_kv_blocks or kv_blocks_from_memory(self.model, config)

@@ -206,3 +206,28 @@ def test_dense_two_bit_deltas_load_as_dense2_words_and_match_the_reference():
     apply_deltas(x, y, kernel_stack, torch.tensor([0, 4]), torch.tensor([0]))
     w = delta.dequantize(torch.float32).to("cuda")
     torch.testing.assert_close(y.float(), x.float() @ w.T, atol=3e-2, rtol=1e-2)
+
+
+def test_baseline_host_transforms_on_the_gpu_equal_the_cpu_ones(tmp_path):
+    """dense-delta's dequantize and swap's merge computed on the GPU (DeviceMath) give the CPU's tensors, pinned."""
+    from deltazip.artifact import load_delta
+    from deltazip.model.loader import load_model
+    from services.worker.modes import DeviceMath, dense_fp16, merged_weights
+    from tests.integration.tiny_models import compress_packed, write_finetune, write_tiny_base
+
+    base_dir, base_state = write_tiny_base(tmp_path)
+    compress_packed(base_dir, write_finetune(base_state, tmp_path / "ft-hf", seed=5), tmp_path / "ft")
+    packed = load_delta(tmp_path / "ft", "cpu")
+    assert {d.kind for d in packed.values()} & {"sparse24", "quant"}
+    base = {k: p.detach().to("cpu", torch.float16) for k, p in load_model(base_dir, "cpu").named_parameters()}
+    math = DeviceMath(torch.device("cuda"))
+    for on_cpu, on_gpu in [(dense_fp16(packed), dense_fp16(packed, math)),
+                           (merged_weights(base, packed), merged_weights(base, packed, math))]:
+        assert on_cpu.keys() == on_gpu.keys()
+        for name, want in on_cpu.items():
+            got = on_gpu[name]
+            want, got = (getattr(t, "delta", t) for t in (want, got))
+            assert got.device.type == "cpu" and got.dtype == want.dtype
+            if name in packed and packed[name].kind != "dense":
+                assert got.is_pinned()
+            torch.testing.assert_close(got.float(), want.float(), rtol=1e-3, atol=1e-3)
