@@ -50,8 +50,14 @@ def merged_rows(jobs: list[tuple[dict, dict | None]]) -> list[dict]:
     for record, data in jobs:
         for row in data["rows"] if data else []:
             rows.append({**row, "job": record["label"], "gpu": record["gpu"], "job_num_models": record["num_models"],
-                         "job_bits": record["bits"]})
+                         "job_bits": record["bits"], "host_cache_gib": host_cache_gib(data.get("config", {}))})
     return rows
+
+
+def host_cache_gib(config: dict) -> float | None:
+    """The workers' host cache in GiB from a job's serve.py config (the last --host-cache-bytes flag wins)."""
+    flags = [f for f in config.get("worker_flag") or [] if f.startswith("--host-cache-bytes=")]
+    return int(flags[-1].split("=", 1)[1]) / (1 << 30) if flags else None
 
 
 def summary_table(rows: list[dict]) -> list[dict]:
@@ -63,7 +69,7 @@ def summary_table(rows: list[dict]) -> list[dict]:
     for (num_models, bits, load, job), by_mode in sorted(groups.items()):
         delta, any_row = by_mode.get("delta", {}), next(iter(by_mode.values()))
         entry = {"num_models": num_models, "bits": bits, "load": load, "job": job, "gpu": any_row["gpu"],
-                 "rate_rps": any_row["rate_rps"]}
+                 "rate_rps": any_row["rate_rps"], "host_cache_gib": any_row.get("host_cache_gib")}
         for mode, key in MODE_KEYS.items():
             entry[f"{key}_rps"] = by_mode[mode]["throughput_rps"] if mode in by_mode else None
         entry["delta_vs_swap"] = delta.get("throughput_vs_swap")
@@ -85,7 +91,12 @@ def matrix_goals(table: list[dict], num_models: int = 32) -> dict:
         measured = [e for e in table if e[key] is not None]
         return {"met": sum(bool(met(e[key])) for e in measured), "measured": len(measured), "points": len(table)}
 
-    vs_swap = {f"{e['bits']}bit-load{e['load']:g}": e["delta_vs_swap"] for e in table
+    def key(e: dict) -> str:  # jobs of one (models, bits) differ by their host budget, when one is set per job
+        host = f"-host{e['host_cache_gib']:g}GiB" if len(hosts) > 1 and e["host_cache_gib"] is not None else ""
+        return f"{e['bits']}bit-load{e['load']:g}{host}"
+
+    hosts = {e["host_cache_gib"] for e in table if e["num_models"] == num_models}
+    vs_swap = {key(e): e["delta_vs_swap"] for e in table
                if e["num_models"] == num_models and e["delta_vs_swap"] is not None}
     return {"throughput_vs_swap_at_32": vs_swap,
             "throughput_vs_swap_15x_at_32": {k: v >= 15 for k, v in vs_swap.items()},
@@ -95,7 +106,8 @@ def matrix_goals(table: list[dict], num_models: int = 32) -> dict:
 
 def format_table(table: list[dict]) -> str:
     """The summary as aligned text (req/s, ratios, SLO attainment; '-' = not measured)."""
-    cols = [("models", "num_models", "{}"), ("bits", "bits", "{}"), ("load", "load", "{:g}"),
+    cols = [("models", "num_models", "{}"), ("bits", "bits", "{}"), ("host", "host_cache_gib", "{:g}G"),
+            ("load", "load", "{:g}"),
             ("rate", "rate_rps", "{:.1f}"), ("base", "base_rps", "{:.2f}"), ("delta", "delta_rps", "{:.2f}"),
             ("dense", "dense_rps", "{:.2f}"), ("swap", "swap_rps", "{:.2f}"), ("d/swap", "delta_vs_swap", "{:.1f}x"),
             ("d/dense", "delta_vs_dense", "{:.1f}x"), ("ttft90 d/base", "delta_ttft_p90_vs_base", "{:.2f}x"),

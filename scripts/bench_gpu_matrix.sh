@@ -58,7 +58,8 @@ export LOADS=${LOADS:-2,1} NUM_REQUESTS=${NUM_REQUESTS:-120} DEVICE
 
 IFS=, read -r -a JOB_LIST <<<"$JOBS"
 for spec in "${JOB_LIST[@]}"; do
-  [[ "$spec" =~ ^[0-9]+:[0-9]+$ ]] || { echo "JOBS wants num_models:bits pairs, e.g. 8:4,32:2; got '$spec'" >&2; exit 1; }
+  [[ "$spec" =~ ^[0-9]+:[0-9]+(:h[0-9]+)?$ ]] || {
+    echo "JOBS wants num_models:bits[:hGiB] entries, e.g. 8:4,32:2,32:4:h12; got '$spec'" >&2; exit 1; }
 done
 if [[ "$DEVICE" == cpu ]]; then
   GPU_NAME=cpu
@@ -86,14 +87,19 @@ SERVE_ARGS="--timeout-s $TIMEOUT_S --warmup-requests $WARMUP_REQUESTS --warmup-t
   --keep-disk-cache --mode-reserve-s $MODE_RESERVE_S --worker-flag=--host-cache-bytes=$HOST_CACHE_BYTES --out $JOBS_DIR"
 [[ "$DEVICE" == cpu ]] || SERVE_ARGS+=" --worker-flag=--cuda-graphs=1"
 
-job_label() { echo "$GPU_NAME-m${1%%:*}-b${1##*:}"; }
+# A job spec: num_models:bits, optionally :h<GiB> = that job's host cache instead of HOST_CACHE_BYTES (e.g. the swap
+# baseline with a host budget that holds only some merged models).
+spec_models() { echo "${1%%:*}"; }
+spec_bits() { local rest=${1#*:}; echo "${rest%%:*}"; }
+spec_host_gib() { [[ "$1" =~ :h([0-9]+)$ ]] && echo "${BASH_REMATCH[1]}" || echo ""; }
+job_label() { local h; h=$(spec_host_gib "$1"); echo "$GPU_NAME-m$(spec_models "$1")-b$(spec_bits "$1")${h:+-h$h}"; }
 job_ports() { echo "$((PORT_BASE + 100 * $1))-$((PORT_BASE + 100 * $1 + 99))"; }
 
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
   echo "plan: ${#JOB_LIST[@]} jobs on $NUM_GPUS GPU(s) [${GPU_LIST[*]}], budget ${BUDGET_S}s (all stopped at $((BUDGET_S + MARGIN_S))s), cpu pin $CPU_PIN"
   for i in "${!JOB_LIST[@]}"; do
     k=$((i % NUM_GPUS))
-    echo "job $i: num_models=${JOB_LIST[$i]%%:*} bits=${JOB_LIST[$i]##*:} gpu=${GPU_LIST[$k]} turn=$((i / NUM_GPUS + 1)) label=$(job_label "${JOB_LIST[$i]}") ports=$(job_ports "$i") cpus=$( (( CPU_PIN )) && cpu_slice "$k" || echo all)"
+    echo "job $i: num_models=$(spec_models "${JOB_LIST[$i]}") bits=$(spec_bits "${JOB_LIST[$i]}") host_gib=$(spec_host_gib "${JOB_LIST[$i]}") gpu=${GPU_LIST[$k]} turn=$((i / NUM_GPUS + 1)) label=$(job_label "${JOB_LIST[$i]}") ports=$(job_ports "$i") cpus=$( (( CPU_PIN )) && cpu_slice "$k" || echo all)"
   done
   echo "each job: bash scripts/bench_gpu.sh with BENCH_ARGS=--budget-s <share - $POINT_S> --label <label> --port-range <ports> $(echo $SERVE_ARGS) ${BENCH_ARGS:-}"
   exit 0
@@ -119,15 +125,16 @@ write_record() {  # label gpu num_models bits share_s rc started ended why
 
 run_job() {  # job index, gpu slot, share in seconds
   local i=$1 k=$2 share=$3 spec=${JOB_LIST[$1]}
-  local n=${spec%%:*} b=${spec##*:} label gpu=${GPU_LIST[$2]} started rc pin=()
-  label=$(job_label "$spec")
+  local n b h label gpu=${GPU_LIST[$2]} started rc pin=() host=()
+  n=$(spec_models "$spec") b=$(spec_bits "$spec") h=$(spec_host_gib "$spec") label=$(job_label "$spec")
+  [[ -n "$h" ]] && host=("--worker-flag=--host-cache-bytes=$((h << 30))")  # after SERVE_ARGS': the last one wins
   started=$(($(date +%s) - T0))
   rm -f "$JOBS_DIR/serving-$label-"*.json "$JOBS_DIR/serving-$label-"*.png  # an earlier run's result is not this one's
   write_record "$label" "$gpu" "$n" "$b" "$share" null "$started" null null
   (( CPU_PIN )) && pin=(taskset -c "$(cpu_slice "$k")")
   echo "[$started s] job $label on gpu $gpu: share ${share}s"
   CUDA_VISIBLE_DEVICES=$gpu OMP_NUM_THREADS=$SLICE NUM_MODELS=$n BITS=$b WORK_DIR="$WORK_ROOT/$label" \
-    BENCH_ARGS="--budget-s $((share - POINT_S)) --label $label --port-range $(job_ports "$i") $SERVE_ARGS ${BENCH_ARGS:-}" \
+    BENCH_ARGS="--budget-s $((share - POINT_S)) --label $label --port-range $(job_ports "$i") $SERVE_ARGS ${BENCH_ARGS:-} ${host[*]:-}" \
     "${pin[@]}" timeout -s INT -k 15 $((share + JOB_GRACE_S)) bash scripts/bench_gpu.sh >"$JOBS_DIR/$label.log" 2>&1 &
   local pid=$!
   echo "$pid" >"$JOBS_DIR/$label.pid"
@@ -152,7 +159,8 @@ run_gpu() {  # gpu slot: its jobs one after another, each with an equal share of
     left=$((left - 1))
     if (( share <= POINT_S )); then
       spec=${JOB_LIST[$i]}
-      write_record "$(job_label "$spec")" "${GPU_LIST[$k]}" "${spec%%:*}" "${spec##*:}" 0 null null null '"budget spent before its turn"'
+      write_record "$(job_label "$spec")" "${GPU_LIST[$k]}" "$(spec_models "$spec")" "$(spec_bits "$spec")" 0 null null null \
+        '"budget spent before its turn"'
       continue
     fi
     run_job "$i" "$k" "$share"

@@ -210,14 +210,14 @@ def test_dense_two_bit_deltas_load_as_dense2_words_and_match_the_reference():
 
 def test_baseline_host_transforms_on_the_gpu_equal_the_cpu_ones(tmp_path):
     """dense-delta's dequantize and swap's merge computed on the GPU (DeviceMath) give the CPU's tensors, pinned."""
+    from bench.synthetic import shape_config, write_base, write_delta
     from deltazip.artifact import load_delta
     from deltazip.model.loader import load_model
     from services.worker.modes import DeviceMath, dense_fp16, merged_weights
-    from tests.integration.tiny_models import compress_packed, write_finetune, write_tiny_base
 
-    base_dir, base_state = write_tiny_base(tmp_path)
-    compress_packed(base_dir, write_finetune(base_state, tmp_path / "ft-hf", seed=5), tmp_path / "ft")
-    packed = load_delta(tmp_path / "ft", "cpu")
+    config = shape_config("tiny")
+    base_dir = write_base(tmp_path / "base", config)
+    packed = load_delta(write_delta(base_dir, tmp_path / "ft", config, bits=4, group_size=32), "cpu")
     assert {d.kind for d in packed.values()} & {"sparse24", "quant"}
     base = {k: p.detach().to("cpu", torch.float16) for k, p in load_model(base_dir, "cpu").named_parameters()}
     math = DeviceMath(torch.device("cuda"))

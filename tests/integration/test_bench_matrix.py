@@ -31,6 +31,10 @@ def test_plan_deals_jobs_round_robin_with_distinct_labels_and_ports():
     ranges = sorted(tuple(map(int, j["ports"].split("-"))) for j in jobs)
     assert all(a[1] < b[0] for a, b in zip(ranges, ranges[1:]))  # disjoint
     assert "--warmup-prefetch" in done.stdout and "--keep-disk-cache" in done.stdout
+    # a job with its own host cache: its own label, and the flag after the shared one (the last wins)
+    host = run_script({"DRY_RUN": "1", "DEVICE": "cpu", "JOBS": "32:4,32:4:h12"}, timeout_s=30)
+    labels = [line.split("label=")[1].split()[0] for line in host.stdout.splitlines() if line.startswith("job ")]
+    assert host.returncode == 0 and labels == ["cpu-m32-b4", "cpu-m32-b4-h12"] and "host_gib=12" in host.stdout
     bad = run_script({"DRY_RUN": "1", "DEVICE": "cpu", "JOBS": "8"}, timeout_s=30)
     assert bad.returncode == 1 and "num_models:bits" in bad.stderr
 
@@ -38,9 +42,9 @@ def test_plan_deals_jobs_round_robin_with_distinct_labels_and_ports():
 @pytest.mark.timeout(150)
 def test_two_jobs_side_by_side_on_cpu_merge_into_one_result(tmp_path):
     out = tmp_path / "out"
-    env = {"DEVICE": "cpu", "NUM_FAKE_GPUS": "2", "SHAPE": "tiny", "JOBS": "2:4,3:2", "MODES": "delta,swap",
+    env = {"DEVICE": "cpu", "NUM_FAKE_GPUS": "2", "SHAPE": "tiny", "JOBS": "2:4,3:2:h1", "MODES": "delta,swap",
            "LOADS": "1", "NUM_REQUESTS": "6", "RATE_RPS": "8", "PROMPT_LEN": "16", "OUTPUT_LEN": "4",
-           "WARMUP_REQUESTS": "2", "BUDGET_S": "100", "PORT_BASE": "25000", "OUT": str(out), "OMP_NUM_THREADS": "1",
+           "WARMUP_REQUESTS": "2", "BUDGET_S": "100", "HOST_CACHE_BYTES": str(2 << 30), "PORT_BASE": "25000", "OUT": str(out), "OMP_NUM_THREADS": "1",
            "BENCH_ARGS": "--worker-flag=--num-kv-blocks=64 --worker-flag=--kv-block-size=8"}
     done = run_script(env, timeout_s=140)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -48,12 +52,14 @@ def test_two_jobs_side_by_side_on_cpu_merge_into_one_result(tmp_path):
     merged = json.loads(path.read_text())
     assert path.with_suffix(".png").stat().st_size > 10_000
     assert {(j["label"], j["gpu"], j["status"]) for j in merged["jobs"]} == {("cpu-m2-b4", "0", "done"),
-                                                                            ("cpu-m3-b2", "1", "done")}
+                                                                            ("cpu-m3-b2-h1", "1", "done")}
     assert {(r["job"], r["mode"]) for r in merged["rows"]} == {
-        (job, mode) for job in ("cpu-m2-b4", "cpu-m3-b2") for mode in ("base", "delta", "swap")}
+        (job, mode) for job in ("cpu-m2-b4", "cpu-m3-b2-h1") for mode in ("base", "delta", "swap")}
+    # the :h1 job's workers had a 1 GiB host cache, the other one the matrix default
+    assert [e["host_cache_gib"] for e in merged["summary"]] == [2, 1]
     assert all(r["num_failed"] == 0 for r in merged["rows"])
     assert [(e["num_models"], e["bits"]) for e in merged["summary"]] == [(2, 4), (3, 2)]
     assert all(e["delta_vs_swap"] > 0 and e["delta_ttft_p90_vs_base"] > 0 for e in merged["summary"])
     warmed = {(j["label"], w["mode"]): w["prefetch"]["warmed_to"] for j in merged["jobs"] for w in j["warmups"]}
-    assert warmed[("cpu-m3-b2", "swap")] == ["host"] and warmed[("cpu-m2-b4", "delta")] == ["device", "host"]
-    assert re.search(r"models\s+bits\s+load", done.stdout)
+    assert warmed[("cpu-m3-b2-h1", "swap")] == ["host"] and warmed[("cpu-m2-b4", "delta")] == ["device", "host"]
+    assert re.search(r"models\s+bits\s+host\s+load", done.stdout)

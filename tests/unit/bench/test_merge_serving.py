@@ -89,9 +89,11 @@ def test_table_text_marks_what_was_not_measured():
     entry = {"num_models": 8, "bits": 2, "load": 1.0, "rate_rps": 12.0, "base_rps": 12.0, "delta_rps": 11.0,
              "dense_rps": None, "swap_rps": None, "delta_vs_swap": None, "delta_vs_dense": None,
              "delta_ttft_p90_vs_base": 1.25, "slo_delta": 1.0, "slo_dense": None, "slo_swap": None, "gpu": "3"}
-    lines = merge_serving.format_table([entry]).splitlines()
-    assert lines[0].split()[:4] == ["models", "bits", "load", "rate"]
-    assert lines[1].split() == ["8", "2", "1", "12.0", "12.00", "11.00", "-", "-", "-", "-", "1.25x", "1.00", "-", "-", "3"]
+    lines = merge_serving.format_table([entry, {**entry, "host_cache_gib": 12.0}]).splitlines()
+    assert lines[0].split()[:5] == ["models", "bits", "host", "load", "rate"]
+    assert lines[1].split() == ["8", "2", "-", "1", "12.0", "12.00", "11.00", "-", "-", "-", "-", "1.25x", "1.00", "-",
+                                "-", "3"]
+    assert lines[2].split()[2] == "12G"
 
 
 def test_no_job_records_is_an_error_that_says_so(tmp_path):
