@@ -21,6 +21,7 @@ Writes OUT/worker-<device>-<date>.json as {bench, device, commit, date, config, 
 """
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -267,6 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--commit", default="")
     ap.add_argument("--parts", default="load,step,modes")
     ap.add_argument("--tiny", action="store_true", help="tiny model, any device: smoke test only")
+    ap.add_argument("--step-layers", type=int, default=0,
+                    help="cut the step model's depth (0 = 32): e.g. 4, the serving benchmark's shape")
+    ap.add_argument("--step-seqs", type=int, default=32, help="sequences in the timed decode step")
+    ap.add_argument("--label", default="", help="added to the result file name")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
     from deltazip.logs import configure_logging
@@ -282,17 +287,20 @@ def main(argv: list[str] | None = None) -> int:
     if "load" in parts:
         bench_load(big, device, rows)
     if "step" in parts:
-        bench_step(big, device, rows, **({"num_seqs": 8, "steps": 3, "prompt_len": 16} if args.tiny else {}))
+        step_cfg = dataclasses.replace(big, num_hidden_layers=args.step_layers) if args.step_layers else big
+        bench_step(step_cfg, device, rows, **({"num_seqs": 8, "steps": 3, "prompt_len": 16} if args.tiny
+                                              else {"num_seqs": args.step_seqs}))
     if "modes" in parts:
         bench_modes(mid, device, rows, **({"num_requests": 24, "max_tokens": 6, "prompt_len": 8}
                                           if args.tiny else {}))
     date = datetime.date.today().isoformat()
     result = {"bench": "worker", "device": name, "commit": commit, "date": date,
               "config": {"tiny": args.tiny, "parts": parts, "load_model": "llama-7b-shape" if not args.tiny else "tiny",
-                         "modes_model": "llama-1.1b-shape" if not args.tiny else "tiny", "dtype": "float16"},
+                         "modes_model": "llama-1.1b-shape" if not args.tiny else "tiny", "dtype": "float16",
+                         "step_layers": args.step_layers or big.num_hidden_layers, "step_seqs": args.step_seqs},
               "rows": rows}
     os.makedirs(args.out, exist_ok=True)
-    path = Path(args.out) / f"worker-{name}-{date}{'-tiny' if args.tiny else ''}.json"
+    path = Path(args.out) / f"worker-{name}-{date}{'-tiny' if args.tiny else ''}{'-' + args.label if args.label else ''}.json"
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path}")
     return 0
