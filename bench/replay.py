@@ -7,11 +7,13 @@ throughput over the busy span, percentiles, SLO attainment against a base-only r
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from bench.workload import Request
+from services.worker.engine.step_profile import phase_deltas
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,20 +66,25 @@ async def sample_worker(address: str, stop: asyncio.Event, period_s: float = 0.1
     from deltazip.rpc.channels import aio_channel
     from deltazip.v1 import worker_pb2, worker_pb2_grpc
 
-    running, waiting = [], []
+    running, waiting, phases = [], [], []  # phases: (monotonic time, {phase: (count, seconds)}) first and last
     async with aio_channel(address) as channel:
         stub = worker_pb2_grpc.WorkerStub(channel)
-        while not stop.is_set():
+        while True:
             reply = await stub.Status(worker_pb2.StatusRequest(), timeout=5)
             running.append(reply.num_running)
             waiting.append(reply.num_waiting)
+            phases[1:] = [(time.monotonic(), {p.name: (p.count, p.seconds) for p in reply.step_phases})]
+            if stop.is_set():  # one read after the run ended closes the profile's interval
+                break
             try:
                 await asyncio.wait_for(stop.wait(), period_s)
             except asyncio.TimeoutError:
                 pass
+    (t0, before), (t1, after) = phases[0], phases[-1]
     return {"worker_running_mean": float(np.mean(running)) if running else float("nan"),
             "worker_waiting_mean": float(np.mean(waiting)) if waiting else float("nan"),
-            "worker_waiting_max": int(max(waiting, default=0))}
+            "worker_waiting_max": int(max(waiting, default=0)),
+            "worker_phases": phase_deltas(before, after, t1 - t0)}
 
 
 class _NoBar:

@@ -83,6 +83,10 @@ def run_point(address: str, requests: list[Request], args, point: dict, base: di
     print(f"{desc}: {row['throughput_rps']:.2f} req/s, ttft p90 {row['ttft_p90_ms']:.0f} ms, "
           f"e2e p99 {row['e2e_p99_ms']:.0f} ms, slo {row.get('slo_attainment', float('nan')):.2f}, "
           f"failed {row['num_failed']}", flush=True)
+    if row.get("worker_phases"):
+        print("  worker time: " + ", ".join(f"{name} {p['share']:.0%} ({p['count']} x {p['mean_ms']:.1f} ms)" for name, p
+                                            in sorted(row["worker_phases"].items(), key=lambda kv: -kv[1]["seconds"])),
+              flush=True)
     args.budget.last_point_s = wall_s
     mark(args, "point", **{k: v for k, v in point.items() if k != "rate_rps"}, wall_s=round(wall_s, 1))
     if args.checkpoint is not None:

@@ -72,6 +72,7 @@ class WorkerStatus:
     info: WorkerInfo
     stats: EngineStats
     deltas: list[ResidentDelta]
+    step_phases: dict[str, tuple[int, float]]  # {phase: (count, seconds)} since start
 
 
 class WorkerApp:
@@ -236,7 +237,7 @@ class WorkerApp:
         return delta is not None and self._residency.evict(delta, tier)
 
     def status(self) -> WorkerStatus:
-        return WorkerStatus(self.info, self._loop.stats, self._residency.snapshot())
+        return WorkerStatus(self.info, self._loop.stats, self._residency.snapshot(), self._loop.step_phases())
 
     def on_residency_change(self, snap: ResidentDelta) -> None:
         if snap.state is DeltaState.ON_DEVICE:

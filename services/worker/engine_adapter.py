@@ -30,6 +30,9 @@ class EngineAdapter:
                            o.finish_reason.value if o.finish_reason is not None else None)
                 for o in self._engine.step()]
 
+    def step_phases(self) -> dict[str, tuple[int, float]]:
+        return self._engine.profile.snapshot()
+
     def stats(self) -> EngineStats:
         """Called on the loop thread between steps (queued tokens read the scheduler's waiting list)."""
         s = self._engine.stats()

@@ -16,8 +16,10 @@ from typing import Any, Protocol
 
 from deltazip import metrics
 from deltazip.logs import get_logger
+from services.worker.engine.step_profile import StepProfile
 
 log = get_logger("services.worker.engine_loop")
+IDLE_SLICE_S = 0.1  # longest single idle wait with no requests (a submit wakes the loop at once anyway)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +66,9 @@ class Engine(Protocol):
 
     def stats(self) -> EngineStats: ...
 
+    def step_phases(self) -> dict[str, tuple[int, float]]:
+        """{phase: (count, seconds)} since start (services/worker/engine/step_profile.py)."""
+
 
 Sink = Callable[[TokenEvent], None]
 
@@ -87,6 +92,7 @@ class EngineLoop:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._state = _LoopState(stats=engine.stats())
+        self.profile = StepProfile()  # this loop's own phases: deliver, idle
         self._idle_wait_s = idle_wait_s
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self.error: BaseException | None = None
@@ -137,23 +143,30 @@ class EngineLoop:
     def stats(self) -> EngineStats:
         return self._state.stats
 
+    def step_phases(self) -> dict[str, tuple[int, float]]:
+        """{phase: (count, seconds)} since start: the engine's step phases plus this loop's deliver and idle."""
+        return {**self._engine.step_phases(), **{k: v for k, v in self.profile.snapshot().items() if v[0]}}
+
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
                 self._wake.clear()  # before looking for work, so a wakeup during the step is not lost
                 self._receive()
                 if not self._engine.has_unfinished_requests():
-                    self._wake.wait(1.0)
+                    with self.profile.timed("idle"):  # short waits: a profile interval's edges cut few of them
+                        self._wake.wait(IDLE_SLICE_S)
                     continue
                 start = time.perf_counter()
                 outputs = self._engine.step()
                 self._num_steps += 1
-                self._process(outputs, (time.perf_counter() - start) * 1e3)
-                self._state.stats = self._engine.stats()
-                metrics.observe_batch(self._state.stats.num_running, len(self._state.stats.running_deltas))
-                self._on_step(self._num_steps, self._state.stats.running_deltas)
+                with self.profile.timed("deliver"):
+                    self._process(outputs, (time.perf_counter() - start) * 1e3)
+                    self._state.stats = self._engine.stats()
+                    metrics.observe_batch(self._state.stats.num_running, len(self._state.stats.running_deltas))
+                    self._on_step(self._num_steps, self._state.stats.running_deltas)
                 if not outputs:  # everything waits (e.g. for a delta load): do not spin
-                    self._wake.wait(self._idle_wait_s)
+                    with self.profile.timed("idle"):
+                        self._wake.wait(self._idle_wait_s)
         except BaseException as exc:  # the loop must not die silently: fail every open request
             self.error = exc
             log.exception("engine_loop_crashed")

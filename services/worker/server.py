@@ -63,7 +63,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         return worker_pb2.StatusResponse(
             worker_id=info.worker_id, address=self.address, base=info.base_name, device=info.device,
             num_running=stats.num_running, num_waiting=stats.num_waiting, free_kv_blocks=stats.free_kv_blocks,
-            total_kv_blocks=stats.total_kv_blocks, deltas=deltas, mode=info.mode)
+            total_kv_blocks=stats.total_kv_blocks, deltas=deltas, mode=info.mode,
+            step_phases=[worker_pb2.StepPhase(name=name, count=count, seconds=seconds)
+                         for name, (count, seconds) in status.step_phases.items()])
 
     def _check_model(self, model: str) -> None:
         """A delta name must be one the store accepts: it becomes a directory of the disk cache."""

@@ -55,6 +55,13 @@ def test_serving_bench_spreads_clients_over_several_schedulers(tmp_path, monkeyp
     for row in data["rows"]:
         assert row["num_requests"] == 12 and row["num_failed"] == 0, row["errors"]
         assert len(row["client_cpu_s"]) == 2 and math.isfinite(row["worker_running_mean"])
+        # the worker's own profile of the point: 12 requests of 16-token prompts and 6 tokens each were prefilled
+        # and decoded (eager on CPU); the busy phases fit inside the point's wall time (idle waits straddling the
+        # interval's edges may be counted whole)
+        phases = row["worker_phases"]
+        assert phases["prefill"]["count"] >= 1 and phases["decode_eager"]["count"] >= 5, phases
+        busy = sum(p["share"] for name, p in phases.items() if name != "idle")
+        assert "decode_graph" not in phases and 0.0 < busy <= 1.0, phases
 
 
 def test_serving_bench_prefetches_each_mode_to_its_strongest_tier(tmp_path, monkeypatch):

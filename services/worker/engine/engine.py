@@ -18,6 +18,7 @@ from services.worker.engine.batch_scheduler import BatchScheduler, ScheduledBatc
 from services.worker.engine.block_manager import BlockManager
 from services.worker.engine.model_runner import DeltaOpsProvider, ModelRunner
 from services.worker.engine.sequence import FinishReason, Sequence, SequenceStatus
+from services.worker.engine.step_profile import StepProfile
 from services.worker.engine.swap import HostWeights, WeightSwapper
 
 log = structlog.get_logger(__name__)
@@ -92,6 +93,7 @@ class LLMEngine:
         model one model at a time (deltas_provider and is_delta_ready are then unused)."""
         self.config = config
         self.swapper = WeightSwapper(model, swap_weights) if swap_weights is not None else None
+        self.profile = StepProfile()  # where the steps' time goes (the Worker Status RPC reports it)
         if self.swapper is not None:
             deltas_provider, is_delta_ready = None, self.swapper.is_active
         self.tokenizer = tokenizer
@@ -178,10 +180,18 @@ class LLMEngine:
         with self._lock:
             self._receive()
             if self.swapper is not None:
+                swaps, start = self.swapper.num_swaps, time.perf_counter()
                 self.swapper.before_schedule(self.scheduler)
-            batch = self.scheduler.schedule()
+                if self.swapper.num_swaps > swaps:
+                    self.profile.add("swap", time.perf_counter() - start)
+            with self.profile.timed("schedule"):
+                batch = self.scheduler.schedule()
+            start = time.perf_counter()
             tokens = self.runner.run(batch.items)
-            return self._process_results(batch, tokens)
+            if batch.items:
+                self.profile.add(self.runner.last_kind, time.perf_counter() - start)
+            with self.profile.timed("results"):
+                return self._process_results(batch, tokens)
 
     def _receive(self) -> None:
         while not self._inbox.empty():

@@ -70,6 +70,7 @@ class ModelRunner:
         self.deltas_provider = deltas_provider
         self.device = model.model.embed_tokens.weight.device
         self.graphs = None
+        self.last_kind = "prefill"  # the StepProfile phase of the last run: prefill | decode_graph | decode_eager
         if cuda_graphs and self.device.type == "cuda" and torch.cuda.is_available():
             from services.worker.engine.cuda_graphs import DecodeGraphs
 
@@ -114,12 +115,9 @@ class ModelRunner:
     def _deltas(self, segments: Segments) -> DeltaOps | None:
         return self.deltas_provider(segments) if self.deltas_provider is not None else None
 
-    def _graph_ok(self, items: list[tuple[Sequence, int]], ctx: ForwardContext) -> bool:
+    def _graph_ok(self, items: list[tuple[Sequence, int]], ctx: ForwardContext, decode: bool) -> bool:
         """Decode-only, a captured size fits, and no delta rows or deltas a graph can take: replay a graph."""
-        if self.graphs is None:
-            return False
-        decode = all(n == 1 and s.num_computed_tokens + 1 == s.num_tokens for s, n in items)
-        if not decode or self.graphs.padded_size(len(items)) is None:
+        if self.graphs is None or not decode or self.graphs.padded_size(len(items)) is None:
             return False
         return ctx.deltas is None or self.graphs.takes_deltas(ctx.deltas)
 
@@ -131,9 +129,12 @@ class ModelRunner:
         step = self.prepare(items)
         ctx = ForwardContext(attn=step.attn, deltas=self._deltas(step.token_segments))
         hidden = None
-        if self._graph_ok(items, ctx):
+        decode = all(n == 1 and s.num_computed_tokens + 1 == s.num_tokens for s, n in items)
+        self.last_kind = "decode_eager" if decode else "prefill"
+        if self._graph_ok(items, ctx, decode):
             try:
                 hidden = self.graphs.run(step.input_ids, step.attn, ctx.deltas)  # [T, hidden], T = sequences
+                self.last_kind = "decode_graph"
             except RuntimeError as exc:  # a capture that fails must not stop serving: eager from now on
                 log.error("cuda_graphs_disabled", error=str(exc)[:500])
                 self.graphs = None

@@ -48,6 +48,9 @@ class FakeEngine:
     def stats(self):
         return EngineStats(num_running=len(self.reqs), free_kv_blocks=10, total_kv_blocks=10)
 
+    def step_phases(self):
+        return {}
+
     def step(self):
         time.sleep(0.002)  # a step takes time: aborts can arrive before the request finishes
         outs = []
