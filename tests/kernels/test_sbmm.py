@@ -403,58 +403,53 @@ def test_segments_hint_sizes_the_grid_for_padded_segment_lists(kernel):
         torch.testing.assert_close(y_kernel.float(), y_ref.float(), **TOL[dtype])
 
 
-@gpu
-@pytest.mark.parametrize("n,k", [(320, 1408)] + LLAMA_SHAPES)
-@pytest.mark.parametrize("group", [None, 128])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("layout_name", list(SEGMENTS))
-def test_dense2_words_match_the_canonical_reference_gpu(n, k, group, dtype, layout_name):
-    """2-bit deltas re-encoded to dense2 words on the GPU (kernels/layout.py) give the canonical reference's
-    result: default config, an unsplit and an 8-way split launch."""
-    if (n, k) != (320, 1408) and layout_name != "many":
-        pytest.skip("Llama shapes: one segment layout is enough")
-    stack, x, y, starts, slots = make_case(n, k, 2, group, True, dtype, layout_name, "cuda", seed=12)
+# the device word layouts of kernels/layout.py: (bits, (kernel, config) launches checked on each case)
+DEVICE_LAYOUTS = {
+    "dense2": (2, [("gluon", None), ("gluon", dict(BLOCK_M=8, BLOCK_N=64, num_warps=2, prefetch=False)),
+                   ("gluon", dict(BLOCK_M=16, BLOCK_N=64, num_warps=2, prefetch=True, min_ctas=10**6)),
+                   ("gluon", dict(BLOCK_M=8, BLOCK_N=128, num_warps=4, prefetch=True))]),  # two block rows
+    "tiled4": (4, [("gluon", None),
+                   ("gluon", dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, prefetch=True, min_ctas=10**6)),
+                   ("triton", None)]),
+}
+
+
+def device_words(stack: dict, word_layout: str) -> dict:
+    """The stack as CUDA slots hold it: dense2 words (meta None) or tile-major 4-bit words and meta."""
+    if word_layout == "tiled4":
+        return tile_major(stack)
     words = torch.stack([layout.to_dense2(q, m) for q, m in zip(stack["qweight"], stack["meta"])])
-    y_ref = y.clone()
-    reference.sbmm_reference(x, y_ref, stack["qweight"], stack["meta"], stack["scales"], None, 2, (n, k),
-                             starts.cpu(), slots.cpu())
-    tol = dict(TOL[dtype])
-    if k > 2048:
-        tol["atol"] *= 3  # |y| grows with sqrt(K)
-    for cfg in (None, dict(BLOCK_M=8, BLOCK_N=64, num_warps=2, prefetch=False),
-                dict(BLOCK_M=16, BLOCK_N=64, num_warps=2, prefetch=True, min_ctas=10**6),
-                dict(BLOCK_M=8, BLOCK_N=128, num_warps=4, prefetch=True)):  # two block rows per program
-        y_kernel = y.clone()
-        sbmm.sbmm(x, y_kernel, words, None, stack["scales"], None, starts, slots, 2, config=cfg)
-        torch.testing.assert_close(y_kernel.float(), y_ref.float(), **tol)
+    return {**stack, "qweight": words, "meta": None}
 
 
 @gpu
+@pytest.mark.parametrize("word_layout", list(DEVICE_LAYOUTS))
 @pytest.mark.parametrize("n,k", [(320, 1408)] + LLAMA_SHAPES)
 @pytest.mark.parametrize("group", [None, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("layout_name", list(SEGMENTS))
-def test_tiled_4bit_words_match_the_canonical_reference_gpu(n, k, group, dtype, layout_name):
-    """4-bit words and meta stored tile-major (what CUDA slots hold) give the canonical reference's result: the
-    default kernel and config, an 8-way K split over two block rows per program, and the Triton kernel
-    (test_gluon_configs_gpu covers half-block programs)."""
+def test_device_word_layouts_match_the_canonical_reference_gpu(word_layout, n, k, group, dtype, layout_name):
+    """Deltas in the layouts CUDA slots hold (2-bit dense2 words re-encoded on the GPU, 4-bit words and meta
+    tile-major) give the canonical reference's result: default config, unsplit and 8-way split launches, one and
+    two block rows per program (test_gluon_configs_gpu covers half-block programs), and for tile-major 4-bit
+    words the Triton kernel (on the small shape)."""
     if (n, k) != (320, 1408) and layout_name != "many":
         pytest.skip("Llama shapes: one segment layout is enough")
-    stack, x, y, starts, slots = make_case(n, k, 4, group, True, dtype, layout_name, "cuda", seed=17)
-    tiled = tile_major(stack)
+    bits, launches = DEVICE_LAYOUTS[word_layout]
+    stack, x, y, starts, slots = make_case(n, k, bits, group, True, dtype, layout_name, "cuda", seed=12)
+    words = device_words(stack, word_layout)
     y_ref = y.clone()
-    reference.sbmm_reference(x, y_ref, stack["qweight"], stack["meta"], stack["scales"], None, 4, (n, k),
+    reference.sbmm_reference(x, y_ref, stack["qweight"], stack["meta"], stack["scales"], None, bits, (n, k),
                              starts.cpu(), slots.cpu())
     tol = dict(TOL[dtype])
     if k > 2048:
         tol["atol"] *= 3  # |y| grows with sqrt(K)
-    launches = [("gluon", None), ("gluon", dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, prefetch=True, min_ctas=10**6))]
-    if (n, k) == (320, 1408):
-        launches.append(("triton", None))
     for kernel, cfg in launches:
+        if kernel == "triton" and (n, k) != (320, 1408):
+            continue
         y_kernel = y.clone()
-        sbmm.sbmm(x, y_kernel, tiled["qweight"], tiled["meta"], stack["scales"], None, starts, slots, 4,
-                  kernel=kernel, config=cfg, tiled=True)
+        sbmm.sbmm(x, y_kernel, words["qweight"], words["meta"], stack["scales"], None, starts, slots, bits,
+                  kernel=kernel, config=cfg, tiled=word_layout == "tiled4")
         torch.testing.assert_close(y_kernel.float(), y_ref.float(), **tol, msg=lambda m: f"{kernel} {cfg}: {m}")
 
 
