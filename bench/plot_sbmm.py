@@ -13,6 +13,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+# (bits, layout, line style) per curve; a result holds those its --variants named (bench/sbmm.py)
+LINES = ((4, "tiled4", "-"), (4, "canonical", "-."), (2, "dense2", "--"), (2, "canonical", ":"))
+LAYOUT_LABELS = {"tiled4": "2:4 tile-major", "canonical": "2:4", "dense2": "dense2"}
+
+
 def plot(path: Path) -> Path:
     """Two rows of panels (fraction of limit, speedup vs bmm), one column per shape; lines per bits x rows."""
     result = json.loads(path.read_text())
@@ -20,7 +25,7 @@ def plot(path: Path) -> Path:
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     fig, axes = plt.subplots(2, len(shapes), figsize=(5 * len(shapes), 8), squeeze=False)
     for col, shape in enumerate(shapes):
-        for bits, layout, style in ((4, "canonical", "-"), (2, "dense2", "--"), (2, "canonical", ":")):
+        for bits, layout, style in LINES:
             for rows_per, color in ((1, "tab:blue"), (4, "tab:orange"), (16, "tab:green")):
                 pts = sorted(((r["num_deltas"], r) for r in rows
                               if r["shape"] == shape and r["bits"] == bits and r["rows_per_delta"] == rows_per
@@ -28,7 +33,7 @@ def plot(path: Path) -> Path:
                 if not pts:
                     continue
                 xs = [n for n, _ in pts]
-                label = f"{bits}-bit{' dense2' if layout == 'dense2' else ' 2:4'}, {rows_per} rows/delta"
+                label = f"{bits}-bit {LAYOUT_LABELS[layout]}, {rows_per} rows/delta"
                 axes[0][col].plot(xs, [r["fraction_of_limit"] for _, r in pts], style, color=color, marker="o",
                                   label=label)
                 axes[1][col].plot(xs, [r["speedup_vs_bmm"] for _, r in pts], style, color=color, marker="o",

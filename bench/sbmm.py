@@ -2,15 +2,16 @@
 
   python bench/sbmm.py --out DIR [--sweep] [--commit SHA] [--quick]
 
-Rows: one per (shape, num_deltas, rows_per_delta, bits) with the SBMM time, bytes it must read (packed
+Rows: one per (shape, num_deltas, rows_per_delta, bits, layout) with the SBMM time, bytes it must read (packed
 deltas + meta + scales + x + y), effective GB/s, that as a fraction of the device-to-device copy rate
 measured in the same run, and speedups over (a) a torch loop of dense fp16 per-segment matmuls,
 (b) torch.bmm over already-gathered dense deltas, (c) dequantize-then-matmul in torch, plus (d) the base
 GEMM alone and base GEMM followed by SBMM. --sweep instead times kernel/config variants on two shapes.
 Timing: each measurement is a CUDA graph of many back-to-back calls, every call on different delta slots
 (and base weights), so no call finds its deltas in L2 and no host launch overhead is counted; the host
-cost of one apply call is reported separately (host_us). Writes DIR/sbmm-<device>-<date>.json;
-bench/plot_sbmm.py draws the PNG from it.
+cost of one apply call is reported separately (host_us). Word layouts (--variants): 4t = 4-bit 2:4 words and meta
+tile-major and 2d2 = 2-bit dense2 words, the layouts the worker keeps on CUDA (kernels/layout.py); 4 and 2 = the
+canonical 2:4 words in row order. Writes DIR/sbmm-<device>-<date>.json; bench/plot_sbmm.py draws the PNG from it.
 """
 
 import argparse
@@ -26,37 +27,16 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels import layout, packing, reference, sbmm  # noqa: E402
+from bench.sbmm_stacks import VARIANTS, layout_name, variant_label, variant_stack  # noqa: E402
+from kernels import layout, reference, sbmm  # noqa: E402
 
 SHAPES = {"qkvo": (4096, 4096), "gate_up": (11008, 4096), "down": (4096, 11008)}  # name -> (N, K)
 NUM_DELTAS = (1, 2, 4, 8, 16, 32, 64)
 ROWS = (1, 4, 16)
-NIBBLE_OF_PATTERN = torch.tensor([i0 | (i1 << 2) for i0, i1 in [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]])
-
-
-def random_stack(num_slots: int, n: int, k: int, bits: int, group: int | None, device: str) -> dict:
-    """Valid random packed deltas generated on the device (any int32 word is a valid set of codes)."""
-    g = torch.Generator(device=device).manual_seed(num_slots * 7 + bits)
-    qweight = torch.randint(-2**31, 2**31 - 1, (num_slots, n, k * bits // 64), dtype=torch.int32, device=device,
-                            generator=g)
-    meta = torch.empty(num_slots, n, k // 32, dtype=torch.int32, device=device)
-    shifts = 4 * torch.arange(8, device=device)
-    for s in range(num_slots):  # one slot at a time: the int64 nibble tensor of all slots would not fit
-        pat = torch.randint(0, 6, (n, k // 32, 8), device=device, generator=g)
-        meta[s] = packing._to_int32((NIBBLE_OF_PATTERN.to(device)[pat] << shifts).sum(-1))
-    groups = 1 if group is None else k // group
-    scales = (torch.rand(num_slots, n, groups, device=device, generator=g) * 1e-3 + 1e-4).half()
-    return {"qweight": qweight, "meta": meta, "scales": scales, "zeros": None}
-
-
-def as_dense2(stack: dict) -> dict:
-    """The same 2-bit deltas as dense2 words (kernels/layout.py), the layout the worker keeps on CUDA."""
-    words = torch.stack([layout.to_dense2(q, m) for q, m in zip(stack["qweight"], stack["meta"])])
-    return {"qweight": words, "meta": None, "scales": stack["scales"], "zeros": None}
 
 
 def packed_bytes(stack: dict, num: int) -> int:
-    return sum(t[:num].numel() * t.element_size() for t in stack.values() if t is not None)
+    return sum(t[:num].numel() * t.element_size() for t in stack.values() if isinstance(t, torch.Tensor))
 
 
 def bench(fn, rep_ms: int = 60) -> float:
@@ -131,14 +111,14 @@ def one_row(name, n, k, num, rows, bits, stack, dense, base_ws, limit, with_dequ
     starts = torch.arange(num + 1, device="cuda", dtype=torch.int64) * rows
     offs = rotations(num)
     slot_sets = [torch.arange(o, o + num, device="cuda", dtype=torch.int64) for o in offs]
-    q, m, sc = stack["qweight"], stack["meta"], stack["scales"]
+    q, m, sc, tiled = stack["qweight"], stack["meta"], stack["scales"], stack.get("tiled", False)
 
     def sbmm_call(slots):
-        return lambda: sbmm.sbmm(x, y, q, m, sc, None, starts, slots, bits, kernel=kernel, config=config)
+        return lambda: sbmm.sbmm(x, y, q, m, sc, None, starts, slots, bits, kernel=kernel, config=config, tiled=tiled)
 
     us = graph_us([sbmm_call(sl) for sl in slot_sets])
     row = {"shape": name, "n": n, "k": k, "num_deltas": num, "rows_per_delta": rows, "bits": bits, "us": us,
-           "layout": "canonical" if m is not None else "dense2"}
+           "layout": layout_name(stack)}
     nbytes = packed_bytes(stack, num) + x.numel() * 2 + y.numel() * 2
     row.update(bytes_read=nbytes, gbps=nbytes / (us * 1e-6) / 1e9)
     row["fraction_of_limit"] = row["gbps"] / limit
@@ -162,7 +142,7 @@ def one_row(name, n, k, num, rows, bits, stack, dense, base_ws, limit, with_dequ
     def base_sbmm_call(i, slots):
         def run():
             out = torch.mm(x, base_ws[i % len(base_ws)].T)
-            sbmm.sbmm(x, out, q, m, sc, None, starts, slots, bits, kernel=kernel, config=config)
+            sbmm.sbmm(x, out, q, m, sc, None, starts, slots, bits, kernel=kernel, config=config, tiled=tiled)
         return run
 
     row["us_dense_loop"] = graph_us([loop_call(o) for o in offs])
@@ -172,9 +152,11 @@ def one_row(name, n, k, num, rows, bits, stack, dense, base_ws, limit, with_dequ
     row["speedup_vs_dense_loop"] = row["us_dense_loop"] / us
     row["speedup_vs_bmm"] = row["us_bmm"] / us
     row["base_plus_sbmm_over_base"] = row["us_base_plus_sbmm"] / row["us_base"]
-    if with_dequant:
+    if with_dequant:  # the torch reference reads row order: the first `num` slots, re-ordered once
+        q_rows, m_rows = layout.untile_packed(q[:num], m[:num]) if tiled else (q, m)
+
         def dequant_matmul():
-            reference.sbmm_reference(x, y, q, m, sc, None, bits, (n, k), starts, slot_sets[0])
+            reference.sbmm_reference(x, y, q_rows, m_rows, sc, None, bits, (n, k), starts, slot_sets[0])
         us_dq = bench(dequant_matmul, 20)
         row["us_dequant_matmul"] = us_dq
         row["speedup_vs_dequant_matmul"] = us_dq / us
@@ -187,17 +169,16 @@ def full(args, limit, save) -> list[dict]:
     for name, (n, k) in SHAPES.items():
         base_ws = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(4)]
         dense = torch.randn(max(NUM_DELTAS), n, k, device="cuda", dtype=torch.float16) * 1e-3
-        for bits, dense2 in ((4, False), (2, True), (2, False)):  # 2-bit: the worker's CUDA layout, then 2:4
-            stack = random_stack(max(NUM_DELTAS), n, k, bits, 128, "cuda")
-            if dense2:
-                stack = as_dense2(stack)
+        for variant in args.variants.split(","):
+            bits = VARIANTS[variant][0]
+            stack = variant_stack(variant, max(NUM_DELTAS), n, k, "cuda")
             for num in NUM_DELTAS:
                 for rows in ROWS:
-                    with_dq = rows == 4 and num in (1, 8) and not dense2
+                    with_dq = rows == 4 and num in (1, 8) and stack["meta"] is not None
                     r = one_row(name, n, k, num, rows, bits, stack, dense, base_ws, limit, with_dq,
                                 config_extra=extra)
                     rows_out.append(r)
-                    print(f"{name:8s} N={num:2d} rows={rows:2d} {bits}b{'d2' if dense2 else '  '} {r['us']:8.1f} us {r['gbps']:6.0f} GB/s "
+                    print(f"{name:8s} N={num:2d} rows={rows:2d} {variant_label(variant)} {r['us']:8.1f} us {r['gbps']:6.0f} GB/s "
                           f"{r['fraction_of_limit']:5.2f}  x{r['speedup_vs_bmm']:4.1f} vs bmm  "
                           f"base+sbmm/base {r['base_plus_sbmm_over_base']:4.2f} host {r['host_us']:.0f} us",
                           flush=True)
@@ -234,15 +215,15 @@ SWEEP_CASES = (("qkvo", 8, 4), ("qkvo", 8, 16), ("qkvo", 32, 1), ("gate_up", 8, 
                ("gate_up", 32, 16), ("qkvo", 1, 4), ("qkvo", 2, 1), ("qkvo", 4, 256))
 
 
-def sweep(limit, save=None, variants=("4", "2", "2d2")) -> list[dict]:
-    """variants: "4" (4-bit 2:4), "2" (2-bit 2:4), "2d2" (2-bit as dense2 words)."""
+def sweep(limit, save=None, variants=("4t", "2", "2d2")) -> list[dict]:
+    """variants: keys of VARIANTS ("4t" tile-major and "4" row-order 4-bit, "2d2" dense2 and "2" 2:4 2-bit)."""
     out = []
     for name, num, rows in SWEEP_CASES:
         n, k = SHAPES[name]
-        for bits, dense2 in [(int(v[0]), v.endswith("d2")) for v in variants]:
-            stack = random_stack(64, n, k, bits, 128, "cuda")
-            if dense2:
-                stack = as_dense2(stack)
+        for variant in variants:
+            bits = VARIANTS[variant][0]
+            stack = variant_stack(variant, 64, n, k, "cuda")
+            dense2 = stack["meta"] is None
             for kernel, cfg in SWEEP:
                 if rows > 16 and cfg.get("min_ctas"):
                     continue  # prefill has programs enough
@@ -255,7 +236,7 @@ def sweep(limit, save=None, variants=("4", "2", "2d2")) -> list[dict]:
                 r.update(kernel=kernel, config=cfg,
                          split_k=sbmm.split_k(cfg, n, k, geometry, num * rows, num) if kernel == "gluon" else 1)
                 out.append(r)
-                print(f"{name:8s} N={num:2d} r={rows:3d} {bits}b{'d2' if dense2 else '  '} {kernel:6s} {json.dumps(cfg):90s} "
+                print(f"{name:8s} N={num:2d} r={rows:3d} {variant_label(variant)} {kernel:6s} {json.dumps(cfg):90s} "
                       f"split {r['split_k']} {r['us']:8.1f} us {r['gbps']:6.0f} GB/s {r['fraction_of_limit']:5.2f}",
                       flush=True)
             del stack
@@ -268,7 +249,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench/results")
     p.add_argument("--sweep", action="store_true")
-    p.add_argument("--sweep-variants", default="4,2,2d2", help="4, 2 (2:4 words), 2d2 (2-bit dense2 words)")
+    p.add_argument("--variants", default="4t,2d2,2", help="full run: word layouts, comma-separated: 4t (4-bit "
+                   "tile-major), 2d2 (2-bit dense2): the worker's; 4, 2 (2:4 words in row order)")
+    p.add_argument("--sweep-variants", default="4t,2,2d2", help="the same choice for --sweep")
     p.add_argument("--config-extra", default="", help='full run: JSON merged into every tuned launch config, '
                    'e.g. \'{"scale_after": false}\' (recorded in the JSON)')
     p.add_argument("--label", default="", help="file name suffix, e.g. scale-each")
@@ -288,6 +271,7 @@ def main() -> None:
     def save(rows: list[dict]) -> None:
         result = {"bench": "sbmm", "device": device, "commit": a.commit, "date": date,
                   "config": {"mode": "sweep" if a.sweep else "full", "copy_limit_gbps": limit,
+                             "variants": (a.sweep_variants if a.sweep else a.variants).split(","),
                              "config_extra": a.config_extra or None,
                              "copy_gbps_by_timer": limits, "dtype": "float16", "group_size": 128, "sym": True,
                              "shapes": SHAPES,

@@ -35,7 +35,8 @@ from deltazip.model.context import ForwardContext  # noqa: E402
 from deltazip.model.llama import LlamaForCausalLM  # noqa: E402
 from deltazip.parallel import TPGroup, init_tp_group, shard_model  # noqa: E402
 from deltazip.parallel.group import destroy_tp_group  # noqa: E402
-from kernels import packing  # noqa: E402
+from bench import sbmm_stacks  # noqa: E402
+from kernels import layout  # noqa: E402
 from kernels.delta_linear import PackedDeltaStack, apply_deltas  # noqa: E402
 
 SHAPES = {  # Llama-2 shapes (MHA), vocab 32000
@@ -46,7 +47,6 @@ SMOKE_SHAPES = {  # --cpu-smoke: the bench's code path in seconds
     "7b": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4),
     "13b": dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8),
 }
-NIBBLE_OF_PATTERN = torch.tensor([i0 | (i1 << 2) for i0, i1 in [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]])
 
 
 def config_of(shape: str, num_layers: int | None, smoke: bool = False) -> LlamaConfig:
@@ -73,17 +73,11 @@ def random_sharded_model(config: LlamaConfig, tp: TPGroup, device: torch.device,
 
 
 def random_stack(num_slots: int, n: int, k: int, bits: int, group: int, device: torch.device) -> PackedDeltaStack:
-    """Valid random packed 2:4 deltas [num_slots, n, k] generated on the device."""
-    g = torch.Generator(device=device).manual_seed(n * 31 + k)
-    qweight = torch.randint(-2**31, 2**31 - 1, (num_slots, n, k * bits // 64), dtype=torch.int32, device=device,
-                            generator=g)  # fmt: skip
-    meta = torch.empty(num_slots, n, k // 32, dtype=torch.int32, device=device)
-    shifts = 4 * torch.arange(8, device=device)
-    for s in range(num_slots):
-        pat = torch.randint(0, 6, (n, k // 32, 8), device=device, generator=g)
-        meta[s] = packing._to_int32((NIBBLE_OF_PATTERN.to(device)[pat] << shifts).sum(-1))
-    scales = (torch.rand(num_slots, n, k // group, device=device, generator=g) * 1e-3 + 1e-4).half()
-    return PackedDeltaStack(qweight, meta, scales, None, bits, group, True, (n, k))
+    """Valid random packed 2:4 deltas [num_slots, n, k] generated on the device; on CUDA marked tile-major where
+    the worker keeps them so (4-bit, N and K whole tiles: random words are random in any order)."""
+    p = sbmm_stacks.random_stack(num_slots, n, k, bits, group, device)
+    tiled = device.type == "cuda" and layout.tiled4_format_ok("sparse24", bits, (n, k))
+    return PackedDeltaStack(p["qweight"], p["meta"], p["scales"], None, bits, group, True, (n, k), tiled)
 
 
 class StackDeltaOps:

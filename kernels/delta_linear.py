@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import reference, sbmm
+from kernels import layout, reference, sbmm
 
 
 def _field(packed, name: str):
@@ -27,7 +27,8 @@ def _field(packed, name: str):
 
 @dataclass(frozen=True, slots=True)
 class PackedDeltaStack:
-    """Slot-stacked 2:4 low-bit deltas in the canonical layout of kernels/packing.py, for one linear."""
+    """Slot-stacked 2:4 low-bit deltas in the canonical layout of kernels/packing.py, for one linear; with
+    `tiled`, 4-bit qweight and meta in tile-major order (kernels/layout.py, the order CUDA slots keep)."""
 
     qweight: torch.Tensor  # int32 [num_slots, N, K * bits / 64]; dense2 (meta None): [num_slots, N, K / 16]
     meta: torch.Tensor | None  # int32 [num_slots, N, K / 32]; None: 2-bit dense2 words (kernels/layout.py)
@@ -37,6 +38,7 @@ class PackedDeltaStack:
     group_size: int  # dense columns per scale; K for per-row scales
     sym: bool
     shape: tuple[int, int]  # (N, K) = (out_features, in_features)
+    tiled: bool = False  # qweight / meta tile-major (4-bit, N and K whole tiles); set_slot writes that order
 
     def __post_init__(self) -> None:
         n, k = self.shape
@@ -45,6 +47,9 @@ class PackedDeltaStack:
             raise ValueError(f"PackedDeltaStack supports bits 2 and 4, got {self.bits}")
         if k % 32 or k % self.group_size:
             raise ValueError(f"K={k} must be a multiple of 32 and of group_size={self.group_size}")
+        if self.tiled and (self.meta is None or not layout.tiled4_format_ok("sparse24", self.bits, self.shape)):
+            raise ValueError(f"tiled stacks hold 4-bit 2:4 words with N a multiple of {layout.TILE_ROWS} and K of "
+                             f"{layout.TILE_COLS}; got bits={self.bits}, shape={self.shape}")
         if self.meta is None:  # dense2 words: 2-bit symmetric, 16 dense columns per word
             if self.bits != 2 or not self.sym:
                 raise ValueError("dense2 words (meta None) hold 2-bit symmetric codes only")
@@ -70,7 +75,7 @@ class PackedDeltaStack:
     @classmethod
     def empty(
         cls, num_slots: int, shape: tuple[int, int], bits: int, group_size: int | None = 128, sym: bool = True,
-        device: torch.device | str = "cpu",
+        device: torch.device | str = "cpu", tiled: bool = False,
     ) -> PackedDeltaStack:
         """Zero deltas in every slot (scales 0); group_size None means per-row scales."""
         n, k = shape
@@ -80,16 +85,17 @@ class PackedDeltaStack:
             meta=torch.full((num_slots, n, k // 32), 0x44444444, dtype=torch.int32, device=device),  # keep cols 0, 1
             scales=torch.zeros(num_slots, n, k // group, dtype=torch.float16, device=device),
             zeros=None if sym else torch.zeros(num_slots, n, k // group, dtype=torch.float16, device=device),
-            bits=bits, group_size=group, sym=sym, shape=(n, k),
+            bits=bits, group_size=group, sym=sym, shape=(n, k), tiled=tiled,
         )
 
     @classmethod
     def from_packed(
         cls, packed: Sequence, bits: int | None = None, shape: tuple[int, int] | None = None,
-        device: torch.device | str | None = None,
+        device: torch.device | str | None = None, tiled: bool = False,
     ) -> PackedDeltaStack:
-        """Stack per-slot packed deltas (dicts or DeltaTensor-like objects with qweight/meta/scales/zeros,
-        and bits/shape given here or on the first item) into slots 0..len-1."""
+        """Stack per-slot packed deltas (dicts or DeltaTensor-like objects with qweight/meta/scales/zeros in the
+        canonical layout, and bits/shape given here or on the first item) into slots 0..len-1; tiled: store
+        4-bit words and meta tile-major."""
         if not packed:
             raise ValueError("from_packed needs at least one packed delta")
         first = packed[0]
@@ -101,13 +107,13 @@ class PackedDeltaStack:
         group = shape[1] // scales.shape[-1]
         sym = _field(first, "zeros") is None
         dev = device if device is not None else scales.device
-        stack = cls.empty(len(packed), shape, bits, group, sym, dev)
+        stack = cls.empty(len(packed), shape, bits, group, sym, dev, tiled)
         for i, p in enumerate(packed):
             stack.set_slot(i, p)
         return stack
 
     def set_slot(self, i: int, packed) -> None:
-        """Copy one packed delta into slot i in place (the worker's load into a GPU slot)."""
+        """Copy one packed delta (canonical layout) into slot i in place, tile-major when the stack is tiled."""
         if not 0 <= i < self.num_slots:
             raise ValueError(f"slot {i} out of range [0, {self.num_slots})")
         parts = {"qweight": self.qweight, "meta": self.meta, "scales": self.scales, "zeros": self.zeros}
@@ -119,7 +125,11 @@ class PackedDeltaStack:
                 continue
             if tuple(src.shape) != tuple(dst.shape[1:]):
                 raise ValueError(f"slot {i}: {name} shape {tuple(src.shape)}, stack wants {tuple(dst.shape[1:])}")
-            dst[i].copy_(src, non_blocking=True)
+            if self.tiled and name in ("qweight", "meta"):
+                width = layout.TILE_WORDS if name == "qweight" else layout.META_TILE_WORDS
+                layout.tile_words(src.to(dst.device, non_blocking=True), width, out=dst[i])
+            else:
+                dst[i].copy_(src, non_blocking=True)
 
     def clear_slot(self, i: int) -> None:
         """Make slot i a zero delta (scales 0)."""
@@ -191,12 +201,14 @@ def apply_deltas(
     elif x.is_cuda:
         starts = seg_starts.to(x.device, torch.int64, non_blocking=True)
         slots = seg_slots.to(x.device, torch.int64, non_blocking=True)
-        sbmm.sbmm(x, y, stack.qweight, stack.meta, stack.scales, stack.zeros, starts, slots, stack.bits)
+        sbmm.sbmm(x, y, stack.qweight, stack.meta, stack.scales, stack.zeros, starts, slots, stack.bits,
+                  tiled=stack.tiled)
     elif stack.meta is None:
         raise ValueError("dense2 stacks (meta None) are a CUDA-only layout; CPU stacks keep the canonical one")
     else:
-        reference.sbmm_reference(x, y, stack.qweight, stack.meta, stack.scales, stack.zeros, stack.bits,
-                                 stack.shape, seg_starts, seg_slots)
+        qweight, meta = layout.untile_packed(stack.qweight, stack.meta) if stack.tiled else (stack.qweight, stack.meta)
+        reference.sbmm_reference(x, y, qweight, meta, stack.scales, stack.zeros, stack.bits, stack.shape, seg_starts,
+                                 seg_slots)
 
 
 def _apply_dense(x, y, stack: DenseDeltaStack, seg_starts, seg_slots) -> None:

@@ -1,4 +1,4 @@
-"""Load-time re-encoding of 2-bit deltas into "dense2": dense 2-bit codes, pruned positions at the zero point.
+"""Load-time re-encodings into the layouts the SBMM kernel reads best: tile-major words, and for 2-bit "dense2".
 
 At 2 bits a 2:4 delta costs 2 bits per dense column (1 bit of kept code + 1 bit of meta), exactly what dense
 2-bit codes cost. Dense codes are far cheaper to expand (no per-group placement by meta), so a GPU slot holds
@@ -21,6 +21,13 @@ multiple of 64.
 
 Dense (unpruned) 2-bit deltas (`quant`, no meta) are the same format in another bit order; `dense_to_dense2`
 moves their fields, so they run on the same kernel path.
+
+4-bit 2:4 deltas ("tiled4"): the canonical words keep their bits (kernels/packing.py) and only change order. A
+4-bit word holds 8 kept codes = 16 dense columns, like a dense2 word, so qweight [N, K / 16] is stored in the same
+[N / 64, K / 128, 64, 8] blocks. The kernel reads meta as int16 halves, one per qweight word (4 groups of 4
+columns); its int32 words [N, K / 32] are stored in [N / 64, K / 128, 64, 4] blocks, which is the same
+[64, 8]-block order for the int16 view. One K step of a 64-row program (128 columns) is then one contiguous 2 KB
+read of words and one 1 KB read of meta. The artifact on disk stays canonical; `tile_packed` re-orders at load.
 """
 
 import torch
@@ -29,7 +36,9 @@ import triton.language as tl
 
 from kernels import packing
 
-TILE_ROWS, TILE_WORDS = 64, 8  # one tile-major block: 64 rows x 8 words (128 dense columns)
+TILE_ROWS, TILE_WORDS = 64, 8  # one tile-major block: 64 rows x 8 words of 16 dense columns (dense2, 4-bit qweight)
+TILE_COLS = 16 * TILE_WORDS  # dense columns of one block: one K step of the Gluon kernel at 4-bit geometry
+META_TILE_WORDS = TILE_COLS // 32  # int32 meta words (32 columns each) per block row: the 8 int16 halves read
 _ROWS, _WORDS = tl.constexpr(TILE_ROWS), tl.constexpr(TILE_WORDS)  # the same, for the kernels below
 ZERO_WORD = tl.constexpr(0xAAAAAAAA)  # code 2 (binary 10) in all 16 fields: the symmetric 2-bit zero point everywhere
 
@@ -43,25 +52,58 @@ def dense2_format_ok(kind: str, bits: int | None, sym: bool | None, shape: tuple
     if kind not in ("sparse24", "quant") or bits != 2 or not sym or len(shape) != 2:
         return False
     n, k = shape
-    return (n % TILE_ROWS == 0 and k % 128 == 0
-            and (group_size is None or group_size >= k or group_size % 16 == 0))
+    return tiles(n, k) and (group_size is None or group_size >= k or group_size % 16 == 0)
 
 
-def tile_words(words: torch.Tensor) -> torch.Tensor:
-    """Row-order dense2 words [N, K/16] -> the same words tile-major (the stored order), same shape."""
-    n, w = words.shape
-    return words.reshape(n // TILE_ROWS, TILE_ROWS, w // TILE_WORDS, TILE_WORDS).permute(0, 2, 1, 3).reshape(n, w)
+def tiles(n: int, k: int) -> bool:
+    """Whether an [N, K] delta's words fit whole tile-major blocks (N a multiple of 64, K of 128)."""
+    return n % TILE_ROWS == 0 and k % TILE_COLS == 0
 
 
-def untile_words(words: torch.Tensor) -> torch.Tensor:
-    """Stored (tile-major) dense2 words [N, K/16] -> row order: words[n, j] is row n's j-th word."""
-    n, w = words.shape
-    return words.reshape(n // TILE_ROWS, w // TILE_WORDS, TILE_ROWS, TILE_WORDS).permute(0, 2, 1, 3).reshape(n, w)
+def tiled4_format_ok(kind: str, bits: int | None, shape: tuple[int, ...]) -> bool:
+    """Whether a delta tensor can be held as tile-major 4-bit 2:4 words and meta (symmetric or not)."""
+    return kind == "sparse24" and bits == 4 and len(shape) == 2 and tiles(*shape)
+
+
+def tile_words(words: torch.Tensor, width: int = TILE_WORDS, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Row-order words [..., N, W] -> the same words tile-major in [TILE_ROWS, width] blocks (the stored order),
+    same shape; written into `out` (contiguous, e.g. a device slot) when given."""
+    *lead, n, w = words.shape
+    _check_tiles(n, w * TILE_WORDS // width)
+    blocks = words.reshape(*lead, n // TILE_ROWS, TILE_ROWS, w // width, width).transpose(-3, -2)
+    if out is None:
+        return blocks.reshape(words.shape)
+    out.view(blocks.shape).copy_(blocks, non_blocking=True)
+    return out
+
+
+def untile_words(words: torch.Tensor, width: int = TILE_WORDS) -> torch.Tensor:
+    """Stored (tile-major) words [..., N, W] -> row order: words[..., n, j] is row n's j-th word."""
+    *lead, n, w = words.shape
+    _check_tiles(n, w * TILE_WORDS // width)
+    blocks = words.reshape(*lead, n // TILE_ROWS, w // width, TILE_ROWS, width).transpose(-3, -2)
+    return blocks.reshape(words.shape)
+
+
+def tile_packed(qweight: torch.Tensor, meta: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Canonical 4-bit 2:4 qweight [..., N, K/16] and meta [..., N, K/32] -> both tile-major ("tiled4"), written
+    into `out` = (qweight, meta) when given. On the tensors' device (a permuted copy each)."""
+    if qweight.shape[-1] != 2 * meta.shape[-1]:
+        raise ValueError(f"qweight {tuple(qweight.shape)} / meta {tuple(meta.shape)}: tiled4 is 4-bit 2:4 only")
+    out_q, out_m = out if out is not None else (None, None)
+    return tile_words(qweight, TILE_WORDS, out_q), tile_words(meta, META_TILE_WORDS, out_m)
+
+
+def untile_packed(qweight: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tile-major 4-bit 2:4 qweight and meta -> the canonical row order of kernels/packing.py."""
+    return untile_words(qweight, TILE_WORDS), untile_words(meta, META_TILE_WORDS)
 
 
 @triton.jit
-def _tiled(row, word, words_per_row):
-    """Flat index of row-order word (row, word) in the tile-major order."""
+def tiled_index(row, word, words_per_row):
+    """Flat index of row-order word (row, word) in the tile-major order ([64, 8] blocks of words, or of the
+    int16 meta halves of 4-bit deltas)."""
     block = (row // _ROWS) * (words_per_row // _WORDS) + word // _WORDS
     return block * (_ROWS * _WORDS) + (row % _ROWS) * _WORDS + word % _WORDS
 
@@ -128,8 +170,8 @@ def _to_dense2_kernel(q_ptr, m_ptr, out_ptr, num_words, words_per_row, BLOCK: tl
             else:
                 hi = hi ^ flip
     row, word = offs // words_per_row, 2 * (offs % words_per_row)
-    tl.store(out_ptr + _tiled(row, word, 2 * words_per_row), lo.to(tl.int32, bitcast=True), mask=live)
-    tl.store(out_ptr + _tiled(row, word + 1, 2 * words_per_row), hi.to(tl.int32, bitcast=True), mask=live)
+    tl.store(out_ptr + tiled_index(row, word, 2 * words_per_row), lo.to(tl.int32, bitcast=True), mask=live)
+    tl.store(out_ptr + tiled_index(row, word + 1, 2 * words_per_row), hi.to(tl.int32, bitcast=True), mask=live)
 
 
 def dense_to_dense2_reference(qweight: torch.Tensor, k: int) -> torch.Tensor:
@@ -149,7 +191,7 @@ def _dense_to_dense2_kernel(q_ptr, out_ptr, num_words, words_per_row, BLOCK: tl.
     out = tl.zeros([BLOCK], tl.uint32)
     for c in tl.static_range(16):
         out = out | (((q >> (2 * c)) & 0x3) << ((c & 14) + 16 * (c & 1)))
-    tl.store(out_ptr + _tiled(offs // words_per_row, offs % words_per_row, words_per_row),
+    tl.store(out_ptr + tiled_index(offs // words_per_row, offs % words_per_row, words_per_row),
              out.to(tl.int32, bitcast=True), mask=live)
 
 
@@ -191,6 +233,7 @@ def to_dense2(qweight: torch.Tensor, meta: torch.Tensor, out: torch.Tensor | Non
 
 
 def _check_tiles(n: int, words_per_row: int) -> None:
+    """words_per_row: 16-column words per row (K / 16)."""
     if n % TILE_ROWS or words_per_row % TILE_WORDS:
-        raise ValueError(f"dense2 words are stored in [{TILE_ROWS}, {TILE_WORDS}] tiles: N={n} must be a multiple of "
-                         f"{TILE_ROWS} and K={16 * words_per_row} of {16 * TILE_WORDS}")
+        raise ValueError(f"tile-major words are stored in [{TILE_ROWS}, {TILE_COLS} columns] tiles: N={n} must be a "
+                         f"multiple of {TILE_ROWS} and K={16 * words_per_row} of {TILE_COLS}")

@@ -94,19 +94,22 @@ def _program(bits: int, asym: bool, dtype: torch.dtype) -> tuple[str, str]:
     return sbmm_asm.render_ptx(ops, dense, "f16" if dtype == torch.float16 else "bf16", asym)
 
 
-def _check(x, y, qweight, meta, scales, zeros, bits) -> tuple[int, int]:
+def _check(x, y, qweight, meta, scales, zeros, bits, tiled) -> tuple[int, int]:
     """Raise ValueError unless the tensors fit the layout sbmm expects; returns (N, group_size)."""
     num_slots, n, num_words = qweight.shape
     t, k = x.shape
     if bits not in (2, 4):
         raise ValueError(f"sbmm supports bits 2 and 4, got {bits}")
     if meta is None:  # dense2 words (kernels/layout.py): 2-bit, 16 dense columns per word, tile-major
-        if bits != 2 or zeros is not None or k % 128 or num_words * 16 != k or n % layout.TILE_ROWS:
+        if bits != 2 or zeros is not None or num_words * 16 != k or not layout.tiles(n, k):
             raise ValueError(f"dense2 words {tuple(qweight.shape)} (meta None) need bits=2, symmetric codes, "
-                             f"K / 16 words per row, K a multiple of 128 and N of {layout.TILE_ROWS}; K={k}, "
-                             f"bits={bits}")
+                             f"K / 16 words per row, K a multiple of {layout.TILE_COLS} and N of {layout.TILE_ROWS}; "
+                             f"K={k}, bits={bits}")
     elif k % 32 or num_words * 64 // bits != k or meta.shape != (num_slots, n, k // 32):
         raise ValueError(f"packed shapes {tuple(qweight.shape)} / {tuple(meta.shape)} do not match K={k}")
+    elif tiled and (bits != 4 or not layout.tiles(n, k)):
+        raise ValueError(f"tile-major 2:4 words (tiled) are 4-bit with N a multiple of {layout.TILE_ROWS} and K of "
+                         f"{layout.TILE_COLS}; got bits={bits}, N={n}, K={k}: keep such stacks in row order")
     if y.shape != (t, n) or y.dtype != x.dtype or x.stride(1) != 1 or y.stride(1) != 1:
         raise ValueError(f"x {tuple(x.shape)} {x.dtype} and y {tuple(y.shape)} {y.dtype}: need [T, K] -> [T, N], "
                          "same dtype, unit stride in the last dim")
@@ -148,6 +151,7 @@ def sbmm(
     config: dict | None = None,
     rows_hint: float | None = None,
     segments_hint: int | None = None,
+    tiled: bool = False,
 ) -> None:
     """In place y[seg] += x[seg] @ dequant(Δ[seg_slots[s]]).T for all segments in one launch.
 
@@ -163,8 +167,10 @@ def sbmm(
     segments passes the step's real largest segment).
     segments_hint: an upper bound on the segments that hold a delta (default S). A CUDA graph's segment
     tensors have a fixed, padded length S; the hint sizes the grid and the K split for the real ones.
+    tiled: 4-bit qweight and meta are stored tile-major (kernels/layout.py `tile_packed`, what CUDA slots hold
+    where N and K tile); dense2 words are always tile-major. Both kernels read either order.
     """
-    n, group_size = _check(x, y, qweight, meta, scales, zeros, bits)
+    n, group_size = _check(x, y, qweight, meta, scales, zeros, bits, tiled)
     t, k = x.shape
     num_segments = seg_slots.shape[0]
     if t == 0 or num_segments == 0 or n == 0:
@@ -183,9 +189,7 @@ def sbmm(
     if config is None:
         config = pick_config(kernel, _device_name(x.device), rows_hint if rows_hint is not None else t / num_segments,
                              "dense2" if dense2 else bits)
-    if dense2 and config["BLOCK_N"] != layout.TILE_ROWS:
-        raise ValueError(f"dense2 words are read in {layout.TILE_ROWS}-row blocks: config BLOCK_N must be "
-                         f"{layout.TILE_ROWS}, got {config['BLOCK_N']}")
+    tiled = tiled or dense2
     asym = zeros is not None
     if dense2:
         meta_words = qweight  # never read (HAS_META false)
@@ -203,9 +207,9 @@ def sbmm(
     live_segments = num_segments if segments_hint is None else max(1, min(num_segments, segments_hint))
     if kernel == "gluon":
         _launch_gluon(common, x, n, k, group_size, num_groups, live_segments, geometry_bits, asym, max_segs, config,
-                      dense2)
+                      dense2, tiled)
     else:
-        _launch_triton(common, x, n, k, group_size, num_groups, live_segments, bits, asym, max_segs, config)
+        _launch_triton(common, x, n, k, group_size, num_groups, live_segments, bits, asym, max_segs, config, tiled)
 
 
 MAX_SPLIT_K = 8
@@ -233,12 +237,12 @@ def _no_workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _launch_gluon(common, x, n, k, group_size, num_groups, num_segments, bits, asym, max_segs, config,
-                  dense2: bool = False) -> None:
+                  dense2: bool, tiled: bool) -> None:
     t = x.shape[0]
     splits = split_k(config, n, k, bits, t, num_segments)
     const = _gluon_constexprs(n, k, group_size, num_groups, bits, asym, x.dtype, config["BLOCK_M"],
                               config["BLOCK_N"], config["num_warps"], bool(config.get("prefetch", True)), splits,
-                              dense2, bool(config.get("scale_after", True)))
+                              dense2, bool(config.get("scale_after", True)), tiled)
     grid = (triton.cdiv(n, config["BLOCK_N"]), t // config["BLOCK_M"] + num_segments, splits)
     if splits > 1:  # fresh buffers per call: safe under CUDA-graph capture and concurrent streams
         ws = torch.empty(splits, t, n, dtype=torch.float32, device=x.device)
@@ -251,11 +255,11 @@ def _launch_gluon(common, x, n, k, group_size, num_groups, num_segments, bits, a
 
 @functools.lru_cache(maxsize=256)
 def _gluon_constexprs(n, k, group_size, num_groups, bits, asym, dtype, block_m, block_n, num_warps, prefetch,
-                      splits=1, dense2=False, scale_after=True) -> dict:
+                      splits=1, dense2=False, scale_after=True, tiled=False) -> dict:
     """Compile-time arguments of one Gluon launch shape (cached: building layouts costs ~40 µs of host time);
     `bits` is the tile geometry (4 for dense2 words). dense2 words with one scale per row or per K tile are
     expanded unscaled and the accumulator takes the scale (`scale_after`, the default; False: scale each
-    value)."""
+    value). tiled: words (and meta) in tile-major order; dense2 words always are."""
     block_k = sbmm_gluon.WORDS_PER_TILE * 64 // bits
     if num_groups == 1:
         scale_mode, group_size = sbmm_triton.SCALE_ROW, k
@@ -277,11 +281,12 @@ def _gluon_constexprs(n, k, group_size, num_groups, bits, asym, dtype, block_m, 
         BLOCK_M=block_m, BLOCK_N=block_n, ASM=asm, CONSTRAINTS=constraints, HAS_META=not dense2,
         Z2=_half2_const(magic if asym else magic + zero_point, dtype),
         L_WORDS=sbmm_gluon.word_layout(block_n, num_warps), L_X=sbmm_gluon.x_layout(bits, block_m, num_warps),
-        L_SEG=sbmm_gluon.seg_layout(num_warps), PREFETCH=prefetch, SPLIT_K=splits, RAW=raw,
+        L_SEG=sbmm_gluon.seg_layout(num_warps), PREFETCH=prefetch, SPLIT_K=splits, RAW=raw, TILED=tiled or dense2,
     )
 
 
-def _launch_triton(common, x, n, k, group_size, num_groups, num_segments, bits, asym, max_segs, config) -> None:
+def _launch_triton(common, x, n, k, group_size, num_groups, num_segments, bits, asym, max_segs, config,
+                   tiled: bool) -> None:
     block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
     block_k = min(block_k, triton.next_power_of_2(k))
     if num_groups == 1:
@@ -301,6 +306,6 @@ def _launch_triton(common, x, n, k, group_size, num_groups, num_segments, bits, 
         BITS=bits, ASYM=asym, SCALE_MODE=scale_mode,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, MAX_SEGS=max_segs,
         EVEN_K=k % block_k == 0, USE_ASM=use_asm, ASM=asm, CONSTRAINTS=constraints, Z2=z2,
-        DOT_FP32=interp,
+        DOT_FP32=interp, TILED=tiled,
         num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3),
     )

@@ -1,7 +1,9 @@
 """SBMM for NVIDIA GPUs in Gluon (Triton's explicit-layout dialect): expanded words feed the MMA in registers.
 
 Two word formats: canonical 2:4 words with their meta (kernels/packing.py), and dense2 words (2-bit, no meta:
-kernels/layout.py), which run with the 4-bit tile geometry (16 dense columns per word, HAS_META false).
+kernels/layout.py), which run with the 4-bit tile geometry (16 dense columns per word, HAS_META false). Word
+order (TILED): dense2 words, and 4-bit words with their meta, are stored tile-major (kernels/layout.py), so one K
+step of a program reads contiguous [64, 8] blocks; the rest (2-bit 2:4, shapes that do not tile) in row order.
 
 Same contract as kernels/sbmm_triton.py (kernels/sbmm.py is the wrapper). The data path differs: Δ is the
 A operand of mma.m16n8k16 (rows of Δ = MMA M, tokens = MMA N), and the K order inside a tile is permuted,
@@ -22,8 +24,12 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
+from kernels import layout
+
 
 WORDS_PER_TILE = 8  # 4 lanes x 2 words: one K tile is 8 * DPW dense columns (128 at 4-bit, 256 at 2-bit)
+_TILE_ROWS = gl.constexpr(layout.TILE_ROWS)  # rows of one tile-major block of words (kernels/layout.py)
+assert WORDS_PER_TILE == layout.TILE_WORDS, "a K step at 4-bit geometry must be one tile-major block row"
 
 
 @gluon.jit
@@ -128,22 +134,24 @@ def _load_scales(scale_rows, zero_rows, k0, offs_w, mask_n, ASYM: gl.constexpr, 
 @gluon.jit
 def _load_tile(x_tile, qw_tile, meta_tile, scale_rows, zero_rows, k0, offs_w, mask_n, mask_s, ASYM: gl.constexpr,
                SCALE_MODE: gl.constexpr, GROUP_SIZE: gl.constexpr, DPW: gl.constexpr, EVEN_N: gl.constexpr,
-               HAS_META: gl.constexpr, RAW: gl.constexpr):
+               HAS_META: gl.constexpr, RAW: gl.constexpr, TILED: gl.constexpr):
     """Everything one K step reads: x [BM, BK], words and meta [BN, NW] (dense2 words: no meta), scales
     (scale_rows / mask_s: in the word layout, or the accumulator's with RAW)."""
     x = gl.load(x_tile + k0)
-    if not HAS_META:  # dense2 words are tile-major: a K step of the 64-row block is the next [64, 8] block
-        qw = gl.load(qw_tile + k0 // DPW * qw_tile.shape[0])
-    elif EVEN_N:
-        qw = gl.load(qw_tile + k0 // DPW)
+    if TILED:  # tile-major: the next K step of every row is the next [TILE_ROWS, NW] block of its block row
+        step = k0 // DPW * _TILE_ROWS
     else:
-        qw = gl.load(qw_tile + k0 // DPW, mask=mask_n[:, None], other=0)
+        step = k0 // DPW
+    if EVEN_N:
+        qw = gl.load(qw_tile + step)
+    else:
+        qw = gl.load(qw_tile + step, mask=mask_n[:, None], other=0)
     if not HAS_META:
         mw = qw  # the dense2 expander ignores its meta input
     elif EVEN_N:
-        mw = gl.load(meta_tile + k0 // DPW).to(gl.int32)
+        mw = gl.load(meta_tile + step).to(gl.int32)
     else:
-        mw = gl.load(meta_tile + k0 // DPW, mask=mask_n[:, None], other=0).to(gl.int32)
+        mw = gl.load(meta_tile + step, mask=mask_n[:, None], other=0).to(gl.int32)
     sc, zc = _load_scales(scale_rows, zero_rows, k0, offs_w, mask_s, ASYM, SCALE_MODE, GROUP_SIZE, DPW, EVEN_N, RAW)
     return x, qw, mw, sc, zc
 
@@ -171,7 +179,7 @@ def _sbmm_gluon_kernel(
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, MAX_SEGS: gl.constexpr,
     ASM: gl.constexpr, CONSTRAINTS: gl.constexpr, Z2: gl.constexpr,
     L_WORDS: gl.constexpr, L_X: gl.constexpr, L_SEG: gl.constexpr, PREFETCH: gl.constexpr,
-    SPLIT_K: gl.constexpr, HAS_META: gl.constexpr, RAW: gl.constexpr,
+    SPLIT_K: gl.constexpr, HAS_META: gl.constexpr, RAW: gl.constexpr, TILED: gl.constexpr,
 ):
     DPW: gl.constexpr = 64 // BITS
     NW: gl.constexpr = 8
@@ -199,11 +207,13 @@ def _sbmm_gluon_kernel(
     offs_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, L_WORDS))
     offs_w = gl.arange(0, NW, layout=gl.SliceLayout(0, L_WORDS))
     mask_n = offs_n < N  # unused when EVEN_N: no predicates (and no zero-fill moves) on packed loads
-    if HAS_META:
+    if TILED:  # [N/64, K/BLOCK_K, 64, NW] blocks (kernels/layout.py; meta: its int16 view), N a multiple of 64
+        block_rows = (offs_n // _TILE_ROWS) * (_TILE_ROWS * (K // DPW)) + (offs_n % _TILE_ROWS) * NW
+        qw_tile = qw_ptr + slot64 * stride_qs + block_rows[:, None] + offs_w[None, :]
+        meta_tile = meta_ptr + slot64 * stride_ms + block_rows[:, None] + offs_w[None, :]
+    else:
         qw_tile = qw_ptr + slot64 * stride_qs + offs_n[:, None] * stride_qn + offs_w[None, :]
-    else:  # dense2: tile-major words (kernels/layout.py), BLOCK_N = 64 rows = one block row, N a multiple of 64
-        qw_tile = qw_ptr + slot64 * stride_qs + n0 * (K // DPW) + (offs_n - n0)[:, None] * NW + offs_w[None, :]
-    meta_tile = meta_ptr + slot64 * stride_ms + offs_n[:, None] * stride_mn + offs_w[None, :]
+        meta_tile = meta_ptr + slot64 * stride_ms + offs_n[:, None] * stride_mn + offs_w[None, :]
     if RAW:  # unscaled expansion (dense2, one scale per row or per K tile): scales go to the accumulator rows
         offs_sn = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
         mask_s = offs_sn < N
@@ -220,16 +230,16 @@ def _sbmm_gluon_kernel(
     z2 = gl.full([BLOCK_N, 1], Z2, gl.int32, layout=L_WORDS)
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
     x, qw, mw, sc, zc = _load_tile(x_tile, qw_tile, meta_tile, scale_rows, zero_rows, k_lo, offs_w, mask_n, mask_s,
-                                   ASYM, SCALE_MODE, GROUP_SIZE, DPW, EVEN_N, HAS_META, RAW)
+                                   ASYM, SCALE_MODE, GROUP_SIZE, DPW, EVEN_N, HAS_META, RAW, TILED)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if PREFETCH:  # next tile's loads in flight while this one is expanded (last step re-reads itself)
             k_next = gl.minimum(k0 + BLOCK_K, k_hi - BLOCK_K)
             x_n, qw_n, mw_n, sc_n, zc_n = _load_tile(x_tile, qw_tile, meta_tile, scale_rows, zero_rows, k_next,
                                                      offs_w, mask_n, mask_s, ASYM, SCALE_MODE, GROUP_SIZE, DPW,
-                                                     EVEN_N, HAS_META, RAW)
+                                                     EVEN_N, HAS_META, RAW, TILED)
         else:
             x, qw, mw, sc, zc = _load_tile(x_tile, qw_tile, meta_tile, scale_rows, zero_rows, k0, offs_w, mask_n,
-                                           mask_s, ASYM, SCALE_MODE, GROUP_SIZE, DPW, EVEN_N, HAS_META, RAW)
+                                           mask_s, ASYM, SCALE_MODE, GROUP_SIZE, DPW, EVEN_N, HAS_META, RAW, TILED)
         if RAW:  # the expander ignores its scale / zero inputs
             w = _expand(qw, qw, qw, qw, qw, ASM, CONSTRAINTS, DTYPE, BITS, ASYM)
         else:

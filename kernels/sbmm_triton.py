@@ -1,6 +1,7 @@
 """SBMM in portable Triton: y[seg] += x[seg] @ dequant(Δ_slot(seg)).T for every segment, one launch.
 
-Δ is 2:4 sparse along K with 2- or 4-bit codes in the canonical layout of kernels/packing.py, read as is.
+Δ is 2:4 sparse along K with 2- or 4-bit codes in the canonical layout of kernels/packing.py, read as is, in row
+order or (TILED, 4-bit) with words and meta stored tile-major (kernels/layout.py).
 Tiles: program (n, t) owns output columns [n*BLOCK_N, +BLOCK_N) of the t-th BLOCK_M-row tile, where tiles
 are numbered segment by segment (a segment of L rows has ceil(L / BLOCK_M) tiles; "no delta" segments
 have none). Each program finds its tile from seg_starts / seg_slots itself, so the launch needs no host
@@ -14,6 +15,8 @@ the torch reference with the same semantics is kernels/reference.py.
 
 import triton
 import triton.language as tl
+
+from kernels.layout import tiled_index
 
 SCALE_ROW, SCALE_TILE, SCALE_SPLIT = 0, 1, 2  # one scale per row / per K tile / several groups per K tile
 # Output dtypes of the word expander: one half per dense column of a 4-bit (16) or 2-bit (32) word.
@@ -113,7 +116,8 @@ def _sbmm_kernel(
     # activations x: [T, K], output y: [T, N]; unit stride along K / N
     x_ptr, y_ptr, stride_xm, stride_ym,
     # slot-stacked packed delta: qweight [slots, N, K/DPW] int32, meta [slots, N, K/DPW] int16 (4-bit) or
-    # int32 (2-bit) (canonical meta viewed so one element covers one qweight word), scales/zeros [slots, N, G]
+    # int32 (2-bit) (canonical meta viewed so one element covers one qweight word), scales/zeros [slots, N, G];
+    # TILED: qweight and the int16 meta view in tile-major blocks (kernels/layout.py), row strides unused
     qw_ptr, meta_ptr, scales_ptr, zeros_ptr,
     stride_qs, stride_qn, stride_ms, stride_mn, stride_ss, stride_sn,
     # segments: rows seg_starts[s]:seg_starts[s+1] use slot seg_slots[s] (-1: none)
@@ -122,7 +126,7 @@ def _sbmm_kernel(
     BITS: tl.constexpr, ASYM: tl.constexpr, SCALE_MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MAX_SEGS: tl.constexpr,
     EVEN_K: tl.constexpr, USE_ASM: tl.constexpr, ASM: tl.constexpr, CONSTRAINTS: tl.constexpr, Z2: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    DOT_FP32: tl.constexpr, TILED: tl.constexpr,
 ):
     DPW: tl.constexpr = 64 // BITS
     NW: tl.constexpr = BLOCK_K // DPW
@@ -136,8 +140,12 @@ def _sbmm_kernel(
     mask_m = offs_m < m_end
     mask_n = offs_n < N
     slot64 = slot.to(tl.int64)
-    qw_rows = qw_ptr + slot64 * stride_qs + offs_n[:, None] * stride_qn  # [BN, 1]
-    meta_rows = meta_ptr + slot64 * stride_ms + offs_n[:, None] * stride_mn
+    if TILED:  # the row offsets are part of tiled_index below
+        qw_rows = qw_ptr + slot64 * stride_qs
+        meta_rows = meta_ptr + slot64 * stride_ms
+    else:
+        qw_rows = qw_ptr + slot64 * stride_qs + offs_n[:, None] * stride_qn  # [BN, 1]
+        meta_rows = meta_ptr + slot64 * stride_ms + offs_n[:, None] * stride_mn
     scale_rows = scales_ptr + slot64 * stride_ss + offs_n * stride_sn  # [BN]
     zero_rows = zeros_ptr + slot64 * stride_ss + offs_n * stride_sn
     x_rows = x_ptr + offs_m[:, None] * stride_xm  # [BM, 1]
@@ -145,15 +153,19 @@ def _sbmm_kernel(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         offs_w = k0 // DPW + tl.arange(0, NW)
+        if TILED:  # [BN, NW] offsets of the step's words (and int16 meta halves) in their blocks
+            words = tiled_index(offs_n[:, None], offs_w[None, :], K // DPW)
+        else:
+            words = offs_w[None, :]
         if EVEN_K:
             x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None], other=0.0)
-            qw = tl.load(qw_rows + offs_w[None, :], mask=mask_n[:, None], other=0)
-            mw = tl.load(meta_rows + offs_w[None, :], mask=mask_n[:, None], other=0).to(tl.int32)
+            qw = tl.load(qw_rows + words, mask=mask_n[:, None], other=0)
+            mw = tl.load(meta_rows + words, mask=mask_n[:, None], other=0).to(tl.int32)
         else:
             x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
             wmask = mask_n[:, None] & (offs_w < K // DPW)[None, :]
-            qw = tl.load(qw_rows + offs_w[None, :], mask=wmask, other=0)
-            mw = tl.load(meta_rows + offs_w[None, :], mask=wmask, other=0).to(tl.int32)
+            qw = tl.load(qw_rows + words, mask=wmask, other=0)
+            mw = tl.load(meta_rows + words, mask=wmask, other=0).to(tl.int32)
         # scale (and zero) of each word: [BN, 1] or [BN, NW]
         if SCALE_MODE == 0:
             sc = tl.load(scale_rows, mask=mask_n, other=0.0)[:, None]

@@ -49,7 +49,8 @@ def compile_kernel(a):
         n = 4096 + (a.bn // 2 if a.odd_n else 0)
         num_groups = 1 if a.group == 0 else a.k // a.group
         const = dict(sbmm._gluon_constexprs(n, a.k, a.group or a.k, num_groups, a.bits, asym, tdt, a.bm, a.bn,
-                                            a.warps, not a.no_prefetch, a.split_k, a.dense2, not a.scale_each),
+                                            a.warps, not a.no_prefetch, a.split_k, a.dense2, not a.scale_each,
+                                            a.tiled),
                      MAX_SEGS=16)
         fn, source = sbmm_gluon._sbmm_gluon_kernel, GluonASTSource
     else:
@@ -64,7 +65,7 @@ def compile_kernel(a):
         sig["group_size"] = "i32"
         const = dict(K=a.k, BITS=a.bits, ASYM=asym, SCALE_MODE=mode, BLOCK_M=a.bm, BLOCK_N=a.bn, BLOCK_K=a.bk,
                      MAX_SEGS=16, EVEN_K=a.k % a.bk == 0, USE_ASM=a.asm, ASM=asm, CONSTRAINTS=cons,
-                     Z2=z2 if a.asm else 0, DOT_FP32=False)
+                     Z2=z2 if a.asm else 0, DOT_FP32=False, TILED=a.tiled)
         fn, source = sbmm_triton._sbmm_kernel, ASTSource
     for name in const:
         sig[name] = "constexpr"
@@ -112,6 +113,7 @@ def main() -> None:
     p.add_argument("--dense2", action="store_true", help="gluon: dense2 words (kernels/layout.py), 2-bit")
     p.add_argument("--scale-each", action="store_true",
                    help="gluon dense2: scale every value in the expander instead of the accumulator")
+    p.add_argument("--tiled", action="store_true", help="4-bit words and meta stored tile-major (kernels/layout.py)")
     p.add_argument("--split-k", type=int, default=1, help="gluon: K splits (fp32 partials, last CTA reduces)")
     p.add_argument("--bm", type=int, default=16)
     p.add_argument("--bn", type=int, default=64)

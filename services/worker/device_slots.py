@@ -6,7 +6,9 @@ Linear deltas stay packed (the kernel dequantizes on the fly); norm and embeddin
 dense (fp16) because they are applied per row by indexing. A tied lm_head uses the embedding's stack.
 On CUDA, 2-bit symmetric linear deltas (2:4 or dense) are re-encoded on the way in to dense2 words
 (kernels/layout.py: same bytes, a much cheaper kernel expansion): their stacks (layout "dense2") hold qweight
-[S, N, K/16] (tile-major words, kernels/layout.py) and scales, no meta.
+[S, N, K/16] (tile-major words, kernels/layout.py) and scales, no meta. 4-bit 2:4 deltas whose N and K fit whole
+tiles keep their bits but are stored tile-major (layout "tiled4": qweight and meta re-ordered on the way in, so a
+kernel K step reads contiguous blocks); other shapes keep the canonical row order.
 The ResidencyManager decides which delta goes to which slot; this only holds the bytes.
 """
 
@@ -35,7 +37,9 @@ class StackFormat:
     group_size: int | None
     sym: bool | None
     part_shapes: tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
-    layout: str = "canonical"  # canonical (kernels/packing.py) | dense2 (kernels/layout.py: qweight + scales)
+    # canonical (kernels/packing.py) | dense2 (kernels/layout.py: qweight + scales) | tiled4 (canonical parts,
+    # qweight and meta tile-major: kernels/layout.py tile_packed)
+    layout: str = "canonical"
 
 
 @dataclass(slots=True)
@@ -65,6 +69,11 @@ class SlotStack:
         return self.format.layout
 
     @property
+    def tiled(self) -> bool:
+        """Whether qweight and meta are tile-major 4-bit words (what sbmm's `tiled` flag says)."""
+        return self.layout == "tiled4"
+
+    @property
     def sbmm_readable(self) -> bool:
         """Whether the SBMM kernel reads this stack as stored: 2:4 packed 2- or 4-bit, or dense2 words."""
         return self.layout == "dense2" or (self.kind == "sparse24" and self.bits in (2, 4))
@@ -74,7 +83,7 @@ class DeviceSlots:
     """`num_slots` slots on `device`; written by the residency loader, read by each step's DeltaOps."""
 
     def __init__(self, num_slots: int, device: torch.device | str, dtype: torch.dtype, linear_names: set[str],
-                 tie_word_embeddings: bool, dense2: bool | None = None) -> None:
+                 tie_word_embeddings: bool, dense2: bool | None = None, tiled4: bool | None = None) -> None:
         self.num_slots = num_slots
         self.device = torch.device(device)
         self.dtype = dtype  # activation dtype of the model
@@ -82,6 +91,8 @@ class DeviceSlots:
         self._tied = tie_word_embeddings
         # dense2 stacks for 2-bit symmetric linears: None = on CUDA (what the kernel reads best), True/False = force
         self._dense2 = self.device.type == "cuda" if dense2 is None else dense2
+        # tile-major stacks for 4-bit 2:4 linears that tile: None = on CUDA, True/False = force
+        self._tiled4 = self.device.type == "cuda" if tiled4 is None else tiled4
         self._stacks: dict[str, dict[StackFormat, SlotStack]] = {}
         self._where: list[dict[str, SlotStack]] = [{} for _ in range(num_slots)]  # slot -> tensor name -> stack
         self._lock = threading.Lock()
@@ -111,27 +122,38 @@ class DeviceSlots:
                 delta = _dense_fp16(delta)
             parts = _parts(delta)
             if self._dense2 and _dense2_able(delta):
-                n, k = delta.shape
-                shapes = {"qweight": ((n, k // 16), torch.int32), "scales": (tuple(parts["scales"].shape),
-                                                                            parts["scales"].dtype)}
-                stack = self._stack_for(tensor_name, delta, shapes, "dense2")
-                qweight = parts["qweight"].to(self.device, non_blocking=True)
-                out = stack.parts["qweight"][slot]
-                if delta.kind == "sparse24":  # on the copy stream, after the copies
-                    layout.to_dense2(qweight, parts["meta"].to(self.device, non_blocking=True), out=out)
-                else:
-                    layout.dense_to_dense2(qweight, out=out)
-                stack.parts["scales"][slot].copy_(parts["scales"], non_blocking=True)
-                num_bytes += out.numel() * out.element_size() + parts["scales"].numel() * parts["scales"].element_size()
+                where[tensor_name] = self._write_dense2(slot, tensor_name, delta, parts)
             else:
-                stack = self._stack_for(tensor_name, delta, {k: (tuple(v.shape), v.dtype) for k, v in parts.items()})
+                tiled = self._tiled4 and layout.tiled4_format_ok(delta.kind, getattr(delta, "bits", None),
+                                                                 tuple(delta.shape))
+                stack = self._stack_for(tensor_name, delta, {k: (tuple(v.shape), v.dtype) for k, v in parts.items()},
+                                        "tiled4" if tiled else "canonical")
                 for part, tensor in parts.items():
-                    stack.parts[part][slot].copy_(tensor, non_blocking=True)
-                    num_bytes += tensor.numel() * tensor.element_size()
-            where[tensor_name] = stack
+                    if tiled and part in ("qweight", "meta"):  # re-ordered on the copy stream, after the copy
+                        width = layout.TILE_WORDS if part == "qweight" else layout.META_TILE_WORDS
+                        layout.tile_words(tensor.to(self.device, non_blocking=True), width, out=stack.parts[part][slot])
+                    else:
+                        stack.parts[part][slot].copy_(tensor, non_blocking=True)
+                where[tensor_name] = stack
+            num_bytes += sum(t[slot].numel() * t.element_size() for t in where[tensor_name].parts.values())
         if self._tied and EMBED in where and LM_HEAD not in where:
             where[LM_HEAD] = where[EMBED]  # tied: lm_head delta = embedding delta, same storage
         return where, num_bytes
+
+    def _write_dense2(self, slot: int, tensor_name: str, delta, parts: dict) -> SlotStack:
+        """A 2-bit symmetric delta re-encoded into `slot` of its dense2 stack (kernels/layout.py)."""
+        n, k = delta.shape
+        shapes = {"qweight": ((n, k // 16), torch.int32), "scales": (tuple(parts["scales"].shape),
+                                                                    parts["scales"].dtype)}
+        stack = self._stack_for(tensor_name, delta, shapes, "dense2")
+        qweight = parts["qweight"].to(self.device, non_blocking=True)
+        out = stack.parts["qweight"][slot]
+        if delta.kind == "sparse24":  # on the copy stream, after the copies
+            layout.to_dense2(qweight, parts["meta"].to(self.device, non_blocking=True), out=out)
+        else:
+            layout.dense_to_dense2(qweight, out=out)
+        stack.parts["scales"][slot].copy_(parts["scales"], non_blocking=True)
+        return stack
 
     def drop(self, slot: int) -> None:
         """Empty `slot`. Invariant kept here: a slot is zero in every stack that does not hold its delta

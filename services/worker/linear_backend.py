@@ -48,8 +48,11 @@ def _dense_slot(stack: SlotStack, slot: int, dtype: torch.dtype) -> torch.Tensor
     elif stack.layout == "dense2":  # 2-bit words re-encoded at load (kernels/layout.py)
         w = layout.dequantize_dense2(p["qweight"][slot], p["scales"][slot], stack.shape, torch.float32)
     else:
-        w = packing.dequantize(p["qweight"][slot], p["scales"][slot], p["zeros"][slot] if "zeros" in p else None,
-                               p["meta"][slot] if "meta" in p else None, stack.bits, stack.shape, torch.float32)
+        qweight, meta = p["qweight"][slot], p["meta"][slot] if "meta" in p else None
+        if stack.tiled:  # 4-bit words and meta stored tile-major (kernels/layout.py)
+            qweight, meta = layout.untile_packed(qweight, meta)
+        w = packing.dequantize(qweight, p["scales"][slot], p["zeros"][slot] if "zeros" in p else None, meta,
+                               stack.bits, stack.shape, torch.float32)
     weight_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
     w = w.to(weight_dtype).float()
     stack.cache[slot] = (stack.version, dtype, w)
@@ -70,7 +73,7 @@ def _kernel_stack(stack: SlotStack):
             n, k = fmt.shape
             stack.cache["kernel_stack"] = PackedDeltaStack(
                 qweight=p["qweight"], meta=p.get("meta"), scales=p["scales"], zeros=p.get("zeros"), bits=fmt.bits,
-                group_size=k // p["scales"].shape[-1], sym=p.get("zeros") is None, shape=(n, k))
+                group_size=k // p["scales"].shape[-1], sym=p.get("zeros") is None, shape=(n, k), tiled=stack.tiled)
         else:
             stack.cache["kernel_stack"] = None
     return stack.cache["kernel_stack"]

@@ -107,9 +107,15 @@ def test_modes_same_greedy_tokens_on_smollm2(smollm2, smollm2_reference, tmp_pat
     assert smollm2_reference[(names[1], PROMPTS[0])] != smollm2_reference[(names[0], PROMPTS[0])]
 
 
+# model shapes: tiny (no linear tiles: 4-bit stacks in row order), and one whose linears but down_proj tile (tiled4)
+GRAPH_MODELS = {"rows": {}, "tiled": {"hidden_size": 256, "intermediate_size": 320, "head_dim": 64}}
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_decode_graph_with_packed_deltas_matches_eager(dtype):
-    """Decode steps whose rows use packed deltas replay a captured graph (SBMM inside) == eager StepDeltaOps."""
+@pytest.mark.parametrize("shape", list(GRAPH_MODELS))
+def test_decode_graph_with_packed_deltas_matches_eager(dtype, shape):
+    """Decode steps whose rows use packed deltas replay a captured graph (SBMM inside) == eager StepDeltaOps, with
+    4-bit stacks in row order and tile-major."""
     from deltazip.model.context import ForwardContext
     from deltazip.model.layers import NamedLinear
     from deltazip.model.loader import model_from_state_dict
@@ -120,12 +126,14 @@ def test_decode_graph_with_packed_deltas_matches_eager(dtype):
     from services.worker.engine.engine import EngineConfig, LLMEngine
     from tests.unit.worker.test_graph_deltas import make_delta
 
-    cfg = tiny_config(vocab_size=256, max_position_embeddings=256, tie_word_embeddings=True)
+    cfg = tiny_config(vocab_size=256, max_position_embeddings=256, tie_word_embeddings=True, **GRAPH_MODELS[shape])
     model = model_from_state_dict(cfg, {k: v.to("cuda", dtype) for k, v in random_state_dict(cfg, seed=2).items()})
     names = {m.hf_name + ".weight" for m in model.modules() if isinstance(m, NamedLinear)}
     slots = DeviceSlots(4, "cuda", dtype, names, tie_word_embeddings=True)
     slots.write(0, "a", make_delta(model, 4, 1, with_dense=True))
     slots.write(1, "b", make_delta(model, 2, 2, with_dense=False))
+    tiled = {s.layout == "tiled4" for stacks in slots.stacks_by_name().values() for s in stacks}
+    assert tiled == ({False, True} if shape == "tiled" else {False})
 
     def provider(segments):
         if all(name is None for name, _ in segments):
@@ -154,6 +162,33 @@ def test_decode_graph_with_packed_deltas_matches_eager(dtype):
     torch.testing.assert_close(again, eager, rtol=tol, atol=tol)
     assert not torch.allclose(eager, base, rtol=tol, atol=tol)  # the deltas change the rows that use them
     assert any(k[2] for k in engine.runner.graphs.graphs), "no delta graph was captured"
+
+
+@pytest.mark.parametrize("n,k,want_layout", [(256, 1024, "tiled4"), (96, 1024, "canonical"), (256, 1056, "canonical")])
+def test_four_bit_deltas_load_tiled_where_they_tile_and_match_the_canonical_reference(n, k, want_layout):
+    """DeviceSlots on CUDA stores a 4-bit 2:4 delta whose N and K tile as tile-major words and meta (the bytes of
+    layout.tile_packed); other shapes keep the row order. Either way the step's kernel launch equals the canonical
+    dequantize-then-matmul, and an empty slot adds nothing."""
+    from deltazip.artifact.delta_tensor import DeltaTensor
+    from kernels import layout, packing
+    from services.worker.delta_ops import StepDeltaOps
+    from services.worker.device_slots import DeviceSlots
+    from tests.kernels.packed_factory import random_packed
+
+    p = random_packed(n, k, 4, 32, True, generator=torch.Generator().manual_seed(3))
+    delta = DeltaTensor("w.weight", "sparse24", (n, k), 4, 32, True, **{f: p[f] for f in ("qweight", "meta", "scales")})
+    slots = DeviceSlots(2, "cuda", torch.float16, {"w.weight"}, tie_word_embeddings=False)
+    slots.write(1, "d", {"w.weight": delta})
+    stack = slots.stack(1, "w.weight")
+    assert stack.layout == want_layout
+    stored = layout.tile_packed(p["qweight"], p["meta"]) if want_layout == "tiled4" else (p["qweight"], p["meta"])
+    assert torch.equal(stack.parts["qweight"][1].cpu(), stored[0]) and torch.equal(stack.parts["meta"][1].cpu(), stored[1])
+    x = torch.randn(7, k, device="cuda", dtype=torch.float16)
+    y = torch.zeros(7, n, device="cuda", dtype=torch.float16)
+    StepDeltaOps(slots, [(1, 4), (0, 3)]).linear("w", x, y)
+    w = packing.dequantize(p["qweight"], p["scales"], None, p["meta"], 4, (n, k)).to("cuda", torch.float16)
+    torch.testing.assert_close(y[:4].float(), x[:4].float() @ w.float().T, atol=3e-2, rtol=1e-2)
+    assert torch.equal(y[4:], torch.zeros_like(y[4:]))
 
 
 def test_two_bit_deltas_load_as_dense2_words_and_match_the_canonical_reference():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels import packing
+from kernels import layout, packing
 from kernels.delta_linear import DenseDeltaStack, PackedDeltaStack, apply_deltas, validate_segments
 from tests.kernels.packed_factory import random_packed
 
@@ -38,6 +38,32 @@ def test_packed_stack_apply_matches_per_slot_dense(bits, sym):
     apply_deltas(x, y, stack, torch.tensor(starts), torch.tensor(slots))
     torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(y[6], want[6])  # row 6 is past every segment
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_tiled_stack_stores_tile_major_and_applies_like_the_canonical_one(sym):
+    """A tiled stack (4-bit words and meta tile-major, as CUDA slots hold them) writes that order in set_slot, and
+    its CPU path reads it back: the same products as the canonical stack of the same deltas."""
+    n, k = 128, 256
+    g = torch.Generator().manual_seed(5)
+    packed = [random_packed(n, k, 4, 64, sym, generator=g) for _ in range(2)]
+    stack = PackedDeltaStack.from_packed(packed, bits=4, shape=(n, k), tiled=True)
+    assert stack.tiled and torch.equal(stack.qweight[1], layout.tile_packed(packed[1]["qweight"], packed[1]["meta"])[0])
+    assert torch.equal(stack.meta[1], layout.tile_packed(packed[1]["qweight"], packed[1]["meta"])[1])
+    x, y = torch.randn(5, k, generator=g), torch.randn(5, n, generator=g)
+    starts, slots = [0, 2, 3, 5], [1, -1, 0]
+    want = expected(x, y, [dense_of(p, 4, (n, k)) for p in packed], starts, slots, torch.float32)
+    apply_deltas(x, y, stack, torch.tensor(starts), torch.tensor(slots))
+    torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
+
+
+def test_tiled_stacks_need_four_bit_words_of_whole_tiles():
+    with pytest.raises(ValueError, match="tiled"):
+        PackedDeltaStack.empty(1, (128, 256), 2, tiled=True)
+    with pytest.raises(ValueError, match="tiled"):
+        PackedDeltaStack.empty(1, (96, 256), 4, tiled=True)
+    with pytest.raises(ValueError, match="tiled"):
+        PackedDeltaStack.empty(1, (128, 160), 4, group_size=32, tiled=True)
 
 
 def test_set_slot_replaces_one_delta_in_place():

@@ -40,10 +40,18 @@ def make_case(n, k, bits, group, sym, dtype, layout, device, seed=0, pad_rows=0)
     return moved, x.to(device), y.to(device), starts.to(device), torch.tensor(slots, dtype=torch.int64).to(device)
 
 
-def run_both(stack, x, y, starts, slots, bits, n, k, kernel=None, config=None):
+def tile_major(stack):
+    """The same stacked 4-bit deltas with qweight and meta in tile-major order (what CUDA slots hold)."""
+    qweight, meta = layout.tile_packed(stack["qweight"], stack["meta"])
+    return {**stack, "qweight": qweight, "meta": meta}
+
+
+def run_both(stack, x, y, starts, slots, bits, n, k, kernel=None, config=None, tiled=False):
+    """y after the kernel (on the tile-major copy of the stack when `tiled`) and after the canonical reference."""
     y_kernel, y_ref = y.clone(), y.clone()
-    sbmm.sbmm(x, y_kernel, stack["qweight"], stack["meta"], stack["scales"], stack["zeros"], starts, slots, bits,
-              kernel=kernel, config=config)
+    read = tile_major(stack) if tiled else stack
+    sbmm.sbmm(x, y_kernel, read["qweight"], read["meta"], read["scales"], read["zeros"], starts, slots, bits,
+              kernel=kernel, config=config, tiled=tiled)
     reference.sbmm_reference(x, y_ref, stack["qweight"], stack["meta"], stack["scales"], stack["zeros"], bits,
                              (n, k), starts.cpu(), slots.cpu())
     return y_kernel, y_ref
@@ -72,6 +80,66 @@ def test_triton_kernel_odd_k_and_asym_cpu(bits, k, group):
     cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64)
     y_kernel, y_ref = run_both(stack, x, y, starts, slots, bits, n, k, kernel="triton", config=cfg)
     torch.testing.assert_close(y_kernel, y_ref, **TOL[torch.float32])
+
+
+TILED_CPU_CONFIGS = (dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128),  # a K step = one whole [64, 8] block
+                     dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64),  # a quarter of a block
+                     dict(BLOCK_M=8, BLOCK_N=128, BLOCK_K=256))  # two blocks across, two down
+
+
+@interp
+@pytest.mark.parametrize("group", [None, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout_name", list(SEGMENTS))
+def test_triton_kernel_reads_tiled_4bit_words_cpu(group, dtype, layout_name):
+    """4-bit words and meta stored tile-major (layout.tile_packed) give the canonical reference's result for
+    K steps of whole, partial and several blocks; rows outside every segment stay untouched."""
+    n, k = 128, 256
+    stack, x, y, starts, slots = make_case(n, k, 4, group, True, dtype, layout_name, "cpu", seed=13, pad_rows=2)
+    for cfg in TILED_CPU_CONFIGS:
+        y_kernel, y_ref = run_both(stack, x, y, starts, slots, 4, n, k, kernel="triton", config=cfg, tiled=True)
+        torch.testing.assert_close(y_kernel.float(), y_ref.float(), **TOL[dtype])
+        torch.testing.assert_close(y_kernel[-2:], y[-2:])
+
+
+@interp
+@pytest.mark.parametrize("group", [None, 64])
+def test_triton_kernel_reads_tiled_4bit_asym_words_cpu(group):
+    n, k = 192, 384
+    stack, x, y, starts, slots = make_case(n, k, 4, group, False, torch.float32, "odd", "cpu", seed=14)
+    y_kernel, y_ref = run_both(stack, x, y, starts, slots, 4, n, k, kernel="triton", config=TILED_CPU_CONFIGS[0],
+                               tiled=True)
+    torch.testing.assert_close(y_kernel, y_ref, **TOL[torch.float32])
+
+
+@interp
+@pytest.mark.parametrize("n,k", [(96, 256), (128, 160), (40, 96)])
+def test_4bit_shapes_that_do_not_tile_keep_row_order_cpu(n, k):
+    """N not a multiple of 64 or K not of 128: no tile-major form; the wrapper refuses to read one and the
+    row-order stack still matches the reference."""
+    assert not layout.tiled4_format_ok("sparse24", 4, (n, k))
+    stack, x, y, starts, slots = make_case(n, k, 4, 32, True, torch.float32, "many", "cpu", seed=15)
+    with pytest.raises(ValueError, match="tile"):
+        layout.tile_packed(stack["qweight"], stack["meta"])
+    with pytest.raises(ValueError, match="row order"):
+        sbmm.sbmm(x, y.clone(), stack["qweight"], stack["meta"], stack["scales"], None, starts, slots, 4,
+                  kernel="triton", tiled=True)
+    y_kernel, y_ref = run_both(stack, x, y, starts, slots, 4, n, k, kernel="triton",
+                               config=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64))
+    torch.testing.assert_close(y_kernel, y_ref, **TOL[torch.float32])
+
+
+def test_tiled_layout_is_four_bit_only():
+    """2-bit 2:4 words keep row order (CUDA slots hold 2-bit symmetric deltas as dense2 words instead)."""
+    stack, x, y, starts, slots = make_case(128, 256, 2, None, True, torch.float32, "one", "cpu")
+    with pytest.raises(ValueError, match="4-bit"):
+        sbmm.sbmm(x, y, stack["qweight"], stack["meta"], stack["scales"], None, starts, slots, 2, tiled=True)
+    with pytest.raises(ValueError, match="4-bit"):
+        layout.tile_packed(stack["qweight"], stack["meta"])
+    ok = layout.tiled4_format_ok
+    assert ok("sparse24", 4, (4096, 11008)) and ok("sparse24", 4, (11008, 4096)) and ok("sparse24", 4, (64, 128))
+    assert not ok("sparse24", 2, (4096, 4096)) and not ok("quant", 4, (4096, 4096))
+    assert not ok("sparse24", 4, (576, 1536 + 32)) and not ok("sparse24", 4, (4096,))
 
 
 @pytest.mark.parametrize("bits", [2, 4])
@@ -194,8 +262,29 @@ def test_dense2_words_are_stored_tile_major():
         layout.to_dense2(torch.zeros(64, 3, dtype=torch.int32), torch.zeros(64, 3, dtype=torch.int32))
 
 
+def test_4bit_words_and_meta_tile_major_round_trip():
+    """tile_packed stores qweight in [N/64, K/128, 64, 8] and meta in [N/64, K/128, 64, 4] blocks; the meta's
+    int16 view (what the kernels read, one half per word) is then in the words' own block order, and
+    untile_packed restores the canonical row order exactly, also for slot-stacked tensors and into `out`."""
+    n, k = 128, 512
+    p = random_packed(n, k, 4, 128, generator=torch.Generator().manual_seed(16))
+    qweight, meta = layout.tile_packed(p["qweight"], p["meta"])
+    assert qweight.shape == p["qweight"].shape and meta.shape == p["meta"].shape
+    assert torch.equal(qweight.reshape(2, 4, 64, 8)[1, 2, 5], p["qweight"][64 + 5, 16:24])
+    assert torch.equal(meta.reshape(2, 4, 64, 4)[1, 2, 5], p["meta"][64 + 5, 8:12])
+    assert torch.equal(meta.view(torch.int16), layout.tile_words(p["meta"].view(torch.int16)))
+    back = layout.untile_packed(qweight, meta)
+    assert torch.equal(back[0], p["qweight"]) and torch.equal(back[1], p["meta"])
+    stacked = stack_packed([p, random_packed(n, k, 4, 128, generator=torch.Generator().manual_seed(17))])
+    out = (torch.empty_like(stacked["qweight"]), torch.empty_like(stacked["meta"]))
+    tiled = layout.tile_packed(stacked["qweight"], stacked["meta"], out=out)
+    assert tiled[0] is out[0] and tiled[1] is out[1] and torch.equal(out[0][0], qweight)
+    back = layout.untile_packed(*out)
+    assert torch.equal(back[0], stacked["qweight"]) and torch.equal(back[1], stacked["meta"])
+
+
 def test_dense2_format_ok():
-    """Which deltas dense2 words can hold (CUDA slots only: tests/unit/worker/test_device_slots_dense2.py checks
+    """Which deltas dense2 words can hold (CUDA slots only: tests/unit/worker/test_device_slots_layouts.py checks
     that CPU slots keep the canonical layout)."""
     ok = layout.dense2_format_ok
     assert ok("sparse24", 2, True, (4096, 4096), 128)
@@ -255,14 +344,17 @@ def test_kernels_match_reference_gpu_small(kernel, bits, group, dtype, layout):
     torch.testing.assert_close(y_kernel[-3:], y[-3:])
 
 
+WORD_ORDERS = [(2, False), (4, False), pytest.param(4, True, id="4-tiled")]  # (bits, tiled): tile-major is 4-bit
+
+
 @gpu
 @pytest.mark.parametrize("kernel", ["gluon", "triton"])
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits,tiled", WORD_ORDERS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_kernels_asym_gpu(kernel, bits, dtype):
+def test_kernels_asym_gpu(kernel, bits, tiled, dtype):
     n, k = 192, 2048
     stack, x, y, starts, slots = make_case(n, k, bits, 128, False, dtype, "many", "cuda", seed=3)
-    y_kernel, y_ref = run_both(stack, x, y, starts, slots, bits, n, k, kernel=kernel)
+    y_kernel, y_ref = run_both(stack, x, y, starts, slots, bits, n, k, kernel=kernel, tiled=tiled)
     torch.testing.assert_close(y_kernel.float(), y_ref.float(), **TOL[dtype])
 
 
@@ -282,11 +374,12 @@ def test_sbmm_llama_shapes_gpu(n, k, bits, group, dtype):
 @gpu
 @pytest.mark.parametrize("block_m", [8, 16, 32, 64])
 @pytest.mark.parametrize("block_n,num_warps", [(64, 4), (128, 4), (32, 2), (64, 2)])
-def test_gluon_configs_gpu(block_m, block_n, num_warps):
+@pytest.mark.parametrize("tiled", [False, pytest.param(True, id="tiled")])
+def test_gluon_configs_gpu(block_m, block_n, num_warps, tiled):
     n, k, bits = 512, 2048, 4
     stack, x, y, starts, slots = make_case(n, k, bits, 128, True, torch.float16, "odd", "cuda", seed=5)
     cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, prefetch=block_m != 32)
-    y_kernel, y_ref = run_both(stack, x, y, starts, slots, bits, n, k, kernel="gluon", config=cfg)
+    y_kernel, y_ref = run_both(stack, x, y, starts, slots, bits, n, k, kernel="gluon", config=cfg, tiled=tiled)
     torch.testing.assert_close(y_kernel.float(), y_ref.float(), **TOL[torch.float16])
 
 
@@ -310,29 +403,54 @@ def test_segments_hint_sizes_the_grid_for_padded_segment_lists(kernel):
         torch.testing.assert_close(y_kernel.float(), y_ref.float(), **TOL[dtype])
 
 
+# the device word layouts of kernels/layout.py: (bits, (kernel, config) launches checked on each case)
+DEVICE_LAYOUTS = {
+    "dense2": (2, [("gluon", None), ("gluon", dict(BLOCK_M=8, BLOCK_N=64, num_warps=2, prefetch=False)),
+                   ("gluon", dict(BLOCK_M=16, BLOCK_N=64, num_warps=2, prefetch=True, min_ctas=10**6)),
+                   ("gluon", dict(BLOCK_M=8, BLOCK_N=128, num_warps=4, prefetch=True))]),  # two block rows
+    "tiled4": (4, [("gluon", None),
+                   ("gluon", dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, prefetch=True, min_ctas=10**6)),
+                   ("triton", None)]),
+}
+
+
+def device_words(stack: dict, word_layout: str) -> dict:
+    """The stack as CUDA slots hold it: dense2 words (meta None) or tile-major 4-bit words and meta."""
+    if word_layout == "tiled4":
+        return tile_major(stack)
+    words = torch.stack([layout.to_dense2(q, m) for q, m in zip(stack["qweight"], stack["meta"])])
+    return {**stack, "qweight": words, "meta": None}
+
+
 @gpu
+@pytest.mark.parametrize("word_layout", list(DEVICE_LAYOUTS))
 @pytest.mark.parametrize("n,k", [(320, 1408)] + LLAMA_SHAPES)
 @pytest.mark.parametrize("group", [None, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("layout_name", list(SEGMENTS))
-def test_dense2_words_match_the_canonical_reference_gpu(n, k, group, dtype, layout_name):
-    """2-bit deltas re-encoded to dense2 words on the GPU (kernels/layout.py) give the canonical reference's
-    result: default config, an unsplit and an 8-way split launch."""
+def test_device_word_layouts_match_the_canonical_reference_gpu(word_layout, n, k, group, dtype, layout_name):
+    """Deltas in the layouts CUDA slots hold (2-bit dense2 words re-encoded on the GPU, 4-bit words and meta
+    tile-major) give the canonical reference's result: default config, unsplit and 8-way split launches, one and
+    two block rows per program (test_gluon_configs_gpu covers half-block programs), and for tile-major 4-bit
+    words the Triton kernel (on the small shape)."""
     if (n, k) != (320, 1408) and layout_name != "many":
         pytest.skip("Llama shapes: one segment layout is enough")
-    stack, x, y, starts, slots = make_case(n, k, 2, group, True, dtype, layout_name, "cuda", seed=12)
-    words = torch.stack([layout.to_dense2(q, m) for q, m in zip(stack["qweight"], stack["meta"])])
+    bits, launches = DEVICE_LAYOUTS[word_layout]
+    stack, x, y, starts, slots = make_case(n, k, bits, group, True, dtype, layout_name, "cuda", seed=12)
+    words = device_words(stack, word_layout)
     y_ref = y.clone()
-    reference.sbmm_reference(x, y_ref, stack["qweight"], stack["meta"], stack["scales"], None, 2, (n, k),
+    reference.sbmm_reference(x, y_ref, stack["qweight"], stack["meta"], stack["scales"], None, bits, (n, k),
                              starts.cpu(), slots.cpu())
     tol = dict(TOL[dtype])
     if k > 2048:
         tol["atol"] *= 3  # |y| grows with sqrt(K)
-    for cfg in (None, dict(BLOCK_M=8, BLOCK_N=64, num_warps=2, prefetch=False),
-                dict(BLOCK_M=16, BLOCK_N=64, num_warps=2, prefetch=True, min_ctas=10**6)):
+    for kernel, cfg in launches:
+        if kernel == "triton" and (n, k) != (320, 1408):
+            continue
         y_kernel = y.clone()
-        sbmm.sbmm(x, y_kernel, words, None, stack["scales"], None, starts, slots, 2, config=cfg)
-        torch.testing.assert_close(y_kernel.float(), y_ref.float(), **tol)
+        sbmm.sbmm(x, y_kernel, words["qweight"], words["meta"], stack["scales"], None, starts, slots, bits,
+                  kernel=kernel, config=cfg, tiled=word_layout == "tiled4")
+        torch.testing.assert_close(y_kernel.float(), y_ref.float(), **tol, msg=lambda m: f"{kernel} {cfg}: {m}")
 
 
 def test_dense2_needs_two_bit_symmetric_words():

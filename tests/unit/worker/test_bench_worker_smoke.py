@@ -21,7 +21,7 @@ def test_bench_worker_tiny_writes_rows(tmp_path):
     by_part = {}
     for row in result["rows"]:
         by_part.setdefault(row["part"], []).append(row)
-    assert 0 < by_part["load"][0]["h2d_fraction"]
+    assert [r["bits"] for r in by_part["load"]] == [2, 4] and all(0 < r["h2d_fraction"] for r in by_part["load"])
     assert {r["num_deltas"] for r in by_part["step"]} == {0, 1, 8, 32} and all(r["step_vs_base"] > 0
                                                                                for r in by_part["step"])
     assert {r["mode"] for r in by_part["modes"]} == {"swap", "dense-delta", "delta"}

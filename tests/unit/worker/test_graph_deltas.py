@@ -76,6 +76,34 @@ def test_graph_ops_equal_step_ops_on_a_mixed_batch():
     assert not torch.allclose(got[2:5], base[2:5])  # the deltas do something
 
 
+def test_graph_ops_read_tiled_4bit_stacks_like_canonical_ones():
+    """Slots holding 4-bit deltas tile-major (as CUDA slots do where N and K tile: here every linear but down_proj,
+    whose K = 320 does not; K = 256 is two tiles per row, so the order differs from the canonical one) give,
+    eagerly and through the graph form's SBMM launches, what canonical slots give."""
+    config = tiny_config(hidden_size=256, intermediate_size=320, head_dim=64)
+    model = random_model(config, seed=0)
+    linear_names = {m.hf_name + ".weight" for m in model.modules() if isinstance(m, NamedLinear)}
+    by_order = {}
+    for tiled4 in (False, True):
+        slots = DeviceSlots(3, "cpu", torch.float32, linear_names, tie_word_embeddings=False, tiled4=tiled4)
+        slots.write(0, "a", make_delta(model, 4, 1, with_dense=False))
+        slots.write(2, "b", make_delta(model, 4, 2, with_dense=False))
+        by_order[tiled4] = slots
+    layouts = {name: stacks[0].layout for name, stacks in by_order[True].stacks_by_name().items()}
+    assert {lay for name, lay in layouts.items() if "down_proj" in name} == {"canonical"}
+    assert {lay for name, lay in layouts.items() if "down_proj" not in name} == {"tiled4"}
+    segments = [(2, 2), (None, 1), (0, 3)]
+    ids = torch.randint(0, config.vocab_size, (6, 1), generator=torch.Generator().manual_seed(8))
+    graph = GraphDeltaOps(by_order[True], max_rows=8, max_segments=4)
+    graph.fill(segments, 6)
+    with torch.no_grad():
+        want = model.hidden_dense(ids, deltas=StepDeltaOps(by_order[False], segments))
+        eager = model.hidden_dense(ids, deltas=StepDeltaOps(by_order[True], segments))
+        got = model.hidden_dense(ids, deltas=graph.for_rows(6))
+    torch.testing.assert_close(eager, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_fill_rejects_too_many_segments_and_rows():
     config = tiny_config()
     model = random_model(config, seed=0)
