@@ -1,6 +1,6 @@
 """Worker benchmark (GPU): delta load rate, decode step time with many deltas, tokens/s per serving mode.
 
-  python bench/worker.py --out bench/results [--commit SHA] [--parts load,step,modes] [--tiny]
+  python bench/worker.py --out bench/results [--commit SHA] [--parts load,step,prefill,modes] [--tiny]
 
 Rows (DESIGN.md names), all measured in the same run:
 - part=h2d_limit: pinned host→device copy rate of one large buffer (the physical limit of a delta load).
@@ -16,6 +16,11 @@ Rows (DESIGN.md names), all measured in the same run:
   graphs is one more row (graph=1). Limit: a decode step reads the base weights once (~13.5 GB at
   ~3 TB/s = ~4.5 ms) plus each delta's packed bytes (~1.7 GB each at 2 bits), so 8 distinct deltas read
   2x the base's bytes: ~1.3x needs the delta kernel near the HBM limit.
+- part=prefill: the mean time of a serving-like prefill step (1-4 new prompts of fresh lengths mixed into 16
+  decoding sequences; a decode step between) with PyTorch's own SDPA backend choice (`sdpa=torch_default`) and
+  with the paged path's backend list (`paged_backends`, no cuDNN attention: it plans per shape), same run;
+  `vs_torch_default` is the ratio. `--step-layers` cuts the depth here too. Limit: ~500 new tokens through a
+  4-layer 7B shape are ~1 ms of H100 math; the serving profile measured ~95 ms per such step.
 - part=modes: tokens/s of one engine under a mixed 16-model load (Zipf popularity, all requests queued at
   once) in each mode on a 1.1B-shaped model: `mode`, `num_models`, `tokens_per_s`, `throughput_vs_swap`.
 --tiny: the same code on a tiny model (CPU works), to smoke-test the script; its numbers mean nothing.
@@ -201,6 +206,53 @@ def bench_step(cfg: LlamaConfig, device: str, rows: list, deltas=(1, 8, 32), num
             print(json.dumps(rows[-1]), flush=True)
 
 
+# ---- part 2b: prefill steps of fresh shapes, per SDPA backend choice -------------------------------
+
+def time_fresh_prefills(model, device: str, num_running: int, num_steps: int, seed: int) -> tuple[float, int]:
+    """Mean ms of a prefill step that mixes 1-4 new prompts (64-192 tokens, fresh lengths every step) into
+    `num_running` decoding sequences, as serving does; read off the engine's own step profile."""
+    engine = decode_engine(model, 0, None, True, max_num_seqs=num_running + 8 * num_steps)
+    g = torch.Generator().manual_seed(seed)
+    params = SamplingParams(temperature=0, max_tokens=4 * num_steps + 16, ignore_eos=True)
+    for i in range(num_running):
+        engine.add_request(f"run{seed}-{i}", torch.randint(3, 200, (int(torch.randint(64, 192, (1,), generator=g)),),
+                                                           generator=g).tolist(), params)
+    engine.step()
+    for _ in range(3):
+        engine.step()
+    before = engine.profile.snapshot()["prefill"]
+    for step in range(num_steps):
+        for j in range(int(torch.randint(1, 5, (1,), generator=g))):
+            n = int(torch.randint(64, 193, (1,), generator=g))
+            engine.add_request(f"new{seed}-{step}-{j}", torch.randint(3, 200, (n,), generator=g).tolist(), params)
+        engine.step()  # the prefill step (new prompts + every running sequence)
+        engine.step()  # a decode step between, as arrivals are spread out
+    sync(device)
+    count, seconds = (a - b for a, b in zip(engine.profile.snapshot()["prefill"], before))
+    return 1e3 * seconds / max(count, 1), count
+
+
+def bench_prefill(cfg: LlamaConfig, device: str, rows: list, num_running: int = 16, num_steps: int = 12) -> None:
+    """part=prefill: the same fresh-shape prefill steps with PyTorch's own SDPA backend choice, then with the
+    paged path's list (deltazip/model/attention.py PAGED_BACKENDS); each with its own random lengths."""
+    from deltazip.model import attention
+
+    model = random_model(cfg, device, torch.float16)
+    ours = attention.PAGED_BACKENDS
+    results = {}
+    for seed, (name, backends) in enumerate((("torch_default", None), ("paged_backends", ours))):
+        attention.PAGED_BACKENDS = backends
+        try:
+            results[name] = time_fresh_prefills(model, device, num_running, num_steps, seed)
+        finally:
+            attention.PAGED_BACKENDS = ours
+        ms, count = results[name]
+        rows.append({"part": "prefill", "sdpa": name, "layers": cfg.num_hidden_layers, "num_running": num_running,
+                     "prefill_steps": count, "ms": ms,
+                     "vs_torch_default": ms / results["torch_default"][0]})
+        print(json.dumps(rows[-1]), flush=True)
+
+
 # ---- part 3: tokens/s per mode under a mixed 16-model load -----------------------------------------
 
 def zipf_models(num_requests: int, num_models: int, seed: int = 0) -> list[int]:
@@ -268,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--commit", default="")
-    ap.add_argument("--parts", default="load,step,modes")
+    ap.add_argument("--parts", default="load,step,prefill,modes")
     ap.add_argument("--tiny", action="store_true", help="tiny model, any device: smoke test only")
     ap.add_argument("--step-layers", type=int, default=0,
                     help="cut the step model's depth (0 = 32): e.g. 4, the serving benchmark's shape")
@@ -293,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
         step_cfg = dataclasses.replace(big, num_hidden_layers=args.step_layers) if args.step_layers else big
         bench_step(step_cfg, device, rows, **({"num_seqs": 8, "steps": 3, "prompt_len": 16} if args.tiny
                                               else {"num_seqs": args.step_seqs}))
+    if "prefill" in parts:
+        prefill_cfg = dataclasses.replace(big, num_hidden_layers=args.step_layers) if args.step_layers else big
+        bench_prefill(prefill_cfg, device, rows, **({"num_running": 4, "num_steps": 2} if args.tiny else {}))
     if "modes" in parts:
         bench_modes(mid, device, rows, **({"num_requests": 24, "max_tokens": 6, "prompt_len": 8}
                                           if args.tiny else {}))

@@ -6,10 +6,19 @@ SDPA call with an explicit mask. A fused paged kernel can replace `paged_attenti
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from deltazip.model.context import AttentionMetadata
+
+# SDPA backends the paged path may use on CUDA; None = PyTorch's own choice. Serving shapes (sequences, query and
+# context lengths) change at nearly every prefill step, and cuDNN attention plans per shape: it is left out.
+# bench/worker.py --parts prefill times a prefill step of fresh shapes with this list and with None.
+PAGED_BACKENDS: list[SDPBackend] | None = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                                           SDPBackend.MATH]
 
 
 def store_kv(
@@ -58,14 +67,16 @@ def paged_attention(
     q_pos = (ctx_lens - q_lens)[:, None] + j[None, :]  # [S, max_q]
     mask = pos[None, None, :] <= q_pos[:, :, None]  # [S, max_q, max_ctx]; padded keys lie beyond q_pos
 
-    out = F.scaled_dot_product_attention(
-        q_pad.transpose(1, 2),
-        k_pad.to(q.dtype).transpose(1, 2),
-        v_pad.to(q.dtype).transpose(1, 2),
-        attn_mask=mask[:, None],
-        scale=scale,
-        enable_gqa=num_kv_heads != q.shape[1],
-    )  # [S, num_heads, max_q, head_dim]
+    backends = sdpa_kernel(PAGED_BACKENDS) if q.is_cuda and PAGED_BACKENDS else contextlib.nullcontext()
+    with backends:
+        out = F.scaled_dot_product_attention(
+            q_pad.transpose(1, 2),
+            k_pad.to(q.dtype).transpose(1, 2),
+            v_pad.to(q.dtype).transpose(1, 2),
+            attn_mask=mask[:, None],
+            scale=scale,
+            enable_gqa=num_kv_heads != q.shape[1],
+        )  # [S, num_heads, max_q, head_dim]
     if max_q == 1 and num_tokens == q_lens.shape[0]:
         return out[:, :, 0]  # decode only: no boolean gather, so the step has no sync (CUDA-graph capturable)
     return out.transpose(1, 2)[q_valid]

@@ -266,3 +266,31 @@ def test_baseline_host_transforms_on_the_gpu_equal_the_cpu_ones(tmp_path):
             if name in packed and packed[name].kind != "dense":
                 assert got.is_pinned()
             torch.testing.assert_close(got.float(), want.float(), rtol=1e-3, atol=1e-3)
+
+
+def test_paged_attention_backend_list_gives_torchs_own_result():
+    """The paged path's SDPA backends (no cuDNN attention) compute what PyTorch's own choice does, on a mixed
+    step: two prompt chunks of different lengths and three decode rows over a paged cache."""
+    from deltazip.model import attention
+    from deltazip.model.context import AttentionMetadata
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    heads, dim, block = 8, 128, 16
+    k_cache = torch.randn(64, block, heads, dim, device="cuda", dtype=torch.float16, generator=g)
+    v_cache = torch.randn(64, block, heads, dim, device="cuda", dtype=torch.float16, generator=g)
+    q_lens, ctx_lens = [37, 1, 90, 1, 1], [37, 50, 130, 17, 64]
+    tables = torch.arange(5 * 9, device="cuda").view(5, 9)  # sequence i owns blocks 9i..9i+8
+    qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], device="cuda")
+    meta = AttentionMetadata(positions=torch.zeros(sum(q_lens), dtype=torch.long, device="cuda"),
+                             slot_mapping=torch.zeros(sum(q_lens), dtype=torch.long, device="cuda"),
+                             block_tables=tables, context_lens=torch.tensor(ctx_lens, device="cuda"),
+                             query_start_loc=qsl, max_query_len=max(q_lens), max_context_len=max(ctx_lens))
+    q = torch.randn(sum(q_lens), heads, dim, device="cuda", dtype=torch.float16, generator=g)
+    ours = attention.paged_attention(q, k_cache, v_cache, meta, dim ** -0.5)
+    saved, attention.PAGED_BACKENDS = attention.PAGED_BACKENDS, None
+    try:
+        theirs = attention.paged_attention(q, k_cache, v_cache, meta, dim ** -0.5)
+    finally:
+        attention.PAGED_BACKENDS = saved
+    assert ours.shape == (sum(q_lens), heads, dim)
+    torch.testing.assert_close(ours, theirs, rtol=2e-3, atol=2e-3)
