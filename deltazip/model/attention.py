@@ -52,7 +52,6 @@ def paged_attention(
 
     # Queries padded per sequence: [S, max_q, num_heads, head_dim].
     j = torch.arange(max_q, device=device)
-    q_valid = j[None, :] < q_lens[:, None]  # [S, max_q]
     q_index = (qsl[:-1, None] + j[None, :]).clamp(max=max(num_tokens - 1, 0))
     q_pad = q[q_index]
 
@@ -78,8 +77,12 @@ def paged_attention(
             enable_gqa=num_kv_heads != q.shape[1],
         )  # [S, num_heads, max_q, head_dim]
     if max_q == 1 and num_tokens == q_lens.shape[0]:
-        return out[:, :, 0]  # decode only: no boolean gather, so the step has no sync (CUDA-graph capturable)
-    return out.transpose(1, 2)[q_valid]
+        return out[:, :, 0]  # decode only (CUDA-graph capturable)
+    # Token t of sequence s sits at row s * max_q + (t - qsl[s]) of the padded output. Gathered by index, with
+    # the token count known on the host: a boolean mask here would sync with the device in every layer.
+    token_seq = torch.repeat_interleave(torch.arange(q_lens.shape[0], device=device), q_lens, output_size=num_tokens)
+    rows = token_seq * max_q + torch.arange(num_tokens, device=device) - qsl[token_seq]  # [T]
+    return out.transpose(1, 2).reshape(-1, q.shape[1], head_dim)[rows]
 
 
 def causal_attention(

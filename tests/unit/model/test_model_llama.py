@@ -211,3 +211,31 @@ def test_config_reads_hf_fields():
         RopeScaling.from_hf({"rope_type": "yarn", "factor": 2.0})
     with pytest.raises(ValueError, match="multiple of"):
         LlamaConfig.from_dict({**d, "num_key_value_heads": 3})
+
+
+def test_a_mixed_prefill_decode_step_has_no_data_dependent_ops():
+    """With the host-side maxima given (as the worker gives them), a step that mixes a prompt chunk with decode
+    rows runs no op whose output size depends on device values (nonzero, item): on a GPU each would be a sync per
+    layer. The result still matches the same step computed without the maxima."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = CONFIGS["gqa_untied"]
+    model = random_model(cfg, seed=5)
+    model.allocate_kv_cache(16, 4)
+    q_lens, ctx_lens = [6, 1, 1], [6, 3, 5]  # one prompt chunk, two decode rows (earlier KV: cache zeros)
+    tables = torch.tensor([[0, 1], [2, 3], [4, 5]])
+    pos = [*range(6), 2, 4]
+    slots = [int(tables[s, p // 4]) * 4 + p % 4 for s, p in zip([0] * 6 + [1, 2], pos)]
+    ids = torch.randint(0, cfg.vocab_size, (8,), generator=torch.Generator().manual_seed(6))
+
+    def step(maxima: bool) -> torch.Tensor:
+        meta = AttentionMetadata(positions=torch.tensor(pos), slot_mapping=torch.tensor(slots), block_tables=tables,
+                                 context_lens=torch.tensor(ctx_lens), query_start_loc=torch.tensor([0, 6, 7, 8]),
+                                 max_query_len=6 if maxima else 0, max_context_len=6 if maxima else 0)
+        return model(ids, ForwardContext(attn=meta))
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fast = step(maxima=True)
+    ops = {e.key for e in prof.key_averages()}
+    assert not ops & {"aten::nonzero", "aten::item", "aten::_local_scalar_dense"}, ops
+    torch.testing.assert_close(fast, step(maxima=False))
