@@ -55,6 +55,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="mean arrival rate at load 1; 0 = calibrate: --auto-fraction x the measured base capacity")
     p.add_argument("--auto-fraction", type=float, default=0.5,
                    help="with --rate-rps 0: load 1 offers this share of the base-only capacity")
+    p.add_argument("--calibration-bursts", type=int, default=2,
+                   help="with --rate-rps 0: base bursts to send; the last one sets the rate (the first also warms "
+                        "the worker: new batch shapes, caches)")
     p.add_argument("--budget-s", type=float, default=0.0,
                    help="skip the points (and modes) left once this many seconds have passed (0 = no budget); "
                         "results are written after every point either way")

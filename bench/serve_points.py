@@ -141,12 +141,17 @@ def calibrate_rate(address: str, base_name: str, names: list[str], args) -> None
     of --num-requests base requests that all arrive at once (closed burst, same prompts and lengths)."""
     probe = argparse.Namespace(**{**vars(args), "rate_rps": 1.0})  # arrival times are dropped below
     burst = [dataclasses.replace(r, timestamp=0.0) for r in with_model(workload(probe, tuple(names)), base_name)]
-    outcomes, wall_s, _ = send(address, burst, args, "calibrate base capacity")
-    done = [o for o in outcomes if o.ok]
-    capacity = len(done) / max(wall_s, 1e-9)
-    if not done:
-        raise RuntimeError("calibration failed: no base request completed")
+    bursts = []  # (capacity, completed, wall_s) per burst; the first one also warms the worker up
+    for i in range(max(1, args.calibration_bursts)):
+        renamed = [dataclasses.replace(r, id=f"cal{i}-{r.id}") for r in burst]
+        outcomes, wall_s, _ = send(address, renamed, args, f"calibrate base capacity ({i + 1})")
+        done = [o for o in outcomes if o.ok]
+        if not done:
+            raise RuntimeError("calibration failed: no base request completed")
+        bursts.append((len(done) / max(wall_s, 1e-9), len(done), wall_s))
+    capacity, completed, wall_s = bursts[-1]
     args.rate_rps = round(capacity * args.auto_fraction, 3)
-    args.calibration = {"base_capacity_rps": capacity, "burst_requests": len(burst), "completed": len(done),
-                        "wall_s": wall_s, "auto_fraction": args.auto_fraction, "rate_rps": args.rate_rps}
+    args.calibration = {"base_capacity_rps": capacity, "burst_requests": len(burst), "completed": completed,
+                        "wall_s": wall_s, "auto_fraction": args.auto_fraction, "rate_rps": args.rate_rps,
+                        "bursts_rps": [round(b[0], 3) for b in bursts]}
     print(f"calibrated: base capacity {capacity:.2f} req/s -> rate at load 1 = {args.rate_rps} req/s", flush=True)

@@ -45,13 +45,17 @@ def test_serving_bench_spreads_clients_over_several_schedulers(tmp_path, monkeyp
     """--schedulers 2 --client-procs 2: two scheduler processes, two client processes, one merged open-loop run."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     path = serve.main(["--shape", "tiny", "--num-models", "2", "--modes", "delta", "--num-requests", "12",
-                       "--rate-rps", "8", "--output-len", "6", "--prompt-len", "16", "--work-dir", str(tmp_path / "work"),
+                       "--rate-rps", "0", "--output-len", "6", "--prompt-len", "16", "--work-dir", str(tmp_path / "work"),
                        "--out", str(tmp_path / "results"), "--label", "cpu-split-test", "--schedulers", "2",
                        "--client-procs", "2", "--stream-chunk-tokens", "4", "--warmup-requests", "4",
                        "--worker-flag=--num-kv-blocks=128", "--worker-flag=--kv-block-size=8"])
     data = json.loads(path.read_text())
     assert {r["mode"] for r in data["rows"]} == {"base", "delta"}
     assert data["warmups"] == [{"mode": "delta", "bits": 4, "num_models": 2, "requests": 4, "completed": 4}]
+    # --rate-rps 0: two calibration bursts (the first warms the worker), the last one sets load 1's rate
+    cal = data["calibration"]
+    assert len(cal["bursts_rps"]) == 2 and cal["completed"] == 12
+    assert cal["rate_rps"] == pytest.approx(0.5 * cal["bursts_rps"][-1], rel=1e-2)
     for row in data["rows"]:
         assert row["num_requests"] == 12 and row["num_failed"] == 0, row["errors"]
         assert len(row["client_cpu_s"]) == 2 and math.isfinite(row["worker_running_mean"])
