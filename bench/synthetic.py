@@ -41,7 +41,9 @@ def shape_config(shape: str, num_layers: int = 0) -> LlamaConfig:
     if shape == "tiny":
         config = tiny_config(max_position_embeddings=512)
     else:
-        config = dataclasses.replace(tiny_config(), rms_norm_eps=1e-5, **(LLAMA2_7B if shape == "7b" else LLAMA2_13B))
+        # head_dim=None: derived from the new hidden size and heads (128), not the tiny config's 16
+        config = dataclasses.replace(tiny_config(), rms_norm_eps=1e-5, head_dim=None,
+                                     **(LLAMA2_7B if shape == "7b" else LLAMA2_13B))
     return dataclasses.replace(config, num_hidden_layers=num_layers) if num_layers > 0 else config
 
 

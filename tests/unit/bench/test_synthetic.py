@@ -1,11 +1,13 @@
 """Synthetic base + packed deltas: real artifact format, 2:4 sparse, small, tied to the base."""
 
+import pytest
 import torch
 
 from bench.synthetic import DELTA_STD, shape_config, write_suite
 from deltazip.artifact import load_delta, read_manifest, verify
 from deltazip.artifact.identity import base_identity
 from deltazip.model.loader import load_model
+from deltazip.model.synthetic import random_state_dict
 
 
 def test_tiny_suite_loads_as_real_deltas(tmp_path):
@@ -29,9 +31,18 @@ def test_tiny_suite_loads_as_real_deltas(tmp_path):
     assert again == base_dir
 
 
-def test_7b_shape():
-    config = shape_config("7b", num_layers=2)
-    assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (4096, 11008, 2)
+@pytest.mark.parametrize("shape, hidden, ffn, heads", [("7b", 4096, 11008, 32), ("13b", 5120, 13824, 40)])
+def test_llama2_shapes_have_llama2_linears(shape, hidden, ffn, heads):
+    """Every linear of the cut model has Llama-2's shape (head_dim 128: q/k/v/o are hidden x hidden)."""
+    config = shape_config(shape, num_layers=2)
+    assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (hidden, ffn, 2)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (heads, heads, 128)
+    with torch.device("meta"):
+        state = random_state_dict(config)
+    assert state["model.layers.1.self_attn.q_proj.weight"].shape == (hidden, hidden)
+    assert state["model.layers.1.self_attn.o_proj.weight"].shape == (hidden, hidden)
+    assert state["model.layers.1.mlp.down_proj.weight"].shape == (hidden, ffn)
+    assert state["lm_head.weight"].shape == (32000, hidden)
 
 
 def test_dense_kind_writes_fp16_deltas(tmp_path):
