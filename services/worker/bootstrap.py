@@ -20,6 +20,7 @@ from services.worker.device_slots import DeviceSlots
 from services.worker.engine_adapter import build_engine
 from services.worker.engine_loop import EngineLoop
 from services.worker.fetcher import DeltaFetcher, manifest_base_identity
+from services.worker.engine.swap import host_copies
 from services.worker.modes import host_transform, select_mode
 from services.worker.residency import ResidencyLimits, ResidencyManager, ResidentDelta
 from services.worker.store_client import StoreDirectory
@@ -95,9 +96,9 @@ def build_worker(config: WorkerConfig) -> WorkerParts:
     limits = ResidencyLimits(config.num_device_slots, config.device_cache_bytes, config.host_cache_bytes,
                              config.disk_cache_bytes)
     mode = select_mode(config.mode)
-    # Not the params: swaps overwrite those. Pinned on a GPU: merges read it from there, and each merged model
-    # shares its untouched tensors (embeddings, norms) with it instead of pinning copies.
-    base_host = ({k: _host_copy(p) for k, p in model.named_parameters()} if mode.swaps_weights else None)
+    # Not the params: swaps overwrite those. One pinned copy (on a GPU) serves the merges, the swaps back to the
+    # base, and each merged model's untouched tensors (embeddings, norms), which share it instead of pinned copies.
+    base_host = host_copies(model) if mode.swaps_weights else None
     if leader is None:
         io = ArtifactTierIO(fetcher, slots, host_transform(mode, base_host, device),
                             device_slots_used=not mode.swaps_weights)
@@ -118,7 +119,7 @@ def build_worker(config: WorkerConfig) -> WorkerParts:
 
         engine_model, config = leader_engine_setup(leader, model, config)
     engine = build_engine(engine_model, tokenizer, config, config.max_model_len or None, delta_ops,
-                          residency.is_ready, swap_weights)
+                          residency.is_ready, swap_weights, base_host)
     info = WorkerInfo(
         worker_id=config.worker_id, base_name=config.base_name or Path(config.base_dir).resolve().name,
         base_identity=identity, device=device, mode=config.mode, max_model_len=engine.max_model_len)
@@ -139,11 +140,6 @@ def _tp_tier_io(leader, model, fetcher: DeltaFetcher, slots: DeviceSlots, transf
 
     plan = model.shard_plan
     return TPTierIO(leader, fetcher, slots, lambda tensors: transform(shard_delta(tensors, plan, "dense")))
-
-
-def _host_copy(param: torch.Tensor) -> torch.Tensor:
-    host = param.detach().to("cpu", copy=True)
-    return host.pin_memory() if param.device.type == "cuda" else host
 
 
 def _log_transition(snap: ResidentDelta) -> None:

@@ -45,7 +45,8 @@ class EngineAdapter:
 def build_engine(model, tokenizer, config: WorkerConfig, max_model_len: int | None,
                  delta_ops: Callable[[list[tuple[str | None, int]]], object],
                  is_delta_ready: Callable[[str], bool],
-                 swap_weights: Callable[[str], dict | None] | None = None) -> EngineAdapter:
+                 swap_weights: Callable[[str], dict | None] | None = None,
+                 swap_base_host: dict | None = None) -> EngineAdapter:
     """LLMEngine sized from the config; KV blocks from --num-kv-blocks or the free-memory fraction."""
     from services.worker.engine.engine import EngineConfig, LLMEngine
 
@@ -55,7 +56,7 @@ def build_engine(model, tokenizer, config: WorkerConfig, max_model_len: int | No
                                  max_deltas_per_batch=config.max_deltas_per_batch, max_model_len=max_model_len,
                                  cuda_graphs=config.use_cuda_graphs)
     engine = LLMEngine(model, engine_config, tokenizer=tokenizer, deltas_provider=delta_ops,
-                       is_delta_ready=is_delta_ready, swap_weights=swap_weights)
+                       is_delta_ready=is_delta_ready, swap_weights=swap_weights, swap_base_host=swap_base_host)
     return EngineAdapter(engine)
 
 

@@ -88,11 +88,13 @@ class LLMEngine:
         is_delta_ready: Callable[[str], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
         swap_weights: HostWeights | None = None,
+        swap_base_host: dict | None = None,
     ) -> None:
         """swap_weights: the `swap` baseline — merged host weights per delta; the engine swaps them into the
-        model one model at a time (deltas_provider and is_delta_ready are then unused)."""
+        model one model at a time (deltas_provider and is_delta_ready are then unused). swap_base_host: the base's
+        host weights when the caller holds them already (else the swapper copies them)."""
         self.config = config
-        self.swapper = WeightSwapper(model, swap_weights) if swap_weights is not None else None
+        self.swapper = (WeightSwapper(model, swap_weights, swap_base_host) if swap_weights is not None else None)
         self.profile = StepProfile()  # where the steps' time goes (the Worker Status RPC reports it)
         if self.swapper is not None:
             deltas_provider, is_delta_ready = None, self.swapper.is_active

@@ -21,11 +21,12 @@ HostWeights = Callable[[str], dict[str, torch.Tensor] | None]  # delta name -> m
 class WeightSwapper:
     """Owns which model's weights sit in the model's parameters."""
 
-    def __init__(self, model: torch.nn.Module, host_weights: HostWeights, pin: bool | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, host_weights: HostWeights,
+                 base_host: dict[str, torch.Tensor] | None = None) -> None:
+        """base_host: the base's weights on the host (`host_copies(model)`), when the caller already holds them."""
         self.params = dict(model.named_parameters())  # HF names; a tied lm_head appears once
         device = next(iter(self.params.values())).device
-        pin = device.type == "cuda" if pin is None else pin
-        self.base_host = {k: _host_copy(p, pin) for k, p in self.params.items()}
+        self.base_host = base_host if base_host is not None else host_copies(model)
         self.host_weights = host_weights
         self.active: str = BASE_MODEL
         self.num_swaps = 0
@@ -66,6 +67,10 @@ class WeightSwapper:
         self.num_swaps += 1
 
 
-def _host_copy(param: torch.Tensor, pin: bool) -> torch.Tensor:
-    t = param.detach().to("cpu", copy=True)
-    return t.pin_memory() if pin else t
+def host_copies(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A host copy of every parameter (HF names), pinned when the model is on CUDA (fast copies back in)."""
+    copies = {}
+    for name, param in model.named_parameters():
+        t = param.detach().to("cpu", copy=True)
+        copies[name] = t.pin_memory() if param.device.type == "cuda" else t
+    return copies
