@@ -125,9 +125,8 @@ class PackedDeltaStack:
                 continue
             if tuple(src.shape) != tuple(dst.shape[1:]):
                 raise ValueError(f"slot {i}: {name} shape {tuple(src.shape)}, stack wants {tuple(dst.shape[1:])}")
-            if self.tiled and name in ("qweight", "meta"):
-                width = layout.TILE_WORDS if name == "qweight" else layout.META_TILE_WORDS
-                layout.tile_words(src.to(dst.device, non_blocking=True), width, out=dst[i])
+            if self.tiled and name in layout.TILED4_WIDTHS:
+                layout.copy_tiled4_part(name, src, dst[i])
             else:
                 dst[i].copy_(src, non_blocking=True)
 

@@ -85,6 +85,15 @@ def untile_words(words: torch.Tensor, width: int = TILE_WORDS) -> torch.Tensor:
     return blocks.reshape(words.shape)
 
 
+TILED4_WIDTHS = {"qweight": TILE_WORDS, "meta": META_TILE_WORDS}  # int32 words per block row of each tiled4 part
+
+
+def copy_tiled4_part(part: str, src: torch.Tensor, out: torch.Tensor) -> None:
+    """One canonical tiled4 part (`qweight` or `meta`, [N, W]) into `out` (e.g. a device slot) tile-major: copied
+    to out's device, then re-ordered there (all on the current stream, without waiting)."""
+    tile_words(src.to(out.device, non_blocking=True), TILED4_WIDTHS[part], out=out)
+
+
 def tile_packed(qweight: torch.Tensor, meta: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Canonical 4-bit 2:4 qweight [..., N, K/16] and meta [..., N, K/32] -> both tile-major ("tiled4"), written
@@ -92,12 +101,12 @@ def tile_packed(qweight: torch.Tensor, meta: torch.Tensor, out: tuple[torch.Tens
     if qweight.shape[-1] != 2 * meta.shape[-1]:
         raise ValueError(f"qweight {tuple(qweight.shape)} / meta {tuple(meta.shape)}: tiled4 is 4-bit 2:4 only")
     out_q, out_m = out if out is not None else (None, None)
-    return tile_words(qweight, TILE_WORDS, out_q), tile_words(meta, META_TILE_WORDS, out_m)
+    return tile_words(qweight, TILED4_WIDTHS["qweight"], out_q), tile_words(meta, TILED4_WIDTHS["meta"], out_m)
 
 
 def untile_packed(qweight: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Tile-major 4-bit 2:4 qweight and meta -> the canonical row order of kernels/packing.py."""
-    return untile_words(qweight, TILE_WORDS), untile_words(meta, META_TILE_WORDS)
+    return untile_words(qweight, TILED4_WIDTHS["qweight"]), untile_words(meta, TILED4_WIDTHS["meta"])
 
 
 @triton.jit

@@ -129,9 +129,8 @@ class DeviceSlots:
                 stack = self._stack_for(tensor_name, delta, {k: (tuple(v.shape), v.dtype) for k, v in parts.items()},
                                         "tiled4" if tiled else "canonical")
                 for part, tensor in parts.items():
-                    if tiled and part in ("qweight", "meta"):  # re-ordered on the copy stream, after the copy
-                        width = layout.TILE_WORDS if part == "qweight" else layout.META_TILE_WORDS
-                        layout.tile_words(tensor.to(self.device, non_blocking=True), width, out=stack.parts[part][slot])
+                    if tiled and part in layout.TILED4_WIDTHS:  # re-ordered on the copy stream, after the copy
+                        layout.copy_tiled4_part(part, tensor, stack.parts[part][slot])
                     else:
                         stack.parts[part][slot].copy_(tensor, non_blocking=True)
                 where[tensor_name] = stack
