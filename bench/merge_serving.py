@@ -48,9 +48,10 @@ def merged_rows(jobs: list[tuple[dict, dict | None]]) -> list[dict]:
     """Every job's rows, each with the job's label, GPU, num_models and bits (base rows have neither of their own)."""
     rows = []
     for record, data in jobs:
+        host_gib = host_cache_gib(data.get("config", {})) if data else None
         for row in data["rows"] if data else []:
             rows.append({**row, "job": record["label"], "gpu": record["gpu"], "job_num_models": record["num_models"],
-                         "job_bits": record["bits"], "host_cache_gib": host_cache_gib(data.get("config", {}))})
+                         "job_bits": record["bits"], "host_cache_gib": host_gib})
     return rows
 
 
