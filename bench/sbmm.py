@@ -215,16 +215,17 @@ SWEEP_CASES = (("qkvo", 8, 4), ("qkvo", 8, 16), ("qkvo", 32, 1), ("gate_up", 8, 
                ("gate_up", 32, 16), ("qkvo", 1, 4), ("qkvo", 2, 1), ("qkvo", 4, 256))
 
 
-def sweep(limit, save=None, variants=("4t", "2", "2d2")) -> list[dict]:
-    """variants: keys of VARIANTS ("4t" tile-major and "4" row-order 4-bit, "2d2" dense2 and "2" 2:4 2-bit)."""
+def sweep(limit, save=None, variants=("4t", "2", "2d2"), cases=SWEEP_CASES, configs=None) -> list[dict]:
+    """variants: keys of VARIANTS ("4t" tile-major and "4" row-order 4-bit, "2d2" dense2 and "2" 2:4 2-bit);
+    configs: Gluon launch configs to time instead of SWEEP."""
     out = []
-    for name, num, rows in SWEEP_CASES:
+    for name, num, rows in cases:
         n, k = SHAPES[name]
         for variant in variants:
             bits = VARIANTS[variant][0]
             stack = variant_stack(variant, 64, n, k, "cuda")
             dense2 = stack["meta"] is None
-            for kernel, cfg in SWEEP:
+            for kernel, cfg in ([("gluon", c) for c in configs] if configs else SWEEP):
                 if rows > 16 and cfg.get("min_ctas"):
                     continue  # prefill has programs enough
                 try:
@@ -252,6 +253,10 @@ def main() -> None:
     p.add_argument("--variants", default="4t,2d2,2", help="full run: word layouts, comma-separated: 4t (4-bit "
                    "tile-major), 2d2 (2-bit dense2): the worker's; 4, 2 (2:4 words in row order)")
     p.add_argument("--sweep-variants", default="4t,2,2d2", help="the same choice for --sweep")
+    p.add_argument("--sweep-cases", default="", help="--sweep: shape:deltas:rows,... instead of the built-in "
+                   "cases, e.g. qkvo:8:4,gate_up:32:16")
+    p.add_argument("--sweep-configs", default="", help="--sweep: JSON list of Gluon configs instead of the "
+                   'built-in ones, e.g. \'[{"BLOCK_M": 8, "BLOCK_N": 64, "num_warps": 2, "maxnreg": 96}]\'')
     p.add_argument("--config-extra", default="", help='full run: JSON merged into every tuned launch config, '
                    'e.g. \'{"scale_after": false}\' (recorded in the JSON)')
     p.add_argument("--label", default="", help="file name suffix, e.g. scale-each")
@@ -283,7 +288,10 @@ def main() -> None:
         path.write_text(json.dumps(result, indent=1))
 
     if a.sweep:
-        save(sweep(limit, save, a.sweep_variants.split(",")))
+        cases = [(c.split(":")[0], int(c.split(":")[1]), int(c.split(":")[2])) for c in a.sweep_cases.split(",")
+                 if c] or SWEEP_CASES
+        configs = json.loads(a.sweep_configs) if a.sweep_configs else None
+        save(sweep(limit, save, a.sweep_variants.split(","), cases, configs))
     else:
         save(full(a, limit, save))
     print(f"wrote {path}")

@@ -5,7 +5,7 @@
 
 Each case warms up (compiles) first, then launches once more; profile the second launch of each case
 (`--launch-skip`/`--launch-count`, or read the report's last entry per case). Cases: qkvo 4096x4096 with
-8 deltas x 4 rows at 4 and 2 bits, and 32 deltas x 1 row at 4 bits, with the tuned configs, in the word layouts
+8 deltas x 4 rows at 4 and 2 bits, 32 deltas x 1 row and 8 deltas x 16 rows at 4 bits, with the tuned configs, in the word layouts
 the worker keeps on CUDA (4-bit tile-major, 2-bit dense2 words).
 """
 
@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.sbmm_stacks import layout_name, variant_stack  # noqa: E402
 from kernels import sbmm  # noqa: E402
 
-CASES = ((4096, 4096, 8, 4, 4), (4096, 4096, 8, 4, 2), (4096, 4096, 32, 1, 4))
+CASES = ((4096, 4096, 8, 4, 4), (4096, 4096, 8, 4, 2), (4096, 4096, 32, 1, 4), (4096, 4096, 8, 16, 4))
 
 
 def main() -> None:

@@ -249,8 +249,9 @@ def _launch_gluon(common, x, n, k, group_size, num_groups, num_segments, bits, a
         counters = torch.zeros(grid[0] * grid[1], dtype=torch.int32, device=x.device)
     else:
         ws, counters = _no_workspace(x.device)
+    opts = {"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}  # register cap: more CTAs per SM
     sbmm_gluon._sbmm_gluon_kernel[grid](*common, ws, counters, t * n, n, MAX_SEGS=max_segs,
-                                        num_warps=config["num_warps"], **const)
+                                        num_warps=config["num_warps"], **opts, **const)
 
 
 @functools.lru_cache(maxsize=256)
