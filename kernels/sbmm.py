@@ -17,9 +17,9 @@ import triton
 from kernels import layout, sbmm_asm, sbmm_triton
 
 try:  # Gluon ships with Triton >= 3.5; without it every launch takes the portable kernel
-    from kernels import sbmm_gluon
+    from kernels import sbmm_gluon, sbmm_spmma
 except ImportError:  # pragma: no cover - depends on the installed triton
-    sbmm_gluon = None
+    sbmm_gluon = sbmm_spmma = None
 
 CONFIG_FILE = Path(__file__).with_name("sbmm_configs.json")
 DENSE2_GEOMETRY_BITS = 4  # dense2 words hold 16 dense columns, like 4-bit 2:4 words: same tiles and layouts
@@ -309,3 +309,17 @@ def _launch_triton(common, x, n, k, group_size, num_groups, num_segments, bits, 
         DOT_FP32=interp, TILED=tiled,
         num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3),
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _spmma_constexprs(k, group_size, num_groups, dtype, block_m, block_n, num_warps, splits=1) -> dict:
+    """Compile-time arguments of one sparse-MMA launch (kernels/sbmm_spmma.py; sp4 words, symmetric 4-bit)."""
+    name = "f16" if dtype == torch.float16 else "bf16"
+    expand, cons_e = sbmm_spmma.expand_ptx(name)
+    mma0, cons_m = sbmm_spmma.mma_ptx(name, 0)
+    mma1, _ = sbmm_spmma.mma_ptx(name, 1)
+    scale_mode = sbmm_triton.SCALE_ROW if num_groups == 1 else sbmm_triton.SCALE_TILE
+    return dict(K=k, GROUP_SIZE=k if num_groups == 1 else group_size, SCALE_MODE=scale_mode, BLOCK_M=block_m,
+                BLOCK_N=block_n, EXPAND=expand, MMA0=mma0, MMA1=mma1, CONSTRAINTS_E=cons_e, CONSTRAINTS_M=cons_m,
+                L_SEG=sbmm_gluon.seg_layout(num_warps), SPLIT_K=splits,
+                **sbmm_spmma.layouts(block_n, block_m, num_warps))
