@@ -128,12 +128,13 @@ def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
 def pack_sp4(qweight: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Canonical 4-bit 2:4 qweight [..., N, K/16] and meta [..., N, K/32] -> the "sp4" order of the sparse-MMA
     kernel (kernels/sbmm_spmma.py), same shapes and bytes, tile-major like tiled4: memory [N/64, K/128, 4 rb,
-    32 lanes, 4 j] words and [N/64, K/128, 4 rb, 32 lanes, 2 slots] meta words (rb: 16-row block of the
-    64-row block b; one K step s is 128 columns), so a lane's words are one 16-byte load and its meta one 8-byte. Lane 4g + t, word j: the two kept codes of groups
-    8j + t + 4hi of rows g + 8h, pair p = h + 2hi at bits 4p (first kept) and 4p + 16 (second): one shift and
-    one lop3 give the half2 A register a_p of mma.sp number j. Meta word (lane 4g + 2sel + c, slot): the 16
-    canonical meta bits of columns 32j + 16c .. + 15, j = sel + 2 * slot, of row g (low half) and row g + 8
-    (high half): the metadata register of thread 2sel + c of the quad for mma.sp j with selector sel."""
+    32 lanes, 4 j] words and [N/64, K/128, 4 rb, 32 lanes, 2 slots] meta words (rb: 16-row block of the 64-row
+    block b; a K step s is 128 columns), so a lane's words are one 16-byte load and its meta one 8-byte load.
+    Lane 4g + t, word j: the two kept codes of groups 8j + t + 4hi of rows g + 8h, pair p = h + 2hi at bits 4p
+    (first kept) and 4p + 16 (second): one shift and one lop3 give the half2 A register a_p of mma.sp number j.
+    Meta word (lane 4g + 2sel + c, slot): the 16 canonical meta bits of columns 32j + 16c .. + 15,
+    j = sel + 2 * slot, of row g (low half) and row g + 8 (high half): the metadata register of thread 2sel + c
+    of the quad for mma.sp j with selector sel."""
     codes, lead = _sp4_codes(qweight)
     nd = len(lead)
     order = [*range(nd), nd, nd + 4, nd + 1, nd + 3, nd + 7, nd + 5, nd + 8, nd + 6, nd + 2]

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import layout, packing, sbmm_spmma
+from kernels import layout, packing, reference, sbmm, sbmm_spmma
 from tests.kernels.packed_factory import random_packed
+from tests.kernels.test_sbmm import TOL, make_case
 
 LANES = np.arange(32)
 G, T = LANES >> 2, LANES & 3
@@ -117,3 +118,64 @@ def test_expand_ptx_uses_the_modelled_constants(dtype):
         mma, cons = sbmm_spmma.mma_ptx(dtype, sel)
         assert mma.rstrip().endswith(f"$12, {sel};") and f"m16n8k32.row.col.f32.{dtype}.{dtype}.f32" in mma
         assert cons.count("r") == 9 and cons.count("f") == 8
+
+
+# ---------------------------------------------------------------- GPU: the kernel itself (skipped without CUDA)
+
+CUDA = torch.cuda.is_available()
+gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+LLAMA_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N, K): q/k/v/o, gate/up, down
+
+
+def run_sp4(stack, x, y, starts, slots, n, k, config=None, segments_hint=None):
+    """y after the sparse-MMA kernel on the sp4 copy of the stack, and after the canonical torch reference."""
+    y_kernel, y_ref = y.clone(), y.clone()
+    q, m = layout.pack_sp4(stack["qweight"], stack["meta"])
+    sbmm.sbmm(x, y_kernel, q, m, stack["scales"], None, starts, slots, 4, config=config, sp4=True,
+              segments_hint=segments_hint)
+    reference.sbmm_reference(x, y_ref, stack["qweight"], stack["meta"], stack["scales"], None, 4, (n, k),
+                             starts.cpu(), slots.cpu())
+    return y_kernel, y_ref
+
+
+@gpu
+@pytest.mark.parametrize("n,k", LLAMA_SHAPES)
+@pytest.mark.parametrize("group", [None, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("segments", ["one", "many", "empty", "odd"])
+def test_spmma_matches_reference_gpu(n, k, group, dtype, segments):
+    stack, x, y, starts, slots = make_case(n, k, 4, group, True, dtype, segments, "cuda", seed=4, pad_rows=3)
+    y_kernel, y_ref = run_sp4(stack, x, y, starts, slots, n, k)
+    tol = dict(TOL[dtype])
+    tol["atol"] *= 3  # |y| grows with sqrt(K)
+    torch.testing.assert_close(y_kernel.float(), y_ref.float(), **tol)
+    torch.testing.assert_close(y_kernel[-3:], y[-3:])  # rows outside every segment stay untouched
+
+
+@gpu
+@pytest.mark.parametrize("block_m", [8, 16, 32])
+@pytest.mark.parametrize("block_n,num_warps", [(64, 2), (64, 4), (128, 4), (32, 2), (128, 2)])
+@pytest.mark.parametrize("min_ctas", [0, 10**6])
+def test_spmma_configs_and_split_k_gpu(block_m, block_n, num_warps, min_ctas):
+    n, k = 576, 1408  # N: 64-row blocks but not 128; K: 11 steps (uneven K splits)
+    stack, x, y, starts, slots = make_case(n, k, 4, 128, True, torch.float16, "odd", "cuda", seed=5)
+    cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, min_ctas=min_ctas)
+    y_kernel, y_ref = run_sp4(stack, x, y, starts, slots, n, k, config=cfg)
+    torch.testing.assert_close(y_kernel.float(), y_ref.float(), **TOL[torch.float16])
+
+
+@gpu
+def test_spmma_segments_hint_and_padded_segments_gpu():
+    n, k = 128, 512
+    stack, x, y, starts, slots = make_case(n, k, 4, 128, True, torch.float16, "empty", "cuda", seed=11, pad_rows=5)
+    for min_ctas in (0, 10**6):
+        cfg = dict(BLOCK_M=8, BLOCK_N=64, num_warps=2, min_ctas=min_ctas)
+        y_kernel, y_ref = run_sp4(stack, x, y, starts, slots, n, k, config=cfg, segments_hint=2)
+        torch.testing.assert_close(y_kernel.float(), y_ref.float(), **TOL[torch.float16])
+
+
+def test_sp4_path_rejects_what_it_cannot_run():
+    """Off CUDA (or asymmetric, 2-bit, shapes that do not tile) the opt-in sp4 path raises instead of guessing."""
+    stack, x, y, starts, slots = make_case(64, 128, 4, None, True, torch.float16, "one", "cpu")
+    with pytest.raises(ValueError, match="sp4"):
+        sbmm.sbmm(x, y, stack["qweight"], stack["meta"], stack["scales"], None, starts, slots, 4, sp4=True)
