@@ -109,6 +109,58 @@ def untile_packed(qweight: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tens
     return untile_words(qweight, TILED4_WIDTHS["qweight"]), untile_words(meta, TILED4_WIDTHS["meta"])
 
 
+def _sp4_codes(qweight: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """Canonical 4-bit words [..., N, K/16] -> int64 codes viewed [..., N/64, 4, 2, 8, K/128, 4, 2, 4, 2]:
+    row 64b + 16rb + 8h + g, kept code 2 * (32s + 8j + 4hi + t) + i (group 32s + 8j + 4hi + t, slot i)."""
+    *lead, n, w = qweight.shape
+    _check_tiles(n, w)
+    shifts = torch.arange(8, device=qweight.device, dtype=torch.int64) * 4
+    codes = ((qweight.to(torch.int64) & 0xFFFFFFFF).unsqueeze(-1) >> shifts) & 0xF
+    return codes.reshape(*lead, n // 64, 4, 2, 8, w // 8, 4, 2, 4, 2), lead
+
+
+def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """int64 [..., 8] 4-bit values -> int32 [...], value i at bit 4i."""
+    shifts = torch.arange(8, device=codes.device, dtype=torch.int64) * 4
+    return packing._to_int32((codes << shifts).sum(-1))
+
+
+def pack_sp4(qweight: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Canonical 4-bit 2:4 qweight [..., N, K/16] and meta [..., N, K/32] -> the "sp4" order of the sparse-MMA
+    kernel (kernels/sbmm_spmma.py), same shapes and bytes, tile-major like tiled4: memory [N/64, K/128, 4 rb,
+    32 lanes, 4 j] words and [N/64, K/128, 4 rb, 32 lanes, 2 slots] meta words (rb: 16-row block of the 64-row
+    block b; a K step s is 128 columns), so a lane's words are one 16-byte load and its meta one 8-byte load.
+    Lane 4g + t, word j: the two kept codes of groups 8j + t + 4hi of rows g + 8h, pair p = h + 2hi at bits 4p
+    (first kept) and 4p + 16 (second): one shift and one lop3 give the half2 A register a_p of mma.sp number j.
+    Meta word (lane 4g + 2sel + c, slot): the 16 canonical meta bits of columns 32j + 16c .. + 15,
+    j = sel + 2 * slot, of row g (low half) and row g + 8 (high half): the metadata register of thread 2sel + c
+    of the quad for mma.sp j with selector sel."""
+    codes, lead = _sp4_codes(qweight)
+    nd = len(lead)
+    order = [*range(nd), nd, nd + 4, nd + 1, nd + 3, nd + 7, nd + 5, nd + 8, nd + 6, nd + 2]
+    words = _pack_nibbles(codes.permute(order).reshape(*codes.shape[:nd], -1, 8)).reshape(qweight.shape)
+    halves = meta.contiguous().view(torch.int16)
+    n, h = halves.shape[-2:]
+    halves = halves.reshape(*lead, n // 64, 4, 2, 8, h // 8, 2, 2, 2)  # [b, rb, h, g, s, slot, sel, c]
+    order = [*range(nd), nd, nd + 4, nd + 1, nd + 3, nd + 6, nd + 7, nd + 5, nd + 2]
+    return words, halves.permute(order).contiguous().view(torch.int32).reshape(meta.shape)
+
+
+def unpack_sp4(qweight: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sp4 qweight and meta -> the canonical row order of kernels/packing.py (inverse of pack_sp4)."""
+    *lead, n, w = qweight.shape
+    _check_tiles(n, w)
+    nd = len(lead)
+    shifts = torch.arange(8, device=qweight.device, dtype=torch.int64) * 4
+    codes = ((qweight.to(torch.int64) & 0xFFFFFFFF).unsqueeze(-1) >> shifts) & 0xF
+    codes = codes.reshape(*lead, n // 64, w // 8, 4, 8, 4, 4, 2, 2, 2)  # [b, s, rb, g, t, j, i, hi, h]
+    order = [*range(nd), nd, nd + 2, nd + 8, nd + 3, nd + 1, nd + 5, nd + 7, nd + 4, nd + 6]
+    words = _pack_nibbles(codes.permute(order).reshape(*lead, n, w, 8))
+    halves = meta.contiguous().view(torch.int16).reshape(*lead, n // 64, w // 8, 4, 8, 2, 2, 2, 2)
+    order = [*range(nd), nd, nd + 2, nd + 7, nd + 3, nd + 1, nd + 6, nd + 4, nd + 5]  # [b, rb, h, g, s, slot, sel, c]
+    return words, halves.permute(order).contiguous().view(torch.int32).reshape(meta.shape)
+
+
 @triton.jit
 def tiled_index(row, word, words_per_row):
     """Flat index of row-order word (row, word) in the tile-major order ([64, 8] blocks of words, or of the

@@ -17,9 +17,9 @@ import triton
 from kernels import layout, sbmm_asm, sbmm_triton
 
 try:  # Gluon ships with Triton >= 3.5; without it every launch takes the portable kernel
-    from kernels import sbmm_gluon
+    from kernels import sbmm_gluon, sbmm_spmma
 except ImportError:  # pragma: no cover - depends on the installed triton
-    sbmm_gluon = None
+    sbmm_gluon = sbmm_spmma = None
 
 CONFIG_FILE = Path(__file__).with_name("sbmm_configs.json")
 DENSE2_GEOMETRY_BITS = 4  # dense2 words hold 16 dense columns, like 4-bit 2:4 words: same tiles and layouts
@@ -152,6 +152,7 @@ def sbmm(
     rows_hint: float | None = None,
     segments_hint: int | None = None,
     tiled: bool = False,
+    sp4: bool = False,
 ) -> None:
     """In place y[seg] += x[seg] @ dequant(Δ[seg_slots[s]]).T for all segments in one launch.
 
@@ -169,7 +170,13 @@ def sbmm(
     tensors have a fixed, padded length S; the hint sizes the grid and the K split for the real ones.
     tiled: 4-bit qweight and meta are stored tile-major (kernels/layout.py `tile_packed`, what CUDA slots hold
     where N and K tile); dense2 words are always tile-major. Both kernels read either order.
+    sp4: qweight and meta are in the sp4 order (kernels/layout.py `pack_sp4`; 4-bit symmetric, per-row scales or
+    groups a multiple of 128) and run on the sparse-MMA kernel (kernels/sbmm_spmma.py, CUDA sm_80+ only). Opt-in:
+    nothing stores sp4 by default.
     """
+    if sp4:
+        _sbmm_sp4(x, y, qweight, meta, scales, zeros, seg_starts, seg_slots, bits, config, rows_hint, segments_hint)
+        return
     n, group_size = _check(x, y, qweight, meta, scales, zeros, bits, tiled)
     t, k = x.shape
     num_segments = seg_slots.shape[0]
@@ -310,3 +317,64 @@ def _launch_triton(common, x, n, k, group_size, num_groups, num_segments, bits, 
         DOT_FP32=interp, TILED=tiled,
         num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3),
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _spmma_constexprs(k, group_size, num_groups, dtype, block_m, block_n, num_warps, splits=1) -> dict:
+    """Compile-time arguments of one sparse-MMA launch (kernels/sbmm_spmma.py; sp4 words, symmetric 4-bit)."""
+    name = "f16" if dtype == torch.float16 else "bf16"
+    expand, cons_e = sbmm_spmma.expand_ptx(name)
+    mma0, cons_m = sbmm_spmma.mma_ptx(name, 0)
+    mma1, _ = sbmm_spmma.mma_ptx(name, 1)
+    scale_mode = sbmm_triton.SCALE_ROW if num_groups == 1 else sbmm_triton.SCALE_TILE
+    return dict(K=k, GROUP_SIZE=k if num_groups == 1 else group_size, SCALE_MODE=scale_mode, BLOCK_M=block_m,
+                BLOCK_N=block_n, EXPAND=expand, MMA0=mma0, MMA1=mma1, CONSTRAINTS_E=cons_e, CONSTRAINTS_M=cons_m,
+                L_SEG=sbmm_gluon.seg_layout(num_warps), SPLIT_K=splits,
+                **sbmm_spmma.layouts(block_n, block_m, num_warps))
+
+
+def spmma_supported(x: torch.Tensor, n: int, k: int, bits: int, num_groups: int, asym: bool) -> bool:
+    """Whether kernels/sbmm_spmma.py takes this launch: CUDA sm_80+, fp16/bf16, 4-bit symmetric, N and K in whole
+    sp4 tiles, scales per row or per group of a multiple of 128 columns, x rows at an even stride."""
+    if sbmm_spmma is None or interpreting() or not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if torch.cuda.get_device_capability(x.device) < (8, 0):
+        return False
+    group_ok = num_groups == 1 or (k % num_groups == 0 and (k // num_groups) % sbmm_spmma.STEP_K.value == 0)
+    return bits == 4 and not asym and layout.tiles(n, k) and group_ok and x.stride(0) % 2 == 0
+
+
+def _sbmm_sp4(x, y, qweight, meta, scales, zeros, seg_starts, seg_slots, bits, config, rows_hint,
+              segments_hint) -> None:
+    """sbmm on sp4 words (the `sp4=True` path): checks, config, one launch of kernels/sbmm_spmma.py."""
+    n, group_size = _check(x, y, qweight, meta, scales, zeros, bits, True)
+    t, k = x.shape
+    num_groups = scales.shape[-1]
+    if not spmma_supported(x, n, k, bits, num_groups, zeros is not None):
+        raise ValueError(f"sp4 words run on CUDA fp16/bf16 only, 4-bit symmetric, N % 64 == 0, K % 128 == 0, scale "
+                         f"groups per row or a multiple of 128; got bits={bits}, N={n}, K={k}, group {group_size}")
+    num_segments = seg_slots.shape[0]
+    if t == 0 or num_segments == 0 or n == 0:
+        return
+    if config is None:
+        config = pick_config("gluon", _device_name(x.device), rows_hint if rows_hint is not None else t / num_segments,
+                             bits)
+    block_m = min(config["BLOCK_M"], 32)  # x pairs take 16 registers per 8 tokens: BLOCK_M 64 spills
+    block_n, warps = config["BLOCK_N"], config["num_warps"]
+    if n % block_n or block_n % (16 * warps):  # sp4 reads whole 16-row blocks: no row masks
+        block_n, warps = layout.TILE_ROWS, min(warps, 4)
+    live_segments = num_segments if segments_hint is None else max(1, min(num_segments, segments_hint))
+    splits = split_k(dict(config, BLOCK_M=block_m, BLOCK_N=block_n), n, k, bits, t, live_segments)
+    grid = (n // block_n, t // block_m + live_segments, splits)
+    if splits > 1:
+        ws = torch.empty(splits, t, n, dtype=torch.float32, device=x.device)
+        counters = torch.zeros(grid[0] * grid[1], dtype=torch.int32, device=x.device)
+    else:
+        ws, counters = _no_workspace(x.device)
+    const = _spmma_constexprs(k, group_size, num_groups, x.dtype, block_m, block_n, warps, splits)
+    max_segs = max(16, triton.next_power_of_2(num_segments))
+    sbmm_spmma._sbmm_spmma_kernel[grid](
+        x.view(torch.int32), y, x.stride(0) // 2, y.stride(0), qweight, meta, scales,
+        qweight.stride(0), meta.stride(0), scales.stride(0), scales.stride(1),
+        seg_starts, seg_slots, num_segments, qweight.shape[0], ws, counters, t * n, n,
+        MAX_SEGS=max_segs, num_warps=warps, **const)

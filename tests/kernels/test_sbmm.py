@@ -505,3 +505,46 @@ def test_triton_kernel_with_ptx_expander_gpu(bits, dtype, sym):
     cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3, use_asm=True)
     y_kernel, y_ref = run_both(stack, x, y, starts, slots, bits, n, k, kernel="triton", config=cfg)
     torch.testing.assert_close(y_kernel.float(), y_ref.float(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("n,k", [(64, 128), (128, 512), (192, 256)])
+def test_sp4_layout_round_trip(n, k):
+    """pack_sp4 is a permutation of the canonical codes and meta halves (same shapes, nothing duplicated) that
+    unpack_sp4 undoes exactly, also for slot-stacked tensors."""
+    g = torch.Generator().manual_seed(n + k)
+    stacked = stack_packed([random_packed(n, k, 4, 128, generator=g) for _ in range(2)])
+    q, m = layout.pack_sp4(stacked["qweight"], stacked["meta"])
+    assert q.shape == stacked["qweight"].shape and m.shape == stacked["meta"].shape
+    back = layout.unpack_sp4(q, m)
+    assert torch.equal(back[0], stacked["qweight"]) and torch.equal(back[1], stacked["meta"])
+    w = q.shape[-1]
+    codes, canon_codes = (packing.unpack_codes(t.reshape(-1, w), 4, 8 * w) for t in (q, stacked["qweight"]))
+    assert torch.equal(codes.flatten().sort().values, canon_codes.flatten().sort().values)
+    halves, canon_halves = (t.view(torch.int16).flatten().sort().values for t in (m, stacked["meta"]))
+    assert torch.equal(halves, canon_halves)
+
+
+def test_sp4_places_the_documented_codes():
+    """Lane 4g + t, word j of 16-row block rb holds the kept codes of groups 8j + t (+4) of rows g (+8) as
+    pairs at bits 4p / 4p + 16; its meta slot holds the canonical meta bits of rows g / g + 8."""
+    n, k = 128, 256
+    p = random_packed(n, k, 4, None, generator=torch.Generator().manual_seed(3))
+    q, m = layout.pack_sp4(p["qweight"], p["meta"])
+    codes = packing.unpack_codes(p["qweight"], 4, k // 2)  # [N, K/2]
+    halves = p["meta"].view(torch.int16).to(torch.int64) & 0xFFFF  # [N, K/16]
+    qb = q.reshape(n // 64, k // 128, 4, 32, 4).to(torch.int64) & 0xFFFFFFFF
+    mb = m.reshape(n // 64, k // 128, 4, 32, 2).to(torch.int64) & 0xFFFFFFFF
+    for b, s, rb, g, t, j in [(0, 0, 0, 0, 0, 0), (1, 1, 3, 7, 3, 3), (0, 1, 2, 5, 1, 2), (1, 0, 1, 3, 2, 1)]:
+        word = int(qb[b, s, rb, 4 * g + t, j])
+        for h in range(2):
+            for hi in range(2):
+                row, group = 64 * b + 16 * rb + 8 * h + g, 32 * s + 8 * j + t + 4 * hi
+                pp = h + 2 * hi
+                assert (word >> 4 * pp) & 0xF == codes[row, 2 * group]
+                assert (word >> (4 * pp + 16)) & 0xF == codes[row, 2 * group + 1]
+        sel, c = t // 2, t % 2
+        for slot in range(2):
+            jj = sel + 2 * slot
+            row = 64 * b + 16 * rb + g
+            want = int(halves[row, 8 * s + 2 * jj + c]) | int(halves[row + 8, 8 * s + 2 * jj + c]) << 16
+            assert int(mb[b, s, rb, 4 * g + t, slot]) == want

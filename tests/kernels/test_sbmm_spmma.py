@@ -1,0 +1,181 @@
+"""The sparse-MMA SBMM path end to end on the CPU: sp4 words -> per-lane registers exactly as
+kernels/sbmm_spmma.py addresses them -> a numpy model of mma.sp m16n8k32 written from the PTX ISA fragment and
+metadata description (kernels/sbmm_spmma.py docstring) -> must equal x @ dequant(Δ).T. This checks the layout
+and the register / metadata plumbing against our reading of the PTX semantics; the GPU tests check the reading.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from kernels import layout, packing, reference, sbmm, sbmm_spmma
+from tests.kernels.packed_factory import random_packed
+from tests.kernels.test_sbmm import TOL, make_case
+
+LANES = np.arange(32)
+G, T = LANES >> 2, LANES & 3
+
+
+def expand_word(words: np.ndarray, dtype: str) -> np.ndarray:
+    """Model of expand_ptx: uint32 words [...] -> [..., 4 regs, 2 halves] float (code - 8) of pair p."""
+    magic, zero = sbmm_spmma.MAGIC[dtype]
+    out = np.empty(words.shape + (4, 2))
+    for p in range(4):
+        c = ((words >> (4 * p)) & 0x000F000F) | magic
+        for half in range(2):
+            bits = ((c >> (16 * half)) & 0xFFFF).astype(np.uint16)
+            zbits = np.uint16((zero >> (16 * half)) & 0xFFFF)
+            if dtype == "f16":
+                value, z = bits.view(np.float16).astype(np.float64), float(np.array(zbits).view(np.float16))
+            else:  # bf16: the high 16 bits of an fp32
+                value = (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+                z = float(np.array(np.uint32(zbits) << 16).view(np.float32))
+            out[..., p, half] = value - z
+    return out
+
+
+def mma_sp(a: np.ndarray, b: np.ndarray, meta: np.ndarray, c: np.ndarray, selector: int) -> np.ndarray:
+    """mma.sp.m16n8k32 per the PTX ISA: a [32 lanes, 4 regs, 2] compressed A, b [32, 4, 2], meta uint32 [32],
+    c [32, 4] -> d [32, 4]."""
+    dense_a = np.zeros((16, 32))
+    for lane in range(32):
+        g, t = lane >> 2, lane & 3
+        for reg in range(4):
+            row = g + 8 * (reg & 1)
+            for e in range(2):
+                col = 2 * t + e + 8 * (reg >> 1)  # compressed column: kept value col % 2 of group col // 2
+                chunk = col // 8  # metadata: lane pair t = 2 * selector + chunk, row g+8 in the high half
+                m = int(meta[4 * g + 2 * selector + chunk])
+                idx = (m >> (16 * (row >= 8) + 2 * (col % 8))) & 0x3
+                dense_a[row, 4 * (col // 2) + idx] += a[lane, reg, e]
+    dense_b = np.zeros((32, 8))
+    for lane in range(32):
+        g, t = lane >> 2, lane & 3
+        for reg in range(4):
+            for e in range(2):
+                dense_b[8 * reg + 2 * t + e, g] = b[lane, reg, e]
+    prod = dense_a @ dense_b
+    d = c.copy()
+    for lane in range(32):
+        g, t = lane >> 2, lane & 3
+        for i in range(4):
+            d[lane, i] += prod[g + 8 * (i >> 1), 2 * t + (i & 1)]
+    return d
+
+
+def kernel_tile(q_sp4, m_sp4, scales, x, block_row: int, dtype: str) -> np.ndarray:
+    """What one warp of the kernel computes for 16-row block R = block_row and tokens 0..7: [16, 8]."""
+    k = x.shape[1]
+    qf = q_sp4.reshape(-1).numpy().view(np.uint32)
+    mf = m_sp4.reshape(-1).numpy().view(np.uint32)
+    xp = x.double().numpy()  # pairs x[tok, 2p], x[tok, 2p + 1]
+    rows = 16 * block_row + G
+    acc = np.zeros((32, 4))
+    for k0 in range(0, k, 128):
+        words_at = (block_row // 4) * 4 * k + (block_row % 4) * 128 + 4 * k0 + 4 * LANES  # + j
+        meta_at = (block_row // 4) * 2 * k + (block_row % 4) * 64 + 2 * k0 + 2 * LANES  # + slot
+        part = np.zeros((32, 4))
+        for j in range(4):
+            a = expand_word(qf[words_at + j], dtype)
+            pair = k0 // 2 + 16 * j + 4 * np.arange(4)[None, :] + T[:, None]  # [lane, reg]
+            b = np.stack([xp[G[:, None], 2 * pair], xp[G[:, None], 2 * pair + 1]], axis=-1)
+            part = mma_sp(a, b, mf[meta_at + j // 2], part, selector=j % 2)
+        group = k0 // (k // scales.shape[1])
+        s = scales[:, group].float().numpy()
+        acc += part * np.stack([s[rows], s[rows], s[rows + 8], s[rows + 8]], axis=1)
+    out = np.zeros((16, 8))
+    for lane in range(32):
+        for i in range(4):
+            out[G[lane] + 8 * (i >> 1), 2 * T[lane] + (i & 1)] = acc[lane, i]
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+@pytest.mark.parametrize("group", [None, 128])
+def test_mma_sp_model_on_sp4_registers_matches_dense_product(dtype, group):
+    n, k = 128, 256
+    gen = torch.Generator().manual_seed(7)
+    p = random_packed(n, k, 4, group, generator=gen)
+    torch_dtype = torch.float16 if dtype == "f16" else torch.bfloat16
+    x = torch.randn(8, k, generator=gen).to(torch_dtype)
+    q, m = layout.pack_sp4(p["qweight"], p["meta"])
+    dense = packing.dequantize(p["qweight"], p["scales"], None, p["meta"], 4, (n, k))  # fp32
+    want = (x.double() @ dense.double().T).numpy()  # [8 tokens, N]
+    for block_row in (0, 3, 5):
+        got = kernel_tile(q, m, p["scales"], x, block_row, dtype)
+        np.testing.assert_allclose(got.T, want[:, 16 * block_row:16 * block_row + 16], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+def test_expand_ptx_uses_the_modelled_constants(dtype):
+    """The PTX text carries the magic / zero constants the model above uses (the model cannot run the PTX)."""
+    ptx, constraints = sbmm_spmma.expand_ptx(dtype)
+    magic, zero = sbmm_spmma.MAGIC[dtype]
+    assert str(magic) in ptx and constraints == "=r,=r,=r,=r,r"
+    assert ptx.count("lop3.b32") == 4 and ptx.count("shr.u32") == 3
+    assert str(zero if dtype == "f16" else zero | 0x80008000) in ptx
+    for sel in (0, 1):
+        mma, cons = sbmm_spmma.mma_ptx(dtype, sel)
+        assert mma.rstrip().endswith(f"$12, {sel};") and f"m16n8k32.row.col.f32.{dtype}.{dtype}.f32" in mma
+        assert cons.count("r") == 9 and cons.count("f") == 8
+
+
+# ---------------------------------------------------------------- GPU: the kernel itself (skipped without CUDA)
+
+CUDA = torch.cuda.is_available()
+gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+LLAMA_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N, K): q/k/v/o, gate/up, down
+
+
+def run_sp4(stack, x, y, starts, slots, n, k, config=None, segments_hint=None):
+    """y after the sparse-MMA kernel on the sp4 copy of the stack, and after the canonical torch reference."""
+    y_kernel, y_ref = y.clone(), y.clone()
+    q, m = layout.pack_sp4(stack["qweight"], stack["meta"])
+    sbmm.sbmm(x, y_kernel, q, m, stack["scales"], None, starts, slots, 4, config=config, sp4=True,
+              segments_hint=segments_hint)
+    reference.sbmm_reference(x, y_ref, stack["qweight"], stack["meta"], stack["scales"], None, 4, (n, k),
+                             starts.cpu(), slots.cpu())
+    return y_kernel, y_ref
+
+
+@gpu
+@pytest.mark.parametrize("n,k", LLAMA_SHAPES)
+@pytest.mark.parametrize("group", [None, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("segments", ["one", "many", "empty", "odd"])
+def test_spmma_matches_reference_gpu(n, k, group, dtype, segments):
+    stack, x, y, starts, slots = make_case(n, k, 4, group, True, dtype, segments, "cuda", seed=4, pad_rows=3)
+    y_kernel, y_ref = run_sp4(stack, x, y, starts, slots, n, k)
+    tol = dict(TOL[dtype])
+    tol["atol"] *= 3  # |y| grows with sqrt(K)
+    torch.testing.assert_close(y_kernel.float(), y_ref.float(), **tol)
+    torch.testing.assert_close(y_kernel[-3:], y[-3:])  # rows outside every segment stay untouched
+
+
+@gpu
+@pytest.mark.parametrize("block_m", [8, 16, 32])
+@pytest.mark.parametrize("block_n,num_warps", [(64, 2), (64, 4), (128, 4), (32, 2), (128, 2)])
+@pytest.mark.parametrize("min_ctas", [0, 10**6])
+def test_spmma_configs_and_split_k_gpu(block_m, block_n, num_warps, min_ctas):
+    n, k = 576, 1408  # N: 64-row blocks but not 128; K: 11 steps (uneven K splits)
+    stack, x, y, starts, slots = make_case(n, k, 4, 128, True, torch.float16, "odd", "cuda", seed=5)
+    cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, min_ctas=min_ctas)
+    y_kernel, y_ref = run_sp4(stack, x, y, starts, slots, n, k, config=cfg)
+    torch.testing.assert_close(y_kernel.float(), y_ref.float(), **TOL[torch.float16])
+
+
+@gpu
+def test_spmma_segments_hint_and_padded_segments_gpu():
+    n, k = 128, 512
+    stack, x, y, starts, slots = make_case(n, k, 4, 128, True, torch.float16, "empty", "cuda", seed=11, pad_rows=5)
+    for min_ctas in (0, 10**6):
+        cfg = dict(BLOCK_M=8, BLOCK_N=64, num_warps=2, min_ctas=min_ctas)
+        y_kernel, y_ref = run_sp4(stack, x, y, starts, slots, n, k, config=cfg, segments_hint=2)
+        torch.testing.assert_close(y_kernel.float(), y_ref.float(), **TOL[torch.float16])
+
+
+def test_sp4_path_rejects_what_it_cannot_run():
+    """Off CUDA (or asymmetric, 2-bit, shapes that do not tile) the opt-in sp4 path raises instead of guessing."""
+    stack, x, y, starts, slots = make_case(64, 128, 4, None, True, torch.float16, "one", "cpu")
+    with pytest.raises(ValueError, match="sp4"):
+        sbmm.sbmm(x, y, stack["qweight"], stack["meta"], stack["scales"], None, starts, slots, 4, sp4=True)
