@@ -161,6 +161,16 @@ def unpack_sp4(qweight: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor,
     return words, halves.permute(order).contiguous().view(torch.int32).reshape(meta.shape)
 
 
+def sp4_x(x: torch.Tensor) -> torch.Tensor:
+    """Activations [T, K] -> the sp4 kernel's B order: in every 128-column step, the column pair (16j + 4m + t)
+    (mma.sp number j, B register m, quad position t) moves to pair 16t + 4j + m, so each lane's 16 B registers
+    of a step are 64 contiguous bytes (four 16-byte loads instead of sixteen 4-byte ones). A copy, [T, K]."""
+    t, k = x.shape
+    if k % 128:
+        raise ValueError(f"sp4 activations need K % 128 == 0, got K={k}")
+    return x.reshape(t, k // 128, 4, 4, 4, 2).permute(0, 1, 4, 2, 3, 5).reshape(t, k)
+
+
 @triton.jit
 def tiled_index(row, word, words_per_row):
     """Flat index of row-order word (row, word) in the tile-major order ([64, 8] blocks of words, or of the

@@ -320,7 +320,8 @@ def _launch_triton(common, x, n, k, group_size, num_groups, num_segments, bits, 
 
 
 @functools.lru_cache(maxsize=256)
-def _spmma_constexprs(k, group_size, num_groups, dtype, block_m, block_n, num_warps, splits=1) -> dict:
+def _spmma_constexprs(k, group_size, num_groups, dtype, block_m, block_n, num_warps, splits=1,
+                      prefetch=True) -> dict:
     """Compile-time arguments of one sparse-MMA launch (kernels/sbmm_spmma.py; sp4 words, symmetric 4-bit)."""
     name = "f16" if dtype == torch.float16 else "bf16"
     expand, cons_e = sbmm_spmma.expand_ptx(name)
@@ -329,7 +330,7 @@ def _spmma_constexprs(k, group_size, num_groups, dtype, block_m, block_n, num_wa
     scale_mode = sbmm_triton.SCALE_ROW if num_groups == 1 else sbmm_triton.SCALE_TILE
     return dict(K=k, GROUP_SIZE=k if num_groups == 1 else group_size, SCALE_MODE=scale_mode, BLOCK_M=block_m,
                 BLOCK_N=block_n, EXPAND=expand, MMA0=mma0, MMA1=mma1, CONSTRAINTS_E=cons_e, CONSTRAINTS_M=cons_m,
-                L_SEG=sbmm_gluon.seg_layout(num_warps), SPLIT_K=splits,
+                L_SEG=sbmm_gluon.seg_layout(num_warps), SPLIT_K=splits, PREFETCH=prefetch,
                 **sbmm_spmma.layouts(block_n, block_m, num_warps))
 
 
@@ -371,10 +372,12 @@ def _sbmm_sp4(x, y, qweight, meta, scales, zeros, seg_starts, seg_slots, bits, c
         counters = torch.zeros(grid[0] * grid[1], dtype=torch.int32, device=x.device)
     else:
         ws, counters = _no_workspace(x.device)
-    const = _spmma_constexprs(k, group_size, num_groups, x.dtype, block_m, block_n, warps, splits)
+    const = _spmma_constexprs(k, group_size, num_groups, x.dtype, block_m, block_n, warps, splits,
+                              bool(config.get("prefetch", True)))
+    xs = layout.sp4_x(x)  # the B order: 16-byte x loads (T x K x 2 bytes, small next to the deltas)
     max_segs = max(16, triton.next_power_of_2(num_segments))
     sbmm_spmma._sbmm_spmma_kernel[grid](
-        x.view(torch.int32), y, x.stride(0) // 2, y.stride(0), qweight, meta, scales,
+        xs.view(torch.int32), y, xs.stride(0) // 2, y.stride(0), qweight, meta, scales,
         qweight.stride(0), meta.stride(0), scales.stride(0), scales.stride(1),
         seg_starts, seg_slots, num_segments, qweight.shape[0], ws, counters, t * n, n,
         MAX_SEGS=max_segs, num_warps=warps, **const)

@@ -20,9 +20,12 @@ With g = lane >> 2, t = lane & 3:
      is ignored, so instructions 0, 2 use selector 0 and 1, 3 selector 1: every lane's two loaded meta
      registers are used (kernels/layout.py `pack_sp4` stores them that way).
 A K step is 128 columns = 4 instructions j; per 16-row block a lane loads 4 words (one per j, 16 bytes) and
-2 meta words (8 bytes); B regs are 16 four-byte loads of x per token block (K 32j + 8m + 2t: a group's 4
-columns are split over two lanes, so x cannot be read in 16-byte pieces). Scales (per row, or per group that
-is a multiple of 128 columns) multiply the fp32 product of each step, like the dense2 RAW path.
+2 meta words (8 bytes). B regs (K 32j + 8m + 2t: a group's 4 columns are split over two lanes) would be 16
+four-byte loads of x in dense order, so the wrapper hands the kernel x in the sp4 B order (kernels/layout.py
+`sp4_x`: a lane's 16 pairs of a step are contiguous, four 16-byte loads per token block). With PREFETCH the next
+step's words, meta and x are loaded before this step's MMAs (registers; the last step re-reads itself). Scales
+(per row, or per group that is a multiple of 128 columns) multiply the fp32 product of each step, like the
+dense2 RAW path.
 """
 
 from triton.experimental import gluon
@@ -101,7 +104,7 @@ def _scaled(acc, part, s_lo, s_hi):
 
 @gluon.jit
 def _sbmm_spmma_kernel(
-    # activations as fp16/bf16 pairs x: int32 [T, K/2]; output y: [T, N]; unit stride along K / N
+    # activations as fp16/bf16 pairs in the sp4 B order (kernels/layout.py sp4_x): int32 [T, K/2]; y: [T, N]
     x_ptr, y_ptr, stride_xm, stride_ym,
     # slot-stacked sp4 words and meta (kernels/layout.py pack_sp4), scales fp16 [slots, N, G]
     qw_ptr, meta_ptr, scales_ptr, stride_qs, stride_ms, stride_ss, stride_sn,
@@ -114,7 +117,7 @@ def _sbmm_spmma_kernel(
     EXPAND: gl.constexpr, MMA0: gl.constexpr, MMA1: gl.constexpr,
     CONSTRAINTS_E: gl.constexpr, CONSTRAINTS_M: gl.constexpr,
     L_S: gl.constexpr, L_W: gl.constexpr, L_META: gl.constexpr, L_X: gl.constexpr, L_SEG: gl.constexpr,
-    SPLIT_K: gl.constexpr,
+    SPLIT_K: gl.constexpr, PREFETCH: gl.constexpr,
 ):
     RB: gl.constexpr = BLOCK_N // 16
     TB: gl.constexpr = BLOCK_M // 8
@@ -143,12 +146,13 @@ def _sbmm_spmma_kernel(
     s_m = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, L_META)))
     meta_tile = (meta_ptr + slot64 * stride_ms + ((rb_m // 4) * (2 * K) + (rb_m % 4) * 64)[:, None, None]
                  + (lane_m * 2)[None, :, None] + s_m[None, None, :])
-    # x pairs: token 8tb + g (rows past the tile re-read its last row, never stored), pair k/2 = 16j + 4m + t
+    # x pairs: token 8tb + g (rows past the tile re-read its last row, never stored), pair k/2 = 16j + 4m + t of
+    # the step, stored (sp4_x) at 16t + 4j + m: register n = 4j + m of lane t is pair 16t + n
     tb_x = gl.arange(0, TB, layout=gl.SliceLayout(1, gl.SliceLayout(2, L_X)))
     lane_x = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, L_X)))
     n_x = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, L_X)))
     tok_x = gl.minimum(m_start + 8 * tb_x[:, None] + lane_x[None, :] // 4, m_end - 1)
-    x_rows = x_ptr + (tok_x * stride_xm + lane_x[None, :] % 4)[:, :, None] + 4 * n_x[None, None, :]
+    x_rows = x_ptr + (tok_x * stride_xm + 16 * (lane_x[None, :] % 4))[:, :, None] + n_x[None, None, :]
     # scales of rows g and g + 8 of each 16-row block
     rb_a = gl.arange(0, RB, layout=gl.SliceLayout(1, L_A))
     lane_a = gl.arange(0, 32, layout=gl.SliceLayout(0, L_A))
@@ -158,10 +162,20 @@ def _sbmm_spmma_kernel(
 
     zero = gl.zeros([RB, TB, 32], gl.float32, layout=L_S)
     acc = (zero, zero, zero, zero)
+    if PREFETCH:
+        xb = gl.load(x_rows + k_lo // 2)
+        qw = gl.load(qw_tile + 4 * k_lo)
+        mw = gl.load(meta_tile + 2 * k_lo)
     for k0 in range(k_lo, k_hi, STEP_K):
-        xb = gl.load(x_rows + k0 // 2)
-        qw = gl.load(qw_tile + 4 * k0)  # sp4: one K step of a 64-row block is 512 words, 256 meta words
-        mw = gl.load(meta_tile + 2 * k0)
+        if PREFETCH:  # the next step's loads in flight during this step's MMAs
+            k_next = gl.minimum(k0 + STEP_K, k_hi - STEP_K)
+            xb_n = gl.load(x_rows + k_next // 2)
+            qw_n = gl.load(qw_tile + 4 * k_next)
+            mw_n = gl.load(meta_tile + 2 * k_next)
+        else:
+            xb = gl.load(x_rows + k0 // 2)
+            qw = gl.load(qw_tile + 4 * k0)  # sp4: one K step of a 64-row block is 512 words, 256 meta words
+            mw = gl.load(meta_tile + 2 * k0)
         if SCALE_MODE == 1:  # one scale per row and step: on this step's fp32 product
             part = _mma_step((zero, zero, zero, zero), xb, qw, mw, EXPAND, MMA0, MMA1, CONSTRAINTS_E,
                              CONSTRAINTS_M, L_A, L_B)
@@ -170,6 +184,8 @@ def _sbmm_spmma_kernel(
             acc = _scaled(acc, part, s_lo, s_hi)
         else:
             acc = _mma_step(acc, xb, qw, mw, EXPAND, MMA0, MMA1, CONSTRAINTS_E, CONSTRAINTS_M, L_A, L_B)
+        if PREFETCH:
+            xb, qw, mw = xb_n, qw_n, mw_n
     if SCALE_MODE == 0:  # one scale per row: applied once
         s_lo = gl.expand_dims(gl.load(scale_lo).to(gl.float32), 1)
         s_hi = gl.expand_dims(gl.load(scale_hi).to(gl.float32), 1)

@@ -51,7 +51,8 @@ def compile_kernel(a):
                "stride_sn": "i32", "seg_starts_ptr": "*i64", "seg_slots_ptr": "*i64", "num_segments": "i32",
                "num_slots": "i32", "ws_ptr": "*fp32", "counters_ptr": "*i32", "stride_wss": "i32", "N": "i32"}
         num_groups = 1 if a.group == 0 else a.k // a.group
-        const = dict(sbmm._spmma_constexprs(a.k, a.group or a.k, num_groups, tdt, a.bm, a.bn, a.warps, a.split_k),
+        const = dict(sbmm._spmma_constexprs(a.k, a.group or a.k, num_groups, tdt, a.bm, a.bn, a.warps, a.split_k,
+                                            not a.no_prefetch),
                      MAX_SEGS=16)
         fn, source = sbmm_spmma._sbmm_spmma_kernel, GluonASTSource
     elif a.kernel == "gluon":  # the wrapper's own constexprs for this shape

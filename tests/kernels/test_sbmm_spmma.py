@@ -68,7 +68,7 @@ def kernel_tile(q_sp4, m_sp4, scales, x, block_row: int, dtype: str) -> np.ndarr
     k = x.shape[1]
     qf = q_sp4.reshape(-1).numpy().view(np.uint32)
     mf = m_sp4.reshape(-1).numpy().view(np.uint32)
-    xp = x.double().numpy()  # pairs x[tok, 2p], x[tok, 2p + 1]
+    xp = layout.sp4_x(x).double().numpy()  # as the wrapper hands it over: pairs in the sp4 B order
     rows = 16 * block_row + G
     acc = np.zeros((32, 4))
     for k0 in range(0, k, 128):
@@ -77,7 +77,7 @@ def kernel_tile(q_sp4, m_sp4, scales, x, block_row: int, dtype: str) -> np.ndarr
         part = np.zeros((32, 4))
         for j in range(4):
             a = expand_word(qf[words_at + j], dtype)
-            pair = k0 // 2 + 16 * j + 4 * np.arange(4)[None, :] + T[:, None]  # [lane, reg]
+            pair = k0 // 2 + 16 * T[:, None] + 4 * j + np.arange(4)[None, :]  # [lane, reg m]: stored 16t + 4j + m
             b = np.stack([xp[G[:, None], 2 * pair], xp[G[:, None], 2 * pair + 1]], axis=-1)
             part = mma_sp(a, b, mf[meta_at + j // 2], part, selector=j % 2)
         group = k0 // (k // scales.shape[1])
@@ -104,6 +104,21 @@ def test_mma_sp_model_on_sp4_registers_matches_dense_product(dtype, group):
     for block_row in (0, 3, 5):
         got = kernel_tile(q, m, p["scales"], x, block_row, dtype)
         np.testing.assert_allclose(got.T, want[:, 16 * block_row:16 * block_row + 16], rtol=1e-5, atol=1e-6)
+
+
+def test_sp4_x_puts_each_lanes_b_registers_side_by_side():
+    """Column pair 16j + 4m + t of a 128-column step (mma j, B register m, quad position t) is stored at pair
+    16t + 4j + m; steps stay in place; K not a multiple of 128 is refused."""
+    x = torch.arange(3 * 256, dtype=torch.float32).reshape(3, 256)
+    got = layout.sp4_x(x)
+    for step in range(2):
+        for j in range(4):
+            for m in range(4):
+                for t in range(4):
+                    src, dst = 64 * step + 16 * j + 4 * m + t, 64 * step + 16 * t + 4 * j + m
+                    assert torch.equal(got[:, 2 * dst:2 * dst + 2], x[:, 2 * src:2 * src + 2])
+    with pytest.raises(ValueError, match="K % 128"):
+        layout.sp4_x(torch.zeros(2, 64))
 
 
 @pytest.mark.parametrize("dtype", ["f16", "bf16"])
