@@ -135,15 +135,51 @@ def pack_sp4(qweight: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, t
     Meta word (lane 4g + 2sel + c, slot): the 16 canonical meta bits of columns 32j + 16c .. + 15,
     j = sel + 2 * slot, of row g (low half) and row g + 8 (high half): the metadata register of thread 2sel + c
     of the quad for mma.sp j with selector sel."""
+    return sp4_words(qweight), sp4_meta(meta)
+
+
+def sp4_words(qweight: torch.Tensor) -> torch.Tensor:
+    """The qweight half of `pack_sp4` (the two parts re-order independently)."""
     codes, lead = _sp4_codes(qweight)
     nd = len(lead)
     order = [*range(nd), nd, nd + 4, nd + 1, nd + 3, nd + 7, nd + 5, nd + 8, nd + 6, nd + 2]
-    words = _pack_nibbles(codes.permute(order).reshape(*codes.shape[:nd], -1, 8)).reshape(qweight.shape)
+    return _pack_nibbles(codes.permute(order).reshape(*codes.shape[:nd], -1, 8)).reshape(qweight.shape)
+
+
+def sp4_meta(meta: torch.Tensor) -> torch.Tensor:
+    """The meta half of `pack_sp4`: canonical meta [..., N, K/32] -> sp4 meta words, same shape."""
     halves = meta.contiguous().view(torch.int16)
-    n, h = halves.shape[-2:]
+    *lead, n, h = halves.shape
+    nd = len(lead)
     halves = halves.reshape(*lead, n // 64, 4, 2, 8, h // 8, 2, 2, 2)  # [b, rb, h, g, s, slot, sel, c]
     order = [*range(nd), nd, nd + 4, nd + 1, nd + 3, nd + 6, nd + 7, nd + 5, nd + 2]
-    return words, halves.permute(order).contiguous().view(torch.int32).reshape(meta.shape)
+    return halves.permute(order).contiguous().view(torch.int32).reshape(meta.shape)
+
+
+SP4_PARTS = {"qweight": sp4_words, "meta": sp4_meta}  # the parts sp4 re-orders (scales stay canonical)
+SP4_CHUNK_CODES = 1 << 22  # int64 codes per row chunk of copy_sp4_part: ~32 MB of transient device memory
+
+
+def copy_sp4_part(part: str, src: torch.Tensor, out: torch.Tensor) -> None:
+    """One canonical 4-bit 2:4 part (`qweight` or `meta`, [N, W]) into `out` (e.g. a device slot) in the sp4
+    order: copied to out's device, then re-ordered there in chunks of 64-row blocks (each block's sp4 words are
+    its own rows), all on the current stream without waiting."""
+    src = src.to(out.device, non_blocking=True)
+    n, w = src.shape
+    _check_tiles(n, w if part == "qweight" else 2 * w)
+    rows = max(TILE_ROWS, SP4_CHUNK_CODES // (8 * w) // TILE_ROWS * TILE_ROWS)
+    for r in range(0, n, rows):
+        out[r:r + rows].copy_(SP4_PARTS[part](src[r:r + rows]), non_blocking=True)
+
+
+def sp4_format_ok(kind: str, bits: int | None, sym: bool | None, shape: tuple[int, ...],
+                  group_size: int | None) -> bool:
+    """Whether a delta tensor can be held in the sp4 order the sparse-MMA kernel reads (kernels/sbmm_spmma.py):
+    4-bit symmetric 2:4, N and K whole tiles, scales per row or in groups of a multiple of 128 columns."""
+    if kind != "sparse24" or bits != 4 or not sym or len(shape) != 2 or not tiles(*shape):
+        return False
+    k = shape[1]
+    return group_size is None or group_size >= k or (k % group_size == 0 and group_size % TILE_COLS == 0)
 
 
 def unpack_sp4(qweight: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
