@@ -28,6 +28,9 @@ moves their fields, so they run on the same kernel path.
 columns); its int32 words [N, K / 32] are stored in [N / 64, K / 128, 64, 4] blocks, which is the same
 [64, 8]-block order for the int16 view. One K step of a 64-row program (128 columns) is then one contiguous 2 KB
 read of words and one 1 KB read of meta. The artifact on disk stays canonical; `tile_packed` re-orders at load.
+
+4-bit symmetric 2:4 deltas the sparse-MMA kernel takes ("sp4", `sp4_format_ok`): the same words and meta in that
+kernel's register order (`pack_sp4`); CUDA slots write it with `copy_sp4_part` and keep tiled4 for the rest.
 """
 
 import torch

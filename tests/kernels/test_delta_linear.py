@@ -174,3 +174,31 @@ def test_apply_deltas_gpu_packed_and_dense(dtype):
         y = y0.cuda().clone()
         apply_deltas(x.cuda(), y, st, torch.tensor(starts), torch.tensor(slots))  # equal lengths: bmm path
         torch.testing.assert_close(y.float().cpu(), want, atol=0.15, rtol=2e-2)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group", [128, None])
+def test_apply_deltas_gpu_sp4_stack_equals_the_canonical_one(dtype, group):
+    """An sp4 stack on the GPU (the sparse-MMA kernel) gives the reference products, and what the canonical stack of
+    the same deltas gives; a -1 segment and an empty slot add nothing."""
+    n, k = 1024, 2048
+    g = torch.Generator().manual_seed(7)
+    packed = [random_packed(n, k, 4, group, generator=g) for _ in range(3)]
+    sp4 = PackedDeltaStack.from_packed(packed, bits=4, shape=(n, k), device="cuda", sp4=True)
+    sp4.clear_slot(2)
+    rows = PackedDeltaStack.from_packed(packed, bits=4, shape=(n, k), device="cuda")
+    rows.clear_slot(2)
+    dense = [dense_of(p, 4, (n, k)) for p in packed[:2]] + [torch.zeros(n, k)]
+    x = torch.randn(13, k, generator=g).to(dtype)
+    y0 = torch.randn(13, n, generator=g).to(dtype)
+    starts, slots = [0, 1, 6, 8, 13], [0, 1, -1, 2]
+    want = expected(x, y0, dense, starts, slots, dtype)
+    got = {}
+    for name, st in (("sp4", sp4), ("rows", rows)):
+        y = y0.cuda().clone()
+        apply_deltas(x.cuda(), y, st, torch.tensor(starts), torch.tensor(slots))
+        got[name] = y.float().cpu()
+    torch.testing.assert_close(got["sp4"], want, atol=0.1, rtol=2e-2)
+    torch.testing.assert_close(got["sp4"], got["rows"], atol=0.1, rtol=2e-2)
+    assert torch.equal(got["sp4"][6:], y0[6:].float())
