@@ -6,7 +6,8 @@ Rows (DESIGN.md names), all measured in the same run:
 - part=h2d_limit: pinned host→device copy rate of one large buffer (the physical limit of a delta load).
 - part=load: a 7B-shaped (Llama-2-7B linears) 2-bit 2:4 delta, then a 4-bit one, from pinned host into a device
   slot via DeviceSlots.write (separate CUDA stream; on CUDA the 2-bit words are re-encoded to dense2 and the
-  4-bit words and meta re-ordered tile-major on the way in, kernels/layout.py); `bits`, `ms`, `bytes`,
+  4-bit words and meta re-ordered on the way in: sp4 where the sparse-MMA kernel takes them, else tile-major,
+  kernels/layout.py); `bits`, `ms`, `bytes`,
   `bytes_per_s`, `h2d_fraction` = rate / h2d_limit (each load has its own h2d_limit row, for its size).
   Goals: h2d_fraction >= 0.8 and ms <= 40. Physical limit: the 2-bit 2:4 delta is ~1.7 GB (qweight 2 bit +
   meta 1 bit per weight, scales), so at ~53 GB/s pinned H2D the floor is ~32 ms; 40 ms needs >= 80%.

@@ -28,7 +28,8 @@ def _field(packed, name: str):
 @dataclass(frozen=True, slots=True)
 class PackedDeltaStack:
     """Slot-stacked 2:4 low-bit deltas in the canonical layout of kernels/packing.py, for one linear; with
-    `tiled`, 4-bit qweight and meta in tile-major order (kernels/layout.py, the order CUDA slots keep)."""
+    `tiled`, 4-bit qweight and meta in tile-major order, with `sp4` in the sparse-MMA kernel's order
+    (kernels/layout.py; the orders CUDA slots keep)."""
 
     qweight: torch.Tensor  # int32 [num_slots, N, K * bits / 64]; dense2 (meta None): [num_slots, N, K / 16]
     meta: torch.Tensor | None  # int32 [num_slots, N, K / 32]; None: 2-bit dense2 words (kernels/layout.py)
@@ -39,6 +40,7 @@ class PackedDeltaStack:
     sym: bool
     shape: tuple[int, int]  # (N, K) = (out_features, in_features)
     tiled: bool = False  # qweight / meta tile-major (4-bit, N and K whole tiles); set_slot writes that order
+    sp4: bool = False  # qweight / meta in the sp4 order (layout.sp4_format_ok); set_slot writes that order
 
     def __post_init__(self) -> None:
         n, k = self.shape
@@ -50,6 +52,12 @@ class PackedDeltaStack:
         if self.tiled and (self.meta is None or not layout.tiled4_format_ok("sparse24", self.bits, self.shape)):
             raise ValueError(f"tiled stacks hold 4-bit 2:4 words with N a multiple of {layout.TILE_ROWS} and K of "
                              f"{layout.TILE_COLS}; got bits={self.bits}, shape={self.shape}")
+        if self.sp4 and (self.tiled or self.meta is None or not layout.sp4_format_ok(
+                "sparse24", self.bits, self.sym, self.shape, self.group_size)):
+            raise ValueError(f"sp4 stacks (not also tiled) hold 4-bit symmetric 2:4 words with N a multiple of "
+                             f"{layout.TILE_ROWS}, K of {layout.TILE_COLS} and scale groups per row or a multiple of "
+                             f"{layout.TILE_COLS}; got bits={self.bits}, sym={self.sym}, shape={self.shape}, "
+                             f"group_size={self.group_size}")
         if self.meta is None:  # dense2 words: 2-bit symmetric, 16 dense columns per word
             if self.bits != 2 or not self.sym:
                 raise ValueError("dense2 words (meta None) hold 2-bit symmetric codes only")
@@ -75,7 +83,7 @@ class PackedDeltaStack:
     @classmethod
     def empty(
         cls, num_slots: int, shape: tuple[int, int], bits: int, group_size: int | None = 128, sym: bool = True,
-        device: torch.device | str = "cpu", tiled: bool = False,
+        device: torch.device | str = "cpu", tiled: bool = False, sp4: bool = False,
     ) -> PackedDeltaStack:
         """Zero deltas in every slot (scales 0); group_size None means per-row scales."""
         n, k = shape
@@ -85,17 +93,17 @@ class PackedDeltaStack:
             meta=torch.full((num_slots, n, k // 32), 0x44444444, dtype=torch.int32, device=device),  # keep cols 0, 1
             scales=torch.zeros(num_slots, n, k // group, dtype=torch.float16, device=device),
             zeros=None if sym else torch.zeros(num_slots, n, k // group, dtype=torch.float16, device=device),
-            bits=bits, group_size=group, sym=sym, shape=(n, k), tiled=tiled,
+            bits=bits, group_size=group, sym=sym, shape=(n, k), tiled=tiled, sp4=sp4,
         )
 
     @classmethod
     def from_packed(
         cls, packed: Sequence, bits: int | None = None, shape: tuple[int, int] | None = None,
-        device: torch.device | str | None = None, tiled: bool = False,
+        device: torch.device | str | None = None, tiled: bool = False, sp4: bool = False,
     ) -> PackedDeltaStack:
         """Stack per-slot packed deltas (dicts or DeltaTensor-like objects with qweight/meta/scales/zeros in the
         canonical layout, and bits/shape given here or on the first item) into slots 0..len-1; tiled: store
-        4-bit words and meta tile-major."""
+        4-bit words and meta tile-major; sp4: in the sp4 order."""
         if not packed:
             raise ValueError("from_packed needs at least one packed delta")
         first = packed[0]
@@ -107,13 +115,13 @@ class PackedDeltaStack:
         group = shape[1] // scales.shape[-1]
         sym = _field(first, "zeros") is None
         dev = device if device is not None else scales.device
-        stack = cls.empty(len(packed), shape, bits, group, sym, dev, tiled)
+        stack = cls.empty(len(packed), shape, bits, group, sym, dev, tiled, sp4)
         for i, p in enumerate(packed):
             stack.set_slot(i, p)
         return stack
 
     def set_slot(self, i: int, packed) -> None:
-        """Copy one packed delta (canonical layout) into slot i in place, tile-major when the stack is tiled."""
+        """Copy one packed delta (canonical layout) into slot i in place, in the stack's order (tiled4 / sp4)."""
         if not 0 <= i < self.num_slots:
             raise ValueError(f"slot {i} out of range [0, {self.num_slots})")
         parts = {"qweight": self.qweight, "meta": self.meta, "scales": self.scales, "zeros": self.zeros}
@@ -127,6 +135,8 @@ class PackedDeltaStack:
                 raise ValueError(f"slot {i}: {name} shape {tuple(src.shape)}, stack wants {tuple(dst.shape[1:])}")
             if self.tiled and name in layout.TILED4_WIDTHS:
                 layout.copy_tiled4_part(name, src, dst[i])
+            elif self.sp4 and name in layout.SP4_PARTS:
+                layout.copy_sp4_part(name, src, dst[i])
             else:
                 dst[i].copy_(src, non_blocking=True)
 
@@ -201,13 +211,23 @@ def apply_deltas(
         starts = seg_starts.to(x.device, torch.int64, non_blocking=True)
         slots = seg_slots.to(x.device, torch.int64, non_blocking=True)
         sbmm.sbmm(x, y, stack.qweight, stack.meta, stack.scales, stack.zeros, starts, slots, stack.bits,
-                  tiled=stack.tiled)
+                  tiled=stack.tiled, sp4=stack.sp4)
     elif stack.meta is None:
         raise ValueError("dense2 stacks (meta None) are a CUDA-only layout; CPU stacks keep the canonical one")
     else:
-        qweight, meta = layout.untile_packed(stack.qweight, stack.meta) if stack.tiled else (stack.qweight, stack.meta)
+        qweight, meta = canonical_words(stack.qweight, stack.meta, stack.tiled, stack.sp4)
         reference.sbmm_reference(x, y, qweight, meta, stack.scales, stack.zeros, stack.bits, stack.shape, seg_starts,
                                  seg_slots)
+
+
+def canonical_words(qweight: torch.Tensor, meta: torch.Tensor, tiled: bool, sp4: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored qweight / meta (row order, tiled4 or sp4) -> the canonical row order of kernels/packing.py."""
+    if tiled:
+        return layout.untile_packed(qweight, meta)
+    if sp4:
+        return layout.unpack_sp4(qweight, meta)
+    return qweight, meta
 
 
 def _apply_dense(x, y, stack: DenseDeltaStack, seg_starts, seg_slots) -> None:

@@ -28,6 +28,9 @@ moves their fields, so they run on the same kernel path.
 columns); its int32 words [N, K / 32] are stored in [N / 64, K / 128, 64, 4] blocks, which is the same
 [64, 8]-block order for the int16 view. One K step of a 64-row program (128 columns) is then one contiguous 2 KB
 read of words and one 1 KB read of meta. The artifact on disk stays canonical; `tile_packed` re-orders at load.
+
+4-bit symmetric 2:4 deltas the sparse-MMA kernel takes ("sp4", `sp4_format_ok`): the same words and meta in that
+kernel's register order (`pack_sp4`); CUDA slots write it with `copy_sp4_part` and keep tiled4 for the rest.
 """
 
 import torch
@@ -110,19 +113,25 @@ def untile_packed(qweight: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tens
 
 
 def _sp4_codes(qweight: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-    """Canonical 4-bit words [..., N, K/16] -> int64 codes viewed [..., N/64, 4, 2, 8, K/128, 4, 2, 4, 2]:
-    row 64b + 16rb + 8h + g, kept code 2 * (32s + 8j + 4hi + t) + i (group 32s + 8j + 4hi + t, slot i)."""
+    """Canonical 4-bit words [..., N, K/16] -> uint8 codes (one per byte) viewed [..., N/64, 4, 2, 8, K/128, 4, 2,
+    4, 2]: row 64b + 16rb + 8h + g, kept code 2 * (32s + 8j + 4hi + t) + i (group 32s + 8j + 4hi + t, slot i)."""
     *lead, n, w = qweight.shape
     _check_tiles(n, w)
-    shifts = torch.arange(8, device=qweight.device, dtype=torch.int64) * 4
-    codes = ((qweight.to(torch.int64) & 0xFFFFFFFF).unsqueeze(-1) >> shifts) & 0xF
-    return codes.reshape(*lead, n // 64, 4, 2, 8, w // 8, 4, 2, 4, 2), lead
+    return _nibbles(qweight).reshape(*lead, n // 64, 4, 2, 8, w // 8, 4, 2, 4, 2), lead
+
+
+def _nibbles(words: torch.Tensor) -> torch.Tensor:
+    """int32 [...] -> uint8 [..., 8]: nibble i (bits 4i..4i+3) of each word (a byte per code keeps the re-order
+    8x lighter than int64 codes)."""
+    b = words.contiguous().view(torch.uint8).reshape(*words.shape, 4)  # little-endian: byte j = nibbles 2j, 2j+1
+    return torch.stack((b & 0xF, b >> 4), -1).reshape(*words.shape, 8)
 
 
 def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """int64 [..., 8] 4-bit values -> int32 [...], value i at bit 4i."""
-    shifts = torch.arange(8, device=codes.device, dtype=torch.int64) * 4
-    return packing._to_int32((codes << shifts).sum(-1))
+    """[..., 8] 4-bit values (uint8) -> int32 [...], value i at bit 4i."""
+    pairs = codes.reshape(*codes.shape[:-1], 4, 2)
+    b = (pairs[..., 0] | (pairs[..., 1] << 4)).contiguous()
+    return b.view(torch.int32).reshape(codes.shape[:-1])
 
 
 def pack_sp4(qweight: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,15 +144,51 @@ def pack_sp4(qweight: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, t
     Meta word (lane 4g + 2sel + c, slot): the 16 canonical meta bits of columns 32j + 16c .. + 15,
     j = sel + 2 * slot, of row g (low half) and row g + 8 (high half): the metadata register of thread 2sel + c
     of the quad for mma.sp j with selector sel."""
+    return sp4_words(qweight), sp4_meta(meta)
+
+
+def sp4_words(qweight: torch.Tensor) -> torch.Tensor:
+    """The qweight half of `pack_sp4` (the two parts re-order independently)."""
     codes, lead = _sp4_codes(qweight)
     nd = len(lead)
     order = [*range(nd), nd, nd + 4, nd + 1, nd + 3, nd + 7, nd + 5, nd + 8, nd + 6, nd + 2]
-    words = _pack_nibbles(codes.permute(order).reshape(*codes.shape[:nd], -1, 8)).reshape(qweight.shape)
+    return _pack_nibbles(codes.permute(order).reshape(*codes.shape[:nd], -1, 8)).reshape(qweight.shape)
+
+
+def sp4_meta(meta: torch.Tensor) -> torch.Tensor:
+    """The meta half of `pack_sp4`: canonical meta [..., N, K/32] -> sp4 meta words, same shape."""
     halves = meta.contiguous().view(torch.int16)
-    n, h = halves.shape[-2:]
+    *lead, n, h = halves.shape
+    nd = len(lead)
     halves = halves.reshape(*lead, n // 64, 4, 2, 8, h // 8, 2, 2, 2)  # [b, rb, h, g, s, slot, sel, c]
     order = [*range(nd), nd, nd + 4, nd + 1, nd + 3, nd + 6, nd + 7, nd + 5, nd + 2]
-    return words, halves.permute(order).contiguous().view(torch.int32).reshape(meta.shape)
+    return halves.permute(order).contiguous().view(torch.int32).reshape(meta.shape)
+
+
+SP4_PARTS = {"qweight": sp4_words, "meta": sp4_meta}  # the parts sp4 re-orders (scales stay canonical)
+SP4_CHUNK_CODES = 1 << 25  # codes per row chunk of copy_sp4_part: ~32 MB of transient uint8 codes (a few copies)
+
+
+def copy_sp4_part(part: str, src: torch.Tensor, out: torch.Tensor) -> None:
+    """One canonical 4-bit 2:4 part (`qweight` or `meta`, [N, W]) into `out` (e.g. a device slot) in the sp4
+    order: copied to out's device, then re-ordered there in chunks of 64-row blocks (each block's sp4 words are
+    its own rows), all on the current stream without waiting."""
+    src = src.to(out.device, non_blocking=True)
+    n, w = src.shape
+    _check_tiles(n, w if part == "qweight" else 2 * w)
+    rows = max(TILE_ROWS, SP4_CHUNK_CODES // (8 * w) // TILE_ROWS * TILE_ROWS)
+    for r in range(0, n, rows):
+        out[r:r + rows].copy_(SP4_PARTS[part](src[r:r + rows]), non_blocking=True)
+
+
+def sp4_format_ok(kind: str, bits: int | None, sym: bool | None, shape: tuple[int, ...],
+                  group_size: int | None) -> bool:
+    """Whether a delta tensor can be held in the sp4 order the sparse-MMA kernel reads (kernels/sbmm_spmma.py):
+    4-bit symmetric 2:4, N and K whole tiles, scales per row or in groups of a multiple of 128 columns."""
+    if kind != "sparse24" or bits != 4 or not sym or len(shape) != 2 or not tiles(*shape):
+        return False
+    k = shape[1]
+    return group_size is None or group_size >= k or (k % group_size == 0 and group_size % TILE_COLS == 0)
 
 
 def unpack_sp4(qweight: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,9 +196,7 @@ def unpack_sp4(qweight: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor,
     *lead, n, w = qweight.shape
     _check_tiles(n, w)
     nd = len(lead)
-    shifts = torch.arange(8, device=qweight.device, dtype=torch.int64) * 4
-    codes = ((qweight.to(torch.int64) & 0xFFFFFFFF).unsqueeze(-1) >> shifts) & 0xF
-    codes = codes.reshape(*lead, n // 64, w // 8, 4, 8, 4, 4, 2, 2, 2)  # [b, s, rb, g, t, j, i, hi, h]
+    codes = _nibbles(qweight).reshape(*lead, n // 64, w // 8, 4, 8, 4, 4, 2, 2, 2)  # [b, s, rb, g, t, j, i, hi, h]
     order = [*range(nd), nd, nd + 2, nd + 8, nd + 3, nd + 1, nd + 5, nd + 7, nd + 4, nd + 6]
     words = _pack_nibbles(codes.permute(order).reshape(*lead, n, w, 8))
     halves = meta.contiguous().view(torch.int16).reshape(*lead, n // 64, w // 8, 4, 8, 2, 2, 2, 2)

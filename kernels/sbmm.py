@@ -171,8 +171,8 @@ def sbmm(
     tiled: 4-bit qweight and meta are stored tile-major (kernels/layout.py `tile_packed`, what CUDA slots hold
     where N and K tile); dense2 words are always tile-major. Both kernels read either order.
     sp4: qweight and meta are in the sp4 order (kernels/layout.py `pack_sp4`; 4-bit symmetric, per-row scales or
-    groups a multiple of 128) and run on the sparse-MMA kernel (kernels/sbmm_spmma.py, CUDA sm_80+ only). Opt-in:
-    nothing stores sp4 by default.
+    groups a multiple of 128) and run on the sparse-MMA kernel (kernels/sbmm_spmma.py, CUDA sm_80+ only); what CUDA
+    slots hold for such deltas (services/worker/device_slots.py).
     """
     if sp4:
         _sbmm_sp4(x, y, qweight, meta, scales, zeros, seg_starts, seg_slots, bits, config, rows_hint, segments_hint)
@@ -334,12 +334,18 @@ def _spmma_constexprs(k, group_size, num_groups, dtype, block_m, block_n, num_wa
                 **sbmm_spmma.layouts(block_n, block_m, num_warps))
 
 
+def spmma_device_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether kernels/sbmm_spmma.py runs on `device` with `dtype` activations (CUDA sm_80+, fp16/bf16): what
+    the worker's CUDA slots check before storing 4-bit deltas in the sp4 order."""
+    if sbmm_spmma is None or interpreting() or device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def spmma_supported(x: torch.Tensor, n: int, k: int, bits: int, num_groups: int, asym: bool) -> bool:
     """Whether kernels/sbmm_spmma.py takes this launch: CUDA sm_80+, fp16/bf16, 4-bit symmetric, N and K in whole
     sp4 tiles, scales per row or per group of a multiple of 128 columns, x rows at an even stride."""
-    if sbmm_spmma is None or interpreting() or not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16):
-        return False
-    if torch.cuda.get_device_capability(x.device) < (8, 0):
+    if not spmma_device_ok(x.device, x.dtype):
         return False
     group_ok = num_groups == 1 or (k % num_groups == 0 and (k // num_groups) % sbmm_spmma.STEP_K.value == 0)
     return bits == 4 and not asym and layout.tiles(n, k) and group_ok and x.stride(0) % 2 == 0

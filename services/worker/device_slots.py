@@ -6,9 +6,12 @@ Linear deltas stay packed (the kernel dequantizes on the fly); norm and embeddin
 dense (fp16) because they are applied per row by indexing. A tied lm_head uses the embedding's stack.
 On CUDA, 2-bit symmetric linear deltas (2:4 or dense) are re-encoded on the way in to dense2 words
 (kernels/layout.py: same bytes, a much cheaper kernel expansion): their stacks (layout "dense2") hold qweight
-[S, N, K/16] (tile-major words, kernels/layout.py) and scales, no meta. 4-bit 2:4 deltas whose N and K fit whole
-tiles keep their bits but are stored tile-major (layout "tiled4": qweight and meta re-ordered on the way in, so a
-kernel K step reads contiguous blocks); other shapes keep the canonical row order.
+[S, N, K/16] (tile-major words, kernels/layout.py) and scales, no meta. 4-bit symmetric 2:4 deltas that the
+sparse-MMA kernel takes (N and K whole tiles, scales per row or in groups of a multiple of 128; GPU sm_80+, fp16 /
+bf16 activations) keep their bits in its order (layout "sp4": qweight and meta re-ordered on the way in,
+kernels/layout.py `pack_sp4`; sbmm's `sp4` path). Other 4-bit 2:4 deltas whose N and K fit whole tiles (asymmetric,
+other scale groups, older GPUs) are stored tile-major (layout "tiled4": so a kernel K step reads contiguous
+blocks); other shapes keep the canonical row order. CPU slots keep the canonical order unless forced.
 The ResidencyManager decides which delta goes to which slot; this only holds the bytes.
 """
 
@@ -20,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels import layout
+from kernels import layout, sbmm
 
 EMBED = "model.embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
@@ -38,7 +41,7 @@ class StackFormat:
     sym: bool | None
     part_shapes: tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
     # canonical (kernels/packing.py) | dense2 (kernels/layout.py: qweight + scales) | tiled4 (canonical parts,
-    # qweight and meta tile-major: kernels/layout.py tile_packed)
+    # qweight and meta tile-major: kernels/layout.py tile_packed) | sp4 (the same, in layout.pack_sp4's order)
     layout: str = "canonical"
 
 
@@ -74,6 +77,11 @@ class SlotStack:
         return self.layout == "tiled4"
 
     @property
+    def sp4(self) -> bool:
+        """Whether qweight and meta are in the sparse-MMA kernel's order (what sbmm's `sp4` flag says)."""
+        return self.layout == "sp4"
+
+    @property
     def sbmm_readable(self) -> bool:
         """Whether the SBMM kernel reads this stack as stored: 2:4 packed 2- or 4-bit, or dense2 words."""
         return self.layout == "dense2" or (self.kind == "sparse24" and self.bits in (2, 4))
@@ -83,7 +91,8 @@ class DeviceSlots:
     """`num_slots` slots on `device`; written by the residency loader, read by each step's DeltaOps."""
 
     def __init__(self, num_slots: int, device: torch.device | str, dtype: torch.dtype, linear_names: set[str],
-                 tie_word_embeddings: bool, dense2: bool | None = None, tiled4: bool | None = None) -> None:
+                 tie_word_embeddings: bool, dense2: bool | None = None, tiled4: bool | None = None,
+                 sp4: bool | None = None) -> None:
         self.num_slots = num_slots
         self.device = torch.device(device)
         self.dtype = dtype  # activation dtype of the model
@@ -93,6 +102,9 @@ class DeviceSlots:
         self._dense2 = self.device.type == "cuda" if dense2 is None else dense2
         # tile-major stacks for 4-bit 2:4 linears that tile: None = on CUDA, True/False = force
         self._tiled4 = self.device.type == "cuda" if tiled4 is None else tiled4
+        # sp4 stacks for 4-bit symmetric 2:4 linears the sparse-MMA kernel takes: None = where that kernel runs
+        # (CUDA sm_80+, fp16/bf16), True/False = force (ahead of tiled4 where both apply)
+        self._sp4 = sbmm.spmma_device_ok(self.device, dtype) if sp4 is None else sp4
         self._stacks: dict[str, dict[StackFormat, SlotStack]] = {}
         self._where: list[dict[str, SlotStack]] = [{} for _ in range(num_slots)]  # slot -> tensor name -> stack
         self._lock = threading.Lock()
@@ -124,13 +136,14 @@ class DeviceSlots:
             if self._dense2 and _dense2_able(delta):
                 where[tensor_name] = self._write_dense2(slot, tensor_name, delta, parts)
             else:
-                tiled = self._tiled4 and layout.tiled4_format_ok(delta.kind, getattr(delta, "bits", None),
-                                                                 tuple(delta.shape))
+                order = self._packed_order(delta)
                 stack = self._stack_for(tensor_name, delta, {k: (tuple(v.shape), v.dtype) for k, v in parts.items()},
-                                        "tiled4" if tiled else "canonical")
-                for part, tensor in parts.items():
-                    if tiled and part in layout.TILED4_WIDTHS:  # re-ordered on the copy stream, after the copy
+                                        order)
+                for part, tensor in parts.items():  # re-orders run on the copy stream, after their copy
+                    if order == "tiled4" and part in layout.TILED4_WIDTHS:
                         layout.copy_tiled4_part(part, tensor, stack.parts[part][slot])
+                    elif order == "sp4" and part in layout.SP4_PARTS:
+                        layout.copy_sp4_part(part, tensor, stack.parts[part][slot])
                     else:
                         stack.parts[part][slot].copy_(tensor, non_blocking=True)
                 where[tensor_name] = stack
@@ -138,6 +151,14 @@ class DeviceSlots:
         if self._tied and EMBED in where and LM_HEAD not in where:
             where[LM_HEAD] = where[EMBED]  # tied: lm_head delta = embedding delta, same storage
         return where, num_bytes
+
+    def _packed_order(self, delta) -> str:
+        """The layout of a delta that is not dense2: sp4, tiled4 or canonical (see the module docstring)."""
+        kind, bits, shape = delta.kind, getattr(delta, "bits", None), tuple(delta.shape)
+        if self._sp4 and getattr(delta, "meta", None) is not None and layout.sp4_format_ok(
+                kind, bits, getattr(delta, "sym", None), shape, getattr(delta, "group_size", None)):
+            return "sp4"
+        return "tiled4" if self._tiled4 and layout.tiled4_format_ok(kind, bits, shape) else "canonical"
 
     def _write_dense2(self, slot: int, tensor_name: str, delta, parts: dict) -> SlotStack:
         """A 2-bit symmetric delta re-encoded into `slot` of its dense2 stack (kernels/layout.py)."""
@@ -202,6 +223,8 @@ class DeviceSlots:
             if stack is None:
                 tensors = {k: torch.zeros((self.num_slots, *shape), dtype=dt, device=self.device)
                            for k, shape, dt in fmt.part_shapes}
+                if layout_name == "sp4":  # never-written slots: valid mma.sp meta (keep columns 0, 1 of each 4)
+                    tensors["meta"].fill_(0x44444444)
                 stack = by_format[fmt] = SlotStack(fmt, tensors)
                 self.layout_version += 1
         return stack

@@ -11,6 +11,7 @@ import torch
 
 from services.worker.device_slots import SlotStack
 from kernels import layout, packing
+from kernels.delta_linear import canonical_words
 
 
 def apply_linear(x: torch.Tensor, y: torch.Tensor, stack: SlotStack, seg_starts: torch.Tensor,
@@ -49,8 +50,8 @@ def _dense_slot(stack: SlotStack, slot: int, dtype: torch.dtype) -> torch.Tensor
         w = layout.dequantize_dense2(p["qweight"][slot], p["scales"][slot], stack.shape, torch.float32)
     else:
         qweight, meta = p["qweight"][slot], p["meta"][slot] if "meta" in p else None
-        if stack.tiled:  # 4-bit words and meta stored tile-major (kernels/layout.py)
-            qweight, meta = layout.untile_packed(qweight, meta)
+        if stack.tiled or stack.sp4:  # 4-bit words and meta stored re-ordered (kernels/layout.py)
+            qweight, meta = canonical_words(qweight, meta, stack.tiled, stack.sp4)
         w = packing.dequantize(qweight, p["scales"][slot], p["zeros"][slot] if "zeros" in p else None, meta,
                                stack.bits, stack.shape, torch.float32)
     weight_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
@@ -73,7 +74,8 @@ def _kernel_stack(stack: SlotStack):
             n, k = fmt.shape
             stack.cache["kernel_stack"] = PackedDeltaStack(
                 qweight=p["qweight"], meta=p.get("meta"), scales=p["scales"], zeros=p.get("zeros"), bits=fmt.bits,
-                group_size=k // p["scales"].shape[-1], sym=p.get("zeros") is None, shape=(n, k), tiled=stack.tiled)
+                group_size=k // p["scales"].shape[-1], sym=p.get("zeros") is None, shape=(n, k), tiled=stack.tiled,
+                sp4=stack.sp4)
         else:
             stack.cache["kernel_stack"] = None
     return stack.cache["kernel_stack"]

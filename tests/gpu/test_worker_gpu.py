@@ -107,15 +107,19 @@ def test_modes_same_greedy_tokens_on_smollm2(smollm2, smollm2_reference, tmp_pat
     assert smollm2_reference[(names[1], PROMPTS[0])] != smollm2_reference[(names[0], PROMPTS[0])]
 
 
-# model shapes: tiny (no linear tiles: 4-bit stacks in row order), and one whose linears but down_proj tile (tiled4)
-GRAPH_MODELS = {"rows": {}, "tiled": {"hidden_size": 256, "intermediate_size": 320, "head_dim": 64}}
+# model shapes: tiny (no linear tiles: 4-bit stacks in row order), one whose linears but down_proj tile (tiled4:
+# scale groups of 32 columns), and one whose linears all tile with groups of 128 (sp4, the sparse-MMA kernel)
+GRAPH_MODELS = {"rows": {}, "tiled": {"hidden_size": 256, "intermediate_size": 320, "head_dim": 64},
+                "sp4": {"hidden_size": 256, "intermediate_size": 384, "head_dim": 64}}
+GRAPH_GROUPS = {"rows": 32, "tiled": 32, "sp4": 128}  # scale group of the synthetic deltas
+GRAPH_ORDERS = {"rows": set(), "tiled": {"tiled4"}, "sp4": {"sp4"}}  # the re-ordered 4-bit layouts expected
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", list(GRAPH_MODELS))
 def test_decode_graph_with_packed_deltas_matches_eager(dtype, shape):
     """Decode steps whose rows use packed deltas replay a captured graph (SBMM inside) == eager StepDeltaOps, with
-    4-bit stacks in row order and tile-major."""
+    4-bit stacks in row order, tile-major and in the sparse-MMA order (sp4)."""
     from deltazip.model.context import ForwardContext
     from deltazip.model.layers import NamedLinear
     from deltazip.model.loader import model_from_state_dict
@@ -130,10 +134,10 @@ def test_decode_graph_with_packed_deltas_matches_eager(dtype, shape):
     model = model_from_state_dict(cfg, {k: v.to("cuda", dtype) for k, v in random_state_dict(cfg, seed=2).items()})
     names = {m.hf_name + ".weight" for m in model.modules() if isinstance(m, NamedLinear)}
     slots = DeviceSlots(4, "cuda", dtype, names, tie_word_embeddings=True)
-    slots.write(0, "a", make_delta(model, 4, 1, with_dense=True))
-    slots.write(1, "b", make_delta(model, 2, 2, with_dense=False))
-    tiled = {s.layout == "tiled4" for stacks in slots.stacks_by_name().values() for s in stacks}
-    assert tiled == ({False, True} if shape == "tiled" else {False})
+    slots.write(0, "a", make_delta(model, 4, 1, with_dense=True, group=GRAPH_GROUPS[shape]))
+    slots.write(1, "b", make_delta(model, 2, 2, with_dense=False, group=GRAPH_GROUPS[shape]))
+    orders = {s.layout for stacks in slots.stacks_by_name().values() for s in stacks} & {"tiled4", "sp4"}
+    assert orders == GRAPH_ORDERS[shape]
 
     def provider(segments):
         if all(name is None for name, _ in segments):
@@ -189,6 +193,37 @@ def test_four_bit_deltas_load_tiled_where_they_tile_and_match_the_canonical_refe
     w = packing.dequantize(p["qweight"], p["scales"], None, p["meta"], 4, (n, k)).to("cuda", torch.float16)
     torch.testing.assert_close(y[:4].float(), x[:4].float() @ w.float().T, atol=3e-2, rtol=1e-2)
     assert torch.equal(y[4:], torch.zeros_like(y[4:]))
+
+
+@pytest.mark.parametrize("group,sym,sp4,want_layout", [(128, True, None, "sp4"), (None, True, None, "sp4"),
+                                                      (128, False, None, "tiled4"), (128, True, False, "tiled4")])
+def test_four_bit_symmetric_deltas_load_as_sp4_and_match_the_canonical_reference(group, sym, sp4, want_layout):
+    """DeviceSlots on CUDA stores a 4-bit symmetric 2:4 delta with scales per row or per 128 columns in the
+    sparse-MMA order (the bytes of layout.pack_sp4) unless sp4=False; an asymmetric one goes tile-major. The step's
+    kernel launch equals the canonical dequantize-then-matmul either way, and an empty slot adds nothing."""
+    from deltazip.artifact.delta_tensor import DeltaTensor
+    from kernels import layout, packing
+    from services.worker.delta_ops import StepDeltaOps
+    from services.worker.device_slots import DeviceSlots
+    from tests.kernels.packed_factory import random_packed
+
+    n, k = 512, 1024
+    p = random_packed(n, k, 4, group, sym, generator=torch.Generator().manual_seed(5))
+    delta = DeltaTensor("w.weight", "sparse24", (n, k), 4, group, sym,
+                        **{f: p[f] for f in ("qweight", "meta", "scales", "zeros")})
+    slots = DeviceSlots(3, "cuda", torch.float16, {"w.weight"}, tie_word_embeddings=False, sp4=sp4)
+    slots.write(1, "d", {"w.weight": delta})
+    stack = slots.stack(1, "w.weight")
+    assert stack.layout == want_layout
+    order = layout.pack_sp4 if want_layout == "sp4" else layout.tile_packed
+    stored = order(p["qweight"], p["meta"])
+    assert torch.equal(stack.parts["qweight"][1].cpu(), stored[0]) and torch.equal(stack.parts["meta"][1].cpu(), stored[1])
+    x = torch.randn(9, k, device="cuda", dtype=torch.float16)
+    y = torch.zeros(9, n, device="cuda", dtype=torch.float16)
+    StepDeltaOps(slots, [(1, 5), (0, 2), (2, 2)]).linear("w", x, y)
+    w = packing.dequantize(p["qweight"], p["scales"], p["zeros"], p["meta"], 4, (n, k)).to("cuda", torch.float16)
+    torch.testing.assert_close(y[:5].float(), x[:5].float() @ w.float().T, atol=3e-2, rtol=1e-2)
+    assert torch.equal(y[5:], torch.zeros_like(y[5:]))
 
 
 def test_two_bit_deltas_load_as_dense2_words_and_match_the_canonical_reference():

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from kernels import layout, packing
-from kernels.delta_linear import DenseDeltaStack, PackedDeltaStack, apply_deltas, validate_segments
+from kernels.delta_linear import (DenseDeltaStack, PackedDeltaStack, apply_deltas, canonical_words,
+                                  validate_segments)
 from tests.kernels.packed_factory import random_packed
 
 CUDA = torch.cuda.is_available()
@@ -64,6 +65,33 @@ def test_tiled_stacks_need_four_bit_words_of_whole_tiles():
         PackedDeltaStack.empty(1, (96, 256), 4, tiled=True)
     with pytest.raises(ValueError, match="tiled"):
         PackedDeltaStack.empty(1, (128, 160), 4, group_size=32, tiled=True)
+
+
+@pytest.mark.parametrize("group", [128, None])
+def test_sp4_stack_stores_the_sparse_mma_order_and_reads_back_canonical(group):
+    """An sp4 stack (4-bit symmetric words and meta in the sparse-MMA kernel's order, as CUDA slots hold them)
+    writes layout.pack_sp4's bytes in set_slot, reads back the canonical words, and its CPU path gives the
+    canonical stack's products."""
+    n, k = 128, 256
+    g = torch.Generator().manual_seed(6)
+    packed = [random_packed(n, k, 4, group, True, generator=g) for _ in range(2)]
+    stack = PackedDeltaStack.from_packed(packed, bits=4, shape=(n, k), sp4=True)
+    want_q, want_m = layout.pack_sp4(packed[1]["qweight"], packed[1]["meta"])
+    assert stack.sp4 and torch.equal(stack.qweight[1], want_q) and torch.equal(stack.meta[1], want_m)
+    q, m = canonical_words(stack.qweight, stack.meta, stack.tiled, stack.sp4)
+    assert torch.equal(q[0], packed[0]["qweight"]) and torch.equal(m[0], packed[0]["meta"])
+    x, y = torch.randn(5, k, generator=g), torch.randn(5, n, generator=g)
+    starts, slots = [0, 2, 3, 5], [1, -1, 0]
+    want = expected(x, y, [dense_of(p, 4, (n, k)) for p in packed], starts, slots, torch.float32)
+    apply_deltas(x, y, stack, torch.tensor(starts), torch.tensor(slots))
+    torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
+
+
+def test_sp4_stacks_need_what_the_sparse_mma_kernel_takes():
+    for args, kwargs in [((1, (128, 256), 2), {}), ((1, (96, 256), 4), {}), ((1, (128, 256), 4), {"sym": False}),
+                         ((1, (128, 256), 4), {"group_size": 64}), ((1, (128, 256), 4), {"tiled": True})]:
+        with pytest.raises(ValueError, match="sp4"):
+            PackedDeltaStack.empty(*args, sp4=True, **kwargs)
 
 
 def test_set_slot_replaces_one_delta_in_place():
@@ -146,3 +174,31 @@ def test_apply_deltas_gpu_packed_and_dense(dtype):
         y = y0.cuda().clone()
         apply_deltas(x.cuda(), y, st, torch.tensor(starts), torch.tensor(slots))  # equal lengths: bmm path
         torch.testing.assert_close(y.float().cpu(), want, atol=0.15, rtol=2e-2)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group", [128, None])
+def test_apply_deltas_gpu_sp4_stack_equals_the_canonical_one(dtype, group):
+    """An sp4 stack on the GPU (the sparse-MMA kernel) gives the reference products, and what the canonical stack of
+    the same deltas gives; a -1 segment and an empty slot add nothing."""
+    n, k = 1024, 2048
+    g = torch.Generator().manual_seed(7)
+    packed = [random_packed(n, k, 4, group, generator=g) for _ in range(3)]
+    sp4 = PackedDeltaStack.from_packed(packed, bits=4, shape=(n, k), device="cuda", sp4=True)
+    sp4.clear_slot(2)
+    rows = PackedDeltaStack.from_packed(packed, bits=4, shape=(n, k), device="cuda")
+    rows.clear_slot(2)
+    dense = [dense_of(p, 4, (n, k)) for p in packed[:2]] + [torch.zeros(n, k)]
+    x = torch.randn(13, k, generator=g).to(dtype)
+    y0 = torch.randn(13, n, generator=g).to(dtype)
+    starts, slots = [0, 1, 6, 8, 13], [0, 1, -1, 2]
+    want = expected(x, y0, dense, starts, slots, dtype)
+    got = {}
+    for name, st in (("sp4", sp4), ("rows", rows)):
+        y = y0.cuda().clone()
+        apply_deltas(x.cuda(), y, st, torch.tensor(starts), torch.tensor(slots))
+        got[name] = y.float().cpu()
+    torch.testing.assert_close(got["sp4"], want, atol=0.1, rtol=2e-2)
+    torch.testing.assert_close(got["sp4"], got["rows"], atol=0.1, rtol=2e-2)
+    assert torch.equal(got["sp4"][6:], y0[6:].float())

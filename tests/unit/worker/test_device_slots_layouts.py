@@ -94,3 +94,51 @@ def test_cpu_slots_keep_the_canonical_layout_by_default():
     slots.write(0, "e", {NAME: _packed(4, 11)})
     assert slots.stack(0, NAME).layout == "canonical" and torch.equal(slots.stack(0, NAME).parts["qweight"][0],
                                                                       _packed(4, 11).qweight)
+
+
+def test_four_bit_symmetric_deltas_in_sp4_stacks_give_the_canonical_products():
+    """With sp4 on, a 4-bit symmetric 2:4 delta with scale groups of 128 lands in the sparse-MMA order (bytes as
+    layout.pack_sp4 writes them) and multiplies as its canonical form does; an asymmetric one falls back to tiled4,
+    groups of 32 columns (which the sparse-MMA kernel does not take) too, and a 2-bit one stays canonical."""
+    shape = (128, 512)
+    g = torch.Generator().manual_seed(12)
+    p = {group: random_packed(*shape, 4, group, True, generator=g) for group in (128, 32)}
+    deltas = {0: DeltaTensor(NAME, "sparse24", shape, 4, 128, True, qweight=p[128]["qweight"], meta=p[128]["meta"],
+                             scales=p[128]["scales"]),
+              1: _packed(4, 13, shape, sym=False), 2: _packed(4, 14, shape), 3: _packed(2, 15, shape)}
+    slots = DeviceSlots(4, "cpu", torch.float32, {NAME}, tie_word_embeddings=False, tiled4=True, sp4=True)
+    for slot, delta in deltas.items():
+        slots.write(slot, f"d{slot}", {NAME: delta})
+    layouts = {slot: slots.stack(slot, NAME).layout for slot in deltas}
+    assert layouts == {0: "sp4", 1: "tiled4", 2: "tiled4", 3: "canonical"} and slots.stack(0, NAME).sp4
+    parts = slots.stack(0, NAME).parts
+    qweight, meta = layout.pack_sp4(deltas[0].qweight, deltas[0].meta)
+    assert torch.equal(parts["qweight"][0], qweight) and torch.equal(parts["meta"][0], meta)
+    assert not torch.equal(parts["qweight"][0], deltas[0].qweight)
+    y, want = _products(slots, deltas, [(1, 2), (0, 3), (None, 1), (2, 1), (3, 2)], shape[1])
+    torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-5)
+
+
+def test_sp4_stacks_fill_unwritten_meta_with_a_valid_pattern_and_cpu_slots_default_off():
+    """Slots never written hold meta 0x44444444 (keep columns 0 and 1: valid mma.sp metadata under scales 0), and
+    CPU slots never choose sp4 themselves."""
+    delta = DeltaTensor(NAME, "sparse24", (64, 256), 4, None, True,
+                        **{k: v for k, v in random_packed(64, 256, 4, None, True).items() if k != "zeros"})
+    forced = DeviceSlots(2, "cpu", torch.float16, {NAME}, tie_word_embeddings=False, sp4=True)
+    forced.write(1, "d", {NAME: delta})
+    stack = forced.stack(1, NAME)
+    assert stack.layout == "sp4" and torch.all(stack.parts["meta"][0] == 0x44444444)
+    default = DeviceSlots(1, "cpu", torch.float16, {NAME}, tie_word_embeddings=False)
+    default.write(0, "d", {NAME: delta})
+    assert default.stack(0, NAME).layout == "canonical"
+
+
+def test_copy_sp4_part_writes_pack_sp4_in_row_chunks(monkeypatch):
+    """The slot write re-orders qweight and meta separately, a few 64-row blocks at a time: the bytes of pack_sp4."""
+    p = random_packed(320, 256, 4, 128, True, generator=torch.Generator().manual_seed(16))
+    monkeypatch.setattr(layout, "SP4_CHUNK_CODES", 128 * 8 * 16)  # two row blocks per chunk, the last one alone
+    want = layout.pack_sp4(p["qweight"], p["meta"])
+    for part, expect in zip(("qweight", "meta"), want):
+        out = torch.full_like(p[part], -1)
+        layout.copy_sp4_part(part, p[part], out)
+        assert torch.equal(out, expect)

@@ -36,13 +36,13 @@ def dense(name, shape, gen):
                        delta=(torch.randn(shape, generator=gen) * 0.05).half())
 
 
-def make_delta(model, bits, seed, with_dense):
+def make_delta(model, bits, seed, with_dense, group=32):
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for m in model.modules():
         if isinstance(m, NamedLinear) and m.hf_name.startswith("model.layers."):
             n, k = m.weight.shape
-            out[m.hf_name + ".weight"] = packed(m.hf_name + ".weight", n, k, bits, gen)
+            out[m.hf_name + ".weight"] = packed(m.hf_name + ".weight", n, k, bits, gen, group)
     if with_dense:
         for name, p in model.named_parameters():
             if "norm" in name or "embed_tokens" in name:
