@@ -53,6 +53,16 @@ def _find_tile(pid_t, seg_starts_ptr, seg_slots_ptr, num_segments, num_slots, BL
 
 
 @gluon.jit
+def _split_range(K: gl.constexpr, BLOCK_K: gl.constexpr, SPLIT_K: gl.constexpr):
+    """This program's K range [k_lo, k_hi): split s = program_id(2) takes K tiles [s * STEPS_PER, min((s + 1) *
+    STEPS_PER, STEPS)); the wrappers pick SPLIT_K so that no split is empty."""
+    STEPS: gl.constexpr = K // BLOCK_K
+    STEPS_PER: gl.constexpr = (STEPS + SPLIT_K - 1) // SPLIT_K
+    k_lo = gl.program_id(2) * (STEPS_PER * BLOCK_K)
+    return k_lo, gl.minimum(k_lo + STEPS_PER * BLOCK_K, K)
+
+
+@gluon.jit
 def _add(a, b):
     return a + b
 
@@ -195,13 +205,8 @@ def _sbmm_gluon_kernel(
     if m_end <= m_start:
         return
     n0 = gl.program_id(0) * BLOCK_N
-    # this program's K range: split s takes K tiles [s * STEPS_PER, min((s + 1) * STEPS_PER, STEPS)); the
-    # wrapper picks SPLIT_K so that no split is empty
-    STEPS: gl.constexpr = K // BLOCK_K
-    STEPS_PER: gl.constexpr = (STEPS + SPLIT_K - 1) // SPLIT_K
     pid_k = gl.program_id(2)
-    k_lo = pid_k * (STEPS_PER * BLOCK_K)
-    k_hi = gl.minimum(k_lo + STEPS_PER * BLOCK_K, K)
+    k_lo, k_hi = _split_range(K, BLOCK_K, SPLIT_K)
     slot64 = slot.to(gl.int64)
     # packed words: [BN, NW] in L_WORDS (lane quad position t owns words 2t, 2t+1)
     offs_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, L_WORDS))

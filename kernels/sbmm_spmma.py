@@ -31,7 +31,7 @@ dense2 RAW path.
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
-from kernels.sbmm_gluon import _find_tile
+from kernels.sbmm_gluon import _find_tile, _split_range
 
 STEP_K = gl.constexpr(128)  # dense columns per K step (4 x mma.sp m16n8k32)
 MAGIC = {"f16": (0x64006400, 0x64086408), "bf16": (0x43004300, 0x43084308)}  # (1024 | 128) + code, + zero 8
@@ -129,11 +129,8 @@ def _sbmm_spmma_kernel(
     if m_end <= m_start:
         return
     n0 = gl.program_id(0) * BLOCK_N
-    STEPS: gl.constexpr = K // STEP_K
-    STEPS_PER: gl.constexpr = (STEPS + SPLIT_K - 1) // SPLIT_K
     pid_k = gl.program_id(2)
-    k_lo = pid_k * (STEPS_PER * STEP_K)
-    k_hi = gl.minimum(k_lo + STEPS_PER * STEP_K, K)
+    k_lo, k_hi = _split_range(K, STEP_K, SPLIT_K)
     slot64 = slot.to(gl.int64)
     # sp4 words / meta of 16-row block R = n0 / 16 + rb: (R // 4) * 4K + (R % 4) * 128 + lane * 4 + j (meta: half)
     rb_w = n0 // 16 + gl.arange(0, RB, layout=gl.SliceLayout(1, gl.SliceLayout(2, L_W)))

@@ -41,6 +41,17 @@ def test_packed_stack_apply_matches_per_slot_dense(bits, sym):
     torch.testing.assert_close(y[6], want[6])  # row 6 is past every segment
 
 
+def assert_applies_like_canonical(stack, packed, g):
+    """apply_deltas on a re-ordered 4-bit stack of `packed` (slots 0, 1) = the dense deltas' products, over three
+    segments (slot 1, no delta, slot 0)."""
+    n, k = stack.shape
+    x, y = torch.randn(5, k, generator=g), torch.randn(5, n, generator=g)
+    starts, slots = [0, 2, 3, 5], [1, -1, 0]
+    want = expected(x, y, [dense_of(p, 4, (n, k)) for p in packed], starts, slots, torch.float32)
+    apply_deltas(x, y, stack, torch.tensor(starts), torch.tensor(slots))
+    torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("sym", [True, False])
 def test_tiled_stack_stores_tile_major_and_applies_like_the_canonical_one(sym):
     """A tiled stack (4-bit words and meta tile-major, as CUDA slots hold them) writes that order in set_slot, and
@@ -51,11 +62,7 @@ def test_tiled_stack_stores_tile_major_and_applies_like_the_canonical_one(sym):
     stack = PackedDeltaStack.from_packed(packed, bits=4, shape=(n, k), tiled=True)
     assert stack.tiled and torch.equal(stack.qweight[1], layout.tile_packed(packed[1]["qweight"], packed[1]["meta"])[0])
     assert torch.equal(stack.meta[1], layout.tile_packed(packed[1]["qweight"], packed[1]["meta"])[1])
-    x, y = torch.randn(5, k, generator=g), torch.randn(5, n, generator=g)
-    starts, slots = [0, 2, 3, 5], [1, -1, 0]
-    want = expected(x, y, [dense_of(p, 4, (n, k)) for p in packed], starts, slots, torch.float32)
-    apply_deltas(x, y, stack, torch.tensor(starts), torch.tensor(slots))
-    torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
+    assert_applies_like_canonical(stack, packed, g)
 
 
 def test_tiled_stacks_need_four_bit_words_of_whole_tiles():
@@ -80,11 +87,7 @@ def test_sp4_stack_stores_the_sparse_mma_order_and_reads_back_canonical(group):
     assert stack.sp4 and torch.equal(stack.qweight[1], want_q) and torch.equal(stack.meta[1], want_m)
     q, m = canonical_words(stack.qweight, stack.meta, stack.tiled, stack.sp4)
     assert torch.equal(q[0], packed[0]["qweight"]) and torch.equal(m[0], packed[0]["meta"])
-    x, y = torch.randn(5, k, generator=g), torch.randn(5, n, generator=g)
-    starts, slots = [0, 2, 3, 5], [1, -1, 0]
-    want = expected(x, y, [dense_of(p, 4, (n, k)) for p in packed], starts, slots, torch.float32)
-    apply_deltas(x, y, stack, torch.tensor(starts), torch.tensor(slots))
-    torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
+    assert_applies_like_canonical(stack, packed, g)
 
 
 def test_sp4_stacks_need_what_the_sparse_mma_kernel_takes():
