@@ -33,6 +33,8 @@ read of words and one 1 KB read of meta. The artifact on disk stays canonical; `
 kernel's register order (`pack_sp4`); CUDA slots write it with `copy_sp4_part` and keep tiled4 for the rest.
 """
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -167,15 +169,66 @@ def sp4_meta(meta: torch.Tensor) -> torch.Tensor:
 
 SP4_PARTS = {"qweight": sp4_words, "meta": sp4_meta}  # the parts sp4 re-orders (scales stay canonical)
 SP4_CHUNK_CODES = 1 << 25  # codes per row chunk of copy_sp4_part: ~32 MB of transient uint8 codes (a few copies)
+# Off until a GPU run checks it (tests/gpu/test_worker_gpu.py sp4 slot tests, bench/worker.py --parts load):
+# DELTAZIP_SP4_WORDS_KERNEL=1 turns on the one-pass qweight kernel for CUDA slot writes.
+SP4_WORDS_KERNEL = os.environ.get("DELTAZIP_SP4_WORDS_KERNEL", "0") == "1"
+
+
+@triton.jit
+def _sp4_words_kernel(q_ptr, out_ptr, tiles_per_row_block, stride_row, stride_word):
+    """One [64 rows, 8 words] tile (b, s) of canonical words -> its 512 sp4 words, contiguous at tile index
+    b * tiles_per_row_block + s. Output word (rb, g, t, j) gathers byte t (codes 2t, 2t + 1) of the canonical
+    words (row 64b + 16rb + 8h + g, word 8s + 2j + hi) for h, hi in {0, 1}: low nibble to nibble 2hi + h, high
+    nibble to nibble 4 + 2hi + h (q strides in words: row slices of a bigger tensor are read in place)."""
+    tile = tl.program_id(0)
+    b, s = tile // tiles_per_row_block, tile % tiles_per_row_block
+    o = tl.arange(0, _ROWS * _WORDS)  # [512]: (rb 4, g 8, t 4, j 4) in output order
+    j, t, g, rb = o % 4, (o // 4) % 4, (o // 16) % 8, o // 128
+    row, word = b * _ROWS + 16 * rb + g, s * _WORDS + 2 * j
+    shift = (8 * t).to(tl.uint32)
+    out = tl.zeros([_ROWS * _WORDS], tl.uint32)
+    for h in tl.static_range(2):
+        for hi in tl.static_range(2):
+            src = tl.load(q_ptr + (row + 8 * h) * stride_row + (word + hi) * stride_word).to(tl.uint32, bitcast=True)
+            byte = (src >> shift) & 0xFF  # logical shift: the words are uint32 here
+            out = out | (((byte & 0xF) | ((byte >> 4) << 16)) << (4 * (2 * hi + h)))
+    tl.store(out_ptr + tile * (_ROWS * _WORDS) + o, out.to(tl.int32, bitcast=True))
+
+
+def sp4_words_gather(qweight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`sp4_words` in one launch: canonical int32 words [N, K/16] (any strides) -> sp4 words of the same shape,
+    written into `out` (contiguous) when given. Runs on CUDA or under TRITON_INTERPRET=1."""
+    if qweight.dtype != torch.int32 or qweight.dim() != 2:
+        raise ValueError(f"qweight {qweight.dtype} {tuple(qweight.shape)}: need a 2-D int32 tensor")
+    n, w = qweight.shape
+    _check_tiles(n, w)
+    if out is None:
+        out = torch.empty(n, w, dtype=torch.int32, device=qweight.device)
+    if out.shape != qweight.shape or out.dtype != torch.int32 or not out.is_contiguous():
+        raise ValueError(f"out {out.dtype} {tuple(out.shape)} must be a contiguous {tuple(qweight.shape)} int32 tensor")
+    if qweight.numel():
+        num_tiles = (n // TILE_ROWS) * (w // TILE_WORDS)
+        _sp4_words_kernel[(num_tiles,)](qweight, out, w // TILE_WORDS, qweight.stride(0), qweight.stride(1))
+    return out
+
+
+def _sp4_words_kernel_on(device: torch.device) -> bool:
+    """Whether copy_sp4_part re-orders qweight with the one-pass kernel: switched on and on CUDA (or under
+    TRITON_INTERPRET=1, so CPU tests run it)."""
+    return SP4_WORDS_KERNEL and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
 def copy_sp4_part(part: str, src: torch.Tensor, out: torch.Tensor) -> None:
     """One canonical 4-bit 2:4 part (`qweight` or `meta`, [N, W]) into `out` (e.g. a device slot) in the sp4
-    order: copied to out's device, then re-ordered there in chunks of 64-row blocks (each block's sp4 words are
-    its own rows), all on the current stream without waiting."""
+    order: copied to out's device, then re-ordered there (qweight in one kernel launch when SP4_WORDS_KERNEL is
+    on, else in chunks of 64-row blocks: each block's sp4 words are its own rows), all on the current stream
+    without waiting."""
     src = src.to(out.device, non_blocking=True)
     n, w = src.shape
     _check_tiles(n, w if part == "qweight" else 2 * w)
+    if part == "qweight" and _sp4_words_kernel_on(out.device):
+        sp4_words_gather(src, out=out)
+        return
     rows = max(TILE_ROWS, SP4_CHUNK_CODES // (8 * w) // TILE_ROWS * TILE_ROWS)
     for r in range(0, n, rows):
         out[r:r + rows].copy_(SP4_PARTS[part](src[r:r + rows]), non_blocking=True)
