@@ -47,6 +47,7 @@ from deltazip.model.llama import LlamaForCausalLM  # noqa: E402
 from deltazip.model.loader import model_from_state_dict  # noqa: E402
 from deltazip.model.sampling import SamplingParams  # noqa: E402
 from services.worker.delta_ops import StepDeltaOps  # noqa: E402
+from kernels import layout  # noqa: E402
 from services.worker.device_slots import DeviceSlots  # noqa: E402
 from services.worker.engine.engine import EngineConfig, LLMEngine  # noqa: E402
 
@@ -332,9 +333,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--step-seqs", type=int, default=32, help="sequences in the timed decode step")
     ap.add_argument("--label", default="", help="added to the result file name")
     ap.add_argument("--step-bits", type=int, default=2, choices=(2, 4), help="code width of the step's deltas")
+    ap.add_argument("--sp4-words-kernel", action="store_true",
+                    help="sp4 slot writes re-order qweight with the one-pass Triton kernel (layout.SP4_WORDS_KERNEL)")
     ap.add_argument("--no-sp4", action="store_true",
                     help="4-bit slots in tiled4 instead of sp4 (the sparse-MMA kernel's order): the in-run baseline")
     args = ap.parse_args(argv)
+    layout.SP4_WORDS_KERNEL = args.sp4_words_kernel
     torch.set_grad_enabled(False)
     from deltazip.logs import configure_logging
 
@@ -365,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
               "config": {"tiny": args.tiny, "parts": parts, "load_model": "llama-7b-shape" if not args.tiny else "tiny",
                          "modes_model": "llama-1.1b-shape" if not args.tiny else "tiny", "dtype": "float16",
                          "step_layers": args.step_layers or big.num_hidden_layers, "step_seqs": args.step_seqs,
-                         "step_bits": args.step_bits, "four_bit_slots": "tiled4" if args.no_sp4 else "sp4 where it applies"},
+                         "step_bits": args.step_bits, "four_bit_slots": "tiled4" if args.no_sp4 else "sp4 where it applies",
+                         "sp4_words_kernel": args.sp4_words_kernel},
               "rows": rows}
     os.makedirs(args.out, exist_ok=True)
     path = Path(args.out) / f"worker-{name}-{date}{'-tiny' if args.tiny else ''}{'-' + args.label if args.label else ''}.json"

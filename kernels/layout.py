@@ -169,9 +169,9 @@ def sp4_meta(meta: torch.Tensor) -> torch.Tensor:
 
 SP4_PARTS = {"qweight": sp4_words, "meta": sp4_meta}  # the parts sp4 re-orders (scales stay canonical)
 SP4_CHUNK_CODES = 1 << 25  # codes per row chunk of copy_sp4_part: ~32 MB of transient uint8 codes (a few copies)
-# Off until a GPU run checks it (tests/gpu/test_worker_gpu.py sp4 slot tests, bench/worker.py --parts load):
-# DELTAZIP_SP4_WORDS_KERNEL=1 turns on the one-pass qweight kernel for CUDA slot writes.
-SP4_WORDS_KERNEL = os.environ.get("DELTAZIP_SP4_WORDS_KERNEL", "0") == "1"
+# The one-pass qweight kernel for CUDA slot writes: off until a GPU run checks and times it (tests/gpu sp4 slot
+# tests; `bench/worker.py --parts load --sp4-words-kernel` sets this for its own process).
+SP4_WORDS_KERNEL = False
 
 
 @triton.jit
