@@ -85,3 +85,11 @@ def test_copy_sp4_part_keeps_the_torch_path_on_cpu_without_the_interpreter(monke
     monkeypatch.setattr(layout, "SP4_WORDS_KERNEL", False)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert not layout._sp4_words_kernel_on(torch.device("cpu"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or sbmm.interpreting(), reason="needs CUDA (compiled kernel)")
+@pytest.mark.parametrize("n, w", [(4096, 256), (11008, 256), (4096, 688)])
+def test_sp4_words_kernel_on_the_gpu_matches_the_torch_reorder(n, w):
+    """The compiled kernel on LLaMA-7B qweight shapes (q/k/v/o, gate/up, down) = the torch re-order, bit for bit."""
+    q = _random_words(n, w, n + w).cuda()
+    assert torch.equal(layout.sp4_words_gather(q), layout.sp4_words(q))
