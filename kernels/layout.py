@@ -267,6 +267,96 @@ def sp4_x(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(t, k // 128, 4, 4, 4, 2).permute(0, 1, 4, 2, 3, 5).reshape(t, k)
 
 
+SP2_STEP = 256  # dense columns of one sp2 K step: 8 mma.sp m16n8k32, a lane's 4 words and 4 meta words
+# [b, rb, h, g, s, u, e, hi, t, i] (canonical codes) -> [b, s, rb, g, t, u, i, e, hi, h] (sp2 words)
+_SP2_WORDS_ORDER = (0, 4, 1, 3, 8, 5, 9, 6, 7, 2)
+_SP2_META_ORDER = (0, 4, 1, 3, 6, 5, 2)  # [b, rb, h, g, s, v, t] (canonical meta halves) -> [b, s, rb, g, t, v, h]
+
+
+def _crumbs(words: torch.Tensor) -> torch.Tensor:
+    """int32 [...] -> uint8 [..., 16]: 2-bit field i (bits 2i, 2i + 1) of each word."""
+    b = words.contiguous().view(torch.uint8).reshape(*words.shape, 4)  # little-endian: byte j = fields 4j..4j+3
+    return torch.stack([(b >> s) & 0x3 for s in (0, 2, 4, 6)], -1).reshape(*words.shape, 16)
+
+
+def _pack_crumbs(codes: torch.Tensor) -> torch.Tensor:
+    """[..., 16] 2-bit values (uint8) -> int32 [...], value i at bit 2i."""
+    q = codes.reshape(*codes.shape[:-1], 4, 4)
+    b = (q[..., 0] | (q[..., 1] << 2) | (q[..., 2] << 4) | (q[..., 3] << 6)).contiguous()
+    return b.view(torch.int32).reshape(codes.shape[:-1])
+
+
+def _permute_dims(x: torch.Tensor, lead: list[int], dims: list[int], order: tuple[int, ...],
+                  inverse: bool = False) -> torch.Tensor:
+    """x viewed [*lead, *dims] with dims permuted by `order`; inverse: x holds the permuted dims, put them back."""
+    nd = len(lead)
+    if inverse:
+        dims, order = [dims[o] for o in order], [order.index(d) for d in range(len(order))]
+    return x.reshape(*lead, *dims).permute(*range(nd), *(nd + o for o in order))
+
+
+def _check_sp2(n: int, words_per_row: int) -> None:
+    """words_per_row: canonical 2-bit 2:4 words (32 dense columns each) per row, K / 32."""
+    if n % TILE_ROWS or words_per_row % (SP2_STEP // 32):
+        raise ValueError(f"sp2 words are stored in [{TILE_ROWS}, {SP2_STEP} columns] tiles: N={n} must be a "
+                         f"multiple of {TILE_ROWS} and K={32 * words_per_row} of {SP2_STEP}")
+
+
+def pack_sp2(qweight: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Canonical 2-bit 2:4 qweight and meta [..., N, K/32] -> the "sp2" order of the sparse-MMA kernel
+    (kernels/sbmm_spmma2.py), same shapes and bytes. Tile-major: memory [N/64, K/256, 4 rb, 32 lanes, 4] for both
+    (rb: 16-row block of the 64-row block b; a K step s is 256 columns = 8 mma.sp j), so a lane's step is one
+    16-byte load of words and one of meta.
+    Word u of lane 4g + t: the kept codes of groups t + 4hi of mma.sp j = 2u + e (columns 32j .. 32j + 31 of
+    the step) of rows g + 8h, pair p = 4e + 2hi + h: first kept at bits 2p, second at 2p + 16, so
+    `lop3(word >> 2p, 0x00030003, magic)` is the half2 A register a_(2hi+h) of mma.sp j, e = p // 4.
+    Meta word v of lane 4g + t (t = 2sel + c): canonical meta half 4v + t of the step (columns 32(2v + sel) +
+    16c .. + 15) of row g (low half) and row g + 8 (high half): the metadata register of mma.sp 2v + sel with
+    selector sel, as in sp4, so every stored meta word is used once."""
+    return sp2_words(qweight), sp2_meta(meta)
+
+
+def sp2_words(qweight: torch.Tensor) -> torch.Tensor:
+    """The qweight half of `pack_sp2`."""
+    *lead, n, w = qweight.shape
+    _check_sp2(n, w)
+    dims = [n // 64, 4, 2, 8, w // 8, 4, 2, 2, 4, 2]
+    codes = _permute_dims(_crumbs(qweight), lead, dims, _SP2_WORDS_ORDER)
+    return _pack_crumbs(codes.reshape(*lead, n, w, 16))
+
+
+def sp2_meta(meta: torch.Tensor) -> torch.Tensor:
+    """The meta half of `pack_sp2`: canonical meta [..., N, K/32] -> sp2 meta words, same shape."""
+    *lead, n, w = meta.shape
+    _check_sp2(n, w)
+    halves = _permute_dims(meta.contiguous().view(torch.int16), lead, [n // 64, 4, 2, 8, w // 8, 4, 4],
+                           _SP2_META_ORDER)
+    return halves.contiguous().view(torch.int32).reshape(meta.shape)
+
+
+def unpack_sp2(qweight: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sp2 qweight and meta -> the canonical row order of kernels/packing.py (inverse of pack_sp2)."""
+    *lead, n, w = qweight.shape
+    _check_sp2(n, w)
+    dims = [n // 64, 4, 2, 8, w // 8, 4, 2, 2, 4, 2]
+    codes = _permute_dims(_crumbs(qweight), lead, dims, _SP2_WORDS_ORDER, inverse=True)
+    halves = _permute_dims(meta.contiguous().view(torch.int16), lead, [n // 64, 4, 2, 8, w // 8, 4, 4],
+                           _SP2_META_ORDER, inverse=True)
+    return _pack_crumbs(codes.reshape(*lead, n, w, 16)), halves.contiguous().view(torch.int32).reshape(meta.shape)
+
+
+def sp2_format_ok(kind: str, bits: int | None, sym: bool | None, shape: tuple[int, ...],
+                  group_size: int | None) -> bool:
+    """Whether a delta tensor can be held in the sp2 order (kernels/sbmm_spmma2.py): 2-bit symmetric 2:4, N a
+    multiple of 64, K of 256, scales per row or in groups of a multiple of 128 columns."""
+    if kind != "sparse24" or bits != 2 or not sym or len(shape) != 2:
+        return False
+    n, k = shape
+    if n % TILE_ROWS or k % SP2_STEP:
+        return False
+    return group_size is None or group_size >= k or (k % group_size == 0 and group_size % TILE_COLS == 0)
+
+
 @triton.jit
 def tiled_index(row, word, words_per_row):
     """Flat index of row-order word (row, word) in the tile-major order ([64, 8] blocks of words, or of the

@@ -17,9 +17,9 @@ import triton
 from kernels import layout, sbmm_asm, sbmm_triton
 
 try:  # Gluon ships with Triton >= 3.5; without it every launch takes the portable kernel
-    from kernels import sbmm_gluon, sbmm_spmma
+    from kernels import sbmm_gluon, sbmm_spmma, sbmm_spmma2
 except ImportError:  # pragma: no cover - depends on the installed triton
-    sbmm_gluon = sbmm_spmma = None
+    sbmm_gluon = sbmm_spmma = sbmm_spmma2 = None
 
 CONFIG_FILE = Path(__file__).with_name("sbmm_configs.json")
 DENSE2_GEOMETRY_BITS = 4  # dense2 words hold 16 dense columns, like 4-bit 2:4 words: same tiles and layouts
@@ -153,6 +153,7 @@ def sbmm(
     segments_hint: int | None = None,
     tiled: bool = False,
     sp4: bool = False,
+    sp2: bool = False,
 ) -> None:
     """In place y[seg] += x[seg] @ dequant(Δ[seg_slots[s]]).T for all segments in one launch.
 
@@ -173,9 +174,15 @@ def sbmm(
     sp4: qweight and meta are in the sp4 order (kernels/layout.py `pack_sp4`; 4-bit symmetric, per-row scales or
     groups a multiple of 128) and run on the sparse-MMA kernel (kernels/sbmm_spmma.py, CUDA sm_80+ only); what CUDA
     slots hold for such deltas (services/worker/device_slots.py).
+    sp2: qweight and meta are in the sp2 order (kernels/layout.py `pack_sp2`; 2-bit symmetric, N % 64 == 0,
+    K % 256 == 0, per-row scales or groups a multiple of 128) and run on kernels/sbmm_spmma2.py (CUDA sm_80+ only;
+    opt-in, not yet what CUDA slots hold).
     """
-    if sp4:
-        _sbmm_sp4(x, y, qweight, meta, scales, zeros, seg_starts, seg_slots, bits, config, rows_hint, segments_hint)
+    if sp4 and sp2:
+        raise ValueError("sp4 and sp2 name two word orders: pass the one the stack holds")
+    if sp4 or sp2:
+        _sbmm_sparse_mma(x, y, qweight, meta, scales, zeros, seg_starts, seg_slots, bits, config, rows_hint,
+                         segments_hint, sp2)
         return
     n, group_size = _check(x, y, qweight, meta, scales, zeros, bits, tiled)
     t, k = x.shape
@@ -321,17 +328,19 @@ def _launch_triton(common, x, n, k, group_size, num_groups, num_segments, bits, 
 
 @functools.lru_cache(maxsize=256)
 def _spmma_constexprs(k, group_size, num_groups, dtype, block_m, block_n, num_warps, splits=1,
-                      prefetch=True) -> dict:
-    """Compile-time arguments of one sparse-MMA launch (kernels/sbmm_spmma.py; sp4 words, symmetric 4-bit)."""
+                      prefetch=True, bits=4) -> dict:
+    """Compile-time arguments of one sparse-MMA launch (kernels/sbmm_spmma.py on sp4 words, symmetric 4-bit;
+    bits 2: kernels/sbmm_spmma2.py on sp2 words)."""
     name = "f16" if dtype == torch.float16 else "bf16"
-    expand, cons_e = sbmm_spmma.expand_ptx(name)
+    module = sbmm_spmma2 if bits == 2 else sbmm_spmma
+    expand, cons_e = module.expand_ptx(name)
     mma0, cons_m = sbmm_spmma.mma_ptx(name, 0)
     mma1, _ = sbmm_spmma.mma_ptx(name, 1)
     scale_mode = sbmm_triton.SCALE_ROW if num_groups == 1 else sbmm_triton.SCALE_TILE
     return dict(K=k, GROUP_SIZE=k if num_groups == 1 else group_size, SCALE_MODE=scale_mode, BLOCK_M=block_m,
                 BLOCK_N=block_n, EXPAND=expand, MMA0=mma0, MMA1=mma1, CONSTRAINTS_E=cons_e, CONSTRAINTS_M=cons_m,
                 L_SEG=sbmm_gluon.seg_layout(num_warps), SPLIT_K=splits, PREFETCH=prefetch,
-                **sbmm_spmma.layouts(block_n, block_m, num_warps))
+                **module.layouts(block_n, block_m, num_warps))
 
 
 def spmma_device_ok(device: torch.device, dtype: torch.dtype) -> bool:
@@ -351,13 +360,28 @@ def spmma_supported(x: torch.Tensor, n: int, k: int, bits: int, num_groups: int,
     return bits == 4 and not asym and layout.tiles(n, k) and group_ok and x.stride(0) % 2 == 0
 
 
-def _sbmm_sp4(x, y, qweight, meta, scales, zeros, seg_starts, seg_slots, bits, config, rows_hint,
-              segments_hint) -> None:
-    """sbmm on sp4 words (the `sp4=True` path): checks, config, one launch of kernels/sbmm_spmma.py."""
-    n, group_size = _check(x, y, qweight, meta, scales, zeros, bits, True)
+def spmma2_supported(x: torch.Tensor, n: int, k: int, bits: int, num_groups: int, asym: bool) -> bool:
+    """Whether kernels/sbmm_spmma2.py takes this launch: CUDA sm_80+, fp16/bf16, 2-bit symmetric, N a multiple of
+    64 and K of 256 (its K step), scales per row or per group of a multiple of 128 columns, x rows at an even
+    stride."""
+    if not spmma_device_ok(x.device, x.dtype):
+        return False
+    group_ok = num_groups == 1 or (k % num_groups == 0 and (k // num_groups) % layout.TILE_COLS == 0)
+    return (bits == 2 and not asym and n % layout.TILE_ROWS == 0 and k % layout.SP2_STEP == 0 and group_ok
+            and x.stride(0) % 2 == 0)
+
+
+def _sbmm_sparse_mma(x, y, qweight, meta, scales, zeros, seg_starts, seg_slots, bits, config, rows_hint,
+                     segments_hint, sp2: bool) -> None:
+    """sbmm on sp4 words (the `sp4=True` path, kernels/sbmm_spmma.py) or sp2 words (`sp2=True`,
+    kernels/sbmm_spmma2.py): checks, config, one launch."""
+    n, group_size = _check(x, y, qweight, meta, scales, zeros, bits, not sp2)
     t, k = x.shape
     num_groups = scales.shape[-1]
-    if not spmma_supported(x, n, k, bits, num_groups, zeros is not None):
+    if sp2 and not spmma2_supported(x, n, k, bits, num_groups, zeros is not None):
+        raise ValueError(f"sp2 words run on CUDA fp16/bf16 only, 2-bit symmetric, N % 64 == 0, K % 256 == 0, scale "
+                         f"groups per row or a multiple of 128; got bits={bits}, N={n}, K={k}, group {group_size}")
+    if not sp2 and not spmma_supported(x, n, k, bits, num_groups, zeros is not None):
         raise ValueError(f"sp4 words run on CUDA fp16/bf16 only, 4-bit symmetric, N % 64 == 0, K % 128 == 0, scale "
                          f"groups per row or a multiple of 128; got bits={bits}, N={n}, K={k}, group {group_size}")
     num_segments = seg_slots.shape[0]
@@ -366,7 +390,8 @@ def _sbmm_sp4(x, y, qweight, meta, scales, zeros, seg_starts, seg_slots, bits, c
     if config is None:
         config = pick_config("gluon", _device_name(x.device), rows_hint if rows_hint is not None else t / num_segments,
                              bits)
-    block_m = min(config["BLOCK_M"], 32)  # x pairs take 16 registers per 8 tokens: BLOCK_M 64 spills
+    # x pairs take 16 (sp2: 32) registers per 8 tokens: BLOCK_M 64 (sp2: 32) spills
+    block_m = min(config["BLOCK_M"], 16 if sp2 else 32)
     block_n, warps = config["BLOCK_N"], config["num_warps"]
     if n % block_n or block_n % (16 * warps):  # sp4 reads whole 16-row blocks: no row masks
         block_n, warps = layout.TILE_ROWS, min(warps, 4)
@@ -379,10 +404,11 @@ def _sbmm_sp4(x, y, qweight, meta, scales, zeros, seg_starts, seg_slots, bits, c
     else:
         ws, counters = _no_workspace(x.device)
     const = _spmma_constexprs(k, group_size, num_groups, x.dtype, block_m, block_n, warps, splits,
-                              bool(config.get("prefetch", True)))
-    xs = layout.sp4_x(x)  # the B order: 16-byte x loads (T x K x 2 bytes, small next to the deltas)
+                              bool(config.get("prefetch", True)), bits)
+    xs = layout.sp4_x(x)  # the B order (sp2 too): 16-byte x loads (T x K x 2 bytes, small next to the deltas)
     max_segs = max(16, triton.next_power_of_2(num_segments))
-    sbmm_spmma._sbmm_spmma_kernel[grid](
+    kernel = sbmm_spmma2._sbmm_spmma2_kernel if sp2 else sbmm_spmma._sbmm_spmma_kernel
+    kernel[grid](
         xs.view(torch.int32), y, xs.stride(0) // 2, y.stride(0), qweight, meta, scales,
         qweight.stride(0), meta.stride(0), scales.stride(0), scales.stride(1),
         seg_starts, seg_slots, num_segments, qweight.shape[0], ws, counters, t * n, n,

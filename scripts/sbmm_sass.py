@@ -18,7 +18,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.experimental.gluon._runtime import GluonASTSource
 
-from kernels import sbmm, sbmm_gluon, sbmm_spmma, sbmm_triton
+from kernels import sbmm, sbmm_gluon, sbmm_spmma, sbmm_spmma2, sbmm_triton
 
 DIVISIBLE = ["x_ptr", "y_ptr", "stride_xm", "stride_ym", "qw_ptr", "meta_ptr", "scales_ptr", "zeros_ptr",
              "stride_qs", "stride_qn", "stride_ms", "stride_mn", "stride_ss", "stride_sn", "seg_starts_ptr",
@@ -45,16 +45,18 @@ def compile_kernel(a):
         sig = signature(4, a.dtype)
         sig["meta_ptr"] = "*i32"
         a.bits = sbmm.DENSE2_GEOMETRY_BITS
-    if a.kernel == "spmma":  # sparse-MMA kernel on sp4 words: its own, shorter signature
+    if a.kernel in ("spmma", "spmma2"):  # sparse-MMA kernel on sp4 (sp2) words: its own, shorter signature
         sig = {"x_ptr": "*i32", "y_ptr": f"*{a.dtype}", "stride_xm": "i32", "stride_ym": "i32", "qw_ptr": "*i32",
                "meta_ptr": "*i32", "scales_ptr": "*fp16", "stride_qs": "i32", "stride_ms": "i32", "stride_ss": "i32",
                "stride_sn": "i32", "seg_starts_ptr": "*i64", "seg_slots_ptr": "*i64", "num_segments": "i32",
                "num_slots": "i32", "ws_ptr": "*fp32", "counters_ptr": "*i32", "stride_wss": "i32", "N": "i32"}
         num_groups = 1 if a.group == 0 else a.k // a.group
+        bits = 2 if a.kernel == "spmma2" else 4
         const = dict(sbmm._spmma_constexprs(a.k, a.group or a.k, num_groups, tdt, a.bm, a.bn, a.warps, a.split_k,
-                                            not a.no_prefetch),
+                                            not a.no_prefetch, bits),
                      MAX_SEGS=16)
-        fn, source = sbmm_spmma._sbmm_spmma_kernel, GluonASTSource
+        fn = sbmm_spmma2._sbmm_spmma2_kernel if bits == 2 else sbmm_spmma._sbmm_spmma_kernel
+        source = GluonASTSource
     elif a.kernel == "gluon":  # the wrapper's own constexprs for this shape
         n = 4096 + (a.bn // 2 if a.odd_n else 0)
         num_groups = 1 if a.group == 0 else a.k // a.group
@@ -111,8 +113,9 @@ def loop_body(sass: str) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--kernel", default="gluon", choices=["gluon", "spmma", "triton"],
-                   help="spmma: kernels/sbmm_spmma.py (sp4 words, mma.sp; 4-bit symmetric, group 0 or 128)")
+    p.add_argument("--kernel", default="gluon", choices=["gluon", "spmma", "spmma2", "triton"],
+                   help="spmma: kernels/sbmm_spmma.py (sp4 words, mma.sp; 4-bit symmetric, group 0 or 128); "
+                   "spmma2: kernels/sbmm_spmma2.py (sp2 words, 2-bit symmetric; --bits is ignored)")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     p.add_argument("--asym", action="store_true")
@@ -143,7 +146,7 @@ def main() -> None:
     body = loop_body(sass)
     ops = collections.Counter(re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", ln).group(1).split(".")[0]
                               for ln in body)
-    block_k = 8 * 64 // a.bits if a.kernel in ("gluon", "spmma") else a.bk
+    block_k = 8 * 64 // a.bits if a.kernel in ("gluon", "spmma") else 256 if a.kernel == "spmma2" else a.bk
     dense = a.bn * block_k
     print(f"regs={usage.group(1)} stack={usage.group(2)} shared={usage.group(3)} loop_instructions={len(body)} "
           f"per_dense_value={len(body) * 32 * a.warps / dense:.2f}")
