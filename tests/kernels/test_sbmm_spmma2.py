@@ -1,0 +1,222 @@
+"""The 2-bit sparse-MMA path (sp2): the layout (kernels/layout.py pack_sp2) as a permutation that puts every code
+and meta half where the kernel's registers want it, and the whole path on the CPU: sp2 words -> per-lane
+registers exactly as kernels/sbmm_spmma2.py addresses them -> the numpy model of mma.sp m16n8k32 of
+tests/kernels/test_sbmm_spmma.py -> must equal x @ dequant(Δ).T. GPU tests (skipped without CUDA) check the
+kernel itself against kernels/reference.py.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from kernels import layout, packing, reference, sbmm, sbmm_spmma, sbmm_spmma2
+from tests.kernels.packed_factory import random_packed
+from tests.kernels.test_sbmm import TOL, make_case
+from tests.kernels.test_sbmm_spmma import G, LANES, LLAMA_SHAPES, T, gpu, mma_sp
+
+
+def _random_words(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-2**31, 2**31, shape, generator=g, dtype=torch.int64).to(torch.int32)
+
+
+@pytest.mark.parametrize("n,k", [(64, 256), (128, 512), (192, 768)])
+def test_sp2_round_trips_and_keeps_the_bytes(n, k):
+    """pack_sp2 is a permutation of the canonical codes and meta halves (same shapes, nothing lost or duplicated)
+    that unpack_sp2 undoes exactly, also for slot-stacked tensors."""
+    q, m = _random_words((3, n, k // 32), n + k), _random_words((3, n, k // 32), n * k)
+    sq, sm = layout.pack_sp2(q, m)
+    assert sq.shape == q.shape and sm.shape == m.shape and sq.dtype == sm.dtype == torch.int32
+    assert torch.equal(torch.sort(layout._crumbs(sq).flatten()).values, torch.sort(layout._crumbs(q).flatten()).values)
+    assert torch.equal(torch.sort(sm.view(torch.int16).flatten()).values,
+                       torch.sort(m.view(torch.int16).flatten()).values)
+    back_q, back_m = layout.unpack_sp2(sq, sm)
+    assert torch.equal(back_q, q) and torch.equal(back_m, m)
+    assert torch.equal(sq[1], layout.sp2_words(q[1])) and torch.equal(sm[2], layout.sp2_meta(m[2]))
+
+
+def test_sp2_puts_each_code_where_the_docstring_says():
+    """Canonical kept code q of row r (a lone 3 among zeros) lands in word (b, s, rb, lane 4g + t, u) at field
+    8i + 4e + 2hi + h: the half2 A register a_(2hi+h) of mma.sp j = 2u + e, kept slot i."""
+    n, k = 128, 512
+    w = k // 32
+    for r in (0, 9, 77, 127):
+        for kept in range(0, k // 2, 13):
+            codes = torch.zeros(n, k // 2, dtype=torch.int64)
+            codes[r, kept] = 3
+            got = layout._crumbs(layout.sp2_words(packing.pack_codes(codes, 2))).reshape(-1)
+            word, f = divmod(kept, 16)
+            grp, i = divmod(f, 2)
+            s, j = divmod(word, 8)
+            u, e = divmod(j, 2)
+            hi, t = divmod(grp, 4)
+            b, rb, h, g = r // 64, (r % 64) // 16, (r % 16) // 8, r % 8
+            at = ((b * (w // 8) + s) * 512 + rb * 128 + (4 * g + t) * 4 + u) * 16 + 8 * i + 4 * e + 2 * hi + h
+            assert int(got[at]) == 3 and int(got.sum()) == 3, (r, kept)
+
+
+def test_sp2_puts_each_meta_half_where_the_docstring_says():
+    """Canonical meta half hh of row r (16 columns) lands in meta word (b, s, rb, lane 4g + t, v), low half for
+    row g and high half for row g + 8, with hh = 16s + 4v + t."""
+    n, k = 128, 512
+    w = k // 32
+    halves = torch.arange(n * 2 * w, dtype=torch.int32).to(torch.int16).reshape(n, 2 * w)
+    got = layout.sp2_meta(halves.view(torch.int32)).view(torch.int16).reshape(-1)
+    for r in range(0, n, 5):
+        for hh in range(2 * w):
+            s, rest = divmod(hh, 16)
+            v, t = divmod(rest, 4)
+            b, rb, h, g = r // 64, (r % 64) // 16, (r % 16) // 8, r % 8
+            at = ((b * (w // 8) + s) * 512 + rb * 128 + (4 * g + t) * 4 + v) * 2 + h
+            assert int(got[at]) == int(halves[r, hh]), (r, hh)
+
+
+def test_sp2_rejects_shapes_that_do_not_tile():
+    with pytest.raises(ValueError, match="K=128 of 256"):
+        layout.pack_sp2(torch.zeros(64, 4, dtype=torch.int32), torch.zeros(64, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="multiple of 64"):
+        layout.sp2_words(torch.zeros(32, 8, dtype=torch.int32))
+    assert layout.sp2_format_ok("sparse24", 2, True, (4096, 11008), 128)
+    assert not layout.sp2_format_ok("sparse24", 2, True, (4096, 11008 + 128), 128)  # K % 256
+    assert not layout.sp2_format_ok("sparse24", 2, False, (4096, 4096), 128)
+    assert not layout.sp2_format_ok("sparse24", 4, True, (4096, 4096), 128)
+    assert not layout.sp2_format_ok("sparse24", 2, True, (4096, 4096), 64)
+
+
+def expand_word2(words: np.ndarray, dtype: str) -> np.ndarray:
+    """Model of sbmm_spmma2.expand_ptx: uint32 words [...] -> [..., 8 regs, 2 halves] float (code - 2)."""
+    magic, zero = sbmm_spmma2.MAGIC[dtype]
+    out = np.empty(words.shape + (8, 2))
+    for p in range(8):
+        c = ((words >> (2 * p)) & 0x00030003) | magic
+        for half in range(2):
+            out[..., p, half] = _half_value((c >> (16 * half)) & 0xFFFF, dtype) - _half_value(
+                np.array((zero >> (16 * half)) & 0xFFFF), dtype)
+    return out
+
+
+def _half_value(bits: np.ndarray, dtype: str) -> np.ndarray:
+    """16-bit patterns -> their fp16 / bf16 values as float64."""
+    bits = np.asarray(bits).astype(np.uint16)
+    if dtype == "f16":
+        return bits.view(np.float16).astype(np.float64)
+    return (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+def kernel_tile2(q_sp2, m_sp2, scales, x, block_row: int, dtype: str) -> np.ndarray:
+    """What one warp of kernels/sbmm_spmma2.py computes for 16-row block R = block_row and tokens 0..7: [16, 8]
+    (scales per 128-column half, its HALF_SCALES path; the other scale modes are the same sums)."""
+    k = x.shape[1]
+    qf = q_sp2.reshape(-1).numpy().view(np.uint32)
+    mf = m_sp2.reshape(-1).numpy().view(np.uint32)
+    xp = layout.sp4_x(x).double().numpy()  # the wrapper hands sp2 the sp4 B order too
+    rows = 16 * block_row + G
+    acc = np.zeros((32, 4))
+    for k0 in range(0, k, 256):
+        at = (block_row // 4) * 2 * k + (block_row % 4) * 128 + 2 * k0 + 4 * LANES  # + u, words and meta alike
+        for half in range(2):
+            part = np.zeros((32, 4))
+            for u in (2 * half, 2 * half + 1):
+                a = expand_word2(qf[at + u], dtype)
+                for e in range(2):
+                    j = 2 * u + e
+                    n = 4 * j + np.arange(4)[None, :]  # [1, reg m]: B register n of the step
+                    pair = k0 // 2 + 64 * (n // 16) + 16 * T[:, None] + n % 16
+                    b = np.stack([xp[G[:, None], 2 * pair], xp[G[:, None], 2 * pair + 1]], axis=-1)
+                    part = mma_sp(a[:, 4 * e:4 * e + 4], b, mf[at + u], part, selector=e)
+            s = scales[:, (k0 + 128 * half) // (k // scales.shape[1])].float().numpy()
+            acc += part * np.stack([s[rows], s[rows], s[rows + 8], s[rows + 8]], axis=1)
+    out = np.zeros((16, 8))
+    for lane in range(32):
+        for i in range(4):
+            out[G[lane] + 8 * (i >> 1), 2 * T[lane] + (i & 1)] = acc[lane, i]
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+@pytest.mark.parametrize("group", [None, 128, 256])
+def test_mma_sp_model_on_sp2_registers_matches_dense_product(dtype, group):
+    n, k = 128, 512
+    gen = torch.Generator().manual_seed(9)
+    p = random_packed(n, k, 2, group, generator=gen)
+    torch_dtype = torch.float16 if dtype == "f16" else torch.bfloat16
+    x = torch.randn(8, k, generator=gen).to(torch_dtype)
+    q, m = layout.pack_sp2(p["qweight"], p["meta"])
+    dense = packing.dequantize(p["qweight"], p["scales"], None, p["meta"], 2, (n, k))  # fp32
+    want = (x.double() @ dense.double().T).numpy()  # [8 tokens, N]
+    for block_row in (0, 3, 5):
+        got = kernel_tile2(q, m, p["scales"], x, block_row, dtype)
+        np.testing.assert_allclose(got.T, want[:, 16 * block_row:16 * block_row + 16], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+def test_expand2_ptx_uses_the_modelled_constants(dtype):
+    """The PTX text carries the shifts and magic / zero constants the model above uses (it cannot run the PTX)."""
+    ptx, constraints = sbmm_spmma2.expand_ptx(dtype)
+    magic, zero = sbmm_spmma2.MAGIC[dtype]
+    assert constraints == ",".join(["=r"] * 8 + ["r"]) and str(magic) in ptx and str(0x00030003) in ptx
+    assert ptx.count("lop3.b32") == 8 and ptx.count("shr.u32") == 7
+    assert all(f"$8, {2 * p};" in ptx for p in range(1, 8))
+    assert str(zero if dtype == "f16" else zero | 0x80008000) in ptx
+    assert ptx.count("sub.rn.f16x2" if dtype == "f16" else "fma.rn.bf16x2") == 8
+
+
+# ---------------------------------------------------------------- GPU: the kernel itself (skipped without CUDA)
+
+
+def run_sp2(stack, x, y, starts, slots, n, k, config=None, segments_hint=None):
+    """y after the sparse-MMA kernel on the sp2 copy of the stack, and after the canonical torch reference."""
+    y_kernel, y_ref = y.clone(), y.clone()
+    q, m = layout.pack_sp2(stack["qweight"], stack["meta"])
+    sbmm.sbmm(x, y_kernel, q, m, stack["scales"], None, starts, slots, 2, config=config, sp2=True,
+              segments_hint=segments_hint)
+    reference.sbmm_reference(x, y_ref, stack["qweight"], stack["meta"], stack["scales"], None, 2, (n, k),
+                             starts.cpu(), slots.cpu())
+    return y_kernel, y_ref
+
+
+@gpu
+@pytest.mark.parametrize("n,k", LLAMA_SHAPES)
+@pytest.mark.parametrize("group", [None, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("segments", ["one", "many", "empty", "odd"])
+def test_spmma2_matches_reference_gpu(n, k, group, dtype, segments):
+    stack, x, y, starts, slots = make_case(n, k, 2, group, True, dtype, segments, "cuda", seed=4, pad_rows=3)
+    y_kernel, y_ref = run_sp2(stack, x, y, starts, slots, n, k)
+    tol = dict(TOL[dtype])
+    tol["atol"] *= 3  # |y| grows with sqrt(K)
+    torch.testing.assert_close(y_kernel.float(), y_ref.float(), **tol)
+    torch.testing.assert_close(y_kernel[-3:], y[-3:])  # rows outside every segment stay untouched
+
+
+@gpu
+@pytest.mark.parametrize("block_m", [8, 16, 32])
+@pytest.mark.parametrize("block_n,num_warps", [(64, 2), (64, 4), (128, 4), (32, 2), (128, 2)])
+@pytest.mark.parametrize("min_ctas", [0, 10**6])
+@pytest.mark.parametrize("group", [128, 256, None])
+def test_spmma2_configs_and_split_k_gpu(block_m, block_n, num_warps, min_ctas, group):
+    n, k = 576, 2816  # N: 64-row blocks but not 128; K: 11 steps of 256 (uneven K splits)
+    stack, x, y, starts, slots = make_case(n, k, 2, group, True, torch.float16, "odd", "cuda", seed=5)
+    cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, min_ctas=min_ctas)
+    y_kernel, y_ref = run_sp2(stack, x, y, starts, slots, n, k, config=cfg)
+    torch.testing.assert_close(y_kernel.float(), y_ref.float(), **TOL[torch.float16])
+
+
+@gpu
+def test_spmma2_segments_hint_and_padded_segments_gpu():
+    n, k = 128, 1024
+    stack, x, y, starts, slots = make_case(n, k, 2, 128, True, torch.float16, "empty", "cuda", seed=11, pad_rows=5)
+    for min_ctas in (0, 10**6):
+        cfg = dict(BLOCK_M=8, BLOCK_N=64, num_warps=2, min_ctas=min_ctas)
+        y_kernel, y_ref = run_sp2(stack, x, y, starts, slots, n, k, config=cfg, segments_hint=2)
+        torch.testing.assert_close(y_kernel.float(), y_ref.float(), **TOL[torch.float16])
+
+
+def test_sp2_path_rejects_what_it_cannot_run():
+    """Off CUDA (or 4-bit, or both orders named) the opt-in sp2 path raises instead of guessing."""
+    stack, x, y, starts, slots = make_case(64, 256, 2, None, True, torch.float16, "one", "cpu")
+    with pytest.raises(ValueError, match="sp2"):
+        sbmm.sbmm(x, y, stack["qweight"], stack["meta"], stack["scales"], None, starts, slots, 2, sp2=True)
+    with pytest.raises(ValueError, match="sp4 and sp2"):
+        sbmm.sbmm(x, y, stack["qweight"], stack["meta"], stack["scales"], None, starts, slots, 2, sp2=True, sp4=True)
+    assert sbmm_spmma.STEP_K.value * 2 == sbmm_spmma2.STEP_K.value == layout.SP2_STEP
