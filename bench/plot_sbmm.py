@@ -15,8 +15,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 # (bits, layout, line style) per curve; a result holds those its --variants named (bench/sbmm.py)
 LINES = ((4, "tiled4", "-"), (4, "sp4", (0, (5, 1, 1, 1))), (4, "canonical", "-."), (2, "dense2", "--"),
-         (2, "canonical", ":"))
-LAYOUT_LABELS = {"tiled4": "2:4 tile-major", "sp4": "2:4 sparse MMA", "canonical": "2:4", "dense2": "dense2"}
+         (2, "sp2", (0, (3, 1, 1, 1, 1, 1))), (2, "canonical", ":"))
+LAYOUT_LABELS = {"tiled4": "2:4 tile-major", "sp4": "2:4 sparse MMA", "sp2": "2:4 sparse MMA", "canonical": "2:4",
+                 "dense2": "dense2"}
 
 
 def plot(path: Path) -> Path:

@@ -11,7 +11,8 @@ Timing: each measurement is a CUDA graph of many back-to-back calls, every call 
 (and base weights), so no call finds its deltas in L2 and no host launch overhead is counted; the host
 cost of one apply call is reported separately (host_us). Word layouts (--variants): 4t = 4-bit 2:4 words and meta
 tile-major and 2d2 = 2-bit dense2 words, the layouts the worker keeps on CUDA (kernels/layout.py); 4sp = 4-bit
-words and meta in the sp4 order of the sparse-MMA kernel (kernels/sbmm_spmma.py, opt-in); 4 and 2 = the
+words and meta in the sp4 order of the sparse-MMA kernel (kernels/sbmm_spmma.py, opt-in), 2sp = 2-bit in the
+sp2 order of kernels/sbmm_spmma2.py (opt-in); 4 and 2 = the
 canonical 2:4 words in row order. Writes DIR/sbmm-<device>-<date>.json; bench/plot_sbmm.py draws the PNG from it.
 """
 
@@ -113,11 +114,11 @@ def one_row(name, n, k, num, rows, bits, stack, dense, base_ws, limit, with_dequ
     offs = rotations(num)
     slot_sets = [torch.arange(o, o + num, device="cuda", dtype=torch.int64) for o in offs]
     q, m, sc, tiled = stack["qweight"], stack["meta"], stack["scales"], stack.get("tiled", False)
-    sp4 = stack.get("sp4", False)
+    sp4, sp2 = stack.get("sp4", False), stack.get("sp2", False)
 
     def sbmm_call(slots):
         return lambda: sbmm.sbmm(x, y, q, m, sc, None, starts, slots, bits, kernel=kernel, config=config, tiled=tiled,
-                                 sp4=sp4)
+                                 sp4=sp4, sp2=sp2)
 
     us = graph_us([sbmm_call(sl) for sl in slot_sets])
     row = {"shape": name, "n": n, "k": k, "num_deltas": num, "rows_per_delta": rows, "bits": bits, "us": us,
@@ -146,7 +147,7 @@ def one_row(name, n, k, num, rows, bits, stack, dense, base_ws, limit, with_dequ
         def run():
             out = torch.mm(x, base_ws[i % len(base_ws)].T)
             sbmm.sbmm(x, out, q, m, sc, None, starts, slots, bits, kernel=kernel, config=config, tiled=tiled,
-                      sp4=sp4)
+                      sp4=sp4, sp2=sp2)
         return run
 
     row["us_dense_loop"] = graph_us([loop_call(o) for o in offs])
@@ -158,7 +159,8 @@ def one_row(name, n, k, num, rows, bits, stack, dense, base_ws, limit, with_dequ
     row["base_plus_sbmm_over_base"] = row["us_base_plus_sbmm"] / row["us_base"]
     if with_dequant:  # the torch reference reads row order: the first `num` slots, re-ordered once
         q_rows, m_rows = (layout.untile_packed(q[:num], m[:num]) if tiled else
-                          layout.unpack_sp4(q[:num], m[:num]) if sp4 else (q, m))
+                          layout.unpack_sp4(q[:num], m[:num]) if sp4 else
+                          layout.unpack_sp2(q[:num], m[:num]) if sp2 else (q, m))
 
         def dequant_matmul():
             reference.sbmm_reference(x, y, q_rows, m_rows, sc, None, bits, (n, k), starts, slot_sets[0])
@@ -233,8 +235,8 @@ def sweep(limit, save=None, variants=("4t", "2", "2d2"), cases=SWEEP_CASES, conf
             for kernel, cfg in ([("gluon", c) for c in configs] if configs else SWEEP):
                 if rows > 16 and cfg.get("min_ctas"):
                     continue  # prefill has programs enough
-                if stack.get("sp4") and kernel != "gluon":
-                    continue  # sp4 words run on the sparse-MMA kernel only (it takes the Gluon configs)
+                if (stack.get("sp4") or stack.get("sp2")) and kernel != "gluon":
+                    continue  # sp4 / sp2 words run on the sparse-MMA kernels only (they take the Gluon configs)
                 try:
                     r = one_row(name, n, k, num, rows, bits, stack, None, None, limit, False, kernel, cfg)
                 except Exception as e:  # noqa: BLE001 - a failing variant is reported, not fatal
@@ -258,7 +260,7 @@ def main() -> None:
     p.add_argument("--out", default="bench/results")
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--variants", default="4t,2d2,2", help="full run: word layouts, comma-separated: 4t (4-bit "
-                   "tile-major), 2d2 (2-bit dense2): the worker's; 4sp (sparse-MMA kernel); 4, 2 (2:4 words in "
+                   "tile-major), 2d2 (2-bit dense2): the worker's; 4sp, 2sp (sparse-MMA kernels); 4, 2 (2:4 words in "
                    "row order)")
     p.add_argument("--sweep-variants", default="4t,2,2d2", help="the same choice for --sweep")
     p.add_argument("--sweep-cases", default="", help="--sweep: shape:deltas:rows,... instead of the built-in "

@@ -51,25 +51,37 @@ def as_sp4(stack: dict) -> dict:
     return {**stack, "sp4": True}
 
 
+def as_sp2(stack: dict) -> dict:
+    """The same 2-bit deltas in the sp2 order of the 2-bit sparse-MMA kernel (kernels/layout.py pack_sp2;
+    opt-in, not what the worker keeps); `sp2` marks it for sbmm."""
+    for s in range(stack["qweight"].shape[0]):  # a slot at a time, like as_sp4
+        q, m = layout.pack_sp2(stack["qweight"][s], stack["meta"][s])
+        stack["qweight"][s].copy_(q)
+        stack["meta"][s].copy_(m)
+    return {**stack, "sp2": True}
+
+
 VARIANTS = {"4t": (4, as_tiled4), "4sp": (4, as_sp4), "4": (4, None), "2d2": (2, as_dense2),
-            "2": (2, None)}  # name -> (bits, layout)
+            "2sp": (2, as_sp2), "2": (2, None)}  # name -> (bits, layout)
 
 
 def variant_stack(variant: str, num_slots: int, n: int, k: int, device: str) -> dict:
-    """Random deltas (group 128) in a VARIANTS layout: 4t / 2d2 (the worker's CUDA layouts), 4sp (sparse-MMA
-    kernel, opt-in), 4 / 2 (row-order 2:4 words)."""
+    """Random deltas (group 128) in a VARIANTS layout: 4t / 2d2 (the worker's CUDA layouts), 4sp / 2sp
+    (sparse-MMA kernels, opt-in), 4 / 2 (row-order 2:4 words)."""
     bits, encode = VARIANTS[variant]
     stack = random_stack(num_slots, n, k, bits, 128, device)
     return encode(stack) if encode else stack
 
 
 def layout_name(stack: dict) -> str:
-    """The `layout` a benchmark row records: dense2, tiled4, sp4 or canonical (row-order 2:4 words)."""
+    """The `layout` a benchmark row records: dense2, tiled4, sp4, sp2 or canonical (row-order 2:4 words)."""
     if stack["meta"] is None:
         return "dense2"
-    return "tiled4" if stack.get("tiled") else "sp4" if stack.get("sp4") else "canonical"
+    if stack.get("tiled"):
+        return "tiled4"
+    return "sp4" if stack.get("sp4") else "sp2" if stack.get("sp2") else "canonical"
 
 
 def variant_label(variant: str) -> str:
-    """Fixed-width log label: 4bt (4-bit tile-major), 4bsp (sp4), 4b, 2bd2 (dense2), 2b."""
+    """Fixed-width log label: 4bt (4-bit tile-major), 4bsp (sp4), 4b, 2bd2 (dense2), 2bsp (sp2), 2b."""
     return f"{variant[0]}b{variant[1:]:2s}"

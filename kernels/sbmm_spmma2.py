@@ -110,7 +110,8 @@ def _sbmm_spmma2_kernel(
     rb_w = n0 // 16 + gl.arange(0, RB, layout=gl.SliceLayout(1, gl.SliceLayout(2, L_W)))
     lane_w = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, L_W)))
     u_w = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L_W)))
-    tile_at = ((rb_w // 4) * (2 * K) + (rb_w % 4) * 128)[:, None, None] + (lane_w * 4)[None, :, None] + u_w[None, None, :]
+    tile_at = (((rb_w // 4) * (2 * K) + (rb_w % 4) * 128)[:, None, None] + (lane_w * 4)[None, :, None]
+               + u_w[None, None, :])
     qw_tile = qw_ptr + slot64 * stride_qs + tile_at
     meta_tile = meta_ptr + slot64 * stride_ms + tile_at
     # x pairs: token 8tb + g (rows past the tile re-read its last row, never stored); register n of lane t is

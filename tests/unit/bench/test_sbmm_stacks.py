@@ -25,3 +25,12 @@ def test_dense2_variant_holds_the_same_two_bit_deltas():
         want = packing.dequantize(rows["qweight"][s], rows["scales"][s], None, rows["meta"][s], 2, (64, 256))
         assert torch.equal(layout.dequantize_dense2(dense2["qweight"][s], dense2["scales"][s], (64, 256)), want)
     assert [variant_label(v) for v in ("4t", "4", "2d2", "2")] == ["4bt ", "4b  ", "2bd2", "2b  "]
+
+
+def test_sp2_variant_is_the_row_order_stack_in_the_sp2_order():
+    rows = variant_stack("2", 3, 128, 512, "cpu")
+    sp2 = variant_stack("2sp", 3, 128, 512, "cpu")
+    assert layout_name(sp2) == "sp2" and sp2["sp2"] and variant_label("2sp") == "2bsp"
+    want = layout.pack_sp2(rows["qweight"], rows["meta"])
+    assert torch.equal(sp2["qweight"], want[0]) and torch.equal(sp2["meta"], want[1])
+    assert torch.equal(sp2["scales"], rows["scales"])
