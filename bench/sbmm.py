@@ -30,7 +30,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.sbmm_stacks import VARIANTS, layout_name, variant_label, variant_stack  # noqa: E402
-from kernels import layout, reference, sbmm  # noqa: E402
+from kernels import layout, reference, sbmm, spmma_layout  # noqa: E402
 
 SHAPES = {"qkvo": (4096, 4096), "gate_up": (11008, 4096), "down": (4096, 11008)}  # name -> (N, K)
 NUM_DELTAS = (1, 2, 4, 8, 16, 32, 64)
@@ -159,8 +159,8 @@ def one_row(name, n, k, num, rows, bits, stack, dense, base_ws, limit, with_dequ
     row["base_plus_sbmm_over_base"] = row["us_base_plus_sbmm"] / row["us_base"]
     if with_dequant:  # the torch reference reads row order: the first `num` slots, re-ordered once
         q_rows, m_rows = (layout.untile_packed(q[:num], m[:num]) if tiled else
-                          layout.unpack_sp4(q[:num], m[:num]) if sp4 else
-                          layout.unpack_sp2(q[:num], m[:num]) if sp2 else (q, m))
+                          spmma_layout.unpack_sp4(q[:num], m[:num]) if sp4 else
+                          spmma_layout.unpack_sp2(q[:num], m[:num]) if sp2 else (q, m))
 
         def dequant_matmul():
             reference.sbmm_reference(x, y, q_rows, m_rows, sc, None, bits, (n, k), starts, slot_sets[0])

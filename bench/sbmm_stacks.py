@@ -6,7 +6,7 @@ tile-major 4-bit words; generated on the device, since a 64-slot 7B-layer stack 
 
 import torch
 
-from kernels import layout, packing
+from kernels import layout, packing, spmma_layout
 
 NIBBLE_OF_PATTERN = torch.tensor([i0 | (i1 << 2) for i0, i1 in [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]])
 
@@ -42,20 +42,20 @@ def as_tiled4(stack: dict) -> dict:
 
 
 def as_sp4(stack: dict) -> dict:
-    """The same 4-bit deltas in the sp4 order of the sparse-MMA kernel (kernels/layout.py pack_sp4; opt-in, not
+    """The same 4-bit deltas in the sp4 order of the sparse-MMA kernel (kernels/spmma_layout.py pack_sp4; opt-in, not
     what the worker keeps); `sp4` marks it for sbmm."""
     for s in range(stack["qweight"].shape[0]):  # a slot at a time: pack_sp4 works on int64 codes
-        q, m = layout.pack_sp4(stack["qweight"][s], stack["meta"][s])
+        q, m = spmma_layout.pack_sp4(stack["qweight"][s], stack["meta"][s])
         stack["qweight"][s].copy_(q)
         stack["meta"][s].copy_(m)
     return {**stack, "sp4": True}
 
 
 def as_sp2(stack: dict) -> dict:
-    """The same 2-bit deltas in the sp2 order of the 2-bit sparse-MMA kernel (kernels/layout.py pack_sp2;
+    """The same 2-bit deltas in the sp2 order of the 2-bit sparse-MMA kernel (kernels/spmma_layout.py pack_sp2;
     opt-in, not what the worker keeps); `sp2` marks it for sbmm."""
     for s in range(stack["qweight"].shape[0]):  # a slot at a time, like as_sp4
-        q, m = layout.pack_sp2(stack["qweight"][s], stack["meta"][s])
+        q, m = spmma_layout.pack_sp2(stack["qweight"][s], stack["meta"][s])
         stack["qweight"][s].copy_(q)
         stack["meta"][s].copy_(m)
     return {**stack, "sp2": True}

@@ -47,7 +47,7 @@ from deltazip.model.llama import LlamaForCausalLM  # noqa: E402
 from deltazip.model.loader import model_from_state_dict  # noqa: E402
 from deltazip.model.sampling import SamplingParams  # noqa: E402
 from services.worker.delta_ops import StepDeltaOps  # noqa: E402
-from kernels import layout  # noqa: E402
+from kernels import spmma_layout  # noqa: E402
 from services.worker.device_slots import DeviceSlots  # noqa: E402
 from services.worker.engine.engine import EngineConfig, LLMEngine  # noqa: E402
 
@@ -334,11 +334,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--label", default="", help="added to the result file name")
     ap.add_argument("--step-bits", type=int, default=2, choices=(2, 4), help="code width of the step's deltas")
     ap.add_argument("--sp4-words-kernel", action="store_true",
-                    help="sp4 slot writes re-order qweight with the one-pass Triton kernel (layout.SP4_WORDS_KERNEL)")
+                    help="sp4 slot writes re-order qweight with the one-pass Triton kernel (spmma_layout.SP4_WORDS_KERNEL)")
     ap.add_argument("--no-sp4", action="store_true",
                     help="4-bit slots in tiled4 instead of sp4 (the sparse-MMA kernel's order): the in-run baseline")
     args = ap.parse_args(argv)
-    layout.SP4_WORDS_KERNEL = args.sp4_words_kernel
+    spmma_layout.SP4_WORDS_KERNEL = args.sp4_words_kernel
     torch.set_grad_enabled(False)
     from deltazip.logs import configure_logging
 

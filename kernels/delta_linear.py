@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import layout, reference, sbmm
+from kernels import layout, reference, sbmm, spmma_layout
 
 
 def _field(packed, name: str):
@@ -40,7 +40,7 @@ class PackedDeltaStack:
     sym: bool
     shape: tuple[int, int]  # (N, K) = (out_features, in_features)
     tiled: bool = False  # qweight / meta tile-major (4-bit, N and K whole tiles); set_slot writes that order
-    sp4: bool = False  # qweight / meta in the sp4 order (layout.sp4_format_ok); set_slot writes that order
+    sp4: bool = False  # qweight / meta in the sp4 order (spmma_layout.sp4_format_ok); set_slot writes that order
 
     def __post_init__(self) -> None:
         n, k = self.shape
@@ -52,7 +52,7 @@ class PackedDeltaStack:
         if self.tiled and (self.meta is None or not layout.tiled4_format_ok("sparse24", self.bits, self.shape)):
             raise ValueError(f"tiled stacks hold 4-bit 2:4 words with N a multiple of {layout.TILE_ROWS} and K of "
                              f"{layout.TILE_COLS}; got bits={self.bits}, shape={self.shape}")
-        if self.sp4 and (self.tiled or self.meta is None or not layout.sp4_format_ok(
+        if self.sp4 and (self.tiled or self.meta is None or not spmma_layout.sp4_format_ok(
                 "sparse24", self.bits, self.sym, self.shape, self.group_size)):
             raise ValueError(f"sp4 stacks (not also tiled) hold 4-bit symmetric 2:4 words with N a multiple of "
                              f"{layout.TILE_ROWS}, K of {layout.TILE_COLS} and scale groups per row or a multiple of "
@@ -135,8 +135,8 @@ class PackedDeltaStack:
                 raise ValueError(f"slot {i}: {name} shape {tuple(src.shape)}, stack wants {tuple(dst.shape[1:])}")
             if self.tiled and name in layout.TILED4_WIDTHS:
                 layout.copy_tiled4_part(name, src, dst[i])
-            elif self.sp4 and name in layout.SP4_PARTS:
-                layout.copy_sp4_part(name, src, dst[i])
+            elif self.sp4 and name in spmma_layout.SP4_PARTS:
+                spmma_layout.copy_sp4_part(name, src, dst[i])
             else:
                 dst[i].copy_(src, non_blocking=True)
 
@@ -226,7 +226,7 @@ def canonical_words(qweight: torch.Tensor, meta: torch.Tensor, tiled: bool, sp4:
     if tiled:
         return layout.untile_packed(qweight, meta)
     if sp4:
-        return layout.unpack_sp4(qweight, meta)
+        return spmma_layout.unpack_sp4(qweight, meta)
     return qweight, meta
 
 

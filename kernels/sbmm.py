@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import triton
 
-from kernels import layout, sbmm_asm, sbmm_triton
+from kernels import layout, sbmm_asm, sbmm_triton, spmma_layout
 
 try:  # Gluon ships with Triton >= 3.5; without it every launch takes the portable kernel
     from kernels import sbmm_gluon, sbmm_spmma, sbmm_spmma2
@@ -171,10 +171,10 @@ def sbmm(
     tensors have a fixed, padded length S; the hint sizes the grid and the K split for the real ones.
     tiled: 4-bit qweight and meta are stored tile-major (kernels/layout.py `tile_packed`, what CUDA slots hold
     where N and K tile); dense2 words are always tile-major. Both kernels read either order.
-    sp4: qweight and meta are in the sp4 order (kernels/layout.py `pack_sp4`; 4-bit symmetric, per-row scales or
+    sp4: qweight and meta are in the sp4 order (kernels/spmma_layout.py `pack_sp4`; 4-bit symmetric, per-row scales or
     groups a multiple of 128) and run on the sparse-MMA kernel (kernels/sbmm_spmma.py, CUDA sm_80+ only); what CUDA
     slots hold for such deltas (services/worker/device_slots.py).
-    sp2: qweight and meta are in the sp2 order (kernels/layout.py `pack_sp2`; 2-bit symmetric, N % 64 == 0,
+    sp2: qweight and meta are in the sp2 order (kernels/spmma_layout.py `pack_sp2`; 2-bit symmetric, N % 64 == 0,
     K % 256 == 0, per-row scales or groups a multiple of 128) and run on kernels/sbmm_spmma2.py (CUDA sm_80+ only;
     opt-in, not yet what CUDA slots hold).
     """
@@ -367,7 +367,7 @@ def spmma2_supported(x: torch.Tensor, n: int, k: int, bits: int, num_groups: int
     if not spmma_device_ok(x.device, x.dtype):
         return False
     group_ok = num_groups == 1 or (k % num_groups == 0 and (k // num_groups) % layout.TILE_COLS == 0)
-    return (bits == 2 and not asym and n % layout.TILE_ROWS == 0 and k % layout.SP2_STEP == 0 and group_ok
+    return (bits == 2 and not asym and n % layout.TILE_ROWS == 0 and k % spmma_layout.SP2_STEP == 0 and group_ok
             and x.stride(0) % 2 == 0)
 
 
@@ -405,7 +405,7 @@ def _sbmm_sparse_mma(x, y, qweight, meta, scales, zeros, seg_starts, seg_slots, 
         ws, counters = _no_workspace(x.device)
     const = _spmma_constexprs(k, group_size, num_groups, x.dtype, block_m, block_n, warps, splits,
                               bool(config.get("prefetch", True)), bits)
-    xs = layout.sp4_x(x)  # the B order (sp2 too): 16-byte x loads (T x K x 2 bytes, small next to the deltas)
+    xs = spmma_layout.sp4_x(x)  # the B order (sp2 too): 16-byte x loads (T x K x 2 bytes, small next to the deltas)
     max_segs = max(16, triton.next_power_of_2(num_segments))
     kernel = sbmm_spmma2._sbmm_spmma2_kernel if sp2 else sbmm_spmma._sbmm_spmma_kernel
     kernel[grid](

@@ -18,10 +18,10 @@ With g = lane >> 2, t = lane & 3:
      [31:16] row g+8, K 16c .. 16c+15, two bits per kept value in compressed-column order: per group the
      nibble i0 | i1 << 2, exactly the canonical meta nibble (kernels/packing.py). The other lane pair's register
      is ignored, so instructions 0, 2 use selector 0 and 1, 3 selector 1: every lane's two loaded meta
-     registers are used (kernels/layout.py `pack_sp4` stores them that way).
+     registers are used (kernels/spmma_layout.py `pack_sp4` stores them that way).
 A K step is 128 columns = 4 instructions j; per 16-row block a lane loads 4 words (one per j, 16 bytes) and
 2 meta words (8 bytes). B regs (K 32j + 8m + 2t: a group's 4 columns are split over two lanes) would be 16
-four-byte loads of x in dense order, so the wrapper hands the kernel x in the sp4 B order (kernels/layout.py
+four-byte loads of x in dense order, so the wrapper hands the kernel x in the sp4 B order (kernels/spmma_layout.py
 `sp4_x`: a lane's 16 pairs of a step are contiguous, four 16-byte loads per token block). With PREFETCH the next
 step's words, meta and x are loaded before this step's MMAs (registers; the last step re-reads itself). Scales
 (per row, or per group that is a multiple of 128 columns) multiply the fp32 product of each step, like the
@@ -104,9 +104,9 @@ def _scaled(acc, part, s_lo, s_hi):
 
 @gluon.jit
 def _sbmm_spmma_kernel(
-    # activations as fp16/bf16 pairs in the sp4 B order (kernels/layout.py sp4_x): int32 [T, K/2]; y: [T, N]
+    # activations as fp16/bf16 pairs in the sp4 B order (kernels/spmma_layout.py sp4_x): int32 [T, K/2]; y: [T, N]
     x_ptr, y_ptr, stride_xm, stride_ym,
-    # slot-stacked sp4 words and meta (kernels/layout.py pack_sp4), scales fp16 [slots, N, G]
+    # slot-stacked sp4 words and meta (kernels/spmma_layout.py pack_sp4), scales fp16 [slots, N, G]
     qw_ptr, meta_ptr, scales_ptr, stride_qs, stride_ms, stride_ss, stride_sn,
     # segments: rows seg_starts[s]:seg_starts[s+1] use slot seg_slots[s] (-1: none)
     seg_starts_ptr, seg_slots_ptr, num_segments, num_slots,

@@ -1,4 +1,4 @@
-"""SBMM on the sparse tensor cores for 2-bit symmetric 2:4 deltas in the sp2 order (kernels/layout.py pack_sp2).
+"""SBMM on the sparse tensor cores for 2-bit symmetric 2:4 deltas in the sp2 order (kernels/spmma_layout.py pack_sp2).
 
 The 4-bit kernel's approach (kernels/sbmm_spmma.py: its docstring has the mma.sp fragment and metadata rules)
 at 2 bits: only the kept codes are expanded, straight into the A registers, and the meta words are the
@@ -6,7 +6,7 @@ metadata registers as stored. A K step is 256 columns = 8 mma.sp j, so that a la
 16-byte load of words (4 words, 16 codes = two mma.sp each) and one of meta (4 words, each the metadata
 register of mma.sp 2v and 2v + 1 with selectors 0 and 1). Per word: 7 `shr` + 8 `lop3` + 8 half2 `sub` (bf16:
 `fma`) give the 8 A registers of its two mma.sp as (magic + q) - (magic + 2) = q - 2, exact.
-x: the 256-column step is two 128-column halves in the sp4 B order (kernels/layout.py sp4_x, unchanged): B
+x: the 256-column step is two 128-column halves in the sp4 B order (kernels/spmma_layout.py sp4_x, unchanged): B
 register n = 4j + m of a lane is pair 64 * (n // 16) + 16t + n % 16 of the step, two runs of 64 contiguous
 bytes. That is 32 registers per 8 tokens (twice sp4's), so the wrapper caps BLOCK_M at 16.
 Scales per row (once at the end), or per group of a multiple of 128 columns on the fp32 product of each step
@@ -77,9 +77,9 @@ def _mma_half(acc, xb, qw, mw, U0: gl.constexpr, EXPAND: gl.constexpr, MMA0: gl.
 
 @gluon.jit
 def _sbmm_spmma2_kernel(
-    # activations as fp16/bf16 pairs in the sp4 B order (kernels/layout.py sp4_x): int32 [T, K/2]; y: [T, N]
+    # activations as fp16/bf16 pairs in the sp4 B order (kernels/spmma_layout.py sp4_x): int32 [T, K/2]; y: [T, N]
     x_ptr, y_ptr, stride_xm, stride_ym,
-    # slot-stacked sp2 words and meta (kernels/layout.py pack_sp2), scales fp16 [slots, N, G]
+    # slot-stacked sp2 words and meta (kernels/spmma_layout.py pack_sp2), scales fp16 [slots, N, G]
     qw_ptr, meta_ptr, scales_ptr, stride_qs, stride_ms, stride_ss, stride_sn,
     # segments: rows seg_starts[s]:seg_starts[s+1] use slot seg_slots[s] (-1: none)
     seg_starts_ptr, seg_slots_ptr, num_segments, num_slots,

@@ -9,7 +9,7 @@ On CUDA, 2-bit symmetric linear deltas (2:4 or dense) are re-encoded on the way 
 [S, N, K/16] (tile-major words, kernels/layout.py) and scales, no meta. 4-bit symmetric 2:4 deltas that the
 sparse-MMA kernel takes (N and K whole tiles, scales per row or in groups of a multiple of 128; GPU sm_80+, fp16 /
 bf16 activations) keep their bits in its order (layout "sp4": qweight and meta re-ordered on the way in,
-kernels/layout.py `pack_sp4`; sbmm's `sp4` path). Other 4-bit 2:4 deltas whose N and K fit whole tiles (asymmetric,
+kernels/spmma_layout.py `pack_sp4`; sbmm's `sp4` path). Other 4-bit 2:4 deltas whose N and K fit whole tiles (asymmetric,
 other scale groups, older GPUs) are stored tile-major (layout "tiled4": so a kernel K step reads contiguous
 blocks); other shapes keep the canonical row order. CPU slots keep the canonical order unless forced.
 The ResidencyManager decides which delta goes to which slot; this only holds the bytes.
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels import layout, sbmm
+from kernels import layout, sbmm, spmma_layout
 
 EMBED = "model.embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
@@ -41,7 +41,7 @@ class StackFormat:
     sym: bool | None
     part_shapes: tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
     # canonical (kernels/packing.py) | dense2 (kernels/layout.py: qweight + scales) | tiled4 (canonical parts,
-    # qweight and meta tile-major: kernels/layout.py tile_packed) | sp4 (the same, in layout.pack_sp4's order)
+    # qweight and meta tile-major: kernels/layout.py tile_packed) | sp4 (the same, in spmma_layout.pack_sp4's order)
     layout: str = "canonical"
 
 
@@ -142,8 +142,8 @@ class DeviceSlots:
                 for part, tensor in parts.items():  # re-orders run on the copy stream, after their copy
                     if order == "tiled4" and part in layout.TILED4_WIDTHS:
                         layout.copy_tiled4_part(part, tensor, stack.parts[part][slot])
-                    elif order == "sp4" and part in layout.SP4_PARTS:
-                        layout.copy_sp4_part(part, tensor, stack.parts[part][slot])
+                    elif order == "sp4" and part in spmma_layout.SP4_PARTS:
+                        spmma_layout.copy_sp4_part(part, tensor, stack.parts[part][slot])
                     else:
                         stack.parts[part][slot].copy_(tensor, non_blocking=True)
                 where[tensor_name] = stack
@@ -155,7 +155,7 @@ class DeviceSlots:
     def _packed_order(self, delta) -> str:
         """The layout of a delta that is not dense2: sp4, tiled4 or canonical (see the module docstring)."""
         kind, bits, shape = delta.kind, getattr(delta, "bits", None), tuple(delta.shape)
-        if self._sp4 and getattr(delta, "meta", None) is not None and layout.sp4_format_ok(
+        if self._sp4 and getattr(delta, "meta", None) is not None and spmma_layout.sp4_format_ok(
                 kind, bits, getattr(delta, "sym", None), shape, getattr(delta, "group_size", None)):
             return "sp4"
         return "tiled4" if self._tiled4 and layout.tiled4_format_ok(kind, bits, shape) else "canonical"

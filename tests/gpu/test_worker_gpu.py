@@ -199,10 +199,10 @@ def test_four_bit_deltas_load_tiled_where_they_tile_and_match_the_canonical_refe
                                                       (128, False, None, "tiled4"), (128, True, False, "tiled4")])
 def test_four_bit_symmetric_deltas_load_as_sp4_and_match_the_canonical_reference(group, sym, sp4, want_layout):
     """DeviceSlots on CUDA stores a 4-bit symmetric 2:4 delta with scales per row or per 128 columns in the
-    sparse-MMA order (the bytes of layout.pack_sp4) unless sp4=False; an asymmetric one goes tile-major. The step's
+    sparse-MMA order (the bytes of spmma_layout.pack_sp4) unless sp4=False; an asymmetric one goes tile-major. The step's
     kernel launch equals the canonical dequantize-then-matmul either way, and an empty slot adds nothing."""
     from deltazip.artifact.delta_tensor import DeltaTensor
-    from kernels import layout, packing
+    from kernels import layout, packing, spmma_layout
     from services.worker.delta_ops import StepDeltaOps
     from services.worker.device_slots import DeviceSlots
     from tests.kernels.packed_factory import random_packed
@@ -215,7 +215,7 @@ def test_four_bit_symmetric_deltas_load_as_sp4_and_match_the_canonical_reference
     slots.write(1, "d", {"w.weight": delta})
     stack = slots.stack(1, "w.weight")
     assert stack.layout == want_layout
-    order = layout.pack_sp4 if want_layout == "sp4" else layout.tile_packed
+    order = spmma_layout.pack_sp4 if want_layout == "sp4" else layout.tile_packed
     stored = order(p["qweight"], p["meta"])
     assert torch.equal(stack.parts["qweight"][1].cpu(), stored[0]) and torch.equal(stack.parts["meta"][1].cpu(), stored[1])
     x = torch.randn(9, k, device="cuda", dtype=torch.float16)

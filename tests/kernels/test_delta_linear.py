@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels import layout, packing
+from kernels import layout, packing, spmma_layout
 from kernels.delta_linear import (DenseDeltaStack, PackedDeltaStack, apply_deltas, canonical_words,
                                   validate_segments)
 from tests.kernels.packed_factory import random_packed
@@ -77,13 +77,13 @@ def test_tiled_stacks_need_four_bit_words_of_whole_tiles():
 @pytest.mark.parametrize("group", [128, None])
 def test_sp4_stack_stores_the_sparse_mma_order_and_reads_back_canonical(group):
     """An sp4 stack (4-bit symmetric words and meta in the sparse-MMA kernel's order, as CUDA slots hold them)
-    writes layout.pack_sp4's bytes in set_slot, reads back the canonical words, and its CPU path gives the
+    writes spmma_layout.pack_sp4's bytes in set_slot, reads back the canonical words, and its CPU path gives the
     canonical stack's products."""
     n, k = 128, 256
     g = torch.Generator().manual_seed(6)
     packed = [random_packed(n, k, 4, group, True, generator=g) for _ in range(2)]
     stack = PackedDeltaStack.from_packed(packed, bits=4, shape=(n, k), sp4=True)
-    want_q, want_m = layout.pack_sp4(packed[1]["qweight"], packed[1]["meta"])
+    want_q, want_m = spmma_layout.pack_sp4(packed[1]["qweight"], packed[1]["meta"])
     assert stack.sp4 and torch.equal(stack.qweight[1], want_q) and torch.equal(stack.meta[1], want_m)
     q, m = canonical_words(stack.qweight, stack.meta, stack.tiled, stack.sp4)
     assert torch.equal(q[0], packed[0]["qweight"]) and torch.equal(m[0], packed[0]["meta"])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import layout, packing, reference, sbmm, sbmm_asm
+from kernels import layout, packing, reference, sbmm, sbmm_asm, spmma_layout
 from tests.kernels.packed_factory import random_packed, stack_packed
 
 CUDA = torch.cuda.is_available()
@@ -513,9 +513,9 @@ def test_sp4_layout_round_trip(n, k):
     unpack_sp4 undoes exactly, also for slot-stacked tensors."""
     g = torch.Generator().manual_seed(n + k)
     stacked = stack_packed([random_packed(n, k, 4, 128, generator=g) for _ in range(2)])
-    q, m = layout.pack_sp4(stacked["qweight"], stacked["meta"])
+    q, m = spmma_layout.pack_sp4(stacked["qweight"], stacked["meta"])
     assert q.shape == stacked["qweight"].shape and m.shape == stacked["meta"].shape
-    back = layout.unpack_sp4(q, m)
+    back = spmma_layout.unpack_sp4(q, m)
     assert torch.equal(back[0], stacked["qweight"]) and torch.equal(back[1], stacked["meta"])
     w = q.shape[-1]
     codes, canon_codes = (packing.unpack_codes(t.reshape(-1, w), 4, 8 * w) for t in (q, stacked["qweight"]))
@@ -529,7 +529,7 @@ def test_sp4_places_the_documented_codes():
     pairs at bits 4p / 4p + 16; its meta slot holds the canonical meta bits of rows g / g + 8."""
     n, k = 128, 256
     p = random_packed(n, k, 4, None, generator=torch.Generator().manual_seed(3))
-    q, m = layout.pack_sp4(p["qweight"], p["meta"])
+    q, m = spmma_layout.pack_sp4(p["qweight"], p["meta"])
     codes = packing.unpack_codes(p["qweight"], 4, k // 2)  # [N, K/2]
     halves = p["meta"].view(torch.int16).to(torch.int64) & 0xFFFF  # [N, K/16]
     qb = q.reshape(n // 64, k // 128, 4, 32, 4).to(torch.int64) & 0xFFFFFFFF

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import layout, packing, reference, sbmm, sbmm_spmma
+from kernels import packing, reference, sbmm, sbmm_spmma, spmma_layout
 from tests.kernels.packed_factory import random_packed
 from tests.kernels.test_sbmm import TOL, make_case
 
@@ -68,7 +68,7 @@ def kernel_tile(q_sp4, m_sp4, scales, x, block_row: int, dtype: str) -> np.ndarr
     k = x.shape[1]
     qf = q_sp4.reshape(-1).numpy().view(np.uint32)
     mf = m_sp4.reshape(-1).numpy().view(np.uint32)
-    xp = layout.sp4_x(x).double().numpy()  # as the wrapper hands it over: pairs in the sp4 B order
+    xp = spmma_layout.sp4_x(x).double().numpy()  # as the wrapper hands it over: pairs in the sp4 B order
     rows = 16 * block_row + G
     acc = np.zeros((32, 4))
     for k0 in range(0, k, 128):
@@ -98,7 +98,7 @@ def test_mma_sp_model_on_sp4_registers_matches_dense_product(dtype, group):
     p = random_packed(n, k, 4, group, generator=gen)
     torch_dtype = torch.float16 if dtype == "f16" else torch.bfloat16
     x = torch.randn(8, k, generator=gen).to(torch_dtype)
-    q, m = layout.pack_sp4(p["qweight"], p["meta"])
+    q, m = spmma_layout.pack_sp4(p["qweight"], p["meta"])
     dense = packing.dequantize(p["qweight"], p["scales"], None, p["meta"], 4, (n, k))  # fp32
     want = (x.double() @ dense.double().T).numpy()  # [8 tokens, N]
     for block_row in (0, 3, 5):
@@ -110,7 +110,7 @@ def test_sp4_x_puts_each_lanes_b_registers_side_by_side():
     """Column pair 16j + 4m + t of a 128-column step (mma j, B register m, quad position t) is stored at pair
     16t + 4j + m; steps stay in place; K not a multiple of 128 is refused."""
     x = torch.arange(3 * 256, dtype=torch.float32).reshape(3, 256)
-    got = layout.sp4_x(x)
+    got = spmma_layout.sp4_x(x)
     for step in range(2):
         for j in range(4):
             for m in range(4):
@@ -118,7 +118,7 @@ def test_sp4_x_puts_each_lanes_b_registers_side_by_side():
                     src, dst = 64 * step + 16 * j + 4 * m + t, 64 * step + 16 * t + 4 * j + m
                     assert torch.equal(got[:, 2 * dst:2 * dst + 2], x[:, 2 * src:2 * src + 2])
     with pytest.raises(ValueError, match="K % 128"):
-        layout.sp4_x(torch.zeros(2, 64))
+        spmma_layout.sp4_x(torch.zeros(2, 64))
 
 
 @pytest.mark.parametrize("dtype", ["f16", "bf16"])
@@ -145,7 +145,7 @@ LLAMA_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N, K): q/k/v/o, 
 def run_sp4(stack, x, y, starts, slots, n, k, config=None, segments_hint=None):
     """y after the sparse-MMA kernel on the sp4 copy of the stack, and after the canonical torch reference."""
     y_kernel, y_ref = y.clone(), y.clone()
-    q, m = layout.pack_sp4(stack["qweight"], stack["meta"])
+    q, m = spmma_layout.pack_sp4(stack["qweight"], stack["meta"])
     sbmm.sbmm(x, y_kernel, q, m, stack["scales"], None, starts, slots, 4, config=config, sp4=True,
               segments_hint=segments_hint)
     reference.sbmm_reference(x, y_ref, stack["qweight"], stack["meta"], stack["scales"], None, 4, (n, k),

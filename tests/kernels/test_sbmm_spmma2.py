@@ -1,4 +1,4 @@
-"""The 2-bit sparse-MMA path (sp2): the layout (kernels/layout.py pack_sp2) as a permutation that puts every code
+"""The 2-bit sparse-MMA path (sp2): the layout (kernels/spmma_layout.py pack_sp2) as a permutation that puts every code
 and meta half where the kernel's registers want it, and the whole path on the CPU: sp2 words -> per-lane
 registers exactly as kernels/sbmm_spmma2.py addresses them -> the numpy model of mma.sp m16n8k32 of
 tests/kernels/test_sbmm_spmma.py -> must equal x @ dequant(Δ).T. GPU tests (skipped without CUDA) check the
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import layout, packing, reference, sbmm, sbmm_spmma, sbmm_spmma2
+from kernels import packing, reference, sbmm, sbmm_spmma, sbmm_spmma2, spmma_layout
 from tests.kernels.packed_factory import random_packed
 from tests.kernels.test_sbmm import TOL, make_case
 from tests.kernels.test_sbmm_spmma import G, LANES, LLAMA_SHAPES, T, gpu, mma_sp
@@ -25,14 +25,14 @@ def test_sp2_round_trips_and_keeps_the_bytes(n, k):
     """pack_sp2 is a permutation of the canonical codes and meta halves (same shapes, nothing lost or duplicated)
     that unpack_sp2 undoes exactly, also for slot-stacked tensors."""
     q, m = _random_words((3, n, k // 32), n + k), _random_words((3, n, k // 32), n * k)
-    sq, sm = layout.pack_sp2(q, m)
+    sq, sm = spmma_layout.pack_sp2(q, m)
     assert sq.shape == q.shape and sm.shape == m.shape and sq.dtype == sm.dtype == torch.int32
-    assert torch.equal(torch.sort(layout._crumbs(sq).flatten()).values, torch.sort(layout._crumbs(q).flatten()).values)
+    assert torch.equal(torch.sort(spmma_layout._crumbs(sq).flatten()).values, torch.sort(spmma_layout._crumbs(q).flatten()).values)
     assert torch.equal(torch.sort(sm.view(torch.int16).flatten()).values,
                        torch.sort(m.view(torch.int16).flatten()).values)
-    back_q, back_m = layout.unpack_sp2(sq, sm)
+    back_q, back_m = spmma_layout.unpack_sp2(sq, sm)
     assert torch.equal(back_q, q) and torch.equal(back_m, m)
-    assert torch.equal(sq[1], layout.sp2_words(q[1])) and torch.equal(sm[2], layout.sp2_meta(m[2]))
+    assert torch.equal(sq[1], spmma_layout.sp2_words(q[1])) and torch.equal(sm[2], spmma_layout.sp2_meta(m[2]))
 
 
 def test_sp2_puts_each_code_where_the_docstring_says():
@@ -44,7 +44,7 @@ def test_sp2_puts_each_code_where_the_docstring_says():
         for kept in range(0, k // 2, 13):
             codes = torch.zeros(n, k // 2, dtype=torch.int64)
             codes[r, kept] = 3
-            got = layout._crumbs(layout.sp2_words(packing.pack_codes(codes, 2))).reshape(-1)
+            got = spmma_layout._crumbs(spmma_layout.sp2_words(packing.pack_codes(codes, 2))).reshape(-1)
             word, f = divmod(kept, 16)
             grp, i = divmod(f, 2)
             s, j = divmod(word, 8)
@@ -61,7 +61,7 @@ def test_sp2_puts_each_meta_half_where_the_docstring_says():
     n, k = 128, 512
     w = k // 32
     halves = torch.arange(n * 2 * w, dtype=torch.int32).to(torch.int16).reshape(n, 2 * w)
-    got = layout.sp2_meta(halves.view(torch.int32)).view(torch.int16).reshape(-1)
+    got = spmma_layout.sp2_meta(halves.view(torch.int32)).view(torch.int16).reshape(-1)
     for r in range(0, n, 5):
         for hh in range(2 * w):
             s, rest = divmod(hh, 16)
@@ -73,14 +73,14 @@ def test_sp2_puts_each_meta_half_where_the_docstring_says():
 
 def test_sp2_rejects_shapes_that_do_not_tile():
     with pytest.raises(ValueError, match="K=128 of 256"):
-        layout.pack_sp2(torch.zeros(64, 4, dtype=torch.int32), torch.zeros(64, 4, dtype=torch.int32))
+        spmma_layout.pack_sp2(torch.zeros(64, 4, dtype=torch.int32), torch.zeros(64, 4, dtype=torch.int32))
     with pytest.raises(ValueError, match="multiple of 64"):
-        layout.sp2_words(torch.zeros(32, 8, dtype=torch.int32))
-    assert layout.sp2_format_ok("sparse24", 2, True, (4096, 11008), 128)
-    assert not layout.sp2_format_ok("sparse24", 2, True, (4096, 11008 + 128), 128)  # K % 256
-    assert not layout.sp2_format_ok("sparse24", 2, False, (4096, 4096), 128)
-    assert not layout.sp2_format_ok("sparse24", 4, True, (4096, 4096), 128)
-    assert not layout.sp2_format_ok("sparse24", 2, True, (4096, 4096), 64)
+        spmma_layout.sp2_words(torch.zeros(32, 8, dtype=torch.int32))
+    assert spmma_layout.sp2_format_ok("sparse24", 2, True, (4096, 11008), 128)
+    assert not spmma_layout.sp2_format_ok("sparse24", 2, True, (4096, 11008 + 128), 128)  # K % 256
+    assert not spmma_layout.sp2_format_ok("sparse24", 2, False, (4096, 4096), 128)
+    assert not spmma_layout.sp2_format_ok("sparse24", 4, True, (4096, 4096), 128)
+    assert not spmma_layout.sp2_format_ok("sparse24", 2, True, (4096, 4096), 64)
 
 
 def expand_word2(words: np.ndarray, dtype: str) -> np.ndarray:
@@ -109,7 +109,7 @@ def kernel_tile2(q_sp2, m_sp2, scales, x, block_row: int, dtype: str) -> np.ndar
     k = x.shape[1]
     qf = q_sp2.reshape(-1).numpy().view(np.uint32)
     mf = m_sp2.reshape(-1).numpy().view(np.uint32)
-    xp = layout.sp4_x(x).double().numpy()  # the wrapper hands sp2 the sp4 B order too
+    xp = spmma_layout.sp4_x(x).double().numpy()  # the wrapper hands sp2 the sp4 B order too
     rows = 16 * block_row + G
     acc = np.zeros((32, 4))
     for k0 in range(0, k, 256):
@@ -141,7 +141,7 @@ def test_mma_sp_model_on_sp2_registers_matches_dense_product(dtype, group):
     p = random_packed(n, k, 2, group, generator=gen)
     torch_dtype = torch.float16 if dtype == "f16" else torch.bfloat16
     x = torch.randn(8, k, generator=gen).to(torch_dtype)
-    q, m = layout.pack_sp2(p["qweight"], p["meta"])
+    q, m = spmma_layout.pack_sp2(p["qweight"], p["meta"])
     dense = packing.dequantize(p["qweight"], p["scales"], None, p["meta"], 2, (n, k))  # fp32
     want = (x.double() @ dense.double().T).numpy()  # [8 tokens, N]
     for block_row in (0, 3, 5):
@@ -167,7 +167,7 @@ def test_expand2_ptx_uses_the_modelled_constants(dtype):
 def run_sp2(stack, x, y, starts, slots, n, k, config=None, segments_hint=None):
     """y after the sparse-MMA kernel on the sp2 copy of the stack, and after the canonical torch reference."""
     y_kernel, y_ref = y.clone(), y.clone()
-    q, m = layout.pack_sp2(stack["qweight"], stack["meta"])
+    q, m = spmma_layout.pack_sp2(stack["qweight"], stack["meta"])
     sbmm.sbmm(x, y_kernel, q, m, stack["scales"], None, starts, slots, 2, config=config, sp2=True,
               segments_hint=segments_hint)
     reference.sbmm_reference(x, y_ref, stack["qweight"], stack["meta"], stack["scales"], None, 2, (n, k),
@@ -219,4 +219,4 @@ def test_sp2_path_rejects_what_it_cannot_run():
         sbmm.sbmm(x, y, stack["qweight"], stack["meta"], stack["scales"], None, starts, slots, 2, sp2=True)
     with pytest.raises(ValueError, match="sp4 and sp2"):
         sbmm.sbmm(x, y, stack["qweight"], stack["meta"], stack["scales"], None, starts, slots, 2, sp2=True, sp4=True)
-    assert sbmm_spmma.STEP_K.value * 2 == sbmm_spmma2.STEP_K.value == layout.SP2_STEP
+    assert sbmm_spmma.STEP_K.value * 2 == sbmm_spmma2.STEP_K.value == spmma_layout.SP2_STEP

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bench.sbmm_stacks import layout_name, variant_label, variant_stack
-from kernels import layout, packing, sbmm
+from kernels import layout, packing, sbmm, spmma_layout
 
 
 def test_tiled_variant_is_the_row_order_stack_tile_major():
@@ -31,6 +31,6 @@ def test_sp2_variant_is_the_row_order_stack_in_the_sp2_order():
     rows = variant_stack("2", 3, 128, 512, "cpu")
     sp2 = variant_stack("2sp", 3, 128, 512, "cpu")
     assert layout_name(sp2) == "sp2" and sp2["sp2"] and variant_label("2sp") == "2bsp"
-    want = layout.pack_sp2(rows["qweight"], rows["meta"])
+    want = spmma_layout.pack_sp2(rows["qweight"], rows["meta"])
     assert torch.equal(sp2["qweight"], want[0]) and torch.equal(sp2["meta"], want[1])
     assert torch.equal(sp2["scales"], rows["scales"])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from deltazip.artifact.delta_tensor import DeltaTensor
-from kernels import layout, packing, sbmm
+from kernels import layout, packing, sbmm, spmma_layout
 from services.worker.delta_ops import StepDeltaOps
 from services.worker.device_slots import DeviceSlots
 from tests.kernels.packed_factory import random_packed
@@ -100,7 +100,7 @@ def test_cpu_slots_keep_the_canonical_layout_by_default():
 
 def test_four_bit_symmetric_deltas_in_sp4_stacks_give_the_canonical_products():
     """With sp4 on, a 4-bit symmetric 2:4 delta with scale groups of 128 lands in the sparse-MMA order (bytes as
-    layout.pack_sp4 writes them) and multiplies as its canonical form does; an asymmetric one falls back to tiled4,
+    spmma_layout.pack_sp4 writes them) and multiplies as its canonical form does; an asymmetric one falls back to tiled4,
     groups of 32 columns (which the sparse-MMA kernel does not take) too, and a 2-bit one stays canonical."""
     shape = (128, 512)
     g = torch.Generator().manual_seed(12)
@@ -114,7 +114,7 @@ def test_four_bit_symmetric_deltas_in_sp4_stacks_give_the_canonical_products():
     layouts = {slot: slots.stack(slot, NAME).layout for slot in deltas}
     assert layouts == {0: "sp4", 1: "tiled4", 2: "tiled4", 3: "canonical"} and slots.stack(0, NAME).sp4
     parts = slots.stack(0, NAME).parts
-    qweight, meta = layout.pack_sp4(deltas[0].qweight, deltas[0].meta)
+    qweight, meta = spmma_layout.pack_sp4(deltas[0].qweight, deltas[0].meta)
     assert torch.equal(parts["qweight"][0], qweight) and torch.equal(parts["meta"][0], meta)
     assert not torch.equal(parts["qweight"][0], deltas[0].qweight)
     y, want = _products(slots, deltas, [(1, 2), (0, 3), (None, 1), (2, 1), (3, 2)], shape[1])
@@ -138,9 +138,9 @@ def test_sp4_stacks_fill_unwritten_meta_with_a_valid_pattern_and_cpu_slots_defau
 def test_copy_sp4_part_writes_pack_sp4_in_row_chunks(monkeypatch):
     """The slot write re-orders qweight and meta separately, a few 64-row blocks at a time: the bytes of pack_sp4."""
     p = random_packed(320, 256, 4, 128, True, generator=torch.Generator().manual_seed(16))
-    monkeypatch.setattr(layout, "SP4_CHUNK_CODES", 128 * 8 * 16)  # two row blocks per chunk, the last one alone
-    want = layout.pack_sp4(p["qweight"], p["meta"])
+    monkeypatch.setattr(spmma_layout, "SP4_CHUNK_CODES", 128 * 8 * 16)  # two row blocks per chunk, the last one alone
+    want = spmma_layout.pack_sp4(p["qweight"], p["meta"])
     for part, expect in zip(("qweight", "meta"), want):
         out = torch.full_like(p[part], -1)
-        layout.copy_sp4_part(part, p[part], out)
+        spmma_layout.copy_sp4_part(part, p[part], out)
         assert torch.equal(out, expect)
