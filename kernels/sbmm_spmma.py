@@ -97,6 +97,22 @@ def _mma_step(acc, xb, qw, mw, EXPAND: gl.constexpr, MMA0: gl.constexpr, MMA1: g
 
 
 @gluon.jit
+def _scale_rows(scales_ptr, slot64, stride_ss, stride_sn, n0, RB: gl.constexpr, L_A: gl.constexpr):
+    """Pointers to the scales of rows g and g + 8 of each 16-row block of this program: [RB, 32] each."""
+    rb_a = gl.arange(0, RB, layout=gl.SliceLayout(1, L_A))
+    lane_a = gl.arange(0, 32, layout=gl.SliceLayout(0, L_A))
+    rows_a = n0 + 16 * rb_a[:, None] + lane_a[None, :] // 4
+    scale_lo = scales_ptr + slot64 * stride_ss + rows_a * stride_sn
+    return scale_lo, scale_lo + 8 * stride_sn
+
+
+@gluon.jit
+def _load_step(x_rows, qw_tile, meta_tile, k0, WORDS_PER_COL2: gl.constexpr):
+    """One K step's x pairs, words and meta words at dense column k0 (words: WORDS_PER_COL2 / 2 per column)."""
+    return gl.load(x_rows + k0 // 2), gl.load(qw_tile + WORDS_PER_COL2 * k0), gl.load(meta_tile + 2 * k0)
+
+
+@gluon.jit
 def _scaled(acc, part, s_lo, s_hi):
     """acc + part * scale, c0/c1 on row g, c2/c3 on row g + 8 (s_lo / s_hi: fp32 [RB, 1, 32])."""
     return (acc[0] + part[0] * s_lo, acc[1] + part[1] * s_lo, acc[2] + part[2] * s_hi, acc[3] + part[3] * s_hi)
@@ -150,29 +166,17 @@ def _sbmm_spmma_kernel(
     n_x = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, L_X)))
     tok_x = gl.minimum(m_start + 8 * tb_x[:, None] + lane_x[None, :] // 4, m_end - 1)
     x_rows = x_ptr + (tok_x * stride_xm + 16 * (lane_x[None, :] % 4))[:, :, None] + n_x[None, None, :]
-    # scales of rows g and g + 8 of each 16-row block
-    rb_a = gl.arange(0, RB, layout=gl.SliceLayout(1, L_A))
-    lane_a = gl.arange(0, 32, layout=gl.SliceLayout(0, L_A))
-    rows_a = n0 + 16 * rb_a[:, None] + lane_a[None, :] // 4
-    scale_lo = scales_ptr + slot64 * stride_ss + rows_a * stride_sn
-    scale_hi = scale_lo + 8 * stride_sn
+    scale_lo, scale_hi = _scale_rows(scales_ptr, slot64, stride_ss, stride_sn, n0, RB, L_A)
 
     zero = gl.zeros([RB, TB, 32], gl.float32, layout=L_S)
     acc = (zero, zero, zero, zero)
     if PREFETCH:
-        xb = gl.load(x_rows + k_lo // 2)
-        qw = gl.load(qw_tile + 4 * k_lo)
-        mw = gl.load(meta_tile + 2 * k_lo)
+        xb, qw, mw = _load_step(x_rows, qw_tile, meta_tile, k_lo, 4)
     for k0 in range(k_lo, k_hi, STEP_K):
         if PREFETCH:  # the next step's loads in flight during this step's MMAs
-            k_next = gl.minimum(k0 + STEP_K, k_hi - STEP_K)
-            xb_n = gl.load(x_rows + k_next // 2)
-            qw_n = gl.load(qw_tile + 4 * k_next)
-            mw_n = gl.load(meta_tile + 2 * k_next)
-        else:
-            xb = gl.load(x_rows + k0 // 2)
-            qw = gl.load(qw_tile + 4 * k0)  # sp4: one K step of a 64-row block is 512 words, 256 meta words
-            mw = gl.load(meta_tile + 2 * k0)
+            xb_n, qw_n, mw_n = _load_step(x_rows, qw_tile, meta_tile, gl.minimum(k0 + STEP_K, k_hi - STEP_K), 4)
+        else:  # sp4: one K step of a 64-row block is 512 words, 256 meta words
+            xb, qw, mw = _load_step(x_rows, qw_tile, meta_tile, k0, 4)
         if SCALE_MODE == 1:  # one scale per row and step: on this step's fp32 product
             part = _mma_step((zero, zero, zero, zero), xb, qw, mw, EXPAND, MMA0, MMA1, CONSTRAINTS_E,
                              CONSTRAINTS_M, L_A, L_B)

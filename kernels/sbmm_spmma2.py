@@ -17,7 +17,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 from kernels.sbmm_gluon import _find_tile, _split_range
-from kernels.sbmm_spmma import _bits, _epilogue, _linear, _pick, _scaled
+from kernels.sbmm_spmma import _bits, _epilogue, _linear, _load_step, _pick, _scale_rows, _scaled
 
 STEP_K = gl.constexpr(256)  # dense columns per K step (8 x mma.sp m16n8k32)
 MAGIC = {"f16": (0x64006400, 0x64026402), "bf16": (0x43004300, 0x43024302)}  # (1024 | 128) + code, + zero 2
@@ -122,29 +122,17 @@ def _sbmm_spmma2_kernel(
     tok_x = gl.minimum(m_start + 8 * tb_x[:, None] + lane_x[None, :] // 4, m_end - 1)
     x_rows = (x_ptr + (tok_x * stride_xm + 16 * (lane_x[None, :] % 4))[:, :, None]
               + (n_x % 16 + 64 * (n_x // 16))[None, None, :])
-    # scales of rows g and g + 8 of each 16-row block
-    rb_a = gl.arange(0, RB, layout=gl.SliceLayout(1, L_A))
-    lane_a = gl.arange(0, 32, layout=gl.SliceLayout(0, L_A))
-    rows_a = n0 + 16 * rb_a[:, None] + lane_a[None, :] // 4
-    scale_lo = scales_ptr + slot64 * stride_ss + rows_a * stride_sn
-    scale_hi = scale_lo + 8 * stride_sn
+    scale_lo, scale_hi = _scale_rows(scales_ptr, slot64, stride_ss, stride_sn, n0, RB, L_A)
 
     zero = gl.zeros([RB, TB, 32], gl.float32, layout=L_S)
     acc = (zero, zero, zero, zero)
     if PREFETCH:
-        xb = gl.load(x_rows + k_lo // 2)
-        qw = gl.load(qw_tile + 2 * k_lo)
-        mw = gl.load(meta_tile + 2 * k_lo)
+        xb, qw, mw = _load_step(x_rows, qw_tile, meta_tile, k_lo, 2)
     for k0 in range(k_lo, k_hi, STEP_K):
         if PREFETCH:  # the next step's loads in flight during this step's MMAs
-            k_next = gl.minimum(k0 + STEP_K, k_hi - STEP_K)
-            xb_n = gl.load(x_rows + k_next // 2)
-            qw_n = gl.load(qw_tile + 2 * k_next)
-            mw_n = gl.load(meta_tile + 2 * k_next)
-        else:
-            xb = gl.load(x_rows + k0 // 2)
-            qw = gl.load(qw_tile + 2 * k0)  # sp2: one K step of a 64-row block is 512 words, 512 meta words
-            mw = gl.load(meta_tile + 2 * k0)
+            xb_n, qw_n, mw_n = _load_step(x_rows, qw_tile, meta_tile, gl.minimum(k0 + STEP_K, k_hi - STEP_K), 2)
+        else:  # sp2: one K step of a 64-row block is 512 words, 512 meta words
+            xb, qw, mw = _load_step(x_rows, qw_tile, meta_tile, k0, 2)
         if HALF_SCALES:
             acc = _scaled_half(acc, xb, qw, mw, 0, scale_lo, scale_hi, k0 // GROUP_SIZE, EXPAND, MMA0, MMA1,
                                CONSTRAINTS_E, CONSTRAINTS_M, L_A, L_B)

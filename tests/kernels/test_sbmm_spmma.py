@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import packing, reference, sbmm, sbmm_spmma, spmma_layout
+from kernels import packing, reference, sbmm, sbmm_spmma, sbmm_spmma2, spmma_layout
 from tests.kernels.packed_factory import random_packed
 from tests.kernels.test_sbmm import TOL, make_case
 
@@ -16,21 +16,27 @@ LANES = np.arange(32)
 G, T = LANES >> 2, LANES & 3
 
 
-def expand_word(words: np.ndarray, dtype: str) -> np.ndarray:
-    """Model of expand_ptx: uint32 words [...] -> [..., 4 regs, 2 halves] float (code - 8) of pair p."""
-    magic, zero = sbmm_spmma.MAGIC[dtype]
-    out = np.empty(words.shape + (4, 2))
-    for p in range(4):
-        c = ((words >> (4 * p)) & 0x000F000F) | magic
+def half_value(bits: np.ndarray, dtype: str) -> np.ndarray:
+    """16-bit patterns -> their fp16 / bf16 values as float64."""
+    bits = np.asarray(bits).astype(np.uint16)
+    if dtype == "f16":
+        return bits.view(np.float16).astype(np.float64)
+    return (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+def expand_word(words: np.ndarray, dtype: str, bits: int = 4) -> np.ndarray:
+    """Model of the sparse-MMA expanders (sbmm_spmma / sbmm_spmma2 `expand_ptx`): uint32 words [...] ->
+    [..., 32 // (2 * bits) regs, 2 halves] float, code minus the zero point, of pair p (codes at bits p * bits and
+    p * bits + 16)."""
+    magic, zero = (sbmm_spmma if bits == 4 else sbmm_spmma2).MAGIC[dtype]
+    mask = 0x000F000F if bits == 4 else 0x00030003
+    regs = 32 // (2 * bits)
+    out = np.empty(words.shape + (regs, 2))
+    for p in range(regs):
+        c = ((words >> (bits * p)) & mask) | magic
         for half in range(2):
-            bits = ((c >> (16 * half)) & 0xFFFF).astype(np.uint16)
-            zbits = np.uint16((zero >> (16 * half)) & 0xFFFF)
-            if dtype == "f16":
-                value, z = bits.view(np.float16).astype(np.float64), float(np.array(zbits).view(np.float16))
-            else:  # bf16: the high 16 bits of an fp32
-                value = (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-                z = float(np.array(np.uint32(zbits) << 16).view(np.float32))
-            out[..., p, half] = value - z
+            out[..., p, half] = half_value((c >> (16 * half)) & 0xFFFF, dtype) - half_value(
+                np.array((zero >> (16 * half)) & 0xFFFF), dtype)
     return out
 
 
@@ -90,20 +96,25 @@ def kernel_tile(q_sp4, m_sp4, scales, x, block_row: int, dtype: str) -> np.ndarr
     return out
 
 
+def assert_model_matches_dense_product(bits, k, group, dtype, seed, pack, tile):
+    """The mma.sp model on the registers a kernel loads from `pack`'s words (`tile`: the kernel's addressing, as
+    kernel_tile) = x @ dequant(Δ).T for three 16-row blocks of a 128-row delta and 8 tokens."""
+    n = 128
+    gen = torch.Generator().manual_seed(seed)
+    p = random_packed(n, k, bits, group, generator=gen)
+    x = torch.randn(8, k, generator=gen).to(torch.float16 if dtype == "f16" else torch.bfloat16)
+    q, m = pack(p["qweight"], p["meta"])
+    dense = packing.dequantize(p["qweight"], p["scales"], None, p["meta"], bits, (n, k))  # fp32
+    want = (x.double() @ dense.double().T).numpy()  # [8 tokens, N]
+    for block_row in (0, 3, 5):
+        got = tile(q, m, p["scales"], x, block_row, dtype)
+        np.testing.assert_allclose(got.T, want[:, 16 * block_row:16 * block_row + 16], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", ["f16", "bf16"])
 @pytest.mark.parametrize("group", [None, 128])
 def test_mma_sp_model_on_sp4_registers_matches_dense_product(dtype, group):
-    n, k = 128, 256
-    gen = torch.Generator().manual_seed(7)
-    p = random_packed(n, k, 4, group, generator=gen)
-    torch_dtype = torch.float16 if dtype == "f16" else torch.bfloat16
-    x = torch.randn(8, k, generator=gen).to(torch_dtype)
-    q, m = spmma_layout.pack_sp4(p["qweight"], p["meta"])
-    dense = packing.dequantize(p["qweight"], p["scales"], None, p["meta"], 4, (n, k))  # fp32
-    want = (x.double() @ dense.double().T).numpy()  # [8 tokens, N]
-    for block_row in (0, 3, 5):
-        got = kernel_tile(q, m, p["scales"], x, block_row, dtype)
-        np.testing.assert_allclose(got.T, want[:, 16 * block_row:16 * block_row + 16], rtol=1e-5, atol=1e-6)
+    assert_model_matches_dense_product(4, 256, group, dtype, 7, spmma_layout.pack_sp4, kernel_tile)
 
 
 def test_sp4_x_puts_each_lanes_b_registers_side_by_side():
@@ -142,25 +153,28 @@ gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 LLAMA_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N, K): q/k/v/o, gate/up, down
 
 
-def run_sp4(stack, x, y, starts, slots, n, k, config=None, segments_hint=None):
-    """y after the sparse-MMA kernel on the sp4 copy of the stack, and after the canonical torch reference."""
+def run_sparse_mma(bits, stack, x, y, starts, slots, n, k, config=None, segments_hint=None):
+    """y after the sparse-MMA kernel on the sp4 (4-bit) or sp2 (2-bit) copy of the stack, and after the canonical
+    torch reference."""
     y_kernel, y_ref = y.clone(), y.clone()
-    q, m = spmma_layout.pack_sp4(stack["qweight"], stack["meta"])
-    sbmm.sbmm(x, y_kernel, q, m, stack["scales"], None, starts, slots, 4, config=config, sp4=True,
-              segments_hint=segments_hint)
-    reference.sbmm_reference(x, y_ref, stack["qweight"], stack["meta"], stack["scales"], None, 4, (n, k),
+    pack = spmma_layout.pack_sp4 if bits == 4 else spmma_layout.pack_sp2
+    q, m = pack(stack["qweight"], stack["meta"])
+    sbmm.sbmm(x, y_kernel, q, m, stack["scales"], None, starts, slots, bits, config=config, sp4=bits == 4,
+              sp2=bits == 2, segments_hint=segments_hint)
+    reference.sbmm_reference(x, y_ref, stack["qweight"], stack["meta"], stack["scales"], None, bits, (n, k),
                              starts.cpu(), slots.cpu())
     return y_kernel, y_ref
 
 
 @gpu
+@pytest.mark.parametrize("bits", [4, 2])
 @pytest.mark.parametrize("n,k", LLAMA_SHAPES)
 @pytest.mark.parametrize("group", [None, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("segments", ["one", "many", "empty", "odd"])
-def test_spmma_matches_reference_gpu(n, k, group, dtype, segments):
-    stack, x, y, starts, slots = make_case(n, k, 4, group, True, dtype, segments, "cuda", seed=4, pad_rows=3)
-    y_kernel, y_ref = run_sp4(stack, x, y, starts, slots, n, k)
+def test_spmma_matches_reference_gpu(bits, n, k, group, dtype, segments):
+    stack, x, y, starts, slots = make_case(n, k, bits, group, True, dtype, segments, "cuda", seed=4, pad_rows=3)
+    y_kernel, y_ref = run_sparse_mma(bits, stack, x, y, starts, slots, n, k)
     tol = dict(TOL[dtype])
     tol["atol"] *= 3  # |y| grows with sqrt(K)
     torch.testing.assert_close(y_kernel.float(), y_ref.float(), **tol)
@@ -171,21 +185,25 @@ def test_spmma_matches_reference_gpu(n, k, group, dtype, segments):
 @pytest.mark.parametrize("block_m", [8, 16, 32])
 @pytest.mark.parametrize("block_n,num_warps", [(64, 2), (64, 4), (128, 4), (32, 2), (128, 2)])
 @pytest.mark.parametrize("min_ctas", [0, 10**6])
-def test_spmma_configs_and_split_k_gpu(block_m, block_n, num_warps, min_ctas):
-    n, k = 576, 1408  # N: 64-row blocks but not 128; K: 11 steps (uneven K splits)
-    stack, x, y, starts, slots = make_case(n, k, 4, 128, True, torch.float16, "odd", "cuda", seed=5)
+@pytest.mark.parametrize("bits,k,group", [(4, 1408, 128), (2, 2816, 128), (2, 2816, 256), (2, 2816, None)])
+def test_spmma_configs_and_split_k_gpu(block_m, block_n, num_warps, min_ctas, bits, k, group):
+    """N: 64-row blocks but not 128; K: 11 steps (128 columns at 4-bit, 256 at 2-bit: uneven K splits)."""
+    n = 576
+    stack, x, y, starts, slots = make_case(n, k, bits, group, True, torch.float16, "odd", "cuda", seed=5)
     cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, min_ctas=min_ctas)
-    y_kernel, y_ref = run_sp4(stack, x, y, starts, slots, n, k, config=cfg)
+    y_kernel, y_ref = run_sparse_mma(bits, stack, x, y, starts, slots, n, k, config=cfg)
     torch.testing.assert_close(y_kernel.float(), y_ref.float(), **TOL[torch.float16])
 
 
 @gpu
-def test_spmma_segments_hint_and_padded_segments_gpu():
-    n, k = 128, 512
-    stack, x, y, starts, slots = make_case(n, k, 4, 128, True, torch.float16, "empty", "cuda", seed=11, pad_rows=5)
+@pytest.mark.parametrize("bits,k", [(4, 512), (2, 1024)])
+def test_spmma_segments_hint_and_padded_segments_gpu(bits, k):
+    n = 128
+    stack, x, y, starts, slots = make_case(n, k, bits, 128, True, torch.float16, "empty", "cuda", seed=11,
+                                           pad_rows=5)
     for min_ctas in (0, 10**6):
         cfg = dict(BLOCK_M=8, BLOCK_N=64, num_warps=2, min_ctas=min_ctas)
-        y_kernel, y_ref = run_sp4(stack, x, y, starts, slots, n, k, config=cfg, segments_hint=2)
+        y_kernel, y_ref = run_sparse_mma(bits, stack, x, y, starts, slots, n, k, config=cfg, segments_hint=2)
         torch.testing.assert_close(y_kernel.float(), y_ref.float(), **TOL[torch.float16])
 
 

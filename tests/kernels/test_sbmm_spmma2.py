@@ -1,18 +1,17 @@
 """The 2-bit sparse-MMA path (sp2): the layout (kernels/spmma_layout.py pack_sp2) as a permutation that puts every code
 and meta half where the kernel's registers want it, and the whole path on the CPU: sp2 words -> per-lane
 registers exactly as kernels/sbmm_spmma2.py addresses them -> the numpy model of mma.sp m16n8k32 of
-tests/kernels/test_sbmm_spmma.py -> must equal x @ dequant(Δ).T. GPU tests (skipped without CUDA) check the
-kernel itself against kernels/reference.py.
+tests/kernels/test_sbmm_spmma.py -> must equal x @ dequant(Δ).T. The GPU tests of the kernel itself against
+kernels/reference.py are test_sbmm_spmma.py's (bits 4 and 2).
 """
 
 import numpy as np
 import pytest
 import torch
 
-from kernels import packing, reference, sbmm, sbmm_spmma, sbmm_spmma2, spmma_layout
-from tests.kernels.packed_factory import random_packed
-from tests.kernels.test_sbmm import TOL, make_case
-from tests.kernels.test_sbmm_spmma import G, LANES, LLAMA_SHAPES, T, gpu, mma_sp
+from kernels import packing, sbmm, sbmm_spmma, sbmm_spmma2, spmma_layout
+from tests.kernels.test_sbmm import make_case
+from tests.kernels.test_sbmm_spmma import G, LANES, T, assert_model_matches_dense_product, expand_word, mma_sp
 
 
 def _random_words(shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -83,26 +82,6 @@ def test_sp2_rejects_shapes_that_do_not_tile():
     assert not spmma_layout.sp2_format_ok("sparse24", 2, True, (4096, 4096), 64)
 
 
-def expand_word2(words: np.ndarray, dtype: str) -> np.ndarray:
-    """Model of sbmm_spmma2.expand_ptx: uint32 words [...] -> [..., 8 regs, 2 halves] float (code - 2)."""
-    magic, zero = sbmm_spmma2.MAGIC[dtype]
-    out = np.empty(words.shape + (8, 2))
-    for p in range(8):
-        c = ((words >> (2 * p)) & 0x00030003) | magic
-        for half in range(2):
-            out[..., p, half] = _half_value((c >> (16 * half)) & 0xFFFF, dtype) - _half_value(
-                np.array((zero >> (16 * half)) & 0xFFFF), dtype)
-    return out
-
-
-def _half_value(bits: np.ndarray, dtype: str) -> np.ndarray:
-    """16-bit patterns -> their fp16 / bf16 values as float64."""
-    bits = np.asarray(bits).astype(np.uint16)
-    if dtype == "f16":
-        return bits.view(np.float16).astype(np.float64)
-    return (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-
-
 def kernel_tile2(q_sp2, m_sp2, scales, x, block_row: int, dtype: str) -> np.ndarray:
     """What one warp of kernels/sbmm_spmma2.py computes for 16-row block R = block_row and tokens 0..7: [16, 8]
     (scales per 128-column half, its HALF_SCALES path; the other scale modes are the same sums)."""
@@ -117,7 +96,7 @@ def kernel_tile2(q_sp2, m_sp2, scales, x, block_row: int, dtype: str) -> np.ndar
         for half in range(2):
             part = np.zeros((32, 4))
             for u in (2 * half, 2 * half + 1):
-                a = expand_word2(qf[at + u], dtype)
+                a = expand_word(qf[at + u], dtype, bits=2)
                 for e in range(2):
                     j = 2 * u + e
                     n = 4 * j + np.arange(4)[None, :]  # [1, reg m]: B register n of the step
@@ -136,17 +115,7 @@ def kernel_tile2(q_sp2, m_sp2, scales, x, block_row: int, dtype: str) -> np.ndar
 @pytest.mark.parametrize("dtype", ["f16", "bf16"])
 @pytest.mark.parametrize("group", [None, 128, 256])
 def test_mma_sp_model_on_sp2_registers_matches_dense_product(dtype, group):
-    n, k = 128, 512
-    gen = torch.Generator().manual_seed(9)
-    p = random_packed(n, k, 2, group, generator=gen)
-    torch_dtype = torch.float16 if dtype == "f16" else torch.bfloat16
-    x = torch.randn(8, k, generator=gen).to(torch_dtype)
-    q, m = spmma_layout.pack_sp2(p["qweight"], p["meta"])
-    dense = packing.dequantize(p["qweight"], p["scales"], None, p["meta"], 2, (n, k))  # fp32
-    want = (x.double() @ dense.double().T).numpy()  # [8 tokens, N]
-    for block_row in (0, 3, 5):
-        got = kernel_tile2(q, m, p["scales"], x, block_row, dtype)
-        np.testing.assert_allclose(got.T, want[:, 16 * block_row:16 * block_row + 16], rtol=1e-5, atol=1e-6)
+    assert_model_matches_dense_product(2, 512, group, dtype, 9, spmma_layout.pack_sp2, kernel_tile2)
 
 
 @pytest.mark.parametrize("dtype", ["f16", "bf16"])
@@ -161,55 +130,7 @@ def test_expand2_ptx_uses_the_modelled_constants(dtype):
     assert ptx.count("sub.rn.f16x2" if dtype == "f16" else "fma.rn.bf16x2") == 8
 
 
-# ---------------------------------------------------------------- GPU: the kernel itself (skipped without CUDA)
-
-
-def run_sp2(stack, x, y, starts, slots, n, k, config=None, segments_hint=None):
-    """y after the sparse-MMA kernel on the sp2 copy of the stack, and after the canonical torch reference."""
-    y_kernel, y_ref = y.clone(), y.clone()
-    q, m = spmma_layout.pack_sp2(stack["qweight"], stack["meta"])
-    sbmm.sbmm(x, y_kernel, q, m, stack["scales"], None, starts, slots, 2, config=config, sp2=True,
-              segments_hint=segments_hint)
-    reference.sbmm_reference(x, y_ref, stack["qweight"], stack["meta"], stack["scales"], None, 2, (n, k),
-                             starts.cpu(), slots.cpu())
-    return y_kernel, y_ref
-
-
-@gpu
-@pytest.mark.parametrize("n,k", LLAMA_SHAPES)
-@pytest.mark.parametrize("group", [None, 128])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("segments", ["one", "many", "empty", "odd"])
-def test_spmma2_matches_reference_gpu(n, k, group, dtype, segments):
-    stack, x, y, starts, slots = make_case(n, k, 2, group, True, dtype, segments, "cuda", seed=4, pad_rows=3)
-    y_kernel, y_ref = run_sp2(stack, x, y, starts, slots, n, k)
-    tol = dict(TOL[dtype])
-    tol["atol"] *= 3  # |y| grows with sqrt(K)
-    torch.testing.assert_close(y_kernel.float(), y_ref.float(), **tol)
-    torch.testing.assert_close(y_kernel[-3:], y[-3:])  # rows outside every segment stay untouched
-
-
-@gpu
-@pytest.mark.parametrize("block_m", [8, 16, 32])
-@pytest.mark.parametrize("block_n,num_warps", [(64, 2), (64, 4), (128, 4), (32, 2), (128, 2)])
-@pytest.mark.parametrize("min_ctas", [0, 10**6])
-@pytest.mark.parametrize("group", [128, 256, None])
-def test_spmma2_configs_and_split_k_gpu(block_m, block_n, num_warps, min_ctas, group):
-    n, k = 576, 2816  # N: 64-row blocks but not 128; K: 11 steps of 256 (uneven K splits)
-    stack, x, y, starts, slots = make_case(n, k, 2, group, True, torch.float16, "odd", "cuda", seed=5)
-    cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, min_ctas=min_ctas)
-    y_kernel, y_ref = run_sp2(stack, x, y, starts, slots, n, k, config=cfg)
-    torch.testing.assert_close(y_kernel.float(), y_ref.float(), **TOL[torch.float16])
-
-
-@gpu
-def test_spmma2_segments_hint_and_padded_segments_gpu():
-    n, k = 128, 1024
-    stack, x, y, starts, slots = make_case(n, k, 2, 128, True, torch.float16, "empty", "cuda", seed=11, pad_rows=5)
-    for min_ctas in (0, 10**6):
-        cfg = dict(BLOCK_M=8, BLOCK_N=64, num_warps=2, min_ctas=min_ctas)
-        y_kernel, y_ref = run_sp2(stack, x, y, starts, slots, n, k, config=cfg, segments_hint=2)
-        torch.testing.assert_close(y_kernel.float(), y_ref.float(), **TOL[torch.float16])
+# The kernel itself on the GPU: tests/kernels/test_sbmm_spmma.py (its GPU tests take bits 4 and 2).
 
 
 def test_sp2_path_rejects_what_it_cannot_run():
