@@ -28,8 +28,9 @@ def _field(packed, name: str):
 @dataclass(frozen=True, slots=True)
 class PackedDeltaStack:
     """Slot-stacked 2:4 low-bit deltas in the canonical layout of kernels/packing.py, for one linear; with
-    `tiled`, 4-bit qweight and meta in tile-major order, with `sp4` in the sparse-MMA kernel's order
-    (kernels/layout.py; the orders CUDA slots keep)."""
+    `tiled`, 4-bit qweight and meta in tile-major order, with `sp4` in the sparse-MMA kernel's order, with `sp2`
+    2-bit ones in the 2-bit sparse-MMA kernel's order (kernels/layout.py, kernels/spmma_layout.py; the orders CUDA
+    slots keep)."""
 
     qweight: torch.Tensor  # int32 [num_slots, N, K * bits / 64]; dense2 (meta None): [num_slots, N, K / 16]
     meta: torch.Tensor | None  # int32 [num_slots, N, K / 32]; None: 2-bit dense2 words (kernels/layout.py)
@@ -41,6 +42,7 @@ class PackedDeltaStack:
     shape: tuple[int, int]  # (N, K) = (out_features, in_features)
     tiled: bool = False  # qweight / meta tile-major (4-bit, N and K whole tiles); set_slot writes that order
     sp4: bool = False  # qweight / meta in the sp4 order (spmma_layout.sp4_format_ok); set_slot writes that order
+    sp2: bool = False  # qweight / meta in the sp2 order (spmma_layout.sp2_format_ok); set_slot writes that order
 
     def __post_init__(self) -> None:
         n, k = self.shape
@@ -57,6 +59,12 @@ class PackedDeltaStack:
             raise ValueError(f"sp4 stacks (not also tiled) hold 4-bit symmetric 2:4 words with N a multiple of "
                              f"{layout.TILE_ROWS}, K of {layout.TILE_COLS} and scale groups per row or a multiple of "
                              f"{layout.TILE_COLS}; got bits={self.bits}, sym={self.sym}, shape={self.shape}, "
+                             f"group_size={self.group_size}")
+        if self.sp2 and (self.tiled or self.sp4 or self.meta is None or not spmma_layout.sp2_format_ok(
+                "sparse24", self.bits, self.sym, self.shape, self.group_size)):
+            raise ValueError(f"sp2 stacks (not also tiled or sp4) hold 2-bit symmetric 2:4 words with N a multiple of "
+                             f"{layout.TILE_ROWS}, K of {spmma_layout.SP2_STEP} and scale groups per row or a multiple "
+                             f"of {layout.TILE_COLS}; got bits={self.bits}, sym={self.sym}, shape={self.shape}, "
                              f"group_size={self.group_size}")
         if self.meta is None:  # dense2 words: 2-bit symmetric, 16 dense columns per word
             if self.bits != 2 or not self.sym:
@@ -83,7 +91,7 @@ class PackedDeltaStack:
     @classmethod
     def empty(
         cls, num_slots: int, shape: tuple[int, int], bits: int, group_size: int | None = 128, sym: bool = True,
-        device: torch.device | str = "cpu", tiled: bool = False, sp4: bool = False,
+        device: torch.device | str = "cpu", tiled: bool = False, sp4: bool = False, sp2: bool = False,
     ) -> PackedDeltaStack:
         """Zero deltas in every slot (scales 0); group_size None means per-row scales."""
         n, k = shape
@@ -93,17 +101,17 @@ class PackedDeltaStack:
             meta=torch.full((num_slots, n, k // 32), 0x44444444, dtype=torch.int32, device=device),  # keep cols 0, 1
             scales=torch.zeros(num_slots, n, k // group, dtype=torch.float16, device=device),
             zeros=None if sym else torch.zeros(num_slots, n, k // group, dtype=torch.float16, device=device),
-            bits=bits, group_size=group, sym=sym, shape=(n, k), tiled=tiled, sp4=sp4,
+            bits=bits, group_size=group, sym=sym, shape=(n, k), tiled=tiled, sp4=sp4, sp2=sp2,
         )
 
     @classmethod
     def from_packed(
         cls, packed: Sequence, bits: int | None = None, shape: tuple[int, int] | None = None,
-        device: torch.device | str | None = None, tiled: bool = False, sp4: bool = False,
+        device: torch.device | str | None = None, tiled: bool = False, sp4: bool = False, sp2: bool = False,
     ) -> PackedDeltaStack:
         """Stack per-slot packed deltas (dicts or DeltaTensor-like objects with qweight/meta/scales/zeros in the
         canonical layout, and bits/shape given here or on the first item) into slots 0..len-1; tiled: store
-        4-bit words and meta tile-major; sp4: in the sp4 order."""
+        4-bit words and meta tile-major; sp4 / sp2: in the sp4 / sp2 order."""
         if not packed:
             raise ValueError("from_packed needs at least one packed delta")
         first = packed[0]
@@ -115,13 +123,13 @@ class PackedDeltaStack:
         group = shape[1] // scales.shape[-1]
         sym = _field(first, "zeros") is None
         dev = device if device is not None else scales.device
-        stack = cls.empty(len(packed), shape, bits, group, sym, dev, tiled, sp4)
+        stack = cls.empty(len(packed), shape, bits, group, sym, dev, tiled, sp4, sp2)
         for i, p in enumerate(packed):
             stack.set_slot(i, p)
         return stack
 
     def set_slot(self, i: int, packed) -> None:
-        """Copy one packed delta (canonical layout) into slot i in place, in the stack's order (tiled4 / sp4)."""
+        """Copy one packed delta (canonical layout) into slot i in place, in the stack's order (tiled4 / sp4 / sp2)."""
         if not 0 <= i < self.num_slots:
             raise ValueError(f"slot {i} out of range [0, {self.num_slots})")
         parts = {"qweight": self.qweight, "meta": self.meta, "scales": self.scales, "zeros": self.zeros}
@@ -137,6 +145,8 @@ class PackedDeltaStack:
                 layout.copy_tiled4_part(name, src, dst[i])
             elif self.sp4 and name in spmma_layout.SP4_PARTS:
                 spmma_layout.copy_sp4_part(name, src, dst[i])
+            elif self.sp2 and name in spmma_layout.SP2_PARTS:
+                spmma_layout.copy_sp2_part(name, src, dst[i])
             else:
                 dst[i].copy_(src, non_blocking=True)
 
@@ -211,22 +221,24 @@ def apply_deltas(
         starts = seg_starts.to(x.device, torch.int64, non_blocking=True)
         slots = seg_slots.to(x.device, torch.int64, non_blocking=True)
         sbmm.sbmm(x, y, stack.qweight, stack.meta, stack.scales, stack.zeros, starts, slots, stack.bits,
-                  tiled=stack.tiled, sp4=stack.sp4)
+                  tiled=stack.tiled, sp4=stack.sp4, sp2=stack.sp2)
     elif stack.meta is None:
         raise ValueError("dense2 stacks (meta None) are a CUDA-only layout; CPU stacks keep the canonical one")
     else:
-        qweight, meta = canonical_words(stack.qweight, stack.meta, stack.tiled, stack.sp4)
+        qweight, meta = canonical_words(stack.qweight, stack.meta, stack.tiled, stack.sp4, stack.sp2)
         reference.sbmm_reference(x, y, qweight, meta, stack.scales, stack.zeros, stack.bits, stack.shape, seg_starts,
                                  seg_slots)
 
 
-def canonical_words(qweight: torch.Tensor, meta: torch.Tensor, tiled: bool, sp4: bool
+def canonical_words(qweight: torch.Tensor, meta: torch.Tensor, tiled: bool, sp4: bool, sp2: bool = False
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stored qweight / meta (row order, tiled4 or sp4) -> the canonical row order of kernels/packing.py."""
+    """Stored qweight / meta (row order, tiled4, sp4 or sp2) -> the canonical row order of kernels/packing.py."""
     if tiled:
         return layout.untile_packed(qweight, meta)
     if sp4:
         return spmma_layout.unpack_sp4(qweight, meta)
+    if sp2:
+        return spmma_layout.unpack_sp2(qweight, meta)
     return qweight, meta
 
 

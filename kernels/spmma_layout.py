@@ -7,7 +7,8 @@ in the matching B order (`sp4_x`). `sp4_words_gather` is a one-pass Triton versi
 `SP4_WORDS_KERNEL` (off until a GPU run checks it).
 
 sp2: the same for 2-bit symmetric 2:4 deltas (`pack_sp2` / `unpack_sp2`, `sp2_format_ok`), K steps of `SP2_STEP`
-columns; opt-in (`sbmm(..., sp2=True)`), not yet what CUDA slots hold.
+columns; opt-in (`sbmm(..., sp2=True)`). CUDA slots write it with `copy_sp2_part` only when asked
+(`DeviceSlots(sp2=True)`, the worker's `--sparse-mma-2bit`): off until a GPU run checks the kernel.
 
 Tile geometry (`TILE_ROWS`, `TILE_COLS`, `tiles`, `check_tiles`) is kernels/layout.py's.
 """
@@ -252,6 +253,22 @@ def unpack_sp2(qweight: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor,
     halves = _permute_dims(meta.contiguous().view(torch.int16), lead, [n // 64, 4, 2, 8, w // 8, 4, 4],
                            _SP2_META_ORDER, inverse=True)
     return _pack_crumbs(codes.reshape(*lead, n, w, 16)), halves.contiguous().view(torch.int32).reshape(meta.shape)
+
+
+SP2_PARTS = {"qweight": sp2_words, "meta": sp2_meta}  # the parts sp2 re-orders (scales stay canonical)
+SP2_CHUNK_CODES = 1 << 25  # codes per row chunk of copy_sp2_part: ~32 MB of transient uint8 codes (a few copies)
+
+
+def copy_sp2_part(part: str, src: torch.Tensor, out: torch.Tensor) -> None:
+    """One canonical 2-bit 2:4 part (`qweight` or `meta`, [N, K/32]) into `out` (e.g. a device slot) in the sp2
+    order: copied to out's device, then re-ordered there in chunks of 64-row blocks (each block's sp2 words are
+    its own rows), all on the current stream without waiting."""
+    src = src.to(out.device, non_blocking=True)
+    n, w = src.shape
+    _check_sp2(n, w)
+    rows = max(TILE_ROWS, SP2_CHUNK_CODES // (16 * w) // TILE_ROWS * TILE_ROWS)
+    for r in range(0, n, rows):
+        out[r:r + rows].copy_(SP2_PARTS[part](src[r:r + rows]), non_blocking=True)
 
 
 def sp2_format_ok(kind: str, bits: int | None, sym: bool | None, shape: tuple[int, ...],

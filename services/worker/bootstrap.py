@@ -85,7 +85,8 @@ def build_worker(config: WorkerConfig) -> WorkerParts:
     identity = base_identity(config.base_dir)
 
     linear_names = {m.hf_name + ".weight" for m in model.modules() if isinstance(m, NamedLinear)}
-    slots = DeviceSlots(config.num_device_slots, device, dtype, linear_names, model.config.tie_word_embeddings)
+    slots = DeviceSlots(config.num_device_slots, device, dtype, linear_names, model.config.tie_word_embeddings,
+                        sp2=config.sparse_mma_2bit)
     live_addresses: list[str] = []
     stores = StoreDirectory(config.store_addresses, live_addresses=lambda: list(live_addresses), tls=tls_settings(config),
                             token=read_token_file(config.store_token_file, "--store-token-file"))

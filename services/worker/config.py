@@ -55,6 +55,7 @@ class WorkerConfig:
     dtype: str = "float32"
     mode: str = "delta"
     num_device_slots: int = 4
+    sparse_mma_2bit: bool = False  # CUDA slots hold 2-bit 2:4 deltas for the 2-bit sparse-MMA kernel
     device_cache_bytes: int = 0  # 0 = limited by slots only
     host_cache_bytes: int = 4 << 30
     disk_cache_dir: str = ""  # '' = a per-worker temp dir
@@ -161,14 +162,21 @@ def _parse_value(kind: type | str, raw: str):
         return int(raw)
     if kind == "float":
         return float(raw)
+    if kind == "bool":
+        if raw.strip().lower() not in BOOLS:
+            raise ValueError(raw)
+        return BOOLS[raw.strip().lower()]
     return raw
 
 
+BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 FLAG_HELP = {  # flags whose meaning the name alone does not tell
     "stream_chunk_tokens": "tokens of one request sent per stream chunk (worker -> scheduler -> client): the first "
                            "token goes alone at once, then chunks of this many, or fewer when the request ends or "
                            "a token has waited --stream-interval-ms; 1 = one message per token",
     "stream_interval_ms": "longest a generated token is held back for its chunk to fill (ms, 0-1000)",
+    "sparse_mma_2bit": "2-bit 2:4 deltas go to the 2-bit sparse-MMA kernel (sp2 slots) instead of dense2: off until "
+                       "a GPU run checks it; bare flag or 1/true = on",
     "tensor_parallel_size": "GPUs one worker spans (tensor parallel; default 1): rank r runs on cuda:r (cuda:N -> "
                             "cuda:N+r), or gloo ranks with --device cpu; any size works (heads are padded when they "
                             "do not divide); not with --mode swap or --cuda-graphs 1",
@@ -181,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     for f in fields(WorkerConfig):
         flag = "--" + f.name.replace("_", "-")
         extra = {"choices": MODES} if f.name == "mode" else {}
+        if f.type == "bool":
+            extra = {"nargs": "?", "const": "1"}  # `--flag` alone = on; `--flag 0` = off
         env_help = f"env {_env_name(f.name)}"
         help_text = f"{FLAG_HELP[f.name]} ({env_help})" if f.name in FLAG_HELP else env_help
         parser.add_argument(flag, dest=f.name, default=None, help=help_text, **extra)

@@ -12,6 +12,9 @@ bf16 activations) keep their bits in its order (layout "sp4": qweight and meta r
 kernels/spmma_layout.py `pack_sp4`; sbmm's `sp4` path). Other 4-bit 2:4 deltas whose N and K fit whole tiles (asymmetric,
 other scale groups, older GPUs) are stored tile-major (layout "tiled4": so a kernel K step reads contiguous
 blocks); other shapes keep the canonical row order. CPU slots keep the canonical order unless forced.
+Opt-in (`sp2=True`, the worker's `--sparse-mma-2bit`; off until a GPU run checks kernels/sbmm_spmma2.py): 2-bit
+symmetric 2:4 deltas that kernel takes (N % 64 == 0, K % 256 == 0) keep their bits in its order instead of dense2
+(layout "sp2": kernels/spmma_layout.py `pack_sp2`; sbmm's `sp2` path); dense-quantized 2-bit deltas stay dense2.
 The ResidencyManager decides which delta goes to which slot; this only holds the bytes.
 """
 
@@ -42,6 +45,7 @@ class StackFormat:
     part_shapes: tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
     # canonical (kernels/packing.py) | dense2 (kernels/layout.py: qweight + scales) | tiled4 (canonical parts,
     # qweight and meta tile-major: kernels/layout.py tile_packed) | sp4 (the same, in spmma_layout.pack_sp4's order)
+    # | sp2 (2-bit canonical parts, qweight and meta in spmma_layout.pack_sp2's order)
     layout: str = "canonical"
 
 
@@ -82,6 +86,11 @@ class SlotStack:
         return self.layout == "sp4"
 
     @property
+    def sp2(self) -> bool:
+        """Whether 2-bit qweight and meta are in the sparse-MMA kernel's sp2 order (what sbmm's `sp2` flag says)."""
+        return self.layout == "sp2"
+
+    @property
     def sbmm_readable(self) -> bool:
         """Whether the SBMM kernel reads this stack as stored: 2:4 packed 2- or 4-bit, or dense2 words."""
         return self.layout == "dense2" or (self.kind == "sparse24" and self.bits in (2, 4))
@@ -92,7 +101,7 @@ class DeviceSlots:
 
     def __init__(self, num_slots: int, device: torch.device | str, dtype: torch.dtype, linear_names: set[str],
                  tie_word_embeddings: bool, dense2: bool | None = None, tiled4: bool | None = None,
-                 sp4: bool | None = None) -> None:
+                 sp4: bool | None = None, sp2: bool = False) -> None:
         self.num_slots = num_slots
         self.device = torch.device(device)
         self.dtype = dtype  # activation dtype of the model
@@ -105,6 +114,9 @@ class DeviceSlots:
         # sp4 stacks for 4-bit symmetric 2:4 linears the sparse-MMA kernel takes: None = where that kernel runs
         # (CUDA sm_80+, fp16/bf16), True/False = force (ahead of tiled4 where both apply)
         self._sp4 = sbmm.spmma_device_ok(self.device, dtype) if sp4 is None else sp4
+        # sp2 stacks for 2-bit symmetric 2:4 linears (ahead of dense2): only when asked, and only where the
+        # sparse-MMA kernel runs (CPU slots take it too, so tests can check the bytes and the reference path)
+        self._sp2 = sp2 and (self.device.type == "cpu" or sbmm.spmma_device_ok(self.device, dtype))
         self._stacks: dict[str, dict[StackFormat, SlotStack]] = {}
         self._where: list[dict[str, SlotStack]] = [{} for _ in range(num_slots)]  # slot -> tensor name -> stack
         self._lock = threading.Lock()
@@ -133,10 +145,10 @@ class DeviceSlots:
             if tensor_name not in self._linear_names:
                 delta = _dense_fp16(delta)
             parts = _parts(delta)
-            if self._dense2 and _dense2_able(delta):
+            order = self._packed_order(delta)
+            if order != "sp2" and self._dense2 and _dense2_able(delta):
                 where[tensor_name] = self._write_dense2(slot, tensor_name, delta, parts)
             else:
-                order = self._packed_order(delta)
                 stack = self._stack_for(tensor_name, delta, {k: (tuple(v.shape), v.dtype) for k, v in parts.items()},
                                         order)
                 for part, tensor in parts.items():  # re-orders run on the copy stream, after their copy
@@ -144,6 +156,8 @@ class DeviceSlots:
                         layout.copy_tiled4_part(part, tensor, stack.parts[part][slot])
                     elif order == "sp4" and part in spmma_layout.SP4_PARTS:
                         spmma_layout.copy_sp4_part(part, tensor, stack.parts[part][slot])
+                    elif order == "sp2" and part in spmma_layout.SP2_PARTS:
+                        spmma_layout.copy_sp2_part(part, tensor, stack.parts[part][slot])
                     else:
                         stack.parts[part][slot].copy_(tensor, non_blocking=True)
                 where[tensor_name] = stack
@@ -153,10 +167,14 @@ class DeviceSlots:
         return where, num_bytes
 
     def _packed_order(self, delta) -> str:
-        """The layout of a delta that is not dense2: sp4, tiled4 or canonical (see the module docstring)."""
+        """The packed layout of a delta: sp2, sp4, tiled4 or canonical (dense2 comes after sp2 only; see the
+        module docstring)."""
         kind, bits, shape = delta.kind, getattr(delta, "bits", None), tuple(delta.shape)
-        if self._sp4 and getattr(delta, "meta", None) is not None and spmma_layout.sp4_format_ok(
-                kind, bits, getattr(delta, "sym", None), shape, getattr(delta, "group_size", None)):
+        sym, group_size = getattr(delta, "sym", None), getattr(delta, "group_size", None)
+        has_meta = getattr(delta, "meta", None) is not None
+        if self._sp2 and has_meta and spmma_layout.sp2_format_ok(kind, bits, sym, shape, group_size):
+            return "sp2"
+        if self._sp4 and has_meta and spmma_layout.sp4_format_ok(kind, bits, sym, shape, group_size):
             return "sp4"
         return "tiled4" if self._tiled4 and layout.tiled4_format_ok(kind, bits, shape) else "canonical"
 
@@ -223,7 +241,7 @@ class DeviceSlots:
             if stack is None:
                 tensors = {k: torch.zeros((self.num_slots, *shape), dtype=dt, device=self.device)
                            for k, shape, dt in fmt.part_shapes}
-                if layout_name == "sp4":  # never-written slots: valid mma.sp meta (keep columns 0, 1 of each 4)
+                if layout_name in ("sp4", "sp2"):  # never-written slots: valid mma.sp meta (keep columns 0, 1 of 4)
                     tensors["meta"].fill_(0x44444444)
                 stack = by_format[fmt] = SlotStack(fmt, tensors)
                 self.layout_version += 1

@@ -120,7 +120,7 @@ class GraphDeltaOps:
             p = stack.parts
             sbmm.sbmm(x, y, p["qweight"], p.get("meta"), p["scales"], p.get("zeros"), self.seg_starts, self.seg_slots,
                       stack.bits, rows_hint=self.rows_hint, segments_hint=self.segments_hint, tiled=stack.tiled,
-                      sp4=stack.sp4)
+                      sp4=stack.sp4, sp2=stack.sp2)
 
     def norm_weight(self, name: str, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
         stacks = self._stacks.get(name + ".weight")

@@ -50,8 +50,8 @@ def _dense_slot(stack: SlotStack, slot: int, dtype: torch.dtype) -> torch.Tensor
         w = layout.dequantize_dense2(p["qweight"][slot], p["scales"][slot], stack.shape, torch.float32)
     else:
         qweight, meta = p["qweight"][slot], p["meta"][slot] if "meta" in p else None
-        if stack.tiled or stack.sp4:  # 4-bit words and meta stored re-ordered (kernels/layout.py)
-            qweight, meta = canonical_words(qweight, meta, stack.tiled, stack.sp4)
+        if stack.tiled or stack.sp4 or stack.sp2:  # words and meta stored re-ordered (kernels/spmma_layout.py)
+            qweight, meta = canonical_words(qweight, meta, stack.tiled, stack.sp4, stack.sp2)
         w = packing.dequantize(qweight, p["scales"][slot], p["zeros"][slot] if "zeros" in p else None, meta,
                                stack.bits, stack.shape, torch.float32)
     weight_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
@@ -75,7 +75,7 @@ def _kernel_stack(stack: SlotStack):
             stack.cache["kernel_stack"] = PackedDeltaStack(
                 qweight=p["qweight"], meta=p.get("meta"), scales=p["scales"], zeros=p.get("zeros"), bits=fmt.bits,
                 group_size=k // p["scales"].shape[-1], sym=p.get("zeros") is None, shape=(n, k), tiled=stack.tiled,
-                sp4=stack.sp4)
+                sp4=stack.sp4, sp2=stack.sp2)
         else:
             stack.cache["kernel_stack"] = None
     return stack.cache["kernel_stack"]

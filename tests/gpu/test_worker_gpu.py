@@ -226,6 +226,48 @@ def test_four_bit_symmetric_deltas_load_as_sp4_and_match_the_canonical_reference
     assert torch.equal(y[5:], torch.zeros_like(y[5:]))
 
 
+@pytest.mark.parametrize("group,sp2,want_layout", [(128, True, "sp2"), (None, True, "sp2"), (128, False, "dense2"),
+                                                   (32, True, "dense2")])
+def test_two_bit_symmetric_deltas_load_as_sp2_when_asked_and_match_the_canonical_reference(group, sp2, want_layout):
+    """DeviceSlots(sp2=True) on CUDA stores a 2-bit symmetric 2:4 delta with scales per row or per 128 columns in the
+    2-bit sparse-MMA order (the bytes of spmma_layout.pack_sp2; unwritten slots keep meta 0x44444444); off, or with
+    groups of 32 columns, it goes to dense2 words. The step's kernel launch (kernels/sbmm_spmma2.py on sp2 stacks) and
+    apply_deltas on the same stack equal the canonical dequantize-then-matmul, and an empty slot adds nothing."""
+    from deltazip.artifact.delta_tensor import DeltaTensor
+    from kernels import packing, spmma_layout
+    from kernels.delta_linear import PackedDeltaStack, apply_deltas
+    from services.worker.delta_ops import StepDeltaOps
+    from services.worker.device_slots import DeviceSlots
+    from tests.kernels.packed_factory import random_packed
+
+    n, k = 512, 1024
+    p = random_packed(n, k, 2, group, True, generator=torch.Generator().manual_seed(8))
+    delta = DeltaTensor("w.weight", "sparse24", (n, k), 2, group, True,
+                        **{f: p[f] for f in ("qweight", "meta", "scales")})
+    slots = DeviceSlots(3, "cuda", torch.float16, {"w.weight"}, tie_word_embeddings=False, sp2=sp2)
+    slots.write(1, "d", {"w.weight": delta})
+    stack = slots.stack(1, "w.weight")
+    assert stack.layout == want_layout and stack.sp2 == (want_layout == "sp2")
+    w = packing.dequantize(p["qweight"], p["scales"], None, p["meta"], 2, (n, k)).to("cuda", torch.float16)
+    x = torch.randn(9, k, device="cuda", dtype=torch.float16)
+    y = torch.zeros(9, n, device="cuda", dtype=torch.float16)
+    StepDeltaOps(slots, [(1, 5), (0, 2), (2, 2)]).linear("w", x, y)
+    torch.testing.assert_close(y[:5].float(), x[:5].float() @ w.float().T, atol=3e-2, rtol=1e-2)
+    assert torch.equal(y[5:], torch.zeros_like(y[5:]))
+    if want_layout != "sp2":
+        return
+    qweight, meta = spmma_layout.pack_sp2(p["qweight"], p["meta"])
+    assert torch.equal(stack.parts["qweight"][1].cpu(), qweight) and torch.equal(stack.parts["meta"][1].cpu(), meta)
+    assert torch.all(stack.parts["meta"][0] == 0x44444444)
+    parts = stack.parts
+    kernel_stack = PackedDeltaStack(qweight=parts["qweight"], meta=parts["meta"], scales=parts["scales"], zeros=None,
+                                    bits=2, group_size=group or k, sym=True, shape=(n, k), sp2=True)
+    y = torch.zeros(9, n, device="cuda", dtype=torch.float16)
+    apply_deltas(x, y, kernel_stack, torch.tensor([0, 5, 7, 9]), torch.tensor([1, 0, -1]))
+    torch.testing.assert_close(y[:5].float(), x[:5].float() @ w.float().T, atol=3e-2, rtol=1e-2)
+    assert torch.equal(y[5:], torch.zeros_like(y[5:]))
+
+
 def test_two_bit_deltas_load_as_dense2_words_and_match_the_canonical_reference():
     """DeviceSlots on CUDA re-encodes a 2-bit 2:4 delta to dense2 words (no meta), and the kernel over that
     stack equals the canonical dequantize-then-matmul; an empty slot adds nothing."""

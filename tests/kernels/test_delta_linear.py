@@ -42,12 +42,12 @@ def test_packed_stack_apply_matches_per_slot_dense(bits, sym):
 
 
 def assert_applies_like_canonical(stack, packed, g):
-    """apply_deltas on a re-ordered 4-bit stack of `packed` (slots 0, 1) = the dense deltas' products, over three
+    """apply_deltas on a re-ordered stack of `packed` (slots 0, 1) = the dense deltas' products, over three
     segments (slot 1, no delta, slot 0)."""
     n, k = stack.shape
     x, y = torch.randn(5, k, generator=g), torch.randn(5, n, generator=g)
     starts, slots = [0, 2, 3, 5], [1, -1, 0]
-    want = expected(x, y, [dense_of(p, 4, (n, k)) for p in packed], starts, slots, torch.float32)
+    want = expected(x, y, [dense_of(p, stack.bits, (n, k)) for p in packed], starts, slots, torch.float32)
     apply_deltas(x, y, stack, torch.tensor(starts), torch.tensor(slots))
     torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
 
@@ -95,6 +95,31 @@ def test_sp4_stacks_need_what_the_sparse_mma_kernel_takes():
                          ((1, (128, 256), 4), {"group_size": 64}), ((1, (128, 256), 4), {"tiled": True})]:
         with pytest.raises(ValueError, match="sp4"):
             PackedDeltaStack.empty(*args, sp4=True, **kwargs)
+
+
+@pytest.mark.parametrize("group", [128, None])
+def test_sp2_stack_stores_the_sparse_mma_order_and_reads_back_canonical(group):
+    """An sp2 stack (2-bit symmetric words and meta in the 2-bit sparse-MMA kernel's order, as CUDA slots hold them
+    when asked) writes spmma_layout.pack_sp2's bytes in set_slot, reads back the canonical words, and its CPU path
+    gives the canonical stack's products; empty slots hold valid mma.sp meta."""
+    n, k = 128, 512
+    g = torch.Generator().manual_seed(8)
+    packed = [random_packed(n, k, 2, group, True, generator=g) for _ in range(2)]
+    stack = PackedDeltaStack.from_packed(packed, bits=2, shape=(n, k), sp2=True)
+    want_q, want_m = spmma_layout.pack_sp2(packed[1]["qweight"], packed[1]["meta"])
+    assert stack.sp2 and torch.equal(stack.qweight[1], want_q) and torch.equal(stack.meta[1], want_m)
+    q, m = canonical_words(stack.qweight, stack.meta, stack.tiled, stack.sp4, stack.sp2)
+    assert torch.equal(q[0], packed[0]["qweight"]) and torch.equal(m[0], packed[0]["meta"])
+    assert torch.all(PackedDeltaStack.empty(1, (n, k), 2, sp2=True).meta == 0x44444444)
+    assert_applies_like_canonical(stack, packed, g)
+
+
+def test_sp2_stacks_need_what_the_sparse_mma_kernel_takes():
+    for args, kwargs in [((1, (128, 512), 4), {}), ((1, (96, 512), 2), {}), ((1, (128, 384), 2), {}),
+                         ((1, (128, 512), 2), {"sym": False}), ((1, (128, 512), 2), {"group_size": 64}),
+                         ((1, (128, 512), 4), {"sp4": True})]:
+        with pytest.raises(ValueError, match="sp2"):
+            PackedDeltaStack.empty(*args, sp2=True, **kwargs)
 
 
 def test_set_slot_replaces_one_delta_in_place():

@@ -13,6 +13,18 @@ def test_flags_win_over_env_and_types_are_parsed():
     assert cfg.store_addresses == ("a:1", "b:2") and cfg.kv_memory_fraction == 0.25 and cfg.base_dir == "/b"
 
 
+@pytest.mark.parametrize("argv, env, want", [([], {}, False), (["--sparse-mma-2bit"], {}, True),
+                                              (["--sparse-mma-2bit", "0"], {"DELTAZIP_SPARSE_MMA_2BIT": "1"}, False),
+                                              ([], {"DELTAZIP_SPARSE_MMA_2BIT": "true"}, True)])
+def test_sparse_mma_2bit_is_off_by_default_and_a_bare_flag_or_env_turns_it_on(argv, env, want):
+    assert config_from_args(argv, {"DELTAZIP_BASE_DIR": "/b", **env}).sparse_mma_2bit is want
+
+
+def test_bool_flags_reject_words_they_do_not_know():
+    with pytest.raises(ValueError, match="--sparse-mma-2bit 'maybe' is not a valid bool"):
+        config_from_args(["--sparse-mma-2bit", "maybe"], {"DELTAZIP_BASE_DIR": "/b"})
+
+
 def test_worker_ids_are_unique_by_default():
     assert WorkerConfig().worker_id != WorkerConfig().worker_id
 
