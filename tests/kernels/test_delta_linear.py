@@ -74,19 +74,24 @@ def test_tiled_stacks_need_four_bit_words_of_whole_tiles():
         PackedDeltaStack.empty(1, (128, 160), 4, group_size=32, tiled=True)
 
 
+@pytest.mark.parametrize("bits", [4, 2])
 @pytest.mark.parametrize("group", [128, None])
-def test_sp4_stack_stores_the_sparse_mma_order_and_reads_back_canonical(group):
-    """An sp4 stack (4-bit symmetric words and meta in the sparse-MMA kernel's order, as CUDA slots hold them)
-    writes spmma_layout.pack_sp4's bytes in set_slot, reads back the canonical words, and its CPU path gives the
-    canonical stack's products."""
-    n, k = 128, 256
-    g = torch.Generator().manual_seed(6)
-    packed = [random_packed(n, k, 4, group, True, generator=g) for _ in range(2)]
-    stack = PackedDeltaStack.from_packed(packed, bits=4, shape=(n, k), sp4=True)
-    want_q, want_m = spmma_layout.pack_sp4(packed[1]["qweight"], packed[1]["meta"])
-    assert stack.sp4 and torch.equal(stack.qweight[1], want_q) and torch.equal(stack.meta[1], want_m)
-    q, m = canonical_words(stack.qweight, stack.meta, stack.tiled, stack.sp4)
+def test_sparse_mma_stack_stores_its_order_and_reads_back_canonical(bits, group):
+    """An sp4 (4-bit) or sp2 (2-bit) stack (symmetric words and meta in a sparse-MMA kernel's order, as CUDA slots
+    hold them) writes spmma_layout.pack_sp4's / pack_sp2's bytes in set_slot, reads back the canonical words, and
+    its CPU path gives the canonical stack's products; empty slots hold valid mma.sp meta."""
+    n, k = 128, 256 if bits == 4 else 512
+    g = torch.Generator().manual_seed(6 if bits == 4 else 8)
+    packed = [random_packed(n, k, bits, group, True, generator=g) for _ in range(2)]
+    order = {"sp4": bits == 4, "sp2": bits == 2}
+    stack = PackedDeltaStack.from_packed(packed, bits=bits, shape=(n, k), **order)
+    pack = spmma_layout.pack_sp4 if bits == 4 else spmma_layout.pack_sp2
+    want_q, want_m = pack(packed[1]["qweight"], packed[1]["meta"])
+    assert (stack.sp4, stack.sp2) == (order["sp4"], order["sp2"])
+    assert torch.equal(stack.qweight[1], want_q) and torch.equal(stack.meta[1], want_m)
+    q, m = canonical_words(stack.qweight, stack.meta, stack.tiled, stack.sp4, stack.sp2)
     assert torch.equal(q[0], packed[0]["qweight"]) and torch.equal(m[0], packed[0]["meta"])
+    assert torch.all(PackedDeltaStack.empty(1, (n, k), bits, **order).meta == 0x44444444)
     assert_applies_like_canonical(stack, packed, g)
 
 
@@ -95,23 +100,6 @@ def test_sp4_stacks_need_what_the_sparse_mma_kernel_takes():
                          ((1, (128, 256), 4), {"group_size": 64}), ((1, (128, 256), 4), {"tiled": True})]:
         with pytest.raises(ValueError, match="sp4"):
             PackedDeltaStack.empty(*args, sp4=True, **kwargs)
-
-
-@pytest.mark.parametrize("group", [128, None])
-def test_sp2_stack_stores_the_sparse_mma_order_and_reads_back_canonical(group):
-    """An sp2 stack (2-bit symmetric words and meta in the 2-bit sparse-MMA kernel's order, as CUDA slots hold them
-    when asked) writes spmma_layout.pack_sp2's bytes in set_slot, reads back the canonical words, and its CPU path
-    gives the canonical stack's products; empty slots hold valid mma.sp meta."""
-    n, k = 128, 512
-    g = torch.Generator().manual_seed(8)
-    packed = [random_packed(n, k, 2, group, True, generator=g) for _ in range(2)]
-    stack = PackedDeltaStack.from_packed(packed, bits=2, shape=(n, k), sp2=True)
-    want_q, want_m = spmma_layout.pack_sp2(packed[1]["qweight"], packed[1]["meta"])
-    assert stack.sp2 and torch.equal(stack.qweight[1], want_q) and torch.equal(stack.meta[1], want_m)
-    q, m = canonical_words(stack.qweight, stack.meta, stack.tiled, stack.sp4, stack.sp2)
-    assert torch.equal(q[0], packed[0]["qweight"]) and torch.equal(m[0], packed[0]["meta"])
-    assert torch.all(PackedDeltaStack.empty(1, (n, k), 2, sp2=True).meta == 0x44444444)
-    assert_applies_like_canonical(stack, packed, g)
 
 
 def test_sp2_stacks_need_what_the_sparse_mma_kernel_takes():
