@@ -128,6 +128,11 @@ class PackedDeltaStack:
             stack.set_slot(i, p)
         return stack
 
+    @property
+    def order(self) -> str:
+        """The stored order of qweight / meta: tiled4, sp4, sp2 or canonical."""
+        return "tiled4" if self.tiled else "sp4" if self.sp4 else "sp2" if self.sp2 else "canonical"
+
     def set_slot(self, i: int, packed) -> None:
         """Copy one packed delta (canonical layout) into slot i in place, in the stack's order (tiled4 / sp4 / sp2)."""
         if not 0 <= i < self.num_slots:
@@ -141,14 +146,7 @@ class PackedDeltaStack:
                 continue
             if tuple(src.shape) != tuple(dst.shape[1:]):
                 raise ValueError(f"slot {i}: {name} shape {tuple(src.shape)}, stack wants {tuple(dst.shape[1:])}")
-            if self.tiled and name in layout.TILED4_WIDTHS:
-                layout.copy_tiled4_part(name, src, dst[i])
-            elif self.sp4 and name in spmma_layout.SP4_PARTS:
-                spmma_layout.copy_sp4_part(name, src, dst[i])
-            elif self.sp2 and name in spmma_layout.SP2_PARTS:
-                spmma_layout.copy_sp2_part(name, src, dst[i])
-            else:
-                dst[i].copy_(src, non_blocking=True)
+            spmma_layout.copy_stored_part(self.order, name, src, dst[i])
 
     def clear_slot(self, i: int) -> None:
         """Make slot i a zero delta (scales 0)."""

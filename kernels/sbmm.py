@@ -356,7 +356,7 @@ def spmma_supported(x: torch.Tensor, n: int, k: int, bits: int, num_groups: int,
     sp4 tiles, scales per row or per group of a multiple of 128 columns, x rows at an even stride."""
     if not spmma_device_ok(x.device, x.dtype):
         return False
-    group_ok = num_groups == 1 or (k % num_groups == 0 and (k // num_groups) % sbmm_spmma.STEP_K.value == 0)
+    group_ok = k % num_groups == 0 and spmma_layout.scale_groups_ok(k, k // num_groups)
     return bits == 4 and not asym and layout.tiles(n, k) and group_ok and x.stride(0) % 2 == 0
 
 
@@ -366,7 +366,7 @@ def spmma2_supported(x: torch.Tensor, n: int, k: int, bits: int, num_groups: int
     stride."""
     if not spmma_device_ok(x.device, x.dtype):
         return False
-    group_ok = num_groups == 1 or (k % num_groups == 0 and (k // num_groups) % layout.TILE_COLS == 0)
+    group_ok = k % num_groups == 0 and spmma_layout.scale_groups_ok(k, k // num_groups)
     return (bits == 2 and not asym and n % layout.TILE_ROWS == 0 and k % spmma_layout.SP2_STEP == 0 and group_ok
             and x.stride(0) % 2 == 0)
 

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import packing
+from kernels import layout
 from kernels.layout import TILE_COLS, TILE_ROWS, TILE_WORDS, check_tiles, tiles
 
 _ROWS, _WORDS = tl.constexpr(TILE_ROWS), tl.constexpr(TILE_WORDS)  # the tile geometry, for the kernel below
@@ -78,7 +78,7 @@ def sp4_meta(meta: torch.Tensor) -> torch.Tensor:
 
 
 SP4_PARTS = {"qweight": sp4_words, "meta": sp4_meta}  # the parts sp4 re-orders (scales stay canonical)
-SP4_CHUNK_CODES = 1 << 25  # codes per row chunk of copy_sp4_part: ~32 MB of transient uint8 codes (a few copies)
+CHUNK_CODES = 1 << 25  # codes per row chunk of copy_sp4_part / copy_sp2_part: ~32 MB of transient uint8 codes
 # The one-pass qweight kernel for CUDA slot writes: off until a GPU run checks and times it (tests/gpu sp4 slot
 # tests; `bench/worker.py --parts load --sp4-words-kernel` sets this for its own process).
 SP4_WORDS_KERNEL = False
@@ -139,9 +139,16 @@ def copy_sp4_part(part: str, src: torch.Tensor, out: torch.Tensor) -> None:
     if part == "qweight" and _sp4_words_kernel_on(out.device):
         sp4_words_gather(src, out=out)
         return
-    rows = max(TILE_ROWS, SP4_CHUNK_CODES // (8 * w) // TILE_ROWS * TILE_ROWS)
+    _reorder_in_row_chunks(SP4_PARTS[part], src, out, 8)
+
+
+def _reorder_in_row_chunks(reorder, src: torch.Tensor, out: torch.Tensor, codes_per_word: int) -> None:
+    """out = reorder(src), a row chunk of whole 64-row blocks at a time (each block's re-ordered words are its own
+    rows), so the transient codes stay near CHUNK_CODES; on the current stream without waiting."""
+    n, w = src.shape
+    rows = max(TILE_ROWS, CHUNK_CODES // (codes_per_word * w) // TILE_ROWS * TILE_ROWS)
     for r in range(0, n, rows):
-        out[r:r + rows].copy_(SP4_PARTS[part](src[r:r + rows]), non_blocking=True)
+        out[r:r + rows].copy_(reorder(src[r:r + rows]), non_blocking=True)
 
 
 def sp4_format_ok(kind: str, bits: int | None, sym: bool | None, shape: tuple[int, ...],
@@ -150,7 +157,12 @@ def sp4_format_ok(kind: str, bits: int | None, sym: bool | None, shape: tuple[in
     4-bit symmetric 2:4, N and K whole tiles, scales per row or in groups of a multiple of 128 columns."""
     if kind != "sparse24" or bits != 4 or not sym or len(shape) != 2 or not tiles(*shape):
         return False
-    k = shape[1]
+    return scale_groups_ok(shape[1], group_size)
+
+
+def scale_groups_ok(k: int, group_size: int | None) -> bool:
+    """The scales both sparse-MMA kernels take: one per row (group_size None or >= K), or groups of a multiple of
+    128 columns that divide K."""
     return group_size is None or group_size >= k or (k % group_size == 0 and group_size % TILE_COLS == 0)
 
 
@@ -256,9 +268,6 @@ def unpack_sp2(qweight: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor,
 
 
 SP2_PARTS = {"qweight": sp2_words, "meta": sp2_meta}  # the parts sp2 re-orders (scales stay canonical)
-SP2_CHUNK_CODES = 1 << 25  # codes per row chunk of copy_sp2_part: ~32 MB of transient uint8 codes (a few copies)
-
-
 def copy_sp2_part(part: str, src: torch.Tensor, out: torch.Tensor) -> None:
     """One canonical 2-bit 2:4 part (`qweight` or `meta`, [N, K/32]) into `out` (e.g. a device slot) in the sp2
     order: copied to out's device, then re-ordered there in chunks of 64-row blocks (each block's sp2 words are
@@ -266,9 +275,7 @@ def copy_sp2_part(part: str, src: torch.Tensor, out: torch.Tensor) -> None:
     src = src.to(out.device, non_blocking=True)
     n, w = src.shape
     _check_sp2(n, w)
-    rows = max(TILE_ROWS, SP2_CHUNK_CODES // (16 * w) // TILE_ROWS * TILE_ROWS)
-    for r in range(0, n, rows):
-        out[r:r + rows].copy_(SP2_PARTS[part](src[r:r + rows]), non_blocking=True)
+    _reorder_in_row_chunks(SP2_PARTS[part], src, out, 16)
 
 
 def sp2_format_ok(kind: str, bits: int | None, sym: bool | None, shape: tuple[int, ...],
@@ -280,4 +287,18 @@ def sp2_format_ok(kind: str, bits: int | None, sym: bool | None, shape: tuple[in
     n, k = shape
     if n % TILE_ROWS or k % SP2_STEP:
         return False
-    return group_size is None or group_size >= k or (k % group_size == 0 and group_size % TILE_COLS == 0)
+    return scale_groups_ok(k, group_size)
+
+
+STORED_PARTS = {"tiled4": (layout.TILED4_WIDTHS, layout.copy_tiled4_part), "sp4": (SP4_PARTS, copy_sp4_part),
+                "sp2": (SP2_PARTS, copy_sp2_part)}  # order -> (the parts it re-orders, their slot write)
+
+
+def copy_stored_part(order: str, part: str, src: torch.Tensor, out: torch.Tensor) -> None:
+    """One canonical part of a packed delta into `out` (a slot) in a stored order (canonical, tiled4, sp4, sp2):
+    re-ordered there if the order re-orders that part, else copied as is; on the current stream without waiting."""
+    parts, write = STORED_PARTS.get(order, ((), None))
+    if part in parts:
+        write(part, src, out)
+    else:
+        out.copy_(src, non_blocking=True)

@@ -152,14 +152,7 @@ class DeviceSlots:
                 stack = self._stack_for(tensor_name, delta, {k: (tuple(v.shape), v.dtype) for k, v in parts.items()},
                                         order)
                 for part, tensor in parts.items():  # re-orders run on the copy stream, after their copy
-                    if order == "tiled4" and part in layout.TILED4_WIDTHS:
-                        layout.copy_tiled4_part(part, tensor, stack.parts[part][slot])
-                    elif order == "sp4" and part in spmma_layout.SP4_PARTS:
-                        spmma_layout.copy_sp4_part(part, tensor, stack.parts[part][slot])
-                    elif order == "sp2" and part in spmma_layout.SP2_PARTS:
-                        spmma_layout.copy_sp2_part(part, tensor, stack.parts[part][slot])
-                    else:
-                        stack.parts[part][slot].copy_(tensor, non_blocking=True)
+                    spmma_layout.copy_stored_part(order, part, tensor, stack.parts[part][slot])
                 where[tensor_name] = stack
             num_bytes += sum(t[slot].numel() * t.element_size() for t in where[tensor_name].parts.values())
         if self._tied and EMBED in where and LM_HEAD not in where:

@@ -50,8 +50,7 @@ def _dense_slot(stack: SlotStack, slot: int, dtype: torch.dtype) -> torch.Tensor
         w = layout.dequantize_dense2(p["qweight"][slot], p["scales"][slot], stack.shape, torch.float32)
     else:
         qweight, meta = p["qweight"][slot], p["meta"][slot] if "meta" in p else None
-        if stack.tiled or stack.sp4 or stack.sp2:  # words and meta stored re-ordered (kernels/spmma_layout.py)
-            qweight, meta = canonical_words(qweight, meta, stack.tiled, stack.sp4, stack.sp2)
+        qweight, meta = canonical_words(qweight, meta, stack.tiled, stack.sp4, stack.sp2)  # stored order -> canonical
         w = packing.dequantize(qweight, p["scales"][slot], p["zeros"][slot] if "zeros" in p else None, meta,
                                stack.bits, stack.shape, torch.float32)
     weight_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32

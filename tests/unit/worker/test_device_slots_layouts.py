@@ -138,7 +138,7 @@ def test_sp4_stacks_fill_unwritten_meta_with_a_valid_pattern_and_cpu_slots_defau
 def test_copy_sp4_part_writes_pack_sp4_in_row_chunks(monkeypatch):
     """The slot write re-orders qweight and meta separately, a few 64-row blocks at a time: the bytes of pack_sp4."""
     p = random_packed(320, 256, 4, 128, True, generator=torch.Generator().manual_seed(16))
-    monkeypatch.setattr(spmma_layout, "SP4_CHUNK_CODES", 128 * 8 * 16)  # two row blocks per chunk, the last one alone
+    monkeypatch.setattr(spmma_layout, "CHUNK_CODES", 128 * 8 * 16)  # two row blocks per chunk, the last one alone
     want = spmma_layout.pack_sp4(p["qweight"], p["meta"])
     for part, expect in zip(("qweight", "meta"), want):
         out = torch.full_like(p[part], -1)
