@@ -124,14 +124,14 @@ def pinned_h2d_bytes_per_s(device: str, num_bytes: int) -> float:
 
 
 def bench_load(cfg: LlamaConfig, device: str, rows: list, bits: int = 2, group: int = 128,
-               sp4: bool | None = None) -> None:
+               sp4: bool | None = None, sp2: bool = False) -> None:
     shapes = linear_shapes(cfg)
     cuda = device.startswith("cuda")
     delta = random_packed_delta(shapes, bits, group, device, pin=cuda, seed=1)
     num_bytes = sum(d.nbytes for d in delta.values())
     limit = pinned_h2d_bytes_per_s(device, num_bytes)
     rows.append({"part": "h2d_limit", "bytes": num_bytes, "bytes_per_s": limit})
-    slots = DeviceSlots(2, device, torch.float16, set(shapes), False, sp4=sp4)
+    slots = DeviceSlots(2, device, torch.float16, set(shapes), False, sp4=sp4, sp2=sp2)
     slots.write(1, "warm", delta)  # allocates the stacks; timed writes reuse them
     times = []
     for _ in range(5):
@@ -179,11 +179,12 @@ def time_decode_steps(engine, num_seqs: int, num_deltas: int, device: str, promp
 
 
 def bench_step(cfg: LlamaConfig, device: str, rows: list, deltas=(1, 8, 32), num_seqs: int = 32,
-               prompt_len: int = 128, steps: int = 20, bits: int = 2, sp4: bool | None = None) -> None:
+               prompt_len: int = 128, steps: int = 20, bits: int = 2, sp4: bool | None = None,
+               sp2: bool = False) -> None:
     model = random_model(cfg, device, torch.float16)
     shapes = linear_shapes(cfg)
     num_slots = max(deltas)
-    slots = DeviceSlots(num_slots, device, torch.float16, set(shapes), False, sp4=sp4)
+    slots = DeviceSlots(num_slots, device, torch.float16, set(shapes), False, sp4=sp4, sp2=sp2)
     one = random_packed_delta(shapes, bits, 128, device, pin=device.startswith("cuda"), seed=2)
     for s in range(num_slots):  # same bytes in every slot: timing does not depend on the values
         slots.write(s, str(s), one)
@@ -337,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="sp4 slot writes re-order qweight with the one-pass Triton kernel (spmma_layout.SP4_WORDS_KERNEL)")
     ap.add_argument("--no-sp4", action="store_true",
                     help="4-bit slots in tiled4 instead of sp4 (the sparse-MMA kernel's order): the in-run baseline")
+    ap.add_argument("--sparse-mma-2bit", action="store_true",
+                    help="2-bit slots in sp2 for the 2-bit sparse-MMA kernel instead of dense2 (the worker's flag)")
     args = ap.parse_args(argv)
     spmma_layout.SP4_WORDS_KERNEL = args.sp4_words_kernel
     torch.set_grad_enabled(False)
@@ -352,12 +355,12 @@ def main(argv: list[str] | None = None) -> int:
     parts = args.parts.split(",")
     if "load" in parts:
         for bits in (2, 4):
-            bench_load(big, device, rows, bits, sp4=False if args.no_sp4 else None)
+            bench_load(big, device, rows, bits, sp4=False if args.no_sp4 else None, sp2=args.sparse_mma_2bit)
     if "step" in parts:
         step_cfg = dataclasses.replace(big, num_hidden_layers=args.step_layers) if args.step_layers else big
         bench_step(step_cfg, device, rows, **({"num_seqs": 8, "steps": 3, "prompt_len": 16} if args.tiny
                                               else {"num_seqs": args.step_seqs}),
-                   bits=args.step_bits, sp4=False if args.no_sp4 else None)
+                   bits=args.step_bits, sp4=False if args.no_sp4 else None, sp2=args.sparse_mma_2bit)
     if "prefill" in parts:
         prefill_cfg = dataclasses.replace(big, num_hidden_layers=args.step_layers) if args.step_layers else big
         bench_prefill(prefill_cfg, device, rows, **({"num_running": 4, "num_steps": 2} if args.tiny else {}))
@@ -370,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
                          "modes_model": "llama-1.1b-shape" if not args.tiny else "tiny", "dtype": "float16",
                          "step_layers": args.step_layers or big.num_hidden_layers, "step_seqs": args.step_seqs,
                          "step_bits": args.step_bits, "four_bit_slots": "tiled4" if args.no_sp4 else "sp4 where it applies",
-                         "sp4_words_kernel": args.sp4_words_kernel},
+                         "sp4_words_kernel": args.sp4_words_kernel, "sparse_mma_2bit": args.sparse_mma_2bit},
               "rows": rows}
     os.makedirs(args.out, exist_ok=True)
     path = Path(args.out) / f"worker-{name}-{date}{'-tiny' if args.tiny else ''}{'-' + args.label if args.label else ''}.json"
