@@ -334,14 +334,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--step-seqs", type=int, default=32, help="sequences in the timed decode step")
     ap.add_argument("--label", default="", help="added to the result file name")
     ap.add_argument("--step-bits", type=int, default=2, choices=(2, 4), help="code width of the step's deltas")
-    ap.add_argument("--sp4-words-kernel", action="store_true",
-                    help="sp4 slot writes re-order qweight with the one-pass Triton kernel (spmma_layout.SP4_WORDS_KERNEL)")
+    ap.add_argument("--sp4-words-torch", action="store_true",
+                    help="sp4 slot writes re-order qweight in torch row chunks instead of the one-pass Triton kernel "
+                         "(spmma_layout.SP4_WORDS_KERNEL off): the load baseline")
     ap.add_argument("--no-sp4", action="store_true",
                     help="4-bit slots in tiled4 instead of sp4 (the sparse-MMA kernel's order): the in-run baseline")
     ap.add_argument("--sparse-mma-2bit", action="store_true",
                     help="2-bit slots in sp2 for the 2-bit sparse-MMA kernel instead of dense2 (the worker's flag)")
     args = ap.parse_args(argv)
-    spmma_layout.SP4_WORDS_KERNEL = args.sp4_words_kernel
+    spmma_layout.SP4_WORDS_KERNEL = not args.sp4_words_torch
     torch.set_grad_enabled(False)
     from deltazip.logs import configure_logging
 
@@ -373,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
                          "modes_model": "llama-1.1b-shape" if not args.tiny else "tiny", "dtype": "float16",
                          "step_layers": args.step_layers or big.num_hidden_layers, "step_seqs": args.step_seqs,
                          "step_bits": args.step_bits, "four_bit_slots": "tiled4" if args.no_sp4 else "sp4 where it applies",
-                         "sp4_words_kernel": args.sp4_words_kernel, "sparse_mma_2bit": args.sparse_mma_2bit},
+                         "sp4_words_kernel": not args.sp4_words_torch, "sparse_mma_2bit": args.sparse_mma_2bit},
               "rows": rows}
     os.makedirs(args.out, exist_ok=True)
     path = Path(args.out) / f"worker-{name}-{date}{'-tiny' if args.tiny else ''}{'-' + args.label if args.label else ''}.json"
