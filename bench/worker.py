@@ -5,10 +5,10 @@
 Rows (DESIGN.md names), all measured in the same run:
 - part=h2d_limit: pinned host→device copy rate of one large buffer (the physical limit of a delta load).
 - part=load: a 7B-shaped (Llama-2-7B linears) 2-bit 2:4 delta, then a 4-bit one, from pinned host into a device
-  slot via DeviceSlots.write (separate CUDA stream; on CUDA the 2-bit words are re-encoded to dense2 and the
-  4-bit words and meta re-ordered on the way in: sp4 where the sparse-MMA kernel takes them, else tile-major,
-  kernels/layout.py); `bits`, `ms`, `bytes`,
-  `bytes_per_s`, `h2d_fraction` = rate / h2d_limit (each load has its own h2d_limit row, for its size).
+  slot via DeviceSlots.write (separate CUDA stream; on CUDA the 2-bit words are re-encoded to dense2, or re-ordered
+  to sp2 with --sparse-mma-2bit, and the 4-bit words and meta re-ordered on the way in: sp4 where the sparse-MMA
+  kernel takes them, else tile-major, kernels/layout.py); `bits`, `ms`, `bytes`, `bytes_per_s`,
+  `h2d_fraction` = rate / h2d_limit (each load has its own h2d_limit row, for its size).
   Goals: h2d_fraction >= 0.8 and ms <= 40. Physical limit: the 2-bit 2:4 delta is ~1.7 GB (qweight 2 bit +
   meta 1 bit per weight, scales), so at ~53 GB/s pinned H2D the floor is ~32 ms; 40 ms needs >= 80%.
 - part=step: one engine decode step (32 sequences, ctx ~128) on a 7B-shaped fp16 model with random weights,
@@ -341,8 +341,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="4-bit slots in tiled4 instead of sp4 (the sparse-MMA kernel's order): the in-run baseline")
     ap.add_argument("--sparse-mma-2bit", action="store_true",
                     help="2-bit slots in sp2 for the 2-bit sparse-MMA kernel instead of dense2 (the worker's flag)")
+    ap.add_argument("--sp2-torch", action="store_true",
+                    help="sp2 slot writes re-order qweight and meta in torch row chunks instead of the one-pass Triton "
+                         "kernels (spmma_layout.SP2_KERNELS off): the sp2 load baseline")
     args = ap.parse_args(argv)
     spmma_layout.SP4_WORDS_KERNEL = not args.sp4_words_torch
+    spmma_layout.SP2_KERNELS = not args.sp2_torch
     torch.set_grad_enabled(False)
     from deltazip.logs import configure_logging
 
@@ -374,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
                          "modes_model": "llama-1.1b-shape" if not args.tiny else "tiny", "dtype": "float16",
                          "step_layers": args.step_layers or big.num_hidden_layers, "step_seqs": args.step_seqs,
                          "step_bits": args.step_bits, "four_bit_slots": "tiled4" if args.no_sp4 else "sp4 where it applies",
-                         "sp4_words_kernel": not args.sp4_words_torch, "sparse_mma_2bit": args.sparse_mma_2bit},
+                         "sp4_words_kernel": not args.sp4_words_torch, "sparse_mma_2bit": args.sparse_mma_2bit,
+                         "sp2_kernels": not args.sp2_torch},
               "rows": rows}
     os.makedirs(args.out, exist_ok=True)
     path = Path(args.out) / f"worker-{name}-{date}{'-tiny' if args.tiny else ''}{'-' + args.label if args.label else ''}.json"

@@ -8,7 +8,9 @@ writes use (`SP4_WORDS_KERNEL`, on: checked and timed on an H100, see docs/kerne
 
 sp2: the same for 2-bit symmetric 2:4 deltas (`pack_sp2` / `unpack_sp2`, `sp2_format_ok`), K steps of `SP2_STEP`
 columns; opt-in (`sbmm(..., sp2=True)`). CUDA slots write it with `copy_sp2_part` only when asked
-(`DeviceSlots(sp2=True)`, the worker's `--sparse-mma-2bit`): off until a GPU run checks the kernel.
+(`DeviceSlots(sp2=True)`, the worker's `--sparse-mma-2bit`). `sp2_words_gather` / `sp2_meta_gather` are one-pass
+Triton versions of `sp2_words` / `sp2_meta` that those writes use (`SP2_KERNELS`, on; checked on CPU under
+TRITON_INTERPRET=1, not yet run on a GPU).
 
 Tile geometry (`TILE_ROWS`, `TILE_COLS`, `tiles`, `check_tiles`) is kernels/layout.py's.
 """
@@ -108,24 +110,30 @@ def _sp4_words_kernel(q_ptr, out_ptr, tiles_per_row_block, stride_row, stride_wo
 def sp4_words_gather(qweight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """`sp4_words` in one launch: canonical int32 words [N, K/16] (any strides) -> sp4 words of the same shape,
     written into `out` (contiguous) when given. Runs on CUDA or under TRITON_INTERPRET=1."""
-    if qweight.dtype != torch.int32 or qweight.dim() != 2:
-        raise ValueError(f"qweight {qweight.dtype} {tuple(qweight.shape)}: need a 2-D int32 tensor")
-    n, w = qweight.shape
-    check_tiles(n, w)
+    return _gather(_sp4_words_kernel, "qweight", qweight, out, check_tiles)
+
+
+def _gather(kernel, part: str, src: torch.Tensor, out: torch.Tensor | None, check) -> torch.Tensor:
+    """Launches a one-pass re-order `kernel` (one program per [64 rows, 8 words] tile) from int32 `src` [N, W]
+    (any strides; `check(N, W)` raises ValueError unless it tiles) into `out` (contiguous, allocated if None)."""
+    if src.dtype != torch.int32 or src.dim() != 2:
+        raise ValueError(f"{part} {src.dtype} {tuple(src.shape)}: need a 2-D int32 tensor")
+    n, w = src.shape
+    check(n, w)
     if out is None:
-        out = torch.empty(n, w, dtype=torch.int32, device=qweight.device)
-    if out.shape != qweight.shape or out.dtype != torch.int32 or not out.is_contiguous():
-        raise ValueError(f"out {out.dtype} {tuple(out.shape)} must be a contiguous {tuple(qweight.shape)} int32 tensor")
-    if qweight.numel():
+        out = torch.empty(n, w, dtype=torch.int32, device=src.device)
+    if out.shape != src.shape or out.dtype != torch.int32 or not out.is_contiguous():
+        raise ValueError(f"out {out.dtype} {tuple(out.shape)} must be a contiguous {tuple(src.shape)} int32 tensor")
+    if src.numel():
         num_tiles = (n // TILE_ROWS) * (w // TILE_WORDS)
-        _sp4_words_kernel[(num_tiles,)](qweight, out, w // TILE_WORDS, qweight.stride(0), qweight.stride(1))
+        kernel[(num_tiles,)](src, out, w // TILE_WORDS, src.stride(0), src.stride(1))
     return out
 
 
-def _sp4_words_kernel_on(device: torch.device) -> bool:
-    """Whether copy_sp4_part re-orders qweight with the one-pass kernel: switched on and on CUDA (or under
-    TRITON_INTERPRET=1, so CPU tests run it)."""
-    return SP4_WORDS_KERNEL and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1")
+def _gather_kernels_on(switch: bool, device: torch.device) -> bool:
+    """Whether a slot write re-orders with its one-pass kernels: `switch` (SP4_WORDS_KERNEL, SP2_KERNELS) on and
+    on CUDA (or under TRITON_INTERPRET=1, so CPU tests run them)."""
+    return switch and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
 def copy_sp4_part(part: str, src: torch.Tensor, out: torch.Tensor) -> None:
@@ -136,7 +144,7 @@ def copy_sp4_part(part: str, src: torch.Tensor, out: torch.Tensor) -> None:
     src = src.to(out.device, non_blocking=True)
     n, w = src.shape
     check_tiles(n, w if part == "qweight" else 2 * w)
-    if part == "qweight" and _sp4_words_kernel_on(out.device):
+    if part == "qweight" and _gather_kernels_on(SP4_WORDS_KERNEL, out.device):
         sp4_words_gather(src, out=out)
         return
     _reorder_in_row_chunks(SP4_PARTS[part], src, out, 8)
@@ -268,13 +276,73 @@ def unpack_sp2(qweight: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor,
 
 
 SP2_PARTS = {"qweight": sp2_words, "meta": sp2_meta}  # the parts sp2 re-orders (scales stay canonical)
+# The one-pass qweight and meta kernels for CUDA slot writes (not yet run on a GPU; the torch re-order took a 7B
+# 2-bit load to 82.6 ms on an H100, dense2 38 ms); `bench/worker.py --sp2-torch` turns them off (the baseline).
+SP2_KERNELS = True
+
+
+@triton.jit
+def _sp2_words_kernel(q_ptr, out_ptr, tiles_per_row_block, stride_row, stride_word):
+    """One [64 rows, 8 words] tile (b, s) of canonical 2-bit words (one 256-column step) -> its 512 sp2 words,
+    contiguous at tile index b * tiles_per_row_block + s. Output word (rb, g, t, u), field 8i + 4e + 2hi + h, is
+    field 8hi + 2t + i of the canonical word (row 64b + 16rb + 8h + g, word 8s + 2u + e): nibbles t and 4 + t of
+    4 words (q strides in words: row slices of a bigger tensor are read in place)."""
+    tile = tl.program_id(0)
+    b, s = tile // tiles_per_row_block, tile % tiles_per_row_block
+    o = tl.arange(0, _ROWS * _WORDS)  # [512]: (rb 4, g 8, t 4, u 4) in output order
+    u, t, g, rb = o % 4, (o // 4) % 4, (o // 16) % 8, o // 128
+    row, word = b * _ROWS + 16 * rb + g, s * _WORDS + 2 * u
+    shift = (4 * t).to(tl.uint32)
+    out = tl.zeros([_ROWS * _WORDS], tl.uint32)
+    for h in tl.static_range(2):
+        for e in tl.static_range(2):
+            src = tl.load(q_ptr + (row + 8 * h) * stride_row + (word + e) * stride_word).to(tl.uint32, bitcast=True)
+            fields = src >> shift  # logical shift: fields 2t + i at bits 2i, fields 8 + 2t + i at bits 16 + 2i
+            for hi in tl.static_range(2):
+                for i in tl.static_range(2):
+                    out = out | (((fields >> (16 * hi + 2 * i)) & 0x3) << (2 * (8 * i + 4 * e + 2 * hi + h)))
+    tl.store(out_ptr + tile * (_ROWS * _WORDS) + o, out.to(tl.int32, bitcast=True))
+
+
+@triton.jit
+def _sp2_meta_kernel(m_ptr, out_ptr, tiles_per_row_block, stride_row, stride_word):
+    """One [64 rows, 8 words] tile (b, s) of canonical meta (one 256-column step, 16 int16 halves a row) -> its
+    512 sp2 meta words, contiguous at tile index b * tiles_per_row_block + s. Output word (rb, g, t, v): half
+    4v + t (half t % 2 of word 8s + 2v + t // 2) of row 64b + 16rb + g in its low half, of row + 8 in its high."""
+    tile = tl.program_id(0)
+    b, s = tile // tiles_per_row_block, tile % tiles_per_row_block
+    o = tl.arange(0, _ROWS * _WORDS)  # [512]: (rb 4, g 8, t 4, v 4) in output order
+    v, t, g, rb = o % 4, (o // 4) % 4, (o // 16) % 8, o // 128
+    row, word = b * _ROWS + 16 * rb + g, s * _WORDS + 2 * v + t // 2
+    shift = (16 * (t % 2)).to(tl.uint32)
+    out = tl.zeros([_ROWS * _WORDS], tl.uint32)
+    for h in tl.static_range(2):
+        src = tl.load(m_ptr + (row + 8 * h) * stride_row + word * stride_word).to(tl.uint32, bitcast=True)
+        out = out | (((src >> shift) & 0xFFFF) << (16 * h))
+    tl.store(out_ptr + tile * (_ROWS * _WORDS) + o, out.to(tl.int32, bitcast=True))
+
+
+def sp2_words_gather(qweight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`sp2_words` in one launch: canonical 2-bit words int32 [N, K/32] (any strides) -> sp2 words of the same
+    shape, written into `out` (contiguous) when given. Runs on CUDA or under TRITON_INTERPRET=1."""
+    return _gather(_sp2_words_kernel, "qweight", qweight, out, _check_sp2)
+
+
+def sp2_meta_gather(meta: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`sp2_meta` in one launch: canonical meta int32 [N, K/32] (any strides) -> sp2 meta words, same shape."""
+    return _gather(_sp2_meta_kernel, "meta", meta, out, _check_sp2)
+
+
 def copy_sp2_part(part: str, src: torch.Tensor, out: torch.Tensor) -> None:
     """One canonical 2-bit 2:4 part (`qweight` or `meta`, [N, K/32]) into `out` (e.g. a device slot) in the sp2
-    order: copied to out's device, then re-ordered there in chunks of 64-row blocks (each block's sp2 words are
-    its own rows), all on the current stream without waiting."""
+    order: copied to out's device, then re-ordered there (one kernel launch when SP2_KERNELS is on, else in chunks
+    of 64-row blocks: each block's sp2 words are its own rows), all on the current stream without waiting."""
     src = src.to(out.device, non_blocking=True)
     n, w = src.shape
     _check_sp2(n, w)
+    if _gather_kernels_on(SP2_KERNELS, out.device):
+        {"qweight": sp2_words_gather, "meta": sp2_meta_gather}[part](src, out=out)
+        return
     _reorder_in_row_chunks(SP2_PARTS[part], src, out, 16)
 
 

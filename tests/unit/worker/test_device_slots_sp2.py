@@ -84,6 +84,7 @@ def test_sp2_is_off_by_default_and_needs_the_sparse_mma_device_on_cuda(monkeypat
 def test_copy_sp2_part_writes_pack_sp2_in_row_chunks(monkeypatch):
     """The slot write re-orders qweight and meta separately, a few 64-row blocks at a time: the bytes of pack_sp2."""
     p = random_packed(320, 512, 2, 128, True, generator=torch.Generator().manual_seed(12))
+    monkeypatch.setattr(spmma_layout, "SP2_KERNELS", False)  # the torch fallback (tests/kernels covers the kernels)
     monkeypatch.setattr(spmma_layout, "CHUNK_CODES", 128 * 16 * 16)  # two row blocks per chunk, the last alone
     want = spmma_layout.pack_sp2(p["qweight"], p["meta"])
     for part, expect in zip(("qweight", "meta"), want):
