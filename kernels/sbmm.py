@@ -10,6 +10,7 @@ import functools
 import json
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import triton
@@ -180,31 +181,22 @@ def sbmm(
     """
     if sp4 and sp2:
         raise ValueError("sp4 and sp2 name two word orders: pass the one the stack holds")
-    if sp4 or sp2:
-        _sbmm_sparse_mma(x, y, qweight, meta, scales, zeros, seg_starts, seg_slots, bits, config, rows_hint,
-                         segments_hint, sp2)
-        return
-    n, group_size = _check(x, y, qweight, meta, scales, zeros, bits, tiled)
+    sparse_mma = sp4 or sp2
+    n, group_size = _check(x, y, qweight, meta, scales, zeros, bits, tiled or sp4)
     t, k = x.shape
+    num_groups = scales.shape[-1]
+    asym = zeros is not None
+    if sparse_mma:
+        _check_sparse_mma(x, n, k, bits, num_groups, group_size, asym, sp2)
     num_segments = seg_slots.shape[0]
     if t == 0 or num_segments == 0 or n == 0:
         return
-    num_groups = scales.shape[-1]
+    launch = plan(x, n, k, bits, num_groups, group_size, asym, num_segments, kernel=kernel, config=config,
+                  rows_hint=rows_hint, segments_hint=segments_hint, dense2=meta is None, sp4=sp4, sp2=sp2)
+    if sparse_mma:
+        _launch_sparse_mma(x, y, qweight, meta, scales, seg_starts, seg_slots, bits, group_size, num_groups, launch)
+        return
     dense2 = meta is None
-    geometry_bits = DENSE2_GEOMETRY_BITS if dense2 else bits  # dense2 words tile like 4-bit 2:4 words
-    if kernel is None:
-        kernel = "gluon" if gluon_supported(x, k, geometry_bits, group_size, num_groups) else "triton"
-    if kernel not in KERNELS:
-        raise ValueError(f"unknown sbmm kernel {kernel!r}; valid: {', '.join(KERNELS)}")
-    if kernel == "gluon" and not gluon_supported(x, k, geometry_bits, group_size, num_groups):
-        raise ValueError(f"the gluon kernel does not take K={k}, bits={bits}, group_size={group_size} here")
-    if dense2 and kernel != "gluon":
-        raise ValueError("dense2 words (meta None) run on the Gluon kernel only (CUDA, K a multiple of 128)")
-    if config is None:
-        config = pick_config(kernel, _device_name(x.device), rows_hint if rows_hint is not None else t / num_segments,
-                             "dense2" if dense2 else bits)
-    tiled = tiled or dense2
-    asym = zeros is not None
     if dense2:
         meta_words = qweight  # never read (HAS_META false)
     else:
@@ -216,14 +208,70 @@ def sbmm(
         scales.stride(0), scales.stride(1),
         seg_starts, seg_slots, num_segments, qweight.shape[0],
     )
-    # upper bound on tiles: sum over segments of ceil(rows / BLOCK_M) <= T // BLOCK_M + S
-    max_segs = max(16, triton.next_power_of_2(num_segments))
-    live_segments = num_segments if segments_hint is None else max(1, min(num_segments, segments_hint))
-    if kernel == "gluon":
-        _launch_gluon(common, x, n, k, group_size, num_groups, live_segments, geometry_bits, asym, max_segs, config,
-                      dense2, tiled)
+    if launch.kernel == "gluon":
+        _launch_gluon(common, x, n, k, group_size, num_groups, DENSE2_GEOMETRY_BITS if dense2 else bits, asym,
+                      launch, dense2, tiled or dense2)
     else:
-        _launch_triton(common, x, n, k, group_size, num_groups, live_segments, bits, asym, max_segs, config, tiled)
+        _launch_triton(common, x, n, k, group_size, num_groups, bits, asym, launch, tiled)
+
+
+class Launch(NamedTuple):
+    """What one sbmm call launches, decided by `plan`: the kernel ("gluon", "triton", "spmma" on sp4 words,
+    "spmma2" on sp2 words), its tuned config (overrides applied), tile sizes, the segments that hold a delta
+    (grid and K split), the K split and the MAX_SEGS bound of the segment search."""
+
+    kernel: str
+    config: dict
+    block_m: int
+    block_n: int
+    num_warps: int
+    live_segments: int
+    splits: int
+    max_segs: int
+
+
+def plan(x: torch.Tensor, n: int, k: int, bits: int, num_groups: int, group_size: int, asym: bool,
+         num_segments: int, kernel: str | None = None, config: dict | None = None, rows_hint: float | None = None,
+         segments_hint: int | None = None, dense2: bool = False, sp4: bool = False, sp2: bool = False) -> Launch:
+    """The launch of an sbmm call with these shapes (x [T, K] gives T, device and dtype; nothing is read):
+    sbmm launches exactly this, and `compile_key` names the compiled variant it needs."""
+    t = x.shape[0]
+    rows = rows_hint if rows_hint is not None else t / num_segments
+    live = num_segments if segments_hint is None else max(1, min(num_segments, segments_hint))
+    max_segs = max(16, triton.next_power_of_2(num_segments))  # the segment search's bound
+    if sp4 or sp2:
+        if config is None:
+            config = pick_config("gluon", _device_name(x.device), rows, bits)
+        # x pairs take 16 (sp2: 32) registers per 8 tokens: BLOCK_M 64 (sp2: 32) spills
+        block_m = min(config["BLOCK_M"], 16 if sp2 else 32)
+        block_n, warps = config["BLOCK_N"], config["num_warps"]
+        if n % block_n or block_n % (16 * warps):  # sp4 reads whole 16-row blocks: no row masks
+            block_n, warps = layout.TILE_ROWS, min(warps, 4)
+        splits = split_k(dict(config, BLOCK_M=block_m, BLOCK_N=block_n), n, k, bits, t, live)
+        return Launch("spmma2" if sp2 else "spmma", config, block_m, block_n, warps, live, splits, max_segs)
+    geometry_bits = DENSE2_GEOMETRY_BITS if dense2 else bits  # dense2 words tile like 4-bit 2:4 words
+    if kernel is None:
+        kernel = "gluon" if gluon_supported(x, k, geometry_bits, group_size, num_groups) else "triton"
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown sbmm kernel {kernel!r}; valid: {', '.join(KERNELS)}")
+    if kernel == "gluon" and not gluon_supported(x, k, geometry_bits, group_size, num_groups):
+        raise ValueError(f"the gluon kernel does not take K={k}, bits={bits}, group_size={group_size} here")
+    if dense2 and kernel != "gluon":
+        raise ValueError("dense2 words (meta None) run on the Gluon kernel only (CUDA, K a multiple of 128)")
+    if config is None:
+        config = pick_config(kernel, _device_name(x.device), rows, "dense2" if dense2 else bits)
+    splits = split_k(config, n, k, geometry_bits, t, live) if kernel == "gluon" else 1
+    return Launch(kernel, config, config["BLOCK_M"], config["BLOCK_N"], config.get("num_warps", 4), live, splits,
+                  max_segs)
+
+
+def compile_key(launch: Launch, n: int, num_segments: int) -> tuple:
+    """The parts of a launch that pick a compiled variant for one stack (its K, bits, groups and dtype fixed):
+    constexprs that `plan` decides, plus the integer arguments Triton specializes on (== 1, divisible by 16).
+    Two calls with equal keys on the same stack run the same binary (kernels/sbmm_warmup.py relies on it)."""
+    config = tuple(sorted((key, value) for key, value in launch.config.items() if key not in ("min_ctas",)))
+    return (launch.kernel, config, launch.block_m, launch.block_n, launch.num_warps, launch.splits,
+            launch.max_segs, num_segments == 1, num_segments % 16 == 0, n % launch.block_n == 0)
 
 
 MAX_SPLIT_K = 8
@@ -250,22 +298,21 @@ def _no_workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.empty(1, dtype=torch.float32, device=device), torch.empty(1, dtype=torch.int32, device=device)
 
 
-def _launch_gluon(common, x, n, k, group_size, num_groups, num_segments, bits, asym, max_segs, config,
-                  dense2: bool, tiled: bool) -> None:
-    t = x.shape[0]
-    splits = split_k(config, n, k, bits, t, num_segments)
-    const = _gluon_constexprs(n, k, group_size, num_groups, bits, asym, x.dtype, config["BLOCK_M"],
-                              config["BLOCK_N"], config["num_warps"], bool(config.get("prefetch", True)), splits,
-                              dense2, bool(config.get("scale_after", True)), tiled)
-    grid = (triton.cdiv(n, config["BLOCK_N"]), t // config["BLOCK_M"] + num_segments, splits)
+def _launch_gluon(common, x, n, k, group_size, num_groups, bits, asym, launch: Launch, dense2: bool,
+                  tiled: bool) -> None:
+    t, config, splits = x.shape[0], launch.config, launch.splits
+    const = _gluon_constexprs(n, k, group_size, num_groups, bits, asym, x.dtype, launch.block_m, launch.block_n,
+                              launch.num_warps, bool(config.get("prefetch", True)), splits, dense2,
+                              bool(config.get("scale_after", True)), tiled)
+    grid = (triton.cdiv(n, launch.block_n), t // launch.block_m + launch.live_segments, splits)
     if splits > 1:  # fresh buffers per call: safe under CUDA-graph capture and concurrent streams
         ws = torch.empty(splits, t, n, dtype=torch.float32, device=x.device)
         counters = torch.zeros(grid[0] * grid[1], dtype=torch.int32, device=x.device)
     else:
         ws, counters = _no_workspace(x.device)
     opts = {"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}  # register cap: more CTAs per SM
-    sbmm_gluon._sbmm_gluon_kernel[grid](*common, ws, counters, t * n, n, MAX_SEGS=max_segs,
-                                        num_warps=config["num_warps"], **opts, **const)
+    sbmm_gluon._sbmm_gluon_kernel[grid](*common, ws, counters, t * n, n, MAX_SEGS=launch.max_segs,
+                                        num_warps=launch.num_warps, **opts, **const)
 
 
 @functools.lru_cache(maxsize=256)
@@ -300,9 +347,9 @@ def _gluon_constexprs(n, k, group_size, num_groups, bits, asym, dtype, block_m, 
     )
 
 
-def _launch_triton(common, x, n, k, group_size, num_groups, num_segments, bits, asym, max_segs, config,
-                   tiled: bool) -> None:
-    block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+def _launch_triton(common, x, n, k, group_size, num_groups, bits, asym, launch: Launch, tiled: bool) -> None:
+    config = launch.config
+    block_m, block_n, block_k = launch.block_m, launch.block_n, config["BLOCK_K"]
     block_k = min(block_k, triton.next_power_of_2(k))
     if num_groups == 1:
         scale_mode = sbmm_triton.SCALE_ROW
@@ -315,14 +362,14 @@ def _launch_triton(common, x, n, k, group_size, num_groups, num_segments, bits, 
     asm, constraints = _program(bits, asym, x.dtype) if use_asm else ("", "")
     magic = 1024.0 if x.dtype == torch.float16 else 128.0
     z2 = _half2_const(magic if asym else magic + (1 << (bits - 1)), x.dtype) if use_asm else 0
-    grid = (triton.cdiv(n, block_n), x.shape[0] // block_m + num_segments)
+    grid = (triton.cdiv(n, block_n), x.shape[0] // block_m + launch.live_segments)
     sbmm_triton._sbmm_kernel[grid](
         *common, n, k, group_size,
         BITS=bits, ASYM=asym, SCALE_MODE=scale_mode,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, MAX_SEGS=max_segs,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, MAX_SEGS=launch.max_segs,
         EVEN_K=k % block_k == 0, USE_ASM=use_asm, ASM=asm, CONSTRAINTS=constraints, Z2=z2,
         DOT_FP32=interp, TILED=tiled,
-        num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3),
+        num_warps=launch.num_warps, num_stages=config.get("num_stages", 3),
     )
 
 
@@ -371,45 +418,34 @@ def spmma2_supported(x: torch.Tensor, n: int, k: int, bits: int, num_groups: int
             and x.stride(0) % 2 == 0)
 
 
-def _sbmm_sparse_mma(x, y, qweight, meta, scales, zeros, seg_starts, seg_slots, bits, config, rows_hint,
-                     segments_hint, sp2: bool) -> None:
-    """sbmm on sp4 words (the `sp4=True` path, kernels/sbmm_spmma.py) or sp2 words (`sp2=True`,
-    kernels/sbmm_spmma2.py): checks, config, one launch."""
-    n, group_size = _check(x, y, qweight, meta, scales, zeros, bits, not sp2)
-    t, k = x.shape
-    num_groups = scales.shape[-1]
-    if sp2 and not spmma2_supported(x, n, k, bits, num_groups, zeros is not None):
+def _check_sparse_mma(x, n, k, bits, num_groups, group_size, asym, sp2: bool) -> None:
+    """Raise ValueError unless the sparse-MMA kernel of the order (sp4, or sp2) takes this launch."""
+    if sp2 and not spmma2_supported(x, n, k, bits, num_groups, asym):
         raise ValueError(f"sp2 words run on CUDA fp16/bf16 only, 2-bit symmetric, N % 64 == 0, K % 256 == 0, scale "
                          f"groups per row or a multiple of 128; got bits={bits}, N={n}, K={k}, group {group_size}")
-    if not sp2 and not spmma_supported(x, n, k, bits, num_groups, zeros is not None):
+    if not sp2 and not spmma_supported(x, n, k, bits, num_groups, asym):
         raise ValueError(f"sp4 words run on CUDA fp16/bf16 only, 4-bit symmetric, N % 64 == 0, K % 128 == 0, scale "
                          f"groups per row or a multiple of 128; got bits={bits}, N={n}, K={k}, group {group_size}")
-    num_segments = seg_slots.shape[0]
-    if t == 0 or num_segments == 0 or n == 0:
-        return
-    if config is None:
-        config = pick_config("gluon", _device_name(x.device), rows_hint if rows_hint is not None else t / num_segments,
-                             bits)
-    # x pairs take 16 (sp2: 32) registers per 8 tokens: BLOCK_M 64 (sp2: 32) spills
-    block_m = min(config["BLOCK_M"], 16 if sp2 else 32)
-    block_n, warps = config["BLOCK_N"], config["num_warps"]
-    if n % block_n or block_n % (16 * warps):  # sp4 reads whole 16-row blocks: no row masks
-        block_n, warps = layout.TILE_ROWS, min(warps, 4)
-    live_segments = num_segments if segments_hint is None else max(1, min(num_segments, segments_hint))
-    splits = split_k(dict(config, BLOCK_M=block_m, BLOCK_N=block_n), n, k, bits, t, live_segments)
-    grid = (n // block_n, t // block_m + live_segments, splits)
+
+
+def _launch_sparse_mma(x, y, qweight, meta, scales, seg_starts, seg_slots, bits, group_size, num_groups,
+                       launch: Launch) -> None:
+    """One launch of kernels/sbmm_spmma.py (sp4 words) or kernels/sbmm_spmma2.py (sp2 words)."""
+    t, k = x.shape
+    n = y.shape[1]
+    splits, sp2 = launch.splits, launch.kernel == "spmma2"
+    grid = (n // launch.block_n, t // launch.block_m + launch.live_segments, splits)
     if splits > 1:
         ws = torch.empty(splits, t, n, dtype=torch.float32, device=x.device)
         counters = torch.zeros(grid[0] * grid[1], dtype=torch.int32, device=x.device)
     else:
         ws, counters = _no_workspace(x.device)
-    const = _spmma_constexprs(k, group_size, num_groups, x.dtype, block_m, block_n, warps, splits,
-                              bool(config.get("prefetch", True)), bits)
+    const = _spmma_constexprs(k, group_size, num_groups, x.dtype, launch.block_m, launch.block_n, launch.num_warps,
+                              splits, bool(launch.config.get("prefetch", True)), bits)
     xs = spmma_layout.sp4_x(x)  # the B order (sp2 too): 16-byte x loads (T x K x 2 bytes, small next to the deltas)
-    max_segs = max(16, triton.next_power_of_2(num_segments))
     kernel = sbmm_spmma2._sbmm_spmma2_kernel if sp2 else sbmm_spmma._sbmm_spmma_kernel
     kernel[grid](
         xs.view(torch.int32), y, xs.stride(0) // 2, y.stride(0), qweight, meta, scales,
         qweight.stride(0), meta.stride(0), scales.stride(0), scales.stride(1),
-        seg_starts, seg_slots, num_segments, qweight.shape[0], ws, counters, t * n, n,
-        MAX_SEGS=max_segs, num_warps=warps, **const)
+        seg_starts, seg_slots, seg_slots.shape[0], qweight.shape[0], ws, counters, t * n, n,
+        MAX_SEGS=launch.max_segs, num_warps=launch.num_warps, **const)

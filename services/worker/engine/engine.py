@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import structlog
 
 from deltazip.model.llama import LlamaForCausalLM
+from kernels import compile_watch
 from deltazip.model.sampling import Sampler, SamplingParams
 from deltazip.model.tokenizer import StopChecker, Tokenizer
 from services.worker.engine.batch_scheduler import BatchScheduler, ScheduledBatch, SchedulerConfig
@@ -111,7 +112,10 @@ class LLMEngine:
         self.runner = ModelRunner(model, config.num_kv_blocks, config.block_size,
                                   Sampler(sorted(self.eos_token_ids)), deltas_provider, cuda_graphs=config.cuda_graphs,
                                   max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
-                                  max_segments=config.max_deltas_per_batch + 2)
+                                  max_segments=config.max_deltas_per_batch + 2,
+                                  max_num_batched_tokens=config.max_num_batched_tokens)
+        if self.runner.device.type == "cuda":  # compiles inside a step are stalls: the profile counts them
+            compile_watch.watch(self._count_compile)
         self.clock = clock
         self._inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
         self._lock = threading.Lock()  # engine state: held for a whole step, by abort and stats
@@ -191,9 +195,16 @@ class LLMEngine:
             start = time.perf_counter()
             tokens = self.runner.run(batch.items)
             if batch.items:
-                self.profile.add(self.runner.last_kind, time.perf_counter() - start)
+                warmup = self.runner.last_warmup_s
+                if warmup:
+                    self.profile.add("warmup", warmup)
+                self.profile.add(self.runner.last_kind, time.perf_counter() - start - warmup)
             with self.profile.timed("results"):
                 return self._process_results(batch, tokens)
+
+    def _count_compile(self, kernel: str, seconds: float) -> None:
+        self.profile.add("compile", seconds)
+        log.info("kernel_compiled", kernel=kernel, ms=round(1e3 * seconds, 1))
 
     def _receive(self) -> None:
         while not self._inbox.empty():

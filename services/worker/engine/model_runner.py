@@ -3,12 +3,16 @@
 Rows are sorted into contiguous segments by delta (base rows first), so the delta kernel sees one
 segment per delta; `deltas_provider(segments)` returns the DeltaOps for that row layout. It is called
 twice per step: once for the token rows of the forward, once for the sampled rows of compute_logits.
+On CUDA, the first step that sees a new stack layout of the delta slots first compiles every SBMM variant the
+steps can launch on the new stacks (`warm_up_kernels`, kernels/sbmm_warmup.py), so no later step stalls on a compile.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import time
 
 import torch
 
@@ -63,6 +67,7 @@ class ModelRunner:
         max_num_seqs: int = 64,
         max_model_len: int = 0,
         max_segments: int = 0,
+        max_num_batched_tokens: int = 2048,
     ) -> None:
         self.model = model
         self.block_size = block_size
@@ -71,6 +76,11 @@ class ModelRunner:
         self.device = model.model.embed_tokens.weight.device
         self.graphs = None
         self.last_kind = "prefill"  # the StepProfile phase of the last run: prefill | decode_graph | decode_eager
+        self.last_warmup_s = 0.0  # seconds of the last run spent in warm_up_kernels (0: none)
+        self.max_segments = max_segments  # segments of a step's token rows: deltas per batch + base + spare
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.warmed: tuple[int, int] | None = None  # (id, layout_version) of the slots last warmed
+        self._warm_seen: set = set()  # SBMM variants launched already (kernels/sbmm_warmup.py)
         if cuda_graphs and self.device.type == "cuda" and torch.cuda.is_available():
             from services.worker.engine.cuda_graphs import DecodeGraphs
 
@@ -122,12 +132,45 @@ class ModelRunner:
         return ctx.deltas is None or self.graphs.takes_deltas(ctx.deltas)
 
     @torch.inference_mode()
+    def warm_up_kernels(self, slots) -> int:
+        """Launch (and so compile) every SBMM variant this runner's steps can launch on the packed stacks of
+        `slots` (a DeviceSlots): eager forwards of up to max_num_batched_tokens rows in up to max_segments
+        segments, and the CUDA-graph decode forwards. Stacks already warmed add nothing; returns the launches."""
+        from kernels import sbmm_warmup
+
+        version = slots.layout_version  # read first: a stack created meanwhile gets the next step's warm-up
+        graphs = self.graphs
+        launched = 0
+        for stacks in slots.stacks_by_name().values():
+            for stack in stacks:
+                if stack.kind == "dense" or not stack.sbmm_readable:
+                    continue
+                p = stack.parts
+                launched += sbmm_warmup.warm_up(
+                    p["qweight"], p.get("meta"), p["scales"], p.get("zeros"), stack.bits, slots.dtype,
+                    self.max_num_batched_tokens, self.max_segments,
+                    graph_rows=graphs.sizes if graphs is not None else (),
+                    graph_segments=graphs.max_segments if graphs is not None else 0,
+                    tiled=stack.tiled, sp4=stack.sp4, sp2=stack.sp2, seen=self._warm_seen)
+        if launched:
+            torch.cuda.synchronize(slots.device)
+            log.info("sbmm_warmed_up", launches=launched, layout_version=version)
+        self.warmed = (id(slots), version)
+        return launched
+
+    @torch.inference_mode()
     def run(self, items: list[tuple[Sequence, int]]) -> list[int | None]:
         """Forward the scheduled chunks; returns the sampled token per item (None: prefill not done yet)."""
         if not items:
             return []
         step = self.prepare(items)
         ctx = ForwardContext(attn=step.attn, deltas=self._deltas(step.token_segments))
+        self.last_warmup_s = 0.0
+        slots = getattr(ctx.deltas, "device_slots", None)
+        if slots is not None and slots.device.type == "cuda" and self.warmed != (id(slots), slots.layout_version):
+            start = time.perf_counter()
+            self.warm_up_kernels(slots)
+            self.last_warmup_s = time.perf_counter() - start
         hidden = None
         decode = all(n == 1 and s.num_computed_tokens + 1 == s.num_tokens for s, n in items)
         self.last_kind = "decode_eager" if decode else "prefill"

@@ -6,7 +6,11 @@ Phases, in step order:
 - one forward phase per step kind: `prefill` (any prompt chunk in the batch), `decode_graph` (decode-only,
   replayed from a CUDA graph), `decode_eager` (decode-only, eager). Sampling is included; its `.tolist()` waits
   for the GPU, so a forward phase is GPU time plus launch overhead;
-- `results` (stop checks, detokenizing).
+- `results` (stop checks, detokenizing);
+- `warmup` (CUDA: compiling every SBMM variant of delta stacks that appeared since the last step,
+  kernels/sbmm_warmup.py; once per new stack layout, before the step's forward).
+Nested, not a step phase: `compile` counts the kernel compiles (kernels/compile_watch.py) and their seconds,
+inside whichever phase met them (a `warmup` compiles on purpose; one in `prefill` or `decode_graph` is a stall).
 The engine loop adds `deliver` (tokens to the request streams, stats, residency bookkeeping) and `idle` (waiting
 for work, or for a delta every waiting request needs). The totals only grow: a reader takes two snapshots and
 subtracts (the Worker Status RPC returns them; bench/replay.py does that per benchmark point).
@@ -18,7 +22,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-PHASES = ("swap", "schedule", "prefill", "decode_graph", "decode_eager", "results", "deliver", "idle")
+PHASES = ("swap", "schedule", "warmup", "prefill", "decode_graph", "decode_eager", "results", "deliver", "idle",
+          "compile")
 
 
 class StepProfile:

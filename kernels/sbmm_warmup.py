@@ -1,0 +1,94 @@
+"""Compile, ahead of serving, every SBMM variant a worker's engine can launch on a packed stack.
+
+Why: Triton and Gluon compile a kernel on the first launch of each variant (its constexprs plus the integer
+arguments Triton specializes on), and on an H100 host one compile takes on the order of a second. The variant of
+a call depends on the step: the tuned config follows the rows per segment, the K split the rows and segments
+that hold a delta, the segment search's bound the segment count (`sbmm.plan`). A worker that meets a new
+combination mid-burst stalls every request of that batch for the compile; a bigger delta cap per batch reaches
+more combinations, which is what made 16-delta batches slow in the serving benchmark (docs/serving.md).
+
+`warm_up` enumerates every call the engine can make on one stack, names each call's variant with `sbmm.plan` and
+`sbmm.compile_key` (host arithmetic, nothing launched), and launches one representative call per new variant on
+scratch rows:
+- eager forwards (prefill, mixed and eager decode steps, and the logits rows): T rows in S segments for every
+  1 <= S <= max_segments and S <= T <= max_tokens;
+- CUDA-graph decode forwards (services/worker/graph_deltas.py): each captured batch size B over the padded
+  `graph_segments` segments, with every rows hint (`sbmm.rows_bucket` of 1..B) and every power-of-two segments
+  hint up to the padded count.
+The representative launches read the stack as it is (its slots' contents do not matter) and write scratch rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from kernels import sbmm
+
+
+def warm_up(qweight: torch.Tensor, meta: torch.Tensor | None, scales: torch.Tensor, zeros: torch.Tensor | None,
+            bits: int, dtype: torch.dtype, max_tokens: int, max_segments: int, graph_rows: Iterable[int] = (),
+            graph_segments: int = 0, tiled: bool = False, sp4: bool = False, sp2: bool = False,
+            seen: set | None = None) -> int:
+    """Launch one call per variant of this stack not yet in `seen` (updated; pass one set for all stacks of a
+    worker: stacks of one geometry share variants). Returns the number of calls launched. CUDA only: elsewhere
+    nothing compiles ahead (the interpreter and the torch reference have no variants), and it returns 0."""
+    if not qweight.is_cuda or sbmm.interpreting():
+        return 0
+    seen = set() if seen is None else seen
+    num_slots, n, _ = qweight.shape
+    k = qweight.shape[2] * (16 if meta is None else 64 // bits)  # dense2 words: 16 columns; 2:4 words: 64 / bits
+    num_groups = scales.shape[-1]
+    geometry = (n, k, bits, num_groups, zeros is not None, meta is None, tiled, sp4, sp2, dtype, num_slots)
+    graph_rows = tuple(graph_rows)
+    done = (geometry, max_tokens, max_segments, graph_rows, graph_segments)
+    if done in seen:  # a stack of the same geometry went through these calls already (q/k/v/o share one)
+        return 0
+    seen.add(done)
+    x = torch.zeros(max(max_tokens, max(graph_rows, default=1)), k, dtype=dtype, device=qweight.device)
+    y = torch.zeros(x.shape[0], n, dtype=dtype, device=qweight.device)
+    launched = 0
+    for t, s, rows_hint, segments_hint, padded in _calls(max_tokens, max_segments, graph_rows, graph_segments,
+                                                          qweight.device):
+        launch = sbmm.plan(x[:t], n, k, bits, num_groups, k // num_groups, zeros is not None, s, rows_hint=rows_hint,
+                           segments_hint=segments_hint, dense2=meta is None, sp4=sp4, sp2=sp2)
+        key = (geometry, sbmm.compile_key(launch, n, s), padded and s % 2 == 0)  # slots view off 16-byte alignment
+        if key in seen:
+            continue
+        seen.add(key)
+        starts, slots = _segments(t, s, num_slots, padded, qweight.device)
+        sbmm.sbmm(x[:t], y[:t], qweight, meta, scales, zeros, starts, slots, bits, rows_hint=rows_hint,
+                  segments_hint=segments_hint, tiled=tiled, sp4=sp4, sp2=sp2)
+        launched += 1
+    return launched
+
+
+def _calls(max_tokens: int, max_segments: int, graph_rows: Iterable[int], graph_segments: int,
+           device: torch.device) -> Iterator[tuple[int, int, int | None, int | None, bool]]:
+    """(rows T, segments S, rows hint, segments hint, padded) of every call the engine can make: eager ones
+    first (no hints, fresh segment tensors), then the CUDA-graph ones (padded: segment tensors at the fixed
+    offsets of one index buffer, as GraphDeltaOps keeps them)."""
+    for s in range(1, max_segments + 1):
+        for t in range(s, max_tokens + 1):
+            yield t, s, None, None, False
+    if graph_segments <= 0:
+        return
+    segment_hints = [1 << i for i in range(graph_segments.bit_length() + 1) if 1 << i <= 2 * graph_segments]
+    for b in graph_rows:
+        for rows_hint in sorted({sbmm.rows_bucket(device, r) for r in range(1, b + 1)}):
+            for segments_hint in segment_hints:
+                yield b, graph_segments, rows_hint, segments_hint, True
+
+
+def _segments(t: int, s: int, num_slots: int, padded: bool, device: torch.device
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """T rows in S near-equal segments over slots 0, 1, ... (mod num_slots); padded: both tensors are views of
+    one buffer [starts S+1, slots S], the way a CUDA graph's index tensors are laid out."""
+    starts = [i * t // s for i in range(s + 1)]
+    slots = [i % num_slots for i in range(s)]
+    if padded:
+        buf = torch.tensor(starts + slots, dtype=torch.int64, device=device)
+        return buf[: s + 1], buf[s + 1:]
+    return (torch.tensor(starts, dtype=torch.int64, device=device),
+            torch.tensor(slots, dtype=torch.int64, device=device))

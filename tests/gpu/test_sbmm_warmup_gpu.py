@@ -1,0 +1,167 @@
+"""SBMM warm-up on CUDA: once a worker's stacks are warmed, no step compiles an SBMM kernel. Skips without CUDA.
+
+Run: TRITON_INTERPRET= PYTHONPATH=. python -m pytest -q tests/gpu/test_sbmm_warmup_gpu.py
+"""
+
+import random
+import time
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+SHAPE = {"hidden_size": 256, "intermediate_size": 384, "head_dim": 64}  # 4-bit linears tile as sp4
+
+
+def _model_and_slots(dtype, sp2: bool, num_slots: int = 8):
+    from deltazip.model.layers import NamedLinear
+    from deltazip.model.loader import model_from_state_dict
+    from deltazip.model.synthetic import random_state_dict, tiny_config
+    from services.worker.device_slots import DeviceSlots
+    from tests.unit.worker.test_graph_deltas import make_delta
+
+    cfg = tiny_config(vocab_size=256, max_position_embeddings=512, tie_word_embeddings=True, **SHAPE)
+    model = model_from_state_dict(cfg, {k: v.to("cuda", dtype) for k, v in random_state_dict(cfg, seed=3).items()})
+    names = {m.hf_name + ".weight" for m in model.modules() if isinstance(m, NamedLinear)}
+    slots = DeviceSlots(num_slots, "cuda", dtype, names, tie_word_embeddings=True, sp2=sp2)
+    for slot in range(6):  # three 4-bit deltas (sp4), three 2-bit (sp2 or dense2; K = 384 stays dense2)
+        slots.write(slot, f"d{slot}", make_delta(model, 4 if slot % 2 else 2, 10 + slot, with_dense=slot == 0,
+                                                 group=128))
+    return model, slots
+
+
+class _Compiles:
+    """Kernel compiles seen while active (kernels/compile_watch.py)."""
+
+    def __init__(self):
+        from kernels import compile_watch
+
+        self.names: list[str] = []
+        self.active = False
+        self._watch = compile_watch
+        compile_watch.watch(self._seen)
+
+    def _seen(self, name: str, seconds: float) -> None:
+        if self.active:
+            self.names.append(name)
+
+    def sbmm(self) -> list[str]:
+        return [n for n in self.names if "sbmm" in n]
+
+    def close(self) -> None:
+        self._watch.unwatch(self._seen)
+
+
+@triton.jit
+def _fill(out_ptr, VALUE: tl.constexpr):
+    tl.store(out_ptr + tl.arange(0, 16), tl.full([16], VALUE, tl.int32))
+
+
+def test_compile_watch_sees_a_fresh_compile_and_not_a_cached_launch():
+    """The positive control of the tests below: a new variant reports one compile, its second launch none."""
+    compiles = _Compiles()
+    compiles.active = True
+    out = torch.zeros(16, dtype=torch.int32, device="cuda")
+    value = int(time.time_ns() % 1_000_003)  # a variant no earlier process compiled into this run
+    try:
+        _fill[(1,)](out, VALUE=value)
+        _fill[(1,)](out, VALUE=value)
+        torch.cuda.synchronize()
+    finally:
+        compiles.close()
+    assert compiles.names == [_fill.fn.__qualname__], compiles.names
+    assert int(out[0]) == value
+
+
+@pytest.mark.parametrize("sp2", [False, True])
+def test_warmed_stacks_take_any_call_in_bounds_without_a_compile(sp2):
+    """warm_up over every stack, then random eager calls (T <= max_tokens rows, S <= max_segments segments, mixed
+    base and delta segments) and graph-shaped ones (padded segments, hints): no SBMM compile."""
+    from kernels import sbmm, sbmm_warmup
+
+    model, slots = _model_and_slots(torch.float16, sp2)
+    max_tokens, max_segments, graph_rows, graph_segments = 96, 6, (1, 2, 4, 8, 16), 6
+    seen: set = set()
+    stacks = [s for group in slots.stacks_by_name().values() for s in group if s.kind != "dense"]
+    assert {s.layout for s in stacks} >= ({"sp4", "sp2"} if sp2 else {"sp4", "dense2"})
+    launched = sum(sbmm_warmup.warm_up(s.parts["qweight"], s.parts.get("meta"), s.parts["scales"], s.parts.get("zeros"),
+                                       s.bits, torch.float16, max_tokens, max_segments, graph_rows, graph_segments,
+                                       tiled=s.tiled, sp4=s.sp4, sp2=s.sp2, seen=seen) for s in stacks)
+    assert launched > 0
+    compiles = _Compiles()
+    compiles.active = True
+    rng = random.Random(0)
+    try:
+        for _ in range(60):
+            s = stacks[rng.randrange(len(stacks))]
+            graph = rng.random() < 0.3
+            t = rng.choice(graph_rows) if graph else rng.randint(1, max_tokens)
+            num = graph_segments if graph else rng.randint(1, min(t, max_segments))
+            live = rng.randint(1, min(num, t))
+            cuts = sorted(rng.sample(range(1, t), live - 1)) if live > 1 else []
+            starts = [0, *cuts, t] + [t] * (num - live)
+            seg_slots = [rng.choice([-1, *range(6)]) for _ in range(live)] + [-1] * (num - live)
+            if graph:
+                buf = torch.tensor(starts + seg_slots, dtype=torch.int64, device="cuda")
+                st, sl = buf[: num + 1], buf[num + 1:]
+                hints = {"rows_hint": sbmm.rows_bucket(torch.device("cuda"), max(starts[i + 1] - starts[i]
+                                                                                   for i in range(live))),
+                         "segments_hint": 1 << max(0, live - 1).bit_length()}
+            else:
+                st = torch.tensor(starts, dtype=torch.int64, device="cuda")
+                sl = torch.tensor(seg_slots, dtype=torch.int64, device="cuda")
+                hints = {}
+            n, k = s.shape
+            x = torch.randn(t, k, dtype=torch.float16, device="cuda")
+            y = torch.zeros(t, n, dtype=torch.float16, device="cuda")
+            sbmm.sbmm(x, y, s.parts["qweight"], s.parts.get("meta"), s.parts["scales"], s.parts.get("zeros"), st, sl,
+                      s.bits, tiled=s.tiled, sp4=s.sp4, sp2=s.sp2, **hints)
+        torch.cuda.synchronize()
+    finally:
+        compiles.close()
+    assert compiles.sbmm() == [], f"compiled after the warm-up: {compiles.sbmm()}"
+
+
+def test_engine_warms_up_once_and_no_step_after_it_compiles_an_sbmm_kernel():
+    """A CUDA engine with graphs over packed delta stacks: the first step with delta rows warms up (the profile's
+    `warmup` phase, once), and a random workload after it (mixed prompts, up to 6 deltas a batch, chunked
+    prefill, graph decode) compiles no SBMM kernel; the profile counts compiles as `compile`."""
+    from deltazip.model.sampling import SamplingParams
+    from services.worker.delta_ops import StepDeltaOps
+    from services.worker.engine.engine import EngineConfig, LLMEngine
+
+    model, slots = _model_and_slots(torch.float16, sp2=True)
+
+    def provider(segments):
+        if all(name is None for name, _ in segments):
+            return None
+        return StepDeltaOps(slots, [(None if n is None else int(n), rows) for n, rows in segments])
+
+    compiles = _Compiles()
+    engine = LLMEngine(model, EngineConfig(num_kv_blocks=256, block_size=16, max_num_seqs=16, cuda_graphs=True,
+                                           max_deltas_per_batch=6, max_num_batched_tokens=128),
+                       eos_token_ids=[], deltas_provider=provider)
+    rng = random.Random(1)
+    try:
+        for wave in range(4):
+            for i in range(12):
+                delta = rng.choice([None, "0", "1", "2", "3", "4", "5"])
+                params = SamplingParams(temperature=0, max_tokens=rng.randint(1, 8), ignore_eos=True)
+                engine.add_request(f"w{wave}r{i}", [rng.randrange(3, 250) for _ in range(rng.randint(1, 150))],
+                                   params, delta=delta)
+            for _ in range(400):
+                if not engine.has_unfinished_requests():
+                    break
+                engine.step()
+                compiles.active = engine.runner.warmed is not None
+            assert not engine.has_unfinished_requests()
+    finally:
+        compiles.close()
+    phases = engine.profile.snapshot()
+    assert phases["warmup"][0] == 1, phases
+    assert phases["decode_graph"][0] > 0, phases
+    assert compiles.sbmm() == [], f"compiled after the warm-up: {compiles.sbmm()}"

@@ -1,0 +1,57 @@
+"""SBMM warm-up on CPU: the calls it enumerates cover what the engine launches, and variant keys tell launches
+apart the way compiles do. (Compiling ahead is CUDA-only: tests/gpu/test_sbmm_warmup_gpu.py checks no step
+compiles after it.)"""
+
+import itertools
+import random
+from types import SimpleNamespace
+
+import torch
+
+from kernels import sbmm, sbmm_warmup
+from services.worker.graph_deltas import GraphDeltaOps
+
+CPU = torch.device("cpu")
+
+
+def test_eager_calls_are_every_row_and_segment_count_in_bounds_once():
+    calls = [c for c in sbmm_warmup._calls(40, 5, (), 0, CPU)]
+    assert all(rows_hint is None and seg_hint is None and not padded for _, _, rows_hint, seg_hint, padded in calls)
+    assert sorted((t, s) for t, s, *_ in calls) == sorted((t, s) for s in range(1, 6) for t in range(s, 41))
+
+
+def test_graph_calls_hold_every_hint_pair_a_graph_step_can_ask_for():
+    """For each captured batch size, every (rows hint, segments hint) GraphDeltaOps derives from a step's
+    segments (random steps here) is among the warm-up's padded calls of that size."""
+    sizes, graph_segments = (1, 2, 4, 8, 16, 32), 10
+    calls = {(t, rows_hint, seg_hint) for t, s, rows_hint, seg_hint, padded in
+             sbmm_warmup._calls(4, 3, sizes, graph_segments, CPU) if padded and s == graph_segments}
+    ops = SimpleNamespace(slots=SimpleNamespace(device=CPU))
+    rng = random.Random(0)
+    for _ in range(500):
+        b = rng.choice(sizes)
+        live = rng.randint(1, min(b, graph_segments - 1))  # + the padded rows' segment
+        cuts = sorted(rng.sample(range(1, b + 1), live))
+        segments = [(i, hi - lo) for i, (lo, hi) in enumerate(zip([0, *cuts], cuts))]
+        want = (b, GraphDeltaOps.rows_hint_for(ops, segments), GraphDeltaOps.segments_hint_for(segments))
+        assert want in calls, want
+
+
+def test_compile_key_tells_configs_segment_specializations_and_not_row_counts_apart():
+    x = torch.zeros(256, 512)
+    key = {}
+    for t, s in itertools.product((4, 8, 64, 200), (1, 2, 3, 16)):
+        launch = sbmm.plan(x[:t], 256, 512, 4, 4, 128, False, s)
+        key[t, s] = sbmm.compile_key(launch, 256, s)
+    assert key[4, 2] == key[8, 2]  # same config (4 and 8 rows per segment -> one tuned entry), same segments
+    assert key[4, 2] != key[200, 2]  # 2 vs 100 rows per segment: another config
+    assert key[8, 2] != key[8, 1]  # a single segment is its own specialization
+    assert key[64, 3] != key[64, 16]  # 16 segments: divisible by 16, another specialization
+    assert len({key[t, s] for t, s in key}) < len(key)
+
+
+def test_warm_up_launches_nothing_without_cuda():
+    qweight = torch.zeros(2, 64, 4, dtype=torch.int32)
+    meta = torch.zeros(2, 64, 4, dtype=torch.int32)
+    scales = torch.ones(2, 64, 1, dtype=torch.float16)
+    assert sbmm_warmup.warm_up(qweight, meta, scales, None, 4, torch.float16, 32, 4) == 0
