@@ -1,60 +1,42 @@
-"""Report every Triton / Gluon kernel compile of this process (and its seconds) to registered callbacks.
+"""Count the compiled variants Triton holds in memory for our kernels, so a caller can see compiles happen.
 
-A compile happens on the first launch of a kernel variant and blocks that launch for up to seconds (less when
-Triton's on-disk cache has the binary). The worker's step profile counts them (phase `compile`), so a benchmark
-sees compiles that land inside its measured window. Uses Triton's global JIT hooks (`triton.knobs.runtime`:
-`jit_cache_hook` runs before a compile, `jit_post_compile_hook` after); with a Triton that lacks them, `watch`
-is a no-op and returns False.
+A compile happens on the first launch of a kernel variant in a process and blocks that launch for up to seconds
+(less when Triton's on-disk cache has the binary). The worker's engine reads `compiled_variants()` around each
+forward: a step during which the count grew compiled inside the step (a stall), which its profile counts (phase
+`compile`), so a benchmark sees compiles that land inside its measured window.
+
+Why counting and not Triton's JIT hooks (`triton.knobs.runtime.jit_cache_hook`): with a hook set, Triton
+serializes every compile's constexprs to JSON, and the Gluon kernels' layout constexprs do not serialize, so the
+compile itself fails (seen on an H100 with Triton 3.5/3.6). The count reads each JITFunction's per-device kernel
+cache (`device_caches[device][0]`, Triton >= 3.3); a Triton without it counts 0.
 """
 
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Callable
+import sys
+from collections.abc import Iterable
 
-_lock = threading.Lock()
-_callbacks: list[Callable[[str, float], None]] = []
-_started = threading.local()  # per thread: the start of the compile in progress
+from triton.runtime.jit import JITFunction
 
 
-def watch(callback: Callable[[str, float], None]) -> bool:
-    """Call `callback(kernel name, seconds)` after every kernel compile in this process, on the compiling
-    thread."""
-    try:
-        from triton import knobs
-    except ImportError:  # pragma: no cover - depends on the installed triton
-        return False
-    runtime = knobs.runtime
-    if not (hasattr(runtime, "jit_cache_hook") and hasattr(runtime, "jit_post_compile_hook")):
-        return False  # pragma: no cover - an older triton
-    with _lock:
-        _callbacks.append(callback)
-        runtime.jit_cache_hook = _before
-        runtime.jit_post_compile_hook = _after
-    return True
+def compiled_variants(kernels: Iterable | None = None) -> int:
+    """Compiled variants in memory, over all devices, of `kernels` (default: every Triton kernel defined in a
+    loaded module of the `kernels` package)."""
+    total = 0
+    for kernel in _our_kernels() if kernels is None else kernels:
+        caches = getattr(kernel, "device_caches", None)
+        if not caches:
+            continue
+        for entry in list(caches.values()):
+            cache = entry[0] if isinstance(entry, tuple) else None
+            total += len(cache) if isinstance(cache, dict) else 0
+    return total
 
 
-def unwatch(callback: Callable[[str, float], None]) -> None:
-    """Stop calling `callback`; the hooks go when no callback is left."""
-    with _lock:
-        if callback in _callbacks:
-            _callbacks.remove(callback)
-        if not _callbacks:
-            from triton import knobs
-
-            knobs.runtime.jit_cache_hook = knobs.runtime.jit_post_compile_hook = None
-
-
-def _before(**_kwargs) -> bool:
-    _started.t = time.perf_counter()
-    return False  # False: compile as usual (True would skip the compile)
-
-
-def _after(**kwargs) -> None:
-    seconds = time.perf_counter() - getattr(_started, "t", time.perf_counter())
-    name = getattr(kwargs.get("fn"), "name", "?")  # triton's JitFunctionInfo: the kernel's qualified name
-    with _lock:
-        callbacks = list(_callbacks)
-    for callback in callbacks:
-        callback(name, seconds)
+def _our_kernels() -> list:
+    found = []
+    for name, module in list(sys.modules.items()):
+        if module is None or not (name == "kernels" or name.startswith("kernels.")):
+            continue
+        found.extend(value for value in vars(module).values() if isinstance(value, JITFunction))
+    return found

@@ -34,26 +34,11 @@ def _model_and_slots(dtype, sp2: bool, num_slots: int = 8):
     return model, slots
 
 
-class _Compiles:
-    """Kernel compiles seen while active (kernels/compile_watch.py)."""
+def _sbmm_variants() -> int:
+    from kernels import compile_watch, sbmm_gluon, sbmm_spmma, sbmm_spmma2, sbmm_triton
 
-    def __init__(self):
-        from kernels import compile_watch
-
-        self.names: list[str] = []
-        self.active = False
-        self._watch = compile_watch
-        compile_watch.watch(self._seen)
-
-    def _seen(self, name: str, seconds: float) -> None:
-        if self.active:
-            self.names.append(name)
-
-    def sbmm(self) -> list[str]:
-        return [n for n in self.names if "sbmm" in n]
-
-    def close(self) -> None:
-        self._watch.unwatch(self._seen)
+    return compile_watch.compiled_variants([sbmm_gluon._sbmm_gluon_kernel, sbmm_spmma._sbmm_spmma_kernel,
+                                            sbmm_spmma2._sbmm_spmma2_kernel, sbmm_triton._sbmm_kernel])
 
 
 @triton.jit
@@ -61,20 +46,22 @@ def _fill(out_ptr, VALUE: tl.constexpr):
     tl.store(out_ptr + tl.arange(0, 16), tl.full([16], VALUE, tl.int32))
 
 
-def test_compile_watch_sees_a_fresh_compile_and_not_a_cached_launch():
-    """The positive control of the tests below: a new variant reports one compile, its second launch none."""
-    compiles = _Compiles()
-    compiles.active = True
+def test_compiled_variants_counts_a_fresh_compile_and_not_a_cached_launch():
+    """The positive control of the tests below: a new variant adds one, its second launch none; the default
+    count covers the SBMM kernels."""
+    from kernels import compile_watch
+
     out = torch.zeros(16, dtype=torch.int32, device="cuda")
-    value = int(time.time_ns() % 1_000_003)  # a variant no earlier process compiled into this run
-    try:
-        _fill[(1,)](out, VALUE=value)
-        _fill[(1,)](out, VALUE=value)
-        torch.cuda.synchronize()
-    finally:
-        compiles.close()
-    assert compiles.names == [_fill.fn.__qualname__], compiles.names
+    value = int(time.time_ns() % 1_000_003)  # a variant no earlier test compiled
+    before = compile_watch.compiled_variants([_fill])
+    _fill[(1,)](out, VALUE=value)
+    after_first = compile_watch.compiled_variants([_fill])
+    _fill[(1,)](out, VALUE=value)
+    torch.cuda.synchronize()
+    assert (after_first - before, compile_watch.compiled_variants([_fill]) - after_first) == (1, 0)
     assert int(out[0]) == value
+    _model_and_slots(torch.float16, sp2=False)  # 4-bit slot writes, no SBMM launch yet
+    assert compile_watch.compiled_variants() >= _sbmm_variants()
 
 
 @pytest.mark.parametrize("sp2", [False, True])
@@ -92,44 +79,40 @@ def test_warmed_stacks_take_any_call_in_bounds_without_a_compile(sp2):
                                        s.bits, torch.float16, max_tokens, max_segments, graph_rows, graph_segments,
                                        tiled=s.tiled, sp4=s.sp4, sp2=s.sp2, seen=seen) for s in stacks)
     assert launched > 0
-    compiles = _Compiles()
-    compiles.active = True
+    variants = _sbmm_variants()
     rng = random.Random(0)
-    try:
-        for _ in range(60):
-            s = stacks[rng.randrange(len(stacks))]
-            graph = rng.random() < 0.3
-            t = rng.choice(graph_rows) if graph else rng.randint(1, max_tokens)
-            num = graph_segments if graph else rng.randint(1, min(t, max_segments))
-            live = rng.randint(1, min(num, t))
-            cuts = sorted(rng.sample(range(1, t), live - 1)) if live > 1 else []
-            starts = [0, *cuts, t] + [t] * (num - live)
-            seg_slots = [rng.choice([-1, *range(6)]) for _ in range(live)] + [-1] * (num - live)
-            if graph:
-                buf = torch.tensor(starts + seg_slots, dtype=torch.int64, device="cuda")
-                st, sl = buf[: num + 1], buf[num + 1:]
-                hints = {"rows_hint": sbmm.rows_bucket(torch.device("cuda"), max(starts[i + 1] - starts[i]
-                                                                                   for i in range(live))),
-                         "segments_hint": 1 << max(0, live - 1).bit_length()}
-            else:
-                st = torch.tensor(starts, dtype=torch.int64, device="cuda")
-                sl = torch.tensor(seg_slots, dtype=torch.int64, device="cuda")
-                hints = {}
-            n, k = s.shape
-            x = torch.randn(t, k, dtype=torch.float16, device="cuda")
-            y = torch.zeros(t, n, dtype=torch.float16, device="cuda")
-            sbmm.sbmm(x, y, s.parts["qweight"], s.parts.get("meta"), s.parts["scales"], s.parts.get("zeros"), st, sl,
-                      s.bits, tiled=s.tiled, sp4=s.sp4, sp2=s.sp2, **hints)
-        torch.cuda.synchronize()
-    finally:
-        compiles.close()
-    assert compiles.sbmm() == [], f"compiled after the warm-up: {compiles.sbmm()}"
+    for _ in range(60):
+        s = stacks[rng.randrange(len(stacks))]
+        graph = rng.random() < 0.3
+        t = rng.choice(graph_rows) if graph else rng.randint(1, max_tokens)
+        num = graph_segments if graph else rng.randint(1, min(t, max_segments))
+        live = rng.randint(1, min(num, t))
+        cuts = sorted(rng.sample(range(1, t), live - 1)) if live > 1 else []
+        starts = [0, *cuts, t] + [t] * (num - live)
+        seg_slots = [rng.choice([-1, *range(6)]) for _ in range(live)] + [-1] * (num - live)
+        if graph:
+            buf = torch.tensor(starts + seg_slots, dtype=torch.int64, device="cuda")
+            st, sl = buf[: num + 1], buf[num + 1:]
+            hints = {"rows_hint": sbmm.rows_bucket(torch.device("cuda"), max(starts[i + 1] - starts[i]
+                                                                               for i in range(live))),
+                     "segments_hint": 1 << max(0, live - 1).bit_length()}
+        else:
+            st = torch.tensor(starts, dtype=torch.int64, device="cuda")
+            sl = torch.tensor(seg_slots, dtype=torch.int64, device="cuda")
+            hints = {}
+        n, k = s.shape
+        x = torch.randn(t, k, dtype=torch.float16, device="cuda")
+        y = torch.zeros(t, n, dtype=torch.float16, device="cuda")
+        sbmm.sbmm(x, y, s.parts["qweight"], s.parts.get("meta"), s.parts["scales"], s.parts.get("zeros"), st, sl,
+                  s.bits, tiled=s.tiled, sp4=s.sp4, sp2=s.sp2, **hints)
+    torch.cuda.synchronize()
+    assert _sbmm_variants() == variants, "an SBMM call compiled after the warm-up"
 
 
 def test_engine_warms_up_once_and_no_step_after_it_compiles_an_sbmm_kernel():
     """A CUDA engine with graphs over packed delta stacks: the first step with delta rows warms up (the profile's
     `warmup` phase, once), and a random workload after it (mixed prompts, up to 6 deltas a batch, chunked
-    prefill, graph decode) compiles no SBMM kernel; the profile counts compiles as `compile`."""
+    prefill, graph decode) compiles no SBMM kernel, and the profile's `compile` phase says so."""
     from deltazip.model.sampling import SamplingParams
     from services.worker.delta_ops import StepDeltaOps
     from services.worker.engine.engine import EngineConfig, LLMEngine
@@ -141,27 +124,26 @@ def test_engine_warms_up_once_and_no_step_after_it_compiles_an_sbmm_kernel():
             return None
         return StepDeltaOps(slots, [(None if n is None else int(n), rows) for n, rows in segments])
 
-    compiles = _Compiles()
     engine = LLMEngine(model, EngineConfig(num_kv_blocks=256, block_size=16, max_num_seqs=16, cuda_graphs=True,
                                            max_deltas_per_batch=6, max_num_batched_tokens=128),
                        eos_token_ids=[], deltas_provider=provider)
     rng = random.Random(1)
-    try:
-        for wave in range(4):
-            for i in range(12):
-                delta = rng.choice([None, "0", "1", "2", "3", "4", "5"])
-                params = SamplingParams(temperature=0, max_tokens=rng.randint(1, 8), ignore_eos=True)
-                engine.add_request(f"w{wave}r{i}", [rng.randrange(3, 250) for _ in range(rng.randint(1, 150))],
-                                   params, delta=delta)
-            for _ in range(400):
-                if not engine.has_unfinished_requests():
-                    break
-                engine.step()
-                compiles.active = engine.runner.warmed is not None
-            assert not engine.has_unfinished_requests()
-    finally:
-        compiles.close()
+    variants = None  # SBMM variants once the warm-up ran
+    for wave in range(4):
+        for i in range(12):
+            delta = rng.choice([None, "0", "1", "2", "3", "4", "5"])
+            params = SamplingParams(temperature=0, max_tokens=rng.randint(1, 8), ignore_eos=True)
+            engine.add_request(f"w{wave}r{i}", [rng.randrange(3, 250) for _ in range(rng.randint(1, 150))],
+                               params, delta=delta)
+        for _ in range(400):
+            if not engine.has_unfinished_requests():
+                break
+            engine.step()
+            if variants is None and engine.runner.warmed is not None:
+                variants = _sbmm_variants()
+        assert not engine.has_unfinished_requests()
     phases = engine.profile.snapshot()
     assert phases["warmup"][0] == 1, phases
     assert phases["decode_graph"][0] > 0, phases
-    assert compiles.sbmm() == [], f"compiled after the warm-up: {compiles.sbmm()}"
+    assert variants is not None and _sbmm_variants() == variants, "a step compiled an SBMM kernel after the warm-up"
+    assert phases["compile"][0] == 0, phases

@@ -114,8 +114,7 @@ class LLMEngine:
                                   max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
                                   max_segments=config.max_deltas_per_batch + 2,
                                   max_num_batched_tokens=config.max_num_batched_tokens)
-        if self.runner.device.type == "cuda":  # compiles inside a step are stalls: the profile counts them
-            compile_watch.watch(self._count_compile)
+        self._watch_compiles = self.runner.device.type == "cuda"  # compiles inside a step are stalls: counted
         self.clock = clock
         self._inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
         self._lock = threading.Lock()  # engine state: held for a whole step, by abort and stats
@@ -192,19 +191,28 @@ class LLMEngine:
                     self.profile.add("swap", time.perf_counter() - start)
             with self.profile.timed("schedule"):
                 batch = self.scheduler.schedule()
+            compiled = compile_watch.compiled_variants() if self._watch_compiles else 0
             start = time.perf_counter()
             tokens = self.runner.run(batch.items)
             if batch.items:
                 warmup = self.runner.last_warmup_s
                 if warmup:
                     self.profile.add("warmup", warmup)
-                self.profile.add(self.runner.last_kind, time.perf_counter() - start - warmup)
+                seconds = time.perf_counter() - start - warmup
+                self.profile.add(self.runner.last_kind, seconds)
+                if self._watch_compiles:
+                    self._count_compiles(compile_watch.compiled_variants() - compiled - self.runner.last_warmup_variants,
+                                         seconds)
             with self.profile.timed("results"):
                 return self._process_results(batch, tokens)
 
-    def _count_compile(self, kernel: str, seconds: float) -> None:
-        self.profile.add("compile", seconds)
-        log.info("kernel_compiled", kernel=kernel, ms=round(1e3 * seconds, 1))
+    def _count_compiles(self, num: int, step_s: float) -> None:
+        """Kernel variants compiled inside this step's forward (not its warm-up): the profile's `compile` phase
+        counts them, with the step's forward seconds (the stall is at most that)."""
+        if num > 0:
+            self.profile.add("compile", step_s, count=num)
+            log.info("kernels_compiled_in_step", variants=num, step_ms=round(1e3 * step_s, 1),
+                     kind=self.runner.last_kind)
 
     def _receive(self) -> None:
         while not self._inbox.empty():

@@ -9,10 +9,9 @@ steps can launch on the new stacks (`warm_up_kernels`, kernels/sbmm_warmup.py), 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import time
 
 import torch
 
@@ -20,6 +19,7 @@ from deltazip.model.context import AttentionMetadata, DeltaOps, ForwardContext
 from deltazip.model.llama import LlamaForCausalLM
 from deltazip.model.sampling import Sampler
 from deltazip.logs import get_logger
+from kernels import compile_watch
 from services.worker.engine.sequence import Sequence
 
 log = get_logger(__name__)
@@ -77,6 +77,7 @@ class ModelRunner:
         self.graphs = None
         self.last_kind = "prefill"  # the StepProfile phase of the last run: prefill | decode_graph | decode_eager
         self.last_warmup_s = 0.0  # seconds of the last run spent in warm_up_kernels (0: none)
+        self.last_warmup_variants = 0  # kernel variants that warm-up compiled (kernels/compile_watch.py)
         self.max_segments = max_segments  # segments of a step's token rows: deltas per batch + base + spare
         self.max_num_batched_tokens = max_num_batched_tokens
         self.warmed: tuple[int, int] | None = None  # (id, layout_version) of the slots last warmed
@@ -165,12 +166,13 @@ class ModelRunner:
             return []
         step = self.prepare(items)
         ctx = ForwardContext(attn=step.attn, deltas=self._deltas(step.token_segments))
-        self.last_warmup_s = 0.0
+        self.last_warmup_s, self.last_warmup_variants = 0.0, 0
         slots = getattr(ctx.deltas, "device_slots", None)
         if slots is not None and slots.device.type == "cuda" and self.warmed != (id(slots), slots.layout_version):
-            start = time.perf_counter()
+            start, compiled = time.perf_counter(), compile_watch.compiled_variants()
             self.warm_up_kernels(slots)
             self.last_warmup_s = time.perf_counter() - start
+            self.last_warmup_variants = compile_watch.compiled_variants() - compiled
         hidden = None
         decode = all(n == 1 and s.num_computed_tokens + 1 == s.num_tokens for s, n in items)
         self.last_kind = "decode_eager" if decode else "prefill"

@@ -9,8 +9,9 @@ Phases, in step order:
 - `results` (stop checks, detokenizing);
 - `warmup` (CUDA: compiling every SBMM variant of delta stacks that appeared since the last step,
   kernels/sbmm_warmup.py; once per new stack layout, before the step's forward).
-Nested, not a step phase: `compile` counts the kernel compiles (kernels/compile_watch.py) and their seconds,
-inside whichever phase met them (a `warmup` compiles on purpose; one in `prefill` or `decode_graph` is a stall).
+Nested, not a step phase: `compile` counts the kernel variants compiled inside a step's forward (CUDA,
+kernels/compile_watch.py; a `warmup` compiles on purpose and is not counted), with the seconds of the forwards
+that compiled (the stall is at most that; they are in their own phase too).
 The engine loop adds `deliver` (tokens to the request streams, stats, residency bookkeeping) and `idle` (waiting
 for work, or for a delta every waiting request needs). The totals only grow: a reader takes two snapshots and
 subtracts (the Worker Status RPC returns them; bench/replay.py does that per benchmark point).
@@ -33,10 +34,10 @@ class StepProfile:
         # every key exists from the start, so a reader never sees the dict change size
         self._totals: dict[str, tuple[int, float]] = {phase: (0, 0.0) for phase in PHASES}
 
-    def add(self, phase: str, seconds: float) -> None:
+    def add(self, phase: str, seconds: float, count: int = 1) -> None:
         assert phase in self._totals, f"unknown step phase {phase!r}; phases: {PHASES}"
-        count, total = self._totals[phase]
-        self._totals[phase] = (count + 1, total + seconds)  # one assignment: readers see the old pair or the new
+        num, total = self._totals[phase]
+        self._totals[phase] = (num + count, total + seconds)  # one assignment: readers see the old pair or the new
 
     @contextmanager
     def timed(self, phase: str) -> Iterator[None]:
