@@ -6,7 +6,7 @@ Rows (DESIGN.md names), all measured in the same run:
 - part=h2d_limit: pinned host→device copy rate of one large buffer (the physical limit of a delta load).
 - part=load: a 7B-shaped (Llama-2-7B linears) 2-bit 2:4 delta, then a 4-bit one, from pinned host into a device
   slot via DeviceSlots.write (separate CUDA stream; on CUDA the 2-bit words are re-encoded to dense2, or re-ordered
-  to sp2 with --sparse-mma-2bit, and the 4-bit words and meta re-ordered on the way in: sp4 where the sparse-MMA
+  to sp2 (dense2 with --no-sp2), and the 4-bit words and meta re-ordered on the way in: sp4 where the sparse-MMA
   kernel takes them, else tile-major, kernels/layout.py); `bits`, `ms`, `bytes`, `bytes_per_s`,
   `h2d_fraction` = rate / h2d_limit (each load has its own h2d_limit row, for its size).
   Goals: h2d_fraction >= 0.8 and ms <= 40. Physical limit: the 2-bit 2:4 delta is ~1.7 GB (qweight 2 bit +
@@ -339,8 +339,9 @@ def main(argv: list[str] | None = None) -> int:
                          "(spmma_layout.SP4_WORDS_KERNEL off): the load baseline")
     ap.add_argument("--no-sp4", action="store_true",
                     help="4-bit slots in tiled4 instead of sp4 (the sparse-MMA kernel's order): the in-run baseline")
-    ap.add_argument("--sparse-mma-2bit", action="store_true",
-                    help="2-bit slots in sp2 for the 2-bit sparse-MMA kernel instead of dense2 (the worker's flag)")
+    ap.add_argument("--no-sp2", action="store_true",
+                    help="2-bit slots in dense2 instead of sp2 (the 2-bit sparse-MMA kernel's order, the worker's "
+                         "default on CUDA): the in-run baseline")
     ap.add_argument("--sp2-torch", action="store_true",
                     help="sp2 slot writes re-order qweight and meta in torch row chunks instead of the one-pass Triton "
                          "kernels (spmma_layout.SP2_KERNELS off): the sp2 load baseline")
@@ -358,14 +359,15 @@ def main(argv: list[str] | None = None) -> int:
     big, mid = (TINY, TINY) if args.tiny else (LLAMA_7B, LLAMA_1B)
     rows: list[dict] = []
     parts = args.parts.split(",")
+    sp2 = not args.no_sp2 and device == "cuda"  # 2-bit slots as the worker keeps them (sp2 on CUDA)
     if "load" in parts:
         for bits in (2, 4):
-            bench_load(big, device, rows, bits, sp4=False if args.no_sp4 else None, sp2=args.sparse_mma_2bit)
+            bench_load(big, device, rows, bits, sp4=False if args.no_sp4 else None, sp2=sp2)
     if "step" in parts:
         step_cfg = dataclasses.replace(big, num_hidden_layers=args.step_layers) if args.step_layers else big
         bench_step(step_cfg, device, rows, **({"num_seqs": 8, "steps": 3, "prompt_len": 16} if args.tiny
                                               else {"num_seqs": args.step_seqs}),
-                   bits=args.step_bits, sp4=False if args.no_sp4 else None, sp2=args.sparse_mma_2bit)
+                   bits=args.step_bits, sp4=False if args.no_sp4 else None, sp2=sp2)
     if "prefill" in parts:
         prefill_cfg = dataclasses.replace(big, num_hidden_layers=args.step_layers) if args.step_layers else big
         bench_prefill(prefill_cfg, device, rows, **({"num_running": 4, "num_steps": 2} if args.tiny else {}))
@@ -378,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
                          "modes_model": "llama-1.1b-shape" if not args.tiny else "tiny", "dtype": "float16",
                          "step_layers": args.step_layers or big.num_hidden_layers, "step_seqs": args.step_seqs,
                          "step_bits": args.step_bits, "four_bit_slots": "tiled4" if args.no_sp4 else "sp4 where it applies",
-                         "sp4_words_kernel": not args.sp4_words_torch, "sparse_mma_2bit": args.sparse_mma_2bit,
+                         "sp4_words_kernel": not args.sp4_words_torch, "sparse_mma_2bit": not args.no_sp2,
                          "sp2_kernels": not args.sp2_torch},
               "rows": rows}
     os.makedirs(args.out, exist_ok=True)

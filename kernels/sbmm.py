@@ -238,7 +238,7 @@ def plan(x: torch.Tensor, n: int, k: int, bits: int, num_groups: int, group_size
     t = x.shape[0]
     rows = rows_hint if rows_hint is not None else t / num_segments
     live = num_segments if segments_hint is None else max(1, min(num_segments, segments_hint))
-    max_segs = max(16, triton.next_power_of_2(num_segments))  # the segment search's bound
+    max_segs = max(MIN_MAX_SEGS, triton.next_power_of_2(num_segments))  # the segment search's bound
     if sp4 or sp2:
         if config is None:
             config = pick_config("gluon", _device_name(x.device), rows, bits)
@@ -265,16 +265,18 @@ def plan(x: torch.Tensor, n: int, k: int, bits: int, num_groups: int, group_size
                   max_segs)
 
 
-def compile_key(launch: Launch, n: int, num_segments: int) -> tuple:
-    """The parts of a launch that pick a compiled variant for one stack (its K, bits, groups and dtype fixed):
-    constexprs that `plan` decides, plus the integer arguments Triton specializes on (== 1, divisible by 16).
-    Two calls with equal keys on the same stack run the same binary (kernels/sbmm_warmup.py relies on it)."""
+def compile_key(launch: Launch, n: int) -> tuple:
+    """The parts of a launch that pick a compiled variant for one stack (its N, K, bits, groups and dtype fixed):
+    the constexprs `plan` decides. The segment arguments are not specialized (sbmm_triton.SEGMENT_ARGS), the
+    other integer arguments are fixed by the stack. Two calls with equal keys on the same stack run the same
+    binary (kernels/sbmm_warmup.py relies on it)."""
     config = tuple(sorted((key, value) for key, value in launch.config.items() if key not in ("min_ctas",)))
     return (launch.kernel, config, launch.block_m, launch.block_n, launch.num_warps, launch.splits,
-            launch.max_segs, num_segments == 1, num_segments % 16 == 0, n % launch.block_n == 0)
+            launch.max_segs, n % launch.block_n == 0)
 
 
 MAX_SPLIT_K = 8
+MIN_MAX_SEGS = 32  # the segment search covers 32 segments at least: one variant up to 30 deltas a batch
 
 
 def split_k(config: dict, n: int, k: int, bits: int, t: int, num_segments: int) -> int:

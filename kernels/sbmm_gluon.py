@@ -25,6 +25,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from kernels import layout
+from kernels.sbmm_triton import SEGMENT_ARGS, SEGMENT_POINTERS
 
 
 WORDS_PER_TILE = 8  # 4 lanes x 2 words: one K tile is 8 * DPW dense columns (128 at 4-bit, 256 at 2-bit)
@@ -173,7 +174,7 @@ def _half2_bits(v, DTYPE: gl.constexpr):
     return h | (h << 16)
 
 
-@gluon.jit
+@gluon.jit(do_not_specialize=SEGMENT_ARGS, do_not_specialize_on_alignment=SEGMENT_POINTERS)
 def _sbmm_gluon_kernel(
     # activations x: [T, K], output y: [T, N]; unit stride along K / N
     x_ptr, y_ptr, stride_xm, stride_ym,

@@ -32,6 +32,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 from kernels.sbmm_gluon import _find_tile, _split_range
+from kernels.sbmm_triton import SEGMENT_ARGS, SEGMENT_POINTERS
 
 STEP_K = gl.constexpr(128)  # dense columns per K step (4 x mma.sp m16n8k32)
 MAGIC = {"f16": (0x64006400, 0x64086408), "bf16": (0x43004300, 0x43084308)}  # (1024 | 128) + code, + zero 8
@@ -118,7 +119,7 @@ def _scaled(acc, part, s_lo, s_hi):
     return (acc[0] + part[0] * s_lo, acc[1] + part[1] * s_lo, acc[2] + part[2] * s_hi, acc[3] + part[3] * s_hi)
 
 
-@gluon.jit
+@gluon.jit(do_not_specialize=SEGMENT_ARGS, do_not_specialize_on_alignment=SEGMENT_POINTERS)
 def _sbmm_spmma_kernel(
     # activations as fp16/bf16 pairs in the sp4 B order (kernels/spmma_layout.py sp4_x): int32 [T, K/2]; y: [T, N]
     x_ptr, y_ptr, stride_xm, stride_ym,

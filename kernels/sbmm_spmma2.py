@@ -17,6 +17,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 from kernels.sbmm_gluon import _find_tile, _split_range
+from kernels.sbmm_triton import SEGMENT_ARGS, SEGMENT_POINTERS
 from kernels.sbmm_spmma import _bits, _epilogue, _linear, _load_step, _pick, _scale_rows, _scaled
 
 STEP_K = gl.constexpr(256)  # dense columns per K step (8 x mma.sp m16n8k32)
@@ -75,7 +76,7 @@ def _mma_half(acc, xb, qw, mw, U0: gl.constexpr, EXPAND: gl.constexpr, MMA0: gl.
     return c0, c1, c2, c3
 
 
-@gluon.jit
+@gluon.jit(do_not_specialize=SEGMENT_ARGS, do_not_specialize_on_alignment=SEGMENT_POINTERS)
 def _sbmm_spmma2_kernel(
     # activations as fp16/bf16 pairs in the sp4 B order (kernels/spmma_layout.py sp4_x): int32 [T, K/2]; y: [T, N]
     x_ptr, y_ptr, stride_xm, stride_ym,

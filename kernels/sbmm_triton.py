@@ -18,6 +18,13 @@ import triton.language as tl
 
 from kernels.layout import tiled_index
 
+# Every SBMM kernel takes the segments as (seg_starts_ptr, seg_slots_ptr, num_segments). Triton would compile a
+# variant per num_segments == 1 / divisible by 16 and per pointer alignment (a CUDA graph's index tensors are views
+# at odd offsets); none of that speeds the few segment loads, so one variant serves every segment count
+# (kernels/sbmm_warmup.py compiles fewer variants ahead).
+SEGMENT_ARGS = ("num_segments",)
+SEGMENT_POINTERS = ("seg_starts_ptr", "seg_slots_ptr")
+
 SCALE_ROW, SCALE_TILE, SCALE_SPLIT = 0, 1, 2  # one scale per row / per K tile / several groups per K tile
 # Output dtypes of the word expander: one half per dense column of a 4-bit (16) or 2-bit (32) word.
 _F16_X16 = tl.constexpr((tl.float16,) * 16)
@@ -111,7 +118,7 @@ def _half2_bits(v, DTYPE: tl.constexpr):
     return h | (h << 16)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SEGMENT_ARGS, do_not_specialize_on_alignment=SEGMENT_POINTERS)
 def _sbmm_kernel(
     # activations x: [T, K], output y: [T, N]; unit stride along K / N
     x_ptr, y_ptr, stride_xm, stride_ym,

@@ -53,7 +53,7 @@ def warm_up(qweight: torch.Tensor, meta: torch.Tensor | None, scales: torch.Tens
                                                           qweight.device):
         launch = sbmm.plan(x[:t], n, k, bits, num_groups, k // num_groups, zeros is not None, s, rows_hint=rows_hint,
                            segments_hint=segments_hint, dense2=meta is None, sp4=sp4, sp2=sp2)
-        key = (geometry, sbmm.compile_key(launch, n, s), padded and s % 2 == 0)  # slots view off 16-byte alignment
+        key = (geometry, sbmm.compile_key(launch, n))
         if key in seen:
             continue
         seen.add(key)

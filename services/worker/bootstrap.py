@@ -86,7 +86,7 @@ def build_worker(config: WorkerConfig) -> WorkerParts:
 
     linear_names = {m.hf_name + ".weight" for m in model.modules() if isinstance(m, NamedLinear)}
     slots = DeviceSlots(config.num_device_slots, device, dtype, linear_names, model.config.tie_word_embeddings,
-                        sp2=config.sparse_mma_2bit)
+                        sp2=config.sparse_mma_2bit and torch.device(device).type == "cuda")
     live_addresses: list[str] = []
     stores = StoreDirectory(config.store_addresses, live_addresses=lambda: list(live_addresses), tls=tls_settings(config),
                             token=read_token_file(config.store_token_file, "--store-token-file"))
@@ -120,7 +120,8 @@ def build_worker(config: WorkerConfig) -> WorkerParts:
 
         engine_model, config = leader_engine_setup(leader, model, config)
     engine = build_engine(engine_model, tokenizer, config, config.max_model_len or None, delta_ops,
-                          residency.is_ready, swap_weights, base_host)
+                          residency.is_ready, swap_weights, base_host,
+                          kernel_slots=None if mode.swaps_weights else slots)
     info = WorkerInfo(
         worker_id=config.worker_id, base_name=config.base_name or Path(config.base_dir).resolve().name,
         base_identity=identity, device=device, mode=config.mode, max_model_len=engine.max_model_len)

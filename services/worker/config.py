@@ -55,7 +55,7 @@ class WorkerConfig:
     dtype: str = "float32"
     mode: str = "delta"
     num_device_slots: int = 4
-    sparse_mma_2bit: bool = False  # CUDA slots hold 2-bit 2:4 deltas for the 2-bit sparse-MMA kernel
+    sparse_mma_2bit: bool = True  # CUDA slots hold 2-bit 2:4 deltas for the 2-bit sparse-MMA kernel
     device_cache_bytes: int = 0  # 0 = limited by slots only
     host_cache_bytes: int = 4 << 30
     disk_cache_dir: str = ""  # '' = a per-worker temp dir
@@ -175,8 +175,8 @@ FLAG_HELP = {  # flags whose meaning the name alone does not tell
                            "token goes alone at once, then chunks of this many, or fewer when the request ends or "
                            "a token has waited --stream-interval-ms; 1 = one message per token",
     "stream_interval_ms": "longest a generated token is held back for its chunk to fill (ms, 0-1000)",
-    "sparse_mma_2bit": "2-bit 2:4 deltas go to the 2-bit sparse-MMA kernel (sp2 slots) instead of dense2: off until "
-                       "a GPU run checks it; bare flag or 1/true = on",
+    "sparse_mma_2bit": "2-bit 2:4 deltas go to the 2-bit sparse-MMA kernel (sp2 slots) instead of dense2, on GPUs "
+                       "that run it (sm_80+); 0/false = dense2",
     "tensor_parallel_size": "GPUs one worker spans (tensor parallel; default 1): rank r runs on cuda:r (cuda:N -> "
                             "cuda:N+r), or gloo ranks with --device cpu; any size works (heads are padded when they "
                             "do not divide); not with --mode swap or --cuda-graphs 1",

@@ -12,9 +12,10 @@ bf16 activations) keep their bits in its order (layout "sp4": qweight and meta r
 kernels/spmma_layout.py `pack_sp4`; sbmm's `sp4` path). Other 4-bit 2:4 deltas whose N and K fit whole tiles (asymmetric,
 other scale groups, older GPUs) are stored tile-major (layout "tiled4": so a kernel K step reads contiguous
 blocks); other shapes keep the canonical row order. CPU slots keep the canonical order unless forced.
-Opt-in (`sp2=True`, the worker's `--sparse-mma-2bit`; off until a GPU run checks kernels/sbmm_spmma2.py): 2-bit
-symmetric 2:4 deltas that kernel takes (N % 64 == 0, K % 256 == 0) keep their bits in its order instead of dense2
-(layout "sp2": kernels/spmma_layout.py `pack_sp2`; sbmm's `sp2` path); dense-quantized 2-bit deltas stay dense2.
+With `sp2=True` (the worker's `--sparse-mma-2bit`, on by default for CUDA workers since its H100 run): 2-bit
+symmetric 2:4 deltas that kernels/sbmm_spmma2.py takes (N % 64 == 0, K % 256 == 0) keep their bits in its order
+instead of dense2 (layout "sp2": kernels/spmma_layout.py `pack_sp2`; sbmm's `sp2` path); dense-quantized 2-bit
+deltas stay dense2.
 The ResidencyManager decides which delta goes to which slot; this only holds the bytes.
 """
 

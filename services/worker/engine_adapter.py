@@ -25,6 +25,9 @@ class EngineAdapter:
     def has_unfinished_requests(self) -> bool:
         return self._engine.has_unfinished_requests()
 
+    def warm_up(self) -> bool:
+        return self._engine.warm_up()
+
     def step(self) -> list[StepOutput]:
         return [StepOutput(o.request_id, list(o.token_ids), o.text, o.finish_reason is not None,
                            o.finish_reason.value if o.finish_reason is not None else None)
@@ -46,7 +49,7 @@ def build_engine(model, tokenizer, config: WorkerConfig, max_model_len: int | No
                  delta_ops: Callable[[list[tuple[str | None, int]]], object],
                  is_delta_ready: Callable[[str], bool],
                  swap_weights: Callable[[str], dict | None] | None = None,
-                 swap_base_host: dict | None = None) -> EngineAdapter:
+                 swap_base_host: dict | None = None, kernel_slots=None) -> EngineAdapter:
     """LLMEngine sized from the config; KV blocks from --num-kv-blocks or the free-memory fraction."""
     from services.worker.engine.engine import EngineConfig, LLMEngine
 
@@ -56,7 +59,8 @@ def build_engine(model, tokenizer, config: WorkerConfig, max_model_len: int | No
                                  max_deltas_per_batch=config.max_deltas_per_batch, max_model_len=max_model_len,
                                  cuda_graphs=config.use_cuda_graphs)
     engine = LLMEngine(model, engine_config, tokenizer=tokenizer, deltas_provider=delta_ops,
-                       is_delta_ready=is_delta_ready, swap_weights=swap_weights, swap_base_host=swap_base_host)
+                       is_delta_ready=is_delta_ready, swap_weights=swap_weights, swap_base_host=swap_base_host,
+                       kernel_slots=kernel_slots)
     return EngineAdapter(engine)
 
 

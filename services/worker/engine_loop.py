@@ -53,7 +53,8 @@ class EngineStats:
 
 
 class Engine(Protocol):
-    """What the loop needs from the engine core (services/worker/engine via engine_adapter)."""
+    """What the loop needs from the engine core (services/worker/engine via engine_adapter). Optional:
+    `warm_up() -> bool`, called when no request is open (compiling kernels ahead; True: it worked, look again)."""
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: Any, delta: str | None) -> None:
         """Thread-safe; ValueError when the request cannot run."""
@@ -153,6 +154,9 @@ class EngineLoop:
                 self._wake.clear()  # before looking for work, so a wakeup during the step is not lost
                 self._receive()
                 if not self._engine.has_unfinished_requests():
+                    warm_up = getattr(self._engine, "warm_up", None)  # kernels for new delta stacks, while idle
+                    if warm_up is not None and warm_up():
+                        continue
                     with self.profile.timed("idle"):  # short waits: a profile interval's edges cut few of them
                         self._wake.wait(IDLE_SLICE_S)
                     continue

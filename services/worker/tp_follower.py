@@ -64,7 +64,8 @@ class Follower:
         self.model = load_sharded_model(config.base_dir, self.tp, device, dtype)
         linear_names = {m.hf_name + ".weight" for m in self.model.modules() if isinstance(m, NamedLinear)}
         self.slots = DeviceSlots(config.num_device_slots, device, dtype, linear_names,
-                                 self.model.config.tie_word_embeddings, sp2=config.sparse_mma_2bit)
+                                 self.model.config.tie_word_embeddings,
+                                 sp2=config.sparse_mma_2bit and torch.device(device).type == "cuda")
         self.transform = host_transform(select_mode(config.mode), None, device)
         self.loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tp{rank}-loader")
         self.send_lock = threading.Lock()

@@ -109,10 +109,12 @@ def test_warmed_stacks_take_any_call_in_bounds_without_a_compile(sp2):
     assert _sbmm_variants() == variants, "an SBMM call compiled after the warm-up"
 
 
-def test_engine_warms_up_once_and_no_step_after_it_compiles_an_sbmm_kernel():
-    """A CUDA engine with graphs over packed delta stacks: the first step with delta rows warms up (the profile's
-    `warmup` phase, once), and a random workload after it (mixed prompts, up to 6 deltas a batch, chunked
-    prefill, graph decode) compiles no SBMM kernel, and the profile's `compile` phase says so."""
+@pytest.mark.parametrize("idle", [False, True])
+def test_engine_warms_up_once_and_no_step_after_it_compiles_an_sbmm_kernel(idle):
+    """A CUDA engine with graphs over packed delta stacks warms up once: when idle (`warm_up`, as the engine loop
+    calls it, given the slots) or else in the first step with delta rows (the profile's `warmup` phase). A random
+    workload after it (mixed prompts, up to 6 deltas a batch, chunked prefill, graph decode) compiles no SBMM
+    kernel, and the profile's `compile` phase says so."""
     from deltazip.model.sampling import SamplingParams
     from services.worker.delta_ops import StepDeltaOps
     from services.worker.engine.engine import EngineConfig, LLMEngine
@@ -126,7 +128,10 @@ def test_engine_warms_up_once_and_no_step_after_it_compiles_an_sbmm_kernel():
 
     engine = LLMEngine(model, EngineConfig(num_kv_blocks=256, block_size=16, max_num_seqs=16, cuda_graphs=True,
                                            max_deltas_per_batch=6, max_num_batched_tokens=128),
-                       eos_token_ids=[], deltas_provider=provider)
+                       eos_token_ids=[], deltas_provider=provider, kernel_slots=slots if idle else None)
+    if idle:
+        assert engine.warm_up() and not engine.warm_up()  # the second call finds nothing new
+        assert engine.profile.snapshot()["warmup"][0] == 1
     rng = random.Random(1)
     variants = None  # SBMM variants once the warm-up ran
     for wave in range(4):

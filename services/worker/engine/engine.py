@@ -90,10 +90,12 @@ class LLMEngine:
         clock: Callable[[], float] = time.monotonic,
         swap_weights: HostWeights | None = None,
         swap_base_host: dict | None = None,
+        kernel_slots=None,
     ) -> None:
         """swap_weights: the `swap` baseline — merged host weights per delta; the engine swaps them into the
         model one model at a time (deltas_provider and is_delta_ready are then unused). swap_base_host: the base's
-        host weights when the caller holds them already (else the swapper copies them)."""
+        host weights when the caller holds them already (else the swapper copies them). kernel_slots: the
+        DeviceSlots deltas_provider reads, so `warm_up` can compile their kernels before a step needs them."""
         self.config = config
         self.swapper = (WeightSwapper(model, swap_weights, swap_base_host) if swap_weights is not None else None)
         self.profile = StepProfile()  # where the steps' time goes (the Worker Status RPC reports it)
@@ -113,7 +115,7 @@ class LLMEngine:
                                   Sampler(sorted(self.eos_token_ids)), deltas_provider, cuda_graphs=config.cuda_graphs,
                                   max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
                                   max_segments=config.max_deltas_per_batch + 2,
-                                  max_num_batched_tokens=config.max_num_batched_tokens)
+                                  max_num_batched_tokens=config.max_num_batched_tokens, kernel_slots=kernel_slots)
         self._watch_compiles = self.runner.device.type == "cuda"  # compiles inside a step are stalls: counted
         self.clock = clock
         self._inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
@@ -201,10 +203,19 @@ class LLMEngine:
                 seconds = time.perf_counter() - start - warmup
                 self.profile.add(self.runner.last_kind, seconds)
                 if self._watch_compiles:
-                    self._count_compiles(compile_watch.compiled_variants() - compiled - self.runner.last_warmup_variants,
-                                         seconds)
+                    in_step = compile_watch.compiled_variants() - compiled - self.runner.last_warmup_variants
+                    self._count_compiles(in_step, seconds)
             with self.profile.timed("results"):
                 return self._process_results(batch, tokens)
+
+    def warm_up(self) -> bool:
+        """Compile the SBMM kernels of delta stacks that appeared since the last warm-up (CUDA; the engine loop
+        calls this when idle); True if it did any work."""
+        with self._lock:
+            seconds = self.runner.warm_up_if_stale()
+            if seconds:
+                self.profile.add("warmup", seconds)
+            return seconds > 0
 
     def _count_compiles(self, num: int, step_s: float) -> None:
         """Kernel variants compiled inside this step's forward (not its warm-up): the profile's `compile` phase

@@ -3,8 +3,9 @@
 Rows are sorted into contiguous segments by delta (base rows first), so the delta kernel sees one
 segment per delta; `deltas_provider(segments)` returns the DeltaOps for that row layout. It is called
 twice per step: once for the token rows of the forward, once for the sampled rows of compute_logits.
-On CUDA, the first step that sees a new stack layout of the delta slots first compiles every SBMM variant the
-steps can launch on the new stacks (`warm_up_kernels`, kernels/sbmm_warmup.py), so no later step stalls on a compile.
+On CUDA, every SBMM variant the steps can launch on new delta stacks is compiled ahead (`warm_up_kernels`,
+kernels/sbmm_warmup.py): by the engine loop while idle (`LLMEngine.warm_up`), or else by the first step that
+sees the new stack layout, so no later step stalls on a compile.
 """
 
 from __future__ import annotations
@@ -68,7 +69,10 @@ class ModelRunner:
         max_model_len: int = 0,
         max_segments: int = 0,
         max_num_batched_tokens: int = 2048,
+        kernel_slots=None,
     ) -> None:
+        """kernel_slots: the DeviceSlots the deltas provider reads, for warming kernels up between steps
+        (`warm_up_if_stale`); steps warm up the slots they see either way."""
         self.model = model
         self.block_size = block_size
         self.sampler = sampler
@@ -82,6 +86,7 @@ class ModelRunner:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.warmed: tuple[int, int] | None = None  # (id, layout_version) of the slots last warmed
         self._warm_seen: set = set()  # SBMM variants launched already (kernels/sbmm_warmup.py)
+        self.kernel_slots = kernel_slots
         if cuda_graphs and self.device.type == "cuda" and torch.cuda.is_available():
             from services.worker.engine.cuda_graphs import DecodeGraphs
 
@@ -132,6 +137,20 @@ class ModelRunner:
             return False
         return ctx.deltas is None or self.graphs.takes_deltas(ctx.deltas)
 
+    def warm_up_if_stale(self, slots=None) -> float:
+        """Run warm_up_kernels when `slots` (default: the kernel_slots given at construction) are CUDA slots
+        whose stack layout changed since the last warm-up; returns its seconds (0.0: nothing to do). Sets
+        last_warmup_s and last_warmup_variants (kernel variants it compiled, kernels/compile_watch.py)."""
+        self.last_warmup_s, self.last_warmup_variants = 0.0, 0
+        slots = slots if slots is not None else self.kernel_slots
+        if slots is None or slots.device.type != "cuda" or self.warmed == (id(slots), slots.layout_version):
+            return 0.0
+        start, compiled = time.perf_counter(), compile_watch.compiled_variants()
+        self.warm_up_kernels(slots)
+        self.last_warmup_s = time.perf_counter() - start
+        self.last_warmup_variants = compile_watch.compiled_variants() - compiled
+        return self.last_warmup_s
+
     @torch.inference_mode()
     def warm_up_kernels(self, slots) -> int:
         """Launch (and so compile) every SBMM variant this runner's steps can launch on the packed stacks of
@@ -166,13 +185,7 @@ class ModelRunner:
             return []
         step = self.prepare(items)
         ctx = ForwardContext(attn=step.attn, deltas=self._deltas(step.token_segments))
-        self.last_warmup_s, self.last_warmup_variants = 0.0, 0
-        slots = getattr(ctx.deltas, "device_slots", None)
-        if slots is not None and slots.device.type == "cuda" and self.warmed != (id(slots), slots.layout_version):
-            start, compiled = time.perf_counter(), compile_watch.compiled_variants()
-            self.warm_up_kernels(slots)
-            self.last_warmup_s = time.perf_counter() - start
-            self.last_warmup_variants = compile_watch.compiled_variants() - compiled
+        self.warm_up_if_stale(getattr(ctx.deltas, "device_slots", None))
         hidden = None
         decode = all(n == 1 and s.num_computed_tokens + 1 == s.num_tokens for s, n in items)
         self.last_kind = "decode_eager" if decode else "prefill"

@@ -13,10 +13,11 @@ def test_flags_win_over_env_and_types_are_parsed():
     assert cfg.store_addresses == ("a:1", "b:2") and cfg.kv_memory_fraction == 0.25 and cfg.base_dir == "/b"
 
 
-@pytest.mark.parametrize("argv, env, want", [([], {}, False), (["--sparse-mma-2bit"], {}, True),
+@pytest.mark.parametrize("argv, env, want", [([], {}, True), (["--sparse-mma-2bit"], {}, True),
                                               (["--sparse-mma-2bit", "0"], {"DELTAZIP_SPARSE_MMA_2BIT": "1"}, False),
-                                              ([], {"DELTAZIP_SPARSE_MMA_2BIT": "true"}, True)])
-def test_sparse_mma_2bit_is_off_by_default_and_a_bare_flag_or_env_turns_it_on(argv, env, want):
+                                              ([], {"DELTAZIP_SPARSE_MMA_2BIT": "false"}, False),
+                                              (["--sparse-mma-2bit"], {"DELTAZIP_SPARSE_MMA_2BIT": "0"}, True)])
+def test_sparse_mma_2bit_is_on_by_default_and_0_or_false_turns_it_off(argv, env, want):
     assert config_from_args(argv, {"DELTAZIP_BASE_DIR": "/b", **env}).sparse_mma_2bit is want
 
 
