@@ -87,25 +87,16 @@ SP4_WORDS_KERNEL = True
 
 
 @triton.jit
-def _gather_tile(tiles_per_row_block):
-    """What every gather program starts from: its tile (b, s) of [64 rows, 8 words] and the tile's 512 output
-    words o = (rb 4, g 8, t 4, c 4) in output order. Returns the tile index, o, c, t, the canonical row of
-    (rb, g) in the h = 0 half (64b + 16rb + g) and the tile's first canonical word (8s)."""
-    tile = tl.program_id(0)
-    b, s = tile // tiles_per_row_block, tile % tiles_per_row_block
-    o = tl.arange(0, _ROWS * _WORDS)
-    c, t, g, rb = o % 4, (o // 4) % 4, (o // 16) % 8, o // 128
-    return tile, o, c, t, b * _ROWS + 16 * rb + g, s * _WORDS
-
-
-@triton.jit
 def _sp4_words_kernel(q_ptr, out_ptr, tiles_per_row_block, stride_row, stride_word):
     """One [64 rows, 8 words] tile (b, s) of canonical words -> its 512 sp4 words, contiguous at tile index
     b * tiles_per_row_block + s. Output word (rb, g, t, j) gathers byte t (codes 2t, 2t + 1) of the canonical
     words (row 64b + 16rb + 8h + g, word 8s + 2j + hi) for h, hi in {0, 1}: low nibble to nibble 2hi + h, high
     nibble to nibble 4 + 2hi + h (q strides in words: row slices of a bigger tensor are read in place)."""
-    tile, o, j, t, row, word = _gather_tile(tiles_per_row_block)  # o: (rb, g, t, j)
-    word += 2 * j
+    tile = tl.program_id(0)
+    b, s = tile // tiles_per_row_block, tile % tiles_per_row_block
+    o = tl.arange(0, _ROWS * _WORDS)  # [512]: (rb 4, g 8, t 4, j 4) in output order
+    j, t, g, rb = o % 4, (o // 4) % 4, (o // 16) % 8, o // 128
+    row, word = b * _ROWS + 16 * rb + g, s * _WORDS + 2 * j
     shift = (8 * t).to(tl.uint32)
     out = tl.zeros([_ROWS * _WORDS], tl.uint32)
     for h in tl.static_range(2):
@@ -296,8 +287,11 @@ def _sp2_words_kernel(q_ptr, out_ptr, tiles_per_row_block, stride_row, stride_wo
     contiguous at tile index b * tiles_per_row_block + s. Output word (rb, g, t, u), field 8i + 4e + 2hi + h, is
     field 8hi + 2t + i of the canonical word (row 64b + 16rb + 8h + g, word 8s + 2u + e): nibbles t and 4 + t of
     4 words (q strides in words: row slices of a bigger tensor are read in place)."""
-    tile, o, u, t, row, word = _gather_tile(tiles_per_row_block)  # o: (rb, g, t, u)
-    word += 2 * u
+    tile = tl.program_id(0)
+    b, s = tile // tiles_per_row_block, tile % tiles_per_row_block
+    o = tl.arange(0, _ROWS * _WORDS)  # [512]: (rb 4, g 8, t 4, u 4) in output order
+    u, t, g, rb = o % 4, (o // 4) % 4, (o // 16) % 8, o // 128
+    row, word = b * _ROWS + 16 * rb + g, s * _WORDS + 2 * u
     shift = (4 * t).to(tl.uint32)
     out = tl.zeros([_ROWS * _WORDS], tl.uint32)
     for h in tl.static_range(2):
@@ -315,8 +309,11 @@ def _sp2_meta_kernel(m_ptr, out_ptr, tiles_per_row_block, stride_row, stride_wor
     """One [64 rows, 8 words] tile (b, s) of canonical meta (one 256-column step, 16 int16 halves a row) -> its
     512 sp2 meta words, contiguous at tile index b * tiles_per_row_block + s. Output word (rb, g, t, v): half
     4v + t (half t % 2 of word 8s + 2v + t // 2) of row 64b + 16rb + g in its low half, of row + 8 in its high."""
-    tile, o, v, t, row, word = _gather_tile(tiles_per_row_block)  # o: (rb, g, t, v)
-    word += 2 * v + t // 2
+    tile = tl.program_id(0)
+    b, s = tile // tiles_per_row_block, tile % tiles_per_row_block
+    o = tl.arange(0, _ROWS * _WORDS)  # [512]: (rb 4, g 8, t 4, v 4) in output order
+    v, t, g, rb = o % 4, (o // 4) % 4, (o // 16) % 8, o // 128
+    row, word = b * _ROWS + 16 * rb + g, s * _WORDS + 2 * v + t // 2
     shift = (16 * (t % 2)).to(tl.uint32)
     out = tl.zeros([_ROWS * _WORDS], tl.uint32)
     for h in tl.static_range(2):
