@@ -95,9 +95,11 @@ def run_point(address: str, requests: list[Request], args, point: dict, base: di
 
 
 def warm_up(address: str, mode: str, bits: int | None, names: list[str], reqs: list[Request], args,
-            prefetch: Callable[[list[str]], dict] | None) -> None:
+            prefetch: Callable[[list[str]], dict] | None, worker_address: str | None = None) -> None:
     """Before a point set: its fine-tunes prefetched (--warmup-prefetch), then its first requests replayed
-    unrecorded (--warmup-requests): steady state, popular deltas resident and kernels built."""
+    unrecorded (--warmup-requests): steady state, popular deltas resident and kernels built. With the worker's
+    address, the entry keeps the worker's kernel warm-up and in-step compile totals so far (`worker_kernels`:
+    the step profile's `warmup` and `compile` phases, services/worker/engine/step_profile.py)."""
     if args.budget.remaining_s() <= 0:
         return
     entry = {"mode": mode, "bits": bits, "num_models": len(names)}
@@ -111,8 +113,27 @@ def warm_up(address: str, mode: str, bits: int | None, names: list[str], reqs: l
                               timeout_s=args.warmup_timeout_s)
         entry.update(requests=len(warm), completed=sum(o.ok for o in outcomes))
         mark(args, "warm-up", mode=mode, requests=len(warm), completed=entry["completed"])
+    if worker_address:
+        try:
+            entry["worker_kernels"] = kernels = asyncio.run(_kernel_phases(worker_address))
+        except Exception as exc:  # a report, not a step of the run: the points still run
+            entry["worker_kernels"] = {"error": f"{type(exc).__name__}: {exc}"[:200]}
+        else:
+            mark(args, "kernels", mode=mode, **{f"{name}_{key}": value for name, phase in kernels.items()
+                                                for key, value in phase.items()})
     if len(entry) > 3:
         args.warmups.append(entry)
+
+
+async def _kernel_phases(worker_address: str) -> dict:
+    """The worker's `warmup` and `compile` step-profile totals since it started: {phase: {count, seconds}}."""
+    from deltazip.rpc.channels import aio_channel
+    from deltazip.v1 import worker_pb2, worker_pb2_grpc
+
+    async with aio_channel(worker_address) as channel:
+        reply = await worker_pb2_grpc.WorkerStub(channel).Status(worker_pb2.StatusRequest(), timeout=10)
+    return {p.name: {"count": p.count, "seconds": round(p.seconds, 3)} for p in reply.step_phases
+            if p.name in ("warmup", "compile")}
 
 
 def run_mode(address: str, mode: str, bits: int | None, names: list[str], base_name: str, args, rows: list,
@@ -128,7 +149,7 @@ def run_mode(address: str, mode: str, bits: int | None, names: list[str], base_n
     first = True
     for num_models in args.num_models:
         reqs = workload(args, tuple(names[:num_models]))
-        warm_up(address, mode, bits, names[:num_models], reqs, args, prefetch)
+        warm_up(address, mode, bits, names[:num_models], reqs, args, prefetch, worker_address)
         for load in args.loads:
             point = {"mode": mode, "bits": bits, "num_models": num_models, "load": load, "rate_rps": args.rate_rps * load}
             run_point(address, scaled(reqs, load), args, point, base_runs.get(load), rows, latencies, worker_address,

@@ -51,7 +51,10 @@ def test_serving_bench_spreads_clients_over_several_schedulers(tmp_path, monkeyp
                        "--worker-flag=--num-kv-blocks=128", "--worker-flag=--kv-block-size=8"])
     data = json.loads(path.read_text())
     assert {r["mode"] for r in data["rows"]} == {"base", "delta"}
-    assert data["warmups"] == [{"mode": "delta", "bits": 4, "num_models": 2, "requests": 4, "completed": 4}]
+    # the worker's kernel totals after the warm-up: a CPU worker compiles nothing ahead and nothing in its steps
+    none = {"count": 0, "seconds": 0.0}
+    assert data["warmups"] == [{"mode": "delta", "bits": 4, "num_models": 2, "requests": 4, "completed": 4,
+                                "worker_kernels": {"warmup": none, "compile": none}}]
     # --rate-rps 0: two calibration bursts (the first warms the worker), the last one sets load 1's rate
     cal = data["calibration"]
     assert len(cal["bursts_rps"]) == 2 and cal["completed"] == 12
