@@ -7,8 +7,8 @@ forward: a step during which the count grew compiled inside the step (a stall), 
 
 Why counting and not Triton's JIT hooks (`triton.knobs.runtime.jit_cache_hook`): with a hook set, Triton
 serializes every compile's constexprs to JSON, and the Gluon kernels' layout constexprs do not serialize, so the
-compile itself fails (seen on an H100 with Triton 3.5/3.6). The count reads each JITFunction's per-device kernel
-cache (`device_caches[device][0]`, Triton >= 3.3); a Triton without it counts 0.
+compile itself fails (seen on the H100 device machine). The count reads each JITFunction's per-device kernel
+cache (`device_caches[device][0]`); a Triton without it counts 0.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Compile, ahead of serving, every SBMM variant a worker's engine can launch on a packed stack.
 
 Why: Triton and Gluon compile a kernel on the first launch of each variant (its constexprs plus the integer
-arguments Triton specializes on), and on an H100 host one compile takes on the order of a second. The variant of
+arguments Triton specializes on), which blocks that launch. The variant of
 a call depends on the step: the tuned config follows the rows per segment, the K split the rows and segments
 that hold a delta, the segment search's bound the segment count (`sbmm.plan`). A worker that meets a new
 combination mid-burst stalls every request of that batch for the compile; a bigger delta cap per batch reaches
