@@ -18,6 +18,14 @@ def _random_words(n: int, w: int, seed: int) -> torch.Tensor:
     return torch.randint(-2**31, 2**31, (n, w), generator=g, dtype=torch.int64).to(torch.int32)
 
 
+def _assert_slot_writes(copy_part, p: dict, want: dict) -> None:
+    """copy_part (copy_sp4_part / copy_sp2_part) writes each of qweight and meta into a fresh slot as `want`."""
+    for part in ("qweight", "meta"):
+        out = torch.full_like(p[part], -1)
+        copy_part(part, p[part], out)
+        assert torch.equal(out, want[part])
+
+
 @interp
 @pytest.mark.parametrize("n", [64, 128, 192])
 @pytest.mark.parametrize("w", [8, 16, 24])
@@ -75,10 +83,7 @@ def test_copy_sp4_part_uses_the_kernel_when_switched_on(monkeypatch):
 
     monkeypatch.setattr(spmma_layout, "SP4_WORDS_KERNEL", True)
     monkeypatch.setattr(spmma_layout, "sp4_words_gather", gather)
-    for part in ("qweight", "meta"):
-        out = torch.full_like(p[part], -1)
-        spmma_layout.copy_sp4_part(part, p[part], out)
-        assert torch.equal(out, want[part])
+    _assert_slot_writes(spmma_layout.copy_sp4_part, p, want)
     assert calls == [tuple(p["qweight"].shape)]
 
 
@@ -154,10 +159,7 @@ def test_copy_sp2_part_uses_the_kernels_when_switched_on(monkeypatch):
     monkeypatch.setattr(spmma_layout, "SP2_KERNELS", True)
     monkeypatch.setattr(spmma_layout, "sp2_words_gather", recording("words", spmma_layout.sp2_words_gather))
     monkeypatch.setattr(spmma_layout, "sp2_meta_gather", recording("meta", spmma_layout.sp2_meta_gather))
-    for part in ("qweight", "meta"):
-        out = torch.full_like(p[part], -1)
-        spmma_layout.copy_sp2_part(part, p[part], out)
-        assert torch.equal(out, want[part])
+    _assert_slot_writes(spmma_layout.copy_sp2_part, p, want)
     assert calls == [("words", tuple(p["qweight"].shape)), ("meta", tuple(p["meta"].shape))]
 
 
@@ -177,10 +179,7 @@ def test_copy_sp2_part_keeps_the_torch_path_without_the_kernels(monkeypatch, int
     monkeypatch.setattr(spmma_layout, "SP2_KERNELS", switch)
     monkeypatch.setattr(spmma_layout, "sp2_words_gather", no_kernel)
     monkeypatch.setattr(spmma_layout, "sp2_meta_gather", no_kernel)
-    for part in ("qweight", "meta"):
-        out = torch.full_like(p[part], -1)
-        spmma_layout.copy_sp2_part(part, p[part], out)
-        assert torch.equal(out, want[part])
+    _assert_slot_writes(spmma_layout.copy_sp2_part, p, want)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or sbmm.interpreting(), reason="needs CUDA (compiled kernel)")
