@@ -11,7 +11,8 @@ more combinations, which is what made 16-delta batches slow in the serving bench
 `sbmm.compile_key` (host arithmetic, nothing launched), and launches one representative call per new variant on
 scratch rows:
 - eager forwards (prefill, mixed and eager decode steps, and the logits rows): T rows in S segments for every
-  1 <= S <= max_segments and S <= T <= max_tokens;
+  1 <= S <= max_segments and S <= T <= max_tokens (for each S, T stops where no larger T can change the variant,
+  so the cost does not grow with max_tokens);
 - CUDA-graph decode forwards (services/worker/graph_deltas.py): each captured batch size B over the padded
   `graph_segments` segments, with every rows hint (`sbmm.rows_bucket` of 1..B) and every power-of-two segments
   hint up to the padded count.
@@ -20,7 +21,8 @@ The representative launches read the stack as it is (its slots' contents do not 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -48,11 +50,16 @@ def warm_up(qweight: torch.Tensor, meta: torch.Tensor | None, scales: torch.Tens
     seen.add(done)
     x = torch.zeros(max(max_tokens, max(graph_rows, default=1)), k, dtype=dtype, device=qweight.device)
     y = torch.zeros(x.shape[0], n, dtype=dtype, device=qweight.device)
+    def plan(t: int, s: int, rows_hint: int | None = None, segments_hint: int | None = None) -> sbmm.Launch:
+        return sbmm.plan(x[:t], n, k, bits, num_groups, k // num_groups, zeros is not None, s, rows_hint=rows_hint,
+                         segments_hint=segments_hint, dense2=meta is None, sp4=sp4, sp2=sp2)
+
     launched = 0
-    for t, s, rows_hint, segments_hint, padded in _calls(max_tokens, max_segments, graph_rows, graph_segments,
-                                                          qweight.device):
-        launch = sbmm.plan(x[:t], n, k, bits, num_groups, k // num_groups, zeros is not None, s, rows_hint=rows_hint,
-                           segments_hint=segments_hint, dense2=meta is None, sp4=sp4, sp2=sp2)
+    eager = ((t, s, None, None, False, launch) for t, s, launch in _eager_calls(plan, max_tokens, max_segments,
+                                                                                qweight.device))
+    graph = ((t, s, rows_hint, segments_hint, True, plan(t, s, rows_hint, segments_hint))
+             for t, s, rows_hint, segments_hint in _graph_calls(graph_rows, graph_segments, qweight.device))
+    for t, s, rows_hint, segments_hint, padded, launch in itertools.chain(eager, graph):
         key = (geometry, sbmm.compile_key(launch, n))
         if key in seen:
             continue
@@ -64,21 +71,33 @@ def warm_up(qweight: torch.Tensor, meta: torch.Tensor | None, scales: torch.Tens
     return launched
 
 
-def _calls(max_tokens: int, max_segments: int, graph_rows: Iterable[int], graph_segments: int,
-           device: torch.device) -> Iterator[tuple[int, int, int | None, int | None, bool]]:
-    """(rows T, segments S, rows hint, segments hint, padded) of every call the engine can make: eager ones
-    first (no hints, fresh segment tensors), then the CUDA-graph ones (padded: segment tensors at the fixed
-    offsets of one index buffer, as GraphDeltaOps keeps them)."""
+def _eager_calls(plan: Callable[[int, int], sbmm.Launch], max_tokens: int, max_segments: int,
+                 device: torch.device) -> Iterator[tuple[int, int, sbmm.Launch]]:
+    """(rows T, segments S, its launch) of the eager calls, S = 1..max_segments and T = S..max_tokens, except that
+    for each S the rows stop once nothing can change any more: past every tuned config's max_rows bound the config
+    is the catch-all, and with it the K split only falls as T grows (`sbmm.split_k`), so once it is 1 every larger
+    T has this call's variant."""
+    past_bounds = sbmm.rows_bucket(device, float("inf"))
     for s in range(1, max_segments + 1):
         for t in range(s, max_tokens + 1):
-            yield t, s, None, None, False
+            launch = plan(t, s)
+            yield t, s, launch
+            if launch.splits == 1 and sbmm.rows_bucket(device, t / s) == past_bounds:
+                break
+
+
+def _graph_calls(graph_rows: Iterable[int], graph_segments: int, device: torch.device
+                 ) -> Iterator[tuple[int, int, int, int]]:
+    """(rows B, segments, rows hint, segments hint) of the CUDA-graph calls: each captured batch size B over the
+    padded `graph_segments` segments (tensors at the fixed offsets of one index buffer, as GraphDeltaOps keeps
+    them), every rows hint and every power-of-two segments hint."""
     if graph_segments <= 0:
         return
     segment_hints = [1 << i for i in range(graph_segments.bit_length() + 1) if 1 << i <= 2 * graph_segments]
     for b in graph_rows:
         for rows_hint in sorted({sbmm.rows_bucket(device, r) for r in range(1, b + 1)}):
             for segments_hint in segment_hints:
-                yield b, graph_segments, rows_hint, segments_hint, True
+                yield b, graph_segments, rows_hint, segments_hint
 
 
 def _segments(t: int, s: int, num_slots: int, padded: bool, device: torch.device

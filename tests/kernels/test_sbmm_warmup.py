@@ -6,6 +6,7 @@ import itertools
 import random
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from kernels import sbmm, sbmm_warmup
@@ -14,18 +15,32 @@ from services.worker.graph_deltas import GraphDeltaOps
 CPU = torch.device("cpu")
 
 
-def test_eager_calls_are_every_row_and_segment_count_in_bounds_once():
-    calls = [c for c in sbmm_warmup._calls(40, 5, (), 0, CPU)]
-    assert all(rows_hint is None and seg_hint is None and not padded for _, _, rows_hint, seg_hint, padded in calls)
-    assert sorted((t, s) for t, s, *_ in calls) == sorted((t, s) for s in range(1, 6) for t in range(s, 41))
+@pytest.mark.parametrize("n, k, bits, sp4", [(4096, 4096, 4, True), (11008, 4096, 4, True), (4096, 11008, 2, False),
+                                           (256, 512, 4, False)])
+def test_eager_calls_stop_early_and_still_name_every_variant(n, k, bits, sp4):
+    """The eager calls stop each segment count's rows where nothing changes any more, yet name the same variants
+    as every (T, S) in bounds does (sp4 plans: configs and K splits; portable-kernel plans: configs)."""
+    x = torch.zeros(1024, k)
+    max_tokens, max_segments = 1024, 18
+
+    def plan(t, s):
+        return sbmm.plan(x[:t], n, k, bits, 1, k, False, s, sp4=sp4)
+
+    calls = list(sbmm_warmup._eager_calls(plan, max_tokens, max_segments, CPU))
+    every = {sbmm.compile_key(plan(t, s), n) for s in range(1, max_segments + 1) for t in range(s, max_tokens + 1)}
+    assert {sbmm.compile_key(launch, n) for _, _, launch in calls} == every
+    assert len(calls) < max_segments * max_tokens // 4  # it did stop early
+    assert {s for _, s, _ in calls} == set(range(1, max_segments + 1)) and all(t >= s for t, s, _ in calls)
+    if sp4:
+        assert len({launch.splits for _, _, launch in calls}) > 1  # the K split varies, so the stop rule is exercised
 
 
 def test_graph_calls_hold_every_hint_pair_a_graph_step_can_ask_for():
     """For each captured batch size, every (rows hint, segments hint) GraphDeltaOps derives from a step's
     segments (random steps here) is among the warm-up's padded calls of that size."""
     sizes, graph_segments = (1, 2, 4, 8, 16, 32), 10
-    calls = {(t, rows_hint, seg_hint) for t, s, rows_hint, seg_hint, padded in
-             sbmm_warmup._calls(4, 3, sizes, graph_segments, CPU) if padded and s == graph_segments}
+    calls = {(t, rows_hint, seg_hint) for t, s, rows_hint, seg_hint in
+             sbmm_warmup._graph_calls(sizes, graph_segments, CPU) if s == graph_segments}
     ops = SimpleNamespace(slots=SimpleNamespace(device=CPU))
     rng = random.Random(0)
     for _ in range(500):

@@ -159,6 +159,7 @@ class ModelRunner:
         from kernels import sbmm_warmup
 
         version = slots.layout_version  # read first: a stack created meanwhile gets the next step's warm-up
+        start = time.perf_counter()
         graphs = self.graphs
         launched = 0
         for stacks in slots.stacks_by_name().values():
@@ -174,7 +175,8 @@ class ModelRunner:
                     tiled=stack.tiled, sp4=stack.sp4, sp2=stack.sp2, seen=self._warm_seen)
         if launched:
             torch.cuda.synchronize(slots.device)
-            log.info("sbmm_warmed_up", launches=launched, layout_version=version)
+            log.info("sbmm_warmed_up", launches=launched, layout_version=version,
+                     seconds=round(time.perf_counter() - start, 3))
         self.warmed = (id(slots), version)
         return launched
 
