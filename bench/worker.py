@@ -46,8 +46,8 @@ from deltazip.model.config import LlamaConfig  # noqa: E402
 from deltazip.model.llama import LlamaForCausalLM  # noqa: E402
 from deltazip.model.loader import model_from_state_dict  # noqa: E402
 from deltazip.model.sampling import SamplingParams  # noqa: E402
-from services.worker.delta_ops import StepDeltaOps  # noqa: E402
 from kernels import spmma_layout  # noqa: E402
+from services.worker.delta_ops import StepDeltaOps  # noqa: E402
 from services.worker.device_slots import DeviceSlots  # noqa: E402
 from services.worker.engine.engine import EngineConfig, LLMEngine  # noqa: E402
 

@@ -176,8 +176,8 @@ def sbmm(
     groups a multiple of 128) and run on the sparse-MMA kernel (kernels/sbmm_spmma.py, CUDA sm_80+ only); what CUDA
     slots hold for such deltas (services/worker/device_slots.py).
     sp2: qweight and meta are in the sp2 order (kernels/spmma_layout.py `pack_sp2`; 2-bit symmetric, N % 64 == 0,
-    K % 256 == 0, per-row scales or groups a multiple of 128) and run on kernels/sbmm_spmma2.py (CUDA sm_80+ only;
-    opt-in, not yet what CUDA slots hold).
+    K % 256 == 0, per-row scales or groups a multiple of 128) and run on kernels/sbmm_spmma2.py (CUDA sm_80+ only);
+    what CUDA slots hold for such deltas unless the worker runs with --sparse-mma-2bit 0.
     """
     if sp4 and sp2:
         raise ValueError("sp4 and sp2 name two word orders: pass the one the stack holds")
@@ -191,12 +191,12 @@ def sbmm(
     num_segments = seg_slots.shape[0]
     if t == 0 or num_segments == 0 or n == 0:
         return
+    dense2 = meta is None
     launch = plan(x, n, k, bits, num_groups, group_size, asym, num_segments, kernel=kernel, config=config,
-                  rows_hint=rows_hint, segments_hint=segments_hint, dense2=meta is None, sp4=sp4, sp2=sp2)
+                  rows_hint=rows_hint, segments_hint=segments_hint, dense2=dense2, sp4=sp4, sp2=sp2)
     if sparse_mma:
         _launch_sparse_mma(x, y, qweight, meta, scales, seg_starts, seg_slots, bits, group_size, num_groups, launch)
         return
-    dense2 = meta is None
     if dense2:
         meta_words = qweight  # never read (HAS_META false)
     else:
@@ -300,6 +300,16 @@ def _no_workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.empty(1, dtype=torch.float32, device=device), torch.empty(1, dtype=torch.int32, device=device)
 
 
+def _split_workspace(splits: int, t: int, n: int, grid: tuple, device: torch.device
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A split-K launch's fp32 partial sums [splits, T, N] and per-tile arrival counters, fresh per call (safe
+    under CUDA-graph capture and concurrent streams); placeholders for an unsplit launch."""
+    if splits == 1:
+        return _no_workspace(device)
+    return (torch.empty(splits, t, n, dtype=torch.float32, device=device),
+            torch.zeros(grid[0] * grid[1], dtype=torch.int32, device=device))
+
+
 def _launch_gluon(common, x, n, k, group_size, num_groups, bits, asym, launch: Launch, dense2: bool,
                   tiled: bool) -> None:
     t, config, splits = x.shape[0], launch.config, launch.splits
@@ -307,11 +317,7 @@ def _launch_gluon(common, x, n, k, group_size, num_groups, bits, asym, launch: L
                               launch.num_warps, bool(config.get("prefetch", True)), splits, dense2,
                               bool(config.get("scale_after", True)), tiled)
     grid = (triton.cdiv(n, launch.block_n), t // launch.block_m + launch.live_segments, splits)
-    if splits > 1:  # fresh buffers per call: safe under CUDA-graph capture and concurrent streams
-        ws = torch.empty(splits, t, n, dtype=torch.float32, device=x.device)
-        counters = torch.zeros(grid[0] * grid[1], dtype=torch.int32, device=x.device)
-    else:
-        ws, counters = _no_workspace(x.device)
+    ws, counters = _split_workspace(splits, t, n, grid, x.device)
     opts = {"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}  # register cap: more CTAs per SM
     sbmm_gluon._sbmm_gluon_kernel[grid](*common, ws, counters, t * n, n, MAX_SEGS=launch.max_segs,
                                         num_warps=launch.num_warps, **opts, **const)
@@ -437,11 +443,7 @@ def _launch_sparse_mma(x, y, qweight, meta, scales, seg_starts, seg_slots, bits,
     n = y.shape[1]
     splits, sp2 = launch.splits, launch.kernel == "spmma2"
     grid = (n // launch.block_n, t // launch.block_m + launch.live_segments, splits)
-    if splits > 1:
-        ws = torch.empty(splits, t, n, dtype=torch.float32, device=x.device)
-        counters = torch.zeros(grid[0] * grid[1], dtype=torch.int32, device=x.device)
-    else:
-        ws, counters = _no_workspace(x.device)
+    ws, counters = _split_workspace(splits, t, n, grid, x.device)
     const = _spmma_constexprs(k, group_size, num_groups, x.dtype, launch.block_m, launch.block_n, launch.num_warps,
                               splits, bool(launch.config.get("prefetch", True)), bits)
     xs = spmma_layout.sp4_x(x)  # the B order (sp2 too): 16-byte x loads (T x K x 2 bytes, small next to the deltas)

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import structlog
 
 from deltazip.model.llama import LlamaForCausalLM
-from kernels import compile_watch
 from deltazip.model.sampling import Sampler, SamplingParams
 from deltazip.model.tokenizer import StopChecker, Tokenizer
+from kernels import compile_watch
 from services.worker.engine.batch_scheduler import BatchScheduler, ScheduledBatch, SchedulerConfig
 from services.worker.engine.block_manager import BlockManager
 from services.worker.engine.model_runner import DeltaOpsProvider, ModelRunner

@@ -164,7 +164,7 @@ class ModelRunner:
         launched = 0
         for stacks in slots.stacks_by_name().values():
             for stack in stacks:
-                if stack.kind == "dense" or not stack.sbmm_readable:
+                if not stack.sbmm_readable:  # dense fp16 stacks (norms, embeddings) run no SBMM
                     continue
                 p = stack.parts
                 launched += sbmm_warmup.warm_up(

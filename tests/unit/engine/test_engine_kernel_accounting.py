@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 from deltazip.model.sampling import SamplingParams
 from deltazip.model.synthetic import random_model, tiny_config
-from kernels import compile_watch
+from kernels import compile_watch, sbmm_triton
 from services.worker.engine.engine import EngineConfig, LLMEngine
 
 
@@ -21,7 +21,9 @@ class _Kernel:
 def test_compiled_variants_sums_each_kernels_device_caches():
     assert compile_watch.compiled_variants([_Kernel(2), _Kernel(3), SimpleNamespace()]) == 5
     assert compile_watch.compiled_variants([]) == 0
-    assert compile_watch.compiled_variants() >= 0  # the kernels package's own (interpreted here: none compiled)
+    sbmm_kernels = compile_watch.sbmm_kernels()  # the default: the SBMM kernels a step launches
+    assert sbmm_triton._sbmm_kernel in sbmm_kernels and len(sbmm_kernels) == 4
+    assert compile_watch.compiled_variants() == compile_watch.compiled_variants(sbmm_kernels)
 
 
 def test_engine_counts_variants_compiled_inside_a_step_but_not_by_its_warm_up(monkeypatch):
