@@ -105,8 +105,9 @@ def one_row(name, n, k, num, rows, bits, stack, dense, base_ws, limit, with_dequ
     t = num * rows
     if config_extra:
         kernel = kernel or "gluon"
-        picked = sbmm.pick_config(kernel, torch.cuda.get_device_name(), rows,
-                                  "dense2" if stack["meta"] is None else bits)
+        table = "spmma2" if stack.get("sp2") else "spmma" if stack.get("sp4") else kernel
+        picked = sbmm.pick_config(table, torch.cuda.get_device_name(), rows,
+                                  "dense2" if stack["meta"] is None else bits, n)
         config = {**(config or picked), **config_extra}
     x = torch.randn(t, k, device="cuda", dtype=torch.float16)
     y = torch.randn(t, n, device="cuda", dtype=torch.float16)

@@ -3,7 +3,8 @@
 Kernels: kernels/sbmm_gluon.py (CUDA, expanded words feed the MMA in registers; K a multiple of its K tile)
 and kernels/sbmm_triton.py (portable: the CPU tests under TRITON_INTERPRET=1 and the GPU fallback). Tuned
 configs live in kernels/sbmm_configs.json, keyed by torch.cuda.get_device_name() ("default" otherwise),
-chosen by the mean rows per segment (T / S: no device sync); bench/sbmm.py --sweep produced them.
+chosen by the mean rows per segment (T / S: no device sync) and, where an entry says so, the output width N;
+bench/sbmm.py --sweep produced them (the sparse-MMA kernels have their own tables, "spmma" and "spmma2").
 """
 
 import functools
@@ -37,16 +38,21 @@ def _configs() -> dict:
     return json.loads(CONFIG_FILE.read_text())
 
 
-def pick_config(kernel: str, device_name: str, rows_per_segment: float, bits: int | str | None = None) -> dict:
-    """Tuned launch config: the first entry whose max_rows (null: any) covers the mean rows per segment and
-    whose optional `bits` list holds the launch's code width (2, 4, or "dense2" for dense2 words)."""
+def pick_config(kernel: str, device_name: str, rows_per_segment: float, bits: int | str | None = None,
+                n: int | None = None) -> dict:
+    """Tuned launch config: the first entry whose max_rows (null: any) covers the mean rows per segment, whose
+    optional `bits` list holds the launch's code width (2, 4, or "dense2" for dense2 words) and whose optional
+    `min_n` the output width `n` reaches (an entry with min_n never matches when n is not given). Tables:
+    "gluon", "triton", and the sparse-MMA kernels' own "spmma" (sp4 words) and "spmma2" (sp2 words)."""
     table = _configs()
     entries = table.get(device_name, {}).get(kernel) or table["default"][kernel]
     for entry in entries:
         if "bits" in entry and bits not in entry["bits"]:
             continue
+        if "min_n" in entry and (n is None or n < entry["min_n"]):
+            continue
         if entry["max_rows"] is None or rows_per_segment <= entry["max_rows"]:
-            return {key: value for key, value in entry.items() if key not in ("max_rows", "bits")}
+            return {key: value for key, value in entry.items() if key not in ("max_rows", "bits", "min_n")}
     raise AssertionError(f"{CONFIG_FILE}: {kernel} has no catch-all entry")
 
 
@@ -55,7 +61,8 @@ def rows_bucket(device: torch.device, rows: float) -> int:
     its config tables that covers `rows`, else one past the largest): callers that capture a launch per config,
     like the worker's CUDA graphs, key and hint by it."""
     table, name = _configs(), _device_name(device)
-    entries = [e for kernel in KERNELS for e in (table.get(name, {}).get(kernel) or table["default"][kernel])]
+    kernels = set(table["default"]) | set(table.get(name, {}))
+    entries = [e for kernel in kernels for e in (table.get(name, {}).get(kernel) or table["default"][kernel])]
     limits = sorted({e["max_rows"] for e in entries if e["max_rows"] is not None})
     return next((m for m in limits if rows <= m), limits[-1] + 1 if limits else 1)
 
@@ -241,7 +248,7 @@ def plan(x: torch.Tensor, n: int, k: int, bits: int, num_groups: int, group_size
     max_segs = max(MIN_MAX_SEGS, triton.next_power_of_2(num_segments))  # the segment search's bound
     if sp4 or sp2:
         if config is None:
-            config = pick_config("gluon", _device_name(x.device), rows, bits)
+            config = pick_config("spmma2" if sp2 else "spmma", _device_name(x.device), rows, bits, n)
         # x pairs take 16 (sp2: 32) registers per 8 tokens: BLOCK_M 64 (sp2: 32) spills
         block_m = min(config["BLOCK_M"], 16 if sp2 else 32)
         block_n, warps = config["BLOCK_N"], config["num_warps"]

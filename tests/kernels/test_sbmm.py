@@ -301,6 +301,7 @@ def test_every_config_entry_ends_with_a_catch_all():
     for device, kernels in sbmm._configs().items():
         for kernel, entries in kernels.items():
             assert entries[-1]["max_rows"] is None and "bits" not in entries[-1], (device, kernel)
+            assert "min_n" not in entries[-1], (device, kernel)
             assert sbmm.pick_config(kernel, device, 1e9) == {k: v for k, v in entries[-1].items() if k != "max_rows"}
     assert sbmm.pick_config("gluon", "unknown GPU", 4)["BLOCK_M"] == 8
 
@@ -313,6 +314,36 @@ def test_config_entries_can_be_limited_to_a_code_width(monkeypatch):
     assert sbmm.pick_config("gluon", "any", 4, bits=2) == {"BLOCK_M": 8, "prefetch": False}
     assert sbmm.pick_config("gluon", "any", 4, bits=4) == {"BLOCK_M": 8, "prefetch": True}
     assert sbmm.pick_config("gluon", "any", 64, bits=2) == {"BLOCK_M": 16, "prefetch": True}
+
+
+def test_config_entries_can_be_limited_to_wide_outputs(monkeypatch):
+    table = {"default": {"spmma": [{"max_rows": 8, "min_n": 8192, "BLOCK_M": 8},
+                                   {"max_rows": None, "BLOCK_M": 16}]}}
+    monkeypatch.setattr(sbmm, "_configs", lambda: table)
+    assert sbmm.pick_config("spmma", "any", 4, 4, n=11008) == {"BLOCK_M": 8}
+    assert sbmm.pick_config("spmma", "any", 4, 4, n=4096) == {"BLOCK_M": 16}
+    assert sbmm.pick_config("spmma", "any", 4, 4) == {"BLOCK_M": 16}  # no width given: never the min_n entry
+    assert sbmm.pick_config("spmma", "any", 16, 4, n=11008) == {"BLOCK_M": 16}
+
+
+@pytest.mark.parametrize("sp", ["sp4", "sp2"])
+def test_sparse_mma_launches_take_their_own_tuned_tables(sp):
+    """sp4 / sp2 launches read the "spmma" / "spmma2" tables (the s8 sweep), not the Gluon kernel's, and the
+    worker's graph buckets (rows_bucket) cover their row bounds."""
+    x = torch.zeros(8 * 16, 4096)
+    table = "spmma2" if sp == "sp2" else "spmma"
+    for n in (4096, 11008):
+        for rows in (1, 4, 8, 16):
+            launch = sbmm.plan(x[:8 * rows], n, 4096, 2 if sp == "sp2" else 4, 32, 128, False, 8,
+                               **{sp: True})
+            want = sbmm.pick_config(table, "cpu", rows, 2 if sp == "sp2" else 4, n)
+            assert launch.kernel == ("spmma2" if sp == "sp2" else "spmma") and launch.config == want
+            assert launch.block_m == want["BLOCK_M"]
+    bounds = {e["max_rows"] for e in sbmm._configs()["default"][table] if e["max_rows"] is not None}
+    assert all(sbmm.rows_bucket(torch.device("cpu"), b) == b for b in bounds)
+    if sp == "sp4":  # wide outputs keep BLOCK_M 8 at decode, the rest take 16 (bench/results/*-s8 sweep)
+        assert sbmm.plan(x[:32], 11008, 4096, 4, 32, 128, False, 8, sp4=True).block_m == 8
+        assert sbmm.plan(x[:32], 4096, 4096, 4, 32, 128, False, 8, sp4=True).block_m == 16
 
 
 def test_sbmm_rejects_bad_shapes():
