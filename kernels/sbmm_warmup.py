@@ -17,27 +17,43 @@ scratch rows:
   `graph_segments` segments, with every rows hint (`sbmm.rows_bucket` of 1..B) and every power-of-two segments
   hint up to the padded count.
 The representative launches read the stack as it is (its slots' contents do not matter) and write scratch rows.
+
+A warm-up can be cut into slices (`deadline`): it stops after the launch that passes the deadline and says it did
+not finish; the next call skips the variants in `seen` and goes on. A worker serves requests between slices, so a
+cold warm-up (15-24 s on an H100 with an empty Triton cache at 16 fine-tunes, docs/serving.md) never holds a
+request for longer than about one compile.
 """
 
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable, Iterable, Iterator
+from typing import NamedTuple
 
 import torch
 
 from kernels import sbmm
 
 
+class Warmed(NamedTuple):
+    """What one warm_up call did: the calls it launched, and whether every variant of the stack is now compiled
+    (False: it stopped at its deadline; call again)."""
+
+    launched: int
+    finished: bool
+
+
 def warm_up(qweight: torch.Tensor, meta: torch.Tensor | None, scales: torch.Tensor, zeros: torch.Tensor | None,
             bits: int, dtype: torch.dtype, max_tokens: int, max_segments: int, graph_rows: Iterable[int] = (),
             graph_segments: int = 0, tiled: bool = False, sp4: bool = False, sp2: bool = False,
-            seen: set | None = None) -> int:
+            seen: set | None = None, deadline: float | None = None) -> Warmed:
     """Launch one call per variant of this stack not yet in `seen` (updated; pass one set for all stacks of a
-    worker: stacks of one geometry share variants). Returns the number of calls launched. CUDA only: elsewhere
-    nothing compiles ahead (the interpreter and the torch reference have no variants), and it returns 0."""
-    if not qweight.is_cuda or sbmm.interpreting():
-        return 0
+    worker: stacks of one geometry share variants). deadline (time.perf_counter() seconds): stop after the
+    launch that passes it, unfinished. CUDA only: elsewhere nothing compiles ahead (the interpreter and the torch
+    reference have no variants), and it returns Warmed(0, True) at once."""
+    if not compiles_ahead(qweight):
+        return Warmed(0, True)
     seen = set() if seen is None else seen
     num_slots, n, _ = qweight.shape
     k = qweight.shape[2] * (16 if meta is None else 64 // bits)  # dense2 words: 16 columns; 2:4 words: 64 / bits
@@ -46,8 +62,7 @@ def warm_up(qweight: torch.Tensor, meta: torch.Tensor | None, scales: torch.Tens
     graph_rows = tuple(graph_rows)
     done = (geometry, max_tokens, max_segments, graph_rows, graph_segments)
     if done in seen:  # a stack of the same geometry went through these calls already (q/k/v/o share one)
-        return 0
-    seen.add(done)
+        return Warmed(0, True)
     x = torch.zeros(max(max_tokens, max(graph_rows, default=1)), k, dtype=dtype, device=qweight.device)
     y = torch.zeros(x.shape[0], n, dtype=dtype, device=qweight.device)
     def plan(t: int, s: int, rows_hint: int | None = None, segments_hint: int | None = None) -> sbmm.Launch:
@@ -68,7 +83,15 @@ def warm_up(qweight: torch.Tensor, meta: torch.Tensor | None, scales: torch.Tens
         sbmm.sbmm(x[:t], y[:t], qweight, meta, scales, zeros, starts, slots, bits, rows_hint=rows_hint,
                   segments_hint=segments_hint, tiled=tiled, sp4=sp4, sp2=sp2)
         launched += 1
-    return launched
+        if deadline is not None and time.perf_counter() >= deadline:
+            return Warmed(launched, False)
+    seen.add(done)
+    return Warmed(launched, True)
+
+
+def compiles_ahead(qweight: torch.Tensor) -> bool:
+    """Whether launches on this stack compile variants (CUDA, not under the interpreter)."""
+    return qweight.is_cuda and not sbmm.interpreting()
 
 
 def _eager_calls(plan: Callable[[int, int], sbmm.Launch], max_tokens: int, max_segments: int,

@@ -69,4 +69,41 @@ def test_warm_up_launches_nothing_without_cuda():
     qweight = torch.zeros(2, 64, 4, dtype=torch.int32)
     meta = torch.zeros(2, 64, 4, dtype=torch.int32)
     scales = torch.ones(2, 64, 1, dtype=torch.float16)
-    assert sbmm_warmup.warm_up(qweight, meta, scales, None, 4, torch.float16, 32, 4) == 0
+    assert sbmm_warmup.warm_up(qweight, meta, scales, None, 4, torch.float16, 32, 4) == (0, True)
+
+
+def test_a_warm_up_cut_into_slices_launches_each_variant_once_and_then_finishes(monkeypatch):
+    """With a deadline, warm_up stops after the launch that passes it and says it did not finish; calls with the
+    same `seen` go on where it stopped. The slices together launch exactly the variants of one uncut warm-up,
+    each once, and a call after the last finds nothing. (The launches are recorded, not run: a fake clock
+    advances one second per launch.)"""
+    clock = [0.0]
+    launches = []
+
+    def fake_sbmm(x, y, *args, rows_hint=None, segments_hint=None, **kwargs):
+        launches.append((x.shape[0], rows_hint, segments_hint))
+        clock[0] += 1.0
+
+    monkeypatch.setattr(sbmm_warmup, "compiles_ahead", lambda qweight: True)
+    monkeypatch.setattr(sbmm, "sbmm", fake_sbmm)
+    monkeypatch.setattr(sbmm_warmup.time, "perf_counter", lambda: clock[0])
+    qweight = torch.zeros(4, 4096, 4096 // 16, dtype=torch.int32)  # 4-bit 2:4 words: 16 columns each
+    meta = torch.zeros(4, 4096, 4096 // 16, dtype=torch.int16)
+    scales = torch.ones(4, 4096, 32, dtype=torch.float16)
+    args = (qweight, meta, scales, None, 4, torch.float16, 512, 16)
+    graphs = {"graph_rows": (1, 2, 4, 8), "graph_segments": 7, "sp4": True}  # sp4 plans: K splits vary
+
+    whole = sbmm_warmup.warm_up(*args, **graphs, seen=set())
+    assert whole.finished and whole.launched == len(launches) >= 4
+    every, launches[:] = list(launches), []
+
+    seen, slices = set(), []
+    for _ in range(100):
+        warmed = sbmm_warmup.warm_up(*args, **graphs, seen=seen, deadline=clock[0] + 1.5)
+        slices.append(warmed)
+        if warmed.finished:
+            break
+    assert slices[-1].finished and not any(w.finished for w in slices[:-1])
+    assert all(w.launched == 2 for w in slices[:-1])  # the launch that passed the deadline was the last one
+    assert launches == every  # the same calls in the same order, none twice
+    assert sbmm_warmup.warm_up(*args, **graphs, seen=seen, deadline=clock[0]) == (0, True)

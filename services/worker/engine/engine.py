@@ -209,8 +209,9 @@ class LLMEngine:
                 return self._process_results(batch, tokens)
 
     def warm_up(self) -> bool:
-        """Compile the SBMM kernels of delta stacks that appeared since the last warm-up (CUDA; the engine loop
-        calls this when idle); True if it did any work."""
+        """Compile the SBMM kernels of delta stacks that appeared since the last finished warm-up, one slice of
+        model_runner.WARMUP_SLICE_S at a time (CUDA; the engine loop calls this when idle, again while it
+        returns True, and looks for requests in between); True if it did any work."""
         with self._lock:
             seconds = self.runner.warm_up_if_stale()
             if seconds:

@@ -4,8 +4,9 @@ Rows are sorted into contiguous segments by delta (base rows first), so the delt
 segment per delta; `deltas_provider(segments)` returns the DeltaOps for that row layout. It is called
 twice per step: once for the token rows of the forward, once for the sampled rows of compute_logits.
 On CUDA, every SBMM variant the steps can launch on new delta stacks is compiled ahead (`warm_up_kernels`,
-kernels/sbmm_warmup.py): by the engine loop while idle (`LLMEngine.warm_up`), or else by the first step that
-sees the new stack layout, so no later step stalls on a compile.
+kernels/sbmm_warmup.py): by the engine loop while idle (`LLMEngine.warm_up`), or else by the steps that see the
+new stack layout, in slices of WARMUP_SLICE_S (a slice stops after the compile that passes it), so a cold
+warm-up never holds requests for long, and once it has finished no step stalls on a compile.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ log = get_logger(__name__)
 
 Segments = list[tuple[str | None, int]]  # (delta name or None for base, number of rows), in row order
 DeltaOpsProvider = Callable[[Segments], DeltaOps | None]
+WARMUP_SLICE_S = 0.2  # a warm-up slice launches no new kernel variant after this long (idle or in a step)
 
 
 def delta_sort_key(delta: str | None) -> tuple[bool, str]:
@@ -84,7 +86,7 @@ class ModelRunner:
         self.last_warmup_variants = 0  # kernel variants that warm-up compiled (kernels/compile_watch.py)
         self.max_segments = max_segments  # segments of a step's token rows: deltas per batch + base + spare
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.warmed: tuple[int, int] | None = None  # (id, layout_version) of the slots last warmed
+        self.warmed: tuple[int, int] | None = None  # (id, layout_version) of the slots last warmed in full
         self._warm_seen: set = set()  # SBMM variants launched already (kernels/sbmm_warmup.py)
         self.kernel_slots = kernel_slots
         if cuda_graphs and self.device.type == "cuda" and torch.cuda.is_available():
@@ -137,47 +139,58 @@ class ModelRunner:
             return False
         return ctx.deltas is None or self.graphs.takes_deltas(ctx.deltas)
 
-    def warm_up_if_stale(self, slots=None) -> float:
-        """Run warm_up_kernels when `slots` (default: the kernel_slots given at construction) are CUDA slots
-        whose stack layout changed since the last warm-up; returns its seconds (0.0: nothing to do). Sets
-        last_warmup_s and last_warmup_variants (kernel variants it compiled, kernels/compile_watch.py)."""
+    def warm_up_if_stale(self, slots=None, budget_s: float | None = WARMUP_SLICE_S) -> float:
+        """Run a slice of warm_up_kernels when `slots` (default: the kernel_slots given at construction) are CUDA
+        slots whose stack layout changed since the last finished warm-up; returns its seconds (0.0: nothing to
+        do). budget_s: launch no new variant after this many seconds (None: finish); a cut slice leaves the rest
+        to the next call. Sets last_warmup_s and last_warmup_variants (kernel variants it compiled,
+        kernels/compile_watch.py)."""
         self.last_warmup_s, self.last_warmup_variants = 0.0, 0
         slots = slots if slots is not None else self.kernel_slots
         if slots is None or slots.device.type != "cuda" or self.warmed == (id(slots), slots.layout_version):
             return 0.0
         start, compiled = time.perf_counter(), compile_watch.compiled_variants()
-        self.warm_up_kernels(slots)
+        self.warm_up_kernels(slots, None if budget_s is None else start + budget_s)
         self.last_warmup_s = time.perf_counter() - start
         self.last_warmup_variants = compile_watch.compiled_variants() - compiled
         return self.last_warmup_s
 
     @torch.inference_mode()
-    def warm_up_kernels(self, slots) -> int:
+    def warm_up_kernels(self, slots, deadline: float | None = None) -> int:
         """Launch (and so compile) every SBMM variant this runner's steps can launch on the packed stacks of
         `slots` (a DeviceSlots): eager forwards of up to max_num_batched_tokens rows in up to max_segments
-        segments, and the CUDA-graph decode forwards. Stacks already warmed add nothing; returns the launches."""
+        segments, and the CUDA-graph decode forwards. Stacks already warmed add nothing; returns the launches.
+        deadline (time.perf_counter() seconds): stop after the launch that passes it; `warmed` then stays
+        unset, and the next call goes on where this one stopped."""
         from kernels import sbmm_warmup
 
         version = slots.layout_version  # read first: a stack created meanwhile gets the next step's warm-up
         start = time.perf_counter()
         graphs = self.graphs
-        launched = 0
-        for stacks in slots.stacks_by_name().values():
-            for stack in stacks:
-                if not stack.sbmm_readable:  # dense fp16 stacks (norms, embeddings) run no SBMM
-                    continue
-                p = stack.parts
-                launched += sbmm_warmup.warm_up(
-                    p["qweight"], p.get("meta"), p["scales"], p.get("zeros"), stack.bits, slots.dtype,
-                    self.max_num_batched_tokens, self.max_segments,
-                    graph_rows=graphs.sizes if graphs is not None else (),
-                    graph_segments=graphs.max_segments if graphs is not None else 0,
-                    tiled=stack.tiled, sp4=stack.sp4, sp2=stack.sp2, seen=self._warm_seen)
+        launched, finished = 0, True
+        stacks = [stack for group in slots.stacks_by_name().values() for stack in group
+                  if stack.sbmm_readable]  # dense fp16 stacks (norms, embeddings) run no SBMM
+        for stack in stacks:
+            if launched and deadline is not None and time.perf_counter() >= deadline:
+                finished = False
+                break
+            p = stack.parts
+            warmed = sbmm_warmup.warm_up(
+                p["qweight"], p.get("meta"), p["scales"], p.get("zeros"), stack.bits, slots.dtype,
+                self.max_num_batched_tokens, self.max_segments,
+                graph_rows=graphs.sizes if graphs is not None else (),
+                graph_segments=graphs.max_segments if graphs is not None else 0,
+                tiled=stack.tiled, sp4=stack.sp4, sp2=stack.sp2, seen=self._warm_seen, deadline=deadline)
+            launched += warmed.launched
+            if not warmed.finished:
+                finished = False
+                break
         if launched:
             torch.cuda.synchronize(slots.device)
-            log.info("sbmm_warmed_up", launches=launched, layout_version=version,
+            log.info("sbmm_warmed_up", launches=launched, layout_version=version, finished=finished,
                      seconds=round(time.perf_counter() - start, 3))
-        self.warmed = (id(slots), version)
+        if finished:
+            self.warmed = (id(slots), version)
         return launched
 
     @torch.inference_mode()

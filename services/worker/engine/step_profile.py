@@ -7,8 +7,9 @@ Phases, in step order:
   replayed from a CUDA graph), `decode_eager` (decode-only, eager). Sampling is included; its `.tolist()` waits
   for the GPU, so a forward phase is GPU time plus launch overhead;
 - `results` (stop checks, detokenizing);
-- `warmup` (CUDA: compiling every SBMM variant of delta stacks that appeared since the last step,
-  kernels/sbmm_warmup.py; once per new stack layout, before the step's forward).
+- `warmup` (CUDA: compiling the SBMM variants of delta stacks that appeared since the last finished warm-up,
+  kernels/sbmm_warmup.py; in slices of model_runner.WARMUP_SLICE_S, while idle or before a step's forward, until
+  every variant of the new stack layout is compiled).
 Nested, not a step phase: `compile` counts the kernel variants compiled inside a step's forward (CUDA,
 kernels/compile_watch.py; a `warmup` compiles on purpose and is not counted), with the seconds of the forwards
 that compiled (the stall is at most that; they are in their own phase too).

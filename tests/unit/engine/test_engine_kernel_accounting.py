@@ -52,3 +52,48 @@ def test_engine_counts_variants_compiled_inside_a_step_but_not_by_its_warm_up(mo
     assert phases["warmup"] == (1, 0.5)
     assert phases["prefill"][0] + phases["decode_eager"][0] == 3
     assert 0.0 <= phases["decode_eager"][1] < 0.5  # the warm-up's seconds are not the forward's
+
+
+def test_runner_warm_up_in_slices_marks_the_slots_warm_only_once_every_stack_finished(monkeypatch):
+    """warm_up_kernels with a deadline: a stack cut at the deadline ends the slice, no further stack starts once
+    the slice launched something past the deadline, and `warmed` is set by the slice that finishes the last
+    stack (a later call has nothing to do)."""
+    from kernels import sbmm_warmup
+    from services.worker.engine import model_runner
+
+    engine = LLMEngine(random_model(tiny_config(), seed=0), EngineConfig(num_kv_blocks=32, block_size=8),
+                       eos_token_ids=[])
+    runner = engine.runner
+    stack = lambda name: SimpleNamespace(name=name, sbmm_readable=True, parts={"qweight": name, "scales": None},
+                                         bits=4, tiled=False, sp4=True, sp2=False)
+    slots = SimpleNamespace(device=SimpleNamespace(type="cuda"), layout_version=3, dtype=None,
+                            stacks_by_name=lambda: {"q": [stack("a"), stack("b")], "d": [stack("c")]})
+    left = {"a": 3, "b": 1, "c": 2}  # variants each stack still has to compile
+    clock, calls = [0.0], []
+
+    def fake_warm_up(qweight, *args, deadline=None, **kwargs):
+        calls.append(qweight)
+        launched = 0
+        while left[qweight]:
+            left[qweight] -= 1
+            launched += 1
+            clock[0] += 1.0
+            if deadline is not None and clock[0] >= deadline:
+                return sbmm_warmup.Warmed(launched, False)  # cut: the real one never says finished here
+        return sbmm_warmup.Warmed(launched, True)
+
+    monkeypatch.setattr(sbmm_warmup, "warm_up", fake_warm_up)
+    monkeypatch.setattr(model_runner.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(model_runner.torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(model_runner.compile_watch, "compiled_variants", lambda kernels=None: 0)
+
+    assert runner.warm_up_if_stale(slots, budget_s=2.0) > 0  # a: 2 of 3, cut
+    assert calls == ["a"] and runner.warmed is None
+    runner.warm_up_if_stale(slots, budget_s=2.0)  # a: the last one; b: 1 -> past the deadline, cut there
+    assert calls == ["a", "a", "b"] and runner.warmed is None
+    runner.warm_up_if_stale(slots, budget_s=2.0)  # a, b: nothing left; c: 2 -> past the deadline
+    assert runner.warmed is None and left == {"a": 0, "b": 0, "c": 0}
+    runner.warm_up_if_stale(slots, budget_s=2.0)  # c reports finished: the slots are warm
+    assert runner.warmed == (id(slots), 3)
+    calls.clear()
+    assert runner.warm_up_if_stale(slots, budget_s=2.0) == 0.0 and calls == []
