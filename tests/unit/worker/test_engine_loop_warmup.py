@@ -46,3 +46,24 @@ def _sampling(max_tokens: int):
     from deltazip.model.sampling import SamplingParams
 
     return SamplingParams(max_tokens=max_tokens, temperature=0)
+
+
+def test_a_request_arriving_mid_warm_up_is_served_between_slices_and_the_warm_up_resumes_after_it():
+    """A long warm-up in slices (100 x 20 ms, like model_runner.WARMUP_SLICE_S cuts a cold compile run): a request
+    submitted during it finishes after at most about one slice, long before the warm-up would have ended, and
+    the remaining slices run once the worker is idle again."""
+    engine = WarmingEngine(rounds=100, round_s=0.02)
+    loop = EngineLoop(engine, idle_wait_s=0.005)
+    loop.start()
+    try:
+        assert wait_until(lambda: engine.calls >= 3)
+        events = []
+        submitted = time.monotonic()
+        loop.submit("r1", [1, 2], _sampling(3), None, events.append)
+        assert wait_until(lambda: any(e.finished for e in events))
+        assert time.monotonic() - submitted < 0.5  # the whole warm-up is 2 s
+        assert "".join(e.text for e in events) == "abc"
+        assert engine.calls < 100 and engine.busy_calls == 0  # served mid-warm-up, no slice with a request open
+        assert wait_until(lambda: engine.calls > 100, timeout_s=5.0)  # the warm-up resumed and finished
+    finally:
+        loop.stop()
