@@ -4,6 +4,8 @@ Every job of the matrix is one bench/serve.py run for one (num_models, bits) on 
 reference on the same workload in the same process, so every ratio below is taken inside one job's own run.
 
     python -m bench.merge_serving bench/results/serving-matrix-jobs --out bench/results
+    python -m bench.merge_serving --combine A.json B.json ... --out bench/results --label LABEL
+(--combine: one matrix from several merged ones, e.g. one device call per job when a call has too few GPUs.)
 Writes <out>/serving-matrix-<device>-<date>.json ({bench, device, commit, date, config, jobs, rows, summary, goals};
 rows carry `job` and `gpu`) and its .png (throughput vs number of fine-tunes per mode and bits, and delta / swap).
 """
@@ -135,16 +137,40 @@ def merge(jobs_dir: Path, out_dir: Path, label: str = "") -> Path:
     if not jobs:
         raise SystemExit(f"no job records (*.job.json) in {jobs_dir}: did the matrix runner start any job?")
     done = [data for _, data in jobs if data]
-    rows = merged_rows(jobs)
-    table = summary_table(rows)
     commits = sorted({data["commit"] for data in done}) or [git_commit()]
     config = {k: v for k, v in (done[0]["config"] if done else {}).items() if k not in JOB_KEYS}
-    config["jobs"] = [f"{r['num_models']}x{r['bits']}bit@gpu{r['gpu']}" for r, _ in jobs]
     device = done[0]["device"] if done else "unknown"
+    return _write(out_dir, label, device, commits, config, [job_entry(record, data) for record, data in jobs],
+                  merged_rows(jobs))
+
+
+def combine(paths: list[Path], out_dir: Path, label: str = "") -> Path:
+    """One matrix from several merged ones (`merge`'s JSONs; e.g. one device call per job when a call's GPUs are
+    too few for the matrix): their jobs and rows side by side, the summary and goals recomputed, `combined_from`
+    naming the files. Every ratio stays inside its own job's run. Refused: files from different devices, and a
+    job label in more than one file."""
+    merged = [json.loads(path.read_text()) for path in paths]
+    devices = sorted({m["device"] for m in merged})
+    if len(devices) > 1:
+        raise SystemExit(f"the files come from different devices ({', '.join(devices)}): combine one kind at a time")
+    labels = [job["label"] for m in merged for job in m["jobs"]]
+    twice = sorted({label_ for label_ in labels if labels.count(label_) > 1})
+    if twice:
+        raise SystemExit(f"job {', '.join(twice)} is in more than one file: keep one run per job")
+    config = {**merged[0]["config"], "combined_from": [path.name for path in paths]}
+    commits = sorted({commit for m in merged for commit in m["commit"].split(",")})
+    jobs = sorted((job for m in merged for job in m["jobs"]), key=lambda j: (j["num_models"], j["bits"], j["label"]))
+    return _write(out_dir, label, devices[0], commits, config, jobs, [row for m in merged for row in m["rows"]])
+
+
+def _write(out_dir: Path, label: str, device: str, commits: list[str], config: dict, jobs: list[dict],
+           rows: list[dict]) -> Path:
+    """Write a merged matrix (summary and goals from `rows`) and its PNG; print the table, goals and job ends."""
+    table = summary_table(rows)
+    config = {**config, "jobs": [f"{j['num_models']}x{j['bits']}bit@gpu{j['gpu']}" for j in jobs]}
     payload = {"bench": "serving", "kind": "matrix", "device": device, "commit": ",".join(commits),
-               "date": datetime.date.today().isoformat(), "config": config,
-               "jobs": [job_entry(record, data) for record, data in jobs], "rows": rows, "summary": table,
-               "goals": matrix_goals(table)}
+               "date": datetime.date.today().isoformat(), "config": config, "jobs": jobs, "rows": rows,
+               "summary": table, "goals": matrix_goals(table)}
     path = write_results(out_dir, "serving", f"matrix-{label or device}", payload)
     print(format_table(table))
     print(json.dumps(payload["goals"]))
@@ -197,13 +223,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--label", default="", help="file label instead of the device name")
     p.add_argument("--plot", type=Path, help="only redraw the PNG of a merged JSON")
+    p.add_argument("--combine", type=Path, nargs="+", metavar="MERGED", help="merged JSONs (one device kind) to "
+                   "combine into one matrix, e.g. one device call per job")
     args = p.parse_args(argv)
     if args.plot:
         print(plot_matrix(args.plot))
+    elif args.combine:
+        print(f"wrote {combine(args.combine, args.out, args.label)}")
     elif args.jobs_dir:
         print(f"wrote {merge(args.jobs_dir, args.out, args.label)}")
     else:
-        p.error("give the jobs folder (or --plot MERGED.json)")
+        p.error("give the jobs folder (or --combine MERGED.json ..., or --plot MERGED.json)")
 
 
 if __name__ == "__main__":

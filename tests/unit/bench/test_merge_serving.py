@@ -99,3 +99,39 @@ def test_table_text_marks_what_was_not_measured():
 def test_no_job_records_is_an_error_that_says_so(tmp_path):
     with pytest.raises(SystemExit, match="no job records"):
         merge_serving.merge(tmp_path, tmp_path / "out")
+
+
+def _merged_one_job(tmp_path, name: str, label: str, num_models: int, delta_rps: float, device: str | None = None):
+    """A merged matrix of one job, as one device call per job leaves it."""
+    jobs = tmp_path / name
+    jobs.mkdir()
+    write_job(jobs, label, "0", num_models, 4, 0, job_rows(num_models, 4, delta_rps=delta_rps, swap_rps=1.0))
+    if device:
+        result = next(jobs.glob("serving-*.json"))
+        result.write_text(json.dumps({**json.loads(result.read_text()), "device": device}))
+    return merge_serving.merge(jobs, tmp_path / f"{name}-out", label=name)
+
+
+def test_combine_puts_one_job_per_call_matrices_side_by_side(tmp_path):
+    a = _merged_one_job(tmp_path, "a", "H100-m8-b4", 8, delta_rps=9.0)
+    b = _merged_one_job(tmp_path, "b", "H100-m32-b4", 32, delta_rps=8.0)
+    data = json.loads(merge_serving.combine([b, a], tmp_path / "out", label="both").read_text())
+    assert [j["label"] for j in data["jobs"]] == ["H100-m8-b4", "H100-m32-b4"]
+    assert data["config"]["jobs"] == ["8x4bit@gpu0", "32x4bit@gpu0"]
+    assert data["config"]["combined_from"] == [b.name, a.name]
+    assert len(data["rows"]) == 2 * 7 and data["commit"] == "abc1234"
+    table = {(e["num_models"], e["load"]): e for e in data["summary"]}
+    assert sorted(table) == [(8, 1.0), (8, 2.0), (32, 1.0), (32, 2.0)]
+    assert table[(32, 1.0)]["delta_vs_swap"] == pytest.approx(8.0)
+    assert data["goals"]["throughput_vs_swap_at_32"] == {"4bit-load1": pytest.approx(8.0)}
+    assert data["goals"]["ttft_p90_within_2x_base"] == {"met": 4, "measured": 4, "points": 4}
+
+
+def test_combine_refuses_a_job_twice_and_mixed_devices(tmp_path):
+    a = _merged_one_job(tmp_path, "a", "H100-m8-b4", 8, delta_rps=9.0)
+    again = _merged_one_job(tmp_path, "again", "H100-m8-b4", 8, delta_rps=7.0)
+    with pytest.raises(SystemExit, match="H100-m8-b4 is in more than one file"):
+        merge_serving.combine([a, again], tmp_path / "out")
+    other = _merged_one_job(tmp_path, "other", "H200-m32-b4", 32, delta_rps=9.0, device="NVIDIA H200")
+    with pytest.raises(SystemExit, match="different devices"):
+        merge_serving.combine([a, other], tmp_path / "out")
