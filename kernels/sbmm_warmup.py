@@ -89,6 +89,31 @@ def warm_up(qweight: torch.Tensor, meta: torch.Tensor | None, scales: torch.Tens
     return Warmed(launched, True)
 
 
+def warm_up_stacks(stacks: Iterable, dtype: torch.dtype, max_tokens: int, max_segments: int,
+                   graph_rows: Iterable[int] = (), graph_segments: int = 0, seen: set | None = None,
+                   deadline: float | None = None) -> Warmed:
+    """warm_up over a worker's delta stacks in order (services/worker/device_slots.SlotStack: `parts`, `bits`,
+    `tiled`, `sp4`, `sp2`; stacks that run no SBMM, `sbmm_readable` false, are skipped), sharing `seen`. With a
+    deadline no stack starts after it once this call launched something, and a stack cut at it ends the call
+    unfinished: call again with the same `seen` to go on."""
+    seen = set() if seen is None else seen
+    graph_rows = tuple(graph_rows)
+    launched = 0
+    for stack in stacks:
+        if not stack.sbmm_readable:  # dense fp16 stacks (norms, embeddings)
+            continue
+        if launched and deadline is not None and time.perf_counter() >= deadline:
+            return Warmed(launched, False)
+        p = stack.parts
+        warmed = warm_up(p["qweight"], p.get("meta"), p["scales"], p.get("zeros"), stack.bits, dtype, max_tokens,
+                         max_segments, graph_rows, graph_segments, tiled=stack.tiled, sp4=stack.sp4, sp2=stack.sp2,
+                         seen=seen, deadline=deadline)
+        launched += warmed.launched
+        if not warmed.finished:
+            return Warmed(launched, False)
+    return Warmed(launched, True)
+
+
 def compiles_ahead(qweight: torch.Tensor) -> bool:
     """Whether launches on this stack compile variants (CUDA, not under the interpreter)."""
     return qweight.is_cuda and not sbmm.interpreting()

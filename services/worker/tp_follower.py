@@ -4,13 +4,16 @@ and runs each engine step's forward when rank 0 says so (no scheduler, no sampli
 Loop: receive a command from rank 0's pipe -> Step: join the step's broadcast and run the forward (the
 row-parallel all-reduces pair with rank 0's) | LoadDelta: hand to the loader thread, which shards the
 artifact from the host's disk cache into this rank's DeviceSlots and acks | DropDelta | Stop. The pipe
-closing (rank 0 gone) ends the process.
+closing (rank 0 gone) ends the process. While no command waits, a CUDA follower compiles the SBMM kernels of
+its new delta stacks ahead, in slices (`warm_up`, as rank 0's engine does): a follower compiling inside a step
+would hold every rank at that step's all-reduce.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 
@@ -31,6 +34,7 @@ from services.worker.tp_protocol import (
 )
 
 log = get_logger("services.worker.tp_follower")
+IDLE_POLL_S = 0.05  # how often an idle follower looks for new delta stacks to warm up
 
 
 def follower_main(rank: int, size: int, init_method: str, config: WorkerConfig, device: str,
@@ -69,6 +73,8 @@ class Follower:
         self.transform = host_transform(select_mode(config.mode), None, device)
         self.loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tp{rank}-loader")
         self.send_lock = threading.Lock()
+        self.max_tokens, self.max_segments = config.max_num_batched_tokens, config.max_deltas_per_batch + 2
+        self.warmed_version, self.warm_seen, self.warm_failed = 0, set(), False  # kernels/sbmm_warmup.py
         num_blocks = config.num_kv_blocks or kv_blocks_from_memory(self.model, config)
         self.send(Ready(rank, num_blocks))
         log.info("tp_follower_ready", rank=rank, device=str(device), num_kv_blocks=num_blocks)
@@ -78,8 +84,11 @@ class Follower:
             self.conn.send(msg)
 
     def run(self) -> None:
-        """Serve commands until Stop (or rank 0's pipe closes: EOFError)."""
+        """Serve commands until Stop (or rank 0's pipe closes: EOFError); warm kernels up while none waits."""
         while True:
+            if not self.conn.poll(0 if self.warm_pending() else IDLE_POLL_S):
+                self.warm_up()
+                continue
             msg = self.conn.recv()
             if isinstance(msg, Step):
                 self.forward(msg)
@@ -95,6 +104,37 @@ class Follower:
                 return
             else:
                 raise AssertionError(f"unknown TP command {msg!r}")
+
+    def warm_pending(self) -> bool:
+        """Whether delta stacks appeared since the last finished warm-up (CUDA; never after a failed one)."""
+        return (self.device.type == "cuda" and not self.warm_failed
+                and self.warmed_version != self.slots.layout_version)
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """One slice (model_runner.WARMUP_SLICE_S) of compiling the SBMM variants this rank's forwards can launch on
+        its stacks: eager forwards of up to max_num_batched_tokens rows in up to max_deltas_per_batch + 2
+        segments (followers run no CUDA graphs). A failure is logged and ends warm-ups: kernels then compile on
+        first use, as before."""
+        from kernels import sbmm_warmup
+        from services.worker.engine.model_runner import WARMUP_SLICE_S
+
+        if not self.warm_pending():
+            return
+        version, start = self.slots.layout_version, time.perf_counter()
+        try:
+            launched, finished = sbmm_warmup.warm_up_stacks(
+                [stack for group in self.slots.stacks_by_name().values() for stack in group], self.slots.dtype,
+                self.max_tokens, self.max_segments, seen=self.warm_seen, deadline=start + WARMUP_SLICE_S)
+        except Exception:  # an optimization: never a reason to stop serving
+            log.exception("tp_warm_up_failed", rank=self.rank)
+            self.warm_failed = True
+            return
+        if finished:
+            self.warmed_version = version
+        if launched:
+            log.info("sbmm_warmed_up", rank=self.rank, launches=launched, layout_version=version, finished=finished,
+                     seconds=round(time.perf_counter() - start, 3))
 
     @torch.inference_mode()
     def forward(self, step: Step) -> None:

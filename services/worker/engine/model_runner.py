@@ -167,24 +167,11 @@ class ModelRunner:
         version = slots.layout_version  # read first: a stack created meanwhile gets the next step's warm-up
         start = time.perf_counter()
         graphs = self.graphs
-        launched, finished = 0, True
-        stacks = [stack for group in slots.stacks_by_name().values() for stack in group
-                  if stack.sbmm_readable]  # dense fp16 stacks (norms, embeddings) run no SBMM
-        for stack in stacks:
-            if launched and deadline is not None and time.perf_counter() >= deadline:
-                finished = False
-                break
-            p = stack.parts
-            warmed = sbmm_warmup.warm_up(
-                p["qweight"], p.get("meta"), p["scales"], p.get("zeros"), stack.bits, slots.dtype,
-                self.max_num_batched_tokens, self.max_segments,
-                graph_rows=graphs.sizes if graphs is not None else (),
-                graph_segments=graphs.max_segments if graphs is not None else 0,
-                tiled=stack.tiled, sp4=stack.sp4, sp2=stack.sp2, seen=self._warm_seen, deadline=deadline)
-            launched += warmed.launched
-            if not warmed.finished:
-                finished = False
-                break
+        launched, finished = sbmm_warmup.warm_up_stacks(
+            [stack for group in slots.stacks_by_name().values() for stack in group], slots.dtype,
+            self.max_num_batched_tokens, self.max_segments,
+            graph_rows=graphs.sizes if graphs is not None else (),
+            graph_segments=graphs.max_segments if graphs is not None else 0, seen=self._warm_seen, deadline=deadline)
         if launched:
             torch.cuda.synchronize(slots.device)
             log.info("sbmm_warmed_up", launches=launched, layout_version=version, finished=finished,
