@@ -212,6 +212,11 @@ class DeviceSlots:
         with self._lock:
             return {name: list(by_format.values()) for name, by_format in self._stacks.items()}
 
+    def stacks(self) -> list[SlotStack]:
+        """Every stack that exists, in one list (a snapshot)."""
+        with self._lock:
+            return [stack for by_format in self._stacks.values() for stack in by_format.values()]
+
     def is_linear(self, tensor_name: str) -> bool:
         return tensor_name in self._linear_names
 

@@ -124,7 +124,7 @@ class Follower:
         version, start = self.slots.layout_version, time.perf_counter()
         try:
             launched, finished = sbmm_warmup.warm_up_stacks(
-                [stack for group in self.slots.stacks_by_name().values() for stack in group], self.slots.dtype,
+                self.slots.stacks(), self.slots.dtype,
                 self.max_tokens, self.max_segments, seen=self.warm_seen, deadline=start + WARMUP_SLICE_S)
         except Exception:  # an optimization: never a reason to stop serving
             log.exception("tp_warm_up_failed", rank=self.rank)

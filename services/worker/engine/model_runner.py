@@ -168,7 +168,7 @@ class ModelRunner:
         start = time.perf_counter()
         graphs = self.graphs
         launched, finished = sbmm_warmup.warm_up_stacks(
-            [stack for group in slots.stacks_by_name().values() for stack in group], slots.dtype,
+            slots.stacks(), slots.dtype,
             self.max_num_batched_tokens, self.max_segments,
             graph_rows=graphs.sizes if graphs is not None else (),
             graph_segments=graphs.max_segments if graphs is not None else 0, seen=self._warm_seen, deadline=deadline)

@@ -67,7 +67,7 @@ def test_runner_warm_up_in_slices_marks_the_slots_warm_only_once_every_stack_fin
     stack = lambda name: SimpleNamespace(name=name, sbmm_readable=True, parts={"qweight": name, "scales": None},
                                          bits=4, tiled=False, sp4=True, sp2=False)
     slots = SimpleNamespace(device=SimpleNamespace(type="cuda"), layout_version=3, dtype=None,
-                            stacks_by_name=lambda: {"q": [stack("a"), stack("b")], "d": [stack("c")]})
+                            stacks=lambda: [stack("a"), stack("b"), stack("c")])
     left = {"a": 3, "b": 1, "c": 2}  # variants each stack still has to compile
     clock, calls = [0.0], []
 

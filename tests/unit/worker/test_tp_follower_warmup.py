@@ -34,7 +34,7 @@ def make_follower(conn, layout_version=1):
     f = object.__new__(tp_follower.Follower)
     stack = SimpleNamespace(sbmm_readable=True)
     f.rank, f.device, f.conn = 1, SimpleNamespace(type="cuda"), conn
-    f.slots = SimpleNamespace(layout_version=layout_version, dtype=None, stacks_by_name=lambda: {"q": [stack]})
+    f.slots = SimpleNamespace(layout_version=layout_version, dtype=None, stacks=lambda: [stack])
     f.max_tokens, f.max_segments = 64, 6
     f.warmed_version, f.warm_seen, f.warm_failed = 0, set(), False
     return f
