@@ -20,7 +20,7 @@ The representative launches read the stack as it is (its slots' contents do not 
 
 A warm-up can be cut into slices (`deadline`): it stops after the launch that passes the deadline and says it did
 not finish; the next call skips the variants in `seen` and goes on. A worker serves requests between slices, so a
-cold warm-up (15-24 s on an H100 with an empty Triton cache at 16 fine-tunes, docs/serving.md) never holds a
+cold warm-up (11-29 s on an H100 with an empty Triton cache at 16-64 fine-tunes, docs/serving.md) never holds a
 request for longer than about one compile.
 """
 
