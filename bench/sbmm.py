@@ -9,7 +9,9 @@ measured in the same run, and speedups over (a) a torch loop of dense fp16 per-s
 GEMM alone and base GEMM followed by SBMM. --sweep instead times kernel/config variants on two shapes.
 Timing: each measurement is a CUDA graph of many back-to-back calls, every call on different delta slots
 (and base weights), so no call finds its deltas in L2 and no host launch overhead is counted; the host
-cost of one apply call is reported separately (host_us). Word layouts (--variants): 4t = 4-bit 2:4 words and meta
+cost of one apply call is reported separately (host_us). `us` is a call on its own (a fresh split-K counter
+buffer, so a memset, and a copy of x for the sparse-MMA kernels); `us_workspace` is a call as the worker makes
+it, with an sbmm.Workspace shared by the graph's calls (counters zeroed once, x still copied per call). Word layouts (--variants): 4t = 4-bit 2:4 words and meta
 tile-major and 2d2 = 2-bit dense2 words, the layouts the worker keeps on CUDA (kernels/layout.py); 4sp = 4-bit
 words and meta in the sp4 order of the sparse-MMA kernel (kernels/sbmm_spmma.py, opt-in), 2sp = 2-bit in the
 sp2 order of kernels/sbmm_spmma2.py (opt-in); 4 and 2 = the
@@ -121,12 +123,23 @@ def one_row(name, n, k, num, rows, bits, stack, dense, base_ws, limit, with_dequ
         return lambda: sbmm.sbmm(x, y, q, m, sc, None, starts, slots, bits, kernel=kernel, config=config, tiled=tiled,
                                  sp4=sp4, sp2=sp2)
 
+    ws = sbmm.Workspace(x.device)
+
+    def workspace_call(slots):  # as the worker launches: one workspace, so no counter memset; x copied per call
+        def run():
+            ws.forget_x()
+            sbmm.sbmm(x, y, q, m, sc, None, starts, slots, bits, kernel=kernel, config=config, tiled=tiled, sp4=sp4,
+                      sp2=sp2, workspace=ws)
+        return run
+
     us = graph_us([sbmm_call(sl) for sl in slot_sets])
     row = {"shape": name, "n": n, "k": k, "num_deltas": num, "rows_per_delta": rows, "bits": bits, "us": us,
            "layout": layout_name(stack)}
     nbytes = packed_bytes(stack, num) + x.numel() * 2 + y.numel() * 2
     row.update(bytes_read=nbytes, gbps=nbytes / (us * 1e-6) / 1e9)
     row["fraction_of_limit"] = row["gbps"] / limit
+    row["us_workspace"] = graph_us([workspace_call(sl) for sl in slot_sets])
+    row["fraction_of_limit_workspace"] = nbytes / (row["us_workspace"] * 1e-6) / 1e9 / limit
     row["host_us"] = host_us(sbmm_call(slot_sets[0]))
     if dense is None:
         return row

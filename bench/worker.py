@@ -345,7 +345,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sp2-torch", action="store_true",
                     help="sp2 slot writes re-order qweight and meta in torch row chunks instead of the one-pass Triton "
                          "kernels (spmma_layout.SP2_KERNELS off): the sp2 load baseline")
+    ap.add_argument("--no-sbmm-workspace", action="store_true",
+                    help="delta launches without an sbmm.Workspace (a counter memset per split-K launch, a copy of x "
+                         "per sparse-MMA launch), as before the worker shared one per step and per graph set: the "
+                         "in-run baseline of the step part")
     args = ap.parse_args(argv)
+    if args.no_sbmm_workspace:
+        from services.worker import delta_ops, graph_deltas
+
+        delta_ops.StepDeltaOps._kernel_workspace = lambda self, device: None
+        graph_deltas._kernel_workspace = lambda device: None
     spmma_layout.SP4_WORDS_KERNEL = not args.sp4_words_torch
     spmma_layout.SP2_KERNELS = not args.sp2_torch
     torch.set_grad_enabled(False)
@@ -381,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
                          "step_layers": args.step_layers or big.num_hidden_layers, "step_seqs": args.step_seqs,
                          "step_bits": args.step_bits, "four_bit_slots": "tiled4" if args.no_sp4 else "sp4 where it applies",
                          "sp4_words_kernel": not args.sp4_words_torch, "sparse_mma_2bit": not args.no_sp2,
-                         "sp2_kernels": not args.sp2_torch},
+                         "sp2_kernels": not args.sp2_torch, "sbmm_workspace": not args.no_sbmm_workspace},
               "rows": rows}
     os.makedirs(args.out, exist_ok=True)
     path = Path(args.out) / f"worker-{name}-{date}{'-tiny' if args.tiny else ''}{'-' + args.label if args.label else ''}.json"

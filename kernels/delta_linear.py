@@ -200,11 +200,13 @@ def apply_deltas(
     seg_starts: torch.Tensor,
     seg_slots: torch.Tensor,
     check: bool = True,
+    workspace: sbmm.Workspace | None = None,
 ) -> None:
     """In place y[seg] += x[seg] @ Δ[slot(seg)].T for every segment. x: [T, K], y: [T, N].
 
     Packed stacks: one SBMM launch on CUDA, the torch reference on CPU. Dense stacks: cuBLAS on CUDA,
     reference on CPU. check=False skips segment validation (the caller ran validate_segments once per step).
+    workspace: the caller's `sbmm.Workspace` for launches its stream runs in order (CUDA packed stacks only).
     """
     n, k = stack.shape
     if x.dim() != 2 or y.dim() != 2 or x.shape[1] != k or y.shape != (x.shape[0], n):
@@ -219,7 +221,7 @@ def apply_deltas(
         starts = seg_starts.to(x.device, torch.int64, non_blocking=True)
         slots = seg_slots.to(x.device, torch.int64, non_blocking=True)
         sbmm.sbmm(x, y, stack.qweight, stack.meta, stack.scales, stack.zeros, starts, slots, stack.bits,
-                  tiled=stack.tiled, sp4=stack.sp4, sp2=stack.sp2)
+                  tiled=stack.tiled, sp4=stack.sp4, sp2=stack.sp2, workspace=workspace)
     elif stack.meta is None:
         raise ValueError("dense2 stacks (meta None) are a CUDA-only layout; CPU stacks keep the canonical one")
     else:

@@ -7,6 +7,8 @@ chosen by the mean rows per segment (T / S: no device sync) and, where an entry 
 bench/sbmm.py --sweep produced them (the sparse-MMA kernels have their own tables, "spmma" and "spmma2").
 """
 
+from __future__ import annotations
+
 import functools
 import json
 import os
@@ -162,6 +164,7 @@ def sbmm(
     tiled: bool = False,
     sp4: bool = False,
     sp2: bool = False,
+    workspace: Workspace | None = None,
 ) -> None:
     """In place y[seg] += x[seg] @ dequant(Δ[seg_slots[s]]).T for all segments in one launch.
 
@@ -185,6 +188,9 @@ def sbmm(
     sp2: qweight and meta are in the sp2 order (kernels/spmma_layout.py `pack_sp2`; 2-bit symmetric, N % 64 == 0,
     K % 256 == 0, per-row scales or groups a multiple of 128) and run on kernels/sbmm_spmma2.py (CUDA sm_80+ only);
     what CUDA slots hold for such deltas unless the worker runs with --sparse-mma-2bit 0.
+    workspace: scratch shared by launches one stream runs in order (`Workspace`): split-K counters without a
+    memset per launch, and one sparse-MMA copy of x for consecutive launches on the same x (q, k, v). None: a
+    fresh zeroed counter buffer and a fresh copy of x per call.
     """
     if sp4 and sp2:
         raise ValueError("sp4 and sp2 name two word orders: pass the one the stack holds")
@@ -201,8 +207,11 @@ def sbmm(
     dense2 = meta is None
     launch = plan(x, n, k, bits, num_groups, group_size, asym, num_segments, kernel=kernel, config=config,
                   rows_hint=rows_hint, segments_hint=segments_hint, dense2=dense2, sp4=sp4, sp2=sp2)
+    if workspace is not None and workspace.device != x.device:
+        raise ValueError(f"workspace on {workspace.device}, x on {x.device}: one workspace per device")
     if sparse_mma:
-        _launch_sparse_mma(x, y, qweight, meta, scales, seg_starts, seg_slots, bits, group_size, num_groups, launch)
+        _launch_sparse_mma(x, y, qweight, meta, scales, seg_starts, seg_slots, bits, group_size, num_groups, launch,
+                           workspace)
         return
     if dense2:
         meta_words = qweight  # never read (HAS_META false)
@@ -217,7 +226,7 @@ def sbmm(
     )
     if launch.kernel == "gluon":
         _launch_gluon(common, x, n, k, group_size, num_groups, DENSE2_GEOMETRY_BITS if dense2 else bits, asym,
-                      launch, dense2, tiled or dense2)
+                      launch, dense2, tiled or dense2, workspace)
     else:
         _launch_triton(common, x, n, k, group_size, num_groups, bits, asym, launch, tiled)
 
@@ -307,24 +316,74 @@ def _no_workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.empty(1, dtype=torch.float32, device=device), torch.empty(1, dtype=torch.int32, device=device)
 
 
-def _split_workspace(splits: int, t: int, n: int, grid: tuple, device: torch.device
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A split-K launch's fp32 partial sums [splits, T, N] and per-tile arrival counters, fresh per call (safe
-    under CUDA-graph capture and concurrent streams); placeholders for an unsplit launch."""
+class Workspace:
+    """Scratch for sbmm launches that one stream runs in order: the linears of one forward, eager or captured in
+    one CUDA graph (the worker keeps one per step and one per set of captured decode graphs).
+
+    - Split-K arrival counters, zeroed once: every split launch sets the counters it used back to zero (the
+      last split of a tile does), so launches need no memset of their own (a kernel node fewer per launch).
+    - The sparse-MMA order of x (`spmma_layout.sp4_x`), kept for the last x: q, k and v (and gate and up) read
+      the same tensor, so one copy serves all of them. The same tensor object counts as the same activations
+      (inference tensors have no version counter to say otherwise): do not write x in place between launches
+      that share a workspace. The kept copy is never reused across the start or end of a CUDA-graph capture
+      (the capture must record its own copy); a caller that captures two graphs over the same x object one
+      after the other calls `forget_x` in between (the worker's forwards call it at the embedding).
+
+    Launches that can run at the same time (two streams, two graphs replayed at once) need a workspace each."""
+
+    COUNTERS = 1 << 14  # split launches have fewer than min_ctas (<= 4096 in the tables) tiles: one buffer fits
+
+    def __init__(self, device: torch.device | str, counters: int = COUNTERS) -> None:
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self._counters = torch.zeros(counters, dtype=torch.int32, device=self.device)
+        self._retired: list[torch.Tensor] = []  # outgrown buffers that captured graphs may still point at
+        self._x: torch.Tensor | None = None
+        self._x_key: tuple[int, bool] = (-1, False)  # (version, capturing) of the kept copy
+        self._xs: torch.Tensor | None = None
+
+    def counters(self, tiles: int) -> torch.Tensor:
+        """Zeroed int32 counters for a launch of `tiles` output tiles (grown, never shrunk, when too few)."""
+        if tiles > self._counters.numel():
+            self._retired.append(self._counters)
+            self._counters = torch.zeros(triton.next_power_of_2(tiles), dtype=torch.int32, device=self.device)
+        return self._counters
+
+    def sp_x(self, x: torch.Tensor) -> torch.Tensor:
+        """x in the sparse-MMA B order; the last result again while x is the same tensor (and, where it has one,
+        at the same version)."""
+        key = (-1 if x.is_inference() else x._version, x.is_cuda and torch.cuda.is_current_stream_capturing())
+        if x is not self._x or key != self._x_key:
+            self._xs, self._x, self._x_key = spmma_layout.sp4_x(x), x, key
+        return self._xs
+
+    def forget_x(self) -> None:
+        """Drop the kept copy of x: the next sparse-MMA launch makes (and, capturing, records) its own."""
+        self._x = self._xs = None
+
+
+def _split_workspace(splits: int, t: int, n: int, grid: tuple, device: torch.device,
+                     workspace: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A split-K launch's fp32 partial sums [splits, T, N] and per-tile arrival counters: the workspace's
+    counters, else fresh zeroed ones (safe under CUDA-graph capture and concurrent streams); placeholders for
+    an unsplit launch."""
     if splits == 1:
         return _no_workspace(device)
-    return (torch.empty(splits, t, n, dtype=torch.float32, device=device),
-            torch.zeros(grid[0] * grid[1], dtype=torch.int32, device=device))
+    tiles = grid[0] * grid[1]
+    counters = (workspace.counters(tiles) if workspace is not None
+                else torch.zeros(tiles, dtype=torch.int32, device=device))
+    return torch.empty(splits, t, n, dtype=torch.float32, device=device), counters
 
 
 def _launch_gluon(common, x, n, k, group_size, num_groups, bits, asym, launch: Launch, dense2: bool,
-                  tiled: bool) -> None:
+                  tiled: bool, workspace: Workspace | None = None) -> None:
     t, config, splits = x.shape[0], launch.config, launch.splits
     const = _gluon_constexprs(n, k, group_size, num_groups, bits, asym, x.dtype, launch.block_m, launch.block_n,
                               launch.num_warps, bool(config.get("prefetch", True)), splits, dense2,
                               bool(config.get("scale_after", True)), tiled)
     grid = (triton.cdiv(n, launch.block_n), t // launch.block_m + launch.live_segments, splits)
-    ws, counters = _split_workspace(splits, t, n, grid, x.device)
+    ws, counters = _split_workspace(splits, t, n, grid, x.device, workspace)
     opts = {"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}  # register cap: more CTAs per SM
     sbmm_gluon._sbmm_gluon_kernel[grid](*common, ws, counters, t * n, n, MAX_SEGS=launch.max_segs,
                                         num_warps=launch.num_warps, **opts, **const)
@@ -444,16 +503,17 @@ def _check_sparse_mma(x, n, k, bits, num_groups, group_size, asym, sp2: bool) ->
 
 
 def _launch_sparse_mma(x, y, qweight, meta, scales, seg_starts, seg_slots, bits, group_size, num_groups,
-                       launch: Launch) -> None:
+                       launch: Launch, workspace: Workspace | None = None) -> None:
     """One launch of kernels/sbmm_spmma.py (sp4 words) or kernels/sbmm_spmma2.py (sp2 words)."""
     t, k = x.shape
     n = y.shape[1]
     splits, sp2 = launch.splits, launch.kernel == "spmma2"
     grid = (n // launch.block_n, t // launch.block_m + launch.live_segments, splits)
-    ws, counters = _split_workspace(splits, t, n, grid, x.device)
+    ws, counters = _split_workspace(splits, t, n, grid, x.device, workspace)
     const = _spmma_constexprs(k, group_size, num_groups, x.dtype, launch.block_m, launch.block_n, launch.num_warps,
                               splits, bool(launch.config.get("prefetch", True)), bits)
-    xs = spmma_layout.sp4_x(x)  # the B order (sp2 too): 16-byte x loads (T x K x 2 bytes, small next to the deltas)
+    # the B order (sp2 too): 16-byte x loads (T x K x 2 bytes, small next to the deltas); one copy per workspace x
+    xs = workspace.sp_x(x) if workspace is not None else spmma_layout.sp4_x(x)
     kernel = sbmm_spmma2._sbmm_spmma2_kernel if sp2 else sbmm_spmma._sbmm_spmma_kernel
     kernel[grid](
         xs.view(torch.int32), y, xs.stride(0) // 2, y.stride(0), qweight, meta, scales,

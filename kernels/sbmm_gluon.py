@@ -276,7 +276,8 @@ def _sbmm_gluon_kernel(
         gl.store(y_ptrs, (y.to(gl.float32) + acc).to(y_ptr.dtype.element_ty), mask=ymask)
     else:
         # every split stores its fp32 partial; the last to arrive at the tile's counter adds all partials in
-        # split order (deterministic, whichever arrives last) to y. Release: the barrier orders the CTA's
+        # split order (deterministic, whichever arrives last) to y and zeroes the counter again (sbmm.Workspace
+        # reuses counter buffers without a memset). Release: the barrier orders the CTA's
         # stores before the counter update (acq_rel at GPU scope); acquire: partials are read through L2.
         ws_rows = ws_ptr + offs_ym[None, :] * N + offs_yn[:, None]
         gl.store(ws_rows + pid_k * stride_wss, acc, mask=ymask)
@@ -284,6 +285,7 @@ def _sbmm_gluon_kernel(
         tile = gl.program_id(0) * gl.num_programs(1) + gl.program_id(1)
         arrived = gl.atomic_add(counters_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLIT_K - 1:
+            gl.atomic_xchg(counters_ptr + tile, 0, sem="relaxed", scope="gpu")  # left zeroed for the next launch
             total = gl.load(ws_rows, mask=ymask, other=0.0, cache_modifier=".cg")
             for s in gl.static_range(1, SPLIT_K):
                 total += gl.load(ws_rows + s * stride_wss, mask=ymask, other=0.0, cache_modifier=".cg")

@@ -200,7 +200,8 @@ def _sbmm_spmma_kernel(
 def _epilogue(acc, y_ptr, stride_ym, ws_ptr, counters_ptr, stride_wss, N, n0, m_start, m_end, pid_k,
               TB: gl.constexpr, RB: gl.constexpr, L_S: gl.constexpr, SPLIT_K: gl.constexpr):
     """y[tokens, rows] += acc; acc[i] is row 16rb + g + 8 * (i // 2), token 8tb + 2t + i % 2. Split-K: every
-    split stores its fp32 partial, the last to arrive adds all in split order (as kernels/sbmm_gluon.py)."""
+    split stores its fp32 partial, the last to arrive adds all in split order (as kernels/sbmm_gluon.py) and sets
+    the tile's counter back to zero, so a reused counter buffer (sbmm.Workspace) needs no memset."""
     rb = gl.arange(0, RB, layout=gl.SliceLayout(1, gl.SliceLayout(2, L_S)))
     tb = gl.arange(0, TB, layout=gl.SliceLayout(0, gl.SliceLayout(2, L_S)))
     lane = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, L_S)))
@@ -224,6 +225,7 @@ def _epilogue(acc, y_ptr, stride_ym, ws_ptr, counters_ptr, stride_wss, N, n0, m_
         tile = gl.program_id(0) * gl.num_programs(1) + gl.program_id(1)
         arrived = gl.atomic_add(counters_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLIT_K - 1:
+            gl.atomic_xchg(counters_ptr + tile, 0, sem="relaxed", scope="gpu")  # left zeroed for the next launch
             _add_to(y0, _sum_splits(w0, stride_wss, live, SPLIT_K), live)
             _add_to(y0 + stride_ym, _sum_splits(w0 + N, stride_wss, live1, SPLIT_K), live1)
             _add_to(y0 + 8, _sum_splits(w0 + 8, stride_wss, live, SPLIT_K), live)

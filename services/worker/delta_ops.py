@@ -30,6 +30,7 @@ class StepDeltaOps:
         self._seg_starts: torch.Tensor | None = None
         self._seg_slots: dict[tuple[int, ...], torch.Tensor] = {}
         self._on_device: dict[tuple, torch.Tensor] = {}
+        self._workspace = None  # kernels.sbmm.Workspace of this step's CUDA launches, made on first use
 
     def linear(self, name: str, x: torch.Tensor, y: torch.Tensor) -> None:
         """y += x @ Δ(row).T per delta segment. x: [N, in], y: [N, out]."""
@@ -45,7 +46,15 @@ class StepDeltaOps:
             on_device = (self._device_tensor(("starts",), self.starts, x.device),
                          self._device_tensor(slots, slots, x.device)) if x.is_cuda and stack.kind != "dense" else None
             apply_linear(x, y, stack, self._starts_tensor(), self._slots_tensor(slots), self.starts, list(slots),
-                         on_device)
+                         on_device, self._kernel_workspace(x.device) if on_device is not None else None)
+
+    def _kernel_workspace(self, device: torch.device):
+        """One sbmm.Workspace for the step: split-K counters zeroed once, one copy of x for q / k / v."""
+        if self._workspace is None:
+            from kernels import sbmm
+
+            self._workspace = sbmm.Workspace(device)
+        return self._workspace
 
     @property
     def device_slots(self) -> DeviceSlots:
@@ -69,6 +78,8 @@ class StepDeltaOps:
 
     def embedding(self, name: str, input_ids: torch.Tensor, h: torch.Tensor) -> None:
         """h[i] += Δ_embed(row i)[input_ids[i]]. input_ids: [N], h: [N, H]."""
+        if self._workspace is not None:  # a forward starts: its first linear copies x anew
+            self._workspace.forget_x()
         tensor_name = name + ".weight"
         for i, slot in self._delta_segments:
             delta = self._slots.dense(slot, tensor_name)  # [V, H]

@@ -51,6 +51,8 @@ class GraphDeltaOps:
         s, r = max_segments, max_rows
         self._dev = torch.full((2 * s + 1 + r,), -1, dtype=torch.int64, device=slots.device)
         self._rows = r  # rows of the forward being captured or replayed (a padded batch size)
+        # one sbmm.Workspace for every graph captured over these tensors: their replays run one at a time
+        self._workspace = _kernel_workspace(slots.device)
         self.rows_hint: int | None = None
         self.segments_hint: int | None = None
 
@@ -120,7 +122,7 @@ class GraphDeltaOps:
             p = stack.parts
             sbmm.sbmm(x, y, p["qweight"], p.get("meta"), p["scales"], p.get("zeros"), self.seg_starts, self.seg_slots,
                       stack.bits, rows_hint=self.rows_hint, segments_hint=self.segments_hint, tiled=stack.tiled,
-                      sp4=stack.sp4, sp2=stack.sp2)
+                      sp4=stack.sp4, sp2=stack.sp2, workspace=self._workspace)
 
     def norm_weight(self, name: str, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
         stacks = self._stacks.get(name + ".weight")
@@ -132,6 +134,8 @@ class GraphDeltaOps:
         return per_row
 
     def embedding(self, name: str, input_ids: torch.Tensor, h: torch.Tensor) -> None:
+        if self._workspace is not None:  # a forward starts: its first linear copies (and records) x anew
+            self._workspace.forget_x()
         for stack in self._stacks.get(name + ".weight", ()):
             slots = self.row_slots
             live = (slots >= 0).unsqueeze(1)
@@ -141,3 +145,12 @@ class GraphDeltaOps:
 def _gather_rows(stack: SlotStack, row_slots: torch.Tensor) -> torch.Tensor:
     """[R, H]: slot row_slots[i]'s dense delta, zero where the slot is -1."""
     return stack.parts["delta"][row_slots.clamp(min=0)] * (row_slots >= 0).unsqueeze(1)
+
+
+def _kernel_workspace(device: torch.device):
+    """An sbmm.Workspace on CUDA; None elsewhere (the CPU path launches no kernel)."""
+    if device.type != "cuda":
+        return None
+    from kernels import sbmm
+
+    return sbmm.Workspace(device)

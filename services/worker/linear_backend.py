@@ -16,9 +16,10 @@ from kernels.delta_linear import canonical_words
 
 def apply_linear(x: torch.Tensor, y: torch.Tensor, stack: SlotStack, seg_starts: torch.Tensor,
                  seg_slots: torch.Tensor, starts: list[int], slots: list[int],
-                 on_device: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                 on_device: tuple[torch.Tensor, torch.Tensor] | None = None, workspace=None) -> None:
     """x: [T, K], y: [T, N]; seg_starts [S+1] / seg_slots [S] int32 on the host, already validated;
-    on_device: the same two as int64 on x's device, which the packed kernel reads without a host copy."""
+    on_device: the same two as int64 on x's device, which the packed kernel reads without a host copy;
+    workspace: the step's kernels.sbmm.Workspace (CUDA)."""
     kernel_stack = _kernel_stack(stack) if x.device.type == "cuda" else None
     from kernels.delta_linear import PackedDeltaStack, apply_deltas
 
@@ -28,7 +29,7 @@ def apply_linear(x: torch.Tensor, y: torch.Tensor, stack: SlotStack, seg_starts:
 
         if on_device is not None and isinstance(kernel_stack, PackedDeltaStack):
             seg_starts, seg_slots = on_device
-        apply_deltas(x, y, kernel_stack, seg_starts, seg_slots, check=False)
+        apply_deltas(x, y, kernel_stack, seg_starts, seg_slots, check=False, workspace=workspace)
         return
     for i, slot in enumerate(slots):
         a, b = starts[i], starts[i + 1]
