@@ -204,6 +204,10 @@ def bench_step(cfg: LlamaConfig, device: str, rows: list, deltas=(1, 8, 32), num
     graph_base_us = rows[-1]["us"] if device.startswith("cuda") else base_us
     for n in deltas:
         for graph in ((0, 1) if device.startswith("cuda") else (0,)):
+            # untimed first: kernel variants this delta count launches are compiled or loaded from Triton's disk
+            # cache (tens of ms each) here, not inside the timed steps
+            time_decode_steps(decode_engine(model, num_slots, slots, bool(graph), num_seqs), num_seqs, n, device,
+                              prompt_len, 2)
             us = time_decode_steps(decode_engine(model, num_slots, slots, bool(graph), num_seqs), num_seqs, n,
                                    device, prompt_len, steps) * 1e6
             rows.append({"part": "step", "num_deltas": n, "rows_per_delta": num_seqs / n, "bits": bits,
