@@ -59,16 +59,17 @@ ls deltazip/v1/scheduler_pb2.py >/dev/null 2>&1 || \
   "$PY" -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. protos/deltazip/v1/*.proto
 
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
-# delta: 32 GPU slots, 16 deltas per batch (session 7: the 8-delta cap queued requests at 32-64 fine-tunes). At
-# 4 layers a 4-bit delta is ~0.3 GB; slot stacks are allocated whole, so at full depth (NUM_LAYERS=32, ~2.5 GB
-# each) pass fewer, e.g. BENCH_ARGS="--mode-flag delta=--num-device-slots=12" (the last flag given wins).
+# delta: DELTA_SLOTS GPU slots (default 64: every fine-tune of the matrix resident; session 9, 64 fine-tunes 2-bit at
+# load 2 on one H100: 44.5 req/s and TTFT p90 1.20x base with 64 slots, 39.0 req/s and 1.69x with 32), 16 deltas per
+# batch (session 7: the 8-delta cap queued requests at 32-64 fine-tunes). At 4 layers a 4-bit delta is ~0.3 GB;
+# slot stacks are allocated whole, so at full depth (NUM_LAYERS=32, ~2.5 GB each) pass fewer, e.g. DELTA_SLOTS=12.
 RESULT=$("$PY" -m bench.serve --device "$DEVICE" --dtype "$DTYPE" --shape "$SHAPE" --num-layers "$NUM_LAYERS" \
   --num-models "$NUM_MODELS" --bits "$BITS" --modes "$MODES" --rate-rps "$RATE_RPS" --loads "$LOADS" \
   --num-requests "$NUM_REQUESTS" --arrival gamma --cv "$CV" --zipf-alpha "$ZIPF_ALPHA" \
   --prompt-len "$PROMPT_LEN" --output-len "$OUTPUT_LEN" --slo-k "$SLO_K" --work-dir "$WORK_DIR" --drop-local-copies \
   --stream-chunk-tokens "$STREAM_CHUNK_TOKENS" --schedulers "$SCHEDULERS" --client-procs "$CLIENT_PROCS" \
   --worker-flag=--max-num-seqs=128 --worker-flag=--kv-memory-fraction=0.3 \
-  --mode-flag delta=--num-device-slots=32 --mode-flag delta=--max-deltas-per-batch=16 \
+  --mode-flag delta=--num-device-slots="${DELTA_SLOTS:-64}" --mode-flag delta=--max-deltas-per-batch=16 \
   --mode-flag dense-delta=--num-device-slots=8 --mode-flag dense-delta=--max-deltas-per-batch=8 \
   --mode-flag swap=--num-device-slots=1 --mode-flag swap=--max-deltas-per-batch=1 \
   ${BENCH_ARGS:-} | tee /dev/stderr | sed -n 's/^wrote //p')
