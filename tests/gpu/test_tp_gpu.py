@@ -135,3 +135,78 @@ def test_tp2_worker_processes_on_cuda(tmp_path):
     finally:
         launcher.stop_all()
         stop(redis_proc)
+
+
+TILING = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2)  # every linear shard tiles for sp4 / sp2 (N % 64, K % 128 or 256) but o_proj's
+
+
+def serve_after_warm_up(base_dir, cache, disk, tp: int, models, prompts, capfd, log_lines: list[str]) -> dict:
+    """One in-process fp16 worker at --tensor-parallel-size tp: every delta to the GPU slots first, then (tp > 1)
+    wait until follower rank 1 logs a finished SBMM warm-up, then every (model, prompt) pair; greedy token ids.
+    The followers' stderr is captured (capfd) into log_lines."""
+    import asyncio
+    import json
+    import time
+
+    from deltazip.model.sampling import SamplingParams
+    from services.worker.app import GenerateInput
+    from services.worker.bootstrap import build_worker
+    from services.worker.config import WorkerConfig
+    from services.worker.residency_state import Tier
+
+    shutil.copytree(cache, disk)
+    cfg = WorkerConfig(base_dir=str(base_dir), mode="delta", disk_cache_dir=str(disk), worker_id=f"w-tp{tp}",
+                       device="cuda", dtype="float16", num_device_slots=4, max_deltas_per_batch=2, num_kv_blocks=128,
+                       kv_block_size=16, tensor_parallel_size=tp)
+    parts = build_worker(cfg)
+    parts.loop.start()
+    try:
+        for name in models[1:]:
+            parts.residency.ensure(name, Tier.DEVICE).result(timeout=120)
+        deadline = time.monotonic() + 240
+        while tp > 1:
+            log_lines += capfd.readouterr().err.splitlines()
+            events = [json.loads(line) for line in log_lines if line.startswith("{") and "sbmm_warmed_up" in line]
+            if any(e.get("rank") == 1 and e.get("finished") for e in events):
+                break
+            assert time.monotonic() < deadline, "follower rank 1 never finished its SBMM warm-up"
+            assert not any("tp_warm_up_failed" in line for line in log_lines), "\n".join(log_lines[-20:])
+            time.sleep(0.2)
+
+        async def one(model: str, prompt: str, i: int) -> list[int]:
+            inp = GenerateInput(request_id=f"r{i}", model=model, prompt=prompt,
+                                sampling=SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+            return [t for e in [e async for e in parts.app.generate(inp)] for t in e.token_ids]
+
+        async def everything():
+            pairs = [(m, p) for m in models for p in prompts]
+            return dict(zip(pairs, await asyncio.gather(*(one(m, p, i) for i, (m, p) in enumerate(pairs)))))
+
+        return asyncio.run(asyncio.wait_for(everything(), 120))
+    finally:
+        parts.close()
+        log_lines += capfd.readouterr().err.splitlines()
+
+
+@needs_2_gpus
+@pytest.mark.parametrize("bits", [4, 2])
+def test_tp2_followers_warm_up_sbmm_kernels_then_serve_like_tp1_gpu(tmp_path, capfd, bits):
+    """fp16 packed deltas on a TP=2 worker: follower rank 1 compiles its shards' SBMM variants while idle (sp4 /
+    sp2 stacks and o_proj's fallback layout) to a finished warm-up with no failure, and then serves the same greedy
+    tokens as TP=1 (random fp16 weights, as test_tp2_packed_deltas_sbmm_greedy_equals_tp1)."""
+    from bench.synthetic import write_base, write_delta
+    from deltazip.model.synthetic import tiny_config
+
+    cfg = tiny_config(**TILING)
+    base_dir = write_base(tmp_path / "tiling-base", cfg)
+    cache = tmp_path / "cache"
+    for i, name in enumerate(["ft-a", "ft-b"]):
+        write_delta(base_dir, cache / name, cfg, bits=bits, seed=21 + i)
+    models, prompts = [base_dir.name, "ft-a", "ft-b"], ["abc def ghi", "hello world, hello again"]
+    lines: list[str] = []
+    want = serve_after_warm_up(base_dir, cache, tmp_path / "tp1", 1, models, prompts, capfd, lines)
+    got = serve_after_warm_up(base_dir, cache, tmp_path / "tp2", 2, models, prompts, capfd, lines)
+    assert got == want
+    assert want[(models[1], prompts[0])] != want[(models[0], prompts[0])]  # the delta changed something
+    assert not any("tp_warm_up_failed" in line for line in lines)
