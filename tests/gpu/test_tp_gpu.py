@@ -147,6 +147,8 @@ def serve_after_warm_up(base_dir, cache, disk, tp: int, models, prompts, capfd, 
     The followers' stderr is captured (capfd) into log_lines."""
     import asyncio
     import json
+    import os
+    import signal
     import time
 
     from deltazip.model.sampling import SamplingParams
@@ -164,13 +166,18 @@ def serve_after_warm_up(base_dir, cache, disk, tp: int, models, prompts, capfd, 
     try:
         for name in models[1:]:
             parts.residency.ensure(name, Tier.DEVICE).result(timeout=120)
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + float(os.environ.get("DZ_TP_WARMUP_WAIT_S", "240"))
         while tp > 1:
             log_lines += capfd.readouterr().err.splitlines()
             events = [json.loads(line) for line in log_lines if line.startswith("{") and "sbmm_warmed_up" in line]
             if any(e.get("rank") == 1 and e.get("finished") for e in events):
                 break
-            assert time.monotonic() < deadline, "follower rank 1 never finished its SBMM warm-up"
+            if time.monotonic() > deadline:  # where is it? (with PYTHONFAULTHANDLER=1 SIGABRT prints every thread)
+                for proc in parts.tp_leader._procs:
+                    os.kill(proc.pid, signal.SIGABRT)
+                time.sleep(3)
+                log_lines += capfd.readouterr().err.splitlines()
+                pytest.fail("follower rank 1 never finished its SBMM warm-up:\n" + "\n".join(log_lines[-80:]))
             assert not any("tp_warm_up_failed" in line for line in log_lines), "\n".join(log_lines[-20:])
             time.sleep(0.2)
 
