@@ -132,7 +132,7 @@ class Follower:
             return
         if finished:
             self.warmed_version = version
-        if launched:
+        if launched or finished:  # a last slice may finish with nothing left to launch: it still says so
             log.info("sbmm_warmed_up", rank=self.rank, launches=launched, layout_version=version, finished=finished,
                      seconds=round(time.perf_counter() - start, 3))
 

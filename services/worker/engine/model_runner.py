@@ -174,6 +174,7 @@ class ModelRunner:
             graph_segments=graphs.max_segments if graphs is not None else 0, seen=self._warm_seen, deadline=deadline)
         if launched:
             torch.cuda.synchronize(slots.device)
+        if launched or finished:  # a last slice may finish with nothing left to launch: it still says so
             log.info("sbmm_warmed_up", launches=launched, layout_version=version, finished=finished,
                      seconds=round(time.perf_counter() - start, 3))
         if finished:
