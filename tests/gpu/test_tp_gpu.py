@@ -141,7 +141,8 @@ TILING = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden
               num_key_value_heads=2)  # every linear shard tiles for sp4 / sp2 (N % 64, K % 128 or 256) but o_proj's
 
 
-def serve_after_warm_up(base_dir, cache, disk, tp: int, models, prompts, capfd, log_lines: list[str]) -> dict:
+def serve_after_warm_up(base_dir, cache, disk, tp: int, models, prompts, capfd, log_lines: list[str],
+                        device: str = "cuda", dtype: str = "float16") -> dict:
     """One in-process fp16 worker at --tensor-parallel-size tp: every delta to the GPU slots first, then (tp > 1)
     wait until follower rank 1 logs a finished SBMM warm-up, then every (model, prompt) pair; greedy token ids.
     The followers' stderr is captured (capfd) into log_lines."""
@@ -159,7 +160,7 @@ def serve_after_warm_up(base_dir, cache, disk, tp: int, models, prompts, capfd, 
 
     shutil.copytree(cache, disk)
     cfg = WorkerConfig(base_dir=str(base_dir), mode="delta", disk_cache_dir=str(disk), worker_id=f"w-tp{tp}",
-                       device="cuda", dtype="float16", num_device_slots=4, max_deltas_per_batch=2, num_kv_blocks=128,
+                       device=device, dtype=dtype, num_device_slots=4, max_deltas_per_batch=2, num_kv_blocks=128,
                        kv_block_size=16, tensor_parallel_size=tp)
     parts = build_worker(cfg)
     parts.loop.start()
@@ -215,5 +216,6 @@ def test_tp2_followers_warm_up_sbmm_kernels_then_serve_like_tp1_gpu(tmp_path, ca
     want = serve_after_warm_up(base_dir, cache, tmp_path / "tp1", 1, models, prompts, capfd, lines)
     got = serve_after_warm_up(base_dir, cache, tmp_path / "tp2", 2, models, prompts, capfd, lines)
     assert got == want
-    assert want[(models[1], prompts[0])] != want[(models[0], prompts[0])]  # the delta changed something
+    # the deltas change something (random deltas need not flip every greedy token: one pair is enough)
+    assert any(want[(m, p)] != want[(models[0], p)] for m in models[1:] for p in prompts)
     assert not any("tp_warm_up_failed" in line for line in lines)
