@@ -149,7 +149,6 @@ def serve_after_warm_up(base_dir, cache, disk, tp: int, models, prompts, capfd, 
     import asyncio
     import json
     import os
-    import signal
     import time
 
     from deltazip.model.sampling import SamplingParams
@@ -173,11 +172,7 @@ def serve_after_warm_up(base_dir, cache, disk, tp: int, models, prompts, capfd, 
             events = [json.loads(line) for line in log_lines if line.startswith("{") and "sbmm_warmed_up" in line]
             if any(e.get("rank") == 1 and e.get("finished") for e in events):
                 break
-            if time.monotonic() > deadline:  # where is it? (with PYTHONFAULTHANDLER=1 SIGABRT prints every thread)
-                for proc in parts.tp_leader._procs:
-                    os.kill(proc.pid, signal.SIGABRT)
-                time.sleep(3)
-                log_lines += capfd.readouterr().err.splitlines()
+            if time.monotonic() > deadline:  # (signalling a follower would end the worker, this test with it)
                 pytest.fail("follower rank 1 never finished its SBMM warm-up:\n" + "\n".join(log_lines[-80:]))
             assert not any("tp_warm_up_failed" in line for line in log_lines), "\n".join(log_lines[-20:])
             time.sleep(0.2)
