@@ -327,17 +327,22 @@ class Workspace:
       (inference tensors have no version counter to say otherwise): do not write x in place between launches
       that share a workspace. The kept copy is never reused across the start or end of a CUDA-graph capture
       (the capture must record its own copy); a caller that captures two graphs over the same x object one
-      after the other calls `forget_x` in between (the worker's forwards call it at the embedding).
+      after the other calls `forget_x` in between (the worker's DeltaOps call it at the embedding and at every
+      norm, so a forward keeps no activations alive past the linears that share them).
 
-    Launches that can run at the same time (two streams, two graphs replayed at once) need a workspace each."""
+    Launches that can run at the same time (two streams, two graphs replayed at once) need a workspace each. The
+    worker keeps one per DeltaOps object: per forward (and per logits pass), and per set of decode graphs."""
 
-    COUNTERS = 1 << 14  # split launches have fewer than min_ctas (<= 4096 in the tables) tiles: one buffer fits
+    # a split launch has T // BM + S < 2 max(S, T // BM) row tiles, so fewer than 2 x min_ctas tiles (tables:
+    # min_ctas <= 2048); a larger explicit min_ctas grows the buffer (never during a capture: `counters`)
+    COUNTERS = 1 << 14
 
     def __init__(self, device: torch.device | str, counters: int = COUNTERS) -> None:
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self._counters = torch.zeros(counters, dtype=torch.int32, device=self.device)
+        self._size = counters
+        self._counters: torch.Tensor | None = None  # made (zeroed) by the first split launch
         self._retired: list[torch.Tensor] = []  # outgrown buffers that captured graphs may still point at
         self._x: torch.Tensor | None = None
         self._x_key: tuple[int, bool] = (-1, False)  # (version, capturing) of the kept copy
@@ -345,15 +350,21 @@ class Workspace:
 
     def counters(self, tiles: int) -> torch.Tensor:
         """Zeroed int32 counters for a launch of `tiles` output tiles (grown, never shrunk, when too few)."""
-        if tiles > self._counters.numel():
+        if self._counters is not None and tiles <= self._counters.numel():
+            return self._counters
+        if _capturing(self.device):  # a buffer made here would stay unzeroed until the graph first replays
+            raise RuntimeError(f"sbmm.Workspace: a launch of {tiles} split-K tiles needs a counter buffer made "
+                               "outside CUDA-graph capture: run the same launch once before capturing")
+        if self._counters is not None:
             self._retired.append(self._counters)
-            self._counters = torch.zeros(triton.next_power_of_2(tiles), dtype=torch.int32, device=self.device)
+        self._counters = torch.zeros(max(self._size, triton.next_power_of_2(tiles)), dtype=torch.int32,
+                                     device=self.device)
         return self._counters
 
     def sp_x(self, x: torch.Tensor) -> torch.Tensor:
         """x in the sparse-MMA B order; the last result again while x is the same tensor (and, where it has one,
         at the same version)."""
-        key = (-1 if x.is_inference() else x._version, x.is_cuda and torch.cuda.is_current_stream_capturing())
+        key = (-1 if x.is_inference() else x._version, _capturing(x.device))
         if x is not self._x or key != self._x_key:
             self._xs, self._x, self._x_key = spmma_layout.sp4_x(x), x, key
         return self._xs
@@ -361,6 +372,14 @@ class Workspace:
     def forget_x(self) -> None:
         """Drop the kept copy of x: the next sparse-MMA launch makes (and, capturing, records) its own."""
         self._x = self._xs = None
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether `device`'s current stream is capturing a CUDA graph (never off CUDA)."""
+    if device.type != "cuda":
+        return False
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
 
 
 def _split_workspace(splits: int, t: int, n: int, grid: tuple, device: torch.device,

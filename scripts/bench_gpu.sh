@@ -40,6 +40,7 @@ OUTPUT_LEN=${OUTPUT_LEN:-64}
 SLO_K=${SLO_K:-5}
 # The relay: tokens per stream chunk (1 = one gRPC message per token, the old relay), scheduler processes and
 # client processes replaying the workload (one asyncio client each), so neither one scheduler nor the driver caps it.
+DELTA_SLOTS=${DELTA_SLOTS:-64}  # delta mode's GPU slots (see the bench/serve.py call below)
 STREAM_CHUNK_TOKENS=${STREAM_CHUNK_TOKENS:-8}
 SCHEDULERS=${SCHEDULERS:-2}
 CLIENT_PROCS=${CLIENT_PROCS:-4}
@@ -69,7 +70,7 @@ RESULT=$("$PY" -m bench.serve --device "$DEVICE" --dtype "$DTYPE" --shape "$SHAP
   --prompt-len "$PROMPT_LEN" --output-len "$OUTPUT_LEN" --slo-k "$SLO_K" --work-dir "$WORK_DIR" --drop-local-copies \
   --stream-chunk-tokens "$STREAM_CHUNK_TOKENS" --schedulers "$SCHEDULERS" --client-procs "$CLIENT_PROCS" \
   --worker-flag=--max-num-seqs=128 --worker-flag=--kv-memory-fraction=0.3 \
-  --mode-flag delta=--num-device-slots="${DELTA_SLOTS:-64}" --mode-flag delta=--max-deltas-per-batch=16 \
+  --mode-flag delta=--num-device-slots="$DELTA_SLOTS" --mode-flag delta=--max-deltas-per-batch=16 \
   --mode-flag dense-delta=--num-device-slots=8 --mode-flag dense-delta=--max-deltas-per-batch=8 \
   --mode-flag swap=--num-device-slots=1 --mode-flag swap=--max-deltas-per-batch=1 \
   ${BENCH_ARGS:-} | tee /dev/stderr | sed -n 's/^wrote //p')

@@ -66,6 +66,8 @@ class StepDeltaOps:
 
     def norm_weight(self, name: str, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
         """Per-row weight [N, H] = base + Δ for delta rows, or None when no row's delta touches it."""
+        if self._workspace is not None:  # a norm ends the linears that share one input: drop its kept copy
+            self._workspace.forget_x()
         tensor_name = name + ".weight"
         changed = [(i, self._slots.dense(s, tensor_name)) for i, s in self._delta_segments]
         changed = [(i, d) for i, d in changed if d is not None]

@@ -125,6 +125,8 @@ class GraphDeltaOps:
                       sp4=stack.sp4, sp2=stack.sp2, workspace=self._workspace)
 
     def norm_weight(self, name: str, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+        if self._workspace is not None:  # a norm ends the linears that share one input: drop its kept copy
+            self._workspace.forget_x()
         stacks = self._stacks.get(name + ".weight")
         if not stacks:
             return None

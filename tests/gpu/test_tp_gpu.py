@@ -9,6 +9,8 @@
   in-process through build_worker (SBMM on packed delta slots), and as real processes (behind a scheduler
   when redis-server is there, else called directly), both against a TP=1 worker; killing the follower ends
   the worker.
+- A TP=2 fp16 worker with packed 4- and 2-bit deltas: follower rank 1 warms its shards' SBMM kernels up while
+  idle to a finished warm-up, then the worker serves TP=1's greedy tokens (random weights, no SmolLM2 needed).
 The SmolLM2 base: $DELTAZIP_BASE_DIR, else the deltazip cache (`make demo`); tests skip without it.
 Run: DELTAZIP_BASE_DIR=/tmp/dz/base PYTHONPATH=. python -m pytest -q tests/gpu/test_tp_gpu.py
 """
@@ -171,6 +173,7 @@ def serve_after_warm_up(base_dir, cache, disk, tp: int, models, prompts, capfd, 
             log_lines += capfd.readouterr().err.splitlines()
             events = [json.loads(line) for line in log_lines if line.startswith("{") and "sbmm_warmed_up" in line]
             if any(e.get("rank") == 1 and e.get("finished") for e in events):
+                assert sum(e["launches"] for e in events if e.get("rank") == 1) > 0  # rank 1 compiled something
                 break
             if time.monotonic() > deadline:  # (signalling a follower would end the worker, this test with it)
                 pytest.fail("follower rank 1 never finished its SBMM warm-up:\n" + "\n".join(log_lines[-80:]))

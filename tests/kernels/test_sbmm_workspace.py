@@ -81,6 +81,9 @@ def test_split_launches_reuse_zeroed_counters_gpu(kind, bits, k):
     """Five split-K launches on one workspace, each right: the counters are back at zero after every launch."""
     n = 576
     stack, x, y, starts, slots = make_case(n, k, bits, 128, True, torch.float16, "odd", "cuda", seed=7)
+    launch = sbmm.plan(x, n, k, bits, k // 128, 128, False, slots.shape[0], config=SPLIT, sp4=kind == "sp4",
+                       sp2=kind == "sp2", kernel=None if kind != "tiled4" else "gluon")
+    assert launch.splits > 1  # what this test is about
     ws = sbmm.Workspace("cuda")
     want = _reference(stack, x, y, starts, slots, bits, n, k)
     for _ in range(5):
@@ -92,7 +95,7 @@ def test_split_launches_reuse_zeroed_counters_gpu(kind, bits, k):
 
 @gpu
 @pytest.mark.parametrize("kind,bits,k", [("sp4", 4, 1408), ("sp2", 2, 2816)])
-def test_graph_records_its_own_x_copy_and_shares_it_gpu(kind, bits, k):
+def test_graph_records_its_own_x_copy_and_shares_it_gpu(kind, bits, k, monkeypatch):
     """An eager launch on x, then a capture of three launches on the same x object (q, k, v): the capture records
     its own copy of x (not the eager one), the three share it, and replays follow new values written into x."""
     n = 576
@@ -101,10 +104,14 @@ def test_graph_records_its_own_x_copy_and_shares_it_gpu(kind, bits, k):
     ys = [y.clone() for _ in range(3)]
     _launch(kind, stack, x, y.clone(), starts, slots, bits, ws)  # eager: keeps a copy of x
     torch.cuda.synchronize()
+    copies = []
+    real_sp4_x = spmma_layout.sp4_x
+    monkeypatch.setattr(spmma_layout, "sp4_x", lambda t: copies.append(t) or real_sp4_x(t))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for out in ys:
             _launch(kind, stack, x, out, starts, slots, bits, ws)
+    assert len(copies) == 1  # the capture records one copy of x, shared by its three launches
     for seed in (1, 2):
         x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(x))
         for out in ys:
@@ -114,3 +121,25 @@ def test_graph_records_its_own_x_copy_and_shares_it_gpu(kind, bits, k):
         for out in ys:
             torch.testing.assert_close(out.float(), want.float(), **TOL[torch.float16])
     assert not ws.counters(1).any()
+
+
+def test_worker_delta_ops_drop_the_kept_x_at_each_embedding_and_norm():
+    """StepDeltaOps / GraphDeltaOps forget the kept copy of x where a forward starts (embedding) and where the
+    linears sharing one input end (every norm), so no activations outlive them."""
+    from services.worker.delta_ops import StepDeltaOps
+    from services.worker.device_slots import DeviceSlots
+    from services.worker.graph_deltas import GraphDeltaOps
+
+    slots = DeviceSlots(2, "cpu", torch.float32, {"model.layers.0.mlp.up_proj.weight"}, False)
+    step, graph = StepDeltaOps(slots, [(None, 2)]), GraphDeltaOps(slots, 4, 2)
+    x = torch.randn(2, 128)
+    for ops in (step, graph):
+        ws = sbmm.Workspace("cpu")
+        ops._workspace = ws
+        for hook in (lambda: ops.embedding("model.embed_tokens", torch.zeros(2, dtype=torch.long),
+                                           torch.zeros(2, 8)),
+                     lambda: ops.norm_weight("model.norm", torch.ones(8), torch.zeros(2, 8))):
+            kept = ws.sp_x(x)
+            assert ws.sp_x(x) is kept
+            hook()
+            assert ws.sp_x(x) is not kept
