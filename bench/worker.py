@@ -355,10 +355,9 @@ def main(argv: list[str] | None = None) -> int:
                          "in-run baseline of the step part")
     args = ap.parse_args(argv)
     if args.no_sbmm_workspace:
-        from services.worker import delta_ops, graph_deltas
+        from services.worker import linear_backend
 
-        delta_ops.StepDeltaOps._kernel_workspace = lambda self, device: None
-        graph_deltas._kernel_workspace = lambda device: None
+        linear_backend.kernel_workspace = lambda device: None
     spmma_layout.SP4_WORDS_KERNEL = not args.sp4_words_torch
     spmma_layout.SP2_KERNELS = not args.sp2_torch
     torch.set_grad_enabled(False)

@@ -318,7 +318,7 @@ def _no_workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 class Workspace:
     """Scratch for sbmm launches that one stream runs in order: the linears of one forward, eager or captured in
-    one CUDA graph (the worker keeps one per step and one per set of captured decode graphs).
+    one CUDA graph.
 
     - Split-K arrival counters, zeroed once: every split launch sets the counters it used back to zero (the
       last split of a tile does), so launches need no memset of their own (a kernel node fewer per launch).

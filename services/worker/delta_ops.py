@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from services.worker.device_slots import DeviceSlots, SlotStack
-from services.worker.linear_backend import apply_linear
+from services.worker import linear_backend
 
 
 class StepDeltaOps:
@@ -30,7 +30,7 @@ class StepDeltaOps:
         self._seg_starts: torch.Tensor | None = None
         self._seg_slots: dict[tuple[int, ...], torch.Tensor] = {}
         self._on_device: dict[tuple, torch.Tensor] = {}
-        self._workspace = None  # kernels.sbmm.Workspace of this step's CUDA launches, made on first use
+        self._workspace = linear_backend.kernel_workspace(slots.device)  # this forward's SBMM launches share it
 
     def linear(self, name: str, x: torch.Tensor, y: torch.Tensor) -> None:
         """y += x @ Δ(row).T per delta segment. x: [N, in], y: [N, out]."""
@@ -45,16 +45,8 @@ class StepDeltaOps:
             slots = tuple(s if s in members else -1 for s in self.seg_slot)
             on_device = (self._device_tensor(("starts",), self.starts, x.device),
                          self._device_tensor(slots, slots, x.device)) if x.is_cuda and stack.kind != "dense" else None
-            apply_linear(x, y, stack, self._starts_tensor(), self._slots_tensor(slots), self.starts, list(slots),
-                         on_device, self._kernel_workspace(x.device) if on_device is not None else None)
-
-    def _kernel_workspace(self, device: torch.device):
-        """One sbmm.Workspace for the step: split-K counters zeroed once, one copy of x for q / k / v."""
-        if self._workspace is None:
-            from kernels import sbmm
-
-            self._workspace = sbmm.Workspace(device)
-        return self._workspace
+            linear_backend.apply_linear(x, y, stack, self._starts_tensor(), self._slots_tensor(slots), self.starts,
+                                        list(slots), on_device, self._workspace)
 
     @property
     def device_slots(self) -> DeviceSlots:

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
+from services.worker import linear_backend
 from services.worker.device_slots import LM_HEAD, DeviceSlots, SlotStack
 
 
@@ -52,7 +53,7 @@ class GraphDeltaOps:
         self._dev = torch.full((2 * s + 1 + r,), -1, dtype=torch.int64, device=slots.device)
         self._rows = r  # rows of the forward being captured or replayed (a padded batch size)
         # one sbmm.Workspace for every graph captured over these tensors: their replays run one at a time
-        self._workspace = _kernel_workspace(slots.device)
+        self._workspace = linear_backend.kernel_workspace(slots.device)
         self.rows_hint: int | None = None
         self.segments_hint: int | None = None
 
@@ -147,12 +148,3 @@ class GraphDeltaOps:
 def _gather_rows(stack: SlotStack, row_slots: torch.Tensor) -> torch.Tensor:
     """[R, H]: slot row_slots[i]'s dense delta, zero where the slot is -1."""
     return stack.parts["delta"][row_slots.clamp(min=0)] * (row_slots >= 0).unsqueeze(1)
-
-
-def _kernel_workspace(device: torch.device):
-    """An sbmm.Workspace on CUDA; None elsewhere (the CPU path launches no kernel)."""
-    if device.type != "cuda":
-        return None
-    from kernels import sbmm
-
-    return sbmm.Workspace(device)

@@ -14,12 +14,22 @@ from kernels import layout, packing
 from kernels.delta_linear import canonical_words
 
 
+def kernel_workspace(device: torch.device):
+    """The kernels.sbmm.Workspace a DeltaOps object shares across its SBMM launches on CUDA (split-K counters
+    zeroed once, one copy of x for q / k / v); None elsewhere (the CPU path launches no kernel)."""
+    if torch.device(device).type != "cuda":
+        return None
+    from kernels import sbmm
+
+    return sbmm.Workspace(device)
+
+
 def apply_linear(x: torch.Tensor, y: torch.Tensor, stack: SlotStack, seg_starts: torch.Tensor,
                  seg_slots: torch.Tensor, starts: list[int], slots: list[int],
                  on_device: tuple[torch.Tensor, torch.Tensor] | None = None, workspace=None) -> None:
     """x: [T, K], y: [T, N]; seg_starts [S+1] / seg_slots [S] int32 on the host, already validated;
     on_device: the same two as int64 on x's device, which the packed kernel reads without a host copy;
-    workspace: the step's kernels.sbmm.Workspace (CUDA)."""
+    workspace: the caller's `kernel_workspace` (CUDA)."""
     kernel_stack = _kernel_stack(stack) if x.device.type == "cuda" else None
     from kernels.delta_linear import PackedDeltaStack, apply_deltas
 
