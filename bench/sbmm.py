@@ -101,9 +101,10 @@ def copy_limits_gbps() -> dict[str, float]:
 
 
 def one_row(name, n, k, num, rows, bits, stack, dense, base_ws, limit, with_dequant, kernel=None, config=None,
-            config_extra=None):
+            config_extra=None, baseline_table=None):
     """Time SBMM and the baselines for one point (graphs over rotating slots); config_extra: keys merged into
-    the launch config the wrapper would pick (the tuned table's entry)."""
+    the launch config the wrapper would pick (the tuned table's entry); baseline_table: a config table (the form
+    of kernels/sbmm_configs.json) whose pick is timed too, as `us_baseline_table`, when it differs."""
     t = num * rows
     if config_extra:
         kernel = kernel or "gluon"
@@ -141,6 +142,21 @@ def one_row(name, n, k, num, rows, bits, stack, dense, base_ws, limit, with_dequ
     row["us_workspace"] = graph_us([workspace_call(sl) for sl in slot_sets])
     row["fraction_of_limit_workspace"] = nbytes / (row["us_workspace"] * 1e-6) / 1e9 / limit
     row["host_us"] = host_us(sbmm_call(slot_sets[0]))
+    if baseline_table is not None:
+        table = "spmma2" if sp2 else "spmma" if sp4 else kernel or "gluon"
+        dense2 = stack["meta"] is None
+        old = sbmm.pick_config(table, torch.cuda.get_device_name(), rows, "dense2" if dense2 else bits, n, num,
+                               table=baseline_table)
+        new = config or sbmm.pick_config(table, torch.cuda.get_device_name(), rows, "dense2" if dense2 else bits, n,
+                                         num)
+        row["baseline_table_config"] = old
+        if old == new:  # the same launch: no second timing
+            row["us_baseline_table"] = us
+        else:
+            row["us_baseline_table"] = graph_us([
+                (lambda sl: lambda: sbmm.sbmm(x, y, q, m, sc, None, starts, sl, bits, kernel=kernel, config=old,
+                                              tiled=tiled, sp4=sp4, sp2=sp2))(sl) for sl in slot_sets])
+        row["fraction_of_limit_baseline_table"] = nbytes / (row["us_baseline_table"] * 1e-6) / 1e9 / limit
     if dense is None:
         return row
     y3, x3 = y.view(num, rows, n), x.view(num, rows, k)
@@ -186,6 +202,7 @@ def one_row(name, n, k, num, rows, bits, stack, dense, base_ws, limit, with_dequ
 
 def full(args, limit, save) -> list[dict]:
     extra = json.loads(args.config_extra) if args.config_extra else None
+    baseline = json.loads(Path(args.baseline_configs).read_text()) if args.baseline_configs else None
     rows_out = []
     for name, (n, k) in SHAPES.items():
         base_ws = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(4)]
@@ -197,12 +214,13 @@ def full(args, limit, save) -> list[dict]:
                 for rows in ROWS:
                     with_dq = rows == 4 and num in (1, 8) and stack["meta"] is not None
                     r = one_row(name, n, k, num, rows, bits, stack, dense, base_ws, limit, with_dq,
-                                config_extra=extra)
+                                config_extra=extra, baseline_table=baseline)
                     rows_out.append(r)
                     print(f"{name:8s} N={num:2d} rows={rows:2d} {variant_label(variant)} {r['us']:8.1f} us {r['gbps']:6.0f} GB/s "
                           f"{r['fraction_of_limit']:5.2f}  x{r['speedup_vs_bmm']:4.1f} vs bmm  "
-                          f"base+sbmm/base {r['base_plus_sbmm_over_base']:4.2f} host {r['host_us']:.0f} us",
-                          flush=True)
+                          f"base+sbmm/base {r['base_plus_sbmm_over_base']:4.2f} host {r['host_us']:.0f} us"
+                          + (f"  baseline table {r['fraction_of_limit_baseline_table']:5.2f}"
+                             if "us_baseline_table" in r else ""), flush=True)
                 save(rows_out)  # a run cut short still leaves every finished row on disk
             del stack
         del dense, base_ws
@@ -283,6 +301,9 @@ def main() -> None:
                    'built-in ones, e.g. \'[{"BLOCK_M": 8, "BLOCK_N": 64, "num_warps": 2, "maxnreg": 96}]\'')
     p.add_argument("--config-extra", default="", help='full run: JSON merged into every tuned launch config, '
                    'e.g. \'{"scale_after": false}\' (recorded in the JSON)')
+    p.add_argument("--baseline-configs", default="", help="full run: a config table file (the form of "
+                   "kernels/sbmm_configs.json, e.g. an earlier commit's) whose picks are timed too, in the same run "
+                   "(us_baseline_table)")
     p.add_argument("--label", default="", help="file name suffix, e.g. scale-each")
     p.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "unknown"))
     a = p.parse_args()
@@ -302,6 +323,8 @@ def main() -> None:
                   "config": {"mode": "sweep" if a.sweep else "full", "copy_limit_gbps": limit,
                              "variants": (a.sweep_variants if a.sweep else a.variants).split(","),
                              "config_extra": a.config_extra or None,
+                             "baseline_configs": (json.loads(Path(a.baseline_configs).read_text())
+                                                  if a.baseline_configs else None),
                              "copy_gbps_by_timer": limits, "dtype": "float16", "group_size": 128, "sym": True,
                              "shapes": SHAPES,
                              "timing": "CUDA graph of back-to-back calls on rotating slots, median of 7 replays",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -41,21 +42,33 @@ def _configs() -> dict:
 
 
 def pick_config(kernel: str, device_name: str, rows_per_segment: float, bits: int | str | None = None,
-                n: int | None = None) -> dict:
+                n: int | None = None, segments: int | None = None, table: dict | None = None) -> dict:
     """Tuned launch config: the first entry whose max_rows (null: any) covers the mean rows per segment, whose
-    optional `bits` list holds the launch's code width (2, 4, or "dense2" for dense2 words) and whose optional
-    `min_n` the output width `n` reaches (an entry with min_n never matches when n is not given). Tables:
-    "gluon", "triton", and the sparse-MMA kernels' own "spmma" (sp4 words) and "spmma2" (sp2 words)."""
-    table = _configs()
+    optional `bits` list holds the launch's code width (2, 4, or "dense2" for dense2 words), whose optional
+    `min_n` the output width `n` reaches, and whose optional `min_programs` the launch's (n-block, tile) programs
+    before any K split reach with the entry's own tiles: ceil(n / BLOCK_N) x segments x ceil(rows / BLOCK_M)
+    (an entry with min_n or min_programs never matches when n or segments is not given). Tables: "gluon",
+    "triton", and the sparse-MMA kernels' own "spmma" (sp4 words) and "spmma2" (sp2 words). table: another
+    table of kernels/sbmm_configs.json's form instead of it (benchmarks time an older table against it)."""
+    table = table if table is not None else _configs()
     entries = table.get(device_name, {}).get(kernel) or table["default"][kernel]
     for entry in entries:
         if "bits" in entry and bits not in entry["bits"]:
             continue
         if "min_n" in entry and (n is None or n < entry["min_n"]):
             continue
+        if "min_programs" in entry and (n is None or segments is None or _programs(
+                entry, n, segments, rows_per_segment) < entry["min_programs"]):
+            continue
         if entry["max_rows"] is None or rows_per_segment <= entry["max_rows"]:
-            return {key: value for key, value in entry.items() if key not in ("max_rows", "bits", "min_n")}
+            return {key: value for key, value in entry.items()
+                    if key not in ("max_rows", "bits", "min_n", "min_programs")}
     raise AssertionError(f"{CONFIG_FILE}: {kernel} has no catch-all entry")
+
+
+def _programs(entry: dict, n: int, segments: int, rows_per_segment: float) -> int:
+    """(n-block, tile) programs of a launch with this entry's tiles, before any K split."""
+    return triton.cdiv(n, entry["BLOCK_N"]) * segments * max(1, math.ceil(rows_per_segment / entry["BLOCK_M"]))
 
 
 def rows_bucket(device: torch.device, rows: float) -> int:
@@ -257,7 +270,7 @@ def plan(x: torch.Tensor, n: int, k: int, bits: int, num_groups: int, group_size
     max_segs = max(MIN_MAX_SEGS, triton.next_power_of_2(num_segments))  # the segment search's bound
     if sp4 or sp2:
         if config is None:
-            config = pick_config("spmma2" if sp2 else "spmma", _device_name(x.device), rows, bits, n)
+            config = pick_config("spmma2" if sp2 else "spmma", _device_name(x.device), rows, bits, n, live)
         # x pairs take 16 (sp2: 32) registers per 8 tokens: BLOCK_M 64 (sp2: 32) spills
         block_m = min(config["BLOCK_M"], 16 if sp2 else 32)
         block_n, warps = config["BLOCK_N"], config["num_warps"]

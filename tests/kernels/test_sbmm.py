@@ -301,7 +301,7 @@ def test_every_config_entry_ends_with_a_catch_all():
     for device, kernels in sbmm._configs().items():
         for kernel, entries in kernels.items():
             assert entries[-1]["max_rows"] is None and "bits" not in entries[-1], (device, kernel)
-            assert "min_n" not in entries[-1], (device, kernel)
+            assert "min_n" not in entries[-1] and "min_programs" not in entries[-1], (device, kernel)
             assert sbmm.pick_config(kernel, device, 1e9) == {k: v for k, v in entries[-1].items() if k != "max_rows"}
     assert sbmm.pick_config("gluon", "unknown GPU", 4)["BLOCK_M"] == 8
 
@@ -326,6 +326,27 @@ def test_config_entries_can_be_limited_to_wide_outputs(monkeypatch):
     assert sbmm.pick_config("spmma", "any", 16, 4, n=11008) == {"BLOCK_M": 16}
 
 
+def test_config_entries_can_be_limited_to_launches_with_many_programs(monkeypatch):
+    """min_programs counts the entry's own (n-block, tile) programs: ceil(n / BLOCK_N) x segments x
+    ceil(rows / BLOCK_M); without n or a segment count such an entry never matches."""
+    table = {"default": {"spmma": [{"max_rows": 16, "min_programs": 1024, "BLOCK_M": 16, "BLOCK_N": 128,
+                                    "num_warps": 2},
+                                   {"max_rows": None, "BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 2}]}}
+    monkeypatch.setattr(sbmm, "_configs", lambda: table)
+    wide = {"BLOCK_M": 16, "BLOCK_N": 128, "num_warps": 2}
+    narrow = {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 2}
+    assert sbmm.pick_config("spmma", "any", 16, 4, n=4096, segments=32) == wide  # 32 x 32 x 1
+    assert sbmm.pick_config("spmma", "any", 16, 4, n=4096, segments=31) == narrow
+    assert sbmm.pick_config("spmma", "any", 16, 4, n=4096 + 129, segments=31) == wide  # 34 x 31 n-blocks
+    assert sbmm.pick_config("spmma", "any", 4, 4, n=4096, segments=16) == narrow  # one tile per segment
+    assert sbmm.pick_config("spmma", "any", 4, 4, n=4096) == narrow  # no segment count given
+    assert sbmm.pick_config("spmma", "any", 32, 4, n=4096, segments=64) == narrow  # past max_rows
+    # sbmm.plan counts the segments that hold a delta (the hint bounds them), as the K split does
+    x = torch.zeros(16 * 64, 4096)
+    assert sbmm.plan(x, 4096, 4096, 4, 32, 128, False, 64, sp4=True).block_n == 128
+    assert sbmm.plan(x, 4096, 4096, 4, 32, 128, False, 64, rows_hint=16, segments_hint=16, sp4=True).block_n == 64
+
+
 @pytest.mark.parametrize("sp", ["sp4", "sp2"])
 def test_sparse_mma_launches_take_their_own_tuned_tables(sp):
     """sp4 / sp2 launches read the "spmma" / "spmma2" tables (the s8 sweep), not the Gluon kernel's, and the
@@ -336,7 +357,7 @@ def test_sparse_mma_launches_take_their_own_tuned_tables(sp):
         for rows in (1, 4, 8, 16):
             launch = sbmm.plan(x[:8 * rows], n, 4096, 2 if sp == "sp2" else 4, 32, 128, False, 8,
                                **{sp: True})
-            want = sbmm.pick_config(table, "cpu", rows, 2 if sp == "sp2" else 4, n)
+            want = sbmm.pick_config(table, "cpu", rows, 2 if sp == "sp2" else 4, n, 8)
             assert launch.kernel == ("spmma2" if sp == "sp2" else "spmma") and launch.config == want
             assert launch.block_m == want["BLOCK_M"]
     bounds = {e["max_rows"] for e in sbmm._configs()["default"][table] if e["max_rows"] is not None}
@@ -344,6 +365,11 @@ def test_sparse_mma_launches_take_their_own_tuned_tables(sp):
     if sp == "sp4":  # wide outputs keep BLOCK_M 8 at decode, the rest take 16 (bench/results/*-s8 sweep)
         assert sbmm.plan(x[:32], 11008, 4096, 4, 32, 128, False, 8, sp4=True).block_m == 8
         assert sbmm.plan(x[:32], 4096, 4096, 4, 32, 128, False, 8, sp4=True).block_m == 16
+    # many programs take 128-row blocks (each warp reads x once for 4 row blocks; the s10 sweeps)
+    many = torch.zeros(64 * 16, 4096)
+    bits = 2 if sp == "sp2" else 4
+    assert sbmm.plan(many, 11008, 4096, bits, 32, 128, False, 64, **{sp: True}).block_n == 128
+    assert sbmm.plan(many[:8 * 16], 4096, 4096, bits, 32, 128, False, 8, **{sp: True}).block_n == 64
 
 
 def test_sbmm_rejects_bad_shapes():
