@@ -543,7 +543,7 @@ def _launch_sparse_mma(x, y, qweight, meta, scales, seg_starts, seg_slots, bits,
     grid = (n // launch.block_n, t // launch.block_m + launch.live_segments, splits)
     ws, counters = _split_workspace(splits, t, n, grid, x.device, workspace)
     const = _spmma_constexprs(k, group_size, num_groups, x.dtype, launch.block_m, launch.block_n, launch.num_warps,
-                              splits, bool(launch.config.get("prefetch", True)), bits)
+                              splits, int(launch.config.get("prefetch", True)), bits)
     # the B order (sp2 too): 16-byte x loads (T x K x 2 bytes, small next to the deltas); one copy per workspace x
     xs = workspace.sp_x(x) if workspace is not None else spmma_layout.sp4_x(x)
     kernel = sbmm_spmma2._sbmm_spmma2_kernel if sp2 else sbmm_spmma._sbmm_spmma_kernel

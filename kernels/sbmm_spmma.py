@@ -23,9 +23,10 @@ A K step is 128 columns = 4 instructions j; per 16-row block a lane loads 4 word
 2 meta words (8 bytes). B regs (K 32j + 8m + 2t: a group's 4 columns are split over two lanes) would be 16
 four-byte loads of x in dense order, so the wrapper hands the kernel x in the sp4 B order (kernels/spmma_layout.py
 `sp4_x`: a lane's 16 pairs of a step are contiguous, four 16-byte loads per token block). With PREFETCH the next
-step's words, meta and x are loaded before this step's MMAs (registers; the last step re-reads itself). Scales
-(per row, or per group that is a multiple of 128 columns) multiply the fp32 product of each step, like the
-dense2 RAW path.
+step's words, meta and x are loaded before this step's MMAs (registers; the last step re-reads itself); PREFETCH 2
+keeps two steps in flight (two register buffers, each reloaded right after its MMAs: no moves that would wait on
+a load). Scales (per row, or per group that is a multiple of 128 columns) multiply the fp32 product of each step,
+like the dense2 RAW path.
 """
 
 from triton.experimental import gluon
@@ -119,6 +120,21 @@ def _scaled(acc, part, s_lo, s_hi):
     return (acc[0] + part[0] * s_lo, acc[1] + part[1] * s_lo, acc[2] + part[2] * s_hi, acc[3] + part[3] * s_hi)
 
 
+@gluon.jit
+def _k_step(acc, zero, xb, qw, mw, k0, scale_lo, scale_hi, GROUP_SIZE: gl.constexpr, SCALE_MODE: gl.constexpr,
+            EXPAND: gl.constexpr, MMA0: gl.constexpr, MMA1: gl.constexpr, CONSTRAINTS_E: gl.constexpr,
+            CONSTRAINTS_M: gl.constexpr, L_A: gl.constexpr, L_B: gl.constexpr):
+    """acc + one K step at dense column k0 (group scales on this step's fp32 product; row scales come after)."""
+    if SCALE_MODE == 1:  # one scale per row and step: on this step's fp32 product
+        part = _mma_step((zero, zero, zero, zero), xb, qw, mw, EXPAND, MMA0, MMA1, CONSTRAINTS_E, CONSTRAINTS_M,
+                         L_A, L_B)
+        s_lo = gl.expand_dims(gl.load(scale_lo + k0 // GROUP_SIZE).to(gl.float32), 1)
+        s_hi = gl.expand_dims(gl.load(scale_hi + k0 // GROUP_SIZE).to(gl.float32), 1)
+        return _scaled(acc, part, s_lo, s_hi)
+    else:
+        return _mma_step(acc, xb, qw, mw, EXPAND, MMA0, MMA1, CONSTRAINTS_E, CONSTRAINTS_M, L_A, L_B)
+
+
 @gluon.jit(do_not_specialize=SEGMENT_ARGS, do_not_specialize_on_alignment=SEGMENT_POINTERS)
 def _sbmm_spmma_kernel(
     # activations as fp16/bf16 pairs in the sp4 B order (kernels/spmma_layout.py sp4_x): int32 [T, K/2]; y: [T, N]
@@ -171,23 +187,32 @@ def _sbmm_spmma_kernel(
 
     zero = gl.zeros([RB, TB, 32], gl.float32, layout=L_S)
     acc = (zero, zero, zero, zero)
-    if PREFETCH:
-        xb, qw, mw = _load_step(x_rows, qw_tile, meta_tile, k_lo, 4)
-    for k0 in range(k_lo, k_hi, STEP_K):
-        if PREFETCH:  # the next step's loads in flight during this step's MMAs
-            xb_n, qw_n, mw_n = _load_step(x_rows, qw_tile, meta_tile, gl.minimum(k0 + STEP_K, k_hi - STEP_K), 4)
-        else:  # sp4: one K step of a 64-row block is 512 words, 256 meta words
-            xb, qw, mw = _load_step(x_rows, qw_tile, meta_tile, k0, 4)
-        if SCALE_MODE == 1:  # one scale per row and step: on this step's fp32 product
-            part = _mma_step((zero, zero, zero, zero), xb, qw, mw, EXPAND, MMA0, MMA1, CONSTRAINTS_E,
-                             CONSTRAINTS_M, L_A, L_B)
-            s_lo = gl.expand_dims(gl.load(scale_lo + k0 // GROUP_SIZE).to(gl.float32), 1)
-            s_hi = gl.expand_dims(gl.load(scale_hi + k0 // GROUP_SIZE).to(gl.float32), 1)
-            acc = _scaled(acc, part, s_lo, s_hi)
-        else:
-            acc = _mma_step(acc, xb, qw, mw, EXPAND, MMA0, MMA1, CONSTRAINTS_E, CONSTRAINTS_M, L_A, L_B)
+    if PREFETCH == 2:  # two steps in flight: buffers a and b, each reloaded two steps ahead right after its MMAs
+        last = k_hi - STEP_K
+        xa, qa, ma = _load_step(x_rows, qw_tile, meta_tile, k_lo, 4)
+        xb, qw, mw = _load_step(x_rows, qw_tile, meta_tile, gl.minimum(k_lo + STEP_K, last), 4)
+        for k0 in range(k_lo, last, 2 * STEP_K):  # whole pairs of steps (a trailing odd step below)
+            acc = _k_step(acc, zero, xa, qa, ma, k0, scale_lo, scale_hi, GROUP_SIZE, SCALE_MODE, EXPAND, MMA0, MMA1,
+                          CONSTRAINTS_E, CONSTRAINTS_M, L_A, L_B)
+            xa, qa, ma = _load_step(x_rows, qw_tile, meta_tile, gl.minimum(k0 + 2 * STEP_K, last), 4)
+            acc = _k_step(acc, zero, xb, qw, mw, k0 + STEP_K, scale_lo, scale_hi, GROUP_SIZE, SCALE_MODE, EXPAND,
+                          MMA0, MMA1, CONSTRAINTS_E, CONSTRAINTS_M, L_A, L_B)
+            xb, qw, mw = _load_step(x_rows, qw_tile, meta_tile, gl.minimum(k0 + 3 * STEP_K, last), 4)
+        if ((k_hi - k_lo) // STEP_K) % 2 == 1:  # buffer a holds the last step
+            acc = _k_step(acc, zero, xa, qa, ma, last, scale_lo, scale_hi, GROUP_SIZE, SCALE_MODE, EXPAND, MMA0,
+                          MMA1, CONSTRAINTS_E, CONSTRAINTS_M, L_A, L_B)
+    else:
         if PREFETCH:
-            xb, qw, mw = xb_n, qw_n, mw_n
+            xb, qw, mw = _load_step(x_rows, qw_tile, meta_tile, k_lo, 4)
+        for k0 in range(k_lo, k_hi, STEP_K):
+            if PREFETCH:  # the next step's loads in flight during this step's MMAs
+                xb_n, qw_n, mw_n = _load_step(x_rows, qw_tile, meta_tile, gl.minimum(k0 + STEP_K, k_hi - STEP_K), 4)
+            else:  # sp4: one K step of a 64-row block is 512 words, 256 meta words
+                xb, qw, mw = _load_step(x_rows, qw_tile, meta_tile, k0, 4)
+            acc = _k_step(acc, zero, xb, qw, mw, k0, scale_lo, scale_hi, GROUP_SIZE, SCALE_MODE, EXPAND, MMA0, MMA1,
+                          CONSTRAINTS_E, CONSTRAINTS_M, L_A, L_B)
+            if PREFETCH:
+                xb, qw, mw = xb_n, qw_n, mw_n
     if SCALE_MODE == 0:  # one scale per row: applied once
         s_lo = gl.expand_dims(gl.load(scale_lo).to(gl.float32), 1)
         s_hi = gl.expand_dims(gl.load(scale_hi).to(gl.float32), 1)

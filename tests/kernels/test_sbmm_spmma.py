@@ -196,6 +196,22 @@ def test_spmma_configs_and_split_k_gpu(block_m, block_n, num_warps, min_ctas, bi
 
 
 @gpu
+@pytest.mark.parametrize("block_m,block_n", [(8, 64), (16, 128)])
+@pytest.mark.parametrize("min_ctas", [0, 10**6])
+@pytest.mark.parametrize("k,group,dtype", [(1408, 128, torch.float16), (1536, 128, torch.float16),
+                                           (1408, None, torch.bfloat16), (128, 128, torch.float16),
+                                           (256, None, torch.float16)])
+def test_sp4_two_steps_in_flight_gpu(block_m, block_n, min_ctas, k, group, dtype):
+    """prefetch 2 (two K steps in flight): odd and even step counts per split (11 and 12 steps, split or not),
+    one step, two steps, group and row scales."""
+    n = 512
+    stack, x, y, starts, slots = make_case(n, k, 4, group, True, dtype, "odd", "cuda", seed=6)
+    cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=2, min_ctas=min_ctas, prefetch=2)
+    y_kernel, y_ref = run_sparse_mma(4, stack, x, y, starts, slots, n, k, config=cfg)
+    torch.testing.assert_close(y_kernel.float(), y_ref.float(), **TOL[dtype])
+
+
+@gpu
 @pytest.mark.parametrize("bits,k", [(4, 512), (2, 1024)])
 def test_spmma_segments_hint_and_padded_segments_gpu(bits, k):
     n = 128
