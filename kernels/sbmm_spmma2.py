@@ -10,7 +10,8 @@ x: the 256-column step is two 128-column halves in the sp4 B order (kernels/spmm
 register n = 4j + m of a lane is pair 64 * (n // 16) + 16t + n % 16 of the step, two runs of 64 contiguous
 bytes. That is 32 registers per 8 tokens (twice sp4's), so the wrapper caps BLOCK_M at 16.
 Scales per row (once at the end), or per group of a multiple of 128 columns on the fp32 product of each step
-(groups of an odd multiple of 128: of each 128-column half).
+(groups of an odd multiple of 128: of each 128-column half). PREFETCH as in kernels/sbmm_spmma.py: 1 loads the
+next step during this one's MMAs, 2 keeps two steps in flight.
 """
 
 from triton.experimental import gluon
@@ -127,36 +128,60 @@ def _sbmm_spmma2_kernel(
 
     zero = gl.zeros([RB, TB, 32], gl.float32, layout=L_S)
     acc = (zero, zero, zero, zero)
-    if PREFETCH:
-        xb, qw, mw = _load_step(x_rows, qw_tile, meta_tile, k_lo, 2)
-    for k0 in range(k_lo, k_hi, STEP_K):
-        if PREFETCH:  # the next step's loads in flight during this step's MMAs
-            xb_n, qw_n, mw_n = _load_step(x_rows, qw_tile, meta_tile, gl.minimum(k0 + STEP_K, k_hi - STEP_K), 2)
-        else:  # sp2: one K step of a 64-row block is 512 words, 512 meta words
-            xb, qw, mw = _load_step(x_rows, qw_tile, meta_tile, k0, 2)
-        if HALF_SCALES:
-            acc = _scaled_half(acc, xb, qw, mw, 0, scale_lo, scale_hi, k0 // GROUP_SIZE, EXPAND, MMA0, MMA1,
-                               CONSTRAINTS_E, CONSTRAINTS_M, L_A, L_B)
-            acc = _scaled_half(acc, xb, qw, mw, 2, scale_lo, scale_hi, (k0 + 128) // GROUP_SIZE, EXPAND, MMA0, MMA1,
-                               CONSTRAINTS_E, CONSTRAINTS_M, L_A, L_B)
-        elif SCALE_MODE == 1:  # one scale per row and step: on this step's fp32 product
-            part = _mma_half((zero, zero, zero, zero), xb, qw, mw, 0, EXPAND, MMA0, MMA1, CONSTRAINTS_E,
-                             CONSTRAINTS_M, L_A, L_B)
-            part = _mma_half(part, xb, qw, mw, 2, EXPAND, MMA0, MMA1, CONSTRAINTS_E, CONSTRAINTS_M, L_A, L_B)
-            s_lo = gl.expand_dims(gl.load(scale_lo + k0 // GROUP_SIZE).to(gl.float32), 1)
-            s_hi = gl.expand_dims(gl.load(scale_hi + k0 // GROUP_SIZE).to(gl.float32), 1)
-            acc = _scaled(acc, part, s_lo, s_hi)
-        else:
-            acc = _mma_half(acc, xb, qw, mw, 0, EXPAND, MMA0, MMA1, CONSTRAINTS_E, CONSTRAINTS_M, L_A, L_B)
-            acc = _mma_half(acc, xb, qw, mw, 2, EXPAND, MMA0, MMA1, CONSTRAINTS_E, CONSTRAINTS_M, L_A, L_B)
+    if PREFETCH == 2:  # two steps in flight: buffers a and b, each reloaded two steps ahead right after its MMAs
+        last = k_hi - STEP_K
+        xa, qa, ma = _load_step(x_rows, qw_tile, meta_tile, k_lo, 2)
+        xb, qw, mw = _load_step(x_rows, qw_tile, meta_tile, gl.minimum(k_lo + STEP_K, last), 2)
+        for k0 in range(k_lo, last, 2 * STEP_K):  # whole pairs of steps (a trailing odd step below)
+            acc = _k_step(acc, zero, xa, qa, ma, k0, scale_lo, scale_hi, GROUP_SIZE, SCALE_MODE, HALF_SCALES, EXPAND,
+                          MMA0, MMA1, CONSTRAINTS_E, CONSTRAINTS_M, L_A, L_B)
+            xa, qa, ma = _load_step(x_rows, qw_tile, meta_tile, gl.minimum(k0 + 2 * STEP_K, last), 2)
+            acc = _k_step(acc, zero, xb, qw, mw, k0 + STEP_K, scale_lo, scale_hi, GROUP_SIZE, SCALE_MODE, HALF_SCALES,
+                          EXPAND, MMA0, MMA1, CONSTRAINTS_E, CONSTRAINTS_M, L_A, L_B)
+            xb, qw, mw = _load_step(x_rows, qw_tile, meta_tile, gl.minimum(k0 + 3 * STEP_K, last), 2)
+        if ((k_hi - k_lo) // STEP_K) % 2 == 1:  # buffer a holds the last step
+            acc = _k_step(acc, zero, xa, qa, ma, last, scale_lo, scale_hi, GROUP_SIZE, SCALE_MODE, HALF_SCALES, EXPAND,
+                          MMA0, MMA1, CONSTRAINTS_E, CONSTRAINTS_M, L_A, L_B)
+    else:
         if PREFETCH:
-            xb, qw, mw = xb_n, qw_n, mw_n
+            xb, qw, mw = _load_step(x_rows, qw_tile, meta_tile, k_lo, 2)
+        for k0 in range(k_lo, k_hi, STEP_K):
+            if PREFETCH:  # the next step's loads in flight during this step's MMAs
+                xb_n, qw_n, mw_n = _load_step(x_rows, qw_tile, meta_tile, gl.minimum(k0 + STEP_K, k_hi - STEP_K), 2)
+            else:  # sp2: one K step of a 64-row block is 512 words, 512 meta words
+                xb, qw, mw = _load_step(x_rows, qw_tile, meta_tile, k0, 2)
+            acc = _k_step(acc, zero, xb, qw, mw, k0, scale_lo, scale_hi, GROUP_SIZE, SCALE_MODE, HALF_SCALES, EXPAND,
+                          MMA0, MMA1, CONSTRAINTS_E, CONSTRAINTS_M, L_A, L_B)
+            if PREFETCH:
+                xb, qw, mw = xb_n, qw_n, mw_n
     if SCALE_MODE == 0:  # one scale per row: applied once
         s_lo = gl.expand_dims(gl.load(scale_lo).to(gl.float32), 1)
         s_hi = gl.expand_dims(gl.load(scale_hi).to(gl.float32), 1)
         acc = _scaled((zero, zero, zero, zero), acc, s_lo, s_hi)
     _epilogue(acc, y_ptr, stride_ym, ws_ptr, counters_ptr, stride_wss, N, n0, m_start, m_end, pid_k, TB, RB, L_S,
               SPLIT_K)
+
+
+@gluon.jit
+def _k_step(acc, zero, xb, qw, mw, k0, scale_lo, scale_hi, GROUP_SIZE: gl.constexpr, SCALE_MODE: gl.constexpr,
+            HALF_SCALES: gl.constexpr, EXPAND: gl.constexpr, MMA0: gl.constexpr, MMA1: gl.constexpr,
+            CONSTRAINTS_E: gl.constexpr, CONSTRAINTS_M: gl.constexpr, L_A: gl.constexpr, L_B: gl.constexpr):
+    """acc + one K step (256 columns) at dense column k0; group scales on the fp32 products, row scales after."""
+    if HALF_SCALES:
+        acc = _scaled_half(acc, xb, qw, mw, 0, scale_lo, scale_hi, k0 // GROUP_SIZE, EXPAND, MMA0, MMA1,
+                           CONSTRAINTS_E, CONSTRAINTS_M, L_A, L_B)
+        return _scaled_half(acc, xb, qw, mw, 2, scale_lo, scale_hi, (k0 + 128) // GROUP_SIZE, EXPAND, MMA0, MMA1,
+                            CONSTRAINTS_E, CONSTRAINTS_M, L_A, L_B)
+    elif SCALE_MODE == 1:  # one scale per row and step: on this step's fp32 product
+        part = _mma_half((zero, zero, zero, zero), xb, qw, mw, 0, EXPAND, MMA0, MMA1, CONSTRAINTS_E, CONSTRAINTS_M,
+                         L_A, L_B)
+        part = _mma_half(part, xb, qw, mw, 2, EXPAND, MMA0, MMA1, CONSTRAINTS_E, CONSTRAINTS_M, L_A, L_B)
+        s_lo = gl.expand_dims(gl.load(scale_lo + k0 // GROUP_SIZE).to(gl.float32), 1)
+        s_hi = gl.expand_dims(gl.load(scale_hi + k0 // GROUP_SIZE).to(gl.float32), 1)
+        return _scaled(acc, part, s_lo, s_hi)
+    else:
+        acc = _mma_half(acc, xb, qw, mw, 0, EXPAND, MMA0, MMA1, CONSTRAINTS_E, CONSTRAINTS_M, L_A, L_B)
+        return _mma_half(acc, xb, qw, mw, 2, EXPAND, MMA0, MMA1, CONSTRAINTS_E, CONSTRAINTS_M, L_A, L_B)
 
 
 @gluon.jit

@@ -362,9 +362,11 @@ def test_sparse_mma_launches_take_their_own_tuned_tables(sp):
             assert launch.block_m == want["BLOCK_M"]
     bounds = {e["max_rows"] for e in sbmm._configs()["default"][table] if e["max_rows"] is not None}
     assert all(sbmm.rows_bucket(torch.device("cpu"), b) == b for b in bounds)
-    if sp == "sp4":  # wide outputs keep BLOCK_M 8 at decode, the rest take 16 (bench/results/*-s8 sweep)
-        assert sbmm.plan(x[:32], 11008, 4096, 4, 32, 128, False, 8, sp4=True).block_m == 8
-        assert sbmm.plan(x[:32], 4096, 4096, 4, 32, 128, False, 8, sp4=True).block_m == 16
+    if sp == "sp4":  # decode takes BLOCK_M 8; narrow outputs with two K steps in flight (the s10 sweeps)
+        wide = sbmm.plan(x[:32], 11008, 4096, 4, 32, 128, False, 8, sp4=True)
+        narrow = sbmm.plan(x[:32], 4096, 4096, 4, 32, 128, False, 8, sp4=True)
+        assert wide.block_m == narrow.block_m == 8
+        assert wide.config["prefetch"] is True and narrow.config["prefetch"] == 2
     # many programs take 128-row blocks (each warp reads x once for 4 row blocks; the s10 sweeps)
     many = torch.zeros(64 * 16, 4096)
     bits = 2 if sp == "sp2" else 4

@@ -198,16 +198,18 @@ def test_spmma_configs_and_split_k_gpu(block_m, block_n, num_warps, min_ctas, bi
 @gpu
 @pytest.mark.parametrize("block_m,block_n", [(8, 64), (16, 128)])
 @pytest.mark.parametrize("min_ctas", [0, 10**6])
-@pytest.mark.parametrize("k,group,dtype", [(1408, 128, torch.float16), (1536, 128, torch.float16),
-                                           (1408, None, torch.bfloat16), (128, 128, torch.float16),
-                                           (256, None, torch.float16)])
-def test_sp4_two_steps_in_flight_gpu(block_m, block_n, min_ctas, k, group, dtype):
+@pytest.mark.parametrize("bits,k,group,dtype", [
+    (4, 1408, 128, torch.float16), (4, 1536, 128, torch.float16), (4, 1408, None, torch.bfloat16),
+    (4, 128, 128, torch.float16), (4, 256, None, torch.float16),
+    (2, 2816, 128, torch.float16), (2, 3072, 256, torch.float16), (2, 2816, None, torch.bfloat16),
+    (2, 256, 128, torch.float16), (2, 512, None, torch.float16)])
+def test_sparse_mma_two_steps_in_flight_gpu(block_m, block_n, min_ctas, bits, k, group, dtype):
     """prefetch 2 (two K steps in flight): odd and even step counts per split (11 and 12 steps, split or not),
-    one step, two steps, group and row scales."""
+    one step, two steps; row scales, and groups of one (128 at 2-bit: a scale per half step) or two steps."""
     n = 512
-    stack, x, y, starts, slots = make_case(n, k, 4, group, True, dtype, "odd", "cuda", seed=6)
+    stack, x, y, starts, slots = make_case(n, k, bits, group, True, dtype, "odd", "cuda", seed=6)
     cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=2, min_ctas=min_ctas, prefetch=2)
-    y_kernel, y_ref = run_sparse_mma(4, stack, x, y, starts, slots, n, k, config=cfg)
+    y_kernel, y_ref = run_sparse_mma(bits, stack, x, y, starts, slots, n, k, config=cfg)
     torch.testing.assert_close(y_kernel.float(), y_ref.float(), **TOL[dtype])
 
 
