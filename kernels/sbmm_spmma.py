@@ -25,15 +25,12 @@ four-byte loads of x in dense order, so the wrapper hands the kernel x in the sp
 `sp4_x`: a lane's 16 pairs of a step are contiguous, four 16-byte loads per token block). With PREFETCH the next
 step's words, meta and x are loaded before this step's MMAs (registers; the last step re-reads itself); PREFETCH 2
 keeps two steps in flight (two register buffers, each reloaded right after its MMAs: no moves that would wait on
-a load). STAGES > 0 instead copies the words and meta STAGES - 1 steps ahead into a ring in shared memory
-(`cp.async`; no registers held per step in flight), x one step ahead in registers. Scales (per row, or per group
-that is a multiple of 128 columns) multiply the fp32 product of each step,
+a load). Scales (per row, or per group that is a multiple of 128 columns) multiply the fp32 product of each step,
 like the dense2 RAW path.
 """
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import async_copy
 
 from kernels.sbmm_gluon import _find_tile, _split_range
 from kernels.sbmm_triton import SEGMENT_ARGS, SEGMENT_POINTERS
@@ -153,7 +150,7 @@ def _sbmm_spmma_kernel(
     EXPAND: gl.constexpr, MMA0: gl.constexpr, MMA1: gl.constexpr,
     CONSTRAINTS_E: gl.constexpr, CONSTRAINTS_M: gl.constexpr,
     L_S: gl.constexpr, L_W: gl.constexpr, L_META: gl.constexpr, L_X: gl.constexpr, L_SEG: gl.constexpr,
-    SPLIT_K: gl.constexpr, PREFETCH: gl.constexpr, STAGES: gl.constexpr = 0,
+    SPLIT_K: gl.constexpr, PREFETCH: gl.constexpr,
 ):
     RB: gl.constexpr = BLOCK_N // 16
     TB: gl.constexpr = BLOCK_M // 8
@@ -190,33 +187,7 @@ def _sbmm_spmma_kernel(
 
     zero = gl.zeros([RB, TB, 32], gl.float32, layout=L_S)
     acc = (zero, zero, zero, zero)
-    if STAGES > 0:  # words and meta through a STAGES-deep cp.async ring in shared memory, x one step ahead
-        last = k_hi - STEP_K
-        flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
-        w_ring = gl.allocate_shared_memory(gl.int32, [STAGES, RB, 32, 4], flat)
-        m_ring = gl.allocate_shared_memory(gl.int32, [STAGES, RB, 32, 2], flat)
-        for s in gl.static_range(STAGES - 1):  # a lane copies, then reads back, only its own 16 + 8 bytes
-            k_s = gl.minimum(k_lo + s * STEP_K, last)
-            async_copy.async_copy_global_to_shared(w_ring.index(s), qw_tile + 4 * k_s)
-            async_copy.async_copy_global_to_shared(m_ring.index(s), meta_tile + 2 * k_s)
-            async_copy.commit_group()
-        xb = gl.load(x_rows + k_lo // 2)
-        for i in range((k_hi - k_lo) // STEP_K):
-            k0 = k_lo + i * STEP_K
-            k_n = gl.minimum(k0 + (STAGES - 1) * STEP_K, last)  # the step STAGES - 1 ahead (the tail re-reads)
-            s_n = (i + STAGES - 1) % STAGES  # the slot read last step
-            async_copy.async_copy_global_to_shared(w_ring.index(s_n), qw_tile + 4 * k_n)
-            async_copy.async_copy_global_to_shared(m_ring.index(s_n), meta_tile + 2 * k_n)
-            async_copy.commit_group()
-            xb_n = gl.load(x_rows + gl.minimum(k0 + STEP_K, last) // 2)
-            async_copy.wait_group(STAGES - 1)  # this step's copy has landed
-            qw = w_ring.index(i % STAGES).load(L_W)
-            mw = m_ring.index(i % STAGES).load(L_META)
-            acc = _k_step(acc, zero, xb, qw, mw, k0, scale_lo, scale_hi, GROUP_SIZE, SCALE_MODE, EXPAND, MMA0, MMA1,
-                          CONSTRAINTS_E, CONSTRAINTS_M, L_A, L_B)
-            xb = xb_n
-        async_copy.wait_group(0)
-    elif PREFETCH == 2:  # two steps in flight: buffers a and b, each reloaded two steps ahead right after its MMAs
+    if PREFETCH == 2:  # two steps in flight: buffers a and b, each reloaded two steps ahead right after its MMAs
         last = k_hi - STEP_K
         xa, qa, ma = _load_step(x_rows, qw_tile, meta_tile, k_lo, 4)
         xb, qw, mw = _load_step(x_rows, qw_tile, meta_tile, gl.minimum(k_lo + STEP_K, last), 4)

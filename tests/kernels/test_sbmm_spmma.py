@@ -214,22 +214,6 @@ def test_sparse_mma_two_steps_in_flight_gpu(block_m, block_n, min_ctas, bits, k,
 
 
 @gpu
-@pytest.mark.parametrize("stages", [2, 3, 4])
-@pytest.mark.parametrize("block_m,block_n", [(8, 64), (16, 128)])
-@pytest.mark.parametrize("min_ctas", [0, 10**6])
-@pytest.mark.parametrize("k,group,dtype", [(1408, 128, torch.float16), (1536, None, torch.bfloat16),
-                                           (128, 128, torch.float16), (256, None, torch.float16)])
-def test_sp4_cp_async_ring_gpu(stages, block_m, block_n, min_ctas, k, group, dtype):
-    """`stages`: sp4 words and meta through a cp.async ring in shared memory, STAGES - 1 steps ahead: step counts
-    below, at and above the ring's depth, split or not, row and group scales."""
-    n = 512
-    stack, x, y, starts, slots = make_case(n, k, 4, group, True, dtype, "odd", "cuda", seed=7)
-    cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=2, min_ctas=min_ctas, stages=stages)
-    y_kernel, y_ref = run_sparse_mma(4, stack, x, y, starts, slots, n, k, config=cfg)
-    torch.testing.assert_close(y_kernel.float(), y_ref.float(), **TOL[dtype])
-
-
-@gpu
 @pytest.mark.parametrize("bits,k", [(4, 512), (2, 1024)])
 def test_spmma_segments_hint_and_padded_segments_gpu(bits, k):
     n = 128
