@@ -353,7 +353,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="delta launches without an sbmm.Workspace (a counter memset per split-K launch, a copy of x "
                          "per sparse-MMA launch), as before the worker shared one per step and per graph set: the "
                          "in-run baseline of the step part")
+    ap.add_argument("--sbmm-configs", default="",
+                    help="a tuned SBMM table file (the form of kernels/sbmm_configs.json, e.g. an earlier commit's) "
+                         "in place of the current one: the in-run baseline of a table change")
     args = ap.parse_args(argv)
+    if args.sbmm_configs:
+        from kernels import sbmm
+
+        sbmm.CONFIG_FILE = Path(args.sbmm_configs)
+        sbmm._configs.cache_clear()
     if args.no_sbmm_workspace:
         from services.worker import linear_backend
 
@@ -393,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
                          "step_layers": args.step_layers or big.num_hidden_layers, "step_seqs": args.step_seqs,
                          "step_bits": args.step_bits, "four_bit_slots": "tiled4" if args.no_sp4 else "sp4 where it applies",
                          "sp4_words_kernel": not args.sp4_words_torch, "sparse_mma_2bit": not args.no_sp2,
-                         "sp2_kernels": not args.sp2_torch, "sbmm_workspace": not args.no_sbmm_workspace},
+                         "sp2_kernels": not args.sp2_torch, "sbmm_workspace": not args.no_sbmm_workspace,
+                         "sbmm_configs": args.sbmm_configs or "kernels/sbmm_configs.json"},
               "rows": rows}
     os.makedirs(args.out, exist_ok=True)
     path = Path(args.out) / f"worker-{name}-{date}{'-tiny' if args.tiny else ''}{'-' + args.label if args.label else ''}.json"
