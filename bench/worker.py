@@ -169,7 +169,8 @@ def time_decode_steps(engine, num_seqs: int, num_deltas: int, device: str, promp
     for _ in range(3):
         engine.step()  # warm-up decodes (graph capture, caches)
     # earlier engines (their CUDA graphs, KV caches) are freed now, not by a garbage collection inside the timed
-    # steps: 2-bit and 4-bit step runs had single 56-324 ms means that no rerun showed
+    # steps. That was a guess at the single 45-446 ms means (against 12-25 ms) that about one run in four shows;
+    # they stayed with it (docs/kernels.md run 17), so compare step runs by their median over several processes
     gc.collect()
     gc.disable()
     try:
