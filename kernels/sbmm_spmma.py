@@ -122,9 +122,10 @@ def _scaled(acc, part, s_lo, s_hi):
 
 @gluon.jit
 def _k_step(acc, zero, xb, qw, mw, k0, scale_lo, scale_hi, GROUP_SIZE: gl.constexpr, SCALE_MODE: gl.constexpr,
-            EXPAND: gl.constexpr, MMA0: gl.constexpr, MMA1: gl.constexpr, CONSTRAINTS_E: gl.constexpr,
-            CONSTRAINTS_M: gl.constexpr, L_A: gl.constexpr, L_B: gl.constexpr):
-    """acc + one K step at dense column k0 (group scales on this step's fp32 product; row scales come after)."""
+            HALF_SCALES: gl.constexpr, EXPAND: gl.constexpr, MMA0: gl.constexpr, MMA1: gl.constexpr,
+            CONSTRAINTS_E: gl.constexpr, CONSTRAINTS_M: gl.constexpr, L_A: gl.constexpr, L_B: gl.constexpr):
+    """acc + one K step at dense column k0 (group scales on this step's fp32 product; row scales come after).
+    HALF_SCALES: the sp2 step's flag, never set here (groups are whole 128-column steps)."""
     if SCALE_MODE == 1:  # one scale per row and step: on this step's fp32 product
         part = _mma_step((zero, zero, zero, zero), xb, qw, mw, EXPAND, MMA0, MMA1, CONSTRAINTS_E, CONSTRAINTS_M,
                          L_A, L_B)
@@ -133,6 +134,46 @@ def _k_step(acc, zero, xb, qw, mw, k0, scale_lo, scale_hi, GROUP_SIZE: gl.conste
         return _scaled(acc, part, s_lo, s_hi)
     else:
         return _mma_step(acc, xb, qw, mw, EXPAND, MMA0, MMA1, CONSTRAINTS_E, CONSTRAINTS_M, L_A, L_B)
+
+
+@gluon.jit
+def _k_loop(acc, zero, x_rows, qw_tile, meta_tile, k_lo, k_hi, scale_lo, scale_hi, K_STEP: gl.constexpr,
+            STEP: gl.constexpr, WORDS_PER_COL2: gl.constexpr, PREFETCH: gl.constexpr, GROUP_SIZE: gl.constexpr,
+            SCALE_MODE: gl.constexpr, HALF_SCALES: gl.constexpr, EXPAND: gl.constexpr, MMA0: gl.constexpr,
+            MMA1: gl.constexpr, CONSTRAINTS_E: gl.constexpr, CONSTRAINTS_M: gl.constexpr, L_A: gl.constexpr,
+            L_B: gl.constexpr):
+    """acc + the K steps k_lo..k_hi (STEP columns each) of both sparse-MMA kernels; K_STEP is the kernel's step
+    (this module's `_k_step`, or kernels/sbmm_spmma2.py's). PREFETCH 0: each step's loads, then its MMAs; 1: the
+    next step's loads in flight during this step's MMAs (the last step re-reads itself); 2: two steps in flight,
+    buffers a and b, each reloaded two steps ahead right after its MMAs, so no register move waits on a load."""
+    if PREFETCH == 2:
+        last = k_hi - STEP
+        xa, qa, ma = _load_step(x_rows, qw_tile, meta_tile, k_lo, WORDS_PER_COL2)
+        xb, qw, mw = _load_step(x_rows, qw_tile, meta_tile, gl.minimum(k_lo + STEP, last), WORDS_PER_COL2)
+        for k0 in range(k_lo, last, 2 * STEP):  # whole pairs of steps (a trailing odd step below)
+            acc = K_STEP(acc, zero, xa, qa, ma, k0, scale_lo, scale_hi, GROUP_SIZE, SCALE_MODE, HALF_SCALES, EXPAND,
+                         MMA0, MMA1, CONSTRAINTS_E, CONSTRAINTS_M, L_A, L_B)
+            xa, qa, ma = _load_step(x_rows, qw_tile, meta_tile, gl.minimum(k0 + 2 * STEP, last), WORDS_PER_COL2)
+            acc = K_STEP(acc, zero, xb, qw, mw, k0 + STEP, scale_lo, scale_hi, GROUP_SIZE, SCALE_MODE, HALF_SCALES,
+                         EXPAND, MMA0, MMA1, CONSTRAINTS_E, CONSTRAINTS_M, L_A, L_B)
+            xb, qw, mw = _load_step(x_rows, qw_tile, meta_tile, gl.minimum(k0 + 3 * STEP, last), WORDS_PER_COL2)
+        if ((k_hi - k_lo) // STEP) % 2 == 1:  # buffer a holds the last step
+            acc = K_STEP(acc, zero, xa, qa, ma, last, scale_lo, scale_hi, GROUP_SIZE, SCALE_MODE, HALF_SCALES, EXPAND,
+                         MMA0, MMA1, CONSTRAINTS_E, CONSTRAINTS_M, L_A, L_B)
+    else:
+        if PREFETCH:
+            xb, qw, mw = _load_step(x_rows, qw_tile, meta_tile, k_lo, WORDS_PER_COL2)
+        for k0 in range(k_lo, k_hi, STEP):
+            if PREFETCH:
+                xb_n, qw_n, mw_n = _load_step(x_rows, qw_tile, meta_tile, gl.minimum(k0 + STEP, k_hi - STEP),
+                                              WORDS_PER_COL2)
+            else:
+                xb, qw, mw = _load_step(x_rows, qw_tile, meta_tile, k0, WORDS_PER_COL2)
+            acc = K_STEP(acc, zero, xb, qw, mw, k0, scale_lo, scale_hi, GROUP_SIZE, SCALE_MODE, HALF_SCALES, EXPAND,
+                         MMA0, MMA1, CONSTRAINTS_E, CONSTRAINTS_M, L_A, L_B)
+            if PREFETCH:
+                xb, qw, mw = xb_n, qw_n, mw_n
+    return acc
 
 
 @gluon.jit(do_not_specialize=SEGMENT_ARGS, do_not_specialize_on_alignment=SEGMENT_POINTERS)
@@ -187,32 +228,8 @@ def _sbmm_spmma_kernel(
 
     zero = gl.zeros([RB, TB, 32], gl.float32, layout=L_S)
     acc = (zero, zero, zero, zero)
-    if PREFETCH == 2:  # two steps in flight: buffers a and b, each reloaded two steps ahead right after its MMAs
-        last = k_hi - STEP_K
-        xa, qa, ma = _load_step(x_rows, qw_tile, meta_tile, k_lo, 4)
-        xb, qw, mw = _load_step(x_rows, qw_tile, meta_tile, gl.minimum(k_lo + STEP_K, last), 4)
-        for k0 in range(k_lo, last, 2 * STEP_K):  # whole pairs of steps (a trailing odd step below)
-            acc = _k_step(acc, zero, xa, qa, ma, k0, scale_lo, scale_hi, GROUP_SIZE, SCALE_MODE, EXPAND, MMA0, MMA1,
-                          CONSTRAINTS_E, CONSTRAINTS_M, L_A, L_B)
-            xa, qa, ma = _load_step(x_rows, qw_tile, meta_tile, gl.minimum(k0 + 2 * STEP_K, last), 4)
-            acc = _k_step(acc, zero, xb, qw, mw, k0 + STEP_K, scale_lo, scale_hi, GROUP_SIZE, SCALE_MODE, EXPAND,
-                          MMA0, MMA1, CONSTRAINTS_E, CONSTRAINTS_M, L_A, L_B)
-            xb, qw, mw = _load_step(x_rows, qw_tile, meta_tile, gl.minimum(k0 + 3 * STEP_K, last), 4)
-        if ((k_hi - k_lo) // STEP_K) % 2 == 1:  # buffer a holds the last step
-            acc = _k_step(acc, zero, xa, qa, ma, last, scale_lo, scale_hi, GROUP_SIZE, SCALE_MODE, EXPAND, MMA0,
-                          MMA1, CONSTRAINTS_E, CONSTRAINTS_M, L_A, L_B)
-    else:
-        if PREFETCH:
-            xb, qw, mw = _load_step(x_rows, qw_tile, meta_tile, k_lo, 4)
-        for k0 in range(k_lo, k_hi, STEP_K):
-            if PREFETCH:  # the next step's loads in flight during this step's MMAs
-                xb_n, qw_n, mw_n = _load_step(x_rows, qw_tile, meta_tile, gl.minimum(k0 + STEP_K, k_hi - STEP_K), 4)
-            else:  # sp4: one K step of a 64-row block is 512 words, 256 meta words
-                xb, qw, mw = _load_step(x_rows, qw_tile, meta_tile, k0, 4)
-            acc = _k_step(acc, zero, xb, qw, mw, k0, scale_lo, scale_hi, GROUP_SIZE, SCALE_MODE, EXPAND, MMA0, MMA1,
-                          CONSTRAINTS_E, CONSTRAINTS_M, L_A, L_B)
-            if PREFETCH:
-                xb, qw, mw = xb_n, qw_n, mw_n
+    acc = _k_loop(acc, zero, x_rows, qw_tile, meta_tile, k_lo, k_hi, scale_lo, scale_hi, _k_step, STEP_K, 4,
+                  PREFETCH, GROUP_SIZE, SCALE_MODE, False, EXPAND, MMA0, MMA1, CONSTRAINTS_E, CONSTRAINTS_M, L_A, L_B)
     if SCALE_MODE == 0:  # one scale per row: applied once
         s_lo = gl.expand_dims(gl.load(scale_lo).to(gl.float32), 1)
         s_hi = gl.expand_dims(gl.load(scale_hi).to(gl.float32), 1)

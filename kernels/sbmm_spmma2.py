@@ -19,7 +19,7 @@ from triton.experimental.gluon import language as gl
 
 from kernels.sbmm_gluon import _find_tile, _split_range
 from kernels.sbmm_triton import SEGMENT_ARGS, SEGMENT_POINTERS
-from kernels.sbmm_spmma import _bits, _epilogue, _linear, _load_step, _pick, _scale_rows, _scaled
+from kernels.sbmm_spmma import _bits, _epilogue, _k_loop, _linear, _pick, _scale_rows, _scaled
 
 STEP_K = gl.constexpr(256)  # dense columns per K step (8 x mma.sp m16n8k32)
 MAGIC = {"f16": (0x64006400, 0x64026402), "bf16": (0x43004300, 0x43024302)}  # (1024 | 128) + code, + zero 2
@@ -128,32 +128,9 @@ def _sbmm_spmma2_kernel(
 
     zero = gl.zeros([RB, TB, 32], gl.float32, layout=L_S)
     acc = (zero, zero, zero, zero)
-    if PREFETCH == 2:  # two steps in flight: buffers a and b, each reloaded two steps ahead right after its MMAs
-        last = k_hi - STEP_K
-        xa, qa, ma = _load_step(x_rows, qw_tile, meta_tile, k_lo, 2)
-        xb, qw, mw = _load_step(x_rows, qw_tile, meta_tile, gl.minimum(k_lo + STEP_K, last), 2)
-        for k0 in range(k_lo, last, 2 * STEP_K):  # whole pairs of steps (a trailing odd step below)
-            acc = _k_step(acc, zero, xa, qa, ma, k0, scale_lo, scale_hi, GROUP_SIZE, SCALE_MODE, HALF_SCALES, EXPAND,
-                          MMA0, MMA1, CONSTRAINTS_E, CONSTRAINTS_M, L_A, L_B)
-            xa, qa, ma = _load_step(x_rows, qw_tile, meta_tile, gl.minimum(k0 + 2 * STEP_K, last), 2)
-            acc = _k_step(acc, zero, xb, qw, mw, k0 + STEP_K, scale_lo, scale_hi, GROUP_SIZE, SCALE_MODE, HALF_SCALES,
-                          EXPAND, MMA0, MMA1, CONSTRAINTS_E, CONSTRAINTS_M, L_A, L_B)
-            xb, qw, mw = _load_step(x_rows, qw_tile, meta_tile, gl.minimum(k0 + 3 * STEP_K, last), 2)
-        if ((k_hi - k_lo) // STEP_K) % 2 == 1:  # buffer a holds the last step
-            acc = _k_step(acc, zero, xa, qa, ma, last, scale_lo, scale_hi, GROUP_SIZE, SCALE_MODE, HALF_SCALES, EXPAND,
-                          MMA0, MMA1, CONSTRAINTS_E, CONSTRAINTS_M, L_A, L_B)
-    else:
-        if PREFETCH:
-            xb, qw, mw = _load_step(x_rows, qw_tile, meta_tile, k_lo, 2)
-        for k0 in range(k_lo, k_hi, STEP_K):
-            if PREFETCH:  # the next step's loads in flight during this step's MMAs
-                xb_n, qw_n, mw_n = _load_step(x_rows, qw_tile, meta_tile, gl.minimum(k0 + STEP_K, k_hi - STEP_K), 2)
-            else:  # sp2: one K step of a 64-row block is 512 words, 512 meta words
-                xb, qw, mw = _load_step(x_rows, qw_tile, meta_tile, k0, 2)
-            acc = _k_step(acc, zero, xb, qw, mw, k0, scale_lo, scale_hi, GROUP_SIZE, SCALE_MODE, HALF_SCALES, EXPAND,
-                          MMA0, MMA1, CONSTRAINTS_E, CONSTRAINTS_M, L_A, L_B)
-            if PREFETCH:
-                xb, qw, mw = xb_n, qw_n, mw_n
+    acc = _k_loop(acc, zero, x_rows, qw_tile, meta_tile, k_lo, k_hi, scale_lo, scale_hi, _k_step, STEP_K, 2,
+                  PREFETCH, GROUP_SIZE, SCALE_MODE, HALF_SCALES, EXPAND, MMA0, MMA1, CONSTRAINTS_E, CONSTRAINTS_M,
+                  L_A, L_B)
     if SCALE_MODE == 0:  # one scale per row: applied once
         s_lo = gl.expand_dims(gl.load(scale_lo).to(gl.float32), 1)
         s_hi = gl.expand_dims(gl.load(scale_hi).to(gl.float32), 1)
