@@ -26,9 +26,15 @@ def configure_logging(level: str = "info", service: str = "") -> None:
     structlog.configure(
         processors=[*processors, _TRACEBACKS, structlog.processors.JSONRenderer()],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )
+
+
+def _stderr_logger(*_args) -> structlog.PrintLogger:
+    """A PrintLogger on the sys.stderr of the moment: a stream bound once at configure time goes stale when
+    stderr is replaced (a closed test capture made every later line raise ValueError)."""
+    return structlog.PrintLogger(file=sys.stderr)
 
 
 # Tracebacks as dicts, without the frames' local variables (structlog's default shows them): a local may

@@ -1,6 +1,8 @@
 """Exception tracebacks in logs never carry the frames' local variables (which may hold tokens)."""
 
+import io
 import json
+import sys
 
 from deltazip.logs import configure_logging, get_logger
 
@@ -20,3 +22,16 @@ def test_logged_tracebacks_leave_out_local_variables(capsys):
     event = json.loads(line)
     assert event["event"] == "it_failed" and "boom" in line and "exception" in event
     assert secret not in line
+
+
+def test_lines_go_to_the_stderr_of_the_moment(monkeypatch):
+    """The stream is looked up per line, not bound at configure time: after stderr is replaced (a test capture
+    that closes, a service that redirects it), lines go to the new one and never to a closed stream."""
+    configure_logging("info", service="test")
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    get_logger("test").info("to_first")
+    first.close()
+    monkeypatch.setattr(sys, "stderr", second)
+    get_logger("test").info("to_second")
+    assert json.loads(second.getvalue().strip())["event"] == "to_second"
