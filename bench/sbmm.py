@@ -110,7 +110,7 @@ def one_row(name, n, k, num, rows, bits, stack, dense, base_ws, limit, with_dequ
         kernel = kernel or "gluon"
         table = "spmma2" if stack.get("sp2") else "spmma" if stack.get("sp4") else kernel
         picked = sbmm.pick_config(table, torch.cuda.get_device_name(), rows,
-                                  "dense2" if stack["meta"] is None else bits, n)
+                                  "dense2" if stack["meta"] is None else bits, n, num)
         config = {**(config or picked), **config_extra}
     x = torch.randn(t, k, device="cuda", dtype=torch.float16)
     y = torch.randn(t, n, device="cuda", dtype=torch.float16)

@@ -172,6 +172,7 @@ def time_decode_steps(engine, num_seqs: int, num_deltas: int, device: str, promp
     # steps. That was a guess at the single 45-446 ms means (against 12-25 ms) that about one run in four shows;
     # they stayed with it (docs/kernels.md run 17), so compare step runs by their median over several processes
     gc.collect()
+    was_enabled = gc.isenabled()
     gc.disable()
     try:
         sync(device)
@@ -181,7 +182,8 @@ def time_decode_steps(engine, num_seqs: int, num_deltas: int, device: str, promp
         sync(device)
         elapsed = (time.perf_counter() - t) / steps
     finally:
-        gc.enable()
+        if was_enabled:
+            gc.enable()
     for i in range(num_seqs):
         engine.abort(f"r{num_deltas}-{i}")
     return elapsed

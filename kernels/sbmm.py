@@ -271,6 +271,8 @@ def plan(x: torch.Tensor, n: int, k: int, bits: int, num_groups: int, group_size
     if sp4 or sp2:
         if config is None:
             config = pick_config("spmma2" if sp2 else "spmma", _device_name(x.device), rows, bits, n, live)
+        if int(config.get("prefetch", True)) not in (0, 1, 2):
+            raise ValueError(f"sparse-MMA prefetch is 0, 1 or 2 K steps in flight, not {config['prefetch']!r}")
         # x pairs take 16 (sp2: 32) registers per 8 tokens: BLOCK_M 64 (sp2: 32) spills
         block_m = min(config["BLOCK_M"], 16 if sp2 else 32)
         block_n, warps = config["BLOCK_N"], config["num_warps"]

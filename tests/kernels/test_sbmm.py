@@ -341,10 +341,15 @@ def test_config_entries_can_be_limited_to_launches_with_many_programs(monkeypatc
     assert sbmm.pick_config("spmma", "any", 4, 4, n=4096, segments=16) == narrow  # one tile per segment
     assert sbmm.pick_config("spmma", "any", 4, 4, n=4096) == narrow  # no segment count given
     assert sbmm.pick_config("spmma", "any", 32, 4, n=4096, segments=64) == narrow  # past max_rows
-    # sbmm.plan counts the segments that hold a delta (the hint bounds them), as the K split does
+    table["default"]["spmma"][0].update(max_rows=64, BLOCK_M=16)  # rows over BLOCK_M: tiles per segment count
+    assert sbmm.pick_config("spmma", "any", 48, 4, n=4096, segments=11) == wide  # 32 x 11 x 3 = 1056
+    assert sbmm.pick_config("spmma", "any", 32, 4, n=4096, segments=11) == narrow  # 32 x 11 x 2 = 704
+    # sbmm.plan counts the call's segments (a segments hint bounds them), as the K split does
     x = torch.zeros(16 * 64, 4096)
     assert sbmm.plan(x, 4096, 4096, 4, 32, 128, False, 64, sp4=True).block_n == 128
     assert sbmm.plan(x, 4096, 4096, 4, 32, 128, False, 64, rows_hint=16, segments_hint=16, sp4=True).block_n == 64
+    with pytest.raises(ValueError, match="prefetch"):
+        sbmm.plan(x, 4096, 4096, 4, 32, 128, False, 64, config=dict(narrow, prefetch=3), sp4=True)
 
 
 @pytest.mark.parametrize("sp", ["sp4", "sp2"])

@@ -204,8 +204,9 @@ def test_spmma_configs_and_split_k_gpu(block_m, block_n, num_warps, min_ctas, bi
     (2, 2816, 128, torch.float16), (2, 3072, 256, torch.float16), (2, 2816, None, torch.bfloat16),
     (2, 256, 128, torch.float16), (2, 512, None, torch.float16)])
 def test_sparse_mma_two_steps_in_flight_gpu(block_m, block_n, min_ctas, bits, k, group, dtype):
-    """prefetch 2 (two K steps in flight): odd and even step counts per split (11 and 12 steps, split or not),
-    one step, two steps; row scales, and groups of one (128 at 2-bit: a scale per half step) or two steps."""
+    """prefetch 2 (two K steps in flight): odd and even step counts (11 and 12 steps unsplit; min_ctas 10**6
+    splits them into 2-step parts and a 1-step tail), one step, two steps; row scales, and groups of one step (128
+    at 2-bit: a scale per half step) or two (256 at 2-bit)."""
     n = 512
     stack, x, y, starts, slots = make_case(n, k, bits, group, True, dtype, "odd", "cuda", seed=6)
     cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=2, min_ctas=min_ctas, prefetch=2)

@@ -31,6 +31,7 @@ def test_lines_go_to_the_stderr_of_the_moment(monkeypatch):
     first, second = io.StringIO(), io.StringIO()
     monkeypatch.setattr(sys, "stderr", first)
     get_logger("test").info("to_first")
+    assert json.loads(first.getvalue().strip())["event"] == "to_first"
     first.close()
     monkeypatch.setattr(sys, "stderr", second)
     get_logger("test").info("to_second")
