@@ -106,23 +106,26 @@ def one_row(name, n, k, num, rows, bits, stack, dense, base_ws, limit, with_dequ
     the launch config the wrapper would pick (the tuned table's entry); baseline_table: a config table (the form
     of kernels/sbmm_configs.json) whose pick is timed too, as `us_baseline_table`, when it differs."""
     t = num * rows
+    sp4, sp2 = stack.get("sp4", False), stack.get("sp2", False)
+
+    def tuned(table=None):  # the config the wrapper picks for this point (from another config table if given)
+        kind = "spmma2" if sp2 else "spmma" if sp4 else kernel or "gluon"
+        return sbmm.pick_config(kind, torch.cuda.get_device_name(), rows, "dense2" if stack["meta"] is None else bits,
+                                n, num, table=table)
+
     if config_extra:
         kernel = kernel or "gluon"
-        table = "spmma2" if stack.get("sp2") else "spmma" if stack.get("sp4") else kernel
-        picked = sbmm.pick_config(table, torch.cuda.get_device_name(), rows,
-                                  "dense2" if stack["meta"] is None else bits, n, num)
-        config = {**(config or picked), **config_extra}
+        config = {**(config or tuned()), **config_extra}
     x = torch.randn(t, k, device="cuda", dtype=torch.float16)
     y = torch.randn(t, n, device="cuda", dtype=torch.float16)
     starts = torch.arange(num + 1, device="cuda", dtype=torch.int64) * rows
     offs = rotations(num)
     slot_sets = [torch.arange(o, o + num, device="cuda", dtype=torch.int64) for o in offs]
     q, m, sc, tiled = stack["qweight"], stack["meta"], stack["scales"], stack.get("tiled", False)
-    sp4, sp2 = stack.get("sp4", False), stack.get("sp2", False)
 
-    def sbmm_call(slots):
-        return lambda: sbmm.sbmm(x, y, q, m, sc, None, starts, slots, bits, kernel=kernel, config=config, tiled=tiled,
-                                 sp4=sp4, sp2=sp2)
+    def sbmm_call(slots, launch_config=config):
+        return lambda: sbmm.sbmm(x, y, q, m, sc, None, starts, slots, bits, kernel=kernel, config=launch_config,
+                                 tiled=tiled, sp4=sp4, sp2=sp2)
 
     ws = sbmm.Workspace(x.device)
 
@@ -143,19 +146,12 @@ def one_row(name, n, k, num, rows, bits, stack, dense, base_ws, limit, with_dequ
     row["fraction_of_limit_workspace"] = nbytes / (row["us_workspace"] * 1e-6) / 1e9 / limit
     row["host_us"] = host_us(sbmm_call(slot_sets[0]))
     if baseline_table is not None:
-        table = "spmma2" if sp2 else "spmma" if sp4 else kernel or "gluon"
-        dense2 = stack["meta"] is None
-        old = sbmm.pick_config(table, torch.cuda.get_device_name(), rows, "dense2" if dense2 else bits, n, num,
-                               table=baseline_table)
-        new = config or sbmm.pick_config(table, torch.cuda.get_device_name(), rows, "dense2" if dense2 else bits, n,
-                                         num)
+        old = tuned(baseline_table)
         row["baseline_table_config"] = old
-        if old == new:  # the same launch: no second timing
+        if old == (config or tuned()):  # the same launch: no second timing
             row["us_baseline_table"] = us
         else:
-            row["us_baseline_table"] = graph_us([
-                (lambda sl: lambda: sbmm.sbmm(x, y, q, m, sc, None, starts, sl, bits, kernel=kernel, config=old,
-                                              tiled=tiled, sp4=sp4, sp2=sp2))(sl) for sl in slot_sets])
+            row["us_baseline_table"] = graph_us([sbmm_call(sl, old) for sl in slot_sets])
         row["fraction_of_limit_baseline_table"] = nbytes / (row["us_baseline_table"] * 1e-6) / 1e9 / limit
     if dense is None:
         return row
@@ -200,9 +196,9 @@ def one_row(name, n, k, num, rows, bits, stack, dense, base_ws, limit, with_dequ
     return row
 
 
-def full(args, limit, save) -> list[dict]:
+def full(args, limit, save, baseline=None) -> list[dict]:
+    """baseline: the --baseline-configs table (parsed), or None."""
     extra = json.loads(args.config_extra) if args.config_extra else None
-    baseline = json.loads(Path(args.baseline_configs).read_text()) if args.baseline_configs else None
     rows_out = []
     for name, (n, k) in SHAPES.items():
         base_ws = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(4)]
@@ -318,13 +314,14 @@ def main() -> None:
     path = Path(a.out) / f"sbmm{'-sweep' if a.sweep else ''}{label}-{tag}-{date}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
 
+    baseline = json.loads(Path(a.baseline_configs).read_text()) if a.baseline_configs else None  # read once
+
     def save(rows: list[dict]) -> None:
         result = {"bench": "sbmm", "device": device, "commit": a.commit, "date": date,
                   "config": {"mode": "sweep" if a.sweep else "full", "copy_limit_gbps": limit,
                              "variants": (a.sweep_variants if a.sweep else a.variants).split(","),
                              "config_extra": a.config_extra or None,
-                             "baseline_configs": (json.loads(Path(a.baseline_configs).read_text())
-                                                  if a.baseline_configs else None),
+                             "baseline_configs": baseline,
                              "copy_gbps_by_timer": limits, "dtype": "float16", "group_size": 128, "sym": True,
                              "shapes": SHAPES,
                              "timing": "CUDA graph of back-to-back calls on rotating slots, median of 7 replays",
@@ -340,7 +337,7 @@ def main() -> None:
         configs = json.loads(a.sweep_configs) if a.sweep_configs else None
         save(sweep(limit, save, a.sweep_variants.split(","), cases, configs))
     else:
-        save(full(a, limit, save))
+        save(full(a, limit, save, baseline))
     print(f"wrote {path}")
 
 
