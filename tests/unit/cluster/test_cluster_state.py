@@ -137,3 +137,31 @@ def test_request_record_lifecycle(redis_url):
         await redis.aclose()
 
     run(body())
+
+
+def test_connection_pool_queues_commands_past_its_size(redis_url, monkeypatch):
+    """Many more concurrent commands than pooled connections all succeed (they wait for a free connection) and
+    the pool never opens more than its size: redis-py's plain pool failed them with "Too many connections" past
+    100, which broke a scheduler with a thousand requests in flight and its workers' heartbeat checks."""
+    import redis as sync_redis
+
+    from deltazip.cluster.connection import max_connections_default
+
+    async def body():
+        r = connect(redis_url, max_connections=4)
+        try:
+            # BLPOP holds its connection for its whole timeout, so 4 at once fill the pool and the rest must wait
+            results = await asyncio.gather(*[r.blpop([f"dz:test:empty:{i}"], timeout=0.05) for i in range(12)],
+                                           *[r.incr("dz:test:n") for _ in range(300)])
+            assert results[:12] == [None] * 12 and sorted(results[12:]) == list(range(1, 301))
+            clients = sync_redis.Redis.from_url(redis_url).info("clients")["connected_clients"]
+            assert clients <= 4 + 1, clients  # this pool's connections + the INFO one
+        finally:
+            await r.aclose()
+
+    run(body())
+    monkeypatch.setenv("DELTAZIP_REDIS_MAX_CONNECTIONS", "7")
+    assert max_connections_default() == 7
+    monkeypatch.setenv("DELTAZIP_REDIS_MAX_CONNECTIONS", "0")
+    with pytest.raises(ValueError, match="DELTAZIP_REDIS_MAX_CONNECTIONS"):
+        max_connections_default()
