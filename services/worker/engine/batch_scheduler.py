@@ -7,8 +7,11 @@ Policy, in order:
    - a sequence whose delta is not ready (`is_delta_ready`) is skipped and blocks nobody;
    - at most `max_deltas_per_batch` distinct deltas are running (the base model is not a delta);
      a sequence of another delta waits while later ones of running deltas go ahead, until it has
-     waited `max_delta_wait_s`: then no more sequences of other deltas are admitted before it,
-     the running deltas drain, and it gets in (aging: no model starves).
+     waited `max_delta_wait_s`: then one running delta (the one with the fewest running sequences)
+     takes no new sequences until its last one ends, and the aged sequence gets its place (aging: no
+     model starves). The other running deltas keep filling the batch meanwhile: with hundreds of
+     requests queued over many fine-tunes some sequence is always aged, and holding every delta back
+     (as this did before) shrank the batch to a few sequences.
    With `base_is_model` (swap mode) the base counts as a model too (key `BASE_MODEL`), so one
    model at a time means base rows never share a batch with fine-tuned rows.
 """
@@ -73,6 +76,7 @@ class BatchScheduler:
         self._order: dict[int, tuple[float, int]] = {}
         self._counter = 0
         self.num_preemptions = 0  # total, for stats
+        self._draining: str | None = None  # running delta taking no new sequences, so an aged one gets its place
 
     # ---- queue maintenance ----------------------------------------------------------------------
 
@@ -155,24 +159,37 @@ class BatchScheduler:
             return BASE_MODEL
         return seq.delta
 
+    def _drain_one(self, counts: dict[str, int]) -> None:
+        """An aged sequence waits for a delta place: pick the running delta that frees one soonest (fewest running
+        sequences; the oldest admitted on a tie) to take no new sequences. One at a time, kept until it leaves."""
+        if self._draining is None and counts:
+            self._draining = min(counts, key=lambda k: counts[k])
+
     def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
-        deltas = {k for k in map(self._model_key, self.running) if k is not None}
-        aged_blocked = False  # an aged sequence is waiting for a delta slot: drain, don't refill
+        counts: dict[str, int] = {}  # running sequences per model key, in admission order
+        for key in map(self._model_key, self.running):
+            if key is not None:
+                counts[key] = counts.get(key, 0) + 1
+        deltas = set(counts)
+        if self._draining not in deltas:
+            self._draining = None  # it has left: its place goes to the oldest waiting sequence of another delta
         now = self.clock()
         for seq in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
             key = self._model_key(seq)
+            aged = now - seq.arrival_s >= self.config.max_delta_wait_s
             if seq in batch.preempted or (key is not None and not self.is_delta_ready(key)):
                 # swap: an aged model whose weights could be swapped in drains the active one
-                aged_blocked |= (self.config.base_is_model and key is not None and self.can_swap_in(key)
-                                 and now - seq.arrival_s >= self.config.max_delta_wait_s)
+                if self.config.base_is_model and key is not None and aged and self.can_swap_in(key):
+                    self._drain_one(counts)
                 continue
             if key is not None and key not in deltas:
                 if len(deltas) >= self.config.max_deltas_per_batch:
-                    aged_blocked |= now - seq.arrival_s >= self.config.max_delta_wait_s
+                    if aged:
+                        self._drain_one(counts)
                     continue
-            elif key is not None and aged_blocked:
+            elif key is not None and key == self._draining:
                 continue
             num_new = min(seq.num_uncomputed_tokens, budget)
             if not self.blocks.can_allocate(seq, num_new):

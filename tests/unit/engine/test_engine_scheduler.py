@@ -51,6 +51,38 @@ def test_aging_lets_a_blocked_delta_in():
     assert _scheduled(batch) == ["c"] and c.status is SequenceStatus.RUNNING
 
 
+def test_aging_drains_one_delta_while_the_others_keep_filling_the_batch():
+    """Deep queues over many fine-tunes: an aged sequence waiting for a delta place makes one running delta (the
+    one with the fewest running sequences) take no new sequences; the other running deltas keep being admitted,
+    so the batch stays full. (Holding every running delta back shrank a 4-GPU scale-out run's batches to ~3
+    sequences with 1500 requests queued over 64 fine-tunes.)"""
+    clock = Clock()
+    sched = BatchScheduler(SchedulerConfig(max_deltas_per_batch=2, max_delta_wait_s=2.0, max_num_seqs=4),
+                           BlockManager(1000, 4), clock=clock)
+    a1, a2, b1, c1 = _seq("a1", "A", 0.0), _seq("a2", "A", 0.1), _seq("b1", "B", 0.2), _seq("c1", "C", 0.3)
+    for s in (a1, a2, b1, c1):
+        sched.add(s)
+    batch = sched.schedule()
+    assert _scheduled(batch) == ["a1", "a2", "b1"]  # C: no delta place, and young
+    _complete(sched, batch)
+    clock.now = 3.0  # c1 has aged
+    a3, b2 = _seq("a3", "A", 3.0), _seq("b2", "B", 3.0)
+    sched.add(a3)
+    sched.add(b2)
+    batch = sched.schedule()
+    assert _scheduled(batch) == ["a1", "a2", "b1", "a3"]  # B (1 running) drains; A still fills the batch
+    _complete(sched, batch)
+    sched.finish(a1, FinishReason.LENGTH)
+    a4 = _seq("a4", "A", 3.5)
+    sched.add(a4)
+    batch = sched.schedule()
+    assert "a4" in _scheduled(batch) and "b2" not in _scheduled(batch)
+    _complete(sched, batch)
+    sched.finish(b1, FinishReason.LENGTH)  # B has left: C takes its place ahead of later B requests
+    batch = sched.schedule()
+    assert "c1" in _scheduled(batch) and c1.status is SequenceStatus.RUNNING and "b2" not in _scheduled(batch)
+
+
 def test_base_requests_do_not_count_as_deltas():
     sched = BatchScheduler(SchedulerConfig(max_deltas_per_batch=1), BlockManager(100, 4))
     for s in (_seq("b1", None, 0), _seq("a", "A", 1), _seq("b2", None, 2), _seq("c", "C", 3)):

@@ -222,3 +222,34 @@ def test_requested_delta_gets_a_freed_slot_before_a_prefetch():
     mgr.unpin("c")
     assert prefetch.result(timeout=5).slot == 0
     mgr.close()
+
+
+class SlowFetchIO(FakeIO):
+    """Fetches of the names in `slow` block until `release` is set; the others return at once."""
+
+    def __init__(self, slow: set[str]):
+        super().__init__()
+        self.slow, self.release = slow, threading.Event()
+
+    def fetch(self, name):
+        if name in self.slow:
+            self.release.wait(10)
+        return super().fetch(name)
+
+
+def test_an_arrived_delta_goes_to_the_device_while_other_fetches_are_queued():
+    """Fetches and loads use separate pools: with every fetch thread busy on slow downloads and more queued, a
+    delta whose fetch is done still reaches its device slot (one FIFO pool made it wait behind all of them)."""
+    io = SlowFetchIO(slow={"b", "c", "d"})
+    mgr = ResidencyManager(ResidencyLimits(4, 0, 10_000, 10_000), io, max_workers=1)
+    try:
+        a = mgr.ensure("a")
+        while ("fetch", "a") not in io.calls:  # a's fetch has run; b's now holds the only fetch thread
+            threading.Event().wait(0.01)
+        slow = [mgr.ensure(n) for n in ("b", "c", "d")]
+        assert a.result(timeout=5).state is DeltaState.ON_DEVICE
+        assert not any(f.done() for f in slow)
+    finally:
+        io.release.set()
+    assert all(f.result(timeout=5).state is DeltaState.ON_DEVICE for f in slow)
+    mgr.close()
