@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def plot_scaling(ax, rows: list[dict]) -> None:
-    styles = {"warm": ("tab:green", "-"), "cold": ("tab:blue", "--")}
+    styles = {"warm": ("tab:green", "-"), "cold": ("tab:blue", "--"), "resident": ("tab:purple", "-")}
     ks: set[int] = set()
     for cache, (color, line) in styles.items():
         scale = sorted((r for r in rows if r["phase"] == "scale" and r.get("pass", "cold") == cache),

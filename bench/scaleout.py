@@ -79,7 +79,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output-len", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--passes", type=lambda s: s.split(","), default=["cold", "warm"],
-                   help="per K: cold (fresh caches, fetches included) and/or warm (the same requests again)")
+                   help="per K: cold (fresh caches, fetches included) and/or warm (the same requests again); or "
+                        "resident alone (every delta loaded onto every worker first: steady-state scaling)")
+    p.add_argument("--resident-tier", choices=("device", "host"), default="device",
+                   help="where the resident pass loads every delta (device needs --num-device-slots >= models)")
     p.add_argument("--num-stores", type=int, default=2)
     p.add_argument("--num-schedulers", type=int, default=2)
     p.add_argument("--store-replicas", type=int, default=0, help="stores each delta is pushed to (0 = all)")
@@ -113,8 +116,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if args.device == "cuda" and args.num_gpus not in args.workers:
             args.workers.append(args.num_gpus)
     args.workers = sorted(set(args.workers))
-    if not args.passes or set(args.passes) - {"cold", "warm"}:
-        p.error(f"--passes takes cold and/or warm, got {args.passes}")
+    if not args.passes or set(args.passes) - {"cold", "warm", "resident"}:
+        p.error(f"--passes takes cold and/or warm, or resident, got {args.passes}")
+    if "resident" in args.passes and len(args.passes) > 1:
+        p.error("--passes resident runs alone: its workers start with every delta in their disk caches")
     if args.workers[0] < 1 or args.num_models < 1 or args.num_clients < 1 or args.num_stores < 1:
         p.error("--workers, --num-models, --num-clients and --num-stores must be >= 1")
     return args
@@ -157,6 +162,7 @@ class Run:
             "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "summary": {}, "rows": [], "skipped": [], "latencies": [], "phase_s": {}, "complete": False}
         self.path: Path | None = None
+        self.delta_paths: dict[str, Path] = {}  # name -> local artifact folder (what was pushed)
 
     def add(self, row: dict, outcomes=None, point: dict | None = None) -> None:
         self.payload["rows"].append(row)
@@ -209,6 +215,7 @@ def prepare(run: Run, work: Path, num_deltas: int) -> tuple[Path, list[str], Sca
              "bytes_per_s": pushed / push_s, "delta_bytes": pushed / len(deltas) / replicas})
     budget.say(f"pushed {len(deltas)} deltas x {replicas} stores = {pushed / 1e9:.2f} GB in {push_s:.1f}s "
                f"({pushed / push_s / 1e9:.2f} GB/s)")
+    run.delta_paths = dict(deltas)
     return base_dir, [n for n, _ in deltas], stack
 
 
@@ -239,8 +246,9 @@ def run_scaling(run: Run, stack: ScaleoutStack, base_dir: Path, models: list[str
             stack.stop_workers()
         t = time.monotonic()
         try:
+            seed = {m: run.delta_paths[m] for m in [*models, warm_model]} if "resident" in args.passes else None
             rows = scale_point(stack, args, k, base_dir, warm_model, requests, budget, worker_flags, run.add_scale_row,
-                               keep_s=burst_s * num_burst_runs)
+                               keep_s=burst_s * num_burst_runs, seed=seed)
         except RuntimeError as exc:  # a worker that did not start, a client that failed: the other points still run
             run.skip(f"scale K={k}", f"failed: {str(exc)[-1500:]}")
             continue

@@ -73,8 +73,9 @@ class StoreSampler:
                 "store_series": [[round(t, 2), *[round(v) if v == v else None for v in vals]] for t, vals in self.samples]}
 
 
-def worker_stats(before: list[dict], after: list[dict]) -> dict:
-    """Fetch bytes/seconds, loads and batch occupancy of the workers between two scrapes (one dict per worker)."""
+def worker_stats(before: list[dict], after: list[dict], wall_s: float | None = None) -> dict:
+    """Fetch bytes/seconds, host and device loads, batch occupancy and step time of the workers between two scrapes
+    (one dict per worker); `wall_s`, the time between them, gives the mean step time (idle steps included)."""
     def diff(name: str, i: int, **labels) -> float:
         return total(after[i], name, **labels) - total(before[i], name, **labels)
 
@@ -85,9 +86,14 @@ def worker_stats(before: list[dict], after: list[dict]) -> dict:
             "fetch_bytes": diff("deltazip_delta_bytes_total", i, stage="fetch"),
             "fetch_s": diff("deltazip_delta_seconds_sum", i, stage="fetch"),
             "num_fetches": diff("deltazip_delta_seconds_count", i, stage="fetch"),
+            "host_load_s": diff("deltazip_delta_seconds_sum", i, stage="host_load"),
+            "num_host_loads": diff("deltazip_delta_seconds_count", i, stage="host_load"),
+            "device_load_s": diff("deltazip_delta_seconds_sum", i, stage="device_load"),
             "num_device_loads": diff("deltazip_delta_seconds_count", i, stage="device_load"),
             "num_steps": steps,
             "batch_mean": diff("deltazip_batch_sequences_sum", i) / steps if steps else 0.0,
+            "deltas_per_step_mean": diff("deltazip_batch_distinct_deltas_sum", i) / steps if steps else 0.0,
+            "step_ms_mean": 1e3 * wall_s / steps if steps and wall_s else None,
             "tokens": diff("deltazip_generated_tokens_total", i),
         })
     fetch_bytes = sum(w["fetch_bytes"] for w in per_worker)

@@ -55,6 +55,38 @@ def warm_up(workers, models: list[str], timeout_s: float, max_tokens: int = 4) -
         list(pool.map(one, jobs))
 
 
+def preload(workers, models: list[str], tier: str, timeout_s: float, per_worker: int = 4) -> float:
+    """LoadDelta of every model on every worker (`tier` device or host), `per_worker` at a time on each; returns the
+    seconds it took. The resident pass's workers then serve with no fetch or load in the measured window."""
+    import concurrent.futures
+
+    import grpc
+
+    from deltazip.rpc.channels import sync_channel
+    from deltazip.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+
+    want = common_pb2.RESIDENCY_TIER_DEVICE if tier == "device" else common_pb2.RESIDENCY_TIER_HOST
+
+    def one_worker(proc) -> None:
+        with sync_channel(proc.address) as channel:
+            stub = worker_pb2_grpc.WorkerStub(channel)
+
+            def one(model: str) -> None:
+                try:
+                    stub.LoadDelta(worker_pb2.LoadDeltaRequest(model=model, tier=want), timeout=timeout_s)
+                except grpc.RpcError as exc:
+                    raise RuntimeError(f"preload of {model} on worker {proc.address} failed: {exc.code()} "
+                                       f"{exc.details()}") from None
+
+            with concurrent.futures.ThreadPoolExecutor(per_worker) as pool:
+                list(pool.map(one, models))
+
+    t = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(len(workers)) as pool:
+        list(pool.map(one_worker, workers))
+    return time.monotonic() - t
+
+
 def measure(stack: ScaleoutStack, args, requests, id_prefix: str, desc: str, timeout_s: float) -> tuple[list, dict]:
     """One split replay with store sampling, worker and CPU counters around it; returns (outcomes, row fields)."""
     workers_before, cpu_before = stack.scrape(stack.workers), {}
@@ -66,8 +98,9 @@ def measure(stack: ScaleoutStack, args, requests, id_prefix: str, desc: str, tim
         outcomes, wall_s, clients = split_replay(stack.scheduler_addresses, requests, timeout_s, desc,
                                                  args.num_clients, id_prefix, on_start=at_start)
     cpu_after, cpu_wall_s = stack.cpu(), time.monotonic() - cpu_before.pop("t0")
+    workers_after = stack.scrape(stack.workers)
     row = {"offered_rps": len(requests) / max(requests[-1].timestamp, 1e-9), **summarize(outcomes, wall_s, None, 1.0),
-           **sampler.summary(), **worker_stats(workers_before, stack.scrape(stack.workers)),
+           **sampler.summary(), **worker_stats(workers_before, workers_after, cpu_wall_s),  # replay start to end
            **cpu_util(cpu_before, cpu_after, cpu_wall_s),
            "cpu_client": [round(c / wall_s, 3) for c in clients["client_cpu_s"]]}
     return outcomes, row
@@ -80,24 +113,33 @@ def latency_entry(point: dict, outcomes) -> dict:
 
 
 def scale_point(stack: ScaleoutStack, args, k: int, base_dir: Path, warm_model: str, requests, budget,
-                worker_flags: list[str], on_row, keep_s: float = 0.0) -> list[dict]:
+                worker_flags: list[str], on_row, keep_s: float = 0.0, seed: dict[str, Path] | None = None) -> list[dict]:
     """K fresh workers, warm-up, then the scaling workload once per pass: `cold` (empty delta caches: fetches from
-    the stores are part of it) and `warm` (the same requests again, deltas already on the workers).
-    Calls `on_row(row, outcomes)` as each pass ends; returns the rows. `keep_s`: budget kept for later phases."""
+    the stores are part of it), `warm` (the same requests again, deltas already on the workers, wherever routing
+    put them) or `resident` (alone: the workers start with `seed`, every delta, in their disk caches, and every
+    delta is loaded onto every worker, --resident-tier, before the replay: steady-state serving, no fetch or load
+    in the window). Calls `on_row(row, outcomes)` as each pass ends; returns the rows. `keep_s`: budget kept for
+    later phases."""
     t = time.monotonic()
     stack.start_workers(k, f"k{k}", base_dir, args.device, max(args.num_gpus, 1), worker_flags,
-                        timeout_s=min(600.0, max(60.0, budget.left() - RESERVE_S)))
+                        timeout_s=min(600.0, max(60.0, budget.left() - RESERVE_S)), seed=seed)
     start_s = time.monotonic() - t
     budget.say(f"K={k}: {k} worker(s) up in {start_s:.1f}s; warming up")
     t = time.monotonic()
     warm_up(stack.workers, [base_dir.name, warm_model], timeout_s=min(600.0, max(30.0, budget.left() - RESERVE_S)))
     warmup_s = time.monotonic() - t
+    preload_s = None
+    if "resident" in args.passes:
+        models = sorted(seed) if seed else sorted({r.model for r in requests})
+        budget.say(f"K={k}: loading {len(models)} deltas onto each worker ({args.resident_tier})")
+        preload_s = preload(stack.workers, models, args.resident_tier, min(600.0, max(30.0, budget.left() - RESERVE_S)))
     results = []
     for i, cache in enumerate(args.passes):
         timeout_s = replay_timeout_s(args, budget, len(args.passes) - i, keep_s)
         outcomes, row = measure(stack, args, requests, f"k{k}-{cache}-", f"K={k} {cache}", timeout_s)
         row = {"phase": "scale", "pass": cache, "num_workers": k, "num_models": args.num_models,
-               "worker_start_s": start_s, "warmup_s": warmup_s, **row}
+               "worker_start_s": start_s, "warmup_s": warmup_s, **({"preload_s": preload_s} if preload_s else {}),
+               **row}
         row["saturated"] = row["throughput_rps"] < 0.9 * row["offered_rps"]  # else the load, not K, set the rate
         on_row(row, outcomes)
         results.append(row)
@@ -132,7 +174,7 @@ def burst_run(stack: ScaleoutStack, args, models: list[str], cold_model: str, pr
 def summarize_run(rows: list[dict]) -> dict:
     """Scaling ratios vs K = 1, burst TTFT p90 with and without prefetch, store throughput."""
     summary: dict = {}
-    for cache in ("cold", "warm"):
+    for cache in ("cold", "warm", "resident"):
         scale = {r["num_workers"]: r for r in rows if r["phase"] == "scale" and r["pass"] == cache}
         one = scale.get(1)
         for r in scale.values():

