@@ -20,6 +20,7 @@ from services.worker.device_slots import DeviceSlots
 from services.worker.engine_adapter import build_engine
 from services.worker.engine_loop import EngineLoop
 from services.worker.fetcher import DeltaFetcher, manifest_base_identity
+from services.worker.fetch_process import FetchSettings, ProcessFetcher
 from services.worker.engine.swap import host_copies
 from services.worker.modes import host_transform, select_mode
 from services.worker.residency import ResidencyLimits, ResidencyManager, ResidentDelta
@@ -51,10 +52,13 @@ class WorkerParts:
     live_store_addresses: list[str]  # refreshed by the publisher from Redis
     temp_cache_dir: str = ""  # removed at close: made here because no --disk-cache-dir was given
     tp_leader: object | None = None  # tp_leader.TPLeader when --tensor-parallel-size > 1
+    fetcher: object | None = None  # ProcessFetcher: its child processes are stopped at close
 
     def close(self) -> None:
         self.loop.stop()
         self.residency.close()
+        if isinstance(self.fetcher, ProcessFetcher):
+            self.fetcher.close()  # after the residency pool: no fetch is waiting on a child any more
         self.stores.close()
         if self.tp_leader is not None:
             self.tp_leader.close()  # after the engine loop: no step is in flight
@@ -91,8 +95,12 @@ def build_worker(config: WorkerConfig) -> WorkerParts:
     stores = StoreDirectory(config.store_addresses, live_addresses=lambda: list(live_addresses), tls=tls_settings(config),
                             token=read_token_file(config.store_token_file, "--store-token-file"))
     cache_dir = config.disk_cache_dir or tempfile.mkdtemp(prefix=f"dz-worker-{config.worker_id}-")
-    fetcher = DeltaFetcher(cache_dir, stores.sources, identity, max_attempts=config.fetch_max_attempts,
-                           chunk_bytes=config.fetch_chunk_bytes)
+    if config.fetch_processes:  # downloads in child processes: their gRPC parsing does not hold our GIL
+        fetcher = ProcessFetcher(FetchSettings(cache_dir, identity, config.fetch_max_attempts, config.fetch_chunk_bytes,
+                                               stores.tls, stores.token), stores.addresses, config.fetch_processes)
+    else:
+        fetcher = DeltaFetcher(cache_dir, stores.sources, identity, max_attempts=config.fetch_max_attempts,
+                               chunk_bytes=config.fetch_chunk_bytes)
     listeners = Listeners([_log_transition])
     limits = ResidencyLimits(config.num_device_slots, config.device_cache_bytes, config.host_cache_bytes,
                              config.disk_cache_bytes)
@@ -132,10 +140,10 @@ def build_worker(config: WorkerConfig) -> WorkerParts:
     log.info("worker_built", worker=config.worker_id, base=info.base_name, device=device, dtype=config.dtype,
              disk_cache=cache_dir, max_model_len=info.max_model_len)
     return WorkerParts(app, loop, residency, stores, listeners, live_addresses,
-                       temp_cache_dir="" if config.disk_cache_dir else cache_dir, tp_leader=leader)
+                       temp_cache_dir="" if config.disk_cache_dir else cache_dir, tp_leader=leader, fetcher=fetcher)
 
 
-def _tp_tier_io(leader, model, fetcher: DeltaFetcher, slots: DeviceSlots, transform) -> ArtifactTierIO:
+def _tp_tier_io(leader, model, fetcher: DeltaFetcher | ProcessFetcher, slots: DeviceSlots, transform) -> ArtifactTierIO:
     """Rank 0's host tier holds its own shard of each delta; device writes and drops reach every rank."""
     from deltazip.parallel import shard_delta
     from services.worker.tp_leader import TPTierIO

@@ -72,6 +72,7 @@ class WorkerConfig:
     heartbeat_ttl_s: float = 5.0
     fetch_chunk_bytes: int = 1 << 20
     fetch_max_attempts: int = 5
+    fetch_processes: int = 2  # child processes that download deltas (off the engine's GIL); 0 = threads in this process
     default_max_tokens: int = 16
     stream_chunk_tokens: int = 8  # a request's tokens per stream chunk after the first (1 = one message per token)
     stream_interval_ms: float = 50.0  # longest a token is held for its chunk to fill (the first: never)
@@ -106,7 +107,7 @@ class WorkerConfig:
                   "kv_block_size", "heartbeat_s", "heartbeat_ttl_s", "fetch_chunk_bytes",
                   "fetch_max_attempts", "default_max_tokens", "model_sync_s", "stream_chunk_tokens")
         _non_negative(self, "device_cache_bytes", "host_cache_bytes", "disk_cache_bytes", "num_kv_blocks",
-                      "max_model_len", "metrics_port")
+                      "max_model_len", "metrics_port", "fetch_processes")
         if not 0.0 <= self.stream_interval_ms <= 1000.0:
             raise ValueError(f"--stream-interval-ms must be in [0, 1000], got {self.stream_interval_ms}")
         if not 0.0 < self.kv_memory_fraction <= 1.0:
@@ -175,6 +176,8 @@ FLAG_HELP = {  # flags whose meaning the name alone does not tell
                            "token goes alone at once, then chunks of this many, or fewer when the request ends or "
                            "a token has waited --stream-interval-ms; 1 = one message per token",
     "stream_interval_ms": "longest a generated token is held back for its chunk to fill (ms, 0-1000)",
+    "fetch_processes": "child processes that download deltas from the stores, so downloads do not hold the engine's "
+                       "GIL (a download in a thread of the worker slowed its steps 2-3x); 0 = threads in the worker",
     "sparse_mma_2bit": "2-bit 2:4 deltas go to the 2-bit sparse-MMA kernel (sp2 slots) instead of dense2, on GPUs "
                        "that run it (sm_80+); 0/false = dense2",
     "tensor_parallel_size": "GPUs one worker spans (tensor parallel; default 1): rank r runs on cuda:r (cuda:N -> "

@@ -78,8 +78,20 @@ class StoreDirectory:
         self._sources: dict[str, GrpcStoreSource] = {}
         self._lock = threading.Lock()
 
+    def addresses(self) -> list[str]:
+        """The store addresses to use now: the configured ones, else the live ones."""
+        return list(self._fixed) or list(self._live())
+
+    @property
+    def tls(self) -> TlsSettings:
+        return self._tls
+
+    @property
+    def token(self) -> str:
+        return self._token
+
     def sources(self) -> list[GrpcStoreSource]:
-        addresses = list(self._fixed) or list(self._live())
+        addresses = self.addresses()
         with self._lock:
             for address in addresses:
                 if address not in self._sources:
