@@ -161,7 +161,8 @@ class BatchScheduler:
 
     def _drain_one(self, counts: dict[str, int]) -> None:
         """An aged sequence waits for a delta place: pick the running delta that frees one soonest (fewest running
-        sequences; the oldest admitted on a tie) to take no new sequences. One at a time, kept until it leaves."""
+        sequences; the oldest admitted on a tie) to take no new sequences. One at a time, kept until it leaves or
+        a whole pass over the waiting queue finds no aged sequence waiting for a place any more."""
         if self._draining is None and counts:
             self._draining = min(counts, key=lambda k: counts[k])
 
@@ -174,25 +175,31 @@ class BatchScheduler:
         if self._draining not in deltas:
             self._draining = None  # it has left: its place goes to the oldest waiting sequence of another delta
         now = self.clock()
+        wanted, scanned_all = False, True  # an aged sequence still waits for a place / every waiting one was seen
         for seq in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                scanned_all = False
                 break
             key = self._model_key(seq)
             aged = now - seq.arrival_s >= self.config.max_delta_wait_s
             if seq in batch.preempted or (key is not None and not self.is_delta_ready(key)):
-                # swap: an aged model whose weights could be swapped in drains the active one
-                if self.config.base_is_model and key is not None and aged and self.can_swap_in(key):
+                # swap: an aged model (not the running one) whose weights could be swapped in drains the active one
+                if (self.config.base_is_model and key is not None and key not in deltas and aged
+                        and self.can_swap_in(key)):
+                    wanted = True
                     self._drain_one(counts)
                 continue
             if key is not None and key not in deltas:
                 if len(deltas) >= self.config.max_deltas_per_batch:
                     if aged:
+                        wanted = True
                         self._drain_one(counts)
                     continue
             elif key is not None and key == self._draining:
                 continue
             num_new = min(seq.num_uncomputed_tokens, budget)
             if not self.blocks.can_allocate(seq, num_new):
+                scanned_all = False
                 break  # FCFS under KV pressure: don't let later sequences jump ahead
             self.waiting.remove(seq)
             self.blocks.allocate(seq, num_new)
@@ -202,3 +209,5 @@ class BatchScheduler:
                 deltas.add(key)
             batch.items.append((seq, num_new))
             budget -= num_new
+        if scanned_all and not wanted:
+            self._draining = None  # whoever asked for the place got in (or went away): stop draining

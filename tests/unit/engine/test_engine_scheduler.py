@@ -83,6 +83,38 @@ def test_aging_drains_one_delta_while_the_others_keep_filling_the_batch():
     assert "c1" in _scheduled(batch) and c1.status is SequenceStatus.RUNNING and "b2" not in _scheduled(batch)
 
 
+def test_a_drain_ends_when_its_aged_sequence_goes_away():
+    clock = Clock()
+    sched = BatchScheduler(SchedulerConfig(max_deltas_per_batch=1, max_delta_wait_s=2.0), BlockManager(1000, 4),
+                           clock=clock)
+    a1, c = _seq("a1", "A", 0.0), _seq("c", "C", 0.1)
+    sched.add(a1)
+    sched.add(c)
+    _complete(sched, sched.schedule())
+    clock.now = 3.0
+    a2 = _seq("a2", "A", 3.0)
+    sched.add(a2)
+    assert _scheduled(sched.schedule()) == ["a1"]  # C aged: A drains, a2 waits
+    sched.finish(c, FinishReason.ABORT)  # the client went away
+    sched.schedule()  # this pass finds nobody waiting for A's place: the drain ends
+    assert sched._draining is None and "a2" in _scheduled(sched.schedule())
+
+
+def test_swap_mode_preempted_sequence_of_the_active_model_does_not_drain_it():
+    """KV pressure preempts a sequence of the running model: old enough to count as aged, but it is no other model
+    waiting for the place, so the running model must keep taking sequences."""
+    clock = Clock()
+    sched = BatchScheduler(SchedulerConfig(max_deltas_per_batch=1, max_delta_wait_s=2.0, base_is_model=True),
+                           BlockManager(3, 4), clock=clock)
+    a1, a2 = _seq("a1", "A", 0.0), _seq("a2", "A", 0.1)
+    sched.add(a1)
+    sched.add(a2)
+    _complete(sched, sched.schedule())
+    clock.now = 5.0
+    batch = sched.schedule()  # both decode and need a 2nd block, 1 free: a2 is preempted
+    assert batch.preempted == [a2] and sched._draining is None
+
+
 def test_base_requests_do_not_count_as_deltas():
     sched = BatchScheduler(SchedulerConfig(max_deltas_per_batch=1), BlockManager(100, 4))
     for s in (_seq("b1", None, 0), _seq("a", "A", 1), _seq("b2", None, 2), _seq("c", "C", 3)):
