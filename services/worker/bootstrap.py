@@ -56,9 +56,9 @@ class WorkerParts:
 
     def close(self) -> None:
         self.loop.stop()
-        self.residency.close()
         if isinstance(self.fetcher, ProcessFetcher):
-            self.fetcher.close()  # after the residency pool: no fetch is waiting on a child any more
+            self.fetcher.close()  # first: downloads in flight stop now (resumed later) instead of holding the close
+        self.residency.close()
         self.stores.close()
         if self.tp_leader is not None:
             self.tp_leader.close()  # after the engine loop: no step is in flight

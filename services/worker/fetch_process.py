@@ -15,8 +15,13 @@ before; errors come back as the same typed exceptions.
 from __future__ import annotations
 
 import multiprocessing
+import os
+import pickle
+import signal
+import threading
+import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import CancelledError, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
@@ -48,9 +53,16 @@ class ProcessFetcher:
         self.settings = settings
         self.cache_dir = settings.cache_dir
         self._addresses = addresses
+        self._processes = processes
         self._local = DeltaFetcher(settings.cache_dir, lambda: [], settings.base_identity)  # cached() only
+        self._lock = threading.Lock()
+        self._closed = False
+        self._pool = self._new_pool()
+
+    def _new_pool(self) -> ProcessPoolExecutor:
         # spawn: a fork of a process holding CUDA contexts and threads is not safe
-        self._pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
+        return ProcessPoolExecutor(self._processes, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_child_init, initargs=(os.getpid(),))
 
     def cached(self) -> list[tuple[str, str, int]]:
         return self._local.cached()
@@ -60,18 +72,51 @@ class ProcessFetcher:
         if not addresses:
             raise StoreUnavailableError(
                 "no delta store is alive (none in Redis, none configured with --store-addresses)")
+        with self._lock:
+            if self._closed:
+                raise StoreUnavailableError(f"the worker is shutting down; {name!r} was not fetched")
+            pool = self._pool
         try:
-            return self._pool.submit(_fetch_in_child, self.settings, tuple(addresses), name).result()
-        except BrokenProcessPool as exc:  # a child died (killed, out of memory): the next fetch gets a new pool
-            self._pool = ProcessPoolExecutor(self._pool._max_workers, mp_context=multiprocessing.get_context("spawn"))
-            raise StoreUnavailableError(f"the download process for {name!r} died ({exc}); the request can be "
+            return pool.submit(_fetch_in_child, self.settings, tuple(addresses), name).result()
+        except (BrokenProcessPool, CancelledError, RuntimeError) as exc:  # a child died (killed, out of memory), we
+            # closed, or another thread replaced the pool as we submitted (RuntimeError: it was shut down)
+            with self._lock:
+                if self._pool is pool and not self._closed:
+                    self._pool = self._new_pool()
+                    pool.shutdown(wait=False, cancel_futures=True)
+            raise StoreUnavailableError(f"the download process for {name!r} stopped ({exc}); the request can be "
                                         "retried") from None
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Stop the children now, downloads in flight included (their partial files stay and are resumed by the
+        next fetch of that delta); a fetch waiting on one raises StoreUnavailableError."""
+        with self._lock:
+            self._closed = True
+            pool = self._pool
+        for proc in list((pool._processes or {}).values()):
+            proc.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ---- child side ---------------------------------------------------------------------------------------------
+def _child_init(parent_pid: int) -> None:
+    """Ctrl-C goes to the worker, which stops us; and we exit when the worker dies, even by SIGKILL."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:  # Linux: SIGTERM to us when the parent dies
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:  # elsewhere (and if the parent died before prctl): poll
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
 class _ChildState:
     """One per child process: a channel per store address and a DeltaFetcher per settings, kept between jobs."""
 
@@ -98,7 +143,11 @@ def _fetch_in_child(settings: FetchSettings, addresses: tuple[str, ...], name: s
             chunk_bytes=settings.chunk_bytes)
     try:
         return fetcher.fetch(name)
-    except (ServiceError, ArtifactError, OSError):
-        raise  # typed and picklable: the parent raises the same error
+    except (ServiceError, ArtifactError, OSError) as exc:
+        try:  # the parent raises the same typed error, if it survives pickling (an error that does not would
+            pickle.loads(pickle.dumps(exc))  # break the pool, failing every download in flight)
+        except Exception:
+            raise StoreUnavailableError(f"fetching {name!r} failed: {type(exc).__name__}: {exc}") from None
+        raise
     except Exception as exc:  # anything else might not cross the process boundary with its meaning
         raise StoreUnavailableError(f"fetching {name!r} failed: {type(exc).__name__}: {exc}") from None

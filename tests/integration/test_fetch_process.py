@@ -1,6 +1,9 @@
 """ProcessFetcher against a real delta store: downloads in a child process land verified in the disk cache, and
 errors come back as the same typed exceptions as an in-process DeltaFetcher's."""
 
+import os
+import signal
+
 import pytest
 
 from bench.synthetic import write_suite
@@ -25,8 +28,16 @@ def test_child_process_download_and_typed_errors(launcher, tmp_path):
         assert [(n, p) for n, p, _ in fetcher.cached()] == [("ft-a", path)]
         with pytest.raises(DeltaNotFoundError, match="ft-missing"):
             fetcher.fetch("ft-missing")
+        for proc in list(fetcher._pool._processes.values()):  # a download process dies (OOM killer, kill -9)
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.join(10)
+        with pytest.raises(StoreUnavailableError, match="can be retried"):
+            fetcher.fetch("ft-a")
+        assert fetcher.fetch("ft-a")[0] == path  # the retry gets a fresh process
     finally:
         fetcher.close()
+    with pytest.raises(StoreUnavailableError, match="shutting down"):
+        fetcher.fetch("ft-a")
     other_base = ProcessFetcher(FetchSettings(str(tmp_path / "cache2"), "another-base", 3, 1 << 20),
                                 lambda: [store.address])
     no_store = ProcessFetcher(FetchSettings(str(tmp_path / "cache3"), "x", 3, 1 << 20), lambda: [])
