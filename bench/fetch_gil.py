@@ -45,6 +45,8 @@ def loop_while(busy, a: torch.Tensor) -> list[float]:
 
 
 def stats(times: list[float], idle_ms: float) -> dict:
+    if not times:  # the downloads ended before one loop iteration did
+        return {"median_ms": None, "p90_ms": None, "n": 0, "median_over_idle": None}
     med = statistics.median(times) * 1e3
     return {"median_ms": med, "p90_ms": sorted(times)[int(0.9 * (len(times) - 1))] * 1e3, "n": len(times),
             "median_over_idle": med / idle_ms}
@@ -72,6 +74,7 @@ def main(argv: list[str] | None = None) -> Path:
     print(f"making a 7B-shaped {args.num_layers}-layer delta in {work}", flush=True)
     base_dir, arts = write_suite(work / "models", "7b", 1, num_layers=args.num_layers)
     ident = base_identity(base_dir)
+    delta_bytes = sum(f.stat().st_size for f in arts["ft-000"].rglob("*") if f.is_file())
     redis = start_redis(work / "redis")
     launcher = Launcher(f"redis://{redis.address}/0", work / "logs")
     rows = []
@@ -112,18 +115,19 @@ def main(argv: list[str] | None = None) -> Path:
                         f.close()
                 row = {"where": where, "downloads": n, "download_s": sorted(seconds), **stats(times, idle_ms)}
                 rows.append(row)
-                print(f"{n} download(s) in {where}: loop median {row['median_ms']:.2f} ms "
-                      f"({row['median_over_idle']:.2f}x idle), p90 {row['p90_ms']:.2f} ms, downloads "
-                      f"{', '.join(f'{s:.2f}' for s in sorted(seconds))} s", flush=True)
+                if row["n"]:
+                    print(f"{n} download(s) in {where}: loop median {row['median_ms']:.2f} ms "
+                          f"({row['median_over_idle']:.2f}x idle), p90 {row['p90_ms']:.2f} ms, downloads "
+                          f"{', '.join(f'{s:.2f}' for s in sorted(seconds))} s", flush=True)
     finally:
         launcher.stop_all()
         stop(redis)
+        shutil.rmtree(work, ignore_errors=True)
     payload = {"bench": "fetch_gil", "device": "cpu", "commit": git_commit(), "date": datetime.date.today().isoformat(),
                "host": {"num_cpus": os.cpu_count(), "machine": platform.machine()}, "num_layers": args.num_layers,
-               "delta_bytes": sum(f.stat().st_size for f in arts["ft-000"].rglob("*") if f.is_file()), "rows": rows}
+               "delta_bytes": delta_bytes, "rows": rows}
     path = write_results(args.out, "fetch-gil", f"cpu{os.cpu_count()}", payload)
     print(f"wrote {path}")
-    shutil.rmtree(work, ignore_errors=True)
     return path
 
 

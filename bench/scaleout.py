@@ -125,6 +125,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def device_slots(worker_flags: list[str]) -> int:
+    """The --num-device-slots a worker gets from these flags (the last one wins; else the worker's default)."""
+    from services.worker.config import WorkerConfig
+
+    slots = WorkerConfig.__dataclass_fields__["num_device_slots"].default
+    for i, flag in enumerate(worker_flags):
+        if flag == "--num-device-slots" and i + 1 < len(worker_flags):
+            slots = int(worker_flags[i + 1])
+        elif flag.startswith("--num-device-slots="):
+            slots = int(flag.split("=", 1)[1])
+    return slots
+
+
 def count_gpus() -> int:
     """GPUs this process may use: CUDA_VISIBLE_DEVICES when set, else what nvidia-smi lists."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -228,6 +241,13 @@ def run_scaling(run: Run, stack: ScaleoutStack, base_dir: Path, models: list[str
                                        args.zipf_alpha, args.prompt_len, 4 * args.prompt_len, args.output_len,
                                        4 * args.output_len, args.seed))
     worker_flags = [*WORKER_FLAGS[args.device], *args.worker_flag]
+    if "resident" in args.passes and args.resident_tier == "device":
+        slots = device_slots(worker_flags)
+        if slots < len(models) + 1:  # + the warm-up model: loading more than fit would evict, then reload in the window
+            budget.say(f"--resident-tier device: {len(models) + 1} deltas do not fit {slots} GPU slots; loading "
+                       "them to host memory instead (give --worker-flag=--num-device-slots=N for device)")
+            args.resident_tier = "host"
+            run.payload["config"]["resident_tier"] = "host"
     run.payload["config"]["worker_flags_used"] = worker_flags
     run.payload["config"]["scheduler_flags_used"] = [*SCHEDULER_FLAGS, *args.scheduler_flag, "--prefetch-interval-s",
                                                      "0.5 (burst runs with prefetch off: 0)"]
@@ -253,7 +273,7 @@ def run_scaling(run: Run, stack: ScaleoutStack, base_dir: Path, models: list[str
             run.skip(f"scale K={k}", f"failed: {str(exc)[-1500:]}")
             continue
         point_s = point_s or time.monotonic() - t + 5.0
-        overhead_s = overhead_s or rows[0]["worker_start_s"] + rows[0]["warmup_s"] + 5.0
+        overhead_s = overhead_s or rows[0]["worker_start_s"] + rows[0]["warmup_s"] + rows[0].get("preload_s", 0.0) + 5.0
     return burst_s
 
 

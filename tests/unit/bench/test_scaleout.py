@@ -3,7 +3,7 @@ worker counter differences, scaling ratios and the default worker counts."""
 
 import pytest
 
-from bench.scaleout import parse_args
+from bench.scaleout import device_slots, parse_args
 from bench.scaleout_measure import StoreSampler, burst_workload, cpu_util, worker_stats
 from bench.scaleout_phases import summarize_run
 from bench.workload import WorkloadConfig
@@ -91,6 +91,8 @@ def test_resident_pass_runs_alone_and_seeds_worker_caches_with_links(tmp_path):
     from bench.scaleout_stack import seed_cache
 
     assert parse_args(["--passes", "resident"]).resident_tier == "device"
+    assert device_slots(["--max-num-seqs", "8", "--num-device-slots", "16", "--num-device-slots=64"]) == 64
+    assert device_slots([]) == 4  # the worker's default
     for bad in ("resident,warm", "cold,resident"):
         with pytest.raises(SystemExit):
             parse_args(["--passes", bad])
