@@ -50,7 +50,7 @@ BURST_BG_RATE_RPS=${BURST_BG_RATE_RPS:-20}
 BURST_REPEATS=${BURST_REPEATS:-1}
 OUT=${OUT:-bench/results}
 # Work dir (models, stores, worker caches): /dev/shm when it has room (> 200 GB free, e.g. the 4-GPU kinds: making
-# 67 synthetic deltas took 92-94 s there against 114 s on their disk), else /tmp.
+# 67-69 synthetic deltas took 92-94 s there against 114 s on their disk), else /tmp.
 if [[ -z "${WORK_DIR:-}" ]] && [[ "$(df -BG --output=avail /dev/shm 2>/dev/null | tail -1 | tr -dc 0-9)" -gt 200 ]] 2>/dev/null; then
   WORK_DIR=$(mktemp -d /dev/shm/dz-scaleout.XXXXXX)
 fi
