@@ -74,6 +74,20 @@ class QueueStats:
                 pipe.zadd(key, {request_id: expiry}, xx=True)
             await pipe.execute()
 
+    async def renew_many(self, requests: list[tuple[str, str]]) -> None:
+        """`renew` for many (model, request_id) pairs, one round trip."""
+        if not requests:
+            return
+        expiry = now_ms() + self.lease_ms
+        by_model: dict[str, dict[str, int]] = {}
+        for model, request_id in requests:
+            by_model.setdefault(model, {})[request_id] = expiry
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for model, members in by_model.items():
+                for key in (keys.queue_pending(model), keys.queue_running(model)):
+                    pipe.zadd(key, members, xx=True)
+            await pipe.execute()
+
     async def finished(self, model: str, request_id: str) -> None:
         """The request ended (done, failed or cancelled)."""
         async with self.redis.pipeline(transaction=True) as pipe:

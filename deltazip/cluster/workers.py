@@ -153,6 +153,12 @@ class WorkerRegistry:
         """Extend a request's lease while it is still being relayed (XX: never resurrect a released one)."""
         await self.redis.zadd(keys.worker_inflight(worker_id), {request_id: now_ms() + int(lease_s * 1000)}, xx=True)
 
+    async def renew_many(self, worker_id: str, request_ids: list[str], lease_s: float) -> None:
+        """`renew` for many requests on one worker, one command."""
+        if request_ids:
+            expiry = now_ms() + int(lease_s * 1000)
+            await self.redis.zadd(keys.worker_inflight(worker_id), dict.fromkeys(request_ids, expiry), xx=True)
+
     async def release(self, worker_id: str, request_id: str) -> None:
         """The request left the worker (finished, failed or cancelled)."""
         await self.redis.zrem(keys.worker_inflight(worker_id), request_id)

@@ -165,3 +165,27 @@ def test_connection_pool_queues_commands_past_its_size(redis_url, monkeypatch):
     monkeypatch.setenv("DELTAZIP_REDIS_MAX_CONNECTIONS", "0")
     with pytest.raises(ValueError, match="DELTAZIP_REDIS_MAX_CONNECTIONS"):
         max_connections_default()
+
+
+def test_renew_many_extends_only_live_leases(redis_url):
+    """The relay renews every request on a worker in one command; a released request is not brought back (XX)."""
+    async def body():
+        r = connect(redis_url)
+        try:
+            workers, queues = WorkerRegistry(r), QueueStats(r, lease_s=1.0)
+            for rid in ("a", "b"):
+                assert await workers.admit("w1", rid, 0, 1.0)
+                await queues.arrive("ft", rid)
+            before = dict(await r.zrange(keys.worker_inflight("w1"), 0, -1, withscores=True))
+            await workers.release("w1", "b")
+            await asyncio.sleep(0.01)
+            await workers.renew_many("w1", ["a", "b"], 30.0)
+            await queues.renew_many([("ft", "a"), ("ft", "b")])
+            after = dict(await r.zrange(keys.worker_inflight("w1"), 0, -1, withscores=True))
+            assert set(after) == {"a"} and after["a"] >= before["a"] + 25_000
+            pending = dict(await r.zrange(keys.queue_pending("ft"), 0, -1, withscores=True))
+            assert set(pending) == {"a", "b"} and pending["a"] > before["a"]
+        finally:
+            await r.aclose()
+
+    run(body())
