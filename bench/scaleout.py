@@ -126,16 +126,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def device_slots(worker_flags: list[str]) -> int:
-    """The --num-device-slots a worker gets from these flags (the last one wins; else the worker's default)."""
-    from services.worker.config import WorkerConfig
+    """The --num-device-slots a worker gets from these flags (read with the worker's own parser; else its default)."""
+    from services.worker.config import WorkerConfig, build_parser
 
-    slots = WorkerConfig.__dataclass_fields__["num_device_slots"].default
-    for i, flag in enumerate(worker_flags):
-        if flag == "--num-device-slots" and i + 1 < len(worker_flags):
-            slots = int(worker_flags[i + 1])
-        elif flag.startswith("--num-device-slots="):
-            slots = int(flag.split("=", 1)[1])
-    return slots
+    given = build_parser().parse_known_args(worker_flags)[0].num_device_slots
+    return int(given) if given is not None else WorkerConfig.__dataclass_fields__["num_device_slots"].default
 
 
 def count_gpus() -> int:

@@ -52,11 +52,11 @@ class WorkerParts:
     live_store_addresses: list[str]  # refreshed by the publisher from Redis
     temp_cache_dir: str = ""  # removed at close: made here because no --disk-cache-dir was given
     tp_leader: object | None = None  # tp_leader.TPLeader when --tensor-parallel-size > 1
-    fetcher: object | None = None  # ProcessFetcher: its child processes are stopped at close
+    fetcher: DeltaFetcher | ProcessFetcher | None = None  # closed first (a ProcessFetcher stops its children)
 
     def close(self) -> None:
         self.loop.stop()
-        if isinstance(self.fetcher, ProcessFetcher):
+        if self.fetcher is not None:
             self.fetcher.close()  # first: downloads in flight stop now (resumed later) instead of holding the close
         self.residency.close()
         self.stores.close()

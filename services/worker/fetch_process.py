@@ -1,10 +1,10 @@
 """ProcessFetcher: the worker's delta downloads in child processes, off the engine's GIL.
 
 A download is gRPC messages parsed, written and hashed in Python. Run in a thread of the worker process it holds
-the GIL often enough to slow the engine loop: on a 2-core box one download doubled the median time of a Python
-loop running beside it (1.9 -> 4.0 ms) and four made it 5x, while the same downloads in child processes left it
-at 2.1 ms (`bench/fetch_gil.py`). On the 4-GPU scale-out run, workers that were downloading took ~80 ms a step
-against ~30 ms for one that was not.
+the GIL often enough to slow the engine loop: on a 2-core box a Python loop beside one download ran at 1.77x its
+idle time with the download in a thread and 1.01x with it in a child process (4 downloads: 4.09x vs 1.94x;
+`bench/fetch_gil.py`, bench/results/fetch-gil-cpu2-2026-11-27.json). On the 4-GPU scale-out run, workers that were
+downloading took 70-87 ms a step against ~30 ms for one that was not.
 
 Each child keeps a `DeltaFetcher` and one channel per store address between jobs; the parent passes the store
 addresses it would use at call time (the configured ones, else the live ones from Redis), so store discovery
@@ -29,7 +29,7 @@ from deltazip.artifact.errors import ArtifactError
 from deltazip.rpc.errors import ServiceError
 from deltazip.security.tls import PLAINTEXT, TlsSettings
 from services.worker.errors import StoreUnavailableError
-from services.worker.fetcher import DeltaFetcher
+from services.worker.fetcher import NO_STORE, DeltaFetcher
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,7 @@ class ProcessFetcher:
     def fetch(self, name: str) -> tuple[str, int]:
         addresses = list(self._addresses())
         if not addresses:
-            raise StoreUnavailableError(
-                "no delta store is alive (none in Redis, none configured with --store-addresses)")
+            raise StoreUnavailableError(NO_STORE)
         with self._lock:
             if self._closed:
                 raise StoreUnavailableError(f"the worker is shutting down; {name!r} was not fetched")

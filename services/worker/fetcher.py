@@ -59,6 +59,9 @@ class StoreSource(Protocol):
     def fetch(self, name: str, start_path: str, start_offset: int, chunk_bytes: int) -> Iterator[Chunk]: ...
 
 
+NO_STORE = "no delta store is alive (none in Redis, none configured with --store-addresses)"
+
+
 class DeltaFetcher:
     """fetch(name) -> (local dir, bytes): a verified artifact in the disk cache."""
 
@@ -71,6 +74,9 @@ class DeltaFetcher:
         self._max_attempts = max_attempts
         self._chunk_bytes = chunk_bytes
         self._manifest_identity = manifest_identity or manifest_base_identity
+
+    def close(self) -> None:
+        """Nothing to release: the sources belong to their StoreDirectory (ProcessFetcher stops its children)."""
 
     def cached(self) -> list[tuple[str, str, int]]:
         """Complete artifacts already in the cache: (name, dir, bytes)."""
@@ -86,8 +92,7 @@ class DeltaFetcher:
         """Download `name` into the cache (resuming across stores); returns (dir, bytes)."""
         sources = self._sources()
         if not sources:
-            raise StoreUnavailableError(
-                "no delta store is alive (none in Redis, none configured with --store-addresses)")
+            raise StoreUnavailableError(NO_STORE)
         artifact, sources = self._stat(name, sources)
         self._check_base(name, artifact.base_identity)
         partial = self.cache_dir / ".partial" / name
