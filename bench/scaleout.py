@@ -148,7 +148,8 @@ def make_models(args, work: Path, num_deltas: int) -> tuple[Path, list[tuple[str
     """Synthetic base + deltas, made in a child process (its CUDA context and memory go away with it)."""
     cmd = [sys.executable, "-m", "bench.synthetic", "--shape", args.shape, "--num-layers", str(args.num_layers),
            "--num-deltas", str(num_deltas), "--bits", str(args.bits), "--group-size", str(args.group_size),
-           "--device", args.device, "--out", str(work / "models")]
+           "--device", args.device, "--jobs", str(max(1, min(16, (os.cpu_count() or 1) // 4))),
+           "--out", str(work / "models")]
     python_path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "PYTHONPATH": python_path}
     done = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True)

@@ -51,3 +51,17 @@ def test_dense_kind_writes_fp16_deltas(tmp_path):
     delta = load_delta(artifacts["ft-000"], "cpu")["model.layers.1.self_attn.q_proj.weight"].dequantize(torch.float32)
     assert delta.shape == (64, 64) and float((delta != 0).float().mean()) > 0.99 and float(delta.abs().max()) < 10 * DELTA_STD
     assert read_manifest(artifacts["ft-000"]).compression["method"] == "dense"
+
+
+def test_jobs_write_the_same_deltas_as_one_process(tmp_path):
+    """--jobs only changes how many deltas are written at once: every file's bytes depend on the delta's index."""
+    torch.set_num_threads(1)
+    _, serial = write_suite(tmp_path / "one", "tiny", 3, bits=4, group_size=32)
+    _, parallel = write_suite(tmp_path / "many", "tiny", 3, bits=4, group_size=32, jobs=2)
+    assert list(parallel) == list(serial)
+    for name, art in parallel.items():
+        verify(art)
+        files = sorted(p.name for p in art.iterdir() if p.suffix == ".safetensors")
+        assert files and files == sorted(p.name for p in serial[name].iterdir() if p.suffix == ".safetensors")
+        for f in files:
+            assert (art / f).read_bytes() == (serial[name] / f).read_bytes()
