@@ -33,6 +33,25 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """`cpu_seconds` of a process and every live descendant (a scheduler's --processes children, a worker's fetch
+    processes)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        total += cpu_seconds(current)
+        todo.extend(children.get(current, []))
+    return total
+
+
 def seed_cache(cache_dir: Path, artifacts: dict[str, Path]) -> None:
     """A worker disk cache holding `artifacts` (name -> artifact folder), as if fetched: hard links, else copies."""
     def link_or_copy(src: str, dst: str) -> None:
@@ -177,8 +196,8 @@ class ScaleoutStack:
         return out
 
     def cpu(self) -> dict[str, list[float]]:
-        """CPU seconds used so far per role: {"scheduler": [...], "store": [...], "worker": [...]}."""
-        return {role: [cpu_seconds(p.popen.pid) for p in procs]
+        """CPU seconds used so far per role and service, child processes included: {"scheduler": [...], ...}."""
+        return {role: [tree_cpu_seconds(p.popen.pid) for p in procs]
                 for role, procs in (("scheduler", self.schedulers), ("store", self.stores), ("worker", self.workers))}
 
     def log_tails(self, num_chars: int = 3000) -> str:

@@ -70,6 +70,14 @@ class ModelRegistry:
         data = await self.redis.hgetall(keys.model(name))
         return from_hash(ModelRecord, data) if data else None
 
+    async def get_with_base(self, name: str) -> tuple[ModelRecord | None, "BaseRecord | None"]:
+        """`get(name)` and `base()` in one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(keys.model(name))
+            pipe.hgetall(keys.base())
+            model, base = await pipe.execute()
+        return (from_hash(ModelRecord, model) if model else None), (from_hash(BaseRecord, base) if base else None)
+
     async def list(self) -> list[ModelRecord]:
         """Every registered model, sorted by name."""
         names = sorted(await self.redis.smembers(keys.models()))

@@ -61,10 +61,14 @@ class QueueStats:
     async def started(self, model: str, request_id: str) -> None:
         """First token streamed: pending → running."""
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.zrem(keys.queue_pending(model), request_id)
-            pipe.zadd(keys.queue_running(model), {request_id: now_ms() + self.lease_ms})
-            pipe.expire(keys.queue_running(model), keys.QUEUE_TTL_S)
+            self.queue_started(pipe, model, request_id)
             await pipe.execute()
+
+    def queue_started(self, pipe, model: str, request_id: str) -> None:
+        """`started`'s commands, added to a pipeline the caller executes."""
+        pipe.zrem(keys.queue_pending(model), request_id)
+        pipe.zadd(keys.queue_running(model), {request_id: now_ms() + self.lease_ms})
+        pipe.expire(keys.queue_running(model), keys.QUEUE_TTL_S)
 
     async def renew(self, model: str, request_id: str) -> None:
         """Extend the request's lease in whichever of pending/running holds it."""
@@ -91,9 +95,13 @@ class QueueStats:
     async def finished(self, model: str, request_id: str) -> None:
         """The request ended (done, failed or cancelled)."""
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.zrem(keys.queue_pending(model), request_id)
-            pipe.zrem(keys.queue_running(model), request_id)
+            self.queue_finished(pipe, model, request_id)
             await pipe.execute()
+
+    def queue_finished(self, pipe, model: str, request_id: str) -> None:
+        """`finished`'s commands, added to a pipeline the caller executes."""
+        pipe.zrem(keys.queue_pending(model), request_id)
+        pipe.zrem(keys.queue_running(model), request_id)
 
     async def get(self, model: str) -> QueueState:
         """Current counts and the arrival rate decayed to now."""

@@ -81,11 +81,15 @@ class RequestLog:
 
     async def set_state(self, request_id: str, state: RequestState, error: str = "") -> None:
         """Move the request to `state` (RUNNING on first token, or a terminal state)."""
-        key = keys.request(request_id)
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(key, mapping={"state": state.value, "error": error, "updated_ms": now_ms()})
-            pipe.expire(key, self.ttl_s)
+            self.queue_state(pipe, request_id, state, error)
             await pipe.execute()
+
+    def queue_state(self, pipe, request_id: str, state: RequestState, error: str = "") -> None:
+        """`set_state`'s commands, added to a pipeline the caller executes (with other bookkeeping)."""
+        key = keys.request(request_id)
+        pipe.hset(key, mapping={"state": state.value, "error": error, "updated_ms": now_ms()})
+        pipe.expire(key, self.ttl_s)
 
     async def get(self, request_id: str) -> RequestRecord | None:
         """The record, or None once it expired (or never existed)."""

@@ -52,6 +52,16 @@ class WorkerRecord:
     heartbeat_ms: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class ClusterSnapshot:
+    """Live workers as read in one round trip (`WorkerRegistry.snapshot`)."""
+
+    records: list["WorkerRecord"]  # alive, in the order asked
+    nearest: dict[str, dict[str, "Tier | None"]]  # model -> worker id -> nearest tier holding it (None = store)
+    inflight: dict[str, int]  # worker id -> requests all schedulers relay to it now
+    dead: list[str]  # asked for but gone (pruned from the index)
+
+
 class WorkerRegistry:
     """The worker publishes itself here; schedulers read live workers, residency and in-flight counts."""
 
@@ -114,6 +124,39 @@ class WorkerRegistry:
             await self.redis.srem(keys.workers(), *dead)
         return [from_hash(WorkerRecord, row) for row in rows if row]
 
+    async def ids(self) -> list[str]:
+        """Ids in the index (some may have died: `snapshot` and `live` tell), sorted."""
+        return sorted(await self.redis.smembers(keys.workers()))
+
+    async def snapshot(self, worker_ids: list[str], models: list[str]) -> "ClusterSnapshot":
+        """In one round trip: the records of those of `worker_ids` still alive, the nearest tier holding each of
+        `models` on each, and each one's in-flight count (`inflight`). Dead ids are pruned from the index."""
+        tiers = list(Tier)
+        now = now_ms()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for wid in worker_ids:
+                pipe.hgetall(keys.worker(wid))
+                pipe.zcount(keys.worker_inflight(wid), now, "+inf")
+                for model in models:
+                    for tier in tiers:
+                        pipe.zscore(keys.worker_resident(wid, tier.value), model)
+            rows = await pipe.execute()
+        width = 2 + len(models) * len(tiers)
+        records, inflight, nearest, dead = [], {}, {m: {} for m in models}, []
+        for i, wid in enumerate(worker_ids):
+            row = rows[i * width : (i + 1) * width]
+            if not row[0]:
+                dead.append(wid)
+                continue
+            records.append(from_hash(WorkerRecord, row[0]))
+            inflight[wid] = int(row[1])
+            for j, model in enumerate(models):
+                scores = row[2 + j * len(tiers) : 2 + (j + 1) * len(tiers)]
+                nearest[model][wid] = next((t for t, sc in zip(tiers, scores) if sc is not None), None)
+        if dead:
+            await self.redis.srem(keys.workers(), *dead)
+        return ClusterSnapshot(records, nearest, inflight, dead)
+
     async def get(self, worker_id: str) -> WorkerRecord | None:
         """The worker's record, or None if it is not alive."""
         row = await self.redis.hgetall(keys.worker(worker_id))
@@ -162,6 +205,11 @@ class WorkerRegistry:
     async def release(self, worker_id: str, request_id: str) -> None:
         """The request left the worker (finished, failed or cancelled)."""
         await self.redis.zrem(keys.worker_inflight(worker_id), request_id)
+
+    @staticmethod
+    def queue_release(pipe, worker_id: str, request_id: str) -> None:
+        """`release`'s command, added to a pipeline the caller executes."""
+        pipe.zrem(keys.worker_inflight(worker_id), request_id)
 
     async def alive(self, worker_id: str) -> bool:
         """True while the worker's heartbeat key exists."""

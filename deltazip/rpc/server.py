@@ -35,12 +35,14 @@ class RpcServer:
     """A started grpc.aio server with its health servicer; stop it with `stop` or a signal."""
 
     def __init__(self, bind: str, registrations: list[Registration], max_message_bytes: int = MAX_MESSAGE_BYTES,
-                 tls: TlsSettings = PLAINTEXT):
+                 tls: TlsSettings = PLAINTEXT, reuse_port: bool = False):
+        """`reuse_port`: several processes of one service share the port (SO_REUSEPORT; the kernel spreads new
+        connections over them); off by default, so a port already taken is an error."""
         self.bind = bind
         self.tls = tls
         self.registrations = registrations
-        self.server = grpc.aio.server(options=server_options(max_message_bytes),
-                                      interceptors=[MalformedRequestInterceptor()])
+        options = [(k, int(reuse_port) if k == "grpc.so_reuseport" else v) for k, v in server_options(max_message_bytes)]
+        self.server = grpc.aio.server(options=options, interceptors=[MalformedRequestInterceptor()])
         self.health = health.aio.HealthServicer()
         self.port = 0
         self._stopped = asyncio.Event()

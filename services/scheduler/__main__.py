@@ -34,7 +34,7 @@ async def serve(config: SchedulerConfig) -> None:
     server = RpcServer(
         f"{config.host}:{config.port}",
         [Registration(service_name(scheduler_pb2, "Scheduler"), scheduler_pb2_grpc.add_SchedulerServicer_to_server, servicer)],
-        tls=tls,
+        tls=tls, reuse_port=config.processes > 1,
     )
     port = await server.start()
     if not auth.enabled and not is_loopback(config.host):
@@ -59,9 +59,25 @@ async def serve(config: SchedulerConfig) -> None:
     await redis.aclose()
 
 
+async def serve_all(config: SchedulerConfig) -> None:
+    """`serve`, in --processes processes: this one and children it starts, watches and stops."""
+    if config.processes == 1:
+        await serve(config)
+        return
+    from services.scheduler.processes import ProcessGroup
+
+    group = ProcessGroup(config, "services.scheduler.__main__:serve")
+    watcher = asyncio.create_task(group.watch())
+    try:
+        await serve(group.config_of(0))
+    finally:
+        watcher.cancel()
+        await asyncio.to_thread(group.stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse flags/env, configure logs, serve."""
-    return run_service("scheduler", parse_config, serve, argv)
+    return run_service("scheduler", parse_config, serve_all, argv)
 
 
 if __name__ == "__main__":

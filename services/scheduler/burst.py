@@ -16,7 +16,7 @@ from deltazip.cluster.queues import QueueState
 from deltazip.cluster.workers import Tier
 from deltazip.logs import get_logger
 from deltazip.rpc.channels import ChannelPool
-from services.scheduler.cluster_view import ClusterView
+from services.scheduler.cluster_view import ClusterView, candidates_in
 from services.scheduler.prefetch import load_on
 from services.scheduler.routing import Candidate, rank
 
@@ -87,15 +87,22 @@ class BurstPrefetcher:
     async def check(self) -> list[tuple[str, list[str]]]:
         """One detector pass; returns (model, target worker ids) for each prefetch it started."""
         queues = await self.view.queues.active()
+        if not queues:
+            return []
         base = await self.view.base()
-        num_live = len(await self.view.workers.live())
+        num_ids = len(await self.view.worker_ids())
+        # every worker always holds the base; one snapshot (one round trip) for all models that may be bursting
+        maybe = [q for q in queues if holders_wanted(q, self.policy, num_ids) and (base is None or q.model != base.name)]
+        if not maybe:
+            return []
+        snap = await self.view.snapshot([q.model for q in maybe])
         rates = {q.model: q.rate_per_s for q in queues}
         started = []
-        for q in queues:
-            wanted = holders_wanted(q, self.policy, num_live)
-            if not wanted or (base is not None and q.model == base.name):  # every worker always holds the base
+        for q in maybe:
+            wanted = holders_wanted(q, self.policy, len(snap.records))
+            if not wanted:
                 continue
-            candidates = await self.view.candidates(q.model, is_base=False)
+            candidates = candidates_in(snap, q.model, is_base=False)
             targets = pick_targets(candidates, self.policy.tier, wanted, self.affinity_slack, q.model)
             if not targets or not await self._lease(q.model):
                 continue

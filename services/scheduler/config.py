@@ -44,6 +44,7 @@ class SchedulerConfig:
     tls_server_name: str = ""  # name checked in dialled servers' certificates
     tls_require_client_cert: int = 0  # 1 = mutual TLS
     auth_tokens: str = ""  # tokens file; '' = no auth (loopback dev only)
+    processes: int = 1  # processes serving --port together (SO_REUSEPORT), each one asyncio thread
 
     def __post_init__(self) -> None:
         validate_common(self.host, self.port, self.redis_url, self.log_level, self.grace_s)
@@ -64,6 +65,10 @@ class SchedulerConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.prefetch_tier not in ("device", "host"):
             raise ValueError(f"--prefetch-tier must be device or host, got {self.prefetch_tier!r}")
+        if self.processes < 1:
+            raise ValueError(f"--processes must be >= 1, got {self.processes}")
+        if self.processes > 1 and self.port == 0:
+            raise ValueError("--processes > 1 needs a fixed --port: the processes share it")
         if self.lease_s <= self.worker_check_s:
             raise ValueError("--lease-s must exceed --worker-check-s: leases are renewed at each check")
         validate_metrics_port(self.metrics_port)
@@ -113,4 +118,6 @@ _TUNING = (
     ("burst_pending", int, 8, "pending requests that count as a burst"),
     ("prefetch_rate_per_worker", float, 4.0, "arrivals/s one worker absorbs"),
     ("prefetch_window_s", float, 5.0, "one prefetch per model per window"),
+    ("processes", int, 1, "processes serving --port together (SO_REUSEPORT): one relays ~100 req/s, a core each; "
+                          "process i serves metrics on --metrics-port + i"),
 )

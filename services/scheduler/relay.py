@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 import grpc
 from redis.exceptions import RedisError
 
-from deltazip.cluster.requests import RequestState
 from deltazip.logs import bind_fields, get_logger
 from deltazip.rpc.channels import ChannelPool
 from deltazip.rpc.errors import ResourceExhausted, ServiceError, Unavailable
@@ -112,6 +111,9 @@ class Relay:
     async def _choose(self, job: GenerateJob, is_base: bool, exclude: set[str]) -> Candidate | None:
         """The best worker that admits the request into its queue; RESOURCE_EXHAUSTED when all are full."""
         live = [c for c in await self.view.candidates(job.model, is_base) if c.worker.worker_id not in exclude]
+        if not live:  # a worker may have joined since the id index was read
+            live = [c for c in await self.view.candidates(job.model, is_base, fresh=True)
+                    if c.worker.worker_id not in exclude]
         max_tokens = self.limits.max_queued_tokens_per_worker
         open_ = [c for c in live if not max_tokens or c.worker.queued_tokens < max_tokens]
         for candidate in rank(open_, self.affinity_slack, salt=job.request_id):
@@ -141,8 +143,7 @@ class Relay:
             try:
                 async for chunk in call:
                     if not num_tokens and chunk.token_ids:
-                        await _best_effort(self.view.requests.set_state(job.request_id, RequestState.RUNNING),
-                                           self.view.queues.started(job.model, job.request_id))
+                        await _best_effort(self.view.streaming(job.request_id, job.model))
                     num_tokens += len(chunk.token_ids)
                     chunk.request_id = job.request_id
                     chunk.worker_id = chunk.worker_id or wid

@@ -47,10 +47,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     async def _resolve_visible(self, principal: Principal, name: str) -> ResolvedModel:
         """The model if `principal` may see it; another tenant's model is NOT_FOUND like a missing one."""
-        record = await self.view.models.get(name)  # checked first: no other status may hint that the name exists
+        record, published = await self.view.lookup(name)  # checked first: no other status may hint that it exists
         if record is not None and not can_see(principal, record.ownership()):
             raise self.view.not_found(name)
-        return await self.view.resolve(name, record)
+        return await self.view.resolve(name, record, published)
 
     @rpc_method
     async def Generate(self, request, context):
@@ -85,8 +85,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def _finish(self, job: GenerateJob, state: RequestState, error: str) -> None:
         log.info("request_finished", state=state.value, error=error)
         try:  # bookkeeping only: a stream that was relayed whole must not end UNAVAILABLE because Redis went away
-            await self.view.requests.set_state(job.request_id, state, error)
-            await self.view.queues.finished(job.model, job.request_id)
+            await self.view.ended(job.request_id, job.model, state, error)
         except (RedisError, OSError) as exc:  # the record expires with its TTL, the queue entry with its lease
             log.warning("request_record_not_updated", state=state.value, error=str(exc))
 
