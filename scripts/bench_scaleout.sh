@@ -42,7 +42,9 @@ PROMPT_LEN=${PROMPT_LEN:-64}
 OUTPUT_LEN=${OUTPUT_LEN:-32}
 PASSES=${PASSES:-cold,warm}
 PASS_TIMEOUT_S=${PASS_TIMEOUT_S:-50}  # cap per replay: what has not finished by then fails; throughput = what finished
-NUM_CLIENTS=${NUM_CLIENTS:-4}         # client processes, split over the 2 schedulers
+NUM_CLIENTS=${NUM_CLIENTS:-16}        # client processes, split over the 2 schedulers (one connection each: enough
+                                      # connections for SO_REUSEPORT to spread them over each scheduler's processes)
+SCHEDULER_PROCESSES=${SCHEDULER_PROCESSES:-}  # --processes of each scheduler: default 2 on GPUs, 1 with DEVICE=cpu
 BURST_SIZE=${BURST_SIZE:-48}
 BURST_SPAN_S=${BURST_SPAN_S:-3}
 BURST_BG_REQUESTS=${BURST_BG_REQUESTS:-120}
@@ -92,6 +94,10 @@ PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} "$PY" -c "import torch, grpc, redis, str
 
 mkdir -p "$OUT"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
+# Two schedulers of one process each capped 4 workers at 150 req/s, a core each (session 12, docs/scaleout.md).
+if [[ -z "$SCHEDULER_PROCESSES" ]]; then
+  if [[ "$DEVICE" == cpu ]]; then SCHEDULER_PROCESSES=1; else SCHEDULER_PROCESSES=2; fi
+fi
 RUN_LOG="$OUT/scaleout-run-$(date -u +%Y-%m-%d).log"
 echo "scale-out on $DEVICE: $NUM_GPUS GPU(s), budget ${BUDGET_S}s, work dir $WORK_DIR, results in $OUT" | tee "$RUN_LOG"
 set +e
@@ -103,7 +109,7 @@ timeout -k 15 $((BUDGET_S + 45)) "$PY" -m bench.scaleout --device "$DEVICE" --nu
   --burst-bg-rate-rps "$BURST_BG_RATE_RPS" --burst-repeats "$BURST_REPEATS" --budget-s "$BUDGET_S" \
   --work-dir "$WORK_DIR" --out "$OUT" --logs-out "$OUT" \
   --note "random-weight Llama-2-7B shape cut to $NUM_LAYERS layers, synthetic ${BITS}-bit 2:4 deltas; one host, $NUM_GPUS GPU(s)" \
-  ${BENCH_ARGS:-} 2>&1 | tee -a "$RUN_LOG"
+  --scheduler-flag="--processes=$SCHEDULER_PROCESSES" ${BENCH_ARGS:-} 2>&1 | tee -a "$RUN_LOG"
 STATUS=${PIPESTATUS[0]}
 set -e
 RESULT=$(sed -n 's/^wrote //p' "$RUN_LOG" | tail -1)
