@@ -72,6 +72,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--bits", type=int, choices=(2, 4), default=4)
     p.add_argument("--group-size", type=int, default=0, help="0 = 128 (32 for the tiny shape)")
     p.add_argument("--num-requests", type=int, default=120, help="requests per pass of a scaling point")
+    p.add_argument("--requests-per-worker", action="store_true",
+                   help="K workers get K x --num-requests (same seed and arrival rate): every K does the same work "
+                        "per worker, so the arrival ramp and the drain at the end weigh the same at every K")
     p.add_argument("--rate-rps", type=float, default=40.0, help="offered rate of a scaling point: above what K_max serves")
     p.add_argument("--cv", type=float, default=2.0, help="Gamma arrivals' coefficient of variation")
     p.add_argument("--zipf-alpha", type=float, default=1.5)
@@ -233,9 +236,11 @@ def run_scaling(run: Run, stack: ScaleoutStack, base_dir: Path, models: list[str
     """Every K that fits the budget, ascending (one between the first and the last is dropped first when time is
     short); returns the forecast of one burst run (s)."""
     args, budget = run.args, run.budget
-    requests = generate(WorkloadConfig(tuple(models), args.num_requests, args.rate_rps, "gamma", args.cv,
-                                       args.zipf_alpha, args.prompt_len, 4 * args.prompt_len, args.output_len,
-                                       4 * args.output_len, args.seed))
+    def workload(k: int):
+        return generate(WorkloadConfig(tuple(models), args.num_requests * (k if args.requests_per_worker else 1),
+                                       args.rate_rps, "gamma", args.cv, args.zipf_alpha, args.prompt_len,
+                                       4 * args.prompt_len, args.output_len, 4 * args.output_len, args.seed))
+
     worker_flags = [*WORKER_FLAGS[args.device], *args.worker_flag]
     if "resident" in args.passes and args.resident_tier == "device":
         slots = device_slots(worker_flags)
@@ -263,7 +268,7 @@ def run_scaling(run: Run, stack: ScaleoutStack, base_dir: Path, models: list[str
         t = time.monotonic()
         try:
             seed = {m: run.delta_paths[m] for m in [*models, warm_model]} if "resident" in args.passes else None
-            rows = scale_point(stack, args, k, base_dir, warm_model, requests, budget, worker_flags, run.add_scale_row,
+            rows = scale_point(stack, args, k, base_dir, warm_model, workload(k), budget, worker_flags, run.add_scale_row,
                                keep_s=burst_s * num_burst_runs, seed=seed)
         except RuntimeError as exc:  # a worker that did not start, a client that failed: the other points still run
             run.skip(f"scale K={k}", f"failed: {str(exc)[-1500:]}")
@@ -333,7 +338,8 @@ def main(argv: list[str] | None = None) -> Path:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout` stops us: finally blocks stop the services
     run = Run(args, budget)
     budget.say(f"scale-out on {run.device}: workers {args.workers}, {args.num_models} models, "
-                f"{args.num_requests} requests at {args.rate_rps} req/s, budget {args.budget_s or 'none'}")
+                f"{args.num_requests} requests{' per worker' if args.requests_per_worker else ''} at {args.rate_rps} req/s, "
+                f"budget {args.budget_s or 'none'}")
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="dz-scaleout-"))
     try:
         run_all(run, work)

@@ -104,3 +104,8 @@ def test_resident_pass_runs_alone_and_seeds_worker_caches_with_links(tmp_path):
     copied = tmp_path / "cache" / "ft-000"
     assert (copied / "manifest.json").read_text() == "{}" and (copied / "files" / "finetune.json").is_file()
     assert (copied / "manifest.json").stat().st_ino == (art / "manifest.json").stat().st_ino  # a link, no copy
+
+
+def test_requests_per_worker_is_off_by_default():
+    assert parse_args([]).requests_per_worker is False
+    assert parse_args(["--requests-per-worker"]).requests_per_worker is True
