@@ -84,7 +84,7 @@ def plot_cpu(ax, rows: list[dict]) -> None:
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(runs))],
                   [f"K={r['num_workers']}\n{r.get('pass', '')}" if r["phase"] == "scale" else f"burst\n{r['prefetch']}"
                    for r in runs], fontsize=8)
-    ax.set(ylabel="busiest process of the role (cores)", title="CPU: is something other than the workers the limit?")
+    ax.set(ylabel="busiest service of the role, its processes summed (cores)", title="CPU: is something other than the workers the limit?")
 
 
 def plot(path: Path) -> Path:
