@@ -110,22 +110,8 @@ class WorkerRegistry:
             await pipe.execute()
 
     # -- read by schedulers ----------------------------------------------------------------------------------
-    async def live(self) -> list[WorkerRecord]:
-        """Workers whose heartbeat has not expired, sorted by id; prunes dead ids from the index."""
-        ids = sorted(await self.redis.smembers(keys.workers()))
-        if not ids:
-            return []
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for wid in ids:
-                pipe.hgetall(keys.worker(wid))
-            rows = await pipe.execute()
-        dead = [wid for wid, row in zip(ids, rows) if not row]
-        if dead:
-            await self.redis.srem(keys.workers(), *dead)
-        return [from_hash(WorkerRecord, row) for row in rows if row]
-
     async def ids(self) -> list[str]:
-        """Ids in the index (some may have died: `snapshot` and `live` tell), sorted."""
+        """Ids in the index (some may have died: `snapshot` tells and prunes them), sorted."""
         return sorted(await self.redis.smembers(keys.workers()))
 
     async def snapshot(self, worker_ids: list[str], models: list[str]) -> "ClusterSnapshot":
@@ -170,20 +156,6 @@ class WorkerRegistry:
             rows = await pipe.execute()
         return {tier: list(row) for tier, row in zip(Tier, rows)}
 
-    async def best_tiers(self, worker_ids: list[str], model: str) -> dict[str, Tier | None]:
-        """For each worker, the nearest tier holding `model` (None = only in the store)."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for wid in worker_ids:
-                for tier in Tier:
-                    pipe.zscore(keys.worker_resident(wid, tier.value), model)
-            scores = await pipe.execute()
-        result: dict[str, Tier | None] = {}
-        tiers = list(Tier)
-        for i, wid in enumerate(worker_ids):
-            row = scores[i * len(tiers) : (i + 1) * len(tiers)]
-            result[wid] = next((t for t, s in zip(tiers, row) if s is not None), None)
-        return result
-
     # -- in-flight leases kept by schedulers -----------------------------------------------------------------
     async def admit(self, worker_id: str, request_id: str, limit: int, lease_s: float) -> bool:
         """Atomically take a queue place on the worker unless it holds `limit` live leases (0 = unbounded)."""
@@ -214,14 +186,3 @@ class WorkerRegistry:
     async def alive(self, worker_id: str) -> bool:
         """True while the worker's heartbeat key exists."""
         return bool(await self.redis.exists(keys.worker(worker_id)))
-
-    async def inflight(self, worker_ids: list[str]) -> dict[str, int]:
-        """Requests with a live lease on each worker, over all schedulers."""
-        if not worker_ids:
-            return {}
-        now = now_ms()
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for wid in worker_ids:
-                pipe.zcount(keys.worker_inflight(wid), now, "+inf")
-            counts = await pipe.execute()
-        return dict(zip(worker_ids, (int(c) for c in counts)))

@@ -46,28 +46,33 @@ def test_worker_liveness_expires_and_residency_is_lru(redis_url):
         await workers.heartbeat(WorkerRecord("w1", "127.0.0.1:1", num_running=2),
                                 {Tier.DEVICE: ["old", "new"], Tier.HOST: ["old", "new", "cold"]})
         await workers.heartbeat(WorkerRecord("w2", "127.0.0.1:2"))
-        assert [w.worker_id for w in await workers.live()] == ["w1", "w2"]
+        assert await workers.ids() == ["w1", "w2"]
+        snap = await workers.snapshot(["w1", "w2"], [])
+        assert [w.worker_id for w in snap.records] == ["w1", "w2"] and snap.records[0].num_running == 2
         assert (await workers.get("w1")).num_running == 2
         assert (await workers.residency("w1"))[Tier.DEVICE] == ["old", "new"]
         await workers.set_resident("w1", "old", Tier.DEVICE)  # used again: now most recent
         assert (await workers.residency("w1"))[Tier.DEVICE] == ["new", "old"]
-        tiers = await workers.best_tiers(["w1", "w2"], "cold")
-        assert tiers == {"w1": Tier.HOST, "w2": None}
+        snap = await workers.snapshot(["w1", "w2"], ["cold", "new"])
+        assert snap.nearest == {"cold": {"w1": Tier.HOST, "w2": None}, "new": {"w1": Tier.DEVICE, "w2": None}}
         assert await workers.admit("w2", "r1", limit=2, lease_s=60)
         assert await workers.admit("w2", "r2", limit=2, lease_s=60)
         assert not await workers.admit("w2", "r3", limit=2, lease_s=60)  # full
         assert await workers.admit("w2", "r2", limit=2, lease_s=60)  # a held place is renewed, not refused
-        assert await workers.inflight(["w1", "w2"]) == {"w1": 0, "w2": 2}
+        assert (await workers.snapshot(["w1", "w2"], [])).inflight == {"w1": 0, "w2": 2}
         await workers.release("w2", "r1")
         assert await workers.admit("w1", "gone", limit=1, lease_s=0.05)  # a lease nobody renews expires
         await asyncio.sleep(0.1)
-        assert await workers.inflight(["w1", "w2"]) == {"w1": 0, "w2": 1}
+        assert (await workers.snapshot(["w1", "w2"], [])).inflight == {"w1": 0, "w2": 1}
         assert await workers.admit("w1", "r4", limit=1, lease_s=60)
         await asyncio.sleep(0.2)
         await workers.heartbeat(WorkerRecord("w2", "127.0.0.1:2"))
         await asyncio.sleep(0.2)  # w1 missed its beat
-        assert [w.worker_id for w in await workers.live()] == ["w2"]
-        assert await redis.smembers(keys.workers()) == {"w2"}
+        snap = await workers.snapshot(["w1", "w2"], ["new"])
+        assert [w.worker_id for w in snap.records] == ["w2"] and snap.dead == ["w1"]
+        assert await redis.smembers(keys.workers()) == {"w2"}  # the dead id was pruned from the index
+        assert await workers.ids() == ["w2"]
+        assert await workers.alive("w2") is True and await workers.alive("w1") is False
         await redis.aclose()
 
     run(body())
