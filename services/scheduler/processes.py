@@ -18,8 +18,8 @@ import importlib
 import multiprocessing
 import os
 import signal
-import threading
 import time
+from deltazip.child_process import die_with_parent
 from deltazip.logs import configure_logging, get_logger
 
 log = get_logger("scheduler")
@@ -75,24 +75,8 @@ class ProcessGroup:
 
 
 def _child_main(target: str, config, parent_pid: int) -> None:
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid, lambda: os.kill(os.getpid(), signal.SIGTERM))  # drain like a SIGTERMed scheduler
     module, name = target.split(":")
     serve = getattr(importlib.import_module(module), name)
     configure_logging(config.log_level, service="scheduler")
     asyncio.run(serve(config))
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    try:  # Linux: SIGTERM to us when the parent dies, even by SIGKILL
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-    def watch() -> None:  # elsewhere (or if the parent died before prctl): poll
-        while os.getppid() == parent_pid:
-            time.sleep(1.0)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, daemon=True, name="parent-watch").start()

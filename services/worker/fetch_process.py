@@ -19,13 +19,13 @@ import os
 import pickle
 import signal
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import CancelledError, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 from deltazip.artifact.errors import ArtifactError
+from deltazip.child_process import die_with_parent
 from deltazip.rpc.errors import ServiceError
 from deltazip.security.tls import PLAINTEXT, TlsSettings
 from services.worker.errors import StoreUnavailableError
@@ -101,19 +101,7 @@ class ProcessFetcher:
 def _child_init(parent_pid: int) -> None:
     """Ctrl-C goes to the worker, which stops us; and we exit when the worker dies, even by SIGKILL."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:  # Linux: SIGTERM to us when the parent dies
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-    def watch() -> None:  # elsewhere (and if the parent died before prctl): poll
-        while os.getppid() == parent_pid:
-            time.sleep(1.0)
-        os._exit(0)
-
-    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+    die_with_parent(parent_pid, lambda: os._exit(0))
 
 
 class _ChildState:
