@@ -53,10 +53,11 @@ class EchoWorker(worker_pb2_grpc.WorkerServicer):
             yield chunk
 
 
-async def serve(redis_url: str, port: int, chunk_tokens: int, step_ms: float = 0.0, num_models: int = 0) -> None:
+async def serve(redis_url: str, port: int, chunk_tokens: int, step_ms: float = 0.0, num_models: int = 0,
+                flush_ms: float = 50.0) -> None:
     worker_id = f"echo-{port}"
     server = grpc.aio.server()
-    worker_pb2_grpc.add_WorkerServicer_to_server(EchoWorker(worker_id, chunk_tokens, step_ms), server)
+    worker_pb2_grpc.add_WorkerServicer_to_server(EchoWorker(worker_id, chunk_tokens, step_ms, flush_ms), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     redis = connect(redis_url)
@@ -77,8 +78,9 @@ def main() -> None:
     p.add_argument("--chunk-tokens", type=int, default=1)
     p.add_argument("--step-ms", type=float, default=0.0, help="decode step time paced (0 = as fast as gRPC takes them)")
     p.add_argument("--num-models", type=int, default=0, help="fine-tunes ft-000... published on the device tier")
+    p.add_argument("--flush-ms", type=float, default=50.0, help="the worker's --stream-interval-ms being mimicked")
     args = p.parse_args()
-    asyncio.run(serve(args.redis_url, args.port, args.chunk_tokens, args.step_ms, args.num_models))
+    asyncio.run(serve(args.redis_url, args.port, args.chunk_tokens, args.step_ms, args.num_models, args.flush_ms))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ second), and throughput.
 
 Variants: the scheduler of this checkout with burst prefetch on (its default) and off, and, with --baseline-tree,
 the same two from another checkout (e.g. a `git worktree` of an older commit), interleaved in one run so the
-ratio new / baseline is measured on the same machine at the same time.
+ratio new / baseline is measured on the same machine at the same time. `--flush-ms 50,100,200` repeats them for
+each of the workers' stream flush intervals (the worker's --stream-interval-ms): what fewer, larger chunks save.
 
     python -m bench.sched_cost --baseline-tree /tmp/dz-old --repeats 3     # bench/results/sched-cost-<label>-<date>.json
 """
@@ -48,6 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--step-ms", type=float, default=28.0, help="the fake workers' decode step (28 ms: the 4-GPU run's)")
     p.add_argument("--num-clients", type=int, default=2)
+    p.add_argument("--flush-ms", type=lambda v: [float(x) for x in v.split(",")], default=[50.0],
+                   help="comma-separated stream flush intervals of the fake workers (the worker's default is 50)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--baseline-tree", type=Path, default=None,
                    help="another checkout whose scheduler is measured in the same run (e.g. a git worktree)")
@@ -140,30 +143,37 @@ def main(argv: list[str] | None = None) -> Path:
                 for i in range(args.num_requests)]
     redis_proc = start_redis(work / "redis")
     url = f"redis://{redis_proc.address}/0"
-    fakes = []
     rows = []
     try:
         register_models(url, args.num_models)
-        for _ in range(args.num_workers):
-            cmd = [sys.executable, "-m", "bench.relay_fake_worker", "--redis-url", url, "--port", str(free_port()),
-                   "--chunk-tokens", "8", "--step-ms", str(args.step_ms), "--num-models", str(args.num_models)]
-            fakes.append(subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        time.sleep(3.0)  # imported, serving and heartbeating
-        for rep in range(args.repeats):
-            for name, tree, flags in variants:
-                rows.append(run_variant(name, tree, flags, url, requests, args, rep, work))
+        for flush_ms in args.flush_ms:
+            fakes = []
+            try:
+                for _ in range(args.num_workers):
+                    cmd = [sys.executable, "-m", "bench.relay_fake_worker", "--redis-url", url, "--port",
+                           str(free_port()), "--chunk-tokens", "8", "--step-ms", str(args.step_ms), "--num-models",
+                           str(args.num_models), "--flush-ms", str(flush_ms)]
+                    fakes.append(subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                                                  stderr=subprocess.DEVNULL))
+                time.sleep(3.0)  # imported, serving and heartbeating
+                for rep in range(args.repeats):
+                    for name, tree, flags in variants:
+                        tag = name if len(args.flush_ms) == 1 else f"{name}-flush{flush_ms:g}ms"
+                        rows.append(run_variant(tag, tree, flags, url, requests, args, rep, work))
+            finally:
+                for fake in fakes:
+                    fake.terminate()
+                    fake.wait(30)
+                time.sleep(6.0)  # past the fakes' heartbeat TTL (5 s): the next flush setting's fakes alone
     finally:
-        for fake in fakes:
-            fake.terminate()
-            fake.wait(30)
         stop(redis_proc)
     summary = {}
-    for name, *_ in variants:
+    for name in dict.fromkeys(r["variant"] for r in rows):
         mine = [r for r in rows if r["variant"] == name]
         summary[name] = {key: statistics.median(r[key] for r in mine)
                          for key in ("scheduler_cpu_ms_per_request", "redis_commands_per_request", "throughput_rps")}
     ratios = {}
-    if args.baseline_tree:
+    if args.baseline_tree and len(args.flush_ms) == 1:
         for mode in ("on", "off"):
             new, old = summary[f"this-prefetch-{mode}"], summary[f"baseline-prefetch-{mode}"]
             ratios[f"prefetch-{mode}"] = {

@@ -101,3 +101,18 @@ def test_serving_bench_prefetches_each_mode_to_its_strongest_tier(tmp_path, monk
     assert [e["event"] for e in data["timeline"]][:2] == ["stack started", "deltas pushed"]
     ports = [int(log.stem.rsplit("-", 1)[1]) for log in (work / "logs").glob("*.log")]
     assert len(ports) >= 4 and all(24100 <= p <= 24199 for p in ports)  # store, scheduler, 2 workers
+
+
+def test_sched_cost_measures_each_flush_interval(tmp_path):
+    """bench/sched_cost.py end to end, small: two flush intervals, prefetch on and off."""
+    from bench import sched_cost
+
+    path = sched_cost.main(["--num-models", "3", "--num-workers", "1", "--num-requests", "12", "--output-len", "8",
+                            "--step-ms", "5", "--repeats", "1", "--flush-ms", "5,20", "--out", str(tmp_path),
+                            "--label", "smoke"])
+    result = json.loads(path.read_text())
+    assert len(result["rows"]) == 4 and all(r["num_failed"] == 0 for r in result["rows"])
+    # a 5 ms flush at a 5 ms step sends a chunk per token; 20 ms sends 4 tokens per chunk (after the first alone)
+    by_flush = {r["variant"].rsplit("-", 1)[1]: r["tokens_per_chunk"] for r in result["rows"]}
+    assert by_flush["flush5ms"] == 1.0 and by_flush["flush20ms"] > 2.0
+    assert all(r["scheduler_cpu_ms_per_request"] > 0 and r["redis_commands_per_request"] > 5 for r in result["rows"])
