@@ -20,6 +20,7 @@ import grpc
 
 from deltazip.cluster.connection import connect
 from deltazip.cluster.workers import Tier, WorkerRecord, WorkerRegistry
+from deltazip.rpc.options import server_options
 from deltazip.v1 import common_pb2, worker_pb2_grpc
 
 BASE = "tiny-base"
@@ -56,7 +57,7 @@ class EchoWorker(worker_pb2_grpc.WorkerServicer):
 async def serve(redis_url: str, port: int, chunk_tokens: int, step_ms: float = 0.0, num_models: int = 0,
                 flush_ms: float = 50.0) -> None:
     worker_id = f"echo-{port}"
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=server_options())  # the real services' options (pending-call limits)
     worker_pb2_grpc.add_WorkerServicer_to_server(EchoWorker(worker_id, chunk_tokens, step_ms, flush_ms), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()

@@ -55,6 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--baseline-tree", type=Path, default=None,
                    help="another checkout whose scheduler is measured in the same run (e.g. a git worktree)")
     p.add_argument("--timeout-s", type=float, default=120.0)
+    p.add_argument("--scheduler-log-level", default="warning", help="info logs every request (costs CPU)")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
     p.add_argument("--label", default=f"cpu{os.cpu_count()}")
     args = p.parse_args(argv)
@@ -87,7 +88,7 @@ def start_scheduler(tree: Path, url: str, flags: list[str], log_path: Path) -> t
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH", "")) if p)}
     cmd = [sys.executable, "-m", "services.scheduler", "--host", "127.0.0.1", "--port", str(port), "--redis-url", url,
-           "--base-name", BASE, "--max-queue-per-worker", "0", "--log-level", "warning", *flags]
+           "--base-name", BASE, "--max-queue-per-worker", "0", *flags]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT)
     address = f"127.0.0.1:{port}"
@@ -105,7 +106,8 @@ def redis_calls(client: redis.Redis) -> int:
 
 def run_variant(name: str, tree: Path, flags: list[str], url: str, requests: list[Request], args, rep: int,
                 work: Path) -> dict:
-    proc, address = start_scheduler(tree, url, flags, work / f"scheduler-{name}.log")
+    proc, address = start_scheduler(tree, url, [*flags, "--log-level", args.scheduler_log_level],
+                                    work / f"scheduler-{name}.log")
     client = redis.Redis.from_url(url)
     try:
         send_burst([address], requests[:32], 1, args.timeout_s, f"warm-{name}-{rep}-")
