@@ -70,16 +70,9 @@ class QueueStats:
         pipe.zadd(keys.queue_running(model), {request_id: now_ms() + self.lease_ms})
         pipe.expire(keys.queue_running(model), keys.QUEUE_TTL_S)
 
-    async def renew(self, model: str, request_id: str) -> None:
-        """Extend the request's lease in whichever of pending/running holds it."""
-        expiry = now_ms() + self.lease_ms
-        async with self.redis.pipeline(transaction=True) as pipe:
-            for key in (keys.queue_pending(model), keys.queue_running(model)):
-                pipe.zadd(key, {request_id: expiry}, xx=True)
-            await pipe.execute()
-
     async def renew_many(self, requests: list[tuple[str, str]]) -> None:
-        """`renew` for many (model, request_id) pairs, one round trip."""
+        """Extend the leases of many (model, request_id) pairs in whichever of pending/running holds each (XX: never
+        resurrect a finished one), one round trip."""
         if not requests:
             return
         expiry = now_ms() + self.lease_ms

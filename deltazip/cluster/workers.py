@@ -164,12 +164,9 @@ class WorkerRegistry:
                                   args=[now, limit, request_id, now + int(lease_s * 1000), keys.INFLIGHT_TTL_S])
         return int(taken) > 0
 
-    async def renew(self, worker_id: str, request_id: str, lease_s: float) -> None:
-        """Extend a request's lease while it is still being relayed (XX: never resurrect a released one)."""
-        await self.redis.zadd(keys.worker_inflight(worker_id), {request_id: now_ms() + int(lease_s * 1000)}, xx=True)
-
     async def renew_many(self, worker_id: str, request_ids: list[str], lease_s: float) -> None:
-        """`renew` for many requests on one worker, one command."""
+        """Extend the leases of requests still relayed to the worker (XX: never resurrect a released one), one
+        command."""
         if request_ids:
             expiry = now_ms() + int(lease_s * 1000)
             await self.redis.zadd(keys.worker_inflight(worker_id), dict.fromkeys(request_ids, expiry), xx=True)
@@ -177,11 +174,6 @@ class WorkerRegistry:
     async def release(self, worker_id: str, request_id: str) -> None:
         """The request left the worker (finished, failed or cancelled)."""
         await self.redis.zrem(keys.worker_inflight(worker_id), request_id)
-
-    @staticmethod
-    def queue_release(pipe, worker_id: str, request_id: str) -> None:
-        """`release`'s command, added to a pipeline the caller executes."""
-        pipe.zrem(keys.worker_inflight(worker_id), request_id)
 
     async def alive(self, worker_id: str) -> bool:
         """True while the worker's heartbeat key exists."""

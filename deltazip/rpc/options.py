@@ -18,14 +18,15 @@ def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[st
     ]
 
 
-def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
-    """Options for every grpc.aio server."""
+def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES, reuse_port: bool = False) -> list[tuple[str, int]]:
+    """Options for every grpc.aio server. `reuse_port`: several processes of one service share the port
+    (SO_REUSEPORT; the kernel spreads new connections over them); off, a port already taken is an error."""
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", int(reuse_port)),
         # Calls that arrive while the asyncio loop is busy wait in gRPC core's queue until the server takes them.
         # Past its defaults (1000 waiting), core cancels calls: 3000 concurrent streams to one aio server got 20-40%
         # CANCELLED without the servicer seeing them (2-core box), and 8 of 9600 did in the 4-GPU scale-out run.

@@ -36,13 +36,12 @@ class RpcServer:
 
     def __init__(self, bind: str, registrations: list[Registration], max_message_bytes: int = MAX_MESSAGE_BYTES,
                  tls: TlsSettings = PLAINTEXT, reuse_port: bool = False):
-        """`reuse_port`: several processes of one service share the port (SO_REUSEPORT; the kernel spreads new
-        connections over them); off by default, so a port already taken is an error."""
+        """`reuse_port`: see `server_options`."""
         self.bind = bind
         self.tls = tls
         self.registrations = registrations
-        options = [(k, int(reuse_port) if k == "grpc.so_reuseport" else v) for k, v in server_options(max_message_bytes)]
-        self.server = grpc.aio.server(options=options, interceptors=[MalformedRequestInterceptor()])
+        self.server = grpc.aio.server(options=server_options(max_message_bytes, reuse_port),
+                                      interceptors=[MalformedRequestInterceptor()])
         self.health = health.aio.HealthServicer()
         self.port = 0
         self._stopped = asyncio.Event()

@@ -21,7 +21,6 @@ from deltazip.rpc.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.scheduler.routing import Candidate
 
 WORKER_IDS_TTL_S = 1.0  # the worker id index (SMEMBERS) is re-read at most this often; records are read every time
-_UNREAD = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,16 +61,12 @@ class ClusterView:
         """The registry entry of `name` and the published base, in one round trip (then `resolve`)."""
         return await self.models.get_with_base(name)
 
-    async def resolve(self, name: str, record: ModelRecord | None = None, published=_UNREAD) -> ResolvedModel:
-        """The model called `name`, or NOT_FOUND telling the caller how to fix it; `record` and `published` (the
-        base record): what `lookup` read, when the caller already has them (no further round trip)."""
+    def resolve(self, name: str, record: ModelRecord | None, published: BaseRecord | None) -> ResolvedModel:
+        """The model called `name`, or NOT_FOUND telling the caller how to fix it, from what `lookup` read: its
+        registry entry and the published base."""
         if not name:
             raise InvalidArgument("model name is empty; name a model (list them with `deltazip models`)")
-        if published is _UNREAD:
-            record = record if record is not None else await self.models.get(name)
-            base = await self.base()
-        else:
-            base = self._base(published)
+        base = self._base(published)
         if record is not None:
             if record.base_identity and base is not None and base.base_identity and record.base_identity != base.base_identity:
                 raise FailedPrecondition(

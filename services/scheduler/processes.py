@@ -19,6 +19,7 @@ import multiprocessing
 import os
 import signal
 import time
+
 from deltazip.child_process import die_with_parent
 from deltazip.logs import configure_logging, get_logger
 

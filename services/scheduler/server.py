@@ -50,7 +50,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         record, published = await self.view.lookup(name)  # checked first: no other status may hint that it exists
         if record is not None and not can_see(principal, record.ownership()):
             raise self.view.not_found(name)
-        return await self.view.resolve(name, record, published)
+        return self.view.resolve(name, record, published)
 
     @rpc_method
     async def Generate(self, request, context):

@@ -121,7 +121,7 @@ def test_queue_entries_of_a_dead_scheduler_expire_with_their_lease(redis_url):
         await dying.arrive("m", "orphan")  # its scheduler is killed: nobody renews or finishes it
         await alive.arrive("m", "kept")
         await asyncio.sleep(0.3)
-        await alive.renew("m", "kept")
+        await alive.renew_many([("m", "kept")])
         assert (await alive.get("m")).pending == 1
         await redis.aclose()
 
