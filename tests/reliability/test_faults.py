@@ -174,6 +174,11 @@ def test_redis_restart_with_aof_keeps_registry_and_recovers(fstack):
     else:
         raise AssertionError(f"stack did not recover after the Redis restart: {last}")
     assert done.token_ids == fstack.reference("ft-b", "hello world")
+    # the request above may have run on w1 as soon as w1 was back; w0 re-registers on one of its next heartbeats
+    # (every 0.3 s, after its own reconnect): give it a few, not the one that races w1's
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not fstack.r.exists(keys.worker("w0")):
+        time.sleep(0.1)
     assert fstack.r.smembers(keys.workers()) >= {"w0", "w1"} or fstack.r.exists(keys.worker("w0"))
 
 
