@@ -31,10 +31,12 @@ def configure_logging(level: str = "info", service: str = "") -> None:
     )
 
 
-def _stderr_logger(*_args) -> structlog.PrintLogger:
-    """A PrintLogger on the sys.stderr of the moment: a stream bound once at configure time goes stale when
-    stderr is replaced (a closed test capture made every later line raise ValueError)."""
-    return structlog.PrintLogger(file=sys.stderr)
+def _stderr_logger(*_args) -> structlog.WriteLogger:
+    """A logger on the sys.stderr of the moment: a stream bound once at configure time goes stale when stderr is
+    replaced (a closed test capture made every later line raise ValueError). Each line is one write, newline
+    included: processes sharing one log (a scheduler's --processes children) never run two lines together, as
+    print's separate write of the newline did with unbuffered stderr."""
+    return structlog.WriteLogger(file=sys.stderr)
 
 
 # Tracebacks as dicts, without the frames' local variables (structlog's default shows them): a local may

@@ -36,3 +36,20 @@ def test_lines_go_to_the_stderr_of_the_moment(monkeypatch):
     monkeypatch.setattr(sys, "stderr", second)
     get_logger("test").info("to_second")
     assert json.loads(second.getvalue().strip())["event"] == "to_second"
+
+
+def test_each_line_is_one_write(monkeypatch):
+    """Processes writing one log file must not interleave inside a line: message and newline go in one write."""
+    writes = []
+
+    class Recorder(io.StringIO):
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return super().write(text)
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    configure_logging("info", service="test")
+    get_logger("test").info("one_line", n=1)
+    get_logger("test").info("another_line", n=2)
+    assert len(writes) == 2 and all(w.endswith("\n") and w.count("\n") == 1 for w in writes)
+    assert [json.loads(w)["event"] for w in writes] == ["one_line", "another_line"]
