@@ -483,7 +483,7 @@ def _launch_triton(common, x, n, k, group_size, num_groups, bits, asym, launch: 
 
 @functools.lru_cache(maxsize=256)
 def _spmma_constexprs(k, group_size, num_groups, dtype, block_m, block_n, num_warps, splits=1,
-                      prefetch=True, bits=4) -> dict:
+                      prefetch=True, bits=4, pdl=False) -> dict:
     """Compile-time arguments of one sparse-MMA launch (kernels/sbmm_spmma.py on sp4 words, symmetric 4-bit;
     bits 2: kernels/sbmm_spmma2.py on sp2 words)."""
     name = "f16" if dtype == torch.float16 else "bf16"
@@ -494,7 +494,7 @@ def _spmma_constexprs(k, group_size, num_groups, dtype, block_m, block_n, num_wa
     scale_mode = sbmm_triton.SCALE_ROW if num_groups == 1 else sbmm_triton.SCALE_TILE
     return dict(K=k, GROUP_SIZE=k if num_groups == 1 else group_size, SCALE_MODE=scale_mode, BLOCK_M=block_m,
                 BLOCK_N=block_n, EXPAND=expand, MMA0=mma0, MMA1=mma1, CONSTRAINTS_E=cons_e, CONSTRAINTS_M=cons_m,
-                L_SEG=sbmm_gluon.seg_layout(num_warps), SPLIT_K=splits, PREFETCH=prefetch,
+                L_SEG=sbmm_gluon.seg_layout(num_warps), SPLIT_K=splits, PREFETCH=prefetch, PDL=pdl,
                 **module.layouts(block_n, block_m, num_warps))
 
 
@@ -544,8 +544,9 @@ def _launch_sparse_mma(x, y, qweight, meta, scales, seg_starts, seg_slots, bits,
     splits, sp2 = launch.splits, launch.kernel == "spmma2"
     grid = (n // launch.block_n, t // launch.block_m + launch.live_segments, splits)
     ws, counters = _split_workspace(splits, t, n, grid, x.device, workspace)
+    pdl = bool(launch.config.get("pdl", False))
     const = _spmma_constexprs(k, group_size, num_groups, x.dtype, launch.block_m, launch.block_n, launch.num_warps,
-                              splits, int(launch.config.get("prefetch", True)), bits)
+                              splits, int(launch.config.get("prefetch", True)), bits, pdl)
     # the B order (sp2 too): 16-byte x loads (T x K x 2 bytes, small next to the deltas); one copy per workspace x
     xs = workspace.sp_x(x) if workspace is not None else spmma_layout.sp4_x(x)
     kernel = sbmm_spmma2._sbmm_spmma2_kernel if sp2 else sbmm_spmma._sbmm_spmma_kernel
@@ -553,4 +554,4 @@ def _launch_sparse_mma(x, y, qweight, meta, scales, seg_starts, seg_slots, bits,
         xs.view(torch.int32), y, xs.stride(0) // 2, y.stride(0), qweight, meta, scales,
         qweight.stride(0), meta.stride(0), scales.stride(0), scales.stride(1),
         seg_starts, seg_slots, seg_slots.shape[0], qweight.shape[0], ws, counters, t * n, n,
-        MAX_SEGS=launch.max_segs, num_warps=launch.num_warps, **const)
+        MAX_SEGS=launch.max_segs, num_warps=launch.num_warps, launch_pdl=pdl, **const)

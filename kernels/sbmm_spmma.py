@@ -115,6 +115,27 @@ def _load_step(x_rows, qw_tile, meta_tile, k0, WORDS_PER_COL2: gl.constexpr):
 
 
 @gluon.jit
+def _load_delta(qw_tile, meta_tile, k0, WORDS_PER_COL2: gl.constexpr):
+    """One K step's words and meta words (what `_load_step` loads besides x)."""
+    return gl.load(qw_tile + WORDS_PER_COL2 * k0), gl.load(meta_tile + 2 * k0)
+
+
+@gluon.jit
+def gdc_wait():
+    """griddepcontrol.wait: block until the grids this launch depends on (programmatic dependent launch) have
+    finished and their writes are visible; a no-op in a launch without PDL."""
+    gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def gdc_launch_dependents():
+    """griddepcontrol.launch_dependents: the next PDL launch on the stream may start once every program of this
+    one has run this (or exited); a no-op otherwise."""
+    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False,
+                              pack=1)
+
+
+@gluon.jit
 def _scaled(acc, part, s_lo, s_hi):
     """acc + part * scale, c0/c1 on row g, c2/c3 on row g + 8 (s_lo / s_hi: fp32 [RB, 1, 32])."""
     return (acc[0] + part[0] * s_lo, acc[1] + part[1] * s_lo, acc[2] + part[2] * s_hi, acc[3] + part[3] * s_hi)
@@ -141,15 +162,24 @@ def _k_loop(acc, zero, x_rows, qw_tile, meta_tile, k_lo, k_hi, scale_lo, scale_h
             STEP: gl.constexpr, WORDS_PER_COL2: gl.constexpr, PREFETCH: gl.constexpr, GROUP_SIZE: gl.constexpr,
             SCALE_MODE: gl.constexpr, HALF_SCALES: gl.constexpr, EXPAND: gl.constexpr, MMA0: gl.constexpr,
             MMA1: gl.constexpr, CONSTRAINTS_E: gl.constexpr, CONSTRAINTS_M: gl.constexpr, L_A: gl.constexpr,
-            L_B: gl.constexpr):
+            L_B: gl.constexpr, PDL: gl.constexpr):
     """acc + the K steps k_lo..k_hi (STEP columns each) of both sparse-MMA kernels; K_STEP is the kernel's step
     (this module's `_k_step`, or kernels/sbmm_spmma2.py's). PREFETCH 0: each step's loads, then its MMAs; 1: the
     next step's loads in flight during this step's MMAs (the last step re-reads itself); 2: two steps in flight,
-    buffers a and b, each reloaded two steps ahead right after its MMAs, so no register move waits on a load."""
+    buffers a and b, each reloaded two steps ahead right after its MMAs, so no register move waits on a load.
+    PDL: the launch is a programmatic dependent one; the prefetched deltas are loaded before `gdc_wait`, x (which
+    the previous launch may write) only after it."""
     if PREFETCH == 2:
         last = k_hi - STEP
-        xa, qa, ma = _load_step(x_rows, qw_tile, meta_tile, k_lo, WORDS_PER_COL2)
-        xb, qw, mw = _load_step(x_rows, qw_tile, meta_tile, gl.minimum(k_lo + STEP, last), WORDS_PER_COL2)
+        if PDL:  # the deltas of the first two steps before the wait (no earlier launch writes them), x after
+            qa, ma = _load_delta(qw_tile, meta_tile, k_lo, WORDS_PER_COL2)
+            qw, mw = _load_delta(qw_tile, meta_tile, gl.minimum(k_lo + STEP, last), WORDS_PER_COL2)
+            gdc_wait()
+            xa = gl.load(x_rows + k_lo // 2)
+            xb = gl.load(x_rows + gl.minimum(k_lo + STEP, last) // 2)
+        else:
+            xa, qa, ma = _load_step(x_rows, qw_tile, meta_tile, k_lo, WORDS_PER_COL2)
+            xb, qw, mw = _load_step(x_rows, qw_tile, meta_tile, gl.minimum(k_lo + STEP, last), WORDS_PER_COL2)
         for k0 in range(k_lo, last, 2 * STEP):  # whole pairs of steps (a trailing odd step below)
             acc = K_STEP(acc, zero, xa, qa, ma, k0, scale_lo, scale_hi, GROUP_SIZE, SCALE_MODE, HALF_SCALES, EXPAND,
                          MMA0, MMA1, CONSTRAINTS_E, CONSTRAINTS_M, L_A, L_B)
@@ -162,7 +192,14 @@ def _k_loop(acc, zero, x_rows, qw_tile, meta_tile, k_lo, k_hi, scale_lo, scale_h
                          MMA0, MMA1, CONSTRAINTS_E, CONSTRAINTS_M, L_A, L_B)
     else:
         if PREFETCH:
-            xb, qw, mw = _load_step(x_rows, qw_tile, meta_tile, k_lo, WORDS_PER_COL2)
+            if PDL:
+                qw, mw = _load_delta(qw_tile, meta_tile, k_lo, WORDS_PER_COL2)
+                gdc_wait()
+                xb = gl.load(x_rows + k_lo // 2)
+            else:
+                xb, qw, mw = _load_step(x_rows, qw_tile, meta_tile, k_lo, WORDS_PER_COL2)
+        elif PDL:
+            gdc_wait()
         for k0 in range(k_lo, k_hi, STEP):
             if PREFETCH:
                 xb_n, qw_n, mw_n = _load_step(x_rows, qw_tile, meta_tile, gl.minimum(k0 + STEP, k_hi - STEP),
@@ -191,7 +228,7 @@ def _sbmm_spmma_kernel(
     EXPAND: gl.constexpr, MMA0: gl.constexpr, MMA1: gl.constexpr,
     CONSTRAINTS_E: gl.constexpr, CONSTRAINTS_M: gl.constexpr,
     L_S: gl.constexpr, L_W: gl.constexpr, L_META: gl.constexpr, L_X: gl.constexpr, L_SEG: gl.constexpr,
-    SPLIT_K: gl.constexpr, PREFETCH: gl.constexpr,
+    SPLIT_K: gl.constexpr, PREFETCH: gl.constexpr, PDL: gl.constexpr = False,
 ):
     RB: gl.constexpr = BLOCK_N // 16
     TB: gl.constexpr = BLOCK_M // 8
@@ -200,7 +237,11 @@ def _sbmm_spmma_kernel(
 
     m_start, m_end, slot = _find_tile(gl.program_id(1), seg_starts_ptr, seg_slots_ptr, num_segments, num_slots,
                                       BLOCK_M, MAX_SEGS, L_SEG)
+    if PDL:  # the next launch may start its own prologue (and delta loads) once all of this one is running
+        gdc_launch_dependents()
     if m_end <= m_start:
+        if PDL:  # exit only after the launch this one depends on: a launch after this one relies on it
+            gdc_wait()
         return
     n0 = gl.program_id(0) * BLOCK_N
     pid_k = gl.program_id(2)
@@ -229,7 +270,8 @@ def _sbmm_spmma_kernel(
     zero = gl.zeros([RB, TB, 32], gl.float32, layout=L_S)
     acc = (zero, zero, zero, zero)
     acc = _k_loop(acc, zero, x_rows, qw_tile, meta_tile, k_lo, k_hi, scale_lo, scale_hi, _k_step, STEP_K, 4,
-                  PREFETCH, GROUP_SIZE, SCALE_MODE, False, EXPAND, MMA0, MMA1, CONSTRAINTS_E, CONSTRAINTS_M, L_A, L_B)
+                  PREFETCH, GROUP_SIZE, SCALE_MODE, False, EXPAND, MMA0, MMA1, CONSTRAINTS_E, CONSTRAINTS_M, L_A, L_B,
+                  PDL)
     if SCALE_MODE == 0:  # one scale per row: applied once
         s_lo = gl.expand_dims(gl.load(scale_lo).to(gl.float32), 1)
         s_hi = gl.expand_dims(gl.load(scale_hi).to(gl.float32), 1)
