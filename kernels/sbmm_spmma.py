@@ -228,7 +228,7 @@ def _sbmm_spmma_kernel(
     EXPAND: gl.constexpr, MMA0: gl.constexpr, MMA1: gl.constexpr,
     CONSTRAINTS_E: gl.constexpr, CONSTRAINTS_M: gl.constexpr,
     L_S: gl.constexpr, L_W: gl.constexpr, L_META: gl.constexpr, L_X: gl.constexpr, L_SEG: gl.constexpr,
-    SPLIT_K: gl.constexpr, PREFETCH: gl.constexpr, PDL: gl.constexpr = False,
+    SPLIT_K: gl.constexpr, PREFETCH: gl.constexpr, PDL: gl.constexpr = False, X_DENSE: gl.constexpr = False,
 ):
     RB: gl.constexpr = BLOCK_N // 16
     TB: gl.constexpr = BLOCK_M // 8
@@ -264,7 +264,10 @@ def _sbmm_spmma_kernel(
     lane_x = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, L_X)))
     n_x = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, L_X)))
     tok_x = gl.minimum(m_start + 8 * tb_x[:, None] + lane_x[None, :] // 4, m_end - 1)
-    x_rows = x_ptr + (tok_x * stride_xm + 16 * (lane_x[None, :] % 4))[:, :, None] + n_x[None, None, :]
+    if X_DENSE:  # x as given: pair 4n + t of the step, one 4-byte load per register (no sp4_x copy)
+        x_rows = x_ptr + (tok_x * stride_xm + lane_x[None, :] % 4)[:, :, None] + 4 * n_x[None, None, :]
+    else:
+        x_rows = x_ptr + (tok_x * stride_xm + 16 * (lane_x[None, :] % 4))[:, :, None] + n_x[None, None, :]
     scale_lo, scale_hi = _scale_rows(scales_ptr, slot64, stride_ss, stride_sn, n0, RB, L_A)
 
     zero = gl.zeros([RB, TB, 32], gl.float32, layout=L_S)
