@@ -10,8 +10,9 @@ GEMM alone and base GEMM followed by SBMM. --sweep instead times kernel/config v
 Timing: each measurement is a CUDA graph of many back-to-back calls, every call on different delta slots
 (and base weights), so no call finds its deltas in L2 and no host launch overhead is counted; the host
 cost of one apply call is reported separately (host_us). `us` is a call on its own (a fresh split-K counter
-buffer, so a memset, and a copy of x for the sparse-MMA kernels); `us_workspace` is a call as the worker makes
-it, with an sbmm.Workspace shared by the graph's calls (counters zeroed once, x still copied per call). Word layouts (--variants): 4t = 4-bit 2:4 words and meta
+buffer, so a memset, and a copy of x for the sparse-MMA kernels unless the config reads x as given, `x_dense`);
+`us_workspace` is a call as the worker makes it, with an sbmm.Workspace shared by the graph's calls (counters
+zeroed once, x still copied per call where it is copied). Word layouts (--variants): 4t = 4-bit 2:4 words and meta
 tile-major and 2d2 = 2-bit dense2 words, the layouts the worker keeps on CUDA (kernels/layout.py); 4sp = 4-bit
 words and meta in the sp4 order of the sparse-MMA kernel (kernels/sbmm_spmma.py, opt-in), 2sp = 2-bit in the
 sp2 order of kernels/sbmm_spmma2.py (opt-in); 4 and 2 = the

@@ -45,9 +45,9 @@ def pick_config(kernel: str, device_name: str, rows_per_segment: float, bits: in
                 n: int | None = None, segments: int | None = None, table: dict | None = None) -> dict:
     """Tuned launch config: the first entry whose max_rows (null: any) covers the mean rows per segment, whose
     optional `bits` list holds the launch's code width (2, 4, or "dense2" for dense2 words), whose optional
-    `min_n` the output width `n` reaches, and whose optional `min_programs` the launch's (n-block, tile) programs
-    before any K split reach with the entry's own tiles: ceil(n / BLOCK_N) x segments x ceil(rows / BLOCK_M)
-    (an entry with min_n or min_programs never matches when n or segments is not given). Tables: "gluon",
+    `min_n` the output width `n` reaches, and whose optional `min_programs` (`max_programs`) the launch's (n-block,
+    tile) programs before any K split reach (do not pass) with the entry's own tiles: ceil(n / BLOCK_N) x segments
+    x ceil(rows / BLOCK_M) (an entry with min_n or a program bound never matches when n or segments is not given). Tables: "gluon",
     "triton", and the sparse-MMA kernels' own "spmma" (sp4 words) and "spmma2" (sp2 words). table: another
     table of kernels/sbmm_configs.json's form instead of it (benchmarks time an older table against it)."""
     table = table if table is not None else _configs()
@@ -60,9 +60,12 @@ def pick_config(kernel: str, device_name: str, rows_per_segment: float, bits: in
         if "min_programs" in entry and (n is None or segments is None or _programs(
                 entry, n, segments, rows_per_segment) < entry["min_programs"]):
             continue
+        if "max_programs" in entry and (n is None or segments is None or _programs(
+                entry, n, segments, rows_per_segment) > entry["max_programs"]):
+            continue
         if entry["max_rows"] is None or rows_per_segment <= entry["max_rows"]:
             return {key: value for key, value in entry.items()
-                    if key not in ("max_rows", "bits", "min_n", "min_programs")}
+                    if key not in ("max_rows", "bits", "min_n", "min_programs", "max_programs")}
     raise AssertionError(f"{CONFIG_FILE}: {kernel} has no catch-all entry")
 
 

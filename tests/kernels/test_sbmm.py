@@ -379,6 +379,38 @@ def test_sparse_mma_launches_take_their_own_tuned_tables(sp):
     assert sbmm.plan(many[:8 * 16], 4096, 4096, bits, 32, 128, False, 8, **{sp: True}).block_n == 64
 
 
+def test_decode_launches_read_x_as_given_where_the_tables_say():
+    """x_dense (no sp4_x copy per call; bench/sbmm_options.py, session 13): sp4 at every BLOCK_M 8 entry (decode),
+    sp2 only up to 512 programs (8 deltas at N 4096: it costs 2-bit launches with more programs); 16-row blocks
+    never (4-byte x loads double their load instructions)."""
+    x = torch.zeros(64 * 16, 4096)
+    sp4 = {(n, num, rows): sbmm.plan(x[:num * rows], n, 4096, 4, 32, 128, False, num, sp4=True).config
+           for n in (4096, 11008) for num in (1, 8, 64) for rows in (1, 4, 16)}
+    assert all(c.get("x_dense", False) == (c["BLOCK_M"] == 8) for c in sp4.values())
+    assert sp4[4096, 8, 1]["x_dense"] and not sp4[4096, 8, 16].get("x_dense", False)
+
+    def sp2(n, num, rows):
+        return sbmm.plan(x[:num * rows], n, 4096, 2, 32, 128, False, num, sp2=True).config
+
+    assert sp2(4096, 8, 1).get("x_dense") and sp2(4096, 8, 4).get("x_dense") and sp2(4096, 1, 1).get("x_dense")
+    assert not sp2(4096, 16, 1).get("x_dense", False) and not sp2(11008, 8, 1).get("x_dense", False)
+    assert not sp2(4096, 8, 16).get("x_dense", False)
+
+
+def test_pick_config_max_programs():
+    """An entry with max_programs matches only launches with at most that many (n-block, tile) programs, and
+    never when n or segments is unknown; the bound is not part of the launch config."""
+    entry = {"max_rows": 8, "max_programs": 512, "BLOCK_M": 8, "BLOCK_N": 64, "tag": "small"}
+    table = {"default": {"spmma": [entry, {"max_rows": None, "BLOCK_M": 16, "BLOCK_N": 64, "tag": "any"}]}}
+
+    def pick(n, segments, rows=1):
+        return sbmm.pick_config("spmma", "cpu", rows, 4, n, segments, table=table)["tag"]
+
+    assert pick(4096, 8) == "small" and pick(4096, 8, 8) == "small"
+    assert pick(4096, 9) == "any" and pick(8192, 8) == "any" and pick(None, 8) == "any" and pick(4096, None) == "any"
+    assert "max_programs" not in sbmm.pick_config("spmma", "cpu", 1, 4, 4096, 8, table=table)
+
+
 def test_sbmm_rejects_bad_shapes():
     stack, x, y, starts, slots = make_case(32, 64, 4, None, True, torch.float32, "one", "cpu")
     with pytest.raises(ValueError):

@@ -226,6 +226,68 @@ def test_spmma_segments_hint_and_padded_segments_gpu(bits, k):
         torch.testing.assert_close(y_kernel.float(), y_ref.float(), **TOL[torch.float16])
 
 
+@gpu
+@pytest.mark.parametrize("options", [{"x_dense": True}, {"pdl": True}, {"x_dense": True, "pdl": True}])
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+@pytest.mark.parametrize("bits,k,group,dtype", [(4, 1408, 128, torch.float16), (4, 1408, None, torch.bfloat16),
+                                                (2, 2816, 128, torch.float16), (2, 2816, 256, torch.bfloat16)])
+def test_sparse_mma_launch_options_gpu(options, prefetch, bits, k, group, dtype):
+    """x_dense (x read as given: no sp4_x copy) and pdl (programmatic dependent launch) against the reference,
+    split and unsplit, at 8 and 16 rows per block; an x with an odd storage offset (not readable as pairs: the
+    wrapper copies it) too."""
+    if options.get("pdl") and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("programmatic dependent launch needs sm_90")
+    n = 512
+    stack, x, y, starts, slots = make_case(n, k, bits, group, True, dtype, "odd", "cuda", seed=7)
+    for block_m in (8, 16):
+        for min_ctas in (0, 10**6):
+            cfg = dict(BLOCK_M=block_m, BLOCK_N=64, num_warps=2, min_ctas=min_ctas, prefetch=prefetch, **options)
+            y_kernel, y_ref = run_sparse_mma(bits, stack, x, y, starts, slots, n, k, config=cfg)
+            torch.testing.assert_close(y_kernel.float(), y_ref.float(), **TOL[dtype])
+    odd = torch.empty(x.numel() + 1, dtype=dtype, device="cuda")[1:].view(x.shape)  # storage offset 1
+    odd.copy_(x)
+    cfg = dict(BLOCK_M=8, BLOCK_N=64, num_warps=2, prefetch=prefetch, **options)
+    y_kernel, y_ref = run_sparse_mma(bits, stack, odd, y, starts, slots, n, k, config=cfg)
+    torch.testing.assert_close(y_kernel.float(), y_ref.float(), **TOL[dtype])
+
+
+@gpu
+@pytest.mark.parametrize("bits", [4, 2])
+def test_pdl_launches_in_sequence_and_in_a_graph_gpu(bits):
+    """Back-to-back PDL launches on one y, with launches whose programs all exit early (no segment has a delta)
+    in between, eager and captured in a CUDA graph: bitwise the results of plain launches (same arithmetic,
+    same split order). A launch that exits early still waits for the one before it, or the launch after it could
+    read y before the one before has written it."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("programmatic dependent launch needs sm_90")
+    n, k = 1024, 2048
+    stack, x, y0, starts, slots = make_case(n, k, bits, 128, True, torch.float16, "many", "cuda", seed=8)
+    pack = spmma_layout.pack_sp4 if bits == 4 else spmma_layout.pack_sp2
+    q, m = pack(stack["qweight"], stack["meta"])
+    none = torch.full_like(slots, -1)
+    order = [slots, none, slots.flip(0), none, none, slots]
+
+    def run(y, pdl, ws):
+        for s in order:
+            sbmm.sbmm(x, y, q, m, stack["scales"], None, starts, s, bits, sp4=bits == 4, sp2=bits == 2,
+                      config=dict(BLOCK_M=8, BLOCK_N=64, num_warps=2, min_ctas=10**6, pdl=pdl), workspace=ws)
+
+    results = []
+    for pdl in (False, True):
+        ws = sbmm.Workspace(x.device)
+        eager = y0.clone()
+        run(eager, pdl, ws)
+        captured = y0.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run(captured, pdl, ws)
+        graph.replay()
+        torch.cuda.synchronize()
+        results += [eager, captured]
+    for other in results[1:]:
+        assert torch.equal(other, results[0])
+
+
 def test_sp4_path_rejects_what_it_cannot_run():
     """Off CUDA (or asymmetric, 2-bit, shapes that do not tile) the opt-in sp4 path raises instead of guessing."""
     stack, x, y, starts, slots = make_case(64, 128, 4, None, True, torch.float16, "one", "cpu")
