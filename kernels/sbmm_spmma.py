@@ -22,10 +22,12 @@ With g = lane >> 2, t = lane & 3:
 A K step is 128 columns = 4 instructions j; per 16-row block a lane loads 4 words (one per j, 16 bytes) and
 2 meta words (8 bytes). B regs (K 32j + 8m + 2t: a group's 4 columns are split over two lanes) would be 16
 four-byte loads of x in dense order, so the wrapper hands the kernel x in the sp4 B order (kernels/spmma_layout.py
-`sp4_x`: a lane's 16 pairs of a step are contiguous, four 16-byte loads per token block). With PREFETCH the next
-step's words, meta and x are loaded before this step's MMAs (registers; the last step re-reads itself); PREFETCH 2
-keeps two steps in flight (two register buffers, each reloaded right after its MMAs: no moves that would wait on
-a load). Scales (per row, or per group that is a multiple of 128 columns) multiply the fp32 product of each step,
+`sp4_x`: a lane's 16 pairs of a step are contiguous, four 16-byte loads per token block); with X_DENSE the kernel
+reads x as given instead, sixteen 4-byte loads, which at BLOCK_M 8 costs less than the copy's own launch (decode;
+docs/kernels.md run 18). PDL: programmatic dependent launch (`gdc_wait`; docs/kernels.md run 18). With PREFETCH
+the next step's words, meta and x are loaded before this step's MMAs (registers; the last step re-reads itself);
+PREFETCH 2 keeps two steps in flight (two register buffers, each reloaded right after its MMAs: no moves that
+would wait on a load). Scales (per row, or per group that is a multiple of 128 columns) multiply the fp32 product of each step,
 like the dense2 RAW path.
 """
 
