@@ -27,8 +27,8 @@ reads x as given instead, sixteen 4-byte loads, which at BLOCK_M 8 costs less th
 docs/kernels.md run 18). PDL: programmatic dependent launch (`gdc_wait`; docs/kernels.md run 18). With PREFETCH
 the next step's words, meta and x are loaded before this step's MMAs (registers; the last step re-reads itself);
 PREFETCH 2 keeps two steps in flight (two register buffers, each reloaded right after its MMAs: no moves that
-would wait on a load). Scales (per row, or per group that is a multiple of 128 columns) multiply the fp32 product of each step,
-like the dense2 RAW path.
+would wait on a load). Scales (per row, or per group that is a multiple of 128 columns) multiply the fp32 product
+of each step, like the dense2 RAW path.
 """
 
 from triton.experimental import gluon
