@@ -234,7 +234,7 @@ def test_spmma_segments_hint_and_padded_segments_gpu(bits, k):
 def test_sparse_mma_launch_options_gpu(options, prefetch, bits, k, group, dtype):
     """x_dense (x read as given: no sp4_x copy) and pdl (programmatic dependent launch) against the reference,
     split and unsplit, at 8 and 16 rows per block; an x with an odd storage offset (not readable as pairs: the
-    wrapper copies it) too."""
+    wrapper copies it) and one with a row stride past K (a column slice, read in place) too."""
     if options.get("pdl") and torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("programmatic dependent launch needs sm_90")
     n = 512
@@ -246,9 +246,12 @@ def test_sparse_mma_launch_options_gpu(options, prefetch, bits, k, group, dtype)
             torch.testing.assert_close(y_kernel.float(), y_ref.float(), **TOL[dtype])
     odd = torch.empty(x.numel() + 1, dtype=dtype, device="cuda")[1:].view(x.shape)  # storage offset 1
     odd.copy_(x)
+    wide = torch.empty(x.shape[0], k + 64, dtype=dtype, device="cuda")[:, 32:32 + k]  # a row stride past K
+    wide.copy_(x)
     cfg = dict(BLOCK_M=8, BLOCK_N=64, num_warps=2, prefetch=prefetch, **options)
-    y_kernel, y_ref = run_sparse_mma(bits, stack, odd, y, starts, slots, n, k, config=cfg)
-    torch.testing.assert_close(y_kernel.float(), y_ref.float(), **TOL[dtype])
+    for x_in in (odd, wide):
+        y_kernel, y_ref = run_sparse_mma(bits, stack, x_in, y, starts, slots, n, k, config=cfg)
+        torch.testing.assert_close(y_kernel.float(), y_ref.float(), **TOL[dtype])
 
 
 @gpu
