@@ -24,5 +24,8 @@ def test_bench_worker_tiny_writes_rows(tmp_path):
     assert [r["bits"] for r in by_part["load"]] == [2, 4] and all(0 < r["h2d_fraction"] for r in by_part["load"])
     assert {r["num_deltas"] for r in by_part["step"]} == {0, 1, 8, 32} and all(r["step_vs_base"] > 0
                                                                                for r in by_part["step"])
+    for r in by_part["step"]:  # delta rows say whether one step or all of them set the mean
+        if r["num_deltas"]:
+            assert 0 < r["median_step_us"] <= r["max_step_us"] and r["num_steps_over_2x_median"] >= 0
     assert {r["mode"] for r in by_part["modes"]} == {"swap", "dense-delta", "delta"}
     assert all("throughput_vs_swap" in r for r in by_part["modes"])
