@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed-v1
 TORCH_CPU := torch==2.13.0
 
-.PHONY: install demo test test-fast protos redis bench-gpu bench-gpu-matrix bench-scaleout clean
+.PHONY: install demo test test-fast protos redis bench-gpu bench-gpu-matrix bench-sbmm bench-scaleout clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ bench-gpu:
 # (scripts/bench_gpu_matrix.sh for knobs; DEVICE=cpu SHAPE=tiny checks it without a GPU).
 bench-gpu-matrix:
 	bash scripts/bench_gpu_matrix.sh
+
+# The SBMM kernels on a CUDA machine: GPU tests, the full kernel benchmark and its plot (scripts/bench_sbmm.sh).
+bench-sbmm:
+	bash scripts/bench_sbmm.sh
 
 # Scale-out run: 2 stores + 2 schedulers + one worker per GPU (scripts/bench_scaleout.sh for knobs).
 bench-scaleout:
