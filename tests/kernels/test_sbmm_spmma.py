@@ -132,6 +132,22 @@ def test_sp4_x_puts_each_lanes_b_registers_side_by_side():
         spmma_layout.sp4_x(torch.zeros(2, 64))
 
 
+@pytest.mark.parametrize("step_pairs,halves", [(64, 1), (128, 2)])
+def test_x_dense_addresses_read_what_sp4_x_would_have_placed(step_pairs, halves):
+    """X_DENSE (both kernels, x read as given): register n of lane t reads dense pair 4n + t of each 64-pair half
+    step (sp2: half n // 16, register n % 16), the pair the copy in the B order (sp4_x) holds at 16t + n, which
+    the kernels read without X_DENSE. The kernels' address formulas, written out."""
+    x = torch.arange(2 * 2 * 256, dtype=torch.float32).reshape(2, 512)
+    pairs, ordered = x.view(2, 256, 2), spmma_layout.sp4_x(x).view(2, 256, 2)
+    for step in range(256 // step_pairs):
+        for t in range(4):
+            for n in range(16 * halves):
+                h, r = divmod(n, 16)
+                dense = step * step_pairs + 64 * h + 4 * r + t  # sbmm_spmma(2).py, X_DENSE
+                b_order = step * step_pairs + 64 * h + 16 * t + r  # sbmm_spmma(2).py, sp4_x copy
+                assert torch.equal(pairs[:, dense], ordered[:, b_order])
+
+
 @pytest.mark.parametrize("dtype", ["f16", "bf16"])
 def test_expand_ptx_uses_the_modelled_constants(dtype):
     """The PTX text carries the magic / zero constants the model above uses (the model cannot run the PTX)."""
