@@ -277,6 +277,8 @@ def plan(x: torch.Tensor, n: int, k: int, bits: int, num_groups: int, group_size
             config = pick_config("spmma2" if sp2 else "spmma", _device_name(x.device), rows, bits, n, live)
         if int(config.get("prefetch", True)) not in (0, 1, 2):
             raise ValueError(f"sparse-MMA prefetch is 0, 1 or 2 K steps in flight, not {config['prefetch']!r}")
+        if config.get("x_dense") and x.storage_offset() % 2:  # x cannot be read in place as pairs: copy it
+            config = dict(config, x_dense=False)
         # x pairs take 16 (sp2: 32) registers per 8 tokens: BLOCK_M 64 (sp2: 32) spills
         block_m = min(config["BLOCK_M"], 16 if sp2 else 32)
         block_n, warps = config["BLOCK_N"], config["num_warps"]
@@ -550,9 +552,9 @@ def _launch_sparse_mma(x, y, qweight, meta, scales, seg_starts, seg_slots, bits,
     grid = (n // launch.block_n, t // launch.block_m + launch.live_segments, splits)
     ws, counters = _split_workspace(splits, t, n, grid, x.device, workspace)
     pdl = bool(launch.config.get("pdl", False))
-    # x_dense: the kernel reads x as given, 4-byte loads (no copy; an odd storage offset cannot be read as pairs);
+    # x_dense: the kernel reads x as given, 4-byte loads (no copy; `plan` turns it off for an odd storage offset);
     # else x in the B order (sp2 too): 16-byte loads, a copy per call or per workspace x (T x K x 2 bytes)
-    x_dense = bool(launch.config.get("x_dense", False)) and x.storage_offset() % 2 == 0
+    x_dense = bool(launch.config.get("x_dense", False))
     const = _spmma_constexprs(k, group_size, num_groups, x.dtype, launch.block_m, launch.block_n, launch.num_warps,
                               splits, int(launch.config.get("prefetch", True)), bits, pdl, x_dense)
     xs = x if x_dense else workspace.sp_x(x) if workspace is not None else spmma_layout.sp4_x(x)

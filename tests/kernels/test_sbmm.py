@@ -395,6 +395,13 @@ def test_decode_launches_read_x_as_given_where_the_tables_say():
     assert sp2(4096, 8, 1).get("x_dense") and sp2(4096, 8, 4).get("x_dense") and sp2(4096, 1, 1).get("x_dense")
     assert not sp2(4096, 16, 1).get("x_dense", False) and not sp2(11008, 8, 1).get("x_dense", False)
     assert not sp2(4096, 8, 16).get("x_dense", False)
+    # an x that cannot be read in place as pairs (odd storage offset) is copied: its launch names that variant,
+    # so the warm-up compiles what such a call runs
+    odd = torch.zeros(8 * 4096 + 1)[1:].view(8, 4096)
+    launch = sbmm.plan(odd, 4096, 4096, 4, 32, 128, False, 8, sp4=True)
+    assert launch.config["x_dense"] is False
+    assert sbmm.compile_key(launch, 4096) != sbmm.compile_key(
+        sbmm.plan(x[:8], 4096, 4096, 4, 32, 128, False, 8, sp4=True), 4096)
 
 
 def test_pick_config_max_programs():
