@@ -29,7 +29,28 @@ from tests.integration.procs import launcher, redis_proc, redis_url  # noqa: F40
 
 pytestmark = pytest.mark.timeout(120)
 
-CHUNK = 8192  # small chunks: the tiny artifact takes dozens of messages, so "mid-fetch" is well defined
+CHUNK = 64 * 1024  # a kill after a few chunks is well before the end of the big artifact below
+# More bytes than gRPC's flow-control window (grown by BDP probing) plus both loopback socket buffers can hold:
+# with the tiny models' ~300 KB artifact the store could hand over every byte before the kill landed, and the
+# second store was then never asked (CI, session 13).
+BIG_ARTIFACT_MIN_BYTES = 32 << 20
+
+
+@pytest.fixture(scope="module")
+def big_delta(tmp_path_factory):
+    """(base dir, dense delta artifact) for a 2-layer model with hidden 1024: ~37 MB of fp16 delta."""
+    from deltazip.artifact import write_dense_delta
+    from deltazip.model.synthetic import tiny_config
+    from tests.integration.tiny_models import write_finetune, write_tiny_base
+
+    config = tiny_config(hidden_size=1024, intermediate_size=2816, num_attention_heads=8, num_key_value_heads=4)
+    root = tmp_path_factory.mktemp("big-delta")
+    base_dir, base_state = write_tiny_base(root, config)
+    artifact = root / "big-delta"
+    write_dense_delta(base_dir, write_finetune(base_state, root / "big-hf", seed=3, config=config), artifact)
+    num_bytes = sum(p.stat().st_size for p in artifact.rglob("*") if p.is_file())
+    assert num_bytes >= BIG_ARTIFACT_MIN_BYTES, f"the artifact is {num_bytes} bytes: too small to be cut mid-fetch"
+    return base_dir, artifact
 
 
 class Recording:
@@ -59,14 +80,15 @@ def start_store(launcher, root: Path, store_id: str):
                           "--heartbeat-ttl-s", "1.5")
 
 
-def test_store_killed_mid_fetch_resumes_on_another_store_by_offset(launcher, rmodels, tmp_path):
+def test_store_killed_mid_fetch_resumes_on_another_store_by_offset(launcher, big_delta, tmp_path):
+    base_dir, artifact = big_delta
     stores = [start_store(launcher, tmp_path / f"store-{i}", f"s{i}") for i in range(2)]
     for store in stores:
         with Client("127.0.0.1:1", store=store.address) as client:
-            client.push(rmodels.artifacts["ft-a"], "ft-a", progress=False)
+            client.push(artifact, "ft-a", progress=False)
     first = Recording(GrpcStoreSource(stores[0].address), stores[0], kill_after=5)
     second = Recording(GrpcStoreSource(stores[1].address))
-    fetcher = DeltaFetcher(str(tmp_path / "cache"), lambda: [first, second], base_identity=base_identity(rmodels.base_dir), chunk_bytes=CHUNK)
+    fetcher = DeltaFetcher(str(tmp_path / "cache"), lambda: [first, second], base_identity=base_identity(base_dir), chunk_bytes=CHUNK)
     path, num_bytes = fetcher.fetch("ft-a")
     verify(path)
     assert first.starts[0] == ("manifest.json", 0) and first.num_chunks >= 5  # chunks in flight still arrive
@@ -77,19 +99,20 @@ def test_store_killed_mid_fetch_resumes_on_another_store_by_offset(launcher, rmo
     assert second.num_chunks < -(-num_bytes // CHUNK) + 4  # it sent only the rest
 
 
-def test_store_killed_mid_fetch_resumes_after_restart(launcher, rmodels, tmp_path):
+def test_store_killed_mid_fetch_resumes_after_restart(launcher, big_delta, tmp_path):
+    base_dir, artifact = big_delta
     root = tmp_path / "store"
     store = start_store(launcher, root, "only")
     with Client("127.0.0.1:1", store=store.address) as client:
-        client.push(rmodels.artifacts["ft-a"], "ft-a", progress=False)
+        client.push(artifact, "ft-a", progress=False)
     dying = Recording(GrpcStoreSource(store.address), store, kill_after=7)
-    fetcher = DeltaFetcher(str(tmp_path / "cache"), lambda: [dying], base_identity=base_identity(rmodels.base_dir), max_attempts=2,
+    fetcher = DeltaFetcher(str(tmp_path / "cache"), lambda: [dying], base_identity=base_identity(base_dir), max_attempts=2,
                            chunk_bytes=CHUNK)
     with pytest.raises(StoreUnavailableError):
         fetcher.fetch("ft-a")
     assert not (tmp_path / "cache" / "ft-a").exists(), "a partial artifact became visible"
     restarted = Recording(GrpcStoreSource(start_store(launcher, root, "only").address))
-    fetcher = DeltaFetcher(str(tmp_path / "cache"), lambda: [restarted], base_identity=base_identity(rmodels.base_dir), chunk_bytes=CHUNK)
+    fetcher = DeltaFetcher(str(tmp_path / "cache"), lambda: [restarted], base_identity=base_identity(base_dir), chunk_bytes=CHUNK)
     verify(fetcher.fetch("ft-a")[0])
     path, offset = restarted.starts[0]
     print(f"\nstore restart: resumed at {path}@{offset} after 7 chunks before the kill")
