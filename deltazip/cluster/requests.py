@@ -56,16 +56,25 @@ class RequestLog:
         A retry keeps `created_ms` and keeps counting `attempts`, so each attempt reaches a worker under a new
         attempt number (never colliding with a run of the earlier call still being cancelled there).
         """
+        async with self.redis.pipeline(transaction=True) as pipe:
+            self.queue_create(pipe, request_id, model)
+            earlier, *_ = await pipe.execute()
+        return self.created(earlier)
+
+    def queue_create(self, pipe, request_id: str, model: str) -> None:
+        """`create`'s commands, added to a pipeline the caller executes; the first reply goes to `created`."""
         now = now_ms()
         key = keys.request(request_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hgetall(key)
-            pipe.hsetnx(key, "created_ms", now)
-            pipe.hsetnx(key, "attempts", 0)
-            pipe.hset(key, mapping={"request_id": request_id, "model": model, "state": RequestState.QUEUED.value,
-                                    "updated_ms": now, "worker_id": "", "tier": "", "error": ""})
-            pipe.expire(key, self.ttl_s)
-            earlier, *_ = await pipe.execute()
+        pipe.hgetall(key)
+        pipe.hsetnx(key, "created_ms", now)
+        pipe.hsetnx(key, "attempts", 0)
+        pipe.hset(key, mapping={"request_id": request_id, "model": model, "state": RequestState.QUEUED.value,
+                                "updated_ms": now, "worker_id": "", "tier": "", "error": ""})
+        pipe.expire(key, self.ttl_s)
+
+    @staticmethod
+    def created(earlier: dict) -> RequestRecord | None:
+        """The earlier record a `queue_create` found (its first reply), or None for a new request."""
         return from_hash(RequestRecord, earlier) if earlier else None
 
     async def routed(self, request_id: str, worker_id: str, tier: str = "") -> int:

@@ -114,14 +114,22 @@ class WorkerRegistry:
         """Ids in the index (some may have died: `snapshot` tells and prunes them), sorted."""
         return sorted(await self.redis.smembers(keys.workers()))
 
-    async def snapshot(self, worker_ids: list[str], models: list[str]) -> "ClusterSnapshot":
+    async def snapshot(self, worker_ids: list[str], models: list[str],
+                       known: dict[str, "WorkerRecord"] | None = None) -> "ClusterSnapshot":
         """In one round trip: the records of those of `worker_ids` still alive, the nearest tier holding each of
-        `models` on each, and each one's in-flight count (`inflight`). Dead ids are pruned from the index."""
+        `models` on each, and each one's in-flight count (`inflight`). Dead ids are pruned from the index.
+
+        `known`: records read a moment ago; for those ids only liveness is read (EXISTS, not the record's hash,
+        whose fields change once per heartbeat), and the known record is returned while the worker lives."""
         tiers = list(Tier)
         now = now_ms()
+        known = known or {}
         async with self.redis.pipeline(transaction=False) as pipe:
             for wid in worker_ids:
-                pipe.hgetall(keys.worker(wid))
+                if wid in known:
+                    pipe.exists(keys.worker(wid))
+                else:
+                    pipe.hgetall(keys.worker(wid))
                 pipe.zcount(keys.worker_inflight(wid), now, "+inf")
                 for model in models:
                     for tier in tiers:
@@ -134,7 +142,7 @@ class WorkerRegistry:
             if not row[0]:
                 dead.append(wid)
                 continue
-            records.append(from_hash(WorkerRecord, row[0]))
+            records.append(known[wid] if wid in known else from_hash(WorkerRecord, row[0]))
             inflight[wid] = int(row[1])
             for j, model in enumerate(models):
                 scores = row[2 + j * len(tiers) : 2 + (j + 1) * len(tiers)]
@@ -174,6 +182,11 @@ class WorkerRegistry:
     async def release(self, worker_id: str, request_id: str) -> None:
         """The request left the worker (finished, failed or cancelled)."""
         await self.redis.zrem(keys.worker_inflight(worker_id), request_id)
+
+    @staticmethod
+    def queue_release(pipe, worker_id: str, request_id: str) -> None:
+        """`release`'s command, added to a pipeline the caller executes."""
+        pipe.zrem(keys.worker_inflight(worker_id), request_id)
 
     async def alive(self, worker_id: str) -> bool:
         """True while the worker's heartbeat key exists."""

@@ -3,9 +3,10 @@
 Every Redis round trip costs the scheduler's one asyncio thread CPU (redis-py packs, the socket is written and
 read, the reply parsed): on the 4-GPU scale-out run the schedulers, not the workers, capped the cluster at 13 ms
 of CPU per request. So a request's reads and writes are grouped into as few round trips as its steps allow
-(`bench/sched_cost.py` counts them), and the index of worker ids is re-read at most every WORKER_IDS_TTL_S (a
+(`bench/sched_cost.py` counts them), the index of worker ids is re-read at most every WORKER_IDS_TTL_S (a
 worker that died since is dropped by the very snapshot that finds its record gone; a new one is seen within the
-TTL, or at once when no known worker can take the request).
+TTL, or at once when no known worker can take the request), and the workers' records at most every
+WORKER_RECORDS_TTL_S (liveness is still read per request).
 """
 
 import time
@@ -14,13 +15,16 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from deltazip.cluster.models import MODEL_NAME, MODEL_NAME_RULE, BaseRecord, ModelRecord, ModelRegistry
-from deltazip.cluster.queues import QueueStats
-from deltazip.cluster.requests import RequestLog, RequestState
-from deltazip.cluster.workers import ClusterSnapshot, WorkerRegistry
+from deltazip.cluster.queues import QueueState, QueueStats
+from deltazip.cluster.requests import RequestLog, RequestRecord, RequestState
+from deltazip.cluster.workers import ClusterSnapshot, WorkerRecord, WorkerRegistry
 from deltazip.rpc.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.scheduler.routing import Candidate
 
-WORKER_IDS_TTL_S = 1.0  # the worker id index (SMEMBERS) is re-read at most this often; records are read every time
+WORKER_IDS_TTL_S = 1.0  # the worker id index (SMEMBERS) is re-read at most this often
+# Worker records (one hash each, rewritten once per heartbeat: 1 s by default) are re-read at most this often;
+# in between, each routing snapshot reads only whether each worker is alive, its in-flight count and residency.
+WORKER_RECORDS_TTL_S = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +41,7 @@ class ClusterView:
     """All Redis access of the scheduler goes through here."""
 
     def __init__(self, redis: aioredis.Redis, base_name: str, rate_tau_s: float, lease_s: float = 10.0,
-                 worker_ids_ttl_s: float = WORKER_IDS_TTL_S):
+                 worker_ids_ttl_s: float = WORKER_IDS_TTL_S, worker_records_ttl_s: float = WORKER_RECORDS_TTL_S):
         self.redis = redis
         self.base_name = base_name
         self.models = ModelRegistry(redis)
@@ -47,6 +51,9 @@ class ClusterView:
         self.worker_ids_ttl_s = worker_ids_ttl_s
         self._worker_ids: list[str] = []
         self._worker_ids_read = float("-inf")
+        self.worker_records_ttl_s = worker_records_ttl_s
+        self._records: dict[str, WorkerRecord] = {}
+        self._records_read = float("-inf")
 
     async def base(self) -> ResolvedModel | None:
         """The base model: published by workers in dz:base, else --base-name."""
@@ -101,14 +108,31 @@ class ClusterView:
         ids = await self.worker_ids(fresh)
         if not ids:
             return ClusterSnapshot([], {m: {} for m in models}, {}, [])
-        snap = await self.workers.snapshot(ids, models)
+        now = time.monotonic()
+        reread = fresh or now - self._records_read >= self.worker_records_ttl_s
+        snap = await self.workers.snapshot(ids, models, None if reread else self._records)
+        if reread:
+            self._records, self._records_read = {w.worker_id: w for w in snap.records}, now
+        else:  # a worker first seen since (the id index was re-read) is kept from now on too
+            self._records.update((w.worker_id, w) for w in snap.records if w.worker_id not in self._records)
         if snap.dead:
             self._worker_ids = [wid for wid in self._worker_ids if wid not in snap.dead]
+            for wid in snap.dead:
+                self._records.pop(wid, None)
         return snap
 
     async def candidates(self, model: str, is_base: bool, fresh: bool = False) -> list[Candidate]:
         """Every live worker with the nearest tier holding `model` and its in-flight count."""
         return candidates_in(await self.snapshot([] if is_base else [model], fresh), model, is_base)
+
+    async def accepted(self, request_id: str, model: str) -> tuple[RequestRecord | None, QueueState]:
+        """A request was accepted: its record QUEUED (the earlier one returned when a client retries the id) and
+        its arrival in the model's queue (one round trip)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            self.requests.queue_create(pipe, request_id, model)
+            self.queues.queue_arrive(pipe, model, request_id)
+            replies = await pipe.execute()
+        return self.requests.created(replies[0]), self.queues.arrived(model, replies[-1])
 
     async def streaming(self, request_id: str, model: str) -> None:
         """The first token was relayed: RUNNING, and pending → running in the model's queue (one round trip)."""
@@ -117,11 +141,15 @@ class ClusterView:
             self.queues.queue_started(pipe, model, request_id)
             await pipe.execute()
 
-    async def ended(self, request_id: str, model: str, state: RequestState, error: str = "") -> None:
-        """The request ended in `state`: its record and its queue entry (one round trip)."""
+    async def ended(self, request_id: str, model: str, state: RequestState, error: str = "",
+                    release_from: str = "") -> None:
+        """The request ended in `state`: its record, its queue entry and, given `release_from`, its place in that
+        worker's queue (one round trip)."""
         async with self.redis.pipeline(transaction=True) as pipe:
             self.requests.queue_state(pipe, request_id, state, error)
             self.queues.queue_finished(pipe, model, request_id)
+            if release_from:
+                self.workers.queue_release(pipe, release_from, request_id)
             await pipe.execute()
 
 

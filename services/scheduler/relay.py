@@ -53,6 +53,14 @@ class WorkerFailed(Exception):
         self.num_tokens = num_tokens
 
 
+@dataclass(slots=True)
+class Placement:
+    """The worker whose queue place a relayed request still holds once `Relay.generate` is done ('' = none): the
+    caller gives it back with the request's end bookkeeping, in the same round trip."""
+
+    worker_id: str = ""
+
+
 @dataclass(eq=False, slots=True)
 class _Watched:
     """A request being relayed from a worker; `dead` once that worker's heartbeat was found expired."""
@@ -75,8 +83,11 @@ class Relay:
         self._watched: dict[str, set[_Watched]] = {}  # worker id -> requests relayed from it now
         self._watch_tasks: dict[str, asyncio.Task] = {}
 
-    async def generate(self, job: GenerateJob, is_base: bool, time_remaining) -> AsyncIterator[common_pb2.GenerateChunk]:
-        """Chunks for `job`; `time_remaining()` is the client's deadline (None = none)."""
+    async def generate(self, job: GenerateJob, is_base: bool, time_remaining,
+                       placement: Placement | None = None) -> AsyncIterator[common_pb2.GenerateChunk]:
+        """Chunks for `job`; `time_remaining()` is the client's deadline (None = none). A place in a failed worker's
+        queue is given back before the next attempt; the last attempt's place is left in `placement` for the caller
+        to give back (None: given back here too)."""
         tried: list[str] = []
         last_error: WorkerFailed | None = None
         while len(tried) < self.max_attempts:
@@ -85,7 +96,7 @@ class Relay:
                 break
             tried.append(worker.worker.worker_id)
             try:
-                async for chunk in self._attempt(job, worker, time_remaining):
+                async for chunk in self._attempt(job, worker, time_remaining, placement):
                     yield chunk
                 return
             except WorkerFailed as failed:
@@ -128,10 +139,11 @@ class Relay:
             )
         return None
 
-    async def _attempt(self, job: GenerateJob, chosen: Candidate, time_remaining):
+    async def _attempt(self, job: GenerateJob, chosen: Candidate, time_remaining, placement: Placement | None):
         worker = chosen.worker
         wid = worker.worker_id
-        try:  # the queue place was taken in _choose: every path below gives it back
+        keep = placement is not None  # the place goes back with the caller's end bookkeeping, unless retried
+        try:  # the queue place was taken in _choose: every path below gives it back or hands it to the caller
             bind_fields(worker=wid)
             tier = chosen.tier.value if chosen.tier else "remote"
             attempt = await self.view.requests.routed(job.request_id, wid, tier)
@@ -150,18 +162,23 @@ class Relay:
                     chunk.model = chunk.model or job.model
                     yield chunk
             except grpc.aio.AioRpcError as exc:
+                keep = False
                 if watch.dead:
                     raise WorkerFailed(wid, grpc.StatusCode.UNAVAILABLE, _EXPIRED, num_tokens) from None
                 raise WorkerFailed(wid, exc.code(), exc.details() or "", num_tokens) from None
             except asyncio.CancelledError:
                 if watch.dead:  # we cancelled the call ourselves, not the client
+                    keep = False
                     raise WorkerFailed(wid, grpc.StatusCode.UNAVAILABLE, _EXPIRED, num_tokens) from None
                 raise
             finally:
                 self._unregister(wid, watch)
                 call.cancel()  # no-op when finished; stops the worker's GPU work when the client went away
         finally:  # a place not given back (Redis down) expires with its lease
-            await asyncio.shield(_best_effort(self.view.workers.release(wid, job.request_id)))
+            if keep:
+                placement.worker_id = wid
+            else:
+                await asyncio.shield(_best_effort(self.view.workers.release(wid, job.request_id)))
 
     def _register(self, worker_id: str, job: GenerateJob, call) -> _Watched:
         """Watch `call` with the other requests on `worker_id`: one task per worker checks and renews for all."""

@@ -16,7 +16,7 @@ from deltazip.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from services.scheduler.cluster_view import ClusterView, ResolvedModel
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.prefetch import prefetch, tier_from_proto
-from services.scheduler.relay import QueueLimits, Relay
+from services.scheduler.relay import Placement, QueueLimits, Relay
 from services.scheduler.validation import GenerateJob, validate_generate
 
 log = get_logger("scheduler")
@@ -58,16 +58,16 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         job = validate_generate(request, self.config.max_tokens_limit)
         with bind_request(job.request_id, model=job.model, tenant=principal.tenant):
             model = await self._resolve_visible(principal, job.model)
-            earlier = await self.view.requests.create(job.request_id, job.model)
+            earlier, queue = await self.view.accepted(job.request_id, job.model)
             if earlier is not None:  # a client retry (e.g. after a scheduler died): same id, next attempt number
                 log.info("request_retried", earlier_state=earlier.state, attempts=earlier.attempts)
-            queue = await self.view.queues.arrive(job.model, job.request_id)
             log.info("request_accepted", pending=queue.pending, rate_per_s=round(queue.rate_per_s, 3))
             metrics.QUEUE_DEPTH.labels("scheduler", job.model).inc()  # this replica's requests, waiting or running
             timer = metrics.StreamTimer("scheduler")
             state, error = RequestState.FAILED, ""
+            placement = Placement()
             try:
-                async for chunk in self.relay.generate(job, model.is_base, context.time_remaining):
+                async for chunk in self.relay.generate(job, model.is_base, context.time_remaining, placement):
                     timer.add(len(chunk.token_ids))
                     yield chunk
                 state = RequestState.FINISHED
@@ -80,12 +80,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             finally:
                 timer.finish()
                 metrics.QUEUE_DEPTH.labels("scheduler", job.model).dec()
-                await asyncio.shield(self._finish(job, state, error))
+                await asyncio.shield(self._finish(job, state, error, placement.worker_id))
 
-    async def _finish(self, job: GenerateJob, state: RequestState, error: str) -> None:
+    async def _finish(self, job: GenerateJob, state: RequestState, error: str, release_from: str) -> None:
         log.info("request_finished", state=state.value, error=error)
         try:  # bookkeeping only: a stream that was relayed whole must not end UNAVAILABLE because Redis went away
-            await self.view.ended(job.request_id, job.model, state, error)
+            await self.view.ended(job.request_id, job.model, state, error, release_from)
         except (RedisError, OSError) as exc:  # the record expires with its TTL, the queue entry with its lease
             log.warning("request_record_not_updated", state=state.value, error=str(exc))
 
