@@ -48,7 +48,7 @@ from deltazip.model.config import LlamaConfig  # noqa: E402
 from deltazip.model.llama import LlamaForCausalLM  # noqa: E402
 from deltazip.model.loader import model_from_state_dict  # noqa: E402
 from deltazip.model.sampling import SamplingParams  # noqa: E402
-from kernels import spmma_layout  # noqa: E402
+from kernels import compile_watch, spmma_layout  # noqa: E402
 from services.worker.delta_ops import StepDeltaOps  # noqa: E402
 from services.worker.device_slots import DeviceSlots  # noqa: E402
 from services.worker.engine.engine import EngineConfig, LLMEngine  # noqa: E402
@@ -161,9 +161,10 @@ def decode_engine(model, max_deltas: int, slots: DeviceSlots | None, cuda_graphs
 
 
 def time_decode_steps(engine, num_seqs: int, num_deltas: int, device: str, prompt_len: int, steps: int,
-                      per_step: list | None = None) -> float:
+                      per_step: list | None = None, compiles: list | None = None) -> float:
     """Mean seconds per decode step over `steps` timed steps; per_step: gets each step's own seconds (a step
-    returns only once its sampled tokens are on the host, so the host clock around it times the step)."""
+    returns only once its sampled tokens are on the host, so the host clock around it times the step);
+    compiles: gets the SBMM kernel variants compiled during each timed step (kernels/compile_watch.py)."""
     params = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
     g = torch.Generator().manual_seed(num_deltas)
     for i in range(num_seqs):
@@ -181,14 +182,17 @@ def time_decode_steps(engine, num_seqs: int, num_deltas: int, device: str, promp
     try:
         sync(device)
         t = time.perf_counter()
-        marks = [t]
+        marks, variants = [t], [compile_watch.compiled_variants()]
         for _ in range(steps):
             engine.step()
             marks.append(time.perf_counter())
+            variants.append(compile_watch.compiled_variants())
         sync(device)
         elapsed = (time.perf_counter() - t) / steps
         if per_step is not None:
             per_step.extend(b - a for a, b in zip(marks, marks[1:]))
+        if compiles is not None:
+            compiles.extend(b - a for a, b in zip(variants, variants[1:]))
     finally:
         if was_enabled:
             gc.enable()
@@ -228,14 +232,19 @@ def bench_step(cfg: LlamaConfig, device: str, rows: list, deltas=(1, 8, 32), num
             time_decode_steps(decode_engine(model, num_slots, slots, bool(graph), num_seqs), num_seqs, n, device,
                               prompt_len, 2)
             per_step: list[float] = []
+            compiles: list[int] = []
             us = time_decode_steps(decode_engine(model, num_slots, slots, bool(graph), num_seqs), num_seqs, n,
-                                   device, prompt_len, steps, per_step) * 1e6
+                                   device, prompt_len, steps, per_step, compiles) * 1e6
             median_us = statistics.median(per_step) * 1e6
+            slowest = max(range(len(per_step)), key=per_step.__getitem__)
             # the mean is what the goal reads; the median and the slowest step say whether one step (about one
             # run in four has a 50-770 ms mean against 12-25 ms, docs/kernels.md runs 17-18) or all of them moved
             rows.append({"part": "step", "num_deltas": n, "rows_per_delta": num_seqs / n, "bits": bits,
                          "graph": graph, "us": us, "median_step_us": median_us, "max_step_us": max(per_step) * 1e6,
                          "num_steps_over_2x_median": sum(t > 2 * median_us / 1e6 for t in per_step),
+                         # which step was slowest (0 = the first timed one) and whether SBMM variants compiled
+                         # inside the timed steps: a stall from a missed warm-up shows here, an outside one not
+                         "slowest_step_index": slowest, "sbmm_compiles_in_timed_steps": sum(compiles),
                          "step_vs_base": us / base_us,
                          "step_vs_same_mode_base": us / (graph_base_us if graph else base_us),
                          "goal_step_vs_base_at_8": 1.3})

@@ -27,5 +27,6 @@ def test_bench_worker_tiny_writes_rows(tmp_path):
     for r in by_part["step"]:  # delta rows say whether one step or all of them set the mean
         if r["num_deltas"]:
             assert 0 < r["median_step_us"] <= r["max_step_us"] and r["num_steps_over_2x_median"] >= 0
+            assert 0 <= r["slowest_step_index"] < 20 and r["sbmm_compiles_in_timed_steps"] == 0  # warmed untimed
     assert {r["mode"] for r in by_part["modes"]} == {"swap", "dense-delta", "delta"}
     assert all("throughput_vs_swap" in r for r in by_part["modes"])
