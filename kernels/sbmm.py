@@ -279,6 +279,9 @@ def plan(x: torch.Tensor, n: int, k: int, bits: int, num_groups: int, group_size
             raise ValueError(f"sparse-MMA prefetch is 0, 1 or 2 K steps in flight, not {config['prefetch']!r}")
         if config.get("x_dense") and x.storage_offset() % 2:  # x cannot be read in place as pairs: copy it
             config = dict(config, x_dense=False)
+        if config.get("pdl") and not pdl_ok(x.device):
+            raise ValueError("config pdl (programmatic dependent launch, griddepcontrol) needs a CUDA GPU of compute "
+                             "capability 9.0 or newer (Hopper); drop the key for this device")
         # x pairs take 16 (sp2: 32) registers per 8 tokens: BLOCK_M 64 (sp2: 32) spills
         block_m = min(config["BLOCK_M"], 16 if sp2 else 32)
         block_n, warps = config["BLOCK_N"], config["num_warps"]
@@ -511,6 +514,11 @@ def spmma_device_ok(device: torch.device, dtype: torch.dtype) -> bool:
     if sbmm_spmma is None or interpreting() or device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return False
     return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def pdl_ok(device: torch.device) -> bool:
+    """Whether a sparse-MMA launch on `device` may take the `pdl` config key (griddepcontrol: sm_90+)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def spmma_supported(x: torch.Tensor, n: int, k: int, bits: int, num_groups: int, asym: bool) -> bool:

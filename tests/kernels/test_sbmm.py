@@ -350,6 +350,10 @@ def test_config_entries_can_be_limited_to_launches_with_many_programs(monkeypatc
     assert sbmm.plan(x, 4096, 4096, 4, 32, 128, False, 64, rows_hint=16, segments_hint=16, sp4=True).block_n == 64
     with pytest.raises(ValueError, match="prefetch"):
         sbmm.plan(x, 4096, 4096, 4, 32, 128, False, 64, config=dict(narrow, prefetch=3), sp4=True)
+    # pdl (griddepcontrol) compiles for sm_90+ only: anywhere else the plan says so instead of a compile error
+    if not sbmm.pdl_ok(x.device):
+        with pytest.raises(ValueError, match="capability 9.0"):
+            sbmm.plan(x, 4096, 4096, 4, 32, 128, False, 64, config=dict(narrow, pdl=True), sp4=True)
 
 
 @pytest.mark.parametrize("sp", ["sp4", "sp2"])
