@@ -392,10 +392,10 @@ def main(argv: list[str] | None = None) -> int:
                          "in place of the current one: the in-run baseline of a table change")
     args = ap.parse_args(argv)
     if args.sbmm_configs:
-        from kernels import sbmm
+        from kernels import sbmm_plan
 
-        sbmm.CONFIG_FILE = Path(args.sbmm_configs)
-        sbmm._configs.cache_clear()
+        sbmm_plan.CONFIG_FILE = Path(args.sbmm_configs)  # where the tables are read (not sbmm's re-export)
+        sbmm_plan._configs.cache_clear()
     if args.no_sbmm_workspace:
         from services.worker import linear_backend
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import layout, packing, reference, sbmm, sbmm_asm, spmma_layout
+from kernels import layout, packing, reference, sbmm, sbmm_asm, sbmm_plan, spmma_layout
 from tests.kernels.packed_factory import random_packed, stack_packed
 
 CUDA = torch.cuda.is_available()
@@ -310,7 +310,7 @@ def test_config_entries_can_be_limited_to_a_code_width(monkeypatch):
     table = {"default": {"gluon": [{"max_rows": 8, "bits": [2], "BLOCK_M": 8, "prefetch": False},
                                    {"max_rows": 8, "BLOCK_M": 8, "prefetch": True},
                                    {"max_rows": None, "BLOCK_M": 16, "prefetch": True}]}}
-    monkeypatch.setattr(sbmm, "_configs", lambda: table)
+    monkeypatch.setattr(sbmm_plan, "_configs", lambda: table)  # what sbmm.pick_config reads
     assert sbmm.pick_config("gluon", "any", 4, bits=2) == {"BLOCK_M": 8, "prefetch": False}
     assert sbmm.pick_config("gluon", "any", 4, bits=4) == {"BLOCK_M": 8, "prefetch": True}
     assert sbmm.pick_config("gluon", "any", 64, bits=2) == {"BLOCK_M": 16, "prefetch": True}
@@ -319,7 +319,7 @@ def test_config_entries_can_be_limited_to_a_code_width(monkeypatch):
 def test_config_entries_can_be_limited_to_wide_outputs(monkeypatch):
     table = {"default": {"spmma": [{"max_rows": 8, "min_n": 8192, "BLOCK_M": 8},
                                    {"max_rows": None, "BLOCK_M": 16}]}}
-    monkeypatch.setattr(sbmm, "_configs", lambda: table)
+    monkeypatch.setattr(sbmm_plan, "_configs", lambda: table)  # what sbmm.pick_config reads
     assert sbmm.pick_config("spmma", "any", 4, 4, n=11008) == {"BLOCK_M": 8}
     assert sbmm.pick_config("spmma", "any", 4, 4, n=4096) == {"BLOCK_M": 16}
     assert sbmm.pick_config("spmma", "any", 4, 4) == {"BLOCK_M": 16}  # no width given: never the min_n entry
@@ -332,7 +332,7 @@ def test_config_entries_can_be_limited_to_launches_with_many_programs(monkeypatc
     table = {"default": {"spmma": [{"max_rows": 16, "min_programs": 1024, "BLOCK_M": 16, "BLOCK_N": 128,
                                     "num_warps": 2},
                                    {"max_rows": None, "BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 2}]}}
-    monkeypatch.setattr(sbmm, "_configs", lambda: table)
+    monkeypatch.setattr(sbmm_plan, "_configs", lambda: table)  # what sbmm.pick_config reads
     wide = {"BLOCK_M": 16, "BLOCK_N": 128, "num_warps": 2}
     narrow = {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 2}
     assert sbmm.pick_config("spmma", "any", 16, 4, n=4096, segments=32) == wide  # 32 x 32 x 1

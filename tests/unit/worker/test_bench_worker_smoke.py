@@ -30,3 +30,26 @@ def test_bench_worker_tiny_writes_rows(tmp_path):
             assert 0 <= r["slowest_step_index"] < 20 and r["sbmm_compiles_in_timed_steps"] == 0  # warmed untimed
     assert {r["mode"] for r in by_part["modes"]} == {"swap", "dense-delta", "delta"}
     assert all("throughput_vs_swap" in r for r in by_part["modes"])
+
+
+def test_sbmm_configs_flag_swaps_the_table_that_launches_read(tmp_path):
+    """--sbmm-configs (the in-run baseline of a table change) must reach kernels/sbmm_plan.py, where pick_config
+    reads the tables: setting the name on kernels/sbmm.py (a re-export) would silently time the current table."""
+    from kernels import sbmm, sbmm_plan
+
+    spec = importlib.util.spec_from_file_location("bench_worker", ROOT / "bench" / "worker.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    table = json.loads(sbmm_plan.CONFIG_FILE.read_text())
+    table["default"]["triton"] = [{"max_rows": None, "BLOCK_M": 64, "BLOCK_N": 16, "marker": 1}]
+    other = tmp_path / "older-table.json"
+    other.write_text(json.dumps(table))
+    original = sbmm_plan.CONFIG_FILE
+    try:
+        assert bench.main(["--tiny", "--parts", "load", "--out", str(tmp_path), "--commit", "test",
+                           "--sbmm-configs", str(other)]) == 0
+        assert sbmm.pick_config("triton", "cpu", 4)["marker"] == 1
+    finally:
+        sbmm_plan.CONFIG_FILE = original
+        sbmm_plan._configs.cache_clear()
+    assert "marker" not in sbmm.pick_config("triton", "cpu", 4)
