@@ -48,30 +48,26 @@ class QueueStats:
         self.redis = redis
         self.tau_s = tau_s
         self.lease_ms = int(lease_s * 1000)
-        self._arrive = redis.register_script(_ARRIVE)
 
     async def arrive(self, model: str, request_id: str) -> QueueState:
         """A request for `model` arrived: it is pending and the rate estimate is updated."""
-        return self.arrived(model, await self._arrive(keys=self._arrive_keys(model),
-                                                     args=self._arrive_args(model, request_id)))
+        return self.arrived(model, await self.redis.eval(*self._arrive_call(model, request_id)))
 
     def queue_arrive(self, pipe, model: str, request_id: str) -> None:
-        """`arrive`'s script, added to a pipeline the caller executes (EVAL: a pipeline of EVALSHA would first ask
-        Redis whether the script is loaded, one more round trip); its reply goes to `arrived`."""
-        pipe.eval(_ARRIVE, 3, *self._arrive_keys(model), *self._arrive_args(model, request_id))
+        """`arrive`'s script, added to a pipeline the caller executes; its reply goes to `arrived`."""
+        pipe.eval(*self._arrive_call(model, request_id))
 
     def arrived(self, model: str, reply) -> QueueState:
         """The queue state the arrival script replied."""
         pending, count = reply
         return QueueState(model, pending=int(pending), rate_per_s=float(count) / self.tau_s)
 
-    @staticmethod
-    def _arrive_keys(model: str) -> list[str]:
-        return [keys.queue(model), keys.queues(), keys.queue_pending(model)]
-
-    def _arrive_args(self, model: str, request_id: str) -> list:
+    def _arrive_call(self, model: str, request_id: str) -> tuple:
+        """EVAL's arguments for the arrival script. EVAL, not a registered script's EVALSHA: in a pipeline redis-py
+        first asks Redis whether the script is loaded, one more round trip."""
         now = now_ms()
-        return [now, self.tau_s * 1000, keys.QUEUE_TTL_S, model, request_id, now + self.lease_ms]
+        return (_ARRIVE, 3, keys.queue(model), keys.queues(), keys.queue_pending(model),
+                now, self.tau_s * 1000, keys.QUEUE_TTL_S, model, request_id, now + self.lease_ms)
 
     async def started(self, model: str, request_id: str) -> None:
         """First token streamed: pending → running."""

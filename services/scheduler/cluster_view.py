@@ -114,7 +114,7 @@ class ClusterView:
         if reread:
             self._records, self._records_read = {w.worker_id: w for w in snap.records}, now
         else:  # a worker first seen since (the id index was re-read) is kept from now on too
-            self._records.update((w.worker_id, w) for w in snap.records if w.worker_id not in self._records)
+            self._records.update((w.worker_id, w) for w in snap.records)
         if snap.dead:
             self._worker_ids = [wid for wid in self._worker_ids if wid not in snap.dead]
             for wid in snap.dead:
