@@ -30,6 +30,13 @@ class Counting:
             return pipe
 
         redis.pipeline = pipeline
+        command = redis.execute_command  # a command outside a pipeline (a pipeline queues its own)
+
+        async def counted_command(*args, **kwargs):
+            self.round_trips += 1
+            return await command(*args, **kwargs)
+
+        redis.execute_command = counted_command
 
 
 def test_accept_and_end_are_one_round_trip_each_and_a_retry_finds_the_earlier_record(redis_url):
