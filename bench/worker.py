@@ -147,6 +147,8 @@ def bench_load(cfg: LlamaConfig, device: str, rows: list, bits: int = 2, group: 
     print(json.dumps(rows[-2:]), flush=True)
 
 
+WARMUP_LIMIT_S = 600.0  # a decode engine's SBMM warm-up must finish within this before its steps are timed
+
 # ---- part 2: decode step time with many deltas -----------------------------------------------------
 
 def decode_engine(model, max_deltas: int, slots: DeviceSlots | None, cuda_graphs: bool, max_num_seqs: int):
@@ -157,14 +159,16 @@ def decode_engine(model, max_deltas: int, slots: DeviceSlots | None, cuda_graphs
 
     cfg = EngineConfig(num_kv_blocks=max_num_seqs * 16 + 8, block_size=16, max_num_seqs=max_num_seqs,
                        max_num_batched_tokens=8192, max_deltas_per_batch=max(1, max_deltas), cuda_graphs=cuda_graphs)
-    return LLMEngine(model, cfg, eos_token_ids=[], deltas_provider=provider)
+    return LLMEngine(model, cfg, eos_token_ids=[], deltas_provider=provider, kernel_slots=slots)
 
 
 def time_decode_steps(engine, num_seqs: int, num_deltas: int, device: str, prompt_len: int, steps: int,
-                      per_step: list | None = None, compiles: list | None = None) -> float:
+                      per_step: list | None = None, compiles: list | None = None,
+                      warmup_s: list | None = None) -> float:
     """Mean seconds per decode step over `steps` timed steps; per_step: gets each step's own seconds (a step
     returns only once its sampled tokens are on the host, so the host clock around it times the step);
-    compiles: gets the SBMM kernel variants compiled during each timed step (kernels/compile_watch.py)."""
+    compiles: gets the SBMM kernel variants compiled during each timed step (kernels/compile_watch.py);
+    warmup_s: gets the seconds of SBMM warm-up inside the timed steps (0.0 once the warm-up before them finished)."""
     params = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
     g = torch.Generator().manual_seed(num_deltas)
     for i in range(num_seqs):
@@ -173,6 +177,15 @@ def time_decode_steps(engine, num_seqs: int, num_deltas: int, device: str, promp
     engine.step()  # prefill all
     for _ in range(3):
         engine.step()  # warm-up decodes (graph capture, caches)
+    # The runner warms SBMM variants up in 0.2 s slices inside its steps until it has launched every variant its
+    # steps can launch (model_runner.WARMUP_SLICE_S); the worker's engine loop finishes that while idle
+    # (LLMEngine.warm_up). Finish it here too, or the timed steps carry the rest of it: each engine here is a new
+    # runner, and those slices were the 50-1270 ms outlier steps of runs 17-18 and session 15's first run.
+    deadline = time.perf_counter() + WARMUP_LIMIT_S
+    while engine.warm_up():
+        if time.perf_counter() > deadline:
+            raise RuntimeError(f"SBMM warm-up not finished after {WARMUP_LIMIT_S} s")
+    before = engine.profile.snapshot()
     # earlier engines (their CUDA graphs, KV caches) are freed now, not by a garbage collection inside the timed
     # steps. That was a guess at the single 45-446 ms means (against 12-25 ms) that about one run in four shows;
     # they stayed with it (docs/kernels.md run 17), so compare step runs by their median over several processes
@@ -193,6 +206,8 @@ def time_decode_steps(engine, num_seqs: int, num_deltas: int, device: str, promp
             per_step.extend(b - a for a, b in zip(marks, marks[1:]))
         if compiles is not None:
             compiles.extend(b - a for a, b in zip(variants, variants[1:]))
+        if warmup_s is not None:
+            warmup_s.append(engine.profile.snapshot().get("warmup", (0, 0.0))[1] - before.get("warmup", (0, 0.0))[1])
     finally:
         if was_enabled:
             gc.enable()
@@ -233,8 +248,9 @@ def bench_step(cfg: LlamaConfig, device: str, rows: list, deltas=(1, 8, 32), num
                               prompt_len, 2)
             per_step: list[float] = []
             compiles: list[int] = []
+            warmup_s: list[float] = []
             us = time_decode_steps(decode_engine(model, num_slots, slots, bool(graph), num_seqs), num_seqs, n,
-                                   device, prompt_len, steps, per_step, compiles) * 1e6
+                                   device, prompt_len, steps, per_step, compiles, warmup_s) * 1e6
             median_us = statistics.median(per_step) * 1e6
             slowest = max(range(len(per_step)), key=per_step.__getitem__)
             # the mean is what the goal reads; the median and the slowest step say whether one step (about one
@@ -245,6 +261,7 @@ def bench_step(cfg: LlamaConfig, device: str, rows: list, deltas=(1, 8, 32), num
                          # which step was slowest (0 = the first timed one) and whether SBMM variants compiled
                          # inside the timed steps: a stall from a missed warm-up shows here, an outside one not
                          "slowest_step_index": slowest, "sbmm_compiles_in_timed_steps": sum(compiles),
+                         "sbmm_warmup_s_in_timed_steps": sum(warmup_s),
                          "step_vs_base": us / base_us,
                          "step_vs_same_mode_base": us / (graph_base_us if graph else base_us),
                          "goal_step_vs_base_at_8": 1.3})

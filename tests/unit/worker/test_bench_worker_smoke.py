@@ -9,11 +9,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[3]
 
 
-def test_bench_worker_tiny_writes_rows(tmp_path):
-    torch.set_num_threads(1)
+def _load_bench():
     spec = importlib.util.spec_from_file_location("bench_worker", ROOT / "bench" / "worker.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_worker_tiny_writes_rows(tmp_path):
+    torch.set_num_threads(1)
+    bench = _load_bench()
     assert bench.main(["--tiny", "--out", str(tmp_path), "--commit", "test"]) == 0
     (path,) = tmp_path.glob("worker-*-tiny.json")
     result = json.loads(path.read_text())
@@ -28,8 +33,48 @@ def test_bench_worker_tiny_writes_rows(tmp_path):
         if r["num_deltas"]:
             assert 0 < r["median_step_us"] <= r["max_step_us"] and r["num_steps_over_2x_median"] >= 0
             assert 0 <= r["slowest_step_index"] < 20 and r["sbmm_compiles_in_timed_steps"] == 0  # warmed untimed
+            assert r["sbmm_warmup_s_in_timed_steps"] == 0.0
     assert {r["mode"] for r in by_part["modes"]} == {"swap", "dense-delta", "delta"}
     assert all("throughput_vs_swap" in r for r in by_part["modes"])
+
+
+def test_decode_steps_are_timed_only_after_the_sliced_warm_up_finished():
+    """The runner warms SBMM variants up in slices inside its steps until done; the worker's idle loop finishes
+    it, and so must the bench before its timed steps (a new engine per row is a new runner). An engine whose
+    warm-up takes 10 slices, 4 of them run by the untimed steps: the other 6 run before the first timed step."""
+    from services.worker.engine.step_profile import StepProfile
+
+    bench = _load_bench()
+
+    class SlicedWarmUpEngine:
+        def __init__(self):
+            self.profile, self.slices_left, self.log = StepProfile(), 10, []
+
+        def add_request(self, *args, **kwargs):
+            pass
+
+        def abort(self, request_id):
+            pass
+
+        def warm_up(self):
+            self.log.append("warm_up")
+            if not self.slices_left:
+                return False
+            self.slices_left -= 1
+            self.profile.add("warmup", 0.2)
+            return True
+
+        def step(self):
+            # a step runs the rest of the warm-up itself when it is not finished (model_runner.run)
+            if self.slices_left:
+                self.slices_left -= 1
+                self.profile.add("warmup", 0.2)
+            self.log.append("step")
+
+    engine, per_step, warmup_s = SlicedWarmUpEngine(), [], []
+    bench.time_decode_steps(engine, 2, 1, "cpu", 4, 5, per_step, [], warmup_s)
+    assert engine.log == ["step"] * 4 + ["warm_up"] * 7 + ["step"] * 5  # prefill, 3 decodes, warm-up, timed
+    assert len(per_step) == 5 and warmup_s == [0.0]
 
 
 def test_sbmm_configs_flag_swaps_the_table_that_launches_read(tmp_path):
@@ -37,9 +82,7 @@ def test_sbmm_configs_flag_swaps_the_table_that_launches_read(tmp_path):
     reads the tables: setting the name on kernels/sbmm.py (a re-export) would silently time the current table."""
     from kernels import sbmm, sbmm_plan
 
-    spec = importlib.util.spec_from_file_location("bench_worker", ROOT / "bench" / "worker.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load_bench()
     table = json.loads(sbmm_plan.CONFIG_FILE.read_text())
     table["default"]["triton"] = [{"max_rows": None, "BLOCK_M": 64, "BLOCK_N": 16, "marker": 1}]
     other = tmp_path / "older-table.json"
