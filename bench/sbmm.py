@@ -262,8 +262,8 @@ def sweep(limit, save=None, variants=("4t", "2", "2d2"), cases=SWEEP_CASES, conf
             stack = variant_stack(variant, 64, n, k, "cuda")
             dense2 = stack["meta"] is None
             for kernel, cfg in ([("gluon", c) for c in configs] if configs else SWEEP):
-                if rows > 16 and cfg.get("min_ctas"):
-                    continue  # prefill has programs enough
+                if num * rows >= 256 and cfg.get("min_ctas"):
+                    continue  # prefill has programs enough (one delta with 32 rows is a decode batch: it may not)
                 if (stack.get("sp4") or stack.get("sp2")) and kernel != "gluon":
                     continue  # sp4 / sp2 words run on the sparse-MMA kernels only (they take the Gluon configs)
                 try:
