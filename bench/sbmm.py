@@ -36,6 +36,8 @@ from bench.sbmm_stacks import VARIANTS, layout_name, variant_label, variant_stac
 from kernels import layout, reference, sbmm, spmma_layout  # noqa: E402
 
 SHAPES = {"qkvo": (4096, 4096), "gate_up": (11008, 4096), "down": (4096, 11008)}  # name -> (N, K)
+# --sweep cases only: q, k, v (gate, up) as one launch over their stacked rows, what a fused projection would launch
+FUSED_SHAPES = {"qkv": (3 * 4096, 4096), "gate_up2": (2 * 11008, 4096)}
 NUM_DELTAS = (1, 2, 4, 8, 16, 32, 64)
 ROWS = (1, 4, 16)
 
@@ -256,7 +258,7 @@ def sweep(limit, save=None, variants=("4t", "2", "2d2"), cases=SWEEP_CASES, conf
     configs: Gluon launch configs to time instead of SWEEP."""
     out = []
     for name, num, rows in cases:
-        n, k = SHAPES[name]
+        n, k = SHAPES[name] if name in SHAPES else FUSED_SHAPES[name]
         for variant in variants:
             bits = VARIANTS[variant][0]
             stack = variant_stack(variant, 64, n, k, "cuda")
@@ -324,7 +326,7 @@ def main() -> None:
                              "config_extra": a.config_extra or None,
                              "baseline_configs": baseline,
                              "copy_gbps_by_timer": limits, "dtype": "float16", "group_size": 128, "sym": True,
-                             "shapes": SHAPES,
+                             "shapes": {**SHAPES, **FUSED_SHAPES} if a.sweep else SHAPES,
                              "timing": "CUDA graph of back-to-back calls on rotating slots, median of 7 replays",
                              "bytes_read": "packed deltas + meta + scales + x + y (read)",
                              "sbmm_configs": json.loads(sbmm.CONFIG_FILE.read_text()),
