@@ -1,6 +1,6 @@
 """Worker benchmark (GPU): delta load rate, decode step time with many deltas, tokens/s per serving mode.
 
-  python bench/worker.py --out bench/results [--commit SHA] [--parts load,step,prefill,modes] [--tiny]
+  python bench/worker.py --out bench/results [--commit SHA] [--parts load,step,prefill,prefill-deltas,modes] [--tiny]
 
 Rows (DESIGN.md names), all measured in the same run:
 - part=h2d_limit: pinned host→device copy rate of one large buffer (the physical limit of a delta load).
@@ -270,27 +270,43 @@ def bench_step(cfg: LlamaConfig, device: str, rows: list, deltas=(1, 8, 32), num
 
 # ---- part 2b: prefill steps of fresh shapes, per SDPA backend choice -------------------------------
 
-def time_fresh_prefills(model, device: str, num_running: int, num_steps: int, seed: int) -> tuple[float, int]:
+def time_fresh_prefills(model, device: str, num_running: int, num_steps: int, seed: int,
+                        slots: DeviceSlots | None = None, num_deltas: int = 0) -> tuple[float, int]:
     """Mean ms of a prefill step that mixes 1-4 new prompts (64-192 tokens, fresh lengths every step) into
-    `num_running` decoding sequences, as serving does; read off the engine's own step profile."""
-    engine = decode_engine(model, 0, None, True, max_num_seqs=num_running + 8 * num_steps)
+    `num_running` decoding sequences, as serving does; read off the engine's own step profile. num_deltas: every
+    request on one of that many deltas of `slots` in turn (0: the base model); their SBMM warm-up is finished
+    first, so no timed step carries it."""
+    engine = decode_engine(model, num_deltas, slots, True, max_num_seqs=num_running + 8 * num_steps)
     g = torch.Generator().manual_seed(seed)
     params = SamplingParams(temperature=0, max_tokens=4 * num_steps + 16, ignore_eos=True)
+    counter = iter(range(10**9))
+
+    def delta() -> str | None:
+        return str(next(counter) % num_deltas) if num_deltas else None
+
     for i in range(num_running):
         engine.add_request(f"run{seed}-{i}", torch.randint(3, 200, (int(torch.randint(64, 192, (1,), generator=g)),),
-                                                           generator=g).tolist(), params)
+                                                           generator=g).tolist(), params, delta=delta())
     engine.step()
     for _ in range(3):
         engine.step()
-    before = engine.profile.snapshot()["prefill"]
+    deadline = time.perf_counter() + WARMUP_LIMIT_S
+    while engine.warm_up():
+        if time.perf_counter() > deadline:
+            raise RuntimeError(f"SBMM warm-up not finished after {WARMUP_LIMIT_S} s")
+    before = engine.profile.snapshot()
     for step in range(num_steps):
         for j in range(int(torch.randint(1, 5, (1,), generator=g))):
             n = int(torch.randint(64, 193, (1,), generator=g))
-            engine.add_request(f"new{seed}-{step}-{j}", torch.randint(3, 200, (n,), generator=g).tolist(), params)
+            engine.add_request(f"new{seed}-{step}-{j}", torch.randint(3, 200, (n,), generator=g).tolist(), params,
+                               delta=delta())
         engine.step()  # the prefill step (new prompts + every running sequence)
         engine.step()  # a decode step between, as arrivals are spread out
     sync(device)
-    count, seconds = (a - b for a, b in zip(engine.profile.snapshot()["prefill"], before))
+    after = engine.profile.snapshot()
+    if after.get("warmup", (0, 0.0)) != before.get("warmup", (0, 0.0)):
+        raise RuntimeError("SBMM warm-up ran inside the timed prefill steps")
+    count, seconds = (a - b for a, b in zip(after["prefill"], before["prefill"]))
     return 1e3 * seconds / max(count, 1), count
 
 
@@ -312,6 +328,29 @@ def bench_prefill(cfg: LlamaConfig, device: str, rows: list, num_running: int = 
         rows.append({"part": "prefill", "sdpa": name, "layers": cfg.num_hidden_layers, "num_running": num_running,
                      "prefill_steps": count, "ms": ms,
                      "vs_torch_default": ms / results["torch_default"][0]})
+        print(json.dumps(rows[-1]), flush=True)
+
+
+def bench_prefill_deltas(cfg: LlamaConfig, device: str, rows: list, deltas=(0, 1, 4), bits: int = 4,
+                         num_running: int = 16, num_steps: int = 12, sp4: bool | None = None, sp2: bool = False) -> None:
+    """part=prefill-deltas: the fresh-shape prefill steps of part=prefill (same seed, so the same prompt lengths)
+    with every request on one of N resident deltas in turn, N in `deltas` (0: the base model, the baseline)."""
+    model = random_model(cfg, device, torch.float16)
+    shapes = linear_shapes(cfg)
+    num_slots = max(max(deltas), 1)
+    slots = DeviceSlots(num_slots, device, torch.float16, set(shapes), False, sp4=sp4, sp2=sp2)
+    one = random_packed_delta(shapes, bits, 128, device, pin=device.startswith("cuda"), seed=2)
+    for s in range(num_slots):
+        slots.write(s, str(s), one)
+    del one
+    time_fresh_prefills(model, device, num_running, 2, 0)  # untimed: per-shape set-up, as in part=prefill
+    base_ms = None
+    for n in deltas:
+        ms, count = time_fresh_prefills(model, device, num_running, num_steps, 0, slots if n else None, n)
+        base_ms = ms if n == 0 else base_ms
+        rows.append({"part": "prefill-deltas", "num_deltas": n, "bits": bits, "layers": cfg.num_hidden_layers,
+                     "num_running": num_running, "prefill_steps": count, "ms": ms,
+                     "vs_base": ms / base_ms if base_ms else None})
         print(json.dumps(rows[-1]), flush=True)
 
 
@@ -442,6 +481,10 @@ def main(argv: list[str] | None = None) -> int:
     if "prefill" in parts:
         prefill_cfg = dataclasses.replace(big, num_hidden_layers=args.step_layers) if args.step_layers else big
         bench_prefill(prefill_cfg, device, rows, **({"num_running": 4, "num_steps": 2} if args.tiny else {}))
+    if "prefill-deltas" in parts:
+        prefill_cfg = dataclasses.replace(big, num_hidden_layers=args.step_layers) if args.step_layers else big
+        bench_prefill_deltas(prefill_cfg, device, rows, bits=args.step_bits, sp4=False if args.no_sp4 else None,
+                             sp2=sp2, **({"num_running": 4, "num_steps": 2} if args.tiny else {}))
     if "modes" in parts:
         bench_modes(mid, device, rows, **({"num_requests": 24, "max_tokens": 6, "prompt_len": 8}
                                           if args.tiny else {}))

@@ -38,6 +38,18 @@ def test_bench_worker_tiny_writes_rows(tmp_path):
     assert all("throughput_vs_swap" in r for r in by_part["modes"])
 
 
+def test_bench_worker_prefill_with_deltas_writes_rows(tmp_path):
+    """part=prefill-deltas: the base row first (the baseline), then 1 and 4 resident deltas, each over the same
+    number of fresh-shape prefill steps."""
+    torch.set_num_threads(1)
+    bench = _load_bench()
+    assert bench.main(["--tiny", "--parts", "prefill-deltas", "--out", str(tmp_path), "--commit", "test"]) == 0
+    (path,) = tmp_path.glob("worker-*-tiny.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["num_deltas"] for r in rows] == [0, 1, 4] and rows[0]["vs_base"] == 1.0
+    assert all(r["part"] == "prefill-deltas" and r["prefill_steps"] == 2 and r["ms"] > 0 for r in rows)
+
+
 def test_decode_steps_are_timed_only_after_the_sliced_warm_up_finished():
     """The runner warms SBMM variants up in slices inside its steps until done; the worker's idle loop finishes
     it, and so must the bench before its timed steps (a new engine per row is a new runner). An engine whose
