@@ -122,15 +122,24 @@ def compiles_ahead(qweight: torch.Tensor) -> bool:
 def _eager_calls(plan: Callable[[int, int], sbmm.Launch], max_tokens: int, max_segments: int,
                  device: torch.device) -> Iterator[tuple[int, int, sbmm.Launch]]:
     """(rows T, segments S, its launch) of the eager calls, S = 1..max_segments and T = S..max_tokens, except that
-    for each S the rows stop once nothing can change any more: past every tuned config's max_rows bound the config
-    is the catch-all, and with it the K split only falls as T grows (`sbmm.split_k`), so once it is 1 every larger
-    T has this call's variant."""
+    for each S the rows stop once nothing can change any more: past every tuned config's max_rows bound, with the
+    config the largest T in bounds gets, and no K split. Why that is enough: past the max_rows bounds an entry is
+    picked by its program bounds, and a launch's programs grow with T, so an entry with `max_programs` that stopped
+    matching never matches again and one with `min_programs` that matches keeps matching; the config at T and at
+    max_tokens being the same, it is that config all the way up, and under one config the K split only falls as T
+    grows (`sbmm.split_k`). (Past the max_rows bounds alone is not enough: the H100 tables split a launch of few
+    programs less, then give it back to the catch-all, which splits again, as T grows.)"""
     past_bounds = sbmm.rows_bucket(device, float("inf"))
     for s in range(1, max_segments + 1):
+        if s > max_tokens:
+            break
+        last = plan(max_tokens, s)
         for t in range(s, max_tokens + 1):
             launch = plan(t, s)
             yield t, s, launch
-            if launch.splits == 1 and sbmm.rows_bucket(device, t / s) == past_bounds:
+            if (launch.splits == 1 and sbmm.rows_bucket(device, t / s) == past_bounds
+                    and (launch.kernel, launch.config, launch.block_m, launch.block_n)
+                    == (last.kernel, last.config, last.block_m, last.block_n)):
                 break
 
 

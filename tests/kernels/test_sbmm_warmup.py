@@ -35,6 +35,29 @@ def test_eager_calls_stop_early_and_still_name_every_variant(n, k, bits, sp4):
         assert len({launch.splits for _, _, launch in calls}) > 1  # the K split varies, so the stop rule is exercised
 
 
+@pytest.mark.parametrize("n, k, bits", [(4096, 4096, 4), (11008, 4096, 4), (4096, 11008, 4), (4096, 4096, 2),
+                                        (11008, 4096, 2), (4096, 11008, 2)])
+@pytest.mark.parametrize("max_segments", [1, 3, 6])  # an engine with one delta per batch has 3 (+ base + spare)
+def test_eager_calls_name_every_variant_of_the_h100_tables(monkeypatch, n, k, bits, max_segments):
+    """The same check on the H100 tables (sp4 and sp2 words), whose entries past every max_rows bound include one
+    with a program bound (the head entry: few programs, fewer K splits) ahead of the catch-all: the rows must not
+    stop where that entry's launch stops splitting, since a larger T leaves it for the catch-all, which splits
+    again (the first version of the stop rule did, and a served prefill compiled what the warm-up skipped)."""
+    from kernels import sbmm_plan
+
+    monkeypatch.setattr(sbmm_plan, "_device_name", lambda device: "NVIDIA H100 80GB HBM3")
+    x = torch.zeros(2048, k, dtype=torch.float16)
+    max_tokens, max_segments = 2048, max_segments
+
+    def plan(t, s):
+        return sbmm.plan(x[:t], n, k, bits, k // 128, 128, False, s, sp4=bits == 4, sp2=bits == 2)
+
+    calls = list(sbmm_warmup._eager_calls(plan, max_tokens, max_segments, CPU))
+    every = {sbmm.compile_key(plan(t, s), n) for s in range(1, max_segments + 1) for t in range(s, max_tokens + 1)}
+    assert {sbmm.compile_key(launch, n) for _, _, launch in calls} == every
+    assert len(calls) < max_segments * max_tokens // 2  # it still stops early
+
+
 def test_graph_calls_hold_every_hint_pair_a_graph_step_can_ask_for():
     """For each captured batch size, every (rows hint, segments hint) GraphDeltaOps derives from a step's
     segments (random steps here) is among the warm-up's padded calls of that size."""
