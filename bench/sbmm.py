@@ -265,7 +265,10 @@ def sweep(limit, save=None, variants=("4t", "2", "2d2"), cases=SWEEP_CASES, conf
             dense2 = stack["meta"] is None
             for kernel, cfg in ([("gluon", c) for c in configs] if configs else SWEEP):
                 if num * rows >= 256 and cfg.get("min_ctas"):
-                    continue  # prefill has programs enough (one delta with 32 rows is a decode batch: it may not)
+                    # prefill has programs enough (one delta with 32 rows is a decode batch: it may not); said, so a
+                    # sweep whose configs all set min_ctas does not drop its prefill cases silently
+                    print(f"skip {name} N={num} r={rows}: {json.dumps(cfg)} (min_ctas at >= 256 rows)", flush=True)
+                    continue
                 if (stack.get("sp4") or stack.get("sp2")) and kernel != "gluon":
                     continue  # sp4 / sp2 words run on the sparse-MMA kernels only (they take the Gluon configs)
                 try:
