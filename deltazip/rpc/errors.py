@@ -1,5 +1,6 @@
 """Domain errors that map to gRPC status codes, and the decorator that turns them into statuses."""
 
+import contextlib
 import functools
 import inspect
 from collections.abc import Callable
@@ -82,8 +83,11 @@ def rpc_method(fn: Callable) -> Callable:
         async def stream(self, request, context):
             try:
                 request = _checked(request)
-                async for item in fn(self, request, context):
-                    yield item
+                # closed when this stream is (the client went away mid-write), not later by the garbage collector:
+                # the method's own cleanup (a request's end bookkeeping) then runs before the stream is gone
+                async with contextlib.aclosing(fn(self, request, context)) as items:
+                    async for item in items:
+                        yield item
                 _count(name, "OK")
             except Exception as exc:  # noqa: BLE001  (only ServiceError/RedisError are translated; others re-raise)
                 error = _translate(exc)

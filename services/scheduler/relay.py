@@ -7,6 +7,7 @@ commands: with a thousand requests queued, per-request checks cost a scheduler h
 """
 
 import asyncio
+import contextlib
 import contextvars
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -87,7 +88,8 @@ class Relay:
                        placement: Placement | None = None) -> AsyncIterator[common_pb2.GenerateChunk]:
         """Chunks for `job`; `time_remaining()` is the client's deadline (None = none). A place in a failed worker's
         queue is given back before the next attempt; the last attempt's place is left in `placement` for the caller
-        to give back (None: given back here too)."""
+        to give back (None: given back here too), set once this generator is exhausted or closed: a caller that
+        stops early must close it (`contextlib.aclosing`) before reading `placement`."""
         tried: list[str] = []
         last_error: WorkerFailed | None = None
         while len(tried) < self.max_attempts:
@@ -96,8 +98,12 @@ class Relay:
                 break
             tried.append(worker.worker.worker_id)
             try:
-                async for chunk in self._attempt(job, worker, time_remaining, placement):
-                    yield chunk
+                # closed here, not whenever the garbage collector gets to it: a caller that stops reading (the client
+                # went away) closes this generator, and only the attempt's own exit tells `placement` which queue
+                # place the caller must give back before its end bookkeeping runs
+                async with contextlib.aclosing(self._attempt(job, worker, time_remaining, placement)) as chunks:
+                    async for chunk in chunks:
+                        yield chunk
                 return
             except WorkerFailed as failed:
                 last_error = failed

@@ -1,6 +1,7 @@
 """Scheduler servicer: validates, records the request in Redis, and relays a worker's token stream."""
 
 import asyncio
+import contextlib
 
 from redis.exceptions import RedisError
 
@@ -67,9 +68,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             state, error = RequestState.FAILED, ""
             placement = Placement()
             try:
-                async for chunk in self.relay.generate(job, model.is_base, context.time_remaining, placement):
-                    timer.add(len(chunk.token_ids))
-                    yield chunk
+                # closed on the way out, whatever ends the stream (the client going away mid-write included), so the
+                # relay has set `placement` before _finish gives that queue place back
+                async with contextlib.aclosing(self.relay.generate(job, model.is_base, context.time_remaining,
+                                                                   placement)) as chunks:
+                    async for chunk in chunks:
+                        timer.add(len(chunk.token_ids))
+                        yield chunk
                 state = RequestState.FINISHED
             except ServiceError as exc:
                 error = f"{exc.code.name}: {exc.message}"
