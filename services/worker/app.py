@@ -8,6 +8,7 @@ in the background, while the engine keeps serving everyone else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -140,9 +141,10 @@ class WorkerApp:
             except ValueError as exc:
                 raise InvalidRequestError(str(exc)) from exc
             submitted = True
-            async for event in self._stream(inp, prompt_ids, events, ready, start):
-                finished = event.finish_reason is not None
-                yield event
+            async with contextlib.aclosing(self._stream(inp, prompt_ids, events, ready, start)) as stream:
+                async for event in stream:
+                    finished = event.finish_reason is not None
+                    yield event
         finally:
             # The delta stays pinned until the engine has dropped the sequence, so its slot cannot be
             # reused while a step might still run it.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import grpc
 
 from deltazip.cluster.models import MODEL_NAME, MODEL_NAME_RULE
@@ -34,8 +36,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         wid = self.app.info.worker_id
         with bind_request(inp.request_id, model=inp.model, worker=wid):
             log.info("request_received", attempt=request.attempt)
-            async for event in self.app.generate(inp):
-                yield _chunk(inp, event, wid)
+            # closed with this stream (the caller went away), so the engine drops the sequence at once
+            async with contextlib.aclosing(self.app.generate(inp)) as events:
+                async for event in events:
+                    yield _chunk(inp, event, wid)
 
     @rpc_method
     async def LoadDelta(self, request: worker_pb2.LoadDeltaRequest, context) -> worker_pb2.LoadDeltaResponse:
