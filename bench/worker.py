@@ -32,6 +32,7 @@ import argparse
 import dataclasses
 import datetime
 import gc
+import itertools
 import json
 import os
 import statistics
@@ -149,6 +150,21 @@ def bench_load(cfg: LlamaConfig, device: str, rows: list, bits: int = 2, group: 
 
 WARMUP_LIMIT_S = 600.0  # a decode engine's SBMM warm-up must finish within this before its steps are timed
 
+
+def finish_warm_up(engine) -> dict:
+    """Run the engine's sliced SBMM warm-up to its end, as the worker's idle loop does (LLMEngine.warm_up), so no
+    timed step carries a slice of it; returns the profile snapshot the timed steps start from."""
+    deadline = time.perf_counter() + WARMUP_LIMIT_S
+    while engine.warm_up():
+        if time.perf_counter() > deadline:
+            raise RuntimeError(f"SBMM warm-up not finished after {WARMUP_LIMIT_S} s")
+    return engine.profile.snapshot()
+
+
+def warmup_seconds(snapshot: dict) -> float:
+    """Seconds of SBMM warm-up in a profile snapshot."""
+    return snapshot.get("warmup", (0, 0.0))[1]
+
 # ---- part 2: decode step time with many deltas -----------------------------------------------------
 
 def decode_engine(model, max_deltas: int, slots: DeviceSlots | None, cuda_graphs: bool, max_num_seqs: int):
@@ -181,11 +197,7 @@ def time_decode_steps(engine, num_seqs: int, num_deltas: int, device: str, promp
     # steps can launch (model_runner.WARMUP_SLICE_S); the worker's engine loop finishes that while idle
     # (LLMEngine.warm_up). Finish it here too, or the timed steps carry the rest of it: each engine here is a new
     # runner, and those slices were the 50-1270 ms outlier steps of runs 17-18 and session 15's first run.
-    deadline = time.perf_counter() + WARMUP_LIMIT_S
-    while engine.warm_up():
-        if time.perf_counter() > deadline:
-            raise RuntimeError(f"SBMM warm-up not finished after {WARMUP_LIMIT_S} s")
-    before = engine.profile.snapshot()
+    before = finish_warm_up(engine)
     # earlier engines (their CUDA graphs, KV caches) are freed now, not by a garbage collection inside the timed
     # steps. That was a guess at the single 45-446 ms means (against 12-25 ms) that about one run in four shows;
     # they stayed with it (docs/kernels.md run 17), so compare step runs by their median over several processes
@@ -207,7 +219,7 @@ def time_decode_steps(engine, num_seqs: int, num_deltas: int, device: str, promp
         if compiles is not None:
             compiles.extend(b - a for a, b in zip(variants, variants[1:]))
         if warmup_s is not None:
-            warmup_s.append(engine.profile.snapshot().get("warmup", (0, 0.0))[1] - before.get("warmup", (0, 0.0))[1])
+            warmup_s.append(warmup_seconds(engine.profile.snapshot()) - warmup_seconds(before))
     finally:
         if was_enabled:
             gc.enable()
@@ -279,7 +291,7 @@ def time_fresh_prefills(model, device: str, num_running: int, num_steps: int, se
     engine = decode_engine(model, num_deltas, slots, True, max_num_seqs=num_running + 8 * num_steps)
     g = torch.Generator().manual_seed(seed)
     params = SamplingParams(temperature=0, max_tokens=4 * num_steps + 16, ignore_eos=True)
-    counter = iter(range(10**9))
+    counter = itertools.count()
 
     def delta() -> str | None:
         return str(next(counter) % num_deltas) if num_deltas else None
@@ -290,11 +302,7 @@ def time_fresh_prefills(model, device: str, num_running: int, num_steps: int, se
     engine.step()
     for _ in range(3):
         engine.step()
-    deadline = time.perf_counter() + WARMUP_LIMIT_S
-    while engine.warm_up():
-        if time.perf_counter() > deadline:
-            raise RuntimeError(f"SBMM warm-up not finished after {WARMUP_LIMIT_S} s")
-    before = engine.profile.snapshot()
+    before = finish_warm_up(engine)
     for step in range(num_steps):
         for j in range(int(torch.randint(1, 5, (1,), generator=g))):
             n = int(torch.randint(64, 193, (1,), generator=g))
@@ -304,7 +312,7 @@ def time_fresh_prefills(model, device: str, num_running: int, num_steps: int, se
         engine.step()  # a decode step between, as arrivals are spread out
     sync(device)
     after = engine.profile.snapshot()
-    if after.get("warmup", (0, 0.0)) != before.get("warmup", (0, 0.0)):
+    if warmup_seconds(after) != warmup_seconds(before):
         raise RuntimeError("SBMM warm-up ran inside the timed prefill steps")
     count, seconds = (a - b for a, b in zip(after["prefill"], before["prefill"]))
     return 1e3 * seconds / max(count, 1), count
@@ -473,17 +481,16 @@ def main(argv: list[str] | None = None) -> int:
     if "load" in parts:
         for bits in (2, 4):
             bench_load(big, device, rows, bits, sp4=False if args.no_sp4 else None, sp2=sp2)
+    # the step and prefill parts' model: the 7B shape, cut to --step-layers
+    step_cfg = dataclasses.replace(big, num_hidden_layers=args.step_layers) if args.step_layers else big
     if "step" in parts:
-        step_cfg = dataclasses.replace(big, num_hidden_layers=args.step_layers) if args.step_layers else big
         bench_step(step_cfg, device, rows, **({"num_seqs": 8, "steps": 3, "prompt_len": 16} if args.tiny
                                               else {"num_seqs": args.step_seqs}),
                    bits=args.step_bits, sp4=False if args.no_sp4 else None, sp2=sp2)
     if "prefill" in parts:
-        prefill_cfg = dataclasses.replace(big, num_hidden_layers=args.step_layers) if args.step_layers else big
-        bench_prefill(prefill_cfg, device, rows, **({"num_running": 4, "num_steps": 2} if args.tiny else {}))
+        bench_prefill(step_cfg, device, rows, **({"num_running": 4, "num_steps": 2} if args.tiny else {}))
     if "prefill-deltas" in parts:
-        prefill_cfg = dataclasses.replace(big, num_hidden_layers=args.step_layers) if args.step_layers else big
-        bench_prefill_deltas(prefill_cfg, device, rows, bits=args.step_bits, sp4=False if args.no_sp4 else None,
+        bench_prefill_deltas(step_cfg, device, rows, bits=args.step_bits, sp4=False if args.no_sp4 else None,
                              sp2=sp2, **({"num_running": 4, "num_steps": 2} if args.tiny else {}))
     if "modes" in parts:
         bench_modes(mid, device, rows, **({"num_requests": 24, "max_tokens": 6, "prompt_len": 8}
