@@ -53,7 +53,8 @@ def compile_kernel(a):
         num_groups = 1 if a.group == 0 else a.k // a.group
         bits = 2 if a.kernel == "spmma2" else 4
         const = dict(sbmm._spmma_constexprs(a.k, a.group or a.k, num_groups, tdt, a.bm, a.bn, a.warps, a.split_k,
-                                            0 if a.no_prefetch else a.prefetch_depth, bits, a.pdl, a.x_dense),
+                                            0 if a.no_prefetch else a.prefetch_depth, bits, a.pdl, a.x_dense,
+                                            a.cp_stages),
                      MAX_SEGS=16)
         fn = sbmm_spmma2._sbmm_spmma2_kernel if bits == 2 else sbmm_spmma._sbmm_spmma_kernel
         source = GluonASTSource
@@ -126,6 +127,8 @@ def main() -> None:
     p.add_argument("--no-prefetch", action="store_true")
     p.add_argument("--prefetch-depth", type=int, default=1, help="spmma: K steps in flight (1 or 2)")
     p.add_argument("--pdl", action="store_true", help="spmma: programmatic dependent launch (griddepcontrol)")
+    p.add_argument("--cp-stages", type=int, default=0,
+                   help="spmma: deltas through shared memory (cp.async), this many K steps in flight (0: registers)")
     p.add_argument("--x-dense", action="store_true", help="spmma: x read as given (4-byte loads, no sp4_x copy)")
     p.add_argument("--dense2", action="store_true", help="gluon: dense2 words (kernels/layout.py), 2-bit")
     p.add_argument("--scale-each", action="store_true",
@@ -151,7 +154,7 @@ def main() -> None:
                               for ln in body)
     block_k = 8 * 64 // a.bits if a.kernel in ("gluon", "spmma") else 256 if a.kernel == "spmma2" else a.bk
     dense = a.bn * block_k
-    print(f"regs={usage.group(1)} stack={usage.group(2)} shared={usage.group(3)} loop_instructions={len(body)} "
+    print(f"regs={usage.group(1)} stack={usage.group(2)} shared={usage.group(3)}+{ck.metadata.shared} loop_instructions={len(body)} "
           f"per_dense_value={len(body) * 32 * a.warps / dense:.2f}")
     print(" ".join(f"{k}:{v}" for k, v in ops.most_common()))
 
