@@ -330,10 +330,9 @@ def _launch_triton(common, x, n, k, group_size, num_groups, bits, asym, launch: 
 
 @functools.lru_cache(maxsize=256)
 def _spmma_constexprs(k, group_size, num_groups, dtype, block_m, block_n, num_warps, splits=1,
-                      prefetch=True, bits=4, pdl=False, x_dense=False, stages=0) -> dict:
+                      prefetch=True, bits=4, pdl=False, x_dense=False) -> dict:
     """Compile-time arguments of one sparse-MMA launch (kernels/sbmm_spmma.py on sp4 words, symmetric 4-bit;
-    bits 2: kernels/sbmm_spmma2.py on sp2 words). stages > 0: the deltas go through shared memory, that many K
-    steps in flight (`_k_loop_staged`; prefetch is then unused)."""
+    bits 2: kernels/sbmm_spmma2.py on sp2 words)."""
     name = "f16" if dtype == torch.float16 else "bf16"
     module = sbmm_spmma2 if bits == 2 else sbmm_spmma
     expand, cons_e = module.expand_ptx(name)
@@ -343,7 +342,7 @@ def _spmma_constexprs(k, group_size, num_groups, dtype, block_m, block_n, num_wa
     return dict(K=k, GROUP_SIZE=k if num_groups == 1 else group_size, SCALE_MODE=scale_mode, BLOCK_M=block_m,
                 BLOCK_N=block_n, EXPAND=expand, MMA0=mma0, MMA1=mma1, CONSTRAINTS_E=cons_e, CONSTRAINTS_M=cons_m,
                 L_SEG=sbmm_gluon.seg_layout(num_warps), SPLIT_K=splits, PREFETCH=prefetch, PDL=pdl,
-                X_DENSE=x_dense, STAGES=stages,
+                X_DENSE=x_dense,
                 **module.layouts(block_n, block_m, num_warps))
 
 
@@ -370,8 +369,7 @@ def _launch_sparse_mma(x, y, qweight, meta, scales, seg_starts, seg_slots, bits,
     # else x in the B order (sp2 too): 16-byte loads, a copy per call or per workspace x (T x K x 2 bytes)
     x_dense = bool(launch.config.get("x_dense", False))
     const = _spmma_constexprs(k, group_size, num_groups, x.dtype, launch.block_m, launch.block_n, launch.num_warps,
-                              splits, int(launch.config.get("prefetch", True)), bits, pdl, x_dense,
-                              int(launch.config.get("stages", 0)))
+                              splits, int(launch.config.get("prefetch", True)), bits, pdl, x_dense)
     xs = x if x_dense else workspace.sp_x(x) if workspace is not None else spmma_layout.sp4_x(x)
     kernel = sbmm_spmma2._sbmm_spmma2_kernel if sp2 else sbmm_spmma._sbmm_spmma_kernel
     kernel[grid](

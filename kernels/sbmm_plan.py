@@ -131,9 +131,6 @@ def plan(x: torch.Tensor, n: int, k: int, bits: int, num_groups: int, group_size
             config = pick_config("spmma2" if sp2 else "spmma", _device_name(x.device), rows, bits, n, live)
         if int(config.get("prefetch", True)) not in (0, 1, 2):
             raise ValueError(f"sparse-MMA prefetch is 0, 1 or 2 K steps in flight, not {config['prefetch']!r}")
-        if int(config.get("stages", 0)) not in range(MAX_STAGES + 1):
-            raise ValueError(f"sparse-MMA stages (K steps of the deltas in flight through shared memory) is 0 (off) "
-                             f"to {MAX_STAGES}, not {config['stages']!r}")
         if config.get("x_dense") and x.storage_offset() % 2:  # x cannot be read in place as pairs: copy it
             config = dict(config, x_dense=False)
         if config.get("pdl") and not pdl_ok(x.device):
@@ -173,7 +170,6 @@ def compile_key(launch: Launch, n: int) -> tuple:
 
 
 MAX_SPLIT_K = 8
-MAX_STAGES = 8  # sparse-MMA deltas through shared memory: at most 8 K steps in flight (sp2 BN 128: 64 KB)
 MIN_MAX_SEGS = 32  # the segment search covers 32 segments at least: one variant up to 30 deltas a batch
 
 

@@ -33,7 +33,6 @@ of each step, like the dense2 RAW path.
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import async_copy
 
 from kernels.sbmm_gluon import _find_tile, _split_range
 from kernels.sbmm_triton import SEGMENT_ARGS, SEGMENT_POINTERS
@@ -216,51 +215,6 @@ def _k_loop(acc, zero, x_rows, qw_tile, meta_tile, k_lo, k_hi, scale_lo, scale_h
     return acc
 
 
-@gluon.jit
-def _k_loop_staged(acc, zero, x_rows, qw_tile, meta_tile, k_lo, k_hi, scale_lo, scale_hi, K_STEP: gl.constexpr,
-                   STEP: gl.constexpr, WORDS_PER_COL2: gl.constexpr, STAGES: gl.constexpr, GROUP_SIZE: gl.constexpr,
-                   SCALE_MODE: gl.constexpr, HALF_SCALES: gl.constexpr, EXPAND: gl.constexpr, MMA0: gl.constexpr,
-                   MMA1: gl.constexpr, CONSTRAINTS_E: gl.constexpr, CONSTRAINTS_M: gl.constexpr, L_A: gl.constexpr,
-                   L_B: gl.constexpr, L_QW: gl.constexpr, L_MW: gl.constexpr, PDL: gl.constexpr):
-    """`_k_loop` with the words and meta of STAGES K steps in flight through shared memory (`cp.async`, one
-    commit group per step) instead of registers: a lane copies its own 16 (meta: 8 or 16) bytes of a step and
-    reads back exactly those, so a stage costs shared memory, not registers. x (L1-resident at decode) is loaded
-    one step ahead in registers. Step i waits for its group (`wait_group(STAGES - 1)`), reads its stage, runs its
-    MMAs, then refills that stage with step i + STAGES (past the end: the last step again, never used)."""
-    last = k_hi - STEP
-    smem_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
-    q_smem = gl.allocate_shared_memory(qw_tile.dtype.element_ty,
-                                       [STAGES, qw_tile.shape[0], qw_tile.shape[1], qw_tile.shape[2]], smem_layout)
-    m_smem = gl.allocate_shared_memory(meta_tile.dtype.element_ty,
-                                       [STAGES, meta_tile.shape[0], meta_tile.shape[1], meta_tile.shape[2]],
-                                       smem_layout)
-    for s in gl.static_range(STAGES):  # the deltas need no wait on an earlier launch (PDL): issued first
-        k_s = gl.minimum(k_lo + s * STEP, last)
-        async_copy.async_copy_global_to_shared(q_smem.index(s), qw_tile + WORDS_PER_COL2 * k_s)
-        async_copy.async_copy_global_to_shared(m_smem.index(s), meta_tile + 2 * k_s)
-        async_copy.commit_group()
-    if PDL:
-        gdc_wait()
-    xb = gl.load(x_rows + k_lo // 2)
-    i = 0
-    for k0 in range(k_lo, k_hi, STEP):
-        stage = i % STAGES
-        async_copy.wait_group(STAGES - 1)
-        qw = q_smem.index(stage).load(L_QW)
-        mw = m_smem.index(stage).load(L_MW)
-        xn = gl.load(x_rows + gl.minimum(k0 + STEP, last) // 2)
-        acc = K_STEP(acc, zero, xb, qw, mw, k0, scale_lo, scale_hi, GROUP_SIZE, SCALE_MODE, HALF_SCALES, EXPAND,
-                     MMA0, MMA1, CONSTRAINTS_E, CONSTRAINTS_M, L_A, L_B)
-        k_n = gl.minimum(k0 + STAGES * STEP, last)
-        async_copy.async_copy_global_to_shared(q_smem.index(stage), qw_tile + WORDS_PER_COL2 * k_n)
-        async_copy.async_copy_global_to_shared(m_smem.index(stage), meta_tile + 2 * k_n)
-        async_copy.commit_group()
-        xb = xn
-        i += 1
-    async_copy.wait_group(0)  # no copy outlives the program (its shared memory)
-    return acc
-
-
 @gluon.jit(do_not_specialize=SEGMENT_ARGS, do_not_specialize_on_alignment=SEGMENT_POINTERS)
 def _sbmm_spmma_kernel(
     # activations as fp16/bf16 pairs in the sp4 B order (kernels/spmma_layout.py sp4_x): int32 [T, K/2]; y: [T, N]
@@ -277,7 +231,6 @@ def _sbmm_spmma_kernel(
     CONSTRAINTS_E: gl.constexpr, CONSTRAINTS_M: gl.constexpr,
     L_S: gl.constexpr, L_W: gl.constexpr, L_META: gl.constexpr, L_X: gl.constexpr, L_SEG: gl.constexpr,
     SPLIT_K: gl.constexpr, PREFETCH: gl.constexpr, PDL: gl.constexpr = False, X_DENSE: gl.constexpr = False,
-    STAGES: gl.constexpr = 0,
 ):
     RB: gl.constexpr = BLOCK_N // 16
     TB: gl.constexpr = BLOCK_M // 8
@@ -321,14 +274,9 @@ def _sbmm_spmma_kernel(
 
     zero = gl.zeros([RB, TB, 32], gl.float32, layout=L_S)
     acc = (zero, zero, zero, zero)
-    if STAGES > 0:
-        acc = _k_loop_staged(acc, zero, x_rows, qw_tile, meta_tile, k_lo, k_hi, scale_lo, scale_hi, _k_step, STEP_K,
-                             4, STAGES, GROUP_SIZE, SCALE_MODE, False, EXPAND, MMA0, MMA1, CONSTRAINTS_E,
-                             CONSTRAINTS_M, L_A, L_B, L_W, L_META, PDL)
-    else:
-        acc = _k_loop(acc, zero, x_rows, qw_tile, meta_tile, k_lo, k_hi, scale_lo, scale_hi, _k_step, STEP_K, 4,
-                      PREFETCH, GROUP_SIZE, SCALE_MODE, False, EXPAND, MMA0, MMA1, CONSTRAINTS_E, CONSTRAINTS_M, L_A,
-                      L_B, PDL)
+    acc = _k_loop(acc, zero, x_rows, qw_tile, meta_tile, k_lo, k_hi, scale_lo, scale_hi, _k_step, STEP_K, 4,
+                  PREFETCH, GROUP_SIZE, SCALE_MODE, False, EXPAND, MMA0, MMA1, CONSTRAINTS_E, CONSTRAINTS_M, L_A, L_B,
+                  PDL)
     if SCALE_MODE == 0:  # one scale per row: applied once
         s_lo = gl.expand_dims(gl.load(scale_lo).to(gl.float32), 1)
         s_hi = gl.expand_dims(gl.load(scale_hi).to(gl.float32), 1)

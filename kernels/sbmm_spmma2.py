@@ -19,8 +19,8 @@ from triton.experimental.gluon import language as gl
 
 from kernels.sbmm_gluon import _find_tile, _split_range
 from kernels.sbmm_triton import SEGMENT_ARGS, SEGMENT_POINTERS
-from kernels.sbmm_spmma import (_bits, _epilogue, _k_loop, _k_loop_staged, _linear, _pick, _scale_rows, _scaled,
-                                 gdc_launch_dependents, gdc_wait)
+from kernels.sbmm_spmma import (_bits, _epilogue, _k_loop, _linear, _pick, _scale_rows, _scaled, gdc_launch_dependents,
+                                 gdc_wait)
 
 STEP_K = gl.constexpr(256)  # dense columns per K step (8 x mma.sp m16n8k32)
 MAGIC = {"f16": (0x64006400, 0x64026402), "bf16": (0x43004300, 0x43024302)}  # (1024 | 128) + code, + zero 2
@@ -94,7 +94,6 @@ def _sbmm_spmma2_kernel(
     CONSTRAINTS_E: gl.constexpr, CONSTRAINTS_M: gl.constexpr,
     L_S: gl.constexpr, L_W: gl.constexpr, L_X: gl.constexpr, L_SEG: gl.constexpr,
     SPLIT_K: gl.constexpr, PREFETCH: gl.constexpr, PDL: gl.constexpr = False, X_DENSE: gl.constexpr = False,
-    STAGES: gl.constexpr = 0,
 ):
     RB: gl.constexpr = BLOCK_N // 16
     TB: gl.constexpr = BLOCK_M // 8
@@ -138,14 +137,9 @@ def _sbmm_spmma2_kernel(
 
     zero = gl.zeros([RB, TB, 32], gl.float32, layout=L_S)
     acc = (zero, zero, zero, zero)
-    if STAGES > 0:
-        acc = _k_loop_staged(acc, zero, x_rows, qw_tile, meta_tile, k_lo, k_hi, scale_lo, scale_hi, _k_step, STEP_K,
-                             2, STAGES, GROUP_SIZE, SCALE_MODE, HALF_SCALES, EXPAND, MMA0, MMA1, CONSTRAINTS_E,
-                             CONSTRAINTS_M, L_A, L_B, L_W, L_W, PDL)
-    else:
-        acc = _k_loop(acc, zero, x_rows, qw_tile, meta_tile, k_lo, k_hi, scale_lo, scale_hi, _k_step, STEP_K, 2,
-                      PREFETCH, GROUP_SIZE, SCALE_MODE, HALF_SCALES, EXPAND, MMA0, MMA1, CONSTRAINTS_E, CONSTRAINTS_M,
-                      L_A, L_B, PDL)
+    acc = _k_loop(acc, zero, x_rows, qw_tile, meta_tile, k_lo, k_hi, scale_lo, scale_hi, _k_step, STEP_K, 2,
+                  PREFETCH, GROUP_SIZE, SCALE_MODE, HALF_SCALES, EXPAND, MMA0, MMA1, CONSTRAINTS_E, CONSTRAINTS_M,
+                  L_A, L_B, PDL)
     if SCALE_MODE == 0:  # one scale per row: applied once
         s_lo = gl.expand_dims(gl.load(scale_lo).to(gl.float32), 1)
         s_hi = gl.expand_dims(gl.load(scale_hi).to(gl.float32), 1)

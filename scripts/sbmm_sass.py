@@ -1,7 +1,7 @@
 """Compile the SBMM kernels for sm_90 on a machine without a GPU and report their SASS.
 
   PYTHONPATH=. python scripts/sbmm_sass.py --kernel gluon --bits 4 --dtype fp16 --bn 64 --bm 16 --warps 4
-Prints registers, stack, shared memory and the instruction mix of the K loop (instructions per dense value),
+Prints registers, stack, shared memory (static + dynamic) and the instruction mix of the K loop (instructions per dense value),
 so kernel changes can be judged before spending device time (docs/kernels.md). --dump writes SASS/PTX/TTGIR.
 """
 
@@ -53,8 +53,7 @@ def compile_kernel(a):
         num_groups = 1 if a.group == 0 else a.k // a.group
         bits = 2 if a.kernel == "spmma2" else 4
         const = dict(sbmm._spmma_constexprs(a.k, a.group or a.k, num_groups, tdt, a.bm, a.bn, a.warps, a.split_k,
-                                            0 if a.no_prefetch else a.prefetch_depth, bits, a.pdl, a.x_dense,
-                                            a.cp_stages),
+                                            0 if a.no_prefetch else a.prefetch_depth, bits, a.pdl, a.x_dense),
                      MAX_SEGS=16)
         fn = sbmm_spmma2._sbmm_spmma2_kernel if bits == 2 else sbmm_spmma._sbmm_spmma_kernel
         source = GluonASTSource
@@ -127,8 +126,6 @@ def main() -> None:
     p.add_argument("--no-prefetch", action="store_true")
     p.add_argument("--prefetch-depth", type=int, default=1, help="spmma: K steps in flight (1 or 2)")
     p.add_argument("--pdl", action="store_true", help="spmma: programmatic dependent launch (griddepcontrol)")
-    p.add_argument("--cp-stages", type=int, default=0,
-                   help="spmma: deltas through shared memory (cp.async), this many K steps in flight (0: registers)")
     p.add_argument("--x-dense", action="store_true", help="spmma: x read as given (4-byte loads, no sp4_x copy)")
     p.add_argument("--dense2", action="store_true", help="gluon: dense2 words (kernels/layout.py), 2-bit")
     p.add_argument("--scale-each", action="store_true",

@@ -271,28 +271,6 @@ def test_sparse_mma_launch_options_gpu(options, prefetch, bits, k, group, dtype)
 
 
 @gpu
-@pytest.mark.parametrize("stages", [1, 2, 3, 4, 8])
-@pytest.mark.parametrize("options", [{}, {"x_dense": True}, {"x_dense": True, "pdl": True}])
-@pytest.mark.parametrize("bits,k,group,dtype", [
-    (4, 1408, 128, torch.float16), (4, 1536, None, torch.bfloat16), (4, 256, 128, torch.float16),
-    (2, 2816, 128, torch.float16), (2, 3072, 256, torch.bfloat16), (2, 512, None, torch.float16)])
-def test_sparse_mma_deltas_through_shared_memory_gpu(stages, options, bits, k, group, dtype):
-    """stages (the deltas' K steps in flight through shared memory, cp.async): more stages than steps (2-step K,
-    and min_ctas 10**6 splits 11-12 steps into 1-2-step parts), odd and even step counts, row and group scales,
-    BLOCK_N 64 and 128 (two 16-row blocks per warp), with x_dense and PDL."""
-    if options.get("pdl") and torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("programmatic dependent launch needs sm_90")
-    n = 512
-    stack, x, y, starts, slots = make_case(n, k, bits, group, True, dtype, "odd", "cuda", seed=9)
-    for block_m, block_n, num_warps in ((8, 64, 2), (16, 128, 4), (8, 128, 2)):
-        for min_ctas in (0, 10**6):
-            cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, min_ctas=min_ctas, stages=stages,
-                       **options)
-            y_kernel, y_ref = run_sparse_mma(bits, stack, x, y, starts, slots, n, k, config=cfg)
-            torch.testing.assert_close(y_kernel.float(), y_ref.float(), **TOL[dtype])
-
-
-@gpu
 @pytest.mark.parametrize("bits", [4, 2])
 def test_pdl_launches_in_sequence_and_in_a_graph_gpu(bits):
     """Back-to-back PDL launches on one y, with launches whose programs all exit early (no segment has a delta)
