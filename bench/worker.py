@@ -29,6 +29,7 @@ Writes OUT/worker-<device>-<date>.json as {bench, device, commit, date, config, 
 """
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import gc
@@ -283,11 +284,13 @@ def bench_step(cfg: LlamaConfig, device: str, rows: list, deltas=(1, 8, 32), num
 # ---- part 2b: prefill steps of fresh shapes, per SDPA backend choice -------------------------------
 
 def time_fresh_prefills(model, device: str, num_running: int, num_steps: int, seed: int,
-                        slots: DeviceSlots | None = None, num_deltas: int = 0) -> tuple[float, int]:
+                        slots: DeviceSlots | None = None, num_deltas: int = 0,
+                        profile: Path | None = None) -> tuple[float, int]:
     """Mean ms of a prefill step that mixes 1-4 new prompts (64-192 tokens, fresh lengths every step) into
     `num_running` decoding sequences, as serving does; read off the engine's own step profile. num_deltas: every
     request on one of that many deltas of `slots` in turn (0: the base model); their SBMM warm-up is finished
-    first, so no timed step carries it."""
+    first, so no timed step carries it. profile: run the timed steps under torch.profiler and write its tables
+    to that file, without the decode step between prefills (so every profiled op belongs to a prefill step)."""
     engine = decode_engine(model, num_deltas, slots, True, max_num_seqs=num_running + 8 * num_steps)
     g = torch.Generator().manual_seed(seed)
     params = SamplingParams(temperature=0, max_tokens=4 * num_steps + 16, ignore_eos=True)
@@ -303,19 +306,47 @@ def time_fresh_prefills(model, device: str, num_running: int, num_steps: int, se
     for _ in range(3):
         engine.step()
     before = finish_warm_up(engine)
-    for step in range(num_steps):
-        for j in range(int(torch.randint(1, 5, (1,), generator=g))):
-            n = int(torch.randint(64, 193, (1,), generator=g))
-            engine.add_request(f"new{seed}-{step}-{j}", torch.randint(3, 200, (n,), generator=g).tolist(), params,
-                               delta=delta())
-        engine.step()  # the prefill step (new prompts + every running sequence)
-        engine.step()  # a decode step between, as arrivals are spread out
-    sync(device)
+    profiler = torch_profiler(device) if profile else contextlib.nullcontext()
+    with profiler:
+        for step in range(num_steps):
+            for j in range(int(torch.randint(1, 5, (1,), generator=g))):
+                n = int(torch.randint(64, 193, (1,), generator=g))
+                engine.add_request(f"new{seed}-{step}-{j}", torch.randint(3, 200, (n,), generator=g).tolist(),
+                                   params, delta=delta())
+            engine.step()  # the prefill step (new prompts + every running sequence)
+            if not profile:
+                engine.step()  # a decode step between, as arrivals are spread out
+        sync(device)
     after = engine.profile.snapshot()
     if warmup_seconds(after) != warmup_seconds(before):
         raise RuntimeError("SBMM warm-up ran inside the timed prefill steps")
     count, seconds = (a - b for a, b in zip(after["prefill"], before["prefill"]))
+    if profile:
+        write_profile(profiler, profile, f"{count} prefill steps, {1e3 * seconds / max(count, 1):.1f} ms each "
+                                         f"(under the profiler), {num_deltas} deltas, {num_running} running")
     return 1e3 * seconds / max(count, 1), count
+
+
+def torch_profiler(device: str):
+    """torch.profiler over CPU ops and (on CUDA) kernels."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.startswith("cuda"):
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return torch.profiler.profile(activities=activities)
+
+
+def write_profile(prof, path: Path, title: str, rows: int = 40) -> None:
+    """The profile's ops by self device time and by self CPU time, as text tables."""
+    averages = prof.key_averages()
+    tables = [title]
+    for key in ("self_device_time_total", "self_cpu_time_total"):
+        try:
+            tables.append(f"== by {key}\n" + averages.table(sort_by=key, row_limit=rows, max_name_column_width=70))
+        except (AttributeError, KeyError, ValueError) as e:  # an older torch names the device column otherwise
+            tables.append(f"== by {key}: not available ({e})")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n\n".join(tables) + "\n")
+    print(f"profile -> {path}", flush=True)
 
 
 def bench_prefill(cfg: LlamaConfig, device: str, rows: list, num_running: int = 16, num_steps: int = 12) -> None:
@@ -340,7 +371,8 @@ def bench_prefill(cfg: LlamaConfig, device: str, rows: list, num_running: int = 
 
 
 def bench_prefill_deltas(cfg: LlamaConfig, device: str, rows: list, deltas=(0, 1, 4), bits: int = 4,
-                         num_running: int = 16, num_steps: int = 12, sp4: bool | None = None, sp2: bool = False) -> None:
+                         num_running: int = 16, num_steps: int = 12, sp4: bool | None = None, sp2: bool = False,
+                         profile_dir: Path | None = None) -> None:
     """part=prefill-deltas: the fresh-shape prefill steps of part=prefill (same seed, so the same prompt lengths)
     with every request on one of N resident deltas in turn, N in `deltas` (0: the base model, the baseline)."""
     model = random_model(cfg, device, torch.float16)
@@ -354,11 +386,12 @@ def bench_prefill_deltas(cfg: LlamaConfig, device: str, rows: list, deltas=(0, 1
     time_fresh_prefills(model, device, num_running, 2, 0)  # untimed: per-shape set-up, as in part=prefill
     base_ms = None
     for n in deltas:
-        ms, count = time_fresh_prefills(model, device, num_running, num_steps, 0, slots if n else None, n)
+        profile = profile_dir / f"prefill-profile-{bits}bit-d{n}.txt" if profile_dir else None
+        ms, count = time_fresh_prefills(model, device, num_running, num_steps, 0, slots if n else None, n, profile)
         base_ms = ms if n == 0 else base_ms
         rows.append({"part": "prefill-deltas", "num_deltas": n, "bits": bits, "layers": cfg.num_hidden_layers,
                      "num_running": num_running, "prefill_steps": count, "ms": ms,
-                     "vs_base": ms / base_ms if base_ms else None})
+                     "vs_base": ms / base_ms if base_ms else None, "profiled": bool(profile)})
         print(json.dumps(rows[-1]), flush=True)
 
 
@@ -435,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="cut the step model's depth (0 = 32): e.g. 4, the serving benchmark's shape")
     ap.add_argument("--step-seqs", type=int, default=32, help="sequences in the timed decode step")
     ap.add_argument("--label", default="", help="added to the result file name")
+    ap.add_argument("--profile-dir", default="", help="part prefill-deltas: profile its timed steps (torch.profiler, "
+                    "no decode step between prefills) and write one table file per delta count there")
     ap.add_argument("--step-bits", type=int, default=2, choices=(2, 4), help="code width of the step's deltas")
     ap.add_argument("--sp4-words-torch", action="store_true",
                     help="sp4 slot writes re-order qweight in torch row chunks instead of the one-pass Triton kernel "
@@ -491,7 +526,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_prefill(step_cfg, device, rows, **({"num_running": 4, "num_steps": 2} if args.tiny else {}))
     if "prefill-deltas" in parts:
         bench_prefill_deltas(step_cfg, device, rows, bits=args.step_bits, sp4=False if args.no_sp4 else None,
-                             sp2=sp2, **({"num_running": 4, "num_steps": 2} if args.tiny else {}))
+                             sp2=sp2, profile_dir=Path(args.profile_dir) if args.profile_dir else None,
+                             **({"num_running": 4, "num_steps": 2} if args.tiny else {}))
     if "modes" in parts:
         bench_modes(mid, device, rows, **({"num_requests": 24, "max_tokens": 6, "prompt_len": 8}
                                           if args.tiny else {}))
