@@ -468,6 +468,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="cut the step model's depth (0 = 32): e.g. 4, the serving benchmark's shape")
     ap.add_argument("--step-seqs", type=int, default=32, help="sequences in the timed decode step")
     ap.add_argument("--label", default="", help="added to the result file name")
+    ap.add_argument("--no-fast-launch", action="store_true",
+                    help="every SBMM launch through Triton's JITFunction.run (sbmm.FAST_LAUNCH off): the baseline of "
+                         "the launch cache")
     ap.add_argument("--profile-dir", default="", help="part prefill-deltas: profile its timed steps (torch.profiler, "
                     "no decode step between prefills) and write one table file per delta count there")
     ap.add_argument("--step-bits", type=int, default=2, choices=(2, 4), help="code width of the step's deltas")
@@ -499,6 +502,10 @@ def main(argv: list[str] | None = None) -> int:
         from services.worker import linear_backend
 
         linear_backend.kernel_workspace = lambda device: None
+    if args.no_fast_launch:
+        from kernels import sbmm
+
+        sbmm.FAST_LAUNCH = False
     spmma_layout.SP4_WORDS_KERNEL = not args.sp4_words_torch
     spmma_layout.SP2_KERNELS = not args.sp2_torch
     torch.set_grad_enabled(False)
@@ -539,6 +546,7 @@ def main(argv: list[str] | None = None) -> int:
                          "step_bits": args.step_bits, "four_bit_slots": "tiled4" if args.no_sp4 else "sp4 where it applies",
                          "sp4_words_kernel": not args.sp4_words_torch, "sparse_mma_2bit": not args.no_sp2,
                          "sp2_kernels": not args.sp2_torch, "sbmm_workspace": not args.no_sbmm_workspace,
+                         "sbmm_fast_launch": not args.no_fast_launch,
                          "sbmm_configs": args.sbmm_configs or "kernels/sbmm_configs.json"},
               "rows": rows}
     os.makedirs(args.out, exist_ok=True)

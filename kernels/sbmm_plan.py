@@ -88,14 +88,29 @@ def rows_bucket(device: torch.device, rows: float) -> int:
 
 @functools.lru_cache(maxsize=16)
 def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return _cuda_facts(device.index)[0] if device.type == "cuda" else "cpu"
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    """The CUDA device's compute capability (read once per device: every eager launch asks)."""
+    return _cuda_facts(device.index)[1]
+
+
+def _cuda_facts(index: int | None) -> tuple[str, tuple[int, int]]:
+    return _cuda_facts_of(torch.cuda.current_device() if index is None else index)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_facts_of(index: int) -> tuple[str, tuple[int, int]]:
+    """(name, compute capability) of CUDA device `index`: fixed for the life of the process."""
+    return torch.cuda.get_device_name(index), torch.cuda.get_device_capability(index)
 
 
 def gluon_supported(x: torch.Tensor, k: int, bits: int, group_size: int, num_groups: int) -> bool:
     """Whether kernels/sbmm_gluon.py takes this launch (CUDA sm_80+, K a multiple of its K tile)."""
     if sbmm_gluon is None or interpreting() or not x.is_cuda:
         return False
-    if torch.cuda.get_device_capability(x.device) < (8, 0):
+    if _capability(x.device) < (8, 0):
         return False
     block_k = sbmm_gluon.WORDS_PER_TILE * 64 // bits
     dpw = 64 // bits
@@ -193,12 +208,12 @@ def spmma_device_ok(device: torch.device, dtype: torch.dtype) -> bool:
     the worker's CUDA slots check before storing 4-bit deltas in the sp4 order."""
     if sbmm_spmma is None or interpreting() or device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return False
-    return torch.cuda.get_device_capability(device) >= (8, 0)
+    return _capability(device) >= (8, 0)
 
 
 def pdl_ok(device: torch.device) -> bool:
     """Whether a sparse-MMA launch on `device` may take the `pdl` config key (griddepcontrol: sm_90+)."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+    return device.type == "cuda" and _capability(device) >= (9, 0)
 
 
 def spmma_supported(x: torch.Tensor, n: int, k: int, bits: int, num_groups: int, asym: bool) -> bool:

@@ -272,6 +272,53 @@ def test_sparse_mma_launch_options_gpu(options, prefetch, bits, k, group, dtype)
 
 @gpu
 @pytest.mark.parametrize("bits", [4, 2])
+def test_launch_cache_matches_triton_launches_across_alignments_gpu(bits, monkeypatch):
+    """sbmm.LaunchCache (repeated launches call the compiled kernel directly): bitwise the launches through
+    JITFunction.run, with x and y at 16-byte-aligned and misaligned addresses in turn (a kernel compiled for
+    aligned pointers must not serve a misaligned launch), split and unsplit, x read in place and copied."""
+    n, k = 512, 1024
+    stack, x, y0, starts, slots = make_case(n, k, bits, 128, True, torch.float16, "odd", "cuda", seed=12)
+    pack = spmma_layout.pack_sp4 if bits == 4 else spmma_layout.pack_sp2
+    q, m = pack(stack["qweight"], stack["meta"])
+    big_x = torch.empty(x.numel() + 2, dtype=x.dtype, device="cuda")
+    shifted_x = big_x[2:].view(x.shape)  # 4 bytes past a 16-byte boundary: still whole pairs
+    shifted_x.copy_(x)
+    big_y = torch.empty(y0.numel() + 2, dtype=y0.dtype, device="cuda")
+    cache = sbmm.LaunchCache()
+    monkeypatch.setattr(sbmm, "_LAUNCHES", cache)
+    for config in (dict(BLOCK_M=8, BLOCK_N=64, num_warps=2, min_ctas=0, x_dense=True),
+                   dict(BLOCK_M=16, BLOCK_N=64, num_warps=2, min_ctas=10**6)):
+        results = {}
+        for fast in (False, True):
+            monkeypatch.setattr(sbmm, "FAST_LAUNCH", fast)
+            for name, x_in in (("aligned", x), ("shifted", shifted_x), ("aligned again", x), ("shifted again",
+                                                                                              shifted_x)):
+                y = big_y[2:].view(y0.shape) if "shifted" in name else y0.clone()
+                y.copy_(y0)
+                sbmm.sbmm(x_in, y, q, m, stack["scales"], None, starts, slots, bits, config=config, sp4=bits == 4,
+                          sp2=bits == 2)
+                results[fast, name] = y.clone()
+        for name in ("aligned", "shifted", "aligned again", "shifted again"):
+            torch.testing.assert_close(results[True, name], results[False, name], rtol=0, atol=0)
+        y_ref = y0.clone()
+        reference.sbmm_reference(x, y_ref, stack["qweight"], stack["meta"], stack["scales"], None, bits, (n, k),
+                                 starts.cpu(), slots.cpu())
+        torch.testing.assert_close(results[True, "shifted"].float(), y_ref.float(), **TOL[torch.float16])
+    assert len(cache) == 4  # (aligned, shifted) x two configs: the shifted launches got kernels of their own
+
+
+def test_launch_spec_is_at_least_as_fine_as_tritons():
+    """sbmm._spec (the LaunchCache key of a runtime argument) separates what Triton specializes on: a tensor's
+    16-byte alignment and dtype, an int's value 1, multiple of 16 and 32-bit range."""
+    t = torch.zeros(8, dtype=torch.float16)
+    assert sbmm._spec(t) != sbmm._spec(t[1:])
+    assert sbmm._spec(t) != sbmm._spec(t.view(torch.int16))
+    assert len({sbmm._spec(v) for v in (1, 16, 17, 2**31)}) == 4
+    assert sbmm._spec(0) == sbmm._spec(32) == sbmm._spec(48) and sbmm._spec(3) == sbmm._spec(5)
+
+
+@gpu
+@pytest.mark.parametrize("bits", [4, 2])
 def test_pdl_launches_in_sequence_and_in_a_graph_gpu(bits):
     """Back-to-back PDL launches on one y, with launches whose programs all exit early (no segment has a delta)
     in between, eager and captured in a CUDA graph: bitwise the results of plain launches (same arithmetic,
