@@ -372,9 +372,11 @@ def bench_prefill(cfg: LlamaConfig, device: str, rows: list, num_running: int = 
 
 def bench_prefill_deltas(cfg: LlamaConfig, device: str, rows: list, deltas=(0, 1, 4), bits: int = 4,
                          num_running: int = 16, num_steps: int = 12, sp4: bool | None = None, sp2: bool = False,
-                         profile_dir: Path | None = None) -> None:
+                         profile_dir: Path | None = None, launch_ab: int = 0) -> None:
     """part=prefill-deltas: the fresh-shape prefill steps of part=prefill (same seed, so the same prompt lengths)
-    with every request on one of N resident deltas in turn, N in `deltas` (0: the base model, the baseline)."""
+    with every request on one of N resident deltas in turn, N in `deltas` (0: the base model, the baseline).
+    launch_ab > 0: instead, that many rounds of (base, then each N with sbmm.FAST_LAUNCH on, then off) in this one
+    process, so the launch cache's A/B is not read across processes (whose eager steps differ by up to 1.5x)."""
     model = random_model(cfg, device, torch.float16)
     shapes = linear_shapes(cfg)
     num_slots = max(max(deltas), 1)
@@ -384,6 +386,10 @@ def bench_prefill_deltas(cfg: LlamaConfig, device: str, rows: list, deltas=(0, 1
         slots.write(s, str(s), one)
     del one
     time_fresh_prefills(model, device, num_running, 2, 0)  # untimed: per-shape set-up, as in part=prefill
+    if launch_ab:
+        _prefill_launch_ab(model, device, rows, slots, deltas, bits, cfg.num_hidden_layers, num_running, num_steps,
+                           launch_ab)
+        return
     base_ms = None
     for n in deltas:
         profile = profile_dir / f"prefill-profile-{bits}bit-d{n}.txt" if profile_dir else None
@@ -393,6 +399,24 @@ def bench_prefill_deltas(cfg: LlamaConfig, device: str, rows: list, deltas=(0, 1
                      "num_running": num_running, "prefill_steps": count, "ms": ms,
                      "vs_base": ms / base_ms if base_ms else None, "profiled": bool(profile)})
         print(json.dumps(rows[-1]), flush=True)
+
+
+def _prefill_launch_ab(model, device, rows, slots, deltas, bits, layers, num_running, num_steps, rounds) -> None:
+    """bench_prefill_deltas' launch-cache A/B: per round the base, then every delta count with the cache on and
+    off (the order flips every round); one row per (round, N, cache)."""
+    from kernels import sbmm
+
+    for r in range(rounds):
+        base_ms, _ = time_fresh_prefills(model, device, num_running, num_steps, 0)
+        for n in [d for d in deltas if d]:
+            for fast in ((True, False) if r % 2 == 0 else (False, True)):
+                sbmm.FAST_LAUNCH = fast
+                ms, count = time_fresh_prefills(model, device, num_running, num_steps, 0, slots, n)
+                rows.append({"part": "prefill-deltas-launch-ab", "round": r, "num_deltas": n, "bits": bits,
+                             "layers": layers, "num_running": num_running, "prefill_steps": count,
+                             "fast_launch": fast, "ms": ms, "base_ms": base_ms, "vs_base": ms / base_ms})
+                print(json.dumps(rows[-1]), flush=True)
+    sbmm.FAST_LAUNCH = True
 
 
 # ---- part 3: tokens/s per mode under a mixed 16-model load -----------------------------------------
@@ -468,6 +492,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="cut the step model's depth (0 = 32): e.g. 4, the serving benchmark's shape")
     ap.add_argument("--step-seqs", type=int, default=32, help="sequences in the timed decode step")
     ap.add_argument("--label", default="", help="added to the result file name")
+    ap.add_argument("--launch-ab", type=int, default=0, help="part prefill-deltas: this many rounds of the launch "
+                    "cache on / off in one process instead of the plain rows")
     ap.add_argument("--no-fast-launch", action="store_true",
                     help="every SBMM launch through Triton's JITFunction.run (sbmm.FAST_LAUNCH off): the baseline of "
                          "the launch cache")
@@ -534,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     if "prefill-deltas" in parts:
         bench_prefill_deltas(step_cfg, device, rows, bits=args.step_bits, sp4=False if args.no_sp4 else None,
                              sp2=sp2, profile_dir=Path(args.profile_dir) if args.profile_dir else None,
+                             launch_ab=args.launch_ab,
                              **({"num_running": 4, "num_steps": 2} if args.tiny else {}))
     if "modes" in parts:
         bench_modes(mid, device, rows, **({"num_requests": 24, "max_tokens": 6, "prompt_len": 8}
