@@ -16,7 +16,7 @@ from triton import knobs
 
 from kernels import layout, sbmm_asm, sbmm_triton, spmma_layout
 from kernels.sbmm_plan import (  # noqa: F401  (re-exported: callers name them sbmm.*)
-    CONFIG_FILE, DENSE2_GEOMETRY_BITS, KERNELS, MAX_SPLIT_K, MIN_MAX_SEGS, Launch, _configs, _device_name,
+    CONFIG_FILE, DENSE2_GEOMETRY_BITS, KERNELS, cdiv, MAX_SPLIT_K, MIN_MAX_SEGS, Launch, _configs, _device_name,
     compile_key, gluon_supported, interpreting, pdl_ok, pick_config, plan, rows_bucket, split_k, spmma2_supported,
     spmma_device_ok, spmma_supported,
 )
@@ -266,7 +266,7 @@ def _launch_gluon(common, x, n, k, group_size, num_groups, bits, asym, launch: L
     const = _gluon_constexprs(n, k, group_size, num_groups, bits, asym, x.dtype, launch.block_m, launch.block_n,
                               launch.num_warps, bool(config.get("prefetch", True)), splits, dense2,
                               bool(config.get("scale_after", True)), tiled)
-    grid = (triton.cdiv(n, launch.block_n), t // launch.block_m + launch.live_segments, splits)
+    grid = (cdiv(n, launch.block_n), t // launch.block_m + launch.live_segments, splits)
     ws, counters = _split_workspace(splits, t, n, grid, x.device, workspace)
     opts = {"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}  # register cap: more CTAs per SM
     sbmm_gluon._sbmm_gluon_kernel[grid](*common, ws, counters, t * n, n, MAX_SEGS=launch.max_segs,
@@ -320,7 +320,7 @@ def _launch_triton(common, x, n, k, group_size, num_groups, bits, asym, launch: 
     asm, constraints = _program(bits, asym, x.dtype) if use_asm else ("", "")
     magic = 1024.0 if x.dtype == torch.float16 else 128.0
     z2 = _half2_const(magic if asym else magic + (1 << (bits - 1)), x.dtype) if use_asm else 0
-    grid = (triton.cdiv(n, block_n), x.shape[0] // block_m + launch.live_segments)
+    grid = (cdiv(n, block_n), x.shape[0] // block_m + launch.live_segments)
     sbmm_triton._sbmm_kernel[grid](
         *common, n, k, group_size,
         BITS=bits, ASYM=asym, SCALE_MODE=scale_mode,
@@ -394,9 +394,9 @@ FAST_LAUNCH = True
 def _spec(arg) -> tuple:
     """What Triton specializes a runtime argument on, or finer: a tensor's dtype and 16-byte alignment; an int's
     width class, whether it is 1 and whether it is a multiple of 16."""
-    if isinstance(arg, torch.Tensor):
-        return arg.dtype, arg.data_ptr() % 16 == 0
-    return -(1 << 31) <= arg < (1 << 31), arg == 1, arg % 16 == 0
+    if type(arg) is int:
+        return -0x80000000 <= arg < 0x80000000, arg == 1, not arg & 15
+    return arg.dtype, not arg.data_ptr() & 15
 
 
 class LaunchCache:
@@ -435,7 +435,7 @@ class LaunchCache:
             return
         compiled, tail = entry
         full = (*args, *tail)
-        stream = torch.cuda.current_stream(device).cuda_stream
+        stream = torch._C._cuda_getCurrentRawStream(device.index)  # what Triton's driver reads (get_current_stream)
         compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata,
                      compiled.launch_metadata(grid, stream, *full), knobs.runtime.launch_enter_hook,
                      knobs.runtime.launch_exit_hook, *full)

@@ -72,7 +72,7 @@ def pick_config(kernel: str, device_name: str, rows_per_segment: float, bits: in
 
 def _programs(entry: dict, n: int, segments: int, rows_per_segment: float) -> int:
     """(n-block, tile) programs of a launch with this entry's tiles, before any K split."""
-    return triton.cdiv(n, entry["BLOCK_N"]) * segments * max(1, math.ceil(rows_per_segment / entry["BLOCK_M"]))
+    return cdiv(n, entry["BLOCK_N"]) * segments * max(1, math.ceil(rows_per_segment / entry["BLOCK_M"]))
 
 
 def rows_bucket(device: torch.device, rows: float) -> int:
@@ -87,6 +87,11 @@ def rows_bucket(device: torch.device, rows: float) -> int:
 
 
 @functools.lru_cache(maxsize=16)
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host ints (triton.cdiv is a constexpr function: ~5 µs a call from host code)."""
+    return -(-a // b)
+
+
 def _device_name(device: torch.device) -> str:
     return _cuda_facts(device.index)[0] if device.type == "cuda" else "cpu"
 
@@ -140,7 +145,7 @@ def plan(x: torch.Tensor, n: int, k: int, bits: int, num_groups: int, group_size
     t = x.shape[0]
     rows = rows_hint if rows_hint is not None else t / num_segments
     live = num_segments if segments_hint is None else max(1, min(num_segments, segments_hint))
-    max_segs = max(MIN_MAX_SEGS, triton.next_power_of_2(num_segments))  # the segment search's bound
+    max_segs = max(MIN_MAX_SEGS, 1 << max(num_segments - 1, 0).bit_length())  # the segment search's bound: a power of 2
     if sp4 or sp2:
         if config is None:
             config = pick_config("spmma2" if sp2 else "spmma", _device_name(x.device), rows, bits, n, live)
@@ -194,11 +199,11 @@ def split_k(config: dict, n: int, k: int, bits: int, t: int, num_segments: int) 
     empty. Decode with few deltas has too few (n-block, segment) programs to keep the SMs' memory pipes busy."""
     min_ctas = config.get("min_ctas", 0)
     steps = k // (sbmm_gluon.WORDS_PER_TILE * 64 // bits)
-    ctas = triton.cdiv(n, config["BLOCK_N"]) * max(num_segments, t // config["BLOCK_M"])
+    ctas = cdiv(n, config["BLOCK_N"]) * max(num_segments, t // config["BLOCK_M"])
     split = 1
     while split < MAX_SPLIT_K and ctas * split < min_ctas and 2 * split <= steps:
         split *= 2
-    while split > 1 and (split - 1) * triton.cdiv(steps, split) >= steps:
+    while split > 1 and (split - 1) * cdiv(steps, split) >= steps:
         split -= 1
     return split
 
