@@ -425,20 +425,26 @@ class LaunchCache:
         entry = self._entries.get(key)
         if entry is None:
             const = make_const()
-            compiled = fn[grid](*args, **const, num_warps=num_warps, launch_pdl=pdl)
-            if hasattr(compiled, "result"):  # an asynchronous compile's future
-                compiled = compiled.result()
             names = fn.arg_names
             if any(name in const for name in names[:len(args)]):
                 raise ValueError(f"{fn.__name__}: a constexpr among the first {len(args)} (runtime) parameters")
-            self._entries[key] = (compiled, tuple(const[name] for name in names[len(args):]))
+            tail = tuple(const[name] for name in names[len(args):])  # the constexprs in signature order
+            compiled = fn[grid](*args, **const, num_warps=num_warps, launch_pdl=pdl)
+            if hasattr(compiled, "result"):  # an asynchronous compile's future
+                compiled = compiled.result()
+            self._entries[key] = (compiled, tail)
             return
         compiled, tail = entry
         full = (*args, *tail)
-        stream = torch._C._cuda_getCurrentRawStream(device.index)  # what Triton's driver reads (get_current_stream)
+        stream = _current_stream(device.index)
         compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata,
                      compiled.launch_metadata(grid, stream, *full), knobs.runtime.launch_enter_hook,
                      knobs.runtime.launch_exit_hook, *full)
+
+
+def _current_stream(index: int) -> int:
+    """The raw handle of device `index`'s current CUDA stream: what Triton's driver reads (get_current_stream)."""
+    return torch._C._cuda_getCurrentRawStream(index)
 
 
 _LAUNCHES = LaunchCache()

@@ -359,3 +359,68 @@ def test_sp4_path_rejects_what_it_cannot_run():
     stack, x, y, starts, slots = make_case(64, 128, 4, None, True, torch.float16, "one", "cpu")
     with pytest.raises(ValueError, match="sp4"):
         sbmm.sbmm(x, y, stack["qweight"], stack["meta"], stack["scales"], None, starts, slots, 4, sp4=True)
+
+
+class _FakeCompiled:
+    """What LaunchCache needs of a compiled kernel: its launcher (recording each call) and launch metadata."""
+
+    function, packed_metadata = "fn-handle", "packed"
+
+    def __init__(self, calls: list) -> None:
+        self.calls = calls
+
+    def launch_metadata(self, grid, stream, *args):
+        return None
+
+    def run(self, *call):
+        self.calls.append(("direct", call))
+
+
+class _FakeJit:
+    """A JIT function stand-in: `fn[grid](*args, **kwargs)` records the call and returns one compiled kernel per
+    distinct launch, as JITFunction.run does for a new specialization."""
+
+    __name__ = "fake_kernel"
+
+    def __init__(self, arg_names: list[str]) -> None:
+        self.arg_names = arg_names
+        self.calls: list = []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append(("jit", grid, args, kwargs))
+            return _FakeCompiled(self.calls)
+        return launch
+
+
+def test_launch_cache_reuses_a_compiled_kernel_only_for_the_same_key(monkeypatch):
+    """The first launch of a key goes through fn[grid] (JITFunction.run); the next one with the same constexprs,
+    options and argument specialization calls the compiled launcher with the runtime args then the constexprs in
+    signature order, on the current stream; another alignment or another constexpr key is a new first launch; a
+    constexpr among the leading runtime parameters is refused."""
+    monkeypatch.setattr(sbmm, "_current_stream", lambda index: 1234)
+    fn = _FakeJit(["x_ptr", "n", "BLOCK", "MODE"])
+    cache = sbmm.LaunchCache()
+    dev = torch.device("cuda", 0)
+    x = torch.zeros(64, dtype=torch.float16)
+    consts = []
+
+    def const():
+        consts.append(1)
+        return {"MODE": 3, "BLOCK": 64}
+
+    cache.launch(fn, (2, 1, 1), (x, 128), ("key",), 4, False, dev, const)
+    assert fn.calls[-1] == ("jit", (2, 1, 1), (x, 128), {"MODE": 3, "BLOCK": 64, "num_warps": 4, "launch_pdl": False})
+    cache.launch(fn, (5, 1, 1), (x, 256), ("key",), 4, False, dev, const)  # 256: same class as 128
+    assert fn.calls[-1] == ("direct", (5, 1, 1, 1234, "fn-handle", "packed", None, sbmm.knobs.runtime.launch_enter_hook,
+                                       sbmm.knobs.runtime.launch_exit_hook, x, 256, 64, 3))
+    assert consts == [1] and len(cache) == 1  # the constexprs were only built for the first launch
+    cache.launch(fn, (5, 1, 1), (x[1:], 256), ("key",), 4, False, dev, const)  # misaligned x: its own kernel
+    cache.launch(fn, (5, 1, 1), (x, 1), ("key",), 4, False, dev, const)  # n == 1: Triton specializes it
+    cache.launch(fn, (5, 1, 1), (x, 256), ("other",), 4, False, dev, const)
+    cache.launch(fn, (5, 1, 1), (x, 256), ("key",), 4, True, dev, const)  # another launch option
+    assert [c[0] for c in fn.calls] == ["jit", "direct", "jit", "jit", "jit", "jit"] and len(cache) == 5
+    bad = _FakeJit(["BLOCK", "x_ptr"])
+    with pytest.raises(ValueError, match="constexpr"):
+        cache.launch(bad, (1, 1, 1), (64, x), ("key",), 4, False, dev, lambda: {"BLOCK": 64})
+    assert bad.calls == [] and len(cache) == 5  # refused before any launch
