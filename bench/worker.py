@@ -406,6 +406,7 @@ def _prefill_launch_ab(model, device, rows, slots, deltas, bits, layers, num_run
     off (the order flips every round); one row per (round, N, cache)."""
     from kernels import sbmm
 
+    was = sbmm.FAST_LAUNCH
     for r in range(rounds):
         base_ms, _ = time_fresh_prefills(model, device, num_running, num_steps, 0)
         for n in [d for d in deltas if d]:
@@ -416,7 +417,7 @@ def _prefill_launch_ab(model, device, rows, slots, deltas, bits, layers, num_run
                              "layers": layers, "num_running": num_running, "prefill_steps": count,
                              "fast_launch": fast, "ms": ms, "base_ms": base_ms, "vs_base": ms / base_ms})
                 print(json.dumps(rows[-1]), flush=True)
-    sbmm.FAST_LAUNCH = True
+    sbmm.FAST_LAUNCH = was
 
 
 # ---- part 3: tokens/s per mode under a mixed 16-model load -----------------------------------------

@@ -86,7 +86,6 @@ def rows_bucket(device: torch.device, rows: float) -> int:
     return next((m for m in limits if rows <= m), limits[-1] + 1 if limits else 1)
 
 
-@functools.lru_cache(maxsize=16)
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for host ints (triton.cdiv is a constexpr function: ~5 µs a call from host code)."""
     return -(-a // b)

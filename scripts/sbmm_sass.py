@@ -1,8 +1,9 @@
 """Compile the SBMM kernels for sm_90 on a machine without a GPU and report their SASS.
 
   PYTHONPATH=. python scripts/sbmm_sass.py --kernel gluon --bits 4 --dtype fp16 --bn 64 --bm 16 --warps 4
-Prints registers, stack, shared memory (static + dynamic) and the instruction mix of the K loop (instructions per dense value),
-so kernel changes can be judged before spending device time (docs/kernels.md). --dump writes SASS/PTX/TTGIR.
+Prints registers, stack, shared memory (static + dynamic) and the instruction mix of the K loop (instructions per
+dense value), so kernel changes can be judged before spending device time (docs/kernels.md). --dump writes
+SASS/PTX/TTGIR.
 """
 
 import argparse
@@ -151,8 +152,8 @@ def main() -> None:
                               for ln in body)
     block_k = 8 * 64 // a.bits if a.kernel in ("gluon", "spmma") else 256 if a.kernel == "spmma2" else a.bk
     dense = a.bn * block_k
-    print(f"regs={usage.group(1)} stack={usage.group(2)} shared={usage.group(3)}+{ck.metadata.shared} loop_instructions={len(body)} "
-          f"per_dense_value={len(body) * 32 * a.warps / dense:.2f}")
+    print(f"regs={usage.group(1)} stack={usage.group(2)} shared={usage.group(3)}+{ck.metadata.shared} "
+          f"loop_instructions={len(body)} per_dense_value={len(body) * 32 * a.warps / dense:.2f}")
     print(" ".join(f"{k}:{v}" for k, v in ops.most_common()))
 
 
