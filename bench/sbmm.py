@@ -38,6 +38,10 @@ from kernels import layout, reference, sbmm, spmma_layout  # noqa: E402
 SHAPES = {"qkvo": (4096, 4096), "gate_up": (11008, 4096), "down": (4096, 11008)}  # name -> (N, K)
 # --sweep cases only: q, k, v (gate, up) as one launch over their stacked rows, what a fused projection would launch
 FUSED_SHAPES = {"qkv": (3 * 4096, 4096), "gate_up2": (2 * 11008, 4096)}
+# what a worker with fused projections (its default) launches per layer: q/k/v as one, o, gate/up as one, down
+WORKER_SHAPES = {"qkv": FUSED_SHAPES["qkv"], "o": SHAPES["qkvo"], "gate_up2": FUSED_SHAPES["gate_up2"],
+                 "down": SHAPES["down"]}
+SHAPE_SETS = {"layer": SHAPES, "worker": WORKER_SHAPES}
 NUM_DELTAS = (1, 2, 4, 8, 16, 32, 64)
 ROWS = (1, 4, 16)
 
@@ -203,7 +207,7 @@ def full(args, limit, save, baseline=None) -> list[dict]:
     """baseline: the --baseline-configs table (parsed), or None."""
     extra = json.loads(args.config_extra) if args.config_extra else None
     rows_out = []
-    for name, (n, k) in SHAPES.items():
+    for name, (n, k) in SHAPE_SETS[args.shapes].items():
         base_ws = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(4)]
         dense = torch.randn(max(NUM_DELTAS), n, k, device="cuda", dtype=torch.float16) * 1e-3
         for variant in args.variants.split(","):
@@ -306,6 +310,9 @@ def main() -> None:
     p.add_argument("--baseline-configs", default="", help="full run: a config table file (the form of "
                    "kernels/sbmm_configs.json, e.g. an earlier commit's) whose picks are timed too, in the same run "
                    "(us_baseline_table)")
+    p.add_argument("--shapes", choices=tuple(SHAPE_SETS), default="layer", help="full run: the Llama-2-7B layer's "
+                   "linears (layer) or the launches of a worker with fused projections (worker: q/k/v as one, o, "
+                   "gate/up as one, down)")
     p.add_argument("--label", default="", help="file name suffix, e.g. scale-each")
     p.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "unknown"))
     a = p.parse_args()
@@ -329,7 +336,7 @@ def main() -> None:
                              "config_extra": a.config_extra or None,
                              "baseline_configs": baseline,
                              "copy_gbps_by_timer": limits, "dtype": "float16", "group_size": 128, "sym": True,
-                             "shapes": {**SHAPES, **FUSED_SHAPES} if a.sweep else SHAPES,
+                             "shapes": {**SHAPES, **FUSED_SHAPES} if a.sweep else SHAPE_SETS[a.shapes],
                              "timing": "CUDA graph of back-to-back calls on rotating slots, median of 7 replays",
                              "bytes_read": "packed deltas + meta + scales + x + y (read)",
                              "sbmm_configs": json.loads(sbmm.CONFIG_FILE.read_text()),

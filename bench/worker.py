@@ -1,6 +1,6 @@
 """Worker benchmark (GPU): delta load rate, decode step time with many deltas, tokens/s per serving mode.
 
-  python bench/worker.py --out bench/results [--commit SHA] [--parts load,step,prefill,prefill-deltas,modes] [--tiny]
+  python bench/worker.py --out bench/results [--commit SHA] [--parts load,step,prefill,prefill-deltas,fused-ab,modes] [--tiny]
 
 Rows (DESIGN.md names), all measured in the same run:
 - part=h2d_limit: pinned host→device copy rate of one large buffer (the physical limit of a delta load).
@@ -22,6 +22,10 @@ Rows (DESIGN.md names), all measured in the same run:
   with the paged path's backend list (`paged_backends`, no cuDNN attention: it plans per shape), same run;
   `vs_torch_default` is the ratio. `--step-layers` cuts the depth here too. Limit: ~500 new tokens through a
   4-layer 7B shape are ~1 ms of H100 math; the serving profile measured ~95 ms per such step.
+- part=fused-ab: fused projections (one base GEMM and one SBMM launch per q/k/v and gate/up group, the worker's
+  default) against separate ones, same weights and deltas, alternating in one process (`--fused-rounds`): decode
+  steps as CUDA graphs (`us`, N in {0, 1, 8, 16}) and eager fresh-shape prefill steps (`ms`, N in {0, 1, 4}).
+  Limit: the same bytes either way; fusing removes launches (their ramp, tail and host time), not bytes.
 - part=modes: tokens/s of one engine under a mixed 16-model load (Zipf popularity, all requests queued at
   once) in each mode on a 1.1B-shaped model: `mode`, `num_models`, `tokens_per_s`, `throughput_vs_swap`.
 --tiny: the same code on a tiny model (CPU works), to smoke-test the script; its numbers mean nothing.
@@ -281,6 +285,56 @@ def bench_step(cfg: LlamaConfig, device: str, rows: list, deltas=(1, 8, 32), num
             print(json.dumps(rows[-1]), flush=True)
 
 
+def bench_fused_ab(cfg: LlamaConfig, device: str, rows: list, deltas=(1, 8, 16), rounds: int = 2, bits: int = 4,
+                   num_seqs: int = 32, prompt_len: int = 128, steps: int = 20, sp4: bool | None = None,
+                   sp2: bool = False, prefill_deltas=(0, 1, 4), num_running: int = 16, num_prefills: int = 12) -> None:
+    """part=fused-ab: fused projections (one base GEMM and one SBMM launch per q/k/v and gate/up group, the
+    worker's default) against separate ones, in one process: two models with the same weights (one fused) and two
+    DeviceSlots with the same deltas (one with fused stacks), alternating arms each round. Decode steps as CUDA
+    graphs (what the worker replays), then the eager fresh-shape prefill steps of part=prefill-deltas."""
+    shapes = linear_shapes(cfg)
+    num_slots = max(max(deltas), max(prefill_deltas), 1)
+    arms = {}
+    for fused in (False, True):
+        model = random_model(cfg, device, torch.float16)
+        slots = DeviceSlots(num_slots, device, torch.float16, set(shapes), False, sp4=sp4, sp2=sp2,
+                            fused=model.fused_tensor_names() if fused else None)
+        if fused:
+            assert model.fuse_projections() == 2 * cfg.num_hidden_layers
+        one = random_packed_delta(shapes, bits, 128, device, pin=device.startswith("cuda"), seed=2)
+        for s in range(num_slots):
+            slots.write(s, str(s), one)
+        del one
+        arms[fused] = (model, slots)
+    graph = device.startswith("cuda")
+    for fused in (False, True):  # untimed: per-shape set-up and kernel variants of both arms
+        model, slots = arms[fused]
+        time_decode_steps(decode_engine(model, num_slots, slots, graph, num_seqs), num_seqs, 0, device, prompt_len, 2)
+        for n in deltas:
+            time_decode_steps(decode_engine(model, num_slots, slots, graph, num_seqs), num_seqs, n, device,
+                              prompt_len, 2)
+        time_fresh_prefills(model, device, num_running, 2, 0)
+    for r in range(rounds):
+        for n in (0, *deltas):
+            for fused in ((False, True) if r % 2 == 0 else (True, False)):
+                model, slots = arms[fused]
+                per_step: list[float] = []
+                us = time_decode_steps(decode_engine(model, num_slots, slots, graph, num_seqs), num_seqs, n, device,
+                                       prompt_len, steps, per_step) * 1e6
+                rows.append({"part": "fused-ab", "phase": "decode", "round": r, "fused": fused, "num_deltas": n,
+                             "bits": bits, "graph": int(graph), "layers": cfg.num_hidden_layers, "num_seqs": num_seqs,
+                             "us": us, "median_step_us": statistics.median(per_step) * 1e6})
+                print(json.dumps(rows[-1]), flush=True)
+        for n in prefill_deltas:
+            for fused in ((False, True) if r % 2 == 0 else (True, False)):
+                model, slots = arms[fused]
+                ms, count = time_fresh_prefills(model, device, num_running, num_prefills, 0, slots if n else None, n)
+                rows.append({"part": "fused-ab", "phase": "prefill", "round": r, "fused": fused, "num_deltas": n,
+                             "bits": bits, "layers": cfg.num_hidden_layers, "num_running": num_running,
+                             "prefill_steps": count, "ms": ms})
+                print(json.dumps(rows[-1]), flush=True)
+
+
 # ---- part 2b: prefill steps of fresh shapes, per SDPA backend choice -------------------------------
 
 def time_fresh_prefills(model, device: str, num_running: int, num_steps: int, seed: int,
@@ -516,6 +570,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="delta launches without an sbmm.Workspace (a counter memset per split-K launch, a copy of x "
                          "per sparse-MMA launch), as before the worker shared one per step and per graph set: the "
                          "in-run baseline of the step part")
+    ap.add_argument("--fused-rounds", type=int, default=2, help="part fused-ab: rounds of (separate, fused) "
+                    "projections, the order alternating by round")
     ap.add_argument("--sbmm-configs", default="",
                     help="a tuned SBMM table file (the form of kernels/sbmm_configs.json, e.g. an earlier commit's) "
                          "in place of the current one: the in-run baseline of a table change")
@@ -563,6 +619,11 @@ def main(argv: list[str] | None = None) -> int:
                              sp2=sp2, profile_dir=Path(args.profile_dir) if args.profile_dir else None,
                              launch_ab=args.launch_ab,
                              **({"num_running": 4, "num_steps": 2} if args.tiny else {}))
+    if "fused-ab" in parts:
+        bench_fused_ab(step_cfg, device, rows, bits=args.step_bits, sp4=False if args.no_sp4 else None, sp2=sp2,
+                       rounds=args.fused_rounds,
+                       **({"deltas": (1, 2), "num_seqs": 4, "prompt_len": 16, "steps": 2, "prefill_deltas": (0, 1),
+                           "num_running": 4, "num_prefills": 2} if args.tiny else {"num_seqs": args.step_seqs}))
     if "modes" in parts:
         bench_modes(mid, device, rows, **({"num_requests": 24, "max_tokens": 6, "prompt_len": 8}
                                           if args.tiny else {}))

@@ -49,6 +49,10 @@ class DeltaOps(Protocol):
         """In place y += x @ Δ(name, row).T. x: [N, in], y: [N, out]. `name` is the HF module name."""
         ...
 
+    # Optional: fused_linear(group, names, x, y, sizes) applies the deltas of sibling linears that read one x
+    # (q/k/v, gate/up) on their stacked outputs y [N, sum(sizes)], member i on columns of width sizes[i] in order.
+    # `LinearGroup` calls it where a DeltaOps has it, else `linear` once per member on y's column views.
+
     def norm_weight(self, name: str, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
         """Per-row norm weight [N, H] (base + Δ) when some row's fine-tune changed this norm, else None."""
         ...

@@ -28,6 +28,73 @@ class NamedLinear(nn.Linear):
         return y
 
 
+class LinearGroup:
+    """Sibling linears that read one input (q/k/v, gate/up), run as one: a single base GEMM over their stacked
+    weights once `fuse` made the members' parameters row views of one tensor, and a single delta call
+    (`DeltaOps.fused_linear`, where the DeltaOps has it) over the stacked output columns. Members are read from
+    `owner` on every call, so modules swapped in later (tensor-parallel shards) are seen; anything that replaces a
+    member's tensors (`load_state_dict(assign=True)`, `.to()`) just turns the fused GEMM off again."""
+
+    def __init__(self, owner: nn.Module, attrs: tuple[str, ...], suffix: str) -> None:
+        self._owner, self._attrs, self._suffix = owner, attrs, suffix
+        self._fused: tuple[torch.Tensor, torch.Tensor | None, tuple[int, ...]] | None = None  # weight, bias, ptrs
+
+    def members(self) -> list[NamedLinear]:
+        return [getattr(self._owner, a) for a in self._attrs]
+
+    @property
+    def hf_name(self) -> str:
+        """The group's name in the delta hook: the first member's module path with `suffix` as its last part."""
+        return self.members()[0].hf_name.rsplit(".", 1)[0] + "." + self._suffix
+
+    def fuse(self) -> bool:
+        """Make the members' weights (and biases) row views of one tensor; False where they cannot share one."""
+        members = self.members()
+        if any(type(m).forward is not NamedLinear.forward for m in members):
+            return False  # a member with its own forward (communication, hooks) runs alone
+        weights, biases = [m.weight for m in members], [m.bias for m in members]
+        first = weights[0]
+        if any(w.device != first.device or w.dtype != first.dtype or w.shape[1:] != first.shape[1:] for w in weights):
+            return False
+        if any((b is None) != (biases[0] is None) for b in biases):
+            return False
+        with torch.no_grad():
+            weight = torch.cat([w.detach() for w in weights])  # [sum out, in]
+            bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+        row = 0
+        for m in members:
+            n = m.weight.shape[0]
+            m.weight.data = weight[row:row + n]
+            if bias is not None:
+                m.bias.data = bias[row:row + n]
+            row += n
+        self._fused = (weight, bias, self._pointers(members))
+        return True
+
+    @staticmethod
+    def _pointers(members: list[NamedLinear]) -> tuple[int, ...]:
+        return tuple(t.data_ptr() for m in members for t in (m.weight, m.bias) if t is not None)
+
+    def __call__(self, x: torch.Tensor, deltas: DeltaOps | None = None) -> list[torch.Tensor]:
+        """x: [N, in] -> each member's output, [N, out_i] column views of one [N, sum out] tensor."""
+        members = self.members()
+        fused_ops = getattr(deltas, "fused_linear", None)
+        fused = self._fused if self._fused is not None and self._fused[2] == self._pointers(members) else None
+        if fused is None and fused_ops is None:
+            return [m(x, deltas) for m in members]
+        if fused is not None:
+            y = F.linear(x, fused[0], fused[1])
+        else:
+            y = torch.cat([F.linear(x, m.weight, m.bias) for m in members], dim=1)
+        sizes = [m.weight.shape[0] for m in members]
+        if fused_ops is not None:
+            fused_ops(self.hf_name, [m.hf_name for m in members], x, y, sizes)
+        elif deltas is not None:
+            for m, part in zip(members, y.split(sizes, dim=1)):
+                deltas.linear(m.hf_name, x, part)
+        return list(y.split(sizes, dim=1))
+
+
 class NamedEmbedding(nn.Embedding):
     """Token embedding with the delta hook."""
 
@@ -128,10 +195,12 @@ class LlamaMLP(nn.Module):
         self.gate_proj = NamedLinear(hidden, inter, bias=bias)
         self.up_proj = NamedLinear(hidden, inter, bias=bias)
         self.down_proj = NamedLinear(inter, hidden, bias=bias)
+        self.gate_up = LinearGroup(self, ("gate_proj", "up_proj"), "gate_up_proj")
 
     def forward(self, x: torch.Tensor, deltas: DeltaOps | None = None) -> torch.Tensor:
         # x: [N, hidden] -> [N, hidden]
-        return self.down_proj(F.silu(self.gate_proj(x, deltas)) * self.up_proj(x, deltas), deltas)
+        gate, up = self.gate_up(x, deltas)  # [N, inter] each
+        return self.down_proj(F.silu(gate) * up, deltas)
 
 
 class LlamaAttention(nn.Module):
@@ -148,6 +217,7 @@ class LlamaAttention(nn.Module):
         self.k_proj = NamedLinear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = NamedLinear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = NamedLinear(self.num_heads * self.head_dim, hidden, bias=bias)
+        self.qkv = LinearGroup(self, ("q_proj", "k_proj", "v_proj"), "qkv_proj")
         # Views into the model's KV cache, [num_blocks, block_size, num_kv_heads, head_dim].
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
@@ -155,10 +225,8 @@ class LlamaAttention(nn.Module):
     def _qkv(self, x: torch.Tensor, deltas: DeltaOps | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # x: [N, hidden] -> q: [N, heads, head_dim], k/v: [N, kv_heads, head_dim]
         n = x.shape[0]
-        q = self.q_proj(x, deltas).view(n, self.num_heads, self.head_dim)
-        k = self.k_proj(x, deltas).view(n, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x, deltas).view(n, self.num_kv_heads, self.head_dim)
-        return q, k, v
+        q, k, v = self.qkv(x, deltas)  # [N, heads * head_dim], [N, kv_heads * head_dim] x 2
+        return (q.view(n, -1, self.head_dim), k.view(n, -1, self.head_dim), v.view(n, -1, self.head_dim))
 
     def forward(self, x: torch.Tensor, rope: Rope, ctx: ForwardContext) -> torch.Tensor:
         """Serving path. x: [T, hidden] flattened tokens of all sequences -> [T, hidden]."""

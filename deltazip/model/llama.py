@@ -11,6 +11,7 @@ from deltazip.model.context import DeltaOps, ForwardContext
 from deltazip.model.layers import (
     LlamaAttention,
     LlamaMLP,
+    LinearGroup,
     NamedEmbedding,
     NamedLinear,
     RMSNorm,
@@ -86,6 +87,20 @@ class LlamaForCausalLM(nn.Module):
     @property
     def layers(self) -> nn.ModuleList:
         return self.model.layers
+
+    def linear_groups(self) -> list[LinearGroup]:
+        """Each layer's q/k/v and gate/up groups (what `fuse_projections` fuses)."""
+        return [g for layer in self.model.layers for g in (layer.self_attn.qkv, layer.mlp.gate_up)]
+
+    def fuse_projections(self) -> int:
+        """One base GEMM per group from now on: q/k/v and gate/up weights become row views of one tensor each
+        (parameter names, shapes and values unchanged). Call after the weights are loaded and placed;
+        returns the number of groups fused."""
+        return sum(group.fuse() for group in self.linear_groups())
+
+    def fused_tensor_names(self) -> dict[str, tuple[str, ...]]:
+        """{group weight name: member weight names} in the delta hook's naming (what DeviceSlots stacks as one)."""
+        return {g.hf_name + ".weight": tuple(m.hf_name + ".weight" for m in g.members()) for g in self.linear_groups()}
 
     # ---- serving path -------------------------------------------------------------------------
 

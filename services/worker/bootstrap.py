@@ -16,7 +16,7 @@ from deltazip.security.tokens import read_token_file
 from services.worker.app import WorkerApp, WorkerInfo
 from services.worker.config import WorkerConfig, resolve_device
 from services.worker.delta_ops import StepDeltaOps
-from services.worker.device_slots import DeviceSlots
+from services.worker.device_slots import DeviceSlots, slots_for_model
 from services.worker.engine_adapter import build_engine
 from services.worker.engine_loop import EngineLoop
 from services.worker.fetcher import DeltaFetcher, manifest_base_identity
@@ -69,7 +69,6 @@ class WorkerParts:
 def build_worker(config: WorkerConfig) -> WorkerParts:
     """Everything but the network: model on its device, residency tiers, the engine loop (not started)."""
     from deltazip.artifact import base_identity
-    from deltazip.model.layers import NamedLinear
     from deltazip.model.loader import load_model
     from deltazip.model.tokenizer import Tokenizer
 
@@ -88,9 +87,8 @@ def build_worker(config: WorkerConfig) -> WorkerParts:
     tokenizer = Tokenizer.from_dir(config.base_dir)
     identity = base_identity(config.base_dir)
 
-    linear_names = {m.hf_name + ".weight" for m in model.modules() if isinstance(m, NamedLinear)}
-    slots = DeviceSlots(config.num_device_slots, device, dtype, linear_names, model.config.tie_word_embeddings,
-                        sp2=config.sparse_mma_2bit and torch.device(device).type == "cuda")
+    slots = slots_for_model(model, config.num_device_slots, device, dtype, config.sparse_mma_2bit,
+                            config.fused_projections)
     live_addresses: list[str] = []
     stores = StoreDirectory(config.store_addresses, live_addresses=lambda: list(live_addresses), tls=tls_settings(config),
                             token=read_token_file(config.store_token_file, "--store-token-file"))

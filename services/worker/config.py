@@ -56,6 +56,7 @@ class WorkerConfig:
     mode: str = "delta"
     num_device_slots: int = 4
     sparse_mma_2bit: bool = True  # CUDA slots hold 2-bit 2:4 deltas for the 2-bit sparse-MMA kernel
+    fused_projections: bool = True  # q/k/v and gate/up: one base GEMM and one delta launch each
     device_cache_bytes: int = 0  # 0 = limited by slots only
     host_cache_bytes: int = 4 << 30
     disk_cache_dir: str = ""  # '' = a per-worker temp dir
@@ -180,6 +181,9 @@ FLAG_HELP = {  # flags whose meaning the name alone does not tell
                        "GIL (a download in a thread of the worker slowed its steps 2-3x); 0 = threads in the worker",
     "sparse_mma_2bit": "2-bit 2:4 deltas go to the 2-bit sparse-MMA kernel (sp2 slots) instead of dense2, on GPUs "
                        "that run it (sm_80+); 0/false = dense2",
+    "fused_projections": "q/k/v and gate/up run as one base GEMM and one delta launch each (their weights stacked "
+                         "by rows, a delta's members in one slot stack where they share a format); 0/false = "
+                         "one GEMM and one launch per projection",
     "tensor_parallel_size": "GPUs one worker spans (tensor parallel; default 1): rank r runs on cuda:r (cuda:N -> "
                             "cuda:N+r), or gloo ranks with --device cpu; any size works (heads are padded when they "
                             "do not divide); not with --mode swap or --cuda-graphs 1",

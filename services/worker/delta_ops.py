@@ -35,13 +35,33 @@ class StepDeltaOps:
     def linear(self, name: str, x: torch.Tensor, y: torch.Tensor) -> None:
         """y += x @ Δ(row).T per delta segment. x: [N, in], y: [N, out]."""
         assert x.shape[0] == self.num_rows, f"{name}: {x.shape[0]} rows, layout has {self.num_rows}"
-        tensor_name = name + ".weight"
+        self._apply(self._stacks_of(name + ".weight"), x, y)
+
+    def fused_linear(self, group: str, names: Sequence[str], x: torch.Tensor, y: torch.Tensor,
+                     sizes: Sequence[int]) -> None:
+        """The deltas of sibling linears on their stacked outputs: y [N, sum(sizes)], member i on its columns.
+        Slots whose members share a fused stack (DeviceSlots) take one launch over all columns; the members of
+        other slots (a member missing, formats that differ) run on their own columns."""
+        assert x.shape[0] == self.num_rows, f"{group}: {x.shape[0]} rows, layout has {self.num_rows}"
+        group_tensor = group + ".weight"
+        self._apply(self._stacks_of(group_tensor), x, y)
+        for name, part in zip(names, y.split(list(sizes), dim=1)):
+            self._apply(self._stacks_of(name + ".weight", skip=group_tensor), x, part)
+
+    def _stacks_of(self, tensor_name: str, skip: str | None = None) -> list[tuple[SlotStack, set[int]]]:
+        """The stacks holding this tensor's delta for the step's slots, each with its slots; slots that hold a
+        `skip` stack are left out (their rows ran in the fused launch)."""
         groups: dict[int, tuple[SlotStack, set[int]]] = {}
         for _, slot in self._delta_segments:
+            if skip is not None and self._slots.stack(slot, skip) is not None:
+                continue
             stack = self._slots.stack(slot, tensor_name)
             if stack is not None:
                 groups.setdefault(id(stack), (stack, set()))[1].add(slot)
-        for stack, members in groups.values():
+        return list(groups.values())
+
+    def _apply(self, groups: list[tuple[SlotStack, set[int]]], x: torch.Tensor, y: torch.Tensor) -> None:
+        for stack, members in groups:
             slots = tuple(s if s in members else -1 for s in self.seg_slot)
             on_device = (self._device_tensor(("starts",), self.starts, x.device),
                          self._device_tensor(slots, slots, x.device)) if x.is_cuda and stack.kind != "dense" else None

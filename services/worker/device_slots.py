@@ -59,6 +59,11 @@ class SlotStack:
     occupied: set[int] = field(default_factory=set)
     version: int = 0  # bumped on each write, so reference-path caches know when to refresh
     cache: dict = field(default_factory=dict)  # backend-owned: dequantized slots (CPU), kernel stack object
+    # A fused stack (q/k/v or gate/up stacked by rows): each member's rows [a, b) and its view of them. A member
+    # view (those rows of every part; a slot's rows are contiguous, the view across slots is not): its fused stack.
+    member_rows: dict[str, tuple[int, int]] = field(default_factory=dict)
+    members: dict[str, SlotStack] = field(default_factory=dict)
+    fused_in: SlotStack | None = None
 
     @property
     def kind(self) -> str:
@@ -102,11 +107,15 @@ class DeviceSlots:
 
     def __init__(self, num_slots: int, device: torch.device | str, dtype: torch.dtype, linear_names: set[str],
                  tie_word_embeddings: bool, dense2: bool | None = None, tiled4: bool | None = None,
-                 sp4: bool | None = None, sp2: bool = False) -> None:
+                 sp4: bool | None = None, sp2: bool = False,
+                 fused: dict[str, tuple[str, ...]] | None = None) -> None:
+        """fused: {group tensor name: member tensor names} (`LlamaForCausalLM.fused_tensor_names`): a delta whose
+        members share one stored format goes into one stack under the group's name, members as row ranges."""
         self.num_slots = num_slots
+        self._fused = dict(fused or {})
         self.device = torch.device(device)
         self.dtype = dtype  # activation dtype of the model
-        self._linear_names = linear_names  # HF tensor names of the model's linear weights
+        self._linear_names = set(linear_names) | set(self._fused)  # HF names of the linear weights, fused groups too
         self._tied = tie_word_embeddings
         # dense2 stacks for 2-bit symmetric linears: None = on CUDA (what the kernel reads best), True/False = force
         self._dense2 = self.device.type == "cuda" if dense2 is None else dense2
@@ -142,20 +151,26 @@ class DeviceSlots:
 
     def _copy_in(self, slot: int, tensors: dict) -> tuple[dict[str, SlotStack], int]:
         where, num_bytes = {}, 0
+        for group, members in self._fused.items():
+            fused = self._fused_stack(group, members, tensors)
+            if fused is None:
+                continue
+            where[group] = fused
+            for name in members:
+                view = fused.members[name]
+                self._write_part(slot, tensors[name], view)
+                where[name] = view
+                num_bytes += sum(t[slot].numel() * t.element_size() for t in view.parts.values())
         for tensor_name, delta in tensors.items():
+            if tensor_name in where:
+                continue  # written as part of a fused stack
             if tensor_name not in self._linear_names:
                 delta = _dense_fp16(delta)
-            parts = _parts(delta)
-            order = self._packed_order(delta)
-            if order != "sp2" and self._dense2 and _dense2_able(delta):
-                where[tensor_name] = self._write_dense2(slot, tensor_name, delta, parts)
-            else:
-                stack = self._stack_for(tensor_name, delta, {k: (tuple(v.shape), v.dtype) for k, v in parts.items()},
-                                        order)
-                for part, tensor in parts.items():  # re-orders run on the copy stream, after their copy
-                    spmma_layout.copy_stored_part(order, part, tensor, stack.parts[part][slot])
-                where[tensor_name] = stack
-            num_bytes += sum(t[slot].numel() * t.element_size() for t in where[tensor_name].parts.values())
+            layout_name, shapes = self._stored_format(delta)
+            stack = self._stack_for(tensor_name, delta, shapes, layout_name)
+            self._write_part(slot, delta, stack)
+            where[tensor_name] = stack
+            num_bytes += sum(t[slot].numel() * t.element_size() for t in stack.parts.values())
         if self._tied and EMBED in where and LM_HEAD not in where:
             where[LM_HEAD] = where[EMBED]  # tied: lm_head delta = embedding delta, same storage
         return where, num_bytes
@@ -172,20 +187,58 @@ class DeviceSlots:
             return "sp4"
         return "tiled4" if self._tiled4 and layout.tiled4_format_ok(kind, bits, shape) else "canonical"
 
-    def _write_dense2(self, slot: int, tensor_name: str, delta, parts: dict) -> SlotStack:
-        """A 2-bit symmetric delta re-encoded into `slot` of its dense2 stack (kernels/layout.py)."""
-        n, k = delta.shape
-        shapes = {"qweight": ((n, k // 16), torch.int32), "scales": (tuple(parts["scales"].shape),
-                                                                    parts["scales"].dtype)}
-        stack = self._stack_for(tensor_name, delta, shapes, "dense2")
-        qweight = parts["qweight"].to(self.device, non_blocking=True)
-        out = stack.parts["qweight"][slot]
-        if delta.kind == "sparse24":  # on the copy stream, after the copies
-            layout.to_dense2(qweight, parts["meta"].to(self.device, non_blocking=True), out=out)
-        else:
-            layout.dense_to_dense2(qweight, out=out)
-        stack.parts["scales"][slot].copy_(parts["scales"], non_blocking=True)
-        return stack
+    def _stored_format(self, delta) -> tuple[str, dict]:
+        """(layout, {part: (shape of one slot, dtype)}) a linear or dense delta is stored in."""
+        parts = _parts(delta)
+        order = self._packed_order(delta)
+        if order != "sp2" and self._dense2 and _dense2_able(delta):
+            n, k = delta.shape
+            return "dense2", {"qweight": ((n, k // 16), torch.int32),
+                              "scales": (tuple(parts["scales"].shape), parts["scales"].dtype)}
+        return order, {k: (tuple(v.shape), v.dtype) for k, v in parts.items()}
+
+    def _write_part(self, slot: int, delta, stack: SlotStack) -> None:
+        """Copy `delta` into `slot` of `stack` (a member view: its rows of the fused stack) in the stack's layout;
+        on the current stream (the copy stream in `write`), re-orders after their copies."""
+        def out(part: str) -> torch.Tensor:
+            return stack.parts[part][slot]
+
+        parts = _parts(delta)
+        if stack.layout == "dense2":  # 2-bit symmetric, re-encoded into dense2 words (kernels/layout.py)
+            qweight = parts["qweight"].to(self.device, non_blocking=True)
+            if delta.kind == "sparse24":
+                layout.to_dense2(qweight, parts["meta"].to(self.device, non_blocking=True), out=out("qweight"))
+            else:
+                layout.dense_to_dense2(qweight, out=out("qweight"))
+            out("scales").copy_(parts["scales"], non_blocking=True)
+            return
+        for part, tensor in parts.items():
+            spmma_layout.copy_stored_part(stack.layout, part, tensor, out(part))
+
+    def _fused_stack(self, group: str, members: tuple[str, ...], tensors: dict) -> SlotStack | None:
+        """The fused stack for this delta's members, or None when they cannot share one: a member missing, a
+        format or part that differs between them (beyond the rows), or rows that do not split whole tiles."""
+        if not all(name in tensors and name in self._linear_names for name in members):
+            return None
+        formats = [(tensors[name], *self._stored_format(tensors[name])) for name in members]
+        first, layout_name, shapes = formats[0]
+        key = (first.kind, getattr(first, "bits", None), getattr(first, "group_size", None),
+               getattr(first, "sym", None), tuple(first.shape[1:]), layout_name,
+               tuple((p, s[1:], dt) for p, (s, dt) in shapes.items()))
+        row_unit = 1 if layout_name == "canonical" else layout.TILE_ROWS  # tile-major layouts: whole row blocks
+        spans, row = {}, 0
+        for name, (delta, lay, part_shapes) in zip(members, formats):
+            n = delta.shape[0]
+            if (delta.kind, getattr(delta, "bits", None), getattr(delta, "group_size", None),
+                    getattr(delta, "sym", None), tuple(delta.shape[1:]), lay,
+                    tuple((p, s[1:], dt) for p, (s, dt) in part_shapes.items())) != key:
+                return None
+            if n % row_unit or any(s[0] != n for s, _ in part_shapes.values()):
+                return None
+            spans[name], row = (row, row + n), row + n
+        fused_shapes = {p: ((row, *s[1:]), dt) for p, (s, dt) in shapes.items()}
+        stack = self._stack_for(group, _Shaped(first, (row, *first.shape[1:])), fused_shapes, layout_name, spans)
+        return stack if stack.member_rows == spans else None
 
     def drop(self, slot: int) -> None:
         """Empty `slot`. Invariant kept here: a slot is zero in every stack that does not hold its delta
@@ -229,8 +282,10 @@ class DeviceSlots:
         stack = self._where[slot].get(tensor_name)
         return None if stack is None else stack.parts["delta"][slot]
 
-    def _stack_for(self, tensor_name: str, delta, part_shapes: dict, layout_name: str = "canonical") -> SlotStack:
-        """The stack for this delta's format; part_shapes: {part: (shape of one slot, dtype)} as stored."""
+    def _stack_for(self, tensor_name: str, delta, part_shapes: dict, layout_name: str = "canonical",
+                   member_rows: dict[str, tuple[int, int]] | None = None) -> SlotStack:
+        """The stack for this delta's format; part_shapes: {part: (shape of one slot, dtype)} as stored;
+        member_rows: a fused stack's members, {tensor name: rows [a, b)}, given their views when it is made."""
         fmt = StackFormat(delta.kind, tuple(delta.shape), getattr(delta, "bits", None),
                           getattr(delta, "group_size", None), getattr(delta, "sym", None),
                           tuple((k, shape, dt) for k, (shape, dt) in part_shapes.items()), layout_name)
@@ -243,8 +298,45 @@ class DeviceSlots:
                 if layout_name in ("sp4", "sp2"):  # never-written slots: valid mma.sp meta (keep columns 0, 1 of 4)
                     tensors["meta"].fill_(0x44444444)
                 stack = by_format[fmt] = SlotStack(fmt, tensors)
+                if member_rows:
+                    stack.member_rows = dict(member_rows)
+                    stack.members = {name: _member_view(stack, a, b) for name, (a, b) in member_rows.items()}
                 self.layout_version += 1
         return stack
+
+
+def _member_view(fused: SlotStack, a: int, b: int) -> SlotStack:
+    """Rows [a, b) of every part of a fused stack, as a stack of the member's own format."""
+    f = fused.format
+    fmt = StackFormat(f.kind, (b - a, *f.shape[1:]), f.bits, f.group_size, f.sym,
+                      tuple((p, (b - a, *shape[1:]), dt) for p, shape, dt in f.part_shapes), f.layout)
+    return SlotStack(fmt, {p: t[:, a:b] for p, t in fused.parts.items()}, fused_in=fused)
+
+
+@dataclass(slots=True)
+class _Shaped:
+    """A delta seen with another shape (a fused stack's format: the members' rows summed)."""
+
+    delta: object
+    shape: tuple[int, ...]
+
+    def __getattr__(self, name: str):
+        return getattr(self.delta, name)
+
+
+def slots_for_model(model, num_slots: int, device: torch.device | str, dtype: torch.dtype, sp2: bool,
+                    fused: bool) -> DeviceSlots:
+    """A worker's DeviceSlots for `model` (a LlamaForCausalLM, or a rank's shard of one): its linear names and
+    tied embeddings; with `fused`, the model's projections fused (one base GEMM per q/k/v and gate/up group) and
+    the slots stacking each group's deltas as one."""
+    from deltazip.model.layers import NamedLinear
+
+    linear_names = {m.hf_name + ".weight" for m in model.modules() if isinstance(m, NamedLinear)}
+    if fused:
+        model.fuse_projections()
+    return DeviceSlots(num_slots, device, dtype, linear_names, model.config.tie_word_embeddings,
+                       sp2=sp2 and torch.device(device).type == "cuda",
+                       fused=model.fused_tensor_names() if fused else None)
 
 
 def _zero_slot(slot: int, stacks: list[SlotStack]) -> None:

@@ -125,6 +125,14 @@ class GraphDeltaOps:
                       stack.bits, rows_hint=self.rows_hint, segments_hint=self.segments_hint, tiled=stack.tiled,
                       sp4=stack.sp4, sp2=stack.sp2, workspace=self._workspace)
 
+    def fused_linear(self, group: str, names: Sequence[str], x: torch.Tensor, y: torch.Tensor,
+                     sizes: Sequence[int]) -> None:
+        """Every fused stack of the group on all of y's columns, then every unfused stack of each member on its
+        own columns (a slot is zero in the stacks that do not hold it, so each adds only its own slots)."""
+        self.linear(group, x, y)
+        for name, part in zip(names, y.split(list(sizes), dim=1)):
+            self.linear(name, x, part)
+
     def norm_weight(self, name: str, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
         if self._workspace is not None:  # a norm ends the linears that share one input: drop its kept copy
             self._workspace.forget_x()

@@ -55,10 +55,9 @@ def follower_main(rank: int, size: int, init_method: str, config: WorkerConfig, 
 class Follower:
     def __init__(self, rank: int, size: int, init_method: str, config: WorkerConfig, device: torch.device,
                  conn: Connection) -> None:
-        from deltazip.model.layers import NamedLinear
         from deltazip.parallel import init_tp_group
         from deltazip.parallel.load import load_sharded_model
-        from services.worker.device_slots import DeviceSlots
+        from services.worker.device_slots import slots_for_model
         from services.worker.engine_adapter import kv_blocks_from_memory
         from services.worker.modes import host_transform, select_mode
 
@@ -66,10 +65,8 @@ class Follower:
         self.tp = init_tp_group(rank, size, init_method, device)
         dtype = getattr(torch, config.dtype)
         self.model = load_sharded_model(config.base_dir, self.tp, device, dtype)
-        linear_names = {m.hf_name + ".weight" for m in self.model.modules() if isinstance(m, NamedLinear)}
-        self.slots = DeviceSlots(config.num_device_slots, device, dtype, linear_names,
-                                 self.model.config.tie_word_embeddings,
-                                 sp2=config.sparse_mma_2bit and torch.device(device).type == "cuda")
+        self.slots = slots_for_model(self.model, config.num_device_slots, device, dtype, config.sparse_mma_2bit,
+                                     config.fused_projections)
         self.transform = host_transform(select_mode(config.mode), None, device)
         self.loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tp{rank}-loader")
         self.send_lock = threading.Lock()

@@ -1,0 +1,57 @@
+"""Fused q/k/v and gate/up on CUDA: a fused model over fused slot stacks (sp4 4-bit, sp2 2-bit: the worker's
+layouts) equals the separate projections over separate stacks, eager and through GraphDeltaOps, including a delta
+whose k_proj is missing (its members run unfused, on column views of the fused output). Skips without CUDA.
+
+Run: TRITON_INTERPRET= PYTHONPATH=. python -m pytest -q tests/gpu/test_fused_projections_gpu.py
+"""
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("graph", [False, True])
+def test_fused_model_and_slots_equal_separate_ones_on_cuda(dtype, graph):
+    from deltazip.model.layers import NamedLinear
+    from deltazip.model.loader import model_from_state_dict
+    from deltazip.model.synthetic import random_state_dict, tiny_config
+    from services.worker.delta_ops import StepDeltaOps
+    from services.worker.device_slots import DeviceSlots
+    from services.worker.graph_deltas import GraphDeltaOps
+    from tests.unit.worker.test_graph_deltas import make_delta
+
+    cfg = tiny_config(hidden_size=512, intermediate_size=1024, head_dim=64, num_attention_heads=8,
+                      num_key_value_heads=2, vocab_size=256)
+    state = {k: v.to("cuda", dtype) for k, v in random_state_dict(cfg, seed=3).items()}
+    model, fused_model = model_from_state_dict(cfg, dict(state)), model_from_state_dict(cfg, dict(state))
+    assert fused_model.fuse_projections() == 2 * cfg.num_hidden_layers
+    names = {m.hf_name + ".weight" for m in model.modules() if isinstance(m, NamedLinear)}
+    no_k = {n: d for n, d in make_delta(model, 4, 5, with_dense=False, group=128).items() if "k_proj" not in n}
+    slots = {}
+    for fuse in (False, True):
+        s = DeviceSlots(3, "cuda", dtype, names, False, sp2=True,
+                        fused=fused_model.fused_tensor_names() if fuse else None)
+        s.write(0, "a", make_delta(model, 4, 1, with_dense=True, group=128))
+        s.write(1, "b", make_delta(model, 2, 2, with_dense=False, group=128))
+        s.write(2, "c", no_k)
+        slots[fuse] = s
+    layouts = {st.layout for n, sts in slots[True].stacks_by_name().items() if "qkv" in n for st in sts}
+    assert layouts == {"sp4", "sp2"}
+    assert slots[True].stack(2, "model.layers.0.self_attn.qkv_proj.weight") is None  # k missing: unfused
+    segments = [(1, 3), (None, 2), (0, 4), (2, 3)]
+    rows = sum(n for _, n in segments)
+    ids = torch.randint(0, cfg.vocab_size, (rows, 1), generator=torch.Generator().manual_seed(8)).cuda()
+    with torch.inference_mode():
+        want = model.hidden_dense(ids, deltas=StepDeltaOps(slots[False], segments))
+        if graph:
+            ops = GraphDeltaOps(slots[True], max_rows=16, max_segments=6)
+            ops.fill(segments, rows)
+            got = fused_model.hidden_dense(ids, deltas=ops.for_rows(rows))
+        else:
+            got = fused_model.hidden_dense(ids, deltas=StepDeltaOps(slots[True], segments))
+        base = model.hidden_dense(ids)
+    tol = 3e-2 if dtype == torch.bfloat16 else 5e-3
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    assert not torch.allclose(want[:3], base[:3], rtol=tol, atol=tol)  # the deltas change their rows
