@@ -38,6 +38,7 @@ class LinearGroup:
     def __init__(self, owner: nn.Module, attrs: tuple[str, ...], suffix: str) -> None:
         self._owner, self._attrs, self._suffix = owner, attrs, suffix
         self._fused: tuple[torch.Tensor, torch.Tensor | None, tuple[int, ...]] | None = None  # weight, bias, ptrs
+        self._name: tuple[str, str] | None = None  # (first member's name, group name)
 
     def members(self) -> list[NamedLinear]:
         return [getattr(self._owner, a) for a in self._attrs]
@@ -45,7 +46,10 @@ class LinearGroup:
     @property
     def hf_name(self) -> str:
         """The group's name in the delta hook: the first member's module path with `suffix` as its last part."""
-        return self.members()[0].hf_name.rsplit(".", 1)[0] + "." + self._suffix
+        first = getattr(self._owner, self._attrs[0]).hf_name
+        if self._name is None or self._name[0] != first:  # members are named after construction
+            self._name = (first, first.rsplit(".", 1)[0] + "." + self._suffix)
+        return self._name[1]
 
     def fuse(self) -> bool:
         """Make the members' weights (and biases) row views of one tensor; False where they cannot share one."""
@@ -79,7 +83,9 @@ class LinearGroup:
         """x: [N, in] -> each member's output, [N, out_i] column views of one [N, sum out] tensor."""
         members = self.members()
         fused_ops = getattr(deltas, "fused_linear", None)
-        fused = self._fused if self._fused is not None and self._fused[2] == self._pointers(members) else None
+        fused = self._fused
+        if fused is not None and fused[2] != self._pointers(members):
+            fused = self._fused = None  # a member's tensor was replaced: release the stale stacked copy
         if fused is None and fused_ops is None:
             return [m(x, deltas) for m in members]
         if fused is not None:

@@ -60,6 +60,9 @@ def test_fused_model_equals_the_separate_linears_and_keeps_its_parameters():
         attn.q_proj.weight = torch.nn.Parameter(torch.zeros_like(attn.q_proj.weight))
         model.layers[0].self_attn.q_proj.weight.zero_()
         torch.testing.assert_close(fused.forward_dense(ids), model.forward_dense(ids), rtol=1e-5, atol=1e-5)
+        assert attn.qkv._fused is None and fused.layers[1].self_attn.qkv._fused is not None  # stale copy released
+    assert attn.qkv.hf_name == "model.layers.0.self_attn.qkv_proj"
+    assert fused.layers[1].mlp.gate_up.hf_name == "model.layers.1.mlp.gate_up_proj"
 
 
 @pytest.mark.parametrize("layout", ["canonical", "tiled4", "sp4", "sp2", "dense2"])
