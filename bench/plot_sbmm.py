@@ -36,10 +36,11 @@ def plot(path: Path) -> Path:
                     continue
                 xs = [n for n, _ in pts]
                 label = f"{bits}-bit {LAYOUT_LABELS[layout]}, {rows_per} rows/delta"
-                axes[0][col].plot(xs, [r["fraction_of_limit"] for _, r in pts], linestyle=style, color=color, marker="o",
-                                  label=label)
-                axes[1][col].plot(xs, [r["speedup_vs_bmm"] for _, r in pts], linestyle=style, color=color, marker="o",
-                                  label=label)
+                marker = "o" if bits == 4 else "s"  # the sparse-MMA orders share a dash pattern: tell widths apart
+                axes[0][col].plot(xs, [r["fraction_of_limit"] for _, r in pts], linestyle=style, color=color,
+                                  marker=marker, label=label)
+                axes[1][col].plot(xs, [r["speedup_vs_bmm"] for _, r in pts], linestyle=style, color=color,
+                                  marker=marker, label=label)
         n, k = next((r["n"], r["k"]) for r in rows if r["shape"] == shape)
         axes[0][col].set_title(f"{shape} (N={n}, K={k})")
         axes[0][col].axhline(0.7, color="grey", lw=0.8)
