@@ -34,6 +34,11 @@ def store_kv(
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
+# paged_attention keeps its per-step index tensors on the metadata (AttentionMetadata.step_cache) so later layers
+# reuse the first layer's; False recomputes them in every layer (bench/worker.py --parts attn-cache-ab times both).
+CACHE_STEP_INDICES = True
+
+
 def paged_attention(
     q: torch.Tensor,  # [T, num_heads, head_dim]
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -44,45 +49,58 @@ def paged_attention(
     """Causal attention of each sequence's new tokens over its whole cached context."""
     num_tokens = q.shape[0]
     block_size, num_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
-    max_q, max_ctx = meta.resolved_max_lens()
-    device = q.device
-    qsl = meta.query_start_loc.to(device=device, dtype=torch.long)
-    q_lens = qsl[1:] - qsl[:-1]  # [S]
-    ctx_lens = meta.context_lens.to(device=device, dtype=torch.long)  # [S]
-
-    # Queries padded per sequence: [S, max_q, num_heads, head_dim].
-    j = torch.arange(max_q, device=device)
-    q_index = (qsl[:-1, None] + j[None, :]).clamp(max=max(num_tokens - 1, 0))
-    q_pad = q[q_index]
-
-    # Keys/values gathered page by page: [S, max_ctx, num_kv_heads, head_dim].
-    pos = torch.arange(max_ctx, device=device)
-    blocks = meta.block_tables.to(device=device, dtype=torch.long)[:, pos // block_size].clamp(min=0)
-    slots = blocks * block_size + pos % block_size  # [S, max_ctx]
-    k_pad = k_cache.view(-1, num_kv_heads, head_dim)[slots]
+    key = ("paged", num_tokens, block_size, q.device)
+    idx = meta.step_cache.get(key) if CACHE_STEP_INDICES else None
+    if idx is None:
+        idx = _step_indices(meta, num_tokens, block_size, q.device)
+        if CACHE_STEP_INDICES:
+            meta.step_cache[key] = idx
+    q_index, slots, mask, rows = idx
+    q_pad = q[q_index]  # [S, max_q, num_heads, head_dim]
+    k_pad = k_cache.view(-1, num_kv_heads, head_dim)[slots]  # [S, max_ctx, num_kv_heads, head_dim]
     v_pad = v_cache.view(-1, num_kv_heads, head_dim)[slots]
-
-    # New token j of a sequence sits at absolute position ctx_len - q_len + j and sees keys up to it.
-    q_pos = (ctx_lens - q_lens)[:, None] + j[None, :]  # [S, max_q]
-    mask = pos[None, None, :] <= q_pos[:, :, None]  # [S, max_q, max_ctx]; padded keys lie beyond q_pos
-
     backends = sdpa_kernel(PAGED_BACKENDS) if q.is_cuda and PAGED_BACKENDS else contextlib.nullcontext()
     with backends:
         out = F.scaled_dot_product_attention(
             q_pad.transpose(1, 2),
             k_pad.to(q.dtype).transpose(1, 2),
             v_pad.to(q.dtype).transpose(1, 2),
-            attn_mask=mask[:, None],
+            attn_mask=mask,
             scale=scale,
             enable_gqa=num_kv_heads != q.shape[1],
         )  # [S, num_heads, max_q, head_dim]
-    if max_q == 1 and num_tokens == q_lens.shape[0]:
+    if rows is None:
         return out[:, :, 0]  # decode only (CUDA-graph capturable)
+    return out.transpose(1, 2).reshape(-1, q.shape[1], head_dim)[rows]
+
+
+def _step_indices(meta: AttentionMetadata, num_tokens: int, block_size: int, device: torch.device) -> tuple:
+    """(q_index [S, max_q], cache slots [S, max_ctx], mask [S, 1, max_q, max_ctx], output rows [T] or None for a
+    decode-only step): what paged_attention gathers by, the same in every layer of a forward."""
+    max_q, max_ctx = meta.resolved_max_lens()
+    qsl = meta.query_start_loc.to(device=device, dtype=torch.long)
+    q_lens = qsl[1:] - qsl[:-1]  # [S]
+    ctx_lens = meta.context_lens.to(device=device, dtype=torch.long)  # [S]
+
+    # Queries padded per sequence.
+    j = torch.arange(max_q, device=device)
+    q_index = (qsl[:-1, None] + j[None, :]).clamp(max=max(num_tokens - 1, 0))
+
+    # Keys/values gathered page by page.
+    pos = torch.arange(max_ctx, device=device)
+    blocks = meta.block_tables.to(device=device, dtype=torch.long)[:, pos // block_size].clamp(min=0)
+    slots = blocks * block_size + pos % block_size  # [S, max_ctx]
+
+    # New token j of a sequence sits at absolute position ctx_len - q_len + j and sees keys up to it.
+    q_pos = (ctx_lens - q_lens)[:, None] + j[None, :]  # [S, max_q]
+    mask = pos[None, None, :] <= q_pos[:, :, None]  # [S, max_q, max_ctx]; padded keys lie beyond q_pos
+    if max_q == 1 and num_tokens == q_lens.shape[0]:
+        return q_index, slots, mask[:, None], None
     # Token t of sequence s sits at row s * max_q + (t - qsl[s]) of the padded output. Gathered by index, with
     # the token count known on the host: a boolean mask here would sync with the device in every layer.
     token_seq = torch.repeat_interleave(torch.arange(q_lens.shape[0], device=device), q_lens, output_size=num_tokens)
     rows = token_seq * max_q + torch.arange(num_tokens, device=device) - qsl[token_seq]  # [T]
-    return out.transpose(1, 2).reshape(-1, q.shape[1], head_dim)[rows]
+    return q_index, slots, mask[:, None], rows
 
 
 def causal_attention(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -24,6 +24,9 @@ class AttentionMetadata:
     # Host-side maxima, so attention needs no device sync; 0 means "compute from the tensors".
     max_query_len: int = 0
     max_context_len: int = 0
+    # Index tensors every layer's attention would derive alike (attention.paged_attention): made by the first
+    # layer of a forward, kept here for the others. Build a new metadata object per step; never refill its tensors.
+    step_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_seqs(self) -> int:

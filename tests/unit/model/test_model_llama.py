@@ -239,3 +239,45 @@ def test_a_mixed_prefill_decode_step_has_no_data_dependent_ops():
     ops = {e.key for e in prof.key_averages()}
     assert not ops & {"aten::nonzero", "aten::item", "aten::_local_scalar_dense"}, ops
     torch.testing.assert_close(fast, step(maxima=False))
+
+
+def test_attention_index_tensors_are_made_once_per_forward_and_change_nothing():
+    """paged_attention's per-step index tensors (queries padded, cache slots, mask, output rows) come from the
+    first layer and are reused by the others: a mixed prefill + decode step and a decode-only step give exactly
+    what recomputing them in every layer gives, and a forward makes them once (one arange of the context, not one
+    per layer)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from deltazip.model import attention
+
+    cfg = CONFIGS["gqa_untied"]
+    assert cfg.num_hidden_layers > 1
+    model = random_model(cfg, seed=7)
+    model.allocate_kv_cache(16, 4)
+    tables = torch.tensor([[0, 1], [2, 3], [4, 5]])
+
+    def step(q_lens, ctx_lens, cache: bool) -> tuple[torch.Tensor, int]:
+        pos = [p for q, c in zip(q_lens, ctx_lens) for p in range(c - q, c)]
+        seqs = [s for s, q in enumerate(q_lens) for _ in range(q)]
+        slots = [int(tables[s, p // 4]) * 4 + p % 4 for s, p in zip(seqs, pos)]
+        qsl = [0]
+        for q in q_lens:
+            qsl.append(qsl[-1] + q)
+        meta = AttentionMetadata(positions=torch.tensor(pos), slot_mapping=torch.tensor(slots), block_tables=tables,
+                                 context_lens=torch.tensor(ctx_lens), query_start_loc=torch.tensor(qsl),
+                                 max_query_len=max(q_lens), max_context_len=max(ctx_lens))
+        ids = torch.randint(0, cfg.vocab_size, (len(pos),), generator=torch.Generator().manual_seed(8))
+        attention.CACHE_STEP_INDICES = cache
+        try:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                out = model(ids, ForwardContext(attn=meta))
+        finally:
+            attention.CACHE_STEP_INDICES = True
+        aranges = sum(e.count for e in prof.key_averages() if e.key == "aten::arange")
+        return out, aranges
+
+    for q_lens, ctx_lens in (([6, 1, 1], [6, 3, 5]), ([1, 1, 1], [4, 3, 5])):
+        cached, cached_aranges = step(q_lens, ctx_lens, True)
+        fresh, fresh_aranges = step(q_lens, ctx_lens, False)
+        torch.testing.assert_close(cached, fresh, rtol=0, atol=0)
+        assert cached_aranges < fresh_aranges  # the index tensors were made once, not per layer
