@@ -1,6 +1,6 @@
 """Worker benchmark (GPU): delta load rate, decode step time with many deltas, tokens/s per serving mode.
 
-  python bench/worker.py --out bench/results [--commit SHA] [--parts load,step,prefill,prefill-deltas,fused-ab,attn-cache-ab,modes] [--tiny]
+  python bench/worker.py --out bench/results [--commit SHA] [--parts load,step,prefill,prefill-deltas,fused-ab,attn-cache-ab,rms-norm-ab,modes] [--tiny]
 
 Rows (DESIGN.md names), all measured in the same run:
 - part=h2d_limit: pinned host→device copy rate of one large buffer (the physical limit of a delta load).
@@ -27,7 +27,8 @@ Rows (DESIGN.md names), all measured in the same run:
   steps as CUDA graphs (`us`, N in {0, 1, 8, 16}) and eager fresh-shape prefill steps (`ms`, N in {0, 1, 4}).
   Limit: the same bytes either way; fusing removes launches (their ramp, tail and host time), not bytes.
 - part=attn-cache-ab: paged attention's per-step index tensors made once per forward (default) against once per
-  layer, alternating in one process: graph decode steps (N in {0, 8}) and eager base prefill steps.
+  layer, alternating in one process: graph decode steps (N in {0, 8}) and eager base prefill steps; `on` says
+  which arm. part=rms-norm-ab: the same for torch's fused rms_norm against the op-by-op norm.
 - part=modes: tokens/s of one engine under a mixed 16-model load (Zipf popularity, all requests queued at
   once) in each mode on a 1.1B-shaped model: `mode`, `num_models`, `tokens_per_s`, `throughput_vs_swap`.
 --tiny: the same code on a tiny model (CPU works), to smoke-test the script; its numbers mean nothing.
@@ -337,13 +338,22 @@ def bench_fused_ab(cfg: LlamaConfig, device: str, rows: list, deltas=(1, 8, 16),
                 print(json.dumps(rows[-1]), flush=True)
 
 
-def bench_attn_cache_ab(cfg: LlamaConfig, device: str, rows: list, deltas=(0, 8), rounds: int = 2, bits: int = 4,
-                        num_seqs: int = 32, prompt_len: int = 128, steps: int = 20, sp4: bool | None = None,
-                        sp2: bool = False, num_running: int = 16, num_prefills: int = 12) -> None:
-    """part=attn-cache-ab: paged attention's per-step index tensors made once per forward (the default,
-    attention.CACHE_STEP_INDICES) against once per layer, alternating in one process: decode steps as CUDA graphs
-    (a new engine per measurement, so each captures its own graphs) and eager fresh-shape prefill steps (base)."""
-    from deltazip.model import attention
+# parts that switch one module flag on and off in one process (bench_flag_ab): part -> (module, attribute)
+FLAG_PARTS = {"attn-cache-ab": ("deltazip.model.attention", "CACHE_STEP_INDICES"),
+              "rms-norm-ab": ("deltazip.model.layers", "FUSED_RMS_NORM")}
+
+
+def bench_flag_ab(part: str, cfg: LlamaConfig, device: str, rows: list, deltas=(0, 8), rounds: int = 2,
+                  bits: int = 4, num_seqs: int = 32, prompt_len: int = 128, steps: int = 20, sp4: bool | None = None,
+                  sp2: bool = False, num_running: int = 16, num_prefills: int = 12) -> None:
+    """parts attn-cache-ab and rms-norm-ab (FLAG_PARTS): a module flag on (the default) against off, alternating in
+    one process: decode steps as CUDA graphs (a new engine per measurement, so each captures its own graphs) and
+    eager fresh-shape prefill steps (base). attn-cache-ab: paged attention's per-step index tensors made once per
+    forward against once per layer; rms-norm-ab: torch's fused rms_norm against the op-by-op norm."""
+    import importlib
+
+    module, attr = FLAG_PARTS[part]
+    flags = importlib.import_module(module)
 
     shapes = linear_shapes(cfg)
     num_slots = max(max(deltas), 1)
@@ -361,23 +371,23 @@ def bench_attn_cache_ab(cfg: LlamaConfig, device: str, rows: list, deltas=(0, 8)
     time_fresh_prefills(model, device, num_running, 2, 0)
     try:
         for r in range(rounds):
-            for cache in ((True, False) if r % 2 == 0 else (False, True)):
-                attention.CACHE_STEP_INDICES = cache
+            for on in ((True, False) if r % 2 == 0 else (False, True)):
+                setattr(flags, attr, on)
                 for n in deltas:
                     per_step: list[float] = []
                     us = time_decode_steps(decode_engine(model, num_slots, slots, graph, num_seqs), num_seqs, n,
                                            device, prompt_len, steps, per_step) * 1e6
-                    rows.append({"part": "attn-cache-ab", "phase": "decode", "round": r, "cache": cache,
+                    rows.append({"part": part, "phase": "decode", "round": r, "flag": attr, "on": on,
                                  "num_deltas": n, "bits": bits, "graph": int(graph), "layers": cfg.num_hidden_layers,
                                  "num_seqs": num_seqs, "us": us, "median_step_us": statistics.median(per_step) * 1e6})
                     print(json.dumps(rows[-1]), flush=True)
                 ms, count = time_fresh_prefills(model, device, num_running, num_prefills, 0)
-                rows.append({"part": "attn-cache-ab", "phase": "prefill", "round": r, "cache": cache, "num_deltas": 0,
+                rows.append({"part": part, "phase": "prefill", "round": r, "flag": attr, "on": on, "num_deltas": 0,
                              "layers": cfg.num_hidden_layers, "num_running": num_running, "prefill_steps": count,
                              "ms": ms})
                 print(json.dumps(rows[-1]), flush=True)
     finally:
-        attention.CACHE_STEP_INDICES = True
+        setattr(flags, attr, True)
 
 
 # ---- part 2b: prefill steps of fresh shapes, per SDPA backend choice -------------------------------
@@ -583,6 +593,15 @@ def bench_modes(cfg: LlamaConfig, device: str, rows: list, num_models: int = 16,
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; the process's grad mode is put back afterwards (tests call this in-process)."""
+    grad = torch.is_grad_enabled()
+    try:
+        return _main(argv)
+    finally:
+        torch.set_grad_enabled(grad)
+
+
+def _main(argv: list[str] | None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--commit", default="")
@@ -669,11 +688,11 @@ def main(argv: list[str] | None = None) -> int:
                        rounds=args.fused_rounds,
                        **({"deltas": (1, 2), "num_seqs": 4, "prompt_len": 16, "steps": 2, "prefill_deltas": (0, 1),
                            "num_running": 4, "num_prefills": 2} if args.tiny else {"num_seqs": args.step_seqs}))
-    if "attn-cache-ab" in parts:
-        bench_attn_cache_ab(step_cfg, device, rows, bits=args.step_bits, sp4=False if args.no_sp4 else None, sp2=sp2,
-                            rounds=args.fused_rounds,
-                            **({"deltas": (0, 2), "num_seqs": 4, "prompt_len": 16, "steps": 2, "num_running": 4,
-                                "num_prefills": 2} if args.tiny else {"num_seqs": args.step_seqs}))
+    for part in (p for p in parts if p in FLAG_PARTS):
+        bench_flag_ab(part, step_cfg, device, rows, bits=args.step_bits, sp4=False if args.no_sp4 else None, sp2=sp2,
+                      rounds=args.fused_rounds,
+                      **({"deltas": (0, 2), "num_seqs": 4, "prompt_len": 16, "steps": 2, "num_running": 4,
+                          "num_prefills": 2} if args.tiny else {"num_seqs": args.step_seqs}))
     if "modes" in parts:
         bench_modes(mid, device, rows, **({"num_requests": 24, "max_tokens": 6, "prompt_len": 8}
                                           if args.tiny else {}))

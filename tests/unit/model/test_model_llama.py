@@ -281,3 +281,30 @@ def test_attention_index_tensors_are_made_once_per_forward_and_change_nothing():
         fresh, fresh_aranges = step(q_lens, ctx_lens, False)
         torch.testing.assert_close(cached, fresh, rtol=0, atol=0)
         assert cached_aranges < fresh_aranges  # the index tensors were made once, not per layer
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rms_norm_matches_the_op_by_op_norm(dtype):
+    """torch's rms_norm (FUSED_RMS_NORM) against the HF-style norm (fp32 statistics, the normed value rounded to the
+    activation dtype, then times the weight): equal in fp32, within one rounding in bf16; a per-row weight (norm
+    deltas) always takes the op-by-op form."""
+    from deltazip.model import layers
+
+    norm = layers.RMSNorm(64, 1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(64, generator=torch.Generator().manual_seed(1)) + 0.5)
+    x = (torch.randn(5, 64, generator=torch.Generator().manual_seed(2)) * 3).to(dtype)
+    try:
+        layers.FUSED_RMS_NORM = False
+        want = norm(x)
+    finally:
+        layers.FUSED_RMS_NORM = True
+    got = norm(x)
+    tol = dict(rtol=0, atol=0) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=2 ** -7)
+    torch.testing.assert_close(got, want, **tol)
+
+    class PerRow:  # a DeltaOps whose norm delta changes every row's weight
+        def norm_weight(self, name, weight, x):
+            return weight.expand(x.shape[0], -1) * 2
+
+    torch.testing.assert_close(norm(x, PerRow()), want * 2, rtol=0, atol=0)
