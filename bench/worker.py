@@ -1,6 +1,6 @@
 """Worker benchmark (GPU): delta load rate, decode step time with many deltas, tokens/s per serving mode.
 
-  python bench/worker.py --out bench/results [--commit SHA] [--parts load,step,prefill,prefill-deltas,fused-ab,attn-cache-ab,rms-norm-ab,rope-ab,modes] [--tiny]
+  python bench/worker.py --out bench/results [--commit SHA] [--parts load,step,prefill,prefill-deltas,fused-ab,attn-cache-ab,rms-norm-ab,modes] [--tiny]
 
 Rows (DESIGN.md names), all measured in the same run:
 - part=h2d_limit: pinned host→device copy rate of one large buffer (the physical limit of a delta load).
@@ -28,8 +28,7 @@ Rows (DESIGN.md names), all measured in the same run:
   Limit: the same bytes either way; fusing removes launches (their ramp, tail and host time), not bytes.
 - part=attn-cache-ab: paged attention's per-step index tensors made once per forward (default) against once per
   layer, alternating in one process: graph decode steps (N in {0, 8}) and eager base prefill steps; `on` says
-  which arm. part=rms-norm-ab: the same for torch's fused rms_norm against the op-by-op norm; part=rope-ab: for
-  kernels/rope.py against the op-by-op rotary.
+  which arm. part=rms-norm-ab: the same for torch's fused rms_norm against the op-by-op norm.
 - part=modes: tokens/s of one engine under a mixed 16-model load (Zipf popularity, all requests queued at
   once) in each mode on a 1.1B-shaped model: `mode`, `num_models`, `tokens_per_s`, `throughput_vs_swap`.
 --tiny: the same code on a tiny model (CPU works), to smoke-test the script; its numbers mean nothing.
@@ -341,8 +340,7 @@ def bench_fused_ab(cfg: LlamaConfig, device: str, rows: list, deltas=(1, 8, 16),
 
 # parts that switch one module flag on and off in one process (bench_flag_ab): part -> (module, attribute)
 FLAG_PARTS = {"attn-cache-ab": ("deltazip.model.attention", "CACHE_STEP_INDICES"),
-              "rms-norm-ab": ("deltazip.model.layers", "FUSED_RMS_NORM"),
-              "rope-ab": ("deltazip.model.layers", "FUSED_ROPE")}
+              "rms-norm-ab": ("deltazip.model.layers", "FUSED_RMS_NORM")}
 
 
 def bench_flag_ab(part: str, cfg: LlamaConfig, device: str, rows: list, deltas=(0, 8), rounds: int = 2,
@@ -351,8 +349,7 @@ def bench_flag_ab(part: str, cfg: LlamaConfig, device: str, rows: list, deltas=(
     """parts attn-cache-ab and rms-norm-ab (FLAG_PARTS): a module flag on (the default) against off, alternating in
     one process: decode steps as CUDA graphs (a new engine per measurement, so each captures its own graphs) and
     eager fresh-shape prefill steps (base). attn-cache-ab: paged attention's per-step index tensors made once per
-    forward against once per layer; rms-norm-ab: torch's fused rms_norm against the op-by-op norm; rope-ab:
-    kernels/rope.py against the op-by-op rotary."""
+    forward against once per layer; rms-norm-ab: torch's fused rms_norm against the op-by-op norm."""
     import importlib
 
     module, attr = FLAG_PARTS[part]

@@ -191,18 +191,8 @@ class RotaryEmbedding:
         return Rope(emb.cos(), emb.sin())
 
 
-# Serving-shaped rotary ([T, heads, head_dim] on CUDA) runs kernels/rope.py, one launch instead of seven small ops;
-# it computes in fp32 where the op-by-op form rounds after each op. False: the op-by-op form everywhere
-# (bench/worker.py --parts rope-ab times both).
-FUSED_ROPE = True
-
-
 def apply_rotary(x: torch.Tensor, rope: Rope) -> torch.Tensor:
     """Rotate x: [..., N, heads, head_dim] by the tables of rope ([N, head_dim]); half-split layout."""
-    if FUSED_ROPE and x.is_cuda and x.dim() == 3:
-        from kernels.rope import rope as rope_kernel
-
-        return rope_kernel(x, rope.cos, rope.sin)
     cos = rope.cos[:, None, :].to(x.dtype)
     sin = rope.sin[:, None, :].to(x.dtype)
     half = x.shape[-1] // 2
