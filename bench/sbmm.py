@@ -12,11 +12,13 @@ Timing: each measurement is a CUDA graph of many back-to-back calls, every call 
 cost of one apply call is reported separately (host_us). `us` is a call on its own (a fresh split-K counter
 buffer, so a memset, and a copy of x for the sparse-MMA kernels unless the config reads x as given, `x_dense`);
 `us_workspace` is a call as the worker makes it, with an sbmm.Workspace shared by the graph's calls (counters
-zeroed once, x still copied per call where it is copied). Word layouts (--variants): 4t = 4-bit 2:4 words and meta
-tile-major and 2d2 = 2-bit dense2 words, the layouts the worker keeps on CUDA (kernels/layout.py); 4sp = 4-bit
-words and meta in the sp4 order of the sparse-MMA kernel (kernels/sbmm_spmma.py, opt-in), 2sp = 2-bit in the
-sp2 order of kernels/sbmm_spmma2.py (opt-in); 4 and 2 = the
-canonical 2:4 words in row order. Writes DIR/sbmm-<device>-<date>.json; bench/plot_sbmm.py draws the PNG from it.
+zeroed once, x still copied per call where it is copied). Word layouts (--variants): 4sp = 4-bit words and meta in
+the sp4 order of the sparse-MMA kernel (kernels/sbmm_spmma.py) and 2sp = 2-bit in the sp2 order of
+kernels/sbmm_spmma2.py, the layouts the worker keeps on sm_80+ GPUs; 4t = 4-bit 2:4 words and meta tile-major and
+2d2 = 2-bit dense2 words (kernels/layout.py: older GPUs, asymmetric or odd-group deltas); 4 and 2 = the canonical
+2:4 words in row order. --shapes worker: the launches of a worker with fused q/k/v and gate/up. Writes
+DIR/sbmm-<device>-<date>.json with the issue's goals summed up per layout (`goals`, bench/sbmm_goals.py);
+bench/plot_sbmm.py draws the PNG from it.
 """
 
 import argparse
@@ -32,6 +34,7 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.sbmm_goals import describe, goal_summary  # noqa: E402
 from bench.sbmm_stacks import VARIANTS, layout_name, variant_label, variant_stack  # noqa: E402
 from kernels import layout, reference, sbmm, spmma_layout  # noqa: E402
 
@@ -341,6 +344,7 @@ def main() -> None:
                              "bytes_read": "packed deltas + meta + scales + x + y (read)",
                              "sbmm_configs": json.loads(sbmm.CONFIG_FILE.read_text()),
                              "torch": torch.__version__, "triton": triton.__version__},
+                  "goals": None if a.sweep else goal_summary(rows),
                   "rows": rows}
         path.write_text(json.dumps(result, indent=1))
 
@@ -350,7 +354,9 @@ def main() -> None:
         configs = json.loads(a.sweep_configs) if a.sweep_configs else None
         save(sweep(limit, save, a.sweep_variants.split(","), cases, configs))
     else:
-        save(full(a, limit, save, baseline))
+        rows = full(a, limit, save, baseline)
+        save(rows)
+        print(describe(goal_summary(rows)))
     print(f"wrote {path}")
 
 
