@@ -112,6 +112,17 @@ def random_packed_delta(shapes: dict, bits: int, group: int, device: str, pin: b
     return out
 
 
+def filled_slots(shapes: dict, num_slots: int, device: str, bits: int, sp4: bool | None, sp2: bool,
+                 fused: dict | None = None) -> DeviceSlots:
+    """DeviceSlots (fp16, `fused` groups if given) with the same random packed delta in every slot: the timings do
+    not depend on the values, and one delta is generated instead of num_slots."""
+    slots = DeviceSlots(num_slots, device, torch.float16, set(shapes), False, sp4=sp4, sp2=sp2, fused=fused)
+    one = random_packed_delta(shapes, bits, 128, device, pin=device.startswith("cuda"), seed=2)
+    for s in range(num_slots):
+        slots.write(s, str(s), one)
+    return slots
+
+
 def random_dense_delta(shapes: dict, device: str, seed: int) -> dict:
     g = torch.Generator(device=device).manual_seed(seed)
     return {name: DeltaTensor(name, "dense", s, delta=(torch.randn(s, device=device, generator=g) * 1e-3).half())
@@ -242,11 +253,7 @@ def bench_step(cfg: LlamaConfig, device: str, rows: list, deltas=(1, 8, 32), num
     model = random_model(cfg, device, torch.float16)
     shapes = linear_shapes(cfg)
     num_slots = max(deltas)
-    slots = DeviceSlots(num_slots, device, torch.float16, set(shapes), False, sp4=sp4, sp2=sp2)
-    one = random_packed_delta(shapes, bits, 128, device, pin=device.startswith("cuda"), seed=2)
-    for s in range(num_slots):  # same bytes in every slot: timing does not depend on the values
-        slots.write(s, str(s), one)
-    del one
+    slots = filled_slots(shapes, num_slots, device, bits, sp4, sp2)
     # Untimed pass over the same step shapes first: whatever is built per new shape (attention plans, allocator
     # blocks) is then built for every config alike, not charged to the first one measured (part=prefill times it).
     time_decode_steps(decode_engine(model, num_slots, slots, False, num_seqs), num_seqs, 0, device, prompt_len, steps)
@@ -300,14 +307,9 @@ def bench_fused_ab(cfg: LlamaConfig, device: str, rows: list, deltas=(1, 8, 16),
     arms = {}
     for fused in (False, True):
         model = random_model(cfg, device, torch.float16)
-        slots = DeviceSlots(num_slots, device, torch.float16, set(shapes), False, sp4=sp4, sp2=sp2,
-                            fused=model.fused_tensor_names() if fused else None)
+        slots = filled_slots(shapes, num_slots, device, bits, sp4, sp2, model.fused_tensor_names() if fused else None)
         if fused:
             assert model.fuse_projections() == 2 * cfg.num_hidden_layers
-        one = random_packed_delta(shapes, bits, 128, device, pin=device.startswith("cuda"), seed=2)
-        for s in range(num_slots):
-            slots.write(s, str(s), one)
-        del one
         arms[fused] = (model, slots)
     graph = device.startswith("cuda")
     for fused in (False, True):  # untimed: per-shape set-up and kernel variants of both arms
@@ -358,13 +360,8 @@ def bench_flag_ab(part: str, cfg: LlamaConfig, device: str, rows: list, deltas=(
     shapes = linear_shapes(cfg)
     num_slots = max(max(deltas), 1)
     model = random_model(cfg, device, torch.float16)
-    slots = DeviceSlots(num_slots, device, torch.float16, set(shapes), False, sp4=sp4, sp2=sp2,
-                        fused=model.fused_tensor_names())
+    slots = filled_slots(shapes, num_slots, device, bits, sp4, sp2, model.fused_tensor_names())
     model.fuse_projections()
-    one = random_packed_delta(shapes, bits, 128, device, pin=device.startswith("cuda"), seed=2)
-    for s in range(num_slots):
-        slots.write(s, str(s), one)
-    del one
     graph = device.startswith("cuda")
     for n in deltas:  # untimed: per-shape set-up and kernel variants
         time_decode_steps(decode_engine(model, num_slots, slots, graph, num_seqs), num_seqs, n, device, prompt_len, 2)
@@ -489,11 +486,7 @@ def bench_prefill_deltas(cfg: LlamaConfig, device: str, rows: list, deltas=(0, 1
     model = random_model(cfg, device, torch.float16)
     shapes = linear_shapes(cfg)
     num_slots = max(max(deltas), 1)
-    slots = DeviceSlots(num_slots, device, torch.float16, set(shapes), False, sp4=sp4, sp2=sp2)
-    one = random_packed_delta(shapes, bits, 128, device, pin=device.startswith("cuda"), seed=2)
-    for s in range(num_slots):
-        slots.write(s, str(s), one)
-    del one
+    slots = filled_slots(shapes, num_slots, device, bits, sp4, sp2)
     time_fresh_prefills(model, device, num_running, 2, 0)  # untimed: per-shape set-up, as in part=prefill
     if launch_ab:
         _prefill_launch_ab(model, device, rows, slots, deltas, bits, cfg.num_hidden_layers, num_running, num_steps,

@@ -38,7 +38,6 @@ class LinearGroup:
     def __init__(self, owner: nn.Module, attrs: tuple[str, ...], suffix: str) -> None:
         self._owner, self._attrs, self._suffix = owner, attrs, suffix
         self._fused: tuple[torch.Tensor, torch.Tensor | None, tuple[int, ...]] | None = None  # weight, bias, ptrs
-        self._name: tuple[str, str] | None = None  # (first member's name, group name)
 
     def members(self) -> list[NamedLinear]:
         return [getattr(self._owner, a) for a in self._attrs]
@@ -46,10 +45,7 @@ class LinearGroup:
     @property
     def hf_name(self) -> str:
         """The group's name in the delta hook: the first member's module path with `suffix` as its last part."""
-        first = getattr(self._owner, self._attrs[0]).hf_name
-        if self._name is None or self._name[0] != first:  # members are named after construction
-            self._name = (first, first.rsplit(".", 1)[0] + "." + self._suffix)
-        return self._name[1]
+        return getattr(self._owner, self._attrs[0]).hf_name.rsplit(".", 1)[0] + "." + self._suffix
 
     def fuse(self) -> bool:
         """Make the members' weights (and biases) row views of one tensor; False where they cannot share one."""

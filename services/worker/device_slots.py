@@ -221,18 +221,13 @@ class DeviceSlots:
         if not all(name in tensors and name in self._linear_names for name in members):
             return None
         formats = [(tensors[name], *self._stored_format(tensors[name])) for name in members]
+        if len({_format_beyond_rows(*f) for f in formats}) > 1:
+            return None
         first, layout_name, shapes = formats[0]
-        key = (first.kind, getattr(first, "bits", None), getattr(first, "group_size", None),
-               getattr(first, "sym", None), tuple(first.shape[1:]), layout_name,
-               tuple((p, s[1:], dt) for p, (s, dt) in shapes.items()))
         row_unit = 1 if layout_name == "canonical" else layout.TILE_ROWS  # tile-major layouts: whole row blocks
         spans, row = {}, 0
-        for name, (delta, lay, part_shapes) in zip(members, formats):
+        for name, (delta, _, part_shapes) in zip(members, formats):
             n = delta.shape[0]
-            if (delta.kind, getattr(delta, "bits", None), getattr(delta, "group_size", None),
-                    getattr(delta, "sym", None), tuple(delta.shape[1:]), lay,
-                    tuple((p, s[1:], dt) for p, (s, dt) in part_shapes.items())) != key:
-                return None
             if n % row_unit or any(s[0] != n for s, _ in part_shapes.values()):
                 return None
             spans[name], row = (row, row + n), row + n
@@ -303,6 +298,12 @@ class DeviceSlots:
                     stack.members = {name: _member_view(stack, a, b) for name, (a, b) in member_rows.items()}
                 self.layout_version += 1
         return stack
+
+
+def _format_beyond_rows(delta, layout_name: str, part_shapes: dict) -> tuple:
+    """What must match for deltas of different row counts to share a fused stack."""
+    return (delta.kind, getattr(delta, "bits", None), getattr(delta, "group_size", None), getattr(delta, "sym", None),
+            tuple(delta.shape[1:]), layout_name, tuple((p, s[1:], dt) for p, (s, dt) in part_shapes.items()))
 
 
 def _member_view(fused: SlotStack, a: int, b: int) -> SlotStack:
