@@ -6,6 +6,12 @@ seg_slots[s], -1 meaning "no delta". On CUDA packed stacks run the SBMM kernel (
 stacks run cuBLAS (torch.bmm when all segments have one length, else one addmm per segment); on CPU both
 run the torch reference (kernels/reference.py). Segment tensors may live on CPU (preferred: validated for
 free, copied once) or on x's device (validated with a device sync unless check=False).
+
+Prefill segments: a segment of sp4 / sp2 words with at least `sbmm.dense_rows` rows (the device's tuned table)
+runs as its delta expanded once into a dense buffer (`sbmm.dequantize_rows`, at most `DENSE_CHUNK_BYTES` at a
+time) and a cuBLAS addmm, when the caller passes the segments on the host (`host_segments`): the SBMM kernel
+expands every word once per 16 rows, which costs more than one expansion plus a dense GEMM past a few hundred
+rows (bench/sbmm_prefill.py).
 """
 
 from __future__ import annotations
@@ -201,12 +207,15 @@ def apply_deltas(
     seg_slots: torch.Tensor,
     check: bool = True,
     workspace: sbmm.Workspace | None = None,
+    host_segments: tuple[Sequence[int], Sequence[int]] | None = None,
 ) -> None:
     """In place y[seg] += x[seg] @ Δ[slot(seg)].T for every segment. x: [T, K], y: [T, N].
 
     Packed stacks: one SBMM launch on CUDA, the torch reference on CPU. Dense stacks: cuBLAS on CUDA,
     reference on CPU. check=False skips segment validation (the caller ran validate_segments once per step).
     workspace: the caller's `sbmm.Workspace` for launches its stream runs in order (CUDA packed stacks only).
+    host_segments: (starts, slots) as host lists, the same segments as the tensors: lets long segments of sp4 /
+    sp2 stacks take the dense path (module docstring) without a device sync.
     """
     n, k = stack.shape
     if x.dim() != 2 or y.dim() != 2 or x.shape[1] != k or y.shape != (x.shape[0], n):
@@ -218,6 +227,10 @@ def apply_deltas(
     if isinstance(stack, DenseDeltaStack):
         _apply_dense(x, y, stack, seg_starts, seg_slots)
     elif x.is_cuda:
+        if host_segments is not None and (stack.sp4 or stack.sp2):
+            seg_slots = _dense_segments(x, y, stack, seg_slots, *host_segments)
+            if seg_slots is None:
+                return
         starts = seg_starts.to(x.device, torch.int64, non_blocking=True)
         slots = seg_slots.to(x.device, torch.int64, non_blocking=True)
         sbmm.sbmm(x, y, stack.qweight, stack.meta, stack.scales, stack.zeros, starts, slots, stack.bits,
@@ -228,6 +241,41 @@ def apply_deltas(
         qweight, meta = canonical_words(stack.qweight, stack.meta, stack.tiled, stack.sp4, stack.sp2)
         reference.sbmm_reference(x, y, qweight, meta, stack.scales, stack.zeros, stack.bits, stack.shape, seg_starts,
                                  seg_slots)
+
+
+DENSE_CHUNK_BYTES = 64 << 20  # the dense path's scratch: Δ rows expanded at a time (fp16 / bf16)
+
+
+def _dense_segments(x, y, stack: PackedDeltaStack, seg_slots: torch.Tensor, starts: Sequence[int],
+                    slots: Sequence[int]) -> torch.Tensor | None:
+    """Run the segments of at least `sbmm.dense_rows` rows as dense Δ + cuBLAS; the slots tensor the SBMM launch
+    still needs (those segments -1; the one passed when none qualified), or None when no segment is left."""
+    threshold = sbmm.dense_rows(x.device, stack.bits)
+    if threshold is None:
+        return seg_slots
+    dense = [i for i, slot in enumerate(slots) if slot >= 0 and starts[i + 1] - starts[i] >= threshold]
+    if not dense:
+        return seg_slots
+    for i in dense:
+        dense_linear(x[starts[i]:starts[i + 1]], y[starts[i]:starts[i + 1]], stack, slots[i])
+    rest = [-1 if i in dense else slot for i, slot in enumerate(slots)]
+    if all(slot < 0 for slot in rest):
+        return None
+    return torch.tensor(rest, dtype=torch.int64, device=x.device)
+
+
+def dense_linear(x: torch.Tensor, y: torch.Tensor, stack: PackedDeltaStack, slot: int) -> None:
+    """y += x @ Δ[slot].T for one segment of an sp4 / sp2 stack on CUDA: Δ expanded in chunks of 64-row
+    multiples (`DENSE_CHUNK_BYTES`) into one buffer, each chunk one cuBLAS addmm on its columns of y."""
+    n, k = stack.shape
+    chunk = min(n, max(layout.TILE_ROWS, DENSE_CHUNK_BYTES // (x.element_size() * k) // layout.TILE_ROWS
+                       * layout.TILE_ROWS))
+    buf = torch.empty(chunk, k, dtype=x.dtype, device=x.device)
+    for r0 in range(0, n, chunk):
+        rows = min(chunk, n - r0)
+        delta = sbmm.dequantize_rows(stack.qweight[slot], stack.meta[slot], stack.scales[slot], stack.bits, k,
+                                     buf[:rows], r0)
+        y[:, r0:r0 + rows].addmm_(x, delta.T)
 
 
 def canonical_words(qweight: torch.Tensor, meta: torch.Tensor, tiled: bool, sp4: bool, sp2: bool = False

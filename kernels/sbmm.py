@@ -16,15 +16,15 @@ from triton import knobs
 
 from kernels import layout, sbmm_asm, sbmm_triton, spmma_layout
 from kernels.sbmm_plan import (  # noqa: F401  (re-exported: callers name them sbmm.*)
-    CONFIG_FILE, DENSE2_GEOMETRY_BITS, KERNELS, cdiv, MAX_SPLIT_K, MIN_MAX_SEGS, Launch, _configs, _device_name,
-    compile_key, gluon_supported, interpreting, pdl_ok, pick_config, plan, rows_bucket, split_k, spmma2_supported,
-    spmma_device_ok, spmma_supported,
+    CONFIG_FILE, CONFIG_TABLES, DENSE2_GEOMETRY_BITS, KERNELS, cdiv, dense_rows, MAX_SPLIT_K, MIN_MAX_SEGS, Launch,
+    _configs, _device_name, compile_key, gluon_supported, interpreting, pdl_ok, pick_config, plan, rows_bucket,
+    split_k, spmma2_supported, spmma_device_ok, spmma_supported,
 )
 
 try:  # Gluon ships with Triton >= 3.5; without it every launch takes the portable kernel
-    from kernels import sbmm_gluon, sbmm_spmma, sbmm_spmma2
+    from kernels import sbmm_dequant, sbmm_gluon, sbmm_spmma, sbmm_spmma2
 except ImportError:  # pragma: no cover - depends on the installed triton
-    sbmm_gluon = sbmm_spmma = sbmm_spmma2 = None
+    sbmm_dequant = sbmm_gluon = sbmm_spmma = sbmm_spmma2 = None
 
 
 @functools.lru_cache(maxsize=64)
@@ -385,6 +385,54 @@ def _launch_sparse_mma(x, y, qweight, meta, scales, seg_starts, seg_slots, bits,
         kernel[grid](*args, MAX_SEGS=launch.max_segs, num_warps=launch.num_warps, launch_pdl=pdl,
                      **_spmma_constexprs(*const_key))
 
+
+
+DEQUANT_BLOCK_N = 64  # rows per program of the dense expansion (one sp4 / sp2 row tile)
+
+
+def dequantize_rows(qweight: torch.Tensor, meta: torch.Tensor, scales: torch.Tensor, bits: int, k: int,
+                    out: torch.Tensor, row0: int = 0) -> torch.Tensor:
+    """Dense Δ rows row0 .. row0 + out.shape[0] of one slot's sp4 (bits 4) or sp2 (bits 2) words into out
+    (fp16 / bf16 [rows, K], unit stride in K), expanded on the sparse tensor cores (kernels/sbmm_dequant.py):
+    values as the SBMM kernels use them, code times scale rounded once to out's dtype. qweight, meta, scales: the
+    slot's parts (qweight[slot], ...: [N, ...]); row0 and the row count are multiples of 64. CUDA sm_80+ only
+    (`spmma_device_ok`)."""
+    rows = out.shape[0]
+    n, num_groups = scales.shape[0], scales.shape[-1]
+    step = spmma_layout.SP2_STEP if bits == 2 else layout.TILE_COLS
+    if bits not in (2, 4) or out.dim() != 2 or out.shape[1] != k or out.stride(1) != 1:
+        raise ValueError(f"dequantize_rows: bits 2 or 4 and out [rows, K={k}] unit-stride in K, got bits={bits}, out "
+                         f"{tuple(out.shape)} strides {out.stride()}")
+    if not spmma_device_ok(out.device, out.dtype) or sbmm_dequant is None:
+        raise ValueError("dequantize_rows runs on CUDA sm_80+ with fp16/bf16 out (the sparse tensor cores)")
+    if row0 % DEQUANT_BLOCK_N or rows % DEQUANT_BLOCK_N or row0 + rows > n or k % step:
+        raise ValueError(f"dequantize_rows: rows {row0}..{row0 + rows} of N={n} must be whole 64-row tiles and K={k} "
+                         f"a multiple of {step}")
+    if rows == 0:
+        return out
+    steps = k // step
+    per_program = next(s for s in (4, 2, 1) if steps % s == 0)  # a few K steps per program: loads amortized
+    grid = (rows // DEQUANT_BLOCK_N, steps // per_program)
+    sbmm_dequant._dequant_kernel[grid](
+        qweight, meta, scales, scales.stride(0), out.view(torch.int32), out.stride(0) // 2, row0,
+        num_warps=2, **_dequant_constexprs(k, k // num_groups, num_groups, out.dtype, bits, per_program))
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _dequant_constexprs(k, group_size, num_groups, dtype, bits, steps) -> dict:
+    name = "f16" if dtype == torch.float16 else "bf16"
+    module = sbmm_spmma2 if bits == 2 else sbmm_spmma
+    expand, cons_e = module.expand_ptx(name)
+    mma0, cons_m = sbmm_spmma.mma_ptx(name, 0)
+    mma1, _ = sbmm_spmma.mma_ptx(name, 1)
+    cvt, cons_c = sbmm_dequant.cvt_ptx(name)
+    lays = module.layouts(DEQUANT_BLOCK_N, 8, 2)
+    return dict(K=k, GROUP_SIZE=k if num_groups == 1 else group_size,
+                SCALE_MODE=sbmm_triton.SCALE_ROW if num_groups == 1 else sbmm_triton.SCALE_TILE, SP2=bits == 2,
+                BLOCK_N=DEQUANT_BLOCK_N, STEPS=steps, ONE_BITS=sbmm_dequant.ONE[name], EXPAND=expand, MMA0=mma0,
+                MMA1=mma1, CVT=cvt, CONSTRAINTS_E=cons_e, CONSTRAINTS_M=cons_m, CONSTRAINTS_C=cons_c,
+                L_S=lays["L_S"], L_W=lays["L_W"], L_META=lays.get("L_META", lays["L_W"]))
 
 # Repeated sparse-MMA launches skip Triton's per-call binding (`LaunchCache`); False: every launch goes through
 # JITFunction.run (bench/sbmm_host.py and bench/worker.py --no-fast-launch time both).

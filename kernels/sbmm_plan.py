@@ -29,6 +29,7 @@ except ImportError:  # pragma: no cover - depends on the installed triton
 CONFIG_FILE = Path(__file__).with_name("sbmm_configs.json")
 DENSE2_GEOMETRY_BITS = 4  # dense2 words hold 16 dense columns, like 4-bit 2:4 words: same tiles and layouts
 KERNELS = ("gluon", "triton")
+CONFIG_TABLES = ("gluon", "triton", "spmma", "spmma2")  # a device's launch-config lists (beside `dense_rows`)
 
 
 def interpreting() -> bool:
@@ -70,6 +71,15 @@ def pick_config(kernel: str, device_name: str, rows_per_segment: float, bits: in
     raise AssertionError(f"{CONFIG_FILE}: {kernel} has no catch-all entry")
 
 
+def dense_rows(device: torch.device, bits: int) -> int | None:
+    """Rows per segment from which a segment of sp4 (bits 4) / sp2 (bits 2) words runs as dense Δ + cuBLAS
+    (kernels/delta_linear.py) instead of SBMM: the `dense_rows` entry of the device's table ("default" where it has
+    none) for the code width; None: never."""
+    table = _configs()
+    entry = table.get(_device_name(device), {}).get("dense_rows", table["default"].get("dense_rows", {}))
+    return entry.get(str(bits))
+
+
 def _programs(entry: dict, n: int, segments: int, rows_per_segment: float) -> int:
     """(n-block, tile) programs of a launch with this entry's tiles, before any K split."""
     return cdiv(n, entry["BLOCK_N"]) * segments * max(1, math.ceil(rows_per_segment / entry["BLOCK_M"]))
@@ -80,7 +90,7 @@ def rows_bucket(device: torch.device, rows: float) -> int:
     its config tables that covers `rows`, else one past the largest): callers that capture a launch per config,
     like the worker's CUDA graphs, key and hint by it."""
     table, name = _configs(), _device_name(device)
-    kernels = set(table["default"]) | set(table.get(name, {}))
+    kernels = (set(table["default"]) | set(table.get(name, {}))) & set(CONFIG_TABLES)
     entries = [e for kernel in kernels for e in (table.get(name, {}).get(kernel) or table["default"][kernel])]
     limits = sorted({e["max_rows"] for e in entries if e["max_rows"] is not None})
     return next((m for m in limits if rows <= m), limits[-1] + 1 if limits else 1)

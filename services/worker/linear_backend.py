@@ -39,7 +39,8 @@ def apply_linear(x: torch.Tensor, y: torch.Tensor, stack: SlotStack, seg_starts:
 
         if on_device is not None and isinstance(kernel_stack, PackedDeltaStack):
             seg_starts, seg_slots = on_device
-        apply_deltas(x, y, kernel_stack, seg_starts, seg_slots, check=False, workspace=workspace)
+        apply_deltas(x, y, kernel_stack, seg_starts, seg_slots, check=False, workspace=workspace,
+                     host_segments=(starts, slots))
         return
     for i, slot in enumerate(slots):
         a, b = starts[i], starts[i + 1]
