@@ -7,12 +7,15 @@ expand the delta once into a dense fp16/bf16 buffer and let cuBLAS multiply (ker
 
 The expansion is the SBMM kernels' own: a word's kept codes become the A registers of one `mma.sp` (sp2: of two)
 and the meta words its metadata, as stored (kernels/sbmm_spmma.py has the fragment rules). The MMA then multiplies
-by a selection matrix, B = E_c with B[k, n] = 1 where k = 8c + n, so D[:, n] = A[:, 8c + n]: four mma.sp give the
-instruction's 16 x 32 block of Δ at its dense positions, the tensor core doing the 2:4 placement. Instruction j of a
-K step covers the step's dense columns 32j .. 32j + 31 in both orders. A lane's B register m holds K 8m + 2t,
-8m + 2t + 1 of column g (g = lane >> 2, t = lane & 3), so only register c is non-zero: 1.0 in its low half where
-2t = g and in its high half where 2t + 1 = g. D (row g: columns 2t, 2t + 1 of the eight; row g + 8: the same) is
-scaled in fp32 (per row, or by the group of its 32 columns), rounded to fp16/bf16 and stored as one 4-byte pair.
+by a selection matrix B_c (c = 0..3) with one 1 per column: B_c[k, n] = 1 where k = 8 (n // 2) + 2c + n % 2, so
+D[:, n] = A[:, 8 (n // 2) + 2c + n % 2] and the four MMAs together give the instruction's 16 x 32 block of Δ at its
+dense positions, the tensor core doing the 2:4 placement. Instruction j of a K step covers the step's dense columns
+32j .. 32j + 31 in both orders. A lane (g = lane >> 2, t = lane & 3) holds D columns n = 2t, 2t + 1 of rows g and
+g + 8, which B_c maps to columns 8t + 2c, 8t + 2c + 1: over c its eight consecutive columns, one 16-byte store
+per row. Its B register m holds K 8m + 2t, 8m + 2t + 1 of column g, so B_c is non-zero only in lanes t = c, in
+register g // 2 and its half g % 2 (1.0). D is scaled in fp32 (per row, or by the group of its 128 columns),
+rounded to fp16/bf16 in pairs (`cvt_ptx`). Each program expands 64 rows x STEPS K steps, the next step's words,
+meta and scales loaded before this step's stores (a load after a store to `out` could alias it and would wait).
 """
 
 from triton.experimental import gluon
@@ -29,29 +32,83 @@ def cvt_ptx(dtype: str) -> tuple[str, str]:
 
 
 @gluon.jit
-def _sel(b, zero, m: gl.constexpr, c: gl.constexpr):
-    """B register m of the selection E_c: b where m == c, else zeros."""
-    if m == c:
-        return b
-    else:
-        return zero
+def _selection(g, t, m: gl.constexpr, c: gl.constexpr, ONE_BITS: gl.constexpr):
+    """B register m of the selection B_c, per lane ([1, 1, 32] int32): 1.0 in half g % 2 where t = c, m = g // 2."""
+    bits = gl.where((t == c) & (g // 2 == m), ONE_BITS << (16 * (g % 2)), 0)
+    return gl.expand_dims(gl.expand_dims(bits, 0), 0)
 
 
 @gluon.jit
-def _store_instr(a0, a1, a2, a3, meta, sel, zero_b, zero, out_lo, out_hi, col, s_lo, s_hi, MMA: gl.constexpr,
-                 CVT: gl.constexpr, CONSTRAINTS_M: gl.constexpr, CONSTRAINTS_C: gl.constexpr):
-    """Δ columns col .. col + 31 of rows g and g + 8 (one mma.sp's A and meta) to out: four selection MMAs."""
-    for c in gl.static_range(4):
-        args = [a0, a1, a2, a3, _sel(sel, zero_b, 0, c), _sel(sel, zero_b, 1, c), _sel(sel, zero_b, 2, c),
-                _sel(sel, zero_b, 3, c), meta, zero, zero, zero, zero]
-        d0, d1, d2, d3 = gl.inline_asm_elementwise(MMA, CONSTRAINTS_M, args, dtype=(gl.float32,) * 4, is_pure=True,
-                                                   pack=1)
-        lo = gl.inline_asm_elementwise(CVT, CONSTRAINTS_C, [d0 * s_lo, d1 * s_lo], dtype=gl.int32, is_pure=True,
-                                       pack=1)
-        hi = gl.inline_asm_elementwise(CVT, CONSTRAINTS_C, [d2 * s_hi, d3 * s_hi], dtype=gl.int32, is_pure=True,
-                                       pack=1)
-        gl.store(out_lo + (col + 8 * c) // 2, lo)
-        gl.store(out_hi + (col + 8 * c) // 2, hi)
+def _selection_regs(L_B: gl.constexpr, c: gl.constexpr, ONE_BITS: gl.constexpr):
+    lane = gl.arange(0, 32, layout=gl.SliceLayout(0, L_B))
+    g, t = lane // 4, lane % 4
+    return (_selection(g, t, 0, c, ONE_BITS), _selection(g, t, 1, c, ONE_BITS), _selection(g, t, 2, c, ONE_BITS),
+            _selection(g, t, 3, c, ONE_BITS))
+
+
+@gluon.jit
+def _as_words(v, L_A: gl.constexpr):
+    """[RB, 1, 32] (L_S) -> [RB, 32] (L_A): the same registers."""
+    return gl.convert_layout(gl.reshape(v, [v.shape[0], v.shape[2]]), L_A, assert_trivial=True)
+
+
+@gluon.jit
+def _pair(a0, a1, a2, a3, meta, bc, zero, s_lo, s_hi, MMA: gl.constexpr, CVT: gl.constexpr,
+          CONSTRAINTS_M: gl.constexpr, CONSTRAINTS_C: gl.constexpr, L_A: gl.constexpr):
+    """One selection MMA (B registers bc): the lane's columns 8t + 2c, + 1 of rows g and g + 8, scaled and rounded
+    to one fp16x2 / bf16x2 word each ([RB, 32], L_A)."""
+    b0, b1, b2, b3 = bc
+    d0, d1, d2, d3 = gl.inline_asm_elementwise(MMA, CONSTRAINTS_M, [a0, a1, a2, a3, b0, b1, b2, b3, meta, zero, zero,
+                                                                    zero, zero],
+                                               dtype=(gl.float32,) * 4, is_pure=True, pack=1)
+    lo = gl.inline_asm_elementwise(CVT, CONSTRAINTS_C, [d0 * s_lo, d1 * s_lo], dtype=gl.int32, is_pure=True, pack=1)
+    hi = gl.inline_asm_elementwise(CVT, CONSTRAINTS_C, [d2 * s_hi, d3 * s_hi], dtype=gl.int32, is_pure=True, pack=1)
+    return _as_words(lo, L_A), _as_words(hi, L_A)
+
+
+@gluon.jit
+def _instr(a0, a1, a2, a3, meta, b, zero, out_lo, out_hi, s_lo, s_hi, MMA: gl.constexpr, CVT: gl.constexpr,
+           CONSTRAINTS_M: gl.constexpr, CONSTRAINTS_C: gl.constexpr, L_A: gl.constexpr, L_W: gl.constexpr):
+    """Δ columns of one mma.sp (A a0..a3 and meta, [RB, 1, 32]) for rows g and g + 8: four selection MMAs, then
+    each lane's eight columns of a row as one 16-byte store (out_lo / out_hi: [RB, 32, 4] int32 pointers)."""
+    lo0, hi0 = _pair(a0, a1, a2, a3, meta, b[0], zero, s_lo, s_hi, MMA, CVT, CONSTRAINTS_M, CONSTRAINTS_C, L_A)
+    lo1, hi1 = _pair(a0, a1, a2, a3, meta, b[1], zero, s_lo, s_hi, MMA, CVT, CONSTRAINTS_M, CONSTRAINTS_C, L_A)
+    lo2, hi2 = _pair(a0, a1, a2, a3, meta, b[2], zero, s_lo, s_hi, MMA, CVT, CONSTRAINTS_M, CONSTRAINTS_C, L_A)
+    lo3, hi3 = _pair(a0, a1, a2, a3, meta, b[3], zero, s_lo, s_hi, MMA, CVT, CONSTRAINTS_M, CONSTRAINTS_C, L_A)
+    gl.store(out_lo, _four(lo0, lo1, lo2, lo3, L_W))
+    gl.store(out_hi, _four(hi0, hi1, hi2, hi3, L_W))
+
+
+@gluon.jit
+def _four(w0, w1, w2, w3, L_W: gl.constexpr):
+    """Four [RB, 32] tensors -> [RB, 32, 4] (L_W: a lane's four in its registers), w_i at index i (the inverse of
+    kernels/sbmm_spmma.py `_pick`)."""
+    v = gl.join(gl.join(w0, w2), gl.join(w1, w3))  # [RB, 32, a, b]: w_(2a + b)
+    return gl.convert_layout(gl.reshape(v, [v.shape[0], v.shape[1], 4]), L_W, assert_trivial=True)
+
+
+@gluon.jit
+def _load_words(qw_tile, meta_tile, scale_lo, scale_hi, k0, SP2: gl.constexpr, GROUP_SIZE: gl.constexpr,
+                SCALE_MODE: gl.constexpr):
+    """One K step's words, meta words and group scales ([RB, 1, 32] fp32 of its first and last 128 columns; row
+    scales: unused ones)."""
+    if SP2:
+        qw = gl.load(qw_tile + 2 * k0)
+    else:
+        qw = gl.load(qw_tile + 4 * k0)
+    mw = gl.load(meta_tile + 2 * k0)
+    if SCALE_MODE == 1:
+        last = k0 + (128 if SP2 else 0)
+        s = (gl.load(scale_lo + k0 // GROUP_SIZE), gl.load(scale_hi + k0 // GROUP_SIZE),
+             gl.load(scale_lo + last // GROUP_SIZE), gl.load(scale_hi + last // GROUP_SIZE))
+    else:
+        s = (gl.load(scale_lo), gl.load(scale_hi), gl.load(scale_lo), gl.load(scale_hi))
+    return qw, mw, s
+
+
+@gluon.jit
+def _s32(v):
+    return gl.expand_dims(v.to(gl.float32), 1)
 
 
 @gluon.jit
@@ -89,61 +146,52 @@ def _dequant_kernel(
         s_m = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, L_META)))
         meta_tile = (meta_ptr + ((rb_m // 4) * (2 * K) + (rb_m % 4) * 64)[:, None, None]
                      + (lane_m * 2)[None, :, None] + s_m[None, None, :])
-    # out and scales: row g of each 16-row block (row g + 8: + 8 rows), column pair t
+    # out: row g of each 16-row block (row g + 8: + 8 rows), the lane's 8 columns 8t .. 8t + 7 of each 32
+    rows_w = n0 + 16 * (rb_w - n0 // 16)[:, None] + (lane_w // 4)[None, :]
+    out_lo = out_ptr + ((rows_w - row0) * stride_o + 4 * (lane_w % 4)[None, :])[:, :, None] + u_w[None, None, :]
+    out_hi = out_lo + 8 * stride_o
     rb_a = gl.arange(0, RB, layout=gl.SliceLayout(1, L_A))
     lane_a = gl.arange(0, 32, layout=gl.SliceLayout(0, L_A))
-    rows = n0 + 16 * rb_a[:, None] + lane_a[None, :] // 4
-    out_lo = gl.expand_dims(out_ptr + (rows - row0) * stride_o + lane_a[None, :] % 4, 1)
-    out_hi = out_lo + 8 * stride_o
-    scale_lo = scales_ptr + rows * stride_sn
+    scale_lo = scales_ptr + (n0 + 16 * rb_a[:, None] + lane_a[None, :] // 4) * stride_sn
     scale_hi = scale_lo + 8 * stride_sn
-    # the selection's non-zero B register
-    lane_b = gl.arange(0, 32, layout=gl.SliceLayout(0, L_B))
-    g_b, t_b = lane_b // 4, lane_b % 4
-    sel = gl.where(g_b == 2 * t_b, ONE_BITS, 0) | gl.where(g_b == 2 * t_b + 1, ONE_BITS << 16, 0)
-    sel = gl.expand_dims(gl.expand_dims(sel, 0), 0)
-    zero_b = gl.zeros_like(sel)
+    b = (_selection_regs(L_B, 0, ONE_BITS), _selection_regs(L_B, 1, ONE_BITS), _selection_regs(L_B, 2, ONE_BITS),
+         _selection_regs(L_B, 3, ONE_BITS))
     zero = gl.zeros([RB, 1, 32], gl.float32, layout=L_S)
-    if SCALE_MODE == 0:
-        s_lo = gl.expand_dims(gl.load(scale_lo).to(gl.float32), 1)
-        s_hi = gl.expand_dims(gl.load(scale_hi).to(gl.float32), 1)
-    for s in range(STEPS):
-        k0 = k_lo + s * STEP
+    qw, mw, s = _load_words(qw_tile, meta_tile, scale_lo, scale_hi, k_lo, SP2, GROUP_SIZE, SCALE_MODE)
+    for i in range(STEPS):
+        k0 = k_lo + i * STEP
+        # the next step's loads first (the last step re-reads itself)
+        qw_n, mw_n, s_n = _load_words(qw_tile, meta_tile, scale_lo, scale_hi, gl.minimum(k0 + STEP, k_lo + (STEPS - 1) * STEP),
+                                      SP2, GROUP_SIZE, SCALE_MODE)
+        cols = k0 // 2  # int32 column pairs
         if SP2:
-            qw = gl.load(qw_tile + 2 * k0)
-            mw = gl.load(meta_tile + 2 * k0)
-            for u in gl.static_range(4):  # word u: mma.sp 2u (selector 0) and 2u + 1 (selector 1)
+            for u in gl.static_range(4):  # word u: mma.sp 2u (selector 0) and 2u + 1 (selector 1), 64 columns
                 w = gl.convert_layout(_pick(qw, u, 4), L_A, assert_trivial=True)
                 a0, a1, a2, a3, a4, a5, a6, a7 = gl.inline_asm_elementwise(EXPAND, CONSTRAINTS_E, [w],
                                                                            dtype=(gl.int32,) * 8, is_pure=True, pack=1)
                 meta = gl.expand_dims(gl.convert_layout(_pick(mw, u, 4), L_A, assert_trivial=True), 1)
-                col = k0 + 64 * u
-                if SCALE_MODE == 1:
-                    s_lo = gl.expand_dims(gl.load(scale_lo + col // GROUP_SIZE).to(gl.float32), 1)
-                    s_hi = gl.expand_dims(gl.load(scale_hi + col // GROUP_SIZE).to(gl.float32), 1)
-                _store_instr(gl.expand_dims(a0, 1), gl.expand_dims(a1, 1), gl.expand_dims(a2, 1),
-                             gl.expand_dims(a3, 1), meta, sel, zero_b, zero, out_lo, out_hi, col, s_lo, s_hi, MMA0,
-                             CVT, CONSTRAINTS_M, CONSTRAINTS_C)
-                _store_instr(gl.expand_dims(a4, 1), gl.expand_dims(a5, 1), gl.expand_dims(a6, 1),
-                             gl.expand_dims(a7, 1), meta, sel, zero_b, zero, out_lo, out_hi, col + 32, s_lo, s_hi,
-                             MMA1, CVT, CONSTRAINTS_M, CONSTRAINTS_C)
+                s_lo = _s32(s[0] if u < 2 else s[2])
+                s_hi = _s32(s[1] if u < 2 else s[3])
+                _instr(gl.expand_dims(a0, 1), gl.expand_dims(a1, 1), gl.expand_dims(a2, 1), gl.expand_dims(a3, 1),
+                       meta, b, zero, out_lo + cols + 32 * u, out_hi + cols + 32 * u, s_lo, s_hi, MMA0, CVT,
+                       CONSTRAINTS_M, CONSTRAINTS_C, L_A, L_W)
+                _instr(gl.expand_dims(a4, 1), gl.expand_dims(a5, 1), gl.expand_dims(a6, 1), gl.expand_dims(a7, 1),
+                       meta, b, zero, out_lo + cols + 32 * u + 16, out_hi + cols + 32 * u + 16, s_lo, s_hi, MMA1,
+                       CVT, CONSTRAINTS_M, CONSTRAINTS_C, L_A, L_W)
         else:
-            qw = gl.load(qw_tile + 4 * k0)
-            mw = gl.load(meta_tile + 2 * k0)
-            for j in gl.static_range(4):  # word j: mma.sp j, meta word j // 2 with selector j % 2
+            s_lo = _s32(s[0])
+            s_hi = _s32(s[1])
+            for j in gl.static_range(4):  # word j: mma.sp j, meta word j // 2 with selector j % 2, 32 columns
                 w = gl.convert_layout(_pick(qw, j, 4), L_A, assert_trivial=True)
                 a0, a1, a2, a3 = gl.inline_asm_elementwise(EXPAND, CONSTRAINTS_E, [w], dtype=(gl.int32,) * 4,
                                                            is_pure=True, pack=1)
                 meta = gl.expand_dims(gl.convert_layout(_pick(mw, j // 2, 2), L_A, assert_trivial=True), 1)
-                col = k0 + 32 * j
-                if SCALE_MODE == 1:
-                    s_lo = gl.expand_dims(gl.load(scale_lo + col // GROUP_SIZE).to(gl.float32), 1)
-                    s_hi = gl.expand_dims(gl.load(scale_hi + col // GROUP_SIZE).to(gl.float32), 1)
                 if j % 2 == 0:
-                    _store_instr(gl.expand_dims(a0, 1), gl.expand_dims(a1, 1), gl.expand_dims(a2, 1),
-                                 gl.expand_dims(a3, 1), meta, sel, zero_b, zero, out_lo, out_hi, col, s_lo, s_hi,
-                                 MMA0, CVT, CONSTRAINTS_M, CONSTRAINTS_C)
+                    _instr(gl.expand_dims(a0, 1), gl.expand_dims(a1, 1), gl.expand_dims(a2, 1), gl.expand_dims(a3, 1),
+                           meta, b, zero, out_lo + cols + 16 * j, out_hi + cols + 16 * j, s_lo, s_hi, MMA0, CVT,
+                           CONSTRAINTS_M, CONSTRAINTS_C, L_A, L_W)
                 else:
-                    _store_instr(gl.expand_dims(a0, 1), gl.expand_dims(a1, 1), gl.expand_dims(a2, 1),
-                                 gl.expand_dims(a3, 1), meta, sel, zero_b, zero, out_lo, out_hi, col, s_lo, s_hi,
-                                 MMA1, CVT, CONSTRAINTS_M, CONSTRAINTS_C)
+                    _instr(gl.expand_dims(a0, 1), gl.expand_dims(a1, 1), gl.expand_dims(a2, 1), gl.expand_dims(a3, 1),
+                           meta, b, zero, out_lo + cols + 16 * j, out_hi + cols + 16 * j, s_lo, s_hi, MMA1, CVT,
+                           CONSTRAINTS_M, CONSTRAINTS_C, L_A, L_W)
+        qw, mw, s = qw_n, mw_n, s_n

@@ -18,11 +18,13 @@ from tests.kernels.test_sbmm_spmma import G, LANES, T, expand_word, mma_sp
 
 
 def selection_b(c: int) -> np.ndarray:
-    """B registers [32 lanes, 4 regs, 2 halves] of E_c as the kernel builds them: register c only, 1.0 where
-    2t + half = g."""
+    """B registers [32 lanes, 4 regs, 2 halves] of B_c as the kernel builds them (kernels/sbmm_dequant.py
+    `_selection`): 1.0 in lanes t = c, register g // 2, half g % 2."""
     b = np.zeros((32, 4, 2))
-    for half in range(2):
-        b[:, c, half] = (2 * T + half == G).astype(float)
+    for lane in range(32):
+        g, t = lane >> 2, lane & 3
+        if t == c:
+            b[lane, g // 2, g % 2] = 1.0
     return b
 
 
@@ -42,7 +44,7 @@ def model_dequant_block(q, m, scales, block_row: int, bits: int, dtype: str) -> 
             d = mma_sp(a, selection_b(c), meta, np.zeros((32, 4)), selector)
             for i in range(4):
                 scale = s[rows + 8 * (i >> 1), group]
-                out[G + 8 * (i >> 1), col + 8 * c + 2 * T + (i & 1)] = d[:, i] * scale
+                out[G + 8 * (i >> 1), col + 8 * T + 2 * c + (i & 1)] = d[:, i] * scale
 
     for k0 in range(0, k, step):
         if bits == 2:
