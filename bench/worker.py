@@ -1,6 +1,6 @@
 """Worker benchmark (GPU): delta load rate, decode step time with many deltas, tokens/s per serving mode.
 
-  python bench/worker.py --out bench/results [--commit SHA] [--parts load,step,prefill,prefill-deltas,fused-ab,attn-cache-ab,rms-norm-ab,modes] [--tiny]
+  python bench/worker.py --out bench/results [--commit SHA] [--parts load,step,prefill,prefill-deltas,long-prefill-ab,fused-ab,attn-cache-ab,rms-norm-ab,modes] [--tiny]
 
 Rows (DESIGN.md names), all measured in the same run:
 - part=h2d_limit: pinned host→device copy rate of one large buffer (the physical limit of a delta load).
@@ -29,6 +29,11 @@ Rows (DESIGN.md names), all measured in the same run:
 - part=attn-cache-ab: paged attention's per-step index tensors made once per forward (default) against once per
   layer, alternating in one process: graph decode steps (N in {0, 8}) and eager base prefill steps; `on` says
   which arm. part=rms-norm-ab: the same for torch's fused rms_norm against the op-by-op norm.
+- part=long-prefill-ab: one prompt of 256-2048 tokens prefilled alone (what its time to first token waits for), on
+  a delta and on the base model, with the dense route for long delta segments (kernels/delta_linear.py, from
+  `sbmm.dense_rows` rows) against SBMM for all segments, alternating in one process; `vs_base` is the ratio to
+  the base model's prefill of the same length. Limit: the dense route adds one expansion of the delta (its fp16
+  bytes written at the copy rate) and one GEMM of the base GEMM's size to the base prefill.
 - part=modes: tokens/s of one engine under a mixed 16-model load (Zipf popularity, all requests queued at
   once) in each mode on a 1.1B-shaped model: `mode`, `num_models`, `tokens_per_s`, `throughput_vs_swap`.
 --tiny: the same code on a tiny model (CPU works), to smoke-test the script; its numbers mean nothing.
@@ -522,6 +527,54 @@ def _prefill_launch_ab(model, device, rows, slots, deltas, bits, layers, num_run
     sbmm.FAST_LAUNCH = was
 
 
+def bench_long_prefill_ab(cfg: LlamaConfig, device: str, rows: list, lengths=(256, 512, 1024, 2048),
+                          bits: int = 4, sp4: bool | None = None, sp2: bool = False, rounds: int = 2,
+                          repeats: int = 3) -> None:
+    """part=long-prefill-ab: one prompt of L tokens prefilled on its own (the step its time to first token waits
+    for), on a delta and on the base model, with the dense route for long delta segments (kernels/delta_linear.py:
+    the delta expanded once + cuBLAS, from `sbmm.dense_rows` rows, the worker's default) against SBMM for every
+    segment, alternating by round in one process; the median of `repeats` steps per point."""
+    from kernels import sbmm
+
+    model = random_model(cfg, device, torch.float16)
+    slots = filled_slots(linear_shapes(cfg), 1, device, bits, sp4, sp2, model.fused_tensor_names())
+    model.fuse_projections()
+    engine = decode_engine(model, 1, slots, device.startswith("cuda"), max_num_seqs=8)
+    table = sbmm.dense_rows
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    g = torch.Generator().manual_seed(0)
+    ids = itertools.count()
+
+    def prefill_ms(length: int, delta: str | None) -> float:
+        engine.add_request(f"long{next(ids)}", torch.randint(3, 200, (length,), generator=g).tolist(), params,
+                           delta=delta)
+        t0 = time.perf_counter()
+        engine.step()  # the prefill (and its one sampled token: the step returns once it is on the host)
+        ms = (time.perf_counter() - t0) * 1e3
+        engine.run_until_done()
+        return ms
+
+    finish_warm_up(engine)
+    try:
+        for dense in (True, False):  # untimed: compiles and per-shape set-up of both arms
+            sbmm.dense_rows = table if dense else (lambda device, bits: None)
+            for length in lengths:
+                prefill_ms(length, "0")
+                prefill_ms(length, None)
+        for r in range(rounds):
+            for length in lengths:
+                base = statistics.median(prefill_ms(length, None) for _ in range(repeats))
+                for dense in ((True, False) if r % 2 == 0 else (False, True)):
+                    sbmm.dense_rows = table if dense else (lambda device, bits: None)
+                    ms = statistics.median(prefill_ms(length, "0") for _ in range(repeats))
+                    rows.append({"part": "long-prefill-ab", "round": r, "prompt_tokens": length, "bits": bits,
+                                 "dense_route": dense, "dense_rows": table(torch.device(device), bits),
+                                 "layers": cfg.num_hidden_layers, "ms": ms, "base_ms": base, "vs_base": ms / base})
+                    print(json.dumps(rows[-1]), flush=True)
+    finally:
+        sbmm.dense_rows = table
+
+
 # ---- part 3: tokens/s per mode under a mixed 16-model load -----------------------------------------
 
 def zipf_models(num_requests: int, num_models: int, seed: int = 0) -> list[int]:
@@ -681,6 +734,10 @@ def _main(argv: list[str] | None) -> int:
                        rounds=args.fused_rounds,
                        **({"deltas": (1, 2), "num_seqs": 4, "prompt_len": 16, "steps": 2, "prefill_deltas": (0, 1),
                            "num_running": 4, "num_prefills": 2} if args.tiny else {"num_seqs": args.step_seqs}))
+    if "long-prefill-ab" in parts:
+        bench_long_prefill_ab(step_cfg, device, rows, bits=args.step_bits, sp4=False if args.no_sp4 else None,
+                              sp2=sp2, rounds=args.fused_rounds,
+                              **({"lengths": (16, 32), "repeats": 1} if args.tiny else {}))
     for part in (p for p in parts if p in FLAG_PARTS):
         bench_flag_ab(part, step_cfg, device, rows, bits=args.step_bits, sp4=False if args.no_sp4 else None, sp2=sp2,
                       rounds=args.fused_rounds,

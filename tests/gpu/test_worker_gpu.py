@@ -226,6 +226,51 @@ def test_four_bit_symmetric_deltas_load_as_sp4_and_match_the_canonical_reference
     assert torch.equal(y[5:], torch.zeros_like(y[5:]))
 
 
+@pytest.mark.parametrize("bits", [4, 2])
+def test_long_segments_take_the_dense_route_and_match_the_canonical_reference(bits, monkeypatch):
+    """A step whose segments reach sbmm.dense_rows (a long prompt on a delta) runs them as the delta expanded once
+    + cuBLAS (kernels/delta_linear.py) and the short ones on SBMM, in one StepDeltaOps.linear; both equal the
+    canonical dequantize-then-matmul, and base rows stay untouched."""
+    from deltazip.artifact.delta_tensor import DeltaTensor
+    from kernels import delta_linear, packing, sbmm
+    from services.worker.delta_ops import StepDeltaOps
+    from services.worker.device_slots import DeviceSlots
+    from tests.kernels.packed_factory import random_packed
+
+    n, k = 512, 1024
+    deltas, weights = {}, {}
+    for slot in (0, 1):
+        p = random_packed(n, k, bits, 128, True, generator=torch.Generator().manual_seed(slot + 10 * bits))
+        deltas[slot] = DeltaTensor("w.weight", "sparse24", (n, k), bits, 128, True,
+                                   **{f: p[f] for f in ("qweight", "meta", "scales", "zeros")})
+        weights[slot] = packing.dequantize(p["qweight"], p["scales"], None, p["meta"], bits, (n, k)).to("cuda",
+                                                                                                    torch.float16)
+    slots = DeviceSlots(2, "cuda", torch.float16, {"w.weight"}, tie_word_embeddings=False, sp2=bits == 2)
+    for slot, delta in deltas.items():
+        slots.write(slot, f"d{slot}", {"w.weight": delta})
+    assert slots.stack(0, "w.weight").layout == ("sp4" if bits == 4 else "sp2")
+    routed = []
+    dense_linear = delta_linear.dense_linear
+    monkeypatch.setattr(delta_linear, "dense_linear",
+                        lambda x, y, stack, slot: routed.append((x.shape[0], slot)) or dense_linear(x, y, stack, slot))
+    monkeypatch.setattr(sbmm, "dense_rows", lambda device, b: 300)
+    segments = [(0, 700), (None, 5), (1, 40), (1, 300)]
+    t = sum(rows for _, rows in segments)
+    x = torch.randn(t, k, device="cuda", dtype=torch.float16)
+    y = torch.zeros(t, n, device="cuda", dtype=torch.float16)
+    StepDeltaOps(slots, segments).linear("w", x, y)
+    assert routed == [(700, 0), (300, 1)]
+    start = 0
+    for slot, rows in segments:
+        part = slice(start, start + rows)
+        if slot is None:
+            assert torch.equal(y[part], torch.zeros_like(y[part]))
+        else:
+            torch.testing.assert_close(y[part].float(), x[part].float() @ weights[slot].float().T, atol=3e-2,
+                                       rtol=1e-2)
+        start += rows
+
+
 @pytest.mark.parametrize("group,sp2,want_layout", [(128, True, "sp2"), (None, True, "sp2"), (128, False, "dense2"),
                                                    (32, True, "dense2")])
 def test_two_bit_symmetric_deltas_load_as_sp2_when_asked_and_match_the_canonical_reference(group, sp2, want_layout):

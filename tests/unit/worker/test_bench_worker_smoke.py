@@ -50,6 +50,25 @@ def test_bench_worker_prefill_with_deltas_writes_rows(tmp_path):
     assert all(r["part"] == "prefill-deltas" and r["prefill_steps"] == 2 and r["ms"] > 0 for r in rows)
 
 
+def test_bench_worker_long_prefill_ab_writes_both_arms_and_restores_the_route(tmp_path):
+    """part=long-prefill-ab: per round and prompt length one row with the dense route and one without, each
+    against the base prefill of the same length; the route's threshold function is put back afterwards."""
+    from kernels import sbmm
+
+    torch.set_num_threads(1)
+    bench = _load_bench()
+    before = sbmm.dense_rows
+    assert bench.main(["--tiny", "--parts", "long-prefill-ab", "--out", str(tmp_path), "--commit", "test"]) == 0
+    assert sbmm.dense_rows is before
+    (path,) = tmp_path.glob("worker-*-tiny.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["round"], r["prompt_tokens"]) for r in rows] == [(0, 16), (0, 16), (0, 32), (0, 32), (1, 16), (1, 16),
+                                                                  (1, 32), (1, 32)]
+    assert [r["dense_route"] for r in rows[:2]] == [True, False] and [r["dense_route"] for r in rows[4:6]] == [False,
+                                                                                                             True]
+    assert all(r["part"] == "long-prefill-ab" and r["ms"] > 0 and r["base_ms"] > 0 for r in rows)
+
+
 def test_decode_steps_are_timed_only_after_the_sliced_warm_up_finished():
     """The runner warms SBMM variants up in slices inside its steps until done; the worker's idle loop finishes
     it, and so must the bench before its timed steps (a new engine per row is a new runner). An engine whose
