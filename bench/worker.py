@@ -29,7 +29,7 @@ Rows (DESIGN.md names), all measured in the same run:
 - part=attn-cache-ab: paged attention's per-step index tensors made once per forward (default) against once per
   layer, alternating in one process: graph decode steps (N in {0, 8}) and eager base prefill steps; `on` says
   which arm. part=rms-norm-ab: the same for torch's fused rms_norm against the op-by-op norm.
-- part=long-prefill-ab: one prompt of 256-2048 tokens prefilled alone (what its time to first token waits for), on
+- part=long-prefill-ab: one prompt of 256-2040 tokens prefilled alone (what its time to first token waits for), on
   a delta and on the base model, with the dense route for long delta segments (kernels/delta_linear.py, from
   `sbmm.dense_rows` rows) against SBMM for all segments, alternating in one process; `vs_base` is the ratio to
   the base model's prefill of the same length. Limit: the dense route adds one expansion of the delta (its fp16
@@ -527,7 +527,7 @@ def _prefill_launch_ab(model, device, rows, slots, deltas, bits, layers, num_run
     sbmm.FAST_LAUNCH = was
 
 
-def bench_long_prefill_ab(cfg: LlamaConfig, device: str, rows: list, lengths=(256, 512, 1024, 2048),
+def bench_long_prefill_ab(cfg: LlamaConfig, device: str, rows: list, lengths=(256, 512, 1024, 2040),
                           bits: int = 4, sp4: bool | None = None, sp2: bool = False, rounds: int = 2,
                           repeats: int = 3) -> None:
     """part=long-prefill-ab: one prompt of L tokens prefilled on its own (the step its time to first token waits
