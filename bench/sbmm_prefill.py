@@ -7,6 +7,8 @@ For each launch of a worker with fused projections (q/k/v as one, o, gate/up as 
 - `us_sbmm`: one SBMM launch over all segments (the tuned config `sbmm.plan` picks);
 - `us_dense`: kernels/delta_linear.py `dense_linear` per segment (sbmm.dequantize_rows into a buffer, then addmm);
 - `us_base`: the base GEMM of the same rows (x @ W.T, fp16 W [N, K]), the cost both add to;
+- `host_us_sbmm` / `host_us_dense`: wall time per eager call of each route, launched back to back (an eager
+  prefill step pays the larger of host and device time);
 - `us_dequant`: the expansion alone, one delta, with its bytes (packed read + dense written) as a fraction of the
   device-to-device copy rate measured in the same run (the physical limit: ~3.0 TB/s on an H100).
 Both routes' outputs are compared on every case (`max_rel_diff`). Timing: CUDA graphs of back-to-back calls on
@@ -26,7 +28,7 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.sbmm import WORKER_SHAPES, copy_limits_gbps, graph_us  # noqa: E402
+from bench.sbmm import WORKER_SHAPES, copy_limits_gbps, graph_us, host_us  # noqa: E402
 from bench.sbmm_stacks import variant_stack  # noqa: E402
 from kernels import delta_linear, sbmm  # noqa: E402
 from kernels.delta_linear import PackedDeltaStack  # noqa: E402
@@ -64,6 +66,7 @@ def one_case(name, n, k, bits, stack, weight, rows, segs) -> dict:
     us_sbmm = graph_us([sbmm_call(sl) for sl in slot_sets] * 2)
     us_dense = graph_us([dense_call(o) for o in offsets] * 2)
     us_base = graph_us([lambda: torch.mm(x, weight.T)] * 4)
+    host = {"host_us_sbmm": host_us(sbmm_call(slot_sets[0]), 20), "host_us_dense": host_us(dense_call(0), 20)}
     # the two routes on the same input: both add x @ Δ.T to zeros
     y.zero_()
     sbmm_call(slot_sets[0])()
@@ -73,7 +76,8 @@ def one_case(name, n, k, bits, stack, weight, rows, segs) -> dict:
     diff = ((y.float() - via_sbmm).abs().max() / via_sbmm.abs().max().clamp_min(1e-12)).item()
     return {"shape": name, "n": n, "k": k, "bits": bits, "rows_per_delta": rows, "num_deltas": segs,
             "us_sbmm": us_sbmm, "us_dense": us_dense, "us_base": us_base, "dense_speedup": us_sbmm / us_dense,
-            "sbmm_over_base": us_sbmm / us_base, "dense_over_base": us_dense / us_base, "max_rel_diff": diff}
+            "sbmm_over_base": us_sbmm / us_base, "dense_over_base": us_dense / us_base, "max_rel_diff": diff,
+            **host}
 
 
 def dequant_row(name, n, k, bits, stack, limit) -> dict:
@@ -106,6 +110,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench/results")
     p.add_argument("--quick", action="store_true", help="rows 64, 256, 1024 only")
+    p.add_argument("--rows", default="", help="rows per delta, comma-separated, instead of the built-in list")
     p.add_argument("--label", default="")
     p.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "unknown"))
     a = p.parse_args()
@@ -118,7 +123,8 @@ def main() -> None:
     label = f"-{a.label}" if a.label else ""
     path = Path(a.out) / f"sbmm-prefill{label}-{device.replace(' ', '-')}-{date}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    row_counts = (64, 256, 1024) if a.quick else ROWS
+    row_counts = (tuple(int(r) for r in a.rows.split(",")) if a.rows else (64, 256, 1024) if a.quick
+                  else ROWS)
     rows, dequant = [], []
 
     def save() -> None:

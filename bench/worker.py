@@ -529,7 +529,7 @@ def _prefill_launch_ab(model, device, rows, slots, deltas, bits, layers, num_run
 
 def bench_long_prefill_ab(cfg: LlamaConfig, device: str, rows: list, lengths=(256, 512, 1024, 2040),
                           bits: int = 4, sp4: bool | None = None, sp2: bool = False, rounds: int = 2,
-                          repeats: int = 3) -> None:
+                          repeats: int = 5) -> None:
     """part=long-prefill-ab: one prompt of L tokens prefilled on its own (the step its time to first token waits
     for), on a delta and on the base model, with the dense route for long delta segments (kernels/delta_linear.py:
     the delta expanded once + cuBLAS, from `sbmm.dense_rows` rows, the worker's default) against SBMM for every

@@ -412,10 +412,14 @@ def dequantize_rows(qweight: torch.Tensor, meta: torch.Tensor, scales: torch.Ten
         return out
     steps = k // step
     per_program = next(s for s in (4, 2, 1) if steps % s == 0)  # a few K steps per program: loads amortized
-    grid = (rows // DEQUANT_BLOCK_N, steps // per_program)
-    sbmm_dequant._dequant_kernel[grid](
-        qweight, meta, scales, scales.stride(0), out.view(torch.int32), out.stride(0) // 2, row0,
-        num_warps=2, **_dequant_constexprs(k, k // num_groups, num_groups, out.dtype, bits, per_program))
+    grid = (rows // DEQUANT_BLOCK_N, steps // per_program, 1)
+    args = (qweight, meta, scales, scales.stride(0), out.view(torch.int32), out.stride(0) // 2, row0)
+    const_key = (k, k // num_groups, num_groups, out.dtype, bits, per_program)
+    if FAST_LAUNCH:  # eager prefill steps are host-bound: skip Triton's per-call binding, as the SBMM launches do
+        _LAUNCHES.launch(sbmm_dequant._dequant_kernel, grid, args, const_key, 2, False, out.device,
+                         lambda: _dequant_constexprs(*const_key))
+    else:
+        sbmm_dequant._dequant_kernel[grid](*args, num_warps=2, **_dequant_constexprs(*const_key))
     return out
 
 
