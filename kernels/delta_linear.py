@@ -267,15 +267,45 @@ def _dense_segments(x, y, stack: PackedDeltaStack, seg_slots: torch.Tensor, star
 def dense_linear(x: torch.Tensor, y: torch.Tensor, stack: PackedDeltaStack, slot: int) -> None:
     """y += x @ Δ[slot].T for one segment of an sp4 / sp2 stack on CUDA: Δ expanded in chunks of 64-row
     multiples (`DENSE_CHUNK_BYTES`) into one buffer, each chunk one cuBLAS addmm on its columns of y."""
+    for r0, delta in _dense_chunks(x, stack, slot, None):
+        y[:, r0:r0 + delta.shape[0]].addmm_(x, delta.T)
+
+
+def merged_linear(x: torch.Tensor, out: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  stack: PackedDeltaStack, slot: int) -> None:
+    """out = x @ (W + Δ[slot]).T (+ bias) for one segment of an sp4 / sp2 stack on CUDA: base + Δ expanded in
+    chunks (one read of W and of the packed delta, one write of the sum) and one cuBLAS GEMM per chunk in place
+    of the base GEMM and the delta's. out: [T, N], unit stride in N (written, not read); weight [N, K] in x's
+    dtype."""
+    for r0, merged in _dense_chunks(x, stack, slot, weight):
+        part = out[:, r0:r0 + merged.shape[0]]
+        part.addmm_(x, merged.T, beta=0)  # beta 0: out's old contents are not read
+        if bias is not None:
+            part += bias[r0:r0 + merged.shape[0]]
+
+
+def _dense_chunks(x: torch.Tensor, stack: PackedDeltaStack, slot: int, base: torch.Tensor | None):
+    """(first row, Δ rows [rows, K] (base + Δ with a base)) in chunks of 64-row multiples of at most
+    `DENSE_CHUNK_BYTES`, each expanded into one buffer when its turn comes."""
     n, k = stack.shape
     chunk = min(n, max(layout.TILE_ROWS, DENSE_CHUNK_BYTES // (x.element_size() * k) // layout.TILE_ROWS
                        * layout.TILE_ROWS))
     buf = torch.empty(chunk, k, dtype=x.dtype, device=x.device)
     for r0 in range(0, n, chunk):
         rows = min(chunk, n - r0)
-        delta = sbmm.dequantize_rows(stack.qweight[slot], stack.meta[slot], stack.scales[slot], stack.bits, k,
-                                     buf[:rows], r0)
-        y[:, r0:r0 + rows].addmm_(x, delta.T)
+        yield r0, sbmm.dequantize_rows(stack.qweight[slot], stack.meta[slot], stack.scales[slot], stack.bits, k,
+                                       buf[:rows], r0, base)
+
+
+def dense_route(stack, x: torch.Tensor, rows: int) -> bool:
+    """Whether a segment of `rows` rows of x on this stack takes the dense route: CUDA, fp16/bf16, sp4 / sp2
+    words, and at least `sbmm.dense_rows` rows (the device's tuned table)."""
+    if not isinstance(stack, PackedDeltaStack) or not (stack.sp4 or stack.sp2) or not x.is_cuda:
+        return False
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    threshold = sbmm.dense_rows(x.device, stack.bits)
+    return threshold is not None and rows >= threshold
 
 
 def canonical_words(qweight: torch.Tensor, meta: torch.Tensor, tiled: bool, sp4: bool, sp2: bool = False

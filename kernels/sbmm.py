@@ -391,11 +391,12 @@ DEQUANT_BLOCK_N = 64  # rows per program of the dense expansion (one sp4 / sp2 r
 
 
 def dequantize_rows(qweight: torch.Tensor, meta: torch.Tensor, scales: torch.Tensor, bits: int, k: int,
-                    out: torch.Tensor, row0: int = 0) -> torch.Tensor:
+                    out: torch.Tensor, row0: int = 0, base: torch.Tensor | None = None) -> torch.Tensor:
     """Dense Δ rows row0 .. row0 + out.shape[0] of one slot's sp4 (bits 4) or sp2 (bits 2) words into out
     (fp16 / bf16 [rows, K], unit stride in K), expanded on the sparse tensor cores (kernels/sbmm_dequant.py):
-    values as the SBMM kernels use them, code times scale rounded once to out's dtype. qweight, meta, scales: the
-    slot's parts (qweight[slot], ...: [N, ...]); row0 and the row count are multiples of 64. CUDA sm_80+ only
+    values as the SBMM kernels use them, code times scale rounded once to out's dtype. base: the base weight
+    [N, K] in out's dtype (unit stride in K): out = base + Δ instead, the sum rounded once. qweight, meta, scales:
+    the slot's parts (qweight[slot], ...: [N, ...]); row0 and the row count are multiples of 64. CUDA sm_80+ only
     (`spmma_device_ok`)."""
     rows = out.shape[0]
     n, num_groups = scales.shape[0], scales.shape[-1]
@@ -408,13 +409,20 @@ def dequantize_rows(qweight: torch.Tensor, meta: torch.Tensor, scales: torch.Ten
     if row0 % DEQUANT_BLOCK_N or rows % DEQUANT_BLOCK_N or row0 + rows > n or k % step:
         raise ValueError(f"dequantize_rows: rows {row0}..{row0 + rows} of N={n} must be whole 64-row tiles and K={k} "
                          f"a multiple of {step}")
+    if base is not None and (base.dtype != out.dtype or tuple(base.shape) != (n, k) or base.stride(1) != 1
+                             or base.stride(0) % 8 or base.data_ptr() % 16):
+        raise ValueError(f"dequantize_rows: base must be [N={n}, K={k}] {out.dtype}, unit stride in K and 16-byte "
+                         f"aligned rows; got {base.dtype} {tuple(base.shape)} strides {base.stride()}")
     if rows == 0:
         return out
     steps = k // step
     per_program = next(s for s in (4, 2, 1) if steps % s == 0)  # a few K steps per program: loads amortized
-    grid = (rows // DEQUANT_BLOCK_N, steps // per_program, 1)
-    args = (qweight, meta, scales, scales.stride(0), out.view(torch.int32), out.stride(0) // 2, row0)
-    const_key = (k, k // num_groups, num_groups, out.dtype, bits, per_program)
+    block_n = _dequant_block_n(bits, base is not None)
+    grid = (rows // block_n, steps // per_program, 1)
+    base_words = out if base is None else base  # a placeholder when there is no base (never read)
+    args = (qweight, meta, scales, scales.stride(0), out.view(torch.int32), out.stride(0) // 2, row0,
+            base_words.view(torch.int32), base_words.stride(0) // 2)
+    const_key = (k, k // num_groups, num_groups, out.dtype, bits, per_program, base is not None)
     if FAST_LAUNCH:  # eager prefill steps are host-bound: skip Triton's per-call binding, as the SBMM launches do
         _LAUNCHES.launch(sbmm_dequant._dequant_kernel, grid, args, const_key, 2, False, out.device,
                          lambda: _dequant_constexprs(*const_key))
@@ -423,19 +431,27 @@ def dequantize_rows(qweight: torch.Tensor, meta: torch.Tensor, scales: torch.Ten
     return out
 
 
+def _dequant_block_n(bits: int, add_base: bool) -> int:
+    """Rows per program: 64, or 32 for sp2 with a base (one 16-row block per warp: 64 rows need ~270 registers)."""
+    return DEQUANT_BLOCK_N // 2 if bits == 2 and add_base else DEQUANT_BLOCK_N
+
+
 @functools.lru_cache(maxsize=64)
-def _dequant_constexprs(k, group_size, num_groups, dtype, bits, steps) -> dict:
+def _dequant_constexprs(k, group_size, num_groups, dtype, bits, steps, add_base=False) -> dict:
     name = "f16" if dtype == torch.float16 else "bf16"
     module = sbmm_spmma2 if bits == 2 else sbmm_spmma
     expand, cons_e = module.expand_ptx(name)
     mma0, cons_m = sbmm_spmma.mma_ptx(name, 0)
     mma1, _ = sbmm_spmma.mma_ptx(name, 1)
     cvt, cons_c = sbmm_dequant.cvt_ptx(name)
-    lays = module.layouts(DEQUANT_BLOCK_N, 8, 2)
+    unpack, cons_u = sbmm_dequant.unpack_ptx(name)
+    block_n = _dequant_block_n(bits, add_base)
+    lays = module.layouts(block_n, 8, 2)
     return dict(K=k, GROUP_SIZE=k if num_groups == 1 else group_size,
                 SCALE_MODE=sbmm_triton.SCALE_ROW if num_groups == 1 else sbmm_triton.SCALE_TILE, SP2=bits == 2,
-                BLOCK_N=DEQUANT_BLOCK_N, STEPS=steps, ONE_BITS=sbmm_dequant.ONE[name], EXPAND=expand, MMA0=mma0,
-                MMA1=mma1, CVT=cvt, CONSTRAINTS_E=cons_e, CONSTRAINTS_M=cons_m, CONSTRAINTS_C=cons_c,
+                BLOCK_N=block_n, STEPS=steps, ONE_BITS=sbmm_dequant.ONE[name], ADD_BASE=add_base,
+                EXPAND=expand, MMA0=mma0, MMA1=mma1, CVT=cvt, UNPACK=unpack, CONSTRAINTS_E=cons_e,
+                CONSTRAINTS_M=cons_m, CONSTRAINTS_C=cons_c, CONSTRAINTS_U=cons_u,
                 L_S=lays["L_S"], L_W=lays["L_W"], L_META=lays.get("L_META", lays["L_W"]))
 
 # Repeated sparse-MMA launches skip Triton's per-call binding (`LaunchCache`); False: every launch goes through

@@ -18,7 +18,7 @@ scratch rows:
   hint up to the padded count.
 The representative launches read the stack as it is (its slots' contents do not matter) and write scratch rows.
 Stacks of sp4 / sp2 words whose segments can reach `sbmm.dense_rows` also compile the dense route's expansion
-kernel (kernels/delta_linear.py; cuBLAS needs no compile).
+kernels, the delta alone and base + delta (kernels/delta_linear.py; cuBLAS needs no compile).
 
 A warm-up can be cut into slices (`deadline`): it stops after the launch that passes the deadline and says it did
 not finish; the next call skips the variants in `seen` and goes on. A worker serves requests between slices, so a
@@ -87,13 +87,16 @@ def warm_up(qweight: torch.Tensor, meta: torch.Tensor | None, scales: torch.Tens
         launched += 1
         if deadline is not None and time.perf_counter() >= deadline:
             return Warmed(launched, False)
-    dense_from = sbmm.dense_rows(qweight.device, bits) if sp4 or sp2 else None
+    dense_from = (sbmm.dense_rows(qweight.device, bits) if (sp4 or sp2) and sbmm.spmma_device_ok(qweight.device, dtype)
+                  else None)
     if dense_from is not None and dense_from <= max_tokens and (geometry, "dense") not in seen:
         # segments of dense_from rows and more run the dense route: its expansion kernel (one variant per stack)
         seen.add((geometry, "dense"))
-        sbmm.dequantize_rows(qweight[0], meta[0], scales[0], bits, k,
-                             torch.empty(sbmm.DEQUANT_BLOCK_N, k, dtype=dtype, device=qweight.device))
-        launched += 1
+        rows = torch.empty(sbmm.DEQUANT_BLOCK_N, k, dtype=dtype, device=qweight.device)
+        sbmm.dequantize_rows(qweight[0], meta[0], scales[0], bits, k, rows)  # the delta alone (apply_deltas)
+        sbmm.dequantize_rows(qweight[0], meta[0], scales[0], bits, k, rows,  # base + delta (merged_linear)
+                             base=torch.empty(n, k, dtype=dtype, device=qweight.device))
+        launched += 2
     seen.add(done)
     return Warmed(launched, True)
 

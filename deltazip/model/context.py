@@ -55,6 +55,10 @@ class DeltaOps(Protocol):
     # Optional: fused_linear(group, names, x, y, sizes) applies the deltas of sibling linears that read one x
     # (q/k/v, gate/up) on their stacked outputs y [N, sum(sizes)], member i on columns of width sizes[i] in order.
     # `LinearGroup` calls it where a DeltaOps has it, else `linear` once per member on y's column views.
+    # Optional: merged_linear(name, x, weight, bias, members=None, sizes=None) -> y or None computes the whole
+    # linear (base and deltas) itself when it can do better than the base GEMM followed by `linear`: the worker
+    # runs long segments as one GEMM on base + Δ (kernels/delta_linear.py). None: nothing done, the caller runs
+    # base + delta. members / sizes: a `LinearGroup` on its stacked weight (the group's name, then as fused_linear).
 
     def norm_weight(self, name: str, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
         """Per-row norm weight [N, H] (base + Δ) when some row's fine-tune changed this norm, else None."""

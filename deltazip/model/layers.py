@@ -22,6 +22,11 @@ class NamedLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor, deltas: DeltaOps | None = None) -> torch.Tensor:
         # x: [N, in] -> y: [N, out]
+        merged = getattr(deltas, "merged_linear", None)
+        if merged is not None:
+            y = merged(self.hf_name, x, self.weight, self.bias)
+            if y is not None:
+                return y
         y = F.linear(x, self.weight, self.bias)
         if deltas is not None:
             deltas.linear(self.hf_name, x, y)
@@ -84,11 +89,16 @@ class LinearGroup:
             fused = self._fused = None  # a member's tensor was replaced: release the stale stacked copy
         if fused is None and fused_ops is None:
             return [m(x, deltas) for m in members]
+        sizes = [m.weight.shape[0] for m in members]
+        merged = getattr(deltas, "merged_linear", None) if fused is not None else None
+        if merged is not None:
+            y = merged(self.hf_name, x, fused[0], fused[1], [m.hf_name for m in members], sizes)
+            if y is not None:
+                return list(y.split(sizes, dim=1))
         if fused is not None:
             y = F.linear(x, fused[0], fused[1])
         else:
             y = torch.cat([F.linear(x, m.weight, m.bias) for m in members], dim=1)
-        sizes = [m.weight.shape[0] for m in members]
         if fused_ops is not None:
             fused_ops(self.hf_name, [m.hf_name for m in members], x, y, sizes)
         elif deltas is not None:

@@ -31,6 +31,7 @@ class StepDeltaOps:
         self._seg_slots: dict[tuple[int, ...], torch.Tensor] = {}
         self._on_device: dict[tuple, torch.Tensor] = {}
         self._workspace = linear_backend.kernel_workspace(slots.device)  # this forward's SBMM launches share it
+        self._skip: frozenset[int] = frozenset()  # segments `merged_linear` computes itself (no delta launch)
 
     def linear(self, name: str, x: torch.Tensor, y: torch.Tensor) -> None:
         """y += x @ Δ(row).T per delta segment. x: [N, in], y: [N, out]."""
@@ -48,6 +49,53 @@ class StepDeltaOps:
         for name, part in zip(names, y.split(list(sizes), dim=1)):
             self._apply(self._stacks_of(name + ".weight", skip=group_tensor), x, part)
 
+    def merged_linear(self, name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      members: Sequence[str] | None = None, sizes: Sequence[int] | None = None
+                      ) -> torch.Tensor | None:
+        """The whole linear when some segment takes the dense route (a long prompt on a delta,
+        kernels/delta_linear.py): those rows as one GEMM on base + Δ each (`merged_linear`), in place of the base
+        GEMM and the delta's; the other rows as the base GEMM on their runs plus `linear` (`fused_linear` for a
+        group: `members`, `sizes`) for their deltas. None when no segment qualifies (the caller runs base +
+        delta). name: the linear's (or group's) HF name; weight [out, in], bias: its (stacked) parameters."""
+        if not x.is_cuda or not self._delta_segments:
+            return None
+        tensor_name = name + ".weight"
+        merged = []
+        for i, slot in self._delta_segments:
+            stack = self._slots.stack(slot, tensor_name)
+            if stack is not None:
+                kernel_stack = linear_backend.merge_stack(stack, x, weight, self.starts[i + 1] - self.starts[i])
+                if kernel_stack is not None:
+                    merged.append((i, kernel_stack, slot))
+        if not merged:
+            return None
+        from kernels.delta_linear import merged_linear
+
+        y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+        skip = frozenset(i for i, _, _ in merged)
+        row = 0
+        for i in sorted(skip) + [len(self.seg_slot)]:  # the base GEMM on each run of rows between merged segments
+            end = self.starts[i]
+            if end > row:
+                out = y[row:end]
+                if bias is None:
+                    torch.mm(x[row:end], weight.T, out=out)
+                else:
+                    torch.addmm(bias, x[row:end], weight.T, out=out)
+            row = self.starts[min(i + 1, len(self.seg_slot))]
+        self._skip = skip
+        try:
+            if members is None:
+                self.linear(name, x, y)
+            else:
+                self.fused_linear(name, members, x, y, sizes)
+        finally:
+            self._skip = frozenset()
+        for i, kernel_stack, slot in merged:
+            a, b = self.starts[i], self.starts[i + 1]
+            merged_linear(x[a:b], y[a:b], weight, bias, kernel_stack, slot)
+        return y
+
     def _stacks_of(self, tensor_name: str, skip: str | None = None) -> list[tuple[SlotStack, set[int]]]:
         """The stacks holding this tensor's delta for the step's slots, each with its slots; slots that hold a
         `skip` stack are left out (their rows ran in the fused launch)."""
@@ -62,7 +110,9 @@ class StepDeltaOps:
 
     def _apply(self, groups: list[tuple[SlotStack, set[int]]], x: torch.Tensor, y: torch.Tensor) -> None:
         for stack, members in groups:
-            slots = tuple(s if s in members else -1 for s in self.seg_slot)
+            slots = tuple(s if s in members and i not in self._skip else -1 for i, s in enumerate(self.seg_slot))
+            if all(s < 0 for s in slots):
+                continue  # every segment of this stack is merged_linear's
             on_device = (self._device_tensor(("starts",), self.starts, x.device),
                          self._device_tensor(slots, slots, x.device)) if x.is_cuda and stack.kind != "dense" else None
             linear_backend.apply_linear(x, y, stack, self._starts_tensor(), self._slots_tensor(slots), self.starts,

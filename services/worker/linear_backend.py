@@ -50,6 +50,20 @@ def apply_linear(x: torch.Tensor, y: torch.Tensor, stack: SlotStack, seg_starts:
         y[a:b] = (y[a:b].float() + x[a:b].float() @ w.T).to(y.dtype)
 
 
+def merge_stack(stack: SlotStack, x: torch.Tensor, weight: torch.Tensor, rows: int):
+    """The kernel stack (kernels.delta_linear.PackedDeltaStack) when a segment of `rows` rows of x on this slot
+    stack runs as one GEMM on base + Δ (`kernels.delta_linear.merged_linear`): the dense route applies
+    (`dense_route`) and the base weight is x's dtype, [N, K] of the stack, unit stride in K. None otherwise."""
+    from kernels.delta_linear import dense_route
+
+    if not x.is_cuda or weight.dtype != x.dtype or weight.stride(1) != 1:
+        return None
+    kernel_stack = _kernel_stack(stack)
+    if not dense_route(kernel_stack, x, rows) or tuple(weight.shape) != tuple(kernel_stack.shape):
+        return None
+    return kernel_stack
+
+
 def _dense_slot(stack: SlotStack, slot: int, dtype: torch.dtype) -> torch.Tensor:
     """Slot's delta as fp32 [N, K], rounded to the activation dtype as the kernel does; cached per write."""
     cached = stack.cache.get(slot)

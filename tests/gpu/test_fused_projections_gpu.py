@@ -55,3 +55,54 @@ def test_fused_model_and_slots_equal_separate_ones_on_cuda(dtype, graph):
     tol = 3e-2 if dtype == torch.bfloat16 else 5e-3
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     assert not torch.allclose(want[:3], base[:3], rtol=tol, atol=tol)  # the deltas change their rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_long_segments_run_on_merged_weights_and_equal_base_plus_delta(dtype, monkeypatch):
+    """Segments of at least sbmm.dense_rows rows run each linear as one GEMM on base + Δ (StepDeltaOps.merged_linear,
+    fused groups on their stacked weight); short ones, base rows and a delta whose k_proj is missing (its q/k/v
+    members unfused) keep the base GEMM + delta path. The model's output equals the separate projections with
+    every segment on SBMM."""
+    from deltazip.model.layers import NamedLinear
+    from deltazip.model.loader import model_from_state_dict
+    from deltazip.model.synthetic import random_state_dict, tiny_config
+    from kernels import delta_linear, sbmm
+    from services.worker.delta_ops import StepDeltaOps
+    from services.worker.device_slots import DeviceSlots
+    from tests.unit.worker.test_graph_deltas import make_delta
+
+    cfg = tiny_config(hidden_size=512, intermediate_size=1024, head_dim=64, num_attention_heads=8,
+                      num_key_value_heads=2, vocab_size=256)
+    state = {k: v.to("cuda", dtype) for k, v in random_state_dict(cfg, seed=3).items()}
+    model, fused_model = model_from_state_dict(cfg, dict(state)), model_from_state_dict(cfg, dict(state))
+    fused_model.fuse_projections()
+    names = {m.hf_name + ".weight" for m in model.modules() if isinstance(m, NamedLinear)}
+    no_k = {n: d for n, d in make_delta(model, 4, 5, with_dense=False, group=128).items() if "k_proj" not in n}
+    slots = {}
+    for fuse in (False, True):
+        s = DeviceSlots(3, "cuda", dtype, names, False, sp2=True,
+                        fused=fused_model.fused_tensor_names() if fuse else None)
+        s.write(0, "a", make_delta(model, 4, 1, with_dense=True, group=128))
+        s.write(1, "b", make_delta(model, 2, 2, with_dense=False, group=128))
+        s.write(2, "c", no_k)
+        slots[fuse] = s
+    merged = []
+    real = delta_linear.merged_linear
+    monkeypatch.setattr(delta_linear, "merged_linear", lambda x, out, w, b, stack, slot: merged.append(
+        (x.shape[0], w.shape[0], slot)) or real(x, out, w, b, stack, slot))
+    segments = [(1, 300), (None, 2), (0, 40), (2, 260), (0, 3)]
+    rows = sum(n for _, n in segments)
+    ids = torch.randint(0, cfg.vocab_size, (rows, 1), generator=torch.Generator().manual_seed(8)).cuda()
+    with torch.inference_mode():
+        monkeypatch.setattr(sbmm, "dense_rows", lambda device, bits: None)
+        want = model.hidden_dense(ids, deltas=StepDeltaOps(slots[False], segments))
+        assert not merged
+        monkeypatch.setattr(sbmm, "dense_rows", lambda device, bits: 256)
+        got = fused_model.hidden_dense(ids, deltas=StepDeltaOps(slots[True], segments))
+    layers = cfg.num_hidden_layers
+    qkv, gate_up = 512 + 2 * 128, 2 * 1024
+    # slot 1: its q/k/v and gate/up groups and o / down on merged weights; slot 2 (no k_proj): all but q/k/v
+    assert sorted(merged) == sorted([(300, qkv, 1), (300, 512, 1), (300, gate_up, 1), (300, 512, 1)] * layers
+                                    + [(260, 512, 2), (260, gate_up, 2), (260, 512, 2)] * layers)
+    tol = 3e-2 if dtype == torch.bfloat16 else 5e-3
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)

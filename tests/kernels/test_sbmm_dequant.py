@@ -142,6 +142,11 @@ def test_dequantize_rows_matches_packing_gpu(bits, n, k, group, dtype):
     part = torch.empty(128, k, dtype=dtype, device="cuda")
     sbmm.dequantize_rows(q, m, scales, bits, k, part, row0=64)
     torch.testing.assert_close(part.cpu(), want[64:192], rtol=0, atol=0)
+    # with the base weight: base + Δ, summed in fp32 and rounded once
+    base = (torch.randn(n, k, generator=torch.Generator().manual_seed(n)) * 0.02).to(dtype)
+    want_sum = (base.float() + packing.dequantize(p["qweight"], p["scales"], None, p["meta"], bits, (n, k))).to(dtype)
+    sbmm.dequantize_rows(q, m, scales, bits, k, part, row0=64, base=base.cuda())
+    torch.testing.assert_close(part.cpu(), want_sum[64:192], rtol=0, atol=0)
 
 
 @gpu
@@ -153,6 +158,30 @@ def test_dequantize_rows_rejects_what_it_cannot_run():
         sbmm.dequantize_rows(*args, torch.empty(32, 512, dtype=torch.float16, device="cuda"))
     with pytest.raises(ValueError, match="fp16/bf16"):
         sbmm.dequantize_rows(*args, torch.empty(64, 512, dtype=torch.float32, device="cuda"))
+
+
+@gpu
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("chunk_bytes", [64 << 20, 256 * 1024])
+@pytest.mark.parametrize("bias", [False, True])
+def test_merged_linear_equals_base_gemm_plus_delta_gpu(monkeypatch, bits, dtype, chunk_bytes, bias):
+    n, k, t = 1024, 1024, 300
+    gen = torch.Generator().manual_seed(bits + 7)
+    p = random_packed(n, k, bits, 128, generator=gen)
+    pack = spmma_layout.pack_sp4 if bits == 4 else spmma_layout.pack_sp2
+    q, m = pack(p["qweight"][None], p["meta"][None])
+    stack = PackedDeltaStack(qweight=q.cuda(), meta=m.cuda(), scales=p["scales"][None].cuda(), zeros=None, bits=bits,
+                             group_size=128, sym=True, shape=(n, k), sp4=bits == 4, sp2=bits == 2)
+    weight = (torch.randn(n, k, generator=gen) * 0.02).to("cuda", dtype)
+    b = (torch.randn(n, generator=gen) * 0.1).to("cuda", dtype) if bias else None
+    x = torch.randn(t, k, generator=gen).to("cuda", dtype)
+    monkeypatch.setattr(delta_linear, "DENSE_CHUNK_BYTES", chunk_bytes)  # 256 KiB: 128-row chunks
+    out = torch.full((t, n), float("nan"), dtype=dtype, device="cuda")
+    delta_linear.merged_linear(x, out, weight, b, stack, 0)
+    delta = packing.dequantize(p["qweight"], p["scales"], None, p["meta"], bits, (n, k)).cuda()
+    want = torch.nn.functional.linear(x.float(), weight.float() + delta, None if b is None else b.float())
+    torch.testing.assert_close(out.float(), want, **TOL[dtype])
 
 
 @gpu
