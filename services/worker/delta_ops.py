@@ -32,6 +32,10 @@ class StepDeltaOps:
         self._on_device: dict[tuple, torch.Tensor] = {}
         self._workspace = linear_backend.kernel_workspace(slots.device)  # this forward's SBMM launches share it
         self._skip: frozenset[int] = frozenset()  # segments `merged_linear` computes itself (no delta launch)
+        # segments long enough for the dense route somewhere (merged_linear checks each stack's own threshold)
+        shortest = linear_backend.min_dense_rows(slots.device)
+        self._long = [(i, s) for i, s in self._delta_segments
+                      if shortest is not None and self.starts[i + 1] - self.starts[i] >= shortest]
 
     def linear(self, name: str, x: torch.Tensor, y: torch.Tensor) -> None:
         """y += x @ Δ(row).T per delta segment. x: [N, in], y: [N, out]."""
@@ -57,11 +61,11 @@ class StepDeltaOps:
         GEMM and the delta's; the other rows as the base GEMM on their runs plus `linear` (`fused_linear` for a
         group: `members`, `sizes`) for their deltas. None when no segment qualifies (the caller runs base +
         delta). name: the linear's (or group's) HF name; weight [out, in], bias: its (stacked) parameters."""
-        if not x.is_cuda or not self._delta_segments:
+        if not self._long or not x.is_cuda:  # the common case: one check per linear
             return None
         tensor_name = name + ".weight"
         merged = []
-        for i, slot in self._delta_segments:
+        for i, slot in self._long:
             stack = self._slots.stack(slot, tensor_name)
             if stack is not None:
                 kernel_stack = linear_backend.merge_stack(stack, x, weight, self.starts[i + 1] - self.starts[i])

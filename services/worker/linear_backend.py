@@ -50,6 +50,17 @@ def apply_linear(x: torch.Tensor, y: torch.Tensor, stack: SlotStack, seg_starts:
         y[a:b] = (y[a:b].float() + x[a:b].float() @ w.T).to(y.dtype)
 
 
+def min_dense_rows(device: torch.device | str) -> int | None:
+    """The fewest rows a segment needs for the dense route on `device` at any code width (None: never there)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    from kernels import sbmm
+
+    rows = [r for r in (sbmm.dense_rows(device, bits) for bits in (2, 4)) if r is not None]
+    return min(rows, default=None)
+
+
 def merge_stack(stack: SlotStack, x: torch.Tensor, weight: torch.Tensor, rows: int):
     """The kernel stack (kernels.delta_linear.PackedDeltaStack) when a segment of `rows` rows of x on this slot
     stack runs as one GEMM on base + Δ (`kernels.delta_linear.merged_linear`): the dense route applies
