@@ -104,7 +104,8 @@ def test_long_segments_run_on_merged_weights_and_equal_base_plus_delta(dtype, mo
     # slot 1: its q/k/v and gate/up groups and o / down on merged weights; slot 2 (no k_proj): all but q/k/v
     assert sorted(merged) == sorted([(300, qkv, 1), (300, 512, 1), (300, gate_up, 1), (300, 512, 1)] * layers
                                     + [(260, 512, 2), (260, gate_up, 2), (260, 512, 2)] * layers)
-    # base + Δ is rounded once to the weights' dtype (the precision the base weights have anyway): fp16 outputs
-    # differ from the separate products by up to 6.4e-3 here (H100), hence 1e-2 rather than 5e-3 for fp16
-    tol = 3e-2 if dtype == torch.bfloat16 else 1e-2
+    # base + Δ is rounded once to the weights' dtype, as a fine-tuned checkpoint in that dtype stores its weights
+    # (Δ is ~1 % of W, so bf16's 8-bit mantissa keeps Δ to a few bits): on an H100 the outputs differ from the
+    # separate products by up to 6.4e-3 (fp16) and 7.0e-2 (bf16, 0.1 % of the elements past 3e-2)
+    tol = 1e-1 if dtype == torch.bfloat16 else 1e-2
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
