@@ -14,7 +14,10 @@ For each launch of a worker with fused projections (q/k/v as one, o, gate/up as 
 Both routes' outputs are compared on every case (`max_rel_diff`). Timing: CUDA graphs of back-to-back calls on
 rotating slots (bench/sbmm.py `graph_us`). The JSON's `dense_rows` suggests, per code width, the smallest measured
 row count from which the dense route is faster over a whole layer (the four launches summed) at every larger
-count measured, for 1 and 4 deltas alike; kernels/sbmm_configs.json takes it per device.
+count measured, for 1 and 4 deltas alike: a lower bound on kernels/sbmm_configs.json's per-device value, which
+the eager prefill steps' host time raises (bench/worker.py --parts long-prefill-ab; docs/kernels.md run 22).
+This compares the additive route (delta + cuBLAS after the base GEMM); the worker's merged route saves the base
+GEMM of those rows on top.
 """
 
 import argparse

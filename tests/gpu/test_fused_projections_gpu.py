@@ -11,15 +11,13 @@ import torch
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("graph", [False, True])
-def test_fused_model_and_slots_equal_separate_ones_on_cuda(dtype, graph):
+def _models_and_slots(dtype):
+    """A 2-layer model and a copy with fused projections (same weights), and DeviceSlots for each (separate and
+    fused stacks) holding a 4-bit delta (with norm deltas), a 2-bit one and a 4-bit one without k_proj."""
     from deltazip.model.layers import NamedLinear
     from deltazip.model.loader import model_from_state_dict
     from deltazip.model.synthetic import random_state_dict, tiny_config
-    from services.worker.delta_ops import StepDeltaOps
     from services.worker.device_slots import DeviceSlots
-    from services.worker.graph_deltas import GraphDeltaOps
     from tests.unit.worker.test_graph_deltas import make_delta
 
     cfg = tiny_config(hidden_size=512, intermediate_size=1024, head_dim=64, num_attention_heads=8,
@@ -37,6 +35,16 @@ def test_fused_model_and_slots_equal_separate_ones_on_cuda(dtype, graph):
         s.write(1, "b", make_delta(model, 2, 2, with_dense=False, group=128))
         s.write(2, "c", no_k)
         slots[fuse] = s
+    return cfg, model, fused_model, slots
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("graph", [False, True])
+def test_fused_model_and_slots_equal_separate_ones_on_cuda(dtype, graph):
+    from services.worker.delta_ops import StepDeltaOps
+    from services.worker.graph_deltas import GraphDeltaOps
+
+    cfg, model, fused_model, slots = _models_and_slots(dtype)
     layouts = {st.layout for n, sts in slots[True].stacks_by_name().items() if "qkv" in n for st in sts}
     assert layouts == {"sp4", "sp2"}
     assert slots[True].stack(2, "model.layers.0.self_attn.qkv_proj.weight") is None  # k missing: unfused
@@ -63,29 +71,10 @@ def test_long_segments_run_on_merged_weights_and_equal_base_plus_delta(dtype, mo
     fused groups on their stacked weight); short ones, base rows and a delta whose k_proj is missing (its q/k/v
     members unfused) keep the base GEMM + delta path. The model's output equals the separate projections with
     every segment on SBMM."""
-    from deltazip.model.layers import NamedLinear
-    from deltazip.model.loader import model_from_state_dict
-    from deltazip.model.synthetic import random_state_dict, tiny_config
     from kernels import delta_linear, sbmm
     from services.worker.delta_ops import StepDeltaOps
-    from services.worker.device_slots import DeviceSlots
-    from tests.unit.worker.test_graph_deltas import make_delta
 
-    cfg = tiny_config(hidden_size=512, intermediate_size=1024, head_dim=64, num_attention_heads=8,
-                      num_key_value_heads=2, vocab_size=256)
-    state = {k: v.to("cuda", dtype) for k, v in random_state_dict(cfg, seed=3).items()}
-    model, fused_model = model_from_state_dict(cfg, dict(state)), model_from_state_dict(cfg, dict(state))
-    fused_model.fuse_projections()
-    names = {m.hf_name + ".weight" for m in model.modules() if isinstance(m, NamedLinear)}
-    no_k = {n: d for n, d in make_delta(model, 4, 5, with_dense=False, group=128).items() if "k_proj" not in n}
-    slots = {}
-    for fuse in (False, True):
-        s = DeviceSlots(3, "cuda", dtype, names, False, sp2=True,
-                        fused=fused_model.fused_tensor_names() if fuse else None)
-        s.write(0, "a", make_delta(model, 4, 1, with_dense=True, group=128))
-        s.write(1, "b", make_delta(model, 2, 2, with_dense=False, group=128))
-        s.write(2, "c", no_k)
-        slots[fuse] = s
+    cfg, model, fused_model, slots = _models_and_slots(dtype)
     merged = []
     real = delta_linear.merged_linear
     monkeypatch.setattr(delta_linear, "merged_linear", lambda x, out, w, b, stack, slot: merged.append(
