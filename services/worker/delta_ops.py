@@ -77,16 +77,11 @@ class StepDeltaOps:
 
         y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
         skip = frozenset(i for i, _, _ in merged)
-        row = 0
-        for i in sorted(skip) + [len(self.seg_slot)]:  # the base GEMM on each run of rows between merged segments
-            end = self.starts[i]
-            if end > row:
-                out = y[row:end]
-                if bias is None:
-                    torch.mm(x[row:end], weight.T, out=out)
-                else:
-                    torch.addmm(bias, x[row:end], weight.T, out=out)
-            row = self.starts[min(i + 1, len(self.seg_slot))]
+        for a, b in base_runs(self.starts, skip):  # the base GEMM on each run of rows between merged segments
+            if bias is None:
+                torch.mm(x[a:b], weight.T, out=y[a:b])
+            else:
+                torch.addmm(bias, x[a:b], weight.T, out=y[a:b])
         self._skip = skip
         try:
             if members is None:
@@ -174,3 +169,13 @@ class StepDeltaOps:
         if t is None:
             t = self._seg_slots[slots] = torch.tensor(slots, dtype=torch.int32)
         return t
+
+
+def base_runs(starts: Sequence[int], skip: frozenset[int]) -> list[tuple[int, int]]:
+    """The non-empty row ranges [a, b) outside the segments in `skip` (segment i: rows starts[i]:starts[i + 1])."""
+    runs, row = [], 0
+    for i in sorted(skip) + [len(starts) - 1]:
+        if starts[i] > row:
+            runs.append((row, starts[i]))
+        row = starts[min(i + 1, len(starts) - 1)]
+    return runs

@@ -130,3 +130,15 @@ def test_slot_stacks_are_what_the_kernel_reads(bits, group_size, sym):
     stack = slots.stack(0, LIN + ".weight")
     apply_deltas(x, theirs, _kernel_stack(stack), ops._starts_tensor(), ops._slots_tensor(tuple(ops.seg_slot)))
     torch.testing.assert_close(ours, theirs)
+
+
+def test_base_runs_cover_every_row_outside_the_merged_segments_once():
+    """merged_linear's base GEMMs: the row ranges between merged segments, none empty, in order."""
+    from services.worker.delta_ops import base_runs
+
+    starts = [0, 300, 302, 342, 602, 605]  # segments of 300, 2, 40, 260, 3 rows
+    assert base_runs(starts, frozenset({0, 3})) == [(300, 342), (602, 605)]
+    assert base_runs(starts, frozenset({0, 1, 2, 3, 4})) == []
+    assert base_runs(starts, frozenset({4})) == [(0, 602)]
+    assert base_runs(starts, frozenset()) == [(0, 605)]
+    assert base_runs([0, 0, 10, 10], frozenset({1})) == []  # empty segments add no empty run
