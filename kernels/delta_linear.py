@@ -7,11 +7,15 @@ stacks run cuBLAS (torch.bmm when all segments have one length, else one addmm p
 run the torch reference (kernels/reference.py). Segment tensors may live on CPU (preferred: validated for
 free, copied once) or on x's device (validated with a device sync unless check=False).
 
-Prefill segments: a segment of sp4 / sp2 words with at least `sbmm.dense_rows` rows (the device's tuned table)
-runs as its delta expanded once into a dense buffer (`sbmm.dequantize_rows`, at most `DENSE_CHUNK_BYTES` at a
-time) and a cuBLAS addmm, when the caller passes the segments on the host (`host_segments`): the SBMM kernel
-expands every word once per 16 rows, which costs more than one expansion plus a dense GEMM past a few hundred
-rows (bench/sbmm_prefill.py).
+Long segments (the dense route): the SBMM kernel expands every delta word once per 16 rows, which past a few
+hundred rows costs more GPU time than expanding the delta once and letting cuBLAS multiply (bench/sbmm_prefill.py).
+A segment of sp4 / sp2 words with at least `sbmm.dense_rows` rows (kernels/sbmm_configs.json, per device; 1024 on
+an H100, where the host cost of eager steps set it: docs/kernels.md run 22) runs either
+- `merged_linear`: one GEMM on base + Δ, expanded together (`sbmm.dequantize_rows(..., base=W)`, at most
+  `DENSE_CHUNK_BYTES` at a time), in place of the base GEMM and the delta's; the worker's model asks for it first
+  (services/worker/delta_ops.py `StepDeltaOps.merged_linear`); or
+- `dense_linear`: the delta alone expanded and added by a cuBLAS addmm after the base GEMM, what `apply_deltas`
+  does when the caller passes the segments on the host (`host_segments`; tensor-parallel linears).
 """
 
 from __future__ import annotations
