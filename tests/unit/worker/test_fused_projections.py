@@ -143,3 +143,50 @@ def test_fused_model_and_slots_equal_the_unfused_ones_on_a_mixed_batch(graph):
         base = model.hidden_dense(ids)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(got[:2], base[:2])
+
+
+class _MergingOps:
+    """A DeltaOps whose merged_linear takes over the linears in `take` (returning ones, so the take is visible in
+    the output) and declines the others; every call is recorded."""
+
+    def __init__(self, take: set[str]):
+        self.take, self.calls = take, []
+
+    def merged_linear(self, name, x, weight, bias, members=None, sizes=None):
+        self.calls.append((name, tuple(weight.shape), members, sizes))
+        return torch.ones(x.shape[0], weight.shape[0]) if name in self.take else None
+
+    def linear(self, name, x, y):
+        self.calls.append(("linear", name))
+
+    def fused_linear(self, group, names, x, y, sizes):
+        self.calls.append(("fused_linear", group))
+
+
+def test_linears_and_fused_groups_ask_merged_linear_first_and_fall_back_when_declined():
+    """NamedLinear and a fused LinearGroup (on its stacked weight, with its members and sizes) ask
+    DeltaOps.merged_linear before the base GEMM: a tensor returned is the output (no base GEMM, no delta call),
+    None means base GEMM + delta as before."""
+    config = tiny_config(num_key_value_heads=2)
+    model = random_model(config, seed=0)
+    model.fuse_projections()
+    attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    x = torch.randn(3, config.hidden_size)
+    qkv_sizes = [attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0], attn.v_proj.weight.shape[0]]
+    with torch.no_grad():
+        ops = _MergingOps({attn.qkv.hf_name, mlp.down_proj.hf_name})
+        q, k, v = attn.qkv(x, ops)
+        assert all(torch.equal(t, torch.ones_like(t)) for t in (q, k, v))
+        assert [t.shape[1] for t in (q, k, v)] == qkv_sizes
+        assert ops.calls == [(attn.qkv.hf_name, (sum(qkv_sizes), config.hidden_size),
+                              [m.hf_name for m in attn.qkv.members()], qkv_sizes)]
+        down = mlp.down_proj(torch.randn(3, config.intermediate_size), ops)
+        assert torch.equal(down, torch.ones_like(down)) and ops.calls[-1][0] == mlp.down_proj.hf_name
+        ops = _MergingOps(set())  # declined: the base GEMM and the delta call, as without the hook
+        gate, up = mlp.gate_up(x, ops)
+        torch.testing.assert_close(gate, torch.nn.functional.linear(x, mlp.gate_proj.weight), rtol=0, atol=0)
+        assert [c[0] for c in ops.calls] == [mlp.gate_up.hf_name, "fused_linear"]
+        out = attn.o_proj(x, ops)
+        torch.testing.assert_close(out, torch.nn.functional.linear(x, attn.o_proj.weight), rtol=0, atol=0)
+        assert ops.calls[-2:] == [(attn.o_proj.hf_name, tuple(attn.o_proj.weight.shape), None, None),
+                                  ("linear", attn.o_proj.hf_name)]
