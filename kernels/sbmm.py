@@ -386,7 +386,6 @@ def _launch_sparse_mma(x, y, qweight, meta, scales, seg_starts, seg_slots, bits,
                      **_spmma_constexprs(*const_key))
 
 
-
 DEQUANT_BLOCK_N = 64  # rows per program of the dense expansion (one sp4 / sp2 row tile)
 
 
@@ -453,6 +452,7 @@ def _dequant_constexprs(k, group_size, num_groups, dtype, bits, steps, add_base=
                 EXPAND=expand, MMA0=mma0, MMA1=mma1, CVT=cvt, UNPACK=unpack, CONSTRAINTS_E=cons_e,
                 CONSTRAINTS_M=cons_m, CONSTRAINTS_C=cons_c, CONSTRAINTS_U=cons_u,
                 L_S=lays["L_S"], L_W=lays["L_W"], L_META=lays.get("L_META", lays["L_W"]))
+
 
 # Repeated sparse-MMA launches skip Triton's per-call binding (`LaunchCache`); False: every launch goes through
 # JITFunction.run (bench/sbmm_host.py and bench/worker.py --no-fast-launch time both).

@@ -21,7 +21,8 @@ meta and scales loaded before this step's stores (a load after a store to `out` 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
-from kernels.sbmm_spmma import _pick
+from kernels.sbmm_spmma import _pick, _sp4_tiles
+from kernels.sbmm_spmma2 import _sp2_tile_at
 
 ONE = {"f16": 0x3C00, "bf16": 0x3F80}  # 1.0 as a 16-bit pattern
 
@@ -204,23 +205,16 @@ def _dequant_kernel(
     n0 = row0 + gl.program_id(0) * BLOCK_N
     k_lo = gl.program_id(1) * (STEPS * STEP)
     k_last = k_lo + (STEPS - 1) * STEP
-    # words (and sp2 meta): 16-row block R = n0 / 16 + rb, as the SBMM kernels address them
-    rb_w = n0 // 16 + gl.arange(0, RB, layout=gl.SliceLayout(1, gl.SliceLayout(2, L_W)))
-    lane_w = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, L_W)))
-    u_w = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L_W)))
+    # words and meta: 16-row blocks n0 / 16 + rb, addressed as the SBMM kernels address them
     if SP2:
-        tile_at = (((rb_w // 4) * (2 * K) + (rb_w % 4) * 128)[:, None, None] + (lane_w * 4)[None, :, None]
-                   + u_w[None, None, :])
+        tile_at = _sp2_tile_at(n0, K, RB, L_W)
         qw_tile = qw_ptr + tile_at
         meta_tile = meta_ptr + tile_at
     else:
-        qw_tile = (qw_ptr + ((rb_w // 4) * (4 * K) + (rb_w % 4) * 128)[:, None, None] + (lane_w * 4)[None, :, None]
-                   + u_w[None, None, :])
-        rb_m = n0 // 16 + gl.arange(0, RB, layout=gl.SliceLayout(1, gl.SliceLayout(2, L_META)))
-        lane_m = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, L_META)))
-        s_m = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, L_META)))
-        meta_tile = (meta_ptr + ((rb_m // 4) * (2 * K) + (rb_m % 4) * 64)[:, None, None]
-                     + (lane_m * 2)[None, :, None] + s_m[None, None, :])
+        qw_tile, meta_tile = _sp4_tiles(qw_ptr, meta_ptr, n0, K, RB, L_W, L_META)
+    rb_w = n0 // 16 + gl.arange(0, RB, layout=gl.SliceLayout(1, gl.SliceLayout(2, L_W)))
+    lane_w = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, L_W)))
+    u_w = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L_W)))
     # out (and base): row g of each 16-row block (row g + 8: + 8 rows), the lane's 8 columns 8t .. 8t + 7 of each 32
     rows_w = n0 + 16 * (rb_w - n0 // 16)[:, None] + (lane_w // 4)[None, :]
     lane_cols = (4 * (lane_w % 4))[None, :, None] + u_w[None, None, :]

@@ -215,6 +215,25 @@ def _k_loop(acc, zero, x_rows, qw_tile, meta_tile, k_lo, k_hi, scale_lo, scale_h
     return acc
 
 
+@gluon.jit
+def _sp4_tiles(qw_ptr, meta_ptr, n0, K: gl.constexpr, RB: gl.constexpr, L_W: gl.constexpr, L_META: gl.constexpr):
+    """A lane's sp4 word pointers [RB, 32, 4] and meta word pointers [RB, 32, 2] at K step 0 of the 16-row blocks
+    R = n0 / 16 + rb of one slot (kernels/spmma_layout.py pack_sp4): words at (R // 4) * 4K + (R % 4) * 128 +
+    lane * 4 + j, meta at (R // 4) * 2K + (R % 4) * 64 + lane * 2 + half; dense column k0 adds 4 * k0 words and
+    2 * k0 meta words."""
+    rb_w = n0 // 16 + gl.arange(0, RB, layout=gl.SliceLayout(1, gl.SliceLayout(2, L_W)))
+    lane_w = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, L_W)))
+    j_w = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L_W)))
+    qw_tile = (qw_ptr + ((rb_w // 4) * (4 * K) + (rb_w % 4) * 128)[:, None, None]
+               + (lane_w * 4)[None, :, None] + j_w[None, None, :])
+    rb_m = n0 // 16 + gl.arange(0, RB, layout=gl.SliceLayout(1, gl.SliceLayout(2, L_META)))
+    lane_m = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, L_META)))
+    s_m = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, L_META)))
+    meta_tile = (meta_ptr + ((rb_m // 4) * (2 * K) + (rb_m % 4) * 64)[:, None, None]
+                 + (lane_m * 2)[None, :, None] + s_m[None, None, :])
+    return qw_tile, meta_tile
+
+
 @gluon.jit(do_not_specialize=SEGMENT_ARGS, do_not_specialize_on_alignment=SEGMENT_POINTERS)
 def _sbmm_spmma_kernel(
     # activations as fp16/bf16 pairs in the sp4 B order (kernels/spmma_layout.py sp4_x): int32 [T, K/2]; y: [T, N]
@@ -249,17 +268,7 @@ def _sbmm_spmma_kernel(
     pid_k = gl.program_id(2)
     k_lo, k_hi = _split_range(K, STEP_K, SPLIT_K)
     slot64 = slot.to(gl.int64)
-    # sp4 words / meta of 16-row block R = n0 / 16 + rb: (R // 4) * 4K + (R % 4) * 128 + lane * 4 + j (meta: half)
-    rb_w = n0 // 16 + gl.arange(0, RB, layout=gl.SliceLayout(1, gl.SliceLayout(2, L_W)))
-    lane_w = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, L_W)))
-    j_w = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L_W)))
-    qw_tile = (qw_ptr + slot64 * stride_qs + ((rb_w // 4) * (4 * K) + (rb_w % 4) * 128)[:, None, None]
-               + (lane_w * 4)[None, :, None] + j_w[None, None, :])
-    rb_m = n0 // 16 + gl.arange(0, RB, layout=gl.SliceLayout(1, gl.SliceLayout(2, L_META)))
-    lane_m = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, L_META)))
-    s_m = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, L_META)))
-    meta_tile = (meta_ptr + slot64 * stride_ms + ((rb_m // 4) * (2 * K) + (rb_m % 4) * 64)[:, None, None]
-                 + (lane_m * 2)[None, :, None] + s_m[None, None, :])
+    qw_tile, meta_tile = _sp4_tiles(qw_ptr + slot64 * stride_qs, meta_ptr + slot64 * stride_ms, n0, K, RB, L_W, L_META)
     # x pairs: token 8tb + g (rows past the tile re-read its last row, never stored), pair k/2 = 16j + 4m + t of
     # the step, stored (sp4_x) at 16t + 4j + m: register n = 4j + m of lane t is pair 16t + n
     tb_x = gl.arange(0, TB, layout=gl.SliceLayout(1, gl.SliceLayout(2, L_X)))

@@ -78,6 +78,18 @@ def _mma_half(acc, xb, qw, mw, U0: gl.constexpr, EXPAND: gl.constexpr, MMA0: gl.
     return c0, c1, c2, c3
 
 
+@gluon.jit
+def _sp2_tile_at(n0, K: gl.constexpr, RB: gl.constexpr, L_W: gl.constexpr):
+    """Offsets [RB, 32, 4] of a lane's sp2 words, and of its meta words, at K step 0 of the 16-row blocks
+    R = n0 / 16 + rb of one slot (kernels/spmma_layout.py pack_sp2): (R // 4) * 2K + (R % 4) * 128 + lane * 4 + u;
+    dense column k0 adds 2 * k0 to both."""
+    rb_w = n0 // 16 + gl.arange(0, RB, layout=gl.SliceLayout(1, gl.SliceLayout(2, L_W)))
+    lane_w = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, L_W)))
+    u_w = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L_W)))
+    return (((rb_w // 4) * (2 * K) + (rb_w % 4) * 128)[:, None, None] + (lane_w * 4)[None, :, None]
+            + u_w[None, None, :])
+
+
 @gluon.jit(do_not_specialize=SEGMENT_ARGS, do_not_specialize_on_alignment=SEGMENT_POINTERS)
 def _sbmm_spmma2_kernel(
     # activations as fp16/bf16 pairs in the sp4 B order (kernels/spmma_layout.py sp4_x): int32 [T, K/2]; y: [T, N]
@@ -113,12 +125,7 @@ def _sbmm_spmma2_kernel(
     pid_k = gl.program_id(2)
     k_lo, k_hi = _split_range(K, STEP_K, SPLIT_K)
     slot64 = slot.to(gl.int64)
-    # sp2 words and meta of 16-row block R = n0 / 16 + rb: (R // 4) * 2K + (R % 4) * 128 + lane * 4 + u, + 2 * k0
-    rb_w = n0 // 16 + gl.arange(0, RB, layout=gl.SliceLayout(1, gl.SliceLayout(2, L_W)))
-    lane_w = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, L_W)))
-    u_w = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L_W)))
-    tile_at = (((rb_w // 4) * (2 * K) + (rb_w % 4) * 128)[:, None, None] + (lane_w * 4)[None, :, None]
-               + u_w[None, None, :])
+    tile_at = _sp2_tile_at(n0, K, RB, L_W)
     qw_tile = qw_ptr + slot64 * stride_qs + tile_at
     meta_tile = meta_ptr + slot64 * stride_ms + tile_at
     # x pairs: token 8tb + g (rows past the tile re-read its last row, never stored); register n of lane t is
