@@ -1,6 +1,7 @@
 """What an sbmm call launches, decided before anything runs: the kernel, its tuned config, tiles and K split.
 
-Tuned configs live in kernels/sbmm_configs.json, keyed by torch.cuda.get_device_name() ("default" otherwise),
+Tuned configs live in kernels/sbmm_configs.json, keyed by torch.cuda.get_device_name() ("default" otherwise; a
+device whose entry is another device's name shares that device's tables, e.g. the H200 the H100's),
 chosen by the mean rows per segment (T / S: no device sync) and, where an entry says so, the output width N and
 the launch's program count; bench/sbmm.py --sweep produced them (the sparse-MMA kernels have their own tables,
 "spmma" and "spmma2"). `plan` reads no tensor data, so warm-ups (kernels/sbmm_warmup.py) and CUDA-graph keys
@@ -17,7 +18,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-import triton
 
 from kernels import layout, spmma_layout
 
@@ -39,7 +39,21 @@ def interpreting() -> bool:
 
 @functools.cache
 def _configs() -> dict:
-    return json.loads(CONFIG_FILE.read_text())
+    return resolve_aliases(json.loads(CONFIG_FILE.read_text()), CONFIG_FILE)
+
+
+def resolve_aliases(table: dict, source: object = "config table") -> dict:
+    """The table with every alias (a device whose entry is another device's name, e.g. "NVIDIA H200": "NVIDIA H100
+    80GB HBM3": measured to pick as well there) replaced by the tables it names; an alias of an alias or of a
+    missing device is a ValueError naming `source`."""
+    out = {}
+    for name, entry in table.items():
+        if isinstance(entry, str):
+            if not isinstance(table.get(entry), dict):
+                raise ValueError(f"{source}: {name!r} names {entry!r}, which is not a device with its own tables")
+            entry = table[entry]
+        out[name] = entry
+    return out
 
 
 def pick_config(kernel: str, device_name: str, rows_per_segment: float, bits: int | str | None = None,
@@ -52,7 +66,7 @@ def pick_config(kernel: str, device_name: str, rows_per_segment: float, bits: in
     given). Tables: "gluon", "triton", and the sparse-MMA kernels' own "spmma" (sp4 words) and "spmma2" (sp2
     words), whose entries may also set `x_dense` and `pdl` (kernels/sbmm_spmma.py). table: another table of
     kernels/sbmm_configs.json's form instead of it (benchmarks time an older table against it)."""
-    table = table if table is not None else _configs()
+    table = resolve_aliases(table) if table is not None else _configs()
     entries = table.get(device_name, {}).get(kernel) or table["default"][kernel]
     for entry in entries:
         if "bits" in entry and bits not in entry["bits"]:

@@ -307,6 +307,21 @@ def test_every_config_entry_ends_with_a_catch_all():
     assert sbmm.pick_config("gluon", "unknown GPU", 4)["BLOCK_M"] == 8
 
 
+def test_a_device_named_as_an_alias_picks_what_its_target_picks():
+    table = sbmm._configs()
+    assert table["NVIDIA H200"] is table["NVIDIA H100 80GB HBM3"]  # measured on an H200 (docs/kernels.md run 23)
+    for kernel in ("spmma", "spmma2"):
+        for rows, n, segments in ((1, 4096, 8), (4, 12288, 8), (16, 4096, 2), (64, 22016, 1), (512, 4096, 4)):
+            assert (sbmm.pick_config(kernel, "NVIDIA H200", rows, 4, n, segments)
+                    == sbmm.pick_config(kernel, "NVIDIA H100 80GB HBM3", rows, 4, n, segments))
+    own = {"default": {"gluon": [{"max_rows": None, "BLOCK_M": 8}]},
+           "A": {"gluon": [{"max_rows": None, "BLOCK_M": 16}]}}
+    assert sbmm.pick_config("gluon", "B", 4, table={**own, "B": "A"}) == {"BLOCK_M": 16}  # a passed table too
+    for bad in ({**own, "B": "C"}, {**own, "B": "A", "C": "B"}):  # a missing target; an alias of an alias
+        with pytest.raises(ValueError, match="not a device with its own tables"):
+            sbmm_plan.resolve_aliases(bad, "t.json")
+
+
 def test_config_entries_can_be_limited_to_a_code_width(monkeypatch):
     table = {"default": {"gluon": [{"max_rows": 8, "bits": [2], "BLOCK_M": 8, "prefetch": False},
                                    {"max_rows": 8, "BLOCK_M": 8, "prefetch": True},
