@@ -212,8 +212,9 @@ def apply_deltas(
     check: bool = True,
     workspace: sbmm.Workspace | None = None,
     host_segments: tuple[Sequence[int], Sequence[int]] | None = None,
-) -> None:
-    """In place y[seg] += x[seg] @ Δ[slot(seg)].T for every segment. x: [T, K], y: [T, N].
+) -> int:
+    """In place y[seg] += x[seg] @ Δ[slot(seg)].T for every segment. x: [T, K], y: [T, N]. Returns how many
+    segments ran on the dense route (0 unless `host_segments` let long ones take it).
 
     Packed stacks: one SBMM launch on CUDA, the torch reference on CPU. Dense stacks: cuBLAS on CUDA,
     reference on CPU. check=False skips segment validation (the caller ran validate_segments once per step).
@@ -227,14 +228,15 @@ def apply_deltas(
     if check:
         validate_segments(seg_starts, seg_slots, x.shape[0], stack.num_slots)
     if seg_slots.numel() == 0 or x.shape[0] == 0:
-        return
+        return 0
+    dense = 0
     if isinstance(stack, DenseDeltaStack):
         _apply_dense(x, y, stack, seg_starts, seg_slots)
     elif x.is_cuda:
         if host_segments is not None and (stack.sp4 or stack.sp2):
-            seg_slots = _dense_segments(x, y, stack, seg_slots, *host_segments)
+            dense, seg_slots = _dense_segments(x, y, stack, seg_slots, *host_segments)
             if seg_slots is None:
-                return
+                return dense
         starts = seg_starts.to(x.device, torch.int64, non_blocking=True)
         slots = seg_slots.to(x.device, torch.int64, non_blocking=True)
         sbmm.sbmm(x, y, stack.qweight, stack.meta, stack.scales, stack.zeros, starts, slots, stack.bits,
@@ -245,27 +247,28 @@ def apply_deltas(
         qweight, meta = canonical_words(stack.qweight, stack.meta, stack.tiled, stack.sp4, stack.sp2)
         reference.sbmm_reference(x, y, qweight, meta, stack.scales, stack.zeros, stack.bits, stack.shape, seg_starts,
                                  seg_slots)
+    return dense
 
 
 DENSE_CHUNK_BYTES = 64 << 20  # the dense path's scratch: Δ rows expanded at a time (fp16 / bf16)
 
 
 def _dense_segments(x, y, stack: PackedDeltaStack, seg_slots: torch.Tensor, starts: Sequence[int],
-                    slots: Sequence[int]) -> torch.Tensor | None:
-    """Run the segments of at least `sbmm.dense_rows` rows as dense Δ + cuBLAS; the slots tensor the SBMM launch
-    still needs (those segments -1; the one passed when none qualified), or None when no segment is left."""
+                    slots: Sequence[int]) -> tuple[int, torch.Tensor | None]:
+    """Run the segments of at least `sbmm.dense_rows` rows as dense Δ + cuBLAS; (how many did, the slots tensor
+    the SBMM launch still needs: those segments -1, the one passed when none qualified, None when none is left)."""
     threshold = sbmm.dense_rows(x.device, stack.bits)
     if threshold is None:
-        return seg_slots
+        return 0, seg_slots
     dense = [i for i, slot in enumerate(slots) if slot >= 0 and starts[i + 1] - starts[i] >= threshold]
     if not dense:
-        return seg_slots
+        return 0, seg_slots
     for i in dense:
         dense_linear(x[starts[i]:starts[i + 1]], y[starts[i]:starts[i + 1]], stack, slots[i])
     rest = [-1 if i in dense else slot for i, slot in enumerate(slots)]
     if all(slot < 0 for slot in rest):
-        return None
-    return torch.tensor(rest, dtype=torch.int64, device=x.device)
+        return len(dense), None
+    return len(dense), torch.tensor(rest, dtype=torch.int64, device=x.device)
 
 
 def dense_linear(x: torch.Tensor, y: torch.Tensor, stack: PackedDeltaStack, slot: int) -> None:

@@ -32,6 +32,7 @@ class StepDeltaOps:
         self._on_device: dict[tuple, torch.Tensor] = {}
         self._workspace = linear_backend.kernel_workspace(slots.device)  # this forward's SBMM launches share it
         self._skip: frozenset[int] = frozenset()  # segments `merged_linear` computes itself (no delta launch)
+        self.dense_route_used = False  # whether some linear ran a segment on the dense route (the step profile)
         # segments long enough for the dense route somewhere (merged_linear checks each stack's own threshold)
         shortest = linear_backend.min_dense_rows(slots.device)
         self._long = [(i, s) for i, s in self._delta_segments
@@ -75,6 +76,7 @@ class StepDeltaOps:
             return None
         from kernels.delta_linear import merged_linear
 
+        self.dense_route_used = True
         y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
         skip = frozenset(i for i, _, _ in merged)
         for a, b in base_runs(self.starts, skip):  # the base GEMM on each run of rows between merged segments
@@ -114,8 +116,9 @@ class StepDeltaOps:
                 continue  # every segment of this stack is merged_linear's
             on_device = (self._device_tensor(("starts",), self.starts, x.device),
                          self._device_tensor(slots, slots, x.device)) if x.is_cuda and stack.kind != "dense" else None
-            linear_backend.apply_linear(x, y, stack, self._starts_tensor(), self._slots_tensor(slots), self.starts,
-                                        list(slots), on_device, self._workspace)
+            if linear_backend.apply_linear(x, y, stack, self._starts_tensor(), self._slots_tensor(slots),
+                                           self.starts, list(slots), on_device, self._workspace):
+                self.dense_route_used = True
 
     @property
     def device_slots(self) -> DeviceSlots:

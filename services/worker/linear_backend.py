@@ -26,28 +26,28 @@ def kernel_workspace(device: torch.device):
 
 def apply_linear(x: torch.Tensor, y: torch.Tensor, stack: SlotStack, seg_starts: torch.Tensor,
                  seg_slots: torch.Tensor, starts: list[int], slots: list[int],
-                 on_device: tuple[torch.Tensor, torch.Tensor] | None = None, workspace=None) -> None:
+                 on_device: tuple[torch.Tensor, torch.Tensor] | None = None, workspace=None) -> int:
     """x: [T, K], y: [T, N]; seg_starts [S+1] / seg_slots [S] int32 on the host, already validated;
     on_device: the same two as int64 on x's device, which the packed kernel reads without a host copy;
-    workspace: the caller's `kernel_workspace` (CUDA)."""
+    workspace: the caller's `kernel_workspace` (CUDA). Returns how many segments took the dense route
+    (kernels/delta_linear.py; CUDA only)."""
     kernel_stack = _kernel_stack(stack) if x.device.type == "cuda" else None
     from kernels.delta_linear import PackedDeltaStack, apply_deltas
 
     if isinstance(kernel_stack, PackedDeltaStack) and x.dtype not in (torch.float16, torch.bfloat16):
         kernel_stack = None  # the SBMM kernel takes fp16/bf16 activations; fp32 runs the cached reference
     if kernel_stack is not None:
-
         if on_device is not None and isinstance(kernel_stack, PackedDeltaStack):
             seg_starts, seg_slots = on_device
-        apply_deltas(x, y, kernel_stack, seg_starts, seg_slots, check=False, workspace=workspace,
-                     host_segments=(starts, slots))
-        return
+        return apply_deltas(x, y, kernel_stack, seg_starts, seg_slots, check=False, workspace=workspace,
+                            host_segments=(starts, slots))
     for i, slot in enumerate(slots):
         a, b = starts[i], starts[i + 1]
         if slot < 0 or b <= a:
             continue
         w = _dense_slot(stack, slot, x.dtype)  # [N, K] fp32
         y[a:b] = (y[a:b].float() + x[a:b].float() @ w.T).to(y.dtype)
+    return 0
 
 
 def min_dense_rows(device: torch.device | str) -> int | None:

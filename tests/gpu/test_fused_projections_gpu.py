@@ -84,10 +84,13 @@ def test_long_segments_run_on_merged_weights_and_equal_base_plus_delta(dtype, mo
     ids = torch.randint(0, cfg.vocab_size, (rows, 1), generator=torch.Generator().manual_seed(8)).cuda()
     with torch.inference_mode():
         monkeypatch.setattr(sbmm, "dense_rows", lambda device, bits: None)
-        want = model.hidden_dense(ids, deltas=StepDeltaOps(slots[False], segments))
-        assert not merged
+        sbmm_ops = StepDeltaOps(slots[False], segments)
+        want = model.hidden_dense(ids, deltas=sbmm_ops)
+        assert not merged and not sbmm_ops.dense_route_used
         monkeypatch.setattr(sbmm, "dense_rows", lambda device, bits: 256)
-        got = fused_model.hidden_dense(ids, deltas=StepDeltaOps(slots[True], segments))
+        dense_ops = StepDeltaOps(slots[True], segments)
+        got = fused_model.hidden_dense(ids, deltas=dense_ops)
+        assert dense_ops.dense_route_used  # what the engine's `dense_route` profile phase counts
     layers = cfg.num_hidden_layers
     qkv, gate_up = 512 + 2 * 128, 2 * 1024
     # slot 1: its q/k/v and gate/up groups and o / down on merged weights; slot 2 (no k_proj): all but q/k/v

@@ -88,7 +88,8 @@ def _routing(monkeypatch, threshold, starts, slots, bits=4):
     t, k = starts[-1], 256
     stack = PackedDeltaStack.empty(4, (64, k), bits=bits, group_size=128, sp4=bits == 4, sp2=bits == 2)
     seg_slots = torch.tensor(slots, dtype=torch.int32)
-    left = delta_linear._dense_segments(torch.zeros(t, k), torch.zeros(t, 64), stack, seg_slots, starts, slots)
+    num, left = delta_linear._dense_segments(torch.zeros(t, k), torch.zeros(t, 64), stack, seg_slots, starts, slots)
+    assert num == len(dense)  # what apply_deltas returns: the worker's step profile counts it
     return dense, None if left is None else left.tolist()
 
 

@@ -202,6 +202,8 @@ class LLMEngine:
                     self.profile.add("warmup", warmup)
                 seconds = time.perf_counter() - start - warmup
                 self.profile.add(self.runner.last_kind, seconds)
+                if self.runner.last_dense_route:
+                    self.profile.add("dense_route", seconds)
                 if self._watch_compiles:
                     in_step = compile_watch.compiled_variants() - compiled - self.runner.last_warmup_variants
                     self._count_compiles(in_step, seconds)

@@ -84,6 +84,7 @@ class ModelRunner:
         self.last_kind = "prefill"  # the StepProfile phase of the last run: prefill | decode_graph | decode_eager
         self.last_warmup_s = 0.0  # seconds of the last run spent in warm_up_kernels (0: none)
         self.last_warmup_variants = 0  # kernel variants that warm-up compiled (kernels/compile_watch.py)
+        self.last_dense_route = False  # whether the last run's forward put a segment on the dense route
         self.max_segments = max_segments  # segments of a step's token rows: deltas per batch + base + spare
         self.max_num_batched_tokens = max_num_batched_tokens
         self.warmed: tuple[int, int] | None = None  # (id, layout_version) of the slots last warmed in full
@@ -201,6 +202,7 @@ class ModelRunner:
                 self.graphs = None
         if hidden is None:
             hidden = self.model(step.input_ids, ctx)  # [T, hidden]
+        self.last_dense_route = getattr(ctx.deltas, "dense_route_used", False)
         out: list[int | None] = [None] * len(items)
         if not step.sample_rows:
             return out

@@ -12,7 +12,9 @@ Phases, in step order:
   every variant of the new stack layout is compiled).
 Nested, not a step phase: `compile` counts the kernel variants compiled inside a step's forward (CUDA,
 kernels/compile_watch.py; a `warmup` compiles on purpose and is not counted), with the seconds of the forwards
-that compiled (the stall is at most that; they are in their own phase too).
+that compiled (the stall is at most that; they are in their own phase too). Nested too: `dense_route` counts the
+forwards that ran some delta segment on the dense route (a long prompt on a delta as one GEMM on base + Δ, or Δ
+expanded and added; kernels/delta_linear.py), with their seconds.
 The engine loop adds `deliver` (tokens to the request streams, stats, residency bookkeeping) and `idle` (waiting
 for work, or for a delta every waiting request needs). The totals only grow: a reader takes two snapshots and
 subtracts (the Worker Status RPC returns them; bench/replay.py does that per benchmark point).
@@ -25,7 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 PHASES = ("swap", "schedule", "warmup", "prefill", "decode_graph", "decode_eager", "results", "deliver", "idle",
-          "compile")
+          "compile", "dense_route")
 
 
 class StepProfile:

@@ -97,3 +97,24 @@ def test_runner_warm_up_in_slices_marks_the_slots_warm_only_once_every_stack_fin
     assert runner.warmed == (id(slots), 3)
     calls.clear()
     assert runner.warm_up_if_stale(slots, budget_s=2.0) == 0.0 and calls == []
+
+
+def test_engine_counts_forwards_that_took_the_dense_route(monkeypatch):
+    """A forward whose runner reports a dense-route segment (model_runner.last_dense_route) is counted in the nested
+    `dense_route` phase with its forward seconds, beside its own prefill / decode phase."""
+    engine = LLMEngine(random_model(tiny_config(), seed=0), EngineConfig(num_kv_blocks=32, block_size=8),
+                       eos_token_ids=[])
+    run, flags = engine.runner.run, iter([True, False, True])
+
+    def run_and_flag(items):
+        out = run(items)
+        engine.runner.last_dense_route = next(flags)
+        return out
+
+    monkeypatch.setattr(engine.runner, "run", run_and_flag)
+    engine.add_request("r", [1, 2, 3], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    phases = engine.profile.snapshot()
+    assert phases["dense_route"][0] == 2
+    assert 0.0 < phases["dense_route"][1] <= phases["prefill"][1] + phases["decode_eager"][1]

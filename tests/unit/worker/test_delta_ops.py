@@ -142,3 +142,21 @@ def test_base_runs_cover_every_row_outside_the_merged_segments_once():
     assert base_runs(starts, frozenset({4})) == [(0, 602)]
     assert base_runs(starts, frozenset()) == [(0, 605)]
     assert base_runs([0, 0, 10, 10], frozenset({1})) == []  # empty segments add no empty run
+
+
+def test_a_step_records_whether_some_segment_took_the_dense_route(monkeypatch):
+    """`dense_route_used` (the engine's `dense_route` profile phase) turns on once a linear reports a dense-route
+    segment (apply_linear returns how many; on CPU none does) and stays on for the rest of the forward."""
+    from services.worker import linear_backend
+
+    slots, _ = make_slots(torch.Generator().manual_seed(3))
+    ops = StepDeltaOps(slots, [(None, 2), (0, 3)])
+    x, y = torch.randn(5, H), torch.zeros(5, OUT)
+    ops.linear(LIN, x, y)
+    assert not ops.dense_route_used  # the CPU path: no dense route
+    reported = iter([1, 0])
+    monkeypatch.setattr(linear_backend, "apply_linear", lambda *args: next(reported))
+    ops.linear(LIN, x, y)
+    ops.linear(LIN, x, y)
+    assert ops.dense_route_used
+    assert not StepDeltaOps(slots, [(0, 5)]).dense_route_used  # each step starts without
