@@ -34,7 +34,8 @@ from kernels import sbmm  # noqa: E402
 CASES = ("qkvo:8:1,qkvo:8:4,qkvo:8:16,qkvo:16:1,qkvo:16:4,qkvo:64:1,qkvo:64:16,gate_up:8:1,gate_up:8:4,gate_up:64:4,"
          "down:8:1,down:8:4,down:32:16")
 OPTIONS = {"tuned": {}, "x_dense": {"x_dense": True}, "pdl": {"pdl": True},
-           "x_dense+pdl": {"x_dense": True, "pdl": True}}
+           "x_dense+pdl": {"x_dense": True, "pdl": True},
+           "expand_fma": {"expand": "fma"}}  # sp2 words only (kernels/sbmm_spmma2.py FMA_SHIFTS); sp4 ignores it
 
 
 def tuned(stack: dict, num: int, rows: int, n: int, bits: int) -> dict:

@@ -243,12 +243,14 @@ def test_spmma_segments_hint_and_padded_segments_gpu(bits, k):
 
 
 @gpu
-@pytest.mark.parametrize("options", [{"x_dense": True}, {"pdl": True}, {"x_dense": True, "pdl": True}])
+@pytest.mark.parametrize("options", [{"x_dense": True}, {"pdl": True}, {"x_dense": True, "pdl": True},
+                                     {"expand": "fma"}, {"expand": "fma", "x_dense": True}])
 @pytest.mark.parametrize("prefetch", [0, 1, 2])
 @pytest.mark.parametrize("bits,k,group,dtype", [(4, 1408, 128, torch.float16), (4, 1408, None, torch.bfloat16),
                                                 (2, 2816, 128, torch.float16), (2, 2816, 256, torch.bfloat16)])
 def test_sparse_mma_launch_options_gpu(options, prefetch, bits, k, group, dtype):
-    """x_dense (x read as given: no sp4_x copy) and pdl (programmatic dependent launch) against the reference,
+    """x_dense (x read as given: no sp4_x copy), pdl (programmatic dependent launch) and expand fma (sp2's word
+    expander with one or two shifts a word; sp4 ignores it) against the reference,
     split and unsplit, at 8 and 16 rows per block; an x with an odd storage offset (not readable as pairs: the
     wrapper copies it) and one with a row stride past K (a column slice, read in place) too."""
     if options.get("pdl") and torch.cuda.get_device_capability() < (9, 0):
