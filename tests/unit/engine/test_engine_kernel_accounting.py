@@ -26,28 +26,36 @@ def test_compiled_variants_sums_each_kernels_device_caches():
     assert compile_watch.compiled_variants() == compile_watch.compiled_variants(sbmm_kernels)
 
 
+def _engine() -> LLMEngine:
+    return LLMEngine(random_model(tiny_config(), seed=0), EngineConfig(num_kv_blocks=32, block_size=8),
+                     eos_token_ids=[])
+
+
+def _three_steps(engine: LLMEngine, monkeypatch, around_run) -> dict:
+    """One request's three steps with the runner's run wrapped (around_run(run, items)); the profile after."""
+    run = engine.runner.run
+    monkeypatch.setattr(engine.runner, "run", lambda items: around_run(run, items))
+    engine.add_request("r", [1, 2, 3], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    return engine.profile.snapshot()
+
+
 def test_engine_counts_variants_compiled_inside_a_step_but_not_by_its_warm_up(monkeypatch):
-    engine = LLMEngine(random_model(tiny_config(), seed=0), EngineConfig(num_kv_blocks=32, block_size=8),
-                       eos_token_ids=[])
+    engine = _engine()
     engine._watch_compiles = True  # as on CUDA
     counts = iter([10, 13, 13, 13, 20, 26])  # before / after each step's forward
     monkeypatch.setattr(compile_watch, "compiled_variants", lambda kernels=None: next(counts))
     warmups = iter([(0.0, 0), (0.0, 0), (0.5, 6)])  # the third step warms up first and compiles 6 variants there
 
-    run = engine.runner.run
-
-    def run_with_warmup(items):
+    def run_with_warmup(run, items):
         seconds, variants = next(warmups)
         time.sleep(seconds)  # the warm-up runs inside the runner's run, before the forward
         out = run(items)
         engine.runner.last_warmup_s, engine.runner.last_warmup_variants = seconds, variants
         return out
 
-    monkeypatch.setattr(engine.runner, "run", run_with_warmup)
-    engine.add_request("r", [1, 2, 3], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
-    for _ in range(3):
-        engine.step()
-    phases = engine.profile.snapshot()
+    phases = _three_steps(engine, monkeypatch, run_with_warmup)
     assert phases["compile"][0] == 3  # step 1: 13 - 10; step 2: none; step 3: 26 - 20 - 6 by the warm-up = 0
     assert phases["warmup"] == (1, 0.5)
     assert phases["prefill"][0] + phases["decode_eager"][0] == 3
@@ -61,9 +69,7 @@ def test_runner_warm_up_in_slices_marks_the_slots_warm_only_once_every_stack_fin
     from kernels import sbmm_warmup
     from services.worker.engine import model_runner
 
-    engine = LLMEngine(random_model(tiny_config(), seed=0), EngineConfig(num_kv_blocks=32, block_size=8),
-                       eos_token_ids=[])
-    runner = engine.runner
+    runner = _engine().runner
     stack = lambda name: SimpleNamespace(name=name, sbmm_readable=True, parts={"qweight": name, "scales": None},
                                          bits=4, tiled=False, sp4=True, sp2=False)
     slots = SimpleNamespace(device=SimpleNamespace(type="cuda"), layout_version=3, dtype=None,
@@ -102,19 +108,14 @@ def test_runner_warm_up_in_slices_marks_the_slots_warm_only_once_every_stack_fin
 def test_engine_counts_forwards_that_took_the_dense_route(monkeypatch):
     """A forward whose runner reports a dense-route segment (model_runner.last_dense_route) is counted in the nested
     `dense_route` phase with its forward seconds, beside its own prefill / decode phase."""
-    engine = LLMEngine(random_model(tiny_config(), seed=0), EngineConfig(num_kv_blocks=32, block_size=8),
-                       eos_token_ids=[])
-    run, flags = engine.runner.run, iter([True, False, True])
+    engine = _engine()
+    flags = iter([True, False, True])
 
-    def run_and_flag(items):
+    def run_and_flag(run, items):
         out = run(items)
         engine.runner.last_dense_route = next(flags)
         return out
 
-    monkeypatch.setattr(engine.runner, "run", run_and_flag)
-    engine.add_request("r", [1, 2, 3], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
-    for _ in range(3):
-        engine.step()
-    phases = engine.profile.snapshot()
+    phases = _three_steps(engine, monkeypatch, run_and_flag)
     assert phases["dense_route"][0] == 2
     assert 0.0 < phases["dense_route"][1] <= phases["prefill"][1] + phases["decode_eager"][1]
