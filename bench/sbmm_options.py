@@ -27,12 +27,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.sbmm import SHAPES, copy_limits_gbps, graph_us, packed_bytes, rotations  # noqa: E402
+from bench.sbmm import FUSED_SHAPES, SHAPES, copy_limits_gbps, graph_us, packed_bytes, rotations  # noqa: E402
 from bench.sbmm_stacks import VARIANTS, variant_stack  # noqa: E402
 from kernels import sbmm  # noqa: E402
 
 CASES = ("qkvo:8:1,qkvo:8:4,qkvo:8:16,qkvo:16:1,qkvo:16:4,qkvo:64:1,qkvo:64:16,gate_up:8:1,gate_up:8:4,gate_up:64:4,"
          "down:8:1,down:8:4,down:32:16")
+ALL_SHAPES = {**SHAPES, **FUSED_SHAPES}  # the layer's linears and the worker's fused q/k/v, gate/up (--cases)
 OPTIONS = {"tuned": {}, "x_dense": {"x_dense": True}, "pdl": {"pdl": True},
            "x_dense+pdl": {"x_dense": True, "pdl": True},
            "expand_fma": {"expand": "fma"}}  # sp2 words only (kernels/sbmm_spmma2.py FMA_SHIFTS); sp4 ignores it
@@ -87,7 +88,7 @@ def check(stack: dict, n: int, k: int, bits: int, num: int, rows: int, option: d
 
 def point(name: str, variant: str, stack: dict, num: int, rows: int, base_ws: list, limit: float,
           options: list[str]) -> dict:
-    n, k = SHAPES[name]
+    n, k = ALL_SHAPES[name]
     bits = VARIANTS[variant][0]
     t = num * rows
     x = torch.randn(t, k, device="cuda", dtype=torch.float16)
@@ -148,7 +149,7 @@ def main() -> None:
     rows = []
     print(f"{device}: copy limit {limit:.0f} GB/s (graph-timed copy {limits['graph']:.0f})", flush=True)
     for name in dict.fromkeys(c[0] for c in cases):
-        n, k = SHAPES[name]
+        n, k = ALL_SHAPES[name]
         base_ws = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(4)]
         most = max(num for c, num, _ in cases if c == name)
         for variant in a.variants.split(","):
