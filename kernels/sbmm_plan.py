@@ -85,6 +85,12 @@ def pick_config(kernel: str, device_name: str, rows_per_segment: float, bits: in
     raise AssertionError(f"{CONFIG_FILE}: {kernel} has no catch-all entry")
 
 
+def tuned_for(device: torch.device) -> bool:
+    """Whether kernels/sbmm_configs.json has tables for this CUDA device (its own or an alias); False: its launches
+    take "default" (the worker logs that at start)."""
+    return device.type == "cuda" and _device_name(device) in _configs()
+
+
 def dense_rows(device: torch.device, bits: int) -> int | None:
     """Rows per segment from which a segment of sp4 (bits 4) / sp2 (bits 2) words runs as dense Δ + cuBLAS
     (kernels/delta_linear.py) instead of SBMM: the `dense_rows` entry of the device's table ("default" where it has

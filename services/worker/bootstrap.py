@@ -137,8 +137,22 @@ def build_worker(config: WorkerConfig) -> WorkerParts:
     listeners.callbacks.append(app.on_residency_change)
     log.info("worker_built", worker=config.worker_id, base=info.base_name, device=device, dtype=config.dtype,
              disk_cache=cache_dir, max_model_len=info.max_model_len)
+    _warn_if_untuned(torch.device(device))
     return WorkerParts(app, loop, residency, stores, listeners, live_addresses,
                        temp_cache_dir="" if config.disk_cache_dir else cache_dir, tp_leader=leader, fetcher=fetcher)
+
+
+def _warn_if_untuned(device: torch.device) -> None:
+    """A GPU that kernels/sbmm_configs.json does not name runs its SBMM launches on the "default" tables, which can
+    be slower (docs/kernels.md run 23: the H200 before it had an entry): say so once, at start."""
+    if device.type != "cuda":
+        return
+    from kernels import sbmm_plan
+
+    if not sbmm_plan.tuned_for(device):
+        log.warning("sbmm_tables_untuned", gpu=torch.cuda.get_device_name(device),
+                    fix="tune it (bench/sbmm.py --sweep) or name a like GPU's tables in kernels/sbmm_configs.json "
+                        '(e.g. "NVIDIA H200": "NVIDIA H100 80GB HBM3")')
 
 
 def _tp_tier_io(leader, model, fetcher: DeltaFetcher | ProcessFetcher, slots: DeviceSlots, transform) -> ArtifactTierIO:

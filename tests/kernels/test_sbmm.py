@@ -671,3 +671,11 @@ def test_sp4_places_the_documented_codes():
             row = 64 * b + 16 * rb + g
             want = int(halves[row, 8 * s + 2 * jj + c]) | int(halves[row + 8, 8 * s + 2 * jj + c]) << 16
             assert int(mb[b, s, rb, 4 * g + t, slot]) == want
+
+
+def test_tuned_for_names_the_devices_with_tables_of_their_own(monkeypatch):
+    """The worker warns at start when its GPU has no tables (services/worker/bootstrap.py `_warn_if_untuned`)."""
+    assert not sbmm_plan.tuned_for(torch.device("cpu"))
+    for name, tuned in (("NVIDIA H100 80GB HBM3", True), ("NVIDIA H200", True), ("NVIDIA B200", False)):
+        monkeypatch.setattr(sbmm_plan, "_device_name", lambda device, name=name: name)
+        assert sbmm_plan.tuned_for(torch.device("cuda", 0)) is tuned, name
