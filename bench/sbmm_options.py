@@ -36,7 +36,7 @@ CASES = ("qkvo:8:1,qkvo:8:4,qkvo:8:16,qkvo:16:1,qkvo:16:4,qkvo:64:1,qkvo:64:16,g
 ALL_SHAPES = {**SHAPES, **FUSED_SHAPES}  # the layer's linears and the worker's fused q/k/v, gate/up (--cases)
 OPTIONS = {"tuned": {}, "x_dense": {"x_dense": True}, "pdl": {"pdl": True},
            "x_dense+pdl": {"x_dense": True, "pdl": True},
-           "expand_fma": {"expand": "fma"}}  # sp2 words only (kernels/sbmm_spmma2.py FMA_SHIFTS); sp4 ignores it
+           "expand_fma": {"expand": "fma"}}  # the word expander with fewer shifts (kernels/sbmm_spmma.py FMA_SHIFTS)
 
 
 def tuned(stack: dict, num: int, rows: int, n: int, bits: int) -> dict:

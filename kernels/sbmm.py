@@ -335,10 +335,10 @@ def _launch_triton(common, x, n, k, group_size, num_groups, bits, asym, launch: 
 def _spmma_constexprs(k, group_size, num_groups, dtype, block_m, block_n, num_warps, splits=1,
                       prefetch=True, bits=4, pdl=False, x_dense=False, expand="shift") -> dict:
     """Compile-time arguments of one sparse-MMA launch (kernels/sbmm_spmma.py on sp4 words, symmetric 4-bit;
-    bits 2: kernels/sbmm_spmma2.py on sp2 words, whose word expander `expand` picks)."""
+    bits 2: kernels/sbmm_spmma2.py on sp2 words); `expand` picks the word expander (sbmm_spmma.FMA_SHIFTS)."""
     name = "f16" if dtype == torch.float16 else "bf16"
     module = sbmm_spmma2 if bits == 2 else sbmm_spmma
-    expand, cons_e = sbmm_spmma2.expand_ptx(name, expand) if bits == 2 else sbmm_spmma.expand_ptx(name)
+    expand, cons_e = module.expand_ptx(name, expand)
     mma0, cons_m = sbmm_spmma.mma_ptx(name, 0)
     mma1, _ = sbmm_spmma.mma_ptx(name, 1)
     scale_mode = sbmm_triton.SCALE_ROW if num_groups == 1 else sbmm_triton.SCALE_TILE
@@ -371,8 +371,8 @@ def _launch_sparse_mma(x, y, qweight, meta, scales, seg_starts, seg_slots, bits,
     # x_dense: the kernel reads x as given, 4-byte loads (no copy; `plan` turns it off for an odd storage offset);
     # else x in the B order (sp2 too): 16-byte loads, a copy per call or per workspace x (T x K x 2 bytes)
     x_dense = bool(launch.config.get("x_dense", False))
-    # expand (sp2 only): "shift" or "fma", the word expander (kernels/sbmm_spmma2.py FMA_SHIFTS)
-    expand = launch.config.get("expand", "shift") if sp2 else "shift"
+    # expand: "shift" or "fma", the word expander (kernels/sbmm_spmma.py FMA_SHIFTS)
+    expand = launch.config.get("expand", "shift")
     const_key = (k, group_size, num_groups, x.dtype, launch.block_m, launch.block_n, launch.num_warps, splits,
                  int(launch.config.get("prefetch", True)), bits, pdl, x_dense, expand)
     xs = x if x_dense else workspace.sp_x(x) if workspace is not None else spmma_layout.sp4_x(x)

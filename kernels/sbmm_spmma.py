@@ -1,7 +1,8 @@
 """SBMM on the sparse tensor cores (Gluon): 4-bit symmetric 2:4 deltas in the sp4 order feed `mma.sp` directly.
 
-Only the kept values are expanded (one `lop3` + one half2 `sub` per two values, three `shr` per word) and the
-2:4 indices go to the MMA's metadata register as stored: no placement at dense positions, no meta arithmetic.
+Only the kept values are expanded (one `lop3` + one half2 `sub` per two values, three `shr` per word; the launch
+option "expand": "fma" takes one `shr` for fp16, FMA_SHIFTS, not in the tables) and the 2:4 indices go to the MMA's
+metadata register as stored: no placement at dense positions, no meta arithmetic.
 Δ is the A operand (rows = MMA M), tokens the B operand; the K order is the dense order (no permutation).
 
 mma.sp.sync.aligned.m16n8k32.row.col.f32.{f16,bf16}: PTX ISA "Matrix fragments for multiply-accumulate operation
@@ -31,6 +32,7 @@ would wait on a load). Scales (per row, or per group that is a multiple of 128 c
 of each step, like the dense2 RAW path.
 """
 
+import numpy as np
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
@@ -39,10 +41,22 @@ from kernels.sbmm_triton import SEGMENT_ARGS, SEGMENT_POINTERS
 
 STEP_K = gl.constexpr(128)  # dense columns per K step (4 x mma.sp m16n8k32)
 MAGIC = {"f16": (0x64006400, 0x64086408), "bf16": (0x43004300, 0x43084308)}  # (1024 | 128) + code, + zero 8
+MAGIC_VALUE = {"f16": 1024.0, "bf16": 128.0}  # what MAGIC's half is
+# The "fma" expanders (launch config "expand": "fma"): the right shift of pair p (bits p * bits and p * bits + 16)
+# before its lop3. A code at field e (bits e * bits) of a half lies inside the magic's mantissa while
+# (e + 1) * bits <= 10 (bf16: 7), so it is masked in place as magic + q 2^(e bits), and one fma by 2^(-e bits) minus
+# (magic 2^(-e bits) + zero) gives q - zero, exact; shifts bring the other pairs into that range. Pair p's shift:
+FMA_SHIFTS = {4: {"f16": (0, 0, 8, 8), "bf16": (0, 4, 8, 12)},  # sp4: 1 shr a word for fp16 (bf16: 3, as before)
+              2: {"f16": (0, 0, 0, 0, 0, 10, 10, 10), "bf16": (0, 0, 0, 6, 6, 6, 12, 12)}}  # sp2: 1 (bf16 2), was 7
 
 
-def expand_ptx(dtype: str) -> tuple[str, str]:
-    """(PTX, constraints): one sp4 word -> the 4 half2 A registers a0..a3 of its mma.sp, unscaled code - 8."""
+def expand_ptx(dtype: str, expand: str = "shift") -> tuple[str, str]:
+    """(PTX, constraints): one sp4 word -> the 4 half2 A registers a0..a3 of its mma.sp, unscaled code - 8.
+    expand: "shift" (a shift per pair, then lop3 and a half2 sub) or "fma" (FMA_SHIFTS)."""
+    if expand == "fma":
+        return fma_expand_ptx(dtype, 4, 8)
+    if expand != "shift":
+        raise ValueError(f"unknown word expander {expand!r}; valid: shift, fma")
     magic, zero = MAGIC[dtype]
     lines = ["{", ".reg .b32 %s<4>, %c<4>, %z, %one;"]
     lines += [f"shr.u32 %s{p}, $4, {4 * p};" for p in (1, 2, 3)]
@@ -55,6 +69,39 @@ def expand_ptx(dtype: str) -> tuple[str, str]:
         lines += [f"fma.rn.bf16x2 ${p}, %c{p}, %one, %z;" for p in range(4)]
     lines.append("}")
     return "\n".join(lines), "=r,=r,=r,=r,r"
+
+
+def fma_expand_ptx(dtype: str, bits: int, zero: int) -> tuple[str, str]:
+    """(PTX, constraints): the "fma" expander of one word of `bits`-bit codes (FMA_SHIFTS) -> 32 // (2 bits) half2
+    registers, code - zero."""
+    shifts, regs, word = FMA_SHIFTS[bits][dtype], 32 // (2 * bits), f"${32 // (2 * bits)}"
+    mask, magic, step = (1 << bits) - 1, MAGIC[dtype][0], float(1 << bits)
+    lines = ["{", f".reg .b32 %s<3>, %c<{regs}>, %m<{regs}>, %b<{regs}>;"]
+    source = {0: word}
+    for i, shift in enumerate(sorted(set(shifts) - {0})):
+        lines.append(f"shr.u32 %s{i}, {word}, {shift};")
+        source[shift] = f"%s{i}"
+    fields = [p - shifts[p] // bits for p in range(regs)]  # pair p sits at field e of its source
+    lines += [f"lop3.b32 %c{p}, {source[shifts[p]]}, {(mask | mask << 16) << bits * e}, {magic}, 234;"
+              for p, e in enumerate(fields)]
+    for e in sorted(set(fields)):
+        lines.append(f"mov.b32 %m{e}, {half2_bits(dtype, step ** -e)};")
+        lines.append(f"mov.b32 %b{e}, {half2_bits(dtype, -(MAGIC_VALUE[dtype] * step ** -e + zero))};")
+    lines += [f"fma.rn.{dtype}x2 ${p}, %c{p}, %m{e}, %b{e};" for p, e in enumerate(fields)]
+    lines.append("}")
+    return "\n".join(lines), ",".join(["=r"] * regs + ["r"])
+
+
+def half2_bits(dtype: str, value: float) -> int:
+    """The 32-bit pattern of (value, value) as fp16 / bf16; the value must be exact there (the fma expanders')."""
+    if dtype == "f16":
+        assert float(np.float16(value)) == value, f"{value} is not exact in fp16"
+        half = int(np.float16(value).view(np.uint16))
+    else:
+        bits32 = int(np.float32(value).view(np.uint32))
+        assert bits32 & 0xFFFF == 0, f"{value} is not exact in bf16"
+        half = bits32 >> 16
+    return half * 0x00010001
 
 
 def mma_ptx(dtype: str, selector: int) -> tuple[str, str]:

@@ -6,8 +6,8 @@ metadata registers as stored. A K step is 256 columns = 8 mma.sp j, so that a la
 16-byte load of words (4 words, 16 codes = two mma.sp each) and one of meta (4 words, each the metadata
 register of mma.sp 2v and 2v + 1 with selectors 0 and 1). Per word: 7 `shr` + 8 `lop3` + 8 half2 `sub` (bf16:
 `fma`) give the 8 A registers of its two mma.sp as (magic + q) - (magic + 2) = q - 2, exact. The launch option
-"expand": "fma" takes 1 (bf16: 2) `shr` instead of 7, with an `fma` per pair (FMA_SHIFTS; 13-20 % fewer K-loop
-instructions for sm_90, docs/kernels.md run 23; not in the tables until measured on a GPU).
+"expand": "fma" takes 1 (bf16: 2) `shr` instead of 7, with an `fma` per pair (kernels/sbmm_spmma.py FMA_SHIFTS;
+13-20 % fewer K-loop instructions for sm_90, docs/kernels.md run 23; not in the tables until measured on a GPU).
 x: the 256-column step is two 128-column halves in the sp4 B order (kernels/spmma_layout.py sp4_x, unchanged): B
 register n = 4j + m of a lane is pair 64 * (n // 16) + 16t + n % 16 of the step, two runs of 64 contiguous
 bytes. That is 32 registers per 8 tokens (twice sp4's), so the wrapper caps BLOCK_M at 16.
@@ -16,32 +16,25 @@ Scales per row (once at the end), or per group of a multiple of 128 columns on t
 next step during this one's MMAs, 2 keeps two steps in flight.
 """
 
-import numpy as np
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 from kernels.sbmm_gluon import _find_tile, _split_range
 from kernels.sbmm_triton import SEGMENT_ARGS, SEGMENT_POINTERS
-from kernels.sbmm_spmma import (_bits, _epilogue, _k_loop, _linear, _pick, _scale_rows, _scaled, gdc_launch_dependents,
-                                 gdc_wait)
+from kernels.sbmm_spmma import (_bits, _epilogue, _k_loop, _linear, _pick, _scale_rows, _scaled, fma_expand_ptx,
+                                 gdc_launch_dependents, gdc_wait)
 
 STEP_K = gl.constexpr(256)  # dense columns per K step (8 x mma.sp m16n8k32)
 MAGIC = {"f16": (0x64006400, 0x64026402), "bf16": (0x43004300, 0x43024302)}  # (1024 | 128) + code, + zero 2
-# The "fma" expander (launch config "expand": "fma"): the right shift of pair p (bits 2p and 2p + 16) before its
-# lop3. A code at bits 2e of a half is inside the magic's mantissa while 2e + 2 <= 10 (bf16: 7), so it is masked in
-# place as magic + q 4^e and one fma gives (magic + q 4^e) 4^-e - (magic 4^-e + 2) = q - 2, exact; one shift by 10
-# (bf16: two, by 6 and 12) brings the other pairs into that range. 1 (2) shr instead of 7 per word.
-FMA_SHIFTS = {"f16": (0, 0, 0, 0, 0, 10, 10, 10), "bf16": (0, 0, 0, 6, 6, 6, 12, 12)}
-MAGIC_VALUE = {"f16": 1024.0, "bf16": 128.0}
 
 
 def expand_ptx(dtype: str, expand: str = "shift") -> tuple[str, str]:
     """(PTX, constraints): one sp2 word -> the 8 half2 A registers (a0..a3 of mma.sp 2u, then of 2u + 1), code - 2.
-    expand: "shift" (a shift per pair, then lop3 and a half2 sub) or "fma" (FMA_SHIFTS)."""
+    expand: "shift" (a shift per pair, then lop3 and a half2 sub) or "fma" (kernels/sbmm_spmma.py FMA_SHIFTS)."""
     if expand == "fma":
-        return _expand_fma_ptx(dtype)
+        return fma_expand_ptx(dtype, 2, 2)
     if expand != "shift":
-        raise ValueError(f"unknown sp2 expander {expand!r}; valid: shift, fma")
+        raise ValueError(f"unknown word expander {expand!r}; valid: shift, fma")
     magic, zero = MAGIC[dtype]
     lines = ["{", ".reg .b32 %s<8>, %c<8>, %z, %one;"]
     lines += [f"shr.u32 %s{p}, $8, {2 * p};" for p in range(1, 8)]
@@ -54,36 +47,6 @@ def expand_ptx(dtype: str, expand: str = "shift") -> tuple[str, str]:
         lines += [f"fma.rn.bf16x2 ${p}, %c{p}, %one, %z;" for p in range(8)]
     lines.append("}")
     return "\n".join(lines), ",".join(["=r"] * 8 + ["r"])
-
-
-def _expand_fma_ptx(dtype: str) -> tuple[str, str]:
-    magic, shifts = MAGIC[dtype][0], FMA_SHIFTS[dtype]
-    lines = ["{", ".reg .b32 %s<2>, %c<8>, %m<5>, %b<5>;"]
-    source = {0: "$8"}
-    for i, shift in enumerate(sorted(set(shifts) - {0})):
-        lines.append(f"shr.u32 %s{i}, $8, {shift};")
-        source[shift] = f"%s{i}"
-    fields = [p - shifts[p] // 2 for p in range(8)]  # pair p sits at bits 2e (and 2e + 16) of its source
-    lines += [f"lop3.b32 %c{p}, {source[shifts[p]]}, {0x00030003 << 2 * e}, {magic}, 234;"
-              for p, e in enumerate(fields)]
-    for e in sorted(set(fields)):
-        lines.append(f"mov.b32 %m{e}, {half2_bits(dtype, 4.0 ** -e)};")
-        lines.append(f"mov.b32 %b{e}, {half2_bits(dtype, -(MAGIC_VALUE[dtype] * 4.0 ** -e + 2))};")
-    lines += [f"fma.rn.{dtype}x2 ${p}, %c{p}, %m{e}, %b{e};" for p, e in enumerate(fields)]
-    lines.append("}")
-    return "\n".join(lines), ",".join(["=r"] * 8 + ["r"])
-
-
-def half2_bits(dtype: str, value: float) -> int:
-    """The 32-bit pattern of (value, value) as fp16 / bf16 (values the fma expander uses: exact in both)."""
-    if dtype == "f16":
-        assert float(np.float16(value)) == value, f"{value} is not exact in fp16"
-        half = int(np.float16(value).view(np.uint16))
-    else:
-        bits32 = int(np.float32(value).view(np.uint32))
-        assert bits32 & 0xFFFF == 0, f"{value} is not exact in bf16"
-        half = bits32 >> 16
-    return half * 0x00010001
 
 
 @gluon.jit

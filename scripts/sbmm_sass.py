@@ -130,7 +130,7 @@ def main() -> None:
     p.add_argument("--pdl", action="store_true", help="spmma: programmatic dependent launch (griddepcontrol)")
     p.add_argument("--x-dense", action="store_true", help="spmma: x read as given (4-byte loads, no sp4_x copy)")
     p.add_argument("--expand", choices=("shift", "fma"), default="shift",
-                   help="spmma2: the sp2 word expander (kernels/sbmm_spmma2.py FMA_SHIFTS)")
+                   help="spmma / spmma2: the word expander (kernels/sbmm_spmma.py FMA_SHIFTS)")
     p.add_argument("--dense2", action="store_true", help="gluon: dense2 words (kernels/layout.py), 2-bit")
     p.add_argument("--scale-each", action="store_true",
                    help="gluon dense2: scale every value in the expander instead of the accumulator")

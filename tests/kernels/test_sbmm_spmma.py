@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import packing, reference, sbmm, sbmm_spmma, sbmm_spmma2, spmma_layout
+from kernels import packing, reference, sbmm, sbmm_asm, sbmm_spmma, sbmm_spmma2, spmma_layout
 from tests.kernels.packed_factory import random_packed
 from tests.kernels.test_sbmm import TOL, make_case
 
@@ -38,6 +38,61 @@ def expand_word(words: np.ndarray, dtype: str, bits: int = 4) -> np.ndarray:
             out[..., p, half] = half_value((c >> (16 * half)) & 0xFFFF, dtype) - half_value(
                 np.array((zero >> (16 * half)) & 0xFFFF), dtype)
     return out
+
+
+def run_expand_ptx(ptx: str, words: np.ndarray, dtype: str, outputs: int) -> np.ndarray:
+    """Interpret an expander's PTX (shr, lop3, mov, and half2 sub / fma, each rounded once as .rn does) on uint32
+    words [W] (operand $outputs) -> the output registers $0.. as values [W, outputs, 2] (low half, high half)."""
+    regs = {f"${outputs}": words.astype(np.uint32)}
+
+    def val(operand):
+        return regs[operand] if operand in regs else np.full_like(words, int(operand), dtype=np.uint32)
+
+    def halves(r):
+        lo, hi = sbmm_asm._to_lanes(r, dtype)
+        return lo.astype(np.float64), hi.astype(np.float64)
+
+    for line in ptx.splitlines():
+        if line in ("{", "}") or line.startswith(".reg"):
+            continue
+        op, rest = line.rstrip(";").split(" ", 1)
+        dst, *src = [o.strip() for o in rest.split(",")]
+        if op == "shr.u32":
+            regs[dst] = val(src[0]) >> np.uint32(int(src[1]))
+        elif op == "lop3.b32":
+            regs[dst] = sbmm_asm._lop3(val(src[0]), val(src[1]), val(src[2]), int(src[3]))
+        elif op == "mov.b32":
+            regs[dst] = val(src[0])
+        elif op in ("sub.rn.f16x2", f"fma.rn.{dtype}x2"):  # bf16 "shift" expanders use fma by 1 too
+            (a0, a1), (b0, b1) = halves(val(src[0])), halves(val(src[1]))
+            if op.startswith("sub"):
+                lo, hi = a0 - b0, a1 - b1
+            else:
+                c0, c1 = halves(val(src[2]))
+                lo, hi = a0 * b0 + c0, a1 * b1 + c1  # exact in float64 for these operands: one rounding below
+            regs[dst] = sbmm_asm._from_lanes(lo.astype(np.float32), hi.astype(np.float32), dtype)
+        else:
+            raise AssertionError(f"the interpreter has no {op!r}")
+    return np.stack([np.stack(halves(regs[f"${p}"]), axis=-1) for p in range(outputs)], axis=1)
+
+
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+@pytest.mark.parametrize("expand", ["shift", "fma"])
+@pytest.mark.parametrize("bits", [4, 2])
+def test_expand_ptx_run_gives_code_minus_zero_for_every_pair(dtype, expand, bits):
+    """Both word expanders of both kernels, their PTX interpreted, turn every code of a word into code - zero at
+    the register the model (expand_word) says; "fma" with the shifts of FMA_SHIFTS (fewer than one per pair)."""
+    g = np.random.default_rng(5)
+    words = np.concatenate([g.integers(0, 2**32, 4000, dtype=np.uint64).astype(np.uint32),
+                            np.array([0, 0xFFFFFFFF, 0xAAAAAAAA, 0x55555555], dtype=np.uint32)])
+    module, regs = (sbmm_spmma, 4) if bits == 4 else (sbmm_spmma2, 8)
+    ptx, constraints = module.expand_ptx(dtype, expand)
+    assert constraints == ",".join(["=r"] * regs + ["r"])
+    np.testing.assert_array_equal(run_expand_ptx(ptx, words, dtype, regs), expand_word(words, dtype, bits=bits))
+    shifts = regs - 1 if expand == "shift" else len(set(sbmm_spmma.FMA_SHIFTS[bits][dtype]) - {0})
+    assert ptx.count("shr.u32") == shifts
+    with pytest.raises(ValueError, match="unknown word expander"):
+        module.expand_ptx(dtype, "fast")
 
 
 def mma_sp(a: np.ndarray, b: np.ndarray, meta: np.ndarray, c: np.ndarray, selector: int) -> np.ndarray:
@@ -249,8 +304,8 @@ def test_spmma_segments_hint_and_padded_segments_gpu(bits, k):
 @pytest.mark.parametrize("bits,k,group,dtype", [(4, 1408, 128, torch.float16), (4, 1408, None, torch.bfloat16),
                                                 (2, 2816, 128, torch.float16), (2, 2816, 256, torch.bfloat16)])
 def test_sparse_mma_launch_options_gpu(options, prefetch, bits, k, group, dtype):
-    """x_dense (x read as given: no sp4_x copy), pdl (programmatic dependent launch) and expand fma (sp2's word
-    expander with one or two shifts a word; sp4 ignores it) against the reference,
+    """x_dense (x read as given: no sp4_x copy), pdl (programmatic dependent launch) and expand fma (the word
+    expanders with fewer shifts, FMA_SHIFTS) against the reference,
     split and unsplit, at 8 and 16 rows per block; an x with an odd storage offset (not readable as pairs: the
     wrapper copies it) and one with a row stride past K (a column slice, read in place) too."""
     if options.get("pdl") and torch.cuda.get_device_capability() < (9, 0):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import packing, sbmm, sbmm_asm, sbmm_spmma, sbmm_spmma2, spmma_layout
+from kernels import packing, sbmm, sbmm_spmma, sbmm_spmma2, spmma_layout
 from tests.kernels.test_sbmm import make_case
 from tests.kernels.test_sbmm_spmma import G, LANES, T, assert_model_matches_dense_product, expand_word, mma_sp
 
@@ -128,58 +128,6 @@ def test_expand2_ptx_uses_the_modelled_constants(dtype):
     assert all(f"$8, {2 * p};" in ptx for p in range(1, 8))
     assert str(zero if dtype == "f16" else zero | 0x80008000) in ptx
     assert ptx.count("sub.rn.f16x2" if dtype == "f16" else "fma.rn.bf16x2") == 8
-
-
-def run_expand_ptx(ptx: str, words: np.ndarray, dtype: str) -> np.ndarray:
-    """Interpret an expander's PTX (shr, lop3, mov, and half2 sub / fma, each rounded once as .rn does) on uint32
-    words [W] -> the 8 output registers as values [W, 8, 2] (low half, high half)."""
-    regs = {"$8": words.astype(np.uint32)}
-
-    def val(operand):
-        return regs[operand] if operand in regs else np.full_like(words, int(operand), dtype=np.uint32)
-
-    def halves(r):
-        lo, hi = sbmm_asm._to_lanes(r, dtype)
-        return lo.astype(np.float64), hi.astype(np.float64)
-
-    for line in ptx.splitlines():
-        if line in ("{", "}") or line.startswith(".reg"):
-            continue
-        op, rest = line.rstrip(";").split(" ", 1)
-        dst, *src = [o.strip() for o in rest.split(",")]
-        if op == "shr.u32":
-            regs[dst] = val(src[0]) >> np.uint32(int(src[1]))
-        elif op == "lop3.b32":
-            regs[dst] = sbmm_asm._lop3(val(src[0]), val(src[1]), val(src[2]), int(src[3]))
-        elif op == "mov.b32":
-            regs[dst] = val(src[0])
-        elif op in ("sub.rn.f16x2", f"fma.rn.{dtype}x2"):
-            (a0, a1), (b0, b1) = halves(val(src[0])), halves(val(src[1]))
-            if op.startswith("sub"):
-                lo, hi = a0 - b0, a1 - b1
-            else:
-                c0, c1 = halves(val(src[2]))
-                lo, hi = a0 * b0 + c0, a1 * b1 + c1  # exact in float64 for these operands: one rounding below
-            regs[dst] = sbmm_asm._from_lanes(lo.astype(np.float32), hi.astype(np.float32), dtype)
-        else:
-            raise AssertionError(f"the interpreter has no {op!r}")
-    return np.stack([np.stack(halves(regs[f"${p}"]), axis=-1) for p in range(8)], axis=1)
-
-
-@pytest.mark.parametrize("dtype", ["f16", "bf16"])
-@pytest.mark.parametrize("expand", ["shift", "fma"])
-def test_expand2_ptx_run_gives_code_minus_two_for_every_pair(dtype, expand):
-    """Both sp2 expanders' PTX, interpreted, turn every code of a word into code - 2 at the register the model
-    (expand_word) says; the fma one with 1 (bf16: 2) shifts a word instead of 7."""
-    g = np.random.default_rng(5)
-    words = np.concatenate([g.integers(0, 2**32, 4000, dtype=np.uint64).astype(np.uint32),
-                            np.array([0, 0xFFFFFFFF, 0xAAAAAAAA, 0x55555555], dtype=np.uint32)])
-    ptx, constraints = sbmm_spmma2.expand_ptx(dtype, expand)
-    assert constraints == ",".join(["=r"] * 8 + ["r"])
-    np.testing.assert_array_equal(run_expand_ptx(ptx, words, dtype), expand_word(words, dtype, bits=2))
-    assert ptx.count("shr.u32") == (7 if expand == "shift" else len(set(sbmm_spmma2.FMA_SHIFTS[dtype]) - {0}))
-    with pytest.raises(ValueError, match="unknown sp2 expander"):
-        sbmm_spmma2.expand_ptx(dtype, "fast")
 
 
 # The kernel itself on the GPU: tests/kernels/test_sbmm_spmma.py (its GPU tests take bits 4 and 2).
