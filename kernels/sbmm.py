@@ -338,12 +338,12 @@ def _spmma_constexprs(k, group_size, num_groups, dtype, block_m, block_n, num_wa
     bits 2: kernels/sbmm_spmma2.py on sp2 words); `expand` picks the word expander (sbmm_spmma.FMA_SHIFTS)."""
     name = "f16" if dtype == torch.float16 else "bf16"
     module = sbmm_spmma2 if bits == 2 else sbmm_spmma
-    expand, cons_e = module.expand_ptx(name, expand)
+    expand_asm, cons_e = module.expand_ptx(name, expand)
     mma0, cons_m = sbmm_spmma.mma_ptx(name, 0)
     mma1, _ = sbmm_spmma.mma_ptx(name, 1)
     scale_mode = sbmm_triton.SCALE_ROW if num_groups == 1 else sbmm_triton.SCALE_TILE
     return dict(K=k, GROUP_SIZE=k if num_groups == 1 else group_size, SCALE_MODE=scale_mode, BLOCK_M=block_m,
-                BLOCK_N=block_n, EXPAND=expand, MMA0=mma0, MMA1=mma1, CONSTRAINTS_E=cons_e, CONSTRAINTS_M=cons_m,
+                BLOCK_N=block_n, EXPAND=expand_asm, MMA0=mma0, MMA1=mma1, CONSTRAINTS_E=cons_e, CONSTRAINTS_M=cons_m,
                 L_SEG=sbmm_gluon.seg_layout(num_warps), SPLIT_K=splits, PREFETCH=prefetch, PDL=pdl,
                 X_DENSE=x_dense,
                 **module.layouts(block_n, block_m, num_warps))
