@@ -64,7 +64,7 @@ def pick_config(kernel: str, device_name: str, rows_per_segment: float, bits: in
     tile) programs before any K split reach (do not pass) with the entry's own tiles: ceil(n / BLOCK_N) x segments
     x ceil(rows / BLOCK_M) (an entry with min_n or a program bound never matches when n or segments is not
     given). Tables: "gluon", "triton", and the sparse-MMA kernels' own "spmma" (sp4 words) and "spmma2" (sp2
-    words), whose entries may also set `x_dense` and `pdl` (kernels/sbmm_spmma.py). table: another table of
+    words), whose entries may also set `x_dense`, `pdl` and `expand` (kernels/sbmm_spmma.py). table: another table of
     kernels/sbmm_configs.json's form instead of it (benchmarks time an older table against it)."""
     table = resolve_aliases(table) if table is not None else _configs()
     entries = table.get(device_name, {}).get(kernel) or table["default"][kernel]
