@@ -29,7 +29,7 @@ from bench.replay import add_ratios, goal_summary
 from bench.results_io import device_name, git_commit, write_results
 from bench.run_budget import RunBudget
 from bench.serve_points import calibrate_rate, mark, run_mode
-from bench.serve_stack import Stack
+from bench.serve_stack import PUSH_PARALLEL, Stack
 from bench.warm import WARM_TIERS, TierBudget, warm_residency
 from deltazip.rpc.ports import PortRange
 
@@ -81,6 +81,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="worker flag for one mode only, MODE=FLAG, e.g. --mode-flag swap=--num-device-slots=1")
     p.add_argument("--drop-local-copies", action="store_true",
                    help="delete the synthetic deltas once pushed (the store keeps them): saves disk on big shapes")
+    p.add_argument("--write-jobs", type=int, default=1,
+                   help="synthetic deltas written at a time, in child processes (bench/synthetic.py --jobs)")
+    p.add_argument("--link-worker-cache", action="store_true",
+                   help="with --keep-disk-cache: put each pushed delta into the workers' disk cache as hard links to "
+                        "the store's files, as if fetched before the run (one copy on disk: full-depth shapes fit)")
     p.add_argument("--dense-artifacts", action="store_true",
                    help="serve dense-delta mode from uncompressed fp16 delta artifacts (default: the packed ones)")
     p.add_argument("--schedulers", type=int, default=1,
@@ -124,6 +129,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--schedulers and --client-procs must be >= 1, --stream-chunk-tokens >= 0")
     if args.target and args.schedulers > 1:
         p.error("--schedulers starts schedulers; with --target, list a running stack's schedulers in --target A,B")
+    if args.write_jobs < 1:
+        p.error(f"--write-jobs must be >= 1, got {args.write_jobs}")
+    if args.link_worker_cache and not args.keep_disk_cache:
+        p.error("--link-worker-cache fills the disk cache the workers share: it needs --keep-disk-cache")
     if args.target and args.warmup_prefetch:
         p.error("--warmup-prefetch sizes the warm state from the worker's flags: it needs the stack started here")
     try:
@@ -145,19 +154,36 @@ def mode_flags(specs: list[str], mode: str) -> list[str]:
 
 
 def make_and_push(stack: Stack, args, kind: str, bits: int) -> tuple[Path, list[str]]:
-    """Synthetic deltas for the largest model count, pushed under '<name>-<bits>b' (or '<name>-dense')."""
+    """Synthetic deltas for the largest model count, pushed under '<name>-<bits>b' (or '<name>-dense').
+
+    Each delta is pushed as soon as it is written (--write-jobs at a time), then, with --link-worker-cache, hard-linked
+    from the store into the kept worker disk cache, and with --drop-local-copies its local copy is removed: the disk
+    holds about one copy of the deltas at any time."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from bench.synthetic import write_suite
 
-    base_dir, artifacts = write_suite(stack.work / "models", args.shape, max(args.num_models), kind=kind, bits=bits,
-                                      group_size=args.group_size, num_layers=args.num_layers,
-                                      device=args.device if args.device.startswith("cuda") else "cpu")
     suffix = f"{bits}b" if kind == "sparse24" else "dense"
-    named = {f"{name}-{suffix}": path for name, path in artifacts.items()}
-    stack.push(named)
-    if args.drop_local_copies:
-        for path in artifacts.values():
+    stored = stack.stored_names()
+
+    def publish(name: str, path: Path) -> None:
+        if name not in stored:
+            stack.push_one(name, path)
+        if args.link_worker_cache:
+            stack.link_into_cache(name)
+        if args.drop_local_copies:
             shutil.rmtree(path)
-    return base_dir, list(named)
+
+    with ThreadPoolExecutor(max_workers=PUSH_PARALLEL) as pool:
+        pending = []
+        base_dir, artifacts = write_suite(
+            stack.work / "models", args.shape, max(args.num_models), kind=kind, bits=bits, group_size=args.group_size,
+            num_layers=args.num_layers, device=args.device if args.device.startswith("cuda") else "cpu",
+            jobs=args.write_jobs,
+            on_written=lambda name, path: pending.append(pool.submit(publish, f"{name}-{suffix}", path)))
+        for future in pending:
+            future.result()  # the first failed push raises here
+    return base_dir, [f"{name}-{suffix}" for name in artifacts]
 
 
 def prefetcher(stack: Stack, worker, base_dir: Path, mode: str, args) -> Callable[[list[str]], dict] | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -39,29 +40,43 @@ class Stack:
             self.close()
             raise
 
-    def push(self, artifacts: dict[str, Path], num_parallel: int = PUSH_PARALLEL) -> None:
-        """Push the artifacts the store does not hold yet, `num_parallel` at a time (one client each)."""
-        from concurrent.futures import ThreadPoolExecutor
+    def stored_names(self) -> set[str]:
+        with self._client() as c:
+            return {m.name for m in c.stored_models()}
 
+    def push_one(self, name: str, path: Path) -> None:
+        with self._client() as c:
+            c.push(path, name, progress=False)
+
+    def _client(self):
         from deltazip.client import Client
 
-        def client() -> Client:
-            return Client(self.scheduler.address, store=self.store.address, timeout_s=3600)
+        return Client(self.scheduler.address, store=self.store.address, timeout_s=3600)
 
-        with client() as c:
-            stored = {m.name for m in c.stored_models()}
-        todo = [(name, path) for name, path in artifacts.items() if name not in stored]
+    def kept_cache(self) -> Path:
+        """The disk cache every mode's worker shares (`keep_disk_cache`)."""
+        return self.work / "worker-cache-kept"
 
-        def push_one(item: tuple[str, Path]) -> None:
-            with client() as c:
-                c.push(item[1], item[0], progress=False)
+    def link_into_cache(self, name: str) -> None:
+        """Put the store's copy of `name` into the kept worker disk cache as hard links (no second copy on disk),
+        as if a worker had fetched it: the artifact's files without the store's own index, published by one
+        rename like a fetch. The worker finds it at start-up (ON_DISK) and reads or evicts it like a fetched one."""
+        from services.delta_store.storage import FILES_INDEX
 
-        with ThreadPoolExecutor(max_workers=max(1, num_parallel)) as pool:
-            list(pool.map(push_one, todo))  # list(): the first failure raises here
+        src = self.work / "store" / name
+        final = self.kept_cache() / name
+        partial = self.kept_cache() / ".partial" / name
+        shutil.rmtree(partial, ignore_errors=True)
+        for file in src.rglob("*"):
+            if file.is_file() and file.name != FILES_INDEX:
+                dst = partial / file.relative_to(src)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                os.link(file, dst)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
 
     def start_worker(self, base_dir: Path, mode: str, mode_flags: list[str]):
-        name = "worker-cache-kept" if self.keep_disk_cache else f"worker-cache-{mode}-{time.monotonic_ns()}"
-        cache = self.work / name
+        cache = self.kept_cache() if self.keep_disk_cache else self.work / f"worker-cache-{mode}-{time.monotonic_ns()}"
         return self.launcher.start("worker", "--base-dir", str(base_dir), "--mode", mode, "--disk-cache-dir",
                                    str(cache), "--heartbeat-s", "0.5", "--heartbeat-ttl-s", "2", *self.worker_flags,
                                    *mode_flags, timeout_s=1800)

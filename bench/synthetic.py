@@ -16,7 +16,8 @@ import argparse
 import dataclasses
 import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -127,27 +128,34 @@ def write_delta(base_dir: Path, out_dir: Path, config: LlamaConfig, kind: str = 
 
 
 def write_suite(root: Path, shape: str, num_deltas: int, kind: str = "sparse24", bits: int = 4,
-                group_size: int = 128, num_layers: int = 0, device: str = "cpu",
-                jobs: int = 1) -> tuple[Path, dict[str, Path]]:
+                group_size: int = 128, num_layers: int = 0, device: str = "cpu", jobs: int = 1,
+                on_written: Callable[[str, Path], None] | None = None) -> tuple[Path, dict[str, Path]]:
     """Base + `num_deltas` deltas under `root` (reused if present); returns (base_dir, {name: artifact_dir}).
 
-    `jobs` > 1 writes the missing deltas in that many child processes (spawned: safe with CUDA)."""
+    `jobs` > 1 writes the missing deltas in that many child processes (spawned: safe with CUDA). `on_written(name,
+    dir)` is called once per delta as soon as it is complete (reused ones first), in this process, so a caller can
+    push a delta and drop its local copy while the others are still being written."""
     config = shape_config(shape, num_layers)
     base_dir = root / f"base-{shape}"
     if not (base_dir / "config.json").exists():
         write_base(base_dir, config, device)
     tag = f"{kind}-{bits}b" if kind == "sparse24" else kind
     artifacts = {f"ft-{i:03d}": root / f"ft-{i:03d}-{tag}" for i in range(num_deltas)}
+    names = list(artifacts)
     todo = [(i, out) for i, out in enumerate(artifacts.values()) if not (out / "manifest.json").exists()]
+    written = on_written or (lambda name, out: None)
+    for i, out in enumerate(artifacts.values()):
+        if (i, out) not in todo:
+            written(names[i], out)
     if jobs <= 1 or len(todo) <= 1:
         for i, out in todo:
-            write_delta(base_dir, out, config, kind, bits, group_size, seed=1000 + i, device=device)
+            written(names[i], write_delta(base_dir, out, config, kind, bits, group_size, seed=1000 + i, device=device))
         return base_dir, artifacts
     with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(write_delta, base_dir, out, config, kind, bits, group_size, 1000 + i, device)
-                   for i, out in todo]
-        for future in futures:
-            future.result()  # re-raises a child's error
+        futures = {pool.submit(write_delta, base_dir, out, config, kind, bits, group_size, 1000 + i, device): i
+                   for i, out in todo}
+        for future in as_completed(futures):
+            written(names[futures[future]], future.result())  # result() re-raises a child's error
     return base_dir, artifacts
 
 

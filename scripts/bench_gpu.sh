@@ -44,6 +44,7 @@ DELTA_SLOTS=${DELTA_SLOTS:-64}  # delta mode's GPU slots (see the bench/serve.py
 STREAM_CHUNK_TOKENS=${STREAM_CHUNK_TOKENS:-8}
 SCHEDULERS=${SCHEDULERS:-2}
 CLIENT_PROCS=${CLIENT_PROCS:-4}
+WRITE_JOBS=${WRITE_JOBS:-4}  # synthetic deltas written at a time (child processes), each pushed as soon as written
 WORK_DIR=${WORK_DIR:-$(mktemp -d /tmp/dz-bench-gpu.XXXXXX)}
 
 if [[ "$DEVICE" != cpu ]]; then
@@ -68,6 +69,7 @@ RESULT=$("$PY" -m bench.serve --device "$DEVICE" --dtype "$DTYPE" --shape "$SHAP
   --num-models "$NUM_MODELS" --bits "$BITS" --modes "$MODES" --rate-rps "$RATE_RPS" --loads "$LOADS" \
   --num-requests "$NUM_REQUESTS" --arrival gamma --cv "$CV" --zipf-alpha "$ZIPF_ALPHA" \
   --prompt-len "$PROMPT_LEN" --output-len "$OUTPUT_LEN" --slo-k "$SLO_K" --work-dir "$WORK_DIR" --drop-local-copies \
+  --write-jobs "$WRITE_JOBS" \
   --stream-chunk-tokens "$STREAM_CHUNK_TOKENS" --schedulers "$SCHEDULERS" --client-procs "$CLIENT_PROCS" \
   --worker-flag=--max-num-seqs=128 --worker-flag=--kv-memory-fraction=0.3 \
   --mode-flag delta=--num-device-slots="$DELTA_SLOTS" --mode-flag delta=--max-deltas-per-batch=16 \

@@ -9,7 +9,9 @@
 #
 # Warm state: every mode x num_models set is prefetched before its warm-up requests (--warmup-prefetch: delta and
 # dense-delta to GPU slots then host, swap to the pinned host cache; bench/warm.py), with one worker disk cache kept
-# across the modes of a job (--keep-disk-cache), so no measured point pays a fetch from the store.
+# across the modes of a job (--keep-disk-cache) and filled with hard links to the store's files as each delta is pushed
+# (--link-worker-cache: one copy of the deltas on disk, so deeper shapes fit), so no measured point pays a fetch from
+# the store.
 #
 # Time: BUDGET_S bounds all jobs, wall clock from the first job's start. A job gets (time left) / (jobs left on its
 # GPU): bench/serve.py starts points until POINT_S before that share ends (--budget-s; a point started then may run up
@@ -84,7 +86,7 @@ if (( CPU_PIN )) && ! taskset -c "$(cpu_slice 0)" true 2>/dev/null; then
   CPU_PIN=0
 fi
 SERVE_ARGS="--timeout-s $TIMEOUT_S --warmup-requests $WARMUP_REQUESTS --warmup-timeout-s $WARMUP_TIMEOUT_S --warmup-prefetch
-  --keep-disk-cache --mode-reserve-s $MODE_RESERVE_S --worker-flag=--host-cache-bytes=$HOST_CACHE_BYTES --out $JOBS_DIR"
+  --keep-disk-cache --link-worker-cache --mode-reserve-s $MODE_RESERVE_S --worker-flag=--host-cache-bytes=$HOST_CACHE_BYTES --out $JOBS_DIR"
 [[ "$DEVICE" == cpu ]] || SERVE_ARGS+=" --worker-flag=--cuda-graphs=1"
 
 # A job spec: num_models:bits, optionally :h<GiB> = that job's host cache instead of HOST_CACHE_BYTES (e.g. the swap

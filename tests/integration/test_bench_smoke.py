@@ -10,6 +10,7 @@ import math
 import pytest
 
 from bench import plot_serving, serve
+from services.delta_store.storage import FILES_INDEX
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -74,13 +75,16 @@ def test_serving_bench_spreads_clients_over_several_schedulers(tmp_path, monkeyp
 def test_serving_bench_prefetches_each_mode_to_its_strongest_tier(tmp_path, monkeypatch):
     """--warmup-prefetch with no warm-up requests: delta fills its 2 GPU slots with the 2 most popular fine-tunes
     and the host cache with the third; swap's host cache holds one merged model, the other two did not fit and
-    sit on the disk cache the delta worker filled (--keep-disk-cache). Ports come from --port-range."""
+    sit on the disk cache the workers share (--keep-disk-cache), which --link-worker-cache filled with hard links to
+    the store's files as each delta was pushed (written 2 at a time, local copies dropped). Ports come from
+    --port-range."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     work = tmp_path / "work"
     path = serve.main(["--shape", "tiny", "--num-models", "3", "--modes", "delta,swap", "--num-requests", "8",
                        "--rate-rps", "8", "--output-len", "4", "--prompt-len", "16", "--work-dir", str(work),
                        "--out", str(tmp_path / "results"), "--label", "cpu-prefetch-test", "--warmup-prefetch",
-                       "--keep-disk-cache", "--port-range", "24100-24199", "--worker-flag=--num-kv-blocks=128",
+                       "--keep-disk-cache", "--link-worker-cache", "--write-jobs", "2", "--drop-local-copies",
+                       "--port-range", "24100-24199", "--worker-flag=--num-kv-blocks=128",
                        "--worker-flag=--kv-block-size=8", "--worker-flag=--max-deltas-per-batch=1",
                        "--mode-flag", "delta=--num-device-slots=2", "--mode-flag", "swap=--num-device-slots=1",
                        "--mode-flag", "swap=--host-cache-bytes=400000"])
@@ -101,6 +105,15 @@ def test_serving_bench_prefetches_each_mode_to_its_strongest_tier(tmp_path, monk
     assert [e["event"] for e in data["timeline"]][:2] == ["stack started", "deltas pushed"]
     ports = [int(log.stem.rsplit("-", 1)[1]) for log in (work / "logs").glob("*.log")]
     assert len(ports) >= 4 and all(24100 <= p <= 24199 for p in ports)  # store, scheduler, 2 workers
+    # one copy on disk: every cached file is the store's own file (same inode), without the store's index
+    store, cache = work / "store", work / "worker-cache-kept"
+    for name in ("ft-000-4b", "ft-001-4b", "ft-002-4b"):
+        cached = sorted(f.relative_to(cache / name) for f in (cache / name).rglob("*") if f.is_file())
+        stored = sorted(f.relative_to(store / name) for f in (store / name).rglob("*")
+                        if f.is_file() and f.name != FILES_INDEX)
+        assert cached and cached == stored, name
+        assert all((cache / name / f).stat().st_ino == (store / name / f).stat().st_ino for f in cached)
+    assert not list((work / "models").glob("ft-*"))  # local copies dropped once pushed
 
 
 def test_sched_cost_measures_each_flush_interval(tmp_path):
