@@ -22,7 +22,7 @@ from services.worker.engine_loop import EngineLoop
 from services.worker.fetcher import DeltaFetcher, manifest_base_identity
 from services.worker.fetch_process import FetchSettings, ProcessFetcher
 from services.worker.engine.swap import host_copies
-from services.worker.modes import host_transform, select_mode
+from services.worker.modes import host_estimate, host_transform, select_mode
 from services.worker.residency import ResidencyLimits, ResidencyManager, ResidentDelta
 from services.worker.store_client import StoreDirectory
 from services.worker.tier_io import ArtifactTierIO
@@ -108,7 +108,7 @@ def build_worker(config: WorkerConfig) -> WorkerParts:
     base_host = host_copies(model) if mode.swaps_weights else None
     if leader is None:
         io = ArtifactTierIO(fetcher, slots, host_transform(mode, base_host, device),
-                            device_slots_used=not mode.swaps_weights)
+                            device_slots_used=not mode.swaps_weights, host_estimate=host_estimate(mode, base_host))
     else:
         io = _tp_tier_io(leader, model, fetcher, slots, host_transform(mode, base_host, device))
     residency = ResidencyManager(limits, io, on_change=listeners)

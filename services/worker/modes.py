@@ -18,12 +18,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from math import prod
 
 import torch
 
 from deltazip.logs import get_logger
 
 HostTransform = Callable[[dict], dict]
+HostEstimate = Callable[[str, int], int]  # (artifact dir, bytes on disk) -> bytes its host form will hold
 log = get_logger("services.worker.modes")
 
 
@@ -134,3 +136,24 @@ def host_transform(mode: WorkerMode, base_host: dict[str, torch.Tensor] | None,
         assert base_host is not None, "swap mode needs the base's host weights"
         return lambda tensors: merged_weights(base_host, tensors, math)
     return lambda tensors: tensors
+
+
+def host_estimate(mode: WorkerMode, base_host: dict[str, torch.Tensor] | None) -> HostEstimate:
+    """Bytes a delta will hold in the host tier under `mode`, known before it is loaded (the host budget's admission
+    check): swap holds a whole merged model, dense-delta every delta tensor in fp16, delta the packed bytes."""
+    if mode.name == "swap":
+        assert base_host is not None, "swap mode needs the base's host weights"
+        merged = sum(t.numel() * t.element_size() for t in base_host.values())
+        return lambda path, disk_bytes: merged
+    if mode.name == "dense-delta":
+        from deltazip.artifact.errors import ArtifactError
+        from deltazip.artifact.manifest import read_manifest
+
+        def dense(path: str, disk_bytes: int) -> int:
+            try:
+                return sum(2 * prod(t.shape) for t in read_manifest(path).tensors.values())  # all as fp16
+            except (ArtifactError, OSError):
+                return disk_bytes  # unreadable here: load_host reports the error; its true size is counted after
+
+        return dense
+    return lambda path, disk_bytes: disk_bytes

@@ -2,6 +2,10 @@
 
 One owner for delta slots. LRU per tier with byte accounting; a delta pinned by a live request is never
 evicted; every state transition is reported to `on_change` (the publisher mirrors it into Redis).
+A host load starts only when the host budget has room for it (`TierIO.host_bytes_estimate`, evicting unpinned
+entries first); otherwise it waits in a FCFS queue until pins are released. Without that, a burst for many fine-tunes
+pinned them all and loaded every one past the budget: swap mode's 7 GB merged models (16-layer 7B) took a 128 GB host
+to 125 GB in one run and the worker died.
 The slow work runs in two small thread pools through `TierIO`: fetches from the store in one, host loads and device
 copies in the other, so a delta that has arrived goes on to the GPU while fetches of others are still queued (one
 FIFO pool made it wait behind every fetch queued before it: with 64 cold fine-tunes requested at once, no delta
@@ -46,6 +50,8 @@ class ResidencyManager:
         self._free_slots = list(range(limits.num_device_slots))
         self._waiters: dict[str, list[tuple[Tier, Future]]] = {}
         self._device_queue: OrderedDict[str, None] = OrderedDict()  # FCFS waiting for a slot
+        self._host_queue: OrderedDict[str, None] = OrderedDict()  # FCFS on disk, waiting for host budget
+        self._host_loading: dict[str, int] = {}  # name -> estimated host bytes of a load in flight
         self._step = 0  # last engine step reported through on_step
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="residency")  # host, device
         self._fetch_pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="residency-fetch")
@@ -115,6 +121,7 @@ class ResidencyManager:
             entry.pins -= 1
             if entry.pins == 0:
                 self._admit_device_waiters()
+                self._admit_host_loads()
 
     def on_step(self, step: int, running: frozenset[str]) -> None:
         """Engine thread, between steps: free the slots of draining deltas that no longer run.
@@ -131,6 +138,7 @@ class ResidencyManager:
                     if entry.pins:
                         self._device_queue[entry.name] = None
             self._admit_device_waiters()
+            self._admit_host_loads()
 
     def touch(self, name: str) -> None:
         """Mark `name` as just used (most recent in every LRU it is in)."""
@@ -174,6 +182,7 @@ class ResidencyManager:
                 return False
             self._evict_to_below(entry, tier)
             self._admit_device_waiters()
+            self._admit_host_loads()
             return True
 
     def close(self) -> None:
@@ -211,7 +220,8 @@ class ResidencyManager:
         elif entry.state is DeltaState.REMOTE:
             self._run(entry, DeltaState.FETCHING, self._do_fetch)
         elif entry.state is DeltaState.ON_DISK:
-            self._run(entry, None, self._do_load_host)
+            self._host_queue.setdefault(entry.name, None)
+            self._admit_host_loads()
         elif entry.state is DeltaState.IN_HOST and entry.name not in self._device_queue:
             self._device_queue[entry.name] = None
             self._admit_device_waiters()
@@ -229,6 +239,8 @@ class ResidencyManager:
     def _fail(self, entry: DeltaEntry, exc: BaseException) -> None:
         entry.error = exc
         self._device_queue.pop(entry.name, None)
+        self._host_queue.pop(entry.name, None)
+        self._host_loading.pop(entry.name, None)
         entry.host, entry.host_bytes = None, 0
         self._lru[Tier.HOST].pop(entry.name, None)
         self._set_state(entry, DeltaState.FAILED)
@@ -253,10 +265,12 @@ class ResidencyManager:
                     self._release_slot(entry)
                 self._fail(entry, exc)
                 self._admit_device_waiters()
+                self._admit_host_loads()
             return
         with self._lock:
             entry.busy = False
             self._advance(entry)
+            self._admit_host_loads()
 
     def _do_fetch(self, entry: DeltaEntry) -> None:
         start = time.perf_counter()
@@ -273,9 +287,10 @@ class ResidencyManager:
         host, num_bytes = self._io.load_host(entry.name, entry.path)
         metrics.observe_transfer("host_load", num_bytes, time.perf_counter() - start)
         with self._lock:
+            self._host_loading.pop(entry.name, None)
             entry.host, entry.host_bytes = host, num_bytes
             self._lru[Tier.HOST][entry.name] = num_bytes
-            self._make_room(Tier.HOST, self._limits.host_bytes, keep=entry.name)
+            self._make_room(Tier.HOST, self._limits.host_bytes, keep=entry.name)  # if the estimate was low
             self._set_state(entry, DeltaState.IN_HOST)
 
     def _do_to_device(self, entry: DeltaEntry) -> None:
@@ -301,6 +316,32 @@ class ResidencyManager:
                 return  # FCFS: later deltas wait behind the first one that cannot fit
             self._device_queue.pop(name)
             self._run(entry, DeltaState.LOADING, self._do_to_device)
+
+    def _admit_host_loads(self) -> None:
+        """Start the queued host loads the host budget has room for: those live requests wait for first, each group
+        first come first served. Room is made by evicting unpinned entries; pinned ones are waited for (their
+        requests finish and unpin them). One load may exceed the budget alone, when nothing else is in host or
+        loading: a budget smaller than one model must not stall every request."""
+        for name in sorted(self._host_queue, key=lambda n: self._entries[n].pins == 0):
+            entry = self._entries[name]
+            if entry.state is not DeltaState.ON_DISK or entry.busy or name not in self._waiters:
+                self._host_queue.pop(name)
+                continue
+            need = self._io.host_bytes_estimate(name, entry.path, entry.disk_bytes)
+            if not self._host_room(need, keep=name):
+                return  # FCFS: later loads wait behind the first one that cannot fit
+            self._host_queue.pop(name)
+            self._host_loading[name] = need
+            self._run(entry, None, self._do_load_host)
+
+    def _host_room(self, need: int, keep: str) -> bool:
+        """Evict unpinned host entries (LRU) until `need` more bytes fit the host budget; False if they cannot."""
+        while self.used_bytes(Tier.HOST) + sum(self._host_loading.values()) + need > self._limits.host_bytes:
+            victim = self._lru_victim(Tier.HOST, keep)
+            if victim is None:
+                return not self._lru[Tier.HOST] and not self._host_loading
+            self._evict_to_below(victim, Tier.HOST)
+        return True
 
     def _claim_slot(self, entry: DeltaEntry) -> bool:
         need = entry.host_bytes if self._limits.device_bytes else 0

@@ -45,6 +45,8 @@ class TierIO(Protocol):
 
     def load_host(self, name: str, path: str) -> tuple[Any, int]: ...  # -> (host object, bytes)
 
+    def host_bytes_estimate(self, name: str, path: str, disk_bytes: int) -> int: ...  # what load_host will hold
+
     def to_device(self, name: str, host: Any, slot: int) -> int: ...  # -> device bytes
 
     def drop_device(self, name: str, slot: int) -> None: ...

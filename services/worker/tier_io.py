@@ -9,7 +9,7 @@ import torch
 from deltazip.logs import get_logger
 from services.worker.device_slots import DeviceSlots
 from services.worker.fetcher import DeltaFetcher
-from services.worker.modes import HostTransform
+from services.worker.modes import HostEstimate, HostTransform
 
 log = get_logger("services.worker.tier_io")
 
@@ -18,10 +18,11 @@ class ArtifactTierIO:
     """TierIO over the disk cache (fetcher), host memory (load_delta on CPU) and DeviceSlots."""
 
     def __init__(self, fetcher: DeltaFetcher, slots: DeviceSlots, host_transform: HostTransform | None = None,
-                 device_slots_used: bool = True) -> None:
+                 device_slots_used: bool = True, host_estimate: HostEstimate | None = None) -> None:
         self._fetcher = fetcher
         self._slots = slots
         self._transform = host_transform or (lambda tensors: tensors)  # per mode: packed, dense fp16, merged
+        self._estimate = host_estimate or (lambda path, disk_bytes: disk_bytes)  # packed: as on disk
         self._device_slots_used = device_slots_used  # swap mode: the engine copies whole weights itself
         self._pin = slots.device.type == "cuda"  # pinned host copies make host→device copies fast
 
@@ -47,6 +48,9 @@ class ArtifactTierIO:
         if self._pin:
             tensors = {k: _pinned(v) for k, v in tensors.items()}
         return tensors, sum(_nbytes(t) for t in tensors.values())
+
+    def host_bytes_estimate(self, name: str, path: str, disk_bytes: int) -> int:
+        return self._estimate(path, disk_bytes)
 
     def to_device(self, name: str, host: dict, slot: int) -> int:
         if not self._device_slots_used:

@@ -27,6 +27,9 @@ class FakeIO:
         self.calls.append(("host", name))
         return {"name": name}, SIZES[name]
 
+    def host_bytes_estimate(self, name, path, disk_bytes):
+        return SIZES[name]
+
     def to_device(self, name, host, slot):
         self.calls.append(("device", name, slot))
         return SIZES[name]
@@ -103,6 +106,54 @@ def test_host_byte_accounting_evicts_lru_but_not_device_resident():
     assert mgr.state_of("b") is DeltaState.ON_DISK
     assert mgr.state_of("a") is DeltaState.ON_DEVICE
     assert mgr.used_bytes(Tier.HOST) == 400
+    mgr.close()
+
+
+def test_host_load_waits_for_room_while_the_host_tier_is_pinned():
+    """A load starts only when the host budget holds it: with the budget pinned by live requests it waits (nothing
+    loaded past the budget), and starts once a pin is released, evicting the unpinned entry."""
+    mgr, io, _ = make(slots=1, host=400)
+    mgr.pin("c")
+    load(mgr, "c", Tier.HOST)  # 300 of 400, pinned
+    future = mgr.ensure("b", Tier.HOST)  # 200 more would pass the budget
+    with pytest.raises(TimeoutError):
+        future.result(timeout=0.3)
+    assert ("host", "b") not in io.calls and mgr.state_of("b") is DeltaState.ON_DISK
+    assert mgr.used_bytes(Tier.HOST) == 300
+    mgr.unpin("c")
+    assert future.result(timeout=5).state is DeltaState.IN_HOST
+    assert mgr.state_of("c") is DeltaState.ON_DISK and mgr.used_bytes(Tier.HOST) == 200
+    mgr.close()
+
+
+def test_a_model_larger_than_the_host_budget_still_loads_alone():
+    """A budget smaller than one model must not stall requests: one load may exceed it when nothing else is in host;
+    a second one waits until the first is unpinned, then replaces it."""
+    mgr, io, _ = make(slots=1, host=50)
+    mgr.pin("a")
+    assert load(mgr, "a", Tier.HOST).state is DeltaState.IN_HOST  # 100 > 50, alone
+    future = mgr.ensure("b", Tier.HOST)
+    with pytest.raises(TimeoutError):
+        future.result(timeout=0.3)
+    mgr.unpin("a")
+    assert future.result(timeout=5).state is DeltaState.IN_HOST
+    assert mgr.state_of("a") is DeltaState.ON_DISK and mgr.used_bytes(Tier.HOST) == 200
+    mgr.close()
+
+
+def test_queued_host_loads_go_first_come_first_served_requests_before_prefetches():
+    """Three loads queued behind a pinned host tier: the one a request pins goes before an earlier prefetch."""
+    mgr, io, _ = make(slots=1, host=300)
+    mgr.pin("c")
+    load(mgr, "c", Tier.HOST)  # 300 of 300, pinned
+    prefetch = mgr.ensure("a", Tier.HOST)
+    mgr.pin("b")
+    wanted = mgr.ensure("b", Tier.HOST)
+    mgr.unpin("c")
+    assert wanted.result(timeout=5).state is DeltaState.IN_HOST
+    assert prefetch.result(timeout=5).state is DeltaState.IN_HOST  # 200 + 100 fit together
+    hosts = [c[1] for c in io.calls if c[0] == "host"]
+    assert hosts == ["c", "b", "a"]
     mgr.close()
 
 

@@ -82,6 +82,9 @@ class SlowIO:
     def load_host(self, name, path):
         return {}, 10
 
+    def host_bytes_estimate(self, name, path, disk_bytes):
+        return 10
+
     def to_device(self, name, host, slot):
         return 10
 

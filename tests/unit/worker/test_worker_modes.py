@@ -95,3 +95,37 @@ def test_dense_delta_mode_holds_fp16_deltas_in_host_tier(artifacts, tmp_path):
     name = next(n for n, d in packed.items() if d.kind != "dense")
     assert isinstance(dense[name], DenseHostDelta) and dense[name].nbytes > packed[name].nbytes
     torch.testing.assert_close(dense[name].delta.float(), packed[name].dequantize(torch.float16).float())
+
+
+def test_host_estimate_is_what_each_mode_loads(artifacts):
+    """The host budget admits a load by host_estimate, known before loading: it equals the bytes the mode's host
+    form of the artifact holds (swap: a whole merged model; dense-delta: fp16 linear deltas; delta: as on disk)."""
+    from safetensors.torch import load_file
+
+    from deltazip.artifact import load_delta
+    from services.worker.fetcher import dir_bytes
+    from services.worker.modes import dense_fp16, host_estimate, merged_weights, select_mode
+
+    base_dir, cache = artifacts
+    path = cache / "ft-packed"
+    packed = load_delta(path, "cpu")
+    base_host = load_file(str(base_dir / "model.safetensors"))
+    disk = dir_bytes(path)
+
+    def nbytes(tensors: dict) -> int:
+        return sum(t.numel() * t.element_size() if isinstance(t, torch.Tensor) else t.nbytes for t in tensors.values())
+
+    assert host_estimate(select_mode("swap"), base_host)(str(path), disk) == nbytes(merged_weights(base_host, packed))
+    assert host_estimate(select_mode("dense-delta"), None)(str(path), disk) == nbytes(dense_fp16(packed))
+    assert host_estimate(select_mode("delta"), None)(str(path), disk) == disk
+
+
+def test_swap_mode_with_host_room_for_one_merged_model(artifacts, reference, tmp_path):
+    """A host budget of one merged model: every load waits for the room a finished fine-tune frees (none runs past
+    the budget), and all requests, sent at once, still get the delta mode's tokens."""
+    from safetensors.torch import load_file
+
+    base_dir, cache = artifacts
+    one_model = sum(t.numel() * t.element_size() for t in load_file(str(base_dir / "model.safetensors")).values())
+    got = serve_all(base_dir, cache, tmp_path, "swap", host_cache_bytes=one_model)
+    assert got == reference
