@@ -50,7 +50,8 @@ class ResidencyManager:
         self._free_slots = list(range(limits.num_device_slots))
         self._waiters: dict[str, list[tuple[Tier, Future]]] = {}
         self._device_queue: OrderedDict[str, None] = OrderedDict()  # FCFS waiting for a slot
-        self._host_queue: OrderedDict[str, None] = OrderedDict()  # FCFS on disk, waiting for host budget
+        self._host_queue: OrderedDict[str, int | None] = OrderedDict()  # FCFS on disk, waiting for host budget ->
+        # its host bytes estimate, computed once (a manifest read in dense-delta mode; admission runs every step)
         self._host_loading: dict[str, int] = {}  # name -> estimated host bytes of a load in flight
         self._step = 0  # last engine step reported through on_step
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="residency")  # host, device
@@ -327,7 +328,9 @@ class ResidencyManager:
             if entry.state is not DeltaState.ON_DISK or entry.busy or name not in self._waiters:
                 self._host_queue.pop(name)
                 continue
-            need = self._io.host_bytes_estimate(name, entry.path, entry.disk_bytes)
+            need = self._host_queue[name]
+            if need is None:
+                need = self._host_queue[name] = self._io.host_bytes_estimate(name, entry.path, entry.disk_bytes)
             if not self._host_room(need, keep=name):
                 return  # FCFS: later loads wait behind the first one that cannot fit
             self._host_queue.pop(name)
@@ -335,11 +338,18 @@ class ResidencyManager:
             self._run(entry, None, self._do_load_host)
 
     def _host_room(self, need: int, keep: str) -> bool:
-        """Evict unpinned host entries (LRU) until `need` more bytes fit the host budget; False if they cannot."""
+        """Evict unpinned host entries (LRU) until `need` more bytes fit the host budget; False, evicting nothing, if
+        even evicting all of them would not make room (unless nothing would be left: a load alone may pass it)."""
+        held = self.used_bytes(Tier.HOST) + sum(self._host_loading.values())
+        if held + need <= self._limits.host_bytes:
+            return True
+        kept = held - sum(self._lru[Tier.HOST][e.name] for e in self._evictable(Tier.HOST, keep))
+        if kept > 0 and kept + need > self._limits.host_bytes:
+            return False
         while self.used_bytes(Tier.HOST) + sum(self._host_loading.values()) + need > self._limits.host_bytes:
             victim = self._lru_victim(Tier.HOST, keep)
             if victim is None:
-                return not self._lru[Tier.HOST] and not self._host_loading
+                break  # nothing is left but this load
             self._evict_to_below(victim, Tier.HOST)
         return True
 
@@ -368,12 +378,16 @@ class ResidencyManager:
 
     def _lru_victim(self, tier: Tier, keep: str) -> DeltaEntry | None:
         """Least recently used evictable entry of `tier`, preferring ones not also held in a faster tier."""
-        candidates = [self._entries[n] for n in self._lru[tier] if n != keep]
-        candidates = [e for e in candidates if not e.pins and not e.busy and e.name not in self._waiters]
+        candidates = self._evictable(tier, keep)
         for e in candidates:
             if e.tier == tier:
                 return e
         return candidates[0] if candidates else None
+
+    def _evictable(self, tier: Tier, keep: str) -> list[DeltaEntry]:
+        """Entries held in `tier` that may be evicted now (LRU first): not `keep`, pinned, busy or waited for."""
+        entries = [self._entries[n] for n in self._lru[tier] if n != keep]
+        return [e for e in entries if not e.pins and not e.busy and e.name not in self._waiters]
 
     def _make_room(self, tier: Tier, limit: int, keep: str) -> None:
         while sum(self._lru[tier].values()) > limit:

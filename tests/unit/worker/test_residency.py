@@ -126,6 +126,22 @@ def test_host_load_waits_for_room_while_the_host_tier_is_pinned():
     mgr.close()
 
 
+def test_a_load_that_cannot_fit_evicts_nothing_while_it_waits():
+    """Evicting the unpinned entry would not make room next to the pinned one: it stays in host until it would."""
+    mgr, io, _ = make(slots=1, host=400)
+    load(mgr, "a", Tier.HOST)  # 100, unpinned
+    mgr.pin("c")
+    load(mgr, "c", Tier.HOST)  # 300, pinned: 400 of 400
+    future = mgr.ensure("b", Tier.HOST)  # 200: 300 pinned + 200 > 400 even without a
+    with pytest.raises(TimeoutError):
+        future.result(timeout=0.3)
+    assert mgr.state_of("a") is DeltaState.IN_HOST and mgr.used_bytes(Tier.HOST) == 400
+    mgr.unpin("c")
+    assert future.result(timeout=5).state is DeltaState.IN_HOST
+    assert mgr.used_bytes(Tier.HOST) <= 400
+    mgr.close()
+
+
 def test_a_model_larger_than_the_host_budget_still_loads_alone():
     """A budget smaller than one model must not stall requests: one load may exceed it when nothing else is in host;
     a second one waits until the first is unpinned, then replaces it."""
@@ -142,8 +158,12 @@ def test_a_model_larger_than_the_host_budget_still_loads_alone():
 
 
 def test_queued_host_loads_go_first_come_first_served_requests_before_prefetches():
-    """Three loads queued behind a pinned host tier: the one a request pins goes before an earlier prefetch."""
-    mgr, io, _ = make(slots=1, host=300)
+    """Three loads queued behind a pinned host tier: the one a request pins goes before an earlier prefetch (one
+    loader thread, so the order they start in is the order they run in)."""
+    io = FakeIO()
+    mgr = ResidencyManager(ResidencyLimits(1, 0, 300, 10_000), io, max_workers=1)
+    load(mgr, "a", Tier.DISK)
+    load(mgr, "b", Tier.DISK)
     mgr.pin("c")
     load(mgr, "c", Tier.HOST)  # 300 of 300, pinned
     prefetch = mgr.ensure("a", Tier.HOST)
