@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> Path:
     payload = {"bench": "merge_gil", "device": device_name(args.device), "commit": git_commit(),
                "date": datetime.date.today().isoformat(), "shape": args.shape, "num_layers": args.num_layers,
                "rows_per_step": args.rows, "host_ops": args.host_ops, "bits": args.bits,
-               "merged_model_bytes": merged_bytes, "cold_merge_s": cold_s, "limit": "the idle step of the same run", "rows": rows}
+               "merged_model_bytes": merged_bytes, "cold_merge_s": cold_s, "limit": "the idle step of the same run",
+               "rows": rows}
     path = write_results(args.out, "merge-gil", args.label or device_name(args.device), payload)
     print(f"wrote {path}", flush=True)
     return path

@@ -67,11 +67,7 @@ class Stack:
         final = self.kept_cache() / name
         partial = self.kept_cache() / ".partial" / name
         shutil.rmtree(partial, ignore_errors=True)
-        for file in src.rglob("*"):
-            if file.is_file() and file.name != FILES_INDEX:
-                dst = partial / file.relative_to(src)
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                os.link(file, dst)
+        shutil.copytree(src, partial, copy_function=os.link, ignore=shutil.ignore_patterns(FILES_INDEX))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
 

@@ -142,11 +142,13 @@ def write_suite(root: Path, shape: str, num_deltas: int, kind: str = "sparse24",
     tag = f"{kind}-{bits}b" if kind == "sparse24" else kind
     artifacts = {f"ft-{i:03d}": root / f"ft-{i:03d}-{tag}" for i in range(num_deltas)}
     names = list(artifacts)
-    todo = [(i, out) for i, out in enumerate(artifacts.values()) if not (out / "manifest.json").exists()]
     written = on_written or (lambda name, out: None)
-    for i, out in enumerate(artifacts.values()):
-        if (i, out) not in todo:
-            written(names[i], out)
+    todo = []
+    for i, (name, out) in enumerate(artifacts.items()):
+        if (out / "manifest.json").exists():
+            written(name, out)  # reused
+        else:
+            todo.append((i, out))
     if jobs <= 1 or len(todo) <= 1:
         for i, out in todo:
             written(names[i], write_delta(base_dir, out, config, kind, bits, group_size, seed=1000 + i, device=device))
