@@ -1,6 +1,6 @@
 """Worker benchmark (GPU): delta load rate, decode step time with many deltas, tokens/s per serving mode.
 
-  python bench/worker.py --out bench/results [--commit SHA] [--parts load,step,prefill,prefill-deltas,long-prefill-ab,fused-ab,attn-cache-ab,rms-norm-ab,modes] [--tiny]
+  python bench/worker.py --out bench/results [--commit SHA] [--parts load,step,step-profile,prefill,prefill-deltas,long-prefill-ab,fused-ab,attn-cache-ab,rms-norm-ab,decode-attn-ab,modes] [--tiny]
 
 Rows (DESIGN.md names), all measured in the same run:
 - part=h2d_limit: pinned host→device copy rate of one large buffer (the physical limit of a delta load).
@@ -17,6 +17,8 @@ Rows (DESIGN.md names), all measured in the same run:
   graphs is one more row (graph=1). Limit: a decode step reads the base weights once (~13.5 GB at
   ~3 TB/s = ~4.5 ms) plus each delta's packed bytes (~1.7 GB each at 2 bits), so 8 distinct deltas read
   2x the base's bytes: ~1.3x needs the delta kernel near the HBM limit.
+- part=step-profile: where a CUDA-graph decode step's time goes, base only and with 16 deltas: median wall time
+  per engine step, kernel time per step under torch.profiler and the top kernels (tables to --profile-dir).
 - part=prefill: the mean time of a serving-like prefill step (1-4 new prompts of fresh lengths mixed into 16
   decoding sequences; a decode step between) with PyTorch's own SDPA backend choice (`sdpa=torch_default`) and
   with the paged path's backend list (`paged_backends`, no cuDNN attention: it plans per shape), same run;
@@ -28,7 +30,8 @@ Rows (DESIGN.md names), all measured in the same run:
   Limit: the same bytes either way; fusing removes launches (their ramp, tail and host time), not bytes.
 - part=attn-cache-ab: paged attention's per-step index tensors made once per forward (default) against once per
   layer, alternating in one process: graph decode steps (N in {0, 8}) and eager base prefill steps; `on` says
-  which arm. part=rms-norm-ab: the same for torch's fused rms_norm against the op-by-op norm.
+  which arm. part=rms-norm-ab: the same for torch's fused rms_norm against the op-by-op norm; part=decode-attn-ab
+  for decode attention read from the paged cache (kernels/paged_attention.py) against gather + SDPA.
 - part=long-prefill-ab: one prompt of 256-2040 tokens prefilled alone (what its time to first token waits for), on
   a delta and on the base model, with the dense route for long delta segments (kernels/delta_linear.py, from
   `sbmm.dense_rows` rows) against SBMM for all segments, alternating in one process; `vs_base` is the ratio to
@@ -300,6 +303,61 @@ def bench_step(cfg: LlamaConfig, device: str, rows: list, deltas=(1, 8, 32), num
             print(json.dumps(rows[-1]), flush=True)
 
 
+def bench_step_profile(cfg: LlamaConfig, device: str, rows: list, deltas=(0, 16), num_seqs: int = 32,
+                       prompt_len: int = 160, steps: int = 20, bits: int = 2, sp4: bool | None = None,
+                       sp2: bool = False, profile_dir: Path | None = None) -> None:
+    """part=step-profile: where a served decode step's time goes. For N in `deltas` (0: base only), the CUDA-graph
+    decode step of `num_seqs` sequences (rows over N deltas): `wall_ms` (median engine.step(), host clock, as the
+    worker's decode_graph phase), then the same steps under torch.profiler: `device_ms` (kernel time per step, all
+    kernels, graph replays included) and the top kernels' share; tables to profile_dir. Limit: a decode step reads
+    the base weights once plus each distinct delta's packed bytes, plus every sequence's K/V once per layer."""
+    model = random_model(cfg, device, torch.float16)
+    shapes = linear_shapes(cfg)
+    num_slots = max(max(deltas), 1)
+    slots = filled_slots(shapes, num_slots, device, bits, sp4, sp2)
+    for n in deltas:
+        engine = decode_engine(model, num_slots, slots, device.startswith("cuda"), num_seqs)
+        params = SamplingParams(temperature=0, max_tokens=3 * steps + 16, ignore_eos=True)
+        g = torch.Generator().manual_seed(n)
+        for i in range(num_seqs):
+            engine.add_request(f"p{n}-{i}", torch.randint(3, 200, (prompt_len,), generator=g).tolist(), params,
+                               delta=str(i % n) if n else None)
+        engine.step()
+        for _ in range(3):
+            engine.step()
+        finish_warm_up(engine)
+        sync(device)
+        walls = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            engine.step()
+            walls.append(time.perf_counter() - t)
+        prof = torch_profiler(device)
+        with prof:
+            for _ in range(steps):
+                engine.step()
+            sync(device)
+        averages = prof.key_averages()
+        kernels = [e for e in averages if getattr(e, "device_type", None) is not None
+                   and str(e.device_type).endswith("CUDA") and e.self_device_time_total > 0]
+        device_us = sum(e.self_device_time_total for e in kernels) / steps
+        top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:12]
+        rows.append({"part": "step-profile", "num_deltas": n, "bits": bits, "num_seqs": num_seqs,
+                     "layers": cfg.num_hidden_layers, "prompt_len": prompt_len, "steps": steps,
+                     "wall_ms": 1e3 * statistics.median(walls), "device_ms": device_us / 1e3,
+                     "top_kernels": [{"name": e.key[:90], "us_per_step": e.self_device_time_total / steps,
+                                      "calls_per_step": e.count / steps} for e in top]})
+        print(json.dumps(rows[-1]), flush=True)
+        if profile_dir is not None:
+            write_profile(prof, profile_dir / f"step-profile-{bits}bit-d{n}-L{cfg.num_hidden_layers}-s{num_seqs}.txt",
+                          f"{steps} graph decode steps, {num_seqs} sequences, {n} deltas, median wall "
+                          f"{rows[-1]['wall_ms']:.2f} ms, kernels {rows[-1]['device_ms']:.2f} ms per step")
+        for i in range(num_seqs):
+            engine.abort(f"p{n}-{i}")
+        del engine
+        gc.collect()
+
+
 def bench_fused_ab(cfg: LlamaConfig, device: str, rows: list, deltas=(1, 8, 16), rounds: int = 2, bits: int = 4,
                    num_seqs: int = 32, prompt_len: int = 128, steps: int = 20, sp4: bool | None = None,
                    sp2: bool = False, prefill_deltas=(0, 1, 4), num_running: int = 16, num_prefills: int = 12) -> None:
@@ -347,16 +405,19 @@ def bench_fused_ab(cfg: LlamaConfig, device: str, rows: list, deltas=(1, 8, 16),
 
 # parts that switch one module flag on and off in one process (bench_flag_ab): part -> (module, attribute)
 FLAG_PARTS = {"attn-cache-ab": ("deltazip.model.attention", "CACHE_STEP_INDICES"),
-              "rms-norm-ab": ("deltazip.model.layers", "FUSED_RMS_NORM")}
+              "rms-norm-ab": ("deltazip.model.layers", "FUSED_RMS_NORM"),
+              "decode-attn-ab": ("deltazip.model.attention", "DECODE_KERNEL")}
 
 
 def bench_flag_ab(part: str, cfg: LlamaConfig, device: str, rows: list, deltas=(0, 8), rounds: int = 2,
                   bits: int = 4, num_seqs: int = 32, prompt_len: int = 128, steps: int = 20, sp4: bool | None = None,
                   sp2: bool = False, num_running: int = 16, num_prefills: int = 12) -> None:
-    """parts attn-cache-ab and rms-norm-ab (FLAG_PARTS): a module flag on (the default) against off, alternating in
-    one process: decode steps as CUDA graphs (a new engine per measurement, so each captures its own graphs) and
-    eager fresh-shape prefill steps (base). attn-cache-ab: paged attention's per-step index tensors made once per
-    forward against once per layer; rms-norm-ab: torch's fused rms_norm against the op-by-op norm."""
+    """parts attn-cache-ab, rms-norm-ab and decode-attn-ab (FLAG_PARTS): a module flag on (the default) against off,
+    alternating in one process: decode steps as CUDA graphs (a new engine per measurement, so each captures its own
+    graphs) and eager fresh-shape prefill steps (base). attn-cache-ab: paged attention's per-step index tensors made
+    once per forward against once per layer; rms-norm-ab: torch's fused rms_norm against the op-by-op norm;
+    decode-attn-ab: decode steps' attention read from the paged cache by kernels/paged_attention.py against the
+    gather + SDPA path (prefill steps do not use the kernel: their rows show the noise between arms)."""
     import importlib
 
     module, attr = FLAG_PARTS[part]
@@ -662,7 +723,7 @@ def _main(argv: list[str] | None) -> int:
     ap.add_argument("--no-fast-launch", action="store_true",
                     help="every SBMM launch through Triton's JITFunction.run (sbmm.FAST_LAUNCH off): the baseline of "
                          "the launch cache")
-    ap.add_argument("--profile-dir", default="", help="part prefill-deltas: profile its timed steps (torch.profiler, "
+    ap.add_argument("--profile-dir", default="", help="parts prefill-deltas and step-profile: profile their timed steps (torch.profiler, "
                     "no decode step between prefills) and write one table file per delta count there")
     ap.add_argument("--step-bits", type=int, default=2, choices=(2, 4), help="code width of the step's deltas")
     ap.add_argument("--sp4-words-torch", action="store_true",
@@ -722,6 +783,11 @@ def _main(argv: list[str] | None) -> int:
         bench_step(step_cfg, device, rows, **({"num_seqs": 8, "steps": 3, "prompt_len": 16} if args.tiny
                                               else {"num_seqs": args.step_seqs}),
                    bits=args.step_bits, sp4=False if args.no_sp4 else None, sp2=sp2)
+    if "step-profile" in parts:
+        bench_step_profile(step_cfg, device, rows, bits=args.step_bits, sp4=False if args.no_sp4 else None, sp2=sp2,
+                           profile_dir=Path(args.profile_dir) if args.profile_dir else None,
+                           **({"deltas": (0, 2), "num_seqs": 4, "prompt_len": 16, "steps": 2} if args.tiny
+                              else {"num_seqs": args.step_seqs}))
     if "prefill" in parts:
         bench_prefill(step_cfg, device, rows, **({"num_running": 4, "num_steps": 2} if args.tiny else {}))
     if "prefill-deltas" in parts:

@@ -1,7 +1,8 @@
-"""Attention math on torch SDPA: paged (serving, varlen) and causal dense (training, calibration).
+"""Attention math: paged (serving, varlen) and causal dense (training, calibration).
 
-Correctness first: the paged path gathers each sequence's K/V pages into a padded batch and runs one
-SDPA call with an explicit mask. A fused paged kernel can replace `paged_attention` later.
+Decode-only steps on CUDA (one new token per sequence) read the paged KV cache directly with a Triton kernel
+(kernels/paged_attention.py). Other paged steps (prefill chunks mixed with decode rows) gather each sequence's K/V
+pages into a padded batch and run one SDPA call with an explicit mask.
 """
 
 from __future__ import annotations
@@ -13,12 +14,24 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from deltazip.model.context import AttentionMetadata
+from kernels import paged_attention as paged_kernel
 
 # SDPA backends the paged path may use on CUDA; None = PyTorch's own choice. Serving shapes (sequences, query and
 # context lengths) change at nearly every prefill step, and cuDNN attention plans per shape: it is left out.
 # bench/worker.py --parts prefill times a prefill step of fresh shapes with this list and with None.
 PAGED_BACKENDS: list[SDPBackend] | None = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION,
                                            SDPBackend.MATH]
+
+
+# Decode-only steps on CUDA use kernels/paged_attention.py; False: the gather + SDPA path for every step
+# (bench/worker.py --parts decode-attn-ab times both).
+DECODE_KERNEL = True
+
+
+def decode_kernel_applies(device: torch.device) -> bool:
+    """Whether decode-only steps on `device` read the cache directly (no padded gather: the context length
+    a step's graph was captured for does not matter)."""
+    return DECODE_KERNEL and device.type == "cuda"
 
 
 def store_kv(
@@ -48,6 +61,8 @@ def paged_attention(
 ) -> torch.Tensor:  # [T, num_heads, head_dim]
     """Causal attention of each sequence's new tokens over its whole cached context."""
     num_tokens = q.shape[0]
+    if meta.max_query_len == 1 and num_tokens == meta.num_seqs and decode_kernel_applies(q.device):
+        return paged_kernel.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
     block_size, num_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     key = ("paged", num_tokens, block_size, q.device)
     idx = meta.step_cache.get(key) if CACHE_STEP_INDICES else None

@@ -3,8 +3,10 @@
 Why: a decode step of a small batch is bound by kernel launches, not math; a graph replays the whole
 forward with one launch. Shapes are fixed per captured size: the batch is padded with rows that write
 one spare KV block (allocated past the block manager's blocks) and block tables are padded to the
-longest context; attention gathers a context bucket (a power of two times the block size, at least the
-longest context of the step), one graph per (batch size, bucket), so short contexts stay cheap.
+longest context. On CUDA, attention reads the paged cache directly up to each sequence's context length
+(kernels/paged_attention.py), so one graph per batch size serves every context; with that kernel off, attention
+gathers a context bucket (a power of two times the block size, at least the longest context of the step), one
+graph per (batch size, bucket), so short contexts stay cheap.
 Steps with delta rows are captured too when every delta stack is packed for the SBMM kernel
 (services/worker/graph_deltas.py): the kernel reads segment tensors at fixed addresses that each replay
 refills, so one graph per (batch size, bucket, stack layout, largest-segment class) serves any mix of up to
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from deltazip.model import attention
 from deltazip.model.context import AttentionMetadata, ForwardContext
 from services.worker.device_slots import DeviceSlots
 from services.worker.graph_deltas import GraphDeltaOps, graph_supported
@@ -56,7 +59,10 @@ class DecodeGraphs:
         return next((b for b in self.sizes if b >= batch), None)
 
     def context_bucket(self, max_context_len: int) -> int:
-        """Tokens attention gathers: block_size * 2^i >= max_context_len, capped at the longest context."""
+        """Tokens attention gathers: block_size * 2^i >= max_context_len, capped at the longest context. With the
+        paged decode kernel nothing is gathered: one bucket (the longest context) serves every step."""
+        if attention.decode_kernel_applies(self.input_ids.device):
+            return self.max_blocks * self.block_size
         bucket = self.block_size
         while bucket < max_context_len:
             bucket *= 2

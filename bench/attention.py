@@ -1,0 +1,133 @@
+"""Decode attention benchmark (GPU): the paged decode kernel against the gather + SDPA path it replaced.
+
+  python bench/attention.py [--out bench/results] [--label L] [--quick]
+
+Per point (sequences S, context length, Llama-2-7B heads: 32 query / 32 K/V heads of 128, fp16, 16-token pages
+shuffled over the cache), in one run:
+- `kernel_us`: kernels/paged_attention.py per layer, for each (BLOCK_N, warps) config tried (`configs`), and the
+  best one;
+- `gather_sdpa_us`: deltazip/model/attention.py with the kernel off, as a decode CUDA graph ran it before: K/V
+  pages gathered into a padded batch of the graph's context bucket (a power of two times the page size), then
+  SDPA with a mask; its index tensors made once per forward (not counted, as in a 16-layer step);
+- `speedup` = gather_sdpa_us / kernel_us (best config).
+Every time is the mean per call of 16 calls, one per layer's own cache (so L2 does not hold them), captured in one
+CUDA graph, median of 7 replays.
+Physical limit: a decode attention reads each sequence's K and V once (`bytes` = S x context x 2 x 32 x 128 x 2 B,
+plus q and the output); `hbm_fraction` = bytes / kernel time / the device-to-device copy rate measured in the same
+run (bytes read + written per second).
+--quick: three points, two configs (a smoke run; CUDA only).
+Writes OUT/attention-<device>-<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.results_io import device_name, git_commit, write_results  # noqa: E402
+from bench.sbmm import copy_limits_gbps, graph_us  # noqa: E402
+from deltazip.model import attention  # noqa: E402
+from deltazip.model.context import AttentionMetadata  # noqa: E402
+from kernels import paged_attention  # noqa: E402
+
+HEADS, KV_HEADS, DIM, PAGE = 32, 32, 128, 16
+LAYERS = 16
+CONFIGS = [(16, 4), (32, 4), (64, 4), (64, 8), (128, 8)]
+POINTS = [(s, c) for s in (1, 8, 32, 64) for c in (192, 1024, 2048)]
+
+
+def layer_caches(num_seqs: int, ctx: int, seed: int) -> tuple[list, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LAYERS (k_cache, v_cache) pairs, one block table for all, context lengths, q."""
+    pages = -(-ctx // PAGE)
+    num_blocks = num_seqs * pages + 1
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    caches = [(torch.randn(num_blocks, PAGE, KV_HEADS, DIM, device="cuda", dtype=torch.float16, generator=g),
+               torch.randn(num_blocks, PAGE, KV_HEADS, DIM, device="cuda", dtype=torch.float16, generator=g))
+              for _ in range(LAYERS)]
+    order = torch.randperm(num_seqs * pages, device="cuda", generator=g)
+    tables = order.view(num_seqs, pages)
+    lens = torch.full((num_seqs,), ctx, dtype=torch.long, device="cuda")
+    q = torch.randn(num_seqs, HEADS, DIM, device="cuda", dtype=torch.float16, generator=g)
+    return caches, tables, lens, q
+
+
+def bucket(ctx: int) -> int:
+    b = PAGE
+    while b < ctx:
+        b *= 2
+    return b
+
+
+def one_point(num_seqs: int, ctx: int, limit_gbps: float, configs: list) -> dict:
+    caches, tables, lens, q = layer_caches(num_seqs, ctx, seed=num_seqs * 7919 + ctx)
+    scale = DIM ** -0.5
+    row: dict = {"num_seqs": num_seqs, "context": ctx, "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": DIM,
+                 "page": PAGE, "configs": []}
+    was = paged_attention.BLOCK_N, paged_attention.NUM_WARPS
+    try:
+        for block_n, warps in configs:
+            paged_attention.BLOCK_N, paged_attention.NUM_WARPS = block_n, warps
+            us = graph_us([lambda k=k, v=v: paged_attention.paged_decode_attention(q, k, v, tables, lens, scale)
+                           for k, v in caches])
+            row["configs"].append({"block_n": block_n, "warps": warps, "us": us})
+    finally:
+        paged_attention.BLOCK_N, paged_attention.NUM_WARPS = was
+    best = min(row["configs"], key=lambda c: c["us"])
+    # the replaced path, as the decode graphs ran it: bucket-padded gather, SDPA with a mask
+    padded = torch.full((num_seqs, bucket(ctx) // PAGE), 0, dtype=torch.long, device="cuda")
+    padded[:, :tables.shape[1]] = tables
+    meta = AttentionMetadata(positions=lens - 1, slot_mapping=torch.zeros_like(lens), block_tables=padded,
+                             context_lens=lens, query_start_loc=torch.arange(num_seqs + 1, device="cuda"),
+                             max_query_len=1, max_context_len=bucket(ctx))
+    flag = attention.DECODE_KERNEL
+    attention.DECODE_KERNEL = False
+    try:
+        base_us = graph_us([lambda k=k, v=v: attention.paged_attention(q, k, v, meta, scale) for k, v in caches])
+    finally:
+        attention.DECODE_KERNEL = flag
+    nbytes = num_seqs * ctx * 2 * KV_HEADS * DIM * 2 + 2 * q.numel() * 2
+    row.update({"best": {"block_n": best["block_n"], "warps": best["warps"]}, "kernel_us": best["us"],
+                "gather_sdpa_us": base_us, "speedup": base_us / best["us"], "bytes": nbytes,
+                "kernel_gbps": nbytes / (best["us"] * 1e-6) / 1e9,
+                "hbm_fraction": nbytes / (best["us"] * 1e-6) / 1e9 / limit_gbps})
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--label", default="")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench/attention.py needs CUDA (the kernel's CPU tests are tests/kernels/test_paged_attention.py)")
+        return 2
+    torch.set_grad_enabled(False)
+    points, configs = (([(1, 192), (32, 192), (32, 2048)], CONFIGS[1:3]) if args.quick else (POINTS, CONFIGS))
+    limits = copy_limits_gbps()
+    limit = max(limits.values())
+    name = device_name("cuda")
+    print(f"{name}: device-to-device copy {limits} GB/s", flush=True)
+    rows = []
+    for i, (s, c) in enumerate(points):
+        rows.append(one_point(s, c, limit, configs))
+        r = rows[-1]
+        print(f"[{i + 1}/{len(points)}] S={s:3d} ctx={c:5d}: kernel {r['kernel_us']:8.1f} us "
+              f"(BLOCK_N {r['best']['block_n']}, {r['best']['warps']} warps, {r['hbm_fraction']:.2f} of HBM)  "
+              f"gather+SDPA {r['gather_sdpa_us']:8.1f} us  -> {r['speedup']:.2f}x", flush=True)
+    payload = {"bench": "attention", "device": name, "commit": git_commit(), "date": datetime.date.today().isoformat(),
+               "config": {"dtype": "float16", "layers_rotated": LAYERS, "copy_limit_gbps": limit,
+                          "copy_gbps_by_timer": limits, "configs": configs, "quick": args.quick},
+               "rows": rows}
+    path = write_results(Path(args.out), "attention", args.label or name, payload)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
