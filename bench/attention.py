@@ -4,8 +4,8 @@
 
 Per point (sequences S, context length, Llama-2-7B heads: 32 query / 32 K/V heads of 128, fp16, 16-token pages
 shuffled over the cache), in one run:
-- `kernel_us`: kernels/paged_attention.py per layer, for each (BLOCK_N, warps) config tried (`configs`), and the
-  best one;
+- `kernel_us`: kernels/paged_attention.py per layer, for each (BLOCK_N, heads per program, warps) config tried
+  (`configs`, with the context splits `split_count` gave), and the best one;
 - `gather_sdpa_us`: deltazip/model/attention.py with the kernel off, as a decode CUDA graph ran it before: K/V
   pages gathered into a padded batch of the graph's context bucket (a power of two times the page size), then
   SDPA with a mask; its index tensors made once per forward (not counted, as in a 16-layer step);
@@ -37,7 +37,7 @@ from kernels import paged_attention  # noqa: E402
 
 HEADS, KV_HEADS, DIM, PAGE = 32, 32, 128, 16
 LAYERS = 16
-CONFIGS = [(16, 4), (32, 4), (64, 4), (64, 8), (128, 8)]
+CONFIGS = [(32, 1, 4), (64, 1, 4), (128, 1, 8), (16, 4, 4), (32, 4, 8), (32, 2, 4), (64, 2, 8), (16, 8, 8)]
 POINTS = [(s, c) for s in (1, 8, 32, 64) for c in (192, 1024, 2048)]
 
 
@@ -68,15 +68,18 @@ def one_point(num_seqs: int, ctx: int, limit_gbps: float, configs: list) -> dict
     scale = DIM ** -0.5
     row: dict = {"num_seqs": num_seqs, "context": ctx, "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": DIM,
                  "page": PAGE, "configs": []}
-    was = paged_attention.BLOCK_N, paged_attention.NUM_WARPS
+    pa = paged_attention
+    was = pa.BLOCK_N, pa.HEADS_PER_PROGRAM, pa.NUM_WARPS
     try:
-        for block_n, warps in configs:
-            paged_attention.BLOCK_N, paged_attention.NUM_WARPS = block_n, warps
-            us = graph_us([lambda k=k, v=v: paged_attention.paged_decode_attention(q, k, v, tables, lens, scale)
+        for block_n, heads, warps in configs:
+            pa.BLOCK_N, pa.HEADS_PER_PROGRAM, pa.NUM_WARPS = block_n, heads, warps
+            us = graph_us([lambda k=k, v=v: pa.paged_decode_attention(q, k, v, tables, lens, scale, max_context_len=ctx)
                            for k, v in caches])
-            row["configs"].append({"block_n": block_n, "warps": warps, "us": us})
+            splits = pa.split_count(num_seqs, num_seqs * HEADS // heads, ctx, q.device)
+            row["configs"].append({"block_n": block_n, "heads_per_program": heads, "warps": warps, "splits": splits,
+                                   "us": us})
     finally:
-        paged_attention.BLOCK_N, paged_attention.NUM_WARPS = was
+        pa.BLOCK_N, pa.HEADS_PER_PROGRAM, pa.NUM_WARPS = was
     best = min(row["configs"], key=lambda c: c["us"])
     # the replaced path, as the decode graphs ran it: bucket-padded gather, SDPA with a mask
     padded = torch.full((num_seqs, bucket(ctx) // PAGE), 0, dtype=torch.long, device="cuda")
@@ -91,7 +94,8 @@ def one_point(num_seqs: int, ctx: int, limit_gbps: float, configs: list) -> dict
     finally:
         attention.DECODE_KERNEL = flag
     nbytes = num_seqs * ctx * 2 * KV_HEADS * DIM * 2 + 2 * q.numel() * 2
-    row.update({"best": {"block_n": best["block_n"], "warps": best["warps"]}, "kernel_us": best["us"],
+    row.update({"best": {k: best[k] for k in ("block_n", "heads_per_program", "warps", "splits")},
+                "kernel_us": best["us"],
                 "gather_sdpa_us": base_us, "speedup": base_us / best["us"], "bytes": nbytes,
                 "kernel_gbps": nbytes / (best["us"] * 1e-6) / 1e9,
                 "hbm_fraction": nbytes / (best["us"] * 1e-6) / 1e9 / limit_gbps})
@@ -108,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench/attention.py needs CUDA (the kernel's CPU tests are tests/kernels/test_paged_attention.py)")
         return 2
     torch.set_grad_enabled(False)
-    points, configs = (([(1, 192), (32, 192), (32, 2048)], CONFIGS[1:3]) if args.quick else (POINTS, CONFIGS))
+    points, configs = (([(1, 192), (32, 192), (32, 2048)], CONFIGS[:2]) if args.quick else (POINTS, CONFIGS))
     limits = copy_limits_gbps()
     limit = max(limits.values())
     name = device_name("cuda")
@@ -118,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(one_point(s, c, limit, configs))
         r = rows[-1]
         print(f"[{i + 1}/{len(points)}] S={s:3d} ctx={c:5d}: kernel {r['kernel_us']:8.1f} us "
-              f"(BLOCK_N {r['best']['block_n']}, {r['best']['warps']} warps, {r['hbm_fraction']:.2f} of HBM)  "
+              f"({r['best']}, {r['hbm_fraction']:.2f} of HBM)  "
               f"gather+SDPA {r['gather_sdpa_us']:8.1f} us  -> {r['speedup']:.2f}x", flush=True)
     payload = {"bench": "attention", "device": name, "commit": git_commit(), "date": datetime.date.today().isoformat(),
                "config": {"dtype": "float16", "layers_rotated": LAYERS, "copy_limit_gbps": limit,

@@ -723,7 +723,8 @@ def _main(argv: list[str] | None) -> int:
     ap.add_argument("--no-fast-launch", action="store_true",
                     help="every SBMM launch through Triton's JITFunction.run (sbmm.FAST_LAUNCH off): the baseline of "
                          "the launch cache")
-    ap.add_argument("--profile-dir", default="", help="parts prefill-deltas and step-profile: profile their timed steps (torch.profiler, "
+    ap.add_argument("--profile-dir", default="", help="parts prefill-deltas and step-profile: profile their timed "
+                    "steps (torch.profiler, "
                     "no decode step between prefills) and write one table file per delta count there")
     ap.add_argument("--step-bits", type=int, default=2, choices=(2, 4), help="code width of the step's deltas")
     ap.add_argument("--sp4-words-torch", action="store_true",

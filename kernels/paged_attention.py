@@ -5,10 +5,12 @@ What it replaces: deltazip/model/attention.py's paged path gathers every sequenc
 much as the attention itself, and both read the padded bucket, not the context (docs/serving.md, session 22: the
 gather and the attention were 2.3 of a 16-layer step's 5.5 ms of kernels on an H200, 32 sequences).
 
-This kernel reads each sequence's own K/V rows once, through its block table, with an online softmax in fp32
-(one program per sequence and query head; the K/V head is head // group, so grouped-query attention is served
-by several programs reading the same rows, mostly from L2). The loop runs to the sequence's context length,
-read on the device: a CUDA graph captured once serves any context, and rows past their length cost nothing.
+This kernel reads each sequence's own K/V rows once, through its block table, with an online softmax in fp32:
+one program per sequence, group of HEADS_PER_PROGRAM query heads (the K/V head of query head h is h // group, so
+grouped-query heads re-read the same rows, mostly from L1/L2) and context split. The loop runs to the sequence's
+context length, read on the device: a CUDA graph captured once serves any context, and rows past their length
+cost nothing. A small batch splits each context over several programs (`split_count`) so every SM has work; a
+second kernel combines the splits' partial results by their softmax maxima and sums.
 
 `paged_decode_reference` is the torch reference (the same math, a gather per sequence), for the tests.
 """
@@ -21,63 +23,117 @@ import triton.language as tl
 
 from kernels.sbmm_plan import interpreting
 
-# Tokens per loop iteration and warps per program (measured on an H200: bench/attention.py).
+# Launch config (measured on an H200: bench/attention.py): tokens per loop iteration, query heads per program,
+# warps per program; and the context split for small batches (split_count).
 BLOCK_N = 64
+HEADS_PER_PROGRAM = 1
 NUM_WARPS = 4
+MAX_SPLITS = 16
+TARGET_PROGRAMS_PER_SM = 4
 
 
 @triton.jit
-def _attend(q, m, l, acc, start, ctx, table, k_ptr, v_ptr, kv_head, d,
+def _attend(q, m, l, acc, start, end, table, k_ptr, v_ptr, kv_heads, d,
             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
             BLOCK_SIZE: tl.constexpr, BLOCK: tl.constexpr):
-    """One BLOCK of context positions from `start` folded into the running (max, sum, weighted values)."""
+    """Context positions start..start+BLOCK (those < end) folded into the running max m [HB], sum l [HB] and
+    weighted values acc [HB, D] of the program's HB query heads (q [HB, D], their K/V heads kv_heads [HB])."""
     pos = start + tl.arange(0, BLOCK)
-    valid = pos < ctx
+    valid = pos < end
     block = tl.load(table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
     offset = (pos % BLOCK_SIZE).to(tl.int64)
-    k = tl.load(k_ptr + block[:, None] * stride_kb + offset[:, None] * stride_ks + kv_head * stride_kh
-                + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-    qk = tl.where(valid, tl.sum(q[None, :] * k, 1), float("-inf"))
+    row = (block * stride_kb + offset * stride_ks)[:, None, None]
+    k = tl.load(k_ptr + row + (kv_heads * stride_kh)[None, :, None] + d[None, None, :],
+                mask=valid[:, None, None], other=0.0).to(tl.float32)  # [BLOCK, HB, D]
+    row = (block * stride_vb + offset * stride_vs)[:, None, None]
+    v = tl.load(v_ptr + row + (kv_heads * stride_vh)[None, :, None] + d[None, None, :],
+                mask=valid[:, None, None], other=0.0).to(tl.float32)
+    qk = tl.where(valid[:, None], tl.sum(k * q[None, :, :], 2), float("-inf"))  # [BLOCK, HB]
     m_new = tl.maximum(m, tl.max(qk, 0))
     alpha = tl.exp(m - m_new)
-    p = tl.exp(qk - m_new)
-    v = tl.load(v_ptr + block[:, None] * stride_vb + offset[:, None] * stride_vs + kv_head * stride_vh
-                + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-    return m_new, l * alpha + tl.sum(p, 0), acc * alpha + tl.sum(p[:, None] * v, 0)
+    p = tl.exp(qk - m_new[None, :])
+    return m_new, l * alpha + tl.sum(p, 0), acc * alpha[:, None] + tl.sum(p[:, :, None] * v, 0)
 
 
 @triton.jit
 def _paged_decode_kernel(
-    q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr,
+    q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, part_ptr, ml_ptr,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_tb, stride_ot, stride_oh,
-    scale,
+    scale, num_heads,
     GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
-    MAX_ITERS: tl.constexpr,
+    HB: tl.constexpr, SPLITS: tl.constexpr, MAX_ITERS: tl.constexpr,
 ):
     seq = tl.program_id(0)
-    head = tl.program_id(1)
-    kv_head = head // GROUP
+    heads = tl.program_id(1) * HB + tl.arange(0, HB)
+    split = tl.program_id(2)
+    kv_heads = heads // GROUP
     ctx = tl.load(lens_ptr + seq).to(tl.int32)
+    # this split's share of the context, whole BLOCKs (SPLITS == 1: all of it)
+    chunk = tl.cdiv(tl.cdiv(ctx, SPLITS), BLOCK) * BLOCK
+    begin = split * chunk
+    end = tl.minimum(begin + chunk, ctx)
     d = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + seq * stride_qt + head * stride_qh + d).to(tl.float32) * scale
-    m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), 0)
-    l = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
-    acc = tl.zeros([HEAD_DIM], tl.float32)
+    q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + d[None, :]).to(tl.float32) * scale
+    m = tl.full([HB], float("-inf"), tl.float32)
+    l = tl.zeros([HB], tl.float32)
+    acc = tl.zeros([HB, HEAD_DIM], tl.float32)
     table = tables_ptr + seq.to(tl.int64) * stride_tb
     if MAX_ITERS == 0:  # compiled: the loop runs to this sequence's context length, read on the device
-        for start in range(0, ctx, BLOCK):
-            m, l, acc = _attend(q, m, l, acc, start, ctx, table, k_ptr, v_ptr, kv_head, d, stride_kb, stride_ks,
+        for start in range(begin, end, BLOCK):
+            m, l, acc = _attend(q, m, l, acc, start, end, table, k_ptr, v_ptr, kv_heads, d, stride_kb, stride_ks,
                                 stride_kh, stride_vb, stride_vs, stride_vh, BLOCK_SIZE, BLOCK)
-    else:  # the CPU interpreter cannot take a loop bound loaded from memory: a fixed count, past ctx skipped
+    else:  # the CPU interpreter cannot take a loop bound loaded from memory: a fixed count, past `end` skipped
         for it in range(0, MAX_ITERS):
-            if it * BLOCK < ctx:
-                m, l, acc = _attend(q, m, l, acc, it * BLOCK, ctx, table, k_ptr, v_ptr, kv_head, d, stride_kb,
-                                    stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, BLOCK_SIZE, BLOCK)
-    out = acc / l
+            if begin + it * BLOCK < end:
+                m, l, acc = _attend(q, m, l, acc, begin + it * BLOCK, end, table, k_ptr, v_ptr, kv_heads, d,
+                                    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, BLOCK_SIZE,
+                                    BLOCK)
+    if SPLITS == 1:
+        out = acc / l[:, None]
+        tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty))
+    else:  # partial result of this split, normalised (0 where the split had no context), with its max and sum
+        at = (seq * num_heads + heads) * SPLITS + split  # [HB]
+        out = tl.where(l[:, None] > 0, acc / l[:, None], 0.0)
+        tl.store(part_ptr + at[:, None] * HEAD_DIM + d[None, :], out)
+        tl.store(ml_ptr + 2 * at, m)
+        tl.store(ml_ptr + 2 * at + 1, l)
+
+
+@triton.jit
+def _combine_splits_kernel(part_ptr, ml_ptr, out_ptr, stride_ot, stride_oh, num_heads,
+                           HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
+    """out[seq, head] from its SPLITS partial results: each weighted by its sum times exp(its max - the max)."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    at = (seq * num_heads + head) * SPLITS + tl.arange(0, SPLITS)
+    m = tl.load(ml_ptr + 2 * at)
+    l = tl.load(ml_ptr + 2 * at + 1)
+    w = tl.where(l > 0, l * tl.exp(m - tl.max(m, 0)), 0.0)  # [SPLITS]
+    d = tl.arange(0, HEAD_DIM)
+    part = tl.load(part_ptr + at[:, None] * HEAD_DIM + d[None, :])  # [SPLITS, D]
+    out = tl.sum(part * w[:, None], 0) / tl.sum(w, 0)
     tl.store(out_ptr + seq * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def split_count(num_seqs: int, num_programs: int, max_context_len: int, device: torch.device) -> int:
+    """Context splits per (sequence, head group): enough programs for TARGET_PROGRAMS_PER_SM on every SM, a power
+    of two up to MAX_SPLITS, none that would get less than one BLOCK_N of the longest context."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    splits = 1
+    while (splits < MAX_SPLITS and num_programs * splits < TARGET_PROGRAMS_PER_SM * sms
+           and max_context_len > 2 * splits * BLOCK_N):
+        splits *= 2
+    return splits
 
 
 def paged_decode_attention(
@@ -88,9 +144,13 @@ def paged_decode_attention(
     context_lens: torch.Tensor,  # [S] int32/int64, >= 1: tokens in the cache, the new one included
     scale: float,
     out: torch.Tensor | None = None,
+    max_context_len: int = 0,
+    splits: int | None = None,
 ) -> torch.Tensor:  # [S, num_heads, head_dim], q's dtype
     """Attention of each sequence's one new token over its cached context (its own key included). No host sync:
-    capturable in a CUDA graph. Raises ValueError on shapes that do not fit together."""
+    capturable in a CUDA graph. max_context_len: a host-known bound on the contexts (0: the block tables' width),
+    which only sets how many splits a small batch gets; splits: that count given (None: `split_count`).
+    Raises ValueError on shapes that do not fit together."""
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, kv_dim = k_cache.shape
     if v_cache.shape != k_cache.shape or kv_dim != head_dim:
@@ -114,16 +174,32 @@ def paged_decode_attention(
         return out
     if block_tables.stride(1) != 1:
         block_tables = block_tables.contiguous()
-    _paged_decode_kernel[(num_seqs, num_heads)](
-        q, k_cache, v_cache, block_tables, context_lens, out,
+    heads_per_program = HEADS_PER_PROGRAM if num_heads % HEADS_PER_PROGRAM == 0 else 1
+    num_programs = num_seqs * (num_heads // heads_per_program)
+    if splits is None:
+        splits = split_count(num_seqs, num_programs, max_context_len or block_tables.shape[1] * block_size, q.device)
+    elif splits < 1 or splits & (splits - 1):
+        raise ValueError(f"splits must be a power of two >= 1, got {splits}")
+    part = ml = out  # unused with one split
+    if splits > 1:
+        part = torch.empty(num_seqs, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
+        ml = torch.empty(num_seqs, num_heads, splits, 2, dtype=torch.float32, device=q.device)
+    max_iters = 0  # the interpreter's fixed loop count: BLOCK_N steps over a split's share of the widest table
+    if interpreting():
+        max_iters = _cdiv(_cdiv(block_tables.shape[1] * block_size, splits), BLOCK_N)
+    _paged_decode_kernel[(num_seqs, num_heads // heads_per_program, splits)](
+        q, k_cache, v_cache, block_tables, context_lens, out, part, ml,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        float(scale),
+        float(scale), num_heads,
         GROUP=num_heads // num_kv_heads, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK=BLOCK_N,
-        MAX_ITERS=-(-block_tables.shape[1] * block_size // BLOCK_N) if interpreting() else 0, num_warps=NUM_WARPS,
+        HB=heads_per_program, SPLITS=splits, MAX_ITERS=max_iters, num_warps=NUM_WARPS,
     )
+    if splits > 1:
+        _combine_splits_kernel[(num_seqs, num_heads)](part, ml, out, out.stride(0), out.stride(1), num_heads,
+                                                      HEAD_DIM=head_dim, SPLITS=splits)
     return out
 
 

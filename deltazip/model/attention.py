@@ -62,7 +62,8 @@ def paged_attention(
     """Causal attention of each sequence's new tokens over its whole cached context."""
     num_tokens = q.shape[0]
     if meta.max_query_len == 1 and num_tokens == meta.num_seqs and decode_kernel_applies(q.device):
-        return paged_kernel.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
+        return paged_kernel.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
+                                                   max_context_len=meta.max_context_len)
     block_size, num_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     key = ("paged", num_tokens, block_size, q.device)
     idx = meta.step_cache.get(key) if CACHE_STEP_INDICES else None

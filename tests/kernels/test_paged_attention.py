@@ -11,14 +11,20 @@ import torch
 
 from deltazip.model import attention
 from deltazip.model.context import AttentionMetadata
-from kernels.paged_attention import paged_decode_attention, paged_decode_reference
+from kernels import paged_attention
+from kernels.paged_attention import paged_decode_attention, paged_decode_reference, split_count
+from kernels.sbmm_plan import interpreting
 
 CUDA = torch.cuda.is_available()
+# The small cases run under the CPU interpreter (make test), else on the GPU when there is one (the device runs)
+SMALL = "cpu" if interpreting() else ("cuda" if CUDA else None)
+small = pytest.mark.skipif(SMALL is None, reason="needs TRITON_INTERPRET=1 or CUDA")
 
 
-def make_cache(num_seqs, heads, kv_heads, dim, block_size, lens, dtype, device="cpu", seed=0, extra_blocks=3):
+def make_cache(num_seqs, heads, kv_heads, dim, block_size, lens, dtype, device=None, seed=0, extra_blocks=3):
     """(q, k_cache, v_cache, block_tables padded with -1, context_lens): each sequence's pages drawn at random
     from a shared pool, so neighbouring sequences' pages interleave."""
+    device = device or SMALL
     g = torch.Generator().manual_seed(seed)
     pages = [-(-n // block_size) for n in lens]
     num_blocks = sum(pages) + extra_blocks
@@ -34,19 +40,26 @@ def make_cache(num_seqs, heads, kv_heads, dim, block_size, lens, dtype, device="
     return q, k, v, tables.to(device), torch.tensor(lens, dtype=torch.long, device=device)
 
 
+@small
 @pytest.mark.parametrize("heads,kv_heads,dim,block_size", [(4, 4, 32, 16), (8, 2, 64, 16), (4, 1, 16, 8),
                                                             (2, 2, 128, 32)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_kernel_matches_reference(heads, kv_heads, dim, block_size, dtype):
+@pytest.mark.parametrize("heads_per_program,splits", [(1, 1), (2, 1), (1, 4), (2, 2)])
+def test_kernel_matches_reference(heads, kv_heads, dim, block_size, dtype, heads_per_program, splits, monkeypatch):
+    """Every launch layout: heads per program (a GQA group read whole or split), context splits (some empty for
+    the short contexts, combined by the second kernel)."""
+    monkeypatch.setattr(paged_attention, "HEADS_PER_PROGRAM", heads_per_program)
+    monkeypatch.setattr(paged_attention, "BLOCK_N", 16)
     lens = [1, block_size - 1, block_size, 2 * block_size + 1, 70]
     q, k, v, tables, ctx = make_cache(len(lens), heads, kv_heads, dim, block_size, lens, dtype)
-    out = paged_decode_attention(q, k, v, tables, ctx, dim ** -0.5)
+    out = paged_decode_attention(q, k, v, tables, ctx, dim ** -0.5, splits=splits)
     ref = paged_decode_reference(q, k, v, tables, ctx, dim ** -0.5)
     assert out.dtype == dtype and out.shape == q.shape
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
     torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
 
 
+@small
 def test_one_token_context_returns_its_value():
     """With only its own key in the cache a token's attention output is that key's value, whatever q is."""
     q, k, v, tables, ctx = make_cache(3, 4, 2, 32, 16, [1, 1, 1], torch.float32, seed=4)
@@ -55,6 +68,7 @@ def test_one_token_context_returns_its_value():
         torch.testing.assert_close(out[s], v[tables[s, 0], 0].repeat_interleave(2, dim=0))
 
 
+@small
 def test_entries_past_the_context_are_not_read():
     """Garbage block ids past a sequence's pages (the -1 padding, or stale ids) change nothing."""
     q, k, v, tables, ctx = make_cache(2, 4, 4, 32, 16, [20, 5], torch.float32, seed=5)
@@ -64,13 +78,15 @@ def test_entries_past_the_context_are_not_read():
     torch.testing.assert_close(paged_decode_attention(q, k, v, tables, ctx, 0.2), before)
 
 
+@small
 def test_matches_the_gather_sdpa_path(monkeypatch):
     """paged_attention takes the kernel for a decode-only step when it applies, and gives what its gather + SDPA
     path gives for the same metadata."""
     lens = [3, 17, 40, 64]
     q, k, v, tables, ctx = make_cache(4, 8, 4, 32, 16, lens, torch.float32, seed=6)
-    meta = dict(positions=ctx - 1, slot_mapping=torch.zeros(4, dtype=torch.long), block_tables=tables,
-                context_lens=ctx, query_start_loc=torch.arange(5), max_query_len=1, max_context_len=max(lens))
+    meta = dict(positions=ctx - 1, slot_mapping=torch.zeros(4, dtype=torch.long, device=SMALL), block_tables=tables,
+                context_lens=ctx, query_start_loc=torch.arange(5, device=SMALL), max_query_len=1,
+                max_context_len=max(lens))
     monkeypatch.setattr(attention, "decode_kernel_applies", lambda device: False)
     sdpa = attention.paged_attention(q, k, v, AttentionMetadata(**meta), 0.17)
     calls = []
@@ -83,19 +99,22 @@ def test_matches_the_gather_sdpa_path(monkeypatch):
     torch.testing.assert_close(out, sdpa, atol=1e-5, rtol=1e-5)
 
 
+@small
 def test_mixed_steps_keep_the_gather_path(monkeypatch):
     """A step with a prefill chunk (max_query_len > 1) never reaches the decode kernel."""
     monkeypatch.setattr(attention, "decode_kernel_applies", lambda device: True)
     monkeypatch.setattr(attention.paged_kernel, "paged_decode_attention",
                         lambda *a, **kw: pytest.fail("decode kernel called for a mixed step"))
     q, k, v, tables, ctx = make_cache(2, 4, 4, 32, 16, [5, 9], torch.float32, seed=7)
-    tokens = torch.randn(4, 4, 32)
-    meta = AttentionMetadata(positions=torch.tensor([4, 6, 7, 8]), slot_mapping=torch.zeros(4, dtype=torch.long),
-                             block_tables=tables, context_lens=ctx, query_start_loc=torch.tensor([0, 1, 4]),
+    tokens = torch.randn(4, 4, 32, device=SMALL)
+    meta = AttentionMetadata(positions=torch.tensor([4, 6, 7, 8], device=SMALL),
+                             slot_mapping=torch.zeros(4, dtype=torch.long, device=SMALL), block_tables=tables,
+                             context_lens=ctx, query_start_loc=torch.tensor([0, 1, 4], device=SMALL),
                              max_query_len=3, max_context_len=9)
     assert attention.paged_attention(tokens, k, v, meta, 0.2).shape == (4, 4, 32)
 
 
+@small
 @pytest.mark.parametrize("args,match", [
     ((4, 3, 32), "multiple"),
     ((4, 4, 24), "power of two"),
@@ -107,18 +126,43 @@ def test_bad_shapes_raise(args, match):
         paged_decode_attention(q, k, v, tables, ctx, 1.0)
 
 
+@small
+def test_splits_must_be_a_power_of_two():
+    q, k, v, tables, ctx = make_cache(2, 4, 4, 32, 16, [4, 5], torch.float32)
+    with pytest.raises(ValueError, match="power of two"):
+        paged_decode_attention(q, k, v, tables, ctx, 1.0, splits=3)
+
+
+@small
 def test_table_rows_must_match_sequences():
     q, k, v, tables, ctx = make_cache(3, 4, 4, 32, 16, [4, 5, 6], torch.float32)
     with pytest.raises(ValueError, match="one row per sequence"):
         paged_decode_attention(q, k, v, tables[:2], ctx, 1.0)
 
 
+def test_split_count_fills_the_sms_of_small_batches_only(monkeypatch):
+    class Props:
+        multi_processor_count = 132
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
+    cuda = torch.device("cuda")
+    assert split_count(64, 64 * 32, 2048, cuda) == 1  # 2048 programs: enough
+    assert split_count(1, 32, 2048, cuda) == paged_attention.MAX_SPLITS
+    assert split_count(1, 32, 4 * paged_attention.BLOCK_N, cuda) == 2  # no split shorter than BLOCK_N
+    assert split_count(8, 256, 2048, cuda) == 4  # 256 x 4 > 4 x 132
+    assert split_count(1, 32, 2048, torch.device("cpu")) == 1
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("heads,kv_heads", [(32, 32), (32, 8)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_kernel_matches_reference_on_cuda(heads, kv_heads, dtype):
-    lens = [1, 15, 16, 17, 130, 511, 2048, 1000]
+@pytest.mark.parametrize("heads_per_program", [1, 4])
+@pytest.mark.parametrize("num_seqs", [8, 1])
+def test_kernel_matches_reference_on_cuda(heads, kv_heads, dtype, heads_per_program, num_seqs, monkeypatch):
+    """Real head shapes and long contexts; one sequence gets context splits, eight mostly not."""
+    monkeypatch.setattr(paged_attention, "HEADS_PER_PROGRAM", heads_per_program)
+    lens = [1, 15, 16, 17, 130, 511, 2048, 1000][-num_seqs:]
     q, k, v, tables, ctx = make_cache(len(lens), heads, kv_heads, 128, 16, lens, dtype, device="cuda", seed=8)
     out = paged_decode_attention(q, k, v, tables.to(torch.int32), ctx.to(torch.int32), 128 ** -0.5)
     ref = paged_decode_reference(q, k, v, tables, ctx, 128 ** -0.5)
@@ -128,15 +172,16 @@ def test_kernel_matches_reference_on_cuda(heads, kv_heads, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_kernel_in_a_cuda_graph_follows_new_context_lengths():
+@pytest.mark.parametrize("splits", [1, 4])
+def test_kernel_in_a_cuda_graph_follows_new_context_lengths(splits):
     """Captured once, replayed with longer contexts and other pages: each replay reads the lengths then current."""
     lens = [40, 300, 7, 1024]
     q, k, v, tables, ctx = make_cache(4, 32, 32, 128, 16, [1100] * 4, torch.float16, device="cuda", seed=9)
     ctx.copy_(torch.tensor(lens, device="cuda"))
-    paged_decode_attention(q, k, v, tables, ctx, 0.09)  # compile outside the capture
+    paged_decode_attention(q, k, v, tables, ctx, 0.09, splits=splits)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = paged_decode_attention(q, k, v, tables, ctx, 0.09)
+        out = paged_decode_attention(q, k, v, tables, ctx, 0.09, splits=splits)
     for new_lens, seed in (([40, 300, 7, 1024], 0), ([1100, 1, 64, 65], 1)):
         ctx.copy_(torch.tensor(new_lens, device="cuda"))
         tables.copy_(tables[torch.randperm(4, generator=torch.Generator().manual_seed(seed))])
