@@ -97,7 +97,7 @@ def _paged_decode_kernel(
                  out.to(out_ptr.dtype.element_ty))
     else:  # partial result of this split, normalised (0 where the split had no context), with its max and sum
         at = (seq * num_heads + heads) * SPLITS + split  # [HB]
-        out = tl.where(l[:, None] > 0, acc / l[:, None], 0.0)
+        out = acc / tl.where(l > 0, l, 1.0)[:, None]  # acc is 0 where l is
         tl.store(part_ptr + at[:, None] * HEAD_DIM + d[None, :], out)
         tl.store(ml_ptr + 2 * at, m)
         tl.store(ml_ptr + 2 * at + 1, l)

@@ -44,7 +44,7 @@ class DecodeGraphs:
         self.spare_block = spare_block  # KV block that padded rows write; no sequence owns it
         self.sizes = graph_batch_sizes(max_num_seqs)
         self.max_blocks = -(-max_model_len // block_size)
-        dev = model.model.embed_tokens.weight.device
+        dev = self.device = model.model.embed_tokens.weight.device
         n = self.sizes[-1]
         self.input_ids = torch.zeros(n, dtype=torch.long, device=dev)
         self.positions = torch.zeros(n, dtype=torch.long, device=dev)
@@ -61,7 +61,7 @@ class DecodeGraphs:
     def context_bucket(self, max_context_len: int) -> int:
         """Tokens attention gathers: block_size * 2^i >= max_context_len, capped at the longest context. With the
         paged decode kernel nothing is gathered: one bucket (the longest context) serves every step."""
-        if attention.decode_kernel_applies(self.input_ids.device):
+        if attention.decode_kernel_applies(self.device):
             return self.max_blocks * self.block_size
         bucket = self.block_size
         while bucket < max_context_len:

@@ -4,6 +4,7 @@ padded rows write only the spare block, and replayed decode steps give the eager
 import torch
 from engine_fixtures import Fixture, one_torch_thread, prompts  # noqa: F401 (autouse fixture)
 
+from deltazip.model import attention
 from deltazip.model.sampling import SamplingParams
 from services.worker.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
 
@@ -28,10 +29,15 @@ class EagerReplay(DecodeGraphs):
         return super().run(input_ids, attn, deltas)
 
 
-def test_context_buckets():
+def test_context_buckets(monkeypatch):
     graphs = DecodeGraphs.__new__(DecodeGraphs)
-    graphs.block_size, graphs.max_blocks = 4, 10
+    graphs.block_size, graphs.max_blocks, graphs.device = 4, 10, torch.device("cpu")
     assert [graphs.context_bucket(n) for n in (1, 4, 5, 17, 33, 40)] == [4, 4, 8, 32, 40, 40]
+    # on CUDA the paged decode kernel reads each context to its length: one graph per batch size serves them all
+    graphs.device = torch.device("cuda")
+    assert {graphs.context_bucket(n) for n in (1, 4, 5, 17, 33, 40)} == {40}
+    monkeypatch.setattr(attention, "DECODE_KERNEL", False)
+    assert [graphs.context_bucket(n) for n in (1, 5, 40)] == [4, 8, 40]
 
 
 def test_graph_batch_sizes():
