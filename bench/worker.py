@@ -1,6 +1,6 @@
 """Worker benchmark (GPU): delta load rate, decode step time with many deltas, tokens/s per serving mode.
 
-  python bench/worker.py --out bench/results [--commit SHA] [--parts load,step,step-profile,prefill,prefill-deltas,long-prefill-ab,fused-ab,attn-cache-ab,rms-norm-ab,decode-attn-ab,mixed-attn-ab,modes] [--tiny]
+  python bench/worker.py --out bench/results [--commit SHA] [--parts load,step,step-profile,prefill,prefill-deltas,long-prefill-ab,fused-ab,attn-cache-ab,rms-norm-ab,decode-attn-ab,modes] [--tiny]
 
 Rows (DESIGN.md names), all measured in the same run:
 - part=h2d_limit: pinned host→device copy rate of one large buffer (the physical limit of a delta load).
@@ -31,8 +31,7 @@ Rows (DESIGN.md names), all measured in the same run:
 - part=attn-cache-ab: paged attention's per-step index tensors made once per forward (default) against once per
   layer, alternating in one process: graph decode steps (N in {0, 8}) and eager base prefill steps; `on` says
   which arm. part=rms-norm-ab: the same for torch's fused rms_norm against the op-by-op norm; part=decode-attn-ab
-  for decode attention read from the paged cache (kernels/paged_attention.py) against gather + SDPA; part
-  mixed-attn-ab for a prefill step's decode rows through that kernel against all rows padded for SDPA.
+  for decode attention read from the paged cache (kernels/paged_attention.py) against gather + SDPA.
 - part=long-prefill-ab: one prompt of 256-2040 tokens prefilled alone (what its time to first token waits for), on
   a delta and on the base model, with the dense route for long delta segments (kernels/delta_linear.py, from
   `sbmm.dense_rows` rows) against SBMM for all segments, alternating in one process; `vs_base` is the ratio to
@@ -407,8 +406,7 @@ def bench_fused_ab(cfg: LlamaConfig, device: str, rows: list, deltas=(1, 8, 16),
 # parts that switch one module flag on and off in one process (bench_flag_ab): part -> (module, attribute)
 FLAG_PARTS = {"attn-cache-ab": ("deltazip.model.attention", "CACHE_STEP_INDICES"),
               "rms-norm-ab": ("deltazip.model.layers", "FUSED_RMS_NORM"),
-              "decode-attn-ab": ("deltazip.model.attention", "DECODE_KERNEL"),
-              "mixed-attn-ab": ("deltazip.model.attention", "SPLIT_MIXED_STEPS")}
+              "decode-attn-ab": ("deltazip.model.attention", "DECODE_KERNEL")}
 
 
 def bench_flag_ab(part: str, cfg: LlamaConfig, device: str, rows: list, deltas=(0, 8), rounds: int = 2,
@@ -419,9 +417,7 @@ def bench_flag_ab(part: str, cfg: LlamaConfig, device: str, rows: list, deltas=(
     graphs) and eager fresh-shape prefill steps (base). attn-cache-ab: paged attention's per-step index tensors made
     once per forward against once per layer; rms-norm-ab: torch's fused rms_norm against the op-by-op norm;
     decode-attn-ab: decode steps' attention read from the paged cache by kernels/paged_attention.py against the
-    gather + SDPA path (prefill steps do not use the kernel: their rows show the noise between arms); mixed-attn-ab:
-    a prefill step's decode rows through that kernel and only its prefill sequences padded for SDPA, against every
-    row padded (decode rows show the noise between arms)."""
+    gather + SDPA path (prefill steps do not use the kernel: their rows show the noise between arms)."""
     import importlib
 
     module, attr = FLAG_PARTS[part]

@@ -1,14 +1,13 @@
 """Attention math: paged (serving, varlen) and causal dense (training, calibration).
 
 Decode-only steps on CUDA (one new token per sequence) read the paged KV cache directly with a Triton kernel
-(kernels/paged_attention.py). Sequences with prefill chunks gather their K/V pages into a padded batch and run one
-SDPA call with an explicit mask; in a mixed step on CUDA only they do, and its decode rows take the kernel.
+(kernels/paged_attention.py). Other paged steps (prefill chunks mixed with decode rows) gather each sequence's K/V
+pages into a padded batch and run one SDPA call with an explicit mask.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -62,91 +61,9 @@ def paged_attention(
 ) -> torch.Tensor:  # [T, num_heads, head_dim]
     """Causal attention of each sequence's new tokens over its whole cached context."""
     num_tokens = q.shape[0]
-    if decode_kernel_applies(q.device):
-        if meta.max_query_len == 1 and num_tokens == meta.num_seqs:
-            return paged_kernel.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
-                                                       scale, max_context_len=meta.max_context_len)
-        if SPLIT_MIXED_STEPS and meta.host_lens is not None:
-            split = _mixed_split(meta, q.device)
-            if split is not None:
-                return _split_attention(q, k_cache, v_cache, split, scale)
-    return _gather_attention(q, k_cache, v_cache, meta, scale)
-
-
-# A mixed step (prefill chunks and decode rows) on CUDA sends its decode rows through the decode kernel and pads
-# only its prefill sequences for SDPA; False: every row padded to the longest chunk, as before (bench/worker.py
-# --parts mixed-attn-ab times both).
-SPLIT_MIXED_STEPS = True
-
-
-@dataclass(slots=True)
-class _MixedSplit:
-    """A mixed step's decode sequences and prefill sequences, each with its token rows and its own metadata."""
-
-    decode_rows: torch.Tensor  # [Sd] token rows of the decode sequences
-    decode_tables: torch.Tensor  # [Sd, max_blocks]
-    decode_lens: torch.Tensor  # [Sd]
-    decode_max_ctx: int
-    prefill_rows: torch.Tensor  # [Tp] token rows of the prefill sequences, in order
-    prefill_meta: AttentionMetadata  # their metadata, rows renumbered 0..Tp-1
-
-
-def _mixed_split(meta: AttentionMetadata, device: torch.device) -> _MixedSplit | None:
-    """The step's split (made by the first layer, kept in step_cache), or None when every sequence is of one kind."""
-    key = ("mixed-split", device)
-    if key in meta.step_cache:
-        return meta.step_cache[key]
-    lens = meta.host_lens
-    decode = [i for i, (n, _) in enumerate(lens) if n == 1]
-    split = None
-    if decode and len(decode) < len(lens):
-        prefill = [i for i, (n, _) in enumerate(lens) if n != 1]
-        starts = [0]
-        for n, _ in lens:
-            starts.append(starts[-1] + n)
-        prefill_rows = [r for i in prefill for r in range(starts[i], starts[i + 1])]
-        prefill_qsl = [0]
-        for i in prefill:
-            prefill_qsl.append(prefill_qsl[-1] + lens[i][0])
-
-        def as_tensor(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long).to(device)
-
-        decode_index, prefill_index = as_tensor(decode), as_tensor(prefill)
-        rows = as_tensor(prefill_rows)
-        split = _MixedSplit(
-            decode_rows=as_tensor([starts[i] for i in decode]),
-            decode_tables=meta.block_tables[decode_index],
-            decode_lens=meta.context_lens[decode_index],
-            decode_max_ctx=max(lens[i][1] for i in decode),
-            prefill_rows=rows,
-            prefill_meta=AttentionMetadata(
-                positions=meta.positions[rows], slot_mapping=meta.slot_mapping[rows],
-                block_tables=meta.block_tables[prefill_index], context_lens=meta.context_lens[prefill_index],
-                query_start_loc=as_tensor(prefill_qsl), max_query_len=max(lens[i][0] for i in prefill),
-                max_context_len=max(lens[i][1] for i in prefill)))
-    meta.step_cache[key] = split
-    return split
-
-
-def _split_attention(q, k_cache, v_cache, split: _MixedSplit, scale: float) -> torch.Tensor:
-    out = torch.empty_like(q)
-    out[split.decode_rows] = paged_kernel.paged_decode_attention(
-        q[split.decode_rows], k_cache, v_cache, split.decode_tables, split.decode_lens, scale,
-        max_context_len=split.decode_max_ctx)
-    out[split.prefill_rows] = _gather_attention(q[split.prefill_rows], k_cache, v_cache, split.prefill_meta, scale)
-    return out
-
-
-def _gather_attention(
-    q: torch.Tensor,  # [T, num_heads, head_dim]
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    meta: AttentionMetadata,
-    scale: float,
-) -> torch.Tensor:  # [T, num_heads, head_dim]
-    """Every sequence's pages gathered into a padded batch, then one SDPA call with a causal mask."""
-    num_tokens = q.shape[0]
+    if meta.max_query_len == 1 and num_tokens == meta.num_seqs and decode_kernel_applies(q.device):
+        return paged_kernel.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
+                                                   max_context_len=meta.max_context_len)
     block_size, num_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     key = ("paged", num_tokens, block_size, q.device)
     idx = meta.step_cache.get(key) if CACHE_STEP_INDICES else None

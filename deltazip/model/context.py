@@ -24,9 +24,6 @@ class AttentionMetadata:
     # Host-side maxima, so attention needs no device sync; 0 means "compute from the tensors".
     max_query_len: int = 0
     max_context_len: int = 0
-    # Host-side (new tokens, context length) per sequence, when the caller knows them (the worker's steps): lets
-    # attention send a mixed step's decode rows and prefill rows down different paths without a device sync.
-    host_lens: tuple[tuple[int, int], ...] | None = None
     # Index tensors every layer's attention would derive alike (attention.paged_attention): made by the first
     # layer of a forward, kept here for the others. Build a new metadata object per step; never refill its tensors.
     step_cache: dict = field(default_factory=dict, repr=False, compare=False)

@@ -43,10 +43,8 @@ def make_cache(num_seqs, heads, kv_heads, dim, block_size, lens, dtype, device=N
 @small
 @pytest.mark.parametrize("heads,kv_heads,dim,block_size", [(4, 4, 32, 16), (8, 2, 64, 16), (4, 1, 16, 8),
                                                             (2, 2, 128, 32)])
-@pytest.mark.parametrize("dtype,heads_per_program,splits", [
-    (torch.float16, 1, 1), (torch.bfloat16, 1, 1), (torch.float32, 1, 1),  # every dtype, plain layout
-    (torch.float16, 2, 1), (torch.float16, 1, 4), (torch.float32, 2, 2),  # the other layouts (interpreter time)
-])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("heads_per_program,splits", [(1, 1), (2, 1), (1, 4), (2, 2)])
 def test_kernel_matches_reference(heads, kv_heads, dim, block_size, dtype, heads_per_program, splits, monkeypatch):
     """Every launch layout: heads per program (a GQA group read whole or split), context splits (some empty for
     the short contexts, combined by the second kernel)."""
@@ -101,61 +99,19 @@ def test_matches_the_gather_sdpa_path(monkeypatch):
     torch.testing.assert_close(out, sdpa, atol=1e-5, rtol=1e-5)
 
 
-def mixed_step(seed=7):
-    """Five sequences, rows sorted as a worker sorts them (by delta, not by kind): decode, chunk of 3, decode,
-    chunk of 5 (a whole prompt), decode; returns (q, k, v, metadata kwargs without host_lens, host_lens)."""
-    q_lens, ctx = [1, 3, 1, 5, 1], [9, 20, 33, 5, 2]
-    _, k, v, tables, ctx_t = make_cache(5, 4, 2, 32, 16, ctx, torch.float32, seed=seed)
-    qsl = [0]
-    for n in q_lens:
-        qsl.append(qsl[-1] + n)
-    positions = [c - n + j for n, c in zip(q_lens, ctx) for j in range(n)]
-    q = torch.randn(qsl[-1], 4, 32, generator=torch.Generator().manual_seed(seed)).to(SMALL)
-    meta = dict(positions=torch.tensor(positions, device=SMALL), slot_mapping=torch.zeros(qsl[-1], dtype=torch.long,
-                device=SMALL), block_tables=tables, context_lens=ctx_t,
-                query_start_loc=torch.tensor(qsl, device=SMALL), max_query_len=5, max_context_len=33)
-    return q, k, v, meta, tuple(zip(q_lens, ctx))
-
-
 @small
-def test_mixed_steps_without_host_lengths_keep_the_gather_path(monkeypatch):
-    """A step with prefill chunks and no host-side lengths never reaches the decode kernel."""
+def test_mixed_steps_keep_the_gather_path(monkeypatch):
+    """A step with a prefill chunk (max_query_len > 1) never reaches the decode kernel."""
     monkeypatch.setattr(attention, "decode_kernel_applies", lambda device: True)
     monkeypatch.setattr(attention.paged_kernel, "paged_decode_attention",
                         lambda *a, **kw: pytest.fail("decode kernel called for a mixed step"))
-    q, k, v, meta, _ = mixed_step()
-    assert attention.paged_attention(q, k, v, AttentionMetadata(**meta), 0.2).shape == q.shape
-
-
-@small
-def test_mixed_step_split_matches_the_padded_path(monkeypatch):
-    """With host-side lengths a mixed step's decode rows go through the decode kernel (one call per layer, the
-    split made once per step) and its prefill sequences through the padded path, with the padded path's result."""
-    q, k, v, meta, host_lens = mixed_step()
-    monkeypatch.setattr(attention, "decode_kernel_applies", lambda device: False)
-    padded = attention.paged_attention(q, k, v, AttentionMetadata(**meta, host_lens=host_lens), 0.2)
-    monkeypatch.setattr(attention, "decode_kernel_applies", lambda device: True)
-    calls = []
-    real = attention.paged_kernel.paged_decode_attention
-    monkeypatch.setattr(attention.paged_kernel, "paged_decode_attention",
-                        lambda q_, *a, **kw: calls.append(q_.shape[0]) or real(q_, *a, **kw))
-    step = AttentionMetadata(**meta, host_lens=host_lens)
-    for _ in range(2):  # two layers of one step
-        torch.testing.assert_close(attention.paged_attention(q, k, v, step, 0.2), padded, atol=1e-5, rtol=1e-5)
-    assert calls == [3, 3]
-    assert len([key for key in step.step_cache if key[0] == "mixed-split"]) == 1
-    monkeypatch.setattr(attention, "SPLIT_MIXED_STEPS", False)
-    calls.clear()
-    attention.paged_attention(q, k, v, AttentionMetadata(**meta, host_lens=host_lens), 0.2)
-    assert calls == []
-
-
-@small
-def test_one_kind_steps_are_not_split():
-    """All prefill, or all decode: nothing to split (the padded path, or the decode kernel, takes the whole step)."""
-    q, k, v, meta, host_lens = mixed_step()
-    for lens in (tuple((n + 1, c) for n, c in host_lens), tuple((1, c) for _, c in host_lens)):
-        assert attention._mixed_split(AttentionMetadata(**meta, host_lens=lens), q.device) is None
+    q, k, v, tables, ctx = make_cache(2, 4, 4, 32, 16, [5, 9], torch.float32, seed=7)
+    tokens = torch.randn(4, 4, 32, device=SMALL)
+    meta = AttentionMetadata(positions=torch.tensor([4, 6, 7, 8], device=SMALL),
+                             slot_mapping=torch.zeros(4, dtype=torch.long, device=SMALL), block_tables=tables,
+                             context_lens=ctx, query_start_loc=torch.tensor([0, 1, 4], device=SMALL),
+                             max_query_len=3, max_context_len=9)
+    assert attention.paged_attention(tokens, k, v, meta, 0.2).shape == (4, 4, 32)
 
 
 @small

@@ -126,7 +126,6 @@ class ModelRunner:
             query_start_loc=torch.tensor(qsl, dtype=torch.long, device=dev),
             max_query_len=max(n for _, n in items),
             max_context_len=max(ctx_lens),
-            host_lens=tuple(zip((b - a for a, b in zip(qsl, qsl[1:])), ctx_lens)),
         )
         segments = run_lengths([items[i][0].delta for i in order], [items[i][1] for i in order])
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
