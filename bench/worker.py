@@ -1,6 +1,6 @@
 """Worker benchmark (GPU): delta load rate, decode step time with many deltas, tokens/s per serving mode.
 
-  python bench/worker.py --out bench/results [--commit SHA] [--parts load,step,step-profile,prefill,prefill-deltas,long-prefill-ab,fused-ab,attn-cache-ab,rms-norm-ab,decode-attn-ab,modes] [--tiny]
+  python bench/worker.py --out bench/results [--commit SHA] [--parts load,step,step-profile,prefill,prefill-deltas,long-prefill-ab,fused-ab,attn-cache-ab,rms-norm-ab,decode-attn-ab,rope-kv-ab,modes] [--tiny]
 
 Rows (DESIGN.md names), all measured in the same run:
 - part=h2d_limit: pinned host→device copy rate of one large buffer (the physical limit of a delta load).
@@ -31,7 +31,8 @@ Rows (DESIGN.md names), all measured in the same run:
 - part=attn-cache-ab: paged attention's per-step index tensors made once per forward (default) against once per
   layer, alternating in one process: graph decode steps (N in {0, 8}) and eager base prefill steps; `on` says
   which arm. part=rms-norm-ab: the same for torch's fused rms_norm against the op-by-op norm; part=decode-attn-ab
-  for decode attention read from the paged cache (kernels/paged_attention.py) against gather + SDPA.
+  for decode attention read from the paged cache (kernels/paged_attention.py) against gather + SDPA; part rope-kv-ab
+  for the q/k rotation and KV-cache write in one launch (kernels/rope_kv.py) against op by op.
 - part=long-prefill-ab: one prompt of 256-2040 tokens prefilled alone (what its time to first token waits for), on
   a delta and on the base model, with the dense route for long delta segments (kernels/delta_linear.py, from
   `sbmm.dense_rows` rows) against SBMM for all segments, alternating in one process; `vs_base` is the ratio to
@@ -406,7 +407,8 @@ def bench_fused_ab(cfg: LlamaConfig, device: str, rows: list, deltas=(1, 8, 16),
 # parts that switch one module flag on and off in one process (bench_flag_ab): part -> (module, attribute)
 FLAG_PARTS = {"attn-cache-ab": ("deltazip.model.attention", "CACHE_STEP_INDICES"),
               "rms-norm-ab": ("deltazip.model.layers", "FUSED_RMS_NORM"),
-              "decode-attn-ab": ("deltazip.model.attention", "DECODE_KERNEL")}
+              "decode-attn-ab": ("deltazip.model.attention", "DECODE_KERNEL"),
+              "rope-kv-ab": ("deltazip.model.layers", "FUSED_ROPE_KV")}
 
 
 def bench_flag_ab(part: str, cfg: LlamaConfig, device: str, rows: list, deltas=(0, 8), rounds: int = 2,
@@ -417,11 +419,14 @@ def bench_flag_ab(part: str, cfg: LlamaConfig, device: str, rows: list, deltas=(
     graphs) and eager fresh-shape prefill steps (base). attn-cache-ab: paged attention's per-step index tensors made
     once per forward against once per layer; rms-norm-ab: torch's fused rms_norm against the op-by-op norm;
     decode-attn-ab: decode steps' attention read from the paged cache by kernels/paged_attention.py against the
-    gather + SDPA path (prefill steps do not use the kernel: their rows show the noise between arms)."""
+    gather + SDPA path (prefill steps do not use the kernel: their rows show the noise between arms); rope-kv-ab:
+    q/k rotation and the KV-cache write in one launch (kernels/rope_kv.py) against op by op. The flag is put back to
+    its value from before the part."""
     import importlib
 
     module, attr = FLAG_PARTS[part]
     flags = importlib.import_module(module)
+    was = getattr(flags, attr)
 
     shapes = linear_shapes(cfg)
     num_slots = max(max(deltas), 1)
@@ -450,7 +455,7 @@ def bench_flag_ab(part: str, cfg: LlamaConfig, device: str, rows: list, deltas=(
                              "ms": ms})
                 print(json.dumps(rows[-1]), flush=True)
     finally:
-        setattr(flags, attr, True)
+        setattr(flags, attr, was)
 
 
 # ---- part 2b: prefill steps of fresh shapes, per SDPA backend choice -------------------------------

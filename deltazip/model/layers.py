@@ -13,6 +13,7 @@ from torch import nn
 from deltazip.model.attention import causal_attention, paged_attention, store_kv
 from deltazip.model.config import LlamaConfig, RopeScaling
 from deltazip.model.context import DeltaOps, ForwardContext
+from kernels import rope_kv
 
 
 class NamedLinear(nn.Linear):
@@ -124,6 +125,16 @@ class NamedEmbedding(nn.Embedding):
 # it rounds once where the op-by-op form rounds the normed value and then its product with the weight (<= 1 ulp
 # apart). False: the op-by-op form everywhere (bench/worker.py --parts rms-norm-ab times both).
 FUSED_RMS_NORM = True
+
+
+# On CUDA the serving path rotates q and k and writes k and v to the cache in one launch (kernels/rope_kv.py) instead
+# of ~16 op-by-op kernels; it rounds once where those round after each op. Off until measured on a GPU: bench/worker.py
+# --parts rope-kv-ab times both (its GPU tests: tests/kernels/test_rope_kv.py, tests/gpu).
+FUSED_ROPE_KV = False
+
+
+def fused_rope_kv_applies(device: torch.device) -> bool:
+    return FUSED_ROPE_KV and device.type == "cuda"
 
 
 class RMSNorm(nn.Module):
@@ -253,8 +264,11 @@ class LlamaAttention(nn.Module):
         assert ctx.attn is not None, "serving forward needs ctx.attn (AttentionMetadata)"
         assert self.k_cache is not None, "call model.allocate_kv_cache(num_blocks, block_size) first"
         q, k, v = self._qkv(x, ctx.deltas)
-        q, k = apply_rotary(q, rope), apply_rotary(k, rope)
-        store_kv(k, v, self.k_cache, self.v_cache, ctx.attn.slot_mapping)
+        if fused_rope_kv_applies(q.device):
+            rope_kv.rope_store_kv(q, k, v, rope.cos, rope.sin, self.k_cache, self.v_cache, ctx.attn.slot_mapping)
+        else:
+            q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+            store_kv(k, v, self.k_cache, self.v_cache, ctx.attn.slot_mapping)
         o = paged_attention(q, self.k_cache, self.v_cache, ctx.attn, self.scale)  # [T, heads, head_dim]
         return self.o_proj(o.reshape(x.shape[0], -1), ctx.deltas)
 
