@@ -127,3 +127,38 @@ def test_sbmm_configs_flag_swaps_the_table_that_launches_read(tmp_path):
         sbmm_plan.CONFIG_FILE = original
         sbmm_plan._configs.cache_clear()
     assert "marker" not in sbmm.pick_config("triton", "cpu", 4)
+
+
+def test_bench_worker_step_profile_writes_rows_and_tables(tmp_path):
+    """part=step-profile: one row per delta count with the median wall time of a decode step and its kernel time
+    under the profiler (0 on CPU: no kernels), a table file per row."""
+    torch.set_num_threads(1)
+    bench = _load_bench()
+    assert bench.main(["--tiny", "--parts", "step-profile", "--out", str(tmp_path), "--commit", "test",
+                       "--profile-dir", str(tmp_path / "prof")]) == 0
+    (path,) = tmp_path.glob("worker-*-tiny.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["num_deltas"] for r in rows] == [0, 2] and all(r["wall_ms"] > 0 and r["device_ms"] >= 0 for r in rows)
+    assert sorted(p.name for p in (tmp_path / "prof").iterdir()) == ["step-profile-2bit-d0-L2-s4.txt",
+                                                                      "step-profile-2bit-d2-L2-s4.txt"]
+
+
+def test_bench_worker_flag_parts_time_both_arms_and_put_the_flags_back(tmp_path):
+    """parts decode-attn-ab and rope-kv-ab: both arms in each round, and each flag back at its own earlier value
+    (the decode kernel's on, the fused rotation's off)."""
+    from deltazip.model import attention, layers
+
+    torch.set_num_threads(1)
+    bench = _load_bench()
+    before = attention.DECODE_KERNEL, layers.FUSED_ROPE_KV
+    assert bench.main(["--tiny", "--parts", "decode-attn-ab,rope-kv-ab", "--out", str(tmp_path),
+                       "--commit", "test"]) == 0
+    assert (attention.DECODE_KERNEL, layers.FUSED_ROPE_KV) == before
+    (path,) = tmp_path.glob("worker-*-tiny.json")
+    rows = json.loads(path.read_text())["rows"]
+    for part, flag in (("decode-attn-ab", "DECODE_KERNEL"), ("rope-kv-ab", "FUSED_ROPE_KV")):
+        mine = [r for r in rows if r["part"] == part]
+        assert {(r["round"], r["on"], r["phase"]) for r in mine} == {(r, on, phase) for r in (0, 1)
+                                                                     for on in (True, False)
+                                                                     for phase in ("decode", "prefill")}
+        assert all(r["flag"] == flag for r in mine)
