@@ -1,6 +1,6 @@
 """Worker benchmark (GPU): delta load rate, decode step time with many deltas, tokens/s per serving mode.
 
-  python bench/worker.py --out bench/results [--commit SHA] [--parts load,step,step-profile,prefill,prefill-deltas,long-prefill-ab,fused-ab,attn-cache-ab,rms-norm-ab,decode-attn-ab,rope-kv-ab,modes] [--tiny]
+  python bench/worker.py --out bench/results [--commit SHA] [--parts load,step,step-profile,prefill,prefill-deltas,long-prefill-ab,fused-ab,attn-cache-ab,rms-norm-ab,decode-attn-ab,rope-kv-ab,prefill-attn-ab,modes] [--tiny]
 
 Rows (DESIGN.md names), all measured in the same run:
 - part=h2d_limit: pinned host→device copy rate of one large buffer (the physical limit of a delta load).
@@ -32,7 +32,8 @@ Rows (DESIGN.md names), all measured in the same run:
   layer, alternating in one process: graph decode steps (N in {0, 8}) and eager base prefill steps; `on` says
   which arm. part=rms-norm-ab: the same for torch's fused rms_norm against the op-by-op norm; part=decode-attn-ab
   for decode attention read from the paged cache (kernels/paged_attention.py) against gather + SDPA; part rope-kv-ab
-  for the q/k rotation and KV-cache write in one launch (kernels/rope_kv.py) against op by op.
+  for the q/k rotation and KV-cache write in one launch (kernels/rope_kv.py) against op by op; part prefill-attn-ab
+  for prefill steps' attention by the varlen paged kernel against gather + SDPA.
 - part=long-prefill-ab: one prompt of 256-2040 tokens prefilled alone (what its time to first token waits for), on
   a delta and on the base model, with the dense route for long delta segments (kernels/delta_linear.py, from
   `sbmm.dense_rows` rows) against SBMM for all segments, alternating in one process; `vs_base` is the ratio to
@@ -408,7 +409,8 @@ def bench_fused_ab(cfg: LlamaConfig, device: str, rows: list, deltas=(1, 8, 16),
 FLAG_PARTS = {"attn-cache-ab": ("deltazip.model.attention", "CACHE_STEP_INDICES"),
               "rms-norm-ab": ("deltazip.model.layers", "FUSED_RMS_NORM"),
               "decode-attn-ab": ("deltazip.model.attention", "DECODE_KERNEL"),
-              "rope-kv-ab": ("deltazip.model.layers", "FUSED_ROPE_KV")}
+              "rope-kv-ab": ("deltazip.model.layers", "FUSED_ROPE_KV"),
+              "prefill-attn-ab": ("deltazip.model.attention", "PREFILL_KERNEL")}
 
 
 def bench_flag_ab(part: str, cfg: LlamaConfig, device: str, rows: list, deltas=(0, 8), rounds: int = 2,
@@ -420,8 +422,9 @@ def bench_flag_ab(part: str, cfg: LlamaConfig, device: str, rows: list, deltas=(
     once per forward against once per layer; rms-norm-ab: torch's fused rms_norm against the op-by-op norm;
     decode-attn-ab: decode steps' attention read from the paged cache by kernels/paged_attention.py against the
     gather + SDPA path (prefill steps do not use the kernel: their rows show the noise between arms); rope-kv-ab:
-    q/k rotation and the KV-cache write in one launch (kernels/rope_kv.py) against op by op. The flag is put back to
-    its value from before the part."""
+    q/k rotation and the KV-cache write in one launch (kernels/rope_kv.py) against op by op; prefill-attn-ab: prefill
+    steps' attention read from the pages by the varlen kernel (kernels/paged_attention.py) against gather + SDPA
+    (decode rows show the noise). The flag is put back to its value from before the part."""
     import importlib
 
     module, attr = FLAG_PARTS[part]

@@ -136,6 +136,25 @@ def split_count(num_seqs: int, num_programs: int, max_context_len: int, device: 
     return splits
 
 
+def _check_shapes(q, k_cache, v_cache, block_tables, context_lens, num_seqs: int) -> None:
+    """ValueError unless q [T, heads, head_dim], the caches and the per-sequence tensors fit together."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads, kv_dim = k_cache.shape[2], k_cache.shape[3]
+    if v_cache.shape != k_cache.shape or kv_dim != head_dim:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must match, with "
+                         f"head_dim {head_dim}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} key/value heads")
+    if head_dim & (head_dim - 1) or head_dim < 16:
+        raise ValueError(f"head_dim must be a power of two >= 16, got {head_dim}")
+    if block_tables.shape[0] != num_seqs or context_lens.shape != (num_seqs,):
+        raise ValueError(f"block_tables {tuple(block_tables.shape)} and context_lens {tuple(context_lens.shape)} "
+                         f"must have one row per sequence ({num_seqs})")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.stride(3) != 1:
+            raise ValueError(f"{name} must be contiguous in head_dim")
+
+
 def paged_decode_attention(
     q: torch.Tensor,  # [S, num_heads, head_dim], one new token per sequence
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -152,20 +171,8 @@ def paged_decode_attention(
     which only sets how many splits a small batch gets; splits: that count given (None: `split_count`).
     Raises ValueError on shapes that do not fit together."""
     num_seqs, num_heads, head_dim = q.shape
-    _, block_size, num_kv_heads, kv_dim = k_cache.shape
-    if v_cache.shape != k_cache.shape or kv_dim != head_dim:
-        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must match, with "
-                         f"head_dim {head_dim}")
-    if num_heads % num_kv_heads:
-        raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} key/value heads")
-    if head_dim & (head_dim - 1) or head_dim < 16:
-        raise ValueError(f"head_dim must be a power of two >= 16, got {head_dim}")
-    if block_tables.shape[0] != num_seqs or context_lens.shape != (num_seqs,):
-        raise ValueError(f"block_tables {tuple(block_tables.shape)} and context_lens {tuple(context_lens.shape)} "
-                         f"must have one row per sequence ({num_seqs})")
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.stride(3) != 1:
-            raise ValueError(f"{name} must be contiguous in head_dim")
+    _check_shapes(q, k_cache, v_cache, block_tables, context_lens, num_seqs)
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     if q.stride(2) != 1:
         q = q.contiguous()
     if out is None:
@@ -203,6 +210,139 @@ def paged_decode_attention(
     return out
 
 
+# Varlen (prefill and mixed) steps: query rows per program, key tokens per loop iteration, warps.
+PREFILL_BLOCK_M = 64
+PREFILL_BLOCK_N = 64
+PREFILL_NUM_WARPS = 4
+
+
+@triton.jit
+def _varlen_block(q, m, l, acc, start, q_pos, kv_end, table, k_ptr, v_ptr, kv_head, d,
+                  stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr):
+    """Keys start..start+BLOCK_N (those < kv_end and <= each row's position) folded into the rows' running max m
+    [M], sum l [M] and weighted values acc [M, D]; q [M, D] is pre-scaled."""
+    pos = start + tl.arange(0, BLOCK_N)
+    valid = pos < kv_end
+    block = tl.load(table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    offset = (pos % BLOCK_SIZE).to(tl.int64)
+    k = tl.load(k_ptr + (block * stride_kb + offset * stride_ks)[:, None] + kv_head * stride_kh + d[None, :],
+                mask=valid[:, None], other=0.0)
+    v = tl.load(v_ptr + (block * stride_vb + offset * stride_vs)[:, None] + kv_head * stride_vh + d[None, :],
+                mask=valid[:, None], other=0.0)
+    if DOT_FP32:
+        k = k.to(tl.float32)
+    if DOT_FP32:
+        qk = tl.dot(q, tl.trans(k), input_precision="ieee")  # [M, N] fp32
+    else:
+        qk = tl.dot(q, tl.trans(k))
+    keep = valid[None, :] & (pos[None, :] <= q_pos[:, None])
+    qk = tl.where(keep, qk, float("-inf"))
+    m_new = tl.maximum(m, tl.max(qk, 1))
+    alpha = tl.exp(m - m_new)
+    p = tl.exp(qk - m_new[:, None])
+    if DOT_FP32:
+        pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    return m_new, l * alpha + tl.sum(p, 1), acc * alpha[:, None] + pv
+
+
+@triton.jit
+def _paged_varlen_kernel(
+    q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, qsl_ptr, out_ptr,
+    stride_qt, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_tb, stride_ot, stride_oh,
+    scale,
+    GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, MAX_ITERS: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    m0 = tl.program_id(1) * BLOCK_M
+    head = tl.program_id(2)
+    kv_head = head // GROUP
+    q_first = tl.load(qsl_ptr + seq).to(tl.int32)
+    q_len = tl.load(qsl_ptr + seq + 1).to(tl.int32) - q_first
+    if m0 < q_len:  # programs past this sequence's new tokens have nothing to do
+        ctx = tl.load(lens_ptr + seq).to(tl.int32)
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < q_len
+        # new token i sits at position ctx - q_len + i and sees keys up to it; rows past q_len act as the last
+        # token (so every row has a key), and are not stored
+        q_pos = ctx - q_len + tl.minimum(rows, q_len - 1)
+        d = tl.arange(0, HEAD_DIM)
+        q = tl.load(q_ptr + (q_first + rows).to(tl.int64)[:, None] * stride_qt + head * stride_qh + d[None, :],
+                    mask=row_ok[:, None], other=0.0)
+        q = (q.to(tl.float32) * scale).to(tl.float32 if DOT_FP32 else q_ptr.dtype.element_ty)
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        table = tables_ptr + seq.to(tl.int64) * stride_tb
+        kv_end = tl.minimum(ctx, ctx - q_len + m0 + BLOCK_M)  # keys past the block's last row are masked anyway
+        if MAX_ITERS == 0:
+            for start in range(0, kv_end, BLOCK_N):
+                m, l, acc = _varlen_block(q, m, l, acc, start, q_pos, kv_end, table, k_ptr, v_ptr, kv_head, d,
+                                          stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                          BLOCK_SIZE, BLOCK_N, DOT_FP32)
+        else:  # the CPU interpreter: a fixed loop count (see _paged_decode_kernel)
+            for it in range(0, MAX_ITERS):
+                if it * BLOCK_N < kv_end:
+                    m, l, acc = _varlen_block(q, m, l, acc, it * BLOCK_N, q_pos, kv_end, table, k_ptr, v_ptr,
+                                              kv_head, d, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                                              stride_vh, BLOCK_SIZE, BLOCK_N, DOT_FP32)
+        out = acc / l[:, None]
+        tl.store(out_ptr + (q_first + rows).to(tl.int64)[:, None] * stride_ot + head * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+def paged_varlen_attention(
+    q: torch.Tensor,  # [T, num_heads, head_dim], each sequence's new tokens back to back
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], this step's keys already stored
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [S, max_blocks]
+    context_lens: torch.Tensor,  # [S] tokens in the cache after this step, new ones included
+    query_start_loc: torch.Tensor,  # [S + 1] prefix sums of new tokens per sequence
+    scale: float,
+    max_query_len: int,  # host-known longest run of new tokens (sets the grid)
+) -> torch.Tensor:  # [T, num_heads, head_dim]
+    """Causal attention of each sequence's new tokens (a prefill chunk, a whole prompt or one decode token) over its
+    cached context, read straight from the pages: no padded copy, and no work for the padding of short runs beyond
+    one empty program each. Raises ValueError on shapes that do not fit together."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_seqs = context_lens.shape[0]
+    _check_shapes(q, k_cache, v_cache, block_tables, context_lens, num_seqs)
+    if query_start_loc.shape != (num_seqs + 1,):
+        raise ValueError(f"query_start_loc {tuple(query_start_loc.shape)} must have {num_seqs + 1} entries")
+    if max_query_len < 1 and num_tokens:
+        raise ValueError(f"max_query_len must be >= 1, got {max_query_len}")
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    out = torch.empty_like(q)
+    if num_tokens == 0:
+        return out
+    if block_tables.stride(1) != 1:
+        block_tables = block_tables.contiguous()
+    block_m = min(PREFILL_BLOCK_M, max(16, triton.next_power_of_2(max_query_len)))
+    max_iters = 0
+    if interpreting():  # keys a block of rows can see: at most the widest table
+        max_iters = _cdiv(block_tables.shape[1] * block_size, PREFILL_BLOCK_N)
+    _paged_varlen_kernel[(num_seqs, _cdiv(max_query_len, block_m), num_heads)](
+        q, k_cache, v_cache, block_tables, context_lens, query_start_loc, out,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        float(scale),
+        GROUP=num_heads // num_kv_heads, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_M=block_m,
+        BLOCK_N=PREFILL_BLOCK_N, DOT_FP32=interpreting() or q.dtype == torch.float32, MAX_ITERS=max_iters,
+        num_warps=PREFILL_NUM_WARPS,
+    )
+    return out
+
+
 def paged_decode_reference(q, k_cache, v_cache, block_tables, context_lens, scale) -> torch.Tensor:
     """The same attention in plain torch, one sequence at a time (fp32 math)."""
     num_seqs, num_heads, head_dim = q.shape
@@ -217,4 +357,25 @@ def paged_decode_reference(q, k_cache, v_cache, block_tables, context_lens, scal
         v = v_cache[blocks, pos % block_size].float().repeat_interleave(group, dim=1)
         w = torch.softmax(torch.einsum("hd,nhd->hn", q[s].float() * scale, k), dim=-1)
         out[s] = torch.einsum("hn,nhd->hd", w, v).to(q.dtype)
+    return out
+
+
+def paged_varlen_reference(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale) -> torch.Tensor:
+    """paged_varlen_attention in plain torch, one sequence at a time (fp32 math)."""
+    num_heads = q.shape[1]
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(q)
+    for s in range(context_lens.shape[0]):
+        first, last, n = int(query_start_loc[s]), int(query_start_loc[s + 1]), int(context_lens[s])
+        if last == first:
+            continue
+        pos = torch.arange(n, device=q.device)
+        blocks = block_tables[s].to(torch.long)[pos // block_size]
+        k = k_cache[blocks, pos % block_size].float().repeat_interleave(group, dim=1)  # [n, heads, dim]
+        v = v_cache[blocks, pos % block_size].float().repeat_interleave(group, dim=1)
+        q_pos = torch.arange(n - (last - first), n, device=q.device)  # positions of the new tokens
+        scores = torch.einsum("thd,nhd->htn", q[first:last].float() * scale, k)
+        scores = scores.masked_fill(pos[None, None, :] > q_pos[None, :, None], float("-inf"))
+        out[first:last] = torch.einsum("htn,nhd->thd", torch.softmax(scores, dim=-1), v).to(q.dtype)
     return out

@@ -2,7 +2,8 @@
 
 Decode-only steps on CUDA (one new token per sequence) read the paged KV cache directly with a Triton kernel
 (kernels/paged_attention.py). Other paged steps (prefill chunks mixed with decode rows) gather each sequence's K/V
-pages into a padded batch and run one SDPA call with an explicit mask.
+pages into a padded batch and run one SDPA call with an explicit mask, unless PREFILL_KERNEL sends them to the same
+file's varlen kernel (off until measured on a GPU).
 """
 
 from __future__ import annotations
@@ -26,6 +27,16 @@ PAGED_BACKENDS: list[SDPBackend] | None = [SDPBackend.EFFICIENT_ATTENTION, SDPBa
 # Decode-only steps on CUDA use kernels/paged_attention.py; False: the gather + SDPA path for every step
 # (bench/worker.py --parts decode-attn-ab times both).
 DECODE_KERNEL = True
+
+
+# Steps with prefill chunks on CUDA use kernels/paged_attention.py's varlen kernel (no padded gather); off until
+# measured on a GPU: bench/worker.py --parts prefill-attn-ab times both, bench/attention.py --mixed per layer.
+PREFILL_KERNEL = False
+
+
+def prefill_kernel_applies(device: torch.device) -> bool:
+    """Whether steps with prefill chunks on `device` read the cache directly (varlen kernel)."""
+    return PREFILL_KERNEL and device.type == "cuda"
 
 
 def decode_kernel_applies(device: torch.device) -> bool:
@@ -64,6 +75,9 @@ def paged_attention(
     if meta.max_query_len == 1 and num_tokens == meta.num_seqs and decode_kernel_applies(q.device):
         return paged_kernel.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
                                                    max_context_len=meta.max_context_len)
+    if prefill_kernel_applies(q.device):
+        return paged_kernel.paged_varlen_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
+                                                   meta.query_start_loc, scale, meta.resolved_max_lens()[0])
     block_size, num_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     key = ("paged", num_tokens, block_size, q.device)
     idx = meta.step_cache.get(key) if CACHE_STEP_INDICES else None

@@ -12,7 +12,8 @@ import torch
 from deltazip.model import attention
 from deltazip.model.context import AttentionMetadata
 from kernels import paged_attention
-from kernels.paged_attention import paged_decode_attention, paged_decode_reference, split_count
+from kernels.paged_attention import (paged_decode_attention, paged_decode_reference, paged_varlen_attention,
+                                     paged_varlen_reference, split_count)
 from kernels.sbmm_plan import interpreting
 
 CUDA = torch.cuda.is_available()
@@ -116,6 +117,57 @@ def test_mixed_steps_keep_the_gather_path(monkeypatch):
     assert attention.paged_attention(tokens, k, v, meta, 0.2).shape == (4, 4, 32)
 
 
+def varlen_case(q_lens, ctx, heads, kv_heads, dim, block_size, dtype, device=None, seed=11):
+    """(q [sum q_lens, heads, dim], k, v, tables, context_lens, query_start_loc) for sequences whose new tokens
+    are the last q_lens[s] of ctx[s] cached ones."""
+    _, k, v, tables, lens = make_cache(len(ctx), heads, kv_heads, dim, block_size, ctx, dtype, device=device,
+                                       seed=seed)
+    q = torch.randn(sum(q_lens), heads, dim, generator=torch.Generator().manual_seed(seed)).to(k.device, dtype)
+    qsl = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), device=k.device)
+    return q, k, v, tables, lens, qsl
+
+
+@small
+@pytest.mark.parametrize("heads,kv_heads,dim,block_size", [(4, 4, 32, 16), (8, 2, 16, 8), (2, 1, 64, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_varlen_kernel_matches_reference(heads, kv_heads, dim, block_size, dtype):
+    """Decode rows, a chunk continuing a prompt, a whole prompt, a run longer than one block of rows, and a
+    sequence with no new tokens, in one step."""
+    q_lens, ctx = [1, 5, 1, 70, 0, 3], [9, 20, 33, 70, 6, 40]
+    q, k, v, tables, lens, qsl = varlen_case(q_lens, ctx, heads, kv_heads, dim, block_size, dtype)
+    out = paged_varlen_attention(q, k, v, tables, lens, qsl, dim ** -0.5, max(q_lens))
+    ref = paged_varlen_reference(q, k, v, tables, lens, qsl, dim ** -0.5)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+
+
+@small
+def test_paged_attention_sends_mixed_steps_to_the_varlen_kernel_when_on(monkeypatch):
+    """With PREFILL_KERNEL's check on, a mixed step runs the varlen kernel and gives the gather path's result."""
+    q_lens, ctx = [1, 4, 1, 6], [9, 20, 33, 6]
+    q, k, v, tables, lens, qsl = varlen_case(q_lens, ctx, 4, 2, 32, 16, torch.float32, seed=12)
+    positions = torch.tensor([c - n + j for n, c in zip(q_lens, ctx) for j in range(n)], device=SMALL)
+    meta = dict(positions=positions, slot_mapping=torch.zeros(len(positions), dtype=torch.long, device=SMALL),
+                block_tables=tables, context_lens=lens, query_start_loc=qsl, max_query_len=6, max_context_len=33)
+    monkeypatch.setattr(attention, "decode_kernel_applies", lambda device: False)
+    gather = attention.paged_attention(q, k, v, AttentionMetadata(**meta), 0.2)
+    calls = []
+    real = attention.paged_kernel.paged_varlen_attention
+    monkeypatch.setattr(attention.paged_kernel, "paged_varlen_attention",
+                        lambda *a, **kw: calls.append(a[-1]) or real(*a, **kw))
+    monkeypatch.setattr(attention, "prefill_kernel_applies", lambda device: True)
+    torch.testing.assert_close(attention.paged_attention(q, k, v, AttentionMetadata(**meta), 0.2), gather,
+                               atol=1e-5, rtol=1e-5)
+    assert calls == [6]  # the host-known longest run, no device read
+
+
+@small
+def test_varlen_query_start_loc_must_fit():
+    q, k, v, tables, lens, qsl = varlen_case([1, 2], [4, 5], 4, 4, 32, 16, torch.float32)
+    with pytest.raises(ValueError, match="query_start_loc"):
+        paged_varlen_attention(q, k, v, tables, lens, qsl[:2], 1.0, 2)
+
+
 @small
 @pytest.mark.parametrize("args,match", [
     ((4, 3, 32), "multiple"),
@@ -189,3 +241,17 @@ def test_kernel_in_a_cuda_graph_follows_new_context_lengths(splits):
         tables.copy_(tables[torch.randperm(4, generator=torch.Generator().manual_seed(seed))])
         graph.replay()
         torch.testing.assert_close(out, paged_decode_reference(q, k, v, tables, ctx, 0.09), atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("heads,kv_heads", [(32, 32), (32, 8)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_varlen_kernel_matches_reference_on_cuda(heads, kv_heads, dtype):
+    """Llama head shapes, a serving-like mixed step: decode rows beside prompts of 128-300 tokens and a chunk."""
+    q_lens, ctx = [1, 128, 1, 300, 17, 1], [200, 128, 1500, 300, 517, 2048]
+    q, k, v, tables, lens, qsl = varlen_case(q_lens, ctx, heads, kv_heads, 128, 16, dtype, device="cuda")
+    out = paged_varlen_attention(q, k, v, tables, lens, qsl, 128 ** -0.5, max(q_lens))
+    ref = paged_varlen_reference(q, k, v, tables, lens, qsl, 128 ** -0.5)
+    tol = 2e-3 if dtype == torch.float16 else 2e-2
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
