@@ -76,6 +76,7 @@ def build_worker(config: WorkerConfig) -> WorkerParts:
         raise ValueError(f"--base-dir {config.base_dir!r} is not a Hugging Face model folder (config.json + "
                          "*.safetensors + tokenizer.json); convert one with `deltazip convert` or pass --base-dir")
     device, dtype = resolve_device(config.device), getattr(torch, config.dtype)
+    config.apply_kernel_flags()
     leader = None
     if config.tensor_parallel_size > 1:  # followers spawn before this process touches CUDA
         from services.worker.tp_leader import TPLeader

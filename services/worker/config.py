@@ -57,6 +57,9 @@ class WorkerConfig:
     num_device_slots: int = 4
     sparse_mma_2bit: bool = True  # CUDA slots hold 2-bit 2:4 deltas for the 2-bit sparse-MMA kernel
     fused_projections: bool = True  # q/k/v and gate/up: one base GEMM and one delta launch each
+    decode_attention_kernel: bool = True  # CUDA decode steps read the paged KV cache directly (Triton)
+    prefill_attention_kernel: bool = False  # CUDA steps with prefill chunks too (varlen kernel; not yet measured)
+    fused_rope_kv: bool = False  # CUDA: q/k rotation and the KV-cache write in one launch (not yet measured)
     device_cache_bytes: int = 0  # 0 = limited by slots only
     host_cache_bytes: int = 4 << 30
     disk_cache_dir: str = ""  # '' = a per-worker temp dir
@@ -88,6 +91,14 @@ class WorkerConfig:
     tls_require_client_cert: int = 0  # 1 = mutual TLS
     store_token_file: str = ""  # file holding an admin token for the delta stores (when they check tokens)
     tensor_parallel_size: int = 1  # GPUs (ranks) one worker spans; rank r uses cuda:r (gloo ranks on cpu)
+
+    def apply_kernel_flags(self) -> None:
+        """Set this process's attention / rotary kernel switches (module flags of deltazip.model) from the config."""
+        from deltazip.model import attention, layers
+
+        attention.DECODE_KERNEL = self.decode_attention_kernel
+        attention.PREFILL_KERNEL = self.prefill_attention_kernel
+        layers.FUSED_ROPE_KV = self.fused_rope_kv
 
     @property
     def use_cuda_graphs(self) -> bool:
@@ -184,6 +195,13 @@ FLAG_HELP = {  # flags whose meaning the name alone does not tell
     "fused_projections": "q/k/v and gate/up run as one base GEMM and one delta launch each (their weights stacked "
                          "by rows, a delta's members in one slot stack where they share a format); 0/false = "
                          "one GEMM and one launch per projection",
+    "decode_attention_kernel": "decode-only steps on CUDA read the paged KV cache with kernels/paged_attention.py; "
+                               "0/false = gather the pages into a padded batch for SDPA",
+    "prefill_attention_kernel": "steps with prefill chunks on CUDA read the paged KV cache with the varlen kernel "
+                                "(kernels/paged_attention.py) instead of a padded gather + SDPA; off by default "
+                                "until measured on a GPU",
+    "fused_rope_kv": "on CUDA, rotate q/k and write the KV cache in one launch per layer (kernels/rope_kv.py); off "
+                     "by default until measured on a GPU",
     "tensor_parallel_size": "GPUs one worker spans (tensor parallel; default 1): rank r runs on cuda:r (cuda:N -> "
                             "cuda:N+r), or gloo ranks with --device cpu; any size works (heads are padded when they "
                             "do not divide); not with --mode swap or --cuda-graphs 1",

@@ -62,6 +62,7 @@ class Follower:
         from services.worker.modes import host_transform, select_mode
 
         self.rank, self.device, self.conn = rank, device, conn
+        config.apply_kernel_flags()  # the leader's switches: every rank runs the same kernels
         self.tp = init_tp_group(rank, size, init_method, device)
         dtype = getattr(torch, config.dtype)
         self.model = load_sharded_model(config.base_dir, self.tp, device, dtype)

@@ -71,3 +71,18 @@ def test_tensor_parallel_size_flag_env_and_refusals():
         WorkerConfig(base_dir="/m", tensor_parallel_size=2, mode="swap")
     with pytest.raises(ValueError, match="--cuda-graphs 1"):
         WorkerConfig(base_dir="/m", tensor_parallel_size=2, cuda_graphs=1)
+
+
+def test_kernel_switches_default_and_reach_the_model_modules(monkeypatch):
+    """The decode attention kernel is on by default, the unmeasured prefill kernel and fused rotation off; the
+    config sets this process's module flags (the leader and every TP follower call it)."""
+    from deltazip.model import attention, layers
+
+    default = config_from_args([], env={})
+    assert (default.decode_attention_kernel, default.prefill_attention_kernel, default.fused_rope_kv) == (True, False,
+                                                                                                          False)
+    for module, name in ((attention, "DECODE_KERNEL"), (attention, "PREFILL_KERNEL"), (layers, "FUSED_ROPE_KV")):
+        monkeypatch.setattr(module, name, getattr(module, name))  # put back after the test
+    config_from_args(["--decode-attention-kernel", "0", "--prefill-attention-kernel", "--fused-rope-kv", "on"],
+                     env={}).apply_kernel_flags()
+    assert (attention.DECODE_KERNEL, attention.PREFILL_KERNEL, layers.FUSED_ROPE_KV) == (False, True, True)
