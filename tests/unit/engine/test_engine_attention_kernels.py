@@ -3,7 +3,6 @@ mixed steps and decode steps give the tokens of the torch paths (the kernels' ow
 checks what the engine hands them: padded block tables, query starts, context lengths, slots)."""
 
 import pytest
-import torch
 from engine_fixtures import CFG, one_torch_thread, prompts  # noqa: F401 (autouse fixture)
 
 from deltazip.model import attention, layers
