@@ -4,8 +4,8 @@
 
 Per point (sequences S, context length, Llama-2-7B heads: 32 query / 32 K/V heads of 128, fp16, 16-token pages
 shuffled over the cache), in one run:
-- `kernel_us`: kernels/paged_attention.py per layer, for each (BLOCK_N, heads per program, warps) config tried
-  (`configs`, with the context splits `split_count` gave), and the best one;
+- `kernel_us`: kernels/paged_attention.py per layer, for each (BLOCK_N, heads per program, warps, split target)
+  config tried (`configs`, with the context splits `split_count` gave), and the best one;
 - `gather_sdpa_us`: deltazip/model/attention.py with the kernel off, as a decode CUDA graph ran it before: K/V
   pages gathered into a padded batch of the graph's context bucket (a power of two times the page size), then
   SDPA with a mask; its index tensors made once per forward (not counted, as in a 16-layer step);
@@ -42,7 +42,10 @@ from kernels import paged_attention  # noqa: E402
 HEADS, KV_HEADS, DIM, PAGE = 32, 32, 128, 16
 LAYERS = 16
 DEVICE, DTYPE = "cuda", torch.float16  # the CPU smoke test (tests/unit/bench/test_attention_bench.py) swaps them
-CONFIGS = [(32, 1, 4), (64, 1, 4), (128, 1, 8), (16, 4, 4), (32, 4, 8), (32, 2, 4), (64, 2, 8), (16, 8, 8)]
+# (BLOCK_N, heads per program, warps, TARGET_PROGRAMS_PER_SM): the context splits' target too, since at 32-64
+# sequences (no splits at 4 programs per SM) the kernel read 0.50-0.62 of the copy rate (s22b). s22b also tried 4 / 8
+# heads per program: slower everywhere for 32 / 32 heads.
+CONFIGS = [(32, 1, 4, 4), (64, 1, 4, 4), (128, 1, 8, 4), (64, 1, 4, 8), (64, 1, 4, 16), (32, 1, 4, 16), (32, 2, 4, 4)]
 POINTS = [(s, c) for s in (1, 8, 32, 64) for c in (192, 1024, 2048)]
 # (running decode rows at context 192, new prompts, prompt length): the serving benchmark's mixed steps and longer ones
 MIXED_POINTS = [(16, 1, 128), (16, 4, 128), (32, 4, 192), (32, 8, 128), (0, 1, 1024), (16, 1, 2048)]
@@ -76,17 +79,17 @@ def one_point(num_seqs: int, ctx: int, limit_gbps: float, configs: list) -> dict
     row: dict = {"num_seqs": num_seqs, "context": ctx, "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": DIM,
                  "page": PAGE, "configs": []}
     pa = paged_attention
-    was = pa.BLOCK_N, pa.HEADS_PER_PROGRAM, pa.NUM_WARPS
+    was = pa.BLOCK_N, pa.HEADS_PER_PROGRAM, pa.NUM_WARPS, pa.TARGET_PROGRAMS_PER_SM
     try:
-        for block_n, heads, warps in configs:
-            pa.BLOCK_N, pa.HEADS_PER_PROGRAM, pa.NUM_WARPS = block_n, heads, warps
+        for block_n, heads, warps, target in configs:
+            pa.BLOCK_N, pa.HEADS_PER_PROGRAM, pa.NUM_WARPS, pa.TARGET_PROGRAMS_PER_SM = block_n, heads, warps, target
             us = graph_us([lambda k=k, v=v: pa.paged_decode_attention(q, k, v, tables, lens, scale, max_context_len=ctx)
                            for k, v in caches])
             splits = pa.split_count(num_seqs, num_seqs * HEADS // heads, ctx, q.device)
-            row["configs"].append({"block_n": block_n, "heads_per_program": heads, "warps": warps, "splits": splits,
-                                   "us": us})
+            row["configs"].append({"block_n": block_n, "heads_per_program": heads, "warps": warps,
+                                   "target_programs_per_sm": target, "splits": splits, "us": us})
     finally:
-        pa.BLOCK_N, pa.HEADS_PER_PROGRAM, pa.NUM_WARPS = was
+        pa.BLOCK_N, pa.HEADS_PER_PROGRAM, pa.NUM_WARPS, pa.TARGET_PROGRAMS_PER_SM = was
     best = min(row["configs"], key=lambda c: c["us"])
     # the replaced path, as the decode graphs ran it: bucket-padded gather, SDPA with a mask
     padded = torch.full((num_seqs, bucket(ctx) // PAGE), 0, dtype=torch.long, device=DEVICE)
@@ -102,7 +105,8 @@ def one_point(num_seqs: int, ctx: int, limit_gbps: float, configs: list) -> dict
         attention.DECODE_KERNEL = flag
     elem = q.element_size()
     nbytes = num_seqs * ctx * 2 * KV_HEADS * DIM * elem + 2 * q.numel() * elem
-    row.update({"best": {k: best[k] for k in ("block_n", "heads_per_program", "warps", "splits")},
+    row.update({"best": {k: best[k] for k in ("block_n", "heads_per_program", "warps", "target_programs_per_sm",
+                                              "splits")},
                 "kernel_us": best["us"],
                 "gather_sdpa_us": base_us, "speedup": base_us / best["us"], "bytes": nbytes,
                 "kernel_gbps": nbytes / (best["us"] * 1e-6) / 1e9,
