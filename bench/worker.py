@@ -207,18 +207,15 @@ def decode_engine(model, max_deltas: int, slots: DeviceSlots | None, cuda_graphs
     return LLMEngine(model, cfg, eos_token_ids=[], deltas_provider=provider, kernel_slots=slots)
 
 
-def time_decode_steps(engine, num_seqs: int, num_deltas: int, device: str, prompt_len: int, steps: int,
-                      per_step: list | None = None, compiles: list | None = None,
-                      warmup_s: list | None = None) -> float:
-    """Mean seconds per decode step over `steps` timed steps; per_step: gets each step's own seconds (a step
-    returns only once its sampled tokens are on the host, so the host clock around it times the step);
-    compiles: gets the SBMM kernel variants compiled during each timed step (kernels/compile_watch.py);
-    warmup_s: gets the seconds of SBMM warm-up inside the timed steps (0.0 once the warm-up before them finished)."""
-    params = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
+def start_decoding(engine, num_seqs: int, num_deltas: int, prompt_len: int, max_tokens: int) -> tuple[list, dict]:
+    """`num_seqs` greedy requests (rows over `num_deltas` deltas, 0: base) prefilled, three decode steps taken (graph
+    capture, caches) and the SBMM warm-up finished; returns (request ids, the profile snapshot after the warm-up)."""
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     g = torch.Generator().manual_seed(num_deltas)
-    for i in range(num_seqs):
+    ids = [f"r{num_deltas}-{i}" for i in range(num_seqs)]
+    for i, request_id in enumerate(ids):
         prompt = torch.randint(3, 200, (prompt_len,), generator=g).tolist()
-        engine.add_request(f"r{num_deltas}-{i}", prompt, params, delta=str(i % num_deltas) if num_deltas else None)
+        engine.add_request(request_id, prompt, params, delta=str(i % num_deltas) if num_deltas else None)
     engine.step()  # prefill all
     for _ in range(3):
         engine.step()  # warm-up decodes (graph capture, caches)
@@ -226,7 +223,17 @@ def time_decode_steps(engine, num_seqs: int, num_deltas: int, device: str, promp
     # steps can launch (model_runner.WARMUP_SLICE_S); the worker's engine loop finishes that while idle
     # (LLMEngine.warm_up). Finish it here too, or the timed steps carry the rest of it: each engine here is a new
     # runner, and those slices were the 50-1270 ms outlier steps of runs 17-18 and session 15's first run.
-    before = finish_warm_up(engine)
+    return ids, finish_warm_up(engine)
+
+
+def time_decode_steps(engine, num_seqs: int, num_deltas: int, device: str, prompt_len: int, steps: int,
+                      per_step: list | None = None, compiles: list | None = None,
+                      warmup_s: list | None = None) -> float:
+    """Mean seconds per decode step over `steps` timed steps; per_step: gets each step's own seconds (a step
+    returns only once its sampled tokens are on the host, so the host clock around it times the step);
+    compiles: gets the SBMM kernel variants compiled during each timed step (kernels/compile_watch.py);
+    warmup_s: gets the seconds of SBMM warm-up inside the timed steps (0.0 once the warm-up before them finished)."""
+    ids, before = start_decoding(engine, num_seqs, num_deltas, prompt_len, steps + 8)
     # earlier engines (their CUDA graphs, KV caches) are freed now, not by a garbage collection inside the timed
     # steps. That was a guess at the single 45-446 ms means (against 12-25 ms) that about one run in four shows;
     # they stayed with it (docs/kernels.md run 17), so compare step runs by their median over several processes
@@ -252,8 +259,8 @@ def time_decode_steps(engine, num_seqs: int, num_deltas: int, device: str, promp
     finally:
         if was_enabled:
             gc.enable()
-    for i in range(num_seqs):
-        engine.abort(f"r{num_deltas}-{i}")
+    for request_id in ids:
+        engine.abort(request_id)
     return elapsed
 
 
@@ -319,15 +326,7 @@ def bench_step_profile(cfg: LlamaConfig, device: str, rows: list, deltas=(0, 16)
     slots = filled_slots(shapes, num_slots, device, bits, sp4, sp2)
     for n in deltas:
         engine = decode_engine(model, num_slots, slots, device.startswith("cuda"), num_seqs)
-        params = SamplingParams(temperature=0, max_tokens=3 * steps + 16, ignore_eos=True)
-        g = torch.Generator().manual_seed(n)
-        for i in range(num_seqs):
-            engine.add_request(f"p{n}-{i}", torch.randint(3, 200, (prompt_len,), generator=g).tolist(), params,
-                               delta=str(i % n) if n else None)
-        engine.step()
-        for _ in range(3):
-            engine.step()
-        finish_warm_up(engine)
+        ids, _ = start_decoding(engine, num_seqs, n, prompt_len, 3 * steps + 16)
         sync(device)
         walls = []
         for _ in range(steps):
@@ -354,8 +353,8 @@ def bench_step_profile(cfg: LlamaConfig, device: str, rows: list, deltas=(0, 16)
             write_profile(prof, profile_dir / f"step-profile-{bits}bit-d{n}-L{cfg.num_hidden_layers}-s{num_seqs}.txt",
                           f"{steps} graph decode steps, {num_seqs} sequences, {n} deltas, median wall "
                           f"{rows[-1]['wall_ms']:.2f} ms, kernels {rows[-1]['device_ms']:.2f} ms per step")
-        for i in range(num_seqs):
-            engine.abort(f"p{n}-{i}")
+        for request_id in ids:
+            engine.abort(request_id)
         del engine
         gc.collect()
 

@@ -17,6 +17,8 @@ second kernel combines the splits' partial results by their softmax maxima and s
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -123,12 +125,18 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@functools.cache
+def _sm_count(index: int) -> int:
+    """Streaming multiprocessors of CUDA device `index` (asked once: split_count runs in every eager decode layer)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def split_count(num_seqs: int, num_programs: int, max_context_len: int, device: torch.device) -> int:
     """Context splits per (sequence, head group): enough programs for TARGET_PROGRAMS_PER_SM on every SM, a power
     of two up to MAX_SPLITS, none that would get less than one BLOCK_N of the longest context."""
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     splits = 1
     while (splits < MAX_SPLITS and num_programs * splits < TARGET_PROGRAMS_PER_SM * sms
            and max_context_len > 2 * splits * BLOCK_N):
@@ -344,20 +352,9 @@ def paged_varlen_attention(
 
 
 def paged_decode_reference(q, k_cache, v_cache, block_tables, context_lens, scale) -> torch.Tensor:
-    """The same attention in plain torch, one sequence at a time (fp32 math)."""
-    num_seqs, num_heads, head_dim = q.shape
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    group = num_heads // num_kv_heads
-    out = torch.empty_like(q)
-    for s in range(num_seqs):
-        n = int(context_lens[s])
-        pos = torch.arange(n, device=q.device)
-        blocks = block_tables[s].to(torch.long)[pos // block_size]
-        k = k_cache[blocks, pos % block_size].float().repeat_interleave(group, dim=1)  # [n, heads, dim]
-        v = v_cache[blocks, pos % block_size].float().repeat_interleave(group, dim=1)
-        w = torch.softmax(torch.einsum("hd,nhd->hn", q[s].float() * scale, k), dim=-1)
-        out[s] = torch.einsum("hn,nhd->hd", w, v).to(q.dtype)
-    return out
+    """paged_decode_attention in plain torch: the varlen reference with one new token per sequence."""
+    query_start_loc = torch.arange(q.shape[0] + 1, device=q.device)
+    return paged_varlen_reference(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale)
 
 
 def paged_varlen_reference(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale) -> torch.Tensor:

@@ -340,13 +340,14 @@ class ResidencyManager:
     def _host_room(self, need: int, keep: str) -> bool:
         """Evict unpinned host entries (LRU) until `need` more bytes fit the host budget; False, evicting nothing, if
         even evicting all of them would not make room (unless nothing would be left: a load alone may pass it)."""
-        held = self.used_bytes(Tier.HOST) + sum(self._host_loading.values())
+        loading = sum(self._host_loading.values())
+        held = self.used_bytes(Tier.HOST) + loading
         if held + need <= self._limits.host_bytes:
             return True
         kept = held - sum(self._lru[Tier.HOST][e.name] for e in self._evictable(Tier.HOST, keep))
         if kept > 0 and kept + need > self._limits.host_bytes:
             return False
-        while self.used_bytes(Tier.HOST) + sum(self._host_loading.values()) + need > self._limits.host_bytes:
+        while self.used_bytes(Tier.HOST) + loading + need > self._limits.host_bytes:
             victim = self._lru_victim(Tier.HOST, keep)
             if victim is None:
                 break  # nothing is left but this load

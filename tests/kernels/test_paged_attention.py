@@ -195,11 +195,8 @@ def test_table_rows_must_match_sequences():
 
 
 def test_split_count_fills_the_sms_of_small_batches_only(monkeypatch):
-    class Props:
-        multi_processor_count = 132
-
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
-    cuda = torch.device("cuda")
+    monkeypatch.setattr(paged_attention, "_sm_count", lambda index: 132)
+    cuda = torch.device("cuda", 0)
     assert split_count(64, 64 * 32, 2048, cuda) == 1  # 2048 programs: enough
     assert split_count(1, 32, 2048, cuda) == paged_attention.MAX_SPLITS
     assert split_count(1, 32, 4 * paged_attention.BLOCK_N, cuda) == 2  # no split shorter than BLOCK_N
