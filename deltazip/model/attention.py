@@ -29,9 +29,10 @@ PAGED_BACKENDS: list[SDPBackend] | None = [SDPBackend.EFFICIENT_ATTENTION, SDPBa
 DECODE_KERNEL = True
 
 
-# Steps with prefill chunks on CUDA use kernels/paged_attention.py's varlen kernel (no padded gather); off until
-# measured on a GPU: bench/worker.py --parts prefill-attn-ab times both, bench/attention.py --mixed per layer.
-PREFILL_KERNEL = False
+# Steps with prefill chunks on CUDA use kernels/paged_attention.py's varlen kernel (no padded gather). On an H200
+# (session 23) 16-layer prefill steps took 8.40-8.46 ms against 12.08-12.94 ms gathered (bench/worker.py --parts
+# prefill-attn-ab), per layer 2.1-34x (bench/attention.py --mixed). False: the gather + SDPA path.
+PREFILL_KERNEL = True
 
 
 def prefill_kernel_applies(device: torch.device) -> bool:

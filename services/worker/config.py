@@ -58,8 +58,8 @@ class WorkerConfig:
     sparse_mma_2bit: bool = True  # CUDA slots hold 2-bit 2:4 deltas for the 2-bit sparse-MMA kernel
     fused_projections: bool = True  # q/k/v and gate/up: one base GEMM and one delta launch each
     decode_attention_kernel: bool = True  # CUDA decode steps read the paged KV cache directly (Triton)
-    prefill_attention_kernel: bool = False  # CUDA steps with prefill chunks too (varlen kernel; not yet measured)
-    fused_rope_kv: bool = False  # CUDA: q/k rotation and the KV-cache write in one launch (not yet measured)
+    prefill_attention_kernel: bool = True  # CUDA steps with prefill chunks too (varlen kernel)
+    fused_rope_kv: bool = True  # CUDA: q/k rotation and the KV-cache write in one launch
     device_cache_bytes: int = 0  # 0 = limited by slots only
     host_cache_bytes: int = 4 << 30
     disk_cache_dir: str = ""  # '' = a per-worker temp dir
@@ -198,10 +198,9 @@ FLAG_HELP = {  # flags whose meaning the name alone does not tell
     "decode_attention_kernel": "decode-only steps on CUDA read the paged KV cache with kernels/paged_attention.py; "
                                "0/false = gather the pages into a padded batch for SDPA",
     "prefill_attention_kernel": "steps with prefill chunks on CUDA read the paged KV cache with the varlen kernel "
-                                "(kernels/paged_attention.py) instead of a padded gather + SDPA; off by default "
-                                "until measured on a GPU",
-    "fused_rope_kv": "on CUDA, rotate q/k and write the KV cache in one launch per layer (kernels/rope_kv.py); off "
-                     "by default until measured on a GPU",
+                                "(kernels/paged_attention.py); 0/false = a padded gather + SDPA",
+    "fused_rope_kv": "on CUDA, rotate q/k and write the KV cache in one launch per layer (kernels/rope_kv.py); "
+                     "0/false = op by op",
     "tensor_parallel_size": "GPUs one worker spans (tensor parallel; default 1): rank r runs on cuda:r (cuda:N -> "
                             "cuda:N+r), or gloo ranks with --device cpu; any size works (heads are padded when they "
                             "do not divide); not with --mode swap or --cuda-graphs 1",

@@ -79,10 +79,10 @@ def test_kernel_switches_default_and_reach_the_model_modules(monkeypatch):
     from deltazip.model import attention, layers
 
     default = config_from_args([], env={})
-    assert (default.decode_attention_kernel, default.prefill_attention_kernel, default.fused_rope_kv) == (True, False,
-                                                                                                          False)
+    assert (default.decode_attention_kernel, default.prefill_attention_kernel, default.fused_rope_kv) == (True, True,
+                                                                                                          True)
     for module, name in ((attention, "DECODE_KERNEL"), (attention, "PREFILL_KERNEL"), (layers, "FUSED_ROPE_KV")):
         monkeypatch.setattr(module, name, getattr(module, name))  # put back after the test
-    config_from_args(["--decode-attention-kernel", "0", "--prefill-attention-kernel", "--fused-rope-kv", "on"],
+    config_from_args(["--decode-attention-kernel", "0", "--prefill-attention-kernel", "0", "--fused-rope-kv", "on"],
                      env={}).apply_kernel_flags()
-    assert (attention.DECODE_KERNEL, attention.PREFILL_KERNEL, layers.FUSED_ROPE_KV) == (False, True, True)
+    assert (attention.DECODE_KERNEL, attention.PREFILL_KERNEL, layers.FUSED_ROPE_KV) == (False, False, True)
