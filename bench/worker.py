@@ -751,6 +751,8 @@ def _main(argv: list[str] | None) -> int:
                          "in-run baseline of the step part")
     ap.add_argument("--fused-rounds", type=int, default=2, help="parts fused-ab and attn-cache-ab: rounds of both "
                     "arms, the order alternating by round")
+    ap.add_argument("--long-lengths", default="256,512,1024,2040",
+                    help="part long-prefill-ab: the prompt lengths (tokens), comma-separated")
     ap.add_argument("--sbmm-configs", default="",
                     help="a tuned SBMM table file (the form of kernels/sbmm_configs.json, e.g. an earlier commit's) "
                          "in place of the current one: the in-run baseline of a table change")
@@ -811,7 +813,8 @@ def _main(argv: list[str] | None) -> int:
     if "long-prefill-ab" in parts:
         bench_long_prefill_ab(step_cfg, device, rows, bits=args.step_bits, sp4=False if args.no_sp4 else None,
                               sp2=sp2, rounds=args.fused_rounds,
-                              **({"lengths": (16, 32), "repeats": 1} if args.tiny else {}))
+                              **({"lengths": (16, 32), "repeats": 1} if args.tiny
+                                 else {"lengths": tuple(int(v) for v in args.long_lengths.split(","))}))
     for part in (p for p in parts if p in FLAG_PARTS):
         bench_flag_ab(part, step_cfg, device, rows, bits=args.step_bits, sp4=False if args.no_sp4 else None, sp2=sp2,
                       rounds=args.fused_rounds,
