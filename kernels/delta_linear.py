@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import layout, reference, sbmm, spmma_layout
+from kernels import layout, reference, sbmm, sp2_prefill, spmma_layout
 
 
 def _field(packed, name: str):
@@ -234,7 +234,11 @@ def apply_deltas(
         _apply_dense(x, y, stack, seg_starts, seg_slots)
     elif x.is_cuda:
         if host_segments is not None and (stack.sp4 or stack.sp2):
-            dense, seg_slots = _dense_segments(x, y, stack, seg_slots, *host_segments)
+            starts_h, slots_h = host_segments
+            _, seg_slots, slots_h = _sp2_prefill_segments(x, y, stack, seg_slots, starts_h, slots_h)
+            if seg_slots is None:
+                return 0
+            dense, seg_slots = _dense_segments(x, y, stack, seg_slots, starts_h, slots_h)
             if seg_slots is None:
                 return dense
         starts = seg_starts.to(x.device, torch.int64, non_blocking=True)
@@ -248,6 +252,37 @@ def apply_deltas(
         reference.sbmm_reference(x, y, qweight, meta, stack.scales, stack.zeros, stack.bits, stack.shape, seg_starts,
                                  seg_slots)
     return dense
+
+
+# Segments of sp2 stacks with at least this many rows (and fewer than `sbmm.dense_rows`) run kernels/sp2_prefill.py
+# (each delta tile expanded once per 64-row block, then a dense dot) instead of SBMM. None: off, until
+# bench/sp2_prefill.py has measured it on a GPU.
+SP2_PREFILL_ROWS: int | None = None
+
+
+def _sp2_prefill_segments(x, y, stack: PackedDeltaStack, seg_slots: torch.Tensor, starts: Sequence[int],
+                          slots: Sequence[int]) -> tuple[int, torch.Tensor | None, Sequence[int]]:
+    """Run the sp2 segments of `SP2_PREFILL_ROWS` rows up to the dense route's threshold on kernels/sp2_prefill.py:
+    (how many did, the slots tensor the SBMM launch still needs: those -1, the one passed when none qualified, None
+    when none is left; the same slots as a host list)."""
+    n, k = stack.shape
+    if (SP2_PREFILL_ROWS is None or not stack.sp2
+            or not sp2_prefill.supported(x, n, k, stack.bits, stack.group_size, stack.sym, stack.sp2)):
+        return 0, seg_slots, slots
+    top = sbmm.dense_rows(x.device, stack.bits)
+    take = {i for i, slot in enumerate(slots) if slot >= 0 and starts[i + 1] - starts[i] >= SP2_PREFILL_ROWS
+            and (top is None or starts[i + 1] - starts[i] < top)}
+    if not take:
+        return 0, seg_slots, slots
+    picked = [slot if i in take else -1 for i, slot in enumerate(slots)]
+    sp2_prefill.sp2_prefill(x, y, stack.qweight, stack.meta, stack.scales, starts, picked)
+    rest = [-1 if i in take else slot for i, slot in enumerate(slots)]
+    if all(slot < 0 for slot in rest):
+        return len(take), None, rest
+    left = torch.tensor(rest, dtype=torch.int64)
+    if x.is_cuda:  # pinned: the copy does not wait for the GPU to catch up with the host
+        left = left.pin_memory().to(x.device, non_blocking=True)
+    return len(take), left, rest
 
 
 DENSE_CHUNK_BYTES = 64 << 20  # the dense path's scratch: Δ rows expanded at a time (fp16 / bf16)
