@@ -255,8 +255,8 @@ def apply_deltas(
 
 
 # Segments of sp2 stacks with at least this many rows (and fewer than `sbmm.dense_rows`) run kernels/sp2_prefill.py
-# (each delta tile expanded once per 64-row block, then a dense dot) instead of SBMM. None: off, until
-# bench/sp2_prefill.py has measured it on a GPU.
+# (each delta tile expanded once per 64-row block, then a dense dot) instead of SBMM. None: off. On an H200 it was
+# 3.5-7x slower than SBMM at 64-512 rows (bench/sp2_prefill.py, docs/kernels.md run 26).
 SP2_PREFILL_ROWS: int | None = None
 
 

@@ -1,7 +1,8 @@
 """kernels/sp2_prefill.py: sp2 words expanded per tile + a dense dot, against the torch reference.
 
-CPU: under TRITON_INTERPRET=1 (small shapes; fp32 dots there). GPU (skipped without CUDA): fp16 and bf16 on worker
-shapes, against the reference and against the SBMM kernel on the same sp2 stack.
+CPU: under TRITON_INTERPRET=1 (small shapes; fp32 dots there). GPU (skipped without CUDA; all 12 cases passed on an
+H200, session 23): fp16 and bf16 on worker shapes, against the reference and against the SBMM kernel on the same sp2
+stack.
 """
 
 import os

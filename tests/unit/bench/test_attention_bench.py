@@ -38,7 +38,8 @@ def test_decode_point_times_every_config_and_the_gather_path(tiny):
 
 
 def test_mixed_point_times_the_varlen_kernel_and_the_gather_path(tiny):
+    flags = bench_attention.attention.DECODE_KERNEL, bench_attention.attention.PREFILL_KERNEL
     row = bench_attention.mixed_point(2, 1, 20, 1000.0)
     assert row["kernel_us"] > 0 and row["gather_sdpa_us"] > 0 and row["tflops"] > 0
     assert row["bytes"] == (2 * 192 + 20) * 2 * 2 * 16 * 4 + 2 * (2 + 20) * 2 * 16 * 4
-    assert bench_attention.attention.PREFILL_KERNEL is False  # put back
+    assert (bench_attention.attention.DECODE_KERNEL, bench_attention.attention.PREFILL_KERNEL) == flags  # put back
