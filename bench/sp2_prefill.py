@@ -32,8 +32,8 @@ ROWS = (32, 64, 128, 256, 512)
 SEGMENTS = (1, 4)
 SLOTS = 8  # rotated over, so consecutive calls do not find their delta in L2
 CONFIGS = {
-    "m64n128w2": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_W": 2, "num_warps": 8, "num_stages": 2},
     "m64n64w2": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_W": 2, "num_warps": 4, "num_stages": 2},
+    "m128n64w2": {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_W": 2, "num_warps": 8, "num_stages": 2},
     "m128n128w2": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_W": 2, "num_warps": 8, "num_stages": 2},
     "m128n64w4": {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_W": 4, "num_warps": 8, "num_stages": 2},
 }

@@ -1,6 +1,6 @@
 """Worker benchmark (GPU): delta load rate, decode step time with many deltas, tokens/s per serving mode.
 
-  python bench/worker.py --out bench/results [--commit SHA] [--parts load,step,step-profile,prefill,prefill-deltas,long-prefill-ab,fused-ab,attn-cache-ab,rms-norm-ab,decode-attn-ab,rope-kv-ab,prefill-attn-ab,modes] [--tiny]
+  python bench/worker.py --out bench/results [--commit SHA] [--parts load,step,step-profile,prefill,prefill-deltas,long-prefill-ab,fused-ab,attn-cache-ab,rms-norm-ab,decode-attn-ab,rope-kv-ab,prefill-attn-ab,sp2-prefill-ab,modes] [--tiny]
 
 Rows (DESIGN.md names), all measured in the same run:
 - part=h2d_limit: pinned host→device copy rate of one large buffer (the physical limit of a delta load).
@@ -33,7 +33,8 @@ Rows (DESIGN.md names), all measured in the same run:
   which arm. part=rms-norm-ab: the same for torch's fused rms_norm against the op-by-op norm; part=decode-attn-ab
   for decode attention read from the paged cache (kernels/paged_attention.py) against gather + SDPA; part rope-kv-ab
   for the q/k rotation and KV-cache write in one launch (kernels/rope_kv.py) against op by op; part prefill-attn-ab
-  for prefill steps' attention by the varlen paged kernel against gather + SDPA.
+  for prefill steps' attention by the varlen paged kernel against gather + SDPA. part=sp2-prefill-ab: prefill steps
+  on 2-bit deltas with segments of 64+ rows on kernels/sp2_prefill.py against SBMM for all.
 - part=long-prefill-ab: one prompt of 256-2040 tokens prefilled alone (what its time to first token waits for), on
   a delta and on the base model, with the dense route for long delta segments (kernels/delta_linear.py, from
   `sbmm.dense_rows` rows) against SBMM for all segments, alternating in one process; `vs_base` is the ratio to
@@ -460,6 +461,39 @@ def bench_flag_ab(part: str, cfg: LlamaConfig, device: str, rows: list, deltas=(
         setattr(flags, attr, was)
 
 
+def bench_sp2_prefill_ab(cfg: LlamaConfig, device: str, rows: list, deltas=(1, 4), rounds: int = 2,
+                         sp4: bool | None = None, sp2: bool = True, num_running: int = 16, num_steps: int = 12,
+                         min_rows: int = 64) -> None:
+    """part=sp2-prefill-ab: the eager fresh-shape prefill steps of part=prefill-deltas (2-bit deltas, every request
+    on one of N deltas in turn) with segments of `min_rows`+ rows on kernels/sp2_prefill.py
+    (`delta_linear.SP2_PREFILL_ROWS`) against SBMM for all, alternating by round in one process; the base model's
+    steps each round for scale. The flag is put back to its value from before the part."""
+    from kernels import delta_linear
+
+    was = delta_linear.SP2_PREFILL_ROWS
+    model = random_model(cfg, device, torch.float16)
+    slots = filled_slots(linear_shapes(cfg), max(deltas), device, 2, sp4, sp2, model.fused_tensor_names())
+    model.fuse_projections()
+    try:
+        for on in (True, False):  # untimed: compiles and per-shape set-up of both arms
+            delta_linear.SP2_PREFILL_ROWS = min_rows if on else None
+            for n in deltas:
+                time_fresh_prefills(model, device, num_running, 2, 0, slots, n)
+        for r in range(rounds):
+            base_ms, _ = time_fresh_prefills(model, device, num_running, num_steps, 0)
+            for n in deltas:
+                for on in ((True, False) if r % 2 == 0 else (False, True)):
+                    delta_linear.SP2_PREFILL_ROWS = min_rows if on else None
+                    ms, count = time_fresh_prefills(model, device, num_running, num_steps, 0, slots, n)
+                    rows.append({"part": "sp2-prefill-ab", "round": r, "on": on, "min_rows": min_rows,
+                                 "num_deltas": n, "bits": 2, "layers": cfg.num_hidden_layers,
+                                 "num_running": num_running, "prefill_steps": count, "ms": ms, "base_ms": base_ms,
+                                 "vs_base": ms / base_ms})
+                    print(json.dumps(rows[-1]), flush=True)
+    finally:
+        delta_linear.SP2_PREFILL_ROWS = was
+
+
 # ---- part 2b: prefill steps of fresh shapes, per SDPA backend choice -------------------------------
 
 def time_fresh_prefills(model, device: str, num_running: int, num_steps: int, seed: int,
@@ -815,6 +849,10 @@ def _main(argv: list[str] | None) -> int:
                               sp2=sp2, rounds=args.fused_rounds,
                               **({"lengths": (16, 32), "repeats": 1} if args.tiny
                                  else {"lengths": tuple(int(v) for v in args.long_lengths.split(","))}))
+    if "sp2-prefill-ab" in parts:
+        bench_sp2_prefill_ab(step_cfg, device, rows, sp4=False if args.no_sp4 else None, sp2=sp2,
+                             rounds=args.fused_rounds,
+                             **({"deltas": (1,), "num_running": 4, "num_steps": 2} if args.tiny else {}))
     for part in (p for p in parts if p in FLAG_PARTS):
         bench_flag_ab(part, step_cfg, device, rows, bits=args.step_bits, sp4=False if args.no_sp4 else None, sp2=sp2,
                       rounds=args.fused_rounds,

@@ -69,6 +69,22 @@ def test_bench_worker_long_prefill_ab_writes_both_arms_and_restores_the_route(tm
     assert all(r["part"] == "long-prefill-ab" and r["ms"] > 0 and r["base_ms"] > 0 for r in rows)
 
 
+def test_bench_worker_sp2_prefill_ab_times_both_arms_and_puts_the_threshold_back(tmp_path):
+    """part sp2-prefill-ab (tiny, CPU): both arms per round in alternating order, the base for scale, and
+    delta_linear.SP2_PREFILL_ROWS back at its earlier value."""
+    from kernels import delta_linear
+
+    torch.set_num_threads(1)
+    bench = _load_bench()
+    before = delta_linear.SP2_PREFILL_ROWS
+    assert bench.main(["--tiny", "--parts", "sp2-prefill-ab", "--out", str(tmp_path), "--commit", "test"]) == 0
+    assert delta_linear.SP2_PREFILL_ROWS == before
+    (path,) = tmp_path.glob("worker-*-tiny.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["round"], r["on"]) for r in rows] == [(0, True), (0, False), (1, False), (1, True)]
+    assert all(r["part"] == "sp2-prefill-ab" and r["ms"] > 0 and r["base_ms"] > 0 for r in rows)
+
+
 def test_decode_steps_are_timed_only_after_the_sliced_warm_up_finished():
     """The runner warms SBMM variants up in slices inside its steps until done; the worker's idle loop finishes
     it, and so must the bench before its timed steps (a new engine per row is a new runner). An engine whose
