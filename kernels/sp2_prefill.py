@@ -4,8 +4,8 @@ The SBMM kernels (kernels/sbmm_spmma2.py) expand every delta word again for each
 costs the 2-bit kernel ~2.5x the base GEMM of its shape on an H200 (docs/serving.md, session 23), compute bound
 where its bytes would take ~4 % of that time. This kernel reads the same sp2 words (kernels/spmma_layout.py
 `pack_sp2`, what CUDA slots hold for 2-bit deltas) and, per program, expands a [BLOCK_N, 32 * BLOCK_W] tile of Δ
-into registers as the dot's [32 * BLOCK_W, BLOCK_N] operand (each column's code and 2:4 position decoded from the
-sp2 order: the kept code whose position is the column, else zero) for every K step, then multiplies it with BLOCK_M rows of x on the dense tensor cores (`tl.dot`, fp32
+into registers (codes and 2:4 positions decoded from the sp2 order, each kept value placed by a compare per
+column) for every K step, then multiplies it with BLOCK_M rows of x on the dense tensor cores (`tl.dot`, fp32
 accumulation). One expansion feeds BLOCK_M rows, so the expansion's cost falls with the block: 8x fewer
 expansions than SBMM at 128-row blocks.
 
@@ -54,46 +54,46 @@ def _sp2_prefill_kernel(
     row_ok = rows < r1
     BK: tl.constexpr = 32 * BLOCK_W
 
-    # Δ^T tile [BK, BN]: dense column c of the K step on axis 0, output row n on axis 1 (the dot's B operand)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n2 = n[None, :]  # [1, BN]
-    rem = n2 % 64
+    n3 = n[:, None, None]  # [BN, 1, 1]
+    rem = n3 % 64
     h = (rem // 8) % 2
-    row_part = (n2 // 64) * steps_per_row_block * 512 + (rem // 16) * 128 + (rem % 8) * 16  # [1, BN]
-    c = tl.arange(0, BK)[:, None]  # [BK, 1]
-    grp = (c % 32) // 4  # group within its canonical word
-    j = c % 4  # column within its group
+    row_part = (n3 // 64) * steps_per_row_block * 512 + (rem // 16) * 128 + (rem % 8) * 16  # [BN, 1, 1]
+    grp = tl.arange(0, 8)[None, None, :]  # [1, 1, 8]: the group within a canonical word
     t = grp % 4
     hi = grp // 4
+    j = tl.arange(0, 4)[None, None, None, :]  # [1, 1, 1, 4]: the column within a group
     q_base = q_ptr + slot * stride_qslot
     m_base = m_ptr + slot * stride_qslot  # meta has qweight's shape (int32 [slots, N, K / 32])
     s_rows = s_ptr + slot * stride_sslot + n * stride_sn  # [BN]
     cols = tl.arange(0, BK)
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_x
-    hshift = 2 * h  # [1, BN]: the code's bit offset from the row (h)
-    mrow = 16 * h  # [1, BN]: the meta half of the row
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for kw in range(0, K // 32, BLOCK_W):
-        w = kw + c // 32  # [BK, 1]: canonical word of each column
+        w = kw + tl.arange(0, BLOCK_W)[None, :, None]  # [1, BW, 1]: canonical word index
         s = w // 8
         u = (w % 8) // 2
         e = w % 2
-        qword = tl.load(q_base + row_part + (s * 512 + u + 4 * t))  # [BK, BN]
-        mword = tl.load(m_base + row_part + (s * 512 + u + 4 * (2 * e + hi)))
-        shift = hshift + 2 * (4 * e + 2 * hi)
-        mshift = mrow + 4 * t
+        step = row_part + s * 512 + u  # [BN, BW, 1]
+        qword = tl.load(q_base + step + 4 * t)  # [BN, BW, 8]
+        shift = 2 * (4 * e + 2 * hi + h)
+        c0 = (qword >> shift) & 3
+        c1 = (qword >> (shift + 16)) & 3
+        mword = tl.load(m_base + step + 4 * (2 * e + hi))
+        mshift = 16 * h + 4 * t
         i0 = (mword >> mshift) & 3
         i1 = (mword >> (mshift + 2)) & 3
-        # the kept code at this column, else 2 (symmetric 2-bit: z = 2, so the value is 0)
-        code = tl.where(i0 == j, (qword >> shift) & 3, tl.where(i1 == j, (qword >> (shift + 16)) & 3, 2))
-        scale = tl.load(s_rows + (kw * 32) // GROUP_SIZE).to(tl.float32)[None, :]  # [1, BN]
-        d = ((code - 2).to(tl.float32) * scale).to(x_ptr.dtype.element_ty)  # Δ rounded to the activation dtype
+        scale = tl.load(s_rows + (kw * 32) // GROUP_SIZE).to(tl.float32)[:, None, None, None]  # [BN, 1, 1, 1]
+        v0 = (c0 - 2).to(tl.float32)[:, :, :, None] * scale  # symmetric 2-bit: z = 2
+        v1 = (c1 - 2).to(tl.float32)[:, :, :, None] * scale
+        d = tl.where(i0[:, :, :, None] == j, v0, 0.0) + tl.where(i1[:, :, :, None] == j, v1, 0.0)  # [BN, BW, 8, 4]
+        d = tl.reshape(d, [BLOCK_N, BK]).to(x_ptr.dtype.element_ty)  # Δ rounded to the activation dtype
         xt = tl.load(x_rows + (kw * 32 + cols)[None, :], mask=row_ok[:, None], other=0.0)  # [BM, BK]
         if DOT_FP32:  # the interpreter's bf16 dot is wrong (and fp16 is slow there): same values in fp32
-            acc += tl.dot(xt.to(tl.float32), d.to(tl.float32))
+            acc += tl.dot(xt.to(tl.float32), tl.trans(d.to(tl.float32)))
         else:
-            acc += tl.dot(xt, d)
+            acc += tl.dot(xt, tl.trans(d))
 
     y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_y + n[None, :]
     yv = tl.load(y_ptrs, mask=row_ok[:, None], other=0.0)
