@@ -19,11 +19,12 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.experimental.gluon._runtime import GluonASTSource
 
-from kernels import sbmm, sbmm_gluon, sbmm_spmma, sbmm_spmma2, sbmm_triton
+from kernels import sbmm, sbmm_gluon, sbmm_spmma, sbmm_spmma2, sbmm_triton, sp2_prefill
 
 DIVISIBLE = ["x_ptr", "y_ptr", "stride_xm", "stride_ym", "qw_ptr", "meta_ptr", "scales_ptr", "zeros_ptr",
              "stride_qs", "stride_qn", "stride_ms", "stride_mn", "stride_ss", "stride_sn", "seg_starts_ptr",
-             "seg_slots_ptr"]
+             "seg_slots_ptr", "stride_x", "stride_y", "q_ptr", "m_ptr", "s_ptr", "stride_qslot", "stride_sslot",
+             "blocks_ptr"]
 
 
 def signature(bits: int, dtype: str) -> dict:
@@ -59,6 +60,12 @@ def compile_kernel(a):
                      MAX_SEGS=16)
         fn = sbmm_spmma2._sbmm_spmma2_kernel if bits == 2 else sbmm_spmma._sbmm_spmma_kernel
         source = GluonASTSource
+    elif a.kernel == "sp2prefill":  # kernels/sp2_prefill.py: --bm rows per block, --bn, --bw words per K step
+        sig = {"x_ptr": f"*{a.dtype}", "y_ptr": f"*{a.dtype}", "stride_x": "i32", "stride_y": "i32", "q_ptr": "*i32",
+               "m_ptr": "*i32", "s_ptr": "*fp16", "stride_qslot": "i32", "stride_sslot": "i32", "stride_sn": "i32",
+               "blocks_ptr": "*i32", "steps_per_row_block": "i32"}
+        const = dict(K=a.k, GROUP_SIZE=a.group or a.k, BLOCK_M=a.bm, BLOCK_N=a.bn, BLOCK_W=a.bw, DOT_FP32=False)
+        fn, source = sp2_prefill._sp2_prefill_kernel, ASTSource
     elif a.kernel == "gluon":  # the wrapper's own constexprs for this shape
         n = 4096 + (a.bn // 2 if a.odd_n else 0)
         num_groups = 1 if a.group == 0 else a.k // a.group
@@ -115,7 +122,7 @@ def loop_body(sass: str) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--kernel", default="gluon", choices=["gluon", "spmma", "spmma2", "triton"],
+    p.add_argument("--kernel", default="gluon", choices=["gluon", "spmma", "spmma2", "triton", "sp2prefill"],
                    help="spmma: kernels/sbmm_spmma.py (sp4 words, mma.sp; 4-bit symmetric, group 0 or 128); "
                    "spmma2: kernels/sbmm_spmma2.py (sp2 words, 2-bit symmetric; --bits is ignored)")
     p.add_argument("--bits", type=int, default=4)
@@ -139,6 +146,7 @@ def main() -> None:
     p.add_argument("--bm", type=int, default=16)
     p.add_argument("--bn", type=int, default=64)
     p.add_argument("--bk", type=int, default=128)
+    p.add_argument("--bw", type=int, default=2, help="sp2prefill: canonical words (32 columns each) per K step")
     p.add_argument("--warps", type=int, default=4)
     p.add_argument("--stages", type=int, default=3)
     p.add_argument("--dump", default="")
@@ -153,7 +161,8 @@ def main() -> None:
     body = loop_body(sass)
     ops = collections.Counter(re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", ln).group(1).split(".")[0]
                               for ln in body)
-    block_k = 8 * 64 // a.bits if a.kernel in ("gluon", "spmma") else 256 if a.kernel == "spmma2" else a.bk
+    block_k = (8 * 64 // a.bits if a.kernel in ("gluon", "spmma") else 256 if a.kernel == "spmma2"
+               else 32 * a.bw if a.kernel == "sp2prefill" else a.bk)
     dense = a.bn * block_k
     print(f"regs={usage.group(1)} stack={usage.group(2)} shared={usage.group(3)}+{ck.metadata.shared} "
           f"loop_instructions={len(body)} per_dense_value={len(body) * 32 * a.warps / dense:.2f}")
