@@ -92,21 +92,23 @@ def dequant_row(name, n, k, bits, stack, limit) -> dict:
             "fraction_of_limit": nbytes / (us * 1e-6) / 1e9 / limit}
 
 
-def suggest(rows: list[dict], bits: int) -> int | None:
-    """The smallest measured rows per delta from which the dense route's layer total (the four launches) beats
-    SBMM's at every larger measured count, for every segment count; None if it never does."""
+def crossover(rows: list[dict], us_new, us_old, segments=SEGMENTS) -> int | None:
+    """The smallest measured rows per delta from which a route's layer total (the four launches: sum of
+    `us_new(row)`) beats the other's (`us_old(row)`) at every larger measured count, for every segment count; None
+    if it never does. A segment count with no rows at some count does not count against it."""
     best = None
     for r in sorted({row["rows_per_delta"] for row in rows}, reverse=True):
-        wins = True
-        for segs in SEGMENTS:
-            case = [row for row in rows if row["bits"] == bits and row["rows_per_delta"] == r
-                    and row["num_deltas"] == segs]
-            if case and sum(c["us_dense"] for c in case) >= sum(c["us_sbmm"] for c in case):
-                wins = False
-        if not wins:
-            break
+        for segs in segments:
+            case = [row for row in rows if row["rows_per_delta"] == r and row["num_deltas"] == segs]
+            if case and sum(us_new(c) for c in case) >= sum(us_old(c) for c in case):
+                return best
         best = r
     return best
+
+
+def suggest(rows: list[dict], bits: int) -> int | None:
+    """`dense_rows` for one code width: where the dense route's layer total starts to beat SBMM's (`crossover`)."""
+    return crossover([row for row in rows if row["bits"] == bits], lambda c: c["us_dense"], lambda c: c["us_sbmm"])
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.sbmm import WORKER_SHAPES, graph_us  # noqa: E402
+from bench.sbmm_prefill import crossover  # noqa: E402
 from bench.sbmm_stacks import variant_stack  # noqa: E402
 from kernels import sbmm, sp2_prefill  # noqa: E402
 
@@ -77,19 +78,9 @@ def one_case(n, k, stack, weight, rows, segs, configs) -> dict:
     return row
 
 
-def suggest(rows: list[dict], row_counts) -> int | None:
-    """The smallest row count from which the best config beats SBMM over the four launches at every larger one."""
-    best = None
-    for r in sorted(row_counts, reverse=True):
-        wins = True
-        for segs in SEGMENTS:
-            case = [c for c in rows if c["rows_per_delta"] == r and c["num_deltas"] == segs]
-            if not case or sum(c["us_prefill"][c["best"]] for c in case) >= sum(c["us_sbmm"] for c in case):
-                wins = False
-        if not wins:
-            break
-        best = r
-    return best
+def suggest(rows: list[dict]) -> int | None:
+    """`delta_linear.SP2_PREFILL_ROWS`: where the best config's layer total starts to beat SBMM's."""
+    return crossover(rows, lambda c: c["us_prefill"][c["best"]], lambda c: c["us_sbmm"], SEGMENTS)
 
 
 def main() -> None:
@@ -117,7 +108,7 @@ def main() -> None:
                              "timing": "CUDA graph of back-to-back calls on rotating slots, median of 7 replays",
                              "limit": "us_base: cuBLAS on dense fp16 weights, same rows and shape",
                              "torch": torch.__version__, "triton": triton.__version__},
-                  "sp2_prefill_rows": suggest(rows, row_counts), "rows": rows}
+                  "sp2_prefill_rows": suggest(rows), "rows": rows}
         path.write_text(json.dumps(result, indent=1))
 
     total = len(WORKER_SHAPES) * len(SEGMENTS) * len(row_counts)
@@ -135,7 +126,7 @@ def main() -> None:
         del stack, weight
         torch.cuda.empty_cache()
         save()
-    print(f"SP2_PREFILL_ROWS suggested: {suggest(rows, row_counts)}")
+    print(f"SP2_PREFILL_ROWS suggested: {suggest(rows)}")
     print(f"wrote {path}")
 
 
