@@ -1,12 +1,14 @@
-"""Prefill-sized 2-bit segments: kernels/sp2_prefill.py (Δ tile expanded once per row block + dense dot) against the
-SBMM launch the worker makes today, and the base GEMM of the same rows, in the same run (GPU).
+"""Prefill-sized 2-bit segments: kernels that expand each Δ tile once per row block (kernels/sp2_prefill.py, Triton;
+kernels/sp2_wgmma.py, Hopper) against the SBMM launch the worker makes today, and the base GEMM of the same rows, in
+the same run (GPU).
 
   python bench/sp2_prefill.py --out bench/results [--rows 64,128,256,512] [--label x]
 
 Per worker launch shape (fused q/k/v, o, fused gate/up, down; Llama-2-7B), rows per segment and segment count
 (1 or 4 deltas on sp2 words, group 128, fp16): `us_sbmm` (the tuned SBMM config, kernels/sbmm.py), `us_prefill`
-per kernel config (`configs`), `us_base` (x @ W.T, cuBLAS, fp16 W [N, K]: the same math on dense weights, the
-practical limit of a dense-dot kernel here), and `best`: the fastest config with `speedup` = us_sbmm / its µs
+per kernel config (`configs`: kernels/sp2_prefill.py's Triton tiles, kernels/sp2_wgmma.py's BLOCK_M), `us_base`
+(x @ W.T, cuBLAS, fp16 W [N, K]: the same math on dense weights, the practical limit of a dense-dot kernel here),
+and `best`: the fastest config with `speedup` = us_sbmm / its µs
 and `over_base` = its µs / us_base. Also the dense-equivalent TFLOP/s (2 T N K / time). Outputs are compared with
 SBMM's on every case (`max_abs_diff`, `max_rel_diff`). Timing: CUDA graphs of back-to-back calls on rotating slots
 (bench/sbmm.py `graph_us`). The JSON suggests `delta_linear.SP2_PREFILL_ROWS`: the smallest row count from which
@@ -27,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.sbmm import WORKER_SHAPES, graph_us  # noqa: E402
 from bench.sbmm_prefill import crossover  # noqa: E402
 from bench.sbmm_stacks import variant_stack  # noqa: E402
-from kernels import sbmm, sp2_prefill  # noqa: E402
+from kernels import sbmm, sp2_prefill, sp2_wgmma  # noqa: E402
 
 ROWS = (32, 64, 128, 256, 512)
 SEGMENTS = (1, 4)
@@ -37,6 +39,8 @@ CONFIGS = {
     "m128n64w2": {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_W": 2, "num_warps": 8, "num_stages": 2},
     "m128n128w2": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_W": 2, "num_warps": 8, "num_stages": 2},
     "m128n64w4": {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_W": 4, "num_warps": 8, "num_stages": 2},
+    "wgmma_m64": {"kernel": "wgmma", "BLOCK_M": 64},  # kernels/sp2_wgmma.py (Hopper)
+    "wgmma_m128": {"kernel": "wgmma", "BLOCK_M": 128},
 }
 
 
@@ -54,8 +58,10 @@ def one_case(n, k, stack, weight, rows, segs, configs) -> dict:
     def sbmm_call(slots):
         return lambda: sbmm.sbmm(x, y, q, m, s, None, starts_d, slots, 2, sp2=True)
 
-    def prefill_call(slots, cfg):
-        return lambda: sp2_prefill.sp2_prefill(x, y, q, m, s, starts, slots, config=cfg)
+    def prefill_call(slots, cfg, out=y):
+        if cfg.get("kernel") == "wgmma":
+            return lambda: sp2_wgmma.sp2_wgmma(x, out, q, m, s, starts, slots, cfg["BLOCK_M"])
+        return lambda: sp2_prefill.sp2_prefill(x, out, q, m, s, starts, slots, config=cfg)
 
     want = torch.zeros_like(y)
     sbmm.sbmm(x, want, q, m, s, None, starts_d, slot_sets[0], 2, sp2=True)
@@ -65,7 +71,7 @@ def one_case(n, k, stack, weight, rows, segs, configs) -> dict:
     diffs = {}
     for name, cfg in configs.items():
         got = torch.zeros_like(y)
-        sp2_prefill.sp2_prefill(x, got, q, m, s, starts, slot_lists[0], config=cfg)
+        prefill_call(slot_lists[0], cfg, got)()
         diff = (got.float() - want.float()).abs()
         diffs[name] = (float(diff.max()), float(diff.max() / want.float().abs().max().clamp_min(1e-6)))
         row["us_prefill"][name] = graph_us([prefill_call(sl, cfg) for sl in slot_lists] * 2)
@@ -87,7 +93,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench/results")
     p.add_argument("--rows", default=",".join(map(str, ROWS)), help="rows per delta, comma-separated")
-    p.add_argument("--configs", default=",".join(CONFIGS), help="kernel configs to time, comma-separated")
+    p.add_argument("--configs", default="m64n64w2,m128n64w4,wgmma_m64,wgmma_m128",
+                   help=f"kernel configs to time, comma-separated, of: {', '.join(CONFIGS)}")
     p.add_argument("--label", default="")
     p.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "unknown"))
     a = p.parse_args()

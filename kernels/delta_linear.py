@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import layout, reference, sbmm, sp2_prefill, spmma_layout
+from kernels import layout, reference, sbmm, sp2_prefill, sp2_wgmma, spmma_layout
 
 
 def _field(packed, name: str):
@@ -254,9 +254,10 @@ def apply_deltas(
     return dense
 
 
-# Segments of sp2 stacks with at least this many rows (and fewer than `sbmm.dense_rows`) run kernels/sp2_prefill.py
-# (each delta tile expanded once per 64-row block, then a dense dot) instead of SBMM. None: off. On an H200 it was
-# 3.5-7x slower than SBMM at 64-512 rows (bench/sp2_prefill.py, docs/kernels.md run 26).
+# Segments of sp2 stacks with at least this many rows (and fewer than `sbmm.dense_rows`) run kernels/sp2_wgmma.py
+# (Hopper, fp16: one expansion per 128 rows into warpgroup-MMA registers; not yet run on a GPU) or elsewhere
+# kernels/sp2_prefill.py (plain Triton; on an H200 3.5-7x slower than SBMM at 64-512 rows: docs/kernels.md run 26)
+# instead of SBMM. None: off, until bench/sp2_prefill.py shows one of them faster.
 SP2_PREFILL_ROWS: int | None = None
 
 
@@ -275,7 +276,10 @@ def _sp2_prefill_segments(x, y, stack: PackedDeltaStack, seg_slots: torch.Tensor
     if not take:
         return 0, seg_slots, slots
     picked = [slot if i in take else -1 for i, slot in enumerate(slots)]
-    sp2_prefill.sp2_prefill(x, y, stack.qweight, stack.meta, stack.scales, starts, picked)
+    if sp2_wgmma.supported(x, n, k, stack.group_size):
+        sp2_wgmma.sp2_wgmma(x, y, stack.qweight, stack.meta, stack.scales, starts, picked)
+    else:
+        sp2_prefill.sp2_prefill(x, y, stack.qweight, stack.meta, stack.scales, starts, picked)
     rest = [-1 if i in take else slot for i, slot in enumerate(slots)]
     if all(slot < 0 for slot in rest):
         return len(take), None, rest

@@ -19,7 +19,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.experimental.gluon._runtime import GluonASTSource
 
-from kernels import sbmm, sbmm_gluon, sbmm_spmma, sbmm_spmma2, sbmm_triton, sp2_prefill
+from kernels import sbmm, sbmm_gluon, sbmm_spmma, sbmm_spmma2, sbmm_triton, sp2_prefill, sp2_wgmma
 
 DIVISIBLE = ["x_ptr", "y_ptr", "stride_xm", "stride_ym", "qw_ptr", "meta_ptr", "scales_ptr", "zeros_ptr",
              "stride_qs", "stride_qn", "stride_ms", "stride_mn", "stride_ss", "stride_sn", "seg_starts_ptr",
@@ -66,6 +66,12 @@ def compile_kernel(a):
                "blocks_ptr": "*i32", "steps_per_row_block": "i32"}
         const = dict(K=a.k, GROUP_SIZE=a.group or a.k, BLOCK_M=a.bm, BLOCK_N=a.bn, BLOCK_W=a.bw, DOT_FP32=False)
         fn, source = sp2_prefill._sp2_prefill_kernel, ASTSource
+    elif a.kernel == "sp2wgmma":  # kernels/sp2_wgmma.py: --bm rows of x per program (64 delta rows, 4 warps)
+        sig = {"x_ptr": f"*{a.dtype}", "y_ptr": f"*{a.dtype}", "stride_x": "i32", "stride_y": "i32", "q_ptr": "*i32",
+               "m_ptr": "*i32", "s_ptr": "*fp16", "stride_qslot": "i32", "stride_sslot": "i32", "stride_sn": "i32",
+               "blocks_ptr": "*i32", "steps_per_row_block": "i32"}
+        const = sp2_wgmma.constexprs(a.k, a.group or a.k, a.bm)
+        fn, source = sp2_wgmma._sp2_wgmma_kernel, GluonASTSource
     elif a.kernel == "gluon":  # the wrapper's own constexprs for this shape
         n = 4096 + (a.bn // 2 if a.odd_n else 0)
         num_groups = 1 if a.group == 0 else a.k // a.group
@@ -122,7 +128,7 @@ def loop_body(sass: str) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--kernel", default="gluon", choices=["gluon", "spmma", "spmma2", "triton", "sp2prefill"],
+    p.add_argument("--kernel", default="gluon", choices=["gluon", "spmma", "spmma2", "triton", "sp2prefill", "sp2wgmma"],
                    help="spmma: kernels/sbmm_spmma.py (sp4 words, mma.sp; 4-bit symmetric, group 0 or 128); "
                    "spmma2: kernels/sbmm_spmma2.py (sp2 words, 2-bit symmetric; --bits is ignored)")
     p.add_argument("--bits", type=int, default=4)
@@ -162,7 +168,7 @@ def main() -> None:
     ops = collections.Counter(re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", ln).group(1).split(".")[0]
                               for ln in body)
     block_k = (8 * 64 // a.bits if a.kernel in ("gluon", "spmma") else 256 if a.kernel == "spmma2"
-               else 32 * a.bw if a.kernel == "sp2prefill" else a.bk)
+               else 32 * a.bw if a.kernel == "sp2prefill" else 256 if a.kernel == "sp2wgmma" else a.bk)
     dense = a.bn * block_k
     print(f"regs={usage.group(1)} stack={usage.group(2)} shared={usage.group(3)}+{ck.metadata.shared} "
           f"loop_instructions={len(body)} per_dense_value={len(body) * 32 * a.warps / dense:.2f}")

@@ -113,6 +113,7 @@ def test_apply_deltas_routes_mid_sized_sp2_segments_to_the_kernel(monkeypatch):
     monkeypatch.setattr(delta_linear, "SP2_PREFILL_ROWS", 64)
     monkeypatch.setattr(sbmm, "dense_rows", lambda device, bits: 1024)
     monkeypatch.setattr(sp2_prefill, "supported", lambda *a: True)
+    monkeypatch.setattr(delta_linear.sp2_wgmma, "supported", lambda *a: False)
     monkeypatch.setattr(sp2_prefill, "sp2_prefill",
                         lambda x, y, q, m, s, starts, slots, *a: calls["prefill"].append(list(slots)))
     monkeypatch.setattr(delta_linear, "dense_linear", lambda x, y, stack, slot: calls["dense"].append(slot))

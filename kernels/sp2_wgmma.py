@@ -1,0 +1,179 @@
+"""Prefill-sized segments on sp2 slot words, Hopper only (Gluon): Δ expanded by selection MMAs straight into the A
+registers of a warpgroup MMA, x in shared memory in the matching K order (docs/kernels.md "Next steps" item 6).
+
+Why: SBMM (kernels/sbmm_spmma2.py) expands every delta word again for each 16-row block, so a 128-row prefill
+segment costs it ~2.5x the base GEMM of its shape (docs/serving.md, session 23). A kernel that shares one
+expansion among 64-128 rows has to spend under ~9.6 lane-instructions per dense Δ value for 128 rows to beat it;
+the plain-Triton placement of kernels/sp2_prefill.py spends 37.5 (docs/kernels.md run 26).
+
+How: a program owns 64 delta rows (one 64-row block b of the sp2 order, one warp per 16-row block rb: a
+warpgroup) and BLOCK_M rows of x of one segment. Per 32-column block j of a 256-column K step (mma.sp j of the
+sp2 order: word u = j // 2 of the lane, selector e = j % 2):
+1. the lane's word is expanded into the mma.sp A registers (the SBMM word expander, `EXPAND`);
+2. four selection MMAs (kernels/sbmm_dequant.py: D = A_sparse @ B_c, B_c with one 1 per column) give the lane
+   (g, t) rows g and g + 8 at dense columns 8t + 2c + r (c = 0..3, r = 0, 1), in fp32, the sparse tensor core
+   placing every kept value;
+3. those 16 values are exactly the lane's registers of a [64, 32] A operand of `warpgroup_mma`
+   (DotOperandLayout of NVMMA v3, k_width 2: register bits (k + 1, row + 8, k + 8, k + 16), lane bits (k + 2,
+   k + 4, row + 1, row + 2, row + 4)) if logical column kk of the block is dense column
+   phys(kk) = 8t + 2c + r with t = (kk % 8) // 2, c = (kk // 8) % 2 + 2 (kk // 16), r = kk % 2;
+   so each selection MMA is one `inline_asm_elementwise` with pack=4 (its four outputs d0..d3 are the pack's
+   four registers: (g, 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1) of k offset 8 (c % 2) + 16 (c // 2));
+4. scaled (row scales, or the block's group) and rounded to fp16, they multiply x's block, read from shared memory
+   with the same column permutation: acc[64, BLOCK_M] += A @ x_perm^T.
+y[rows, 64 columns] += acc^T at the end (y rounded once).
+
+Status: compiles for sm_90 here (scripts/sbmm_sass.py --kernel sp2wgmma): with BLOCK_M 128 its K loop is 681
+instructions a lane per 256-column step, 5.3 lane-instructions per dense value shared by 128 rows (SBMM: 1.06-1.22
+per 16 rows, so ~1.6x fewer per row); BLOCK_M 256 spills. tests/kernels/test_sp2_wgmma.py checks its addressing,
+selection matrices and placement on the numpy models of the expander and mma.sp. Not yet run on a GPU:
+kernels/delta_linear.py routes to it (Hopper, fp16; else kernels/sp2_prefill.py) only from
+`delta_linear.SP2_PREFILL_ROWS` rows, None (off) until bench/sp2_prefill.py has measured it. fp16 only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
+
+from kernels.sp2_prefill import row_blocks
+from kernels.spmma_layout import SP2_STEP
+
+ONE_BITS = {"f16": 0x3C00, "bf16": 0x3F80}  # 1.0 as a 16-bit pattern
+
+
+def selection_ptx(dtype: str, selector: int) -> tuple[str, str]:
+    """(PTX, constraints) of one selection mma.sp with pack=4: outputs $0..$3 (d0..d3); inputs a0..a3, b0..b3 and
+    meta, four copies each (the pack's four elements, all equal): input i's first copy is $(4 + 4i)."""
+    a = ", ".join(f"${4 + 4 * i}" for i in range(4))
+    b = ", ".join(f"${20 + 4 * i}" for i in range(4))
+    ptx = ("{ .reg .f32 %z; mov.f32 %z, 0f00000000; "
+           f"mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.{dtype}.{dtype}.f32 "
+           f"{{$0, $1, $2, $3}}, {{{a}}}, {{{b}}}, {{%z, %z, %z, %z}}, $36, {selector}; }}")
+    return ptx, ",".join(["=f"] * 4 + ["r"] * 36)
+
+
+@gluon.jit
+def _sp2_wgmma_kernel(
+    x_ptr, y_ptr, stride_x, stride_y,
+    q_ptr, m_ptr, s_ptr, stride_qslot, stride_sslot, stride_sn,
+    blocks_ptr, steps_per_row_block,
+    K: gl.constexpr, GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr, ONE: gl.constexpr,
+    EXPAND: gl.constexpr, CONSTRAINTS_E: gl.constexpr, SEL0: gl.constexpr, SEL1: gl.constexpr,
+    CONSTRAINTS_S: gl.constexpr,
+):
+    MMA_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
+    A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA_L, k_width=2)
+    X_L: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [4, 1], [1, 0])  # 16-byte loads of x
+    X_S: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=16, rank=2)
+
+    pid_n = gl.program_id(0)
+    pid_b = gl.program_id(1)
+    r0 = gl.load(blocks_ptr + 3 * pid_b)
+    r1 = gl.load(blocks_ptr + 3 * pid_b + 1)
+    slot = gl.load(blocks_ptr + 3 * pid_b + 2).to(gl.int64)
+    n0 = pid_n * 64
+
+    # the A operand's elements: delta row `row` of the 64, logical column kk of a 32-column block
+    row = gl.expand_dims(gl.arange(0, 64, layout=gl.SliceLayout(1, A_L)), 1)  # [64, 1]
+    kk = gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, A_L)), 0)  # [1, 32]
+    g = row % 8
+    t = (kk % 8) // 2
+    p = kk // 8  # the selection MMA that makes this column (the pack of four registers it is in)
+    word_at = pid_n * steps_per_row_block * 512 + (row // 16) * 128 + g * 16 + t * 4  # [64, 32]
+    q_lane = q_ptr + slot * stride_qslot + word_at
+    m_lane = m_ptr + slot * stride_qslot + word_at
+    # B_p of the lane: B_p[k, n] = 1 where k = n + 8p, so D[:, n] = A_dense[:, n + 8p]. Lane (g, t) holds B's column
+    # g at k = 8m + 2t + h in register m, half h: 1.0 in register p, half g % 2, where t = g // 2.
+    one = (t == g // 2).to(gl.int32) * (ONE << (16 * (g % 2)))  # [64, 32]
+    b0 = gl.where(p == 0, one, 0)
+    b1 = gl.where(p == 1, one, 0)
+    b2 = gl.where(p == 2, one, 0)
+    b3 = gl.where(p == 3, one, 0)
+    s_rows = s_ptr + slot * stride_sslot + (n0 + row) * stride_sn  # [64, 1]
+
+    # x's block as it is: the selection MMAs put every Δ value at its own column
+    xr = gl.expand_dims(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, X_L)), 1)  # [BM, 1]
+    xk = gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, X_L)), 0)  # [1, 32]
+    x_ok = (r0 + xr) < r1
+    x_at = x_ptr + (r0 + xr).to(gl.int64) * stride_x + xk
+    x_smem = gl.allocate_shared_memory(gl.float16, [BLOCK_M, 32], X_S)
+
+    acc = gl.zeros([64, BLOCK_M], gl.float32, layout=MMA_L)
+    for ks in range(0, K // 256):
+        for j in gl.static_range(8):
+            k0 = ks * 256 + 32 * j
+            word = gl.load(q_lane + ks * 512 + j // 2)
+            meta = gl.load(m_lane + ks * 512 + j // 2)
+            a0, a1, a2, a3, a4, a5, a6, a7 = gl.inline_asm_elementwise(EXPAND, CONSTRAINTS_E, [word],
+                                                                       dtype=(gl.int32,) * 8, is_pure=True, pack=1)
+            if j % 2 == 0:
+                d = gl.inline_asm_elementwise(SEL0, CONSTRAINTS_S, [a0, a1, a2, a3, b0, b1, b2, b3, meta],
+                                              dtype=gl.float32, is_pure=True, pack=4)
+            else:
+                d = gl.inline_asm_elementwise(SEL1, CONSTRAINTS_S, [a4, a5, a6, a7, b0, b1, b2, b3, meta],
+                                              dtype=gl.float32, is_pure=True, pack=4)
+            scale = gl.load(s_rows + k0 // GROUP_SIZE).to(gl.float32)
+            a_op = (d * scale).to(gl.float16)
+            xt = gl.load(x_at + k0, mask=x_ok, other=0.0)
+            gl.thread_barrier()  # every lane is done reading the last block's x
+            x_smem.store(xt)
+            fence_async_shared()
+            acc = warpgroup_mma(a_op, x_smem.permute((1, 0)), acc)
+
+    yr = gl.expand_dims(gl.arange(0, 64, layout=gl.SliceLayout(1, MMA_L)), 1)  # delta row (output column of y)
+    yc = gl.expand_dims(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA_L)), 0)  # x row
+    ok = (r0 + yc) < r1
+    y_at = y_ptr + (r0 + yc).to(gl.int64) * stride_y + n0 + yr
+    yv = gl.load(y_at, mask=ok, other=0.0)
+    gl.store(y_at, (yv.to(gl.float32) + acc).to(yv.dtype), mask=ok)
+
+
+def constexprs(k: int, group_size: int, block_m: int, dtype: torch.dtype = torch.float16) -> dict:
+    """The kernel's compile-time arguments (also scripts/sbmm_sass.py's)."""
+    from kernels import sbmm_spmma2
+
+    if dtype != torch.float16:
+        raise ValueError("sp2_wgmma takes fp16 activations only (x's shared-memory tile is fp16)")
+    expand, cons_e = sbmm_spmma2.expand_ptx("f16", "fma")
+    sel0, cons_s = selection_ptx("f16", 0)
+    sel1, _ = selection_ptx("f16", 1)
+    return dict(K=k, GROUP_SIZE=group_size, BLOCK_M=block_m, ONE=ONE_BITS["f16"], EXPAND=expand,
+                CONSTRAINTS_E=cons_e, SEL0=sel0, SEL1=sel1, CONSTRAINTS_S=cons_s)
+
+
+def supported(x: torch.Tensor, n: int, k: int, group_size: int) -> bool:
+    """Whether this kernel takes a launch: fp16 x on a Hopper GPU (sm_90), N a multiple of 64, K of 256, scale groups
+    per row or a multiple of 32 columns."""
+    return (x.is_cuda and x.dtype == torch.float16 and torch.cuda.get_device_capability(x.device) == (9, 0)
+            and n % 64 == 0 and k % SP2_STEP == 0 and (group_size == k or group_size % 32 == 0))
+
+
+def sp2_wgmma(x: torch.Tensor, y: torch.Tensor, qweight: torch.Tensor, meta: torch.Tensor, scales: torch.Tensor,
+              starts: Sequence[int], slots: Sequence[int], block_m: int = 128) -> int:
+    """In place y[seg] += x[seg] @ dequant(Δ[slot(seg)]).T for every segment with a slot >= 0, as
+    kernels/sp2_prefill.py `sp2_prefill` (same arguments; CUDA sm_90, fp16). Returns how many segments it ran."""
+    num_slots, n, words = qweight.shape
+    t, k = x.shape
+    group_size = k // scales.shape[-1]
+    if not x.is_cuda or torch.cuda.get_device_capability(x.device) != (9, 0):
+        raise ValueError("sp2_wgmma runs on Hopper GPUs (sm_90) only")
+    if words * 32 != k or meta.shape != qweight.shape or n % 64 or k % SP2_STEP or scales.shape[:2] != (num_slots, n):
+        raise ValueError(f"sp2 words {tuple(qweight.shape)}, scales {tuple(scales.shape)}: N a multiple of 64, "
+                         f"K={k} of {SP2_STEP}")
+    if group_size != k and group_size % 32:
+        raise ValueError(f"scale groups of {group_size} columns: need per-row scales or a multiple of 32")
+    if y.shape != (t, n) or y.dtype != x.dtype or x.stride(1) != 1 or y.stride(1) != 1:
+        raise ValueError(f"x {tuple(x.shape)} / y {tuple(y.shape)}: [T, K] -> [T, N], same dtype, unit stride")
+    table = row_blocks(starts, slots, block_m)
+    if not table:
+        return 0
+    blocks = torch.tensor(table, dtype=torch.int32).pin_memory().to(x.device, non_blocking=True)
+    _sp2_wgmma_kernel[(n // 64, len(table) // 3)](
+        x, y, x.stride(0), y.stride(0), qweight, meta, scales, qweight.stride(0), scales.stride(0), scales.stride(1),
+        blocks, k // SP2_STEP, num_warps=4, **constexprs(k, group_size, block_m, x.dtype))
+    return sum(1 for i, s in enumerate(slots) if s >= 0 and starts[i + 1] > starts[i])
