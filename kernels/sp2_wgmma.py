@@ -23,7 +23,7 @@ sp2 order: word u = j // 2 of the lane, selector e = j % 2):
    with the same column permutation: acc[64, BLOCK_M] += A @ x_perm^T.
 y[rows, 64 columns] += acc^T at the end (y rounded once).
 
-Status: compiles for sm_90 here (scripts/sbmm_sass.py --kernel sp2wgmma): with BLOCK_M 128 its K loop is 681
+Status: compiles for sm_90 here (scripts/sbmm_sass.py --kernel sp2wgmma): with BLOCK_M 128 its K loop is 683
 instructions a lane per 256-column step, 5.3 lane-instructions per dense value shared by 128 rows (SBMM: 1.06-1.22
 per 16 rows, so ~1.6x fewer per row); BLOCK_M 256 spills. tests/kernels/test_sp2_wgmma.py checks its addressing,
 selection matrices and placement on the numpy models of the expander and mma.sp. Not yet run on a GPU:
@@ -104,24 +104,33 @@ def _sp2_wgmma_kernel(
     x_smem = gl.allocate_shared_memory(gl.float16, [BLOCK_M, 32], X_S)
 
     acc = gl.zeros([64, BLOCK_M], gl.float32, layout=MMA_L)
-    for ks in range(0, K // 256):
+    STEPS: gl.constexpr = K // 256
+    # x's block (ks, j) is loaded one block ahead, before the barrier and MMA of the block before it. The words and
+    # meta are not carried across iterations: each lane's 16 copies would stop being one value to the compiler,
+    # which then expands the word once per copy.
+    xt = gl.load(x_at, mask=x_ok, other=0.0)
+    for ks in range(0, STEPS):
         for j in gl.static_range(8):
-            k0 = ks * 256 + 32 * j
-            word = gl.load(q_lane + ks * 512 + j // 2)
-            meta = gl.load(m_lane + ks * 512 + j // 2)
-            a0, a1, a2, a3, a4, a5, a6, a7 = gl.inline_asm_elementwise(EXPAND, CONSTRAINTS_E, [word],
-                                                                       dtype=(gl.int32,) * 8, is_pure=True, pack=1)
-            if j % 2 == 0:
+            if j % 2 == 0:  # word u = j // 2 holds mma.sp 2u (a0..a3, selector 0) and 2u + 1 (a4..a7, selector 1)
+                word = gl.load(q_lane + ks * 512 + j // 2)
+                meta = gl.load(m_lane + ks * 512 + j // 2)
+                a0, a1, a2, a3, a4, a5, a6, a7 = gl.inline_asm_elementwise(EXPAND, CONSTRAINTS_E, [word],
+                                                                           dtype=(gl.int32,) * 8, is_pure=True,
+                                                                           pack=1)
                 d = gl.inline_asm_elementwise(SEL0, CONSTRAINTS_S, [a0, a1, a2, a3, b0, b1, b2, b3, meta],
                                               dtype=gl.float32, is_pure=True, pack=4)
             else:
                 d = gl.inline_asm_elementwise(SEL1, CONSTRAINTS_S, [a4, a5, a6, a7, b0, b1, b2, b3, meta],
                                               dtype=gl.float32, is_pure=True, pack=4)
-            scale = gl.load(s_rows + k0 // GROUP_SIZE).to(gl.float32)
+            scale = gl.load(s_rows + (ks * 256 + 32 * j) // GROUP_SIZE).to(gl.float32)
             a_op = (d * scale).to(gl.float16)
-            xt = gl.load(x_at + k0, mask=x_ok, other=0.0)
+            x_cur = xt
+            if j == 7:  # the next step's first block (the last step re-reads its own: never used)
+                xt = gl.load(x_at + gl.minimum(ks + 1, STEPS - 1) * 256, mask=x_ok, other=0.0)
+            else:
+                xt = gl.load(x_at + ks * 256 + 32 * (j + 1), mask=x_ok, other=0.0)
             gl.thread_barrier()  # every lane is done reading the last block's x
-            x_smem.store(xt)
+            x_smem.store(x_cur)
             fence_async_shared()
             acc = warpgroup_mma(a_op, x_smem.permute((1, 0)), acc)
 
