@@ -105,5 +105,5 @@ def test_matches_reference_on_gpu(shape, group, block_m):
     reference.sbmm_reference(x, want, stack["qweight"].cuda(), stack["meta"].cuda(), stack["scales"].cuda(), None, 2,
                              (n, k), torch.tensor(starts), torch.tensor(slots))
     got = y0.clone()
-    assert sp2_wgmma.sp2_wgmma(x, got, q.cuda(), m.cuda(), stack["scales"].cuda(), starts, slots, block_m) == 4
+    assert sp2_wgmma.sp2_wgmma(x, got, q.cuda(), m.cuda(), stack["scales"].cuda(), starts, slots, block_m) == 3
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
