@@ -59,9 +59,10 @@ def one_case(n, k, stack, weight, rows, segs, configs) -> dict:
         return lambda: sbmm.sbmm(x, y, q, m, s, None, starts_d, slots, 2, sp2=True)
 
     def prefill_call(slots, cfg, out=y):
+        blocks = sp2_prefill.block_table(starts, slots, cfg["BLOCK_M"], "cuda")  # before any capture
         if cfg.get("kernel") == "wgmma":
-            return lambda: sp2_wgmma.sp2_wgmma(x, out, q, m, s, starts, slots, cfg["BLOCK_M"])
-        return lambda: sp2_prefill.sp2_prefill(x, out, q, m, s, starts, slots, config=cfg)
+            return lambda: sp2_wgmma.sp2_wgmma(x, out, q, m, s, starts, slots, cfg["BLOCK_M"], blocks=blocks)
+        return lambda: sp2_prefill.sp2_prefill(x, out, q, m, s, starts, slots, config=cfg, blocks=blocks)
 
     want = torch.zeros_like(y)
     sbmm.sbmm(x, want, q, m, s, None, starts_d, slot_sets[0], 2, sp2=True)

@@ -113,6 +113,21 @@ def row_blocks(starts: Sequence[int], slots: Sequence[int], block_m: int, min_ro
     return out
 
 
+def block_table(starts: Sequence[int], slots: Sequence[int], block_m: int, device: torch.device | str,
+                min_rows: int = 1) -> torch.Tensor | None:
+    """`row_blocks` as the int32 tensor the kernels read, on `device` (None: no block). On CUDA it is copied from
+    pinned memory, so the copy does not wait for the GPU to catch up with the host. A caller that captures the
+    launch in a CUDA graph makes it before the capture and passes it (`blocks=`): a copy recorded in the graph
+    would read host memory that is gone by the time the graph replays."""
+    table = row_blocks(starts, slots, block_m, min_rows)
+    if not table:
+        return None
+    blocks = torch.tensor(table, dtype=torch.int32)
+    if torch.device(device).type == "cuda":
+        return blocks.pin_memory().to(device, non_blocking=True)
+    return blocks.to(device)
+
+
 def supported(x: torch.Tensor, n: int, k: int, bits: int, group_size: int, sym: bool, sp2: bool) -> bool:
     """Whether this kernel takes a launch: sp2 words (2-bit symmetric), N a multiple of 64, K of 256, scale
     groups per row or a multiple of 64 columns, fp16/bf16 x (fp32 too off CUDA, for the interpreter)."""
@@ -122,11 +137,13 @@ def supported(x: torch.Tensor, n: int, k: int, bits: int, group_size: int, sym: 
 
 
 def sp2_prefill(x: torch.Tensor, y: torch.Tensor, qweight: torch.Tensor, meta: torch.Tensor, scales: torch.Tensor,
-                starts: Sequence[int], slots: Sequence[int], min_rows: int = 1, config: dict | None = None) -> int:
+                starts: Sequence[int], slots: Sequence[int], min_rows: int = 1, config: dict | None = None,
+                blocks: torch.Tensor | None = None) -> int:
     """In place y[seg] += x[seg] @ dequant(Δ[slot(seg)]).T for every segment with a slot >= 0 and at least
     `min_rows` rows; returns how many segments it ran. x: [T, K] fp16/bf16, y: [T, N] (unit stride in the last
     dim); qweight / meta: sp2 words int32 [num_slots, N, K / 32]; scales fp16 [num_slots, N, G]; starts / slots:
-    the segments as host lists (rows starts[i]:starts[i + 1] on slot slots[i], -1 = no delta)."""
+    the segments as host lists (rows starts[i]:starts[i + 1] on slot slots[i], -1 = no delta); blocks: their
+    `block_table` for this config's BLOCK_M, made ahead (CUDA-graph captures), else made here."""
     cfg = dict(DEFAULT_CONFIG, **(config or {}))
     num_slots, n, words = qweight.shape
     t, k = x.shape
@@ -144,15 +161,11 @@ def sp2_prefill(x: torch.Tensor, y: torch.Tensor, qweight: torch.Tensor, meta: t
     bk = 32 * cfg["BLOCK_W"]
     if group_size != k and group_size % bk:
         raise ValueError(f"scale groups of {group_size} columns: BLOCK_W {cfg['BLOCK_W']} spans {bk}")
-    table = row_blocks(starts, slots, cfg["BLOCK_M"], min_rows)
-    if not table:
+    if blocks is None:
+        blocks = block_table(starts, slots, cfg["BLOCK_M"], x.device, min_rows)
+    if blocks is None:
         return 0
-    blocks = torch.tensor(table, dtype=torch.int32)
-    if x.is_cuda:  # pinned, so the copy does not wait for the GPU to catch up with the host
-        blocks = blocks.pin_memory().to(x.device, non_blocking=True)
-    else:
-        blocks = blocks.to(x.device)
-    grid = (n // block_n, len(table) // 3)
+    grid = (n // block_n, blocks.numel() // 3)
     _sp2_prefill_kernel[grid](
         x, y, x.stride(0), y.stride(0), qweight, meta, scales, qweight.stride(0), scales.stride(0), scales.stride(1),
         blocks, k // SP2_STEP,

@@ -40,7 +40,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
 
-from kernels.sp2_prefill import row_blocks
+from kernels.sp2_prefill import block_table
 from kernels.spmma_layout import SP2_STEP
 
 ONE_BITS = {"f16": 0x3C00, "bf16": 0x3F80}  # 1.0 as a 16-bit pattern
@@ -163,9 +163,11 @@ def supported(x: torch.Tensor, n: int, k: int, group_size: int) -> bool:
 
 
 def sp2_wgmma(x: torch.Tensor, y: torch.Tensor, qweight: torch.Tensor, meta: torch.Tensor, scales: torch.Tensor,
-              starts: Sequence[int], slots: Sequence[int], block_m: int = 128) -> int:
+              starts: Sequence[int], slots: Sequence[int], block_m: int = 128,
+              blocks: torch.Tensor | None = None) -> int:
     """In place y[seg] += x[seg] @ dequant(Δ[slot(seg)]).T for every segment with a slot >= 0, as
-    kernels/sp2_prefill.py `sp2_prefill` (same arguments; CUDA sm_90, fp16). Returns how many segments it ran."""
+    kernels/sp2_prefill.py `sp2_prefill` (same arguments, `blocks` too; CUDA sm_90, fp16). Returns how many
+    segments it ran."""
     num_slots, n, words = qweight.shape
     t, k = x.shape
     group_size = k // scales.shape[-1]
@@ -178,11 +180,11 @@ def sp2_wgmma(x: torch.Tensor, y: torch.Tensor, qweight: torch.Tensor, meta: tor
         raise ValueError(f"scale groups of {group_size} columns: need per-row scales or a multiple of 32")
     if y.shape != (t, n) or y.dtype != x.dtype or x.stride(1) != 1 or y.stride(1) != 1:
         raise ValueError(f"x {tuple(x.shape)} / y {tuple(y.shape)}: [T, K] -> [T, N], same dtype, unit stride")
-    table = row_blocks(starts, slots, block_m)
-    if not table:
+    if blocks is None:
+        blocks = block_table(starts, slots, block_m, x.device)
+    if blocks is None:
         return 0
-    blocks = torch.tensor(table, dtype=torch.int32).pin_memory().to(x.device, non_blocking=True)
-    _sp2_wgmma_kernel[(n // 64, len(table) // 3)](
+    _sp2_wgmma_kernel[(n // 64, blocks.numel() // 3)](
         x, y, x.stride(0), y.stride(0), qweight, meta, scales, qweight.stride(0), scales.stride(0), scales.stride(1),
         blocks, k // SP2_STEP, num_warps=4, **constexprs(k, group_size, block_m, x.dtype))
     return sum(1 for i, s in enumerate(slots) if s >= 0 and starts[i + 1] > starts[i])
