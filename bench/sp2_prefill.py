@@ -41,6 +41,7 @@ CONFIGS = {
     "m128n64w4": {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_W": 4, "num_warps": 8, "num_stages": 2},
     "wgmma_m64": {"kernel": "wgmma", "BLOCK_M": 64},  # kernels/sp2_wgmma.py (Hopper)
     "wgmma_m128": {"kernel": "wgmma", "BLOCK_M": 128},
+    "wgmma_m128_async": {"kernel": "wgmma", "BLOCK_M": 128, "asynchronous": True},
 }
 
 
@@ -61,7 +62,8 @@ def one_case(n, k, stack, weight, rows, segs, configs) -> dict:
     def prefill_call(slots, cfg, out=y):
         blocks = sp2_prefill.block_table(starts, slots, cfg["BLOCK_M"], "cuda")  # before any capture
         if cfg.get("kernel") == "wgmma":
-            return lambda: sp2_wgmma.sp2_wgmma(x, out, q, m, s, starts, slots, cfg["BLOCK_M"], blocks=blocks)
+            return lambda: sp2_wgmma.sp2_wgmma(x, out, q, m, s, starts, slots, cfg["BLOCK_M"], blocks=blocks,
+                                               asynchronous=cfg.get("asynchronous", False))
         return lambda: sp2_prefill.sp2_prefill(x, out, q, m, s, starts, slots, config=cfg, blocks=blocks)
 
     want = torch.zeros_like(y)
@@ -94,7 +96,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench/results")
     p.add_argument("--rows", default=",".join(map(str, ROWS)), help="rows per delta, comma-separated")
-    p.add_argument("--configs", default="m64n64w2,m128n64w4,wgmma_m64,wgmma_m128",
+    p.add_argument("--configs", default="m64n64w2,m128n64w4,wgmma_m64,wgmma_m128,wgmma_m128_async",
                    help=f"kernel configs to time, comma-separated, of: {', '.join(CONFIGS)}")
     p.add_argument("--label", default="")
     p.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "unknown"))

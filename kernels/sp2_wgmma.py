@@ -38,7 +38,7 @@ from collections.abc import Sequence
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 from kernels.sp2_prefill import block_table
 from kernels.spmma_layout import SP2_STEP
@@ -64,7 +64,7 @@ def _sp2_wgmma_kernel(
     blocks_ptr, steps_per_row_block,
     K: gl.constexpr, GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr, ONE: gl.constexpr,
     EXPAND: gl.constexpr, CONSTRAINTS_E: gl.constexpr, SEL0: gl.constexpr, SEL1: gl.constexpr,
-    CONSTRAINTS_S: gl.constexpr,
+    CONSTRAINTS_S: gl.constexpr, ASYNC: gl.constexpr,
 ):
     MMA_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
     A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA_L, k_width=2)
@@ -129,10 +129,18 @@ def _sp2_wgmma_kernel(
                 xt = gl.load(x_at + gl.minimum(ks + 1, STEPS - 1) * 256, mask=x_ok, other=0.0)
             else:
                 xt = gl.load(x_at + ks * 256 + 32 * (j + 1), mask=x_ok, other=0.0)
+            if ASYNC and j > 0:  # the last block's MMA ran while this block expanded: wait for it here
+                acc, a_last = warpgroup_mma_wait(0, deps=[acc, a_last])
             gl.thread_barrier()  # every lane is done reading the last block's x
             x_smem.store(x_cur)
             fence_async_shared()
-            acc = warpgroup_mma(a_op, x_smem.permute((1, 0)), acc)
+            if ASYNC:
+                acc = warpgroup_mma(a_op, x_smem.permute((1, 0)), acc, is_async=True)
+                a_last = a_op  # its registers stay live until the wait
+            else:
+                acc = warpgroup_mma(a_op, x_smem.permute((1, 0)), acc)
+        if ASYNC:  # the loop carries a plain accumulator
+            acc, a_last = warpgroup_mma_wait(0, deps=[acc, a_last])
 
     yr = gl.expand_dims(gl.arange(0, 64, layout=gl.SliceLayout(1, MMA_L)), 1)  # delta row (output column of y)
     yc = gl.expand_dims(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA_L)), 0)  # x row
@@ -142,7 +150,8 @@ def _sp2_wgmma_kernel(
     gl.store(y_at, (yv.to(gl.float32) + acc).to(yv.dtype), mask=ok)
 
 
-def constexprs(k: int, group_size: int, block_m: int, dtype: torch.dtype = torch.float16) -> dict:
+def constexprs(k: int, group_size: int, block_m: int, dtype: torch.dtype = torch.float16,
+               asynchronous: bool = False) -> dict:
     """The kernel's compile-time arguments (also scripts/sbmm_sass.py's)."""
     from kernels import sbmm_spmma2
 
@@ -152,7 +161,7 @@ def constexprs(k: int, group_size: int, block_m: int, dtype: torch.dtype = torch
     sel0, cons_s = selection_ptx("f16", 0)
     sel1, _ = selection_ptx("f16", 1)
     return dict(K=k, GROUP_SIZE=group_size, BLOCK_M=block_m, ONE=ONE_BITS["f16"], EXPAND=expand,
-                CONSTRAINTS_E=cons_e, SEL0=sel0, SEL1=sel1, CONSTRAINTS_S=cons_s)
+                CONSTRAINTS_E=cons_e, SEL0=sel0, SEL1=sel1, CONSTRAINTS_S=cons_s, ASYNC=asynchronous)
 
 
 def supported(x: torch.Tensor, n: int, k: int, group_size: int) -> bool:
@@ -164,10 +173,11 @@ def supported(x: torch.Tensor, n: int, k: int, group_size: int) -> bool:
 
 def sp2_wgmma(x: torch.Tensor, y: torch.Tensor, qweight: torch.Tensor, meta: torch.Tensor, scales: torch.Tensor,
               starts: Sequence[int], slots: Sequence[int], block_m: int = 128,
-              blocks: torch.Tensor | None = None) -> int:
+              blocks: torch.Tensor | None = None, asynchronous: bool = False) -> int:
     """In place y[seg] += x[seg] @ dequant(Δ[slot(seg)]).T for every segment with a slot >= 0, as
     kernels/sp2_prefill.py `sp2_prefill` (same arguments, `blocks` too; CUDA sm_90, fp16). Returns how many
-    segments it ran."""
+    segments it ran. asynchronous: each block's MMA runs while the next block expands (waited before the next
+    store of x), not yet measured against the synchronous form."""
     num_slots, n, words = qweight.shape
     t, k = x.shape
     group_size = k // scales.shape[-1]
@@ -186,5 +196,5 @@ def sp2_wgmma(x: torch.Tensor, y: torch.Tensor, qweight: torch.Tensor, meta: tor
         return 0
     _sp2_wgmma_kernel[(n // 64, blocks.numel() // 3)](
         x, y, x.stride(0), y.stride(0), qweight, meta, scales, qweight.stride(0), scales.stride(0), scales.stride(1),
-        blocks, k // SP2_STEP, num_warps=4, **constexprs(k, group_size, block_m, x.dtype))
+        blocks, k // SP2_STEP, num_warps=4, **constexprs(k, group_size, block_m, x.dtype, asynchronous))
     return sum(1 for i, s in enumerate(slots) if s >= 0 and starts[i + 1] > starts[i])

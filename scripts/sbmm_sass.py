@@ -70,7 +70,7 @@ def compile_kernel(a):
         sig = {"x_ptr": f"*{a.dtype}", "y_ptr": f"*{a.dtype}", "stride_x": "i32", "stride_y": "i32", "q_ptr": "*i32",
                "m_ptr": "*i32", "s_ptr": "*fp16", "stride_qslot": "i32", "stride_sslot": "i32", "stride_sn": "i32",
                "blocks_ptr": "*i32", "steps_per_row_block": "i32"}
-        const = sp2_wgmma.constexprs(a.k, a.group or a.k, a.bm)
+        const = sp2_wgmma.constexprs(a.k, a.group or a.k, a.bm, asynchronous=a.wgmma_async)
         fn, source = sp2_wgmma._sp2_wgmma_kernel, GluonASTSource
     elif a.kernel == "gluon":  # the wrapper's own constexprs for this shape
         n = 4096 + (a.bn // 2 if a.odd_n else 0)
@@ -153,6 +153,7 @@ def main() -> None:
     p.add_argument("--bn", type=int, default=64)
     p.add_argument("--bk", type=int, default=128)
     p.add_argument("--bw", type=int, default=2, help="sp2prefill: canonical words (32 columns each) per K step")
+    p.add_argument("--wgmma-async", action="store_true", help="sp2wgmma: asynchronous warpgroup MMA")
     p.add_argument("--warps", type=int, default=4)
     p.add_argument("--stages", type=int, default=3)
     p.add_argument("--dump", default="")

@@ -89,8 +89,8 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9,
 @pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (sm_90)")
 @pytest.mark.parametrize("shape", [(4096, 4096), (12288, 4096), (4096, 11008)])
 @pytest.mark.parametrize("group", [None, 128])
-@pytest.mark.parametrize("block_m", [64, 128])
-def test_matches_reference_on_gpu(shape, group, block_m):
+@pytest.mark.parametrize("block_m,asynchronous", [(64, False), (128, False), (128, True)])
+def test_matches_reference_on_gpu(shape, group, block_m, asynchronous):
     from kernels import sp2_wgmma
 
     n, k = shape
@@ -105,5 +105,6 @@ def test_matches_reference_on_gpu(shape, group, block_m):
     reference.sbmm_reference(x, want, stack["qweight"].cuda(), stack["meta"].cuda(), stack["scales"].cuda(), None, 2,
                              (n, k), torch.tensor(starts), torch.tensor(slots))
     got = y0.clone()
-    assert sp2_wgmma.sp2_wgmma(x, got, q.cuda(), m.cuda(), stack["scales"].cuda(), starts, slots, block_m) == 3
+    assert sp2_wgmma.sp2_wgmma(x, got, q.cuda(), m.cuda(), stack["scales"].cuda(), starts, slots, block_m,
+                               asynchronous=asynchronous) == 3
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
