@@ -109,6 +109,7 @@ def _sp2_wgmma_kernel(
     # meta are not carried across iterations: each lane's 16 copies would stop being one value to the compiler,
     # which then expands the word once per copy.
     xt = gl.load(x_at, mask=x_ok, other=0.0)
+    a_last = gl.zeros([64, 32], gl.float16, layout=A_L)  # ASYNC: the A operand of the MMA in flight
     for ks in range(0, STEPS):
         for j in gl.static_range(8):
             if j % 2 == 0:  # word u = j // 2 holds mma.sp 2u (a0..a3, selector 0) and 2u + 1 (a4..a7, selector 1)
