@@ -7,7 +7,8 @@ metadata registers as stored. A K step is 256 columns = 8 mma.sp j, so that a la
 register of mma.sp 2v and 2v + 1 with selectors 0 and 1). Per word: 7 `shr` + 8 `lop3` + 8 half2 `sub` (bf16:
 `fma`) give the 8 A registers of its two mma.sp as (magic + q) - (magic + 2) = q - 2, exact. The launch option
 "expand": "fma" takes 1 (bf16: 2) `shr` instead of 7, with an `fma` per pair (kernels/sbmm_spmma.py FMA_SHIFTS;
-13-20 % fewer K-loop instructions for sm_90, docs/kernels.md run 23; not in the tables until measured on a GPU).
+13-20 % fewer K-loop instructions for sm_90, docs/kernels.md run 23; in the H100 / H200 table's BLOCK_M 8 entries and
+its <= 16-row BLOCK_M 16 entry since runs 24 and 25, measured on an H200).
 x: the 256-column step is two 128-column halves in the sp4 B order (kernels/spmma_layout.py sp4_x, unchanged): B
 register n = 4j + m of a lane is pair 64 * (n // 16) + 16t + n % 16 of the step, two runs of 64 contiguous
 bytes. That is 32 registers per 8 tokens (twice sp4's), so the wrapper caps BLOCK_M at 16.
