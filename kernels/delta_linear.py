@@ -235,7 +235,7 @@ def apply_deltas(
     elif x.is_cuda:
         if host_segments is not None and (stack.sp4 or stack.sp2):
             starts_h, slots_h = host_segments
-            _, seg_slots, slots_h = _sp2_prefill_segments(x, y, stack, seg_slots, starts_h, slots_h)
+            seg_slots, slots_h = _sp2_prefill_segments(x, y, stack, seg_slots, starts_h, slots_h)
             if seg_slots is None:
                 return 0
             dense, seg_slots = _dense_segments(x, y, stack, seg_slots, starts_h, slots_h)
@@ -262,19 +262,19 @@ SP2_PREFILL_ROWS: int | None = None
 
 
 def _sp2_prefill_segments(x, y, stack: PackedDeltaStack, seg_slots: torch.Tensor, starts: Sequence[int],
-                          slots: Sequence[int]) -> tuple[int, torch.Tensor | None, Sequence[int]]:
-    """Run the sp2 segments of `SP2_PREFILL_ROWS` rows up to the dense route's threshold on kernels/sp2_prefill.py:
-    (how many did, the slots tensor the SBMM launch still needs: those -1, the one passed when none qualified, None
-    when none is left; the same slots as a host list)."""
+                          slots: Sequence[int]) -> tuple[torch.Tensor | None, Sequence[int]]:
+    """Run the sp2 segments of `SP2_PREFILL_ROWS` rows up to the dense route's threshold on kernels/sp2_wgmma.py
+    (Hopper, fp16) or kernels/sp2_prefill.py: (the slots tensor the SBMM launch still needs: those -1, the one
+    passed when none qualified, None when none is left; the same slots as a host list)."""
     n, k = stack.shape
     if (SP2_PREFILL_ROWS is None or not stack.sp2
             or not sp2_prefill.supported(x, n, k, stack.bits, stack.group_size, stack.sym, stack.sp2)):
-        return 0, seg_slots, slots
+        return seg_slots, slots
     top = sbmm.dense_rows(x.device, stack.bits)
     take = {i for i, slot in enumerate(slots) if slot >= 0 and starts[i + 1] - starts[i] >= SP2_PREFILL_ROWS
             and (top is None or starts[i + 1] - starts[i] < top)}
     if not take:
-        return 0, seg_slots, slots
+        return seg_slots, slots
     picked = [slot if i in take else -1 for i, slot in enumerate(slots)]
     if sp2_wgmma.supported(x, n, k, stack.group_size):
         sp2_wgmma.sp2_wgmma(x, y, stack.qweight, stack.meta, stack.scales, starts, picked)
@@ -282,11 +282,8 @@ def _sp2_prefill_segments(x, y, stack: PackedDeltaStack, seg_slots: torch.Tensor
         sp2_prefill.sp2_prefill(x, y, stack.qweight, stack.meta, stack.scales, starts, picked)
     rest = [-1 if i in take else slot for i, slot in enumerate(slots)]
     if all(slot < 0 for slot in rest):
-        return len(take), None, rest
-    left = torch.tensor(rest, dtype=torch.int64)
-    if x.is_cuda:  # pinned: the copy does not wait for the GPU to catch up with the host
-        left = left.pin_memory().to(x.device, non_blocking=True)
-    return len(take), left, rest
+        return None, rest
+    return sp2_prefill.device_ints(rest, torch.int64, x.device), rest
 
 
 DENSE_CHUNK_BYTES = 64 << 20  # the dense path's scratch: Δ rows expanded at a time (fp16 / bf16)

@@ -120,12 +120,37 @@ def block_table(starts: Sequence[int], slots: Sequence[int], block_m: int, devic
     launch in a CUDA graph makes it before the capture and passes it (`blocks=`): a copy recorded in the graph
     would read host memory that is gone by the time the graph replays."""
     table = row_blocks(starts, slots, block_m, min_rows)
-    if not table:
-        return None
-    blocks = torch.tensor(table, dtype=torch.int32)
+    return device_ints(table, torch.int32, device) if table else None
+
+
+def device_ints(values: Sequence[int], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A host list as an integer tensor on `device`; on CUDA copied from pinned memory, so the copy does not wait
+    for the GPU to catch up with the host (a pageable copy would)."""
+    t = torch.tensor(list(values), dtype=dtype)
     if torch.device(device).type == "cuda":
-        return blocks.pin_memory().to(device, non_blocking=True)
-    return blocks.to(device)
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def segments_run(starts: Sequence[int], slots: Sequence[int], min_rows: int = 1) -> int:
+    """How many segments a launch over these runs: a slot >= 0 and at least `min_rows` (>= 1) rows."""
+    return sum(1 for i, s in enumerate(slots) if s >= 0 and starts[i + 1] - starts[i] >= max(min_rows, 1))
+
+
+def check_operands(x: torch.Tensor, y: torch.Tensor, qweight: torch.Tensor, meta: torch.Tensor,
+                   scales: torch.Tensor, slots: Sequence[int]) -> tuple[int, int, int]:
+    """Raise ValueError unless x, y and the sp2 stack fit each other and every slot is in range; (N, K, group
+    size). The checks both prefill kernels' wrappers share."""
+    num_slots, n, words = qweight.shape
+    t, k = x.shape
+    if words * 32 != k or meta.shape != qweight.shape or scales.shape[:2] != (num_slots, n):
+        raise ValueError(f"sp2 words {tuple(qweight.shape)}, meta {tuple(meta.shape)}, scales {tuple(scales.shape)} "
+                         f"do not fit K={k}")
+    if y.shape != (t, n) or x.stride(1) != 1 or y.stride(1) != 1 or y.dtype != x.dtype:
+        raise ValueError(f"x {tuple(x.shape)} / y {tuple(y.shape)}: [T, K] -> [T, N], same dtype, unit stride")
+    if any(s >= num_slots for s in slots):
+        raise ValueError(f"slot out of range [0, {num_slots}): {list(slots)}")
+    return n, k, k // scales.shape[-1]
 
 
 def supported(x: torch.Tensor, n: int, k: int, bits: int, group_size: int, sym: bool, sp2: bool) -> bool:
@@ -145,18 +170,9 @@ def sp2_prefill(x: torch.Tensor, y: torch.Tensor, qweight: torch.Tensor, meta: t
     the segments as host lists (rows starts[i]:starts[i + 1] on slot slots[i], -1 = no delta); blocks: their
     `block_table` for this config's BLOCK_M, made ahead (CUDA-graph captures), else made here."""
     cfg = dict(DEFAULT_CONFIG, **(config or {}))
-    num_slots, n, words = qweight.shape
-    t, k = x.shape
-    group_size = k // scales.shape[-1]
-    if words * 32 != k or meta.shape != qweight.shape or scales.shape[:2] != (num_slots, n):
-        raise ValueError(f"sp2 words {tuple(qweight.shape)}, meta {tuple(meta.shape)}, scales {tuple(scales.shape)} "
-                         f"do not fit K={k}")
+    n, k, group_size = check_operands(x, y, qweight, meta, scales, slots)
     if not supported(x, n, k, 2, group_size, True, True):
         raise ValueError(f"sp2_prefill: N={n} (multiple of 64), K={k} (of 256), group {group_size}, {x.dtype}")
-    if y.shape != (t, n) or x.stride(1) != 1 or y.stride(1) != 1 or y.dtype != x.dtype:
-        raise ValueError(f"x {tuple(x.shape)} / y {tuple(y.shape)}: [T, K] -> [T, N], same dtype, unit stride")
-    if any(s >= num_slots for s in slots):
-        raise ValueError(f"slot out of range [0, {num_slots}): {list(slots)}")
     block_n = cfg["BLOCK_N"] if n % cfg["BLOCK_N"] == 0 else TILE_ROWS
     bk = 32 * cfg["BLOCK_W"]
     if group_size != k and group_size % bk:
@@ -171,4 +187,4 @@ def sp2_prefill(x: torch.Tensor, y: torch.Tensor, qweight: torch.Tensor, meta: t
         blocks, k // SP2_STEP,
         K=k, GROUP_SIZE=group_size, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, BLOCK_W=cfg["BLOCK_W"],
         DOT_FP32=not x.is_cuda, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return sum(1 for i, s in enumerate(slots) if s >= 0 and starts[i + 1] - starts[i] >= min_rows)
+    return segments_run(starts, slots, min_rows)

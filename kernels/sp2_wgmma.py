@@ -40,11 +40,9 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
-from kernels.sp2_prefill import block_table
+from kernels.sbmm_dequant import ONE as ONE_BITS  # 1.0 as a 16-bit pattern
+from kernels.sp2_prefill import block_table, check_operands, segments_run
 from kernels.spmma_layout import SP2_STEP
-
-ONE_BITS = {"f16": 0x3C00, "bf16": 0x3F80}  # 1.0 as a 16-bit pattern
-
 
 def selection_ptx(dtype: str, selector: int) -> tuple[str, str]:
     """(PTX, constraints) of one selection mma.sp with pack=4: outputs $0..$3 (d0..d3); inputs a0..a3, b0..b3 and
@@ -179,18 +177,11 @@ def sp2_wgmma(x: torch.Tensor, y: torch.Tensor, qweight: torch.Tensor, meta: tor
     kernels/sp2_prefill.py `sp2_prefill` (same arguments, `blocks` too; CUDA sm_90, fp16). Returns how many
     segments it ran. asynchronous: each block's MMA runs while the next block expands (waited before the next
     store of x), not yet measured against the synchronous form."""
-    num_slots, n, words = qweight.shape
-    t, k = x.shape
-    group_size = k // scales.shape[-1]
-    if not x.is_cuda or torch.cuda.get_device_capability(x.device) != (9, 0):
-        raise ValueError("sp2_wgmma runs on Hopper GPUs (sm_90) only")
-    if words * 32 != k or meta.shape != qweight.shape or n % 64 or k % SP2_STEP or scales.shape[:2] != (num_slots, n):
-        raise ValueError(f"sp2 words {tuple(qweight.shape)}, scales {tuple(scales.shape)}: N a multiple of 64, "
-                         f"K={k} of {SP2_STEP}")
-    if group_size != k and group_size % 32:
-        raise ValueError(f"scale groups of {group_size} columns: need per-row scales or a multiple of 32")
-    if y.shape != (t, n) or y.dtype != x.dtype or x.stride(1) != 1 or y.stride(1) != 1:
-        raise ValueError(f"x {tuple(x.shape)} / y {tuple(y.shape)}: [T, K] -> [T, N], same dtype, unit stride")
+    n, k, group_size = check_operands(x, y, qweight, meta, scales, slots)
+    if not supported(x, n, k, group_size):
+        raise ValueError(f"sp2_wgmma runs on Hopper GPUs (sm_90) with fp16 x, N a multiple of 64, K of {SP2_STEP}, "
+                         f"scale groups per row or of a multiple of 32; got {x.device}, {x.dtype}, N={n}, K={k}, "
+                         f"group {group_size}")
     if blocks is None:
         blocks = block_table(starts, slots, block_m, x.device)
     if blocks is None:
@@ -198,4 +189,4 @@ def sp2_wgmma(x: torch.Tensor, y: torch.Tensor, qweight: torch.Tensor, meta: tor
     _sp2_wgmma_kernel[(n // 64, blocks.numel() // 3)](
         x, y, x.stride(0), y.stride(0), qweight, meta, scales, qweight.stride(0), scales.stride(0), scales.stride(1),
         blocks, k // SP2_STEP, num_warps=4, **constexprs(k, group_size, block_m, x.dtype, asynchronous))
-    return sum(1 for i, s in enumerate(slots) if s >= 0 and starts[i + 1] > starts[i])
+    return segments_run(starts, slots)

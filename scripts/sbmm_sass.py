@@ -38,6 +38,13 @@ def signature(bits: int, dtype: str) -> dict:
     }
 
 
+def prefill_signature(dtype: str) -> dict:
+    """Runtime arguments of the two prefill kernels on sp2 words (kernels/sp2_prefill.py, kernels/sp2_wgmma.py)."""
+    return {"x_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "stride_x": "i32", "stride_y": "i32", "q_ptr": "*i32",
+            "m_ptr": "*i32", "s_ptr": "*fp16", "stride_qslot": "i32", "stride_sslot": "i32", "stride_sn": "i32",
+            "blocks_ptr": "*i32", "steps_per_row_block": "i32"}
+
+
 def compile_kernel(a):
     """triton.compile one kernel variant for sm_90 with the constexprs the wrapper would pass."""
     tdt = torch.float16 if a.dtype == "fp16" else torch.bfloat16
@@ -61,15 +68,11 @@ def compile_kernel(a):
         fn = sbmm_spmma2._sbmm_spmma2_kernel if bits == 2 else sbmm_spmma._sbmm_spmma_kernel
         source = GluonASTSource
     elif a.kernel == "sp2prefill":  # kernels/sp2_prefill.py: --bm rows per block, --bn, --bw words per K step
-        sig = {"x_ptr": f"*{a.dtype}", "y_ptr": f"*{a.dtype}", "stride_x": "i32", "stride_y": "i32", "q_ptr": "*i32",
-               "m_ptr": "*i32", "s_ptr": "*fp16", "stride_qslot": "i32", "stride_sslot": "i32", "stride_sn": "i32",
-               "blocks_ptr": "*i32", "steps_per_row_block": "i32"}
+        sig = prefill_signature(a.dtype)
         const = dict(K=a.k, GROUP_SIZE=a.group or a.k, BLOCK_M=a.bm, BLOCK_N=a.bn, BLOCK_W=a.bw, DOT_FP32=False)
         fn, source = sp2_prefill._sp2_prefill_kernel, ASTSource
     elif a.kernel == "sp2wgmma":  # kernels/sp2_wgmma.py: --bm rows of x per program (64 delta rows, 4 warps)
-        sig = {"x_ptr": f"*{a.dtype}", "y_ptr": f"*{a.dtype}", "stride_x": "i32", "stride_y": "i32", "q_ptr": "*i32",
-               "m_ptr": "*i32", "s_ptr": "*fp16", "stride_qslot": "i32", "stride_sslot": "i32", "stride_sn": "i32",
-               "blocks_ptr": "*i32", "steps_per_row_block": "i32"}
+        sig = prefill_signature(a.dtype)
         const = sp2_wgmma.constexprs(a.k, a.group or a.k, a.bm, asynchronous=a.wgmma_async)
         fn, source = sp2_wgmma._sp2_wgmma_kernel, GluonASTSource
     elif a.kernel == "gluon":  # the wrapper's own constexprs for this shape
@@ -128,7 +131,8 @@ def loop_body(sass: str) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--kernel", default="gluon", choices=["gluon", "spmma", "spmma2", "triton", "sp2prefill", "sp2wgmma"],
+    p.add_argument("--kernel", default="gluon",
+                   choices=["gluon", "spmma", "spmma2", "triton", "sp2prefill", "sp2wgmma"],
                    help="spmma: kernels/sbmm_spmma.py (sp4 words, mma.sp; 4-bit symmetric, group 0 or 128); "
                    "spmma2: kernels/sbmm_spmma2.py (sp2 words, 2-bit symmetric; --bits is ignored)")
     p.add_argument("--bits", type=int, default=4)

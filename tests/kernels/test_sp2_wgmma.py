@@ -75,7 +75,7 @@ def test_a_operand_layout_is_what_the_placement_assumes(capfd, monkeypatch):
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BM, 16])
         gl.static_print(gl.to_linear_layout(gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2), [64, 32]))
 
-    monkeypatch.setenv("TRITON_ALWAYS_COMPILE", "1")  # the layout prints while compiling: a cached kernel prints nothing
+    monkeypatch.setenv("TRITON_ALWAYS_COMPILE", "1")  # the layout prints while compiling; a cached one prints nothing
     src = GluonASTSource(fn=probe, signature={"out_ptr": "*fp32", "BM": "constexpr"}, constexprs={"BM": 128})
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
     text = capfd.readouterr().out
