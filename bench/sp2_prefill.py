@@ -39,9 +39,15 @@ CONFIGS = {
     "m128n64w2": {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_W": 2, "num_warps": 8, "num_stages": 2},
     "m128n128w2": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_W": 2, "num_warps": 8, "num_stages": 2},
     "m128n64w4": {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_W": 4, "num_warps": 8, "num_stages": 2},
-    "wgmma_m64": {"kernel": "wgmma", "BLOCK_M": 64},  # kernels/sp2_wgmma.py (Hopper)
-    "wgmma_m128": {"kernel": "wgmma", "BLOCK_M": 128},
-    "wgmma_m128_async": {"kernel": "wgmma", "BLOCK_M": 128, "asynchronous": True},
+    "wgmma_m64": {"kernel": "wgmma", "BLOCK_M": 64, "stages": 0},  # kernels/sp2_wgmma.py (Hopper), block at a time
+    "wgmma_m128": {"kernel": "wgmma", "BLOCK_M": 128, "stages": 0},
+    "wgmma_m128_async": {"kernel": "wgmma", "BLOCK_M": 128, "stages": 0, "asynchronous": True},
+    "pipe_m64_s3": {"kernel": "wgmma", "BLOCK_M": 64, "stages": 3},  # sp2_wgmma's pipelined kernel
+    "pipe_m64_s4": {"kernel": "wgmma", "BLOCK_M": 64, "stages": 4},
+    "pipe_m64_s4_nopf": {"kernel": "wgmma", "BLOCK_M": 64, "stages": 4, "prefetch": False},
+    "pipe_m64_s4_f32sel": {"kernel": "wgmma", "BLOCK_M": 64, "stages": 4, "f16_select": False},
+    "pipe_m128_s3": {"kernel": "wgmma", "BLOCK_M": 128, "stages": 3},
+    "pipe_m128_s4": {"kernel": "wgmma", "BLOCK_M": 128, "stages": 4},
 }
 
 
@@ -63,7 +69,9 @@ def one_case(n, k, stack, weight, rows, segs, configs) -> dict:
         blocks = sp2_prefill.block_table(starts, slots, cfg["BLOCK_M"], "cuda")  # before any capture
         if cfg.get("kernel") == "wgmma":
             return lambda: sp2_wgmma.sp2_wgmma(x, out, q, m, s, starts, slots, cfg["BLOCK_M"], blocks=blocks,
-                                               asynchronous=cfg.get("asynchronous", False))
+                                               asynchronous=cfg.get("asynchronous", False), stages=cfg["stages"],
+                                               prefetch=cfg.get("prefetch", True),
+                                               f16_select=cfg.get("f16_select", True))
         return lambda: sp2_prefill.sp2_prefill(x, out, q, m, s, starts, slots, config=cfg, blocks=blocks)
 
     want = torch.zeros_like(y)
@@ -96,7 +104,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench/results")
     p.add_argument("--rows", default=",".join(map(str, ROWS)), help="rows per delta, comma-separated")
-    p.add_argument("--configs", default="m64n64w2,m128n64w4,wgmma_m64,wgmma_m128,wgmma_m128_async",
+    p.add_argument("--configs", default="wgmma_m64,pipe_m64_s3,pipe_m64_s4,pipe_m64_s4_nopf,pipe_m64_s4_f32sel,"
+                                        "pipe_m128_s3,pipe_m128_s4",
                    help=f"kernel configs to time, comma-separated, of: {', '.join(CONFIGS)}")
     p.add_argument("--label", default="")
     p.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "unknown"))

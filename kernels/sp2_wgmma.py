@@ -38,20 +38,29 @@ from collections.abc import Sequence
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 from kernels.sbmm_dequant import ONE as ONE_BITS  # 1.0 as a 16-bit pattern
 from kernels.sp2_prefill import block_table, check_operands, segments_run
 from kernels.spmma_layout import SP2_STEP
 
-def selection_ptx(dtype: str, selector: int) -> tuple[str, str]:
-    """(PTX, constraints) of one selection mma.sp with pack=4: outputs $0..$3 (d0..d3); inputs a0..a3, b0..b3 and
-    meta, four copies each (the pack's four elements, all equal): input i's first copy is $(4 + 4i)."""
-    a = ", ".join(f"${4 + 4 * i}" for i in range(4))
-    b = ", ".join(f"${20 + 4 * i}" for i in range(4))
+def selection_ptx(dtype: str, selector: int, out16: bool = False) -> tuple[str, str]:
+    """(PTX, constraints) of one selection mma.sp with pack=4: outputs $0..$3 (d0..d3, fp32), or with out16 $0, $1
+    (d0 d1 and d2 d3 as fp16 pairs, an fp16 accumulator: exact, each output is one Δ value or 0); inputs a0..a3,
+    b0..b3 and meta, four copies each (the pack's four elements, all equal): input i's first copy is
+    $(n + 4i), n the number of outputs."""
+    n = 2 if out16 else 4
+    a = ", ".join(f"${n + 4 * i}" for i in range(4))
+    b = ", ".join(f"${n + 16 + 4 * i}" for i in range(4))
+    if out16:
+        ptx = ("{ .reg .b32 %z; mov.b32 %z, 0; "
+               f"mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f16.{dtype}.{dtype}.f16 "
+               f"{{$0, $1}}, {{{a}}}, {{{b}}}, {{%z, %z}}, ${n + 32}, {selector}; }}")
+        return ptx, ",".join(["=r"] * 2 + ["r"] * 36)
     ptx = ("{ .reg .f32 %z; mov.f32 %z, 0f00000000; "
            f"mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.{dtype}.{dtype}.f32 "
-           f"{{$0, $1, $2, $3}}, {{{a}}}, {{{b}}}, {{%z, %z, %z, %z}}, $36, {selector}; }}")
+           f"{{$0, $1, $2, $3}}, {{{a}}}, {{{b}}}, {{%z, %z, %z, %z}}, ${n + 32}, {selector}; }}")
     return ptx, ",".join(["=f"] * 4 + ["r"] * 36)
 
 
@@ -149,44 +158,226 @@ def _sp2_wgmma_kernel(
     gl.store(y_at, (yv.to(gl.float32) + acc).to(yv.dtype), mask=ok)
 
 
+@gluon.jit
+def _expand_chunk(q_lane, m_lane, at, b0, b1, b2, b3, scale, EXPAND: gl.constexpr, CONSTRAINTS_E: gl.constexpr,
+                  SEL0: gl.constexpr, SEL1: gl.constexpr, CONSTRAINTS_S: gl.constexpr):
+    """The four A operands (fp16, scaled) of a 128-column chunk whose two words a lane start at word `at`, the
+    selection MMAs giving scale's dtype (fp32, or fp16 with SEL0/SEL1 from `selection_ptx(out16=True)`). Words
+    and meta are loaded here, never carried by a loop: each lane's 16 copies would stop being one value to the
+    compiler, which then expands the word once per copy."""
+    w0 = gl.load(q_lane + at)
+    e0 = gl.load(m_lane + at)
+    w1 = gl.load(q_lane + at + 1)
+    e1 = gl.load(m_lane + at + 1)
+    a0, a1, a2, a3, a4, a5, a6, a7 = gl.inline_asm_elementwise(EXPAND, CONSTRAINTS_E, [w0], dtype=(gl.int32,) * 8,
+                                                               is_pure=True, pack=1)
+    d0 = gl.inline_asm_elementwise(SEL0, CONSTRAINTS_S, [a0, a1, a2, a3, b0, b1, b2, b3, e0], dtype=scale.dtype,
+                                   is_pure=True, pack=4)
+    d1 = gl.inline_asm_elementwise(SEL1, CONSTRAINTS_S, [a4, a5, a6, a7, b0, b1, b2, b3, e0], dtype=scale.dtype,
+                                   is_pure=True, pack=4)
+    a0, a1, a2, a3, a4, a5, a6, a7 = gl.inline_asm_elementwise(EXPAND, CONSTRAINTS_E, [w1], dtype=(gl.int32,) * 8,
+                                                               is_pure=True, pack=1)
+    d2 = gl.inline_asm_elementwise(SEL0, CONSTRAINTS_S, [a0, a1, a2, a3, b0, b1, b2, b3, e1], dtype=scale.dtype,
+                                   is_pure=True, pack=4)
+    d3 = gl.inline_asm_elementwise(SEL1, CONSTRAINTS_S, [a4, a5, a6, a7, b0, b1, b2, b3, e1], dtype=scale.dtype,
+                                   is_pure=True, pack=4)
+    return (d0 * scale).to(gl.float16), (d1 * scale).to(gl.float16), (d2 * scale).to(gl.float16), \
+        (d3 * scale).to(gl.float16)
+
+
+@gluon.jit
+def _prefetch_l2(q_run, m_run, ahead):
+    """Prefetch a step's words and meta (one 16-byte run a lane) to L2."""
+    gl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [q_run + ahead], dtype=gl.int32,
+                              is_pure=False, pack=1)
+    gl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [m_run + ahead], dtype=gl.int32,
+                              is_pure=False, pack=1)
+
+
+@gluon.jit
+def _copy_x_chunk(x_smem, x_at, c, ok, STAGES: gl.constexpr):
+    """cp.async x's 128-column chunk c (rows where `ok`) into its four buffers, as one commit group."""
+    async_copy.async_copy_global_to_shared(x_smem.index(c % STAGES), x_at + c * 128, mask=ok)
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _mma_chunk(o0, o1, o2, o3, x_smem, c, acc, STAGES: gl.constexpr):
+    """Once chunk c's x is in (STAGES - 1 later chunks may still be coming), its four warpgroup MMAs, asynchronous."""
+    async_copy.wait_group(STAGES - 1)  # this thread's copies of chunk c are in (the barrier before the MMAs that
+    fence_async_shared()  # makes them everyone's is Triton's)
+    xs = x_smem.index(c % STAGES)
+    bm: gl.constexpr = xs.shape[0] // 4
+    acc = warpgroup_mma(o0, xs.slice(0, bm).permute((1, 0)), acc, is_async=True)
+    acc = warpgroup_mma(o1, xs.slice(bm, bm).permute((1, 0)), acc, is_async=True)
+    acc = warpgroup_mma(o2, xs.slice(2 * bm, bm).permute((1, 0)), acc, is_async=True)
+    return warpgroup_mma(o3, xs.slice(3 * bm, bm).permute((1, 0)), acc, is_async=True)
+
+
+@gluon.jit
+def _chunk_scale(s_rows, scale, c, K: gl.constexpr, GROUP_SIZE: gl.constexpr):
+    """Chunk c's row scales (GROUP_SIZE a multiple of 128; row scales: the same all along K)."""
+    if GROUP_SIZE < K:
+        scale = gl.load(s_rows + (gl.minimum(c, K // 128 - 1) * 128) // GROUP_SIZE).to(scale.dtype)
+    return scale
+
+
+@gluon.jit
+def _sp2_wgmma_pipe_kernel(
+    x_ptr, y_ptr, stride_x, stride_y,
+    q_ptr, m_ptr, s_ptr, stride_qslot, stride_sslot, stride_sn,
+    blocks_ptr, steps_per_row_block,
+    K: gl.constexpr, GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr, ONE: gl.constexpr,
+    EXPAND: gl.constexpr, CONSTRAINTS_E: gl.constexpr, SEL0: gl.constexpr, SEL1: gl.constexpr,
+    CONSTRAINTS_S: gl.constexpr, STAGES: gl.constexpr, PREFETCH: gl.constexpr, F16_SELECT: gl.constexpr,
+):
+    """The pipelined form: _sp2_wgmma_kernel's expansion, 128 columns (a chunk: two words a lane, four blocks) at a
+    time; x's chunks copied global -> shared by cp.async STAGES - 1 chunks ahead (no x in registers, no wait on
+    a load per block); a chunk's four warpgroup MMAs run asynchronously while the next chunk expands (its A
+    registers carried until the wait); one barrier per chunk. PREFETCH: the next step's words and meta are
+    prefetched to L2 one step ahead (their loads stay in the iteration: see below)."""
+    MMA_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
+    A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA_L, k_width=2)
+    X_L: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [4, 1], [1, 0])  # 16-byte copies of x
+    X_S: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=16, rank=2)
+    W_L: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])  # one lane, one 16-byte run of a step's words
+
+    pid_n = gl.program_id(0)
+    pid_b = gl.program_id(1)
+    r0 = gl.load(blocks_ptr + 3 * pid_b)
+    r1 = gl.load(blocks_ptr + 3 * pid_b + 1)
+    slot = gl.load(blocks_ptr + 3 * pid_b + 2).to(gl.int64)
+    n0 = pid_n * 64
+
+    row = gl.expand_dims(gl.arange(0, 64, layout=gl.SliceLayout(1, A_L)), 1)  # [64, 1]
+    kk = gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, A_L)), 0)  # [1, 32]
+    g = row % 8
+    t = (kk % 8) // 2
+    p = kk // 8
+    word_at = pid_n * steps_per_row_block * 512 + (row // 16) * 128 + g * 16 + t * 4  # [64, 32]
+    q_lane = q_ptr + slot * stride_qslot + word_at
+    m_lane = m_ptr + slot * stride_qslot + word_at
+    one = (t == g // 2).to(gl.int32) * (ONE << (16 * (g % 2)))  # [64, 32]: B_p as in _sp2_wgmma_kernel
+    b0 = gl.where(p == 0, one, 0)
+    b1 = gl.where(p == 1, one, 0)
+    b2 = gl.where(p == 2, one, 0)
+    b3 = gl.where(p == 3, one, 0)
+    s_rows = s_ptr + slot * stride_sslot + (n0 + row) * stride_sn  # [64, 1]
+    run_at = pid_n * steps_per_row_block * 512 + 4 * gl.arange(0, 128, layout=W_L)  # lane l's words 4l..4l+3
+    q_run = q_ptr + slot * stride_qslot + run_at
+    m_run = m_ptr + slot * stride_qslot + run_at
+
+    # x's chunk as [4 blocks x BLOCK_M rows, 32 columns], one copy op (four would each get a barrier)
+    xi = gl.expand_dims(gl.arange(0, 4 * BLOCK_M, layout=gl.SliceLayout(1, X_L)), 1)  # [4 BM, 1]: block, row
+    xk = gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, X_L)), 0)  # [1, 32]
+    x_ok = (r0 + xi % BLOCK_M) < r1
+    x_at = x_ptr + (r0 + xi % BLOCK_M).to(gl.int64) * stride_x + 32 * (xi // BLOCK_M) + xk
+    x_smem = gl.allocate_shared_memory(gl.float16, [STAGES, 4 * BLOCK_M, 32], X_S)  # chunk c: buffer c % STAGES
+
+    CHUNKS: gl.constexpr = K // 128
+    for c in gl.static_range(STAGES - 2):  # the first chunks, one commit group each (empty past the end)
+        _copy_x_chunk(x_smem, x_at, c, x_ok & (c < CHUNKS), STAGES)
+    # chunk c's four [64, 32] A tiles: index c % 2 of four buffers (one buffer, four stores would each get a barrier)
+    a_smem0 = gl.allocate_shared_memory(gl.float16, [2, 64, 32], X_S)
+    a_smem1 = gl.allocate_shared_memory(gl.float16, [2, 64, 32], X_S)
+    a_smem2 = gl.allocate_shared_memory(gl.float16, [2, 64, 32], X_S)
+    a_smem3 = gl.allocate_shared_memory(gl.float16, [2, 64, 32], X_S)
+
+    # A chunk c: expanded in registers while chunk c - 1's MMAs run, stored to A buffer c % 2 (chunk c - 2's MMAs,
+    # its last reader, are done), then its MMAs issued with A and x both from shared memory, and all but they
+    # waited for. (A in registers would not overlap: ptxas reuses the registers the packed A operands of the
+    # MMAs in flight sit in, and waits for them first.)
+    # F16_SELECT: selection MMAs give fp16 (exact), scaled in fp16 (one rounding, the same as fp32 then fp16)
+    if F16_SELECT:
+        scale = gl.load(s_rows).to(gl.float16)
+    else:
+        scale = gl.load(s_rows).to(gl.float32)  # chunk 0's (a whole row's when GROUP_SIZE == K)
+    acc = gl.zeros([64, BLOCK_M], gl.float32, layout=MMA_L)
+    for c in range(0, CHUNKS):
+        if PREFETCH:
+            if c % 2 == 0:  # the next step's words
+                _prefetch_l2(q_run, m_run, gl.minimum(c // 2 + 1, CHUNKS // 2 - 1) * 512)
+        o0, o1, o2, o3 = _expand_chunk(q_lane, m_lane, (c // 2) * 512 + 2 * (c % 2), b0, b1, b2, b3, scale, EXPAND,
+                                       CONSTRAINTS_E, SEL0, SEL1, CONSTRAINTS_S)
+        scale = _chunk_scale(s_rows, scale, c + 1, K, GROUP_SIZE)
+        a0 = a_smem0.index(c % 2)
+        a1 = a_smem1.index(c % 2)
+        a2 = a_smem2.index(c % 2)
+        a3 = a_smem3.index(c % 2)
+        a0.store(o0)
+        a1.store(o1)
+        a2.store(o2)
+        a3.store(o3)
+        _copy_x_chunk(x_smem, x_at, c + STAGES - 2, x_ok & (c + STAGES - 2 < CHUNKS), STAGES)
+        async_copy.wait_group(STAGES - 2)  # this thread's copies of chunk c are in, and with the fence its A stores
+        fence_async_shared()  # are the MMA's to read (the barrier that makes them everyone's is Triton's)
+        xs = x_smem.index(c % STAGES)
+        acc = warpgroup_mma(a0, xs.slice(0, BLOCK_M).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma(a1, xs.slice(BLOCK_M, BLOCK_M).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma(a2, xs.slice(2 * BLOCK_M, BLOCK_M).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma(a3, xs.slice(3 * BLOCK_M, BLOCK_M).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(4, deps=[acc])  # chunk c - 1's are done
+    acc = warpgroup_mma_wait(0, deps=[acc])
+    async_copy.wait_group(0)
+
+    yr = gl.expand_dims(gl.arange(0, 64, layout=gl.SliceLayout(1, MMA_L)), 1)
+    yc = gl.expand_dims(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA_L)), 0)
+    ok = (r0 + yc) < r1
+    y_at = y_ptr + (r0 + yc).to(gl.int64) * stride_y + n0 + yr
+    yv = gl.load(y_at, mask=ok, other=0.0)
+    gl.store(y_at, (yv.to(gl.float32) + acc).to(yv.dtype), mask=ok)
+
+
 def constexprs(k: int, group_size: int, block_m: int, dtype: torch.dtype = torch.float16,
-               asynchronous: bool = False) -> dict:
-    """The kernel's compile-time arguments (also scripts/sbmm_sass.py's)."""
+               asynchronous: bool = False, stages: int = 0, prefetch: bool = True, f16_select: bool = True) -> dict:
+    """The compile-time arguments of `kernel(stages)` (also scripts/sbmm_sass.py's)."""
     from kernels import sbmm_spmma2
 
     if dtype != torch.float16:
         raise ValueError("sp2_wgmma takes fp16 activations only (x's shared-memory tile is fp16)")
     expand, cons_e = sbmm_spmma2.expand_ptx("f16", "fma")
-    sel0, cons_s = selection_ptx("f16", 0)
-    sel1, _ = selection_ptx("f16", 1)
-    return dict(K=k, GROUP_SIZE=group_size, BLOCK_M=block_m, ONE=ONE_BITS["f16"], EXPAND=expand,
-                CONSTRAINTS_E=cons_e, SEL0=sel0, SEL1=sel1, CONSTRAINTS_S=cons_s, ASYNC=asynchronous)
+    out16 = bool(stages) and f16_select
+    sel0, cons_s = selection_ptx("f16", 0, out16)
+    sel1, _ = selection_ptx("f16", 1, out16)
+    common = dict(K=k, GROUP_SIZE=group_size, BLOCK_M=block_m, ONE=ONE_BITS["f16"], EXPAND=expand,
+                  CONSTRAINTS_E=cons_e, SEL0=sel0, SEL1=sel1, CONSTRAINTS_S=cons_s)
+    if stages:
+        return dict(common, STAGES=stages, PREFETCH=prefetch, F16_SELECT=out16)
+    return dict(common, ASYNC=asynchronous)
+
+
+def kernel(stages: int):
+    """The pipelined kernel with `stages` x buffers of 128 columns, or (0) the block-at-a-time one."""
+    return _sp2_wgmma_pipe_kernel if stages else _sp2_wgmma_kernel
 
 
 def supported(x: torch.Tensor, n: int, k: int, group_size: int) -> bool:
     """Whether this kernel takes a launch: fp16 x on a Hopper GPU (sm_90), N a multiple of 64, K of 256, scale groups
-    per row or a multiple of 32 columns."""
+    per row or a multiple of 128 columns (one scale per row of a pipelined chunk)."""
     return (x.is_cuda and x.dtype == torch.float16 and torch.cuda.get_device_capability(x.device) == (9, 0)
-            and n % 64 == 0 and k % SP2_STEP == 0 and (group_size == k or group_size % 32 == 0))
+            and n % 64 == 0 and k % SP2_STEP == 0 and (group_size == k or group_size % 128 == 0))
 
 
 def sp2_wgmma(x: torch.Tensor, y: torch.Tensor, qweight: torch.Tensor, meta: torch.Tensor, scales: torch.Tensor,
               starts: Sequence[int], slots: Sequence[int], block_m: int = 128,
-              blocks: torch.Tensor | None = None, asynchronous: bool = False) -> int:
+              blocks: torch.Tensor | None = None, asynchronous: bool = False, stages: int = 3,
+              prefetch: bool = True, f16_select: bool = True) -> int:
     """In place y[seg] += x[seg] @ dequant(Δ[slot(seg)]).T for every segment with a slot >= 0, as
     kernels/sp2_prefill.py `sp2_prefill` (same arguments, `blocks` too; CUDA sm_90, fp16). Returns how many
-    segments it ran. asynchronous: each block's MMA runs while the next block expands (waited before the next
-    store of x), not yet measured against the synchronous form."""
+    segments it ran. stages: x buffers of the pipelined kernel (0: the block-at-a-time kernel, whose
+    `asynchronous` runs each block's MMA while the next block expands); prefetch: the pipelined kernel's L2
+    prefetch of the next step's words."""
     n, k, group_size = check_operands(x, y, qweight, meta, scales, slots)
     if not supported(x, n, k, group_size):
         raise ValueError(f"sp2_wgmma runs on Hopper GPUs (sm_90) with fp16 x, N a multiple of 64, K of {SP2_STEP}, "
-                         f"scale groups per row or of a multiple of 32; got {x.device}, {x.dtype}, N={n}, K={k}, "
+                         f"scale groups per row or of a multiple of 128; got {x.device}, {x.dtype}, N={n}, K={k}, "
                          f"group {group_size}")
     if blocks is None:
         blocks = block_table(starts, slots, block_m, x.device)
     if blocks is None:
         return 0
-    _sp2_wgmma_kernel[(n // 64, blocks.numel() // 3)](
+    kernel(stages)[(n // 64, blocks.numel() // 3)](
         x, y, x.stride(0), y.stride(0), qweight, meta, scales, qweight.stride(0), scales.stride(0), scales.stride(1),
-        blocks, k // SP2_STEP, num_warps=4, **constexprs(k, group_size, block_m, x.dtype, asynchronous))
+        blocks, k // SP2_STEP, num_warps=4,
+        **constexprs(k, group_size, block_m, x.dtype, asynchronous, stages, prefetch, f16_select))
     return segments_run(starts, slots)

@@ -73,8 +73,9 @@ def compile_kernel(a):
         fn, source = sp2_prefill._sp2_prefill_kernel, ASTSource
     elif a.kernel == "sp2wgmma":  # kernels/sp2_wgmma.py: --bm rows of x per program (64 delta rows, 4 warps)
         sig = prefill_signature(a.dtype)
-        const = sp2_wgmma.constexprs(a.k, a.group or a.k, a.bm, asynchronous=a.wgmma_async)
-        fn, source = sp2_wgmma._sp2_wgmma_kernel, GluonASTSource
+        const = sp2_wgmma.constexprs(a.k, a.group or a.k, a.bm, asynchronous=a.wgmma_async,
+                                     stages=a.wgmma_stages, prefetch=not a.no_prefetch)
+        fn, source = sp2_wgmma.kernel(a.wgmma_stages), GluonASTSource
     elif a.kernel == "gluon":  # the wrapper's own constexprs for this shape
         n = 4096 + (a.bn // 2 if a.odd_n else 0)
         num_groups = 1 if a.group == 0 else a.k // a.group
@@ -158,6 +159,8 @@ def main() -> None:
     p.add_argument("--bk", type=int, default=128)
     p.add_argument("--bw", type=int, default=2, help="sp2prefill: canonical words (32 columns each) per K step")
     p.add_argument("--wgmma-async", action="store_true", help="sp2wgmma: asynchronous warpgroup MMA")
+    p.add_argument("--wgmma-stages", type=int, default=3,
+                   help="sp2wgmma: x buffers of the pipelined kernel (0: the block-at-a-time kernel)")
     p.add_argument("--warps", type=int, default=4)
     p.add_argument("--stages", type=int, default=3)
     p.add_argument("--dump", default="")

@@ -89,8 +89,10 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9,
 @pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (sm_90)")
 @pytest.mark.parametrize("shape", [(4096, 4096), (12288, 4096), (4096, 11008)])
 @pytest.mark.parametrize("group", [None, 128])
-@pytest.mark.parametrize("block_m,asynchronous", [(64, False), (128, False), (128, True)])
-def test_matches_reference_on_gpu(shape, group, block_m, asynchronous):
+@pytest.mark.parametrize("block_m,asynchronous,stages,f16_select", [
+    (64, False, 0, False), (128, True, 0, False), (64, False, 3, True), (64, False, 4, True), (64, False, 4, False),
+    (128, False, 3, True), (128, False, 4, True)])
+def test_matches_reference_on_gpu(shape, group, block_m, asynchronous, stages, f16_select):
     from kernels import sp2_wgmma
 
     n, k = shape
@@ -106,5 +108,5 @@ def test_matches_reference_on_gpu(shape, group, block_m, asynchronous):
                              (n, k), torch.tensor(starts), torch.tensor(slots))
     got = y0.clone()
     assert sp2_wgmma.sp2_wgmma(x, got, q.cuda(), m.cuda(), stack["scales"].cuda(), starts, slots, block_m,
-                               asynchronous=asynchronous) == 3
+                               asynchronous=asynchronous, stages=stages, f16_select=f16_select) == 3
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
