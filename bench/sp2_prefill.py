@@ -48,6 +48,12 @@ CONFIGS = {
     "pipe_m64_s4_f32sel": {"kernel": "wgmma", "BLOCK_M": 64, "stages": 4, "f16_select": False},
     "pipe_m128_s3": {"kernel": "wgmma", "BLOCK_M": 128, "stages": 3},
     "pipe_m128_s4": {"kernel": "wgmma", "BLOCK_M": 128, "stages": 4},
+    "pipe_m64_s3_wg2": {"kernel": "wgmma", "BLOCK_M": 64, "stages": 3, "warpgroups": 2},
+    "pipe_m64_s4_wg2": {"kernel": "wgmma", "BLOCK_M": 64, "stages": 4, "warpgroups": 2},
+    "pipe_m128_s3_wg2": {"kernel": "wgmma", "BLOCK_M": 128, "stages": 3, "warpgroups": 2},
+    "pipe_m128_s4_wg2": {"kernel": "wgmma", "BLOCK_M": 128, "stages": 4, "warpgroups": 2},
+    "pipe_m64_s3_wg4": {"kernel": "wgmma", "BLOCK_M": 64, "stages": 3, "warpgroups": 4},
+    "pipe_m64_s4_wg4": {"kernel": "wgmma", "BLOCK_M": 64, "stages": 4, "warpgroups": 4},
 }
 
 
@@ -71,7 +77,8 @@ def one_case(n, k, stack, weight, rows, segs, configs) -> dict:
             return lambda: sp2_wgmma.sp2_wgmma(x, out, q, m, s, starts, slots, cfg["BLOCK_M"], blocks=blocks,
                                                asynchronous=cfg.get("asynchronous", False), stages=cfg["stages"],
                                                prefetch=cfg.get("prefetch", True),
-                                               f16_select=cfg.get("f16_select", True))
+                                               f16_select=cfg.get("f16_select", True),
+                                               warpgroups=cfg.get("warpgroups", 1))
         return lambda: sp2_prefill.sp2_prefill(x, out, q, m, s, starts, slots, config=cfg, blocks=blocks)
 
     want = torch.zeros_like(y)
@@ -104,8 +111,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench/results")
     p.add_argument("--rows", default=",".join(map(str, ROWS)), help="rows per delta, comma-separated")
-    p.add_argument("--configs", default="wgmma_m64,pipe_m64_s3,pipe_m64_s4,pipe_m64_s4_nopf,pipe_m64_s4_f32sel,"
-                                        "pipe_m128_s3,pipe_m128_s4",
+    p.add_argument("--configs", default="wgmma_m64,pipe_m64_s4,pipe_m64_s3_wg2,pipe_m64_s4_wg2,pipe_m128_s3_wg2,"
+                                        "pipe_m128_s4_wg2,pipe_m64_s3_wg4,pipe_m64_s4_wg4",
                    help=f"kernel configs to time, comma-separated, of: {', '.join(CONFIGS)}")
     p.add_argument("--label", default="")
     p.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "unknown"))

@@ -230,40 +230,44 @@ def _sp2_wgmma_pipe_kernel(
     K: gl.constexpr, GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr, ONE: gl.constexpr,
     EXPAND: gl.constexpr, CONSTRAINTS_E: gl.constexpr, SEL0: gl.constexpr, SEL1: gl.constexpr,
     CONSTRAINTS_S: gl.constexpr, STAGES: gl.constexpr, PREFETCH: gl.constexpr, F16_SELECT: gl.constexpr,
+    WG: gl.constexpr,
 ):
     """The pipelined form: _sp2_wgmma_kernel's expansion, 128 columns (a chunk: two words a lane, four blocks) at a
     time; x's chunks copied global -> shared by cp.async STAGES - 1 chunks ahead (no x in registers, no wait on
     a load per block); a chunk's four warpgroup MMAs run asynchronously while the next chunk expands (its A
     registers carried until the wait); one barrier per chunk. PREFETCH: the next step's words and meta are
     prefetched to L2 one step ahead (their loads stay in the iteration: see below)."""
-    MMA_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
+    NR: gl.constexpr = 64 * WG  # delta rows (y columns) of a program: warpgroup w the 64-row block pid_n WG + w
+    MMA_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4 * WG, 1],
+                                                    instr_shape=[16, BLOCK_M, 16])
     A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA_L, k_width=2)
-    X_L: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [4, 1], [1, 0])  # 16-byte copies of x
+    X_L: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [4 * WG, 1], [1, 0])  # 16-byte copies of x
     X_S: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=16, rank=2)
-    W_L: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])  # one lane, one 16-byte run of a step's words
+    W_L: gl.constexpr = gl.BlockedLayout([1], [32], [4 * WG], [0])  # one lane, one 16-byte run of a step's words
 
     pid_n = gl.program_id(0)
     pid_b = gl.program_id(1)
     r0 = gl.load(blocks_ptr + 3 * pid_b)
     r1 = gl.load(blocks_ptr + 3 * pid_b + 1)
     slot = gl.load(blocks_ptr + 3 * pid_b + 2).to(gl.int64)
-    n0 = pid_n * 64
+    n0 = pid_n * NR
 
-    row = gl.expand_dims(gl.arange(0, 64, layout=gl.SliceLayout(1, A_L)), 1)  # [64, 1]
+    row = gl.expand_dims(gl.arange(0, NR, layout=gl.SliceLayout(1, A_L)), 1)  # [NR, 1]
     kk = gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, A_L)), 0)  # [1, 32]
     g = row % 8
     t = (kk % 8) // 2
     p = kk // 8
-    word_at = pid_n * steps_per_row_block * 512 + (row // 16) * 128 + g * 16 + t * 4  # [64, 32]
+    word_at = (pid_n * WG + row // 64) * steps_per_row_block * 512 + (row % 64 // 16) * 128 + g * 16 + t * 4
     q_lane = q_ptr + slot * stride_qslot + word_at
     m_lane = m_ptr + slot * stride_qslot + word_at
-    one = (t == g // 2).to(gl.int32) * (ONE << (16 * (g % 2)))  # [64, 32]: B_p as in _sp2_wgmma_kernel
+    one = (t == g // 2).to(gl.int32) * (ONE << (16 * (g % 2)))  # [NR, 32]: B_p as in _sp2_wgmma_kernel
     b0 = gl.where(p == 0, one, 0)
     b1 = gl.where(p == 1, one, 0)
     b2 = gl.where(p == 2, one, 0)
     b3 = gl.where(p == 3, one, 0)
-    s_rows = s_ptr + slot * stride_sslot + (n0 + row) * stride_sn  # [64, 1]
-    run_at = pid_n * steps_per_row_block * 512 + 4 * gl.arange(0, 128, layout=W_L)  # lane l's words 4l..4l+3
+    s_rows = s_ptr + slot * stride_sslot + (n0 + row) * stride_sn  # [NR, 1]
+    lane = gl.arange(0, 128 * WG, layout=W_L)
+    run_at = (pid_n * WG + lane // 128) * steps_per_row_block * 512 + 4 * (lane % 128)  # words 4l..4l+3 of a step
     q_run = q_ptr + slot * stride_qslot + run_at
     m_run = m_ptr + slot * stride_qslot + run_at
 
@@ -278,10 +282,10 @@ def _sp2_wgmma_pipe_kernel(
     for c in gl.static_range(STAGES - 2):  # the first chunks, one commit group each (empty past the end)
         _copy_x_chunk(x_smem, x_at, c, x_ok & (c < CHUNKS), STAGES)
     # chunk c's four [64, 32] A tiles: index c % 2 of four buffers (one buffer, four stores would each get a barrier)
-    a_smem0 = gl.allocate_shared_memory(gl.float16, [2, 64, 32], X_S)
-    a_smem1 = gl.allocate_shared_memory(gl.float16, [2, 64, 32], X_S)
-    a_smem2 = gl.allocate_shared_memory(gl.float16, [2, 64, 32], X_S)
-    a_smem3 = gl.allocate_shared_memory(gl.float16, [2, 64, 32], X_S)
+    a_smem0 = gl.allocate_shared_memory(gl.float16, [2, NR, 32], X_S)
+    a_smem1 = gl.allocate_shared_memory(gl.float16, [2, NR, 32], X_S)
+    a_smem2 = gl.allocate_shared_memory(gl.float16, [2, NR, 32], X_S)
+    a_smem3 = gl.allocate_shared_memory(gl.float16, [2, NR, 32], X_S)
 
     # A chunk c: expanded in registers while chunk c - 1's MMAs run, stored to A buffer c % 2 (chunk c - 2's MMAs,
     # its last reader, are done), then its MMAs issued with A and x both from shared memory, and all but they
@@ -292,7 +296,7 @@ def _sp2_wgmma_pipe_kernel(
         scale = gl.load(s_rows).to(gl.float16)
     else:
         scale = gl.load(s_rows).to(gl.float32)  # chunk 0's (a whole row's when GROUP_SIZE == K)
-    acc = gl.zeros([64, BLOCK_M], gl.float32, layout=MMA_L)
+    acc = gl.zeros([NR, BLOCK_M], gl.float32, layout=MMA_L)
     for c in range(0, CHUNKS):
         if PREFETCH:
             if c % 2 == 0:  # the next step's words
@@ -320,7 +324,7 @@ def _sp2_wgmma_pipe_kernel(
     acc = warpgroup_mma_wait(0, deps=[acc])
     async_copy.wait_group(0)
 
-    yr = gl.expand_dims(gl.arange(0, 64, layout=gl.SliceLayout(1, MMA_L)), 1)
+    yr = gl.expand_dims(gl.arange(0, NR, layout=gl.SliceLayout(1, MMA_L)), 1)
     yc = gl.expand_dims(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA_L)), 0)
     ok = (r0 + yc) < r1
     y_at = y_ptr + (r0 + yc).to(gl.int64) * stride_y + n0 + yr
@@ -329,7 +333,8 @@ def _sp2_wgmma_pipe_kernel(
 
 
 def constexprs(k: int, group_size: int, block_m: int, dtype: torch.dtype = torch.float16,
-               asynchronous: bool = False, stages: int = 0, prefetch: bool = True, f16_select: bool = True) -> dict:
+               asynchronous: bool = False, stages: int = 0, prefetch: bool = True, f16_select: bool = True,
+               warpgroups: int = 1) -> dict:
     """The compile-time arguments of `kernel(stages)` (also scripts/sbmm_sass.py's)."""
     from kernels import sbmm_spmma2
 
@@ -342,7 +347,7 @@ def constexprs(k: int, group_size: int, block_m: int, dtype: torch.dtype = torch
     common = dict(K=k, GROUP_SIZE=group_size, BLOCK_M=block_m, ONE=ONE_BITS["f16"], EXPAND=expand,
                   CONSTRAINTS_E=cons_e, SEL0=sel0, SEL1=sel1, CONSTRAINTS_S=cons_s)
     if stages:
-        return dict(common, STAGES=stages, PREFETCH=prefetch, F16_SELECT=out16)
+        return dict(common, STAGES=stages, PREFETCH=prefetch, F16_SELECT=out16, WG=warpgroups)
     return dict(common, ASYNC=asynchronous)
 
 
@@ -361,12 +366,13 @@ def supported(x: torch.Tensor, n: int, k: int, group_size: int) -> bool:
 def sp2_wgmma(x: torch.Tensor, y: torch.Tensor, qweight: torch.Tensor, meta: torch.Tensor, scales: torch.Tensor,
               starts: Sequence[int], slots: Sequence[int], block_m: int = 128,
               blocks: torch.Tensor | None = None, asynchronous: bool = False, stages: int = 3,
-              prefetch: bool = True, f16_select: bool = True) -> int:
+              prefetch: bool = True, f16_select: bool = True, warpgroups: int = 2) -> int:
     """In place y[seg] += x[seg] @ dequant(Δ[slot(seg)]).T for every segment with a slot >= 0, as
     kernels/sp2_prefill.py `sp2_prefill` (same arguments, `blocks` too; CUDA sm_90, fp16). Returns how many
     segments it ran. stages: x buffers of the pipelined kernel (0: the block-at-a-time kernel, whose
-    `asynchronous` runs each block's MMA while the next block expands); prefetch: the pipelined kernel's L2
-    prefetch of the next step's words."""
+    `asynchronous` runs each block's MMA while the next block expands); the pipelined kernel's options:
+    prefetch (L2 prefetch of the next step's words), f16_select (fp16 selection MMAs and scaling), warpgroups
+    (64-row blocks of Δ a program, sharing its x tiles; 1 where N is not a multiple of 64 of them)."""
     n, k, group_size = check_operands(x, y, qweight, meta, scales, slots)
     if not supported(x, n, k, group_size):
         raise ValueError(f"sp2_wgmma runs on Hopper GPUs (sm_90) with fp16 x, N a multiple of 64, K of {SP2_STEP}, "
@@ -376,8 +382,9 @@ def sp2_wgmma(x: torch.Tensor, y: torch.Tensor, qweight: torch.Tensor, meta: tor
         blocks = block_table(starts, slots, block_m, x.device)
     if blocks is None:
         return 0
-    kernel(stages)[(n // 64, blocks.numel() // 3)](
+    wg = warpgroups if stages and n % (64 * warpgroups) == 0 else 1
+    kernel(stages)[(n // (64 * wg), blocks.numel() // 3)](
         x, y, x.stride(0), y.stride(0), qweight, meta, scales, qweight.stride(0), scales.stride(0), scales.stride(1),
-        blocks, k // SP2_STEP, num_warps=4,
-        **constexprs(k, group_size, block_m, x.dtype, asynchronous, stages, prefetch, f16_select))
+        blocks, k // SP2_STEP, num_warps=4 * wg,
+        **constexprs(k, group_size, block_m, x.dtype, asynchronous, stages, prefetch, f16_select, wg))
     return segments_run(starts, slots)

@@ -74,7 +74,8 @@ def compile_kernel(a):
     elif a.kernel == "sp2wgmma":  # kernels/sp2_wgmma.py: --bm rows of x per program (64 delta rows, 4 warps)
         sig = prefill_signature(a.dtype)
         const = sp2_wgmma.constexprs(a.k, a.group or a.k, a.bm, asynchronous=a.wgmma_async,
-                                     stages=a.wgmma_stages, prefetch=not a.no_prefetch)
+                                     stages=a.wgmma_stages, prefetch=not a.no_prefetch,
+                                     warpgroups=a.warps // 4 if a.wgmma_stages else 1)
         fn, source = sp2_wgmma.kernel(a.wgmma_stages), GluonASTSource
     elif a.kernel == "gluon":  # the wrapper's own constexprs for this shape
         n = 4096 + (a.bn // 2 if a.odd_n else 0)

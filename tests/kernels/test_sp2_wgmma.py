@@ -61,9 +61,11 @@ def test_selection_into_a_registers_rebuilds_the_dequantized_rows(group, dtype):
         np.testing.assert_allclose(got, want[16 * block_row:16 * block_row + 16], rtol=1e-6, atol=0)
 
 
-def test_a_operand_layout_is_what_the_placement_assumes(capfd, monkeypatch):
-    """The register and lane bits of the A operand's layout (what the model above places by); compiled for sm_90
-    here, no GPU needed."""
+@pytest.mark.parametrize("warpgroups", [1, 2])
+def test_a_operand_layout_is_what_the_placement_assumes(capfd, monkeypatch, warpgroups):
+    """The register and lane bits of the A operand's layout (what the model above places by), and its warps: warp w
+    holds rows 16w..16w + 15 (so warpgroup w the 64-row block w of the pipelined kernel's program); compiled for
+    sm_90 here, no GPU needed."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental import gluon
@@ -71,16 +73,20 @@ def test_a_operand_layout_is_what_the_placement_assumes(capfd, monkeypatch):
     from triton.experimental.gluon._runtime import GluonASTSource
 
     @gluon.jit
-    def probe(out_ptr, BM: gl.constexpr):
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BM, 16])
-        gl.static_print(gl.to_linear_layout(gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2), [64, 32]))
+    def probe(out_ptr, BM: gl.constexpr, WG: gl.constexpr):
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4 * WG, 1],
+                                                      instr_shape=[16, BM, 16])
+        gl.static_print(gl.to_linear_layout(gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2),
+                                            [64 * WG, 32]))
 
     monkeypatch.setenv("TRITON_ALWAYS_COMPILE", "1")  # the layout prints while compiling; a cached one prints nothing
-    src = GluonASTSource(fn=probe, signature={"out_ptr": "*fp32", "BM": "constexpr"}, constexprs={"BM": 128})
-    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    src = GluonASTSource(fn=probe, signature={"out_ptr": "*fp32", "BM": "constexpr", "WG": "constexpr"},
+                         constexprs={"BM": 128, "WG": warpgroups})
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4 * warpgroups})
     text = capfd.readouterr().out
     assert "reg_bases=[[0, 1], [8, 0], [0, 8], [0, 16]]" in text
     assert "lane_bases=[[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]]" in text
+    assert "warp_bases=" + str([[16 << i, 0] for i in range(2 + warpgroups - 1)]) in text
 
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
@@ -89,10 +95,10 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9,
 @pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (sm_90)")
 @pytest.mark.parametrize("shape", [(4096, 4096), (12288, 4096), (4096, 11008)])
 @pytest.mark.parametrize("group", [None, 128])
-@pytest.mark.parametrize("block_m,asynchronous,stages,f16_select", [
-    (64, False, 0, False), (128, True, 0, False), (64, False, 3, True), (64, False, 4, True), (64, False, 4, False),
-    (128, False, 3, True), (128, False, 4, True)])
-def test_matches_reference_on_gpu(shape, group, block_m, asynchronous, stages, f16_select):
+@pytest.mark.parametrize("block_m,asynchronous,stages,f16_select,warpgroups", [
+    (64, False, 0, False, 1), (128, True, 0, False, 1), (64, False, 3, True, 1), (64, False, 4, False, 1),
+    (128, False, 4, True, 1), (64, False, 3, True, 2), (128, False, 3, True, 2), (64, False, 4, True, 4)])
+def test_matches_reference_on_gpu(shape, group, block_m, asynchronous, stages, f16_select, warpgroups):
     from kernels import sp2_wgmma
 
     n, k = shape
@@ -108,5 +114,6 @@ def test_matches_reference_on_gpu(shape, group, block_m, asynchronous, stages, f
                              (n, k), torch.tensor(starts), torch.tensor(slots))
     got = y0.clone()
     assert sp2_wgmma.sp2_wgmma(x, got, q.cuda(), m.cuda(), stack["scales"].cuda(), starts, slots, block_m,
-                               asynchronous=asynchronous, stages=stages, f16_select=f16_select) == 3
+                               asynchronous=asynchronous, stages=stages, f16_select=f16_select,
+                               warpgroups=warpgroups) == 3
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
