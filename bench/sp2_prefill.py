@@ -44,7 +44,7 @@ CONFIGS = {
     "wgmma_m128_async": {"kernel": "wgmma", "BLOCK_M": 128, "stages": 0, "asynchronous": True},
     "pipe_m64_s3": {"kernel": "wgmma", "BLOCK_M": 64, "stages": 3},  # sp2_wgmma's pipelined kernel
     "pipe_m64_s4": {"kernel": "wgmma", "BLOCK_M": 64, "stages": 4},
-    "pipe_m64_s4_nopf": {"kernel": "wgmma", "BLOCK_M": 64, "stages": 4, "prefetch": False},
+    "pipe_m64_s4_nopf": {"kernel": "wgmma", "BLOCK_M": 64, "stages": 4, "prefetch": 0},
     "pipe_m64_s4_f32sel": {"kernel": "wgmma", "BLOCK_M": 64, "stages": 4, "f16_select": False},
     "pipe_m128_s3": {"kernel": "wgmma", "BLOCK_M": 128, "stages": 3},
     "pipe_m128_s4": {"kernel": "wgmma", "BLOCK_M": 128, "stages": 4},
@@ -54,6 +54,9 @@ CONFIGS = {
     "pipe_m128_s4_wg2": {"kernel": "wgmma", "BLOCK_M": 128, "stages": 4, "warpgroups": 2},
     "pipe_m64_s3_wg4": {"kernel": "wgmma", "BLOCK_M": 64, "stages": 3, "warpgroups": 4},
     "pipe_m64_s4_wg4": {"kernel": "wgmma", "BLOCK_M": 64, "stages": 4, "warpgroups": 4},
+    "pipe_m128_s3_wg2_l1": {"kernel": "wgmma", "BLOCK_M": 128, "stages": 3, "warpgroups": 2, "prefetch": 2},
+    "pipe_m128_s3_wg2_nopf": {"kernel": "wgmma", "BLOCK_M": 128, "stages": 3, "warpgroups": 2, "prefetch": 0},
+    "pipe_m64_s3_wg2_l1": {"kernel": "wgmma", "BLOCK_M": 64, "stages": 3, "warpgroups": 2, "prefetch": 2},
 }
 
 
@@ -76,7 +79,7 @@ def one_case(n, k, stack, weight, rows, segs, configs) -> dict:
         if cfg.get("kernel") == "wgmma":
             return lambda: sp2_wgmma.sp2_wgmma(x, out, q, m, s, starts, slots, cfg["BLOCK_M"], blocks=blocks,
                                                asynchronous=cfg.get("asynchronous", False), stages=cfg["stages"],
-                                               prefetch=cfg.get("prefetch", True),
+                                               prefetch=cfg.get("prefetch", 1),
                                                f16_select=cfg.get("f16_select", True),
                                                warpgroups=cfg.get("warpgroups", 1))
         return lambda: sp2_prefill.sp2_prefill(x, out, q, m, s, starts, slots, config=cfg, blocks=blocks)
@@ -111,8 +114,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench/results")
     p.add_argument("--rows", default=",".join(map(str, ROWS)), help="rows per delta, comma-separated")
-    p.add_argument("--configs", default="wgmma_m64,pipe_m64_s4,pipe_m64_s3_wg2,pipe_m64_s4_wg2,pipe_m128_s3_wg2,"
-                                        "pipe_m128_s4_wg2,pipe_m64_s3_wg4,pipe_m64_s4_wg4",
+    p.add_argument("--configs", default="wgmma_m64,pipe_m64_s4,pipe_m64_s3_wg2,pipe_m64_s3_wg2_l1,pipe_m128_s3_wg2,"
+                                        "pipe_m128_s3_wg2_l1,pipe_m128_s3_wg2_nopf",
                    help=f"kernel configs to time, comma-separated, of: {', '.join(CONFIGS)}")
     p.add_argument("--label", default="")
     p.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "unknown"))

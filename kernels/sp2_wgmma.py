@@ -186,12 +186,18 @@ def _expand_chunk(q_lane, m_lane, at, b0, b1, b2, b3, scale, EXPAND: gl.constexp
 
 
 @gluon.jit
-def _prefetch_l2(q_run, m_run, ahead):
-    """Prefetch a step's words and meta (one 16-byte run a lane) to L2."""
-    gl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [q_run + ahead], dtype=gl.int32,
-                              is_pure=False, pack=1)
-    gl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [m_run + ahead], dtype=gl.int32,
-                              is_pure=False, pack=1)
+def _prefetch(q_run, m_run, ahead, LEVEL: gl.constexpr):
+    """Prefetch a step's words and meta (one 16-byte run a lane) to L2 (LEVEL 1) or L1 (2)."""
+    if LEVEL == 2:
+        gl.inline_asm_elementwise("prefetch.global.L1 [$1]; mov.u32 $0, 0;", "=r,l", [q_run + ahead],
+                                  dtype=gl.int32, is_pure=False, pack=1)
+        gl.inline_asm_elementwise("prefetch.global.L1 [$1]; mov.u32 $0, 0;", "=r,l", [m_run + ahead],
+                                  dtype=gl.int32, is_pure=False, pack=1)
+    else:
+        gl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [q_run + ahead],
+                                  dtype=gl.int32, is_pure=False, pack=1)
+        gl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [m_run + ahead],
+                                  dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.jit
@@ -279,9 +285,11 @@ def _sp2_wgmma_pipe_kernel(
     x_smem = gl.allocate_shared_memory(gl.float16, [STAGES, 4 * BLOCK_M, 32], X_S)  # chunk c: buffer c % STAGES
 
     CHUNKS: gl.constexpr = K // 128
-    for c in gl.static_range(STAGES - 2):  # the first chunks, one commit group each (empty past the end)
+    # x chunk c is copied AHEAD chunks early, into a buffer whose last reader (chunk c - STAGES) is done
+    AHEAD: gl.constexpr = STAGES - 2
+    for c in gl.static_range(AHEAD):  # the first chunks, one commit group each (empty past the end)
         _copy_x_chunk(x_smem, x_at, c, x_ok & (c < CHUNKS), STAGES)
-    # chunk c's four [64, 32] A tiles: index c % 2 of four buffers (one buffer, four stores would each get a barrier)
+    # chunk c's four [NR, 32] A tiles: index c % 2 of four buffers (one buffer, four stores would each get a barrier)
     a_smem0 = gl.allocate_shared_memory(gl.float16, [2, NR, 32], X_S)
     a_smem1 = gl.allocate_shared_memory(gl.float16, [2, NR, 32], X_S)
     a_smem2 = gl.allocate_shared_memory(gl.float16, [2, NR, 32], X_S)
@@ -289,8 +297,9 @@ def _sp2_wgmma_pipe_kernel(
 
     # A chunk c: expanded in registers while chunk c - 1's MMAs run, stored to A buffer c % 2 (chunk c - 2's MMAs,
     # its last reader, are done), then its MMAs issued with A and x both from shared memory, and all but they
-    # waited for. (A in registers would not overlap: ptxas reuses the registers the packed A operands of the
-    # MMAs in flight sit in, and waits for them first.)
+    # waited for. Two things that do not overlap (ptxas moves the wait for the MMAs in flight above the expansion):
+    # A in registers (ptxas reuses the registers the packed A operands of MMAs in flight sit in) and one A buffer
+    # (waiting for chunk c - 1's MMAs before its store).
     # F16_SELECT: selection MMAs give fp16 (exact), scaled in fp16 (one rounding, the same as fp32 then fp16)
     if F16_SELECT:
         scale = gl.load(s_rows).to(gl.float16)
@@ -298,9 +307,11 @@ def _sp2_wgmma_pipe_kernel(
         scale = gl.load(s_rows).to(gl.float32)  # chunk 0's (a whole row's when GROUP_SIZE == K)
     acc = gl.zeros([NR, BLOCK_M], gl.float32, layout=MMA_L)
     for c in range(0, CHUNKS):
+        # first, so that Triton's barrier before it (its buffer was chunk c - 2's) also covers the A stores below
+        _copy_x_chunk(x_smem, x_at, c + AHEAD, x_ok & (c + AHEAD < CHUNKS), STAGES)
         if PREFETCH:
             if c % 2 == 0:  # the next step's words
-                _prefetch_l2(q_run, m_run, gl.minimum(c // 2 + 1, CHUNKS // 2 - 1) * 512)
+                _prefetch(q_run, m_run, gl.minimum(c // 2 + 1, CHUNKS // 2 - 1) * 512, PREFETCH)
         o0, o1, o2, o3 = _expand_chunk(q_lane, m_lane, (c // 2) * 512 + 2 * (c % 2), b0, b1, b2, b3, scale, EXPAND,
                                        CONSTRAINTS_E, SEL0, SEL1, CONSTRAINTS_S)
         scale = _chunk_scale(s_rows, scale, c + 1, K, GROUP_SIZE)
@@ -312,15 +323,14 @@ def _sp2_wgmma_pipe_kernel(
         a1.store(o1)
         a2.store(o2)
         a3.store(o3)
-        _copy_x_chunk(x_smem, x_at, c + STAGES - 2, x_ok & (c + STAGES - 2 < CHUNKS), STAGES)
-        async_copy.wait_group(STAGES - 2)  # this thread's copies of chunk c are in, and with the fence its A stores
-        fence_async_shared()  # are the MMA's to read (the barrier that makes them everyone's is Triton's)
+        async_copy.wait_group(AHEAD)  # this thread's copies of chunk c are in, and with the fence its A stores are
+        fence_async_shared()  # the MMA's to read (the barrier that makes them everyone's is Triton's)
         xs = x_smem.index(c % STAGES)
         acc = warpgroup_mma(a0, xs.slice(0, BLOCK_M).permute((1, 0)), acc, is_async=True)
         acc = warpgroup_mma(a1, xs.slice(BLOCK_M, BLOCK_M).permute((1, 0)), acc, is_async=True)
         acc = warpgroup_mma(a2, xs.slice(2 * BLOCK_M, BLOCK_M).permute((1, 0)), acc, is_async=True)
         acc = warpgroup_mma(a3, xs.slice(3 * BLOCK_M, BLOCK_M).permute((1, 0)), acc, is_async=True)
-        acc = warpgroup_mma_wait(4, deps=[acc])  # chunk c - 1's are done
+        acc = warpgroup_mma_wait(4, deps=[acc])  # chunk c - 1's are done (a plain tensor for the loop to carry)
     acc = warpgroup_mma_wait(0, deps=[acc])
     async_copy.wait_group(0)
 
@@ -333,7 +343,7 @@ def _sp2_wgmma_pipe_kernel(
 
 
 def constexprs(k: int, group_size: int, block_m: int, dtype: torch.dtype = torch.float16,
-               asynchronous: bool = False, stages: int = 0, prefetch: bool = True, f16_select: bool = True,
+               asynchronous: bool = False, stages: int = 0, prefetch: int = 1, f16_select: bool = True,
                warpgroups: int = 1) -> dict:
     """The compile-time arguments of `kernel(stages)` (also scripts/sbmm_sass.py's)."""
     from kernels import sbmm_spmma2
@@ -347,7 +357,7 @@ def constexprs(k: int, group_size: int, block_m: int, dtype: torch.dtype = torch
     common = dict(K=k, GROUP_SIZE=group_size, BLOCK_M=block_m, ONE=ONE_BITS["f16"], EXPAND=expand,
                   CONSTRAINTS_E=cons_e, SEL0=sel0, SEL1=sel1, CONSTRAINTS_S=cons_s)
     if stages:
-        return dict(common, STAGES=stages, PREFETCH=prefetch, F16_SELECT=out16, WG=warpgroups)
+        return dict(common, STAGES=stages, PREFETCH=int(prefetch), F16_SELECT=out16, WG=warpgroups)
     return dict(common, ASYNC=asynchronous)
 
 
@@ -366,13 +376,13 @@ def supported(x: torch.Tensor, n: int, k: int, group_size: int) -> bool:
 def sp2_wgmma(x: torch.Tensor, y: torch.Tensor, qweight: torch.Tensor, meta: torch.Tensor, scales: torch.Tensor,
               starts: Sequence[int], slots: Sequence[int], block_m: int = 128,
               blocks: torch.Tensor | None = None, asynchronous: bool = False, stages: int = 3,
-              prefetch: bool = True, f16_select: bool = True, warpgroups: int = 2) -> int:
+              prefetch: int = 1, f16_select: bool = True, warpgroups: int = 2) -> int:
     """In place y[seg] += x[seg] @ dequant(Δ[slot(seg)]).T for every segment with a slot >= 0, as
     kernels/sp2_prefill.py `sp2_prefill` (same arguments, `blocks` too; CUDA sm_90, fp16). Returns how many
     segments it ran. stages: x buffers of the pipelined kernel (0: the block-at-a-time kernel, whose
     `asynchronous` runs each block's MMA while the next block expands); the pipelined kernel's options:
-    prefetch (L2 prefetch of the next step's words), f16_select (fp16 selection MMAs and scaling), warpgroups
-    (64-row blocks of Δ a program, sharing its x tiles; 1 where N is not a multiple of 64 of them)."""
+    prefetch (of the next step's words: 0 none, 1 to L2, 2 to L1), f16_select (fp16 selection MMAs and scaling),
+    warpgroups (64-row blocks of Δ a program, sharing its x tiles; 1 where N is not a multiple of 64 of them)."""
     n, k, group_size = check_operands(x, y, qweight, meta, scales, slots)
     if not supported(x, n, k, group_size):
         raise ValueError(f"sp2_wgmma runs on Hopper GPUs (sm_90) with fp16 x, N a multiple of 64, K of {SP2_STEP}, "

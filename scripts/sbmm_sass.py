@@ -74,7 +74,7 @@ def compile_kernel(a):
     elif a.kernel == "sp2wgmma":  # kernels/sp2_wgmma.py: --bm rows of x per program (64 delta rows, 4 warps)
         sig = prefill_signature(a.dtype)
         const = sp2_wgmma.constexprs(a.k, a.group or a.k, a.bm, asynchronous=a.wgmma_async,
-                                     stages=a.wgmma_stages, prefetch=not a.no_prefetch,
+                                     stages=a.wgmma_stages, prefetch=0 if a.no_prefetch else a.wgmma_prefetch,
                                      warpgroups=a.warps // 4 if a.wgmma_stages else 1)
         fn, source = sp2_wgmma.kernel(a.wgmma_stages), GluonASTSource
     elif a.kernel == "gluon":  # the wrapper's own constexprs for this shape
@@ -162,6 +162,7 @@ def main() -> None:
     p.add_argument("--wgmma-async", action="store_true", help="sp2wgmma: asynchronous warpgroup MMA")
     p.add_argument("--wgmma-stages", type=int, default=3,
                    help="sp2wgmma: x buffers of the pipelined kernel (0: the block-at-a-time kernel)")
+    p.add_argument("--wgmma-prefetch", type=int, default=1, help="sp2wgmma pipelined: words prefetched to L2 (1), L1 (2)")
     p.add_argument("--warps", type=int, default=4)
     p.add_argument("--stages", type=int, default=3)
     p.add_argument("--dump", default="")
