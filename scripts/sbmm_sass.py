@@ -162,7 +162,8 @@ def main() -> None:
     p.add_argument("--wgmma-async", action="store_true", help="sp2wgmma: asynchronous warpgroup MMA")
     p.add_argument("--wgmma-stages", type=int, default=3,
                    help="sp2wgmma: x buffers of the pipelined kernel (0: the block-at-a-time kernel)")
-    p.add_argument("--wgmma-prefetch", type=int, default=1, help="sp2wgmma pipelined: words prefetched to L2 (1), L1 (2)")
+    p.add_argument("--wgmma-prefetch", type=int, default=1,
+                   help="sp2wgmma pipelined: words prefetched to L2 (1), L1 (2)")
     p.add_argument("--warps", type=int, default=4)
     p.add_argument("--stages", type=int, default=3)
     p.add_argument("--dump", default="")
