@@ -464,7 +464,7 @@ def bench_flag_ab(part: str, cfg: LlamaConfig, device: str, rows: list, deltas=(
 
 def bench_sp2_prefill_ab(cfg: LlamaConfig, device: str, rows: list, deltas=(1, 4), rounds: int = 2,
                          sp4: bool | None = None, sp2: bool = True, num_running: int = 16, num_steps: int = 12,
-                         min_rows: int = 64) -> None:
+                         min_rows: int = 128) -> None:
     """part=sp2-prefill-ab: the eager fresh-shape prefill steps of part=prefill-deltas (2-bit deltas, every request
     on one of N deltas in turn) with segments of `min_rows`+ rows on the prefill kernel delta_linear routes them to
     (`delta_linear.SP2_PREFILL_ROWS`: kernels/sp2_wgmma.py on Hopper with fp16, else kernels/sp2_prefill.py)

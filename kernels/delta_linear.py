@@ -254,32 +254,38 @@ def apply_deltas(
     return dense
 
 
-# Segments of sp2 stacks with at least this many rows (and fewer than `sbmm.dense_rows`) run kernels/sp2_wgmma.py
-# (Hopper, fp16: one expansion per 128 rows into warpgroup-MMA registers; not yet run on a GPU) or elsewhere
-# kernels/sp2_prefill.py (plain Triton; on an H200 3.5-7x slower than SBMM at 64-512 rows: docs/kernels.md run 26)
-# instead of SBMM. None: off, until bench/sp2_prefill.py shows one of them faster.
-SP2_PREFILL_ROWS: int | None = None
+# Segments of sp2 stacks with at least this many rows (and fewer than `sbmm.dense_rows`) run on kernels/sp2_wgmma.py
+# (Hopper, fp16: Δ expanded once per 128 rows of x, warpgroup MMAs) instead of SBMM, when the launch has at least
+# SP2_PREFILL_MIN_PROGRAMS programs: fewer leave most of the GPU idle, where SBMM's split-K is faster. On an H200
+# (bench/results/sp2-prefill-s24d-*.json): 1.3-1.6x faster than SBMM from 128 rows a delta at 96+ programs, slower
+# below (o and down, one delta, 128-256 rows: 32-64 programs). None: off. Elsewhere SBMM runs them (the plain
+# Triton kernels/sp2_prefill.py is 3.5-7x slower than SBMM: docs/kernels.md run 26).
+SP2_PREFILL_ROWS: int | None = 128
+SP2_PREFILL_MIN_PROGRAMS = 96
+
+
+def sp2_prefill_programs(n: int, rows: Sequence[int]) -> int:
+    """Programs of the sp2_wgmma launch (its defaults: 128 rows of x, two 64-row blocks of Δ where N allows) over
+    segments of these row counts."""
+    return n // (128 if n % 128 == 0 else 64) * sum(-(-r // 128) for r in rows)
 
 
 def _sp2_prefill_segments(x, y, stack: PackedDeltaStack, seg_slots: torch.Tensor, starts: Sequence[int],
                           slots: Sequence[int]) -> tuple[torch.Tensor | None, Sequence[int]]:
     """Run the sp2 segments of `SP2_PREFILL_ROWS` rows up to the dense route's threshold on kernels/sp2_wgmma.py
-    (Hopper, fp16) or kernels/sp2_prefill.py: (the slots tensor the SBMM launch still needs: those -1, the one
-    passed when none qualified, None when none is left; the same slots as a host list)."""
+    (Hopper, fp16; enough programs): (the slots tensor the SBMM launch still needs: those -1, the one passed when
+    none qualified, None when none is left; the same slots as a host list)."""
     n, k = stack.shape
-    if (SP2_PREFILL_ROWS is None or not stack.sp2
+    if (SP2_PREFILL_ROWS is None or not stack.sp2 or not sp2_wgmma.supported(x, n, k, stack.group_size)
             or not sp2_prefill.supported(x, n, k, stack.bits, stack.group_size, stack.sym, stack.sp2)):
         return seg_slots, slots
     top = sbmm.dense_rows(x.device, stack.bits)
     take = {i for i, slot in enumerate(slots) if slot >= 0 and starts[i + 1] - starts[i] >= SP2_PREFILL_ROWS
             and (top is None or starts[i + 1] - starts[i] < top)}
-    if not take:
+    if not take or sp2_prefill_programs(n, [starts[i + 1] - starts[i] for i in take]) < SP2_PREFILL_MIN_PROGRAMS:
         return seg_slots, slots
     picked = [slot if i in take else -1 for i, slot in enumerate(slots)]
-    if sp2_wgmma.supported(x, n, k, stack.group_size):
-        sp2_wgmma.sp2_wgmma(x, y, stack.qweight, stack.meta, stack.scales, starts, picked)
-    else:
-        sp2_prefill.sp2_prefill(x, y, stack.qweight, stack.meta, stack.scales, starts, picked)
+    sp2_wgmma.sp2_wgmma(x, y, stack.qweight, stack.meta, stack.scales, starts, picked)
     rest = [-1 if i in take else slot for i, slot in enumerate(slots)]
     if all(slot < 0 for slot in rest):
         return None, rest

@@ -218,3 +218,42 @@ def test_apply_deltas_gpu_sp4_stack_equals_the_canonical_one(dtype, group):
     torch.testing.assert_close(got["sp4"], want, atol=0.1, rtol=2e-2)
     torch.testing.assert_close(got["sp4"], got["rows"], atol=0.1, rtol=2e-2)
     assert torch.equal(got["sp4"][6:], y0[6:].float())
+
+
+def test_sp2_prefill_programs_counts_the_pipelined_launch():
+    """The router's count of sp2_wgmma programs: N / 128 (N / 64 where 128 does not divide it) per 128-row block."""
+    from kernels.delta_linear import sp2_prefill_programs
+
+    assert sp2_prefill_programs(4096, [128]) == 32  # o / down, one delta of 128 rows: too few, SBMM runs it
+    assert sp2_prefill_programs(4096, [128, 129, 512]) == 32 * (1 + 2 + 4)
+    assert sp2_prefill_programs(12288, [128]) == 96
+    assert sp2_prefill_programs(64 * 3, [1]) == 3
+
+
+HOPPER = CUDA and torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (sm_90)")
+@pytest.mark.parametrize("n,k", [(4096, 4096), (1024, 2048)])
+def test_apply_deltas_gpu_routes_long_sp2_segments_to_the_wgmma_kernel(monkeypatch, n, k):
+    """With host segments, an sp2 stack's segments of SP2_PREFILL_ROWS+ rows run on kernels/sp2_wgmma.py when the
+    launch has enough programs (4096 x 4096, two long segments), on SBMM otherwise (1024 x 2048: 16 programs); the
+    sum is the reference either way."""
+    from kernels import delta_linear, sp2_wgmma
+
+    g = torch.Generator().manual_seed(11)
+    packed = [random_packed(n, k, 2, 128, generator=g) for _ in range(3)]
+    stack = PackedDeltaStack.from_packed(packed, bits=2, shape=(n, k), device="cuda", sp2=True)
+    dense = [dense_of(p, 2, (n, k)) for p in packed]
+    starts, slots = [0, 300, 305, 1000, 1010], [2, 0, 1, -1]
+    x = torch.randn(starts[-1], k, generator=g).half()
+    y0 = torch.randn(starts[-1], n, generator=g).half()
+    calls = []
+    real = sp2_wgmma.sp2_wgmma
+    monkeypatch.setattr(sp2_wgmma, "sp2_wgmma", lambda *a, **kw: calls.append(a[6]) or real(*a, **kw))
+    y = y0.cuda()
+    apply_deltas(x.cuda(), y, stack, torch.tensor(starts), torch.tensor(slots), host_segments=(starts, slots))
+    want = expected(x, y0, dense, starts, slots, torch.float16)
+    torch.testing.assert_close(y.float().cpu(), want, atol=0.1, rtol=2e-2)
+    programs = delta_linear.sp2_prefill_programs(n, [300, 695])
+    assert calls == ([[2, -1, 1, -1]] if programs >= delta_linear.SP2_PREFILL_MIN_PROGRAMS else [])
