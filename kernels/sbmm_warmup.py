@@ -18,7 +18,8 @@ scratch rows:
   hint up to the padded count.
 The representative launches read the stack as it is (its slots' contents do not matter) and write scratch rows.
 Stacks of sp4 / sp2 words whose segments can reach `sbmm.dense_rows` also compile the dense route's expansion
-kernels, the delta alone and base + delta (kernels/delta_linear.py; cuBLAS needs no compile).
+kernels, the delta alone and base + delta (kernels/delta_linear.py; cuBLAS needs no compile), and sp2 stacks whose
+segments can reach `delta_linear.SP2_PREFILL_ROWS` on a Hopper GPU the prefill kernel (kernels/sp2_wgmma.py).
 
 A warm-up can be cut into slices (`deadline`): it stops after the launch that passes the deadline and says it did
 not finish; the next call skips the variants in `seen` and goes on. A worker serves requests between slices, so a
@@ -97,8 +98,24 @@ def warm_up(qweight: torch.Tensor, meta: torch.Tensor | None, scales: torch.Tens
         sbmm.dequantize_rows(qweight[0], meta[0], scales[0], bits, k, rows,  # base + delta (merged_linear)
                              base=torch.empty(n, k, dtype=dtype, device=qweight.device))
         launched += 2
+    if sp2 and (geometry, "sp2_wgmma") not in seen and _routes_to_sp2_wgmma(x, n, k, k // num_groups, max_tokens):
+        # segments of delta_linear.SP2_PREFILL_ROWS+ rows run kernels/sp2_wgmma.py: one variant per stack geometry
+        seen.add((geometry, "sp2_wgmma"))
+        from kernels import delta_linear, sp2_wgmma
+
+        rows = delta_linear.SP2_PREFILL_ROWS
+        sp2_wgmma.sp2_wgmma(x[:rows], y[:rows], qweight, meta, scales, [0, rows], [0])
+        launched += 1
     seen.add(done)
     return Warmed(launched, True)
+
+
+def _routes_to_sp2_wgmma(x: torch.Tensor, n: int, k: int, group_size: int, max_tokens: int) -> bool:
+    """Whether kernels/delta_linear.py can route segments of this sp2 stack to kernels/sp2_wgmma.py."""
+    from kernels import delta_linear, sp2_wgmma
+
+    rows = delta_linear.SP2_PREFILL_ROWS
+    return rows is not None and rows <= max_tokens and sp2_wgmma.supported(x, n, k, group_size)
 
 
 def warm_up_stacks(stacks: Iterable, dtype: torch.dtype, max_tokens: int, max_segments: int,

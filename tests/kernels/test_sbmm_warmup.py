@@ -130,3 +130,29 @@ def test_a_warm_up_cut_into_slices_launches_each_variant_once_and_then_finishes(
     assert all(w.launched == 2 for w in slices[:-1])  # the launch that passed the deadline was the last one
     assert launches == every  # the same calls in the same order, none twice
     assert sbmm_warmup.warm_up(*args, **graphs, seen=seen, deadline=clock[0]) == (0, True)
+
+
+def test_warm_up_compiles_the_sp2_prefill_kernel_once_per_geometry(monkeypatch):
+    """An sp2 stack whose segments can reach delta_linear.SP2_PREFILL_ROWS on a Hopper GPU also launches
+    kernels/sp2_wgmma.py once (one 128-row segment on slot 0), and not again for a stack of the same geometry; none
+    when max_tokens stays under the threshold. (Launches recorded, not run.)"""
+    from kernels import delta_linear, sp2_wgmma
+
+    launches = []
+    monkeypatch.setattr(sbmm_warmup, "compiles_ahead", lambda qweight: True)
+    monkeypatch.setattr(sbmm_warmup, "_routes_to_sp2_wgmma",
+                        lambda x, n, k, group, max_tokens: max_tokens >= delta_linear.SP2_PREFILL_ROWS)
+    monkeypatch.setattr(sbmm, "sbmm", lambda *a, **kw: None)
+    monkeypatch.setattr(sp2_wgmma, "sp2_wgmma", lambda x, y, q, m, s, starts, slots: launches.append((
+        x.shape[0], y.shape, list(starts), list(slots))))
+    qweight = torch.zeros(2, 256, 512 // 32, dtype=torch.int32)  # sp2 words: 32 columns each
+    meta = torch.zeros_like(qweight)
+    scales = torch.ones(2, 256, 4, dtype=torch.float16)
+    rows = delta_linear.SP2_PREFILL_ROWS
+    seen = set()
+    sbmm_warmup.warm_up(qweight, meta, scales, None, 2, torch.float16, 512, 4, sp2=True, seen=seen)
+    assert launches == [(rows, (rows, 256), [0, rows], [0])]
+    sbmm_warmup.warm_up(qweight.clone(), meta, scales, None, 2, torch.float16, 1024, 4, sp2=True, seen=seen)
+    assert len(launches) == 1
+    sbmm_warmup.warm_up(qweight, meta, scales, None, 2, torch.float16, rows - 1, 4, sp2=True)
+    assert len(launches) == 1
