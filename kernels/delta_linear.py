@@ -256,11 +256,14 @@ def apply_deltas(
 
 # Segments of sp2 stacks with at least this many rows (and fewer than `sbmm.dense_rows`) run on kernels/sp2_wgmma.py
 # (Hopper, fp16: Δ expanded once per 128 rows of x, warpgroup MMAs) instead of SBMM, when the launch has at least
-# SP2_PREFILL_MIN_PROGRAMS programs: fewer leave most of the GPU idle, where SBMM's split-K is faster. On an H200
-# (bench/results/sp2-prefill-s24d-*.json): 1.3-1.6x faster than SBMM from 128 rows a delta at 96+ programs, slower
-# below (o and down, one delta, 128-256 rows: 32-64 programs). None: off. Elsewhere SBMM runs them (the plain
-# Triton kernels/sp2_prefill.py is 3.5-7x slower than SBMM: docs/kernels.md run 26).
-SP2_PREFILL_ROWS: int | None = 128
+# SP2_PREFILL_MIN_PROGRAMS programs: fewer leave most of the GPU idle, where SBMM's split-K is faster. Elsewhere SBMM
+# runs them (the plain-Triton kernels/sp2_prefill.py is 3.5-7x slower than SBMM: docs/kernels.md run 26).
+# None (off): on an H200 the kernel alone is 1.15-1.6x faster than SBMM from 128 rows a delta at 96+ programs
+# (bench/results/sp2-prefill-s24d-*.json), but in the worker's eager prefill steps with 128 it was break-even at
+# one delta and 1.3x slower at four (worker-*-s24b.json): two launches a linear where there was one, two pinned
+# host-to-device copies each (the steps are host-bound), and 128-row blocks half empty on 130-row segments
+# (docs/kernels.md run 27).
+SP2_PREFILL_ROWS: int | None = None
 SP2_PREFILL_MIN_PROGRAMS = 96
 
 

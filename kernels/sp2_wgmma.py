@@ -23,12 +23,20 @@ sp2 order: word u = j // 2 of the lane, selector e = j % 2):
    with the same column permutation: acc[64, BLOCK_M] += A @ x_perm^T.
 y[rows, 64 columns] += acc^T at the end (y rounded once).
 
-Status: compiles for sm_90 here (scripts/sbmm_sass.py --kernel sp2wgmma): with BLOCK_M 128 its K loop is 683
-instructions a lane per 256-column step, 5.3 lane-instructions per dense value shared by 128 rows (SBMM: 1.06-1.22
-per 16 rows, so ~1.6x fewer per row); BLOCK_M 256 spills. tests/kernels/test_sp2_wgmma.py checks its addressing,
-selection matrices and placement on the numpy models of the expander and mma.sp. Not yet run on a GPU:
-kernels/delta_linear.py routes to it (Hopper, fp16; else kernels/sp2_prefill.py) only from
-`delta_linear.SP2_PREFILL_ROWS` rows, None (off) until bench/sp2_prefill.py has measured it. fp16 only.
+Two kernels. `_sp2_wgmma_kernel` (stages=0) does the above one 32-column block at a time: x through registers,
+a barrier and a synchronous MMA per block. On an H200 it is correct and about as fast as SBMM (s24). The
+pipelined `_sp2_wgmma_pipe_kernel` (stages > 0, the default) works on 128-column chunks:
+- x arrives by cp.async, STAGES - 2 chunks ahead; there are two barriers a chunk.
+- A chunk's A operands are expanded while the last chunk's MMAs run, then stored to shared memory (two buffers).
+  A kept in registers did not overlap: ptxas reuses the registers that the packed A operands of in-flight MMAs
+  sit in, and so waits first.
+- The selection MMAs accumulate in fp16 and the scaling is in fp16. Both are exact (the same single rounding).
+- WG warpgroups each own 64 delta rows and share x's tiles. With one, every program re-reads x from L2 for each
+  64 output columns, 64 FLOP a byte, which capped every kernel at ~2.8x the base GEMM.
+At BLOCK_M 128 and WG 2 (sm_90: 303 instructions a lane per chunk, 209 registers, 164 KB of shared memory) it is
+1.15-1.6x faster than SBMM from 128 rows a delta at 96+ programs and 1.7-2.4x the base GEMM
+(bench/results/sp2-prefill-s24d-*.json). kernels/delta_linear.py can route long segments to it
+(`SP2_PREFILL_ROWS`). That route is off: in eager prefill steps it did not pay (docs/kernels.md run 27). fp16 only.
 """
 
 from __future__ import annotations
@@ -240,11 +248,9 @@ def _sp2_wgmma_pipe_kernel(
     CONSTRAINTS_S: gl.constexpr, STAGES: gl.constexpr, PREFETCH: gl.constexpr, F16_SELECT: gl.constexpr,
     WG: gl.constexpr,
 ):
-    """The pipelined form: _sp2_wgmma_kernel's expansion, 128 columns (a chunk: two words a lane, four blocks) at a
-    time; x's chunks copied global -> shared by cp.async STAGES - 1 chunks ahead (no x in registers, no wait on
-    a load per block); a chunk's four warpgroup MMAs run asynchronously while the next chunk expands (its A
-    registers carried until the wait); one barrier per chunk. PREFETCH: the next step's words and meta are
-    prefetched to L2 one step ahead (their loads stay in the iteration: see below)."""
+    """The pipelined form (module docstring): _sp2_wgmma_kernel's expansion 128 columns (a chunk: two words a lane,
+    four blocks) at a time, WG warpgroups of 64 delta rows each. PREFETCH: the next step's words and meta are
+    prefetched to L2 (1) or L1 (2) one step ahead; their loads stay in the iteration (`_expand_chunk`)."""
     NR: gl.constexpr = 64 * WG  # delta rows (y columns) of a program: warpgroup w the 64-row block pid_n WG + w
     MMA_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4 * WG, 1],
                                                     instr_shape=[16, BLOCK_M, 16])

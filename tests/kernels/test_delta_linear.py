@@ -241,6 +241,7 @@ def test_apply_deltas_gpu_routes_long_sp2_segments_to_the_wgmma_kernel(monkeypat
     sum is the reference either way."""
     from kernels import delta_linear, sp2_wgmma
 
+    monkeypatch.setattr(delta_linear, "SP2_PREFILL_ROWS", 128)  # off by default (its comment says why)
     g = torch.Generator().manual_seed(11)
     packed = [random_packed(n, k, 2, 128, generator=g) for _ in range(3)]
     stack = PackedDeltaStack.from_packed(packed, bits=2, shape=(n, k), device="cuda", sp2=True)

@@ -139,6 +139,7 @@ def test_warm_up_compiles_the_sp2_prefill_kernel_once_per_geometry(monkeypatch):
     from kernels import delta_linear, sp2_wgmma
 
     launches = []
+    monkeypatch.setattr(delta_linear, "SP2_PREFILL_ROWS", 128)  # off by default
     monkeypatch.setattr(sbmm_warmup, "compiles_ahead", lambda qweight: True)
     monkeypatch.setattr(sbmm_warmup, "_routes_to_sp2_wgmma",
                         lambda x, n, k, group, max_tokens: max_tokens >= delta_linear.SP2_PREFILL_ROWS)
@@ -156,3 +157,12 @@ def test_warm_up_compiles_the_sp2_prefill_kernel_once_per_geometry(monkeypatch):
     assert len(launches) == 1
     sbmm_warmup.warm_up(qweight, meta, scales, None, 2, torch.float16, rows - 1, 4, sp2=True)
     assert len(launches) == 1
+
+
+def test_the_sp2_prefill_kernel_is_not_warmed_while_the_route_is_off(monkeypatch):
+    """delta_linear.SP2_PREFILL_ROWS None: no stack routes to kernels/sp2_wgmma.py, so none compiles it."""
+    from kernels import delta_linear
+
+    monkeypatch.setattr(delta_linear, "SP2_PREFILL_ROWS", None)
+    x = torch.zeros(1, 512, dtype=torch.float16)
+    assert not sbmm_warmup._routes_to_sp2_wgmma(x, 256, 512, 128, 4096)

@@ -105,17 +105,21 @@ def test_matches_reference_and_sbmm_on_gpu(dtype, shape, group):
 
 def test_apply_deltas_routes_mid_sized_sp2_segments_to_the_kernel(monkeypatch):
     """apply_deltas with host segments: segments from SP2_PREFILL_ROWS rows up to the dense route's threshold go to
-    sp2_prefill, longer ones to the dense route, the rest (and the short ones) to one SBMM launch."""
+    kernels/sp2_wgmma.py where it runs (never to the slower sp2_prefill), longer ones to the dense route, the rest
+    (and the short ones) to one SBMM launch; with too few programs for the launch, SBMM takes them too."""
     from kernels import delta_linear, sbmm
     from kernels.delta_linear import PackedDeltaStack
 
-    calls = {"prefill": [], "dense": [], "sbmm": []}
+    calls = {"prefill": [], "wgmma": [], "dense": [], "sbmm": []}
     monkeypatch.setattr(delta_linear, "SP2_PREFILL_ROWS", 64)
+    monkeypatch.setattr(delta_linear, "SP2_PREFILL_MIN_PROGRAMS", 2)
     monkeypatch.setattr(sbmm, "dense_rows", lambda device, bits: 1024)
     monkeypatch.setattr(sp2_prefill, "supported", lambda *a: True)
-    monkeypatch.setattr(delta_linear.sp2_wgmma, "supported", lambda *a: False)
+    monkeypatch.setattr(delta_linear.sp2_wgmma, "supported", lambda *a: True)
     monkeypatch.setattr(sp2_prefill, "sp2_prefill",
                         lambda x, y, q, m, s, starts, slots, *a: calls["prefill"].append(list(slots)))
+    monkeypatch.setattr(delta_linear.sp2_wgmma, "sp2_wgmma",
+                        lambda x, y, q, m, s, starts, slots, *a: calls["wgmma"].append(list(slots)))
     monkeypatch.setattr(delta_linear, "dense_linear", lambda x, y, stack, slot: calls["dense"].append(slot))
     monkeypatch.setattr(sbmm, "sbmm", lambda x, y, q, m, s, z, st, sl, *a, **kw: calls["sbmm"].append(sl.tolist()))
 
@@ -133,6 +137,11 @@ def test_apply_deltas_routes_mid_sized_sp2_segments_to_the_kernel(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
     dense = delta_linear.apply_deltas(x, y, stack, torch.tensor(starts), torch.tensor(slots), check=False,
                                       host_segments=(starts, slots))
-    assert calls["prefill"] == [[1, -1, -1, 0]]  # 100 and 96 rows
+    assert calls["wgmma"] == [[1, -1, -1, 0]] and calls["prefill"] == []  # 100 and 96 rows: 2 programs
     assert calls["dense"] == [3] and dense == 1  # 1100 rows
     assert calls["sbmm"] == [[-1, 2, -1, -1]]  # the 4-row segment
+    monkeypatch.setattr(delta_linear, "SP2_PREFILL_MIN_PROGRAMS", 3)  # too few programs: SBMM runs them
+    calls.update(wgmma=[], dense=[], sbmm=[])
+    delta_linear.apply_deltas(x, y, stack, torch.tensor(starts), torch.tensor(slots), check=False,
+                              host_segments=(starts, slots))
+    assert calls["wgmma"] == [] and calls["dense"] == [3] and calls["sbmm"] == [[1, 2, -1, 0]]
