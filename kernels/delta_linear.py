@@ -20,6 +20,7 @@ an H100, where the host cost of eager steps set it: docs/kernels.md run 22) runs
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -267,10 +268,40 @@ SP2_PREFILL_ROWS: int | None = None
 SP2_PREFILL_MIN_PROGRAMS = 96
 
 
-def sp2_prefill_programs(n: int, rows: Sequence[int]) -> int:
-    """Programs of the sp2_wgmma launch (its defaults: 128 rows of x, two 64-row blocks of Δ where N allows) over
-    segments of these row counts."""
-    return n // (128 if n % 128 == 0 else 64) * sum(-(-r // 128) for r in rows)
+# The time of a 64-row block of sp2_wgmma's pipelined kernel against a 128-row one (H200, s24d: BLOCK_M 64 takes
+# 1.04-1.17x the time of 128 per row at 512 rows a delta); a launch takes 64-row blocks where that is cheaper.
+SP2_BLOCK64_COST = 0.58
+
+
+def sp2_prefill_plan(n: int, rows: Sequence[int], block64_cost: float | None = None) -> tuple[int, int]:
+    """(block_m, programs) of the sp2_wgmma launch over segments of these row counts (two 64-row blocks of Δ a
+    program where N allows): 128 rows of x a block, or 64 where the half-empty last blocks of 128 cost more than
+    64-row blocks' lower speed (a 130-row segment: three 64-row blocks, not two of 128)."""
+    cost = SP2_BLOCK64_COST if block64_cost is None else block64_cost
+    per_block = n // (128 if n % 128 == 0 else 64)
+    b128 = sum(-(-r // 128) for r in rows)
+    b64 = sum(-(-r // 64) for r in rows)
+    return (64, per_block * b64) if cost * b64 < b128 else (128, per_block * b128)
+
+
+@functools.lru_cache(maxsize=16)
+def _sp2_route(starts: tuple, slots: tuple, n: int, min_rows: int, top: int | None, min_programs: int,
+               block64_cost: float, device: torch.device) -> tuple | None:
+    """What `_sp2_prefill_segments` launches for these host segments: (block_m, the slots sp2_wgmma runs, its block
+    table, the slots left for SBMM as a host list and on the device, or None when none is left), or None when it
+    launches nothing. Cached: every linear of a step has the same segments, so the two small tables are copied to
+    the device once a step, not once a linear (eager prefill steps are host-bound)."""
+    take = {i for i, slot in enumerate(slots) if slot >= 0 and starts[i + 1] - starts[i] >= min_rows
+            and (top is None or starts[i + 1] - starts[i] < top)}
+    if not take:
+        return None
+    block_m, programs = sp2_prefill_plan(n, [starts[i + 1] - starts[i] for i in take], block64_cost)
+    if programs < min_programs:
+        return None
+    picked = [slot if i in take else -1 for i, slot in enumerate(slots)]
+    rest = [-1 if i in take else slot for i, slot in enumerate(slots)]
+    rest_t = None if all(slot < 0 for slot in rest) else sp2_prefill.device_ints(rest, torch.int64, device)
+    return block_m, picked, sp2_prefill.block_table(starts, picked, block_m, device), rest, rest_t
 
 
 def _sp2_prefill_segments(x, y, stack: PackedDeltaStack, seg_slots: torch.Tensor, starts: Sequence[int],
@@ -282,17 +313,13 @@ def _sp2_prefill_segments(x, y, stack: PackedDeltaStack, seg_slots: torch.Tensor
     if (SP2_PREFILL_ROWS is None or not stack.sp2 or not sp2_wgmma.supported(x, n, k, stack.group_size)
             or not sp2_prefill.supported(x, n, k, stack.bits, stack.group_size, stack.sym, stack.sp2)):
         return seg_slots, slots
-    top = sbmm.dense_rows(x.device, stack.bits)
-    take = {i for i, slot in enumerate(slots) if slot >= 0 and starts[i + 1] - starts[i] >= SP2_PREFILL_ROWS
-            and (top is None or starts[i + 1] - starts[i] < top)}
-    if not take or sp2_prefill_programs(n, [starts[i + 1] - starts[i] for i in take]) < SP2_PREFILL_MIN_PROGRAMS:
+    route = _sp2_route(tuple(starts), tuple(slots), n, SP2_PREFILL_ROWS, sbmm.dense_rows(x.device, stack.bits),
+                       SP2_PREFILL_MIN_PROGRAMS, SP2_BLOCK64_COST, x.device)
+    if route is None:
         return seg_slots, slots
-    picked = [slot if i in take else -1 for i, slot in enumerate(slots)]
-    sp2_wgmma.sp2_wgmma(x, y, stack.qweight, stack.meta, stack.scales, starts, picked)
-    rest = [-1 if i in take else slot for i, slot in enumerate(slots)]
-    if all(slot < 0 for slot in rest):
-        return None, rest
-    return sp2_prefill.device_ints(rest, torch.int64, x.device), rest
+    block_m, picked, blocks, rest, rest_t = route
+    sp2_wgmma.sp2_wgmma(x, y, stack.qweight, stack.meta, stack.scales, starts, picked, block_m, blocks=blocks)
+    return rest_t, rest
 
 
 DENSE_CHUNK_BYTES = 64 << 20  # the dense path's scratch: Δ rows expanded at a time (fp16 / bf16)

@@ -99,13 +99,14 @@ def warm_up(qweight: torch.Tensor, meta: torch.Tensor | None, scales: torch.Tens
                              base=torch.empty(n, k, dtype=dtype, device=qweight.device))
         launched += 2
     if sp2 and (geometry, "sp2_wgmma") not in seen and _routes_to_sp2_wgmma(x, n, k, k // num_groups, max_tokens):
-        # segments of delta_linear.SP2_PREFILL_ROWS+ rows run kernels/sp2_wgmma.py: one variant per stack geometry
+        # segments of delta_linear.SP2_PREFILL_ROWS+ rows run kernels/sp2_wgmma.py: two variants per stack geometry
         seen.add((geometry, "sp2_wgmma"))
         from kernels import delta_linear, sp2_wgmma
 
         rows = delta_linear.SP2_PREFILL_ROWS
-        sp2_wgmma.sp2_wgmma(x[:rows], y[:rows], qweight, meta, scales, [0, rows], [0])
-        launched += 1
+        for block_m in (64, 128):  # delta_linear.sp2_prefill_plan's two block sizes
+            sp2_wgmma.sp2_wgmma(x[:rows], y[:rows], qweight, meta, scales, [0, rows], [0], block_m)
+        launched += 2
     seen.add(done)
     return Warmed(launched, True)
 

@@ -220,14 +220,17 @@ def test_apply_deltas_gpu_sp4_stack_equals_the_canonical_one(dtype, group):
     assert torch.equal(got["sp4"][6:], y0[6:].float())
 
 
-def test_sp2_prefill_programs_counts_the_pipelined_launch():
-    """The router's count of sp2_wgmma programs: N / 128 (N / 64 where 128 does not divide it) per 128-row block."""
-    from kernels.delta_linear import sp2_prefill_programs
+def test_sp2_prefill_plan_picks_the_block_size_and_counts_programs():
+    """The router's plan of an sp2_wgmma launch: 128-row blocks, or 64 where half-empty last blocks of 128 cost
+    more; programs N / 128 (N / 64 where 128 does not divide it) per block."""
+    from kernels.delta_linear import sp2_prefill_plan
 
-    assert sp2_prefill_programs(4096, [128]) == 32  # o / down, one delta of 128 rows: too few, SBMM runs it
-    assert sp2_prefill_programs(4096, [128, 129, 512]) == 32 * (1 + 2 + 4)
-    assert sp2_prefill_programs(12288, [128]) == 96
-    assert sp2_prefill_programs(64 * 3, [1]) == 3
+    assert sp2_prefill_plan(4096, [128]) == (128, 32)  # o / down, one delta of 128 rows: too few, SBMM runs it
+    assert sp2_prefill_plan(4096, [128, 129, 512]) == (128, 32 * (1 + 2 + 4))
+    assert sp2_prefill_plan(4096, [130]) == (64, 32 * 3)  # three 64-row blocks cost less than two of 128
+    assert sp2_prefill_plan(4096, [130], block64_cost=0.7) == (128, 32 * 2)
+    assert sp2_prefill_plan(12288, [128]) == (128, 96)
+    assert sp2_prefill_plan(64 * 3, [1]) == (64, 3)
 
 
 HOPPER = CUDA and torch.cuda.get_device_capability() == (9, 0)
@@ -256,5 +259,5 @@ def test_apply_deltas_gpu_routes_long_sp2_segments_to_the_wgmma_kernel(monkeypat
     apply_deltas(x.cuda(), y, stack, torch.tensor(starts), torch.tensor(slots), host_segments=(starts, slots))
     want = expected(x, y0, dense, starts, slots, torch.float16)
     torch.testing.assert_close(y.float().cpu(), want, atol=0.1, rtol=2e-2)
-    programs = delta_linear.sp2_prefill_programs(n, [300, 695])
+    _, programs = delta_linear.sp2_prefill_plan(n, [300, 695])
     assert calls == ([[2, -1, 1, -1]] if programs >= delta_linear.SP2_PREFILL_MIN_PROGRAMS else [])

@@ -119,7 +119,7 @@ def test_apply_deltas_routes_mid_sized_sp2_segments_to_the_kernel(monkeypatch):
     monkeypatch.setattr(sp2_prefill, "sp2_prefill",
                         lambda x, y, q, m, s, starts, slots, *a: calls["prefill"].append(list(slots)))
     monkeypatch.setattr(delta_linear.sp2_wgmma, "sp2_wgmma",
-                        lambda x, y, q, m, s, starts, slots, *a: calls["wgmma"].append(list(slots)))
+                        lambda x, y, q, m, s, starts, slots, *a, **kw: calls["wgmma"].append(list(slots)))
     monkeypatch.setattr(delta_linear, "dense_linear", lambda x, y, stack, slot: calls["dense"].append(slot))
     monkeypatch.setattr(sbmm, "sbmm", lambda x, y, q, m, s, z, st, sl, *a, **kw: calls["sbmm"].append(sl.tolist()))
 
