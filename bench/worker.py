@@ -770,6 +770,8 @@ def _main(argv: list[str] | None) -> int:
                     "steps (torch.profiler, "
                     "no decode step between prefills) and write one table file per delta count there")
     ap.add_argument("--step-bits", type=int, default=2, choices=(2, 4), help="code width of the step's deltas")
+    ap.add_argument("--sp2-prefill-rows", type=int, default=128,
+                    help="part sp2-prefill-ab: delta_linear.SP2_PREFILL_ROWS of the 'on' arm")
     ap.add_argument("--sp4-words-torch", action="store_true",
                     help="sp4 slot writes re-order qweight in torch row chunks instead of the one-pass Triton kernel "
                          "(spmma_layout.SP4_WORDS_KERNEL off): the load baseline")
@@ -853,7 +855,7 @@ def _main(argv: list[str] | None) -> int:
                                  else {"lengths": tuple(int(v) for v in args.long_lengths.split(","))}))
     if "sp2-prefill-ab" in parts:
         bench_sp2_prefill_ab(step_cfg, device, rows, sp4=False if args.no_sp4 else None, sp2=sp2,
-                             rounds=args.fused_rounds,
+                             rounds=args.fused_rounds, min_rows=args.sp2_prefill_rows,
                              **({"deltas": (1,), "num_running": 4, "num_steps": 2} if args.tiny else {}))
     for part in (p for p in parts if p in FLAG_PARTS):
         bench_flag_ab(part, step_cfg, device, rows, bits=args.step_bits, sp4=False if args.no_sp4 else None, sp2=sp2,
