@@ -256,15 +256,15 @@ def apply_deltas(
 
 
 # Segments of sp2 stacks with at least this many rows (and fewer than `sbmm.dense_rows`) run on kernels/sp2_wgmma.py
-# (Hopper, fp16: Δ expanded once per 128 rows of x, warpgroup MMAs) instead of SBMM, when the launch has at least
+# (Hopper, fp16: Δ expanded once per 64-128 rows of x, warpgroup MMAs) instead of SBMM, when the launch has at least
 # SP2_PREFILL_MIN_PROGRAMS programs: fewer leave most of the GPU idle, where SBMM's split-K is faster. Elsewhere SBMM
 # runs them (the plain-Triton kernels/sp2_prefill.py is 3.5-7x slower than SBMM: docs/kernels.md run 26).
-# None (off): on an H200 the kernel alone is 1.15-1.6x faster than SBMM from 128 rows a delta at 96+ programs
-# (bench/results/sp2-prefill-s24d-*.json), but in the worker's eager prefill steps with 128 it was break-even at
-# one delta and 1.3x slower at four (worker-*-s24b.json): two launches a linear where there was one, two pinned
-# host-to-device copies each (the steps are host-bound), and 128-row blocks half empty on 130-row segments
-# (docs/kernels.md run 27).
-SP2_PREFILL_ROWS: int | None = None
+# On an H200 the kernel alone is 1.15-1.6x faster than SBMM from 128 rows a delta at 96+ programs
+# (bench/results/sp2-prefill-s24d-*.json). In the worker's eager prefill steps (16 layers, 2-bit, 4 rounds, docs/
+# kernels.md run 27) 128 made steps with one delta 14-18% faster but steps with four 19-34% slower (a segment of
+# 130-200 rows saves SBMM less than it costs here: worker-*-s24c.json); 256 made every round with one delta faster
+# (0.50-0.91x) and three of four with four deltas (0.71-1.03x; worker-*-s24d.json). None: off.
+SP2_PREFILL_ROWS: int | None = 256
 SP2_PREFILL_MIN_PROGRAMS = 96
 
 
