@@ -35,8 +35,8 @@ pipelined `_sp2_wgmma_pipe_kernel` (stages > 0, the default) works on 128-column
   64 output columns, 64 FLOP a byte, which capped every kernel at ~2.8x the base GEMM.
 At BLOCK_M 128 and WG 2 (sm_90: 303 instructions a lane per chunk, 209 registers, 164 KB of shared memory) it is
 1.15-1.6x faster than SBMM from 128 rows a delta at 96+ programs and 1.7-2.4x the base GEMM
-(bench/results/sp2-prefill-s24d-*.json). kernels/delta_linear.py can route long segments to it
-(`SP2_PREFILL_ROWS`). That route is off: in eager prefill steps it did not pay (docs/kernels.md run 27). fp16 only.
+(bench/results/sp2-prefill-s24d-*.json). kernels/delta_linear.py routes segments of `SP2_PREFILL_ROWS` (256)
+rows and more to it (docs/kernels.md run 27: prefill steps gain from there). fp16 only.
 """
 
 from __future__ import annotations
