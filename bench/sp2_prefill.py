@@ -39,10 +39,7 @@ CONFIGS = {
     "m128n64w2": {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_W": 2, "num_warps": 8, "num_stages": 2},
     "m128n128w2": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_W": 2, "num_warps": 8, "num_stages": 2},
     "m128n64w4": {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_W": 4, "num_warps": 8, "num_stages": 2},
-    "wgmma_m64": {"kernel": "wgmma", "BLOCK_M": 64, "stages": 0},  # kernels/sp2_wgmma.py (Hopper), block at a time
-    "wgmma_m128": {"kernel": "wgmma", "BLOCK_M": 128, "stages": 0},
-    "wgmma_m128_async": {"kernel": "wgmma", "BLOCK_M": 128, "stages": 0, "asynchronous": True},
-    "pipe_m64_s3": {"kernel": "wgmma", "BLOCK_M": 64, "stages": 3},  # sp2_wgmma's pipelined kernel
+    "pipe_m64_s3": {"kernel": "wgmma", "BLOCK_M": 64, "stages": 3},  # kernels/sp2_wgmma.py (Hopper)
     "pipe_m64_s4": {"kernel": "wgmma", "BLOCK_M": 64, "stages": 4},
     "pipe_m64_s4_nopf": {"kernel": "wgmma", "BLOCK_M": 64, "stages": 4, "prefetch": 0},
     "pipe_m64_s4_f32sel": {"kernel": "wgmma", "BLOCK_M": 64, "stages": 4, "f16_select": False},
@@ -78,7 +75,7 @@ def one_case(n, k, stack, weight, rows, segs, configs) -> dict:
         blocks = sp2_prefill.block_table(starts, slots, cfg["BLOCK_M"], "cuda")  # before any capture
         if cfg.get("kernel") == "wgmma":
             return lambda: sp2_wgmma.sp2_wgmma(x, out, q, m, s, starts, slots, cfg["BLOCK_M"], blocks=blocks,
-                                               asynchronous=cfg.get("asynchronous", False), stages=cfg["stages"],
+                                               stages=cfg["stages"],
                                                prefetch=cfg.get("prefetch", 1),
                                                f16_select=cfg.get("f16_select", True),
                                                warpgroups=cfg.get("warpgroups", 1))
@@ -114,8 +111,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench/results")
     p.add_argument("--rows", default=",".join(map(str, ROWS)), help="rows per delta, comma-separated")
-    p.add_argument("--configs", default="wgmma_m64,pipe_m64_s4,pipe_m64_s3_wg2,pipe_m64_s3_wg2_l1,pipe_m128_s3_wg2,"
-                                        "pipe_m128_s3_wg2_l1,pipe_m128_s3_wg2_nopf",
+    p.add_argument("--configs", default="pipe_m64_s4,pipe_m64_s3_wg2,pipe_m128_s3_wg2,pipe_m128_s4_wg2",
                    help=f"kernel configs to time, comma-separated, of: {', '.join(CONFIGS)}")
     p.add_argument("--label", default="")
     p.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "unknown"))

@@ -1,42 +1,36 @@
-"""Prefill-sized segments on sp2 slot words, Hopper only (Gluon): Δ expanded by selection MMAs straight into the A
-registers of a warpgroup MMA, x in shared memory in the matching K order (docs/kernels.md "Next steps" item 6).
+"""Prefill-sized segments on sp2 slot words, Hopper only (Gluon): Δ made by selection MMAs in the A layout of a
+warpgroup MMA, stored to shared memory, and multiplied with x's tiles there (docs/kernels.md run 27, "Next steps"
+item 6).
 
 Why: SBMM (kernels/sbmm_spmma2.py) expands every delta word again for each 16-row block, so a 128-row prefill
-segment costs it ~2.5x the base GEMM of its shape (docs/serving.md, session 23). A kernel that shares one
-expansion among 64-128 rows has to spend under ~9.6 lane-instructions per dense Δ value for 128 rows to beat it;
-the plain-Triton placement of kernels/sp2_prefill.py spends 37.5 (docs/kernels.md run 26).
+segment costs it ~2.5x the base GEMM of its shape (docs/serving.md, session 23). This kernel expands each word
+once per 64-128 rows of x.
 
-How: a program owns 64 delta rows (one 64-row block b of the sp2 order, one warp per 16-row block rb: a
-warpgroup) and BLOCK_M rows of x of one segment. Per 32-column block j of a 256-column K step (mma.sp j of the
-sp2 order: word u = j // 2 of the lane, selector e = j % 2):
+How: a program owns WG 64-row blocks of Δ (warpgroup w: block pid_n WG + w of the sp2 order, one warp per 16-row
+block) and BLOCK_M rows of x of one segment, over K in 128-column chunks (two words a lane). Per 32-column block j
+of a 256-column step (mma.sp j of the sp2 order: word j // 2 of the lane, selector j % 2):
 1. the lane's word is expanded into the mma.sp A registers (the SBMM word expander, `EXPAND`);
-2. four selection MMAs (kernels/sbmm_dequant.py: D = A_sparse @ B_c, B_c with one 1 per column) give the lane
-   (g, t) rows g and g + 8 at dense columns 8t + 2c + r (c = 0..3, r = 0, 1), in fp32, the sparse tensor core
-   placing every kept value;
-3. those 16 values are exactly the lane's registers of a [64, 32] A operand of `warpgroup_mma`
+2. four selection MMAs (D = A_sparse @ B_p, B_p[k, n] = 1 where k = n + 8p, an fp16 accumulator: exact, each
+   output is one Δ value or 0) give lane (g, t) rows g and g + 8 at columns 2t, 2t + 1 of k offsets
+   8 (p % 2) + 16 (p // 2): its four registers of pack p of a [64, 32] `warpgroup_mma` A operand
    (DotOperandLayout of NVMMA v3, k_width 2: register bits (k + 1, row + 8, k + 8, k + 16), lane bits (k + 2,
-   k + 4, row + 1, row + 2, row + 4)) if logical column kk of the block is dense column
-   phys(kk) = 8t + 2c + r with t = (kk % 8) // 2, c = (kk // 8) % 2 + 2 (kk // 16), r = kk % 2;
-   so each selection MMA is one `inline_asm_elementwise` with pack=4 (its four outputs d0..d3 are the pack's
-   four registers: (g, 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1) of k offset 8 (c % 2) + 16 (c // 2));
-4. scaled (row scales, or the block's group) and rounded to fp16, they multiply x's block, read from shared memory
-   with the same column permutation: acc[64, BLOCK_M] += A @ x_perm^T.
-y[rows, 64 columns] += acc^T at the end (y rounded once).
+   k + 4, row + 1, row + 2, row + 4)), each Δ value at its own column, so x needs no permutation;
+3. scaled in fp16 (one rounding, as fp32 and then fp16), they go to shared memory (two buffers: a chunk expands
+   while the last chunk's MMAs run);
+4. x's chunk arrives by cp.async, STAGES - 2 chunks ahead, and acc[NR, BLOCK_M] += A @ x^T by asynchronous
+   warpgroup MMAs.
+y[rows, NR columns] += acc^T at the end (y rounded once). Two barriers a chunk.
 
-Two kernels. `_sp2_wgmma_kernel` (stages=0) does the above one 32-column block at a time: x through registers,
-a barrier and a synchronous MMA per block. On an H200 it is correct and about as fast as SBMM (s24). The
-pipelined `_sp2_wgmma_pipe_kernel` (stages > 0, the default) works on 128-column chunks:
-- x arrives by cp.async, STAGES - 2 chunks ahead; there are two barriers a chunk.
-- A chunk's A operands are expanded while the last chunk's MMAs run, then stored to shared memory (two buffers).
-  A kept in registers did not overlap: ptxas reuses the registers that the packed A operands of in-flight MMAs
-  sit in, and so waits first.
-- The selection MMAs accumulate in fp16 and the scaling is in fp16. Both are exact (the same single rounding).
-- WG warpgroups each own 64 delta rows and share x's tiles. With one, every program re-reads x from L2 for each
-  64 output columns, 64 FLOP a byte, which capped every kernel at ~2.8x the base GEMM.
-At BLOCK_M 128 and WG 2 (sm_90: 303 instructions a lane per chunk, 209 registers, 164 KB of shared memory) it is
-1.15-1.6x faster than SBMM from 128 rows a delta at 96+ programs and 1.7-2.4x the base GEMM
+What did not work (docs/kernels.md run 27): A kept in registers with its MMA in flight (ptxas reuses the
+registers the packed A operands of in-flight MMAs sit in, and waits for them first); one A buffer (ptxas moves
+the wait above the expansion); one warpgroup a program (it re-reads x from L2 for each 64 output columns, 64 FLOP
+a byte, ~250 TFLOPS); the first, block-at-a-time form (x through registers, a synchronous MMA per 32 columns:
+about SBMM's speed).
+
+On an H200 (BLOCK_M 128, WG 2, 3 stages; sm_90: 303 instructions a lane per chunk, 209 registers, 164 KB of
+shared memory) it is 1.15-1.6x faster than SBMM from 128 rows a delta at 96+ programs and 1.7-2.4x the base GEMM
 (bench/results/sp2-prefill-s24d-*.json). kernels/delta_linear.py routes segments of `SP2_PREFILL_ROWS` (256)
-rows and more to it (docs/kernels.md run 27: prefill steps gain from there). fp16 only.
+rows and more to it, with 64-row blocks where those are cheaper. fp16 only.
 """
 
 from __future__ import annotations
@@ -72,100 +66,6 @@ def selection_ptx(dtype: str, selector: int, out16: bool = False) -> tuple[str, 
            f"mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.{dtype}.{dtype}.f32 "
            f"{{$0, $1, $2, $3}}, {{{a}}}, {{{b}}}, {{%z, %z, %z, %z}}, ${n + 32}, {selector}; }}")
     return ptx, ",".join(["=f"] * 4 + ["r"] * 36)
-
-
-@gluon.jit
-def _sp2_wgmma_kernel(
-    x_ptr, y_ptr, stride_x, stride_y,
-    q_ptr, m_ptr, s_ptr, stride_qslot, stride_sslot, stride_sn,
-    blocks_ptr, steps_per_row_block,
-    K: gl.constexpr, GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr, ONE: gl.constexpr,
-    EXPAND: gl.constexpr, CONSTRAINTS_E: gl.constexpr, SEL0: gl.constexpr, SEL1: gl.constexpr,
-    CONSTRAINTS_S: gl.constexpr, ASYNC: gl.constexpr,
-):
-    MMA_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
-    A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA_L, k_width=2)
-    X_L: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [4, 1], [1, 0])  # 16-byte loads of x
-    X_S: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=16, rank=2)
-
-    pid_n = gl.program_id(0)
-    pid_b = gl.program_id(1)
-    r0 = gl.load(blocks_ptr + 3 * pid_b)
-    r1 = gl.load(blocks_ptr + 3 * pid_b + 1)
-    slot = gl.load(blocks_ptr + 3 * pid_b + 2).to(gl.int64)
-    n0 = pid_n * 64
-
-    # the A operand's elements: delta row `row` of the 64, logical column kk of a 32-column block
-    row = gl.expand_dims(gl.arange(0, 64, layout=gl.SliceLayout(1, A_L)), 1)  # [64, 1]
-    kk = gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, A_L)), 0)  # [1, 32]
-    g = row % 8
-    t = (kk % 8) // 2
-    p = kk // 8  # the selection MMA that makes this column (the pack of four registers it is in)
-    word_at = pid_n * steps_per_row_block * 512 + (row // 16) * 128 + g * 16 + t * 4  # [64, 32]
-    q_lane = q_ptr + slot * stride_qslot + word_at
-    m_lane = m_ptr + slot * stride_qslot + word_at
-    # B_p of the lane: B_p[k, n] = 1 where k = n + 8p, so D[:, n] = A_dense[:, n + 8p]. Lane (g, t) holds B's column
-    # g at k = 8m + 2t + h in register m, half h: 1.0 in register p, half g % 2, where t = g // 2.
-    one = (t == g // 2).to(gl.int32) * (ONE << (16 * (g % 2)))  # [64, 32]
-    b0 = gl.where(p == 0, one, 0)
-    b1 = gl.where(p == 1, one, 0)
-    b2 = gl.where(p == 2, one, 0)
-    b3 = gl.where(p == 3, one, 0)
-    s_rows = s_ptr + slot * stride_sslot + (n0 + row) * stride_sn  # [64, 1]
-
-    # x's block as it is: the selection MMAs put every Δ value at its own column
-    xr = gl.expand_dims(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, X_L)), 1)  # [BM, 1]
-    xk = gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, X_L)), 0)  # [1, 32]
-    x_ok = (r0 + xr) < r1
-    x_at = x_ptr + (r0 + xr).to(gl.int64) * stride_x + xk
-    x_smem = gl.allocate_shared_memory(gl.float16, [BLOCK_M, 32], X_S)
-
-    acc = gl.zeros([64, BLOCK_M], gl.float32, layout=MMA_L)
-    STEPS: gl.constexpr = K // 256
-    # x's block (ks, j) is loaded one block ahead, before the barrier and MMA of the block before it. The words and
-    # meta are not carried across iterations: each lane's 16 copies would stop being one value to the compiler,
-    # which then expands the word once per copy.
-    xt = gl.load(x_at, mask=x_ok, other=0.0)
-    a_last = gl.zeros([64, 32], gl.float16, layout=A_L)  # ASYNC: the A operand of the MMA in flight
-    for ks in range(0, STEPS):
-        for j in gl.static_range(8):
-            if j % 2 == 0:  # word u = j // 2 holds mma.sp 2u (a0..a3, selector 0) and 2u + 1 (a4..a7, selector 1)
-                word = gl.load(q_lane + ks * 512 + j // 2)
-                meta = gl.load(m_lane + ks * 512 + j // 2)
-                a0, a1, a2, a3, a4, a5, a6, a7 = gl.inline_asm_elementwise(EXPAND, CONSTRAINTS_E, [word],
-                                                                           dtype=(gl.int32,) * 8, is_pure=True,
-                                                                           pack=1)
-                d = gl.inline_asm_elementwise(SEL0, CONSTRAINTS_S, [a0, a1, a2, a3, b0, b1, b2, b3, meta],
-                                              dtype=gl.float32, is_pure=True, pack=4)
-            else:
-                d = gl.inline_asm_elementwise(SEL1, CONSTRAINTS_S, [a4, a5, a6, a7, b0, b1, b2, b3, meta],
-                                              dtype=gl.float32, is_pure=True, pack=4)
-            scale = gl.load(s_rows + (ks * 256 + 32 * j) // GROUP_SIZE).to(gl.float32)
-            a_op = (d * scale).to(gl.float16)
-            x_cur = xt
-            if j == 7:  # the next step's first block (the last step re-reads its own: never used)
-                xt = gl.load(x_at + gl.minimum(ks + 1, STEPS - 1) * 256, mask=x_ok, other=0.0)
-            else:
-                xt = gl.load(x_at + ks * 256 + 32 * (j + 1), mask=x_ok, other=0.0)
-            if ASYNC and j > 0:  # the last block's MMA ran while this block expanded: wait for it here
-                acc, a_last = warpgroup_mma_wait(0, deps=[acc, a_last])
-            gl.thread_barrier()  # every lane is done reading the last block's x
-            x_smem.store(x_cur)
-            fence_async_shared()
-            if ASYNC:
-                acc = warpgroup_mma(a_op, x_smem.permute((1, 0)), acc, is_async=True)
-                a_last = a_op  # its registers stay live until the wait
-            else:
-                acc = warpgroup_mma(a_op, x_smem.permute((1, 0)), acc)
-        if ASYNC:  # the loop carries a plain accumulator
-            acc, a_last = warpgroup_mma_wait(0, deps=[acc, a_last])
-
-    yr = gl.expand_dims(gl.arange(0, 64, layout=gl.SliceLayout(1, MMA_L)), 1)  # delta row (output column of y)
-    yc = gl.expand_dims(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA_L)), 0)  # x row
-    ok = (r0 + yc) < r1
-    y_at = y_ptr + (r0 + yc).to(gl.int64) * stride_y + n0 + yr
-    yv = gl.load(y_at, mask=ok, other=0.0)
-    gl.store(y_at, (yv.to(gl.float32) + acc).to(yv.dtype), mask=ok)
 
 
 @gluon.jit
@@ -218,19 +118,6 @@ def _copy_x_chunk(x_smem, x_at, c, ok, STAGES: gl.constexpr):
 
 
 @gluon.jit
-def _mma_chunk(o0, o1, o2, o3, x_smem, c, acc, STAGES: gl.constexpr):
-    """Once chunk c's x is in (STAGES - 1 later chunks may still be coming), its four warpgroup MMAs, asynchronous."""
-    async_copy.wait_group(STAGES - 1)  # this thread's copies of chunk c are in (the barrier before the MMAs that
-    fence_async_shared()  # makes them everyone's is Triton's)
-    xs = x_smem.index(c % STAGES)
-    bm: gl.constexpr = xs.shape[0] // 4
-    acc = warpgroup_mma(o0, xs.slice(0, bm).permute((1, 0)), acc, is_async=True)
-    acc = warpgroup_mma(o1, xs.slice(bm, bm).permute((1, 0)), acc, is_async=True)
-    acc = warpgroup_mma(o2, xs.slice(2 * bm, bm).permute((1, 0)), acc, is_async=True)
-    return warpgroup_mma(o3, xs.slice(3 * bm, bm).permute((1, 0)), acc, is_async=True)
-
-
-@gluon.jit
 def _chunk_scale(s_rows, scale, c, K: gl.constexpr, GROUP_SIZE: gl.constexpr):
     """Chunk c's row scales (GROUP_SIZE a multiple of 128; row scales: the same all along K)."""
     if GROUP_SIZE < K:
@@ -248,9 +135,8 @@ def _sp2_wgmma_pipe_kernel(
     CONSTRAINTS_S: gl.constexpr, STAGES: gl.constexpr, PREFETCH: gl.constexpr, F16_SELECT: gl.constexpr,
     WG: gl.constexpr,
 ):
-    """The pipelined form (module docstring): _sp2_wgmma_kernel's expansion 128 columns (a chunk: two words a lane,
-    four blocks) at a time, WG warpgroups of 64 delta rows each. PREFETCH: the next step's words and meta are
-    prefetched to L2 (1) or L1 (2) one step ahead; their loads stay in the iteration (`_expand_chunk`)."""
+    """The kernel (module docstring). PREFETCH: the next step's words and meta are prefetched to L2 (1) or L1 (2)
+    one step ahead; their loads stay in the iteration (`_expand_chunk`)."""
     NR: gl.constexpr = 64 * WG  # delta rows (y columns) of a program: warpgroup w the 64-row block pid_n WG + w
     MMA_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4 * WG, 1],
                                                     instr_shape=[16, BLOCK_M, 16])
@@ -274,7 +160,9 @@ def _sp2_wgmma_pipe_kernel(
     word_at = (pid_n * WG + row // 64) * steps_per_row_block * 512 + (row % 64 // 16) * 128 + g * 16 + t * 4
     q_lane = q_ptr + slot * stride_qslot + word_at
     m_lane = m_ptr + slot * stride_qslot + word_at
-    one = (t == g // 2).to(gl.int32) * (ONE << (16 * (g % 2)))  # [NR, 32]: B_p as in _sp2_wgmma_kernel
+    # B_p of the lane: B_p[k, n] = 1 where k = n + 8p, so D[:, n] = A_dense[:, n + 8p]. Lane (g, t) holds B's column
+    # g at k = 8m + 2t + h in register m, half h: 1.0 in register p, half g % 2, where t = g // 2.
+    one = (t == g // 2).to(gl.int32) * (ONE << (16 * (g % 2)))  # [NR, 32]
     b0 = gl.where(p == 0, one, 0)
     b1 = gl.where(p == 1, one, 0)
     b2 = gl.where(p == 2, one, 0)
@@ -351,28 +239,21 @@ def _sp2_wgmma_pipe_kernel(
 
 
 @functools.lru_cache(maxsize=64)
-def constexprs(k: int, group_size: int, block_m: int, dtype: torch.dtype = torch.float16,
-               asynchronous: bool = False, stages: int = 0, prefetch: int = 1, f16_select: bool = True,
-               warpgroups: int = 1) -> dict:
-    """The compile-time arguments of `kernel(stages)` (also scripts/sbmm_sass.py's)."""
+def constexprs(k: int, group_size: int, block_m: int, dtype: torch.dtype = torch.float16, stages: int = 3,
+               prefetch: int = 1, f16_select: bool = True, warpgroups: int = 1) -> dict:
+    """The kernel's compile-time arguments (also scripts/sbmm_sass.py's)."""
     from kernels import sbmm_spmma2
 
     if dtype != torch.float16:
         raise ValueError("sp2_wgmma takes fp16 activations only (x's shared-memory tile is fp16)")
+    if stages < 3:
+        raise ValueError(f"sp2_wgmma needs 3+ x buffers (one copied ahead, two read by MMAs), got {stages}")
     expand, cons_e = sbmm_spmma2.expand_ptx("f16", "fma")
-    out16 = bool(stages) and f16_select
-    sel0, cons_s = selection_ptx("f16", 0, out16)
-    sel1, _ = selection_ptx("f16", 1, out16)
-    common = dict(K=k, GROUP_SIZE=group_size, BLOCK_M=block_m, ONE=ONE_BITS["f16"], EXPAND=expand,
-                  CONSTRAINTS_E=cons_e, SEL0=sel0, SEL1=sel1, CONSTRAINTS_S=cons_s)
-    if stages:
-        return dict(common, STAGES=stages, PREFETCH=int(prefetch), F16_SELECT=out16, WG=warpgroups)
-    return dict(common, ASYNC=asynchronous)
-
-
-def kernel(stages: int):
-    """The pipelined kernel with `stages` x buffers of 128 columns, or (0) the block-at-a-time one."""
-    return _sp2_wgmma_pipe_kernel if stages else _sp2_wgmma_kernel
+    sel0, cons_s = selection_ptx("f16", 0, f16_select)
+    sel1, _ = selection_ptx("f16", 1, f16_select)
+    return dict(K=k, GROUP_SIZE=group_size, BLOCK_M=block_m, ONE=ONE_BITS["f16"], EXPAND=expand,
+                CONSTRAINTS_E=cons_e, SEL0=sel0, SEL1=sel1, CONSTRAINTS_S=cons_s, STAGES=stages,
+                PREFETCH=int(prefetch), F16_SELECT=f16_select, WG=warpgroups)
 
 
 def supported(x: torch.Tensor, n: int, k: int, group_size: int) -> bool:
@@ -384,14 +265,13 @@ def supported(x: torch.Tensor, n: int, k: int, group_size: int) -> bool:
 
 def sp2_wgmma(x: torch.Tensor, y: torch.Tensor, qweight: torch.Tensor, meta: torch.Tensor, scales: torch.Tensor,
               starts: Sequence[int], slots: Sequence[int], block_m: int = 128,
-              blocks: torch.Tensor | None = None, asynchronous: bool = False, stages: int = 3,
-              prefetch: int = 1, f16_select: bool = True, warpgroups: int = 2) -> int:
+              blocks: torch.Tensor | None = None, stages: int = 3, prefetch: int = 1, f16_select: bool = True,
+              warpgroups: int = 2) -> int:
     """In place y[seg] += x[seg] @ dequant(Δ[slot(seg)]).T for every segment with a slot >= 0, as
     kernels/sp2_prefill.py `sp2_prefill` (same arguments, `blocks` too; CUDA sm_90, fp16). Returns how many
-    segments it ran. stages: x buffers of the pipelined kernel (0: the block-at-a-time kernel, whose
-    `asynchronous` runs each block's MMA while the next block expands); the pipelined kernel's options:
-    prefetch (of the next step's words: 0 none, 1 to L2, 2 to L1), f16_select (fp16 selection MMAs and scaling),
-    warpgroups (64-row blocks of Δ a program, sharing its x tiles; 1 where N is not a multiple of 64 of them)."""
+    segments it ran. Options: block_m (rows of x a program), stages (x buffers of 128 columns, 3+), prefetch (of
+    the next step's words: 0 none, 1 to L2, 2 to L1), f16_select (fp16 selection MMAs and scaling), warpgroups
+    (64-row blocks of Δ a program, sharing its x tiles; 1 where N is not a multiple of 64 of them)."""
     n, k, group_size = check_operands(x, y, qweight, meta, scales, slots)
     if not supported(x, n, k, group_size):
         raise ValueError(f"sp2_wgmma runs on Hopper GPUs (sm_90) with fp16 x, N a multiple of 64, K of {SP2_STEP}, "
@@ -401,15 +281,16 @@ def sp2_wgmma(x: torch.Tensor, y: torch.Tensor, qweight: torch.Tensor, meta: tor
         blocks = block_table(starts, slots, block_m, x.device)
     if blocks is None:
         return 0
-    wg = warpgroups if stages and n % (64 * warpgroups) == 0 else 1
+    wg = warpgroups if n % (64 * warpgroups) == 0 else 1
     grid = (n // (64 * wg), blocks.numel() // 3, 1)
     args = (x, y, x.stride(0), y.stride(0), qweight, meta, scales, qweight.stride(0), scales.stride(0),
             scales.stride(1), blocks, k // SP2_STEP)
-    const = (k, group_size, block_m, x.dtype, asynchronous, stages, prefetch, f16_select, wg)
+    const = (k, group_size, block_m, x.dtype, stages, prefetch, f16_select, wg)
     if sbmm.FAST_LAUNCH:  # eager prefill steps launch it per linear: skip Triton's per-call binding
-        _LAUNCHES.launch(kernel(stages), grid, args, const, 4 * wg, False, x.device, lambda: constexprs(*const))
+        _LAUNCHES.launch(_sp2_wgmma_pipe_kernel, grid, args, const, 4 * wg, False, x.device,
+                         lambda: constexprs(*const))
     else:
-        kernel(stages)[grid](*args, num_warps=4 * wg, **constexprs(*const))
+        _sp2_wgmma_pipe_kernel[grid](*args, num_warps=4 * wg, **constexprs(*const))
     return segments_run(starts, slots)
 
 

@@ -71,12 +71,11 @@ def compile_kernel(a):
         sig = prefill_signature(a.dtype)
         const = dict(K=a.k, GROUP_SIZE=a.group or a.k, BLOCK_M=a.bm, BLOCK_N=a.bn, BLOCK_W=a.bw, DOT_FP32=False)
         fn, source = sp2_prefill._sp2_prefill_kernel, ASTSource
-    elif a.kernel == "sp2wgmma":  # kernels/sp2_wgmma.py: --bm rows of x per program (64 delta rows, 4 warps)
+    elif a.kernel == "sp2wgmma":  # kernels/sp2_wgmma.py: --bm rows of x a program, --warps 4 per 64 delta rows
         sig = prefill_signature(a.dtype)
-        const = sp2_wgmma.constexprs(a.k, a.group or a.k, a.bm, asynchronous=a.wgmma_async,
-                                     stages=a.wgmma_stages, prefetch=0 if a.no_prefetch else a.wgmma_prefetch,
-                                     warpgroups=a.warps // 4 if a.wgmma_stages else 1)
-        fn, source = sp2_wgmma.kernel(a.wgmma_stages), GluonASTSource
+        const = sp2_wgmma.constexprs(a.k, a.group or a.k, a.bm, stages=a.wgmma_stages,
+                                     prefetch=0 if a.no_prefetch else a.wgmma_prefetch, warpgroups=a.warps // 4)
+        fn, source = sp2_wgmma._sp2_wgmma_pipe_kernel, GluonASTSource
     elif a.kernel == "gluon":  # the wrapper's own constexprs for this shape
         n = 4096 + (a.bn // 2 if a.odd_n else 0)
         num_groups = 1 if a.group == 0 else a.k // a.group
@@ -159,11 +158,8 @@ def main() -> None:
     p.add_argument("--bn", type=int, default=64)
     p.add_argument("--bk", type=int, default=128)
     p.add_argument("--bw", type=int, default=2, help="sp2prefill: canonical words (32 columns each) per K step")
-    p.add_argument("--wgmma-async", action="store_true", help="sp2wgmma: asynchronous warpgroup MMA")
-    p.add_argument("--wgmma-stages", type=int, default=3,
-                   help="sp2wgmma: x buffers of the pipelined kernel (0: the block-at-a-time kernel)")
-    p.add_argument("--wgmma-prefetch", type=int, default=1,
-                   help="sp2wgmma pipelined: words prefetched to L2 (1), L1 (2)")
+    p.add_argument("--wgmma-stages", type=int, default=3, help="sp2wgmma: x buffers of 128 columns (3+)")
+    p.add_argument("--wgmma-prefetch", type=int, default=1, help="sp2wgmma: words prefetched to L2 (1), L1 (2)")
     p.add_argument("--warps", type=int, default=4)
     p.add_argument("--stages", type=int, default=3)
     p.add_argument("--dump", default="")
@@ -179,7 +175,7 @@ def main() -> None:
     ops = collections.Counter(re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", ln).group(1).split(".")[0]
                               for ln in body)
     block_k = (8 * 64 // a.bits if a.kernel in ("gluon", "spmma") else 256 if a.kernel == "spmma2"
-               else 32 * a.bw if a.kernel == "sp2prefill" else 256 if a.kernel == "sp2wgmma" else a.bk)
+               else 32 * a.bw if a.kernel == "sp2prefill" else 128 if a.kernel == "sp2wgmma" else a.bk)
     dense = a.bn * block_k
     print(f"regs={usage.group(1)} stack={usage.group(2)} shared={usage.group(3)}+{ck.metadata.shared} "
           f"loop_instructions={len(body)} per_dense_value={len(body) * 32 * a.warps / dense:.2f}")
