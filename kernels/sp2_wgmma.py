@@ -69,6 +69,19 @@ def selection_ptx(dtype: str, selector: int, out16: bool = False) -> tuple[str, 
 
 
 @gluon.jit
+def _select_word(w, e, b0, b1, b2, b3, scale, EXPAND: gl.constexpr, CONSTRAINTS_E: gl.constexpr,
+                 SEL0: gl.constexpr, SEL1: gl.constexpr, CONSTRAINTS_S: gl.constexpr):
+    """One word's two 32-column blocks (selectors 0 and 1 of its mma.sp pair), unscaled, in scale's dtype."""
+    a0, a1, a2, a3, a4, a5, a6, a7 = gl.inline_asm_elementwise(EXPAND, CONSTRAINTS_E, [w], dtype=(gl.int32,) * 8,
+                                                               is_pure=True, pack=1)
+    d0 = gl.inline_asm_elementwise(SEL0, CONSTRAINTS_S, [a0, a1, a2, a3, b0, b1, b2, b3, e], dtype=scale.dtype,
+                                   is_pure=True, pack=4)
+    d1 = gl.inline_asm_elementwise(SEL1, CONSTRAINTS_S, [a4, a5, a6, a7, b0, b1, b2, b3, e], dtype=scale.dtype,
+                                   is_pure=True, pack=4)
+    return d0, d1
+
+
+@gluon.jit
 def _expand_chunk(q_lane, m_lane, at, b0, b1, b2, b3, scale, EXPAND: gl.constexpr, CONSTRAINTS_E: gl.constexpr,
                   SEL0: gl.constexpr, SEL1: gl.constexpr, CONSTRAINTS_S: gl.constexpr):
     """The four A operands (fp16, scaled) of a 128-column chunk whose two words a lane start at word `at`, the
@@ -79,18 +92,8 @@ def _expand_chunk(q_lane, m_lane, at, b0, b1, b2, b3, scale, EXPAND: gl.constexp
     e0 = gl.load(m_lane + at)
     w1 = gl.load(q_lane + at + 1)
     e1 = gl.load(m_lane + at + 1)
-    a0, a1, a2, a3, a4, a5, a6, a7 = gl.inline_asm_elementwise(EXPAND, CONSTRAINTS_E, [w0], dtype=(gl.int32,) * 8,
-                                                               is_pure=True, pack=1)
-    d0 = gl.inline_asm_elementwise(SEL0, CONSTRAINTS_S, [a0, a1, a2, a3, b0, b1, b2, b3, e0], dtype=scale.dtype,
-                                   is_pure=True, pack=4)
-    d1 = gl.inline_asm_elementwise(SEL1, CONSTRAINTS_S, [a4, a5, a6, a7, b0, b1, b2, b3, e0], dtype=scale.dtype,
-                                   is_pure=True, pack=4)
-    a0, a1, a2, a3, a4, a5, a6, a7 = gl.inline_asm_elementwise(EXPAND, CONSTRAINTS_E, [w1], dtype=(gl.int32,) * 8,
-                                                               is_pure=True, pack=1)
-    d2 = gl.inline_asm_elementwise(SEL0, CONSTRAINTS_S, [a0, a1, a2, a3, b0, b1, b2, b3, e1], dtype=scale.dtype,
-                                   is_pure=True, pack=4)
-    d3 = gl.inline_asm_elementwise(SEL1, CONSTRAINTS_S, [a4, a5, a6, a7, b0, b1, b2, b3, e1], dtype=scale.dtype,
-                                   is_pure=True, pack=4)
+    d0, d1 = _select_word(w0, e0, b0, b1, b2, b3, scale, EXPAND, CONSTRAINTS_E, SEL0, SEL1, CONSTRAINTS_S)
+    d2, d3 = _select_word(w1, e1, b0, b1, b2, b3, scale, EXPAND, CONSTRAINTS_E, SEL0, SEL1, CONSTRAINTS_S)
     return (d0 * scale).to(gl.float16), (d1 * scale).to(gl.float16), (d2 * scale).to(gl.float16), \
         (d3 * scale).to(gl.float16)
 
