@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.sbmm import WORKER_SHAPES, graph_us  # noqa: E402
 from bench.sbmm_prefill import crossover  # noqa: E402
 from bench.sbmm_stacks import variant_stack  # noqa: E402
-from kernels import sbmm, sp2_prefill, sp2_wgmma  # noqa: E402
+from kernels import sbmm, sp2_prefill, sp2_wgmma, sp2_wgmma_ws  # noqa: E402
 
 ROWS = (32, 64, 128, 256, 512)
 SEGMENTS = (1, 4)
@@ -54,6 +54,9 @@ CONFIGS = {
     "pipe_m128_s3_wg2_l1": {"kernel": "wgmma", "BLOCK_M": 128, "stages": 3, "warpgroups": 2, "prefetch": 2},
     "pipe_m128_s3_wg2_nopf": {"kernel": "wgmma", "BLOCK_M": 128, "stages": 3, "warpgroups": 2, "prefetch": 0},
     "pipe_m64_s3_wg2_l1": {"kernel": "wgmma", "BLOCK_M": 64, "stages": 3, "warpgroups": 2, "prefetch": 2},
+    "ws_m128": {"kernel": "ws", "BLOCK_M": 128, "x_stages": 3, "a_stages": 2},  # kernels/sp2_wgmma_ws.py
+    "ws_m128_a3": {"kernel": "ws", "BLOCK_M": 128, "x_stages": 3, "a_stages": 3},
+    "ws_m64": {"kernel": "ws", "BLOCK_M": 64, "x_stages": 4, "a_stages": 2},
 }
 
 
@@ -73,6 +76,9 @@ def one_case(n, k, stack, weight, rows, segs, configs) -> dict:
 
     def prefill_call(slots, cfg, out=y):
         blocks = sp2_prefill.block_table(starts, slots, cfg["BLOCK_M"], "cuda")  # before any capture
+        if cfg.get("kernel") == "ws":
+            return lambda: sp2_wgmma_ws.sp2_wgmma_ws(x, out, q, m, s, starts, slots, cfg["BLOCK_M"], blocks=blocks,
+                                                     a_stages=cfg["a_stages"], x_stages=cfg["x_stages"])
         if cfg.get("kernel") == "wgmma":
             return lambda: sp2_wgmma.sp2_wgmma(x, out, q, m, s, starts, slots, cfg["BLOCK_M"], blocks=blocks,
                                                stages=cfg["stages"],
@@ -111,7 +117,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench/results")
     p.add_argument("--rows", default=",".join(map(str, ROWS)), help="rows per delta, comma-separated")
-    p.add_argument("--configs", default="pipe_m64_s4,pipe_m64_s3_wg2,pipe_m128_s3_wg2,pipe_m128_s4_wg2",
+    p.add_argument("--configs", default="pipe_m64_s3_wg2,pipe_m128_s3_wg2,ws_m128,ws_m128_a3,ws_m64",
                    help=f"kernel configs to time, comma-separated, of: {', '.join(CONFIGS)}")
     p.add_argument("--label", default="")
     p.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "unknown"))

@@ -19,7 +19,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.experimental.gluon._runtime import GluonASTSource
 
-from kernels import sbmm, sbmm_gluon, sbmm_spmma, sbmm_spmma2, sbmm_triton, sp2_prefill, sp2_wgmma
+from kernels import sbmm, sbmm_gluon, sbmm_spmma, sbmm_spmma2, sbmm_triton, sp2_prefill, sp2_wgmma, sp2_wgmma_ws
 
 DIVISIBLE = ["x_ptr", "y_ptr", "stride_xm", "stride_ym", "qw_ptr", "meta_ptr", "scales_ptr", "zeros_ptr",
              "stride_qs", "stride_qn", "stride_ms", "stride_mn", "stride_ss", "stride_sn", "seg_starts_ptr",
@@ -49,6 +49,7 @@ def compile_kernel(a):
     """triton.compile one kernel variant for sm_90 with the constexprs the wrapper would pass."""
     tdt = torch.float16 if a.dtype == "fp16" else torch.bfloat16
     asym = a.asym
+    options = {}
     sig = signature(a.bits, a.dtype)
     if a.dense2:  # dense2 words: 2-bit codes on the 4-bit tile geometry, no meta
         sig = signature(4, a.dtype)
@@ -76,6 +77,12 @@ def compile_kernel(a):
         const = sp2_wgmma.constexprs(a.k, a.group or a.k, a.bm, stages=a.wgmma_stages,
                                      prefetch=0 if a.no_prefetch else a.wgmma_prefetch, warpgroups=a.warps // 4)
         fn, source = sp2_wgmma._sp2_wgmma_pipe_kernel, GluonASTSource
+    elif a.kernel == "sp2ws":  # kernels/sp2_wgmma_ws.py: --bm rows of x a program (4 + 8 warps, 128 delta rows)
+        sig = prefill_signature(a.dtype)
+        const = sp2_wgmma_ws.constexprs(a.k, a.group or a.k, a.bm, x_stages=a.wgmma_stages,
+                                        prefetch=0 if a.no_prefetch else a.wgmma_prefetch)
+        fn, source = sp2_wgmma_ws._sp2_wgmma_ws_kernel, GluonASTSource
+        a.warps, options = 4, {"maxnreg": sp2_wgmma_ws.MAX_REGS}
     elif a.kernel == "gluon":  # the wrapper's own constexprs for this shape
         n = 4096 + (a.bn // 2 if a.odd_n else 0)
         num_groups = 1 if a.group == 0 else a.k // a.group
@@ -104,7 +111,7 @@ def compile_kernel(a):
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in DIVISIBLE if n in names}
     src = source(fn=fn, signature=sig, constexprs=const, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": a.warps, "num_stages": a.stages})
+                          options={"num_warps": a.warps, "num_stages": a.stages, **options})
 
 
 def cuobjdump(cubin: bytes, flag: str) -> str:
@@ -133,7 +140,7 @@ def loop_body(sass: str) -> list[str]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--kernel", default="gluon",
-                   choices=["gluon", "spmma", "spmma2", "triton", "sp2prefill", "sp2wgmma"],
+                   choices=["gluon", "spmma", "spmma2", "triton", "sp2prefill", "sp2wgmma", "sp2ws"],
                    help="spmma: kernels/sbmm_spmma.py (sp4 words, mma.sp; 4-bit symmetric, group 0 or 128); "
                    "spmma2: kernels/sbmm_spmma2.py (sp2 words, 2-bit symmetric; --bits is ignored)")
     p.add_argument("--bits", type=int, default=4)
@@ -175,7 +182,7 @@ def main() -> None:
     ops = collections.Counter(re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", ln).group(1).split(".")[0]
                               for ln in body)
     block_k = (8 * 64 // a.bits if a.kernel in ("gluon", "spmma") else 256 if a.kernel == "spmma2"
-               else 32 * a.bw if a.kernel == "sp2prefill" else 128 if a.kernel == "sp2wgmma" else a.bk)
+               else 32 * a.bw if a.kernel == "sp2prefill" else 128 if a.kernel in ("sp2wgmma", "sp2ws") else a.bk)
     dense = a.bn * block_k
     print(f"regs={usage.group(1)} stack={usage.group(2)} shared={usage.group(3)}+{ck.metadata.shared} "
           f"loop_instructions={len(body)} per_dense_value={len(body) * 32 * a.warps / dense:.2f}")

@@ -116,3 +116,43 @@ def test_matches_reference_on_gpu(shape, group, block_m, stages, f16_select, war
     assert sp2_wgmma.sp2_wgmma(x, got, q.cuda(), m.cuda(), stack["scales"].cuda(), starts, slots, block_m,
                                stages=stages, f16_select=f16_select, warpgroups=warpgroups, prefetch=prefetch) == 3
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (sm_90)")
+@pytest.mark.parametrize("shape", [(4096, 4096), (12288, 4096), (4096, 11008)])
+@pytest.mark.parametrize("group", [None, 128])
+@pytest.mark.parametrize("block_m,x_stages,a_stages", [(128, 3, 2), (128, 3, 3), (64, 4, 2)])
+def test_warp_specialized_matches_reference_on_gpu(shape, group, block_m, x_stages, a_stages):
+    """kernels/sp2_wgmma_ws.py (not routed to yet) against the reference, as the test above."""
+    from kernels import sp2_wgmma_ws
+
+    n, k = shape
+    g = torch.Generator().manual_seed(n + k + 1)
+    stack = stack_packed([random_packed(n, k, 2, group, generator=g) for _ in range(3)])
+    q, m = spmma_layout.pack_sp2(stack["qweight"], stack["meta"])
+    starts, slots = [0, 128, 131, 131, 400], [2, 0, 1, 0]
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    x = torch.randn(starts[-1], k, device="cuda", dtype=torch.float16, generator=gen)
+    y0 = torch.randn(starts[-1], n, device="cuda", dtype=torch.float16, generator=gen)
+    want = y0.clone()
+    reference.sbmm_reference(x, want, stack["qweight"].cuda(), stack["meta"].cuda(), stack["scales"].cuda(), None, 2,
+                             (n, k), torch.tensor(starts), torch.tensor(slots))
+    got = y0.clone()
+    assert sp2_wgmma_ws.sp2_wgmma_ws(x, got, q.cuda(), m.cuda(), stack["scales"].cuda(), starts, slots, block_m,
+                                     a_stages=a_stages, x_stages=x_stages) == 3
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+def test_warp_specialized_kernel_compiles_for_sm90():
+    """The warp-specialized kernel builds for sm_90 here (no GPU), its partitions resizing their registers
+    (USETMAXREG in the SASS)."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "scripts/sbmm_sass.py", "--kernel", "sp2ws", "--bm", "128", "--k", "512",
+                          "--group", "128", "--dtype", "fp16", "--bn", "128"], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": "."}, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert re.search(r"USETMAXREG:\d+", out.stdout), out.stdout
