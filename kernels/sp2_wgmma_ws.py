@@ -129,12 +129,22 @@ def _mma_partition(x_ptr, y_ptr, stride_x, stride_y, r0, r1, n0, x_smem, a_smem0
         mbarrier.arrive(a_empty.index((c + A_STAGES - 1) % A_STAGES), pred=c > 0)
     acc = warpgroup_mma_wait(0, deps=[acc])
     async_copy.wait_group(0)
-    yr = gl.expand_dims(gl.arange(0, 128, layout=gl.SliceLayout(1, MMA_L)), 1)
-    yc = gl.expand_dims(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA_L)), 0)
+    # epilogue through x's buffers (free now): y's pointers for the whole [128, BLOCK_M] tile next to the
+    # accumulator's 128 registers would spill, so y is updated 32 delta rows at a time
+    C_S: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+    c_smem = x_smem._reinterpret(gl.float32, [128, BLOCK_M], C_S)
+    gl.thread_barrier()  # every warp's MMAs, the last readers of x's buffers, are done
+    c_smem.store(acc)
+    gl.thread_barrier()
+    Y_L: gl.constexpr = gl.BlockedLayout([4, 1], [8, 4], [1, 4], [0, 1])  # along delta rows: y's contiguous axis
+    yr = gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(1, Y_L)), 1)  # delta row (y column)
+    yc = gl.expand_dims(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, Y_L)), 0)  # x row
     ok = (r0 + yc) < r1
-    y_at = y_ptr + (r0 + yc).to(gl.int64) * stride_y + n0 + yr
-    yv = gl.load(y_at, mask=ok, other=0.0)
-    gl.store(y_at, (yv.to(gl.float32) + acc).to(yv.dtype), mask=ok)
+    y_rows = y_ptr + (r0 + yc).to(gl.int64) * stride_y + n0 + yr
+    for i in gl.static_range(4):
+        part = c_smem.slice(32 * i, 32).load(Y_L)
+        yv = gl.load(y_rows + 32 * i, mask=ok, other=0.0)
+        gl.store(y_rows + 32 * i, (yv.to(gl.float32) + part).to(yv.dtype), mask=ok)
 
 
 @gluon.jit
