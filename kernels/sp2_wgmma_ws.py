@@ -13,7 +13,8 @@ it needs 209 registers, so only 8 warps fit an SM, and each chunk puts every war
   `a_empty`; at the end it adds the accumulator to y.
 The expansion itself is the pipelined kernel's (`_expand_chunk`, fp16 selection MMAs and scaling).
 
-Status (session 24): compiles for sm_90 here (scripts/sbmm_sass.py --kernel sp2ws); not yet run on a GPU.
+Status (session 24): compiles for sm_90 here (scripts/sbmm_sass.py --kernel sp2ws: 168 registers at launch,
+128 / 128 / 256 after setmaxnreg, no spills, 160 KB of shared memory at BLOCK_M 128); not yet run on a GPU.
 bench/sp2_prefill.py times it (configs `ws_*`) and tests/kernels/test_sp2_wgmma.py checks it against the
 reference on a Hopper GPU. kernels/delta_linear.py does not route to it.
 """
