@@ -92,6 +92,22 @@ def test_a_operand_layout_is_what_the_placement_assumes(capfd, monkeypatch, warp
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
 
+def gpu_case(n: int, k: int, group, seed: int):
+    """Three 2-bit sp2 deltas, segments [0, 128, 131, 131, 400] on slots [2, 0, 1, 0] (an empty one, odd sizes),
+    fp16 x and y on the GPU; (x, y0, what the reference makes of y0, sp2 words, meta, scales, starts, slots)."""
+    g = torch.Generator().manual_seed(n + k + seed)
+    stack = stack_packed([random_packed(n, k, 2, group, generator=g) for _ in range(3)])
+    q, m = spmma_layout.pack_sp2(stack["qweight"], stack["meta"])
+    starts, slots = [0, 128, 131, 131, 400], [2, 0, 1, 0]
+    gen = torch.Generator(device="cuda").manual_seed(3 + seed)
+    x = torch.randn(starts[-1], k, device="cuda", dtype=torch.float16, generator=gen)
+    y0 = torch.randn(starts[-1], n, device="cuda", dtype=torch.float16, generator=gen)
+    want = y0.clone()
+    reference.sbmm_reference(x, want, stack["qweight"].cuda(), stack["meta"].cuda(), stack["scales"].cuda(), None, 2,
+                             (n, k), torch.tensor(starts), torch.tensor(slots))
+    return x, y0, want, q.cuda(), m.cuda(), stack["scales"].cuda(), starts, slots
+
+
 @pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (sm_90)")
 @pytest.mark.parametrize("shape", [(4096, 4096), (12288, 4096), (4096, 11008)])
 @pytest.mark.parametrize("group", [None, 128])
@@ -101,20 +117,10 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9,
 def test_matches_reference_on_gpu(shape, group, block_m, stages, f16_select, warpgroups, prefetch):
     from kernels import sp2_wgmma
 
-    n, k = shape
-    g = torch.Generator().manual_seed(n + k)
-    stack = stack_packed([random_packed(n, k, 2, group, generator=g) for _ in range(3)])
-    q, m = spmma_layout.pack_sp2(stack["qweight"], stack["meta"])
-    starts, slots = [0, 128, 131, 131, 400], [2, 0, 1, 0]
-    gen = torch.Generator(device="cuda").manual_seed(3)
-    x = torch.randn(starts[-1], k, device="cuda", dtype=torch.float16, generator=gen)
-    y0 = torch.randn(starts[-1], n, device="cuda", dtype=torch.float16, generator=gen)
-    want = y0.clone()
-    reference.sbmm_reference(x, want, stack["qweight"].cuda(), stack["meta"].cuda(), stack["scales"].cuda(), None, 2,
-                             (n, k), torch.tensor(starts), torch.tensor(slots))
+    x, y0, want, q, m, scales, starts, slots = gpu_case(*shape, group, 0)
     got = y0.clone()
-    assert sp2_wgmma.sp2_wgmma(x, got, q.cuda(), m.cuda(), stack["scales"].cuda(), starts, slots, block_m,
-                               stages=stages, f16_select=f16_select, warpgroups=warpgroups, prefetch=prefetch) == 3
+    assert sp2_wgmma.sp2_wgmma(x, got, q, m, scales, starts, slots, block_m, stages=stages, f16_select=f16_select,
+                               warpgroups=warpgroups, prefetch=prefetch) == 3
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
 
 
@@ -126,20 +132,10 @@ def test_warp_specialized_matches_reference_on_gpu(shape, group, block_m, x_stag
     """kernels/sp2_wgmma_ws.py (not routed to yet) against the reference, as the test above."""
     from kernels import sp2_wgmma_ws
 
-    n, k = shape
-    g = torch.Generator().manual_seed(n + k + 1)
-    stack = stack_packed([random_packed(n, k, 2, group, generator=g) for _ in range(3)])
-    q, m = spmma_layout.pack_sp2(stack["qweight"], stack["meta"])
-    starts, slots = [0, 128, 131, 131, 400], [2, 0, 1, 0]
-    gen = torch.Generator(device="cuda").manual_seed(5)
-    x = torch.randn(starts[-1], k, device="cuda", dtype=torch.float16, generator=gen)
-    y0 = torch.randn(starts[-1], n, device="cuda", dtype=torch.float16, generator=gen)
-    want = y0.clone()
-    reference.sbmm_reference(x, want, stack["qweight"].cuda(), stack["meta"].cuda(), stack["scales"].cuda(), None, 2,
-                             (n, k), torch.tensor(starts), torch.tensor(slots))
+    x, y0, want, q, m, scales, starts, slots = gpu_case(*shape, group, 1)
     got = y0.clone()
-    assert sp2_wgmma_ws.sp2_wgmma_ws(x, got, q.cuda(), m.cuda(), stack["scales"].cuda(), starts, slots, block_m,
-                                     a_stages=a_stages, x_stages=x_stages) == 3
+    assert sp2_wgmma_ws.sp2_wgmma_ws(x, got, q, m, scales, starts, slots, block_m, a_stages=a_stages,
+                                     x_stages=x_stages) == 3
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
 
 
