@@ -34,8 +34,8 @@ Rows (DESIGN.md names), all measured in the same run:
   for decode attention read from the paged cache (kernels/paged_attention.py) against gather + SDPA; part rope-kv-ab
   for the q/k rotation and KV-cache write in one launch (kernels/rope_kv.py) against op by op; part prefill-attn-ab
   for prefill steps' attention by the varlen paged kernel against gather + SDPA. part=sp2-prefill-ab: prefill steps
-  on 2-bit deltas with segments of 64+ rows on kernels/sp2_wgmma.py (Hopper, fp16; else kernels/sp2_prefill.py)
-  against SBMM for all.
+  on 2-bit deltas with segments of --sp2-prefill-rows+ rows on kernels/sp2_wgmma.py (Hopper, fp16) against SBMM
+  for all.
 - part=long-prefill-ab: one prompt of 256-2040 tokens prefilled alone (what its time to first token waits for), on
   a delta and on the base model, with the dense route for long delta segments (kernels/delta_linear.py, from
   `sbmm.dense_rows` rows) against SBMM for all segments, alternating in one process; `vs_base` is the ratio to
@@ -467,7 +467,7 @@ def bench_sp2_prefill_ab(cfg: LlamaConfig, device: str, rows: list, deltas=(1, 4
                          min_rows: int = 128) -> None:
     """part=sp2-prefill-ab: the eager fresh-shape prefill steps of part=prefill-deltas (2-bit deltas, every request
     on one of N deltas in turn) with segments of `min_rows`+ rows on the prefill kernel delta_linear routes them to
-    (`delta_linear.SP2_PREFILL_ROWS`: kernels/sp2_wgmma.py on Hopper with fp16, else kernels/sp2_prefill.py)
+    (`delta_linear.SP2_PREFILL_ROWS`: kernels/sp2_wgmma.py, Hopper with fp16; elsewhere both arms are SBMM)
     against SBMM for all, alternating by round in one process; the base model's steps each round for scale. The
     flag is put back to its value from before the part."""
     from kernels import delta_linear

@@ -14,8 +14,9 @@ block's rows for BLOCK_N output columns and adds them into y (y rounded once, as
 
 Measured on an H200 (session 23, bench/sp2_prefill.py, docs/kernels.md run 26): correct (GPU tests), but 3.5-7x
 slower than SBMM at 64-512 rows. The time follows the number of tile expansions, so the expansion itself (the
-per-column compares and the reshape into the dot's layout) is the cost, not the dot. So kernels/delta_linear.py
-sends segments here only from `delta_linear.SP2_PREFILL_ROWS` rows, None (off).
+per-column compares and the reshape into the dot's layout) is the cost, not the dot. So no route sends segments
+here (kernels/delta_linear.py sends long sp2 segments to kernels/sp2_wgmma.py on Hopper); its block tables and
+operand checks serve that kernel.
 
 sp2 addresses of a canonical position (kernels/spmma_layout.py `_sp2_words_kernel` / `_sp2_meta_kernel`): row
 n = 64b + 16rb + 8h + g, canonical word w = 8s + 2u + e (32 dense columns, groups 8w .. 8w + 7), group

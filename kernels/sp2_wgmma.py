@@ -101,16 +101,34 @@ def _expand_chunk(q_lane, m_lane, at, b0, b1, b2, b3, scale, EXPAND: gl.constexp
 @gluon.jit
 def _prefetch(q_run, m_run, ahead, LEVEL: gl.constexpr):
     """Prefetch a step's words and meta (one 16-byte run a lane) to L2 (LEVEL 1) or L1 (2)."""
-    if LEVEL == 2:
-        gl.inline_asm_elementwise("prefetch.global.L1 [$1]; mov.u32 $0, 0;", "=r,l", [q_run + ahead],
-                                  dtype=gl.int32, is_pure=False, pack=1)
-        gl.inline_asm_elementwise("prefetch.global.L1 [$1]; mov.u32 $0, 0;", "=r,l", [m_run + ahead],
-                                  dtype=gl.int32, is_pure=False, pack=1)
-    else:
-        gl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [q_run + ahead],
-                                  dtype=gl.int32, is_pure=False, pack=1)
-        gl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [m_run + ahead],
-                                  dtype=gl.int32, is_pure=False, pack=1)
+    ASM: gl.constexpr = "prefetch.global.L1 [$1]; mov.u32 $0, 0;" if LEVEL == 2 else \
+        "prefetch.global.L2 [$1]; mov.u32 $0, 0;"
+    gl.inline_asm_elementwise(ASM, "=r,l", [q_run + ahead], dtype=gl.int32, is_pure=False, pack=1)
+    gl.inline_asm_elementwise(ASM, "=r,l", [m_run + ahead], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _lane_operands(q_ptr, m_ptr, s_ptr, stride_qslot, stride_sslot, stride_sn, slot, block0, steps_per_row_block,
+                   ONE: gl.constexpr, NR: gl.constexpr, A_L: gl.constexpr, W_L: gl.constexpr):
+    """What a program's expansion reads, for NR delta rows from 64-row block `block0` of the sp2 order on, in the A
+    layout A_L (its [NR, 32] operand: rows, and the columns of one 32-column block): (word pointers, meta
+    pointers, B_0..B_3, row-scale pointers [NR, 1], and per lane of W_L the start of its 16-byte run of a step's
+    words and meta, for `_prefetch`)."""
+    row = gl.expand_dims(gl.arange(0, NR, layout=gl.SliceLayout(1, A_L)), 1)  # [NR, 1]
+    kk = gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, A_L)), 0)  # [1, 32]
+    g = row % 8
+    t = (kk % 8) // 2
+    p = kk // 8
+    word_at = (block0 + row // 64) * steps_per_row_block * 512 + (row % 64 // 16) * 128 + g * 16 + t * 4
+    # B_p of the lane: B_p[k, n] = 1 where k = n + 8p, so D[:, n] = A_dense[:, n + 8p]. Lane (g, t) holds B's column
+    # g at k = 8m + 2t + h in register m, half h: 1.0 in register p, half g % 2, where t = g // 2.
+    one = (t == g // 2).to(gl.int32) * (ONE << (16 * (g % 2)))  # [NR, 32]
+    lane = gl.arange(0, 2 * NR, layout=W_L)
+    run_at = (block0 + lane // 128) * steps_per_row_block * 512 + 4 * (lane % 128)  # words 4l..4l+3 of a step
+    return (q_ptr + slot * stride_qslot + word_at, m_ptr + slot * stride_qslot + word_at,
+            gl.where(p == 0, one, 0), gl.where(p == 1, one, 0), gl.where(p == 2, one, 0), gl.where(p == 3, one, 0),
+            s_ptr + slot * stride_sslot + (block0 * 64 + row) * stride_sn,
+            q_ptr + slot * stride_qslot + run_at, m_ptr + slot * stride_qslot + run_at)
 
 
 @gluon.jit
@@ -155,26 +173,9 @@ def _sp2_wgmma_pipe_kernel(
     slot = gl.load(blocks_ptr + 3 * pid_b + 2).to(gl.int64)
     n0 = pid_n * NR
 
-    row = gl.expand_dims(gl.arange(0, NR, layout=gl.SliceLayout(1, A_L)), 1)  # [NR, 1]
-    kk = gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, A_L)), 0)  # [1, 32]
-    g = row % 8
-    t = (kk % 8) // 2
-    p = kk // 8
-    word_at = (pid_n * WG + row // 64) * steps_per_row_block * 512 + (row % 64 // 16) * 128 + g * 16 + t * 4
-    q_lane = q_ptr + slot * stride_qslot + word_at
-    m_lane = m_ptr + slot * stride_qslot + word_at
-    # B_p of the lane: B_p[k, n] = 1 where k = n + 8p, so D[:, n] = A_dense[:, n + 8p]. Lane (g, t) holds B's column
-    # g at k = 8m + 2t + h in register m, half h: 1.0 in register p, half g % 2, where t = g // 2.
-    one = (t == g // 2).to(gl.int32) * (ONE << (16 * (g % 2)))  # [NR, 32]
-    b0 = gl.where(p == 0, one, 0)
-    b1 = gl.where(p == 1, one, 0)
-    b2 = gl.where(p == 2, one, 0)
-    b3 = gl.where(p == 3, one, 0)
-    s_rows = s_ptr + slot * stride_sslot + (n0 + row) * stride_sn  # [NR, 1]
-    lane = gl.arange(0, 128 * WG, layout=W_L)
-    run_at = (pid_n * WG + lane // 128) * steps_per_row_block * 512 + 4 * (lane % 128)  # words 4l..4l+3 of a step
-    q_run = q_ptr + slot * stride_qslot + run_at
-    m_run = m_ptr + slot * stride_qslot + run_at
+    q_lane, m_lane, b0, b1, b2, b3, s_rows, q_run, m_run = _lane_operands(
+        q_ptr, m_ptr, s_ptr, stride_qslot, stride_sslot, stride_sn, slot, pid_n * WG, steps_per_row_block, ONE, NR,
+        A_L, W_L)
 
     # x's chunk as [4 blocks x BLOCK_M rows, 32 columns], one copy op (four would each get a barrier)
     xi = gl.expand_dims(gl.arange(0, 4 * BLOCK_M, layout=gl.SliceLayout(1, X_L)), 1)  # [4 BM, 1]: block, row

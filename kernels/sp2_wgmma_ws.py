@@ -33,7 +33,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 from kernels import sp2_wgmma
 from kernels.sp2_prefill import block_table, check_operands, segments_run
-from kernels.sp2_wgmma import _chunk_scale, _expand_chunk, _prefetch
+from kernels.sp2_wgmma import _chunk_scale, _expand_chunk, _lane_operands, _prefetch
 from kernels.spmma_layout import SP2_STEP
 
 EXPAND_REGS = 128  # registers of each expansion partition's threads (setmaxnreg)
@@ -51,24 +51,9 @@ def _expand_partition(q_ptr, m_ptr, s_ptr, stride_qslot, stride_sslot, stride_sn
     MMA_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
     A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA_L, k_width=2)
     W_L: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
-    row = gl.expand_dims(gl.arange(0, 64, layout=gl.SliceLayout(1, A_L)), 1)  # [64, 1]
-    kk = gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, A_L)), 0)  # [1, 32]
-    g = row % 8
-    t = (kk % 8) // 2
-    p = kk // 8
-    block = pid_n * 2 + E  # the 64-row block of the sp2 order
-    word_at = block * steps_per_row_block * 512 + (row // 16) * 128 + g * 16 + t * 4
-    q_lane = q_ptr + slot * stride_qslot + word_at
-    m_lane = m_ptr + slot * stride_qslot + word_at
-    one = (t == g // 2).to(gl.int32) * (ONE << (16 * (g % 2)))  # B_p, as in sp2_wgmma
-    b0 = gl.where(p == 0, one, 0)
-    b1 = gl.where(p == 1, one, 0)
-    b2 = gl.where(p == 2, one, 0)
-    b3 = gl.where(p == 3, one, 0)
-    s_rows = s_ptr + slot * stride_sslot + (block * 64 + row) * stride_sn  # [64, 1]
-    run_at = block * steps_per_row_block * 512 + 4 * gl.arange(0, 128, layout=W_L)
-    q_run = q_ptr + slot * stride_qslot + run_at
-    m_run = m_ptr + slot * stride_qslot + run_at
+    q_lane, m_lane, b0, b1, b2, b3, s_rows, q_run, m_run = _lane_operands(
+        q_ptr, m_ptr, s_ptr, stride_qslot, stride_sslot, stride_sn, slot, pid_n * 2 + E, steps_per_row_block, ONE,
+        64, A_L, W_L)
     CHUNKS: gl.constexpr = K // 128
     scale = gl.load(s_rows).to(gl.float16)
     for c in range(0, CHUNKS):
