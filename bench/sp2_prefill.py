@@ -55,6 +55,11 @@ CONFIGS = {
     "pipe_m128_s3_wg2_nopf": {"kernel": "wgmma", "BLOCK_M": 128, "stages": 3, "warpgroups": 2, "prefetch": 0},
     "pipe_m64_s3_wg2_l1": {"kernel": "wgmma", "BLOCK_M": 64, "stages": 3, "warpgroups": 2, "prefetch": 2},
     "ws_m128": {"kernel": "ws", "BLOCK_M": 128, "x_stages": 3, "a_stages": 2},  # kernels/sp2_wgmma_ws.py
+    "ws_m128_k1": {"kernel": "ws", "BLOCK_M": 128, "x_stages": 3, "a_stages": 2, "split": 1},  # no split-K
+    "ws_m128_x4": {"kernel": "ws", "BLOCK_M": 128, "x_stages": 4, "a_stages": 2},
+    # timing only (wrong results, not compared, never `best`): no expansion / no MMAs, both at one program a tile
+    "ws_m128_d1": {"kernel": "ws", "BLOCK_M": 128, "x_stages": 3, "a_stages": 2, "split": 1, "diag": 1},
+    "ws_m128_d2": {"kernel": "ws", "BLOCK_M": 128, "x_stages": 3, "a_stages": 2, "split": 1, "diag": 2},
     "ws_m128_a3": {"kernel": "ws", "BLOCK_M": 128, "x_stages": 3, "a_stages": 3},
     "ws_m64": {"kernel": "ws", "BLOCK_M": 64, "x_stages": 4, "a_stages": 2},
 }
@@ -78,7 +83,8 @@ def one_case(n, k, stack, weight, rows, segs, configs) -> dict:
         blocks = sp2_prefill.block_table(starts, slots, cfg["BLOCK_M"], "cuda")  # before any capture
         if cfg.get("kernel") == "ws":
             return lambda: sp2_wgmma_ws.sp2_wgmma_ws(x, out, q, m, s, starts, slots, cfg["BLOCK_M"], blocks=blocks,
-                                                     a_stages=cfg["a_stages"], x_stages=cfg["x_stages"])
+                                                     a_stages=cfg["a_stages"], x_stages=cfg["x_stages"],
+                                                     split=cfg.get("split"), diag=cfg.get("diag", 0))
         if cfg.get("kernel") == "wgmma":
             return lambda: sp2_wgmma.sp2_wgmma(x, out, q, m, s, starts, slots, cfg["BLOCK_M"], blocks=blocks,
                                                stages=cfg["stages"],
@@ -94,6 +100,9 @@ def one_case(n, k, stack, weight, rows, segs, configs) -> dict:
            "us_base": graph_us([lambda: torch.mm(x, weight.T)] * 4), "us_prefill": {}}
     diffs = {}
     for name, cfg in configs.items():
+        if cfg.get("diag"):
+            row.setdefault("us_diag", {})[name] = graph_us([prefill_call(sl, cfg) for sl in slot_lists] * 2)
+            continue
         got = torch.zeros_like(y)
         prefill_call(slot_lists[0], cfg, got)()
         diff = (got.float() - want.float()).abs()
@@ -117,7 +126,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench/results")
     p.add_argument("--rows", default=",".join(map(str, ROWS)), help="rows per delta, comma-separated")
-    p.add_argument("--configs", default="pipe_m64_s3_wg2,pipe_m128_s3_wg2,ws_m128,ws_m128_a3,ws_m64",
+    p.add_argument("--configs", default="pipe_m64_s3_wg2,ws_m128,ws_m128_k1,ws_m128_x4,ws_m128_d1,ws_m128_d2",
                    help=f"kernel configs to time, comma-separated, of: {', '.join(CONFIGS)}")
     p.add_argument("--label", default="")
     p.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "unknown"))

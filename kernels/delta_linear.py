@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import layout, reference, sbmm, sp2_prefill, sp2_wgmma, spmma_layout
+from kernels import layout, reference, sbmm, sp2_prefill, sp2_wgmma, sp2_wgmma_ws, spmma_layout
+from kernels.paged_attention import sm_count
 
 
 def _field(packed, name: str):
@@ -255,10 +256,12 @@ def apply_deltas(
     return dense
 
 
-# Segments of sp2 stacks with at least this many rows (and fewer than `sbmm.dense_rows`) run on kernels/sp2_wgmma.py
-# (Hopper, fp16: Δ expanded once per 64-128 rows of x, warpgroup MMAs) instead of SBMM, when the launch has at least
-# SP2_PREFILL_MIN_PROGRAMS programs: fewer leave most of the GPU idle, where SBMM's split-K is faster. Elsewhere SBMM
-# runs them (the plain-Triton kernels/sp2_prefill.py is 3.5-7x slower than SBMM: docs/kernels.md run 26).
+# Segments of sp2 stacks with at least this many rows (and fewer than `sbmm.dense_rows`) run on the Hopper prefill
+# kernels (fp16: Δ expanded once per 64-128 rows of x, warpgroup MMAs) instead of SBMM: 128-row blocks on
+# kernels/sp2_wgmma_ws.py (warp-specialized; split along K where the launch has few tiles), 64-row blocks on
+# kernels/sp2_wgmma.py (pipelined), when the launch has at least SP2_PREFILL_MIN_PROGRAMS programs: fewer leave most of
+# the GPU idle, where SBMM's split-K is faster. Elsewhere SBMM runs them (the plain-Triton kernels/sp2_prefill.py is
+# 3.5-7x slower than SBMM: docs/kernels.md run 26).
 # On an H200 the kernel alone is 1.15-1.6x faster than SBMM from 128 rows a delta at 96+ programs
 # (bench/results/sp2-prefill-s24d-*.json). In the worker's eager prefill steps (16 layers, 2-bit, 4 rounds, docs/
 # kernels.md run 27) 128 made steps with one delta 14-18% faster but steps with four 19-34% slower (a segment of
@@ -268,9 +271,10 @@ SP2_PREFILL_ROWS: int | None = 256
 SP2_PREFILL_MIN_PROGRAMS = 96
 
 
-# The time of a 64-row block of sp2_wgmma's pipelined kernel against a 128-row one (H200, s24d: BLOCK_M 64 takes
-# 1.04-1.17x the time of 128 per row at 512 rows a delta); a launch takes 64-row blocks where that is cheaper.
-SP2_BLOCK64_COST = 0.58
+# The time of a 64-row block of sp2_wgmma's pipelined kernel against a 128-row one of sp2_wgmma_ws (H200, s25: the
+# pipelined BLOCK_M 64 takes 1.20-1.30x the time per row at 512 rows a delta); a launch takes 64-row blocks where
+# that is cheaper.
+SP2_BLOCK64_COST = 0.62
 
 
 def sp2_prefill_plan(n: int, rows: Sequence[int], block64_cost: float | None = None) -> tuple[int, int]:
@@ -285,23 +289,31 @@ def sp2_prefill_plan(n: int, rows: Sequence[int], block64_cost: float | None = N
 
 
 @functools.lru_cache(maxsize=16)
-def _sp2_route(starts: tuple, slots: tuple, n: int, min_rows: int, top: int | None, min_programs: int,
+def _sp2_route(starts: tuple, slots: tuple, n: int, k: int, min_rows: int, top: int | None, min_programs: int,
                block64_cost: float, device: torch.device) -> tuple | None:
-    """What `_sp2_prefill_segments` launches for these host segments: (block_m, the slots sp2_wgmma runs, its block
-    table, the slots left for SBMM as a host list and on the device, or None when none is left), or None when it
-    launches nothing. Cached: every linear of a step has the same segments, so the two small tables are copied to
-    the device once a step, not once a linear (eager prefill steps are host-bound)."""
+    """What `_sp2_prefill_segments` launches for these host segments: (block_m, K split (block_m 128: the
+    warp-specialized kernel), the slots the kernel runs, its block table, the slots left for SBMM as a host list
+    and on the device, or None when none is left), or None when it launches nothing. Cached: every linear of a step
+    has the same segments, so the two small tables are copied to the device once a step, not once a linear (eager
+    prefill steps are host-bound)."""
     take = {i for i, slot in enumerate(slots) if slot >= 0 and starts[i + 1] - starts[i] >= min_rows
             and (top is None or starts[i + 1] - starts[i] < top)}
     if not take:
         return None
-    block_m, programs = sp2_prefill_plan(n, [starts[i + 1] - starts[i] for i in take], block64_cost)
-    if programs < min_programs:
+    rows = [starts[i + 1] - starts[i] for i in take]
+    block_m, programs = sp2_prefill_plan(n, rows, block64_cost)
+    split = 1
+    if n % 128 == 0:  # the warp-specialized kernel takes 128-row blocks, and splits K where tiles are few
+        if block_m == 64 and programs < min_programs:
+            block_m, programs = sp2_prefill_plan(n, rows, float("inf"))
+        if block_m == 128:
+            split = sp2_wgmma_ws.split_k(programs, k, sm_count(device))
+    if programs * split < min_programs:
         return None
     picked = [slot if i in take else -1 for i, slot in enumerate(slots)]
     rest = [-1 if i in take else slot for i, slot in enumerate(slots)]
     rest_t = None if all(slot < 0 for slot in rest) else sp2_prefill.device_ints(rest, torch.int64, device)
-    return block_m, picked, sp2_prefill.block_table(starts, picked, block_m, device), rest, rest_t
+    return block_m, split, picked, sp2_prefill.block_table(starts, picked, block_m, device), rest, rest_t
 
 
 def _sp2_prefill_segments(x, y, stack: PackedDeltaStack, seg_slots: torch.Tensor, starts: Sequence[int],
@@ -313,12 +325,16 @@ def _sp2_prefill_segments(x, y, stack: PackedDeltaStack, seg_slots: torch.Tensor
     if (SP2_PREFILL_ROWS is None or not stack.sp2 or not sp2_wgmma.supported(x, n, k, stack.group_size)
             or not sp2_prefill.supported(x, n, k, stack.bits, stack.group_size, stack.sym, stack.sp2)):
         return seg_slots, slots
-    route = _sp2_route(tuple(starts), tuple(slots), n, SP2_PREFILL_ROWS, sbmm.dense_rows(x.device, stack.bits),
+    route = _sp2_route(tuple(starts), tuple(slots), n, k, SP2_PREFILL_ROWS, sbmm.dense_rows(x.device, stack.bits),
                        SP2_PREFILL_MIN_PROGRAMS, SP2_BLOCK64_COST, x.device)
     if route is None:
         return seg_slots, slots
-    block_m, picked, blocks, rest, rest_t = route
-    sp2_wgmma.sp2_wgmma(x, y, stack.qweight, stack.meta, stack.scales, starts, picked, block_m, blocks=blocks)
+    block_m, split, picked, blocks, rest, rest_t = route
+    if block_m == 128 and n % 128 == 0:
+        sp2_wgmma_ws.sp2_wgmma_ws(x, y, stack.qweight, stack.meta, stack.scales, starts, picked, blocks=blocks,
+                                  split=split)
+    else:
+        sp2_wgmma.sp2_wgmma(x, y, stack.qweight, stack.meta, stack.scales, starts, picked, block_m, blocks=blocks)
     return rest_t, rest
 
 

@@ -131,12 +131,17 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached)."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def split_count(num_seqs: int, num_programs: int, max_context_len: int, device: torch.device) -> int:
     """Context splits per (sequence, head group): enough programs for TARGET_PROGRAMS_PER_SM on every SM, a power
     of two up to MAX_SPLITS, none that would get less than one BLOCK_N of the longest context."""
     if device.type != "cuda":
         return 1
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    sms = sm_count(device)
     splits = 1
     while (splits < MAX_SPLITS and num_programs * splits < TARGET_PROGRAMS_PER_SM * sms
            and max_context_len > 2 * splits * BLOCK_N):

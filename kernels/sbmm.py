@@ -488,10 +488,11 @@ class LaunchCache:
         return len(self._entries)
 
     def launch(self, fn, grid: tuple[int, int, int], args: tuple, const_key: tuple, num_warps: int, pdl: bool,
-               device: torch.device, make_const) -> None:
-        """fn[grid](*args, **make_const(), num_warps=num_warps, launch_pdl=pdl); args are fn's leading runtime
-        parameters in order, make_const() its constexprs (a function: only a key's first launch needs them)."""
-        key = (fn, const_key, num_warps, pdl, device.index, tuple(_spec(a) for a in args))
+               device: torch.device, make_const, maxnreg: int | None = None) -> None:
+        """fn[grid](*args, **make_const(), num_warps=num_warps, launch_pdl=pdl[, maxnreg=maxnreg]); args are fn's
+        leading runtime parameters in order, make_const() its constexprs (a function: only a key's first launch
+        needs them)."""
+        key = (fn, const_key, num_warps, pdl, maxnreg, device.index, tuple(_spec(a) for a in args))
         entry = self._entries.get(key)
         if entry is None:
             const = make_const()
@@ -499,7 +500,8 @@ class LaunchCache:
             if any(name in const for name in names[:len(args)]):
                 raise ValueError(f"{fn.__name__}: a constexpr among the first {len(args)} (runtime) parameters")
             tail = tuple(const[name] for name in names[len(args):])  # the constexprs in signature order
-            compiled = fn[grid](*args, **const, num_warps=num_warps, launch_pdl=pdl)
+            options = {} if maxnreg is None else {"maxnreg": maxnreg}
+            compiled = fn[grid](*args, **const, num_warps=num_warps, launch_pdl=pdl, **options)
             if hasattr(compiled, "result"):  # an asynchronous compile's future
                 compiled = compiled.result()
             self._entries[key] = (compiled, tail)

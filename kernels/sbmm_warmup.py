@@ -99,14 +99,22 @@ def warm_up(qweight: torch.Tensor, meta: torch.Tensor | None, scales: torch.Tens
                              base=torch.empty(n, k, dtype=dtype, device=qweight.device))
         launched += 2
     if sp2 and (geometry, "sp2_wgmma") not in seen and _routes_to_sp2_wgmma(x, n, k, k // num_groups, max_tokens):
-        # segments of delta_linear.SP2_PREFILL_ROWS+ rows run kernels/sp2_wgmma.py: two variants per stack geometry
+        # segments of delta_linear.SP2_PREFILL_ROWS+ rows run the prefill kernels: 64-row blocks on kernels/
+        # sp2_wgmma.py, 128-row ones on kernels/sp2_wgmma_ws.py (each K split it can take) where N allows
         seen.add((geometry, "sp2_wgmma"))
-        from kernels import delta_linear, sp2_wgmma
+        from kernels import delta_linear, sp2_wgmma, sp2_wgmma_ws
+        from kernels.paged_attention import sm_count
 
         rows = delta_linear.SP2_PREFILL_ROWS
-        for block_m in (64, 128):  # delta_linear.sp2_prefill_plan's two block sizes
-            sp2_wgmma.sp2_wgmma(x[:rows], y[:rows], qweight, meta, scales, [0, rows], [0], block_m)
-        launched += 2
+        sp2_wgmma.sp2_wgmma(x[:rows], y[:rows], qweight, meta, scales, [0, rows], [0], 64)
+        if n % 128 == 0:
+            splits = sp2_wgmma_ws.split_choices(n, k, sm_count(x.device))
+            for split in splits:
+                sp2_wgmma_ws.sp2_wgmma_ws(x[:rows], y[:rows], qweight, meta, scales, [0, rows], [0], split=split)
+            launched += 1 + len(splits)
+        else:
+            sp2_wgmma.sp2_wgmma(x[:rows], y[:rows], qweight, meta, scales, [0, rows], [0], 128)
+            launched += 2
     seen.add(done)
     return Warmed(launched, True)
 

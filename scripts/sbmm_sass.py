@@ -80,7 +80,8 @@ def compile_kernel(a):
     elif a.kernel == "sp2ws":  # kernels/sp2_wgmma_ws.py: --bm rows of x a program (4 + 8 warps, 128 delta rows)
         sig = prefill_signature(a.dtype)
         const = sp2_wgmma_ws.constexprs(a.k, a.group or a.k, a.bm, x_stages=a.wgmma_stages,
-                                        prefetch=0 if a.no_prefetch else a.wgmma_prefetch)
+                                        prefetch=0 if a.no_prefetch else a.wgmma_prefetch, split=a.split_k,
+                                        diag=a.diag)
         fn, source = sp2_wgmma_ws._sp2_wgmma_ws_kernel, GluonASTSource
         a.warps, options = 4, {"maxnreg": sp2_wgmma_ws.MAX_REGS}
     elif a.kernel == "gluon":  # the wrapper's own constexprs for this shape
@@ -160,7 +161,9 @@ def main() -> None:
     p.add_argument("--scale-each", action="store_true",
                    help="gluon dense2: scale every value in the expander instead of the accumulator")
     p.add_argument("--tiled", action="store_true", help="4-bit words and meta stored tile-major (kernels/layout.py)")
-    p.add_argument("--split-k", type=int, default=1, help="gluon: K splits (fp32 partials, last CTA reduces)")
+    p.add_argument("--split-k", type=int, default=1, help="gluon: K splits (fp32 partials, last CTA reduces); "
+                   "sp2ws: programs a tile along K (fp16 atomic adds)")
+    p.add_argument("--diag", type=int, default=0, help="sp2ws: timing variant (1 no expansion, 2 no MMAs)")
     p.add_argument("--bm", type=int, default=16)
     p.add_argument("--bn", type=int, default=64)
     p.add_argument("--bk", type=int, default=128)

@@ -237,14 +237,15 @@ HOPPER = CUDA and torch.cuda.get_device_capability() == (9, 0)
 
 
 @pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (sm_90)")
-@pytest.mark.parametrize("n,k", [(4096, 4096), (1024, 2048)])
-def test_apply_deltas_gpu_routes_long_sp2_segments_to_the_wgmma_kernel(monkeypatch, n, k):
-    """With host segments, an sp2 stack's segments of SP2_PREFILL_ROWS+ rows run on kernels/sp2_wgmma.py when the
-    launch has enough programs (4096 x 4096, two long segments), on SBMM otherwise (1024 x 2048: 16 programs); the
-    sum is the reference either way."""
-    from kernels import delta_linear, sp2_wgmma
+@pytest.mark.parametrize("n,k,launch", [(4096, 4096, "ws"), (1024, 2048, None), (4096 - 64, 2048, "pipelined")])
+def test_apply_deltas_gpu_routes_long_sp2_segments_to_the_prefill_kernels(monkeypatch, n, k, launch):
+    """With host segments, an sp2 stack's segments of SP2_PREFILL_ROWS+ rows run on the prefill kernels when the
+    launch has enough programs: kernels/sp2_wgmma_ws.py in 128-row blocks (4096 x 4096, two long segments),
+    kernels/sp2_wgmma.py where N is no multiple of 128 (4032 x 2048: 64-row blocks); SBMM otherwise (1024 x 2048:
+    72 programs, K too short to split); the sum is the reference either way."""
+    from kernels import delta_linear, sp2_wgmma, sp2_wgmma_ws
 
-    monkeypatch.setattr(delta_linear, "SP2_PREFILL_ROWS", 128)  # off by default (its comment says why)
+    monkeypatch.setattr(delta_linear, "SP2_PREFILL_ROWS", 128)
     g = torch.Generator().manual_seed(11)
     packed = [random_packed(n, k, 2, 128, generator=g) for _ in range(3)]
     stack = PackedDeltaStack.from_packed(packed, bits=2, shape=(n, k), device="cuda", sp2=True)
@@ -253,11 +254,12 @@ def test_apply_deltas_gpu_routes_long_sp2_segments_to_the_wgmma_kernel(monkeypat
     x = torch.randn(starts[-1], k, generator=g).half()
     y0 = torch.randn(starts[-1], n, generator=g).half()
     calls = []
-    real = sp2_wgmma.sp2_wgmma
-    monkeypatch.setattr(sp2_wgmma, "sp2_wgmma", lambda *a, **kw: calls.append(a[6]) or real(*a, **kw))
+    for name, module, fn in (("pipelined", sp2_wgmma, "sp2_wgmma"), ("ws", sp2_wgmma_ws, "sp2_wgmma_ws")):
+        real = getattr(module, fn)
+        monkeypatch.setattr(module, fn, lambda *a, _real=real, _name=name, **kw: calls.append((_name, a[6]))
+                            or _real(*a, **kw))
     y = y0.cuda()
     apply_deltas(x.cuda(), y, stack, torch.tensor(starts), torch.tensor(slots), host_segments=(starts, slots))
     want = expected(x, y0, dense, starts, slots, torch.float16)
     torch.testing.assert_close(y.float().cpu(), want, atol=0.1, rtol=2e-2)
-    _, programs = delta_linear.sp2_prefill_plan(n, [300, 695])
-    assert calls == ([[2, -1, 1, -1]] if programs >= delta_linear.SP2_PREFILL_MIN_PROGRAMS else [])
+    assert calls == ([] if launch is None else [(launch, [2, -1, 1, -1])])

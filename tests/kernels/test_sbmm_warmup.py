@@ -132,31 +132,37 @@ def test_a_warm_up_cut_into_slices_launches_each_variant_once_and_then_finishes(
     assert sbmm_warmup.warm_up(*args, **graphs, seen=seen, deadline=clock[0]) == (0, True)
 
 
-def test_warm_up_compiles_the_sp2_prefill_kernel_once_per_geometry(monkeypatch):
-    """An sp2 stack whose segments can reach delta_linear.SP2_PREFILL_ROWS on a Hopper GPU also launches
-    kernels/sp2_wgmma.py once per block size (one 128-row segment on slot 0), and not again for a stack of the same
-    geometry; none when max_tokens stays under the threshold. (Launches recorded, not run.)"""
-    from kernels import delta_linear, sp2_wgmma
+def test_warm_up_compiles_the_sp2_prefill_kernels_once_per_geometry(monkeypatch):
+    """An sp2 stack whose segments can reach delta_linear.SP2_PREFILL_ROWS on a Hopper GPU also launches the
+    prefill kernels (one segment of that many rows on slot 0): kernels/sp2_wgmma.py's 64-row blocks and
+    kernels/sp2_wgmma_ws.py at each K split a launch can take (N 256, K 2048 on 132 SMs: 1 or 2), and not again
+    for a stack of the same geometry; none when max_tokens stays under the threshold. (Launches recorded, not
+    run.)"""
+    from kernels import delta_linear, paged_attention, sp2_wgmma, sp2_wgmma_ws
 
     launches = []
-    monkeypatch.setattr(delta_linear, "SP2_PREFILL_ROWS", 128)  # off by default
+    monkeypatch.setattr(delta_linear, "SP2_PREFILL_ROWS", 128)
     monkeypatch.setattr(sbmm_warmup, "compiles_ahead", lambda qweight: True)
     monkeypatch.setattr(sbmm_warmup, "_routes_to_sp2_wgmma",
                         lambda x, n, k, group, max_tokens: max_tokens >= delta_linear.SP2_PREFILL_ROWS)
+    monkeypatch.setattr(paged_attention, "sm_count", lambda device: 132)
     monkeypatch.setattr(sbmm, "sbmm", lambda *a, **kw: None)
     monkeypatch.setattr(sp2_wgmma, "sp2_wgmma", lambda x, y, q, m, s, starts, slots, block_m: launches.append((
-        x.shape[0], y.shape, list(starts), list(slots), block_m)))
-    qweight = torch.zeros(2, 256, 512 // 32, dtype=torch.int32)  # sp2 words: 32 columns each
+        "pipelined", x.shape[0], y.shape, list(starts), list(slots), block_m)))
+    monkeypatch.setattr(sp2_wgmma_ws, "sp2_wgmma_ws", lambda x, y, q, m, s, starts, slots, split: launches.append((
+        "ws", x.shape[0], y.shape, list(starts), list(slots), split)))
+    qweight = torch.zeros(2, 256, 2048 // 32, dtype=torch.int32)  # sp2 words: 32 columns each
     meta = torch.zeros_like(qweight)
-    scales = torch.ones(2, 256, 4, dtype=torch.float16)
+    scales = torch.ones(2, 256, 16, dtype=torch.float16)
     rows = delta_linear.SP2_PREFILL_ROWS
     seen = set()
     sbmm_warmup.warm_up(qweight, meta, scales, None, 2, torch.float16, 512, 4, sp2=True, seen=seen)
-    assert launches == [(rows, (rows, 256), [0, rows], [0], 64), (rows, (rows, 256), [0, rows], [0], 128)]
+    one = (rows, (rows, 256), [0, rows], [0])
+    assert launches == [("pipelined", *one, 64), ("ws", *one, 1), ("ws", *one, 2)]
     sbmm_warmup.warm_up(qweight.clone(), meta, scales, None, 2, torch.float16, 1024, 4, sp2=True, seen=seen)
-    assert len(launches) == 2
+    assert len(launches) == 3
     sbmm_warmup.warm_up(qweight, meta, scales, None, 2, torch.float16, rows - 1, 4, sp2=True)
-    assert len(launches) == 2
+    assert len(launches) == 3
 
 
 def test_the_sp2_prefill_kernel_is_not_warmed_while_the_route_is_off(monkeypatch):

@@ -129,7 +129,8 @@ def test_matches_reference_on_gpu(shape, group, block_m, stages, f16_select, war
 @pytest.mark.parametrize("group", [None, 128])
 @pytest.mark.parametrize("block_m,x_stages,a_stages", [(128, 3, 2), (128, 3, 3), (64, 4, 2)])
 def test_warp_specialized_matches_reference_on_gpu(shape, group, block_m, x_stages, a_stages):
-    """kernels/sp2_wgmma_ws.py (not routed to yet) against the reference, as the test above."""
+    """kernels/sp2_wgmma_ws.py against the reference, as the test above (one program a tile: these launches have
+    enough tiles)."""
     from kernels import sp2_wgmma_ws
 
     x, y0, want, q, m, scales, starts, slots = gpu_case(*shape, group, 1)
@@ -137,6 +138,31 @@ def test_warp_specialized_matches_reference_on_gpu(shape, group, block_m, x_stag
     assert sp2_wgmma_ws.sp2_wgmma_ws(x, got, q, m, scales, starts, slots, block_m, a_stages=a_stages,
                                      x_stages=x_stages) == 3
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (sm_90)")
+@pytest.mark.parametrize("shape", [(4096, 4096), (4096, 11008)])
+@pytest.mark.parametrize("group", [None, 128])
+@pytest.mark.parametrize("split", [2, 3, 8])
+def test_warp_specialized_split_k_matches_reference_on_gpu(shape, group, split):
+    """Split along K (fp16 atomic adds into y; 3 divides neither 32 nor 86 chunks, so the parts are uneven and
+    start mid-group and mid-step) against the reference."""
+    from kernels import sp2_wgmma_ws
+
+    x, y0, want, q, m, scales, starts, slots = gpu_case(*shape, group, 2)
+    got = y0.clone()
+    assert sp2_wgmma_ws.sp2_wgmma_ws(x, got, q, m, scales, starts, slots, split=split) == 3
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=3e-2)
+
+
+def test_split_k_gives_a_launch_about_one_program_an_sm():
+    from kernels.sp2_wgmma_ws import split_k
+
+    assert split_k(32, 4096, 132) == 4  # o / down, one 128-row block: 32 tiles
+    assert split_k(64, 4096, 132) == 2
+    assert split_k(96, 4096, 132) == 1  # q/k/v: enough tiles
+    assert split_k(32, 512, 132) == 1  # 4 chunks: too few to split
+    assert split_k(8, 11008, 132) == 10  # 86 chunks, at least 8 each
 
 
 def test_warp_specialized_kernel_compiles_for_sm90():
