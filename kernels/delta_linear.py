@@ -261,7 +261,10 @@ def apply_deltas(
 # kernels/sp2_wgmma_ws.py (warp-specialized; split along K where the launch has few tiles), 64-row blocks on
 # kernels/sp2_wgmma.py (pipelined), when the launch has at least SP2_PREFILL_MIN_PROGRAMS programs: fewer leave most of
 # the GPU idle, where SBMM's split-K is faster. Elsewhere SBMM runs them (the plain-Triton kernels/sp2_prefill.py is
-# 3.5-7x slower than SBMM: docs/kernels.md run 26).
+# 3.5-7x slower than SBMM: docs/kernels.md run 26). A segment also has to fill its 128-row blocks to
+# SP2_BLOCK_FILL: a block costs about what SBMM spends on 85 rows of the same shape at full occupancy (H200, s25b:
+# qkv 35 us a block against 0.41 us a row, gate/up 62 / 0.72, down 29 / 0.35), so a 150-row segment (two blocks,
+# 59% full) is cheaper on SBMM, a 200-row one (78%) here.
 # On an H200 the kernel alone is 1.15-1.6x faster than SBMM from 128 rows a delta at 96+ programs
 # (bench/results/sp2-prefill-s24d-*.json). In the worker's eager prefill steps (16 layers, 2-bit, 4 rounds, docs/
 # kernels.md run 27) 128 made steps with one delta 14-18% faster but steps with four 19-34% slower (a segment of
@@ -269,6 +272,7 @@ def apply_deltas(
 # (0.50-0.91x) and three of four with four deltas (0.71-1.03x; worker-*-s24d.json). None: off.
 SP2_PREFILL_ROWS: int | None = 256
 SP2_PREFILL_MIN_PROGRAMS = 96
+SP2_BLOCK_FILL = 0.68
 
 
 # The time of a 64-row block of sp2_wgmma's pipelined kernel against a 128-row one of sp2_wgmma_ws (H200, s25: the
@@ -288,6 +292,11 @@ def sp2_prefill_plan(n: int, rows: Sequence[int], block64_cost: float | None = N
     return (64, per_block * b64) if cost * b64 < b128 else (128, per_block * b128)
 
 
+def fills_blocks(rows: int, fill: float | None = None) -> bool:
+    """Whether a segment of `rows` rows fills its 128-row blocks to SP2_BLOCK_FILL (or `fill`)."""
+    return rows >= (SP2_BLOCK_FILL if fill is None else fill) * 128 * -(-rows // 128)
+
+
 @functools.lru_cache(maxsize=16)
 def _sp2_route(starts: tuple, slots: tuple, n: int, k: int, min_rows: int, top: int | None, min_programs: int,
                block64_cost: float, device: torch.device) -> tuple | None:
@@ -297,7 +306,7 @@ def _sp2_route(starts: tuple, slots: tuple, n: int, k: int, min_rows: int, top: 
     has the same segments, so the two small tables are copied to the device once a step, not once a linear (eager
     prefill steps are host-bound)."""
     take = {i for i, slot in enumerate(slots) if slot >= 0 and starts[i + 1] - starts[i] >= min_rows
-            and (top is None or starts[i + 1] - starts[i] < top)}
+            and (top is None or starts[i + 1] - starts[i] < top) and fills_blocks(starts[i + 1] - starts[i])}
     if not take:
         return None
     rows = [starts[i + 1] - starts[i] for i in take]

@@ -60,6 +60,7 @@ class WorkerConfig:
     decode_attention_kernel: bool = True  # CUDA decode steps read the paged KV cache directly (Triton)
     prefill_attention_kernel: bool = True  # CUDA steps with prefill chunks too (varlen kernel)
     fused_rope_kv: bool = True  # CUDA: q/k rotation and the KV-cache write in one launch
+    sp2_prefill_rows: int = -1  # Hopper: sp2 segments of this many rows on the prefill kernels; 0 off, -1 default
     device_cache_bytes: int = 0  # 0 = limited by slots only
     host_cache_bytes: int = 4 << 30
     disk_cache_dir: str = ""  # '' = a per-worker temp dir
@@ -93,12 +94,16 @@ class WorkerConfig:
     tensor_parallel_size: int = 1  # GPUs (ranks) one worker spans; rank r uses cuda:r (gloo ranks on cpu)
 
     def apply_kernel_flags(self) -> None:
-        """Set this process's attention / rotary kernel switches (module flags of deltazip.model) from the config."""
+        """Set this process's attention / rotary / prefill-delta kernel switches (module flags of deltazip.model and
+        kernels.delta_linear) from the config."""
         from deltazip.model import attention, layers
+        from kernels import delta_linear
 
         attention.DECODE_KERNEL = self.decode_attention_kernel
         attention.PREFILL_KERNEL = self.prefill_attention_kernel
         layers.FUSED_ROPE_KV = self.fused_rope_kv
+        if self.sp2_prefill_rows >= 0:
+            delta_linear.SP2_PREFILL_ROWS = self.sp2_prefill_rows or None
 
     @property
     def use_cuda_graphs(self) -> bool:
@@ -120,6 +125,9 @@ class WorkerConfig:
                   "fetch_max_attempts", "default_max_tokens", "model_sync_s", "stream_chunk_tokens")
         _non_negative(self, "device_cache_bytes", "host_cache_bytes", "disk_cache_bytes", "num_kv_blocks",
                       "max_model_len", "metrics_port", "fetch_processes")
+        if self.sp2_prefill_rows < -1:
+            raise ValueError(f"--sp2-prefill-rows must be -1 (the default), 0 (off) or a row count, got "
+                             f"{self.sp2_prefill_rows}")
         if not 0.0 <= self.stream_interval_ms <= 1000.0:
             raise ValueError(f"--stream-interval-ms must be in [0, 1000], got {self.stream_interval_ms}")
         if not 0.0 < self.kv_memory_fraction <= 1.0:
@@ -201,6 +209,9 @@ FLAG_HELP = {  # flags whose meaning the name alone does not tell
                                 "(kernels/paged_attention.py); 0/false = a padded gather + SDPA",
     "fused_rope_kv": "on CUDA, rotate q/k and write the KV cache in one launch per layer (kernels/rope_kv.py); "
                      "0/false = op by op",
+    "sp2_prefill_rows": "on Hopper GPUs with fp16, 2-bit sp2 delta segments of at least this many rows (that fill "
+                        "their 128-row blocks well) run on the prefill kernels (kernels/sp2_wgmma_ws.py) instead of "
+                        "SBMM; 0 = never, -1 = kernels/delta_linear.py's measured default",
     "tensor_parallel_size": "GPUs one worker spans (tensor parallel; default 1): rank r runs on cuda:r (cuda:N -> "
                             "cuda:N+r), or gloo ranks with --device cpu; any size works (heads are padded when they "
                             "do not divide); not with --mode swap or --cuda-graphs 1",

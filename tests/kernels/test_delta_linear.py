@@ -233,6 +233,16 @@ def test_sp2_prefill_plan_picks_the_block_size_and_counts_programs():
     assert sp2_prefill_plan(64 * 3, [1]) == (64, 3)
 
 
+def test_a_segment_routes_only_where_it_fills_its_blocks():
+    """SP2_BLOCK_FILL: 100 rows (one block, 78%) and 200 (two, 78%) fill their 128-row blocks well enough, 150 (59%)
+    and 60 do not."""
+    from kernels.delta_linear import fills_blocks
+
+    assert fills_blocks(100, 0.68) and fills_blocks(200, 0.68) and fills_blocks(512, 0.68)
+    assert not fills_blocks(150, 0.68) and not fills_blocks(60, 0.68) and not fills_blocks(260, 0.68)
+    assert fills_blocks(150, 0.5)
+
+
 HOPPER = CUDA and torch.cuda.get_device_capability() == (9, 0)
 
 

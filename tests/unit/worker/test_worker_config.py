@@ -86,3 +86,19 @@ def test_kernel_switches_default_and_reach_the_model_modules(monkeypatch):
     config_from_args(["--decode-attention-kernel", "0", "--prefill-attention-kernel", "0", "--fused-rope-kv", "on"],
                      env={}).apply_kernel_flags()
     assert (attention.DECODE_KERNEL, attention.PREFILL_KERNEL, layers.FUSED_ROPE_KV) == (False, False, True)
+
+
+def test_sp2_prefill_rows_sets_the_route_threshold(monkeypatch):
+    """--sp2-prefill-rows N sets kernels/delta_linear.py's SP2_PREFILL_ROWS, 0 turns the route off, -1 (the default)
+    leaves the module's measured value; below -1 is refused."""
+    from kernels import delta_linear
+
+    monkeypatch.setattr(delta_linear, "SP2_PREFILL_ROWS", 256)
+    config_from_args([], env={}).apply_kernel_flags()
+    assert delta_linear.SP2_PREFILL_ROWS == 256
+    config_from_args([], env={"DELTAZIP_SP2_PREFILL_ROWS": "96"}).apply_kernel_flags()
+    assert delta_linear.SP2_PREFILL_ROWS == 96
+    config_from_args(["--sp2-prefill-rows", "0"], env={}).apply_kernel_flags()
+    assert delta_linear.SP2_PREFILL_ROWS is None
+    with pytest.raises(ValueError, match="--sp2-prefill-rows"):
+        config_from_args(["--sp2-prefill-rows", "-2"], env={})
