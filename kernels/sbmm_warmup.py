@@ -108,7 +108,8 @@ def warm_up(qweight: torch.Tensor, meta: torch.Tensor | None, scales: torch.Tens
         rows = delta_linear.SP2_PREFILL_ROWS
         sp2_wgmma.sp2_wgmma(x[:rows], y[:rows], qweight, meta, scales, [0, rows], [0], 64)
         if n % 128 == 0:
-            splits = sp2_wgmma_ws.split_choices(n, k, sm_count(x.device))
+            # blocks: every segment's last one may be partial
+            splits = sp2_wgmma_ws.split_choices(n, k, sm_count(x.device), max_tokens // 128 + max_segments)
             for split in splits:
                 sp2_wgmma_ws.sp2_wgmma_ws(x[:rows], y[:rows], qweight, meta, scales, [0, rows], [0], split=split)
             launched += 1 + len(splits)

@@ -202,18 +202,30 @@ def constexprs(k: int, group_size: int, block_m: int, a_stages: int = 2, x_stage
 
 
 MIN_SPLIT_CHUNKS = 8  # a split-K program's fewest 128-column chunks (below, the pipeline's fill dominates)
+# a program's fixed time in chunk-times (launch, pipeline fill, epilogue): o at one 128-row block took 45.9 us in
+# 32 chunks and 16.2 us split in four (H200, s25b), so 1.24 us a chunk and 6.3 us fixed
+SPLIT_FIXED_CHUNKS = 5.0
 
 
 def split_k(programs: int, k: int, sms: int) -> int:
-    """How many programs share each output tile along K: enough to give a launch of `programs` tiles about one
-    program per SM (one fits an SM), each with MIN_SPLIT_CHUNKS+ chunks; 1 from `sms` tiles on."""
-    return max(1, min(k // 128 // MIN_SPLIT_CHUNKS, sms // max(programs, 1)))
+    """How many programs share each output tile along K: the split whose waves (one program fits an SM) take the
+    least time by `SPLIT_FIXED_CHUNKS` + chunks a program, each program keeping MIN_SPLIT_CHUNKS+ chunks; powers
+    of two only (each is a compiled variant). Few tiles split to fill the GPU (32 on 132 SMs: 4); an unlucky count
+    splits to even out its last wave (192: 2)."""
+    chunks = k // 128
+    best, best_t, split = 1, None, 1
+    while split == 1 or chunks // split >= MIN_SPLIT_CHUNKS:
+        t = -(-programs * split // sms) * (chunks / split + SPLIT_FIXED_CHUNKS)
+        if best_t is None or t < 0.97 * best_t:
+            best, best_t = split, t
+        split *= 2
+    return best
 
 
-def split_choices(n: int, k: int, sms: int) -> list[int]:
-    """Every `split_k` a launch of 128-row blocks over an [n, k] stack can take (what the warm-up compiles)."""
-    tiles = n // 128
-    return sorted({split_k(tiles * blocks, k, sms) for blocks in range(1, sms // max(tiles, 1) + 2)})
+def split_choices(n: int, k: int, sms: int, max_blocks: int) -> list[int]:
+    """Every `split_k` a launch of up to `max_blocks` 128-row blocks over an [n, k] stack can take (what the
+    warm-up compiles)."""
+    return sorted({split_k(n // 128 * blocks, k, sms) for blocks in range(1, max_blocks + 1)})
 
 
 def supported(x: torch.Tensor, n: int, k: int, group_size: int) -> bool:

@@ -155,14 +155,16 @@ def test_warp_specialized_split_k_matches_reference_on_gpu(shape, group, split):
     torch.testing.assert_close(got, want, rtol=2e-2, atol=3e-2)
 
 
-def test_split_k_gives_a_launch_about_one_program_an_sm():
+def test_split_k_fills_the_waves():
     from kernels.sp2_wgmma_ws import split_k
 
     assert split_k(32, 4096, 132) == 4  # o / down, one 128-row block: 32 tiles
     assert split_k(64, 4096, 132) == 2
-    assert split_k(96, 4096, 132) == 1  # q/k/v: enough tiles
+    assert split_k(96, 4096, 132) == 1  # q/k/v: one wave already
+    assert split_k(192, 4096, 132) == 2  # two waves, the second 45% full: three of half the length
+    assert split_k(576, 4096, 132) == 1
     assert split_k(32, 512, 132) == 1  # 4 chunks: too few to split
-    assert split_k(8, 11008, 132) == 10  # 86 chunks, at least 8 each
+    assert split_k(8, 11008, 132) == 8  # 86 chunks: powers of two with at least 8 each
 
 
 def test_warp_specialized_kernel_compiles_for_sm90():
