@@ -331,7 +331,11 @@ def _sp2_prefill_segments(x, y, stack: PackedDeltaStack, seg_slots: torch.Tensor
     (Hopper, fp16; enough programs): (the slots tensor the SBMM launch still needs: those -1, the one passed when
     none qualified, None when none is left; the same slots as a host list)."""
     n, k = stack.shape
-    if (SP2_PREFILL_ROWS is None or not stack.sp2 or not sp2_wgmma.supported(x, n, k, stack.group_size)
+    # the cheap test first: this runs for every linear of every prefill step, most of which route nothing (a step
+    # with four deltas of 64-192 rows took 2-5% longer with the device checks first: worker-*-s25d.json)
+    if (SP2_PREFILL_ROWS is None or not stack.sp2
+            or not any(starts[i + 1] - starts[i] >= SP2_PREFILL_ROWS for i in range(len(slots)))
+            or not sp2_wgmma.supported(x, n, k, stack.group_size)
             or not sp2_prefill.supported(x, n, k, stack.bits, stack.group_size, stack.sym, stack.sp2)):
         return seg_slots, slots
     route = _sp2_route(tuple(starts), tuple(slots), n, k, SP2_PREFILL_ROWS, sbmm.dense_rows(x.device, stack.bits),
