@@ -9,7 +9,8 @@ Per worker launch shape (fused q/k/v, o, fused gate/up, down; Llama-2-7B), rows 
 per kernel config (`configs`: kernels/sp2_prefill.py's Triton tiles, kernels/sp2_wgmma.py's BLOCK_M), `us_base`
 (x @ W.T, cuBLAS, fp16 W [N, K]: the same math on dense weights, the practical limit of a dense-dot kernel here),
 and `best`: the fastest config with `speedup` = us_sbmm / its µs
-and `over_base` = its µs / us_base. Also the dense-equivalent TFLOP/s (2 T N K / time). Outputs are compared with
+and `over_base` = its µs / us_base; `us_diag`: the timing-only variants (configs with "diag": wrong results, never
+`best`). Also the dense-equivalent TFLOP/s (2 T N K / time). Outputs are compared with
 SBMM's on every case (`max_abs_diff`, `max_rel_diff`). Timing: CUDA graphs of back-to-back calls on rotating slots
 (bench/sbmm.py `graph_us`). The JSON suggests `delta_linear.SP2_PREFILL_ROWS`: the smallest row count from which
 the best config beats SBMM over a whole layer (four launches summed) at every larger count, for 1 and 4 deltas.

@@ -265,11 +265,13 @@ def apply_deltas(
 # SP2_BLOCK_FILL: a block costs about what SBMM spends on 85 rows of the same shape at full occupancy (H200, s25b:
 # qkv 35 us a block against 0.41 us a row, gate/up 62 / 0.72, down 29 / 0.35), so a 150-row segment (two blocks,
 # 59% full) is cheaper on SBMM, a 200-row one (78%) here.
-# On an H200 the kernel alone is 1.15-1.6x faster than SBMM from 128 rows a delta at 96+ programs
-# (bench/results/sp2-prefill-s24d-*.json). In the worker's eager prefill steps (16 layers, 2-bit, 4 rounds, docs/
-# kernels.md run 27) 128 made steps with one delta 14-18% faster but steps with four 19-34% slower (a segment of
-# 130-200 rows saves SBMM less than it costs here: worker-*-s24c.json); 256 made every round with one delta faster
-# (0.50-0.91x) and three of four with four deltas (0.71-1.03x; worker-*-s24d.json). None: off.
+# On an H200 the warp-specialized kernel alone is 1.37-2.15x faster than SBMM on whole 128-row blocks
+# (bench/results/sp2-prefill-s25b/d-*.json). In the worker's eager prefill steps (16 layers, 2-bit, 4 rounds,
+# docs/kernels.md run 28) 96 (with the fill rule) made steps with one delta 8-14% faster in every round but steps with
+# four deltas (one 64-192-row prompt each) slower in three of four (0.98-1.18x: one or two short segments leave
+# the launch a wave of few programs while SBMM still runs the rest; worker-*-s25c.json); 256 made steps with one
+# delta 4-15% faster in seven of eight rounds and routes nothing in those with four (worker-*-s25d/e.json).
+# None: off (worker flag --sp2-prefill-rows).
 SP2_PREFILL_ROWS: int | None = 256
 SP2_PREFILL_MIN_PROGRAMS = 96
 SP2_BLOCK_FILL = 0.68
@@ -327,9 +329,9 @@ def _sp2_route(starts: tuple, slots: tuple, n: int, k: int, min_rows: int, top: 
 
 def _sp2_prefill_segments(x, y, stack: PackedDeltaStack, seg_slots: torch.Tensor, starts: Sequence[int],
                           slots: Sequence[int]) -> tuple[torch.Tensor | None, Sequence[int]]:
-    """Run the sp2 segments of `SP2_PREFILL_ROWS` rows up to the dense route's threshold on kernels/sp2_wgmma.py
-    (Hopper, fp16; enough programs): (the slots tensor the SBMM launch still needs: those -1, the one passed when
-    none qualified, None when none is left; the same slots as a host list)."""
+    """Run the sp2 segments of `SP2_PREFILL_ROWS` rows up to the dense route's threshold that fill their blocks on
+    the Hopper prefill kernels (fp16; enough programs): (the slots tensor the SBMM launch still needs: those -1,
+    the one passed when none qualified, None when none is left; the same slots as a host list)."""
     n, k = stack.shape
     # the cheap test first: this runs for every linear of every prefill step, most of which route nothing (a step
     # with four deltas of 64-192 rows took 2-5% longer with the device checks first: worker-*-s25d.json)
