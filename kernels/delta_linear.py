@@ -333,8 +333,9 @@ def _sp2_prefill_segments(x, y, stack: PackedDeltaStack, seg_slots: torch.Tensor
     the Hopper prefill kernels (fp16; enough programs): (the slots tensor the SBMM launch still needs: those -1,
     the one passed when none qualified, None when none is left; the same slots as a host list)."""
     n, k = stack.shape
-    # the cheap test first: this runs for every linear of every prefill step, most of which route nothing (a step
-    # with four deltas of 64-192 rows took 2-5% longer with the device checks first: worker-*-s25d.json)
+    # the cheap test first: this runs for every linear of every prefill step, most of which route nothing (steps
+    # with four deltas of 64-192 rows, where nothing routes, were 2-5% slower than the off arm with the device
+    # checks first, worker-*-s25d.json, and 0-9% after, worker-*-s25e.json: within the rounds' noise)
     if (SP2_PREFILL_ROWS is None or not stack.sp2
             or not any(starts[i + 1] - starts[i] >= SP2_PREFILL_ROWS for i in range(len(slots)))
             or not sp2_wgmma.supported(x, n, k, stack.group_size)
