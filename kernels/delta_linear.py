@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels import layout, reference, sbmm, sp2_prefill, sp2_wgmma, sp2_wgmma_ws, spmma_layout
-from kernels.paged_attention import sm_count
+from kernels.sbmm_plan import sm_count
 
 
 def _field(packed, name: str):
@@ -307,11 +307,12 @@ def _sp2_route(starts: tuple, slots: tuple, n: int, k: int, min_rows: int, top: 
     and on the device, or None when none is left), or None when it launches nothing. Cached: every linear of a step
     has the same segments, so the two small tables are copied to the device once a step, not once a linear (eager
     prefill steps are host-bound)."""
-    take = {i for i, slot in enumerate(slots) if slot >= 0 and starts[i + 1] - starts[i] >= min_rows
-            and (top is None or starts[i + 1] - starts[i] < top) and fills_blocks(starts[i + 1] - starts[i])}
+    sizes = [starts[i + 1] - starts[i] for i in range(len(slots))]
+    take = {i for i, slot in enumerate(slots) if slot >= 0 and sizes[i] >= min_rows
+            and (top is None or sizes[i] < top) and fills_blocks(sizes[i])}
     if not take:
         return None
-    rows = [starts[i + 1] - starts[i] for i in take]
+    rows = [sizes[i] for i in take]
     block_m, programs = sp2_prefill_plan(n, rows, block64_cost)
     split = 1
     if n % 128 == 0:  # the warp-specialized kernel takes 128-row blocks, and splits K where tiles are few

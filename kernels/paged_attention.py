@@ -17,13 +17,11 @@ second kernel combines the splits' partial results by their softmax maxima and s
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from kernels.sbmm_plan import interpreting
+from kernels.sbmm_plan import interpreting, sm_count
 
 # Launch config (measured on an H200: bench/attention.py): tokens per loop iteration, query heads per program,
 # warps per program; and the context split for small batches (split_count).
@@ -123,17 +121,6 @@ def _combine_splits_kernel(part_ptr, ml_ptr, out_ptr, stride_ot, stride_oh, num_
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    """Streaming multiprocessors of CUDA device `index` (asked once: split_count runs in every eager decode layer)."""
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (cached)."""
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def split_count(num_seqs: int, num_programs: int, max_context_len: int, device: torch.device) -> int:

@@ -380,12 +380,8 @@ def _launch_sparse_mma(x, y, qweight, meta, scales, seg_starts, seg_slots, bits,
     args = (xs.view(torch.int32), y, xs.stride(0) // 2, y.stride(0), qweight, meta, scales,
             qweight.stride(0), meta.stride(0), scales.stride(0), scales.stride(1),
             seg_starts, seg_slots, seg_slots.shape[0], qweight.shape[0], ws, counters, t * n, n)
-    if FAST_LAUNCH:
-        _LAUNCHES.launch(kernel, grid, args, (*const_key, launch.max_segs), launch.num_warps, pdl, x.device,
-                         lambda: dict(_spmma_constexprs(*const_key), MAX_SEGS=launch.max_segs))
-    else:
-        kernel[grid](*args, MAX_SEGS=launch.max_segs, num_warps=launch.num_warps, launch_pdl=pdl,
-                     **_spmma_constexprs(*const_key))
+    _LAUNCHES.launch(kernel, grid, args, (*const_key, launch.max_segs), launch.num_warps, pdl, x.device,
+                     lambda: dict(_spmma_constexprs(*const_key), MAX_SEGS=launch.max_segs))
 
 
 DEQUANT_BLOCK_N = 64  # rows per program of the dense expansion (one sp4 / sp2 row tile)
@@ -424,11 +420,9 @@ def dequantize_rows(qweight: torch.Tensor, meta: torch.Tensor, scales: torch.Ten
     args = (qweight, meta, scales, scales.stride(0), out.view(torch.int32), out.stride(0) // 2, row0,
             base_words.view(torch.int32), base_words.stride(0) // 2)
     const_key = (k, k // num_groups, num_groups, out.dtype, bits, per_program, base is not None)
-    if FAST_LAUNCH:  # eager prefill steps are host-bound: skip Triton's per-call binding, as the SBMM launches do
-        _LAUNCHES.launch(sbmm_dequant._dequant_kernel, grid, args, const_key, 2, False, out.device,
-                         lambda: _dequant_constexprs(*const_key))
-    else:
-        sbmm_dequant._dequant_kernel[grid](*args, num_warps=2, **_dequant_constexprs(*const_key))
+    # eager prefill steps are host-bound: skip Triton's per-call binding, as the SBMM launches do
+    _LAUNCHES.launch(sbmm_dequant._dequant_kernel, grid, args, const_key, 2, False, out.device,
+                     lambda: _dequant_constexprs(*const_key))
     return out
 
 
@@ -491,7 +485,11 @@ class LaunchCache:
                device: torch.device, make_const, maxnreg: int | None = None) -> None:
         """fn[grid](*args, **make_const(), num_warps=num_warps, launch_pdl=pdl[, maxnreg=maxnreg]); args are fn's
         leading runtime parameters in order, make_const() its constexprs (a function: only a key's first launch
-        needs them)."""
+        needs them). With FAST_LAUNCH off every launch goes through JITFunction.run and the cache is not used."""
+        options = {} if maxnreg is None else {"maxnreg": maxnreg}
+        if not FAST_LAUNCH:
+            fn[grid](*args, **make_const(), num_warps=num_warps, launch_pdl=pdl, **options)
+            return
         key = (fn, const_key, num_warps, pdl, maxnreg, device.index, tuple(_spec(a) for a in args))
         entry = self._entries.get(key)
         if entry is None:
@@ -500,7 +498,6 @@ class LaunchCache:
             if any(name in const for name in names[:len(args)]):
                 raise ValueError(f"{fn.__name__}: a constexpr among the first {len(args)} (runtime) parameters")
             tail = tuple(const[name] for name in names[len(args):])  # the constexprs in signature order
-            options = {} if maxnreg is None else {"maxnreg": maxnreg}
             compiled = fn[grid](*args, **const, num_warps=num_warps, launch_pdl=pdl, **options)
             if hasattr(compiled, "result"):  # an asynchronous compile's future
                 compiled = compiled.result()

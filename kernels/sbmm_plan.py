@@ -38,6 +38,17 @@ def interpreting() -> bool:
 
 
 @functools.cache
+def _sm_count(index: int) -> int:
+    """Streaming multiprocessors of CUDA device `index` (asked once: split choices run in every eager layer)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached)."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
 def _configs() -> dict:
     return resolve_aliases(json.loads(CONFIG_FILE.read_text()), CONFIG_FILE)
 

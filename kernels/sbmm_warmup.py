@@ -103,7 +103,7 @@ def warm_up(qweight: torch.Tensor, meta: torch.Tensor | None, scales: torch.Tens
         # sp2_wgmma.py, 128-row ones on kernels/sp2_wgmma_ws.py (each K split it can take) where N allows
         seen.add((geometry, "sp2_wgmma"))
         from kernels import delta_linear, sp2_wgmma, sp2_wgmma_ws
-        from kernels.paged_attention import sm_count
+        from kernels.sbmm_plan import sm_count
 
         rows = delta_linear.SP2_PREFILL_ROWS
         sp2_wgmma.sp2_wgmma(x[:rows], y[:rows], qweight, meta, scales, [0, rows], [0], 64)

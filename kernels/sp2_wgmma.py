@@ -296,11 +296,8 @@ def sp2_wgmma(x: torch.Tensor, y: torch.Tensor, qweight: torch.Tensor, meta: tor
     args = (x, y, x.stride(0), y.stride(0), qweight, meta, scales, qweight.stride(0), scales.stride(0),
             scales.stride(1), blocks, k // SP2_STEP)
     const = (k, group_size, block_m, x.dtype, stages, prefetch, f16_select, wg)
-    if sbmm.FAST_LAUNCH:  # eager prefill steps launch it per linear: skip Triton's per-call binding
-        _LAUNCHES.launch(_sp2_wgmma_pipe_kernel, grid, args, const, 4 * wg, False, x.device,
-                         lambda: constexprs(*const))
-    else:
-        _sp2_wgmma_pipe_kernel[grid](*args, num_warps=4 * wg, **constexprs(*const))
+    # eager prefill steps launch it per linear: skip Triton's per-call binding
+    _LAUNCHES.launch(_sp2_wgmma_pipe_kernel, grid, args, const, 4 * wg, False, x.device, lambda: constexprs(*const))
     return segments_run(starts, slots)
 
 

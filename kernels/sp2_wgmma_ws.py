@@ -36,7 +36,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 
 from kernels import sbmm, sp2_wgmma
-from kernels.paged_attention import sm_count
+from kernels.sbmm_plan import sm_count
 from kernels.sp2_prefill import block_table, check_operands, segments_run
 from kernels.sp2_wgmma import _chunk_scale, _expand_chunk, _lane_operands, _prefetch
 from kernels.spmma_layout import SP2_STEP
@@ -267,11 +267,9 @@ def sp2_wgmma_ws(x: torch.Tensor, y: torch.Tensor, qweight: torch.Tensor, meta: 
     args = (x, y, x.stride(0), y.stride(0), qweight, meta, scales, qweight.stride(0), scales.stride(0),
             scales.stride(1), blocks, k // SP2_STEP)
     const = (k, group_size, block_m, a_stages, x_stages, prefetch, expand_regs, split, diag)
-    if sbmm.FAST_LAUNCH:  # eager prefill steps launch it per linear: skip Triton's per-call binding
-        _LAUNCHES.launch(_sp2_wgmma_ws_kernel, grid, args, const, 4, False, x.device, lambda: constexprs(*const),
-                         max_regs)
-    else:
-        _sp2_wgmma_ws_kernel[grid](*args, num_warps=4, maxnreg=max_regs, **constexprs(*const))
+    # eager prefill steps launch it per linear: skip Triton's per-call binding
+    _LAUNCHES.launch(_sp2_wgmma_ws_kernel, grid, args, const, 4, False, x.device, lambda: constexprs(*const),
+                     max_regs)
     return segments_run(starts, slots)
 
 

@@ -195,7 +195,7 @@ def test_table_rows_must_match_sequences():
 
 
 def test_split_count_fills_the_sms_of_small_batches_only(monkeypatch):
-    monkeypatch.setattr(paged_attention, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(paged_attention, "sm_count", lambda device: 132)
     cuda = torch.device("cuda", 0)
     assert split_count(64, 64 * 32, 2048, cuda) == 1  # 2048 programs: enough
     assert split_count(1, 32, 2048, cuda) == paged_attention.MAX_SPLITS

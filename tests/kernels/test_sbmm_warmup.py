@@ -139,14 +139,14 @@ def test_warm_up_compiles_the_sp2_prefill_kernels_once_per_geometry(monkeypatch)
     always 2), and not again
     for a stack of the same geometry; none when max_tokens stays under the threshold. (Launches recorded, not
     run.)"""
-    from kernels import delta_linear, paged_attention, sp2_wgmma, sp2_wgmma_ws
+    from kernels import delta_linear, sbmm_plan, sp2_wgmma, sp2_wgmma_ws
 
     launches = []
     monkeypatch.setattr(delta_linear, "SP2_PREFILL_ROWS", 128)
     monkeypatch.setattr(sbmm_warmup, "compiles_ahead", lambda qweight: True)
     monkeypatch.setattr(sbmm_warmup, "_routes_to_sp2_wgmma",
                         lambda x, n, k, group, max_tokens: max_tokens >= delta_linear.SP2_PREFILL_ROWS)
-    monkeypatch.setattr(paged_attention, "sm_count", lambda device: 132)
+    monkeypatch.setattr(sbmm_plan, "sm_count", lambda device: 132)
     monkeypatch.setattr(sbmm, "sbmm", lambda *a, **kw: None)
     monkeypatch.setattr(sp2_wgmma, "sp2_wgmma", lambda x, y, q, m, s, starts, slots, block_m: launches.append((
         "pipelined", x.shape[0], y.shape, list(starts), list(slots), block_m)))
