@@ -1,6 +1,6 @@
 """Worker benchmark (GPU): delta load rate, decode step time with many deltas, tokens/s per serving mode.
 
-  python bench/worker.py --out bench/results [--commit SHA] [--parts load,step,step-profile,prefill,prefill-deltas,long-prefill-ab,fused-ab,attn-cache-ab,rms-norm-ab,decode-attn-ab,rope-kv-ab,prefill-attn-ab,sp2-prefill-ab,modes] [--tiny]
+  python bench/worker.py --out bench/results [--commit SHA] [--parts load,step,step-profile,prefill,prefill-deltas,prefill-host,long-prefill-ab,fused-ab,attn-cache-ab,rms-norm-ab,decode-attn-ab,rope-kv-ab,prefill-attn-ab,sp2-prefill-ab,modes] [--tiny]
 
 Rows (DESIGN.md names), all measured in the same run:
 - part=h2d_limit: pinned host→device copy rate of one large buffer (the physical limit of a delta load).
@@ -36,6 +36,8 @@ Rows (DESIGN.md names), all measured in the same run:
   for prefill steps' attention by the varlen paged kernel against gather + SDPA. part=sp2-prefill-ab: prefill steps
   on 2-bit deltas with segments of --sp2-prefill-rows+ rows on kernels/sp2_wgmma.py (Hopper, fp16) against SBMM
   for all.
+- part=prefill-host: where a delta prefill step's host time goes (cProfile of part=prefill-deltas' steps on the
+  fused model, N in {0, 4, 16}): host ms against the time waited for the GPU, per layer of a delta linear.
 - part=long-prefill-ab: one prompt of 256-2040 tokens prefilled alone (what its time to first token waits for), on
   a delta and on the base model, with the dense route for long delta segments (kernels/delta_linear.py, from
   `sbmm.dense_rows` rows) against SBMM for all segments, alternating in one process; `vs_base` is the ratio to
@@ -500,12 +502,13 @@ def bench_sp2_prefill_ab(cfg: LlamaConfig, device: str, rows: list, deltas=(1, 4
 
 def time_fresh_prefills(model, device: str, num_running: int, num_steps: int, seed: int,
                         slots: DeviceSlots | None = None, num_deltas: int = 0,
-                        profile: Path | None = None) -> tuple[float, int]:
+                        profile: Path | None = None, py_profile=None) -> tuple[float, int]:
     """Mean ms of a prefill step that mixes 1-4 new prompts (64-192 tokens, fresh lengths every step) into
     `num_running` decoding sequences, as serving does; read off the engine's own step profile. num_deltas: every
     request on one of that many deltas of `slots` in turn (0: the base model); their SBMM warm-up is finished
     first, so no timed step carries it. profile: run the timed steps under torch.profiler and write its tables
-    to that file, without the decode step between prefills (so every profiled op belongs to a prefill step)."""
+    to that file, without the decode step between prefills (so every profiled op belongs to a prefill step).
+    py_profile: a cProfile.Profile enabled around each prefill step only (the decode steps between stay out)."""
     engine = decode_engine(model, num_deltas, slots, True, max_num_seqs=num_running + 8 * num_steps)
     g = torch.Generator().manual_seed(seed)
     params = SamplingParams(temperature=0, max_tokens=4 * num_steps + 16, ignore_eos=True)
@@ -528,7 +531,11 @@ def time_fresh_prefills(model, device: str, num_running: int, num_steps: int, se
                 n = int(torch.randint(64, 193, (1,), generator=g))
                 engine.add_request(f"new{seed}-{step}-{j}", torch.randint(3, 200, (n,), generator=g).tolist(),
                                    params, delta=delta())
+            if py_profile is not None:
+                py_profile.enable()
             engine.step()  # the prefill step (new prompts + every running sequence)
+            if py_profile is not None:
+                py_profile.disable()
             if not profile:
                 engine.step()  # a decode step between, as arrivals are spread out
         sync(device)
@@ -610,6 +617,67 @@ def bench_prefill_deltas(cfg: LlamaConfig, device: str, rows: list, deltas=(0, 1
                      "num_running": num_running, "prefill_steps": count, "ms": ms,
                      "vs_base": ms / base_ms if base_ms else None, "profiled": bool(profile)})
         print(json.dumps(rows[-1]), flush=True)
+
+
+# functions whose own time in a profiled step is the host waiting for the GPU (the sampled tokens' copy)
+SYNC_FUNCTIONS = ("tolist", "item", "synchronize", "cpu", "_local_scalar_dense")
+# the host's layers of one delta linear, outermost first (function name, file suffix): cumulative ms per step
+HOST_LAYERS = (("fused_linear", "delta_ops.py"), ("linear", "delta_ops.py"), ("_apply", "delta_ops.py"),
+               ("_stacks_of", "delta_ops.py"), ("apply_linear", "linear_backend.py"),
+               ("apply_deltas", "delta_linear.py"), ("_sp2_prefill_segments", "delta_linear.py"),
+               ("_dense_segments", "delta_linear.py"), ("sbmm", "sbmm.py"), ("_check", "sbmm.py"),
+               ("plan", "sbmm_plan.py"), ("_launch_sparse_mma", "sbmm.py"), ("launch", "sbmm.py"),
+               ("sp_x", "sbmm.py"), ("run", "model_runner.py"), ("step", "engine.py"))
+
+
+def bench_prefill_host(cfg: LlamaConfig, device: str, rows: list, deltas=(0, 4, 16), bits: int = 2,
+                       sp4: bool | None = None, sp2: bool = False, num_running: int = 16, num_steps: int = 12,
+                       profile_dir: Path | None = None) -> None:
+    """part=prefill-host: where a prefill step's host time goes, on the worker's fused model (part=prefill-deltas'
+    steps: 1-4 new prompts of 64-192 tokens mixed into `num_running` decoding sequences, every request on one of N
+    deltas in turn). Per N: the mean step unprofiled (`ms`), then the same steps under cProfile: the time the host
+    waited for the GPU inside them (`sync_wait_ms`: the own time of SYNC_FUNCTIONS, the sampled tokens' copy), the
+    host's own time (`host_ms` = profiled step - wait; cProfile inflates Python, so this over-states it) and the
+    cumulative ms per step of each layer of a delta linear (`layers_ms`, HOST_LAYERS). A step whose host_ms is near
+    its unprofiled ms is host-bound: its GPU idles between launches. The top 40 functions by own and cumulative
+    time go to --profile-dir (prefill-host-<bits>bit-d<N>.txt)."""
+    import cProfile
+    import io
+    import pstats
+
+    model = random_model(cfg, device, torch.float16)
+    num_slots = max(max(deltas), 1)
+    slots = filled_slots(linear_shapes(cfg), num_slots, device, bits, sp4, sp2, model.fused_tensor_names())
+    model.fuse_projections()
+    time_fresh_prefills(model, device, num_running, 2, 0)  # untimed: per-shape set-up
+    for n in deltas:
+        ms, count = time_fresh_prefills(model, device, num_running, num_steps, 0, slots if n else None, n)
+        prof = cProfile.Profile()
+        pms, pcount = time_fresh_prefills(model, device, num_running, num_steps, 1, slots if n else None, n,
+                                          py_profile=prof)
+        stats = pstats.Stats(prof)
+        per = 1e3 / max(pcount, 1)
+        wait = sum(tt for (_, _, fn), (_, _, tt, _, _) in stats.stats.items()
+                   if any(f"'{name}'" in fn or fn == name for name in SYNC_FUNCTIONS)) * per
+        layers = {}
+        for name, suffix in HOST_LAYERS:
+            cum = [(nc, ct) for (file, _, fn), (_, nc, _, ct, _) in stats.stats.items()
+                   if fn == name and file.endswith(suffix)]
+            if cum:
+                layers[f"{suffix[:-3]}.{name}"] = {"calls_per_step": sum(c for c, _ in cum) / max(pcount, 1),
+                                                   "ms_per_step": sum(t for _, t in cum) * per}
+        rows.append({"part": "prefill-host", "num_deltas": n, "bits": bits, "layers": cfg.num_hidden_layers,
+                     "num_running": num_running, "prefill_steps": count, "ms": ms, "profiled_ms": pms,
+                     "sync_wait_ms": wait, "host_ms": pms - wait, "layers_ms": layers})
+        print(json.dumps(rows[-1]), flush=True)
+        if profile_dir is not None:
+            buf = io.StringIO()
+            buf.write(f"{pcount} prefill steps under cProfile, {pms:.1f} ms each ({ms:.1f} unprofiled), {n} deltas, "
+                      f"{num_running} running, {bits}-bit\n")
+            for key in ("tottime", "cumulative"):
+                pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(40)
+            profile_dir.mkdir(parents=True, exist_ok=True)
+            (profile_dir / f"prefill-host-{bits}bit-d{n}.txt").write_text(buf.getvalue())
 
 
 def _prefill_launch_ab(model, device, rows, slots, deltas, bits, layers, num_running, num_steps, rounds) -> None:
@@ -843,6 +911,10 @@ def _main(argv: list[str] | None) -> int:
                              sp2=sp2, profile_dir=Path(args.profile_dir) if args.profile_dir else None,
                              launch_ab=args.launch_ab,
                              **({"num_running": 4, "num_steps": 2} if args.tiny else {}))
+    if "prefill-host" in parts:
+        bench_prefill_host(step_cfg, device, rows, bits=args.step_bits, sp4=False if args.no_sp4 else None, sp2=sp2,
+                           profile_dir=Path(args.profile_dir) if args.profile_dir else None,
+                           **({"deltas": (0, 2), "num_running": 4, "num_steps": 2} if args.tiny else {}))
     if "fused-ab" in parts:
         bench_fused_ab(step_cfg, device, rows, bits=args.step_bits, sp4=False if args.no_sp4 else None, sp2=sp2,
                        rounds=args.fused_rounds,
