@@ -75,3 +75,8 @@ class ForwardContext:
 
     attn: AttentionMetadata | None = None  # None for compute_logits / dense paths
     deltas: DeltaOps | None = None  # None = plain base (or merged) model
+    # Serving forward: the rows its linears, norms and activations run on, past the T tokens (0: T). Rows T.. are
+    # padding that attention never reads and the forward drops: a GEMM sees a few bucketed row counts instead of
+    # every step's new T (cuBLAS plans each new shape on the host: services/worker/engine/model_runner.py
+    # `row_bucket`). ctx.deltas, when given, lays out all of these rows (the padding as a base segment).
+    padded_rows: int = 0

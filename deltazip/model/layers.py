@@ -265,13 +265,20 @@ class LlamaAttention(nn.Module):
         assert ctx.attn is not None, "serving forward needs ctx.attn (AttentionMetadata)"
         assert self.k_cache is not None, "call model.allocate_kv_cache(num_blocks, block_size) first"
         q, k, v = self._qkv(x, ctx.deltas)
+        num_tokens = ctx.attn.slot_mapping.shape[0]
+        pad = x.shape[0] - num_tokens  # rows past the tokens (ForwardContext.padded_rows): never attended
+        if pad:
+            q, k, v = q[:num_tokens], k[:num_tokens], v[:num_tokens]
         if fused_rope_kv_applies(q.device):
             rope_kv.rope_store_kv(q, k, v, rope.cos, rope.sin, self.k_cache, self.v_cache, ctx.attn.slot_mapping)
         else:
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
             store_kv(k, v, self.k_cache, self.v_cache, ctx.attn.slot_mapping)
         o = paged_attention(q, self.k_cache, self.v_cache, ctx.attn, self.scale)  # [T, heads, head_dim]
-        return self.o_proj(o.reshape(x.shape[0], -1), ctx.deltas)
+        o = o.reshape(num_tokens, -1)
+        if pad:
+            o = F.pad(o, (0, 0, 0, pad))
+        return self.o_proj(o, ctx.deltas)
 
     def forward_dense(
         self, x: torch.Tensor, batch: int, rope: Rope, deltas: DeltaOps | None = None

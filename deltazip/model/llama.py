@@ -119,13 +119,21 @@ class LlamaForCausalLM(nn.Module):
         return self.kv_cache
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """input_ids: [T] flattened tokens of all sequences -> final hidden states [T, hidden]."""
+        """input_ids: [T] flattened tokens of all sequences -> final hidden states [T, hidden]. With
+        ctx.padded_rows > T the layers run on that many rows, zero rows after the tokens' (attention reads only
+        the first T), and the result is the first T rows."""
         assert ctx.attn is not None, "serving forward needs ctx.attn; use forward_dense for full sequences"
         rope = self.model.rotary(ctx.attn.positions)
-        h = self.model.embed_tokens(input_ids, ctx.deltas)
+        num_tokens = input_ids.shape[0]
+        pad = ctx.padded_rows - num_tokens
+        if ctx.padded_rows and pad < 0:
+            raise ValueError(f"padded_rows {ctx.padded_rows} < the step's {num_tokens} tokens")
+        h = self.model.embed_tokens(input_ids, ctx.deltas)  # [T, hidden] (the deltas' layout covers T + pad rows)
+        if pad > 0:
+            h = torch.nn.functional.pad(h, (0, 0, 0, pad))
         for layer in self.model.layers:
             h = layer(h, rope, ctx)
-        return self.model.norm(h, ctx.deltas)
+        return self.model.norm(h, ctx.deltas)[:num_tokens]
 
     def compute_logits(self, hidden: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
         """hidden: [S, hidden] (one row per sampled sequence; ctx.deltas laid out for these rows) -> [S, V] fp32."""

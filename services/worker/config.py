@@ -61,6 +61,7 @@ class WorkerConfig:
     prefill_attention_kernel: bool = True  # CUDA steps with prefill chunks too (varlen kernel)
     fused_rope_kv: bool = True  # CUDA: q/k rotation and the KV-cache write in one launch
     sp2_prefill_rows: int = -1  # Hopper: sp2 segments of this many rows on the prefill kernels; 0 off, -1 default
+    row_buckets: bool = True  # CUDA: eager prefill steps run their linears on a bucketed row count
     device_cache_bytes: int = 0  # 0 = limited by slots only
     host_cache_bytes: int = 4 << 30
     disk_cache_dir: str = ""  # '' = a per-worker temp dir
@@ -94,14 +95,16 @@ class WorkerConfig:
     tensor_parallel_size: int = 1  # GPUs (ranks) one worker spans; rank r uses cuda:r (gloo ranks on cpu)
 
     def apply_kernel_flags(self) -> None:
-        """Set this process's attention / rotary / prefill-delta kernel switches (module flags of deltazip.model and
-        kernels.delta_linear) from the config."""
+        """Set this process's attention / rotary / prefill-delta kernel switches and the eager steps' row buckets
+        (module flags of deltazip.model, kernels.delta_linear and the engine's model runner) from the config."""
         from deltazip.model import attention, layers
         from kernels import delta_linear
+        from services.worker.engine import model_runner
 
         attention.DECODE_KERNEL = self.decode_attention_kernel
         attention.PREFILL_KERNEL = self.prefill_attention_kernel
         layers.FUSED_ROPE_KV = self.fused_rope_kv
+        model_runner.ROW_BUCKETS = self.row_buckets
         if self.sp2_prefill_rows >= 0:
             delta_linear.SP2_PREFILL_ROWS = self.sp2_prefill_rows or None
 
@@ -212,6 +215,10 @@ FLAG_HELP = {  # flags whose meaning the name alone does not tell
     "sp2_prefill_rows": "on Hopper GPUs with fp16, 2-bit sp2 delta segments of at least this many rows (that fill "
                         "their 128-row blocks well) run on the prefill kernels (kernels/sp2_wgmma_ws.py) instead of "
                         "SBMM; 0 = never, -1 = kernels/delta_linear.py's measured default",
+    "row_buckets": "on CUDA, steps with prompt chunks run their linears on the token count rounded up to one of ~56 "
+                   "buckets (zero rows added: at most 1/8 more past 128 rows), planned once while idle, instead of "
+                   "every step's own count (cuBLAS plans each new GEMM shape on the host: ~0.2-2 ms a linear); "
+                   "0/false = each step's own count",
     "tensor_parallel_size": "GPUs one worker spans (tensor parallel; default 1): rank r runs on cuda:r (cuda:N -> "
                             "cuda:N+r), or gloo ranks with --device cpu; any size works (heads are padded when they "
                             "do not divide); not with --mode swap or --cuda-graphs 1",

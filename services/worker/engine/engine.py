@@ -17,7 +17,7 @@ from deltazip.model.tokenizer import StopChecker, Tokenizer
 from kernels import compile_watch
 from services.worker.engine.batch_scheduler import BatchScheduler, ScheduledBatch, SchedulerConfig
 from services.worker.engine.block_manager import BlockManager
-from services.worker.engine.model_runner import DeltaOpsProvider, ModelRunner
+from services.worker.engine.model_runner import WARMUP_SLICE_S, DeltaOpsProvider, ModelRunner
 from services.worker.engine.sequence import FinishReason, Sequence, SequenceStatus
 from services.worker.engine.step_profile import StepProfile
 from services.worker.engine.swap import HostWeights, WeightSwapper
@@ -211,10 +211,15 @@ class LLMEngine:
                 return self._process_results(batch, tokens)
 
     def warm_up(self) -> bool:
-        """Compile the SBMM kernels of delta stacks that appeared since the last finished warm-up, one slice of
+        """Plan the bucketed eager steps' GEMMs (once: `ModelRunner.warm_up_row_buckets`), then compile the SBMM
+        kernels of delta stacks that appeared since the last finished warm-up, one slice of
         model_runner.WARMUP_SLICE_S at a time (CUDA; the engine loop calls this when idle, again while it
         returns True, and looks for requests in between); True if it did any work."""
         with self._lock:
+            start = time.perf_counter()
+            if self.runner.warm_up_row_buckets(start + WARMUP_SLICE_S):
+                self.profile.add("warmup", time.perf_counter() - start)
+                return True
             seconds = self.runner.warm_up_if_stale()
             if seconds:
                 self.profile.add("warmup", seconds)

@@ -30,6 +30,30 @@ Segments = list[tuple[str | None, int]]  # (delta name or None for base, number 
 DeltaOpsProvider = Callable[[Segments], DeltaOps | None]
 WARMUP_SLICE_S = 0.2  # a warm-up slice launches no new kernel variant after this long (idle or in a step)
 
+# Eager steps with prompt chunks run their linears on the step's token count T rounded up to `row_bucket(T)` rows
+# (ForwardContext.padded_rows; CUDA, single-GPU models). cuBLAS plans every GEMM shape it has not seen on the host:
+# on an H200 a 7B linear on a new row count took 190-290 us of host time (median; means 0.46-2.4 ms with first loads
+# of its kernels) against 16-27 us on a repeated one (bench/gemm_shapes.py, gemm-shapes-*-s26.json), and prefill steps
+# see a new T on most steps, ~65 linears each. Buckets keep the shapes to ~90 row counts, planned ahead by
+# `warm_up_row_buckets`. False: every step runs on its own T.
+ROW_BUCKETS = True
+
+
+def row_bucket(rows: int) -> int:
+    """The row count a step of `rows` tokens pads to: rows rounded up to a multiple of 1/16 of the next power of
+    two (at least 16): at most 12.5% more rows, 8 buckets per doubling."""
+    step = max(16, (1 << max(rows - 1, 0).bit_length()) // 16)
+    return -(-rows // step) * step
+
+
+def row_buckets(max_rows: int) -> list[int]:
+    """Every bucket `row_bucket` gives for 1..max_rows rows, ascending."""
+    out, rows = [], 1
+    while rows <= max_rows:
+        out.append(row_bucket(rows))
+        rows = out[-1] + 1
+    return out
+
 
 def delta_sort_key(delta: str | None) -> tuple[bool, str]:
     """Base rows first, then deltas by name."""
@@ -88,6 +112,10 @@ class ModelRunner:
         self.max_segments = max_segments  # segments of a step's token rows: deltas per batch + base + spare
         self.max_num_batched_tokens = max_num_batched_tokens
         self.warmed: tuple[int, int] | None = None  # (id, layout_version) of the slots last warmed in full
+        # bucketed eager steps (ROW_BUCKETS): a plain single-GPU model on CUDA (a tensor-parallel leader's ranks
+        # must all run the same rows); the (bucket, linear shape) pairs still to plan, made at the first warm-up
+        self.pads_rows = isinstance(model, LlamaForCausalLM) and self.device.type == "cuda"
+        self._gemm_plans: list | None = None
         self._warm_seen: set = set()  # SBMM variants launched already (kernels/sbmm_warmup.py)
         self.kernel_slots = kernel_slots
         if cuda_graphs and self.device.type == "cuda" and torch.cuda.is_available():
@@ -130,6 +158,36 @@ class ModelRunner:
         segments = run_lengths([items[i][0].delta for i in order], [items[i][1] for i in order])
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
         return PreparedStep(input_ids, attn, segments, order, sample_rows)
+
+    def padded_rows(self, num_tokens: int, decode: bool) -> int:
+        """The rows an eager forward of `num_tokens` tokens runs its linears on (ForwardContext.padded_rows; 0:
+        its own count): the bucket, for steps with prompt chunks when ROW_BUCKETS is on and this runner pads."""
+        if decode or not ROW_BUCKETS or not self.pads_rows:
+            return 0
+        return min(row_bucket(num_tokens), max(num_tokens, self.max_num_batched_tokens))  # within the warmed sizes
+
+    def warm_up_row_buckets(self, deadline: float | None = None) -> int:
+        """Plan every (bucket, linear shape) GEMM the bucketed eager steps can run (one F.linear on zeros each, up
+        to max_num_batched_tokens rows), so no step pays cuBLAS's host-side planning; stops after the call that
+        passes `deadline` (time.perf_counter() seconds) and goes on at the next call. Returns the GEMMs run."""
+        if not ROW_BUCKETS or not self.pads_rows:
+            return 0
+        if self._gemm_plans is None:
+            sizes = sorted({min(r, self.max_num_batched_tokens) for r in row_buckets(self.max_num_batched_tokens)})
+            self._gemm_plans = [(rows, w, b) for w, b in _linear_weights(self.model) for rows in sizes]
+        done = 0
+        with torch.inference_mode():
+            while self._gemm_plans:
+                rows, weight, bias = self._gemm_plans.pop()
+                torch.nn.functional.linear(torch.zeros(rows, weight.shape[1], dtype=weight.dtype,
+                                                       device=weight.device), weight, bias)
+                done += 1
+                if deadline is not None and time.perf_counter() > deadline:
+                    break
+        if done and not self._gemm_plans:
+            torch.cuda.synchronize(self.device)
+            log.info("row_buckets_warmed_up", gemms=done)
+        return done
 
     def _deltas(self, segments: Segments) -> DeltaOps | None:
         return self.deltas_provider(segments) if self.deltas_provider is not None else None
@@ -188,10 +246,13 @@ class ModelRunner:
         if not items:
             return []
         step = self.prepare(items)
-        ctx = ForwardContext(attn=step.attn, deltas=self._deltas(step.token_segments))
+        decode = all(n == 1 and s.num_computed_tokens + 1 == s.num_tokens for s, n in items)
+        padded = self.padded_rows(step.input_ids.shape[0], decode)
+        pad = padded - step.input_ids.shape[0] if padded else 0
+        segments = step.token_segments + [(None, pad)] if pad > 0 else step.token_segments
+        ctx = ForwardContext(attn=step.attn, deltas=self._deltas(segments), padded_rows=padded)
         self.warm_up_if_stale(getattr(ctx.deltas, "device_slots", None))
         hidden = None
-        decode = all(n == 1 and s.num_computed_tokens + 1 == s.num_tokens for s, n in items)
         self.last_kind = "decode_eager" if decode else "prefill"
         if self._graph_ok(items, ctx, decode):
             try:
@@ -215,3 +276,27 @@ class ModelRunner:
         for r, token in zip(step.sample_rows, tokens):
             out[step.order[r]] = token
         return out
+
+
+def _linear_weights(model) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(weight, bias) of one linear per distinct GEMM shape a serving forward runs: the fused q/k/v and gate/up
+    weights where fused, every other linear of the layers (lm_head runs on the sampled rows, not the tokens)."""
+    from deltazip.model.layers import NamedLinear
+
+    seen, out, grouped = set(), [], set()
+
+    def add(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        key = (tuple(weight.shape), weight.dtype, bias is not None)
+        if key not in seen:
+            seen.add(key)
+            out.append((weight, bias))
+
+    for group in model.linear_groups():
+        if group._fused is not None:
+            add(group._fused[0], group._fused[1])
+            grouped.update(id(m) for m in group.members())
+    for layer in model.model.layers:
+        for module in layer.modules():
+            if isinstance(module, NamedLinear) and id(module) not in grouped:
+                add(module.weight, module.bias)
+    return out
