@@ -4,7 +4,7 @@ Eager launches (prefill, and any step the worker does not capture) pay the Pytho
 `apply_deltas` checks, `sbmm.plan` (tuned-table pick and K split), the constexpr dictionary, and Triton's
 launcher (argument binding and the specialization key) before the driver call. This times N calls of a shape
 small enough that the GPU never holds the host back, per layer of the call stack (with one small torch kernel
-for scale), with and without `sbmm.LaunchCache` (`sbmm.FAST_LAUNCH`), and profiles the full calls (cache on)
+for scale), with and without `sbmm.LaunchCache` (`sbmm.FAST_LAUNCH`) and its plan memo (`sbmm.PLAN_MEMO`), and profiles the full calls (cache on)
 with cProfile. Prints and writes JSON: bench/results/sbmm-host-<gpu>-<date>[-label].json.
 
   python bench/sbmm_host.py [--calls 2000] [--label x]
@@ -73,9 +73,11 @@ def main() -> None:
         sbmm.plan(x, a.n, a.k, a.bits, stack.scales.shape[-1], 128, False, a.segments, sp4=sp4, sp2=sp2)
 
     rows = {}
-    for fast in (False, True):  # sbmm.FAST_LAUNCH: Triton's JITFunction.run per call, or sbmm.LaunchCache
-        sbmm.FAST_LAUNCH = fast
-        tag = "launch cache" if fast else "JITFunction.run"
+    # sbmm.FAST_LAUNCH: Triton's JITFunction.run per call, or sbmm.LaunchCache; sbmm.PLAN_MEMO: repeats skip the
+    # checks, the plan and the argument specialization
+    for fast, memo, tag in ((False, False, "JITFunction.run"), (True, False, "launch cache"),
+                            (True, True, "launch cache + plan memo")):
+        sbmm.FAST_LAUNCH, sbmm.PLAN_MEMO = fast, memo
         rows[f"apply_deltas ({tag})"] = per_call_us(full, a.calls)
         rows[f"sbmm.sbmm ({tag})"] = per_call_us(direct, a.calls)
     rows["sbmm.plan"] = per_call_us(plan_only, a.calls)

@@ -1,6 +1,6 @@
 """Worker benchmark (GPU): delta load rate, decode step time with many deltas, tokens/s per serving mode.
 
-  python bench/worker.py --out bench/results [--commit SHA] [--parts load,step,step-profile,prefill,prefill-deltas,prefill-host,row-bucket-ab,long-prefill-ab,fused-ab,attn-cache-ab,rms-norm-ab,decode-attn-ab,rope-kv-ab,prefill-attn-ab,sp2-prefill-ab,modes] [--tiny]
+  python bench/worker.py --out bench/results [--commit SHA] [--parts load,step,step-profile,prefill,prefill-deltas,prefill-host,row-bucket-ab,plan-memo-ab,long-prefill-ab,fused-ab,attn-cache-ab,rms-norm-ab,decode-attn-ab,rope-kv-ab,prefill-attn-ab,sp2-prefill-ab,modes] [--tiny]
 
 Rows (DESIGN.md names), all measured in the same run:
 - part=h2d_limit: pinned host→device copy rate of one large buffer (the physical limit of a delta load).
@@ -40,7 +40,8 @@ Rows (DESIGN.md names), all measured in the same run:
   fused model, N in {0, 4, 16}): host ms against the time waited for the GPU, per layer of a delta linear.
 - part=row-bucket-ab: those prefill steps with each step's token count rounded up to a bucket (the worker's
   default; cuBLAS plans each new GEMM shape on the host) against each on its own count, new prompt lengths for
-  every measurement, alternating in one process.
+  every measurement, alternating in one process; part=plan-memo-ab the same for the SBMM calls' plan memo
+  (kernels/sbmm.py PLAN_MEMO).
 - part=long-prefill-ab: one prompt of 256-2040 tokens prefilled alone (what its time to first token waits for), on
   a delta and on the base model, with the dense route for long delta segments (kernels/delta_linear.py, from
   `sbmm.dense_rows` rows) against SBMM for all segments, alternating in one process; `vs_base` is the ratio to
@@ -683,17 +684,26 @@ def bench_prefill_host(cfg: LlamaConfig, device: str, rows: list, deltas=(0, 4, 
             (profile_dir / f"prefill-host-{bits}bit-d{n}.txt").write_text(buf.getvalue())
 
 
-def bench_row_bucket_ab(cfg: LlamaConfig, device: str, rows: list, deltas=(0, 4, 16), bits: int = 2,
-                        sp4: bool | None = None, sp2: bool = False, rounds: int = 2, num_running: int = 16,
-                        num_steps: int = 12) -> None:
-    """part=row-bucket-ab: part=prefill-deltas' steps on the worker's fused model with the token count of each
-    eager prefill step rounded up to a bucket (services/worker/engine/model_runner.py ROW_BUCKETS, the default)
-    against each step on its own count, alternating by round in one process. Every measurement draws new prompt
-    lengths (its own seed), so the off arm's GEMMs meet row counts cuBLAS has not planned, as serving's do, and
-    the on arm's meet the buckets its warm-up planned. The flag is put back afterwards."""
-    from services.worker.engine import model_runner
+# parts that switch one module flag of the eager prefill path on and off (bench_prefill_flag_ab): part -> flag
+PREFILL_FLAG_PARTS = {"row-bucket-ab": ("services.worker.engine.model_runner", "ROW_BUCKETS"),
+                      "plan-memo-ab": ("kernels.sbmm", "PLAN_MEMO")}
 
-    was = model_runner.ROW_BUCKETS
+
+def bench_prefill_flag_ab(part: str, cfg: LlamaConfig, device: str, rows: list, deltas=(0, 4, 16), bits: int = 2,
+                          sp4: bool | None = None, sp2: bool = False, rounds: int = 2, num_running: int = 16,
+                          num_steps: int = 12) -> None:
+    """parts row-bucket-ab and plan-memo-ab (PREFILL_FLAG_PARTS): part=prefill-deltas' steps on the worker's fused
+    model with a module flag on (the default) against off, alternating by round in one process. row-bucket-ab: each
+    eager prefill step's token count rounded up to a bucket (services/worker/engine/model_runner.py ROW_BUCKETS)
+    against each step on its own count; plan-memo-ab: repeated SBMM calls skipping checks, plan and argument
+    specialization (kernels/sbmm.py PLAN_MEMO) against every call doing them. Every measurement draws new prompt
+    lengths (its own seed), so an unbucketed step's GEMMs meet row counts cuBLAS has not planned, as serving's do.
+    The flag is put back afterwards."""
+    import importlib
+
+    module, attr = PREFILL_FLAG_PARTS[part]
+    flags = importlib.import_module(module)
+    was = getattr(flags, attr)
     model = random_model(cfg, device, torch.float16)
     slots = filled_slots(linear_shapes(cfg), max(max(deltas), 1), device, bits, sp4, sp2,
                          model.fused_tensor_names())
@@ -701,21 +711,21 @@ def bench_row_bucket_ab(cfg: LlamaConfig, device: str, rows: list, deltas=(0, 4,
     seeds = itertools.count(1000)
     try:
         for on in (True, False):  # untimed: kernel compiles and per-shape set-up of both arms
-            model_runner.ROW_BUCKETS = on
+            setattr(flags, attr, on)
             for n in deltas:
                 time_fresh_prefills(model, device, num_running, 2, next(seeds), slots if n else None, n)
         for r in range(rounds):
             for n in deltas:
                 for on in ((True, False) if r % 2 == 0 else (False, True)):
-                    model_runner.ROW_BUCKETS = on
+                    setattr(flags, attr, on)
                     ms, count = time_fresh_prefills(model, device, num_running, num_steps, next(seeds),
                                                     slots if n else None, n)
-                    rows.append({"part": "row-bucket-ab", "round": r, "on": on, "num_deltas": n, "bits": bits,
+                    rows.append({"part": part, "round": r, "flag": attr, "on": on, "num_deltas": n, "bits": bits,
                                  "layers": cfg.num_hidden_layers, "num_running": num_running,
                                  "prefill_steps": count, "ms": ms})
                     print(json.dumps(rows[-1]), flush=True)
     finally:
-        model_runner.ROW_BUCKETS = was
+        setattr(flags, attr, was)
 
 
 def _prefill_launch_ab(model, device, rows, slots, deltas, bits, layers, num_running, num_steps, rounds) -> None:
@@ -953,10 +963,10 @@ def _main(argv: list[str] | None) -> int:
         bench_prefill_host(step_cfg, device, rows, bits=args.step_bits, sp4=False if args.no_sp4 else None, sp2=sp2,
                            profile_dir=Path(args.profile_dir) if args.profile_dir else None,
                            **({"deltas": (0, 2), "num_running": 4, "num_steps": 2} if args.tiny else {}))
-    if "row-bucket-ab" in parts:
-        bench_row_bucket_ab(step_cfg, device, rows, bits=args.step_bits, sp4=False if args.no_sp4 else None,
-                            sp2=sp2, rounds=args.fused_rounds,
-                            **({"deltas": (0, 2), "num_running": 4, "num_steps": 2} if args.tiny else {}))
+    for part in (p for p in parts if p in PREFILL_FLAG_PARTS):
+        bench_prefill_flag_ab(part, step_cfg, device, rows, bits=args.step_bits, sp4=False if args.no_sp4 else None,
+                              sp2=sp2, rounds=args.fused_rounds,
+                              **({"deltas": (0, 2), "num_running": 4, "num_steps": 2} if args.tiny else {}))
     if "fused-ab" in parts:
         bench_fused_ab(step_cfg, device, rows, bits=args.step_bits, sp4=False if args.no_sp4 else None, sp2=sp2,
                        rounds=args.fused_rounds,

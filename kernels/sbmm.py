@@ -137,6 +137,18 @@ def sbmm(
     if sp4 and sp2:
         raise ValueError("sp4 and sp2 name two word orders: pass the one the stack holds")
     sparse_mma = sp4 or sp2
+    memo = None
+    if (sparse_mma and FAST_LAUNCH and PLAN_MEMO and kernel is None and config is None and rows_hint is None
+            and segments_hint is None):
+        memo = _plan_key(x, y, qweight, meta, scales, zeros, bits, sp2, seg_slots.shape[0])
+        hit = _PLANS.get(memo)
+        if hit is not None:  # checked and planned before: the same shapes, strides, dtypes, device and contiguity
+            if workspace is not None and workspace.device != x.device:
+                raise ValueError(f"workspace on {workspace.device}, x on {x.device}: one workspace per device")
+            launch, group_size, num_groups = hit
+            _launch_sparse_mma(x, y, qweight, meta, scales, seg_starts, seg_slots, bits, group_size, num_groups,
+                               launch, workspace, memo)
+            return
     n, group_size = _check(x, y, qweight, meta, scales, zeros, bits, tiled or sp4)
     t, k = x.shape
     num_groups = scales.shape[-1]
@@ -152,8 +164,12 @@ def sbmm(
     if workspace is not None and workspace.device != x.device:
         raise ValueError(f"workspace on {workspace.device}, x on {x.device}: one workspace per device")
     if sparse_mma:
+        if memo is not None:
+            if len(_PLANS) >= PLAN_MEMO_SIZE:
+                _PLANS.clear()
+            _PLANS[memo] = (launch, group_size, num_groups)
         _launch_sparse_mma(x, y, qweight, meta, scales, seg_starts, seg_slots, bits, group_size, num_groups, launch,
-                           workspace)
+                           workspace, memo)
         return
     if dense2:
         meta_words = qweight  # never read (HAS_META false)
@@ -171,6 +187,25 @@ def sbmm(
                       launch, dense2, tiled or dense2, workspace)
     else:
         _launch_triton(common, x, n, k, group_size, num_groups, bits, asym, launch, tiled)
+
+
+# Eager sparse-MMA calls repeat a few shapes (every layer of a prefill step calls each linear's shape again): their
+# checks and plan are kept per `_plan_key`, and their launcher per key and alignment (`_launch_sparse_mma`), so a
+# repeat skips `_check`, `plan` and Triton's argument specialization. Cleared when full; only with FAST_LAUNCH.
+# PLAN_MEMO False: every call checks and plans (bench/worker.py --parts plan-memo-ab times both).
+PLAN_MEMO = True
+PLAN_MEMO_SIZE = 4096
+_PLANS: dict[tuple, tuple] = {}
+_LAUNCHERS: dict[tuple, tuple] = {}
+
+
+def _plan_key(x, y, qweight, meta, scales, zeros, bits: int, sp2: bool, num_segments: int) -> tuple:
+    """Everything `_check`, `_check_sparse_mma` and `plan` read of a sparse-MMA call (shapes, strides, dtypes,
+    device, contiguity, x's storage parity), and what fixes the launch's integer arguments."""
+    return (x.shape, x.stride(), x.dtype, x.device, x.storage_offset() & 1, y.shape, y.stride(), y.dtype,
+            qweight.shape, qweight.stride(), meta.shape, meta.stride(), scales.shape, scales.stride(),
+            zeros is None, qweight.is_contiguous() and meta.is_contiguous() and scales.is_contiguous(), bits, sp2,
+            num_segments)
 
 
 @functools.lru_cache(maxsize=16)
@@ -360,13 +395,33 @@ def _check_sparse_mma(x, n, k, bits, num_groups, group_size, asym, sp2: bool) ->
 
 
 def _launch_sparse_mma(x, y, qweight, meta, scales, seg_starts, seg_slots, bits, group_size, num_groups,
-                       launch: Launch, workspace: Workspace | None = None) -> None:
-    """One launch of kernels/sbmm_spmma.py (sp4 words) or kernels/sbmm_spmma2.py (sp2 words)."""
+                       launch: Launch, workspace: Workspace | None = None, memo: tuple | None = None) -> None:
+    """One launch of kernels/sbmm_spmma.py (sp4 words) or kernels/sbmm_spmma2.py (sp2 words). memo: the call's
+    `_plan_key`: a repeat with the same tensors' 16-byte alignment calls the compiled launcher directly."""
     t, k = x.shape
     n = y.shape[1]
     splits, sp2 = launch.splits, launch.kernel == "spmma2"
     grid = (n // launch.block_n, t // launch.block_m + launch.live_segments, splits)
     ws, counters = _split_workspace(splits, t, n, grid, x.device, workspace)
+    if memo is not None:
+        x_dense = bool(launch.config.get("x_dense", False))
+        xs = x if x_dense else workspace.sp_x(x) if workspace is not None else spmma_layout.sp4_x(x)
+        tensors = (xs, y, qweight, meta, scales, seg_starts, seg_slots, ws, counters)
+        key = (memo, tuple(not a.data_ptr() & 15 for a in tensors), seg_starts.dtype, seg_slots.dtype,
+               x.device.index)
+        entry = _LAUNCHERS.get(key)
+        if entry is not None:
+            compiled, tail = entry
+            full = (xs.view(torch.int32), y, xs.stride(0) // 2, y.stride(0), qweight, meta, scales,
+                    qweight.stride(0), meta.stride(0), scales.stride(0), scales.stride(1),
+                    seg_starts, seg_slots, seg_slots.shape[0], qweight.shape[0], ws, counters, t * n, n, *tail)
+            stream = _current_stream(x.device.index)
+            compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata,
+                         compiled.launch_metadata(grid, stream, *full), knobs.runtime.launch_enter_hook,
+                         knobs.runtime.launch_exit_hook, *full)
+            return
+    else:
+        xs = None
     pdl = bool(launch.config.get("pdl", False))
     # x_dense: the kernel reads x as given, 4-byte loads (no copy; `plan` turns it off for an odd storage offset);
     # else x in the B order (sp2 too): 16-byte loads, a copy per call or per workspace x (T x K x 2 bytes)
@@ -375,13 +430,18 @@ def _launch_sparse_mma(x, y, qweight, meta, scales, seg_starts, seg_slots, bits,
     expand = launch.config.get("expand", "shift")
     const_key = (k, group_size, num_groups, x.dtype, launch.block_m, launch.block_n, launch.num_warps, splits,
                  int(launch.config.get("prefetch", True)), bits, pdl, x_dense, expand)
-    xs = x if x_dense else workspace.sp_x(x) if workspace is not None else spmma_layout.sp4_x(x)
+    if xs is None:
+        xs = x if x_dense else workspace.sp_x(x) if workspace is not None else spmma_layout.sp4_x(x)
     kernel = sbmm_spmma2._sbmm_spmma2_kernel if sp2 else sbmm_spmma._sbmm_spmma_kernel
     args = (xs.view(torch.int32), y, xs.stride(0) // 2, y.stride(0), qweight, meta, scales,
             qweight.stride(0), meta.stride(0), scales.stride(0), scales.stride(1),
             seg_starts, seg_slots, seg_slots.shape[0], qweight.shape[0], ws, counters, t * n, n)
-    _LAUNCHES.launch(kernel, grid, args, (*const_key, launch.max_segs), launch.num_warps, pdl, x.device,
-                     lambda: dict(_spmma_constexprs(*const_key), MAX_SEGS=launch.max_segs))
+    entry = _LAUNCHES.launch(kernel, grid, args, (*const_key, launch.max_segs), launch.num_warps, pdl, x.device,
+                             lambda: dict(_spmma_constexprs(*const_key), MAX_SEGS=launch.max_segs))
+    if memo is not None and entry is not None:
+        if len(_LAUNCHERS) >= PLAN_MEMO_SIZE:
+            _LAUNCHERS.clear()
+        _LAUNCHERS[key] = entry
 
 
 DEQUANT_BLOCK_N = 64  # rows per program of the dense expansion (one sp4 / sp2 row tile)
@@ -482,10 +542,12 @@ class LaunchCache:
         return len(self._entries)
 
     def launch(self, fn, grid: tuple[int, int, int], args: tuple, const_key: tuple, num_warps: int, pdl: bool,
-               device: torch.device, make_const, maxnreg: int | None = None) -> None:
+               device: torch.device, make_const, maxnreg: int | None = None) -> tuple | None:
         """fn[grid](*args, **make_const(), num_warps=num_warps, launch_pdl=pdl[, maxnreg=maxnreg]); args are fn's
         leading runtime parameters in order, make_const() its constexprs (a function: only a key's first launch
-        needs them). With FAST_LAUNCH off every launch goes through JITFunction.run and the cache is not used."""
+        needs them). Returns the key's entry (compiled kernel, constexprs in signature order), which a caller may
+        keep to launch the same key again. With FAST_LAUNCH off every launch goes through JITFunction.run, the
+        cache is not used and None is returned."""
         options = {} if maxnreg is None else {"maxnreg": maxnreg}
         if not FAST_LAUNCH:
             fn[grid](*args, **make_const(), num_warps=num_warps, launch_pdl=pdl, **options)
@@ -501,14 +563,15 @@ class LaunchCache:
             compiled = fn[grid](*args, **const, num_warps=num_warps, launch_pdl=pdl, **options)
             if hasattr(compiled, "result"):  # an asynchronous compile's future
                 compiled = compiled.result()
-            self._entries[key] = (compiled, tail)
-            return
+            entry = self._entries[key] = (compiled, tail)
+            return entry
         compiled, tail = entry
         full = (*args, *tail)
         stream = _current_stream(device.index)
         compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata,
                      compiled.launch_metadata(grid, stream, *full), knobs.runtime.launch_enter_hook,
                      knobs.runtime.launch_exit_hook, *full)
+        return entry
 
 
 def _current_stream(index: int) -> int:

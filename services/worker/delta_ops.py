@@ -27,6 +27,7 @@ class StepDeltaOps:
         self.seg_slot = [-1 if slot is None else slot for slot, _ in rows]  # per segment
         self.num_rows = self.starts[-1]
         self._delta_segments = [(i, s) for i, s in enumerate(self.seg_slot) if s >= 0]
+        self._delta_slots = {s for _, s in self._delta_segments}
         self._seg_starts: torch.Tensor | None = None
         self._seg_slots: dict[tuple[int, ...], torch.Tensor] = {}
         self._on_device: dict[tuple, torch.Tensor] = {}
@@ -50,7 +51,10 @@ class StepDeltaOps:
         other slots (a member missing, formats that differ) run on their own columns."""
         assert x.shape[0] == self.num_rows, f"{group}: {x.shape[0]} rows, layout has {self.num_rows}"
         group_tensor = group + ".weight"
-        self._apply(self._stacks_of(group_tensor), x, y)
+        groups = self._stacks_of(group_tensor)
+        self._apply(groups, x, y)
+        if sum(len(members) for _, members in groups) == len(self._delta_slots):
+            return  # every slot of the step has the fused stack: no member runs alone (the common case)
         for name, part in zip(names, y.split(list(sizes), dim=1)):
             self._apply(self._stacks_of(name + ".weight", skip=group_tensor), x, part)
 

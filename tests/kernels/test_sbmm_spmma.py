@@ -364,6 +364,46 @@ def test_launch_cache_matches_triton_launches_across_alignments_gpu(bits, monkey
     assert len(cache) == 4  # (aligned, shifted) x two configs: the shifted launches got kernels of their own
 
 
+@gpu
+@pytest.mark.parametrize("bits", [4, 2])
+def test_planned_launch_memo_matches_full_calls_gpu(bits, monkeypatch):
+    """Planned eager calls (no config: what the worker makes) keep their checks, plan and launcher per shape
+    (sbmm._PLANS, sbmm._LAUNCHERS): repeats on other stacks of the same shape, on x and y at misaligned addresses
+    and with another workspace give bitwise what calls without the memo (FAST_LAUNCH off) give, misaligned calls
+    get launchers of their own, and a call of another shape is checked again."""
+    n, k = 512, 1024
+    pack = spmma_layout.pack_sp4 if bits == 4 else spmma_layout.pack_sp2
+    cases = [make_case(n, k, bits, 128, True, torch.float16, "odd", "cuda", seed=s) for s in (21, 22)]
+    _, x, y0, starts, slots = cases[0]
+    packed = [pack(c[0]["qweight"], c[0]["meta"]) + (c[0]["scales"],) for c in cases]
+    big_x = torch.empty(x.numel() + 2, dtype=x.dtype, device="cuda")
+    shifted_x = big_x[2:].view(x.shape)  # 4 bytes past a 16-byte boundary: still whole pairs
+    shifted_x.copy_(x)
+    big_y = torch.empty(y0.numel() + 2, dtype=y0.dtype, device="cuda")
+    monkeypatch.setattr(sbmm, "_LAUNCHES", sbmm.LaunchCache())
+    monkeypatch.setattr(sbmm, "_PLANS", {})
+    monkeypatch.setattr(sbmm, "_LAUNCHERS", {})
+    calls = [(i, name, x_in) for i in (0, 1, 0) for name, x_in in (("aligned", x), ("shifted", shifted_x))]
+    results = {}
+    for fast in (False, True):
+        monkeypatch.setattr(sbmm, "FAST_LAUNCH", fast)
+        for j, (i, name, x_in) in enumerate(calls):
+            y = big_y[2:].view(y0.shape) if name == "shifted" else y0.clone()
+            y.copy_(y0)
+            q, m, sc = packed[i]
+            sbmm.sbmm(x_in, y, q, m, sc, None, starts, slots, bits, sp4=bits == 4, sp2=bits == 2,
+                      workspace=sbmm.Workspace("cuda") if j % 2 else None)
+            results[fast, j] = y.clone()
+    for j in range(len(calls)):
+        torch.testing.assert_close(results[True, j], results[False, j], rtol=0, atol=0)
+    assert not torch.equal(results[True, 0], results[True, 2])  # the two stacks really differ
+    assert len(sbmm._PLANS) == 1  # one shape (x shifted by 4 bytes keeps its strides and even offset)
+    assert len(sbmm._LAUNCHERS) == 2  # aligned and shifted tensors: a launcher each
+    with pytest.raises(ValueError):  # another shape is checked again, not served from the memo
+        sbmm.sbmm(x[:, :512], y0[:, :256].contiguous(), *packed[0][:2], packed[0][2], None, starts, slots, bits,
+                  sp4=bits == 4, sp2=bits == 2)
+
+
 def test_launch_spec_is_at_least_as_fine_as_tritons():
     """sbmm._spec (the LaunchCache key of a runtime argument) separates what Triton specializes on: a tensor's
     16-byte alignment and dtype, an int's value 1, multiple of 16 and 32-bit range."""
