@@ -643,11 +643,14 @@ def bench_prefill_host(cfg: LlamaConfig, device: str, rows: list, deltas=(0, 4, 
     waited for the GPU inside them (`sync_wait_ms`: the own time of SYNC_FUNCTIONS, the sampled tokens' copy), the
     host's own time (`host_ms` = profiled step - wait; cProfile inflates Python, so this over-states it) and the
     cumulative ms per step of each layer of a delta linear (`layers_ms`, HOST_LAYERS). A step whose host_ms is near
-    its unprofiled ms is host-bound: its GPU idles between launches. The top 40 functions by own and cumulative
-    time go to --profile-dir (prefill-host-<bits>bit-d<N>.txt)."""
+    its unprofiled ms is host-bound: its GPU idles between launches. `gpu_kernel_ms`: the kernels' own time per
+    step under torch.profiler (the same steps, without their decode steps): a step near it is GPU-bound. The top
+    40 functions by own and cumulative time go to --profile-dir (prefill-host-<bits>bit-d<N>.txt)."""
     import cProfile
     import io
     import pstats
+    import re
+    import tempfile
 
     model = random_model(cfg, device, torch.float16)
     num_slots = max(max(deltas), 1)
@@ -659,6 +662,13 @@ def bench_prefill_host(cfg: LlamaConfig, device: str, rows: list, deltas=(0, 4, 
         prof = cProfile.Profile()
         pms, pcount = time_fresh_prefills(model, device, num_running, num_steps, 1, slots if n else None, n,
                                           py_profile=prof)
+        gpu_ms = None
+        if device.startswith("cuda"):  # the same steps again under torch.profiler: the GPU's kernel time per step
+            table = Path(tempfile.mkdtemp()) / "gpu.txt"
+            _, gcount = time_fresh_prefills(model, device, num_running, num_steps, 0, slots if n else None, n, table)
+            total = re.search(r"Self CUDA time total: ([0-9.]+)(ms|us|s)", table.read_text())
+            if total:
+                gpu_ms = float(total[1]) * {"ms": 1.0, "us": 1e-3, "s": 1e3}[total[2]] / max(gcount, 1)
         stats = pstats.Stats(prof)
         per = 1e3 / max(pcount, 1)
         wait = sum(tt for (_, _, fn), (_, _, tt, _, _) in stats.stats.items()
@@ -672,7 +682,7 @@ def bench_prefill_host(cfg: LlamaConfig, device: str, rows: list, deltas=(0, 4, 
                                                    "ms_per_step": sum(t for _, t in cum) * per}
         rows.append({"part": "prefill-host", "num_deltas": n, "bits": bits, "layers": cfg.num_hidden_layers,
                      "num_running": num_running, "prefill_steps": count, "ms": ms, "profiled_ms": pms,
-                     "sync_wait_ms": wait, "host_ms": pms - wait, "layers_ms": layers})
+                     "sync_wait_ms": wait, "host_ms": pms - wait, "gpu_kernel_ms": gpu_ms, "layers_ms": layers})
         print(json.dumps(rows[-1]), flush=True)
         if profile_dir is not None:
             buf = io.StringIO()
@@ -697,8 +707,9 @@ def bench_prefill_flag_ab(part: str, cfg: LlamaConfig, device: str, rows: list, 
     eager prefill step's token count rounded up to a bucket (services/worker/engine/model_runner.py ROW_BUCKETS)
     against each step on its own count; plan-memo-ab: repeated SBMM calls skipping checks, plan and argument
     specialization (kernels/sbmm.py PLAN_MEMO) against every call doing them. Every measurement draws new prompt
-    lengths (its own seed), so an unbucketed step's GEMMs meet row counts cuBLAS has not planned, as serving's do.
-    The flag is put back afterwards."""
+    lengths (a seed per pair of arms, the same for both), so an unbucketed step's GEMMs meet row counts cuBLAS has
+    not planned, as serving's do (the bucketed arm's buckets are planned by its warm-up, so whichever arm runs
+    first, the other's row counts are new to cuBLAS too). The flag is put back afterwards."""
     import importlib
 
     module, attr = PREFILL_FLAG_PARTS[part]
@@ -716,9 +727,10 @@ def bench_prefill_flag_ab(part: str, cfg: LlamaConfig, device: str, rows: list, 
                 time_fresh_prefills(model, device, num_running, 2, next(seeds), slots if n else None, n)
         for r in range(rounds):
             for n in deltas:
+                seed = next(seeds)  # both arms of a pair run the same steps
                 for on in ((True, False) if r % 2 == 0 else (False, True)):
                     setattr(flags, attr, on)
-                    ms, count = time_fresh_prefills(model, device, num_running, num_steps, next(seeds),
+                    ms, count = time_fresh_prefills(model, device, num_running, num_steps, seed,
                                                     slots if n else None, n)
                     rows.append({"part": part, "round": r, "flag": attr, "on": on, "num_deltas": n, "bits": bits,
                                  "layers": cfg.num_hidden_layers, "num_running": num_running,
