@@ -8,6 +8,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import threading
+import time
 from collections.abc import Callable
 
 from bench.replay import Outcome, replay, sample_worker, summarize
@@ -113,6 +114,10 @@ def warm_up(address: str, mode: str, bits: int | None, names: list[str], reqs: l
                               timeout_s=args.warmup_timeout_s)
         entry.update(requests=len(warm), completed=sum(o.ok for o in outcomes))
         mark(args, "warm-up", mode=mode, requests=len(warm), completed=entry["completed"])
+    if worker_address and getattr(args, "warmup_settle_s", 0) > 0:
+        entry["settle"] = settle = settle_kernels(worker_address, min(args.warmup_settle_s,
+                                                                      max(args.budget.remaining_s(), 0.0)))
+        mark(args, "kernels settled", mode=mode, **settle)
     if worker_address:
         try:
             entry["worker_kernels"] = kernels = asyncio.run(_kernel_phases(worker_address))
@@ -123,6 +128,33 @@ def warm_up(address: str, mode: str, bits: int | None, names: list[str], reqs: l
                                                 for key, value in phase.items()})
     if len(entry) > 3:
         args.warmups.append(entry)
+
+
+SETTLE_QUIET_S = 3.0  # a worker whose warm-up count has not moved for this long has finished warming up
+SETTLE_POLL_S = 0.5
+
+
+def settle_kernels(worker_address: str, limit_s: float) -> dict:
+    """Wait (at most limit_s) until the worker's kernel warm-up count stays unchanged for SETTLE_QUIET_S: an idle
+    worker runs warm-up slices back to back until every kernel variant of its delta stacks is built, so a quiet
+    count means it is done. Returns {settled, waited_s, slices}: slices run while waiting."""
+    start = time.perf_counter()
+    count = last_change = None
+    first = None
+    while True:
+        try:
+            now_count = asyncio.run(_kernel_phases(worker_address)).get("warmup", {}).get("count", 0)
+        except Exception:  # a report: a worker that does not answer is not waited for
+            return {"settled": False, "waited_s": round(time.perf_counter() - start, 1), "slices": 0}
+        now = time.perf_counter()
+        first = now_count if first is None else first
+        if now_count != count:
+            count, last_change = now_count, now
+        if now - last_change >= SETTLE_QUIET_S:
+            return {"settled": True, "waited_s": round(now - start, 1), "slices": count - first}
+        if now - start >= limit_s:
+            return {"settled": False, "waited_s": round(now - start, 1), "slices": count - first}
+        time.sleep(SETTLE_POLL_S)
 
 
 async def _kernel_phases(worker_address: str) -> dict:
