@@ -103,9 +103,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup-timeout-s", type=float, default=0.0,
                    help="deadline of a warm-up request (0 = --timeout-s): caps how long a slow mode's warm-up runs")
     p.add_argument("--warmup-settle-s", type=float, default=120.0,
-                   help="after a point set's warm-up, wait up to this long (also bounded by --budget-s) for the "
-                        "worker's kernel warm-up to settle (its step profile's warm-up count unchanged for "
-                        "3 s; the worker compiles while idle), so no point carries compiles; 0 = do not wait")
+                   help="after a point set's warm-up, wait up to this long (also bounded by --budget-s) until the "
+                        "worker reports no kernel warm-up left (Status.kernels_warming; it builds kernels while "
+                        "idle), so no point carries compiles; 0 = do not wait")
     p.add_argument("--warmup-prefetch", action="store_true",
                    help="before each mode x num_models warm-up, prefetch every fine-tune of the set through the "
                         "SDK into the strongest tier its mode keeps, most popular first, as far as the worker's "

@@ -130,31 +130,39 @@ def warm_up(address: str, mode: str, bits: int | None, names: list[str], reqs: l
         args.warmups.append(entry)
 
 
-SETTLE_QUIET_S = 3.0  # a worker whose warm-up count has not moved for this long has finished warming up
 SETTLE_POLL_S = 0.5
+SETTLE_CLEAR_POLLS = 2  # consecutive Status replies saying no warm-up is left
 
 
 def settle_kernels(worker_address: str, limit_s: float) -> dict:
-    """Wait (at most limit_s) until the worker's kernel warm-up count stays unchanged for SETTLE_QUIET_S: an idle
-    worker runs warm-up slices back to back until every kernel variant of its delta stacks is built, so a quiet
-    count means it is done. Returns {settled, waited_s, slices}: slices run while waiting."""
+    """Wait (at most limit_s) until the worker says no kernel warm-up work is left (Status.kernels_warming false on
+    SETTLE_CLEAR_POLLS replies in a row): an idle worker builds what is left (GEMM row buckets, SBMM variants of its
+    delta stacks) slice after slice, and a point that starts before it is done carries those compiles. Returns
+    {settled, waited_s, slices}: the warm-up slices run while waiting."""
     start = time.perf_counter()
-    count = last_change = None
-    first = None
+    first = count = None
+    clear = 0
     while True:
         try:
-            now_count = asyncio.run(_kernel_phases(worker_address)).get("warmup", {}).get("count", 0)
+            warming, count = asyncio.run(_warming(worker_address))
         except Exception:  # a report: a worker that does not answer is not waited for
             return {"settled": False, "waited_s": round(time.perf_counter() - start, 1), "slices": 0}
-        now = time.perf_counter()
-        first = now_count if first is None else first
-        if now_count != count:
-            count, last_change = now_count, now
-        if now - last_change >= SETTLE_QUIET_S:
-            return {"settled": True, "waited_s": round(now - start, 1), "slices": count - first}
-        if now - start >= limit_s:
-            return {"settled": False, "waited_s": round(now - start, 1), "slices": count - first}
+        first = count if first is None else first
+        clear = 0 if warming else clear + 1
+        waited = time.perf_counter() - start
+        if clear >= SETTLE_CLEAR_POLLS or waited >= limit_s:
+            return {"settled": clear >= SETTLE_CLEAR_POLLS, "waited_s": round(waited, 1), "slices": count - first}
         time.sleep(SETTLE_POLL_S)
+
+
+async def _warming(worker_address: str) -> tuple[bool, int]:
+    """(whether the worker has kernel warm-up work left, its warm-up slices so far)."""
+    from deltazip.rpc.channels import aio_channel
+    from deltazip.v1 import worker_pb2, worker_pb2_grpc
+
+    async with aio_channel(worker_address) as channel:
+        reply = await worker_pb2_grpc.WorkerStub(channel).Status(worker_pb2.StatusRequest(), timeout=10)
+    return reply.kernels_warming, sum(p.count for p in reply.step_phases if p.name == "warmup")
 
 
 async def _kernel_phases(worker_address: str) -> dict:

@@ -74,6 +74,7 @@ class WorkerStatus:
     stats: EngineStats
     deltas: list[ResidentDelta]
     step_phases: dict[str, tuple[int, float]]  # {phase: (count, seconds)} since start
+    kernels_warming: bool = False  # kernel warm-up work left (the engine's GEMM buckets, SBMM variants)
 
 
 class WorkerApp:
@@ -239,7 +240,8 @@ class WorkerApp:
         return delta is not None and self._residency.evict(delta, tier)
 
     def status(self) -> WorkerStatus:
-        return WorkerStatus(self.info, self._loop.stats, self._residency.snapshot(), self._loop.step_phases())
+        return WorkerStatus(self.info, self._loop.stats, self._residency.snapshot(), self._loop.step_phases(),
+                            self._loop.kernels_warming())
 
     def on_residency_change(self, snap: ResidentDelta) -> None:
         if snap.state is DeltaState.ON_DEVICE:

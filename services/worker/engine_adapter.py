@@ -28,6 +28,9 @@ class EngineAdapter:
     def warm_up(self) -> bool:
         return self._engine.warm_up()
 
+    def kernels_warming(self) -> bool:
+        return self._engine.kernels_warming()
+
     def step(self) -> list[StepOutput]:
         return [StepOutput(o.request_id, list(o.token_ids), o.text, o.finish_reason is not None,
                            o.finish_reason.value if o.finish_reason is not None else None)

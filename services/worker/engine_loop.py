@@ -148,6 +148,11 @@ class EngineLoop:
         """{phase: (count, seconds)} since start: the engine's step phases plus this loop's deliver and idle."""
         return {**self._engine.step_phases(), **{k: v for k, v in self.profile.snapshot().items() if v[0]}}
 
+    def kernels_warming(self) -> bool:
+        """Whether the engine still has kernel warm-up work (engines without warm-up: never)."""
+        warming = getattr(self._engine, "kernels_warming", None)
+        return bool(warming()) if warming is not None else False
+
     def _run(self) -> None:
         try:
             while not self._stop.is_set():

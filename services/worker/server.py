@@ -69,7 +69,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             num_running=stats.num_running, num_waiting=stats.num_waiting, free_kv_blocks=stats.free_kv_blocks,
             total_kv_blocks=stats.total_kv_blocks, deltas=deltas, mode=info.mode,
             step_phases=[worker_pb2.StepPhase(name=name, count=count, seconds=seconds)
-                         for name, (count, seconds) in status.step_phases.items()])
+                         for name, (count, seconds) in status.step_phases.items()],
+            kernels_warming=status.kernels_warming)
 
     def _check_model(self, model: str) -> None:
         """A delta name must be one the store accepts: it becomes a directory of the disk cache."""

@@ -72,6 +72,7 @@ def test_concurrent_base_and_deltas_match_merged_weights(cluster):
     tiers = {d.model: d.tier for d in status.deltas}
     assert tiers == {"ft-a": common_pb2.RESIDENCY_TIER_DEVICE, "ft-b": common_pb2.RESIDENCY_TIER_DEVICE}
     assert status.base == "tiny-base" and status.mode == "delta" and status.total_kv_blocks == 64
+    assert not status.kernels_warming  # a CPU worker builds no kernels ahead
 
 
 def test_load_evict_and_invalid_requests(cluster, redis_url):

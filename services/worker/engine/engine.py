@@ -225,6 +225,10 @@ class LLMEngine:
                 self.profile.add("warmup", seconds)
             return seconds > 0
 
+    def kernels_warming(self) -> bool:
+        """Whether `warm_up` has work left (ModelRunner.warm_pending)."""
+        return self.runner.warm_pending()
+
     def _count_compiles(self, num: int, step_s: float) -> None:
         """Kernel variants compiled inside this step's forward (not its warm-up): the profile's `compile` phase
         counts them, with the step's forward seconds (the stall is at most that)."""

@@ -166,6 +166,14 @@ class ModelRunner:
             return 0
         return min(row_bucket(num_tokens), max(num_tokens, self.max_num_batched_tokens))  # within the warmed sizes
 
+    def warm_pending(self) -> bool:
+        """Whether warm-up work is left: bucket GEMMs not planned yet (`warm_up_row_buckets`), or SBMM variants of the
+        kernel slots' current stack layout not all built (`warm_up_if_stale`; CUDA)."""
+        if ROW_BUCKETS and self.pads_rows and (self._gemm_plans is None or self._gemm_plans):
+            return True
+        slots = self.kernel_slots
+        return slots is not None and slots.device.type == "cuda" and self.warmed != (id(slots), slots.layout_version)
+
     def warm_up_row_buckets(self, deadline: float | None = None) -> int:
         """Plan every (bucket, linear shape) GEMM the bucketed eager steps can run (one F.linear on zeros each, up
         to max_num_batched_tokens rows), so no step pays cuBLAS's host-side planning; stops after the call that
@@ -185,7 +193,8 @@ class ModelRunner:
                 if deadline is not None and time.perf_counter() > deadline:
                     break
         if done and not self._gemm_plans:
-            torch.cuda.synchronize(self.device)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
             log.info("row_buckets_warmed_up", gemms=done)
         return done
 

@@ -154,3 +154,23 @@ def test_padded_forward_equals_unpadded_with_dense_ops(fx):
     torch.testing.assert_close(got, want)
     with pytest.raises(ValueError, match="padded_rows"):
         model(ids, ForwardContext(attn=_attn(lengths, 4, 64), deltas=None, padded_rows=8))
+
+
+def test_warm_pending_until_the_buckets_are_planned(fx):
+    """ModelRunner.warm_pending (what the worker's Status reports as kernels_warming): true while bucket GEMMs are
+    left to plan, false once LLMEngine.warm_up has planned them all (in slices), and false on a runner that does
+    not pad."""
+    engine = fx.engine(num_kv_blocks=64, max_num_batched_tokens=256)
+    runner = engine.runner
+    assert not runner.warm_pending() and not engine.kernels_warming()  # CPU: no padding, no SBMM warm-up
+    runner.pads_rows = True
+    assert engine.kernels_warming()
+    assert runner.warm_up_row_buckets(deadline=0.0) == 1  # a deadline already passed: one GEMM, then stop
+    assert engine.kernels_warming()
+    slices = 0
+    while engine.warm_up():
+        slices += 1
+        assert slices < 1000
+    assert not engine.kernels_warming() and slices >= 1
+    # every (bucket, linear shape) pair was planned: the layers' 4 unfused shapes (q/o, k/v, gate/up, down)
+    assert runner.warm_up_row_buckets() == 0
