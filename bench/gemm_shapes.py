@@ -8,8 +8,9 @@ launch queue is far from full):
 - `repeat`: the same T values again, in the same order;
 - `bucketed`: the fresh T values rounded up to a multiple of --bucket rows (x copied into a zero-padded buffer of
   that many rows first, the copy included): what a step pays when its GEMMs only ever see bucketed row counts.
-Prints and writes JSON: bench/results/gemm-shapes-<gpu>-<date>[-label].json. The physical floor is the launch
-itself (a small torch kernel's host time is measured for scale).
+Prints and writes JSON: bench/results/gemm-shapes-<gpu>[-label]-<date>.json (bench/results_io.py; the commit from
+git or BENCH_COMMIT). The physical floor is the launch itself (a small torch kernel's host time is measured for
+scale).
 
   python bench/gemm_shapes.py [--count 120] [--bucket 64] [--label x]
 """
@@ -19,11 +20,15 @@ import datetime
 import json
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.results_io import git_commit, write_results  # noqa: E402
 
 SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
 
@@ -40,9 +45,8 @@ def main() -> None:
     p.add_argument("--min-rows", type=int, default=17)
     p.add_argument("--max-rows", type=int, default=1500)
     p.add_argument("--bucket", type=int, default=64)
-    p.add_argument("--out", default="bench/results")
-    p.add_argument("--label", default="")
-    p.add_argument("--commit", default="unknown")
+    p.add_argument("--out", default="bench/results", help="results folder")
+    p.add_argument("--label", default="", help="added to the device name in the file name")
     a = p.parse_args()
     torch.set_grad_enabled(False)
     dev = torch.device("cuda")
@@ -80,12 +84,10 @@ def main() -> None:
     empty = torch.empty(0, device=dev)
     small = statistics.median(host_us(lambda: torch.add(empty, 1)) for _ in range(200))
     device = torch.cuda.get_device_name()
-    date = datetime.date.today().isoformat()
-    path = Path(a.out) / f"gemm-shapes-{device.replace(' ', '-')}-{date}{'-' + a.label if a.label else ''}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"bench": "gemm_shapes", "device": device, "commit": a.commit, "date": date,
-                                "config": vars(a), "torch": torch.__version__, "small_kernel_us": small,
-                                "rows": rows}, indent=1))
+    path = write_results(Path(a.out), "gemm-shapes", f"{device}-{a.label}" if a.label else device,
+                         {"bench": "gemm_shapes", "device": device, "commit": git_commit(),
+                          "date": datetime.date.today().isoformat(), "config": vars(a), "torch": torch.__version__,
+                          "small_kernel_us": small, "rows": rows})
     print(f"small torch kernel: {small:.1f} us host; wrote {path}")
 
 
