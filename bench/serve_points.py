@@ -97,8 +97,9 @@ def run_point(address: str, requests: list[Request], args, point: dict, base: di
 
 def warm_up(address: str, mode: str, bits: int | None, names: list[str], reqs: list[Request], args,
             prefetch: Callable[[list[str]], dict] | None, worker_address: str | None = None) -> None:
-    """Before a point set: its fine-tunes prefetched (--warmup-prefetch), then its first requests replayed
-    unrecorded (--warmup-requests): steady state, popular deltas resident and kernels built. With the worker's
+    """Before a point set: its fine-tunes prefetched (--warmup-prefetch), the worker's kernel warm-up waited for
+    (--warmup-settle-s), then its first requests replayed unrecorded (--warmup-requests), and the warm-up waited
+    for again: steady state, popular deltas resident and kernels built. With the worker's
     address, the entry keeps the worker's kernel warm-up and in-step compile totals so far (`worker_kernels`:
     the step profile's `warmup` and `compile` phases, services/worker/engine/step_profile.py)."""
     if args.budget.remaining_s() <= 0:
@@ -108,16 +109,23 @@ def warm_up(address: str, mode: str, bits: int | None, names: list[str], reqs: l
         entry["prefetch"] = done = prefetch(names)
         mark(args, "prefetched", mode=mode, warmed_to="+".join(done["warmed_to"]), **done["resident"],
              did_not_fit=len(done["did_not_fit"]), failed=len(done["failed"]), seconds=done["seconds"])
+    settle = worker_address and getattr(args, "warmup_settle_s", 0) > 0
+
+    def wait_for_kernels(key: str, **fields) -> None:
+        limit_s = min(args.warmup_settle_s, max(args.budget.remaining_s(), 0.0))
+        entry[key] = got = settle_kernels(worker_address, limit_s)
+        mark(args, "kernels settled", mode=mode, **fields, **got)
+
+    if settle and args.warmup_requests:  # kernels first, so the warm-up requests run on a built worker
+        wait_for_kernels("settle_before", before="requests")
     if args.warmup_requests:
         warm = [dataclasses.replace(r, id=f"warm-{r.id}") for r in reqs[:args.warmup_requests]]
         outcomes, _, _ = send(address, warm, args, f"warm-up mode={mode} bits={bits} num_models={len(names)}",
                               timeout_s=args.warmup_timeout_s)
         entry.update(requests=len(warm), completed=sum(o.ok for o in outcomes))
         mark(args, "warm-up", mode=mode, requests=len(warm), completed=entry["completed"])
-    if worker_address and getattr(args, "warmup_settle_s", 0) > 0:
-        entry["settle"] = settle = settle_kernels(worker_address, min(args.warmup_settle_s,
-                                                                      max(args.budget.remaining_s(), 0.0)))
-        mark(args, "kernels settled", mode=mode, **settle)
+    if settle:  # again: the requests may have loaded deltas whose stacks need kernels of their own
+        wait_for_kernels("settle")
     if worker_address:
         try:
             entry["worker_kernels"] = kernels = asyncio.run(_kernel_phases(worker_address))
