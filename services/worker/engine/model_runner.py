@@ -34,14 +34,14 @@ WARMUP_SLICE_S = 0.2  # a warm-up slice launches no new kernel variant after thi
 # (ForwardContext.padded_rows; CUDA, single-GPU models). cuBLAS plans every GEMM shape it has not seen on the host:
 # on an H200 a 7B linear on a new row count took 190-290 us of host time (median; means 0.46-2.4 ms with first loads
 # of its kernels) against 16-27 us on a repeated one (bench/gemm_shapes.py, gemm-shapes-*-s26.json), and prefill steps
-# see a new T on most steps, ~65 linears each. Buckets keep the shapes to ~90 row counts, planned ahead by
-# `warm_up_row_buckets`. False: every step runs on its own T.
+# see a new T on most steps, ~65 linears each. Buckets keep the shapes to 56 row counts up to 8192 tokens, planned
+# ahead by `warm_up_row_buckets`. False: every step runs on its own T.
 ROW_BUCKETS = True
 
 
 def row_bucket(rows: int) -> int:
     """The row count a step of `rows` tokens pads to: rows rounded up to a multiple of 1/16 of the next power of
-    two (at least 16): at most 12.5% more rows, 8 buckets per doubling."""
+    two, at least 16 (8 buckets per doubling; past 128 rows less than 1/8 more rows)."""
     step = max(16, (1 << max(rows - 1, 0).bit_length()) // 16)
     return -(-rows // step) * step
 
