@@ -40,6 +40,9 @@ BATCH_DELTAS = Histogram("deltazip_batch_distinct_deltas", "Distinct deltas (bas
                          buckets=(0, 1, 2, 4, 8, 16, 32, 64), registry=REGISTRY)
 STORE_BYTES = Counter("deltazip_store_bytes_total", "Bytes the delta store received (push) or sent (fetch)",
                       ["direction"], registry=REGISTRY)
+KERNELS_WARMING = Gauge("deltazip_worker_kernels_warming", "1 while the worker has kernel warm-up work left (GEMM row "
+                        "buckets, SBMM variants of its delta stacks; steps that meet it pay for it), else 0",
+                        registry=REGISTRY)
 
 
 def add_metrics_flag(parser: argparse.ArgumentParser) -> None:

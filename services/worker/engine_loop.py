@@ -99,6 +99,7 @@ class EngineLoop:
         self.error: BaseException | None = None
 
     def start(self) -> None:
+        metrics.KERNELS_WARMING.set_function(lambda: float(self.kernels_warming()))  # read at each scrape
         self._thread.start()
 
     def stop(self, timeout_s: float = 10.0) -> None:

@@ -60,5 +60,7 @@ def test_metrics_move_after_a_real_run(launcher, models, tmp_path):
     assert total(worker, "deltazip_residency_lookups_total", tier="device", result="miss") >= 1
     assert total(worker, "deltazip_delta_bytes_total", stage="fetch") > 0
     assert total(worker, "deltazip_delta_seconds_count", stage="device_load") >= 1
+    assert ("deltazip_worker_kernels_warming", ()) in worker  # a CPU worker builds no kernels ahead
+    assert total(worker, "deltazip_worker_kernels_warming") == 0
     assert total(st, "deltazip_store_bytes_total", direction="push") > 0
     assert total(st, "deltazip_store_bytes_total", direction="fetch") == total(worker, "deltazip_delta_bytes_total", stage="fetch")
