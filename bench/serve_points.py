@@ -163,23 +163,24 @@ def settle_kernels(worker_address: str, limit_s: float) -> dict:
         time.sleep(SETTLE_POLL_S)
 
 
-async def _warming(worker_address: str) -> tuple[bool, int]:
-    """(whether the worker has kernel warm-up work left, its warm-up slices so far)."""
+async def _status(worker_address: str):
+    """One Status reply of the worker (its own channel)."""
     from deltazip.rpc.channels import aio_channel
     from deltazip.v1 import worker_pb2, worker_pb2_grpc
 
     async with aio_channel(worker_address) as channel:
-        reply = await worker_pb2_grpc.WorkerStub(channel).Status(worker_pb2.StatusRequest(), timeout=10)
+        return await worker_pb2_grpc.WorkerStub(channel).Status(worker_pb2.StatusRequest(), timeout=10)
+
+
+async def _warming(worker_address: str) -> tuple[bool, int]:
+    """(whether the worker has kernel warm-up work left, its warm-up slices so far)."""
+    reply = await _status(worker_address)
     return reply.kernels_warming, sum(p.count for p in reply.step_phases if p.name == "warmup")
 
 
 async def _kernel_phases(worker_address: str) -> dict:
     """The worker's `warmup` and `compile` step-profile totals since it started: {phase: {count, seconds}}."""
-    from deltazip.rpc.channels import aio_channel
-    from deltazip.v1 import worker_pb2, worker_pb2_grpc
-
-    async with aio_channel(worker_address) as channel:
-        reply = await worker_pb2_grpc.WorkerStub(channel).Status(worker_pb2.StatusRequest(), timeout=10)
+    reply = await _status(worker_address)
     return {p.name: {"count": p.count, "seconds": round(p.seconds, 3)} for p in reply.step_phases
             if p.name in ("warmup", "compile")}
 

@@ -645,7 +645,8 @@ def bench_prefill_host(cfg: LlamaConfig, device: str, rows: list, deltas=(0, 4, 
     cumulative ms per step of each layer of a delta linear (`layers_ms`, HOST_LAYERS). A step whose host_ms is near
     its unprofiled ms is host-bound: its GPU idles between launches. `gpu_kernel_ms`: the kernels' own time per
     step under torch.profiler (the same steps, without their decode steps): a step near it is GPU-bound. The top
-    40 functions by own and cumulative time go to --profile-dir (prefill-host-<bits>bit-d<N>.txt)."""
+    40 functions by own and cumulative time go to --profile-dir (prefill-host-<bits>bit-d<N>.txt), and the kernel
+    tables too (prefill-host-gpu-<bits>bit-d<N>.txt)."""
     import cProfile
     import io
     import pstats
@@ -664,9 +665,12 @@ def bench_prefill_host(cfg: LlamaConfig, device: str, rows: list, deltas=(0, 4, 
                                           py_profile=prof)
         gpu_ms = None
         if device.startswith("cuda"):  # the same steps again under torch.profiler: the GPU's kernel time per step
-            table = Path(tempfile.mkdtemp()) / "gpu.txt"
-            _, gcount = time_fresh_prefills(model, device, num_running, num_steps, 0, slots if n else None, n, table)
-            total = re.search(r"Self CUDA time total: ([0-9.]+)(ms|us|s)", table.read_text())
+            with tempfile.TemporaryDirectory() as tmp:  # the kernel tables go to --profile-dir when given
+                table = (profile_dir or Path(tmp)) / f"prefill-host-gpu-{bits}bit-d{n}.txt"
+                table.parent.mkdir(parents=True, exist_ok=True)
+                _, gcount = time_fresh_prefills(model, device, num_running, num_steps, 0, slots if n else None, n,
+                                                table)
+                total = re.search(r"Self CUDA time total: ([0-9.]+)(ms|us|s)", table.read_text())
             if total:
                 gpu_ms = float(total[1]) * {"ms": 1.0, "us": 1e-3, "s": 1e3}[total[2]] / max(gcount, 1)
         stats = pstats.Stats(prof)

@@ -403,42 +403,31 @@ def _launch_sparse_mma(x, y, qweight, meta, scales, seg_starts, seg_slots, bits,
     splits, sp2 = launch.splits, launch.kernel == "spmma2"
     grid = (n // launch.block_n, t // launch.block_m + launch.live_segments, splits)
     ws, counters = _split_workspace(splits, t, n, grid, x.device, workspace)
-    if memo is not None:
-        x_dense = bool(launch.config.get("x_dense", False))
-        xs = x if x_dense else workspace.sp_x(x) if workspace is not None else spmma_layout.sp4_x(x)
+    # x_dense: the kernel reads x as given, 4-byte loads (no copy; `plan` turns it off for an odd storage offset);
+    # else x in the B order (sp2 too): 16-byte loads, a copy per call or per workspace x (T x K x 2 bytes)
+    x_dense = bool(launch.config.get("x_dense", False))
+    xs = x if x_dense else workspace.sp_x(x) if workspace is not None else spmma_layout.sp4_x(x)
+    args = (xs.view(torch.int32), y, xs.stride(0) // 2, y.stride(0), qweight, meta, scales,
+            qweight.stride(0), meta.stride(0), scales.stride(0), scales.stride(1),
+            seg_starts, seg_slots, seg_slots.shape[0], qweight.shape[0], ws, counters, t * n, n)
+    key = None
+    if memo is not None:  # the integer arguments are fixed by the memo key; the tensors' alignment is not
         tensors = (xs, y, qweight, meta, scales, seg_starts, seg_slots, ws, counters)
         key = (memo, tuple(not a.data_ptr() & 15 for a in tensors), seg_starts.dtype, seg_slots.dtype,
                x.device.index)
         entry = _LAUNCHERS.get(key)
         if entry is not None:
-            compiled, tail = entry
-            full = (xs.view(torch.int32), y, xs.stride(0) // 2, y.stride(0), qweight, meta, scales,
-                    qweight.stride(0), meta.stride(0), scales.stride(0), scales.stride(1),
-                    seg_starts, seg_slots, seg_slots.shape[0], qweight.shape[0], ws, counters, t * n, n, *tail)
-            stream = _current_stream(x.device.index)
-            compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata,
-                         compiled.launch_metadata(grid, stream, *full), knobs.runtime.launch_enter_hook,
-                         knobs.runtime.launch_exit_hook, *full)
+            _run_compiled(entry, grid, args, x.device.index)
             return
-    else:
-        xs = None
     pdl = bool(launch.config.get("pdl", False))
-    # x_dense: the kernel reads x as given, 4-byte loads (no copy; `plan` turns it off for an odd storage offset);
-    # else x in the B order (sp2 too): 16-byte loads, a copy per call or per workspace x (T x K x 2 bytes)
-    x_dense = bool(launch.config.get("x_dense", False))
     # expand: "shift" or "fma", the word expander (kernels/sbmm_spmma.py FMA_SHIFTS)
     expand = launch.config.get("expand", "shift")
     const_key = (k, group_size, num_groups, x.dtype, launch.block_m, launch.block_n, launch.num_warps, splits,
                  int(launch.config.get("prefetch", True)), bits, pdl, x_dense, expand)
-    if xs is None:
-        xs = x if x_dense else workspace.sp_x(x) if workspace is not None else spmma_layout.sp4_x(x)
     kernel = sbmm_spmma2._sbmm_spmma2_kernel if sp2 else sbmm_spmma._sbmm_spmma_kernel
-    args = (xs.view(torch.int32), y, xs.stride(0) // 2, y.stride(0), qweight, meta, scales,
-            qweight.stride(0), meta.stride(0), scales.stride(0), scales.stride(1),
-            seg_starts, seg_slots, seg_slots.shape[0], qweight.shape[0], ws, counters, t * n, n)
     entry = _LAUNCHES.launch(kernel, grid, args, (*const_key, launch.max_segs), launch.num_warps, pdl, x.device,
                              lambda: dict(_spmma_constexprs(*const_key), MAX_SEGS=launch.max_segs))
-    if memo is not None and entry is not None:
+    if key is not None and entry is not None:
         if len(_LAUNCHERS) >= PLAN_MEMO_SIZE:
             _LAUNCHERS.clear()
         _LAUNCHERS[key] = entry
@@ -565,13 +554,19 @@ class LaunchCache:
                 compiled = compiled.result()
             entry = self._entries[key] = (compiled, tail)
             return entry
-        compiled, tail = entry
-        full = (*args, *tail)
-        stream = _current_stream(device.index)
-        compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata,
-                     compiled.launch_metadata(grid, stream, *full), knobs.runtime.launch_enter_hook,
-                     knobs.runtime.launch_exit_hook, *full)
+        _run_compiled(entry, grid, args, device.index)
         return entry
+
+
+def _run_compiled(entry: tuple, grid: tuple[int, int, int], args: tuple, device_index: int) -> None:
+    """Launch a LaunchCache entry (compiled kernel, constexprs in signature order) with these runtime args on the
+    device's current stream, as Triton's launcher would, without its per-call binding."""
+    compiled, tail = entry
+    full = (*args, *tail)
+    stream = _current_stream(device_index)
+    compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata,
+                 compiled.launch_metadata(grid, stream, *full), knobs.runtime.launch_enter_hook,
+                 knobs.runtime.launch_exit_hook, *full)
 
 
 def _current_stream(index: int) -> int:

@@ -171,7 +171,10 @@ class ModelRunner:
         kernel slots' current stack layout not all built (`warm_up_if_stale`; CUDA)."""
         if ROW_BUCKETS and self.pads_rows and (self._gemm_plans is None or self._gemm_plans):
             return True
-        slots = self.kernel_slots
+        return self._stale(self.kernel_slots)
+
+    def _stale(self, slots) -> bool:
+        """Whether `slots` are CUDA slots whose stack layout changed since the last finished SBMM warm-up."""
         return slots is not None and slots.device.type == "cuda" and self.warmed != (id(slots), slots.layout_version)
 
     def warm_up_row_buckets(self, deadline: float | None = None) -> int:
@@ -215,7 +218,7 @@ class ModelRunner:
         kernels/compile_watch.py)."""
         self.last_warmup_s, self.last_warmup_variants = 0.0, 0
         slots = slots if slots is not None else self.kernel_slots
-        if slots is None or slots.device.type != "cuda" or self.warmed == (id(slots), slots.layout_version):
+        if not self._stale(slots):
             return 0.0
         start, compiled = time.perf_counter(), compile_watch.compiled_variants()
         self.warm_up_kernels(slots, None if budget_s is None else start + budget_s)
