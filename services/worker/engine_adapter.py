@@ -60,7 +60,7 @@ def build_engine(model, tokenizer, config: WorkerConfig, max_model_len: int | No
     engine_config = EngineConfig(num_kv_blocks=num_blocks, block_size=config.kv_block_size,
                                  max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
                                  max_deltas_per_batch=config.max_deltas_per_batch, max_model_len=max_model_len,
-                                 cuda_graphs=config.use_cuda_graphs)
+                                 cuda_graphs=config.use_cuda_graphs, prefill_first=config.prefill_first)
     engine = LLMEngine(model, engine_config, tokenizer=tokenizer, deltas_provider=delta_ops,
                        is_delta_ready=is_delta_ready, swap_weights=swap_weights, swap_base_host=swap_base_host,
                        kernel_slots=kernel_slots)

@@ -14,6 +14,13 @@ Policy, in order:
      (as this did before) shrank the batch to a few sequences.
    With `base_is_model` (swap mode) the base counts as a model too (key `BASE_MODEL`), so one
    model at a time means base rows never share a batch with fine-tuned rows.
+3. `prefill_first` (off by default): while sequences decode, a step with prompt work left (prefill chunks of
+   running sequences, or waiting sequences that 2. admits) runs those alone, without the decodes, and the next
+   step runs the decodes alone; then prompt work again. A new prompt waits for at most one decode step (on CUDA a
+   graph replay) and its own step no longer carries every running sequence's rows: with deltas those rows are
+   one SBMM segment per running fine-tune, eager, so a mixed step costs ~2x a prompt-only one. Decodes skip at
+   most every other step. A prompt-only turn that admits nothing (deltas not ready, no KV room) falls back to a
+   mixed step, so decodes never wait for nothing.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ class SchedulerConfig:
     max_deltas_per_batch: int = 8
     max_delta_wait_s: float = 2.0
     base_is_model: bool = False  # swap mode: the base is one more model (needs readiness, takes a place)
+    prefill_first: bool = False  # prompt work and decodes in alternate steps (policy 3 above)
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.max_deltas_per_batch < 1:
@@ -77,6 +85,7 @@ class BatchScheduler:
         self._counter = 0
         self.num_preemptions = 0  # total, for stats
         self._draining: str | None = None  # running delta taking no new sequences, so an aged one gets its place
+        self._decode_turn = False  # prefill_first: the last step left the decodes out, so this one runs them
 
     # ---- queue maintenance ----------------------------------------------------------------------
 
@@ -122,13 +131,28 @@ class BatchScheduler:
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
-        budget = self._schedule_running(batch, self.config.max_num_batched_tokens)
+        budget = self.config.max_num_batched_tokens
+        if self.config.prefill_first and any(s.num_uncomputed_tokens == 1 for s in self.running):
+            if self._decode_turn:
+                self._decode_turn = False
+                self._schedule_running(batch, budget, only_decodes=True)
+                return batch
+            if self.waiting or any(s.num_uncomputed_tokens > 1 for s in self.running):
+                self._admit_waiting(batch, self._schedule_running(batch, budget, only_decodes=False))
+                if batch.items:
+                    self._decode_turn = True
+                    return batch  # else nothing to prefill could run: a mixed step below, decodes not held back
+        self._decode_turn = False
+        budget = self._schedule_running(batch, budget)
         self._admit_waiting(batch, budget)
         return batch
 
-    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
-        # Decodes first, then prefill chunks; each group oldest first. Victims: newest unscheduled.
-        pending = sorted(self.running, key=lambda s: (s.num_uncomputed_tokens > 1, self._order[id(s)]))
+    def _schedule_running(self, batch: ScheduledBatch, budget: int, only_decodes: bool | None = None) -> int:
+        """Schedule running sequences: decodes first, then prefill chunks; each group oldest first. Victims: newest
+        unscheduled. only_decodes: True schedules the decodes alone, False the prefill chunks alone (None: both)."""
+        pending = sorted((s for s in self.running if only_decodes is None
+                          or (s.num_uncomputed_tokens == 1) == only_decodes),
+                         key=lambda s: (s.num_uncomputed_tokens > 1, self._order[id(s)]))
         while pending and budget > 0:
             seq = pending.pop(0)
             num_new = min(seq.num_uncomputed_tokens, budget)

@@ -35,6 +35,7 @@ class EngineConfig:
     max_delta_wait_s: float = 2.0
     max_model_len: int | None = None  # None = the model's max_position_embeddings
     cuda_graphs: bool = False  # decode-only steps replay captured CUDA graphs (CUDA only; eager is the reference)
+    prefill_first: bool = False  # prompt work and decodes in alternate steps (batch_scheduler.py policy 3)
 
     def __post_init__(self) -> None:
         if self.num_kv_blocks < 1 or self.block_size < 1:
@@ -43,7 +44,8 @@ class EngineConfig:
     def scheduler_config(self, swap: bool = False) -> SchedulerConfig:
         """swap: one model (the base included) at a time."""
         return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens,
-                               1 if swap else self.max_deltas_per_batch, self.max_delta_wait_s, base_is_model=swap)
+                               1 if swap else self.max_deltas_per_batch, self.max_delta_wait_s, base_is_model=swap,
+                               prefill_first=self.prefill_first)
 
 
 @dataclass(slots=True)

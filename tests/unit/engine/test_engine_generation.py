@@ -47,6 +47,45 @@ def test_mixed_deltas_match_merged_models(fx):
     assert engine.num_free_blocks == 200
 
 
+def test_prefill_first_matches_merged_models_with_prompts_arriving_mid_decode(fx):
+    """prefill_first: prompts that arrive while others decode run in steps of their own, the decodes in the next
+    step; every request still gets its merged model's greedy tokens, and no step mixes decodes and prompts while
+    both wait."""
+    ps = prompts(10, seed=4, max_len=30)
+    deltas = [[None, "ft0", "ft1", "ft2"][i % 4] for i in range(10)]
+    recorder = SegmentRecorder(fx.engine(num_kv_blocks=10).runner.deltas_provider)
+    engine = fx.engine(num_kv_blocks=200, max_num_batched_tokens=24, prefill_first=True, deltas_provider=recorder)
+    _submit(engine, ps[:4], deltas[:4])
+    steps = []  # per step: (decodes, prompt chunks) scheduled
+    schedule = engine.scheduler.schedule
+
+    def recorded():
+        batch = schedule()
+        decodes = sum(1 for seq, n in batch.items if seq.num_output_tokens > 0 and n == 1)
+        steps.append((decodes, len(batch.items) - decodes))
+        return batch
+
+    engine.scheduler.schedule = recorded
+    results = {}
+    for step in range(400):
+        if step in (3, 5, 9):  # arrivals while the first requests decode
+            for i in {3: (4, 5), 5: (6, 7), 9: (8, 9)}[step]:
+                engine.add_request(f"r{i}", ps[i], GREEDY, delta=deltas[i])
+        if not engine.has_unfinished_requests():
+            break
+        for out in engine.step():
+            ids, text, _ = results.get(out.request_id, ([], "", None))
+            results[out.request_id] = (ids + out.token_ids, text + out.text, out.finish_reason)
+    assert sorted(results) == [f"r{i}" for i in range(10)]
+    for i, (p, d) in enumerate(zip(ps, deltas)):
+        assert results[f"r{i}"][0] == fx.reference(d, p, GREEDY.max_tokens), f"request {i} (delta {d})"
+    assert not [s for s in steps if s[0] and s[1]]  # no step mixed decodes with prompt chunks
+    prompt_steps = [i for i, s in enumerate(steps) if s[1]]
+    assert len(prompt_steps) >= 4  # the first prompts, then each arrival
+    assert all(steps[i + 1][0] for i in prompt_steps[1:] if i + 1 < len(steps))  # decodes right after each
+    assert engine.num_free_blocks == 200
+
+
 def test_max_deltas_per_batch_two_with_three_deltas(fx):
     ps = prompts(9, seed=2)
     deltas = ["ft0", "ft1", "ft2"] * 3

@@ -156,3 +156,72 @@ def test_sequence_alone_without_room_ends_with_length():
     _complete(sched, sched.schedule())
     batch = sched.schedule()
     assert batch.ended == [seq] and seq.finish_reason is FinishReason.LENGTH and sched.blocks.num_free_blocks == 1
+
+
+def test_prefill_first_alternates_prompt_steps_and_decode_steps():
+    """prefill_first: with decodes running, a step with prompt work runs it alone, the next one the decodes alone;
+    with no prompt work every step decodes; a prompt admitted while nothing decodes goes into the usual step."""
+    sched = BatchScheduler(SchedulerConfig(prefill_first=True), BlockManager(100, 4))
+    a, b = _seq("a", "A", 0.0), _seq("b", None, 0.1)
+    sched.add(a)
+    sched.add(b)
+    batch = sched.schedule()
+    assert _scheduled(batch) == ["a", "b"]  # nothing decodes yet: the usual step
+    _complete(sched, batch)
+    batch = sched.schedule()
+    assert _scheduled(batch) == ["a", "b"] and all(n == 1 for _, n in batch.items)  # decodes, no prompt work
+    _complete(sched, batch)
+    c, d = _seq("c", "C", 1.0, prompt_len=6), _seq("d", "A", 1.1)
+    sched.add(c)
+    sched.add(d)
+    batch = sched.schedule()
+    assert _scheduled(batch) == ["c", "d"]  # the prompts alone: a and b wait one step
+    _complete(sched, batch)
+    sched.add(_seq("e", None, 2.0))
+    batch = sched.schedule()
+    assert _scheduled(batch) == ["a", "b", "c", "d"] and all(n == 1 for _, n in batch.items)  # decodes alone
+    _complete(sched, batch)
+    batch = sched.schedule()
+    assert _scheduled(batch) == ["e"]  # the prompt that came meanwhile, alone again
+    _complete(sched, batch)
+    batch = sched.schedule()
+    assert len(batch.items) == 5 and all(n == 1 for _, n in batch.items)
+
+
+def test_prefill_first_keeps_chunked_prompts_in_prompt_steps_and_never_holds_decodes_for_nothing():
+    """A prompt over the token budget runs chunk by chunk in the prompt turns, decodes in between; a prompt turn
+    that can admit nothing (its delta not ready) gives the decodes the step instead of an empty one."""
+    ready = {"A": True, "B": False}
+    sched = BatchScheduler(SchedulerConfig(prefill_first=True, max_num_batched_tokens=8), BlockManager(100, 4),
+                           is_delta_ready=lambda name: ready[name])
+    a = _seq("a", "A", 0.0)
+    sched.add(a)
+    _complete(sched, sched.schedule())  # a decodes from now on
+    long = _seq("long", "A", 1.0, prompt_len=20)
+    sched.add(long)
+    turns = []
+    for _ in range(6):
+        batch = sched.schedule()
+        turns.append([(s.request_id, n) for s, n in batch.items])
+        _complete(sched, batch)
+    assert turns == [[("long", 8)], [("a", 1)], [("long", 8)], [("a", 1)], [("long", 4)], [("a", 1), ("long", 1)]]
+    sched.add(_seq("b", "B", 2.0))  # its delta is not loaded: no prompt step can run it
+    batch = sched.schedule()
+    assert _scheduled(batch) == ["a", "long"] and all(n == 1 for _, n in batch.items)
+    _complete(sched, batch)
+    batch = sched.schedule()
+    assert _scheduled(batch) == ["a", "long"]  # every step, while b waits for its delta
+    ready["B"] = True
+    _complete(sched, batch)
+    batch = sched.schedule()
+    assert _scheduled(batch) == ["b"]
+
+
+def test_mixed_steps_by_default():
+    """Without prefill_first decodes and new prompts share the step (decodes first)."""
+    sched = BatchScheduler(SchedulerConfig(), BlockManager(100, 4))
+    a = _seq("a", "A", 0.0)
+    sched.add(a)
+    _complete(sched, sched.schedule())
+    sched.add(_seq("b", "B", 1.0))
+    assert _scheduled(sched.schedule()) == ["a", "b"]
