@@ -69,7 +69,7 @@ class WorkerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_deltas_per_batch: int = 4
-    prefill_first: bool = False  # prompt work and decodes in alternate steps (engine/batch_scheduler.py)
+    prefill_first: bool = False  # prompts and decodes in alternate steps (engine/batch_scheduler.py; measured slower)
     kv_block_size: int = 16
     num_kv_blocks: int = 0  # 0 = derive from kv_memory_fraction
     kv_memory_fraction: float = 0.5
@@ -223,8 +223,9 @@ FLAG_HELP = {  # flags whose meaning the name alone does not tell
     "prefill_first": "while sequences decode, steps with prompt work run it without the decodes, and the next step "
                      "runs the decodes alone (a CUDA-graph replay), in turn: a new prompt's step no longer carries "
                      "every running sequence's rows (with deltas, one eager SBMM segment per running fine-tune), so "
-                     "time to first token drops; decodes skip at most every other step. 0/false = decodes and "
-                     "prompt chunks share every step",
+                     "time to first token drops; decodes skip at most every other step. Measured slower on an H200 "
+                     "(docs/serving.md, session 27: TTFT p90 +30% base, +25% delta, capacity -6%), so off by default. "
+                     "0/false = decodes and prompt chunks share every step",
     "tensor_parallel_size": "GPUs one worker spans (tensor parallel; default 1): rank r runs on cuda:r (cuda:N -> "
                             "cuda:N+r), or gloo ranks with --device cpu; any size works (heads are padded when they "
                             "do not divide); not with --mode swap or --cuda-graphs 1",
