@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bench.workload import Request
-from services.worker.engine.step_profile import phase_deltas
+from services.worker.engine.step_profile import phase_deltas, segment_deltas
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,11 +62,14 @@ async def send_one(client, request: Request, start: float, timeout_s: float, req
 
 
 async def sample_worker(address: str, stop: asyncio.Event, period_s: float = 0.1) -> dict:
-    """Poll the worker's Status while a run lasts: how full its batches are and how many requests wait."""
+    """Poll the worker's Status while a run lasts: how full its batches are, how many requests wait, where its
+    step time went (`worker_phases`) and how its steps' delta rows split into segments (`worker_delta_segments`:
+    {step kind: {row bin: [segments, rows]}}, docs/serving.md)."""
     from deltazip.rpc.channels import aio_channel
     from deltazip.v1 import worker_pb2, worker_pb2_grpc
 
     running, waiting, phases = [], [], []  # phases: (monotonic time, {phase: (count, seconds)}) first and last
+    segments = []  # {(step kind, row bin): (segments, rows)}, first and last
     async with aio_channel(address) as channel:
         stub = worker_pb2_grpc.WorkerStub(channel)
         while True:
@@ -74,6 +77,7 @@ async def sample_worker(address: str, stop: asyncio.Event, period_s: float = 0.1
             running.append(reply.num_running)
             waiting.append(reply.num_waiting)
             phases[1:] = [(time.monotonic(), {p.name: (p.count, p.seconds) for p in reply.step_phases})]
+            segments[1:] = [{(b.step, b.min_rows): (b.segments, b.rows) for b in reply.delta_segments}]
             if stop.is_set():  # one read after the run ended closes the profile's interval
                 break
             try:
@@ -84,7 +88,8 @@ async def sample_worker(address: str, stop: asyncio.Event, period_s: float = 0.1
     return {"worker_running_mean": float(np.mean(running)) if running else float("nan"),
             "worker_waiting_mean": float(np.mean(waiting)) if waiting else float("nan"),
             "worker_waiting_max": int(max(waiting, default=0)),
-            "worker_phases": phase_deltas(before, after, t1 - t0)}
+            "worker_phases": phase_deltas(before, after, t1 - t0),
+            "worker_delta_segments": segment_deltas(segments[0], segments[-1])}
 
 
 class _NoBar:

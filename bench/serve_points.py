@@ -88,6 +88,9 @@ def run_point(address: str, requests: list[Request], args, point: dict, base: di
         print("  worker time: " + ", ".join(f"{name} {p['share']:.0%} ({p['count']} x {p['mean_ms']:.1f} ms)" for name, p
                                             in sorted(row["worker_phases"].items(), key=lambda kv: -kv[1]["seconds"])),
               flush=True)
+    for step, bins in (row.get("worker_delta_segments") or {}).items():  # {bin: [segments, rows]}
+        print(f"  {step} delta segments by rows: "
+              + ", ".join(f"{low}+ {n} ({r} rows)" for low, (n, r) in bins.items()), flush=True)
     args.budget.last_point_s = wall_s
     mark(args, "point", **{k: v for k, v in point.items() if k != "rate_rps"}, wall_s=round(wall_s, 1))
     if args.checkpoint is not None:

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from deltazip.logs import get_logger
 from deltazip.model.sampling import SamplingParams
@@ -75,6 +75,7 @@ class WorkerStatus:
     deltas: list[ResidentDelta]
     step_phases: dict[str, tuple[int, float]]  # {phase: (count, seconds)} since start
     kernels_warming: bool = False  # kernel warm-up work left (the engine's GEMM buckets, SBMM variants)
+    delta_segments: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)  # SegmentStats snapshot
 
 
 class WorkerApp:
@@ -241,7 +242,7 @@ class WorkerApp:
 
     def status(self) -> WorkerStatus:
         return WorkerStatus(self.info, self._loop.stats, self._residency.snapshot(), self._loop.step_phases(),
-                            self._loop.kernels_warming())
+                            self._loop.kernels_warming(), self._loop.delta_segments())
 
     def on_residency_change(self, snap: ResidentDelta) -> None:
         if snap.state is DeltaState.ON_DEVICE:

@@ -39,6 +39,9 @@ class EngineAdapter:
     def step_phases(self) -> dict[str, tuple[int, float]]:
         return self._engine.profile.snapshot()
 
+    def delta_segments(self) -> dict[tuple[str, int], tuple[int, int]]:
+        return self._engine.segments.snapshot()
+
     def stats(self) -> EngineStats:
         """Called on the loop thread between steps (queued tokens read the scheduler's waiting list)."""
         s = self._engine.stats()

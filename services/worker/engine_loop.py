@@ -149,6 +149,12 @@ class EngineLoop:
         """{phase: (count, seconds)} since start: the engine's step phases plus this loop's deliver and idle."""
         return {**self._engine.step_phases(), **{k: v for k, v in self.profile.snapshot().items() if v[0]}}
 
+    def delta_segments(self) -> dict[tuple[str, int], tuple[int, int]]:
+        """{(step kind, row bin): (segments, rows)} since start (step_profile.SegmentStats; engines that keep none:
+        empty)."""
+        segments = getattr(self._engine, "delta_segments", None)
+        return segments() if segments is not None else {}
+
     def kernels_warming(self) -> bool:
         """Whether the engine still has kernel warm-up work (engines without warm-up: never)."""
         warming = getattr(self._engine, "kernels_warming", None)

@@ -70,7 +70,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             total_kv_blocks=stats.total_kv_blocks, deltas=deltas, mode=info.mode,
             step_phases=[worker_pb2.StepPhase(name=name, count=count, seconds=seconds)
                          for name, (count, seconds) in status.step_phases.items()],
-            kernels_warming=status.kernels_warming)
+            kernels_warming=status.kernels_warming,
+            delta_segments=[worker_pb2.SegmentBin(step=step, min_rows=low, segments=num, rows=rows)
+                            for (step, low), (num, rows) in sorted(status.delta_segments.items())])
 
     def _check_model(self, model: str) -> None:
         """A delta name must be one the store accepts: it becomes a directory of the disk cache."""

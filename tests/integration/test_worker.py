@@ -57,6 +57,8 @@ def test_concurrent_base_and_deltas_match_merged_weights(cluster):
     async def all_requests():
         return await asyncio.gather(*(run_generate(worker.address, m, p, f"r{i}") for i, (m, p) in enumerate(jobs)))
 
+    stub = worker_pb2_grpc.WorkerStub(sync_channel(worker.address))
+    before = _segment_rows(stub.Status(worker_pb2.StatusRequest()))
     results = asyncio.run(all_requests())
     for (model, prompt), chunks in zip(jobs, results):
         tokens = [t for c in chunks for t in c.token_ids]
@@ -67,12 +69,21 @@ def test_concurrent_base_and_deltas_match_merged_weights(cluster):
         expected = greedy_reference(merged[model], list(prompt.encode()), MAX_TOKENS)
         assert tokens == expected, (model, prompt)
 
-    stub = worker_pb2_grpc.WorkerStub(sync_channel(worker.address))
     status = stub.Status(worker_pb2.StatusRequest())
     tiers = {d.model: d.tier for d in status.deltas}
     assert tiers == {"ft-a": common_pb2.RESIDENCY_TIER_DEVICE, "ft-b": common_pb2.RESIDENCY_TIER_DEVICE}
     assert status.base == "tiny-base" and status.mode == "delta" and status.total_kv_blocks == 64
     assert not status.kernels_warming  # a CPU worker builds no kernels ahead
+    # every delta token row the forwards ran, as segments: the prompts, then each output token but the last
+    delta_rows = sum(len(p.encode()) + MAX_TOKENS - 1 for m, p in jobs if m != "tiny-base")
+    assert sum(_segment_rows(status).values()) - sum(before.values()) == delta_rows
+    bins = {(b.step, b.min_rows) for b in status.delta_segments}
+    assert {step for step, _ in bins} <= {"prefill", "decode"} and any(step == "prefill" for step, _ in bins)
+    assert all(low & (low - 1) == 0 for _, low in bins)  # powers of two
+
+
+def _segment_rows(status) -> dict:
+    return {(b.step, b.min_rows): b.rows for b in status.delta_segments}
 
 
 def test_load_evict_and_invalid_requests(cluster, redis_url):
@@ -154,6 +165,8 @@ def test_more_hot_deltas_than_slots_take_turns(launcher, models, tmp_path):
     async def all_requests():
         return await asyncio.gather(*(run_generate(worker.address, m, p, f"t{i}") for i, (m, p) in enumerate(jobs)))
 
+    stub = worker_pb2_grpc.WorkerStub(sync_channel(worker.address))
+    before = _segment_rows(stub.Status(worker_pb2.StatusRequest()))
     results = asyncio.run(all_requests())
     for (model, prompt), chunks in zip(jobs, results):
         tokens = [t for c in chunks for t in c.token_ids]

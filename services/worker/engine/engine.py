@@ -19,7 +19,7 @@ from services.worker.engine.batch_scheduler import BatchScheduler, ScheduledBatc
 from services.worker.engine.block_manager import BlockManager
 from services.worker.engine.model_runner import WARMUP_SLICE_S, DeltaOpsProvider, ModelRunner
 from services.worker.engine.sequence import FinishReason, Sequence, SequenceStatus
-from services.worker.engine.step_profile import StepProfile
+from services.worker.engine.step_profile import SegmentStats, StepProfile
 from services.worker.engine.swap import HostWeights, WeightSwapper
 
 log = structlog.get_logger(__name__)
@@ -101,6 +101,7 @@ class LLMEngine:
         self.config = config
         self.swapper = (WeightSwapper(model, swap_weights, swap_base_host) if swap_weights is not None else None)
         self.profile = StepProfile()  # where the steps' time goes (the Worker Status RPC reports it)
+        self.segments = SegmentStats()  # how the steps' delta rows split into SBMM segments (Status too)
         if self.swapper is not None:
             deltas_provider, is_delta_ready = None, self.swapper.is_active
         self.tokenizer = tokenizer
@@ -204,6 +205,9 @@ class LLMEngine:
                     self.profile.add("warmup", warmup)
                 seconds = time.perf_counter() - start - warmup
                 self.profile.add(self.runner.last_kind, seconds)
+                if self.runner.deltas_provider is not None:  # delta rows run as segments (not swap's merged weights)
+                    self.segments.add("prefill" if self.runner.last_kind == "prefill" else "decode",
+                                      self.runner.last_segments)
                 if self.runner.last_dense_route:
                     self.profile.add("dense_route", seconds)
                 if self._watch_compiles:

@@ -109,6 +109,7 @@ class ModelRunner:
         self.last_warmup_s = 0.0  # seconds of the last run spent in warm_up_kernels (0: none)
         self.last_warmup_variants = 0  # kernel variants that warm-up compiled (kernels/compile_watch.py)
         self.last_dense_route = False  # whether the last run's forward put a segment on the dense route
+        self.last_segments: Segments = []  # the last run's (delta or None, rows) token segments, padding left out
         self.max_segments = max_segments  # segments of a step's token rows: deltas per batch + base + spare
         self.max_num_batched_tokens = max_num_batched_tokens
         self.warmed: tuple[int, int] | None = None  # (id, layout_version) of the slots last warmed in full
@@ -258,6 +259,7 @@ class ModelRunner:
         if not items:
             return []
         step = self.prepare(items)
+        self.last_segments = step.token_segments
         decode = all(n == 1 and s.num_computed_tokens + 1 == s.num_tokens for s, n in items)
         padded = self.padded_rows(step.input_ids.shape[0], decode)
         pad = padded - step.input_ids.shape[0] if padded else 0

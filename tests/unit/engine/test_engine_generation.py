@@ -193,3 +193,19 @@ def test_invalid_requests_are_rejected(fx):
     engine.add_request("dup", [3, 4], GREEDY)
     with pytest.raises(ValueError, match="already in use"):
         engine.add_request("dup", [3, 4], GREEDY)
+
+
+def test_delta_segments_count_every_delta_row_once(fx):
+    """SegmentStats: every token row of a delta request that a forward ran is in one segment, binned by the
+    segment's row count; base rows are not delta segments."""
+    ps = prompts(8, seed=5, max_len=40)
+    deltas = [None, "ft0", "ft1", "ft1"] * 2
+    engine = fx.engine(num_kv_blocks=200, max_num_batched_tokens=32)
+    _submit(engine, ps, deltas)
+    results = engine.run_until_done()
+    snap = engine.segments.snapshot()
+    expected = sum(len(p) + len(results[f"r{i}"][0]) - 1 for i, (p, d) in enumerate(zip(ps, deltas)) if d)
+    assert sum(rows for _, rows in snap.values()) == expected
+    for (step, low), (num, rows) in snap.items():
+        assert step in ("prefill", "decode") and low * num <= rows < 2 * low * num
+    assert any(step == "decode" and low == 1 for step, low in snap)  # decode steps: one row per sequence

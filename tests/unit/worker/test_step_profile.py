@@ -2,7 +2,8 @@
 
 import pytest
 
-from services.worker.engine.step_profile import PHASES, StepProfile, phase_deltas
+from services.worker.engine.step_profile import (PHASES, SegmentStats, StepProfile, phase_deltas, segment_bin,
+                                                 segment_deltas)
 
 
 def test_totals_grow_and_an_interval_is_the_difference_of_two_snapshots():
@@ -28,3 +29,18 @@ def test_timed_records_even_when_the_block_raises_and_unknown_phases_are_refused
     assert profile.snapshot()["results"][0] == 1
     with pytest.raises(AssertionError, match="unknown step phase"):
         profile.add("nap", 1.0)
+
+
+def test_segment_stats_bin_delta_segments_by_rows_and_an_interval_is_a_difference():
+    assert [segment_bin(r) for r in (1, 2, 3, 4, 63, 64, 127, 128, 2048)] == [1, 2, 2, 4, 32, 64, 64, 128, 2048]
+    stats = SegmentStats()
+    stats.add("decode", [("a", 1), (None, 7), ("b", 1)])  # base rows are not a delta segment
+    before = stats.snapshot()
+    stats.add("prefill", [("a", 70), ("b", 1), (None, 300), ("c", 100)])
+    stats.add("decode", [("a", 3)])
+    stats.add("decode", [(None, 4)])  # a base-only step changes nothing
+    after = stats.snapshot()
+    assert after == {("decode", 1): (2, 2), ("decode", 2): (1, 3), ("prefill", 1): (1, 1), ("prefill", 64): (2, 170)}
+    assert segment_deltas(before, after) == {"decode": {"2": [1, 3]}, "prefill": {"1": [1, 1], "64": [2, 170]}}
+    with pytest.raises(AssertionError, match="unknown step kind"):
+        stats.add("decode_graph", [("a", 1)])
