@@ -74,6 +74,16 @@ def test_serving_bench_spreads_clients_over_several_schedulers(tmp_path, monkeyp
         assert phases["prefill"]["count"] >= 1 and phases["decode_eager"]["count"] >= 5, phases
         busy = sum(p["share"] for name, p in phases.items() if name != "idle")
         assert "decode_graph" not in phases and 0.0 < busy <= 1.0, phases
+        # its delta rows as segments: none for the base's point; the delta point's 12 prompts each sat in a
+        # prefill step's segment, and their 5 fed-back tokens each in some step's (bins: powers of two)
+        segments = row["worker_delta_segments"]
+        if row["mode"] == "base":
+            assert segments == {}
+        else:
+            assert set(segments) <= {"prefill", "decode"} and segments["prefill"], segments
+            rows = sum(r for bins in segments.values() for _, r in bins.values())
+            assert rows >= 12 * (1 + 5), segments
+            assert all(int(low) & (int(low) - 1) == 0 for bins in segments.values() for low in bins)
 
 
 def test_serving_bench_prefetches_each_mode_to_its_strongest_tier(tmp_path, monkeypatch):
