@@ -18,7 +18,7 @@ Policy, in order:
    running sequences, or waiting sequences that 2. admits) runs those alone, without the decodes, and the next
    step runs the decodes alone; then prompt work again. A new prompt waits for at most one decode step (on CUDA a
    graph replay) and its own step no longer carries every running sequence's rows: with deltas those rows are
-   one SBMM segment per running fine-tune, eager, so a mixed step costs ~2x a prompt-only one. Decodes skip at
+   one SBMM segment per running fine-tune, eager (the hypothesis: a third of a mixed step's SBMM). Decodes skip at
    most every other step. A prompt-only turn that admits nothing (deltas not ready, no KV room) falls back to a
    mixed step, so decodes never wait for nothing. Measured on an H200 (docs/serving.md, session 27): prompt steps
    did not get shorter (prompts pile up during the decode turns) and TTFT p90 rose for base and delta alike, so
