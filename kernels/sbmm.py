@@ -136,6 +136,8 @@ def sbmm(
     """
     if sp4 and sp2:
         raise ValueError("sp4 and sp2 name two word orders: pass the one the stack holds")
+    if workspace is not None and workspace.device != x.device:
+        raise ValueError(f"workspace on {workspace.device}, x on {x.device}: one workspace per device")
     sparse_mma = sp4 or sp2
     memo = None
     if (sparse_mma and FAST_LAUNCH and PLAN_MEMO and kernel is None and config is None and rows_hint is None
@@ -143,8 +145,6 @@ def sbmm(
         memo = _plan_key(x, y, qweight, meta, scales, zeros, bits, sp2, seg_slots.shape[0])
         hit = _PLANS.get(memo)
         if hit is not None:  # checked and planned before: the same shapes, strides, dtypes, device and contiguity
-            if workspace is not None and workspace.device != x.device:
-                raise ValueError(f"workspace on {workspace.device}, x on {x.device}: one workspace per device")
             launch, group_size, num_groups = hit
             _launch_sparse_mma(x, y, qweight, meta, scales, seg_starts, seg_slots, bits, group_size, num_groups,
                                launch, workspace, memo)
@@ -161,8 +161,6 @@ def sbmm(
     dense2 = meta is None
     launch = plan(x, n, k, bits, num_groups, group_size, asym, num_segments, kernel=kernel, config=config,
                   rows_hint=rows_hint, segments_hint=segments_hint, dense2=dense2, sp4=sp4, sp2=sp2)
-    if workspace is not None and workspace.device != x.device:
-        raise ValueError(f"workspace on {workspace.device}, x on {x.device}: one workspace per device")
     if sparse_mma:
         if memo is not None:
             if len(_PLANS) >= PLAN_MEMO_SIZE:
