@@ -224,9 +224,8 @@ FLAG_HELP = {  # flags whose meaning the name alone does not tell
                      "runs the decodes alone (a CUDA-graph replay), in turn: a new prompt's step no longer carries "
                      "every running sequence's rows (with deltas, one eager SBMM segment per running fine-tune), "
                      "meant to cut time to first token; decodes skip at most every other step. Measured slower on an "
-                     "H200 "
-                     "(docs/serving.md, session 27: TTFT p90 1.30x for base, 1.25x for delta, base capacity 0.94x), "
-                     "so off by default. 0/false = decodes and prompt chunks share every step",
+                     "H200 (docs/serving.md, session 27: TTFT p90 1.30x for base, 1.25x for delta, base capacity "
+                     "0.94x), so off by default. 0/false = decodes and prompt chunks share every step",
     "tensor_parallel_size": "GPUs one worker spans (tensor parallel; default 1): rank r runs on cuda:r (cuda:N -> "
                             "cuda:N+r), or gloo ranks with --device cpu; any size works (heads are padded when they "
                             "do not divide); not with --mode swap or --cuda-graphs 1",
