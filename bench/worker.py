@@ -141,6 +141,16 @@ def filled_slots(shapes: dict, num_slots: int, device: str, bits: int, sp4: bool
     return slots
 
 
+def fused_model_and_slots(cfg: LlamaConfig, device: str, num_slots: int, bits: int, sp4: bool | None,
+                          sp2: bool) -> tuple[LlamaForCausalLM, DeviceSlots]:
+    """The worker's serving model (fp16 random weights, q/k/v and gate/up fused) and `filled_slots` stacked to
+    match its fused groups."""
+    model = random_model(cfg, device, torch.float16)
+    slots = filled_slots(linear_shapes(cfg), num_slots, device, bits, sp4, sp2, model.fused_tensor_names())
+    model.fuse_projections()
+    return model, slots
+
+
 def random_dense_delta(shapes: dict, device: str, seed: int) -> dict:
     g = torch.Generator(device=device).manual_seed(seed)
     return {name: DeltaTensor(name, "dense", s, delta=(torch.randn(s, device=device, generator=g) * 1e-3).half())
@@ -438,11 +448,8 @@ def bench_flag_ab(part: str, cfg: LlamaConfig, device: str, rows: list, deltas=(
     flags = importlib.import_module(module)
     was = getattr(flags, attr)
 
-    shapes = linear_shapes(cfg)
     num_slots = max(max(deltas), 1)
-    model = random_model(cfg, device, torch.float16)
-    slots = filled_slots(shapes, num_slots, device, bits, sp4, sp2, model.fused_tensor_names())
-    model.fuse_projections()
+    model, slots = fused_model_and_slots(cfg, device, num_slots, bits, sp4, sp2)
     graph = device.startswith("cuda")
     for n in deltas:  # untimed: per-shape set-up and kernel variants
         time_decode_steps(decode_engine(model, num_slots, slots, graph, num_seqs), num_seqs, n, device, prompt_len, 2)
@@ -479,9 +486,7 @@ def bench_sp2_prefill_ab(cfg: LlamaConfig, device: str, rows: list, deltas=(1, 4
     from kernels import delta_linear
 
     was = delta_linear.SP2_PREFILL_ROWS
-    model = random_model(cfg, device, torch.float16)
-    slots = filled_slots(linear_shapes(cfg), max(deltas), device, 2, sp4, sp2, model.fused_tensor_names())
-    model.fuse_projections()
+    model, slots = fused_model_and_slots(cfg, device, max(deltas), 2, sp4, sp2)
     try:
         for on in (True, False):  # untimed: compiles and per-shape set-up of both arms
             delta_linear.SP2_PREFILL_ROWS = min_rows if on else None
@@ -653,10 +658,7 @@ def bench_prefill_host(cfg: LlamaConfig, device: str, rows: list, deltas=(0, 4, 
     import re
     import tempfile
 
-    model = random_model(cfg, device, torch.float16)
-    num_slots = max(max(deltas), 1)
-    slots = filled_slots(linear_shapes(cfg), num_slots, device, bits, sp4, sp2, model.fused_tensor_names())
-    model.fuse_projections()
+    model, slots = fused_model_and_slots(cfg, device, max(max(deltas), 1), bits, sp4, sp2)
     time_fresh_prefills(model, device, num_running, 2, 0)  # untimed: per-shape set-up
     for n in deltas:
         ms, count = time_fresh_prefills(model, device, num_running, num_steps, 0, slots if n else None, n)
@@ -719,10 +721,7 @@ def bench_prefill_flag_ab(part: str, cfg: LlamaConfig, device: str, rows: list, 
     module, attr = PREFILL_FLAG_PARTS[part]
     flags = importlib.import_module(module)
     was = getattr(flags, attr)
-    model = random_model(cfg, device, torch.float16)
-    slots = filled_slots(linear_shapes(cfg), max(max(deltas), 1), device, bits, sp4, sp2,
-                         model.fused_tensor_names())
-    model.fuse_projections()
+    model, slots = fused_model_and_slots(cfg, device, max(max(deltas), 1), bits, sp4, sp2)
     seeds = itertools.count(1000)
     try:
         for on in (True, False):  # untimed: kernel compiles and per-shape set-up of both arms
@@ -772,9 +771,7 @@ def bench_long_prefill_ab(cfg: LlamaConfig, device: str, rows: list, lengths=(25
     segment, alternating by round in one process; the median of `repeats` steps per point."""
     from kernels import sbmm
 
-    model = random_model(cfg, device, torch.float16)
-    slots = filled_slots(linear_shapes(cfg), 1, device, bits, sp4, sp2, model.fused_tensor_names())
-    model.fuse_projections()
+    model, slots = fused_model_and_slots(cfg, device, 1, bits, sp4, sp2)
     engine = decode_engine(model, 1, slots, device.startswith("cuda"), max_num_seqs=8)
     table = sbmm.dense_rows
     params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
