@@ -136,7 +136,7 @@ def _device_name(device: torch.device) -> str:
     return _cuda_facts(device.index)[0] if device.type == "cuda" else "cpu"
 
 
-def _capability(device: torch.device) -> tuple[int, int]:
+def capability(device: torch.device) -> tuple[int, int]:
     """The CUDA device's compute capability (read once per device: every eager launch asks)."""
     return _cuda_facts(device.index)[1]
 
@@ -155,7 +155,7 @@ def gluon_supported(x: torch.Tensor, k: int, bits: int, group_size: int, num_gro
     """Whether kernels/sbmm_gluon.py takes this launch (CUDA sm_80+, K a multiple of its K tile)."""
     if sbmm_gluon is None or interpreting() or not x.is_cuda:
         return False
-    if _capability(x.device) < (8, 0):
+    if capability(x.device) < (8, 0):
         return False
     block_k = sbmm_gluon.WORDS_PER_TILE * 64 // bits
     dpw = 64 // bits
@@ -253,12 +253,12 @@ def spmma_device_ok(device: torch.device, dtype: torch.dtype) -> bool:
     the worker's CUDA slots check before storing 4-bit deltas in the sp4 order."""
     if sbmm_spmma is None or interpreting() or device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return False
-    return _capability(device) >= (8, 0)
+    return capability(device) >= (8, 0)
 
 
 def pdl_ok(device: torch.device) -> bool:
     """Whether a sparse-MMA launch on `device` may take the `pdl` config key (griddepcontrol: sm_90+)."""
-    return device.type == "cuda" and _capability(device) >= (9, 0)
+    return device.type == "cuda" and capability(device) >= (9, 0)
 
 
 def spmma_supported(x: torch.Tensor, n: int, k: int, bits: int, num_groups: int, asym: bool) -> bool:

@@ -46,6 +46,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 
 from kernels import sbmm
 from kernels.sbmm_dequant import ONE as ONE_BITS  # 1.0 as a 16-bit pattern
+from kernels.sbmm_plan import capability
 from kernels.sp2_prefill import block_table, check_operands, segments_run
 from kernels.spmma_layout import SP2_STEP
 
@@ -263,14 +264,8 @@ def constexprs(k: int, group_size: int, block_m: int, dtype: torch.dtype = torch
 def supported(x: torch.Tensor, n: int, k: int, group_size: int) -> bool:
     """Whether this kernel takes a launch: fp16 x on a Hopper GPU (sm_90), N a multiple of 64, K of 256, scale groups
     per row or a multiple of 128 columns (one scale per row of a pipelined chunk)."""
-    return (x.is_cuda and x.dtype == torch.float16 and _capability(x.device) == (9, 0)
+    return (x.is_cuda and x.dtype == torch.float16 and capability(x.device) == (9, 0)
             and n % 64 == 0 and k % SP2_STEP == 0 and (group_size == k or group_size % 128 == 0))
-
-
-@functools.lru_cache(maxsize=16)
-def _capability(device: torch.device) -> tuple[int, int]:
-    """The CUDA device's compute capability (asked once: every routed linear of a prefill step checks it)."""
-    return torch.cuda.get_device_capability(device)
 
 
 def sp2_wgmma(x: torch.Tensor, y: torch.Tensor, qweight: torch.Tensor, meta: torch.Tensor, scales: torch.Tensor,
