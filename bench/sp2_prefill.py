@@ -6,8 +6,7 @@ the same run (GPU).
 
 Per worker launch shape (fused q/k/v, o, fused gate/up, down; Llama-2-7B), rows per segment and segment count
 (1 or 4 deltas on sp2 words, group 128, fp16): `us_sbmm` (the tuned SBMM config, kernels/sbmm.py), `us_prefill`
-per kernel config (`configs`: kernels/sp2_prefill.py's Triton tiles, kernels/sp2_wgmma.py's BLOCK_M, SBMM configs
-with x staged in shared memory, "xs_*"), `us_base`
+per kernel config (`configs`: kernels/sp2_prefill.py's Triton tiles, kernels/sp2_wgmma.py's BLOCK_M), `us_base`
 (x @ W.T, cuBLAS, fp16 W [N, K]: the same math on dense weights, the practical limit of a dense-dot kernel here),
 and `best`: the fastest config with `speedup` = us_sbmm / its µs
 and `over_base` = its µs / us_base; `us_diag`: the timing-only variants (configs with "diag": wrong results, never
@@ -64,20 +63,7 @@ CONFIGS = {
     "ws_m128_d2": {"kernel": "ws", "BLOCK_M": 128, "x_stages": 3, "a_stages": 2, "split": 1, "diag": 2},
     "ws_m128_a3": {"kernel": "ws", "BLOCK_M": 128, "x_stages": 3, "a_stages": 3},
     "ws_m64": {"kernel": "ws", "BLOCK_M": 64, "x_stages": 4, "a_stages": 2},
-    # SBMM (kernels/sbmm_spmma2.py) with x staged in shared memory: one word expansion feeds BLOCK_M rows
-    "xs_m64n128w4": {"kernel": "sbmm", "BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "x_stages": 3, "min_ctas": 256},
-    "xs_m64n64w2": {"kernel": "sbmm", "BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 2, "x_stages": 3, "min_ctas": 256},
-    "xs_m64n128w2": {"kernel": "sbmm", "BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 2, "x_stages": 3, "min_ctas": 256},
-    "xs_m32n128w2": {"kernel": "sbmm", "BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 2, "x_stages": 3, "min_ctas": 256},
-    "xs_m32n64w2": {"kernel": "sbmm", "BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 2, "x_stages": 3, "min_ctas": 256},
-    "xs_m64n128w4_s2": {"kernel": "sbmm", "BLOCK_M": 64, "BLOCK_N": 128, 
-                         "num_warps": 4, "x_stages": 2, "min_ctas": 256},
-    "xs_m64n128w4_s4": {"kernel": "sbmm", "BLOCK_M": 64, "BLOCK_N": 128, 
-                         "num_warps": 4, "x_stages": 4, "min_ctas": 256},
-    "xs_m128n128w4": {"kernel": "sbmm", "BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "x_stages": 2, "min_ctas": 256},
-    "xs_m64n256w8": {"kernel": "sbmm", "BLOCK_M": 64, "BLOCK_N": 256, "num_warps": 8, "x_stages": 3, "min_ctas": 256},
 }
-SBMM_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "x_stages", "expand", "min_ctas")
 
 
 def one_case(n, k, stack, weight, rows, segs, configs) -> dict:
@@ -95,10 +81,6 @@ def one_case(n, k, stack, weight, rows, segs, configs) -> dict:
         return lambda: sbmm.sbmm(x, y, q, m, s, None, starts_d, slots, 2, sp2=True)
 
     def prefill_call(slots, cfg, out=y):
-        if cfg.get("kernel") == "sbmm":
-            slots_d = torch.tensor(slots, device="cuda", dtype=torch.int64)  # before any capture
-            config = {key: cfg[key] for key in SBMM_KEYS if key in cfg}
-            return lambda: sbmm.sbmm(x, out, q, m, s, None, starts_d, slots_d, 2, sp2=True, config=config)
         blocks = sp2_prefill.block_table(starts, slots, cfg["BLOCK_M"], "cuda")  # before any capture
         if cfg.get("kernel") == "ws":
             return lambda: sp2_wgmma_ws.sp2_wgmma_ws(x, out, q, m, s, starts, slots, cfg["BLOCK_M"], blocks=blocks,

@@ -366,10 +366,9 @@ def _launch_triton(common, x, n, k, group_size, num_groups, bits, asym, launch: 
 
 @functools.lru_cache(maxsize=256)
 def _spmma_constexprs(k, group_size, num_groups, dtype, block_m, block_n, num_warps, splits=1,
-                      prefetch=True, bits=4, pdl=False, x_dense=False, expand="shift", x_stages=0) -> dict:
+                      prefetch=True, bits=4, pdl=False, x_dense=False, expand="shift") -> dict:
     """Compile-time arguments of one sparse-MMA launch (kernels/sbmm_spmma.py on sp4 words, symmetric 4-bit;
-    bits 2: kernels/sbmm_spmma2.py on sp2 words); `expand` picks the word expander (sbmm_spmma.FMA_SHIFTS);
-    x_stages (sp2 only): x staged in shared memory, that many K steps (kernels/sbmm_spmma2.py `_k_loop_smem`)."""
+    bits 2: kernels/sbmm_spmma2.py on sp2 words); `expand` picks the word expander (sbmm_spmma.FMA_SHIFTS)."""
     name = "f16" if dtype == torch.float16 else "bf16"
     module = sbmm_spmma2 if bits == 2 else sbmm_spmma
     expand_asm, cons_e = module.expand_ptx(name, expand)
@@ -379,7 +378,7 @@ def _spmma_constexprs(k, group_size, num_groups, dtype, block_m, block_n, num_wa
     return dict(K=k, GROUP_SIZE=k if num_groups == 1 else group_size, SCALE_MODE=scale_mode, BLOCK_M=block_m,
                 BLOCK_N=block_n, EXPAND=expand_asm, MMA0=mma0, MMA1=mma1, CONSTRAINTS_E=cons_e, CONSTRAINTS_M=cons_m,
                 L_SEG=sbmm_gluon.seg_layout(num_warps), SPLIT_K=splits, PREFETCH=prefetch, PDL=pdl,
-                X_DENSE=x_dense, **(dict(X_STAGES=x_stages) if bits == 2 else {}),
+                X_DENSE=x_dense,
                 **module.layouts(block_n, block_m, num_warps))
 
 
@@ -422,8 +421,7 @@ def _launch_sparse_mma(x, y, qweight, meta, scales, seg_starts, seg_slots, bits,
     # expand: "shift" or "fma", the word expander (kernels/sbmm_spmma.py FMA_SHIFTS)
     expand = launch.config.get("expand", "shift")
     const_key = (k, group_size, num_groups, x.dtype, launch.block_m, launch.block_n, launch.num_warps, splits,
-                 int(launch.config.get("prefetch", True)), bits, pdl, x_dense, expand,
-                 int(launch.config.get("x_stages", 0)))
+                 int(launch.config.get("prefetch", True)), bits, pdl, x_dense, expand)
     kernel = sbmm_spmma2._sbmm_spmma2_kernel if sp2 else sbmm_spmma._sbmm_spmma_kernel
     entry = _LAUNCHES.launch(kernel, grid, args, (*const_key, launch.max_segs), launch.num_warps, pdl, x.device,
                              lambda: dict(_spmma_constexprs(*const_key), MAX_SEGS=launch.max_segs))

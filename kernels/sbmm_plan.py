@@ -191,20 +191,13 @@ def plan(x: torch.Tensor, n: int, k: int, bits: int, num_groups: int, group_size
             config = pick_config("spmma2" if sp2 else "spmma", _device_name(x.device), rows, bits, n, live)
         if int(config.get("prefetch", True)) not in (0, 1, 2):
             raise ValueError(f"sparse-MMA prefetch is 0, 1 or 2 K steps in flight, not {config['prefetch']!r}")
-        x_stages = int(config.get("x_stages", 0))
-        if x_stages and x.dtype != torch.float16:  # group scales go into fp16 A registers: exact for fp16 only
-            config, x_stages = dict(config, x_stages=0), 0
-        if x_stages and (not sp2 or x_stages < 2 or config.get("x_dense") or config.get("pdl")):
-            raise ValueError(f"config x_stages (x staged in shared memory) is 2 or more K steps, on sp2 words, without "
-                             f"x_dense or pdl; got {config!r}")
         if config.get("x_dense") and x.storage_offset() % 2:  # x cannot be read in place as pairs: copy it
             config = dict(config, x_dense=False)
         if config.get("pdl") and not pdl_ok(x.device):
             raise ValueError("config pdl (programmatic dependent launch, griddepcontrol) needs a CUDA GPU of compute "
                              "capability 9.0 or newer (Hopper); drop the key for this device")
-        # x pairs take 16 (sp2: 32) registers per 8 tokens: BLOCK_M 64 (sp2: 32) spills; staged in shared memory
-        # (x_stages) a warp holds one mma's B registers at a time
-        block_m = min(config["BLOCK_M"], 128 if x_stages else 16 if sp2 else 32)
+        # x pairs take 16 (sp2: 32) registers per 8 tokens: BLOCK_M 64 (sp2: 32) spills
+        block_m = min(config["BLOCK_M"], 16 if sp2 else 32)
         block_n, warps = config["BLOCK_N"], config["num_warps"]
         if n % block_n or block_n % (16 * warps):  # sp4 reads whole 16-row blocks: no row masks
             block_n, warps = layout.TILE_ROWS, min(warps, 4)

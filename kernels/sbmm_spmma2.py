@@ -19,12 +19,11 @@ next step during this one's MMAs, 2 keeps two steps in flight.
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import async_copy
 
 from kernels.sbmm_gluon import _find_tile, _split_range
 from kernels.sbmm_triton import SEGMENT_ARGS, SEGMENT_POINTERS
-from kernels.sbmm_spmma import (_bits, _epilogue, _k_loop, _linear, _load_delta, _pick, _scale_rows, _scaled,
-                                 fma_expand_ptx, gdc_launch_dependents, gdc_wait)
+from kernels.sbmm_spmma import (_bits, _epilogue, _k_loop, _linear, _pick, _scale_rows, _scaled, fma_expand_ptx,
+                                 gdc_launch_dependents, gdc_wait)
 
 STEP_K = gl.constexpr(256)  # dense columns per K step (8 x mma.sp m16n8k32)
 MAGIC = {"f16": (0x64006400, 0x64026402), "bf16": (0x43004300, 0x43024302)}  # (1024 | 128) + code, + zero 2
@@ -64,61 +63,22 @@ def _b_regs(xb, n: gl.constexpr, L_B: gl.constexpr):
 
 
 @gluon.jit
-def _b_regs_smem(xs, j: gl.constexpr, L_B: gl.constexpr, L_X4: gl.constexpr):
-    """The b0..b3 of mma.sp j of this step from the step's x stage in shared memory ([8 TB, 32, 4]: rows j TB ..
-    j TB + TB - 1 hold B registers 4j .. 4j + 3 of every lane of each 8-token block, one 16-byte load a lane and
-    block)."""
-    xj = xs.slice(j * L_X4.shape[0], L_X4.shape[0]).load(L_X4)
-    b0 = gl.expand_dims(gl.convert_layout(_pick(xj, 0, 4), L_B, assert_trivial=True), 0)
-    b1 = gl.expand_dims(gl.convert_layout(_pick(xj, 1, 4), L_B, assert_trivial=True), 0)
-    b2 = gl.expand_dims(gl.convert_layout(_pick(xj, 2, 4), L_B, assert_trivial=True), 0)
-    b3 = gl.expand_dims(gl.convert_layout(_pick(xj, 3, 4), L_B, assert_trivial=True), 0)
-    return b0, b1, b2, b3
-
-
-@gluon.jit
-def _mul2(a, s):
-    """fp16 pairs a * s (int32 bit patterns)."""
-    return gl.inline_asm_elementwise("mul.rn.f16x2 $0, $1, $2;", "=r,r,r", [a, s], dtype=gl.int32, is_pure=True,
-                                     pack=1)
-
-
-@gluon.jit
-def _pair_of(scale_ptrs):
-    """The fp16 scales at scale_ptrs, each twice in an fp16 pair (int32 bit pattern)."""
-    bits = gl.load(scale_ptrs).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
-    return bits | (bits << 16)
-
-
-@gluon.jit
 def _mma_half(acc, xb, qw, mw, U0: gl.constexpr, EXPAND: gl.constexpr, MMA0: gl.constexpr, MMA1: gl.constexpr,
-              CONSTRAINTS_E: gl.constexpr, CONSTRAINTS_M: gl.constexpr, L_A: gl.constexpr, L_B: gl.constexpr,
-              L_X4: gl.constexpr = None, s_lo=None, s_hi=None):
-    """acc (4 fp32 [RB, TB, 32]) += the 4 mma.sp of words U0 and U0 + 1 (one 128-column half of the step). xb: the
-    step's x registers, or (L_X4 given) its stage in shared memory. s_lo, s_hi (fp16 pairs [RB, 32], rows g and
-    g + 8): scales multiplied into the A registers (fp16 codes -2..1 times an fp16 scale: exact)."""
+              CONSTRAINTS_E: gl.constexpr, CONSTRAINTS_M: gl.constexpr, L_A: gl.constexpr, L_B: gl.constexpr):
+    """acc (4 fp32 [RB, TB, 32]) += the 4 mma.sp of words U0 and U0 + 1 (one 128-column half of the step)."""
     c0, c1, c2, c3 = acc
     for du in gl.static_range(2):
         w = gl.convert_layout(_pick(qw, U0 + du, 4), L_A, assert_trivial=True)
         a0, a1, a2, a3, a4, a5, a6, a7 = gl.inline_asm_elementwise(EXPAND, CONSTRAINTS_E, [w], dtype=(gl.int32,) * 8,
                                                                    is_pure=True, pack=1)
-        if s_lo is not None:  # a0, a2 (a4, a6) hold row g, a1, a3 (a5, a7) row g + 8 (kernels/sbmm_spmma.py)
-            a0, a2, a4, a6 = _mul2(a0, s_lo), _mul2(a2, s_lo), _mul2(a4, s_lo), _mul2(a6, s_lo)
-            a1, a3, a5, a7 = _mul2(a1, s_hi), _mul2(a3, s_hi), _mul2(a5, s_hi), _mul2(a7, s_hi)
         meta = gl.expand_dims(gl.convert_layout(_pick(mw, U0 + du, 4), L_A, assert_trivial=True), 1)
         # mma.sp j = 2u with selector 0, then 2u + 1 with selector 1: B registers 4j .. 4j + 7 (8u = 8 (U0 + du))
-        if L_X4 is None:
-            b0, b1, b2, b3 = _b_regs(xb, 8 * (U0 + du) + 0, L_B)
-        else:
-            b0, b1, b2, b3 = _b_regs_smem(xb, 2 * (U0 + du), L_B, L_X4)
+        b0, b1, b2, b3 = _b_regs(xb, 8 * (U0 + du) + 0, L_B)
         args = [gl.expand_dims(a0, 1), gl.expand_dims(a1, 1), gl.expand_dims(a2, 1), gl.expand_dims(a3, 1),
                 b0, b1, b2, b3, meta, c0, c1, c2, c3]
         c0, c1, c2, c3 = gl.inline_asm_elementwise(MMA0, CONSTRAINTS_M, args, dtype=(gl.float32,) * 4, is_pure=True,
                                                    pack=1)
-        if L_X4 is None:
-            b0, b1, b2, b3 = _b_regs(xb, 8 * (U0 + du) + 4, L_B)
-        else:
-            b0, b1, b2, b3 = _b_regs_smem(xb, 2 * (U0 + du) + 1, L_B, L_X4)
+        b0, b1, b2, b3 = _b_regs(xb, 8 * (U0 + du) + 4, L_B)
         args = [gl.expand_dims(a4, 1), gl.expand_dims(a5, 1), gl.expand_dims(a6, 1), gl.expand_dims(a7, 1),
                 b0, b1, b2, b3, meta, c0, c1, c2, c3]
         c0, c1, c2, c3 = gl.inline_asm_elementwise(MMA1, CONSTRAINTS_M, args, dtype=(gl.float32,) * 4, is_pure=True,
@@ -154,7 +114,6 @@ def _sbmm_spmma2_kernel(
     CONSTRAINTS_E: gl.constexpr, CONSTRAINTS_M: gl.constexpr,
     L_S: gl.constexpr, L_W: gl.constexpr, L_X: gl.constexpr, L_SEG: gl.constexpr,
     SPLIT_K: gl.constexpr, PREFETCH: gl.constexpr, PDL: gl.constexpr = False, X_DENSE: gl.constexpr = False,
-    X_STAGES: gl.constexpr = 0, L_XC: gl.constexpr = None, L_X4: gl.constexpr = None,
 ):
     RB: gl.constexpr = BLOCK_N // 16
     TB: gl.constexpr = BLOCK_M // 8
@@ -177,44 +136,6 @@ def _sbmm_spmma2_kernel(
     tile_at = _sp2_tile_at(n0, K, RB, L_W)
     qw_tile = qw_ptr + slot64 * stride_qs + tile_at
     meta_tile = meta_ptr + slot64 * stride_ms + tile_at
-    scale_lo, scale_hi = _scale_rows(scales_ptr, slot64, stride_ss, stride_sn, n0, RB, L_A)
-    zero = gl.zeros([RB, TB, 32], gl.float32, layout=L_S)
-    acc = (zero, zero, zero, zero)
-    if X_STAGES > 0:  # x staged in shared memory (sp4_x order): stage [8, TB, 32, 4] = (mma j, block, lane, reg)
-        x_smem = gl.allocate_shared_memory(gl.int32, [X_STAGES, 8 * TB, 32, 4],
-                                           gl.SwizzledSharedLayout(1, 1, 1, order=[2, 1, 0]))
-        jt_c = gl.arange(0, 8 * TB, layout=gl.SliceLayout(1, gl.SliceLayout(2, L_XC)))
-        lane_c = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, L_XC)))
-        m_c = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L_XC)))
-        # row jt = j TB + tb, lane (g, t), register m of mma j: token 8tb + g, pair 64 (j // 4) + 16t + 4 (j % 4) + m
-        j_c = jt_c // TB
-        tok_c = gl.minimum(m_start + 8 * (jt_c % TB)[:, None] + lane_c[None, :] // 4, m_end - 1)
-        off_c = tok_c * stride_xm + (64 * (j_c // 4) + 4 * (j_c % 4))[:, None] + 16 * (lane_c % 4)[None, :]
-        x_at = x_ptr + off_c[:, :, None] + m_c[None, None, :]
-        if PDL:
-            gdc_wait()
-        acc = _k_loop_smem(acc, zero, x_smem, x_at, qw_tile, meta_tile, k_lo, k_hi, scale_lo, scale_hi, GROUP_SIZE,
-                           SCALE_MODE, HALF_SCALES, EXPAND, MMA0, MMA1, CONSTRAINTS_E, CONSTRAINTS_M, L_A, L_B,
-                           L_X4, X_STAGES)
-    else:
-        acc = _x_reg_loop(acc, zero, x_ptr, stride_xm, m_start, m_end, qw_tile, meta_tile, k_lo, k_hi, scale_lo,
-                          scale_hi, GROUP_SIZE, SCALE_MODE, HALF_SCALES, EXPAND, MMA0, MMA1, CONSTRAINTS_E,
-                          CONSTRAINTS_M, L_A, L_B, L_X, TB, PREFETCH, PDL, X_DENSE)
-    if SCALE_MODE == 0:  # one scale per row: applied once
-        s_lo = gl.expand_dims(gl.load(scale_lo).to(gl.float32), 1)
-        s_hi = gl.expand_dims(gl.load(scale_hi).to(gl.float32), 1)
-        acc = _scaled((zero, zero, zero, zero), acc, s_lo, s_hi)
-    _epilogue(acc, y_ptr, stride_ym, ws_ptr, counters_ptr, stride_wss, N, n0, m_start, m_end, pid_k, TB, RB, L_S,
-              SPLIT_K)
-
-
-@gluon.jit
-def _x_reg_loop(acc, zero, x_ptr, stride_xm, m_start, m_end, qw_tile, meta_tile, k_lo, k_hi, scale_lo, scale_hi,
-                GROUP_SIZE: gl.constexpr, SCALE_MODE: gl.constexpr, HALF_SCALES: gl.constexpr, EXPAND: gl.constexpr,
-                MMA0: gl.constexpr, MMA1: gl.constexpr, CONSTRAINTS_E: gl.constexpr, CONSTRAINTS_M: gl.constexpr,
-                L_A: gl.constexpr, L_B: gl.constexpr, L_X: gl.constexpr, TB: gl.constexpr, PREFETCH: gl.constexpr,
-                PDL: gl.constexpr, X_DENSE: gl.constexpr):
-    """acc + the K steps k_lo..k_hi with every warp loading the step's x into its registers."""
     # x pairs: token 8tb + g (rows past the tile re-read its last row, never stored); register n of lane t is
     # pair 64 * (n // 16) + 16t + n % 16 of the step (sp4_x order of each 128-column half)
     tb_x = gl.arange(0, TB, layout=gl.SliceLayout(1, gl.SliceLayout(2, L_X)))
@@ -227,9 +148,19 @@ def _x_reg_loop(acc, zero, x_ptr, stride_xm, m_start, m_end, qw_tile, meta_tile,
     else:
         x_rows = (x_ptr + (tok_x * stride_xm + 16 * (lane_x[None, :] % 4))[:, :, None]
                   + (n_x % 16 + 64 * (n_x // 16))[None, None, :])
-    return _k_loop(acc, zero, x_rows, qw_tile, meta_tile, k_lo, k_hi, scale_lo, scale_hi, _k_step, STEP_K, 2,
-                   PREFETCH, GROUP_SIZE, SCALE_MODE, HALF_SCALES, EXPAND, MMA0, MMA1, CONSTRAINTS_E, CONSTRAINTS_M,
-                   L_A, L_B, PDL)
+    scale_lo, scale_hi = _scale_rows(scales_ptr, slot64, stride_ss, stride_sn, n0, RB, L_A)
+
+    zero = gl.zeros([RB, TB, 32], gl.float32, layout=L_S)
+    acc = (zero, zero, zero, zero)
+    acc = _k_loop(acc, zero, x_rows, qw_tile, meta_tile, k_lo, k_hi, scale_lo, scale_hi, _k_step, STEP_K, 2,
+                  PREFETCH, GROUP_SIZE, SCALE_MODE, HALF_SCALES, EXPAND, MMA0, MMA1, CONSTRAINTS_E, CONSTRAINTS_M,
+                  L_A, L_B, PDL)
+    if SCALE_MODE == 0:  # one scale per row: applied once
+        s_lo = gl.expand_dims(gl.load(scale_lo).to(gl.float32), 1)
+        s_hi = gl.expand_dims(gl.load(scale_hi).to(gl.float32), 1)
+        acc = _scaled((zero, zero, zero, zero), acc, s_lo, s_hi)
+    _epilogue(acc, y_ptr, stride_ym, ws_ptr, counters_ptr, stride_wss, N, n0, m_start, m_end, pid_k, TB, RB, L_S,
+              SPLIT_K)
 
 
 @gluon.jit
@@ -267,44 +198,6 @@ def _scaled_half(acc, xb, qw, mw, U0: gl.constexpr, scale_lo, scale_hi, group, E
     return _scaled(acc, part, s_lo, s_hi)
 
 
-@gluon.jit
-def _k_loop_smem(acc, zero, x_smem, x_at, qw_tile, meta_tile, k_lo, k_hi, scale_lo, scale_hi,
-                 GROUP_SIZE: gl.constexpr, SCALE_MODE: gl.constexpr, HALF_SCALES: gl.constexpr, EXPAND: gl.constexpr,
-                 MMA0: gl.constexpr, MMA1: gl.constexpr, CONSTRAINTS_E: gl.constexpr, CONSTRAINTS_M: gl.constexpr,
-                 L_A: gl.constexpr, L_B: gl.constexpr, L_X4: gl.constexpr, X_STAGES: gl.constexpr):
-    """acc + the K steps k_lo..k_hi with x staged in shared memory: each step's x tile arrives by cp.async
-    X_STAGES - 1 steps ahead (x_at: its source pointers at step 0, [8 TB, 32, 4] in the stage's order) and every
-    warp reads it from there; the words and meta of the next step load during this one's MMAs. fp16 only: group
-    scales go into the A registers (exact), so no partial accumulator doubles the registers."""
-    steps = (k_hi - k_lo) // STEP_K
-    for c in gl.static_range(X_STAGES - 1):
-        if c < steps:
-            async_copy.async_copy_global_to_shared(x_smem.index(c), x_at + (k_lo + c * STEP_K) // 2)
-        async_copy.commit_group()
-    qw, mw = _load_delta(qw_tile, meta_tile, k_lo, 2)
-    for c in range(0, steps):
-        k0 = k_lo + c * STEP_K
-        async_copy.wait_group(X_STAGES - 2)  # this thread's copies of step c are in
-        gl.thread_barrier()  # everyone's are, and everyone is done with step c - 1's stage, reloaded next
-        ahead = c + X_STAGES - 1
-        if ahead < steps:
-            async_copy.async_copy_global_to_shared(x_smem.index(ahead % X_STAGES), x_at + (k_lo + ahead * STEP_K) // 2)
-        async_copy.commit_group()
-        qw_n, mw_n = _load_delta(qw_tile, meta_tile, gl.minimum(k0 + STEP_K, k_hi - STEP_K), 2)
-        xs = x_smem.index(c % X_STAGES)
-        for h in gl.static_range(2):  # 128-column halves: group scales (a multiple of 128 columns) in A
-            if SCALE_MODE == 1:
-                group = (k0 + 128 * h) // GROUP_SIZE
-                acc = _mma_half(acc, xs, qw, mw, 2 * h, EXPAND, MMA0, MMA1, CONSTRAINTS_E, CONSTRAINTS_M, L_A, L_B,
-                                L_X4, _pair_of(scale_lo + group), _pair_of(scale_hi + group))
-            else:
-                acc = _mma_half(acc, xs, qw, mw, 2 * h, EXPAND, MMA0, MMA1, CONSTRAINTS_E, CONSTRAINTS_M, L_A, L_B,
-                                L_X4)
-        qw, mw = qw_n, mw_n
-    async_copy.wait_group(0)
-    return acc
-
-
 def layouts(block_n: int, block_m: int, num_warps: int) -> dict:
     """L_S [RB, TB, 32] (one element per lane per MMA tile), L_W [RB, 32, 4] words or meta of a lane, L_X
     [TB, 32, 32] x pairs (kernels/sbmm_spmma.py `layouts`, with 32 B registers a step). Warps take 16-row
@@ -319,23 +212,4 @@ def layouts(block_n: int, block_m: int, num_warps: int) -> dict:
                     [rb, 32, 4])
     lay_x = _linear([[0, 0, 1 << i] for i in range(5)] + [[1 << i, 0, 0] for i in range(_bits(tb))], 1,
                     [[0, 0, 0] for _ in warps], [tb, 32, 32])
-    return dict(L_S=lay_s, L_W=lay_w, L_X=lay_x, **smem_layouts(tb, num_warps))
-
-
-def smem_layouts(tb: int, num_warps: int) -> dict:
-    """Layouts of x staged in shared memory (X_STAGES > 0), a stage [8 TB, 32, 4] = (mma j and 8-token block
-    j TB + tb, lane (g, t), B register m), row-major. L_X4 [TB, 32, 4]: one mma's B registers of every block, a
-    16-byte shared load a lane and block (a warp reads 512 contiguous bytes: no bank conflicts), the same in every
-    warp. L_XC: the cp.async of a stage, 16 bytes a thread: lanes t, g % 2, then j % 4, so 8 lanes write 128
-    contiguous bytes and a warp reads two tokens' 256 contiguous bytes of the step; warps and registers take
-    g // 2, j // 4 and the blocks."""
-    spare = [[0, 8, 0], [0, 16, 0], [4 * tb, 0, 0]] + [[1 << i, 0, 0] for i in range(_bits(tb))]
-    w = _bits(num_warps)
-    assert w <= len(spare), "more warps than 16-byte pieces of a stage"
-    lay_c = gl.DistributedLinearLayout(
-        reg_bases=[[0, 0, 1], [0, 0, 2]] + spare[w:],
-        lane_bases=[[0, 1, 0], [0, 2, 0], [0, 4, 0], [tb, 0, 0], [2 * tb, 0, 0]],
-        warp_bases=spare[:w], block_bases=[], shape=[8 * tb, 32, 4])
-    lay_4 = _linear([[0, 0, 1], [0, 0, 2]] + [[1 << i, 0, 0] for i in range(_bits(tb))], 1,
-                    [[0, 0, 0] for _ in range(w)], [tb, 32, 4])
-    return dict(L_XC=lay_c, L_X4=lay_4)
+    return dict(L_S=lay_s, L_W=lay_w, L_X=lay_x)

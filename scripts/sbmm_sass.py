@@ -64,7 +64,7 @@ def compile_kernel(a):
         bits = 2 if a.kernel == "spmma2" else 4
         const = dict(sbmm._spmma_constexprs(a.k, a.group or a.k, num_groups, tdt, a.bm, a.bn, a.warps, a.split_k,
                                             0 if a.no_prefetch else a.prefetch_depth, bits, a.pdl, a.x_dense,
-                                            a.expand, a.x_stages),
+                                            a.expand),
                      MAX_SEGS=16)
         fn = sbmm_spmma2._sbmm_spmma2_kernel if bits == 2 else sbmm_spmma._sbmm_spmma_kernel
         source = GluonASTSource
@@ -155,7 +155,6 @@ def main() -> None:
     p.add_argument("--prefetch-depth", type=int, default=1, help="spmma: K steps in flight (1 or 2)")
     p.add_argument("--pdl", action="store_true", help="spmma: programmatic dependent launch (griddepcontrol)")
     p.add_argument("--x-dense", action="store_true", help="spmma: x read as given (4-byte loads, no sp4_x copy)")
-    p.add_argument("--x-stages", type=int, default=0, help="spmma2: x staged in shared memory, K steps (2+; 0: off)")
     p.add_argument("--expand", choices=("shift", "fma"), default="shift",
                    help="spmma / spmma2: the word expander (kernels/sbmm_spmma.py FMA_SHIFTS)")
     p.add_argument("--dense2", action="store_true", help="gluon: dense2 words (kernels/layout.py), 2-bit")

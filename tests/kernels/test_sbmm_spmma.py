@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import packing, reference, sbmm, sbmm_asm, sbmm_plan, sbmm_spmma, sbmm_spmma2, spmma_layout
-from tests.kernels.packed_factory import random_packed, stack_packed
+from kernels import packing, reference, sbmm, sbmm_asm, sbmm_spmma, sbmm_spmma2, spmma_layout
+from tests.kernels.packed_factory import random_packed
 from tests.kernels.test_sbmm import TOL, make_case
 
 LANES = np.arange(32)
@@ -283,56 +283,6 @@ def test_sparse_mma_two_steps_in_flight_gpu(block_m, block_n, min_ctas, bits, k,
     cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=2, min_ctas=min_ctas, prefetch=2)
     y_kernel, y_ref = run_sparse_mma(bits, stack, x, y, starts, slots, n, k, config=cfg)
     torch.testing.assert_close(y_kernel.float(), y_ref.float(), **TOL[dtype])
-
-
-PREFILL_SEGMENTS = ([130, 64, 7, 0, 200, 65, 3], [2, 0, 1, 1, 1, -1, 0])  # blocks of 64: partial, whole, short
-
-
-@gpu
-@pytest.mark.parametrize("block_m,block_n,num_warps,x_stages", [
-    (64, 128, 4, 3), (64, 128, 4, 2), (64, 64, 2, 3), (32, 128, 2, 3), (128, 128, 4, 2), (64, 256, 8, 3)])
-@pytest.mark.parametrize("k,group,dtype,min_ctas", [
-    (2816, 128, torch.float16, 0), (2816, 128, torch.float16, 10**6), (2816, 256, torch.float16, 10**6),
-    (2816, None, torch.float16, 0), (256, 128, torch.float16, 0), (512, 384, torch.float16, 10**6),
-    (768, 128, torch.bfloat16, 0)])
-def test_sp2_x_staged_in_shared_memory_gpu(block_m, block_n, num_warps, x_stages, k, group, dtype, min_ctas):
-    """x_stages (kernels/sbmm_spmma2.py `_k_loop_smem`): prefill-sized segments (partial, whole and short blocks,
-    an empty one, one without a delta), 11 K steps (uneven splits with min_ctas 10**6), one step (fewer than the
-    stages in flight), groups of a half step, a step, a step and a half, per-row scales; bf16 falls back to x in
-    registers (BLOCK_M capped at 16) with the same result."""
-    n = 512
-    lens, slot_list = PREFILL_SEGMENTS
-    g = torch.Generator().manual_seed(21)
-    stack = stack_packed([random_packed(n, k, 2, group, True, generator=g) for _ in range(3)])
-    stack = {key: (v.cuda() if v is not None else None) for key, v in stack.items()}
-    t = sum(lens) + 3
-    x = torch.randn(t, k, generator=g).to(dtype).cuda()
-    y = torch.randn(t, n, generator=g).to(dtype).cuda()
-    starts = torch.tensor([0] + np.cumsum(lens).tolist(), dtype=torch.int64, device="cuda")
-    slots = torch.tensor(slot_list, dtype=torch.int64, device="cuda")
-    cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, min_ctas=min_ctas, x_stages=x_stages)
-    y_kernel, y_ref = run_sparse_mma(2, stack, x, y, starts, slots, n, k, config=cfg)
-    tol = dict(TOL[dtype])
-    tol["atol"] *= 2  # |y| grows with sqrt(K)
-    torch.testing.assert_close(y_kernel.float(), y_ref.float(), **tol)
-    torch.testing.assert_close(y_kernel[-3:], y[-3:])  # rows outside every segment stay untouched
-    untouched = slice(sum(lens[:5]), sum(lens[:6]))  # the segment without a delta
-    torch.testing.assert_close(y_kernel[untouched], y[untouched])
-
-
-def test_x_stages_plan_caps_and_refusals():
-    """x_stages lifts sp2's 16-row BLOCK_M cap (to 128), falls back for bf16, and is refused where it cannot run."""
-    x16 = torch.zeros(256, 1024, dtype=torch.float16)
-    cfg = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, x_stages=3)
-    launch = sbmm_plan.plan(x16, 512, 1024, 2, 8, 128, False, 2, config=cfg, sp2=True)
-    assert (launch.kernel, launch.block_m, launch.config["x_stages"]) == ("spmma2", 64, 3)
-    launch = sbmm_plan.plan(x16.bfloat16(), 512, 1024, 2, 8, 128, False, 2, config=cfg, sp2=True)
-    assert (launch.block_m, launch.config["x_stages"]) == (16, 0)
-    for bad in (dict(cfg, x_stages=1), dict(cfg, x_dense=True), dict(cfg, pdl=True)):
-        with pytest.raises(ValueError, match="x_stages"):
-            sbmm_plan.plan(x16, 512, 1024, 2, 8, 128, False, 2, config=bad, sp2=True)
-    with pytest.raises(ValueError, match="x_stages"):
-        sbmm_plan.plan(x16, 512, 1024, 4, 8, 128, False, 2, config=cfg, sp4=True)
 
 
 @gpu
