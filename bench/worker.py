@@ -480,33 +480,31 @@ def bench_sp2_prefill_ab(cfg: LlamaConfig, device: str, rows: list, deltas=(1, 4
                          min_rows: int = 128) -> None:
     """part=sp2-prefill-ab: the eager fresh-shape prefill steps of part=prefill-deltas (2-bit deltas, every request
     on one of N deltas in turn) with segments of `min_rows`+ rows on the prefill kernel delta_linear routes them to
-    (`delta_linear.SP2_PREFILL_ROWS`: kernels/sp2_wgmma*.py, Hopper with fp16; elsewhere every arm is SBMM), on
-    the side stream beside SBMM's launch (arm "stream", `delta_linear.SP2_PREFILL_STREAM`) or after it on one
-    stream ("serial"), against SBMM for all ("off"), the arms' order reversed every other round, in one process;
-    the base model's steps each round for scale. The flags are put back to their values from before the part."""
+    (`delta_linear.SP2_PREFILL_ROWS`: kernels/sp2_wgmma.py, Hopper with fp16; elsewhere both arms are SBMM)
+    against SBMM for all, alternating by round in one process; the base model's steps each round for scale. The
+    flag is put back to its value from before the part."""
     from kernels import delta_linear
 
-    was = delta_linear.SP2_PREFILL_ROWS, delta_linear.SP2_PREFILL_STREAM
-    arms = {"stream": (min_rows, True), "serial": (min_rows, False), "off": (None, True)}
+    was = delta_linear.SP2_PREFILL_ROWS
     model, slots = fused_model_and_slots(cfg, device, max(deltas), 2, sp4, sp2)
     try:
-        for arm in arms:  # untimed: compiles and per-shape set-up of every arm
-            delta_linear.SP2_PREFILL_ROWS, delta_linear.SP2_PREFILL_STREAM = arms[arm]
+        for on in (True, False):  # untimed: compiles and per-shape set-up of both arms
+            delta_linear.SP2_PREFILL_ROWS = min_rows if on else None
             for n in deltas:
                 time_fresh_prefills(model, device, num_running, 2, 0, slots, n)
         for r in range(rounds):
             base_ms, _ = time_fresh_prefills(model, device, num_running, num_steps, 0)
             for n in deltas:
-                for arm in (list(arms) if r % 2 == 0 else list(arms)[::-1]):
-                    delta_linear.SP2_PREFILL_ROWS, delta_linear.SP2_PREFILL_STREAM = arms[arm]
+                for on in ((True, False) if r % 2 == 0 else (False, True)):
+                    delta_linear.SP2_PREFILL_ROWS = min_rows if on else None
                     ms, count = time_fresh_prefills(model, device, num_running, num_steps, 0, slots, n)
-                    rows.append({"part": "sp2-prefill-ab", "round": r, "arm": arm, "on": arm != "off",
-                                 "min_rows": min_rows, "num_deltas": n, "bits": 2, "layers": cfg.num_hidden_layers,
+                    rows.append({"part": "sp2-prefill-ab", "round": r, "on": on, "min_rows": min_rows,
+                                 "num_deltas": n, "bits": 2, "layers": cfg.num_hidden_layers,
                                  "num_running": num_running, "prefill_steps": count, "ms": ms, "base_ms": base_ms,
                                  "vs_base": ms / base_ms})
                     print(json.dumps(rows[-1]), flush=True)
     finally:
-        delta_linear.SP2_PREFILL_ROWS, delta_linear.SP2_PREFILL_STREAM = was
+        delta_linear.SP2_PREFILL_ROWS = was
 
 
 # ---- part 2b: prefill steps of fresh shapes, per SDPA backend choice -------------------------------

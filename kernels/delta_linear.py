@@ -235,23 +235,18 @@ def apply_deltas(
     if isinstance(stack, DenseDeltaStack):
         _apply_dense(x, y, stack, seg_starts, seg_slots)
     elif x.is_cuda:
-        side = None  # the stream the prefill kernels run on beside this one's launches, joined before returning
-        try:
-            if host_segments is not None and (stack.sp4 or stack.sp2):
-                starts_h, slots_h = host_segments
-                seg_slots, slots_h, side = _sp2_prefill_segments(x, y, stack, seg_slots, starts_h, slots_h)
-                if seg_slots is None:
-                    return 0
-                dense, seg_slots = _dense_segments(x, y, stack, seg_slots, starts_h, slots_h)
-                if seg_slots is None:
-                    return dense
-            starts = seg_starts.to(x.device, torch.int64, non_blocking=True)
-            slots = seg_slots.to(x.device, torch.int64, non_blocking=True)
-            sbmm.sbmm(x, y, stack.qweight, stack.meta, stack.scales, stack.zeros, starts, slots, stack.bits,
-                      tiled=stack.tiled, sp4=stack.sp4, sp2=stack.sp2, workspace=workspace)
-        finally:
-            if side is not None:
-                torch.cuda.current_stream(x.device).wait_stream(side)
+        if host_segments is not None and (stack.sp4 or stack.sp2):
+            starts_h, slots_h = host_segments
+            seg_slots, slots_h = _sp2_prefill_segments(x, y, stack, seg_slots, starts_h, slots_h)
+            if seg_slots is None:
+                return 0
+            dense, seg_slots = _dense_segments(x, y, stack, seg_slots, starts_h, slots_h)
+            if seg_slots is None:
+                return dense
+        starts = seg_starts.to(x.device, torch.int64, non_blocking=True)
+        slots = seg_slots.to(x.device, torch.int64, non_blocking=True)
+        sbmm.sbmm(x, y, stack.qweight, stack.meta, stack.scales, stack.zeros, starts, slots, stack.bits,
+                  tiled=stack.tiled, sp4=stack.sp4, sp2=stack.sp2, workspace=workspace)
     elif stack.meta is None:
         raise ValueError("dense2 stacks (meta None) are a CUDA-only layout; CPU stacks keep the canonical one")
     else:
@@ -280,21 +275,6 @@ def apply_deltas(
 SP2_PREFILL_ROWS: int | None = 256
 SP2_PREFILL_MIN_PROGRAMS = 96
 SP2_BLOCK_FILL = 0.68
-# Where SBMM still runs for other segments of the launch, the prefill kernel runs on a side stream beside it
-# (disjoint rows of y; x read by both), joined before apply_deltas returns: its one or two waves of few programs
-# (one a 128-row block and 128 output columns) then leave no SMs idle, SBMM's programs take them. False: one after
-# the other on the caller's stream (worker flag --no-sp2-prefill-stream).
-SP2_PREFILL_STREAM = True
-_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    """The side stream of a CUDA device (one a device, made on first use)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    stream = _SIDE_STREAMS.get(index)
-    if stream is None:
-        stream = _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
-    return stream
 
 
 # The time of a 64-row block of sp2_wgmma's pipelined kernel against a 128-row one of sp2_wgmma_ws (H200, s25: the
@@ -349,11 +329,10 @@ def _sp2_route(starts: tuple, slots: tuple, n: int, k: int, min_rows: int, top: 
 
 
 def _sp2_prefill_segments(x, y, stack: PackedDeltaStack, seg_slots: torch.Tensor, starts: Sequence[int],
-                          slots: Sequence[int]) -> tuple[torch.Tensor | None, Sequence[int], torch.cuda.Stream | None]:
+                          slots: Sequence[int]) -> tuple[torch.Tensor | None, Sequence[int]]:
     """Run the sp2 segments of `SP2_PREFILL_ROWS` rows up to the dense route's threshold that fill their blocks on
     the Hopper prefill kernels (fp16; enough programs): (the slots tensor the SBMM launch still needs: those -1,
-    the one passed when none qualified, None when none is left; the same slots as a host list; the side stream
-    the kernel was launched on (`SP2_PREFILL_STREAM`), which the caller's stream must wait for, or None)."""
+    the one passed when none qualified, None when none is left; the same slots as a host list)."""
     n, k = stack.shape
     # the cheap test first: this runs for every linear of every prefill step, most of which route nothing (steps
     # with four deltas of 64-192 rows, where nothing routes, were 2-5% slower than the off arm with the device
@@ -362,24 +341,18 @@ def _sp2_prefill_segments(x, y, stack: PackedDeltaStack, seg_slots: torch.Tensor
             or not any(starts[i + 1] - starts[i] >= SP2_PREFILL_ROWS for i in range(len(slots)))
             or not sp2_wgmma.supported(x, n, k, stack.group_size)
             or not sp2_prefill.supported(x, n, k, stack.bits, stack.group_size, stack.sym, stack.sp2)):
-        return seg_slots, slots, None
+        return seg_slots, slots
     route = _sp2_route(tuple(starts), tuple(slots), n, k, SP2_PREFILL_ROWS, sbmm.dense_rows(x.device, stack.bits),
                        SP2_PREFILL_MIN_PROGRAMS, SP2_BLOCK64_COST, x.device)
     if route is None:
-        return seg_slots, slots, None
+        return seg_slots, slots
     block_m, split, picked, blocks, rest, rest_t = route
-    side = None
-    if SP2_PREFILL_STREAM and rest_t is not None and not torch.cuda.is_current_stream_capturing():
-        side = _side_stream(x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))  # x and y as this stream leaves them
-    with torch.cuda.stream(side):  # None: the current stream
-        if block_m == 128 and n % 128 == 0:
-            sp2_wgmma_ws.sp2_wgmma_ws(x, y, stack.qweight, stack.meta, stack.scales, starts, picked, blocks=blocks,
-                                      split=split)
-        else:
-            sp2_wgmma.sp2_wgmma(x, y, stack.qweight, stack.meta, stack.scales, starts, picked, block_m,
-                                blocks=blocks)
-    return rest_t, rest, side
+    if block_m == 128 and n % 128 == 0:
+        sp2_wgmma_ws.sp2_wgmma_ws(x, y, stack.qweight, stack.meta, stack.scales, starts, picked, blocks=blocks,
+                                  split=split)
+    else:
+        sp2_wgmma.sp2_wgmma(x, y, stack.qweight, stack.meta, stack.scales, starts, picked, block_m, blocks=blocks)
+    return rest_t, rest
 
 
 DENSE_CHUNK_BYTES = 64 << 20  # the dense path's scratch: Δ rows expanded at a time (fp16 / bf16)

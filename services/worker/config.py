@@ -61,7 +61,6 @@ class WorkerConfig:
     prefill_attention_kernel: bool = True  # CUDA steps with prefill chunks too (varlen kernel)
     fused_rope_kv: bool = True  # CUDA: q/k rotation and the KV-cache write in one launch
     sp2_prefill_rows: int = -1  # Hopper: sp2 segments of this many rows on the prefill kernels; 0 off, -1 default
-    sp2_prefill_stream: bool = True  # the prefill kernels on a side stream beside the SBMM launch for the rest
     row_buckets: bool = True  # CUDA: eager prefill steps run their linears on a bucketed row count
     device_cache_bytes: int = 0  # 0 = limited by slots only
     host_cache_bytes: int = 4 << 30
@@ -109,7 +108,6 @@ class WorkerConfig:
         model_runner.ROW_BUCKETS = self.row_buckets
         if self.sp2_prefill_rows >= 0:
             delta_linear.SP2_PREFILL_ROWS = self.sp2_prefill_rows or None
-        delta_linear.SP2_PREFILL_STREAM = self.sp2_prefill_stream
 
     @property
     def use_cuda_graphs(self) -> bool:
@@ -218,9 +216,6 @@ FLAG_HELP = {  # flags whose meaning the name alone does not tell
     "sp2_prefill_rows": "on Hopper GPUs with fp16, 2-bit sp2 delta segments of at least this many rows (that fill "
                         "their 128-row blocks well) run on the prefill kernels (kernels/sp2_wgmma_ws.py) instead of "
                         "SBMM; 0 = never, -1 = kernels/delta_linear.py's measured default",
-    "sp2_prefill_stream": "where SBMM still runs for a step's other segments, the prefill kernels run on a second "
-                          "CUDA stream beside it (disjoint rows), so their few programs leave no SMs idle; "
-                          "0/false = one launch after the other",
     "row_buckets": "on CUDA, steps with prompt chunks run their linears on the token count rounded up to one of ~56 "
                    "buckets (zero rows added: at most 1/8 more past 128 rows), planned once while idle, instead of "
                    "every step's own count (cuBLAS plans each new GEMM shape on the host: ~0.2-2 ms a linear); "

@@ -248,17 +248,14 @@ HOPPER = CUDA and torch.cuda.get_device_capability() == (9, 0)
 
 @pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (sm_90)")
 @pytest.mark.parametrize("n,k,launch", [(4096, 4096, "ws"), (1024, 2048, None), (4096 - 64, 2048, "pipelined")])
-@pytest.mark.parametrize("side_stream", [True, False])
-def test_apply_deltas_gpu_routes_long_sp2_segments_to_the_prefill_kernels(monkeypatch, n, k, launch, side_stream):
+def test_apply_deltas_gpu_routes_long_sp2_segments_to_the_prefill_kernels(monkeypatch, n, k, launch):
     """With host segments, an sp2 stack's segments of SP2_PREFILL_ROWS+ rows run on the prefill kernels when the
     launch has enough programs: kernels/sp2_wgmma_ws.py in 128-row blocks (4096 x 4096, two long segments),
     kernels/sp2_wgmma.py where N is no multiple of 128 (4032 x 2048: 64-row blocks); SBMM otherwise (1024 x 2048:
-    72 programs, K too short to split); the sum is the reference either way. SBMM still runs for a short segment,
-    so with SP2_PREFILL_STREAM the prefill kernel runs on the side stream, which the caller's stream waits for."""
+    72 programs, K too short to split); the sum is the reference either way."""
     from kernels import delta_linear, sp2_wgmma, sp2_wgmma_ws
 
     monkeypatch.setattr(delta_linear, "SP2_PREFILL_ROWS", 128)
-    monkeypatch.setattr(delta_linear, "SP2_PREFILL_STREAM", side_stream)
     g = torch.Generator().manual_seed(11)
     packed = [random_packed(n, k, 2, 128, generator=g) for _ in range(3)]
     stack = PackedDeltaStack.from_packed(packed, bits=2, shape=(n, k), device="cuda", sp2=True)
@@ -269,10 +266,10 @@ def test_apply_deltas_gpu_routes_long_sp2_segments_to_the_prefill_kernels(monkey
     calls = []
     for name, module, fn in (("pipelined", sp2_wgmma, "sp2_wgmma"), ("ws", sp2_wgmma_ws, "sp2_wgmma_ws")):
         real = getattr(module, fn)
-        monkeypatch.setattr(module, fn, lambda *a, _real=real, _name=name, **kw: calls.append(
-            (_name, a[6], torch.cuda.current_stream() == torch.cuda.default_stream())) or _real(*a, **kw))
+        monkeypatch.setattr(module, fn, lambda *a, _real=real, _name=name, **kw: calls.append((_name, a[6]))
+                            or _real(*a, **kw))
     y = y0.cuda()
     apply_deltas(x.cuda(), y, stack, torch.tensor(starts), torch.tensor(slots), host_segments=(starts, slots))
-    want = expected(x, y0, dense, starts, slots, torch.float16)  # y read right after: the join is in place
+    want = expected(x, y0, dense, starts, slots, torch.float16)
     torch.testing.assert_close(y.float().cpu(), want, atol=0.1, rtol=2e-2)
-    assert calls == ([] if launch is None else [(launch, [2, -1, 1, -1], not side_stream)])
+    assert calls == ([] if launch is None else [(launch, [2, -1, 1, -1])])

@@ -102,15 +102,3 @@ def test_sp2_prefill_rows_sets_the_route_threshold(monkeypatch):
     assert delta_linear.SP2_PREFILL_ROWS is None
     with pytest.raises(ValueError, match="--sp2-prefill-rows"):
         config_from_args(["--sp2-prefill-rows", "-2"], env={})
-
-
-def test_sp2_prefill_stream_sets_the_side_stream_flag(monkeypatch):
-    """--sp2-prefill-stream (on by default) sets kernels/delta_linear.py's SP2_PREFILL_STREAM; 0 runs the prefill
-    kernels after SBMM on one stream."""
-    from kernels import delta_linear
-
-    monkeypatch.setattr(delta_linear, "SP2_PREFILL_STREAM", delta_linear.SP2_PREFILL_STREAM)
-    config_from_args(["--sp2-prefill-stream", "0"], env={}).apply_kernel_flags()
-    assert delta_linear.SP2_PREFILL_STREAM is False
-    config_from_args([], env={}).apply_kernel_flags()
-    assert delta_linear.SP2_PREFILL_STREAM is True
