@@ -16,8 +16,6 @@ bytes: its delta product has the base GEMM's dense-equivalent FLOPs.
 
 import argparse
 import datetime
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.results_io import git_commit, write_results  # noqa: E402
 
 CHAINS = 8  # independent accumulators a thread keeps in flight
 DENSE = ("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, "
@@ -110,14 +109,11 @@ def main() -> None:
     p.add_argument("--out", default="bench/results")
     p.add_argument("--label", default="")
     p.add_argument("--iters", type=int, default=4096)
-    p.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "unknown"))
+    p.add_argument("--commit", default="", help="default: BENCH_COMMIT or this checkout's HEAD")
     a = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     device = torch.cuda.get_device_name()
     date = datetime.date.today().isoformat()
-    label = f"-{a.label}" if a.label else ""
-    path = Path(a.out) / f"mma-peak{label}-{device.replace(' ', '-')}-{date}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
 
     n = 8192
     x = torch.randn(n, n, device="cuda", dtype=torch.float16)
@@ -135,13 +131,13 @@ def main() -> None:
             print(f"{r['instruction']:10s} {r['warps_per_sm']:2d} warps/SM: {r['tflops']:6.0f} TFLOP/s "
                   f"(dense-equivalent), {r['of_cublas']:.2f} of cuBLAS", flush=True)
     best = {kind: max(r["tflops"] for r in rows if r["instruction"] == kind) for kind in ("mma_dense", "mma_sparse")}
-    result = {"bench": "mma_peak", "device": device, "commit": a.commit, "date": date,
+    result = {"bench": "mma_peak", "device": device, "commit": a.commit or git_commit(), "date": date,
               "config": {"chains_per_thread": CHAINS, "cublas_shape": [n, n, n], "timing": "median of 5 CUDA-event "
                          "timed launches after a warm-up", "limit": "cublas: dense fp16 torch.mm in the same run",
                          "torch": torch.__version__, "triton": triton.__version__},
               "cublas_tflops": cublas, "best_tflops": best,
               "best_of_cublas": {k: v / cublas for k, v in best.items()}, "rows": rows}
-    path.write_text(json.dumps(result, indent=1))
+    path = write_results(Path(a.out), "mma-peak", f"{a.label}-{device}" if a.label else device, result)
     print(f"wrote {path}")
 
 
