@@ -6,7 +6,8 @@ the same run (GPU).
 
 Per worker launch shape (fused q/k/v, o, fused gate/up, down; Llama-2-7B), rows per segment and segment count
 (1 or 4 deltas on sp2 words, group 128, fp16): `us_sbmm` (the tuned SBMM config, kernels/sbmm.py), `us_prefill`
-per kernel config (`configs`: kernels/sp2_prefill.py's Triton tiles, kernels/sp2_wgmma.py's BLOCK_M), `us_base`
+per kernel config (`configs`: kernels/sp2_prefill.py's Triton tiles, kernels/sp2_wgmma.py's BLOCK_M, SBMM with other
+tiles than its table's, "sbmm_*"), `us_base`
 (x @ W.T, cuBLAS, fp16 W [N, K]: the same math on dense weights, the practical limit of a dense-dot kernel here),
 and `best`: the fastest config with `speedup` = us_sbmm / its µs
 and `over_base` = its µs / us_base; `us_diag`: the timing-only variants (configs with "diag": wrong results, never
@@ -64,6 +65,13 @@ CONFIGS = {
     "ws_m128_a3": {"kernel": "ws", "BLOCK_M": 128, "x_stages": 3, "a_stages": 3},
     "ws_m64": {"kernel": "ws", "BLOCK_M": 64, "x_stages": 4, "a_stages": 2},
 }
+# SBMM itself (kernels/sbmm_spmma2.py) with larger delta-row blocks than its table's: x is re-read from L2 once for
+# every BLOCK_N delta rows (docs/kernels.md run 31), and the L1 serves the warps of a program
+CONFIGS.update({f"sbmm_m{bm}n{bn}w{w}": {"kernel": "sbmm", "BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w,
+                                          "min_ctas": 256}
+                for bm, bn, w in ((16, 128, 2), (16, 256, 4), (16, 512, 8), (16, 256, 8), (16, 128, 4),
+                                  (8, 256, 8))})
+SBMM_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "min_ctas", "expand", "prefetch")
 
 
 def one_case(n, k, stack, weight, rows, segs, configs) -> dict:
@@ -81,6 +89,10 @@ def one_case(n, k, stack, weight, rows, segs, configs) -> dict:
         return lambda: sbmm.sbmm(x, y, q, m, s, None, starts_d, slots, 2, sp2=True)
 
     def prefill_call(slots, cfg, out=y):
+        if cfg.get("kernel") == "sbmm":
+            slots_d = torch.tensor(slots, device="cuda", dtype=torch.int64)  # before any capture
+            config = {key: cfg[key] for key in SBMM_KEYS if key in cfg}
+            return lambda: sbmm.sbmm(x, out, q, m, s, None, starts_d, slots_d, 2, sp2=True, config=config)
         blocks = sp2_prefill.block_table(starts, slots, cfg["BLOCK_M"], "cuda")  # before any capture
         if cfg.get("kernel") == "ws":
             return lambda: sp2_wgmma_ws.sp2_wgmma_ws(x, out, q, m, s, starts, slots, cfg["BLOCK_M"], blocks=blocks,
