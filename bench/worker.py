@@ -477,34 +477,38 @@ def bench_flag_ab(part: str, cfg: LlamaConfig, device: str, rows: list, deltas=(
 
 def bench_sp2_prefill_ab(cfg: LlamaConfig, device: str, rows: list, deltas=(1, 4), rounds: int = 2,
                          sp4: bool | None = None, sp2: bool = True, num_running: int = 16, num_steps: int = 12,
-                         min_rows: int = 128) -> None:
+                         min_rows: int = 128, left_rows: int | None = None) -> None:
     """part=sp2-prefill-ab: the eager fresh-shape prefill steps of part=prefill-deltas (2-bit deltas, every request
     on one of N deltas in turn) with segments of `min_rows`+ rows on the prefill kernel delta_linear routes them to
     (`delta_linear.SP2_PREFILL_ROWS`: kernels/sp2_wgmma.py, Hopper with fp16; elsewhere both arms are SBMM)
-    against SBMM for all, alternating by round in one process; the base model's steps each round for scale. The
-    flag is put back to its value from before the part."""
+    against SBMM for all, the arms' order reversed every other round, in one process; the base model's steps each
+    round for scale. left_rows: a third arm, "left", routing only where SBMM is left no segment of that many rows
+    (`delta_linear.SP2_PREFILL_LEFT_ROWS`). The flags are put back to their values from before the part."""
     from kernels import delta_linear
 
-    was = delta_linear.SP2_PREFILL_ROWS
+    was = delta_linear.SP2_PREFILL_ROWS, delta_linear.SP2_PREFILL_LEFT_ROWS
+    arms = {"on": (min_rows, None), "off": (None, None)}
+    if left_rows is not None:
+        arms["left"] = (min_rows, left_rows)
     model, slots = fused_model_and_slots(cfg, device, max(deltas), 2, sp4, sp2)
     try:
-        for on in (True, False):  # untimed: compiles and per-shape set-up of both arms
-            delta_linear.SP2_PREFILL_ROWS = min_rows if on else None
+        for arm in arms:  # untimed: compiles and per-shape set-up of every arm
+            delta_linear.SP2_PREFILL_ROWS, delta_linear.SP2_PREFILL_LEFT_ROWS = arms[arm]
             for n in deltas:
                 time_fresh_prefills(model, device, num_running, 2, 0, slots, n)
         for r in range(rounds):
             base_ms, _ = time_fresh_prefills(model, device, num_running, num_steps, 0)
             for n in deltas:
-                for on in ((True, False) if r % 2 == 0 else (False, True)):
-                    delta_linear.SP2_PREFILL_ROWS = min_rows if on else None
+                for arm in (list(arms) if r % 2 == 0 else list(arms)[::-1]):
+                    delta_linear.SP2_PREFILL_ROWS, delta_linear.SP2_PREFILL_LEFT_ROWS = arms[arm]
                     ms, count = time_fresh_prefills(model, device, num_running, num_steps, 0, slots, n)
-                    rows.append({"part": "sp2-prefill-ab", "round": r, "on": on, "min_rows": min_rows,
-                                 "num_deltas": n, "bits": 2, "layers": cfg.num_hidden_layers,
-                                 "num_running": num_running, "prefill_steps": count, "ms": ms, "base_ms": base_ms,
-                                 "vs_base": ms / base_ms})
+                    rows.append({"part": "sp2-prefill-ab", "round": r, "arm": arm, "on": arm != "off",
+                                 "min_rows": min_rows, "left_rows": arms[arm][1], "num_deltas": n, "bits": 2,
+                                 "layers": cfg.num_hidden_layers, "num_running": num_running,
+                                 "prefill_steps": count, "ms": ms, "base_ms": base_ms, "vs_base": ms / base_ms})
                     print(json.dumps(rows[-1]), flush=True)
     finally:
-        delta_linear.SP2_PREFILL_ROWS = was
+        delta_linear.SP2_PREFILL_ROWS, delta_linear.SP2_PREFILL_LEFT_ROWS = was
 
 
 # ---- part 2b: prefill steps of fresh shapes, per SDPA backend choice -------------------------------
@@ -901,6 +905,8 @@ def _main(argv: list[str] | None) -> int:
     ap.add_argument("--step-bits", type=int, default=2, choices=(2, 4), help="code width of the step's deltas")
     ap.add_argument("--sp2-prefill-rows", type=int, default=128,
                     help="part sp2-prefill-ab: delta_linear.SP2_PREFILL_ROWS of the 'on' arm")
+    ap.add_argument("--sp2-prefill-left-rows", type=int, default=None,
+                    help="part sp2-prefill-ab: a third arm, 'left', with delta_linear.SP2_PREFILL_LEFT_ROWS this")
     ap.add_argument("--sp4-words-torch", action="store_true",
                     help="sp4 slot writes re-order qweight in torch row chunks instead of the one-pass Triton kernel "
                          "(spmma_layout.SP4_WORDS_KERNEL off): the load baseline")
@@ -993,6 +999,7 @@ def _main(argv: list[str] | None) -> int:
     if "sp2-prefill-ab" in parts:
         bench_sp2_prefill_ab(step_cfg, device, rows, sp4=False if args.no_sp4 else None, sp2=sp2,
                              rounds=args.fused_rounds, min_rows=args.sp2_prefill_rows,
+                             left_rows=args.sp2_prefill_left_rows,
                              **({"deltas": (1,), "num_running": 4, "num_steps": 2} if args.tiny else {}))
     for part in (p for p in parts if p in FLAG_PARTS):
         bench_flag_ab(part, step_cfg, device, rows, bits=args.step_bits, sp4=False if args.no_sp4 else None, sp2=sp2,

@@ -275,6 +275,12 @@ def apply_deltas(
 SP2_PREFILL_ROWS: int | None = 256
 SP2_PREFILL_MIN_PROGRAMS = 96
 SP2_BLOCK_FILL = 0.68
+# When set: route only where SBMM is left no segment of this many rows or more (the other fine-tunes' decoding rows
+# are fewer), so one prefill launch takes all of a step's prompt work or none of it. The worker A/Bs (docs/kernels.md
+# runs 28 and 31) found the route 10-14% faster on steps with one prompt and 0-9% slower on steps with four, where
+# some prompts route and some stay on SBMM. Not measured yet; None: no such condition (worker flag
+# --sp2-prefill-left-rows).
+SP2_PREFILL_LEFT_ROWS: int | None = None
 
 
 # The time of a 64-row block of sp2_wgmma's pipelined kernel against a 128-row one of sp2_wgmma_ws (H200, s25: the
@@ -301,16 +307,20 @@ def fills_blocks(rows: int, fill: float | None = None) -> bool:
 
 @functools.lru_cache(maxsize=16)
 def _sp2_route(starts: tuple, slots: tuple, n: int, k: int, min_rows: int, top: int | None, min_programs: int,
-               block64_cost: float, device: torch.device) -> tuple | None:
+               block64_cost: float, device: torch.device, left_rows: int | None = None) -> tuple | None:
     """What `_sp2_prefill_segments` launches for these host segments: (block_m, K split (block_m 128: the
     warp-specialized kernel), the slots the kernel runs, its block table, the slots left for SBMM as a host list
-    and on the device, or None when none is left), or None when it launches nothing. Cached: every linear of a step
-    has the same segments, so the two small tables are copied to the device once a step, not once a linear (eager
-    prefill steps are host-bound)."""
+    and on the device, or None when none is left), or None when it launches nothing. left_rows
+    (`SP2_PREFILL_LEFT_ROWS`): nothing either when a segment of that many rows would be left to SBMM. Cached: every
+    linear of a step has the same segments, so the two small tables are copied to the device once a step, not once
+    a linear (eager prefill steps are host-bound)."""
     sizes = [starts[i + 1] - starts[i] for i in range(len(slots))]
     take = {i for i, slot in enumerate(slots) if slot >= 0 and sizes[i] >= min_rows
             and (top is None or sizes[i] < top) and fills_blocks(sizes[i])}
     if not take:
+        return None
+    if left_rows is not None and any(slot >= 0 and i not in take and sizes[i] >= left_rows
+                                     and (top is None or sizes[i] < top) for i, slot in enumerate(slots)):
         return None
     rows = [sizes[i] for i in take]
     block_m, programs = sp2_prefill_plan(n, rows, block64_cost)
@@ -343,7 +353,7 @@ def _sp2_prefill_segments(x, y, stack: PackedDeltaStack, seg_slots: torch.Tensor
             or not sp2_prefill.supported(x, n, k, stack.bits, stack.group_size, stack.sym, stack.sp2)):
         return seg_slots, slots
     route = _sp2_route(tuple(starts), tuple(slots), n, k, SP2_PREFILL_ROWS, sbmm.dense_rows(x.device, stack.bits),
-                       SP2_PREFILL_MIN_PROGRAMS, SP2_BLOCK64_COST, x.device)
+                       SP2_PREFILL_MIN_PROGRAMS, SP2_BLOCK64_COST, x.device, SP2_PREFILL_LEFT_ROWS)
     if route is None:
         return seg_slots, slots
     block_m, split, picked, blocks, rest, rest_t = route

@@ -61,6 +61,7 @@ class WorkerConfig:
     prefill_attention_kernel: bool = True  # CUDA steps with prefill chunks too (varlen kernel)
     fused_rope_kv: bool = True  # CUDA: q/k rotation and the KV-cache write in one launch
     sp2_prefill_rows: int = -1  # Hopper: sp2 segments of this many rows on the prefill kernels; 0 off, -1 default
+    sp2_prefill_left_rows: int = -1  # ... only when SBMM is left no segment of this many rows; 0 any, -1 default
     row_buckets: bool = True  # CUDA: eager prefill steps run their linears on a bucketed row count
     device_cache_bytes: int = 0  # 0 = limited by slots only
     host_cache_bytes: int = 4 << 30
@@ -108,6 +109,8 @@ class WorkerConfig:
         model_runner.ROW_BUCKETS = self.row_buckets
         if self.sp2_prefill_rows >= 0:
             delta_linear.SP2_PREFILL_ROWS = self.sp2_prefill_rows or None
+        if self.sp2_prefill_left_rows >= 0:
+            delta_linear.SP2_PREFILL_LEFT_ROWS = self.sp2_prefill_left_rows or None
 
     @property
     def use_cuda_graphs(self) -> bool:
@@ -132,6 +135,9 @@ class WorkerConfig:
         if self.sp2_prefill_rows < -1:
             raise ValueError(f"--sp2-prefill-rows must be -1 (the default), 0 (off) or a row count, got "
                              f"{self.sp2_prefill_rows}")
+        if self.sp2_prefill_left_rows < -1:
+            raise ValueError(f"--sp2-prefill-left-rows must be -1 (the default), 0 (no condition) or a row count, "
+                             f"got {self.sp2_prefill_left_rows}")
         if not 0.0 <= self.stream_interval_ms <= 1000.0:
             raise ValueError(f"--stream-interval-ms must be in [0, 1000], got {self.stream_interval_ms}")
         if not 0.0 < self.kv_memory_fraction <= 1.0:
@@ -216,6 +222,9 @@ FLAG_HELP = {  # flags whose meaning the name alone does not tell
     "sp2_prefill_rows": "on Hopper GPUs with fp16, 2-bit sp2 delta segments of at least this many rows (that fill "
                         "their 128-row blocks well) run on the prefill kernels (kernels/sp2_wgmma_ws.py) instead of "
                         "SBMM; 0 = never, -1 = kernels/delta_linear.py's measured default",
+    "sp2_prefill_left_rows": "route to the prefill kernels only when SBMM would be left no segment of at least "
+                             "this many rows (one launch takes all of a step's prompt work or none); unmeasured; "
+                             "0 = no such condition, -1 = kernels/delta_linear.py's default (none)",
     "row_buckets": "on CUDA, steps with prompt chunks run their linears on the token count rounded up to one of ~56 "
                    "buckets (zero rows added: at most 1/8 more past 128 rows), planned once while idle, instead of "
                    "every step's own count (cuBLAS plans each new GEMM shape on the host: ~0.2-2 ms a linear); "

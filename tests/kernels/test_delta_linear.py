@@ -233,6 +233,27 @@ def test_sp2_prefill_plan_picks_the_block_size_and_counts_programs():
     assert sp2_prefill_plan(64 * 3, [1]) == (64, 3)
 
 
+def test_left_rows_routes_all_of_a_steps_prompt_work_or_none():
+    """SP2_PREFILL_LEFT_ROWS (the router's left_rows): with it, the prefill kernel runs only when SBMM is left no
+    segment of that many rows; decoding rows (fewer), segments without a delta and those of the dense route's size
+    do not hold it back. Host logic only (N 4032: no K split to plan, tables on the CPU)."""
+    from kernels.delta_linear import _sp2_route
+
+    def route(starts, slots, left_rows):
+        return _sp2_route(tuple(starts), tuple(slots), 4032, 2048, 96, 1024, 1, 0.62, torch.device("cpu"),
+                          left_rows)
+
+    one_prompt = [0, 120, 121, 122, 130]  # one fine-tune's 120 rows, two decoding rows, 8 more
+    assert route(one_prompt, [0, 1, 2, 3], None)[2] == [0, -1, -1, -1]
+    assert route(one_prompt, [0, 1, 2, 3], 32)[2] == [0, -1, -1, -1]
+    four_prompts = [0, 120, 190, 310, 350]  # 120 and 120 route; 70 (too short) and 40 (too short) stay on SBMM
+    assert route(four_prompts, [0, 1, 2, 3], None)[2] == [0, -1, 2, -1]
+    assert route(four_prompts, [0, 1, 2, 3], 32) is None
+    assert route(four_prompts, [0, 1, 2, 3], 71)[2] == [0, -1, 2, -1]  # 70 and 40 are below 71
+    assert route(four_prompts, [0, -1, 2, -1], 32)[2] == [0, -1, 2, -1]  # what has no delta stays out of the count
+    assert route([0, 120, 1320], [0, 1], 32)[2] == [0, -1]  # 1200 rows go to the dense route, not SBMM
+
+
 def test_a_segment_routes_only_where_it_fills_its_blocks():
     """SP2_BLOCK_FILL: 100 rows (one block, 78%) and 200 (two, 78%) fill their 128-row blocks well enough, 150 (59%)
     and 60 do not."""

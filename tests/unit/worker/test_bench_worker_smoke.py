@@ -4,6 +4,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -69,19 +70,25 @@ def test_bench_worker_long_prefill_ab_writes_both_arms_and_restores_the_route(tm
     assert all(r["part"] == "long-prefill-ab" and r["ms"] > 0 and r["base_ms"] > 0 for r in rows)
 
 
-def test_bench_worker_sp2_prefill_ab_times_both_arms_and_puts_the_threshold_back(tmp_path):
-    """part sp2-prefill-ab (tiny, CPU): both arms per round in alternating order, the base for scale, and
-    delta_linear.SP2_PREFILL_ROWS back at its earlier value."""
+@pytest.mark.parametrize("left", [False, True])
+def test_bench_worker_sp2_prefill_ab_times_every_arm_and_puts_the_flags_back(tmp_path, left):
+    """part sp2-prefill-ab (tiny, CPU): the arms (on, off, and with --sp2-prefill-left-rows "left") per round, in
+    reversed order every other round, the base for scale, and delta_linear's SP2_PREFILL_ROWS and
+    SP2_PREFILL_LEFT_ROWS back at their earlier values."""
     from kernels import delta_linear
 
     torch.set_num_threads(1)
     bench = _load_bench()
-    before = delta_linear.SP2_PREFILL_ROWS
-    assert bench.main(["--tiny", "--parts", "sp2-prefill-ab", "--out", str(tmp_path), "--commit", "test"]) == 0
-    assert delta_linear.SP2_PREFILL_ROWS == before
+    before = delta_linear.SP2_PREFILL_ROWS, delta_linear.SP2_PREFILL_LEFT_ROWS
+    extra = ["--sp2-prefill-left-rows", "32"] if left else []
+    assert bench.main(["--tiny", "--parts", "sp2-prefill-ab", "--out", str(tmp_path), "--commit", "test",
+                       *extra]) == 0
+    assert (delta_linear.SP2_PREFILL_ROWS, delta_linear.SP2_PREFILL_LEFT_ROWS) == before
     (path,) = tmp_path.glob("worker-*-tiny.json")
     rows = json.loads(path.read_text())["rows"]
-    assert [(r["round"], r["on"]) for r in rows] == [(0, True), (0, False), (1, False), (1, True)]
+    arms = ["on", "off", "left"] if left else ["on", "off"]
+    assert [(r["round"], r["arm"]) for r in rows] == [(0, a) for a in arms] + [(1, a) for a in arms[::-1]]
+    assert [r["left_rows"] for r in rows if r["arm"] == "left"] == ([32, 32] if left else [])
     assert all(r["part"] == "sp2-prefill-ab" and r["ms"] > 0 and r["base_ms"] > 0 for r in rows)
 
 

@@ -102,3 +102,19 @@ def test_sp2_prefill_rows_sets_the_route_threshold(monkeypatch):
     assert delta_linear.SP2_PREFILL_ROWS is None
     with pytest.raises(ValueError, match="--sp2-prefill-rows"):
         config_from_args(["--sp2-prefill-rows", "-2"], env={})
+
+
+def test_sp2_prefill_left_rows_sets_the_route_condition(monkeypatch):
+    """--sp2-prefill-left-rows N sets kernels/delta_linear.py's SP2_PREFILL_LEFT_ROWS, 0 removes the condition, -1
+    (the default) leaves the module's value; below -1 is refused."""
+    from kernels import delta_linear
+
+    monkeypatch.setattr(delta_linear, "SP2_PREFILL_LEFT_ROWS", None)
+    config_from_args([], env={}).apply_kernel_flags()
+    assert delta_linear.SP2_PREFILL_LEFT_ROWS is None
+    config_from_args(["--sp2-prefill-left-rows", "32"], env={}).apply_kernel_flags()
+    assert delta_linear.SP2_PREFILL_LEFT_ROWS == 32
+    config_from_args([], env={"DELTAZIP_SP2_PREFILL_LEFT_ROWS": "0"}).apply_kernel_flags()
+    assert delta_linear.SP2_PREFILL_LEFT_ROWS is None
+    with pytest.raises(ValueError, match="--sp2-prefill-left-rows"):
+        config_from_args(["--sp2-prefill-left-rows", "-2"], env={})
