@@ -11,7 +11,8 @@ accumulator chains per warp, every SM full, no memory traffic):
 - `cublas`: torch.mm of two 8192 x 8192 fp16 matrices (fp32 accumulation), the dense peak the base GEMM sees.
 Each as TFLOP/s (dense-equivalent for the sparse one) and as a fraction of cuBLAS's. If `mma_sparse` stays
 far under `cublas`, no SBMM on `mma.sp` can match the base GEMM at prefill sizes, whatever it does with its
-bytes: its delta product has the base GEMM's dense-equivalent FLOPs.
+bytes: its delta product has the base GEMM's dense-equivalent FLOPs. The MMAs' inputs are near-constant (few bits
+toggle, less power than cuBLAS's random data, so possibly higher clocks): read the ratio as an upper bound.
 """
 
 import argparse
