@@ -1,6 +1,6 @@
 """Worker benchmark (GPU): delta load rate, decode step time with many deltas, tokens/s per serving mode.
 
-  python bench/worker.py --out bench/results [--commit SHA] [--parts load,step,step-profile,prefill,prefill-deltas,prefill-host,row-bucket-ab,plan-memo-ab,long-prefill-ab,fused-ab,attn-cache-ab,rms-norm-ab,decode-attn-ab,rope-kv-ab,prefill-attn-ab,sp2-prefill-ab,modes] [--tiny]
+  python bench/worker.py --out bench/results [--commit SHA] [--parts load,step,step-profile,prefill,prefill-deltas,prefill-host,row-bucket-ab,plan-memo-ab,long-prefill-ab,dense-rows-ab,fused-ab,attn-cache-ab,rms-norm-ab,decode-attn-ab,rope-kv-ab,prefill-attn-ab,sp2-prefill-ab,modes] [--tiny]
 
 Rows (DESIGN.md names), all measured in the same run:
 - part=h2d_limit: pinned host→device copy rate of one large buffer (the physical limit of a delta load).
@@ -47,6 +47,11 @@ Rows (DESIGN.md names), all measured in the same run:
   `sbmm.dense_rows` rows) against SBMM for all segments, alternating in one process; `vs_base` is the ratio to
   the base model's prefill of the same length. Limit: the dense route adds one expansion of the delta (its fp16
   bytes written at the copy rate) and one GEMM of the base GEMM's size to the base prefill.
+- part=dense-rows-ab: serving-like prefill steps (2-8 prompts of 64-256 tokens on 8 deltas drawn Zipf 1.5, beside
+  16 decoding sequences; the same steps for every arm) with each threshold of the dense route (segments of that
+  many rows as one GEMM on base + Δ; --dense-rows-arms, 0 = never), alternating in one process; `vs_base` against
+  the base model's steps of the same round. Limit: the merged route costs one expansion of W + Δ (W's fp16 bytes
+  read and written at the copy rate) a merged segment and linear, in place of that segment's SBMM launch.
 - part=modes: tokens/s of one engine under a mixed 16-model load (Zipf popularity, all requests queued at
   once) in each mode on a 1.1B-shaped model: `mode`, `num_models`, `tokens_per_s`, `throughput_vs_swap`.
 --tiny: the same code on a tiny model (CPU works), to smoke-test the script; its numbers mean nothing.
@@ -511,23 +516,70 @@ def bench_sp2_prefill_ab(cfg: LlamaConfig, device: str, rows: list, deltas=(1, 4
         delta_linear.SP2_PREFILL_ROWS, delta_linear.SP2_PREFILL_LEFT_ROWS = was
 
 
+# serving-like prefill steps (bench_dense_rows_ab): prompts a step, their lengths (uniform, tokens) and the Zipf
+# exponent of the fine-tune each request goes to. Serving's cell (scripts/bench_gpu.sh: prompts of mean 128 tokens,
+# Zipf 1.5 over 32 fine-tunes, at most 4 a batch) put 41% of its prefill steps' delta rows in segments of 256+ rows
+# (docs/serving.md, session 28): the head fine-tune's prompts of one step form one segment.
+SERVING_PROMPTS = (2, 8)
+SERVING_LENGTHS = (64, 256)
+SERVING_ZIPF = 1.5
+
+
+def bench_dense_rows_ab(cfg: LlamaConfig, device: str, rows: list, thresholds=(0, 1024, 512, 384, 256),
+                        num_deltas: int = 8, bits: int = 2, rounds: int = 2, sp4: bool | None = None,
+                        sp2: bool = True, num_running: int = 16, num_steps: int = 12,
+                        prompts: tuple[int, int] = SERVING_PROMPTS, lengths: tuple[int, int] = SERVING_LENGTHS) -> None:
+    """part=dense-rows-ab: serving-like eager prefill steps (`prompts` prompts of `lengths` tokens, each on one of `num_deltas` deltas drawn with Zipf weights, beside `num_running` decoding sequences)
+    with each threshold of the dense route (`sbmm.dense_rows`: segments of that many rows run as one GEMM on
+    base + Δ, StepDeltaOps.merged_linear; 0: never), the arms' order reversed every other round, in one process;
+    the base model's steps each round for scale. Same seed for every arm: the same steps."""
+    from kernels import sbmm_plan
+
+    was = sbmm_plan.DENSE_ROWS_OVERRIDE
+    model, slots = fused_model_and_slots(cfg, device, num_deltas, bits, sp4, sp2)
+    steps = dict(prompts=prompts, lengths=lengths, zipf=SERVING_ZIPF)
+    try:
+        for rows_from in thresholds:  # untimed: compiles and per-shape set-up of every arm
+            sbmm_plan.DENSE_ROWS_OVERRIDE = rows_from
+            time_fresh_prefills(model, device, num_running, 2, 1, slots, num_deltas, **steps)
+        for r in range(rounds):
+            base_ms, _ = time_fresh_prefills(model, device, num_running, num_steps, 0, **steps)
+            for rows_from in (thresholds if r % 2 == 0 else thresholds[::-1]):
+                sbmm_plan.DENSE_ROWS_OVERRIDE = rows_from
+                ms, count = time_fresh_prefills(model, device, num_running, num_steps, 0, slots, num_deltas,
+                                                **steps)
+                rows.append({"part": "dense-rows-ab", "round": r, "dense_rows": rows_from or None,
+                             "num_deltas": num_deltas, "zipf": SERVING_ZIPF, "prompts": list(prompts),
+                             "prompt_tokens": list(lengths), "bits": bits, "layers": cfg.num_hidden_layers,
+                             "num_running": num_running, "prefill_steps": count, "ms": ms, "base_ms": base_ms,
+                             "vs_base": ms / base_ms})
+                print(json.dumps(rows[-1]), flush=True)
+    finally:
+        sbmm_plan.DENSE_ROWS_OVERRIDE = was
+
+
 # ---- part 2b: prefill steps of fresh shapes, per SDPA backend choice -------------------------------
 
 def time_fresh_prefills(model, device: str, num_running: int, num_steps: int, seed: int,
                         slots: DeviceSlots | None = None, num_deltas: int = 0,
-                        profile: Path | None = None, py_profile=None) -> tuple[float, int]:
-    """Mean ms of a prefill step that mixes 1-4 new prompts (64-192 tokens, fresh lengths every step) into
-    `num_running` decoding sequences, as serving does; read off the engine's own step profile. num_deltas: every
-    request on one of that many deltas of `slots` in turn (0: the base model); their SBMM warm-up is finished
-    first, so no timed step carries it. profile: run the timed steps under torch.profiler and write its tables
-    to that file, without the decode step between prefills (so every profiled op belongs to a prefill step).
-    py_profile: a cProfile.Profile enabled around each prefill step only (the decode steps between stay out)."""
-    engine = decode_engine(model, num_deltas, slots, True, max_num_seqs=num_running + 8 * num_steps)
+                        profile: Path | None = None, py_profile=None, prompts: tuple[int, int] = (1, 4),
+                        lengths: tuple[int, int] = (64, 192), zipf: float | None = None) -> tuple[float, int]:
+    """Mean ms of a prefill step that mixes `prompts` new prompts (1-4; `lengths` tokens: 64-192, fresh lengths
+    every step) into `num_running` decoding sequences, as serving does; read off the engine's own step profile.
+    num_deltas: every request on one of that many deltas of `slots` in turn, or drawn with Zipf weights of exponent
+    `zipf` (0: the base model); their SBMM warm-up is finished first, so no timed step carries it. profile: run
+    the timed steps under torch.profiler and write its tables to that file, without the decode step between
+    prefills (so every profiled op belongs to a prefill step). py_profile: a cProfile.Profile enabled around each
+    prefill step only (the decode steps between stay out)."""
+    engine = decode_engine(model, num_deltas, slots, True, max_num_seqs=num_running + prompts[1] * num_steps + 8)
     g = torch.Generator().manual_seed(seed)
     params = SamplingParams(temperature=0, max_tokens=4 * num_steps + 16, ignore_eos=True)
     counter = itertools.count()
+    weights = torch.tensor([1.0 / (i + 1) ** zipf for i in range(num_deltas)]) if zipf and num_deltas else None
 
     def delta() -> str | None:
+        if weights is not None:
+            return str(int(torch.multinomial(weights, 1, generator=g)))
         return str(next(counter) % num_deltas) if num_deltas else None
 
     for i in range(num_running):
@@ -540,8 +592,8 @@ def time_fresh_prefills(model, device: str, num_running: int, num_steps: int, se
     profiler = torch_profiler(device) if profile else contextlib.nullcontext()
     with profiler:
         for step in range(num_steps):
-            for j in range(int(torch.randint(1, 5, (1,), generator=g))):
-                n = int(torch.randint(64, 193, (1,), generator=g))
+            for j in range(int(torch.randint(prompts[0], prompts[1] + 1, (1,), generator=g))):
+                n = int(torch.randint(lengths[0], lengths[1] + 1, (1,), generator=g))
                 engine.add_request(f"new{seed}-{step}-{j}", torch.randint(3, 200, (n,), generator=g).tolist(),
                                    params, delta=delta())
             if py_profile is not None:
@@ -926,6 +978,8 @@ def _main(argv: list[str] | None) -> int:
                     "arms, the order alternating by round")
     ap.add_argument("--long-lengths", default="256,512,1024,2040",
                     help="part long-prefill-ab: the prompt lengths (tokens), comma-separated")
+    ap.add_argument("--dense-rows-arms", default="0,1024,512,384,256",
+                    help="part dense-rows-ab: the dense route's thresholds (rows; 0 = never), comma-separated")
     ap.add_argument("--sbmm-configs", default="",
                     help="a tuned SBMM table file (the form of kernels/sbmm_configs.json, e.g. an earlier commit's) "
                          "in place of the current one: the in-run baseline of a table change")
@@ -996,6 +1050,12 @@ def _main(argv: list[str] | None) -> int:
                               sp2=sp2, rounds=args.fused_rounds,
                               **({"lengths": (16, 32), "repeats": 1} if args.tiny
                                  else {"lengths": tuple(int(v) for v in args.long_lengths.split(","))}))
+    if "dense-rows-ab" in parts:
+        bench_dense_rows_ab(step_cfg, device, rows, bits=args.step_bits, sp4=False if args.no_sp4 else None, sp2=sp2,
+                            rounds=args.fused_rounds,
+                            thresholds=tuple(int(v) for v in args.dense_rows_arms.split(",")),
+                            **({"num_deltas": 2, "num_running": 4, "num_steps": 2, "prompts": (1, 3),
+                                "lengths": (8, 16)} if args.tiny else {}))
     if "sp2-prefill-ab" in parts:
         bench_sp2_prefill_ab(step_cfg, device, rows, sp4=False if args.no_sp4 else None, sp2=sp2,
                              rounds=args.fused_rounds, min_rows=args.sp2_prefill_rows,

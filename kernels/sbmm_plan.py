@@ -102,10 +102,17 @@ def tuned_for(device: torch.device) -> bool:
     return device.type == "cuda" and _device_name(device) in _configs()
 
 
+# The worker's override of the tables' `dense_rows` (--dense-rows): None = the table's; 0 = never; N = from N rows at
+# every code width
+DENSE_ROWS_OVERRIDE: int | None = None
+
+
 def dense_rows(device: torch.device, bits: int) -> int | None:
     """Rows per segment from which a segment of sp4 (bits 4) / sp2 (bits 2) words runs as dense Δ + cuBLAS
     (kernels/delta_linear.py) instead of SBMM: the `dense_rows` entry of the device's table ("default" where it has
-    none) for the code width; None: never."""
+    none) for the code width, or `DENSE_ROWS_OVERRIDE` where set; None: never."""
+    if DENSE_ROWS_OVERRIDE is not None:
+        return DENSE_ROWS_OVERRIDE or None
     table = _configs()
     entry = table.get(_device_name(device), {}).get("dense_rows", table["default"].get("dense_rows", {}))
     return entry.get(str(bits))

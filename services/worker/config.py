@@ -62,6 +62,7 @@ class WorkerConfig:
     fused_rope_kv: bool = True  # CUDA: q/k rotation and the KV-cache write in one launch
     sp2_prefill_rows: int = -1  # Hopper: sp2 segments of this many rows on the prefill kernels; 0 off, -1 default
     sp2_prefill_left_rows: int = -1  # ... only when SBMM is left no segment of this many rows; 0 any, -1 default
+    dense_rows: int = -1  # CUDA: delta segments of this many rows run as one GEMM on base + Δ; 0 never, -1 the table
     row_buckets: bool = True  # CUDA: eager prefill steps run their linears on a bucketed row count
     device_cache_bytes: int = 0  # 0 = limited by slots only
     host_cache_bytes: int = 4 << 30
@@ -100,7 +101,7 @@ class WorkerConfig:
         """Set this process's attention / rotary / prefill-delta kernel switches and the eager steps' row buckets
         (module flags of deltazip.model, kernels.delta_linear and the engine's model runner) from the config."""
         from deltazip.model import attention, layers
-        from kernels import delta_linear
+        from kernels import delta_linear, sbmm_plan
         from services.worker.engine import model_runner
 
         attention.DECODE_KERNEL = self.decode_attention_kernel
@@ -111,6 +112,8 @@ class WorkerConfig:
             delta_linear.SP2_PREFILL_ROWS = self.sp2_prefill_rows or None
         if self.sp2_prefill_left_rows >= 0:
             delta_linear.SP2_PREFILL_LEFT_ROWS = self.sp2_prefill_left_rows or None
+        if self.dense_rows >= 0:
+            sbmm_plan.DENSE_ROWS_OVERRIDE = self.dense_rows
 
     @property
     def use_cuda_graphs(self) -> bool:
@@ -138,6 +141,9 @@ class WorkerConfig:
         if self.sp2_prefill_left_rows < -1:
             raise ValueError(f"--sp2-prefill-left-rows must be -1 (the default), 0 (no condition) or a row count, "
                              f"got {self.sp2_prefill_left_rows}")
+        if self.dense_rows < -1:
+            raise ValueError(f"--dense-rows must be -1 (the device table's), 0 (never) or a row count, got "
+                             f"{self.dense_rows}")
         if not 0.0 <= self.stream_interval_ms <= 1000.0:
             raise ValueError(f"--stream-interval-ms must be in [0, 1000], got {self.stream_interval_ms}")
         if not 0.0 < self.kv_memory_fraction <= 1.0:
@@ -225,6 +231,9 @@ FLAG_HELP = {  # flags whose meaning the name alone does not tell
     "sp2_prefill_left_rows": "route to the prefill kernels only when SBMM would be left no segment of at least "
                              "this many rows (one launch takes all of a step's prompt work or none); unmeasured; "
                              "0 = no such condition, -1 = kernels/delta_linear.py's default (none)",
+    "dense_rows": "on CUDA, a delta segment (one fine-tune's rows in a step) of at least this many rows runs as one "
+                  "GEMM on base + delta, expanded once (kernels/delta_linear.py merged_linear), instead of the base "
+                  "GEMM plus SBMM; 0 = never, -1 = the per-device dense_rows of kernels/sbmm_configs.json",
     "row_buckets": "on CUDA, steps with prompt chunks run their linears on the token count rounded up to one of ~56 "
                    "buckets (zero rows added: at most 1/8 more past 128 rows), planned once while idle, instead of "
                    "every step's own count (cuBLAS plans each new GEMM shape on the host: ~0.2-2 ms a linear); "

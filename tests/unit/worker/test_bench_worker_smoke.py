@@ -185,3 +185,22 @@ def test_bench_worker_flag_parts_time_both_arms_and_put_the_flags_back(tmp_path)
                                                                      for on in (True, False)
                                                                      for phase in ("decode", "prefill")}
         assert all(r["flag"] == flag for r in mine)
+
+
+def test_bench_worker_dense_rows_ab_times_every_threshold_and_puts_the_override_back(tmp_path):
+    """part dense-rows-ab (tiny, CPU): one row per threshold and round, reversed every other round, each with the
+    base model's steps of its round for scale, and kernels/sbmm_plan.py's DENSE_ROWS_OVERRIDE back afterwards."""
+    from kernels import sbmm_plan
+
+    torch.set_num_threads(1)
+    bench = _load_bench()
+    before = sbmm_plan.DENSE_ROWS_OVERRIDE
+    assert bench.main(["--tiny", "--parts", "dense-rows-ab", "--dense-rows-arms", "0,16", "--out", str(tmp_path),
+                       "--commit", "test"]) == 0
+    assert sbmm_plan.DENSE_ROWS_OVERRIDE is before
+    (path,) = tmp_path.glob("worker-*-tiny.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["round"], r["dense_rows"]) for r in rows] == [(0, None), (0, 16), (1, 16), (1, None)]
+    assert all(r["part"] == "dense-rows-ab" and r["ms"] > 0 and r["base_ms"] > 0 and r["prefill_steps"] == 2
+               for r in rows)
+    assert len({r["base_ms"] for r in rows if r["round"] == 0}) == 1

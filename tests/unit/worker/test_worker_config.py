@@ -118,3 +118,25 @@ def test_sp2_prefill_left_rows_sets_the_route_condition(monkeypatch):
     assert delta_linear.SP2_PREFILL_LEFT_ROWS is None
     with pytest.raises(ValueError, match="--sp2-prefill-left-rows"):
         config_from_args(["--sp2-prefill-left-rows", "-2"], env={})
+
+
+def test_dense_rows_overrides_the_device_tables(monkeypatch):
+    """--dense-rows N makes segments of N rows take the dense route at every code width (sbmm.dense_rows, which
+    kernels/delta_linear.py and the worker's StepDeltaOps read), 0 turns the route off, -1 (the default) leaves the
+    device tables; below -1 is refused."""
+    import torch
+
+    from kernels import sbmm, sbmm_plan
+
+    cuda = torch.device("cuda", 0)  # dense_rows reads the table by device name; no GPU is touched
+    monkeypatch.setattr(sbmm_plan, "_device_name", lambda device: "NVIDIA H200")
+    monkeypatch.setattr(sbmm_plan, "DENSE_ROWS_OVERRIDE", None)
+    table = sbmm.dense_rows(cuda, 2)
+    config_from_args([], env={}).apply_kernel_flags()
+    assert sbmm.dense_rows(cuda, 2) == table and table is not None
+    config_from_args(["--dense-rows", "384"], env={}).apply_kernel_flags()
+    assert (sbmm.dense_rows(cuda, 2), sbmm.dense_rows(cuda, 4)) == (384, 384)
+    config_from_args([], env={"DELTAZIP_DENSE_ROWS": "0"}).apply_kernel_flags()
+    assert (sbmm.dense_rows(cuda, 2), sbmm.dense_rows(cuda, 4)) == (None, None)
+    with pytest.raises(ValueError, match="--dense-rows"):
+        config_from_args(["--dense-rows", "-2"], env={})
