@@ -1,6 +1,6 @@
 """Worker benchmark (GPU): delta load rate, decode step time with many deltas, tokens/s per serving mode.
 
-  python bench/worker.py --out bench/results [--commit SHA] [--parts load,step,step-profile,prefill,prefill-deltas,prefill-host,row-bucket-ab,plan-memo-ab,long-prefill-ab,dense-rows-ab,fused-ab,attn-cache-ab,rms-norm-ab,decode-attn-ab,rope-kv-ab,prefill-attn-ab,sp2-prefill-ab,modes] [--tiny]
+  python bench/worker.py --out bench/results [--commit SHA] [--parts load,step,step-profile,prefill,prefill-deltas,prefill-host,row-bucket-ab,plan-memo-ab,long-prefill-ab,prefill-route-ab,fused-ab,attn-cache-ab,rms-norm-ab,decode-attn-ab,rope-kv-ab,prefill-attn-ab,sp2-prefill-ab,modes] [--tiny]
 
 Rows (DESIGN.md names), all measured in the same run:
 - part=h2d_limit: pinned host→device copy rate of one large buffer (the physical limit of a delta load).
@@ -47,11 +47,12 @@ Rows (DESIGN.md names), all measured in the same run:
   `sbmm.dense_rows` rows) against SBMM for all segments, alternating in one process; `vs_base` is the ratio to
   the base model's prefill of the same length. Limit: the dense route adds one expansion of the delta (its fp16
   bytes written at the copy rate) and one GEMM of the base GEMM's size to the base prefill.
-- part=dense-rows-ab: serving-like prefill steps (2-8 prompts of 64-256 tokens on 8 deltas drawn Zipf 1.5, beside
-  16 decoding sequences; the same steps for every arm) with each threshold of the dense route (segments of that
-  many rows as one GEMM on base + Δ; --dense-rows-arms, 0 = never), alternating in one process; `vs_base` against
-  the base model's steps of the same round. Limit: the merged route costs one expansion of W + Δ (W's fp16 bytes
-  read and written at the copy rate) a merged segment and linear, in place of that segment's SBMM launch.
+- part=prefill-route-ab: serving-like prefill steps (2-8 prompts of 64-256 tokens on 8 deltas drawn Zipf 1.5, at
+  most 4 a batch, beside 16 decoding sequences; the same steps for every arm) under each arm's routing of delta
+  segments (--route-arms: the sp2 prefill kernels' thresholds, the dense route's rows), alternating in one process;
+  `vs_base` against the base model's steps of the same round. Limits: SBMM and the prefill kernels against the
+  mma.sp rate (bench/mma_peak.py); the merged route costs one expansion of W + Δ (W's fp16 bytes read and written
+  at the copy rate) per merged segment and linear, in place of that segment's SBMM launch.
 - part=modes: tokens/s of one engine under a mixed 16-model load (Zipf popularity, all requests queued at
   once) in each mode on a 1.1B-shaped model: `mode`, `num_models`, `tokens_per_s`, `throughput_vs_swap`.
 --tiny: the same code on a tiny model (CPU works), to smoke-test the script; its numbers mean nothing.
@@ -516,7 +517,7 @@ def bench_sp2_prefill_ab(cfg: LlamaConfig, device: str, rows: list, deltas=(1, 4
         delta_linear.SP2_PREFILL_ROWS, delta_linear.SP2_PREFILL_LEFT_ROWS = was
 
 
-# serving-like prefill steps (bench_dense_rows_ab): prompts a step, their lengths (uniform, tokens) and the Zipf
+# serving-like prefill steps (bench_prefill_route_ab): prompts a step, their lengths (uniform, tokens) and the Zipf
 # exponent of the fine-tune each request goes to. Serving's cell (scripts/bench_gpu.sh: prompts of mean 128 tokens,
 # Zipf 1.5 over 32 fine-tunes, at most 4 a batch) put 41% of its prefill steps' delta rows in segments of 256+ rows
 # (docs/serving.md, session 28): the head fine-tune's prompts of one step form one segment.
@@ -525,37 +526,68 @@ SERVING_LENGTHS = (64, 256)
 SERVING_ZIPF = 1.5
 
 
-def bench_dense_rows_ab(cfg: LlamaConfig, device: str, rows: list, thresholds=(0, 1024, 512, 384, 256),
-                        num_deltas: int = 8, bits: int = 2, rounds: int = 2, sp4: bool | None = None,
-                        sp2: bool = True, num_running: int = 16, num_steps: int = 12,
-                        prompts: tuple[int, int] = SERVING_PROMPTS, lengths: tuple[int, int] = SERVING_LENGTHS) -> None:
-    """part=dense-rows-ab: serving-like eager prefill steps (`prompts` prompts of `lengths` tokens, each on one of `num_deltas` deltas drawn with Zipf weights, beside `num_running` decoding sequences)
-    with each threshold of the dense route (`sbmm.dense_rows`: segments of that many rows run as one GEMM on
-    base + Δ, StepDeltaOps.merged_linear; 0: never), the arms' order reversed every other round, in one process;
-    the base model's steps each round for scale. Same seed for every arm: the same steps."""
-    from kernels import sbmm_plan
+ROUTE_KEYS = {"rows": "SP2_PREFILL_ROWS", "left": "SP2_PREFILL_LEFT_ROWS", "fill": "SP2_BLOCK_FILL",
+              "dense": "DENSE_ROWS_OVERRIDE"}
 
-    was = sbmm_plan.DENSE_ROWS_OVERRIDE
+
+def route_arm(spec: str) -> dict:
+    """An arm of part prefill-route-ab: 'default' or comma-separated key=value of ROUTE_KEYS (rows: the sp2 prefill
+    kernel's SP2_PREFILL_ROWS, left: SP2_PREFILL_LEFT_ROWS, fill: SP2_BLOCK_FILL, dense: the dense route's
+    threshold; a row count of 0 = off) -> {module attribute: value}."""
+    arm = {}
+    for item in ([] if spec == "default" else spec.split(",")):
+        key, _, value = item.partition("=")
+        if key not in ROUTE_KEYS:
+            raise ValueError(f"--route-arms: unknown key {key!r} in {spec!r}; keys: {', '.join(ROUTE_KEYS)}")
+        arm[ROUTE_KEYS[key]] = float(value) if key == "fill" else (int(value) if key == "dense" else
+                                                                    int(value) or None)
+    return arm
+
+
+def bench_prefill_route_ab(cfg: LlamaConfig, device: str, rows: list, arms=("default", "dense=512"),
+                           num_deltas: int = 8, max_deltas: int = 4, bits: int = 2, rounds: int = 2,
+                           sp4: bool | None = None, sp2: bool = True, num_running: int = 16, num_steps: int = 12,
+                           prompts: tuple[int, int] = SERVING_PROMPTS,
+                           lengths: tuple[int, int] = SERVING_LENGTHS) -> None:
+    """part=prefill-route-ab: serving-like eager prefill steps (`prompts` prompts of `lengths` tokens, each on one
+    of `num_deltas` deltas drawn with Zipf weights, at most `max_deltas` a batch as the worker's default, beside
+    `num_running` decoding sequences) under each arm's routing of delta segments (`route_arm`: the sp2 prefill
+    kernels' thresholds in kernels/delta_linear.py, the dense route's `sbmm.dense_rows`), the arms' order reversed
+    every other round, in one process; the base model's steps each round for scale. Same seed for every arm: the
+    same steps. The routing attributes are put back afterwards."""
+    from kernels import delta_linear, sbmm_plan
+
+    modules = {attr: (sbmm_plan if attr == "DENSE_ROWS_OVERRIDE" else delta_linear) for attr in ROUTE_KEYS.values()}
+    was = {attr: getattr(module, attr) for attr, module in modules.items()}
+    parsed = {spec: route_arm(spec) for spec in arms}
     model, slots = fused_model_and_slots(cfg, device, num_deltas, bits, sp4, sp2)
-    steps = dict(prompts=prompts, lengths=lengths, zipf=SERVING_ZIPF)
+    steps = dict(prompts=prompts, lengths=lengths, zipf=SERVING_ZIPF, max_deltas=max_deltas)
+
+    def use(spec: str) -> None:
+        for attr, module in modules.items():
+            setattr(module, attr, parsed[spec].get(attr, was[attr]))
+
     try:
-        for rows_from in thresholds:  # untimed: compiles and per-shape set-up of every arm
-            sbmm_plan.DENSE_ROWS_OVERRIDE = rows_from
+        for spec in arms:  # untimed: compiles and per-shape set-up of every arm
+            use(spec)
             time_fresh_prefills(model, device, num_running, 2, 1, slots, num_deltas, **steps)
         for r in range(rounds):
+            use("default")
             base_ms, _ = time_fresh_prefills(model, device, num_running, num_steps, 0, **steps)
-            for rows_from in (thresholds if r % 2 == 0 else thresholds[::-1]):
-                sbmm_plan.DENSE_ROWS_OVERRIDE = rows_from
+            for spec in (arms if r % 2 == 0 else arms[::-1]):
+                use(spec)
                 ms, count = time_fresh_prefills(model, device, num_running, num_steps, 0, slots, num_deltas,
                                                 **steps)
-                rows.append({"part": "dense-rows-ab", "round": r, "dense_rows": rows_from or None,
-                             "num_deltas": num_deltas, "zipf": SERVING_ZIPF, "prompts": list(prompts),
-                             "prompt_tokens": list(lengths), "bits": bits, "layers": cfg.num_hidden_layers,
-                             "num_running": num_running, "prefill_steps": count, "ms": ms, "base_ms": base_ms,
-                             "vs_base": ms / base_ms})
+                rows.append({"part": "prefill-route-ab", "round": r, "arm": spec,
+                             "route": {attr: getattr(module, attr) for attr, module in modules.items()},
+                             "num_deltas": num_deltas, "max_deltas": max_deltas, "zipf": SERVING_ZIPF,
+                             "prompts": list(prompts), "prompt_tokens": list(lengths), "bits": bits,
+                             "layers": cfg.num_hidden_layers, "num_running": num_running, "prefill_steps": count,
+                             "ms": ms, "base_ms": base_ms, "vs_base": ms / base_ms})
                 print(json.dumps(rows[-1]), flush=True)
     finally:
-        sbmm_plan.DENSE_ROWS_OVERRIDE = was
+        for attr, module in modules.items():
+            setattr(module, attr, was[attr])
 
 
 # ---- part 2b: prefill steps of fresh shapes, per SDPA backend choice -------------------------------
@@ -563,15 +595,17 @@ def bench_dense_rows_ab(cfg: LlamaConfig, device: str, rows: list, thresholds=(0
 def time_fresh_prefills(model, device: str, num_running: int, num_steps: int, seed: int,
                         slots: DeviceSlots | None = None, num_deltas: int = 0,
                         profile: Path | None = None, py_profile=None, prompts: tuple[int, int] = (1, 4),
-                        lengths: tuple[int, int] = (64, 192), zipf: float | None = None) -> tuple[float, int]:
+                        lengths: tuple[int, int] = (64, 192), zipf: float | None = None,
+                        max_deltas: int | None = None) -> tuple[float, int]:
     """Mean ms of a prefill step that mixes `prompts` new prompts (1-4; `lengths` tokens: 64-192, fresh lengths
     every step) into `num_running` decoding sequences, as serving does; read off the engine's own step profile.
     num_deltas: every request on one of that many deltas of `slots` in turn, or drawn with Zipf weights of exponent
-    `zipf` (0: the base model); their SBMM warm-up is finished first, so no timed step carries it. profile: run
-    the timed steps under torch.profiler and write its tables to that file, without the decode step between
-    prefills (so every profiled op belongs to a prefill step). py_profile: a cProfile.Profile enabled around each
-    prefill step only (the decode steps between stay out)."""
-    engine = decode_engine(model, num_deltas, slots, True, max_num_seqs=num_running + prompts[1] * num_steps + 8)
+    `zipf`, at most `max_deltas` (default: all) in a batch (0: the base model); their SBMM warm-up is finished
+    first, so no timed step carries it. profile: run the timed steps under torch.profiler and write its tables to
+    that file, without the decode step between prefills (so every profiled op belongs to a prefill step).
+    py_profile: a cProfile.Profile enabled around each prefill step only (the decode steps between stay out)."""
+    engine = decode_engine(model, num_deltas if max_deltas is None else min(max_deltas, num_deltas), slots, True,
+                           max_num_seqs=num_running + prompts[1] * num_steps + 8)
     g = torch.Generator().manual_seed(seed)
     params = SamplingParams(temperature=0, max_tokens=4 * num_steps + 16, ignore_eos=True)
     counter = itertools.count()
@@ -978,8 +1012,10 @@ def _main(argv: list[str] | None) -> int:
                     "arms, the order alternating by round")
     ap.add_argument("--long-lengths", default="256,512,1024,2040",
                     help="part long-prefill-ab: the prompt lengths (tokens), comma-separated")
-    ap.add_argument("--dense-rows-arms", default="0,1024,512,384,256",
-                    help="part dense-rows-ab: the dense route's thresholds (rows; 0 = never), comma-separated")
+    ap.add_argument("--route-arms", default="default;dense=512",
+                    help="part prefill-route-ab: the arms, ';'-separated, each 'default' or comma-separated key=value "
+                         "(rows: SP2_PREFILL_ROWS, left: SP2_PREFILL_LEFT_ROWS, fill: SP2_BLOCK_FILL, dense: the "
+                         "dense route's rows; 0 = off), e.g. 'default;dense=512;rows=64,left=32,fill=0.4'")
     ap.add_argument("--sbmm-configs", default="",
                     help="a tuned SBMM table file (the form of kernels/sbmm_configs.json, e.g. an earlier commit's) "
                          "in place of the current one: the in-run baseline of a table change")
@@ -1050,12 +1086,11 @@ def _main(argv: list[str] | None) -> int:
                               sp2=sp2, rounds=args.fused_rounds,
                               **({"lengths": (16, 32), "repeats": 1} if args.tiny
                                  else {"lengths": tuple(int(v) for v in args.long_lengths.split(","))}))
-    if "dense-rows-ab" in parts:
-        bench_dense_rows_ab(step_cfg, device, rows, bits=args.step_bits, sp4=False if args.no_sp4 else None, sp2=sp2,
-                            rounds=args.fused_rounds,
-                            thresholds=tuple(int(v) for v in args.dense_rows_arms.split(",")),
-                            **({"num_deltas": 2, "num_running": 4, "num_steps": 2, "prompts": (1, 3),
-                                "lengths": (8, 16)} if args.tiny else {}))
+    if "prefill-route-ab" in parts:
+        bench_prefill_route_ab(step_cfg, device, rows, arms=tuple(args.route_arms.split(";")), bits=args.step_bits,
+                               sp4=False if args.no_sp4 else None, sp2=sp2, rounds=args.fused_rounds,
+                               **({"num_deltas": 2, "num_running": 4, "num_steps": 2, "prompts": (1, 3),
+                                   "lengths": (8, 16)} if args.tiny else {}))
     if "sp2-prefill-ab" in parts:
         bench_sp2_prefill_ab(step_cfg, device, rows, sp4=False if args.no_sp4 else None, sp2=sp2,
                              rounds=args.fused_rounds, min_rows=args.sp2_prefill_rows,

@@ -307,16 +307,18 @@ def fills_blocks(rows: int, fill: float | None = None) -> bool:
 
 @functools.lru_cache(maxsize=16)
 def _sp2_route(starts: tuple, slots: tuple, n: int, k: int, min_rows: int, top: int | None, min_programs: int,
-               block64_cost: float, device: torch.device, left_rows: int | None = None) -> tuple | None:
+               block64_cost: float, device: torch.device, left_rows: int | None = None,
+               fill: float | None = None) -> tuple | None:
     """What `_sp2_prefill_segments` launches for these host segments: (block_m, K split (block_m 128: the
     warp-specialized kernel), the slots the kernel runs, its block table, the slots left for SBMM as a host list
     and on the device, or None when none is left), or None when it launches nothing. left_rows
-    (`SP2_PREFILL_LEFT_ROWS`): nothing either when a segment of that many rows would be left to SBMM. Cached: every
+    (`SP2_PREFILL_LEFT_ROWS`): nothing either when a segment of that many rows would be left to SBMM. fill:
+    `fills_blocks`' (`SP2_BLOCK_FILL`; an argument, so the cache sees a changed value). Cached: every
     linear of a step has the same segments, so the two small tables are copied to the device once a step, not once
     a linear (eager prefill steps are host-bound)."""
     sizes = [starts[i + 1] - starts[i] for i in range(len(slots))]
     take = {i for i, slot in enumerate(slots) if slot >= 0 and sizes[i] >= min_rows
-            and (top is None or sizes[i] < top) and fills_blocks(sizes[i])}
+            and (top is None or sizes[i] < top) and fills_blocks(sizes[i], fill)}
     if not take:
         return None
     if left_rows is not None and any(slot >= 0 and i not in take and sizes[i] >= left_rows
@@ -353,7 +355,7 @@ def _sp2_prefill_segments(x, y, stack: PackedDeltaStack, seg_slots: torch.Tensor
             or not sp2_prefill.supported(x, n, k, stack.bits, stack.group_size, stack.sym, stack.sp2)):
         return seg_slots, slots
     route = _sp2_route(tuple(starts), tuple(slots), n, k, SP2_PREFILL_ROWS, sbmm.dense_rows(x.device, stack.bits),
-                       SP2_PREFILL_MIN_PROGRAMS, SP2_BLOCK64_COST, x.device, SP2_PREFILL_LEFT_ROWS)
+                       SP2_PREFILL_MIN_PROGRAMS, SP2_BLOCK64_COST, x.device, SP2_PREFILL_LEFT_ROWS, SP2_BLOCK_FILL)
     if route is None:
         return seg_slots, slots
     block_m, split, picked, blocks, rest, rest_t = route

@@ -187,20 +187,29 @@ def test_bench_worker_flag_parts_time_both_arms_and_put_the_flags_back(tmp_path)
         assert all(r["flag"] == flag for r in mine)
 
 
-def test_bench_worker_dense_rows_ab_times_every_threshold_and_puts_the_override_back(tmp_path):
-    """part dense-rows-ab (tiny, CPU): one row per threshold and round, reversed every other round, each with the
-    base model's steps of its round for scale, and kernels/sbmm_plan.py's DENSE_ROWS_OVERRIDE back afterwards."""
-    from kernels import sbmm_plan
+def test_bench_worker_prefill_route_ab_times_every_arm_and_puts_the_routing_back(tmp_path):
+    """part prefill-route-ab (tiny, CPU): one row per arm and round, reversed every other round, each arm's routing
+    in force while it runs (its row says so), the base model's steps of its round for scale, and
+    kernels/delta_linear.py's and sbmm_plan.py's routing attributes back afterwards; an unknown key is refused."""
+    from kernels import delta_linear, sbmm_plan
 
     torch.set_num_threads(1)
     bench = _load_bench()
-    before = sbmm_plan.DENSE_ROWS_OVERRIDE
-    assert bench.main(["--tiny", "--parts", "dense-rows-ab", "--dense-rows-arms", "0,16", "--out", str(tmp_path),
-                       "--commit", "test"]) == 0
-    assert sbmm_plan.DENSE_ROWS_OVERRIDE is before
+    before = (delta_linear.SP2_PREFILL_ROWS, delta_linear.SP2_PREFILL_LEFT_ROWS, delta_linear.SP2_BLOCK_FILL,
+              sbmm_plan.DENSE_ROWS_OVERRIDE)
+    assert bench.main(["--tiny", "--parts", "prefill-route-ab", "--route-arms", "default;dense=16,rows=8,left=4,fill=0.5",
+                       "--out", str(tmp_path), "--commit", "test"]) == 0
+    assert (delta_linear.SP2_PREFILL_ROWS, delta_linear.SP2_PREFILL_LEFT_ROWS, delta_linear.SP2_BLOCK_FILL,
+            sbmm_plan.DENSE_ROWS_OVERRIDE) == before
     (path,) = tmp_path.glob("worker-*-tiny.json")
     rows = json.loads(path.read_text())["rows"]
-    assert [(r["round"], r["dense_rows"]) for r in rows] == [(0, None), (0, 16), (1, 16), (1, None)]
-    assert all(r["part"] == "dense-rows-ab" and r["ms"] > 0 and r["base_ms"] > 0 and r["prefill_steps"] == 2
+    arm = "dense=16,rows=8,left=4,fill=0.5"
+    assert [(r["round"], r["arm"]) for r in rows] == [(0, "default"), (0, arm), (1, arm), (1, "default")]
+    assert rows[1]["route"] == {"SP2_PREFILL_ROWS": 8, "SP2_PREFILL_LEFT_ROWS": 4, "SP2_BLOCK_FILL": 0.5,
+                                "DENSE_ROWS_OVERRIDE": 16}
+    assert rows[0]["route"]["DENSE_ROWS_OVERRIDE"] == before[3]
+    assert all(r["part"] == "prefill-route-ab" and r["ms"] > 0 and r["base_ms"] > 0 and r["prefill_steps"] == 2
                for r in rows)
     assert len({r["base_ms"] for r in rows if r["round"] == 0}) == 1
+    with pytest.raises(ValueError, match="unknown key 'dens'"):
+        bench.route_arm("dens=16")
