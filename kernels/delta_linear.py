@@ -367,7 +367,10 @@ def _sp2_prefill_segments(x, y, stack: PackedDeltaStack, seg_slots: torch.Tensor
     return rest_t, rest
 
 
-DENSE_CHUNK_BYTES = 64 << 20  # the dense path's scratch: Δ rows expanded at a time (fp16 / bf16)
+# the dense path's scratch: Δ rows expanded at a time (fp16 / bf16). 192 MiB holds a 7B's largest linear whole (the
+# fused gate/up, 22016 x 4096 fp16: 180 MB), so its merged GEMMs have the base GEMMs' shapes, which the worker
+# plans ahead for its row buckets (a chunk's would be new to cuBLAS)
+DENSE_CHUNK_BYTES = 192 << 20
 
 
 def _dense_segments(x, y, stack: PackedDeltaStack, seg_slots: torch.Tensor, starts: Sequence[int],

@@ -81,9 +81,13 @@ class StepDeltaOps:
         from kernels.delta_linear import merged_linear
 
         self.dense_route_used = True
-        y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+        total = x.shape[0]
+        y = torch.empty(total, weight.shape[0], dtype=x.dtype, device=x.device)
         skip = frozenset(i for i, _, _ in merged)
         for a, b in base_runs(self.starts, skip):  # the base GEMM on each run of rows between merged segments
+            # on a planned row count: the extra rows are other runs' (the same products), merged segments' (written
+            # below) or padding
+            a, b = gemm_window(a, b, total)
             if bias is None:
                 torch.mm(x[a:b], weight.T, out=y[a:b])
             else:
@@ -98,7 +102,13 @@ class StepDeltaOps:
             self._skip = frozenset()
         for i, kernel_stack, slot in merged:
             a, b = self.starts[i], self.starts[i + 1]
-            merged_linear(x[a:b], y[a:b], weight, bias, kernel_stack, slot)
+            wa, wb = gemm_window(a, b, total)
+            if (wa, wb) == (a, b):
+                merged_linear(x[a:b], y[a:b], weight, bias, kernel_stack, slot)
+            else:  # a planned row count into scratch (its other rows belong to other segments), this one's copied
+                out = torch.empty(wb - wa, weight.shape[0], dtype=x.dtype, device=x.device)
+                merged_linear(x[wa:wb], out, weight, bias, kernel_stack, slot)
+                y[a:b] = out[a - wa:b - wa]
         return y
 
     def _stacks_of(self, tensor_name: str, skip: str | None = None) -> list[tuple[SlotStack, set[int]]]:
@@ -176,6 +186,24 @@ class StepDeltaOps:
         if t is None:
             t = self._seg_slots[slots] = torch.tensor(slots, dtype=torch.int32)
         return t
+
+
+def gemm_window(a: int, b: int, total: int) -> tuple[int, int]:
+    """The rows [a', b') of a step's `total` on which the merged route runs its GEMM for rows [a, b): with the
+    worker's row buckets on (engine/model_runner.py ROW_BUCKETS), `row_bucket(b - a)` rows from a, or ending at
+    `total` where those pass it, so the GEMM has a row count planned ahead (`warm_up_row_buckets`: cuBLAS plans a
+    new shape on the host, 0.2-2 ms a linear, and a merged segment's rows are new on most steps); [a, b) itself
+    where the bucket does not fit or buckets are off."""
+    from services.worker.engine import model_runner
+
+    if not model_runner.ROW_BUCKETS:
+        return a, b
+    rows = model_runner.row_bucket(b - a)
+    if a + rows <= total:
+        return a, a + rows
+    if rows <= total:
+        return total - rows, total
+    return a, b
 
 
 def base_runs(starts: Sequence[int], skip: frozenset[int]) -> list[tuple[int, int]]:

@@ -93,9 +93,10 @@ def test_long_segments_run_on_merged_weights_and_equal_base_plus_delta(dtype, mo
         assert dense_ops.dense_route_used  # what the engine's `dense_route` profile phase counts
     layers = cfg.num_hidden_layers
     qkv, gate_up = 512 + 2 * 128, 2 * 1024
-    # slot 1: its q/k/v and gate/up groups and o / down on merged weights; slot 2 (no k_proj): all but q/k/v
-    assert sorted(merged) == sorted([(300, qkv, 1), (300, 512, 1), (300, gate_up, 1), (300, 512, 1)] * layers
-                                    + [(260, 512, 2), (260, gate_up, 2), (260, 512, 2)] * layers)
+    # slot 1: its q/k/v and gate/up groups and o / down on merged weights; slot 2 (no k_proj): all but q/k/v; each
+    # on its row bucket (delta_ops.gemm_window: 300 -> 320 rows from its start, 260 -> 288 ending at the last row)
+    assert sorted(merged) == sorted([(320, qkv, 1), (320, 512, 1), (320, gate_up, 1), (320, 512, 1)] * layers
+                                    + [(288, 512, 2), (288, gate_up, 2), (288, 512, 2)] * layers)
     # base + Δ is rounded once to the weights' dtype, as a fine-tuned checkpoint in that dtype stores its weights
     # (Δ is ~1 % of W, so bf16's 8-bit mantissa keeps Δ to a few bits): on an H100 the outputs differ from the
     # separate products by up to 6.4e-3 (fp16) and 7.0e-2 (bf16, 0.1 % of the elements past 3e-2)

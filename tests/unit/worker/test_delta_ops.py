@@ -160,3 +160,20 @@ def test_a_step_records_whether_some_segment_took_the_dense_route(monkeypatch):
     ops.linear(LIN, x, y)
     assert ops.dense_route_used
     assert not StepDeltaOps(slots, [(0, 5)]).dense_route_used  # each step starts without
+
+
+def test_gemm_window_widens_to_a_row_bucket_inside_the_step(monkeypatch):
+    """The merged route's GEMMs run on planned row counts (engine row buckets): [a, a + bucket) where it fits,
+    else the bucket ending at the step's last row, else the rows themselves; with buckets off, the rows."""
+    from services.worker.delta_ops import gemm_window
+    from services.worker.engine import model_runner
+
+    monkeypatch.setattr(model_runner, "ROW_BUCKETS", True)
+    assert model_runner.row_bucket(300) == 320 and model_runner.row_bucket(260) == 288
+    assert gemm_window(0, 300, 605) == (0, 320)
+    assert gemm_window(342, 602, 605) == (317, 605)  # 342 + 288 > 605: the bucket ending at row 605
+    assert gemm_window(602, 605, 605) == (589, 605)
+    assert gemm_window(0, 320, 320) == (0, 320)  # a bucket already
+    assert gemm_window(0, 300, 310) == (0, 300)  # the bucket (320) is more than the step has
+    monkeypatch.setattr(model_runner, "ROW_BUCKETS", False)
+    assert gemm_window(0, 300, 605) == (0, 300)
