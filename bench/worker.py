@@ -64,6 +64,7 @@ import contextlib
 import dataclasses
 import datetime
 import gc
+import importlib
 import itertools
 import json
 import os
@@ -526,21 +527,28 @@ SERVING_LENGTHS = (64, 256)
 SERVING_ZIPF = 1.5
 
 
-ROUTE_KEYS = {"rows": "SP2_PREFILL_ROWS", "left": "SP2_PREFILL_LEFT_ROWS", "fill": "SP2_BLOCK_FILL",
-              "dense": "DENSE_ROWS_OVERRIDE"}
+# part prefill-route-ab's arm keys: key -> (module, attribute, value from the arm's string)
+ROUTE_KEYS = {
+    "rows": ("kernels.delta_linear", "SP2_PREFILL_ROWS", lambda v: int(v) or None),
+    "left": ("kernels.delta_linear", "SP2_PREFILL_LEFT_ROWS", lambda v: int(v) or None),
+    "fill": ("kernels.delta_linear", "SP2_BLOCK_FILL", float),
+    "dense": ("kernels.sbmm_plan", "DENSE_ROWS_OVERRIDE", int),
+    "chunk": ("kernels.delta_linear", "DENSE_CHUNK_BYTES", lambda v: int(v) << 20),
+    "window": ("services.worker.delta_ops", "MERGED_ROW_BUCKETS", lambda v: bool(int(v))),
+}
 
 
 def route_arm(spec: str) -> dict:
     """An arm of part prefill-route-ab: 'default' or comma-separated key=value of ROUTE_KEYS (rows: the sp2 prefill
     kernel's SP2_PREFILL_ROWS, left: SP2_PREFILL_LEFT_ROWS, fill: SP2_BLOCK_FILL, dense: the dense route's
-    threshold; a row count of 0 = off) -> {module attribute: value}."""
+    threshold, a row count of 0 = off; chunk: the dense route's expansion buffer, MiB; window: 0 = the merged
+    route's GEMMs on each segment's own rows) -> {attribute: value}."""
     arm = {}
     for item in ([] if spec == "default" else spec.split(",")):
         key, _, value = item.partition("=")
         if key not in ROUTE_KEYS:
             raise ValueError(f"--route-arms: unknown key {key!r} in {spec!r}; keys: {', '.join(ROUTE_KEYS)}")
-        arm[ROUTE_KEYS[key]] = float(value) if key == "fill" else (int(value) if key == "dense" else
-                                                                    int(value) or None)
+        arm[ROUTE_KEYS[key][1]] = ROUTE_KEYS[key][2](value)
     return arm
 
 
@@ -548,16 +556,16 @@ def bench_prefill_route_ab(cfg: LlamaConfig, device: str, rows: list, arms=("def
                            num_deltas: int = 8, max_deltas: int = 4, bits: int = 2, rounds: int = 2,
                            sp4: bool | None = None, sp2: bool = True, num_running: int = 16, num_steps: int = 12,
                            prompts: tuple[int, int] = SERVING_PROMPTS,
-                           lengths: tuple[int, int] = SERVING_LENGTHS) -> None:
+                           lengths: tuple[int, int] = SERVING_LENGTHS, fresh: bool = False) -> None:
     """part=prefill-route-ab: serving-like eager prefill steps (`prompts` prompts of `lengths` tokens, each on one
     of `num_deltas` deltas drawn with Zipf weights, at most `max_deltas` a batch as the worker's default, beside
     `num_running` decoding sequences) under each arm's routing of delta segments (`route_arm`: the sp2 prefill
     kernels' thresholds in kernels/delta_linear.py, the dense route's `sbmm.dense_rows`), the arms' order reversed
     every other round, in one process; the base model's steps each round for scale. Same seed for every arm: the
-    same steps. The routing attributes are put back afterwards."""
-    from kernels import delta_linear, sbmm_plan
-
-    modules = {attr: (sbmm_plan if attr == "DENSE_ROWS_OVERRIDE" else delta_linear) for attr in ROUTE_KEYS.values()}
+    same steps, whose GEMM shapes the first arm to run them has planned for the rest (cuBLAS). fresh: each arm its
+    own seed and its `base_ms` the base model's steps of that seed, so every arm meets row counts new to the
+    process, as serving does. The routing attributes are put back afterwards."""
+    modules = {attr: importlib.import_module(name) for name, attr, _ in ROUTE_KEYS.values()}
     was = {attr: getattr(module, attr) for attr, module in modules.items()}
     parsed = {spec: route_arm(spec) for spec in arms}
     model, slots = fused_model_and_slots(cfg, device, num_deltas, bits, sp4, sp2)
@@ -575,10 +583,14 @@ def bench_prefill_route_ab(cfg: LlamaConfig, device: str, rows: list, arms=("def
             use("default")
             base_ms, _ = time_fresh_prefills(model, device, num_running, num_steps, 0, **steps)
             for spec in (arms if r % 2 == 0 else arms[::-1]):
+                seed = 1000 + r * len(arms) + arms.index(spec) if fresh else 0
+                if fresh:
+                    use("default")
+                    base_ms, _ = time_fresh_prefills(model, device, num_running, num_steps, seed, **steps)
                 use(spec)
-                ms, count = time_fresh_prefills(model, device, num_running, num_steps, 0, slots, num_deltas,
+                ms, count = time_fresh_prefills(model, device, num_running, num_steps, seed, slots, num_deltas,
                                                 **steps)
-                rows.append({"part": "prefill-route-ab", "round": r, "arm": spec,
+                rows.append({"part": "prefill-route-ab", "round": r, "arm": spec, "seed": seed,
                              "route": {attr: getattr(module, attr) for attr, module in modules.items()},
                              "num_deltas": num_deltas, "max_deltas": max_deltas, "zipf": SERVING_ZIPF,
                              "prompts": list(prompts), "prompt_tokens": list(lengths), "bits": bits,
@@ -1016,6 +1028,8 @@ def _main(argv: list[str] | None) -> int:
                     help="part prefill-route-ab: the arms, ';'-separated, each 'default' or comma-separated key=value "
                          "(rows: SP2_PREFILL_ROWS, left: SP2_PREFILL_LEFT_ROWS, fill: SP2_BLOCK_FILL, dense: the "
                          "dense route's rows; 0 = off), e.g. 'default;dense=512;rows=64,left=32,fill=0.4'")
+    ap.add_argument("--fresh-shapes", action="store_true",
+                    help="part prefill-route-ab: each arm its own steps (seed), against the base model's on them")
     ap.add_argument("--sbmm-configs", default="",
                     help="a tuned SBMM table file (the form of kernels/sbmm_configs.json, e.g. an earlier commit's) "
                          "in place of the current one: the in-run baseline of a table change")
@@ -1089,6 +1103,7 @@ def _main(argv: list[str] | None) -> int:
     if "prefill-route-ab" in parts:
         bench_prefill_route_ab(step_cfg, device, rows, arms=tuple(args.route_arms.split(";")), bits=args.step_bits,
                                sp4=False if args.no_sp4 else None, sp2=sp2, rounds=args.fused_rounds,
+                               fresh=args.fresh_shapes,
                                **({"num_deltas": 2, "num_running": 4, "num_steps": 2, "prompts": (1, 3),
                                    "lengths": (8, 16)} if args.tiny else {}))
     if "sp2-prefill-ab" in parts:

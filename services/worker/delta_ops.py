@@ -188,6 +188,11 @@ class StepDeltaOps:
         return t
 
 
+# Whether the merged route's GEMMs run on row buckets (`gemm_window`); False: on each segment's own rows (the A/B
+# baseline of bench/worker.py part prefill-route-ab)
+MERGED_ROW_BUCKETS = True
+
+
 def gemm_window(a: int, b: int, total: int) -> tuple[int, int]:
     """The rows [a', b') of a step's `total` on which the merged route runs its GEMM for rows [a, b): with the
     worker's row buckets on (engine/model_runner.py ROW_BUCKETS), `row_bucket(b - a)` rows from a, or ending at
@@ -196,7 +201,7 @@ def gemm_window(a: int, b: int, total: int) -> tuple[int, int]:
     where the bucket does not fit or buckets are off."""
     from services.worker.engine import model_runner
 
-    if not model_runner.ROW_BUCKETS:
+    if not (model_runner.ROW_BUCKETS and MERGED_ROW_BUCKETS):
         return a, b
     rows = model_runner.row_bucket(b - a)
     if a + rows <= total:

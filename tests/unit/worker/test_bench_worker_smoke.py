@@ -205,11 +205,26 @@ def test_bench_worker_prefill_route_ab_times_every_arm_and_puts_the_routing_back
     rows = json.loads(path.read_text())["rows"]
     arm = "dense=16,rows=8,left=4,fill=0.5"
     assert [(r["round"], r["arm"]) for r in rows] == [(0, "default"), (0, arm), (1, arm), (1, "default")]
-    assert rows[1]["route"] == {"SP2_PREFILL_ROWS": 8, "SP2_PREFILL_LEFT_ROWS": 4, "SP2_BLOCK_FILL": 0.5,
-                                "DENSE_ROWS_OVERRIDE": 16}
+    assert {k: v for k, v in rows[1]["route"].items() if k not in ("DENSE_CHUNK_BYTES", "MERGED_ROW_BUCKETS")} == {
+        "SP2_PREFILL_ROWS": 8, "SP2_PREFILL_LEFT_ROWS": 4, "SP2_BLOCK_FILL": 0.5, "DENSE_ROWS_OVERRIDE": 16}
     assert rows[0]["route"]["DENSE_ROWS_OVERRIDE"] == before[3]
     assert all(r["part"] == "prefill-route-ab" and r["ms"] > 0 and r["base_ms"] > 0 and r["prefill_steps"] == 2
                for r in rows)
     assert len({r["base_ms"] for r in rows if r["round"] == 0}) == 1
     with pytest.raises(ValueError, match="unknown key 'dens'"):
         bench.route_arm("dens=16")
+    assert bench.route_arm("chunk=64,window=0,rows=0") == {"DENSE_CHUNK_BYTES": 64 << 20, "MERGED_ROW_BUCKETS": False,
+                                                           "SP2_PREFILL_ROWS": None}
+
+
+def test_bench_worker_prefill_route_ab_fresh_shapes_gives_every_arm_its_own_steps(tmp_path):
+    """--fresh-shapes: each (round, arm) its own seed, and its base_ms the base model's steps of that seed."""
+    torch.set_num_threads(1)
+    bench = _load_bench()
+    assert bench.main(["--tiny", "--parts", "prefill-route-ab", "--route-arms", "default;window=0", "--fresh-shapes",
+                       "--out", str(tmp_path), "--commit", "test"]) == 0
+    (path,) = tmp_path.glob("worker-*-tiny.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["round"], r["arm"], r["seed"]) for r in rows] == [(0, "default", 1000), (0, "window=0", 1001),
+                                                                 (1, "window=0", 1003), (1, "default", 1002)]
+    assert rows[1]["route"]["MERGED_ROW_BUCKETS"] is False and rows[0]["route"]["MERGED_ROW_BUCKETS"] is True
