@@ -278,7 +278,9 @@ SP2_BLOCK_FILL = 0.68
 # When set: route only where SBMM is left no segment of this many rows or more (the other fine-tunes' decoding rows
 # are fewer), so one prefill launch takes all of a step's prompt work or none of it. The worker A/Bs (docs/kernels.md
 # runs 28 and 31) found the route 7-15% faster on steps with one prompt and up to 18% slower on steps with four, where
-# some prompts route and some stay on SBMM. Not measured yet; None: no such condition (worker flag
+# some prompts route and some stay on SBMM. Run 32 (left 32, route from 96): 0.87-0.97x no route on one-prompt
+# steps, 0.83-1.06x on four-prompt ones, and the default's time on serving-like steps (2-8 prompts, Zipf over the
+# deltas), which almost always leave a 32+-row segment. None: no such condition (worker flag
 # --sp2-prefill-left-rows).
 SP2_PREFILL_LEFT_ROWS: int | None = None
 

@@ -229,7 +229,8 @@ FLAG_HELP = {  # flags whose meaning the name alone does not tell
                         "their 128-row blocks well) run on the prefill kernels (kernels/sp2_wgmma_ws.py) instead of "
                         "SBMM; 0 = never, -1 = kernels/delta_linear.py's measured default",
     "sp2_prefill_left_rows": "route to the prefill kernels only when SBMM would be left no segment of at least "
-                             "this many rows (one launch takes all of a step's prompt work or none); unmeasured; "
+                             "this many rows (one launch takes all of a step's prompt work or none); no gain on serving-like steps "
+                             "(docs/kernels.md run 32); "
                              "0 = no such condition, -1 = kernels/delta_linear.py's default (none)",
     "dense_rows": "on CUDA, a delta segment (one fine-tune's rows in a step) of at least this many rows runs as one "
                   "GEMM on base + delta, expanded once (kernels/delta_linear.py merged_linear), instead of the base "
