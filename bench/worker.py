@@ -49,7 +49,8 @@ Rows (DESIGN.md names), all measured in the same run:
   bytes written at the copy rate) and one GEMM of the base GEMM's size to the base prefill.
 - part=prefill-route-ab: serving-like prefill steps (2-8 prompts of 64-256 tokens on 8 deltas drawn Zipf 1.5, at
   most 4 a batch, beside 16 decoding sequences; the same steps for every arm) under each arm's routing of delta
-  segments (--route-arms: the sp2 prefill kernels' thresholds, the dense route's rows), alternating in one process;
+  segments (--route-arms: the sp2 prefill kernels' thresholds, the dense route's rows, a merged-weight cache),
+  alternating in one process;
   `vs_base` against the base model's steps of the same round. Limits: SBMM and the prefill kernels against the
   mma.sp rate (bench/mma_peak.py); the merged route costs one expansion of W + Δ (W's fp16 bytes read and written
   at the copy rate) per merged segment and linear, in place of that segment's SBMM launch.
@@ -536,18 +537,26 @@ ROUTE_KEYS = {
     "chunk": ("kernels.delta_linear", "DENSE_CHUNK_BYTES", lambda v: int(v) << 20),
     "window": ("services.worker.delta_ops", "MERGED_ROW_BUCKETS", lambda v: bool(int(v))),
 }
+# arm keys of the merged-weight cache (services/worker/merged_cache.py; the worker's --merged-cache-bytes and
+# --merged-cache-admit-rows): key -> (arm entry, value)
+CACHE_KEYS = {"cache": ("merged_cache_gib", float), "admit": ("merged_cache_admit_rows", int)}
 
 
 def route_arm(spec: str) -> dict:
     """An arm of part prefill-route-ab: 'default' or comma-separated key=value of ROUTE_KEYS (rows: the sp2 prefill
     kernel's SP2_PREFILL_ROWS, left: SP2_PREFILL_LEFT_ROWS, fill: SP2_BLOCK_FILL, dense: the dense route's
     threshold, a row count of 0 = off; chunk: the dense route's expansion buffer, MiB; window: 0 = the merged
-    route's GEMMs on each segment's own rows) -> {attribute: value}."""
+    route's GEMMs on each segment's own rows; CACHE_KEYS cache: the merged-weight cache's budget, GiB, admit: its
+    admit_rows) -> {attribute or CACHE_KEYS entry: value}."""
     arm = {}
     for item in ([] if spec == "default" else spec.split(",")):
         key, _, value = item.partition("=")
+        if key in CACHE_KEYS:
+            arm[CACHE_KEYS[key][0]] = CACHE_KEYS[key][1](value)
+            continue
         if key not in ROUTE_KEYS:
-            raise ValueError(f"--route-arms: unknown key {key!r} in {spec!r}; keys: {', '.join(ROUTE_KEYS)}")
+            raise ValueError(f"--route-arms: unknown key {key!r} in {spec!r}; keys: "
+                             f"{', '.join([*ROUTE_KEYS, *CACHE_KEYS])}")
         arm[ROUTE_KEYS[key][1]] = ROUTE_KEYS[key][2](value)
     return arm
 
@@ -565,15 +574,21 @@ def bench_prefill_route_ab(cfg: LlamaConfig, device: str, rows: list, arms=("def
     same steps, whose GEMM shapes the first arm to run them has planned for the rest (cuBLAS). fresh: each arm its
     own seed and its `base_ms` the base model's steps of that seed, so every arm meets row counts new to the
     process, as serving does. The routing attributes are put back afterwards."""
+    from services.worker.merged_cache import MergedCache
+
     modules = {attr: importlib.import_module(name) for name, attr, _ in ROUTE_KEYS.values()}
     was = {attr: getattr(module, attr) for attr, module in modules.items()}
     parsed = {spec: route_arm(spec) for spec in arms}
     model, slots = fused_model_and_slots(cfg, device, num_deltas, bits, sp4, sp2)
     steps = dict(prompts=prompts, lengths=lengths, zipf=SERVING_ZIPF, max_deltas=max_deltas)
+    # each cache arm keeps its own cache over the rounds (warmed by the untimed pass), as a worker keeps one
+    caches = {spec: MergedCache(int(arm["merged_cache_gib"] * (1 << 30)), arm.get("merged_cache_admit_rows", 256))
+              for spec, arm in parsed.items() if arm.get("merged_cache_gib")}
 
     def use(spec: str) -> None:
         for attr, module in modules.items():
             setattr(module, attr, parsed[spec].get(attr, was[attr]))
+        slots.merged_cache = caches.get(spec)
 
     try:
         for spec in arms:  # untimed: compiles and per-shape set-up of every arm
@@ -592,6 +607,7 @@ def bench_prefill_route_ab(cfg: LlamaConfig, device: str, rows: list, arms=("def
                                                 **steps)
                 rows.append({"part": "prefill-route-ab", "round": r, "arm": spec, "seed": seed,
                              "route": {attr: getattr(module, attr) for attr, module in modules.items()},
+                             "merged_cache": caches[spec].stats() if spec in caches else None,
                              "num_deltas": num_deltas, "max_deltas": max_deltas, "zipf": SERVING_ZIPF,
                              "prompts": list(prompts), "prompt_tokens": list(lengths), "bits": bits,
                              "layers": cfg.num_hidden_layers, "num_running": num_running, "prefill_steps": count,
@@ -600,6 +616,7 @@ def bench_prefill_route_ab(cfg: LlamaConfig, device: str, rows: list, arms=("def
     finally:
         for attr, module in modules.items():
             setattr(module, attr, was[attr])
+        slots.merged_cache = None
 
 
 # ---- part 2b: prefill steps of fresh shapes, per SDPA backend choice -------------------------------
@@ -1027,7 +1044,9 @@ def _main(argv: list[str] | None) -> int:
     ap.add_argument("--route-arms", default="default;dense=512",
                     help="part prefill-route-ab: the arms, ';'-separated, each 'default' or comma-separated key=value "
                          "(rows: SP2_PREFILL_ROWS, left: SP2_PREFILL_LEFT_ROWS, fill: SP2_BLOCK_FILL, dense: the "
-                         "dense route's rows; 0 = off), e.g. 'default;dense=512;rows=64,left=32,fill=0.4'")
+                         "dense route's rows; 0 = off; chunk: its buffer, MiB; window: 0 = its GEMMs on each "
+                         "segment's rows; cache: a merged-weight cache of that many GiB, admit: its admit rows), "
+                         "e.g. 'default;dense=512;cache=16,admit=256'")
     ap.add_argument("--fresh-shapes", action="store_true",
                     help="part prefill-route-ab: each arm its own steps (seed), against the base model's on them")
     ap.add_argument("--sbmm-configs", default="",

@@ -427,14 +427,27 @@ def _dense_chunks(x: torch.Tensor, stack: PackedDeltaStack, slot: int, base: tor
 
 
 def dense_route(stack, x: torch.Tensor, rows: int) -> bool:
-    """Whether a segment of `rows` rows of x on this stack takes the dense route: CUDA, fp16/bf16, sp4 / sp2
-    words, and at least `sbmm.dense_rows` rows (the device's tuned table)."""
-    if not isinstance(stack, PackedDeltaStack) or not (stack.sp4 or stack.sp2) or not x.is_cuda:
-        return False
-    if x.dtype not in (torch.float16, torch.bfloat16):
+    """Whether a segment of `rows` rows of x on this stack takes the dense route: it can (`can_expand`), and has
+    at least `sbmm.dense_rows` rows (the device's tuned table)."""
+    if not can_expand(stack, x):
         return False
     threshold = sbmm.dense_rows(x.device, stack.bits)
     return threshold is not None and rows >= threshold
+
+
+def can_expand(stack, x: torch.Tensor) -> bool:
+    """Whether this stack's deltas expand on the sparse tensor cores for x: CUDA, fp16/bf16, sp4 / sp2 words."""
+    return (isinstance(stack, PackedDeltaStack) and (stack.sp4 or stack.sp2) and x.is_cuda
+            and x.dtype in (torch.float16, torch.bfloat16))
+
+
+def merged_weight(stack: PackedDeltaStack, slot: int, weight: torch.Tensor) -> torch.Tensor:
+    """base + Δ[slot] as a new [N, K] tensor in the weight's dtype (one expansion on the sparse tensor cores, the
+    sum rounded once, as `merged_linear` multiplies by): what services/worker/merged_cache.py keeps."""
+    n, k = stack.shape
+    out = torch.empty(n, k, dtype=weight.dtype, device=weight.device)
+    return sbmm.dequantize_rows(stack.qweight[slot], stack.meta[slot], stack.scales[slot], stack.bits, k, out, 0,
+                                weight)
 
 
 def canonical_words(qweight: torch.Tensor, meta: torch.Tensor, tiled: bool, sp4: bool, sp2: bool = False

@@ -90,6 +90,10 @@ def build_worker(config: WorkerConfig) -> WorkerParts:
 
     slots = slots_for_model(model, config.num_device_slots, device, dtype, config.sparse_mma_2bit,
                             config.fused_projections)
+    if config.merged_cache_bytes and torch.device(device).type == "cuda":
+        from services.worker.merged_cache import MergedCache
+
+        slots.merged_cache = MergedCache(config.merged_cache_bytes, config.merged_cache_admit_rows)
     live_addresses: list[str] = []
     stores = StoreDirectory(config.store_addresses, live_addresses=lambda: list(live_addresses), tls=tls_settings(config),
                             token=read_token_file(config.store_token_file, "--store-token-file"))

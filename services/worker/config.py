@@ -63,6 +63,8 @@ class WorkerConfig:
     sp2_prefill_rows: int = -1  # Hopper: sp2 segments of this many rows on the prefill kernels; 0 off, -1 default
     sp2_prefill_left_rows: int = -1  # ... only when SBMM is left no segment of this many rows; 0 any, -1 default
     dense_rows: int = -1  # CUDA: delta segments of this many rows run as one GEMM on base + Δ; 0 never, -1 the table
+    merged_cache_bytes: int = 0  # CUDA: base + Δ weights kept between steps for the busiest fine-tunes; 0 = off
+    merged_cache_admit_rows: int = 256  # ... a segment of this many rows admits its fine-tune
     row_buckets: bool = True  # CUDA: eager prefill steps run their linears on a bucketed row count
     device_cache_bytes: int = 0  # 0 = limited by slots only
     host_cache_bytes: int = 4 << 30
@@ -134,7 +136,10 @@ class WorkerConfig:
                   "kv_block_size", "heartbeat_s", "heartbeat_ttl_s", "fetch_chunk_bytes",
                   "fetch_max_attempts", "default_max_tokens", "model_sync_s", "stream_chunk_tokens")
         _non_negative(self, "device_cache_bytes", "host_cache_bytes", "disk_cache_bytes", "num_kv_blocks",
-                      "max_model_len", "metrics_port", "fetch_processes")
+                      "max_model_len", "metrics_port", "fetch_processes", "merged_cache_bytes")
+        _positive(self, "merged_cache_admit_rows")
+        if self.merged_cache_bytes and self.tensor_parallel_size > 1:
+            raise ValueError("--merged-cache-bytes needs --tensor-parallel-size 1 (shards do not merge)")
         if self.sp2_prefill_rows < -1:
             raise ValueError(f"--sp2-prefill-rows must be -1 (the default), 0 (off) or a row count, got "
                              f"{self.sp2_prefill_rows}")
@@ -229,12 +234,18 @@ FLAG_HELP = {  # flags whose meaning the name alone does not tell
                         "their 128-row blocks well) run on the prefill kernels (kernels/sp2_wgmma_ws.py) instead of "
                         "SBMM; 0 = never, -1 = kernels/delta_linear.py's measured default",
     "sp2_prefill_left_rows": "route to the prefill kernels only when SBMM would be left no segment of at least "
-                             "this many rows (one launch takes all of a step's prompt work or none); no gain on serving-like steps "
-                             "(docs/kernels.md run 32); "
+                             "this many rows (one launch takes all of a step's prompt work or none); no gain on "
+                             "serving-like steps (docs/kernels.md run 32); "
                              "0 = no such condition, -1 = kernels/delta_linear.py's default (none)",
     "dense_rows": "on CUDA, a delta segment (one fine-tune's rows in a step) of at least this many rows runs as one "
                   "GEMM on base + delta, expanded once (kernels/delta_linear.py merged_linear), instead of the base "
                   "GEMM plus SBMM; 0 = never, -1 = the per-device dense_rows of kernels/sbmm_configs.json",
+    "merged_cache_bytes": "on CUDA, keep up to this many bytes of base + delta weights on the GPU between steps for "
+                          "the fine-tunes with the most prompt work (services/worker/merged_cache.py): their prompt "
+                          "segments of 64+ rows then run one GEMM on kept weights instead of the base GEMM plus SBMM "
+                          "(a 7B fine-tune needs ~13 GB); 0 = off",
+    "merged_cache_admit_rows": "with --merged-cache-bytes: a fine-tune's weights are merged and kept once one of its "
+                               "prompt segments (its rows in a step) has this many rows",
     "row_buckets": "on CUDA, steps with prompt chunks run their linears on the token count rounded up to one of ~56 "
                    "buckets (zero rows added: at most 1/8 more past 128 rows), planned once while idle, instead of "
                    "every step's own count (cuBLAS plans each new GEMM shape on the host: ~0.2-2 ms a linear); "

@@ -34,10 +34,14 @@ class StepDeltaOps:
         self._workspace = linear_backend.kernel_workspace(slots.device)  # this forward's SBMM launches share it
         self._skip: frozenset[int] = frozenset()  # segments `merged_linear` computes itself (no delta launch)
         self.dense_route_used = False  # whether some linear ran a segment on the dense route (the step profile)
-        # segments long enough for the dense route somewhere (merged_linear checks each stack's own threshold)
+        # segments long enough for the dense route somewhere (merged_linear checks each stack's own threshold), or
+        # that the merged-weight cache takes (services/worker/merged_cache.py)
         shortest = linear_backend.min_dense_rows(slots.device)
+        self._cache = getattr(slots, "merged_cache", None)
         self._long = [(i, s) for i, s in self._delta_segments
-                      if shortest is not None and self.starts[i + 1] - self.starts[i] >= shortest]
+                      if (shortest is not None and self.starts[i + 1] - self.starts[i] >= shortest)
+                      or (self._cache is not None
+                          and self._cache.wants(s, slots.generation(s), self.starts[i + 1] - self.starts[i]))]
 
     def linear(self, name: str, x: torch.Tensor, y: torch.Tensor) -> None:
         """y += x @ Δ(row).T per delta segment. x: [N, in], y: [N, out]."""
@@ -62,20 +66,27 @@ class StepDeltaOps:
                       members: Sequence[str] | None = None, sizes: Sequence[int] | None = None
                       ) -> torch.Tensor | None:
         """The whole linear when some segment takes the dense route (a long prompt on a delta,
-        kernels/delta_linear.py): those rows as one GEMM on base + Δ each (`merged_linear`), in place of the base
+        kernels/delta_linear.py) or the merged-weight cache's (services/worker/merged_cache.py): those rows as one
+        GEMM on base + Δ each (expanded for this call, `merged_linear`, or kept between steps), in place of the base
         GEMM and the delta's; the other rows as the base GEMM on their runs plus `linear` (`fused_linear` for a
         group: `members`, `sizes`) for their deltas. None when no segment qualifies (the caller runs base +
         delta). name: the linear's (or group's) HF name; weight [out, in], bias: its (stacked) parameters."""
         if not self._long or not x.is_cuda:  # the common case: one check per linear
             return None
         tensor_name = name + ".weight"
-        merged = []
+        merged = []  # (segment, kernel stack to expand from, slot, kept weight)
         for i, slot in self._long:
             stack = self._slots.stack(slot, tensor_name)
-            if stack is not None:
-                kernel_stack = linear_backend.merge_stack(stack, x, weight, self.starts[i + 1] - self.starts[i])
-                if kernel_stack is not None:
-                    merged.append((i, kernel_stack, slot))
+            if stack is None:
+                continue
+            rows = self.starts[i + 1] - self.starts[i]
+            kept = self._kept_weight(slot, tensor_name, stack, x, weight, rows)
+            if kept is not None:
+                merged.append((i, None, slot, kept))
+                continue
+            kernel_stack = linear_backend.merge_stack(stack, x, weight, rows)
+            if kernel_stack is not None:
+                merged.append((i, kernel_stack, slot, None))
         if not merged:
             return None
         from kernels.delta_linear import merged_linear
@@ -83,7 +94,7 @@ class StepDeltaOps:
         self.dense_route_used = True
         total = x.shape[0]
         y = torch.empty(total, weight.shape[0], dtype=x.dtype, device=x.device)
-        skip = frozenset(i for i, _, _ in merged)
+        skip = frozenset(i for i, _, _, _ in merged)
         for a, b in base_runs(self.starts, skip):  # the base GEMM on each run of rows between merged segments
             # on a planned row count: the extra rows are other runs' (the same products), merged segments' (written
             # below) or padding
@@ -100,16 +111,43 @@ class StepDeltaOps:
                 self.fused_linear(name, members, x, y, sizes)
         finally:
             self._skip = frozenset()
-        for i, kernel_stack, slot in merged:
+        for i, kernel_stack, slot, kept in merged:
             a, b = self.starts[i], self.starts[i + 1]
             wa, wb = gemm_window(a, b, total)
-            if (wa, wb) == (a, b):
-                merged_linear(x[a:b], y[a:b], weight, bias, kernel_stack, slot)
-            else:  # a planned row count into scratch (its other rows belong to other segments), this one's copied
-                out = torch.empty(wb - wa, weight.shape[0], dtype=x.dtype, device=x.device)
+            # a planned row count; into scratch where it spans other segments' rows, this one's then copied
+            out = y[a:b] if (wa, wb) == (a, b) else torch.empty(wb - wa, weight.shape[0], dtype=x.dtype,
+                                                                  device=x.device)
+            if kept is None:
                 merged_linear(x[wa:wb], out, weight, bias, kernel_stack, slot)
+            elif bias is None:
+                torch.mm(x[wa:wb], kept.T, out=out)
+            else:
+                torch.addmm(bias, x[wa:wb], kept.T, out=out)
+            if (wa, wb) != (a, b):
                 y[a:b] = out[a - wa:b - wa]
         return y
+
+    def _kept_weight(self, slot: int, tensor_name: str, stack: SlotStack, x: torch.Tensor, weight: torch.Tensor,
+                     rows: int) -> torch.Tensor | None:
+        """base + Δ of this linear on `slot` from the merged-weight cache, expanded into it first where the cache
+        admits the slot and has room; None: no cache, a segment it does not take, or deltas that cannot expand."""
+        cache = self._cache
+        if cache is None:
+            return None
+        generation = self._slots.generation(slot)
+        if not cache.wants(slot, generation, rows):
+            return None
+        kept = cache.lookup(slot, generation, tensor_name)
+        if kept is not None:
+            return kept
+        kernel_stack = linear_backend.merge_stack(stack, x, weight, None)
+        if kernel_stack is None or not cache.reserve(slot, generation, weight.numel() * weight.element_size()):
+            return None
+        from kernels.delta_linear import merged_weight
+
+        kept = merged_weight(kernel_stack, slot, weight)
+        cache.put(slot, generation, tensor_name, kept)
+        return kept
 
     def _stacks_of(self, tensor_name: str, skip: str | None = None) -> list[tuple[SlotStack, set[int]]]:
         """The stacks holding this tensor's delta for the step's slots, each with its slots; slots that hold a

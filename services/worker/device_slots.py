@@ -131,6 +131,10 @@ class DeviceSlots:
         self._where: list[dict[str, SlotStack]] = [{} for _ in range(num_slots)]  # slot -> tensor name -> stack
         self._lock = threading.Lock()
         self.layout_version = 0  # bumped when a stack is created: captured CUDA graphs name the stacks they read
+        self._generation = [0] * num_slots  # per slot, bumped by every write and drop (`generation`)
+        # base + Δ weights kept between steps for the slots with the most prompt work (services/worker/merged_cache.py;
+        # set by the worker with --merged-cache-bytes, None: off)
+        self.merged_cache = None
         # Loads copy on their own CUDA stream so they overlap the engine's compute on the default stream.
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
@@ -147,7 +151,13 @@ class DeviceSlots:
                 stack.occupied.add(slot)
                 stack.version += 1
             self._where[slot] = where
+            self._generation[slot] += 1
         return num_bytes
+
+    def generation(self, slot: int) -> int:
+        """How many times `slot` was written or dropped: what caches of one slot's delta (services/worker/
+        merged_cache.py) compare, so a slot written again never serves a stale copy."""
+        return self._generation[slot]
 
     def _copy_in(self, slot: int, tensors: dict) -> tuple[dict[str, SlotStack], int]:
         where, num_bytes = {}, 0
@@ -253,6 +263,7 @@ class DeviceSlots:
                 stack.occupied.discard(slot)
                 stack.cache.pop(slot, None)
             self._where[slot] = {}
+            self._generation[slot] += 1
         return left
 
     def stacks_by_name(self) -> dict[str, list[SlotStack]]:

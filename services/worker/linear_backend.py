@@ -61,16 +61,19 @@ def min_dense_rows(device: torch.device | str) -> int | None:
     return min(rows, default=None)
 
 
-def merge_stack(stack: SlotStack, x: torch.Tensor, weight: torch.Tensor, rows: int):
+def merge_stack(stack: SlotStack, x: torch.Tensor, weight: torch.Tensor, rows: int | None):
     """The kernel stack (kernels.delta_linear.PackedDeltaStack) when a segment of `rows` rows of x on this slot
     stack runs as one GEMM on base + Δ (`kernels.delta_linear.merged_linear`): the dense route applies
-    (`dense_route`) and the base weight is x's dtype, [N, K] of the stack, unit stride in K. None otherwise."""
-    from kernels.delta_linear import dense_route
+    (`dense_route`; rows None: its deltas can expand whatever the row count, `can_expand`, for
+    services/worker/merged_cache.py) and the base weight is x's dtype, [N, K] of the stack, unit stride in K. None
+    otherwise."""
+    from kernels.delta_linear import can_expand, dense_route
 
     if not x.is_cuda or weight.dtype != x.dtype or weight.stride(1) != 1:
         return None
     kernel_stack = _kernel_stack(stack)
-    if not dense_route(kernel_stack, x, rows) or tuple(weight.shape) != tuple(kernel_stack.shape):
+    ok = can_expand(kernel_stack, x) if rows is None else dense_route(kernel_stack, x, rows)
+    if not ok or tuple(weight.shape) != tuple(kernel_stack.shape):
         return None
     return kernel_stack
 

@@ -102,3 +102,45 @@ def test_long_segments_run_on_merged_weights_and_equal_base_plus_delta(dtype, mo
     # separate products by up to 6.4e-3 (fp16) and 7.0e-2 (bf16, 0.1 % of the elements past 3e-2)
     tol = 1e-1 if dtype == torch.bfloat16 else 1e-2
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_merged_cache_keeps_base_plus_delta_between_steps(dtype, monkeypatch):
+    """services/worker/merged_cache.py through StepDeltaOps: a 300-row segment admits its slot (admit_rows 256) and
+    each of its linears is expanded once into the cache; the next forward finds them there (hits, no new build)
+    and also takes a 70-row segment of that slot (use_rows 64); a slot written again is expanded anew. Outputs
+    equal the separate projections with every segment on SBMM, within the merged route's tolerances."""
+    from kernels import sbmm
+    from services.worker.delta_ops import StepDeltaOps
+    from services.worker.merged_cache import MergedCache
+    from tests.unit.worker.test_graph_deltas import make_delta
+
+    cfg, model, fused_model, slots = _models_and_slots(dtype)
+    monkeypatch.setattr(sbmm, "dense_rows", lambda device, bits: None)  # no uncached dense route: the cache's alone
+    cache = slots[True].merged_cache = MergedCache(1 << 30, admit_rows=256, use_rows=64)
+    tol = 1e-1 if dtype == torch.bfloat16 else 1e-2
+    layers = cfg.num_hidden_layers
+
+    def forward(segments, seed):
+        rows = sum(n for _, n in segments)
+        ids = torch.randint(0, cfg.vocab_size, (rows, 1), generator=torch.Generator().manual_seed(seed)).cuda()
+        with torch.inference_mode():
+            want = model.hidden_dense(ids, deltas=StepDeltaOps(slots[False], segments))
+            ops = StepDeltaOps(slots[True], segments)
+            got = fused_model.hidden_dense(ids, deltas=ops)
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+        return ops
+
+    ops = forward([(1, 300), (None, 2), (0, 40), (2, 3)], 1)
+    assert ops.dense_route_used and cache.kept_slots() == [1]
+    assert cache.builds == 4 * layers and cache.hits == 0  # q/k/v, o, gate/up, down of slot 1, once each
+    ops = forward([(0, 5), (1, 70), (None, 9)], 2)
+    assert ops.dense_route_used and cache.builds == 4 * layers and cache.hits == 4 * layers
+    ops = forward([(0, 70)], 3)  # slot 0 is not kept and 70 < admit_rows: SBMM
+    assert not ops.dense_route_used and cache.kept_slots() == [1]
+    slots[True].write(1, "b2", make_delta(model, 2, 9, with_dense=False, group=128))
+    slots[False].write(1, "b2", make_delta(model, 2, 9, with_dense=False, group=128))
+    ops = forward([(1, 70)], 4)  # the slot's weights are stale and 70 rows do not admit it: SBMM
+    assert not ops.dense_route_used
+    forward([(1, 260)], 5)  # admitted again: expanded from the new delta
+    assert cache.builds == 8 * layers and cache.kept_slots() == [1]

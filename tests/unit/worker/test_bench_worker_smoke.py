@@ -197,8 +197,8 @@ def test_bench_worker_prefill_route_ab_times_every_arm_and_puts_the_routing_back
     bench = _load_bench()
     before = (delta_linear.SP2_PREFILL_ROWS, delta_linear.SP2_PREFILL_LEFT_ROWS, delta_linear.SP2_BLOCK_FILL,
               sbmm_plan.DENSE_ROWS_OVERRIDE)
-    assert bench.main(["--tiny", "--parts", "prefill-route-ab", "--route-arms", "default;dense=16,rows=8,left=4,fill=0.5",
-                       "--out", str(tmp_path), "--commit", "test"]) == 0
+    assert bench.main(["--tiny", "--parts", "prefill-route-ab", "--route-arms",
+                       "default;dense=16,rows=8,left=4,fill=0.5", "--out", str(tmp_path), "--commit", "test"]) == 0
     assert (delta_linear.SP2_PREFILL_ROWS, delta_linear.SP2_PREFILL_LEFT_ROWS, delta_linear.SP2_BLOCK_FILL,
             sbmm_plan.DENSE_ROWS_OVERRIDE) == before
     (path,) = tmp_path.glob("worker-*-tiny.json")
@@ -215,16 +215,20 @@ def test_bench_worker_prefill_route_ab_times_every_arm_and_puts_the_routing_back
         bench.route_arm("dens=16")
     assert bench.route_arm("chunk=64,window=0,rows=0") == {"DENSE_CHUNK_BYTES": 64 << 20, "MERGED_ROW_BUCKETS": False,
                                                            "SP2_PREFILL_ROWS": None}
+    assert bench.route_arm("cache=0.5,admit=128") == {"merged_cache_gib": 0.5, "merged_cache_admit_rows": 128}
 
 
 def test_bench_worker_prefill_route_ab_fresh_shapes_gives_every_arm_its_own_steps(tmp_path):
     """--fresh-shapes: each (round, arm) its own seed, and its base_ms the base model's steps of that seed."""
     torch.set_num_threads(1)
     bench = _load_bench()
-    assert bench.main(["--tiny", "--parts", "prefill-route-ab", "--route-arms", "default;window=0", "--fresh-shapes",
+    arm = "window=0,cache=0.001,admit=8"
+    assert bench.main(["--tiny", "--parts", "prefill-route-ab", "--route-arms", f"default;{arm}", "--fresh-shapes",
                        "--out", str(tmp_path), "--commit", "test"]) == 0
     (path,) = tmp_path.glob("worker-*-tiny.json")
     rows = json.loads(path.read_text())["rows"]
-    assert [(r["round"], r["arm"], r["seed"]) for r in rows] == [(0, "default", 1000), (0, "window=0", 1001),
-                                                                 (1, "window=0", 1003), (1, "default", 1002)]
+    assert [(r["round"], r["arm"], r["seed"]) for r in rows] == [(0, "default", 1000), (0, arm, 1001),
+                                                                 (1, arm, 1003), (1, "default", 1002)]
     assert rows[1]["route"]["MERGED_ROW_BUCKETS"] is False and rows[0]["route"]["MERGED_ROW_BUCKETS"] is True
+    # the cache arm's row carries its cache's counters (on CPU nothing merges: no builds), the default's none
+    assert rows[0]["merged_cache"] is None and rows[1]["merged_cache"]["budget_bytes"] == int(0.001 * (1 << 30))

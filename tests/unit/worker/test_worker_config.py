@@ -140,3 +140,17 @@ def test_dense_rows_overrides_the_device_tables(monkeypatch):
     assert (sbmm.dense_rows(cuda, 2), sbmm.dense_rows(cuda, 4)) == (None, None)
     with pytest.raises(ValueError, match="--dense-rows"):
         config_from_args(["--dense-rows", "-2"], env={})
+
+
+def test_merged_cache_flags_are_checked():
+    """--merged-cache-bytes (0 = off) and --merged-cache-admit-rows parse, bad values and tensor parallelism are
+    refused with the flag's name."""
+    cfg = config_from_args(["--merged-cache-bytes", str(16 << 30), "--merged-cache-admit-rows", "128"], env={})
+    assert (cfg.merged_cache_bytes, cfg.merged_cache_admit_rows) == (16 << 30, 128)
+    assert config_from_args([], env={}).merged_cache_bytes == 0
+    with pytest.raises(ValueError, match="--merged-cache-bytes"):
+        config_from_args(["--merged-cache-bytes", "-1"], env={})
+    with pytest.raises(ValueError, match="--merged-cache-admit-rows"):
+        config_from_args(["--merged-cache-admit-rows", "0"], env={})
+    with pytest.raises(ValueError, match="--merged-cache-bytes needs --tensor-parallel-size 1"):
+        config_from_args(["--merged-cache-bytes", "1024", "--tensor-parallel-size", "2"], env={})

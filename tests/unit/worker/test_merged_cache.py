@@ -1,0 +1,72 @@
+"""MergedCache: which segments it takes, LRU eviction within its budget, and slot generations."""
+
+import pytest
+import torch
+
+from services.worker.merged_cache import MergedCache
+
+MB = 1 << 20
+
+
+def weight(mb: int) -> torch.Tensor:
+    return torch.zeros(mb * MB // 2, dtype=torch.float16)  # mb MiB
+
+
+def test_a_long_segment_admits_its_slot_and_then_shorter_ones_use_it():
+    cache = MergedCache(8 * MB, admit_rows=256, use_rows=64)
+    assert not cache.wants(3, 1, 200)  # not kept, under admit_rows
+    assert cache.wants(3, 1, 256)
+    assert cache.reserve(3, 1, 2 * MB)
+    cache.put(3, 1, "q", weight(2))
+    assert cache.wants(3, 1, 64) and not cache.wants(3, 1, 63)  # kept: from use_rows
+    assert not cache.wants(3, 2, 200)  # the slot was written again: its kept weights are stale
+    assert cache.lookup(3, 1, "q") is not None and cache.lookup(3, 1, "o") is None
+    assert cache.lookup(3, 2, "q") is None
+    assert cache.stats()["hits"] == 1 and cache.stats()["builds"] == 1
+
+
+def test_reserve_evicts_other_slots_least_recently_used_first_and_keeps_its_own():
+    cache = MergedCache(6 * MB, admit_rows=1)
+    for slot in (0, 1, 2):
+        assert cache.reserve(slot, 0, 2 * MB)
+        cache.put(slot, 0, "w", weight(2))
+    assert cache.used_bytes == 6 * MB
+    cache.lookup(0, 0, "w")  # slot 0 used last: 1 is now the oldest
+    assert cache.reserve(2, 0, 2 * MB)  # room for a second weight of slot 2: slot 1 goes
+    cache.put(2, 0, "w2", weight(2))
+    assert cache.kept_slots() == [0, 2] and cache.used_bytes == 6 * MB and cache.evictions == 1
+    assert cache.reserve(2, 0, 2 * MB)  # slot 0 goes, slot 2's own stay
+    assert cache.kept_slots() == [2] and cache.used_bytes == 4 * MB
+    assert not cache.reserve(2, 0, 4 * MB)  # 4 + 4 > 6 even alone: refused, nothing evicted
+    assert cache.kept_slots() == [2]
+
+
+def test_a_stale_generation_is_dropped_before_the_new_one_is_kept():
+    cache = MergedCache(4 * MB, admit_rows=1)
+    assert cache.reserve(5, 1, 3 * MB)
+    cache.put(5, 1, "w", weight(3))
+    assert cache.reserve(5, 2, 3 * MB)  # generation 2: generation 1's 3 MiB are freed first
+    assert cache.used_bytes == 0 and cache.kept_slots() == []
+    cache.put(5, 2, "w", weight(3))
+    assert cache.lookup(5, 2, "w") is not None and cache.used_bytes == 3 * MB
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="must be positive"):
+        MergedCache(0)
+    with pytest.raises(ValueError, match="must be positive"):
+        MergedCache(MB, admit_rows=0)
+
+
+def test_device_slots_generation_counts_writes_and_drops():
+    from deltazip.artifact.delta_tensor import DeltaTensor
+    from services.worker.device_slots import DeviceSlots
+
+    name = "model.layers.0.mlp.up_proj.weight"
+    slots = DeviceSlots(2, "cpu", torch.float32, {name}, tie_word_embeddings=False)
+    assert slots.merged_cache is None and (slots.generation(0), slots.generation(1)) == (0, 0)
+    delta = {name: DeltaTensor(name=name, kind="dense", shape=(4, 4), delta=torch.zeros(4, 4, dtype=torch.float16))}
+    slots.write(0, "ft", delta)
+    assert (slots.generation(0), slots.generation(1)) == (2, 0)  # the write releases the slot first, then fills it
+    slots.drop(0)
+    assert slots.generation(0) == 3
