@@ -145,7 +145,11 @@ class StepDeltaOps:
             return None
         from kernels.delta_linear import merged_weight
 
-        kept = merged_weight(kernel_stack, slot, weight)
+        try:
+            kept = merged_weight(kernel_stack, slot, weight)
+        except torch.cuda.OutOfMemoryError:  # the budget was more than the GPU has left: keep what fits
+            cache.shrink_to_used()
+            return None
         cache.put(slot, generation, tensor_name, kept)
         return kept
 

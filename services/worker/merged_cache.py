@@ -104,6 +104,11 @@ class MergedCache:
         self._slots.move_to_end(slot)
         self.builds += 1
 
+    def shrink_to_used(self) -> None:
+        """Make the budget what is kept now (an expansion ran out of device memory: the GPU cannot hold more)."""
+        log.warning("merged_cache_out_of_memory", budget_bytes=self.budget_bytes, used_bytes=self.used_bytes)
+        self.budget_bytes = self.used_bytes
+
     def kept_slots(self) -> list[int]:
         """Slots with kept weights, least recently used first."""
         return list(self._slots)

@@ -70,3 +70,15 @@ def test_device_slots_generation_counts_writes_and_drops():
     assert (slots.generation(0), slots.generation(1)) == (2, 0)  # the write releases the slot first, then fills it
     slots.drop(0)
     assert slots.generation(0) == 3
+
+
+def test_shrink_to_used_stops_growth_but_keeps_what_is_kept():
+    """After an expansion ran out of device memory the budget becomes what is kept: those weights still serve, no
+    new slot is admitted beyond them."""
+    cache = MergedCache(8 * MB, admit_rows=1)
+    assert cache.reserve(0, 0, 2 * MB)
+    cache.put(0, 0, "w", weight(2))
+    cache.shrink_to_used()
+    assert cache.budget_bytes == 2 * MB and cache.lookup(0, 0, "w") is not None
+    assert not cache.reserve(0, 0, 1)  # its own 2 MiB + 1 byte no longer fit
+    assert cache.reserve(1, 0, 2 * MB) and cache.kept_slots() == []  # another slot only by evicting slot 0
