@@ -71,7 +71,7 @@ class StepDeltaOps:
         GEMM and the delta's; the other rows as the base GEMM on their runs plus `linear` (`fused_linear` for a
         group: `members`, `sizes`) for their deltas. None when no segment qualifies (the caller runs base +
         delta). name: the linear's (or group's) HF name; weight [out, in], bias: its (stacked) parameters."""
-        if not self._long or not x.is_cuda:  # the common case: one check per linear
+        if not self._long or not self._merges_on(x):  # the common case: one check per linear
             return None
         tensor_name = name + ".weight"
         merged = []  # (segment, kernel stack to expand from, slot, kept weight)
@@ -126,6 +126,11 @@ class StepDeltaOps:
             if (wa, wb) != (a, b):
                 y[a:b] = out[a - wa:b - wa]
         return y
+
+    @staticmethod
+    def _merges_on(x: torch.Tensor) -> bool:
+        """Whether x's device runs the merged route (CUDA: the expansion runs on the sparse tensor cores)."""
+        return x.is_cuda
 
     def _kept_weight(self, slot: int, tensor_name: str, stack: SlotStack, x: torch.Tensor, weight: torch.Tensor,
                      rows: int) -> torch.Tensor | None:

@@ -82,3 +82,51 @@ def test_shrink_to_used_stops_growth_but_keeps_what_is_kept():
     assert cache.budget_bytes == 2 * MB and cache.lookup(0, 0, "w") is not None
     assert not cache.reserve(0, 0, 1)  # its own 2 MiB + 1 byte no longer fit
     assert cache.reserve(1, 0, 2 * MB) and cache.kept_slots() == []  # another slot only by evicting slot 0
+
+
+def test_step_delta_ops_runs_kept_segments_on_merged_weights(monkeypatch):
+    """StepDeltaOps.merged_linear with a MergedCache, its CUDA pieces replaced by CPU references (the expansion by
+    W + the slot's dense Δ): a segment of admit_rows admits its slot (one build), the next step's shorter segment
+    of that slot finds it (a hit) and a long one of another slot is admitted too; rows of other slots keep the base
+    GEMM plus their deltas; a kept segment whose GEMM window spans other rows goes through scratch. Every row
+    equals x @ (W + its Δ).T. A slot written again is not served its old weights."""
+    from kernels import delta_linear
+    from services.worker import linear_backend
+    from services.worker.delta_ops import StepDeltaOps
+    from services.worker.engine import model_runner
+    from tests.unit.worker.test_delta_ops import H, LIN, OUT, dense, make_slots
+
+    gen = torch.Generator().manual_seed(4)
+    slots, deltas = make_slots(gen)  # dense deltas in slots 0 and 2 (CPU)
+    cache = slots.merged_cache = MergedCache(1 << 20, admit_rows=8, use_rows=4)
+    monkeypatch.setattr(model_runner, "ROW_BUCKETS", True)
+    monkeypatch.setattr(StepDeltaOps, "_merges_on", staticmethod(lambda x: True))
+    monkeypatch.setattr(linear_backend, "merge_stack", lambda stack, x, w, rows: stack if rows is None else None)
+    monkeypatch.setattr(delta_linear, "merged_weight",
+                        lambda stack, slot, w: w + linear_backend._dense_slot(stack, slot, w.dtype))
+    w = torch.randn(OUT, H, generator=gen)
+
+    def check(segments):
+        ops = StepDeltaOps(slots, segments)
+        x = torch.randn(ops.num_rows, H, generator=gen)
+        y = ops.merged_linear(LIN, x, w, None)
+        if y is None:
+            return None
+        row = 0
+        for slot, n in segments:
+            w_i = w + deltas[slot][LIN + ".weight"] if slot is not None else w
+            torch.testing.assert_close(y[row:row + n], x[row:row + n] @ w_i.T)
+            row += n
+        return ops
+
+    ops = check([(None, 20), (0, 10), (2, 3)])  # 10 rows admit slot 0; its 16-row window ends at row 33: scratch
+    assert ops.dense_route_used and cache.kept_slots() == [0] and (cache.builds, cache.hits) == (1, 0)
+    check([(0, 5), (2, 9)])  # slot 0 kept: 5 >= use_rows; slot 2 admitted by 9 rows
+    assert cache.kept_slots() == [0, 2] and (cache.builds, cache.hits) == (2, 1)
+    assert check([(None, 4), (2, 3)]) is None  # 3 < use_rows: base GEMM + delta as usual
+    new = {LIN + ".weight": torch.randn(OUT, H, generator=gen).half().float()}
+    slots.write(0, "ft0b", {k: dense(k, v) for k, v in new.items()})
+    deltas[0] = new
+    assert check([(0, 5)]) is None  # written again: its kept weights are stale and 5 rows do not admit it
+    check([(0, 8)])  # admitted anew, from the new delta
+    assert cache.builds == 3 and cache.kept_slots() == [2, 0]
