@@ -140,6 +140,9 @@ class WorkerConfig:
         _positive(self, "merged_cache_admit_rows")
         if self.merged_cache_bytes and self.tensor_parallel_size > 1:
             raise ValueError("--merged-cache-bytes needs --tensor-parallel-size 1 (shards do not merge)")
+        if self.merged_cache_bytes and self.mode != "delta":
+            raise ValueError(f"--merged-cache-bytes applies to --mode delta (it keeps base + packed delta), not "
+                             f"{self.mode}")
         if self.sp2_prefill_rows < -1:
             raise ValueError(f"--sp2-prefill-rows must be -1 (the default), 0 (off) or a row count, got "
                              f"{self.sp2_prefill_rows}")

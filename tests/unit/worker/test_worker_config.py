@@ -154,3 +154,5 @@ def test_merged_cache_flags_are_checked():
         config_from_args(["--merged-cache-admit-rows", "0"], env={})
     with pytest.raises(ValueError, match="--merged-cache-bytes needs --tensor-parallel-size 1"):
         config_from_args(["--merged-cache-bytes", "1024", "--tensor-parallel-size", "2"], env={})
+    with pytest.raises(ValueError, match="applies to --mode delta"):
+        config_from_args(["--merged-cache-bytes", "1024", "--mode", "swap"], env={})
