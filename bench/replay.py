@@ -63,13 +63,15 @@ async def send_one(client, request: Request, start: float, timeout_s: float, req
 
 async def sample_worker(address: str, stop: asyncio.Event, period_s: float = 0.1) -> dict:
     """Poll the worker's Status while a run lasts: how full its batches are, how many requests wait, where its
-    step time went (`worker_phases`) and how its steps' delta rows split into segments (`worker_delta_segments`:
-    {step kind: {row bin: [segments, rows]}}, docs/serving.md)."""
+    step time went (`worker_phases`), how its steps' delta rows split into segments (`worker_delta_segments`:
+    {step kind: {row bin: [segments, rows]}}, docs/serving.md) and, where it keeps merged weights, what its cache did
+    (`worker_merged_cache`: hits, builds and evictions during the run, slots and bytes kept at its end; None: off)."""
     from deltazip.rpc.channels import aio_channel
     from deltazip.v1 import worker_pb2, worker_pb2_grpc
 
     running, waiting, phases = [], [], []  # phases: (monotonic time, {phase: (count, seconds)}) first and last
     segments = []  # {(step kind, row bin): (segments, rows)}, first and last
+    cache = []  # the merged cache's counters, first and last
     async with aio_channel(address) as channel:
         stub = worker_pb2_grpc.WorkerStub(channel)
         while True:
@@ -78,6 +80,8 @@ async def sample_worker(address: str, stop: asyncio.Event, period_s: float = 0.1
             waiting.append(reply.num_waiting)
             phases[1:] = [(time.monotonic(), {p.name: (p.count, p.seconds) for p in reply.step_phases})]
             segments[1:] = [{(b.step, b.min_rows): (b.segments, b.rows) for b in reply.delta_segments}]
+            if reply.HasField("merged_cache"):
+                cache[1:] = [reply.merged_cache]
             if stop.is_set():  # one read after the run ended closes the profile's interval
                 break
             try:
@@ -89,7 +93,16 @@ async def sample_worker(address: str, stop: asyncio.Event, period_s: float = 0.1
             "worker_waiting_mean": float(np.mean(waiting)) if waiting else float("nan"),
             "worker_waiting_max": int(max(waiting, default=0)),
             "worker_phases": phase_deltas(before, after, t1 - t0),
-            "worker_delta_segments": segment_deltas(segments[0], segments[-1])}
+            "worker_delta_segments": segment_deltas(segments[0], segments[-1]),
+            "worker_merged_cache": merged_cache_deltas(cache[0], cache[-1]) if cache else None}
+
+
+def merged_cache_deltas(before, after) -> dict:
+    """A run's merged-cache counters from its first and last Status reads (worker_pb2.MergedCacheStats): what
+    happened in between, and what was kept at the end."""
+    return {"hits": after.hits - before.hits, "builds": after.builds - before.builds,
+            "evictions": after.evictions - before.evictions, "slots": after.slots, "used_bytes": after.used_bytes,
+            "budget_bytes": after.budget_bytes}
 
 
 class _NoBar:

@@ -76,14 +76,16 @@ class WorkerStatus:
     step_phases: dict[str, tuple[int, float]]  # {phase: (count, seconds)} since start
     kernels_warming: bool = False  # kernel warm-up work left (the engine's GEMM buckets, SBMM variants)
     delta_segments: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)  # SegmentStats snapshot
+    merged_cache: dict | None = None  # MergedCache.stats() (services/worker/merged_cache.py); None: off
 
 
 class WorkerApp:
     """Everything a Worker RPC does, without gRPC."""
 
     def __init__(self, info: WorkerInfo, tokenizer, loop: EngineLoop, residency: ResidencyManager,
-                 stream: StreamPolicy = StreamPolicy()) -> None:
+                 stream: StreamPolicy = StreamPolicy(), merged_cache=None) -> None:
         self.info = info
+        self._merged_cache = merged_cache  # services/worker/merged_cache.py MergedCache, or None (Status reads it)
         self._tokenizer = tokenizer
         self._loop = loop
         self._residency = residency
@@ -242,7 +244,8 @@ class WorkerApp:
 
     def status(self) -> WorkerStatus:
         return WorkerStatus(self.info, self._loop.stats, self._residency.snapshot(), self._loop.step_phases(),
-                            self._loop.kernels_warming(), self._loop.delta_segments())
+                            self._loop.kernels_warming(), self._loop.delta_segments(),
+                            self._merged_cache.stats() if self._merged_cache is not None else None)
 
     def on_residency_change(self, snap: ResidentDelta) -> None:
         if snap.state is DeltaState.ON_DEVICE:

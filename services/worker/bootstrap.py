@@ -138,7 +138,7 @@ def build_worker(config: WorkerConfig) -> WorkerParts:
         base_identity=identity, device=device, mode=config.mode, max_model_len=engine.max_model_len)
     loop = EngineLoop(engine, on_step=residency.on_step)
     app = WorkerApp(info, tokenizer, loop, residency,
-                    StreamPolicy(config.stream_chunk_tokens, config.stream_interval_ms))
+                    StreamPolicy(config.stream_chunk_tokens, config.stream_interval_ms), slots.merged_cache)
     listeners.callbacks.append(app.on_residency_change)
     log.info("worker_built", worker=config.worker_id, base=info.base_name, device=device, dtype=config.dtype,
              disk_cache=cache_dir, max_model_len=info.max_model_len)

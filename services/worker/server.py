@@ -72,7 +72,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                          for name, (count, seconds) in status.step_phases.items()],
             kernels_warming=status.kernels_warming,
             delta_segments=[worker_pb2.SegmentBin(step=step, min_rows=low, segments=num, rows=rows)
-                            for (step, low), (num, rows) in sorted(status.delta_segments.items())])
+                            for (step, low), (num, rows) in sorted(status.delta_segments.items())],
+            merged_cache=worker_pb2.MergedCacheStats(**status.merged_cache) if status.merged_cache else None)
 
     def _check_model(self, model: str) -> None:
         """A delta name must be one the store accepts: it becomes a directory of the disk cache."""

@@ -74,6 +74,7 @@ def test_concurrent_base_and_deltas_match_merged_weights(cluster):
     assert tiers == {"ft-a": common_pb2.RESIDENCY_TIER_DEVICE, "ft-b": common_pb2.RESIDENCY_TIER_DEVICE}
     assert status.base == "tiny-base" and status.mode == "delta" and status.total_kv_blocks == 64
     assert not status.kernels_warming  # a CPU worker builds no kernels ahead
+    assert not status.HasField("merged_cache")  # no --merged-cache-bytes (and CPU workers keep none)
     # every delta token row the forwards ran, as segments: the prompts, then each output token but the last
     delta_rows = sum(len(p.encode()) + MAX_TOKENS - 1 for m, p in jobs if m != "tiny-base")
     assert sum(_segment_rows(status).values()) - sum(before.values()) == delta_rows

@@ -130,3 +130,40 @@ def test_step_delta_ops_runs_kept_segments_on_merged_weights(monkeypatch):
     assert check([(0, 5)]) is None  # written again: its kept weights are stale and 5 rows do not admit it
     check([(0, 8)])  # admitted anew, from the new delta
     assert cache.builds == 3 and cache.kept_slots() == [2, 0]
+
+
+def test_worker_status_reports_the_cache_and_the_bench_reads_its_counters():
+    """The worker's Status carries MergedCache.stats() as MergedCacheStats (unset with no cache), and bench/replay.py
+    turns the first and last reads of a run into that run's hits, builds and evictions."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from bench.replay import merged_cache_deltas
+    from deltazip.v1 import worker_pb2
+    from services.worker.app import WorkerInfo, WorkerStatus
+    from services.worker.engine_loop import EngineStats
+    from services.worker.server import WorkerServicer
+
+    cache = MergedCache(8 * MB, admit_rows=1)
+    assert cache.reserve(0, 0, 2 * MB)
+    cache.put(0, 0, "w", weight(2))
+    cache.lookup(0, 0, "w")
+    info = WorkerInfo("w1", "base", "id", "cuda:0", "delta", 128)
+
+    def status(merged):
+        app = SimpleNamespace(status=lambda: WorkerStatus(info, EngineStats(), [], {}, False, {}, merged))
+        return asyncio.run(WorkerServicer(app, "127.0.0.1:1", 16).Status(worker_pb2.StatusRequest(), None))
+
+    reply = status(cache.stats())
+    assert reply.HasField("merged_cache")
+    assert (reply.merged_cache.slots, reply.merged_cache.used_bytes, reply.merged_cache.budget_bytes) == (1, 2 * MB,
+                                                                                                           8 * MB)
+    assert (reply.merged_cache.hits, reply.merged_cache.builds, reply.merged_cache.evictions) == (1, 1, 0)
+    assert not status(None).HasField("merged_cache")
+    before = reply.merged_cache
+    cache.lookup(0, 0, "w")
+    assert cache.reserve(1, 0, 7 * MB)  # evicts slot 0
+    cache.put(1, 0, "w", weight(7))
+    after = status(cache.stats()).merged_cache
+    assert merged_cache_deltas(before, after) == {"hits": 1, "builds": 1, "evictions": 1, "slots": 1,
+                                                  "used_bytes": 7 * MB, "budget_bytes": 8 * MB}
