@@ -146,7 +146,8 @@ class StepDeltaOps:
         if kept is not None:
             return kept
         kernel_stack = linear_backend.merge_stack(stack, x, weight, None)
-        if kernel_stack is None or not cache.reserve(slot, generation, weight.numel() * weight.element_size()):
+        if kernel_stack is None or not cache.reserve(slot, generation, weight.numel() * weight.element_size(),
+                                                     frozenset(self._delta_slots)):
             return None
         from kernels.delta_linear import merged_weight
 

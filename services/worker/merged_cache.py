@@ -70,17 +70,20 @@ class MergedCache:
             self.hits += 1
         return weight
 
-    def reserve(self, slot: int, generation: int, num_bytes: int) -> bool:
+    def reserve(self, slot: int, generation: int, num_bytes: int, protect: frozenset[int] = frozenset()) -> bool:
         """Make room for `num_bytes` more on `slot` at this generation: this slot's entry of an older generation
-        goes first, then other slots, least recently used first; this slot's current entries stay. False when even
-        then it would not fit (no other slot is evicted then)."""
+        goes first, then other slots not in `protect` (the current step's: two fine-tunes of one step must not
+        evict each other linear by linear), least recently used first; this slot's current entries stay. False when
+        even then it would not fit (no other slot is evicted then)."""
         entry = self._slots.get(slot)
         if entry is not None and entry.generation != generation:
             self._evict(slot)
             entry = None
-        if (entry.num_bytes if entry is not None else 0) + num_bytes > self.budget_bytes:
+        evictable = [s for s in self._slots if s != slot and s not in protect]
+        free = self.budget_bytes - self.used_bytes + sum(self._slots[s].num_bytes for s in evictable)
+        if num_bytes > free:
             return False
-        for other in [s for s in self._slots if s != slot]:
+        for other in evictable:
             if self.used_bytes + num_bytes <= self.budget_bytes:
                 break
             self._evict(other)

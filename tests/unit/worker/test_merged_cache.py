@@ -167,3 +167,15 @@ def test_worker_status_reports_the_cache_and_the_bench_reads_its_counters():
     after = status(cache.stats()).merged_cache
     assert merged_cache_deltas(before, after) == {"hits": 1, "builds": 1, "evictions": 1, "slots": 1,
                                                   "used_bytes": 7 * MB, "budget_bytes": 8 * MB}
+
+
+def test_reserve_never_evicts_a_protected_slot():
+    """Slots of the current step are protected: room is made from the others only, or refused."""
+    cache = MergedCache(6 * MB, admit_rows=1)
+    for slot in (0, 1):
+        assert cache.reserve(slot, 0, 3 * MB)
+        cache.put(slot, 0, "w", weight(3))
+    assert not cache.reserve(2, 0, 3 * MB, protect=frozenset({0, 1, 2}))  # both others in this step: refused
+    assert cache.kept_slots() == [0, 1] and cache.evictions == 0
+    assert cache.reserve(2, 0, 3 * MB, protect=frozenset({1, 2}))  # slot 0 is not in this step: it goes
+    assert cache.kept_slots() == [1]
