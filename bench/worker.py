@@ -595,8 +595,9 @@ def bench_prefill_route_ab(cfg: LlamaConfig, device: str, rows: list, arms=("def
             use(spec)
             time_fresh_prefills(model, device, num_running, 2, 1, slots, num_deltas, **steps)
         for r in range(rounds):
-            use("default")
-            base_ms, _ = time_fresh_prefills(model, device, num_running, num_steps, 0, **steps)
+            if not fresh:  # fresh: each arm's own base steps, below
+                use("default")
+                base_ms, _ = time_fresh_prefills(model, device, num_running, num_steps, 0, **steps)
             for spec in (arms if r % 2 == 0 else arms[::-1]):
                 seed = 1000 + r * len(arms) + arms.index(spec) if fresh else 0
                 if fresh:

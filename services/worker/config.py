@@ -143,15 +143,9 @@ class WorkerConfig:
         if self.merged_cache_bytes and self.mode != "delta":
             raise ValueError(f"--merged-cache-bytes applies to --mode delta (it keeps base + packed delta), not "
                              f"{self.mode}")
-        if self.sp2_prefill_rows < -1:
-            raise ValueError(f"--sp2-prefill-rows must be -1 (the default), 0 (off) or a row count, got "
-                             f"{self.sp2_prefill_rows}")
-        if self.sp2_prefill_left_rows < -1:
-            raise ValueError(f"--sp2-prefill-left-rows must be -1 (the default), 0 (no condition) or a row count, "
-                             f"got {self.sp2_prefill_left_rows}")
-        if self.dense_rows < -1:
-            raise ValueError(f"--dense-rows must be -1 (the device table's), 0 (never) or a row count, got "
-                             f"{self.dense_rows}")
+        _row_count(self, "sp2_prefill_rows", "the default", "off")
+        _row_count(self, "sp2_prefill_left_rows", "the default", "no condition")
+        _row_count(self, "dense_rows", "the device table's", "never")
         if not 0.0 <= self.stream_interval_ms <= 1000.0:
             raise ValueError(f"--stream-interval-ms must be in [0, 1000], got {self.stream_interval_ms}")
         if not 0.0 < self.kv_memory_fraction <= 1.0:
@@ -187,6 +181,13 @@ def _positive(cfg: WorkerConfig, *names: str) -> None:
     for name in names:
         if getattr(cfg, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
+
+
+def _row_count(cfg: WorkerConfig, name: str, minus_one: str, zero: str) -> None:
+    """A row-count flag whose -1 and 0 mean `minus_one` and `zero`."""
+    value = getattr(cfg, name)
+    if value < -1:
+        raise ValueError(f"--{name.replace('_', '-')} must be -1 ({minus_one}), 0 ({zero}) or a row count, got {value}")
 
 
 def _non_negative(cfg: WorkerConfig, *names: str) -> None:

@@ -38,10 +38,13 @@ class StepDeltaOps:
         # that the merged-weight cache takes (services/worker/merged_cache.py)
         shortest = linear_backend.min_dense_rows(slots.device)
         self._cache = getattr(slots, "merged_cache", None)
+        # segment -> its slot's write generation, for the segments the cache takes (decided once a forward)
+        self._cached = {} if self._cache is None else {
+            i: slots.generation(s) for i, s in self._delta_segments
+            if self._cache.wants(s, slots.generation(s), self.starts[i + 1] - self.starts[i])}
         self._long = [(i, s) for i, s in self._delta_segments
                       if (shortest is not None and self.starts[i + 1] - self.starts[i] >= shortest)
-                      or (self._cache is not None
-                          and self._cache.wants(s, slots.generation(s), self.starts[i + 1] - self.starts[i]))]
+                      or i in self._cached]
 
     def linear(self, name: str, x: torch.Tensor, y: torch.Tensor) -> None:
         """y += x @ Δ(row).T per delta segment. x: [N, in], y: [N, out]."""
@@ -79,12 +82,11 @@ class StepDeltaOps:
             stack = self._slots.stack(slot, tensor_name)
             if stack is None:
                 continue
-            rows = self.starts[i + 1] - self.starts[i]
-            kept = self._kept_weight(slot, tensor_name, stack, x, weight, rows)
+            kept = self._kept_weight(i, slot, tensor_name, stack, x, weight)
             if kept is not None:
                 merged.append((i, None, slot, kept))
                 continue
-            kernel_stack = linear_backend.merge_stack(stack, x, weight, rows)
+            kernel_stack = linear_backend.merge_stack(stack, x, weight, self.starts[i + 1] - self.starts[i])
             if kernel_stack is not None:
                 merged.append((i, kernel_stack, slot, None))
         if not merged:
@@ -132,16 +134,15 @@ class StepDeltaOps:
         """Whether x's device runs the merged route (CUDA: the expansion runs on the sparse tensor cores)."""
         return x.is_cuda
 
-    def _kept_weight(self, slot: int, tensor_name: str, stack: SlotStack, x: torch.Tensor, weight: torch.Tensor,
-                     rows: int) -> torch.Tensor | None:
-        """base + Δ of this linear on `slot` from the merged-weight cache, expanded into it first where the cache
-        admits the slot and has room; None: no cache, a segment it does not take, or deltas that cannot expand."""
+    def _kept_weight(self, i: int, slot: int, tensor_name: str, stack: SlotStack, x: torch.Tensor,
+                     weight: torch.Tensor) -> torch.Tensor | None:
+        """base + Δ of this linear for segment i (on `slot`) from the merged-weight cache, expanded into it first
+        where the cache has room; None: a segment the cache does not take (or no cache), or deltas that cannot
+        expand."""
+        generation = self._cached.get(i)
+        if generation is None:
+            return None
         cache = self._cache
-        if cache is None:
-            return None
-        generation = self._slots.generation(slot)
-        if not cache.wants(slot, generation, rows):
-            return None
         kept = cache.lookup(slot, generation, tensor_name)
         if kept is not None:
             return kept
