@@ -536,6 +536,7 @@ ROUTE_KEYS = {
     "dense": ("kernels.sbmm_plan", "DENSE_ROWS_OVERRIDE", int),
     "chunk": ("kernels.delta_linear", "DENSE_CHUNK_BYTES", lambda v: int(v) << 20),
     "window": ("services.worker.delta_ops", "MERGED_ROW_BUCKETS", lambda v: bool(int(v))),
+    "join": ("services.worker.delta_ops", "BASE_JOIN_ROWS", int),
 }
 # arm keys of the merged-weight cache (services/worker/merged_cache.py; the worker's --merged-cache-bytes and
 # --merged-cache-admit-rows): key -> (arm entry, value)
@@ -546,8 +547,8 @@ def route_arm(spec: str) -> dict:
     """An arm of part prefill-route-ab: 'default' or comma-separated key=value of ROUTE_KEYS (rows: the sp2 prefill
     kernel's SP2_PREFILL_ROWS, left: SP2_PREFILL_LEFT_ROWS, fill: SP2_BLOCK_FILL, dense: the dense route's
     threshold, a row count of 0 = off; chunk: the dense route's expansion buffer, MiB; window: 0 = the merged
-    route's GEMMs on each segment's own rows; CACHE_KEYS cache: the merged-weight cache's budget, GiB, admit: its
-    admit_rows) -> {attribute or CACHE_KEYS entry: value}."""
+    route's GEMMs on each segment's own rows; join: BASE_JOIN_ROWS; CACHE_KEYS cache: the merged-weight cache's
+    budget, GiB, admit: its admit_rows) -> {attribute or CACHE_KEYS entry: value}."""
     arm = {}
     for item in ([] if spec == "default" else spec.split(",")):
         key, _, value = item.partition("=")
@@ -1046,8 +1047,11 @@ def _main(argv: list[str] | None) -> int:
                     help="part prefill-route-ab: the arms, ';'-separated, each 'default' or comma-separated key=value "
                          "(rows: SP2_PREFILL_ROWS, left: SP2_PREFILL_LEFT_ROWS, fill: SP2_BLOCK_FILL, dense: the "
                          "dense route's rows; 0 = off; chunk: its buffer, MiB; window: 0 = its GEMMs on each "
-                         "segment's rows; cache: a merged-weight cache of that many GiB, admit: its admit rows), "
+                         "segment's rows; join: base runs this many merged rows apart take one GEMM; cache: a "
+                         "merged-weight cache of that many GiB, admit: its admit rows), "
                          "e.g. 'default;dense=512;cache=16,admit=256'")
+    ap.add_argument("--route-deltas", type=int, default=8,
+                    help="part prefill-route-ab: fine-tunes the steps' prompts are drawn from (Zipf), at most 4 a step")
     ap.add_argument("--fresh-shapes", action="store_true",
                     help="part prefill-route-ab: each arm its own steps (seed), against the base model's on them")
     ap.add_argument("--sbmm-configs", default="",
@@ -1125,7 +1129,7 @@ def _main(argv: list[str] | None) -> int:
                                sp4=False if args.no_sp4 else None, sp2=sp2, rounds=args.fused_rounds,
                                fresh=args.fresh_shapes,
                                **({"num_deltas": 2, "num_running": 4, "num_steps": 2, "prompts": (1, 3),
-                                   "lengths": (8, 16)} if args.tiny else {}))
+                                   "lengths": (8, 16)} if args.tiny else {"num_deltas": args.route_deltas}))
     if "sp2-prefill-ab" in parts:
         bench_sp2_prefill_ab(step_cfg, device, rows, sp4=False if args.no_sp4 else None, sp2=sp2,
                              rounds=args.fused_rounds, min_rows=args.sp2_prefill_rows,

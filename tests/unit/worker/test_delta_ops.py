@@ -144,6 +144,21 @@ def test_base_runs_cover_every_row_outside_the_merged_segments_once():
     assert base_runs([0, 0, 10, 10], frozenset({1})) == []  # empty segments add no empty run
 
 
+def test_base_runs_join_runs_a_few_merged_rows_apart():
+    """Runs at most join_rows merged rows apart take one GEMM over the span (one weight read); farther ones two."""
+    from services.worker import delta_ops
+    from services.worker.delta_ops import base_runs
+
+    starts = [0, 16, 116, 140, 440, 460]  # base 16, merged 100, delta 24, merged 300, delta 20
+    assert base_runs(starts, frozenset({1, 3}), join_rows=0) == [(0, 16), (116, 140), (440, 460)]
+    assert base_runs(starts, frozenset({1, 3}), join_rows=100) == [(0, 140), (440, 460)]
+    assert base_runs(starts, frozenset({1, 3}), join_rows=300) == [(0, 460)]
+    assert base_runs(starts, frozenset({0, 1, 3}), join_rows=300) == [(116, 460)]  # leading merged rows: no run
+    assert base_runs(starts, frozenset({0, 1, 3}), join_rows=299) == [(116, 140), (440, 460)]
+    assert delta_ops.BASE_JOIN_ROWS > 0  # on by default
+    assert base_runs(starts, frozenset({1, 3})) == base_runs(starts, frozenset({1, 3}), delta_ops.BASE_JOIN_ROWS)
+
+
 def test_a_step_records_whether_some_segment_took_the_dense_route(monkeypatch):
     """`dense_route_used` (the engine's `dense_route` profile phase) turns on once a linear reports a dense-route
     segment (apply_linear returns how many; on CPU none does) and stays on for the rest of the forward."""
