@@ -72,8 +72,9 @@ CONFIGS.update({f"sbmm_m{bm}n{bn}w{w}": {"kernel": "sbmm", "BLOCK_M": bm, "BLOCK
                 for bm, bn, w in ((16, 128, 2), (16, 256, 4), (16, 512, 8), (16, 256, 8), (16, 128, 4),
                                   (8, 256, 8))})
 # The table's prefill entry (BLOCK_M 16, BLOCK_N 128, 2 warps, prefetch) at other split-K targets: it splits K
-# until min_ctas programs, and no split ran 1.11-1.44x faster at qkv 1 x 64, o 4 x 64, o 1 x 256 and down 1 x 64 but
-# 0.88x at down 1 x 128 (docs/kernels.md run 32). sbmm_split1024 is the table's own launch, the in-run control
+# until min_ctas programs. Run 32 found no split 1.11-1.44x faster at qkv 1 x 64, o 4 x 64, o 1 x 256 and down 1 x 64
+# but 0.88x at down 1 x 128; run 33 (s30b, s30d: two sweeps, within 1-2% of each other) made 256 the table's target
+# (docs/kernels.md). sbmm_split256 is the table's own launch now, sbmm_split1024 the old one
 CONFIGS.update({f"sbmm_split{c}": {"kernel": "sbmm", "BLOCK_M": 16, "BLOCK_N": 128, "num_warps": 2, "prefetch": True,
                                    "min_ctas": c} for c in (1, 256, 512, 768, 1024)})
 SBMM_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "min_ctas", "expand", "prefetch")
