@@ -29,6 +29,21 @@ def device_name(device: str) -> str:
     return torch.cuda.get_device_name(0)
 
 
+def host_info() -> dict:
+    """The host's CPU model and core counts (all, and usable by this process): eager steps are host-bound, so
+    timings and a load calibrated on the base's capacity differ between hosts with the same GPU."""
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.partition(":")[2].strip()
+                break
+    except OSError:
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": model or "unknown", "cores": os.cpu_count(), "cores_usable": usable}
+
+
 def git_commit() -> str:
     """The short commit hash; BENCH_COMMIT names it where the tree has no .git (a copy on a lent GPU machine)."""
     if os.environ.get("BENCH_COMMIT"):

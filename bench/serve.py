@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.replay import add_ratios, goal_summary
-from bench.results_io import device_name, git_commit, write_results
+from bench.results_io import device_name, git_commit, host_info, write_results
 from bench.run_budget import RunBudget
 from bench.serve_points import calibrate_rate, mark, run_mode
 from bench.serve_stack import PUSH_PARALLEL, Stack
@@ -260,11 +260,12 @@ def main(argv: list[str] | None = None) -> Path:
     args.budget = RunBudget(args.budget_s, args.mode_reserve_s)
     args.over_budget, args.calibration, args.warmups, args.timeline = [], None, [], []
     device = device_name(args.device)
+    host = host_info()
 
     def save() -> Path:
         final = [dict(r) for r in rows]
         add_ratios(final)
-        payload = {"bench": "serving", "device": device, "commit": git_commit(), "note": args.note,
+        payload = {"bench": "serving", "device": device, "host": host, "commit": git_commit(), "note": args.note,
                    "date": datetime.date.today().isoformat(), "config": {**config, "rate_rps": args.rate_rps},
                    "calibration": args.calibration, "warm_tiers": WARM_TIERS if args.warmup_prefetch else None,
                    "warmups": args.warmups, "goals": goal_summary(final), "rows": final, "skipped": skipped,

@@ -1051,7 +1051,10 @@ def _main(argv: list[str] | None) -> int:
                          "merged-weight cache of that many GiB, admit: its admit rows), "
                          "e.g. 'default;dense=512;cache=16,admit=256'")
     ap.add_argument("--route-deltas", type=int, default=8,
-                    help="part prefill-route-ab: fine-tunes the steps' prompts are drawn from (Zipf), at most 4 a step")
+                    help="part prefill-route-ab: fine-tunes the steps' prompts are drawn from (Zipf)")
+    ap.add_argument("--route-max-deltas", type=int, default=4,
+                    help="part prefill-route-ab: at most this many fine-tunes a step (the worker's default; the "
+                         "serving bench's delta mode runs 16, scripts/bench_gpu_matrix.sh)")
     ap.add_argument("--fresh-shapes", action="store_true",
                     help="part prefill-route-ab: each arm its own steps (seed), against the base model's on them")
     ap.add_argument("--sbmm-configs", default="",
@@ -1129,7 +1132,8 @@ def _main(argv: list[str] | None) -> int:
                                sp4=False if args.no_sp4 else None, sp2=sp2, rounds=args.fused_rounds,
                                fresh=args.fresh_shapes,
                                **({"num_deltas": 2, "num_running": 4, "num_steps": 2, "prompts": (1, 3),
-                                   "lengths": (8, 16)} if args.tiny else {"num_deltas": args.route_deltas}))
+                                   "lengths": (8, 16)} if args.tiny
+                                 else {"num_deltas": args.route_deltas, "max_deltas": args.route_max_deltas}))
     if "sp2-prefill-ab" in parts:
         bench_sp2_prefill_ab(step_cfg, device, rows, sp4=False if args.no_sp4 else None, sp2=sp2,
                              rounds=args.fused_rounds, min_rows=args.sp2_prefill_rows,

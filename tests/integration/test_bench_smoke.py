@@ -27,6 +27,7 @@ def test_serving_bench_writes_complete_results(tmp_path, monkeypatch):
     assert path.name.startswith("serving-cpu-smoke-test-")
     assert {"bench", "device", "commit", "date", "config", "rows", "latencies"} <= set(data)
     assert data["bench"] == "serving" and data["device"] == "cpu"
+    assert data["host"]["cores"] >= data["host"]["cores_usable"] >= 1 and data["host"]["cpu"]  # hosts differ
     by_mode = {r["mode"]: r for r in data["rows"]}
     assert set(by_mode) == {"base", "delta"}
     for row in by_mode.values():

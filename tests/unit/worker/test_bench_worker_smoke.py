@@ -197,16 +197,22 @@ def test_bench_worker_prefill_route_ab_times_every_arm_and_puts_the_routing_back
     bench = _load_bench()
     before = (delta_linear.SP2_PREFILL_ROWS, delta_linear.SP2_PREFILL_LEFT_ROWS, delta_linear.SP2_BLOCK_FILL,
               sbmm_plan.DENSE_ROWS_OVERRIDE)
+    from services.worker import delta_ops
+
+    join_before = delta_ops.BASE_JOIN_ROWS
     assert bench.main(["--tiny", "--parts", "prefill-route-ab", "--route-arms",
-                       "default;dense=16,rows=8,left=4,fill=0.5", "--out", str(tmp_path), "--commit", "test"]) == 0
+                       "default;dense=16,rows=8,left=4,fill=0.5,join=0", "--out", str(tmp_path),
+                       "--commit", "test"]) == 0
     assert (delta_linear.SP2_PREFILL_ROWS, delta_linear.SP2_PREFILL_LEFT_ROWS, delta_linear.SP2_BLOCK_FILL,
-            sbmm_plan.DENSE_ROWS_OVERRIDE) == before
+            sbmm_plan.DENSE_ROWS_OVERRIDE) == before and delta_ops.BASE_JOIN_ROWS == join_before
     (path,) = tmp_path.glob("worker-*-tiny.json")
     rows = json.loads(path.read_text())["rows"]
-    arm = "dense=16,rows=8,left=4,fill=0.5"
+    arm = "dense=16,rows=8,left=4,fill=0.5,join=0"
     assert [(r["round"], r["arm"]) for r in rows] == [(0, "default"), (0, arm), (1, arm), (1, "default")]
     assert {k: v for k, v in rows[1]["route"].items() if k not in ("DENSE_CHUNK_BYTES", "MERGED_ROW_BUCKETS")} == {
-        "SP2_PREFILL_ROWS": 8, "SP2_PREFILL_LEFT_ROWS": 4, "SP2_BLOCK_FILL": 0.5, "DENSE_ROWS_OVERRIDE": 16}
+        "SP2_PREFILL_ROWS": 8, "SP2_PREFILL_LEFT_ROWS": 4, "SP2_BLOCK_FILL": 0.5, "DENSE_ROWS_OVERRIDE": 16,
+        "BASE_JOIN_ROWS": 0}
+    assert rows[0]["route"]["BASE_JOIN_ROWS"] == join_before
     assert rows[0]["route"]["DENSE_ROWS_OVERRIDE"] == before[3]
     assert all(r["part"] == "prefill-route-ab" and r["ms"] > 0 and r["base_ms"] > 0 and r["prefill_steps"] == 2
                for r in rows)
