@@ -247,7 +247,8 @@ FLAG_HELP = {  # flags whose meaning the name alone does not tell
     "merged_cache_bytes": "on CUDA, keep up to this many bytes of base + delta weights on the GPU between steps for "
                           "the fine-tunes with the most prompt work (services/worker/merged_cache.py): their prompt "
                           "segments of 64+ rows then run one GEMM on kept weights instead of the base GEMM plus SBMM "
-                          "(a 7B fine-tune needs ~13 GB); 0 = off",
+                          "(a 7B fine-tune needs ~13 GB); 0 = off. Experimental: 16 GiB made serving slower on an "
+                          "H200 (docs/serving.md, session 30)",
     "merged_cache_admit_rows": "with --merged-cache-bytes: a fine-tune's weights are merged and kept once one of its "
                                "prompt segments (its rows in a step) has this many rows",
     "row_buckets": "on CUDA, steps with prompt chunks run their linears on the token count rounded up to one of ~56 "

@@ -11,6 +11,11 @@ Entries are per slot and per linear (HF tensor name of the linear or fused group
 generation (`DeviceSlots.generation`): a slot rewritten with another delta never serves a stale weight, and its old
 entry is freed when the budget needs room. Whole slots are evicted, least recently used first. The engine thread
 alone touches the cache; `DeviceSlots.write` only bumps the generation.
+
+Measured (H200, 16 layers, 2-bit, docs/serving.md session 30): 0.79x the default's prefill step time in
+bench/worker.py's prefill-route-ab (32 fine-tunes, at most 4 a step), but in serving (up to 16 fine-tunes a step)
+its prefill steps were 1.09-1.20x slower and TTFT p90 2.27x / 7.78x the base at loads 0.5 / 1 against the default's
+2.10x / 2.97x, so it is off unless asked for (--merged-cache-bytes).
 """
 
 from __future__ import annotations
