@@ -26,8 +26,15 @@ def label(entry: dict) -> str:
     return f"base ({bits}-bit jobs)" if entry["mode"] == "base" else f"{entry['mode']} {bits}-bit"
 
 
+# mode variants (bench/serve.py, MODE+LABEL): their kind's line, a color of their own by label
+VARIANT_COLORS = ("tab:blue", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+
+
 def style(entry: dict) -> dict:
-    color, line = STYLE.get(entry["mode"], ("tab:blue", "-"))
+    kind, _, variant = entry["mode"].partition("+")
+    color, line = STYLE.get(kind, ("tab:blue", "-"))
+    if variant:
+        color = VARIANT_COLORS[sum(map(ord, variant)) % len(VARIANT_COLORS)]
     return {"color": color, "linestyle": line if entry.get("bits") != 2 else (0, (1, 1)), "label": label(entry)}
 
 

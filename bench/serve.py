@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -34,6 +35,26 @@ from bench.warm import WARM_TIERS, TierBudget, warm_residency
 from deltazip.rpc.ports import PortRange
 
 MODES = ("delta", "dense-delta", "swap")
+# A mode variant, KIND+LABEL (e.g. delta+md8): a worker of mode KIND with KIND's flags and its own --mode-flag
+# KIND+LABEL=FLAG ones after them, its rows named KIND+LABEL. It runs in the same job as KIND, against the same base
+# reference, so an A/B of a worker flag shares the host, the GPU and the deltas (cells on different GPUs or hosts
+# differed by more than the flags they compared: docs/serving.md, sessions 29-30). The goals read the plain modes.
+VARIANT_LABEL = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def mode_kind(mode: str) -> str:
+    """The worker mode of a mode or variant: 'delta+md8' -> 'delta'."""
+    return mode.partition("+")[0]
+
+
+def check_mode(mode: str) -> str | None:
+    """Why `mode` is not a mode or KIND+LABEL variant of one (None: it is)."""
+    kind, plus, label = mode.partition("+")
+    if kind not in MODES:
+        return f"{mode!r}: the mode must be one of {MODES} (or MODE+LABEL)"
+    if plus and not VARIANT_LABEL.fullmatch(label):
+        return f"{mode!r}: a variant's label takes letters, digits, '_', '.' and '-'"
+    return None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -50,7 +71,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-models", type=ints, default=[2], help="comma list, e.g. 8,16,32,64")
     p.add_argument("--bits", type=ints, default=[4], help="comma list of delta bits (2 and/or 4), 2:4 sparse")
     p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--modes", type=lambda s: s.split(","), default=["delta"], help=f"comma list of {MODES}")
+    p.add_argument("--modes", type=lambda s: s.split(","), default=["delta"],
+                   help=f"comma list of {MODES}, or a variant MODE+LABEL with its own --mode-flag MODE+LABEL=FLAG "
+                        "(an A/B of a worker flag in one job, e.g. delta,delta+md8)")
     p.add_argument("--rate-rps", type=float, default=2.0,
                    help="mean arrival rate at load 1; 0 = calibrate: --auto-fraction x the measured base capacity")
     p.add_argument("--auto-fraction", type=float, default=0.5,
@@ -78,7 +101,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--worker-flag", action="append", default=[], help="extra worker flag, e.g. --worker-flag=--num-kv-blocks=512")
     p.add_argument("--mode-flag", action="append", default=[],
-                   help="worker flag for one mode only, MODE=FLAG, e.g. --mode-flag swap=--num-device-slots=1")
+                   help="worker flag for one mode only, MODE=FLAG, e.g. --mode-flag swap=--num-device-slots=1; a "
+                        "variant MODE+LABEL takes MODE's and then its own")
     p.add_argument("--drop-local-copies", action="store_true",
                    help="delete the synthetic deltas once pushed (the store keeps them): saves disk on big shapes")
     p.add_argument("--write-jobs", type=int, default=1,
@@ -126,9 +150,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--label", default="", help="file label instead of the device name, e.g. cpu-smoke")
     p.add_argument("--note", default="", help="a sentence stored in the JSON (what this run is and is not)")
     args = p.parse_args(argv)
-    bad = [m for m in args.modes if m not in MODES]
+    bad = [why for why in map(check_mode, args.modes) if why]
     if bad:
-        p.error(f"unknown mode(s) {bad}; valid: {MODES}")
+        p.error(f"unknown mode(s): {'; '.join(bad)}")
+    if len(set(args.modes)) < len(args.modes):
+        p.error(f"--modes names a mode twice: {','.join(args.modes)}")
+    try:
+        for mode in args.modes:
+            mode_flags(args.mode_flag, mode)
+    except ValueError as exc:
+        p.error(str(exc))
     if args.schedulers < 1 or args.client_procs < 1 or args.stream_chunk_tokens < 0:
         p.error("--schedulers and --client-procs must be >= 1, --stream-chunk-tokens >= 0")
     if args.target and args.schedulers > 1:
@@ -147,14 +178,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def mode_flags(specs: list[str], mode: str) -> list[str]:
-    """The --mode-flag values given for `mode` (MODE=FLAG)."""
-    flags = []
+    """The --mode-flag values (MODE=FLAG) for `mode`: a variant KIND+LABEL gets KIND's, then its own (so its own
+    win where a flag is given twice)."""
+    own, kind_flags = [], []
     for spec in specs:
         name, sep, flag = spec.partition("=")
-        if not sep or name not in MODES:
-            raise ValueError(f"--mode-flag wants MODE=FLAG with MODE one of {MODES}, got {spec!r}")
-        flags += [flag] if name == mode else []
-    return flags
+        if not sep or check_mode(name):
+            raise ValueError(f"--mode-flag wants MODE=FLAG with MODE one of {MODES} or MODE+LABEL, got {spec!r}")
+        if name == mode:
+            own.append(flag)
+        elif name == mode_kind(mode):
+            kind_flags.append(flag)
+    return kind_flags + own
 
 
 def make_and_push(stack: Stack, args, kind: str, bits: int) -> tuple[Path, list[str]]:
@@ -198,7 +233,8 @@ def prefetcher(stack: Stack, worker, base_dir: Path, mode: str, args) -> Callabl
 
     def prefetch(names: list[str]) -> dict:
         timeout_s = max(1.0, min(args.warmup_prefetch_timeout_s, args.budget.remaining_s()))
-        return asyncio.run(warm_residency(stack.scheduler.address, worker.address, mode, names, budget, timeout_s))
+        return asyncio.run(warm_residency(stack.scheduler.address, worker.address, mode_kind(mode), names, budget,
+                                          timeout_s))
 
     return prefetch
 
@@ -229,10 +265,10 @@ def run_local(args, rows: list, latencies: list, skipped: list) -> None:
                     print(f"mode {mode} skipped: {why}", flush=True)
                     continue
                 mode_names = names
-                if mode == "dense-delta" and args.dense_artifacts:
+                if mode_kind(mode) == "dense-delta" and args.dense_artifacts:
                     mode_names = make_and_push(stack, args, "dense", bits)[1]
                 try:
-                    worker = stack.start_worker(base_dir, mode, mode_flags(args.mode_flag, mode))
+                    worker = stack.start_worker(base_dir, mode_kind(mode), mode_flags(args.mode_flag, mode))
                 except RuntimeError as exc:  # e.g. a mode this worker build lacks: the other modes still run
                     skipped.append({"mode": mode, "bits": bits, "why": str(exc)[-600:]})
                     print(f"mode {mode} skipped: worker did not start:\n{str(exc)[-600:]}", flush=True)

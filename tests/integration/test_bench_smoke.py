@@ -43,6 +43,29 @@ def test_serving_bench_writes_complete_results(tmp_path, monkeypatch):
     assert png.exists() and png.stat().st_size > 10_000
 
 
+def test_serving_bench_runs_a_mode_variant_with_its_own_worker_flags(tmp_path, monkeypatch):
+    """--modes delta,delta+one,delta+bad: each a worker of mode delta in one job against one base reference; the
+    variant's own --mode-flag reaches only its worker (delta+bad's invalid flag stops that worker alone, skipped
+    with the worker's reason), and its rows carry its name and the ratios to the base."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    path = serve.main(["--shape", "tiny", "--num-models", "2", "--modes", "delta,delta+one,delta+bad",
+                       "--num-requests", "12", "--rate-rps", "8", "--output-len", "4", "--prompt-len", "16",
+                       "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "results"),
+                       "--label", "cpu-variant-test", "--warmup-requests", "2",
+                       "--mode-flag=delta+one=--max-deltas-per-batch=1", "--mode-flag=delta+bad=--kv-memory-fraction=2",
+                       "--worker-flag=--num-kv-blocks=128", "--worker-flag=--kv-block-size=8"])
+    data = json.loads(path.read_text())
+    by_mode = {r["mode"]: r for r in data["rows"]}
+    assert set(by_mode) == {"base", "delta", "delta+one"}
+    for mode in ("delta", "delta+one"):
+        row = by_mode[mode]
+        assert row["num_requests"] == 12 and row["num_failed"] == 0, row["errors"]
+        assert row["num_models"] == 2 and row["ttft_p90_vs_base"] > 0
+    (skipped,) = data["skipped"]
+    assert skipped["mode"] == "delta+bad" and "kv_memory_fraction" in skipped["why"]
+    assert plot_serving.plot(path).exists()
+
+
 def test_serving_bench_spreads_clients_over_several_schedulers(tmp_path, monkeypatch):
     """--schedulers 2 --client-procs 2: two scheduler processes, two client processes, one merged open-loop run."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

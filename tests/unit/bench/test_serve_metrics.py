@@ -42,6 +42,26 @@ def test_flags():
     assert args.num_models == [8, 16] and args.loads == [0.5, 2.0] and args.modes == ["delta", "swap"]
 
 
+def test_mode_variants_take_their_kinds_flags_then_their_own():
+    """delta+md8: a worker of mode delta with delta's --mode-flag values, then its own (the last of a flag wins in
+    the worker's argparse); plain delta does not get the variant's; bad labels, unknown kinds and a mode named
+    twice are refused before anything starts."""
+    from bench.serve import check_mode, mode_kind
+
+    specs = ["delta=--max-deltas-per-batch=16", "delta+md8=--max-deltas-per-batch=8", "swap=--num-device-slots=1"]
+    assert mode_flags(specs, "delta+md8") == ["--max-deltas-per-batch=16", "--max-deltas-per-batch=8"]
+    assert mode_flags(specs, "delta") == ["--max-deltas-per-batch=16"]
+    assert mode_flags(specs, "swap+x") == ["--num-device-slots=1"]
+    assert mode_kind("delta+md8") == "delta" and mode_kind("dense-delta") == "dense-delta"
+    assert check_mode("delta+md8") is None and check_mode("dense-delta+a.b_c-1") is None
+    assert "one of" in check_mode("lora+x") and "label" in check_mode("delta+") and "label" in check_mode("delta+a b")
+    args = parse_args(["--modes", "delta,delta+md8", *(f"--mode-flag={s}" for s in specs)])
+    assert args.modes == ["delta", "delta+md8"]
+    for bad in (["--modes", "delta,delta"], ["--modes", "delta+"], ["--modes", "delta", "--mode-flag=lora+x=--y"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+
+
 def test_goal_summary_reads_the_32_model_point():
     from bench.replay import goal_summary
 
