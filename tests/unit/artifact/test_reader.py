@@ -1,0 +1,129 @@
+"""read_shard / load_delta: one read into one buffer, hashed as read, tensors as views of it."""
+
+import hashlib
+import json
+
+import pytest
+import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save
+
+from deltazip.artifact import CorruptArtifactError, load_delta, read_manifest, write_dense_delta
+from deltazip.artifact.manifest import ShardEntry
+from deltazip.artifact.reader import read_shard
+
+
+def _shard(tmp_path, tensors: dict[str, torch.Tensor]) -> tuple[bytes, ShardEntry]:
+    data = save(tensors)
+    (tmp_path / "s.safetensors").write_bytes(data)
+    return data, ShardEntry(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+
+MIXED = {  # every dtype the reader maps (safetensors' writer aligns each tensor to its own dtype)
+    "a": torch.arange(3, dtype=torch.uint8), "b": torch.randn(5).half(), "c": torch.randn(2, 3).bfloat16(),
+    "d": torch.randn(4, 4), "e": torch.arange(6, dtype=torch.int32).reshape(2, 3), "f": torch.tensor([True, False]),
+    "g": torch.arange(-3, 3, dtype=torch.int8), "h": torch.arange(4, dtype=torch.int64), "i": torch.randn(3).double(),
+    "j": torch.arange(2, dtype=torch.int16), "scalar": torch.tensor(2.5), "empty": torch.empty(0, 4),
+}
+_NAMES = {torch.uint8: "U8", torch.float16: "F16", torch.float32: "F32"}
+
+
+def _unaligned(tmp_path) -> tuple[dict[str, torch.Tensor], ShardEntry]:
+    """A safetensors file as another writer may lay it out: 3 uint8 bytes, then fp16 and fp32 at odd offsets."""
+    tensors = {"u": torch.arange(3, dtype=torch.uint8), "h": torch.randn(5).half(), "f": torch.randn(2, 2)}
+    header, blobs, offset = {}, [], 0
+    for name, t in tensors.items():
+        raw = t.contiguous().view(torch.uint8).flatten().numpy().tobytes()
+        header[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    data = len(head).to_bytes(8, "little") + head + b"".join(blobs)
+    (tmp_path / "s.safetensors").write_bytes(data)
+    return tensors, ShardEntry(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+
+@pytest.mark.parametrize("chunk", [None, 7])  # 7: the read and the hash in many small chunks
+def test_read_shard_equals_safetensors_and_shares_one_buffer(tmp_path, monkeypatch, chunk):
+    from deltazip.artifact import reader
+
+    if chunk:
+        monkeypatch.setattr(reader, "_READ_CHUNK", chunk)
+    data, entry = _shard(tmp_path, MIXED)
+    got = read_shard(tmp_path, "s.safetensors", entry)
+    want = safetensors_load(data)
+    assert set(got) == set(want)
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype and got[name].shape == tensor.shape
+        assert torch.equal(got[name], tensor), name
+    storages = {got[n].untyped_storage().data_ptr() for n in MIXED if n != "empty"}
+    assert len(storages) == 1 and got["d"].untyped_storage().nbytes() == len(data)  # views of the one buffer read
+    got["d"] += 1  # writable, and its neighbours untouched
+    assert torch.equal(got["c"], want["c"]) and torch.equal(got["e"], want["e"])
+
+
+def test_tensors_at_offsets_unaligned_for_their_dtype_are_copied_out(tmp_path):
+    want, entry = _unaligned(tmp_path)
+    got = read_shard(tmp_path, "s.safetensors", entry)
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name
+    assert got["h"].untyped_storage().nbytes() == 10  # its own copy: fp16 at an odd offset
+    assert got["u"].untyped_storage().nbytes() == entry.size  # a view
+
+
+def test_read_shard_refuses_changed_or_resized_bytes(tmp_path):
+    data, entry = _shard(tmp_path, MIXED)
+    path = tmp_path / "s.safetensors"
+    flipped = bytearray(data)
+    flipped[-5] ^= 0x01
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(CorruptArtifactError, match="re-fetch"):
+        read_shard(tmp_path, "s.safetensors", entry)
+    unchecked = read_shard(tmp_path, "s.safetensors", entry, check=False)  # what an unchecked read gets
+    assert any(not torch.equal(unchecked[n], t) for n, t in safetensors_load(data).items())
+    for wrong in (data[:-1], data + b"\0"):
+        path.write_bytes(wrong)
+        with pytest.raises(CorruptArtifactError, match="re-fetch"):
+            read_shard(tmp_path, "s.safetensors", entry)
+
+
+def test_read_shard_refuses_a_malformed_header_whose_hash_matches(tmp_path):
+    data, _ = _shard(tmp_path, {"x": torch.ones(4)})
+    head = int.from_bytes(data[:8], "little")
+    bad_offsets = data[:8] + data[8:8 + head].replace(b"[0,16]", b"[0,20]") + data[8 + head:]
+    for bad in (data[:5], (len(data)).to_bytes(8, "little") + data[8:], data[:8] + b"{" * head + data[8 + head:],
+                bad_offsets):
+        (tmp_path / "s.safetensors").write_bytes(bad)
+        entry = ShardEntry(size=len(bad), sha256=hashlib.sha256(bad).hexdigest())
+        with pytest.raises(CorruptArtifactError, match="shard"):
+            read_shard(tmp_path, "s.safetensors", entry)
+
+
+def test_a_dtype_the_reader_does_not_map_goes_through_safetensors(tmp_path):
+    tensors = {"f8": torch.randn(4).to(torch.float8_e4m3fn), "x": torch.ones(2)}
+    data, entry = _shard(tmp_path, tensors)
+    got = read_shard(tmp_path, "s.safetensors", entry)
+    assert got["f8"].dtype == torch.float8_e4m3fn and torch.equal(got["f8"].float(), tensors["f8"].float())
+    assert torch.equal(got["x"], tensors["x"])
+
+
+@pytest.fixture(scope="module")
+def dense_artifact(ckpts, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dense") / "delta"
+    write_dense_delta(ckpts["base"], ckpts["ft"], out)
+    return out
+
+
+def test_load_delta_of_a_subset_copies_it_out_of_the_shard(dense_artifact):
+    """A subset keeps only its own bytes alive (not the whole shard's buffer); the whole artifact's tensors are
+    views of their shards' buffers, and both equal what the artifact holds."""
+    manifest = read_manifest(dense_artifact)
+    name = sorted(manifest.tensors)[0]
+    everything = load_delta(dense_artifact, "cpu")
+    (part,) = load_delta(dense_artifact, "cpu", names={name}).values()
+    delta = part.delta
+    assert delta.untyped_storage().nbytes() == delta.numel() * delta.element_size()
+    assert torch.equal(delta, everything[name].delta)
+    shard_size = manifest.shards[manifest.tensors[name].shard].size
+    assert everything[name].delta.untyped_storage().nbytes() == shard_size  # a view of the shard read
