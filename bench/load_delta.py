@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> Path:
         p.error("--repeats must be >= 1 and --num-layers >= 0")
 
     from bench.synthetic import write_suite
-    from deltazip.artifact import load_delta
+    from deltazip.artifact import load_delta, read_manifest
 
     with tempfile.TemporaryDirectory(prefix="dz-load-delta-") as tmp:
         root = args.work_dir or Path(tmp)
@@ -75,9 +75,11 @@ def main(argv: list[str] | None = None) -> Path:
               flush=True)
         _, artifacts = write_suite(root, args.shape, 1, bits=args.bits, num_layers=args.num_layers)
         artifact = next(iter(artifacts.values()))
-        shards = sorted(artifact.glob("*.safetensors"))
+        shards = [artifact / name for name in read_manifest(artifact).shards]  # .safetensors or .zst
         disk_bytes = sum(s.stat().st_size for s in shards)
         blob = torch.frombuffer(bytearray(b"".join(s.read_bytes() for s in shards)), dtype=torch.uint8)
+        if not disk_bytes:
+            raise SystemExit(f"{artifact}: no shard bytes to read")
         results = {}
         for name, fn in (("baseline", lambda: baseline_load(artifact)), ("load_delta", lambda: load_delta(artifact)),
                          ("copy_limit", lambda: blob.clone()),
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> Path:
                "config": {"shape": args.shape, "num_layers": args.num_layers, "bits": args.bits,
                           "repeats": args.repeats, "disk_bytes": disk_bytes, "shards": len(shards),
                           "page_cache": "warm"},
-               "results": results, "summary": summary}
+               "rows": [{"reader": name, **r} for name, r in results.items()], "summary": summary}
     path = write_results(args.out, "load-delta", args.label or "cpu", payload)
     print(f"wrote {path}", flush=True)
     return path

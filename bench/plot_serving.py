@@ -26,15 +26,16 @@ def label(entry: dict) -> str:
     return f"base ({bits}-bit jobs)" if entry["mode"] == "base" else f"{entry['mode']} {bits}-bit"
 
 
-# mode variants (bench/serve.py, MODE+LABEL): their kind's line, a color of their own by label
+# mode variants (bench/serve.py, MODE+LABEL): their kind's line, a color of their own in order of appearance
 VARIANT_COLORS = ("tab:blue", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+_variant_color: dict[str, str] = {}  # this plot's variants so far (`plot` clears it)
 
 
 def style(entry: dict) -> dict:
     kind, _, variant = entry["mode"].partition("+")
     color, line = STYLE.get(kind, ("tab:blue", "-"))
     if variant:
-        color = VARIANT_COLORS[sum(map(ord, variant)) % len(VARIANT_COLORS)]
+        color = _variant_color.setdefault(entry["mode"], VARIANT_COLORS[len(_variant_color) % len(VARIANT_COLORS)])
     return {"color": color, "linestyle": line if entry.get("bits") != 2 else (0, (1, 1)), "label": label(entry)}
 
 
@@ -68,6 +69,7 @@ def plot(path: Path) -> Path:
     """Write <json stem>.png with the three panels."""
     data = json.loads(path.read_text())
     rows, latencies = data["rows"], data.get("latencies", [])
+    _variant_color.clear()
     num_models = pick_num_models(rows)
     top_load = max(r["load"] for r in rows)
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))

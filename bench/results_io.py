@@ -30,8 +30,8 @@ def device_name(device: str) -> str:
 
 
 def host_info() -> dict:
-    """The host's CPU model and core counts (all, and usable by this process): eager steps are host-bound, so
-    timings and a load calibrated on the base's capacity differ between hosts with the same GPU."""
+    """The host's CPU model, core counts (all, usable by this process) and cgroup CPU quota: eager steps are
+    host-bound, so timings and a load calibrated on the base's capacity differ between hosts with the same GPU."""
     model = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -41,7 +41,16 @@ def host_info() -> dict:
     except OSError:
         pass
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": model or "unknown", "cores": os.cpu_count(), "cores_usable": usable}
+    return {"cpu": model or "unknown", "cores": os.cpu_count(), "cores_usable": usable, "cpu_quota": _cpu_quota()}
+
+
+def _cpu_quota() -> float | None:
+    """The cgroup (v2) CPU quota in cores, e.g. a container's --cpus; None: none set (or no cgroup v2)."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    return None if quota == "max" else int(quota) / int(period)
 
 
 def git_commit() -> str:

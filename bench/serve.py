@@ -39,6 +39,8 @@ MODES = ("delta", "dense-delta", "swap")
 # KIND+LABEL=FLAG ones after them, its rows named KIND+LABEL. It runs in the same job as KIND, against the same base
 # reference, so an A/B of a worker flag shares the host, the GPU and the deltas (cells on different GPUs or hosts
 # differed by more than the flags they compared: docs/serving.md, sessions 29-30). The goals read the plain modes.
+# The base reference and the rate calibration run on the first listed mode's worker: list a variant first only when
+# its flags leave base-only serving alone.
 VARIANT_LABEL = re.compile(r"[A-Za-z0-9_.-]+")
 
 
@@ -160,6 +162,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             mode_flags(args.mode_flag, mode)
     except ValueError as exc:
         p.error(str(exc))
+    stray = sorted({spec.partition("=")[0] for spec in args.mode_flag if "+" in spec.partition("=")[0]}
+                   - set(args.modes))
+    if stray:  # a typo in a variant's name would run the A/B with no difference
+        p.error(f"--mode-flag names variant(s) {', '.join(stray)} that --modes does not run ({','.join(args.modes)})")
     if args.schedulers < 1 or args.client_procs < 1 or args.stream_chunk_tokens < 0:
         p.error("--schedulers and --client-procs must be >= 1, --stream-chunk-tokens >= 0")
     if args.target and args.schedulers > 1:

@@ -1,9 +1,8 @@
 """load_delta: verified artifact folder -> {HF tensor name: DeltaTensor} on a device."""
 
-import ctypes
 import hashlib
-import json
 import os
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from safetensors.torch import load as load_safetensors
 from deltazip.artifact.delta_tensor import DeltaTensor
 from deltazip.artifact.errors import ArtifactError, CorruptArtifactError
 from deltazip.artifact.manifest import Manifest, ShardEntry, read_manifest
+from deltazip.artifact.safetensors_header import check_layout, decode_header, header_length
 from deltazip.artifact.verify import check_base, verify
 
 
@@ -38,30 +38,28 @@ def load_delta(
     by_shard: dict[str, list[str]] = {}
     for name, entry in wanted.items():
         by_shard.setdefault(entry.shard, []).append(name)
+    per_shard = Counter(e.shard for e in manifest.tensors.values())
     out: dict[str, DeltaTensor] = {}
     for shard, shard_names in sorted(by_shard.items()):
-        # the whole shard wanted: its tensors stay views of the bytes read (no copy); a subset is copied out, so the
-        # rest of the shard is not kept alive
-        whole = names is None or set(shard_names) == set(_names_in(manifest, shard))
         tensors = read_shard(artifact_dir, shard, manifest.shards[shard], check)
+        whole = len(shard_names) == per_shard[shard]
         for name in shard_names:
-            delta = _delta_tensor(name, manifest, tensors)
-            out[name] = delta.to(device) if whole else _copied(delta, device)
+            delta = _delta_tensor(name, manifest, tensors).to(device)
+            # the whole shard wanted: its tensors stay views of the bytes read (no copy); a subset is copied out,
+            # so the rest of the shard is not kept alive
+            out[name] = delta if whole else compact(delta)
     return out
 
 
-def _names_in(manifest: Manifest, shard: str) -> list[str]:
-    return [n for n, e in manifest.tensors.items() if e.shard == shard]
-
-
-def _copied(delta: DeltaTensor, device) -> DeltaTensor:
-    """delta on `device`, its CPU parts copied out of the shard's buffer."""
-    moved = delta.to(device)
+def compact(delta: DeltaTensor) -> DeltaTensor:
+    """delta with each CPU part that is a view into a larger buffer (read_shard's) copied out on its own, so
+    keeping the part does not keep the rest of the shard alive."""
     for role in ("qweight", "meta", "scales", "zeros", "delta"):
-        t = getattr(moved, role, None)
-        if isinstance(t, torch.Tensor) and t.device.type == "cpu":
-            setattr(moved, role, t.clone())
-    return moved
+        t = getattr(delta, role, None)
+        if isinstance(t, torch.Tensor) and t.device.type == "cpu" and (
+                t.untyped_storage().nbytes() > t.numel() * t.element_size()):
+            setattr(delta, role, t.clone())
+    return delta
 
 
 _READ_CHUNK = 16 << 20  # bytes read at a time; the sha256 of one chunk runs (GIL released) while the next is read
@@ -84,11 +82,29 @@ def read_shard(artifact_dir: Path, shard: str, entry: ShardEntry, check: bool = 
         raise _corrupt(path)
     buf = _read_into_buffer(path, size, entry.sha256 if check else None)
     if entry.codec == "zstd":
-        import zstandard
-
-        raw = zstandard.ZstdDecompressor().decompress(_as_bytes(buf), max_output_size=entry.raw_size or 0)
-        buf = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+        buf = _decompressed(buf, entry, path)
     return _safetensors_views(buf, path)
+
+
+def _decompressed(buf: torch.Tensor, entry: ShardEntry, path: Path) -> torch.Tensor:
+    """The zstd shard's safetensors bytes: streamed into a buffer of `raw_size` bytes where the manifest records
+    it (no copy of either side), else decompressed whole and copied once."""
+    import zstandard
+
+    try:
+        if entry.raw_size is None:
+            raw = zstandard.ZstdDecompressor().decompress(_view(buf))
+            return torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+        out = torch.empty(entry.raw_size, dtype=torch.uint8)
+        view, done = _view(out), 0
+        with zstandard.ZstdDecompressor().stream_reader(_view(buf)) as reader:
+            while done < entry.raw_size and (n := reader.readinto(view[done:])):
+                done += n
+            if done != entry.raw_size or reader.read(1):
+                raise CorruptArtifactError(f"shard {path} does not decompress to its {entry.raw_size} bytes")
+        return out
+    except zstandard.ZstdError as exc:
+        raise CorruptArtifactError(f"shard {path} does not decompress ({exc}); re-fetch it") from exc
 
 
 def _corrupt(path: Path) -> CorruptArtifactError:
@@ -98,7 +114,7 @@ def _corrupt(path: Path) -> CorruptArtifactError:
 def _read_into_buffer(path: Path, size: int, sha256: str | None) -> torch.Tensor:
     """The file's `size` bytes as a uint8 tensor, checked against `sha256` (None: unchecked)."""
     buf = torch.empty(size, dtype=torch.uint8)  # not zeroed: the read fills it
-    view = memoryview((ctypes.c_ubyte * size).from_address(buf.data_ptr())).cast("B") if size else memoryview(b"")
+    view = _view(buf)
     digest = hashlib.sha256()
     with open(path, "rb", buffering=0) as f, ThreadPoolExecutor(1) as hasher:
         hashing, done = None, 0
@@ -120,40 +136,33 @@ def _read_into_buffer(path: Path, size: int, sha256: str | None) -> torch.Tensor
     return buf
 
 
-def _as_bytes(buf: torch.Tensor) -> bytes:
-    return bytes(memoryview((ctypes.c_ubyte * buf.numel()).from_address(buf.data_ptr()))) if buf.numel() else b""
+def _view(buf: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU uint8 tensor (the tensor must outlive it)."""
+    return memoryview(buf.numpy()).cast("B") if buf.numel() else memoryview(bytearray())
 
 
 def _safetensors_views(buf: torch.Tensor, path: Path) -> dict[str, torch.Tensor]:
     """The tensors of safetensors bytes `buf` as views of it (a tensor whose offset is not aligned to its element
-    size, or of a dtype not in _DTYPES, is copied out)."""
-    size = buf.numel()
-    if size < 8:
-        raise CorruptArtifactError(f"shard {path} is too short for a safetensors header")
-    head = int.from_bytes(_as_bytes(buf[:8]), "little")
-    if 8 + head > size:
-        raise CorruptArtifactError(f"shard {path}: its safetensors header runs past the file's end")
+    size, or of a dtype not in _DTYPES, is copied out); a malformed header is a CorruptArtifactError."""
+    view, where = _view(buf), f"shard {path}"
     try:
-        header = json.loads(_as_bytes(buf[8:8 + head]))
+        head = header_length(bytes(view[:8]), where)
+        if 8 + head > len(view):
+            raise ValueError(f"{where}: its safetensors header runs past the file's end")
+        header = decode_header(bytes(view[8:8 + head]), where)
+        check_layout(header, len(view) - 8 - head, where)
     except ValueError as exc:
-        raise CorruptArtifactError(f"shard {path}: unreadable safetensors header ({exc})") from exc
-    header.pop("__metadata__", None)
-    if any(info.get("dtype") not in _DTYPES for info in header.values()):
-        return load_safetensors(_as_bytes(buf))  # a dtype we do not map: the library's copy
+        raise CorruptArtifactError(str(exc)) from exc
+    if any(info["dtype"] not in _DTYPES for info in header.values()):
+        return load_safetensors(bytes(view))  # a dtype we do not map: the library's copy
     start, out = 8 + head, {}
     for name, info in header.items():
-        dtype, shape = _DTYPES[info["dtype"]], list(info["shape"])
+        dtype = _DTYPES[info["dtype"]]
         begin, end = info["data_offsets"]
-        numel = 1
-        for d in shape:
-            numel *= d
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        if not 0 <= begin <= end <= size - start or end - begin != numel * itemsize:
-            raise CorruptArtifactError(f"shard {path}: tensor {name}'s offsets do not fit its shape and the file")
         raw = buf[start + begin:start + end]
-        if (start + begin) % itemsize:
+        if (start + begin) % raw.new_empty(0, dtype=dtype).element_size():
             raw = raw.clone()  # unaligned for its dtype: a copy of its own
-        out[name] = raw.view(dtype).reshape(shape)
+        out[name] = raw.view(dtype).reshape(info["shape"])
     return out
 
 

@@ -46,7 +46,9 @@ class ArtifactTierIO:
             tensors = load_delta(path, "cpu")
         tensors = self._transform(tensors)
         if self._pin:
-            tensors = {k: _pinned(v) for k, v in tensors.items()}
+            tensors = {k: _pinned(v) for k, v in tensors.items()}  # copies: only what is kept stays alive
+        else:
+            tensors = _compacted(tensors)
         return tensors, sum(_nbytes(t) for t in tensors.values())
 
     def host_bytes_estimate(self, name: str, path: str, disk_bytes: int) -> int:
@@ -67,6 +69,43 @@ class ArtifactTierIO:
 
 def _nbytes(t) -> int:
     return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else t.nbytes
+
+
+def _compacted(tensors: dict) -> dict:
+    """`tensors` with their parts copied out of the shard buffers they view (deltazip/artifact/reader.py) where a
+    buffer holds more than its kept parts and the shard's header: a mode that keeps a few of a shard's tensors
+    (dense-delta keeps the fp16 norms and embeddings, and expands the packed ones into new tensors) would otherwise
+    keep whole shards alive, uncounted by the host budget. A delta kept whole (delta mode) keeps its shards as
+    read, no copy."""
+    from deltazip.artifact.reader import compact
+
+    kept: dict[int, int] = {}  # storage -> bytes of the parts viewing it
+    held: dict[int, int] = {}  # storage -> its bytes
+    for delta in tensors.values():
+        for t in _parts(delta):
+            key = t.untyped_storage().data_ptr()
+            kept[key] = kept.get(key, 0) + t.numel() * t.element_size()
+            held[key] = t.untyped_storage().nbytes()
+    slack = {key: 16 * 1024 + held[key] // 100 for key in held}  # a shard's header, alignment
+    loose = {key for key in held if held[key] - kept[key] > slack[key]}
+    if not loose:
+        return tensors
+    out = {}
+    for name, delta in tensors.items():
+        if not any(t.untyped_storage().data_ptr() in loose for t in _parts(delta)):
+            out[name] = delta
+        elif isinstance(delta, torch.Tensor):
+            out[name] = delta.clone()
+        else:
+            out[name] = compact(delta)
+    return out
+
+
+def _parts(delta) -> list[torch.Tensor]:
+    if isinstance(delta, torch.Tensor):
+        return [delta]
+    parts = (getattr(delta, part, None) for part in ("qweight", "meta", "scales", "zeros", "delta"))
+    return [t for t in parts if isinstance(t, torch.Tensor) and t.device.type == "cpu"]
 
 
 def _pinned(delta):

@@ -88,16 +88,67 @@ def test_read_shard_refuses_changed_or_resized_bytes(tmp_path):
             read_shard(tmp_path, "s.safetensors", entry)
 
 
-def test_read_shard_refuses_a_malformed_header_whose_hash_matches(tmp_path):
+def _raw_file(tmp_path, header: object, data: bytes) -> ShardEntry:
+    head = json.dumps(header).encode()
+    blob = len(head).to_bytes(8, "little") + head + data
+    (tmp_path / "s.safetensors").write_bytes(blob)
+    return ShardEntry(size=len(blob), sha256=hashlib.sha256(blob).hexdigest())
+
+
+@pytest.mark.parametrize("header, data", [
+    ([1, 2], b""),  # not an object
+    ({"x": 3}, b""),  # an entry that is not an object
+    ({"x": {"shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4),  # no dtype
+    ({"x": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4),
+    ({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 2, 4]}}, b"\0" * 4),
+    ({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0.0, 4.0]}}, b"\0" * 4),
+    ({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4),  # offsets vs shape
+    ({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},  # two tensors over the same bytes
+      "y": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8),
+    ({"x": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8),  # a gap before it
+    ({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 6),  # bytes left over
+    ({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 2),  # past the end
+])
+def test_read_shard_refuses_a_malformed_header_whose_hash_matches(tmp_path, header, data):
+    """What the safetensors format forbids is a CorruptArtifactError, whatever the shape of the mistake (the hash
+    only says the bytes are the ones written, not that a writer wrote them right)."""
+    entry = _raw_file(tmp_path, header, data)
+    with pytest.raises(CorruptArtifactError, match="shard"):
+        read_shard(tmp_path, "s.safetensors", entry)
+
+
+def test_read_shard_refuses_bytes_that_are_no_safetensors(tmp_path):
     data, _ = _shard(tmp_path, {"x": torch.ones(4)})
     head = int.from_bytes(data[:8], "little")
-    bad_offsets = data[:8] + data[8:8 + head].replace(b"[0,16]", b"[0,20]") + data[8 + head:]
-    for bad in (data[:5], (len(data)).to_bytes(8, "little") + data[8:], data[:8] + b"{" * head + data[8 + head:],
-                bad_offsets):
+    for bad in (data[:5], (len(data)).to_bytes(8, "little") + data[8:], data[:8] + b"{" * head + data[8 + head:]):
         (tmp_path / "s.safetensors").write_bytes(bad)
         entry = ShardEntry(size=len(bad), sha256=hashlib.sha256(bad).hexdigest())
         with pytest.raises(CorruptArtifactError, match="shard"):
             read_shard(tmp_path, "s.safetensors", entry)
+
+
+@pytest.mark.parametrize("known_size", [True, False])
+def test_zstd_shards_are_read_with_and_without_their_raw_size(tmp_path, known_size):
+    import zstandard
+
+    data = save(MIXED)
+    packed = zstandard.ZstdCompressor().compress(data)
+    (tmp_path / "s.zst").write_bytes(packed)
+    entry = ShardEntry(size=len(packed), sha256=hashlib.sha256(packed).hexdigest(), codec="zstd",
+                       raw_size=len(data) if known_size else None)
+    got = read_shard(tmp_path, "s.zst", entry)
+    for name, tensor in safetensors_load(data).items():
+        assert torch.equal(got[name], tensor), name
+    if known_size:
+        short = ShardEntry(size=entry.size, sha256=entry.sha256, codec="zstd", raw_size=len(data) - 1)
+        with pytest.raises(CorruptArtifactError, match="decompress"):
+            read_shard(tmp_path, "s.zst", short)
+    garbage = b"not zstd at all"
+    (tmp_path / "s.zst").write_bytes(garbage)
+    bad = ShardEntry(size=len(garbage), sha256=hashlib.sha256(garbage).hexdigest(), codec="zstd",
+                     raw_size=len(data) if known_size else None)
+    with pytest.raises(CorruptArtifactError, match="decompress"):
+        read_shard(tmp_path, "s.zst", bad)
 
 
 def test_a_dtype_the_reader_does_not_map_goes_through_safetensors(tmp_path):

@@ -57,7 +57,8 @@ def test_mode_variants_take_their_kinds_flags_then_their_own():
     assert "one of" in check_mode("lora+x") and "label" in check_mode("delta+") and "label" in check_mode("delta+a b")
     args = parse_args(["--modes", "delta,delta+md8", *(f"--mode-flag={s}" for s in specs)])
     assert args.modes == ["delta", "delta+md8"]
-    for bad in (["--modes", "delta,delta"], ["--modes", "delta+"], ["--modes", "delta", "--mode-flag=lora+x=--y"]):
+    for bad in (["--modes", "delta,delta"], ["--modes", "delta+"], ["--modes", "delta", "--mode-flag=lora+x=--y"],
+                ["--modes", "delta,delta+md8", "--mode-flag=delta+md9=--x=1"]):  # a variant not run: a typo
         with pytest.raises(SystemExit):
             parse_args(bad)
 

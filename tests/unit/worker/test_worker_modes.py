@@ -97,6 +97,32 @@ def test_dense_delta_mode_holds_fp16_deltas_in_host_tier(artifacts, tmp_path):
     torch.testing.assert_close(dense[name].delta.float(), packed[name].dequantize(torch.float16).float())
 
 
+def test_host_tier_keeps_no_shard_alive_behind_the_tensors_it_counts(artifacts):
+    """The reader hands out views of each shard it read. Delta mode keeps every one of them (the shard as read,
+    no copy); dense-delta keeps the artifact's fp16 norms and expands the packed ones into new tensors, so its norms
+    are copied out: the host budget counts what is held."""
+    from services.worker.device_slots import DeviceSlots
+    from services.worker.modes import dense_fp16
+    from services.worker.tier_io import ArtifactTierIO, _parts
+
+    from deltazip.artifact import read_manifest
+    from deltazip.artifact.safetensors_header import read_header
+
+    _, cache = artifacts
+    (shard,) = read_manifest(cache / "ft-packed").shards
+    header = read_header(cache / "ft-packed" / shard)[1]  # the bytes before the data
+    slots = DeviceSlots.__new__(DeviceSlots)
+    slots.device = torch.device("cpu")
+    for transform, beyond in ((None, header), (dense_fp16, 0)):
+        io = ArtifactTierIO(fetcher=None, slots=slots, host_transform=transform)
+        tensors, counted = io.load_host("ft-packed", str(cache / "ft-packed"))
+        held = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for d in tensors.values() for t in _parts(d)}.values())
+        assert held == counted + beyond, transform  # delta mode: the shard as read; dense-delta: what it counts
+    packed, _ = ArtifactTierIO(fetcher=None, slots=slots).load_host("ft-packed", str(cache / "ft-packed"))
+    assert len({t.untyped_storage().data_ptr() for d in packed.values() for t in _parts(d)}) == 1  # no copy
+
+
 def test_host_estimate_is_what_each_mode_loads(artifacts):
     """The host budget admits a load by host_estimate, known before loading: it equals the bytes the mode's host
     form of the artifact holds (swap: a whole merged model; dense-delta: fp16 linear deltas; delta: as on disk)."""
