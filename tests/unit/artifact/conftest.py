@@ -70,3 +70,13 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
         "ft": write_checkpoint(root / "ft", fine_tune_of(base, 1), shards=2),
         "other_base": write_checkpoint(root / "other_base", llama_like_tensors(7)),
     }
+
+
+@pytest.fixture(scope="module")
+def dense_artifact(ckpts, tmp_path_factory):
+    """A dense fp16 delta artifact of ckpts' ft against its base."""
+    from deltazip.artifact import write_dense_delta
+
+    out = tmp_path_factory.mktemp("dense") / "delta"
+    write_dense_delta(ckpts["base"], ckpts["ft"], out)
+    return out

@@ -19,13 +19,6 @@ from deltazip.artifact import (
 from deltazip.artifact.checkpoint import Checkpoint
 
 
-@pytest.fixture(scope="module")
-def dense_artifact(ckpts, tmp_path_factory):
-    out = tmp_path_factory.mktemp("dense") / "delta"
-    write_dense_delta(ckpts["base"], ckpts["ft"], out)
-    return out
-
-
 def test_identity_ignores_sharding_but_not_weights(ckpts):
     assert base_identity(ckpts["base"]) == base_identity(ckpts["base_resharded"])
     assert base_identity(ckpts["base"]) != base_identity(ckpts["other_base"])

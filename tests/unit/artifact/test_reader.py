@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save
 
-from deltazip.artifact import CorruptArtifactError, load_delta, read_manifest, write_dense_delta
+from deltazip.artifact import CorruptArtifactError, load_delta, read_manifest
 from deltazip.artifact.manifest import ShardEntry
 from deltazip.artifact.reader import read_shard
 
@@ -157,13 +157,6 @@ def test_a_dtype_the_reader_does_not_map_goes_through_safetensors(tmp_path):
     got = read_shard(tmp_path, "s.safetensors", entry)
     assert got["f8"].dtype == torch.float8_e4m3fn and torch.equal(got["f8"].float(), tensors["f8"].float())
     assert torch.equal(got["x"], tensors["x"])
-
-
-@pytest.fixture(scope="module")
-def dense_artifact(ckpts, tmp_path_factory):
-    out = tmp_path_factory.mktemp("dense") / "delta"
-    write_dense_delta(ckpts["base"], ckpts["ft"], out)
-    return out
 
 
 def test_load_delta_of_a_subset_copies_it_out_of_the_shard(dense_artifact):
