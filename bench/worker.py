@@ -1051,10 +1051,10 @@ def _main(argv: list[str] | None) -> int:
                          "merged-weight cache of that many GiB, admit: its admit rows), "
                          "e.g. 'default;dense=512;cache=16,admit=256'")
     ap.add_argument("--route-deltas", type=int, default=8,
-                    help="part prefill-route-ab: fine-tunes the steps' prompts are drawn from (Zipf)")
+                    help="part prefill-route-ab: fine-tunes the steps' prompts are drawn from (Zipf; --tiny: 2)")
     ap.add_argument("--route-max-deltas", type=int, default=4,
                     help="part prefill-route-ab: at most this many fine-tunes a step (the worker's default; the "
-                         "serving bench's delta mode runs 16, scripts/bench_gpu_matrix.sh)")
+                         "serving bench's delta mode runs 16, scripts/bench_gpu_matrix.sh; --tiny: all)")
     ap.add_argument("--fresh-shapes", action="store_true",
                     help="part prefill-route-ab: each arm its own steps (seed), against the base model's on them")
     ap.add_argument("--sbmm-configs", default="",
