@@ -7,6 +7,10 @@ import torch
 from kernels import packing
 
 
+# the tensor fields of a DeltaTensor (and of the host tier's DenseHostDelta, which has `delta` alone)
+PARTS = ("qweight", "meta", "scales", "zeros", "delta")
+
+
 @dataclass(slots=True)
 class DeltaTensor:
     """Packed parts of one delta; `dequantize()` is the reference dense view."""
@@ -35,11 +39,11 @@ class DeltaTensor:
     @property
     def nbytes(self) -> int:
         """Bytes of the stored parts."""
-        parts = (self.qweight, self.meta, self.scales, self.zeros, self.delta)
+        parts = (getattr(self, f) for f in PARTS)
         return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
     def to(self, device: str | torch.device) -> "DeltaTensor":
         """Copy of this delta with every part on `device`."""
-        moved = {f: getattr(self, f) for f in ("qweight", "meta", "scales", "zeros", "delta")}
+        moved = {f: getattr(self, f) for f in PARTS}
         moved = {f: (t.to(device) if t is not None else None) for f, t in moved.items()}
         return DeltaTensor(self.name, self.kind, self.shape, self.bits, self.group_size, self.sym, **moved)

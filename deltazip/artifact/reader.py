@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load as load_safetensors
 
-from deltazip.artifact.delta_tensor import DeltaTensor
+from deltazip.artifact.delta_tensor import PARTS, DeltaTensor
 from deltazip.artifact.errors import ArtifactError, CorruptArtifactError
 from deltazip.artifact.manifest import Manifest, ShardEntry, read_manifest
 from deltazip.artifact.safetensors_header import check_layout, decode_header, header_length
@@ -51,15 +51,22 @@ def load_delta(
     return out
 
 
-def compact(delta: DeltaTensor) -> DeltaTensor:
-    """delta with each CPU part that is a view into a larger buffer (read_shard's) copied out on its own, so
-    keeping the part does not keep the rest of the shard alive."""
-    for role in ("qweight", "meta", "scales", "zeros", "delta"):
+def compact(delta):
+    """delta (a DeltaTensor, a tensor, or an object with DeltaTensor's parts) with each CPU part that is a view into
+    a larger buffer (read_shard's) copied out on its own, so keeping the part does not keep the rest of the shard
+    alive."""
+    if isinstance(delta, torch.Tensor):
+        return delta.clone() if _views_more(delta) else delta
+    for role in PARTS:
         t = getattr(delta, role, None)
-        if isinstance(t, torch.Tensor) and t.device.type == "cpu" and (
-                t.untyped_storage().nbytes() > t.numel() * t.element_size()):
+        if isinstance(t, torch.Tensor) and _views_more(t):
             setattr(delta, role, t.clone())
     return delta
+
+
+def _views_more(t: torch.Tensor) -> bool:
+    """Whether a CPU tensor views a buffer larger than its own bytes."""
+    return t.device.type == "cpu" and t.untyped_storage().nbytes() > t.numel() * t.element_size()
 
 
 _READ_CHUNK = 16 << 20  # bytes read at a time; the sha256 of one chunk runs (GIL released) while the next is read

@@ -6,6 +6,7 @@ import shutil
 
 import torch
 
+from deltazip.artifact.delta_tensor import PARTS
 from deltazip.logs import get_logger
 from services.worker.device_slots import DeviceSlots
 from services.worker.fetcher import DeltaFetcher
@@ -86,33 +87,26 @@ def _compacted(tensors: dict) -> dict:
             key = t.untyped_storage().data_ptr()
             kept[key] = kept.get(key, 0) + t.numel() * t.element_size()
             held[key] = t.untyped_storage().nbytes()
-    slack = {key: 16 * 1024 + held[key] // 100 for key in held}  # a shard's header, alignment
-    loose = {key for key in held if held[key] - kept[key] > slack[key]}
+    # storages holding more than their kept parts, a shard's header and alignment
+    loose = {key for key, num_bytes in held.items() if num_bytes - kept[key] > 16 * 1024 + num_bytes // 100}
     if not loose:
         return tensors
-    out = {}
-    for name, delta in tensors.items():
-        if not any(t.untyped_storage().data_ptr() in loose for t in _parts(delta)):
-            out[name] = delta
-        elif isinstance(delta, torch.Tensor):
-            out[name] = delta.clone()
-        else:
-            out[name] = compact(delta)
-    return out
+    return {name: compact(delta) if any(t.untyped_storage().data_ptr() in loose for t in _parts(delta)) else delta
+            for name, delta in tensors.items()}
 
 
 def _parts(delta) -> list[torch.Tensor]:
+    """The CPU tensors of a host-tier entry: a tensor, or a DeltaTensor / DenseHostDelta's parts."""
     if isinstance(delta, torch.Tensor):
         return [delta]
-    parts = (getattr(delta, part, None) for part in ("qweight", "meta", "scales", "zeros", "delta"))
+    parts = (getattr(delta, part, None) for part in PARTS)
     return [t for t in parts if isinstance(t, torch.Tensor) and t.device.type == "cpu"]
 
 
 def _pinned(delta):
     if isinstance(delta, torch.Tensor):
         return delta.pin_memory()
-    parts = ("qweight", "meta", "scales", "zeros", "delta")
-    for part in parts:
+    for part in PARTS:
         t = getattr(delta, part, None)
         if isinstance(t, torch.Tensor):
             setattr(delta, part, t.pin_memory())
