@@ -83,7 +83,6 @@ class MergedCache:
         entry = self._slots.get(slot)
         if entry is not None and entry.generation != generation:
             self._evict(slot)
-            entry = None
         evictable = [s for s in self._slots if s != slot and s not in protect]
         free = self.budget_bytes - self.used_bytes + sum(self._slots[s].num_bytes for s in evictable)
         if num_bytes > free:
