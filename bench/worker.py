@@ -1,6 +1,6 @@
 """Worker benchmark (GPU): delta load rate, decode step time with many deltas, tokens/s per serving mode.
 
-  python bench/worker.py --out bench/results [--commit SHA] [--parts load,step,step-profile,prefill,prefill-deltas,prefill-host,row-bucket-ab,plan-memo-ab,long-prefill-ab,prefill-route-ab,fused-ab,attn-cache-ab,rms-norm-ab,decode-attn-ab,rope-kv-ab,prefill-attn-ab,sp2-prefill-ab,modes] [--tiny]
+  python bench/worker.py --out bench/results [--commit SHA] [--parts load,step,step-profile,prefill,prefill-deltas,prefill-host,row-bucket-ab,plan-memo-ab,host-path-ab,long-prefill-ab,prefill-route-ab,fused-ab,attn-cache-ab,rms-norm-ab,decode-attn-ab,rope-kv-ab,prefill-attn-ab,sp2-prefill-ab,modes] [--tiny]
 
 Rows (DESIGN.md names), all measured in the same run:
 - part=h2d_limit: pinned host→device copy rate of one large buffer (the physical limit of a delta load).
@@ -41,7 +41,8 @@ Rows (DESIGN.md names), all measured in the same run:
 - part=row-bucket-ab: those prefill steps with each step's token count rounded up to a bucket (the worker's
   default; cuBLAS plans each new GEMM shape on the host) against each on its own count, new prompt lengths for
   every measurement, alternating in one process; part=plan-memo-ab the same for the SBMM calls' plan memo
-  (kernels/sbmm.py PLAN_MEMO).
+  (kernels/sbmm.py PLAN_MEMO), part=host-path-ab for the delta linears' host shortcuts (delta_ops.FAST_GROUPS,
+  spmma_layout.SP4_X_GATHER).
 - part=long-prefill-ab: one prompt of 256-2040 tokens prefilled alone (what its time to first token waits for), on
   a delta and on the base model, with the dense route for long delta segments (kernels/delta_linear.py, from
   `sbmm.dense_rows` rows) against SBMM for all segments, alternating in one process; `vs_base` is the ratio to
@@ -822,38 +823,48 @@ def bench_prefill_host(cfg: LlamaConfig, device: str, rows: list, deltas=(0, 4, 
 
 
 # parts that switch one module flag of the eager prefill path on and off (bench_prefill_flag_ab): part -> flag
+# (several flags: all on against all off)
 PREFILL_FLAG_PARTS = {"row-bucket-ab": ("services.worker.engine.model_runner", "ROW_BUCKETS"),
-                      "plan-memo-ab": ("kernels.sbmm", "PLAN_MEMO")}
+                      "plan-memo-ab": ("kernels.sbmm", "PLAN_MEMO"),
+                      "host-path-ab": (("services.worker.delta_ops", "FAST_GROUPS"),
+                                       ("kernels.spmma_layout", "SP4_X_GATHER"))}
 
 
 def bench_prefill_flag_ab(part: str, cfg: LlamaConfig, device: str, rows: list, deltas=(0, 4, 16), bits: int = 2,
                           sp4: bool | None = None, sp2: bool = False, rounds: int = 2, num_running: int = 16,
                           num_steps: int = 12) -> None:
-    """parts row-bucket-ab and plan-memo-ab (PREFILL_FLAG_PARTS): part=prefill-deltas' steps on the worker's fused
-    model with a module flag on (the default) against off, alternating by round in one process. row-bucket-ab: each
-    eager prefill step's token count rounded up to a bucket (services/worker/engine/model_runner.py ROW_BUCKETS)
-    against each step on its own count; plan-memo-ab: repeated SBMM calls skipping checks, plan and argument
-    specialization (kernels/sbmm.py PLAN_MEMO) against every call doing them. Every measurement draws new prompt
-    lengths (a seed per pair of arms, the same for both), so an unbucketed step's GEMMs meet row counts cuBLAS has
-    not planned, as serving's do (the bucketed arm's buckets are planned by its warm-up, so whichever arm runs
-    first, the other's row counts are new to cuBLAS too). The flag is put back afterwards."""
+    """parts row-bucket-ab, plan-memo-ab and host-path-ab (PREFILL_FLAG_PARTS): part=prefill-deltas' steps on the
+    worker's fused model with a module flag on (the default) against off, alternating by round in one process.
+    row-bucket-ab: each eager prefill step's token count rounded up to a bucket (services/worker/engine/
+    model_runner.py ROW_BUCKETS) against each step on its own count; plan-memo-ab: repeated SBMM calls skipping
+    checks, plan and argument specialization (kernels/sbmm.py PLAN_MEMO) against every call doing them;
+    host-path-ab: the delta linears' host shortcuts (services/worker/delta_ops.py FAST_GROUPS: one stack lookup per
+    slot; kernels/spmma_layout.py SP4_X_GATHER: x in the B order by one gather) against none. Every measurement
+    draws new prompt lengths (a seed per pair of arms, the same for both), so an unbucketed step's GEMMs meet row
+    counts cuBLAS has not planned, as serving's do (the bucketed arm's buckets are planned by its warm-up, so
+    whichever arm runs first, the other's row counts are new to cuBLAS too). The flags are put back afterwards."""
     import importlib
 
-    module, attr = PREFILL_FLAG_PARTS[part]
-    flags = importlib.import_module(module)
-    was = getattr(flags, attr)
+    spec = PREFILL_FLAG_PARTS[part]
+    flags = [(importlib.import_module(m), a) for m, a in ((spec,) if isinstance(spec[0], str) else spec)]
+    was = [getattr(mod, a) for mod, a in flags]
+    attr = ",".join(a for _, a in flags)
+
+    def set_flags(on: bool) -> None:
+        for mod, a in flags:
+            setattr(mod, a, on)
     model, slots = fused_model_and_slots(cfg, device, max(max(deltas), 1), bits, sp4, sp2)
     seeds = itertools.count(1000)
     try:
         for on in (True, False):  # untimed: kernel compiles and per-shape set-up of both arms
-            setattr(flags, attr, on)
+            set_flags(on)
             for n in deltas:
                 time_fresh_prefills(model, device, num_running, 2, next(seeds), slots if n else None, n)
         for r in range(rounds):
             for n in deltas:
                 seed = next(seeds)  # both arms of a pair run the same steps
                 for on in ((True, False) if r % 2 == 0 else (False, True)):
-                    setattr(flags, attr, on)
+                    set_flags(on)
                     ms, count = time_fresh_prefills(model, device, num_running, num_steps, seed,
                                                     slots if n else None, n)
                     rows.append({"part": part, "round": r, "flag": attr, "on": on, "num_deltas": n, "bits": bits,
@@ -861,7 +872,8 @@ def bench_prefill_flag_ab(part: str, cfg: LlamaConfig, device: str, rows: list, 
                                  "prefill_steps": count, "ms": ms})
                     print(json.dumps(rows[-1]), flush=True)
     finally:
-        setattr(flags, attr, was)
+        for (mod, a), value in zip(flags, was):
+            setattr(mod, a, value)
 
 
 def _prefill_launch_ab(model, device, rows, slots, deltas, bits, layers, num_running, num_steps, rounds) -> None:

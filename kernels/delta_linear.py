@@ -387,10 +387,17 @@ def _dense_segments(x, y, stack: PackedDeltaStack, seg_slots: torch.Tensor, star
         return 0, seg_slots
     for i in dense:
         dense_linear(x[starts[i]:starts[i + 1]], y[starts[i]:starts[i + 1]], stack, slots[i])
-    rest = [-1 if i in dense else slot for i, slot in enumerate(slots)]
+    rest = tuple(-1 if i in dense else slot for i, slot in enumerate(slots))
     if all(slot < 0 for slot in rest):
         return len(dense), None
-    return len(dense), torch.tensor(rest, dtype=torch.int64, device=x.device)
+    return len(dense), _slots_on(rest, x.device)
+
+
+@functools.lru_cache(maxsize=16)
+def _slots_on(slots: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The slots left to SBMM as int64 on `device`, once for all linears of a step (the same segments each): one
+    copy from pinned memory, which, unlike a pageable one, does not wait for the GPU to finish its queue."""
+    return sp2_prefill.device_ints(slots, torch.int64, device)
 
 
 def dense_linear(x: torch.Tensor, y: torch.Tensor, stack: PackedDeltaStack, slot: int) -> None:

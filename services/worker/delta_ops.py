@@ -15,6 +15,12 @@ from services.worker.device_slots import DeviceSlots, SlotStack
 from services.worker import linear_backend
 
 
+# `_stacks_of` answers with one lookup per slot when a single stack holds the tensor's delta for every slot of the
+# step (deltas of one format: the common case); False: the per-segment grouping always (bench/worker.py --parts
+# host-path-ab times both)
+FAST_GROUPS = True
+
+
 class StepDeltaOps:
     """DeltaOps for one row layout (tokens of a forward, or sampled rows of compute_logits)."""
 
@@ -28,6 +34,9 @@ class StepDeltaOps:
         self.num_rows = self.starts[-1]
         self._delta_segments = [(i, s) for i, s in enumerate(self.seg_slot) if s >= 0]
         self._delta_slots = {s for _, s in self._delta_segments}
+        # each delta slot's tensor -> stack map, once a forward (`_stacks_of` reads one per slot per linear)
+        self._wheres = [slots.tensor_stacks(s) for s in sorted(self._delta_slots)]
+        self._all_slots: tuple[int, ...] = tuple(self.seg_slot)  # the slots of a stack that holds every delta slot
         self._seg_starts: torch.Tensor | None = None
         self._seg_slots: dict[tuple[int, ...], torch.Tensor] = {}
         self._on_device: dict[tuple, torch.Tensor] = {}
@@ -164,6 +173,10 @@ class StepDeltaOps:
     def _stacks_of(self, tensor_name: str, skip: str | None = None) -> list[tuple[SlotStack, set[int]]]:
         """The stacks holding this tensor's delta for the step's slots, each with its slots; slots that hold a
         `skip` stack are left out (their rows ran in the fused launch)."""
+        if skip is None and FAST_GROUPS and self._wheres:  # the common case: one stack holds every slot's delta
+            first = self._wheres[0].get(tensor_name)
+            if first is not None and all(where.get(tensor_name) is first for where in self._wheres):
+                return [(first, self._delta_slots)]
         groups: dict[int, tuple[SlotStack, set[int]]] = {}
         for _, slot in self._delta_segments:
             if skip is not None and self._slots.stack(slot, skip) is not None:
@@ -175,9 +188,12 @@ class StepDeltaOps:
 
     def _apply(self, groups: list[tuple[SlotStack, set[int]]], x: torch.Tensor, y: torch.Tensor) -> None:
         for stack, members in groups:
-            slots = tuple(s if s in members and i not in self._skip else -1 for i, s in enumerate(self.seg_slot))
-            if all(s < 0 for s in slots):
-                continue  # every segment of this stack is merged_linear's
+            if members is self._delta_slots and not self._skip:
+                slots = self._all_slots  # every segment's own slot (`_stacks_of`'s common case)
+            else:
+                slots = tuple(s if s in members and i not in self._skip else -1 for i, s in enumerate(self.seg_slot))
+                if all(s < 0 for s in slots):
+                    continue  # every segment of this stack is merged_linear's
             on_device = (self._device_tensor(("starts",), self.starts, x.device),
                          self._device_tensor(slots, slots, x.device)) if x.is_cuda and stack.kind != "dense" else None
             if linear_backend.apply_linear(x, y, stack, self._starts_tensor(), self._slots_tensor(slots),

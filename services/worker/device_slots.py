@@ -279,6 +279,10 @@ class DeviceSlots:
     def is_linear(self, tensor_name: str) -> bool:
         return tensor_name in self._linear_names
 
+    def tensor_stacks(self, slot: int) -> dict[str, SlotStack]:
+        """`slot`'s tensor name -> stack map (the live dict: `stack` reads it; a writer replaces it, see `_release`)."""
+        return self._where[slot]
+
     def stack(self, slot: int, tensor_name: str) -> SlotStack | None:
         """The stack holding `tensor_name`'s delta for `slot`, or None when that delta leaves it unchanged."""
         return self._where[slot].get(tensor_name)

@@ -11,7 +11,8 @@ import torch
 
 from services.worker.device_slots import SlotStack
 from kernels import layout, packing
-from kernels.delta_linear import canonical_words
+from kernels.delta_linear import (DenseDeltaStack, PackedDeltaStack, apply_deltas, can_expand, canonical_words,
+                                  dense_route)
 
 
 def kernel_workspace(device: torch.device):
@@ -31,9 +32,7 @@ def apply_linear(x: torch.Tensor, y: torch.Tensor, stack: SlotStack, seg_starts:
     on_device: the same two as int64 on x's device, which the packed kernel reads without a host copy;
     workspace: the caller's `kernel_workspace` (CUDA). Returns how many segments took the dense route
     (kernels/delta_linear.py; CUDA only)."""
-    kernel_stack = _kernel_stack(stack) if x.device.type == "cuda" else None
-    from kernels.delta_linear import PackedDeltaStack, apply_deltas
-
+    kernel_stack = _kernel_stack(stack) if x.is_cuda else None
     if isinstance(kernel_stack, PackedDeltaStack) and x.dtype not in (torch.float16, torch.bfloat16):
         kernel_stack = None  # the SBMM kernel takes fp16/bf16 activations; fp32 runs the cached reference
     if kernel_stack is not None:
@@ -67,8 +66,6 @@ def merge_stack(stack: SlotStack, x: torch.Tensor, weight: torch.Tensor, rows: i
     (`dense_route`; rows None: its deltas can expand whatever the row count, `can_expand`, for
     services/worker/merged_cache.py) and the base weight is x's dtype, [N, K] of the stack, unit stride in K. None
     otherwise."""
-    from kernels.delta_linear import can_expand, dense_route
-
     if not x.is_cuda or weight.dtype != x.dtype or weight.stride(1) != 1:
         return None
     kernel_stack = _kernel_stack(stack)
@@ -103,8 +100,6 @@ def _kernel_stack(stack: SlotStack):
     """The kernel's stack object over this stack's tensors (built once), or None when the kernel cannot
     read this format (dense-quantized deltas not in dense2 words, and 3/8-bit ones, fall back to the cached
     reference)."""
-    from kernels.delta_linear import DenseDeltaStack, PackedDeltaStack
-
     if "kernel_stack" not in stack.cache:
         p, fmt = stack.parts, stack.format
         if fmt.kind == "dense":

@@ -192,3 +192,36 @@ def test_gemm_window_widens_to_a_row_bucket_inside_the_step(monkeypatch):
     assert gemm_window(0, 300, 310) == (0, 300)  # the bucket (320) is more than the step has
     monkeypatch.setattr(model_runner, "ROW_BUCKETS", False)
     assert gemm_window(0, 300, 605) == (0, 300)
+
+
+@pytest.mark.parametrize("case", ["one_stack", "one_missing", "two_formats"])
+def test_stack_groups_are_the_same_with_and_without_the_one_stack_shortcut(monkeypatch, case):
+    """`_stacks_of` answers from one lookup per slot only when a single stack holds every slot's delta; a slot without
+    the tensor, or slots in two formats, take the per-segment grouping. Both give the same groups and products."""
+    from services.worker import delta_ops
+
+    gen = torch.Generator().manual_seed(3)
+    n, k = 16, 128
+    slots = DeviceSlots(4, "cpu", torch.float32, {LIN + ".weight"}, tie_word_embeddings=False)
+    for slot in (0, 1, 3):
+        if case == "one_missing" and slot == 1:
+            slots.write(slot, "norm-only", {"model.norm.weight": dense("model.norm.weight", torch.randn(k) * 0.1)})
+        elif case == "two_formats" and slot == 3:
+            slots.write(slot, "dense", {LIN + ".weight": dense(LIN + ".weight", torch.randn(n, k, generator=gen))})
+        else:
+            slots.write(slot, f"ft{slot}", {LIN + ".weight": packed_delta(gen, n, k, 4, 32, True)})
+    rows = [(0, 2), (None, 1), (1, 3), (3, 2)]
+    x = torch.randn(8, k, generator=gen)
+    results = {}
+    for fast in (True, False):
+        monkeypatch.setattr(delta_ops, "FAST_GROUPS", fast)
+        ops = StepDeltaOps(slots, rows)
+        groups = ops._stacks_of(LIN + ".weight")
+        assert (groups[0][1] is ops._delta_slots) == (fast and case == "one_stack")  # the shortcut, only there
+        y = torch.zeros(8, n)
+        ops.linear(LIN, x, y)
+        results[fast] = (sorted((id(stack), sorted(members)) for stack, members in groups), y)
+    assert results[True][0] == results[False][0]
+    assert len(results[True][0]) == (2 if case == "two_formats" else 1)
+    torch.testing.assert_close(results[True][1], results[False][1], rtol=0, atol=0)
+    assert results[True][1][2].abs().sum() == 0  # the base row
