@@ -41,8 +41,8 @@ Rows (DESIGN.md names), all measured in the same run:
 - part=row-bucket-ab: those prefill steps with each step's token count rounded up to a bucket (the worker's
   default; cuBLAS plans each new GEMM shape on the host) against each on its own count, new prompt lengths for
   every measurement, alternating in one process; part=plan-memo-ab the same for the SBMM calls' plan memo
-  (kernels/sbmm.py PLAN_MEMO), part=host-path-ab for the delta linears' host shortcuts (delta_ops.FAST_GROUPS,
-  spmma_layout.SP4_X_GATHER).
+  (kernels/sbmm.py PLAN_MEMO), part=host-path-ab for the delta linears' stack groups (delta_ops.FAST_GROUPS;
+  session 31 ran it with a second flag since removed).
 - part=long-prefill-ab: one prompt of 256-2040 tokens prefilled alone (what its time to first token waits for), on
   a delta and on the base model, with the dense route for long delta segments (kernels/delta_linear.py, from
   `sbmm.dense_rows` rows) against SBMM for all segments, alternating in one process; `vs_base` is the ratio to
@@ -826,8 +826,7 @@ def bench_prefill_host(cfg: LlamaConfig, device: str, rows: list, deltas=(0, 4, 
 # (several flags: all on against all off)
 PREFILL_FLAG_PARTS = {"row-bucket-ab": ("services.worker.engine.model_runner", "ROW_BUCKETS"),
                       "plan-memo-ab": ("kernels.sbmm", "PLAN_MEMO"),
-                      "host-path-ab": (("services.worker.delta_ops", "FAST_GROUPS"),
-                                       ("kernels.spmma_layout", "SP4_X_GATHER"))}
+                      "host-path-ab": ("services.worker.delta_ops", "FAST_GROUPS")}
 
 
 def bench_prefill_flag_ab(part: str, cfg: LlamaConfig, device: str, rows: list, deltas=(0, 4, 16), bits: int = 2,
@@ -838,8 +837,8 @@ def bench_prefill_flag_ab(part: str, cfg: LlamaConfig, device: str, rows: list, 
     row-bucket-ab: each eager prefill step's token count rounded up to a bucket (services/worker/engine/
     model_runner.py ROW_BUCKETS) against each step on its own count; plan-memo-ab: repeated SBMM calls skipping
     checks, plan and argument specialization (kernels/sbmm.py PLAN_MEMO) against every call doing them;
-    host-path-ab: the delta linears' host shortcuts (services/worker/delta_ops.py FAST_GROUPS: one stack lookup per
-    slot; kernels/spmma_layout.py SP4_X_GATHER: x in the B order by one gather) against none. Every measurement
+    host-path-ab: the delta linears' stack groups from one lookup per slot (services/worker/delta_ops.py
+    FAST_GROUPS) against the per-segment grouping. Every measurement
     draws new prompt lengths (a seed per pair of arms, the same for both), so an unbucketed step's GEMMs meet row
     counts cuBLAS has not planned, as serving's do (the bucketed arm's buckets are planned by its warm-up, so
     whichever arm runs first, the other's row counts are new to cuBLAS too). The flags are put back afterwards."""

@@ -15,7 +15,6 @@ TRITON_INTERPRET=1, not yet run on a GPU).
 Tile geometry (`TILE_ROWS`, `TILE_COLS`, `tiles`, `check_tiles`) is kernels/layout.py's.
 """
 
-import functools
 import os
 
 import torch
@@ -195,24 +194,7 @@ def sp4_x(x: torch.Tensor) -> torch.Tensor:
     t, k = x.shape
     if k % 128:
         raise ValueError(f"sp4 activations need K % 128 == 0, got K={k}")
-    if SP4_X_GATHER and x.element_size() == 2 and x.stride(1) == 1 and not x.storage_offset() & 1 \
-            and not x.stride(0) & 1 and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
-        # one gather of 4-byte column pairs: ~1 host op, where the 6-d permuted copy below costs TensorIterator
-        # set-up on every call (eager prefill steps make one per delta linear and are host-bound)
-        return x.view(torch.int32).index_select(1, _sp4_pair_order(k, x.device)).view(x.dtype)
     return x.reshape(t, k // 128, 4, 4, 4, 2).permute(0, 1, 4, 2, 3, 5).reshape(t, k)
-
-
-# `sp4_x` as one index_select over column pairs where x allows (2-byte values, pairs 4-byte aligned, not inside a
-# CUDA-graph capture, which could not copy the order table in); False: always the permuted copy
-SP4_X_GATHER = True
-
-
-@functools.lru_cache(maxsize=32)
-def _sp4_pair_order(k: int, device: torch.device) -> torch.Tensor:
-    """The source column pair of each output pair of `sp4_x` (int64 [K/2] on `device`)."""
-    pairs = torch.arange(k // 2).reshape(k // 128, 4, 4, 4).permute(0, 3, 1, 2).reshape(-1)
-    return pairs.to(device)
 
 
 SP2_STEP = 256  # dense columns of one sp2 K step: 8 mma.sp m16n8k32, a lane's 4 words and 4 meta words

@@ -187,20 +187,6 @@ def test_sp4_x_puts_each_lanes_b_registers_side_by_side():
         spmma_layout.sp4_x(torch.zeros(2, 64))
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("offset,width", [(0, 256), (128, 640), (1, 257), (0, 385)])
-def test_sp4_x_gather_is_the_permuted_copy(monkeypatch, dtype, offset, width):
-    """The one-gather path (2-byte values whose pairs are 4-byte aligned) gives the permuted copy's bits; views at an
-    odd offset or with an odd row stride take the copy; both make a new contiguous tensor."""
-    base = torch.randn(5, width + offset, dtype=torch.float32).to(dtype)
-    x = base[:, offset:offset + 256]
-    got = spmma_layout.sp4_x(x)
-    monkeypatch.setattr(spmma_layout, "SP4_X_GATHER", False)
-    want = spmma_layout.sp4_x(x)
-    assert got.is_contiguous() and got.dtype == dtype and got.data_ptr() != x.data_ptr()
-    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
-
-
 @pytest.mark.parametrize("step_pairs,halves", [(64, 1), (128, 2)])
 def test_x_dense_addresses_read_what_sp4_x_would_have_placed(step_pairs, halves):
     """X_DENSE (both kernels, x read as given): register n of lane t reads dense pair 4n + t of each 64-pair half
