@@ -6,6 +6,9 @@ part of the cold-start latency of a request. The bench writes one synthetic 7B-s
 just written; a worker's disk cache was just fetched into):
 - `load_delta`: one read per shard into one buffer, hashed as it arrives (the sha256 in a second thread), tensors
   as views of the buffer (deltazip/artifact/reader.py);
+- `load_delta_stamped`: the same read of a folder whose verified stamp vouches for its shards (a worker's fetcher
+  writes one after hashing the download, deltazip/artifact/stamp.py): sizes checked, no sha256, so its limit is
+  the copy alone;
 - `baseline`: what it did before (and what a plain safetensors reader does): the whole file read into bytes,
   hashed, then `safetensors.torch.load`, which copies the bytes into tensors;
 - the limits it is measured against, on the same bytes in memory: one `memcpy`-rate copy (`torch` clone of the
@@ -68,6 +71,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     from bench.synthetic import write_suite
     from deltazip.artifact import load_delta, read_manifest
+    from deltazip.artifact.stamp import write_stamp
 
     with tempfile.TemporaryDirectory(prefix="dz-load-delta-") as tmp:
         root = args.work_dir or Path(tmp)
@@ -80,19 +84,29 @@ def main(argv: list[str] | None = None) -> Path:
         blob = torch.frombuffer(bytearray(b"".join(s.read_bytes() for s in shards)), dtype=torch.uint8)
         if not disk_bytes:
             raise SystemExit(f"{artifact}: no shard bytes to read")
+        manifest = read_manifest(artifact)
         results = {}
-        for name, fn in (("baseline", lambda: baseline_load(artifact)), ("load_delta", lambda: load_delta(artifact)),
+        for name, fn in (("baseline", lambda: baseline_load(artifact)),
+                         ("load_delta", lambda: load_delta(artifact, trust_stamp=False)),
+                         ("load_delta_stamped", lambda: load_delta(artifact)),
                          ("copy_limit", lambda: blob.clone()),
                          ("sha256_limit", lambda: hashlib.sha256(memoryview(blob.numpy())).digest())):
+            if name == "load_delta_stamped":
+                write_stamp(artifact, {shard: entry.sha256 for shard, entry in manifest.shards.items()})
             fn()  # warm: page cache, allocator, imports
             seconds = _median_s(fn, args.repeats)
             results[name] = {"seconds": seconds, "gb_per_s": disk_bytes / seconds / 1e9}
             print(f"  {name:12s} {seconds * 1e3:8.1f} ms  {disk_bytes / seconds / 1e9:6.2f} GB/s", flush=True)
     limit = max(results["copy_limit"]["seconds"], results["sha256_limit"]["seconds"])
+    stamped = results["load_delta_stamped"]["seconds"]
     summary = {"speedup_vs_baseline": results["baseline"]["seconds"] / results["load_delta"]["seconds"],
-               "load_delta_vs_limit": limit / results["load_delta"]["seconds"]}
+               "load_delta_vs_limit": limit / results["load_delta"]["seconds"],
+               "stamped_speedup_vs_load_delta": results["load_delta"]["seconds"] / stamped,
+               "stamped_vs_copy_limit": results["copy_limit"]["seconds"] / stamped}
     print(f"load_delta {summary['speedup_vs_baseline']:.2f}x the baseline, at {summary['load_delta_vs_limit']:.2f} "
-          f"of the limit (the slower of one copy and one sha256 pass)", flush=True)
+          f"of the limit (the slower of one copy and one sha256 pass); with a verified stamp "
+          f"{summary['stamped_speedup_vs_load_delta']:.2f}x load_delta, at {summary['stamped_vs_copy_limit']:.2f} of "
+          f"the copy limit", flush=True)
     payload = {"bench": "load_delta", "device": "cpu", "host": host_info(), "commit": git_commit(),
                "date": datetime.date.today().isoformat(),
                "config": {"shape": args.shape, "num_layers": args.num_layers, "bits": args.bits,

@@ -113,7 +113,8 @@ def build_worker(config: WorkerConfig) -> WorkerParts:
     base_host = host_copies(model) if mode.swaps_weights else None
     if leader is None:
         io = ArtifactTierIO(fetcher, slots, host_transform(mode, base_host, device),
-                            device_slots_used=not mode.swaps_weights, host_estimate=host_estimate(mode, base_host))
+                            device_slots_used=not mode.swaps_weights, host_estimate=host_estimate(mode, base_host),
+                            trust_stamps=not config.reverify_disk_cache)
     else:
         io = _tp_tier_io(leader, model, fetcher, slots, host_transform(mode, base_host, device))
     residency = ResidencyManager(limits, io, on_change=listeners)

@@ -2,7 +2,8 @@
 
 Stat first (file list + base identity), refuse a delta made against another base, then stream the
 files with FetchDelta into `<cache>/.partial/<name>/`, resuming from (path, offset) on the next store
-when one dies, checking each file's size and sha256, and finally renaming the folder into place.
+when one dies, checking each file's size and sha256, stamping the folder as verified (deltazip/artifact/stamp.py:
+loads from the cache then skip hashing unchanged shards), and finally renaming the folder into place.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Protocol
 
 import grpc
 
+from deltazip.artifact.stamp import STAMP_FILE, write_stamp
 from services.worker.errors import (
     ArtifactIntegrityError,
     BaseMismatchError,
@@ -99,6 +101,8 @@ class DeltaFetcher:
         partial.mkdir(parents=True, exist_ok=True)
         self._download(artifact, partial, sources)
         self._check_base(name, self._manifest_identity(str(partial)))
+        # every file was hashed as it arrived: say so, so loads from the cache need not hash them again
+        write_stamp(partial, {f.path: f.sha256 for f in artifact.files})
         final = self.cache_dir / name
         if final.exists():
             shutil.rmtree(final)
@@ -241,7 +245,8 @@ class _Progress:
 
 
 def dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    """The artifact's bytes in a cache folder (its verified stamp not counted, as `fetch` counts the files)."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and p.name != STAMP_FILE)
 
 
 def manifest_base_identity(artifact_dir: str) -> str:

@@ -19,13 +19,16 @@ class ArtifactTierIO:
     """TierIO over the disk cache (fetcher), host memory (load_delta on CPU) and DeviceSlots."""
 
     def __init__(self, fetcher: DeltaFetcher, slots: DeviceSlots, host_transform: HostTransform | None = None,
-                 device_slots_used: bool = True, host_estimate: HostEstimate | None = None) -> None:
+                 device_slots_used: bool = True, host_estimate: HostEstimate | None = None,
+                 trust_stamps: bool = True) -> None:
         self._fetcher = fetcher
         self._slots = slots
         self._transform = host_transform or (lambda tensors: tensors)  # per mode: packed, dense fp16, merged
         self._estimate = host_estimate or (lambda path, disk_bytes: disk_bytes)  # packed: as on disk
         self._device_slots_used = device_slots_used  # swap mode: the engine copies whole weights itself
         self._pin = slots.device.type == "cuda"  # pinned host copies make host→device copies fast
+        # shards the fetcher hashed on download are not hashed again while unchanged on disk (--reverify-disk-cache)
+        self._trust_stamps = trust_stamps
 
     def fetch(self, name: str) -> tuple[str, int]:
         return self._fetcher.fetch(name)
@@ -35,7 +38,8 @@ class ArtifactTierIO:
         from deltazip.artifact.errors import ArtifactError, BaseMismatchError
 
         try:
-            tensors = load_delta(path, "cpu")  # shards checked against their sha256 as read
+            # shards checked against their sha256 as read, or against the fetcher's stamp while unchanged on disk
+            tensors = load_delta(path, "cpu", trust_stamp=self._trust_stamps)
         except ArtifactError as exc:
             if isinstance(exc, BaseMismatchError):
                 raise
@@ -44,7 +48,7 @@ class ArtifactTierIO:
             log.warning("disk_copy_corrupt", model=name, error=str(exc))
             shutil.rmtree(path, ignore_errors=True)
             path, _ = self._fetcher.fetch(name)
-            tensors = load_delta(path, "cpu")
+            tensors = load_delta(path, "cpu", trust_stamp=False)
         tensors = self._transform(tensors)
         if self._pin:
             tensors = {k: _pinned(v) for k, v in tensors.items()}  # copies: only what is kept stays alive

@@ -171,3 +171,48 @@ def test_load_delta_of_a_subset_copies_it_out_of_the_shard(dense_artifact):
     assert torch.equal(delta, everything[name].delta)
     shard_size = manifest.shards[manifest.tensors[name].shard].size
     assert everything[name].delta.untyped_storage().nbytes() == shard_size  # a view of the shard read
+
+
+def test_a_stamp_spares_the_hash_only_while_the_shard_is_unchanged(dense_artifact, tmp_path, monkeypatch):
+    """load_delta hashes no shard its folder's verified stamp vouches for (same sha256 as the manifest, same size,
+    mtime and inode); a shard rewritten since, a stamp with another sha256, trust_stamp=False and a folder without a
+    stamp are hashed, so changed bytes are refused there."""
+    import os
+    import shutil
+
+    from deltazip.artifact import reader
+    from deltazip.artifact.stamp import STAMP_FILE, drop_stamp, stamped, write_stamp
+
+    art = tmp_path / "art"
+    shutil.copytree(dense_artifact, art)
+    manifest = read_manifest(art)
+    shard = sorted(manifest.shards)[0]
+    hashed = []
+    real = reader._read_into_buffer
+    monkeypatch.setattr(reader, "_read_into_buffer",
+                        lambda path, size, sha: hashed.append(sha is not None) or real(path, size, sha))
+
+    def loads(**kw):
+        hashed.clear()
+        load_delta(art, "cpu", **kw)
+        return list(hashed)
+
+    assert all(loads()) and loads()  # no stamp: every shard hashed
+    write_stamp(art, {name: entry.sha256 for name, entry in manifest.shards.items()})
+    assert not any(loads())
+    assert all(loads(trust_stamp=False))
+    write_stamp(art, {shard: "0" * 64})  # a stamp that does not name the manifest's sha256
+    assert all(loads())
+    write_stamp(art, {name: entry.sha256 for name, entry in manifest.shards.items()})
+    data = bytearray((art / shard).read_bytes())
+    data[-1] ^= 1  # the same size, new bytes, written anew: a new mtime
+    st = (art / shard).stat()
+    (art / shard).write_bytes(bytes(data))
+    os.utime(art / shard, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert shard not in stamped(art)
+    with pytest.raises(CorruptArtifactError):
+        load_delta(art, "cpu")
+    drop_stamp(art)
+    assert not (art / STAMP_FILE).exists() and stamped(art) == {}
+    (art / STAMP_FILE).write_text("{not json")
+    assert stamped(art) == {}

@@ -73,6 +73,14 @@ def test_fetch_places_verified_artifact(tmp_path):
     assert not any((tmp_path / "cache" / ".partial").iterdir())
 
 
+def test_fetch_stamps_every_file_it_hashed(tmp_path):
+    """The placed folder carries a verified stamp naming each file's sha256 as it is on disk (loads skip hashing)."""
+    from deltazip.artifact.stamp import stamped
+
+    path, _ = fetcher(tmp_path, [FakeStore("s1", die_after=4), FakeStore("s2")]).fetch("m")  # resumed midway
+    assert stamped(path) == {rel: hashlib.sha256(data).hexdigest() for rel, data in FILES.items()}
+
+
 def test_store_dies_midway_and_next_store_resumes_from_offset(tmp_path):
     s1, s2 = FakeStore("s1", die_after=4), FakeStore("s2")
     path, _ = fetcher(tmp_path, [s1, s2]).fetch("m")
