@@ -116,7 +116,8 @@ def build_worker(config: WorkerConfig) -> WorkerParts:
                             device_slots_used=not mode.swaps_weights, host_estimate=host_estimate(mode, base_host),
                             trust_stamps=not config.reverify_disk_cache)
     else:
-        io = _tp_tier_io(leader, model, fetcher, slots, host_transform(mode, base_host, device))
+        io = _tp_tier_io(leader, model, fetcher, slots, host_transform(mode, base_host, device),
+                         not config.reverify_disk_cache)
     residency = ResidencyManager(limits, io, on_change=listeners)
     _register_cached(fetcher, residency, identity)
 
@@ -161,13 +162,16 @@ def _warn_if_untuned(device: torch.device) -> None:
                         '(e.g. "NVIDIA H200": "NVIDIA H100 80GB HBM3")')
 
 
-def _tp_tier_io(leader, model, fetcher: DeltaFetcher | ProcessFetcher, slots: DeviceSlots, transform) -> ArtifactTierIO:
-    """Rank 0's host tier holds its own shard of each delta; device writes and drops reach every rank."""
+def _tp_tier_io(leader, model, fetcher: DeltaFetcher | ProcessFetcher, slots: DeviceSlots, transform,
+                trust_stamps: bool) -> ArtifactTierIO:
+    """Rank 0's host tier holds its own shard of each delta; device writes and drops reach every rank (each
+    trusting the disk cache's verified stamps as rank 0 does)."""
     from deltazip.parallel import shard_delta
     from services.worker.tp_leader import TPTierIO
 
     plan = model.shard_plan
-    return TPTierIO(leader, fetcher, slots, lambda tensors: transform(shard_delta(tensors, plan, "dense")))
+    return TPTierIO(leader, fetcher, slots, lambda tensors: transform(shard_delta(tensors, plan, "dense")),
+                    trust_stamps=trust_stamps)
 
 
 def _log_transition(snap: ResidentDelta) -> None:

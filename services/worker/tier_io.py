@@ -7,6 +7,7 @@ import shutil
 import torch
 
 from deltazip.artifact.delta_tensor import PARTS
+from deltazip.artifact.reader import ReadBuffers
 from deltazip.logs import get_logger
 from services.worker.device_slots import DeviceSlots
 from services.worker.fetcher import DeltaFetcher
@@ -29,17 +30,30 @@ class ArtifactTierIO:
         self._pin = slots.device.type == "cuda"  # pinned host copies make host→device copies fast
         # shards the fetcher hashed on download are not hashed again while unchanged on disk (--reverify-disk-cache)
         self._trust_stamps = trust_stamps
+        # a pinning tier copies every tensor out of the shard buffers: they are read into reused ones
+        self._buffers = ReadBuffers() if self._pin else None
 
     def fetch(self, name: str) -> tuple[str, int]:
         return self._fetcher.fetch(name)
 
     def load_host(self, name: str, path: str) -> tuple[dict, int]:
+        if self._buffers is None:
+            tensors = _compacted(self._read(name, path, None))
+        else:
+            with self._buffers.lease() as lease:
+                tensors = {k: _pinned(v) for k, v in self._read(name, path, lease.take).items()}  # copies
+                lease.done(tensors.values())
+        return tensors, sum(_nbytes(t) for t in tensors.values())
+
+    def _read(self, name: str, path: str, buffer) -> dict:
+        """The delta's host form (the mode's transform of its tensors) from its disk copy, fetched anew once when
+        that copy is bad."""
         from deltazip.artifact import load_delta
         from deltazip.artifact.errors import ArtifactError, BaseMismatchError
 
         try:
             # shards checked against their sha256 as read, or against the fetcher's stamp while unchanged on disk
-            tensors = load_delta(path, "cpu", trust_stamp=self._trust_stamps)
+            tensors = load_delta(path, "cpu", trust_stamp=self._trust_stamps, buffer=buffer)
         except ArtifactError as exc:
             if isinstance(exc, BaseMismatchError):
                 raise
@@ -48,13 +62,8 @@ class ArtifactTierIO:
             log.warning("disk_copy_corrupt", model=name, error=str(exc))
             shutil.rmtree(path, ignore_errors=True)
             path, _ = self._fetcher.fetch(name)
-            tensors = load_delta(path, "cpu", trust_stamp=False)
-        tensors = self._transform(tensors)
-        if self._pin:
-            tensors = {k: _pinned(v) for k, v in tensors.items()}  # copies: only what is kept stays alive
-        else:
-            tensors = _compacted(tensors)
-        return tensors, sum(_nbytes(t) for t in tensors.values())
+            tensors = load_delta(path, "cpu", trust_stamp=False, buffer=buffer)
+        return self._transform(tensors)
 
     def host_bytes_estimate(self, name: str, path: str, disk_bytes: int) -> int:
         return self._estimate(path, disk_bytes)

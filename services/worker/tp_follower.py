@@ -155,7 +155,8 @@ class Follower:
         try:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
-            tensors = self.transform(shard_delta(load_delta(cmd.path, "cpu"), self.model.shard_plan, "dense"))
+            tensors = load_delta(cmd.path, "cpu", trust_stamp=cmd.trust_stamp)
+            tensors = self.transform(shard_delta(tensors, self.model.shard_plan, "dense"))
             num_bytes = self.slots.write(cmd.slot, cmd.name, tensors)
         except Exception as exc:  # reported to rank 0, which fails the delta for its requests
             log.exception("tp_delta_load_failed", rank=self.rank, model=cmd.name)

@@ -100,12 +100,12 @@ class TPLeader:
         self._broadcast(step_header(input_ids, attn, rows))
         send_step_tensors(input_ids, attn)
 
-    def start_load(self, name: str, path: str, slot: int) -> Future:
+    def start_load(self, name: str, path: str, slot: int, trust_stamp: bool = False) -> Future:
         """Every follower writes its shard of `name` into `slot`; the Future resolves once all acked."""
         load_id, future = next(self._load_ids), Future()
         with self._pending_lock:
             self._pending[load_id] = (future, [])
-        self._broadcast(LoadDelta(load_id, name, path, slot))
+        self._broadcast(LoadDelta(load_id, name, path, slot, trust_stamp))
         return future
 
     def drop(self, slot: int) -> None:
@@ -201,7 +201,7 @@ class TPTierIO(ArtifactTierIO):
         return super().load_host(name, path)
 
     def to_device(self, name: str, host: dict, slot: int) -> int:
-        followers = self._leader.start_load(name, self._paths[name], slot)
+        followers = self._leader.start_load(name, self._paths[name], slot, self._trust_stamps)
         num_bytes = super().to_device(name, host, slot)
         followers.result()  # the slot is ready only when every rank holds its shard
         return num_bytes

@@ -55,6 +55,7 @@ class LoadDelta:
     name: str
     path: str
     slot: int
+    trust_stamp: bool = False  # skip the sha256 of shards the folder's verified stamp vouches for (load_delta)
 
 
 @dataclass(frozen=True, slots=True)

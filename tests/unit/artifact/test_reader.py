@@ -174,11 +174,13 @@ def test_load_delta_of_a_subset_copies_it_out_of_the_shard(dense_artifact):
 
 
 def test_a_stamp_spares_the_hash_only_while_the_shard_is_unchanged(dense_artifact, tmp_path, monkeypatch):
-    """load_delta hashes no shard its folder's verified stamp vouches for (same sha256 as the manifest, same size,
-    mtime and inode); a shard rewritten since, a stamp with another sha256, trust_stamp=False and a folder without a
-    stamp are hashed, so changed bytes are refused there."""
+    """load_delta(trust_stamp=True) hashes no shard its folder's verified stamp vouches for (the manifest's sha256;
+    the same size, mtime, ctime, inode and device on the opened file); a shard rewritten since, a stamp with another
+    sha256, the default (trust_stamp=False) and a folder without a stamp are hashed, so changed bytes are refused."""
+    import hashlib as real_hashlib
     import os
     import shutil
+    import types
 
     from deltazip.artifact import reader
     from deltazip.artifact.stamp import STAMP_FILE, drop_stamp, stamped, write_stamp
@@ -188,31 +190,80 @@ def test_a_stamp_spares_the_hash_only_while_the_shard_is_unchanged(dense_artifac
     manifest = read_manifest(art)
     shard = sorted(manifest.shards)[0]
     hashed = []
-    real = reader._read_into_buffer
-    monkeypatch.setattr(reader, "_read_into_buffer",
-                        lambda path, size, sha: hashed.append(sha is not None) or real(path, size, sha))
 
-    def loads(**kw):
+    class Counting:
+        def __init__(self):
+            self._d = real_hashlib.sha256()
+
+        def update(self, data):
+            hashed.append(len(data))
+            self._d.update(data)
+
+        def hexdigest(self):
+            return self._d.hexdigest()
+
+    monkeypatch.setattr(reader, "hashlib", types.SimpleNamespace(sha256=Counting))
+
+    def hashed_bytes(**kw):
         hashed.clear()
         load_delta(art, "cpu", **kw)
-        return list(hashed)
+        return sum(hashed)
 
-    assert all(loads()) and loads()  # no stamp: every shard hashed
+    shard_bytes = sum(e.size for e in manifest.shards.values())
+    assert hashed_bytes(trust_stamp=True) == shard_bytes  # no stamp: every shard hashed
     write_stamp(art, {name: entry.sha256 for name, entry in manifest.shards.items()})
-    assert not any(loads())
-    assert all(loads(trust_stamp=False))
+    assert hashed_bytes(trust_stamp=True) == 0
+    assert hashed_bytes() == shard_bytes  # the library's default hashes anyway
     write_stamp(art, {shard: "0" * 64})  # a stamp that does not name the manifest's sha256
-    assert all(loads())
+    assert hashed_bytes(trust_stamp=True) == shard_bytes
     write_stamp(art, {name: entry.sha256 for name, entry in manifest.shards.items()})
-    data = bytearray((art / shard).read_bytes())
-    data[-1] ^= 1  # the same size, new bytes, written anew: a new mtime
     st = (art / shard).stat()
+    data = bytearray((art / shard).read_bytes())
+    data[-1] ^= 1  # the same size, new bytes, and the old mtime put back: ctime still tells
     (art / shard).write_bytes(bytes(data))
-    os.utime(art / shard, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
-    assert shard not in stamped(art)
+    os.utime(art / shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (art / shard).stat().st_mtime_ns == st.st_mtime_ns and shard not in stamped(art)
     with pytest.raises(CorruptArtifactError):
-        load_delta(art, "cpu")
+        load_delta(art, "cpu", trust_stamp=True)
     drop_stamp(art)
     assert not (art / STAMP_FILE).exists() and stamped(art) == {}
-    (art / STAMP_FILE).write_text("{not json")
-    assert stamped(art) == {}
+    for junk in ("{not json", "[1, 2]", "null", '{"version": 1, "files": {"x": {"stat": "ab"}}}', "[" * 100000):
+        (art / STAMP_FILE).write_text(junk)
+        assert stamped(art) == {}
+    assert not [p for p in art.iterdir() if p.name.startswith(STAMP_FILE + ".tmp")]  # no temp file left
+
+
+def test_read_buffers_are_reused_only_when_nothing_kept_views_them(dense_artifact):
+    """Loads through a ReadBuffers lease equal plain loads; a lease that copies everything out gives its buffer
+    back and the next load reads into that same memory; a buffer a kept tensor still views, and the buffers of a
+    lease that ends without `done` (an error), are never handed out again; at most `keep` stay idle."""
+    from deltazip.artifact.reader import ReadBuffers
+
+    plain = load_delta(dense_artifact, "cpu")
+    pool = ReadBuffers(keep=1)
+    with pool.lease() as lease:
+        first = load_delta(dense_artifact, "cpu", buffer=lease.take)
+        copied = {name: d.delta.clone() for name, d in first.items()}
+        ptrs = {d.delta.untyped_storage().data_ptr() for d in first.values()}
+        lease.done(copied.values())
+    assert len(read_manifest(dense_artifact).shards) == 1
+    assert pool.idle_bytes == sum(e.size for e in read_manifest(dense_artifact).shards.values())
+    for name, d in plain.items():
+        assert torch.equal(copied[name], d.delta)
+    with pool.lease() as lease:
+        second = load_delta(dense_artifact, "cpu", buffer=lease.take)
+        assert {d.delta.untyped_storage().data_ptr() for d in second.values()} == ptrs  # the same memory again
+        for name, d in plain.items():
+            assert torch.equal(second[name].delta, d.delta)
+        lease.done(second.values())  # kept as views: the buffer stays theirs
+    assert pool.idle_bytes == 0
+    with pool.lease() as lease:
+        third = load_delta(dense_artifact, "cpu", buffer=lease.take)
+        assert not {d.delta.untyped_storage().data_ptr() for d in third.values()} & ptrs
+    assert pool.idle_bytes == 0  # no `done`: nothing given back
+    for name, d in plain.items():
+        assert torch.equal(second[name].delta, d.delta)  # never overwritten
+    with pool.lease() as a, pool.lease() as b:
+        assert a.take(10).numel() == 10 and b.take(20).numel() == 20
+        a.done([]), b.done([])
+    assert pool.idle_bytes == 20  # keep=1: the larger stays

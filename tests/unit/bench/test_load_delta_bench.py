@@ -11,9 +11,10 @@ def test_load_delta_bench_times_the_readers_against_the_limits(tmp_path):
                             str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--label", "test"])
     data = json.loads(path.read_text())
     assert path.name.startswith("load-delta-test-") and data["bench"] == "load_delta"
-    assert [r["reader"] for r in data["rows"]] == ["baseline", "load_delta", "load_delta_stamped", "copy_limit",
-                                                  "sha256_limit"]
+    assert [r["reader"] for r in data["rows"]] == ["baseline", "load_delta", "load_delta_stamped",
+                                                  "load_delta_reused", "copy_limit", "sha256_limit"]
     assert all(r["seconds"] > 0 and r["gb_per_s"] > 0 for r in data["rows"])
     assert data["config"]["disk_bytes"] > 0 and data["summary"]["speedup_vs_baseline"] > 0
-    assert data["summary"]["stamped_speedup_vs_load_delta"] > 0
+    assert data["summary"]["stamped_speedup_vs_load_delta"] > 0 and data["summary"]["reused_vs_copy_limit"] > 0
+    assert not list((tmp_path / "work").rglob(".verified.json"))  # the stamp it wrote is gone
     assert data["host"]["cores"] >= 1

@@ -123,6 +123,43 @@ def test_host_tier_keeps_no_shard_alive_behind_the_tensors_it_counts(artifacts):
     assert len({t.untyped_storage().data_ptr() for d in packed.values() for t in _parts(d)}) == 1  # no copy
 
 
+def test_a_pinning_host_tier_reads_into_reused_buffers_and_keeps_only_copies(artifacts, monkeypatch):
+    """A CUDA worker's host tier copies every tensor into pinned memory, so it reads shards into buffers it reuses
+    (deltazip/artifact/reader.py ReadBuffers): each load's tensors equal the artifact's and view none of them, and
+    the second load reads into the first one's buffer. (Pinning needs CUDA: a clone stands in for it here.)"""
+    from deltazip.artifact import load_delta
+    from deltazip.artifact.delta_tensor import PARTS
+    from deltazip.artifact.reader import ReadBuffers
+    from services.worker import tier_io
+    from services.worker.device_slots import DeviceSlots
+
+    _, cache = artifacts
+    path = str(cache / "ft-packed")
+    want = load_delta(path, "cpu")
+    def copied(delta):  # what _pinned does, without CUDA: every part copied
+        for part in PARTS:
+            if isinstance(getattr(delta, part, None), torch.Tensor):
+                setattr(delta, part, getattr(delta, part).clone())
+        return delta
+
+    monkeypatch.setattr(tier_io, "_pinned", copied)
+    slots = DeviceSlots.__new__(DeviceSlots)
+    slots.device = torch.device("cpu")
+    io = tier_io.ArtifactTierIO(fetcher=None, slots=slots)
+    io._buffers = ReadBuffers()
+    idle = []
+    for _ in range(2):
+        got, _ = io.load_host("ft-packed", path)
+        idle.append({b.untyped_storage().data_ptr() for b in io._buffers._idle})
+        assert idle[-1] and not idle[-1] & {t.untyped_storage().data_ptr() for d in got.values()
+                                            for t in tier_io._parts(d)}
+        for name, d in want.items():
+            for part in PARTS:
+                a, b = getattr(d, part, None), getattr(got[name], part, None)
+                assert (a is None and b is None) or torch.equal(a, b)
+    assert idle[0] == idle[1]  # the same buffer, read into twice
+
+
 def test_host_estimate_is_what_each_mode_loads(artifacts):
     """The host budget admits a load by host_estimate, known before loading: it equals the bytes the mode's host
     form of the artifact holds (swap: a whole merged model; dense-delta: fp16 linear deltas; delta: as on disk)."""
