@@ -251,12 +251,14 @@ def _stamp(partial: Path, artifact: RemoteArtifact) -> None:
     loads hash every shard, as before."""
     try:
         for f in artifact.files:
+            if not f.size:
+                continue  # an empty file is never opened for writing (nothing to sync)
             fd = os.open(partial / f.path, os.O_RDONLY)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        write_stamp(partial, {f.path: f.sha256 for f in artifact.files})
+        write_stamp(partial, {f.path: f.sha256 for f in artifact.files if f.size})
     except OSError as exc:
         log.warning("verified_stamp_not_written", model=artifact.name, error=str(exc))
 

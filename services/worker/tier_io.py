@@ -21,7 +21,7 @@ class ArtifactTierIO:
 
     def __init__(self, fetcher: DeltaFetcher, slots: DeviceSlots, host_transform: HostTransform | None = None,
                  device_slots_used: bool = True, host_estimate: HostEstimate | None = None,
-                 trust_stamps: bool = True) -> None:
+                 trust_stamps: bool = False) -> None:
         self._fetcher = fetcher
         self._slots = slots
         self._transform = host_transform or (lambda tensors: tensors)  # per mode: packed, dense fp16, merged
@@ -30,7 +30,8 @@ class ArtifactTierIO:
         self._pin = slots.device.type == "cuda"  # pinned host copies make host→device copies fast
         # shards the fetcher hashed on download are not hashed again while unchanged on disk (--reverify-disk-cache)
         self._trust_stamps = trust_stamps
-        # a pinning tier copies every tensor out of the shard buffers: they are read into reused ones
+        # a pinning tier copies every tensor out of the shard buffers: they are read into reused ones (one kept
+        # between loads, up to 2 GiB: the default shard size)
         self._buffers = ReadBuffers() if self._pin else None
 
     def fetch(self, name: str) -> tuple[str, int]:

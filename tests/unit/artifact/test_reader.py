@@ -267,3 +267,52 @@ def test_read_buffers_are_reused_only_when_nothing_kept_views_them(dense_artifac
         assert a.take(10).numel() == 10 and b.take(20).numel() == 20
         a.done([]), b.done([])
     assert pool.idle_bytes == 20  # keep=1: the larger stays
+
+
+def test_zstd_shards_read_through_a_lease_take_both_buffers_and_give_them_back(tmp_path):
+    """A zstd shard with its raw size takes two buffers of a lease (the compressed bytes, then the safetensors
+    bytes the tensors view); copied out, both go back, and the next read reuses them with the same result."""
+    import zstandard
+
+    from deltazip.artifact.reader import ReadBuffers
+
+    data = save(MIXED)
+    packed = zstandard.ZstdCompressor().compress(data)
+    (tmp_path / "s.zst").write_bytes(packed)
+    entry = ShardEntry(size=len(packed), sha256=hashlib.sha256(packed).hexdigest(), codec="zstd", raw_size=len(data))
+    pool, sizes = ReadBuffers(keep=2), []
+    for _ in range(2):
+        with pool.lease() as lease:
+            got = read_shard(tmp_path, "s.zst", entry, buffer=lambda n: sizes.append(n) or lease.take(n))
+            copies = {name: t.clone() for name, t in got.items()}
+            lease.done(copies.values())
+        for name, tensor in safetensors_load(data).items():
+            assert torch.equal(copies[name], tensor), name
+    assert sizes == [len(packed), len(data)] * 2 and pool.idle_bytes == len(packed) + len(data)
+
+
+def test_a_vouched_read_refuses_a_file_swapped_in_or_written_while_unhashed(tmp_path, monkeypatch):
+    """The stamp's signature is compared on the opened file: a modified copy renamed over the stamped one is hashed
+    (and refused); a file whose stat changes during an unhashed read is refused."""
+    import os
+
+    from deltazip.artifact import reader
+    from deltazip.artifact.stamp import signature
+
+    data, entry = _shard(tmp_path, {"a": torch.arange(64, dtype=torch.int32)})
+    vouched = signature((tmp_path / "s.safetensors").stat())
+    got = read_shard(tmp_path, "s.safetensors", entry, vouched=vouched)["a"]
+    assert torch.equal(got, torch.arange(64, dtype=torch.int32))
+    bad = bytearray(data)
+    bad[-1] ^= 1
+    (tmp_path / "new").write_bytes(bytes(bad))
+    os.replace(tmp_path / "new", tmp_path / "s.safetensors")
+    with pytest.raises(CorruptArtifactError):
+        read_shard(tmp_path, "s.safetensors", entry, vouched=vouched)
+    (tmp_path / "s.safetensors").write_bytes(data)
+    vouched = signature((tmp_path / "s.safetensors").stat())
+    calls = []
+    monkeypatch.setattr(reader, "signature", lambda st: calls.append(1) or (vouched if len(calls) == 1 else []))
+    with pytest.raises(CorruptArtifactError):
+        read_shard(tmp_path, "s.safetensors", entry, vouched=vouched)
+    assert len(calls) == 2

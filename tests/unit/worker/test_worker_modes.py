@@ -160,6 +160,47 @@ def test_a_pinning_host_tier_reads_into_reused_buffers_and_keeps_only_copies(art
     assert idle[0] == idle[1]  # the same buffer, read into twice
 
 
+@pytest.mark.parametrize("trust", [True, False])
+def test_the_host_tier_passes_its_stamp_trust_to_every_load(artifacts, monkeypatch, trust):
+    """ArtifactTierIO(trust_stamps=...) is what its loads ask load_delta for (the worker passes
+    `not --reverify-disk-cache`), and a tensor-parallel tier sends the same to its followers' loads."""
+    from deltazip.artifact import reader
+    from services.worker.device_slots import DeviceSlots
+    from services.worker.tier_io import ArtifactTierIO
+
+    seen, real = [], reader.load_delta
+    monkeypatch.setattr(reader, "load_delta", lambda *a, **kw: seen.append(kw.get("trust_stamp")) or real(*a, **kw))
+    _, cache = artifacts
+    slots = DeviceSlots.__new__(DeviceSlots)
+    slots.device = torch.device("cpu")
+    ArtifactTierIO(fetcher=None, slots=slots, trust_stamps=trust).load_host("ft-packed", str(cache / "ft-packed"))
+    assert seen == [trust]
+
+    from concurrent.futures import Future
+
+    from services.worker.tp_leader import TPTierIO
+    from services.worker.tp_protocol import LoadDelta
+
+    class Leader:
+        def start_load(self, name, path, slot, trust_stamp=False):
+            self.sent = LoadDelta(0, name, path, slot, trust_stamp)
+            done = Future()
+            done.set_result(None)
+            return done
+
+    class Slots:
+        device = torch.device("cpu")
+
+        def write(self, slot, name, host):
+            return 0
+
+    leader = Leader()
+    tp = TPTierIO(leader, None, Slots(), trust_stamps=trust)
+    tp.load_host("ft-packed", str(cache / "ft-packed"))
+    tp.to_device("ft-packed", {}, 3)
+    assert leader.sent.trust_stamp is trust and leader.sent.slot == 3 and seen == [trust, trust]
+
+
 def test_host_estimate_is_what_each_mode_loads(artifacts):
     """The host budget admits a load by host_estimate, known before loading: it equals the bytes the mode's host
     form of the artifact holds (swap: a whole merged model; dense-delta: fp16 linear deltas; delta: as on disk)."""
