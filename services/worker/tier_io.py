@@ -21,7 +21,7 @@ class ArtifactTierIO:
 
     def __init__(self, fetcher: DeltaFetcher, slots: DeviceSlots, host_transform: HostTransform | None = None,
                  device_slots_used: bool = True, host_estimate: HostEstimate | None = None,
-                 trust_stamps: bool = False) -> None:
+                 trust_stamps: bool = False, reuse_buffers: bool = True) -> None:
         self._fetcher = fetcher
         self._slots = slots
         self._transform = host_transform or (lambda tensors: tensors)  # per mode: packed, dense fp16, merged
@@ -31,15 +31,17 @@ class ArtifactTierIO:
         # shards the fetcher hashed on download are not hashed again while unchanged on disk (--reverify-disk-cache)
         self._trust_stamps = trust_stamps
         # a pinning tier copies every tensor out of the shard buffers: they are read into reused ones (one kept
-        # between loads, up to 2 GiB: the default shard size)
-        self._buffers = ReadBuffers() if self._pin else None
+        # between loads, up to 2 GiB: the default shard size; reuse_buffers=False: new ones, bench/load_delta.py)
+        self._buffers = ReadBuffers() if self._pin and reuse_buffers else None
 
     def fetch(self, name: str) -> tuple[str, int]:
         return self._fetcher.fetch(name)
 
     def load_host(self, name: str, path: str) -> tuple[dict, int]:
-        if self._buffers is None:
+        if not self._pin:
             tensors = _compacted(self._read(name, path, None))
+        elif self._buffers is None:
+            tensors = {k: _pinned(v) for k, v in self._read(name, path, None).items()}  # copies
         else:
             with self._buffers.lease() as lease:
                 tensors = {k: _pinned(v) for k, v in self._read(name, path, lease.take).items()}  # copies

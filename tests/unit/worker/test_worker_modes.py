@@ -146,7 +146,7 @@ def test_a_pinning_host_tier_reads_into_reused_buffers_and_keeps_only_copies(art
     slots = DeviceSlots.__new__(DeviceSlots)
     slots.device = torch.device("cpu")
     io = tier_io.ArtifactTierIO(fetcher=None, slots=slots)
-    io._buffers = ReadBuffers()
+    io._pin, io._buffers = True, ReadBuffers()  # what a CUDA worker's tier has
     idle = []
     for _ in range(2):
         got, _ = io.load_host("ft-packed", path)
