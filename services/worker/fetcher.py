@@ -246,18 +246,10 @@ class _Progress:
 
 
 def _stamp(partial: Path, artifact: RemoteArtifact) -> None:
-    """Every file was hashed as it arrived: sync them to disk and say so in a verified stamp, so loads from the
-    cache need not hash them again (deltazip/artifact/stamp.py). Best effort: without a stamp (a full disk, say)
-    loads hash every shard, as before."""
+    """Every file was hashed as it arrived: say so in a verified stamp of this boot, so loads from the cache need
+    not hash them again (deltazip/artifact/stamp.py). Best effort: without a stamp (a full disk, say) loads hash
+    every shard, as before."""
     try:
-        for f in artifact.files:
-            if not f.size:
-                continue  # an empty file is never opened for writing (nothing to sync)
-            fd = os.open(partial / f.path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
         write_stamp(partial, {f.path: f.sha256 for f in artifact.files if f.size})
     except OSError as exc:
         log.warning("verified_stamp_not_written", model=artifact.name, error=str(exc))

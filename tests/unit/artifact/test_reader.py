@@ -316,3 +316,23 @@ def test_a_vouched_read_refuses_a_file_swapped_in_or_written_while_unhashed(tmp_
     with pytest.raises(CorruptArtifactError):
         read_shard(tmp_path, "s.safetensors", entry, vouched=vouched)
     assert len(calls) == 2
+
+
+def test_a_stamp_holds_only_in_the_boot_it_was_written_in(dense_artifact, tmp_path, monkeypatch):
+    """A stamp records the boot id: after a reboot (a crash or power cut may have lost unwritten blocks) it vouches
+    for nothing; without a boot id no stamp is written."""
+    import shutil
+
+    from deltazip.artifact import stamp
+
+    art = tmp_path / "art"
+    shutil.copytree(dense_artifact, art)
+    shas = {name: entry.sha256 for name, entry in read_manifest(art).shards.items()}
+    monkeypatch.setattr(stamp, "boot_id", lambda: "boot-a")
+    assert stamp.write_stamp(art, shas) and set(stamp.stamped(art)) == set(shas)
+    monkeypatch.setattr(stamp, "boot_id", lambda: "boot-b")
+    assert stamp.stamped(art) == {}
+    monkeypatch.setattr(stamp, "boot_id", lambda: None)
+    assert stamp.stamped(art) == {}
+    stamp.drop_stamp(art)
+    assert not stamp.write_stamp(art, shas) and not (art / stamp.STAMP_FILE).exists()
