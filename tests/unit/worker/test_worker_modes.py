@@ -200,6 +200,18 @@ def test_the_host_tier_passes_its_stamp_trust_to_every_load(artifacts, monkeypat
     tp.to_device("ft-packed", {}, 3)
     assert leader.sent.trust_stamp is trust and leader.sent.slot == 3 and seen == [trust, trust]
 
+    from types import SimpleNamespace
+
+    from deltazip import parallel
+    from services.worker.tp_follower import Follower
+
+    monkeypatch.setattr(parallel, "shard_delta", lambda tensors, plan, kind: tensors)
+    acks = []
+    follower = SimpleNamespace(device=torch.device("cpu"), transform=lambda t: t, rank=1, send=acks.append,
+                               model=SimpleNamespace(shard_plan=None), slots=Slots())
+    Follower.load(follower, leader.sent)  # what a follower does with the command rank 0 sent
+    assert seen == [trust] * 3 and acks and not acks[0].error
+
 
 def test_host_estimate_is_what_each_mode_loads(artifacts):
     """The host budget admits a load by host_estimate, known before loading: it equals the bytes the mode's host
