@@ -11,6 +11,14 @@ from kernels import packing
 PARTS = ("qweight", "meta", "scales", "zeros", "delta")
 
 
+def cpu_parts(item) -> list[torch.Tensor]:
+    """The CPU tensors of a loaded delta: a tensor itself, or the PARTS of a DeltaTensor (or DenseHostDelta)."""
+    if isinstance(item, torch.Tensor):
+        return [item] if item.device.type == "cpu" else []
+    parts = (getattr(item, part, None) for part in PARTS)
+    return [t for t in parts if isinstance(t, torch.Tensor) and t.device.type == "cpu"]
+
+
 @dataclass(slots=True)
 class DeltaTensor:
     """Packed parts of one delta; `dequantize()` is the reference dense view."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load as load_safetensors
 
-from deltazip.artifact.delta_tensor import PARTS, DeltaTensor
+from deltazip.artifact.delta_tensor import PARTS, DeltaTensor, cpu_parts
 from deltazip.artifact.errors import ArtifactError, CorruptArtifactError
 from deltazip.artifact.manifest import Manifest, ShardEntry, read_manifest
 from deltazip.artifact.safetensors_header import check_layout, decode_header, header_length
@@ -281,11 +281,7 @@ class _Lease:
 
     def done(self, kept) -> None:
         """Give back the buffers that no CPU tensor in `kept` (tensors, or objects with DeltaTensor's parts) views."""
-        viewed = set()
-        for item in kept:
-            parts = [item] if isinstance(item, torch.Tensor) else [getattr(item, role, None) for role in PARTS]
-            viewed.update(t.untyped_storage().data_ptr() for t in parts
-                          if isinstance(t, torch.Tensor) and t.device.type == "cpu")
+        viewed = {t.untyped_storage().data_ptr() for item in kept for t in cpu_parts(item)}
         free = [b for b in self._taken if b.untyped_storage().data_ptr() not in viewed]
         self._taken = []
         self._pool._give(free)

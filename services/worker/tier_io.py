@@ -6,7 +6,7 @@ import shutil
 
 import torch
 
-from deltazip.artifact.delta_tensor import PARTS
+from deltazip.artifact.delta_tensor import PARTS, cpu_parts as _parts  # _parts: a host-tier entry's CPU tensors
 from deltazip.artifact.reader import ReadBuffers
 from deltazip.logs import get_logger
 from services.worker.device_slots import DeviceSlots
@@ -109,14 +109,6 @@ def _compacted(tensors: dict) -> dict:
         return tensors
     return {name: compact(delta) if any(t.untyped_storage().data_ptr() in loose for t in _parts(delta)) else delta
             for name, delta in tensors.items()}
-
-
-def _parts(delta) -> list[torch.Tensor]:
-    """The CPU tensors of a host-tier entry: a tensor, or a DeltaTensor / DenseHostDelta's parts."""
-    if isinstance(delta, torch.Tensor):
-        return [delta]
-    parts = (getattr(delta, part, None) for part in PARTS)
-    return [t for t in parts if isinstance(t, torch.Tensor) and t.device.type == "cpu"]
 
 
 def _pinned(delta):
